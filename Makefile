@@ -1,0 +1,34 @@
+# Two commands do all set-up on a fresh machine:  make demo   |   make test
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed-stamp
+
+.PHONY: venv demo test test-fast clean
+
+# On a machine without an NVIDIA GPU pin torch to the local CPU wheel *first*: any unpinned torch
+# requirement would otherwise pull multi-GB CUDA builds. deepspeed builds against the installed torch
+# (--no-build-isolation), never a second torch in a build sandbox.
+$(STAMP): pyproject.toml Makefile
+	@test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip setuptools wheel
+	@if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then \
+	    echo "NVIDIA GPU found: letting pip resolve torch"; $(PY) -m pip install -q torch; \
+	else \
+	    echo "no GPU: installing the CPU build torch==2.13.0"; $(PY) -m pip install -q torch==2.13.0; \
+	fi
+	$(PY) -m pip install -q --no-build-isolation -e ".[test]"
+	@touch $(STAMP)
+
+venv: $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/dist-train launch configs/demo.yaml
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m "not slow"
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache
