@@ -1,0 +1,149 @@
+"""``dist-train`` command line. Every subcommand has ``--help`` with an example.
+
+Bad input (config errors, missing files, invalid values) prints one line on stderr and exits with 2.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import pkgutil
+import sys
+from pathlib import Path
+from typing import Callable, Optional
+
+EXIT_USAGE = 2
+_F = argparse.RawDescriptionHelpFormatter
+
+
+def _examples(*lines: str) -> str:
+    return "examples:\n" + "\n".join(f"  {line}" for line in lines)
+
+
+# ---------------------------------------------------------------------------------------------
+def _cmd_run(args: argparse.Namespace) -> int:
+    try:
+        from launchers.env import populate_rank_env
+    except ImportError:
+        populate_rank_env = None
+    if populate_rank_env is not None:
+        populate_rank_env()
+    from .entry import run_rank
+
+    return run_rank(args.config, args.set or [])
+
+
+def _cmd_data_prepare(args: argparse.Namespace) -> int:
+    from .data.prepare import prepare_indexed, python_stdlib_files
+
+    if not args.input and not args.corpus:
+        raise ValueError("data prepare: give --input FILE... or --corpus python-stdlib")
+    inputs = [Path(p) for p in args.input or []]
+    if args.corpus:
+        if args.corpus != "python-stdlib":
+            raise ValueError(f"--corpus {args.corpus!r}: valid values are python-stdlib")
+        inputs += python_stdlib_files()
+    info = prepare_indexed(inputs, args.output, args.tokenizer)
+    print(f"wrote {info['prefix']}.bin/.idx: {info['documents']:,} documents, {info['tokens']:,} tokens, "
+          f"vocab {info['vocab_size']}")
+    return 0
+
+
+def _add_run(sub) -> None:
+    p = sub.add_parser("run", help="run one rank (under torchrun, mpiexec or a launcher) or a single process",
+                       formatter_class=_F, epilog=_examples(
+                           "dist-train run configs/gpt_tiny.yaml --set train.steps=10",
+                           "torchrun --nproc-per-node 2 -m dist_train run configs/gpt_tiny.yaml --set parallel.dp=2",
+                           "mpiexec -n 2 dist-train run configs/gpt_tiny.yaml --set parallel.cp=2"))
+    p.add_argument("config", help="YAML config file")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key (repeatable)")
+    p.set_defaults(func=_cmd_run)
+
+
+def _add_data(sub) -> None:
+    p = sub.add_parser("data", help="prepare datasets", formatter_class=_F)
+    dsub = p.add_subparsers(dest="data_cmd", required=True, metavar="{prepare}")
+    q = dsub.add_parser("prepare", help="build a Megatron indexed dataset (.bin/.idx) from text/JSONL files",
+                        formatter_class=_F, epilog=_examples(
+                            "dist-train data prepare --input notes/*.txt corpus.jsonl --output data/corpus",
+                            "dist-train data prepare --corpus python-stdlib --output data/pystd"))
+    q.add_argument("--input", nargs="+", metavar="PATH", help="text files (one document each) or JSONL ('text')")
+    q.add_argument("--corpus", help="a built-in corpus: python-stdlib (this interpreter's standard library)")
+    q.add_argument("--output", required=True, metavar="PREFIX", help="writes PREFIX.bin and PREFIX.idx")
+    q.add_argument("--tokenizer", default="byte", help="byte (default, no download) or path/to/tokenizer.json")
+    q.set_defaults(func=_cmd_data_prepare)
+
+
+def _bench_modules() -> dict[str, str]:
+    from . import bench
+
+    return {m.name: f"dist_train.bench.{m.name}" for m in pkgutil.iter_modules(bench.__path__)
+            if not m.name.startswith("_")}
+
+
+def _add_bench(sub) -> None:
+    p = sub.add_parser("bench", help="benchmarks (attention, window, ckpt, train, launch, ...)", formatter_class=_F,
+                       epilog=_examples("dist-train bench attention --world-size 2 --seq-len 4096",
+                                        "dist-train bench train configs/gpt_tiny.yaml"))
+    bsub = p.add_subparsers(dest="bench_cmd", required=True)
+    for name, modname in sorted(_bench_modules().items()):
+        mod = importlib.import_module(modname)
+        q = bsub.add_parser(name, help=getattr(mod, "HELP", name), formatter_class=_F)
+        mod.add_arguments(q)
+        q.set_defaults(func=mod.run)
+
+
+def _add_module_command(sub, name: str, module: str, add: str, main: str, help_: str) -> None:
+    """Mount a subcommand implemented in another package (launchers, checkpoint, planner)."""
+    try:
+        mod = importlib.import_module(module)
+    except ImportError:
+        return
+    p = sub.add_parser(name, help=help_, formatter_class=_F)
+    getattr(mod, add)(p)
+    p.set_defaults(func=getattr(mod, main))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="dist-train", formatter_class=_F,
+        description="Distributed long-context training: context (ring/Ulysses) and window parallelism "
+                    "composed with tensor, pipeline and ZeRO data parallelism on one device mesh.",
+        epilog=_examples("dist-train launch configs/demo.yaml",
+                         "dist-train launch configs/gpt_tiny.yaml --backend local --nproc 2 --set parallel.cp=2",
+                         "dist-train run configs/gpt_tiny.yaml", "dist-train <command> --help"))
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_module_command(sub, "launch", "launchers.cli", "add_launch_arguments", "launch_main",
+                        "start the ranks (ray | local | mpi) and train")
+    _add_run(sub)
+    _add_data(sub)
+    _add_bench(sub)
+    _add_module_command(sub, "ckpt", "dist_train.checkpoint.cli", "add_arguments", "run",
+                        "inspect, verify and convert checkpoints")
+    _add_module_command(sub, "submit", "launchers.cli", "add_submit_arguments", "submit_main",
+                        "write (and submit) a Slurm/PBS batch script")
+    _add_module_command(sub, "plan", "dist_train.plan.cli", "add_plan_arguments", "plan_main",
+                        "predict memory and speed per layout and rank the layouts")
+    _add_module_command(sub, "scale", "dist_train.plan.cli", "add_scale_arguments", "scale_main",
+                        "run a scaling sweep and report efficiency with plots")
+    return parser
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    func: Callable[[argparse.Namespace], int] = args.func
+    try:
+        return int(func(args) or 0)
+    except ValueError as e:  # includes ConfigError: bad user input
+        print(f"dist-train: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except FileNotFoundError as e:
+        print(f"dist-train: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("dist-train: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,432 @@
+"""Typed run configuration: YAML files + ``--set dotted.key=value`` overrides, validated before any
+process group exists.
+
+    cfg = load_config("configs/gpt_tiny.yaml", overrides=["parallel.cp=2", "train.steps=10"])
+    cfg.parallel.cp          # 2
+    cfg.to_dict()            # plain dict, what rank 0 writes as run.dir/config.yaml
+
+Every error is a ``ConfigError`` (a ``ValueError``) whose message is one line naming the key, the value
+and what would be valid; the CLI prints it and exits with status 2.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Optional, Union, get_args, get_origin, get_type_hints
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """Invalid user configuration; the message is a single line meant for the user."""
+
+
+@dataclass
+class RunConfig:
+    name: str = "run"
+    dir: str = "runs/${run.name}"
+    seed: int = 1234
+
+
+@dataclass
+class ModelConfig:
+    kind: str = "gpt"  # gpt | swin
+    d_model: int = 128
+    n_layers: int = 2
+    n_heads: int = 4
+    n_kv_heads: Optional[int] = None  # None: = n_heads (MHA); < n_heads: GQA; 1: MQA
+    ffn_hidden: Optional[int] = None  # None: SwiGLU default 8/3·d rounded up to 32
+    vocab_size: int = 257  # byte tokenizer: 256 bytes + end-of-document
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    tie_embeddings: bool = False
+    init_std: float = 0.02
+    attention_window: Optional[int] = None  # sliding-window attention (tokens), None = full causal
+    # swin (pixel-level encoder-decoder) fields
+    patch_size: int = 1
+    window: Any = 8  # int or [wh, ww]
+    in_channels: int = 0
+    out_channels: int = 0
+
+
+@dataclass
+class DataConfig:
+    source: str = "indexed"  # indexed | synthetic | weather
+    path: Optional[str] = None  # indexed: dataset prefix (PREFIX.bin/.idx); weather: directory
+    prepare: Optional[str] = None  # indexed: corpus to build at `path` when missing: "python-stdlib"
+    tokenizer: str = "byte"  # byte | path/to/tokenizer.json
+    seq_len: int = 256
+    image: Optional[list] = None  # weather: [H, W]
+    channels: int = 4  # weather: number of fields
+    steps: int = 64  # weather: time steps generated
+
+
+@dataclass
+class ParallelConfig:
+    dp: int = 1
+    tp: int = 1
+    pp: int = 1
+    cp: int = 1
+    wp: Any = field(default_factory=lambda: [1, 1])  # [gh, gw] tile grid (an int n means [1, n])
+    cp_layout: str = "zigzag"  # contiguous | striped | zigzag
+    cp_method: str = "ring"  # ring | ulysses | hybrid
+    ulysses_degree: int = 1
+    zero_stage: Optional[int] = None  # None: plain DDP; 0-3: DeepSpeed engine
+    microbatches: Optional[int] = None  # pipeline micro-batches (default: accumulation steps)
+    pp_schedule: str = "1f1b"  # 1f1b | interleaved | gpipe
+    sequence_parallel: bool = False
+    attn_kernel: str = "auto"  # auto | sdpa | math | flash
+    deepspeed: dict = field(default_factory=dict)  # extra DeepSpeed config keys, merged last
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 30
+    global_batch: int = 8
+    micro_batch: int = 4
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 5
+    weight_decay: float = 0.1
+    betas: list = field(default_factory=lambda: [0.9, 0.95])
+    grad_clip: float = 1.0
+    precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16
+    log_every: int = 1
+    activation_checkpointing: str = "none"  # none | full | selective
+    peak_tflops: Optional[float] = None  # per-device peak for MFU; None: CUDA table or CPU calibration
+    progress: bool = True
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = 0  # save every N steps (0: only at the end when `at_end`)
+    keep_last: int = 3
+    async_save: bool = False
+    resume: str = "auto"  # auto | none | PATH
+    dir: Optional[str] = None  # default run.dir/checkpoints
+    at_end: bool = True
+    on_error: str = "stop"  # stop | continue
+
+
+@dataclass
+class LaunchConfig:
+    backend: str = "ray"  # ray | local | mpi
+    nproc: int = 1
+    address: Optional[str] = None
+    nodes: int = 1
+    gpus_per_node: int = 0
+    max_restarts: int = 0
+    collective_timeout_s: float = 300.0
+    watchdog_s: float = 0.0  # no step progress for this long = hang (0: off)
+
+
+@dataclass
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    launch: LaunchConfig = field(default_factory=LaunchConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    # -- derived quantities (one place, so every component agrees) ------------------------------
+    @property
+    def wp_grid(self) -> tuple[int, int]:
+        return _as_grid(self.parallel.wp)
+
+    @property
+    def model_parallel_size(self) -> int:
+        gh, gw = self.wp_grid
+        p = self.parallel
+        return p.tp * p.pp * p.cp * gh * gw
+
+    @property
+    def world_size(self) -> int:
+        return self.parallel.dp * self.model_parallel_size
+
+    @property
+    def grad_accum_steps(self) -> int:
+        t = self.train
+        return t.global_batch // (t.micro_batch * self.parallel.dp)
+
+
+_CHOICES = {
+    "model.kind": ("gpt", "swin"),
+    "data.source": ("indexed", "synthetic", "weather"),
+    "parallel.cp_layout": ("contiguous", "striped", "zigzag"),
+    "parallel.cp_method": ("ring", "ulysses", "hybrid"),
+    "parallel.pp_schedule": ("1f1b", "interleaved", "gpipe"),
+    "parallel.attn_kernel": ("auto", "sdpa", "math", "flash"),
+    "train.precision": ("auto", "fp32", "bf16"),
+    "train.activation_checkpointing": ("none", "full", "selective"),
+    "checkpoint.on_error": ("stop", "continue"),
+    "launch.backend": ("ray", "local", "mpi"),
+}
+
+
+def _as_grid(wp: Any) -> tuple[int, int]:
+    if isinstance(wp, int):
+        return (1, wp)
+    if isinstance(wp, (list, tuple)) and len(wp) == 2 and all(isinstance(v, int) for v in wp):
+        return (int(wp[0]), int(wp[1]))
+    raise ConfigError(f"parallel.wp = {wp!r}: expected [gh, gw] (two positive integers) or an integer")
+
+
+# ---------------------------------------------------------------------------------------------
+# Building from dicts
+# ---------------------------------------------------------------------------------------------
+def _type_ok(value: Any, tp: Any) -> tuple[bool, Any]:
+    """Check (and gently coerce) ``value`` against a dataclass field annotation."""
+    if tp is Any:
+        return True, value
+    origin = get_origin(tp)
+    if origin is Union:
+        args = [a for a in get_args(tp) if a is not type(None)]
+        if value is None:
+            return True, None
+        for a in args:
+            ok, v = _type_ok(value, a)
+            if ok:
+                return True, v
+        return False, value
+    if tp is bool:
+        return isinstance(value, bool), value
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool), value
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return True, float(value)
+        if isinstance(value, str):  # YAML 1.1 reads '1e-3' (no dot) as a string
+            try:
+                return True, float(value)
+            except ValueError:
+                return False, value
+        return False, value
+    if tp is str:
+        return isinstance(value, str), value
+    if tp in (list, dict):
+        return isinstance(value, tp), value
+    return True, value
+
+
+def _type_name(tp: Any) -> str:
+    if get_origin(tp) is Union:
+        return " or ".join(_type_name(a) for a in get_args(tp))
+    return "null" if tp is type(None) else getattr(tp, "__name__", str(tp))
+
+
+def _build(cls: type, data: dict, prefix: str) -> Any:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix or 'config'}: expected a mapping of keys, got {type(data).__name__} {data!r}")
+    hints = get_type_hints(cls)
+    valid = [f.name for f in fields(cls)]
+    kwargs: dict[str, Any] = {}
+    for key, value in data.items():
+        dotted = f"{prefix}.{key}" if prefix else str(key)
+        if key not in valid:
+            raise ConfigError(f"unknown config key '{dotted}'; valid keys{' in ' + prefix if prefix else ''}: "
+                              f"{', '.join(valid)}")
+        tp = hints[key]
+        if dataclasses.is_dataclass(tp):
+            kwargs[key] = _build(tp, value if value is not None else {}, dotted)
+            continue
+        ok, coerced = _type_ok(value, tp)
+        if not ok:
+            raise ConfigError(f"{dotted} = {value!r}: expected {_type_name(tp)}")
+        kwargs[key] = coerced
+    return cls(**kwargs)
+
+
+def _deep_merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for k, v in extra.items():
+        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """``'parallel.cp=2'`` -> (['parallel', 'cp'], 2); the value is parsed as a YAML scalar/flow value."""
+    if "=" not in item:
+        raise ConfigError(f"--set {item!r}: expected dotted.key=value, e.g. --set train.steps=10")
+    key, raw = item.split("=", 1)
+    key = key.strip()
+    if not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"--set {item!r}: expected dotted.key=value, e.g. --set train.steps=10")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"--set {item!r}: value is not valid YAML ({str(e).splitlines()[0]})") from None
+    return key.split("."), value
+
+
+def _expand_vars(d: dict, root: dict) -> dict:
+    """Expand ``${section.key}`` references in string values (used for run.dir = runs/${run.name})."""
+    import re
+
+    def lookup(m: "re.Match[str]") -> str:
+        node: Any = root
+        for part in m.group(1).split("."):
+            if not isinstance(node, dict) or part not in node:
+                raise ConfigError(f"config reference ${{{m.group(1)}}} names no key")
+            node = node[part]
+        return str(node)
+
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out[k] = _expand_vars(v, root)
+        elif isinstance(v, str) and "${" in v:
+            out[k] = re.sub(r"\$\{([A-Za-z0-9_.]+)\}", lookup, v)
+        else:
+            out[k] = v
+    return out
+
+
+def config_from_dict(data: dict, overrides: Optional[list[str]] = None) -> Config:
+    data = dict(data or {})
+    for item in overrides or []:
+        path, value = parse_override(item)
+        node = data
+        for part in path[:-1]:
+            nxt = node.get(part)
+            if nxt is None:
+                nxt = node[part] = {}
+            if not isinstance(nxt, dict):
+                raise ConfigError(f"--set {item!r}: '{part}' is not a section")
+            node = nxt
+        node[path[-1]] = value
+    defaults = Config().to_dict()
+    merged = _deep_merge(defaults, data)
+    # unknown keys must be reported against the user's dict, not the merged one
+    _build(Config, data, "")
+    cfg = _build(Config, _expand_vars(merged, merged), "")
+    validate(cfg)
+    return cfg
+
+
+def load_config(path: Union[str, Path], overrides: Optional[list[str]] = None) -> Config:
+    """Read a YAML config file, apply ``--set`` overrides and validate."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file '{p}' not found")
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        first = " ".join(str(e).split())
+        raise ConfigError(f"config file '{p}' is not valid YAML: {first}") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"config file '{p}' cannot be read: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file '{p}' must hold a mapping of sections, got {type(data).__name__}")
+    return config_from_dict(data, overrides)
+
+
+def save_config(cfg: Config, path: Union[str, Path]) -> None:
+    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+
+
+# ---------------------------------------------------------------------------------------------
+# Validation (no process group needed; world_size is checked separately once it is known)
+# ---------------------------------------------------------------------------------------------
+def _get(cfg: Config, dotted: str) -> Any:
+    section, key = dotted.split(".")
+    return getattr(getattr(cfg, section), key)
+
+
+def validate(cfg: Config) -> None:
+    for dotted, choices in _CHOICES.items():
+        v = _get(cfg, dotted)
+        if v not in choices:
+            raise ConfigError(f"{dotted} = {v!r}: valid values are {', '.join(choices)}")
+    p, m, t, d = cfg.parallel, cfg.model, cfg.train, cfg.data
+    gh, gw = cfg.wp_grid
+    for name, v in (("dp", p.dp), ("tp", p.tp), ("pp", p.pp), ("cp", p.cp), ("wp[0]", gh), ("wp[1]", gw),
+                    ("ulysses_degree", p.ulysses_degree)):
+        if v < 1:
+            raise ConfigError(f"parallel.{name} = {v}: must be a positive integer")
+    if p.zero_stage is not None and p.zero_stage not in (0, 1, 2, 3):
+        raise ConfigError(f"parallel.zero_stage = {p.zero_stage}: valid values are null (plain DDP), 0, 1, 2, 3")
+    for name in ("steps", "global_batch", "micro_batch", "log_every"):
+        if getattr(t, name) < 1:
+            raise ConfigError(f"train.{name} = {getattr(t, name)}: must be >= 1")
+    if t.global_batch % (t.micro_batch * p.dp):
+        raise ConfigError(
+            f"train.global_batch = {t.global_batch} is not a multiple of micro_batch * dp = "
+            f"{t.micro_batch} * {p.dp} = {t.micro_batch * p.dp}; e.g. global_batch = "
+            f"{max(1, round(t.global_batch / (t.micro_batch * p.dp))) * t.micro_batch * p.dp}")
+    if t.lr <= 0 or not math.isfinite(t.lr):
+        raise ConfigError(f"train.lr = {t.lr}: must be a positive number")
+    if t.warmup_steps < 0:
+        raise ConfigError(f"train.warmup_steps = {t.warmup_steps}: must be >= 0")
+    if m.kind == "gpt":
+        _validate_gpt(cfg)
+    else:
+        _validate_swin(cfg)
+    if d.seq_len < 2:
+        raise ConfigError(f"data.seq_len = {d.seq_len}: must be >= 2")
+    if cfg.checkpoint.keep_last < 1:
+        raise ConfigError(f"checkpoint.keep_last = {cfg.checkpoint.keep_last}: must be >= 1")
+    if cfg.checkpoint.every < 0:
+        raise ConfigError(f"checkpoint.every = {cfg.checkpoint.every}: must be >= 0")
+
+
+def _validate_gpt(cfg: Config) -> None:
+    m, p = cfg.model, cfg.parallel
+    if cfg.wp_grid != (1, 1):
+        raise ConfigError(f"parallel.wp = {list(cfg.wp_grid)}: window parallelism needs model.kind = swin")
+    kv = m.n_kv_heads or m.n_heads
+    if m.d_model % m.n_heads:
+        raise ConfigError(f"model.d_model = {m.d_model} is not divisible by model.n_heads = {m.n_heads}")
+    if m.n_heads % kv:
+        raise ConfigError(f"model.n_heads = {m.n_heads} is not divisible by model.n_kv_heads = {kv}")
+    if (m.d_model // m.n_heads) % 2:
+        raise ConfigError(f"head dim d_model/n_heads = {m.d_model // m.n_heads} must be even for RoPE")
+    if m.n_heads % p.tp:
+        raise ConfigError(f"model.n_heads = {m.n_heads} is not divisible by parallel.tp = {p.tp}")
+    if kv % p.tp and p.tp % kv:
+        raise ConfigError(f"model.n_kv_heads = {kv} and parallel.tp = {p.tp}: one must divide the other")
+    if m.n_layers < p.pp:
+        raise ConfigError(f"model.n_layers = {m.n_layers} < parallel.pp = {p.pp}: each stage needs a layer")
+    if p.cp_method == "ulysses" and p.ulysses_degree not in (1, p.cp):
+        raise ConfigError(f"parallel.ulysses_degree = {p.ulysses_degree} with cp_method = ulysses must equal "
+                          f"parallel.cp = {p.cp}")
+    if p.cp_method == "hybrid" and (p.cp % p.ulysses_degree):
+        raise ConfigError(f"parallel.cp = {p.cp} is not divisible by parallel.ulysses_degree = {p.ulysses_degree}")
+    if p.cp_method in ("ulysses", "hybrid"):
+        deg = p.cp if p.cp_method == "ulysses" else p.ulysses_degree
+        heads_local = m.n_heads // p.tp
+        if heads_local % deg:
+            raise ConfigError(f"model.n_heads / tp = {heads_local} is not divisible by the Ulysses degree {deg}")
+    if m.vocab_size < 2:
+        raise ConfigError(f"model.vocab_size = {m.vocab_size}: must be >= 2")
+
+
+def _validate_swin(cfg: Config) -> None:
+    m, d, p = cfg.model, cfg.data, cfg.parallel
+    if m.in_channels < 1 or m.out_channels < 1:
+        raise ConfigError(f"model.in_channels = {m.in_channels}, model.out_channels = {m.out_channels}: "
+                          "a swin model needs both >= 1")
+    if m.d_model % m.n_heads:
+        raise ConfigError(f"model.d_model = {m.d_model} is not divisible by model.n_heads = {m.n_heads}")
+    if p.tp > 1 or p.pp > 1:
+        raise ConfigError(f"parallel.tp = {p.tp}, pp = {p.pp}: the swin model supports dp, wp and cp only")
+
+
+def check_world_size(cfg: Config, world_size: int) -> None:
+    """The launched world must equal dp × tp × pp × cp × wp."""
+    p = cfg.parallel
+    gh, gw = cfg.wp_grid
+    if cfg.world_size != world_size:
+        parts = f"dp*tp*pp*cp*wp = {p.dp}*{p.tp}*{p.pp}*{p.cp}*{gh * gw} = {cfg.world_size}"
+        raise ConfigError(f"parallel: {parts} but {world_size} ranks were launched")
+
+
+def env_world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))

@@ -1,0 +1,55 @@
+"""Per-rank micro-batches addressed by global sample index.
+
+For optimizer step t with ``consumed`` samples before it, micro-batch m of dp rank d holds the global
+samples ``consumed + m·(micro_batch·dp) + d·micro_batch + [0, micro_batch)`` — the union over (m, d)
+is always ``consumed + [0, global_batch)``, so losses do not depend on dp and resume is exact.
+
+Labels are the next tokens, shifted on the *full* sequence before any context-parallel sharding, so no
+label is lost at shard borders. The sequence is padded (label = IGNORE) to the layout's multiple.
+"""
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+
+from ..models.gpt import IGNORE_INDEX
+
+
+class TokenSource(Protocol):
+    def __getitem__(self, global_index: int) -> torch.Tensor: ...  # [seq_len + 1] int64
+
+
+def layout_multiple(cp: int, layout: str) -> int:
+    """Sequence length multiple a cp layout needs (zigzag cuts 2·cp chunks)."""
+    if cp == 1:
+        return 1
+    return 2 * cp if layout == "zigzag" else cp
+
+
+class TokenBatcher:
+    def __init__(self, source: TokenSource, *, micro_batch: int, dp: int, dp_rank: int, cp: int = 1,
+                 cp_rank: int = 0, layout: str = "zigzag"):
+        self.source, self.mb, self.dp, self.dp_rank = source, micro_batch, dp, dp_rank
+        self.cp, self.cp_rank, self.layout = cp, cp_rank, layout
+
+    def sample_ids(self, consumed: int, micro: int) -> list[int]:
+        base = consumed + micro * self.mb * self.dp + self.dp_rank * self.mb
+        return list(range(base, base + self.mb))
+
+    def microbatch(self, consumed: int, micro: int) -> dict[str, torch.Tensor]:
+        """-> {"tokens": [mb, S_local], "labels": [mb, S_local], "positions": [S_local]} (global positions)."""
+        seqs = torch.stack([self.source[i] for i in self.sample_ids(consumed, micro)])
+        tokens, labels = seqs[:, :-1], seqs[:, 1:]
+        s = tokens.shape[1]
+        mult = layout_multiple(self.cp, self.layout)
+        pad = (-s) % mult
+        if pad:
+            tokens = torch.cat([tokens, tokens.new_zeros(tokens.shape[0], pad)], dim=1)
+            labels = torch.cat([labels, labels.new_full((labels.shape[0], pad), IGNORE_INDEX)], dim=1)
+        if self.cp == 1:
+            return {"tokens": tokens, "labels": labels, "positions": torch.arange(tokens.shape[1])}
+        from parallelism import sequence_positions
+
+        idx = sequence_positions(tokens.shape[1], rank=self.cp_rank, world_size=self.cp, layout=self.layout)
+        return {"tokens": tokens[:, idx], "labels": labels[:, idx], "positions": idx}

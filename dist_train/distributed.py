@@ -1,0 +1,58 @@
+"""Process-group setup from the standard per-rank environment (RANK, WORLD_SIZE, MASTER_ADDR, ...).
+
+Every launcher (torchrun, ``dist-train launch``, mpiexec, Ray) ends in that environment; with none of
+it the job is a single process.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class DistContext:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def env_rank_info() -> tuple[int, int, int]:
+    return (int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)),
+            int(os.environ.get("LOCAL_RANK", 0)))
+
+
+def pick_device(local_rank: int) -> torch.device:
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank % torch.cuda.device_count())
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def init_distributed(timeout_s: float = 300.0) -> DistContext:
+    """Initialise the default group from the environment (no-op when already initialised or single)."""
+    rank, world, local_rank = env_rank_info()
+    device = pick_device(local_rank)
+    if dist.is_initialized():
+        return DistContext(dist.get_rank(), dist.get_world_size(), local_rank, device)
+    if world > 1:
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        dist.init_process_group(backend, rank=rank, world_size=world, timeout=timedelta(seconds=timeout_s),
+                                device_id=device if device.type == "cuda" else None)
+    return DistContext(rank, world, local_rank, device)
+
+
+def current_context() -> DistContext:
+    """The context of an already-initialised job (tests spawn ranks and initialise themselves)."""
+    if dist.is_initialized():
+        _, _, local_rank = env_rank_info()
+        return DistContext(dist.get_rank(), dist.get_world_size(), local_rank, pick_device(local_rank))
+    return DistContext(0, 1, 0, pick_device(0))

@@ -1,0 +1,1 @@
+"""Training engines: how gradients are reduced and the optimizer steps (DDP baseline; DeepSpeed ZeRO)."""

@@ -1,0 +1,63 @@
+"""The baseline engine: torch DDP over every axis holding replicated weights (dp × wp × cp).
+
+Loss contract: each micro-batch's ``loss_sum`` is scaled by ``grad_size / global_count`` before
+backward; DDP *averages* over its ``grad_size`` ranks, so the reduced gradient is exactly
+d(Σ loss over the global batch / global token count) — the mean over all real tokens, whatever dp,
+cp, wp and accumulation are.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Optional
+
+import torch
+import torch.nn as nn
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from ..config import TrainConfig
+from ..mesh import Mesh
+from ..optim import build_optimizer, build_scheduler
+
+
+class DDPEngine:
+    def __init__(self, model: nn.Module, mesh: Mesh, cfg: TrainConfig, autocast_dtype: Optional[torch.dtype]):
+        self.module = model
+        self.grad_size = mesh.grad_size
+        self.wrapped: nn.Module = model
+        if mesh.grad_group is not None:
+            self.wrapped = DDP(model, process_group=mesh.grad_group, broadcast_buffers=False)
+        self.optimizer = build_optimizer(list(model.named_parameters()), cfg)
+        self.scheduler = build_scheduler(self.optimizer, cfg)
+        self.grad_clip = cfg.grad_clip
+        self.autocast_dtype = autocast_dtype
+
+    def _autocast(self):
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        device_type = next(self.module.parameters()).device.type
+        return torch.autocast(device_type, dtype=self.autocast_dtype)
+
+    def forward_backward(self, batch: dict, inv_global_count: float, last_micro: bool) -> torch.Tensor:
+        """Forward + backward of one micro-batch; returns its (detached) loss sum."""
+        sync = last_micro or not isinstance(self.wrapped, DDP)
+        with (contextlib.nullcontext() if sync else self.wrapped.no_sync()):
+            with self._autocast():
+                loss_sum, _ = self.wrapped(batch)
+            (loss_sum * (self.grad_size * inv_global_count)).backward()
+        return loss_sum.detach().float()
+
+    def step(self) -> float:
+        """Clip, step, zero grads, advance the LR schedule; returns the pre-clip gradient norm."""
+        params = [p for p in self.module.parameters() if p.grad is not None]
+        if self.grad_clip and self.grad_clip > 0:
+            norm = torch.nn.utils.clip_grad_norm_(params, self.grad_clip, foreach=False)
+        else:
+            norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad) for p in params]))
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        return float(norm)
+
+    @property
+    def lr(self) -> float:
+        return self.optimizer.param_groups[0]["lr"]

@@ -1,0 +1,33 @@
+"""One rank of a job, in this process: the single entry point every launcher ends in.
+
+    run_rank("configs/gpt_tiny.yaml", ["train.steps=10"])   # reads RANK/WORLD_SIZE/MASTER_* from os.environ
+"""
+from __future__ import annotations
+
+import os
+
+import torch.distributed as dist
+
+from .config import check_world_size, load_config
+from .distributed import env_rank_info, init_distributed
+
+
+def run_rank(config_path: str, overrides: list[str]) -> int:
+    """Validate, initialise the process group, train; returns the process exit code."""
+    cfg = load_config(config_path, overrides)
+    _, world, _ = env_rank_info()
+    check_world_size(cfg, world)  # before any process group exists
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // max(1, int(
+        os.environ.get("LOCAL_WORLD_SIZE", world))))))
+    import torch
+
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+    ctx = init_distributed(cfg.launch.collective_timeout_s)
+    try:
+        from .trainer import train
+
+        result = train(cfg, ctx)
+        return result.exit_code
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()

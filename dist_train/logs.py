@@ -1,0 +1,51 @@
+"""Per-rank logging: everything to ``run.dir/logs/rank_N.log``; the console gets INFO on rank 0 and
+WARNING and above on other ranks (``DIST_TRAIN_VERBOSE_RANKS=all`` prints INFO everywhere).
+Launchers prefix console lines with the rank; they never need to parse levels.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Optional
+
+LOGGER_NAME = "dist_train"
+
+
+class _ConsoleHandler(logging.StreamHandler):
+    """Writes through tqdm so metric lines never tear rank 0's progress bar."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            from tqdm import tqdm
+
+            tqdm.write(self.format(record), file=self.stream)
+        except Exception:  # noqa: BLE001 - logging must never raise
+            self.handleError(record)
+
+
+def setup_logging(rank: int, run_dir: Optional[Path]) -> logging.Logger:
+    log = logging.getLogger(LOGGER_NAME)
+    for h in list(log.handlers):
+        log.removeHandler(h)
+        h.close()
+    log.setLevel(logging.INFO)
+    log.propagate = False
+    console = _ConsoleHandler(sys.stdout)
+    verbose = os.environ.get("DIST_TRAIN_VERBOSE_RANKS", "") == "all"
+    console.setLevel(logging.INFO if rank == 0 or verbose else logging.WARNING)
+    console.setFormatter(logging.Formatter("%(message)s" if rank == 0 else "%(levelname)s %(message)s"))
+    log.addHandler(console)
+    if run_dir is not None:
+        logs = Path(run_dir) / "logs"
+        logs.mkdir(parents=True, exist_ok=True)
+        fh = logging.FileHandler(logs / f"rank_{rank}.log")
+        fh.setLevel(logging.INFO)
+        fh.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+        log.addHandler(fh)
+    return log
+
+
+def get_logger() -> logging.Logger:
+    return logging.getLogger(LOGGER_NAME)

@@ -1,0 +1,225 @@
+"""The training loop. It never knows who launched it: it reads the initialised default group (or none).
+
+    result = train(cfg)            # every rank; returns per-step losses (identical on all ranks)
+
+One optimizer step = ``grad_accum_steps`` micro-batches per dp rank. The loss is the mean over every
+real token of the global batch (see engines/ddp.py for the scaling contract).
+"""
+from __future__ import annotations
+
+import json
+import math
+import random
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from .config import Config, check_world_size, save_config
+from .distributed import DistContext, current_context
+from .logs import get_logger, setup_logging
+from .mesh import Mesh, build_mesh
+from .metrics import (FLOP_CONVENTION, MetricsWriter, device_peak_tflops, format_metrics, gpt_flops_per_token,
+                      peak_memory_bytes)
+
+
+@dataclass
+class TrainResult:
+    losses: list[float] = field(default_factory=list)
+    grad_norms: list[float] = field(default_factory=list)
+    start_step: int = 0
+    exit_code: int = 0
+    summary: dict = field(default_factory=dict)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def autocast_dtype(cfg: Config, device: torch.device) -> Optional[torch.dtype]:
+    p = cfg.train.precision
+    if p == "bf16" or (p == "auto" and device.type == "cuda"):
+        return torch.bfloat16
+    return None
+
+
+# ---------------------------------------------------------------------------------------------
+# Building the pieces
+# ---------------------------------------------------------------------------------------------
+def build_model(cfg: Config, mesh: Mesh, device: torch.device) -> torch.nn.Module:
+    seed_everything(cfg.run.seed)  # identical initial weights on every rank
+    if cfg.model.kind == "gpt":
+        from .models.attention import AttentionContext
+        from .models.gpt import GPT
+
+        p = cfg.parallel
+        ctx = AttentionContext(cp_group=mesh.cp_group, layout=p.cp_layout, method=p.cp_method,
+                               ulysses_degree=p.ulysses_degree if p.cp_method != "ulysses" else p.cp,
+                               window=cfg.model.attention_window, kernel=p.attn_kernel)
+        model = GPT(cfg.model, ctx, activation_checkpointing=cfg.train.activation_checkpointing)
+    else:
+        from .models.swin import build_swin
+
+        model = build_swin(cfg.model, wp_group=mesh.wp_group, grid=cfg.wp_grid, cp_group=mesh.cp_group)
+    return model.to(device)
+
+
+def build_batcher(cfg: Config, mesh: Mesh):
+    d = cfg.data
+    if cfg.model.kind == "swin":
+        from .data.weather import WeatherBatcher
+
+        return WeatherBatcher(cfg, mesh)
+    from .data.batches import TokenBatcher
+    from .data.datasets import IndexedTokenDataset, SyntheticTokenDataset
+
+    if d.source == "synthetic":
+        source = SyntheticTokenDataset(cfg.model.vocab_size, d.seq_len, cfg.run.seed)
+    elif d.source == "indexed":
+        if not d.path:
+            raise ValueError("data.path is not set: give the prefix of a Megatron indexed dataset "
+                             "(dist-train data prepare --output PREFIX)")
+        from .data.prepare import ensure_prepared
+
+        if mesh.rank == 0:
+            ensure_prepared(d.path, d.prepare, d.tokenizer)
+        if dist.is_initialized():
+            dist.barrier()
+        source = IndexedTokenDataset(d.path, d.seq_len, cfg.run.seed)
+    else:
+        raise ValueError(f"data.source = {d.source!r} needs model.kind = swin")
+    return TokenBatcher(source, micro_batch=cfg.train.micro_batch, dp=mesh.size("dp"), dp_rank=mesh.coord("dp"),
+                        cp=mesh.size("cp"), cp_rank=mesh.coord("cp"), layout=cfg.parallel.cp_layout)
+
+
+def flops_per_sample(cfg: Config) -> float:
+    if cfg.model.kind == "gpt":
+        return gpt_flops_per_token(cfg.model, cfg.data.seq_len) * cfg.data.seq_len
+    from .models.swin import swin_flops_per_sample
+
+    return swin_flops_per_sample(cfg)
+
+
+def layout_dict(cfg: Config, world_size: int) -> dict:
+    p = cfg.parallel
+    return {"dp": p.dp, "tp": p.tp, "pp": p.pp, "cp": p.cp, "wp": list(cfg.wp_grid), "cp_layout": p.cp_layout,
+            "cp_method": p.cp_method, "zero_stage": p.zero_stage, "world_size": world_size}
+
+
+def _all_reduce_sum(t: torch.Tensor, group) -> torch.Tensor:
+    if group is not None:
+        dist.all_reduce(t, op=dist.ReduceOp.SUM, group=group)
+    return t
+
+
+# ---------------------------------------------------------------------------------------------
+# The loop
+# ---------------------------------------------------------------------------------------------
+def train(cfg: Config, ctx: Optional[DistContext] = None) -> TrainResult:
+    ctx = ctx or current_context()
+    check_world_size(cfg, ctx.world_size)
+    run_dir = Path(cfg.run.dir)
+    if ctx.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, run_dir / "config.yaml")
+    log = setup_logging(ctx.rank, run_dir)
+    mesh = build_mesh(cfg.parallel, ctx.world_size, ctx.device.type)
+    if ctx.is_main:
+        log.info(f"dist-train | {cfg.run.name} | {ctx.world_size} rank(s) on {ctx.device.type} | mesh {mesh.describe()}")
+
+    model = build_model(cfg, mesh, ctx.device)
+    from .engines.ddp import DDPEngine
+
+    engine = DDPEngine(model, mesh, cfg.train, autocast_dtype(cfg, ctx.device))
+    batcher = build_batcher(cfg, mesh)
+    n_params = sum(p.numel() for p in model.parameters())
+
+    t = cfg.train
+    accum = cfg.grad_accum_steps
+    start_step, consumed = 0, 0
+    result = TrainResult(start_step=start_step)
+    peak = device_peak_tflops(ctx.device, t.peak_tflops)
+    flops_step = flops_per_sample(cfg) * t.global_batch
+    tokens_step = t.global_batch * (cfg.data.seq_len if cfg.model.kind == "gpt" else batcher.tokens_per_sample)
+    writer = MetricsWriter(run_dir / "metrics.jsonl" if ctx.is_main else None)
+    if ctx.is_main:
+        log.info(f"model {cfg.model.kind}: {n_params / 1e6:.2f}M params | global batch {t.global_batch} = "
+                 f"micro {t.micro_batch} x accum {accum} x dp {mesh.size('dp')} | steps {t.steps} | "
+                 f"FLOPs/token convention: {FLOP_CONVENTION} | device peak {peak:.3f} TFLOP/s")
+
+    bar = None
+    if ctx.is_main and t.progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=t.steps, initial=start_step, desc="train", unit="step", file=sys.stderr,
+                   dynamic_ncols=True, leave=False, mininterval=0.5)
+    step_times: list[float] = []
+    model.train()
+    try:
+        for step in range(start_step, t.steps):
+            t0 = time.perf_counter()
+            micro = [batcher.microbatch(consumed, m) for m in range(accum)]
+            count = torch.tensor([sum(float((b["labels"] != -100).sum()) if "labels" in b else float(b["count"])
+                                      for b in micro)], dtype=torch.float64)
+            global_count = float(_all_reduce_sum(count, mesh.grad_group).item())
+            if global_count <= 0:
+                raise ValueError(f"step {step}: the global batch has no real tokens to train on")
+            loss_sum = torch.zeros((), dtype=torch.float64)
+            for m, batch in enumerate(micro):
+                batch = {k: v.to(ctx.device, non_blocking=True) for k, v in batch.items()}
+                loss_sum += engine.forward_backward(batch, 1.0 / global_count, m == accum - 1).double().cpu()
+            lr = engine.lr
+            grad_norm = engine.step()
+            loss_t = _all_reduce_sum(loss_sum.reshape(1), mesh.grad_group)
+            loss = float(loss_t.item()) / global_count
+            consumed += t.global_batch
+            dt = time.perf_counter() - t0
+            step_times.append(dt)
+            result.losses.append(loss)
+            result.grad_norms.append(grad_norm)
+            if not math.isfinite(loss):
+                log.warning(f"step {step + 1}: loss is {loss}")
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss:.3f}")
+            if (step + 1) % t.log_every == 0 or step + 1 == t.steps:
+                tflops = flops_step / dt / ctx.world_size / 1e12
+                rec = {"step": step + 1, "loss": loss, "lr": lr, "grad_norm": grad_norm,
+                       "tokens_per_s": tokens_step / dt, "tflops_per_device": tflops, "mfu": tflops / peak,
+                       "step_time_s": dt, "peak_mem_bytes": peak_memory_bytes(ctx.device),
+                       "consumed_samples": consumed}
+                writer.write(rec)
+                if ctx.is_main:
+                    log.info(format_metrics(rec, t.steps))
+    finally:
+        if bar is not None:
+            bar.close()
+        writer.close()
+
+    timed = step_times[1:] if len(step_times) > 1 else step_times
+    med = float(np.median(timed)) if timed else float("nan")
+    result.summary = {
+        "name": cfg.run.name, "steps": t.steps, "start_step": start_step, "world_size": ctx.world_size,
+        "layout": layout_dict(cfg, ctx.world_size), "params": n_params,
+        "first_loss": result.losses[0] if result.losses else None,
+        "final_loss": result.losses[-1] if result.losses else None,
+        "median_step_time_s": med, "tokens_per_s": tokens_step / med if timed else None,
+        "tflops_per_device": flops_step / med / ctx.world_size / 1e12 if timed else None,
+        "mfu": flops_step / med / ctx.world_size / 1e12 / peak if timed else None,
+        "flop_convention": FLOP_CONVENTION, "device_peak_tflops": peak,
+        "peak_mem_bytes": peak_memory_bytes(ctx.device),
+    }
+    if ctx.is_main:
+        (run_dir / "summary.json").write_text(json.dumps(result.summary, indent=2))
+        s = result.summary
+        if s["first_loss"] is not None:
+            log.info(f"done: loss {s['first_loss']:.4f} -> {s['final_loss']:.4f} in {len(result.losses)} steps | "
+                     f"median {med:.3f} s/step | summary {run_dir / 'summary.json'}")
+    return result

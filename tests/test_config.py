@@ -1,0 +1,75 @@
+"""Config parsing, overrides and validation; the CLI's bad-input contract (one line, exit 2)."""
+import subprocess
+import sys
+
+import pytest
+
+from dist_train.config import ConfigError, check_world_size, config_from_dict, load_config
+
+
+def test_overrides_are_yaml_scalars_and_refs_expand(tmp_path):
+    cfg = load_config("configs/gpt_tiny.yaml", ["parallel.cp=2", "train.lr=1e-3", "run.name=x",
+                                                "model.n_kv_heads=null"])
+    assert cfg.parallel.cp == 2 and cfg.train.lr == 1e-3 and cfg.run.dir == "runs/x"
+    assert cfg.model.n_kv_heads is None
+    with pytest.raises(ConfigError, match="window parallelism needs model.kind = swin"):
+        load_config("configs/gpt_tiny.yaml", ["parallel.wp=[1, 2]"])  # validated: gpt cannot use wp
+
+
+@pytest.mark.parametrize("data, msg", [
+    ({"train": {"stepz": 3}}, "unknown config key 'train.stepz'; valid keys in train: steps, global_batch"),
+    ({"modle": {}}, "unknown config key 'modle'; valid keys: run, model, data"),
+    ({"train": {"steps": "many"}}, "train.steps = 'many': expected int"),
+    ({"parallel": {"cp_layout": "spiral"}}, "parallel.cp_layout = 'spiral': valid values are contiguous, striped, zigzag"),
+    ({"train": {"global_batch": 6, "micro_batch": 4}}, "train.global_batch = 6 is not a multiple of micro_batch * dp = 4 * 1 = 4"),
+    ({"model": {"n_heads": 4, "n_kv_heads": 3}}, "model.n_heads = 4 is not divisible by model.n_kv_heads = 3"),
+    ({"model": {"n_layers": 1}, "parallel": {"pp": 2}}, "model.n_layers = 1 < parallel.pp = 2"),
+    ({"parallel": {"tp": 3}}, "model.n_heads = 4 is not divisible by parallel.tp = 3"),
+])
+def test_invalid_configs_name_the_key_and_numbers(data, msg):
+    with pytest.raises(ConfigError) as e:
+        config_from_dict(data)
+    assert msg in str(e.value)
+    assert "\n" not in str(e.value)
+
+
+def test_world_size_mismatch_names_the_product():
+    cfg = config_from_dict({"parallel": {"dp": 2, "cp": 3}})
+    with pytest.raises(ConfigError, match=r"dp\*tp\*pp\*cp\*wp = 2\*1\*1\*3\*1 = 6 but 4 ranks were launched"):
+        check_world_size(cfg, 4)
+    check_world_size(cfg, 6)
+
+
+def _cli(*args, env_extra=None):
+    import os
+    env = dict(os.environ, **(env_extra or {}))
+    return subprocess.run([sys.executable, "-m", "dist_train", *args], capture_output=True, text=True, env=env,
+                          timeout=120)
+
+
+def test_cli_bad_input_is_one_line_exit_2(tmp_path):
+    bad_yaml = tmp_path / "bad.yaml"
+    bad_yaml.write_text("run: {name: [unclosed\n")
+    cases = [
+        (["run", "configs/gpt_tiny.yaml", "--set", "train.stepz=3"], {}, "unknown config key 'train.stepz'"),
+        (["run", str(bad_yaml)], {}, "is not valid YAML"),
+        (["run", "configs/gpt_tiny.yaml", "--set", "parallel.dp=3", "--set", "train.global_batch=12"], {"WORLD_SIZE": "2"},
+         "dp*tp*pp*cp*wp = 3*1*1*1*1 = 3 but 2 ranks were launched"),
+        (["run", "configs/gpt_tiny.yaml", "--set", f"data.path={tmp_path}/nope", "--set", "data.prepare=null",
+          "--set", f"run.dir={tmp_path}/r"], {}, f"data.path = {tmp_path}/nope"),
+        (["run", str(tmp_path / "missing.yaml")], {}, "not found"),
+    ]
+    for args, env, needle in cases:
+        r = _cli(*args, env_extra=env)
+        assert r.returncode == 2, (args, r.returncode, r.stderr[-2000:])
+        lines = [l for l in r.stderr.splitlines() if l.startswith("dist-train: error:")]
+        assert len(lines) == 1 and needle in lines[0], (needle, r.stderr[-2000:])
+        assert "Traceback" not in r.stderr
+
+
+def test_every_subcommand_has_help_with_an_example():
+    r = _cli("--help")
+    assert r.returncode == 0 and "examples:" in r.stdout
+    for cmd in (["run"], ["data", "prepare"], ["bench"]):
+        r = _cli(*cmd, "--help")
+        assert r.returncode == 0 and "examples:" in r.stdout, (cmd, r.stdout)
