@@ -1,0 +1,393 @@
+"""``CheckpointManager``: periodic / final / async saves with an atomic commit, and resume.
+
+    mgr = CheckpointManager(cfg.checkpoint, run_dir=Path(cfg.run.dir), config=cfg.to_dict(),
+                            layout={"dp": 2, "tp": 1, "pp": 1, "cp": 1, "wp": [1, 1], "zero_stage": None,
+                                    "world_size": 2}, rank=rank, world_size=world)
+    extra = mgr.resume(model, optimizer, scheduler)   # None or {"step": int, "consumed_samples": int, ...}
+    mgr.maybe_save(step, model, optimizer, scheduler, extra={"step": step, "consumed_samples": n})
+    mgr.close()
+
+Commit protocol of one save (every rank runs it; with ``async_save`` in a background thread after the
+state was copied to host buffers — that copy is the only training stall):
+  1. rank 0 creates ``step_N.tmp/``; all ranks agree it exists.
+  2. every rank writes ``rng_rankR.json``; DCP writes every rank's shards + ``.metadata`` (fsynced,
+     CRC-32 computed while writing); ranks that fail are reported to all (no rank hangs on a peer's error).
+  3. all ranks send (file records, non-tensor values, tensor table) to everyone; rank 0, only once every
+     rank has reported success, writes ``train_state.json`` and ``manifest.json`` (last), renames
+     ``step_N.tmp`` -> ``step_N``, fsyncs the parent, rewrites ``latest`` (temp + rename), prunes.
+A rank that dies anywhere before (3) leaves a ``.tmp`` directory, which never counts as a checkpoint.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import shutil
+import time
+import warnings
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, Callable, Iterator, Optional, Union
+
+import torch
+import torch.distributed.checkpoint as dcp
+
+from dist_train.checkpoint import manifest as mf
+from dist_train.checkpoint.comm import CheckpointComm
+from dist_train.checkpoint.state import (HostStager, StateAdapter, TorchStateAdapter, capture_rng, from_json,
+                                         join_state, restore_rng, split_state, to_json)
+from dist_train.checkpoint.storage import CheckpointError, ChecksumWriter, SafeReader, fsync_dir, write_file_durable
+
+log = logging.getLogger("dist_train.checkpoint")
+
+ON_ERROR = ("stop", "continue")
+
+
+@contextlib.contextmanager
+def _quiet_single_process() -> Iterator[None]:
+    """DCP warns on every single-process save/load ("assuming the intent is to … in a single process");
+    world 1 is a supported mode here, not an accident."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+        yield
+
+
+def _tensor_info(t: torch.Tensor) -> dict:
+    """Global shape/dtype/bytes (a DTensor reports its global shape)."""
+    return {"shape": list(t.shape), "dtype": str(t.dtype).replace("torch.", ""),
+            "bytes": t.numel() * t.element_size()}
+
+
+class CheckpointManager:
+    """Saves and restores model, optimizer, LR schedule, counters and every rank's RNG (see module doc).
+
+    ``cfg``: an object with ``every, keep_last, async_save, resume, dir, on_error`` (``CheckpointConfig``).
+    ``adapter``: how (model, optimizer) become flat state dicts; engines (DeepSpeed) pass their own.
+    ``fault_hook``: called with a phase name (``"staged"``, ``"shards_written"``, ``"before_commit"``) on
+    every rank during a save; fault-injection tests use it to kill or fail a rank at a precise point.
+    """
+
+    def __init__(self, cfg: Any, run_dir: Union[str, os.PathLike], config: Optional[dict] = None,
+                 layout: Optional[dict] = None, rank: int = 0, world_size: int = 1,
+                 adapter: Optional[StateAdapter] = None, writer_threads: int = 1) -> None:
+        if cfg.on_error not in ON_ERROR:
+            raise ValueError(f"checkpoint.on_error = {cfg.on_error!r}: valid values are {', '.join(ON_ERROR)}")
+        if cfg.keep_last < 1:
+            raise ValueError(f"checkpoint.keep_last = {cfg.keep_last}: must be >= 1")
+        if cfg.every < 0:
+            raise ValueError(f"checkpoint.every = {cfg.every}: must be >= 0")
+        self.cfg = cfg
+        self.root = Path(cfg.dir) if cfg.dir else Path(run_dir) / "checkpoints"
+        self.config = config or {}
+        self.layout = dict(layout or {"world_size": world_size})
+        self.layout.setdefault("world_size", world_size)
+        self.rank, self.world_size = rank, world_size
+        self.comm = CheckpointComm(rank, world_size)
+        self.adapter = adapter or TorchStateAdapter()
+        self.writer_threads = writer_threads
+        self.fault_hook: Optional[Callable[[str], None]] = None
+        self.resumed_from: Optional[Path] = None
+        self.last_stall_s = 0.0  # time the last save() blocked the caller
+        self.last_write_s = 0.0  # time the last write+commit took (background time when async)
+        self.failed_saves = 0
+        self._last_step: Optional[int] = None
+        self._stager = HostStager()
+        self._pool: Optional[ThreadPoolExecutor] = None
+        self._pending: Optional[tuple[int, Future]] = None
+
+    # ------------------------------------------------------------------------------------------
+    # saving
+    # ------------------------------------------------------------------------------------------
+    def maybe_save(self, step: int, model, optimizer=None, scheduler=None, extra: Optional[dict] = None) -> bool:
+        """Save when ``every > 0`` and ``step % every == 0``; True when a save started."""
+        if self.cfg.every > 0 and step % self.cfg.every == 0:
+            return self.save(step, model, optimizer, scheduler, extra)
+        return False
+
+    def save(self, step: int, model, optimizer=None, scheduler=None, extra: Optional[dict] = None) -> bool:
+        """Save unconditionally (False when this step was already saved by this manager). With
+        ``async_save`` this blocks only to wait for a previous save and to copy the state to host memory."""
+        self.wait()
+        if step == self._last_step:
+            return False
+        t0 = time.perf_counter()
+        payload = self._collect(step, model, optimizer, scheduler, extra)
+        self._last_step = step  # reset by _failed
+        if self.cfg.async_save:
+            payload["tensors"] = self._stager.stage(payload["tensors"])
+            self._fire("staged")
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ckpt-writer")
+            self._pending = (step, self._pool.submit(self._write, payload))
+        else:
+            try:
+                self._write(payload)
+            except Exception as e:  # noqa: BLE001 - classified by on_error
+                self._failed(step, e)
+        self.last_stall_s = time.perf_counter() - t0
+        return True
+
+    def wait(self) -> None:
+        """Block until the in-flight async save (if any) finished; surface its failure per ``on_error``."""
+        if self._pending is None:
+            return
+        step, fut = self._pending
+        self._pending = None
+        try:
+            fut.result()
+        except Exception as e:  # noqa: BLE001 - classified by on_error
+            self._failed(step, e)
+
+    def close(self) -> None:
+        """Finish the in-flight save and stop the writer thread."""
+        try:
+            self.wait()
+        finally:
+            if self._pool is not None:
+                self._pool.shutdown(wait=True)
+                self._pool = None
+            self._stager.release()
+
+    def _failed(self, step: int, e: BaseException) -> None:
+        self.failed_saves += 1
+        self._last_step = None
+        good = mf.read_latest(self.root)
+        msg = (f"checkpoint save at step {step} failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+               f" — last good checkpoint: {good or 'none'} (untouched)")
+        if self.cfg.on_error == "stop":
+            raise CheckpointError(msg) from e
+        if self.rank == 0:
+            log.warning("%s; continuing (checkpoint.on_error=continue)", msg)
+
+    def _fire(self, phase: str) -> None:
+        if self.fault_hook is not None:
+            self.fault_hook(phase)
+
+    def _collect(self, step: int, model, optimizer, scheduler, extra: Optional[dict]) -> dict:
+        """Everything one save needs, taken on the caller's thread (state dicts hold live tensors)."""
+        model_sd, optim_sd = self.adapter.get(model, optimizer)
+        tensors, values = split_state({"model": model_sd, "optim": optim_sd})
+        extra = dict(extra or {})
+        extra.setdefault("step", step)
+        extra.setdefault("consumed_samples", 0)
+        return {
+            "step": step, "tensors": tensors, "values": values,
+            "table": {k: _tensor_info(t) for k, t in tensors.items()},
+            "rng": capture_rng(),
+            "scheduler": to_json(scheduler.state_dict(), "scheduler") if scheduler is not None else None,
+            "extra": to_json(extra, "extra"),
+            "contents": ["model"] + (["optim"] if optim_sd is not None else [])
+                        + (["scheduler"] if scheduler is not None else []) + ["rng"],
+        }
+
+    def _write(self, p: dict) -> None:
+        """The commit protocol (module doc). Runs on every rank; raises on every rank when any rank failed."""
+        t0 = time.perf_counter()
+        step, comm = p["step"], self.comm
+        name = mf.step_dir_name(step)
+        tmp, final = self.root / f"{name}.tmp", self.root / name
+        err = None
+        if self.rank == 0:
+            try:
+                if tmp.exists():
+                    shutil.rmtree(tmp)
+                tmp.mkdir(parents=True)
+            except OSError as e:
+                err = f"cannot create {tmp}: {e}"
+        self._raise_if(comm.agree(err), tmp)
+
+        err, records = None, {}
+        try:
+            rng_name = mf.rng_file_name(self.rank)
+            size, crc = write_file_durable(tmp / rng_name, json.dumps(p["rng"]).encode())
+            records[rng_name] = {"bytes": size, "crc32": crc}
+        except OSError as e:
+            err = f"{tmp / mf.rng_file_name(self.rank)}: {e}"
+        self._raise_if(comm.agree(err), tmp)
+
+        writer = ChecksumWriter(tmp, thread_count=self.writer_threads)
+        try:
+            with _quiet_single_process():
+                dcp.save(p["tensors"], storage_writer=writer, process_group=comm.group,
+                         no_dist=not comm.distributed)
+        except Exception as e:  # DCP reports every rank's failure to every rank: all raise together
+            self._cleanup(tmp)
+            raise CheckpointError(f"writing shards to {tmp} failed: {e}") from e
+        records.update(writer.records)
+        self._fire("shards_written")
+
+        reports = comm.all_gather({"files": records, "values": p["values"], "table": p["table"]})
+        self._fire("before_commit")
+        err = None
+        if self.rank == 0:
+            try:
+                self._commit(p, tmp, final, reports)
+            except Exception as e:  # noqa: BLE001 - reported to every rank below
+                err = f"{type(e).__name__}: {e}"
+                self._cleanup(tmp)
+        err = comm.broadcast(err)
+        if err:
+            raise CheckpointError(f"commit of {final} failed on rank 0: {err}")
+        self.last_write_s = time.perf_counter() - t0
+
+    def _commit(self, p: dict, tmp: Path, final: Path, reports: list[dict]) -> None:
+        """Rank 0, after every rank reported its files: train_state, manifest (last), rename, latest, prune."""
+        files, values, table = {}, {}, {}
+        for r in reports:  # union: ranks holding different parameters (pipeline stages) contribute their keys
+            files.update(r["files"])
+            values.update(r["values"])
+            table.update(r["table"])
+        train_state = {"step": p["step"], "extra": p["extra"], "scheduler": p["scheduler"], "values": values}
+        size, crc = write_file_durable(tmp / mf.TRAIN_STATE, json.dumps(train_state).encode())
+        files[mf.TRAIN_STATE] = {"bytes": size, "crc32": crc}
+        body = {
+            "step": p["step"], "contents": p["contents"], "layout": self.layout, "world_size": self.world_size,
+            "config": json.loads(json.dumps(self.config, default=str)), "code_version": mf.code_version(),
+            "torch_version": torch.__version__, "created_unix": time.time(), "files": files, "tensors": table,
+        }
+        mf.write_manifest(tmp, body)
+        fsync_dir(tmp)
+        replaced = None
+        if final.exists():  # re-saving a step (e.g. a resumed run reaching the same step): swap, then delete
+            replaced = final.with_name(final.name + f".replaced{os.getpid()}")
+            os.replace(final, replaced)
+        os.replace(tmp, final)
+        fsync_dir(self.root)
+        mf.write_latest(self.root, final.name)
+        if replaced is not None:
+            shutil.rmtree(replaced, ignore_errors=True)
+        try:
+            self._prune(p["step"])
+        except OSError as e:  # the new checkpoint is committed; a failed cleanup must not undo that
+            log.warning("checkpoint pruning under %s failed: %s", self.root, e)
+
+    def _prune(self, current_step: int) -> None:
+        """Keep the newest ``keep_last`` complete checkpoints, the newest complete one and the one this run
+        resumed from; drop stale ``.tmp`` dirs of earlier steps (saves that died)."""
+        complete = mf.complete_checkpoints(self.root)
+        keep = {p for _, p in complete[: self.cfg.keep_last]}
+        if complete:
+            keep.add(complete[0][1])
+        if self.resumed_from is not None:
+            keep.add(self.resumed_from.resolve())
+            keep.add(self.resumed_from)
+        for _, p in complete:
+            if p not in keep and p.resolve() not in keep:
+                shutil.rmtree(p, ignore_errors=True)
+        for p in self.root.glob("step_*.tmp"):
+            try:
+                if int(p.name[len("step_"):-len(".tmp")]) < current_step:
+                    shutil.rmtree(p, ignore_errors=True)
+            except ValueError:
+                continue
+
+    def _raise_if(self, errors: list[str], tmp: Path) -> None:
+        if errors:
+            self._cleanup(tmp)
+            raise CheckpointError("; ".join(errors))
+
+    def _cleanup(self, tmp: Path) -> None:
+        """Rank 0 removes a failed save's ``.tmp`` dir (frees space on a full disk); never a committed one."""
+        if self.rank == 0 and tmp.name.endswith(".tmp"):
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    # ------------------------------------------------------------------------------------------
+    # resuming
+    # ------------------------------------------------------------------------------------------
+    def resume(self, model, optimizer=None, scheduler=None) -> Optional[dict]:
+        """Restore per ``cfg.resume`` (``auto`` | ``none`` | PATH); None on a fresh start, else the saved
+        ``extra`` dict (at least ``step`` and ``consumed_samples``). ``auto`` takes the newest complete
+        checkpoint under the checkpoint dir and falls back to older ones (one warning line each) when it
+        fails verification; PATH (a ``step_N`` dir, or a dir of them) must verify."""
+        mode = self.cfg.resume
+        if mode in (None, "", "none"):
+            return None
+        if mode == "auto":
+            candidates = [p for _, p in mf.complete_checkpoints(self.root)]
+            if not candidates:
+                return None
+            strict = False
+        else:
+            path = Path(mode)
+            if (path / mf.MANIFEST).exists():
+                candidates = [path]
+            else:
+                candidates = [p for _, p in mf.complete_checkpoints(path)]
+                if not candidates:
+                    raise ValueError(f"checkpoint.resume = {mode!r}: no complete checkpoint there (expected a "
+                                     f"step_N directory with {mf.MANIFEST}, or a directory of them)")
+            strict = len(candidates) == 1
+        problems_seen = []
+        for i, ckpt in enumerate(candidates):
+            problems = self._verify_collective(ckpt)
+            if not problems:
+                extra = self.load(ckpt, model, optimizer, scheduler, verify=False)
+                return extra
+            problems_seen.append(problems[0])
+            if strict:
+                raise CheckpointError(f"checkpoint {ckpt} failed verification: {problems[0]}")
+            nxt = candidates[i + 1].name if i + 1 < len(candidates) else None
+            if self.rank == 0:
+                log.warning("checkpoint %s failed verification (%s); %s", ckpt.name, problems[0],
+                            f"falling back to {nxt}" if nxt else "no older complete checkpoint")
+        raise CheckpointError(f"no valid checkpoint under {self.root}: " + " | ".join(problems_seen))
+
+    def _verify_collective(self, ckpt: Path) -> list[str]:
+        """Manifest + every file's size and CRC-32; the files are split across ranks, results shared."""
+        try:
+            body = mf.read_manifest(ckpt)
+            names = sorted(body["files"])[self.rank::self.world_size]
+            mine = mf.verify_files(ckpt, body, names)
+        except CheckpointError as e:
+            mine = [str(e)]
+        problems = []
+        for rank_problems in self.comm.all_gather(mine):
+            problems.extend(p for p in rank_problems if p not in problems)
+        return problems
+
+    def load(self, ckpt: Union[str, os.PathLike], model, optimizer=None, scheduler=None,
+             verify: bool = True) -> dict:
+        """Load one checkpoint directory into (model, optimizer, scheduler) in place; restore this rank's
+        RNG when the saved layout equals ours. Returns the saved ``extra`` dict."""
+        ckpt = Path(ckpt)
+        if verify:
+            problems = self._verify_collective(ckpt)
+            if problems:
+                raise CheckpointError(f"checkpoint {ckpt} failed verification: {problems[0]}")
+        body = mf.read_manifest(ckpt)
+        ts = json.loads((ckpt / mf.TRAIN_STATE).read_text())
+        with_optim = optimizer is not None and "optim" in body["contents"]
+        # a checkpoint without optimizer state (e.g. converted from HF) leaves the optimizer untouched —
+        # in particular not initialised by get_state_dict's zero-gradient step
+        model_sd, optim_sd = self.adapter.get(model, optimizer if with_optim else None)
+        tensors, _ = split_state({"model": model_sd, "optim": optim_sd})
+        saved = body["tensors"]
+        for key, t in tensors.items():
+            if key not in saved:
+                raise CheckpointError(f"{ckpt}: has no tensor '{key}' (was it saved from a different model?)")
+            if list(t.shape) != saved[key]["shape"]:
+                raise CheckpointError(f"{ckpt}: tensor '{key}' has shape {saved[key]['shape']}, "
+                                      f"the model expects {list(t.shape)}")
+        with _quiet_single_process():
+            dcp.load(tensors, storage_reader=SafeReader(ckpt), process_group=self.comm.group,
+                     no_dist=not self.comm.distributed)
+        values = ts["values"]
+        where = str(ckpt / mf.TRAIN_STATE)
+        model_sd = join_state("model", model_sd, tensors, values, where)
+        optim_sd = join_state("optim", optim_sd, tensors, values, where) if with_optim else None
+        self.adapter.set(model, optimizer if with_optim else None, model_sd, optim_sd)
+        if scheduler is not None and ts.get("scheduler") is not None:
+            scheduler.load_state_dict(from_json(ts["scheduler"]))
+        if "rng" in body["contents"] and body.get("layout") == self.layout:
+            restore_rng(json.loads((ckpt / mf.rng_file_name(self.rank)).read_text()))
+        elif "rng" in body["contents"] and self.rank == 0:
+            log.warning("checkpoint %s was saved with layout %s, loading with %s: weights and optimizer "
+                        "resharded, RNG states not restored (ranks keep their seeded streams)",
+                        ckpt.name, body.get("layout"), self.layout)
+        self.resumed_from = ckpt
+        self._last_step = body["step"]
+        extra = from_json(ts.get("extra") or {})
+        extra.setdefault("step", body["step"])
+        extra.setdefault("consumed_samples", 0)
+        return extra
