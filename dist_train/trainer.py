@@ -56,19 +56,12 @@ def autocast_dtype(cfg: Config, device: torch.device) -> Optional[torch.dtype]:
 def build_model(cfg: Config, mesh: Mesh, device: torch.device) -> torch.nn.Module:
     seed_everything(cfg.run.seed)  # identical initial weights on every rank
     if cfg.model.kind == "gpt":
-        from .models.attention import AttentionContext
-        from .models.gpt import GPT
+        from .models.gpt import build_gpt
 
-        p = cfg.parallel
-        ctx = AttentionContext(cp_group=mesh.cp_group, layout=p.cp_layout, method=p.cp_method,
-                               ulysses_degree=p.ulysses_degree if p.cp_method != "ulysses" else p.cp,
-                               window=cfg.model.attention_window, kernel=p.attn_kernel)
-        model = GPT(cfg.model, ctx, activation_checkpointing=cfg.train.activation_checkpointing)
-    else:
-        from .models.swin import build_swin
+        return build_gpt(cfg, mesh, device)
+    from .models.swin import build_swin
 
-        model = build_swin(cfg.model, wp_group=mesh.wp_group, grid=cfg.wp_grid, cp_group=mesh.cp_group)
-    return model.to(device)
+    return build_swin(cfg.model, wp_group=mesh.wp_group, grid=cfg.wp_grid, cp_group=mesh.cp_group).to(device)
 
 
 def build_batcher(cfg: Config, mesh: Mesh):
@@ -113,10 +106,7 @@ def layout_dict(cfg: Config, world_size: int) -> dict:
             "cp_method": p.cp_method, "zero_stage": p.zero_stage, "world_size": world_size}
 
 
-def _all_reduce_sum(t: torch.Tensor, group) -> torch.Tensor:
-    if group is not None:
-        dist.all_reduce(t, op=dist.ReduceOp.SUM, group=group)
-    return t
+from .engines.ddp import all_reduce_sum as _all_reduce_sum
 
 
 # ---------------------------------------------------------------------------------------------
@@ -135,9 +125,9 @@ def train(cfg: Config, ctx: Optional[DistContext] = None) -> TrainResult:
         log.info(f"dist-train | {cfg.run.name} | {ctx.world_size} rank(s) on {ctx.device.type} | mesh {mesh.describe()}")
 
     model = build_model(cfg, mesh, ctx.device)
-    from .engines.ddp import DDPEngine
+    from .engines import build_engine
 
-    engine = DDPEngine(model, mesh, cfg.train, autocast_dtype(cfg, ctx.device))
+    engine = build_engine(cfg, model, mesh, autocast_dtype(cfg, ctx.device))
     batcher = build_batcher(cfg, mesh)
     n_params = sum(p.numel() for p in model.parameters())
 
@@ -171,14 +161,8 @@ def train(cfg: Config, ctx: Optional[DistContext] = None) -> TrainResult:
             global_count = float(_all_reduce_sum(count, mesh.grad_group).item())
             if global_count <= 0:
                 raise ValueError(f"step {step}: the global batch has no real tokens to train on")
-            loss_sum = torch.zeros((), dtype=torch.float64)
-            for m, batch in enumerate(micro):
-                batch = {k: v.to(ctx.device, non_blocking=True) for k, v in batch.items()}
-                loss_sum += engine.forward_backward(batch, 1.0 / global_count, m == accum - 1).double().cpu()
             lr = engine.lr
-            grad_norm = engine.step()
-            loss_t = _all_reduce_sum(loss_sum.reshape(1), mesh.grad_group)
-            loss = float(loss_t.item()) / global_count
+            loss, grad_norm = engine.train_step(micro, global_count)
             consumed += t.global_batch
             dt = time.perf_counter() - t0
             step_times.append(dt)

@@ -19,9 +19,17 @@ from ..mesh import Mesh
 from ..optim import build_optimizer, build_scheduler
 
 
+def all_reduce_sum(t: torch.Tensor, group) -> torch.Tensor:
+    """In-place SUM over ``group`` (None: nothing to reduce)."""
+    if group is not None:
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.SUM, group=group)
+    return t
+
+
 class DDPEngine:
     def __init__(self, model: nn.Module, mesh: Mesh, cfg: TrainConfig, autocast_dtype: Optional[torch.dtype]):
         self.module = model
+        self.mesh = mesh
         self.grad_size = mesh.grad_size
         self.wrapped: nn.Module = model
         if mesh.grad_group is not None:
@@ -45,6 +53,20 @@ class DDPEngine:
                 loss_sum, _ = self.wrapped(batch)
             (loss_sum * (self.grad_size * inv_global_count)).backward()
         return loss_sum.detach().float()
+
+    def train_step(self, micro: list[dict], global_count: float) -> tuple[float, float]:
+        """One optimizer step over this rank's micro-batches -> (global mean loss, pre-clip grad norm).
+
+        ``global_count``: real tokens (or elements) in the whole global batch, summed over grad_group.
+        """
+        device = next(self.module.parameters()).device
+        loss_sum = torch.zeros(1, dtype=torch.float64)
+        for m, batch in enumerate(micro):
+            batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+            loss_sum += self.forward_backward(batch, 1.0 / global_count, m == len(micro) - 1).double().cpu()
+        grad_norm = self.step()
+        all_reduce_sum(loss_sum, self.mesh.grad_group)
+        return float(loss_sum.item()) / global_count, grad_norm
 
     def step(self) -> float:
         """Clip, step, zero grads, advance the LR schedule; returns the pre-clip gradient norm."""

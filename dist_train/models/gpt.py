@@ -162,3 +162,12 @@ class GPT(nn.Module):
 
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
+
+
+def build_gpt(cfg, mesh, device: torch.device) -> GPT:
+    """The GPT for this rank of ``mesh`` (``cfg``: the full Config)."""
+    p = cfg.parallel
+    ctx = AttentionContext(cp_group=mesh.cp_group, layout=p.cp_layout, method=p.cp_method,
+                           ulysses_degree=p.ulysses_degree if p.cp_method != "ulysses" else p.cp,
+                           window=cfg.model.attention_window, kernel=p.attn_kernel)
+    return GPT(cfg.model, ctx, activation_checkpointing=cfg.train.activation_checkpointing).to(device)
