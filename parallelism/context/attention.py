@@ -1,0 +1,127 @@
+"""``context_parallel_attention``: validation and dispatch to the ring, Ulysses and hybrid methods.
+
+All three share the ring loop: Ulysses is "all-to-all, then a one-rank ring over the gathered
+sequence, then all-to-all back"; hybrid is "all-to-all inside consecutive groups of U ranks, then
+a ring over the R = P/U groups".
+"""
+from __future__ import annotations
+
+import functools
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+from .comm import heads_to_seq, run_p2p, seq_to_heads
+from .hybrid import subgroups
+from .kernels import default_scale, get_kernel
+from .layouts import check_layout, check_seq_len, rank_chunks
+from .plan import build_plan
+from .ring import CPStats, RingAttention
+from .ulysses import check_heads, gathered_order, kv_replication, replicate_kv
+
+METHODS = ("ring", "ulysses", "hybrid")
+
+
+def default_tile(window: Optional[int]) -> Optional[int]:
+    """With a window, cut chunks into tiles of ~max(128, w) tokens so work is O(n·w), not O(n²)."""
+    if window is None:
+        return None
+    tile = 128
+    while tile < window:
+        tile *= 2
+    return tile
+
+
+def _check_inputs(q, k, v, window, P: int, layout: str, method: str) -> None:
+    check_layout(layout)
+    if method not in METHODS:
+        raise ValueError(f"method={method!r} is not supported; valid methods: {', '.join(METHODS)}")
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        raise ValueError(f"q, k, v must be [B, S_local, H, D]; got shapes {tuple(q.shape)}, "
+                         f"{tuple(k.shape)}, {tuple(v.shape)}")
+    if k.shape != v.shape or q.shape[:2] != k.shape[:2] or q.shape[3] != k.shape[3]:
+        raise ValueError(f"q {tuple(q.shape)} and k/v {tuple(k.shape)}/{tuple(v.shape)} must share "
+                         f"B, S_local and D, and k and v must have the same shape")
+    if q.shape[2] % k.shape[2]:
+        raise ValueError(f"query heads Hq={q.shape[2]} must be a multiple of K/V heads Hkv={k.shape[2]}")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise ValueError(f"q, k, v dtypes differ: {q.dtype}, {k.dtype}, {v.dtype}")
+    if window is not None and (not isinstance(window, int) or window < 0):
+        raise ValueError(f"window={window!r} must be None or an int >= 0")
+    if q.shape[1] == 0:
+        raise ValueError("S_local=0: every rank must hold at least one token")
+    check_seq_len(q.shape[1] * P, P, layout)
+
+
+def context_parallel_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
+                               group: Optional[dist.ProcessGroup] = None, layout: str = "zigzag",
+                               method: str = "ring", ulysses_degree: int = 1, causal: bool = True,
+                               window: Optional[int] = None, scale: Optional[float] = None,
+                               kernel: str = "auto", tile: Optional[int] = None,
+                               stats: Optional[CPStats] = None) -> torch.Tensor:
+    """Exact attention over the sequence sharded across ``group`` (None = the default group).
+
+    q: [B, S_local, Hq, D]; k, v: [B, S_local, Hkv, D] — this rank's shard in ``layout``
+    (``contiguous``/``striped``/``zigzag``). Returns [B, S_local, Hq, D] in q's dtype, equal up to
+    rounding to softmax(q·kᵀ·scale + mask)·v over the full sequence with global positions: ``causal``
+    allows j <= i; ``window=w`` also needs i − w <= j (and j <= i + w when not causal).
+
+    method: ``ring`` (K/V passed around the group), ``ulysses`` (all-to-all sequence↔heads over the
+    whole group; ``ulysses_degree`` must be 1 or P), ``hybrid`` (``ulysses_degree`` U consecutive
+    ranks do Ulysses, rings of P/U ranks across them; every rank must call in the same order).
+    kernel: ``auto``/``sdpa``/``math``/``flash`` local block kernel. tile: piece size used with
+    windows (None = automatic). stats: a :class:`CPStats` to fill with this rank's counters.
+    """
+    P = dist.get_world_size(group)
+    _check_inputs(q, k, v, window, P, layout, method)
+    scale = default_scale(q.shape[-1], scale)
+    blk_kernel = get_kernel(kernel, q.device, q.dtype)
+    tile = default_tile(window) if tile is None else tile
+    seq_len = q.shape[1] * P
+    if method == "ring":
+        degree = 1
+    elif method == "ulysses":
+        if ulysses_degree not in (1, P):
+            raise ValueError(f"method='ulysses' uses the whole group: ulysses_degree must be 1 or P={P}, "
+                             f"got {ulysses_degree} (use method='hybrid' for 1 < U < P)")
+        degree = P
+    else:
+        degree = ulysses_degree
+        if degree < 1 or P % degree:
+            raise ValueError(f"ulysses_degree={degree} must divide the group size P={P}; valid: "
+                             f"{[u for u in range(1, P + 1) if P % u == 0]}")
+    if degree == 1:
+        chunks = tuple(rank_chunks(seq_len, r, P, layout) for r in range(P))
+        plan = build_plan(chunks, causal, window, tile)
+        drive = functools.partial(run_p2p, group=group)
+        return RingAttention.apply(q, k, v, plan, dist.get_rank(group), drive, blk_kernel, scale, stats)
+    return _ulysses_ring(q, k, v, group, degree, layout, causal, window, scale, blk_kernel, tile, stats)
+
+
+def _ulysses_ring(q, k, v, group, degree, layout, causal, window, scale, blk_kernel, tile, stats):
+    """All-to-all inside the Ulysses sub-group, ring across sub-groups, all-to-all back."""
+    P = dist.get_world_size(group)
+    check_heads(q.shape[2], k.shape[2], degree)
+    seq_len = q.shape[1] * P
+    sub = subgroups(group, degree)
+    factor = kv_replication(q.shape[2], k.shape[2], degree)
+    k, v = replicate_kv(k, factor), replicate_kv(v, factor)
+    qg, kg, vg = (seq_to_heads(x, sub.ulysses) for x in (q, k, v))      # [B, U·n, H/U, D]
+    if stats is not None:
+        stats.all_to_all_calls += 3
+    orders = [gathered_order(seq_len, list(range(i * degree, (i + 1) * degree)), P, layout)
+              for i in range(sub.ring_size)]
+    chunks = tuple(c for c, _ in orders)
+    perm = orders[sub.ring_rank][1]
+    if perm is not None:
+        perm = perm.to(q.device)
+        qg, kg, vg = (x.index_select(1, perm) for x in (qg, kg, vg))
+    plan = build_plan(chunks, causal, window, tile)
+    drive = functools.partial(run_p2p, group=sub.ring)
+    out = RingAttention.apply(qg, kg, vg, plan, sub.ring_rank, drive, blk_kernel, scale, stats)
+    if perm is not None:
+        out = out.index_select(1, torch.argsort(perm))
+    if stats is not None:
+        stats.all_to_all_calls += 1
+    return heads_to_seq(out, sub.ulysses)

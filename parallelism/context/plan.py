@@ -1,0 +1,168 @@
+"""The ring schedule: which blocks each rank computes at each step, and which K/V blocks travel.
+
+Built once per (chunks of every rank, causal, window, tile) and cached; every rank derives the same
+plan, so sends and receives always match without any negotiation.
+
+Directions. K/V blocks may travel forward (rank r -> r+1, so at step t rank r holds the block of
+source r−t) and/or backward (r -> r−1, source r+t). Without a window one forward ring suffices.
+With a window a rank typically needs both neighbours (zigzag's second chunk needs the *next* rank's
+chunk), so the planner picks the step counts (T_fwd, T_bwd) that cover every needed (rank, source)
+pair with the fewest K/V sends per rank: communication then grows with the window, not with S.
+
+Pruning. The block of source s travelling in direction d is forwarded at step t only while a rank
+further along still needs it (``last[d][s]``): e.g. contiguous causal never sends rank P−1's block
+to rank 0. In backward, the dK/dV accumulator of s follows the same path and, at its last holder,
+goes straight back to its owner s.
+"""
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from typing import Optional
+
+from .layouts import Chunk
+from .masks import BlockMask, classify
+
+FWD, BWD = 1, -1
+
+
+@dataclass(frozen=True)
+class Block:
+    """One kernel call: local query rows [q_lo, q_hi) × local key rows [k_lo, k_hi) of the source."""
+
+    q_lo: int
+    q_hi: int
+    k_lo: int
+    k_hi: int
+    mask: BlockMask
+
+    @property
+    def work(self) -> int:
+        return self.mask.allowed
+
+
+def _tiles(chunks: tuple[Chunk, ...], tile: Optional[int]) -> list[tuple[int, Chunk]]:
+    """(local offset, chunk) pieces of at most ``tile`` tokens, in local order."""
+    out, off = [], 0
+    for c in chunks:
+        step = tile or c.length
+        for a in range(0, c.length, step):
+            n = min(step, c.length - a)
+            out.append((off + a, Chunk(c.start + c.stride * a, c.stride, n)))
+        off += c.length
+    return out
+
+
+def pair_blocks(q_chunks: tuple[Chunk, ...], k_chunks: tuple[Chunk, ...], causal: bool,
+                window: Optional[int], tile: Optional[int]) -> tuple[Block, ...]:
+    """Kernel calls for queries of one rank against keys of one source; fully masked blocks dropped.
+
+    Fully unmasked blocks are fused: adjacent full key pieces of a query piece become one call, and
+    adjacent query pieces with the same single full key range become one call (e.g. zigzag's half
+    block per step is always a single kernel call).
+    """
+    rows: list[list[Block]] = []
+    for q_off, qc in _tiles(q_chunks, tile):
+        row: list[Block] = []
+        for k_off, kc in _tiles(k_chunks, tile):
+            m = classify(qc, kc, causal, window)
+            if m.kind == "none":
+                continue
+            blk = Block(q_off, q_off + qc.length, k_off, k_off + kc.length, m)
+            prev = row[-1] if row else None
+            if (prev is not None and m.kind == "full" and prev.mask.kind == "full" and prev.k_hi == k_off):
+                blk = Block(q_off, q_off + qc.length, prev.k_lo, k_off + kc.length,
+                            _fused(prev.mask, m, (q_off + qc.length - q_off) * (k_off + kc.length - prev.k_lo)))
+                row[-1] = blk
+            else:
+                row.append(blk)
+        rows.append(row)
+    out: list[Block] = []
+    for row in rows:
+        prev = out[-1] if out else None
+        if (len(row) == 1 and prev is not None and row[0].mask.kind == "full" and prev.mask.kind == "full"
+                and (prev.k_lo, prev.k_hi) == (row[0].k_lo, row[0].k_hi) and prev.q_hi == row[0].q_lo):
+            b = row[0]
+            out[-1] = Block(prev.q_lo, b.q_hi, b.k_lo, b.k_hi,
+                            _fused(prev.mask, b.mask, (b.q_hi - prev.q_lo) * (b.k_hi - b.k_lo)))
+        else:
+            out.extend(row)
+    return tuple(out)
+
+
+def _fused(a: BlockMask, b: BlockMask, allowed: int) -> BlockMask:
+    # A fused block is full, so its chunks are never used to build a mask; keep the first ones.
+    return BlockMask("full", a.q, a.k, a.causal, a.window, allowed)
+
+
+@dataclass(frozen=True)
+class RingPlan:
+    """Schedule for P ranks. ``blocks[r][s]`` are rank r's kernel calls against source s's K/V."""
+
+    world_size: int
+    blocks: tuple[tuple[tuple[Block, ...], ...], ...]
+    direction: tuple[tuple[int, ...], ...]  # [r][s]: 0 local, FWD, BWD; 0 also for "no work" pairs
+    steps: dict  # {FWD: T_fwd, BWD: T_bwd}
+    last: dict  # {FWD: (last step per source), BWD: (...)}
+
+    @property
+    def num_steps(self) -> int:
+        return 1 + max(self.steps[FWD], self.steps[BWD])
+
+    def source(self, d: int, rank: int, t: int) -> int:
+        """The source whose K/V rank holds at step t in direction d."""
+        return (rank - d * t) % self.world_size
+
+    def sends(self, d: int, rank: int, t: int) -> bool:
+        """Does ``rank`` pass its direction-d K/V block on at the end of step t?"""
+        return t < self.last[d][self.source(d, rank, t)]
+
+    def on_path(self, d: int, rank: int, t: int) -> bool:
+        """Does ``rank`` hold a (still needed) direction-d block at step t >= 1?"""
+        return 1 <= t <= self.last[d][self.source(d, rank, t)]
+
+    def work(self, rank: int, t: int) -> list[tuple[int, int]]:
+        """(direction, source) pairs rank computes at step t (direction 0 = its own K/V at t = 0)."""
+        if t == 0:
+            return [(0, rank)] if self.blocks[rank][rank] else []
+        out = []
+        for d in (FWD, BWD):
+            s = self.source(d, rank, t)
+            if t <= self.steps[d] and self.direction[rank][s] == d and self.blocks[rank][s] and s != rank:
+                out.append((d, s))
+        return out
+
+    def rank_work(self, rank: int) -> int:
+        return sum(b.work for s in range(self.world_size) for b in self.blocks[rank][s])
+
+
+def _choose_steps(needed: list[tuple[int, int]], P: int) -> tuple[int, int]:
+    """(T_fwd, T_bwd) covering every needed (rank, source) pair with the fewest sends per rank."""
+    best = None
+    for t_f in range(P):
+        t_b = max([(s - r) % P for r, s in needed if (r - s) % P > t_f], default=0)
+        key = (t_f + t_b, t_b > 0, t_b)  # fewest sends, then a single direction
+        if best is None or key < best[0]:
+            best = (key, t_f, t_b)
+    return best[1], best[2]
+
+
+@functools.lru_cache(maxsize=64)
+def build_plan(chunks: tuple[tuple[Chunk, ...], ...], causal: bool, window: Optional[int],
+               tile: Optional[int] = None) -> RingPlan:
+    """Plan the ring for ``chunks[r]`` = the chunks held by rank r (identical on all ranks)."""
+    P = len(chunks)
+    blocks = tuple(tuple(pair_blocks(chunks[r], chunks[s], causal, window, tile) for s in range(P))
+                   for r in range(P))
+    needed = [(r, s) for r in range(P) for s in range(P) if s != r and blocks[r][s]]
+    t_f, t_b = _choose_steps(needed, P)
+    direction = [[0] * P for _ in range(P)]
+    last = {FWD: [0] * P, BWD: [0] * P}
+    for r, s in needed:
+        d = FWD if (r - s) % P <= t_f else BWD
+        direction[r][s] = d
+        dist = (d * (r - s)) % P
+        last[d][s] = max(last[d][s], dist)
+    steps = {FWD: max(last[FWD]), BWD: max(last[BWD])}
+    return RingPlan(P, blocks, tuple(map(tuple, direction)), steps,
+                    {d: tuple(v) for d, v in last.items()})

@@ -1,0 +1,192 @@
+"""THE ring loop: one forward and one backward generator serve every layout, method and driver.
+
+Layouts (and hybrid chunk sets) differ only in the :class:`~parallelism.context.plan.RingPlan`:
+which (query piece, key piece) blocks a rank computes against which source, with which mask. The
+loop itself is layout-agnostic.
+
+Forward, per step t: post the K/V sends/receives for step t+1 (``batch_isend_irecv``) BEFORE the
+local blocks compute, so transfer overlaps compute; merge each block's (out, lse) into the running
+fp32 state; wait.
+
+Backward, per step t: the same K/V movement; each block's gradient uses the FINAL (out, lse); dq
+accumulates locally in fp32; the dK/dV accumulator of the source travels with its K/V (received at
+step start, forwarded after compute, overlapping the next step) and its last holder sends it
+straight back to the owner, which pre-posted that receive before the loop (no ordering deadlock).
+
+Shapes: q [B, n, Hq, D]; k, v [B, n_k, Hkv, D] (this rank's shard; all ranks have equal shards).
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Generator, Optional
+
+import torch
+
+from .comm import Post, Recv, Send, Wait
+from .kernels import compute_dtype
+from .merge import init_state, merge_
+from .plan import BWD, FWD, RingPlan
+
+TAG_KV = {FWD: 10, BWD: 20}
+TAG_ACC = {FWD: 30, BWD: 40}
+TAG_FINAL = {FWD: 50, BWD: 60}
+
+
+@dataclass
+class CPStats:
+    """Counters filled by one rank (pass ``stats=CPStats()``; values accumulate over calls).
+
+    A "K/V block" is this rank's K and V shard (two tensors, one logical message).
+    """
+
+    kv_blocks_sent: int = 0          # forward ring
+    kv_blocks_sent_bwd: int = 0      # backward ring (K/V re-circulated)
+    dkv_blocks_sent: int = 0         # dK/dV accumulators (to the next holder or back to the owner)
+    all_to_all_calls: int = 0        # Ulysses exchanges (forward)
+    ring_steps: int = 0              # forward ring steps executed
+    blocks_computed: int = 0         # forward kernel calls
+    work_pairs: int = 0              # allowed (query, key) pairs computed in forward, per (batch, head)
+    fwd_step_compute_s: list = field(default_factory=list)   # CPU time of each forward step's compute
+    bwd_step_compute_s: list = field(default_factory=list)
+
+
+def _send_block(peer: int, tensors, tag: int) -> list:
+    return [Send(peer, t, tag + i) for i, t in enumerate(tensors)]
+
+
+def _recv_block(peer: int, tensors, tag: int) -> list:
+    return [Recv(peer, t, tag + i) for i, t in enumerate(tensors)]
+
+
+def _exchange_kv(plan: RingPlan, rank: int, t: int, held: dict, like, stats: CPStats, attr: str):
+    """Ops moving K/V one hop along each direction at the end of step t, and the receive buffers."""
+    P = plan.world_size
+    ops, incoming = [], {}
+    for d in (FWD, BWD):
+        if plan.sends(d, rank, t):
+            ops += _send_block((rank + d) % P, held[d], TAG_KV[d])
+            setattr(stats, attr, getattr(stats, attr) + 1)
+        prev = (rank - d) % P
+        if plan.sends(d, prev, t):
+            incoming[d] = tuple(torch.empty_like(x) for x in like)
+            ops += _recv_block(prev, incoming[d], TAG_KV[d])
+    return ops, incoming
+
+
+def ring_forward(plan: RingPlan, rank: int, q, k, v, kernel, scale: float,
+                 stats: CPStats) -> Generator:
+    """Yields comm requests; returns (out [B, n, Hq, D], lse [B, Hq, n]) in the compute dtype."""
+    o, lse = init_state(q, compute_dtype(q.dtype))
+    held = {FWD: (k, v), BWD: (k, v)}
+    for t in range(plan.num_steps):
+        ops, incoming = _exchange_kv(plan, rank, t, held, (k, v), stats, "kv_blocks_sent")
+        handle = (yield Post(ops)) if ops else None
+        start = time.thread_time()
+        for d, s in plan.work(rank, t):
+            kk, vv = held[d] if d else (k, v)
+            for b in plan.blocks[rank][s]:
+                o_b, lse_b = kernel.forward(q[:, b.q_lo:b.q_hi], kk[:, b.k_lo:b.k_hi],
+                                            vv[:, b.k_lo:b.k_hi], b.mask, scale)
+                merge_(o[:, b.q_lo:b.q_hi], lse[:, :, b.q_lo:b.q_hi], o_b, lse_b)
+                stats.blocks_computed += 1
+                stats.work_pairs += b.work
+        stats.fwd_step_compute_s.append(time.thread_time() - start)
+        stats.ring_steps += 1
+        if handle is not None:
+            yield Wait(handle)
+        held = incoming
+    return o, lse
+
+
+def ring_backward(plan: RingPlan, rank: int, q, k, v, o, lse, do, kernel, scale: float,
+                  stats: CPStats) -> Generator:
+    """Yields comm requests; returns (dq, dk, dv) in the compute dtype for this rank's shard."""
+    P = plan.world_size
+    c = compute_dtype(q.dtype)
+    dq = torch.zeros(q.shape, dtype=c, device=q.device)
+    own = (torch.zeros(k.shape, dtype=c, device=k.device), torch.zeros(v.shape, dtype=c, device=v.device))
+    finals, ops = [], []
+    for d in (FWD, BWD):                       # pre-post the owner's receives of its finished dK/dV
+        hops = plan.last[d][rank]
+        if hops >= 1:
+            finals.append(tuple(torch.empty_like(x) for x in own))
+            ops += _recv_block((rank + d * hops) % P, finals[-1], TAG_FINAL[d])
+    final_handle = (yield Post(ops)) if ops else None
+    held = {FWD: (k, v), BWD: (k, v)}
+    pending, pending_ops = None, []      # last step's accumulator sends (tensors kept alive until waited)
+    for t in range(plan.num_steps):
+        ops, incoming = _exchange_kv(plan, rank, t, held, (k, v), stats, "kv_blocks_sent_bwd")
+        acc = {}
+        for d in (FWD, BWD):
+            if t >= 2 and plan.on_path(d, rank, t):    # previous holder forwards the accumulator
+                acc[d] = tuple(torch.empty_like(x) for x in own)
+                ops += _recv_block((rank - d) % P, acc[d], TAG_ACC[d])
+        handle = (yield Post(ops)) if ops else None
+        start = time.thread_time()
+        parts = {}
+        for d, s in plan.work(rank, t):
+            kk, vv = held[d] if d else (k, v)
+            dk, dv = own if d == 0 else tuple(torch.zeros_like(x) for x in own)
+            parts[d] = (dk, dv)
+            for b in plan.blocks[rank][s]:
+                rows, keys = slice(b.q_lo, b.q_hi), slice(b.k_lo, b.k_hi)
+                dq_b, dk_b, dv_b = kernel.backward(do[:, rows], q[:, rows], kk[:, keys], vv[:, keys],
+                                                   o[:, rows], lse[:, :, rows], b.mask, scale)
+                dq[:, rows] += dq_b
+                dk[:, keys] += dk_b
+                dv[:, keys] += dv_b
+        stats.bwd_step_compute_s.append(time.thread_time() - start)
+        if handle is not None:
+            yield Wait(handle)
+        if pending is not None:
+            yield Wait(pending)
+        ops = []
+        for d in (FWD, BWD):
+            if not plan.on_path(d, rank, t):
+                continue
+            s = plan.source(d, rank, t)
+            mine = parts.get(d)
+            if d in acc:
+                total = acc[d]
+                if mine is not None:
+                    total[0].add_(mine[0])
+                    total[1].add_(mine[1])
+            else:
+                total = mine if mine is not None else tuple(torch.zeros_like(x) for x in own)
+            if t < plan.last[d][s]:
+                ops += _send_block((rank + d) % P, total, TAG_ACC[d])
+            else:
+                ops += _send_block(s, total, TAG_FINAL[d])
+            stats.dkv_blocks_sent += 1
+        pending, pending_ops = ((yield Post(ops)) if ops else None), ops
+        held = incoming
+    if pending is not None:
+        yield Wait(pending)
+    del pending_ops
+    if final_handle is not None:
+        yield Wait(final_handle)
+    for dk, dv in finals:
+        own[0].add_(dk)
+        own[1].add_(dv)
+    return dq, own[0], own[1]
+
+
+class RingAttention(torch.autograd.Function):
+    """Differentiable ring attention for one rank; ``drive`` runs a generator over real ranks."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, plan: RingPlan, rank: int, drive: Callable, kernel, scale: float,
+                stats: Optional[CPStats]):
+        stats = stats if stats is not None else CPStats()
+        o, lse = drive(ring_forward(plan, rank, q, k, v, kernel, scale, stats))
+        ctx.save_for_backward(q, k, v, o, lse)
+        ctx.plan, ctx.rank, ctx.drive, ctx.kernel, ctx.scale, ctx.stats = plan, rank, drive, kernel, scale, stats
+        return o.to(q.dtype)
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k, v, o, lse = ctx.saved_tensors
+        dq, dk, dv = ctx.drive(ring_backward(ctx.plan, ctx.rank, q, k, v, o, lse, do.to(o.dtype),
+                                             ctx.kernel, ctx.scale, ctx.stats))
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None, None, None

@@ -1,0 +1,142 @@
+"""In-process simulator: run the SAME ring generators for P virtual ranks in one process.
+
+The :class:`Simulator` advances every rank's generator round-robin; ``Post`` deposits copies of sent
+tensors in per-(src, dst, tag) FIFO mailboxes, ``Wait`` completes once every awaited receive has
+arrived. If every unfinished rank is blocked, the schedule has a deadlock or a send/receive
+mismatch and :class:`ScheduleError` is raised — the simulator checks the protocol, not only the math.
+
+:func:`simulate_ring_attention` takes FULL tensors, shards them with a layout, runs P ranks and
+returns the full output; it is differentiable (backward runs the backward generators).
+"""
+from __future__ import annotations
+
+from collections import defaultdict, deque
+from typing import Generator, Optional, Sequence
+
+import torch
+
+from .comm import Post, Recv, Send, Wait
+from .kernels import default_scale, get_kernel
+from .layouts import check_layout, check_seq_len, rank_chunks, sequence_positions
+from .plan import build_plan, RingPlan
+from .ring import CPStats, ring_backward, ring_forward
+
+
+class ScheduleError(RuntimeError):
+    """The simulated ranks can make no progress (deadlock) or left messages unconsumed."""
+
+
+class Simulator:
+    """Drives P ring generators in lock-step over in-memory mailboxes."""
+
+    def __init__(self, world_size: int):
+        self.world_size = world_size
+        self.mailbox: dict[tuple[int, int, int], deque] = defaultdict(deque)
+        self.messages = 0
+
+    def run(self, gens: Sequence[Generator]) -> list:
+        n = len(gens)
+        results: list = [None] * n
+        done = [False] * n
+        reply: list = [None] * n
+        waiting: list[Optional[list]] = [None] * n    # outstanding receives per rank
+        started = [False] * n
+        while not all(done):
+            progress = False
+            for r in range(n):
+                if done[r]:
+                    continue
+                if waiting[r] is not None:
+                    still = [op for op in waiting[r] if not self._deliver(op, r)]
+                    if still:
+                        waiting[r] = still
+                        continue
+                    waiting[r] = None
+                    reply[r] = None
+                progress = True
+                try:
+                    msg = gens[r].send(reply[r]) if started[r] else next(gens[r])
+                    started[r] = True
+                    while isinstance(msg, Post):
+                        for op in msg.ops:
+                            if isinstance(op, Send):
+                                self.mailbox[(r, op.peer, op.tag)].append(op.tensor.clone())
+                                self.messages += 1
+                        msg = gens[r].send([op for op in msg.ops if isinstance(op, Recv)])
+                    if not isinstance(msg, Wait):
+                        raise TypeError(f"ring generator yielded {type(msg).__name__}")
+                    waiting[r] = list(msg.handle)
+                except StopIteration as stop:
+                    results[r], done[r] = stop.value, True
+            if not progress:
+                blocked = {r: [(op.peer, op.tag) for op in waiting[r]] for r in range(n) if not done[r]}
+                raise ScheduleError(f"deadlock: ranks blocked on (peer, tag) receives {blocked}")
+        left = {k: len(v) for k, v in self.mailbox.items() if v}
+        if left:
+            raise ScheduleError(f"messages sent but never received: {left}")
+        return results
+
+    def _deliver(self, op: Recv, rank: int) -> bool:
+        box = self.mailbox.get((op.peer, rank, op.tag))
+        if not box:
+            return False
+        msg = box.popleft()
+        if msg.shape != op.tensor.shape:
+            raise ScheduleError(f"rank {rank} expected {tuple(op.tensor.shape)} from {op.peer} (tag {op.tag}), "
+                                f"got {tuple(msg.shape)}")
+        op.tensor.copy_(msg)
+        return True
+
+
+class _SimulatedRing(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, plan: RingPlan, positions, kernel, scale, stats):
+        P = plan.world_size
+        qs, ks, vs = ([x.index_select(1, pos) for pos in positions] for x in (q, k, v))
+        outs = Simulator(P).run([ring_forward(plan, r, qs[r], ks[r], vs[r], kernel, scale, stats[r])
+                                 for r in range(P)])
+        ctx.save_for_backward(q, k, v)
+        ctx.shards = (qs, ks, vs, outs)
+        ctx.plan, ctx.positions, ctx.kernel, ctx.scale, ctx.stats = plan, positions, kernel, scale, stats
+        return _unshard([o.to(q.dtype) for o, _ in outs], positions, q.shape[1])
+
+    @staticmethod
+    def backward(ctx, do):
+        qs, ks, vs, outs = ctx.shards
+        P = ctx.plan.world_size
+        dos = [do.index_select(1, pos).to(outs[r][0].dtype) for r, pos in enumerate(ctx.positions)]
+        grads = Simulator(P).run([ring_backward(ctx.plan, r, qs[r], ks[r], vs[r], outs[r][0], outs[r][1],
+                                                dos[r], ctx.kernel, ctx.scale, ctx.stats[r]) for r in range(P)])
+        q, k, v = ctx.saved_tensors
+        full = [_unshard([g[i].to(x.dtype) for g in grads], ctx.positions, x.shape[1])
+                for i, x in enumerate((q, k, v))]
+        return full[0], full[1], full[2], None, None, None, None, None
+
+
+def _unshard(parts, positions, seq_len):
+    x = parts[0]
+    full = x.new_empty((x.shape[0], seq_len) + tuple(x.shape[2:]))
+    return full.index_copy_(1, torch.cat(positions), torch.cat(parts, 1))
+
+
+def simulate_ring_attention(q, k, v, *, world_size: int, layout: str = "zigzag", causal: bool = True,
+                            window: Optional[int] = None, scale: Optional[float] = None,
+                            kernel: str = "auto", tile: Optional[int] = None,
+                            stats: Optional[list] = None) -> torch.Tensor:
+    """Ring attention of FULL q [B, S, Hq, D], k/v [B, S, Hkv, D] simulated on ``world_size`` ranks.
+
+    Returns the full output [B, S, Hq, D]; differentiable. ``stats`` (list of P CPStats) is filled.
+    """
+    check_layout(layout)
+    seq_len = q.shape[1]
+    check_seq_len(seq_len, world_size, layout)
+    chunks = tuple(rank_chunks(seq_len, r, world_size, layout) for r in range(world_size))
+    plan = build_plan(chunks, causal, window, tile)
+    positions = [sequence_positions(seq_len, rank=r, world_size=world_size, layout=layout).to(q.device)
+                 for r in range(world_size)]
+    if stats is None:
+        stats = [CPStats() for _ in range(world_size)]
+    if len(stats) != world_size:
+        raise ValueError(f"stats must hold {world_size} CPStats, got {len(stats)}")
+    return _SimulatedRing.apply(q, k, v, plan, positions, get_kernel(kernel, q.device, q.dtype),
+                                default_scale(q.shape[-1], scale), stats)
