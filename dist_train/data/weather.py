@@ -1,0 +1,126 @@
+"""A generated high-resolution "weather" dataset: tracers advected by a zonal jet on a lat–lon grid.
+
+    path = prepare_weather("data/weather", height=256, width=512, steps=64, channels=4, seed=0)
+    ds = WeatherDataset(path)
+    ds.sample(i, rows, cols)  # {"x": [h, w, C] at step t, "y": [h, w, C] at step t+1} for this tile only
+    ds.batch([i, j], rows, cols)  # {"x": [B, h, w, C], "y": ..., "image_size": (H, W)}: what the Swin model eats
+
+Physics (grid units, one step = one model time step): each channel c is a tracer f_c on an H×W
+latitude–longitude grid, periodic in longitude (W) with closed poles (H). Per step:
+zonal advection by u(lat) = 0.006·W·cos(lat)·(1 + 0.3·sin 3·lat) cells/step (semi-Lagrangian, linear
+interpolation), meridional advection by v = v_max·sin(2·lon + c)·cos(lat), diffusion κ∇² (periodic in
+lon, zero flux at the poles) and relaxation to a per-channel forcing pattern (time scale τ), so the
+fields stay non-trivial for any number of steps. The whole array [steps, H, W, C] float32 is written
+once to ``fields.npy`` (deterministic in ``seed``) and memory-mapped: ``sample`` reads only the tile.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Sequence, Union
+
+import numpy as np
+import torch
+
+_FORMAT_VERSION = 1
+
+
+def _laplacian(f: np.ndarray) -> np.ndarray:
+    """5-point Laplacian of [H, W, C]: periodic in W, zero-flux (mirrored) at the H edges."""
+    up = np.concatenate([f[:1], f[:-1]], axis=0)
+    down = np.concatenate([f[1:], f[-1:]], axis=0)
+    return up + down + np.roll(f, 1, axis=1) + np.roll(f, -1, axis=1) - 4 * f
+
+
+def _shift_rows(f: np.ndarray, cells: np.ndarray) -> np.ndarray:
+    """Semi-Lagrangian zonal shift: row r of [H, W, C] becomes f(x − cells[r]) (periodic, linear interp)."""
+    h, w = f.shape[:2]
+    base = np.floor(cells).astype(np.int64)
+    frac = (cells - base)[:, None, None]
+    cols = np.arange(w)[None, :]
+    i0 = (cols - base[:, None]) % w
+    i1 = (i0 - 1) % w
+    rows = np.arange(h)[:, None]
+    return (1 - frac) * f[rows, i0] + frac * f[rows, i1]
+
+
+def _shift_cols(f: np.ndarray, cells: np.ndarray) -> np.ndarray:
+    """Meridional shift: column c of [H, W, C] becomes f(y − cells[:, c]) with clamping at the poles."""
+    h = f.shape[0]
+    y = np.arange(h)[:, None] - cells
+    y = np.clip(y, 0, h - 1)
+    y0 = np.floor(y).astype(np.int64)
+    y1 = np.minimum(y0 + 1, h - 1)
+    frac = (y - y0)[..., None]
+    cols = np.arange(f.shape[1])[None, :]
+    return (1 - frac) * f[y0, cols] + frac * f[y1, cols]
+
+
+def prepare_weather(path: Union[str, Path], *, height: int, width: int, steps: int, channels: int,
+                    seed: int) -> Path:
+    """Generate the dataset at directory ``path`` unless the same one is already there; returns ``path``."""
+    for name, value, low in (("height", height, 2), ("width", width, 4), ("steps", steps, 2), ("channels", channels, 1)):
+        if int(value) < low:
+            raise ValueError(f"weather {name} = {value}: must be >= {low}")
+    path = Path(path)
+    meta = {"version": _FORMAT_VERSION, "height": height, "width": width, "steps": steps,
+            "channels": channels, "seed": seed}
+    meta_file, data_file = path / "meta.json", path / "fields.npy"
+    if meta_file.exists() and data_file.exists() and json.loads(meta_file.read_text()) == meta:
+        return path
+    path.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    lat = np.linspace(-np.pi / 2, np.pi / 2, height + 2)[1:-1]  # cell centres, poles excluded
+    lon = np.linspace(0, 2 * np.pi, width, endpoint=False)
+    yy, xx = np.meshgrid(lat, lon, indexing="ij")
+    # Forcing: a few random large-scale waves per channel; initial state: forcing + small-scale noise.
+    forcing = np.zeros((height, width, channels))
+    for c in range(channels):
+        for _ in range(4):
+            kx, ky = rng.integers(1, 6), rng.integers(1, 4)
+            forcing[..., c] += rng.normal() * np.cos(kx * xx + rng.uniform(0, 2 * np.pi)) * np.cos(ky * yy)
+    f = forcing + 0.5 * rng.normal(size=forcing.shape)
+    u = 0.006 * width * np.cos(lat) * (1 + 0.3 * np.sin(3 * lat))  # cells per step
+    v = [0.002 * height * np.sin(2 * xx + c) * np.cos(yy) for c in range(channels)]  # [H, W] cells per step
+    kappa, tau = 0.15, 40.0
+    out = np.lib.format.open_memmap(data_file, mode="w+", dtype=np.float32, shape=(steps, height, width, channels))
+    for t in range(steps):
+        out[t] = f
+        f = _shift_rows(f, u)
+        f = np.concatenate([_shift_cols(f[..., c:c + 1], v[c]) for c in range(channels)], -1)
+        f = f + kappa * _laplacian(f) + (forcing - f) / tau
+    out.flush()
+    del out
+    meta_file.write_text(json.dumps(meta))
+    return path
+
+
+class WeatherDataset:
+    """Next-step forecasting pairs (t, t+1) from a prepared directory, memory-mapped read-only."""
+
+    def __init__(self, path: Union[str, Path]):
+        path = Path(path)
+        if not (path / "fields.npy").exists():
+            raise ValueError(f"no weather dataset at {path} (fields.npy missing): run prepare_weather first")
+        self.fields = np.load(path / "fields.npy", mmap_mode="r")  # [steps, H, W, C]
+        self.steps, self.height, self.width, self.channels = self.fields.shape
+
+    @property
+    def image_size(self) -> tuple[int, int]:
+        return (self.height, self.width)
+
+    def __len__(self) -> int:
+        return self.steps - 1
+
+    def sample(self, global_index: int, rows: slice, cols: slice) -> dict[str, torch.Tensor]:
+        """{"x": [h, w, C], "y": [h, w, C]}: this tile of steps t and t+1 (t = global_index mod len)."""
+        t = int(global_index) % len(self)
+        x = torch.from_numpy(np.array(self.fields[t, rows, cols]))
+        y = torch.from_numpy(np.array(self.fields[t + 1, rows, cols]))
+        return {"x": x, "y": y}
+
+    def batch(self, indices: Sequence[int], rows: slice, cols: slice) -> dict:
+        """Stacked samples plus the global image size, the batch :class:`SwinModel` takes."""
+        samples = [self.sample(i, rows, cols) for i in indices]
+        return {"x": torch.stack([s["x"] for s in samples]), "y": torch.stack([s["y"] for s in samples]),
+                "image_size": self.image_size}
