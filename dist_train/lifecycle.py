@@ -1,0 +1,288 @@
+"""Per-rank lifecycle: preemption signals, step heartbeats, hang diagnostics, test fault injection,
+and the exit codes every launcher and scheduler script agrees on.
+
+The trainer uses it like this (one object per rank process)::
+
+    lc = Lifecycle(run_dir=Path(cfg.run.dir), rank=rank, watchdog_s=cfg.launch.watchdog_s)
+    for step in ...:
+        ...train one step...
+        lc.heartbeat(step)
+        if lc.stop_agreed(group=None):     # True on EVERY rank if ANY rank got SIGTERM/SIGUSR1
+            mgr.save(...); lc.close(); return EXIT_PREEMPTED
+    lc.close()
+
+Files (all under ``run_dir``):
+* ``heartbeats/rank_N.json`` – ``{"rank", "step", "time", "first_step_time", "attempt", "pid"}``, replaced
+  atomically, at most once per ``HEARTBEAT_INTERVAL_S`` (the first step is always written at once). The
+  launcher's watchdog reads it: a rank whose ``time`` is older than ``launch.watchdog_s`` has stopped.
+
+Fault injection (tests only, off unless the variable is set)::
+
+    DIST_TRAIN_FAULT="rank=1,step=7,signal=KILL"      # that rank sends itself SIGKILL in heartbeat(7)
+    DIST_TRAIN_FAULT="rank=0,step=3,action=hang"      # that rank stops making progress (sleeps)
+    DIST_TRAIN_FAULT="rank=2,step=5,action=exit,code=3"
+    optional ",attempt=K" (default 0): fire only on that attempt; the launcher sets DIST_TRAIN_RESTART.
+"""
+from __future__ import annotations
+
+import faulthandler
+import json
+import os
+import signal
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+# -- exit codes --------------------------------------------------------------------------------
+EXIT_OK = 0
+#: A rank (or launcher) saved a checkpoint after SIGTERM/SIGUSR1 and stopped: resumable. 75 is
+#: EX_TEMPFAIL from sysexits.h ("temporary failure, try again"), which is exactly what a scheduler
+#: requeue means, and it is outside the 128+N range used for deaths by signal.
+EXIT_PREEMPTED = 75
+#: The launcher's watchdog found no step progress for ``launch.watchdog_s`` (same code as ``timeout``).
+EXIT_HANG = 124
+#: Generic failure of the launcher when no better code is known.
+EXIT_FAILED = 1
+
+PREEMPT_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+HEARTBEAT_INTERVAL_S = 1.0
+FAULT_ENV = "DIST_TRAIN_FAULT"
+RESTART_ENV = "DIST_TRAIN_RESTART"
+
+
+def exit_code_for_signal(signum: int) -> int:
+    """Shell convention for a process killed by signal ``signum``: 128 + signum."""
+    return 128 + int(signum)
+
+
+def describe_exit(code: Optional[int]) -> str:
+    """Human text for a subprocess return code (negative = killed by that signal, as in Popen)."""
+    if code is None:
+        return "still running"
+    if code < 0:
+        try:
+            name = signal.Signals(-code).name
+        except ValueError:
+            name = f"signal {-code}"
+        return f"killed by {name}"
+    if code == EXIT_PREEMPTED:
+        return f"exit code {code} (preempted, resumable)"
+    if code > 128:
+        try:
+            return f"exit code {code} ({signal.Signals(code - 128).name})"
+        except ValueError:
+            pass
+    return f"exit code {code}"
+
+
+def heartbeat_path(run_dir: Path, rank: int) -> Path:
+    return Path(run_dir) / "heartbeats" / f"rank_{rank}.json"
+
+
+def read_heartbeat(run_dir: Path, rank: int) -> Optional[dict]:
+    """The last heartbeat a rank wrote, or None (not written yet, or half-replaced on a non-POSIX FS)."""
+    try:
+        return json.loads(heartbeat_path(run_dir, rank).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+# -- fault injection -----------------------------------------------------------------------------
+@dataclass(frozen=True)
+class FaultSpec:
+    """A parsed ``DIST_TRAIN_FAULT``: which rank misbehaves, at which step, how, and on which attempt."""
+
+    rank: int
+    step: int
+    action: str = "signal"  # signal | hang | exit
+    signal: int = int(signal.SIGKILL)
+    code: int = 1
+    attempt: int = 0
+
+    @staticmethod
+    def parse(text: str) -> "FaultSpec":
+        fields: dict[str, str] = {}
+        for item in filter(None, (p.strip() for p in text.split(","))):
+            key, sep, value = item.partition("=")
+            if not sep:
+                raise ValueError(f"{FAULT_ENV}={text!r}: item {item!r} is not key=value")
+            fields[key.strip()] = value.strip()
+        unknown = set(fields) - {"rank", "step", "signal", "action", "code", "attempt"}
+        if unknown or "rank" not in fields or "step" not in fields:
+            raise ValueError(f"{FAULT_ENV}={text!r}: expected rank=R,step=S[,signal=KILL|action=hang|"
+                             f"action=exit,code=N][,attempt=K]; unknown keys {sorted(unknown)}")
+        action = fields.get("action", "signal")
+        if action not in ("signal", "hang", "exit"):
+            raise ValueError(f"{FAULT_ENV}={text!r}: action={action!r}, valid: signal, hang, exit")
+        sig_name = fields.get("signal", "KILL").upper()
+        sig_name = sig_name if sig_name.startswith("SIG") else "SIG" + sig_name
+        try:
+            signum = int(signal.Signals[sig_name])
+        except KeyError:
+            raise ValueError(f"{FAULT_ENV}={text!r}: unknown signal {fields.get('signal')!r}") from None
+        try:
+            return FaultSpec(rank=int(fields["rank"]), step=int(fields["step"]), action=action, signal=signum,
+                             code=int(fields.get("code", 1)), attempt=int(fields.get("attempt", 0)))
+        except ValueError:
+            raise ValueError(f"{FAULT_ENV}={text!r}: rank, step, code and attempt must be integers") from None
+
+
+def current_attempt() -> int:
+    """Which attempt of the job this process belongs to (0 = first launch); set by the launcher."""
+    try:
+        return int(os.environ.get(RESTART_ENV, "0"))
+    except ValueError:
+        return 0
+
+
+# -- the per-rank object ------------------------------------------------------------------------------
+class Lifecycle:
+    """Signals → agreed stop, heartbeats → launcher watchdog, fault injection → tests.
+
+    Args:
+        run_dir: the run directory (``run.dir``); heartbeats go to ``run_dir/heartbeats``.
+        rank: this process's global rank.
+        watchdog_s: if > 0, a rank that makes no step progress for 0.8·watchdog_s dumps every thread's
+            Python stack to stderr (→ ``logs/rank_N.stderr``), so the launcher's hang report, which
+            fires at watchdog_s, can show *where* each rank stopped and not just at which step.
+        install_signals: install SIGTERM/SIGUSR1 handlers (only possible on the main thread; elsewhere
+            they are skipped and the launcher's signal still reaches the process's default handler).
+    """
+
+    def __init__(self, run_dir: Path, rank: int, watchdog_s: float = 0.0, install_signals: bool = True):
+        self.run_dir = Path(run_dir)
+        self.rank = int(rank)
+        self.watchdog_s = float(watchdog_s)
+        self.attempt = current_attempt()
+        self._signalled: Optional[int] = None
+        self._previous: dict[int, Any] = {}
+        self._last_write = 0.0
+        self._first_step_time: Optional[float] = None
+        self._latest: tuple[Optional[int], float] = (None, time.time())  # (step, when) not yet written
+        self._written: tuple[Optional[int], float] = self._latest
+        self._lock = threading.Lock()
+        self._closed = False
+        self._wake = threading.Event()
+        text = os.environ.get(FAULT_ENV, "").strip()
+        self._fault = FaultSpec.parse(text) if text else None
+        if install_signals and threading.current_thread() is threading.main_thread():
+            for sig in PREEMPT_SIGNALS:
+                self._previous[sig] = signal.signal(sig, self._on_signal)
+        (self.run_dir / "heartbeats").mkdir(parents=True, exist_ok=True)
+        self._write(*self._latest)
+        self._arm_stack_dump()
+        # Heartbeats are written at most once per interval from heartbeat() itself; this thread writes
+        # the last throttled one, so a rank that hangs right after a fast step still reports that step.
+        self._flusher = threading.Thread(target=self._flush_loop, daemon=True, name="heartbeat-flush")
+        self._flusher.start()
+
+    # signals ---------------------------------------------------------------------------------
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        # Only set a flag: the step in flight finishes, then every rank agrees in stop_agreed().
+        self._signalled = signum
+
+    @property
+    def signalled(self) -> Optional[int]:
+        """The preemption signal this rank received (None if none)."""
+        return self._signalled
+
+    def request_stop(self, signum: int = int(signal.SIGTERM)) -> None:
+        """Same as receiving ``signum``: used by in-process launchers (threads cannot take signals)."""
+        self._signalled = signum
+
+    def stop_agreed(self, group: Any = None) -> bool:
+        """All-reduce MAX of the local 'signal received' flag over ``group``: True on every rank if any
+        rank was signalled. Without an initialised process group it is just the local flag.
+        Collective: every rank of ``group`` must call it at the same step."""
+        local = 1 if self._signalled is not None else 0
+        import torch.distributed as dist  # lazy: the launcher imports this module without torch
+
+        if not (dist.is_available() and dist.is_initialized()):
+            return bool(local)
+        import torch
+
+        device = torch.device("cpu")
+        if dist.get_backend(group) == "nccl":
+            device = torch.device("cuda", torch.cuda.current_device())
+        flag = torch.tensor([local], dtype=torch.int32, device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=group)
+        return bool(flag.item())
+
+    # heartbeats ------------------------------------------------------------------------------
+    def heartbeat(self, step: int) -> None:
+        """Record that ``step`` finished. Cheap: the file is rewritten at most once a second."""
+        now = time.time()
+        with self._lock:
+            self._latest = (step, now)
+            if self._first_step_time is None:
+                self._first_step_time = now
+                self._write(step, now)
+            elif now - self._last_write >= HEARTBEAT_INTERVAL_S:
+                self._write(step, now)
+        self._arm_stack_dump()
+        self._maybe_inject_fault(step)
+
+    def _flush_loop(self) -> None:
+        while not self._wake.wait(HEARTBEAT_INTERVAL_S):
+            with self._lock:
+                if self._latest != self._written:
+                    self._write(*self._latest)
+
+    def _write(self, step: Optional[int], now: float) -> None:
+        path = heartbeat_path(self.run_dir, self.rank)
+        payload = {"rank": self.rank, "step": step, "time": now, "first_step_time": self._first_step_time,
+                   "attempt": self.attempt, "pid": os.getpid()}
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(payload))
+        os.replace(tmp, path)  # readers never see a half-written file
+        self._last_write = time.time()
+        self._written = (step, now)
+
+    def _arm_stack_dump(self) -> None:
+        if self.watchdog_s > 0 and not self._closed:
+            faulthandler.dump_traceback_later(0.8 * self.watchdog_s, repeat=False, file=sys.stderr, exit=False)
+
+    # fault injection -------------------------------------------------------------------------
+    def _maybe_inject_fault(self, step: int) -> None:
+        f = self._fault
+        if f is None or f.rank != self.rank or f.step != step or f.attempt != self.attempt:
+            return
+        # Make the last step visible to the launcher before misbehaving (a real crash is no kinder,
+        # but the tests want to assert where the rank stopped).
+        with self._lock:
+            self._write(*self._latest)
+        print(f"[fault injection] rank {self.rank} step {step}: {f.action}"
+              + (f" {signal.Signals(f.signal).name}" if f.action == "signal" else ""), file=sys.stderr, flush=True)
+        if f.action == "signal":
+            os.kill(os.getpid(), f.signal)  # a handled one (TERM, USR1) returns here with the flag set
+        elif f.action == "exit":
+            os._exit(f.code)
+        else:  # hang: stop making progress; only the watchdog or a kill ends this
+            while True:
+                time.sleep(3600)
+
+    # teardown --------------------------------------------------------------------------------
+    def close(self) -> None:
+        """Restore the previous signal handlers and cancel the hang stack dump."""
+        if self._closed:
+            return
+        self._closed = True
+        self._wake.set()
+        self._flusher.join(timeout=5)
+        with self._lock:
+            if self._latest != self._written:
+                self._write(*self._latest)
+        if self.watchdog_s > 0:
+            faulthandler.cancel_dump_traceback_later()
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
+
+    def __enter__(self) -> "Lifecycle":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()

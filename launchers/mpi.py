@@ -1,0 +1,133 @@
+"""``--backend mpi``: wrap ``mpiexec -n N`` on this machine; each rank runs under the I/O wrapper
+(``launchers.rankio``) and finds its rank in the MPI environment (``launchers.env.populate_rank_env``,
+which also broadcasts the master address and port with mpi4py).
+
+The ``mpiexec`` used is ``$DIST_TRAIN_MPIEXEC``, else the one next to this Python (the pip ``mpich``
+package installs it there, and it is the MPI mpi4py was built against), else the first on ``PATH``.
+Multi-node MPI jobs are started by the scheduler (``dist-train submit`` writes ``srun``/``mpiexec`` lines
+that run ``dist-train run`` directly), so this backend never needs ssh.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+from launchers.env import EXPECT_WORLD_ENV, LAUNCHER_ENV, TORCH_VARS
+from launchers.procs import kill_tree
+from launchers.rankio import exit_status_path, read_exit_status
+from launchers.supervisor import progress_from_heartbeats
+
+MPIEXEC_ENV = "DIST_TRAIN_MPIEXEC"
+
+
+def find_mpiexec() -> Optional[str]:
+    """The mpiexec to use (see the module docstring), or None."""
+    explicit = os.environ.get(MPIEXEC_ENV)
+    if explicit:
+        return explicit
+    sibling = Path(sys.executable).parent / "mpiexec"
+    if sibling.is_file() and os.access(sibling, os.X_OK):
+        return str(sibling)
+    return shutil.which("mpiexec") or shutil.which("mpirun")
+
+
+def _tail_of_file(path: Path, n: int) -> list[str]:
+    """The last ``n`` non-empty lines of the last attempt section of a ``rank_N.stderr`` file."""
+    try:
+        text = path.read_text(errors="replace")
+    except OSError:
+        return []
+    section = text.rsplit("===== attempt ", 1)[-1].split("\n", 1)[-1]
+    return [line for line in section.splitlines() if line.strip()][-n:]
+
+
+class MpiAttempt:
+    """One ``mpiexec`` run. Per-rank status comes from the wrappers' ``rank_N.exit`` files."""
+
+    def __init__(self, proc: subprocess.Popen, nproc: int, run_dir: Path, attempt: int, started: float):
+        self.proc, self.world_size, self.run_dir, self.attempt, self.started = proc, nproc, run_dir, attempt, started
+        self.log_dir = run_dir / "logs"
+
+    def poll(self) -> list[Optional[int]]:
+        codes = [read_exit_status(self.log_dir, r, self.attempt) for r in range(self.world_size)]
+        launcher = self.proc.poll()
+        if launcher is not None:
+            # A rank that left no status died with its wrapper (mpiexec killed it): use mpiexec's code.
+            codes = [c if c is not None else (launcher or 1) for c in codes]
+        return codes
+
+    def progress(self) -> dict[int, tuple[Optional[int], float]]:
+        return progress_from_heartbeats(self.run_dir, range(self.world_size), self.attempt, self.started)
+
+    def _wrappers(self) -> list:
+        import psutil
+
+        try:
+            kids = psutil.Process(self.proc.pid).children(recursive=True)
+        except psutil.NoSuchProcess:
+            return []
+        out = []
+        for p in kids:
+            try:
+                if "launchers.rankio" in " ".join(p.cmdline()):
+                    out.append(p)
+            except psutil.Error:
+                continue
+        return out
+
+    def send_signal(self, sig: int) -> None:
+        # Not to mpiexec: hydra answers SIGTERM by killing the ranks, which would lose the checkpoint.
+        for p in self._wrappers():
+            try:
+                p.send_signal(sig)
+            except Exception:  # noqa: BLE001 - already gone
+                continue
+
+    def kill(self) -> None:
+        kill_tree(self.proc.pid)
+
+    def tail(self, rank: int) -> list[str]:
+        from launchers.procs import TAIL_LINES
+
+        return _tail_of_file(self.log_dir / f"rank_{rank}.stderr", TAIL_LINES)
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.kill()
+        self.proc.wait()
+
+
+class MpiBackend:
+    """Run ``nproc`` ranks with ``mpiexec -n nproc`` on this machine."""
+
+    name = "mpi"
+
+    def __init__(self, nproc: int, run_dir: Path, mpiexec: Optional[str] = None, extra_args: tuple[str, ...] = ()):
+        if nproc < 1:
+            raise ValueError(f"--nproc {nproc}: the mpi backend needs at least 1 rank")
+        self.mpiexec = mpiexec or find_mpiexec()
+        if not self.mpiexec:
+            raise ValueError("--backend mpi: no mpiexec found (set DIST_TRAIN_MPIEXEC, put one on PATH, or "
+                             "pip install mpich)")
+        self.nproc, self.run_dir, self.extra_args = nproc, Path(run_dir), tuple(extra_args)
+
+    def command(self, argv: list[str]) -> list[str]:
+        return [self.mpiexec, "-n", str(self.nproc), *self.extra_args, sys.executable, "-m", "launchers.rankio",
+                "--log-dir", str(self.run_dir / "logs"), "--", *argv]
+
+    def start(self, argv: list[str], env: dict[str, str], attempt: int) -> MpiAttempt:
+        (self.run_dir / "logs").mkdir(parents=True, exist_ok=True)
+        for r in range(self.nproc):
+            exit_status_path(self.run_dir / "logs", r).unlink(missing_ok=True)
+        # Variables of an outer launcher (torchrun's RANK...) would hide MPI's from the ranks.
+        full = {k: v for k, v in os.environ.items() if k not in TORCH_VARS}
+        full.update(env)
+        full.update({LAUNCHER_ENV: "mpi", EXPECT_WORLD_ENV: str(self.nproc), "PYTHONUNBUFFERED": "1"})
+        started = time.time()
+        proc = subprocess.Popen(self.command(argv), env=full, stdin=subprocess.DEVNULL, start_new_session=True)
+        return MpiAttempt(proc, self.nproc, self.run_dir, attempt, started)

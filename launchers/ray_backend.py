@@ -1,0 +1,255 @@
+"""``--backend ray``: one Ray actor per rank inside a placement group (one bundle per node, the ranks of
+a node packed into it). Named ``ray_backend`` so that ``import ray`` inside this package is never
+ambiguous.
+
+* Cluster: ``--address`` / ``launch.address`` or ``RAY_ADDRESS`` (set by ``ray job submit``) → connect;
+  otherwise an embedded single-machine cluster is started (``address="local"``: never silently joins a
+  stray ``ray start`` cluster), without dashboard and without log forwarding (our actors forward the
+  ranks' lines themselves, prefixed, exactly once).
+* Ranks: each actor runs its rank as a **subprocess** (``python -m dist_train run …``) rather than calling
+  ``dist_train.entry.run_rank`` inside the actor. Reasons: the rank's SIGTERM/SIGUSR1 handlers need a
+  process main thread of its own; a rank that segfaults or is SIGKILLed leaves the actor alive to report
+  its exit status and last stderr lines; every attempt gets a fresh process (no leftover process group,
+  CUDA context or threads); and stdout/stderr capture works the same as for the local backend.
+* Rendezvous: rank 0's actor reports its node's IP and a free port there → MASTER_ADDR/PORT for all.
+* GPUs: each actor reserves one GPU; the ranks of a node see the union of their node's reserved GPUs in
+  ``CUDA_VISIBLE_DEVICES`` and LOCAL_RANK indexes their own one (what ``torch.cuda.set_device`` expects).
+"""
+from __future__ import annotations
+
+import os
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+from launchers.env import free_port
+from launchers.local import rank_environment
+from launchers.procs import ConsoleSink, RankProcess, Sink
+from launchers.supervisor import progress_from_heartbeats
+
+
+class RankActor:
+    """Runs on a Ray worker: owns one rank's process and buffers its output until the driver polls."""
+
+    def __init__(self) -> None:
+        self._proc: Optional[RankProcess] = None
+        self._lines: list[tuple[str, str]] = []
+        self._lock = threading.Lock()
+        self._run_dir: Optional[Path] = None
+        self._rank = 0
+        self._attempt = 0
+        self._started = 0.0
+
+    def node_info(self) -> dict:
+        import ray
+
+        return {"ip": ray.util.get_node_ip_address(), "node_id": ray.get_runtime_context().get_node_id(),
+                "gpu_ids": [str(g) for g in ray.get_gpu_ids()], "python": sys.executable}
+
+    def free_port(self) -> int:
+        return free_port()
+
+    def _sink(self, stream: str, text: str) -> None:
+        with self._lock:
+            self._lines.append((stream, text))
+
+    def start(self, argv: list[str], env: dict[str, str], rank: int, run_dir: str, attempt: int,
+              cwd: Optional[str]) -> int:
+        self._run_dir, self._rank, self._attempt, self._started = Path(run_dir), rank, attempt, time.time()
+        if cwd and not os.path.isdir(cwd):
+            cwd = None  # another node without the driver's directory: run where the worker is
+        full = {**os.environ, **env}
+        self._proc = RankProcess(argv, rank, full, self._sink, log_dir=self._run_dir / "logs", attempt=attempt,
+                                 cwd=cwd, die_with_parent=False)
+        return self._proc.pid
+
+    def poll(self) -> dict:
+        """New console lines, the return code (None = running) and heartbeat progress of this rank."""
+        code = self._proc.poll() if self._proc else None
+        with self._lock:
+            lines, self._lines = self._lines, []
+        prog = progress_from_heartbeats(self._run_dir, range(self._rank, self._rank + 1), self._attempt,
+                                        self._started) if self._run_dir else {}
+        return {"lines": lines, "code": code, "progress": prog.get(self._rank)}
+
+    def send_signal(self, sig: int) -> None:
+        if self._proc is not None and self._proc.proc.poll() is None:
+            self._proc.send_signal(sig)
+
+    def kill(self) -> None:
+        if self._proc is not None:
+            self._proc.kill()
+
+    def tail(self) -> list[str]:
+        return list(self._proc.tail) if self._proc else []
+
+    def close(self) -> None:
+        if self._proc is not None:
+            self._proc.close()
+
+
+def _gpu_layout(infos: list[dict]) -> list[tuple[str, int]]:
+    """Per rank: (CUDA_VISIBLE_DEVICES for its node, its LOCAL_RANK index into it)."""
+    by_node: dict[str, list[str]] = {}
+    for info in infos:
+        by_node.setdefault(info["node_id"], []).extend(info["gpu_ids"])
+    out = []
+    for info in infos:
+        visible = sorted(set(by_node[info["node_id"]]), key=lambda g: (len(g), g))
+        own = info["gpu_ids"][0] if info["gpu_ids"] else None
+        out.append((",".join(visible), visible.index(own) if own is not None else -1))
+    return out
+
+
+class RayAttempt:
+    def __init__(self, actors: list, sink: Sink, started: float):
+        import ray
+
+        self._ray, self.actors, self.sink, self.started = ray, actors, sink, started
+        self.world_size = len(actors)
+        self._codes: list[Optional[int]] = [None] * len(actors)
+        self._progress: dict[int, tuple[Optional[int], float]] = {}
+        self._dead_tail: dict[int, list[str]] = {}
+
+    def poll(self) -> list[Optional[int]]:
+        refs = {r: a.poll.remote() for r, a in enumerate(self.actors) if self._codes[r] is None}
+        for r, ref in refs.items():
+            try:
+                res = self._ray.get(ref, timeout=30)
+            except Exception as e:  # noqa: BLE001 - RayActorError / node loss: this rank is gone
+                self._codes[r] = 1
+                self._dead_tail[r] = [f"Ray actor of rank {r} died: {type(e).__name__}: {str(e).splitlines()[0]}"]
+                continue
+            for stream, text in res["lines"]:
+                self.sink(stream, text)
+            if res["progress"] is not None:
+                self._progress[r] = tuple(res["progress"])
+            self._codes[r] = res["code"]
+        return list(self._codes)
+
+    def progress(self) -> dict[int, tuple[Optional[int], float]]:
+        return dict(self._progress)
+
+    def send_signal(self, sig: int) -> None:
+        self._ray.get([a.send_signal.remote(int(sig)) for a in self.actors])
+
+    def kill(self) -> None:
+        refs = [a.kill.remote() for a in self.actors]
+        try:
+            self._ray.get(refs, timeout=30)
+        except Exception:  # noqa: BLE001 - a dead actor's rank died with it
+            return
+
+    def tail(self, rank: int) -> list[str]:
+        if rank in self._dead_tail:
+            return self._dead_tail[rank]
+        try:
+            return self._ray.get(self.actors[rank].tail.remote(), timeout=30)
+        except Exception:  # noqa: BLE001
+            return []
+
+    def close(self) -> None:
+        try:
+            self.poll()  # the last lines
+            self._ray.get([a.close.remote() for a in self.actors], timeout=60)
+        except Exception:  # noqa: BLE001 - best effort; the actors are killed next either way
+            pass
+        for a in self.actors:
+            self._ray.kill(a)
+
+
+class RayBackend:
+    """Start ranks as Ray actors. ``address`` None and no RAY_ADDRESS → an embedded local cluster."""
+
+    name = "ray"
+
+    def __init__(self, nproc: int, run_dir: Path, address: Optional[str] = None, nodes: int = 1,
+                 gpus_per_node: int = 0, sink: Optional[Sink] = None, cpus_per_rank: float = 1.0):
+        if nproc < 1 or nodes < 1:
+            raise ValueError(f"--nproc {nproc} --nodes {nodes}: both must be >= 1")
+        if nproc % nodes:
+            raise ValueError(f"--nproc {nproc} is not divisible by --nodes {nodes}: every node runs the same "
+                             f"number of ranks (e.g. --nproc {nodes * max(1, nproc // nodes)})")
+        if gpus_per_node and gpus_per_node != nproc // nodes:
+            raise ValueError(f"--gpus-per-node {gpus_per_node} with --nproc {nproc} on {nodes} node(s): one rank "
+                             f"per GPU means --nproc {gpus_per_node * nodes}")
+        self.nproc, self.nodes, self.gpus_per_node = nproc, nodes, gpus_per_node
+        self.run_dir, self.sink, self.cpus_per_rank = Path(run_dir), sink or ConsoleSink(), cpus_per_rank
+        self.address = address or os.environ.get("RAY_ADDRESS") or None
+        self._pg = None
+        self._embedded = False
+
+    # cluster --------------------------------------------------------------------------------
+    def connect(self) -> None:
+        os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+        import ray
+
+        if ray.is_initialized():
+            return
+        common: dict[str, Any] = {"log_to_driver": False, "configure_logging": False}
+        if self.address:
+            ray.init(address=self.address, **common)
+        else:
+            self._embedded = True
+            ray.init(address="local", num_cpus=max(self.nproc * self.cpus_per_rank, os.cpu_count() or 1),
+                     num_gpus=self.gpus_per_node or None, include_dashboard=False, **common)
+        from ray.util.placement_group import placement_group
+
+        per_node = self.nproc // self.nodes
+        bundle: dict[str, float] = {"CPU": per_node * self.cpus_per_rank}
+        if self.gpus_per_node:
+            bundle["GPU"] = float(self.gpus_per_node)
+        self._pg = placement_group([dict(bundle) for _ in range(self.nodes)],
+                                   strategy="STRICT_SPREAD" if self.nodes > 1 else "PACK")
+        try:
+            ray.get(self._pg.ready(), timeout=120)
+        except Exception as e:  # noqa: BLE001 - GetTimeoutError: the cluster is too small
+            raise ValueError(f"Ray cluster cannot place {self.nodes} node bundle(s) of {bundle}: it has "
+                             f"{ray.cluster_resources()} ({type(e).__name__})") from None
+
+    def shutdown(self) -> None:
+        import ray
+
+        if not ray.is_initialized():
+            return
+        if self._pg is not None:
+            from ray.util.placement_group import remove_placement_group
+
+            remove_placement_group(self._pg)
+            self._pg = None
+        if self._embedded:
+            ray.shutdown()
+
+    # one attempt ---------------------------------------------------------------------------------
+    def start(self, argv: list[str], env: dict[str, str], attempt: int) -> RayAttempt:
+        import ray
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        if self._pg is None:
+            self.connect()
+        started = time.time()
+        remote_cls = ray.remote(RankActor)
+        per_node = self.nproc // self.nodes
+        actors = [remote_cls.options(
+            num_cpus=self.cpus_per_rank, num_gpus=1 if self.gpus_per_node else 0,
+            scheduling_strategy=PlacementGroupSchedulingStrategy(self._pg, placement_group_bundle_index=r // per_node),
+        ).remote() for r in range(self.nproc)]
+        infos = ray.get([a.node_info.remote() for a in actors])
+        port = ray.get(actors[0].free_port.remote())
+        gpus = _gpu_layout(infos)
+        local_of = [r % per_node for r in range(self.nproc)]
+        cwd = os.getcwd()
+        starts = []
+        for r, actor in enumerate(actors):
+            rank_argv = [infos[r]["python"] if a == sys.executable else a for a in argv]
+            extra = dict(env)
+            extra["PYTHONPATH"] = os.pathsep.join(filter(None, [cwd, os.environ.get("PYTHONPATH")]))
+            local_rank = local_of[r]
+            if self.gpus_per_node:
+                extra["CUDA_VISIBLE_DEVICES"], local_rank = gpus[r]
+            rank_env = rank_environment({}, r, self.nproc, local_rank, per_node, infos[0]["ip"], port, extra)
+            starts.append(actor.start.remote(rank_argv, rank_env, r, str(self.run_dir.absolute()), attempt, cwd))
+        ray.get(starts)
+        return RayAttempt(actors, self.sink, started)

@@ -1,0 +1,240 @@
+"""The restart supervisor shared by every backend.
+
+A backend starts one *attempt* of the job (all ranks) and hands back an :class:`Attempt`. The supervisor
+watches it:
+
+* a rank exits non-zero (not ``EXIT_PREEMPTED``) or dies by a signal → the whole group is torn down
+  (every rank and its children killed) and, while ``max_restarts`` allows, started again with the resume
+  arguments (``--set checkpoint.resume=auto``: the newest committed checkpoint) and
+  ``DIST_TRAIN_RESTART=<attempt>`` in every rank's environment;
+* no step progress for ``watchdog_s`` on some running rank (heartbeats from ``dist_train.lifecycle``)
+  → a hang: reported with the step each rank reached, then handled like a failure;
+* SIGTERM / SIGUSR1 / SIGINT to the launcher → forwarded (SIGINT as SIGTERM) to every rank, which
+  finishes its step, checkpoints and exits ``EXIT_PREEMPTED``; the launcher then exits ``EXIT_PREEMPTED``
+  too (a scheduler requeues it). A second signal kills the group at once (exit 128+signal).
+
+The final status is 0, ``EXIT_PREEMPTED``, ``EXIT_HANG`` or the failed rank's code (128+N for signal N),
+with a summary naming the rank, its status and the last lines of its stderr. Every decision is also
+appended to ``run_dir/logs/launcher.jsonl`` (the benchmark reads restart times from it).
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Optional, Protocol
+
+from dist_train.lifecycle import (EXIT_HANG, EXIT_OK, EXIT_PREEMPTED, RESTART_ENV, describe_exit,
+                                  exit_code_for_signal, read_heartbeat)
+
+FORWARDED_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
+
+
+class Attempt(Protocol):
+    """One start of all ranks. Every method must be cheap: the supervisor calls them ~10×/s."""
+
+    world_size: int
+
+    def poll(self) -> list[Optional[int]]:
+        """Per-rank return codes (None = running; negative = killed by that signal)."""
+
+    def progress(self) -> dict[int, tuple[Optional[int], float]]:
+        """rank → (last step or None before the first, seconds since then); ranks that have not created
+        their Lifecycle yet are absent."""
+
+    def send_signal(self, sig: int) -> None:
+        """Deliver ``sig`` to every rank's main process."""
+
+    def kill(self) -> None:
+        """Kill every rank and its children (idempotent)."""
+
+    def tail(self, rank: int) -> list[str]:
+        """The last stderr lines of ``rank``."""
+
+    def close(self) -> None:
+        """Release everything (after kill or after all ranks ended)."""
+
+
+class Backend(Protocol):
+    name: str
+
+    def start(self, argv: list[str], env: dict[str, str], attempt: int) -> Attempt:
+        """Start ``argv`` once per rank with ``env`` added to each rank's environment."""
+
+
+@dataclass
+class JobSpec:
+    """What to run. ``argv`` is the per-rank command; ``resume_args`` are appended on restarts."""
+
+    argv: list[str]
+    nproc: int
+    run_dir: Path
+    max_restarts: int = 0
+    watchdog_s: float = 0.0
+    resume_args: list[str] = field(default_factory=lambda: ["--set", "checkpoint.resume=auto"])
+    env: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class Outcome:
+    kind: str  # ok | preempted | failed | hang | interrupted
+    code: int
+    rank: Optional[int] = None
+    detail: str = ""
+
+
+def progress_from_heartbeats(run_dir: Path, ranks: range, attempt: int, started: float,
+                             now: Optional[float] = None) -> dict[int, tuple[Optional[int], float]]:
+    """Read ``run_dir/heartbeats`` (on this machine) into the :meth:`Attempt.progress` format."""
+    now = time.time() if now is None else now
+    out: dict[int, tuple[Optional[int], float]] = {}
+    for r in ranks:
+        hb = read_heartbeat(run_dir, r)
+        if hb is not None and hb.get("attempt") == attempt:
+            # The clock starts when the rank creates its Lifecycle (step None): start-up before that —
+            # imports, rendezvous — is bounded by the collective timeout, not by the step watchdog.
+            out[r] = (hb.get("step"), now - max(hb["time"], started))
+    return out
+
+
+def format_progress(progress: dict[int, tuple[Optional[int], float]]) -> str:
+    parts = []
+    for r in sorted(progress):
+        step, age = progress[r]
+        where = "before its first step" if step is None else f"at step {step}"
+        parts.append(f"rank {r} {where} ({age:.1f} s ago)")
+    return ", ".join(parts)
+
+
+class Supervisor:
+    """Run a :class:`JobSpec` on a :class:`Backend` with restarts, hang detection and preemption."""
+
+    def __init__(self, spec: JobSpec, backend: Backend, poll_s: float = 0.1, out: Optional[IO[str]] = None):
+        self.spec, self.backend, self.poll_s = spec, backend, poll_s
+        self.out = out or sys.stderr
+        self._pending: list[int] = []
+        self.attempts: list[Outcome] = []
+        self.events_path = Path(spec.run_dir) / "logs" / "launcher.jsonl"
+
+    # bookkeeping ------------------------------------------------------------------------------
+    def _say(self, msg: str) -> None:
+        self.out.write(f"[launcher] {msg}\n")
+        self.out.flush()
+
+    def _event(self, kind: str, **data: object) -> None:
+        self.events_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.events_path, "a") as f:
+            f.write(json.dumps({"event": kind, "time": time.time(), **data}) + "\n")
+
+    def _on_signal(self, signum: int, frame: object) -> None:
+        self._pending.append(signum)
+
+    # the loop -----------------------------------------------------------------------------------
+    def run(self) -> int:
+        """Run to completion; returns the launcher's exit status."""
+        previous = {}
+        if threading.current_thread() is threading.main_thread():
+            previous = {s: signal.signal(s, self._on_signal) for s in FORWARDED_SIGNALS}
+        try:
+            return self._run()
+        finally:
+            for s, h in previous.items():
+                signal.signal(s, h)
+
+    def _run(self) -> int:
+        spec = self.spec
+        attempt = 0
+        while True:
+            shutil.rmtree(Path(spec.run_dir) / "heartbeats", ignore_errors=True)
+            argv = spec.argv + (spec.resume_args if attempt > 0 else [])
+            env = {**spec.env, RESTART_ENV: str(attempt)}
+            self._event("attempt_start", attempt=attempt, nproc=spec.nproc, argv=argv)
+            handle = self.backend.start(argv, env, attempt)
+            outcome: Optional[Outcome] = None
+            try:
+                outcome = self._watch(handle, attempt)
+                summary = self._summary(outcome, handle)
+            finally:
+                if outcome is None or outcome.kind not in ("ok", "preempted"):
+                    handle.kill()  # an exception in the loop, or a failure: no rank may survive
+                handle.close()
+            self.attempts.append(outcome)
+            self._event("attempt_end", attempt=attempt, outcome=outcome.kind, code=outcome.code, rank=outcome.rank,
+                        detail=outcome.detail)
+            if outcome.kind in ("ok", "preempted", "interrupted"):
+                if outcome.kind == "preempted":
+                    self._say(f"preempted: every rank stopped; exiting with {EXIT_PREEMPTED} (resumable from the last "
+                              f"committed checkpoint)")
+                elif outcome.kind == "interrupted":
+                    self._say(f"interrupted twice: every rank killed, exit {outcome.code}")
+                return outcome.code
+            if attempt < spec.max_restarts and not self._pending:
+                attempt += 1
+                self._say(f"{summary}\n[launcher] restarting the job from the last committed checkpoint "
+                          f"(restart {attempt} of {spec.max_restarts})")
+                self._event("restart", attempt=attempt)
+                continue
+            total = attempt + 1
+            self._say(f"FAILED after {total} attempt{'s' if total > 1 else ''}: {summary}")
+            return outcome.code
+
+    def _summary(self, outcome: Outcome, handle: Attempt) -> str:
+        if outcome.kind not in ("failed", "hang") or outcome.rank is None:
+            return outcome.detail
+        lines = handle.tail(outcome.rank)
+        log = Path(self.spec.run_dir) / "logs" / f"rank_{outcome.rank}.stderr"
+        text = f"{outcome.detail}\n[launcher] last lines of rank {outcome.rank}'s stderr ({log}):"
+        return text + ("".join(f"\n    {line}" for line in lines) if lines else "\n    (empty)")
+
+    def _watch(self, handle: Attempt, attempt: int) -> Outcome:
+        stopping = False
+        fwd = int(signal.SIGTERM)
+        while True:
+            while self._pending:
+                sig = self._pending.pop(0)
+                if stopping:
+                    handle.kill()
+                    return Outcome("interrupted", exit_code_for_signal(sig))
+                stopping = True
+                fwd = signal.SIGTERM if sig == signal.SIGINT else sig
+                self._say(f"got {signal.Signals(sig).name}: asking every rank to checkpoint and stop "
+                          f"(again to kill)")
+                self._event("signal", signal=signal.Signals(sig).name)
+                handle.send_signal(fwd)
+            codes = handle.poll()
+            if stopping:
+                # A rank that had not installed its handlers yet (still starting) dies of the forwarded
+                # signal itself: nothing to save, but the job is as resumable as the preempted ranks.
+                codes = [EXIT_PREEMPTED if c in (-fwd, exit_code_for_signal(fwd)) else c for c in codes]
+            failed = [(r, c) for r, c in enumerate(codes) if c is not None and c not in (EXIT_OK, EXIT_PREEMPTED)]
+            if failed:
+                handle.kill()
+                # The root cause is usually the rank killed by a signal; the others then fail in a
+                # collective. Without a signal death, the lowest failed rank is reported.
+                r, c = min(failed, key=lambda rc: (rc[1] >= 0, rc[0]))
+                others = ", ".join(f"rank {o} {describe_exit(oc)}" for o, oc in failed if o != r)
+                detail = f"rank {r} {describe_exit(c)} (attempt {attempt})" + (f"; also {others}" if others else "")
+                code = exit_code_for_signal(-c) if c < 0 else c
+                return Outcome("failed", code, r, detail)
+            if all(c is not None for c in codes):
+                if stopping or any(c == EXIT_PREEMPTED for c in codes):
+                    return Outcome("preempted", EXIT_PREEMPTED)
+                return Outcome("ok", EXIT_OK)
+            if self.spec.watchdog_s > 0:
+                prog = handle.progress()
+                running = {r: p for r, p in prog.items() if codes[r] is None}
+                stalled = [r for r, (_, age) in running.items() if age > self.spec.watchdog_s]
+                if stalled:
+                    handle.kill()
+                    r = max(stalled, key=lambda x: running[x][1])
+                    detail = (f"hang: no step progress for more than {self.spec.watchdog_s:g} s "
+                              f"(launch.watchdog_s) on rank{'s' if len(stalled) > 1 else ''} "
+                              f"{', '.join(map(str, sorted(stalled)))}: {format_progress(running)}")
+                    return Outcome("hang", EXIT_HANG, r, detail)
+            time.sleep(self.poll_s)
+
