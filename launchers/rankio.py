@@ -6,9 +6,10 @@ It runs the command as a child, prefixes every console line with ``[rank N]`` (N
 environment, see ``launchers.env``), appends the child's raw stderr to ``RUN/logs/rank_N.stderr``,
 forwards SIGTERM / SIGUSR1 (SIGINT as SIGTERM) to it, and records its status in ``RUN/logs/rank_N.exit``.
 
-A child that exits ``EXIT_PREEMPTED`` makes the wrapper exit 0: MPI process managers kill every other
-rank as soon as one exits non-zero, which would interrupt the others' preemption checkpoint. The status
-file still says 75, and ``dist-train launch --backend mpi`` reads it from there.
+A child that exits ``EXIT_PREEMPTED`` makes the wrapper exit 0 by default: MPI process managers kill
+every other rank as soon as one exits non-zero, which would interrupt the others' preemption checkpoint.
+The status file still says 75, and ``dist-train launch --backend mpi`` reads it from there. Batch scripts
+pass ``--preempted-exit 75`` (``srun`` waits for every task) so the script itself sees the status.
 """
 from __future__ import annotations
 
@@ -42,6 +43,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m launchers.rankio", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--log-dir", required=True, help="where rank_N.stderr and rank_N.exit go")
+    parser.add_argument("--preempted-exit", type=int, default=0, metavar="N",
+                        help="own exit status when the rank exits EXIT_PREEMPTED (default 0, see above; "
+                             "batch scripts use 75 so that they can requeue)")
     parser.add_argument("command", nargs=argparse.REMAINDER, help="-- the per-rank command")
     args = parser.parse_args(argv)
     command = args.command[1:] if args.command[:1] == ["--"] else args.command
@@ -64,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     tmp.write_text(json.dumps({"rank": rank, "attempt": attempt, "code": code, "time": time.time()}))
     os.replace(tmp, path)
     if code == EXIT_PREEMPTED:
-        return 0
+        return args.preempted_exit
     return exit_code_for_signal(-code) if code < 0 else code
 
 

@@ -1,0 +1,173 @@
+"""Slurm and PBS batch scripts for ``dist-train submit``.
+
+Two ways to start the job inside the allocation:
+
+* ``mpi`` (default): the scheduler's own launcher starts one process per rank — ``srun`` (Slurm) or
+  ``mpiexec -n N --ppn P`` (PBS: MPICH hydra / Cray PALS syntax) — each running
+  ``python -m launchers.rankio … -- python -m dist_train run CONFIG`` (rank from SLURM_*/PMI_*/PALS_*,
+  see ``launchers.env``);
+* ``ray``: a Ray head on the first node and one worker per other node (started with ``srun``/``mpiexec``
+  on that node, never ssh), then ``dist-train launch --backend ray --address HEAD`` on the first node.
+
+Preemption and time limits: Slurm sends SIGUSR1 120 s before the limit (``--signal=USR1@120``) and
+SIGTERM on preemption; every rank then saves and exits 75 (``EXIT_PREEMPTED``), and the script requeues
+itself (``scontrol requeue`` / ``qsub`` of this script). Every start resumes with
+``checkpoint.resume=auto``.
+"""
+from __future__ import annotations
+
+import re
+import shlex
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+from dist_train.lifecycle import EXIT_PREEMPTED
+
+SCHEDULERS = ("slurm", "pbs")
+BACKENDS = ("mpi", "ray")
+
+
+@dataclass
+class BatchSpec:
+    """Everything a batch script needs. ``overrides`` are ``--set`` items for the job."""
+
+    config: str
+    scheduler: str
+    nodes: int
+    time: str
+    run_dir: str
+    name: str
+    gpus_per_node: int = 0
+    ntasks_per_node: Optional[int] = None  # default: gpus_per_node, or 1 on CPU nodes
+    backend: str = "mpi"
+    overrides: list[str] = field(default_factory=list)
+    modules: list[str] = field(default_factory=list)
+    env_lines: list[str] = field(default_factory=list)
+    directives: list[str] = field(default_factory=list)  # extra "#SBATCH …"/"#PBS …" lines, verbatim args
+    python: str = sys.executable
+    script_path: Optional[str] = None  # where the script will be written (PBS requeue resubmits it)
+
+    @property
+    def per_node(self) -> int:
+        return self.ntasks_per_node or self.gpus_per_node or 1
+
+    @property
+    def world_size(self) -> int:
+        return self.nodes * self.per_node
+
+
+def validate(spec: BatchSpec) -> None:
+    if spec.scheduler not in SCHEDULERS:
+        raise ValueError(f"--scheduler {spec.scheduler!r}: valid values are {', '.join(SCHEDULERS)}")
+    if spec.backend not in BACKENDS:
+        raise ValueError(f"--backend {spec.backend!r}: batch scripts support {', '.join(BACKENDS)}")
+    if spec.nodes < 1:
+        raise ValueError(f"--nodes {spec.nodes}: must be >= 1")
+    if spec.gpus_per_node < 0:
+        raise ValueError(f"--gpus-per-node {spec.gpus_per_node}: must be >= 0")
+    if spec.ntasks_per_node is not None and spec.ntasks_per_node < 1:
+        raise ValueError(f"--ntasks-per-node {spec.ntasks_per_node}: must be >= 1")
+    if not re.fullmatch(r"(\d+-)?\d{1,3}:\d{2}:\d{2}", spec.time):
+        raise ValueError(f"--time {spec.time!r}: expected HH:MM:SS (or D-HH:MM:SS for Slurm), e.g. 02:00:00")
+    if spec.scheduler == "pbs" and "-" in spec.time:
+        raise ValueError(f"--time {spec.time!r}: PBS walltime is HH:MM:SS (e.g. 48:00:00 for two days)")
+
+
+def _q(items: list[str]) -> str:
+    return " ".join(shlex.quote(x) for x in items)
+
+
+def _job_args(spec: BatchSpec) -> list[str]:
+    args = [spec.config]
+    for o in [*spec.overrides, "checkpoint.resume=auto"]:
+        args += ["--set", o]
+    return args
+
+
+def _rank_command(spec: BatchSpec) -> str:
+    """What each rank runs: the I/O wrapper around ``dist_train run``; preemption keeps status 75."""
+    return _q([spec.python, "-m", "launchers.rankio", "--log-dir", f"{spec.run_dir}/logs",
+               "--preempted-exit", str(EXIT_PREEMPTED), "--", spec.python, "-m", "dist_train", "run",
+               *_job_args(spec)])
+
+
+def _header(spec: BatchSpec) -> list[str]:
+    log = f"{spec.run_dir}/logs"
+    if spec.scheduler == "slurm":
+        lines = [f"#SBATCH --job-name={spec.name}", f"#SBATCH --nodes={spec.nodes}",
+                 f"#SBATCH --ntasks-per-node={spec.per_node}", f"#SBATCH --time={spec.time}",
+                 f"#SBATCH --output={log}/slurm-%j.out", "#SBATCH --open-mode=append", "#SBATCH --requeue",
+                 "#SBATCH --signal=USR1@120"]
+        if spec.gpus_per_node:
+            lines.append(f"#SBATCH --gpus-per-node={spec.gpus_per_node}")
+        if spec.backend == "ray":
+            lines.append("#SBATCH --exclusive")
+        return lines + [f"#SBATCH {d}" for d in spec.directives]
+    select = f"select={spec.nodes}:mpiprocs={spec.per_node}:ncpus={max(spec.per_node, 1)}"
+    if spec.gpus_per_node:
+        select += f":ngpus={spec.gpus_per_node}"
+    lines = [f"#PBS -N {spec.name}", f"#PBS -l {select}", f"#PBS -l walltime={spec.time}",
+             "#PBS -l place=scatter:excl", "#PBS -j oe", f"#PBS -o {log}/pbs.out", "#PBS -r y"]
+    return lines + [f"#PBS {d}" for d in spec.directives]
+
+
+def _mpi_body(spec: BatchSpec) -> list[str]:
+    if spec.scheduler == "slurm":
+        # No --kill-on-bad-exit: a preempted rank exits 75 and must not kill the others mid-checkpoint;
+        # a crashed rank brings the rest down through the collective timeout.
+        return [f"srun --ntasks={spec.world_size} --ntasks-per-node={spec.per_node} {_rank_command(spec)}"]
+    return [f"mpiexec -n {spec.world_size} --ppn {spec.per_node} {_rank_command(spec)}"]
+
+
+def _ray_body(spec: BatchSpec) -> list[str]:
+    """Head on the first node, a worker on every other, then the Ray launcher (never ssh)."""
+    gpus = f" --num-gpus={spec.gpus_per_node}" if spec.gpus_per_node else ""
+    ray = shlex.quote(str(Path(spec.python).parent / "ray"))
+    if spec.scheduler == "slurm":
+        hosts = 'mapfile -t NODES < <(scontrol show hostnames "$SLURM_JOB_NODELIST")'
+        on_node = 'srun --nodes=1 --ntasks=1 -w "{host}"'
+    else:
+        hosts = 'mapfile -t NODES < <(sort -u "$PBS_NODEFILE")'
+        on_node = 'mpiexec -n 1 --hosts "{host}"'
+    launch = _q([spec.python, "-m", "dist_train", "launch", "--backend", "ray", "--nodes", str(spec.nodes),
+                 "--nproc", str(spec.world_size), *(["--gpus-per-node", str(spec.gpus_per_node)]
+                                                    if spec.gpus_per_node else []), *_job_args(spec)])
+    return [
+        hosts,
+        'HEAD_IP=$(' + on_node.format(host="${NODES[0]}") + ' hostname -I | awk \'{print $1}\')',
+        "RAY_PORT=6379",
+        on_node.format(host="${NODES[0]}") + f' {ray} start --head --node-ip-address="$HEAD_IP" '
+        f'--port=$RAY_PORT --num-cpus={spec.per_node}{gpus} --include-dashboard=false --block &',
+        "sleep 15",
+        'for ((i = 1; i < ${#NODES[@]}; i++)); do',
+        "  " + on_node.format(host="${NODES[$i]}") + f' {ray} start --address="$HEAD_IP:$RAY_PORT" '
+        f'--num-cpus={spec.per_node}{gpus} --block &',
+        "done",
+        "sleep 15",
+        f'{launch} --address "$HEAD_IP:$RAY_PORT"',
+    ]
+
+
+def render(spec: BatchSpec) -> str:
+    """The batch script text."""
+    validate(spec)
+    requeue = ('scontrol requeue "$SLURM_JOB_ID"' if spec.scheduler == "slurm"
+               else f"qsub {shlex.quote(spec.script_path)}" if spec.script_path else "qsub \"$0\"")
+    workdir = 'cd "$PBS_O_WORKDIR"' if spec.scheduler == "pbs" else 'cd "$SLURM_SUBMIT_DIR"'
+    lines = ["#!/bin/bash", *_header(spec), "",
+             f"# dist-train job {spec.name}: {spec.nodes} node(s) x {spec.per_node} rank(s), backend {spec.backend}",
+             "# written by `dist-train submit`; every start resumes from the newest committed checkpoint.",
+             "set -uo pipefail", workdir, f"mkdir -p {shlex.quote(spec.run_dir + '/logs')}"]
+    lines += [f"module load {m}" for m in spec.modules]
+    lines += list(spec.env_lines)
+    lines += ["export PYTHONUNBUFFERED=1", f"export DIST_TRAIN_EXPECT_WORLD={spec.world_size}", ""]
+    lines += _mpi_body(spec) if spec.backend == "mpi" else _ray_body(spec)
+    lines += ["status=$?",
+              f"if [ \"$status\" -eq {EXIT_PREEMPTED} ]; then",
+              f"  echo \"dist-train: preempted (status {EXIT_PREEMPTED}): requeueing\"",
+              f"  {requeue}",
+              "fi",
+              'exit "$status"', ""]
+    return "\n".join(lines)

@@ -1,0 +1,203 @@
+"""``dist-train launch`` and ``dist-train submit``: the functions the CLI in ``dist_train.cli`` mounts.
+
+    add_launch_arguments(parser); launch_main(args) -> exit status
+    add_submit_arguments(parser); submit_main(args) -> exit status
+
+Command-line flags override ``launch.*`` from the config. Bad input raises ``ValueError`` (exit 2).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Optional
+
+from launchers.supervisor import JobSpec, Supervisor
+
+BACKENDS = ("ray", "local", "mpi")
+
+
+def _examples(*lines: str) -> str:
+    return "examples:\n" + "\n".join(f"  {line}" for line in lines)
+
+
+def rank_argv(config: str, overrides: list[str], python: Optional[str] = None) -> list[str]:
+    """The per-rank command: ``python -m dist_train run CONFIG --set k=v ...``."""
+    argv = [python or sys.executable, "-m", "dist_train", "run", config]
+    for item in overrides:
+        argv += ["--set", item]
+    return argv
+
+
+def forwarded_env() -> dict[str, str]:
+    """The launcher's DIST_TRAIN_* variables (fault injection, verbosity…) reach every rank, also
+    Ray actors on other nodes, whose environment is not the launcher's."""
+    return {k: v for k, v in os.environ.items() if k.startswith("DIST_TRAIN_")}
+
+
+# ----------------------------------------------------------------------------------------------
+# dist-train launch
+# ----------------------------------------------------------------------------------------------
+def add_launch_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.description = ("Start every rank of a job and train: an embedded or existing Ray cluster, mpiexec, "
+                          "or local subprocesses. Restarts from the last checkpoint on failure "
+                          "(--max-restarts), forwards SIGTERM/SIGUSR1 for a preemption checkpoint "
+                          "(exit status 75 = resumable).")
+    parser.epilog = _examples(
+        "dist-train launch configs/gpt_tiny.yaml --backend local --nproc 2 --set parallel.dp=2",
+        "dist-train launch configs/demo.yaml --backend ray               # embedded Ray cluster",
+        "ray job submit -- dist-train launch configs/demo.yaml --backend ray --nodes 2 --gpus-per-node 4",
+        "dist-train launch configs/gpt_tiny.yaml --backend mpi --nproc 2 --set parallel.dp=2 --max-restarts 2")
+    parser.add_argument("config", help="YAML config file")
+    parser.add_argument("--backend", choices=BACKENDS, help="how to start ranks (default: launch.backend)")
+    parser.add_argument("--nproc", type=int, help="ranks in total (default: launch.nproc, or the config's "
+                                                  "world size dp*tp*pp*cp*wp when launch.nproc is 1)")
+    parser.add_argument("--address", help="Ray cluster address (default: launch.address, then RAY_ADDRESS; "
+                                          "none = embedded cluster)")
+    parser.add_argument("--nodes", type=int, help="nodes (Ray placement bundles; default launch.nodes)")
+    parser.add_argument("--gpus-per-node", type=int, help="GPUs per node, one rank each (default "
+                                                          "launch.gpus_per_node; 0 = CPU ranks, gloo)")
+    parser.add_argument("--max-restarts", type=int, help="restarts after a failed or hung attempt "
+                                                         "(default launch.max_restarts)")
+    parser.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key (repeatable)")
+    parser.add_argument("--dry-run", action="store_true", help="print the layout and exit without starting ranks")
+
+
+def resolve_launch(args: argparse.Namespace):
+    """Config + flags → (cfg, backend, nproc, nodes, gpus_per_node, max_restarts). Raises ValueError."""
+    from dist_train.config import check_world_size, load_config
+
+    overrides = list(args.set or [])
+    cfg = load_config(args.config, overrides)
+    lc = cfg.launch
+    backend = args.backend or lc.backend
+    nodes = args.nodes if args.nodes is not None else lc.nodes
+    gpus = args.gpus_per_node if args.gpus_per_node is not None else lc.gpus_per_node
+    if args.nproc is not None:
+        nproc = args.nproc
+    elif gpus and (args.gpus_per_node is not None or args.nodes is not None):
+        nproc = nodes * gpus
+    elif lc.nproc != 1:
+        nproc = lc.nproc
+    else:
+        nproc = cfg.world_size
+    max_restarts = args.max_restarts if args.max_restarts is not None else lc.max_restarts
+    for name, v, lo in (("--nproc", nproc, 1), ("--nodes", nodes, 1), ("--gpus-per-node", gpus, 0),
+                        ("--max-restarts", max_restarts, 0)):
+        if v < lo:
+            raise ValueError(f"{name} {v}: must be >= {lo}")
+    if backend != "ray" and nodes > 1:
+        raise ValueError(f"--nodes {nodes} with --backend {backend}: only the ray backend spans nodes from one "
+                         f"command; for MPI use `dist-train submit` (srun/mpiexec start the ranks on each node)")
+    try:
+        check_world_size(cfg, nproc)
+    except ValueError as e:
+        raise ValueError(f"{e} (launching {nproc}; pass --nproc {cfg.world_size} or change parallel.*, e.g. "
+                         f"--set parallel.dp={max(1, nproc // max(1, cfg.model_parallel_size))})") from None
+    return cfg, backend, nproc, nodes, gpus, max_restarts
+
+
+def build_backend(backend: str, nproc: int, run_dir: Path, address: Optional[str], nodes: int, gpus: int):
+    if backend == "local":
+        from launchers.local import LocalBackend
+
+        return LocalBackend(nproc, run_dir)
+    if backend == "mpi":
+        from launchers.mpi import MpiBackend
+
+        return MpiBackend(nproc, run_dir)
+    from launchers.ray_backend import RayBackend
+
+    return RayBackend(nproc, run_dir, address=address, nodes=nodes, gpus_per_node=gpus)
+
+
+def launch_main(args: argparse.Namespace) -> int:
+    overrides = list(args.set or [])
+    if getattr(args, "dry_run", False):
+        from dist_train import entry
+
+        if not hasattr(entry, "dry_run"):
+            raise ValueError("--dry-run: this build has no dist_train.entry.dry_run")
+        return int(entry.dry_run(args.config, overrides))
+    cfg, backend, nproc, nodes, gpus, max_restarts = resolve_launch(args)
+    run_dir = Path(cfg.run.dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    spec = JobSpec(argv=rank_argv(args.config, overrides), nproc=nproc, run_dir=run_dir,
+                   max_restarts=max_restarts, watchdog_s=cfg.launch.watchdog_s, env=forwarded_env())
+    be = build_backend(backend, nproc, run_dir, args.address or cfg.launch.address, nodes, gpus)
+    print(f"[launcher] {backend}: {nproc} rank(s){f' on {nodes} nodes' if nodes > 1 else ''}, run dir {run_dir}, "
+          f"max restarts {max_restarts}", file=sys.stderr, flush=True)
+    try:
+        return Supervisor(spec, be).run()
+    finally:
+        if hasattr(be, "shutdown"):
+            be.shutdown()
+
+
+# ----------------------------------------------------------------------------------------------
+# dist-train submit
+# ----------------------------------------------------------------------------------------------
+def add_submit_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.description = ("Write a Slurm or PBS batch script that runs the job (srun/mpiexec per rank, or a Ray "
+                          "head + workers) with requeue on preemption, and submit it with sbatch/qsub.")
+    parser.epilog = _examples(
+        "dist-train submit configs/demo.yaml --scheduler slurm --nodes 2 --gpus-per-node 4 --time 02:00:00 "
+        "--set parallel.dp=4 --dry-run",
+        "dist-train submit configs/demo.yaml --scheduler pbs --nodes 4 --gpus-per-node 4 --time 01:00:00 "
+        "--module cuda/12.4 --env-line 'export NCCL_DEBUG=WARN' --set parallel.dp=8")
+    parser.add_argument("config", help="YAML config file")
+    parser.add_argument("--scheduler", required=True, choices=("slurm", "pbs"))
+    parser.add_argument("--nodes", type=int, help="nodes (default launch.nodes)")
+    parser.add_argument("--gpus-per-node", type=int, help="GPUs per node, one rank each (default "
+                                                          "launch.gpus_per_node)")
+    parser.add_argument("--ntasks-per-node", type=int, help="ranks per node (default: GPUs per node, or 1)")
+    parser.add_argument("--time", required=True, help="wall-clock limit HH:MM:SS")
+    parser.add_argument("--backend", choices=("mpi", "ray"), default="mpi",
+                        help="start ranks with srun/mpiexec (default) or a Ray cluster in the allocation")
+    parser.add_argument("--module", action="append", default=[], metavar="NAME", help="module load NAME (repeatable)")
+    parser.add_argument("--env-line", action="append", default=[], metavar="LINE",
+                        help="a shell line before the job, e.g. 'export NCCL_DEBUG=WARN' (repeatable)")
+    parser.add_argument("--directive", action="append", default=[], metavar="ARGS",
+                        help="extra scheduler directive, e.g. '--account=abc' or '-q debug' (repeatable)")
+    parser.add_argument("--job-name", help="job name (default run.name)")
+    parser.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key (repeatable)")
+    parser.add_argument("--dry-run", action="store_true", help="print the script; write and submit nothing")
+
+
+def submit_main(args: argparse.Namespace) -> int:
+    from dist_train.config import check_world_size, load_config
+    from launchers.batch import BatchSpec, render
+
+    overrides = list(args.set or [])
+    cfg = load_config(args.config, overrides)
+    nodes = args.nodes if args.nodes is not None else cfg.launch.nodes
+    gpus = args.gpus_per_node if args.gpus_per_node is not None else cfg.launch.gpus_per_node
+    script_path = Path(cfg.run.dir) / f"submit_{args.scheduler}.sh"
+    spec = BatchSpec(config=args.config, scheduler=args.scheduler, nodes=nodes, time=args.time,
+                     run_dir=cfg.run.dir, name=args.job_name or cfg.run.name, gpus_per_node=gpus,
+                     ntasks_per_node=args.ntasks_per_node, backend=args.backend, overrides=overrides,
+                     modules=list(args.module), env_lines=list(args.env_line), directives=list(args.directive),
+                     script_path=str(script_path.absolute()))
+    check_world_size(cfg, spec.world_size)
+    text = render(spec)
+    if args.dry_run:
+        print(text, end="")
+        return 0
+    script_path.parent.mkdir(parents=True, exist_ok=True)
+    (script_path.parent / "logs").mkdir(exist_ok=True)
+    script_path.write_text(text)
+    script_path.chmod(0o755)
+    tool = "sbatch" if args.scheduler == "slurm" else "qsub"
+    exe = shutil.which(tool)
+    if exe is None:
+        raise ValueError(f"{tool} not found on PATH: the script is at {script_path}; run `{tool} {script_path}` "
+                         f"where the scheduler is available (or use --dry-run to print it)")
+    done = subprocess.run([exe, str(script_path)], capture_output=True, text=True)
+    sys.stdout.write(done.stdout)
+    sys.stderr.write(done.stderr)
+    print(f"submitted {script_path}" if done.returncode == 0 else f"{tool} failed ({done.returncode})",
+          file=sys.stderr)
+    return done.returncode
