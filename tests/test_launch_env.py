@@ -1,0 +1,223 @@
+"""Launcher detection, fault specs, batch scripts and launch-flag resolution (no processes, except one
+real 'every rank alone' MPI check)."""
+import argparse
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+
+from dist_train.lifecycle import (EXIT_PREEMPTED, FaultSpec, Lifecycle, describe_exit, heartbeat_path,
+                                  read_heartbeat)
+from launchers.batch import BatchSpec, render
+from launchers.env import (EXPECT_WORLD_ENV, LaunchError, check_mpi_world, detect_rank_env,
+                           parse_slurm_tasks_per_node, populate_rank_env, slurm_first_host)
+
+SLURM = {"SLURM_PROCID": "5", "SLURM_STEP_NUM_TASKS": "8", "SLURM_NTASKS": "8", "SLURM_LOCALID": "1",
+         "SLURM_NODEID": "1", "SLURM_STEP_TASKS_PER_NODE": "4(x2)", "SLURM_STEP_NODELIST": "gpu[003-004]",
+         "SLURM_JOB_ID": "4242", "SLURM_STEP_ID": "0"}
+
+
+def test_detect_each_launcher():
+    e = detect_rank_env(SLURM)
+    assert (e.source, e.rank, e.local_rank, e.world_size, e.local_world_size) == ("slurm", 5, 1, 8, 4)
+    assert e.master_addr == "gpu003" and 15000 <= e.master_port < 35000
+    assert detect_rank_env({**SLURM, "SLURM_STEP_ID": "1"}).master_port != e.master_port  # per step
+
+    e = detect_rank_env({"OMPI_COMM_WORLD_RANK": "3", "OMPI_COMM_WORLD_SIZE": "4",
+                         "OMPI_COMM_WORLD_LOCAL_RANK": "1", "OMPI_COMM_WORLD_LOCAL_SIZE": "2"})
+    assert (e.source, e.rank, e.local_rank, e.world_size, e.local_world_size) == ("openmpi", 3, 1, 4, 2)
+    assert e.uses_mpi
+
+    e = detect_rank_env({"PMI_RANK": "1", "PMI_SIZE": "2", "MPI_LOCALRANKID": "1", "MPI_LOCALNRANKS": "2",
+                         "PMI_FD": "9"})
+    assert (e.source, e.rank, e.local_rank, e.world_size, e.local_world_size) == ("mpich", 1, 1, 2, 2)
+
+    pbs = {"PALS_RANKID": "6", "PALS_LOCAL_RANKID": "2", "PMI_SIZE": "12", "PMI_LOCAL_SIZE": "4",
+           "PMI_RANK": "6", "PBS_JOBID": "77.pbs"}
+    e = detect_rank_env(pbs)
+    assert (e.source, e.rank, e.local_rank, e.world_size, e.local_world_size) == ("pals", 6, 2, 12, 4)
+    e = detect_rank_env({"PALS_RANKID": "0", "PALS_LOCAL_RANKID": "0"})  # size from MPI later
+    assert e.source == "pals" and e.world_size is None
+
+    torchrun = {"RANK": "2", "WORLD_SIZE": "4", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "2",
+                "MASTER_ADDR": "h", "MASTER_PORT": "29500", **SLURM}
+    e = detect_rank_env(torchrun)
+    assert (e.source, e.rank, e.world_size, e.master_addr, e.master_port) == ("torchrun", 2, 4, "h", 29500)
+
+    assert detect_rank_env({}).source == "single"
+    assert detect_rank_env({"DIST_TRAIN_LAUNCHER": "mpi"}).source == "mpi4py"
+    # mpirun inside sbatch: every rank inherits the batch step's SLURM_PROCID=0; MPI's variables win.
+    e = detect_rank_env({**SLURM, "SLURM_PROCID": "0", "OMPI_COMM_WORLD_RANK": "3", "OMPI_COMM_WORLD_SIZE": "4"})
+    assert (e.source, e.rank) == ("openmpi", 3)
+    with pytest.raises(LaunchError, match="PMI_SIZE='x'"):
+        detect_rank_env({"PMI_RANK": "0", "PMI_SIZE": "x"})
+
+
+def test_slurm_parsers():
+    assert parse_slurm_tasks_per_node("2(x3),1") == [2, 2, 2, 1]
+    assert parse_slurm_tasks_per_node("8") == [8]
+    with pytest.raises(LaunchError, match="SLURM_TASKS_PER_NODE"):
+        parse_slurm_tasks_per_node("2(y3)")
+    assert slurm_first_host("gpu[003-005,9],cpu1") == "gpu003"
+    assert slurm_first_host("nid001234") == "nid001234"
+    assert slurm_first_host("a-b[10,12]") == "a-b10"
+
+
+def test_populate_torchrun_single_slurm():
+    env = {"RANK": "1", "WORLD_SIZE": "2", "MASTER_ADDR": "x", "MASTER_PORT": "1"}
+    before = dict(env)
+    assert populate_rank_env(env).source == "torchrun" and env == before  # unchanged
+    empty: dict = {}
+    assert populate_rank_env(empty).world_size == 1 and empty == {}
+    env = dict(SLURM)
+    populate_rank_env(env)
+    assert {k: env[k] for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR")} == {
+        "RANK": "5", "LOCAL_RANK": "1", "WORLD_SIZE": "8", "LOCAL_WORLD_SIZE": "4", "MASTER_ADDR": "gpu003"}
+    with pytest.raises(LaunchError, match="outside the world"):
+        populate_rank_env({**SLURM, "SLURM_PROCID": "8"})
+
+
+def test_mpi_world_checks():
+    ompi = detect_rank_env({"OMPI_COMM_WORLD_RANK": "0", "OMPI_COMM_WORLD_SIZE": "4"})
+    check_mpi_world(ompi, 4, environ={})
+    with pytest.raises(LaunchError, match=r"OMPI_COMM_WORLD_SIZE=4.* sees 1; every rank is alone"):
+        check_mpi_world(ompi, 1, environ={})
+    with pytest.raises(LaunchError, match="says 4 ranks .* sees 2"):
+        check_mpi_world(ompi, 2, environ={})
+    bare = detect_rank_env({"DIST_TRAIN_LAUNCHER": "mpi"})
+    check_mpi_world(bare, 1, environ={})  # nothing promised: a single process is fine
+    with pytest.raises(LaunchError, match=f"{EXPECT_WORLD_ENV}=3"):
+        check_mpi_world(bare, 1, environ={EXPECT_WORLD_ENV: "3"})
+
+
+def test_every_rank_alone_is_reported_in_one_line():
+    """A real process: Open MPI's variables promise 2 ranks, but mpi4py (MPICH) initialises a singleton."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PMI_", "OMPI_", "SLURM_", "PALS_"))}
+    env.update({"OMPI_COMM_WORLD_RANK": "0", "OMPI_COMM_WORLD_SIZE": "2", "OMPI_COMM_WORLD_LOCAL_RANK": "0"})
+    for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(k, None)
+    code = "from launchers.env import populate_rank_env, LaunchError\ntry:\n populate_rank_env()\n" \
+           "except LaunchError as e:\n print(e); raise SystemExit(3)"
+    p = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)
+    assert p.returncode == 3, p.stderr
+    lines = p.stdout.strip().splitlines()
+    assert len(lines) == 1 and "every rank is alone" in lines[0] and "OMPI_COMM_WORLD_SIZE=2" in lines[0]
+
+
+def test_fault_spec_and_exit_text():
+    f = FaultSpec.parse("rank=1,step=7,signal=KILL")
+    assert (f.rank, f.step, f.action, f.signal, f.attempt) == (1, 7, "signal", signal.SIGKILL, 0)
+    assert FaultSpec.parse("rank=0, step=3, action=hang, attempt=2").attempt == 2
+    assert FaultSpec.parse("rank=0,step=3,action=exit,code=5").code == 5
+    for bad, msg in (("rank=1", "expected rank=R"), ("rank=1,step=2,signal=NOPE", "unknown signal"),
+                     ("rank=1,step=2,action=boom", "action='boom'"), ("rank=a,step=2", "integers"),
+                     ("rank=1,step=2,colour=red", "colour")):
+        with pytest.raises(ValueError, match=msg):
+            FaultSpec.parse(bad)
+    assert describe_exit(-9) == "killed by SIGKILL"
+    assert "preempted" in describe_exit(EXIT_PREEMPTED)
+    assert describe_exit(143) == "exit code 143 (SIGTERM)"
+
+
+def test_lifecycle_in_process(tmp_path, monkeypatch):
+    monkeypatch.setenv("DIST_TRAIN_RESTART", "2")
+    monkeypatch.delenv("DIST_TRAIN_FAULT", raising=False)
+    before = signal.getsignal(signal.SIGTERM)
+    lc = Lifecycle(run_dir=tmp_path, rank=3, watchdog_s=30)
+    hb = read_heartbeat(tmp_path, 3)
+    assert hb["step"] is None and hb["attempt"] == 2 and hb["pid"] == os.getpid()
+    lc.heartbeat(0)  # the first step is written at once
+    first = read_heartbeat(tmp_path, 3)
+    assert first["step"] == 0 and first["first_step_time"] == first["time"]
+    lc.heartbeat(1)  # throttled: written by close() at the latest
+    assert not lc.stop_agreed()
+    os.kill(os.getpid(), signal.SIGUSR1)
+    assert lc.signalled == signal.SIGUSR1 and lc.stop_agreed()  # no process group: the local flag
+    lc.close()
+    assert read_heartbeat(tmp_path, 3)["step"] == 1
+    assert signal.getsignal(signal.SIGTERM) is before
+    assert not list(heartbeat_path(tmp_path, 3).parent.glob(".*.tmp"))
+
+
+def _spec(**kw):
+    base = dict(config="configs/gpt_tiny.yaml", scheduler="slurm", nodes=2, time="01:30:00", run_dir="runs/x",
+                name="x", gpus_per_node=4, overrides=["parallel.dp=8"], modules=["cuda/12.4"],
+                env_lines=["export NCCL_DEBUG=WARN"], python="/opt/venv/bin/python", script_path="/r/s.sh")
+    base.update(kw)
+    return BatchSpec(**base)
+
+
+def test_batch_scripts():
+    s = render(_spec())
+    for needle in ("#SBATCH --nodes=2", "#SBATCH --ntasks-per-node=4", "#SBATCH --gpus-per-node=4",
+                   "#SBATCH --time=01:30:00", "#SBATCH --signal=USR1@120", "#SBATCH --requeue", "module load cuda/12.4",
+                   "export NCCL_DEBUG=WARN", "srun --ntasks=8 --ntasks-per-node=4", "-m launchers.rankio",
+                   "--preempted-exit 75", "-m dist_train run configs/gpt_tiny.yaml --set parallel.dp=8 --set "
+                   "checkpoint.resume=auto", 'if [ "$status" -eq 75 ]', 'scontrol requeue "$SLURM_JOB_ID"'):
+        assert needle in s, needle
+    assert "ssh" not in s and "pdsh" not in s
+    p = render(_spec(scheduler="pbs"))
+    for needle in ("#PBS -l select=2:mpiprocs=4:ncpus=4:ngpus=4", "#PBS -l walltime=01:30:00",
+                   "mpiexec -n 8 --ppn 4", 'cd "$PBS_O_WORKDIR"', "qsub /r/s.sh"):
+        assert needle in p, needle
+    r = render(_spec(backend="ray"))
+    assert "ray start --head" in r and 'srun --nodes=1 --ntasks=1 -w "${NODES[$i]}"' in r
+    assert '--backend ray --nodes 2 --nproc 8 --gpus-per-node 4' in r and '--address "$HEAD_IP:$RAY_PORT"' in r
+    rp = render(_spec(backend="ray", scheduler="pbs"))
+    assert 'mpiexec -n 1 --hosts "${NODES[0]}"' in rp and "ssh" not in rp
+    assert "--ntasks-per-node=2" in render(_spec(gpus_per_node=0, ntasks_per_node=2))
+    for bad, msg in (({"time": "90"}, "HH:MM:SS"), ({"nodes": 0}, "--nodes 0"), ({"scheduler": "lsf"}, "slurm, pbs"),
+                     ({"scheduler": "pbs", "time": "1-00:00:00"}, "PBS walltime")):
+        with pytest.raises(ValueError, match=msg):
+            render(_spec(**bad))
+
+
+def _launch_args(*argv):
+    from launchers.cli import add_launch_arguments
+
+    parser = argparse.ArgumentParser()
+    add_launch_arguments(parser)
+    return parser.parse_args(list(argv))
+
+
+def test_launch_flag_resolution(tmp_path):
+    from launchers.cli import rank_argv, resolve_launch
+
+    cfg_path = tmp_path / "c.yaml"
+    cfg_path.write_text("parallel: {dp: 1, cp: 2}\ntrain: {global_batch: 16, micro_batch: 2}\n"
+                        "launch: {backend: mpi, max_restarts: 2}\n")
+    cfg, backend, nproc, nodes, gpus, restarts = resolve_launch(_launch_args(str(cfg_path)))
+    assert (backend, nproc, nodes, gpus, restarts) == ("mpi", 2, 1, 0, 2)  # nproc = world size dp*cp
+    _, backend, nproc, _, _, restarts = resolve_launch(_launch_args(
+        str(cfg_path), "--backend", "local", "--nproc", "4", "--set", "parallel.dp=2", "--max-restarts", "0"))
+    assert (backend, nproc, restarts) == ("local", 4, 0)
+    with pytest.raises(ValueError, match=r"3 ranks were launched.*--set parallel.dp=1"):
+        resolve_launch(_launch_args(str(cfg_path), "--nproc", "3"))
+    with pytest.raises(ValueError, match="only the ray backend spans nodes"):
+        resolve_launch(_launch_args(str(cfg_path), "--backend", "local", "--nodes", "2"))
+    with pytest.raises(ValueError, match="--max-restarts -1"):
+        resolve_launch(_launch_args(str(cfg_path), "--max-restarts", "-1"))
+    _, backend, nproc, nodes, gpus, _ = resolve_launch(_launch_args(
+        str(cfg_path), "--backend", "ray", "--nodes", "2", "--gpus-per-node", "4", "--set", "parallel.dp=4"))
+    assert (backend, nproc, nodes, gpus) == ("ray", 8, 2, 4)
+    assert rank_argv("c.yaml", ["a=1", "b=2"], python="py") == ["py", "-m", "dist_train", "run", "c.yaml",
+                                                                 "--set", "a=1", "--set", "b=2"]
+
+
+def test_submit_dry_run_prints_script(tmp_path, capsys):
+    from launchers.cli import add_submit_arguments, submit_main
+
+    parser = argparse.ArgumentParser()
+    add_submit_arguments(parser)
+    args = parser.parse_args(["configs/gpt_tiny.yaml", "--scheduler", "slurm", "--nodes", "1",
+                              "--ntasks-per-node", "2", "--time", "00:10:00", "--set", "parallel.dp=2",
+                              "--set", f"run.dir={tmp_path}/r", "--dry-run"])
+    assert submit_main(args) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("#!/bin/bash") and "srun --ntasks=2" in out and not (tmp_path / "r").exists()
+    args = parser.parse_args(["configs/gpt_tiny.yaml", "--scheduler", "pbs", "--nodes", "1", "--time", "00:10:00",
+                              "--ntasks-per-node", "3", "--set", f"run.dir={tmp_path}/r", "--dry-run"])
+    with pytest.raises(ValueError, match="but 3 ranks were launched"):
+        submit_main(args)
