@@ -151,6 +151,8 @@ def train(cfg: Config, ctx: Optional[DistContext] = None) -> TrainResult:
         bar = tqdm(total=t.steps, initial=start_step, desc="train", unit="step", file=sys.stderr,
                    dynamic_ncols=True, leave=False, mininterval=0.5)
     step_times: list[float] = []
+    from .plan.rankstats import RankStats  # per-rank record for `dist-train scale` (DIST_TRAIN_RANK_STATS=1)
+    rank_stats = RankStats.start(run_dir, ctx.rank)
     model.train()
     try:
         for step in range(start_step, t.steps):
@@ -166,6 +168,7 @@ def train(cfg: Config, ctx: Optional[DistContext] = None) -> TrainResult:
             consumed += t.global_batch
             dt = time.perf_counter() - t0
             step_times.append(dt)
+            rank_stats.step(dt)
             result.losses.append(loss)
             result.grad_norms.append(grad_norm)
             if not math.isfinite(loss):
@@ -187,6 +190,7 @@ def train(cfg: Config, ctx: Optional[DistContext] = None) -> TrainResult:
             bar.close()
         writer.close()
 
+    rank_stats.finish(peak_memory_bytes(ctx.device))
     timed = step_times[1:] if len(step_times) > 1 else step_times
     med = float(np.median(timed)) if timed else float("nan")
     result.summary = {

@@ -1,0 +1,116 @@
+"""Per-rank measurements for ``dist-train scale``: step times, time blocked in communication, peak memory.
+
+The trainer calls (three lines; everything is a no-op unless ``DIST_TRAIN_RANK_STATS=1``, which the
+sweep sets for its runs)::
+
+    stats = RankStats.start(run_dir, rank)   # before the loop: wraps torch.distributed's Python calls
+    stats.step(dt)                           # after each optimizer step
+    stats.finish(peak_mem_bytes)             # at the end: writes run_dir/rank_stats/rank_<rank>.json
+
+"Communication time" is the wall time this rank's Python thread spends inside a blocking collective or
+in ``Work.wait()`` of an async one (ring p2p, Ulysses all-to-all, halo exchange, the loss/count
+all-reduces): the *exposed* part, since anything that overlapped with compute finished before the
+wait. DDP's bucketed gradient all-reduce runs in C++ inside ``backward()`` and is not seen here.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import os
+import time
+from pathlib import Path
+from typing import Optional
+
+ENV = "DIST_TRAIN_RANK_STATS"
+_BLOCKING = ("all_reduce", "all_gather", "all_gather_into_tensor", "reduce_scatter_tensor", "all_to_all_single",
+             "all_to_all", "broadcast", "barrier", "send", "recv", "isend", "irecv", "batch_isend_irecv",
+             "gather", "scatter", "reduce")
+
+
+class _TimedWork:
+    """Proxy of a ``torch.distributed.Work`` whose ``wait()`` is timed."""
+
+    def __init__(self, work, timer: "CommTimer"):
+        self._work, self._timer = work, timer
+
+    def wait(self, *args, **kwargs):
+        t0 = time.perf_counter()
+        try:
+            return self._work.wait(*args, **kwargs)
+        finally:
+            self._timer.seconds += time.perf_counter() - t0
+
+    def __getattr__(self, name):
+        return getattr(self._work, name)
+
+
+class CommTimer:
+    """Accumulates seconds spent blocked in torch.distributed calls made through the module attributes."""
+
+    def __init__(self):
+        self.seconds = 0.0
+        self._saved: dict = {}
+
+    def _wrap(self, fn):
+        @functools.wraps(fn)
+        def timed(*args, **kwargs):
+            t0 = time.perf_counter()
+            try:
+                out = fn(*args, **kwargs)
+            finally:
+                self.seconds += time.perf_counter() - t0
+            if isinstance(out, list):
+                return [_TimedWork(w, self) if hasattr(w, "wait") else w for w in out]
+            return _TimedWork(out, self) if out is not None and hasattr(out, "wait") else out
+        return timed
+
+    def install(self) -> None:
+        import torch.distributed as dist
+
+        for name in _BLOCKING:
+            fn = getattr(dist, name, None)
+            if fn is not None and name not in self._saved:
+                self._saved[name] = fn
+                setattr(dist, name, self._wrap(fn))
+
+    def uninstall(self) -> None:
+        import torch.distributed as dist
+
+        for name, fn in self._saved.items():
+            setattr(dist, name, fn)
+        self._saved.clear()
+
+
+class RankStats:
+    def __init__(self, run_dir: Optional[Path], rank: int, timer: Optional[CommTimer]):
+        self.run_dir, self.rank, self.timer = run_dir, rank, timer
+        self.step_times: list[float] = []
+        self.comm_times: list[float] = []
+        self._comm_mark = 0.0
+
+    @classmethod
+    def start(cls, run_dir, rank: int) -> "RankStats":
+        if os.environ.get(ENV) != "1":
+            return cls(None, rank, None)
+        timer = CommTimer()
+        timer.install()
+        return cls(Path(run_dir), rank, timer)
+
+    def step(self, seconds: float) -> None:
+        if self.timer is None:
+            return
+        self.step_times.append(float(seconds))
+        self.comm_times.append(self.timer.seconds - self._comm_mark)
+        self._comm_mark = self.timer.seconds
+
+    def finish(self, peak_mem_bytes: int) -> None:
+        if self.timer is None:
+            return
+        self.timer.uninstall()
+        out = self.run_dir / "rank_stats"
+        out.mkdir(parents=True, exist_ok=True)
+        rec = {"rank": self.rank, "step_times_s": self.step_times, "comm_wait_s": self.comm_times,
+               "peak_mem_bytes": int(peak_mem_bytes), "pid": os.getpid()}
+        tmp = out / f".rank_{self.rank}.json.tmp"
+        tmp.write_text(json.dumps(rec))
+        os.replace(tmp, out / f"rank_{self.rank}.json")
