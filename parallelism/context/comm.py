@@ -44,8 +44,8 @@ class Wait:
 
 def run_p2p(gen: Generator, group: Optional[dist.ProcessGroup]):
     """Drive a ring generator over real ranks of ``group``; returns the generator's return value."""
-    msg = next(gen)
     try:
+        msg = next(gen)
         while True:
             if isinstance(msg, Post):
                 ops = [dist.P2POp(dist.isend if isinstance(op, Send) else dist.irecv, op.tensor,
@@ -67,14 +67,16 @@ class _AllToAll(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, group):
         ctx.group = group
-        out = torch.empty_like(x)
-        dist.all_to_all_single(out, x.contiguous(), group=group)
+        x = x.contiguous()
+        out = torch.empty_like(x)          # contiguous like x (empty_like would keep permuted strides)
+        dist.all_to_all_single(out, x, group=group)
         return out
 
     @staticmethod
     def backward(ctx, grad):
+        grad = grad.contiguous()
         out = torch.empty_like(grad)
-        dist.all_to_all_single(out, grad.contiguous(), group=ctx.group)
+        dist.all_to_all_single(out, grad, group=ctx.group)
         return out, None
 
 

@@ -136,14 +136,30 @@ class RingPlan:
         return sum(b.work for s in range(self.world_size) for b in self.blocks[rank][s])
 
 
-def _choose_steps(needed: list[tuple[int, int]], P: int) -> tuple[int, int]:
-    """(T_fwd, T_bwd) covering every needed (rank, source) pair with the fewest sends per rank."""
+def _assign(needed: list[tuple[int, int]], P: int, t_f: int) -> tuple[dict, dict]:
+    """Direction of every needed pair (forward when within t_f hops) and the last hop per source."""
+    direction, last = {}, {FWD: [0] * P, BWD: [0] * P}
+    for r, s in needed:
+        d = FWD if (r - s) % P <= t_f else BWD
+        direction[(r, s)] = d
+        last[d][s] = max(last[d][s], (d * (r - s)) % P)
+    return direction, last
+
+
+def _choose_split(needed: list[tuple[int, int]], P: int) -> tuple[dict, dict]:
+    """Split needed pairs between the two directions with the fewest K/V sends in total, then the
+    fewest on the busiest rank, then preferring a single (forward) direction."""
     best = None
     for t_f in range(P):
-        t_b = max([(s - r) % P for r, s in needed if (r - s) % P > t_f], default=0)
-        key = (t_f + t_b, t_b > 0, t_b)  # fewest sends, then a single direction
+        direction, last = _assign(needed, P, t_f)
+        sends = [0] * P
+        for d in (FWD, BWD):
+            for s, hops in enumerate(last[d]):
+                for t in range(hops):
+                    sends[(s + d * t) % P] += 1
+        key = (sum(sends), max(sends), max(last[BWD]) > 0, max(last[BWD]))
         if best is None or key < best[0]:
-            best = (key, t_f, t_b)
+            best = (key, direction, last)
     return best[1], best[2]
 
 
@@ -155,14 +171,7 @@ def build_plan(chunks: tuple[tuple[Chunk, ...], ...], causal: bool, window: Opti
     blocks = tuple(tuple(pair_blocks(chunks[r], chunks[s], causal, window, tile) for s in range(P))
                    for r in range(P))
     needed = [(r, s) for r in range(P) for s in range(P) if s != r and blocks[r][s]]
-    t_f, t_b = _choose_steps(needed, P)
-    direction = [[0] * P for _ in range(P)]
-    last = {FWD: [0] * P, BWD: [0] * P}
-    for r, s in needed:
-        d = FWD if (r - s) % P <= t_f else BWD
-        direction[r][s] = d
-        dist = (d * (r - s)) % P
-        last[d][s] = max(last[d][s], dist)
+    assigned, last = _choose_split(needed, P)
+    direction = tuple(tuple(assigned.get((r, s), 0) for s in range(P)) for r in range(P))
     steps = {FWD: max(last[FWD]), BWD: max(last[BWD])}
-    return RingPlan(P, blocks, tuple(map(tuple, direction)), steps,
-                    {d: tuple(v) for d, v in last.items()})
+    return RingPlan(P, blocks, direction, steps, {d: tuple(v) for d, v in last.items()})
