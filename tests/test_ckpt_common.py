@@ -213,7 +213,7 @@ def test_metadata_unpickler_refuses_foreign_globals(tmp_path):
     import torch.distributed.checkpoint as dcp
 
     dcp.save({"w": torch.ones(2), "obj": {"x": 1}}, checkpoint_id=tmp_path / "c", no_dist=True)
-    with pytest.raises(CheckpointError, match="entry 'obj.x' is BytesStorageMetadata"):
+    with pytest.raises(CheckpointError, match="BytesStorageMetadata' is not allowed"):
         load_dcp_metadata(tmp_path / "c" / ".metadata")
     dcp.save({"w": torch.ones(2)}, checkpoint_id=tmp_path / "d", no_dist=True)
     md = load_dcp_metadata(tmp_path / "d" / ".metadata")

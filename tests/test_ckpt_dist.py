@@ -1,0 +1,140 @@
+"""Checkpoints on real gloo ranks: exact resume (sync and async) at world 1, 2, 3; resharding dp2 -> 1 and
+3; a rank SIGKILLed mid-save. World 1 runs in the test process (no process group), the others spawn.
+
+Adding a resharding case (cp2->cp1, dp2->tp2, zero3->zero0, wp 1x2->1x1): save with ``_save_reference`` under
+the source layout, load with ``_load_and_compare`` under the target layout, compare ``eval_outputs``.
+"""
+from __future__ import annotations
+
+import os
+import signal
+from pathlib import Path
+
+import pytest
+import torch
+
+from dist_train.checkpoint import CheckpointManager, complete_checkpoints, verify_checkpoint
+from dist_train.checkpoint.manifest import read_latest
+from tests.dist_harness import run_ranks
+from tests.test_ckpt_common import CkptCfg, build, eval_outputs, model_config, seed_rank, train_steps
+
+STEPS, SAVE_EVERY = 12, 3
+
+
+def layout(world: int) -> dict:
+    return {"dp": world, "tp": 1, "pp": 1, "cp": 1, "wp": [1, 1], "zero_stage": None, "world_size": world}
+
+
+def manager(cfg: CkptCfg, root: str, rank: int, world: int) -> CheckpointManager:
+    return CheckpointManager(cfg, run_dir=Path(root), config=model_config(), layout=layout(world), rank=rank,
+                             world_size=world)
+
+
+def _exact_resume(rank: int, world: int, root: str, async_save: bool) -> None:
+    """STEPS straight vs half + saves every SAVE_EVERY + fresh objects/RNG + resume + rest: bitwise equal."""
+    seed_rank(rank)
+    model, opt, sched = build()
+    straight = train_steps(model, opt, sched, 1, STEPS, rank, world)
+
+    seed_rank(rank)
+    model, opt, sched = build()
+    cfg = CkptCfg(every=SAVE_EVERY, async_save=async_save, dir=f"{root}/resume_w{world}_async{int(async_save)}")
+    mgr = manager(cfg, root, rank, world)
+    assert mgr.resume(model, opt, sched) is None  # empty dir: fresh start
+    first = []
+    half = STEPS // 2
+    for step in range(1, half + 1):
+        first += train_steps(model, opt, sched, step, step, rank, world)
+        started = mgr.maybe_save(step, model, opt, sched, extra={"step": step, "consumed_samples": 6 * step})
+        assert started == (step % SAVE_EVERY == 0)
+    mgr.close()
+    assert mgr.failed_saves == 0
+
+    seed_rank(rank + 100)  # a restarted process has other RNG states and other initial weights
+    model, opt, sched = build(seed=7)
+    mgr = manager(cfg, root, rank, world)
+    extra = mgr.resume(model, opt, sched)
+    assert extra == {"step": half, "consumed_samples": 6 * half}, extra
+    rest = train_steps(model, opt, sched, half + 1, STEPS, rank, world)
+    mgr.close()
+    assert first + rest == straight, (first + rest, straight)
+
+
+def _save_reference(rank: int, world: int, path: str) -> torch.Tensor:
+    """Train a few steps under this layout, save at step 4 into ``path``; return the outputs on the fixed batch."""
+    seed_rank(rank)
+    model, opt, sched = build()
+    train_steps(model, opt, sched, 1, 4, rank, world)
+    mgr = manager(CkptCfg(dir=path), path, rank, world)
+    mgr.save(4, model, opt, sched, extra={"step": 4, "consumed_samples": 24})
+    mgr.close()
+    return eval_outputs(model)
+
+
+def _load_and_compare(rank: int, world: int, path: str, expected: torch.Tensor) -> None:
+    seed_rank(rank + 50)
+    model, opt, sched = build(seed=11)
+    mgr = manager(CkptCfg(resume=path), path, rank, world)
+    extra = mgr.resume(model, opt, sched)
+    assert extra["step"] == 4 and extra["consumed_samples"] == 24
+    assert torch.equal(eval_outputs(model), expected)
+    # optimizer state and schedule came along: one more step runs from the saved moments
+    assert int(opt.state_dict()["state"][0]["step"]) == 4 and sched.last_epoch == 4
+    mgr.close()
+
+
+def _multi_rank_cases(rank: int, world: int, root: str, reshard_path: str, expected, kill_root) -> torch.Tensor:
+    """Exact resume (sync, async); then either save the dp reference (expected None) or load it resharded;
+    with ``kill_root`` finally a save during which rank 1 is SIGKILLed (this spawn then fails by design)."""
+    _exact_resume(rank, world, root, async_save=False)
+    _exact_resume(rank, world, root, async_save=True)
+    if expected is None:
+        return _save_reference(rank, world, reshard_path)
+    _load_and_compare(rank, world, reshard_path, expected)
+    (Path(root) / f"cases_ok_w{world}_rank{rank}").touch()
+    if kill_root is not None:
+        _die_mid_save(rank, world, kill_root)
+    return expected
+
+
+def _die_mid_save(rank: int, world: int, root: str) -> None:
+    seed_rank(rank)
+    model, opt, sched = build()
+    mgr = manager(CkptCfg(dir=root), root, rank, world)
+    train_steps(model, opt, sched, 1, 2, rank, world)
+    mgr.save(2, model, opt, sched, extra={"step": 2, "consumed_samples": 12})
+    train_steps(model, opt, sched, 3, 4, rank, world)
+    if rank == 1:
+        mgr.fault_hook = lambda phase: os.kill(os.getpid(), signal.SIGKILL) if phase == "shards_written" else None
+    mgr.save(4, model, opt, sched, extra={"step": 4, "consumed_samples": 24})
+    raise AssertionError("unreachable: the other ranks must see rank 1 die, rank 1 is killed")
+
+
+def test_exact_resume_resharding_and_killed_rank_on_1_2_3_ranks(tmp_path):
+    """One spawn per world size (spawning dominates the cost): world 1 in-process, world 2, world 3."""
+    root, src, kill_root = str(tmp_path), str(tmp_path / "dp2_source"), tmp_path / "killed"
+    _exact_resume(0, 1, root, async_save=False)
+    _exact_resume(0, 1, root, async_save=True)
+    outs = run_ranks(_multi_rank_cases, 2, args=(root, src, None, None), timeout=150)
+    assert torch.equal(outs[0], outs[1])
+    assert not verify_checkpoint(Path(src) / "step_4")
+    _load_and_compare(0, 1, src, outs[0])  # dp2 -> world 1 (no process group at all)
+
+    # world 3: exact resume, dp2 -> dp3 resharded load, then rank 1 dies in the middle of a save
+    with pytest.raises(AssertionError) as info:
+        run_ranks(_multi_rank_cases, 3, args=(root, src, outs[0], str(kill_root)), timeout=150)
+    assert all((tmp_path / f"cases_ok_w3_rank{r}").exists() for r in range(3)), str(info.value)
+    assert "CheckpointError" in str(info.value) and "unreachable" not in str(info.value), str(info.value)
+    assert (kill_root / "step_4.tmp").is_dir() and not (kill_root / "step_4").exists()
+    assert [p.name for _, p in complete_checkpoints(kill_root)] == ["step_2"]
+    assert read_latest(kill_root) == "step_2"
+    # the surviving checkpoint loads (resharded 3 -> 1); the dead save's shards are ignored
+    seed_rank(0)
+    model, opt, sched = build(seed=3)
+    extra = manager(CkptCfg(dir=str(kill_root)), root, 0, 1).resume(model, opt, sched)
+    assert extra == {"step": 2, "consumed_samples": 12}
+    # the next successful save removes the stale .tmp of the dead save
+    manager(CkptCfg(dir=str(kill_root)), root, 0, 1).save(5, model, opt, sched)
+    assert not (kill_root / "step_4.tmp").exists() and read_latest(kill_root) == "step_5"
+    with pytest.raises(ValueError, match="no complete checkpoint"):
+        manager(CkptCfg(resume=str(tmp_path)), root, 0, 1).resume(model, opt, sched)
