@@ -198,9 +198,10 @@ class Lifecycle:
         rank was signalled. Without an initialised process group it is just the local flag.
         Collective: every rank of ``group`` must call it at the same step."""
         local = 1 if self._signalled is not None else 0
-        import torch.distributed as dist  # lazy: the launcher imports this module without torch
-
-        if not (dist.is_available() and dist.is_initialized()):
+        # Lazy: launchers import this module without torch; and if torch.distributed was never imported,
+        # no process group can exist (importing it here would only cost seconds).
+        dist = sys.modules.get("torch.distributed")
+        if dist is None or not (dist.is_available() and dist.is_initialized()):
             return bool(local)
         import torch
 

@@ -1,0 +1,187 @@
+"""The restart supervisor on real rank processes, with a tiny gloo job of our own (no trainer needed):
+restart after a killed rank, failure summary, hang watchdog, SIGTERM preemption, the MPI backend."""
+import io
+import os
+import signal
+import sys
+import textwrap
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from dist_train.lifecycle import EXIT_HANG, EXIT_PREEMPTED, read_heartbeat
+from launchers.local import LocalBackend
+from launchers.supervisor import JobSpec, Supervisor
+
+REPO = Path(__file__).resolve().parents[1]
+
+# A job that "checkpoints" its step in ckpt.txt (rank 0, every 2 steps), sums a tensor over all ranks
+# each step, resumes from ckpt.txt when started with the resume arguments, and obeys the Lifecycle.
+TINY = textwrap.dedent("""
+    import os, sys, time
+    from pathlib import Path
+    sys.path.insert(0, {repo!r})
+    from launchers.env import populate_rank_env
+    populate_rank_env()
+    from dist_train.lifecycle import Lifecycle, EXIT_PREEMPTED
+    run_dir, steps = Path(sys.argv[1]), int(sys.argv[2])
+    # TINY_TORCH=0: no torch (saves ~2 s of imports per rank on a busy 2-core machine); the ranks then
+    # share nothing, and stop_agreed() is each rank's own flag.
+    use_torch = os.environ.get("TINY_TORCH", "1") == "1"
+    if use_torch:
+        import torch, torch.distributed as dist
+        dist.init_process_group("gloo")
+        rank, world = dist.get_rank(), dist.get_world_size()
+    else:
+        rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    lc = Lifecycle(run_dir=run_dir, rank=rank, watchdog_s=float(os.environ.get("TINY_WATCHDOG", "0")))
+    ck = run_dir / "ckpt.txt"
+    start = int(ck.read_text()) + 1 if ("checkpoint.resume=auto" in sys.argv and ck.exists()) else 0
+    print(f"start {{start}} world {{world}}", flush=True)
+    total = 0.0
+    for step in range(start, steps):
+        if use_torch:
+            t = torch.tensor([float(rank + step)])
+            dist.all_reduce(t)
+            total = t.item()
+        time.sleep(float(os.environ.get("TINY_SLEEP", "0.02")))
+        lc.heartbeat(step)
+        stop = lc.stop_agreed()
+        if rank == 0 and (step % 2 == 1 or stop):
+            ck.write_text(str(step))
+        if use_torch:
+            dist.barrier()
+        if stop:
+            print(f"preempted at {{step}}", flush=True)
+            lc.close()
+            sys.exit(EXIT_PREEMPTED)
+    lc.close()
+    print(f"done sum {{total:g}}", file=sys.stderr, flush=True)
+""")
+
+
+class Capture:
+    """A sink that keeps the prefixed console lines."""
+
+    def __init__(self):
+        self.lines, self._lock = [], threading.Lock()
+
+    def __call__(self, stream, text):
+        with self._lock:
+            self.lines.append(text)
+
+    def text(self):
+        return "".join(self.lines)
+
+
+@pytest.fixture
+def tiny(tmp_path):
+    script = tmp_path / "tiny.py"
+    script.write_text(TINY.format(repo=str(REPO)))
+    return script
+
+
+def _run(tmp_path, tiny, name, nproc, steps, backend="local", sink=None, **spec_kw):
+    run_dir = tmp_path / name
+    run_dir.mkdir()
+    spec = JobSpec([sys.executable, str(tiny), str(run_dir), str(steps)], nproc=nproc, run_dir=run_dir, **spec_kw)
+    if backend == "local":
+        be = LocalBackend(nproc, run_dir, sink=sink)
+    else:
+        from launchers.mpi import MpiBackend
+
+        be = MpiBackend(nproc, run_dir)
+    out = io.StringIO()
+    sup = Supervisor(spec, be, out=out)
+    return sup, sup.run(), out.getvalue(), run_dir
+
+
+def _events(run_dir):
+    import json
+
+    return [json.loads(line) for line in (run_dir / "logs" / "launcher.jsonl").read_text().splitlines()]
+
+
+def test_restart_after_killed_rank_and_failure_summary(tmp_path, tiny):
+    # rank 1 SIGKILLs itself at step 4 of the first attempt only; the others fail in their collective.
+    cap = Capture()
+    sup, code, said, run_dir = _run(tmp_path, tiny, "restart", 2, 8, sink=cap, max_restarts=1,
+                                    env={"DIST_TRAIN_FAULT": "rank=1,step=4,signal=KILL"})
+    assert code == 0, said + cap.text()
+    assert [o.kind for o in sup.attempts] == ["failed", "ok"]
+    assert sup.attempts[0].rank == 1 and sup.attempts[0].code == 128 + signal.SIGKILL
+    assert "rank 1 killed by SIGKILL (attempt 0)" in said and "restart 1 of 1" in said
+    text = cap.text()
+    # every rank's lines arrive prefixed; the second attempt resumed after the last checkpoint (step 3)
+    for r in range(2):
+        assert f"[rank {r}] start 0 world 2" in text and f"[rank {r}] start 4 world 2" in text
+        assert f"[rank {r}] done sum {sum(r2 + 7 for r2 in range(2)):g}" in text
+    assert "[rank 1] [fault injection] rank 1 step 4: signal SIGKILL" in text
+    ev = _events(run_dir)
+    assert [e["event"] for e in ev] == ["attempt_start", "attempt_end", "restart", "attempt_start", "attempt_end"]
+    assert ev[3]["argv"][-2:] == ["--set", "checkpoint.resume=auto"] and "--set" not in ev[0]["argv"]
+    stderr_log = (run_dir / "logs" / "rank_1.stderr").read_text()
+    assert "===== attempt 0" in stderr_log and "===== attempt 1" in stderr_log and "fault injection" in stderr_log
+
+    # the same fault without restarts: non-zero status, summary names the rank, signal and last lines
+    sup, code, said, _ = _run(tmp_path, tiny, "norestart", 2, 8, sink=Capture(), max_restarts=0,
+                              env={"DIST_TRAIN_FAULT": "rank=1,step=2,signal=KILL", "TINY_TORCH": "0"})
+    assert code == 128 + signal.SIGKILL
+    assert "FAILED after 1 attempt: rank 1 killed by SIGKILL" in said
+    assert "last lines of rank 1's stderr" in said and "[fault injection] rank 1 step 2" in said
+
+
+def test_hang_is_detected_with_steps_and_stacks(tmp_path, tiny):
+    sup, code, said, run_dir = _run(
+        tmp_path, tiny, "hang", 2, 50, sink=Capture(), watchdog_s=2.5, max_restarts=0,
+        env={"DIST_TRAIN_FAULT": "rank=0,step=3,action=hang", "TINY_WATCHDOG": "2.5", "TINY_TORCH": "0",
+             "TINY_SLEEP": "0.2"})
+    assert code == EXIT_HANG, said
+    assert "hang: no step progress for more than 2.5 s (launch.watchdog_s) on rank 0: rank 0 at step 3" in said
+    assert sup.attempts[0].rank == 0
+    # the rank's own watchdog dumped its Python stack before the launcher killed it
+    assert "_maybe_inject_fault" in (run_dir / "logs" / "rank_0.stderr").read_text()
+
+
+def test_sigterm_preempts_every_rank(tmp_path, tiny):
+    run_dir = tmp_path / "pre"
+
+    def preempt():  # once every rank is training, signal the launcher (this process) like a scheduler
+        deadline = time.time() + 60
+        while time.time() < deadline:
+            hbs = [read_heartbeat(run_dir, r) for r in range(2)]
+            if all(h and h.get("step") is not None for h in hbs):
+                os.kill(os.getpid(), signal.SIGTERM)
+                return
+            time.sleep(0.05)
+
+    threading.Thread(target=preempt, daemon=True).start()
+    cap = Capture()
+    sup, code, said, _ = _run(tmp_path, tiny, "pre", 2, 100000, sink=cap, max_restarts=3, env={"TINY_TORCH": "0"})
+    assert code == EXIT_PREEMPTED, said + cap.text()
+    assert [o.kind for o in sup.attempts] == ["preempted"]  # never restarted
+    saved = int((run_dir / "ckpt.txt").read_text())
+    assert f"[rank 0] preempted at {saved}" in cap.text() and "[rank 1] preempted at" in cap.text()
+    # relaunching resumes at the next step
+    spec = JobSpec([sys.executable, str(tiny), str(run_dir), str(saved + 3), "--set", "checkpoint.resume=auto"],
+                   nproc=2, run_dir=run_dir, env={"TINY_TORCH": "0"})
+    cap2 = Capture()
+    assert Supervisor(spec, LocalBackend(2, run_dir, sink=cap2), out=io.StringIO()).run() == 0
+    assert f"[rank 0] start {saved + 1} world 2" in cap2.text()
+
+
+def test_mpi_backend_restarts(tmp_path, tiny, capfd):
+    from launchers.mpi import find_mpiexec
+
+    if find_mpiexec() is None:
+        pytest.skip("no mpiexec on this machine (pip install mpich)")
+    sup, code, said, run_dir = _run(tmp_path, tiny, "mpi", 2, 6, backend="mpi", max_restarts=1,
+                                    env={"DIST_TRAIN_FAULT": "rank=1,step=2,signal=KILL"})
+    out = capfd.readouterr()
+    assert code == 0, said + out.err
+    assert [o.kind for o in sup.attempts] == ["failed", "ok"] and sup.attempts[0].rank == 1
+    assert "[rank 0] start 0 world 2" in out.out and "[rank 1] start 2 world 2" in out.out
+    assert "[rank 1] done sum 11" in out.err  # rank+5 summed over 2 ranks at the last step
+    assert "[fault injection]" in (run_dir / "logs" / "rank_1.stderr").read_text()
