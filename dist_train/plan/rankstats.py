@@ -72,6 +72,11 @@ class CommTimer:
             if fn is not None and name not in self._saved:
                 self._saved[name] = fn
                 setattr(dist, name, self._wrap(fn))
+        if "P2POp" not in self._saved:
+            # P2POp accepts only the original isend/irecv: hand it the unwrapped function (the batch's
+            # works are timed by the wrapped batch_isend_irecv)
+            p2p = self._saved["P2POp"] = dist.P2POp
+            dist.P2POp = lambda op, *a, **k: p2p(getattr(op, "__wrapped__", op), *a, **k)
 
     def uninstall(self) -> None:
         import torch.distributed as dist

@@ -1,0 +1,148 @@
+"""Every valid layout of a config on N devices, and their ranking by predicted throughput within memory.
+
+    cands = enumerate_layouts(cfg, 8)                # Configs, each validated like a user config
+    ranked = rank_layouts(cands, profile)            # [(Prediction, Config)], fitting and fastest first
+    why_slower(pred, best)                           # "41% slower: cp_comm_exposed +12 ms"
+
+A layout is dp × tp × pp × cp (GPT) or dp × wp[gh, gw] (Swin) = N, plus the cp method (ring with each
+sequence layout, Ulysses, or hybrid with each Ulysses degree), the ZeRO stage and activation
+checkpointing. Validity is the config's own validation plus what the kernels need: the sequence length
+divisible by the layout's multiple, at least one window per tile.
+"""
+from __future__ import annotations
+
+import copy
+import itertools
+from typing import Iterable, Optional
+
+from ..config import Config, ConfigError, validate
+from .model import Prediction, predict
+from .profiles import DeviceProfile
+
+CHECKPOINTING = ("none", "selective", "full")
+ZERO_STAGES = (None, 1, 2, 3)
+
+
+def divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def _cp_variants(cp: int) -> list[tuple[str, str, int]]:
+    """(method, layout, ulysses_degree) choices for a cp degree."""
+    if cp == 1:
+        return [("ring", "zigzag", 1)]
+    out = [("ring", lay, 1) for lay in ("zigzag", "striped", "contiguous")]
+    out.append(("ulysses", "zigzag", cp))
+    out += [("hybrid", "zigzag", u) for u in divisors(cp) if 1 < u < cp]
+    return out
+
+
+def _seq_multiple(layout: str, cp: int) -> int:
+    return 2 * cp if layout == "zigzag" else cp
+
+
+def _micro_batch(cfg: Config, dp: int) -> Optional[int]:
+    """The configured micro-batch if the global batch splits over dp, else the largest one that does."""
+    g = cfg.train.global_batch
+    if g % dp:
+        return None
+    per = g // dp
+    for mb in range(min(cfg.train.micro_batch, per), 0, -1):
+        if per % mb == 0:
+            return mb
+    return None
+
+
+def _grids(n: int) -> list[tuple[int, int]]:
+    return [(gh, n // gh) for gh in divisors(n)]
+
+
+def enumerate_layouts(cfg: Config, devices: int, checkpointing: Iterable[str] = CHECKPOINTING,
+                      zero_stages: Iterable[Optional[int]] = ZERO_STAGES) -> list[Config]:
+    """All valid layouts of ``cfg``'s model and data on ``devices`` devices (each a full Config)."""
+    if devices < 1:
+        raise ValueError(f"--devices {devices}: must be a positive integer")
+    checkpointing, zero_stages = tuple(checkpointing), tuple(zero_stages)
+    out: list[Config] = []
+    gpt = cfg.model.kind == "gpt"
+    for tp in (divisors(devices) if gpt else [1]):
+        for pp in (divisors(devices // tp) if gpt else [1]):
+            rest = devices // (tp * pp)
+            for cp in (divisors(rest) if gpt else [1]):
+                for grid in ([(1, 1)] if gpt else _grids(rest)):
+                    dp = rest // cp // (grid[0] * grid[1])
+                    mb = _micro_batch(cfg, dp)
+                    if mb is None:
+                        continue
+                    for (method, lay, u), ck in itertools.product(_cp_variants(cp), checkpointing):
+                        if gpt and cfg.data.seq_len % _seq_multiple(lay, cp // (u if method == "hybrid" else 1)):
+                            continue
+                        shards = dp * cp * grid[0] * grid[1]
+                        for z in (zero_stages if shards > 1 else (None,)):
+                            c = copy.deepcopy(cfg)
+                            p = c.parallel
+                            p.dp, p.tp, p.pp, p.cp, p.wp = dp, tp, pp, cp, list(grid)
+                            p.cp_method, p.cp_layout, p.ulysses_degree, p.zero_stage = method, lay, u, z
+                            p.sequence_parallel = tp > 1
+                            c.train.micro_batch, c.train.activation_checkpointing = mb, ck
+                            try:
+                                validate(c)
+                                _check_kernels(c)
+                            except (ConfigError, ValueError):
+                                continue
+                            out.append(c)
+    return out
+
+
+def _check_kernels(cfg: Config) -> None:
+    if cfg.model.kind != "swin":
+        return
+    from parallelism.window.layout import as_pair
+
+    from ..models.swin import token_grid
+
+    win = as_pair(cfg.model.window, "model.window")
+    _, _, ph, pw = token_grid(tuple(cfg.data.image), cfg.model.patch_size, win)
+    gh, gw = cfg.wp_grid
+    if ph // win[0] < gh or pw // win[1] < gw:
+        raise ValueError(f"wp grid {gh}x{gw} has more tiles than the {ph // win[0]}x{pw // win[1]} windows")
+
+
+def rank_layouts(cands: list[Config], prof: DeviceProfile) -> list[tuple[Prediction, Config]]:
+    """Predictions sorted: layouts that fit first, by predicted tokens/s (ties: less memory)."""
+    preds = [(predict(c, prof), c) for c in cands]
+    preds.sort(key=lambda pc: (not pc[0].fits, -pc[0].tokens_per_s, pc[0].memory["total"]))
+    return preds
+
+
+def why_slower(pred: Prediction, best: Prediction, memory_limit: float) -> str:
+    """One phrase: why ``pred`` ranks below ``best``."""
+    gib = 2 ** 30
+    if not pred.fits:
+        top = max((k for k in pred.memory if k not in ("total", "baseline")), key=lambda k: pred.memory[k])
+        return (f"out of memory: {pred.memory['total'] / gib:.1f} GiB > {memory_limit / gib:.1f} GiB "
+                f"(largest: {top} {pred.memory[top] / gib:.1f} GiB)")
+    slower = pred.step_time_s / best.step_time_s - 1
+    diffs = {k: pred.time.get(k, 0.0) - best.time.get(k, 0.0) for k in pred.time if k != "step"}
+    worst = max(diffs, key=diffs.get)
+    if slower <= 1e-9:
+        return "as fast as the best; more memory"
+    return f"{100 * slower:.0f}% slower: {worst} +{diffs[worst] * 1e3:.3g} ms/step"
+
+
+def layout_label(cfg: Config) -> str:
+    """Compact name of a layout, e.g. 'dp2 cp4 ring/zigzag z1 ck=selective'."""
+    p = cfg.parallel
+    parts = [f"{a}{getattr(p, a)}" for a in ("dp", "tp", "pp", "cp") if getattr(p, a) > 1]
+    gh, gw = cfg.wp_grid
+    if gh * gw > 1:
+        parts.append(f"wp{gh}x{gw}")
+    if p.cp > 1:
+        parts.append({"ring": f"ring/{p.cp_layout}", "ulysses": "ulysses",
+                      "hybrid": f"hybrid(u{p.ulysses_degree})/{p.cp_layout}"}[p.cp_method])
+    if p.zero_stage is not None:
+        parts.append(f"zero{p.zero_stage}")
+    if cfg.train.activation_checkpointing != "none":
+        parts.append(f"ckpt={cfg.train.activation_checkpointing}")
+    parts.append(f"mb{cfg.train.micro_batch}")
+    return " ".join(parts) if parts else "single"

@@ -1,0 +1,161 @@
+"""Planner: memory formulas against hand-computed cases, time-model structure, enumeration, profiles."""
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+
+from dist_train.config import config_from_dict
+from dist_train.metrics import gpt_flops_per_token, gpt_matmul_params
+from dist_train.plan.enumerate import enumerate_layouts, layout_label, rank_layouts, why_slower
+from dist_train.plan.model import predict, shape_of
+from dist_train.plan.profiles import Link, _lookup, builtin_profiles, fit_link, get_profile
+
+GPT = {"model": {"kind": "gpt", "d_model": 64, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "vocab_size": 100,
+                 "ffn_hidden": 128},
+       "data": {"source": "synthetic", "seq_len": 64},
+       "train": {"global_batch": 4, "micro_batch": 2}}
+
+
+def cfg(**sets):
+    # deep copy: config_from_dict writes --set overrides into the nested dicts of the mapping it is given
+    return config_from_dict(copy.deepcopy(GPT), [f"{k}={v}" for k, v in sets.items()])
+
+
+@pytest.fixture(scope="module")
+def cpu():
+    return builtin_profiles()["cpu"]
+
+
+def test_shape_matches_trainer_flop_convention_and_real_model():
+    import torch
+
+    from dist_train.models.gpt import GPT as Model
+
+    c = cfg()
+    sh = shape_of(c)
+    assert sh.matmul_params() == gpt_matmul_params(c.model)
+    assert math.isclose(sh.flops_per_token(), gpt_flops_per_token(c.model, 64))
+    model = Model(c.model)
+    assert sh.params() == sum(p.numel() for p in model.parameters())
+    del torch
+
+
+def test_memory_hand_computed_single_rank(cpu):
+    c = cfg()
+    pred = predict(c, cpu)
+    m = pred.memory
+    # d=64, q=64, kv=32 (2 heads x 16), f=128, V=100, L=2
+    layer = 64 * (2 * 64 + 2 * 32) + 3 * 64 * 128 + 2 * 64     # 36992
+    n = 2 * layer + 100 * 64 * 2 + 64                          # 86784
+    assert m["weights"] == n * 4 and m["grads"] == n * 4 and m["optimizer"] == n * 8
+    assert m["ddp_buckets"] == 0
+    # eager per token per layer: 4d + 5q + 4kv + 4f = 256 + 320 + 128 + 512 = 1216 elements
+    tokens = 2 * 64
+    assert m["activations"] == (2 * 1216 + 64) * tokens * 4
+    assert m["logits"] == tokens * 100 * (4 + 4 + 4)
+    assert m["total"] == pytest.approx(sum(v for k, v in m.items() if k != "total"))
+
+
+def test_memory_sharding_rules(cpu):
+    base = predict(cfg(), cpu).memory
+    cp2 = predict(cfg(**{"parallel.cp": 2}), cpu).memory
+    assert cp2["activations"] == pytest.approx(base["activations"] / 2)   # sequence split over cp
+    assert cp2["ddp_buckets"] == base["grads"]                           # gradients reduced: bucket copy
+    z1 = predict(cfg(**{"parallel.dp": 2, "parallel.zero_stage": 1}), cpu).memory
+    z2 = predict(cfg(**{"parallel.dp": 2, "parallel.zero_stage": 2}), cpu).memory
+    z3 = predict(cfg(**{"parallel.dp": 2, "parallel.zero_stage": 3}), cpu).memory
+    assert z1["optimizer"] == base["optimizer"] / 2 and z1["grads"] == base["grads"]
+    assert z2["grads"] == base["grads"] / 2 and z2["weights"] == base["weights"]
+    assert z3["weights"] == base["weights"] / 2 and z1["ddp_buckets"] == 0
+    full = predict(cfg(**{"train.activation_checkpointing": "full"}), cpu).memory
+    tokens = 2 * 64
+    assert full["activations"] == (2 * 64 + 1216 + 64) * tokens * 4      # layer inputs + one layer recomputed
+    sel = predict(cfg(**{"train.activation_checkpointing": "selective"}), cpu).memory
+    assert sel["activations"] == (2 * (1216 - 64) + 64) * tokens * 4     # attention output recomputed
+    uly = predict(cfg(**{"parallel.cp": 2, "parallel.cp_method": "ulysses"}), cpu).memory
+    assert uly["activations"] - cp2["activations"] == 2 * (64 + 2 * 32) * 64 * 4   # head-sharded q, k, v
+
+
+def test_korthikanti_s2_term_without_flash(cpu):
+    """attn_kernel=math keeps scores and probabilities: + 2·heads·S elements per token per layer."""
+    flash = predict(cfg(), cpu).memory["activations"]
+    math_ = predict(cfg(**{"parallel.attn_kernel": "math"}), cpu).memory["activations"]
+    assert math_ - flash == 2 * (2 * 4 * 64) * (2 * 64) * 4
+
+
+def test_fused_profile_matches_korthikanti_style_count():
+    h100 = builtin_profiles()["h100"]
+    c = cfg()
+    m = predict(c, h100).memory
+    # fused: 4d + 2q + 2kv + 3f = 256 + 128 + 64 + 384 = 832 elements, bf16; mixed-precision Adam 16 B/param
+    assert m["activations"] == (2 * 832 + 64) * 128 * 2
+    n = m["weights"] / 2
+    assert m["weights"] + m["grads"] + m["optimizer"] == pytest.approx(16 * n)
+
+
+def test_time_model_scales_and_orders_layouts(cpu):
+    one = predict(cfg(**{"data.seq_len": 1024}), cpu)
+    zig = predict(cfg(**{"data.seq_len": 1024, "parallel.cp": 2, "parallel.cp_layout": "zigzag"}), cpu)
+    con = predict(cfg(**{"data.seq_len": 1024, "parallel.cp": 2, "parallel.cp_layout": "contiguous"}), cpu)
+    assert zig.time["matmul"] == pytest.approx(one.time["matmul"] / 2)
+    # contiguous causal: the last rank's critical path is (2P-1)/P of the balanced share
+    assert con.time["attention"] == pytest.approx(zig.time["attention"] * 1.5)
+    assert zig.time["cp_comm_exposed"] > 0 and one.time["cp_comm_exposed"] == 0
+    assert one.step_time_s == pytest.approx(sum(v for k, v in one.time.items() if k != "step"))
+    over = predict(cfg(**{"data.seq_len": 1024, "parallel.cp": 4}), cpu)   # 4 ranks on 2 cores
+    assert over.time["matmul"] == pytest.approx(one.time["matmul"] / 4 * 2)
+
+
+def test_profiles_lookup_and_link_fit():
+    assert _lookup({128: 1.0, 512: 3.0}, 256) == pytest.approx(2.0)   # log-linear
+    assert _lookup({128: 1.0, 512: 3.0}, 10) == 1.0 and _lookup(5.0, 99) == 5.0
+    link = Link(bw_gbs=2.0, latency_us=50.0)
+    samples = {b: 2 * 50e-6 + b / 2e9 for b in (4096, 1 << 24)}  # 2 ranks: factor 1
+    fit = fit_link(samples, 2)
+    assert fit.bw_gbs == pytest.approx(link.bw_gbs) and fit.latency_us == pytest.approx(50.0)
+    with pytest.raises(ValueError, match="valid devices are"):
+        get_profile("tpu9")
+
+
+def test_enumerate_and_rank(cpu):
+    c = cfg(**{"data.seq_len": 128})
+    cands = enumerate_layouts(c, 4)
+    labels = {layout_label(x) for x in cands}
+    assert all(x.world_size == 4 for x in cands)
+    assert "cp4 ring/zigzag mb2" in labels and "dp2 cp2 ulysses zero1 mb2" in labels
+    assert "tp4 mb2" in labels                               # kv heads 2 | tp 4: replicated kv
+    assert not any(x.parallel.tp == 8 for x in cands)
+    assert all(x.parallel.pp <= 2 for x in cands)          # n_layers = 2
+    ranked = rank_layouts(cands, cpu)
+    best = ranked[0][0]
+    assert all(p.tokens_per_s <= best.tokens_per_s for p, _ in ranked if p.fits)
+    assert why_slower(ranked[-1][0], best, cpu.memory_bytes)
+    tiny = rank_layouts(cands, builtin_profiles()["cpu"].__class__(**{**builtin_profiles()["cpu"].__dict__,
+                                                                      "memory_gib": 0.4}))
+    assert not tiny[0][0].fits and why_slower(tiny[0][0], best, 0.4 * 2 ** 30).startswith("out of memory")
+    with pytest.raises(ValueError, match="--devices 0"):
+        enumerate_layouts(c, 0)
+
+
+def test_swin_shape_and_wp():
+    data = {"model": {"kind": "swin", "d_model": 32, "n_layers": 2, "n_heads": 2, "window": 4, "in_channels": 3,
+                      "out_channels": 3},
+            "data": {"source": "weather", "image": [30, 60]}, "train": {"global_batch": 2, "micro_batch": 1}}
+    c = config_from_dict(copy.deepcopy(data))
+    sh = shape_of(c)
+    assert sh.grid == (32, 60) and sh.tokens == 32 * 60 and sh.keys_per_query == 16
+    from dist_train.models.swin import build_swin
+
+    model = build_swin(c.model, wp_group=None, grid=(1, 1))
+    assert sh.params() == sum(p.numel() for p in model.parameters())
+    cands = enumerate_layouts(c, 4)
+    grids = {tuple(x.wp_grid) for x in cands}
+    assert (2, 2) in grids and (1, 4) in grids and all(x.parallel.cp == 1 for x in cands)
+    cpu = builtin_profiles()["cpu"]
+    p1 = predict(c, cpu)
+    p4 = predict(config_from_dict(copy.deepcopy(data), ["parallel.wp=[2,2]"]), cpu)
+    # 8x15 windows on a 2x2 grid: the largest tile has 4x8 windows = 512 of the 1920 tokens
+    assert p4.memory["activations"] == pytest.approx(p1.memory["activations"] * 512 / 1920)
+    assert p4.time["wp_halo_exposed"] > 0
