@@ -97,6 +97,7 @@ class TrainConfig:
     log_every: int = 1
     activation_checkpointing: str = "none"  # none | full | selective
     peak_tflops: Optional[float] = None  # per-device peak for MFU; None: CUDA table or CPU calibration
+    exit_interval: int = 0  # save and exit after every N steps done in this process (time-sliced jobs)
     progress: bool = True
 
 

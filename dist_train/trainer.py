@@ -133,8 +133,28 @@ def train(cfg: Config, ctx: Optional[DistContext] = None) -> TrainResult:
 
     t = cfg.train
     accum = cfg.grad_accum_steps
-    start_step, consumed = 0, 0
+    from .checkpoint import CheckpointManager
+    from .lifecycle import EXIT_PREEMPTED, Lifecycle
+
+    ckpt = CheckpointManager(cfg.checkpoint, run_dir=run_dir, config=cfg.to_dict(),
+                             layout=layout_dict(cfg, ctx.world_size), rank=ctx.rank, world_size=ctx.world_size,
+                             **engine.checkpoint_kwargs())
+    resumed = ckpt.resume(engine.module, engine.optimizer, engine.scheduler)
+    start_step = int(resumed["step"]) if resumed else 0
+    consumed = int(resumed["consumed_samples"]) if resumed else 0
+    if resumed:
+        # every rank continues its own random streams from the saved state (restored by resume)
+        log.info(f"resumed from {ckpt.resumed_from} at step {start_step} ({consumed} samples consumed)")
     result = TrainResult(start_step=start_step)
+    lifecycle = Lifecycle(run_dir, ctx.rank, watchdog_s=cfg.launch.watchdog_s)
+
+    def save_state(step_done: int, force: bool) -> None:
+        state = {"step": step_done, "consumed_samples": consumed}
+        if force:
+            ckpt.save(step_done, engine.module, engine.optimizer, engine.scheduler, extra=state)
+        else:
+            ckpt.maybe_save(step_done, engine.module, engine.optimizer, engine.scheduler, extra=state)
+
     peak = device_peak_tflops(ctx.device, t.peak_tflops)
     flops_step = flops_per_sample(cfg) * t.global_batch
     tokens_step = t.global_batch * (cfg.data.seq_len if cfg.model.kind == "gpt" else batcher.tokens_per_sample)
@@ -176,7 +196,20 @@ def train(cfg: Config, ctx: Optional[DistContext] = None) -> TrainResult:
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss:.3f}")
-            if (step + 1) % t.log_every == 0 or step + 1 == t.steps:
+            lifecycle.heartbeat(step + 1)
+            stop_now = False
+            save_state(step + 1, force=False)
+            if t.exit_interval and (step + 1 - start_step) % t.exit_interval == 0 and step + 1 < t.steps:
+                save_state(step + 1, force=True)
+                log.info(f"exit_interval {t.exit_interval}: checkpoint saved after step {step + 1}, exiting")
+                stop_now = True
+            elif lifecycle.stop_agreed(group=None):
+                save_state(step + 1, force=True)
+                result.exit_code = EXIT_PREEMPTED
+                log.warning(f"preempted (signal {lifecycle.signalled}) after step {step + 1}: checkpoint saved, "
+                            f"exiting with resumable status {EXIT_PREEMPTED}")
+                stop_now = True
+            if (step + 1) % t.log_every == 0 or step + 1 == t.steps or stop_now:
                 tflops = flops_step / dt / ctx.world_size / 1e12
                 rec = {"step": step + 1, "loss": loss, "lr": lr, "grad_norm": grad_norm,
                        "tokens_per_s": tokens_step / dt, "tflops_per_device": tflops, "mfu": tflops / peak,
@@ -185,7 +218,14 @@ def train(cfg: Config, ctx: Optional[DistContext] = None) -> TrainResult:
                 writer.write(rec)
                 if ctx.is_main:
                     log.info(format_metrics(rec, t.steps))
+            if stop_now:
+                break
+        finished = start_step + len(result.losses) == t.steps
+        if finished and cfg.checkpoint.at_end and t.steps > start_step:
+            save_state(t.steps, force=True)
+        ckpt.close()
     finally:
+        lifecycle.close()
         if bar is not None:
             bar.close()
         writer.close()
@@ -194,7 +234,8 @@ def train(cfg: Config, ctx: Optional[DistContext] = None) -> TrainResult:
     timed = step_times[1:] if len(step_times) > 1 else step_times
     med = float(np.median(timed)) if timed else float("nan")
     result.summary = {
-        "name": cfg.run.name, "steps": t.steps, "start_step": start_step, "world_size": ctx.world_size,
+        "name": cfg.run.name, "steps": start_step + len(result.losses), "start_step": start_step,
+        "exit_code": result.exit_code, "world_size": ctx.world_size,
         "layout": layout_dict(cfg, ctx.world_size), "params": n_params,
         "first_loss": result.losses[0] if result.losses else None,
         "final_loss": result.losses[-1] if result.losses else None,

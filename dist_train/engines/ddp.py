@@ -3,7 +3,8 @@
 Loss contract: each micro-batch's ``loss_sum`` is scaled by ``grad_size / global_count`` before
 backward; DDP *averages* over its ``grad_size`` ranks, so the reduced gradient is exactly
 d(Σ loss over the global batch / global token count) — the mean over all real tokens, whatever dp,
-cp, wp and accumulation are.
+cp, wp and accumulation are. Tensor-parallel layers reduce their activations' gradients inside
+Megatron's mappings; the reported/clipped norm is the full model's (``grads.global_grad_norm``).
 """
 from __future__ import annotations
 
@@ -17,13 +18,9 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from ..config import TrainConfig
 from ..mesh import Mesh
 from ..optim import build_optimizer, build_scheduler
+from .grads import all_reduce_sum, clip_grads_, global_grad_norm
 
-
-def all_reduce_sum(t: torch.Tensor, group) -> torch.Tensor:
-    """In-place SUM over ``group`` (None: nothing to reduce)."""
-    if group is not None:
-        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.SUM, group=group)
-    return t
+__all__ = ["DDPEngine", "all_reduce_sum"]
 
 
 class DDPEngine:
@@ -54,6 +51,10 @@ class DDPEngine:
             (loss_sum * (self.grad_size * inv_global_count)).backward()
         return loss_sum.detach().float()
 
+    def checkpoint_kwargs(self) -> dict:
+        """Extra CheckpointManager arguments (engines with their own state layout pass an adapter)."""
+        return {}
+
     def train_step(self, micro: list[dict], global_count: float) -> tuple[float, float]:
         """One optimizer step over this rank's micro-batches -> (global mean loss, pre-clip grad norm).
 
@@ -71,10 +72,8 @@ class DDPEngine:
     def step(self) -> float:
         """Clip, step, zero grads, advance the LR schedule; returns the pre-clip gradient norm."""
         params = [p for p in self.module.parameters() if p.grad is not None]
-        if self.grad_clip and self.grad_clip > 0:
-            norm = torch.nn.utils.clip_grad_norm_(params, self.grad_clip, foreach=False)
-        else:
-            norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad) for p in params]))
+        norm = global_grad_norm(params, self.mesh.tp_group, self.mesh.pp_group)
+        clip_grads_(params, norm, self.grad_clip)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
