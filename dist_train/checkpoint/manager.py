@@ -32,6 +32,7 @@ from typing import Any, Callable, Iterator, Optional, Union
 
 import torch
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
 
 from dist_train.checkpoint import manifest as mf
 from dist_train.checkpoint.comm import CheckpointComm
@@ -51,6 +52,17 @@ def _quiet_single_process() -> Iterator[None]:
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
         yield
+
+
+def _describe(e: BaseException) -> str:
+    """One line for any failure; DCP's ``CheckpointException`` (a BaseException carrying every rank's
+    exception) becomes ``rank r: OSError: [Errno 28] No space left on device; …``."""
+    failures = getattr(e, "failures", None)
+    if isinstance(e, CheckpointException) and failures:
+        return "; ".join(f"rank {r}: {_describe(pair[0] if isinstance(pair, tuple) else pair)}"
+                         for r, pair in sorted(failures.items()))
+    text = str(e).splitlines()[0] if str(e) else ""
+    return f"{type(e).__name__}: {text}"
 
 
 def _tensor_info(t: torch.Tensor) -> dict:
@@ -123,7 +135,7 @@ class CheckpointManager:
         else:
             try:
                 self._write(payload)
-            except Exception as e:  # noqa: BLE001 - classified by on_error
+            except (Exception, CheckpointException) as e:  # noqa: BLE001 - classified by on_error
                 self._failed(step, e)
         self.last_stall_s = time.perf_counter() - t0
         return True
@@ -136,7 +148,7 @@ class CheckpointManager:
         self._pending = None
         try:
             fut.result()
-        except Exception as e:  # noqa: BLE001 - classified by on_error
+        except (Exception, CheckpointException) as e:  # noqa: BLE001 - classified by on_error
             self._failed(step, e)
 
     def close(self) -> None:
@@ -153,8 +165,7 @@ class CheckpointManager:
         self.failed_saves += 1
         self._last_step = None
         good = mf.read_latest(self.root)
-        msg = (f"checkpoint save at step {step} failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-               f" — last good checkpoint: {good or 'none'} (untouched)")
+        msg = f"checkpoint save at step {step} failed: {_describe(e)} — last good checkpoint: {good or 'none'} (untouched)"
         if self.cfg.on_error == "stop":
             raise CheckpointError(msg) from e
         if self.rank == 0:
@@ -181,6 +192,18 @@ class CheckpointManager:
                         + (["scheduler"] if scheduler is not None else []) + ["rng"],
         }
 
+    def save_tensors(self, step: int, tensors: dict[str, torch.Tensor], extra: Optional[dict] = None) -> None:
+        """Synchronously commit a model-only checkpoint from ``{fqn: tensor}`` (no optimizer, schedule or RNG):
+        what ``ckpt convert --from hf`` writes; resuming from it restores the weights only."""
+        tensors = {f"model.{k}": v for k, v in tensors.items()}
+        extra = dict(extra or {})
+        extra.setdefault("step", step)
+        extra.setdefault("consumed_samples", 0)
+        self._write({"step": step, "tensors": tensors, "values": {}, "rng": None, "scheduler": None,
+                     "table": {k: _tensor_info(t) for k, t in tensors.items()}, "extra": to_json(extra, "extra"),
+                     "contents": ["model"]})
+        self._last_step = step
+
     def _write(self, p: dict) -> None:
         """The commit protocol (module doc). Runs on every rank; raises on every rank when any rank failed."""
         t0 = time.perf_counter()
@@ -198,22 +221,22 @@ class CheckpointManager:
         self._raise_if(comm.agree(err), tmp)
 
         err, records = None, {}
-        try:
-            rng_name = mf.rng_file_name(self.rank)
-            size, crc = write_file_durable(tmp / rng_name, json.dumps(p["rng"]).encode())
-            records[rng_name] = {"bytes": size, "crc32": crc}
-        except OSError as e:
-            err = f"{tmp / mf.rng_file_name(self.rank)}: {e}"
-        self._raise_if(comm.agree(err), tmp)
+        if p["rng"] is not None:
+            try:
+                rng_name = mf.rng_file_name(self.rank)
+                records[rng_name] = write_file_durable(tmp / rng_name, json.dumps(p["rng"]).encode())
+            except OSError as e:
+                err = f"{tmp / mf.rng_file_name(self.rank)}: {e}"
+            self._raise_if(comm.agree(err), tmp)
 
         writer = ChecksumWriter(tmp, thread_count=self.writer_threads)
         try:
             with _quiet_single_process():
                 dcp.save(p["tensors"], storage_writer=writer, process_group=comm.group,
                          no_dist=not comm.distributed)
-        except Exception as e:  # DCP reports every rank's failure to every rank: all raise together
+        except (Exception, CheckpointException) as e:  # DCP reports every rank's failure to every rank
             self._cleanup(tmp)
-            raise CheckpointError(f"writing shards to {tmp} failed: {e}") from e
+            raise CheckpointError(f"writing shards to {tmp} failed: {_describe(e)}") from e
         records.update(writer.records)
         self._fire("shards_written")
 
@@ -239,8 +262,7 @@ class CheckpointManager:
             values.update(r["values"])
             table.update(r["table"])
         train_state = {"step": p["step"], "extra": p["extra"], "scheduler": p["scheduler"], "values": values}
-        size, crc = write_file_durable(tmp / mf.TRAIN_STATE, json.dumps(train_state).encode())
-        files[mf.TRAIN_STATE] = {"bytes": size, "crc32": crc}
+        files[mf.TRAIN_STATE] = write_file_durable(tmp / mf.TRAIN_STATE, json.dumps(train_state).encode())
         body = {
             "step": p["step"], "contents": p["contents"], "layout": self.layout, "world_size": self.world_size,
             "config": json.loads(json.dumps(self.config, default=str)), "code_version": mf.code_version(),
@@ -304,7 +326,9 @@ class CheckpointManager:
         if mode in (None, "", "none"):
             return None
         if mode == "auto":
-            candidates = [p for _, p in mf.complete_checkpoints(self.root)]
+            # every step_N dir counts: the commit renames step_N.tmp -> step_N only after the manifest is
+            # durable, so a step_N with a bad manifest is damage (warn and fall back), not a save in progress
+            candidates = [p for _, p in mf.list_checkpoints(self.root)]
             if not candidates:
                 return None
             strict = False
@@ -369,9 +393,12 @@ class CheckpointManager:
             if list(t.shape) != saved[key]["shape"]:
                 raise CheckpointError(f"{ckpt}: tensor '{key}' has shape {saved[key]['shape']}, "
                                       f"the model expects {list(t.shape)}")
-        with _quiet_single_process():
-            dcp.load(tensors, storage_reader=SafeReader(ckpt), process_group=self.comm.group,
-                     no_dist=not self.comm.distributed)
+        try:
+            with _quiet_single_process():
+                dcp.load(tensors, storage_reader=SafeReader(ckpt), process_group=self.comm.group,
+                         no_dist=not self.comm.distributed)
+        except CheckpointException as e:  # a BaseException in DCP: make it an ordinary, one-line error
+            raise CheckpointError(f"loading {ckpt} failed: {_describe(e)}") from None
         values = ts["values"]
         where = str(ckpt / mf.TRAIN_STATE)
         model_sd = join_state("model", model_sd, tensors, values, where)

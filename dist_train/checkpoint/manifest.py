@@ -4,7 +4,7 @@
       latest                     "step_20\\n" (written via temp + rename; a hint for humans and tools)
       step_10/                   complete: manifest.json exists and was written last, then the dir renamed
       step_20/
-        manifest.json            files + sizes + CRC-32, layout, config, code version, tensor table, self-checksum
+        manifest.json            files + sizes + CRC-32 per 4 MiB block, layout, config, code version, tensor table, self-checksum
         .metadata                DCP metadata (pickle written by DCP; read with an allow-list unpickler)
         __0_0.distcp …           DCP shards (model + optimizer tensors), one or more per rank
         train_state.json         step, extra, scheduler, non-tensor optimizer values (JSON)
@@ -12,7 +12,7 @@
       step_30.tmp/               a save in progress or one that died: never counts
 
 A checkpoint is *complete* when ``step_N/manifest.json`` parses and its self-checksum matches; it is *valid*
-when, in addition, every listed file exists with the recorded size and CRC-32.
+when, in addition, every listed file exists with the recorded size and block CRC-32s.
 """
 from __future__ import annotations
 
@@ -25,11 +25,12 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Iterable, Optional, Union
 
-from dist_train.checkpoint.storage import CheckpointError, file_crc32, write_file_durable
+from dist_train.checkpoint.storage import CheckpointError, file_block_crcs, write_file_durable
 
 MANIFEST = "manifest.json"
 TRAIN_STATE = "train_state.json"
 LATEST = "latest"
+DCP_METADATA = ".metadata"
 FORMAT = "dist-train-checkpoint/1"
 _STEP_RE = re.compile(r"^step_(\d+)$")
 
@@ -88,19 +89,44 @@ def read_manifest(ckpt: PathLike) -> dict:
     return doc["body"]
 
 
+def tensors_in_range(ckpt: Path, file_name: str, start: int, end: int) -> list[str]:
+    """Names of the tensors DCP stored in ``file_name`` overlapping bytes [start, end) (from ``.metadata``,
+    read safely); empty when the metadata itself is unreadable."""
+    from dist_train.checkpoint.storage import load_dcp_metadata
+
+    try:
+        md = load_dcp_metadata(ckpt / DCP_METADATA)
+    except CheckpointError:
+        return []
+    names = []
+    for index, info in md.storage_data.items():
+        if info.relative_path == file_name and info.offset < end and info.offset + info.length > start:
+            names.append(index.fqn)
+    return sorted(set(names))
+
+
 def check_file(ckpt: Path, name: str, rec: dict) -> Optional[str]:
-    """None when ``ckpt/name`` matches its record, else a one-line problem naming the file."""
+    """None when ``ckpt/name`` matches its record, else a one-line problem naming the file (and, for a
+    DCP shard, the damaged tensors)."""
     path = ckpt / name
     try:
         size = path.stat().st_size
     except FileNotFoundError:
         return f"{path}: missing"
     if size != rec["bytes"]:
-        return f"{path}: size {size} bytes, manifest says {rec['bytes']}"
-    _, crc = file_crc32(path)
-    if crc != rec["crc32"]:
-        return f"{path}: CRC-32 {crc}, manifest says {rec['crc32']} (corrupt)"
-    return None
+        return f"{path}: size {size} bytes, manifest says {rec['bytes']} (truncated or appended)"
+    got = file_block_crcs(path, rec["block"])["crc32"]
+    bad = [i for i, (a, b) in enumerate(zip(got, rec["crc32"])) if a != b]
+    if not bad:
+        return None
+    block = rec["block"]
+    start, end = bad[0] * block, min(size, (bad[-1] + 1) * block)
+    where = f"CRC-32 mismatch in bytes [{start}, {end}) (corrupt)"
+    names = tensors_in_range(ckpt, name, start, end) if name.endswith(".distcp") else []
+    if names:
+        shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+        where += f"; tensor{'s' if len(names) > 1 else ''} stored there: {shown}"
+    return f"{path}: {where}"
 
 
 def verify_files(ckpt: PathLike, body: dict, names: Optional[Iterable[str]] = None, threads: int = 2) -> list[str]:

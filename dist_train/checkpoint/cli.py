@@ -1,0 +1,140 @@
+"""``dist-train ckpt inspect|verify|convert`` (mounted by dist_train/cli.py as ``dist-train ckpt``).
+
+PATH is a checkpoint (``…/step_N``) or a checkpoint directory (``…/checkpoints``): inspect and convert then
+take its newest complete checkpoint, verify checks every checkpoint in it.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from dist_train.checkpoint import manifest as mf
+from dist_train.checkpoint.storage import CheckpointError
+
+HELP = "inspect, verify and convert checkpoints"
+
+EXIT_OK, EXIT_BAD = 0, 1
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+def _checkpoints(path: Path, newest_only: bool) -> list[Path]:
+    if (path / mf.MANIFEST).exists() or mf._STEP_RE.match(path.name) or path.name.endswith(".tmp"):
+        return [path]
+    if not path.is_dir():
+        raise ValueError(f"{path}: no such checkpoint (expected a step_N directory or a directory of them)")
+    found = mf.complete_checkpoints(path) if newest_only else mf.list_checkpoints(path)
+    if not found:
+        raise ValueError(f"{path}: contains no {'complete ' if newest_only else ''}step_N checkpoint")
+    return [found[0][1]] if newest_only else [p for _, p in found]
+
+
+def _layout_str(layout: dict) -> str:
+    return " ".join(f"{k}={v}" for k, v in layout.items()) or "-"
+
+
+def inspect(path: Path, json_out: str | None = None) -> int:
+    ckpt = _checkpoints(path, newest_only=True)[0]
+    try:
+        body = mf.read_manifest(ckpt)
+    except CheckpointError as e:
+        print(f"BAD {e}")
+        return EXIT_BAD
+    rows = mf.tensor_table(body)
+    total = sum(r["bytes"] for r in rows)
+    files = body["files"]
+    print(f"checkpoint  {ckpt}")
+    print(f"step        {body['step']}   contents: {'+'.join(body['contents'])}")
+    print(f"layout      {_layout_str(body.get('layout') or {})}")
+    print(f"code        {body.get('code_version')}   torch {body.get('torch_version')}")
+    print(f"files       {len(files)}, {_human(sum(f['bytes'] for f in files.values()))}")
+    for name in sorted(files):
+        print(f"  {name:<28} {_human(files[name]['bytes']):>10}")
+    print(f"tensors     {len(rows)}, {_human(total)}")
+    w = max([len(r["name"]) for r in rows] + [6])
+    print(f"  {'tensor':<{w}}  {'shape':<16} {'dtype':<9} {'bytes':>10}")
+    for r in rows:
+        print(f"  {r['name']:<{w}}  {'x'.join(map(str, r['shape'])) or 'scalar':<16} {r['dtype']:<9} "
+              f"{_human(r['bytes']):>10}")
+    if json_out:
+        Path(json_out).write_text(json.dumps({"path": str(ckpt), "step": body["step"], "layout": body.get("layout"),
+                                              "files": {k: v["bytes"] for k, v in files.items()},
+                                              "tensors": rows}, indent=1))
+    return EXIT_OK
+
+
+def verify(path: Path) -> int:
+    status = EXIT_OK
+    for ckpt in _checkpoints(path, newest_only=False):
+        problems = mf.verify_checkpoint(ckpt)
+        if problems:
+            status = EXIT_BAD
+            print(f"BAD {ckpt}")
+            for p in problems:
+                print(f"  {p}")
+        else:
+            body = mf.read_manifest(ckpt)
+            size = sum(f["bytes"] for f in body["files"].values())
+            print(f"OK  {ckpt}  step {body['step']}, {len(body['files'])} files, {_human(size)} checked")
+    return status
+
+
+def convert(src: Path, out: Path, to: str | None, frm: str | None) -> int:
+    from dist_train.checkpoint import hf
+
+    if to == "hf":
+        ckpt = _checkpoints(src, newest_only=True)[0]
+        written = hf.to_hf(ckpt, out)
+        print(f"wrote {written / 'model.safetensors'} and {written / 'config.json'} from {ckpt}")
+    else:
+        written = hf.from_hf(src, out)
+        print(f"wrote {written} (step 0, weights only); start from it with --set checkpoint.resume={out}")
+    return EXIT_OK
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.epilog = ("examples:\n"
+                     "  dist-train ckpt inspect runs/demo/checkpoints\n"
+                     "  dist-train ckpt verify runs/demo/checkpoints/step_20\n"
+                     "  dist-train ckpt convert runs/demo/checkpoints --to hf hf_out\n"
+                     "  dist-train ckpt convert hf_out --from hf runs/init && "
+                     "dist-train run cfg.yaml --set checkpoint.resume=runs/init")
+    sub = parser.add_subparsers(dest="ckpt_command", required=True, metavar="ACTION")
+    fmt = getattr(parser, "formatter_class", argparse.HelpFormatter)
+    p = sub.add_parser("inspect", help="table of tensors, shapes, dtypes, bytes, saved layout, step",
+                       formatter_class=fmt, epilog="example:\n  dist-train ckpt inspect runs/demo/checkpoints/step_20")
+    p.add_argument("path", type=Path, help="step_N directory, or a checkpoint directory (newest complete one)")
+    p.add_argument("--json", metavar="PATH", help="also write the table as JSON")
+    p = sub.add_parser("verify", help="check completeness and checksums; exit 1 naming the bad file/tensor",
+                       formatter_class=fmt, epilog="example:\n  dist-train ckpt verify runs/demo/checkpoints")
+    p.add_argument("path", type=Path, help="step_N directory, or a checkpoint directory (all checkpoints in it)")
+    p = sub.add_parser("convert", help="to / from Hugging Face LlamaForCausalLM (safetensors + config.json)",
+                       formatter_class=fmt,
+                       epilog="examples:\n  dist-train ckpt convert runs/demo/checkpoints/step_20 --to hf hf_out\n"
+                              "  dist-train ckpt convert hf_out --from hf runs/init")
+    p.add_argument("src", type=Path, help="checkpoint (with --to) or HF model directory (with --from)")
+    direction = p.add_mutually_exclusive_group(required=True)
+    direction.add_argument("--to", choices=["hf"], help="write an HF directory from a dist-train checkpoint")
+    direction.add_argument("--from", dest="from_", choices=["hf"], help="write a dist-train checkpoint (step 0)")
+    p.add_argument("out", type=Path, help="output directory")
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        if args.ckpt_command == "inspect":
+            return inspect(args.path, args.json)
+        if args.ckpt_command == "verify":
+            return verify(args.path)
+        if args.ckpt_command == "convert":
+            return convert(args.src, args.out, args.to, args.from_)
+    except CheckpointError as e:
+        print(f"BAD {e}")
+        return EXIT_BAD
+    raise ValueError(f"ckpt action {args.ckpt_command!r}: valid actions are inspect, verify, convert")

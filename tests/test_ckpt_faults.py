@@ -1,0 +1,149 @@
+"""Damaged checkpoints, failing disks and pruning (one process, no process group)."""
+from __future__ import annotations
+
+import errno
+import logging
+from pathlib import Path
+
+import pytest
+import torch
+
+from dist_train.checkpoint import CheckpointError, CheckpointManager, complete_checkpoints, verify_checkpoint
+from dist_train.checkpoint import storage
+from dist_train.checkpoint.manifest import MANIFEST, read_latest
+from tests.test_ckpt_common import (CkptCfg, build, eval_outputs, flip_byte, model_config, seed_rank, shard_files,
+                                    train_steps)
+
+
+def _mgr(root: Path, **kw) -> CheckpointManager:
+    return CheckpointManager(CkptCfg(dir=str(root), **kw), run_dir=root, config=model_config(),
+                             layout={"dp": 1, "world_size": 1})
+
+
+def _train_and_save(root: Path, steps=(2, 4), **kw):
+    """Save at each of ``steps``; return {step: outputs on the fixed batch at that step}."""
+    seed_rank(0)
+    model, opt, sched = build()
+    mgr = _mgr(root, **kw)
+    outs, done = {}, 0
+    for step in steps:
+        train_steps(model, opt, sched, done + 1, step)
+        done = step
+        mgr.save(step, model, opt, sched, extra={"step": step, "consumed_samples": 6 * step})
+        outs[step] = eval_outputs(model)
+    mgr.close()
+    return outs
+
+
+def _resume(root: Path, **kw):
+    model, opt, sched = build(seed=9)
+    extra = _mgr(root, **kw).resume(model, opt, sched)
+    return extra, model
+
+
+@pytest.mark.parametrize("damage", ["flip", "missing", "truncated_manifest", "flip_manifest_value"])
+def test_damaged_newest_checkpoint_is_refused_and_auto_falls_back(tmp_path, damage, caplog):
+    root = tmp_path / "ckpt"
+    outs = _train_and_save(root)
+    newest = root / "step_4"
+    shard = shard_files(newest)[0]
+    if damage == "flip":
+        flip_byte(shard, offset=shard.stat().st_size - 200)  # inside the last tensor's data
+        expect = [shard.name, "CRC-32 mismatch", "tensor"]
+    elif damage == "missing":
+        shard.unlink()
+        expect = [shard.name, "missing"]
+    elif damage == "truncated_manifest":
+        data = (newest / MANIFEST).read_bytes()
+        (newest / MANIFEST).write_bytes(data[: len(data) // 2])
+        expect = [MANIFEST, "truncated"]
+    else:
+        text = (newest / MANIFEST).read_text().replace('"step": 4', '"step": 5', 1)
+        (newest / MANIFEST).write_text(text)
+        expect = [MANIFEST, "checksum mismatch"]
+    problems = verify_checkpoint(newest)
+    assert problems and all(e in problems[0] for e in expect), problems
+    assert not verify_checkpoint(root / "step_2")
+
+    # an explicit PATH must verify: refused, naming the file
+    with pytest.raises((CheckpointError, ValueError)) as info:
+        _resume(root, resume=str(newest))
+    assert expect[0] in str(info.value)
+
+    # auto: falls back to step_2 with one warning line naming the problem
+    with caplog.at_level(logging.WARNING, logger="dist_train.checkpoint"):
+        extra, model = _resume(root, resume="auto")
+    assert extra["step"] == 2 and torch.equal(eval_outputs(model), outs[2])
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "step_4" in warnings[0] and "falling back to step_2" in warnings[0], warnings
+    assert expect[0] in warnings[0]
+
+
+def test_all_checkpoints_bad_is_an_error_not_a_fresh_start(tmp_path):
+    root = tmp_path / "ckpt"
+    _train_and_save(root, steps=(2,))
+    shard_files(root / "step_2")[0].unlink()
+    with pytest.raises(CheckpointError, match="no valid checkpoint"):
+        _resume(root, resume="auto")
+    extra, _ = _resume(root, resume="none")
+    assert extra is None
+
+
+def _disk_full(self, b):
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+
+def test_disk_full_keeps_last_good_checkpoint(tmp_path, monkeypatch, caplog):
+    root = tmp_path / "ckpt"
+    outs = _train_and_save(root, steps=(2,))
+    seed_rank(0)
+    model, opt, sched = build()
+    train_steps(model, opt, sched, 1, 3)
+    monkeypatch.setattr(storage._ChecksumStream, "write", _disk_full)
+
+    stop = _mgr(root, on_error="stop")
+    with pytest.raises(CheckpointError, match="save at step 3 failed.*No space left.*last good checkpoint: step_2"):
+        stop.save(3, model, opt, sched)
+    assert read_latest(root) == "step_2" and not list(root.glob("step_3*"))
+
+    cont = _mgr(root, on_error="continue")
+    with caplog.at_level(logging.WARNING, logger="dist_train.checkpoint"):
+        assert cont.save(3, model, opt, sched) is True
+    assert cont.failed_saves == 1
+    assert [r for r in caplog.records if "No space left" in r.getMessage() and "continuing" in r.getMessage()]
+
+    # async: the failure surfaces at the next save / close, per on_error
+    asyn = _mgr(root, on_error="stop", async_save=True)
+    asyn.save(3, model, opt, sched)
+    with pytest.raises(CheckpointError, match="No space left"):
+        asyn.close()
+    assert read_latest(root) == "step_2" and [p.name for _, p in complete_checkpoints(root)] == ["step_2"]
+    assert not verify_checkpoint(root / "step_2")
+
+    monkeypatch.undo()  # disk has space again: the same manager saves fine, then resume takes step_3
+    assert cont.save(3, model, opt, sched) and read_latest(root) == "step_3"
+    extra, loaded = _resume(root)
+    assert extra["step"] == 3 and torch.equal(eval_outputs(loaded), eval_outputs(model))
+    assert not torch.equal(outs[2], eval_outputs(model))
+
+
+def test_keep_last_prunes_but_never_the_loaded_or_newest(tmp_path):
+    root = tmp_path / "ckpt"
+    _train_and_save(root, steps=(1, 2, 3, 4), keep_last=2)
+    assert [p.name for _, p in complete_checkpoints(root)] == ["step_4", "step_3"]
+
+    # resume from an older checkpoint explicitly, keep_last=1: it stays while this run saves newer ones
+    model, opt, sched = build()
+    mgr = _mgr(root, keep_last=1, resume=str(root / "step_3"))
+    assert mgr.resume(model, opt, sched)["step"] == 3
+    for step in (5, 6):
+        train_steps(model, opt, sched, step, step)
+        mgr.save(step, model, opt, sched)
+    assert [p.name for _, p in complete_checkpoints(root)] == ["step_6", "step_3"]
+    assert read_latest(root) == "step_6"
+    # a save at a step that is not newer than the newest complete one never removes the newest
+    mgr.save(1, model, opt, sched)
+    names = [p.name for _, p in complete_checkpoints(root)]
+    assert "step_6" in names and "step_3" in names and "step_1" not in names
+    # saving the step just loaded/saved again is a no-op
+    assert mgr.save(1, model, opt, sched) is False
