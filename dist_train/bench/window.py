@@ -1,0 +1,173 @@
+"""`dist-train bench window`: weak scaling of one shifted Swin block under window parallelism.
+
+Spawns gh·gw gloo ranks (one torch thread each). Every rank holds a tile of ``--image H W`` tokens,
+so the global image is (gh·H)×(gw·W). On each rank, in the same processes and interleaved, it times
+forward+backward of the same shifted window block (halo roll of the block input, pre-norm window
+attention with relative position bias, MLP, roll back):
+  * single — on its tile alone as a 1×1 image (no communication): the one-process baseline,
+  * dist   — on its tile of the global image (halo exchange with its neighbours).
+Reported: halo bytes sent per rank per layer (measured by the counters, and the formula
+4·(s_h·w + s_w·h − s_h·s_w)·B·C·4 bytes: roll + roll back, forward and backward), medians,
+exposed communication = dist − single, weak-scaling efficiency = single / dist. CPU only here.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import os
+import statistics
+import tempfile
+import time
+from datetime import timedelta
+
+HELP = "window parallelism: halo bytes, exposed communication and weak-scaling efficiency of a Swin block"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.epilog = ("example:\n  dist-train bench window --grid 1 2 --image 512 512 --window 8 --heads 4 --json w.json\n"
+                     "  (each rank's tile is H×W tokens: weak scaling; the baseline is the same block on one process)")
+    parser.add_argument("--grid", type=int, nargs=2, metavar=("GH", "GW"), default=[1, 2], help="tile grid (ranks = GH·GW)")
+    parser.add_argument("--image", type=int, nargs=2, metavar=("H", "W"), default=[512, 512],
+                        help="tokens per rank's tile (the single-process image)")
+    parser.add_argument("--window", type=int, default=8, help="window size (square)")
+    parser.add_argument("--shift", type=int, default=None, help="shift (default window // 2)")
+    parser.add_argument("--heads", type=int, default=4, help="attention heads")
+    parser.add_argument("--head-dim", type=int, default=16, help="channels per head (C = heads · head_dim)")
+    parser.add_argument("--batch", type=int, default=1, help="images per rank")
+    parser.add_argument("--reps", type=int, default=5, help="timed repetitions of each variant (after 1 warm-up)")
+    parser.add_argument("--timeout", type=float, default=900.0, help="seconds before the ranks are killed")
+    parser.add_argument("--json", metavar="PATH", default=None, help="write the results as JSON")
+
+
+def _validate(args: argparse.Namespace) -> int:
+    gh, gw = args.grid
+    h, w = args.image
+    shift = args.window // 2 if args.shift is None else args.shift
+    if gh < 1 or gw < 1:
+        raise ValueError(f"--grid {gh} {gw}: both must be >= 1")
+    if args.window < 1 or h % args.window or w % args.window:
+        raise ValueError(f"--image {h} {w} must be multiples of --window {args.window} (>= 1)")
+    if not 0 <= shift < args.window:
+        raise ValueError(f"--shift {shift}: must satisfy 0 <= shift < window {args.window}")
+    for name, v in (("heads", args.heads), ("head-dim", args.head_dim), ("batch", args.batch), ("reps", args.reps)):
+        if v < 1:
+            raise ValueError(f"--{name} {v}: must be >= 1")
+    return shift
+
+
+def _time(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def _worker(rank: int, world: int, init_file: str, cfg: dict, out: "mp.Queue") -> None:
+    os.environ["OMP_NUM_THREADS"] = "1"
+    import torch
+    import torch.distributed as dist
+
+    from dist_train.models.swin import WindowBlock, _TileContext
+    from parallelism.window import TileLayout, halo_stats, reset_halo_stats
+
+    torch.set_num_threads(1)
+    try:
+        dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
+                                timeout=timedelta(seconds=cfg["timeout"]))
+        gh, gw = cfg["grid"]
+        h, w = cfg["image"]
+        win, s = (cfg["window"],) * 2, (cfg["shift"],) * 2
+        d = cfg["heads"] * cfg["head_dim"]
+        torch.manual_seed(0)
+        block = WindowBlock(d, cfg["heads"], 4 * d, win, s, 1e-5)
+        x = torch.randn(cfg["batch"], h, w, d, requires_grad=True)
+        full = TileLayout.build(gh * h, gw * w, (gh, gw), win)
+        single = TileLayout.build(h, w, (1, 1), win)
+        ctx_dist = _TileContext(full, rank, (full.height, full.width), (False, False), None)
+        ctx_single = _TileContext(single, 0, (h, w), (False, False), None)
+
+        def step(ctx):
+            block.zero_grad(set_to_none=True)
+            x.grad = None
+            block(x, ctx).square().mean().backward()
+
+        step(ctx_single)
+        reset_halo_stats()
+        step(ctx_dist)  # warm-up, and the byte count of one layer (forward + backward)
+        stats = halo_stats()
+        times = {"single": [], "dist": []}
+        for _ in range(cfg["reps"]):
+            for name, ctx in (("single", ctx_single), ("dist", ctx_dist)):
+                dist.barrier()
+                times[name].append(_time(lambda: step(ctx)))
+        out.put((rank, True, {"bytes_sent": stats["bytes_sent"], "messages_sent": stats["messages_sent"],
+                              "tile": full.tile_shape(rank), "single_s": times["single"], "dist_s": times["dist"]}))
+        dist.barrier()
+    except BaseException as exc:  # noqa: BLE001 - reported by the parent
+        out.put((rank, False, f"{type(exc).__name__}: {exc}"))
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _spawn(cfg: dict, world: int) -> list[dict]:
+    ctx = mp.get_context("spawn")
+    out = ctx.Queue()
+    with tempfile.TemporaryDirectory(prefix="dt_wp_bench_") as tmp:
+        procs = [ctx.Process(target=_worker, args=(r, world, os.path.join(tmp, "rdzv"), cfg, out), daemon=True)
+                 for r in range(world)]
+        for p in procs:
+            p.start()
+        results = {}
+        try:
+            for _ in range(world):
+                rank, ok, payload = out.get(timeout=cfg["timeout"])
+                if not ok:
+                    raise RuntimeError(f"rank {rank} failed: {payload}")
+                results[rank] = payload
+        finally:
+            for p in procs:
+                p.join(timeout=10)
+                if p.is_alive():
+                    p.kill()
+    return [results[r] for r in range(world)]
+
+
+def run(args: argparse.Namespace) -> int:
+    shift = _validate(args)
+    from parallelism.window import halo_tokens
+
+    gh, gw = args.grid
+    world = gh * gw
+    cfg = {"grid": [gh, gw], "image": list(args.image), "window": args.window, "shift": shift,
+           "heads": args.heads, "head_dim": args.head_dim, "batch": args.batch, "reps": args.reps,
+           "timeout": args.timeout}
+    results = _spawn(cfg, world)
+    c = args.heads * args.head_dim
+    rows = []
+    for rank, r in enumerate(results):
+        h, w = r["tile"]
+        tokens = halo_tokens(h, w, shift if gh > 1 else 0, shift if gw > 1 else 0)
+        formula = 4 * tokens * args.batch * c * 4
+        single, distributed = statistics.median(r["single_s"]), statistics.median(r["dist_s"])
+        rows.append({"rank": rank, "tile": [h, w], "bytes_sent": r["bytes_sent"], "bytes_formula": formula,
+                     "bytes_match": r["bytes_sent"] == formula, "messages_sent": r["messages_sent"],
+                     "single_s": single, "dist_s": distributed, "exposed_comm_s": distributed - single,
+                     "efficiency": single / distributed, "single_all_s": r["single_s"], "dist_all_s": r["dist_s"]})
+    worst = min(row["efficiency"] for row in rows)
+    print(f"window parallel Swin block, fwd+bwd, grid {gh}x{gw}, tile {args.image[0]}x{args.image[1]} tokens/rank "
+          f"(global {gh * args.image[0]}x{gw * args.image[1]}), window {args.window}, shift {shift}, "
+          f"C={c} ({args.heads} heads), batch {args.batch}, fp32 CPU, 1 thread/rank, medians of {args.reps}")
+    print(f"{'rank':>4} {'bytes sent':>12} {'formula':>12} {'match':>5} {'single s':>9} {'wp s':>9} "
+          f"{'exposed s':>9} {'eff':>6}")
+    for row in rows:
+        print(f"{row['rank']:>4} {row['bytes_sent']:>12} {row['bytes_formula']:>12} {str(row['bytes_match']):>5} "
+              f"{row['single_s']:>9.3f} {row['dist_s']:>9.3f} {row['exposed_comm_s']:>9.3f} {row['efficiency']:>6.1%}")
+    print(f"weak-scaling efficiency (worst rank): {worst:.1%}; bytes == formula on every rank: "
+          f"{all(r['bytes_match'] for r in rows)}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"config": cfg, "ranks": rows, "efficiency_worst": worst,
+                       "bytes_match_all": all(r["bytes_match"] for r in rows), "device": "cpu (no GPU lent)"}, f,
+                      indent=2)
+    return 0 if all(r["bytes_match"] for r in rows) else 1
