@@ -5,11 +5,20 @@ RoPE uses the HuggingFace *rotate-half* convention, so conversion to ``LlamaForC
 
     model = GPT(cfg.model, attn_ctx)
     loss_sum, count = model({"tokens": [B, S], "labels": [B, S], "positions": [S]})
+
+Tensor parallelism (``tp``: a :class:`~dist_train.models.tensor_parallel.TensorParallel`) swaps the
+projections for Megatron-core column/row-parallel linears, the embedding for a vocab-parallel one and
+the loss for the vocab-parallel cross-entropy; parameter NAMES stay the same (shapes are this rank's
+shard). Pipeline parallelism builds only this rank's layers (``layer_ids``; ``layers.<global index>``
+keeps the tp=1/pp=1 names) and the embedding / head when this rank holds the first / last stage.
+Every parameter is initialised from its own generator seeded by (seed, name) as the full tp=1 tensor,
+then sliced, so any tp/pp layout starts from exactly the same weights as the single-rank model.
 """
 from __future__ import annotations
 
 import math
-from typing import Optional
+import zlib
+from typing import Optional, Sequence
 
 import torch
 import torch.nn as nn
@@ -18,6 +27,7 @@ from torch.utils.checkpoint import checkpoint
 
 from ..config import ModelConfig
 from .attention import AttentionContext, attention
+from .tensor_parallel import TensorParallel, copy_shard_, is_tp_sharded
 
 IGNORE_INDEX = -100
 
@@ -26,6 +36,14 @@ def ffn_hidden_size(cfg: ModelConfig) -> int:
     if cfg.ffn_hidden:
         return cfg.ffn_hidden
     return 32 * math.ceil(8 * cfg.d_model / 3 / 32)
+
+
+def _linear(tp: Optional[TensorParallel], d_in: int, d_out: int, kind: str) -> nn.Module:
+    """nn.Linear at tp=1; a Megatron column- ('col': output split) or row- ('row': input split) parallel
+    linear otherwise."""
+    if tp is None:
+        return nn.Linear(d_in, d_out, bias=False)
+    return tp.column(d_in, d_out) if kind == "col" else tp.row(d_in, d_out)
 
 
 class RMSNorm(nn.Module):
@@ -57,16 +75,19 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig, ctx: AttentionContext):
+    """Heads (query and KV) split over tp: wq/wk/wv column-parallel, wo row-parallel (config validation
+    guarantees tp divides both head counts)."""
+
+    def __init__(self, cfg: ModelConfig, ctx: AttentionContext, tp: Optional[TensorParallel] = None):
         super().__init__()
         self.n_heads = cfg.n_heads
         self.n_kv = cfg.n_kv_heads or cfg.n_heads
         self.head_dim = cfg.d_model // cfg.n_heads
         self.ctx = ctx
-        self.wq = nn.Linear(cfg.d_model, self.n_heads * self.head_dim, bias=False)
-        self.wk = nn.Linear(cfg.d_model, self.n_kv * self.head_dim, bias=False)
-        self.wv = nn.Linear(cfg.d_model, self.n_kv * self.head_dim, bias=False)
-        self.wo = nn.Linear(self.n_heads * self.head_dim, cfg.d_model, bias=False)
+        self.wq = _linear(tp, cfg.d_model, self.n_heads * self.head_dim, "col")
+        self.wk = _linear(tp, cfg.d_model, self.n_kv * self.head_dim, "col")
+        self.wv = _linear(tp, cfg.d_model, self.n_kv * self.head_dim, "col")
+        self.wo = _linear(tp, self.n_heads * self.head_dim, cfg.d_model, "row")
         self.selective_checkpoint = False
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -83,24 +104,26 @@ class Attention(nn.Module):
 
 
 class FeedForward(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    """SwiGLU; w1/w3 column-parallel, w2 row-parallel under tp (one all-reduce per MLP)."""
+
+    def __init__(self, cfg: ModelConfig, tp: Optional[TensorParallel] = None):
         super().__init__()
         hidden = ffn_hidden_size(cfg)
-        self.w1 = nn.Linear(cfg.d_model, hidden, bias=False)
-        self.w3 = nn.Linear(cfg.d_model, hidden, bias=False)
-        self.w2 = nn.Linear(hidden, cfg.d_model, bias=False)
+        self.w1 = _linear(tp, cfg.d_model, hidden, "col")
+        self.w3 = _linear(tp, cfg.d_model, hidden, "col")
+        self.w2 = _linear(tp, hidden, cfg.d_model, "row")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: ModelConfig, ctx: AttentionContext):
+    def __init__(self, cfg: ModelConfig, ctx: AttentionContext, tp: Optional[TensorParallel] = None):
         super().__init__()
         self.attention_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
-        self.attention = Attention(cfg, ctx)
+        self.attention = Attention(cfg, ctx, tp)
         self.ffn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
-        self.feed_forward = FeedForward(cfg)
+        self.feed_forward = FeedForward(cfg, tp)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         x = x + self.attention(self.attention_norm(x), cos, sin)
@@ -108,56 +131,118 @@ class Block(nn.Module):
 
 
 class GPT(nn.Module):
-    """Decoder-only LM. ``forward(batch) -> (loss_sum, count)`` over this rank's tokens."""
+    """Decoder-only LM. ``forward(batch) -> (loss_sum, count)`` over this rank's tokens.
 
-    def __init__(self, cfg: ModelConfig, ctx: Optional[AttentionContext] = None, activation_checkpointing: str = "none"):
+    tp: tensor-parallel context (None: tp=1). layer_ids: global indices of the layers this rank holds
+    (None: all). has_embedding / has_head: whether the token embedding / final norm + output head live
+    here (pipeline first / last stage). init_seed: base seed of the per-parameter init (None: the
+    current torch seed).
+    """
+
+    def __init__(self, cfg: ModelConfig, ctx: Optional[AttentionContext] = None, activation_checkpointing: str = "none",
+                 *, tp: Optional[TensorParallel] = None, layer_ids: Optional[Sequence[int]] = None,
+                 has_embedding: bool = True, has_head: bool = True, init_seed: Optional[int] = None):
         super().__init__()
         self.cfg = cfg
+        self.tp = tp
         ctx = ctx or AttentionContext(window=cfg.attention_window)
         self.head_dim = cfg.d_model // cfg.n_heads
-        self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.d_model)
-        self.layers = nn.ModuleList(Block(cfg, ctx) for _ in range(cfg.n_layers))
-        self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
-        self.output = None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self.layer_ids = list(range(cfg.n_layers) if layer_ids is None else layer_ids)
+        self.has_embedding, self.has_head = has_embedding, has_head
+        if cfg.tie_embeddings and has_head != has_embedding:
+            raise ValueError("model.tie_embeddings needs the embedding and the head on the same pipeline stage "
+                             f"(has_embedding={has_embedding}, has_head={has_head})")
+        if has_embedding:
+            self.tok_embeddings = (nn.Embedding(cfg.vocab_size, cfg.d_model) if tp is None
+                                   else tp.embedding(cfg.vocab_size, cfg.d_model))
+        # ModuleDict keyed by the global index: names are layers.<i>.… exactly as with a ModuleList
+        self.layers = nn.ModuleDict({str(i): Block(cfg, ctx, tp) for i in self.layer_ids})
+        if has_head:
+            self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+            self.output = None if cfg.tie_embeddings else _linear(tp, cfg.d_model, cfg.vocab_size, "col")
         self.activation_checkpointing = activation_checkpointing
-        for layer in self.layers:
+        for layer in self.layers.values():
             layer.attention.selective_checkpoint = activation_checkpointing == "selective"
+        self.init_seed = torch.initial_seed() if init_seed is None else init_seed
         self.reset_parameters()
 
+    def full_shape(self, name: str, p: torch.Tensor) -> tuple[int, ...]:
+        """Shape of parameter ``name`` in the tp=1 model (vocab unpadded)."""
+        shape = list(p.shape)
+        if self.tp is not None and is_tp_sharded(p):
+            shape[p.partition_dim] *= self.tp.size
+        if name in ("tok_embeddings.weight", "output.weight"):
+            shape[0] = self.cfg.vocab_size
+        return tuple(shape)
+
+    @torch.no_grad()
     def reset_parameters(self) -> None:
+        """Each parameter from its own generator seeded by (init_seed, name): identical full tensors
+        whatever the tp/pp layout, then this rank's shard copied in."""
         std = self.cfg.init_std
         out_std = std / math.sqrt(2 * self.cfg.n_layers)  # residual-branch outputs (GPT-2 / Megatron)
         for name, p in self.named_parameters():
+            shape = self.full_shape(name, p)
             if p.dim() == 1:
-                nn.init.ones_(p)
-            elif name.endswith(("wo.weight", "w2.weight")):
-                nn.init.normal_(p, std=out_std)
+                full = torch.ones(shape)
             else:
-                nn.init.normal_(p, std=std)
+                g = torch.Generator().manual_seed((self.init_seed * 1_000_003 + zlib.crc32(name.encode())) % 2**63)
+                scale = out_std if name.endswith(("wo.weight", "w2.weight")) else std
+                full = torch.randn(shape, generator=g) * scale
+            if self.tp is None:
+                p.copy_(full)
+            else:
+                copy_shard_(p, full, self.tp.rank, self.tp.size)
 
-    def hidden(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """tokens: [B, S_local]; positions: [S_local] global ids -> final hidden [B, S_local, d]."""
-        x = self.tok_embeddings(tokens)
+    # -- pieces (the pipeline stages call these) ------------------------------------------------
+    def embed(self, tokens: torch.Tensor) -> torch.Tensor:
+        """tokens: [B, S_local] -> [B, S_local, d]."""
+        return self.tok_embeddings(tokens)
+
+    def run_layers(self, x: torch.Tensor, positions: torch.Tensor,
+                   layer_ids: Optional[Sequence[int]] = None) -> torch.Tensor:
+        """x: [B, S_local, d]; positions: [S_local] global ids; runs ``layer_ids`` (default: all held)."""
         cos, sin = rope_cos_sin(positions, self.head_dim, self.cfg.rope_theta, x.dtype)
-        for layer in self.layers:
+        for i in (self.layer_ids if layer_ids is None else layer_ids):
+            layer = self.layers[str(i)]
             if self.activation_checkpointing == "full" and self.training:
                 x = checkpoint(layer, x, cos, sin, use_reentrant=False)
             else:
                 x = layer(x, cos, sin)
-        return self.norm(x)
+        return x
 
-    def logits(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        h = self.hidden(tokens, positions)
-        w = self.tok_embeddings.weight if self.output is None else self.output.weight
-        return F.linear(h, w)
+    def head_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """Final norm + output projection: [B, S, d] -> logits [B, S, V] (tp: this rank's V_pad/tp slice)."""
+        h = self.norm(x)
+        if self.output is not None:
+            return self.output(h)
+        if self.tp is not None:
+            h = self.tp.copy_to_region(h)
+        return F.linear(h, self.tok_embeddings.weight)
 
-    def forward(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        logits = self.logits(batch["tokens"], batch["positions"])
-        labels = batch["labels"]
-        loss_sum = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX,
-                                   reduction="sum")
+    def loss(self, x: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x: last hidden [B, S, d]; labels [B, S] -> (sum of token losses (fp32), real-token count)."""
+        logits = self.head_logits(x)
+        if self.tp is None:
+            loss_sum = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX,
+                                       reduction="sum")
+        else:
+            loss_sum = self.tp.cross_entropy(logits, labels, self.cfg.vocab_size, IGNORE_INDEX).sum()
         count = (labels != IGNORE_INDEX).sum().to(torch.float32)
         return loss_sum, count
+
+    # -- whole model ----------------------------------------------------------------------------
+    def hidden(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """tokens: [B, S_local]; positions: [S_local] global ids -> final hidden [B, S_local, d]."""
+        return self.norm(self.run_layers(self.embed(tokens), positions))
+
+    def logits(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        return self.head_logits(self.run_layers(self.embed(tokens), positions))
+
+    def forward(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        if not (self.has_embedding and self.has_head and len(self.layer_ids) == self.cfg.n_layers):
+            raise RuntimeError("this GPT holds one pipeline stage; run it through the pipeline engine")
+        return self.loss(self.run_layers(self.embed(batch["tokens"]), batch["positions"]), batch["labels"])
 
 
 def count_parameters(model: nn.Module) -> int:
@@ -165,9 +250,19 @@ def count_parameters(model: nn.Module) -> int:
 
 
 def build_gpt(cfg, mesh, device: torch.device) -> GPT:
-    """The GPT for this rank of ``mesh`` (``cfg``: the full Config)."""
+    """The GPT for this rank of ``mesh`` (``cfg``: the full Config): this rank's tp shard and, with
+    pp > 1, only the layers of its pipeline stage(s) (``model.pipeline_stages``: list of
+    :class:`~dist_train.layout.Stage` held here, in schedule order)."""
+    from ..layout import stages_of_rank
+
     p = cfg.parallel
     ctx = AttentionContext(cp_group=mesh.cp_group, layout=p.cp_layout, method=p.cp_method,
                            ulysses_degree=p.ulysses_degree if p.cp_method != "ulysses" else p.cp,
                            window=cfg.model.attention_window, kernel=p.attn_kernel)
-    return GPT(cfg.model, ctx, activation_checkpointing=cfg.train.activation_checkpointing).to(device)
+    tp = TensorParallel.from_mesh(mesh, cfg.run.seed, device)
+    stages = stages_of_rank(cfg, mesh.coord("pp"))
+    model = GPT(cfg.model, ctx, activation_checkpointing=cfg.train.activation_checkpointing, tp=tp,
+                layer_ids=[i for st in stages for i in st.layers], has_embedding=any(st.first for st in stages),
+                has_head=any(st.last for st in stages), init_seed=cfg.run.seed)
+    model.pipeline_stages = stages
+    return model.to(device)

@@ -1,0 +1,71 @@
+"""Gradient arithmetic shared by the engines: the FULL-model gradient norm, clipping, bucketed reduction.
+
+Norm over the full model (what every engine reports and clips by):
+    ||g||² = Σ_tp (Σ tp-sharded params' squares) + Σ replicated params' squares, then Σ over pp.
+Replicated parameters (norms) are identical on every tp rank and counted once; each pipeline stage
+holds different parameters, so stages add. Ranks along dp/cp/wp hold identical (already reduced)
+gradients and do not add.
+"""
+from __future__ import annotations
+
+from typing import Iterable, Optional
+
+import torch
+import torch.distributed as dist
+
+from ..models.tensor_parallel import is_tp_sharded
+
+
+def all_reduce_sum(t: torch.Tensor, group) -> torch.Tensor:
+    """In-place SUM over ``group`` (None: nothing to reduce)."""
+    if group is not None:
+        dist.all_reduce(t, op=dist.ReduceOp.SUM, group=group)
+    return t
+
+
+def global_grad_norm(params: Iterable[torch.nn.Parameter], tp_group=None, pp_group=None) -> float:
+    """L2 norm of the full model's gradient (see module docstring); every rank gets the same value."""
+    sharded = torch.zeros(1, dtype=torch.float64)
+    replicated = torch.zeros(1, dtype=torch.float64)
+    for p in params:
+        if p.grad is None:
+            continue
+        sq = p.grad.detach().double().pow(2).sum().cpu()
+        if is_tp_sharded(p):
+            sharded += sq
+        else:
+            replicated += sq
+    total = all_reduce_sum(sharded, tp_group) + replicated
+    all_reduce_sum(total, pp_group)
+    return float(total.sqrt().item())
+
+
+def clip_grads_(params: Iterable[torch.nn.Parameter], norm: float, max_norm: float) -> None:
+    """torch.nn.utils.clip_grad_norm_'s rule with a given (global) norm: scale by max/(norm+1e-6) if < 1."""
+    if not max_norm or max_norm <= 0:
+        return
+    coef = max_norm / (norm + 1e-6)
+    if coef < 1.0:
+        for p in params:
+            if p.grad is not None:
+                p.grad.detach().mul_(coef)
+
+
+def all_reduce_grads_(params: list[torch.nn.Parameter], group: Optional[dist.ProcessGroup]) -> None:
+    """SUM every gradient over ``group`` in one flat buffer per dtype (missing grads count as zero)."""
+    if group is None:
+        return
+    by_dtype: dict[torch.dtype, list[torch.nn.Parameter]] = {}
+    for p in params:
+        if p.requires_grad:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            by_dtype.setdefault(p.grad.dtype, []).append(p)
+    for ps in by_dtype.values():
+        flat = torch.cat([p.grad.reshape(-1) for p in ps])
+        dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=group)
+        offset = 0
+        for p in ps:
+            n = p.grad.numel()
+            p.grad.copy_(flat[offset:offset + n].view_as(p.grad))
+            offset += n

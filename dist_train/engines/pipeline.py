@@ -1,0 +1,132 @@
+"""Pipeline-parallel engine on ``torch.distributed.pipelining`` (1F1B, interleaved 1F1B, GPipe).
+
+Why this engine (docs/parallelism.md): it runs on CPU/gloo and on CUDA/NCCL alike, takes the mesh's pp
+group explicitly, and leaves the stage module to us — so a stage can contain Megatron-core
+tensor-parallel layers and context-parallel attention over other mesh groups.
+
+Loss contract: the last stage's loss function returns ``loss_sum / global_count`` per micro-batch
+(``scale_grads=False``), so after the schedule every stage holds d(Σ local losses / global count);
+summing gradients over the grad group (dp × cp × wp) gives d(mean over all real tokens of the global
+batch) — whatever dp, cp, pp and the number of micro-batches are.
+
+The rank's GPT holds only its stages' layers; each :class:`StageModule` is a view over it (shared
+parameters), one per virtual stage.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Optional
+
+import torch
+import torch.nn as nn
+
+from ..config import Config
+from ..mesh import Mesh
+from ..optim import build_optimizer, build_scheduler
+from .grads import all_reduce_grads_, all_reduce_sum, clip_grads_, global_grad_norm
+
+
+class StageModule(nn.Module):
+    """One pipeline stage over a shared GPT: tokens [B, S] (first stage) or hidden [B, S, d] -> hidden
+    [B, S, d]. The last stage's norm/head/loss run in the schedule's loss function."""
+
+    def __init__(self, gpt: nn.Module, stage):
+        super().__init__()
+        self.stage = stage
+        # register the owned pieces (shared with ``gpt``) so .parameters() is this stage's
+        self.blocks = nn.ModuleList(gpt.layers[str(i)] for i in stage.layers)
+        self.embedding = gpt.tok_embeddings if stage.first else None
+        object.__setattr__(self, "gpt", gpt)  # not registered: the GPT holds every stage of this rank
+        self.positions: Optional[torch.Tensor] = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.stage.first:
+            x = self.gpt.embed(x)
+        return self.gpt.run_layers(x, self.positions, self.stage.layers)
+
+
+class PipelineEngine:
+    """``train_step(micro_batches, global_count) -> (global mean loss, grad norm)`` like the DDP engine."""
+
+    def __init__(self, cfg: Config, model: nn.Module, mesh: Mesh, autocast_dtype: Optional[torch.dtype]):
+        self.cfg, self.module, self.mesh = cfg, model, mesh
+        self.autocast_dtype = autocast_dtype
+        self.device = next(model.parameters()).device
+        self.stage_modules = [StageModule(model, st) for st in model.pipeline_stages]
+        self.optimizer = build_optimizer(list(model.named_parameters()), cfg.train)
+        self.scheduler = build_scheduler(self.optimizer, cfg.train)
+        self.grad_clip = cfg.train.grad_clip
+        self._schedule = None
+        self._n_micro: Optional[int] = None
+        self._inv_count = 0.0
+        self._loss_sums: list[torch.Tensor] = []
+
+    # -- schedule --------------------------------------------------------------------------------
+    def _loss_fn(self, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        loss_sum, _ = self.module.loss(hidden, labels)
+        self._loss_sums.append(loss_sum.detach().double().cpu())
+        return loss_sum * self._inv_count
+
+    def _build_schedule(self, n_micro: int):
+        from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe, ScheduleInterleaved1F1B
+
+        n_stages = self.mesh.size("pp") * len(self.stage_modules)
+        stages = [PipelineStage(sm, sm.stage.index, n_stages, self.device, group=self.mesh.pp_group)
+                  for sm in self.stage_modules]
+        kind = self.cfg.parallel.pp_schedule
+        if kind == "interleaved":
+            return ScheduleInterleaved1F1B(stages, n_micro, loss_fn=self._loss_fn, scale_grads=False)
+        cls = ScheduleGPipe if kind == "gpipe" else Schedule1F1B
+        return cls(stages[0], n_micro, loss_fn=self._loss_fn, scale_grads=False)
+
+    def _autocast(self):
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+
+    # -- step ------------------------------------------------------------------------------------
+    def train_step(self, micro: list[dict], global_count: float) -> tuple[float, float]:
+        """Runs this rank's local batch (all accumulation micro-batches concatenated) through the schedule
+        as ``parallel.microbatches`` pipeline micro-batches (default: the accumulation count)."""
+        positions = micro[0]["positions"]
+        if any(not torch.equal(b["positions"], positions) for b in micro):
+            raise ValueError("pipeline engine: every micro-batch must share one positions vector")
+        tokens = torch.cat([b["tokens"] for b in micro]).to(self.device)
+        labels = torch.cat([b["labels"] for b in micro]).to(self.device)
+        n_micro = self.cfg.parallel.microbatches or len(micro)
+        if tokens.shape[0] % n_micro:
+            raise ValueError(f"parallel.microbatches = {n_micro} does not divide the local batch of "
+                             f"{tokens.shape[0]} samples (micro_batch x accumulation)")
+        if self._schedule is None or self._n_micro != n_micro:
+            self._schedule, self._n_micro = self._build_schedule(n_micro), n_micro
+        for sm in self.stage_modules:
+            sm.positions = positions.to(self.device)
+        self._inv_count = 1.0 / global_count
+        self._loss_sums = []
+        first = any(sm.stage.first for sm in self.stage_modules)
+        last = any(sm.stage.last for sm in self.stage_modules)
+        with self._autocast():
+            self._schedule.step(*((tokens,) if first else ()), target=labels if last else None)
+        loss_sum = torch.zeros(1, dtype=torch.float64)
+        if last:
+            # the schedule's first step also calls the loss function once for metadata inference (on
+            # placeholder tensors); the real micro-batches are always the last n_micro calls
+            loss_sum += torch.stack(self._loss_sums[-n_micro:]).sum()
+        params = [p for p in self.module.parameters() if p.requires_grad]
+        all_reduce_grads_(params, self.mesh.grad_group)
+        norm = global_grad_norm(params, self.mesh.tp_group, self.mesh.pp_group)
+        clip_grads_(params, norm, self.grad_clip)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        all_reduce_sum(loss_sum, self.mesh.pp_group)  # only the last stage contributes
+        all_reduce_sum(loss_sum, self.mesh.grad_group)
+        return float(loss_sum.item()) / global_count, norm
+
+    def checkpoint_kwargs(self) -> dict:
+        """Extra CheckpointManager arguments: none — parameter names are the global tp=1/pp=1 names."""
+        return {}
+
+    @property
+    def lr(self) -> float:
+        return self.optimizer.param_groups[0]["lr"]

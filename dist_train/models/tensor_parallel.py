@@ -1,0 +1,236 @@
+"""Megatron-core glue for tensor parallelism: layers, vocab-parallel loss, process groups and RNG.
+
+All Megatron state is derived from OUR DeviceMesh (``dist_train.mesh``), never from a second
+``initialize_model_parallel`` that could disagree with it:
+
+* layers receive the mesh's tp group explicitly (``tp_group=``);
+* ``megatron.core.parallel_state``'s tensor-parallel globals (read by
+  ``vocab_parallel_cross_entropy``) are set from the same group by :func:`bind_megatron_state`;
+* the model-parallel RNG tracker is seeded per tp rank; on CPU Megatron's tracker (which stores
+  CUDA generator states) is replaced by one that forks the CPU generator.
+
+Weights are created by the model with its tp=1 initialisation (the full matrix, from a per-parameter
+seeded generator) and :func:`copy_shard_` copies this rank's slice in, so tp=2 holds exactly the same
+full matrices as tp=1 with the same seed.
+
+    tp = TensorParallel.from_mesh(mesh, seed=cfg.run.seed)   # None when mesh.size("tp") == 1
+    lin = tp.column(d_in, d_out)                             # ColumnParallelLinear, output [.., d_out/tp]
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+
+def padded_vocab_size(vocab_size: int, tp: int) -> int:
+    """Vocabulary padded up to a multiple of tp (Megatron's vocab-parallel layers need equal shards)."""
+    return -(-vocab_size // tp) * tp
+
+
+class CPURNGStatesTracker:
+    """Megatron's ``CudaRNGStatesTracker`` interface (add / fork / get_states / set_states / reset)
+    over the CPU default generator, for runs without CUDA (``model_parallel_cuda_manual_seed`` and
+    Megatron's tracker call ``torch.cuda`` RNG functions)."""
+
+    def __init__(self) -> None:
+        self.states_: dict[str, torch.Tensor] = {}
+        self.seeds_: set[int] = set()
+
+    def reset(self) -> None:
+        self.states_, self.seeds_ = {}, set()
+
+    def is_initialized(self) -> bool:
+        return bool(self.states_)
+
+    def get_states(self) -> dict[str, torch.Tensor]:
+        return {k: v.clone() for k, v in self.states_.items()}
+
+    def set_states(self, states: dict[str, torch.Tensor]) -> None:
+        self.states_ = dict(states)
+
+    def add(self, name: str, seed: int) -> None:
+        if seed in self.seeds_ or name in self.states_:
+            raise ValueError(f"RNG tracker: seed {seed} or state '{name}' already exists")
+        self.seeds_.add(seed)
+        g = torch.Generator().manual_seed(seed)
+        self.states_[name] = g.get_state()
+
+    @contextlib.contextmanager
+    def fork(self, name: str = "model-parallel-rng"):
+        if name not in self.states_:
+            raise ValueError(f"RNG tracker: state '{name}' was never added; known: {sorted(self.states_)}")
+        orig = torch.get_rng_state()
+        torch.set_rng_state(self.states_[name])
+        try:
+            yield
+        finally:
+            self.states_[name] = torch.get_rng_state()
+            torch.set_rng_state(orig)
+
+
+def seed_model_parallel_rng(seed: int, tp_rank: int, device: torch.device) -> None:
+    """Megatron's convention: the 'model-parallel-rng' state (dropout inside tp regions) differs per tp
+    rank, the default generator (dropout in replicated regions) is the same on every tp rank."""
+    from megatron.core.tensor_parallel import random as mrandom
+
+    if device.type == "cuda":
+        mrandom.model_parallel_cuda_manual_seed(seed)
+        return
+    tracker = CPURNGStatesTracker()
+    tracker.add(mrandom._MODEL_PARALLEL_RNG_TRACKER_NAME, seed + 2718 + tp_rank)
+    mrandom._CUDA_RNG_STATE_TRACKER = tracker
+    mrandom._CUDA_RNG_STATE_TRACKER_INITIALIZED = True
+
+
+def bind_megatron_state(tp_group: dist.ProcessGroup, tp_ranks: list[int]) -> None:
+    """Point megatron.core.parallel_state's tensor-parallel globals at our mesh's tp group.
+
+    Only the tensor-parallel state is bound: the layers and the vocab-parallel cross-entropy we use read
+    nothing else (data/pipeline/context parallelism are run by our engines with the mesh's groups).
+    Called on every model build so a process that builds several models always sees the current mesh.
+    """
+    from megatron.core import parallel_state as ps
+
+    ps._TENSOR_MODEL_PARALLEL_GROUP = tp_group
+    ps._TENSOR_MODEL_PARALLEL_GLOBAL_RANKS = list(tp_ranks)
+    ps._MPU_TENSOR_MODEL_PARALLEL_WORLD_SIZE = dist.get_world_size(tp_group)
+    ps._MPU_TENSOR_MODEL_PARALLEL_RANK = dist.get_rank(tp_group)
+
+
+@dataclass
+class TensorParallel:
+    """This rank's view of the tp axis plus the Megatron config its layers share."""
+    group: dist.ProcessGroup
+    size: int
+    rank: int
+    config: "object"  # megatron.core.ModelParallelConfig
+
+    @classmethod
+    def from_mesh(cls, mesh, seed: int, device: torch.device,
+                  params_dtype: torch.dtype = torch.float32) -> Optional["TensorParallel"]:
+        if mesh.size("tp") == 1:
+            return None
+        from megatron.core import ModelParallelConfig
+
+        group = mesh.tp_group
+        bind_megatron_state(group, mesh.ranks_along(("tp",)))
+        rank = dist.get_rank(group)
+        seed_model_parallel_rng(seed, rank, device)
+        config = ModelParallelConfig(
+            tensor_model_parallel_size=mesh.size("tp"),
+            sequence_parallel=False,
+            use_cpu_initialization=True,   # no torch.cuda calls while building; .to(device) moves it
+            perform_initialization=False,  # the model copies its tp=1 init in (copy_shard_)
+            params_dtype=params_dtype,
+            gradient_accumulation_fusion=False,
+            async_tensor_model_parallel_allreduce=False,
+        )
+        return cls(group=group, size=mesh.size("tp"), rank=rank, config=config)
+
+    # -- layers ---------------------------------------------------------------------------------
+    def column(self, d_in: int, d_out: int) -> nn.Module:
+        """x [..., d_in] (replicated) -> [..., d_out/tp] (this rank's output columns)."""
+        from megatron.core.tensor_parallel import ColumnParallelLinear
+
+        return _mark_sharded(_plain_output(ColumnParallelLinear)(
+            d_in, d_out, config=self.config, init_method=_no_init, bias=False, gather_output=False,
+            tp_group=self.group), dim=0)
+
+    def row(self, d_in: int, d_out: int) -> nn.Module:
+        """x [..., d_in/tp] (this rank's slice) -> [..., d_out] summed over tp."""
+        from megatron.core.tensor_parallel import RowParallelLinear
+
+        return _mark_sharded(_plain_output(RowParallelLinear)(
+            d_in, d_out, config=self.config, init_method=_no_init, bias=False, input_is_parallel=True,
+            skip_bias_add=False, tp_group=self.group), dim=1)
+
+    def embedding(self, vocab_size: int, d: int) -> nn.Module:
+        """tokens [B, S] -> [B, S, d]; rows of the (padded) vocabulary split over tp."""
+        from megatron.core.tensor_parallel import VocabParallelEmbedding
+
+        return _mark_sharded(VocabParallelEmbedding(padded_vocab_size(vocab_size, self.size), d,
+                                                    init_method=_no_init, config=self.config,
+                                                    tp_group=self.group), dim=0)
+
+    def copy_to_region(self, x: torch.Tensor) -> torch.Tensor:
+        """Identity forward, all-reduce of the gradient backward (input of a column-parallel matmul)."""
+        from megatron.core.tensor_parallel import copy_to_tensor_model_parallel_region
+
+        return copy_to_tensor_model_parallel_region(x, group=self.group)
+
+    # -- loss -----------------------------------------------------------------------------------
+    def cross_entropy(self, logits: torch.Tensor, labels: torch.Tensor, vocab_size: int,
+                      ignore_index: int) -> torch.Tensor:
+        """logits: [..., V_pad/tp] this rank's vocab slice; labels: [...] -> per-token loss [...] (fp32),
+        0 where ``labels == ignore_index``. Padded vocab entries get -inf so the softmax is over the real
+        vocabulary only (identical to tp=1)."""
+        from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
+
+        part = logits.shape[-1]
+        start = self.rank * part
+        n_pad = max(0, start + part - vocab_size)
+        logits = logits.float()
+        if n_pad:
+            mask = torch.zeros(part, dtype=torch.bool, device=logits.device)
+            mask[part - n_pad:] = True
+            logits = logits.masked_fill(mask, float("-inf"))
+        valid = labels != ignore_index
+        loss = vocab_parallel_cross_entropy(logits, torch.where(valid, labels, torch.zeros_like(labels)))
+        return loss * valid
+
+
+_PLAIN: dict[type, type] = {}
+
+
+def _plain_output(cls: type) -> type:
+    """A subclass of a Megatron linear whose forward returns the output only (Megatron returns
+    (output, bias)), so it is a drop-in for ``nn.Linear`` and the parameter stays ``<name>.weight``."""
+    if cls not in _PLAIN:
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return cls.forward(self, x)[0]
+
+        _PLAIN[cls] = type(cls.__name__, (cls,), {"forward": forward, "__module__": __name__})
+    return _PLAIN[cls]
+
+
+def _mark_sharded(layer: nn.Module, dim: int) -> nn.Module:
+    """Megatron sets the tp attributes (tensor_model_parallel, partition_dim, partition_stride) only
+    inside its own init; with ``perform_initialization=False`` on CPU we set them (norms and DeepSpeed's
+    model-parallel checks read them)."""
+    from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attributes
+
+    if not getattr(layer.weight, "tensor_model_parallel", False):
+        for attr in ("tensor_model_parallel", "partition_dim", "partition_stride"):
+            if hasattr(layer.weight, attr):
+                delattr(layer.weight, attr)
+        set_tensor_model_parallel_attributes(layer.weight, is_parallel=True, dim=dim, stride=1)
+    return layer
+
+
+def _no_init(weight: torch.Tensor) -> None:
+    """Megatron needs an init_method; ours runs later on the full matrix (see module docstring)."""
+    return None
+
+
+def is_tp_sharded(p: torch.Tensor) -> bool:
+    """True for parameters split over tp (Megatron's attribute); replicated ones count once in norms."""
+    return bool(getattr(p, "tensor_model_parallel", False))
+
+
+def copy_shard_(param: torch.Tensor, full: torch.Tensor, tp_rank: int, tp_size: int) -> None:
+    """Copy this rank's shard of the tp=1 tensor ``full`` into ``param`` (zero-padding the vocab dim)."""
+    if not is_tp_sharded(param):
+        param.data.copy_(full)
+        return
+    dim = param.partition_dim
+    total = param.shape[dim] * tp_size
+    if full.shape[dim] < total:  # padded vocabulary rows: zero
+        pad = list(full.shape)
+        pad[dim] = total - full.shape[dim]
+        full = torch.cat([full, full.new_zeros(pad)], dim=dim)
+    param.data.copy_(full.narrow(dim, tp_rank * param.shape[dim], param.shape[dim]))
