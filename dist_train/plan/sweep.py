@@ -307,6 +307,7 @@ def run_point(spec: SweepSpec, point: Point, point_dir: Path,
 
 
 def _subprocess_runner(argv: list[str], env: dict, timeout: float, log: Path) -> tuple[Optional[int], str, bool]:
+    log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "w") as f:
         proc = subprocess.Popen(argv, stdout=f, stderr=subprocess.STDOUT, env=env, start_new_session=True)
         timed_out = False

@@ -1,0 +1,167 @@
+"""dist-train scale: sweep parsing and its errors, efficiency arithmetic, resumption, failed points, and a
+real 2-point sweep end to end."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from dist_train.plan.report import add_efficiency, efficiency, error_summary, write_outputs
+from dist_train.plan.sweep import classify_failure, expand, load_sweep, run_sweep
+
+ROOT = Path(__file__).resolve().parents[1]
+BASE = {"model": {"kind": "gpt", "d_model": 32, "n_layers": 1, "n_heads": 2, "vocab_size": 64},
+        "data": {"source": "synthetic", "seq_len": 64},
+        "train": {"global_batch": 2, "micro_batch": 2, "warmup_steps": 1},
+        "checkpoint": {"at_end": False}}
+
+
+def write_sweep(tmp: Path, **sweep) -> Path:
+    (tmp / "base.yaml").write_text(yaml.safe_dump(BASE))
+    data = {"base": "base.yaml", "mode": "strong", "world_sizes": [1, 2], "scale": "cp"}
+    data.update(sweep)
+    data = {k: v for k, v in data.items() if v is not None}
+    p = tmp / "sweep.yaml"
+    p.write_text(yaml.safe_dump(data))
+    return p
+
+
+@pytest.mark.parametrize("sweep, message", [
+    ({"mode": "linear"}, "mode = 'linear': valid modes are strong, weak, sequence-weak, grid"),
+    ({"scale": "ep"}, "scale = 'ep': valid axes are dp, cp, tp, pp, wp"),
+    ({"world_sizes": []}, "world_sizes = []: mode strong needs a non-empty list"),
+    ({"world_sizes": [1, 0]}, "world_sizes[] = 0: expected an integer >= 1"),
+    ({"base": "missing.yaml"}, "base = 'missing.yaml': no such file"),
+    ({"axes": {"cp_layout": ["zigzag"]}}, "axes key 'cp_layout': expected a dotted config key"),
+    ({"axes": {"parallel.cp_layout": []}}, "axes.parallel.cp_layout = []: expected a non-empty list"),
+    ({"launcher": "slurm"}, "launcher = 'slurm': valid launchers are local, ray, mpi, torchrun"),
+    ({"warmup": 3}, "unknown key 'warmup'; valid keys:"),
+    ({"timeout_s": -1}, "timeout_s = -1: expected a positive number"),
+    ({"world_sizes": [1, 3], "set": ["data.seq_len=64"], "axes": {"parallel.tp": [2]}},
+     "point world_size=1 {'parallel.tp': 2}: the layout spans 2 devices"),
+    ({"axes": {"parallel.cp_layout": ["diagonal"]}}, "parallel.cp_layout = 'diagonal': valid values are"),
+    ({"mode": "grid", "world_sizes": None}, "mode grid needs axes"),
+])
+def test_sweep_validation_errors_are_one_line(tmp_path, sweep, message):
+    with pytest.raises(ValueError) as e:
+        load_sweep(write_sweep(tmp_path, **sweep))
+    text = str(e.value)
+    assert message in text and "\n" not in text and str(tmp_path / "sweep.yaml") in text
+
+
+def test_expand_modes(tmp_path):
+    spec = load_sweep(write_sweep(tmp_path, axes={"parallel.cp_layout": ["contiguous", "zigzag"]}))
+    pts = expand(spec)
+    assert [(p.world_size, p.series["parallel.cp_layout"]) for p in pts] == [
+        (1, "contiguous"), (2, "contiguous"), (1, "zigzag"), (2, "zigzag")]
+    assert "parallel.cp=2" in pts[1].overrides and len({p.id for p in pts}) == 4
+    weak = expand(load_sweep(write_sweep(tmp_path, mode="weak", scale="dp", world_sizes=[1, 2])))
+    assert [p.params["train.global_batch"] for p in weak] == [2, 4]
+    seq = expand(load_sweep(write_sweep(tmp_path, mode="sequence-weak", world_sizes=[1, 2, 4])))
+    assert [p.params["data.seq_len"] for p in seq] == [64, 128, 256]
+    grid = expand(load_sweep(write_sweep(tmp_path, mode="grid", world_sizes=None, set=["train.micro_batch=1"],
+                                         axes={"parallel.dp": [1, 2], "data.seq_len": [32, 64]})))
+    assert sorted((p.world_size, p.params["data.seq_len"]) for p in grid) == [(1, 32), (1, 64), (2, 32), (2, 64)]
+
+
+def test_efficiency_arithmetic():
+    base = {"world_size": 1, "step_time_s": 1.0, "flops_per_step": 100.0}
+    # strong: fixed problem, 2 devices at 0.625 s: 1*1 / (0.625*2) = 0.8
+    assert efficiency("strong", base, {"world_size": 2, "step_time_s": 0.625, "flops_per_step": 100.0}) == 0.8
+    # weak: twice the work in 1.25 s on 2 devices: (200/1.25/2) / (100/1/1) = 0.8
+    assert efficiency("weak", base, {"world_size": 2, "step_time_s": 1.25, "flops_per_step": 200.0}) == 0.8
+    # sequence-weak on FLOPs: 2x sequence -> 3x FLOPs in 2 s on 2 devices: (300/2/2)/100 = 0.75
+    assert efficiency("sequence-weak", base, {"world_size": 2, "step_time_s": 2.0, "flops_per_step": 300.0}) == 0.75
+    assert efficiency("grid", base, base) is None
+    recs = [dict(base, status="ok", series={"a": 1}), {"world_size": 4, "step_time_s": 0.5, "status": "ok",
+                                                        "series": {"a": 1}, "flops_per_step": 100.0},
+            {"world_size": 2, "status": "failed", "series": {"a": 1}},
+            {"world_size": 2, "step_time_s": 1.0, "status": "ok", "series": {"a": 2}, "flops_per_step": 1.0}]
+    add_efficiency("strong", recs)
+    assert [r["efficiency"] for r in recs] == [1.0, 0.5, None, 1.0]   # each series against its own smallest N
+    errs = error_summary([{"status": "ok", "step_error": -0.1, "mem_error": 0.02},
+                          {"status": "ok", "step_error": 0.3, "mem_error": -0.04},
+                          {"status": "ok", "step_error": 0.2, "mem_error": 0.0}])
+    assert errs["step_error"]["median_abs"] == pytest.approx(0.2) and errs["mem_error"]["max_abs"] == 0.04
+
+
+def fake_runner(calls: list, fail_world: int | None = None, timeout_world: int | None = None):
+    """Stands in for the launcher: writes what the trainer writes (rank_stats, summary) or fails."""
+    def run(argv, env, timeout, log):
+        world = int(argv[argv.index("--nproc") + 1])
+        calls.append(world)
+        assert env["DIST_TRAIN_RANK_STATS"] == "1" and env["OMP_NUM_THREADS"] == "1"
+        if world == timeout_world:
+            return None, "", True
+        if world == fail_world:
+            return 1, "Traceback ...\nRuntimeError: ring step 3 exploded\n", False
+        run_dir = Path(next(a.split("=", 1)[1] for a in argv if a.startswith("run.dir=")))
+        (run_dir / "rank_stats").mkdir(parents=True)
+        for r in range(world):
+            steps = [9.0, 9.0] + [0.5 / world * (1 + 0.1 * r)] * 4
+            (run_dir / "rank_stats" / f"rank_{r}.json").write_text(json.dumps(
+                {"rank": r, "step_times_s": steps, "comm_wait_s": [0.0] * 2 + [0.01 * r] * 4,
+                 "peak_mem_bytes": 1000 + r}))
+        (run_dir / "summary.json").write_text(json.dumps({"device_peak_tflops": 0.1, "final_loss": 3.0}))
+        return 0, "ok", False
+    return run
+
+
+def test_resumption_and_failed_points(tmp_path):
+    spec = load_sweep(write_sweep(tmp_path, world_sizes=[1, 2, 4], warmup_steps=2, measure_steps=4))
+    out = tmp_path / "out"
+    calls: list = []
+    recs = run_sweep(spec, out, progress=False, runner=fake_runner(calls, fail_world=2, timeout_world=4),
+                     log=lambda m: None)
+    assert calls == [1, 2, 4]
+    ok, failed, timed_out = recs
+    assert ok["status"] == "ok" and ok["step_time_s"] == 0.5 and ok["measured_steps"] == 4   # warm-up excluded
+    assert failed["status"] == "failed" and failed["reason"] == "crash (exit 1): RuntimeError: ring step 3 exploded"
+    assert timed_out["reason"] == "timeout"
+    # rerun: every point is finished (ok or failed) -> nothing runs
+    calls.clear()
+    assert [r["status"] for r in run_sweep(spec, out, progress=False, runner=fake_runner(calls),
+                                           log=lambda m: None)] == ["ok", "failed", "failed"]
+    assert calls == []
+    # --retry-failed reruns only the failed points, and they now succeed
+    recs = run_sweep(spec, out, retry_failed=True, progress=False, runner=fake_runner(calls), log=lambda m: None)
+    assert calls == [2, 4] and all(r["status"] == "ok" for r in recs)
+    two = recs[1]
+    assert two["straggler_spread"] == pytest.approx(1.1 / 1.0 * (1 - 0.0) / (1 - 0.0), rel=0.2)
+    assert two["per_rank_peak_mem_bytes"] == [1000, 1001] and two["peak_mem_bytes"] == 1001
+    assert 0 < two["exposed_comm_fraction"] < 0.05
+
+
+def test_classify_failure():
+    assert classify_failure(None, "", True) == "timeout"
+    assert classify_failure(-9, "", False) == "oom"
+    assert classify_failure(1, "RuntimeError: DefaultCPUAllocator: can't allocate memory: out of memory", False) == "oom"
+    assert classify_failure(2, "dist-train: error: parallel.cp = 3 ...", False).startswith("invalid: dist-train: error")
+
+
+@pytest.mark.slow
+def test_real_two_point_sweep_end_to_end(tmp_path):
+    """1 rank and 2 ranks (cp=2, zigzag ring) through `dist-train scale` and the local launcher."""
+    sweep = write_sweep(tmp_path, world_sizes=[1, 2], warmup_steps=1, measure_steps=2, launcher="local",
+                        timeout_s=150)
+    out = tmp_path / "out"
+    r = subprocess.run([sys.executable, "-m", "dist_train", "scale", str(sweep), "--out", str(out), "--no-progress",
+                        "--device", "cpu"],
+                       capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    res = json.loads((out / "results.json").read_text())
+    pts = res["points"]
+    assert [p["status"] for p in pts] == ["ok", "ok"], [p.get("reason") for p in pts]
+    one, two = pts
+    assert one["efficiency"] == 1.0 and 0 < two["efficiency"] < 2
+    assert len(two["per_rank_peak_mem_bytes"]) == 2 and two["exposed_comm_fraction"] > 0   # ring p2p waits seen
+    for p in pts:
+        assert p["measured_steps"] == 2 and p["pred_peak_mem_bytes"] > 0 and p["mfu"] > 0
+    for name in ("results.csv", "results.md", "efficiency.png", "throughput.png", "memory.png",
+                 "aggregate_loglog.png"):
+        assert (out / name).stat().st_size > 0
+    assert "6N + 12*L*d_attn*S_eff" in (out / "results.md").read_text()
