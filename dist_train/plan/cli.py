@@ -33,8 +33,8 @@ def add_plan_arguments(parser: argparse.ArgumentParser) -> None:
                           "outputs. See docs/planner.md.")
     parser.epilog = _examples(
         "dist-train plan configs/gpt_tiny.yaml --devices 2 --device cpu",
-        "dist-train plan configs/projections/llama8b_1m.yaml --devices 64 --device h100 --explain",
-        "dist-train plan configs/projections/swin_721x1440.yaml --devices 256 --device h100 --image 721 1440",
+        "dist-train plan configs/sweeps/projections/llama8b_1m.yaml --devices 64 --device h100 --explain",
+        "dist-train plan configs/sweeps/projections/swin_721x1440.yaml --devices 256 --device h100 --image 721 1440",
         "dist-train plan --calibrate          # measure this machine once (~1 min), stored under ~/.cache/dist-train")
     parser.add_argument("config", nargs="?", help="YAML config file (model, data, batch)")
     parser.add_argument("--devices", type=int, help="number of devices to plan for")
