@@ -50,6 +50,7 @@ class ModelConfig:
     window: Any = 8  # int or [wh, ww]
     in_channels: int = 0
     out_channels: int = 0
+    wrap: list = field(default_factory=lambda: [False, False])  # periodic (torus) image axes [H, W]
 
 
 @dataclass

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import random
 import sys
 import time
@@ -64,12 +65,14 @@ def build_model(cfg: Config, mesh: Mesh, device: torch.device) -> torch.nn.Modul
     return build_swin(cfg.model, wp_group=mesh.wp_group, grid=cfg.wp_grid, cp_group=mesh.cp_group).to(device)
 
 
-def build_batcher(cfg: Config, mesh: Mesh):
+def build_batcher(cfg: Config, mesh: Mesh, model: torch.nn.Module):
     d = cfg.data
     if cfg.model.kind == "swin":
-        from .data.weather import WeatherBatcher
+        if d.source != "weather":
+            raise ValueError(f"data.source = {d.source!r}: model.kind = swin trains on data.source = weather")
+        from .data.image_batches import WeatherBatcher
 
-        return WeatherBatcher(cfg, mesh)
+        return WeatherBatcher(cfg, mesh, model)
     from .data.batches import TokenBatcher
     from .data.datasets import IndexedTokenDataset, SyntheticTokenDataset
 
@@ -92,12 +95,13 @@ def build_batcher(cfg: Config, mesh: Mesh):
                         cp=mesh.size("cp"), cp_rank=mesh.coord("cp"), layout=cfg.parallel.cp_layout)
 
 
-def flops_per_sample(cfg: Config) -> float:
+def flops_per_sample(cfg: Config, model: torch.nn.Module, batcher) -> float:
+    """Training FLOPs of one sample under FLOP_CONVENTION (docs/metrics.md)."""
     if cfg.model.kind == "gpt":
         return gpt_flops_per_token(cfg.model, cfg.data.seq_len) * cfg.data.seq_len
-    from .models.swin import swin_flops_per_sample
+    from .models.swin import flops_per_pixel
 
-    return swin_flops_per_sample(cfg)
+    return flops_per_pixel(model) * batcher.tokens_per_sample
 
 
 def layout_dict(cfg: Config, world_size: int) -> dict:
@@ -128,7 +132,7 @@ def train(cfg: Config, ctx: Optional[DistContext] = None) -> TrainResult:
     from .engines import build_engine
 
     engine = build_engine(cfg, model, mesh, autocast_dtype(cfg, ctx.device))
-    batcher = build_batcher(cfg, mesh)
+    batcher = build_batcher(cfg, mesh, model)
     n_params = sum(p.numel() for p in model.parameters())
 
     t = cfg.train
@@ -156,7 +160,7 @@ def train(cfg: Config, ctx: Optional[DistContext] = None) -> TrainResult:
             ckpt.maybe_save(step_done, engine.module, engine.optimizer, engine.scheduler, extra=state)
 
     peak = device_peak_tflops(ctx.device, t.peak_tflops)
-    flops_step = flops_per_sample(cfg) * t.global_batch
+    flops_step = flops_per_sample(cfg, model, batcher) * t.global_batch
     tokens_step = t.global_batch * (cfg.data.seq_len if cfg.model.kind == "gpt" else batcher.tokens_per_sample)
     writer = MetricsWriter(run_dir / "metrics.jsonl" if ctx.is_main else None)
     if ctx.is_main:
@@ -165,7 +169,8 @@ def train(cfg: Config, ctx: Optional[DistContext] = None) -> TrainResult:
                  f"FLOPs/token convention: {FLOP_CONVENTION} | device peak {peak:.3f} TFLOP/s")
 
     bar = None
-    if ctx.is_main and t.progress:
+    # a bar only where a person watches: a terminal here, or one behind the launcher (DIST_TRAIN_TTY=1)
+    if ctx.is_main and t.progress and (sys.stderr.isatty() or os.environ.get("DIST_TRAIN_TTY") == "1"):
         from tqdm import tqdm
 
         bar = tqdm(total=t.steps, initial=start_step, desc="train", unit="step", file=sys.stderr,

@@ -152,7 +152,8 @@ class Supervisor:
         while True:
             shutil.rmtree(Path(spec.run_dir) / "heartbeats", ignore_errors=True)
             argv = spec.argv + (spec.resume_args if attempt > 0 else [])
-            env = {**spec.env, RESTART_ENV: str(attempt)}
+            # rank 0 draws its progress bar only when a person is watching this launcher's terminal
+            env = {**spec.env, RESTART_ENV: str(attempt), "DIST_TRAIN_TTY": "1" if sys.stderr.isatty() else "0"}
             self._event("attempt_start", attempt=attempt, nproc=spec.nproc, argv=argv)
             handle = self.backend.start(argv, env, attempt)
             outcome: Optional[Outcome] = None

@@ -20,3 +20,19 @@ def tiny_gpt_config(run_dir, steps: int = 5, **sections) -> "Config":
 
 def rel_close(a: list[float], b: list[float], rtol: float) -> bool:
     return len(a) == len(b) and all(abs(x - y) <= rtol * max(abs(x), abs(y), 1e-12) for x, y in zip(a, b))
+
+
+def tiny_swin_config(run_dir, data_dir, steps: int = 5, **sections) -> "Config":
+    """A pixel-level Swin forecasting a 10x16 two-field weather grid (H pads to 12, W periodic)."""
+    base = {
+        "run": {"name": "s", "dir": str(run_dir), "seed": 3},
+        "model": {"kind": "swin", "d_model": 16, "n_layers": 2, "n_heads": 2, "ffn_hidden": 32, "patch_size": 1,
+                  "window": 4, "in_channels": 2, "out_channels": 2, "wrap": [False, True]},
+        "data": {"source": "weather", "path": str(data_dir), "image": [10, 16], "channels": 2, "steps": 12},
+        "train": {"steps": steps, "global_batch": 2, "micro_batch": 1, "lr": 3e-3, "warmup_steps": 1,
+                  "log_every": 1, "progress": False},
+        "checkpoint": {"every": 0, "at_end": False},
+    }
+    for sec, vals in sections.items():
+        base.setdefault(sec, {}).update(vals)
+    return config_from_dict(base)

@@ -27,6 +27,12 @@ def layout_multiple(cp: int, layout: str) -> int:
     return 2 * cp if layout == "zigzag" else cp
 
 
+def micro_batch_ids(consumed: int, micro: int, micro_batch: int, dp: int, dp_rank: int) -> list[int]:
+    """Global sample ids of micro-batch ``micro`` of dp rank ``dp_rank`` (see the module docstring)."""
+    base = consumed + micro * micro_batch * dp + dp_rank * micro_batch
+    return list(range(base, base + micro_batch))
+
+
 class TokenBatcher:
     def __init__(self, source: TokenSource, *, micro_batch: int, dp: int, dp_rank: int, cp: int = 1,
                  cp_rank: int = 0, layout: str = "zigzag"):
@@ -34,8 +40,7 @@ class TokenBatcher:
         self.cp, self.cp_rank, self.layout = cp, cp_rank, layout
 
     def sample_ids(self, consumed: int, micro: int) -> list[int]:
-        base = consumed + micro * self.mb * self.dp + self.dp_rank * self.mb
-        return list(range(base, base + self.mb))
+        return micro_batch_ids(consumed, micro, self.mb, self.dp, self.dp_rank)
 
     def microbatch(self, consumed: int, micro: int) -> dict[str, torch.Tensor]:
         """-> {"tokens": [mb, S_local], "labels": [mb, S_local], "positions": [S_local]} (global positions)."""

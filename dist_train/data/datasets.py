@@ -13,12 +13,22 @@ import numpy as np
 import torch
 
 
+def megatron_indexed_dataset():
+    """megatron-core's IndexedDataset module, imported without its 'Transformer Engine/Apex are not
+    installed' warnings (irrelevant for reading data, and printed once per rank otherwise)."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*(Transformer Engine|Apex).*")
+        from megatron.core.datasets import indexed_dataset
+    return indexed_dataset
+
+
 class IndexedTokenDataset:
     """A Megatron indexed dataset (PREFIX.bin/.idx) read as one memory-mapped token stream."""
 
     def __init__(self, prefix: str, seq_len: int, seed: int):
-        from megatron.core.datasets.indexed_dataset import IndexedDataset
-
+        IndexedDataset = megatron_indexed_dataset().IndexedDataset
         if not Path(f"{prefix}.idx").is_file() or not Path(f"{prefix}.bin").is_file():
             raise ValueError(f"data.path = {prefix}: {prefix}.bin/.idx not found")
         index = IndexedDataset(prefix)  # validates the .idx header against the .bin

@@ -64,8 +64,10 @@ def iter_documents(paths: Iterable[Path]) -> Iterator[str]:
 def prepare_indexed(inputs: list[Path], output_prefix: str, tokenizer: str = "byte") -> dict:
     """Tokenize ``inputs`` into ``output_prefix``.bin/.idx; returns {"documents", "tokens", "prefix"}."""
     import torch
-    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
 
+    from .datasets import megatron_indexed_dataset
+
+    IndexedDatasetBuilder = megatron_indexed_dataset().IndexedDatasetBuilder
     tok = get_tokenizer(tokenizer)
     dtype = np.uint16 if tok.vocab_size <= 65535 else np.int32
     out = Path(output_prefix)

@@ -30,7 +30,7 @@ class DDPEngine:
         self.grad_size = mesh.grad_size
         self.wrapped: nn.Module = model
         if mesh.grad_group is not None:
-            self.wrapped = DDP(model, process_group=mesh.grad_group, broadcast_buffers=False)
+            self.wrapped = DDP(model, process_group=mesh.grad_group)
         self.optimizer = build_optimizer(list(model.named_parameters()), cfg)
         self.scheduler = build_scheduler(self.optimizer, cfg)
         self.grad_clip = cfg.grad_clip

@@ -1,0 +1,55 @@
+"""Per-rank micro-batches of the weather dataset: each rank reads only its own tile of each sample.
+
+Sample ids follow the same global-index scheme as the token batcher (``micro_batch_ids``), mapped to
+time steps through a seeded permutation that is reshuffled every epoch.
+"""
+from __future__ import annotations
+
+from functools import lru_cache
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from .batches import micro_batch_ids
+
+
+class WeatherBatcher:
+    """``microbatch(consumed, m) -> {"x": [mb, h, w, C], "y": ..., "image_size": [2], "count": []}``."""
+
+    def __init__(self, cfg, mesh, model):
+        from .weather import WeatherDataset, prepare_weather
+
+        d = cfg.data
+        if not d.path:
+            raise ValueError("data.path is not set: give the directory of the weather dataset (generated there "
+                             "on first use)")
+        if not d.image or len(d.image) != 2:
+            raise ValueError(f"data.image = {d.image!r}: the weather source needs [H, W]")
+        if mesh.rank == 0:
+            prepare_weather(d.path, height=int(d.image[0]), width=int(d.image[1]), steps=d.steps,
+                            channels=d.channels, seed=cfg.run.seed)
+        if dist.is_initialized():
+            dist.barrier()
+        self.ds = WeatherDataset(d.path)
+        if self.ds.image_size != (int(d.image[0]), int(d.image[1])) or self.ds.channels != d.channels:
+            raise ValueError(f"data.path = {d.path} holds {self.ds.image_size} x {self.ds.channels} fields, "
+                             f"but data.image = {d.image}, data.channels = {d.channels}")
+        self.rows, self.cols = model.tile_slices(self.ds.image_size)
+        self.mb, self.dp, self.dp_rank, self.seed = cfg.train.micro_batch, mesh.size("dp"), mesh.coord("dp"), cfg.run.seed
+        p = cfg.model.patch_size
+        self.tokens_per_sample = (self.ds.height // p) * (self.ds.width // p)
+
+    @lru_cache(maxsize=4)
+    def _order(self, epoch: int) -> np.ndarray:
+        return np.random.default_rng([self.seed, epoch]).permutation(len(self.ds))
+
+    def _time_index(self, global_index: int) -> int:
+        epoch, j = divmod(global_index, len(self.ds))
+        return int(self._order(epoch)[j])
+
+    def microbatch(self, consumed: int, micro: int) -> dict[str, torch.Tensor]:
+        ids = [self._time_index(i) for i in micro_batch_ids(consumed, micro, self.mb, self.dp, self.dp_rank)]
+        b = self.ds.batch(ids, self.rows, self.cols)
+        return {"x": b["x"], "y": b["y"], "image_size": torch.tensor(b["image_size"]),
+                "count": torch.tensor(float(b["y"].numel()))}
