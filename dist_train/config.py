@@ -419,6 +419,8 @@ def _validate_swin(cfg: Config) -> None:
         raise ConfigError(f"model.d_model = {m.d_model} is not divisible by model.n_heads = {m.n_heads}")
     if p.tp > 1 or p.pp > 1:
         raise ConfigError(f"parallel.tp = {p.tp}, pp = {p.pp}: the swin model supports dp, wp and cp only")
+    if not (isinstance(m.wrap, list) and len(m.wrap) == 2 and all(isinstance(v, bool) for v in m.wrap)):
+        raise ConfigError(f"model.wrap = {m.wrap!r}: expected [bool, bool] (periodic H, periodic W)")
 
 
 def check_world_size(cfg: Config, world_size: int) -> None:
