@@ -1,0 +1,108 @@
+"""End to end: the real trainer (configs/gpt_tiny.yaml, a few steps, 2 CPU ranks) through every backend.
+
+* embedded Ray: trains, per-rank logs exist, rank 0's lines reach the console exactly once;
+* a rank SIGKILLed mid-run (local backend, --max-restarts 1) → restart from the last checkpoint, and the
+  final loss equals an uninterrupted run started by a bare ``mpiexec -n 2 … dist_train run``;
+* ``dist-train launch --backend mpi`` + SIGTERM → complete checkpoint, status 75; relaunch resumes at the
+  next step.
+"""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from dist_train.lifecycle import EXIT_PREEMPTED, read_heartbeat
+
+pytestmark = pytest.mark.slow
+REPO = Path(__file__).resolve().parents[1]
+CONFIG = str(REPO / "configs" / "gpt_tiny.yaml")
+BASE = ["--set", "parallel.dp=2", "--set", "train.log_every=1", "--set", "train.progress=false",
+        "--set", "checkpoint.at_end=false"]
+
+
+def _env(**extra):
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("DIST_TRAIN_", "RANK", "WORLD_SIZE", "MASTER_"))}
+    env.update({"PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", **extra})
+    return env
+
+
+def _launch(run_dir, *args, env=None, timeout=240):
+    cmd = [sys.executable, "-m", "dist_train", "launch", CONFIG, *BASE, "--set", f"run.dir={run_dir}", *args]
+    return subprocess.run(cmd, cwd=REPO, env=env or _env(), capture_output=True, text=True, timeout=timeout)
+
+
+def _metrics(run_dir):
+    return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines() if line.strip()]
+
+
+def test_ray_embedded_two_ranks(tmp_path):
+    pytest.importorskip("ray")
+    run_dir = tmp_path / "ray"
+    p = _launch(run_dir, "--backend", "ray", "--nproc", "2", "--set", "train.steps=3")
+    out = p.stdout + p.stderr
+    assert p.returncode == 0, out[-4000:]
+    assert _metrics(run_dir)[-1]["step"] == 3
+    for r in range(2):
+        assert (run_dir / "logs" / f"rank_{r}.log").is_file() and (run_dir / "logs" / f"rank_{r}.stderr").is_file()
+    assert out.count("dist-train | gpt_tiny") == 1, out[-4000:]  # rank 0's banner, exactly once
+    assert "[rank 0] " in out and "(RankActor" not in out  # ours, not Ray's log forwarding
+
+
+def test_killed_rank_restarts_and_matches_uninterrupted(tmp_path):
+    from launchers.mpi import find_mpiexec
+
+    steps = ["--set", "train.steps=5", "--set", "checkpoint.every=2"]
+    run_dir = tmp_path / "fault"
+    p = _launch(run_dir, "--backend", "local", "--nproc", "2", "--max-restarts", "1", *steps,
+                env=_env(DIST_TRAIN_FAULT="rank=1,step=3,signal=KILL"))
+    out = p.stdout + p.stderr
+    assert p.returncode == 0, out[-4000:]
+    assert "rank 1 killed by SIGKILL" in out and "restart 1 of 1" in out
+    events = [json.loads(line)["event"] for line in (run_dir / "logs" / "launcher.jsonl").read_text().splitlines()]
+    assert events.count("attempt_start") == 2
+    mpiexec = find_mpiexec()
+    if mpiexec is None:
+        pytest.skip("no mpiexec for the uninterrupted reference run")
+    ref_dir = tmp_path / "ref"
+    cmd = [mpiexec, "-n", "2", sys.executable, "-m", "dist_train", "run", CONFIG, *BASE, *steps,
+           "--set", f"run.dir={ref_dir}"]
+    q = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=240)
+    assert q.returncode == 0, (q.stdout + q.stderr)[-4000:]
+    got, ref = _metrics(run_dir)[-1], _metrics(ref_dir)[-1]
+    assert got["step"] == ref["step"] == 5
+    assert got["loss"] == pytest.approx(ref["loss"], rel=1e-6, abs=1e-6)
+
+
+def test_mpi_launch_sigterm_checkpoints_and_resumes(tmp_path):
+    from dist_train.checkpoint import complete_checkpoints
+    from launchers.mpi import find_mpiexec
+
+    if find_mpiexec() is None:
+        pytest.skip("no mpiexec on this machine (pip install mpich)")
+    run_dir = tmp_path / "pre"
+    cmd = [sys.executable, "-m", "dist_train", "launch", CONFIG, *BASE, "--set", f"run.dir={run_dir}",
+           "--backend", "mpi", "--nproc", "2", "--set", "train.steps=500", "--set", "checkpoint.every=0"]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 180
+    while time.time() < deadline and proc.poll() is None:
+        hb = [read_heartbeat(run_dir, r) for r in range(2)]
+        if all(h and (h.get("step") or 0) >= 2 for h in hb):
+            break
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=180)
+    assert proc.returncode == EXIT_PREEMPTED, out[-4000:]
+    done = complete_checkpoints(run_dir / "checkpoints")
+    assert done, out[-4000:]
+    saved = done[0][0]
+    assert 2 <= saved < 500
+    p = _launch(run_dir, "--backend", "local", "--nproc", "2", "--set", f"train.steps={saved + 1}")
+    assert p.returncode == 0, (p.stdout + p.stderr)[-4000:]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["start_step"] == saved  # resumed at the next step, trained exactly one
+    assert _metrics(run_dir)[-1]["step"] == saved + 1
