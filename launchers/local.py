@@ -68,7 +68,14 @@ class LocalBackend:
         port = free_port("127.0.0.1")  # a fresh port per attempt: the old store may linger in TIME_WAIT
         started = time.time()
         base = {k: v for k, v in os.environ.items()}
-        ranks = [RankProcess(argv, r, rank_environment(base, r, self.nproc, r, self.nproc, "127.0.0.1", port, env),
-                             self.sink, log_dir=self.run_dir / "logs", attempt=attempt, cwd=self.cwd)
-                 for r in range(self.nproc)]
+        ranks: list[RankProcess] = []
+        try:
+            for r in range(self.nproc):
+                env_r = rank_environment(base, r, self.nproc, r, self.nproc, "127.0.0.1", port, env)
+                ranks.append(RankProcess(argv, r, env_r, self.sink, log_dir=self.run_dir / "logs", attempt=attempt,
+                                         cwd=self.cwd))
+        except BaseException:
+            for p in ranks:  # e.g. the command does not exist: no half-started job may survive
+                p.close()
+            raise
         return LocalAttempt(ranks, self.run_dir, attempt, started)
