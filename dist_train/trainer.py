@@ -183,8 +183,7 @@ def train(cfg: Config, ctx: Optional[DistContext] = None) -> TrainResult:
         for step in range(start_step, t.steps):
             t0 = time.perf_counter()
             micro = [batcher.microbatch(consumed, m) for m in range(accum)]
-            count = torch.tensor([sum(float((b["labels"] != -100).sum()) if "labels" in b else float(b["count"])
-                                      for b in micro)], dtype=torch.float64)
+            count = torch.tensor([sum(float(b["count"]) for b in micro)], dtype=torch.float64)
             global_count = float(_all_reduce_sum(count, mesh.grad_group).item())
             if global_count <= 0:
                 raise ValueError(f"step {step}: the global batch has no real tokens to train on")

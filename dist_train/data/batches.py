@@ -43,7 +43,8 @@ class TokenBatcher:
         return micro_batch_ids(consumed, micro, self.mb, self.dp, self.dp_rank)
 
     def microbatch(self, consumed: int, micro: int) -> dict[str, torch.Tensor]:
-        """-> {"tokens": [mb, S_local], "labels": [mb, S_local], "positions": [S_local]} (global positions)."""
+        """-> {"tokens": [mb, S_local], "labels": [mb, S_local], "positions": [S_local] (global ids),
+        "count": [] real labels in this shard}."""
         seqs = torch.stack([self.source[i] for i in self.sample_ids(consumed, micro)])
         tokens, labels = seqs[:, :-1], seqs[:, 1:]
         s = tokens.shape[1]
@@ -53,8 +54,11 @@ class TokenBatcher:
             tokens = torch.cat([tokens, tokens.new_zeros(tokens.shape[0], pad)], dim=1)
             labels = torch.cat([labels, labels.new_full((labels.shape[0], pad), IGNORE_INDEX)], dim=1)
         if self.cp == 1:
-            return {"tokens": tokens, "labels": labels, "positions": torch.arange(tokens.shape[1])}
-        from parallelism import sequence_positions
+            idx = torch.arange(tokens.shape[1])
+        else:
+            from parallelism import sequence_positions
 
-        idx = sequence_positions(tokens.shape[1], rank=self.cp_rank, world_size=self.cp, layout=self.layout)
-        return {"tokens": tokens[:, idx], "labels": labels[:, idx], "positions": idx}
+            idx = sequence_positions(tokens.shape[1], rank=self.cp_rank, world_size=self.cp, layout=self.layout)
+            tokens, labels = tokens[:, idx], labels[:, idx]
+        count = (labels != IGNORE_INDEX).sum().to(torch.float64)
+        return {"tokens": tokens, "labels": labels, "positions": idx, "count": count}
