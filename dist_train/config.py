@@ -292,7 +292,9 @@ def _expand_vars(d: dict, root: dict) -> dict:
 
 
 def config_from_dict(data: dict, overrides: Optional[list[str]] = None) -> Config:
-    data = dict(data or {})
+    import copy
+
+    data = copy.deepcopy(data or {})  # overrides must never leak into the caller's mapping
     for item in overrides or []:
         path, value = parse_override(item)
         node = data

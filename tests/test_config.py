@@ -73,3 +73,9 @@ def test_every_subcommand_has_help_with_an_example():
     for cmd in (["run"], ["data", "prepare"], ["bench"]):
         r = _cli(*cmd, "--help")
         assert r.returncode == 0 and "examples:" in r.stdout, (cmd, r.stdout)
+
+
+def test_overrides_do_not_mutate_the_callers_mapping():
+    data = {"train": {"steps": 3}}
+    config_from_dict(data, ["train.steps=9", "parallel.cp=2"])
+    assert data == {"train": {"steps": 3}}
