@@ -1,6 +1,7 @@
-"""Pixel-level Swin encoder–decoder for dense prediction, window-parallel over a gh×gw grid of ranks.
+"""Pixel-level Swin encoder–decoder for dense prediction, window-parallel over a gh×gw grid of ranks,
+optionally with a cp sub-group per tile (Ulysses inside windows).
 
-    model = build_swin(model_cfg, wp_group=g, grid=(gh, gw), cp_group=None)
+    model = build_swin(model_cfg, wp_group=g, grid=(gh, gw), cp_group=c)
     rows, cols = model.tile_slices((H, W))           # the pixels this rank reads from the dataset
     loss_sum, count = model({"x": [B, h, w, Cin], "y": [B, h, w, Cout], "image_size": (H, W)})
 
@@ -13,8 +14,17 @@ and are masked out of attention by their global (unrolled) coordinate, and out o
 Each block: roll the block input x [B, h, w, C] once by −shift (halo exchange of C channels: two
 strips and a corner), then pre-norm window attention with a relative position bias and a pre-norm MLP
 entirely in the rolled frame (both are per-token, so the roll commutes with them), then roll back.
-Weights are replicated over wp; the trainer's gradient reduction sums their per-rank contributions.
-``cp_group`` of size > 1 is rejected with NotImplementedError for now (see docs/window_parallel.md).
+Weights are replicated over wp (and cp); the trainer's gradient reduction sums their per-rank contributions.
+
+With a ``cp_group`` of c > 1 ranks (used automatically whenever it has more than one rank) the c ranks of a
+tile split its token rows (``parallelism.window.share_rows``: as even as possible; whole window rows when
+they divide by c): each reads, embeds, normalises, projects and runs the MLP on its own share only, and the
+loss covers only its share's real pixels. Attention needs whole windows: one all-to-all over cp trades the
+share's q|k|v for the whole tile on n_heads/c heads (ValueError unless c divides n_heads), the shifted block
+rolls THOSE by −shift with the halo exchange over the wp group (cp rank k of every tile holds the same heads,
+so the wp group — fixed cp coordinate — pairs the right ranks), attention runs in the rolled frame, the
+output rolls back and a second all-to-all returns it to the share. Per block and pass: 2 all-to-alls; per
+shifted block 4·d/c channels of halo (q, k, v, out) per rank instead of 2·d (x and back) without cp.
 """
 from __future__ import annotations
 
@@ -29,6 +39,7 @@ import torch.nn.functional as F
 from parallelism.window.attention import group_rank_size
 from parallelism.window.halo import halo_roll
 from parallelism.window.layout import TileLayout, as_pair
+from parallelism.window.ulysses import heads_to_shares, share_rows, shares_to_heads
 from parallelism.window.windows import region_labels, window_attention, wrap_flags
 
 
@@ -53,27 +64,61 @@ class WindowBlock(nn.Module):
         self.fc2 = nn.Linear(ffn, d)
 
     def forward(self, x: torch.Tensor, ctx: "_TileContext") -> torch.Tensor:
-        """x: this rank's tile [B, h, w, d] (unrolled frame) → same shape."""
-        if any(self.shift):
+        """x: this rank's tokens in the unrolled frame → same shape: the whole tile [B, h, w, d] without cp,
+        this cp rank's share of the tile's rows [B, r, w, d] with cp."""
+        if ctx.cp > 1:
+            x = x + self.proj(self._ulysses_attention(self.norm1(x), ctx))
+            return x + self._mlp(x)
+        if any(self.shift):  # roll x once; attention and the per-token MLP both run in the rolled frame
             x = halo_roll(x, ctx.layout, ctx.rank, self.shift, ctx.wp_group)
-        labels, key_valid = ctx.masks(self.shift)
         b, h, w, d = x.shape
         q, k, v = self.qkv(self.norm1(x)).reshape(b, h, w, 3, self.heads, d // self.heads).unbind(3)
-        o = window_attention(q, k, v, window=self.window, labels=labels, key_valid=key_valid, bias=self.bias,
-                             scale=(d // self.heads) ** -0.5)
-        x = x + self.proj(o.reshape(b, h, w, d))
-        x = x + self.fc2(F.gelu(self.fc1(self.norm2(x))))
+        x = x + self.proj(self._attend(q, k, v, self.bias, ctx).reshape(b, h, w, d))
+        x = x + self._mlp(x)
         if any(self.shift):
             x = halo_roll(x, ctx.layout, ctx.rank, self.shift, ctx.wp_group, inverse=True)
         return x
+
+    def _mlp(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(F.gelu(self.fc1(self.norm2(x))))
+
+    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor,
+                ctx: "_TileContext") -> torch.Tensor:
+        """Window attention on the rolled whole tile: q, k, v [B, h, w, heads', D] → [B, h, w, heads', D]."""
+        labels, key_valid = ctx.masks(self.shift)
+        return window_attention(q, k, v, window=self.window, labels=labels, key_valid=key_valid, bias=bias,
+                                scale=q.shape[-1] ** -0.5)
+
+    def _ulysses_attention(self, h: torch.Tensor, ctx: "_TileContext") -> torch.Tensor:
+        """Normed share [B, r, w, d] → attention output of the share [B, r, w, d] (before proj).
+
+        share → (all-to-all) whole tile on heads [c·H/cp, (c+1)·H/cp) → roll(−s) over wp → windows → roll(+s)
+        → (all-to-all) share. q, k, v of a head travel together: one all-to-all and one halo message each way.
+        """
+        b, r, w, d = h.shape
+        hd, hl = d // self.heads, self.heads // ctx.cp
+        qkv = self.qkv(h).reshape(b, r * w, 3, self.heads, hd).transpose(2, 3).reshape(b, r * w, self.heads, 3 * hd)
+        th, tw = ctx.layout.tile_shape(ctx.rank)
+        tile = shares_to_heads(qkv, ctx.share_tokens, ctx.cp_group).reshape(b, th, tw, hl, 3, hd)
+        if any(self.shift):
+            tile = halo_roll(tile, ctx.layout, ctx.rank, self.shift, ctx.wp_group)
+        q, k, v = tile.unbind(4)
+        lo = ctx.cp_rank * hl
+        o = self._attend(q, k, v, self.bias[lo:lo + hl], ctx)
+        if any(self.shift):
+            o = halo_roll(o, ctx.layout, ctx.rank, self.shift, ctx.wp_group, inverse=True)
+        return heads_to_shares(o.reshape(b, th * tw, hl, hd), ctx.share_tokens, ctx.cp_group).reshape(b, r, w, d)
 
 
 class _TileContext:
     """Per-forward facts about this rank's tile: layout, masks from global coordinates, cp shares."""
 
     def __init__(self, layout: TileLayout, rank: int, real_tokens: tuple[int, int], wrap: tuple[bool, bool],
-                 wp_group):
+                 wp_group, cp_group=None, cp_rank: int = 0, share_tokens: tuple[int, ...] = ()):
         self.layout, self.rank, self.real, self.wrap, self.wp_group = layout, rank, real_tokens, wrap, wp_group
+        # cp: tokens of every cp rank's share of this tile (group-rank order) and this rank's place in it
+        self.cp_group, self.cp_rank, self.share_tokens = cp_group, cp_rank, share_tokens
+        self.cp = max(1, len(share_tokens))
         self._masks: dict[tuple[int, int], Any] = {}
 
     def masks(self, shift: tuple[int, int]):
@@ -108,11 +153,15 @@ class SwinModel(nn.Module):
                              f"{self.patch}, {cin}, {cout}")
         if d % heads:
             raise ValueError(f"model.d_model = {d} is not a multiple of model.n_heads = {heads}")
-        cp = group_rank_size(cp_group)[1] if cp_group is not None else 1
-        if cp > 1:
-            raise NotImplementedError(f"swin with cp = {cp}: Ulysses inside windows is not wired into the model "
-                                      "yet (parallelism.window.ulysses has the heads all-to-all); use cp = 1")
-        wp_size = group_rank_size(wp_group)[1]
+        # cp_group None means "no cp" (the mesh passes None for an axis of size 1), never the default group
+        self.cp_rank, self.cp = group_rank_size(cp_group) if cp_group is not None else (0, 1)
+        if heads % self.cp:
+            divisors = [c for c in range(1, heads + 1) if heads % c == 0]
+            raise ValueError(f"model.n_heads = {heads} is not divisible by cp = {self.cp}: swin with cp > 1 runs "
+                             f"Ulysses inside windows (n_heads/cp heads per cp rank); valid cp: {divisors}")
+        # grid 1×1 is "no wp" whatever wp_group is (the mesh passes None for an axis of size 1, which must not
+        # be read as the default group); a larger grid takes None as the default group
+        self.wp_rank, wp_size = group_rank_size(wp_group) if self.grid != (1, 1) else (0, 1)
         if wp_size != self.grid[0] * self.grid[1]:
             raise ValueError(f"grid {self.grid} needs {self.grid[0] * self.grid[1]} ranks in wp_group, got {wp_size}")
         ffn = int(cfg.ffn_hidden) if getattr(cfg, "ffn_hidden", None) else 4 * d
@@ -140,39 +189,53 @@ class SwinModel(nn.Module):
                                  f"need padding to {padded}: make {axis} a multiple of patch*window")
         return TileLayout.build(ph, pw, self.grid, self.window), (th, tw)
 
+    def cp_rows(self, layout: TileLayout, rank: int) -> tuple[list[int], slice]:
+        """Token rows of every cp rank's share of wp rank ``rank``'s tile, and this cp rank's rows (tile-local)."""
+        th = layout.tile_shape(rank)[0]
+        counts = share_rows(th, self.cp, what=f"the tile of wp rank {rank}") if self.cp > 1 else [th]
+        start = sum(counts[:self.cp_rank])
+        return counts, slice(start, start + counts[self.cp_rank])
+
     def tile_slices(self, image_hw: tuple[int, int]) -> tuple[slice, slice]:
-        """Pixel rows/cols of the REAL image this rank reads (the last tiles are shorter: padding is the model's)."""
+        """Pixel rows/cols of the REAL image this rank reads: its tile, or its cp share of the tile's rows.
+
+        The last tiles are shorter (padding is the model's); a cp share that is all padding is empty.
+        """
         layout, _ = self.layout(image_hw)
-        rows, cols = layout.tile(group_rank_size(self.wp_group)[0])
-        p = self.patch
-        return (slice(rows.start * p, min(rows.stop * p, image_hw[0])),
-                slice(cols.start * p, min(cols.stop * p, image_hw[1])))
+        rank = self.wp_rank
+        rows, cols = layout.tile(rank)
+        share = self.cp_rows(layout, rank)[1]
+        p, (h, w) = self.patch, image_hw
+        r0, r1 = rows.start + share.start, rows.start + share.stop
+        return slice(min(r0 * p, h), min(r1 * p, h)), slice(cols.start * p, min(cols.stop * p, w))
 
     def forward(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        """batch: x [B, h, w, Cin] and y [B, h, w, Cout] (this rank's real pixels), image_size (H, W).
+        """batch: x [B, h, w, Cin] and y [B, h, w, Cout] (this rank's real pixels: ``tile_slices``), image_size.
 
-        Returns (sum of squared errors over real pixels × channels, fp32; their count, float tensor).
+        Returns (sum of squared errors over this rank's real pixels × channels; their count, float tensor).
         """
         x, y = batch["x"], batch["y"]
         if x.dim() == 3:
             x, y = x[None], y[None]
         image_hw = tuple(int(v) for v in batch["image_size"])
         layout, real = self.layout(image_hw)
-        rank = group_rank_size(self.wp_group)[0]
+        rank = self.wp_rank
         rows, cols = self.tile_slices(image_hw)
         hp, wp = rows.stop - rows.start, cols.stop - cols.start
         if tuple(x.shape[1:3]) != (hp, wp) or x.shape[3] != self.cin or tuple(y.shape[:3]) != tuple(x.shape[:3]) \
                 or y.shape[3] != self.cout:
-            raise ValueError(f"batch x {list(x.shape)} / y {list(y.shape)} do not match this rank's tile of the "
-                             f"{image_hw[0]}x{image_hw[1]} image: expected [B, {hp}, {wp}, {self.cin}] / "
+            raise ValueError(f"batch x {list(x.shape)} / y {list(y.shape)} do not match this rank's tile (or cp "
+                             f"share) of the {image_hw[0]}x{image_hw[1]} image: expected [B, {hp}, {wp}, {self.cin}] / "
                              f"[B, {hp}, {wp}, {self.cout}] (use model.tile_slices)")
         p = self.patch
-        th, tw = layout.tile_shape(rank)
+        counts, share = self.cp_rows(layout, rank)
+        th, tw = share.stop - share.start, layout.tile_shape(rank)[1]  # this rank's token rows × the tile width
         dtype = self.embed.weight.dtype
         xpad = F.pad(x.to(dtype), (0, 0, 0, tw * p - wp, 0, th * p - hp))  # pad BEFORE any roll
         b = x.shape[0]
         patches = xpad.reshape(b, th, p, tw, p, self.cin).transpose(2, 3).reshape(b, th, tw, p * p * self.cin)
-        ctx = _TileContext(layout, rank, real, self.wrap, self.wp_group)
+        ctx = _TileContext(layout, rank, real, self.wrap, self.wp_group, self.cp_group, self.cp_rank,
+                           tuple(c * tw for c in counts) if self.cp > 1 else ())
         t = self.embed(patches)
         for block in self.blocks:
             t = block(t, ctx)

@@ -1,0 +1,132 @@
+"""Swin with window parallelism × cp (Ulysses inside windows) equals the single-rank model, in float64.
+
+Ranks are laid out like the mesh (cp innermost): global rank = wp_rank·cp + cp_rank; the wp group of a rank
+holds the ranks with its cp coordinate, the cp group the ranks of its tile. Every case checks, on every rank,
+the loss and count summed over all ranks and every parameter gradient summed over all ranks (the trainer's
+reduction over dp × wp × cp) against grid 1×1 without cp on the full image, plus the number of all-to-alls
+and the bytes the all-to-alls and the halo exchanges send. Images need padding; splits are even (whole
+window rows), even across windows, uneven (exact via the uneven all-to-all) and include a cp share that
+is all padding (it reads no pixel).
+"""
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from dist_train.models.swin import build_swin
+from parallelism.window import halo_stats, halo_tokens, reset_halo_stats, reset_ulysses_stats, share_rows, \
+    ulysses_stats
+from tests.dist_harness import run_ranks
+
+B, D_HEAD = 2, 4
+# by world size: (wp grid, cp, heads, image H, W, patch, window, wrap, expected token rows per cp rank)
+CASES = {
+    2: [((1, 1), 2, 2, 10, 16, 1, (4, 4), (False, True), [6, 6]),     # 3 window rows → even rows across windows
+        ((1, 1), 2, 2, 9, 14, 1, (3, 4), (False, False), [5, 4]),     # 9 token rows → uneven 5 + 4
+        ((1, 1), 2, 2, 17, 24, 2, (3, 2), (False, True), [5, 4])],    # patch 2: 9 token rows, periodic W
+    3: [((1, 1), 3, 3, 13, 8, 1, (4, 4), (False, False), [6, 5, 5]),
+        ((1, 1), 3, 3, 7, 9, 1, (3, 3), (False, False), [3, 3, 3])],   # whole window rows
+    4: [((1, 2), 2, 2, 10, 16, 1, (4, 4), (False, True), [6, 6]),
+        ((1, 2), 2, 2, 9, 14, 1, (3, 4), (False, False), [5, 4]),
+        ((2, 1), 2, 2, 15, 8, 1, (4, 4), (False, False), [4, 4]),     # tiles 8 + 8 rows, whole windows
+        ((1, 1), 4, 4, 5, 8, 1, (4, 4), (False, False), [2, 2, 2, 2])],  # cp rank 3's share is all padding
+}
+
+
+def _cfg(heads, patch, window, wrap):
+    return SimpleNamespace(kind="swin", d_model=heads * D_HEAD, n_layers=2, n_heads=heads, ffn_hidden=24,
+                           norm_eps=1e-5, patch_size=patch, window=list(window), in_channels=3, out_channels=3,
+                           init_std=0.2, wrap=list(wrap))
+
+
+def _groups(world: int, nwp: int, cp: int, cache: dict):
+    """(wp group, cp group) of this rank; every rank creates every group in the same order."""
+    if (nwp, cp) not in cache:
+        wp = [dist.new_group([w * cp + c for w in range(nwp)]) for c in range(cp)]
+        cpg = [dist.new_group([w * cp + c for c in range(cp)]) for w in range(nwp)]
+        cache[(nwp, cp)] = (wp, cpg)
+    wp, cpg = cache[(nwp, cp)]
+    rank = dist.get_rank()
+    return wp[rank % cp], cpg[rank // cp]
+
+
+def _model_cases(rank: int, world: int) -> int:
+    cache: dict = {}
+    for case_id, (grid, cp, heads, H, W, patch, window, wrap, rows_expected) in enumerate(CASES[world]):
+        nwp = grid[0] * grid[1]
+        assert nwp * cp == world
+        wp_group, cp_group = _groups(world, nwp, cp, cache)
+        cfg = _cfg(heads, patch, window, wrap)
+        gen = torch.Generator().manual_seed(70 + case_id)
+        x = torch.randn(B, H, W, 3, generator=gen, dtype=torch.float64)
+        y = torch.randn(B, H, W, 3, generator=gen, dtype=torch.float64)
+        torch.manual_seed(case_id)
+        ref = build_swin(cfg, wp_group=None, grid=(1, 1)).double()  # None with grid 1×1: no wp (mesh style)
+        with torch.no_grad():  # the zero-initialised head would hide every block from the gradients
+            ref.head.weight.normal_(std=0.2, generator=gen)
+            ref.blocks[1].bias.normal_(std=0.5, generator=gen)  # distinct heads: a swapped head slice shows
+        ref_loss, ref_count = ref({"x": x, "y": y, "image_size": (H, W)})
+        ref_loss.backward()
+
+        par = build_swin(cfg, wp_group=None if nwp == 1 else wp_group, grid=grid, cp_group=cp_group).double()
+        par.load_state_dict(ref.state_dict())
+        tag = f"case {case_id} grid {grid} cp {cp} image {H}x{W} patch {patch} window {window}"
+        layout, _ = par.layout((H, W))
+        th, tw = layout.tile_shape(par.wp_rank)
+        counts, share = par.cp_rows(layout, par.wp_rank)
+        assert counts == rows_expected, f"{tag}: rows {counts}"
+        rows, cols = par.tile_slices((H, W))
+        reset_ulysses_stats()
+        reset_halo_stats()
+        loss, count = par({"x": x[:, rows, cols], "y": y[:, rows, cols], "image_size": (H, W)})
+
+        # communication in the forward: 2 all-to-alls per block; each sends what leaves this rank
+        n_r, n_all, d, L = counts[par.cp_rank] * tw, th * tw, cfg.d_model, cfg.n_layers
+        a2a_fwd = L * 8 * B * (d // cp) * (3 * n_r * (cp - 1) + (n_all - n_r))
+        assert ulysses_stats() == {"calls": 2 * L, "bytes_sent": a2a_fwd}, (tag, ulysses_stats(), a2a_fwd)
+        sh, sw = (window[0] // 2 if grid[0] > 1 else 0), (window[1] // 2 if grid[1] > 1 else 0)
+        halo_fwd = halo_tokens(th, tw, sh, sw) * B * (3 + 1) * (d // cp) * 8  # q|k|v there, out back: heads/cp
+        assert halo_stats()["bytes_sent"] == halo_fwd, (tag, halo_stats(), halo_fwd)
+        loss.backward()
+        a2a_bwd = L * 8 * B * (d // cp) * (n_r * (cp - 1) + 3 * (n_all - n_r))  # the adjoint exchanges
+        assert ulysses_stats() == {"calls": 4 * L, "bytes_sent": a2a_fwd + a2a_bwd}, (tag, ulysses_stats())
+
+        assert float(count) == B * (rows.stop - rows.start) * (cols.stop - cols.start) * 3, tag
+        total = torch.stack([loss.detach(), count.double()])
+        dist.all_reduce(total)
+        assert float(total[1]) == float(ref_count) == B * H * W * 3, tag
+        assert torch.allclose(total[0], ref_loss.detach(), rtol=1e-11, atol=0), f"{tag}: {total[0]} vs {ref_loss}"
+        for (name, p_ref), p in zip(ref.named_parameters(), par.parameters()):
+            g = p.grad.clone()
+            dist.all_reduce(g)  # replicated weights: the gradient reduction over wp × cp
+            assert p_ref.grad.abs().max() > 0, f"{tag}: {name} has no gradient in the reference"
+            assert torch.allclose(g, p_ref.grad, rtol=1e-9, atol=1e-12), \
+                f"{tag}: {name} grad max err {(g - p_ref.grad).abs().max()}"
+
+    if world == 2:  # bad input: heads not divisible by cp, a tile with fewer token rows than cp ranks
+        _, cp_group = _groups(world, 1, 2, cache)
+        with pytest.raises(ValueError, match=r"n_heads = 3 is not divisible by cp = 2.*valid cp: \[1, 3\]"):
+            build_swin(_cfg(3, 1, (4, 4), (False, False)), wp_group=None, grid=(1, 1), cp_group=cp_group)
+        one_row = build_swin(_cfg(2, 4, (1, 4), (False, False)), wp_group=None, grid=(1, 1), cp_group=cp_group)
+        with pytest.raises(ValueError, match="cp = 2 .* only 1 token rows: use cp <= 1"):
+            one_row.tile_slices((4, 16))
+    return len(CASES[world])
+
+
+@pytest.mark.parametrize("world", [2, 3, 4])
+def test_swin_wp_cp_equals_single_rank(world):
+    assert run_ranks(_model_cases, world, timeout=150) == [len(CASES[world])] * world
+
+
+def test_share_rows_split():
+    assert share_rows(12, 3) == [4, 4, 4]   # whole window rows of 4 when they divide
+    assert share_rows(12, 2) == [6, 6]      # balance over alignment (3 window rows of 4)
+    assert share_rows(9, 2) == [5, 4]       # uneven: earlier ranks take the extra row
+    assert share_rows(5, 1) == [5]
+    with pytest.raises(ValueError, match="cp = 4 .* has only 3 token rows: use cp <= 3"):
+        share_rows(3, 4)
+    with pytest.raises(ValueError, match="cp = 0"):
+        share_rows(3, 0)
