@@ -238,7 +238,9 @@ def measure(cfg: dict) -> dict:
                 critical_path_s=critical, critical_path_efficiency=(single / P) / critical,
                 imbalance=max(work) / (sum(work) / len(work)),
                 kernel_vs_sdpa=_kernel_ratio(cfg, S // P),
-                peak_mem_ratio=max(pr["rss_growth_mib"] for pr in per_rank) / max(single_rss, 1e-9),
+                # maxrss growth is only meaningful when the baseline grows past import-time peaks
+                peak_mem_ratio=(max(pr["rss_growth_mib"] for pr in per_rank) / single_rss
+                                if single_rss >= 1.0 else None),
                 single_rss_growth_mib=single_rss, ranks=per_rank)
 
 
@@ -252,8 +254,9 @@ def _print(rec: dict) -> None:
               f"{r['kv_blocks_sent']:>7} {r['rss_growth_mib']:>8.1f}")
     print(f"time {rec['time_s']:.3f}s  ideal {rec['ideal_time_s']:.3f}s  efficiency {rec['efficiency']:.1%}  "
           f"critical path {rec['critical_path_s']:.3f}s ({rec['critical_path_efficiency']:.1%})  "
-          f"imbalance {rec['imbalance']:.3f}  kernel/SDPA speed {rec['kernel_vs_sdpa']:.2f}  "
-          f"peak-mem ratio {rec['peak_mem_ratio']:.2f}")
+          f"imbalance {rec['imbalance']:.3f}  kernel/SDPA speed {rec['kernel_vs_sdpa']:.2f}  peak-mem ratio "
+          + (f"{rec['peak_mem_ratio']:.2f}" if rec["peak_mem_ratio"] is not None else
+             f"n/a (single-device growth {rec['single_rss_growth_mib']:.1f} MiB below import peak)"))
 
 
 def run(args: argparse.Namespace) -> int:
