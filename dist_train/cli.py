@@ -51,9 +51,9 @@ def _cmd_data_prepare(args: argparse.Namespace) -> int:
 def _add_run(sub) -> None:
     p = sub.add_parser("run", help="run one rank (under torchrun, mpiexec or a launcher) or a single process",
                        formatter_class=_F, epilog=_examples(
-                           "dist-train run configs/gpt_tiny.yaml --set train.steps=10",
+                           "dist-train run configs/gpt_tiny.yaml --set parallel.dp=1 --set train.steps=10",
                            "torchrun --nproc-per-node 2 -m dist_train run configs/gpt_tiny.yaml --set parallel.dp=2",
-                           "mpiexec -n 2 dist-train run configs/gpt_tiny.yaml --set parallel.cp=2"))
+                           "mpiexec -n 2 dist-train run configs/gpt_tiny.yaml"))
     p.add_argument("config", help="YAML config file")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key (repeatable)")
     p.set_defaults(func=_cmd_run)
@@ -109,8 +109,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Distributed long-context training: context (ring/Ulysses) and window parallelism "
                     "composed with tensor, pipeline and ZeRO data parallelism on one device mesh.",
         epilog=_examples("dist-train launch configs/demo.yaml",
-                         "dist-train launch configs/gpt_tiny.yaml --backend local --nproc 2 --set parallel.cp=2",
-                         "dist-train run configs/gpt_tiny.yaml", "dist-train <command> --help"))
+                         "dist-train launch configs/gpt_tiny.yaml --backend local --set parallel.dp=1 --set parallel.cp=2",
+                         "dist-train run configs/gpt_tiny.yaml --set parallel.dp=1", "dist-train <command> --help"))
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_module_command(sub, "launch", "launchers.cli", "add_launch_arguments", "launch_main",
                         "start the ranks (ray | local | mpi) and train")

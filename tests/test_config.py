@@ -55,7 +55,7 @@ def test_cli_bad_input_is_one_line_exit_2(tmp_path):
         (["run", str(bad_yaml)], {}, "is not valid YAML"),
         (["run", "configs/gpt_tiny.yaml", "--set", "parallel.dp=3", "--set", "train.global_batch=12"], {"WORLD_SIZE": "2"},
          "dp*tp*pp*cp*wp = 3*1*1*1*1 = 3 but 2 ranks were launched"),
-        (["run", "configs/gpt_tiny.yaml", "--set", f"data.path={tmp_path}/nope", "--set", "data.prepare=null",
+        (["run", "configs/gpt_tiny.yaml", "--set", f"data.path={tmp_path}/nope", "--set", "data.prepare=null", "--set", "parallel.dp=1",
           "--set", f"run.dir={tmp_path}/r"], {}, f"data.path = {tmp_path}/nope"),
         (["run", str(tmp_path / "missing.yaml")], {}, "not found"),
     ]
