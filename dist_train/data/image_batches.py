@@ -1,4 +1,8 @@
-"""Per-rank micro-batches of the weather dataset: each rank reads only its own tile of each sample.
+"""Per-rank micro-batches of the weather dataset: each rank reads only its own pixels of each sample.
+
+Its own pixels are ``model.tile_slices``: its wp tile, or with cp > 1 its cp share of that tile's rows
+(a share that is all padding reads nothing). ``count`` is the number of values read, so the trainer's
+all-reduce of the counts over dp × wp × cp is the global batch's real pixels × channels.
 
 Sample ids follow the same global-index scheme as the token batcher (``micro_batch_ids``), mapped to
 time steps through a seeded permutation that is reshuffled every epoch.
