@@ -1,0 +1,158 @@
+"""DeepSpeed engine: ZeRO stages 0-3 over the gradient group (dp × cp × wp) of OUR mesh.
+
+* ``deepspeed.initialize(..., dist_init_required=False)`` reuses the already-initialised default group.
+* DeepSpeed's ``mpu`` is :class:`MeshMPU`, built from the same DeviceMesh as everything else: its data
+  parallel group is the mesh's grad group (every axis over which weights are replicated), its model
+  parallel group the tp group. Pipeline parallelism never reaches this engine (config validation
+  rejects zero_stage with pp > 1).
+* The DeepSpeed config is generated from ours (:func:`deepspeed_config`); ``parallel.deepspeed`` keys
+  are merged last, so users can set anything DeepSpeed knows (offload, bucket sizes, …).
+
+Loss / accumulation contract — identical to the DDP engine: every micro-batch backward uses
+``loss_sum · grad_size / global_count`` with ``scale_wrt_gas=False`` (no extra 1/GAS: our scaling
+already counts every token of every micro-batch), DeepSpeed averages over its ``grad_size`` data-parallel
+ranks, so the reduced gradient is d(mean over all real tokens of the global batch). Clipping is
+DeepSpeed's ``gradient_clipping`` (same rule as ours: scale by max/(norm + 1e-6) when below 1, with the
+norm over the full model: tp-sharded parameters summed over the model-parallel group, replicated ones
+once).
+"""
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+from ..config import Config
+from ..mesh import Mesh
+from ..optim import build_optimizer, build_scheduler
+from .grads import all_reduce_sum, global_grad_norm
+
+
+def _deep_merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for k, v in extra.items():
+        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def deepspeed_config(cfg: Config, bf16: bool) -> dict:
+    """DeepSpeed's JSON config generated from ours (train_batch_size is left to DeepSpeed: it is
+    micro_batch × accumulation × its data-parallel size, which includes cp and wp)."""
+    t = cfg.train
+    base = {
+        "train_micro_batch_size_per_gpu": t.micro_batch,
+        "gradient_accumulation_steps": cfg.grad_accum_steps,
+        "gradient_clipping": float(t.grad_clip or 0.0),
+        "zero_optimization": {"stage": int(cfg.parallel.zero_stage)},
+        "bf16": {"enabled": bool(bf16)},
+        "zero_allow_untested_optimizer": True,  # our torch AdamW (decoupled decay on matrices only)
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+    return _deep_merge(base, dict(cfg.parallel.deepspeed or {}))
+
+
+class MeshMPU:
+    """DeepSpeed's model-parallel-unit interface over our mesh. Axes of size 1 still need a real
+    (single-rank) group, because DeepSpeed all-reduces over whatever it is handed."""
+
+    def __init__(self, mesh: Mesh):
+        self.mesh = mesh
+        self._grad = mesh.grad_group or self._single("dp")
+        self._tp = mesh.tp_group or self._single("tp")
+
+    def _single(self, axis: str) -> dist.ProcessGroup:
+        if self.mesh.device_mesh is None:
+            return dist.group.WORLD  # a one-rank job
+        return self.mesh.device_mesh.get_group(axis)  # the size-1 axis' group (this rank alone)
+
+    # data parallel = every axis over which weights are replicated (dp × wp × cp)
+    def get_data_parallel_group(self): return self._grad
+    def get_data_parallel_world_size(self): return dist.get_world_size(self._grad)
+    def get_data_parallel_rank(self): return dist.get_rank(self._grad)
+    def get_data_parallel_group_ranks(self): return dist.get_process_group_ranks(self._grad)
+
+    # model parallel = tensor parallel (pipeline stages never use this engine)
+    def get_model_parallel_group(self): return self._tp
+    def get_model_parallel_world_size(self): return dist.get_world_size(self._tp)
+    def get_model_parallel_rank(self): return dist.get_rank(self._tp)
+    get_tensor_model_parallel_group = get_model_parallel_group
+    get_tensor_model_parallel_world_size = get_model_parallel_world_size
+    get_tensor_model_parallel_rank = get_model_parallel_rank
+
+    def get_tensor_model_parallel_src_rank(self) -> int:
+        return min(dist.get_process_group_ranks(self._tp))
+
+    def get_pipeline_model_parallel_world_size(self) -> int: return 1
+    def get_pipeline_model_parallel_rank(self) -> int: return 0
+
+
+def _ensure_process_group() -> None:
+    """DeepSpeed needs torch.distributed even for one rank (an in-process one-rank gloo group then) and
+    reads RANK / WORLD_SIZE / LOCAL_RANK from the environment, which spawned test ranks do not set."""
+    if not dist.is_initialized():
+        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    os.environ.setdefault("RANK", str(dist.get_rank()))
+    os.environ.setdefault("WORLD_SIZE", str(dist.get_world_size()))
+    os.environ.setdefault("LOCAL_RANK", "0")
+
+
+class DeepSpeedEngine:
+    """``train_step(micro_batches, global_count) -> (global mean loss, grad norm)`` on a DeepSpeed engine."""
+
+    def __init__(self, cfg: Config, model: nn.Module, mesh: Mesh, autocast_dtype: Optional[torch.dtype]):
+        import deepspeed
+
+        _ensure_process_group()
+        if next(model.parameters()).device.type == "cpu":
+            # DeepSpeed's CPU comm backend JIT-compiles a shared-memory all-reduce (minutes on 2 cores,
+            # and only used by its inference collectives); training collectives go through gloo.
+            # deepspeed.ops documents edits to this cached dict as persistent.
+            import deepspeed.ops
+
+            deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+        self.mesh = mesh
+        self.grad_size = mesh.grad_size
+        self.zero_stage = int(cfg.parallel.zero_stage)
+        self.ds_config = deepspeed_config(cfg, bf16=autocast_dtype == torch.bfloat16)
+        optimizer = build_optimizer(list(model.named_parameters()), cfg.train)
+        self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
+            model=model, optimizer=optimizer, lr_scheduler=lambda opt: build_scheduler(opt, cfg.train),
+            mpu=MeshMPU(mesh), config=self.ds_config, dist_init_required=False)
+        self.module = self.engine.module
+
+    def checkpoint_kwargs(self) -> dict:
+        """Extra CheckpointManager arguments: none (ZeRO-partitioned state is gathered by the manager's
+        owner; see docs/parallelism.md)."""
+        return {}
+
+    def train_step(self, micro: list[dict], global_count: float) -> tuple[float, float]:
+        device = self.engine.device
+        if len(micro) != self.engine.gradient_accumulation_steps():
+            raise ValueError(f"DeepSpeed engine: got {len(micro)} micro-batches, its config says "
+                             f"gradient_accumulation_steps = {self.engine.gradient_accumulation_steps()}")
+        loss_sum = torch.zeros(1, dtype=torch.float64)
+        scale = self.grad_size / global_count
+        own_norm = None
+        for m, batch in enumerate(micro):
+            batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+            loss, _ = self.engine(batch)
+            # at the boundary DeepSpeed all-reduces (stage 0) or reduce-scatters (ZeRO) inside backward
+            self.engine.backward(loss * scale, scale_wrt_gas=False)
+            if m == len(micro) - 1 and self.zero_stage == 0:
+                # stage 0 in fp32 clips without recording the norm: measure the reduced grads ourselves
+                own_norm = global_grad_norm([p for p in self.module.parameters() if p.grad is not None],
+                                            self.mesh.tp_group)
+            self.engine.step()  # DeepSpeed clips and steps at the accumulation boundary only
+            loss_sum += loss.detach().double().cpu()
+        norm = self.engine.get_global_grad_norm()
+        norm = own_norm if norm is None else norm
+        all_reduce_sum(loss_sum, self.mesh.grad_group)
+        return float(loss_sum.item()) / global_count, float(norm)
+
+    @property
+    def lr(self) -> float:
+        return self.optimizer.param_groups[0]["lr"]
