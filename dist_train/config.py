@@ -394,10 +394,32 @@ def _validate_gpt(cfg: Config) -> None:
         raise ConfigError(f"head dim d_model/n_heads = {m.d_model // m.n_heads} must be even for RoPE")
     if m.n_heads % p.tp:
         raise ConfigError(f"model.n_heads = {m.n_heads} is not divisible by parallel.tp = {p.tp}")
-    if kv % p.tp and p.tp % kv:
-        raise ConfigError(f"model.n_kv_heads = {kv} and parallel.tp = {p.tp}: one must divide the other")
-    if m.n_layers < p.pp:
-        raise ConfigError(f"model.n_layers = {m.n_layers} < parallel.pp = {p.pp}: each stage needs a layer")
+    if kv % p.tp:
+        raise ConfigError(f"model.n_kv_heads = {kv} is not divisible by parallel.tp = {p.tp}: KV heads are split "
+                          f"over tp, not replicated; use tp in {[t for t in range(1, kv + 1) if kv % t == 0]}")
+    ffn = m.ffn_hidden or 32 * math.ceil(8 * m.d_model / 3 / 32)
+    if ffn % p.tp:
+        raise ConfigError(f"FFN hidden size {ffn} is not divisible by parallel.tp = {p.tp}")
+    if p.sequence_parallel:
+        raise ConfigError("parallel.sequence_parallel = true is not supported (Megatron-core's sequence-parallel "
+                          "linears need CUDA; docs/parallelism.md); set it to false")
+    n_stages = p.pp * (2 if p.pp > 1 and p.pp_schedule == "interleaved" else 1)
+    if m.n_layers < n_stages:
+        raise ConfigError(f"model.n_layers = {m.n_layers} < {n_stages} pipeline stages (pp = {p.pp}, schedule "
+                          f"{p.pp_schedule}): each stage needs a layer")
+    if p.pp > 1:
+        n_micro, local = p.microbatches or cfg.grad_accum_steps, cfg.train.global_batch // p.dp
+        if n_micro < 1 or local % n_micro or (p.pp_schedule != "gpipe" and n_micro < p.pp) or (
+                p.pp_schedule == "interleaved" and n_micro % p.pp):
+            raise ConfigError(f"parallel.microbatches = {n_micro} (pp = {p.pp}, {p.pp_schedule}): must divide the "
+                              f"{local} samples per dp rank, be >= pp for 1f1b/interleaved and a multiple of pp "
+                              "for interleaved")
+        if p.zero_stage is not None:
+            raise ConfigError(f"parallel.zero_stage = {p.zero_stage} with parallel.pp = {p.pp} is not supported: "
+                              "the pipeline engine reduces gradients itself; set zero_stage: null")
+        if m.tie_embeddings:
+            raise ConfigError(f"model.tie_embeddings with parallel.pp = {p.pp} is not supported (embedding and "
+                              "head live on different stages)")
     if p.cp_method == "ulysses" and p.ulysses_degree not in (1, p.cp):
         raise ConfigError(f"parallel.ulysses_degree = {p.ulysses_degree} with cp_method = ulysses must equal "
                           f"parallel.cp = {p.cp}")

@@ -27,7 +27,7 @@ from torch.utils.checkpoint import checkpoint
 
 from ..config import ModelConfig
 from .attention import AttentionContext, attention
-from .tensor_parallel import TensorParallel, copy_shard_, is_tp_sharded
+from .tensor_parallel import TensorParallel, copy_shard_, is_tp_sharded, padded_vocab_size
 
 IGNORE_INDEX = -100
 
@@ -36,6 +36,11 @@ def ffn_hidden_size(cfg: ModelConfig) -> int:
     if cfg.ffn_hidden:
         return cfg.ffn_hidden
     return 32 * math.ceil(8 * cfg.d_model / 3 / 32)
+
+
+def at_least_fp32(dtype: torch.dtype) -> torch.dtype:
+    """Reductions (norms, softmax) run in fp32 for 16-bit inputs and keep float64 for float64 references."""
+    return torch.promote_types(dtype, torch.float32)
 
 
 def _linear(tp: Optional[TensorParallel], d_in: int, d_out: int, kind: str) -> nn.Module:
@@ -53,7 +58,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
+        xf = x.to(at_least_fp32(x.dtype))
         return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
 
 
@@ -159,7 +164,8 @@ class GPT(nn.Module):
         self.layers = nn.ModuleDict({str(i): Block(cfg, ctx, tp) for i in self.layer_ids})
         if has_head:
             self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
-            self.output = None if cfg.tie_embeddings else _linear(tp, cfg.d_model, cfg.vocab_size, "col")
+            vocab = cfg.vocab_size if tp is None else padded_vocab_size(cfg.vocab_size, tp.size)
+            self.output = None if cfg.tie_embeddings else _linear(tp, cfg.d_model, vocab, "col")
         self.activation_checkpointing = activation_checkpointing
         for layer in self.layers.values():
             layer.attention.selective_checkpoint = activation_checkpointing == "selective"
@@ -224,7 +230,7 @@ class GPT(nn.Module):
         """x: last hidden [B, S, d]; labels [B, S] -> (sum of token losses (fp32), real-token count)."""
         logits = self.head_logits(x)
         if self.tp is None:
-            loss_sum = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX,
+            loss_sum = F.cross_entropy(logits.to(at_least_fp32(logits.dtype)).flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX,
                                        reduction="sum")
         else:
             loss_sum = self.tp.cross_entropy(logits, labels, self.cfg.vocab_size, IGNORE_INDEX).sum()

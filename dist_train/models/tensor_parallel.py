@@ -166,7 +166,7 @@ class TensorParallel:
     # -- loss -----------------------------------------------------------------------------------
     def cross_entropy(self, logits: torch.Tensor, labels: torch.Tensor, vocab_size: int,
                       ignore_index: int) -> torch.Tensor:
-        """logits: [..., V_pad/tp] this rank's vocab slice; labels: [...] -> per-token loss [...] (fp32),
+        """logits: [..., V_pad/tp] this rank's vocab slice; labels: [...] -> per-token loss [...] (>= fp32),
         0 where ``labels == ignore_index``. Padded vocab entries get -inf so the softmax is over the real
         vocabulary only (identical to tp=1)."""
         from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
@@ -174,7 +174,7 @@ class TensorParallel:
         part = logits.shape[-1]
         start = self.rank * part
         n_pad = max(0, start + part - vocab_size)
-        logits = logits.float()
+        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
         if n_pad:
             mask = torch.zeros(part, dtype=torch.bool, device=logits.device)
             mask[part - n_pad:] = True
