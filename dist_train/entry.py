@@ -31,3 +31,13 @@ def run_rank(config_path: str, overrides: list[str]) -> int:
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def dry_run(config_path: str, overrides: list[str]) -> int:
+    """``launch --dry-run``: validate and print every rank's mesh coordinates, pipeline layers and memory
+    estimate (dist_train/layout.py) — no process group is created."""
+    cfg = load_config(config_path, overrides)
+    from .layout import format_layout, rank_layout
+
+    print(format_layout(cfg, rank_layout(cfg, on_cuda=cfg.launch.gpus_per_node > 0)))
+    return 0
