@@ -1,0 +1,203 @@
+"""`dist-train bench train`: one training run on N spawned gloo ranks, measured.
+
+Reports tokens/s, TFLOP/s per device and MFU (FLOP convention of dist_train.metrics: 6N + 12·L·d·S_eff,
+causal S_eff ≈ S/2, Megatron halving), peak memory per rank, the median step split into
+  * data     — time in the batcher (wrapped in the bench's ranks only),
+  * comm     — exposed communication: wall time blocked in torch.distributed's Python collectives and
+               Work.wait() (dist_train.plan.rankstats). DDP's bucketed all-reduce runs in C++ inside
+               backward and is counted as compute (gloo on CPU overlaps little of it),
+  * compute  — the rest of the step,
+and per-rank bytes of parameters and optimizer state actually held (ZeRO partitions counted as held),
+next to the formula of dist_train.layout (16 bytes/param mixed precision, 4+4+8 fp32 AdamW, ÷ sharding).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import os
+import queue
+import statistics
+import tempfile
+import time
+from datetime import timedelta
+
+HELP = "training throughput, MFU, memory and compute/comm/data split of one config on N ranks"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.epilog = ("example:\n  dist-train bench train configs/gpt_tiny.yaml --set parallel.dp=1 --set parallel.tp=2 "
+                     "--set data.source=synthetic --nproc 2 --steps 8 --json tp2.json\n"
+                     "  (the first step is excluded from the medians: warm-up)")
+    parser.add_argument("config", help="YAML config")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="config override (repeatable)")
+    parser.add_argument("--nproc", type=int, default=None, help="ranks (default: the config's world size)")
+    parser.add_argument("--steps", type=int, default=None, help="override train.steps (>= 2)")
+    parser.add_argument("--timeout", type=float, default=1800.0, help="seconds before the ranks are killed")
+    parser.add_argument("--json", metavar="PATH", default=None, help="write the results as JSON")
+
+
+def _state_bytes(engine) -> tuple[int, int]:
+    """(parameter bytes, optimizer-state bytes) this rank holds, ZeRO partitions included."""
+    import torch
+
+    params = 0
+    for p in engine.module.parameters():
+        held = getattr(p, "ds_tensor", None)  # ZeRO-3: p.data is empty, the partition lives here
+        t = held if held is not None else p.data
+        params += t.numel() * t.element_size()
+    seen: set[int] = set()
+    optim = 0
+
+    def add(t) -> None:
+        nonlocal optim
+        if isinstance(t, torch.Tensor) and t.data_ptr() not in seen and t.numel():
+            seen.add(t.data_ptr())
+            optim += t.numel() * t.element_size()
+
+    opt = engine.optimizer
+    inner = getattr(opt, "optimizer", opt)  # DeepSpeed wraps the torch optimizer
+    for st in inner.state.values():
+        for v in st.values():
+            add(v)
+    for name in ("single_partition_of_fp32_groups", "fp32_partitioned_groups_flat"):  # ZeRO fp32 masters
+        for t in getattr(opt, name, None) or []:
+            add(t)
+    return params, optim
+
+
+def _rank_main(rank: int, world: int, init_file: str, config: str, overrides: list, run_dir: str, out) -> None:
+    threads = max(1, (os.cpu_count() or 1) // world)
+    os.environ.update({"OMP_NUM_THREADS": str(threads), "DIST_TRAIN_RANK_STATS": "1", "RANK": str(rank),
+                       "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank)})
+    import torch
+    import torch.distributed as dist
+
+    torch.set_num_threads(threads)
+    try:
+        if world > 1:
+            dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
+                                    timeout=timedelta(seconds=600))
+        from dist_train import engines, trainer
+        from dist_train.config import load_config
+
+        cfg = load_config(config, overrides + [f"run.dir={run_dir}", "train.progress=false",
+                                               "checkpoint.at_end=false", "checkpoint.every=0"])
+        data_s: list[float] = []
+        held: dict = {}
+        build_batcher, build_engine = trainer.build_batcher, engines.build_engine
+
+        def timed_batcher(*a, **k):
+            b = build_batcher(*a, **k)
+            fn = b.microbatch
+
+            def microbatch(*a, **k):
+                t0 = time.perf_counter()
+                try:
+                    return fn(*a, **k)
+                finally:
+                    data_s.append(time.perf_counter() - t0)
+            b.microbatch = microbatch
+            return b
+
+        def capture_engine(*a, **k):
+            held["engine"] = build_engine(*a, **k)
+            return held["engine"]
+
+        trainer.build_batcher, engines.build_engine = timed_batcher, capture_engine
+        res = trainer.train(cfg)
+        accum = cfg.grad_accum_steps
+        data_per_step = [sum(data_s[i * accum:(i + 1) * accum]) for i in range(len(res.losses))]
+        stats = json.loads((__import__("pathlib").Path(run_dir) / "rank_stats" / f"rank_{rank}.json").read_text())
+        p_bytes, o_bytes = _state_bytes(held["engine"])
+        out.put((rank, True, {"summary": res.summary, "step_s": stats["step_times_s"], "comm_s": stats["comm_wait_s"],
+                              "data_s": data_per_step, "peak_mem_bytes": stats["peak_mem_bytes"],
+                              "param_bytes": p_bytes, "optim_bytes": o_bytes, "losses": res.losses}))
+    except BaseException:  # noqa: BLE001 - reported by the parent
+        import traceback
+
+        out.put((rank, False, traceback.format_exc()))
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _median_tail(xs: list[float]) -> float:
+    return statistics.median(xs[1:] if len(xs) > 1 else xs)
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..config import load_config
+    from ..layout import estimate_memory, stages_of_rank
+    from ..mesh import axis_sizes, rank_coords
+
+    overrides = list(args.overrides) + ([f"train.steps={args.steps}"] if args.steps is not None else [])
+    cfg = load_config(args.config, overrides)
+    nproc = args.nproc or cfg.world_size
+    if nproc != cfg.world_size:
+        raise ValueError(f"--nproc {nproc} but the config's dp*tp*pp*cp*wp = {cfg.world_size}")
+    if cfg.train.steps < 2:
+        raise ValueError(f"train.steps = {cfg.train.steps}: need >= 2 (the first step is warm-up)")
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    with tempfile.TemporaryDirectory(prefix="dt_bench_train_") as tmp:
+        procs = [ctx.Process(target=_rank_main, args=(r, nproc, os.path.join(tmp, "rdzv"), args.config, overrides,
+                                                      os.path.join(tmp, "run"), q), daemon=True)
+                 for r in range(nproc)]
+        for p in procs:
+            p.start()
+        results: dict = {}
+        deadline = time.monotonic() + args.timeout
+        while len(results) < nproc and time.monotonic() < deadline:
+            try:
+                r, ok, payload = q.get(timeout=1.0)
+            except queue.Empty:
+                if any(p.exitcode not in (None, 0) for p in procs):
+                    break
+                continue
+            if not ok:
+                for p in procs:
+                    p.kill()
+                raise RuntimeError(f"rank {r} failed:\n{payload}")
+            results[r] = payload
+        for p in procs:
+            p.join(timeout=5)
+            if p.is_alive():
+                p.kill()
+    if len(results) < nproc:
+        raise RuntimeError(f"ranks {sorted(set(range(nproc)) - set(results))} did not finish within {args.timeout}s")
+
+    s0 = results[0]["summary"]
+    sizes = axis_sizes(cfg.parallel)
+    on_cuda = False
+    ranks = []
+    for r in range(nproc):
+        res = results[r]
+        step, comm, data = (_median_tail(res[k]) for k in ("step_s", "comm_s", "data_s"))
+        est = estimate_memory(cfg, stages_of_rank(cfg, rank_coords(r, sizes)["pp"]), on_cuda)
+        ranks.append({"rank": r, "step_s": step, "comm_s": comm, "data_s": data, "compute_s": step - comm - data,
+                      "peak_mem_bytes": res["peak_mem_bytes"], "param_bytes": res["param_bytes"],
+                      "optim_bytes": res["optim_bytes"], "formula_param_bytes": est.params,
+                      "formula_optim_bytes": est.optimizer, "formula_grad_bytes": est.grads})
+    out = {"config": args.config, "overrides": overrides, "nproc": nproc, "layout": s0["layout"],
+           "params": s0["params"], "tokens_per_s": s0["tokens_per_s"], "tflops_per_device": s0["tflops_per_device"],
+           "mfu": s0["mfu"], "device_peak_tflops": s0["device_peak_tflops"], "flop_convention": s0["flop_convention"],
+           "median_step_s": s0["median_step_time_s"], "losses": results[0]["losses"], "ranks": ranks}
+    lay = s0["layout"]
+    print(f"bench train | {nproc} rank(s) | dp{lay['dp']} tp{lay['tp']} pp{lay['pp']} cp{lay['cp']} "
+          f"zero {lay['zero_stage']} | {s0['params'] / 1e6:.2f}M params | FLOPs: {s0['flop_convention']}")
+    print(f"tokens/s {out['tokens_per_s']:,.0f} | TFLOP/s/device {out['tflops_per_device']:.4f} | "
+          f"MFU {100 * out['mfu']:.1f}% of {out['device_peak_tflops']:.3f} | median step {out['median_step_s']:.3f} s")
+    print(f"{'rank':>4} {'step s':>8} {'compute':>8} {'comm':>8} {'data':>8} {'peak MiB':>9} {'param MiB':>10} "
+          f"{'optim MiB':>10} {'formula p+g+o MiB':>18}")
+    mib = 2 ** 20
+    for x in ranks:
+        f = (x["formula_param_bytes"] + x["formula_grad_bytes"] + x["formula_optim_bytes"]) / mib
+        print(f"{x['rank']:>4} {x['step_s']:>8.3f} {x['compute_s']:>8.3f} {x['comm_s']:>8.3f} {x['data_s']:>8.3f} "
+              f"{x['peak_mem_bytes'] / mib:>9.1f} {x['param_bytes'] / mib:>10.2f} {x['optim_bytes'] / mib:>10.2f} "
+              f"{f:>18.2f}")
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump(out, fh, indent=2)
+    return 0
