@@ -13,6 +13,10 @@ def tiny_gpt_config(run_dir, steps: int = 5, **sections) -> "Config":
                   "log_every": 1, "progress": False},
         "checkpoint": {"every": 0, "at_end": False},
     }
+    return _with_sections(base, sections)
+
+
+def _with_sections(base: dict, sections: dict) -> "Config":
     for sec, vals in sections.items():
         base.setdefault(sec, {}).update(vals)
     return config_from_dict(base)
@@ -33,6 +37,4 @@ def tiny_swin_config(run_dir, data_dir, steps: int = 5, **sections) -> "Config":
                   "log_every": 1, "progress": False},
         "checkpoint": {"every": 0, "at_end": False},
     }
-    for sec, vals in sections.items():
-        base.setdefault(sec, {}).update(vals)
-    return config_from_dict(base)
+    return _with_sections(base, sections)

@@ -22,24 +22,11 @@ import shutil
 import statistics
 import tempfile
 import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
 
 HELP = "checkpoint save/load throughput vs raw disk bandwidth; async save stall vs sync save"
 
 PIECE = 64 << 20  # bytes per tensor / per raw write
-
-
-@dataclass
-class _Cfg:
-    every: int = 0
-    keep_last: int = 1
-    async_save: bool = False
-    resume: str = "none"
-    dir: Optional[str] = None
-    at_end: bool = False
-    on_error: str = "stop"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -91,6 +78,7 @@ def run(args: argparse.Namespace) -> int:
     from torch import nn
 
     from dist_train.checkpoint import CheckpointManager
+    from dist_train.config import CheckpointConfig
 
     if not args.size_gb > 0:
         raise ValueError(f"--size-gb = {args.size_gb}: must be a positive number of GiB, e.g. --size-gb 1")
@@ -125,7 +113,8 @@ def run(args: argparse.Namespace) -> int:
         res["raw_write_s"], res["raw_read_s"] = statistics.median(w_times), statistics.median(r_times)
 
         def manager(async_save: bool) -> "CheckpointManager":
-            return CheckpointManager(_Cfg(async_save=async_save, dir=str(work / "ckpt")), run_dir=work,
+            return CheckpointManager(CheckpointConfig(keep_last=1, resume="none", at_end=False, async_save=async_save,
+                                                      dir=str(work / "ckpt")), run_dir=work,
                                      config={"bench": "ckpt"}, layout={"world_size": 1},
                                      writer_threads=args.writer_threads)
 
