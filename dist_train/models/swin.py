@@ -92,7 +92,7 @@ class WindowBlock(nn.Module):
     def _ulysses_attention(self, h: torch.Tensor, ctx: "_TileContext") -> torch.Tensor:
         """Normed share [B, r, w, d] → attention output of the share [B, r, w, d] (before proj).
 
-        share → (all-to-all) whole tile on heads [c·H/cp, (c+1)·H/cp) → roll(−s) over wp → windows → roll(+s)
+        share → (all-to-all) whole tile on heads [k·H/cp, (k+1)·H/cp) of cp rank k → roll(−s) over wp → windows → roll(+s)
         → (all-to-all) share. q, k, v of a head travel together: one all-to-all and one halo message each way.
         """
         b, r, w, d = h.shape
