@@ -92,8 +92,8 @@ class WindowBlock(nn.Module):
     def _ulysses_attention(self, h: torch.Tensor, ctx: "_TileContext") -> torch.Tensor:
         """Normed share [B, r, w, d] → attention output of the share [B, r, w, d] (before proj).
 
-        share → (all-to-all) whole tile on heads [k·H/cp, (k+1)·H/cp) of cp rank k → roll(−s) over wp → windows → roll(+s)
-        → (all-to-all) share. q, k, v of a head travel together: one all-to-all and one halo message each way.
+        share → (all-to-all) whole tile on heads [k·H/cp, (k+1)·H/cp) of cp rank k → roll(−s) over wp
+        → windows → roll(+s) → (all-to-all) share. q, k, v of a head travel together: one all-to-all and one halo message each way.
         """
         b, r, w, d = h.shape
         hd, hl = d // self.heads, self.heads // ctx.cp
