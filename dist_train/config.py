@@ -443,6 +443,9 @@ def _validate_swin(cfg: Config) -> None:
         raise ConfigError(f"model.d_model = {m.d_model} is not divisible by model.n_heads = {m.n_heads}")
     if p.tp > 1 or p.pp > 1:
         raise ConfigError(f"parallel.tp = {p.tp}, pp = {p.pp}: the swin model supports dp, wp and cp only")
+    if m.n_heads % p.cp:
+        raise ConfigError(f"model.n_heads = {m.n_heads} is not divisible by parallel.cp = {p.cp}: swin with cp > 1 "
+                          f"runs Ulysses inside windows (n_heads/cp heads per cp rank)")
     if not (isinstance(m.wrap, list) and len(m.wrap) == 2 and all(isinstance(v, bool) for v in m.wrap)):
         raise ConfigError(f"model.wrap = {m.wrap!r}: expected [bool, bool] (periodic H, periodic W)")
 

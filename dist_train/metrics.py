@@ -50,6 +50,12 @@ def gpt_matmul_params(cfg) -> int:
     return L * (attn + mlp) + d * cfg.vocab_size
 
 
+def gpt_total_params(cfg) -> int:
+    """Every parameter of the full (unsharded) GPT: matmul weights, the input embedding when untied, norms."""
+    embed = 0 if cfg.tie_embeddings else cfg.vocab_size * cfg.d_model
+    return gpt_matmul_params(cfg) + embed + (2 * cfg.n_layers + 1) * cfg.d_model
+
+
 def gpt_flops_per_token(cfg, seq_len: int) -> float:
     """Training (fwd+bwd) FLOPs per token for the GPT under FLOP_CONVENTION."""
     n = gpt_matmul_params(cfg)

@@ -26,7 +26,7 @@ from .distributed import DistContext, current_context
 from .logs import get_logger, setup_logging
 from .mesh import Mesh, build_mesh
 from .metrics import (FLOP_CONVENTION, MetricsWriter, device_peak_tflops, format_metrics, gpt_flops_per_token,
-                      peak_memory_bytes)
+                      gpt_total_params, peak_memory_bytes)
 
 
 @dataclass
@@ -133,7 +133,8 @@ def train(cfg: Config, ctx: Optional[DistContext] = None) -> TrainResult:
 
     engine = build_engine(cfg, model, mesh, autocast_dtype(cfg, ctx.device))
     batcher = build_batcher(cfg, mesh, model)
-    n_params = sum(p.numel() for p in model.parameters())
+    # the full model, not this rank's tp shard / pipeline stage / ZeRO-3 partition (replicated for swin)
+    n_params = gpt_total_params(cfg.model) if cfg.model.kind == "gpt" else sum(p.numel() for p in model.parameters())
 
     t = cfg.train
     accum = cfg.grad_accum_steps

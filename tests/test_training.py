@@ -51,3 +51,12 @@ def test_data_order_is_independent_of_dp():
                      for i in TokenBatcher(src, micro_batch=mb, dp=dp, dp_rank=d).sample_ids(100, m))
         assert ids == list(range(100, 104)), (dp, ids)
     assert torch.equal(src[5], src[5]) and not torch.equal(src[5], src[6])
+
+
+def test_full_model_parameter_count_matches_the_module():
+    from dist_train.metrics import gpt_total_params
+    from dist_train.models.gpt import GPT
+
+    for tied in (False, True):
+        cfg = tiny_gpt_config("/tmp/unused", model={"tie_embeddings": tied}).model
+        assert gpt_total_params(cfg) == sum(p.numel() for p in GPT(cfg).parameters())
