@@ -4,8 +4,19 @@ Reports per rank: compute time (own CPU time of the ring steps), exposed communi
 compute), total; and overall: efficiency = (single-process full attention time / P) ÷ time,
 work imbalance (max/mean allowed (q, k) pairs per rank), critical path (Σ over ring steps of the
 slowest rank's CPU time — meaningful even with more ranks than cores), the local kernel's speed
-relative to torch SDPA at the shard shape, and peak memory growth relative to single-device
+relative to torch SDPA at the shard shape, and peak tensor memory per rank relative to single-device
 attention at S/P tokens. Medians over --repeats.
+
+Peak memory is measured at the allocator, not from RSS: one extra (untimed) fwd+bwd step runs under
+``torch.profiler`` with ``profile_memory=True``, whose ``[memory]`` events are every CPU tensor
+allocation (+bytes) and free (−bytes) made by this thread through c10's allocator (kernel workspaces
+included; frees of tensors allocated before the step are not reported). The peak of their running
+sum is the step's peak tensor memory: its inputs (the q, k, v leaves), activations, communication
+buffers and gradients. The meter is checked on a known allocation pattern before every run.
+
+``--simulate`` drives the SAME ring schedule for P virtual ranks in one process (one thread, ranks
+one after another, no process competes for a core): each rank's per-step CPU time is its own, so the
+critical path there is free of oversubscription. Layouts are interleaved per repeat (same noise).
 """
 from __future__ import annotations
 
@@ -13,7 +24,6 @@ import argparse
 import json
 import multiprocessing as mp
 import os
-import resource
 import statistics
 import tempfile
 import time
@@ -23,6 +33,7 @@ HELP = "context-parallel attention: efficiency, critical path, imbalance vs sing
 EPILOG = """example:
   dist-train bench attention --world-size 2 --seq-len 16384 --layout zigzag --method ring --json out.json
   dist-train bench attention --world-size 4 --seq-len 8192 --layout contiguous,striped,zigzag
+  dist-train bench attention --world-size 4 --seq-len 8192 --layout contiguous,striped,zigzag --simulate
 """
 
 
@@ -42,6 +53,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--forward-only", action="store_true", help="time forward only (default fwd+bwd)")
     parser.add_argument("--kernel", default="auto", help="auto, sdpa or math")
     parser.add_argument("--repeats", type=int, default=3, help="timed iterations (median reported)")
+    parser.add_argument("--simulate", action="store_true",
+                        help="run the P ranks' ring schedule in one process (critical path without "
+                             "oversubscription; method ring only; no wall time or memory)")
     parser.add_argument("--json", default=None, help="write the records to this JSON file")
 
 
@@ -113,8 +127,64 @@ def _kernel_ratio(cfg: dict, n: int) -> float:
     return statistics.median(theirs[1:]) / statistics.median(ours[1:])
 
 
-def _maxrss_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+def peak_tensor_bytes(fn):
+    """Run ``fn()``; return (its result, peak bytes of CPU tensor memory allocated during the call).
+
+    Counts allocations and frees reported by c10's CPU allocator to the profiler on this thread
+    (autograd's CPU backward runs on the calling thread); tensors that existed before are ignored.
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        result = fn()
+    live = peak = 0
+    for _, nbytes in _memory_events(prof):
+        live += nbytes
+        peak = max(peak, live)
+    return result, peak
+
+
+def _memory_events(prof) -> list[tuple[int, int]]:
+    """(time ns, ±bytes) of the CPU allocator events in time order (stable for equal times)."""
+    from torch._C._autograd import DeviceType
+
+    return sorted(((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
+                   if e.name() == "[memory]" and e.device_type() == DeviceType.CPU), key=lambda e: e[0])
+
+
+def check_memory_meter() -> None:
+    """Validate :func:`peak_tensor_bytes` on a known pattern: 1 MiB + 2 MiB live, free 1, add 1, free
+all, then a small matmul → exactly 3 MiB."""
+    import torch
+
+    before = torch.empty(1 << 20, dtype=torch.uint8)    # allocated before: its free must not count
+
+    def pattern():
+        a = torch.empty(1 << 20, dtype=torch.uint8)
+        b = torch.empty(2 << 20, dtype=torch.uint8)
+        del a
+        c = torch.empty(1 << 20, dtype=torch.uint8)
+        del b, c
+        return (torch.ones(64, 64) @ torch.ones(64, 64)).sum()     # op inputs/outputs: 48 KiB
+
+    held = [before]
+    _, peak = peak_tensor_bytes(lambda: (pattern(), held.clear()))    # frees `before` inside: ignored
+    if peak != 3 << 20:
+        raise RuntimeError(f"memory meter self-check failed: measured {peak} bytes, expected {3 << 20}")
+
+
+def _ring_step(cfg: dict, q, k, v, stats) -> None:
+    """One fwd[+bwd] context-parallel step on fresh leaves cloned from this rank's shard."""
+    import torch
+
+    from parallelism.context import context_parallel_attention
+
+    xs = [x.clone().requires_grad_() for x in (q, k, v)]
+    o = context_parallel_attention(*xs, layout=cfg["layout"], method=cfg["method"],
+                                   ulysses_degree=cfg["ulysses_degree"], causal=cfg["causal"],
+                                   window=cfg["window"], kernel=cfg["kernel"], stats=stats)
+    if not cfg["forward_only"]:
+        o.backward(torch.ones_like(o))
 
 
 def _rank_main(rank: int, world: int, init_file: str, cfg: dict, out: "mp.Queue") -> None:
@@ -122,32 +192,27 @@ def _rank_main(rank: int, world: int, init_file: str, cfg: dict, out: "mp.Queue"
     import torch
     import torch.distributed as dist
 
-    from parallelism.context import CPStats, context_parallel_attention
+    from parallelism.context import CPStats
 
     torch.set_num_threads(1)
     try:
         dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
                                 timeout=timedelta(seconds=600))
-        rss0 = _maxrss_mib()      # before any tensor: growth = inputs + attention at S/P tokens
         q, k, v = _inputs(cfg, cfg["seq_len"] // world, seed=rank)   # values do not matter for timing
         records = []
         for it in range(cfg["repeats"] + 1):
             stats = CPStats()
-            xs = [x.clone().requires_grad_() for x in (q, k, v)]
             dist.barrier()
             start, cpu0 = time.perf_counter(), time.thread_time()
-            o = context_parallel_attention(*xs, layout=cfg["layout"], method=cfg["method"],
-                                           ulysses_degree=cfg["ulysses_degree"], causal=cfg["causal"],
-                                           window=cfg["window"], kernel=cfg["kernel"], stats=stats)
-            if not cfg["forward_only"]:
-                o.backward(torch.ones_like(o))
+            _ring_step(cfg, q, k, v, stats)
             wall = time.perf_counter() - start
             records.append(dict(wall=wall, cpu=time.thread_time() - cpu0,
                                 compute=sum(stats.fwd_step_compute_s) + sum(stats.bwd_step_compute_s),
                                 steps=stats.fwd_step_compute_s + stats.bwd_step_compute_s,
                                 kv_sent=stats.kv_blocks_sent, work=stats.work_pairs))
-            del o, xs
-        out.put((rank, True, dict(iters=records[1:], rss_growth_mib=_maxrss_mib() - rss0)))
+        dist.barrier()
+        _, peak = peak_tensor_bytes(lambda: _ring_step(cfg, q, k, v, CPStats()))    # untimed step
+        out.put((rank, True, dict(iters=records[1:], peak_bytes=peak)))
     except BaseException as exc:  # noqa: BLE001 - reported by the parent
         import traceback
 
@@ -155,19 +220,6 @@ def _rank_main(rank: int, world: int, init_file: str, cfg: dict, out: "mp.Queue"
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
-
-
-def _single_rss_main(cfg: dict, n: int, out: "mp.Queue") -> None:
-    """Peak memory growth of single-device attention at n tokens (fresh process, same measure)."""
-    os.environ["OMP_NUM_THREADS"] = "1"
-    import torch
-
-    torch.set_num_threads(1)
-    rss0 = _maxrss_mib()
-    q, k, v = _inputs(cfg, n)
-    for _ in range(cfg["repeats"] + 1):
-        _full_attention_step(cfg, q, k, v)
-    out.put(_maxrss_mib() - rss0)
 
 
 def _spawn(cfg: dict, world: int) -> list[dict]:
@@ -189,21 +241,16 @@ def _spawn(cfg: dict, world: int) -> list[dict]:
     return [results[r] for r in range(world)]
 
 
-def _single_rss(cfg: dict, n: int) -> float:
-    ctx = mp.get_context("spawn")
-    q: mp.Queue = ctx.Queue()
-    p = ctx.Process(target=_single_rss_main, args=(cfg, n, q))
-    p.start()
-    value = q.get(timeout=3600)
-    p.join()
-    return value
+def _single_peak_bytes(cfg: dict, n: int) -> int:
+    """Peak tensor memory of one single-device torch SDPA step (fwd[+bwd]) at n tokens, inputs included."""
+    q, k, v = _inputs(cfg, n)
+    _full_attention_step(cfg, q, k, v)                       # warm-up: lazily created state
+    return peak_tensor_bytes(lambda: _full_attention_step(cfg, q, k, v))[1]
 
 
 def measure(cfg: dict) -> dict:
     """Run one configuration; returns its JSON record."""
     import torch
-
-    from parallelism.context import build_plan, default_tile, rank_chunks
 
     torch.set_num_threads(1)
     P, S = cfg["world_size"], cfg["seq_len"]
@@ -212,51 +259,124 @@ def measure(cfg: dict) -> dict:
     ranks = _spawn(cfg, P)
     n_iter = len(ranks[0]["iters"])
     walls = [max(r["iters"][i]["wall"] for r in ranks) for i in range(n_iter)]
-    crit = [sum(max(r["iters"][i]["steps"][t] for r in ranks) for t in range(len(ranks[0]["iters"][i]["steps"])))
-            for i in range(n_iter)]
     time_s = statistics.median(walls)
-    critical = statistics.median(crit)
-    if cfg["method"] == "ring":
-        chunks = tuple(rank_chunks(S, r, P, cfg["layout"]) for r in range(P))
-        plan = build_plan(chunks, cfg["causal"], cfg["window"], default_tile(cfg["window"]))
-        work = [plan.rank_work(r) for r in range(P)]
-    else:
-        work = [r["iters"][0]["work"] for r in ranks]
+    critical = statistics.median(_critical_path([r["iters"][i]["steps"] for r in ranks]) for i in range(n_iter))
+    work = _plan_work(cfg) if cfg["method"] == "ring" else [r["iters"][0]["work"] for r in ranks]
     per_rank = [dict(rank=i, compute_s=statistics.median(it["compute"] for it in r["iters"]),
                      cpu_s=statistics.median(it["cpu"] for it in r["iters"]),
                      wall_s=statistics.median(it["wall"] for it in r["iters"]),
-                     kv_blocks_sent=r["iters"][0]["kv_sent"], rss_growth_mib=r["rss_growth_mib"])
+                     kv_blocks_sent=r["iters"][0]["kv_sent"], peak_mib=r["peak_bytes"] / 2**20)
                 for i, r in enumerate(ranks)]
     for pr in per_rank:
         pr["exposed_comm_s"] = max(pr["wall_s"] - pr["compute_s"], 0.0)
-    single_rss = _single_rss(cfg, S // P)
-    return dict(method=cfg["method"], layout=cfg["layout"], world_size=P, seq_len=S, heads=cfg["heads"],
-                kv_heads=cfg["kv_heads"] or cfg["heads"], head_dim=cfg["head_dim"], batch=cfg["batch"],
-                causal=cfg["causal"], window=cfg["window"], fwd_bwd=not cfg["forward_only"],
-                ulysses_degree=cfg["ulysses_degree"], time_s=time_s, single_process_s=single,
+    single_peak = _single_peak_bytes(cfg, S // P) / 2**20
+    return dict(_header(cfg), time_s=time_s, single_process_s=single,
                 ideal_time_s=single / P, efficiency=(single / P) / time_s,
                 critical_path_s=critical, critical_path_efficiency=(single / P) / critical,
                 imbalance=max(work) / (sum(work) / len(work)),
                 kernel_vs_sdpa=_kernel_ratio(cfg, S // P),
-                # maxrss growth is only meaningful when the baseline grows past import-time peaks
-                peak_mem_ratio=(max(pr["rss_growth_mib"] for pr in per_rank) / single_rss
-                                if single_rss >= 1.0 else None),
-                single_rss_growth_mib=single_rss, ranks=per_rank)
+                peak_mem_ratio=max(pr["peak_mib"] for pr in per_rank) / single_peak,
+                single_peak_mib=single_peak, ranks=per_rank)
+
+
+def _plan_work(cfg: dict) -> list[int]:
+    """Allowed (query, key) pairs per rank in the ring plan of ``cfg``."""
+    from parallelism.context import build_plan, default_tile, rank_chunks
+
+    P, S = cfg["world_size"], cfg["seq_len"]
+    chunks = tuple(rank_chunks(S, r, P, cfg["layout"]) for r in range(P))
+    plan = build_plan(chunks, cfg["causal"], cfg["window"], default_tile(cfg["window"]))
+    return [plan.rank_work(r) for r in range(P)]
+
+
+def _critical_path(step_times: list[list[float]]) -> float:
+    """Σ over ring steps of the slowest rank's CPU time; step_times[rank][step] (fwd then bwd steps)."""
+    return sum(max(rank[t] for rank in step_times) for t in range(len(step_times[0])))
+
+
+def simulate(cfgs: list[dict]) -> list[dict]:
+    """Critical paths of ring configurations (same P, S, shapes) with P virtual ranks in ONE process.
+
+    Every rank's blocks run on this one thread (ranks take turns), so a rank's per-step CPU time is
+    never inflated by other ranks competing for a core. Configurations and the single-process
+    baseline are interleaved within each repeat so machine noise hits them alike.
+    """
+    import torch
+
+    from parallelism.context import CPStats, simulate_ring_attention
+
+    torch.set_num_threads(1)
+    bad = [c["method"] for c in cfgs if c["method"] != "ring"]
+    if bad:
+        raise ValueError(f"--simulate runs the ring schedule only; got --method {','.join(bad)}")
+    base = cfgs[0]
+    P, S = base["world_size"], base["seq_len"]
+    q, k, v = _inputs(base, S)
+    singles, steps = [], [[] for _ in cfgs]         # steps[config][iteration][rank][step]
+    for _ in range(base["repeats"] + 1):
+        singles.append(_full_attention_step(base, q, k, v))
+        for i, cfg in enumerate(cfgs):
+            stats = [CPStats() for _ in range(P)]
+            xs = [x.clone().requires_grad_() for x in (q, k, v)]
+            o = simulate_ring_attention(*xs, world_size=P, layout=cfg["layout"], causal=cfg["causal"],
+                                        window=cfg["window"], kernel=cfg["kernel"], stats=stats)
+            if not cfg["forward_only"]:
+                o.backward(torch.ones_like(o))
+            steps[i].append([st.fwd_step_compute_s + st.bwd_step_compute_s for st in stats])
+    single = statistics.median(singles[1:])
+    records = []
+    for cfg, runs in zip(cfgs, steps):
+        runs = runs[1:]
+        critical = statistics.median(_critical_path(r) for r in runs)
+        work = _plan_work(cfg)
+        records.append(dict(_header(cfg), simulated=True, single_process_s=single, ideal_time_s=single / P,
+                            critical_path_s=critical, critical_path_efficiency=(single / P) / critical,
+                            imbalance=max(work) / (sum(work) / len(work)),
+                            ranks=[dict(rank=r, compute_s=statistics.median(sum(it[r]) for it in runs),
+                                        step_s=[statistics.median(it[r][t] for it in runs)
+                                                for t in range(len(runs[0][r]))])
+                                   for r in range(P)]))
+    return records
+
+
+def _header(cfg: dict) -> dict:
+    return dict(method=cfg["method"], layout=cfg["layout"], world_size=cfg["world_size"],
+                seq_len=cfg["seq_len"], heads=cfg["heads"], kv_heads=cfg["kv_heads"] or cfg["heads"],
+                head_dim=cfg["head_dim"], batch=cfg["batch"], causal=cfg["causal"], window=cfg["window"],
+                fwd_bwd=not cfg["forward_only"], ulysses_degree=cfg["ulysses_degree"])
+
+
+def _add_speedups(records: list[dict]) -> None:
+    """critical-path speed-up of every record over the contiguous layout of the same method."""
+    base = {r["method"]: r["critical_path_s"] for r in records if r["layout"] == "contiguous"}
+    for r in records:
+        if r["method"] in base:
+            r["speedup_vs_contiguous"] = base[r["method"]] / r["critical_path_s"]
 
 
 def _print(rec: dict) -> None:
     print(f"\n{rec['method']}/{rec['layout']}  P={rec['world_size']} S={rec['seq_len']} "
           f"H={rec['heads']}/{rec['kv_heads']} D={rec['head_dim']} causal={rec['causal']} "
-          f"window={rec['window']} {'fwd+bwd' if rec['fwd_bwd'] else 'fwd'}")
-    print(f"{'rank':>4} {'compute_s':>10} {'exposed_comm_s':>14} {'total_s':>8} {'kv_sent':>7} {'rss_MiB':>8}")
+          f"window={rec['window']} {'fwd+bwd' if rec['fwd_bwd'] else 'fwd'}"
+          + ("  [simulated: P ranks in one process]" if rec.get("simulated") else ""))
+    speed = (f"  speed-up vs contiguous {rec['speedup_vs_contiguous']:.2f}x"
+             if "speedup_vs_contiguous" in rec else "")
+    if rec.get("simulated"):
+        print(f"{'rank':>4} {'compute_s':>10}  per-step CPU s")
+        for r in rec["ranks"]:
+            print(f"{r['rank']:>4} {r['compute_s']:>10.3f}  " + " ".join(f"{t:.3f}" for t in r["step_s"]))
+        print(f"critical path {rec['critical_path_s']:.3f}s ({rec['critical_path_efficiency']:.1%} of "
+              f"single/P {rec['ideal_time_s']:.3f}s)  imbalance {rec['imbalance']:.3f}{speed}")
+        return
+    print(f"{'rank':>4} {'compute_s':>10} {'exposed_comm_s':>14} {'total_s':>8} {'kv_sent':>7} {'peak_MiB':>8}")
     for r in rec["ranks"]:
         print(f"{r['rank']:>4} {r['compute_s']:>10.3f} {r['exposed_comm_s']:>14.3f} {r['wall_s']:>8.3f} "
-              f"{r['kv_blocks_sent']:>7} {r['rss_growth_mib']:>8.1f}")
+              f"{r['kv_blocks_sent']:>7} {r['peak_mib']:>8.1f}")
     print(f"time {rec['time_s']:.3f}s  ideal {rec['ideal_time_s']:.3f}s  efficiency {rec['efficiency']:.1%}  "
           f"critical path {rec['critical_path_s']:.3f}s ({rec['critical_path_efficiency']:.1%})  "
-          f"imbalance {rec['imbalance']:.3f}  kernel/SDPA speed {rec['kernel_vs_sdpa']:.2f}  peak-mem ratio "
-          + (f"{rec['peak_mem_ratio']:.2f}" if rec["peak_mem_ratio"] is not None else
-             f"n/a (single-device growth {rec['single_rss_growth_mib']:.1f} MiB below import peak)"))
+          f"imbalance {rec['imbalance']:.3f}  kernel/SDPA speed {rec['kernel_vs_sdpa']:.2f}{speed}")
+    print(f"peak tensor memory per rank {max(r['peak_mib'] for r in rec['ranks']):.1f} MiB vs single-device "
+          f"attention at S/P tokens {rec['single_peak_mib']:.1f} MiB: ratio {rec['peak_mem_ratio']:.2f}")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -270,17 +390,20 @@ def run(args: argparse.Namespace) -> int:
     methods = _split(args.method, METHODS, "method")
     for layout in layouts:
         check_seq_len(args.seq_len, args.world_size, layout)
-    records = []
-    for method in methods:
-        for layout in layouts:
-            cfg = dict(world_size=args.world_size, seq_len=args.seq_len, layout=layout, method=method,
-                       ulysses_degree=args.ulysses_degree, heads=args.heads, kv_heads=args.kv_heads,
-                       head_dim=args.head_dim, batch=args.batch, window=args.window,
-                       causal=not args.no_causal, forward_only=args.forward_only, kernel=args.kernel,
-                       repeats=args.repeats)
-            rec = measure(cfg)
-            _print(rec)
-            records.append(rec)
+    cfgs = [dict(world_size=args.world_size, seq_len=args.seq_len, layout=layout, method=method,
+                 ulysses_degree=args.ulysses_degree, heads=args.heads, kv_heads=args.kv_heads,
+                 head_dim=args.head_dim, batch=args.batch, window=args.window,
+                 causal=not args.no_causal, forward_only=args.forward_only, kernel=args.kernel,
+                 repeats=args.repeats)
+            for method in methods for layout in layouts]
+    if args.simulate:
+        records = simulate(cfgs)
+    else:
+        check_memory_meter()
+        records = [measure(cfg) for cfg in cfgs]
+    _add_speedups(records)
+    for rec in records:
+        _print(rec)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(records, f, indent=1)
