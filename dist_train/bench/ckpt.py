@@ -35,7 +35,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--size-gb", type=float, default=1.0, help="model state size in GiB (default 1)")
     parser.add_argument("--dir", default=".", help="directory on the disk to measure (default: current dir)")
     parser.add_argument("--repeats", type=int, default=3, help="runs per measurement; medians are reported")
-    parser.add_argument("--writer-threads", type=int, default=1, help="DCP writer threads per rank (default 1)")
+    parser.add_argument("--io-threads", type=int, default=1, help="DCP writer threads per rank (default 1)")
     parser.add_argument("--json", metavar="PATH", help="write the results as JSON")
 
 
@@ -102,7 +102,7 @@ def run(args: argparse.Namespace) -> int:
 
     work = Path(tempfile.mkdtemp(prefix="dt_ckpt_bench_", dir=base))
     res: dict = {"size_gib": gib, "tensors": len(tensors), "dir": str(base.resolve()), "repeats": args.repeats,
-                 "writer_threads": args.writer_threads}
+                 "io_threads": args.io_threads}
     try:
         raw = work / "raw.bin"
         w_times, r_times = [], []
@@ -116,7 +116,7 @@ def run(args: argparse.Namespace) -> int:
             return CheckpointManager(CheckpointConfig(keep_last=1, resume="none", at_end=False, async_save=async_save,
                                                       dir=str(work / "ckpt")), run_dir=work,
                                      config={"bench": "ckpt"}, layout={"world_size": 1},
-                                     writer_threads=args.writer_threads)
+                                     io_threads=args.io_threads)
 
         step = 0
         sync, sync_times = manager(False), []

@@ -10,12 +10,20 @@
 Commit protocol of one save (every rank runs it; with ``async_save`` in a background thread after the
 state was copied to host buffers — that copy is the only training stall):
   1. rank 0 creates ``step_N.tmp/``; all ranks agree it exists.
-  2. every rank writes ``rng_rankR.json``; DCP writes every rank's shards + ``.metadata`` (fsynced,
-     CRC-32 computed while writing); ranks that fail are reported to all (no rank hangs on a peer's error).
+  2. every rank writes ``rng_rankR.json``; DCP plans, every rank writes its tensor bytes into one raw shard
+     file (``storage.ChecksumWriter``: CRC-32 while writing, one fsync), rank 0 writes ``.metadata``; ranks
+     that fail are reported to all (no rank hangs on a peer's error).
   3. all ranks send (file records, non-tensor values, tensor table) to everyone; rank 0, only once every
      rank has reported success, writes ``train_state.json`` and ``manifest.json`` (last), renames
      ``step_N.tmp`` -> ``step_N``, fsyncs the parent, rewrites ``latest`` (temp + rename), prunes.
 A rank that dies anywhere before (3) leaves a ``.tmp`` directory, which never counts as a checkpoint.
+
+Loading with verification (``load(verify=True)``, what ``resume`` does): the manifest, the size of every
+file and the full CRC-32s of the small files are checked first (split across ranks); the shard bytes are
+checked block by block *while* they are read into the model's tensors (``storage.SafeReader``), so a
+verified load reads every byte once. A corrupt checkpoint raises ``CorruptCheckpointError`` on every rank;
+its tensors may then be partly overwritten — ``resume`` falls back to an older checkpoint, which
+overwrites every tensor, or raises.
 """
 from __future__ import annotations
 
@@ -38,7 +46,8 @@ from dist_train.checkpoint import manifest as mf
 from dist_train.checkpoint.comm import CheckpointComm
 from dist_train.checkpoint.state import (HostStager, StateAdapter, TorchStateAdapter, capture_rng, from_json,
                                          join_state, restore_rng, split_state, to_json)
-from dist_train.checkpoint.storage import CheckpointError, ChecksumWriter, SafeReader, fsync_dir, write_file_durable
+from dist_train.checkpoint.storage import (RAW_FORMAT, CheckpointError, ChecksumWriter, CorruptCheckpointError,
+                                          SafeReader, fsync_dir, write_file_durable)
 
 log = logging.getLogger("dist_train.checkpoint")
 
@@ -65,6 +74,14 @@ def _describe(e: BaseException) -> str:
     return f"{type(e).__name__}: {text}"
 
 
+def _corruption(e: BaseException) -> bool:
+    """True when ``e`` (possibly DCP's all-rank ``CheckpointException``) carries a verification failure."""
+    failures = getattr(e, "failures", None)
+    if isinstance(e, CheckpointException) and failures:
+        return any(_corruption(pair[0] if isinstance(pair, tuple) else pair) for pair in failures.values())
+    return isinstance(e, CorruptCheckpointError)
+
+
 def _tensor_info(t: torch.Tensor) -> dict:
     """Global shape/dtype/bytes (a DTensor reports its global shape)."""
     return {"shape": list(t.shape), "dtype": str(t.dtype).replace("torch.", ""),
@@ -78,17 +95,21 @@ class CheckpointManager:
     ``adapter``: how (model, optimizer) become flat state dicts; engines (DeepSpeed) pass their own.
     ``fault_hook``: called with a phase name (``"staged"``, ``"shards_written"``, ``"before_commit"``) on
     every rank during a save; fault-injection tests use it to kill or fail a rank at a precise point.
+    ``io_threads``: threads per rank reading/writing (and checksumming) shard bytes; 2 measured best on a
+    2-core machine (docs/benchmarks/ckpt.md).
     """
 
     def __init__(self, cfg: Any, run_dir: Union[str, os.PathLike], config: Optional[dict] = None,
                  layout: Optional[dict] = None, rank: int = 0, world_size: int = 1,
-                 adapter: Optional[StateAdapter] = None, writer_threads: int = 1) -> None:
+                 adapter: Optional[StateAdapter] = None, io_threads: int = 2) -> None:
         if cfg.on_error not in ON_ERROR:
             raise ValueError(f"checkpoint.on_error = {cfg.on_error!r}: valid values are {', '.join(ON_ERROR)}")
         if cfg.keep_last < 1:
             raise ValueError(f"checkpoint.keep_last = {cfg.keep_last}: must be >= 1")
         if cfg.every < 0:
             raise ValueError(f"checkpoint.every = {cfg.every}: must be >= 0")
+        if io_threads < 1:
+            raise ValueError(f"io_threads = {io_threads}: must be >= 1")
         self.cfg = cfg
         self.root = Path(cfg.dir) if cfg.dir else Path(run_dir) / "checkpoints"
         self.config = config or {}
@@ -97,7 +118,7 @@ class CheckpointManager:
         self.rank, self.world_size = rank, world_size
         self.comm = CheckpointComm(rank, world_size)
         self.adapter = adapter or TorchStateAdapter()
-        self.writer_threads = writer_threads
+        self.io_threads = io_threads
         self.fault_hook: Optional[Callable[[str], None]] = None
         self.resumed_from: Optional[Path] = None
         self.last_stall_s = 0.0  # time the last save() blocked the caller
@@ -229,7 +250,7 @@ class CheckpointManager:
                 err = f"{tmp / mf.rng_file_name(self.rank)}: {e}"
             self._raise_if(comm.agree(err), tmp)
 
-        writer = ChecksumWriter(tmp, thread_count=self.writer_threads)
+        writer = ChecksumWriter(tmp, thread_count=self.io_threads)
         try:
             with _quiet_single_process():
                 dcp.save(p["tensors"], storage_writer=writer, process_group=comm.group,
@@ -267,6 +288,7 @@ class CheckpointManager:
             "step": p["step"], "contents": p["contents"], "layout": self.layout, "world_size": self.world_size,
             "config": json.loads(json.dumps(self.config, default=str)), "code_version": mf.code_version(),
             "torch_version": torch.__version__, "created_unix": time.time(), "files": files, "tensors": table,
+            "shard_format": RAW_FORMAT,
         }
         mf.write_manifest(tmp, body)
         fsync_dir(tmp)
@@ -344,25 +366,26 @@ class CheckpointManager:
             strict = len(candidates) == 1
         problems_seen = []
         for i, ckpt in enumerate(candidates):
-            problems = self._verify_collective(ckpt)
-            if not problems:
-                extra = self.load(ckpt, model, optimizer, scheduler, verify=False)
-                return extra
-            problems_seen.append(problems[0])
+            try:
+                return self.load(ckpt, model, optimizer, scheduler, verify=True)
+            except CorruptCheckpointError as e:
+                problem = e.problem
+            problems_seen.append(problem)
             if strict:
-                raise CheckpointError(f"checkpoint {ckpt} failed verification: {problems[0]}")
+                raise CheckpointError(f"checkpoint {ckpt} failed verification: {problem}")
             nxt = candidates[i + 1].name if i + 1 < len(candidates) else None
             if self.rank == 0:
-                log.warning("checkpoint %s failed verification (%s); %s", ckpt.name, problems[0],
+                log.warning("checkpoint %s failed verification (%s); %s", ckpt.name, problem,
                             f"falling back to {nxt}" if nxt else "no older complete checkpoint")
         raise CheckpointError(f"no valid checkpoint under {self.root}: " + " | ".join(problems_seen))
 
     def _verify_collective(self, ckpt: Path) -> list[str]:
-        """Manifest + every file's size and CRC-32; the files are split across ranks, results shared."""
+        """Manifest + every file's size and CRC-32, except the contents of the shards that the loader verifies
+        while reading them; the files are split across ranks, results shared."""
         try:
             body = mf.read_manifest(ckpt)
             names = sorted(body["files"])[self.rank::self.world_size]
-            mine = mf.verify_files(ckpt, body, names)
+            mine = mf.verify_files(ckpt, body, names, size_only=mf.shards_verified_while_loading(body))
         except CheckpointError as e:
             mine = [str(e)]
         problems = []
@@ -373,12 +396,13 @@ class CheckpointManager:
     def load(self, ckpt: Union[str, os.PathLike], model, optimizer=None, scheduler=None,
              verify: bool = True) -> dict:
         """Load one checkpoint directory into (model, optimizer, scheduler) in place; restore this rank's
-        RNG when the saved layout equals ours. Returns the saved ``extra`` dict."""
+        RNG when the saved layout equals ours. Returns the saved ``extra`` dict. ``verify``: see the module
+        doc; a failure raises ``CorruptCheckpointError(message, problem)`` on every rank."""
         ckpt = Path(ckpt)
         if verify:
             problems = self._verify_collective(ckpt)
             if problems:
-                raise CheckpointError(f"checkpoint {ckpt} failed verification: {problems[0]}")
+                raise CorruptCheckpointError(f"checkpoint {ckpt} failed verification: {problems[0]}", problems[0])
         body = mf.read_manifest(ckpt)
         ts = json.loads((ckpt / mf.TRAIN_STATE).read_text())
         with_optim = optimizer is not None and "optim" in body["contents"]
@@ -393,11 +417,16 @@ class CheckpointManager:
             if list(t.shape) != saved[key]["shape"]:
                 raise CheckpointError(f"{ckpt}: tensor '{key}' has shape {saved[key]['shape']}, "
                                       f"the model expects {list(t.shape)}")
+        checked_while_reading = verify and bool(mf.shards_verified_while_loading(body))
+        reader = SafeReader(ckpt, records=body["files"] if checked_while_reading else None, threads=self.io_threads)
         try:
             with _quiet_single_process():
-                dcp.load(tensors, storage_reader=SafeReader(ckpt), process_group=self.comm.group,
+                dcp.load(tensors, storage_reader=reader, process_group=self.comm.group,
                          no_dist=not self.comm.distributed)
-        except CheckpointException as e:  # a BaseException in DCP: make it an ordinary, one-line error
+        except (Exception, CheckpointException) as e:  # DCP's is a BaseException: make it one line
+            if _corruption(e):
+                raise CorruptCheckpointError(f"checkpoint {ckpt} failed verification: {_describe(e)}",
+                                             _describe(e)) from None
             raise CheckpointError(f"loading {ckpt} failed: {_describe(e)}") from None
         values = ts["values"]
         where = str(ckpt / mf.TRAIN_STATE)

@@ -25,7 +25,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Iterable, Optional, Union
 
-from dist_train.checkpoint.storage import CheckpointError, file_block_crcs, write_file_durable
+from dist_train.checkpoint.storage import (RAW_FORMAT, CheckpointError, damage_message, file_block_crcs,
+                                           write_file_durable)
 
 MANIFEST = "manifest.json"
 TRAIN_STATE = "train_state.json"
@@ -105,9 +106,9 @@ def tensors_in_range(ckpt: Path, file_name: str, start: int, end: int) -> list[s
     return sorted(set(names))
 
 
-def check_file(ckpt: Path, name: str, rec: dict) -> Optional[str]:
-    """None when ``ckpt/name`` matches its record, else a one-line problem naming the file (and, for a
-    DCP shard, the damaged tensors)."""
+def check_file(ckpt: Path, name: str, rec: dict, content: bool = True) -> Optional[str]:
+    """None when ``ckpt/name`` matches its record (size, and with ``content`` every block's CRC-32), else a
+    one-line problem naming the file (and, for a DCP shard, the damaged tensors)."""
     path = ckpt / name
     try:
         size = path.stat().st_size
@@ -115,27 +116,36 @@ def check_file(ckpt: Path, name: str, rec: dict) -> Optional[str]:
         return f"{path}: missing"
     if size != rec["bytes"]:
         return f"{path}: size {size} bytes, manifest says {rec['bytes']} (truncated or appended)"
+    if not content:
+        return None
     got = file_block_crcs(path, rec["block"])["crc32"]
     bad = [i for i, (a, b) in enumerate(zip(got, rec["crc32"])) if a != b]
     if not bad:
         return None
     block = rec["block"]
     start, end = bad[0] * block, min(size, (bad[-1] + 1) * block)
-    where = f"CRC-32 mismatch in bytes [{start}, {end}) (corrupt)"
     names = tensors_in_range(ckpt, name, start, end) if name.endswith(".distcp") else []
-    if names:
-        shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
-        where += f"; tensor{'s' if len(names) > 1 else ''} stored there: {shown}"
-    return f"{path}: {where}"
+    return damage_message(path, start, end, names)
 
 
-def verify_files(ckpt: PathLike, body: dict, names: Optional[Iterable[str]] = None, threads: int = 2) -> list[str]:
-    """Check the listed files (all by default); return the problems (empty when valid)."""
+def shards_verified_while_loading(body: dict) -> set[str]:
+    """Files whose bytes the loader checks against their CRC-32s while reading them (raw-format shards);
+    every other file is checked in full before loading."""
+    if body.get("shard_format") != RAW_FORMAT:
+        return set()
+    return {n for n in body["files"] if n.endswith(".distcp")}
+
+
+def verify_files(ckpt: PathLike, body: dict, names: Optional[Iterable[str]] = None, threads: int = 2,
+                 size_only: Iterable[str] = ()) -> list[str]:
+    """Check the listed files (all by default; those in ``size_only`` for existence and size only); return
+    the problems (empty when valid)."""
     ckpt = Path(ckpt)
     files = body["files"]
     todo = sorted(files) if names is None else sorted(names)
+    size_only = set(size_only)
     with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:  # zlib releases the GIL: 2 threads ≈ 2 cores
-        problems = list(pool.map(lambda n: check_file(ckpt, n, files[n]), todo))
+        problems = list(pool.map(lambda n: check_file(ckpt, n, files[n], content=n not in size_only), todo))
     return [p for p in problems if p]
 
 

@@ -1,42 +1,108 @@
-"""File-level plumbing under ``torch.distributed.checkpoint`` (DCP): checksummed writes, a reader that
-never unpickles arbitrary objects, and small durable files.
+"""File-level plumbing under ``torch.distributed.checkpoint`` (DCP): DCP plans (which rank stores which
+tensor chunk, resharding at load), this module stores the bytes.
 
-* ``ChecksumWriter`` is DCP's ``FileSystemWriter`` whose streams compute CRC-32s (one per 4 MiB block)
-  and a byte count *while* DCP writes (no second pass over the data). ``writer.records`` maps each file
-  name written by this rank to ``{"bytes": int, "block": int, "crc32": ["8 hex digits", ...]}``.
-* ``SafeReader`` is DCP's ``FileSystemReader`` whose ``.metadata`` (a pickle written by DCP) is read with
-  an allow-list unpickler: only DCP's metadata dataclasses, ``torch.Size``, dtypes and layouts can be
-  constructed. Entries that DCP stores as pickled bytes (``BytesStorageMetadata``, which DCP's planner loads
-  with ``torch.load(weights_only=False)``) are refused: we only ever save tensors through DCP. Tensor data
-  itself is read by DCP with ``torch.load(weights_only=True)``.
+* ``ChecksumWriter`` (a DCP ``StorageWriter``) writes each rank's tensor chunks as their raw bytes into one
+  file ``__R_0.distcp``, back to back, straight from the tensors' memory with positional writes on
+  ``thread_count`` threads (``blockio``), computing one CRC-32 per 4 MiB block on the fly; one fsync per
+  file. Every stored item's ``_StorageInfo`` carries ``transform_descriptors=[RAW_FORMAT]``: a stock DCP
+  reader refuses such a checkpoint (unknown extension) instead of misreading raw bytes as ``torch.save``
+  records. ``writer.records`` maps each file this rank wrote to ``{"bytes", "block", "crc32": [hex, ...]}``.
+* ``SafeReader`` (a DCP ``StorageReader``) reads ``.metadata`` (a pickle written by DCP) with an allow-list
+  unpickler: only DCP's metadata dataclasses, ``torch.Size``, dtypes and layouts can be constructed;
+  ``BytesStorageMetadata`` entries (which DCP would load with ``torch.load(weights_only=False)``) are
+  refused. Raw-format data is read *into the destination tensors* (DCP's planner resolves each request to
+  a view of the target) with positional reads on ``threads`` threads; a request that is not one contiguous
+  byte range of the stored chunk, or a target that is not a contiguous CPU tensor of the stored dtype, goes
+  through a scratch buffer + ``copy_``. Given the manifest's file ``records`` it verifies every block it
+  reads against them while reading (``CorruptCheckpointError`` names the file, byte range and tensors).
+  Checkpoints of the older ``torch.save`` shard format are read by DCP's own reader
+  (``torch.load(weights_only=True)``).
 * ``write_file_durable`` / ``fsync_dir`` / ``file_block_crcs``: temp-file + fsync + rename, checksums.
 """
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
+import math
 import os
 import pickle
 import threading
 import zlib
 from pathlib import Path
-from typing import Any, Generator, Union
+from typing import Any, Generator, Optional, Sequence, Union
 
 import torch
+from torch.futures import Future
 from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
 from torch.distributed.checkpoint import metadata as dcp_metadata
-from torch.distributed.checkpoint.filesystem import FileSystem
+from torch.distributed.checkpoint.filesystem import DEFAULT_SUFFIX, FileSystem, _StorageInfo
+from torch.distributed.checkpoint.planner import LoadPlan, LoadPlanner, ReadItem, SavePlan, SavePlanner, WriteItem
+from torch.distributed.checkpoint.planner import WriteItemType
+from torch.distributed.checkpoint.storage import WriteResult
+
+from dist_train.checkpoint import blockio
+from dist_train.checkpoint.blockio import BLOCK, Segment
 
 PathLike = Union[str, os.PathLike]
-BLOCK = 4 << 20  # checksum granularity: one CRC-32 per 4 MiB of every file
+RAW_FORMAT = "dist-train-raw/1"  # shard format marker (manifest "shard_format", each item's transform_descriptors)
 
 
 class CheckpointError(RuntimeError):
     """A checkpoint is incomplete, corrupt or unsafe to load, or a save failed; the message names the file."""
 
 
-def _hex(crc: int) -> str:
-    return f"{crc & 0xFFFFFFFF:08x}"
+class CorruptCheckpointError(CheckpointError):
+    """Verification failed: a file is missing, has the wrong size or bytes that do not match its CRC-32s.
+    ``problem`` is the one-line finding (the message may add which checkpoint it was found in)."""
+
+    def __init__(self, message: str, problem: Optional[str] = None) -> None:
+        super().__init__(message)  # args == (message,): pickles across ranks (DCP gathers exceptions)
+        self.problem = problem or message
+
+
+_hex = blockio.hex_crc
+
+
+def damage_message(path: PathLike, start: int, end: int, tensors: Sequence[str]) -> str:
+    """``<path>: CRC-32 mismatch in bytes [start, end) (corrupt); tensors stored there: a, b and 3 more``."""
+    where = f"CRC-32 mismatch in bytes [{start}, {end}) (corrupt)"
+    names = sorted(set(tensors))
+    if names:
+        shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+        where += f"; tensor{'s' if len(names) > 1 else ''} stored there: {shown}"
+    return f"{path}: {where}"
+
+
+def tensor_bytes(t: torch.Tensor) -> memoryview:
+    """Writable byte view of a contiguous CPU tensor's memory (no copy; keeps the tensor alive)."""
+    assert t.device.type == "cpu" and t.is_contiguous(), (t.device, t.stride())
+    if t.numel() == 0:
+        return memoryview(bytearray())
+    return memoryview(t.detach().reshape(-1).view(torch.uint8).numpy())
+
+
+def narrow_box(t: torch.Tensor, offsets: Sequence[int], lengths: Sequence[int]) -> torch.Tensor:
+    """The view ``t[o0:o0+l0, o1:o1+l1, ...]``."""
+    for d, (o, n) in enumerate(zip(offsets, lengths)):
+        t = t.narrow(d, o, n)
+    return t
+
+
+def box_byte_range(sizes: Sequence[int], offsets: Sequence[int], lengths: Sequence[int],
+                   itemsize: int) -> Optional[tuple[int, int]]:
+    """``(start, nbytes)`` of the sub-box ``offsets``/``lengths`` of a row-major chunk of shape ``sizes`` when
+    it is one contiguous byte range (leading dims of length 1, then one partial dim, then full dims), else None."""
+    k = 0
+    while k < len(sizes) and lengths[k] == 1:
+        k += 1
+    if any(offsets[d] != 0 or lengths[d] != sizes[d] for d in range(k + 1, len(sizes))):
+        return None
+    stride, start = 1, 0
+    for d in reversed(range(len(sizes))):
+        start += offsets[d] * stride
+        stride *= sizes[d]
+    return start * itemsize, math.prod(lengths) * itemsize
 
 
 def file_block_crcs(path: PathLike, block: int = BLOCK) -> dict:
@@ -178,8 +244,27 @@ class _ChecksumFileSystem(FileSystem):
                 self.records[Path(new_path).name] = rec
 
 
+def _item_nbytes(item: WriteItem) -> int:
+    return math.prod(item.tensor_data.chunk.sizes) * item.tensor_data.properties.dtype.itemsize
+
+
+def _host_bytes(planner: SavePlanner, item: WriteItem, nbytes: int) -> memoryview:
+    """The bytes of one write item, from the tensor itself when it is a contiguous CPU tensor (else one copy)."""
+    t = planner.resolve_data(item)
+    if not isinstance(t, torch.Tensor):
+        raise CheckpointError(f"'{item.index.fqn}' is {type(t).__name__}: only tensors are written to shards")
+    t = t.detach()
+    if t.device.type != "cpu" or not t.is_contiguous() or t.is_conj() or t.is_neg():
+        t = t.resolve_conj().resolve_neg().to("cpu").contiguous()
+    if t.dtype != item.tensor_data.properties.dtype or t.numel() * t.element_size() != nbytes:
+        raise CheckpointError(f"'{item.index.fqn}': planned {nbytes} bytes of "
+                              f"{item.tensor_data.properties.dtype}, got {tuple(t.shape)} {t.dtype}")
+    return tensor_bytes(t)
+
+
 class ChecksumWriter(FileSystemWriter):
-    """DCP ``FileSystemWriter`` (fsync on, ``thread_count`` writer threads) that checksums while writing."""
+    """DCP ``StorageWriter``: one raw-bytes file per rank, ``thread_count`` I/O threads, CRC-32 while writing,
+    fsync per file (see module doc). ``.metadata`` is written by DCP's ``finish`` through a checksum stream."""
 
     def __init__(self, path: PathLike, thread_count: int = 1) -> None:
         super().__init__(path, single_file_per_rank=True, sync_files=True, thread_count=thread_count,
@@ -189,6 +274,25 @@ class ChecksumWriter(FileSystemWriter):
     @property
     def records(self) -> dict[str, dict]:
         return dict(self.fs.records)
+
+    def write_data(self, plan: SavePlan, planner: SavePlanner) -> Future[list[WriteResult]]:
+        name = f"{plan.storage_data.prefix}0{DEFAULT_SUFFIX}"
+        segments, results, offset = [], [], 0
+        for item in plan.items:
+            if item.type == WriteItemType.BYTE_IO:
+                raise CheckpointError(f"'{item.index.fqn}' is not a tensor: only tensors go into shards "
+                                      "(other values are stored as JSON)")
+            n = _item_nbytes(item)
+            segments.append(Segment(offset, n, functools.partial(_host_bytes, planner, item, n)))
+            results.append(WriteResult(index=item.index, size_in_bytes=n,
+                                       storage_data=_StorageInfo(name, offset, n, transform_descriptors=[RAW_FORMAT])))
+            offset += n
+        record = blockio.write_file(Path(self.path) / name, segments, offset, threads=self.thread_count)
+        with self.fs._lock:
+            self.fs.records[name] = record
+        fut: Future[list[WriteResult]] = Future()
+        fut.set_result(results)
+        return fut
 
 
 # ---------------------------------------------------------------------------------------------
@@ -239,7 +343,14 @@ def load_dcp_metadata(path: PathLike) -> dcp_metadata.Metadata:
 
 
 class SafeReader(FileSystemReader):
-    """DCP ``FileSystemReader`` whose metadata goes through ``load_dcp_metadata``."""
+    """DCP ``StorageReader``: safe metadata (``load_dcp_metadata``), raw shards read into the targets on
+    ``threads`` threads, verified against ``records`` (the manifest's ``files``) while reading when given."""
+
+    def __init__(self, path: PathLike, records: Optional[dict[str, dict]] = None, threads: int = 1) -> None:
+        super().__init__(path)
+        self.records = records
+        self.threads = threads
+        self._chunks: dict[tuple[str, tuple[int, ...]], tuple[tuple[int, ...], torch.dtype]] = {}
 
     def read_metadata(self, *args: Any, **kwargs: Any) -> dcp_metadata.Metadata:
         rank = kwargs.get("rank")
@@ -248,3 +359,100 @@ class SafeReader(FileSystemReader):
             md.storage_meta = dcp_metadata.StorageMeta()
         md.storage_meta.load_id = self.load_id
         return md
+
+    def set_up_storage_reader(self, metadata: dcp_metadata.Metadata, is_coordinator: bool, *args: Any,
+                              **kwargs: Any) -> None:
+        super().set_up_storage_reader(metadata, is_coordinator, *args, **kwargs)
+        self._chunks = {(fqn, tuple(c.offsets)): (tuple(c.sizes), md.properties.dtype)
+                        for fqn, md in metadata.state_dict_metadata.items() for c in md.chunks}
+
+    def read_data(self, plan: LoadPlan, planner: LoadPlanner) -> Future[None]:
+        raw = [RAW_FORMAT in (self.storage_data[r.storage_index].transform_descriptors or ()) for r in plan.items]
+        if not any(raw):  # older torch.save shards: DCP's own reader (torch.load(weights_only=True))
+            return super().read_data(plan, planner)
+        if not all(raw):
+            raise CorruptCheckpointError(f"{self.path}: .metadata mixes {RAW_FORMAT} and other shard formats")
+        groups: dict[Any, list[ReadItem]] = {}
+        for r in plan.items:
+            groups.setdefault(r.storage_index, []).append(r)
+        per_file: dict[str, list[Segment]] = {}
+        copies: list[tuple[torch.Tensor, torch.Tensor]] = []  # (target, source) after the reads
+        commits: list[tuple[ReadItem, torch.Tensor]] = []
+        for index, reqs in groups.items():
+            info: _StorageInfo = self.storage_data[index]
+            segs, group_copies, targets = self._plan_chunk(index, info, reqs, planner)
+            per_file.setdefault(info.relative_path, []).extend(segs)
+            copies += group_copies
+            commits += zip(reqs, targets)
+        for name, segs in sorted(per_file.items()):
+            self._read_file(name, segs)
+        for target, source in copies:
+            target.copy_(source)
+        for req, target in commits:
+            planner.commit_tensor(req, target)
+        fut: Future[None] = Future()
+        fut.set_result(None)
+        return fut
+
+    def _plan_chunk(self, index: Any, info: _StorageInfo, reqs: list[ReadItem], planner: LoadPlanner
+                    ) -> tuple[list[Segment], list[tuple[torch.Tensor, torch.Tensor]], list[torch.Tensor]]:
+        """Segments reading one stored chunk for ``reqs``: straight into each target when every request is
+        a contiguous, disjoint byte range and the target a contiguous CPU tensor of the stored dtype; else
+        via scratch tensors and (target, source) copies."""
+        sizes, dtype = self._chunks[(index.fqn, tuple(index.offset))]
+        if info.length != math.prod(sizes) * dtype.itemsize:
+            raise CorruptCheckpointError(f"{Path(self.path) / info.relative_path}: '{index.fqn}' has "
+                                         f"{info.length} bytes stored, its metadata says {list(sizes)} {dtype}")
+        targets = []
+        for r in reqs:
+            t = planner.resolve_tensor(r).detach()
+            if list(t.shape) != list(r.lengths):
+                raise CheckpointError(f"'{index.fqn}': target shape {list(t.shape)}, request {list(r.lengths)}")
+            targets.append(t)
+        ranges = [box_byte_range(sizes, r.storage_offsets, r.lengths, dtype.itemsize) for r in reqs]
+        spans = sorted(x for x in ranges if x is not None)
+        disjoint = all(a[0] + a[1] <= b[0] for a, b in zip(spans, spans[1:]))
+        segs, copies = [], []
+        if None in ranges or not disjoint:  # read the whole stored chunk once, then narrow per request
+            scratch = torch.empty(sizes, dtype=dtype)
+            segs.append(Segment(info.offset, info.length, tensor_bytes(scratch)))
+            copies = [(t, narrow_box(scratch, r.storage_offsets, r.lengths)) for r, t in zip(reqs, targets)]
+            return segs, copies, targets
+        for (start, nbytes), t in zip(ranges, targets):
+            if t.device.type == "cpu" and t.dtype == dtype and t.is_contiguous():
+                view = tensor_bytes(t)
+            else:
+                scratch = torch.empty(t.shape, dtype=dtype)
+                view = tensor_bytes(scratch)
+                copies.append((t, scratch))
+            segs.append(Segment(info.offset + start, nbytes, view))
+        return segs, copies, targets
+
+    def _read_file(self, name: str, segs: list[Segment]) -> None:
+        path = Path(self.path) / name
+        if self.records is None:
+            try:
+                blockio.read_file(path, segs, threads=self.threads)
+            except EOFError as e:
+                raise CorruptCheckpointError(str(e)) from None
+            return
+        rec = self.records.get(name)
+        if rec is None:
+            raise CorruptCheckpointError(f"{path}: not listed in the manifest")
+        try:
+            if os.stat(path).st_size != rec["bytes"]:
+                raise CorruptCheckpointError(f"{path}: size {os.stat(path).st_size} bytes, manifest says "
+                                             f"{rec['bytes']} (truncated or appended)")
+            block = rec["block"]
+            crcs = blockio.read_file(path, blockio.cover_blocks(segs, rec["bytes"], block), threads=self.threads,
+                                     verify=True, size=rec["bytes"], block=block)
+        except FileNotFoundError:
+            raise CorruptCheckpointError(f"{path}: missing") from None
+        except EOFError as e:
+            raise CorruptCheckpointError(str(e)) from None
+        bad = sorted(b for b, crc in crcs.items() if b >= len(rec["crc32"]) or _hex(crc) != rec["crc32"][b])
+        if bad:
+            start, end = bad[0] * block, min(rec["bytes"], (bad[-1] + 1) * block)
+            names = [i.fqn for i, info in self.storage_data.items() if info.relative_path == name
+                     and info.offset < end and info.offset + info.length > start]
+            raise CorruptCheckpointError(damage_message(path, start, end, names))
