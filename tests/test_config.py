@@ -23,7 +23,7 @@ def test_overrides_are_yaml_scalars_and_refs_expand(tmp_path):
     ({"parallel": {"cp_layout": "spiral"}}, "parallel.cp_layout = 'spiral': valid values are contiguous, striped, zigzag"),
     ({"train": {"global_batch": 6, "micro_batch": 4}}, "train.global_batch = 6 is not a multiple of micro_batch * dp = 4 * 1 = 4"),
     ({"model": {"n_heads": 4, "n_kv_heads": 3}}, "model.n_heads = 4 is not divisible by model.n_kv_heads = 3"),
-    ({"model": {"n_layers": 1}, "parallel": {"pp": 2}}, "model.n_layers = 1 < parallel.pp = 2"),
+    ({"model": {"n_layers": 1}, "parallel": {"pp": 2}}, "model.n_layers = 1 < 2 pipeline stages (pp = 2, schedule 1f1b)"),
     ({"parallel": {"tp": 3}}, "model.n_heads = 4 is not divisible by parallel.tp = 3"),
 ])
 def test_invalid_configs_name_the_key_and_numbers(data, msg):
