@@ -83,7 +83,6 @@ def enumerate_layouts(cfg: Config, devices: int, checkpointing: Iterable[str] = 
                             p = c.parallel
                             p.dp, p.tp, p.pp, p.cp, p.wp = dp, tp, pp, cp, list(grid)
                             p.cp_method, p.cp_layout, p.ulysses_degree, p.zero_stage = method, lay, u, z
-                            p.sequence_parallel = tp > 1
                             c.train.micro_batch, c.train.activation_checkpointing = mb, ck
                             try:
                                 validate(c)
