@@ -20,3 +20,13 @@ def test_wp_tiles_match_single_rank(tmp_path):
         for par, (losses, gn) in zip(cases, rank_out):
             assert rel_close(losses, ref.losses, 1e-5), (par, losses, ref.losses)
             assert rel_close([gn], ref.grad_norms[:1], 1e-5), (par, gn, ref.grad_norms[0])
+
+
+def test_dp2_wp_1x2_on_four_ranks_matches_single_rank(tmp_path):
+    data = tmp_path / "weather"
+    ref = train(tiny_swin_config(tmp_path / "ref", data))
+    cases = [{"dp": 2, "wp": [1, 2]}]
+    for rank_out in run_ranks(_swin_cases, 4, args=(str(tmp_path), str(data), cases), timeout=240):
+        losses, gn = rank_out[0]
+        assert rel_close(losses, ref.losses, 1e-5), (losses, ref.losses)
+        assert rel_close([gn], ref.grad_norms[:1], 1e-5), (gn, ref.grad_norms[0])
