@@ -49,7 +49,7 @@ def _cmd_data_prepare(args: argparse.Namespace) -> int:
 
 
 def _add_run(sub) -> None:
-    p = sub.add_parser("run", help="run one rank (under torchrun, mpiexec or a launcher) or a single process",
+    p = sub.add_parser("run", help=_HELP["run"],
                        formatter_class=_F, epilog=_examples(
                            "dist-train run configs/gpt_tiny.yaml --set parallel.dp=1 --set train.steps=10",
                            "torchrun --nproc-per-node 2 -m dist_train run configs/gpt_tiny.yaml --set parallel.dp=2",
@@ -60,7 +60,7 @@ def _add_run(sub) -> None:
 
 
 def _add_data(sub) -> None:
-    p = sub.add_parser("data", help="prepare datasets", formatter_class=_F)
+    p = sub.add_parser("data", help=_HELP["data"], formatter_class=_F)
     dsub = p.add_subparsers(dest="data_cmd", required=True, metavar="{prepare}")
     q = dsub.add_parser("prepare", help="build a Megatron indexed dataset (.bin/.idx) from text/JSONL files",
                         formatter_class=_F, epilog=_examples(
@@ -81,7 +81,7 @@ def _bench_modules() -> dict[str, str]:
 
 
 def _add_bench(sub) -> None:
-    p = sub.add_parser("bench", help="benchmarks (attention, window, ckpt, train, launch, ...)", formatter_class=_F,
+    p = sub.add_parser("bench", help=_HELP["bench"], formatter_class=_F,
                        epilog=_examples("dist-train bench attention --world-size 2 --seq-len 4096",
                                         "dist-train bench train configs/gpt_tiny.yaml"))
     bsub = p.add_subparsers(dest="bench_cmd", required=True)
@@ -92,18 +92,42 @@ def _add_bench(sub) -> None:
         q.set_defaults(func=mod.run)
 
 
-def _add_module_command(sub, name: str, module: str, add: str, main: str, help_: str) -> None:
-    """Mount a subcommand implemented in another package (launchers, checkpoint, planner)."""
-    try:
+def _module_command(module: str, add: str, main: str) -> Callable:
+    """A subcommand implemented in another package (launchers, checkpoint, planner)."""
+    def fill(sub, name: str) -> None:
         mod = importlib.import_module(module)
-    except ImportError:
-        return
-    p = sub.add_parser(name, help=help_, formatter_class=_F)
-    getattr(mod, add)(p)
-    p.set_defaults(func=getattr(mod, main))
+        p = sub.add_parser(name, help=_HELP[name], formatter_class=_F)
+        getattr(mod, add)(p)
+        p.set_defaults(func=getattr(mod, main))
+    return fill
 
 
-def build_parser() -> argparse.ArgumentParser:
+# name -> one-line help; shown by `dist-train --help` without importing any command's module
+_HELP = {
+    "launch": "start the ranks (ray | local | mpi) and train",
+    "run": "run one rank (under torchrun, mpiexec or a launcher) or a single process",
+    "data": "prepare datasets",
+    "bench": "benchmarks (attention, window, ckpt, train, launch)",
+    "ckpt": "inspect, verify and convert checkpoints",
+    "submit": "write (and submit) a Slurm/PBS batch script",
+    "plan": "predict memory and speed per layout and rank the layouts",
+    "scale": "run a scaling sweep and report efficiency with plots",
+}
+_COMMANDS: dict[str, Callable] = {
+    "launch": _module_command("launchers.cli", "add_launch_arguments", "launch_main"),
+    "run": lambda sub, name: _add_run(sub),
+    "data": lambda sub, name: _add_data(sub),
+    "bench": lambda sub, name: _add_bench(sub),
+    "ckpt": _module_command("dist_train.checkpoint.cli", "add_arguments", "run"),
+    "submit": _module_command("launchers.cli", "add_submit_arguments", "submit_main"),
+    "plan": _module_command("dist_train.plan.cli", "add_plan_arguments", "plan_main"),
+    "scale": _module_command("dist_train.plan.cli", "add_scale_arguments", "scale_main"),
+}
+
+
+def build_parser(command: Optional[str] = None) -> argparse.ArgumentParser:
+    """The CLI parser. Only ``command``'s module is imported and its arguments built (all when None
+    is not wanted: `dist-train --help` stays fast because torch is never imported for it)."""
     parser = argparse.ArgumentParser(
         prog="dist-train", formatter_class=_F,
         description="Distributed long-context training: context (ring/Ulysses) and window parallelism "
@@ -112,24 +136,18 @@ def build_parser() -> argparse.ArgumentParser:
                          "dist-train launch configs/gpt_tiny.yaml --backend local --set parallel.dp=1 --set parallel.cp=2",
                          "dist-train run configs/gpt_tiny.yaml --set parallel.dp=1", "dist-train <command> --help"))
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    _add_module_command(sub, "launch", "launchers.cli", "add_launch_arguments", "launch_main",
-                        "start the ranks (ray | local | mpi) and train")
-    _add_run(sub)
-    _add_data(sub)
-    _add_bench(sub)
-    _add_module_command(sub, "ckpt", "dist_train.checkpoint.cli", "add_arguments", "run",
-                        "inspect, verify and convert checkpoints")
-    _add_module_command(sub, "submit", "launchers.cli", "add_submit_arguments", "submit_main",
-                        "write (and submit) a Slurm/PBS batch script")
-    _add_module_command(sub, "plan", "dist_train.plan.cli", "add_plan_arguments", "plan_main",
-                        "predict memory and speed per layout and rank the layouts")
-    _add_module_command(sub, "scale", "dist_train.plan.cli", "add_scale_arguments", "scale_main",
-                        "run a scaling sweep and report efficiency with plots")
+    for name, fill in _COMMANDS.items():
+        if name == command:
+            fill(sub, name)
+        else:
+            sub.add_parser(name, help=_HELP[name])
     return parser
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    command = next((a for a in argv if not a.startswith("-")), None)
+    parser = build_parser(command if command in _COMMANDS else None)
     args = parser.parse_args(argv)
     func: Callable[[argparse.Namespace], int] = args.func
     try:
