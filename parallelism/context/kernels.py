@@ -13,9 +13,10 @@ log-sum-exp merge never sees a rounded partial result. ``backward`` is called wi
 
 Rows with no allowed key in the block get lse = −inf and out = 0 (the merge then ignores them).
 
-Kernels: ``sdpa`` (CPU: aten._scaled_dot_product_flash_attention_for_cpu and its backward; plain
-causal and the striped shifted-causal case use the fast ``is_causal`` path, other masks the additive
-attn_mask path), ``math`` (reference einsum implementation, any device/dtype), ``flash`` (flash-attn
+Kernels: ``sdpa`` (CPU: aten._scaled_dot_product_flash_attention_for_cpu and its backward; full and
+causal blocks use the fast path, other masks the additive attn_mask path — the ring never hands a
+kernel a ``shifted`` block: :attr:`~parallelism.context.plan.Block.call` makes those causal),
+``math`` (reference einsum implementation, any device/dtype), ``flash`` (flash-attn
 on CUDA; full and causal blocks only, imported lazily). ``auto`` picks flash on CUDA when it is
 importable and the dtype is half/bf16, else sdpa on CPU, else math.
 """
@@ -133,15 +134,6 @@ class SdpaCpuKernel:
         c = compute_dtype(q.dtype)
         hq = q.shape[2]
         qh, kh, vh = self._heads_first(q, c), self._heads_first(k, c, hq), self._heads_first(v, c, hq)
-        if mask.kind == "shifted":
-            # b < a  <=>  causal on q[1:] × k[:-1]; query row 0 sees no key of this block.
-            b, h, sq, d = qh.shape
-            out = qh.new_zeros(b, h, sq, d)
-            lse = qh.new_full((b, h, sq), NEG_INF)
-            o1, l1 = self._fwd(qh[:, :, 1:], kh[:, :, :-1], vh[:, :, :-1], 0.0, True, scale=scale)
-            out[:, :, 1:] = o1
-            lse[:, :, 1:] = l1
-            return out.transpose(1, 2), lse
         attn_mask, bool_mask = self._additive(mask, qh)
         out, lse = self._fwd(qh, kh, vh, 0.0, mask.kind == "causal", attn_mask=attn_mask, scale=scale)
         if bool_mask is not None:
@@ -150,7 +142,7 @@ class SdpaCpuKernel:
 
     @staticmethod
     def _additive(mask: BlockMask, qh):
-        if mask.kind != "explicit":
+        if mask.kind in ("full", "causal"):
             return None, None
         bm = mask.tensor(qh.device)
         return torch.zeros(bm.shape, dtype=qh.dtype, device=qh.device).masked_fill(~bm, NEG_INF), bm
@@ -161,15 +153,9 @@ class SdpaCpuKernel:
         qh, kh, vh = self._heads_first(q, c), self._heads_first(k, c, hq), self._heads_first(v, c, hq)
         doh, oh = self._heads_first(dout, c), self._heads_first(out, c)
         lse = _lse_for_backward(lse)
-        if mask.kind == "shifted":
-            dq, dk, dv = torch.zeros_like(qh), torch.zeros_like(kh), torch.zeros_like(vh)
-            g = self._bwd(doh[:, :, 1:], qh[:, :, 1:], kh[:, :, :-1], vh[:, :, :-1], oh[:, :, 1:],
-                          lse[:, :, 1:].contiguous(), 0.0, True, scale=scale)
-            dq[:, :, 1:], dk[:, :, :-1], dv[:, :, :-1] = g
-        else:
-            attn_mask, _ = self._additive(mask, qh)
-            dq, dk, dv = self._bwd(doh, qh, kh, vh, oh, lse, 0.0, mask.kind == "causal",
-                                   attn_mask=attn_mask, scale=scale)
+        attn_mask, _ = self._additive(mask, qh)
+        dq, dk, dv = self._bwd(doh, qh, kh, vh, oh, lse, 0.0, mask.kind == "causal",
+                               attn_mask=attn_mask, scale=scale)
         return (dq.transpose(1, 2), _reduce_kv(dk.transpose(1, 2), hkv),
                 _reduce_kv(dv.transpose(1, 2), hkv))
 

@@ -20,7 +20,7 @@ def merge_(o: torch.Tensor, lse: torch.Tensor, o_b: torch.Tensor, lse_b: torch.T
     neg_inf = torch.isneginf(lse_b)
     diff = torch.where(neg_inf, lse_b, lse_b - lse)       # −inf when the block is empty: weight 0
     weight = torch.sigmoid(diff).transpose(1, 2).unsqueeze(-1).to(o.dtype)   # [B, S, H, 1]
-    o.add_(weight * (o_b.to(o.dtype) - o))
+    o.lerp_(o_b.to(o.dtype), weight)       # o + w·(o_b − o) in one pass, no o-sized temporaries
     lse.copy_(torch.logaddexp(lse, lse_b.to(lse.dtype)))
 
 

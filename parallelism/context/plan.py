@@ -40,6 +40,20 @@ class Block:
     def work(self) -> int:
         return self.mask.allowed
 
+    @functools.cached_property
+    def call(self) -> "Block":
+        """The kernel call computing this block. A shifted block (local b < a, striped keys after the
+        queries) is exactly the causal block on rows [q_lo+1, q_hi) × keys [k_lo, k_hi−1): kernels run
+        their plain causal path on it, with no fully masked row and no padded copies."""
+        if self.mask.kind != "shifted":
+            return self
+        m = self.mask
+        q = Chunk(m.q.start + m.q.stride, m.q.stride, m.q.length - 1)
+        k = Chunk(m.k.start, m.k.stride, m.k.length - 1)
+        inner = classify(q, k, m.causal, m.window)
+        assert inner.kind in ("causal", "full") and inner.allowed == m.allowed, (m, inner)   # 1×1: full
+        return Block(self.q_lo + 1, self.q_hi, self.k_lo, self.k_hi - 1, inner)
+
 
 def _tiles(chunks: tuple[Chunk, ...], tile: Optional[int]) -> list[tuple[int, Chunk]]:
     """(local offset, chunk) pieces of at most ``tile`` tokens, in local order."""

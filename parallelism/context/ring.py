@@ -11,7 +11,9 @@ fp32 state; wait.
 Backward, per step t: the same K/V movement; each block's gradient uses the FINAL (out, lse); dq
 accumulates locally in fp32; the dK/dV accumulator of the source travels with its K/V (received at
 step start, forwarded after compute, overlapping the next step) and its last holder sends it
-straight back to the owner, which pre-posted that receive before the loop (no ordering deadlock).
+straight back to the owner. The owner posts that receive right after its own compute of the step
+in which the last holder sends it (never later: the sender waits for it one step on), so the buffer
+does not sit next to a step's block gradients.
 
 Shapes: q [B, n, Hq, D]; k, v [B, n_k, Hkv, D] (this rank's shard; all ranks have equal shards).
 """
@@ -85,7 +87,7 @@ def ring_forward(plan: RingPlan, rank: int, q, k, v, kernel, scale: float,
         start = time.thread_time()
         for d, s in plan.work(rank, t):
             kk, vv = held[d] if d else (k, v)
-            for b in plan.blocks[rank][s]:
+            for b in (blk.call for blk in plan.blocks[rank][s]):
                 o_b, lse_b = kernel.forward(q[:, b.q_lo:b.q_hi], kk[:, b.k_lo:b.k_hi],
                                             vv[:, b.k_lo:b.k_hi], b.mask, scale)
                 merge_(o[:, b.q_lo:b.q_hi], lse[:, :, b.q_lo:b.q_hi], o_b, lse_b)
@@ -99,77 +101,108 @@ def ring_forward(plan: RingPlan, rank: int, q, k, v, kernel, scale: float,
     return o, lse
 
 
+def _add_rows(acc: Optional[torch.Tensor], lo: int, hi: int, grad: torch.Tensor, shape, dtype) -> torch.Tensor:
+    """``acc[:, lo:hi] += grad``, creating the accumulator on first use.
+
+    A block gradient that spans every row (dim 1), is contiguous and already in the accumulator's
+    dtype BECOMES the accumulator: no zero-filled buffer next to it and no extra pass over memory.
+    """
+    if acc is None:
+        if lo == 0 and hi == shape[1] and grad.is_contiguous() and grad.dtype == dtype:
+            return grad
+        acc = torch.zeros(shape, dtype=dtype, device=grad.device)
+    acc[:, lo:hi] += grad
+    return acc
+
+
 def ring_backward(plan: RingPlan, rank: int, q, k, v, o, lse, do, kernel, scale: float,
                   stats: CPStats) -> Generator:
-    """Yields comm requests; returns (dq, dk, dv) in the compute dtype for this rank's shard."""
+    """Yields comm requests; returns (dq, dk, dv) in the compute dtype for this rank's shard.
+
+    Memory: besides the saved tensors and the results (dq, own dK/dV), a rank holds at most the
+    remote K/V it computes on, the next one in flight, the dK/dV accumulator it receives, the one it
+    sent last step (until that send completes) and this step's block gradients. The owner's
+    receive of its finished remote dK/dV is posted only after its compute of the step in which the
+    last holder sends it, so that buffer never coexists with a step's block gradients.
+    """
     P = plan.world_size
     c = compute_dtype(q.dtype)
-    dq = torch.zeros(q.shape, dtype=c, device=q.device)
-    own = (torch.zeros(k.shape, dtype=c, device=k.device), torch.zeros(v.shape, dtype=c, device=v.device))
-    finals, ops = [], []
-    for d in (FWD, BWD):                       # pre-post the owner's receives of its finished dK/dV
-        hops = plan.last[d][rank]
-        if hops >= 1:
-            finals.append(tuple(torch.empty_like(x) for x in own))
-            ops += _recv_block((rank + d * hops) % P, finals[-1], TAG_FINAL[d])
-    final_handle = (yield Post(ops)) if ops else None
+    dq = own_k = own_v = None
     held = {FWD: (k, v), BWD: (k, v)}
+    finals, final_handles = [], []
     pending, pending_ops = None, []      # last step's accumulator sends (tensors kept alive until waited)
     for t in range(plan.num_steps):
         ops, incoming = _exchange_kv(plan, rank, t, held, (k, v), stats, "kv_blocks_sent_bwd")
         acc = {}
         for d in (FWD, BWD):
             if t >= 2 and plan.on_path(d, rank, t):    # previous holder forwards the accumulator
-                acc[d] = tuple(torch.empty_like(x) for x in own)
+                acc[d] = (torch.empty(k.shape, dtype=c, device=k.device),
+                          torch.empty(v.shape, dtype=c, device=v.device))
                 ops += _recv_block((rank - d) % P, acc[d], TAG_ACC[d])
         handle = (yield Post(ops)) if ops else None
         start = time.thread_time()
         parts = {}
         for d, s in plan.work(rank, t):
             kk, vv = held[d] if d else (k, v)
-            dk, dv = own if d == 0 else tuple(torch.zeros_like(x) for x in own)
-            parts[d] = (dk, dv)
-            for b in plan.blocks[rank][s]:
+            dk, dv = (own_k, own_v) if d == 0 else (None, None)
+            for b in (blk.call for blk in plan.blocks[rank][s]):
                 rows, keys = slice(b.q_lo, b.q_hi), slice(b.k_lo, b.k_hi)
                 dq_b, dk_b, dv_b = kernel.backward(do[:, rows], q[:, rows], kk[:, keys], vv[:, keys],
                                                    o[:, rows], lse[:, :, rows], b.mask, scale)
-                dq[:, rows] += dq_b
-                dk[:, keys] += dk_b
-                dv[:, keys] += dv_b
+                dq = _add_rows(dq, b.q_lo, b.q_hi, dq_b, q.shape, c)
+                dk = _add_rows(dk, b.k_lo, b.k_hi, dk_b, k.shape, c)
+                dv = _add_rows(dv, b.k_lo, b.k_hi, dv_b, v.shape, c)
+                del dq_b, dk_b, dv_b                   # free each block's gradients before the next block
+            if d == 0:
+                own_k, own_v = dk, dv
+            else:
+                parts[d] = (dk, dv)
         stats.bwd_step_compute_s.append(time.thread_time() - start)
         if handle is not None:
             yield Wait(handle)
         if pending is not None:
             yield Wait(pending)
-        ops = []
+        ops, final_ops = [], []
         for d in (FWD, BWD):
+            hops = plan.last[d][rank]
+            if hops >= 1 and t == hops:        # the last holder of my block sends it back after this step
+                finals.append((torch.empty(k.shape, dtype=c, device=k.device),
+                               torch.empty(v.shape, dtype=c, device=v.device)))
+                final_ops += _recv_block((rank + d * hops) % P, finals[-1], TAG_FINAL[d])
             if not plan.on_path(d, rank, t):
                 continue
             s = plan.source(d, rank, t)
-            mine = parts.get(d)
+            mine = parts.pop(d, None)
             if d in acc:
                 total = acc[d]
                 if mine is not None:
                     total[0].add_(mine[0])
                     total[1].add_(mine[1])
             else:
-                total = mine if mine is not None else tuple(torch.zeros_like(x) for x in own)
+                total = mine if mine is not None else (torch.zeros(k.shape, dtype=c, device=k.device),
+                                                        torch.zeros(v.shape, dtype=c, device=v.device))
+            del mine
             if t < plan.last[d][s]:
                 ops += _send_block((rank + d) % P, total, TAG_ACC[d])
             else:
                 ops += _send_block(s, total, TAG_FINAL[d])
             stats.dkv_blocks_sent += 1
+        if final_ops:
+            final_handles.append((yield Post(final_ops)))
         pending, pending_ops = ((yield Post(ops)) if ops else None), ops
         held = incoming
     if pending is not None:
         yield Wait(pending)
     del pending_ops
-    if final_handle is not None:
-        yield Wait(final_handle)
+    for h in final_handles:
+        yield Wait(h)
+    dq = dq if dq is not None else torch.zeros(q.shape, dtype=c, device=q.device)
+    own_k = own_k if own_k is not None else torch.zeros(k.shape, dtype=c, device=k.device)
+    own_v = own_v if own_v is not None else torch.zeros(v.shape, dtype=c, device=v.device)
     for dk, dv in finals:
-        own[0].add_(dk)
-        own[1].add_(dv)
-    return dq, own[0], own[1]
+        own_k.add_(dk)
+        own_v.add_(dv)
+    return dq, own_k, own_v
 
 
 class RingAttention(torch.autograd.Function):
