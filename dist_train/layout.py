@@ -1,9 +1,14 @@
-"""The job's layout without any process group: pipeline stages, per-rank coordinates and a per-rank
-memory estimate (what ``dist-train launch … --dry-run`` prints).
+"""The job's layout without any process group: pipeline stages, what each pipeline rank holds, per-rank
+coordinates and memory (what ``dist-train launch … --dry-run`` prints).
 
     stages = pipeline_stages(cfg)                 # [Stage(index, rank, layers, first, last)]
+    loads = rank_loads(cfg)                       # per pp rank: layers, embedding?, head?, micro-batches in flight
     rows = rank_layout(cfg)                       # one RankLayout per rank: coords, layers, memory
     print(format_layout(cfg, rows))
+
+Memory has ONE model: the planner's ``dist_train.plan.model.memory_model`` (``dist-train plan`` and the
+predictions beside each ``dist-train scale`` point), given each rank's exact :class:`RankLoad`; the
+planner takes the most loaded of the same loads, so the two can never disagree.
 
 Stage balance: the embedding and the output head each count as one layer (Megatron's
 ``account_for_embedding/loss_in_pipeline_split``), every stage holds at least one transformer layer,
@@ -17,6 +22,7 @@ from typing import Optional
 
 from .config import Config, ConfigError
 from .mesh import AXES, axis_sizes, rank_coords
+from .plan.profiles import DeviceProfile, builtin_profiles, get_profile
 
 VIRTUAL_STAGES_INTERLEAVED = 2
 
@@ -71,90 +77,116 @@ def stages_of_rank(cfg: Config, pp_rank: int) -> list[Stage]:
     return [s for s in pipeline_stages(cfg) if s.rank == pp_rank]
 
 
+def in_flight_microbatches(cfg: Config, pp_rank: int) -> float:
+    """Micro-batches whose activations pipeline rank ``pp_rank`` holds at its peak, in units of ALL the
+    rank's layers (torch.distributed.pipelining's schedules, which the pipeline engine runs):
+    no pipeline 1; GPipe m (every forward before any backward); 1F1B min(m, pp - r) (rank r runs
+    pp - r warm-up forwards, then one backward before each further forward); interleaved 1F1B
+    min(warm-up + 1, m·v) forwards of ONE virtual stage, warm-up = (v - 1)·(micro-batches per round)
+    + 2·(pp - 1 - r) (``_get_warmup_ops``), divided by v to count in whole-rank units."""
+    p = cfg.parallel
+    if p.pp == 1:
+        return 1.0
+    m = p.microbatches or cfg.grad_accum_steps
+    if p.pp_schedule == "gpipe":
+        return float(m)
+    if p.pp_schedule == "interleaved":
+        v = virtual_stages(cfg)
+        per_round = m // max(1, m // p.pp)
+        forwards = min((v - 1) * per_round + 2 * (p.pp - 1 - pp_rank) + 1, m * v)
+        return forwards / v
+    return float(min(m, p.pp - pp_rank))
+
+
+@dataclass(frozen=True)
+class RankLoad:
+    """What one pipeline rank holds, as the memory model (dist_train/plan/model.py) needs it."""
+
+    layers: int         # transformer layers over all of this rank's stages
+    embedding: bool     # holds the token / patch embedding (first stage)
+    head: bool          # holds the final norm + output head + loss (last stage)
+    in_flight: float    # micro-batches of activations alive at the peak (:func:`in_flight_microbatches`)
+
+
+def load_of(cfg: Config, stages: list[Stage]) -> RankLoad:
+    """The load of the pipeline rank holding ``stages`` (all of one rank: :func:`stages_of_rank`)."""
+    assert stages and len({s.rank for s in stages}) == 1, stages
+    return RankLoad(layers=sum(len(s.layers) for s in stages), embedding=any(s.first for s in stages),
+                    head=any(s.last for s in stages), in_flight=in_flight_microbatches(cfg, stages[0].rank))
+
+
+def rank_loads(cfg: Config) -> list[RankLoad]:
+    """One :class:`RankLoad` per pipeline rank, in pp order (pp = 1: the whole model, one micro-batch)."""
+    return [load_of(cfg, stages_of_rank(cfg, r)) for r in range(cfg.parallel.pp)]
+
+
 # ---------------------------------------------------------------------------------------------
-# Memory estimate
+# Memory estimate: the planner's model (dist_train/plan/model.py) for each pipeline rank
 # ---------------------------------------------------------------------------------------------
-@dataclass
+@dataclass(frozen=True)
 class MemoryEstimate:
-    params: float       # bytes
-    grads: float
-    optimizer: float
-    activations: float
+    """One rank's memory, bytes by the planner's components (``memory_model``'s dict, with "total"),
+    grouped into the dry-run table's columns."""
+
+    components: dict
+    device: str         # the device profile the numbers come from, as the table header states it
+
+    @property
+    def params(self) -> float:
+        return self.components["weights"]
+
+    @property
+    def grads(self) -> float:
+        # DDP's flat buckets are a second copy of the gradients
+        return self.components["grads"] + self.components["ddp_buckets"]
+
+    @property
+    def optimizer(self) -> float:
+        return self.components["optimizer"]
+
+    @property
+    def activations(self) -> float:
+        return self.components["activations"]
 
     @property
     def total(self) -> float:
-        return self.params + self.grads + self.optimizer + self.activations
+        return self.components["total"]
+
+    @property
+    def other(self) -> float:
+        """Baseline (CUDA context / framework RSS), logits, communication buffers, workspace."""
+        return self.total - self.params - self.grads - self.optimizer - self.activations
 
 
-def _param_counts(cfg: Config, stages: list[Stage]) -> tuple[float, float]:
-    """(tp-sharded, replicated) parameter counts held by one rank of these stages, tp=1 shapes / tp."""
-    from .models.gpt import ffn_hidden_size
+def device_profile(on_cuda: bool) -> tuple[DeviceProfile, str]:
+    """(profile, header label) of the dry run: ``cpu`` (the calibrated one when ``dist-train plan
+    --calibrate`` has run) off CUDA; on CUDA the built-in profile whose name the visible device's name
+    contains (H100, H200, A100), else h100 — the label then says it was assumed and why."""
+    if not on_cuda:
+        prof = get_profile("cpu")
+        return prof, f"cpu ({prof.source})"
+    import torch
 
-    m, tp = cfg.model, cfg.parallel.tp
-    hd = m.d_model // m.n_heads
-    kv = m.n_kv_heads or m.n_heads
-    per_layer_sharded = (m.d_model * m.n_heads * hd * 2 + m.d_model * kv * hd * 2
-                         + 3 * m.d_model * ffn_hidden_size(m)) / tp
-    per_layer_repl = 2 * m.d_model
-    vocab = -(-m.vocab_size // tp) * tp / tp * m.d_model
-    sharded = repl = 0.0
-    for st in stages:
-        sharded += per_layer_sharded * len(st.layers)
-        repl += per_layer_repl * len(st.layers)
-        if st.first:
-            sharded += vocab
-        if st.last:
-            repl += m.d_model
-            if not m.tie_embeddings:
-                sharded += vocab
-    return sharded, repl
+    table = builtin_profiles()
+    if not torch.cuda.is_available():
+        return table["h100"], "h100 (assumed: no CUDA device visible on this host)"
+    name = torch.cuda.get_device_name()
+    hits = [k for k in table if k != "cpu" and k in name.lower()]
+    if not hits:
+        return table["h100"], f"h100 (assumed: no profile for {name!r})"
+    return table[hits[0]], f"{hits[0]} ({name})"
 
 
-def activation_bytes_per_layer(cfg: Config, bytes_per_value: int) -> float:
-    """Korthikanti et al.: s·b·h·(34 + 5·a·s/h) bytes per layer in 16-bit; the s² term vanishes with a
-    fused (flash / SDPA) kernel, which we always use; sequence sharding over cp divides s; tp divides
-    the parts inside the tp region (24 of the 34 without sequence parallelism: ≈ s·b·h·(10 + 24/t)).
-    Full checkpointing keeps only the layer input (2·s·b·h). Scaled to ``bytes_per_value`` (2 = 16-bit)."""
-    m, p, t = cfg.model, cfg.parallel, cfg.train
-    s = cfg.data.seq_len / p.cp
-    b, h = t.micro_batch, m.d_model
-    if t.activation_checkpointing == "full":
-        per = 2.0 * s * b * h
-    else:
-        per = s * b * h * (10 + 24 / p.tp)
-        if t.activation_checkpointing == "none" and p.attn_kernel == "math":
-            per += 5.0 * m.n_heads * s * s * b / p.tp  # materialised scores + softmax + dropout mask
-    return per * bytes_per_value / 2
+def estimate_memory(cfg: Config, stages: list[Stage], on_cuda: bool = False,
+                    profile: Optional[DeviceProfile] = None, label: Optional[str] = None) -> MemoryEstimate:
+    """Bytes one rank holding ``stages`` (all on one pipeline rank: :func:`stages_of_rank`) uses, by the
+    planner's :func:`~dist_train.plan.model.memory_model` on ``profile`` (default: :func:`device_profile`)."""
+    from .plan.model import memory_model, rank_inputs  # lazily: plan.model imports this module
 
-
-def estimate_memory(cfg: Config, stages: list[Stage], on_cuda: bool) -> MemoryEstimate:
-    """Bytes one rank holds. Mixed precision (bf16 on CUDA): 2 (bf16 weights) + 2 (bf16 grads) + 12
-    (fp32 master + Adam m, v) = 16 bytes/param; fp32 AdamW: 4 + 4 + 8. ZeRO-1 shards the optimizer
-    state, ZeRO-2 also the gradients, ZeRO-3 also the weights, each over the gradient group
-    (dp × cp × wp). Activations: micro-batches in flight — 1 without a pipeline, min(pp - stage, m)
-    under 1F1B for the first stage (we report the worst rank), m under GPipe."""
-    p = cfg.parallel
-    gh, gw = cfg.wp_grid
-    shard = p.dp * p.cp * gh * gw
-    mixed = cfg.train.precision == "bf16" or (cfg.train.precision == "auto" and on_cuda)
-    w_b, g_b, o_b = (2, 2, 12) if mixed else (4, 4, 8)
-    sharded, repl = _param_counts(cfg, stages)
-    n = sharded + repl
-    zero = p.zero_stage or 0
-    params = n * w_b / (shard if zero >= 3 else 1)
-    grads = n * g_b / (shard if zero >= 2 else 1)
-    optim = n * o_b / (shard if zero >= 1 else 1)
-    layers = sum(len(st.layers) for st in stages)
-    per_layer = activation_bytes_per_layer(cfg, 2 if mixed else 4)
-    m = p.microbatches or cfg.grad_accum_steps
-    if p.pp == 1:
-        in_flight = 1
-    elif p.pp_schedule == "gpipe":
-        in_flight = m
-    else:
-        in_flight = min(p.pp, m)
-    acts = per_layer * layers * in_flight
-    return MemoryEstimate(params=params, grads=grads, optimizer=optim, activations=acts)
+    if profile is None:
+        profile, label = device_profile(on_cuda)
+    sh, loc = rank_inputs(cfg, profile)
+    return MemoryEstimate(memory_model(cfg, sh, profile, loc, load_of(cfg, stages)), label or profile.name)
 
 
 @dataclass
@@ -169,16 +201,24 @@ class RankLayout:
         return [i for st in self.stages for i in st.layers]
 
 
-def rank_layout(cfg: Config, on_cuda: bool = False) -> list[RankLayout]:
-    """Every rank's mesh coordinates, pipeline stages and memory estimate (pure arithmetic)."""
+def rank_layout(cfg: Config, on_cuda: bool = False, profile: Optional[DeviceProfile] = None) -> list[RankLayout]:
+    """Every rank's mesh coordinates, pipeline stages and memory (pure arithmetic, no process group).
+    Memory: :func:`estimate_memory` on ``profile`` (default :func:`device_profile`), once per pipeline
+    rank; swin needs ``data.image`` for it (the token grid), else ``memory`` is None."""
+    label = None
+    if profile is None:
+        profile, label = device_profile(on_cuda)
     sizes = axis_sizes(cfg.parallel)
     world = math.prod(sizes[a] for a in AXES)
+    by_pp: dict = {}
+    if cfg.model.kind == "gpt" or cfg.data.image:
+        by_pp = {r: estimate_memory(cfg, stages_of_rank(cfg, r), profile=profile, label=label)
+                 for r in range(cfg.parallel.pp)}
     out = []
     for r in range(world):
         c = rank_coords(r, sizes)
         st = stages_of_rank(cfg, c["pp"]) if cfg.model.kind == "gpt" else []
-        mem = estimate_memory(cfg, st, on_cuda) if cfg.model.kind == "gpt" else None
-        out.append(RankLayout(rank=r, coords=c, stages=st, memory=mem))
+        out.append(RankLayout(rank=r, coords=c, stages=st, memory=by_pp.get(c["pp"])))
     return out
 
 
@@ -200,20 +240,24 @@ def _layers_str(layers: list[int]) -> str:
 def format_layout(cfg: Config, rows: list[RankLayout]) -> str:
     """The human table printed by ``--dry-run``."""
     p = cfg.parallel
+    mem0 = rows[0].memory if rows else None
+    source = (f"dist_train/plan/model.py on device profile {mem0.device}" if mem0
+              else "none: the swin memory model needs data.image")
     lines = [f"layout: {len(rows)} ranks = pp{p.pp} x dp{p.dp} x wp{cfg.wp_grid[0]}x{cfg.wp_grid[1]} x cp{p.cp} "
              f"x tp{p.tp} (mesh axes outer->inner: {', '.join(AXES)}) | zero_stage {p.zero_stage} | "
              f"pp_schedule {p.pp_schedule if p.pp > 1 else '-'} | checkpointing {cfg.train.activation_checkpointing}",
-             "memory per rank in GiB: params + grads + optimizer + activations (Korthikanti, fused attention)",
+             f"memory per rank in GiB ({source}): params, grads (+ DDP buckets), optimizer, activations, "
+             "other (baseline, logits, comm buffers, workspace)",
              f"{'rank':>4} {'dp':>3} {'pp':>3} {'cp':>3} {'tp':>3} {'wp':>3}  {'stages':<8} {'layers':<10} "
-             f"{'emb':>3} {'head':>4} {'params':>8} {'grads':>8} {'optim':>8} {'acts':>8} {'total':>8}"]
+             f"{'emb':>3} {'head':>4} {'params':>8} {'grads':>8} {'optim':>8} {'acts':>8} {'other':>8} {'total':>8}"]
     for r in rows:
         c = r.coords
         st = ",".join(str(s.index) for s in r.stages) or "-"
         emb = "y" if any(s.first for s in r.stages) else "-"
         head = "y" if any(s.last for s in r.stages) else "-"
         mem = r.memory
-        mem_s = (f"{_gib(mem.params):>8} {_gib(mem.grads):>8} {_gib(mem.optimizer):>8} {_gib(mem.activations):>8} "
-                 f"{_gib(mem.total):>8}") if mem else "(memory model: gpt only)"
+        mem_s = " ".join(f"{_gib(x):>8}" for x in (mem.params, mem.grads, mem.optimizer, mem.activations, mem.other,
+                                                   mem.total)) if mem else "-"
         lines.append(f"{r.rank:>4} {c['dp']:>3} {c['pp']:>3} {c['cp']:>3} {c['tp']:>3} {c['wp']:>3}  {st:<8} "
                      f"{_layers_str(r.layers):<10} {emb:>3} {head:>4} {mem_s}")
     return "\n".join(lines)

@@ -1,4 +1,5 @@
-"""Dry-run layout without processes: stage balance, rank coordinates, memory formula, invalid combos."""
+"""Dry-run layout without processes: stage balance, rank coordinates, per-rank memory (the planner's model on
+each rank's exact stages; the planner = the most loaded rank), invalid combos."""
 from __future__ import annotations
 
 import itertools
@@ -7,8 +8,10 @@ import pytest
 import torch.distributed as dist
 
 from dist_train.config import ConfigError
-from dist_train.layout import balanced_layer_counts, estimate_memory, pipeline_stages, rank_layout, stages_of_rank
+from dist_train.layout import (balanced_layer_counts, device_profile, estimate_memory, format_layout,
+                               in_flight_microbatches, pipeline_stages, rank_layout, stages_of_rank)
 from dist_train.mesh import rank_coords
+from dist_train.plan.profiles import builtin_profiles
 from tests.trainer_utils import tiny_gpt_config
 
 
@@ -51,22 +54,127 @@ def test_rank_layout_coordinates_and_layers():
         assert r.layers == ([0, 1] if r.coords["pp"] == 0 else [2, 3])  # emb + 2 | 2 + head
 
 
-def test_memory_formula_by_zero_stage():
+@pytest.fixture(scope="module")
+def cpu():
+    """The built-in (uncalibrated) cpu profile: hand-computed numbers must not depend on this machine."""
+    return builtin_profiles()["cpu"]
+
+
+def test_memory_formula_by_zero_stage(cpu):
     from dist_train.models.gpt import GPT, count_parameters
 
     base = _cfg(parallel={"dp": 4}, train={"global_batch": 8})
     n = count_parameters(GPT(base.model))
     stage = pipeline_stages(base)
-    mem = estimate_memory(base, stage, on_cuda=False)
-    assert mem.params == 4 * n and mem.grads == 4 * n and mem.optimizer == 8 * n  # fp32 AdamW: 4 + 4 + 8
+    mem = estimate_memory(base, stage, profile=cpu)
+    # fp32 AdamW: 4 + 4 + 8; DDP (zero_stage null, 4 replicas) adds its flat bucket copy: grads 4 + 4
+    assert mem.params == 4 * n and mem.grads == 8 * n and mem.optimizer == 8 * n
     for z, (w, g, o) in {0: (2, 2, 12), 1: (2, 2, 3), 2: (2, 0.5, 3), 3: (0.5, 0.5, 3)}.items():
         cfg = _cfg(parallel={"dp": 4, "zero_stage": z}, train={"global_batch": 8, "precision": "bf16"})
         m = estimate_memory(cfg, stage, on_cuda=True)
         assert (m.params, m.grads, m.optimizer) == (w * n, g * n, o * n), z  # 16 B/param ÷ sharding
-    tp2 = estimate_memory(_cfg(parallel={"tp": 2}), pipeline_stages(base), on_cuda=False)
-    assert mem.params / 2 < tp2.params < mem.params  # norms are replicated, the rest halves
-    full = estimate_memory(_cfg(train={"activation_checkpointing": "full"}), stage, on_cuda=False)
-    assert full.activations == 2 * 32 * 2 * 32 * 2 * 2  # 2·s·b·h bytes (16-bit) per layer, fp32 = ×2, 2 layers
+    tp2 = estimate_memory(_cfg(parallel={"tp": 2}), pipeline_stages(base), profile=cpu)
+    one = estimate_memory(_cfg(), pipeline_stages(base), profile=cpu)
+    assert one.params / 2 < tp2.params < one.params  # norms are replicated, the rest halves
+    full = estimate_memory(_cfg(train={"activation_checkpointing": "full"}), stage, profile=cpu)
+    # d=32, q=32, kv=2·8=16, f=32·ceil(8·32/3/32)=96; eager layer = 4d + 5q + 4kv + 4f = 128+160+64+384 = 736
+    # elements/token; full: L·d layer inputs (64) + one recomputed layer (736) + the stage input (32) = 832;
+    # × micro_batch·S = 64 tokens × 4 B
+    assert full.activations == 832 * 64 * 4
+    assert full.total == pytest.approx(full.params + full.grads + full.optimizer + full.activations + full.other)
+    assert full.other >= cpu.baseline_bytes
+
+
+def test_per_stage_params_match_the_real_stage_modules(cpu):
+    """Every pipeline rank's weights = the parameters of the GPT holding exactly its stages (tp = 1)."""
+    from dist_train.models.gpt import GPT, count_parameters
+
+    for parallel, n_layers in (({"pp": 2}, 4), ({"pp": 3}, 5), ({"pp": 2, "pp_schedule": "interleaved"}, 6)):
+        cfg = _cfg(model={"n_layers": n_layers}, parallel={**parallel, "microbatches": parallel["pp"]},
+                   train={"micro_batch": 1, "global_batch": 6})
+        for r in range(cfg.parallel.pp):
+            st = stages_of_rank(cfg, r)
+            real = GPT(cfg.model, layer_ids=[i for s in st for i in s.layers], has_embedding=any(s.first for s in st),
+                       has_head=any(s.last for s in st))
+            assert estimate_memory(cfg, st, profile=cpu).params == 4 * count_parameters(real), (parallel, r)
+
+
+def test_tp_pads_the_vocabulary(cpu):
+    cfg = _cfg(model={"vocab_size": 63}, parallel={"tp": 2})
+    mem = estimate_memory(cfg, pipeline_stages(cfg), profile=cpu)
+    # per layer: matmuls d·(2q + 2kv) + 3·d·f = 32·96 + 3·32·96 = 12288 ÷ 2, norms 2d = 64 replicated;
+    # vocabulary 63 padded to 64: 32 rows of d = 1024 each for embedding and head; final norm 32
+    assert mem.params == (2 * (12288 // 2 + 64) + 2 * 1024 + 32) * 4
+    assert mem.components["logits"] == 64 * 32 * (4 + 4 + 4)  # 64 tokens × 32 local rows × (fp32 + lsm + grad)
+
+
+def test_in_flight_microbatches_follow_torch_schedules():
+    from torch.distributed.pipelining.schedules import _get_warmup_ops
+
+    # global batch 8 / micro_batch 1 = 8 accumulation micro-batches, run as 4 pipeline micro-batches
+    one = dict(model={"n_layers": 8}, train={"micro_batch": 1, "global_batch": 8})
+    f1b = _cfg(parallel={"pp": 4, "microbatches": 4}, **{**one, "model": {"n_layers": 4}})  # 1 layer per rank
+    assert [in_flight_microbatches(f1b, r) for r in range(4)] == [4, 3, 2, 1]  # min(m, pp - r)
+    gpipe = _cfg(parallel={"pp": 4, "microbatches": 4, "pp_schedule": "gpipe"}, **one)
+    assert [in_flight_microbatches(gpipe, r) for r in range(4)] == [4] * 4
+    for pp, m in ((2, 2), (2, 4), (4, 4), (4, 8)):
+        cfg = _cfg(parallel={"pp": pp, "microbatches": m, "pp_schedule": "interleaved"}, **one)
+        per_round = m // max(1, m // pp)
+        for r in range(pp):
+            forwards = min(_get_warmup_ops(r, 2, per_round, pp, m) + 1, 2 * m)  # warm-up, then one 1F before 1B
+            assert in_flight_microbatches(cfg, r) == forwards / 2, (pp, m, r)
+    # 1F1B, 1 layer per rank, no checkpointing: activations scale exactly with the micro-batches in flight
+    rows = rank_layout(f1b, profile=builtin_profiles()["cpu"])
+    acts = {r.coords["pp"]: r.memory.activations for r in rows}
+    assert [acts[r] / acts[3] for r in range(4)] == [4, 3, 2, 1]
+    assert rows[0].memory.other < rows[-1].memory.other  # the logits live on the head rank only
+
+
+@pytest.mark.parametrize("sections", [
+    {},
+    {"parallel": {"pp": 2, "dp": 2, "microbatches": 2}, "model": {"n_layers": 4}, "train": {"micro_batch": 1}},
+    {"parallel": {"pp": 3, "microbatches": 3}, "model": {"n_layers": 5}, "train": {"global_batch": 6}},
+    {"parallel": {"pp": 2, "pp_schedule": "interleaved", "microbatches": 4}, "model": {"n_layers": 4},
+     "train": {"micro_batch": 1}},
+    {"parallel": {"tp": 2, "cp": 2, "zero_stage": 2}, "model": {"vocab_size": 63},
+     "train": {"activation_checkpointing": "selective"}},
+    {"parallel": {"pp": 2, "cp": 2, "cp_method": "ulysses", "microbatches": 2}, "model": {"n_layers": 3},
+     "train": {"activation_checkpointing": "full", "micro_batch": 1, "precision": "bf16"}},
+])
+def test_planner_memory_is_the_dry_runs_most_loaded_rank(sections, cpu):
+    from dist_train.plan.model import predict
+
+    cfg = _cfg(**sections)
+    rows = rank_layout(cfg, profile=cpu)
+    worst = max(rows, key=lambda r: r.memory.total).memory
+    assert predict(cfg, cpu).memory == worst.components
+    assert {r.memory.device for r in rows} == {"cpu"}
+
+
+def test_swin_dry_run_uses_the_planner_too(cpu):
+    from dist_train.config import config_from_dict
+    from dist_train.plan.model import predict
+
+    cfg = config_from_dict({"model": {"kind": "swin", "d_model": 16, "n_layers": 2, "n_heads": 2, "window": 4,
+                                      "in_channels": 2, "out_channels": 2},
+                            "data": {"source": "weather", "image": [16, 16]},
+                            "train": {"global_batch": 2, "micro_batch": 1}, "parallel": {"wp": [1, 2]}})
+    rows = rank_layout(cfg, profile=cpu)
+    assert len(rows) == 2 and all(r.memory.components == predict(cfg, cpu).memory for r in rows)
+    assert format_layout(cfg, rows).splitlines()[-1].split()[-1] == f"{rows[-1].memory.total / 2 ** 30:.3f}"
+
+
+def test_dry_run_profile_label():
+    import torch
+
+    prof, label = device_profile(on_cuda=False)
+    assert prof.name == "cpu" and label.startswith("cpu (")
+    prof, label = device_profile(on_cuda=True)
+    if torch.cuda.is_available():
+        assert label.split()[0] == prof.name
+        assert prof.name in torch.cuda.get_device_name().lower() or label.startswith("h100 (assumed: no profile")
+    else:
+        assert prof.name == "h100" and label == "h100 (assumed: no CUDA device visible on this host)"
 
 
 def test_dry_run_prints_every_rank_without_a_process_group(tmp_path, capsys):
@@ -78,9 +186,13 @@ def test_dry_run_prints_every_rank_without_a_process_group(tmp_path, capsys):
                         "train: {global_batch: 8, micro_batch: 2}\n")
     assert dry_run(str(cfg_file), ["parallel.pp=2", "parallel.tp=2", "parallel.dp=2", "parallel.microbatches=2"]) == 0
     out = capsys.readouterr().out
+    assert "dist_train/plan/model.py on device profile cpu (" in out
+    header = next(line.split() for line in out.splitlines() if line.split()[:1] == ["rank"])
+    assert header[-6:] == ["params", "grads", "optim", "acts", "other", "total"]
     rows = [line.split() for line in out.splitlines() if line.strip()[:1].isdigit()]
     assert [int(r[0]) for r in rows] == list(range(8))
     assert all(r[7] == ("0-1" if r[2] == "0" else "2-3") for r in rows)  # pp coordinate -> layers
+    assert all(abs(sum(map(float, r[-6:-1])) - float(r[-1])) <= 0.003 for r in rows)  # columns add up
     assert not dist.is_initialized()
 
 

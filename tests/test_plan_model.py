@@ -78,6 +78,32 @@ def test_memory_sharding_rules(cpu):
     assert uly["activations"] - cp2["activations"] == 2 * (64 + 2 * 32) * 64 * 4   # head-sharded q, k, v
 
 
+def test_memory_pipeline_ranks_tp_padding_and_precision(cpu):
+    from dist_train.plan.model import memory_model, rank_inputs
+
+    c = cfg(**{"parallel.pp": 2})
+    sh, loc = rank_inputs(c, cpu)
+    r0, r1 = (memory_model(c, sh, cpu, loc, ld) for ld in loc.loads)
+    # 2 layers on 2 stages (embedding and head count one layer each): rank 0 = layer 0 + embedding
+    # (36992 + 6400), rank 1 = layer 1 + final norm + head (36992 + 64 + 6400)
+    assert r0["weights"] == (36992 + 6400) * 4 and r1["weights"] == (36992 + 6400 + 64) * 4
+    # global batch 4 / micro_batch 2 = 2 micro-batches; 1F1B keeps min(2, pp - r) in flight: 2 on rank 0,
+    # 1 on rank 1, each 1 layer × 1216 + the stage input 64 elements per token, 128 tokens, fp32
+    assert r0["activations"] == 2 * (1216 + 64) * 128 * 4 and r1["activations"] == (1216 + 64) * 128 * 4
+    assert r0["logits"] == 0 and r1["logits"] == 128 * 100 * 12      # the loss lives on the last stage
+    assert predict(c, cpu).memory == r0                               # the planner ranks the most loaded rank
+    # tp=2 with vocab 101: padded to 102, 51 rows per rank for embedding and head; norms (2·64 per layer,
+    # final 64) replicated, the other 36864 parameters of a layer halve
+    tp = predict(cfg(**{"parallel.tp": 2, "model.vocab_size": 101}), cpu).memory
+    assert tp["weights"] == (2 * (36864 // 2 + 128) + 2 * 51 * 64 + 64) * 4
+    assert tp["logits"] == 128 * 51 * 12
+    # train.precision overrides the profile's element size: bf16 on the cpu profile is 2 + 2 + (8 + 4 master)
+    bf16 = predict(cfg(**{"train.precision": "bf16"}), cpu).memory
+    base = predict(cfg(), cpu).memory
+    assert bf16["weights"] == base["weights"] / 2 and bf16["optimizer"] == base["optimizer"] * 12 / 8
+    assert bf16["activations"] == base["activations"] / 2
+
+
 def test_korthikanti_s2_term_without_flash(cpu):
     """attn_kernel=math keeps scores and probabilities: + 2·heads·S elements per token per layer."""
     flash = predict(cfg(), cpu).memory["activations"]

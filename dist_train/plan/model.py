@@ -3,9 +3,13 @@
     pred = predict(cfg, profile)            # cfg: a validated Config (its parallel.* is the layout)
     pred.memory["total"], pred.step_time_s, pred.tokens_per_s, pred.breakdown_lines()
 
-Memory (bytes, the most loaded rank):
+Memory (bytes, one pipeline rank's :class:`~dist_train.layout.RankLoad` — its exact layers, embedding,
+head and micro-batches in flight; by default the most loaded rank, which is what the planner ranks;
+``dist-train launch --dry-run`` prints every rank from the same function):
     baseline            framework resident set / CUDA context (profile.baseline_gib)
-    weights, grads      parameters on this rank (÷tp, ÷pp by stage, ÷ZeRO-3 shards) × element size
+    weights, grads      parameters on this rank (matmul weights and vocabulary rows ÷tp — the vocabulary
+                        padded to a multiple of tp; norms replicated; only this rank's layers, embedding
+                        and head; ÷ZeRO-3 shards) × element size (train.precision; auto: the profile's)
     optimizer           AdamW m, v (+ fp32 master copy in 16-bit training), ÷ shards for ZeRO ≥ 1
     ddp_buckets         DDP's flat gradient buckets (a second gradient copy) when gradients are reduced
     activations         per layer per token (Korthikanti et al. generalised to this model's tensors):
@@ -13,8 +17,8 @@ Memory (bytes, the most loaded rank):
                         tensor-parallel part (÷tp); + 2·heads·span scores without flash attention;
                         tokens per rank = micro_batch·S / (cp·wp); full checkpointing keeps the layer
                         input (d per token) per layer + one layer being recomputed; Ulysses keeps the
-                        head-sharded q, k, v copies
-    logits              S·b·V/tp × (logits + fp32 log-softmax + its gradient)
+                        head-sharded q, k, v copies; × micro-batches in flight; + the stage input
+    logits              head rank only: S·b·V_pad/tp × (logits + fp32 log-softmax + its gradient)
     comm_buffers        ring double buffers for K/V and dK/dV, all-to-all outputs
 Time (seconds per optimizer step, per rank): matmuls by shape over the calibrated matmul curve,
 attention (FLOP convention) over the attention curve with the causal critical-path factor of the cp
@@ -28,6 +32,7 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from ..config import Config
+from ..layout import RankLoad, rank_loads
 from ..metrics import mean_keys_per_query
 from .profiles import DeviceProfile
 
@@ -73,19 +78,32 @@ class Shape:
     def layer_params(self) -> int:
         d, f = self.d, self.ffn
         if self.kind == "gpt":
-            return d * (2 * self.q_dim + 2 * self.kv_dim) + 3 * d * f + 2 * d
+            return d * (2 * self.q_dim + 2 * self.kv_dim) + 3 * d * f + self.layer_replicated_params()
         wh, ww = self.window
         return 4 * d * d + 4 * d + 2 * d * f + f + d + self.heads * (2 * wh - 1) * (2 * ww - 1) + 4 * d
 
-    def embed_params(self) -> int:
-        return self.vocab * self.d if self.kind == "gpt" else self.embed_in * self.d + self.d
+    def layer_replicated_params(self) -> int:
+        """Parameters of one layer that tensor parallelism does not split: the norms (gpt: two RMSNorm
+        weights; swin: two LayerNorms with bias — swin runs with tp = 1 anyway)."""
+        return 2 * self.d if self.kind == "gpt" else 4 * self.d
 
-    def head_params(self) -> int:
-        return self.vocab * self.d + (0 if self.kind == "gpt" else self.vocab)
+    def vocab_rows(self, tp: int = 1) -> int:
+        """Output rows per tp rank: the vocabulary padded up to a multiple of tp, split (Megatron's
+        vocab-parallel embedding/head, ``padded_vocab_size``); swin heads are not tp-split (tp = 1)."""
+        return -(-self.vocab // tp)
+
+    def embed_params(self, tp: int = 1) -> int:
+        return self.vocab_rows(tp) * self.d if self.kind == "gpt" else self.embed_in * self.d + self.d
+
+    def head_params(self, tp: int = 1) -> int:
+        return self.vocab_rows(tp) * self.d + (0 if self.kind == "gpt" else self.vocab)
+
+    def final_norm_params(self) -> int:
+        return self.d if self.kind == "gpt" else 2 * self.d
 
     def params(self, tied: bool = False) -> int:
-        norm = self.d if self.kind == "gpt" else 2 * self.d
-        return self.layers * self.layer_params() + self.embed_params() + (0 if tied else self.head_params()) + norm
+        return (self.layers * self.layer_params() + self.embed_params() + (0 if tied else self.head_params())
+                + self.final_norm_params())
 
     def matmul_params(self, tied: bool = False) -> int:
         """Parameters in matmuls (the 6N of the FLOP convention): every Linear weight and the head."""
@@ -154,21 +172,35 @@ class Prediction:
 
 
 # ---------------------------------------------------------------------------------------------
+def element_bytes(cfg: Config, prof: DeviceProfile) -> int:
+    """Bytes per weight / activation element: train.precision when set (bf16 2, fp32 4), else (auto)
+    the profile's (bf16 on the GPU profiles, fp32 on cpu) — what the trainer's autocast picks."""
+    return {"bf16": 2, "fp32": 4}.get(cfg.train.precision, prof.bytes_per_elem)
+
+
 @dataclass(frozen=True)
 class _Local:
     """Per-rank quantities of a layout (one micro-batch)."""
 
     tokens: float       # tokens this rank processes per micro-batch
-    layers: int         # layers on the most loaded pipeline stage
+    layers: int         # layers on the most loaded pipeline rank (all its stages)
     q: float            # local attention width (÷tp)
     kv: float
     f: float
     heads: float
-    vocab: float
+    vocab: float        # output rows on this rank (padded vocabulary ÷ tp)
     grad_shards: int    # ranks holding replicas of the weights (dp·cp·wp): ZeRO shard factor
+    bpe: int            # bytes per element (:func:`element_bytes`)
+    loads: tuple[RankLoad, ...]  # what each pipeline rank holds, in pp order
 
 
-def _local(cfg: Config, sh: Shape) -> _Local:
+def rank_inputs(cfg: Config, prof: DeviceProfile) -> tuple[Shape, _Local]:
+    """(shape, per-rank quantities) of ``cfg`` on ``prof``: the inputs of :func:`memory_model`."""
+    sh = shape_of(cfg)
+    return sh, _local(cfg, sh, prof)
+
+
+def _local(cfg: Config, sh: Shape, prof: DeviceProfile) -> _Local:
     p = cfg.parallel
     gh, gw = cfg.wp_grid
     tp = p.tp
@@ -181,9 +213,10 @@ def _local(cfg: Config, sh: Shape) -> _Local:
     else:
         tokens = cfg.train.micro_batch * sh.tokens / p.cp
     kv_heads_local = max(1.0, sh.kv_heads / tp)
-    return _Local(tokens=tokens, layers=math.ceil(sh.layers / p.pp), q=sh.q_dim / tp,
-                  kv=kv_heads_local * sh.head_dim, f=sh.ffn / tp, heads=sh.heads / tp, vocab=sh.vocab / tp,
-                  grad_shards=p.dp * p.cp * gh * gw)
+    loads = tuple(rank_loads(cfg))
+    return _Local(tokens=tokens, layers=max(ld.layers for ld in loads), q=sh.q_dim / tp,
+                  kv=kv_heads_local * sh.head_dim, f=sh.ffn / tp, heads=sh.heads / tp, vocab=sh.vocab_rows(tp),
+                  grad_shards=p.dp * p.cp * gh * gw, bpe=element_bytes(cfg, prof), loads=loads)
 
 
 def activation_elems_per_token(cfg: Config, sh: Shape, prof: DeviceProfile, loc: _Local) -> dict:
@@ -209,15 +242,21 @@ def activation_elems_per_token(cfg: Config, sh: Shape, prof: DeviceProfile, loc:
     return {"replicated": rep, "parallel": par, "scores": scores, "ulysses": uly}
 
 
-def memory_model(cfg: Config, sh: Shape, prof: DeviceProfile, loc: _Local) -> dict:
+def memory_model(cfg: Config, sh: Shape, prof: DeviceProfile, loc: _Local,
+                 load: Optional[RankLoad] = None) -> dict:
+    """Bytes by component (+ "total") of the pipeline rank holding ``load``; None: the most loaded of
+    ``loc.loads`` (every pp rank's exact stages), the rank that decides whether a layout fits."""
+    if load is None:
+        return max((memory_model(cfg, sh, prof, loc, ld) for ld in loc.loads), key=lambda m: m["total"])
     p, t = cfg.parallel, cfg.train
-    bpe = prof.bytes_per_elem
+    bpe = loc.bpe
     tied = cfg.model.tie_embeddings if sh.kind == "gpt" else False
-    ends = sh.embed_params() + (0 if tied else sh.head_params())
-    if p.pp > 1:
-        ends = max(sh.embed_params(), sh.head_params())
-    final_norm = sh.params(tied) - sh.layers * sh.layer_params() - sh.embed_params() - (0 if tied else sh.head_params())
-    n_local = (loc.layers * sh.layer_params() + ends + final_norm) / p.tp
+    rep = sh.layer_replicated_params()
+    n_local = load.layers * ((sh.layer_params() - rep) / p.tp + rep)
+    if load.embedding:
+        n_local += sh.embed_params(p.tp)
+    if load.head:
+        n_local += sh.final_norm_params() + (0 if tied else sh.head_params(p.tp))
     z = p.zero_stage
     shards = loc.grad_shards
     master = 4 if bpe < 4 else 0
@@ -228,19 +267,17 @@ def memory_model(cfg: Config, sh: Shape, prof: DeviceProfile, loc: _Local) -> di
 
     el = activation_elems_per_token(cfg, sh, prof, loc)
     per_layer_tok = el["replicated"] + el["parallel"] + el["scores"] + el["ulysses"]
-    ckpt = t.activation_checkpointing
-    if ckpt == "full":
-        stored_tok = loc.layers * sh.d + per_layer_tok  # layer inputs + one layer recomputed
+    if t.activation_checkpointing == "full":
+        # every in-flight micro-batch keeps its layer inputs; one layer is recomputed at a time
+        stored_tok = load.layers * sh.d * load.in_flight + per_layer_tok
     else:
-        if ckpt == "selective":
+        if t.activation_checkpointing == "selective":
             per_layer_tok -= loc.q + el["scores"]   # the attention core is recomputed
-        stored_tok = loc.layers * per_layer_tok
-    if p.pp > 1:
-        m = p.microbatches or cfg.grad_accum_steps
-        in_flight = m if p.pp_schedule == "gpipe" else min(m, p.pp)
-        stored_tok *= in_flight
-    acts = stored_tok * loc.tokens * bpe + loc.tokens * sh.d * bpe  # + embedding output
-    logits = loc.tokens * loc.vocab * (bpe + 4 + 4)
+        stored_tok = load.layers * per_layer_tok * load.in_flight
+    stored_tok += sh.d * load.in_flight  # the stage input per micro-batch (the embedding output on stage 0)
+    acts = stored_tok * loc.tokens * bpe
+    # one micro-batch's logits: the last stage runs its loss and backward before the next forward
+    logits = loc.tokens * loc.vocab * (bpe + 4 + 4) if load.head else 0.0
     comm = 0.0
     if p.cp > 1:
         if p.cp_method in ("ring", "hybrid"):
@@ -270,7 +307,7 @@ def _allreduce_s(nbytes: float, n: int, link) -> float:
 
 def time_model(cfg: Config, sh: Shape, prof: DeviceProfile, loc: _Local, mem: dict, world: int) -> dict:
     p, t = cfg.parallel, cfg.train
-    bpe = prof.bytes_per_elem
+    bpe = loc.bpe
     accum = cfg.grad_accum_steps
     ranks_per_node = min(world, prof.devices_per_node if prof.cores is None else world)
     share = prof.compute_share(ranks_per_node)
@@ -377,8 +414,7 @@ def time_model(cfg: Config, sh: Shape, prof: DeviceProfile, loc: _Local, mem: di
 def predict(cfg: Config, prof: DeviceProfile, world: Optional[int] = None) -> Prediction:
     """Memory and speed of ``cfg``'s layout on ``prof`` devices (world = dp·tp·pp·cp·wp by default)."""
     world = world or cfg.world_size
-    sh = shape_of(cfg)
-    loc = _local(cfg, sh)
+    sh, loc = rank_inputs(cfg, prof)
     mem = memory_model(cfg, sh, prof, loc)
     tm = time_model(cfg, sh, prof, loc, mem, world)
     comm_total = tm.pop("comm_total")
