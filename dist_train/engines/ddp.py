@@ -52,8 +52,11 @@ class DDPEngine:
         return loss_sum.detach().float()
 
     def checkpoint_kwargs(self) -> dict:
-        """Extra CheckpointManager arguments (engines with their own state layout pass an adapter)."""
-        return {}
+        """Extra CheckpointManager arguments: with tp > 1 an adapter that saves Megatron shards as DTensors
+        of the full shape (checkpoint/adapters.py), else none."""
+        from ..checkpoint.adapters import engine_checkpoint_kwargs
+
+        return engine_checkpoint_kwargs(self.module, self.mesh)
 
     def train_step(self, micro: list[dict], global_count: float) -> tuple[float, float]:
         """One optimizer step over this rank's micro-batches -> (global mean loss, pre-clip grad norm).

@@ -125,9 +125,11 @@ class DeepSpeedEngine:
         self.module = self.engine.module
 
     def checkpoint_kwargs(self) -> dict:
-        """Extra CheckpointManager arguments: none (ZeRO-partitioned state is gathered by the manager's
-        owner; see docs/parallelism.md)."""
-        return {}
+        """Extra CheckpointManager arguments: an adapter that gathers ZeRO-partitioned fp32 weights and
+        optimizer state per parameter into the plain engines' layout (wrapped for tp > 1)."""
+        from ..checkpoint.adapters import DeepSpeedStateAdapter, engine_checkpoint_kwargs
+
+        return engine_checkpoint_kwargs(self.module, self.mesh, DeepSpeedStateAdapter(self.optimizer))
 
     def train_step(self, micro: list[dict], global_count: float) -> tuple[float, float]:
         device = self.engine.device

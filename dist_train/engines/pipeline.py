@@ -124,8 +124,11 @@ class PipelineEngine:
         return float(loss_sum.item()) / global_count, norm
 
     def checkpoint_kwargs(self) -> dict:
-        """Extra CheckpointManager arguments: none — parameter names are the global tp=1/pp=1 names."""
-        return {}
+        """Extra CheckpointManager arguments: stages hold disjoint global names (``layers.<i>``) and merge by
+        union; with tp > 1 the tensor-parallel adapter (checkpoint/adapters.py)."""
+        from ..checkpoint.adapters import engine_checkpoint_kwargs
+
+        return engine_checkpoint_kwargs(self.module, self.mesh)
 
     @property
     def lr(self) -> float:
