@@ -1,5 +1,7 @@
 """Checkpoints on real gloo ranks: exact resume (sync and async) at world 1, 2, 3; resharding dp2 -> 1 and
-3; a rank SIGKILLed mid-save. World 1 runs in the test process (no process group), the others spawn.
+3; sharded (DTensor) chunks Shard(1)/Shard(0) on 2 ranks -> Shard(0)/Shard(1) on 3 ranks and plain tensors on 1,
+read through the raw-shard reader with verification; a rank SIGKILLed mid-save. World 1 runs in the test
+process (no process group), the others spawn.
 
 Adding a resharding case (cp2->cp1, dp2->tp2, zero3->zero0, wp 1x2->1x1): save with ``_save_reference`` under
 the source layout, load with ``_load_and_compare`` under the target layout, compare ``eval_outputs``.
@@ -10,11 +12,16 @@ import os
 import signal
 from pathlib import Path
 
+import json
+
 import pytest
 import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
 
 from dist_train.checkpoint import CheckpointManager, complete_checkpoints, verify_checkpoint
 from dist_train.checkpoint.manifest import read_latest
+from dist_train.checkpoint.storage import ChecksumWriter, SafeReader
 from tests.dist_harness import run_ranks
 from tests.test_ckpt_common import CkptCfg, build, eval_outputs, model_config, seed_rank, train_steps
 
@@ -83,14 +90,54 @@ def _load_and_compare(rank: int, world: int, path: str, expected: torch.Tensor) 
     mgr.close()
 
 
+def _dtensor_full() -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(3)
+    return {"a": torch.randn(7, 10, dtype=torch.float64, generator=g), "b": torch.randn(5, 3, generator=g)}
+
+
+def _dtensor_case(rank: int, world: int, path: str, save: bool) -> None:
+    """Save "a" as Shard(1) and "b" as Shard(0) (uneven), or load them as Shard(0) / Shard(1) (plain tensors
+    at world 1) with every block verified while reading; every rank checks its shard against the full tensor."""
+    from torch.distributed.tensor import DTensor, Shard, distribute_tensor
+
+    full = _dtensor_full()
+    mesh = None
+    if world > 1:
+        from torch.distributed.device_mesh import init_device_mesh
+
+        mesh = init_device_mesh("cpu", (world,))
+    if save:
+        state = {"a": distribute_tensor(full["a"], mesh, [Shard(1)]), "b": distribute_tensor(full["b"], mesh, [Shard(0)])}
+        writer = ChecksumWriter(path, thread_count=2)
+        dcp.save(state, storage_writer=writer)
+        records: list = [None] * world
+        dist.all_gather_object(records, writer.records)
+        if rank == 0:
+            Path(path, "records.json").write_text(json.dumps({k: v for r in records for k, v in r.items()}))
+        dist.barrier()
+        return
+    records = json.loads(Path(path, "records.json").read_text())
+    if world == 1:
+        state = {k: torch.zeros_like(v) for k, v in full.items()}
+    else:
+        state = {"a": distribute_tensor(torch.zeros(7, 10, dtype=torch.float64), mesh, [Shard(0)]),
+                 "b": distribute_tensor(torch.zeros(5, 3), mesh, [Shard(1)])}
+    dcp.load(state, storage_reader=SafeReader(path, records=records, threads=2), no_dist=world == 1)
+    for key, t in state.items():
+        got = t.full_tensor() if isinstance(t, DTensor) else t
+        assert torch.equal(got, full[key]), (rank, key)
+
+
 def _multi_rank_cases(rank: int, world: int, root: str, reshard_path: str, expected, kill_root) -> torch.Tensor:
     """Exact resume (sync, async); then either save the dp reference (expected None) or load it resharded;
     with ``kill_root`` finally a save during which rank 1 is SIGKILLed (this spawn then fails by design)."""
     _exact_resume(rank, world, root, async_save=False)
     _exact_resume(rank, world, root, async_save=True)
     if expected is None:
+        _dtensor_case(rank, world, f"{reshard_path}_dtensor", save=True)
         return _save_reference(rank, world, reshard_path)
     _load_and_compare(rank, world, reshard_path, expected)
+    _dtensor_case(rank, world, f"{reshard_path}_dtensor", save=False)
     (Path(root) / f"cases_ok_w{world}_rank{rank}").touch()
     if kill_root is not None:
         _die_mid_save(rank, world, kill_root)
@@ -119,6 +166,7 @@ def test_exact_resume_resharding_and_killed_rank_on_1_2_3_ranks(tmp_path):
     assert torch.equal(outs[0], outs[1])
     assert not verify_checkpoint(Path(src) / "step_4")
     _load_and_compare(0, 1, src, outs[0])  # dp2 -> world 1 (no process group at all)
+    _dtensor_case(0, 1, f"{src}_dtensor", save=False)
 
     # world 3: exact resume, dp2 -> dp3 resharded load, then rank 1 dies in the middle of a save
     with pytest.raises(AssertionError) as info:

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from dist_train.checkpoint import CheckpointError, CheckpointManager, complete_checkpoints, verify_checkpoint
-from dist_train.checkpoint import storage
+from dist_train.checkpoint import blockio, storage
 from dist_train.checkpoint.manifest import MANIFEST, read_latest
 from tests.test_ckpt_common import (CkptCfg, build, eval_outputs, flip_byte, model_config, seed_rank, shard_files,
                                     train_steps)
@@ -89,17 +89,21 @@ def test_all_checkpoints_bad_is_an_error_not_a_fresh_start(tmp_path):
     assert extra is None
 
 
-def _disk_full(self, b):
+def _disk_full(*args):
     raise OSError(errno.ENOSPC, "No space left on device")
 
 
-def test_disk_full_keeps_last_good_checkpoint(tmp_path, monkeypatch, caplog):
+@pytest.mark.parametrize("where", ["shards", "metadata"])
+def test_disk_full_keeps_last_good_checkpoint(tmp_path, monkeypatch, caplog, where):
     root = tmp_path / "ckpt"
     outs = _train_and_save(root, steps=(2,))
     seed_rank(0)
     model, opt, sched = build()
     train_steps(model, opt, sched, 1, 3)
-    monkeypatch.setattr(storage._ChecksumStream, "write", _disk_full)
+    if where == "shards":  # the raw shard bytes (positional writes on the I/O threads)
+        monkeypatch.setattr(blockio.os, "pwrite", _disk_full)
+    else:  # DCP's .metadata (written through the checksum stream)
+        monkeypatch.setattr(storage._ChecksumStream, "write", _disk_full)
 
     stop = _mgr(root, on_error="stop")
     with pytest.raises(CheckpointError, match="save at step 3 failed.*No space left.*last good checkpoint: step_2"):

@@ -6,12 +6,15 @@ kind and goes through the same path):
 * raw write: the same bytes written sequentially to one file in 64 MiB pieces, then fsync.
 * raw read: that file read back after dropping its pages from the page cache (posix_fadvise DONTNEED on a
   fsynced file: the kernel drops clean pages; a hypervisor/host cache below the VM may still serve them).
-* save (sync): ``CheckpointManager.save`` end to end: DCP shards + CRC-32 + fsync + manifest + rename.
-* load: page cache dropped for every checkpoint file first; ``load(verify=True)`` reads every file twice
-  (checksum pass, then DCP load — the second from cache), ``verify=False`` once.
+* save (sync): ``CheckpointManager.save`` end to end: DCP planning, raw shard bytes + CRC-32 + fsync,
+  ``.metadata``, RNG/train-state/manifest files, renames, ``latest``, pruning the previous checkpoint.
+* load: page cache dropped for every checkpoint file first; ``load(verify=False)`` reads the shard bytes
+  into the model's tensors; ``load(verify=True)`` (what ``resume`` does) also checks every block's CRC-32
+  while reading, plus the sizes and small files — one pass over the data either way.
 * async: ``save`` return time (= stall: the copy into reused host buffers) vs the sync save time; the
   first async save also allocates the buffers and is reported separately.
-Every number is a median over ``--repeats`` runs.
+Every time is a median over ``--repeats`` runs; each run measures raw and checkpoint I/O back to back and the
+"vs raw" ratios are medians of the per-run ratios (the machine's load drifts between runs).
 """
 from __future__ import annotations
 
@@ -35,7 +38,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--size-gb", type=float, default=1.0, help="model state size in GiB (default 1)")
     parser.add_argument("--dir", default=".", help="directory on the disk to measure (default: current dir)")
     parser.add_argument("--repeats", type=int, default=3, help="runs per measurement; medians are reported")
-    parser.add_argument("--io-threads", type=int, default=1, help="DCP writer threads per rank (default 1)")
+    parser.add_argument("--io-threads", type=int, default=2,
+                        help="threads reading/writing shard bytes per rank (default 2)")
     parser.add_argument("--json", metavar="PATH", help="write the results as JSON")
 
 
@@ -84,6 +88,8 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--size-gb = {args.size_gb}: must be a positive number of GiB, e.g. --size-gb 1")
     if args.repeats < 1:
         raise ValueError(f"--repeats = {args.repeats}: must be >= 1")
+    if args.io_threads < 1:
+        raise ValueError(f"--io-threads = {args.io_threads}: must be >= 1")
     base = Path(args.dir)
     if not base.is_dir():
         raise ValueError(f"--dir = {args.dir}: not a directory")
@@ -105,12 +111,6 @@ def run(args: argparse.Namespace) -> int:
                  "io_threads": args.io_threads}
     try:
         raw = work / "raw.bin"
-        w_times, r_times = [], []
-        for _ in range(args.repeats):
-            w_times.append(_raw_write(raw, tensors))
-            r_times.append(_raw_read(raw))
-        raw.unlink()
-        res["raw_write_s"], res["raw_read_s"] = statistics.median(w_times), statistics.median(r_times)
 
         def manager(async_save: bool) -> "CheckpointManager":
             return CheckpointManager(CheckpointConfig(keep_last=1, resume="none", at_end=False, async_save=async_save,
@@ -118,28 +118,40 @@ def run(args: argparse.Namespace) -> int:
                                      config={"bench": "ckpt"}, layout={"world_size": 1},
                                      io_threads=args.io_threads)
 
-        step = 0
-        sync, sync_times = manager(False), []
-        for _ in range(args.repeats):
-            step += 1
-            t0 = time.perf_counter()
-            sync.save(step, model)
-            sync_times.append(time.perf_counter() - t0)
-        res["save_sync_s"] = statistics.median(sync_times)
+        # each repeat measures raw write and save, then raw read, load and verified load, back to back, so
+        # every ratio compares the two paths under (nearly) the same machine load; the order within a pair
+        # alternates between repeats (the second of two back-to-back GiB writes pays for the first's
+        # write-back on a virtual disk); medians over repeats are reported
+        step, sync = 0, manager(False)
+        t: dict[str, list[float]] = {k: [] for k in ("raw_write", "save", "raw_read", "load", "load_verify")}
 
-        ckpt = work / "ckpt" / f"step_{step}"
-        load_v, load_nv = [], []
-        for _ in range(args.repeats):
-            _drop_cache(ckpt)
+        def timed(fn) -> float:
             t0 = time.perf_counter()
-            sync.load(ckpt, model, verify=True)
-            load_v.append(time.perf_counter() - t0)
+            fn()
+            return time.perf_counter() - t0
+
+        def load(verify: bool) -> None:
             _drop_cache(ckpt)
-            t0 = time.perf_counter()
-            sync.load(ckpt, model, verify=False)
-            load_nv.append(time.perf_counter() - t0)
-        res["load_verify_s"], res["load_s"] = statistics.median(load_v), statistics.median(load_nv)
+            t["load_verify" if verify else "load"].append(timed(lambda: sync.load(ckpt, model, verify=verify)))
+
+        for i in range(args.repeats):
+            step += 1
+            ckpt = work / "ckpt" / f"step_{step}"
+            writes = [lambda: t["raw_write"].append(_raw_write(raw, tensors)),
+                      lambda: t["save"].append(timed(lambda: sync.save(step, model)))]
+            reads = [lambda: t["raw_read"].append(_raw_read(raw)), lambda: load(False), lambda: load(True)]
+            for fn in (writes if i % 2 == 0 else writes[::-1]) + (reads if i % 2 == 0 else reads[::-1]):
+                fn()
+        raw.unlink()
         sync.close()
+        res["raw_write_s"], res["raw_read_s"] = statistics.median(t["raw_write"]), statistics.median(t["raw_read"])
+        res["save_sync_s"], res["load_s"] = statistics.median(t["save"]), statistics.median(t["load"])
+        res["load_verify_s"] = statistics.median(t["load_verify"])
+        res["per_repeat_s"] = t
+        pairs = {"save_vs_raw": ("raw_write", "save"), "load_vs_raw": ("raw_read", "load"),
+                 "load_verify_vs_raw": ("raw_read", "load_verify")}
+        for key, (ref, ours) in pairs.items():  # median of the per-repeat ratios
+            res[key] = statistics.median(r / o for r, o in zip(t[ref], t[ours]))
 
         asyn = manager(True)
         stalls, writes = [], []
@@ -160,18 +172,15 @@ def run(args: argparse.Namespace) -> int:
     gb = res["size_gib"]
     res["raw_write_gibps"] = gb / res["raw_write_s"]
     res["raw_read_gibps"] = gb / res["raw_read_s"]
-    res["save_vs_raw"] = res["raw_write_s"] / res["save_sync_s"]
-    res["load_vs_raw"] = res["raw_read_s"] / res["load_s"]
-    res["load_verify_vs_raw"] = res["raw_read_s"] / res["load_verify_s"]
     res["async_stall_vs_sync"] = res["async_stall_s"] / res["save_sync_s"]
 
     print(f"ckpt bench: {gb:.2f} GiB model state ({len(tensors)} fp32 tensors) in {res['dir']}, "
-          f"median of {args.repeats}")
-    print(f"  {'':30} {'time s':>8} {'GiB/s':>7} {'vs raw':>7}")
+          f"median of {args.repeats}, {args.io_threads} I/O thread(s)")
+    print(f"  {'':30} {'time s':>8} {'GiB/s':>7} {'vs raw':>7}   (vs raw: median of per-repeat ratios)")
     rows = [("raw write + fsync", res["raw_write_s"], None), ("raw read (page cache dropped)", res["raw_read_s"], None),
-            ("save, sync (DCP+CRC+fsync+commit)", res["save_sync_s"], res["save_vs_raw"]),
+            ("save, sync (CRC+fsync+commit)", res["save_sync_s"], res["save_vs_raw"]),
             ("load, no verify", res["load_s"], res["load_vs_raw"]),
-            ("load, verify + load", res["load_verify_s"], res["load_verify_vs_raw"])]
+            ("load, verified while reading", res["load_verify_s"], res["load_verify_vs_raw"])]
     for name, t, ratio in rows:
         print(f"  {name:30} {t:8.3f} {gb / t:7.2f} {'' if ratio is None else f'{ratio:6.0%}':>7}")
     print(f"  async save: stall {res['async_stall_s']:.3f} s = {res['async_stall_vs_sync']:.1%} of the sync save "

@@ -245,7 +245,7 @@ class CheckpointManager:
         if p["rng"] is not None:
             try:
                 rng_name = mf.rng_file_name(self.rank)
-                records[rng_name] = write_file_durable(tmp / rng_name, json.dumps(p["rng"]).encode())
+                records[rng_name] = write_file_durable(tmp / rng_name, json.dumps(p["rng"]).encode(), atomic=False)
             except OSError as e:
                 err = f"{tmp / mf.rng_file_name(self.rank)}: {e}"
             self._raise_if(comm.agree(err), tmp)
@@ -283,14 +283,15 @@ class CheckpointManager:
             values.update(r["values"])
             table.update(r["table"])
         train_state = {"step": p["step"], "extra": p["extra"], "scheduler": p["scheduler"], "values": values}
-        files[mf.TRAIN_STATE] = write_file_durable(tmp / mf.TRAIN_STATE, json.dumps(train_state).encode())
+        files[mf.TRAIN_STATE] = write_file_durable(tmp / mf.TRAIN_STATE, json.dumps(train_state).encode(),
+                                                   atomic=False)
         body = {
             "step": p["step"], "contents": p["contents"], "layout": self.layout, "world_size": self.world_size,
             "config": json.loads(json.dumps(self.config, default=str)), "code_version": mf.code_version(),
             "torch_version": torch.__version__, "created_unix": time.time(), "files": files, "tensors": table,
             "shard_format": RAW_FORMAT,
         }
-        mf.write_manifest(tmp, body)
+        mf.write_manifest(tmp, body, atomic=False)  # made durable by fsync_dir + rename below
         fsync_dir(tmp)
         replaced = None
         if final.exists():  # re-saving a step (e.g. a resumed run reaching the same step): swap, then delete

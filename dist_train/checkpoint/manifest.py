@@ -68,10 +68,11 @@ def _body_checksum(body: dict) -> str:
     return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
 
 
-def write_manifest(ckpt: PathLike, body: dict) -> None:
-    """Write ``manifest.json`` (body + sha256 of its canonical JSON) durably; this is the commit record."""
+def write_manifest(ckpt: PathLike, body: dict, atomic: bool = True) -> None:
+    """Write ``manifest.json`` (body + sha256 of its canonical JSON) durably; this is the commit record.
+    ``atomic=False`` inside a ``step_N.tmp`` directory that is fsynced and renamed afterwards."""
     doc = {"format": FORMAT, "body": body, "sha256": _body_checksum(body)}
-    write_file_durable(Path(ckpt) / MANIFEST, json.dumps(doc, indent=1).encode())
+    write_file_durable(Path(ckpt) / MANIFEST, json.dumps(doc, indent=1).encode(), atomic=atomic)
 
 
 def read_manifest(ckpt: PathLike) -> dict:

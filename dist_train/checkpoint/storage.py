@@ -17,7 +17,7 @@ tensor chunk, resharding at load), this module stores the bytes.
   reads against them while reading (``CorruptCheckpointError`` names the file, byte range and tensors).
   Checkpoints of the older ``torch.save`` shard format are read by DCP's own reader
   (``torch.load(weights_only=True)``).
-* ``write_file_durable`` / ``fsync_dir`` / ``file_block_crcs``: temp-file + fsync + rename, checksums.
+* ``write_file_durable`` / ``fsync_dir`` / ``file_block_crcs``: (temp-file +) fsync (+ rename), checksums.
 """
 from __future__ import annotations
 
@@ -143,16 +143,20 @@ def fsync_dir(path: PathLike) -> None:
         os.close(fd)
 
 
-def write_file_durable(path: PathLike, data: bytes) -> dict:
-    """Write ``data`` to ``path`` atomically (temp + fsync + rename + dir fsync); return its checksum record."""
+def write_file_durable(path: PathLike, data: bytes, atomic: bool = True) -> dict:
+    """Write ``data`` to ``path`` and fsync it; return its checksum record. ``atomic``: via a temp file +
+    rename + directory fsync. Files inside a save's ``step_N.tmp`` directory pass ``atomic=False``: the
+    directory is fsynced once and renamed as a whole at commit, so a per-file rename and directory fsync
+    would only add fsyncs (each a journal commit) to every save."""
     path = Path(path)
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
+    target = path.with_name(path.name + f".tmp{os.getpid()}") if atomic else path
+    with open(target, "wb") as f:
         f.write(data)
         f.flush()
         os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
+    if atomic:
+        os.replace(target, path)
+        fsync_dir(path.parent)
     return bytes_block_crcs(data)
 
 
