@@ -6,6 +6,11 @@ all-reduce of the counts over dp × wp × cp is the global batch's real pixels �
 
 Sample ids follow the same global-index scheme as the token batcher (``micro_batch_ids``), mapped to
 time steps through a seeded permutation that is reshuffled every epoch.
+
+Fields are normalised per channel as ``(f - mean) / std(one-step increment)``: the model forecasts
+``x + Δ``, so the target increment has unit scale and the initial loss is ~1 whatever the physical
+units (the usual residual normalisation of weather models). The statistics come from the first few
+time steps, read whole by every rank (the same numbers everywhere, no communication).
 """
 from __future__ import annotations
 
@@ -39,10 +44,20 @@ class WeatherBatcher:
         if self.ds.image_size != (int(d.image[0]), int(d.image[1])) or self.ds.channels != d.channels:
             raise ValueError(f"data.path = {d.path} holds {self.ds.image_size} x {self.ds.channels} fields, "
                              f"but data.image = {d.image}, data.channels = {d.channels}")
+        self.mean, self.scale = self._field_stats()
         self.rows, self.cols = model.tile_slices(self.ds.image_size)
         self.mb, self.dp, self.dp_rank, self.seed = cfg.train.micro_batch, mesh.size("dp"), mesh.coord("dp"), cfg.run.seed
         p = cfg.model.patch_size
         self.tokens_per_sample = (self.ds.height // p) * (self.ds.width // p)
+
+    def _field_stats(self, steps: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-channel mean of the fields and std of their one-step increment, shapes [C]."""
+        k = min(steps, self.ds.steps)
+        f = np.asarray(self.ds.fields[:k], dtype=np.float64)  # [k, H, W, C]
+        inc = np.diff(f, axis=0)
+        std = inc.reshape(-1, f.shape[-1]).std(axis=0)
+        return (torch.from_numpy(f.reshape(-1, f.shape[-1]).mean(axis=0)).float(),
+                torch.from_numpy(np.where(std > 0, std, 1.0)).float())
 
     @lru_cache(maxsize=4)
     def _order(self, epoch: int) -> np.ndarray:
@@ -55,5 +70,6 @@ class WeatherBatcher:
     def microbatch(self, consumed: int, micro: int) -> dict[str, torch.Tensor]:
         ids = [self._time_index(i) for i in micro_batch_ids(consumed, micro, self.mb, self.dp, self.dp_rank)]
         b = self.ds.batch(ids, self.rows, self.cols)
-        return {"x": b["x"], "y": b["y"], "image_size": torch.tensor(b["image_size"]),
+        x, y = ((b[k] - self.mean) / self.scale for k in ("x", "y"))
+        return {"x": x, "y": y, "image_size": torch.tensor(b["image_size"]),
                 "count": torch.tensor(float(b["y"].numel()))}
