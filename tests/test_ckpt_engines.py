@@ -2,8 +2,9 @@
 
 Every engine writes the one layout of a tp=1/pp=1 plain-optimizer run, so a checkpoint saved under one
 layout resumes under another and training continues with the saving run's losses (1e-5 relative):
-  tp2 -> tp2 (same shapes: the silent-corruption case), dp2 -> tp2, tp2 -> tp1 (shards not de-duplicated away), zero3 dp2 -> plain dp1, dp2 -> zero3 dp2,
-  pp2 -> pp1, and exact resume zero1 dp2 -> zero1 dp2 (10 + 10 steps == 20 straight).
+  tp2 -> tp2 (same shapes: the silent-corruption case), dp2 -> tp2, tp2 -> tp1 (shards not de-duplicated
+  away), zero3 dp2 -> plain dp1, dp2 -> zero3 dp2, tp2 -> tp2 with ZeRO-3 (the tp adapter over the
+  DeepSpeed one), pp2 -> pp1, and exact resume zero1 dp2 -> zero1 dp2 (10 + 10 steps == 20 straight).
 The vocabulary (63) is odd, so tp2 pads it to 64 and the uneven vocab shards (32 + 31 real rows) are
 exercised in both directions. The 2-rank runs share one spawn; the world-1 resumes run in the test
 process (as a new job would).
@@ -39,7 +40,8 @@ def _two_rank_cases(rank, world, root):
                       ("pp2", {"pp": 2})):
         out[name] = train(_cfg(root, name, par)).losses
     for name, par, src in (("tp2_to_tp2", {"tp": 2}, "tp2"), ("dp2_to_tp2", {"tp": 2}, "dp2"),
-                           ("dp2_to_zero3", {"dp": 2, "zero_stage": 3}, "dp2")):
+                           ("dp2_to_zero3", {"dp": 2, "zero_stage": 3}, "dp2"),
+                           ("tp2_to_tp2_zero3", {"tp": 2, "zero_stage": 3}, "tp2")):
         res = train(_cfg(root, name, par, checkpoint=_resume_from(root, src)))
         out[name] = (res.start_step, res.losses)
     zero1 = {"dp": 2, "zero_stage": 1}
@@ -74,6 +76,7 @@ def test_engines_reshard_through_the_trainer(tmp_path):
     _check(r["tp2"], *r["tp2_to_tp2"], "tp2 -> tp2")
     _check(r["dp2"], *r["dp2_to_tp2"], "dp2 -> tp2")
     _check(r["dp2"], *r["dp2_to_zero3"], "dp2 -> zero3 dp2")
+    _check(r["tp2"], *r["tp2_to_tp2_zero3"], "tp2 -> tp2 x zero3 (both adapters composed)")
     first, start, second = r["zero1_resumed"]
     assert start == 10 and first + second == r["zero1_straight"], (first + second, r["zero1_straight"])
 

@@ -268,7 +268,9 @@ class DeepSpeedStateAdapter(StateAdapter):
 
     @staticmethod
     def _buffers(model: nn.Module, params: dict) -> dict:
-        return {k: v for k, v in model.state_dict().items() if k not in params}
+        """Persistent buffers (views of the module's own). Non-tensor entries (Megatron's empty
+        ``_extra_state``) are not state: the layers ignore them on load."""
+        return {k: v for k, v in model.state_dict().items() if k not in params and isinstance(v, torch.Tensor)}
 
     # -- StateAdapter ----------------------------------------------------------------------------
     def get(self, model, optimizer):
