@@ -13,7 +13,10 @@ from __future__ import annotations
 
 import json
 
+import torch
+
 from dist_train.checkpoint import manifest as mf
+from dist_train.checkpoint.hf import load_model_tensors
 from dist_train.trainer import train
 from tests.dist_harness import run_ranks
 from tests.trainer_utils import rel_close, tiny_gpt_config
@@ -71,8 +74,8 @@ def test_engines_reshard_through_the_trainer(tmp_path):
     for r in res:  # every rank reports identical losses
         assert r == res[0]
     r = res[0]
-    # tp / ZeRO / pp = 1 runs of the same seed and batch match each other; the resumes must match the saver
-    # same layout, same shapes: without the tp adapter DCP keeps ONE rank's shard for both (silently)
+    # every resume continues with its saver's losses; tp2 -> tp2 is the same layout and the same shapes, so
+    # without the tp adapter nothing would fail loudly: DCP would keep ONE rank's shard for both ranks
     _check(r["tp2"], *r["tp2_to_tp2"], "tp2 -> tp2")
     _check(r["dp2"], *r["dp2_to_tp2"], "dp2 -> tp2")
     _check(r["dp2"], *r["dp2_to_zero3"], "dp2 -> zero3 dp2")
@@ -85,7 +88,15 @@ def test_engines_reshard_through_the_trainer(tmp_path):
     for name in ("tp2", "zero3", "pp2"):
         assert _tensor_table(tmp_path, name) == ref, name
         assert _value_keys(tmp_path, name) == _value_keys(tmp_path, "dp2"), name
-        assert mf.verify_checkpoint(tmp_path / name / "checkpoints" / "step_5") == [], name
+    # ... and the same numbers: what `ckpt convert` reads (full tensors, one process) equals the dp2 run's
+    # weights to fp32 round-off (the layouts reduce in different orders) — a de-duplicated tp shard would
+    # differ by O(1), a lost ZeRO partition would read as zeros
+    ref_weights, _ = load_model_tensors(tmp_path / "dp2" / "checkpoints" / "step_5")
+    for name in ("tp2", "zero3", "pp2"):
+        weights, _ = load_model_tensors(tmp_path / name / "checkpoints" / "step_5")  # verifies CRCs first
+        assert weights.keys() == ref_weights.keys(), name
+        for k, w in weights.items():
+            assert torch.allclose(w, ref_weights[k], rtol=1e-4, atol=1e-6), (name, k, (w - ref_weights[k]).abs().max())
     # the unpadded vocabulary (63 rows, not Megatron's 64) for the weights and the Adam moments
     for key in ("model.tok_embeddings.weight", "model.output.weight", "optim.state.output.weight.exp_avg",
                 "optim.state.tok_embeddings.weight.exp_avg_sq"):
