@@ -6,7 +6,8 @@ layout resumes under another and training continues with the saving run's losses
   away), zero3 dp2 -> plain dp1, dp2 -> zero3 dp2, tp2 -> tp2 with ZeRO-3 (the tp adapter over the
   DeepSpeed one), pp2 -> pp1, and exact resume zero1 dp2 -> zero1 dp2 (10 + 10 steps == 20 straight).
 The vocabulary (63) is odd, so tp2 pads it to 64 and the uneven vocab shards (32 + 31 real rows) are
-exercised in both directions. The 2-rank runs share one spawn; the world-1 resumes run in the test
+exercised in both directions. The tp2 and ZeRO-3 savers save asynchronously (host staging of DTensors
+and of gathered tensors). The 2-rank runs share one spawn; the world-1 resumes run in the test
 process (as a new job would).
 """
 from __future__ import annotations
@@ -39,9 +40,10 @@ def _resume_from(root, name, step=5):
 def _two_rank_cases(rank, world, root):
     """Savers for the world-1 resumes, plus the resumes that need 2 ranks."""
     out = {}
-    for name, par in (("dp2", {"dp": 2}), ("tp2", {"tp": 2}), ("zero3", {"dp": 2, "zero_stage": 3}),
-                      ("pp2", {"pp": 2})):
-        out[name] = train(_cfg(root, name, par)).losses
+    async_save = {**SAVE, "async_save": True}  # the adapters' state goes through the host stager too
+    for name, par, ck in (("dp2", {"dp": 2}, SAVE), ("tp2", {"tp": 2}, async_save),
+                          ("zero3", {"dp": 2, "zero_stage": 3}, async_save), ("pp2", {"pp": 2}, SAVE)):
+        out[name] = train(_cfg(root, name, par, checkpoint=ck)).losses
     for name, par, src in (("tp2_to_tp2", {"tp": 2}, "tp2"), ("dp2_to_tp2", {"tp": 2}, "dp2"),
                            ("dp2_to_zero3", {"dp": 2, "zero_stage": 3}, "dp2"),
                            ("tp2_to_tp2_zero3", {"tp": 2, "zero_stage": 3}, "tp2")):
