@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 
 from dist_train.checkpoint import manifest as mf
@@ -109,3 +110,25 @@ def test_engines_reshard_through_the_trainer(tmp_path):
     for src in ("tp2", "zero3", "pp2"):
         resumed = train(_cfg(tmp_path, f"{src}_to_1", {}, checkpoint=_resume_from(tmp_path, src)))
         _check(r[src], resumed.start_step, resumed.losses, f"{src} -> world 1")
+
+
+class _Mesh:
+    """The two DeviceMesh methods the adapter's constructor reads (no process group needed)."""
+
+    def __init__(self, size: int, rank: int) -> None:
+        self._size, self._rank = size, rank
+
+    def size(self) -> int:
+        return self._size
+
+    def get_local_rank(self) -> int:
+        return self._rank
+
+
+def test_tp_adapter_rejects_shards_that_are_not_ceil_sized():
+    from dist_train.checkpoint.adapters import TensorParallelAdapter, TPShard
+
+    ok = TensorParallelAdapter(_Mesh(2, 1), {"output.weight": TPShard(dim=0, local=32, size=63)})
+    assert ok._real_rows(ok.shards["output.weight"]) == 31  # rank 1 of 2 holds rows 32..62 (+1 padding row)
+    with pytest.raises(ValueError, match=r"'output.weight'.*expected ceil\(63 / 4\) = 16"):
+        TensorParallelAdapter(_Mesh(4, 0), {"output.weight": TPShard(dim=0, local=10, size=63)})
