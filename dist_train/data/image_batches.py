@@ -9,8 +9,8 @@ time steps through a seeded permutation that is reshuffled every epoch.
 
 Fields are normalised per channel as ``(f - mean) / std(one-step increment)``: the model forecasts
 ``x + Δ``, so the target increment has unit scale and the initial loss is ~1 whatever the physical
-units (the usual residual normalisation of weather models). The statistics come from the first few
-time steps, read whole by every rank (the same numbers everywhere, no communication).
+units (the usual residual normalisation of weather models). The statistics come from every time
+step on a strided pixel subset, read by every rank (the same numbers everywhere, no communication).
 """
 from __future__ import annotations
 
@@ -50,12 +50,11 @@ class WeatherBatcher:
         p = cfg.model.patch_size
         self.tokens_per_sample = (self.ds.height // p) * (self.ds.width // p)
 
-    def _field_stats(self, steps: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-channel mean of the fields and std of their one-step increment, shapes [C]."""
-        k = min(steps, self.ds.steps)
-        f = np.asarray(self.ds.fields[:k], dtype=np.float64)  # [k, H, W, C]
-        inc = np.diff(f, axis=0)
-        std = inc.reshape(-1, f.shape[-1]).std(axis=0)
+    def _field_stats(self, stride: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-channel mean of the fields and std of their one-step increment, shapes [C], over every
+        time step (a start-up transient must not set the scale) on a strided pixel subset."""
+        f = np.asarray(self.ds.fields[:, ::stride, ::stride], dtype=np.float64)  # [T, H/s, W/s, C]
+        std = np.diff(f, axis=0).reshape(-1, f.shape[-1]).std(axis=0)
         return (torch.from_numpy(f.reshape(-1, f.shape[-1]).mean(axis=0)).float(),
                 torch.from_numpy(np.where(std > 0, std, 1.0)).float())
 
