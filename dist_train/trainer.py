@@ -104,6 +104,23 @@ def flops_per_sample(cfg: Config, model: torch.nn.Module, batcher) -> float:
     return flops_per_pixel(model) * batcher.tokens_per_sample
 
 
+@dataclass
+class Throughput:
+    """Per-step accounting under FLOP_CONVENTION: model FLOPs and tokens of one global batch."""
+    flops_step: float
+    tokens_step: float
+    world_size: int
+    peak_tflops: float
+
+    def tflops_per_device(self, step_time_s: float) -> float:
+        return self.flops_step / step_time_s / self.world_size / 1e12
+
+    def metrics(self, step_time_s: float) -> dict:
+        tflops = self.tflops_per_device(step_time_s)
+        return {"tokens_per_s": self.tokens_step / step_time_s, "tflops_per_device": tflops,
+                "mfu": tflops / self.peak_tflops}
+
+
 def layout_dict(cfg: Config, world_size: int) -> dict:
     p = cfg.parallel
     return {"dp": p.dp, "tp": p.tp, "pp": p.pp, "cp": p.cp, "wp": list(cfg.wp_grid), "cp_layout": p.cp_layout,
@@ -111,6 +128,15 @@ def layout_dict(cfg: Config, world_size: int) -> dict:
 
 
 from .engines.ddp import all_reduce_sum as _all_reduce_sum
+
+
+def _stop_reason(t, steps_done: int, start_step: int, lifecycle) -> Optional[str]:
+    """Why this process stops after ``steps_done`` (None: keep going). Collective (stop_agreed)."""
+    if t.exit_interval and (steps_done - start_step) % t.exit_interval == 0 and steps_done < t.steps:
+        return "exit_interval"
+    if lifecycle.stop_agreed(group=None):
+        return "preempted"
+    return None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -161,8 +187,9 @@ def train(cfg: Config, ctx: Optional[DistContext] = None) -> TrainResult:
             ckpt.maybe_save(step_done, engine.module, engine.optimizer, engine.scheduler, extra=state)
 
     peak = device_peak_tflops(ctx.device, t.peak_tflops)
-    flops_step = flops_per_sample(cfg, model, batcher) * t.global_batch
-    tokens_step = t.global_batch * (cfg.data.seq_len if cfg.model.kind == "gpt" else batcher.tokens_per_sample)
+    tokens_sample = cfg.data.seq_len if cfg.model.kind == "gpt" else batcher.tokens_per_sample
+    thr = Throughput(flops_per_sample(cfg, model, batcher) * t.global_batch, t.global_batch * tokens_sample,
+                     ctx.world_size, peak)
     writer = MetricsWriter(run_dir / "metrics.jsonl" if ctx.is_main else None)
     if ctx.is_main:
         log.info(f"model {cfg.model.kind}: {n_params / 1e6:.2f}M params | global batch {t.global_batch} = "
@@ -202,28 +229,24 @@ def train(cfg: Config, ctx: Optional[DistContext] = None) -> TrainResult:
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss:.3f}")
             lifecycle.heartbeat(step + 1)
-            stop_now = False
             save_state(step + 1, force=False)
-            if t.exit_interval and (step + 1 - start_step) % t.exit_interval == 0 and step + 1 < t.steps:
+            stop = _stop_reason(t, step + 1, start_step, lifecycle)
+            if stop:
                 save_state(step + 1, force=True)
-                log.info(f"exit_interval {t.exit_interval}: checkpoint saved after step {step + 1}, exiting")
-                stop_now = True
-            elif lifecycle.stop_agreed(group=None):
-                save_state(step + 1, force=True)
-                result.exit_code = EXIT_PREEMPTED
-                log.warning(f"preempted (signal {lifecycle.signalled}) after step {step + 1}: checkpoint saved, "
-                            f"exiting with resumable status {EXIT_PREEMPTED}")
-                stop_now = True
-            if (step + 1) % t.log_every == 0 or step + 1 == t.steps or stop_now:
-                tflops = flops_step / dt / ctx.world_size / 1e12
-                rec = {"step": step + 1, "loss": loss, "lr": lr, "grad_norm": grad_norm,
-                       "tokens_per_s": tokens_step / dt, "tflops_per_device": tflops, "mfu": tflops / peak,
+                if stop == "preempted":
+                    result.exit_code = EXIT_PREEMPTED
+                    log.warning(f"preempted (signal {lifecycle.signalled}) after step {step + 1}: checkpoint "
+                                f"saved, exiting with resumable status {EXIT_PREEMPTED}")
+                else:
+                    log.info(f"exit_interval {t.exit_interval}: checkpoint saved after step {step + 1}, exiting")
+            if (step + 1) % t.log_every == 0 or step + 1 == t.steps or stop:
+                rec = {"step": step + 1, "loss": loss, "lr": lr, "grad_norm": grad_norm, **thr.metrics(dt),
                        "step_time_s": dt, "peak_mem_bytes": peak_memory_bytes(ctx.device),
                        "consumed_samples": consumed}
                 writer.write(rec)
                 if ctx.is_main:
                     log.info(format_metrics(rec, t.steps))
-            if stop_now:
+            if stop:
                 break
         finished = start_step + len(result.losses) == t.steps
         if finished and cfg.checkpoint.at_end and t.steps > start_step:
@@ -244,9 +267,8 @@ def train(cfg: Config, ctx: Optional[DistContext] = None) -> TrainResult:
         "layout": layout_dict(cfg, ctx.world_size), "params": n_params,
         "first_loss": result.losses[0] if result.losses else None,
         "final_loss": result.losses[-1] if result.losses else None,
-        "median_step_time_s": med, "tokens_per_s": tokens_step / med if timed else None,
-        "tflops_per_device": flops_step / med / ctx.world_size / 1e12 if timed else None,
-        "mfu": flops_step / med / ctx.world_size / 1e12 / peak if timed else None,
+        "median_step_time_s": med, **(thr.metrics(med) if timed else
+                                      {"tokens_per_s": None, "tflops_per_device": None, "mfu": None}),
         "flop_convention": FLOP_CONVENTION, "device_peak_tflops": peak,
         "peak_mem_bytes": peak_memory_bytes(ctx.device),
     }
