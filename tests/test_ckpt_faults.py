@@ -1,8 +1,10 @@
-"""Damaged checkpoints, failing disks and pruning (one process, no process group)."""
+"""Damaged checkpoints, checksum records written before XXH3-64 (CRC-32) or that cannot vouch for their
+file, failing disks and pruning (one process, no process group)."""
 from __future__ import annotations
 
 import errno
 import logging
+import zlib
 from pathlib import Path
 
 import pytest
@@ -10,7 +12,7 @@ import torch
 
 from dist_train.checkpoint import CheckpointError, CheckpointManager, complete_checkpoints, verify_checkpoint
 from dist_train.checkpoint import blockio, storage
-from dist_train.checkpoint.manifest import MANIFEST, read_latest
+from dist_train.checkpoint.manifest import MANIFEST, read_latest, read_manifest, write_manifest
 from tests.test_ckpt_common import (CkptCfg, build, eval_outputs, flip_byte, model_config, seed_rank, shard_files,
                                     train_steps)
 
@@ -49,7 +51,7 @@ def test_damaged_newest_checkpoint_is_refused_and_auto_falls_back(tmp_path, dama
     shard = shard_files(newest)[0]
     if damage == "flip":
         flip_byte(shard, offset=shard.stat().st_size - 200)  # inside the last tensor's data
-        expect = [shard.name, "CRC-32 mismatch", "tensor"]
+        expect = [shard.name, "xxh3_64 checksum mismatch", "tensor"]
     elif damage == "missing":
         shard.unlink()
         expect = [shard.name, "missing"]
@@ -77,6 +79,62 @@ def test_damaged_newest_checkpoint_is_refused_and_auto_falls_back(tmp_path, dama
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warnings) == 1 and "step_4" in warnings[0] and "falling back to step_2" in warnings[0], warnings
     assert expect[0] in warnings[0]
+
+
+def _rewrite_records(ckpt: Path, change) -> dict:
+    """Replace every file record of ``ckpt``'s manifest by ``change(name, record, file bytes)`` (the manifest
+    self-checksum is recomputed, as a writer of that format would have); returns the original records."""
+    body = read_manifest(ckpt)
+    original = dict(body["files"])
+    body["files"] = {n: change(n, r, (ckpt / n).read_bytes()) for n, r in original.items()}
+    write_manifest(ckpt, body)
+    return original
+
+
+def _crc32_record(name: str, rec: dict, data: bytes) -> dict:
+    """The record format of checkpoints written before XXH3-64, computed here with zlib (not our code)."""
+    b = rec["block"]
+    return {"bytes": rec["bytes"], "block": b,
+            "crc32": [f"{zlib.crc32(data[i:i + b]):08x}" for i in range(0, len(data), b)]}
+
+
+def test_crc32_records_still_verify_and_unusable_records_are_refused(tmp_path):
+    root = tmp_path / "ckpt"
+    outs = _train_and_save(root, steps=(2,))
+    ckpt = root / "step_2"
+    assert {r["checksum"] for r in read_manifest(ckpt)["files"].values()} == {"xxh3_64"}
+    _rewrite_records(ckpt, _crc32_record)
+    assert not verify_checkpoint(ckpt)
+    extra, model = _resume(root, resume=str(ckpt))  # shards checked with CRC-32 while reading
+    assert extra["step"] == 2 and torch.equal(eval_outputs(model), outs[2])
+
+    shard = shard_files(ckpt)[0]
+    flip_byte(shard, offset=shard.stat().st_size - 200)
+    problems = verify_checkpoint(ckpt)
+    assert len(problems) == 1 and shard.name in problems[0] and "crc32 checksum mismatch" in problems[0], problems
+    assert "tensor" in problems[0], problems
+    with pytest.raises(CheckpointError, match=f"{shard.name}: crc32 checksum mismatch.*tensors? stored there"):
+        _resume(root, resume=str(ckpt))
+    flip_byte(shard, offset=shard.stat().st_size - 200)  # undo: valid again
+    assert not verify_checkpoint(ckpt)
+
+    # a record that cannot vouch for its file (unknown algorithm, too few digests, no digests) is a problem
+    # naming the file, for the shard (verified while loading) and for small files alike; never skipped
+    bad_records = {
+        "not supported": lambda n, r, d: {"bytes": r["bytes"], "block": r["block"], "checksum": "sha1",
+                                          "digests": r["crc32"]} if n == shard.name else r,
+        "digests for": lambda n, r, d: {**r, "crc32": r["crc32"][:-1]} if n == "train_state.json" else r,
+        "no digests": lambda n, r, d: {"bytes": r["bytes"], "block": r["block"]} if n == shard.name else r,
+    }
+    for needle, change in bad_records.items():
+        original = _rewrite_records(ckpt, change)
+        bad = shard.name if needle != "digests for" else "train_state.json"
+        problems = verify_checkpoint(ckpt)
+        assert len(problems) == 1 and bad in problems[0] and needle in problems[0], (needle, problems)
+        with pytest.raises(CheckpointError, match=f"{bad}: manifest record: .*{needle}"):
+            _resume(root, resume=str(ckpt))
+        _rewrite_records(ckpt, lambda n, r, d: original[n])
+    assert not verify_checkpoint(ckpt)
 
 
 def test_all_checkpoints_bad_is_an_error_not_a_fresh_start(tmp_path):

@@ -1,6 +1,7 @@
-"""Raw shard I/O (no processes): block I/O with on-the-fly CRC-32s, the reader's request planning (direct
-reads into targets, scratch + copy for column slices, non-contiguous or other-dtype targets), verification
-while reading, the old torch.save shard format, and that a verified load reads each shard only once.
+"""Raw shard I/O (no processes): the checksum module (XXH3-64 and legacy CRC-32 records), block I/O with
+on-the-fly block digests, the reader's request planning (direct reads into targets, scratch + copy for column
+slices, non-contiguous or other-dtype targets), verification while reading, the old torch.save shard format,
+and that a verified load reads each shard only once.
 Multi-rank resharding of sharded (DTensor) chunks through the same reader is in test_ckpt_dist.py."""
 from __future__ import annotations
 
@@ -10,16 +11,53 @@ from pathlib import Path
 
 import pytest
 import torch
+import xxhash
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
 from torch.distributed.checkpoint.metadata import MetadataIndex
 from torch.distributed.checkpoint.planner import LoadItemType, LoadPlan, ReadItem
 
-from dist_train.checkpoint import CheckpointManager, blockio, manifest
+from dist_train.checkpoint import CheckpointManager, blockio, checksum, manifest
 from dist_train.checkpoint.blockio import Segment, cover_blocks, read_file, write_file
 from dist_train.checkpoint.storage import (RAW_FORMAT, ChecksumWriter, CorruptCheckpointError, SafeReader,
-                                           box_byte_range)
+                                           box_byte_range, bytes_block_digests, file_block_digests)
 from tests.test_ckpt_common import CkptCfg, build, eval_outputs, flip_byte, seed_rank, shard_files, train_steps
+
+
+def test_checksum_module_streaming_records_and_legacy_crc32(tmp_path):
+    rng = random.Random(1)
+    data = rng.randbytes(5000)
+    # published reference values, independent of our code: XXH3-64("") and CRC-32("abc")
+    assert checksum.digest(b"") == "2d06800538d394c2" and checksum.digest(b"abc", "crc32") == "352441c2"
+    for algorithm, ref in (("xxh3_64", xxhash.xxh3_64_hexdigest), ("crc32", lambda b: f"{zlib.crc32(b):08x}")):
+        for _ in range(20):  # feeding a block in arbitrary pieces == one shot (what the I/O threads rely on)
+            h, pos = checksum.new_hasher(algorithm), 0
+            while pos < len(data):
+                step = rng.randint(1, 700)
+                h.update(memoryview(data)[pos:pos + step])
+                pos += step
+            assert h.hexdigest() == ref(data) == checksum.digest(data, algorithm)
+    assert len(checksum.digest(data)) == 16 and len(checksum.digest(data, "crc32")) == 8
+
+    rec = bytes_block_digests(data, block=1024)
+    assert rec == {"bytes": 5000, "block": 1024, "checksum": "xxh3_64",
+                   "digests": [xxhash.xxh3_64_hexdigest(data[i:i + 1024]) for i in range(0, 5000, 1024)]}
+    (tmp_path / "f").write_bytes(data)
+    assert file_block_digests(tmp_path / "f", 1024) == rec
+    legacy = {"bytes": 5000, "block": 1024,
+              "crc32": [f"{zlib.crc32(data[i:i + 1024]):08x}" for i in range(0, 5000, 1024)]}
+    assert file_block_digests(tmp_path / "f", 1024, "crc32")["digests"] == legacy["crc32"]
+    assert checksum.record_digests(rec) == ("xxh3_64", rec["digests"])
+    assert checksum.record_digests(legacy) == ("crc32", legacy["crc32"])
+    assert checksum.mismatched_blocks(rec["digests"], {0: rec["digests"][0], 3: "0" * 16, 7: "x"}) == [3, 7]
+    with pytest.raises(ValueError, match=r"'sha1' is not supported \(supported: crc32, xxh3_64\)"):
+        checksum.record_digests({**rec, "checksum": "sha1"})
+    with pytest.raises(ValueError, match=r"lists 4 xxh3_64 digests for 5000 bytes in blocks of 1024 \(= 5 blocks\)"):
+        checksum.record_digests({**rec, "digests": rec["digests"][:4]})
+    with pytest.raises(ValueError, match="no digests"):
+        checksum.record_digests({"bytes": 5000, "block": 1024})
+    with pytest.raises(ValueError, match="not supported"):
+        checksum.new_hasher("md5")
 
 
 def test_block_io_round_trip_partial_verified_reads_any_thread_count(tmp_path):
@@ -35,8 +73,9 @@ def test_block_io_round_trip_partial_verified_reads_any_thread_count(tmp_path):
         rec = write_file(path, segs, off, threads=rng.randint(1, 4), block=block)
         data = path.read_bytes()
         assert data == b"".join(bufs)
-        expected = [f"{zlib.crc32(data[i:i + block]):08x}" for i in range(0, off, block)]
-        assert rec == {"bytes": off, "block": block, "crc32": expected}
+        expected = [xxhash.xxh3_64_hexdigest(data[i:i + block]) for i in range(0, off, block)]
+        assert rec == {"bytes": off, "block": block, "checksum": "xxh3_64", "digests": expected}
+        legacy = [f"{zlib.crc32(data[i:i + block]):08x}" for i in range(0, off, block)]  # old records' algorithm
 
         picks, pos = [], 0  # random disjoint ranges, read with the filler that completes their blocks
         while pos < off:
@@ -47,11 +86,12 @@ def test_block_io_round_trip_partial_verified_reads_any_thread_count(tmp_path):
             pos = b + rng.randint(0, 50)
         outs = [bytearray(b - a) for a, b in picks]
         want = [Segment(a, b - a, memoryview(o)) for (a, b), o in zip(picks, outs)]
-        crcs = read_file(path, cover_blocks(want, off, block), threads=rng.randint(1, 4), verify=True, size=off,
-                         block=block)
+        algorithm, ref = rng.choice([("xxh3_64", expected), ("crc32", legacy)])
+        got = read_file(path, cover_blocks(want, off, block), threads=rng.randint(1, 4), verify=True, size=off,
+                        block=block, algorithm=algorithm)
         assert [bytes(o) for o in outs] == [data[a:b] for a, b in picks]
-        assert set(crcs) == {i // block for a, b in picks for i in range(a, b)}
-        assert all(f"{c:08x}" == expected[k] for k, c in crcs.items())
+        assert set(got) == {i // block for a, b in picks for i in range(a, b)}
+        assert all(d == ref[k] for k, d in got.items())
     with pytest.raises(ValueError, match="tile"):
         write_file(path, [Segment(0, 4, memoryview(bytearray(4))), Segment(6, 4, memoryview(bytearray(4)))], 10)
     with pytest.raises(ValueError, match="overlap"):
@@ -128,7 +168,7 @@ def test_reader_plans_direct_and_scratch_reads_and_verifies_while_reading(tmp_pa
     flip_byte(shard, offset=6 * 10 * 8 + 3)  # inside "h"
     reader = SafeReader(tmp_path / "c", records=writer.records)
     reader.set_up_storage_reader(reader.read_metadata(), True)
-    with pytest.raises(CorruptCheckpointError, match=r"__0_0.distcp: CRC-32 mismatch in bytes \[0, 494\) "
+    with pytest.raises(CorruptCheckpointError, match=r"__0_0.distcp: xxh3_64 checksum mismatch in bytes \[0, 494\) "
                                                      r"\(corrupt\); tensors stored there: .*h"):
         reader.read_data(LoadPlan(items[:1]), _Planner(targets))  # the damage is in the block it reads
 
@@ -155,8 +195,9 @@ def test_verified_load_reads_shards_once_and_names_damage(tmp_path, monkeypatch)
     ckpt = tmp_path / "step_2"
     assert manifest.read_manifest(ckpt)["shard_format"] == RAW_FORMAT
     whole_file_checks = []
-    real = manifest.file_block_crcs
-    monkeypatch.setattr(manifest, "file_block_crcs", lambda p, b: whole_file_checks.append(Path(p).name) or real(p, b))
+    real = manifest.file_block_digests
+    monkeypatch.setattr(manifest, "file_block_digests",
+                        lambda p, *a: whole_file_checks.append(Path(p).name) or real(p, *a))
     fresh, opt2, _ = build(seed=5)
     mgr.load(ckpt, fresh, opt2, verify=True)
     assert torch.equal(eval_outputs(fresh), eval_outputs(model))
@@ -164,7 +205,7 @@ def test_verified_load_reads_shards_once_and_names_damage(tmp_path, monkeypatch)
 
     shard = shard_files(ckpt)[0]
     flip_byte(shard, offset=shard.stat().st_size - 1)
-    with pytest.raises(CorruptCheckpointError, match=f"{shard.name}: CRC-32 mismatch.*tensors? stored there"):
+    with pytest.raises(CorruptCheckpointError, match=f"{shard.name}: xxh3_64 checksum mismatch.*tensors? stored there"):
         mgr.load(ckpt, build(seed=6)[0], verify=True)
     monkeypatch.setattr(blockio.os, "preadv", lambda *a: 0)  # a file that ends early is reported, not loaded
     with pytest.raises(CorruptCheckpointError, match="truncated"):

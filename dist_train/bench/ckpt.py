@@ -6,11 +6,15 @@ kind and goes through the same path):
 * raw write: the same bytes written sequentially to one file in 64 MiB pieces, then fsync.
 * raw read: that file read back after dropping its pages from the page cache (posix_fadvise DONTNEED on a
   fsynced file: the kernel drops clean pages; a hypervisor/host cache below the VM may still serve them).
-* save (sync): ``CheckpointManager.save`` end to end: DCP planning, raw shard bytes + CRC-32 + fsync,
+* save (sync): ``CheckpointManager.save`` end to end: DCP planning, raw shard bytes + block checksums
+  (``checkpoint.checksum``: XXH3-64) + fsync,
   ``.metadata``, RNG/train-state/manifest files, renames, ``latest``, pruning the previous checkpoint.
 * load: page cache dropped for every checkpoint file first; ``load(verify=False)`` reads the shard bytes
-  into the model's tensors; ``load(verify=True)`` (what ``resume`` does) also checks every block's CRC-32
+  into the model's tensors; ``load(verify=True)`` (what ``resume`` does) also checks every block's checksum
   while reading, plus the sizes and small files — one pass over the data either way.
+* checksum alone: the model's bytes hashed in 4 MiB blocks on one thread, in memory, with the current
+  algorithm (XXH3-64) and with CRC-32 (what checkpoints used before; still verified): the CPU cost that
+  save and verified load add to the raw I/O.
 * async: ``save`` return time (= stall: the copy into reused host buffers) vs the sync save time; the
   first async save also allocates the buffers and is reported separately.
 Every time is a median over ``--repeats`` runs; each run measures raw and checkpoint I/O back to back and the
@@ -64,6 +68,19 @@ def _raw_write(path: Path, tensors: list) -> float:
         os.fsync(fd)
     finally:
         os.close(fd)
+    return time.perf_counter() - t0
+
+
+def _hash_time(tensors: list, algorithm: str) -> float:
+    """Seconds to hash ``tensors``' bytes in ``BLOCK``-sized blocks with ``algorithm`` on this thread."""
+    from dist_train.checkpoint import checksum
+    from dist_train.checkpoint.blockio import BLOCK
+
+    t0 = time.perf_counter()
+    for t in tensors:
+        view = memoryview(t.numpy()).cast("B")
+        for i in range(0, len(view), BLOCK):
+            checksum.digest(view[i:i + BLOCK], algorithm)
     return time.perf_counter() - t0
 
 
@@ -123,7 +140,8 @@ def run(args: argparse.Namespace) -> int:
         # alternates between repeats (the second of two back-to-back GiB writes pays for the first's
         # write-back on a virtual disk); medians over repeats are reported
         step, sync = 0, manager(False)
-        t: dict[str, list[float]] = {k: [] for k in ("raw_write", "save", "raw_read", "load", "load_verify")}
+        t: dict[str, list[float]] = {k: [] for k in ("raw_write", "save", "raw_read", "load", "load_verify",
+                                                     "hash_xxh3_64", "hash_crc32")}
 
         def timed(fn) -> float:
             t0 = time.perf_counter()
@@ -142,11 +160,15 @@ def run(args: argparse.Namespace) -> int:
             reads = [lambda: t["raw_read"].append(_raw_read(raw)), lambda: load(False), lambda: load(True)]
             for fn in (writes if i % 2 == 0 else writes[::-1]) + (reads if i % 2 == 0 else reads[::-1]):
                 fn()
+            for algorithm in ("xxh3_64", "crc32"):
+                t[f"hash_{algorithm}"].append(_hash_time(tensors, algorithm))
         raw.unlink()
         sync.close()
         res["raw_write_s"], res["raw_read_s"] = statistics.median(t["raw_write"]), statistics.median(t["raw_read"])
         res["save_sync_s"], res["load_s"] = statistics.median(t["save"]), statistics.median(t["load"])
         res["load_verify_s"] = statistics.median(t["load_verify"])
+        for algorithm in ("xxh3_64", "crc32"):
+            res[f"hash_{algorithm}_s"] = statistics.median(t[f"hash_{algorithm}"])
         res["per_repeat_s"] = t
         pairs = {"save_vs_raw": ("raw_write", "save"), "load_vs_raw": ("raw_read", "load"),
                  "load_verify_vs_raw": ("raw_read", "load_verify")}
@@ -178,9 +200,11 @@ def run(args: argparse.Namespace) -> int:
           f"median of {args.repeats}, {args.io_threads} I/O thread(s)")
     print(f"  {'':30} {'time s':>8} {'GiB/s':>7} {'vs raw':>7}   (vs raw: median of per-repeat ratios)")
     rows = [("raw write + fsync", res["raw_write_s"], None), ("raw read (page cache dropped)", res["raw_read_s"], None),
-            ("save, sync (CRC+fsync+commit)", res["save_sync_s"], res["save_vs_raw"]),
+            ("save, sync (hash+fsync+commit)", res["save_sync_s"], res["save_vs_raw"]),
             ("load, no verify", res["load_s"], res["load_vs_raw"]),
-            ("load, verified while reading", res["load_verify_s"], res["load_verify_vs_raw"])]
+            ("load, verified while reading", res["load_verify_s"], res["load_verify_vs_raw"]),
+            ("checksum xxh3_64, 1 thread", res["hash_xxh3_64_s"], None),
+            ("checksum crc32 (old), 1 thread", res["hash_crc32_s"], None)]
     for name, t, ratio in rows:
         print(f"  {name:30} {t:8.3f} {gb / t:7.2f} {'' if ratio is None else f'{ratio:6.0%}':>7}")
     print(f"  async save: stall {res['async_stall_s']:.3f} s = {res['async_stall_vs_sync']:.1%} of the sync save "

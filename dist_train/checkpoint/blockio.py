@@ -1,8 +1,8 @@
-"""Positional file I/O straight to/from many buffers, with one CRC-32 per fixed-size block, on several threads.
+"""Positional file I/O straight to/from many buffers, with one checksum per fixed-size block, on several threads.
 
     segs = [Segment(0, 4096, tensor_bytes(a)), Segment(4096, 800, tensor_bytes(b))]
-    rec = write_file(path, segs, size=4896, threads=2)          # {"bytes", "block", "crc32": [hex, ...]}
-    crcs = read_file(path, cover_blocks(segs, 4896), verify=True) # {block index: CRC-32}; bytes land in a, b
+    rec = write_file(path, segs, size=4896, threads=2)   # {"bytes", "block", "checksum": "xxh3_64", "digests"}
+    got = read_file(path, cover_blocks(segs, 4896), verify=True)  # {block index: hex digest}; bytes land in a, b
 
 A ``Segment`` maps file bytes ``[offset, offset + nbytes)`` to ``source``: a memoryview of exactly ``nbytes``
 (after ``skip``), a zero-argument callable returning one (resolved lazily on the thread that needs it, so a
@@ -13,16 +13,19 @@ Why this shape: the checkpoint's tensors already sit in memory in their final by
 written from them and read back into them with no intermediate buffer, and the checksum is taken on each
 piece right after it was read (or right before it is written) while it is still in the CPU cache — one pass
 over the data instead of two. Work is cut into ``threads`` contiguous spans at block boundaries, so every
-block is handled by one thread in file order and the block CRCs are the same for any thread count;
-``zlib.crc32``, ``os.preadv`` and ``os.pwrite`` release the GIL, so threads overlap checksum and copy work.
+block is handled by one thread in file order and the block digests are the same for any thread count.
+The hash (``checksum``: XXH3-64 for new files, CRC-32 to verify old ones), ``os.preadv`` and ``os.pwrite``
+release the GIL, so threads overlap hashing and copy work (whether that still pays with XXH3 is measured in
+docs/benchmarks/ckpt.md).
 """
 from __future__ import annotations
 
 import os
-import zlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from typing import Callable, Optional, Union
+
+from dist_train.checkpoint import checksum
 
 BLOCK = 4 << 20  # checksum granularity and the unit of one read/write syscall
 
@@ -40,10 +43,6 @@ class Segment:
     @property
     def end(self) -> int:
         return self.offset + self.nbytes
-
-
-def hex_crc(crc: int) -> str:
-    return f"{crc & 0xFFFFFFFF:08x}"
 
 
 def _round_up(x: int, block: int) -> int:
@@ -126,16 +125,17 @@ def _pwrite_fully(fd: int, view: memoryview, offset: int) -> None:
         done += os.pwrite(fd, view[done:], offset + done)
 
 
-def _run(path: str, fd_flags: int, run: list[Segment], writing: bool, checksum: bool, size: int,
-         block: int) -> dict[int, int]:
-    """One thread's span: I/O unit by unit (never crossing a block boundary), CRC per block."""
-    crcs: dict[int, int] = {}
+def _run(path: str, fd_flags: int, run: list[Segment], writing: bool, algorithm: Optional[str], size: int,
+         block: int) -> dict[int, str]:
+    """One thread's span: I/O unit by unit (never crossing a block boundary), one ``algorithm`` digest per
+    block (none when ``algorithm`` is None)."""
+    digests: dict[int, str] = {}
     scratch: Optional[memoryview] = None
     fd = os.open(path, fd_flags)
     try:
         if not writing and run:
             os.posix_fadvise(fd, run[0].offset, run[-1].end - run[0].offset, os.POSIX_FADV_SEQUENTIAL)
-        cur, crc = -1, 0
+        cur, hasher = -1, None
         for s in run:
             view = _resolve(s)
             pos = 0
@@ -150,38 +150,38 @@ def _run(path: str, fd_flags: int, run: list[Segment], writing: bool, checksum: 
                     piece = view[pos:pos + n]
                 if not writing:
                     _pread_fully(fd, piece, off, path)
-                if checksum:
+                if algorithm is not None:
                     if off // block != cur:
                         assert off % block == 0, f"block {off // block} of {path} is not covered from its start"
-                        cur, crc = off // block, 0
-                    crc = zlib.crc32(piece, crc)
+                        cur, hasher = off // block, checksum.new_hasher(algorithm)
+                    hasher.update(piece)
                     if (off + n) % block == 0 or off + n == size:
-                        crcs[cur], cur = crc, -1
+                        digests[cur], cur = hasher.hexdigest(), -1
                 if writing:
                     _pwrite_fully(fd, piece, off)
                 pos += n
     finally:
         os.close(fd)
-    return crcs
+    return digests
 
 
-def _parallel(path: str, flags: int, segments: list[Segment], writing: bool, checksum: bool, size: int,
-              threads: int, block: int) -> dict[int, int]:
+def _parallel(path: str, flags: int, segments: list[Segment], writing: bool, algorithm: Optional[str], size: int,
+              threads: int, block: int) -> dict[int, str]:
     runs = _split(segments, threads, block)
     if len(runs) == 1:
-        return _run(path, flags, runs[0], writing, checksum, size, block)
-    crcs: dict[int, int] = {}
+        return _run(path, flags, runs[0], writing, algorithm, size, block)
+    digests: dict[int, str] = {}
     with ThreadPoolExecutor(max_workers=len(runs), thread_name_prefix="ckpt-io") as pool:
-        for part in pool.map(lambda r: _run(path, flags, r, writing, checksum, size, block), runs):
-            crcs.update(part)
-    return crcs
+        for part in pool.map(lambda r: _run(path, flags, r, writing, algorithm, size, block), runs):
+            digests.update(part)
+    return digests
 
 
 def write_file(path: Union[str, os.PathLike], segments: list[Segment], size: int, threads: int = 1,
                block: int = BLOCK) -> dict:
     """Create ``path`` from ``segments`` (which must tile ``[0, size)`` exactly), fsync it once, and return
-    its checksum record
-    ``{"bytes": size, "block": block, "crc32": [8 hex digits per block]}``."""
+    its checksum record (``checksum.make_record``:
+    ``{"bytes": size, "block": block, "checksum": checksum.ALGORITHM, "digests": [hex per block]}``)."""
     path = str(path)
     segs = sorted((s for s in segments if s.nbytes), key=lambda s: s.offset)
     pos = 0
@@ -193,17 +193,18 @@ def write_file(path: Union[str, os.PathLike], segments: list[Segment], size: int
         raise ValueError(f"{path}: segments cover {pos} bytes, size is {size}")
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     try:
-        crcs = _parallel(path, os.O_WRONLY, segs, True, True, size, threads, block)
+        digests = _parallel(path, os.O_WRONLY, segs, True, checksum.ALGORITHM, size, threads, block)
         os.fsync(fd)  # one fsync flushes the pages every thread's descriptor wrote (same inode)
     finally:
         os.close(fd)
-    return {"bytes": size, "block": block, "crc32": [hex_crc(crcs[b]) for b in range(len(crcs))]}
+    return checksum.make_record(size, block, [digests[b] for b in range(len(digests))])
 
 
 def read_file(path: Union[str, os.PathLike], segments: list[Segment], threads: int = 1, verify: bool = False,
-              size: int = -1, block: int = BLOCK) -> dict[int, int]:
+              size: int = -1, block: int = BLOCK, algorithm: str = checksum.ALGORITHM) -> dict[int, str]:
     """Read ``segments`` (sorted, non-overlapping; with ``verify`` they must cover whole blocks, see
-    ``cover_blocks``, and ``size`` is the file size) into their buffers; return ``{block: CRC-32}`` of every
-    block read when ``verify``, else ``{}``. Raises ``EOFError`` naming the file when it is too short."""
+    ``cover_blocks``, and ``size`` is the file size) into their buffers; return ``{block: hex digest}``
+    (``algorithm``, the one named in the file's record) of every block read when ``verify``, else ``{}``.
+    Raises ``EOFError`` naming the file when it is too short."""
     segs = sorted((s for s in segments if s.nbytes), key=lambda s: s.offset)
-    return _parallel(str(path), os.O_RDONLY, segs, False, verify, size, threads, block)
+    return _parallel(str(path), os.O_RDONLY, segs, False, algorithm if verify else None, size, threads, block)

@@ -11,7 +11,7 @@ Commit protocol of one save (every rank runs it; with ``async_save`` in a backgr
 state was copied to host buffers — that copy is the only training stall):
   1. rank 0 creates ``step_N.tmp/``; all ranks agree it exists.
   2. every rank writes ``rng_rankR.json``; DCP plans, every rank writes its tensor bytes into one raw shard
-     file (``storage.ChecksumWriter``: CRC-32 while writing, one fsync), rank 0 writes ``.metadata``; ranks
+     file (``storage.ChecksumWriter``: XXH3-64 while writing, one fsync), rank 0 writes ``.metadata``; ranks
      that fail are reported to all (no rank hangs on a peer's error).
   3. all ranks send (file records, non-tensor values, tensor table) to everyone; rank 0, only once every
      rank has reported success, writes ``train_state.json`` and ``manifest.json`` (last), renames
@@ -19,7 +19,7 @@ state was copied to host buffers — that copy is the only training stall):
 A rank that dies anywhere before (3) leaves a ``.tmp`` directory, which never counts as a checkpoint.
 
 Loading with verification (``load(verify=True)``, what ``resume`` does): the manifest, the size of every
-file and the full CRC-32s of the small files are checked first (split across ranks); the shard bytes are
+file and the full checksums of the small files are checked first (split across ranks); the shard bytes are
 checked block by block *while* they are read into the model's tensors (``storage.SafeReader``), so a
 verified load reads every byte once. A corrupt checkpoint raises ``CorruptCheckpointError`` on every rank;
 its tensors may then be partly overwritten — ``resume`` falls back to an older checkpoint, which
@@ -381,7 +381,7 @@ class CheckpointManager:
         raise CheckpointError(f"no valid checkpoint under {self.root}: " + " | ".join(problems_seen))
 
     def _verify_collective(self, ckpt: Path) -> list[str]:
-        """Manifest + every file's size and CRC-32, except the contents of the shards that the loader verifies
+        """Manifest + every file's size and checksums, except the contents of the shards that the loader verifies
         while reading them; the files are split across ranks, results shared."""
         try:
             body = mf.read_manifest(ckpt)

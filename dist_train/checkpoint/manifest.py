@@ -4,7 +4,7 @@
       latest                     "step_20\\n" (written via temp + rename; a hint for humans and tools)
       step_10/                   complete: manifest.json exists and was written last, then the dir renamed
       step_20/
-        manifest.json            files + sizes + CRC-32 per 4 MiB block, layout, config, code version, tensor table, self-checksum
+        manifest.json            files + sizes + XXH3-64 per 4 MiB block, layout, config, code version, tensor table, self-checksum
         .metadata                DCP metadata (pickle written by DCP; read with an allow-list unpickler)
         __0_0.distcp …           DCP shards (model + optimizer tensors), one or more per rank
         train_state.json         step, extra, scheduler, non-tensor optimizer values (JSON)
@@ -12,7 +12,8 @@
       step_30.tmp/               a save in progress or one that died: never counts
 
 A checkpoint is *complete* when ``step_N/manifest.json`` parses and its self-checksum matches; it is *valid*
-when, in addition, every listed file exists with the recorded size and block CRC-32s.
+when, in addition, every listed file exists with the recorded size and block checksums (the algorithm each
+file record names: ``"checksum": "xxh3_64"``, or CRC-32 for records written before it, see ``checksum``).
 """
 from __future__ import annotations
 
@@ -25,7 +26,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Iterable, Optional, Union
 
-from dist_train.checkpoint.storage import (RAW_FORMAT, CheckpointError, damage_message, file_block_crcs,
+from dist_train.checkpoint import checksum
+from dist_train.checkpoint.storage import (RAW_FORMAT, CheckpointError, damage_message, file_block_digests,
                                            write_file_durable)
 
 MANIFEST = "manifest.json"
@@ -108,9 +110,13 @@ def tensors_in_range(ckpt: Path, file_name: str, start: int, end: int) -> list[s
 
 
 def check_file(ckpt: Path, name: str, rec: dict, content: bool = True) -> Optional[str]:
-    """None when ``ckpt/name`` matches its record (size, and with ``content`` every block's CRC-32), else a
+    """None when ``ckpt/name`` matches its record (size, and with ``content`` every block's checksum), else a
     one-line problem naming the file (and, for a DCP shard, the damaged tensors)."""
     path = ckpt / name
+    try:
+        algorithm, expected = checksum.record_digests(rec)
+    except ValueError as e:
+        return f"{path}: manifest record: {e}"
     try:
         size = path.stat().st_size
     except FileNotFoundError:
@@ -119,18 +125,18 @@ def check_file(ckpt: Path, name: str, rec: dict, content: bool = True) -> Option
         return f"{path}: size {size} bytes, manifest says {rec['bytes']} (truncated or appended)"
     if not content:
         return None
-    got = file_block_crcs(path, rec["block"])["crc32"]
-    bad = [i for i, (a, b) in enumerate(zip(got, rec["crc32"])) if a != b]
+    got = file_block_digests(path, rec["block"], algorithm)["digests"]
+    bad = checksum.mismatched_blocks(expected, dict(enumerate(got)))
     if not bad:
         return None
     block = rec["block"]
     start, end = bad[0] * block, min(size, (bad[-1] + 1) * block)
     names = tensors_in_range(ckpt, name, start, end) if name.endswith(".distcp") else []
-    return damage_message(path, start, end, names)
+    return damage_message(path, start, end, names, algorithm)
 
 
 def shards_verified_while_loading(body: dict) -> set[str]:
-    """Files whose bytes the loader checks against their CRC-32s while reading them (raw-format shards);
+    """Files whose bytes the loader checks against their checksums while reading them (raw-format shards);
     every other file is checked in full before loading."""
     if body.get("shard_format") != RAW_FORMAT:
         return set()
@@ -145,7 +151,7 @@ def verify_files(ckpt: PathLike, body: dict, names: Optional[Iterable[str]] = No
     files = body["files"]
     todo = sorted(files) if names is None else sorted(names)
     size_only = set(size_only)
-    with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:  # zlib releases the GIL: 2 threads ≈ 2 cores
+    with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:  # hashing releases the GIL: 2 threads ≈ 2 cores
         problems = list(pool.map(lambda n: check_file(ckpt, n, files[n], content=n not in size_only), todo))
     return [p for p in problems if p]
 

@@ -3,10 +3,11 @@ tensor chunk, resharding at load), this module stores the bytes.
 
 * ``ChecksumWriter`` (a DCP ``StorageWriter``) writes each rank's tensor chunks as their raw bytes into one
   file ``__R_0.distcp``, back to back, straight from the tensors' memory with positional writes on
-  ``thread_count`` threads (``blockio``), computing one CRC-32 per 4 MiB block on the fly; one fsync per
-  file. Every stored item's ``_StorageInfo`` carries ``transform_descriptors=[RAW_FORMAT]``: a stock DCP
+  ``thread_count`` threads (``blockio``), computing one checksum (``checksum.ALGORITHM``, XXH3-64) per 4 MiB
+  block on the fly; one fsync per file. Every stored item's ``_StorageInfo`` carries ``transform_descriptors=[RAW_FORMAT]``: a stock DCP
   reader refuses such a checkpoint (unknown extension) instead of misreading raw bytes as ``torch.save``
-  records. ``writer.records`` maps each file this rank wrote to ``{"bytes", "block", "crc32": [hex, ...]}``.
+  records. ``writer.records`` maps each file this rank wrote to its checksum record
+  ``{"bytes", "block", "checksum": "xxh3_64", "digests": [hex, ...]}`` (``checksum.make_record``).
 * ``SafeReader`` (a DCP ``StorageReader``) reads ``.metadata`` (a pickle written by DCP) with an allow-list
   unpickler: only DCP's metadata dataclasses, ``torch.Size``, dtypes and layouts can be constructed;
   ``BytesStorageMetadata`` entries (which DCP would load with ``torch.load(weights_only=False)``) are
@@ -14,10 +15,11 @@ tensor chunk, resharding at load), this module stores the bytes.
   a view of the target) with positional reads on ``threads`` threads; a request that is not one contiguous
   byte range of the stored chunk, or a target that is not a contiguous CPU tensor of the stored dtype, goes
   through a scratch buffer + ``copy_``. Given the manifest's file ``records`` it verifies every block it
-  reads against them while reading (``CorruptCheckpointError`` names the file, byte range and tensors).
+  reads against them while reading, with the algorithm each record names (older records: CRC-32)
+  (``CorruptCheckpointError`` names the file, byte range and tensors).
   Checkpoints of the older ``torch.save`` shard format are read by DCP's own reader
   (``torch.load(weights_only=True)``).
-* ``write_file_durable`` / ``fsync_dir`` / ``file_block_crcs``: (temp-file +) fsync (+ rename), checksums.
+* ``write_file_durable`` / ``fsync_dir`` / ``file_block_digests``: (temp-file +) fsync (+ rename), checksums.
 """
 from __future__ import annotations
 
@@ -28,7 +30,6 @@ import math
 import os
 import pickle
 import threading
-import zlib
 from pathlib import Path
 from typing import Any, Generator, Optional, Sequence, Union
 
@@ -41,7 +42,7 @@ from torch.distributed.checkpoint.planner import LoadPlan, LoadPlanner, ReadItem
 from torch.distributed.checkpoint.planner import WriteItemType
 from torch.distributed.checkpoint.storage import WriteResult
 
-from dist_train.checkpoint import blockio
+from dist_train.checkpoint import blockio, checksum
 from dist_train.checkpoint.blockio import BLOCK, Segment
 
 PathLike = Union[str, os.PathLike]
@@ -53,7 +54,7 @@ class CheckpointError(RuntimeError):
 
 
 class CorruptCheckpointError(CheckpointError):
-    """Verification failed: a file is missing, has the wrong size or bytes that do not match its CRC-32s.
+    """Verification failed: a file is missing, has the wrong size or bytes that do not match its checksums.
     ``problem`` is the one-line finding (the message may add which checkpoint it was found in)."""
 
     def __init__(self, message: str, problem: Optional[str] = None) -> None:
@@ -61,12 +62,10 @@ class CorruptCheckpointError(CheckpointError):
         self.problem = problem or message
 
 
-_hex = blockio.hex_crc
-
-
-def damage_message(path: PathLike, start: int, end: int, tensors: Sequence[str]) -> str:
-    """``<path>: CRC-32 mismatch in bytes [start, end) (corrupt); tensors stored there: a, b and 3 more``."""
-    where = f"CRC-32 mismatch in bytes [{start}, {end}) (corrupt)"
+def damage_message(path: PathLike, start: int, end: int, tensors: Sequence[str], algorithm: str) -> str:
+    """``<path>: xxh3_64 checksum mismatch in bytes [start, end) (corrupt); tensors stored there: a, b and 3
+    more``."""
+    where = f"{algorithm} checksum mismatch in bytes [{start}, {end}) (corrupt)"
     names = sorted(set(tensors))
     if names:
         shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
@@ -105,12 +104,12 @@ def box_byte_range(sizes: Sequence[int], offsets: Sequence[int], lengths: Sequen
     return start * itemsize, math.prod(lengths) * itemsize
 
 
-def file_block_crcs(path: PathLike, block: int = BLOCK) -> dict:
-    """``{"bytes": size, "block": block, "crc32": [CRC-32 of each block, 8 hex digits]}`` of a file.
+def file_block_digests(path: PathLike, block: int = BLOCK, algorithm: str = checksum.ALGORITHM) -> dict:
+    """The checksum record (``checksum.make_record``: one ``algorithm`` hex digest per ``block`` bytes) of a file.
 
     Per-block checksums (not one per file) let ``verify`` say *which bytes* are damaged and so name the
     tensor stored there; the cost is the same single pass over the data."""
-    crcs, size = [], 0
+    digests, size = [], 0
     with open(path, "rb", buffering=0) as f:
         buf = bytearray(block)
         view = memoryview(buf)
@@ -123,15 +122,16 @@ def file_block_crcs(path: PathLike, block: int = BLOCK) -> dict:
                 if not m:
                     break
                 n += m
-            crcs.append(_hex(zlib.crc32(view[:n])))
+            digests.append(checksum.digest(view[:n], algorithm))
             size += n
-    return {"bytes": size, "block": block, "crc32": crcs}
+    return checksum.make_record(size, block, digests, algorithm)
 
 
-def bytes_block_crcs(data: bytes, block: int = BLOCK) -> dict:
+def bytes_block_digests(data: bytes, block: int = BLOCK) -> dict:
+    """The checksum record of ``data`` (what ``file_block_digests`` gives for a file holding it)."""
     view = memoryview(data)
-    return {"bytes": len(data), "block": block,
-            "crc32": [_hex(zlib.crc32(view[i:i + block])) for i in range(0, len(data), block)]}
+    return checksum.make_record(len(data), block, [checksum.digest(view[i:i + block])
+                                                   for i in range(0, len(data), block)])
 
 
 def fsync_dir(path: PathLike) -> None:
@@ -157,11 +157,11 @@ def write_file_durable(path: PathLike, data: bytes, atomic: bool = True) -> dict
     if atomic:
         os.replace(target, path)
         fsync_dir(path.parent)
-    return bytes_block_crcs(data)
+    return bytes_block_digests(data)
 
 
 class _ChecksumStream(io.RawIOBase):
-    """Write-only stream wrapper: forwards to ``raw`` and folds the written bytes into per-block CRC-32s.
+    """Write-only stream wrapper: forwards to ``raw`` and folds the written bytes into per-block checksums.
 
     DCP only appends (``write`` + ``tell``); a ``seek`` that is not a no-op marks the running checksums
     invalid and the file is re-read once at close instead, so the record is always right."""
@@ -170,8 +170,8 @@ class _ChecksumStream(io.RawIOBase):
         super().__init__()
         self._raw = raw
         self.block = block
-        self.crcs: list[str] = []
-        self._crc = 0
+        self.digests: list[str] = []
+        self._hasher = checksum.new_hasher()
         self._fill = 0  # bytes in the current (unfinished) block
         self.size = 0
         self.valid = True
@@ -188,18 +188,18 @@ class _ChecksumStream(io.RawIOBase):
         pos = 0
         while pos < len(mv):
             take = min(len(mv) - pos, self.block - self._fill)
-            self._crc = zlib.crc32(mv[pos:pos + take], self._crc)
+            self._hasher.update(mv[pos:pos + take])
             self._fill += take
             pos += take
             if self._fill == self.block:
-                self.crcs.append(_hex(self._crc))
-                self._crc, self._fill = 0, 0
+                self.digests.append(self._hasher.hexdigest())
+                self._hasher, self._fill = checksum.new_hasher(), 0
         self.size += len(mv)
         return n
 
     def record(self) -> dict:
-        tail = [_hex(self._crc)] if self._fill else []
-        return {"bytes": self.size, "block": self.block, "crc32": self.crcs + tail}
+        tail = [self._hasher.hexdigest()] if self._fill else []
+        return checksum.make_record(self.size, self.block, self.digests + tail)
 
     def tell(self) -> int:
         return self._raw.tell()
@@ -236,7 +236,7 @@ class _ChecksumFileSystem(FileSystem):
             stream = _ChecksumStream(raw)
             yield stream
             raw.flush()
-        rec = stream.record() if stream.valid else file_block_crcs(path)
+        rec = stream.record() if stream.valid else file_block_digests(path)
         with self._lock:
             self.records[path.name] = rec
 
@@ -267,7 +267,7 @@ def _host_bytes(planner: SavePlanner, item: WriteItem, nbytes: int) -> memoryvie
 
 
 class ChecksumWriter(FileSystemWriter):
-    """DCP ``StorageWriter``: one raw-bytes file per rank, ``thread_count`` I/O threads, CRC-32 while writing,
+    """DCP ``StorageWriter``: one raw-bytes file per rank, ``thread_count`` I/O threads, checksums while writing,
     fsync per file (see module doc). ``.metadata`` is written by DCP's ``finish`` through a checksum stream."""
 
     def __init__(self, path: PathLike, thread_count: int = 1) -> None:
@@ -444,19 +444,23 @@ class SafeReader(FileSystemReader):
         if rec is None:
             raise CorruptCheckpointError(f"{path}: not listed in the manifest")
         try:
+            algorithm, expected = checksum.record_digests(rec)
+        except ValueError as e:
+            raise CorruptCheckpointError(f"{path}: manifest record: {e}") from None
+        try:
             if os.stat(path).st_size != rec["bytes"]:
                 raise CorruptCheckpointError(f"{path}: size {os.stat(path).st_size} bytes, manifest says "
                                              f"{rec['bytes']} (truncated or appended)")
             block = rec["block"]
-            crcs = blockio.read_file(path, blockio.cover_blocks(segs, rec["bytes"], block), threads=self.threads,
-                                     verify=True, size=rec["bytes"], block=block)
+            got = blockio.read_file(path, blockio.cover_blocks(segs, rec["bytes"], block), threads=self.threads,
+                                    verify=True, size=rec["bytes"], block=block, algorithm=algorithm)
         except FileNotFoundError:
             raise CorruptCheckpointError(f"{path}: missing") from None
         except EOFError as e:
             raise CorruptCheckpointError(str(e)) from None
-        bad = sorted(b for b, crc in crcs.items() if b >= len(rec["crc32"]) or _hex(crc) != rec["crc32"][b])
+        bad = checksum.mismatched_blocks(expected, got)
         if bad:
             start, end = bad[0] * block, min(rec["bytes"], (bad[-1] + 1) * block)
             names = [i.fqn for i, info in self.storage_data.items() if info.relative_path == name
                      and info.offset < end and info.offset + info.length > start]
-            raise CorruptCheckpointError(damage_message(path, start, end, names))
+            raise CorruptCheckpointError(damage_message(path, start, end, names, algorithm))
