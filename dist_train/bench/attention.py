@@ -34,6 +34,7 @@ EPILOG = """example:
   dist-train bench attention --world-size 2 --seq-len 16384 --layout zigzag --method ring --json out.json
   dist-train bench attention --world-size 4 --seq-len 8192 --layout contiguous,striped,zigzag
   dist-train bench attention --world-size 4 --seq-len 8192 --layout contiguous,striped,zigzag --simulate
+  dist-train bench attention --world-size 4 --seq-len 8192 --block-kernels --repeats 7
 """
 
 
@@ -53,6 +54,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--forward-only", action="store_true", help="time forward only (default fwd+bwd)")
     parser.add_argument("--kernel", default="auto", help="auto, sdpa or math")
     parser.add_argument("--repeats", type=int, default=3, help="timed iterations (median reported)")
+    parser.add_argument("--block-kernels", action="store_true",
+                        help="only time the local kernel on the block shapes the layouts use at n=S/P "
+                             "(full n×n, causal n, half blocks, causal n/2): useful GFLOP/s per shape")
     parser.add_argument("--simulate", action="store_true",
                         help="run the P ranks' ring schedule in one process (critical path without "
                              "oversubscription; method ring only; no wall time or memory)")
@@ -289,6 +293,54 @@ def _plan_work(cfg: dict) -> list[int]:
     return [plan.rank_work(r) for r in range(P)]
 
 
+def block_kernels(cfg: dict) -> list[dict]:
+    """fwd[+bwd] CPU time of the local kernel on each block shape of the ring at n = S/P tokens.
+
+    contiguous computes full n×n blocks and one causal n block; striped only causal (or shifted,
+    run as causal) n blocks; zigzag half blocks (n×n/2, n/2×n) plus, locally, two causal n/2 blocks
+    and one full n/2×n/2. Shapes are interleaved per repeat; the minimum CPU time is reported
+    (other processes only add time). Useful GFLOP/s count allowed pairs only (4·D per pair forward,
+    2.5× that for the backward).
+    """
+    import torch
+
+    from parallelism.context.kernels import get_kernel
+    from parallelism.context.layouts import Chunk
+    from parallelism.context.masks import classify
+
+    torch.set_num_threads(1)
+    n, h = cfg["seq_len"] // cfg["world_size"], cfg["kv_heads"] or cfg["heads"]
+    kern = get_kernel(cfg["kernel"], torch.device("cpu"), torch.float32)
+    shapes = {"full n x n": (n, n, False), "causal n": (n, n, True), "full n x n/2": (n, n // 2, False),
+              "full n/2 x n": (n // 2, n, False), "causal n/2": (n // 2, n // 2, True),
+              "full n/2 x n/2": (n // 2, n // 2, False)}
+    gen = torch.Generator().manual_seed(3)
+    cases = {}
+    for name, (sq, sk, causal) in shapes.items():
+        q = torch.randn(cfg["batch"], sq, cfg["heads"], cfg["head_dim"], generator=gen)
+        k, v = (torch.randn(cfg["batch"], sk, h, cfg["head_dim"], generator=gen) for _ in range(2))
+        mask = classify(Chunk(0 if causal else sk, 1, sq), Chunk(0, 1, sk), True, None)
+        cases[name] = (q, k, v, mask, [])
+    scale = cfg["head_dim"] ** -0.5
+    for _ in range(cfg["repeats"] + 1):
+        for q, k, v, mask, times in cases.values():
+            start = time.thread_time()
+            out, lse = kern.forward(q, k, v, mask, scale)
+            if not cfg["forward_only"]:
+                kern.backward(torch.ones_like(out), q, k, v, out, lse, mask, scale)
+            times.append(time.thread_time() - start)
+    flops_per_pair = 4 * cfg["head_dim"] * cfg["heads"] * cfg["batch"] * (1 if cfg["forward_only"] else 3.5)
+    out = []
+    for name, (q, k, v, mask, times) in cases.items():
+        best = min(times[1:])
+        out.append(dict(block=name, n=n, pairs=mask.allowed, min_s=best, median_s=statistics.median(times[1:]),
+                        useful_gflops=flops_per_pair * mask.allowed / best / 1e9))
+    full = out[0]["useful_gflops"]
+    for rec in out:
+        rec["vs_full"] = rec["useful_gflops"] / full
+    return out
+
+
 def _critical_path(step_times: list[list[float]]) -> float:
     """Σ over ring steps of the slowest rank's CPU time; step_times[rank][step] (fwd then bwd steps)."""
     return sum(max(rank[t] for rank in step_times) for t in range(len(step_times[0])))
@@ -410,6 +462,17 @@ def run(args: argparse.Namespace) -> int:
                  causal=not args.no_causal, forward_only=args.forward_only, kernel=args.kernel,
                  repeats=args.repeats)
             for method in methods for layout in layouts]
+    if args.block_kernels:
+        records = block_kernels(cfgs[0])
+        print(f"local kernel {args.kernel}, n=S/P={records[0]['n']}, {'fwd' if args.forward_only else 'fwd+bwd'}, "
+              f"min of {args.repeats} (useful GFLOP/s: allowed pairs only)")
+        for r in records:
+            print(f"  {r['block']:>15}  {r['min_s'] * 1e3:8.1f} ms  {r['useful_gflops']:6.1f} GFLOP/s  "
+                  f"{r['vs_full']:.2f} of full n x n")
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(records, f, indent=1)
+        return 0
     if args.simulate:
         records = simulate(cfgs)
     else:
