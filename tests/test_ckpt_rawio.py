@@ -1,10 +1,13 @@
 """Raw shard I/O (no processes): the checksum module (XXH3-64 and legacy CRC-32 records), block I/O with
-on-the-fly block digests, the reader's request planning (direct reads into targets, scratch + copy for column
+on-the-fly block digests and page-cache recycling, the reader's request planning (direct reads into targets, scratch + copy for column
 slices, non-contiguous or other-dtype targets), verification while reading, the old torch.save shard format,
 and that a verified load reads each shard only once.
 Multi-rank resharding of sharded (DTensor) chunks through the same reader is in test_ckpt_dist.py."""
 from __future__ import annotations
 
+import ctypes
+import errno
+import os
 import random
 import zlib
 from pathlib import Path
@@ -70,7 +73,8 @@ def test_block_io_round_trip_partial_verified_reads_any_thread_count(tmp_path):
         for b in bufs:  # half eager views, half lazy sources (how the writer defers device-to-host copies)
             segs.append(Segment(off, len(b), memoryview(b) if rng.random() < .5 else (lambda b=b: memoryview(b))))
             off += len(b)
-        rec = write_file(path, segs, off, threads=rng.randint(1, 4), block=block)
+        window = rng.choice([0, block, 3 * block, 1000, blockio.WINDOW])  # page recycling must not change bytes
+        rec = write_file(path, segs, off, threads=rng.randint(1, 4), block=block, window=window)
         data = path.read_bytes()
         assert data == b"".join(bufs)
         expected = [xxhash.xxh3_64_hexdigest(data[i:i + block]) for i in range(0, off, block)]
@@ -88,7 +92,7 @@ def test_block_io_round_trip_partial_verified_reads_any_thread_count(tmp_path):
         want = [Segment(a, b - a, memoryview(o)) for (a, b), o in zip(picks, outs)]
         algorithm, ref = rng.choice([("xxh3_64", expected), ("crc32", legacy)])
         got = read_file(path, cover_blocks(want, off, block), threads=rng.randint(1, 4), verify=True, size=off,
-                        block=block, algorithm=algorithm)
+                        block=block, algorithm=algorithm, window=rng.choice([0, block, 2 * block + 7, 1000]))
         assert [bytes(o) for o in outs] == [data[a:b] for a, b in picks]
         assert set(got) == {i // block for a, b in picks for i in range(a, b)}
         assert all(d == ref[k] for k, d in got.items())
@@ -98,6 +102,45 @@ def test_block_io_round_trip_partial_verified_reads_any_thread_count(tmp_path):
         cover_blocks([Segment(0, 4, None), Segment(2, 4, None)], 10, 4)
     with pytest.raises(EOFError, match="truncated"):
         read_file(path, [Segment(off, 8, memoryview(bytearray(8)))])
+
+
+def test_page_recycling_hands_finished_windows_back_and_reports_write_back_errors(tmp_path, monkeypatch):
+    """Writes: start write-back of each finished window, wait for and drop the one before, drop the whole
+    (clean) file after the fsync; reads: drop each finished window and the tail. Offsets are exact."""
+    path, data = tmp_path / "f", random.Random(3).randbytes(10_000)
+    advice, syncs = [], []
+    real_fadvise, real_sfr = blockio.os.posix_fadvise, blockio._sync_file_range()
+    if real_sfr is None:
+        pytest.skip("libc has no sync_file_range (not Linux): writes are not recycled there")
+    monkeypatch.setattr(blockio.os, "posix_fadvise",
+                        lambda fd, off, n, adv: advice.append((off, n, adv)) or real_fadvise(fd, off, n, adv))
+    monkeypatch.setattr(blockio, "_sync_file_range",
+                        lambda: lambda fd, off, n, flags: syncs.append((off, n, flags)) or real_sfr(fd, off, n, flags))
+    rec = write_file(path, [Segment(0, len(data), memoryview(bytearray(data)))], len(data), block=512, window=2048)
+    assert path.read_bytes() == data and rec["digests"][0] == xxhash.xxh3_64_hexdigest(data[:512])
+    drop, start, wait = os.POSIX_FADV_DONTNEED, 2, 1 | 2 | 4
+    assert syncs == [(0, 2048, start), (2048, 2048, start), (0, 2048, wait), (4096, 2048, start),
+                     (2048, 2048, wait), (6144, 2048, start), (4096, 2048, wait)]
+    assert advice == [(0, 2048, drop), (2048, 2048, drop), (4096, 2048, drop), (0, 0, drop)]
+
+    advice.clear()
+    out = bytearray(len(data))
+    read_file(path, [Segment(0, len(data), memoryview(out))], block=512, window=2048)
+    assert out == data
+    assert advice == [(0, len(data), os.POSIX_FADV_SEQUENTIAL)] + [(o, 2048, drop) for o in range(0, 8192, 2048)] + [
+        (8192, 1808, drop)]
+
+    advice.clear()
+    write_file(path, [Segment(0, len(data), memoryview(bytearray(data)))], len(data), block=512, window=0)
+    read_file(path, [Segment(0, len(data), memoryview(out))], block=512, window=0)
+    assert advice == [(0, len(data), os.POSIX_FADV_SEQUENTIAL)]  # window 0: no recycling at all
+
+    def failing(fd, off, n, flags):  # the disk reports an error during write-back
+        ctypes.set_errno(errno.EIO)
+        return -1
+    monkeypatch.setattr(blockio, "_sync_file_range", lambda: failing)
+    with pytest.raises(OSError, match=r"f: write-back of bytes \[0, 2048\) failed: Input/output error"):
+        write_file(path, [Segment(0, len(data), memoryview(bytearray(data)))], len(data), block=512, window=2048)
 
 
 def test_box_byte_range():
