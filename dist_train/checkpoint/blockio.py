@@ -18,13 +18,14 @@ The hash (``checksum``: XXH3-64 for new files, CRC-32 to verify old ones), ``os.
 release the GIL, so threads overlap hashing and copy work (whether that still pays with XXH3 is measured in
 docs/benchmarks/ckpt.md).
 
-Page cache: each thread hands the pages of every finished ``window`` bytes back to the kernel as it goes
-(``_PageRecycler``: writes start write-back of the window, wait for the previous one and drop it; reads drop
-the window behind them), so a save or load of N GiB cycles through a few hot windows of page cache instead
-of taking N GiB of fresh pages. On a VM whose host backs guest memory lazily, fresh pages are what made a
-1 GiB checkpoint write cost 2.3-2.9 s against 0.3 s for recycled ones (docs/benchmarks/ckpt.md); on any
-machine it keeps checkpoint bytes from evicting the training job's page cache and spreads write-back over
-the write instead of one large fsync at the end. The final fsync still makes the file durable.
+Page cache (writes): each writing thread hands the pages of every finished ``window`` bytes back to the
+kernel as it goes (``_WriteBack``: start write-back of the window, wait for the previous one and drop it), so
+a save of N GiB cycles through a few hot windows of page cache instead of taking N GiB of fresh pages. On a
+VM whose host backs guest memory lazily, fresh pages are what made a 1 GiB checkpoint write cost 2.3-2.9 s
+against 0.3 s for recycled ones (docs/benchmarks/ckpt.md); on any machine it keeps checkpoint bytes from
+evicting the training job's page cache and spreads write-back over the write instead of one large fsync at
+the end. The final fsync still makes the file durable. Reads keep their pages: ranks on one node that load
+the same replicated tensors read the same file bytes, and the page cache serves all but the first.
 """
 from __future__ import annotations
 
@@ -39,7 +40,7 @@ from typing import Callable, Optional, Union
 from dist_train.checkpoint import checksum
 
 BLOCK = 4 << 20  # checksum granularity and the unit of one read/write syscall
-WINDOW = 64 << 20  # page-cache recycling granularity per thread (see module doc); 0 disables it
+WINDOW = 64 << 20  # write-back / page-cache recycling granularity per writing thread (module doc); 0: off
 
 Source = Union[memoryview, Callable[[], memoryview], None]
 
@@ -152,20 +153,20 @@ def _sync_file_range() -> Optional[Callable[[int, int, int, int], int]]:
 _SFR_WAIT_BEFORE, _SFR_WRITE, _SFR_WAIT_AFTER = 1, 2, 4  # <linux/fs.h> SYNC_FILE_RANGE_*
 
 
-class _PageRecycler:
-    """Returns one thread's finished ``window``-byte ranges of ``fd`` to the kernel (see module doc).
+class _WriteBack:
+    """Hands one writing thread's finished ``window``-byte ranges of ``fd`` back to the kernel (module doc).
 
-    Writing: a finished window's write-back is started (``sync_file_range(WRITE)``); the window before it is
-    waited for and dropped (``posix_fadvise(DONTNEED)`` only drops clean pages), so at most two windows per
-    thread are dirty or cached at a time. Reading: a finished window is dropped. Advisory only: the bytes in
-    the file and in the buffers are the same with or without it; a write-back error is raised (as ``fsync``
-    would raise it)."""
+    A finished window's write-back is started (``sync_file_range(WRITE)``); the window before it is waited
+    for and dropped (``posix_fadvise(DONTNEED)``; it only drops clean pages), so at most two windows per
+    thread are dirty or cached at a time; ``write_file`` fsyncs and drops the rest. Advisory for the data:
+    the file's bytes are the same with or without it; a write-back error is raised (as ``fsync`` would)."""
 
-    def __init__(self, fd: int, writing: bool, window: int, path: str) -> None:
-        self.fd, self.writing, self.window, self.path = fd, writing, window, path
-        self.sfr = _sync_file_range() if writing else None
+    def __init__(self, fd: int, window: int, path: str) -> None:
+        self.fd, self.path = fd, path
+        self.sfr = _sync_file_range() if window > 0 else None
+        self.window = window if self.sfr is not None else 0  # no sync_file_range (not Linux): plain writes
         self.start: Optional[int] = None  # first offset of the current window
-        self.prev: Optional[tuple[int, int]] = None  # (offset, length) written but not yet dropped
+        self.prev: Optional[tuple[int, int]] = None  # (offset, length) being written back, not yet dropped
 
     def _sync(self, offset: int, length: int, flags: int) -> None:
         if self.sfr(self.fd, offset, length, flags) != 0:
@@ -174,44 +175,31 @@ class _PageRecycler:
                                f"{os.strerror(err)}")
 
     def advance(self, offset: int, end: int) -> None:
-        """Bytes ``[offset, end)`` were just read or written (``offset`` may skip ahead: a gap in the run)."""
-        if self.window <= 0 or (self.writing and self.sfr is None):
+        """Bytes ``[offset, end)`` were just written."""
+        if not self.window:
             return
         if self.start is None:
             self.start = offset
-        if end - self.start >= self.window:
-            self._finish_window(end)
-
-    def _finish_window(self, end: int) -> None:
-        start, length = self.start, end - self.start
-        if self.writing:
-            self._sync(start, length, _SFR_WRITE)
-            if self.prev is not None:
-                self._sync(*self.prev, _SFR_WAIT_BEFORE | _SFR_WRITE | _SFR_WAIT_AFTER)
-                os.posix_fadvise(self.fd, *self.prev, os.POSIX_FADV_DONTNEED)
-            self.prev = (start, length)
-        else:
-            os.posix_fadvise(self.fd, start, length, os.POSIX_FADV_DONTNEED)
-        self.start = end
-
-    def close(self, end: int) -> None:
-        """After the run's last byte (``end``): reads drop the unfinished window; writes leave their last two
-        windows to ``write_file``, which fsyncs the file and then drops all of its (now clean) pages."""
-        if not self.writing and self.window > 0 and self.start is not None and end > self.start:
-            os.posix_fadvise(self.fd, self.start, end - self.start, os.POSIX_FADV_DONTNEED)
+        if end - self.start < self.window:
+            return
+        self._sync(self.start, end - self.start, _SFR_WRITE)
+        if self.prev is not None:
+            self._sync(*self.prev, _SFR_WAIT_BEFORE | _SFR_WRITE | _SFR_WAIT_AFTER)
+            os.posix_fadvise(self.fd, *self.prev, os.POSIX_FADV_DONTNEED)
+        self.prev, self.start = (self.start, end - self.start), end
 
 
 def _run(path: str, fd_flags: int, run: list[Segment], writing: bool, algorithm: Optional[str], size: int,
          block: int, window: int) -> dict[int, str]:
     """One thread's span: I/O unit by unit (never crossing a block boundary), one ``algorithm`` digest per
-    block (none when ``algorithm`` is None), finished ``window``s handed back to the kernel."""
+    block (none when ``algorithm`` is None); when writing, finished ``window``s handed back to the kernel."""
     digests: dict[int, str] = {}
     scratch: Optional[memoryview] = None
     fd = os.open(path, fd_flags)
     try:
         if not writing and run:
             os.posix_fadvise(fd, run[0].offset, run[-1].end - run[0].offset, os.POSIX_FADV_SEQUENTIAL)
-        pages = _PageRecycler(fd, writing, window, path)
+        write_back = _WriteBack(fd, window if writing else 0, path)
         cur, hasher = -1, None
         for s in run:
             view = _resolve(s)
@@ -236,10 +224,8 @@ def _run(path: str, fd_flags: int, run: list[Segment], writing: bool, algorithm:
                         digests[cur], cur = hasher.hexdigest(), -1
                 if writing:
                     _pwrite_fully(fd, piece, off)
-                pages.advance(off, off + n)
+                    write_back.advance(off, off + n)
                 pos += n
-        if run:
-            pages.close(run[-1].end)
     finally:
         os.close(fd)
     return digests
@@ -260,8 +246,8 @@ def _parallel(path: str, flags: int, segments: list[Segment], writing: bool, alg
 def write_file(path: Union[str, os.PathLike], segments: list[Segment], size: int, threads: int = 1,
                block: int = BLOCK, window: int = WINDOW) -> dict:
     """Create ``path`` from ``segments`` (which must tile ``[0, size)`` exactly), fsync it once, drop its
-    pages from the page cache (with ``window`` > 0, see module doc), and return its checksum record (``checksum.make_record``:
-    ``{"bytes": size, "block": block, "checksum": checksum.ALGORITHM, "digests": [hex per block]}``)."""
+    pages from the page cache (with ``window`` > 0, see module doc), and return its checksum record
+    (``checksum.make_record``: ``{"bytes", "block", "checksum": checksum.ALGORITHM, "digests": [hex, ...]}``)."""
     path = str(path)
     segs = sorted((s for s in segments if s.nbytes), key=lambda s: s.offset)
     pos = 0
@@ -275,7 +261,7 @@ def write_file(path: Union[str, os.PathLike], segments: list[Segment], size: int
     try:
         digests = _parallel(path, os.O_WRONLY, segs, True, checksum.ALGORITHM, size, threads, block, window)
         os.fsync(fd)  # one fsync flushes the pages every thread's descriptor wrote (same inode)
-        if window > 0:  # now clean: hand the rest (each thread's last windows) back too
+        if window > 0:  # now clean: hand the rest (each thread's last two windows) back too
             os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
     finally:
         os.close(fd)
@@ -283,13 +269,10 @@ def write_file(path: Union[str, os.PathLike], segments: list[Segment], size: int
 
 
 def read_file(path: Union[str, os.PathLike], segments: list[Segment], threads: int = 1, verify: bool = False,
-              size: int = -1, block: int = BLOCK, algorithm: str = checksum.ALGORITHM,
-              window: int = WINDOW) -> dict[int, str]:
+              size: int = -1, block: int = BLOCK, algorithm: str = checksum.ALGORITHM) -> dict[int, str]:
     """Read ``segments`` (sorted, non-overlapping; with ``verify`` they must cover whole blocks, see
     ``cover_blocks``, and ``size`` is the file size) into their buffers; return ``{block: hex digest}``
     (``algorithm``, the one named in the file's record) of every block read when ``verify``, else ``{}``.
-    Pages read are dropped from the page cache window by window (``window`` > 0, see module doc). Raises
-    ``EOFError`` naming the file when it is too short."""
+    Raises ``EOFError`` naming the file when it is too short."""
     segs = sorted((s for s in segments if s.nbytes), key=lambda s: s.offset)
-    return _parallel(str(path), os.O_RDONLY, segs, False, algorithm if verify else None, size, threads, block,
-                     window)
+    return _parallel(str(path), os.O_RDONLY, segs, False, algorithm if verify else None, size, threads, block, 0)
