@@ -165,3 +165,15 @@ def test_real_two_point_sweep_end_to_end(tmp_path):
                  "aggregate_loglog.png"):
         assert (out / name).stat().st_size > 0
     assert "6N + 12*L*d_attn*S_eff" in (out / "results.md").read_text()
+
+
+def test_every_shipped_sweep_loads_and_expands():
+    """The example sweeps in configs/sweeps/ stay valid as their base configs change."""
+    from pathlib import Path
+
+    from dist_train.plan.sweep import expand, load_sweep
+
+    files = sorted(Path("configs/sweeps").glob("*.yaml"))
+    assert files
+    for f in files:
+        assert expand(load_sweep(f)), f
