@@ -14,7 +14,9 @@ RNG states are per rank and go to JSON (torch states as base64 of their byte ten
 from __future__ import annotations
 
 import base64
+import os
 import random
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Optional
 
 import numpy as np
@@ -164,6 +166,30 @@ def restore_rng(state: dict) -> None:
 # ---------------------------------------------------------------------------------------------
 # Staging for async saves
 # ---------------------------------------------------------------------------------------------
+_COPY_PIECE = 64 << 20  # bytes: large tensors are copied in pieces so every core gets work
+
+
+def _parallel_copy(pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+    """dst.copy_(src) for every (dst, src) pair, spread over all cores. Training is blocked while an
+    async save stages, so the copy may use every core; ``copy_`` releases the GIL."""
+    pieces: list[tuple[torch.Tensor, torch.Tensor]] = []
+    for dst, src in pairs:
+        if not (dst.is_contiguous() and src.is_contiguous()) or dst.numel() * dst.element_size() <= _COPY_PIECE:
+            pieces.append((dst, src))
+            continue
+        step = max(1, _COPY_PIECE // dst.element_size())
+        d, s = dst.view(-1), src.reshape(-1)
+        pieces += [(d[i:i + step], s[i:i + step]) for i in range(0, d.numel(), step)]
+    workers = min(len(pieces), os.cpu_count() or 1)
+    if workers <= 1:
+        for dst, src in pieces:
+            dst.copy_(src)
+        return
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="ckpt-stage") as pool:
+        for f in [pool.submit(dst.copy_, src) for dst, src in pieces]:
+            f.result()
+
+
 class HostStager:
     """Copies tensors into host buffers that are reused from one save to the next.
 
@@ -187,21 +213,21 @@ class HostStager:
         from torch.distributed.tensor import DTensor
 
         out: dict[str, torch.Tensor] = {}
+        host_copies: list[tuple[torch.Tensor, torch.Tensor]] = []
         any_cuda = False
         with torch.no_grad():
             for key, t in tensors.items():
-                if isinstance(t, DTensor):
-                    local = t.to_local()
-                    buf = self._buffer(key, local)
-                    buf.copy_(local, non_blocking=local.device.type == "cuda")
-                    any_cuda |= local.device.type == "cuda"
-                    out[key] = DTensor.from_local(buf, t.device_mesh, t.placements, run_check=False,
-                                                  shape=t.shape, stride=t.stride())
+                local = t.to_local() if isinstance(t, DTensor) else t.detach()
+                buf = self._buffer(key, local)
+                if local.device.type == "cuda":
+                    buf.copy_(local, non_blocking=True)
+                    any_cuda = True
                 else:
-                    buf = self._buffer(key, t)
-                    buf.copy_(t.detach(), non_blocking=t.device.type == "cuda")
-                    any_cuda |= t.device.type == "cuda"
-                    out[key] = buf
+                    host_copies.append((buf, local))
+                out[key] = (DTensor.from_local(buf, t.device_mesh, t.placements, run_check=False,
+                                               shape=t.shape, stride=t.stride())
+                            if isinstance(t, DTensor) else buf)
+            _parallel_copy(host_copies)
         if any_cuda:
             torch.cuda.synchronize()
         return out
