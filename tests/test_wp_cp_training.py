@@ -8,15 +8,8 @@ share would be rejected by the model (shape check); a wrong count would change t
 """
 from dist_train.trainer import train
 from tests.dist_harness import run_ranks
+from tests.test_training_swin import _swin_cases as _train_cases
 from tests.trainer_utils import rel_close, tiny_swin_config
-
-
-def _train_cases(rank, world, root, data_dir, cases):
-    out = []
-    for i, par in enumerate(cases):
-        res = train(tiny_swin_config(f"{root}/{i}", data_dir, parallel=par))
-        out.append((res.losses, res.grad_norms[0]))
-    return out
 
 
 def test_wp_cp_training_matches_single_rank(tmp_path):

@@ -22,12 +22,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import multiprocessing as mp
-import os
 import statistics
-import tempfile
 import time
-from datetime import timedelta
 
 HELP = "context-parallel attention: efficiency, critical path, imbalance vs single-process attention"
 EPILOG = """example:
@@ -191,58 +187,33 @@ def _ring_step(cfg: dict, q, k, v, stats) -> None:
         o.backward(torch.ones_like(o))
 
 
-def _rank_main(rank: int, world: int, init_file: str, cfg: dict, out: "mp.Queue") -> None:
-    os.environ["OMP_NUM_THREADS"] = "1"
-    import torch
+def _rank_main(rank: int, world: int, cfg: dict) -> dict:
+    """One rank of the benchmark (run by dist_train.spawn.run_ranks after the gloo group is up)."""
     import torch.distributed as dist
 
     from parallelism.context import CPStats
 
-    torch.set_num_threads(1)
-    try:
-        dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
-                                timeout=timedelta(seconds=600))
-        q, k, v = _inputs(cfg, cfg["seq_len"] // world, seed=rank)   # values do not matter for timing
-        records = []
-        for it in range(cfg["repeats"] + 1):
-            stats = CPStats()
-            dist.barrier()
-            start, cpu0 = time.perf_counter(), time.thread_time()
-            _ring_step(cfg, q, k, v, stats)
-            wall = time.perf_counter() - start
-            records.append(dict(wall=wall, cpu=time.thread_time() - cpu0,
-                                compute=sum(stats.fwd_step_compute_s) + sum(stats.bwd_step_compute_s),
-                                steps=stats.fwd_step_compute_s + stats.bwd_step_compute_s,
-                                kv_sent=stats.kv_blocks_sent, work=stats.work_pairs))
+    q, k, v = _inputs(cfg, cfg["seq_len"] // world, seed=rank)   # values do not matter for timing
+    records = []
+    for it in range(cfg["repeats"] + 1):
+        stats = CPStats()
         dist.barrier()
-        _, peak = peak_tensor_bytes(lambda: _ring_step(cfg, q, k, v, CPStats()))    # untimed step
-        out.put((rank, True, dict(iters=records[1:], peak_bytes=peak)))
-    except BaseException as exc:  # noqa: BLE001 - reported by the parent
-        import traceback
-
-        out.put((rank, False, f"{exc!r}\n{traceback.format_exc()}"))
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        start, cpu0 = time.perf_counter(), time.thread_time()
+        _ring_step(cfg, q, k, v, stats)
+        wall = time.perf_counter() - start
+        records.append(dict(wall=wall, cpu=time.thread_time() - cpu0,
+                            compute=sum(stats.fwd_step_compute_s) + sum(stats.bwd_step_compute_s),
+                            steps=stats.fwd_step_compute_s + stats.bwd_step_compute_s,
+                            kv_sent=stats.kv_blocks_sent, work=stats.work_pairs))
+    dist.barrier()
+    _, peak = peak_tensor_bytes(lambda: _ring_step(cfg, q, k, v, CPStats()))    # untimed step
+    return dict(iters=records[1:], peak_bytes=peak)
 
 
 def _spawn(cfg: dict, world: int) -> list[dict]:
-    ctx = mp.get_context("spawn")
-    q: mp.Queue = ctx.Queue()
-    with tempfile.TemporaryDirectory(prefix="dt_bench_") as tmp:
-        procs = [ctx.Process(target=_rank_main, args=(r, world, os.path.join(tmp, "rdzv"), cfg, q))
-                 for r in range(world)]
-        for p in procs:
-            p.start()
-        results = {}
-        for _ in range(world):
-            rank, ok, payload = q.get(timeout=3600)
-            if not ok:
-                raise RuntimeError(f"rank {rank} failed: {payload}")
-            results[rank] = payload
-        for p in procs:
-            p.join()
-    return [results[r] for r in range(world)]
+    from dist_train.spawn import run_ranks
+
+    return run_ranks(_rank_main, world, args=(cfg,), timeout=3600)
 
 
 def _single_peak_bytes(cfg: dict, n: int) -> int:

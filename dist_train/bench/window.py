@@ -14,12 +14,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import multiprocessing as mp
-import os
 import statistics
-import tempfile
 import time
-from datetime import timedelta
 
 HELP = "window parallelism: halo bytes, exposed communication and weak-scaling efficiency of a Swin block"
 
@@ -62,75 +58,48 @@ def _time(fn) -> float:
     return time.perf_counter() - t0
 
 
-def _worker(rank: int, world: int, init_file: str, cfg: dict, out: "mp.Queue") -> None:
-    os.environ["OMP_NUM_THREADS"] = "1"
+def _worker(rank: int, world: int, cfg: dict) -> dict:
+    """One rank of the benchmark (run by dist_train.spawn.run_ranks after the gloo group is up)."""
     import torch
     import torch.distributed as dist
 
     from dist_train.models.swin import WindowBlock, _TileContext
     from parallelism.window import TileLayout, halo_stats, reset_halo_stats
 
-    torch.set_num_threads(1)
-    try:
-        dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
-                                timeout=timedelta(seconds=cfg["timeout"]))
-        gh, gw = cfg["grid"]
-        h, w = cfg["image"]
-        win, s = (cfg["window"],) * 2, (cfg["shift"],) * 2
-        d = cfg["heads"] * cfg["head_dim"]
-        torch.manual_seed(0)
-        block = WindowBlock(d, cfg["heads"], 4 * d, win, s, 1e-5)
-        x = torch.randn(cfg["batch"], h, w, d, requires_grad=True)
-        full = TileLayout.build(gh * h, gw * w, (gh, gw), win)
-        single = TileLayout.build(h, w, (1, 1), win)
-        ctx_dist = _TileContext(full, rank, (full.height, full.width), (False, False), None)
-        ctx_single = _TileContext(single, 0, (h, w), (False, False), None)
+    gh, gw = cfg["grid"]
+    h, w = cfg["image"]
+    win, s = (cfg["window"],) * 2, (cfg["shift"],) * 2
+    d = cfg["heads"] * cfg["head_dim"]
+    torch.manual_seed(0)
+    block = WindowBlock(d, cfg["heads"], 4 * d, win, s, 1e-5)
+    x = torch.randn(cfg["batch"], h, w, d, requires_grad=True)
+    full = TileLayout.build(gh * h, gw * w, (gh, gw), win)
+    single = TileLayout.build(h, w, (1, 1), win)
+    ctx_dist = _TileContext(full, rank, (full.height, full.width), (False, False), None)
+    ctx_single = _TileContext(single, 0, (h, w), (False, False), None)
 
-        def step(ctx):
-            block.zero_grad(set_to_none=True)
-            x.grad = None
-            block(x, ctx).square().mean().backward()
+    def step(ctx):
+        block.zero_grad(set_to_none=True)
+        x.grad = None
+        block(x, ctx).square().mean().backward()
 
-        step(ctx_single)
-        reset_halo_stats()
-        step(ctx_dist)  # warm-up, and the byte count of one layer (forward + backward)
-        stats = halo_stats()
-        times = {"single": [], "dist": []}
-        for _ in range(cfg["reps"]):
-            for name, ctx in (("single", ctx_single), ("dist", ctx_dist)):
-                dist.barrier()
-                times[name].append(_time(lambda: step(ctx)))
-        out.put((rank, True, {"bytes_sent": stats["bytes_sent"], "messages_sent": stats["messages_sent"],
-                              "tile": full.tile_shape(rank), "single_s": times["single"], "dist_s": times["dist"]}))
-        dist.barrier()
-    except BaseException as exc:  # noqa: BLE001 - reported by the parent
-        out.put((rank, False, f"{type(exc).__name__}: {exc}"))
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+    step(ctx_single)
+    reset_halo_stats()
+    step(ctx_dist)  # warm-up, and the byte count of one layer (forward + backward)
+    stats = halo_stats()
+    times = {"single": [], "dist": []}
+    for _ in range(cfg["reps"]):
+        for name, ctx in (("single", ctx_single), ("dist", ctx_dist)):
+            dist.barrier()
+            times[name].append(_time(lambda: step(ctx)))
+    return {"bytes_sent": stats["bytes_sent"], "messages_sent": stats["messages_sent"],
+            "tile": full.tile_shape(rank), "single_s": times["single"], "dist_s": times["dist"]}
 
 
 def _spawn(cfg: dict, world: int) -> list[dict]:
-    ctx = mp.get_context("spawn")
-    out = ctx.Queue()
-    with tempfile.TemporaryDirectory(prefix="dt_wp_bench_") as tmp:
-        procs = [ctx.Process(target=_worker, args=(r, world, os.path.join(tmp, "rdzv"), cfg, out), daemon=True)
-                 for r in range(world)]
-        for p in procs:
-            p.start()
-        results = {}
-        try:
-            for _ in range(world):
-                rank, ok, payload = out.get(timeout=cfg["timeout"])
-                if not ok:
-                    raise RuntimeError(f"rank {rank} failed: {payload}")
-                results[rank] = payload
-        finally:
-            for p in procs:
-                p.join(timeout=10)
-                if p.is_alive():
-                    p.kill()
-    return [results[r] for r in range(world)]
+    from dist_train.spawn import run_ranks
+
+    return run_ranks(_worker, world, args=(cfg,), timeout=cfg["timeout"])
 
 
 def run(args: argparse.Namespace) -> int:
