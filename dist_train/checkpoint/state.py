@@ -13,6 +13,7 @@ RNG states are per rank and go to JSON (torch states as base64 of their byte ten
 """
 from __future__ import annotations
 
+import abc
 import base64
 import os
 import random
@@ -24,18 +25,20 @@ import torch
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
 
-class StateAdapter:
-    """Turns (model, optimizer) into flat state dicts and back. Engines override both methods.
+class StateAdapter(abc.ABC):
+    """Turns (model, optimizer) into flat state dicts and back. Engines implement both methods.
 
     ``get`` returns ``(model_sd, optim_sd)``: flat ``{key: Tensor | DTensor | int | float | bool | str | None |
     tuple}`` dicts; ``optim_sd`` is None without an optimizer. ``set`` loads such dicts back (in place)."""
 
+    @abc.abstractmethod
     def get(self, model: torch.nn.Module, optimizer: Optional[torch.optim.Optimizer]) -> tuple[dict, Optional[dict]]:
-        raise NotImplementedError
+        """-> (model_sd, optim_sd)."""
 
+    @abc.abstractmethod
     def set(self, model: torch.nn.Module, optimizer: Optional[torch.optim.Optimizer], model_sd: dict,
             optim_sd: Optional[dict]) -> None:
-        raise NotImplementedError
+        """Load ``model_sd`` / ``optim_sd`` into ``model`` / ``optimizer`` in place."""
 
 
 class TorchStateAdapter(StateAdapter):
