@@ -382,7 +382,7 @@ def validate(cfg: Config) -> None:
 
 
 def _validate_gpt(cfg: Config) -> None:
-    m, p = cfg.model, cfg.parallel
+    m, p, d = cfg.model, cfg.parallel, cfg.data
     if cfg.wp_grid != (1, 1):
         raise ConfigError(f"parallel.wp = {list(cfg.wp_grid)}: window parallelism needs model.kind = swin")
     kv = m.n_kv_heads or m.n_heads
@@ -400,9 +400,14 @@ def _validate_gpt(cfg: Config) -> None:
     ffn = m.ffn_hidden or 32 * math.ceil(8 * m.d_model / 3 / 32)
     if ffn % p.tp:
         raise ConfigError(f"FFN hidden size {ffn} is not divisible by parallel.tp = {p.tp}")
-    if p.sequence_parallel:
-        raise ConfigError("parallel.sequence_parallel = true is not supported (Megatron-core's sequence-parallel "
-                          "linears need CUDA; docs/parallelism.md); set it to false")
+    if p.sequence_parallel and p.tp > 1:
+        # the residual stream is split over tp along the (cp-local, padded) sequence
+        mult = 1 if p.cp == 1 else (2 * p.cp if p.cp_layout == "zigzag" else p.cp)
+        s_local = -(-d.seq_len // mult) * mult // p.cp
+        if s_local % p.tp:
+            raise ConfigError(f"parallel.sequence_parallel: per-cp-rank sequence length {s_local} (data.seq_len = "
+                              f"{d.seq_len}, cp = {p.cp}) is not divisible by parallel.tp = {p.tp}; use a "
+                              f"data.seq_len that is a multiple of {mult * p.tp}")
     n_stages = p.pp * (2 if p.pp > 1 and p.pp_schedule == "interleaved" else 1)
     if m.n_layers < n_stages:
         raise ConfigError(f"model.n_layers = {m.n_layers} < {n_stages} pipeline stages (pp = {p.pp}, schedule "

@@ -11,6 +11,10 @@ projections for Megatron-core column/row-parallel linears, the embedding for a v
 the loss for the vocab-parallel cross-entropy; parameter NAMES stay the same (shapes are this rank's
 shard). Pipeline parallelism builds only this rank's layers (``layer_ids``; ``layers.<global index>``
 keeps the tp=1/pp=1 names) and the embedding / head when this rank holds the first / last stage.
+Sequence parallelism (``tp.sequence_parallel``): the residual stream and the RMSNorms hold [B, S/tp, d]
+(this tp rank's contiguous chunk): the embedding output is scattered, each attention / FFN block
+all-gathers its normed input (``tp.enter``) and its row-parallel output reduce-scatters back, and the
+final norm output is gathered before the vocab-parallel head, so the loss is the tp=1 loss.
 Every parameter is initialised from its own generator seeded by (seed, name) as the full tp=1 tensor,
 then sliced, so any tp/pp layout starts from exactly the same weights as the single-rank model.
 """
@@ -52,14 +56,19 @@ def _linear(tp: Optional[TensorParallel], d_in: int, d_out: int, kind: str) -> n
 
 
 class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float):
+    """x [..., dim] -> normalised x * weight. Under sequence parallelism (``tp``) x holds this rank's
+    S/tp tokens and the weight gradient is summed over tp (``tp.replicated_weight``)."""
+
+    def __init__(self, dim: int, eps: float, tp: Optional[TensorParallel] = None):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
+        self.tp = tp
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         xf = x.to(at_least_fp32(x.dtype))
-        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
+        w = self.weight if self.tp is None else self.tp.replicated_weight(self.weight)
+        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * w
 
 
 def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype):
@@ -94,8 +103,12 @@ class Attention(nn.Module):
         self.wv = _linear(tp, cfg.d_model, self.n_kv * self.head_dim, "col")
         self.wo = _linear(tp, self.n_heads * self.head_dim, cfg.d_model, "row")
         self.selective_checkpoint = False
+        self.tp = tp
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """x: [B, S, d] ([B, S/tp, d] under sequence parallelism; the output has x's shape)."""
+        if self.tp is not None:
+            x = self.tp.enter(x)
         b, s, _ = x.shape
         q = apply_rope(self.wq(x).view(b, s, -1, self.head_dim), cos, sin)
         k = apply_rope(self.wk(x).view(b, s, -1, self.head_dim), cos, sin)
@@ -117,17 +130,21 @@ class FeedForward(nn.Module):
         self.w1 = _linear(tp, cfg.d_model, hidden, "col")
         self.w3 = _linear(tp, cfg.d_model, hidden, "col")
         self.w2 = _linear(tp, hidden, cfg.d_model, "row")
+        self.tp = tp
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: [B, S, d] ([B, S/tp, d] under sequence parallelism; the output has x's shape)."""
+        if self.tp is not None:
+            x = self.tp.enter(x)
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
 
 
 class Block(nn.Module):
     def __init__(self, cfg: ModelConfig, ctx: AttentionContext, tp: Optional[TensorParallel] = None):
         super().__init__()
-        self.attention_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.attention_norm = RMSNorm(cfg.d_model, cfg.norm_eps, tp)
         self.attention = Attention(cfg, ctx, tp)
-        self.ffn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.ffn_norm = RMSNorm(cfg.d_model, cfg.norm_eps, tp)
         self.feed_forward = FeedForward(cfg, tp)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -163,7 +180,7 @@ class GPT(nn.Module):
         # ModuleDict keyed by the global index: names are layers.<i>.… exactly as with a ModuleList
         self.layers = nn.ModuleDict({str(i): Block(cfg, ctx, tp) for i in self.layer_ids})
         if has_head:
-            self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+            self.norm = RMSNorm(cfg.d_model, cfg.norm_eps, tp)
             vocab = cfg.vocab_size if tp is None else padded_vocab_size(cfg.vocab_size, tp.size)
             self.output = None if cfg.tie_embeddings else _linear(tp, cfg.d_model, vocab, "col")
         self.activation_checkpointing = activation_checkpointing
@@ -202,12 +219,14 @@ class GPT(nn.Module):
 
     # -- pieces (the pipeline stages call these) ------------------------------------------------
     def embed(self, tokens: torch.Tensor) -> torch.Tensor:
-        """tokens: [B, S_local] -> [B, S_local, d]."""
-        return self.tok_embeddings(tokens)
+        """tokens: [B, S_local] -> [B, S_local, d] ([B, S_local/tp, d] under sequence parallelism)."""
+        x = self.tok_embeddings(tokens)
+        return x if self.tp is None else self.tp.scatter(x)
 
     def run_layers(self, x: torch.Tensor, positions: torch.Tensor,
                    layer_ids: Optional[Sequence[int]] = None) -> torch.Tensor:
-        """x: [B, S_local, d]; positions: [S_local] global ids; runs ``layer_ids`` (default: all held)."""
+        """x: [B, S_local, d] ([B, S_local/tp, d] under sequence parallelism); positions: [S_local] global
+        ids (RoPE is applied after the sequence all-gather, on all S_local tokens); runs ``layer_ids`` (default: all held)."""
         cos, sin = rope_cos_sin(positions, self.head_dim, self.cfg.rope_theta, x.dtype)
         for i in (self.layer_ids if layer_ids is None else layer_ids):
             layer = self.layers[str(i)]
@@ -218,11 +237,14 @@ class GPT(nn.Module):
         return x
 
     def head_logits(self, x: torch.Tensor) -> torch.Tensor:
-        """Final norm + output projection: [B, S, d] -> logits [B, S, V] (tp: this rank's V_pad/tp slice)."""
+        """Final norm + output projection: [B, S, d] ([B, S/tp, d] under sequence parallelism) -> logits
+        [B, S, V] (tp: this rank's V_pad/tp slice)."""
         h = self.norm(x)
+        if self.tp is not None:
+            h = self.tp.enter(h)  # SP: gather the sequence; the column-parallel head needs all tokens
         if self.output is not None:
             return self.output(h)
-        if self.tp is not None:
+        if self.tp is not None and not self.tp.sequence_parallel:
             h = self.tp.copy_to_region(h)
         return F.linear(h, self.tok_embeddings.weight)
 
@@ -240,7 +262,10 @@ class GPT(nn.Module):
     # -- whole model ----------------------------------------------------------------------------
     def hidden(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """tokens: [B, S_local]; positions: [S_local] global ids -> final hidden [B, S_local, d]."""
-        return self.norm(self.run_layers(self.embed(tokens), positions))
+        h = self.norm(self.run_layers(self.embed(tokens), positions))
+        if self.tp is not None and self.tp.sequence_parallel:
+            h = self.tp.gather(h)
+        return h
 
     def logits(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         return self.head_logits(self.run_layers(self.embed(tokens), positions))
@@ -265,7 +290,7 @@ def build_gpt(cfg, mesh, device: torch.device) -> GPT:
     ctx = AttentionContext(cp_group=mesh.cp_group, layout=p.cp_layout, method=p.cp_method,
                            ulysses_degree=p.ulysses_degree if p.cp_method != "ulysses" else p.cp,
                            window=cfg.model.attention_window, kernel=p.attn_kernel)
-    tp = TensorParallel.from_mesh(mesh, cfg.run.seed, device)
+    tp = TensorParallel.from_mesh(mesh, cfg.run.seed, device, sequence_parallel=p.sequence_parallel)
     stages = stages_of_rank(cfg, mesh.coord("pp"))
     model = GPT(cfg.model, ctx, activation_checkpointing=cfg.train.activation_checkpointing, tp=tp,
                 layer_ids=[i for st in stages for i in st.layers], has_embedding=any(st.first for st in stages),

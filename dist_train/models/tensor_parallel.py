@@ -15,6 +15,16 @@ full matrices as tp=1 with the same seed.
 
     tp = TensorParallel.from_mesh(mesh, seed=cfg.run.seed)   # None when mesh.size("tp") == 1
     lin = tp.column(d_in, d_out)                             # ColumnParallelLinear, output [.., d_out/tp]
+
+Sequence parallelism (``sequence_parallel=True``): outside the tp matmuls the activations are
+[B, S/tp, d] (this rank's contiguous sequence chunk). :meth:`TensorParallel.enter` all-gathers the
+sequence before the column-parallel matmuls (backward: reduce-scatter) and the row-parallel layers
+reduce-scatter their partial sums along the sequence (backward: all-gather) instead of all-reducing.
+Activations are batch-first while Megatron's SP collectives cut dim 0, so the layers keep
+``sequence_parallel=False`` and the collectives run here: on NCCL through megatron-core's
+``gather_from_sequence_parallel_region`` / ``reduce_scatter_to_sequence_parallel_region`` (on the
+sequence-first transpose); on gloo, which has no reduce_scatter, through :class:`_SeqGather` /
+:class:`_SeqReduceScatter` (reduce-scatter emulated as all-reduce + own slice: exact, tp× the bytes).
 """
 from __future__ import annotations
 
@@ -25,6 +35,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 import torch.nn as nn
+import torch.nn.functional as F
 
 
 def padded_vocab_size(vocab_size: int, tp: int) -> int:
@@ -102,6 +113,91 @@ def bind_megatron_state(tp_group: dist.ProcessGroup, tp_ranks: list[int]) -> Non
     ps._MPU_TENSOR_MODEL_PARALLEL_RANK = dist.get_rank(tp_group)
 
 
+# -- sequence-parallel collectives along dim 1 of [B, S, ...] ----------------------------------------
+def _seq_chunk(x: torch.Tensor, group) -> torch.Tensor:
+    """This rank's contiguous chunk of the sequence dim (dim 1); S must be divisible by the group size."""
+    n, r = dist.get_world_size(group), dist.get_rank(group)
+    if x.shape[1] % n:
+        raise ValueError(f"sequence parallelism: sequence length {x.shape[1]} is not divisible by tp = {n}; "
+                         f"pad it to a multiple of {n}")
+    part = x.shape[1] // n
+    return x.narrow(1, r * part, part).contiguous()
+
+
+def _seq_all_gather(x: torch.Tensor, group) -> torch.Tensor:
+    """[B, S/tp, ...] -> [B, S, ...] (rank chunks concatenated in tp-rank order)."""
+    parts = [torch.empty_like(x) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(parts, x.contiguous(), group=group)
+    return torch.cat(parts, dim=1)
+
+
+def _seq_reduce_scatter(x: torch.Tensor, group) -> torch.Tensor:
+    """[B, S, ...] partial sums -> this rank's chunk [B, S/tp, ...] of the tp-sum. gloo has no
+    reduce_scatter: all-reduce then keep the own chunk (same result, tp× the bytes of a reduce-scatter)."""
+    full = x.contiguous().clone()
+    dist.all_reduce(full, op=dist.ReduceOp.SUM, group=group)
+    return _seq_chunk(full, group)
+
+
+class _SeqGather(torch.autograd.Function):
+    """Forward all-gather along the sequence; backward reduce-scatter (the gathered tensor feeds tp
+    matmuls whose input gradients are per-rank partial sums)."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return _seq_all_gather(x, group)
+
+    @staticmethod
+    def backward(ctx, g):
+        return _seq_reduce_scatter(g, ctx.group), None
+
+
+class _SeqReduceScatter(torch.autograd.Function):
+    """Forward reduce-scatter along the sequence (row-parallel output); backward all-gather."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return _seq_reduce_scatter(x, group)
+
+    @staticmethod
+    def backward(ctx, g):
+        return _seq_all_gather(g, ctx.group), None
+
+
+class _SeqScatter(torch.autograd.Function):
+    """Forward keep the own sequence chunk of a replicated tensor; backward all-gather."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return _seq_chunk(x, group)
+
+    @staticmethod
+    def backward(ctx, g):
+        return _seq_all_gather(g, ctx.group), None
+
+
+class _SeqGatherReplicated(torch.autograd.Function):
+    """Forward all-gather along the sequence; backward keep the own chunk (the gathered tensor is used
+    identically on every tp rank, so its gradient is already the full one)."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return _seq_all_gather(x, group)
+
+    @staticmethod
+    def backward(ctx, g):
+        return _seq_chunk(g, ctx.group), None
+
+
+def _megatron_seq_first(fn, x: torch.Tensor, *args) -> torch.Tensor:
+    """Run a megatron-core sequence-parallel mapping (which cuts dim 0) on batch-first ``x``."""
+    return fn(x.transpose(0, 1).contiguous(), *args).transpose(0, 1)
+
+
 @dataclass
 class TensorParallel:
     """This rank's view of the tp axis plus the Megatron config its layers share."""
@@ -109,10 +205,11 @@ class TensorParallel:
     size: int
     rank: int
     config: "object"  # megatron.core.ModelParallelConfig
+    sequence_parallel: bool = False
 
     @classmethod
-    def from_mesh(cls, mesh, seed: int, device: torch.device,
-                  params_dtype: torch.dtype = torch.float32) -> Optional["TensorParallel"]:
+    def from_mesh(cls, mesh, seed: int, device: torch.device, params_dtype: torch.dtype = torch.float32,
+                  sequence_parallel: bool = False) -> Optional["TensorParallel"]:
         if mesh.size("tp") == 1:
             return None
         from megatron.core import ModelParallelConfig
@@ -130,24 +227,30 @@ class TensorParallel:
             gradient_accumulation_fusion=False,
             async_tensor_model_parallel_allreduce=False,
         )
-        return cls(group=group, size=mesh.size("tp"), rank=rank, config=config)
+        return cls(group=group, size=mesh.size("tp"), rank=rank, config=config,
+                   sequence_parallel=sequence_parallel)
 
     # -- layers ---------------------------------------------------------------------------------
     def column(self, d_in: int, d_out: int) -> nn.Module:
-        """x [..., d_in] (replicated) -> [..., d_out/tp] (this rank's output columns)."""
+        """x [..., d_in] (replicated) -> [..., d_out/tp] (this rank's output columns). With sequence
+        parallelism the input comes from :meth:`enter`, whose backward already sums the input gradient
+        over tp, so the layer's own all-reduce of it is disabled."""
         from megatron.core.tensor_parallel import ColumnParallelLinear
 
         return _mark_sharded(_plain_output(ColumnParallelLinear)(
             d_in, d_out, config=self.config, init_method=_no_init, bias=False, gather_output=False,
-            tp_group=self.group), dim=0)
+            tp_group=self.group, disable_grad_reduce=self.sequence_parallel), dim=0)
 
     def row(self, d_in: int, d_out: int) -> nn.Module:
-        """x [..., d_in/tp] (this rank's slice) -> [..., d_out] summed over tp."""
+        """x [..., d_in/tp] (this rank's slice) -> [..., d_out] summed over tp; with sequence parallelism
+        x [B, S, d_in/tp] -> [B, S/tp, d_out] (the tp-sum reduce-scattered along the sequence)."""
         from megatron.core.tensor_parallel import RowParallelLinear
 
-        return _mark_sharded(_plain_output(RowParallelLinear)(
-            d_in, d_out, config=self.config, init_method=_no_init, bias=False, input_is_parallel=True,
-            skip_bias_add=False, tp_group=self.group), dim=1)
+        cls = _sp_row(RowParallelLinear) if self.sequence_parallel else _plain_output(RowParallelLinear)
+        layer = cls(d_in, d_out, config=self.config, init_method=_no_init, bias=False, input_is_parallel=True,
+                    skip_bias_add=False, tp_group=self.group)
+        layer.tp = self
+        return _mark_sharded(layer, dim=1)
 
     def embedding(self, vocab_size: int, d: int) -> nn.Module:
         """tokens [B, S] -> [B, S, d]; rows of the (padded) vocabulary split over tp."""
@@ -156,6 +259,58 @@ class TensorParallel:
         return _mark_sharded(VocabParallelEmbedding(padded_vocab_size(vocab_size, self.size), d,
                                                     init_method=_no_init, config=self.config,
                                                     tp_group=self.group), dim=0)
+
+    # -- sequence parallelism -----------------------------------------------------------------
+    def _nccl(self) -> bool:
+        return dist.get_backend(self.group) == "nccl"
+
+    def enter(self, x: torch.Tensor) -> torch.Tensor:
+        """Input of column-parallel matmuls. SP: [B, S/tp, d] -> [B, S, d] all-gathered (backward
+        reduce-scatter); otherwise identity (the column layers all-reduce their input gradient)."""
+        if not self.sequence_parallel:
+            return x
+        if self._nccl():
+            from megatron.core.tensor_parallel import gather_from_sequence_parallel_region
+
+            return _megatron_seq_first(gather_from_sequence_parallel_region, x, True, self.group)
+        return _SeqGather.apply(x, self.group)
+
+    def reduce_scatter(self, x: torch.Tensor) -> torch.Tensor:
+        """SP exit of a row-parallel matmul: partial [B, S, d] -> tp-sum's chunk [B, S/tp, d]."""
+        if self._nccl():
+            from megatron.core.tensor_parallel import reduce_scatter_to_sequence_parallel_region
+
+            return _megatron_seq_first(reduce_scatter_to_sequence_parallel_region, x, self.group)
+        return _SeqReduceScatter.apply(x, self.group)
+
+    def scatter(self, x: torch.Tensor) -> torch.Tensor:
+        """Enter the SP region from a replicated tensor (embedding output): [B, S, d] -> own chunk
+        [B, S/tp, d] (backward all-gather); identity without SP."""
+        if not self.sequence_parallel:
+            return x
+        if self._nccl():
+            from megatron.core.tensor_parallel import scatter_to_sequence_parallel_region
+
+            return _megatron_seq_first(scatter_to_sequence_parallel_region, x, self.group)
+        return _SeqScatter.apply(x, self.group)
+
+    def gather(self, x: torch.Tensor) -> torch.Tensor:
+        """Leave the SP region to a replicated consumer: [B, S/tp, d] -> [B, S, d] (backward: own chunk);
+        identity without SP."""
+        if not self.sequence_parallel:
+            return x
+        if self._nccl():
+            from megatron.core.tensor_parallel import gather_from_sequence_parallel_region
+
+            return _megatron_seq_first(gather_from_sequence_parallel_region, x, False, self.group)
+        return _SeqGatherReplicated.apply(x, self.group)
+
+    def replicated_weight(self, w: torch.Tensor) -> torch.Tensor:
+        """A weight replicated over tp but applied to SP activations (norms): each rank sees S/tp tokens,
+        so its gradient is summed over tp in backward (Megatron all-reduces its 'sequence_parallel'
+        grads after backward; here the sum is part of autograd, so every engine gets full, tp-identical
+        gradients and the global grad norm counts them once as replicated). Identity without SP."""
+        return self.copy_to_region(w) if self.sequence_parallel else w
 
     def copy_to_region(self, x: torch.Tensor) -> torch.Tensor:
         """Identity forward, all-reduce of the gradient backward (input of a column-parallel matmul)."""
@@ -184,7 +339,7 @@ class TensorParallel:
         return loss * valid
 
 
-_PLAIN: dict[type, type] = {}
+_PLAIN: dict = {}  # Megatron class (or ('sp', class)) -> our subclass
 
 
 def _plain_output(cls: type) -> type:
@@ -196,6 +351,17 @@ def _plain_output(cls: type) -> type:
 
         _PLAIN[cls] = type(cls.__name__, (cls,), {"forward": forward, "__module__": __name__})
     return _PLAIN[cls]
+
+
+def _sp_row(cls: type) -> type:
+    """Row-parallel linear for sequence parallelism: the local partial product, then a reduce-scatter
+    along the sequence instead of Megatron's all-reduce (same weight parameter and attributes)."""
+    if ("sp", cls) not in _PLAIN:
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.tp.reduce_scatter(F.linear(x, self.weight))
+
+        _PLAIN[("sp", cls)] = type("SP" + cls.__name__, (cls,), {"forward": forward, "__module__": __name__})
+    return _PLAIN[("sp", cls)]
 
 
 def _mark_sharded(layer: nn.Module, dim: int) -> nn.Module:
