@@ -21,7 +21,8 @@ CASES = {
     2: [("tp2_sp", {}, SP, {}),
         ("tp2_sp_tied_full_ckpt", {"tie_embeddings": True}, SP, {"activation_checkpointing": "full"})],
     4: [("dp2_tp2_sp", {}, {"dp": 2, **SP}, {}),
-        ("tp2_cp2_sp", {}, {"cp": 2, **SP}, {})],
+        ("tp2_cp2_sp", {}, {"cp": 2, **SP}, {}),
+        ("pp2_tp2_sp", {}, {"pp": 2, **SP}, {})],
 }
 
 
