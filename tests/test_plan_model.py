@@ -151,7 +151,7 @@ def test_enumerate_and_rank(cpu):
     labels = {layout_label(x) for x in cands}
     assert all(x.world_size == 4 for x in cands)
     assert "cp4 ring/zigzag mb2" in labels and "dp2 cp2 ulysses zero1 mb2" in labels
-    assert "dp2 tp2 mb2" in labels
+    assert "dp2 tp2 mb2" in labels and "dp2 tp2 sp mb2" in labels   # tp with and without sequence parallelism
     assert "tp4 mb2" not in labels                           # n_kv_heads 2 < tp 4: rejected by validation
     assert not any(x.parallel.tp == 8 for x in cands)
     assert all(x.parallel.pp <= 2 for x in cands)          # n_layers = 2

@@ -78,11 +78,13 @@ def enumerate_layouts(cfg: Config, devices: int, checkpointing: Iterable[str] = 
                         if gpt and cfg.data.seq_len % _seq_multiple(lay, cp // (u if method == "hybrid" else 1)):
                             continue
                         shards = dp * cp * grid[0] * grid[1]
-                        for z in (zero_stages if shards > 1 else (None,)):
+                        for z, sp in itertools.product(zero_stages if shards > 1 else (None,),
+                                                       (False, True) if tp > 1 else (False,)):
                             c = copy.deepcopy(cfg)
                             p = c.parallel
                             p.dp, p.tp, p.pp, p.cp, p.wp = dp, tp, pp, cp, list(grid)
                             p.cp_method, p.cp_layout, p.ulysses_degree, p.zero_stage = method, lay, u, z
+                            p.sequence_parallel = sp
                             c.train.micro_batch, c.train.activation_checkpointing = mb, ck
                             try:
                                 validate(c)
@@ -133,6 +135,8 @@ def layout_label(cfg: Config) -> str:
     """Compact name of a layout, e.g. 'dp2 cp4 ring/zigzag z1 ck=selective'."""
     p = cfg.parallel
     parts = [f"{a}{getattr(p, a)}" for a in ("dp", "tp", "pp", "cp") if getattr(p, a) > 1]
+    if p.sequence_parallel and p.tp > 1:
+        parts.append("sp")
     gh, gw = cfg.wp_grid
     if gh * gw > 1:
         parts.append(f"wp{gh}x{gw}")
