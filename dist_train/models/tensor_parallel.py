@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.distributed as dist
@@ -139,58 +139,38 @@ def _seq_reduce_scatter(x: torch.Tensor, group) -> torch.Tensor:
     return _seq_chunk(full, group)
 
 
-class _SeqGather(torch.autograd.Function):
-    """Forward all-gather along the sequence; backward reduce-scatter (the gathered tensor feeds tp
-    matmuls whose input gradients are per-rank partial sums)."""
+def _seq_mapping(name: str, forward: Callable, backward: Callable, doc: str) -> type:
+    """An autograd Function applying ``forward(x, group)``, with ``backward(grad, group)`` as its adjoint."""
 
-    @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        return _seq_all_gather(x, group)
+    class _Mapping(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x, group):
+            ctx.group = group
+            return forward(x, group)
 
-    @staticmethod
-    def backward(ctx, g):
-        return _seq_reduce_scatter(g, ctx.group), None
+        @staticmethod
+        def backward(ctx, g):
+            return backward(g, ctx.group), None
 
-
-class _SeqReduceScatter(torch.autograd.Function):
-    """Forward reduce-scatter along the sequence (row-parallel output); backward all-gather."""
-
-    @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        return _seq_reduce_scatter(x, group)
-
-    @staticmethod
-    def backward(ctx, g):
-        return _seq_all_gather(g, ctx.group), None
+    _Mapping.__name__ = _Mapping.__qualname__ = name
+    _Mapping.__doc__ = doc
+    return _Mapping
 
 
-class _SeqScatter(torch.autograd.Function):
-    """Forward keep the own sequence chunk of a replicated tensor; backward all-gather."""
-
-    @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        return _seq_chunk(x, group)
-
-    @staticmethod
-    def backward(ctx, g):
-        return _seq_all_gather(g, ctx.group), None
-
-
-class _SeqGatherReplicated(torch.autograd.Function):
-    """Forward all-gather along the sequence; backward keep the own chunk (the gathered tensor is used
-    identically on every tp rank, so its gradient is already the full one)."""
-
-    @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        return _seq_all_gather(x, group)
-
-    @staticmethod
-    def backward(ctx, g):
-        return _seq_chunk(g, ctx.group), None
+_SeqGather = _seq_mapping(
+    "_SeqGather", _seq_all_gather, _seq_reduce_scatter,
+    "All-gather along the sequence; backward reduce-scatter (the gathered tensor feeds tp matmuls whose "
+    "input gradients are per-rank partial sums).")
+_SeqReduceScatter = _seq_mapping(
+    "_SeqReduceScatter", _seq_reduce_scatter, _seq_all_gather,
+    "Reduce-scatter along the sequence (row-parallel output); backward all-gather.")
+_SeqScatter = _seq_mapping(
+    "_SeqScatter", _seq_chunk, _seq_all_gather,
+    "Keep the own sequence chunk of a replicated tensor; backward all-gather.")
+_SeqGatherReplicated = _seq_mapping(
+    "_SeqGatherReplicated", _seq_all_gather, _seq_chunk,
+    "All-gather along the sequence; backward keep the own chunk (the gathered tensor is used identically "
+    "on every tp rank, so its gradient is already the full one).")
 
 
 def _megatron_seq_first(fn, x: torch.Tensor, *args) -> torch.Tensor:
