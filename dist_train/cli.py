@@ -15,7 +15,8 @@ EXIT_USAGE = 2
 _F = argparse.RawDescriptionHelpFormatter
 
 
-def _examples(*lines: str) -> str:
+def examples(*lines: str) -> str:
+    """An argparse epilog listing example commands (every CLI module uses this)."""
     return "examples:\n" + "\n".join(f"  {line}" for line in lines)
 
 
@@ -50,7 +51,7 @@ def _cmd_data_prepare(args: argparse.Namespace) -> int:
 
 def _add_run(sub) -> None:
     p = sub.add_parser("run", help=_HELP["run"],
-                       formatter_class=_F, epilog=_examples(
+                       formatter_class=_F, epilog=examples(
                            "dist-train run configs/gpt_tiny.yaml --set parallel.dp=1 --set train.steps=10",
                            "torchrun --nproc-per-node 2 -m dist_train run configs/gpt_tiny.yaml --set parallel.dp=2",
                            "mpiexec -n 2 dist-train run configs/gpt_tiny.yaml"))
@@ -63,7 +64,7 @@ def _add_data(sub) -> None:
     p = sub.add_parser("data", help=_HELP["data"], formatter_class=_F)
     dsub = p.add_subparsers(dest="data_cmd", required=True, metavar="{prepare}")
     q = dsub.add_parser("prepare", help="build a Megatron indexed dataset (.bin/.idx) from text/JSONL files",
-                        formatter_class=_F, epilog=_examples(
+                        formatter_class=_F, epilog=examples(
                             "dist-train data prepare --input notes/*.txt corpus.jsonl --output data/corpus",
                             "dist-train data prepare --corpus python-stdlib --output data/pystd"))
     q.add_argument("--input", nargs="+", metavar="PATH", help="text files (one document each) or JSONL ('text')")
@@ -82,7 +83,7 @@ def _bench_modules() -> dict[str, str]:
 
 def _add_bench(sub) -> None:
     p = sub.add_parser("bench", help=_HELP["bench"], formatter_class=_F,
-                       epilog=_examples("dist-train bench attention --world-size 2 --seq-len 4096",
+                       epilog=examples("dist-train bench attention --world-size 2 --seq-len 4096",
                                         "dist-train bench train configs/gpt_tiny.yaml"))
     bsub = p.add_subparsers(dest="bench_cmd", required=True)
     for name, modname in sorted(_bench_modules().items()):
@@ -132,7 +133,7 @@ def build_parser(command: Optional[str] = None) -> argparse.ArgumentParser:
         prog="dist-train", formatter_class=_F,
         description="Distributed long-context training: context (ring/Ulysses) and window parallelism "
                     "composed with tensor, pipeline and ZeRO data parallelism on one device mesh.",
-        epilog=_examples("dist-train launch configs/demo.yaml",
+        epilog=examples("dist-train launch configs/demo.yaml",
                          "dist-train launch configs/gpt_tiny.yaml --backend local --set parallel.dp=1 --set parallel.cp=2",
                          "dist-train run configs/gpt_tiny.yaml --set parallel.dp=1", "dist-train <command> --help"))
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")

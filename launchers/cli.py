@@ -15,13 +15,10 @@ import sys
 from pathlib import Path
 from typing import Optional
 
+from dist_train.cli import examples
 from launchers.supervisor import JobSpec, Supervisor
 
 BACKENDS = ("ray", "local", "mpi")
-
-
-def _examples(*lines: str) -> str:
-    return "examples:\n" + "\n".join(f"  {line}" for line in lines)
 
 
 def rank_argv(config: str, overrides: list[str], python: Optional[str] = None) -> list[str]:
@@ -46,7 +43,7 @@ def add_launch_arguments(parser: argparse.ArgumentParser) -> None:
                           "or local subprocesses. Restarts from the last checkpoint on failure "
                           "(--max-restarts), forwards SIGTERM/SIGUSR1 for a preemption checkpoint "
                           "(exit status 75 = resumable).")
-    parser.epilog = _examples(
+    parser.epilog = examples(
         "dist-train launch configs/gpt_tiny.yaml --backend local --nproc 2 --set parallel.dp=2",
         "dist-train launch configs/demo.yaml --backend ray               # embedded Ray cluster",
         "ray job submit -- dist-train launch configs/demo.yaml --backend ray --nodes 2 --gpus-per-node 4",
@@ -143,7 +140,7 @@ def launch_main(args: argparse.Namespace) -> int:
 def add_submit_arguments(parser: argparse.ArgumentParser) -> None:
     parser.description = ("Write a Slurm or PBS batch script that runs the job (srun/mpiexec per rank, or a Ray "
                           "head + workers) with requeue on preemption, and submit it with sbatch/qsub.")
-    parser.epilog = _examples(
+    parser.epilog = examples(
         "dist-train submit configs/demo.yaml --scheduler slurm --nodes 2 --gpus-per-node 4 --time 02:00:00 "
         "--set parallel.dp=4 --dry-run",
         "dist-train submit configs/demo.yaml --scheduler pbs --nodes 4 --gpus-per-node 4 --time 01:00:00 "

@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+from ..cli import examples
 from ..config import Config, load_config
 from ..metrics import FLOP_CONVENTION
 from .enumerate import enumerate_layouts, layout_label, rank_layouts, why_slower
@@ -17,10 +18,6 @@ from .model import predict, shape_of
 from .profiles import calibrate, get_profile
 
 GIB = 2 ** 30
-
-
-def _examples(*lines: str) -> str:
-    return "examples:\n" + "\n".join(f"  {line}" for line in lines)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -31,7 +28,7 @@ def add_plan_arguments(parser: argparse.ArgumentParser) -> None:
                           "method and layout, ZeRO stage, checkpointing) with an analytic model and device/link "
                           "profiles; rank the layouts that fit by predicted tokens/s. GPU numbers are model "
                           "outputs. See docs/planner.md.")
-    parser.epilog = _examples(
+    parser.epilog = examples(
         "dist-train plan configs/gpt_tiny.yaml --devices 2 --device cpu",
         "dist-train plan configs/sweeps/projections/llama8b_1m.yaml --devices 64 --device h100 --explain",
         "dist-train plan configs/sweeps/projections/swin_721x1440.yaml --devices 256 --device h100 --image 721 1440",
@@ -157,7 +154,7 @@ def add_scale_arguments(parser: argparse.ArgumentParser) -> None:
                           "resumable, failures recorded; per point median step time, tokens/s, TFLOP/s and MFU, "
                           "peak memory vs the planner, exposed communication, straggler spread; efficiency per "
                           "mode; CSV/JSON/markdown and PNG plots. See docs/scaling.md.")
-    parser.epilog = _examples(
+    parser.epilog = examples(
         "dist-train scale configs/sweeps/gpt_cp_strong.yaml",
         "dist-train scale configs/sweeps/gpt_seq_weak.yaml --out runs/scale/seq_weak --retry-failed",
         "dist-train scale configs/sweeps/gpt_dp_weak.yaml --dry-run")
