@@ -75,6 +75,7 @@ class ParallelConfig:
     cp_layout: str = "zigzag"  # contiguous | striped | zigzag
     cp_method: str = "ring"  # ring | ulysses | hybrid
     ulysses_degree: int = 1
+    cp_kv_piece: Optional[int] = None  # ring K/V in pieces of at most this many tokens (null: whole shards)
     zero_stage: Optional[int] = None  # None: plain DDP; 0-3: DeepSpeed engine
     microbatches: Optional[int] = None  # pipeline micro-batches (default: accumulation steps)
     pp_schedule: str = "1f1b"  # 1f1b | interleaved | gpipe
@@ -425,6 +426,9 @@ def _validate_gpt(cfg: Config) -> None:
         if m.tie_embeddings:
             raise ConfigError(f"model.tie_embeddings with parallel.pp = {p.pp} is not supported (embedding and "
                               "head live on different stages)")
+    if p.cp_kv_piece is not None and (not isinstance(p.cp_kv_piece, int) or p.cp_kv_piece < 1):
+        raise ConfigError(f"parallel.cp_kv_piece = {p.cp_kv_piece!r}: must be null (whole shards) or a positive "
+                          "number of tokens, e.g. 1024")
     if p.cp_method == "ulysses" and p.ulysses_degree not in (1, p.cp):
         raise ConfigError(f"parallel.ulysses_degree = {p.ulysses_degree} with cp_method = ulysses must equal "
                           f"parallel.cp = {p.cp}")

@@ -72,6 +72,29 @@ def _cases_on_rank(rank: int, P: int) -> int:
     return checked
 
 
+def _pieces_on_rank(rank: int, P: int) -> None:
+    """K/V pieces (kv_piece=2: uneven 2+1 parts of CHUNK=3, several sub-rings) on real ranks, through
+    the ring and every hybrid split, with and without causal masking and a window."""
+    S = 2 * P * CHUNK
+    for layout in LAYOUTS:
+        pos = sequence_positions(S, rank=rank, world_size=P, layout=layout)
+        for method, degree in [m for m in _methods(P, layout) if m[0] != "ulysses"]:
+            for causal, window in ((True, None), (False, WINDOW)):
+                q, k, v = random_qkv(2, S, HQ, 4, D, seed=5)
+                ref = reference_attention(q, k, v, causal=causal, window=window)
+                ref_grads = torch.autograd.grad(ref, (q, k, v), torch.ones_like(ref))
+                ql, kl, vl = (x.detach()[:, pos].float().requires_grad_() for x in (q, k, v))
+                out = context_parallel_attention(ql, kl, vl, layout=layout, method=method, ulysses_degree=degree,
+                                                 causal=causal, window=window, kv_piece=2)
+                grads = torch.autograd.grad(out, (ql, kl, vl), torch.ones_like(out))
+                what = f"rank {rank} P={P} {layout} {method}/{degree} causal={causal} w={window} kv_piece=2"
+                assert max_rel_err(out, ref[:, pos]) <= 1e-5, what
+                for name, g, rg in zip("qkv", grads, ref_grads):
+                    assert max_rel_err(g, rg[:, pos]) <= 1e-5, f"{what}: d{name}"
+    with pytest.raises(ValueError, match="kv_piece=0"):
+        context_parallel_attention(ql, kl, vl, layout="zigzag", kv_piece=0)
+
+
 def _windowed_comm_on_rank(rank: int, P: int) -> None:
     """With a window narrower than a chunk, communication is with neighbours only, whatever P."""
     S = 2 * P * 8
@@ -121,6 +144,7 @@ def _errors_and_layout_ops_on_rank(rank: int, P: int) -> None:
 
 def _rank_main(rank: int, world_size: int) -> int:
     n = _cases_on_rank(rank, world_size)
+    _pieces_on_rank(rank, world_size)
     _windowed_comm_on_rank(rank, world_size)
     _errors_and_layout_ops_on_rank(rank, world_size)
     return n

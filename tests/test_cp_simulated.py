@@ -13,7 +13,8 @@ from parallelism.context.merge import init_state, merge_
 from tests.test_cp_reference import max_rel_err, random_qkv, reference_attention
 
 
-def _check(P, layout, causal, window, hkv, kernel="auto", tile=None, dtype=torch.float64, tol=1e-12):
+def _check(P, layout, causal, window, hkv, kernel="auto", tile=None, dtype=torch.float64, tol=1e-12,
+           kv_piece=None, stats=None):
     S = 2 * P * 3
     q, k, v = random_qkv(1, S, 4, hkv, 8, dtype=torch.float64, seed=P)
     ref = reference_attention(q, k, v, causal=causal, window=window)
@@ -21,7 +22,7 @@ def _check(P, layout, causal, window, hkv, kernel="auto", tile=None, dtype=torch
     ref_grads = torch.autograd.grad(ref, (q, k, v), grad)
     xs = [x.detach().to(dtype).requires_grad_() for x in (q, k, v)]
     out = simulate_ring_attention(*xs, world_size=P, layout=layout, causal=causal, window=window,
-                                  kernel=kernel, tile=tile)
+                                  kernel=kernel, tile=tile, kv_piece=kv_piece, stats=stats)
     grads = torch.autograd.grad(out, xs, grad.to(dtype))
     errs = [max_rel_err(out, ref)] + [max_rel_err(g, r) for g, r in zip(grads, ref_grads)]
     assert max(errs) <= tol, (P, layout, causal, window, hkv, kernel, errs)
@@ -40,6 +41,48 @@ def test_simulated_math_kernel_and_small_tiles_are_exact():
         for causal in (True, False):
             _check(4, layout, causal, 4, 2, kernel="math", tile=2)
             _check(3, layout, causal, 2, 4, kernel="sdpa", tile=3)
+
+
+@pytest.mark.parametrize("P", [1, 3, 4, 5])
+def test_kv_pieces_are_exact_and_move_the_same_rows(P):
+    """Sub-rings over K/V pieces (1 row, uneven 4+2 / 5+1 parts of the 6-row shard) equal the reference
+    in float64, forward and every gradient; without a window they send exactly the whole-shard
+    ring's K/V rows in m times as many messages (fewer where a piece is needed by no further rank),
+    and with a window never more rows."""
+    for layout in LAYOUTS:
+        for causal in (True, False):
+            for window, hkv in ((None, 2), (5, 1)):
+                whole = [CPStats() for _ in range(P)]
+                _check(P, layout, causal, window, hkv, stats=whole)
+                # pieces per shard: m = ceil(6 / piece), but a zigzag piece takes >= 1 row of each chunk
+                for piece, m in ((1, 3 if layout == "zigzag" else 6), (4, 2), (5, 2)):
+                    st = [CPStats() for _ in range(P)]
+                    _check(P, layout, causal, window, hkv, kv_piece=piece, stats=st)
+                    for w, p in zip(whole, st):
+                        assert p.kv_rows_sent <= w.kv_rows_sent, (layout, causal, piece)
+                        # striped causal: a source's last row is needed by no later rank -> pruned
+                        if window is None and not (layout == "striped" and causal and piece == 1):
+                            assert p.kv_rows_sent == w.kv_rows_sent, (layout, causal, piece)
+                            assert p.kv_blocks_sent == m * w.kv_blocks_sent, (layout, causal, piece)
+
+
+def test_kv_pieces_balance_zigzag_and_keep_calls_piece_sized():
+    """A zigzag piece takes a part of BOTH chunks, so every sub-ring step costs every rank the same;
+    no kernel call spans more query rows than a piece."""
+    from parallelism.context import build_schedule
+
+    P, S, piece = 4, 4 * 2 * 64, 32
+    chunks = tuple(rank_chunks(S, r, P, "zigzag") for r in range(P))
+    schedule = build_schedule(chunks, True, None, None, piece)
+    assert len(schedule) == 4 and all(p.rows == ((16 * i, 16 * i + 16), (64 + 16 * i, 80 + 16 * i))
+                                      for i, p in enumerate(schedule))
+    for p in schedule:
+        for t in range(1, p.plan.num_steps):
+            costs = {sum(b.work for d, s in p.plan.work(r, t) for b in p.plan.blocks[r][s]) for r in range(P)}
+            assert len(costs) == 1, (p.rows, t, costs)
+        assert max(b.q_hi - b.q_lo for r in range(P) for s in range(P) for b in p.plan.blocks[r][s]) <= piece
+    with pytest.raises(ValueError, match="piece=0"):
+        build_schedule(chunks, True, None, None, 0)
 
 
 def test_bf16_error_does_not_grow_with_ring_size():

@@ -8,6 +8,7 @@ CASES = [
     {"cp": 2, "cp_layout": "striped", "cp_method": "ring"},
     {"cp": 2, "cp_layout": "zigzag", "cp_method": "ring"},
     {"cp": 2, "cp_layout": "zigzag", "cp_method": "ulysses"},
+    {"cp": 2, "cp_layout": "zigzag", "cp_method": "ring", "cp_kv_piece": 4},   # sub-rings over K/V pieces
 ]
 
 

@@ -31,6 +31,7 @@ EPILOG = """example:
   dist-train bench attention --world-size 4 --seq-len 8192 --layout contiguous,striped,zigzag
   dist-train bench attention --world-size 4 --seq-len 8192 --layout contiguous,striped,zigzag --simulate
   dist-train bench attention --world-size 4 --seq-len 8192 --block-kernels --repeats 7
+  dist-train bench attention --world-size 4 --seq-len 8192 --layout zigzag --kv-piece none,512 --repeats 1
 """
 
 
@@ -49,6 +50,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-causal", action="store_true", help="full (bidirectional) attention")
     parser.add_argument("--forward-only", action="store_true", help="time forward only (default fwd+bwd)")
     parser.add_argument("--kernel", default="auto", help="auto, sdpa or math")
+    parser.add_argument("--kv-piece", default="none",
+                        help="comma list of K/V piece sizes in tokens for the ring (none = whole shards), "
+                             "e.g. none,512: one record per value")
     parser.add_argument("--repeats", type=int, default=3, help="timed iterations (median reported)")
     parser.add_argument("--block-kernels", action="store_true",
                         help="only time the local kernel on the block shapes the layouts use at n=S/P "
@@ -65,6 +69,15 @@ def _split(value: str, valid: tuple, name: str) -> list[str]:
     if not items or bad:
         raise ValueError(f"--{name} {value!r}: unknown {bad or 'empty'}; valid: {', '.join(valid)}")
     return items
+
+
+def _piece(value: str):
+    """'none' -> None (whole shards), else a positive token count."""
+    if value.strip().lower() == "none":
+        return None
+    if not value.strip().isdigit() or int(value) < 1:
+        raise ValueError(f"--kv-piece {value!r} must be 'none' or a positive number of tokens")
+    return int(value)
 
 
 def _inputs(cfg: dict, seq: int, seed: int = 0):
@@ -182,7 +195,8 @@ def _ring_step(cfg: dict, q, k, v, stats) -> None:
     xs = [x.clone().requires_grad_() for x in (q, k, v)]
     o = context_parallel_attention(*xs, layout=cfg["layout"], method=cfg["method"],
                                    ulysses_degree=cfg["ulysses_degree"], causal=cfg["causal"],
-                                   window=cfg["window"], kernel=cfg["kernel"], stats=stats)
+                                   window=cfg["window"], kernel=cfg["kernel"], kv_piece=cfg["kv_piece"],
+                                   stats=stats)
     if not cfg["forward_only"]:
         o.backward(torch.ones_like(o))
 
@@ -256,12 +270,12 @@ def measure(cfg: dict) -> dict:
 
 def _plan_work(cfg: dict) -> list[int]:
     """Allowed (query, key) pairs per rank in the ring plan of ``cfg``."""
-    from parallelism.context import build_plan, default_tile, rank_chunks
+    from parallelism.context import build_schedule, default_tile, rank_chunks
 
     P, S = cfg["world_size"], cfg["seq_len"]
     chunks = tuple(rank_chunks(S, r, P, cfg["layout"]) for r in range(P))
-    plan = build_plan(chunks, cfg["causal"], cfg["window"], default_tile(cfg["window"]))
-    return [plan.rank_work(r) for r in range(P)]
+    schedule = build_schedule(chunks, cfg["causal"], cfg["window"], default_tile(cfg["window"]), cfg["kv_piece"])
+    return [sum(p.plan.rank_work(r) for p in schedule) for r in range(P)]
 
 
 def block_kernels(cfg: dict) -> list[dict]:
@@ -346,7 +360,8 @@ def simulate(cfgs: list[dict]) -> list[dict]:
             stats = [CPStats() for _ in range(P)]
             xs = [x.clone().requires_grad_() for x in (q, k, v)]
             o = simulate_ring_attention(*xs, world_size=P, layout=cfg["layout"], causal=cfg["causal"],
-                                        window=cfg["window"], kernel=cfg["kernel"], stats=stats)
+                                        window=cfg["window"], kernel=cfg["kernel"], kv_piece=cfg["kv_piece"],
+                                        stats=stats)
             if not cfg["forward_only"]:
                 o.backward(torch.ones_like(o))
             steps[i].append([st.fwd_step_compute_s + st.bwd_step_compute_s for st in stats])
@@ -374,23 +389,23 @@ def _header(cfg: dict) -> dict:
     return dict(method=cfg["method"], layout=cfg["layout"], world_size=cfg["world_size"],
                 seq_len=cfg["seq_len"], heads=cfg["heads"], kv_heads=cfg["kv_heads"] or cfg["heads"],
                 head_dim=cfg["head_dim"], batch=cfg["batch"], causal=cfg["causal"], window=cfg["window"],
-                fwd_bwd=not cfg["forward_only"], ulysses_degree=cfg["ulysses_degree"])
+                fwd_bwd=not cfg["forward_only"], ulysses_degree=cfg["ulysses_degree"], kv_piece=cfg["kv_piece"])
 
 
 def _add_speedups(records: list[dict]) -> None:
     """critical-path speed-up of every record over the contiguous layout of the same method."""
     for key, out in (("critical_path_s", "speedup_vs_contiguous"),
                      ("critical_path_min_s", "speedup_vs_contiguous_min")):
-        base = {r["method"]: r[key] for r in records if r["layout"] == "contiguous" and key in r}
+        base = {(r["method"], r["kv_piece"]): r[key] for r in records if r["layout"] == "contiguous" and key in r}
         for r in records:
-            if r["method"] in base and key in r:
-                r[out] = base[r["method"]] / r[key]
+            if (r["method"], r["kv_piece"]) in base and key in r:
+                r[out] = base[(r["method"], r["kv_piece"])] / r[key]
 
 
 def _print(rec: dict) -> None:
     print(f"\n{rec['method']}/{rec['layout']}  P={rec['world_size']} S={rec['seq_len']} "
           f"H={rec['heads']}/{rec['kv_heads']} D={rec['head_dim']} causal={rec['causal']} "
-          f"window={rec['window']} {'fwd+bwd' if rec['fwd_bwd'] else 'fwd'}"
+          f"window={rec['window']} kv_piece={rec['kv_piece']} {'fwd+bwd' if rec['fwd_bwd'] else 'fwd'}"
           + ("  [simulated: P ranks in one process]" if rec.get("simulated") else ""))
     speed = (f"  speed-up vs contiguous {rec['speedup_vs_contiguous']:.2f}x"
              if "speedup_vs_contiguous" in rec else "")
@@ -427,12 +442,13 @@ def run(args: argparse.Namespace) -> int:
     methods = _split(args.method, METHODS, "method")
     for layout in layouts:
         check_seq_len(args.seq_len, args.world_size, layout)
+    pieces = [_piece(p) for p in args.kv_piece.split(",")]
     cfgs = [dict(world_size=args.world_size, seq_len=args.seq_len, layout=layout, method=method,
                  ulysses_degree=args.ulysses_degree, heads=args.heads, kv_heads=args.kv_heads,
                  head_dim=args.head_dim, batch=args.batch, window=args.window,
                  causal=not args.no_causal, forward_only=args.forward_only, kernel=args.kernel,
-                 repeats=args.repeats)
-            for method in methods for layout in layouts]
+                 repeats=args.repeats, kv_piece=piece)
+            for piece in pieces for method in methods for layout in layouts]
     if args.block_kernels:
         records = block_kernels(cfgs[0])
         print(f"local kernel {args.kernel}, n=S/P={records[0]['n']}, {'fwd' if args.forward_only else 'fwd+bwd'}, "

@@ -19,6 +19,7 @@ class AttentionContext:
     layout / method / ulysses_degree: see ``parallelism.context_parallel_attention``.
     window: sliding window in tokens (keys i-w..i), None = full causal.
     kernel: local block kernel choice (auto | sdpa | math | flash).
+    kv_piece: ring K/V piece size in tokens (None = whole shards); bounds the ring's extra memory.
     """
     cp_group: Optional[dist.ProcessGroup] = None
     layout: str = "zigzag"
@@ -26,6 +27,7 @@ class AttentionContext:
     ulysses_degree: int = 1
     window: Optional[int] = None
     kernel: str = "auto"
+    kv_piece: Optional[int] = None
 
 
 def sliding_window_mask(s_q: int, s_k: int, window: Optional[int], device: torch.device) -> torch.Tensor:
@@ -57,4 +59,5 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: AttentionC
     from parallelism import context_parallel_attention
 
     return context_parallel_attention(q, k, v, group=ctx.cp_group, layout=ctx.layout, method=ctx.method,
-                                      ulysses_degree=ctx.ulysses_degree, causal=True, window=ctx.window)
+                                      ulysses_degree=ctx.ulysses_degree, causal=True, window=ctx.window,
+                                      kernel=ctx.kernel, kv_piece=ctx.kv_piece)

@@ -289,7 +289,7 @@ def build_gpt(cfg, mesh, device: torch.device) -> GPT:
     p = cfg.parallel
     ctx = AttentionContext(cp_group=mesh.cp_group, layout=p.cp_layout, method=p.cp_method,
                            ulysses_degree=p.ulysses_degree if p.cp_method != "ulysses" else p.cp,
-                           window=cfg.model.attention_window, kernel=p.attn_kernel)
+                           window=cfg.model.attention_window, kernel=p.attn_kernel, kv_piece=p.cp_kv_piece)
     tp = TensorParallel.from_mesh(mesh, cfg.run.seed, device, sequence_parallel=p.sequence_parallel)
     stages = stages_of_rank(cfg, mesh.coord("pp"))
     model = GPT(cfg.model, ctx, activation_checkpointing=cfg.train.activation_checkpointing, tp=tp,

@@ -219,6 +219,12 @@ def _local(cfg: Config, sh: Shape, prof: DeviceProfile) -> _Local:
                   grad_shards=p.dp * p.cp * gh * gw, bpe=element_bytes(cfg, prof), loads=loads)
 
 
+def _ring_piece_tokens(cfg, loc) -> float:
+    """Tokens of one ring message: the rank's whole shard, or ``parallel.cp_kv_piece`` per sequence."""
+    piece = cfg.parallel.cp_kv_piece
+    return loc.tokens if piece is None else min(loc.tokens, cfg.train.micro_batch * piece)
+
+
 def activation_elems_per_token(cfg: Config, sh: Shape, prof: DeviceProfile, loc: _Local) -> dict:
     """Stored activation elements per token per layer: {"replicated", "parallel", "scores", "ulysses"}."""
     d = sh.d
@@ -281,7 +287,8 @@ def memory_model(cfg: Config, sh: Shape, prof: DeviceProfile, loc: _Local,
     comm = 0.0
     if p.cp > 1:
         if p.cp_method in ("ring", "hybrid"):
-            comm += 4 * loc.tokens * loc.kv * bpe * 2  # K/V in flight (double buffer) + dK/dV accumulators
+            # K/V in flight (double buffer) + dK/dV accumulators, per K/V piece when the ring is pieced
+            comm += 4 * _ring_piece_tokens(cfg, loc) * loc.kv * bpe * 2
         if p.cp_method in ("ulysses", "hybrid"):
             comm += loc.tokens * (loc.q + 2 * loc.kv) * bpe
     workspace = 2 * loc.tokens * (sh.d + loc.f) * bpe  # one layer's activation gradients in flight
@@ -342,7 +349,8 @@ def time_model(cfg: Config, sh: Shape, prof: DeviceProfile, loc: _Local, mem: di
     ops = (FUSED_OPS_PER_LAYER if prof.fused_kernels else EAGER_OPS_PER_LAYER[sh.kind]) * loc.layers
     if p.cp > 1:
         ring = p.cp if p.cp_method == "ring" else (p.cp // p.ulysses_degree if p.cp_method == "hybrid" else 1)
-        ops += loc.layers * (RING_OPS_PER_STEP * (ring - 1) + (ULYSSES_OPS if p.cp_method != "ring" else 0))
+        pieces = loc.tokens / _ring_piece_tokens(cfg, loc)   # one sub-ring per K/V piece
+        ops += loc.layers * (RING_OPS_PER_STEP * (ring - 1) * pieces + (ULYSSES_OPS if p.cp_method != "ring" else 0))
     ovh = ops * recompute * prof.op_overhead_us * 1e-6
     compute_mb = (mm + attn + ew + ovh) / share
 
@@ -360,11 +368,12 @@ def time_model(cfg: Config, sh: Shape, prof: DeviceProfile, loc: _Local, mem: di
             a2a_bytes = loc.tokens * (2 * loc.q + 2 * loc.kv) * bpe * (u - 1) / u  # q, k, v in; out back
             cp_exposed += 2 * loc.layers * (a2a_bytes / (link.bw_gbs * 1e9) + 4 * (u - 1) * link.latency_us * 1e-6)
         if ring > 1:
-            blk = 2 * loc.tokens * loc.kv * bpe  # one K/V block
+            pieces = loc.tokens / _ring_piece_tokens(cfg, loc)
+            blk = 2 * loc.tokens * loc.kv * bpe / pieces  # one K/V block (piece)
             per_step_comm = link.seconds(blk, 2)
-            per_step_compute = (attn / max(1, ring)) / loc.layers / share
+            per_step_compute = (attn / max(1, ring)) / loc.layers / share / pieces
             hidden = prof.overlap * per_step_compute
-            fwd = (ring - 1) * max(0.0, per_step_comm - hidden)
+            fwd = (ring - 1) * pieces * max(0.0, per_step_comm - hidden)
             cp_exposed += loc.layers * 3 * fwd  # backward: K/V again plus dK/dV
     wp_s = 0.0
     gh, gw = cfg.wp_grid

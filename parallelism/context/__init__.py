@@ -13,13 +13,13 @@ from .attention import METHODS, context_parallel_attention, default_tile
 from .kernels import KERNELS, get_kernel
 from .layouts import (LAYOUTS, Chunk, check_seq_len, padded_length, rank_chunks, required_multiple,
                       sequence_positions, shard_sequence, unshard_sequence)
-from .plan import RingPlan, build_plan
+from .plan import Piece, RingPlan, build_plan, build_schedule
 from .ring import CPStats
 from .simulate import ScheduleError, Simulator, simulate_ring_attention
 
 __all__ = [
-    "CPStats", "Chunk", "KERNELS", "LAYOUTS", "METHODS", "RingPlan", "ScheduleError", "Simulator",
-    "build_plan", "check_seq_len", "context_parallel_attention", "default_tile", "get_kernel",
+    "CPStats", "Chunk", "KERNELS", "LAYOUTS", "METHODS", "Piece", "RingPlan", "ScheduleError", "Simulator",
+    "build_plan", "build_schedule", "check_seq_len", "context_parallel_attention", "default_tile", "get_kernel",
     "padded_length", "rank_chunks", "required_multiple", "sequence_positions", "shard_sequence",
     "simulate_ring_attention", "unshard_sequence",
 ]

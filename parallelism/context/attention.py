@@ -16,7 +16,7 @@ from .comm import heads_to_seq, run_p2p, seq_to_heads
 from .hybrid import subgroups
 from .kernels import default_scale, get_kernel
 from .layouts import check_layout, check_seq_len, rank_chunks
-from .plan import build_plan
+from .plan import build_schedule
 from .ring import CPStats, RingAttention
 from .ulysses import check_heads, gathered_order, kv_replication, replicate_kv
 
@@ -59,6 +59,7 @@ def context_parallel_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
                                method: str = "ring", ulysses_degree: int = 1, causal: bool = True,
                                window: Optional[int] = None, scale: Optional[float] = None,
                                kernel: str = "auto", tile: Optional[int] = None,
+                               kv_piece: Optional[int] = None,
                                stats: Optional[CPStats] = None) -> torch.Tensor:
     """Exact attention over the sequence sharded across ``group`` (None = the default group).
 
@@ -71,10 +72,15 @@ def context_parallel_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     whole group; ``ulysses_degree`` must be 1 or P), ``hybrid`` (``ulysses_degree`` U consecutive
     ranks do Ulysses, rings of P/U ranks across them; every rank must call in the same order).
     kernel: ``auto``/``sdpa``/``math``/``flash`` local block kernel. tile: piece size used with
-    windows (None = automatic). stats: a :class:`CPStats` to fill with this rank's counters.
+    windows (None = automatic). kv_piece: the backward ring moves K/V and dK/dV in pieces of about this
+    many tokens, one sub-ring per piece, so the ring's extra memory is O(kv_piece) instead of
+    O(S_local) (None = whole shards; fastest).
+    stats: a :class:`CPStats` to fill with this rank's counters.
     """
     P = dist.get_world_size(group)
     _check_inputs(q, k, v, window, P, layout, method)
+    if kv_piece is not None and (not isinstance(kv_piece, int) or kv_piece < 1):
+        raise ValueError(f"kv_piece={kv_piece!r} must be None (whole shards) or a positive number of tokens")
     scale = default_scale(q.shape[-1], scale)
     blk_kernel = get_kernel(kernel, q.device, q.dtype)
     tile = default_tile(window) if tile is None else tile
@@ -93,13 +99,15 @@ def context_parallel_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
                              f"{[u for u in range(1, P + 1) if P % u == 0]}")
     if degree == 1:
         chunks = tuple(rank_chunks(seq_len, r, P, layout) for r in range(P))
-        plan = build_plan(chunks, causal, window, tile)
+        schedule = build_schedule(chunks, causal, window, tile, kv_piece)
         drive = functools.partial(run_p2p, group=group)
-        return RingAttention.apply(q, k, v, plan, dist.get_rank(group), drive, blk_kernel, scale, stats)
-    return _ulysses_ring(q, k, v, group, degree, layout, causal, window, scale, blk_kernel, tile, stats)
+        return RingAttention.apply(q, k, v, schedule, dist.get_rank(group), drive, blk_kernel, scale, stats)
+    return _ulysses_ring(q, k, v, group, degree, layout, causal, window, scale, blk_kernel, tile,
+                         kv_piece, stats)
 
 
-def _ulysses_ring(q, k, v, group, degree, layout, causal, window, scale, blk_kernel, tile, stats):
+def _ulysses_ring(q, k, v, group, degree, layout, causal, window, scale, blk_kernel, tile, kv_piece,
+                  stats):
     """All-to-all inside the Ulysses sub-group, ring across sub-groups, all-to-all back."""
     P = dist.get_world_size(group)
     check_heads(q.shape[2], k.shape[2], degree)
@@ -117,9 +125,9 @@ def _ulysses_ring(q, k, v, group, degree, layout, causal, window, scale, blk_ker
     if perm is not None:
         perm = perm.to(q.device)
         qg, kg, vg = (x.index_select(1, perm) for x in (qg, kg, vg))
-    plan = build_plan(chunks, causal, window, tile)
+    schedule = build_schedule(chunks, causal, window, tile, kv_piece)
     drive = functools.partial(run_p2p, group=sub.ring)
-    out = RingAttention.apply(qg, kg, vg, plan, sub.ring_rank, drive, blk_kernel, scale, stats)
+    out = RingAttention.apply(qg, kg, vg, schedule, sub.ring_rank, drive, blk_kernel, scale, stats)
     if perm is not None:
         out = out.index_select(1, torch.argsort(perm))
     if stats is not None:

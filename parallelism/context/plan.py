@@ -20,6 +20,8 @@ import functools
 from dataclasses import dataclass
 from typing import Optional
 
+import torch
+
 from .layouts import Chunk
 from .masks import BlockMask, classify
 
@@ -68,12 +70,13 @@ def _tiles(chunks: tuple[Chunk, ...], tile: Optional[int]) -> list[tuple[int, Ch
 
 
 def pair_blocks(q_chunks: tuple[Chunk, ...], k_chunks: tuple[Chunk, ...], causal: bool,
-                window: Optional[int], tile: Optional[int]) -> tuple[Block, ...]:
+                window: Optional[int], tile: Optional[int], max_rows: Optional[int] = None) -> tuple[Block, ...]:
     """Kernel calls for queries of one rank against keys of one source; fully masked blocks dropped.
 
     Fully unmasked blocks are fused: adjacent full key pieces of a query piece become one call, and
-    adjacent query pieces with the same single full key range become one call (e.g. zigzag's half
-    block per step is always a single kernel call).
+    adjacent query pieces with the same single full key range become one call of at most
+    ``max_rows`` rows (None: unlimited; e.g. zigzag's half block per step is one kernel call). K/V
+    pieces cap it at the piece size, so a call's dq stays piece-sized too.
     """
     rows: list[list[Block]] = []
     for q_off, qc in _tiles(q_chunks, tile):
@@ -95,6 +98,7 @@ def pair_blocks(q_chunks: tuple[Chunk, ...], k_chunks: tuple[Chunk, ...], causal
     for row in rows:
         prev = out[-1] if out else None
         if (len(row) == 1 and prev is not None and row[0].mask.kind == "full" and prev.mask.kind == "full"
+                and (max_rows is None or row[0].q_hi - prev.q_lo <= max_rows)
                 and (prev.k_lo, prev.k_hi) == (row[0].k_lo, row[0].k_hi) and prev.q_hi == row[0].q_lo):
             b = row[0]
             out[-1] = Block(prev.q_lo, b.q_hi, b.k_lo, b.k_hi,
@@ -179,13 +183,115 @@ def _choose_split(needed: list[tuple[int, int]], P: int) -> tuple[dict, dict]:
 
 @functools.lru_cache(maxsize=64)
 def build_plan(chunks: tuple[tuple[Chunk, ...], ...], causal: bool, window: Optional[int],
-               tile: Optional[int] = None) -> RingPlan:
-    """Plan the ring for ``chunks[r]`` = the chunks held by rank r (identical on all ranks)."""
+               tile: Optional[int] = None,
+               key_chunks: Optional[tuple[tuple[Chunk, ...], ...]] = None) -> RingPlan:
+    """Plan the ring for ``chunks[r]`` = the chunks held by rank r (identical on all ranks).
+
+    ``key_chunks[s]`` (default ``chunks[s]``) are the keys of source s that travel: one K/V piece
+    (:func:`build_schedule`); block key offsets are then relative to the piece.
+    """
     P = len(chunks)
-    blocks = tuple(tuple(pair_blocks(chunks[r], chunks[s], causal, window, tile) for s in range(P))
+    keys = chunks if key_chunks is None else key_chunks
+    max_rows = None if key_chunks is None else max(sum(c.length for c in key_chunks[0]), 1)
+    blocks = tuple(tuple(pair_blocks(chunks[r], keys[s], causal, window, tile, max_rows) for s in range(P))
                    for r in range(P))
     needed = [(r, s) for r in range(P) for s in range(P) if s != r and blocks[r][s]]
     assigned, last = _choose_split(needed, P)
     direction = tuple(tuple(assigned.get((r, s), 0) for s in range(P)) for r in range(P))
     steps = {FWD: max(last[FWD]), BWD: max(last[BWD])}
     return RingPlan(P, blocks, direction, steps, {d: tuple(v) for d, v in last.items()})
+
+
+@dataclass(frozen=True)
+class Piece:
+    """One sub-ring: local rows ``rows`` (ranges, in order) of every rank's K/V travel, with their plan.
+
+    The K/V of a piece is the concatenation of those row ranges; block key offsets index into it.
+    """
+
+    rows: tuple[tuple[int, int], ...]
+    plan: RingPlan
+
+    @property
+    def length(self) -> int:
+        return sum(hi - lo for lo, hi in self.rows)
+
+    def gather(self, x: torch.Tensor) -> torch.Tensor:
+        """x [B, n, ...] -> the piece [B, length, ...] (a view when it is one range)."""
+        parts = [x[:, lo:hi] for lo, hi in self.rows]
+        return parts[0].contiguous() if len(parts) == 1 else torch.cat(parts, 1)
+
+    def view(self, x: torch.Tensor) -> Optional[torch.Tensor]:
+        """x[:, rows] as a view when the piece is one range, else None."""
+        return x[:, self.rows[0][0]:self.rows[0][1]] if len(self.rows) == 1 else None
+
+    def scatter_add_(self, dst: torch.Tensor, src: torch.Tensor) -> None:
+        """dst[:, rows] += src (src [B, length, ...] in piece order)."""
+        off = 0
+        for lo, hi in self.rows:
+            dst[:, lo:hi] += src[:, off:off + hi - lo]
+            off += hi - lo
+
+
+def piece_rows(chunks: tuple[tuple[Chunk, ...], ...], piece: int) -> list[tuple[tuple[int, int], ...]]:
+    """Cut every shard into m = ceil(n / piece) pieces; piece i takes part i of EVERY segment.
+
+    Segments are the local row ranges between the union of all ranks' chunk boundaries (ranks may cut
+    their equal-length shards differently: hybrid), so every part is one Chunk on every rank and all
+    ranks send equal sizes. Taking a part of every segment keeps the layout's balance inside each
+    piece: a zigzag piece holds rows of both the early and the late chunk, so every sub-ring step
+    costs every rank the same, like the whole-shard ring.
+    """
+    n = sum(c.length for c in chunks[0])
+    cuts = {0, n}
+    for rank_chunks in chunks:
+        off = 0
+        for c in rank_chunks:
+            off += c.length
+            cuts.add(off)
+    cuts = sorted(cuts)
+    m = -(-n // piece)
+    out = []
+    for i in range(m):
+        rows = tuple((a + (b - a) * i // m, a + (b - a) * (i + 1) // m) for a, b in zip(cuts, cuts[1:]))
+        rows = tuple(r for r in rows if r[1] > r[0])
+        if rows:
+            out.append(rows)
+    return out
+
+
+def _rows(chunks: tuple[Chunk, ...], lo: int, hi: int) -> Chunk:
+    """The single Chunk holding local rows [lo, hi) (they never straddle two chunks)."""
+    off = 0
+    for c in chunks:
+        if off <= lo and hi <= off + c.length:
+            return Chunk(c.start + c.stride * (lo - off), c.stride, hi - lo)
+        off += c.length
+    raise AssertionError(f"rows [{lo}, {hi}) straddle chunks {chunks}")
+
+
+@functools.lru_cache(maxsize=64)
+def build_schedule(chunks: tuple[tuple[Chunk, ...], ...], causal: bool, window: Optional[int],
+                   tile: Optional[int] = None, piece: Optional[int] = None) -> tuple[Piece, ...]:
+    """The ring as a sequence of sub-rings, one per K/V piece of about ``piece`` rows.
+
+    ``piece=None`` (or >= the shard) is the classic ring: one piece, whole K/V blocks travel. With
+    pieces, every buffer the ring adds (K/V in flight, travelling dK/dV, block gradients) is O(piece)
+    instead of O(S/P); queries are cut at the same parts so causal diagonals stay on the kernels'
+    fast path and each call's dq stays O(piece) too. A piece nobody attends to is dropped.
+    """
+    n = sum(c.length for c in chunks[0])
+    if piece is None or piece >= n:
+        return (Piece(((0, n),), build_plan(chunks, causal, window, tile)),)
+    if piece < 1:
+        raise ValueError(f"piece={piece} must be a positive number of tokens (or None)")
+    pieces = piece_rows(chunks, piece)
+    parts = sorted(r for rows in pieces for r in rows)               # every part, in local row order
+    q = tuple(tuple(_rows(chunks[r], lo, hi) for lo, hi in parts) for r in range(len(chunks)))
+    out = []
+    for rows in pieces:
+        keys = tuple(tuple(_rows(chunks[r], lo, hi) for lo, hi in rows) for r in range(len(chunks)))
+        plan = build_plan(q, causal, window, tile, keys)
+        if any(b for per_rank in plan.blocks for b in per_rank):
+            out.append(Piece(rows, plan))
+    return tuple(out) or (Piece(((0, n),), build_plan(chunks, causal, window, tile)),)

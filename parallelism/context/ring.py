@@ -15,6 +15,13 @@ straight back to the owner. The owner posts that receive right after its own com
 in which the last holder sends it (never later: the sender waits for it one step on), so the buffer
 does not sit next to a step's block gradients.
 
+K/V pieces: a schedule (:func:`~parallelism.context.plan.build_schedule`) may cut every shard's K/V
+into pieces of at most ``piece`` rows and run one sub-ring per piece, one after the other, into the
+same running state. Each sub-ring is this same loop on the piece, so every buffer the ring adds to
+what single-device attention holds is O(piece), not O(S/P): the K/V piece in flight, the
+travelling dK/dV piece, one block's gradients. The next sub-ring's step 0 is local compute, so
+there is no bubble between pieces.
+
 Shapes: q [B, n, Hq, D]; k, v [B, n_k, Hkv, D] (this rank's shard; all ranks have equal shards).
 """
 from __future__ import annotations
@@ -28,7 +35,7 @@ import torch
 from .comm import Post, Recv, Send, Wait
 from .kernels import compute_dtype
 from .merge import init_state, merge_
-from .plan import BWD, FWD, RingPlan
+from .plan import BWD, FWD, Piece, RingPlan
 
 TAG_KV = {FWD: 10, BWD: 20}
 TAG_ACC = {FWD: 30, BWD: 40}
@@ -39,10 +46,12 @@ TAG_FINAL = {FWD: 50, BWD: 60}
 class CPStats:
     """Counters filled by one rank (pass ``stats=CPStats()``; values accumulate over calls).
 
-    A "K/V block" is this rank's K and V shard (two tensors, one logical message).
+    A "K/V block" is this rank's K and V shard, or one K/V piece of it (two tensors, one logical
+    message); ``kv_rows_sent`` counts the token rows those forward messages carried.
     """
 
     kv_blocks_sent: int = 0          # forward ring
+    kv_rows_sent: int = 0            # forward ring, token rows of K/V sent
     kv_blocks_sent_bwd: int = 0      # backward ring (K/V re-circulated)
     dkv_blocks_sent: int = 0         # dK/dV accumulators (to the next holder or back to the owner)
     all_to_all_calls: int = 0        # Ulysses exchanges (forward)
@@ -69,6 +78,8 @@ def _exchange_kv(plan: RingPlan, rank: int, t: int, held: dict, like, stats: CPS
         if plan.sends(d, rank, t):
             ops += _send_block((rank + d) % P, held[d], TAG_KV[d])
             setattr(stats, attr, getattr(stats, attr) + 1)
+            if attr == "kv_blocks_sent":
+                stats.kv_rows_sent += held[d][0].shape[1]
         prev = (rank - d) % P
         if plan.sends(d, prev, t):
             incoming[d] = tuple(torch.empty_like(x) for x in like)
@@ -76,10 +87,22 @@ def _exchange_kv(plan: RingPlan, rank: int, t: int, held: dict, like, stats: CPS
     return ops, incoming
 
 
-def ring_forward(plan: RingPlan, rank: int, q, k, v, kernel, scale: float,
+def ring_forward(schedule: tuple[Piece, ...], rank: int, q, k, v, kernel, scale: float,
                  stats: CPStats) -> Generator:
-    """Yields comm requests; returns (out [B, n, Hq, D], lse [B, Hq, n]) in the compute dtype."""
+    """Yields comm requests; returns (out [B, n, Hq, D], lse [B, Hq, n]) in the compute dtype.
+
+    One sub-ring per K/V piece of the schedule, one after the other, into the same running state.
+    """
     o, lse = init_state(q, compute_dtype(q.dtype))
+    for piece in schedule:
+        kp, vp = piece.gather(k), piece.gather(v)
+        yield from _forward_piece(piece.plan, rank, q, kp, vp, o, lse, kernel, scale, stats)
+    return o, lse
+
+
+def _forward_piece(plan: RingPlan, rank: int, q, k, v, o, lse, kernel, scale: float,
+                   stats: CPStats) -> Generator:
+    """One sub-ring: k, v [B, piece, Hkv, D] are this rank's piece; merges into (o, lse) in place."""
     held = {FWD: (k, v), BWD: (k, v)}
     for t in range(plan.num_steps):
         ops, incoming = _exchange_kv(plan, rank, t, held, (k, v), stats, "kv_blocks_sent")
@@ -98,7 +121,6 @@ def ring_forward(plan: RingPlan, rank: int, q, k, v, kernel, scale: float,
         if handle is not None:
             yield Wait(handle)
         held = incoming
-    return o, lse
 
 
 def _add_rows(acc: Optional[torch.Tensor], lo: int, hi: int, grad: torch.Tensor, shape, dtype) -> torch.Tensor:
@@ -115,19 +137,48 @@ def _add_rows(acc: Optional[torch.Tensor], lo: int, hi: int, grad: torch.Tensor,
     return acc
 
 
-def ring_backward(plan: RingPlan, rank: int, q, k, v, o, lse, do, kernel, scale: float,
+def ring_backward(schedule: tuple[Piece, ...], rank: int, q, k, v, o, lse, do, kernel, scale: float,
                   stats: CPStats) -> Generator:
     """Yields comm requests; returns (dq, dk, dv) in the compute dtype for this rank's shard.
 
     Memory: besides the saved tensors and the results (dq, own dK/dV), a rank holds at most the
-    remote K/V it computes on, the next one in flight, the dK/dV accumulator it receives, the one it
-    sent last step (until that send completes) and this step's block gradients. The owner's
-    receive of its finished remote dK/dV is posted only after its compute of the step in which the
-    last holder sends it, so that buffer never coexists with a step's block gradients.
+    remote K/V piece it computes on, the next one in flight, the dK/dV accumulator it receives, the
+    one it sent last step (until that send completes) and this step's block gradients.
+    """
+    c = compute_dtype(q.dtype)
+    state = {"dq": None}
+    if len(schedule) == 1 and schedule[0].length == k.shape[1]:
+        dk, dv = yield from _backward_piece(schedule[0].plan, rank, q, k, v, o, lse, do, state,
+                                            kernel, scale, stats)
+    else:
+        dk = torch.zeros(k.shape, dtype=c, device=k.device)
+        dv = torch.zeros(v.shape, dtype=c, device=v.device)
+        for piece in schedule:
+            own = (piece.view(dk), piece.view(dv))
+            got = yield from _backward_piece(piece.plan, rank, q, piece.gather(k), piece.gather(v), o, lse,
+                                             do, state, kernel, scale, stats,
+                                             own=None if own[0] is None else own)
+            if own[0] is None:                    # a piece of several row ranges: add its rows back
+                piece.scatter_add_(dk, got[0])
+                piece.scatter_add_(dv, got[1])
+            del got
+    dq = state["dq"] if state["dq"] is not None else torch.zeros(q.shape, dtype=c, device=q.device)
+    return dq, dk, dv
+
+
+def _backward_piece(plan: RingPlan, rank: int, q, k, v, o, lse, do, state: dict, kernel,
+                    scale: float, stats: CPStats, own: Optional[tuple] = None) -> Generator:
+    """One sub-ring of the backward: k, v [B, piece, Hkv, D] are this rank's piece. dq accumulates in
+    ``state["dq"]``; returns (dk, dv) of the piece (own blocks plus what the ring sent back), summed
+    in place into ``own`` (views of the shard's dK/dV) when given, so no piece-sized copy is held.
+
+    The owner posts the receive of its finished remote dK/dV right after its own compute of the step
+    in which the last holder sends it (never later: the sender waits for it one step on), so the
+    buffer does not sit next to a step's block gradients.
     """
     P = plan.world_size
     c = compute_dtype(q.dtype)
-    dq = own_k = own_v = None
+    own_k, own_v = own if own is not None else (None, None)
     held = {FWD: (k, v), BWD: (k, v)}
     finals, final_handles = [], []
     pending, pending_ops = None, []      # last step's accumulator sends (tensors kept alive until waited)
@@ -149,7 +200,7 @@ def ring_backward(plan: RingPlan, rank: int, q, k, v, o, lse, do, kernel, scale:
                 rows, keys = slice(b.q_lo, b.q_hi), slice(b.k_lo, b.k_hi)
                 dq_b, dk_b, dv_b = kernel.backward(do[:, rows], q[:, rows], kk[:, keys], vv[:, keys],
                                                    o[:, rows], lse[:, :, rows], b.mask, scale)
-                dq = _add_rows(dq, b.q_lo, b.q_hi, dq_b, q.shape, c)
+                state["dq"] = _add_rows(state["dq"], b.q_lo, b.q_hi, dq_b, q.shape, c)
                 dk = _add_rows(dk, b.k_lo, b.k_hi, dk_b, k.shape, c)
                 dv = _add_rows(dv, b.k_lo, b.k_hi, dv_b, v.shape, c)
                 del dq_b, dk_b, dv_b                   # free each block's gradients before the next block
@@ -196,25 +247,24 @@ def ring_backward(plan: RingPlan, rank: int, q, k, v, o, lse, do, kernel, scale:
     del pending_ops
     for h in final_handles:
         yield Wait(h)
-    dq = dq if dq is not None else torch.zeros(q.shape, dtype=c, device=q.device)
     own_k = own_k if own_k is not None else torch.zeros(k.shape, dtype=c, device=k.device)
     own_v = own_v if own_v is not None else torch.zeros(v.shape, dtype=c, device=v.device)
     for dk, dv in finals:
         own_k.add_(dk)
         own_v.add_(dv)
-    return dq, own_k, own_v
+    return own_k, own_v
 
 
 class RingAttention(torch.autograd.Function):
     """Differentiable ring attention for one rank; ``drive`` runs a generator over real ranks."""
 
     @staticmethod
-    def forward(ctx, q, k, v, plan: RingPlan, rank: int, drive: Callable, kernel, scale: float,
+    def forward(ctx, q, k, v, schedule: tuple[Piece, ...], rank: int, drive: Callable, kernel, scale: float,
                 stats: Optional[CPStats]):
         stats = stats if stats is not None else CPStats()
-        o, lse = drive(ring_forward(plan, rank, q, k, v, kernel, scale, stats))
+        o, lse = drive(ring_forward(schedule, rank, q, k, v, kernel, scale, stats))
         ctx.save_for_backward(q, k, v, o, lse)
-        ctx.plan, ctx.rank, ctx.drive, ctx.kernel, ctx.scale, ctx.stats = plan, rank, drive, kernel, scale, stats
+        ctx.plan, ctx.rank, ctx.drive, ctx.kernel, ctx.scale, ctx.stats = schedule, rank, drive, kernel, scale, stats
         return o.to(q.dtype)
 
     @staticmethod

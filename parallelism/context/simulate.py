@@ -18,7 +18,7 @@ import torch
 from .comm import Post, Recv, Send, Wait
 from .kernels import default_scale, get_kernel
 from .layouts import check_layout, check_seq_len, rank_chunks, sequence_positions
-from .plan import build_plan, RingPlan
+from .plan import build_schedule
 from .ring import CPStats, ring_backward, ring_forward
 
 
@@ -90,8 +90,8 @@ class Simulator:
 
 class _SimulatedRing(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, plan: RingPlan, positions, kernel, scale, stats):
-        P = plan.world_size
+    def forward(ctx, q, k, v, plan: tuple, positions, kernel, scale, stats):
+        P = plan[0].plan.world_size
         qs, ks, vs = ([x.index_select(1, pos) for pos in positions] for x in (q, k, v))
         outs = Simulator(P).run([ring_forward(plan, r, qs[r], ks[r], vs[r], kernel, scale, stats[r])
                                  for r in range(P)])
@@ -103,7 +103,7 @@ class _SimulatedRing(torch.autograd.Function):
     @staticmethod
     def backward(ctx, do):
         qs, ks, vs, outs = ctx.shards
-        P = ctx.plan.world_size
+        P = ctx.plan[0].plan.world_size
         dos = [do.index_select(1, pos).to(outs[r][0].dtype) for r, pos in enumerate(ctx.positions)]
         grads = Simulator(P).run([ring_backward(ctx.plan, r, qs[r], ks[r], vs[r], outs[r][0], outs[r][1],
                                                 dos[r], ctx.kernel, ctx.scale, ctx.stats[r]) for r in range(P)])
@@ -122,7 +122,7 @@ def _unshard(parts, positions, seq_len):
 def simulate_ring_attention(q, k, v, *, world_size: int, layout: str = "zigzag", causal: bool = True,
                             window: Optional[int] = None, scale: Optional[float] = None,
                             kernel: str = "auto", tile: Optional[int] = None,
-                            stats: Optional[list] = None) -> torch.Tensor:
+                            kv_piece: Optional[int] = None, stats: Optional[list] = None) -> torch.Tensor:
     """Ring attention of FULL q [B, S, Hq, D], k/v [B, S, Hkv, D] simulated on ``world_size`` ranks.
 
     Returns the full output [B, S, Hq, D]; differentiable. ``stats`` (list of P CPStats) is filled.
@@ -131,7 +131,7 @@ def simulate_ring_attention(q, k, v, *, world_size: int, layout: str = "zigzag",
     seq_len = q.shape[1]
     check_seq_len(seq_len, world_size, layout)
     chunks = tuple(rank_chunks(seq_len, r, world_size, layout) for r in range(world_size))
-    plan = build_plan(chunks, causal, window, tile)
+    plan = build_schedule(chunks, causal, window, tile, kv_piece)
     positions = [sequence_positions(seq_len, rank=r, world_size=world_size, layout=layout).to(q.device)
                  for r in range(world_size)]
     if stats is None:
