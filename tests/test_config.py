@@ -87,3 +87,9 @@ def test_top_level_help_imports_no_torch():
                         "assert 'torch' not in sys.modules, 'dist-train --help imported torch'"],
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr[-2000:]
+
+
+@pytest.mark.parametrize("path", sorted(str(p) for p in __import__("pathlib").Path("configs").glob("*.yaml")))
+def test_every_shipped_config_validates(path):
+    cfg = load_config(path, [])
+    assert cfg.world_size >= 1

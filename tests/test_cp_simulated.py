@@ -68,7 +68,7 @@ def test_kv_pieces_are_exact_and_move_the_same_rows(P):
 
 def test_kv_pieces_balance_zigzag_and_keep_calls_piece_sized():
     """A zigzag piece takes a part of BOTH chunks, so every sub-ring step costs every rank the same;
-    no kernel call spans more query rows than a piece."""
+    no kernel call spans more query rows than a piece (its dq stays piece-sized)."""
     from parallelism.context import build_schedule
 
     P, S, piece = 4, 4 * 2 * 64, 32

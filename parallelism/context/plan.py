@@ -181,18 +181,19 @@ def _choose_split(needed: list[tuple[int, int]], P: int) -> tuple[dict, dict]:
     return best[1], best[2]
 
 
-@functools.lru_cache(maxsize=64)
+@functools.lru_cache(maxsize=256)
 def build_plan(chunks: tuple[tuple[Chunk, ...], ...], causal: bool, window: Optional[int],
                tile: Optional[int] = None,
-               key_chunks: Optional[tuple[tuple[Chunk, ...], ...]] = None) -> RingPlan:
+               key_chunks: Optional[tuple[tuple[Chunk, ...], ...]] = None,
+               max_rows: Optional[int] = None) -> RingPlan:
     """Plan the ring for ``chunks[r]`` = the chunks held by rank r (identical on all ranks).
 
     ``key_chunks[s]`` (default ``chunks[s]``) are the keys of source s that travel: one K/V piece
-    (:func:`build_schedule`); block key offsets are then relative to the piece.
+    (:func:`build_schedule`); block key offsets are then relative to the piece. ``max_rows`` caps
+    the query rows of a fused kernel call (see :func:`pair_blocks`).
     """
     P = len(chunks)
     keys = chunks if key_chunks is None else key_chunks
-    max_rows = None if key_chunks is None else max(sum(c.length for c in key_chunks[0]), 1)
     blocks = tuple(tuple(pair_blocks(chunks[r], keys[s], causal, window, tile, max_rows) for s in range(P))
                    for r in range(P))
     needed = [(r, s) for r in range(P) for s in range(P) if s != r and blocks[r][s]]
@@ -207,6 +208,7 @@ class Piece:
     """One sub-ring: local rows ``rows`` (ranges, in order) of every rank's K/V travel, with their plan.
 
     The K/V of a piece is the concatenation of those row ranges; block key offsets index into it.
+    Fused kernel calls are capped at the piece's row count, so a call's dq is O(piece) too.
     """
 
     rows: tuple[tuple[int, int], ...]
@@ -221,16 +223,32 @@ class Piece:
         parts = [x[:, lo:hi] for lo, hi in self.rows]
         return parts[0].contiguous() if len(parts) == 1 else torch.cat(parts, 1)
 
-    def view(self, x: torch.Tensor) -> Optional[torch.Tensor]:
-        """x[:, rows] as a view when the piece is one range, else None."""
-        return x[:, self.rows[0][0]:self.rows[0][1]] if len(self.rows) == 1 else None
+    def accumulator(self, x: torch.Tensor):
+        """Something that sums piece-ordered gradients into x[:, rows] in place, holding no copy: a
+        view when the piece is one range, else a :class:`RowsView`."""
+        if len(self.rows) == 1:
+            return x[:, self.rows[0][0]:self.rows[0][1]]
+        return RowsView(x, self.rows)
 
-    def scatter_add_(self, dst: torch.Tensor, src: torch.Tensor) -> None:
-        """dst[:, rows] += src (src [B, length, ...] in piece order)."""
+
+class RowsView:
+    """Rows ``rows`` (ranges) of ``dst`` [B, n, ...] seen as one piece-ordered tensor, for in-place sums."""
+
+    def __init__(self, dst: torch.Tensor, rows: tuple[tuple[int, int], ...]):
+        self.dst, self.rows = dst, rows
+
+    def add_rows_(self, lo: int, hi: int, grad: torch.Tensor) -> None:
+        """piece rows [lo, hi) += grad [B, hi - lo, ...]."""
         off = 0
-        for lo, hi in self.rows:
-            dst[:, lo:hi] += src[:, off:off + hi - lo]
-            off += hi - lo
+        for a, b in self.rows:
+            s, e = max(lo, off), min(hi, off + b - a)
+            if s < e:
+                self.dst[:, a + s - off:a + e - off] += grad[:, s - lo:e - lo]
+            off += b - a
+
+    def add_(self, grad: torch.Tensor) -> "RowsView":
+        self.add_rows_(0, grad.shape[1], grad)
+        return self
 
 
 def piece_rows(chunks: tuple[tuple[Chunk, ...], ...], piece: int) -> list[tuple[tuple[int, int], ...]]:
@@ -240,7 +258,8 @@ def piece_rows(chunks: tuple[tuple[Chunk, ...], ...], piece: int) -> list[tuple[
     their equal-length shards differently: hybrid), so every part is one Chunk on every rank and all
     ranks send equal sizes. Taking a part of every segment keeps the layout's balance inside each
     piece: a zigzag piece holds rows of both the early and the late chunk, so every sub-ring step
-    costs every rank the same, like the whole-shard ring.
+    costs every rank the same, like the whole-shard ring. A segment shorter than m leaves some parts
+    empty; a piece whose parts are all empty is dropped (fewer, larger pieces).
     """
     n = sum(c.length for c in chunks[0])
     cuts = {0, n}
@@ -291,7 +310,7 @@ def build_schedule(chunks: tuple[tuple[Chunk, ...], ...], causal: bool, window: 
     out = []
     for rows in pieces:
         keys = tuple(tuple(_rows(chunks[r], lo, hi) for lo, hi in rows) for r in range(len(chunks)))
-        plan = build_plan(q, causal, window, tile, keys)
+        plan = build_plan(q, causal, window, tile, keys, sum(b - a for a, b in rows))
         if any(b for per_rank in plan.blocks for b in per_rank):
             out.append(Piece(rows, plan))
-    return tuple(out) or (Piece(((0, n),), build_plan(chunks, causal, window, tile)),)
+    return tuple(out) or build_schedule(chunks, causal, window, tile, None)

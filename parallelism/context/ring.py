@@ -35,7 +35,7 @@ import torch
 from .comm import Post, Recv, Send, Wait
 from .kernels import compute_dtype
 from .merge import init_state, merge_
-from .plan import BWD, FWD, Piece, RingPlan
+from .plan import BWD, FWD, Piece, RingPlan, RowsView
 
 TAG_KV = {FWD: 10, BWD: 20}
 TAG_ACC = {FWD: 30, BWD: 40}
@@ -123,8 +123,8 @@ def _forward_piece(plan: RingPlan, rank: int, q, k, v, o, lse, kernel, scale: fl
         held = incoming
 
 
-def _add_rows(acc: Optional[torch.Tensor], lo: int, hi: int, grad: torch.Tensor, shape, dtype) -> torch.Tensor:
-    """``acc[:, lo:hi] += grad``, creating the accumulator on first use.
+def _add_rows(acc, lo: int, hi: int, grad: torch.Tensor, shape, dtype):
+    """``acc[:, lo:hi] += grad`` (acc: a tensor, a :class:`RowsView` or None), creating it on first use.
 
     A block gradient that spans every row (dim 1), is contiguous and already in the accumulator's
     dtype BECOMES the accumulator: no zero-filled buffer next to it and no extra pass over memory.
@@ -133,7 +133,10 @@ def _add_rows(acc: Optional[torch.Tensor], lo: int, hi: int, grad: torch.Tensor,
         if lo == 0 and hi == shape[1] and grad.is_contiguous() and grad.dtype == dtype:
             return grad
         acc = torch.zeros(shape, dtype=dtype, device=grad.device)
-    acc[:, lo:hi] += grad
+    if isinstance(acc, RowsView):
+        acc.add_rows_(lo, hi, grad)
+    else:
+        acc[:, lo:hi] += grad
     return acc
 
 
@@ -154,14 +157,9 @@ def ring_backward(schedule: tuple[Piece, ...], rank: int, q, k, v, o, lse, do, k
         dk = torch.zeros(k.shape, dtype=c, device=k.device)
         dv = torch.zeros(v.shape, dtype=c, device=v.device)
         for piece in schedule:
-            own = (piece.view(dk), piece.view(dv))
-            got = yield from _backward_piece(piece.plan, rank, q, piece.gather(k), piece.gather(v), o, lse,
-                                             do, state, kernel, scale, stats,
-                                             own=None if own[0] is None else own)
-            if own[0] is None:                    # a piece of several row ranges: add its rows back
-                piece.scatter_add_(dk, got[0])
-                piece.scatter_add_(dv, got[1])
-            del got
+            yield from _backward_piece(piece.plan, rank, q, piece.gather(k), piece.gather(v), o, lse, do,
+                                       state, kernel, scale, stats,
+                                       own=(piece.accumulator(dk), piece.accumulator(dv)))
     dq = state["dq"] if state["dq"] is not None else torch.zeros(q.shape, dtype=c, device=q.device)
     return dq, dk, dv
 
@@ -170,7 +168,8 @@ def _backward_piece(plan: RingPlan, rank: int, q, k, v, o, lse, do, state: dict,
                     scale: float, stats: CPStats, own: Optional[tuple] = None) -> Generator:
     """One sub-ring of the backward: k, v [B, piece, Hkv, D] are this rank's piece. dq accumulates in
     ``state["dq"]``; returns (dk, dv) of the piece (own blocks plus what the ring sent back), summed
-    in place into ``own`` (views of the shard's dK/dV) when given, so no piece-sized copy is held.
+    in place into ``own`` (the shard's dK/dV rows of the piece: views or RowsViews) when given, so
+    no piece-sized accumulator is held.
 
     The owner posts the receive of its finished remote dK/dV right after its own compute of the step
     in which the last holder sends it (never later: the sender waits for it one step on), so the
