@@ -72,9 +72,10 @@ def context_parallel_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     whole group; ``ulysses_degree`` must be 1 or P), ``hybrid`` (``ulysses_degree`` U consecutive
     ranks do Ulysses, rings of P/U ranks across them; every rank must call in the same order).
     kernel: ``auto``/``sdpa``/``math``/``flash`` local block kernel. tile: piece size used with
-    windows (None = automatic). kv_piece: the backward ring moves K/V and dK/dV in pieces of about this
-    many tokens, one sub-ring per piece, so the ring's extra memory is O(kv_piece) instead of
-    O(S_local) (None = whole shards; fastest).
+    windows (None = automatic). kv_piece: the ring moves K/V (and dK/dV in backward) in pieces of
+    about this many tokens, one sub-ring per piece, so the ring's extra memory is O(kv_piece) instead
+    of O(S_local); S/(8P) keeps the peak within 1.2× of single-device attention (None = whole
+    shards; fastest).
     stats: a :class:`CPStats` to fill with this rank's counters.
     """
     P = dist.get_world_size(group)

@@ -16,7 +16,7 @@ in which the last holder sends it (never later: the sender waits for it one step
 does not sit next to a step's block gradients.
 
 K/V pieces: a schedule (:func:`~parallelism.context.plan.build_schedule`) may cut every shard's K/V
-into pieces of at most ``piece`` rows and run one sub-ring per piece, one after the other, into the
+into pieces of about ``piece`` rows and run one sub-ring per piece, one after the other, into the
 same running state. Each sub-ring is this same loop on the piece, so every buffer the ring adds to
 what single-device attention holds is O(piece), not O(S/P): the K/V piece in flight, the
 travelling dK/dV piece, one block's gradients. The next sub-ring's step 0 is local compute, so
