@@ -42,29 +42,24 @@ _RULES = [
 ]
 
 
-def _rename(name: str, src: int) -> Optional[str]:
-    """Map ``name`` from side ``src`` (0 = dist-train, 1 = HF) to the other side; None when no rule matches."""
+def _rename(name: str, src: int, unknown: str) -> str:
+    """Map ``name`` from side ``src`` (0 = dist-train, 1 = HF) to the other side; ValueError(unknown) when
+    no rule matches."""
     for rule in _RULES:
         m = re.fullmatch(re.escape(rule[src]).replace(r"\{\}", r"(\d+)"), name)
         if m:
             return rule[1 - src].format(*m.groups())
-    return None
+    raise ValueError(unknown)
 
 
 def to_hf_name(name: str) -> str:
-    out = _rename(name, 0)
-    if out is None:
-        raise ValueError(f"parameter '{name}' has no Hugging Face Llama name (expected GPT names such as "
-                         "tok_embeddings.weight, layers.0.attention.wq.weight, norm.weight, output.weight)")
-    return out
+    return _rename(name, 0, f"parameter '{name}' has no Hugging Face Llama name (expected GPT names such as "
+                            "tok_embeddings.weight, layers.0.attention.wq.weight, norm.weight, output.weight)")
 
 
 def from_hf_name(name: str) -> str:
-    out = _rename(name, 1)
-    if out is None:
-        raise ValueError(f"Hugging Face tensor '{name}' is not a LlamaForCausalLM weight this converter knows "
-                         "(biases, rotary caches and other architectures are not supported)")
-    return out
+    return _rename(name, 1, f"Hugging Face tensor '{name}' is not a LlamaForCausalLM weight this converter knows "
+                            "(biases, rotary caches and other architectures are not supported)")
 
 
 def load_model_tensors(ckpt: PathLike) -> tuple[dict[str, torch.Tensor], dict]:
