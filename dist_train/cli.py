@@ -43,9 +43,9 @@ def _cmd_data_prepare(args: argparse.Namespace) -> int:
         if args.corpus != "python-stdlib":
             raise ValueError(f"--corpus {args.corpus!r}: valid values are python-stdlib")
         inputs += python_stdlib_files()
-    info = prepare_indexed(inputs, args.output, args.tokenizer)
-    print(f"wrote {info['prefix']}.bin/.idx: {info['documents']:,} documents, {info['tokens']:,} tokens, "
-          f"vocab {info['vocab_size']}")
+    info = prepare_indexed(inputs, args.output, args.tokenizer, args.eod_token)
+    print(f"wrote {info['prefix']}.bin/.idx/.meta.json: {info['documents']:,} documents, {info['tokens']:,} tokens, "
+          f"vocab {info['vocab_size']}, end-of-document id {info['eod_id']}")
     return 0
 
 
@@ -66,11 +66,15 @@ def _add_data(sub) -> None:
     q = dsub.add_parser("prepare", help="build a Megatron indexed dataset (.bin/.idx) from text/JSONL files",
                         formatter_class=_F, epilog=examples(
                             "dist-train data prepare --input notes/*.txt corpus.jsonl --output data/corpus",
-                            "dist-train data prepare --corpus python-stdlib --output data/pystd"))
+                            "dist-train data prepare --corpus python-stdlib --output data/pystd",
+                            "dist-train data prepare --input c.jsonl --tokenizer tok/tokenizer.json --eod-token '<|eot|>' "
+                            "--output data/c"))
     q.add_argument("--input", nargs="+", metavar="PATH", help="text files (one document each) or JSONL ('text')")
     q.add_argument("--corpus", help="a built-in corpus: python-stdlib (this interpreter's standard library)")
     q.add_argument("--output", required=True, metavar="PREFIX", help="writes PREFIX.bin and PREFIX.idx")
     q.add_argument("--tokenizer", default="byte", help="byte (default, no download) or path/to/tokenizer.json")
+    q.add_argument("--eod-token", metavar="TOKEN", help="end-of-document token of a tokenizer.json (default: its "
+                   "tokenizer_config.json eos_token, else </s>, <|endoftext|>, <|end_of_text|>, <eos>)")
     q.set_defaults(func=_cmd_data_prepare)
 
 

@@ -5,6 +5,8 @@
 
 Uses megatron-core's own ``IndexedDatasetBuilder``, so the files load in Megatron-LM too. One document
 per text file or per JSONL line (its ``"text"`` field); each document ends with the tokenizer's EOD id.
+Text files are read as bytes and decoded as UTF-8, with no newline translation (``\r`` is kept). The
+sidecar PREFIX.meta.json (:mod:`.sidecar`) records the tokenizer, its vocabulary size and EOD id.
 """
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ from typing import Iterable, Iterator, Optional
 
 import numpy as np
 
+from .sidecar import write_sidecar
 from .tokenizer import get_tokenizer
 
 
@@ -58,38 +61,45 @@ def iter_documents(paths: Iterable[Path]) -> Iterator[str]:
                     if isinstance(text, str) and text:
                         yield text
         else:
-            yield p.read_text(encoding="utf-8", errors="replace")
+            yield p.read_bytes().decode("utf-8", errors="replace")
 
 
-def prepare_indexed(inputs: list[Path], output_prefix: str, tokenizer: str = "byte") -> dict:
-    """Tokenize ``inputs`` into ``output_prefix``.bin/.idx; returns {"documents", "tokens", "prefix"}."""
+def prepare_indexed(inputs: list[Path], output_prefix: str, tokenizer: str = "byte",
+                    eod_token: Optional[str] = None) -> dict:
+    """Tokenize ``inputs`` into ``output_prefix``.bin/.idx (+ .meta.json); returns {"prefix", "documents",
+    "tokens", "vocab_size", "eod_id", "max_token_id", "tokenizer"}. eod_token: the EOD token's text for a
+    tokenizer.json (None: its recognised EOS, else ValueError)."""
     import torch
 
     from .datasets import megatron_indexed_dataset
 
     IndexedDatasetBuilder = megatron_indexed_dataset().IndexedDatasetBuilder
-    tok = get_tokenizer(tokenizer)
+    tok = get_tokenizer(tokenizer, eod_token)
     dtype = np.uint16 if tok.vocab_size <= 65535 else np.int32
     out = Path(output_prefix)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp_bin, tmp_idx = f"{out}.bin.tmp{os.getpid()}", f"{out}.idx.tmp{os.getpid()}"
     builder = IndexedDatasetBuilder(tmp_bin, dtype=dtype)
-    n_docs = n_tokens = 0
+    n_docs = n_tokens = max_id = 0
     for text in iter_documents(inputs):
         ids = tok.encode(text) + [tok.eod_id]
         builder.add_item(torch.tensor(ids, dtype=torch.int64))
         builder.end_document()
         n_docs += 1
         n_tokens += len(ids)
+        max_id = max(max_id, max(ids))
     if n_docs == 0:
         builder.data_file.close()
         os.unlink(tmp_bin)
         raise ValueError(f"no documents found in {', '.join(map(str, inputs))}")
     builder.finalize(tmp_idx)
-    # rename last: a reader never sees a half-written dataset
+    info = {"tokenizer": tokenizer, "vocab_size": tok.vocab_size, "eod_id": tok.eod_id, "max_token_id": max_id,
+            "documents": n_docs, "tokens": n_tokens}
+    write_sidecar(out, info)
+    # rename last, .idx (what readers look for) at the very end: a reader never sees a half-written dataset
     os.replace(tmp_bin, f"{out}.bin")
     os.replace(tmp_idx, f"{out}.idx")
-    return {"prefix": str(out), "documents": n_docs, "tokens": n_tokens, "vocab_size": tok.vocab_size}
+    return {"prefix": str(out), **info}
 
 
 def ensure_prepared(prefix: str, prepare: Optional[str], tokenizer: str = "byte") -> None:

@@ -1,8 +1,17 @@
-"""Tokenizers: a byte-level one that needs no download, or a HuggingFace ``tokenizer.json``."""
+"""Tokenizers: a byte-level one that needs no download, or a HuggingFace ``tokenizer.json``.
+
+The end-of-document (EOD) id separates documents in a prepared dataset. An HF tokenizer's EOD is the
+``--eod-token`` given, else the ``eos_token`` of a ``tokenizer_config.json`` next to the file, else the
+first of the usual names (``</s>``, ``<|endoftext|>``, ``<|end_of_text|>``, ``<eos>``) in the vocabulary;
+without any of them preparation refuses rather than reuse an ordinary token as the separator.
+"""
 from __future__ import annotations
 
+import json
 from pathlib import Path
-from typing import Protocol
+from typing import Optional, Protocol
+
+EOS_NAMES = ("</s>", "<|endoftext|>", "<|end_of_text|>", "<eos>")
 
 
 class Tokenizer(Protocol):
@@ -24,30 +33,54 @@ class ByteTokenizer:
         return bytes(i for i in ids if i < 256).decode("utf-8", errors="replace")
 
 
-class HFTokenizer:
-    """A ``tokenizer.json`` file read with the `tokenizers` package (optional extra ``.[hf]``)."""
+def _config_eos(path: Path) -> Optional[str]:
+    """The ``eos_token`` of the ``tokenizer_config.json`` beside ``path`` (a string or {"content": …})."""
+    side = path.parent / "tokenizer_config.json"
+    try:
+        eos = json.loads(side.read_text()).get("eos_token")
+    except (OSError, ValueError, AttributeError):
+        return None
+    if isinstance(eos, dict):
+        eos = eos.get("content")
+    return eos if isinstance(eos, str) and eos else None
 
-    def __init__(self, path: str):
+
+class HFTokenizer:
+    """A ``tokenizer.json`` file read with the `tokenizers` package (``pip install 'dist-train[hf]'``).
+
+    eod_token: the end-of-document token's text (``--eod-token``); None: found as described above.
+    """
+
+    def __init__(self, path: str, eod_token: Optional[str] = None):
         try:
             from tokenizers import Tokenizer as _Tok
         except ImportError as e:  # optional dependency
             raise ValueError(f"--tokenizer {path}: needs the 'tokenizers' package (pip install 'dist-train[hf]')") from e
         self._tok = _Tok.from_file(path)
         self.vocab_size = self._tok.get_vocab_size()
-        eod = None
-        for name in ("</s>", "<|endoftext|>", "<|end_of_text|>", "<eos>"):
-            eod = self._tok.token_to_id(name)
-            if eod is not None:
-                break
-        self.eod_id = eod if eod is not None else self.vocab_size - 1
+        if eod_token is not None:
+            eod = self._tok.token_to_id(eod_token)
+            if eod is None:
+                raise ValueError(f"--eod-token {eod_token!r} is not a token of {path} (vocabulary of "
+                                 f"{self.vocab_size}); give a token of that vocabulary, e.g. its EOS token")
+        else:
+            names = ([n] if (n := _config_eos(Path(path))) else []) + list(EOS_NAMES)
+            eod = next((i for i in map(self._tok.token_to_id, names) if i is not None), None)
+            if eod is None:
+                raise ValueError(f"tokenizer {path} has no recognised end-of-document token (looked for "
+                                 f"{', '.join(EOS_NAMES)}); name it with --eod-token TOKEN")
+        self.eod_id = int(eod)
 
     def encode(self, text: str) -> list[int]:
         return self._tok.encode(text).ids
 
 
-def get_tokenizer(spec: str) -> "ByteTokenizer | HFTokenizer":
+def get_tokenizer(spec: str, eod_token: Optional[str] = None) -> "ByteTokenizer | HFTokenizer":
     if spec == "byte":
+        if eod_token is not None:
+            raise ValueError(f"--eod-token {eod_token!r}: the byte tokenizer's end-of-document is fixed (id 256); "
+                             "--eod-token applies to a tokenizer.json")
         return ByteTokenizer()
     if not Path(spec).is_file():
         raise ValueError(f"tokenizer '{spec}': not 'byte' and no such tokenizer.json file")
-    return HFTokenizer(spec)
+    return HFTokenizer(spec, eod_token)

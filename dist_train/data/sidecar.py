@@ -1,0 +1,50 @@
+"""The dataset sidecar ``PREFIX.meta.json``: what built ``PREFIX.bin/.idx``, so training can check it.
+
+    {"format": "dist-train-dataset/1", "tokenizer": "byte", "vocab_size": 257, "eod_id": 256,
+     "max_token_id": 255, "documents": 3, "tokens": 27}
+
+``vocab_size`` and ``eod_id`` are the tokenizer's; ``max_token_id`` is the largest id actually written
+(a model needs ``model.vocab_size > max_token_id``). Datasets built elsewhere (Megatron-LM) have no
+sidecar: :func:`read_sidecar` then returns None.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Optional, Union
+
+FORMAT = "dist-train-dataset/1"
+SUFFIX = ".meta.json"
+REQUIRED = ("tokenizer", "vocab_size", "eod_id", "max_token_id")
+
+
+def sidecar_path(prefix: Union[str, Path]) -> Path:
+    return Path(f"{prefix}{SUFFIX}")
+
+
+def write_sidecar(prefix: Union[str, Path], info: dict) -> Path:
+    """Write ``info`` (must hold REQUIRED) as PREFIX.meta.json, atomically (tmp file + rename)."""
+    missing = [k for k in REQUIRED if k not in info]
+    if missing:
+        raise ValueError(f"dataset sidecar for {prefix}: missing {', '.join(missing)}")
+    path = sidecar_path(prefix)
+    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
+    tmp.write_text(json.dumps({"format": FORMAT, **info}, indent=1) + "\n")
+    os.replace(tmp, path)
+    return path
+
+
+def read_sidecar(prefix: Union[str, Path]) -> Optional[dict]:
+    """PREFIX.meta.json as a dict; None when there is none; ValueError (one line) when it is unreadable."""
+    path = sidecar_path(prefix)
+    if not path.is_file():
+        return None
+    try:
+        body = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise ValueError(f"dataset sidecar {path} cannot be read ({e}); rebuild it with dist-train data prepare") from None
+    if not isinstance(body, dict) or body.get("format") != FORMAT or any(k not in body for k in REQUIRED):
+        raise ValueError(f"dataset sidecar {path} is not a {FORMAT} file with {', '.join(REQUIRED)}; rebuild the "
+                         "dataset with dist-train data prepare")
+    return body

@@ -1,0 +1,68 @@
+"""Tokenizer end-of-document handling, the dataset sidecar and byte-exact text reading in data prepare."""
+import json
+
+import numpy as np
+import pytest
+
+from dist_train.cli import main
+from dist_train.data.sidecar import read_sidecar, sidecar_path
+from dist_train.data.tokenizer import HFTokenizer
+
+tokenizers = pytest.importorskip("tokenizers")
+
+
+def _word_tokenizer(path, extra=()):
+    """A tiny word-level tokenizer.json: ids 0.. for 'a b c <unk>' plus ``extra`` tokens."""
+    vocab = {w: i for i, w in enumerate(["<unk>", "a", "b", "c", *extra])}
+    tok = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+    tok.save(str(path))
+    return vocab
+
+
+def test_tokenizer_without_eos_refuses_in_one_line(tmp_path, capsys):
+    _word_tokenizer(tmp_path / "tokenizer.json")
+    (tmp_path / "d.txt").write_text("a b c")
+    rc = main(["data", "prepare", "--input", str(tmp_path / "d.txt"), "--tokenizer", str(tmp_path / "tokenizer.json"),
+               "--output", str(tmp_path / "ds")])
+    err = capsys.readouterr().err
+    assert rc == 2 and len(err.strip().splitlines()) == 1 and "--eod-token TOKEN" in err
+    assert not (tmp_path / "ds.bin").exists() and not sidecar_path(tmp_path / "ds").exists()
+    rc = main(["data", "prepare", "--input", str(tmp_path / "d.txt"), "--tokenizer", str(tmp_path / "tokenizer.json"),
+               "--eod-token", "<nope>", "--output", str(tmp_path / "ds")])
+    err = capsys.readouterr().err
+    assert rc == 2 and len(err.strip().splitlines()) == 1 and "'<nope>'" in err
+
+
+def test_eod_token_option_config_eos_and_sidecar(tmp_path, capsys):
+    vocab = _word_tokenizer(tmp_path / "tokenizer.json", extra=["<sep>", "</s>", "pad"])
+    (tmp_path / "d.txt").write_text("a b a c")
+    rc = main(["data", "prepare", "--input", str(tmp_path / "d.txt"), "--tokenizer", str(tmp_path / "tokenizer.json"),
+               "--eod-token", "<sep>", "--output", str(tmp_path / "ds")])
+    assert rc == 0, capsys.readouterr().err
+    side = read_sidecar(tmp_path / "ds")
+    assert side["vocab_size"] == 7 and side["eod_id"] == vocab["<sep>"] and side["max_token_id"] == vocab["<sep>"]
+    assert side["tokenizer"] == str(tmp_path / "tokenizer.json") and side["documents"] == 1 and side["tokens"] == 5
+    written = np.memmap(tmp_path / "ds.bin", dtype=np.uint16, mode="r")
+    assert list(written) == [vocab[w] for w in "a b a c".split()] + [vocab["<sep>"]]
+    # without the option: the recognised </s>; a tokenizer_config.json's eos_token wins over the usual names
+    assert HFTokenizer(str(tmp_path / "tokenizer.json")).eod_id == vocab["</s>"]
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"eos_token": {"content": "pad"}}))
+    assert HFTokenizer(str(tmp_path / "tokenizer.json")).eod_id == vocab["pad"]
+
+
+def test_prepare_keeps_carriage_returns(tmp_path, capsys):
+    (tmp_path / "crlf.txt").write_bytes(b"line one\r\nline two\rend")
+    assert main(["data", "prepare", "--input", str(tmp_path / "crlf.txt"), "--output", str(tmp_path / "ds")]) == 0
+    written = bytes(np.memmap(tmp_path / "ds.bin", dtype=np.uint16, mode="r")[:-1].astype(np.uint8))
+    assert written == b"line one\r\nline two\rend"
+    side = read_sidecar(tmp_path / "ds")
+    assert (side["tokenizer"], side["vocab_size"], side["eod_id"], side["max_token_id"]) == ("byte", 257, 256, 256)
+
+
+def test_unreadable_sidecar_is_one_line(tmp_path):
+    sidecar_path(tmp_path / "ds").write_text("{not json")
+    with pytest.raises(ValueError, match="rebuild") as e:
+        read_sidecar(tmp_path / "ds")
+    assert "\n" not in str(e.value)
+    assert read_sidecar(tmp_path / "missing") is None
