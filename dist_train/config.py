@@ -80,7 +80,7 @@ class ParallelConfig:
     microbatches: Optional[int] = None  # pipeline micro-batches (default: accumulation steps)
     pp_schedule: str = "1f1b"  # 1f1b | interleaved | gpipe
     sequence_parallel: bool = False
-    attn_kernel: str = "auto"  # auto | sdpa | math | flash
+    attn_kernel: str = "auto"  # auto | sdpa | math | flash | cuda
     deepspeed: dict = field(default_factory=dict)  # extra DeepSpeed config keys, merged last
 
 
@@ -166,7 +166,7 @@ _CHOICES = {
     "parallel.cp_layout": ("contiguous", "striped", "zigzag"),
     "parallel.cp_method": ("ring", "ulysses", "hybrid"),
     "parallel.pp_schedule": ("1f1b", "interleaved", "gpipe"),
-    "parallel.attn_kernel": ("auto", "sdpa", "math", "flash"),
+    "parallel.attn_kernel": ("auto", "sdpa", "math", "flash", "cuda"),
     "train.precision": ("auto", "fp32", "bf16"),
     "train.activation_checkpointing": ("none", "full", "selective"),
     "checkpoint.on_error": ("stop", "continue"),

@@ -1,0 +1,273 @@
+"""The torch-native CUDA block kernel (``kernel='cuda'``).
+
+On CPU: the op table (:func:`select_cuda_op`), the ``auto`` resolution, the lse layout conversions,
+the aligned additive bias, empty-row handling, and the whole kernel against fp64 with the aten ops
+replaced by CPU stand-ins that reproduce each op's layouts (efficient's 32-padded lse with garbage
+past Sq, cuDNN's [B, H, Sq, 1] lse, NaN on fully masked rows).
+On a GPU (marked ``gpu``): every CUDA kernel (each torch op, flash-attn if importable, math) against
+the float64 reference in fp16/bf16/fp32, full/causal/window/shifted blocks, GQA, forward and backward.
+"""
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from parallelism.context.kernels import (CUDA_OPS, CudaSdpaKernel, MathKernel, additive_bias, get_kernel,
+                                         lse_from_op, lse_to_op, resolve_kernel_name, select_cuda_op,
+                                         zero_empty_rows)
+from parallelism.context.layouts import Chunk
+from parallelism.context.masks import classify
+
+HALF = (torch.float16, torch.bfloat16)
+cuda_only = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (run by make gpu-check)")
+
+# Blocks of the ring: (name, query chunk, key chunk, causal, window). "window" is a tile edge of a
+# sliding window (an explicit mask with fully masked rows), "shifted" a striped block (keys after queries).
+BLOCKS = {
+    "full": (Chunk(64, 1, 64), Chunk(0, 1, 48), True, None),
+    "causal": (Chunk(0, 1, 64), Chunk(0, 1, 64), True, None),
+    "window": (Chunk(64, 1, 64), Chunk(0, 1, 64), True, 40),
+    "shifted": (Chunk(0, 4, 64), Chunk(1, 4, 64), True, None),
+}
+
+
+def _block(name):
+    q, k, causal, window = BLOCKS[name]
+    return classify(q, k, causal, window)
+
+
+def test_block_table_covers_the_kinds():
+    assert [_block(n).kind for n in BLOCKS] == ["full", "causal", "explicit", "shifted"]
+    assert bool((~_block("window").tensor().any(-1)).any())          # the window edge has empty rows
+
+
+def test_op_selection_table():
+    allops = CUDA_OPS
+    assert select_cuda_op("causal", torch.bfloat16, 64, allops) == "flash"
+    assert select_cuda_op("full", torch.float16, 128, allops) == "flash"
+    assert select_cuda_op("causal", torch.float32, 64, allops) == "efficient"        # fp32: efficient only
+    assert select_cuda_op("explicit", torch.bfloat16, 64, allops) == "efficient"     # a bias: efficient only
+    assert select_cuda_op("shifted", torch.float16, 64, allops) == "efficient"
+    assert select_cuda_op("causal", torch.bfloat16, 64, ("efficient",)) == "efficient"   # no flash (pre-sm80)
+    assert select_cuda_op("causal", torch.bfloat16, 512, allops) == "efficient"      # flash: head_dim <= 256
+    assert select_cuda_op("full", torch.bfloat16, 64, allops, ("cudnn", "efficient")) == "cudnn"
+    assert select_cuda_op("full", torch.bfloat16, 192, allops, ("cudnn", "efficient")) == "efficient"
+    for kind, dtype, d in (("causal", torch.float64, 64), ("causal", torch.bfloat16, 12),
+                           ("causal", torch.float32, 6)):
+        with pytest.raises(ValueError, match="head_dim"):
+            select_cuda_op(kind, dtype, d, allops)
+
+
+def test_auto_resolution():
+    assert resolve_kernel_name("auto", "cuda", torch.bfloat16, True) == "flash"
+    assert resolve_kernel_name("auto", "cuda", torch.float16, False) == "cuda"
+    assert resolve_kernel_name("auto", "cuda", torch.float32, True) == "cuda"       # flash-attn: half only
+    assert resolve_kernel_name("auto", "cuda", torch.float64, False) == "math"      # fp64 references
+    assert resolve_kernel_name("auto", "cpu", torch.bfloat16, True) == "sdpa"
+    assert resolve_kernel_name("auto", "mps", torch.float32, False) == "math"
+    assert resolve_kernel_name("math", "cuda", torch.bfloat16, True) == "math"      # explicit names stay
+    with pytest.raises(ValueError, match="valid kernels"):
+        resolve_kernel_name("xformers", "cuda", torch.bfloat16, True)
+    with pytest.raises(ValueError, match="needs CUDA tensors"):
+        get_kernel("cuda", torch.device("cpu"), torch.float32)
+
+
+def test_lse_layouts_round_trip():
+    lse = torch.randn(2, 3, 45)
+    padded = lse_to_op("efficient", lse)
+    assert padded.shape == (2, 3, 64) and torch.equal(padded[..., :45], lse) and padded.is_contiguous()
+    assert torch.equal(lse_from_op("efficient", torch.cat([lse, torch.full((2, 3, 19), 7.0)], -1), 45), lse)
+    assert lse_to_op("efficient", lse[..., :32]).shape == (2, 3, 32)              # already aligned: no pad
+    four = lse_to_op("cudnn", lse, ndim=4)
+    assert four.shape == (2, 3, 45, 1) and torch.equal(lse_from_op("cudnn", four, 45), lse)
+    assert torch.equal(lse_from_op("cudnn", lse, 45), lse)                         # a 3-D cuDNN lse
+    strided = lse.transpose(1, 2).contiguous().transpose(1, 2)
+    assert lse_to_op("flash", strided).is_contiguous()
+    assert lse_from_op("flash", lse.half(), 45).dtype == torch.float32
+
+
+def test_additive_bias_is_aligned_broadcast_and_exact():
+    allowed = _block("window").tensor()
+    bias = additive_bias(allowed, torch.bfloat16, 2, 4)
+    assert bias.shape == (2, 4, 64, 64) and bias.dtype == torch.bfloat16
+    assert bias.stride()[:2] == (0, 0) and bias.stride(2) % 16 == 0 and bias.stride(3) == 1
+    assert torch.equal(bias[1, 3] == 0, allowed) and bool(torch.isneginf(bias[0, 0][~allowed]).all())
+    odd = additive_bias(torch.ones(3, 21, dtype=torch.bool), torch.float32, 1, 1)
+    assert odd.stride(2) == 32 and odd.shape[-1] == 21
+
+
+def test_empty_rows_get_zero_out_and_neg_inf_lse():
+    allowed = torch.tensor([[True, False], [False, False], [True, True]])
+    out = torch.full((1, 3, 2, 4), float("nan"))
+    out[:, 0] = 1.0
+    out[:, 2] = 2.0
+    lse = torch.zeros(1, 2, 3)
+    o2, l2 = zero_empty_rows(out, lse, allowed)
+    assert bool((o2[:, 1] == 0).all()) and bool(torch.isneginf(l2[..., 1]).all())
+    assert bool((o2[:, 0] == 1).all()) and bool((o2[:, 2] == 2).all()) and bool((l2[..., [0, 2]] == 0).all())
+    assert zero_empty_rows(out, lse, None)[0] is out
+
+
+# --- CPU stand-ins for the aten CUDA ops, with each op's own layouts ------------------------------
+
+def _attend(q, k, v, bias, causal, scale):
+    """[B, H, S, D] fp64 math: (out, lse [B, H, Sq], p)."""
+    s = torch.matmul(q.double(), k.double().transpose(-1, -2)) * scale
+    if causal:
+        s = s.masked_fill(~torch.ones(s.shape[-2:], dtype=torch.bool).tril(), float("-inf"))
+    if bias is not None:
+        s = s + bias.double()
+    lse = torch.logsumexp(s, -1)
+    p = torch.exp(s - lse[..., None])                         # NaN on fully masked rows, like 0/0
+    return torch.matmul(p, v.double()), lse, s
+
+
+def _attend_backward(do, q, k, v, out, lse, bias, causal, scale):
+    _, _, s = _attend(q, k, v, bias, causal, scale)
+    p = torch.exp(s - lse.double()[..., None])
+    do, out = do.double(), out.double()
+    dp = torch.matmul(do, v.double().transpose(-1, -2))
+    ds = p * (dp - (do * out).sum(-1, keepdim=True))
+    return ((torch.matmul(ds, k.double()) * scale).to(q.dtype), (torch.matmul(ds.transpose(-1, -2), q.double())
+                                                              * scale).to(k.dtype),
+            torch.matmul(p.transpose(-1, -2), do).to(v.dtype))
+
+
+def _seed():
+    return torch.empty((), dtype=torch.long)
+
+
+def _fake_aten(seen: list):
+    def flash(q, k, v, *, dropout_p, is_causal, return_debug_mask, scale):
+        assert dropout_p == 0.0 and not return_debug_mask
+        out, lse, _ = _attend(q, k, v, None, is_causal, scale)
+        return out.to(q.dtype), lse.float(), None, None, q.shape[2], k.shape[2], _seed(), _seed(), None
+
+    def flash_bwd(do, q, k, v, out, lse, cq, ck, max_q, max_k, dropout_p, is_causal, seed, offset, *, scale):
+        assert lse.shape == q.shape[:3] and lse.is_contiguous() and lse.dtype == torch.float32
+        assert out.dtype == q.dtype == do.dtype and (max_q, max_k) == (q.shape[2], k.shape[2])
+        seen.append("flash")
+        return _attend_backward(do, q, k, v, out, lse, None, is_causal, scale)
+
+    def efficient(q, k, v, bias, compute_log_sumexp, *, dropout_p, is_causal, scale):
+        assert compute_log_sumexp and (bias is None or (bias.stride(-2) % 16 == 0 and bias.dtype == q.dtype))
+        out, lse, _ = _attend(q, k, v, bias, is_causal, scale)
+        pad = -(-q.shape[2] // 32) * 32 - q.shape[2]
+        lse = torch.cat([lse.float(), torch.full(lse.shape[:2] + (pad,), 1e30)], -1)    # garbage past Sq
+        return out.to(q.dtype), lse, _seed(), _seed()
+
+    def efficient_bwd(do, q, k, v, bias, out, lse, seed, offset, dropout_p, grad_input_mask, *, is_causal, scale):
+        assert lse.shape[-1] % 32 == 0 and lse.shape[-1] >= q.shape[2] and grad_input_mask == [True, True, True, False]
+        seen.append("efficient")
+        return _attend_backward(do, q, k, v, out, lse[..., :q.shape[2]], bias, is_causal, scale) + (None,)
+
+    def cudnn(q, k, v, bias, compute_log_sumexp, *, dropout_p, is_causal, return_debug_mask, scale):
+        assert bias is None and compute_log_sumexp
+        out, lse, _ = _attend(q, k, v, None, is_causal, scale)
+        return out.to(q.dtype), lse.float()[..., None], None, None, q.shape[2], k.shape[2], _seed(), _seed(), None
+
+    def cudnn_bwd(do, q, k, v, out, lse, seed, offset, bias, cq, ck, max_q, max_k, dropout_p, is_causal, *, scale):
+        assert lse.dim() == 4 and lse.shape[-1] == 1
+        seen.append("cudnn")
+        return _attend_backward(do, q, k, v, out, lse[..., 0], None, is_causal, scale)
+
+    return SimpleNamespace(
+        _scaled_dot_product_flash_attention=flash, _scaled_dot_product_flash_attention_backward=flash_bwd,
+        _scaled_dot_product_efficient_attention=efficient,
+        _scaled_dot_product_efficient_attention_backward=efficient_bwd,
+        _scaled_dot_product_cudnn_attention=cudnn, _scaled_dot_product_cudnn_attention_backward=cudnn_bwd)
+
+
+def _inputs(name, hq, hkv, d, dtype, device="cpu", seed=0):
+    mask = _block(name)
+    gen = torch.Generator().manual_seed(seed)
+    sq, sk = mask.q.length, mask.k.length
+    q = torch.randn(2, sq, hq, d, generator=gen, dtype=torch.float64)
+    k, v = (torch.randn(2, sk, hkv, d, generator=gen, dtype=torch.float64) for _ in range(2))
+    do = torch.randn(2, sq, hq, d, generator=gen, dtype=torch.float64)
+    return mask, [x.to(device) for x in (q, k, v, do)], [x.to(device=device, dtype=dtype) for x in (q, k, v, do)]
+
+
+def _rel(x, ref, rows=None):
+    x, ref = x.double(), ref.double()
+    if rows is not None:
+        x, ref = x[:, rows], ref[:, rows]
+    return float((x - ref).abs().max() / ref.abs().max().clamp_min(1e-30))
+
+
+def _check_kernel(kern, name, hq, hkv, dtype, tol, device="cpu"):
+    """Forward (out, lse) and backward (dq, dk, dv) of ``kern`` vs MathKernel in fp64; returns errors."""
+    mask, ref_in, low = _inputs(name, hq, hkv, 32, dtype, device)
+    scale = 32 ** -0.5
+    ref = MathKernel()
+    o64, l64 = ref.forward(*ref_in[:3], mask, scale)
+    g64 = ref.backward(ref_in[3], *ref_in[:3], o64, l64, mask, scale)
+    out, lse = kern.forward(*low[:3], mask, scale)
+    assert out.dtype == lse.dtype == torch.float32 and lse.shape == l64.shape and out.shape == o64.shape
+    empty = torch.isneginf(l64)
+    assert torch.equal(torch.isneginf(lse), empty) and bool((out.transpose(1, 2)[empty] == 0).all())
+    live = ~empty
+    errs = {"out": _rel(out, o64), "lse": float((lse[live].double() - l64[live]).abs().max())}
+    # backward gets the FINAL merged (out, lse) in fp32, as the ring hands it
+    grads = kern.backward(low[3], *low[:3], o64.float(), l64.float(), mask, scale)
+    for g_name, g, r in zip(("dq", "dk", "dv"), grads, g64):
+        assert g.dtype == torch.float32 and g.shape == r.shape
+        errs[g_name] = _rel(g, r)
+    assert max(errs.values()) <= tol, (name, dtype, errs)
+    return errs
+
+
+@pytest.mark.parametrize("op", CUDA_OPS)
+def test_cuda_kernel_layouts_with_stand_in_ops(op):
+    """The kernel's op choice and layout handling, every block kind, GQA, bf16 and fp32, fwd and bwd."""
+    seen = []
+    kern = CudaSdpaKernel(prefer=(op, "efficient"), available=CUDA_OPS, aten=_fake_aten(seen))
+    for name in BLOCKS:
+        for dtype, tol in ((torch.bfloat16, 3e-2), (torch.float32, 1e-5)):
+            _check_kernel(kern, name, 4, 2, dtype, tol)
+    # flash/cuDNN take the bf16 full and causal blocks; everything else (fp32, masks) is efficient's
+    n_op = 8 if op == "efficient" else 2
+    assert kern.calls == ({"efficient": 8} if op == "efficient" else {op: 2, "efficient": 6}), kern.calls
+    assert seen.count(op) == n_op and len(seen) == 8
+
+
+# --- on a GPU --------------------------------------------------------------------------------------
+
+# max error relative to the reference's largest magnitude (lse: absolute), per dtype
+TOLERANCES = {torch.float16: 5e-3, torch.bfloat16: 3e-2, torch.float32: 5e-5}
+
+
+def _cuda_kernels():
+    """(label, kernel factory, dtypes) of every block kernel this CUDA machine has."""
+    from parallelism.context.kernels import FlashKernel, available_cuda_ops, flash_available
+
+    dev = torch.device("cuda")
+    out = [("math", MathKernel, (torch.float32,) + HALF)]
+    for op in available_cuda_ops(dev):
+        dtypes = HALF + ((torch.float32,) if op == "efficient" else ())
+        out.append((f"cuda:{op}", lambda op=op: CudaSdpaKernel(prefer=(op, "efficient")), dtypes))
+    if flash_available():
+        out.append(("flash-attn", FlashKernel, HALF))
+    return out
+
+
+@pytest.mark.gpu
+@cuda_only
+@pytest.mark.parametrize("name", list(BLOCKS))
+@pytest.mark.parametrize("hq,hkv", [(4, 4), (8, 2)])
+def test_cuda_kernels_match_float64(name, hq, hkv):
+    results = {}
+    for label, factory, dtypes in _cuda_kernels():
+        for dtype in dtypes:
+            kern = factory()
+            results[(label, str(dtype))] = _check_kernel(kern, name, hq, hkv, dtype, TOLERANCES[dtype], "cuda")
+    assert any(label.startswith("cuda:") for label, _ in results), results
+
+
+@pytest.mark.gpu
+@cuda_only
+def test_auto_on_cuda_never_picks_math_for_low_precision():
+    for dtype in HALF + (torch.float32,):
+        assert get_kernel("auto", torch.device("cuda"), dtype).name in ("cuda", "flash")
