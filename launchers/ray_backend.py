@@ -17,7 +17,9 @@ ambiguous.
 """
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import sys
 import threading
 import time
@@ -28,6 +30,21 @@ from launchers.env import free_port
 from launchers.local import rank_environment
 from launchers.procs import ConsoleSink, RankProcess, Sink
 from launchers.supervisor import progress_from_heartbeats
+
+
+@contextlib.contextmanager
+def kept_signal_handlers(signals: tuple[int, ...] = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)):
+    """Restore the handlers of ``signals`` after the body, whatever it installed (main thread only)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    saved = {s: signal.getsignal(s) for s in signals}
+    try:
+        yield
+    finally:
+        for s, h in saved.items():
+            if h is not None and signal.getsignal(s) != h:
+                signal.signal(s, h)
 
 
 class RankActor:
@@ -189,12 +206,15 @@ class RayBackend:
         if ray.is_initialized():
             return
         common: dict[str, Any] = {"log_to_driver": False, "configure_logging": False}
-        if self.address:
-            ray.init(address=self.address, **common)
-        else:
-            self._embedded = True
-            ray.init(address="local", num_cpus=max(self.nproc * self.cpus_per_rank, os.cpu_count() or 1),
-                     num_gpus=self.gpus_per_node or None, include_dashboard=False, **common)
+        # ray.init() replaces SIGTERM/SIGINT handlers with its own (exit at once): keep the launcher's,
+        # which forward a preemption to the ranks so that they checkpoint.
+        with kept_signal_handlers():
+            if self.address:
+                ray.init(address=self.address, **common)
+            else:
+                self._embedded = True
+                ray.init(address="local", num_cpus=max(self.nproc * self.cpus_per_rank, os.cpu_count() or 1),
+                         num_gpus=self.gpus_per_node or None, include_dashboard=False, **common)
         from ray.util.placement_group import placement_group
 
         per_node = self.nproc // self.nodes

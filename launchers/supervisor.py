@@ -120,6 +120,7 @@ class Supervisor:
         self._pending: list[int] = []
         self.attempts: list[Outcome] = []
         self.events_path = Path(spec.run_dir) / "logs" / "launcher.jsonl"
+        self._owns_signals = False  # True while run() holds the process's signal handlers
 
     # bookkeeping ------------------------------------------------------------------------------
     def _say(self, msg: str) -> None:
@@ -137,14 +138,26 @@ class Supervisor:
     # the loop -----------------------------------------------------------------------------------
     def run(self) -> int:
         """Run to completion; returns the launcher's exit status."""
-        previous = {}
-        if threading.current_thread() is threading.main_thread():
-            previous = {s: signal.signal(s, self._on_signal) for s in FORWARDED_SIGNALS}
+        self._owns_signals = threading.current_thread() is threading.main_thread()
+        previous = {s: signal.signal(s, self._on_signal) for s in FORWARDED_SIGNALS} if self._owns_signals else {}
         try:
             return self._run()
         finally:
             for s, h in previous.items():
                 signal.signal(s, h)
+
+    def _reclaim_signals(self) -> None:
+        """Put our handlers back where a library replaced them while a backend started.
+
+        ``ray.init()`` installs its own SIGTERM handler (it exits at once): without this a preemption
+        (``kill -TERM``, ``ray job stop``, Slurm/Kubernetes) would end the launcher with status 15 and
+        no checkpoint instead of being forwarded to the ranks.
+        """
+        if not self._owns_signals:
+            return
+        for s in FORWARDED_SIGNALS:
+            if signal.getsignal(s) != self._on_signal:
+                signal.signal(s, self._on_signal)
 
     def _run(self) -> int:
         spec = self.spec
@@ -156,6 +169,7 @@ class Supervisor:
             env = {**spec.env, RESTART_ENV: str(attempt), "DIST_TRAIN_TTY": "1" if sys.stderr.isatty() else "0"}
             self._event("attempt_start", attempt=attempt, nproc=spec.nproc, argv=argv)
             handle = self.backend.start(argv, env, attempt)
+            self._reclaim_signals()
             outcome: Optional[Outcome] = None
             try:
                 outcome = self._watch(handle, attempt)

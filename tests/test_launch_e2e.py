@@ -106,3 +106,44 @@ def test_mpi_launch_sigterm_checkpoints_and_resumes(tmp_path):
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["start_step"] == saved  # resumed at the next step, trained exactly one
     assert _metrics(run_dir)[-1]["step"] == saved + 1
+
+
+def _preempt_when_stepping(cmd, run_dir, env=None, min_step=2, timeout=240):
+    """Start ``cmd``, SIGTERM it once every rank has finished ``min_step`` steps; (returncode, output)."""
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env or _env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        hb = [read_heartbeat(run_dir, r) for r in range(2)]
+        if all(h and (h.get("step") or 0) >= min_step for h in hb):
+            break
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=timeout)
+    return proc.returncode, out
+
+
+def test_ray_launch_sigterm_checkpoints_and_resume_equals_uninterrupted(tmp_path):
+    """ray.init() installs its own SIGTERM handler: the launcher must keep forwarding preemption."""
+    pytest.importorskip("ray")
+    from dist_train.checkpoint import complete_checkpoints
+
+    run_dir = tmp_path / "pre"
+    cmd = [sys.executable, "-m", "dist_train", "launch", CONFIG, *BASE, "--set", f"run.dir={run_dir}",
+           "--backend", "ray", "--nproc", "2", "--set", "train.steps=500", "--set", "checkpoint.every=0"]
+    code, out = _preempt_when_stepping(cmd, run_dir)
+    assert code == EXIT_PREEMPTED, out[-4000:]
+    assert "got SIGTERM" in out, out[-4000:]
+    done = complete_checkpoints(run_dir / "checkpoints")
+    assert done, out[-4000:]
+    saved = done[0][0]
+    assert 2 <= saved < 500
+    total = ["--set", f"train.steps={saved + 2}"]
+    p = _launch(run_dir, "--backend", "local", "--nproc", "2", *total)
+    assert p.returncode == 0, (p.stdout + p.stderr)[-4000:]
+    ref_dir = tmp_path / "ref"
+    q = _launch(ref_dir, "--backend", "local", "--nproc", "2", *total)
+    assert q.returncode == 0, (q.stdout + q.stderr)[-4000:]
+    got, ref = _metrics(run_dir)[-1], _metrics(ref_dir)[-1]
+    assert got["step"] == ref["step"] == saved + 2
+    assert got["loss"] == ref["loss"]
