@@ -15,6 +15,25 @@ EXIT_USAGE = 2
 _F = argparse.RawDescriptionHelpFormatter
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    """Argument errors are one line plus a pointer to ``--help`` (exit 2), not the whole usage text.
+    Sub-command parsers inherit the class (``add_subparsers`` uses the parent's type)."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def positive_int(text: str) -> int:
+    """argparse ``type=`` for counts: '0' or '-2' is refused by the parser with the valid range."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value}: must be >= 1")
+    return value
+
+
 def examples(*lines: str) -> str:
     """An argparse epilog listing example commands (every CLI module uses this)."""
     return "examples:\n" + "\n".join(f"  {line}" for line in lines)
@@ -133,7 +152,7 @@ _COMMANDS: dict[str, Callable] = {
 def build_parser(command: Optional[str] = None) -> argparse.ArgumentParser:
     """The CLI parser. Only ``command``'s module is imported and its arguments built (all when None
     is not wanted: `dist-train --help` stays fast because torch is never imported for it)."""
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="dist-train", formatter_class=_F,
         description="Distributed long-context training: context (ring/Ulysses) and window parallelism "
                     "composed with tensor, pipeline and ZeRO data parallelism on one device mesh.",

@@ -174,6 +174,10 @@ _CHOICES = {
 }
 
 
+#: data.prepare: corpora built at data.path when the dataset is missing (None: it must exist)
+PREPARE_CORPORA = (None, "python-stdlib")
+
+
 def _as_grid(wp: Any) -> tuple[int, int]:
     if isinstance(wp, int):
         return (1, wp)
@@ -322,12 +326,15 @@ def load_config(path: Union[str, Path], overrides: Optional[list[str]] = None) -
     if not p.is_file():
         raise ConfigError(f"config file '{p}' not found")
     try:
-        data = yaml.safe_load(p.read_text()) or {}
+        data = yaml.safe_load(p.read_text())
     except yaml.YAMLError as e:
         first = " ".join(str(e).split())
         raise ConfigError(f"config file '{p}' is not valid YAML: {first}") from None
     except (OSError, UnicodeDecodeError) as e:
         raise ConfigError(f"config file '{p}' cannot be read: {e}") from None
+    if data is None:  # an empty file would silently train the built-in defaults
+        raise ConfigError(f"config file '{p}' is empty: it needs at least a model, data and train section "
+                          f"(see configs/gpt_tiny.yaml)")
     if not isinstance(data, dict):
         raise ConfigError(f"config file '{p}' must hold a mapping of sections, got {type(data).__name__}")
     return config_from_dict(data, overrides)
@@ -345,41 +352,198 @@ def _get(cfg: Config, dotted: str) -> Any:
     return getattr(getattr(cfg, section), key)
 
 
+@dataclass(frozen=True)
+class Bound:
+    """The valid interval of a numeric key; :meth:`text` is what an error message quotes.
+
+    ``null``: when set, null is valid too and means this (quoted in the message)."""
+
+    lo: float = -math.inf
+    hi: float = math.inf
+    lo_open: bool = False
+    hi_open: bool = False
+    null: str = ""
+
+    def contains(self, v: float) -> bool:
+        if isinstance(v, float) and math.isnan(v):
+            return False
+        above = v > self.lo if self.lo_open else v >= self.lo
+        below = v < self.hi if self.hi_open else v <= self.hi
+        return above and below
+
+    def text(self) -> str:
+        def num(x: float) -> str:
+            return f"{x:g}" if isinstance(x, float) and not x.is_integer() else str(int(x))
+
+        if self.hi == math.inf:
+            rng = f"{'>' if self.lo_open else '>='} {num(self.lo)}" + (" and finite" if self.hi_open else "")
+        else:
+            rng = f"in {'(' if self.lo_open else '['}{num(self.lo)}, {num(self.hi)}{')' if self.hi_open else ']'}"
+        return rng + (f" (or null: {self.null})" if self.null else "")
+
+
+_POS = Bound(1)  # a count: 1, 2, ...
+_NONNEG = Bound(0)
+_POSITIVE_REAL = Bound(0, lo_open=True, hi_open=True)  # > 0 and finite
+_NONNEG_REAL = Bound(0, hi_open=True)  # >= 0 and finite
+#: Largest sizes accepted: far beyond any model that trains anywhere (Llama-3 405B: d 16384, 126 layers,
+#: vocab 128k), small enough that a typo (an extra zero or three) is refused here instead of as an
+#: out-of-memory traceback on every rank.
+MAX_WIDTH, MAX_LAYERS, MAX_VOCAB, MAX_SEQ = 1 << 17, 1 << 12, (1 << 31) - 1, 1 << 30
+
+#: Every numeric key's valid range, in one place (lists, strings and choices are checked per section below).
+_BOUNDS: dict[str, Bound] = {
+    "run.seed": Bound(0, 2**63 - 1),
+    "model.d_model": Bound(1, MAX_WIDTH),
+    "model.n_layers": Bound(1, MAX_LAYERS),
+    "model.n_heads": Bound(1, MAX_WIDTH),
+    "model.n_kv_heads": Bound(1, MAX_WIDTH, null="= n_heads"),
+    "model.ffn_hidden": Bound(1, 8 * MAX_WIDTH, null="SwiGLU default 8/3 * d_model rounded up to 32"),
+    "model.vocab_size": Bound(2, MAX_VOCAB),
+    "model.rope_theta": _POSITIVE_REAL,
+    "model.norm_eps": _NONNEG_REAL,
+    "model.init_std": _NONNEG_REAL,
+    "model.attention_window": Bound(1, null="full causal attention"),
+    "model.patch_size": Bound(1, 1 << 10),
+    "model.in_channels": Bound(0, 1 << 16),
+    "model.out_channels": Bound(0, 1 << 16),
+    "data.seq_len": Bound(2, MAX_SEQ),
+    "data.channels": Bound(1, 1 << 16),
+    "data.steps": Bound(2, 1 << 24),
+    "parallel.dp": _POS,
+    "parallel.tp": _POS,
+    "parallel.pp": _POS,
+    "parallel.cp": _POS,
+    "parallel.ulysses_degree": _POS,
+    "parallel.cp_kv_piece": Bound(1, null="whole shards"),
+    "parallel.zero_stage": Bound(0, 3, null="plain DDP"),
+    "parallel.microbatches": Bound(1, null="the accumulation steps"),
+    "train.steps": _POS,
+    "train.global_batch": _POS,
+    "train.micro_batch": _POS,
+    "train.lr": _POSITIVE_REAL,
+    "train.min_lr_ratio": Bound(0, 1),
+    "train.warmup_steps": _NONNEG,
+    "train.weight_decay": _NONNEG_REAL,
+    "train.grad_clip": Bound(0, hi_open=True),  # 0: no clipping
+    "train.log_every": _POS,
+    "train.peak_tflops": Bound(0, lo_open=True, hi_open=True, null="CUDA table or CPU calibration"),
+    "train.exit_interval": _NONNEG,  # 0: off
+    "checkpoint.every": _NONNEG,  # 0: only at the end
+    "checkpoint.keep_last": _POS,
+    "launch.nproc": _POS,
+    "launch.nodes": _POS,
+    "launch.gpus_per_node": _NONNEG,
+    "launch.max_restarts": _NONNEG,
+    "launch.collective_timeout_s": _POSITIVE_REAL,
+    "launch.watchdog_s": Bound(0, hi_open=True),  # 0: off
+}
+
+
+def _check_bounds(cfg: Config, section: str) -> None:
+    for dotted, bound in _BOUNDS.items():
+        if dotted.split(".")[0] != section or not hasattr(getattr(cfg, section), dotted.split(".")[1]):
+            continue
+        v = _get(cfg, dotted)
+        if v is None and bound.null:
+            continue
+        if v is None or not bound.contains(v):
+            raise ConfigError(f"{dotted} = {v!r}: must be {bound.text()}")
+
+
+def _check_text(dotted: str, v: Any, what: str) -> None:
+    if not isinstance(v, str) or not v.strip():
+        raise ConfigError(f"{dotted} = {v!r}: must be {what}")
+
+
+def _check_int_list(dotted: str, v: Any, n: int, lo: int, what: str) -> None:
+    ok = isinstance(v, list) and len(v) == n and all(
+        isinstance(x, int) and not isinstance(x, bool) and x >= lo for x in v)
+    if not ok:
+        raise ConfigError(f"{dotted} = {v!r}: expected {what}")
+
+
 def validate(cfg: Config) -> None:
+    """Every key's range and the cross-key rules; raises ConfigError (one line). No process group needed;
+    the world size is checked separately once it is known (:func:`check_world_size`)."""
     for dotted, choices in _CHOICES.items():
         v = _get(cfg, dotted)
         if v not in choices:
-            raise ConfigError(f"{dotted} = {v!r}: valid values are {', '.join(choices)}")
-    p, m, t, d = cfg.parallel, cfg.model, cfg.train, cfg.data
+            raise ConfigError(f"{dotted} = {v!r}: valid values are {', '.join(map(str, choices))}")
+    _validate_run(cfg)
+    _validate_parallel(cfg)
+    _validate_data(cfg)
+    _validate_train(cfg)
+    _validate_checkpoint(cfg)
+    _validate_launch(cfg)
+    _validate_model(cfg)  # last: its cross-key rules divide by parallel and train sizes checked above
+
+
+def _validate_run(cfg: Config) -> None:
+    _check_bounds(cfg, "run")
+    _check_text("run.name", cfg.run.name, "a non-empty name")
+    _check_text("run.dir", cfg.run.dir, "a directory path")
+
+
+def _validate_model(cfg: Config) -> None:
+    _check_bounds(cfg, "model")
+    m = cfg.model
+    if isinstance(m.window, bool) or not (isinstance(m.window, int) and m.window >= 1):
+        _check_int_list("model.window", m.window, 2, 1, "a positive integer or [wh, ww] (two positive integers)")
+    if not (isinstance(m.wrap, list) and len(m.wrap) == 2 and all(isinstance(v, bool) for v in m.wrap)):
+        raise ConfigError(f"model.wrap = {m.wrap!r}: expected [bool, bool] (periodic H, periodic W)")
+    if cfg.model.kind == "gpt":
+        _validate_gpt(cfg)
+    else:
+        _validate_swin(cfg)
+
+
+def _validate_data(cfg: Config) -> None:
+    _check_bounds(cfg, "data")
+    d = cfg.data
+    if d.path is not None:
+        _check_text("data.path", d.path, "a dataset path or null")
+    _check_text("data.tokenizer", d.tokenizer, "byte or the path of a tokenizer.json")
+    if d.prepare not in PREPARE_CORPORA:
+        raise ConfigError(f"data.prepare = {d.prepare!r}: valid values are null (the dataset must exist) or "
+                          f"{', '.join(c for c in PREPARE_CORPORA if c)}")
+    if d.image is not None:
+        _check_int_list("data.image", d.image, 2, 1, "[H, W] (two positive integers) or null")
+
+
+def _validate_parallel(cfg: Config) -> None:
+    _check_bounds(cfg, "parallel")
+    p = cfg.parallel
     gh, gw = cfg.wp_grid
-    for name, v in (("dp", p.dp), ("tp", p.tp), ("pp", p.pp), ("cp", p.cp), ("wp[0]", gh), ("wp[1]", gw),
-                    ("ulysses_degree", p.ulysses_degree)):
-        if v < 1:
-            raise ConfigError(f"parallel.{name} = {v}: must be a positive integer")
-    if p.zero_stage is not None and p.zero_stage not in (0, 1, 2, 3):
-        raise ConfigError(f"parallel.zero_stage = {p.zero_stage}: valid values are null (plain DDP), 0, 1, 2, 3")
-    for name in ("steps", "global_batch", "micro_batch", "log_every"):
-        if getattr(t, name) < 1:
-            raise ConfigError(f"train.{name} = {getattr(t, name)}: must be >= 1")
+    if gh < 1 or gw < 1:
+        raise ConfigError(f"parallel.wp = {p.wp!r}: expected [gh, gw] (two positive integers) or an integer")
+
+
+def _validate_train(cfg: Config) -> None:
+    _check_bounds(cfg, "train")
+    t, p = cfg.train, cfg.parallel
+    if not (isinstance(t.betas, list) and len(t.betas) == 2 and all(
+            isinstance(b, (int, float)) and not isinstance(b, bool) and 0 <= b < 1 for b in t.betas)):
+        raise ConfigError(f"train.betas = {t.betas!r}: expected two numbers in [0, 1), e.g. [0.9, 0.95]")
     if t.global_batch % (t.micro_batch * p.dp):
         raise ConfigError(
             f"train.global_batch = {t.global_batch} is not a multiple of micro_batch * dp = "
             f"{t.micro_batch} * {p.dp} = {t.micro_batch * p.dp}; e.g. global_batch = "
             f"{max(1, round(t.global_batch / (t.micro_batch * p.dp))) * t.micro_batch * p.dp}")
-    if t.lr <= 0 or not math.isfinite(t.lr):
-        raise ConfigError(f"train.lr = {t.lr}: must be a positive number")
-    if t.warmup_steps < 0:
-        raise ConfigError(f"train.warmup_steps = {t.warmup_steps}: must be >= 0")
-    if m.kind == "gpt":
-        _validate_gpt(cfg)
-    else:
-        _validate_swin(cfg)
-    if d.seq_len < 2:
-        raise ConfigError(f"data.seq_len = {d.seq_len}: must be >= 2")
-    if cfg.checkpoint.keep_last < 1:
-        raise ConfigError(f"checkpoint.keep_last = {cfg.checkpoint.keep_last}: must be >= 1")
-    if cfg.checkpoint.every < 0:
-        raise ConfigError(f"checkpoint.every = {cfg.checkpoint.every}: must be >= 0")
+
+
+def _validate_checkpoint(cfg: Config) -> None:
+    _check_bounds(cfg, "checkpoint")
+    c = cfg.checkpoint
+    _check_text("checkpoint.resume", c.resume, "auto, none or the path of a checkpoint")
+    if c.dir is not None:
+        _check_text("checkpoint.dir", c.dir, "a directory path or null (run.dir/checkpoints)")
+
+
+def _validate_launch(cfg: Config) -> None:
+    _check_bounds(cfg, "launch")
+    if cfg.launch.address is not None:
+        _check_text("launch.address", cfg.launch.address, "a Ray cluster address (host:port, auto) or null")
 
 
 def _validate_gpt(cfg: Config) -> None:
@@ -426,9 +590,6 @@ def _validate_gpt(cfg: Config) -> None:
         if m.tie_embeddings:
             raise ConfigError(f"model.tie_embeddings with parallel.pp = {p.pp} is not supported (embedding and "
                               "head live on different stages)")
-    if p.cp_kv_piece is not None and (not isinstance(p.cp_kv_piece, int) or p.cp_kv_piece < 1):
-        raise ConfigError(f"parallel.cp_kv_piece = {p.cp_kv_piece!r}: must be null (whole shards) or a positive "
-                          "number of tokens, e.g. 1024")
     if p.cp_method == "ulysses" and p.ulysses_degree not in (1, p.cp):
         raise ConfigError(f"parallel.ulysses_degree = {p.ulysses_degree} with cp_method = ulysses must equal "
                           f"parallel.cp = {p.cp}")
@@ -439,8 +600,6 @@ def _validate_gpt(cfg: Config) -> None:
         heads_local = m.n_heads // p.tp
         if heads_local % deg:
             raise ConfigError(f"model.n_heads / tp = {heads_local} is not divisible by the Ulysses degree {deg}")
-    if m.vocab_size < 2:
-        raise ConfigError(f"model.vocab_size = {m.vocab_size}: must be >= 2")
 
 
 def _validate_swin(cfg: Config) -> None:
@@ -455,8 +614,6 @@ def _validate_swin(cfg: Config) -> None:
     if m.n_heads % p.cp:
         raise ConfigError(f"model.n_heads = {m.n_heads} is not divisible by parallel.cp = {p.cp}: swin with cp > 1 "
                           f"runs Ulysses inside windows (n_heads/cp heads per cp rank)")
-    if not (isinstance(m.wrap, list) and len(m.wrap) == 2 and all(isinstance(v, bool) for v in m.wrap)):
-        raise ConfigError(f"model.wrap = {m.wrap!r}: expected [bool, bool] (periodic H, periodic W)")
 
 
 def check_world_size(cfg: Config, world_size: int) -> None:

@@ -25,7 +25,7 @@ def test_overrides_are_yaml_scalars_and_refs_expand(tmp_path):
     ({"model": {"n_heads": 4, "n_kv_heads": 3}}, "model.n_heads = 4 is not divisible by model.n_kv_heads = 3"),
     ({"model": {"n_layers": 1}, "parallel": {"pp": 2}}, "model.n_layers = 1 < 2 pipeline stages (pp = 2, schedule 1f1b)"),
     ({"parallel": {"tp": 3}}, "model.n_heads = 4 is not divisible by parallel.tp = 3"),
-    ({"parallel": {"cp_kv_piece": 0}}, "parallel.cp_kv_piece = 0: must be null (whole shards) or a positive number"),
+    ({"parallel": {"cp_kv_piece": 0}}, "parallel.cp_kv_piece = 0: must be >= 1 (or null: whole shards)"),
 ])
 def test_invalid_configs_name_the_key_and_numbers(data, msg):
     with pytest.raises(ConfigError) as e:

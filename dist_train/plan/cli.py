@@ -10,7 +10,7 @@ import sys
 import time
 from pathlib import Path
 
-from ..cli import examples
+from ..cli import examples, positive_int
 from ..config import Config, load_config
 from ..metrics import FLOP_CONVENTION
 from .enumerate import enumerate_layouts, layout_label, rank_layouts, why_slower
@@ -34,12 +34,12 @@ def add_plan_arguments(parser: argparse.ArgumentParser) -> None:
         "dist-train plan configs/sweeps/projections/swin_721x1440.yaml --devices 256 --device h100 --image 721 1440",
         "dist-train plan --calibrate          # measure this machine once (~1 min), stored under ~/.cache/dist-train")
     parser.add_argument("config", nargs="?", help="YAML config file (model, data, batch)")
-    parser.add_argument("--devices", type=int, help="number of devices to plan for")
+    parser.add_argument("--devices", type=positive_int, help="number of devices to plan for")
     parser.add_argument("--device", default="cpu", help="h100 | h200 | a100 | cpu, or a profile .yaml (default cpu)")
     parser.add_argument("--seq-len", type=int, help="override data.seq_len")
     parser.add_argument("--image", type=int, nargs=2, metavar=("H", "W"), help="override data.image (swin)")
     parser.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key (repeatable)")
-    parser.add_argument("--top", type=int, default=8, help="layouts to list (default 8)")
+    parser.add_argument("--top", type=positive_int, default=8, help="layouts to list (default 8)")
     parser.add_argument("--explain", action="store_true", help="print the memory and time breakdown of the best")
     parser.add_argument("--current", action="store_true", help="only predict the config's own layout")
     parser.add_argument("--calibrate", action="store_true", help="measure this machine and store a cpu profile")
