@@ -100,6 +100,8 @@ class TrainConfig:
     activation_checkpointing: str = "none"  # none | full | selective
     peak_tflops: Optional[float] = None  # per-device peak for MFU; None: CUDA table or CPU calibration
     exit_interval: int = 0  # save and exit after every N steps done in this process (time-sliced jobs)
+    on_nonfinite: str = "stop"  # non-finite loss/grad norm: stop (exit 3) | skip (the step is not applied)
+    max_nonfinite_steps: int = 3  # skip: this many consecutive skipped steps are tolerated, one more stops
     progress: bool = True
 
 
@@ -170,6 +172,7 @@ _CHOICES = {
     "train.precision": ("auto", "fp32", "bf16"),
     "train.activation_checkpointing": ("none", "full", "selective"),
     "checkpoint.on_error": ("stop", "continue"),
+    "train.on_nonfinite": ("stop", "skip"),
     "launch.backend": ("ray", "local", "mpi"),
 }
 
@@ -429,6 +432,7 @@ _BOUNDS: dict[str, Bound] = {
     "train.log_every": _POS,
     "train.peak_tflops": Bound(0, lo_open=True, hi_open=True, null="CUDA table or CPU calibration"),
     "train.exit_interval": _NONNEG,  # 0: off
+    "train.max_nonfinite_steps": _POS,
     "checkpoint.every": _NONNEG,  # 0: only at the end
     "checkpoint.keep_last": _POS,
     "launch.nproc": _POS,
@@ -530,6 +534,9 @@ def _validate_train(cfg: Config) -> None:
             f"train.global_batch = {t.global_batch} is not a multiple of micro_batch * dp = "
             f"{t.micro_batch} * {p.dp} = {t.micro_batch * p.dp}; e.g. global_batch = "
             f"{max(1, round(t.global_batch / (t.micro_batch * p.dp))) * t.micro_batch * p.dp}")
+    if t.on_nonfinite == "skip" and p.zero_stage is not None:
+        raise ConfigError(f"train.on_nonfinite = skip with parallel.zero_stage = {p.zero_stage}: DeepSpeed applies "
+                          "its optimizer step itself; use on_nonfinite: stop (or zero_stage: null)")
 
 
 def _validate_checkpoint(cfg: Config) -> None:

@@ -5,11 +5,14 @@
 from __future__ import annotations
 
 import os
+import sys
 
 import torch.distributed as dist
 
+from .checkpoint.storage import CheckpointError
 from .config import check_world_size, load_config
 from .distributed import env_rank_info, init_distributed
+from .lifecycle import EXIT_FAILED, TrainingDiverged
 
 
 def run_rank(config_path: str, overrides: list[str]) -> int:
@@ -28,6 +31,11 @@ def run_rank(config_path: str, overrides: list[str]) -> int:
 
         result = train(cfg, ctx)
         return result.exit_code
+    except (TrainingDiverged, CheckpointError) as e:
+        # every rank raises the same one-line decision (agreed collectively): rank 0 says it, once
+        if ctx.rank == 0:
+            print(f"dist-train: error: {str(e).splitlines()[0]}", file=sys.stderr, flush=True)
+        return getattr(e, "exit_code", EXIT_FAILED)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

@@ -46,6 +46,15 @@ EXIT_PREEMPTED = 75
 EXIT_HANG = 124
 #: Generic failure of the launcher when no better code is known.
 EXIT_FAILED = 1
+#: Training stopped on a non-finite loss or gradient norm (``train.on_nonfinite``); the last finite
+#: checkpoint is untouched. Not restartable: a restart would replay the same steps into the same NaN.
+EXIT_DIVERGED = 3
+
+
+class TrainingDiverged(RuntimeError):
+    """Non-finite loss or gradient norm under ``train.on_nonfinite``; the message is one line naming the step."""
+
+    exit_code = EXIT_DIVERGED
 
 PREEMPT_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 HEARTBEAT_INTERVAL_S = 1.0

@@ -23,6 +23,7 @@ import torch.distributed as dist
 
 from .config import Config, check_world_size, save_config
 from .distributed import DistContext, current_context
+from .lifecycle import TrainingDiverged
 from .logs import get_logger, setup_logging
 from .mesh import Mesh, build_mesh
 from .metrics import (FLOP_CONVENTION, MetricsWriter, device_peak_tflops, format_metrics, gpt_flops_per_token,
@@ -139,6 +140,32 @@ def _stop_reason(t, steps_done: int, start_step: int, lifecycle) -> Optional[str
     return None
 
 
+def _check_finite(cfg: Config, engine, step: int, loss: float, grad_norm: float, run: int, ckpt, log,
+                  is_main: bool) -> int:
+    """Apply ``train.on_nonfinite`` to the step just taken; returns the new count of consecutive skipped
+    steps or raises ``TrainingDiverged`` (the same decision on every rank: the engines agree on the flag).
+
+    The engines never apply a non-finite step (``last_step_skipped``), so the weights stay finite and no
+    later checkpoint can hold NaN; DeepSpeed applies its own step, so there a non-finite step always stops."""
+    skipped = getattr(engine, "last_step_skipped", False)
+    if not skipped and math.isfinite(loss) and math.isfinite(grad_norm):
+        return 0
+    t = cfg.train
+    what = f"step {step}: loss {loss:g}, grad norm {grad_norm:g}"
+    good = ckpt.last_good()
+    tail = f"last good checkpoint: {good or 'none'} (untouched)"
+    if t.on_nonfinite == "stop" or not skipped:
+        raise TrainingDiverged(f"{what} is not finite: training stopped (train.on_nonfinite = {t.on_nonfinite}); "
+                               f"the step was not saved; {tail}")
+    run += 1
+    if run > t.max_nonfinite_steps:
+        raise TrainingDiverged(f"{what} is not finite: {run} consecutive non-finite steps > "
+                               f"train.max_nonfinite_steps = {t.max_nonfinite_steps}, training stopped; {tail}")
+    (log.warning if is_main else log.info)(f"{what} is not finite: step skipped, weights and optimizer unchanged "
+                f"({run} of at most {t.max_nonfinite_steps} consecutive, train.on_nonfinite = skip)")
+    return run
+
+
 # ---------------------------------------------------------------------------------------------
 # The loop
 # ---------------------------------------------------------------------------------------------
@@ -204,6 +231,7 @@ def train(cfg: Config, ctx: Optional[DistContext] = None) -> TrainResult:
         bar = tqdm(total=t.steps, initial=start_step, desc="train", unit="step", file=sys.stderr,
                    dynamic_ncols=True, leave=False, mininterval=0.5)
     step_times: list[float] = []
+    nonfinite_run = 0  # consecutive skipped (non-finite) steps
     from .plan.rankstats import RankStats  # per-rank record for `dist-train scale` (DIST_TRAIN_RANK_STATS=1)
     rank_stats = RankStats.start(run_dir, ctx.rank)
     model.train()
@@ -217,14 +245,14 @@ def train(cfg: Config, ctx: Optional[DistContext] = None) -> TrainResult:
                 raise ValueError(f"step {step}: the global batch has no real tokens to train on")
             lr = engine.lr
             loss, grad_norm = engine.train_step(micro, global_count)
+            nonfinite_run = _check_finite(cfg, engine, step + 1, loss, grad_norm, nonfinite_run, ckpt, log,
+                                         ctx.is_main)
             consumed += t.global_batch
             dt = time.perf_counter() - t0
             step_times.append(dt)
             rank_stats.step(dt)
             result.losses.append(loss)
             result.grad_norms.append(grad_norm)
-            if not math.isfinite(loss):
-                log.warning(f"step {step + 1}: loss is {loss}")
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss:.3f}")
@@ -251,9 +279,11 @@ def train(cfg: Config, ctx: Optional[DistContext] = None) -> TrainResult:
         finished = start_step + len(result.losses) == t.steps
         if finished and cfg.checkpoint.at_end and t.steps > start_step:
             save_state(t.steps, force=True)
-        ckpt.close()
     finally:
-        lifecycle.close()
+        try:
+            ckpt.close()  # an async save of an earlier (finite) step still commits when a later step diverged
+        finally:
+            lifecycle.close()
         if bar is not None:
             bar.close()
         writer.close()

@@ -41,6 +41,7 @@ from typing import Any, Callable, Iterator, Optional, Union
 import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.tensor import DTensor
 
 from dist_train.checkpoint import manifest as mf
 from dist_train.checkpoint.comm import CheckpointComm
@@ -80,6 +81,16 @@ def _corruption(e: BaseException) -> bool:
     if isinstance(e, CheckpointException) and failures:
         return any(_corruption(pair[0] if isinstance(pair, tuple) else pair) for pair in failures.values())
     return isinstance(e, CorruptCheckpointError)
+
+
+def nonfinite_tensor(tensors: dict[str, torch.Tensor]) -> Optional[str]:
+    """The first key (sorted) of a floating tensor holding NaN or ±inf (this rank's part of a DTensor), else None."""
+    for key in sorted(tensors):
+        t = tensors[key]
+        local = t.to_local() if isinstance(t, DTensor) else t
+        if local.is_floating_point() and local.numel() and not bool(torch.isfinite(local.detach()).all()):
+            return key
+    return None
 
 
 def _tensor_info(t: torch.Tensor) -> dict:
@@ -146,6 +157,11 @@ class CheckpointManager:
             return False
         t0 = time.perf_counter()
         payload = self._collect(step, model, optimizer, scheduler, extra)
+        bad = nonfinite_tensor(payload["tensors"])
+        refused = self.comm.agree(None if bad is None else f"tensor '{bad}' holds NaN/inf values (not committed)")
+        if refused:  # never commit (and never prune a good checkpoint for) a diverged state
+            self._failed(step, CheckpointError("; ".join(refused)))
+            return False
         self._last_step = step  # reset by _failed
         if self.cfg.async_save:
             payload["tensors"] = self._stager.stage(payload["tensors"])
@@ -185,12 +201,17 @@ class CheckpointManager:
     def _failed(self, step: int, e: BaseException) -> None:
         self.failed_saves += 1
         self._last_step = None
-        good = mf.read_latest(self.root)
+        good = self.last_good()
         msg = f"checkpoint save at step {step} failed: {_describe(e)} — last good checkpoint: {good or 'none'} (untouched)"
         if self.cfg.on_error == "stop":
             raise CheckpointError(msg) from e
         if self.rank == 0:
             log.warning("%s; continuing (checkpoint.on_error=continue)", msg)
+
+    def last_good(self) -> Optional[str]:
+        """Name of the newest complete checkpoint (``step_N``), or None."""
+        complete = mf.complete_checkpoints(self.root)
+        return complete[0][1].name if complete else None
 
     def _fire(self, phase: str) -> None:
         if self.fault_hook is not None:
@@ -429,6 +450,10 @@ class CheckpointManager:
                 raise CorruptCheckpointError(f"checkpoint {ckpt} failed verification: {_describe(e)}",
                                              _describe(e)) from None
             raise CheckpointError(f"loading {ckpt} failed: {_describe(e)}") from None
+        bad = nonfinite_tensor(tensors)
+        problems = self.comm.agree(None if bad is None else f"{ckpt}: tensor '{bad}' holds NaN/inf values")
+        if problems:  # saved before non-finite states were refused: as unusable as a damaged one
+            raise CorruptCheckpointError(f"checkpoint {ckpt} failed verification: {problems[0]}", problems[0])
         values = ts["values"]
         where = str(ckpt / mf.TRAIN_STATE)
         model_sd = join_state("model", model_sd, tensors, values, where)

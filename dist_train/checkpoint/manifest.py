@@ -26,9 +26,11 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Iterable, Optional, Union
 
+import torch
+
 from dist_train.checkpoint import checksum
 from dist_train.checkpoint.storage import (RAW_FORMAT, CheckpointError, damage_message, file_block_digests,
-                                           write_file_durable)
+                                           load_dcp_metadata, write_file_durable)
 
 MANIFEST = "manifest.json"
 TRAIN_STATE = "train_state.json"
@@ -96,8 +98,6 @@ def read_manifest(ckpt: PathLike) -> dict:
 def tensors_in_range(ckpt: Path, file_name: str, start: int, end: int) -> list[str]:
     """Names of the tensors DCP stored in ``file_name`` overlapping bytes [start, end) (from ``.metadata``,
     read safely); empty when the metadata itself is unreadable."""
-    from dist_train.checkpoint.storage import load_dcp_metadata
-
     try:
         md = load_dcp_metadata(ckpt / DCP_METADATA)
     except CheckpointError:
@@ -153,16 +153,54 @@ def verify_files(ckpt: PathLike, body: dict, names: Optional[Iterable[str]] = No
     size_only = set(size_only)
     with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:  # hashing releases the GIL: 2 threads ≈ 2 cores
         problems = list(pool.map(lambda n: check_file(ckpt, n, files[n], content=n not in size_only), todo))
+    if DCP_METADATA in todo and not problems[todo.index(DCP_METADATA)]:
+        problems.append(metadata_problem(ckpt))
     return [p for p in problems if p]
 
 
+def metadata_problem(ckpt: PathLike) -> Optional[str]:
+    """None when ``ckpt/.metadata`` passes the allow-list unpickler (``storage.load_dcp_metadata``), else the
+    reason: a checkpoint whose checksums were recomputed over refused metadata is still unusable."""
+    try:
+        load_dcp_metadata(Path(ckpt) / DCP_METADATA)
+    except CheckpointError as e:
+        return str(e)
+    return None
+
+
+def nonfinite_tensors(ckpt: PathLike, body: dict, limit: int = 5) -> list[str]:
+    """Problems naming stored floating tensors that hold NaN or ±inf (raw-format shards; at most ``limit``).
+    Reads every shard byte once, one stored chunk at a time."""
+    if body.get("shard_format") != RAW_FORMAT:
+        return []
+    ckpt = Path(ckpt)
+    md = load_dcp_metadata(ckpt / DCP_METADATA)
+    bad: list[str] = []
+    for index, info in sorted(md.storage_data.items(), key=lambda kv: (kv[1].relative_path, kv[1].offset)):
+        dtype = md.state_dict_metadata[index.fqn].properties.dtype
+        if not dtype.is_floating_point or index.fqn in bad or not info.length:
+            continue
+        with open(ckpt / info.relative_path, "rb") as f:
+            f.seek(info.offset)
+            data = bytearray(f.read(info.length))
+        if len(data) == info.length and not bool(torch.isfinite(torch.frombuffer(data, dtype=dtype)).all()):
+            bad.append(index.fqn)
+            if len(bad) >= limit:
+                break
+    return [f"{ckpt}: tensor '{name}' holds NaN/inf values" for name in bad]
+
+
 def verify_checkpoint(ckpt: PathLike) -> list[str]:
-    """All problems of one checkpoint directory (manifest, then every file); empty when it is valid."""
+    """All problems of one checkpoint directory (manifest, then every file, the DCP metadata, then NaN/inf
+    in stored tensors); empty when it is valid."""
     try:
         body = read_manifest(ckpt)
     except CheckpointError as e:
         return [str(e)]
-    return verify_files(ckpt, body)
+    problems = verify_files(ckpt, body)
+    if problems:
+        return problems
+    return nonfinite_tensors(ckpt, body)
 
 
 def list_checkpoints(root: PathLike) -> list[tuple[int, Path]]:

@@ -18,7 +18,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from ..config import TrainConfig
 from ..mesh import Mesh
 from ..optim import build_optimizer, build_scheduler
-from .grads import all_reduce_sum, clip_grads_, global_grad_norm
+from .grads import all_ranks_finite, all_reduce_sum, clip_grads_, global_grad_norm
 
 __all__ = ["DDPEngine", "all_reduce_sum"]
 
@@ -35,6 +35,7 @@ class DDPEngine:
         self.scheduler = build_scheduler(self.optimizer, cfg)
         self.grad_clip = cfg.grad_clip
         self.autocast_dtype = autocast_dtype
+        self.last_step_skipped = False  # the last train_step had a non-finite loss/norm: nothing applied
 
     def _autocast(self):
         if self.autocast_dtype is None:
@@ -68,18 +69,24 @@ class DDPEngine:
         for m, batch in enumerate(micro):
             batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
             loss_sum += self.forward_backward(batch, 1.0 / global_count, m == len(micro) - 1).double().cpu()
-        grad_norm = self.step()
         all_reduce_sum(loss_sum, self.mesh.grad_group)
-        return float(loss_sum.item()) / global_count, grad_norm
+        loss = float(loss_sum.item()) / global_count
+        grad_norm = self.step(loss)
+        return loss, grad_norm
 
-    def step(self) -> float:
-        """Clip, step, zero grads, advance the LR schedule; returns the pre-clip gradient norm."""
+    def step(self, loss: float = 0.0) -> float:
+        """Clip, step, zero grads, advance the LR schedule; returns the pre-clip gradient norm. When the loss
+        or the norm is not finite on any rank, nothing is applied (``last_step_skipped``): the weights,
+        optimizer state and schedule stay as they were and the gradients are dropped."""
         params = [p for p in self.module.parameters() if p.grad is not None]
         norm = global_grad_norm(params, self.mesh.tp_group, self.mesh.pp_group)
-        clip_grads_(params, norm, self.grad_clip)
-        self.optimizer.step()
+        device = params[0].device if params else torch.device("cpu")
+        self.last_step_skipped = not all_ranks_finite((loss, norm), device)
+        if not self.last_step_skipped:
+            clip_grads_(params, norm, self.grad_clip)
+            self.optimizer.step()
+            self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        self.scheduler.step()
         return float(norm)
 
     @property

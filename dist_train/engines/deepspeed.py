@@ -123,6 +123,9 @@ class DeepSpeedEngine:
             model=model, optimizer=optimizer, lr_scheduler=lambda opt: build_scheduler(opt, cfg.train),
             mpu=MeshMPU(mesh), config=self.ds_config, dist_init_required=False)
         self.module = self.engine.module
+        # DeepSpeed applies its step inside engine.step(): a non-finite step cannot be skipped here, so the
+        # trainer stops on it (config refuses train.on_nonfinite = skip with ZeRO)
+        self.last_step_skipped = False
 
     def checkpoint_kwargs(self) -> dict:
         """Extra CheckpointManager arguments: an adapter that gathers ZeRO-partitioned fp32 weights and

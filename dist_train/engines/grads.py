@@ -8,6 +8,7 @@ gradients and do not add.
 """
 from __future__ import annotations
 
+import math
 from typing import Iterable, Optional
 
 import torch
@@ -38,6 +39,20 @@ def global_grad_norm(params: Iterable[torch.nn.Parameter], tp_group=None, pp_gro
     total = all_reduce_sum(sharded, tp_group) + replicated
     all_reduce_sum(total, pp_group)
     return float(total.sqrt().item())
+
+
+def all_ranks_finite(values: Iterable[float], device: torch.device) -> bool:
+    """True on every rank iff every value is finite on every rank of the job (MIN over the default group).
+
+    The loss and the gradient norm are already equal on all ranks when the engines' reductions are
+    exact; the agreement makes the skip decision collective even when a reduction was not (a NaN on
+    one dp rank only), so no rank ever applies a step that another skipped."""
+    ok = all(math.isfinite(v) for v in values)
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return ok
+    flag = torch.tensor([1 if ok else 0], dtype=torch.int32, device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag.item())
 
 
 def clip_grads_(params: Iterable[torch.nn.Parameter], norm: float, max_norm: float) -> None:

@@ -23,7 +23,7 @@ import torch.nn as nn
 from ..config import Config
 from ..mesh import Mesh
 from ..optim import build_optimizer, build_scheduler
-from .grads import all_reduce_grads_, all_reduce_sum, clip_grads_, global_grad_norm
+from .grads import all_ranks_finite, all_reduce_grads_, all_reduce_sum, clip_grads_, global_grad_norm
 
 
 class StageModule(nn.Module):
@@ -52,6 +52,7 @@ class PipelineEngine:
         self.cfg, self.module, self.mesh = cfg, model, mesh
         self.autocast_dtype = autocast_dtype
         self.device = next(model.parameters()).device
+        self.last_step_skipped = False  # the last train_step had a non-finite loss/norm: nothing applied
         self.stage_modules = [StageModule(model, st) for st in model.pipeline_stages]
         self.optimizer = build_optimizer(list(model.named_parameters()), cfg.train)
         self.scheduler = build_scheduler(self.optimizer, cfg.train)
@@ -115,13 +116,17 @@ class PipelineEngine:
         params = [p for p in self.module.parameters() if p.requires_grad]
         all_reduce_grads_(params, self.mesh.grad_group)
         norm = global_grad_norm(params, self.mesh.tp_group, self.mesh.pp_group)
-        clip_grads_(params, norm, self.grad_clip)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        self.scheduler.step()
         all_reduce_sum(loss_sum, self.mesh.pp_group)  # only the last stage contributes
         all_reduce_sum(loss_sum, self.mesh.grad_group)
-        return float(loss_sum.item()) / global_count, norm
+        loss = float(loss_sum.item()) / global_count
+        # a non-finite loss or norm on any rank: apply nothing (see DDPEngine.step)
+        self.last_step_skipped = not all_ranks_finite((loss, norm), self.device)
+        if not self.last_step_skipped:
+            clip_grads_(params, norm, self.grad_clip)
+            self.optimizer.step()
+            self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return loss, norm
 
     def checkpoint_kwargs(self) -> dict:
         """Extra CheckpointManager arguments: stages hold disjoint global names (``layers.<i>``) and merge by
