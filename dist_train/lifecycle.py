@@ -46,6 +46,8 @@ EXIT_PREEMPTED = 75
 EXIT_HANG = 124
 #: Generic failure of the launcher when no better code is known.
 EXIT_FAILED = 1
+#: Bad input (config, files, arguments): one line on stderr (``dist_train.cli.EXIT_USAGE``).
+EXIT_USAGE = 2
 #: Training stopped on a non-finite loss or gradient norm (``train.on_nonfinite``); the last finite
 #: checkpoint is untouched. Not restartable: a restart would replay the same steps into the same NaN.
 EXIT_DIVERGED = 3

@@ -29,10 +29,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Optional, Protocol
 
-from dist_train.lifecycle import (EXIT_HANG, EXIT_OK, EXIT_PREEMPTED, RESTART_ENV, describe_exit,
-                                  exit_code_for_signal, read_heartbeat)
+from dist_train.lifecycle import (EXIT_DIVERGED, EXIT_HANG, EXIT_OK, EXIT_PREEMPTED, EXIT_USAGE, RESTART_ENV,
+                                  describe_exit, exit_code_for_signal, read_heartbeat)
 
 FORWARDED_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
+#: Rank exit codes a restart cannot cure: bad input found after the ranks started, and divergence (the
+#: restart would resume from the last finite checkpoint and replay the same steps into the same NaN).
+NOT_RESTARTABLE = {EXIT_USAGE: "a configuration or input error", EXIT_DIVERGED: "divergence (non-finite loss)"}
 
 
 class Attempt(Protocol):
@@ -188,7 +191,10 @@ class Supervisor:
                 elif outcome.kind == "interrupted":
                     self._say(f"interrupted twice: every rank killed, exit {outcome.code}")
                 return outcome.code
-            if attempt < spec.max_restarts and not self._pending:
+            if outcome.code in NOT_RESTARTABLE and attempt < spec.max_restarts:
+                self._say(f"not restarting: {NOT_RESTARTABLE[outcome.code]} (exit code {outcome.code}) would fail "
+                          f"the same way again")
+            elif attempt < spec.max_restarts and not self._pending:
                 attempt += 1
                 self._say(f"{summary}\n[launcher] restarting the job from the last committed checkpoint "
                           f"(restart {attempt} of {spec.max_restarts})")

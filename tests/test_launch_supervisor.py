@@ -133,6 +133,14 @@ def test_restart_after_killed_rank_and_failure_summary(tmp_path, tiny):
     assert "last lines of rank 1's stderr" in said and "[fault injection] rank 1 step 2" in said
 
 
+def test_divergence_and_usage_errors_are_not_restarted(tmp_path, tiny):
+    for code in (3, 2):  # EXIT_DIVERGED, EXIT_USAGE: a restart would fail the same way
+        sup, got, said, _ = _run(tmp_path, tiny, f"exit{code}", 2, 8, sink=Capture(), max_restarts=2,
+                                 env={"DIST_TRAIN_FAULT": f"rank=1,step=1,action=exit,code={code}", "TINY_TORCH": "0"})
+        assert got == code and len(sup.attempts) == 1, said
+        assert "not restarting" in said and "FAILED after 1 attempt" in said
+
+
 def test_hang_is_detected_with_steps_and_stacks(tmp_path, tiny):
     sup, code, said, run_dir = _run(
         tmp_path, tiny, "hang", 2, 50, sink=Capture(), watchdog_s=2.5, max_restarts=0,
