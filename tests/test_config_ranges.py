@@ -74,6 +74,8 @@ BAD: dict[str, list] = {
     "train.peak_tflops": [0, -1.0, float("inf")],
     "train.exit_interval": [-1],
     "train.progress": ["on"],
+    "train.on_nonfinite": ["ignore", None],
+    "train.max_nonfinite_steps": [0, -1],
     "checkpoint.every": [-1],
     "checkpoint.keep_last": [0, -3],
     "checkpoint.async_save": ["yes"],
