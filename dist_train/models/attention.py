@@ -10,6 +10,8 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from parallelism.context import context_parallel_attention, local_attention
+
 
 @dataclass(frozen=True)
 class AttentionContext:
@@ -30,34 +32,25 @@ class AttentionContext:
     kv_piece: Optional[int] = None
 
 
-def sliding_window_mask(s_q: int, s_k: int, window: Optional[int], device: torch.device) -> torch.Tensor:
-    """Boolean [s_q, s_k] mask (True = attend) for causal attention with an optional window."""
-    i = torch.arange(s_q, device=device)[:, None]
-    j = torch.arange(s_k, device=device)[None, :]
-    keep = j <= i
+def local_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: Optional[int],
+                           kernel: str = "auto") -> torch.Tensor:
+    """q: [B, S, Hq, D]; k, v: [B, S, Hkv, D] -> [B, S, Hq, D]; causal (+ window), GQA by head groups.
+
+    Full causal attention is torch SDPA (flash kernels, O(S) memory). A window (keys i-w..i) runs
+    through the context-parallel block kernels as a one-rank ring, tiled so that work and memory
+    are O(S·w): an [S, S] mask would be quadratic in S.
+    """
     if window is not None:
-        keep = keep & (j >= i - window)
-    return keep
-
-
-def local_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: Optional[int]) -> torch.Tensor:
-    """q: [B, S, Hq, D]; k, v: [B, S, Hkv, D] -> [B, S, Hq, D]; causal (+ window), GQA by head groups."""
+        return local_attention(q, k, v, causal=True, window=window, kernel=kernel)
     qh, kh, vh = (t.transpose(1, 2) for t in (q, k, v))
-    gqa = qh.shape[1] != kh.shape[1]
-    if window is None:
-        out = F.scaled_dot_product_attention(qh, kh, vh, is_causal=True, enable_gqa=gqa)
-    else:
-        mask = sliding_window_mask(q.shape[1], k.shape[1], window, q.device)
-        out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, enable_gqa=gqa)
+    out = F.scaled_dot_product_attention(qh, kh, vh, is_causal=True, enable_gqa=qh.shape[1] != kh.shape[1])
     return out.transpose(1, 2)
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
     """q: [B, S_local, Hq, D]; k, v: [B, S_local, Hkv, D] -> [B, S_local, Hq, D] (causal)."""
     if ctx.cp_group is None:
-        return local_causal_attention(q, k, v, ctx.window)
-    from parallelism import context_parallel_attention
-
+        return local_causal_attention(q, k, v, ctx.window, ctx.kernel)
     return context_parallel_attention(q, k, v, group=ctx.cp_group, layout=ctx.layout, method=ctx.method,
                                       ulysses_degree=ctx.ulysses_degree, causal=True, window=ctx.window,
                                       kernel=ctx.kernel, kv_piece=ctx.kv_piece)

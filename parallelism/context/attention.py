@@ -12,10 +12,10 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from .comm import heads_to_seq, run_p2p, seq_to_heads
+from .comm import heads_to_seq, run_local, run_p2p, seq_to_heads
 from .hybrid import subgroups
 from .kernels import default_scale, get_kernel
-from .layouts import check_layout, check_seq_len, rank_chunks
+from .layouts import Chunk, check_layout, check_seq_len, rank_chunks
 from .plan import build_schedule
 from .ring import CPStats, RingAttention
 from .ulysses import check_heads, gathered_order, kv_replication, replicate_kv
@@ -52,6 +52,25 @@ def _check_inputs(q, k, v, window, P: int, layout: str, method: str) -> None:
     if q.shape[1] == 0:
         raise ValueError("S_local=0: every rank must hold at least one token")
     check_seq_len(q.shape[1] * P, P, layout)
+
+
+def local_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = True,
+                    window: Optional[int] = None, scale: Optional[float] = None, kernel: str = "auto",
+                    tile: Optional[int] = None) -> torch.Tensor:
+    """Exact attention over a whole, unsharded sequence through the tiled block kernels: the ring
+    with one rank (no communication).
+
+    q: [B, S, Hq, D]; k, v: [B, S, Hkv, D] -> [B, S, Hq, D] in q's dtype; the same masks as
+    :func:`context_parallel_attention`. With a window the planner cuts the sequence into tiles of
+    ``tile`` tokens (default ~max(128, w)) and computes only the tiles the window reaches, so work
+    and memory are O(S·w): no [S, S] mask or score matrix, whatever S is.
+    """
+    _check_inputs(q, k, v, window, 1, "contiguous", "ring")
+    scale = default_scale(q.shape[-1], scale)
+    tile = default_tile(window) if tile is None else tile
+    schedule = build_schedule(((Chunk(0, 1, q.shape[1]),),), causal, window, tile, None)
+    return RingAttention.apply(q, k, v, schedule, 0, run_local, get_kernel(kernel, q.device, q.dtype), scale,
+                               None)
 
 
 def context_parallel_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,

@@ -42,6 +42,15 @@ class Wait:
     handle: object
 
 
+def run_local(gen: Generator):
+    """Drive a one-rank ring generator (it posts no message); returns its return value."""
+    try:
+        msg = next(gen)
+    except StopIteration as stop:
+        return stop.value
+    raise RuntimeError(f"a one-rank ring has no peer, but its generator yielded {type(msg).__name__}")
+
+
 def run_p2p(gen: Generator, group: Optional[dist.ProcessGroup]):
     """Drive a ring generator over real ranks of ``group``; returns the generator's return value."""
     try:

@@ -1,0 +1,103 @@
+"""Windowed attention without the ring (cp=1, and Ulysses' gathered sequence): the tiled block
+kernels as a one-rank ring, exact against the masked float64 reference, and O(S·w) memory."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dist_train.models.attention import AttentionContext, attention, local_causal_attention
+from parallelism.context import local_attention
+from tests.dist_harness import run_ranks
+from tests.test_cp_reference import max_rel_err, random_qkv, reference_attention
+
+
+def _grads(out, q, k, v, seed=1):
+    g = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed), dtype=out.dtype)
+    return torch.autograd.grad(out, (q, k, v), g)
+
+
+def _check(s, hq, hkv, window, tile, kernel="auto", tol=1e-12):
+    q, k, v = random_qkv(2, s, hq, hkv, 8)
+    ref = reference_attention(q, k, v, causal=True, window=window)
+    if tile is None:
+        out = local_causal_attention(q, k, v, window, kernel)
+    else:
+        out = local_attention(q, k, v, causal=True, window=window, tile=tile, kernel=kernel)
+    errs = [max_rel_err(out, ref)] + [max_rel_err(a, b) for a, b in zip(_grads(out, q, k, v), _grads(ref, q, k, v))]
+    assert max(errs) <= tol, (s, hq, hkv, window, tile, kernel, errs)
+
+
+@pytest.mark.parametrize("window", [5, 16, 40])           # smaller than, equal to and larger than the tile
+@pytest.mark.parametrize("hq,hkv", [(4, 4), (4, 2), (6, 1)])
+def test_tiled_window_equals_masked_reference(window, hq, hkv):
+    _check(100, hq, hkv, window, tile=16)                    # 100 = 6 tiles + a 4-token last tile
+
+
+@pytest.mark.parametrize("window", [1, 200, 256, 300, 700])
+def test_model_entry_point_with_default_tiles(window):
+    """The model's local attention (default tile ~max(128, w)): w < tile, w = tile, w > S."""
+    _check(384, 4, 2, window, tile=None)
+
+
+def test_math_kernel_and_non_causal_window():
+    _check(64, 2, 1, 7, tile=8, kernel="math")
+    q, k, v = random_qkv(1, 50, 2, 2, 8)
+    out = local_attention(q, k, v, causal=False, window=6, tile=8)
+    assert max_rel_err(out, reference_attention(q, k, v, causal=False, window=6)) <= 1e-12
+
+
+def test_window_work_is_linear_in_sequence():
+    """The one-rank ring's kernel calls with a window: tile-sized, at most two per query tile, so the
+    computed (query, key) area per token is bounded by 2·tile whatever S is."""
+    from parallelism.context.attention import default_tile
+    from parallelism.context.layouts import Chunk
+    from parallelism.context.plan import build_schedule
+
+    tile = default_tile(64)
+    for s in (1024, 4096, 16384):
+        blocks = build_schedule(((Chunk(0, 1, s),),), True, 64, tile, None)[0].plan.blocks[0][0]
+        assert all(b.q_hi - b.q_lo <= tile and b.k_hi - b.k_lo <= tile for b in blocks)
+        assert len(blocks) == 2 * (s // tile) - 1
+        assert sum((b.q_hi - b.q_lo) * (b.k_hi - b.k_lo) for b in blocks) <= 2 * tile * s
+
+
+def test_bad_window_is_one_clear_error():
+    q, k, v = random_qkv(1, 16, 2, 2, 4)
+    with pytest.raises(ValueError, match="window=-1"):
+        local_attention(q, k, v, window=-1)
+
+
+def _attention_peaks(rank, world, seq_lens, window):
+    """Peak tensor bytes of the model's attention entry point, fwd+bwd, at each S (cp = world)."""
+    import torch.distributed as dist
+
+    from dist_train.bench.attention import check_memory_meter, peak_tensor_bytes
+
+    check_memory_meter()
+    ctx = AttentionContext(cp_group=dist.group.WORLD if world > 1 else None, window=window)
+    peaks = []
+    for s in seq_lens:
+        n = s // world
+        g = torch.Generator().manual_seed(rank)
+        q = torch.randn(1, n, 4, 32, generator=g, requires_grad=True)
+        k, v = (torch.randn(1, n, 2, 32, generator=g, requires_grad=True) for _ in range(2))
+
+        def step():
+            attention(q, k, v, ctx).sum().backward()
+
+        step()                                     # lazily created state is not the step's
+        peaks.append(peak_tensor_bytes(step)[1])
+    return peaks
+
+
+@pytest.mark.slow
+def test_windowed_attention_memory_is_linear_in_sequence_cp1():
+    """cp=1: doubling S with a window grows the peak by at most 2.2x (an [S, S] mask would be 4x)."""
+    peaks = _attention_peaks(0, 1, (4096, 8192), 64)
+    assert peaks[1] <= 2.2 * peaks[0], peaks
+
+
+@pytest.mark.slow
+def test_windowed_attention_memory_is_linear_in_sequence_cp2():
+    for peaks in run_ranks(_attention_peaks, 2, args=((4096, 8192), 64), timeout=170):
+        assert peaks[1] <= 2.2 * peaks[0], peaks
