@@ -53,6 +53,14 @@ class ModelConfig:
     wrap: list = field(default_factory=lambda: [False, False])  # periodic (torus) image axes [H, W]
 
 
+def ffn_hidden_size(m: ModelConfig) -> int:
+    """The GPT's SwiGLU hidden width: ``model.ffn_hidden``, else 8/3·d rounded up to a multiple of 32 (the
+    one definition: the model builds it, validation checks it against tp, the cost model counts it)."""
+    if m.ffn_hidden:
+        return m.ffn_hidden
+    return 32 * math.ceil(8 * m.d_model / 3 / 32)
+
+
 @dataclass
 class DataConfig:
     source: str = "indexed"  # indexed | synthetic | weather
@@ -569,7 +577,7 @@ def _validate_gpt(cfg: Config) -> None:
     if kv % p.tp:
         raise ConfigError(f"model.n_kv_heads = {kv} is not divisible by parallel.tp = {p.tp}: KV heads are split "
                           f"over tp, not replicated; use tp in {[t for t in range(1, kv + 1) if kv % t == 0]}")
-    ffn = m.ffn_hidden or 32 * math.ceil(8 * m.d_model / 3 / 32)
+    ffn = ffn_hidden_size(m)
     if ffn % p.tp:
         raise ConfigError(f"FFN hidden size {ffn} is not divisible by parallel.tp = {p.tp}")
     if p.sequence_parallel and p.tp > 1:

@@ -12,6 +12,7 @@ import torch.distributed as dist
 from .checkpoint.storage import CheckpointError
 from .config import check_world_size, load_config
 from .distributed import env_rank_info, init_distributed
+from .dryrun import format_layout, rank_layout
 from .lifecycle import EXIT_FAILED, TrainingDiverged
 
 
@@ -43,9 +44,7 @@ def run_rank(config_path: str, overrides: list[str]) -> int:
 
 def dry_run(config_path: str, overrides: list[str]) -> int:
     """``launch --dry-run``: validate and print every rank's mesh coordinates, pipeline layers and memory
-    estimate (dist_train/layout.py) — no process group is created."""
+    estimate (dist_train/dryrun.py, dist_train/cost/) — no process group is created."""
     cfg = load_config(config_path, overrides)
-    from .layout import format_layout, rank_layout
-
     print(format_layout(cfg, rank_layout(cfg, on_cuda=cfg.launch.gpus_per_node > 0)))
     return 0

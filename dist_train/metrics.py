@@ -1,13 +1,6 @@
-"""Throughput accounting: FLOPs per token, device peak, MFU, peak memory, the metrics.jsonl writer.
-
-FLOP convention (stated wherever a number is printed; docs/metrics.md):
-    training FLOPs per token = 6·N + 12·L·d_attn·S_eff
-    N      = parameters that take part in matmuls (all Linear weights + the LM head; the input
-             embedding lookup and norms are excluded)
-    d_attn = n_heads · head_dim
-    S_eff  = S/2 for causal attention (Megatron's halving of the score/value matmuls), min(w, S/2)-ish
-             for a sliding window w (exactly: the mean number of keys a query sees), S for full attention.
-PaLM/TorchTitan use S_eff = S for causal; our MFU is therefore the *lower*, useful-work figure.
+"""Measuring a run: the device peak for MFU (CUDA table or calibrated CPU matmul), peak memory, the
+metrics.jsonl writer and the metric line rank 0 prints. What a step *should* cost (FLOPs under the one
+convention, tokens/s, MFU arithmetic) is the cost model's: :mod:`dist_train.cost.flops`.
 """
 from __future__ import annotations
 
@@ -21,46 +14,8 @@ from typing import Optional
 
 import torch
 
-FLOP_CONVENTION = "6N + 12*L*d_attn*S_eff (causal S_eff = mean keys per query ~ S/2, Megatron halving)"
-
 # dense bf16 peak TFLOP/s per device (no sparsity)
 CUDA_PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0}
-
-
-def mean_keys_per_query(seq_len: int, window: Optional[int], causal: bool = True) -> float:
-    """Average number of keys each query attends to (the S_eff of the FLOP convention)."""
-    if not causal:
-        return float(seq_len)
-    if window is None or window + 1 >= seq_len:
-        return (seq_len + 1) / 2.0
-    w = window + 1  # keys i-w..i inclusive
-    # queries 0..w-1 see i+1 keys; the rest see w
-    total = w * (w + 1) / 2 + (seq_len - w) * w
-    return total / seq_len
-
-
-def gpt_matmul_params(cfg) -> int:
-    from .models.gpt import ffn_hidden_size
-
-    d, L = cfg.d_model, cfg.n_layers
-    hd = d // cfg.n_heads
-    kv = cfg.n_kv_heads or cfg.n_heads
-    attn = d * cfg.n_heads * hd * 2 + d * kv * hd * 2
-    mlp = 3 * d * ffn_hidden_size(cfg)
-    return L * (attn + mlp) + d * cfg.vocab_size
-
-
-def gpt_total_params(cfg) -> int:
-    """Every parameter of the full (unsharded) GPT: matmul weights, the input embedding when untied, norms."""
-    embed = 0 if cfg.tie_embeddings else cfg.vocab_size * cfg.d_model
-    return gpt_matmul_params(cfg) + embed + (2 * cfg.n_layers + 1) * cfg.d_model
-
-
-def gpt_flops_per_token(cfg, seq_len: int) -> float:
-    """Training (fwd+bwd) FLOPs per token for the GPT under FLOP_CONVENTION."""
-    n = gpt_matmul_params(cfg)
-    s_eff = mean_keys_per_query(seq_len, cfg.attention_window)
-    return 6.0 * n + 12.0 * cfg.n_layers * cfg.d_model * s_eff
 
 
 def calibrate_cpu_tflops(threads: Optional[int] = None, size: int = 1024, repeats: int = 5) -> float:

@@ -22,12 +22,14 @@ import torch
 import torch.distributed as dist
 
 from .config import Config, check_world_size, save_config
+from .cost.flops import FLOP_CONVENTION, Throughput, model_params, train_flops_per_token
 from .distributed import DistContext, current_context
+from .engines.ddp import all_reduce_sum
 from .lifecycle import TrainingDiverged
 from .logs import get_logger, setup_logging
 from .mesh import Mesh, build_mesh
-from .metrics import (FLOP_CONVENTION, MetricsWriter, device_peak_tflops, format_metrics, gpt_flops_per_token,
-                      gpt_total_params, peak_memory_bytes)
+from .metrics import MetricsWriter, device_peak_tflops, format_metrics, peak_memory_bytes
+from .rankstats import RankStats
 
 
 @dataclass
@@ -96,39 +98,10 @@ def build_batcher(cfg: Config, mesh: Mesh, model: torch.nn.Module):
                         cp=mesh.size("cp"), cp_rank=mesh.coord("cp"), layout=cfg.parallel.cp_layout)
 
 
-def flops_per_sample(cfg: Config, model: torch.nn.Module, batcher) -> float:
-    """Training FLOPs of one sample under FLOP_CONVENTION (docs/metrics.md)."""
-    if cfg.model.kind == "gpt":
-        return gpt_flops_per_token(cfg.model, cfg.data.seq_len) * cfg.data.seq_len
-    from .models.swin import flops_per_pixel
-
-    return flops_per_pixel(model) * batcher.tokens_per_sample
-
-
-@dataclass
-class Throughput:
-    """Per-step accounting under FLOP_CONVENTION: model FLOPs and tokens of one global batch."""
-    flops_step: float
-    tokens_step: float
-    world_size: int
-    peak_tflops: float
-
-    def tflops_per_device(self, step_time_s: float) -> float:
-        return self.flops_step / step_time_s / self.world_size / 1e12
-
-    def metrics(self, step_time_s: float) -> dict:
-        tflops = self.tflops_per_device(step_time_s)
-        return {"tokens_per_s": self.tokens_step / step_time_s, "tflops_per_device": tflops,
-                "mfu": tflops / self.peak_tflops}
-
-
 def layout_dict(cfg: Config, world_size: int) -> dict:
     p = cfg.parallel
     return {"dp": p.dp, "tp": p.tp, "pp": p.pp, "cp": p.cp, "wp": list(cfg.wp_grid), "cp_layout": p.cp_layout,
             "cp_method": p.cp_method, "zero_stage": p.zero_stage, "world_size": world_size}
-
-
-from .engines.ddp import all_reduce_sum as _all_reduce_sum
 
 
 def _stop_reason(t, steps_done: int, start_step: int, lifecycle) -> Optional[str]:
@@ -187,7 +160,7 @@ def train(cfg: Config, ctx: Optional[DistContext] = None) -> TrainResult:
     engine = build_engine(cfg, model, mesh, autocast_dtype(cfg, ctx.device))
     batcher = build_batcher(cfg, mesh, model)
     # the full model, not this rank's tp shard / pipeline stage / ZeRO-3 partition (replicated for swin)
-    n_params = gpt_total_params(cfg.model) if cfg.model.kind == "gpt" else sum(p.numel() for p in model.parameters())
+    n_params = model_params(cfg) if cfg.model.kind == "gpt" else sum(p.numel() for p in model.parameters())
 
     t = cfg.train
     accum = cfg.grad_accum_steps
@@ -215,7 +188,7 @@ def train(cfg: Config, ctx: Optional[DistContext] = None) -> TrainResult:
 
     peak = device_peak_tflops(ctx.device, t.peak_tflops)
     tokens_sample = cfg.data.seq_len if cfg.model.kind == "gpt" else batcher.tokens_per_sample
-    thr = Throughput(flops_per_sample(cfg, model, batcher) * t.global_batch, t.global_batch * tokens_sample,
+    thr = Throughput(train_flops_per_token(cfg) * tokens_sample * t.global_batch, t.global_batch * tokens_sample,
                      ctx.world_size, peak)
     writer = MetricsWriter(run_dir / "metrics.jsonl" if ctx.is_main else None)
     if ctx.is_main:
@@ -232,15 +205,14 @@ def train(cfg: Config, ctx: Optional[DistContext] = None) -> TrainResult:
                    dynamic_ncols=True, leave=False, mininterval=0.5)
     step_times: list[float] = []
     nonfinite_run = 0  # consecutive skipped (non-finite) steps
-    from .plan.rankstats import RankStats  # per-rank record for `dist-train scale` (DIST_TRAIN_RANK_STATS=1)
-    rank_stats = RankStats.start(run_dir, ctx.rank)
+    rank_stats = RankStats.start(run_dir, ctx.rank)  # per-rank record for `dist-train scale` (DIST_TRAIN_RANK_STATS=1)
     model.train()
     try:
         for step in range(start_step, t.steps):
             t0 = time.perf_counter()
             micro = [batcher.microbatch(consumed, m) for m in range(accum)]
             count = torch.tensor([sum(float(b["count"]) for b in micro)], dtype=torch.float64)
-            global_count = float(_all_reduce_sum(count, mesh.grad_group).item())
+            global_count = float(all_reduce_sum(count, mesh.grad_group).item())
             if global_count <= 0:
                 raise ValueError(f"step {step}: the global batch has no real tokens to train on")
             lr = engine.lr

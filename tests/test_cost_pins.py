@@ -7,16 +7,18 @@ from __future__ import annotations
 
 import copy
 import json
+import subprocess
 import sys
 from pathlib import Path
 
 from dist_train.config import config_from_dict, load_config
-from dist_train.layout import estimate_memory, rank_layout, stages_of_rank
-from dist_train.metrics import gpt_flops_per_token, gpt_total_params
-from dist_train.models.swin import build_swin, flops_per_pixel
-from dist_train.plan.model import predict
+from dist_train.cost.flops import Throughput, flops_per_token, model_params, train_flops_per_token
+from dist_train.cost.layout import stages_of_rank
+from dist_train.cost.memory import estimate_memory
+from dist_train.cost.predict import predict
+from dist_train.cost.shape import shape_of
+from dist_train.dryrun import rank_layout
 from dist_train.plan.profiles import builtin_profiles
-from dist_train.trainer import Throughput, flops_per_sample
 
 PINS = Path(__file__).parent / "data" / "cost_pins.json"
 ROOT = Path(__file__).resolve().parent.parent
@@ -52,9 +54,9 @@ def figures() -> dict:
             out["predict"][f"{name}/{dev}"] = _prediction(c, prof[dev])
         rows = rank_layout(c, profile=prof["h100"])
         out["dry_run"][name] = [[r.rank, [s.index for s in r.stages], r.memory.components] for r in rows]
-        fps = flops_per_sample(c, None, None)
-        out["flops"][name] = {"per_token": gpt_flops_per_token(c.model, c.data.seq_len), "per_sample": fps,
-                              "total_params": gpt_total_params(c.model),
+        fps = train_flops_per_token(c) * c.data.seq_len
+        out["flops"][name] = {"per_token": flops_per_token(shape_of(c)), "per_sample": fps,
+                              "total_params": model_params(c),
                               "mfu_at_0.25s": Throughput(fps * c.train.global_batch, c.train.global_batch * c.data.seq_len,
                                                          c.world_size, 0.5).metrics(0.25)}
     swin_yaml = ROOT / "configs" / "swin_weather.yaml"
@@ -63,11 +65,11 @@ def figures() -> dict:
         out["predict"][f"swin/{dev}"] = _prediction(sw, prof[dev])
     out["dry_run"]["swin_wp2"] = [[r.rank, [], r.memory.components]
                                   for r in rank_layout(load_config(swin_yaml), profile=prof["h100"])]
-    out["flops"]["swin_per_pixel"] = flops_per_pixel(build_swin(sw.model, wp_group=None, grid=(1, 1)))
+    out["flops"]["swin_per_pixel"] = train_flops_per_token(sw)
     sw3 = load_config(swin_yaml, ["parallel.wp=1", "model.window=[4,8]", "model.patch_size=2", "model.ffn_hidden=null"])
-    out["flops"]["swin_per_pixel_w48_p2"] = flops_per_pixel(build_swin(sw3.model, wp_group=None, grid=(1, 1)))
+    out["flops"]["swin_per_pixel_w48_p2"] = train_flops_per_token(sw3)
     c = config_from_dict(copy.deepcopy(GPT), ["parallel.pp=2", "parallel.dp=2"])
-    out["memory_rank1"] = estimate_memory(c, stages_of_rank(c, 1), profile=prof["h100"]).components
+    out["memory_rank1"] = estimate_memory(c, stages_of_rank(c, 1), prof["h100"]).components
     return out
 
 
@@ -85,6 +87,13 @@ def test_cost_figures_are_bit_identical_to_the_pins():
     now = json.loads(json.dumps(figures(), sort_keys=True))
     diffs = _diff(json.loads(PINS.read_text()), now)
     assert not diffs, "\n".join(diffs[:20])
+
+
+def test_the_cost_model_imports_no_torch():
+    """``import dist_train.cost`` is arithmetic on the config: no torch, so no torch.distributed state."""
+    code = "import sys, dist_train.cost; print(sorted(m for m in sys.modules if m.split('.')[0] == 'torch'))"
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]", out.stdout
 
 
 if __name__ == "__main__":

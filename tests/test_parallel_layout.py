@@ -8,8 +8,10 @@ import pytest
 import torch.distributed as dist
 
 from dist_train.config import ConfigError
-from dist_train.layout import (balanced_layer_counts, device_profile, estimate_memory, format_layout,
-                               in_flight_microbatches, pipeline_stages, rank_layout, stages_of_rank)
+from dist_train.cost.layout import balanced_layer_counts, in_flight_microbatches, pipeline_stages, stages_of_rank
+from dist_train.cost.memory import estimate_memory
+from dist_train.cost.predict import predict
+from dist_train.dryrun import device_profile, format_layout, rank_layout
 from dist_train.mesh import rank_coords
 from dist_train.plan.profiles import builtin_profiles
 from tests.trainer_utils import tiny_gpt_config
@@ -66,17 +68,17 @@ def test_memory_formula_by_zero_stage(cpu):
     base = _cfg(parallel={"dp": 4}, train={"global_batch": 8})
     n = count_parameters(GPT(base.model))
     stage = pipeline_stages(base)
-    mem = estimate_memory(base, stage, profile=cpu)
+    mem = estimate_memory(base, stage, cpu)
     # fp32 AdamW: 4 + 4 + 8; DDP (zero_stage null, 4 replicas) adds its flat bucket copy: grads 4 + 4
     assert mem.params == 4 * n and mem.grads == 8 * n and mem.optimizer == 8 * n
     for z, (w, g, o) in {0: (2, 2, 12), 1: (2, 2, 3), 2: (2, 0.5, 3), 3: (0.5, 0.5, 3)}.items():
         cfg = _cfg(parallel={"dp": 4, "zero_stage": z}, train={"global_batch": 8, "precision": "bf16"})
-        m = estimate_memory(cfg, stage, on_cuda=True)
+        m = estimate_memory(cfg, stage, device_profile(on_cuda=True)[0])
         assert (m.params, m.grads, m.optimizer) == (w * n, g * n, o * n), z  # 16 B/param ÷ sharding
-    tp2 = estimate_memory(_cfg(parallel={"tp": 2}), pipeline_stages(base), profile=cpu)
-    one = estimate_memory(_cfg(), pipeline_stages(base), profile=cpu)
+    tp2 = estimate_memory(_cfg(parallel={"tp": 2}), pipeline_stages(base), cpu)
+    one = estimate_memory(_cfg(), pipeline_stages(base), cpu)
     assert one.params / 2 < tp2.params < one.params  # norms are replicated, the rest halves
-    full = estimate_memory(_cfg(train={"activation_checkpointing": "full"}), stage, profile=cpu)
+    full = estimate_memory(_cfg(train={"activation_checkpointing": "full"}), stage, cpu)
     # d=32, q=32, kv=2·8=16, f=32·ceil(8·32/3/32)=96; eager layer = 4d + 5q + 4kv + 4f = 128+160+64+384 = 736
     # elements/token; full: L·d layer inputs (64) + one recomputed layer (736) + the stage input (32) = 832;
     # × micro_batch·S = 64 tokens × 4 B
@@ -96,12 +98,12 @@ def test_per_stage_params_match_the_real_stage_modules(cpu):
             st = stages_of_rank(cfg, r)
             real = GPT(cfg.model, layer_ids=[i for s in st for i in s.layers], has_embedding=any(s.first for s in st),
                        has_head=any(s.last for s in st))
-            assert estimate_memory(cfg, st, profile=cpu).params == 4 * count_parameters(real), (parallel, r)
+            assert estimate_memory(cfg, st, cpu).params == 4 * count_parameters(real), (parallel, r)
 
 
 def test_tp_pads_the_vocabulary(cpu):
     cfg = _cfg(model={"vocab_size": 63}, parallel={"tp": 2})
-    mem = estimate_memory(cfg, pipeline_stages(cfg), profile=cpu)
+    mem = estimate_memory(cfg, pipeline_stages(cfg), cpu)
     # per layer: matmuls d·(2q + 2kv) + 3·d·f = 32·96 + 3·32·96 = 12288 ÷ 2, norms 2d = 64 replicated;
     # vocabulary 63 padded to 64: 32 rows of d = 1024 each for embedding and head; final norm 32
     assert mem.params == (2 * (12288 // 2 + 64) + 2 * 1024 + 32) * 4
@@ -142,8 +144,6 @@ def test_in_flight_microbatches_follow_torch_schedules():
      "train": {"activation_checkpointing": "full", "micro_batch": 1, "precision": "bf16"}},
 ])
 def test_planner_memory_is_the_dry_runs_most_loaded_rank(sections, cpu):
-    from dist_train.plan.model import predict
-
     cfg = _cfg(**sections)
     rows = rank_layout(cfg, profile=cpu)
     worst = max(rows, key=lambda r: r.memory.total).memory
@@ -153,7 +153,6 @@ def test_planner_memory_is_the_dry_runs_most_loaded_rank(sections, cpu):
 
 def test_swin_dry_run_uses_the_planner_too(cpu):
     from dist_train.config import config_from_dict
-    from dist_train.plan.model import predict
 
     cfg = config_from_dict({"model": {"kind": "swin", "d_model": 16, "n_layers": 2, "n_heads": 2, "window": 4,
                                       "in_channels": 2, "out_channels": 2},
@@ -186,7 +185,7 @@ def test_dry_run_prints_every_rank_without_a_process_group(tmp_path, capsys):
                         "train: {global_batch: 8, micro_batch: 2}\n")
     assert dry_run(str(cfg_file), ["parallel.pp=2", "parallel.tp=2", "parallel.dp=2", "parallel.microbatches=2"]) == 0
     out = capsys.readouterr().out
-    assert "dist_train/plan/model.py on device profile cpu (" in out
+    assert "dist_train/cost/memory.py on device profile cpu (" in out
     header = next(line.split() for line in out.splitlines() if line.split()[:1] == ["rank"])
     assert header[-6:] == ["params", "grads", "optim", "acts", "other", "total"]
     rows = [line.split() for line in out.splitlines() if line.strip()[:1].isdigit()]

@@ -2,14 +2,15 @@
 from __future__ import annotations
 
 import copy
-import math
 
 import pytest
 
 from dist_train.config import config_from_dict
-from dist_train.metrics import gpt_flops_per_token, gpt_matmul_params
+from dist_train.cost.flops import flops_per_token, matmul_params, model_params, train_flops_per_token
+from dist_train.cost.memory import memory_model
+from dist_train.cost.predict import predict
+from dist_train.cost.shape import rank_inputs, shape_of
 from dist_train.plan.enumerate import enumerate_layouts, layout_label, rank_layouts, why_slower
-from dist_train.plan.model import predict, shape_of
 from dist_train.plan.profiles import Link, _lookup, builtin_profiles, fit_link, get_profile
 
 GPT = {"model": {"kind": "gpt", "d_model": 64, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "vocab_size": 100,
@@ -35,10 +36,14 @@ def test_shape_matches_trainer_flop_convention_and_real_model():
 
     c = cfg()
     sh = shape_of(c)
-    assert sh.matmul_params() == gpt_matmul_params(c.model)
-    assert math.isclose(sh.flops_per_token(), gpt_flops_per_token(c.model, 64))
     model = Model(c.model)
-    assert sh.params() == sum(p.numel() for p in model.parameters())
+    # the trainer's MFU counts GPT FLOPs exactly as the planner does; 6N counts every weight except the
+    # embedding lookup and the norms
+    assert train_flops_per_token(c) == flops_per_token(sh)
+    d, L = c.model.d_model, c.model.n_layers
+    lookup_and_norms = c.model.vocab_size * d + (2 * L + 1) * d
+    assert matmul_params(sh) == sum(p.numel() for p in model.parameters()) - lookup_and_norms
+    assert sh.params() == model_params(c) == sum(p.numel() for p in model.parameters())
     del torch
 
 
@@ -79,8 +84,6 @@ def test_memory_sharding_rules(cpu):
 
 
 def test_memory_pipeline_ranks_tp_padding_and_precision(cpu):
-    from dist_train.plan.model import memory_model, rank_inputs
-
     c = cfg(**{"parallel.pp": 2})
     sh, loc = rank_inputs(c, cpu)
     r0, r1 = (memory_model(c, sh, cpu, loc, ld) for ld in loc.loads)

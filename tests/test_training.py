@@ -54,9 +54,9 @@ def test_data_order_is_independent_of_dp():
 
 
 def test_full_model_parameter_count_matches_the_module():
-    from dist_train.metrics import gpt_total_params
+    from dist_train.cost.flops import model_params
     from dist_train.models.gpt import GPT
 
     for tied in (False, True):
-        cfg = tiny_gpt_config("/tmp/unused", model={"tie_embeddings": tied}).model
-        assert gpt_total_params(cfg) == sum(p.numel() for p in GPT(cfg).parameters())
+        cfg = tiny_gpt_config("/tmp/unused", model={"tie_embeddings": tied})
+        assert model_params(cfg) == sum(p.numel() for p in GPT(cfg.model).parameters())

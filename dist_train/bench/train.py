@@ -1,14 +1,14 @@
 """`dist-train bench train`: one training run on N spawned gloo ranks, measured.
 
-Reports tokens/s, TFLOP/s per device and MFU (FLOP convention of dist_train.metrics: 6N + 12·L·d·S_eff,
+Reports tokens/s, TFLOP/s per device and MFU (FLOP convention of dist_train.cost.flops: 6N + 12·L·d·S_eff,
 causal S_eff ≈ S/2, Megatron halving), peak memory per rank, the median step split into
   * data     — time in the batcher (wrapped in the bench's ranks only),
   * comm     — exposed communication: wall time blocked in torch.distributed's Python collectives and
-               Work.wait() (dist_train.plan.rankstats). DDP's bucketed all-reduce runs in C++ inside
+               Work.wait() (dist_train.rankstats). DDP's bucketed all-reduce runs in C++ inside
                backward and is counted as compute (gloo on CPU overlaps little of it),
   * compute  — the rest of the step,
 and per-rank bytes of parameters and optimizer state actually held (ZeRO partitions counted as held),
-next to the formula of dist_train.layout (16 bytes/param mixed precision, 4+4+8 fp32 AdamW, ÷ sharding).
+next to the memory model of dist_train.cost.memory (16 bytes/param mixed precision, 4+4+8 fp32 AdamW, ÷ sharding).
 """
 from __future__ import annotations
 
@@ -21,6 +21,11 @@ import statistics
 import tempfile
 import time
 from datetime import timedelta
+
+from ..config import load_config
+from ..cost.layout import stages_of_rank
+from ..cost.memory import estimate_memory
+from ..plan.profiles import get_profile
 
 HELP = "training throughput, MFU, memory and compute/comm/data split of one config on N ranks"
 
@@ -128,9 +133,7 @@ def _median_tail(xs: list[float]) -> float:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..config import load_config
-    from ..layout import estimate_memory, stages_of_rank
-    from ..mesh import axis_sizes, rank_coords
+    from ..mesh import axis_sizes, rank_coords  # torch.distributed: only once a run is asked for
 
     overrides = list(args.overrides) + ([f"train.steps={args.steps}"] if args.steps is not None else [])
     cfg = load_config(args.config, overrides)
@@ -170,12 +173,12 @@ def run(args: argparse.Namespace) -> int:
 
     s0 = results[0]["summary"]
     sizes = axis_sizes(cfg.parallel)
-    on_cuda = False
+    cpu = get_profile("cpu")
     ranks = []
     for r in range(nproc):
         res = results[r]
         step, comm, data = (_median_tail(res[k]) for k in ("step_s", "comm_s", "data_s"))
-        est = estimate_memory(cfg, stages_of_rank(cfg, rank_coords(r, sizes)["pp"]), on_cuda)
+        est = estimate_memory(cfg, stages_of_rank(cfg, rank_coords(r, sizes)["pp"]), cpu)
         ranks.append({"rank": r, "step_s": step, "comm_s": comm, "data_s": data, "compute_s": step - comm - data,
                       "peak_mem_bytes": res["peak_mem_bytes"], "param_bytes": res["param_bytes"],
                       "optim_bytes": res["optim_bytes"], "formula_param_bytes": est.params,

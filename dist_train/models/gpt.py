@@ -29,17 +29,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from ..config import ModelConfig
+from ..config import ModelConfig, ffn_hidden_size
+from ..cost.layout import stages_of_rank
 from .attention import AttentionContext, attention
 from .tensor_parallel import TensorParallel, copy_shard_, is_tp_sharded, padded_vocab_size
 
 IGNORE_INDEX = -100
-
-
-def ffn_hidden_size(cfg: ModelConfig) -> int:
-    if cfg.ffn_hidden:
-        return cfg.ffn_hidden
-    return 32 * math.ceil(8 * cfg.d_model / 3 / 32)
 
 
 def at_least_fp32(dtype: torch.dtype) -> torch.dtype:
@@ -283,9 +278,7 @@ def count_parameters(model: nn.Module) -> int:
 def build_gpt(cfg, mesh, device: torch.device) -> GPT:
     """The GPT for this rank of ``mesh`` (``cfg``: the full Config): this rank's tp shard and, with
     pp > 1, only the layers of its pipeline stage(s) (``model.pipeline_stages``: list of
-    :class:`~dist_train.layout.Stage` held here, in schedule order)."""
-    from ..layout import stages_of_rank
-
+    :class:`~dist_train.cost.layout.Stage` held here, in schedule order)."""
     p = cfg.parallel
     ctx = AttentionContext(cp_group=mesh.cp_group, layout=p.cp_layout, method=p.cp_method,
                            ulysses_degree=p.ulysses_degree if p.cp_method != "ulysses" else p.cp,

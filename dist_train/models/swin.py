@@ -28,7 +28,6 @@ shifted block 4·d/c channels of halo (q, k, v, out) per rank instead of 2·d (x
 """
 from __future__ import annotations
 
-import math
 from typing import Any, Optional
 
 import torch
@@ -42,11 +41,7 @@ from parallelism.window.layout import TileLayout, as_pair
 from parallelism.window.ulysses import heads_to_shares, share_rows, shares_to_heads
 from parallelism.window.windows import region_labels, window_attention, wrap_flags
 
-
-def token_grid(image_hw: tuple[int, int], patch: int, window: tuple[int, int]) -> tuple[int, int, int, int]:
-    """(real token rows, real token cols, padded token rows, padded token cols) of an H×W image."""
-    th, tw = -(-image_hw[0] // patch), -(-image_hw[1] // patch)
-    return th, tw, -(-th // window[0]) * window[0], -(-tw // window[1]) * window[1]
+from ..cost.shape import token_grid
 
 
 class WindowBlock(nn.Module):
@@ -250,13 +245,3 @@ class SwinModel(nn.Module):
 def build_swin(model_cfg: Any, *, wp_group, grid, cp_group=None) -> SwinModel:
     """The trainer's entry point: replicated weights (same seed on every rank → same init)."""
     return SwinModel(model_cfg, wp_group=wp_group, grid=as_pair(grid, "grid"), cp_group=cp_group)
-
-
-def count_params(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
-
-
-def flops_per_pixel(model: SwinModel) -> float:
-    """Forward+backward FLOPs per token (6·N_params + 12·L·d·window tokens), PaLM convention (no halving)."""
-    d = model.embed.out_features
-    return 6 * count_params(model) + 12 * len(model.blocks) * d * math.prod(model.window)

@@ -12,9 +12,10 @@ from pathlib import Path
 
 from ..cli import examples, positive_int
 from ..config import Config, load_config
-from ..metrics import FLOP_CONVENTION
+from ..cost.flops import FLOP_CONVENTION, flops_per_token, matmul_params
+from ..cost.predict import predict
+from ..cost.shape import shape_of
 from .enumerate import enumerate_layouts, layout_label, rank_layouts, why_slower
-from .model import predict, shape_of
 from .profiles import calibrate, get_profile
 
 GIB = 2 ** 30
@@ -77,8 +78,8 @@ def plan_main(args: argparse.Namespace) -> int:
     print(f"{cfg.model.kind}: {sh.params(cfg.model.tie_embeddings) / 1e6:,.1f}M params, {sh.layers} layers, "
           f"d={sh.d}, {sh.tokens:,} tokens/sample, global batch {cfg.train.global_batch} | device {prof.name} "
           f"({prof.description}; profile: {prof.source}) x {devices}")
-    print(f"FLOP convention: {FLOP_CONVENTION}: {sh.flops_per_token() / 1e9:.4g} GFLOP/token "
-          f"(dense 6N = {6 * sh.matmul_params() / 1e9:.4g}, attention = "
+    print(f"FLOP convention: {FLOP_CONVENTION}: {flops_per_token(sh) / 1e9:.4g} GFLOP/token "
+          f"(dense 6N = {6 * matmul_params(sh) / 1e9:.4g}, attention = "
           f"{12 * sh.layers * sh.q_dim * sh.keys_per_query / 1e9:.4g}, S_eff = {sh.keys_per_query:,.0f})")
     if not prof.is_cpu:
         print("GPU predictions are MODEL OUTPUTS from datasheet profiles, not measurements.")
@@ -174,7 +175,7 @@ def derive(spec, point, rec: dict, prof) -> dict:
     sh = shape_of(cfg)
     pred = predict(cfg, prof)
     tokens_step = cfg.train.global_batch * sh.tokens
-    flops_step = sh.flops_per_token(cfg.model.tie_embeddings if sh.kind == "gpt" else False) * tokens_step
+    flops_step = flops_per_token(sh) * tokens_step
     n = point.world_size
     rec.update(seq_len=cfg.data.seq_len if sh.kind == "gpt" else sh.tokens, global_batch=cfg.train.global_batch,
                flops_per_step=flops_step, tokens_per_step=tokens_step, prediction=pred.to_dict(),

@@ -16,7 +16,8 @@ import itertools
 from typing import Iterable, Optional
 
 from ..config import Config, ConfigError, validate
-from .model import Prediction, predict
+from ..cost.predict import Prediction, predict
+from ..cost.shape import token_grid, window_hw
 from .profiles import DeviceProfile
 
 CHECKPOINTING = ("none", "selective", "full")
@@ -98,11 +99,7 @@ def enumerate_layouts(cfg: Config, devices: int, checkpointing: Iterable[str] = 
 def _check_kernels(cfg: Config) -> None:
     if cfg.model.kind != "swin":
         return
-    from parallelism.window.layout import as_pair
-
-    from ..models.swin import token_grid
-
-    win = as_pair(cfg.model.window, "model.window")
+    win = window_hw(cfg.model)
     _, _, ph, pw = token_grid(tuple(cfg.data.image), cfg.model.patch_size, win)
     gh, gw = cfg.wp_grid
     if ph // win[0] < gh or pw // win[1] < gw:

@@ -1,0 +1,73 @@
+"""FLOPs under the one convention, and the throughput accounting (tokens/s, TFLOP/s per device, MFU).
+
+FLOP convention (stated wherever a number is printed; docs/metrics.md):
+    training FLOPs per token = 6·N + 12·L·d_attn·S_eff
+    N      = parameters that take part in matmuls (all Linear weights + the LM head; the input
+             embedding lookup and norms are excluded)
+    d_attn = n_heads · head_dim
+    S_eff  = S/2 for causal attention (Megatron's halving of the score/value matmuls), min(w, S/2)-ish
+             for a sliding window w (exactly: the mean number of keys a query sees), S for full attention.
+PaLM/TorchTitan use S_eff = S for causal; our MFU is therefore the *lower*, useful-work figure.
+
+    fpt = train_flops_per_token(cfg)                    # what the trainer's MFU counts (per token / pixel token)
+    thr = Throughput(fpt * tokens_per_sample * global_batch, tokens_per_step, world_size, peak_tflops)
+    thr.metrics(step_time_s)                            # {"tokens_per_s", "tflops_per_device", "mfu"}
+    flops_per_token(shape_of(cfg))                      # the planner's count (same as the trainer's for GPT)
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from ..config import Config
+from .shape import Shape, shape_of
+
+FLOP_CONVENTION = "6N + 12*L*d_attn*S_eff (causal S_eff = mean keys per query ~ S/2, Megatron halving)"
+
+
+def matmul_params(sh: Shape) -> int:
+    """Parameters in matmuls (the 6N of the FLOP convention): every Linear weight and the head."""
+    d, f = sh.d, sh.ffn
+    if sh.kind == "gpt":
+        return sh.layers * (d * (2 * sh.q_dim + 2 * sh.kv_dim) + 3 * d * f) + sh.vocab * d
+    return sh.layers * (4 * d * d + 2 * d * f) + sh.embed_in * d + sh.vocab * d
+
+
+def flops_per_token(sh: Shape) -> float:
+    """Training FLOPs per token: 6·N_matmul + 12·L·d_attn·S_eff (S_eff: causal mean keys, or window area)."""
+    return 6.0 * matmul_params(sh) + 12.0 * sh.layers * sh.q_dim * sh.keys_per_query
+
+
+def model_params(cfg: Config) -> int:
+    """Every parameter of the full (unsharded) model: matmul weights, the input embedding when untied, norms
+    (swin: biases and relative-position tables too)."""
+    tied = cfg.model.tie_embeddings if cfg.model.kind == "gpt" else False
+    return shape_of(cfg).params(tied)
+
+
+def train_flops_per_token(cfg: Config) -> float:
+    """Training FLOPs per token (GPT) or per pixel token (swin) as the trainer's MFU counts them: the
+    convention above for GPT; for swin 6·(every parameter) + 12·L·d·window area (PaLM's count, no halving).
+    The planner counts swin with matmul parameters only (:func:`flops_per_token`); the two differ by the
+    biases, norms and position tables (7% on configs/swin_weather.yaml, whose model is tiny)."""
+    sh = shape_of(cfg)
+    if sh.kind == "gpt":
+        return flops_per_token(sh)
+    return 6 * sh.params() + 12 * sh.layers * sh.d * math.prod(sh.window)
+
+
+@dataclass
+class Throughput:
+    """Per-step accounting under FLOP_CONVENTION: model FLOPs and tokens of one global batch."""
+    flops_step: float
+    tokens_step: float
+    world_size: int
+    peak_tflops: float
+
+    def tflops_per_device(self, step_time_s: float) -> float:
+        return self.flops_step / step_time_s / self.world_size / 1e12
+
+    def metrics(self, step_time_s: float) -> dict:
+        tflops = self.tflops_per_device(step_time_s)
+        return {"tokens_per_s": self.tokens_step / step_time_s, "tflops_per_device": tflops,
+                "mfu": tflops / self.peak_tflops}

@@ -1,0 +1,110 @@
+"""Pipeline stages and what each pipeline rank holds: pure arithmetic on the typed config.
+
+    stages = pipeline_stages(cfg)                 # [Stage(index, rank, layers, first, last)]
+    mine = stages_of_rank(cfg, pp_rank)           # the stages one pipeline rank builds (models/gpt.py)
+    loads = rank_loads(cfg)                       # per pp rank: layers, embedding?, head?, micro-batches in flight
+
+Stage balance: the embedding and the output head each count as one layer (Megatron's
+``account_for_embedding/loss_in_pipeline_split``), every stage holds at least one transformer layer,
+and stage s lives on pipeline rank s mod pp (interleaved: 2 virtual stages per rank).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..config import Config, ConfigError
+
+VIRTUAL_STAGES_INTERLEAVED = 2
+
+
+@dataclass(frozen=True)
+class Stage:
+    index: int          # global stage index 0..n_stages-1 (schedule order)
+    rank: int           # pipeline rank (pp coordinate) holding it
+    layers: tuple       # global transformer layer indices, contiguous
+    first: bool         # holds the token embedding
+    last: bool          # holds the final norm + output head + loss
+
+
+def virtual_stages(cfg: Config) -> int:
+    """Stages per pipeline rank: 2 for the interleaved schedule, else 1."""
+    return VIRTUAL_STAGES_INTERLEAVED if cfg.parallel.pp > 1 and cfg.parallel.pp_schedule == "interleaved" else 1
+
+
+def balanced_layer_counts(n_layers: int, n_stages: int) -> list[int]:
+    """Layers per stage minimising the largest stage cost, where the first stage also pays one unit for
+    the embedding and the last one for the head; each stage gets >= 1 layer. Greedy on unit items is
+    optimal for the max; ties go to the later stage (the first stage also holds the most in-flight
+    micro-batches under 1F1B)."""
+    if n_layers < n_stages:
+        raise ConfigError(f"model.n_layers = {n_layers} < {n_stages} pipeline stages: each stage needs a layer")
+    counts = [1] * n_stages
+    extra = [0] * n_stages
+    extra[0] += 1
+    extra[-1] += 1
+    for _ in range(n_layers - n_stages):
+        cost = [c + e for c, e in zip(counts, extra)]
+        best = min(range(n_stages), key=lambda s: (cost[s], -s))
+        counts[best] += 1
+    return counts
+
+
+def pipeline_stages(cfg: Config) -> list[Stage]:
+    """All stages of the job (one per pp rank; two per rank for the interleaved schedule)."""
+    pp = cfg.parallel.pp
+    n_stages = pp * virtual_stages(cfg)
+    counts = balanced_layer_counts(cfg.model.n_layers, n_stages)
+    out, start = [], 0
+    for s, c in enumerate(counts):
+        out.append(Stage(index=s, rank=s % pp, layers=tuple(range(start, start + c)), first=s == 0,
+                         last=s == n_stages - 1))
+        start += c
+    return out
+
+
+def stages_of_rank(cfg: Config, pp_rank: int) -> list[Stage]:
+    """The stages pipeline rank ``pp_rank`` holds, in schedule order."""
+    return [s for s in pipeline_stages(cfg) if s.rank == pp_rank]
+
+
+def in_flight_microbatches(cfg: Config, pp_rank: int) -> float:
+    """Micro-batches whose activations pipeline rank ``pp_rank`` holds at its peak, in units of ALL the
+    rank's layers (torch.distributed.pipelining's schedules, which the pipeline engine runs):
+    no pipeline 1; GPipe m (every forward before any backward); 1F1B min(m, pp - r) (rank r runs
+    pp - r warm-up forwards, then one backward before each further forward); interleaved 1F1B
+    min(warm-up + 1, m·v) forwards of ONE virtual stage, warm-up = (v - 1)·(micro-batches per round)
+    + 2·(pp - 1 - r) (``_get_warmup_ops``), divided by v to count in whole-rank units."""
+    p = cfg.parallel
+    if p.pp == 1:
+        return 1.0
+    m = p.microbatches or cfg.grad_accum_steps
+    if p.pp_schedule == "gpipe":
+        return float(m)
+    if p.pp_schedule == "interleaved":
+        v = virtual_stages(cfg)
+        per_round = m // max(1, m // p.pp)
+        forwards = min((v - 1) * per_round + 2 * (p.pp - 1 - pp_rank) + 1, m * v)
+        return forwards / v
+    return float(min(m, p.pp - pp_rank))
+
+
+@dataclass(frozen=True)
+class RankLoad:
+    """What one pipeline rank holds, as the memory model (:mod:`dist_train.cost.memory`) needs it."""
+
+    layers: int         # transformer layers over all of this rank's stages
+    embedding: bool     # holds the token / patch embedding (first stage)
+    head: bool          # holds the final norm + output head + loss (last stage)
+    in_flight: float    # micro-batches of activations alive at the peak (:func:`in_flight_microbatches`)
+
+
+def load_of(cfg: Config, stages: list[Stage]) -> RankLoad:
+    """The load of the pipeline rank holding ``stages`` (all of one rank: :func:`stages_of_rank`)."""
+    assert stages and len({s.rank for s in stages}) == 1, stages
+    return RankLoad(layers=sum(len(s.layers) for s in stages), embedding=any(s.first for s in stages),
+                    head=any(s.last for s in stages), in_flight=in_flight_microbatches(cfg, stages[0].rank))
+
+
+def rank_loads(cfg: Config) -> list[RankLoad]:
+    """One :class:`RankLoad` per pipeline rank, in pp order (pp = 1: the whole model, one micro-batch)."""
+    return [load_of(cfg, stages_of_rank(cfg, r)) for r in range(cfg.parallel.pp)]

@@ -1,0 +1,152 @@
+"""The one memory model: bytes per device of one pipeline rank of a layout, by component.
+
+    sh, loc = rank_inputs(cfg, prof)                    # dist_train.cost.shape
+    mem = memory_model(cfg, sh, prof, loc)              # the most loaded pipeline rank (what decides "fits")
+    mem = memory_model(cfg, sh, prof, loc, load)        # one pipeline rank's exact RankLoad
+    est = estimate_memory(cfg, stages_of_rank(cfg, r), prof)   # grouped as the dry run's table columns
+
+``dist-train plan``, the predictions beside each ``dist-train scale`` point and ``dist-train launch
+--dry-run`` all print these numbers, so they can never disagree.
+
+Components (bytes):
+    baseline            framework resident set / CUDA context (profile.baseline_gib)
+    weights, grads      parameters on this rank (matmul weights and vocabulary rows ÷tp — the vocabulary
+                        padded to a multiple of tp; norms replicated; only this rank's layers, embedding
+                        and head; ÷ZeRO-3 shards) × element size (train.precision; auto: the profile's)
+    optimizer           AdamW m, v (+ fp32 master copy in 16-bit training), ÷ shards for ZeRO ≥ 1
+    ddp_buckets         DDP's flat gradient buckets (a second gradient copy) when gradients are reduced
+    activations         per layer per token (Korthikanti et al. generalised to this model's tensors):
+                        replicated part (norm inputs/outputs, ÷tp only with sequence parallel) +
+                        tensor-parallel part (÷tp); + 2·heads·span scores without flash attention;
+                        tokens per rank = micro_batch·S / (cp·wp); full checkpointing keeps the layer
+                        input (d per token) per layer + one layer being recomputed; Ulysses keeps the
+                        head-sharded q, k, v copies; × micro-batches in flight; + the stage input
+    logits              head rank only: S·b·V_pad/tp × (logits + fp32 log-softmax + its gradient)
+    comm_buffers        ring double buffers for K/V and dK/dV, all-to-all outputs
+    workspace           one layer's activation gradients in flight
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+from ..config import Config
+from ..plan.profiles import DeviceProfile
+from .layout import RankLoad, Stage, load_of
+from .shape import RankShape, Shape, rank_inputs, ring_piece_tokens
+
+
+def activation_elems_per_token(cfg: Config, sh: Shape, prof: DeviceProfile, loc: RankShape) -> dict:
+    """Stored activation elements per token per layer: {"replicated", "parallel", "scores", "ulysses"}."""
+    d = sh.d
+    if sh.kind == "swin":
+        rep, par = 4 * d, 5 * loc.q + 2 * loc.f
+        scores = 2 * loc.heads * sh.span  # window_attention materialises scores and probabilities
+    elif prof.fused_kernels:
+        rep, par = 4 * d, 2 * loc.q + 2 * loc.kv + 3 * loc.f
+        scores = 0.0 if prof.flash_attention and cfg.parallel.attn_kernel != "math" else 2 * loc.heads * sh.span
+    else:
+        # eager modules: RMSNorm keeps input and output (×2 norms); q and k keep pre-RoPE, rotate-half
+        # and post-RoPE copies; v; the attention output and its contiguous copy into wo; SwiGLU keeps
+        # w1 and w3 outputs, silu output and the product
+        rep, par = 4 * d, 5 * loc.q + 4 * loc.kv + 4 * loc.f
+        scores = 0.0 if prof.flash_attention and cfg.parallel.attn_kernel != "math" else 2 * loc.heads * sh.span
+    if cfg.parallel.sequence_parallel and cfg.parallel.tp > 1:
+        rep /= cfg.parallel.tp
+    uly = 0.0
+    if cfg.parallel.cp > 1 and cfg.parallel.cp_method in ("ulysses", "hybrid"):
+        uly = loc.q + 2 * loc.kv  # the head-sharded q, k, v after the all-to-all
+    return {"replicated": rep, "parallel": par, "scores": scores, "ulysses": uly}
+
+
+def memory_model(cfg: Config, sh: Shape, prof: DeviceProfile, loc: RankShape,
+                 load: Optional[RankLoad] = None) -> dict:
+    """Bytes by component (+ "total") of the pipeline rank holding ``load``; None: the most loaded of
+    ``loc.loads`` (every pp rank's exact stages), the rank that decides whether a layout fits."""
+    if load is None:
+        return max((memory_model(cfg, sh, prof, loc, ld) for ld in loc.loads), key=lambda m: m["total"])
+    p, t = cfg.parallel, cfg.train
+    bpe = loc.bpe
+    tied = cfg.model.tie_embeddings if sh.kind == "gpt" else False
+    rep = sh.layer_replicated_params()
+    n_local = load.layers * ((sh.layer_params() - rep) / p.tp + rep)
+    if load.embedding:
+        n_local += sh.embed_params(p.tp)
+    if load.head:
+        n_local += sh.final_norm_params() + (0 if tied else sh.head_params(p.tp))
+    z = p.zero_stage
+    shards = loc.grad_shards
+    master = 4 if bpe < 4 else 0
+    weights = n_local * bpe / (shards if z == 3 else 1)
+    grads = n_local * bpe / (shards if z is not None and z >= 2 else 1)
+    optim = n_local * (8 + master) / (shards if z is not None and z >= 1 else 1)
+    ddp = n_local * bpe if (z is None and shards > 1) else 0.0
+
+    el = activation_elems_per_token(cfg, sh, prof, loc)
+    per_layer_tok = el["replicated"] + el["parallel"] + el["scores"] + el["ulysses"]
+    if t.activation_checkpointing == "full":
+        # every in-flight micro-batch keeps its layer inputs; one layer is recomputed at a time
+        stored_tok = load.layers * sh.d * load.in_flight + per_layer_tok
+    else:
+        if t.activation_checkpointing == "selective":
+            per_layer_tok -= loc.q + el["scores"]   # the attention core is recomputed
+        stored_tok = load.layers * per_layer_tok * load.in_flight
+    stored_tok += sh.d * load.in_flight  # the stage input per micro-batch (the embedding output on stage 0)
+    acts = stored_tok * loc.tokens * bpe
+    # one micro-batch's logits: the last stage runs its loss and backward before the next forward
+    logits = loc.tokens * loc.vocab * (bpe + 4 + 4) if load.head else 0.0
+    comm = 0.0
+    if p.cp > 1:
+        if p.cp_method in ("ring", "hybrid"):
+            # K/V in flight (double buffer) + dK/dV accumulators, per K/V piece when the ring is pieced
+            comm += 4 * ring_piece_tokens(cfg, loc) * loc.kv * bpe * 2
+        if p.cp_method in ("ulysses", "hybrid"):
+            comm += loc.tokens * (loc.q + 2 * loc.kv) * bpe
+    workspace = 2 * loc.tokens * (sh.d + loc.f) * bpe  # one layer's activation gradients in flight
+    out = {"baseline": prof.baseline_bytes, "weights": weights, "grads": grads, "optimizer": optim,
+           "ddp_buckets": ddp, "activations": acts, "logits": logits, "comm_buffers": comm, "workspace": workspace}
+    out["total"] = sum(out.values())
+    return out
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    """One rank's memory, bytes by :func:`memory_model`'s components (its dict, with "total"), grouped
+    into the dry-run table's columns."""
+
+    components: dict
+    device: str         # the device profile the numbers come from, as the table header states it
+
+    @property
+    def params(self) -> float:
+        return self.components["weights"]
+
+    @property
+    def grads(self) -> float:
+        # DDP's flat buckets are a second copy of the gradients
+        return self.components["grads"] + self.components["ddp_buckets"]
+
+    @property
+    def optimizer(self) -> float:
+        return self.components["optimizer"]
+
+    @property
+    def activations(self) -> float:
+        return self.components["activations"]
+
+    @property
+    def total(self) -> float:
+        return self.components["total"]
+
+    @property
+    def other(self) -> float:
+        """Baseline (CUDA context / framework RSS), logits, communication buffers, workspace."""
+        return self.total - self.params - self.grads - self.optimizer - self.activations
+
+
+def estimate_memory(cfg: Config, stages: list[Stage], profile: DeviceProfile,
+                    label: Optional[str] = None) -> MemoryEstimate:
+    """Bytes one rank holding ``stages`` (all on one pipeline rank: :func:`~dist_train.cost.layout.stages_of_rank`)
+    uses on ``profile`` devices, by :func:`memory_model`; ``label`` names the profile in the dry run's header."""
+    sh, loc = rank_inputs(cfg, profile)
+    return MemoryEstimate(memory_model(cfg, sh, profile, loc, load_of(cfg, stages)), label or profile.name)

@@ -1,0 +1,68 @@
+"""The planner's prediction of one layout: memory, step time, tokens/s, MFU, whether it fits.
+
+    pred = predict(cfg, profile)            # cfg: a validated Config (its parallel.* is the layout)
+    pred.memory["total"], pred.step_time_s, pred.tokens_per_s, pred.breakdown_lines()
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+from ..config import Config
+from ..plan.profiles import DeviceProfile
+from .flops import flops_per_token
+from .memory import memory_model
+from .shape import rank_inputs
+from .step_time import time_model
+
+
+@dataclass
+class Prediction:
+    layout: dict
+    memory: dict                  # bytes by component + "total"
+    time: dict                    # seconds per step by component + "step"
+    step_time_s: float
+    tokens_per_s: float
+    tflops_per_device: float
+    mfu: float
+    exposed_comm_fraction: float
+    fits: bool
+    device: str
+    flops_per_token: float
+    notes: list = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return {"layout": self.layout, "memory_bytes": self.memory, "time_s": self.time,
+                "step_time_s": self.step_time_s, "tokens_per_s": self.tokens_per_s,
+                "tflops_per_device": self.tflops_per_device, "mfu": self.mfu,
+                "exposed_comm_fraction": self.exposed_comm_fraction, "fits": self.fits, "device": self.device,
+                "flops_per_token": self.flops_per_token, "notes": self.notes}
+
+    def breakdown_lines(self) -> list[str]:
+        gib = 2 ** 30
+        mem = ", ".join(f"{k} {v / gib:.3g}" for k, v in self.memory.items() if k != "total" and v)
+        tim = ", ".join(f"{k} {v * 1e3:.3g}" for k, v in self.time.items() if k != "step" and v)
+        return [f"memory GiB: total {self.memory['total'] / gib:.3g} = {mem}",
+                f"time ms/step: total {self.step_time_s * 1e3:.4g} = {tim}"]
+
+
+def predict(cfg: Config, prof: DeviceProfile, world: Optional[int] = None) -> Prediction:
+    """Memory and speed of ``cfg``'s layout on ``prof`` devices (world = dp·tp·pp·cp·wp by default)."""
+    world = world or cfg.world_size
+    sh, loc = rank_inputs(cfg, prof)
+    mem = memory_model(cfg, sh, prof, loc)
+    tm = time_model(cfg, sh, prof, loc, mem, world)
+    comm_total = tm.pop("comm_total")
+    step = tm["step"]
+    fpt = flops_per_token(sh)
+    tokens_step = cfg.train.global_batch * sh.tokens
+    tflops = fpt * tokens_step / step / world / 1e12
+    p = cfg.parallel
+    layout = {"dp": p.dp, "tp": p.tp, "pp": p.pp, "cp": p.cp, "wp": list(cfg.wp_grid), "cp_method": p.cp_method,
+              "cp_layout": p.cp_layout, "ulysses_degree": p.ulysses_degree, "zero_stage": p.zero_stage,
+              "checkpointing": cfg.train.activation_checkpointing, "micro_batch": cfg.train.micro_batch,
+              "sequence_parallel": p.sequence_parallel}
+    return Prediction(layout=layout, memory=mem, time=tm, step_time_s=step, tokens_per_s=tokens_step / step,
+                      tflops_per_device=tflops, mfu=tflops / prof.peak_tflops,
+                      exposed_comm_fraction=comm_total / step, fits=mem["total"] <= prof.memory_bytes,
+                      device=prof.name, flops_per_token=fpt)

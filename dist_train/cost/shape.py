@@ -1,0 +1,179 @@
+"""What a configuration looks like to the cost model: the model's shape (one sample) and one rank's share.
+
+    sh = shape_of(cfg)                   # layers, widths, heads, vocabulary, tokens per sample, keys per query
+    sh, loc = rank_inputs(cfg, prof)     # + per-rank quantities (tokens, ÷tp widths, pipeline loads, bytes/elem)
+
+Pure arithmetic on the typed config (no torch): the models build themselves from the same definitions
+(``config.ffn_hidden_size``, :func:`token_grid`), so a shape counted here is the shape that trains.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+from ..config import Config, ConfigError, ModelConfig, ffn_hidden_size
+from ..plan.profiles import DeviceProfile
+from .layout import RankLoad, rank_loads
+
+
+def mean_keys_per_query(seq_len: int, window: Optional[int], causal: bool = True) -> float:
+    """Average number of keys each query attends to (the S_eff of the FLOP convention)."""
+    if not causal:
+        return float(seq_len)
+    if window is None or window + 1 >= seq_len:
+        return (seq_len + 1) / 2.0
+    w = window + 1  # keys i-w..i inclusive
+    # queries 0..w-1 see i+1 keys; the rest see w
+    total = w * (w + 1) / 2 + (seq_len - w) * w
+    return total / seq_len
+
+
+def window_hw(m: ModelConfig) -> tuple[int, int]:
+    """``model.window`` as (wh, ww): an int is a square window (the rule of
+    ``parallelism.window.layout.as_pair``, which the swin model applies to the same value)."""
+    w = m.window
+    if isinstance(w, int):
+        return (w, w)
+    if isinstance(w, (list, tuple)) and len(w) == 2 and all(isinstance(v, int) for v in w):
+        return (int(w[0]), int(w[1]))
+    raise ConfigError(f"model.window = {w!r}: expected an int or a pair of ints [wh, ww]")
+
+
+def token_grid(image_hw: tuple[int, int], patch: int, window: tuple[int, int]) -> tuple[int, int, int, int]:
+    """(real token rows, real token cols, padded token rows, padded token cols) of an H×W image."""
+    th, tw = -(-image_hw[0] // patch), -(-image_hw[1] // patch)
+    return th, tw, -(-th // window[0]) * window[0], -(-tw // window[1]) * window[1]
+
+
+@dataclass(frozen=True)
+class Shape:
+    """What the model looks like to the cost model (one sample)."""
+
+    kind: str
+    layers: int
+    d: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    ffn: int
+    vocab: int            # gpt: vocabulary; swin: outputs per token of the head (cout·p²)
+    embed_in: int         # swin: inputs per token of the patch embedding (cin·p²); gpt: 0 (lookup)
+    tokens: int           # tokens per sample (sequence length, or padded token grid)
+    keys_per_query: float  # S_eff of the FLOP convention
+    span: int             # keys a query's kernel spans (throughput lookup, s² memory)
+    grid: tuple[int, int] = (0, 0)   # swin padded token grid
+    window: tuple[int, int] = (0, 0)
+
+    @property
+    def q_dim(self) -> int:
+        return self.heads * self.head_dim
+
+    @property
+    def kv_dim(self) -> int:
+        return self.kv_heads * self.head_dim
+
+    def layer_params(self) -> int:
+        d, f = self.d, self.ffn
+        if self.kind == "gpt":
+            return d * (2 * self.q_dim + 2 * self.kv_dim) + 3 * d * f + self.layer_replicated_params()
+        wh, ww = self.window
+        return 4 * d * d + 4 * d + 2 * d * f + f + d + self.heads * (2 * wh - 1) * (2 * ww - 1) + 4 * d
+
+    def layer_replicated_params(self) -> int:
+        """Parameters of one layer that tensor parallelism does not split: the norms (gpt: two RMSNorm
+        weights; swin: two LayerNorms with bias — swin runs with tp = 1 anyway)."""
+        return 2 * self.d if self.kind == "gpt" else 4 * self.d
+
+    def vocab_rows(self, tp: int = 1) -> int:
+        """Output rows per tp rank: the vocabulary padded up to a multiple of tp, split (Megatron's
+        vocab-parallel embedding/head, ``padded_vocab_size``); swin heads are not tp-split (tp = 1)."""
+        return -(-self.vocab // tp)
+
+    def embed_params(self, tp: int = 1) -> int:
+        return self.vocab_rows(tp) * self.d if self.kind == "gpt" else self.embed_in * self.d + self.d
+
+    def head_params(self, tp: int = 1) -> int:
+        return self.vocab_rows(tp) * self.d + (0 if self.kind == "gpt" else self.vocab)
+
+    def final_norm_params(self) -> int:
+        return self.d if self.kind == "gpt" else 2 * self.d
+
+    def params(self, tied: bool = False) -> int:
+        return (self.layers * self.layer_params() + self.embed_params() + (0 if tied else self.head_params())
+                + self.final_norm_params())
+
+
+def shape_of(cfg: Config) -> Shape:
+    """The model of ``cfg`` as the cost model sees it (swin needs ``data.image`` for its token grid)."""
+    m = cfg.model
+    if m.kind == "gpt":
+        s = cfg.data.seq_len
+        kv = m.n_kv_heads or m.n_heads
+        w = m.attention_window
+        return Shape("gpt", m.n_layers, m.d_model, m.n_heads, kv, m.d_model // m.n_heads, ffn_hidden_size(m),
+                     m.vocab_size, 0, s, mean_keys_per_query(s, w), min(s, (w or s) + 1))
+    if not cfg.data.image:
+        raise ValueError("data.image is not set: a swin plan needs the image size (--image H W)")
+    win = window_hw(m)
+    _, _, ph, pw = token_grid(tuple(cfg.data.image), m.patch_size, win)
+    area = win[0] * win[1]
+    p2 = m.patch_size ** 2
+    return Shape("swin", m.n_layers, m.d_model, m.n_heads, m.n_heads, m.d_model // m.n_heads,
+                 m.ffn_hidden or 4 * m.d_model, m.out_channels * p2, m.in_channels * p2, ph * pw, float(area), area,
+                 (ph, pw), win)
+
+
+# ---------------------------------------------------------------------------------------------
+def element_bytes(cfg: Config, prof: DeviceProfile) -> int:
+    """Bytes per weight / activation element: train.precision when set (bf16 2, fp32 4), else (auto)
+    the profile's (bf16 on the GPU profiles, fp32 on cpu) — what the trainer's autocast picks."""
+    return {"bf16": 2, "fp32": 4}.get(cfg.train.precision, prof.bytes_per_elem)
+
+
+@dataclass(frozen=True)
+class RankShape:
+    """Per-rank quantities of a layout (one micro-batch)."""
+
+    tokens: float       # tokens this rank processes per micro-batch
+    layers: int         # layers on the most loaded pipeline rank (all its stages)
+    q: float            # local attention width (÷tp)
+    kv: float
+    f: float
+    heads: float
+    vocab: float        # output rows on this rank (padded vocabulary ÷ tp)
+    grad_shards: int    # ranks holding replicas of the weights (dp·cp·wp): ZeRO shard factor
+    bpe: int            # bytes per element (:func:`element_bytes`)
+    loads: tuple[RankLoad, ...]  # what each pipeline rank holds, in pp order
+
+
+def rank_inputs(cfg: Config, prof: DeviceProfile) -> tuple[Shape, RankShape]:
+    """(shape, per-rank quantities) of ``cfg`` on ``prof``: the inputs of :func:`~dist_train.cost.memory.memory_model`."""
+    sh = shape_of(cfg)
+    return sh, rank_shape(cfg, sh, prof)
+
+
+def rank_shape(cfg: Config, sh: Shape, prof: DeviceProfile) -> RankShape:
+    """One micro-batch on one rank of ``cfg``'s layout (the most loaded pipeline rank's layers)."""
+    p = cfg.parallel
+    gh, gw = cfg.wp_grid
+    tp = p.tp
+    if sh.kind == "swin":
+        ph, pw = sh.grid
+        wh, ww = sh.window
+        # tiles are window-aligned: the largest tile has ceil(windows / grid) windows per axis
+        tile = math.ceil(ph // wh / gh) * wh * math.ceil(pw // ww / gw) * ww
+        tokens = cfg.train.micro_batch * tile / p.cp
+    else:
+        tokens = cfg.train.micro_batch * sh.tokens / p.cp
+    kv_heads_local = max(1.0, sh.kv_heads / tp)
+    loads = tuple(rank_loads(cfg))
+    return RankShape(tokens=tokens, layers=max(ld.layers for ld in loads), q=sh.q_dim / tp,
+                     kv=kv_heads_local * sh.head_dim, f=sh.ffn / tp, heads=sh.heads / tp, vocab=sh.vocab_rows(tp),
+                     grad_shards=p.dp * p.cp * gh * gw, bpe=element_bytes(cfg, prof), loads=loads)
+
+
+def ring_piece_tokens(cfg: Config, loc: RankShape) -> float:
+    """Tokens of one ring message: the rank's whole shard, or ``parallel.cp_kv_piece`` per sequence."""
+    piece = cfg.parallel.cp_kv_piece
+    return loc.tokens if piece is None else min(loc.tokens, cfg.train.micro_batch * piece)

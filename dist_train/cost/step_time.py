@@ -1,0 +1,150 @@
+"""The time model: seconds per optimizer step of one rank of a layout on a device profile.
+
+Matmuls by shape over the calibrated matmul curve, attention (FLOP convention) over the attention curve
+with the causal critical-path factor of the cp layout, elementwise traffic over memory bandwidth, eager
+op overhead, the optimizer, then the communication of every axis: exposed = what the algorithm cannot
+overlap (profile.overlap).
+"""
+from __future__ import annotations
+
+import math
+
+from ..config import Config
+from ..plan.profiles import DeviceProfile
+from .memory import activation_elems_per_token
+from .shape import RankShape, Shape, ring_piece_tokens
+
+# eager autograd ops per transformer layer (forward ops; their backward is in the calibrated per-op cost),
+# counted from dist_train/models/gpt.py and swin.py; fused kernels collapse them
+EAGER_OPS_PER_LAYER = {"gpt": 48, "swin": 40}
+FUSED_OPS_PER_LAYER = 14
+# ops each extra cp ring step adds per layer (kernel call, LSE merge, send/recv bookkeeping)
+RING_OPS_PER_STEP = 14
+ULYSSES_OPS = 16
+# elementwise passes over each stored activation byte (forward write, backward read of saved value,
+# gradient write and read)
+ELEMENTWISE_PASSES = 4
+
+
+def _matmuls(sh: Shape, loc: RankShape) -> list[tuple[float, float, int]]:
+    """(K, N, count) of every matmul of one layer (tp-sharded dims divided)."""
+    d = sh.d
+    if sh.kind == "gpt":
+        return [(d, loc.q, 1), (d, loc.kv, 2), (loc.q, d, 1), (d, loc.f, 2), (loc.f, d, 1)]
+    return [(d, 3 * loc.q, 1), (loc.q, d, 1), (d, loc.f, 1), (loc.f, d, 1)]
+
+
+def _allreduce_s(nbytes: float, n: int, link) -> float:
+    if n <= 1:
+        return 0.0
+    return 2 * (n - 1) / n * nbytes / (link.bw_gbs * 1e9) + 2 * (n - 1) * link.latency_us * 1e-6
+
+
+def time_model(cfg: Config, sh: Shape, prof: DeviceProfile, loc: RankShape, mem: dict, world: int) -> dict:
+    """Seconds per optimizer step by component (+ "step", the total, and "comm_total", all communication)
+    on one rank of ``world`` (``mem``: :func:`~dist_train.cost.memory.memory_model` of the same rank)."""
+    p, t = cfg.parallel, cfg.train
+    bpe = loc.bpe
+    accum = cfg.grad_accum_steps
+    ranks_per_node = min(world, prof.devices_per_node if prof.cores is None else world)
+    share = prof.compute_share(ranks_per_node)
+    recompute = 4.0 / 3.0 if t.activation_checkpointing == "full" else 1.0
+
+    # -- compute per micro-batch ---------------------------------------------------------------
+    mm = 0.0
+    for k, n, c in _matmuls(sh, loc):
+        mm += c * 6.0 * loc.tokens * k * n / (prof.matmul_tflops_at(int(k), int(n)) * 1e12)
+    mm *= loc.layers * recompute
+    head_in = sh.d if sh.kind == "gpt" else sh.d
+    mm += 6.0 * loc.tokens * head_in * loc.vocab / (prof.matmul_tflops_at(head_in, int(loc.vocab)) * 1e12)
+    if sh.kind == "swin":
+        mm += 6.0 * loc.tokens * sh.embed_in * sh.d / (prof.matmul_tflops_at(sh.embed_in, sh.d) * 1e12)
+
+    attn_flops = 12.0 * loc.q * sh.keys_per_query * loc.tokens * loc.layers
+    kernel_keys = sh.span
+    imbalance = 1.0
+    if p.cp > 1 and sh.kind == "gpt":
+        ring = p.cp if p.cp_method == "ring" else (p.cp // p.ulysses_degree if p.cp_method == "hybrid" else 1)
+        if ring > 1:
+            kernel_keys = max(1, int(sh.span / ring))
+            causal_full = cfg.model.attention_window is None
+            if p.cp_layout == "contiguous" and causal_full:
+                imbalance = (2 * ring - 1) / ring  # the last rank's critical path: P - 1/2 blocks vs P/2
+    attn = attn_flops * imbalance * recompute / (prof.attention_tflops_at(kernel_keys) * 1e12)
+
+    el = activation_elems_per_token(cfg, sh, prof, loc)
+    elems = el["replicated"] + el["parallel"] + el["ulysses"]
+    ew = ELEMENTWISE_PASSES * elems * bpe * loc.tokens * loc.layers * recompute / (prof.mem_bw_gbs * 1e9)
+    ew += 6 * loc.tokens * loc.vocab * 4 / (prof.mem_bw_gbs * 1e9)  # logits, log-softmax, their gradients
+    ops = (FUSED_OPS_PER_LAYER if prof.fused_kernels else EAGER_OPS_PER_LAYER[sh.kind]) * loc.layers
+    if p.cp > 1:
+        ring = p.cp if p.cp_method == "ring" else (p.cp // p.ulysses_degree if p.cp_method == "hybrid" else 1)
+        pieces = loc.tokens / ring_piece_tokens(cfg, loc)   # one sub-ring per K/V piece
+        ops += loc.layers * (RING_OPS_PER_STEP * (ring - 1) * pieces + (ULYSSES_OPS if p.cp_method != "ring" else 0))
+    ovh = ops * recompute * prof.op_overhead_us * 1e-6
+    compute_mb = (mm + attn + ew + ovh) / share
+
+    # -- communication per micro-batch -----------------------------------------------------------
+    tp_s = 0.0
+    if p.tp > 1:
+        link = prof.link(p.tp)
+        tp_s = 4 * loc.layers * _allreduce_s(loc.tokens * sh.d * bpe, p.tp, link)
+    cp_exposed = 0.0
+    if p.cp > 1 and sh.kind == "gpt":
+        link = prof.link(p.cp * p.tp)
+        u = p.cp if p.cp_method == "ulysses" else (p.ulysses_degree if p.cp_method == "hybrid" else 1)
+        ring = p.cp // u
+        if u > 1:
+            a2a_bytes = loc.tokens * (2 * loc.q + 2 * loc.kv) * bpe * (u - 1) / u  # q, k, v in; out back
+            cp_exposed += 2 * loc.layers * (a2a_bytes / (link.bw_gbs * 1e9) + 4 * (u - 1) * link.latency_us * 1e-6)
+        if ring > 1:
+            pieces = loc.tokens / ring_piece_tokens(cfg, loc)
+            blk = 2 * loc.tokens * loc.kv * bpe / pieces  # one K/V block (piece)
+            per_step_comm = link.seconds(blk, 2)
+            per_step_compute = (attn / max(1, ring)) / loc.layers / share / pieces
+            hidden = prof.overlap * per_step_compute
+            fwd = (ring - 1) * pieces * max(0.0, per_step_comm - hidden)
+            cp_exposed += loc.layers * 3 * fwd  # backward: K/V again plus dK/dV
+    wp_s = 0.0
+    gh, gw = cfg.wp_grid
+    if sh.kind == "swin" and gh * gw > 1:
+        wh, ww = sh.window
+        sh_h, sh_w = wh // 2, ww // 2
+        tile_h, tile_w = math.ceil(sh.grid[0] // wh / gh) * wh, math.ceil(sh.grid[1] // ww / gw) * ww
+        halo = (sh_h * tile_w * (gh > 1) + sh_w * tile_h * (gw > 1) - sh_h * sh_w * (gh > 1 and gw > 1))
+        link = prof.link(gh * gw * p.cp)
+        per = link.seconds(halo * cfg.train.micro_batch * sh.d * bpe, 3)
+        wp_s = (sh.layers // 2) * 2 * 2 * per * (1 - prof.overlap)  # roll and roll back, forward and backward
+    pp_s = 0.0
+    bubble = 0.0
+    if p.pp > 1:
+        link = prof.link(world)
+        pp_s = 2 * link.seconds(loc.tokens * sh.d * bpe)
+        m = p.microbatches or accum
+        bubble = (p.pp - 1) / (m + p.pp - 1)
+        if p.pp_schedule == "interleaved":
+            bubble /= 2
+    per_mb = compute_mb + tp_s + cp_exposed + wp_s + pp_s
+    body = accum * per_mb / (1 - bubble) if bubble < 1 else float("inf")
+
+    # -- once per step ---------------------------------------------------------------------------
+    n_local = mem["weights"] * (loc.grad_shards if p.zero_stage == 3 else 1) / bpe
+    tensors = (9 if sh.kind == "gpt" else 13) * loc.layers + 3
+    shards = loc.grad_shards if (p.zero_stage or 0) >= 1 else 1
+    opt = (n_local / shards * 4 * 10 / (prof.mem_bw_gbs * 1e9) + tensors * 14 * prof.op_overhead_us * 1e-6) / share
+    grad_bytes = n_local * bpe
+    g = loc.grad_shards
+    dp_link = prof.link(world // max(1, p.pp))
+    dp_comm = _allreduce_s(grad_bytes, g, dp_link) * (1.5 if p.zero_stage == 3 else 1.0)
+    backward = accum * compute_mb * 2 / 3
+    bucket = min(grad_bytes, 25 * 2 ** 20)
+    last_bucket = _allreduce_s(bucket, g, dp_link)
+    dp_exposed = max(last_bucket, dp_comm - prof.overlap * backward) if g > 1 else 0.0
+    small = 2 * _allreduce_s(8, g, dp_link)  # token count and loss all-reduces
+    out = {"matmul": accum * mm / share, "attention": accum * attn / share, "elementwise": accum * ew / share,
+           "op_overhead": accum * ovh / share, "optimizer": opt, "tp_comm": accum * tp_s,
+           "cp_comm_exposed": accum * cp_exposed, "wp_halo_exposed": accum * wp_s, "pp_p2p": accum * pp_s,
+           "pp_bubble": body - accum * per_mb, "dp_comm_exposed": dp_exposed + small}
+    out["step"] = body + opt + dp_exposed + small
+    out["comm_total"] = accum * (tp_s + cp_exposed + wp_s + pp_s) + dp_exposed + small
+    return out
