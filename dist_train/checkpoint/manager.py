@@ -83,6 +83,23 @@ def _corruption(e: BaseException) -> bool:
     return isinstance(e, CorruptCheckpointError)
 
 
+DELETING = ".deleting"  # suffix of a checkpoint directory being deleted (never a step_N name: never loaded)
+
+
+def discard(path: Path) -> None:
+    """Delete a checkpoint directory so that no kill can leave a half-deleted ``step_N``: rename it to
+    ``step_N.deleting`` first (atomic; made durable), then delete. Leftovers are removed by the next prune."""
+    doomed = path.with_name(path.name + DELETING)
+    if doomed.exists():  # an earlier delete of the same name was interrupted
+        shutil.rmtree(doomed, ignore_errors=True)
+    try:
+        os.replace(path, doomed)
+        fsync_dir(path.parent)
+    except FileNotFoundError:
+        return
+    shutil.rmtree(doomed, ignore_errors=True)
+
+
 def nonfinite_tensor(tensors: dict[str, torch.Tensor]) -> Optional[str]:
     """The first key (sorted) of a floating tensor holding NaN or ±inf (this rank's part of a DTensor), else None."""
     for key in sorted(tensors):
@@ -320,9 +337,15 @@ class CheckpointManager:
             os.replace(final, replaced)
         os.replace(tmp, final)
         fsync_dir(self.root)
-        mf.write_latest(self.root, final.name)
+        # committed from here on: nothing below may report the save as failed
+        try:
+            mf.write_latest(self.root, final.name)
+        except OSError as e:
+            log.warning("checkpoint %s is committed, but rewriting %s failed (%s): it still names %s; "
+                        "resume: auto takes the newest complete checkpoint, not 'latest'", final.name,
+                        self.root / mf.LATEST, _describe(e), mf.read_latest(self.root) or "nothing")
         if replaced is not None:
-            shutil.rmtree(replaced, ignore_errors=True)
+            discard(replaced)
         try:
             self._prune(p["step"])
         except OSError as e:  # the new checkpoint is committed; a failed cleanup must not undo that
@@ -340,13 +363,15 @@ class CheckpointManager:
             keep.add(self.resumed_from)
         for _, p in complete:
             if p not in keep and p.resolve() not in keep:
-                shutil.rmtree(p, ignore_errors=True)
+                discard(p)
         for p in self.root.glob("step_*.tmp"):
             try:
                 if int(p.name[len("step_"):-len(".tmp")]) < current_step:
-                    shutil.rmtree(p, ignore_errors=True)
+                    discard(p)
             except ValueError:
                 continue
+        for p in [*self.root.glob(f"step_*{DELETING}"), *self.root.glob("step_*.replaced*")]:
+            shutil.rmtree(p, ignore_errors=True)  # left by a process killed while deleting
 
     def _raise_if(self, errors: list[str], tmp: Path) -> None:
         if errors:

@@ -150,12 +150,19 @@ def write_file_durable(path: PathLike, data: bytes, atomic: bool = True) -> dict
     would only add fsyncs (each a journal commit) to every save."""
     path = Path(path)
     target = path.with_name(path.name + f".tmp{os.getpid()}") if atomic else path
-    with open(target, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
+    try:
+        with open(target, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        if atomic:
+            os.replace(target, path)
+    except BaseException:
+        if atomic:  # e.g. disk full: the old file stays as it was and no temp file is left behind
+            with contextlib.suppress(OSError):
+                os.unlink(target)
+        raise
     if atomic:
-        os.replace(target, path)
         fsync_dir(path.parent)
     return bytes_block_digests(data)
 

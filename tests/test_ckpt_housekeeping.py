@@ -1,0 +1,114 @@
+"""Checkpoint housekeeping (issue 13.8): a kill while pruning never leaves a half-deleted ``step_N``; a full
+disk while rewriting ``latest`` leaves the committed checkpoint committed, ``latest`` intact and no temp file;
+re-signed metadata that the allow-list unpickler refuses fails verification and auto-resume falls back."""
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import pickle
+from pathlib import Path
+
+import pytest
+import torch
+
+from dist_train.checkpoint import CheckpointError, CheckpointManager, complete_checkpoints, verify_checkpoint
+from dist_train.checkpoint import manager as manager_mod
+from dist_train.checkpoint import storage
+from dist_train.checkpoint.cli import verify as cli_verify
+from dist_train.checkpoint.manifest import list_checkpoints, read_latest
+from tests.test_ckpt_common import CkptCfg, build, eval_outputs, model_config, seed_rank, train_steps
+from tests.test_divergence import resign
+
+
+def _mgr(root: Path, **kw) -> CheckpointManager:
+    return CheckpointManager(CkptCfg(dir=str(root), **kw), run_dir=root, config=model_config(),
+                             layout={"dp": 1, "world_size": 1})
+
+
+def _saver(root: Path, **kw):
+    seed_rank(0)
+    model, opt, sched = build()
+    mgr = _mgr(root, **kw)
+
+    def save(step: int):
+        train_steps(model, opt, sched, step, step)
+        mgr.save(step, model, opt, sched, extra={"step": step, "consumed_samples": 6 * step})
+        return eval_outputs(model)
+    return save
+
+
+def test_kill_while_pruning_leaves_no_half_deleted_checkpoint(tmp_path, monkeypatch, capsys):
+    root = tmp_path / "ckpt"
+    save = _saver(root, keep_last=2)
+    save(1)
+    save(2)
+    real_rmtree = manager_mod.shutil.rmtree
+
+    def killed_midway(path, ignore_errors=False):
+        path = Path(path)
+        victim = sorted(p for p in path.rglob("*") if p.is_file())[0]
+        victim.unlink()  # some files are gone when the "kill" arrives
+        raise KeyboardInterrupt  # stands for SIGKILL: nothing after this point runs
+
+    monkeypatch.setattr(manager_mod.shutil, "rmtree", killed_midway)
+    with pytest.raises(KeyboardInterrupt):
+        save(3)  # commits step_3, then prunes step_1 and is killed inside the delete
+    monkeypatch.setattr(manager_mod.shutil, "rmtree", real_rmtree)
+    assert (root / "step_1.deleting").is_dir() and not (root / "step_1").exists()
+    assert [p.name for _, p in list_checkpoints(root)] == ["step_3", "step_2"]
+    assert cli_verify(root) == 0, capsys.readouterr().out  # every step_N verifies; the leftover is no checkpoint
+    out4 = save(4)  # the next prune removes the leftover
+    assert not list(root.glob("*.deleting")) and [p.name for _, p in list_checkpoints(root)] == ["step_4", "step_3"]
+    fresh = build(seed=9)
+    assert _mgr(root).resume(*fresh)["step"] == 4 and torch.equal(eval_outputs(fresh[0]), out4)
+
+
+def test_disk_full_while_rewriting_latest_keeps_the_committed_checkpoint(tmp_path, monkeypatch, caplog):
+    root = tmp_path / "ckpt"
+    save = _saver(root)
+    save(1)
+    real_fsync = storage.os.fsync
+
+    def full_for_latest(fd):
+        if os.path.basename(os.readlink(f"/proc/self/fd/{fd}")).startswith("latest.tmp"):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_fsync(fd)
+
+    monkeypatch.setattr(storage.os, "fsync", full_for_latest)
+    with caplog.at_level(logging.WARNING, logger="dist_train.checkpoint"):
+        out2 = save(2)  # no exception: the checkpoint is committed
+    monkeypatch.undo()
+    said = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(said) == 1 and "step_2 is committed, but rewriting" in said[0] and "No space left" in said[0] \
+        and "still names step_1" in said[0], said
+    assert read_latest(root) == "step_1" and not list(root.glob("latest.tmp*"))
+    assert [p.name for _, p in complete_checkpoints(root)] == ["step_2", "step_1"]
+    assert not verify_checkpoint(root / "step_2")
+    fresh = build(seed=9)
+    assert _mgr(root).resume(*fresh)["step"] == 2 and torch.equal(eval_outputs(fresh[0]), out2)
+
+
+class _Evil:
+    def __reduce__(self):
+        return (print, ("pwned",))
+
+
+def test_resigned_refused_metadata_fails_verify_and_auto_falls_back(tmp_path, caplog, capsys):
+    root = tmp_path / "ckpt"
+    save = _saver(root)
+    out2 = save(2)
+    save(4)
+    (root / "step_4" / ".metadata").write_bytes(pickle.dumps(_Evil()))
+    resign(root / "step_4")  # checksums match the evil bytes: only the unpickler can tell
+    problems = verify_checkpoint(root / "step_4")
+    assert len(problems) == 1 and "builtins.print' is not allowed" in problems[0], problems
+    assert cli_verify(root) == 1 and "BAD" in capsys.readouterr().out
+    with caplog.at_level(logging.WARNING, logger="dist_train.checkpoint"):
+        fresh = build(seed=9)
+        assert _mgr(root).resume(*fresh)["step"] == 2
+    assert torch.equal(eval_outputs(fresh[0]), out2)
+    assert any("step_4 failed verification" in r.getMessage() and "falling back to step_2" in r.getMessage()
+               for r in caplog.records)
+    with pytest.raises(CheckpointError, match="not allowed"):
+        _mgr(root, resume=str(root / "step_4")).resume(*build(seed=9))
