@@ -106,6 +106,7 @@ class TrainConfig:
     precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16
     log_every: int = 1
     activation_checkpointing: str = "none"  # none | full | selective
+    loss_chunk: Any = "auto"  # gpt loss: tokens per head+cross-entropy chunk | auto (64 MiB of logits) | full (unchunked)
     peak_tflops: Optional[float] = None  # per-device peak for MFU; None: CUDA table or CPU calibration
     exit_interval: int = 0  # save and exit after every N steps done in this process (time-sliced jobs)
     on_nonfinite: str = "stop"  # non-finite loss/grad norm: stop (exit 3) | skip (the step is not applied)
@@ -537,6 +538,10 @@ def _validate_train(cfg: Config) -> None:
     if not (isinstance(t.betas, list) and len(t.betas) == 2 and all(
             isinstance(b, (int, float)) and not isinstance(b, bool) and 0 <= b < 1 for b in t.betas)):
         raise ConfigError(f"train.betas = {t.betas!r}: expected two numbers in [0, 1), e.g. [0.9, 0.95]")
+    lc = t.loss_chunk
+    if lc not in ("auto", "full") and (not isinstance(lc, int) or isinstance(lc, bool) or not 1 <= lc <= MAX_SEQ):
+        raise ConfigError(f"train.loss_chunk = {lc!r}: must be a positive number of tokens (e.g. 2048), auto "
+                          "(chunks of 64 MiB of logits) or full (unchunked [B, S, V] logits)")
     if t.global_batch % (t.micro_batch * p.dp):
         raise ConfigError(
             f"train.global_batch = {t.global_batch} is not a multiple of micro_batch * dp = "

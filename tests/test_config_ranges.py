@@ -71,6 +71,7 @@ BAD: dict[str, list] = {
     "train.precision": ["fp16"],
     "train.log_every": [0, -1],
     "train.activation_checkpointing": ["some"],
+    "train.loss_chunk": [0, -2048, "big", 1.5, True, None, HUGE],
     "train.peak_tflops": [0, -1.0, float("inf")],
     "train.exit_interval": [-1],
     "train.progress": ["on"],

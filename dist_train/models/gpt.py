@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import math
 import zlib
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Union
 
 import torch
 import torch.nn as nn
@@ -32,6 +32,7 @@ from torch.utils.checkpoint import checkpoint
 from ..config import ModelConfig, ffn_hidden_size
 from ..cost.layout import stages_of_rank
 from .attention import AttentionContext, attention
+from .chunked_loss import chunked_cross_entropy, resolve_loss_chunk
 from .tensor_parallel import TensorParallel, copy_shard_, is_tp_sharded, padded_vocab_size
 
 IGNORE_INDEX = -100
@@ -153,14 +154,17 @@ class GPT(nn.Module):
     tp: tensor-parallel context (None: tp=1). layer_ids: global indices of the layers this rank holds
     (None: all). has_embedding / has_head: whether the token embedding / final norm + output head live
     here (pipeline first / last stage). init_seed: base seed of the per-parameter init (None: the
-    current torch seed).
+    current torch seed). loss_chunk: ``train.loss_chunk`` (tokens per chunk of the fused head +
+    cross-entropy, "auto" or "full"; see :mod:`~dist_train.models.chunked_loss`).
     """
 
     def __init__(self, cfg: ModelConfig, ctx: Optional[AttentionContext] = None, activation_checkpointing: str = "none",
                  *, tp: Optional[TensorParallel] = None, layer_ids: Optional[Sequence[int]] = None,
-                 has_embedding: bool = True, has_head: bool = True, init_seed: Optional[int] = None):
+                 has_embedding: bool = True, has_head: bool = True, init_seed: Optional[int] = None,
+                 loss_chunk: Union[str, int] = "auto"):
         super().__init__()
         self.cfg = cfg
+        self.loss_chunk = loss_chunk
         self.tp = tp
         ctx = ctx or AttentionContext(window=cfg.attention_window)
         self.head_dim = cfg.d_model // cfg.n_heads
@@ -243,16 +247,35 @@ class GPT(nn.Module):
             h = self.tp.copy_to_region(h)
         return F.linear(h, self.tok_embeddings.weight)
 
+    def head_weight(self) -> torch.Tensor:
+        """The output matrix [V (tp: V_pad/tp rows of this rank), d]: the head's or, tied, the embedding's."""
+        return self.output.weight if self.output is not None else self.tok_embeddings.weight
+
     def loss(self, x: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """x: last hidden [B, S, d]; labels [B, S] -> (sum of token losses (fp32), real-token count)."""
+        """x: last hidden [B, S, d] ([B, S/tp, d] under sequence parallelism); labels [B, S] -> (sum of token
+        losses (>= fp32), real-token count). Chunked (``loss_chunk``): no [B, S, V] logits exist; "full":
+        the unchunked reference."""
+        count = (labels != IGNORE_INDEX).sum().to(torch.float32)
+        weight = self.head_weight()
+        chunk = resolve_loss_chunk(self.loss_chunk, weight.shape[0])
+        if chunk is None:
+            return self._full_loss(x, labels), count
+        h = self.norm(x)
+        if self.tp is not None:
+            # the tp region mapping the column-parallel head applies: its backward sums dL/dh over tp
+            h = self.tp.enter(h) if self.tp.sequence_parallel else self.tp.copy_to_region(h)
+        tp_args = {} if self.tp is None else {"vocab_start": self.tp.rank * weight.shape[0], "group": self.tp.group}
+        loss_sum = chunked_cross_entropy(h, weight, labels, chunk, vocab_size=self.cfg.vocab_size,
+                                         ignore_index=IGNORE_INDEX, **tp_args)
+        return loss_sum, count
+
+    def _full_loss(self, x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Unchunked: [B, S, V] logits (at least fp32) and their gradient; the reference for the chunked loss."""
         logits = self.head_logits(x)
         if self.tp is None:
-            loss_sum = F.cross_entropy(logits.to(at_least_fp32(logits.dtype)).flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX,
-                                       reduction="sum")
-        else:
-            loss_sum = self.tp.cross_entropy(logits, labels, self.cfg.vocab_size, IGNORE_INDEX).sum()
-        count = (labels != IGNORE_INDEX).sum().to(torch.float32)
-        return loss_sum, count
+            return F.cross_entropy(logits.to(at_least_fp32(logits.dtype)).flatten(0, 1), labels.flatten(),
+                                   ignore_index=IGNORE_INDEX, reduction="sum")
+        return self.tp.cross_entropy(logits, labels, self.cfg.vocab_size, IGNORE_INDEX).sum()
 
     # -- whole model ----------------------------------------------------------------------------
     def hidden(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
@@ -287,6 +310,6 @@ def build_gpt(cfg, mesh, device: torch.device) -> GPT:
     stages = stages_of_rank(cfg, mesh.coord("pp"))
     model = GPT(cfg.model, ctx, activation_checkpointing=cfg.train.activation_checkpointing, tp=tp,
                 layer_ids=[i for st in stages for i in st.layers], has_embedding=any(st.first for st in stages),
-                has_head=any(st.last for st in stages), init_seed=cfg.run.seed)
+                has_head=any(st.last for st in stages), init_seed=cfg.run.seed, loss_chunk=cfg.train.loss_chunk)
     model.pipeline_stages = stages
     return model.to(device)
