@@ -8,8 +8,9 @@ import torch.nn.functional as F
 
 
 def reference_attention(q, k, v, *, causal: bool = True, window: Optional[int] = None,
-                        scale: Optional[float] = None) -> torch.Tensor:
-    """softmax(q·kᵀ·scale + mask)·v over the full sequence. q [B, S, Hq, D]; k, v [B, S, Hkv, D]."""
+                        scale: Optional[float] = None, doc_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """softmax(q·kᵀ·scale + mask)·v over the full sequence. q [B, S, Hq, D]; k, v [B, S, Hkv, D];
+    doc_ids [B, S] (or [S]): a query sees only keys with its own document id."""
     b, s, hq, d = q.shape
     g = hq // k.shape[2]
     kk, vv = k.repeat_interleave(g, dim=2), v.repeat_interleave(g, dim=2)
@@ -24,6 +25,9 @@ def reference_attention(q, k, v, *, causal: bool = True, window: Optional[int] =
         ok &= j >= i - window
         if not causal:
             ok &= j <= i + window
+    if doc_ids is not None:
+        ids = doc_ids if doc_ids.dim() == 2 else doc_ids[None]
+        ok = ok & (ids[:, :, None] == ids[:, None, :])[:, None]               # [B, 1, S, S]
     p = torch.softmax(scores.masked_fill(~ok, float("-inf")), dim=-1)
     return torch.einsum("bhij,bjhd->bihd", p, vv)
 

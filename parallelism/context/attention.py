@@ -13,6 +13,7 @@ import torch
 import torch.distributed as dist
 
 from .comm import heads_to_seq, run_local, run_p2p, seq_to_heads
+from .documents import CuSeqlens, normalize_cu_seqlens
 from .hybrid import subgroups
 from .kernels import default_scale, get_kernel
 from .layouts import Chunk, check_layout, check_seq_len, rank_chunks
@@ -56,21 +57,24 @@ def _check_inputs(q, k, v, window, P: int, layout: str, method: str) -> None:
 
 def local_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = True,
                     window: Optional[int] = None, scale: Optional[float] = None, kernel: str = "auto",
-                    tile: Optional[int] = None) -> torch.Tensor:
+                    tile: Optional[int] = None, cu_seqlens: Optional[CuSeqlens] = None,
+                    stats: Optional[CPStats] = None) -> torch.Tensor:
     """Exact attention over a whole, unsharded sequence through the tiled block kernels: the ring
     with one rank (no communication).
 
     q: [B, S, Hq, D]; k, v: [B, S, Hkv, D] -> [B, S, Hq, D] in q's dtype; the same masks as
     :func:`context_parallel_attention`. With a window the planner cuts the sequence into tiles of
     ``tile`` tokens (default ~max(128, w)) and computes only the tiles the window reaches, so work
-    and memory are O(S·w): no [S, S] mask or score matrix, whatever S is.
+    and memory are O(S·w): no [S, S] mask or score matrix, whatever S is. ``cu_seqlens``: packed
+    documents, as in :func:`context_parallel_attention` (blocks between documents are skipped).
     """
     _check_inputs(q, k, v, window, 1, "contiguous", "ring")
+    docs = normalize_cu_seqlens(cu_seqlens, q.shape[1], q.shape[0])
     scale = default_scale(q.shape[-1], scale)
     tile = default_tile(window) if tile is None else tile
-    schedule = build_schedule(((Chunk(0, 1, q.shape[1]),),), causal, window, tile, None)
+    schedule = build_schedule(((Chunk(0, 1, q.shape[1]),),), causal, window, tile, None, docs)
     return RingAttention.apply(q, k, v, schedule, 0, run_local, get_kernel(kernel, q.device, q.dtype), scale,
-                               None)
+                               stats)
 
 
 def context_parallel_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
@@ -79,6 +83,7 @@ def context_parallel_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
                                window: Optional[int] = None, scale: Optional[float] = None,
                                kernel: str = "auto", tile: Optional[int] = None,
                                kv_piece: Optional[int] = None,
+                               cu_seqlens: Optional[CuSeqlens] = None,
                                stats: Optional[CPStats] = None) -> torch.Tensor:
     """Exact attention over the sequence sharded across ``group`` (None = the default group).
 
@@ -95,10 +100,16 @@ def context_parallel_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     about this many tokens, one sub-ring per piece, so the ring's extra memory is O(kv_piece) instead
     of O(S_local); S/(8P) keeps the peak within 1.2× of single-device attention (None = whole
     shards; fastest).
+    cu_seqlens: packed documents — GLOBAL document boundaries ``[0, b_1, …, S]`` (identical on every
+    rank), one list shared by the batch or one per sample; a query then attends only to keys of its
+    own document. Block pairs with no shared document are neither computed nor sent, blocks inside
+    one document keep the causal/full fast path (parallelism/context/documents.py says why global
+    boundaries rather than local doc ids). None or ``[0, S]``: one document, today's exact path.
     stats: a :class:`CPStats` to fill with this rank's counters.
     """
     P = dist.get_world_size(group)
     _check_inputs(q, k, v, window, P, layout, method)
+    docs = normalize_cu_seqlens(cu_seqlens, q.shape[1] * P, q.shape[0])
     if kv_piece is not None and (not isinstance(kv_piece, int) or kv_piece < 1):
         raise ValueError(f"kv_piece={kv_piece!r} must be None (whole shards) or a positive number of tokens")
     scale = default_scale(q.shape[-1], scale)
@@ -119,15 +130,15 @@ def context_parallel_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
                              f"{[u for u in range(1, P + 1) if P % u == 0]}")
     if degree == 1:
         chunks = tuple(rank_chunks(seq_len, r, P, layout) for r in range(P))
-        schedule = build_schedule(chunks, causal, window, tile, kv_piece)
+        schedule = build_schedule(chunks, causal, window, tile, kv_piece, docs)
         drive = functools.partial(run_p2p, group=group)
         return RingAttention.apply(q, k, v, schedule, dist.get_rank(group), drive, blk_kernel, scale, stats)
     return _ulysses_ring(q, k, v, group, degree, layout, causal, window, scale, blk_kernel, tile,
-                         kv_piece, stats)
+                         kv_piece, docs, stats)
 
 
 def _ulysses_ring(q, k, v, group, degree, layout, causal, window, scale, blk_kernel, tile, kv_piece,
-                  stats):
+                  docs, stats):
     """All-to-all inside the Ulysses sub-group, ring across sub-groups, all-to-all back."""
     P = dist.get_world_size(group)
     check_heads(q.shape[2], k.shape[2], degree)
@@ -145,7 +156,7 @@ def _ulysses_ring(q, k, v, group, degree, layout, causal, window, scale, blk_ker
     if perm is not None:
         perm = perm.to(q.device)
         qg, kg, vg = (x.index_select(1, perm) for x in (qg, kg, vg))
-    schedule = build_schedule(chunks, causal, window, tile, kv_piece)
+    schedule = build_schedule(chunks, causal, window, tile, kv_piece, docs)
     drive = functools.partial(run_p2p, group=sub.ring)
     out = RingAttention.apply(qg, kg, vg, schedule, sub.ring_rank, drive, blk_kernel, scale, stats)
     if perm is not None:

@@ -16,16 +16,19 @@ goes straight back to its owner s.
 """
 from __future__ import annotations
 
+import bisect
 import functools
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Optional
 
 import torch
 
+from .documents import Docs, local_cuts
 from .layouts import Chunk
 from .masks import BlockMask, classify
 
 FWD, BWD = 1, -1
+DOC_MIN_PIECE = 64   # documents shorter than this (local rows) share a piece: bounds kernel calls and plan size
 
 
 @dataclass(frozen=True)
@@ -53,24 +56,58 @@ class Block:
         q = Chunk(m.q.start + m.q.stride, m.q.stride, m.q.length - 1)
         k = Chunk(m.k.start, m.k.stride, m.k.length - 1)
         inner = classify(q, k, m.causal, m.window)
-        assert inner.kind in ("causal", "full") and inner.allowed == m.allowed, (m, inner)   # 1×1: full
-        return Block(self.q_lo + 1, self.q_hi, self.k_lo, self.k_hi - 1, inner)
+        assert inner.kind in ("causal", "full") and m.allowed % inner.allowed == 0, (m, inner)   # 1×1: full
+        # the same pairs; ``allowed`` keeps the outer count (summed over document rows, if any)
+        return Block(self.q_lo + 1, self.q_hi, self.k_lo, self.k_hi - 1, replace(inner, allowed=m.allowed))
 
 
-def _tiles(chunks: tuple[Chunk, ...], tile: Optional[int]) -> list[tuple[int, Chunk]]:
-    """(local offset, chunk) pieces of at most ``tile`` tokens, in local order."""
+def _doc_segments(c: Chunk, docs: Optional[Docs], min_piece: int) -> list[int]:
+    """Local cut points [0, …, c.length] at document starts, dropping those that would leave a
+    piece shorter than ``min_piece`` rows (short documents share a piece, masked explicitly)."""
+    kept = [0]
+    for x in local_cuts(c, docs):
+        if x - kept[-1] >= min_piece:
+            kept.append(x)
+    if len(kept) > 1 and c.length - kept[-1] < min_piece:
+        kept.pop()
+    return kept + [c.length]
+
+
+def _tiles(chunks: tuple[Chunk, ...], tile: Optional[int],
+           docs: Optional[Docs] = None) -> list[tuple[int, Chunk]]:
+    """(local offset, chunk) pieces of at most ``tile`` tokens, in local order, cut at document
+    starts first (so blocks inside one document are causal/full and blocks between documents empty)."""
     out, off = [], 0
+    min_piece = DOC_MIN_PIECE if tile is None else min(tile, DOC_MIN_PIECE)
     for c in chunks:
-        step = tile or c.length
-        for a in range(0, c.length, step):
-            n = min(step, c.length - a)
-            out.append((off + a, Chunk(c.start + c.stride * a, c.stride, n)))
+        cuts = _doc_segments(c, docs, min_piece)
+        for lo, hi in zip(cuts, cuts[1:]):
+            step = tile or (hi - lo)
+            for a in range(lo, hi, step):
+                n = min(step, hi - a)
+                out.append((off + a, Chunk(c.start + c.stride * a, c.stride, n)))
         off += c.length
     return out
 
 
+def _doc_span(c: Chunk, docs: Optional[Docs]) -> Optional[tuple[tuple[int, int], ...]]:
+    """Per document row: (index of the first, index of the last) document ``c`` touches."""
+    if docs is None:
+        return None
+    return tuple((bisect.bisect_right(row, c.start) - 1, bisect.bisect_right(row, c.last) - 1) for row in docs)
+
+
+def _disjoint(q: Chunk, k: Chunk, causal: bool, q_span, k_span) -> bool:
+    """Cheap proof that q × k has no allowed pair (all keys after the queries, or no shared document
+    in any row), so large document-cut plans classify only the blocks near the diagonal."""
+    if causal and k.start > q.last:
+        return True
+    return q_span is not None and all(a[1] < b[0] or b[1] < a[0] for a, b in zip(q_span, k_span))
+
+
 def pair_blocks(q_chunks: tuple[Chunk, ...], k_chunks: tuple[Chunk, ...], causal: bool,
-                window: Optional[int], tile: Optional[int], max_rows: Optional[int] = None) -> tuple[Block, ...]:
+                window: Optional[int], tile: Optional[int], max_rows: Optional[int] = None,
+                docs: Optional[Docs] = None) -> tuple[Block, ...]:
     """Kernel calls for queries of one rank against keys of one source; fully masked blocks dropped.
 
     Fully unmasked blocks are fused: adjacent full key pieces of a query piece become one call, and
@@ -79,10 +116,14 @@ def pair_blocks(q_chunks: tuple[Chunk, ...], k_chunks: tuple[Chunk, ...], causal
     pieces cap it at the piece size, so a call's dq stays piece-sized too.
     """
     rows: list[list[Block]] = []
-    for q_off, qc in _tiles(q_chunks, tile):
+    k_tiles = [(k_off, kc, _doc_span(kc, docs)) for k_off, kc in _tiles(k_chunks, tile, docs)]
+    for q_off, qc in _tiles(q_chunks, tile, docs):
         row: list[Block] = []
-        for k_off, kc in _tiles(k_chunks, tile):
-            m = classify(qc, kc, causal, window)
+        q_span = _doc_span(qc, docs)
+        for k_off, kc, k_span in k_tiles:
+            if _disjoint(qc, kc, causal, q_span, k_span):
+                continue
+            m = classify(qc, kc, causal, window, docs)
             if m.kind == "none":
                 continue
             blk = Block(q_off, q_off + qc.length, k_off, k_off + kc.length, m)
@@ -185,16 +226,18 @@ def _choose_split(needed: list[tuple[int, int]], P: int) -> tuple[dict, dict]:
 def build_plan(chunks: tuple[tuple[Chunk, ...], ...], causal: bool, window: Optional[int],
                tile: Optional[int] = None,
                key_chunks: Optional[tuple[tuple[Chunk, ...], ...]] = None,
-               max_rows: Optional[int] = None) -> RingPlan:
+               max_rows: Optional[int] = None, docs: Optional[Docs] = None) -> RingPlan:
     """Plan the ring for ``chunks[r]`` = the chunks held by rank r (identical on all ranks).
 
     ``key_chunks[s]`` (default ``chunks[s]``) are the keys of source s that travel: one K/V piece
     (:func:`build_schedule`); block key offsets are then relative to the piece. ``max_rows`` caps
-    the query rows of a fused kernel call (see :func:`pair_blocks`).
+    the query rows of a fused kernel call (see :func:`pair_blocks`). ``docs``: packed document
+    boundaries (documents.py); a source no block of a rank needs is neither computed nor sent there.
     """
     P = len(chunks)
     keys = chunks if key_chunks is None else key_chunks
-    blocks = tuple(tuple(pair_blocks(chunks[r], keys[s], causal, window, tile, max_rows) for s in range(P))
+    blocks = tuple(tuple(pair_blocks(chunks[r], keys[s], causal, window, tile, max_rows, docs)
+                         for s in range(P))
                    for r in range(P))
     needed = [(r, s) for r in range(P) for s in range(P) if s != r and blocks[r][s]]
     assigned, last = _choose_split(needed, P)
@@ -291,17 +334,19 @@ def _rows(chunks: tuple[Chunk, ...], lo: int, hi: int) -> Chunk:
 
 @functools.lru_cache(maxsize=64)
 def build_schedule(chunks: tuple[tuple[Chunk, ...], ...], causal: bool, window: Optional[int],
-                   tile: Optional[int] = None, piece: Optional[int] = None) -> tuple[Piece, ...]:
+                   tile: Optional[int] = None, piece: Optional[int] = None,
+                   docs: Optional[Docs] = None) -> tuple[Piece, ...]:
     """The ring as a sequence of sub-rings, one per K/V piece of about ``piece`` rows.
 
     ``piece=None`` (or >= the shard) is the classic ring: one piece, whole K/V blocks travel. With
     pieces, every buffer the ring adds (K/V in flight, travelling dK/dV, block gradients) is O(piece)
     instead of O(S/P); queries are cut at the same parts so causal diagonals stay on the kernels'
     fast path and each call's dq stays O(piece) too. A piece nobody attends to is dropped.
+    ``docs``: packed document boundaries (documents.py).
     """
     n = sum(c.length for c in chunks[0])
     if piece is None or piece >= n:
-        return (Piece(((0, n),), build_plan(chunks, causal, window, tile)),)
+        return (Piece(((0, n),), build_plan(chunks, causal, window, tile, docs=docs)),)
     if piece < 1:
         raise ValueError(f"piece={piece} must be a positive number of tokens (or None)")
     pieces = piece_rows(chunks, piece)
@@ -310,7 +355,7 @@ def build_schedule(chunks: tuple[tuple[Chunk, ...], ...], causal: bool, window: 
     out = []
     for rows in pieces:
         keys = tuple(tuple(_rows(chunks[r], lo, hi) for lo, hi in rows) for r in range(len(chunks)))
-        plan = build_plan(q, causal, window, tile, keys, sum(b - a for a, b in rows))
+        plan = build_plan(q, causal, window, tile, keys, sum(b - a for a, b in rows), docs)
         if any(b for per_rank in plan.blocks for b in per_rank):
             out.append(Piece(rows, plan))
-    return tuple(out) or build_schedule(chunks, causal, window, tile, None)
+    return tuple(out) or build_schedule(chunks, causal, window, tile, None, docs)

@@ -61,6 +61,11 @@ class CPStats:
     fwd_step_compute_s: list = field(default_factory=list)   # CPU time of each forward step's compute
     bwd_step_compute_s: list = field(default_factory=list)
 
+    def forward_flops(self, batch: int, heads: int, head_dim: int) -> int:
+        """Forward attention FLOPs of the computed pairs: q·kᵀ and p·v, 2·D each per pair and head.
+        Skipped blocks (no shared document, outside the window or the causal triangle) cost nothing."""
+        return 4 * batch * heads * head_dim * self.work_pairs
+
 
 def _send_block(peer: int, tensors, tag: int) -> list:
     return [Send(peer, t, tag + i) for i, t in enumerate(tensors)]

@@ -16,6 +16,7 @@ from typing import Generator, Optional, Sequence
 import torch
 
 from .comm import Post, Recv, Send, Wait
+from .documents import CuSeqlens, normalize_cu_seqlens
 from .kernels import default_scale, get_kernel
 from .layouts import check_layout, check_seq_len, rank_chunks, sequence_positions
 from .plan import build_schedule
@@ -122,16 +123,19 @@ def _unshard(parts, positions, seq_len):
 def simulate_ring_attention(q, k, v, *, world_size: int, layout: str = "zigzag", causal: bool = True,
                             window: Optional[int] = None, scale: Optional[float] = None,
                             kernel: str = "auto", tile: Optional[int] = None,
-                            kv_piece: Optional[int] = None, stats: Optional[list] = None) -> torch.Tensor:
+                            kv_piece: Optional[int] = None, cu_seqlens: Optional[CuSeqlens] = None,
+                            stats: Optional[list] = None) -> torch.Tensor:
     """Ring attention of FULL q [B, S, Hq, D], k/v [B, S, Hkv, D] simulated on ``world_size`` ranks.
 
     Returns the full output [B, S, Hq, D]; differentiable. ``stats`` (list of P CPStats) is filled.
+    ``cu_seqlens``: packed document boundaries (see ``context_parallel_attention``).
     """
     check_layout(layout)
     seq_len = q.shape[1]
     check_seq_len(seq_len, world_size, layout)
     chunks = tuple(rank_chunks(seq_len, r, world_size, layout) for r in range(world_size))
-    plan = build_schedule(chunks, causal, window, tile, kv_piece)
+    plan = build_schedule(chunks, causal, window, tile, kv_piece,
+                          normalize_cu_seqlens(cu_seqlens, seq_len, q.shape[0]))
     positions = [sequence_positions(seq_len, rank=r, world_size=world_size, layout=layout).to(q.device)
                  for r in range(world_size)]
     if stats is None:
