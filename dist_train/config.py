@@ -568,6 +568,8 @@ def _validate_launch(cfg: Config) -> None:
 
 def _validate_gpt(cfg: Config) -> None:
     m, p, d = cfg.model, cfg.parallel, cfg.data
+    if d.source == "weather":
+        raise ConfigError("data.source = 'weather' needs model.kind = swin; a gpt trains on indexed or synthetic")
     if cfg.wp_grid != (1, 1):
         raise ConfigError(f"parallel.wp = {list(cfg.wp_grid)}: window parallelism needs model.kind = swin")
     kv = m.n_kv_heads or m.n_heads
@@ -624,6 +626,8 @@ def _validate_gpt(cfg: Config) -> None:
 
 def _validate_swin(cfg: Config) -> None:
     m, d, p = cfg.model, cfg.data, cfg.parallel
+    if d.source != "weather":
+        raise ConfigError(f"data.source = {d.source!r}: model.kind = swin trains on data.source = weather")
     if m.in_channels < 1 or m.out_channels < 1:
         raise ConfigError(f"model.in_channels = {m.in_channels}, model.out_channels = {m.out_channels}: "
                           "a swin model needs both >= 1")

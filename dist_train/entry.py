@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import sys
 
+import torch
 import torch.distributed as dist
 
 from .checkpoint.storage import CheckpointError
@@ -14,6 +15,7 @@ from .config import check_world_size, load_config
 from .distributed import env_rank_info, init_distributed
 from .dryrun import format_layout, rank_layout
 from .lifecycle import EXIT_FAILED, TrainingDiverged
+from .preflight import PREFLIGHT_ENV, preflight
 
 
 def run_rank(config_path: str, overrides: list[str]) -> int:
@@ -21,10 +23,10 @@ def run_rank(config_path: str, overrides: list[str]) -> int:
     cfg = load_config(config_path, overrides)
     _, world, _ = env_rank_info()
     check_world_size(cfg, world)  # before any process group exists
+    if os.environ.get(PREFLIGHT_ENV) != "1":  # `dist-train launch` ran it once for all ranks
+        preflight(cfg, on_cuda=torch.cuda.is_available())
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // max(1, int(
         os.environ.get("LOCAL_WORLD_SIZE", world))))))
-    import torch
-
     torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
     ctx = init_distributed(cfg.launch.collective_timeout_s)
     try:

@@ -12,6 +12,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .integrity import check_bin_size, read_index
+
 
 def megatron_indexed_dataset():
     """megatron-core's IndexedDataset module, imported without its 'Transformer Engine/Apex are not
@@ -28,12 +30,12 @@ class IndexedTokenDataset:
     """A Megatron indexed dataset (PREFIX.bin/.idx) read as one memory-mapped token stream."""
 
     def __init__(self, prefix: str, seq_len: int, seed: int):
-        IndexedDataset = megatron_indexed_dataset().IndexedDataset
         if not Path(f"{prefix}.idx").is_file() or not Path(f"{prefix}.bin").is_file():
             raise ValueError(f"data.path = {prefix}: {prefix}.bin/.idx not found")
-        index = IndexedDataset(prefix)  # validates the .idx header against the .bin
+        index = read_index(prefix)  # one-line errors for a truncated or foreign .idx
+        check_bin_size(prefix, index)  # the token id range is checked once, before the ranks start (preflight)
         # Megatron's .bin is the concatenation of every sequence's tokens in order: memmap it whole.
-        self.tokens = np.memmap(f"{prefix}.bin", dtype=index.index.dtype, mode="r")
+        self.tokens = np.memmap(f"{prefix}.bin", dtype=index.dtype, mode="r")
         self.seq_len = seq_len
         self.seed = seed
         self.num_chunks = (len(self.tokens) - 1) // seq_len

@@ -1,0 +1,142 @@
+"""Start-up checks of a Megatron indexed dataset (``PREFIX.bin`` / ``PREFIX.idx``), before any rank starts.
+
+    info = read_index("data/pystd")          # the .idx header and tables, or ValueError (one line)
+    check_bin_size("data/pystd", info)        # the .bin holds exactly the tokens the .idx describes
+    check_indexed_dataset("data/pystd", vocab_size=257, seq_len=256)   # all of it + the token id range
+
+``.idx`` layout (megatron-core ``IndexedDatasetBuilder``, little-endian): magic ``MMIDIDX\\0\\0`` (9 bytes),
+version u64 (= 1), token dtype code u8, sequence count S u64, document count D u64 — 34 bytes — then
+int32 lengths [S], int64 byte pointers [S], int64 document indices [D] (and int8 modes [S] when
+multimodal). The ``.bin`` is every sequence's tokens concatenated, so its size is sum(lengths) × itemsize.
+
+Token ids must be ``< model.vocab_size`` (an id beyond the embedding table is an IndexError inside the
+model): the largest id comes from the dataset's sidecar (``PREFIX.meta.json``, written by ``dist-train
+data prepare``) when there is one, else from a scan of the memory-mapped ``.bin`` (numpy max: about a
+second per GB once cached).
+"""
+from __future__ import annotations
+
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Union
+
+import numpy as np
+
+from .sidecar import read_sidecar, sidecar_path
+
+INDEX_MAGIC = b"MMIDIDX\x00\x00"
+_HEADER = struct.Struct("<9sQBQQ")  # magic, version, dtype code, sequence count, document count
+#: megatron-core's DType codes; the floating-point ones cannot hold token ids
+_TOKEN_DTYPES = {1: np.uint8, 2: np.int8, 3: np.int16, 4: np.int32, 5: np.int64, 8: np.uint16}
+
+Prefix = Union[str, Path]
+
+
+@dataclass(frozen=True)
+class IndexInfo:
+    """What a ``.idx`` says: token dtype, per-sequence lengths (tokens) and byte pointers into the ``.bin``."""
+
+    dtype: np.dtype
+    lengths: np.ndarray  # int32 [S]
+    pointers: np.ndarray  # int64 [S]
+    documents: int
+
+    @property
+    def tokens(self) -> int:
+        return int(self.lengths.sum(dtype=np.int64))
+
+
+def read_index(prefix: Prefix) -> IndexInfo:
+    """Parse ``PREFIX.idx``; a missing, truncated or foreign file is a ValueError naming it (one line)."""
+    path = Path(f"{prefix}.idx")
+    try:
+        size = path.stat().st_size
+        with path.open("rb") as f:
+            head = f.read(_HEADER.size)
+    except OSError as e:
+        raise ValueError(f"data.path = {prefix}: cannot read {path} ({e.strerror or e})") from None
+    if len(head) < _HEADER.size:
+        raise ValueError(f"data.path = {prefix}: {path} is {size} bytes, shorter than the {_HEADER.size}-byte "
+                         "header of a Megatron index: truncated; rebuild it with dist-train data prepare")
+    magic, version, code, n_seq, n_doc = _HEADER.unpack(head)
+    if magic != INDEX_MAGIC:
+        raise ValueError(f"data.path = {prefix}: {path} does not start with the Megatron index magic "
+                         f"{INDEX_MAGIC!r} (found {magic!r}): not an indexed-dataset .idx")
+    if version != 1:
+        raise ValueError(f"data.path = {prefix}: {path} has index version {version}; only version 1 is supported")
+    if code not in _TOKEN_DTYPES:
+        raise ValueError(f"data.path = {prefix}: {path} declares token dtype code {code}; token ids need an "
+                         f"integer code ({', '.join(map(str, sorted(_TOKEN_DTYPES)))})")
+    expected = _HEADER.size + 12 * n_seq + 8 * n_doc
+    if size not in (expected, expected + n_seq):  # + int8 modes when multimodal
+        raise ValueError(f"data.path = {prefix}: {path} is {size:,} bytes but its header promises {n_seq:,} "
+                         f"sequences and {n_doc:,} documents ({expected:,} bytes): truncated or damaged")
+    table = np.memmap(path, dtype=np.uint8, mode="r") if size else np.zeros(0, np.uint8)
+    lengths = np.frombuffer(table, dtype=np.int32, count=n_seq, offset=_HEADER.size)
+    pointers = np.frombuffer(table, dtype=np.int64, count=n_seq, offset=_HEADER.size + 4 * n_seq)
+    if n_seq and int(lengths.min()) < 0:
+        raise ValueError(f"data.path = {prefix}: {path} lists a negative sequence length: damaged")
+    return IndexInfo(np.dtype(_TOKEN_DTYPES[code]), lengths, pointers, int(n_doc))
+
+
+def check_bin_size(prefix: Prefix, info: IndexInfo) -> None:
+    """The ``.bin`` must be exactly the bytes the ``.idx`` describes (a truncated .bin would otherwise train
+    on whatever is left, silently)."""
+    path = Path(f"{prefix}.bin")
+    try:
+        size = path.stat().st_size
+    except OSError as e:
+        raise ValueError(f"data.path = {prefix}: cannot read {path} ({e.strerror or e})") from None
+    itemsize = info.dtype.itemsize
+    expected = info.tokens * itemsize
+    if size != expected:
+        what = "truncated" if size < expected else f"{size - expected:,} bytes longer"
+        raise ValueError(f"data.path = {prefix}: {path} is {size:,} bytes but {prefix}.idx describes {info.tokens:,} "
+                         f"tokens of {itemsize} bytes ({expected:,} bytes): the .bin is {what} or the two files "
+                         "come from different builds; rebuild with dist-train data prepare")
+    if len(info.lengths):
+        starts = np.zeros(len(info.lengths), dtype=np.int64)
+        np.cumsum(info.lengths[:-1], dtype=np.int64, out=starts[1:])
+        if not np.array_equal(starts * itemsize, info.pointers):
+            raise ValueError(f"data.path = {prefix}: {prefix}.idx sequence pointers do not match its lengths: "
+                             "damaged index; rebuild with dist-train data prepare")
+
+
+def token_id_range(prefix: Prefix, info: IndexInfo) -> tuple[int, int]:
+    """(min, max) token id of the ``.bin``, scanned through a memory map (no copy of the file)."""
+    if info.tokens == 0:
+        return 0, -1
+    tokens = np.memmap(f"{prefix}.bin", dtype=info.dtype, mode="r")
+    return int(tokens.min()), int(tokens.max())
+
+
+def check_indexed_dataset(prefix: Prefix, vocab_size: int, seq_len: int) -> dict:
+    """Every start-up check of one dataset; returns ``{"tokens", "max_token_id", "source"}`` (source:
+    "sidecar" or "scan"). Raises ValueError with one line naming the file and what would be valid."""
+    for suffix in (".bin", ".idx"):
+        if not Path(f"{prefix}{suffix}").is_file():
+            raise ValueError(f"data.path = {prefix}: {prefix}{suffix} not found (build the dataset with "
+                             f"dist-train data prepare --output {prefix})")
+    info = read_index(prefix)
+    check_bin_size(prefix, info)
+    meta = read_sidecar(prefix)
+    if meta is not None and int(meta.get("tokens", info.tokens)) != info.tokens:
+        raise ValueError(f"data.path = {prefix}: {sidecar_path(prefix)} records {int(meta['tokens']):,} tokens but "
+                         f"{prefix}.idx describes {info.tokens:,}: the sidecar belongs to another build")
+    if meta is not None:
+        lo, hi, source = 0, int(meta["max_token_id"]), f"its sidecar {sidecar_path(prefix).name}"
+    else:
+        lo, hi = token_id_range(prefix, info)
+        source = f"a scan of {Path(f'{prefix}.bin').name}"
+    if lo < 0:
+        raise ValueError(f"data.path = {prefix}: token id {lo} (from {source}) is negative: damaged .bin")
+    if hi >= vocab_size:
+        raise ValueError(f"data.path = {prefix}: token id {hi} (from {source}) is outside model.vocab_size = "
+                         f"{vocab_size} (valid ids 0..{vocab_size - 1}); set model.vocab_size >= {hi + 1} or "
+                         "prepare the data with the model's tokenizer")
+    if info.tokens < seq_len + 1:
+        raise ValueError(f"data.path = {prefix}: {info.tokens:,} tokens is fewer than data.seq_len + 1 = "
+                         f"{seq_len + 1}")
+    return {"tokens": info.tokens, "max_token_id": hi, "source": "sidecar" if meta is not None else "scan"}

@@ -1,0 +1,169 @@
+"""Checks that depend only on the config and the files it names, run once before any rank starts.
+
+    cfg = load_config(path, overrides)       # every key's range (dist_train/config.py validate)
+    preflight(cfg, on_cuda=False)             # directories, attention kernel, dataset, tokenizer, resume
+
+``dist-train launch`` runs it in the launcher (the ranks it starts skip it: ``PREFLIGHT_ENV``); ``dist-train
+run`` under torchrun/mpiexec runs it in every rank before the process group exists. Each problem is a
+``ConfigError`` — one line naming the key, the file and what would be valid; the CLI exits 2 — instead of
+a traceback from every rank after start-up (docs/launching.md, "What each failure does").
+"""
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import torch
+
+from parallelism.context.kernels import get_kernel
+
+from .checkpoint import manifest as mf
+from .checkpoint.storage import CheckpointError
+from .config import Config, ConfigError
+from .data.integrity import check_indexed_dataset
+from .data.tokenizer import get_tokenizer
+
+#: set by the launcher in every rank's environment once it has run the preflight for the job
+PREFLIGHT_ENV = "DIST_TRAIN_PREFLIGHT_DONE"
+
+
+def preflight(cfg: Config, on_cuda: bool) -> None:
+    """Raise ConfigError on the first problem (see the module doc); ``on_cuda``: the ranks use CUDA."""
+    check_writable_dir("run.dir", cfg.run.dir)
+    ckpt_key = "checkpoint.dir" if cfg.checkpoint.dir else "run.dir (its checkpoints/)"
+    check_writable_dir(ckpt_key, checkpoint_root(cfg))
+    check_attention_kernel(cfg, on_cuda)
+    check_data(cfg)
+    check_resume(cfg)
+
+
+def checkpoint_root(cfg: Config) -> Path:
+    return Path(cfg.checkpoint.dir) if cfg.checkpoint.dir else Path(cfg.run.dir) / "checkpoints"
+
+
+# -- directories ----------------------------------------------------------------------------------
+def check_writable_dir(key: str, path) -> None:
+    """``path`` is a writable directory, or can be created as one; probes by writing (permission bits say
+    nothing for root, or on a read-only mount) and leaves nothing behind."""
+    p = Path(path)
+    if p.exists() and not p.is_dir():
+        raise ConfigError(f"{key} = {path}: is a file, not a directory")
+    existing = p
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ConfigError(f"{key} = {path}: cannot be created, {existing} is a file")
+    try:
+        if p.is_dir():
+            with tempfile.TemporaryFile(dir=p, prefix=".dist_train_probe"):
+                pass
+        else:
+            Path(tempfile.mkdtemp(dir=existing, prefix=".dist_train_probe")).rmdir()
+    except OSError as e:
+        where = p if p.is_dir() else existing
+        raise ConfigError(f"{key} = {path}: {where} is not writable ({e.strerror or e})") from None
+
+
+# -- attention kernel -------------------------------------------------------------------------------
+def check_attention_kernel(cfg: Config, on_cuda: bool) -> None:
+    """The block kernel must exist on the device the ranks use (e.g. flash needs CUDA and flash-attn)."""
+    device = torch.device("cuda" if on_cuda else "cpu")
+    bf16 = cfg.train.precision == "bf16" or (cfg.train.precision == "auto" and on_cuda)
+    try:
+        get_kernel(cfg.parallel.attn_kernel, device, torch.bfloat16 if bf16 else torch.float32)
+    except (ValueError, ImportError) as e:
+        raise ConfigError(f"parallel.attn_kernel = {cfg.parallel.attn_kernel!r} on {device.type} ranks: "
+                          f"{str(e).splitlines()[0]}") from None
+
+
+# -- data ---------------------------------------------------------------------------------------------
+def check_data(cfg: Config) -> None:
+    d = cfg.data
+    if d.source == "indexed":
+        _check_indexed(cfg)
+    elif d.source == "weather":
+        if not d.path:
+            raise ConfigError("data.path is not set: give the directory of the weather dataset (generated there "
+                              "on first use)")
+        if Path(d.path).exists() and not Path(d.path).is_dir():
+            raise ConfigError(f"data.path = {d.path}: is a file; the weather source needs a directory")
+        if not Path(d.path).exists():
+            check_writable_dir("data.path", d.path)  # generated there by rank 0
+    if d.tokenizer != "byte" and not Path(d.tokenizer).is_file():
+        raise ConfigError(f"data.tokenizer = {d.tokenizer}: no such file (byte, or the path of a tokenizer.json)")
+
+
+def _check_indexed(cfg: Config) -> None:
+    d, m = cfg.data, cfg.model
+    if not d.path:
+        raise ConfigError("data.path is not set: give the prefix of a Megatron indexed dataset "
+                          "(dist-train data prepare --output PREFIX)")
+    have = [Path(f"{d.path}{s}").is_file() for s in (".bin", ".idx")]
+    if all(have):
+        try:
+            check_indexed_dataset(d.path, m.vocab_size, d.seq_len)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        return
+    if d.prepare is None:
+        missing = " and ".join(f"{d.path}{s}" for s, h in zip((".bin", ".idx"), have) if not h)
+        raise ConfigError(f"data.path = {d.path}: {missing} not found; build it with 'dist-train data prepare "
+                          f"--input FILES --output {d.path}' or set data.prepare: python-stdlib")
+    # rank 0 builds it at start-up: the tokenizer must load and fit the model, the directory be writable
+    try:
+        tok = get_tokenizer(d.tokenizer)
+    except ValueError as e:
+        raise ConfigError(f"data.tokenizer = {d.tokenizer}: {str(e).splitlines()[0]}") from None
+    if tok.vocab_size > m.vocab_size:
+        raise ConfigError(f"data.tokenizer = {d.tokenizer} has {tok.vocab_size} tokens but model.vocab_size = "
+                          f"{m.vocab_size}: ids up to {tok.vocab_size - 1} would be outside the embedding; set "
+                          f"model.vocab_size >= {tok.vocab_size}")
+    check_writable_dir("data.path (its directory)", Path(d.path).parent)
+
+
+# -- resume -----------------------------------------------------------------------------------------
+def _problem(ckpt: Path) -> str:
+    """The checkpoint module's verification as done at resume, minus the shard contents that the loader
+    checks while reading them: manifest, every file's size, the small files' checksums ('' when valid)."""
+    try:
+        body = mf.read_manifest(ckpt)
+        problems = mf.verify_files(ckpt, body, size_only=mf.shards_verified_while_loading(body))
+    except CheckpointError as e:
+        problems = [str(e)]
+    return problems[0] if problems else ""
+
+
+def check_resume(cfg: Config) -> None:
+    """``checkpoint.resume`` = PATH must exist and verify; ``auto`` must find at least one checkpoint that
+    verifies when there are any (the trainer would otherwise stop after every rank started)."""
+    mode = cfg.checkpoint.resume
+    if mode == "none":
+        return
+    if mode == "auto":
+        root = checkpoint_root(cfg)
+        candidates = [p for _, p in mf.list_checkpoints(root)]
+        if not candidates:
+            return
+        where = f"checkpoint.resume = auto: every checkpoint under {root} is damaged"
+        hint = "; repair or move them away, or set checkpoint.resume=none to start from scratch"
+    else:
+        path = Path(mode)
+        if not path.exists():
+            raise ConfigError(f"checkpoint.resume = {mode}: no such checkpoint (a step_N directory, a directory "
+                              "of them, auto or none)")
+        if (path / mf.MANIFEST).exists() or mf._STEP_RE.match(path.name):
+            candidates = [path]
+        else:
+            candidates = [p for _, p in mf.list_checkpoints(path)]
+            if not candidates:
+                raise ConfigError(f"checkpoint.resume = {mode}: no step_N checkpoint there (expected a step_N "
+                                  f"directory with {mf.MANIFEST}, or a directory of them)")
+        where = f"checkpoint.resume = {mode}: " + ("damaged" if len(candidates) == 1 else "every checkpoint is damaged")
+        hint = ""
+    problems = []
+    for ckpt in candidates:
+        problem = _problem(ckpt)
+        if not problem:
+            return
+        problems.append(problem if len(candidates) == 1 else f"{ckpt.name}: {problem}")
+    raise ConfigError(f"{where} ({' | '.join(problems)}){hint}")

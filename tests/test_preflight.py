@@ -1,0 +1,193 @@
+"""Start-up checks before any rank starts (dist_train/preflight.py, dist_train/data/integrity.py): damaged
+datasets, token ids beyond the vocabulary, unusable directories, missing or damaged resume checkpoints,
+a kernel the device lacks. In process (fast), plus two real commands for the exit status and the fact
+that no rank started."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from dist_train.checkpoint import CheckpointManager
+from dist_train.config import CheckpointConfig, ConfigError, config_from_dict, load_config
+from dist_train.data.datasets import IndexedTokenDataset
+from dist_train.data.integrity import check_indexed_dataset, read_index
+from dist_train.data.prepare import prepare_indexed
+from dist_train.data.sidecar import sidecar_path
+from dist_train.preflight import preflight
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory) -> str:
+    """A byte-tokenized dataset: 3 documents, ids 0..256 (EOD 256), with its sidecar."""
+    d = tmp_path_factory.mktemp("data")
+    docs = d / "docs.jsonl"
+    docs.write_text("\n".join(json.dumps({"text": t * 40}) for t in ("alpha ", "beta gamma ", "delta\n")))
+    prefix = str(d / "ds")
+    prepare_indexed([docs], prefix)
+    return prefix
+
+
+def _copy(prefix: str, tmp_path: Path, sidecar: bool = True) -> str:
+    out = str(tmp_path / "copy")
+    for suffix in (".bin", ".idx") + ((".meta.json",) if sidecar else ()):
+        Path(out + suffix).write_bytes(Path(prefix + suffix).read_bytes())
+    return out
+
+
+def _cfg(tmp_path: Path, prefix: str, **sections) -> "object":
+    data = {"run": {"dir": str(tmp_path / "run")}, "model": {"vocab_size": 257},
+            "data": {"source": "indexed", "path": prefix, "seq_len": 16}}
+    for section, values in sections.items():
+        data.setdefault(section, {}).update(values)
+    return config_from_dict(data)
+
+
+def _refused(cfg, *needles: str) -> str:
+    with pytest.raises(ConfigError) as e:
+        preflight(cfg, on_cuda=False)
+    msg = str(e.value)
+    assert "\n" not in msg
+    for needle in needles:
+        assert needle in msg, msg
+    return msg
+
+
+def test_a_good_dataset_passes_and_the_ids_come_from_the_sidecar_or_a_scan(dataset, tmp_path):
+    preflight(_cfg(tmp_path, dataset), on_cuda=False)
+    assert check_indexed_dataset(dataset, 257, 16)["source"] == "sidecar"
+    bare = _copy(dataset, tmp_path, sidecar=False)
+    info = check_indexed_dataset(bare, 257, 16)
+    assert info["source"] == "scan" and info["max_token_id"] == 256
+    assert not (tmp_path / "run").exists()  # preflight probes directories without creating them
+
+
+def test_truncated_bin_is_refused(dataset, tmp_path):
+    prefix = _copy(dataset, tmp_path)
+    data = Path(prefix + ".bin").read_bytes()
+    Path(prefix + ".bin").write_bytes(data[:len(data) // 3])
+    _refused(_cfg(tmp_path, prefix), "copy.bin is", "the .bin is truncated")
+    with pytest.raises(ValueError, match="truncated"):  # the dataset itself refuses it too
+        IndexedTokenDataset(prefix, 16, 0)
+
+
+@pytest.mark.parametrize("damage, needle", [
+    (lambda b: b[:20], "shorter than the 34-byte header"),
+    (lambda b: b[:-5], "truncated or damaged"),
+    (lambda b: b"\x00garbage" * 20, "does not start with the Megatron index magic"),
+    (lambda b: b"", "shorter than the 34-byte header"),
+    (lambda b: b[:9] + (7).to_bytes(8, "little") + b[17:], "index version 7"),
+    (lambda b: b[:17] + bytes([6]) + b[18:], "token dtype code 6"),
+])
+def test_truncated_or_garbage_idx_is_one_line(dataset, tmp_path, damage, needle):
+    prefix = _copy(dataset, tmp_path)
+    Path(prefix + ".idx").write_bytes(damage(Path(prefix + ".idx").read_bytes()))
+    _refused(_cfg(tmp_path, prefix), needle)
+    with pytest.raises(ValueError, match="data.path"):
+        read_index(prefix)
+
+
+def test_token_ids_beyond_the_vocabulary_are_refused_from_sidecar_and_scan(dataset, tmp_path):
+    msg = _refused(_cfg(tmp_path, dataset, model={"vocab_size": 200}), "token id 256",
+                   "outside model.vocab_size = 200", "model.vocab_size >= 257")
+    assert "sidecar" in msg
+    bare = _copy(dataset, tmp_path, sidecar=False)
+    assert "a scan of copy.bin" in _refused(_cfg(tmp_path, bare, model={"vocab_size": 200}), "token id 256")
+
+
+def test_sidecar_from_another_build_is_refused(dataset, tmp_path):
+    prefix = _copy(dataset, tmp_path)
+    meta = json.loads(sidecar_path(prefix).read_text())
+    sidecar_path(prefix).write_text(json.dumps({**meta, "tokens": meta["tokens"] + 1}))
+    _refused(_cfg(tmp_path, prefix), "belongs to another build")
+
+
+def test_missing_data_and_tokenizer(tmp_path, dataset):
+    _refused(_cfg(tmp_path, str(tmp_path / "nope"), data={"prepare": None}), "nope.bin and", "not found")
+    _refused(_cfg(tmp_path, None), "data.path is not set")
+    _refused(_cfg(tmp_path, dataset, data={"tokenizer": str(tmp_path / "tok.json")}),
+             "data.tokenizer", "no such file")
+    # a dataset still to be prepared: the tokenizer must fit the model
+    _refused(_cfg(tmp_path, str(tmp_path / "later"), data={"prepare": "python-stdlib"}, model={"vocab_size": 100}),
+             "has 257 tokens but model.vocab_size = 100")
+
+
+def test_unusable_run_and_checkpoint_directories(tmp_path, dataset):
+    a_file = tmp_path / "file"
+    a_file.write_text("x")
+    _refused(_cfg(tmp_path, dataset, run={"dir": str(a_file)}), "run.dir", "is a file, not a directory")
+    _refused(_cfg(tmp_path, dataset, run={"dir": str(a_file / "sub")}), "cannot be created", "is a file")
+    _refused(_cfg(tmp_path, dataset, checkpoint={"dir": str(a_file)}), "checkpoint.dir", "is a file")
+    (tmp_path / "run2").mkdir()
+    (tmp_path / "run2" / "checkpoints").write_text("x")
+    _refused(_cfg(tmp_path, dataset, run={"dir": str(tmp_path / "run2")}), "checkpoints", "is a file")
+    _refused(_cfg(tmp_path, dataset, run={"dir": "/proc/dist_train_run"}), "not writable")
+
+
+def test_flash_kernel_on_cpu_is_refused(tmp_path, dataset):
+    _refused(_cfg(tmp_path, dataset, parallel={"attn_kernel": "flash"}), "parallel.attn_kernel = 'flash' on cpu")
+
+
+def _save(root: Path, steps: list[int]) -> list[Path]:
+    mgr = CheckpointManager(CheckpointConfig(keep_last=5, dir=str(root)), run_dir=root)
+    model = torch.nn.Linear(3, 2)
+    for s in steps:
+        mgr.save(s, model, extra={"step": s, "consumed_samples": 0})
+    mgr.close()
+    return [root / f"step_{s}" for s in steps]
+
+
+def _damage(ckpt: Path) -> None:
+    (ckpt / "train_state.json").write_text("{}")
+
+
+def test_resume_path_missing_or_damaged_and_all_damaged(tmp_path, dataset):
+    root = tmp_path / "ck"
+    first, second = _save(root, [1, 2])
+    ok = _cfg(tmp_path, dataset, checkpoint={"dir": str(root), "resume": str(second)})
+    preflight(ok, on_cuda=False)
+    _refused(_cfg(tmp_path, dataset, checkpoint={"resume": str(tmp_path / "step_9")}), "no such checkpoint")
+    _damage(second)
+    _refused(_cfg(tmp_path, dataset, checkpoint={"resume": str(second)}), f"checkpoint.resume = {second}: damaged",
+             "train_state.json")
+    auto = _cfg(tmp_path, dataset, checkpoint={"dir": str(root), "resume": "auto"})
+    preflight(auto, on_cuda=False)  # step_1 still verifies: auto falls back to it
+    _damage(first)
+    _refused(auto, "every checkpoint under", "step_2:", "step_1:", "checkpoint.resume=none")
+    _refused(_cfg(tmp_path, dataset, checkpoint={"resume": str(root)}), "every checkpoint is damaged")
+    (tmp_path / "empty").mkdir()
+    _refused(_cfg(tmp_path, dataset, checkpoint={"resume": str(tmp_path / "empty")}), "no step_N checkpoint")
+
+
+def test_empty_yaml_is_refused(tmp_path):
+    empty = tmp_path / "empty.yaml"
+    empty.write_text("# nothing yet\n")
+    with pytest.raises(ConfigError, match="is empty"):
+        load_config(empty)
+
+
+def _cli(*args):
+    env = dict(os.environ, PYTHONPATH=os.getcwd())
+    return subprocess.run([sys.executable, "-m", "dist_train", *args], capture_output=True, text=True,
+                          timeout=120, env=env)
+
+
+def test_cli_data_problems_exit_2_with_one_line_before_any_rank(dataset, tmp_path):
+    prefix = _copy(dataset, tmp_path)
+    data = Path(prefix + ".bin").read_bytes()
+    Path(prefix + ".bin").write_bytes(data[:1000 % len(data)])
+    run_dir = tmp_path / "run"
+    common = ["--set", f"data.path={prefix}", "--set", f"run.dir={run_dir}", "--set", "data.seq_len=16"]
+    cases = [(["launch", "configs/gpt_tiny.yaml", "--backend", "local", *common], "is truncated"),
+             (["run", "configs/gpt_tiny.yaml", *common, "--set", "parallel.dp=1",
+               "--set", f"data.path={dataset}", "--set", "model.vocab_size=100"], "outside model.vocab_size = 100")]
+    for args, needle in cases:
+        r = _cli(*args)
+        assert r.returncode == 2, (args, r.stderr[-2000:])
+        lines = r.stderr.strip().splitlines()
+        assert len(lines) == 1 and needle in lines[0], r.stderr[-2000:]
+        assert not run_dir.exists()
