@@ -45,6 +45,10 @@ class ModelConfig:
     tie_embeddings: bool = False
     init_std: float = 0.02
     attention_window: Optional[int] = None  # sliding-window attention (tokens), None = full causal
+    head_dim: Optional[int] = None  # gpt: channels per attention head; None: d_model / n_heads
+    # gpt: RoPE frequency scaling; None, or Llama 3.1's {rope_type: llama3, factor, low_freq_factor,
+    # high_freq_factor, original_max_position_embeddings}
+    rope_scaling: Optional[dict] = None
     # swin (pixel-level encoder-decoder) fields
     patch_size: int = 1
     window: Any = 8  # int or [wh, ww]
@@ -188,6 +192,14 @@ _CHOICES = {
 
 #: data.prepare: corpora built at data.path when the dataset is missing (None: it must exist)
 PREPARE_CORPORA = (None, "python-stdlib")
+
+
+LLAMA3_ROPE_KEYS = ("rope_type", "factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+
+
+def attention_head_dim(m: ModelConfig) -> int:
+    """Channels per attention head of a gpt: ``model.head_dim``, default d_model / n_heads."""
+    return m.head_dim or m.d_model // m.n_heads
 
 
 def _as_grid(wp: Any) -> tuple[int, int]:
@@ -573,12 +585,17 @@ def _validate_gpt(cfg: Config) -> None:
     if cfg.wp_grid != (1, 1):
         raise ConfigError(f"parallel.wp = {list(cfg.wp_grid)}: window parallelism needs model.kind = swin")
     kv = m.n_kv_heads or m.n_heads
-    if m.d_model % m.n_heads:
-        raise ConfigError(f"model.d_model = {m.d_model} is not divisible by model.n_heads = {m.n_heads}")
+    if m.head_dim is None and m.d_model % m.n_heads:
+        raise ConfigError(f"model.d_model = {m.d_model} is not divisible by model.n_heads = {m.n_heads} (or set "
+                          "model.head_dim)")
     if m.n_heads % kv:
         raise ConfigError(f"model.n_heads = {m.n_heads} is not divisible by model.n_kv_heads = {kv}")
-    if (m.d_model // m.n_heads) % 2:
-        raise ConfigError(f"head dim d_model/n_heads = {m.d_model // m.n_heads} must be even for RoPE")
+    if m.head_dim is not None and m.head_dim < 2:
+        raise ConfigError(f"model.head_dim = {m.head_dim}: must be null (d_model / n_heads) or an even number >= 2")
+    if attention_head_dim(m) % 2:
+        raise ConfigError(f"head dim = {attention_head_dim(m)} (model.head_dim, default d_model/n_heads) must be even "
+                          "for RoPE")
+    validate_rope_scaling(m.rope_scaling)
     if m.n_heads % p.tp:
         raise ConfigError(f"model.n_heads = {m.n_heads} is not divisible by parallel.tp = {p.tp}")
     if kv % p.tp:
@@ -622,6 +639,27 @@ def _validate_gpt(cfg: Config) -> None:
         heads_local = m.n_heads // p.tp
         if heads_local % deg:
             raise ConfigError(f"model.n_heads / tp = {heads_local} is not divisible by the Ulysses degree {deg}")
+
+
+def validate_rope_scaling(scaling: Optional[dict]) -> None:
+    """model.rope_scaling: null or a complete llama3 mapping (other scalings are not implemented)."""
+    if scaling is None:
+        return
+    example = ("e.g. {rope_type: llama3, factor: 8.0, low_freq_factor: 1.0, high_freq_factor: 4.0, "
+               "original_max_position_embeddings: 8192}")
+    if scaling.get("rope_type") != "llama3":
+        raise ConfigError(f"model.rope_scaling.rope_type = {scaling.get('rope_type')!r}: the only implemented "
+                          f"scaling is llama3 (or model.rope_scaling: null); {example}")
+    if sorted(scaling) != sorted(LLAMA3_ROPE_KEYS):
+        raise ConfigError(f"model.rope_scaling = {scaling!r}: a llama3 scaling has exactly the keys "
+                          f"{', '.join(LLAMA3_ROPE_KEYS)}; {example}")
+    nums = {k: scaling[k] for k in LLAMA3_ROPE_KEYS[1:]}
+    if any(isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0 for v in nums.values()):
+        raise ConfigError(f"model.rope_scaling = {scaling!r}: factor, low_freq_factor, high_freq_factor and "
+                          "original_max_position_embeddings must be positive numbers")
+    if not nums["high_freq_factor"] > nums["low_freq_factor"]:
+        raise ConfigError(f"model.rope_scaling: high_freq_factor = {nums['high_freq_factor']} must be greater than "
+                          f"low_freq_factor = {nums['low_freq_factor']}")
 
 
 def _validate_swin(cfg: Config) -> None:

@@ -19,6 +19,9 @@ RTOL = 1e-4
 FOUR_LAYERS = {"n_layers": 4}
 # tp = 3 needs 3 | heads and 3 | kv heads; vocab 64 is NOT divisible by 3 (exercises vocab padding)
 TP3_MODEL = {"d_model": 48, "n_heads": 6, "n_kv_heads": 3, "ffn_hidden": 96}
+# head_dim != d_model / n_heads (12 vs 8) and Llama 3.1 RoPE scaling (every frequency band at S = 32)
+HEAD_DIM_LLAMA3 = {"head_dim": 12, "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                                    "high_freq_factor": 4.0, "original_max_position_embeddings": 16}}
 
 # (name, model overrides, parallel, train overrides) per world size
 CASES = {
@@ -31,6 +34,8 @@ CASES = {
         ("pp2_interleaved", FOUR_LAYERS, {"pp": 2, "pp_schedule": "interleaved", "microbatches": 4},
          {"micro_batch": 1}),
         ("cp2", {}, {"cp": 2}, {}),
+        ("tp2_head_dim_llama3", HEAD_DIM_LLAMA3, {"tp": 2}, {}),
+        ("cp2_head_dim_llama3", HEAD_DIM_LLAMA3, {"cp": 2}, {}),
         ("zero0", {}, {"dp": 2, "zero_stage": 0}, {}),
         ("zero1", {}, {"dp": 2, "zero_stage": 1}, {}),
         ("zero2", {}, {"dp": 2, "zero_stage": 2}, {}),
@@ -40,6 +45,7 @@ CASES = {
         ("pp3", FOUR_LAYERS, {"pp": 3, "microbatches": 4}, {"micro_batch": 1}),
         ("tp3", TP3_MODEL, {"tp": 3}, {}),
         ("dp3", {}, {"dp": 3}, {"global_batch": 6}),
+        ("cp3_head_dim_llama3", HEAD_DIM_LLAMA3, {"cp": 3}, {}),
     ],
     4: [
         ("dp2_tp2", {}, {"dp": 2, "tp": 2}, {}),

@@ -15,6 +15,9 @@ from dist_train.checkpoint.storage import CheckpointError
 HELP = "inspect, verify and convert checkpoints"
 
 EXIT_OK, EXIT_BAD = 0, 1
+# the model.* keys a gpt uses (the swin-only ones are left out of what convert prints)
+_GPT_KEYS = ("kind", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim", "ffn_hidden", "vocab_size",
+             "rope_theta", "rope_scaling", "norm_eps", "tie_embeddings", "init_std", "attention_window")
 
 
 def _human(n: float) -> str:
@@ -95,7 +98,9 @@ def convert(src: Path, out: Path, to: str | None, frm: str | None) -> int:
         print(f"wrote {written / 'model.safetensors'} and {written / 'config.json'} from {ckpt}")
     else:
         written = hf.from_hf(src, out)
-        print(f"wrote {written} (step 0, weights only); start from it with --set checkpoint.resume={out}")
+        model = {k: v for k, v in mf.read_manifest(written)["config"]["model"].items() if k in _GPT_KEYS}
+        print(f"wrote {written} (step 0, weights only); start from it with --set checkpoint.resume={out} and this "
+              f"model section:\nmodel: {json.dumps(model)}")
     return EXIT_OK
 
 
@@ -115,7 +120,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p = sub.add_parser("verify", help="check completeness and checksums; exit 1 naming the bad file/tensor",
                        formatter_class=fmt, epilog="example:\n  dist-train ckpt verify runs/demo/checkpoints")
     p.add_argument("path", type=Path, help="step_N directory, or a checkpoint directory (all checkpoints in it)")
-    p = sub.add_parser("convert", help="to / from Hugging Face LlamaForCausalLM (safetensors + config.json)",
+    p = sub.add_parser("convert", help="to / from Hugging Face Llama/Mistral (safetensors + config.json)",
                        formatter_class=fmt,
                        epilog="examples:\n  dist-train ckpt convert runs/demo/checkpoints/step_20 --to hf hf_out\n"
                               "  dist-train ckpt convert hf_out --from hf runs/init")

@@ -1,4 +1,5 @@
-"""Conversion between dist-train checkpoints and Hugging Face ``LlamaForCausalLM`` directories.
+"""Conversion between dist-train GPT checkpoints and Hugging Face ``LlamaForCausalLM`` /
+``MistralForCausalLM`` directories, refusing (one line) whatever would silently change the model.
 
     to_hf("runs/x/checkpoints/step_100", "out_hf")          # model.safetensors + config.json
     from_hf("hf_model_dir", "runs/y/init")                   # runs/y/init/step_0/ (+ latest): weights only
@@ -8,19 +9,31 @@ model.layers.i.input_layernorm; attention.w{q,k,v,o} ↔ self_attn.{q,k,v,o}_pro
 post_attention_layernorm; feed_forward.w1/w3/w2 ↔ mlp.gate/up/down_proj; norm ↔ model.norm; output ↔
 lm_head (absent when embeddings are tied). RoPE is the HF rotate_half convention on both sides, so q/k
 need no permutation; tensors are copied bit for bit.
+
+Config: every config.json field is in exactly one of MAPPED (becomes a ``model.*`` key), REQUIRED (must
+hold the one value dist-train computes, else refused), KEPT (no effect on the computed function; kept in
+the checkpoint and written back on export) or IGNORED (same, with the reason); any other field is
+refused. RoPE is read from transformers ≥ 5's ``rope_parameters`` or the older top-level ``rope_theta`` /
+``rope_scaling``; default and llama3 RoPE convert, other scalings are refused. A sliding window: HF's
+``sliding_window = n`` lets a query see n keys (itself included), dist-train's ``attention_window = w``
+sees w + 1, so w = n - 1; a windowed model exports as MistralForCausalLM.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
+import warnings
 from pathlib import Path
-from typing import Optional, Union
+from typing import Any, Optional, Union
 
 import torch
 import torch.distributed.checkpoint as dcp
 
 from dist_train.checkpoint import manifest as mf
 from dist_train.checkpoint.storage import CheckpointError, SafeReader
+from dist_train.config import (LLAMA3_ROPE_KEYS, ConfigError, ModelConfig, attention_head_dim, ffn_hidden_size,
+                               validate_rope_scaling)
 
 PathLike = Union[str, Path]
 
@@ -40,6 +53,41 @@ _RULES = [
     ("norm.weight", "model.norm.weight"),
     ("output.weight", "lm_head.weight"),
 ]
+
+ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM"}
+
+# config.json field -> the model.* key(s) it becomes
+MAPPED = {
+    "vocab_size": "vocab_size", "hidden_size": "d_model", "intermediate_size": "ffn_hidden",
+    "num_hidden_layers": "n_layers", "num_attention_heads": "n_heads", "num_key_value_heads": "n_kv_heads",
+    "head_dim": "head_dim", "rms_norm_eps": "norm_eps", "tie_word_embeddings": "tie_embeddings",
+    "initializer_range": "init_std",
+    "rope_parameters": "rope_theta + rope_scaling (transformers >= 5)",
+    "rope_theta": "rope_theta (transformers < 5)", "rope_scaling": "rope_scaling (transformers < 5)",
+    "sliding_window": "attention_window = sliding_window - 1", "use_sliding_window": "attention_window (off: null)",
+    "model_type": "llama or mistral (checked)", "architectures": "LlamaForCausalLM or MistralForCausalLM (checked)",
+}
+# field -> the only value dist-train computes (a missing field has HF's default, which is this value)
+REQUIRED = {"hidden_act": "silu", "attention_bias": False, "mlp_bias": False, "attention_dropout": 0.0,
+            "is_encoder_decoder": False}
+# fields with no effect on the computed function, carried through import -> export
+KEPT = {
+    "max_position_embeddings": "default RoPE has no length limit (llama3's original_max_position_embeddings is "
+                               "mapped); dist-train trains at data.seq_len",
+    "bos_token_id": "a tokenizer property (the dataset sidecar records the end-of-document id)",
+    "eos_token_id": "a tokenizer property (the dataset sidecar records the end-of-document id)",
+    "pad_token_id": "a tokenizer property; dist-train masks padding with label -100",
+}
+IGNORED = {
+    "dtype": "storage dtype: the tensors carry their own", "torch_dtype": "storage dtype (transformers < 5 name)",
+    "use_cache": "inference KV-cache switch", "output_attentions": "inference output switch",
+    "output_hidden_states": "inference output switch", "return_dict": "inference output switch",
+    "transformers_version": "writer's version", "_name_or_path": "where the writer loaded it from",
+    "id2label": "sequence-classification heads only", "label2id": "sequence-classification heads only",
+    "problem_type": "sequence-classification heads only",
+    "chunk_size_feed_forward": "evaluates the FFN in chunks: the same function",
+    "pretraining_tp": "splits the matmuls in slices (transformers < 5): the same function",
+}
 
 
 def _rename(name: str, src: int, unknown: str) -> str:
@@ -62,6 +110,36 @@ def from_hf_name(name: str) -> str:
                             "(biases, rotary caches and other architectures are not supported)")
 
 
+def expected_shapes(m: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """{name: full shape} of every parameter of the tp=1 GPT built from ``m``."""
+    d, hd, ffn = m.d_model, attention_head_dim(m), ffn_hidden_size(m)
+    q, kv = m.n_heads * hd, (m.n_kv_heads or m.n_heads) * hd
+    shapes: dict[str, tuple[int, ...]] = {"tok_embeddings.weight": (m.vocab_size, d), "norm.weight": (d,)}
+    for i in range(m.n_layers):
+        p = f"layers.{i}."
+        shapes.update({p + "attention_norm.weight": (d,), p + "ffn_norm.weight": (d,),
+                       p + "attention.wq.weight": (q, d), p + "attention.wk.weight": (kv, d),
+                       p + "attention.wv.weight": (kv, d), p + "attention.wo.weight": (d, q),
+                       p + "feed_forward.w1.weight": (ffn, d), p + "feed_forward.w3.weight": (ffn, d),
+                       p + "feed_forward.w2.weight": (d, ffn)})
+    if not m.tie_embeddings:
+        shapes["output.weight"] = (m.vocab_size, d)
+    return shapes
+
+
+def check_tensors(tensors: dict[str, torch.Tensor], m: ModelConfig, what: str) -> None:
+    """ValueError (one line) unless ``tensors`` are exactly the GPT parameters of ``m`` with their shapes."""
+    want = expected_shapes(m)
+    missing, extra = sorted(set(want) - set(tensors)), sorted(set(tensors) - set(want))
+    if missing or extra:
+        raise ValueError(f"{what}: tensors do not match the model config (missing {missing[:3] or 'none'}, "
+                         f"unexpected {extra[:3] or 'none'})")
+    for name, shape in want.items():
+        if tuple(tensors[name].shape) != shape:
+            raise ValueError(f"{what}: tensor {name} has shape {list(tensors[name].shape)}, the model config "
+                             f"implies {list(shape)}")
+
+
 def load_model_tensors(ckpt: PathLike) -> tuple[dict[str, torch.Tensor], dict]:
     """Verify ``ckpt`` and read its full (unsharded) model tensors in this process: ({fqn: tensor}, manifest)."""
     ckpt = Path(ckpt)
@@ -71,34 +149,56 @@ def load_model_tensors(ckpt: PathLike) -> tuple[dict[str, torch.Tensor], dict]:
     body = mf.read_manifest(ckpt)
     keys = {k: v for k, v in body["tensors"].items() if k.startswith("model.")}
     state = {k: torch.empty(v["shape"], dtype=getattr(torch, v["dtype"])) for k, v in keys.items()}
-    import warnings
-
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
         dcp.load(state, storage_reader=SafeReader(ckpt), no_dist=True)
     return {k[len("model."):]: v for k, v in state.items()}, body
 
 
-def hf_config(tensors: dict[str, torch.Tensor], model_cfg: dict, seq_len: int) -> dict:
-    """LlamaForCausalLM config.json from the weights' shapes + the saved model config (heads, eps, theta)."""
-    if not model_cfg.get("n_heads"):
-        raise ValueError("the checkpoint's saved config has no model.n_heads; cannot write an HF config")
-    vocab, d = tensors["tok_embeddings.weight"].shape
-    n_layers = len({int(m.group(1)) for k in tensors if (m := re.match(_LAYER, k))})
-    heads = int(model_cfg["n_heads"])
-    head_dim = d // heads
-    kv = tensors["layers.0.attention.wk.weight"].shape[0] // head_dim
-    return {
-        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_act": "silu",
-        "hidden_size": d, "intermediate_size": tensors["layers.0.feed_forward.w1.weight"].shape[0],
-        "num_attention_heads": heads, "num_key_value_heads": kv, "head_dim": head_dim,
-        "num_hidden_layers": n_layers, "vocab_size": vocab,
-        "rms_norm_eps": float(model_cfg.get("norm_eps", 1e-5)),
-        "rope_theta": float(model_cfg.get("rope_theta", 10000.0)),
-        "tie_word_embeddings": "output.weight" not in tensors,
-        "max_position_embeddings": int(seq_len), "attention_bias": False, "mlp_bias": False,
-        "torch_dtype": str(tensors["tok_embeddings.weight"].dtype).replace("torch.", ""),
+def saved_model_config(body: dict, what: str) -> ModelConfig:
+    """The ModelConfig a checkpoint manifest records (missing keys: today's defaults)."""
+    saved = (body.get("config") or {}).get("model") or {}
+    names = {f.name for f in dataclasses.fields(ModelConfig)}
+    unknown = sorted(set(saved) - names)
+    if unknown:
+        raise ValueError(f"{what}: saved model config has keys this version does not know: {', '.join(unknown)}")
+    return ModelConfig(**saved)
+
+
+# -- dist-train -> HF --------------------------------------------------------------------------
+def _rope_to_hf(m: ModelConfig) -> dict:
+    """Both RoPE layouts: transformers >= 5 reads rope_parameters, older versions rope_theta/rope_scaling."""
+    scaling = dict(m.rope_scaling) if m.rope_scaling else None
+    params = {"rope_type": "default", "rope_theta": float(m.rope_theta)}
+    if scaling:
+        params = {**scaling, "rope_theta": float(m.rope_theta)}
+    return {"rope_parameters": params, "rope_theta": float(m.rope_theta), "rope_scaling": scaling}
+
+
+def hf_config(m: ModelConfig, dtype: torch.dtype, kept: Optional[dict] = None, seq_len: int = 2048,
+              eos_token_id: Optional[int] = None) -> dict:
+    """config.json for the GPT ``m``: LlamaForCausalLM, or MistralForCausalLM when it has a sliding window.
+    kept: KEPT fields recorded at import (written back as they were); otherwise max_position_embeddings
+    is ``seq_len`` and the token ids are ``eos_token_id`` / null."""
+    if m.kind != "gpt":
+        raise ValueError(f"model.kind = {m.kind!r}: only gpt converts to Hugging Face")
+    model_type = "llama" if m.attention_window is None else "mistral"
+    config: dict[str, Any] = {
+        "architectures": [ARCHITECTURES[model_type]], "model_type": model_type, "hidden_act": "silu",
+        "hidden_size": m.d_model, "intermediate_size": ffn_hidden_size(m), "num_attention_heads": m.n_heads,
+        "num_key_value_heads": m.n_kv_heads or m.n_heads, "head_dim": attention_head_dim(m),
+        "num_hidden_layers": m.n_layers, "vocab_size": m.vocab_size, "rms_norm_eps": float(m.norm_eps),
+        **_rope_to_hf(m), "tie_word_embeddings": bool(m.tie_embeddings), "initializer_range": float(m.init_std),
+        "attention_dropout": 0.0, "dtype": str(dtype).replace("torch.", ""),
+        "max_position_embeddings": int(seq_len), "bos_token_id": None, "eos_token_id": eos_token_id,
+        "pad_token_id": None,
     }
+    if model_type == "llama":
+        config.update(attention_bias=False, mlp_bias=False)
+    else:
+        config["sliding_window"] = m.attention_window + 1  # HF counts the query's own key
+    config.update({k: v for k, v in (kept or {}).items() if k in KEPT})
+    return config
 
 
 def to_hf(ckpt: PathLike, out: PathLike) -> Path:
@@ -107,10 +207,14 @@ def to_hf(ckpt: PathLike, out: PathLike) -> Path:
 
     tensors, body = load_model_tensors(ckpt)
     cfg = body.get("config") or {}
-    model_cfg = cfg.get("model") or {}
-    if model_cfg.get("kind", "gpt") != "gpt":
-        raise ValueError(f"checkpoint {ckpt} holds a '{model_cfg.get('kind')}' model; only gpt converts to HF")
-    config = hf_config(tensors, model_cfg, (cfg.get("data") or {}).get("seq_len", 2048))
+    m = saved_model_config(body, f"checkpoint {ckpt}")
+    if m.kind != "gpt":
+        raise ValueError(f"checkpoint {ckpt} holds a '{m.kind}' model; only gpt converts to HF "
+                         "(use --to dcp or --to torch)")
+    check_tensors(tensors, m, f"checkpoint {ckpt}")
+    data = cfg.get("data") or {}
+    eos = 256 if data.get("tokenizer", "byte") == "byte" and m.vocab_size == 257 else None
+    config = hf_config(m, tensors["tok_embeddings.weight"].dtype, cfg.get("hf_config"), data.get("seq_len", 2048), eos)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     save_file({to_hf_name(k): v.contiguous() for k, v in tensors.items()}, str(out / "model.safetensors"),
@@ -119,35 +223,122 @@ def to_hf(ckpt: PathLike, out: PathLike) -> Path:
     return out
 
 
-def from_hf(hf_dir: PathLike, out: PathLike) -> Path:
-    """Write a dist-train checkpoint ``out/step_0`` (weights only, step 0) from an HF Llama directory
-    (``config.json`` + one or more ``*.safetensors``). Start pretraining from it with
-    ``--set checkpoint.resume=OUT`` (the model config must match ``config.json``)."""
-    from safetensors.torch import load_file
+# -- HF -> dist-train --------------------------------------------------------------------------
+def _rope_kind(params: dict) -> dict:
+    """A RoPE mapping without its theta, with ``type`` (transformers < 4.45) spelled ``rope_type``."""
+    out = {k: v for k, v in params.items() if k not in ("rope_theta", "type")}
+    out.setdefault("rope_type", params.get("type", "default"))
+    return out
 
-    from dist_train.checkpoint.manager import CheckpointManager
+
+def _rope_from_hf(hf: dict) -> tuple[float, Optional[dict]]:
+    """(rope_theta, model.rope_scaling) from either layout; ValueError for scalings dist-train lacks."""
+    params, theta, legacy = hf.get("rope_parameters"), hf.get("rope_theta"), hf.get("rope_scaling")
+    field = "rope_parameters"
+    if params is None:
+        field, params = "rope_scaling", dict(legacy or {})
+        if theta is not None:
+            params["rope_theta"] = theta
+    elif not isinstance(params, dict):
+        raise ValueError(f"config.json rope_parameters = {params!r}: expected a mapping")
+    else:
+        if theta is not None and float(theta) != float(params.get("rope_theta", theta)):
+            raise ValueError(f"config.json rope_theta = {theta} disagrees with rope_parameters.rope_theta = "
+                             f"{params.get('rope_theta')}")
+        if legacy and _rope_kind(legacy) != _rope_kind(params):  # older readers' copy: must say the same
+            raise ValueError(f"config.json rope_scaling = {legacy} disagrees with rope_parameters = {params}")
+        params = {**params, "rope_theta": params.get("rope_theta", theta)}
+    params = {k: v for k, v in params.items() if v is not None}
+    rope_type = params.pop("rope_type", params.pop("type", "default"))
+    params.pop("type", None)
+    theta = float(params.pop("rope_theta", 10000.0))
+    if rope_type == "default":
+        if params:
+            raise ValueError(f"config.json {field} has {', '.join(sorted(params))} with rope_type default: "
+                             "dist-train's RoPE has no such setting")
+        return theta, None
+    if rope_type != "llama3":
+        raise ValueError(f"config.json {field}.rope_type = {rope_type!r}: only default and llama3 RoPE convert "
+                         "(dist-train does not implement this scaling; converting would change the model)")
+    scaling = {"rope_type": "llama3", **params}
+    try:
+        validate_rope_scaling(scaling)
+    except ConfigError as e:
+        raise ValueError(f"config.json {field}: {e}") from None
+    return theta, {k: scaling[k] for k in LLAMA3_ROPE_KEYS}
+
+
+def model_config_from_hf(hf: dict) -> ModelConfig:
+    """The dist-train ModelConfig of an HF Llama/Mistral config.json; ValueError (one line) for any field
+    that would otherwise be dropped or change the model."""
+    model_type = hf.get("model_type", "llama")
+    if model_type not in ARCHITECTURES:
+        raise ValueError(f"config.json model_type = {model_type!r}: only {', '.join(ARCHITECTURES)} convert "
+                         "(other architectures differ in biases, norms or attention)")
+    arch = hf.get("architectures") or [ARCHITECTURES[model_type]]
+    if list(arch) != [ARCHITECTURES[model_type]]:
+        raise ValueError(f"config.json architectures = {arch}: expected [{ARCHITECTURES[model_type]}]")
+    unknown = sorted(set(hf) - set(MAPPED) - set(REQUIRED) - set(KEPT) - set(IGNORED))
+    if unknown:
+        raise ValueError(f"config.json field {unknown[0]!r} = {hf[unknown[0]]!r} is not one this converter knows "
+                         "(it could change the model); nothing was written")
+    for key, value in REQUIRED.items():
+        if key in hf and hf[key] != value:
+            raise ValueError(f"config.json {key} = {hf[key]!r}: dist-train's GPT only computes {key} = {value!r}")
+    theta, scaling = _rope_from_hf(hf)
+    window = hf.get("sliding_window")
+    if hf.get("use_sliding_window") is False:
+        window = None
+    if window is not None and (isinstance(window, bool) or not isinstance(window, int) or window < 1):
+        raise ValueError(f"config.json sliding_window = {window!r}: expected null or a positive number of keys")
+    heads, d = hf["num_attention_heads"], hf["hidden_size"]
+    head_dim = hf.get("head_dim") or d // heads
+    m = ModelConfig(kind="gpt", d_model=d, n_layers=hf["num_hidden_layers"], n_heads=heads,
+                    n_kv_heads=hf.get("num_key_value_heads") or heads, ffn_hidden=hf["intermediate_size"],
+                    vocab_size=hf["vocab_size"], rope_theta=theta, rope_scaling=scaling,
+                    norm_eps=float(hf.get("rms_norm_eps", 1e-6)), tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+                    init_std=float(hf.get("initializer_range", 0.02)),
+                    attention_window=None if window is None else window - 1,
+                    head_dim=None if head_dim * heads == d else head_dim)
+    if heads % m.n_kv_heads or head_dim % 2:
+        raise ValueError(f"config.json: num_attention_heads = {heads}, num_key_value_heads = {m.n_kv_heads}, "
+                         f"head_dim = {head_dim}: need heads divisible by KV heads and an even head_dim")
+    return m
+
+
+def read_hf_dir(hf_dir: PathLike) -> tuple[dict, dict[str, torch.Tensor]]:
+    """(config.json, {dist-train name: tensor}) of an HF directory (one or more ``*.safetensors``)."""
+    from safetensors.torch import load_file
 
     hf_dir = Path(hf_dir)
     cfg_path = hf_dir / "config.json"
     files = sorted(hf_dir.glob("*.safetensors"))
     if not cfg_path.is_file() or not files:
-        raise ValueError(f"{hf_dir}: expected config.json and *.safetensors (an HF LlamaForCausalLM directory)")
+        raise ValueError(f"{hf_dir}: expected config.json and *.safetensors (an HF Llama/Mistral directory)")
     hf = json.loads(cfg_path.read_text())
     tensors: dict[str, torch.Tensor] = {}
     for f in files:
         for name, t in load_file(str(f)).items():
             tensors[from_hf_name(name)] = t
-    if hf.get("tie_word_embeddings") and "output.weight" in tensors:
-        del tensors["output.weight"]  # tied: the head is the embedding
-    model_cfg = {"kind": "gpt", "d_model": hf["hidden_size"], "n_layers": hf["num_hidden_layers"],
-                 "n_heads": hf["num_attention_heads"],
-                 "n_kv_heads": hf.get("num_key_value_heads", hf["num_attention_heads"]),
-                 "ffn_hidden": hf["intermediate_size"], "vocab_size": hf["vocab_size"],
-                 "rope_theta": hf.get("rope_theta", 10000.0), "norm_eps": hf.get("rms_norm_eps", 1e-5),
-                 "tie_embeddings": bool(hf.get("tie_word_embeddings", False))}
+    return hf, tensors
+
+
+def from_hf(hf_dir: PathLike, out: PathLike) -> Path:
+    """Write a dist-train checkpoint ``out/step_0`` (weights only, step 0) from an HF Llama/Mistral
+    directory. Start pretraining from it with ``--set checkpoint.resume=OUT`` and the ``model:`` section
+    this prints (:func:`model_config_from_hf`)."""
+    from dist_train.checkpoint.manager import CheckpointManager
+
+    hf, tensors = read_hf_dir(hf_dir)
+    m = model_config_from_hf(hf)
+    if m.tie_embeddings:
+        tensors.pop("output.weight", None)  # tied: the head is the embedding
+    check_tensors(tensors, m, f"{hf_dir}")
     _ckpt_cfg = type("ImportCfg", (), dict(every=0, keep_last=1, async_save=False, resume="none", dir=str(out),
                                           on_error="stop"))
-    mgr = CheckpointManager(_ckpt_cfg, run_dir=Path(out), config={"model": model_cfg, "source": str(hf_dir)},
+    kept = {k: hf[k] for k in KEPT if k in hf}
+    mgr = CheckpointManager(_ckpt_cfg, run_dir=Path(out),
+                            config={"model": dataclasses.asdict(m), "source": str(hf_dir), "hf_config": kept},
                             layout={"world_size": 1})
     mgr.save_tensors(0, tensors)
     return Path(out) / mf.step_dir_name(0)

@@ -12,7 +12,7 @@ import math
 from dataclasses import dataclass
 from typing import Optional
 
-from ..config import Config, ConfigError, ModelConfig, ffn_hidden_size
+from ..config import Config, ConfigError, ModelConfig, attention_head_dim, ffn_hidden_size
 from ..plan.profiles import DeviceProfile
 from .layout import RankLoad, rank_loads
 
@@ -111,7 +111,7 @@ def shape_of(cfg: Config) -> Shape:
         s = cfg.data.seq_len
         kv = m.n_kv_heads or m.n_heads
         w = m.attention_window
-        return Shape("gpt", m.n_layers, m.d_model, m.n_heads, kv, m.d_model // m.n_heads, ffn_hidden_size(m),
+        return Shape("gpt", m.n_layers, m.d_model, m.n_heads, kv, attention_head_dim(m), ffn_hidden_size(m),
                      m.vocab_size, 0, s, mean_keys_per_query(s, w), min(s, (w or s) + 1))
     if not cfg.data.image:
         raise ValueError("data.image is not set: a swin plan needs the image size (--image H W)")

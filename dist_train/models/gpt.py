@@ -29,7 +29,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from ..config import ModelConfig, ffn_hidden_size
+from ..config import ModelConfig, attention_head_dim, ffn_hidden_size
 from ..cost.layout import stages_of_rank
 from .attention import AttentionContext, attention
 from .chunked_loss import chunked_cross_entropy, resolve_loss_chunk
@@ -67,9 +67,27 @@ class RMSNorm(nn.Module):
         return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * w
 
 
-def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype):
+def rope_inv_freq(head_dim: int, theta: float, scaling: Optional[dict] = None,
+                  device: Optional[torch.device] = None) -> torch.Tensor:
+    """RoPE inverse frequencies [D/2] (fp32). scaling: None or a llama3 ``model.rope_scaling``, which
+    divides the low frequencies (wavelength > original context / low_freq_factor) by ``factor``, keeps
+    the high ones (wavelength < original context / high_freq_factor) and interpolates smoothly between."""
+    inv = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim))
+    if scaling is None:
+        return inv
+    factor, lo, hi = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
+    context = scaling["original_max_position_embeddings"]
+    wavelen = 2 * math.pi / inv
+    scaled = torch.where(wavelen > context / lo, inv / factor, inv)
+    smooth = (context / wavelen - lo) / (hi - lo)
+    medium = (wavelen >= context / hi) & (wavelen <= context / lo)
+    return torch.where(medium, (1 - smooth) * scaled / factor + smooth * scaled, scaled)
+
+
+def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype,
+                 scaling: Optional[dict] = None):
     """positions: [S] or [B, S] global ids -> cos, sin broadcastable to [B, S, H, D]."""
-    inv = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim))
+    inv = rope_inv_freq(head_dim, theta, scaling, positions.device)
     ang = positions.float()[..., None] * inv  # [..., S, D/2]
     emb = torch.cat([ang, ang], dim=-1)
     cos, sin = emb.cos().to(dtype), emb.sin().to(dtype)
@@ -92,7 +110,7 @@ class Attention(nn.Module):
         super().__init__()
         self.n_heads = cfg.n_heads
         self.n_kv = cfg.n_kv_heads or cfg.n_heads
-        self.head_dim = cfg.d_model // cfg.n_heads
+        self.head_dim = attention_head_dim(cfg)
         self.ctx = ctx
         self.wq = _linear(tp, cfg.d_model, self.n_heads * self.head_dim, "col")
         self.wk = _linear(tp, cfg.d_model, self.n_kv * self.head_dim, "col")
@@ -167,7 +185,7 @@ class GPT(nn.Module):
         self.loss_chunk = loss_chunk
         self.tp = tp
         ctx = ctx or AttentionContext(window=cfg.attention_window)
-        self.head_dim = cfg.d_model // cfg.n_heads
+        self.head_dim = attention_head_dim(cfg)
         self.layer_ids = list(range(cfg.n_layers) if layer_ids is None else layer_ids)
         self.has_embedding, self.has_head = has_embedding, has_head
         if cfg.tie_embeddings and has_head != has_embedding:
@@ -226,7 +244,7 @@ class GPT(nn.Module):
                    layer_ids: Optional[Sequence[int]] = None) -> torch.Tensor:
         """x: [B, S_local, d] ([B, S_local/tp, d] under sequence parallelism); positions: [S_local] global
         ids (RoPE is applied after the sequence all-gather, on all S_local tokens); runs ``layer_ids`` (default: all held)."""
-        cos, sin = rope_cos_sin(positions, self.head_dim, self.cfg.rope_theta, x.dtype)
+        cos, sin = rope_cos_sin(positions, self.head_dim, self.cfg.rope_theta, x.dtype, self.cfg.rope_scaling)
         for i in (self.layer_ids if layer_ids is None else layer_ids):
             layer = self.layers[str(i)]
             if self.activation_checkpointing == "full" and self.training:
