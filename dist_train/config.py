@@ -428,6 +428,7 @@ _BOUNDS: dict[str, Bound] = {
     "model.norm_eps": _NONNEG_REAL,
     "model.init_std": _NONNEG_REAL,
     "model.attention_window": Bound(1, null="full causal attention"),
+    "model.head_dim": Bound(2, MAX_WIDTH, null="d_model / n_heads"),
     "model.patch_size": Bound(1, 1 << 10),
     "model.in_channels": Bound(0, 1 << 16),
     "model.out_channels": Bound(0, 1 << 16),
@@ -590,11 +591,11 @@ def _validate_gpt(cfg: Config) -> None:
                           "model.head_dim)")
     if m.n_heads % kv:
         raise ConfigError(f"model.n_heads = {m.n_heads} is not divisible by model.n_kv_heads = {kv}")
-    if m.head_dim is not None and m.head_dim < 2:
-        raise ConfigError(f"model.head_dim = {m.head_dim}: must be null (d_model / n_heads) or an even number >= 2")
+    if m.head_dim is not None and m.head_dim % 2:
+        raise ConfigError(f"model.head_dim = {m.head_dim}: must be even for RoPE (or null: d_model / n_heads)")
     if attention_head_dim(m) % 2:
-        raise ConfigError(f"head dim = {attention_head_dim(m)} (model.head_dim, default d_model/n_heads) must be even "
-                          "for RoPE")
+        raise ConfigError(f"head dim d_model/n_heads = {attention_head_dim(m)} must be even for RoPE (or set an even "
+                          "model.head_dim)")
     validate_rope_scaling(m.rope_scaling)
     if m.n_heads % p.tp:
         raise ConfigError(f"model.n_heads = {m.n_heads} is not divisible by parallel.tp = {p.tp}")

@@ -31,6 +31,8 @@ BAD: dict[str, list] = {
     "model.tie_embeddings": ["yes", 1],
     "model.init_std": [-0.02, float("nan")],
     "model.attention_window": [0, -4, 1.5],
+    "model.head_dim": [0, -8, 7, HUGE, 2.5],
+    "model.rope_scaling": [{"rope_type": "yarn", "factor": 2.0}, {"rope_type": "llama3", "factor": 8.0}, "llama3", 5],
     "model.patch_size": [0, -1, HUGE],
     "model.window": [0, -8, [8], [8, 0], [8, 8, 8], "8", True],
     "model.in_channels": [-1, HUGE],

@@ -222,7 +222,7 @@ def test_training_from_an_import_with_cp2_starts_at_hf_loss(tmp_path):
     ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, "model.rope_scaling.rope_type = 'yarn'"),
     ({"rope_scaling": {"rope_type": "llama3", "factor": 8.0}}, "exactly the keys"),
     ({"rope_scaling": {**{k: v for k, v in LLAMA3.items() if k != "rope_theta"}, "factor": -1}}, "positive numbers"),
-    ({"head_dim": 7}, "head dim = 7"),
+    ({"head_dim": 7}, "model.head_dim = 7: must be even"),
     ({"d_model": 30, "head_dim": None}, "model.head_dim"),
 ])
 def test_model_config_refuses_bad_head_dim_and_rope_scaling(model, words, tmp_path):
