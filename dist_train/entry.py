@@ -14,8 +14,9 @@ from .checkpoint.storage import CheckpointError
 from .config import check_world_size, load_config
 from .distributed import env_rank_info, init_distributed
 from .dryrun import format_layout, rank_layout
-from .lifecycle import EXIT_FAILED, TrainingDiverged
+from .lifecycle import EXIT_FAILED, EXIT_USAGE, TrainingDiverged
 from .preflight import PREFLIGHT_ENV, preflight
+from .rank_errors import clear_user_errors, record_user_error, user_errors
 
 
 def run_rank(config_path: str, overrides: list[str]) -> int:
@@ -28,6 +29,8 @@ def run_rank(config_path: str, overrides: list[str]) -> int:
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // max(1, int(
         os.environ.get("LOCAL_WORLD_SIZE", world))))))
     torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+    if env_rank_info()[0] == 0:
+        clear_user_errors(cfg.run.dir)  # before the rendezvous: no peer can have failed yet
     ctx = init_distributed(cfg.launch.collective_timeout_s)
     try:
         from .trainer import train
@@ -39,6 +42,15 @@ def run_rank(config_path: str, overrides: list[str]) -> int:
         if ctx.rank == 0:
             print(f"dist-train: error: {str(e).splitlines()[0]}", file=sys.stderr, flush=True)
         return getattr(e, "exit_code", EXIT_FAILED)
+    except ValueError as e:  # bad input met by this rank after start-up: its peers must not bury the line
+        message = str(e).splitlines()[0] if str(e) else type(e).__name__
+        print(f"dist-train: error: {message}", file=sys.stderr, flush=True)  # before the launcher kills us
+        record_user_error(cfg.run.dir, ctx.rank, message)
+        return EXIT_USAGE
+    except Exception:
+        if ctx.world_size > 1 and set(user_errors(cfg.run.dir)) - {ctx.rank}:
+            return EXIT_USAGE  # our collective failed because a peer stopped on bad input and said so: quiet
+        raise
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

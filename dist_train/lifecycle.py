@@ -21,6 +21,7 @@ Fault injection (tests only, off unless the variable is set)::
     DIST_TRAIN_FAULT="rank=1,step=7,signal=KILL"      # that rank sends itself SIGKILL in heartbeat(7)
     DIST_TRAIN_FAULT="rank=0,step=3,action=hang"      # that rank stops making progress (sleeps)
     DIST_TRAIN_FAULT="rank=2,step=5,action=exit,code=3"
+    DIST_TRAIN_FAULT="rank=1,step=2,action=error"    # that rank raises a bad-input ValueError (exit 2)
     optional ",attempt=K" (default 0): fire only on that attempt; the launcher sets DIST_TRAIN_RESTART.
 """
 from __future__ import annotations
@@ -108,7 +109,7 @@ class FaultSpec:
 
     rank: int
     step: int
-    action: str = "signal"  # signal | hang | exit
+    action: str = "signal"  # signal | hang | exit | error
     signal: int = int(signal.SIGKILL)
     code: int = 1
     attempt: int = 0
@@ -126,8 +127,8 @@ class FaultSpec:
             raise ValueError(f"{FAULT_ENV}={text!r}: expected rank=R,step=S[,signal=KILL|action=hang|"
                              f"action=exit,code=N][,attempt=K]; unknown keys {sorted(unknown)}")
         action = fields.get("action", "signal")
-        if action not in ("signal", "hang", "exit"):
-            raise ValueError(f"{FAULT_ENV}={text!r}: action={action!r}, valid: signal, hang, exit")
+        if action not in ("signal", "hang", "exit", "error"):
+            raise ValueError(f"{FAULT_ENV}={text!r}: action={action!r}, valid: signal, hang, exit, error")
         sig_name = fields.get("signal", "KILL").upper()
         sig_name = sig_name if sig_name.startswith("SIG") else "SIG" + sig_name
         try:
@@ -272,6 +273,8 @@ class Lifecycle:
             os.kill(os.getpid(), f.signal)  # a handled one (TERM, USR1) returns here with the flag set
         elif f.action == "exit":
             os._exit(f.code)
+        elif f.action == "error":
+            raise ValueError(f"injected bad-input error on rank {self.rank} at step {step} ({FAULT_ENV})")
         else:  # hang: stop making progress; only the watchdog or a kill ends this
             while True:
                 time.sleep(3600)

@@ -31,6 +31,7 @@ from typing import IO, Optional, Protocol
 
 from dist_train.lifecycle import (EXIT_DIVERGED, EXIT_HANG, EXIT_OK, EXIT_PREEMPTED, EXIT_USAGE, RESTART_ENV,
                                   describe_exit, exit_code_for_signal, read_heartbeat)
+from dist_train.rank_errors import user_errors
 
 FORWARDED_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 #: Rank exit codes a restart cannot cure: bad input found after the ranks started, and divergence (the
@@ -235,11 +236,18 @@ class Supervisor:
             failed = [(r, c) for r, c in enumerate(codes) if c is not None and c not in (EXIT_OK, EXIT_PREEMPTED)]
             if failed:
                 handle.kill()
-                # The root cause is usually the rank killed by a signal; the others then fail in a
-                # collective. Without a signal death, the lowest failed rank is reported.
-                r, c = min(failed, key=lambda rc: (rc[1] >= 0, rc[0]))
+                # The root cause is a rank that recorded a bad-input error (its peers then exit quietly,
+                # dist_train/rank_errors.py); else usually the rank killed by a signal (the others then fail
+                # in a collective); else the lowest failed rank.
+                recorded = user_errors(self.spec.run_dir)
+                if recorded:  # the recording rank may still be exiting after its quiet peers
+                    r = min(recorded)
+                    c = codes[r] if codes[r] is not None else EXIT_USAGE
+                else:
+                    r, c = min(failed, key=lambda rc: (rc[1] >= 0, rc[0]))
                 others = ", ".join(f"rank {o} {describe_exit(oc)}" for o, oc in failed if o != r)
-                detail = f"rank {r} {describe_exit(c)} (attempt {attempt})" + (f"; also {others}" if others else "")
+                what = f"stopped on bad input: {recorded[r]}" if r in recorded else describe_exit(c)
+                detail = f"rank {r} {what} (attempt {attempt})" + (f"; also {others}" if others else "")
                 code = exit_code_for_signal(-c) if c < 0 else c
                 return Outcome("failed", code, r, detail)
             if all(c is not None for c in codes):

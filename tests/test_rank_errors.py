@@ -1,0 +1,47 @@
+"""A rank that stops on bad input after start-up records its line; its peers exit 2 quietly instead of
+adding a gloo traceback, and the launcher names the recording rank (dist_train/rank_errors.py)."""
+import os
+import subprocess
+import sys
+
+import pytest
+
+from dist_train.data.prepare import prepare_indexed
+from dist_train.rank_errors import clear_user_errors, record_user_error, user_errors
+
+
+@pytest.fixture
+def tiny_dataset(tmp_path) -> str:
+    text = tmp_path / "doc.txt"
+    text.write_text("a small document for two ranks\n" * 20)
+    prefix = str(tmp_path / "ds")
+    prepare_indexed([text], prefix)
+    return prefix
+
+
+def test_records_are_one_line_per_rank_and_cleared(tmp_path):
+    assert user_errors(tmp_path) == {}
+    record_user_error(tmp_path, 1, "data.path = x: not found\nsecond line")
+    record_user_error(tmp_path, 3, "other")
+    assert user_errors(tmp_path) == {1: "data.path = x: not found", 3: "other"}
+    clear_user_errors(tmp_path)
+    assert user_errors(tmp_path) == {}
+    (tmp_path / "file").write_text("")
+    record_user_error(tmp_path / "file" / "sub", 0, "x")  # unwritable run dir: best effort, no exception
+    assert user_errors(tmp_path / "file" / "sub") == {}
+
+
+@pytest.mark.slow
+def test_peer_of_a_bad_input_rank_exits_quietly(tmp_path, tiny_dataset):
+    run_dir = tmp_path / "run"
+    env = dict(os.environ, PYTHONPATH=os.getcwd(), DIST_TRAIN_FAULT="rank=1,step=2,action=error")
+    r = subprocess.run([sys.executable, "-m", "dist_train", "launch", "configs/gpt_tiny.yaml", "--backend", "local",
+                        "--max-restarts", "1", "--set", f"run.dir={run_dir}", "--set", f"data.path={tiny_dataset}",
+                        "--set", "data.seq_len=16", "--set", "train.steps=4", "--set", "train.progress=false",
+                        "--set", "train.peak_tflops=1"], capture_output=True, text=True, env=env, timeout=300)
+    err = r.stderr
+    assert r.returncode == 2, err[-3000:]
+    assert "Traceback" not in err and "Gloo" not in err, err[-3000:]
+    assert "FAILED after 1 attempt: rank 1 stopped on bad input: injected bad-input error on rank 1" in err, err
+    assert "not restarting" in err
+    assert [line for line in err.splitlines() if line.startswith("[rank 0]") and "error" in line] == []
