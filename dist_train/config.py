@@ -118,6 +118,26 @@ class TrainConfig:
     progress: bool = True
 
 
+#: train.loss_chunk = auto: one chunk's fp32 logits [chunk, V_local] stay within this many bytes
+AUTO_LOSS_CHUNK_BYTES = 64 * 2**20
+LOSS_CHUNK_MULTIPLE = 32
+
+
+def resolve_loss_chunk(setting: Union[str, int], vocab_local: int) -> Optional[int]:
+    """``train.loss_chunk`` -> tokens per chunk of the fused head + cross-entropy, None for ``"full"``
+    (unchunked [B, S, V] logits). The one definition: the model runs it, the cost model counts it.
+
+    ``"auto"``: the largest multiple of 32 tokens whose fp32 logits over this rank's V_local vocabulary
+    rows fit in 64 MiB (at least 32): 2048 tokens at V = 8k, 512 at 32k, 128 at 128k — a fixed byte budget,
+    so the loss adds a constant, not a multiple of S. An int is used as given (validated positive)."""
+    if setting == "full":
+        return None
+    if setting == "auto":
+        fit = AUTO_LOSS_CHUNK_BYTES // (4 * max(1, vocab_local))
+        return max(LOSS_CHUNK_MULTIPLE, fit // LOSS_CHUNK_MULTIPLE * LOSS_CHUNK_MULTIPLE)
+    return int(setting)
+
+
 @dataclass
 class CheckpointConfig:
     every: int = 0  # save every N steps (0: only at the end when `at_end`)

@@ -9,8 +9,8 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from dist_train.config import ConfigError
-from dist_train.models.chunked_loss import chunked_cross_entropy, resolve_loss_chunk
+from dist_train.config import ConfigError, resolve_loss_chunk
+from dist_train.models.chunked_loss import chunked_cross_entropy
 from dist_train.models.gpt import GPT, IGNORE_INDEX
 from tests.dist_harness import run_ranks
 from tests.trainer_utils import tiny_gpt_config

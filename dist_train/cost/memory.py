@@ -21,7 +21,11 @@ Components (bytes):
                         tokens per rank = micro_batch·S / (cp·wp); full checkpointing keeps the layer
                         input (d per token) per layer + one layer being recomputed; Ulysses keeps the
                         head-sharded q, k, v copies; × micro-batches in flight; + the stage input
-    logits              head rank only: S·b·V_pad/tp × (logits + fp32 log-softmax + its gradient)
+    logits              head rank only (:func:`loss_bytes`), one micro-batch: chunked (train.loss_chunk)
+                        c·V_pad/tp × (fp32 logits/their gradient in place + the 16-bit matmul output and
+                        gradient copy) with c = min(chunk, tokens), + dL/dh (tokens·d) + an fp32 dL/dW
+                        accumulator in 16-bit training; full: tokens·V_pad/tp × (logits + fp32
+                        log-softmax + its gradient)
     comm_buffers        ring double buffers for K/V and dK/dV, all-to-all outputs
     workspace           one layer's activation gradients in flight
 """
@@ -30,7 +34,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
-from ..config import Config
+from ..config import Config, resolve_loss_chunk
 from ..plan.profiles import DeviceProfile
 from .layout import RankLoad, Stage, load_of
 from .shape import RankShape, Shape, rank_inputs, ring_piece_tokens
@@ -57,6 +61,20 @@ def activation_elems_per_token(cfg: Config, sh: Shape, prof: DeviceProfile, loc:
     if cfg.parallel.cp > 1 and cfg.parallel.cp_method in ("ulysses", "hybrid"):
         uly = loc.q + 2 * loc.kv  # the head-sharded q, k, v after the all-to-all
     return {"replicated": rep, "parallel": par, "scores": scores, "ulysses": uly}
+
+
+def loss_bytes(cfg: Config, sh: Shape, loc: RankShape) -> float:
+    """Bytes the head + loss of one micro-batch adds on the last pipeline stage (dist_train/models/
+    chunked_loss.py; the last stage runs its loss and backward before the next forward)."""
+    bpe = loc.bpe
+    if sh.kind != "gpt":
+        return loc.tokens * loc.vocab * (bpe + 4 + 4)
+    chunk = resolve_loss_chunk(cfg.train.loss_chunk, int(loc.vocab))
+    if chunk is None:
+        return loc.tokens * loc.vocab * (bpe + 4 + 4)
+    low = bpe if bpe < 4 else 0  # 16-bit: the matmul output before the fp32 cast, and the gradient's cast
+    per_chunk = min(chunk, loc.tokens) * loc.vocab * (4 + 2 * low)
+    return per_chunk + loc.tokens * sh.d * bpe + (loc.vocab * sh.d * 4 if low else 0.0)
 
 
 def memory_model(cfg: Config, sh: Shape, prof: DeviceProfile, loc: RankShape,
@@ -93,8 +111,7 @@ def memory_model(cfg: Config, sh: Shape, prof: DeviceProfile, loc: RankShape,
         stored_tok = load.layers * per_layer_tok * load.in_flight
     stored_tok += sh.d * load.in_flight  # the stage input per micro-batch (the embedding output on stage 0)
     acts = stored_tok * loc.tokens * bpe
-    # one micro-batch's logits: the last stage runs its loss and backward before the next forward
-    logits = loc.tokens * loc.vocab * (bpe + 4 + 4) if load.head else 0.0
+    logits = loss_bytes(cfg, sh, loc) if load.head else 0.0
     comm = 0.0
     if p.cp > 1:
         if p.cp_method in ("ring", "hybrid"):

@@ -27,30 +27,11 @@ over the real vocabulary only (identical to tp = 1).
 """
 from __future__ import annotations
 
-from typing import Optional, Union
+from typing import Optional
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-
-AUTO_CHUNK_LOGIT_BYTES = 64 * 2**20  # auto chunk: one chunk's fp32 logits stay within this budget
-CHUNK_MULTIPLE = 32
-
-
-def resolve_loss_chunk(setting: Union[str, int], vocab_local: int) -> Optional[int]:
-    """``train.loss_chunk`` -> tokens per chunk; None for ``"full"`` (the unchunked reference path).
-
-    ``"auto"``: the largest multiple of 32 tokens whose fp32 logits [chunk, V_local] fit in 64 MiB (at
-    least 32): 2048 tokens at V = 8k, 512 at V = 32k, 128 at V = 128k — a fixed O(V) byte budget, so the
-    loss adds a constant, not a multiple of S. An int is used as given (validated positive by the config).
-    """
-    if setting == "full":
-        return None
-    if setting == "auto":
-        fit = AUTO_CHUNK_LOGIT_BYTES // (4 * max(1, vocab_local))
-        return max(CHUNK_MULTIPLE, fit // CHUNK_MULTIPLE * CHUNK_MULTIPLE)
-    return int(setting)
-
 
 def _at_least_fp32(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)

@@ -29,10 +29,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from ..config import ModelConfig, attention_head_dim, ffn_hidden_size
+from ..config import ModelConfig, attention_head_dim, ffn_hidden_size, resolve_loss_chunk
 from ..cost.layout import stages_of_rank
 from .attention import AttentionContext, attention
-from .chunked_loss import chunked_cross_entropy, resolve_loss_chunk
+from .chunked_loss import chunked_cross_entropy
 from .tensor_parallel import TensorParallel, copy_shard_, is_tp_sharded, padded_vocab_size
 
 IGNORE_INDEX = -100
