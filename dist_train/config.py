@@ -75,6 +75,12 @@ class DataConfig:
     image: Optional[list] = None  # weather: [H, W]
     channels: int = 4  # weather: number of fields
     steps: int = 64  # weather: time steps generated
+    # packed documents (GPT): a document ends with its EOD token (Megatron's reset_attention_mask,
+    # reset_position_ids, eod_mask_loss)
+    document_mask: bool = False  # attention stays inside each document
+    reset_positions: bool = False  # RoPE positions restart at 0 after every EOD
+    eod_mask_loss: bool = False  # no loss on the label that follows an EOD (the next document's first token)
+    eod_id: Optional[int] = None  # EOD token id (null: the dataset sidecar's, else the tokenizer's)
 
 
 @dataclass
@@ -455,6 +461,7 @@ _BOUNDS: dict[str, Bound] = {
     "data.seq_len": Bound(2, MAX_SEQ),
     "data.channels": Bound(1, 1 << 16),
     "data.steps": Bound(2, 1 << 24),
+    "data.eod_id": Bound(0, MAX_VOCAB, null="the dataset sidecar's EOD id, else the tokenizer's"),
     "parallel.dp": _POS,
     "parallel.tp": _POS,
     "parallel.pp": _POS,
@@ -555,6 +562,14 @@ def _validate_data(cfg: Config) -> None:
                           f"{', '.join(c for c in PREPARE_CORPORA if c)}")
     if d.image is not None:
         _check_int_list("data.image", d.image, 2, 1, "[H, W] (two positive integers) or null")
+    docs = [k for k in ("document_mask", "reset_positions", "eod_mask_loss") if getattr(d, k)]
+    if docs and cfg.model.kind != "gpt":
+        raise ConfigError(f"data.{docs[0]} = true with model.kind = {cfg.model.kind}: packed documents apply to "
+                          "token sequences (model.kind = gpt); Swin windows have no documents")
+    pp_docs = [k for k in docs if k != "eod_mask_loss"]
+    if pp_docs and cfg.parallel.pp > 1:
+        raise ConfigError(f"data.{pp_docs[0]} = true with parallel.pp = {cfg.parallel.pp}: pipeline stages share "
+                          "one positions vector and no document boundaries; use pp = 1 (eod_mask_loss works with pp)")
 
 
 def _validate_parallel(cfg: Config) -> None:

@@ -78,6 +78,7 @@ def build_batcher(cfg: Config, mesh: Mesh, model: torch.nn.Module):
         return WeatherBatcher(cfg, mesh, model)
     from .data.batches import TokenBatcher
     from .data.datasets import IndexedTokenDataset, SyntheticTokenDataset
+    from .data.documents import document_options
 
     if d.source == "synthetic":
         source = SyntheticTokenDataset(cfg.model.vocab_size, d.seq_len, cfg.run.seed)
@@ -95,7 +96,8 @@ def build_batcher(cfg: Config, mesh: Mesh, model: torch.nn.Module):
     else:
         raise ValueError(f"data.source = {d.source!r} needs model.kind = swin")
     return TokenBatcher(source, micro_batch=cfg.train.micro_batch, dp=mesh.size("dp"), dp_rank=mesh.coord("dp"),
-                        cp=mesh.size("cp"), cp_rank=mesh.coord("cp"), layout=cfg.parallel.cp_layout)
+                        cp=mesh.size("cp"), cp_rank=mesh.coord("cp"), layout=cfg.parallel.cp_layout,
+                        documents=document_options(d))
 
 
 def layout_dict(cfg: Config, world_size: int) -> dict:

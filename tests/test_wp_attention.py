@@ -201,6 +201,8 @@ def test_bad_input_raises_value_error():
         TileLayout.build(8, 8, (3, 1), 4)
     with pytest.raises(ValueError, match="bias must have shape"):
         window_parallel_attention(y, y, y, window=4, grid=(1, 1), group=None, bias=torch.zeros(2, 3, 3))
+    with pytest.raises(ValueError, match="cu_seqlens .packed documents. is not supported by window_parallel_attention"):
+        window_parallel_attention(y, y, y, window=4, grid=(1, 1), group=None, cu_seqlens=[0, 4, 8])
 
 
 def test_layout_uneven_split():

@@ -6,14 +6,16 @@ is always ``consumed + [0, global_batch)``, so losses do not depend on dp and re
 
 Labels are the next tokens, shifted on the *full* sequence before any context-parallel sharding, so no
 label is lost at shard borders. The sequence is padded (label = IGNORE) to the layout's multiple.
+Packed documents (:mod:`.documents`) are derived on the full sequence too, before sharding.
 """
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Optional, Protocol
 
 import torch
 
 from ..models.gpt import IGNORE_INDEX
+from .documents import DocumentOptions, apply_documents
 
 
 class TokenSource(Protocol):
@@ -35,16 +37,18 @@ def micro_batch_ids(consumed: int, micro: int, micro_batch: int, dp: int, dp_ran
 
 class TokenBatcher:
     def __init__(self, source: TokenSource, *, micro_batch: int, dp: int, dp_rank: int, cp: int = 1,
-                 cp_rank: int = 0, layout: str = "zigzag"):
+                 cp_rank: int = 0, layout: str = "zigzag", documents: Optional[DocumentOptions] = None):
         self.source, self.mb, self.dp, self.dp_rank = source, micro_batch, dp, dp_rank
         self.cp, self.cp_rank, self.layout = cp, cp_rank, layout
+        self.documents = documents if documents is not None and documents.active else None
 
     def sample_ids(self, consumed: int, micro: int) -> list[int]:
         return micro_batch_ids(consumed, micro, self.mb, self.dp, self.dp_rank)
 
     def microbatch(self, consumed: int, micro: int) -> dict[str, torch.Tensor]:
         """-> {"tokens": [mb, S_local], "labels": [mb, S_local], "positions": [S_local] (global ids),
-        "count": [] real labels in this shard}."""
+        "count": [] real labels in this shard}; with packed documents also "cu_seqlens" [mb, N+1]
+        (``document_mask``: global boundaries) and "positions" [mb, S_local] (``reset_positions``)."""
         seqs = torch.stack([self.source[i] for i in self.sample_ids(consumed, micro)])
         tokens, labels = seqs[:, :-1], seqs[:, 1:]
         s = tokens.shape[1]
@@ -53,6 +57,9 @@ class TokenBatcher:
         if pad:
             tokens = torch.cat([tokens, tokens.new_zeros(tokens.shape[0], pad)], dim=1)
             labels = torch.cat([labels, labels.new_full((labels.shape[0], pad), IGNORE_INDEX)], dim=1)
+        cu_seqlens = doc_pos = None
+        if self.documents is not None:
+            labels, cu_seqlens, doc_pos = apply_documents(tokens, labels, self.documents, s, IGNORE_INDEX)
         if self.cp == 1:
             idx = torch.arange(tokens.shape[1])
         else:
@@ -61,4 +68,8 @@ class TokenBatcher:
             idx = sequence_positions(tokens.shape[1], rank=self.cp_rank, world_size=self.cp, layout=self.layout)
             tokens, labels = tokens[:, idx], labels[:, idx]
         count = (labels != IGNORE_INDEX).sum().to(torch.float64)
-        return {"tokens": tokens, "labels": labels, "positions": idx, "count": count}
+        out = {"tokens": tokens, "labels": labels, "positions": idx if doc_pos is None else doc_pos[:, idx],
+               "count": count}
+        if cu_seqlens is not None:
+            out["cu_seqlens"] = cu_seqlens
+        return out

@@ -47,10 +47,19 @@ def local_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, wi
     return out.transpose(1, 2)
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
-    """q: [B, S_local, Hq, D]; k, v: [B, S_local, Hkv, D] -> [B, S_local, Hq, D] (causal)."""
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: AttentionContext,
+              cu_seqlens: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """q: [B, S_local, Hq, D]; k, v: [B, S_local, Hkv, D] -> [B, S_local, Hq, D] (causal).
+
+    cu_seqlens: packed documents, LongTensor [B, N+1] of GLOBAL document boundaries per sample
+    (``parallelism.context.pack_cu_seqlens``); None: the sequence is one document. Local attention
+    with documents runs the one-rank block plan, which skips the blocks between documents.
+    """
     if ctx.cp_group is None:
+        if cu_seqlens is not None:
+            return local_attention(q, k, v, causal=True, window=ctx.window, kernel=ctx.kernel,
+                                   cu_seqlens=cu_seqlens)
         return local_causal_attention(q, k, v, ctx.window, ctx.kernel)
     return context_parallel_attention(q, k, v, group=ctx.cp_group, layout=ctx.layout, method=ctx.method,
                                       ulysses_degree=ctx.ulysses_degree, causal=True, window=ctx.window,
-                                      kernel=ctx.kernel, kv_piece=ctx.kv_piece)
+                                      kernel=ctx.kernel, kv_piece=ctx.kv_piece, cu_seqlens=cu_seqlens)

@@ -5,6 +5,7 @@ RoPE uses the HuggingFace *rotate-half* convention, so conversion to ``LlamaForC
 
     model = GPT(cfg.model, attn_ctx)
     loss_sum, count = model({"tokens": [B, S], "labels": [B, S], "positions": [S]})
+    # packed documents (data.document_mask / reset_positions): "cu_seqlens": [B, N+1], "positions": [B, S]
 
 Tensor parallelism (``tp``: a :class:`~dist_train.models.tensor_parallel.TensorParallel`) swaps the
 projections for Megatron-core column/row-parallel linears, the embedding for a vocab-parallel one and
@@ -119,8 +120,10 @@ class Attention(nn.Module):
         self.selective_checkpoint = False
         self.tp = tp
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        """x: [B, S, d] ([B, S/tp, d] under sequence parallelism; the output has x's shape)."""
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                cu_seqlens: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """x: [B, S, d] ([B, S/tp, d] under sequence parallelism; the output has x's shape);
+        cu_seqlens: packed document boundaries [B, N+1] (None: one document)."""
         if self.tp is not None:
             x = self.tp.enter(x)
         b, s, _ = x.shape
@@ -129,9 +132,9 @@ class Attention(nn.Module):
         v = self.wv(x).view(b, s, -1, self.head_dim)
         if self.selective_checkpoint:
             # recompute only the attention core (its S×S-sized intermediates) in backward
-            o = checkpoint(attention, q, k, v, self.ctx, use_reentrant=False)
+            o = checkpoint(attention, q, k, v, self.ctx, cu_seqlens, use_reentrant=False)
         else:
-            o = attention(q, k, v, self.ctx)
+            o = attention(q, k, v, self.ctx, cu_seqlens)
         return self.wo(o.reshape(b, s, -1))
 
 
@@ -161,8 +164,9 @@ class Block(nn.Module):
         self.ffn_norm = RMSNorm(cfg.d_model, cfg.norm_eps, tp)
         self.feed_forward = FeedForward(cfg, tp)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        x = x + self.attention(self.attention_norm(x), cos, sin)
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                cu_seqlens: Optional[torch.Tensor] = None) -> torch.Tensor:
+        x = x + self.attention(self.attention_norm(x), cos, sin, cu_seqlens)
         return x + self.feed_forward(self.ffn_norm(x))
 
 
@@ -241,16 +245,19 @@ class GPT(nn.Module):
         return x if self.tp is None else self.tp.scatter(x)
 
     def run_layers(self, x: torch.Tensor, positions: torch.Tensor,
-                   layer_ids: Optional[Sequence[int]] = None) -> torch.Tensor:
+                   layer_ids: Optional[Sequence[int]] = None,
+                   cu_seqlens: Optional[torch.Tensor] = None) -> torch.Tensor:
         """x: [B, S_local, d] ([B, S_local/tp, d] under sequence parallelism); positions: [S_local] global
-        ids (RoPE is applied after the sequence all-gather, on all S_local tokens); runs ``layer_ids`` (default: all held)."""
+        ids, or [B, S_local] with ``data.reset_positions`` (RoPE is applied after the sequence all-gather, on all
+        S_local tokens); runs ``layer_ids`` (default: all held); cu_seqlens: packed documents [B, N+1]
+        (``data.document_mask``; None: one document per sample)."""
         cos, sin = rope_cos_sin(positions, self.head_dim, self.cfg.rope_theta, x.dtype, self.cfg.rope_scaling)
         for i in (self.layer_ids if layer_ids is None else layer_ids):
             layer = self.layers[str(i)]
             if self.activation_checkpointing == "full" and self.training:
-                x = checkpoint(layer, x, cos, sin, use_reentrant=False)
+                x = checkpoint(layer, x, cos, sin, cu_seqlens, use_reentrant=False)
             else:
-                x = layer(x, cos, sin)
+                x = layer(x, cos, sin, cu_seqlens)
         return x
 
     def head_logits(self, x: torch.Tensor) -> torch.Tensor:
@@ -309,7 +316,8 @@ class GPT(nn.Module):
     def forward(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         if not (self.has_embedding and self.has_head and len(self.layer_ids) == self.cfg.n_layers):
             raise RuntimeError("this GPT holds one pipeline stage; run it through the pipeline engine")
-        return self.loss(self.run_layers(self.embed(batch["tokens"]), batch["positions"]), batch["labels"])
+        x = self.run_layers(self.embed(batch["tokens"]), batch["positions"], cu_seqlens=batch.get("cu_seqlens"))
+        return self.loss(x, batch["labels"])
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -11,7 +11,7 @@ and 2-D variants), ``documents`` (packed-document boundaries), ``attention`` (th
 point). See docs/context_parallel.md.
 """
 from .attention import METHODS, context_parallel_attention, default_tile, local_attention
-from .documents import boundaries_from_doc_ids, normalize_cu_seqlens
+from .documents import boundaries_from_doc_ids, normalize_cu_seqlens, pack_cu_seqlens
 from .kernels import KERNELS, get_kernel
 from .layouts import (LAYOUTS, Chunk, check_seq_len, padded_length, rank_chunks, required_multiple,
                       sequence_positions, shard_sequence, unshard_sequence)
@@ -22,6 +22,7 @@ from .simulate import ScheduleError, Simulator, simulate_ring_attention
 __all__ = [
     "CPStats", "Chunk", "KERNELS", "LAYOUTS", "METHODS", "Piece", "RingPlan", "ScheduleError", "Simulator",
     "boundaries_from_doc_ids", "build_plan", "build_schedule", "check_seq_len", "context_parallel_attention",
-    "default_tile", "get_kernel", "local_attention", "normalize_cu_seqlens", "padded_length", "rank_chunks",
-    "required_multiple", "sequence_positions", "shard_sequence", "simulate_ring_attention", "unshard_sequence",
+    "default_tile", "get_kernel", "local_attention", "normalize_cu_seqlens", "pack_cu_seqlens", "padded_length",
+    "rank_chunks", "required_multiple", "sequence_positions", "shard_sequence", "simulate_ring_attention",
+    "unshard_sequence",
 ]

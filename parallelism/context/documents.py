@@ -35,14 +35,15 @@ def _row(values, seq_len: int, where: str) -> tuple[int, ...]:
 
 
 def normalize_cu_seqlens(cu_seqlens: Optional[CuSeqlens], seq_len: int, batch: int) -> Optional[Docs]:
-    """Validate ``cu_seqlens`` (one boundary list for the batch, or one per sample) -> :data:`Docs`.
+    """Validate ``cu_seqlens`` (one boundary list for the batch, or one per sample, or the padded
+    LongTensor [B, N+1] of :func:`pack_cu_seqlens`) -> :data:`Docs`.
 
     Returns None when every row is the single document [0, seq_len) (no document masking at all).
     """
     if cu_seqlens is None:
         return None
     if isinstance(cu_seqlens, torch.Tensor):
-        cu_seqlens = cu_seqlens.tolist()
+        cu_seqlens = [_strip_padding(r) for r in cu_seqlens.tolist()] if cu_seqlens.dim() == 2 else cu_seqlens.tolist()
     cu_seqlens = list(cu_seqlens)
     nested = len(cu_seqlens) > 0 and not isinstance(cu_seqlens[0], (int,)) and hasattr(cu_seqlens[0], "__len__")
     if nested:
@@ -57,6 +58,22 @@ def normalize_cu_seqlens(cu_seqlens: Optional[CuSeqlens], seq_len: int, batch: i
     if len(set(rows)) == 1:
         rows = rows[:1]
     return rows
+
+
+def _strip_padding(row: list[int]) -> list[int]:
+    """A row of :func:`pack_cu_seqlens` without the repeats of its last boundary."""
+    n = len(row)
+    while n > 2 and row[n - 2] == row[n - 1]:
+        n -= 1
+    return row[:n]
+
+
+def pack_cu_seqlens(rows: Sequence[Sequence[int]]) -> torch.Tensor:
+    """Per-sample boundary lists -> LongTensor [B, max_docs + 1], shorter rows padded by repeating
+    their last boundary (S): a batch field that travels with ``.to(device)`` like the others and
+    that ``cu_seqlens=`` takes as is."""
+    width = max(len(r) for r in rows)
+    return torch.tensor([list(r) + [r[-1]] * (width - len(r)) for r in rows], dtype=torch.long)
 
 
 def boundaries_from_doc_ids(doc_ids: torch.Tensor) -> list[list[int]]:

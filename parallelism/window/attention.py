@@ -163,15 +163,20 @@ class WindowParallelAttention(torch.autograd.Function):
 def window_parallel_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, window: IntPair,
                               shift: IntPair = 0, grid: IntPair, group: Optional[dist.ProcessGroup],
                               wrap: Union[bool, Sequence[bool]] = (False, False),
-                              bias: Optional[torch.Tensor] = None, scale: Optional[float] = None) -> torch.Tensor:
+                              bias: Optional[torch.Tensor] = None, scale: Optional[float] = None,
+                              cu_seqlens: None = None) -> torch.Tensor:
     """Swin (shifted) window attention on window-aligned tiles spread over a gh×gw grid of ranks.
 
     q, k, v: this rank's tiles [B, h, w, heads, D] (group rank i·gw + j holds tile (i, j), see
     :class:`TileLayout`); bias: relative position bias [heads, 2wh−1, 2ww−1] (replicated; its gradient
     here is this rank's contribution); scale defaults to D**−0.5. Returns [B, h, w, heads, D] equal up to
     rounding to ``roll(+s)(windows(roll(−s)(image)))`` on the full image, with Swin's mask on the axes
-    where ``wrap`` is False. Differentiable in q, k, v and bias.
+    where ``wrap`` is False. Differentiable in q, k, v and bias. ``cu_seqlens`` (packed documents,
+    as in ``context_parallel_attention``) is refused: an image has no documents.
     """
+    if cu_seqlens is not None:
+        raise ValueError("cu_seqlens (packed documents) is not supported by window_parallel_attention: Swin "
+                         "windows tile an image, which has no documents; pass cu_seqlens=None")
     if q.dim() != 5 or k.shape != q.shape or v.shape != q.shape:
         raise ValueError(f"q, k, v must be [B, h, w, heads, D] of one shape, got {list(q.shape)}, "
                          f"{list(k.shape)}, {list(v.shape)}")

@@ -1,0 +1,79 @@
+"""Packed documents in training: the batcher's boundaries, positions and loss mask (Megatron semantics),
+and cp=2 (every layout, Ulysses) with ``data.document_mask`` (and ``reset_positions``) trains exactly
+like cp=1 with the same options."""
+import pytest
+import torch
+
+from dist_train.config import ConfigError, config_from_dict
+from dist_train.data.batches import TokenBatcher
+from dist_train.data.documents import DocumentOptions
+from dist_train.models.gpt import IGNORE_INDEX
+from dist_train.trainer import train
+from parallelism.context import sequence_positions
+from tests.dist_harness import run_ranks
+from tests.trainer_utils import rel_close, tiny_gpt_config
+
+EOD = 3
+# vocab 8: the synthetic progression hits the EOD id every few tokens, so samples pack several documents
+DOCS = {"seq_len": 30, "document_mask": True, "eod_id": EOD}
+MODEL = {"vocab_size": 8}
+CASES = [
+    {"cp": 2, "cp_layout": "contiguous", "cp_method": "ring"},
+    {"cp": 2, "cp_layout": "striped", "cp_method": "ring"},
+    {"cp": 2, "cp_layout": "zigzag", "cp_method": "ring"},
+    {"cp": 2, "cp_layout": "zigzag", "cp_method": "ulysses"},
+]
+
+
+class _Fixed:
+    def __init__(self, rows):
+        self.rows = rows
+
+    def __getitem__(self, i):
+        return self.rows[i % len(self.rows)]
+
+
+def test_batcher_boundaries_positions_and_loss_mask():
+    #           0  1  2  3  4  5  6  7  8     (EOD at 2 and 5: documents [0,3), [3,6), [6,9))
+    row = torch.tensor([7, 1, EOD, 4, 4, EOD, 6, 6, 6, 2])
+    opts = DocumentOptions(EOD, document_mask=True, reset_positions=True, eod_mask_loss=True)
+    b = TokenBatcher(_Fixed([row]), micro_batch=1, dp=1, dp_rank=0, documents=opts).microbatch(0, 0)
+    assert b["cu_seqlens"].tolist() == [[0, 3, 6, 9]]
+    assert b["positions"].tolist() == [[0, 1, 2, 0, 1, 2, 0, 1, 2]]
+    # the label after each EOD (the next document's first token) is ignored, the EOD label itself is kept
+    assert b["labels"].tolist() == [[1, EOD, IGNORE_INDEX, 4, EOD, IGNORE_INDEX, 6, 6, 2]]
+    # zigzag cp=2 pads 9 -> 12 tokens: the padding is its own document; positions follow the shard
+    for rank in (0, 1):
+        z = TokenBatcher(_Fixed([row]), micro_batch=1, dp=1, dp_rank=0, cp=2, cp_rank=rank, layout="zigzag",
+                         documents=opts).microbatch(0, 0)
+        pos = sequence_positions(12, rank=rank, world_size=2, layout="zigzag")
+        assert z["cu_seqlens"].tolist() == [[0, 3, 6, 9, 12]]
+        assert z["positions"].tolist() == [[[0, 1, 2, 0, 1, 2, 0, 1, 2, 0, 1, 2][p] for p in pos]]
+    plain = TokenBatcher(_Fixed([row]), micro_batch=1, dp=1, dp_rank=0,
+                         documents=DocumentOptions(EOD)).microbatch(0, 0)
+    assert "cu_seqlens" not in plain and plain["positions"].tolist() == list(range(9))
+
+
+def test_document_options_are_refused_where_they_cannot_apply(tmp_path):
+    with pytest.raises(ConfigError, match="data.document_mask = true with parallel.pp = 2"):
+        tiny_gpt_config(tmp_path, data={"document_mask": True}, parallel={"pp": 2})
+    with pytest.raises(ConfigError, match="data.reset_positions = true with model.kind = swin"):
+        config_from_dict({"run": {"name": "s", "dir": str(tmp_path)}, "model": {"kind": "swin"},
+                          "data": {"source": "weather", "reset_positions": True}})
+
+
+def _cases(rank, world, root, cases, data):
+    return [train(tiny_gpt_config(f"{root}/{i}", parallel=par, model=MODEL, data=data)).losses
+            for i, par in enumerate(cases)]
+
+
+@pytest.mark.parametrize("extra", [{}, {"reset_positions": True}], ids=["mask", "mask+reset_positions"])
+def test_cp2_with_documents_matches_cp1(tmp_path, extra):
+    data = {**DOCS, **extra}
+    ref = train(tiny_gpt_config(tmp_path / "ref", model=MODEL, data=data)).losses
+    unmasked = train(tiny_gpt_config(tmp_path / "plain", model=MODEL, data={"seq_len": 30})).losses
+    assert not rel_close(ref, unmasked, 1e-3), "document_mask changed nothing: the data has no EOD tokens"
+    ranks = run_ranks(_cases, 2, args=(str(tmp_path), CASES, data), timeout=240)
+    for losses_per_case in ranks:
+        for par, losses in zip(CASES, losses_per_case):
+            assert rel_close(losses, ref, 1e-5), (par, extra, losses, ref)
