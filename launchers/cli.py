@@ -121,13 +121,18 @@ def launch_main(args: argparse.Namespace) -> int:
             raise ValueError("--dry-run: this build has no dist_train.entry.dry_run")
         return int(entry.dry_run(args.config, overrides))
     cfg, backend, nproc, nodes, gpus, max_restarts = resolve_launch(args)
-    preflight(cfg, on_cuda=gpus > 0)  # data, directories, resume: one line and exit 2, no rank started
+    address = args.address or cfg.launch.address
+    # Data, directories, resume: one line and exit 2 before any rank starts. Ranks on other machines (a Ray
+    # cluster) may see other files than this one: they run the checks themselves, before their rendezvous.
+    ranks_here = backend != "ray" or (nodes == 1 and not (address or os.environ.get("RAY_ADDRESS")))
+    if ranks_here:
+        preflight(cfg, on_cuda=gpus > 0)
     run_dir = Path(cfg.run.dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     spec = JobSpec(argv=rank_argv(args.config, overrides), nproc=nproc, run_dir=run_dir,
                    max_restarts=max_restarts, watchdog_s=cfg.launch.watchdog_s,
-                   env={**forwarded_env(), PREFLIGHT_ENV: "1"})
-    be = build_backend(backend, nproc, run_dir, args.address or cfg.launch.address, nodes, gpus)
+                   env={**forwarded_env(), **({PREFLIGHT_ENV: "1"} if ranks_here else {})})
+    be = build_backend(backend, nproc, run_dir, address, nodes, gpus)
     print(f"[launcher] {backend}: {nproc} rank(s){f' on {nodes} nodes' if nodes > 1 else ''}, run dir {run_dir}, "
           f"max restarts {max_restarts}", file=sys.stderr, flush=True)
     try:

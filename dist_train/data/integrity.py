@@ -11,8 +11,9 @@ multimodal). The ``.bin`` is every sequence's tokens concatenated, so its size i
 
 Token ids must be ``< model.vocab_size`` (an id beyond the embedding table is an IndexError inside the
 model): the largest id comes from the dataset's sidecar (``PREFIX.meta.json``, written by ``dist-train
-data prepare``) when there is one, else from a scan of the memory-mapped ``.bin`` (numpy max: about a
-second per GB once cached).
+data prepare``) when there is one, else from a scan of the memory-mapped ``.bin`` (numpy min/max: about
+0.4 s per GiB from the page cache: 512 MiB of uint16 took 0.17-0.21 s on this 2-core machine at load
+average 18).
 """
 from __future__ import annotations
 
