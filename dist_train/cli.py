@@ -6,12 +6,14 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import pkgutil
 import sys
 from pathlib import Path
 from typing import Callable, Optional
 
 EXIT_USAGE = 2
+EXIT_BROKEN_PIPE = 141
 _F = argparse.RawDescriptionHelpFormatter
 
 
@@ -169,6 +171,20 @@ def build_parser(command: Optional[str] = None) -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
+    """Run one command; a reader that closes the pipe early (``dist-train ckpt inspect … | head``) ends it
+    quietly with status 141 (128 + SIGPIPE, what a shell reports for a killed writer), no traceback."""
+    try:
+        try:
+            return _dispatch(argv)
+        finally:
+            sys.stdout.flush()  # a closed pipe surfaces here rather than in the interpreter's exit
+    except BrokenPipeError:
+        # stdout is gone: point it at /dev/null so the interpreter's final flush has nowhere to fail
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_BROKEN_PIPE
+
+
+def _dispatch(argv: Optional[list[str]]) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     command = next((a for a in argv if not a.startswith("-")), None)
     parser = build_parser(command if command in _COMMANDS else None)

@@ -18,6 +18,7 @@ import torch
 from parallelism.context.kernels import get_kernel
 
 from .checkpoint import manifest as mf
+from .checkpoint.foreign import describe_foreign_tree
 from .checkpoint.storage import CheckpointError
 from .config import Config, ConfigError
 from .data.integrity import check_indexed_dataset
@@ -139,6 +140,10 @@ def check_resume(cfg: Config) -> None:
     mode = cfg.checkpoint.resume
     if mode == "none":
         return
+    foreign = describe_foreign_tree(checkpoint_root(cfg) if mode == "auto" else Path(mode))
+    if foreign:
+        raise ConfigError(f"checkpoint.resume = {mode}: {foreign}, then resume from OUT (or set "
+                          "checkpoint.resume=none)")
     if mode == "auto":
         root = checkpoint_root(cfg)
         candidates = [p for _, p in mf.list_checkpoints(root)]

@@ -196,7 +196,7 @@ def test_each_refusal_is_one_line_exit_2(change, words, tmp_path, capsys):
 def _train_from_import(rank, world, run_dir, model: dict, resume: str):
     from dist_train.trainer import train
 
-    cfg = tiny_gpt_config(run_dir, steps=1, model=model, data={"seq_len": SEQ},
+    cfg = tiny_gpt_config(run_dir, steps=1, model=model, data={"seq_len": SEQ}, train={"peak_tflops": 1.0},
                           parallel={"cp": 2, "cp_layout": "zigzag"}, checkpoint={"resume": resume})
     return train(cfg).losses
 

@@ -9,8 +9,11 @@ import argparse
 import json
 from pathlib import Path
 
+from dist_train.checkpoint import bridge, hf
+from dist_train.checkpoint.foreign import describe_foreign_tree
 from dist_train.checkpoint import manifest as mf
-from dist_train.checkpoint.storage import CheckpointError
+from dist_train.checkpoint.storage import CheckpointError, load_dcp_metadata
+from dist_train.config import load_config
 
 HELP = "inspect, verify and convert checkpoints"
 
@@ -43,7 +46,27 @@ def _layout_str(layout: dict) -> str:
     return " ".join(f"{k}={v}" for k, v in layout.items()) or "-"
 
 
+def _foreign(path: Path) -> bool:
+    """Print what ``path`` is when it is some other format's checkpoint (a stock DCP directory also gets
+    its tensor table); True when it was one."""
+    what = describe_foreign_tree(path)
+    if what is None:
+        return False
+    print(f"NOT A DIST-TRAIN CHECKPOINT: {what}")
+    if (path / mf.DCP_METADATA).is_file() and not (path / mf.MANIFEST).exists():
+        md = load_dcp_metadata(path / mf.DCP_METADATA)
+        rows = sorted((fqn, list(m.size), str(m.properties.dtype).replace("torch.", ""))
+                      for fqn, m in md.state_dict_metadata.items())
+        w = max([len(r[0]) for r in rows] + [6])
+        print(f"tensors     {len(rows)}")
+        for name, shape, dtype in rows:
+            print(f"  {name:<{w}}  {'x'.join(map(str, shape)) or 'scalar':<16} {dtype}")
+    return True
+
+
 def inspect(path: Path, json_out: str | None = None) -> int:
+    if _foreign(path):
+        return EXIT_BAD
     ckpt = _checkpoints(path, newest_only=True)[0]
     try:
         body = mf.read_manifest(ckpt)
@@ -74,6 +97,8 @@ def inspect(path: Path, json_out: str | None = None) -> int:
 
 
 def verify(path: Path) -> int:
+    if _foreign(path):
+        return EXIT_BAD
     status = EXIT_OK
     for ckpt in _checkpoints(path, newest_only=False):
         problems = mf.verify_checkpoint(ckpt)
@@ -89,18 +114,30 @@ def verify(path: Path) -> int:
     return status
 
 
-def convert(src: Path, out: Path, to: str | None, frm: str | None) -> int:
-    from dist_train.checkpoint import hf
-
-    if to == "hf":
+def convert(src: Path, out: Path, to: str | None, frm: str | None, config: str | None = None,
+            overrides: list[str] | None = None) -> int:
+    if config and frm != "dcp":
+        raise ValueError("--config applies to --from dcp only (the other formats carry their model config)")
+    if to:
         ckpt = _checkpoints(src, newest_only=True)[0]
-        written = hf.to_hf(ckpt, out)
-        print(f"wrote {written / 'model.safetensors'} and {written / 'config.json'} from {ckpt}")
-    else:
+        if to == "hf":
+            written = hf.to_hf(ckpt, out)
+            print(f"wrote {written / 'model.safetensors'} and {written / 'config.json'} from {ckpt}")
+        elif to == "dcp":
+            print(f"wrote {bridge.to_dcp(ckpt, out)} (stock DCP, model state dict) from {ckpt}")
+        else:
+            print(f"wrote {bridge.to_torch(ckpt, out)} (torch.save, model state dict) from {ckpt}")
+        return EXIT_OK
+    if frm == "hf":
         written = hf.from_hf(src, out)
         model = {k: v for k, v in mf.read_manifest(written)["config"]["model"].items() if k in _GPT_KEYS}
         print(f"wrote {written} (step 0, weights only); start from it with --set checkpoint.resume={out} and this "
               f"model section:\nmodel: {json.dumps(model)}")
+    else:
+        cfg = load_config(config, overrides or []) if config else None
+        written = bridge.from_dcp(src, out, cfg)
+        checked = f"checked against {config}" if cfg else "not checked against a config (give --config to)"
+        print(f"wrote {written} (step 0, weights only, {checked}); start from it with --set checkpoint.resume={out}")
     return EXIT_OK
 
 
@@ -110,7 +147,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                      "  dist-train ckpt verify runs/demo/checkpoints/step_20\n"
                      "  dist-train ckpt convert runs/demo/checkpoints --to hf hf_out\n"
                      "  dist-train ckpt convert hf_out --from hf runs/init && "
-                     "dist-train run cfg.yaml --set checkpoint.resume=runs/init")
+                     "dist-train run cfg.yaml --set checkpoint.resume=runs/init\n"
+                     "  dist-train ckpt convert runs/demo/checkpoints --to dcp stock_dcp\n"
+                     "  dist-train ckpt convert stock_dcp --from dcp runs/init --config cfg.yaml")
     sub = parser.add_subparsers(dest="ckpt_command", required=True, metavar="ACTION")
     fmt = getattr(parser, "formatter_class", argparse.HelpFormatter)
     p = sub.add_parser("inspect", help="table of tensors, shapes, dtypes, bytes, saved layout, step",
@@ -120,15 +159,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p = sub.add_parser("verify", help="check completeness and checksums; exit 1 naming the bad file/tensor",
                        formatter_class=fmt, epilog="example:\n  dist-train ckpt verify runs/demo/checkpoints")
     p.add_argument("path", type=Path, help="step_N directory, or a checkpoint directory (all checkpoints in it)")
-    p = sub.add_parser("convert", help="to / from Hugging Face Llama/Mistral (safetensors + config.json)",
+    p = sub.add_parser("convert", help="to / from Hugging Face Llama/Mistral, stock DCP, a torch.save file",
                        formatter_class=fmt,
                        epilog="examples:\n  dist-train ckpt convert runs/demo/checkpoints/step_20 --to hf hf_out\n"
-                              "  dist-train ckpt convert hf_out --from hf runs/init")
-    p.add_argument("src", type=Path, help="checkpoint (with --to) or HF model directory (with --from)")
+                              "  dist-train ckpt convert hf_out --from hf runs/init\n"
+                              "  dist-train ckpt convert runs/demo/checkpoints --to dcp stock_dcp   "
+                              "# dcp.load(model.state_dict(), checkpoint_id='stock_dcp')\n"
+                              "  dist-train ckpt convert runs/demo/checkpoints --to torch model.pt\n"
+                              "  dist-train ckpt convert stock_dcp --from dcp runs/init --config cfg.yaml")
+    p.add_argument("src", type=Path, help="checkpoint (with --to), HF model directory or stock DCP directory (--from)")
     direction = p.add_mutually_exclusive_group(required=True)
-    direction.add_argument("--to", choices=["hf"], help="write an HF directory from a dist-train checkpoint")
-    direction.add_argument("--from", dest="from_", choices=["hf"], help="write a dist-train checkpoint (step 0)")
-    p.add_argument("out", type=Path, help="output directory")
+    direction.add_argument("--to", choices=["hf", "dcp", "torch"],
+                           help="hf: an HF directory; dcp: a stock DCP directory; torch: one torch.save file "
+                                "(the model state dict)")
+    direction.add_argument("--from", dest="from_", choices=["hf", "dcp"],
+                           help="write a dist-train checkpoint (step 0, weights only) from an HF directory or a "
+                                "stock DCP model state dict")
+    p.add_argument("out", type=Path, help="output directory (output file with --to torch)")
+    p.add_argument("--config", help="with --from dcp: the run's YAML config; the tensors must be its model")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a --config key (repeatable)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -138,7 +187,7 @@ def run(args: argparse.Namespace) -> int:
         if args.ckpt_command == "verify":
             return verify(args.path)
         if args.ckpt_command == "convert":
-            return convert(args.src, args.out, args.to, args.from_)
+            return convert(args.src, args.out, args.to, args.from_, args.config, args.set)
     except CheckpointError as e:
         print(f"BAD {e}")
         return EXIT_BAD

@@ -31,6 +31,7 @@ import torch
 import torch.distributed.checkpoint as dcp
 
 from dist_train.checkpoint import manifest as mf
+from dist_train.checkpoint.manager import CheckpointManager
 from dist_train.checkpoint.storage import CheckpointError, SafeReader
 from dist_train.config import (LLAMA3_ROPE_KEYS, ConfigError, ModelConfig, attention_head_dim, ffn_hidden_size,
                                validate_rope_scaling)
@@ -327,8 +328,6 @@ def from_hf(hf_dir: PathLike, out: PathLike) -> Path:
     """Write a dist-train checkpoint ``out/step_0`` (weights only, step 0) from an HF Llama/Mistral
     directory. Start pretraining from it with ``--set checkpoint.resume=OUT`` and the ``model:`` section
     this prints (:func:`model_config_from_hf`)."""
-    from dist_train.checkpoint.manager import CheckpointManager
-
     hf, tensors = read_hf_dir(hf_dir)
     m = model_config_from_hf(hf)
     if m.tie_embeddings:

@@ -45,6 +45,7 @@ from torch.distributed.tensor import DTensor
 
 from dist_train.checkpoint import manifest as mf
 from dist_train.checkpoint.comm import CheckpointComm
+from dist_train.checkpoint.foreign import describe_foreign_tree
 from dist_train.checkpoint.state import (HostStager, StateAdapter, TorchStateAdapter, capture_rng, from_json,
                                          join_state, restore_rng, split_state, to_json)
 from dist_train.checkpoint.storage import (RAW_FORMAT, CheckpointError, ChecksumWriter, CorruptCheckpointError,
@@ -394,6 +395,9 @@ class CheckpointManager:
         mode = self.cfg.resume
         if mode in (None, "", "none"):
             return None
+        foreign = describe_foreign_tree(self.root if mode == "auto" else Path(mode))
+        if foreign:  # never start fresh beside (or fail obscurely on) someone else's weights
+            raise CheckpointError(f"checkpoint.resume = {mode}: {foreign}")
         if mode == "auto":
             # every step_N dir counts: the commit renames step_N.tmp -> step_N only after the manifest is
             # durable, so a step_N with a bad manifest is damage (warn and fall back), not a save in progress

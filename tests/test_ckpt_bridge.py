@@ -1,0 +1,149 @@
+"""Stock torch formats: `ckpt convert --to dcp|torch` read by stock dcp.load / dcp_to_torch_save /
+torch.load (GPT and Swin), `--from dcp` then resume, foreign checkpoints named by resume and inspect/verify
+(one line, exit 2 before any rank), and a closed stdout pipe ends a command quietly."""
+import dataclasses
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.distributed.checkpoint as dcp
+import yaml
+from torch.distributed.checkpoint import FileSystemReader
+from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+from dist_train.checkpoint.manager import CheckpointManager
+from dist_train.cli import main
+from dist_train.data.datasets import SyntheticTokenDataset
+from dist_train.models.gpt import GPT
+from dist_train.models.swin import build_swin
+from dist_train.trainer import train
+from tests.trainer_utils import tiny_gpt_config, tiny_swin_config
+
+pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
+
+
+def _model(kind: str, tmp_path):
+    torch.manual_seed(4)
+    if kind == "gpt":
+        cfg = tiny_gpt_config(tmp_path / "run", train={"peak_tflops": 1.0})  # no CPU calibration
+        return GPT(cfg.model, init_seed=17), cfg
+    cfg = tiny_swin_config(tmp_path / "run", tmp_path / "weather")
+    return build_swin(cfg.model, wp_group=None, grid=(1, 1)), cfg
+
+
+def _zeros_like(model):
+    return {k: torch.zeros_like(v) for k, v in model.state_dict().items()}
+
+
+@pytest.mark.parametrize("kind", ["gpt", "swin"])
+def test_to_dcp_and_to_torch_are_read_by_stock_torch(kind, tmp_path, capsys):
+    model, _ = _model(kind, tmp_path)
+    ckpt = _save_ours_simple(model, tmp_path / "ckpts")
+    want = model.state_dict()
+    assert main(["ckpt", "convert", str(ckpt), "--to", "dcp", str(tmp_path / "stock")]) == 0
+    got = _zeros_like(model)
+    dcp.load(got, storage_reader=FileSystemReader(str(tmp_path / "stock")))  # stock reader, no dist-train code
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+    dcp_to_torch_save(str(tmp_path / "stock"), str(tmp_path / "via_format_utils.pt"))
+    flat = torch.load(tmp_path / "via_format_utils.pt", weights_only=True)
+    assert flat.keys() == want.keys() and all(torch.equal(flat[k], want[k]) for k in want)
+    assert main(["ckpt", "convert", str(tmp_path / "ckpts"), "--to", "torch", str(tmp_path / "model.pt")]) == 0
+    fresh, _ = _model(kind, tmp_path)
+    fresh.load_state_dict(torch.load(tmp_path / "model.pt", weights_only=True), strict=True)
+    assert all(torch.equal(a, want[k]) for k, a in fresh.state_dict().items())
+    capsys.readouterr()
+    # refusing to write into something that exists
+    assert main(["ckpt", "convert", str(ckpt), "--to", "dcp", str(tmp_path / "stock")]) == 2
+    assert "already exists" in capsys.readouterr().err
+
+
+def _save_ours_simple(model, root):
+    ckpt_cfg = type("C", (), dict(every=0, keep_last=1, async_save=False, resume="none", dir=str(root), on_error="stop"))
+    mgr = CheckpointManager(ckpt_cfg, run_dir=root, config={"model": {}}, layout={"world_size": 1})
+    assert mgr.save(3, model, torch.optim.AdamW(model.parameters()))
+    return root / "step_3"
+
+
+def _write_config(cfg, path):
+    d = cfg.to_dict()
+    path.write_text(yaml.safe_dump(d))
+    return path
+
+
+def _first_batch_loss(model: GPT, cfg) -> float:
+    data = SyntheticTokenDataset(cfg.model.vocab_size, cfg.data.seq_len, cfg.run.seed)
+    seqs = torch.stack([data[i] for i in range(cfg.train.global_batch)])
+    with torch.no_grad():
+        loss_sum, count = model({"tokens": seqs[:, :-1], "labels": seqs[:, 1:],
+                                 "positions": torch.arange(cfg.data.seq_len)})
+    return (loss_sum / count).item()
+
+
+@pytest.mark.parametrize("nested", [False, True])
+def test_from_dcp_then_resume_starts_from_those_weights(nested, tmp_path, capsys):
+    model, cfg = _model("gpt", tmp_path)  # init_seed 17: not what the run's seed would build
+    sd = model.state_dict()
+    dcp.save({"model": sd} if nested else sd, checkpoint_id=str(tmp_path / "stock"))
+    cfg_file = _write_config(cfg, tmp_path / "cfg.yaml")
+    assert main(["ckpt", "convert", str(tmp_path / "stock"), "--from", "dcp", str(tmp_path / "init"),
+                 "--config", str(cfg_file)]) == 0
+    assert "checkpoint.resume=" in capsys.readouterr().out
+    res = train(dataclasses.replace(cfg, checkpoint=dataclasses.replace(cfg.checkpoint, resume=str(tmp_path / "init"))))
+    assert abs(res.losses[0] - _first_batch_loss(model, cfg)) <= 1e-6 * res.losses[0]
+    # a config whose model differs is refused in one line before anything is written
+    assert main(["ckpt", "convert", str(tmp_path / "stock"), "--from", "dcp", str(tmp_path / "init2"),
+                 "--config", str(cfg_file), "--set", "model.d_model=64"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "has shape" in err and not (tmp_path / "init2").exists()
+
+
+def _cli(*args):
+    env = dict(os.environ, PYTHONPATH=os.getcwd())
+    return subprocess.run([sys.executable, "-m", "dist_train", *args], capture_output=True, text=True, timeout=180,
+                          env=env)
+
+
+@pytest.mark.slow
+def test_foreign_checkpoints_are_named(tmp_path, capsys):
+    model, cfg = _model("gpt", tmp_path)
+    dcp.save(model.state_dict(), checkpoint_id=str(tmp_path / "stock"))
+    for action in ("inspect", "verify"):
+        assert main(["ckpt", action, str(tmp_path / "stock")]) == 1
+        out = capsys.readouterr().out
+        assert "NOT A DIST-TRAIN CHECKPOINT" in out and "stock torch.distributed.checkpoint" in out
+        assert "--from dcp" in out and "never committed" not in out
+    main(["ckpt", "inspect", str(tmp_path / "stock")])
+    assert "layers.0.attention.wq.weight" in capsys.readouterr().out  # the stock checkpoint's tensor table
+    (tmp_path / "hf").mkdir()
+    (tmp_path / "hf" / "config.json").write_text("{}")
+    (tmp_path / "hf" / "model.safetensors").write_bytes(b"")
+    assert main(["ckpt", "verify", str(tmp_path / "hf")]) == 1
+    assert "Hugging Face model directory" in capsys.readouterr().out
+    # resume: auto on a checkpoint directory holding a stock DCP checkpoint (at its root, or as a step_N)
+    os.rename(tmp_path / "stock", tmp_path / "ckpts_a")
+    (tmp_path / "ckpts_b").mkdir()
+    dcp.save(model.state_dict(), checkpoint_id=str(tmp_path / "ckpts_b" / "step_5"))
+    cfg_file = _write_config(cfg, tmp_path / "cfg.yaml")
+    for d in ("ckpts_a", "ckpts_b"):
+        r = _cli("run", str(cfg_file), "--set", f"checkpoint.dir={tmp_path / d}", "--set", "checkpoint.resume=auto",
+                 "--set", f"run.dir={tmp_path / 'never'}")
+        lines = r.stderr.strip().splitlines()
+        assert r.returncode == 2 and len(lines) == 1 and "stock torch.distributed.checkpoint" in lines[0], r.stderr
+        assert not (tmp_path / "never" / "metrics.jsonl").exists()
+
+
+@pytest.mark.slow
+def test_closed_stdout_pipe_ends_quietly(tmp_path):
+    model, _ = _model("gpt", tmp_path)
+    _save_ours_simple(model, tmp_path / "ckpts")
+    env = dict(os.environ, PYTHONPATH=os.getcwd())
+    for args in (["ckpt", "inspect", str(tmp_path / "ckpts")], ["--help"]):
+        p = subprocess.Popen([sys.executable, "-m", "dist_train", *args], stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, env=env)
+        p.stdout.close()  # the reader is gone before the first line is written (`… | head -0`)
+        err = p.stderr.read().decode()
+        p.wait(timeout=120)
+        assert "Traceback" not in err and "BrokenPipe" not in err and err.strip() == "", err
+        assert p.returncode in (0, 141), (args, p.returncode)
