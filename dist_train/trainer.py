@@ -22,7 +22,9 @@ import torch
 import torch.distributed as dist
 
 from .config import Config, check_world_size, save_config
-from .cost.flops import FLOP_CONVENTION, Throughput, model_params, train_flops_per_token
+from .cost.flops import (FLOP_CONVENTION, Throughput, attention_flops_per_key, document_keys, model_params,
+                         train_flops_per_token)
+from .cost.shape import shape_of
 from .distributed import DistContext, current_context
 from .engines.ddp import all_reduce_sum
 from .lifecycle import TrainingDiverged
@@ -192,6 +194,11 @@ def train(cfg: Config, ctx: Optional[DistContext] = None) -> TrainResult:
     tokens_sample = cfg.data.seq_len if cfg.model.kind == "gpt" else batcher.tokens_per_sample
     thr = Throughput(train_flops_per_token(cfg) * tokens_sample * t.global_batch, t.global_batch * tokens_sample,
                      ctx.world_size, peak)
+    packed = cfg.model.kind == "gpt" and cfg.data.document_mask
+    if packed:     # FLOPs/MFU count each step's Σ Lᵢ·S_eff(Lᵢ) attention term (docs/metrics.md)
+        sh = shape_of(cfg)
+        thr.flops_per_key, thr.keys_per_query = attention_flops_per_key(sh), sh.keys_per_query
+    step_keys: list[float] = []   # packed: S_eff of each step
     writer = MetricsWriter(run_dir / "metrics.jsonl" if ctx.is_main else None)
     if ctx.is_main:
         log.info(f"model {cfg.model.kind}: {n_params / 1e6:.2f}M params | global batch {t.global_batch} = "
@@ -213,8 +220,15 @@ def train(cfg: Config, ctx: Optional[DistContext] = None) -> TrainResult:
         for step in range(start_step, t.steps):
             t0 = time.perf_counter()
             micro = [batcher.microbatch(consumed, m) for m in range(accum)]
-            count = torch.tensor([sum(float(b["count"]) for b in micro)], dtype=torch.float64)
-            global_count = float(all_reduce_sum(count, mesh.grad_group).item())
+            count = [sum(float(b["count"]) for b in micro)]
+            if packed:   # cp ranks repeat their samples' documents: the keys/tokens RATIO is unaffected
+                keys = [document_keys(b["cu_seqlens"].tolist(), cfg.data.seq_len, cfg.model.attention_window)
+                        for b in micro]
+                count += [sum(k for k, _ in keys), sum(n for _, n in keys)]
+            totals = all_reduce_sum(torch.tensor(count, dtype=torch.float64), mesh.grad_group)
+            global_count = float(totals[0])
+            if packed:
+                step_keys.append(float(totals[1] / totals[2]))
             if global_count <= 0:
                 raise ValueError(f"step {step}: the global batch has no real tokens to train on")
             lr = engine.lr
@@ -242,7 +256,8 @@ def train(cfg: Config, ctx: Optional[DistContext] = None) -> TrainResult:
                 else:
                     log.info(f"exit_interval {t.exit_interval}: checkpoint saved after step {step + 1}, exiting")
             if (step + 1) % t.log_every == 0 or step + 1 == t.steps or stop:
-                rec = {"step": step + 1, "loss": loss, "lr": lr, "grad_norm": grad_norm, **thr.metrics(dt),
+                rec = {"step": step + 1, "loss": loss, "lr": lr, "grad_norm": grad_norm,
+                       **thr.metrics(dt, step_keys[-1] if packed else None),
                        "step_time_s": dt, "peak_mem_bytes": peak_memory_bytes(ctx.device),
                        "consumed_samples": consumed}
                 writer.write(rec)
@@ -271,7 +286,7 @@ def train(cfg: Config, ctx: Optional[DistContext] = None) -> TrainResult:
         "layout": layout_dict(cfg, ctx.world_size), "params": n_params,
         "first_loss": result.losses[0] if result.losses else None,
         "final_loss": result.losses[-1] if result.losses else None,
-        "median_step_time_s": med, **(thr.metrics(med) if timed else
+        "median_step_time_s": med, **(thr.metrics(med, float(np.mean(step_keys)) if packed else None) if timed else
                                       {"tokens_per_s": None, "tflops_per_device": None, "mfu": None}),
         "flop_convention": FLOP_CONVENTION, "device_peak_tflops": peak,
         "peak_mem_bytes": peak_memory_bytes(ctx.device),

@@ -77,3 +77,18 @@ def test_cp2_with_documents_matches_cp1(tmp_path, extra):
     for losses_per_case in ranks:
         for par, losses in zip(CASES, losses_per_case):
             assert rel_close(losses, ref, 1e-5), (par, extra, losses, ref)
+
+
+def test_flops_count_sum_of_document_lengths_squared():
+    from dist_train.cost.flops import Throughput, document_keys
+
+    # causal: a document of L tokens attends (L+1)/2 keys per query on average; padding is not counted
+    assert document_keys([[0, 4, 10], [0, 4, 10, 12]], 10, None) == (2 * (4 * 2.5 + 6 * 3.5), 20)
+    # window 2 (keys i-2..i): the 6-token document sees 1, 2, 3, 3, 3, 3 keys
+    assert document_keys([[0, 4, 10]], 10, 2) == (1 + 2 + 3 + 3 + 15, 10)
+    thr = Throughput(flops_step=1e12, tokens_step=1000, world_size=2, peak_tflops=1.0,
+                     flops_per_key=1e6, keys_per_query=500.5)
+    assert thr.metrics(1.0, 500.5) == thr.metrics(1.0)
+    # 8 equal documents of S=1000: S_eff (125+1)/2 instead of (1000+1)/2
+    packed = thr.tflops_per_device(1.0, 63.0)
+    assert abs(packed - (1e12 - 1000 * 1e6 * (500.5 - 63.0)) / 2 / 1e12) < 1e-12

@@ -8,6 +8,8 @@ FLOP convention (stated wherever a number is printed; docs/metrics.md):
     S_eff  = S/2 for causal attention (Megatron's halving of the score/value matmuls), min(w, S/2)-ish
              for a sliding window w (exactly: the mean number of keys a query sees), S for full attention.
 PaLM/TorchTitan use S_eff = S for causal; our MFU is therefore the *lower*, useful-work figure.
+With packed documents (data.document_mask) a query sees only its own document: S_eff is then the
+step's Σᵢ Lᵢ·S_eff(Lᵢ) / Σᵢ Lᵢ over its documents (≈ Σ Lᵢ² / 2S causal), measured per step.
 
     fpt = train_flops_per_token(cfg)                    # what the trainer's MFU counts (per token / pixel token)
     thr = Throughput(fpt * tokens_per_sample * global_batch, tokens_per_step, world_size, peak_tflops)
@@ -18,9 +20,10 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Optional, Sequence
 
 from ..config import Config
-from .shape import Shape, shape_of
+from .shape import Shape, mean_keys_per_query, shape_of
 
 FLOP_CONVENTION = "6N + 12*L*d_attn*S_eff (causal S_eff = mean keys per query ~ S/2, Megatron halving)"
 
@@ -36,6 +39,24 @@ def matmul_params(sh: Shape) -> int:
 def flops_per_token(sh: Shape) -> float:
     """Training FLOPs per token: 6·N_matmul + 12·L·d_attn·S_eff (S_eff: causal mean keys, or window area)."""
     return 6.0 * matmul_params(sh) + 12.0 * sh.layers * sh.q_dim * sh.keys_per_query
+
+
+def attention_flops_per_key(sh: Shape) -> float:
+    """Training FLOPs per token per attended key (the 12·L·d_attn of the convention)."""
+    return 12.0 * sh.layers * sh.q_dim
+
+
+def document_keys(cu_seqlens: Sequence[Sequence[int]], seq_len: int, window: Optional[int]) -> tuple[float, int]:
+    """(keys attended summed over every query, tokens) of packed samples: each row holds one sample's
+    document boundaries [0, …, S]; tokens past ``seq_len`` (layout padding) are not counted."""
+    keys, tokens = 0.0, 0
+    for row in cu_seqlens:
+        for a, b in zip(row, row[1:]):
+            n = min(b, seq_len) - a
+            if n > 0:
+                keys += n * mean_keys_per_query(n, window)
+                tokens += n
+    return keys, tokens
 
 
 def model_params(cfg: Config) -> int:
@@ -63,11 +84,16 @@ class Throughput:
     tokens_step: float
     world_size: int
     peak_tflops: float
+    flops_per_key: float = 0.0      # attention FLOPs per token per key (attention_flops_per_key)
+    keys_per_query: float = 0.0     # the S_eff inside flops_step
 
-    def tflops_per_device(self, step_time_s: float) -> float:
-        return self.flops_step / step_time_s / self.world_size / 1e12
+    def tflops_per_device(self, step_time_s: float, keys_per_query: Optional[float] = None) -> float:
+        flops = self.flops_step
+        if keys_per_query is not None:      # packed documents: this step's S_eff replaces the default
+            flops += self.tokens_step * self.flops_per_key * (keys_per_query - self.keys_per_query)
+        return flops / step_time_s / self.world_size / 1e12
 
-    def metrics(self, step_time_s: float) -> dict:
-        tflops = self.tflops_per_device(step_time_s)
+    def metrics(self, step_time_s: float, keys_per_query: Optional[float] = None) -> dict:
+        tflops = self.tflops_per_device(step_time_s, keys_per_query)
         return {"tokens_per_s": self.tokens_step / step_time_s, "tflops_per_device": tflops,
                 "mfu": tflops / self.peak_tflops}
