@@ -153,6 +153,7 @@ class CheckpointConfig:
     dir: Optional[str] = None  # default run.dir/checkpoints
     at_end: bool = True
     on_error: str = "stop"  # stop | continue
+    allow_config_change: list = field(default_factory=list)  # model keys a resume may change, e.g. [model.attention_window]
 
 
 @dataclass
@@ -603,6 +604,11 @@ def _validate_train(cfg: Config) -> None:
 def _validate_checkpoint(cfg: Config) -> None:
     _check_bounds(cfg, "checkpoint")
     c = cfg.checkpoint
+    resumable = [f"model.{f.name}" for f in fields(ModelConfig)] + ["data.tokenizer"]  # checkpoint/compat.py
+    for key in c.allow_config_change:
+        if key not in resumable:
+            raise ConfigError(f"checkpoint.allow_config_change: {key!r} is not a key a resume compares; valid: "
+                              f"{', '.join(resumable)}")
     _check_text("checkpoint.resume", c.resume, "auto, none or the path of a checkpoint")
     if c.dir is not None:
         _check_text("checkpoint.dir", c.dir, "a directory path or null (run.dir/checkpoints)")

@@ -17,6 +17,7 @@ from .dryrun import format_layout, rank_layout
 from .lifecycle import EXIT_FAILED, EXIT_USAGE, TrainingDiverged
 from .preflight import PREFLIGHT_ENV, preflight
 from .rank_errors import clear_user_errors, record_user_error, user_errors
+from .runlock import RunDirLocked
 
 
 def run_rank(config_path: str, overrides: list[str]) -> int:
@@ -37,7 +38,7 @@ def run_rank(config_path: str, overrides: list[str]) -> int:
 
         result = train(cfg, ctx)
         return result.exit_code
-    except (TrainingDiverged, CheckpointError) as e:
+    except (TrainingDiverged, CheckpointError, RunDirLocked) as e:
         # every rank raises the same one-line decision (agreed collectively): rank 0 says it, once
         if ctx.rank == 0:
             print(f"dist-train: error: {str(e).splitlines()[0]}", file=sys.stderr, flush=True)

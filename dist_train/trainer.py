@@ -30,8 +30,10 @@ from .engines.ddp import all_reduce_sum
 from .lifecycle import TrainingDiverged
 from .logs import get_logger, setup_logging
 from .mesh import Mesh, build_mesh
+from .optim import apply_changed_hyperparameters
 from .metrics import MetricsWriter, device_peak_tflops, format_metrics, peak_memory_bytes
 from .rankstats import RankStats
+from .runlock import hold_run_dir
 
 
 @dataclass
@@ -117,6 +119,19 @@ def _stop_reason(t, steps_done: int, start_step: int, lifecycle) -> Optional[str
     return None
 
 
+def _report_resume_changes(cfg: Config, engine, ckpt, start_step: int, log, is_main: bool) -> None:
+    """Apply changed training hyper-parameters from the resume step on and say so; say which model keys
+    changed under ``checkpoint.allow_config_change`` (any other change was refused by the manager)."""
+    changed = apply_changed_hyperparameters(engine.optimizer, engine.scheduler, cfg.train,
+                                            ckpt.saved_config.get("train") or {})
+    if is_main and changed:
+        log.info(f"resume: {', '.join(changed)} (differ from the checkpoint): applied from step {start_step + 1} "
+                 f"on, lr now {engine.lr:.3g}")
+    if is_main and ckpt.config_changes:
+        log.warning("resume: " + ", ".join(f"{k} {old!r} -> {new!r}" for k, old, new in ckpt.config_changes)
+                    + " (allowed by checkpoint.allow_config_change)")
+
+
 def _check_finite(cfg: Config, engine, step: int, loss: float, grad_norm: float, run: int, ckpt, log,
                   is_main: bool) -> int:
     """Apply ``train.on_nonfinite`` to the step just taken; returns the new count of consecutive skipped
@@ -149,6 +164,12 @@ def _check_finite(cfg: Config, engine, step: int, loss: float, grad_norm: float,
 def train(cfg: Config, ctx: Optional[DistContext] = None) -> TrainResult:
     ctx = ctx or current_context()
     check_world_size(cfg, ctx.world_size)
+    # one job per run directory, taken before anything touches it (dist_train/runlock.py)
+    with hold_run_dir(Path(cfg.run.dir), ctx.rank, ctx.device):
+        return _train(cfg, ctx)
+
+
+def _train(cfg: Config, ctx: DistContext) -> TrainResult:
     run_dir = Path(cfg.run.dir)
     if ctx.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -180,6 +201,7 @@ def train(cfg: Config, ctx: Optional[DistContext] = None) -> TrainResult:
     if resumed:
         # every rank continues its own random streams from the saved state (restored by resume)
         log.info(f"resumed from {ckpt.resumed_from} at step {start_step} ({consumed} samples consumed)")
+        _report_resume_changes(cfg, engine, ckpt, start_step, log, ctx.is_main)
     result = TrainResult(start_step=start_step)
     lifecycle = Lifecycle(run_dir, ctx.rank, watchdog_s=cfg.launch.watchdog_s)
 

@@ -17,6 +17,7 @@ from typing import Optional
 
 from dist_train.cli import examples
 from dist_train.preflight import PREFLIGHT_ENV, preflight
+from dist_train.runlock import LOCK_ENV, RunLock
 from launchers.supervisor import JobSpec, Supervisor
 
 BACKENDS = ("ray", "local", "mpi")
@@ -128,18 +129,20 @@ def launch_main(args: argparse.Namespace) -> int:
     if ranks_here:
         preflight(cfg, on_cuda=gpus > 0)
     run_dir = Path(cfg.run.dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    spec = JobSpec(argv=rank_argv(args.config, overrides), nproc=nproc, run_dir=run_dir,
-                   max_restarts=max_restarts, watchdog_s=cfg.launch.watchdog_s,
-                   env={**forwarded_env(), **({PREFLIGHT_ENV: "1"} if ranks_here else {})})
-    be = build_backend(backend, nproc, run_dir, address, nodes, gpus)
-    print(f"[launcher] {backend}: {nproc} rank(s){f' on {nodes} nodes' if nodes > 1 else ''}, run dir {run_dir}, "
-          f"max restarts {max_restarts}", file=sys.stderr, flush=True)
-    try:
-        return Supervisor(spec, be).run()
-    finally:
-        if hasattr(be, "shutdown"):
-            be.shutdown()
+    # the launcher holds the run directory for every attempt; its ranks know it by the token
+    with RunLock.acquire(run_dir, role="dist-train launch") as lock:
+        spec = JobSpec(argv=rank_argv(args.config, overrides), nproc=nproc, run_dir=run_dir,
+                       max_restarts=max_restarts, watchdog_s=cfg.launch.watchdog_s,
+                       env={**forwarded_env(), **({PREFLIGHT_ENV: "1"} if ranks_here else {}),
+                            LOCK_ENV: lock.token})
+        be = build_backend(backend, nproc, run_dir, address, nodes, gpus)
+        print(f"[launcher] {backend}: {nproc} rank(s){f' on {nodes} nodes' if nodes > 1 else ''}, run dir "
+              f"{run_dir}, max restarts {max_restarts}", file=sys.stderr, flush=True)
+        try:
+            return Supervisor(spec, be).run()
+        finally:
+            if hasattr(be, "shutdown"):
+                be.shutdown()
 
 
 # ----------------------------------------------------------------------------------------------

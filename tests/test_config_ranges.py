@@ -90,6 +90,7 @@ BAD: dict[str, list] = {
     "checkpoint.dir": ["", 7],
     "checkpoint.at_end": ["no"],
     "checkpoint.on_error": ["ignore"],
+    "checkpoint.allow_config_change": [["model.nope"], ["train.lr"], "model.rope_theta", [3]],
     "launch.backend": ["slurm"],
     "launch.nproc": [0, -2],
     "launch.address": ["", 6379],

@@ -43,6 +43,7 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.tensor import DTensor
 
+from dist_train.checkpoint import compat
 from dist_train.checkpoint import manifest as mf
 from dist_train.checkpoint.comm import CheckpointComm
 from dist_train.checkpoint.foreign import describe_foreign_tree
@@ -150,6 +151,8 @@ class CheckpointManager:
         self.io_threads = io_threads
         self.fault_hook: Optional[Callable[[str], None]] = None
         self.resumed_from: Optional[Path] = None
+        self.saved_config: dict = {}  # the config recorded in the checkpoint loaded last
+        self.config_changes: list = []  # (key, saved, current) allowed by checkpoint.allow_config_change
         self.last_stall_s = 0.0  # time the last save() blocked the caller
         self.last_write_s = 0.0  # time the last write+commit took (background time when async)
         self.failed_saves = 0
@@ -455,6 +458,8 @@ class CheckpointManager:
             if problems:
                 raise CorruptCheckpointError(f"checkpoint {ckpt} failed verification: {problems[0]}", problems[0])
         body = mf.read_manifest(ckpt)
+        self.config_changes = compat.check_config(ckpt, body.get("config"), self.config,
+                                                  getattr(self.cfg, "allow_config_change", None) or ())
         ts = json.loads((ckpt / mf.TRAIN_STATE).read_text())
         with_optim = optimizer is not None and "optim" in body["contents"]
         # a checkpoint without optimizer state (e.g. converted from HF) leaves the optimizer untouched —
@@ -462,12 +467,14 @@ class CheckpointManager:
         model_sd, optim_sd = self.adapter.get(model, optimizer if with_optim else None)
         tensors, _ = split_state({"model": model_sd, "optim": optim_sd})
         saved = body["tensors"]
-        for key, t in tensors.items():
-            if key not in saved:
-                raise CheckpointError(f"{ckpt}: has no tensor '{key}' (was it saved from a different model?)")
-            if list(t.shape) != saved[key]["shape"]:
-                raise CheckpointError(f"{ckpt}: tensor '{key}' has shape {saved[key]['shape']}, "
-                                      f"the model expects {list(t.shape)}")
+        # ranks may hold different parameters (pipeline stages): the model's keys are the union
+        model_keys = set().union(*self.comm.all_gather(sorted(k for k in tensors if k.startswith("model."))))
+        compat.check_tensors(ckpt, saved, model_keys, {k: t.shape for k, t in tensors.items()})
+        absent = sorted(k for k in tensors if k not in saved)  # optimizer state of a matching model
+        if absent:
+            raise compat.ResumeMismatchError(f"checkpoint {ckpt} has no optimizer state for {absent[0]}"
+                                             + (f" and {len(absent) - 1} more" if len(absent) > 1 else ""))
+        self.saved_config = body.get("config") or {}
         checked_while_reading = verify and bool(mf.shards_verified_while_loading(body))
         reader = SafeReader(ckpt, records=body["files"] if checked_while_reading else None, threads=self.io_threads)
         try:

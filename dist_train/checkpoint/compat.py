@@ -1,0 +1,109 @@
+"""Does a checkpoint belong to the model being resumed? Config and tensor-table checks, one line each.
+
+    check_config(ckpt, saved_config, config, allowed=["model.attention_window"])   # raises ResumeMismatchError
+    check_tensors(ckpt, saved_table, model_keys, shapes)                          # raises ResumeMismatchError
+
+Resuming into a model that differs from the saved one must never "work": a smaller ``n_layers`` silently
+drops saved layers, a different ``rope_theta`` or ``norm_eps`` loads every weight into a different function.
+So the saved ``model`` section (and the tokenizer, which gives the token ids their meaning) must equal the
+current one, key by key, unless the user lists the key in ``checkpoint.allow_config_change``; and the
+model's tensors must be exactly the saved ``model.*`` tensors, with equal shapes, in both directions.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Optional, Sequence
+
+from dist_train.checkpoint.storage import CheckpointError
+
+#: Config keys a checkpoint must agree on: every key of these sections, and these single keys.
+CHECKED_SECTIONS = ("model",)
+CHECKED_KEYS = ("data.tokenizer",)
+#: Keys that may differ without being allowed: they only matter before the first step.
+FREE_KEYS = frozenset({"model.init_std"})
+_SHOWN = 3  # names listed per kind of tensor mismatch (then "and N more")
+
+
+class ResumeMismatchError(CheckpointError):
+    """The checkpoint was saved from a different model (config or tensors); bad input, so exit status 2."""
+
+    exit_code = 2
+
+
+def checked_keys(config: Mapping[str, Any]) -> list[str]:
+    """The dotted keys of ``config`` that a resume compares (see ``CHECKED_SECTIONS``/``CHECKED_KEYS``)."""
+    keys = [f"{s}.{k}" for s in CHECKED_SECTIONS for k in (config.get(s) or {}) if f"{s}.{k}" not in FREE_KEYS]
+    return keys + [k for k in CHECKED_KEYS if _lookup(config, k) is not _MISSING]
+
+
+_MISSING = object()
+
+
+def _lookup(config: Mapping[str, Any], dotted: str) -> Any:
+    node: Any = config
+    for part in dotted.split("."):
+        if not isinstance(node, Mapping) or part not in node:
+            return _MISSING
+        node = node[part]
+    return node
+
+
+def config_differences(saved: Mapping[str, Any], current: Mapping[str, Any]) -> list[tuple[str, Any, Any]]:
+    """``[(dotted key, saved value, current value)]`` for every checked key present on both sides whose
+    values differ. A key the checkpoint does not record (saved by an older version, or a converted checkpoint
+    that knows no such field) is not compared: its default is, by design, the older behaviour."""
+    out = []
+    for key in checked_keys(current):
+        old, new = _lookup(saved, key), _lookup(current, key)
+        if old is _MISSING or new is _MISSING:
+            continue
+        if old != new:
+            out.append((key, old, new))
+    return out
+
+
+def check_config(ckpt: Path, saved: Optional[Mapping[str, Any]], current: Mapping[str, Any],
+                 allowed: Iterable[str] = ()) -> list[tuple[str, Any, Any]]:
+    """Raise ``ResumeMismatchError`` listing every difference not in ``allowed``; return the allowed ones."""
+    if not saved:
+        return []
+    allowed = set(allowed)
+    diffs = config_differences(saved, current)
+    refused = [d for d in diffs if d[0] not in allowed]
+    if refused:
+        listed = ", ".join(f"{k} {old!r} -> {new!r}" for k, old, new in refused)
+        keys = ", ".join(k for k, _, _ in refused)
+        raise ResumeMismatchError(f"checkpoint {ckpt} was saved with a different model config: {listed}; resume "
+                                  f"refused (if this change is intended, set checkpoint.allow_config_change: "
+                                  f"[{keys}])")
+    return [d for d in diffs if d[0] in allowed]
+
+
+def _names(keys: Sequence[str]) -> str:
+    shown = ", ".join(keys[:_SHOWN])
+    return shown + (f" and {len(keys) - _SHOWN} more" if len(keys) > _SHOWN else "")
+
+
+def check_tensors(ckpt: Path, saved: Mapping[str, dict], model_keys: Iterable[str],
+                  shapes: Mapping[str, Sequence[int]]) -> None:
+    """``saved``: the manifest's tensor table; ``model_keys``: every ``model.*`` tensor key of the loading
+    model (all ranks together); ``shapes``: this rank's tensors and their global shapes. Raises one line
+    naming the missing, unexpected and mis-shaped tensors."""
+    model_keys = set(model_keys)
+    saved_model = {k for k in saved if k.startswith("model.")}
+    missing = sorted(model_keys - saved_model)
+    unexpected = sorted(saved_model - model_keys)
+    wrong = sorted(k for k, shape in shapes.items() if k in saved and list(shape) != saved[k]["shape"])
+    if not (missing or unexpected or wrong):
+        return
+    parts = []
+    if missing:
+        parts.append(f"{len(missing)} tensor(s) of the model not in the checkpoint ({_names(missing)})")
+    if unexpected:
+        parts.append(f"{len(unexpected)} saved tensor(s) the model does not have ({_names(unexpected)})")
+    if wrong:
+        shown = [f"{k} saved {saved[k]['shape']}, model {list(shapes[k])}" for k in wrong[:_SHOWN]]
+        parts.append(f"{len(wrong)} shape mismatch(es) ({'; '.join(shown)}"
+                     + (f" and {len(wrong) - _SHOWN} more" if len(wrong) > _SHOWN else "") + ")")
+    raise ResumeMismatchError(f"checkpoint {ckpt} does not match the model: {'; '.join(parts)}; resume refused "
+                              "(was it saved from a different model config?)")

@@ -1,0 +1,167 @@
+"""One job per run directory: an exclusive lock held for the life of the job.
+
+    lock = RunLock.acquire(run_dir)          # raises RunDirLocked (one line naming the holder) if taken
+    ...                                      # heartbeats, logs, checkpoints
+    lock.release()
+
+Who holds it:
+* ``dist-train launch`` (any backend: local, Ray, MPI) takes it before it touches the run directory and
+  keeps it across every restart of the job; it hands its token to the ranks in ``DIST_TRAIN_RUN_LOCK``.
+  Rank 0 of such a job finds the token in the lock file and does not lock again, so a restart is never
+  refused by its own job's lock.
+* Without our launcher (``dist-train run`` alone, torchrun, ``srun``/``mpiexec`` from a batch script), rank 0
+  takes it in ``train()`` before anything else touches the run directory, and tells the other ranks (a
+  broadcast); a refused job exits 2 on every rank, only rank 0 printing the line.
+
+Mechanism: ``flock(LOCK_EX | LOCK_NB)`` on ``run_dir/run.lock``. The kernel releases it when the holder
+dies, however it dies, so a lock can never outlive its job; the file's content (JSON: host, pid, start
+time, token) names the holder in the refusal. Content left by a holder that did not release (it was
+killed) marks a stale lock: it is taken over with one line saying whose it was. The file is never deleted
+(deleting a lock file races with a process that has just opened it). ``flock`` is per machine on local
+file systems; on NFS (v4) and Lustre/GPFS with ``flock`` enabled it is cluster-wide — on a file system
+without working ``flock`` the lock cannot protect a run directory shared by two machines.
+"""
+from __future__ import annotations
+
+import contextlib
+import datetime
+import fcntl
+import json
+import os
+import socket
+import sys
+import time
+import uuid
+from pathlib import Path
+from typing import Iterator, Optional
+
+LOCK_NAME = "run.lock"
+LOCK_ENV = "DIST_TRAIN_RUN_LOCK"  # the launcher's lock token, in every rank's environment
+
+
+class RunDirLocked(ValueError):
+    """Another job holds the run directory (bad input for this launch: exit status 2)."""
+
+    exit_code = 2
+
+
+def describe_owner(owner: dict) -> str:
+    started = owner.get("started")
+    when = datetime.datetime.fromtimestamp(started).strftime("%Y-%m-%d %H:%M:%S") if started else "?"
+    return f"pid {owner.get('pid', '?')} on {owner.get('host', '?')} ({owner.get('role', 'job')}, started {when})"
+
+
+def _read(fd: int) -> dict:
+    try:
+        data = os.pread(fd, 1 << 16, 0)
+        owner = json.loads(data.decode()) if data.strip() else {}
+    except (OSError, ValueError):
+        return {}
+    return owner if isinstance(owner, dict) else {}
+
+
+def read_owner(run_dir: Path) -> dict:
+    """The recorded holder of ``run_dir``'s lock ({} when none is recorded)."""
+    try:
+        fd = os.open(Path(run_dir) / LOCK_NAME, os.O_RDONLY)
+    except OSError:
+        return {}
+    try:
+        return _read(fd)
+    finally:
+        os.close(fd)
+
+
+class RunLock:
+    """A held lock; ``token`` identifies it to the ranks of the job that holds it."""
+
+    def __init__(self, path: Path, fd: int, owner: dict):
+        self.path, self._fd, self.owner = path, fd, owner
+
+    @property
+    def token(self) -> str:
+        return self.owner["token"]
+
+    @classmethod
+    def acquire(cls, run_dir: Path, role: str = "job", out=None) -> "RunLock":
+        """Take the lock of ``run_dir`` (created if missing) or raise ``RunDirLocked`` naming the holder."""
+        run_dir = Path(run_dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        path = run_dir / LOCK_NAME
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = _read(fd)
+            os.close(fd)
+            raise RunDirLocked(f"run.dir {run_dir} is in use by another job: {describe_owner(holder)} holds "
+                               f"{path}; wait for it to end or stop it, or use another run.dir") from None
+        except BaseException:
+            os.close(fd)
+            raise
+        stale = _read(fd)
+        if stale:
+            print(f"[dist-train] taking over the lock of {run_dir}: its holder, {describe_owner(stale)}, is no "
+                  f"longer running (it ended without releasing it)", file=out or sys.stderr, flush=True)
+        owner = {"host": socket.gethostname(), "pid": os.getpid(), "started": time.time(), "role": role,
+                 "token": uuid.uuid4().hex}
+        data = json.dumps(owner).encode()
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, data, 0)
+        os.fsync(fd)
+        return cls(path, fd, owner)
+
+    def release(self) -> None:
+        """Clear the owner record (so the next holder sees no stale lock), then unlock."""
+        if self._fd < 0:
+            return
+        try:
+            os.ftruncate(self._fd, 0)
+        except OSError:
+            pass
+        finally:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            os.close(self._fd)
+            self._fd = -1
+
+    def __enter__(self) -> "RunLock":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+def held_by_our_launcher(run_dir: Path) -> bool:
+    """True when this process belongs to the job whose launcher holds ``run_dir``'s lock."""
+    token = os.environ.get(LOCK_ENV)
+    return bool(token) and read_owner(run_dir).get("token") == token
+
+
+@contextlib.contextmanager
+def hold_run_dir(run_dir: Path, rank: int, device=None) -> Iterator[Optional[RunLock]]:
+    """Collective over the default group (when initialised): rank 0 takes the lock unless our launcher
+    holds it; every rank raises ``RunDirLocked`` if rank 0 was refused. Released on exit (rank 0)."""
+    lock, error = None, None
+    if rank == 0 and not held_by_our_launcher(run_dir):
+        try:
+            lock = RunLock.acquire(run_dir, role="rank 0")
+        except RunDirLocked as e:
+            error = str(e)
+    error = _broadcast_from_rank0(error, device)
+    if error:
+        raise RunDirLocked(error)
+    try:
+        yield lock
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _broadcast_from_rank0(value: Optional[str], device) -> Optional[str]:
+    # torch.distributed only when a job's process group exists (launchers import this module without torch)
+    dist = sys.modules.get("torch.distributed")
+    if dist is None or not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0, device=device)
+    return box[0]

@@ -1,0 +1,128 @@
+"""Resume must match the model exactly (issues 13.3, 14.4): every model-config difference is refused in one
+line naming each key (unless allowed by ``checkpoint.allow_config_change``), missing/unexpected/mis-shaped
+tensors are refused in one line, exit 2; changed training hyper-parameters are applied from the resume step."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from dist_train.checkpoint import CheckpointManager
+from dist_train.checkpoint.compat import ResumeMismatchError
+from dist_train.optim import lr_lambda
+from dist_train.trainer import train
+from tests.test_ckpt_common import CkptCfg
+from tests.trainer_utils import tiny_gpt_config
+
+REPO = Path(__file__).resolve().parents[1]
+
+# key -> a different value the tiny GPT can still be built with (the saved run uses the defaults below)
+CHANGES = {
+    "model.d_model": 64,
+    "model.n_layers": 1,
+    "model.n_heads": 2,
+    "model.n_kv_heads": 4,
+    "model.ffn_hidden": 96,
+    "model.vocab_size": 96,
+    "model.rope_theta": 500000.0,
+    "model.norm_eps": 1e-6,
+    "model.tie_embeddings": True,
+    "model.attention_window": 8,
+}
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    run = tmp_path_factory.mktemp("saved") / "run"
+    train(tiny_gpt_config(run, steps=2, checkpoint={"at_end": True}))
+    return run
+
+
+def _resume(run: Path, steps: int = 3, model=None, checkpoint=None, train_over=None, name="resumed"):
+    out = Path(tempfile.mkdtemp(dir=run.parent, prefix=name))
+    ck = {"resume": str(run / "checkpoints"), "dir": str(out / "checkpoints"), "at_end": False, **(checkpoint or {})}
+    cfg = tiny_gpt_config(out, steps=steps, checkpoint=ck, train=train_over or {},
+                          **({"model": model} if model else {}))
+    res = train(cfg)
+    res.summary["run_dir"] = str(out)
+    return res
+
+
+@pytest.mark.parametrize("key", sorted(CHANGES))
+def test_every_model_config_difference_is_refused_in_one_line(saved, key):
+    field = key.split(".", 1)[1]
+    with pytest.raises(ResumeMismatchError) as info:
+        _resume(saved, model={field: CHANGES[key]})
+    msg = str(info.value)
+    assert "\n" not in msg and info.value.exit_code == 2
+    assert f"{key} " in msg and repr(CHANGES[key]) in msg and "checkpoint.allow_config_change: [" in msg, msg
+
+
+def test_every_difference_is_listed_and_allowed_ones_pass(saved, capsys):
+    with pytest.raises(ResumeMismatchError, match=r"model.rope_theta 10000.0 -> 20000.0, model.norm_eps 1e-05 -> "
+                                                  r"0.001; resume refused.*\[model.rope_theta, model.norm_eps\]"):
+        _resume(saved, model={"rope_theta": 20000.0, "norm_eps": 1e-3})
+    capsys.readouterr()
+    res = _resume(saved, model={"attention_window": 8}, checkpoint={"allow_config_change": ["model.attention_window"]})
+    assert res.start_step == 2 and len(res.losses) == 1
+    assert "resume: model.attention_window None -> 8 (allowed by checkpoint.allow_config_change)" in \
+        capsys.readouterr().out
+    # init_std only shapes the initial weights: free to differ
+    assert _resume(saved, model={"init_std": 0.5}).start_step == 2
+
+
+class _Stack(nn.Module):
+    def __init__(self, widths):
+        super().__init__()
+        self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in zip(widths, widths[1:]))
+
+
+def _mgr(root: Path, **kw) -> CheckpointManager:  # no config recorded: only the tensor table can tell
+    return CheckpointManager(CkptCfg(dir=str(root), **kw), run_dir=root, config={}, layout={"world_size": 1})
+
+
+@pytest.mark.parametrize("widths, expect", [
+    ([4, 4], "2 saved tensor(s) the model does not have (model.layers.1.bias, model.layers.1.weight)"),
+    ([4, 4, 4, 4], "2 tensor(s) of the model not in the checkpoint (model.layers.2.bias, model.layers.2.weight)"),
+    ([4, 5, 4], "3 shape mismatch(es) (model.layers.0.bias saved [4], model [5]; model.layers.0.weight saved "
+                "[4, 4], model [5, 4]; model.layers.1.weight saved [4, 4], model [4, 5])"),
+])
+def test_missing_unexpected_and_misshaped_tensors_are_one_line(tmp_path, widths, expect):
+    _mgr(tmp_path).save(1, _Stack([4, 4, 4]))
+    with pytest.raises(ResumeMismatchError) as info:
+        _mgr(tmp_path, resume="auto").resume(_Stack(widths))
+    assert "\n" not in str(info.value) and expect in str(info.value), str(info.value)
+
+
+def test_changed_lr_and_schedule_apply_from_the_resume_step(saved, capsys):
+    capsys.readouterr()
+    res = _resume(saved, steps=6, train_over={"lr": 5e-3, "warmup_steps": 1})
+    assert res.start_step == 2
+    said = [line for line in capsys.readouterr().out.splitlines() if line.startswith("resume: ")]
+    assert said and "train.lr 0.01 -> 0.005" in said[0] and "train.steps 2 -> 6" in said[0] \
+        and "train.warmup_steps 2 -> 1" in said[0] and "applied from step 3" in said[0], said
+    cfg = tiny_gpt_config("x", steps=6, train={"lr": 5e-3, "warmup_steps": 1})
+    lrs = [json.loads(line)["lr"] for line in (Path(res.summary["run_dir"]) / "metrics.jsonl").read_text().splitlines()]
+    # the new schedule evaluated at the optimizer steps taken so far (2, 3, 4, 5)
+    assert lrs == pytest.approx([5e-3 * lr_lambda(cfg.train)(s) for s in range(2, 6)], rel=1e-12)
+
+
+@pytest.mark.slow
+def test_cli_mismatch_is_one_line_exit_2(saved):
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    out = subprocess.run([sys.executable, "-m", "dist_train.cli", "run", str(REPO / "configs" / "gpt_tiny.yaml"),
+                          "--set", f"run.dir={saved.parent / 'cli'}", "--set", "parallel.dp=1",
+                          "--set", "data.source=synthetic", "--set", "data.seq_len=32", "--set", "model.d_model=32",
+                          "--set", "model.n_heads=4", "--set", "model.n_kv_heads=2", "--set", "model.vocab_size=64",
+                          "--set", "model.n_layers=3", "--set", f"checkpoint.resume={saved / 'checkpoints'}",
+                          "--set", "train.progress=false"], capture_output=True, text=True, env=env, timeout=300)
+    lines = [line for line in out.stderr.splitlines() if line.strip()]
+    assert out.returncode == 2 and len(lines) == 1, out.stderr
+    assert "model.n_layers 2 -> 3" in lines[0] and lines[0].startswith("dist-train: error: checkpoint "), lines

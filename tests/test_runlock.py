@@ -1,0 +1,103 @@
+"""One job per run directory (issue 13.2): a second launch is refused with one line naming the holder, exit 2,
+before it touches anything; a stale lock is taken over with a message; a job's own ranks (and restarts) pass."""
+from __future__ import annotations
+
+import io
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from dist_train.checkpoint import complete_checkpoints, verify_checkpoint
+from dist_train.runlock import LOCK_ENV, LOCK_NAME, RunDirLocked, RunLock, hold_run_dir, read_owner
+from dist_train.trainer import train
+from tests.trainer_utils import tiny_gpt_config
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_second_holder_is_refused_naming_the_first(tmp_path):
+    with RunLock.acquire(tmp_path / "run", role="dist-train launch") as first:
+        with pytest.raises(RunDirLocked) as info:
+            RunLock.acquire(tmp_path / "run")  # another open file description: flock refuses it
+        msg = str(info.value)
+        assert "\n" not in msg and info.value.exit_code == 2
+        assert f"in use by another job: pid {os.getpid()} on " in msg and "(dist-train launch, started " in msg
+        assert read_owner(tmp_path / "run")["token"] == first.token
+    assert read_owner(tmp_path / "run") == {}  # released: cleared, so the next holder sees no stale lock
+    out = io.StringIO()
+    RunLock.acquire(tmp_path / "run", out=out).release()
+    assert out.getvalue() == ""
+
+
+def test_stale_lock_is_taken_over_with_a_message(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    # what a SIGKILLed holder leaves: its record, but no flock (the kernel dropped it with the process)
+    (run / LOCK_NAME).write_text(json.dumps({"host": "node7", "pid": 999999, "started": 0, "role": "rank 0"}))
+    out = io.StringIO()
+    with RunLock.acquire(run, out=out) as lock:
+        assert lock.owner["pid"] == os.getpid()
+    said = out.getvalue()
+    assert said.count("\n") == 1 and "taking over the lock" in said and "pid 999999 on node7" in said, said
+
+
+def test_ranks_of_the_holding_launcher_pass_others_are_refused_untouched(tmp_path, monkeypatch):
+    run = tmp_path / "run"
+    with RunLock.acquire(run, role="dist-train launch") as launcher:
+        monkeypatch.setenv(LOCK_ENV, launcher.token)
+        with hold_run_dir(run, rank=0) as held:  # a rank (or a restarted rank) of this job
+            assert held is None
+        monkeypatch.setenv(LOCK_ENV, "someone-else")
+        with pytest.raises(RunDirLocked):
+            with hold_run_dir(run, rank=0):
+                pass
+        monkeypatch.delenv(LOCK_ENV)
+        with pytest.raises(RunDirLocked, match="in use by another job"):
+            train(tiny_gpt_config(run, steps=2))
+        assert sorted(p.name for p in run.iterdir()) == [LOCK_NAME]  # no config, logs, heartbeats, checkpoints
+    res = train(tiny_gpt_config(run, steps=2))  # released: the next job trains, and releases in turn
+    assert len(res.losses) == 2 and read_owner(run) == {}
+
+
+def _launch(config: Path, run_dir: Path, *sets: str) -> subprocess.Popen:
+    argv = [sys.executable, "-m", "dist_train.cli", "launch", str(config), "--backend", "local", "--nproc", "1",
+            "--set", f"run.dir={run_dir}", *[a for s in sets for a in ("--set", s)]]
+    return subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONPATH": str(REPO)})
+
+
+@pytest.mark.slow
+def test_two_concurrent_launches_one_refused_the_other_intact(tmp_path):
+    cfg = tmp_path / "job.yaml"
+    cfg.write_text(json.dumps({
+        "model": {"kind": "gpt", "d_model": 32, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "vocab_size": 64},
+        "data": {"source": "synthetic", "seq_len": 32},
+        "train": {"steps": 150, "global_batch": 4, "micro_batch": 2, "lr": 1e-2, "log_every": 50, "progress": False},
+        "checkpoint": {"every": 10, "keep_last": 2, "at_end": True}}))
+    run = tmp_path / "run"
+    first = _launch(cfg, run)
+    deadline = time.time() + 120
+    while not (run / "heartbeats").is_dir() and time.time() < deadline and first.poll() is None:
+        time.sleep(0.2)
+    assert first.poll() is None, first.communicate()
+    holder = read_owner(run)
+    assert holder["role"] == "dist-train launch" and holder["pid"] == first.pid
+    second = _launch(cfg, run)
+    out, err = second.communicate(timeout=120)
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert second.returncode == 2 and len(lines) == 1, err
+    assert lines[0].startswith("dist-train: error: run.dir ") and f"pid {first.pid} " in lines[0], lines
+    # a bare rank (no launcher) is refused the same way
+    bare = subprocess.run([sys.executable, "-m", "dist_train.cli", "run", str(cfg), "--set", f"run.dir={run}"],
+                          capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=120)
+    assert bare.returncode == 2 and f"pid {first.pid} " in bare.stderr and len(bare.stderr.splitlines()) == 1
+    out, err = first.communicate(timeout=300)
+    assert first.returncode == 0, err
+    good = complete_checkpoints(run / "checkpoints")
+    assert [p.name for _, p in good] == ["step_150", "step_140"] and not any(verify_checkpoint(p) for _, p in good)
+    assert read_owner(run) == {}
