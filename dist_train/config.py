@@ -624,6 +624,9 @@ def _validate_gpt(cfg: Config) -> None:
     m, p, d = cfg.model, cfg.parallel, cfg.data
     if d.source == "weather":
         raise ConfigError("data.source = 'weather' needs model.kind = swin; a gpt trains on indexed or synthetic")
+    if d.eod_id is not None and d.eod_id >= m.vocab_size:
+        raise ConfigError(f"data.eod_id = {d.eod_id} is outside model.vocab_size = {m.vocab_size} (valid ids 0.."
+                          f"{m.vocab_size - 1})")
     if cfg.wp_grid != (1, 1):
         raise ConfigError(f"parallel.wp = {list(cfg.wp_grid)}: window parallelism needs model.kind = swin")
     kv = m.n_kv_heads or m.n_heads

@@ -26,7 +26,8 @@ def run_rank(config_path: str, overrides: list[str]) -> int:
     _, world, _ = env_rank_info()
     check_world_size(cfg, world)  # before any process group exists
     if os.environ.get(PREFLIGHT_ENV) != "1":  # `dist-train launch` ran it once for all ranks
-        preflight(cfg, on_cuda=torch.cuda.is_available())
+        local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+        preflight(cfg, on_cuda=torch.cuda.is_available(), ranks_per_host=local_ranks)
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // max(1, int(
         os.environ.get("LOCAL_WORLD_SIZE", world))))))
     torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))

@@ -1,7 +1,7 @@
 """Checks that depend only on the config and the files it names, run once before any rank starts.
 
     cfg = load_config(path, overrides)       # every key's range (dist_train/config.py validate)
-    preflight(cfg, on_cuda=False)             # directories, attention kernel, dataset, tokenizer, resume
+    preflight(cfg, on_cuda=False)             # model size, directories, kernel, dataset, tokenizer, resume
 
 ``dist-train launch`` runs it in the launcher (the ranks it starts skip it: ``PREFLIGHT_ENV``); ``dist-train
 run`` under torchrun/mpiexec runs it in every rank before the process group exists. Each problem is a
@@ -21,15 +21,19 @@ from .checkpoint import manifest as mf
 from .checkpoint.foreign import describe_foreign_tree
 from .checkpoint.storage import CheckpointError
 from .config import Config, ConfigError
+from .cost import memory_model, model_params, rank_inputs
 from .data.integrity import check_indexed_dataset
 from .data.tokenizer import get_tokenizer
+from .dryrun import device_profile
 
 #: set by the launcher in every rank's environment once it has run the preflight for the job
 PREFLIGHT_ENV = "DIST_TRAIN_PREFLIGHT_DONE"
 
 
-def preflight(cfg: Config, on_cuda: bool) -> None:
-    """Raise ConfigError on the first problem (see the module doc); ``on_cuda``: the ranks use CUDA."""
+def preflight(cfg: Config, on_cuda: bool, ranks_per_host: int = 1) -> None:
+    """Raise ConfigError on the first problem (see the module doc); ``on_cuda``: the ranks use CUDA;
+    ``ranks_per_host``: ranks sharing one host's memory (CPU ranks)."""
+    check_model_fits(cfg, on_cuda, ranks_per_host)
     check_writable_dir("run.dir", cfg.run.dir)
     ckpt_key = "checkpoint.dir" if cfg.checkpoint.dir else "run.dir (its checkpoints/)"
     check_writable_dir(ckpt_key, checkpoint_root(cfg))
@@ -40,6 +44,25 @@ def preflight(cfg: Config, on_cuda: bool) -> None:
 
 def checkpoint_root(cfg: Config) -> Path:
     return Path(cfg.checkpoint.dir) if cfg.checkpoint.dir else Path(cfg.run.dir) / "checkpoints"
+
+
+# -- model size -------------------------------------------------------------------------------------
+def check_model_fits(cfg: Config, on_cuda: bool, ranks_per_host: int) -> None:
+    """Refuse a model whose weights, gradients and optimizer state alone — on its most loaded rank, by the
+    cost model (dist_train/cost/memory.py) — exceed the device's memory (CPU: the host's RAM shared by its
+    ranks). Activations are left out on purpose: this catches impossible sizes, not tight ones."""
+    prof, label = device_profile(on_cuda)
+    sh, loc = rank_inputs(cfg, prof)
+    mem = memory_model(cfg, sh, prof, loc)
+    states = mem["weights"] + mem["grads"] + mem["optimizer"] + mem["ddp_buckets"]
+    capacity = prof.memory_bytes / (1 if on_cuda else max(1, ranks_per_host))
+    if states > capacity:
+        p = cfg.parallel
+        where = f"a {label} device" if on_cuda else f"this host's {prof.memory_gib:.0f} GiB shared by {ranks_per_host} rank(s)"
+        raise ConfigError(f"model: {model_params(cfg) / 1e9:,.2f}B parameters need {states / 2**30:,.1f} GiB per rank for "
+                          f"weights, gradients and optimizer state alone (tp={p.tp}, pp={p.pp}, zero_stage="
+                          f"{p.zero_stage}), more than the {capacity / 2**30:,.1f} GiB of {where}; shrink model.* "
+                          "or shard it (parallel.tp, parallel.pp, parallel.zero_stage)")
 
 
 # -- directories ----------------------------------------------------------------------------------

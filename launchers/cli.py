@@ -127,7 +127,7 @@ def launch_main(args: argparse.Namespace) -> int:
     # cluster) may see other files than this one: they run the checks themselves, before their rendezvous.
     ranks_here = backend != "ray" or (nodes == 1 and not (address or os.environ.get("RAY_ADDRESS")))
     if ranks_here:
-        preflight(cfg, on_cuda=gpus > 0)
+        preflight(cfg, on_cuda=gpus > 0, ranks_per_host=max(1, nproc // max(1, nodes)))
     run_dir = Path(cfg.run.dir)
     # the launcher holds the run directory for every attempt; its ranks know it by the token
     with RunLock.acquire(run_dir, role="dist-train launch") as lock:

@@ -128,6 +128,14 @@ def test_unusable_run_and_checkpoint_directories(tmp_path, dataset):
     _refused(_cfg(tmp_path, dataset, run={"dir": "/proc/dist_train_run"}), "not writable")
 
 
+def test_a_model_whose_states_exceed_the_memory_is_refused(tmp_path, dataset):
+    huge = {"d_model": 16384, "n_layers": 400, "n_heads": 128}
+    _refused(_cfg(tmp_path, dataset, model=huge), "model: ", "B parameters need", "GiB per rank for weights",
+             "parallel.tp")
+    with pytest.raises(ConfigError, match="data.eod_id = 300 is outside model.vocab_size = 257"):
+        _cfg(tmp_path, dataset, data={"eod_id": 300})
+
+
 def test_flash_kernel_on_cpu_is_refused(tmp_path, dataset):
     _refused(_cfg(tmp_path, dataset, parallel={"attn_kernel": "flash"}), "parallel.attn_kernel = 'flash' on cpu")
 
