@@ -11,6 +11,7 @@ and what would be valid; the CLI prints it and exits with status 2.
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import math
 import os
 from dataclasses import dataclass, field, fields
@@ -81,6 +82,8 @@ class DataConfig:
     reset_positions: bool = False  # RoPE positions restart at 0 after every EOD
     eod_mask_loss: bool = False  # no loss on the label that follows an EOD (the next document's first token)
     eod_id: Optional[int] = None  # EOD token id (null: the dataset sidecar's, else the tokenizer's)
+    valid_path: Optional[str] = None  # indexed: a held-out dataset prefix (PREFIX.bin/.idx) for validation
+    split: Optional[str] = None  # Megatron --split "train,valid,test" weights of data.path, e.g. "98,2,0"
 
 
 @dataclass
@@ -122,6 +125,9 @@ class TrainConfig:
     on_nonfinite: str = "stop"  # non-finite loss/grad norm: stop (exit 3) | skip (the step is not applied)
     max_nonfinite_steps: int = 3  # skip: this many consecutive skipped steps are tolerated, one more stops
     progress: bool = True
+    trackers: Optional[list] = None  # jsonl | tensorboard | wandb (offline); None: jsonl + tensorboard if installed
+    eval_every: int = 0  # validation loss every N steps (and at the last step); 0: off
+    eval_steps: int = 4  # validation batches (global_batch samples each) per evaluation
 
 
 #: train.loss_chunk = auto: one chunk's fp32 logits [chunk, V_local] stay within this many bytes
@@ -483,6 +489,8 @@ _BOUNDS: dict[str, Bound] = {
     "train.peak_tflops": Bound(0, lo_open=True, hi_open=True, null="CUDA table or CPU calibration"),
     "train.exit_interval": _NONNEG,  # 0: off
     "train.max_nonfinite_steps": _POS,
+    "train.eval_every": _NONNEG,  # 0: off
+    "train.eval_steps": _POS,
     "checkpoint.every": _NONNEG,  # 0: only at the end
     "checkpoint.keep_last": _POS,
     "launch.nproc": _POS,
@@ -596,9 +604,68 @@ def _validate_train(cfg: Config) -> None:
             f"train.global_batch = {t.global_batch} is not a multiple of micro_batch * dp = "
             f"{t.micro_batch} * {p.dp} = {t.micro_batch * p.dp}; e.g. global_batch = "
             f"{max(1, round(t.global_batch / (t.micro_batch * p.dp))) * t.micro_batch * p.dp}")
+    _validate_trackers(t.trackers)
+    _validate_validation(cfg)
     if t.on_nonfinite == "skip" and p.zero_stage is not None:
         raise ConfigError(f"train.on_nonfinite = skip with parallel.zero_stage = {p.zero_stage}: DeepSpeed applies "
                           "its optimizer step itself; use on_nonfinite: stop (or zero_stage: null)")
+
+
+TRACKERS = ("jsonl", "tensorboard", "wandb")
+#: the Python package each tracker needs (jsonl: none)
+TRACKER_PACKAGES = {"jsonl": None, "tensorboard": "tensorboard", "wandb": "wandb"}
+
+
+def default_trackers() -> list[str]:
+    """``train.trackers: null``: metrics.jsonl, plus TensorBoard event files when tensorboard is installed."""
+    return ["jsonl"] + (["tensorboard"] if importlib.util.find_spec("tensorboard") is not None else [])
+
+
+def _validate_trackers(trackers: Any) -> None:
+    if trackers is None:
+        return
+    if not isinstance(trackers, list) or any(t not in TRACKERS for t in trackers) or len(set(trackers)) != len(trackers):
+        raise ConfigError(f"train.trackers = {trackers!r}: expected a list of distinct names from "
+                          f"{', '.join(TRACKERS)} (or null: jsonl + tensorboard when installed)")
+    for t in trackers:
+        pkg = TRACKER_PACKAGES[t]
+        if pkg is not None and importlib.util.find_spec(pkg) is None:
+            raise ConfigError(f"train.trackers: {t} is configured but the {pkg} package is not installed "
+                              f"(pip install {pkg}, or remove {t} from train.trackers)")
+
+
+def parse_split(split: str) -> tuple[float, float, float]:
+    """Megatron's ``--split``: "98,2,0" (or "98,2", "0.9,0.1") -> normalised (train, valid, test) fractions."""
+    try:
+        w = [float(x) for x in str(split).replace("/", ",").split(",")]
+    except ValueError:
+        w = []
+    if not 1 <= len(w) <= 3 or any(not math.isfinite(x) or x < 0 for x in w) or sum(w) <= 0:
+        raise ConfigError(f"data.split = {split!r}: expected train,valid[,test] weights >= 0, e.g. \"98,2,0\"")
+    w += [0.0] * (3 - len(w))
+    return (w[0] / sum(w), w[1] / sum(w), w[2] / sum(w))
+
+
+def _validate_validation(cfg: Config) -> None:
+    d, t = cfg.data, cfg.train
+    if d.valid_path is not None:
+        _check_text("data.valid_path", d.valid_path, "a dataset prefix or null")
+        if d.source != "indexed":
+            raise ConfigError(f"data.valid_path is set with data.source = {d.source}: a held-out dataset file is "
+                              "read by the indexed source; use data.split for weather, nothing for synthetic")
+    if d.split is not None:
+        if d.source == "synthetic":
+            raise ConfigError("data.split with data.source = synthetic: synthetic data validates on a held-out "
+                              "seed; remove data.split")
+        train_frac, valid_frac, _ = parse_split(d.split)
+        if train_frac <= 0:
+            raise ConfigError(f"data.split = {d.split!r}: the training share is 0")
+        if t.eval_every and d.valid_path is None and valid_frac <= 0:
+            raise ConfigError(f"data.split = {d.split!r} has no validation share but train.eval_every = "
+                              f"{t.eval_every}: give it one, e.g. \"98,2,0\"")
+    if t.eval_every and d.source != "synthetic" and d.valid_path is None and d.split is None:
+        raise ConfigError(f"train.eval_every = {t.eval_every} needs held-out data: set data.valid_path (an indexed "
+                          "dataset prefix) or data.split (e.g. \"98,2,0\")")
 
 
 def _validate_checkpoint(cfg: Config) -> None:

@@ -30,10 +30,12 @@ from .engines.ddp import all_reduce_sum
 from .lifecycle import TrainingDiverged
 from .logs import get_logger, setup_logging
 from .mesh import Mesh, build_mesh
+from .evaluation import Evaluator
+from .metrics import HonestPeak, device_peak, format_metrics, peak_memory_bytes
 from .optim import apply_changed_hyperparameters
-from .metrics import MetricsWriter, device_peak_tflops, format_metrics, peak_memory_bytes
 from .rankstats import RankStats
 from .runlock import hold_run_dir
+from .trackers import build_trackers
 
 
 @dataclass
@@ -72,20 +74,24 @@ def build_model(cfg: Config, mesh: Mesh, device: torch.device) -> torch.nn.Modul
     return build_swin(cfg.model, wp_group=mesh.wp_group, grid=cfg.wp_grid, cp_group=mesh.cp_group).to(device)
 
 
-def build_batcher(cfg: Config, mesh: Mesh, model: torch.nn.Module):
+def build_batcher(cfg: Config, mesh: Mesh, model: torch.nn.Module, part: str = "train"):
+    """Per-rank micro-batches of the training data (``part = "train"``) or of the held-out validation data
+    (``"valid"``: data.valid_path, the data.split share, or synthetic data under a held-out seed)."""
     d = cfg.data
     if cfg.model.kind == "swin":
         if d.source != "weather":
             raise ValueError(f"data.source = {d.source!r}: model.kind = swin trains on data.source = weather")
         from .data.image_batches import WeatherBatcher
 
-        return WeatherBatcher(cfg, mesh, model)
+        return WeatherBatcher(cfg, mesh, model, part)
     from .data.batches import TokenBatcher
-    from .data.datasets import IndexedTokenDataset, SyntheticTokenDataset
+    from .data.datasets import (SYNTHETIC_VALID_SEED_OFFSET, IndexedTokenDataset, SyntheticTokenDataset,
+                                indexed_split_part)
     from .data.documents import document_options
 
     if d.source == "synthetic":
-        source = SyntheticTokenDataset(cfg.model.vocab_size, d.seq_len, cfg.run.seed)
+        seed = cfg.run.seed + (SYNTHETIC_VALID_SEED_OFFSET if part == "valid" else 0)
+        source = SyntheticTokenDataset(cfg.model.vocab_size, d.seq_len, seed)
     elif d.source == "indexed":
         if not d.path:
             raise ValueError("data.path is not set: give the prefix of a Megatron indexed dataset "
@@ -96,7 +102,10 @@ def build_batcher(cfg: Config, mesh: Mesh, model: torch.nn.Module):
             ensure_prepared(d.path, d.prepare, d.tokenizer)
         if dist.is_initialized():
             dist.barrier()
-        source = IndexedTokenDataset(d.path, d.seq_len, cfg.run.seed)
+        if part == "valid" and d.valid_path:
+            source = IndexedTokenDataset(d.valid_path, d.seq_len, cfg.run.seed)
+        else:
+            source = indexed_split_part(d.path, d.seq_len, cfg.run.seed, d.split, part)
     else:
         raise ValueError(f"data.source = {d.source!r} needs model.kind = swin")
     return TokenBatcher(source, micro_batch=cfg.train.micro_batch, dp=mesh.size("dp"), dp_rank=mesh.coord("dp"),
@@ -205,27 +214,39 @@ def _train(cfg: Config, ctx: DistContext) -> TrainResult:
     result = TrainResult(start_step=start_step)
     lifecycle = Lifecycle(run_dir, ctx.rank, watchdog_s=cfg.launch.watchdog_s)
 
-    def save_state(step_done: int, force: bool) -> None:
+    def save_state(step_done: int, force: bool) -> bool:
+        """Save (``force``) or save when checkpoint.every says so; True when a checkpoint was written."""
         state = {"step": step_done, "consumed_samples": consumed}
         if force:
-            ckpt.save(step_done, engine.module, engine.optimizer, engine.scheduler, extra=state)
-        else:
-            ckpt.maybe_save(step_done, engine.module, engine.optimizer, engine.scheduler, extra=state)
+            return ckpt.save(step_done, engine.module, engine.optimizer, engine.scheduler, extra=state)
+        return ckpt.maybe_save(step_done, engine.module, engine.optimizer, engine.scheduler, extra=state)
 
-    peak = device_peak_tflops(ctx.device, t.peak_tflops)
+    # MFU's denominator, with where it comes from; HonestPeak fixes it (and says so) if a step beats it
+    honest = HonestPeak(device_peak(ctx.device, t.peak_tflops, autocast_dtype(cfg, ctx.device)), ctx.device,
+                        configured=bool(t.peak_tflops))
     tokens_sample = cfg.data.seq_len if cfg.model.kind == "gpt" else batcher.tokens_per_sample
     thr = Throughput(train_flops_per_token(cfg) * tokens_sample * t.global_batch, t.global_batch * tokens_sample,
-                     ctx.world_size, peak)
+                     ctx.world_size, honest.peak.tflops)
     packed = cfg.model.kind == "gpt" and cfg.data.document_mask
     if packed:     # FLOPs/MFU count each step's Σ Lᵢ·S_eff(Lᵢ) attention term (docs/metrics.md)
         sh = shape_of(cfg)
         thr.flops_per_key, thr.keys_per_query = attention_flops_per_key(sh), sh.keys_per_query
     step_keys: list[float] = []   # packed: S_eff of each step
-    writer = MetricsWriter(run_dir / "metrics.jsonl" if ctx.is_main else None)
+    evaluator = Evaluator(cfg, mesh, build_batcher(cfg, mesh, model, part="valid")) if t.eval_every else None
+    trackers = build_trackers(cfg, run_dir, start_step, ctx.is_main)
+    valid_loss: Optional[float] = None
     if ctx.is_main:
         log.info(f"model {cfg.model.kind}: {n_params / 1e6:.2f}M params | global batch {t.global_batch} = "
                  f"micro {t.micro_batch} x accum {accum} x dp {mesh.size('dp')} | steps {t.steps} | "
-                 f"FLOPs/token convention: {FLOP_CONVENTION} | device peak {peak:.3f} TFLOP/s")
+                 f"FLOPs/token convention: {FLOP_CONVENTION} | device peak {honest.peak.tflops:.4g} TFLOP/s "
+                 f"({honest.peak.source})")
+
+    def honest_mfu(step_done: int, achieved_tflops: float) -> None:
+        """Rank 0: an MFU above 100% fixes the peak (HonestPeak) and warns once."""
+        warning = honest.check(step_done, achieved_tflops) if ctx.is_main else None
+        thr.peak_tflops = honest.peak.tflops
+        if warning:
+            log.warning(warning)
 
     bar = None
     # a bar only where a person watches: a terminal here, or one behind the launcher (DIST_TRAIN_TTY=1)
@@ -267,24 +288,33 @@ def _train(cfg: Config, ctx: DistContext) -> TrainResult:
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss:.3f}")
             lifecycle.heartbeat(step + 1)
-            save_state(step + 1, force=False)
+            saved = save_state(step + 1, force=False)
             stop = _stop_reason(t, step + 1, start_step, lifecycle)
             if stop:
-                save_state(step + 1, force=True)
+                saved = save_state(step + 1, force=True) or saved
                 if stop == "preempted":
                     result.exit_code = EXIT_PREEMPTED
                     log.warning(f"preempted (signal {lifecycle.signalled}) after step {step + 1}: checkpoint "
                                 f"saved, exiting with resumable status {EXIT_PREEMPTED}")
                 else:
                     log.info(f"exit_interval {t.exit_interval}: checkpoint saved after step {step + 1}, exiting")
-            if (step + 1) % t.log_every == 0 or step + 1 == t.steps or stop:
-                rec = {"step": step + 1, "loss": loss, "lr": lr, "grad_norm": grad_norm,
-                       **thr.metrics(dt, step_keys[-1] if packed else None),
+            valid = evaluator.run(engine) if evaluator is not None and evaluator.due(step + 1) else None
+            if (step + 1) % t.log_every == 0 or step + 1 == t.steps or stop or valid or saved:
+                keys = step_keys[-1] if packed else None
+                honest_mfu(step + 1, thr.tflops_per_device(dt, keys))
+                rec = {"step": step + 1, "loss": loss, "lr": lr, "grad_norm": grad_norm, **thr.metrics(dt, keys),
                        "step_time_s": dt, "peak_mem_bytes": peak_memory_bytes(ctx.device),
                        "consumed_samples": consumed}
-                writer.write(rec)
+                if valid:
+                    valid_loss = valid[0]
+                    rec.update(valid_loss=valid[0], valid_count=valid[1])
+                if saved:
+                    rec["checkpoint_save_s"] = ckpt.last_stall_s
+                trackers.log(step + 1, rec)
                 if ctx.is_main:
                     log.info(format_metrics(rec, t.steps))
+            if saved:
+                trackers.flush()  # what a checkpoint keeps, the curves show
             if stop:
                 break
         finished = start_step + len(result.losses) == t.steps
@@ -297,11 +327,14 @@ def _train(cfg: Config, ctx: DistContext) -> TrainResult:
             lifecycle.close()
         if bar is not None:
             bar.close()
-        writer.close()
+        trackers.close()
 
     rank_stats.finish(peak_memory_bytes(ctx.device))
     timed = step_times[1:] if len(step_times) > 1 else step_times
     med = float(np.median(timed)) if timed else float("nan")
+    if timed:
+        honest_mfu(start_step + len(result.losses),
+                   thr.tflops_per_device(med, float(np.mean(step_keys)) if packed else None))
     result.summary = {
         "name": cfg.run.name, "steps": start_step + len(result.losses), "start_step": start_step,
         "exit_code": result.exit_code, "world_size": ctx.world_size,
@@ -310,7 +343,9 @@ def _train(cfg: Config, ctx: DistContext) -> TrainResult:
         "final_loss": result.losses[-1] if result.losses else None,
         "median_step_time_s": med, **(thr.metrics(med, float(np.mean(step_keys)) if packed else None) if timed else
                                       {"tokens_per_s": None, "tflops_per_device": None, "mfu": None}),
-        "flop_convention": FLOP_CONVENTION, "device_peak_tflops": peak,
+        "valid_loss": valid_loss,
+        "flop_convention": FLOP_CONVENTION, "device_peak_tflops": honest.peak.tflops,
+        "device_peak_source": honest.peak.source, "mfu_peak_warning": honest.warning,
         "peak_mem_bytes": peak_memory_bytes(ctx.device),
     }
     if ctx.is_main:

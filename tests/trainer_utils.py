@@ -10,7 +10,7 @@ def tiny_gpt_config(run_dir, steps: int = 5, **sections) -> "Config":
         "model": {"kind": "gpt", "d_model": 32, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "vocab_size": 64},
         "data": {"source": "synthetic", "seq_len": 32},
         "train": {"steps": steps, "global_batch": 4, "micro_batch": 2, "lr": 1e-2, "warmup_steps": 2,
-                  "log_every": 1, "progress": False},
+                  "log_every": 1, "progress": False, "trackers": ["jsonl"]},
         "checkpoint": {"every": 0, "at_end": False},
     }
     return _with_sections(base, sections)
@@ -34,7 +34,7 @@ def tiny_swin_config(run_dir, data_dir, steps: int = 5, **sections) -> "Config":
                   "window": 4, "in_channels": 2, "out_channels": 2, "wrap": [False, True]},
         "data": {"source": "weather", "path": str(data_dir), "image": [10, 16], "channels": 2, "steps": 12},
         "train": {"steps": steps, "global_batch": 2, "micro_batch": 1, "lr": 3e-3, "warmup_steps": 1,
-                  "log_every": 1, "progress": False},
+                  "log_every": 1, "progress": False, "trackers": ["jsonl"]},
         "checkpoint": {"every": 0, "at_end": False},
     }
     return _with_sections(base, sections)

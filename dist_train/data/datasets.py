@@ -8,10 +8,12 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import torch
 
+from ..config import parse_split
 from .integrity import check_bin_size, read_index
 
 
@@ -26,10 +28,28 @@ def megatron_indexed_dataset():
     return indexed_dataset
 
 
-class IndexedTokenDataset:
-    """A Megatron indexed dataset (PREFIX.bin/.idx) read as one memory-mapped token stream."""
+def split_ranges(n: int, fractions: tuple[float, float, float]) -> list[tuple[int, int]]:
+    """Megatron's ``--split``: [lo, hi) sample ranges of (train, valid, test) out of ``n``, contiguous and in
+    that order, sizes rounded from the cumulative fractions so they add up to ``n``."""
+    bounds, acc = [0], 0.0
+    for f in fractions:
+        acc += f
+        bounds.append(min(n, int(round(acc * n))))
+    bounds[-1] = n
+    return [(bounds[i], bounds[i + 1]) for i in range(3)]
 
-    def __init__(self, prefix: str, seq_len: int, seed: int):
+
+#: synthetic data validates on a held-out stream: the same generator under run.seed + this offset
+SYNTHETIC_VALID_SEED_OFFSET = 1_000_003
+
+
+class IndexedTokenDataset:
+    """A Megatron indexed dataset (PREFIX.bin/.idx) read as one memory-mapped token stream.
+
+    ``chunks = (lo, hi)``: only samples lo..hi-1 of the stream (a ``data.split`` part: training and
+    validation never share a token); default all of them."""
+
+    def __init__(self, prefix: str, seq_len: int, seed: int, chunks: Optional[tuple[int, int]] = None):
         if not Path(f"{prefix}.idx").is_file() or not Path(f"{prefix}.bin").is_file():
             raise ValueError(f"data.path = {prefix}: {prefix}.bin/.idx not found")
         index = read_index(prefix)  # one-line errors for a truncated or foreign .idx
@@ -38,10 +58,15 @@ class IndexedTokenDataset:
         self.tokens = np.memmap(f"{prefix}.bin", dtype=index.dtype, mode="r")
         self.seq_len = seq_len
         self.seed = seed
-        self.num_chunks = (len(self.tokens) - 1) // seq_len
-        if self.num_chunks < 1:
+        total = (len(self.tokens) - 1) // seq_len
+        if total < 1:
             raise ValueError(f"data.path = {prefix}: {len(self.tokens)} tokens is fewer than data.seq_len + 1 = "
                              f"{seq_len + 1}")
+        self.first, end = chunks if chunks is not None else (0, total)
+        self.num_chunks = end - self.first
+        if self.num_chunks < 1:
+            raise ValueError(f"data.split: the part [{self.first}, {end}) of the {total} samples of {prefix} "
+                             f"(data.seq_len = {seq_len}) is empty; give it a larger share")
 
     @lru_cache(maxsize=4)
     def _order(self, epoch: int) -> np.ndarray:
@@ -49,8 +74,17 @@ class IndexedTokenDataset:
 
     def __getitem__(self, global_index: int) -> torch.Tensor:
         epoch, j = divmod(int(global_index), self.num_chunks)
-        start = int(self._order(epoch)[j]) * self.seq_len
+        start = (self.first + int(self._order(epoch)[j])) * self.seq_len
         return torch.from_numpy(self.tokens[start:start + self.seq_len + 1].astype(np.int64))
+
+
+def indexed_split_part(prefix: str, seq_len: int, seed: int, split: Optional[str], part: str) -> IndexedTokenDataset:
+    """The "train" or "valid" share of ``prefix`` under ``data.split`` (the whole dataset when split is None)."""
+    whole = IndexedTokenDataset(prefix, seq_len, seed)
+    if split is None:
+        return whole
+    lo, hi = split_ranges(whole.num_chunks, parse_split(split))[{"train": 0, "valid": 1}[part]]
+    return IndexedTokenDataset(prefix, seq_len, seed, (lo, hi))
 
 
 class SyntheticTokenDataset:

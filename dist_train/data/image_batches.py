@@ -20,13 +20,17 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from ..config import parse_split
 from .batches import micro_batch_ids
+from .datasets import split_ranges
 
 
 class WeatherBatcher:
     """``microbatch(consumed, m) -> {"x": [mb, h, w, C], "y": ..., "image_size": [2], "count": []}``."""
 
-    def __init__(self, cfg, mesh, model):
+    def __init__(self, cfg, mesh, model, part: str = "train"):
+        """``part``: "train" or "valid" — the ``data.split`` share of the time steps read (all of them for
+        training when no split is set)."""
         from .weather import WeatherDataset, prepare_weather
 
         d = cfg.data
@@ -45,6 +49,12 @@ class WeatherBatcher:
             raise ValueError(f"data.path = {d.path} holds {self.ds.image_size} x {self.ds.channels} fields, "
                              f"but data.image = {d.image}, data.channels = {d.channels}")
         self.mean, self.scale = self._field_stats()
+        parts = split_ranges(len(self.ds), parse_split(d.split)) if d.split else [(0, len(self.ds))] * 2
+        self.first, end = parts[{"train": 0, "valid": 1}[part]]
+        self.num_samples = end - self.first
+        if self.num_samples < 1:
+            raise ValueError(f"data.split = {d.split!r}: the {part} share of the {len(self.ds)} weather samples is "
+                             "empty; give it a larger share (or more data.steps)")
         self.rows, self.cols = model.tile_slices(self.ds.image_size)
         self.mb, self.dp, self.dp_rank, self.seed = cfg.train.micro_batch, mesh.size("dp"), mesh.coord("dp"), cfg.run.seed
         p = cfg.model.patch_size
@@ -60,11 +70,11 @@ class WeatherBatcher:
 
     @lru_cache(maxsize=4)
     def _order(self, epoch: int) -> np.ndarray:
-        return np.random.default_rng([self.seed, epoch]).permutation(len(self.ds))
+        return np.random.default_rng([self.seed, epoch]).permutation(self.num_samples)
 
     def _time_index(self, global_index: int) -> int:
-        epoch, j = divmod(global_index, len(self.ds))
-        return int(self._order(epoch)[j])
+        epoch, j = divmod(global_index, self.num_samples)
+        return self.first + int(self._order(epoch)[j])
 
     def microbatch(self, consumed: int, micro: int) -> dict[str, torch.Tensor]:
         ids = [self._time_index(i) for i in micro_batch_ids(consumed, micro, self.mb, self.dp, self.dp_rank)]

@@ -74,6 +74,18 @@ class DDPEngine:
         grad_norm = self.step(loss)
         return loss, grad_norm
 
+    def eval_loss_sum(self, micro: list[dict]) -> float:
+        """Forward only (no gradients, weights untouched) over this rank's micro-batches -> the loss sum of
+        the whole global batch (all-reduced over the grad group), for validation."""
+        device = next(self.module.parameters()).device
+        loss_sum = torch.zeros(1, dtype=torch.float64)
+        with torch.no_grad(), self._autocast():
+            for batch in micro:
+                batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+                loss_sum += self.module(batch)[0].double().cpu()
+        all_reduce_sum(loss_sum, self.mesh.grad_group)
+        return float(loss_sum.item())
+
     def step(self, loss: float = 0.0) -> float:
         """Clip, step, zero grads, advance the LR schedule; returns the pre-clip gradient norm. When the loss
         or the norm is not finite on any rank, nothing is applied (``last_step_skipped``): the weights,

@@ -158,6 +158,18 @@ class DeepSpeedEngine:
         all_reduce_sum(loss_sum, self.mesh.grad_group)
         return float(loss_sum.item()) / global_count, float(norm)
 
+    def eval_loss_sum(self, micro: list[dict]) -> float:
+        """Forward only through the DeepSpeed engine (ZeRO-3 gathers its partitions as in training) -> the
+        loss sum of the whole global batch, for validation."""
+        device = self.engine.device
+        loss_sum = torch.zeros(1, dtype=torch.float64)
+        with torch.no_grad():
+            for batch in micro:
+                batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+                loss_sum += self.engine(batch)[0].double().cpu()
+        all_reduce_sum(loss_sum, self.mesh.grad_group)
+        return float(loss_sum.item())
+
     @property
     def lr(self) -> float:
         return self.optimizer.param_groups[0]["lr"]

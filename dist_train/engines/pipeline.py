@@ -86,9 +86,10 @@ class PipelineEngine:
         return torch.autocast(self.device.type, dtype=self.autocast_dtype)
 
     # -- step ------------------------------------------------------------------------------------
-    def train_step(self, micro: list[dict], global_count: float) -> tuple[float, float]:
-        """Runs this rank's local batch (all accumulation micro-batches concatenated) through the schedule
-        as ``parallel.microbatches`` pipeline micro-batches (default: the accumulation count)."""
+    def _run_schedule(self, micro: list[dict], inv_count: float, forward_only: bool) -> torch.Tensor:
+        """This rank's local batch (all accumulation micro-batches concatenated) through the schedule as
+        ``parallel.microbatches`` pipeline micro-batches (default: the accumulation count) -> the loss sum
+        of this rank's micro-batches (zero off the last stage). ``forward_only``: the schedule's eval pass."""
         positions = micro[0]["positions"]
         if any(not torch.equal(b["positions"], positions) for b in micro):
             raise ValueError("pipeline engine: every micro-batch must share one positions vector")
@@ -102,17 +103,23 @@ class PipelineEngine:
             self._schedule, self._n_micro = self._build_schedule(n_micro), n_micro
         for sm in self.stage_modules:
             sm.positions = positions.to(self.device)
-        self._inv_count = 1.0 / global_count
+        self._inv_count = inv_count
         self._loss_sums = []
         first = any(sm.stage.first for sm in self.stage_modules)
         last = any(sm.stage.last for sm in self.stage_modules)
-        with self._autocast():
-            self._schedule.step(*((tokens,) if first else ()), target=labels if last else None)
+        run = self._schedule.eval if forward_only else self._schedule.step
+        with self._autocast(), (torch.no_grad() if forward_only else contextlib.nullcontext()):
+            run(*((tokens,) if first else ()), target=labels if last else None)
         loss_sum = torch.zeros(1, dtype=torch.float64)
         if last:
             # the schedule's first step also calls the loss function once for metadata inference (on
             # placeholder tensors); the real micro-batches are always the last n_micro calls
             loss_sum += torch.stack(self._loss_sums[-n_micro:]).sum()
+        return loss_sum
+
+    def train_step(self, micro: list[dict], global_count: float) -> tuple[float, float]:
+        """One optimizer step over this rank's micro-batches -> (global mean loss, pre-clip grad norm)."""
+        loss_sum = self._run_schedule(micro, 1.0 / global_count, forward_only=False)
         params = [p for p in self.module.parameters() if p.requires_grad]
         all_reduce_grads_(params, self.mesh.grad_group)
         norm = global_grad_norm(params, self.mesh.tp_group, self.mesh.pp_group)
@@ -127,6 +134,14 @@ class PipelineEngine:
             self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         return loss, norm
+
+    def eval_loss_sum(self, micro: list[dict]) -> float:
+        """Forward only through the pipeline (the schedule's eval pass, no gradients) -> the loss sum of the
+        whole global batch (summed over pp, where only the last stage holds it, then the grad group)."""
+        loss_sum = self._run_schedule(micro, 1.0, forward_only=True)
+        all_reduce_sum(loss_sum, self.mesh.pp_group)
+        all_reduce_sum(loss_sum, self.mesh.grad_group)
+        return float(loss_sum.item())
 
     def checkpoint_kwargs(self) -> dict:
         """Extra CheckpointManager arguments: stages hold disjoint global names (``layers.<i>``) and merge by

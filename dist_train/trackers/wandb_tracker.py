@@ -1,0 +1,42 @@
+"""Weights & Biases, offline by default: files under ``run_dir/wandb`` (``wandb sync`` uploads them later).
+
+No network call unless the user asked for one (``WANDB_MODE=online``); the run id is kept in
+``run_dir/wandb_run_id`` so a resumed run appends to the same W&B run.
+"""
+from __future__ import annotations
+
+import os
+import uuid
+from pathlib import Path
+
+import wandb
+
+from ..config import Config
+from . import scalars
+
+
+class WandbTracker:
+    def __init__(self, cfg: Config, run_dir: Path):
+        id_file = run_dir / "wandb_run_id"
+        run_id = id_file.read_text().strip() if id_file.is_file() else uuid.uuid4().hex[:16]
+        id_file.write_text(run_id + "\n")
+        self.run = wandb.init(project=os.environ.get("WANDB_PROJECT", "dist-train"), name=cfg.run.name, id=run_id,
+                              dir=str(run_dir), resume="allow", config=cfg.to_dict(),
+                              mode=os.environ.get("WANDB_MODE", "offline"))
+        self._last = -1
+
+    def log(self, step: int, record: dict) -> None:
+        if step <= self._last and step <= self.run.step:
+            return  # W&B steps only grow; a resumed run starts logging after its checkpoint
+        self.run.log(scalars(record), step=step)
+        self._last = step
+
+    def flush(self) -> None:
+        """W&B writes each ``log`` call through its own process; nothing is buffered here."""
+
+    def close(self) -> None:
+        self.run.finish()
+
+
+def open_tracker(cfg: Config, run_dir: Path, start_step: int) -> WandbTracker:
+    return WandbTracker(cfg, run_dir)
