@@ -23,6 +23,8 @@ venv: $(STAMP)
 
 demo: $(STAMP)
 	$(VENV)/bin/dist-train launch configs/demo.yaml
+	$(VENV)/bin/dist-train plot runs/demo --out runs/demo/curves.png --extra tokens_per_s mfu memory
+	@echo "curves: runs/demo/curves.png | TensorBoard: $(VENV)/bin/tensorboard --logdir runs/"
 
 test: $(STAMP)
 	$(PY) -m pytest -q

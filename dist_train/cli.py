@@ -138,6 +138,7 @@ _HELP = {
     "submit": "write (and submit) a Slurm/PBS batch script",
     "plan": "predict memory and speed per layout and rank the layouts",
     "scale": "run a scaling sweep and report efficiency with plots",
+    "plot": "plot loss and validation loss (and tokens/s, MFU, memory) of runs against step and tokens",
 }
 _COMMANDS: dict[str, Callable] = {
     "launch": _module_command("launchers.cli", "add_launch_arguments", "launch_main"),
@@ -148,6 +149,7 @@ _COMMANDS: dict[str, Callable] = {
     "submit": _module_command("launchers.cli", "add_submit_arguments", "submit_main"),
     "plan": _module_command("dist_train.plan.cli", "add_plan_arguments", "plan_main"),
     "scale": _module_command("dist_train.plan.cli", "add_scale_arguments", "scale_main"),
+    "plot": _module_command("dist_train.plot", "add_arguments", "run"),
 }
 
 

@@ -23,13 +23,11 @@ class WandbTracker:
         self.run = wandb.init(project=os.environ.get("WANDB_PROJECT", "dist-train"), name=cfg.run.name, id=run_id,
                               dir=str(run_dir), resume="allow", config=cfg.to_dict(),
                               mode=os.environ.get("WANDB_MODE", "offline"))
-        self._last = -1
 
     def log(self, step: int, record: dict) -> None:
-        if step <= self._last and step <= self.run.step:
-            return  # W&B steps only grow; a resumed run starts logging after its checkpoint
+        # W&B keeps steps increasing: a resumed run's steps up to what the earlier attempt logged are
+        # dropped by W&B itself (with its warning), the rest continue the same run's curves
         self.run.log(scalars(record), step=step)
-        self._last = step
 
     def flush(self) -> None:
         """W&B writes each ``log`` call through its own process; nothing is buffered here."""

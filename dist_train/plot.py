@@ -1,0 +1,141 @@
+"""``dist-train plot RUN_DIR [RUN_DIR ...] --out FILE.png``: training curves without any tool.
+
+Loss (solid) and validation loss (dashed, markers) of every run against the optimizer step (left) and
+against the tokens trained on (right), one colour per run, labelled by run name; optionally throughput,
+MFU and peak memory below. Reads each run's ``metrics.jsonl`` and ``config.yaml`` (tokens per sample).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only: no display on a training node
+import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first)
+from matplotlib.ticker import EngFormatter, FuncFormatter, MaxNLocator  # noqa: E402
+
+from .cli import examples  # noqa: E402
+from .config import load_config  # noqa: E402
+
+#: --extra name -> (metrics.jsonl key, y label, scale)
+EXTRAS = {"tokens_per_s": ("tokens_per_s", "tokens/s", 1.0), "mfu": ("mfu", "MFU (%)", 100.0),
+          "memory": ("peak_mem_bytes", "peak memory (GiB)", 1.0 / 2 ** 30)}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.epilog = examples("dist-train plot runs/demo --out runs/demo/curves.png",
+                             "dist-train plot runs/dp2 runs/cp2 --out compare.png --extra tokens_per_s mfu memory")
+    parser.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run directories (holding metrics.jsonl)")
+    parser.add_argument("--out", required=True, metavar="FILE.png", help="the PNG to write")
+    parser.add_argument("--extra", nargs="*", default=[], choices=sorted(EXTRAS),
+                        help="more panels below the loss: tokens_per_s, mfu, memory")
+
+
+def load_run(run_dir: Path) -> dict:
+    """{"name", "records", "tokens_per_sample"} of one run directory."""
+    metrics = run_dir / "metrics.jsonl"
+    if not metrics.is_file():
+        raise FileNotFoundError(f"{metrics} not found: is {run_dir} a run directory (run.dir of a config)?")
+    records = []
+    for line in metrics.read_text().splitlines():
+        try:
+            records.append(json.loads(line))
+        except ValueError:
+            continue  # a torn last line of a killed run
+    if not records:
+        raise ValueError(f"{metrics} holds no step record yet")
+    name, tokens = run_dir.name, None
+    if (run_dir / "config.yaml").is_file():
+        cfg = load_config(run_dir / "config.yaml")
+        name = cfg.run.name
+        if cfg.model.kind == "gpt":
+            tokens = cfg.data.seq_len
+        elif cfg.data.image:
+            tokens = (cfg.data.image[0] // cfg.model.patch_size) * (cfg.data.image[1] // cfg.model.patch_size)
+    return {"name": name, "records": records, "tokens_per_sample": tokens}
+
+
+def _labels(runs: list[dict], dirs: list[Path]) -> list[str]:
+    names = [r["name"] for r in runs]
+    # two runs of one config share a name: tell them apart by directory
+    return [n if names.count(n) == 1 else f"{n} ({d})" for n, d in zip(names, dirs)]
+
+
+def plot_runs(run_dirs: list[Path], out: Path, extras: list[str]) -> dict:
+    """Write the figure; returns {"panels": {title: number of plotted series}, "runs": labels}."""
+    runs = [load_run(Path(d)) for d in run_dirs]
+    labels = _labels(runs, [Path(d) for d in run_dirs])
+    rows = 1 + len(extras)
+    fig, axes = plt.subplots(rows, 2, figsize=(13, 3.6 * rows + 0.6), squeeze=False)
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    series: dict = {}
+    with_tokens = [r for r in runs if r["tokens_per_sample"]]
+    for col, xkey in enumerate(("step", "tokens")):
+        for row, panel in enumerate(["loss"] + list(extras)):
+            ax = axes[row][col]
+            n = 0
+            for i, (run, label) in enumerate(zip(runs, labels)):
+                if xkey == "tokens" and not run["tokens_per_sample"]:
+                    continue
+                c = colours[i % len(colours)]
+
+                def xs(recs):
+                    return [r["step"] if xkey == "step" else r["consumed_samples"] * run["tokens_per_sample"]
+                            for r in recs]
+                recs = run["records"]
+                if panel == "loss":
+                    ax.plot(xs(recs), [r["loss"] for r in recs], color=c, lw=1.4, label=f"{label} train")
+                    valid = [r for r in recs if r.get("valid_loss") is not None]
+                    n += 1
+                    if valid:
+                        ax.plot(xs(valid), [r["valid_loss"] for r in valid], color=c, lw=1.4, ls="--", marker="o",
+                                ms=4, label=f"{label} valid")
+                        n += 1
+                else:
+                    key, _, scale = EXTRAS[panel]
+                    pts = [r for r in recs if r.get(key) is not None]
+                    ax.plot(xs(pts), [r[key] * scale for r in pts], color=c, lw=1.2, label=label)
+                    n += 1
+            title = "loss" if panel == "loss" else EXTRAS[panel][1]
+            series[f"{title} vs {xkey}"] = n
+            ax.set_ylabel("loss (train solid, validation dashed)" if panel == "loss" else EXTRAS[panel][1])
+            ax.set_xlabel("optimizer step" if xkey == "step" else "tokens trained on")
+            if xkey == "tokens":
+                ax.xaxis.set_major_formatter(EngFormatter())
+            else:
+                ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+            if panel == "loss":
+                ys = [r["loss"] for run in runs for r in run["records"]] + [
+                    r["valid_loss"] for run in runs for r in run["records"] if r.get("valid_loss") is not None]
+                if ys and min(ys) > 0 and max(ys) / min(ys) > 3:
+                    ax.set_yscale("log")  # early loss drops by orders of magnitude; the tail stays readable
+                    plain = FuncFormatter(lambda v, _: f"{v:g}")  # 2, 3, 4 rather than 2x10^0
+                    ax.yaxis.set_major_formatter(plain)
+                    ax.yaxis.set_minor_formatter(plain)
+            if panel == "tokens_per_s":
+                ax.yaxis.set_major_formatter(EngFormatter())
+            ax.grid(True, alpha=0.3)
+            if n and (row == 0 or len(runs) > 1):
+                ax.legend(fontsize=8)
+            if xkey == "tokens" and not with_tokens:
+                ax.text(0.5, 0.5, "no config.yaml: tokens per sample unknown", ha="center", transform=ax.transAxes)
+    axes[0][0].set_title("against optimizer steps")
+    axes[0][1].set_title("against tokens")
+    fig.suptitle(", ".join(labels))
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return {"panels": series, "runs": labels}
+
+
+def run(args: argparse.Namespace) -> int:
+    out = Path(args.out)
+    if out.suffix.lower() != ".png":
+        raise ValueError(f"--out {args.out}: give a .png file")
+    info = plot_runs([Path(d) for d in args.runs], out, list(args.extra))
+    print(f"wrote {out}: {len(info['runs'])} run(s), "
+          + ", ".join(f"{k}: {v} series" for k, v in info["panels"].items()))
+    return 0

@@ -1,0 +1,68 @@
+"""Honest MFU: a planted too-low device peak is fixed (recalibrated, raised to what the run achieved) with
+one warning naming the numbers, and no logged MFU exceeds 100%; the CPU calibration records when and how;
+CUDA peaks come from the datasheet table by device name."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from dist_train import metrics
+from dist_train.metrics import CUDA_PEAK_TFLOPS, DevicePeak, HonestPeak, cpu_peak, cpu_peak_cache
+from dist_train.trainer import train
+from tests.trainer_utils import tiny_gpt_config
+
+
+def _plant(cache_dir, tflops: float) -> None:
+    key = metrics._cpu_key(torch.get_num_threads())
+    entry = {"tflops": tflops, "threads": torch.get_num_threads(), "measured_at": "2026-01-01T00:00:00Z",
+             "load_avg_1m": 99.0, "method": "planted by the test"}
+    (cache_dir / "cpu_peak.json").write_text(json.dumps({key: entry}))
+
+
+def test_planted_low_peak_is_fixed_and_warned_once(tmp_path, monkeypatch):
+    monkeypatch.setenv("DIST_TRAIN_CACHE", str(tmp_path))
+    _plant(tmp_path, 1e-9)
+    res = train(tiny_gpt_config(tmp_path / "run", steps=3))
+    recs = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["mfu"] <= 1.0 for r in recs), [r["mfu"] for r in recs]
+    s = res.summary
+    assert s["mfu"] <= 1.0 and s["device_peak_tflops"] > 1e-6
+    assert s["mfu_peak_warning"].startswith("MFU ") and "is impossible: the device peak 1e-09 TFLOP/s" in \
+        s["mfu_peak_warning"]
+    assert "planted by the test" in s["mfu_peak_warning"] and "best of" in s["device_peak_source"]
+    entry = next(iter(json.loads(cpu_peak_cache().read_text()).values()))
+    assert entry["tflops"] == s["device_peak_tflops"] and entry["method"].startswith("best of")
+    log = (tmp_path / "run" / "logs" / "rank_0.log").read_text()
+    assert log.count("is impossible") == 1 and "WARNING MFU " in log
+
+
+def test_honest_peak_raises_a_configured_peak_and_warns_once():
+    guard = HonestPeak(DevicePeak(1.0, "configured: train.peak_tflops"), torch.device("cpu"), configured=True)
+    assert guard.check(1, 0.5) is None and guard.peak.tflops == 1.0
+    warning = guard.check(2, 2.5)
+    assert "MFU 250.0% at step 2 is impossible" in warning and "2.5 TFLOP/s/device" in warning
+    assert guard.peak.tflops == 2.5 and "raised at step 2" in guard.peak.source
+    assert guard.check(3, 3.0) is None and guard.peak.tflops == 3.0  # fixed again, warned only once
+
+
+def test_cpu_calibration_records_when_and_how(tmp_path, monkeypatch):
+    monkeypatch.setenv("DIST_TRAIN_CACHE", str(tmp_path))
+    monkeypatch.setitem(metrics.CPU_CALIBRATION, "size", 128)
+    peak = cpu_peak(1)
+    entry = json.loads(cpu_peak_cache().read_text())[metrics._cpu_key(1)]
+    assert peak.tflops == entry["tflops"] > 0 and entry["threads"] == 1
+    assert entry["method"] == "best of 3x8 fp32 torch.mm 128^3 with 1 thread(s)"
+    assert entry["measured_at"].endswith("Z") and "load average" in peak.source
+
+
+@pytest.mark.parametrize("name,dtype,want", [
+    ("NVIDIA H200", torch.bfloat16, 989.4), ("NVIDIA H100 80GB HBM3", torch.float32, 66.9),
+    ("NVIDIA H100 PCIe", torch.bfloat16, 756.0), ("NVIDIA A100-SXM4-80GB", torch.bfloat16, 312.0),
+    ("NVIDIA B200", torch.bfloat16, 2250.0)])
+def test_cuda_peak_from_the_datasheet_table(monkeypatch, name, dtype, want):
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
+    peak = metrics.cuda_peak(torch.device("cuda"), dtype)
+    assert peak.tflops == want and peak.source.startswith(f"datasheet table: {name} dense")
+    assert all(len(v) == 2 for v in CUDA_PEAK_TFLOPS.values())

@@ -1,0 +1,75 @@
+"""Experiment trackers: TensorBoard event files read back with tensorboard's own reader, metrics.jsonl,
+resumed runs continue the curves without a duplicate step, W&B offline files (skipped when wandb is not
+installed), configuration errors."""
+from __future__ import annotations
+
+import importlib.util
+import json
+
+import pytest
+
+from dist_train.config import ConfigError, default_trackers
+from dist_train.trainer import train
+from tests.trainer_utils import tiny_gpt_config
+
+TRAIN = {"eval_every": 2, "eval_steps": 1, "trackers": ["jsonl", "tensorboard"]}
+
+
+def _events(run_dir):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(run_dir / "tensorboard"))
+    acc.Reload()
+    return acc
+
+
+def _jsonl(run_dir):
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_tensorboard_events_hold_every_curve(tmp_path):
+    pytest.importorskip("tensorboard")
+    run = tmp_path / "run"
+    res = train(tiny_gpt_config(run, steps=4, train=TRAIN, checkpoint={"every": 2}))
+    acc = _events(run)
+    tags = set(acc.Tags()["scalars"])
+    assert {"train/loss", "train/lr", "train/grad_norm", "valid/loss", "perf/tokens_per_s", "perf/mfu",
+            "perf/tflops_per_device", "memory/peak_gib", "checkpoint/save_s"} <= tags, tags
+    loss = acc.Scalars("train/loss")
+    assert [e.step for e in loss] == [1, 2, 3, 4]
+    assert [e.value for e in loss] == pytest.approx(res.losses, rel=1e-6)
+    assert [e.step for e in acc.Scalars("valid/loss")] == [2, 4]
+    assert acc.Scalars("valid/loss")[-1].value == pytest.approx(res.summary["valid_loss"], rel=1e-6)
+    assert [r["step"] for r in _jsonl(run)] == [1, 2, 3, 4]
+
+
+def test_resumed_run_continues_the_curves_without_duplicate_steps(tmp_path):
+    pytest.importorskip("tensorboard")
+    run = tmp_path / "run"
+    # the first attempt logs steps 1-3 but its last checkpoint is step 2 (as after a crash at step 3)
+    train(tiny_gpt_config(run, steps=3, train=TRAIN, checkpoint={"every": 2, "at_end": False}))
+    res = train(tiny_gpt_config(run, steps=5, train=TRAIN, checkpoint={"every": 2, "at_end": False}))
+    assert res.start_step == 2
+    assert [r["step"] for r in _jsonl(run)] == [1, 2, 3, 4, 5]
+    steps = [e.step for e in _events(run).Scalars("train/loss")]
+    assert steps == [1, 2, 3, 4, 5], steps
+    assert _jsonl(run)[2]["loss"] == pytest.approx(res.losses[0])  # step 3 is the resumed run's record
+
+
+def test_wandb_offline_files(tmp_path, monkeypatch):
+    pytest.importorskip("wandb")
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    run = tmp_path / "run"
+    train(tiny_gpt_config(run, steps=2, train={"trackers": ["jsonl", "wandb"]}))
+    run_id = (run / "wandb_run_id").read_text().strip()
+    assert list((run / "wandb").glob(f"offline-run-*-{run_id}")), list((run / "wandb").iterdir())
+
+
+def test_tracker_configuration_errors(tmp_path):
+    with pytest.raises(ConfigError, match="train.trackers = \\['csv'\\]"):
+        tiny_gpt_config(tmp_path, train={"trackers": ["csv"]})
+    if importlib.util.find_spec("wandb") is None:
+        with pytest.raises(ConfigError, match="wandb is configured but the wandb package is not installed"):
+            tiny_gpt_config(tmp_path, train={"trackers": ["jsonl", "wandb"]})
+    expected = ["jsonl"] + (["tensorboard"] if importlib.util.find_spec("tensorboard") else [])
+    assert default_trackers() == expected
