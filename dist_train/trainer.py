@@ -27,10 +27,10 @@ from .cost.flops import (FLOP_CONVENTION, Throughput, attention_flops_per_key, d
 from .cost.shape import shape_of
 from .distributed import DistContext, current_context
 from .engines.ddp import all_reduce_sum
+from .evaluation import Evaluator
 from .lifecycle import TrainingDiverged
 from .logs import get_logger, setup_logging
 from .mesh import Mesh, build_mesh
-from .evaluation import Evaluator
 from .metrics import HonestPeak, device_peak, format_metrics, peak_memory_bytes
 from .optim import apply_changed_hyperparameters
 from .rankstats import RankStats
