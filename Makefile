@@ -3,7 +3,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: venv demo test test-fast clean
+.PHONY: venv demo test test-fast gpu-check clean
 
 # On a machine without an NVIDIA GPU pin torch to the local CPU wheel *first*: any unpinned torch
 # requirement would otherwise pull multi-GB CUDA builds. deepspeed builds against the installed torch
@@ -31,6 +31,13 @@ test: $(STAMP)
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow"
+
+# The whole GPU path in one command (tests marked gpu + GPU benchmarks; report in $OUT or runs/gpu-check/).
+# Uses the machine's python3 as it is: no venv, no install, the project on PYTHONPATH. On a machine
+# without CUDA it is a smoke run (tests/test_gpu_check.py runs it as part of `make test`).
+GPU_CHECK_PY ?= python3
+gpu-check:
+	PYTHONPATH="$(CURDIR)$${PYTHONPATH:+:$$PYTHONPATH}" $(GPU_CHECK_PY) -m dist_train.gpucheck
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

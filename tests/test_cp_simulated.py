@@ -14,7 +14,7 @@ from tests.test_cp_reference import max_rel_err, random_qkv, reference_attention
 
 
 def _check(P, layout, causal, window, hkv, kernel="auto", tile=None, dtype=torch.float64, tol=1e-12,
-           kv_piece=None, stats=None):
+           kv_piece=None, stats=None, ulysses_degree=1):
     S = 2 * P * 3
     q, k, v = random_qkv(1, S, 4, hkv, 8, dtype=torch.float64, seed=P)
     ref = reference_attention(q, k, v, causal=causal, window=window)
@@ -22,10 +22,21 @@ def _check(P, layout, causal, window, hkv, kernel="auto", tile=None, dtype=torch
     ref_grads = torch.autograd.grad(ref, (q, k, v), grad)
     xs = [x.detach().to(dtype).requires_grad_() for x in (q, k, v)]
     out = simulate_ring_attention(*xs, world_size=P, layout=layout, causal=causal, window=window,
-                                  kernel=kernel, tile=tile, kv_piece=kv_piece, stats=stats)
+                                  kernel=kernel, tile=tile, kv_piece=kv_piece, stats=stats,
+                                  ulysses_degree=ulysses_degree)
     grads = torch.autograd.grad(out, xs, grad.to(dtype))
     errs = [max_rel_err(out, ref)] + [max_rel_err(g, r) for g, r in zip(grads, ref_grads)]
     assert max(errs) <= tol, (P, layout, causal, window, hkv, kernel, errs)
+
+
+@pytest.mark.parametrize("P,U", [(4, 2), (4, 4), (6, 3), (6, 2)])
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_simulated_hybrid_and_ulysses_are_exact_in_float64(P, U, layout):
+    """Hybrid (U ranks do Ulysses, a ring over P/U groups) and Ulysses (U = P) in the simulator."""
+    _check(P, layout, True, None, 2, ulysses_degree=U, stats=[CPStats() for _ in range(P // U)])
+    _check(P, layout, True, 5, 4, ulysses_degree=U, tile=4)
+    with pytest.raises(ValueError, match="ulysses_degree=4 must divide"):
+        _check(6, layout, True, None, 2, ulysses_degree=4)
 
 
 @pytest.mark.parametrize("P", [5, 6, 8])

@@ -101,3 +101,15 @@ def test_windowed_attention_memory_is_linear_in_sequence_cp1():
 def test_windowed_attention_memory_is_linear_in_sequence_cp2():
     for peaks in run_ranks(_attention_peaks, 2, args=((4096, 8192), 64), timeout=170):
         assert peaks[1] <= 2.2 * peaks[0], peaks
+
+
+def test_mixed_dtypes_under_autocast_take_the_autocast_dtype():
+    """Under bf16 autocast RoPE leaves q, k in fp32 while v is bf16: the entry point casts all three to
+    the autocast dtype (as torch SDPA does) instead of refusing mixed dtypes."""
+    q, k, v = random_qkv(1, 64, 4, 2, 8)
+    ref = reference_attention(q, k, v, causal=True, window=9)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = attention(q.float(), k.float(), v.to(torch.bfloat16), AttentionContext(window=9))
+    assert out.dtype == torch.bfloat16 and max_rel_err(out, ref) <= 2e-2
+    out = attention(q.float(), k.float(), v.to(torch.bfloat16), AttentionContext(window=9))
+    assert out.dtype == torch.float32 and max_rel_err(out, ref) <= 2e-2           # promoted without autocast

@@ -47,6 +47,18 @@ def local_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, wi
     return out.transpose(1, 2)
 
 
+def common_dtype(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """q, k, v in one dtype: the autocast dtype when autocast is on (what torch SDPA does; RoPE leaves
+    q and k in the fp32 of the residual stream while v is the bf16 output of a Linear), else the
+    promoted dtype. The block kernels take a single dtype."""
+    dev = q.device.type
+    if torch.is_autocast_enabled(dev):
+        dt = torch.get_autocast_dtype(dev)
+    else:
+        dt = torch.promote_types(torch.promote_types(q.dtype, k.dtype), v.dtype)
+    return tuple(x if x.dtype == dt else x.to(dt) for x in (q, k, v))
+
+
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: AttentionContext,
               cu_seqlens: Optional[torch.Tensor] = None) -> torch.Tensor:
     """q: [B, S_local, Hq, D]; k, v: [B, S_local, Hkv, D] -> [B, S_local, Hq, D] (causal).
@@ -55,6 +67,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: AttentionC
     (``parallelism.context.pack_cu_seqlens``); None: the sequence is one document. Local attention
     with documents runs the one-rank block plan, which skips the blocks between documents.
     """
+    q, k, v = common_dtype(q, k, v)
     if ctx.cp_group is None:
         if cu_seqlens is not None:
             return local_attention(q, k, v, causal=True, window=ctx.window, kernel=ctx.kernel,

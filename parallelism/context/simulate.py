@@ -21,6 +21,7 @@ from .kernels import default_scale, get_kernel
 from .layouts import check_layout, check_seq_len, rank_chunks, sequence_positions
 from .plan import build_schedule
 from .ring import CPStats, ring_backward, ring_forward
+from .ulysses import gathered_order
 
 
 class ScheduleError(RuntimeError):
@@ -120,27 +121,54 @@ def _unshard(parts, positions, seq_len):
     return full.index_copy_(1, torch.cat(positions), torch.cat(parts, 1))
 
 
+def simulated_shards(seq_len: int, world_size: int, layout: str, ulysses_degree: int = 1):
+    """(chunks, positions) of each virtual ring rank: rank r's shard, or with ``ulysses_degree`` U > 1
+    the gathered (and re-ordered, as :func:`~parallelism.context.ulysses.gathered_order` does) tokens
+    of the U consecutive ranks of ring group r — what every member of that Ulysses group attends over
+    after the all-to-all, for its H/U heads."""
+    if ulysses_degree < 1 or world_size % ulysses_degree:
+        raise ValueError(f"ulysses_degree={ulysses_degree} must divide world_size={world_size}; valid: "
+                         f"{[u for u in range(1, world_size + 1) if world_size % u == 0]}")
+    chunks, positions = [], []
+    for i in range(world_size // ulysses_degree):
+        members = list(range(i * ulysses_degree, (i + 1) * ulysses_degree))
+        pos = torch.cat([sequence_positions(seq_len, rank=m, world_size=world_size, layout=layout)
+                         for m in members])
+        if ulysses_degree == 1:
+            chunks.append(rank_chunks(seq_len, i, world_size, layout))
+        else:
+            ch, perm = gathered_order(seq_len, members, world_size, layout)
+            chunks.append(ch)
+            pos = pos if perm is None else pos[perm]
+        positions.append(pos)
+    return tuple(chunks), positions
+
+
 def simulate_ring_attention(q, k, v, *, world_size: int, layout: str = "zigzag", causal: bool = True,
                             window: Optional[int] = None, scale: Optional[float] = None,
                             kernel: str = "auto", tile: Optional[int] = None,
                             kv_piece: Optional[int] = None, cu_seqlens: Optional[CuSeqlens] = None,
-                            stats: Optional[list] = None) -> torch.Tensor:
+                            ulysses_degree: int = 1, stats: Optional[list] = None) -> torch.Tensor:
     """Ring attention of FULL q [B, S, Hq, D], k/v [B, S, Hkv, D] simulated on ``world_size`` ranks.
 
-    Returns the full output [B, S, Hq, D]; differentiable. ``stats`` (list of P CPStats) is filled.
+    ``ulysses_degree`` U > 1 simulates hybrid context parallelism (U = world_size: Ulysses): the
+    all-to-all inside each group of U ranks is replaced by its result — the group's gathered tokens for
+    all heads on one virtual rank (heads are independent, so this is exactly what the U members compute
+    on H/U heads each) — and the ring runs over the P/U groups. The all-to-all itself is not simulated.
+    Returns the full output [B, S, Hq, D]; differentiable. ``stats`` (list of P/U CPStats) is filled.
     ``cu_seqlens``: packed document boundaries (see ``context_parallel_attention``).
     """
     check_layout(layout)
     seq_len = q.shape[1]
     check_seq_len(seq_len, world_size, layout)
-    chunks = tuple(rank_chunks(seq_len, r, world_size, layout) for r in range(world_size))
+    chunks, positions = simulated_shards(seq_len, world_size, layout, ulysses_degree)
+    ring = len(chunks)
     plan = build_schedule(chunks, causal, window, tile, kv_piece,
                           normalize_cu_seqlens(cu_seqlens, seq_len, q.shape[0]))
-    positions = [sequence_positions(seq_len, rank=r, world_size=world_size, layout=layout).to(q.device)
-                 for r in range(world_size)]
+    positions = [pos.to(q.device) for pos in positions]
     if stats is None:
-        stats = [CPStats() for _ in range(world_size)]
-    if len(stats) != world_size:
-        raise ValueError(f"stats must hold {world_size} CPStats, got {len(stats)}")
+        stats = [CPStats() for _ in range(ring)]
+    if len(stats) != ring:
+        raise ValueError(f"stats must hold {ring} CPStats (one per ring rank), got {len(stats)}")
     return _SimulatedRing.apply(q, k, v, plan, positions, get_kernel(kernel, q.device, q.dtype),
                                 default_scale(q.shape[-1], scale), stats)

@@ -1,0 +1,324 @@
+"""GPU benchmarks of ``make gpu-check`` (CUDA only; each returns plain dicts for the report).
+
+    python3 -m dist_train.gpucheck.bench kernels --out kernels.json
+    python3 -m dist_train.gpucheck.bench llama --out llama.json --budget-s 240
+
+``kernels``: fwd+bwd TFLOP/s of the block kernel ``auto`` picks (and torch's CUDA ops kernel) vs
+``torch.nn.functional.scaled_dot_product_attention`` on one S×S block, bf16, causal and full.
+``llama``: a ~1B-parameter Llama-style GPT (d 2048, 16 layers, 32 heads / 8 K/V heads, SwiGLU 8192,
+vocab 32000; 1.10B parameters) on one GPU in bf16 autocast with full activation checkpointing and the
+chunked loss: (1) one training step
+at S = 8192: tokens/s and MFU against the bf16 matmul peak measured in the same run (and the table
+peak); (2) an async checkpoint of its model + AdamW state: bytes, GB/s, the stall of ``save()`` and
+the step time while the write runs; (3) the longest S one step trains at with a sliding window
+(the million-token recipe at cp = 1), by doubling then bisection under the time budget, with peak
+bytes per token. Times are CUDA-event medians over repeats after a warm-up. A JSON file is
+rewritten after every part, so a run cut short keeps what it measured.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import gc
+import json
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from dist_train.config import CheckpointConfig, Config, config_from_dict
+from dist_train.cost.flops import FLOP_CONVENTION, model_params, train_flops_per_token
+from dist_train.metrics import device_peak_tflops
+
+LLAMA_1B = dict(kind="gpt", d_model=2048, n_layers=16, n_heads=32, n_kv_heads=8, ffn_hidden=8192,
+                vocab_size=32000, rope_theta=500000.0)
+
+
+def device_times(fn: Callable[[], object], repeats: int, device: torch.device = torch.device("cuda"),
+                 warmup: int = 1) -> list[float]:
+    """Seconds per call of ``fn`` (after ``warmup`` untimed calls): CUDA events on a GPU, wall time else."""
+    for _ in range(warmup):
+        fn()
+    out = []
+    if device.type != "cuda":
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            fn()
+            out.append(time.perf_counter() - t0)
+        return out
+    torch.cuda.synchronize()
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        out.append(start.elapsed_time(end) / 1e3)
+    return out
+
+
+def matmul_peak_tflops(device: torch.device = torch.device("cuda"), n: int = 8192, repeats: int = 10) -> float:
+    """The best bf16 [n, n] @ [n, n] rate of ``repeats`` runs on ``device``, in TFLOP/s."""
+    a, b = (torch.randn(n, n, device=device, dtype=torch.bfloat16) for _ in range(2))
+    best = min(device_times(lambda: a @ b, repeats, device, warmup=2))
+    return 2.0 * n ** 3 / best / 1e12
+
+
+def table_peak_tflops(device: torch.device = torch.device("cuda")) -> float | None:
+    """The GPU's bf16 peak from the table the trainer's MFU uses (None off CUDA)."""
+    return device_peak_tflops(device) if device.type == "cuda" else None
+
+
+# ---------------------------------------------------------------------------------------------
+def bench_kernels(seq_lens=(8192, 32768), heads: int = 16, head_dim: int = 128, repeats: int = 5) -> list[dict]:
+    """fwd+bwd of one block: our kernels vs torch SDPA, bf16, causal and full (4·S²·D·H FLOPs per
+    forward for a full block, half for causal; backward 2.5× the forward)."""
+    from parallelism.context.kernels import CudaSdpaKernel, get_kernel
+    from parallelism.context.layouts import Chunk
+    from parallelism.context.masks import classify
+
+    dev, dt = torch.device("cuda"), torch.bfloat16
+    kernels = {"auto": get_kernel("auto", dev, dt)}
+    if kernels["auto"].name != "cuda":
+        kernels["cuda"] = CudaSdpaKernel()
+    rows = []
+    for s in seq_lens:
+        gen = torch.Generator(device="cuda").manual_seed(0)
+        q, k, v, do = (torch.randn(1, s, heads, head_dim, device=dev, dtype=dt, generator=gen) for _ in range(4))
+        scale = head_dim ** -0.5
+        for causal in (True, False):
+            mask = classify(Chunk(0 if causal else s, 1, s), Chunk(0, 1, s), True, None)
+            flops = 4.0 * s * s * head_dim * heads * (0.5 if causal else 1.0) * 3.5
+            qs, ks, vs = (x.transpose(1, 2).detach().requires_grad_() for x in (q, k, v))
+            dos = do.transpose(1, 2)
+
+            def sdpa():
+                out = F.scaled_dot_product_attention(qs, ks, vs, is_causal=causal)
+                out.backward(dos)
+
+            t_sdpa = statistics.median(device_times(sdpa, repeats))
+            for label, kern in kernels.items():
+                def ours(kern=kern):
+                    out, lse = kern.forward(q, k, v, mask, scale)
+                    kern.backward(do, q, k, v, out, lse, mask, scale)
+
+                t = statistics.median(device_times(ours, repeats))
+                rows.append({"seq_len": s, "causal": causal, "kernel": label, "kernel_name": kern.name,
+                             "ops": dict(getattr(kern, "calls", {})), "ms": t * 1e3, "sdpa_ms": t_sdpa * 1e3,
+                             "tflops": flops / t / 1e12, "sdpa_tflops": flops / t_sdpa / 1e12,
+                             "vs_sdpa": t_sdpa / t})
+            del qs, ks, vs
+        del q, k, v, do
+        torch.cuda.empty_cache()
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------
+def llama_config(seq_len: int, window=None, model: dict = LLAMA_1B) -> Config:
+    """The benchmark model as a full Config (what the FLOP and parameter counts read)."""
+    return config_from_dict({"model": dict(model, attention_window=window),
+                             "data": {"source": "synthetic", "seq_len": seq_len},
+                             "train": {"activation_checkpointing": "full", "precision": "bf16"}})
+
+
+def build_llama(cfg: Config, device: torch.device):
+    """The GPT of ``cfg`` on ``device`` (fp32 master weights; chunked loss, full activation
+    checkpointing) with AdamW (fused on CUDA)."""
+    from dist_train.models.attention import AttentionContext
+    from dist_train.models.gpt import GPT
+
+    m = cfg.model
+    model = GPT(m, AttentionContext(window=m.attention_window, kernel="auto"), activation_checkpointing="full",
+                init_seed=0, loss_chunk=cfg.train.loss_chunk).to(device)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
+    return model, opt
+
+
+def _batch(seq_len: int, vocab: int, device: torch.device) -> dict:
+    gen = torch.Generator(device=device).manual_seed(seq_len)
+    tokens = torch.randint(0, vocab, (1, seq_len + 1), device=device, generator=gen)
+    return {"tokens": tokens[:, :-1], "labels": tokens[:, 1:], "positions": torch.arange(seq_len, device=device)}
+
+
+def train_step(model, opt, batch: dict) -> float:
+    with torch.autocast(batch["tokens"].device.type, dtype=torch.bfloat16):
+        loss_sum, count = model(batch)
+    loss = loss_sum / count
+    loss.backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return float(loss.detach())
+
+
+def _device_of(model) -> torch.device:
+    return next(model.parameters()).device
+
+
+def _mem(device: torch.device, what: str) -> int | None:
+    """CUDA allocator statistics (None on CPU): "now", "peak", or "reset" the peak."""
+    if device.type != "cuda":
+        return None
+    if what == "reset":
+        torch.cuda.reset_peak_memory_stats(device)
+        return None
+    return torch.cuda.memory_allocated(device) if what == "now" else torch.cuda.max_memory_allocated(device)
+
+
+def bench_step(model, opt, cfg: Config, peak: float, table_peak: float | None, repeats: int = 3) -> dict:
+    """Median training step at cfg's S: tokens/s, TFLOP/s (FLOP convention of dist_train.cost) and MFU."""
+    dev, s = _device_of(model), cfg.data.seq_len
+    batch = _batch(s, cfg.model.vocab_size, dev)
+    _mem(dev, "reset")
+    times = device_times(lambda: train_step(model, opt, batch), repeats, dev, warmup=1)
+    t = statistics.median(times)
+    tflops = train_flops_per_token(cfg) * s / t / 1e12
+    peak_mem = _mem(dev, "peak")
+    return {"seq_len": s, "params": model_params(cfg), "step_s": t, "step_times_s": times, "tokens_per_s": s / t,
+            "tflops": tflops, "mfu_vs_measured_peak": tflops / peak, "mfu_vs_table_peak": tflops / table_peak if table_peak else None,
+            "peak_mem_gib": None if peak_mem is None else peak_mem / 2**30, "activation_checkpointing": "full",
+            "loss_chunk": cfg.train.loss_chunk, "flop_convention": FLOP_CONVENTION}
+
+
+def bench_checkpoint(model, opt, cfg: Config) -> dict:
+    """Async save of model + AdamW state: the stall of save(), the whole save's GB/s, and one training
+    step run while the writer thread works (vs the same step undisturbed)."""
+    from dist_train.checkpoint import CheckpointManager
+
+    dev = _device_of(model)
+    nbytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    nbytes += sum(t.numel() * t.element_size() for st in opt.state.values() for t in st.values()
+                  if torch.is_tensor(t))
+    batch = _batch(cfg.data.seq_len, cfg.model.vocab_size, dev)
+    quiet = statistics.median(device_times(lambda: train_step(model, opt, batch), 2, dev, warmup=0))
+    root = Path(tempfile.mkdtemp(prefix="gpucheck-ckpt-"))
+    try:
+        mgr = CheckpointManager(CheckpointConfig(async_save=True, dir=str(root)), run_dir=root,
+                                config=cfg.to_dict(), layout={"world_size": 1})
+        t0 = time.perf_counter()
+        mgr.save(1, model, opt, None, extra={"step": 1})
+        stall = mgr.last_stall_s
+        during = device_times(lambda: train_step(model, opt, batch), 1, dev, warmup=0)[0]
+        mgr.close()
+        total = time.perf_counter() - t0
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    return {"state_bytes": nbytes, "stall_s": stall, "write_s": mgr.last_write_s, "total_s": total,
+            "gb_per_s": nbytes / total / 1e9, "step_s_quiet": quiet, "step_s_during_write": during,
+            "failed_saves": mgr.failed_saves}
+
+
+def trial_step(model, opt, cfg: Config, seq_len: int) -> dict:
+    """One training step at ``seq_len``: time, peak memory and bytes per token, or the OOM."""
+    dev = _device_of(model)
+    gc.collect()
+    if dev.type == "cuda":
+        torch.cuda.empty_cache()
+    base = _mem(dev, "now")
+    _mem(dev, "reset")
+    try:
+        batch = _batch(seq_len, cfg.model.vocab_size, dev)
+        t = device_times(lambda: train_step(model, opt, batch), 1, dev, warmup=0)[0]
+    except torch.cuda.OutOfMemoryError as e:
+        opt.zero_grad(set_to_none=True)
+        return {"seq_len": seq_len, "ok": False, "error": str(e).splitlines()[0][:200]}
+    peak = _mem(dev, "peak")
+    return {"seq_len": seq_len, "ok": True, "step_s": t, "peak_gib": None if peak is None else peak / 2**30,
+            "bytes_per_token": None if peak is None else (peak - base) / seq_len}
+
+
+def bench_longest(trial: Callable[[int], dict], deadline: float, start: int = 32768, quantum: int = 8192,
+                  limit: int = 1 << 23) -> dict:
+    """Double S from ``start`` until a step fails (OOM), the next one would pass ``deadline``
+    (perf_counter time) or exceed ``limit``, then bisect to within max(quantum, S/8). ``trial(S)`` ->
+    :func:`trial_step`'s record. ``longest_seq_len`` is the largest S whose step completed (a lower
+    bound unless ``stopped_by`` says the bisection converged)."""
+    trials, ok, bad = [], None, None
+    s, stopped = start, "bisection converged"
+    while True:
+        rec = trial(s)
+        trials.append(rec)
+        if rec["ok"]:
+            ok = rec
+        else:
+            bad = s
+        if ok is None:
+            stopped = "the first length failed"
+            break
+        if bad is None:
+            nxt = 2 * s
+        else:
+            nxt = (ok["seq_len"] + bad) // 2 // quantum * quantum
+            if bad - ok["seq_len"] <= max(quantum, ok["seq_len"] // 8) or nxt <= ok["seq_len"]:
+                break
+        if nxt > limit:
+            stopped = f"the length limit {limit}"
+            break
+        predicted = ok["step_s"] * nxt / ok["seq_len"] * 1.3 + 5.0
+        if time.perf_counter() + predicted > deadline:
+            stopped = f"time budget (next S={nxt} predicted {predicted:.0f} s)"
+            break
+        s = nxt
+    return {"longest_seq_len": ok["seq_len"] if ok else None,
+            "bytes_per_token": ok["bytes_per_token"] if ok else None, "first_failure": bad,
+            "stopped_by": stopped, "trials": trials}
+
+
+def run_llama(out: Path, budget_s: float, device: torch.device, model: dict = LLAMA_1B, seq_len: int = 8192,
+              window: int = 4096, longest_start: int = 32768, longest_limit: int = 1 << 23,
+              peak_n: int = 8192) -> dict:
+    """The three llama parts (step, checkpoint, longest S), rewriting ``out`` after each. The keyword
+    arguments exist so the same code runs on CPU with a tiny model (tests)."""
+    deadline = time.perf_counter() + budget_s
+    res: dict = {"model": dict(model), "device": str(device)}
+
+    def dump():
+        out.write_text(json.dumps(res, indent=2))
+
+    t0 = time.perf_counter()
+    res["matmul_peak_tflops"] = peak = matmul_peak_tflops(device, n=peak_n)
+    res["table_peak_tflops"] = table = table_peak_tflops(device)
+    cfg = llama_config(seq_len, None, model)
+    mdl, opt = build_llama(cfg, device)
+    res["build_s"] = time.perf_counter() - t0
+    dump()
+    res["step"] = bench_step(mdl, opt, cfg, peak, table)
+    dump()
+    res["checkpoint"] = bench_checkpoint(mdl, opt, cfg)
+    dump()
+    # the same weights with a sliding window (the million-token recipe at cp = 1): attention reads
+    # its context at call time
+    for layer in mdl.layers.values():
+        layer.attention.ctx = dataclasses.replace(layer.attention.ctx, window=window)
+    cfg_w = llama_config(seq_len, window, model)
+    res["longest"] = dict(window=window, **bench_longest(lambda s: trial_step(mdl, opt, cfg_w, s), deadline,
+                                                         start=longest_start, quantum=min(8192, longest_start),
+                                                         limit=longest_limit))
+    dump()
+    return res
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python3 -m dist_train.gpucheck.bench", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("name", choices=("kernels", "llama"))
+    parser.add_argument("--out", required=True, type=Path, help="JSON file to (re)write with the results")
+    parser.add_argument("--budget-s", type=float, default=240.0, help="time budget of the llama benchmark")
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        args.out.write_text(json.dumps({"skipped": "no CUDA device"}))
+        return 0
+    if args.name == "kernels":
+        args.out.write_text(json.dumps({"rows": bench_kernels()}, indent=2))
+    else:
+        run_llama(args.out, args.budget_s, torch.device("cuda"))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

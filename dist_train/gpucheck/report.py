@@ -1,0 +1,92 @@
+"""``gpu-report.json`` (everything) and ``gpu-report.md`` (the same for a person) of one GPU check."""
+from __future__ import annotations
+
+import json
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+
+def junit_results(path: Path) -> list[dict]:
+    """Every test case of a pytest JUnit XML file: id, outcome (passed/failed/error/skipped), seconds,
+    and the failure/skip message (first 500 characters)."""
+    root = ET.parse(path).getroot()
+    out = []
+    for case in root.iter("testcase"):
+        outcome, message = "passed", ""
+        for tag in ("failure", "error", "skipped"):
+            el = case.find(tag)
+            if el is not None:
+                outcome = "failed" if tag == "failure" else tag
+                message = (el.get("message") or el.text or "").strip()[:500]
+                break
+        cls = case.get("classname", "").replace(".", "/")
+        out.append({"test": f"{cls}.py::{case.get('name')}", "outcome": outcome,
+                    "seconds": float(case.get("time") or 0.0), "message": message})
+    return out
+
+
+def summarize(report: dict) -> dict:
+    counts: dict = {}
+    for t in report.get("tests", []):
+        counts[t["outcome"]] = counts.get(t["outcome"], 0) + 1
+    return counts
+
+
+def _fmt(x, digits: int = 3) -> str:
+    if isinstance(x, float):
+        return f"{x:.{digits}g}" if abs(x) < 1e4 else f"{x:,.0f}"
+    return "—" if x is None else str(x)
+
+
+def _env_md(env: dict) -> list[str]:
+    gpus = ", ".join(f"{g['name']} (sm {g['capability']}, {g['memory_gib']} GiB)" for g in env.get("gpus", []))
+    rows = [("GPU", gpus or "none (CUDA not available)"), ("driver", env.get("driver")),
+            ("torch", env.get("torch")), ("CUDA (torch build)", env.get("torch_cuda")), ("cuDNN", env.get("cudnn")),
+            ("attention ops", ", ".join(env.get("attention_ops", [])) or "—"), ("python", env.get("python")),
+            ("host", f"{env.get('host')} ({env.get('cpu_count')} CPUs, load {env.get('load_average')})"),
+            ("optional packages", ", ".join(f"{k}={'yes' if v else 'no'}" for k, v in env.get("packages", {}).items())),
+            ("commit", env.get("commit"))]
+    return ["| | |", "|---|---|"] + [f"| {k} | {_fmt(v)} |" for k, v in rows]
+
+
+def _bench_md(name: str, res: dict) -> list[str]:
+    lines = [f"### {name}", ""]
+    if not res or "skipped" in res or "error" in res:
+        return lines + [f"{res.get('skipped') or res.get('error') or 'not run'}", ""]
+    if name == "kernels":
+        lines += ["| S | mask | kernel (ops) | ms | TFLOP/s | SDPA ms | SDPA TFLOP/s | vs SDPA |", "|---|---|---|---|---|---|---|---|"]
+        for r in res.get("rows", []):
+            lines.append(f"| {r['seq_len']} | {'causal' if r['causal'] else 'full'} | {r['kernel']}={r['kernel_name']} "
+                         f"{r['ops']} | {_fmt(r['ms'])} | {_fmt(r['tflops'])} | {_fmt(r['sdpa_ms'])} | "
+                         f"{_fmt(r['sdpa_tflops'])} | {_fmt(r['vs_sdpa'])}× |")
+        return lines + [""]
+    for part in ("step_8192", "checkpoint", "longest"):
+        if part in res:
+            body = {k: v for k, v in res[part].items() if k != "trials"}
+            lines += [f"**{part}**: " + ", ".join(f"{k}={_fmt(v)}" for k, v in body.items()), ""]
+    for t in res.get("longest", {}).get("trials", []):
+        lines.append(f"- S={t['seq_len']}: " + (f"ok, {_fmt(t['step_s'])} s, peak {_fmt(t['peak_gib'])} GiB, "
+                                              f"{_fmt(t['bytes_per_token'])} B/token" if t["ok"] else f"failed: {t['error']}"))
+    extra = {k: v for k, v in res.items() if not isinstance(v, dict)}
+    return lines + ["", ", ".join(f"{k}={_fmt(v)}" for k, v in extra.items()), ""]
+
+
+def write(report: dict, out_dir: Path) -> None:
+    """(Re)write both files; called after every section."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    report["summary"] = summarize(report)
+    (out_dir / "gpu-report.json").write_text(json.dumps(report, indent=2, default=str))
+    lines = ["# dist-train GPU check", "", f"status: **{report.get('status', 'running')}** | tests: "
+             + ", ".join(f"{v} {k}" for k, v in report["summary"].items())
+             + f" | wall {_fmt(report.get('wall_s'))} s of budget {_fmt(report.get('budget_s'))} s", "",
+             "## Environment", ""] + _env_md(report.get("environment", {}))
+    lines += ["", "## Tests", "", "| test | outcome | s | message |", "|---|---|---|---|"]
+    for t in report.get("tests", []):
+        msg = t["message"].replace("|", "\\|").replace("\n", " ")[:200]
+        lines.append(f"| {t['test']} | {t['outcome']} | {t['seconds']:.2f} | {msg} |")
+    lines += ["", "## Benchmarks", ""]
+    for name, res in report.get("benchmarks", {}).items():
+        lines += _bench_md(name, res)
+    for note in report.get("notes", []):
+        lines.append(f"- {note}")
+    (out_dir / "gpu-report.md").write_text("\n".join(lines) + "\n")

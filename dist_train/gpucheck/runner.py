@@ -1,0 +1,134 @@
+"""Sections of the GPU check under one time budget: environment, gpu tests, kernel and llama benchmarks.
+
+Each section runs in a subprocess with a time limit (a CUDA fault or a hang loses one section, not the
+report); the report is rewritten after every section. Exit status: 0 when no test failed and no
+section crashed (skips are fine: that is the CPU smoke run), 1 otherwise, 2 for bad arguments.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from . import report as rep
+
+ROOT = Path(__file__).resolve().parents[2]
+EXAMPLES = """examples:
+  make gpu-check                                  # python3 as is; report in $OUT or runs/gpu-check/
+  PYTHONPATH=. python3 -m dist_train.gpucheck --out /tmp/gpu --budget-s 470
+  PYTHONPATH=. python3 -m dist_train.gpucheck --skip-bench     # tests only"""
+
+
+def gpu_test_files(root: Path = ROOT) -> list[str]:
+    """Test files that hold tests marked ``gpu`` (found by their text, so no other test module, and
+    none of their heavy imports, is loaded)."""
+    return sorted(str(p.relative_to(root)) for p in (root / "tests").glob("test_*.py")
+                  if "mark.gpu" in p.read_text(errors="replace"))
+
+
+def _run(cmd: list[str], timeout: float, log: Path) -> tuple[int, float]:
+    """Run ``cmd`` in the repository root with the project on PYTHONPATH; (exit status or 124, seconds)."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
+    t0 = time.perf_counter()
+    with open(log, "w") as fh:
+        try:
+            rc = subprocess.run(cmd, cwd=ROOT, env=env, stdout=fh, stderr=subprocess.STDOUT,
+                                timeout=max(1.0, timeout)).returncode
+        except subprocess.TimeoutExpired:
+            rc = 124
+    return rc, time.perf_counter() - t0
+
+
+def _tail(path: Path, n: int = 1500) -> str:
+    try:
+        return path.read_text(errors="replace")[-n:]
+    except OSError:
+        return ""
+
+
+def run_tests(report: dict, work: Path, timeout: float) -> None:
+    files = gpu_test_files()
+    xml = work / "junit.xml"
+    rc, secs = _run([sys.executable, "-m", "pytest", "-m", "gpu", "-q", "-p", "no:cacheprovider",
+                     f"--junitxml={xml}", *files], timeout, work / "pytest.log")
+    report["test_files"] = files
+    report["tests"] = rep.junit_results(xml) if xml.exists() else []
+    report["sections"]["tests"] = {"exit_code": rc, "seconds": secs, "log_tail": _tail(work / "pytest.log")}
+    if rc == 124:
+        report["notes"].append(f"gpu tests stopped by the time limit ({timeout:.0f} s); results incomplete")
+
+
+def run_bench(report: dict, name: str, work: Path, timeout: float, budget_s: float | None = None) -> None:
+    out = work / f"{name}.json"
+    cmd = [sys.executable, "-m", "dist_train.gpucheck.bench", name, "--out", str(out)]
+    if budget_s is not None:
+        cmd += ["--budget-s", f"{budget_s:.0f}"]
+    rc, secs = _run(cmd, timeout, work / f"{name}.log")
+    try:
+        res = json.loads(out.read_text())
+    except (OSError, ValueError):
+        res = {}
+    if rc != 0:
+        res["error"] = f"exit {rc} after {secs:.0f} s: {_tail(work / f'{name}.log', 600)}"
+    report["benchmarks"][name] = res
+    report["sections"][name] = {"exit_code": rc, "seconds": secs}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python3 -m dist_train.gpucheck",
+                                     description="Run every gpu-marked test and the GPU benchmarks; write "
+                                                 "gpu-report.json and gpu-report.md.",
+                                     epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, default=None,
+                        help="report directory (default: $OUT when set, else runs/gpu-check)")
+    parser.add_argument("--budget-s", type=float, default=470.0, help="wall-clock budget of the whole check")
+    parser.add_argument("--skip-bench", action="store_true", help="run the tests only")
+    args = parser.parse_args(argv)
+    if args.budget_s <= 0:
+        parser.error(f"--budget-s {args.budget_s}: must be > 0")
+    out = args.out or Path(os.environ.get("OUT") or ROOT / "runs" / "gpu-check")
+    t0 = time.perf_counter()
+    deadline = t0 + args.budget_s
+
+    def left(reserve: float = 5.0) -> float:
+        return deadline - time.perf_counter() - reserve
+
+    from .env import environment
+
+    report = {"status": "running", "budget_s": args.budget_s, "environment": environment(), "tests": [],
+              "benchmarks": {}, "sections": {}, "notes": []}
+    cuda = report["environment"]["cuda_available"]
+    rep.write(report, out)
+    with tempfile.TemporaryDirectory(prefix="gpucheck-") as tmp:
+        work = Path(tmp)
+        run_tests(report, work, min(240.0, left()))
+        rep.write(report, out)
+        if args.skip_bench:
+            report["notes"].append("benchmarks skipped (--skip-bench)")
+        elif not cuda:
+            for name in ("kernels", "llama"):
+                report["benchmarks"][name] = {"skipped": "no CUDA device"}
+        else:
+            run_bench(report, "kernels", work, min(90.0, left(150.0)))
+            rep.write(report, out)
+            llama_limit = left()
+            run_bench(report, "llama", work, llama_limit, budget_s=llama_limit - 20.0)
+        for name, sec in report["sections"].items():
+            if name != "tests":
+                report["notes"].append(f"{name}: exit {sec['exit_code']} in {sec['seconds']:.0f} s")
+    failed = any(t["outcome"] in ("failed", "error") for t in report["tests"])
+    crashed = any(sec["exit_code"] not in (0, 1) or (name != "tests" and sec["exit_code"] != 0)
+                  for name, sec in report["sections"].items())
+    if report["sections"]["tests"]["exit_code"] not in (0, 1, 5) or not report["tests"]:
+        crashed = True
+    report["status"] = "failed" if failed or crashed else ("passed" if cuda else "passed (CPU smoke: CUDA parts skipped)")
+    report["wall_s"] = time.perf_counter() - t0
+    rep.write(report, out)
+    print(f"gpu-check: {report['status']} | tests {rep.summarize(report)} | {report['wall_s']:.0f} s | "
+          f"report {out / 'gpu-report.md'}")
+    return 1 if failed or crashed else 0

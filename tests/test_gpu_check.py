@@ -1,0 +1,126 @@
+"""``make gpu-check`` on a machine without CUDA: the same command as on the GPU, as a smoke run
+(tests skip with their reason, benchmarks report why they did not run), and never an import of
+deepspeed, megatron-core or ray (the GPU machine has none of them)."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from dist_train.gpucheck import report as rep
+from dist_train.gpucheck.runner import gpu_test_files
+
+ROOT = Path(__file__).resolve().parents[1]
+BLOCKED = ("deepspeed", "megatron", "ray")
+
+
+def _blocking_path(tmp_path: Path) -> str:
+    """A PYTHONPATH entry whose deepspeed/megatron/ray packages raise on import."""
+    for name in BLOCKED:
+        pkg = tmp_path / "blocked" / name
+        pkg.mkdir(parents=True)
+        (pkg / "__init__.py").write_text(f"raise ImportError('{name} is not installed on the GPU machine')\n")
+    return str(tmp_path / "blocked")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="with CUDA, make gpu-check runs the real check")
+@pytest.mark.slow
+def test_make_gpu_check_smoke_run_on_cpu(tmp_path):
+    out = tmp_path / "out"
+    env = dict(os.environ, OUT=str(out), PYTHONPATH=_blocking_path(tmp_path))
+    res = subprocess.run(["make", "-s", "--no-print-directory", "gpu-check", f"GPU_CHECK_PY={sys.executable}"],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=170)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "CPU smoke" in res.stdout
+    report = json.loads((out / "gpu-report.json").read_text())
+    assert report["status"].startswith("passed") and report["environment"]["torch"] == torch.__version__
+    files = {t["test"].split("::")[0] for t in report["tests"]}
+    assert {"tests/test_cuda_kernel.py", "tests/test_gpu_path.py"} <= files, files
+    assert all(t["outcome"] == "skipped" and "CUDA" in t["message"] for t in report["tests"]), report["tests"]
+    assert report["benchmarks"] == {"kernels": {"skipped": "no CUDA device"}, "llama": {"skipped": "no CUDA device"}}
+    md = (out / "gpu-report.md").read_text()
+    assert "## Environment" in md and "test_trainer_on_one_gpu_with_nccl_bf16_vs_fp32" in md
+
+
+@pytest.mark.slow
+def test_gpu_path_imports_no_optional_package(tmp_path):
+    """The trainer (one CPU step of a tiny GPT), the checkpoint manager and the GPU benchmarks work
+    with deepspeed, megatron-core and ray unimportable."""
+    code = ("import sys; from tests.trainer_utils import tiny_gpt_config; from dist_train.trainer import train;"
+            "import dist_train.gpucheck.bench, dist_train.gpucheck.env, tests.test_gpu_path, tests.test_cuda_kernel;"
+            f"r = train(tiny_gpt_config({str(tmp_path / 'run')!r}, steps=1, train={{'peak_tflops': 1.0}}));"
+            "assert r.exit_code == 0;"
+            f"bad = [m for m in sys.modules if m.split('.')[0] in {BLOCKED!r}]; assert not bad, bad")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([_blocking_path(tmp_path), str(ROOT)]),
+               DIST_TRAIN_CACHE=str(tmp_path / "cache"))
+    res = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=170)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+
+
+def test_gpu_test_files_are_found_by_their_marker():
+    files = gpu_test_files()
+    assert "tests/test_cuda_kernel.py" in files and "tests/test_gpu_path.py" in files
+    assert "tests/test_gpu_check.py" not in files and "tests/test_training.py" not in files
+
+
+def test_report_from_junit(tmp_path):
+    xml = tmp_path / "j.xml"
+    xml.write_text("""<testsuites><testsuite>
+<testcase classname="tests.test_a" name="test_ok" time="0.5"/>
+<testcase classname="tests.test_a" name="test_bad" time="1.0"><failure message="assert 1 == 2">trace</failure></testcase>
+<testcase classname="tests.test_b" name="test_gpu" time="0"><skipped message="needs a CUDA device"/></testcase>
+<testcase classname="tests.test_b" name="test_err" time="0"><error message="fixture | broke"/></testcase>
+</testsuite></testsuites>""")
+    tests = rep.junit_results(xml)
+    assert [(t["test"], t["outcome"]) for t in tests] == [
+        ("tests/test_a.py::test_ok", "passed"), ("tests/test_a.py::test_bad", "failed"),
+        ("tests/test_b.py::test_gpu", "skipped"), ("tests/test_b.py::test_err", "error")]
+    report = {"status": "failed", "environment": {}, "tests": tests, "notes": ["n1"],
+              "benchmarks": {"kernels": {"rows": [{"seq_len": 8192, "causal": True, "kernel": "auto",
+                                                   "kernel_name": "cuda", "ops": {"flash": 6}, "ms": 2.0,
+                                                   "sdpa_ms": 1.9, "tflops": 500.0, "sdpa_tflops": 526.3,
+                                                   "vs_sdpa": 0.95}]},
+                             "llama": {"skipped": "no CUDA device"}}}
+    rep.write(report, tmp_path / "r")
+    md = (tmp_path / "r" / "gpu-report.md").read_text()
+    assert "fixture \\| broke" in md and "| 8192 | causal | auto=cuda {'flash': 6} | 2 | 500 |" in md
+    assert json.loads((tmp_path / "r" / "gpu-report.json").read_text())["summary"] == {
+        "passed": 1, "failed": 1, "skipped": 1, "error": 1}
+
+
+def test_longest_sequence_bisection():
+    from dist_train.gpucheck.bench import bench_longest
+
+    def trial(s):      # steps fit up to 300k tokens; time linear in S
+        return ({"seq_len": s, "ok": True, "step_s": s * 1e-6, "bytes_per_token": 1000.0} if s <= 300_000
+                else {"seq_len": s, "ok": False, "error": "CUDA out of memory"})
+
+    res = bench_longest(trial, deadline=float("inf"), start=32768)
+    assert [t["seq_len"] for t in res["trials"]][:5] == [32768, 65536, 131072, 262144, 524288]
+    assert 262144 <= res["longest_seq_len"] <= 300_000 and res["stopped_by"] == "bisection converged"
+    assert res["first_failure"] - res["longest_seq_len"] <= res["longest_seq_len"] // 8
+    assert bench_longest(trial, 0.0, start=32768)["stopped_by"].startswith("time budget")
+    assert bench_longest(trial, float("inf"), start=32768, limit=100_000)["longest_seq_len"] == 65536
+
+
+def test_llama_benchmark_code_runs_on_cpu_with_a_tiny_model(tmp_path):
+    """The benchmark's own code path (step, async checkpoint, longest-S search) on CPU, tiny model."""
+    from dist_train.gpucheck.bench import run_llama
+
+    tiny = dict(kind="gpt", d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_hidden=128, vocab_size=256)
+    out = tmp_path / "llama.json"
+    res = run_llama(out, 120.0, torch.device("cpu"), model=tiny, seq_len=128, window=32, longest_start=128,
+                    longest_limit=512, peak_n=128)
+    assert json.loads(out.read_text()) == json.loads(json.dumps(res))
+    step = res["step"]
+    assert step["tokens_per_s"] > 0 and 0 < step["mfu_vs_measured_peak"] and step["params"] > 0
+    ck = res["checkpoint"]
+    assert ck["failed_saves"] == 0 and ck["state_bytes"] > 3 * 4 * step["params"] * 0.9 and ck["gb_per_s"] > 0
+    lo = res["longest"]
+    assert lo["window"] == 32 and lo["longest_seq_len"] == 512 and lo["stopped_by"] == "the length limit 512"
+    assert [t["seq_len"] for t in lo["trials"]] == [128, 256, 512] and all(t["ok"] for t in lo["trials"])

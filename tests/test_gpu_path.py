@@ -1,0 +1,182 @@
+"""The GPU path end to end (marked ``gpu``; run by ``make gpu-check``, skipped with a reason without CUDA).
+
+One GPU: multi-rank context parallelism runs on the in-process simulator with CUDA tensors; NCCL is
+checked with world size 1 through the real trainer.
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from tests.test_cp_reference import max_rel_err, random_qkv, reference_attention
+
+pytestmark = [pytest.mark.gpu,
+              pytest.mark.skipif(not torch.cuda.is_available(),
+                                 reason="needs a CUDA device (run by make gpu-check on a GPU machine)")]
+
+# (name, layout, ulysses_degree(P) -> U, kv_piece(S, P), window): every context-parallel method/layout
+CP_VARIANTS = {
+    "ring": ("contiguous", lambda P: 1, lambda S, P: None, None),
+    "zigzag": ("zigzag", lambda P: 1, lambda S, P: None, None),
+    "striped": ("striped", lambda P: 1, lambda S, P: None, None),
+    "ulysses": ("zigzag", lambda P: P, lambda S, P: None, None),
+    "hybrid": ("zigzag", lambda P: min(2, P), lambda S, P: None, None),
+    "kv_pieces": ("zigzag", lambda P: 1, lambda S, P: max(1, S // (8 * P)), None),
+    "zigzag_window": ("zigzag", lambda P: 1, lambda S, P: None, 256),
+}
+
+
+def _cp_errors(variant: str, P: int, S: int = 2048) -> list[float]:
+    """bf16 CUDA errors (out, dq, dk, dv) of the simulated variant at P ranks vs the fp64 reference."""
+    from parallelism.context import simulate_ring_attention
+
+    layout, degree, piece, window = CP_VARIANTS[variant]
+    q, k, v = (x.detach().cuda().requires_grad_() for x in random_qkv(1, S, 8, 2, 64, seed=3))
+    ref = reference_attention(q, k, v, causal=True, window=window)
+    grad = torch.randn(ref.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(1)).cuda()
+    ref_grads = torch.autograd.grad(ref, (q, k, v), grad)
+    xs = [x.detach().to(torch.bfloat16).requires_grad_() for x in (q, k, v)]
+    out = simulate_ring_attention(*xs, world_size=P, layout=layout, window=window, kv_piece=piece(S, P),
+                                  ulysses_degree=degree(P))
+    grads = torch.autograd.grad(out, xs, grad.to(torch.bfloat16))
+    return [max_rel_err(out, ref)] + [max_rel_err(g, r) for g, r in zip(grads, ref_grads)]
+
+
+@pytest.mark.parametrize("variant", list(CP_VARIANTS))
+def test_cp_bf16_error_does_not_grow_with_the_ring(variant):
+    """P = 1, 2, 4, 8 on CUDA bf16: every error vs fp64 is bf16-sized and P=8's is <= 1.5x P=1's."""
+    errs = {P: _cp_errors(variant, P) for P in (1, 2, 4, 8)}
+    for P, e in errs.items():
+        assert max(e) <= 3e-2, (variant, P, e)
+    for i, name in enumerate(("out", "dq", "dk", "dv")):
+        assert errs[8][i] <= 1.5 * errs[1][i], (variant, name, errs)
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.bfloat16, 3e-2), (torch.float32, 1e-4)])
+def test_window_parallel_attention_on_cuda(dtype, tol):
+    from parallelism.window import window_parallel_attention
+    from tests.test_wp_attention import swin_reference
+
+    gen = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(2, 16, 24, 4, 32, generator=gen, dtype=torch.float64).cuda().requires_grad_()
+               for _ in range(3))
+    want = swin_reference(q, k, v, window=(8, 8), shift=(4, 4), wrap=(False, False), bias=None, scale=32 ** -0.5)
+    grad = torch.randn(want.shape, dtype=torch.float64, generator=gen).cuda()
+    want_grads = torch.autograd.grad(want, (q, k, v), grad)
+    xs = [x.detach().to(dtype).requires_grad_() for x in (q, k, v)]
+    out = window_parallel_attention(*xs, window=8, shift=4, grid=1, group=None)
+    assert out.is_cuda and out.dtype == dtype
+    grads = torch.autograd.grad(out, xs, grad.to(dtype))
+    errs = [max_rel_err(out, want)] + [max_rel_err(g, w) for g, w in zip(grads, want_grads)]
+    assert max(errs) <= tol, errs
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 3e-2)])
+def test_chunked_cross_entropy_on_cuda_equals_the_full_loss(dtype, tol):
+    """Loss value and gradients (h, W) of the chunked loss on CUDA vs the unchunked loss in fp64, with
+    ignored tokens and an uneven last chunk."""
+    from dist_train.models.chunked_loss import chunked_cross_entropy
+
+    gen = torch.Generator().manual_seed(0)
+    n, d, vocab = 1000, 64, 3000
+    h64, w64 = torch.randn(n, d, generator=gen, dtype=torch.float64), torch.randn(vocab, d, generator=gen,
+                                                                                    dtype=torch.float64) * 0.1
+    labels = torch.randint(0, vocab, (n,), generator=gen)
+    labels[::7] = -100
+    h64, w64, labels = h64.cuda().requires_grad_(), w64.cuda().requires_grad_(), labels.cuda()
+    ref = torch.nn.functional.cross_entropy(h64 @ w64.t(), labels, ignore_index=-100, reduction="sum")
+    ref_dh, ref_dw = torch.autograd.grad(ref, (h64, w64))
+    h, w = (x.detach().to(dtype).requires_grad_() for x in (h64, w64))
+    loss = chunked_cross_entropy(h, w, labels, 96, ignore_index=-100)
+    dh, dw = torch.autograd.grad(loss, (h, w))
+    assert loss.is_cuda and loss.dtype == torch.float32
+    assert abs(loss.item() - ref.item()) <= tol * abs(ref.item())
+    assert max_rel_err(dh, ref_dh) <= tol and max_rel_err(dw, ref_dw) <= tol
+    assert dh[::7].abs().max().item() == 0.0
+
+
+def _nccl_world_one(tmp_path: Path) -> None:
+    if not dist.is_initialized():
+        dist.init_process_group("nccl", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1,
+                                device_id=torch.device("cuda", torch.cuda.current_device()))
+    assert dist.get_backend() == "nccl" and dist.get_world_size() == 1
+
+
+def _tiny_run(tmp_path: Path, name: str, precision: str, steps: int = 12, **checkpoint):
+    from dist_train.trainer import train
+    from tests.trainer_utils import tiny_gpt_config
+
+    cfg = tiny_gpt_config(tmp_path / name, steps=steps, train={"precision": precision, "global_batch": 8,
+                                                               "micro_batch": 4, "lr": 3e-3},
+                          model={"d_model": 128, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "vocab_size": 257},
+                          data={"seq_len": 256}, checkpoint=checkpoint or {"every": 0, "at_end": False})
+    return train(cfg)
+
+
+def test_trainer_on_one_gpu_with_nccl_bf16_vs_fp32(tmp_path):
+    """gpt_tiny-sized model, NCCL world size 1: bf16 trains (loss falls) and tracks fp32 on the first
+    steps; CUDA peak memory is reported; MFU uses the GPU's bf16 peak (not the CPU calibration)."""
+    from dist_train.metrics import CUDA_PEAK_TFLOPS
+
+    _nccl_world_one(tmp_path)
+    torch.cuda.reset_peak_memory_stats()
+    bf16 = _tiny_run(tmp_path, "bf16", "bf16")
+    fp32 = _tiny_run(tmp_path, "fp32", "fp32")
+    assert bf16.exit_code == 0 and fp32.exit_code == 0
+    assert bf16.losses[-1] < bf16.losses[0] - 0.3, bf16.losses
+    for a, b in zip(bf16.losses[:3], fp32.losses[:3]):
+        assert abs(a - b) <= 2e-2 * abs(b), (bf16.losses[:3], fp32.losses[:3])
+    s = bf16.summary
+    assert 0 < s["peak_mem_bytes"] <= torch.cuda.get_device_properties(0).total_memory
+    name = torch.cuda.get_device_name(0)
+    table = next((v for key, v in CUDA_PEAK_TFLOPS.items() if key in name), 989.0)
+    assert s["device_peak_tflops"] == table and s["mfu"] is not None and 0 < s["mfu"] < 1, s
+
+
+def test_async_checkpoint_of_gpu_tensors_is_bit_exact(tmp_path):
+    """Async save of CUDA model + optimizer state, verify the files, resume into fresh objects: every
+    tensor equal bit for bit, back on the GPU."""
+    from dist_train.checkpoint import CheckpointManager, complete_checkpoints, verify_checkpoint
+    from dist_train.config import CheckpointConfig
+    from tests.test_ckpt_common import build, model_config, seed_rank
+
+    seed_rank(0)
+    model, opt, sched = build()
+    model.cuda()
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    for _ in range(3):
+        x = torch.randint(0, 29, (4, 8), device="cuda")
+        model(x).float().pow(2).mean().backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    cfg = CheckpointConfig(async_save=True, dir=str(tmp_path / "ckpt"))
+    mgr = CheckpointManager(cfg, run_dir=tmp_path, config=model_config(), layout={"world_size": 1})
+    assert mgr.save(3, model, opt, None, extra={"step": 3})
+    mgr.close()
+    assert mgr.failed_saves == 0
+    (step, path), = complete_checkpoints(tmp_path / "ckpt")
+    assert step == 3 and verify_checkpoint(path) == []
+
+    model2, _, _ = build(seed=9)
+    model2.cuda()
+    opt2 = torch.optim.AdamW(model2.parameters(), lr=3e-3)
+    mgr2 = CheckpointManager(cfg, run_dir=tmp_path, config=model_config(), layout={"world_size": 1})
+    assert mgr2.resume(model2, opt2, None) == {"step": 3}
+    mgr2.close()
+    for (n, a), (_, b) in zip(model.state_dict().items(), model2.state_dict().items()):
+        assert b.is_cuda and torch.equal(a, b), n
+    for st_a, st_b in zip(opt.state.values(), opt2.state.values()):
+        for key in st_a:
+            assert torch.equal(st_a[key].cpu(), st_b[key].cpu()), key
+
+
+def test_bf16_matmul_peak_is_measurable():
+    """The MFU denominator of the benchmarks: a large bf16 matmul runs and reports a plausible rate."""
+    from dist_train.gpucheck.bench import matmul_peak_tflops
+
+    tflops = matmul_peak_tflops(n=4096, repeats=3)
+    assert math.isfinite(tflops) and 1.0 < tflops < 5000.0, tflops
