@@ -778,6 +778,8 @@ def _validate_swin(cfg: Config) -> None:
     m, d, p = cfg.model, cfg.data, cfg.parallel
     if d.source != "weather":
         raise ConfigError(f"data.source = {d.source!r}: model.kind = swin trains on data.source = weather")
+    if not d.image or d.image[0] < 2 or d.image[1] < 4:
+        raise ConfigError(f"data.image = {d.image!r}: the weather source needs [H, W] with H >= 2 and W >= 4")
     if m.in_channels < 1 or m.out_channels < 1:
         raise ConfigError(f"model.in_channels = {m.in_channels}, model.out_channels = {m.out_channels}: "
                           "a swin model needs both >= 1")

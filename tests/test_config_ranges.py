@@ -173,3 +173,18 @@ def test_cli_refuses_before_any_rank_starts(tmp_path):
         lines = r.stderr.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("dist-train"), (args, r.stderr[-2000:])
         assert not run_dir.exists(), args
+
+
+@pytest.mark.parametrize("argv", [[], ["bogus"], ["launch"], ["run"], ["plan", "c.yaml", "--devices", "0"],
+                                  ["plan", "c.yaml", "--top", "x"], ["ckpt", "verify"], ["data", "prepare"],
+                                  ["launch", "c.yaml", "--backend", "slurm"], ["bench", "attention", "--seq-len", "x"]],
+                         ids=lambda a: " ".join(a) or "none")
+def test_argument_errors_are_one_line_with_a_help_hint(argv, capsys):
+    """In process: argparse errors of every command are one line pointing at --help, not the usage text."""
+    from dist_train.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("dist-train") and err[0].endswith("--help)"), err
