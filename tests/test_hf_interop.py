@@ -112,6 +112,7 @@ def test_transformers_4_rope_layout_reads_the_same(tmp_path):
     old.update(rope_theta=250.0, rope_scaling=None)
     m = hf.model_config_from_hf(old)
     assert (m.rope_theta, m.rope_scaling) == (250.0, None)
+    assert hf.model_config_from_hf({**old, "hidden_act": "swish"}) == m  # transformers' other name for SiLU
 
 
 def _save_dist_train(m: ModelConfig, root, seq_len=SEQ):
@@ -167,6 +168,7 @@ REFUSALS = [  # (config.json change, words the one-line message must contain)
     ({"rope_parameters": {**LLAMA3, "low_freq_factor": 5.0}}, "high_freq_factor"),
     ({"rope_theta": 123.0}, "disagrees"),
     ({"hidden_act": "gelu"}, "hidden_act = 'gelu'"),
+    ({"hidden_act": "relu"}, "only computes hidden_act = 'silu' or 'swish'"),
     ({"attention_bias": True}, "attention_bias = True"),
     ({"mlp_bias": True}, "mlp_bias = True"),
     ({"attention_dropout": 0.1}, "attention_dropout = 0.1"),

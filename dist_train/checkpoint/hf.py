@@ -68,9 +68,10 @@ MAPPED = {
     "sliding_window": "attention_window = sliding_window - 1", "use_sliding_window": "attention_window (off: null)",
     "model_type": "llama or mistral (checked)", "architectures": "LlamaForCausalLM or MistralForCausalLM (checked)",
 }
-# field -> the only value dist-train computes (a missing field has HF's default, which is this value)
-REQUIRED = {"hidden_act": "silu", "attention_bias": False, "mlp_bias": False, "attention_dropout": 0.0,
-            "is_encoder_decoder": False}
+# field -> the values dist-train computes, the first is what export writes (a missing field has HF's default,
+# which is the first); transformers maps "swish" to the same SiLU
+REQUIRED = {"hidden_act": ("silu", "swish"), "attention_bias": (False,), "mlp_bias": (False,),
+            "attention_dropout": (0.0,), "is_encoder_decoder": (False,)}
 # fields with no effect on the computed function, carried through import -> export
 KEPT = {
     "max_position_embeddings": "default RoPE has no length limit (llama3's original_max_position_embeddings is "
@@ -283,9 +284,10 @@ def model_config_from_hf(hf: dict) -> ModelConfig:
     if unknown:
         raise ValueError(f"config.json field {unknown[0]!r} = {hf[unknown[0]]!r} is not one this converter knows "
                          "(it could change the model); nothing was written")
-    for key, value in REQUIRED.items():
-        if key in hf and hf[key] != value:
-            raise ValueError(f"config.json {key} = {hf[key]!r}: dist-train's GPT only computes {key} = {value!r}")
+    for key, values in REQUIRED.items():
+        if key in hf and hf[key] not in values:
+            raise ValueError(f"config.json {key} = {hf[key]!r}: dist-train's GPT only computes {key} = "
+                             f"{' or '.join(map(repr, values))}")
     theta, scaling = _rope_from_hf(hf)
     window = hf.get("sliding_window")
     if hf.get("use_sliding_window") is False:
