@@ -14,10 +14,10 @@ from dist_train.trainer import train
 from tests.trainer_utils import tiny_gpt_config
 
 
-def _plant(cache_dir, tflops: float) -> None:
+def _plant(cache_dir, tflops: float, load: float = 0.0) -> None:
     key = metrics._cpu_key(torch.get_num_threads())
     entry = {"tflops": tflops, "threads": torch.get_num_threads(), "measured_at": "2026-01-01T00:00:00Z",
-             "load_avg_1m": 99.0, "method": "planted by the test"}
+             "load_avg_1m": load, "method": "planted by the test"}
     (cache_dir / "cpu_peak.json").write_text(json.dumps({key: entry}))
 
 
@@ -55,6 +55,18 @@ def test_cpu_calibration_records_when_and_how(tmp_path, monkeypatch):
     assert peak.tflops == entry["tflops"] > 0 and entry["threads"] == 1
     assert entry["method"] == "best of 3x8 fp32 torch.mm 128^3 with 1 thread(s)"
     assert entry["measured_at"].endswith("Z") and "load average" in peak.source
+
+
+def test_a_peak_measured_on_a_busy_machine_is_remeasured_when_quiet(tmp_path, monkeypatch):
+    monkeypatch.setenv("DIST_TRAIN_CACHE", str(tmp_path))
+    monkeypatch.setitem(metrics.CPU_CALIBRATION, "size", 128)
+    _plant(tmp_path, 1e-9, load=99.0)
+    monkeypatch.setattr(metrics.os, "getloadavg", lambda: (120.0, 0.0, 0.0))
+    assert cpu_peak(torch.get_num_threads()).tflops == 1e-9  # still busy: the cached value stands
+    monkeypatch.setattr(metrics.os, "getloadavg", lambda: (0.5, 0.0, 0.0))
+    quiet = cpu_peak(torch.get_num_threads())
+    assert quiet.tflops > 1e-9 and "load average 0.5" in quiet.source
+    assert cpu_peak(torch.get_num_threads()).tflops == quiet.tflops  # and it never falls back
 
 
 @pytest.mark.parametrize("name,dtype,want", [
