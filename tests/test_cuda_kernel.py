@@ -108,6 +108,15 @@ def test_empty_rows_get_zero_out_and_neg_inf_lse():
     assert bool((o2[:, 1] == 0).all()) and bool(torch.isneginf(l2[..., 1]).all())
     assert bool((o2[:, 0] == 1).all()) and bool((o2[:, 2] == 2).all()) and bool((l2[..., [0, 2]] == 0).all())
     assert zero_empty_rows(out, lse, None)[0] is out
+    # per-sample documents: the mask is [B, 1, Sq, Sk]; each sample keeps its own empty rows
+    per_sample = torch.stack([allowed, torch.ones_like(allowed)])[:, None]
+    out2 = torch.full((2, 3, 2, 4), float("nan"))
+    out2[0, [0, 2]], out2[1] = 1.0, 1.0
+    o3, l3 = zero_empty_rows(out2, torch.zeros(2, 2, 3), per_sample)
+    assert bool((o3[0, 1] == 0).all()) and bool(torch.isneginf(l3[0, :, 1]).all()) and bool((o3[1] == 1).all())
+    assert not bool(torch.isneginf(l3[1]).any())
+    bias = additive_bias(per_sample, torch.float32, 2, 3)
+    assert bias.shape == (2, 3, 3, 2) and torch.equal(bias[0, 2] == 0, allowed) and bool((bias[1] == 0).all())
 
 
 # --- CPU stand-ins for the aten CUDA ops, with each op's own layouts ------------------------------
@@ -231,6 +240,26 @@ def test_cuda_kernel_layouts_with_stand_in_ops(op):
     n_op = 8 if op == "efficient" else 2
     assert kern.calls == ({"efficient": 8} if op == "efficient" else {op: 2, "efficient": 6}), kern.calls
     assert seen.count(op) == n_op and len(seen) == 8
+
+
+def test_cuda_kernel_per_sample_documents_with_stand_in_ops():
+    """Packed documents that differ per sample: an explicit [B, 1, Sq, Sk] mask (every row of sample 1
+    fully masked) through the efficient op's bias, fwd and bwd, equals the fp64 math kernel."""
+    # queries 12..23 x keys 0..11: sample 0 (documents [5, 24)) sees keys 5..11, sample 1 nothing
+    mask = classify(Chunk(12, 1, 12), Chunk(0, 1, 12), True, None, docs=((0, 5, 24), (0, 12, 24)))
+    assert mask.kind == "explicit" and mask.tensor().shape == (2, 1, 12, 12) and mask.allowed == 12 * 7
+    kern = CudaSdpaKernel(prefer=("efficient",), available=CUDA_OPS, aten=_fake_aten([]))
+    gen = torch.Generator().manual_seed(4)
+    q, do = (torch.randn(2, 12, 4, 16, generator=gen, dtype=torch.float64) for _ in range(2))
+    k, v = (torch.randn(2, 12, 2, 16, generator=gen, dtype=torch.float64) for _ in range(2))
+    ref = MathKernel()
+    o64, l64 = ref.forward(q, k, v, mask, 0.25)
+    g64 = ref.backward(do, q, k, v, o64, l64, mask, 0.25)
+    out, lse = kern.forward(q.float(), k.float(), v.float(), mask, 0.25)
+    assert _rel(out, o64) <= 1e-5 and bool(torch.isneginf(lse[1]).all()) and not bool(torch.isneginf(lse[0]).any())
+    assert bool((out[1] == 0).all())
+    grads = kern.backward(do.float(), q.float(), k.float(), v.float(), o64.float(), l64.float(), mask, 0.25)
+    assert max(_rel(g, r) for g, r in zip(grads, g64)) <= 1e-5
 
 
 # --- on a GPU --------------------------------------------------------------------------------------

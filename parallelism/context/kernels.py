@@ -237,16 +237,17 @@ def lse_to_op(op: str, lse: torch.Tensor, ndim: int = 3) -> torch.Tensor:
 
 
 def additive_bias(allowed: torch.Tensor, dtype: torch.dtype, b: int, h: int) -> torch.Tensor:
-    """Bool [Sq, Sk] (True = attend) -> additive bias [B, H, Sq, Sk] (0 / −inf) in ``dtype``.
+    """Bool [Sq, Sk] (or [B, 1, Sq, Sk]: per-sample documents; True = attend) -> additive bias
+    [B, H, Sq, Sk] (0 / −inf) in ``dtype``.
 
     The efficient op needs the bias rows 16-element aligned: the storage is [Sq, ceil(Sk/16)·16] and
     the result a slice of it, broadcast over B and H with zero strides (one tile-sized buffer).
     """
-    sq, sk = allowed.shape
+    sq, sk = allowed.shape[-2:]
     width = -(-sk // 16) * 16
-    store = torch.full((sq, width), NEG_INF, dtype=dtype, device=allowed.device)
-    store[:, :sk].masked_fill_(allowed, 0.0)
-    return store[:, :sk].expand(b, h, sq, sk)
+    store = torch.full((*allowed.shape[:-1], width), NEG_INF, dtype=dtype, device=allowed.device)
+    store[..., :sk].masked_fill_(allowed, 0.0)
+    return store[..., :sk].expand(b, h, sq, sk)
 
 
 def zero_empty_rows(out: torch.Tensor, lse: torch.Tensor, allowed: Optional[torch.Tensor]):
@@ -257,10 +258,11 @@ def zero_empty_rows(out: torch.Tensor, lse: torch.Tensor, allowed: Optional[torc
     """
     if allowed is None:
         return out, lse
-    empty = ~allowed.any(-1)                                            # [Sq]
+    empty = ~allowed.any(-1)                                  # [Sq], or [B, 1, Sq] per-sample documents
     if not bool(empty.any()):
         return out, lse
-    return (out.masked_fill(empty[None, :, None, None], 0.0), lse.masked_fill(empty, NEG_INF))
+    rows = empty if empty.dim() == 1 else empty[:, 0]         # [Sq] / [B, Sq]
+    return (out.masked_fill(rows[..., None, None], 0.0), lse.masked_fill(empty, NEG_INF))
 
 
 class CudaSdpaKernel:
