@@ -1,7 +1,7 @@
 """Validation loss: the mean over every real token of the fixed held-out batches, exact across layouts.
 
-dp2 / cp2 / tp2 / pp2 (one spawn of two gloo ranks runs all four) equal the single-rank validation loss
-within 1e-5 after one training step, on every rank; the held-out stream differs from the training one;
+dp2 / cp2 / tp2 / pp2 / ZeRO-1 and swin on a 1x2 window-parallel grid (one spawn of two gloo ranks runs
+them all) equal the single-rank validation loss within 1e-5 after one training step, on every rank; the held-out stream differs from the training one;
 data.split cuts contiguous Megatron-style shares; swin reports validation MSE the same way."""
 from __future__ import annotations
 
@@ -17,7 +17,9 @@ from tests.dist_harness import run_ranks
 from tests.trainer_utils import tiny_gpt_config, tiny_swin_config
 
 EVAL = {"steps": 1, "eval_every": 1, "eval_steps": 2}
-LAYOUTS = {"dp2": {"dp": 2}, "cp2": {"cp": 2}, "tp2": {"tp": 2}, "pp2": {"pp": 2}}
+LAYOUTS = {"dp2": {"dp": 2}, "cp2": {"cp": 2}, "tp2": {"tp": 2}, "pp2": {"pp": 2},
+           "zero1": {"dp": 2, "zero_stage": 1}}
+SWIN_EVAL = {"data": {"split": "75,25,0"}, "train": EVAL}
 
 
 def _valid_losses(rank, world, run_dir):
@@ -25,6 +27,8 @@ def _valid_losses(rank, world, run_dir):
     for name, parallel in LAYOUTS.items():
         res = train(tiny_gpt_config(f"{run_dir}/{name}", parallel=parallel, train=EVAL))
         out[name] = res.summary["valid_loss"]
+    swin = tiny_swin_config(f"{run_dir}/swin_wp", f"{run_dir}/weather", parallel={"wp": [1, 2]}, **SWIN_EVAL)
+    out["swin_wp1x2"] = train(swin).summary["valid_loss"]
     return out
 
 
@@ -35,8 +39,11 @@ def test_validation_loss_is_exact_across_dp_cp_tp_pp(tmp_path):
     assert want is not None and math.isfinite(want)
     # held out: not the training loss of the same step (a different seed's stream)
     assert want != pytest.approx(ref.losses[0], abs=1e-3)
-    results = run_ranks(_valid_losses, 2, args=(str(tmp_path),), timeout=600)
+    swin_want = train(tiny_swin_config(tmp_path / "swin", tmp_path / "weather", **SWIN_EVAL)).summary["valid_loss"]
+    results = run_ranks(_valid_losses, 2, args=(str(tmp_path),), timeout=900)
     for rank, got in enumerate(results):
+        assert abs(got.pop("swin_wp1x2") - swin_want) <= 1e-5, rank  # validation MSE over window-parallel tiles
+        assert set(got) == set(LAYOUTS)
         for name, loss in got.items():
             assert abs(loss - want) <= 1e-5, (rank, name, loss, want)
     rec = [json.loads(line) for line in (tmp_path / "ref" / "metrics.jsonl").read_text().splitlines()]
