@@ -171,7 +171,7 @@ class LaunchConfig:
     gpus_per_node: int = 0
     max_restarts: int = 0
     collective_timeout_s: float = 300.0
-    watchdog_s: float = 0.0  # no step progress for this long = hang (0: off)
+    watchdog_s: Optional[float] = None  # no step progress for this long = hang (0: off; null: automatic)
 
 
 @dataclass
@@ -498,7 +498,8 @@ _BOUNDS: dict[str, Bound] = {
     "launch.gpus_per_node": _NONNEG,
     "launch.max_restarts": _NONNEG,
     "launch.collective_timeout_s": _POSITIVE_REAL,
-    "launch.watchdog_s": Bound(0, hi_open=True),  # 0: off
+    "launch.watchdog_s": Bound(0, hi_open=True, null="automatic: 10x the slowest step, within [30 s, "
+                                                      "0.8 x collective_timeout_s]"),  # 0: off
 }
 
 

@@ -12,9 +12,12 @@ The trainer uses it like this (one object per rank process)::
     lc.close()
 
 Files (all under ``run_dir``):
-* ``heartbeats/rank_N.json`` – ``{"rank", "step", "time", "first_step_time", "attempt", "pid"}``, replaced
-  atomically, at most once per ``HEARTBEAT_INTERVAL_S`` (the first step is always written at once). The
-  launcher's watchdog reads it: a rank whose ``time`` is older than ``launch.watchdog_s`` has stopped.
+* ``heartbeats/rank_N.json`` – ``{"rank", "step", "time", "alive", "gap_s", "busy", "first_step_time",
+  "attempt", "pid"}``, replaced atomically: ``step`` finished at ``time``; ``alive`` is the last write (a
+  background thread writes at least every ``ALIVE_INTERVAL_S``, so a rank waiting in a collective stays
+  alive and a SIGSTOPped one does not); ``gap_s`` the longest time between two heartbeats so far (step +
+  anything between steps, e.g. a save); ``busy`` what the rank does outside the step loop ("checkpoint").
+  The launcher's watchdog reads it: a rank whose ``time`` is older than the watchdog limit has stopped.
 
 Fault injection (tests only, off unless the variable is set)::
 
@@ -26,6 +29,7 @@ Fault injection (tests only, off unless the variable is set)::
 """
 from __future__ import annotations
 
+import contextlib
 import faulthandler
 import json
 import os
@@ -35,7 +39,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 # -- exit codes --------------------------------------------------------------------------------
 EXIT_OK = 0
@@ -60,7 +64,29 @@ class TrainingDiverged(RuntimeError):
     exit_code = EXIT_DIVERGED
 
 PREEMPT_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
-HEARTBEAT_INTERVAL_S = 1.0
+#: A finished step reaches the heartbeat file at once when the last write is this old, else within this
+#: long (background thread): the step a frozen rank reports is its last one up to this much training.
+HEARTBEAT_INTERVAL_S = 0.25
+#: The background thread rewrites the file (``alive``) at least this often, even without progress: a rank
+#: blocked in a collective keeps writing, a stopped or frozen process does not.
+ALIVE_INTERVAL_S = 1.0
+#: No write of any kind for this long: the process is not running (SIGSTOP, frozen holding the GIL, gone).
+NOT_RESPONDING_S = 3.0
+#: ``launch.watchdog_s: null`` (auto): WATCHDOG_FACTOR x the slowest step (incl. saves between steps) seen,
+#: at least WATCHDOG_MIN_S, at most WATCHDOG_COLLECTIVE_SHARE x ``launch.collective_timeout_s`` (so a stuck
+#: rank is named before its peers' collectives time out and blame a healthy rank).
+WATCHDOG_FACTOR = 10.0
+WATCHDOG_MIN_S = 30.0
+WATCHDOG_COLLECTIVE_SHARE = 0.8
+
+
+def auto_watchdog_s(max_gap_s: Optional[float], collective_timeout_s: float, busy: bool = False) -> float:
+    """The automatic step watchdog (see ``WATCHDOG_FACTOR``). Before two steps were timed, and while a rank
+    is busy outside the step loop (a checkpoint save), only the collective-timeout bound applies."""
+    hi = WATCHDOG_COLLECTIVE_SHARE * collective_timeout_s
+    if max_gap_s is None or busy:
+        return hi
+    return min(hi, max(WATCHDOG_MIN_S, WATCHDOG_FACTOR * max_gap_s))
 FAULT_ENV = "DIST_TRAIN_FAULT"
 RESTART_ENV = "DIST_TRAIN_RESTART"
 
@@ -164,10 +190,15 @@ class Lifecycle:
             they are skipped and the launcher's signal still reaches the process's default handler).
     """
 
-    def __init__(self, run_dir: Path, rank: int, watchdog_s: float = 0.0, install_signals: bool = True):
+    def __init__(self, run_dir: Path, rank: int, watchdog_s: Optional[float] = 0.0, install_signals: bool = True,
+                 collective_timeout_s: float = 300.0):
         self.run_dir = Path(run_dir)
         self.rank = int(rank)
-        self.watchdog_s = float(watchdog_s)
+        self.auto_watchdog = watchdog_s is None
+        self.collective_timeout_s = float(collective_timeout_s)
+        self.watchdog_s = auto_watchdog_s(None, collective_timeout_s) if watchdog_s is None else float(watchdog_s)
+        self._max_gap: Optional[float] = None
+        self._busy: Optional[str] = None
         self.attempt = current_attempt()
         self._signalled: Optional[int] = None
         self._previous: dict[int, Any] = {}
@@ -226,9 +257,14 @@ class Lifecycle:
 
     # heartbeats ------------------------------------------------------------------------------
     def heartbeat(self, step: int) -> None:
-        """Record that ``step`` finished. Cheap: the file is rewritten at most once a second."""
+        """Record that ``step`` finished. Cheap: the file is rewritten at most every HEARTBEAT_INTERVAL_S."""
         now = time.time()
         with self._lock:
+            if self._latest[0] is not None:
+                gap = now - self._latest[1]
+                self._max_gap = gap if self._max_gap is None else max(self._max_gap, gap)
+                if self.auto_watchdog:
+                    self.watchdog_s = auto_watchdog_s(self._max_gap, self.collective_timeout_s)
             self._latest = (step, now)
             if self._first_step_time is None:
                 self._first_step_time = now
@@ -238,25 +274,44 @@ class Lifecycle:
         self._arm_stack_dump()
         self._maybe_inject_fault(step)
 
+    @contextlib.contextmanager
+    def busy(self, what: str) -> Iterator[None]:
+        """Mark a stretch outside the step loop (``"checkpoint"``): the automatic watchdog gives it the
+        collective-timeout bound instead of the step-based one. Written at once, cleared on exit."""
+        with self._lock:
+            self._busy = what
+            self._write(*self._latest)
+        if self.auto_watchdog:
+            self._arm_stack_dump(auto_watchdog_s(None, self.collective_timeout_s))
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._busy = None
+                self._write(*self._latest)
+            self._arm_stack_dump()
+
     def _flush_loop(self) -> None:
         while not self._wake.wait(HEARTBEAT_INTERVAL_S):
             with self._lock:
-                if self._latest != self._written:
+                if self._latest != self._written or time.time() - self._last_write >= ALIVE_INTERVAL_S:
                     self._write(*self._latest)
 
     def _write(self, step: Optional[int], now: float) -> None:
         path = heartbeat_path(self.run_dir, self.rank)
-        payload = {"rank": self.rank, "step": step, "time": now, "first_step_time": self._first_step_time,
-                   "attempt": self.attempt, "pid": os.getpid()}
+        payload = {"rank": self.rank, "step": step, "time": now, "alive": time.time(), "gap_s": self._max_gap,
+                   "busy": self._busy, "first_step_time": self._first_step_time, "attempt": self.attempt,
+                   "pid": os.getpid()}
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
         tmp.write_text(json.dumps(payload))
         os.replace(tmp, path)  # readers never see a half-written file
         self._last_write = time.time()
         self._written = (step, now)
 
-    def _arm_stack_dump(self) -> None:
-        if self.watchdog_s > 0 and not self._closed:
-            faulthandler.dump_traceback_later(0.8 * self.watchdog_s, repeat=False, file=sys.stderr, exit=False)
+    def _arm_stack_dump(self, limit_s: Optional[float] = None) -> None:
+        limit_s = self.watchdog_s if limit_s is None else limit_s
+        if limit_s > 0 and not self._closed:
+            faulthandler.dump_traceback_later(0.8 * limit_s, repeat=False, file=sys.stderr, exit=False)
 
     # fault injection -------------------------------------------------------------------------
     def _maybe_inject_fault(self, step: int) -> None:

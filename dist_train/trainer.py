@@ -212,14 +212,16 @@ def _train(cfg: Config, ctx: DistContext) -> TrainResult:
         log.info(f"resumed from {ckpt.resumed_from} at step {start_step} ({consumed} samples consumed)")
         _report_resume_changes(cfg, engine, ckpt, start_step, log, ctx.is_main)
     result = TrainResult(start_step=start_step)
-    lifecycle = Lifecycle(run_dir, ctx.rank, watchdog_s=cfg.launch.watchdog_s)
+    lifecycle = Lifecycle(run_dir, ctx.rank, watchdog_s=cfg.launch.watchdog_s,
+                          collective_timeout_s=cfg.launch.collective_timeout_s)
 
     def save_state(step_done: int, force: bool) -> bool:
         """Save (``force``) or save when checkpoint.every says so; True when a checkpoint was written."""
         state = {"step": step_done, "consumed_samples": consumed}
-        if force:
+        if not force and not ckpt.due(step_done):
+            return False
+        with lifecycle.busy("checkpoint"):  # the automatic watchdog allows a save more than a step
             return ckpt.save(step_done, engine.module, engine.optimizer, engine.scheduler, extra=state)
-        return ckpt.maybe_save(step_done, engine.module, engine.optimizer, engine.scheduler, extra=state)
 
     # MFU's denominator, with where it comes from; HonestPeak fixes it (and says so) if a step beats it
     honest = HonestPeak(device_peak(ctx.device, t.peak_tflops, autocast_dtype(cfg, ctx.device)), ctx.device,

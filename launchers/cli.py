@@ -133,6 +133,7 @@ def launch_main(args: argparse.Namespace) -> int:
     with RunLock.acquire(run_dir, role="dist-train launch") as lock:
         spec = JobSpec(argv=rank_argv(args.config, overrides), nproc=nproc, run_dir=run_dir,
                        max_restarts=max_restarts, watchdog_s=cfg.launch.watchdog_s,
+                       collective_timeout_s=cfg.launch.collective_timeout_s,
                        env={**forwarded_env(), **({PREFLIGHT_ENV: "1"} if ranks_here else {}),
                             LOCK_ENV: lock.token})
         be = build_backend(backend, nproc, run_dir, address, nodes, gpus)

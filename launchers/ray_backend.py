@@ -29,7 +29,7 @@ from typing import Any, Optional
 from launchers.env import free_port
 from launchers.local import rank_environment
 from launchers.procs import ConsoleSink, RankProcess, Sink
-from launchers.supervisor import progress_from_heartbeats
+from launchers.supervisor import RankProgress, progress_from_heartbeats
 
 
 @contextlib.contextmanager
@@ -142,7 +142,7 @@ class RayAttempt:
             for stream, text in res["lines"]:
                 self.sink(stream, text)
             if res["progress"] is not None:
-                self._progress[r] = tuple(res["progress"])
+                self._progress[r] = RankProgress(*res["progress"])
             self._codes[r] = res["code"]
         return list(self._codes)
 

@@ -27,10 +27,11 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Optional, Protocol
+from typing import IO, NamedTuple, Optional, Protocol
 
-from dist_train.lifecycle import (EXIT_DIVERGED, EXIT_HANG, EXIT_OK, EXIT_PREEMPTED, EXIT_USAGE, RESTART_ENV,
-                                  describe_exit, exit_code_for_signal, read_heartbeat)
+from dist_train.lifecycle import (EXIT_DIVERGED, EXIT_HANG, EXIT_OK, EXIT_PREEMPTED, EXIT_USAGE, NOT_RESPONDING_S,
+                                  RESTART_ENV, WATCHDOG_COLLECTIVE_SHARE, WATCHDOG_FACTOR, WATCHDOG_MIN_S,
+                                  auto_watchdog_s, describe_exit, exit_code_for_signal, read_heartbeat)
 from dist_train.rank_errors import user_errors
 
 FORWARDED_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
@@ -47,9 +48,9 @@ class Attempt(Protocol):
     def poll(self) -> list[Optional[int]]:
         """Per-rank return codes (None = running; negative = killed by that signal)."""
 
-    def progress(self) -> dict[int, tuple[Optional[int], float]]:
-        """rank → (last step or None before the first, seconds since then); ranks that have not created
-        their Lifecycle yet are absent."""
+    def progress(self) -> dict[int, "RankProgress"]:
+        """rank → its ``RankProgress`` (last step or None before the first, seconds since then, seconds since
+        it last wrote anything, …); ranks that have not created their Lifecycle yet are absent."""
 
     def send_signal(self, sig: int) -> None:
         """Deliver ``sig`` to every rank's main process."""
@@ -79,7 +80,8 @@ class JobSpec:
     nproc: int
     run_dir: Path
     max_restarts: int = 0
-    watchdog_s: float = 0.0
+    watchdog_s: Optional[float] = 0.0  # 0: off; None: automatic (dist_train.lifecycle.auto_watchdog_s)
+    collective_timeout_s: float = 300.0  # the ranks' launch.collective_timeout_s (bounds the automatic watchdog)
     resume_args: list[str] = field(default_factory=lambda: ["--set", "checkpoint.resume=auto"])
     env: dict[str, str] = field(default_factory=dict)
 
@@ -92,27 +94,57 @@ class Outcome:
     detail: str = ""
 
 
+class RankProgress(NamedTuple):
+    """One rank's heartbeat as the supervisor sees it (ages in seconds, on the rank's machine's clock)."""
+
+    step: Optional[int]  # last finished step (None before the first)
+    age: float  # since that step finished (or since the rank started its Lifecycle)
+    alive_age: float = 0.0  # since the rank last wrote anything: a waiting rank keeps writing, a frozen one not
+    gap_s: Optional[float] = None  # the longest time between two of its steps so far
+    busy: Optional[str] = None  # outside the step loop ("checkpoint")
+
+    @property
+    def responding(self) -> bool:
+        return self.alive_age <= NOT_RESPONDING_S
+
+
 def progress_from_heartbeats(run_dir: Path, ranks: range, attempt: int, started: float,
-                             now: Optional[float] = None) -> dict[int, tuple[Optional[int], float]]:
+                             now: Optional[float] = None) -> dict[int, RankProgress]:
     """Read ``run_dir/heartbeats`` (on this machine) into the :meth:`Attempt.progress` format."""
     now = time.time() if now is None else now
-    out: dict[int, tuple[Optional[int], float]] = {}
+    out: dict[int, RankProgress] = {}
     for r in ranks:
         hb = read_heartbeat(run_dir, r)
         if hb is not None and hb.get("attempt") == attempt:
             # The clock starts when the rank creates its Lifecycle (step None): start-up before that —
             # imports, rendezvous — is bounded by the collective timeout, not by the step watchdog.
-            out[r] = (hb.get("step"), now - max(hb["time"], started))
+            alive = max(hb.get("alive", hb["time"]), started)
+            out[r] = RankProgress(hb.get("step"), now - max(hb["time"], started), now - alive, hb.get("gap_s"),
+                                  hb.get("busy"))
     return out
 
 
-def format_progress(progress: dict[int, tuple[Optional[int], float]]) -> str:
+def format_progress(progress: dict[int, RankProgress]) -> str:
     parts = []
     for r in sorted(progress):
-        step, age = progress[r]
-        where = "before its first step" if step is None else f"at step {step}"
-        parts.append(f"rank {r} {where} ({age:.1f} s ago)")
+        p = RankProgress(*progress[r])
+        where = "before its first step" if p.step is None else f"at step {p.step}"
+        extra = "" if p.responding else f", not responding for {p.alive_age:.1f} s"
+        extra += f", in {p.busy}" if p.busy else ""
+        parts.append(f"rank {r} {where} ({p.age:.1f} s ago{extra})")
     return ", ".join(parts)
+
+
+def frozen_ranks(progress: dict[int, RankProgress]) -> list[int]:
+    """Ranks whose process wrote nothing for NOT_RESPONDING_S (stopped, frozen), longest silence first."""
+    silent = [r for r, p in progress.items() if not RankProgress(*p).responding]
+    return sorted(silent, key=lambda r: -RankProgress(*progress[r]).alive_age)
+
+
+def describe_frozen(r: int, p: RankProgress) -> str:
+    where = "before its first step" if p.step is None else f"after step {p.step}"
+    return (f"rank {r} stopped responding {where} (no heartbeat of any kind for {p.alive_age:.1f} s: its "
+            f"process is stopped or frozen)")
 
 
 class Supervisor:
@@ -235,7 +267,16 @@ class Supervisor:
                 codes = [EXIT_PREEMPTED if c in (-fwd, exit_code_for_signal(fwd)) else c for c in codes]
             failed = [(r, c) for r, c in enumerate(codes) if c is not None and c not in (EXIT_OK, EXIT_PREEMPTED)]
             if failed:
+                # a rank that stopped responding while still "running" is the cause of its peers' collective
+                # timeouts (a SIGSTOPped rank): name it, not the healthy rank whose collective gave up
+                running = {r: p for r, p in handle.progress().items() if codes[r] is None}
+                frozen = frozen_ranks(running)
                 handle.kill()
+                if frozen and not user_errors(self.spec.run_dir):
+                    r = frozen[0]
+                    others = ", ".join(f"rank {o} {describe_exit(oc)}" for o, oc in failed)
+                    return Outcome("hang", EXIT_HANG, r, f"hang: {describe_frozen(r, RankProgress(*running[r]))}; "
+                                   f"then {others} (attempt {attempt})")
                 # The root cause is a rank that recorded a bad-input error (its peers then exit quietly,
                 # dist_train/rank_errors.py); else usually the rank killed by a signal (the others then fail
                 # in a collective); else the lowest failed rank.
@@ -254,16 +295,39 @@ class Supervisor:
                 if stopping or any(c == EXIT_PREEMPTED for c in codes):
                     return Outcome("preempted", EXIT_PREEMPTED)
                 return Outcome("ok", EXIT_OK)
-            if self.spec.watchdog_s > 0:
-                prog = handle.progress()
-                running = {r: p for r, p in prog.items() if codes[r] is None}
-                stalled = [r for r, (_, age) in running.items() if age > self.spec.watchdog_s]
-                if stalled:
-                    handle.kill()
-                    r = max(stalled, key=lambda x: running[x][1])
-                    detail = (f"hang: no step progress for more than {self.spec.watchdog_s:g} s "
-                              f"(launch.watchdog_s) on rank{'s' if len(stalled) > 1 else ''} "
-                              f"{', '.join(map(str, sorted(stalled)))}: {format_progress(running)}")
-                    return Outcome("hang", EXIT_HANG, r, detail)
+            if self.spec.watchdog_s is None or self.spec.watchdog_s > 0:
+                hang = self._check_progress(handle, codes)
+                if hang is not None:
+                    return hang
             time.sleep(self.poll_s)
+
+    def _limit(self, running: dict[int, RankProgress]) -> dict[int, float]:
+        """Each running rank's step watchdog: ``launch.watchdog_s``, or the automatic one from the slowest
+        step any rank has reported (ranks train in lockstep) and whether the rank is busy saving."""
+        if self.spec.watchdog_s is not None:
+            return {r: self.spec.watchdog_s for r in running}
+        gaps = [p.gap_s for p in running.values() if p.gap_s is not None]
+        gap = max(gaps) if gaps else None
+        return {r: auto_watchdog_s(gap, self.spec.collective_timeout_s, busy=p.busy is not None)
+                for r, p in running.items()}
+
+    def _check_progress(self, handle: Attempt, codes: list[Optional[int]]) -> Optional[Outcome]:
+        running = {r: RankProgress(*p) for r, p in handle.progress().items() if codes[r] is None}
+        limit = self._limit(running)
+        stalled = [r for r, p in running.items() if p.age > limit[r]]
+        if not stalled:
+            return None
+        handle.kill()
+        frozen = frozen_ranks(running)
+        # the rank that stopped running is the cause; the others wait for it in a collective
+        r = frozen[0] if frozen else max(stalled, key=lambda x: running[x].age)
+        lim = limit[r]
+        how = ("launch.watchdog_s" if self.spec.watchdog_s is not None else
+               f"launch.watchdog_s auto: {WATCHDOG_FACTOR:g}x the slowest step, within [{WATCHDOG_MIN_S:g} s, "
+               f"{WATCHDOG_COLLECTIVE_SHARE:g} x launch.collective_timeout_s]")
+        cause = f"{describe_frozen(r, running[r])}; " if frozen else ""
+        detail = (f"hang: {cause}no step progress for more than {lim:g} s ({how}) on "
+                  f"rank{'s' if len(stalled) > 1 else ''} {', '.join(map(str, sorted(stalled)))}: "
+                  f"{format_progress(running)}")
+        return Outcome("hang", EXIT_HANG, r, detail)
 

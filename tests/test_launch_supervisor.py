@@ -153,6 +153,19 @@ def test_hang_is_detected_with_steps_and_stacks(tmp_path, tiny):
     assert "_maybe_inject_fault" in (run_dir / "logs" / "rank_0.stderr").read_text()
 
 
+def test_sigstopped_rank_is_named_by_the_automatic_watchdog(tmp_path, tiny):
+    # watchdog_s=None: automatic (10x the slowest step, within [30 s, 0.8 x collective timeout]); rank 1 is
+    # SIGSTOPped after step 5 while rank 0 waits for it in an all-reduce: rank 1 must be named, at step 5
+    t0 = time.time()
+    sup, code, said, run_dir = _run(
+        tmp_path, tiny, "stop", 2, 10**6, sink=Capture(), watchdog_s=None, collective_timeout_s=6.0,
+        max_restarts=0, env={"DIST_TRAIN_FAULT": "rank=1,step=5,signal=STOP"})
+    assert code == EXIT_HANG and sup.attempts[0].rank == 1, said
+    assert "hang: rank 1 stopped responding after step 5 (no heartbeat of any kind for" in said, said
+    assert "launch.watchdog_s auto" in said and "rank 0 at step 5" in said, said
+    assert time.time() - t0 < 60
+
+
 def test_sigterm_preempts_every_rank(tmp_path, tiny):
     run_dir = tmp_path / "pre"
 

@@ -164,9 +164,13 @@ class CheckpointManager:
     # ------------------------------------------------------------------------------------------
     # saving
     # ------------------------------------------------------------------------------------------
+    def due(self, step: int) -> bool:
+        """True when ``maybe_save(step)`` saves: ``every > 0`` and ``step % every == 0``."""
+        return self.cfg.every > 0 and step % self.cfg.every == 0
+
     def maybe_save(self, step: int, model, optimizer=None, scheduler=None, extra: Optional[dict] = None) -> bool:
         """Save when ``every > 0`` and ``step % every == 0``; True when a save started."""
-        if self.cfg.every > 0 and step % self.cfg.every == 0:
+        if self.due(step):
             return self.save(step, model, optimizer, scheduler, extra)
         return False
 
