@@ -15,7 +15,7 @@ import torch
 from dist_train.checkpoint import CheckpointManager
 from dist_train.config import CheckpointConfig, ConfigError, config_from_dict, load_config
 from dist_train.data.datasets import IndexedTokenDataset
-from dist_train.data.integrity import check_indexed_dataset, read_index
+from dist_train.data.integrity import check_bin_size, check_indexed_dataset, read_index
 from dist_train.data.prepare import prepare_indexed
 from dist_train.data.sidecar import sidecar_path
 from dist_train.preflight import preflight
@@ -75,7 +75,14 @@ def test_truncated_bin_is_refused(dataset, tmp_path):
         IndexedTokenDataset(prefix, 16, 0)
 
 
+def _shift_second_pointer(idx: bytes) -> bytes:
+    n_seq = int.from_bytes(idx[18:26], "little")
+    at = 34 + 4 * n_seq + 8  # the second int64 sequence pointer
+    return idx[:at] + (int.from_bytes(idx[at:at + 8], "little") + 2).to_bytes(8, "little") + idx[at + 8:]
+
+
 @pytest.mark.parametrize("damage, needle", [
+    (_shift_second_pointer, "sequence pointers do not match its lengths"),
     (lambda b: b[:20], "shorter than the 34-byte header"),
     (lambda b: b[:-5], "truncated or damaged"),
     (lambda b: b"\x00garbage" * 20, "does not start with the Megatron index magic"),
@@ -87,8 +94,8 @@ def test_truncated_or_garbage_idx_is_one_line(dataset, tmp_path, damage, needle)
     prefix = _copy(dataset, tmp_path)
     Path(prefix + ".idx").write_bytes(damage(Path(prefix + ".idx").read_bytes()))
     _refused(_cfg(tmp_path, prefix), needle)
-    with pytest.raises(ValueError, match="data.path"):
-        read_index(prefix)
+    with pytest.raises(ValueError, match="data.path"):  # what the dataset runs when it opens the files
+        check_bin_size(prefix, read_index(prefix))
 
 
 def test_token_ids_beyond_the_vocabulary_are_refused_from_sidecar_and_scan(dataset, tmp_path):

@@ -33,6 +33,7 @@ _HEADER = struct.Struct("<9sQBQQ")  # magic, version, dtype code, sequence count
 _TOKEN_DTYPES = {1: np.uint8, 2: np.int8, 3: np.int16, 4: np.int32, 5: np.int64, 8: np.uint16}
 
 Prefix = Union[str, Path]
+_CHUNK = 1 << 20  # sequences per step of the pointer check
 
 
 @dataclass(frozen=True)
@@ -74,7 +75,7 @@ def read_index(prefix: Prefix) -> IndexInfo:
     if size not in (expected, expected + n_seq):  # + int8 modes when multimodal
         raise ValueError(f"data.path = {prefix}: {path} is {size:,} bytes but its header promises {n_seq:,} "
                          f"sequences and {n_doc:,} documents ({expected:,} bytes): truncated or damaged")
-    table = np.memmap(path, dtype=np.uint8, mode="r") if size else np.zeros(0, np.uint8)
+    table = np.memmap(path, dtype=np.uint8, mode="r")
     lengths = np.frombuffer(table, dtype=np.int32, count=n_seq, offset=_HEADER.size)
     pointers = np.frombuffer(table, dtype=np.int64, count=n_seq, offset=_HEADER.size + 4 * n_seq)
     if n_seq and int(lengths.min()) < 0:
@@ -97,12 +98,14 @@ def check_bin_size(prefix: Prefix, info: IndexInfo) -> None:
         raise ValueError(f"data.path = {prefix}: {path} is {size:,} bytes but {prefix}.idx describes {info.tokens:,} "
                          f"tokens of {itemsize} bytes ({expected:,} bytes): the .bin is {what} or the two files "
                          "come from different builds; rebuild with dist-train data prepare")
-    if len(info.lengths):
-        starts = np.zeros(len(info.lengths), dtype=np.int64)
-        np.cumsum(info.lengths[:-1], dtype=np.int64, out=starts[1:])
-        if not np.array_equal(starts * itemsize, info.pointers):
+    offset = 0  # in chunks: an index of 10^8 sequences must not need GBs of temporaries here
+    for lo in range(0, len(info.lengths), _CHUNK):
+        lengths = info.lengths[lo:lo + _CHUNK].astype(np.int64)
+        starts = offset + np.concatenate(([0], np.cumsum(lengths[:-1])))
+        if not np.array_equal(starts * itemsize, info.pointers[lo:lo + _CHUNK]):
             raise ValueError(f"data.path = {prefix}: {prefix}.idx sequence pointers do not match its lengths: "
                              "damaged index; rebuild with dist-train data prepare")
+        offset += int(lengths.sum())
 
 
 def token_id_range(prefix: Prefix, info: IndexInfo) -> tuple[int, int]:
