@@ -119,6 +119,11 @@ def check_data(cfg: Config) -> None:
 
 def _check_indexed(cfg: Config) -> None:
     d, m = cfg.data, cfg.model
+    if d.valid_path:
+        try:  # the held-out dataset must exist (nothing builds it) and pass the same checks
+            check_indexed_dataset(d.valid_path, m.vocab_size, d.seq_len)
+        except ValueError as e:
+            raise ConfigError(str(e).replace("data.path = ", "data.valid_path = ", 1)) from None
     if not d.path:
         raise ConfigError("data.path is not set: give the prefix of a Megatron indexed dataset "
                           "(dist-train data prepare --output PREFIX)")

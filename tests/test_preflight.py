@@ -123,6 +123,14 @@ def test_missing_data_and_tokenizer(tmp_path, dataset):
              "has 257 tokens but model.vocab_size = 100")
 
 
+def test_held_out_dataset_is_checked_like_the_training_one(tmp_path, dataset):
+    preflight(_cfg(tmp_path, dataset, data={"valid_path": dataset}, train={"eval_every": 2}), on_cuda=False)
+    _refused(_cfg(tmp_path, dataset, data={"valid_path": str(tmp_path / "held")}, train={"eval_every": 2}),
+             "data.valid_path = ", "held.bin not found")
+    small = _cfg(tmp_path, dataset, data={"valid_path": dataset}, model={"vocab_size": 100})
+    _refused(small, "data.valid_path = ", "model.vocab_size")
+
+
 def test_unusable_run_and_checkpoint_directories(tmp_path, dataset):
     a_file = tmp_path / "file"
     a_file.write_text("x")
