@@ -3,8 +3,11 @@ resumed runs continue the curves without a duplicate step, W&B offline files (sk
 installed), configuration errors."""
 from __future__ import annotations
 
+import importlib.machinery
 import importlib.util
 import json
+import sys
+import types
 
 import pytest
 
@@ -63,6 +66,34 @@ def test_wandb_offline_files(tmp_path, monkeypatch):
     train(tiny_gpt_config(run, steps=2, train={"trackers": ["jsonl", "wandb"]}))
     run_id = (run / "wandb_run_id").read_text().strip()
     assert list((run / "wandb").glob(f"offline-run-*-{run_id}")), list((run / "wandb").iterdir())
+
+
+def test_wandb_tracker_is_offline_and_resumes_the_same_run(tmp_path, monkeypatch):
+    """Our side of W&B with a stand-in module (runs whether or not wandb is installed): offline unless
+    WANDB_MODE says otherwise, one run id kept across a resume, every scalar under its tag and step."""
+    calls: list = []
+
+    class Run:
+        def log(self, data, step):
+            calls.append(("log", step, dict(data)))
+
+        def finish(self):
+            calls.append(("finish",))
+
+    fake = types.ModuleType("wandb")
+    fake.__spec__ = importlib.machinery.ModuleSpec("wandb", None)
+    fake.init = lambda **kw: calls.append(("init", kw)) or Run()
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    monkeypatch.delitem(sys.modules, "dist_train.trackers.wandb_tracker", raising=False)
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    run = tmp_path / "run"
+    for steps in (2, 3):  # the second run resumes from the first one's final checkpoint
+        train(tiny_gpt_config(run, steps=steps, train={"trackers": ["wandb"]}, checkpoint={"at_end": True}))
+    inits = [c[1] for c in calls if c[0] == "init"]
+    assert len(inits) == 2 and all(kw["mode"] == "offline" and kw["resume"] == "allow" for kw in inits)
+    assert inits[0]["id"] == inits[1]["id"] == (run / "wandb_run_id").read_text().strip()
+    assert [c[1] for c in calls if c[0] == "log"] == [1, 2, 3]
+    assert "train/loss" in calls[1][2] and calls.count(("finish",)) == 2
 
 
 def test_tracker_configuration_errors(tmp_path):

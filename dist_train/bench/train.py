@@ -185,7 +185,8 @@ def run(args: argparse.Namespace) -> int:
                       "formula_optim_bytes": est.optimizer, "formula_grad_bytes": est.grads})
     out = {"config": args.config, "overrides": overrides, "nproc": nproc, "layout": s0["layout"],
            "params": s0["params"], "tokens_per_s": s0["tokens_per_s"], "tflops_per_device": s0["tflops_per_device"],
-           "mfu": s0["mfu"], "device_peak_tflops": s0["device_peak_tflops"], "flop_convention": s0["flop_convention"],
+           "mfu": s0["mfu"], "device_peak_tflops": s0["device_peak_tflops"],
+           "device_peak_source": s0["device_peak_source"], "flop_convention": s0["flop_convention"],
            "median_step_s": s0["median_step_time_s"], "losses": results[0]["losses"], "ranks": ranks}
     lay = s0["layout"]
     print(f"bench train | {nproc} rank(s) | dp{lay['dp']} tp{lay['tp']} pp{lay['pp']} cp{lay['cp']} "
