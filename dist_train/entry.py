@@ -44,7 +44,9 @@ def run_rank(config_path: str, overrides: list[str]) -> int:
         if ctx.rank == 0:
             print(f"dist-train: error: {str(e).splitlines()[0]}", file=sys.stderr, flush=True)
         return getattr(e, "exit_code", EXIT_FAILED)
-    except ValueError as e:  # bad input met by this rank after start-up: its peers must not bury the line
+    except (ValueError, FileNotFoundError) as e:
+        # bad input met by this rank after start-up (the CLI's exit-2 kinds): say it and record it for the
+        # peers (they then exit quietly instead of burying the line under collective tracebacks)
         message = str(e).splitlines()[0] if str(e) else type(e).__name__
         print(f"dist-train: error: {message}", file=sys.stderr, flush=True)  # before the launcher kills us
         record_user_error(cfg.run.dir, ctx.rank, message)
