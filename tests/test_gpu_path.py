@@ -14,6 +14,8 @@ import torch.distributed as dist
 
 from tests.test_cp_reference import max_rel_err, random_qkv, reference_attention
 
+DEV = "cuda"   # the rehearsal on CPU (docs/gpu_check.md) sets this to "cpu"; the tests run on CUDA
+
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(),
                                  reason="needs a CUDA device (run by make gpu-check on a GPU machine)")]
@@ -35,9 +37,9 @@ def _cp_errors(variant: str, P: int, S: int = 2048) -> list[float]:
     from parallelism.context import simulate_ring_attention
 
     layout, degree, piece, window = CP_VARIANTS[variant]
-    q, k, v = (x.detach().cuda().requires_grad_() for x in random_qkv(1, S, 8, 2, 64, seed=3))
+    q, k, v = (x.detach().to(DEV).requires_grad_() for x in random_qkv(1, S, 8, 2, 64, seed=3))
     ref = reference_attention(q, k, v, causal=True, window=window)
-    grad = torch.randn(ref.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(1)).cuda()
+    grad = torch.randn(ref.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(1)).to(DEV)
     ref_grads = torch.autograd.grad(ref, (q, k, v), grad)
     xs = [x.detach().to(torch.bfloat16).requires_grad_() for x in (q, k, v)]
     out = simulate_ring_attention(*xs, world_size=P, layout=layout, window=window, kv_piece=piece(S, P),
@@ -62,14 +64,14 @@ def test_window_parallel_attention_on_cuda(dtype, tol):
     from tests.test_wp_attention import swin_reference
 
     gen = torch.Generator().manual_seed(3)
-    q, k, v = (torch.randn(2, 16, 24, 4, 32, generator=gen, dtype=torch.float64).cuda().requires_grad_()
+    q, k, v = (torch.randn(2, 16, 24, 4, 32, generator=gen, dtype=torch.float64).to(DEV).requires_grad_()
                for _ in range(3))
     want = swin_reference(q, k, v, window=(8, 8), shift=(4, 4), wrap=(False, False), bias=None, scale=32 ** -0.5)
-    grad = torch.randn(want.shape, dtype=torch.float64, generator=gen).cuda()
+    grad = torch.randn(want.shape, dtype=torch.float64, generator=gen).to(DEV)
     want_grads = torch.autograd.grad(want, (q, k, v), grad)
     xs = [x.detach().to(dtype).requires_grad_() for x in (q, k, v)]
     out = window_parallel_attention(*xs, window=8, shift=4, grid=1, group=None)
-    assert out.is_cuda and out.dtype == dtype
+    assert out.device.type == DEV and out.dtype == dtype
     grads = torch.autograd.grad(out, xs, grad.to(dtype))
     errs = [max_rel_err(out, want)] + [max_rel_err(g, w) for g, w in zip(grads, want_grads)]
     assert max(errs) <= tol, errs
@@ -87,13 +89,13 @@ def test_chunked_cross_entropy_on_cuda_equals_the_full_loss(dtype, tol):
                                                                                     dtype=torch.float64) * 0.1
     labels = torch.randint(0, vocab, (n,), generator=gen)
     labels[::7] = -100
-    h64, w64, labels = h64.cuda().requires_grad_(), w64.cuda().requires_grad_(), labels.cuda()
+    h64, w64, labels = h64.to(DEV).requires_grad_(), w64.to(DEV).requires_grad_(), labels.to(DEV)
     ref = torch.nn.functional.cross_entropy(h64 @ w64.t(), labels, ignore_index=-100, reduction="sum")
     ref_dh, ref_dw = torch.autograd.grad(ref, (h64, w64))
     h, w = (x.detach().to(dtype).requires_grad_() for x in (h64, w64))
     loss = chunked_cross_entropy(h, w, labels, 96, ignore_index=-100)
     dh, dw = torch.autograd.grad(loss, (h, w))
-    assert loss.is_cuda and loss.dtype == torch.float32
+    assert loss.device.type == DEV and loss.dtype == torch.float32
     assert abs(loss.item() - ref.item()) <= tol * abs(ref.item())
     assert max_rel_err(dh, ref_dh) <= tol and max_rel_err(dw, ref_dw) <= tol
     assert dh[::7].abs().max().item() == 0.0
@@ -146,29 +148,29 @@ def test_async_checkpoint_of_gpu_tensors_is_bit_exact(tmp_path):
 
     seed_rank(0)
     model, opt, sched = build()
-    model.cuda()
+    model.to(DEV)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     for _ in range(3):
-        x = torch.randint(0, 29, (4, 8), device="cuda")
+        x = torch.randint(0, 29, (4, 8), device=DEV)
         model(x).float().pow(2).mean().backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
     cfg = CheckpointConfig(async_save=True, dir=str(tmp_path / "ckpt"))
     mgr = CheckpointManager(cfg, run_dir=tmp_path, config=model_config(), layout={"world_size": 1})
-    assert mgr.save(3, model, opt, None, extra={"step": 3})
+    assert mgr.save(3, model, opt, None, extra={"step": 3, "consumed_samples": 12})
     mgr.close()
     assert mgr.failed_saves == 0
     (step, path), = complete_checkpoints(tmp_path / "ckpt")
     assert step == 3 and verify_checkpoint(path) == []
 
     model2, _, _ = build(seed=9)
-    model2.cuda()
+    model2.to(DEV)
     opt2 = torch.optim.AdamW(model2.parameters(), lr=3e-3)
     mgr2 = CheckpointManager(cfg, run_dir=tmp_path, config=model_config(), layout={"world_size": 1})
-    assert mgr2.resume(model2, opt2, None) == {"step": 3}
+    assert mgr2.resume(model2, opt2, None) == {"step": 3, "consumed_samples": 12}
     mgr2.close()
     for (n, a), (_, b) in zip(model.state_dict().items(), model2.state_dict().items()):
-        assert b.is_cuda and torch.equal(a, b), n
+        assert b.device.type == DEV and torch.equal(a, b), n
     for st_a, st_b in zip(opt.state.values(), opt2.state.values()):
         for key in st_a:
             assert torch.equal(st_a[key].cpu(), st_b[key].cpu()), key
