@@ -122,7 +122,7 @@ def _tiny_run(tmp_path: Path, name: str, precision: str, steps: int = 12, **chec
 def test_trainer_on_one_gpu_with_nccl_bf16_vs_fp32(tmp_path):
     """gpt_tiny-sized model, NCCL world size 1: bf16 trains (loss falls) and tracks fp32 on the first
     steps; CUDA peak memory is reported; MFU uses the GPU's bf16 peak (not the CPU calibration)."""
-    from dist_train.metrics import CUDA_PEAK_TFLOPS
+    from dist_train.metrics import cuda_peak
 
     _nccl_world_one(tmp_path)
     torch.cuda.reset_peak_memory_stats()
@@ -134,9 +134,9 @@ def test_trainer_on_one_gpu_with_nccl_bf16_vs_fp32(tmp_path):
         assert abs(a - b) <= 2e-2 * abs(b), (bf16.losses[:3], fp32.losses[:3])
     s = bf16.summary
     assert 0 < s["peak_mem_bytes"] <= torch.cuda.get_device_properties(0).total_memory
-    name = torch.cuda.get_device_name(0)
-    table = next((v for key, v in CUDA_PEAK_TFLOPS.items() if key in name), 989.0)
-    assert s["device_peak_tflops"] == table and s["mfu"] is not None and 0 < s["mfu"] < 1, s
+    bf16_peak = cuda_peak(torch.device("cuda", 0), torch.bfloat16)
+    assert s["device_peak_tflops"] == bf16_peak.tflops and s["device_peak_source"] == bf16_peak.source, s
+    assert s["mfu"] is not None and 0 < s["mfu"] < 1, s
 
 
 def test_async_checkpoint_of_gpu_tensors_is_bit_exact(tmp_path):

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 
 from dist_train.config import CheckpointConfig, Config, config_from_dict
 from dist_train.cost.flops import FLOP_CONVENTION, model_params, train_flops_per_token
-from dist_train.metrics import device_peak_tflops
+from dist_train.metrics import cuda_peak
 
 LLAMA_1B = dict(kind="gpt", d_model=2048, n_layers=16, n_heads=32, n_kv_heads=8, ffn_hidden=8192,
                 vocab_size=32000, rope_theta=500000.0)
@@ -72,7 +72,7 @@ def matmul_peak_tflops(device: torch.device = torch.device("cuda"), n: int = 819
 
 def table_peak_tflops(device: torch.device = torch.device("cuda")) -> float | None:
     """The GPU's bf16 peak from the table the trainer's MFU uses (None off CUDA)."""
-    return device_peak_tflops(device) if device.type == "cuda" else None
+    return cuda_peak(device, torch.bfloat16).tflops if device.type == "cuda" else None
 
 
 # ---------------------------------------------------------------------------------------------
