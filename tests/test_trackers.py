@@ -57,6 +57,10 @@ def test_resumed_run_continues_the_curves_without_duplicate_steps(tmp_path):
     steps = [e.step for e in _events(run).Scalars("train/loss")]
     assert steps == [1, 2, 3, 4, 5], steps
     assert _jsonl(run)[2]["loss"] == pytest.approx(res.losses[0])  # step 3 is the resumed run's record
+    # a fresh run (no resume) in the same directory starts new curves: nothing of the old run is shown
+    fresh = train(tiny_gpt_config(run, steps=2, train=TRAIN, checkpoint={"resume": "none", "at_end": False}))
+    assert [r["step"] for r in _jsonl(run)] == [1, 2]
+    assert [e.value for e in _events(run).Scalars("train/loss")] == pytest.approx(fresh.losses, rel=1e-6)
 
 
 def test_wandb_offline_files(tmp_path, monkeypatch):
@@ -87,13 +91,14 @@ def test_wandb_tracker_is_offline_and_resumes_the_same_run(tmp_path, monkeypatch
     monkeypatch.delitem(sys.modules, "dist_train.trackers.wandb_tracker", raising=False)
     monkeypatch.delenv("WANDB_MODE", raising=False)
     run = tmp_path / "run"
-    for steps in (2, 3):  # the second run resumes from the first one's final checkpoint
-        train(tiny_gpt_config(run, steps=steps, train={"trackers": ["wandb"]}, checkpoint={"at_end": True}))
+    for steps, resume in ((2, "auto"), (3, "auto"), (1, "none")):  # the second run resumes the first one
+        train(tiny_gpt_config(run, steps=steps, train={"trackers": ["wandb"]},
+                              checkpoint={"at_end": True, "resume": resume}))
     inits = [c[1] for c in calls if c[0] == "init"]
-    assert len(inits) == 2 and all(kw["mode"] == "offline" and kw["resume"] == "allow" for kw in inits)
-    assert inits[0]["id"] == inits[1]["id"] == (run / "wandb_run_id").read_text().strip()
-    assert [c[1] for c in calls if c[0] == "log"] == [1, 2, 3]
-    assert "train/loss" in calls[1][2] and calls.count(("finish",)) == 2
+    assert len(inits) == 3 and all(kw["mode"] == "offline" and kw["resume"] == "allow" for kw in inits)
+    assert inits[0]["id"] == inits[1]["id"] != inits[2]["id"] == (run / "wandb_run_id").read_text().strip()
+    assert [c[1] for c in calls if c[0] == "log"] == [1, 2, 3, 1]
+    assert "train/loss" in calls[1][2] and calls.count(("finish",)) == 3
 
 
 def test_tracker_configuration_errors(tmp_path):

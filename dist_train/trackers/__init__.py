@@ -10,7 +10,8 @@ run_dir/tensorboard: ``tensorboard --logdir runs/``) and ``wandb`` (offline file
 unless WANDB_MODE says otherwise; never a network call by default). Default: jsonl + tensorboard when
 the package is installed. Each tracker module imports its package at its top and is imported only when
 configured. A resumed run continues the same curves: records after the resumed step are dropped
-(jsonl), purged (TensorBoard ``purge_step``) or ignored (W&B keeps the run id in run_dir/wandb_run_id).
+(jsonl), purged (TensorBoard ``purge_step``) or ignored (W&B keeps the run id in run_dir/wandb_run_id);
+a run that starts at step 0 in an old run directory starts new curves there.
 """
 from __future__ import annotations
 

@@ -17,7 +17,8 @@ class JsonlTracker:
 
     def _truncate_after(self, start_step: int) -> None:
         """A resumed run redoes the steps after its checkpoint: drop their old records so every step appears
-        once (a crash may have logged steps the checkpoint did not keep). A torn last line is dropped too."""
+        once (a crash may have logged steps the checkpoint did not keep; a run starting at step 0 in an old
+        run directory starts a new curve). A torn last line is dropped too."""
         keep = []
         for line in self.path.read_text().splitlines():
             try:

@@ -12,9 +12,8 @@ from . import scalars
 class TensorBoardTracker:
     def __init__(self, log_dir: Path, start_step: int, text: dict):
         # purge_step: a resumed run hides the events an earlier attempt wrote after the resumed step, so
-        # the curve continues without duplicate steps
-        self.writer = SummaryWriter(log_dir=str(log_dir), purge_step=start_step + 1 if start_step else None,
-                                    flush_secs=30)
+        # the curve continues without duplicate steps (a run starting at step 0 hides every earlier event)
+        self.writer = SummaryWriter(log_dir=str(log_dir), purge_step=start_step + 1, flush_secs=30)
         if not start_step:
             for tag, value in text.items():
                 self.writer.add_text(tag, value, 0)

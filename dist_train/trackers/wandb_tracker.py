@@ -16,9 +16,10 @@ from . import scalars
 
 
 class WandbTracker:
-    def __init__(self, cfg: Config, run_dir: Path):
+    def __init__(self, cfg: Config, run_dir: Path, start_step: int):
         id_file = run_dir / "wandb_run_id"
-        run_id = id_file.read_text().strip() if id_file.is_file() else uuid.uuid4().hex[:16]
+        # a resumed run appends to its W&B run; a run starting from step 0 is a new W&B run
+        run_id = id_file.read_text().strip() if id_file.is_file() and start_step else uuid.uuid4().hex[:16]
         id_file.write_text(run_id + "\n")
         self.run = wandb.init(project=os.environ.get("WANDB_PROJECT", "dist-train"), name=cfg.run.name, id=run_id,
                               dir=str(run_dir), resume="allow", config=cfg.to_dict(),
@@ -37,4 +38,4 @@ class WandbTracker:
 
 
 def open_tracker(cfg: Config, run_dir: Path, start_step: int) -> WandbTracker:
-    return WandbTracker(cfg, run_dir)
+    return WandbTracker(cfg, run_dir, start_step)
