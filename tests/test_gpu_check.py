@@ -85,9 +85,15 @@ def test_report_from_junit(tmp_path):
                                                    "kernel_name": "cuda", "ops": {"flash": 6}, "ms": 2.0,
                                                    "sdpa_ms": 1.9, "tflops": 500.0, "sdpa_tflops": 526.3,
                                                    "vs_sdpa": 0.95}]},
-                             "llama": {"skipped": "no CUDA device"}}}
+                             "llama": {"matmul_peak_tflops": 812.5, "step": {"tokens_per_s": 41000.0, "mfu_vs_measured_peak": 0.41},
+                                       "longest": {"longest_seq_len": 524288, "trials": [
+                                           {"seq_len": 524288, "ok": True, "step_s": 30.0, "peak_gib": 120.0,
+                                            "bytes_per_token": 2.1e5},
+                                           {"seq_len": 1048576, "ok": False, "error": "CUDA out of memory"}]}}}}
     rep.write(report, tmp_path / "r")
     md = (tmp_path / "r" / "gpu-report.md").read_text()
+    assert "**step**: tokens_per_s=41,000, mfu_vs_measured_peak=0.41" in md and "matmul_peak_tflops=812" in md
+    assert "- S=524288: ok, 30 s, peak 120 GiB" in md and "- S=1048576: failed: CUDA out of memory" in md
     assert "fixture \\| broke" in md and "| 8192 | causal | auto=cuda {'flash': 6} | 2 | 500 |" in md
     assert json.loads((tmp_path / "r" / "gpu-report.json").read_text())["summary"] == {
         "passed": 1, "failed": 1, "skipped": 1, "error": 1}
