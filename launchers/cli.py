@@ -113,6 +113,12 @@ def build_backend(backend: str, nproc: int, run_dir: Path, address: Optional[str
     return RayBackend(nproc, run_dir, address=address, nodes=nodes, gpus_per_node=gpus)
 
 
+def ranks_on_this_machine(backend: str, nodes: int, address: Optional[str]) -> bool:
+    """True when every rank runs here (local, mpi, an embedded Ray cluster): the launcher's pre-flight then
+    sees the ranks' files and devices. A Ray cluster (--address, RAY_ADDRESS, --nodes > 1) may not."""
+    return backend != "ray" or (nodes == 1 and not (address or os.environ.get("RAY_ADDRESS")))
+
+
 def launch_main(args: argparse.Namespace) -> int:
     overrides = list(args.set or [])
     if getattr(args, "dry_run", False):
@@ -125,7 +131,7 @@ def launch_main(args: argparse.Namespace) -> int:
     address = args.address or cfg.launch.address
     # Data, directories, resume: one line and exit 2 before any rank starts. Ranks on other machines (a Ray
     # cluster) may see other files than this one: they run the checks themselves, before their rendezvous.
-    ranks_here = backend != "ray" or (nodes == 1 and not (address or os.environ.get("RAY_ADDRESS")))
+    ranks_here = ranks_on_this_machine(backend, nodes, address)
     if ranks_here:
         preflight(cfg, on_cuda=gpus > 0, ranks_per_host=max(1, nproc // max(1, nodes)))
     run_dir = Path(cfg.run.dir)

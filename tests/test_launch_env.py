@@ -221,3 +221,15 @@ def test_submit_dry_run_prints_script(tmp_path, capsys):
                               "--ntasks-per-node", "3", "--set", f"run.dir={tmp_path}/r", "--dry-run"])
     with pytest.raises(ValueError, match="but 3 ranks were launched"):
         submit_main(args)
+
+
+def test_preflight_runs_in_the_launcher_only_when_the_ranks_run_here(monkeypatch):
+    from launchers.cli import ranks_on_this_machine
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    assert ranks_on_this_machine("local", 1, None) and ranks_on_this_machine("mpi", 1, None)
+    assert ranks_on_this_machine("ray", 1, None)  # embedded cluster
+    assert not ranks_on_this_machine("ray", 2, None)
+    assert not ranks_on_this_machine("ray", 1, "10.0.0.1:6379")
+    monkeypatch.setenv("RAY_ADDRESS", "auto")
+    assert not ranks_on_this_machine("ray", 1, None)
