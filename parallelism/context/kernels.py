@@ -31,6 +31,7 @@ tile-sized additive bias.
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Optional
 
@@ -399,8 +400,10 @@ class FlashKernel:
         return dq.float(), dk.float(), dv.float()
 
 
+@functools.lru_cache(maxsize=1)
 def flash_available() -> bool:
-    """Is the optional flash-attn package importable?"""
+    """Is the optional flash-attn package importable? (Asked once: a failed import is not cached by
+    Python, and every attention call resolves its kernel.)"""
     try:
         import flash_attn  # noqa: F401
     except ImportError:
