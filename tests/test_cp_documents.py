@@ -192,3 +192,20 @@ def _docs_on_rank(rank: int, P: int) -> int:
 def test_documents_on_gloo_ranks_match_reference(world_size):
     counts = run_ranks(_docs_on_rank, world_size, timeout=170)
     assert len(set(counts)) == 1 and counts[0] >= 12
+
+
+def test_bench_docs_pairs_packed_with_unmasked_records():
+    """``dist-train bench attention --docs N`` bookkeeping (no timing asserted): the packed record of
+    each layout carries the ideal S²/ΣLᵢ², its speed-up over the unmasked twin and the plan's balance."""
+    from dist_train.bench.attention import _add_packing, simulate
+
+    base = dict(world_size=2, seq_len=256, method="ring", ulysses_degree=1, heads=1, kv_heads=None, head_dim=8,
+                batch=1, window=None, causal=True, forward_only=False, kernel="auto", repeats=1, kv_piece=None)
+    records = simulate([dict(base, layout=layout, docs=n) for layout in ("zigzag", "striped") for n in (None, 8)])
+    _add_packing(records)
+    packed = [r for r in records if r["docs"]]
+    assert len(packed) == 2
+    for r in packed:
+        # striped: rank 1's queries sit one position later in every document (+1 key each)
+        assert r["ideal_ratio"] == 1 / 8 and r["imbalance"] == (1.0 if r["layout"] == "zigzag" else 272 / 264)
+        assert r["fraction_of_ideal"] == r["packed_speedup"] * r["ideal_ratio"] > 0

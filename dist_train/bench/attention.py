@@ -17,6 +17,10 @@ buffers and gradients. The meter is checked on a known allocation pattern before
 ``--simulate`` drives the SAME ring schedule for P virtual ranks in one process (one thread, ranks
 one after another, no process competes for a core): each rank's per-step CPU time is its own, so the
 critical path there is free of oversubscription. Layouts are interleaved per repeat (same noise).
+
+``--docs N`` packs N equal documents (``cu_seqlens``) into the same S and runs every configuration
+twice, unmasked and packed, interleaved: the packed record reports its speed-up over the unmasked
+one against the ideal S² / Σ Lᵢ² (the work ratio) and the fraction of that ideal reached.
 """
 from __future__ import annotations
 
@@ -32,6 +36,7 @@ EPILOG = """example:
   dist-train bench attention --world-size 4 --seq-len 8192 --layout contiguous,striped,zigzag --simulate
   dist-train bench attention --world-size 4 --seq-len 8192 --block-kernels --repeats 7
   dist-train bench attention --world-size 4 --seq-len 8192 --layout zigzag --kv-piece none,512 --repeats 1
+  dist-train bench attention --world-size 2 --seq-len 32768 --layout zigzag,striped --docs 8 --simulate
 """
 
 
@@ -53,6 +58,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--kv-piece", default="none",
                         help="comma list of K/V piece sizes in tokens for the ring (none = whole shards), "
                              "e.g. none,512: one record per value")
+    parser.add_argument("--docs", type=int, default=None,
+                        help="pack N equal documents into S (document masking) and compare with the same S "
+                             "unmasked, against the ideal speed-up S^2 / sum(L_i^2)")
     parser.add_argument("--repeats", type=int, default=3, help="timed iterations (median reported)")
     parser.add_argument("--block-kernels", action="store_true",
                         help="only time the local kernel on the block shapes the layouts use at n=S/P "
@@ -89,6 +97,14 @@ def _inputs(cfg: dict, seq: int, seed: int = 0):
     return (torch.randn(*shape, cfg["heads"], cfg["head_dim"], generator=gen),
             torch.randn(*shape, hkv, cfg["head_dim"], generator=gen),
             torch.randn(*shape, hkv, cfg["head_dim"], generator=gen))
+
+
+def _cu_seqlens(cfg: dict):
+    """Global boundaries of ``cfg["docs"]`` equal documents (the last takes the remainder); None: unmasked."""
+    n, S = cfg.get("docs"), cfg["seq_len"]
+    if not n:
+        return None
+    return [i * (S // n) for i in range(n)] + [S]
 
 
 def _full_attention_step(cfg: dict, q, k, v) -> float:
@@ -196,7 +212,7 @@ def _ring_step(cfg: dict, q, k, v, stats) -> None:
     o = context_parallel_attention(*xs, layout=cfg["layout"], method=cfg["method"],
                                    ulysses_degree=cfg["ulysses_degree"], causal=cfg["causal"],
                                    window=cfg["window"], kernel=cfg["kernel"], kv_piece=cfg["kv_piece"],
-                                   stats=stats)
+                                   cu_seqlens=_cu_seqlens(cfg), stats=stats)
     if not cfg["forward_only"]:
         o.backward(torch.ones_like(o))
 
@@ -270,11 +286,12 @@ def measure(cfg: dict) -> dict:
 
 def _plan_work(cfg: dict) -> list[int]:
     """Allowed (query, key) pairs per rank in the ring plan of ``cfg``."""
-    from parallelism.context import build_schedule, default_tile, rank_chunks
+    from parallelism.context import build_schedule, default_tile, normalize_cu_seqlens, rank_chunks
 
     P, S = cfg["world_size"], cfg["seq_len"]
     chunks = tuple(rank_chunks(S, r, P, cfg["layout"]) for r in range(P))
-    schedule = build_schedule(chunks, cfg["causal"], cfg["window"], default_tile(cfg["window"]), cfg["kv_piece"])
+    schedule = build_schedule(chunks, cfg["causal"], cfg["window"], default_tile(cfg["window"]), cfg["kv_piece"],
+                              normalize_cu_seqlens(_cu_seqlens(cfg), S, cfg["batch"]))
     return [sum(p.plan.rank_work(r) for p in schedule) for r in range(P)]
 
 
@@ -361,7 +378,7 @@ def simulate(cfgs: list[dict]) -> list[dict]:
             xs = [x.clone().requires_grad_() for x in (q, k, v)]
             o = simulate_ring_attention(*xs, world_size=P, layout=cfg["layout"], causal=cfg["causal"],
                                         window=cfg["window"], kernel=cfg["kernel"], kv_piece=cfg["kv_piece"],
-                                        stats=stats)
+                                        cu_seqlens=_cu_seqlens(cfg), stats=stats)
             if not cfg["forward_only"]:
                 o.backward(torch.ones_like(o))
             steps[i].append([st.fwd_step_compute_s + st.bwd_step_compute_s for st in stats])
@@ -389,26 +406,50 @@ def _header(cfg: dict) -> dict:
     return dict(method=cfg["method"], layout=cfg["layout"], world_size=cfg["world_size"],
                 seq_len=cfg["seq_len"], heads=cfg["heads"], kv_heads=cfg["kv_heads"] or cfg["heads"],
                 head_dim=cfg["head_dim"], batch=cfg["batch"], causal=cfg["causal"], window=cfg["window"],
-                fwd_bwd=not cfg["forward_only"], ulysses_degree=cfg["ulysses_degree"], kv_piece=cfg["kv_piece"])
+                fwd_bwd=not cfg["forward_only"], ulysses_degree=cfg["ulysses_degree"], kv_piece=cfg["kv_piece"],
+                docs=cfg.get("docs"))
 
 
 def _add_speedups(records: list[dict]) -> None:
     """critical-path speed-up of every record over the contiguous layout of the same method."""
     for key, out in (("critical_path_s", "speedup_vs_contiguous"),
                      ("critical_path_min_s", "speedup_vs_contiguous_min")):
-        base = {(r["method"], r["kv_piece"]): r[key] for r in records if r["layout"] == "contiguous" and key in r}
+        base = {(r["method"], r["kv_piece"], r["docs"]): r[key] for r in records
+                if r["layout"] == "contiguous" and key in r}
         for r in records:
-            if (r["method"], r["kv_piece"]) in base and key in r:
-                r[out] = base[(r["method"], r["kv_piece"])] / r[key]
+            if (r["method"], r["kv_piece"], r["docs"]) in base and key in r:
+                r[out] = base[(r["method"], r["kv_piece"], r["docs"])] / r[key]
+
+
+def _add_packing(records: list[dict]) -> None:
+    """Packed records: speed-up over the unmasked twin (same method, layout, piece) vs the ideal S²/ΣLᵢ²."""
+    twins = {(r["method"], r["layout"], r["kv_piece"]): r for r in records if not r["docs"]}
+    for r in records:
+        twin = twins.get((r["method"], r["layout"], r["kv_piece"]))
+        if not r["docs"] or twin is None:
+            continue
+        cu = _cu_seqlens(r)
+        r["ideal_ratio"] = sum((b - a) ** 2 for a, b in zip(cu, cu[1:])) / r["seq_len"] ** 2
+        for key, suffix in (("critical_path_s", ""), ("critical_path_min_s", "_min"), ("time_s", "_wall")):
+            if key in r and key in twin:
+                r[f"packed_speedup{suffix}"] = twin[key] / r[key]
+                r[f"fraction_of_ideal{suffix}"] = r[f"packed_speedup{suffix}"] * r["ideal_ratio"]
 
 
 def _print(rec: dict) -> None:
     print(f"\n{rec['method']}/{rec['layout']}  P={rec['world_size']} S={rec['seq_len']} "
           f"H={rec['heads']}/{rec['kv_heads']} D={rec['head_dim']} causal={rec['causal']} "
-          f"window={rec['window']} kv_piece={rec['kv_piece']} {'fwd+bwd' if rec['fwd_bwd'] else 'fwd'}"
+          f"window={rec['window']} kv_piece={rec['kv_piece']} docs={rec['docs']} "
+          f"{'fwd+bwd' if rec['fwd_bwd'] else 'fwd'}"
           + ("  [simulated: P ranks in one process]" if rec.get("simulated") else ""))
     speed = (f"  speed-up vs contiguous {rec['speedup_vs_contiguous']:.2f}x"
              if "speedup_vs_contiguous" in rec else "")
+    if "packed_speedup" in rec or "packed_speedup_wall" in rec:
+        parts = [f"{name} {rec['packed_speedup' + sfx]:.2f}x = {rec['fraction_of_ideal' + sfx]:.1%} of ideal"
+                 for name, sfx in (("critical path", ""), ("per-step minima", "_min"), ("wall", "_wall"))
+                 if "packed_speedup" + sfx in rec]
+        print(f"packed {rec['docs']} documents vs unmasked at the same S: ideal speed-up "
+              f"{1 / rec['ideal_ratio']:.2f}x (S^2/sum L^2); " + ", ".join(parts))
     if rec.get("simulated"):
         print(f"{'rank':>4} {'compute_s':>10}  per-step CPU s")
         for r in rec["ranks"]:
@@ -443,12 +484,15 @@ def run(args: argparse.Namespace) -> int:
     for layout in layouts:
         check_seq_len(args.seq_len, args.world_size, layout)
     pieces = [_piece(p) for p in args.kv_piece.split(",")]
+    if args.docs is not None and not 1 <= args.docs <= args.seq_len:
+        raise ValueError(f"--docs {args.docs} must be between 1 and --seq-len {args.seq_len}")
+    docs = [None, args.docs] if args.docs else [None]
     cfgs = [dict(world_size=args.world_size, seq_len=args.seq_len, layout=layout, method=method,
                  ulysses_degree=args.ulysses_degree, heads=args.heads, kv_heads=args.kv_heads,
                  head_dim=args.head_dim, batch=args.batch, window=args.window,
                  causal=not args.no_causal, forward_only=args.forward_only, kernel=args.kernel,
-                 repeats=args.repeats, kv_piece=piece)
-            for piece in pieces for method in methods for layout in layouts]
+                 repeats=args.repeats, kv_piece=piece, docs=n)
+            for piece in pieces for method in methods for layout in layouts for n in docs]
     if args.block_kernels:
         records = block_kernels(cfgs[0])
         print(f"local kernel {args.kernel}, n=S/P={records[0]['n']}, {'fwd' if args.forward_only else 'fwd+bwd'}, "
@@ -466,6 +510,7 @@ def run(args: argparse.Namespace) -> int:
         check_memory_meter()
         records = [measure(cfg) for cfg in cfgs]
     _add_speedups(records)
+    _add_packing(records)
     for rec in records:
         _print(rec)
     if args.json:
