@@ -153,6 +153,8 @@ def test_a_model_whose_states_exceed_the_memory_is_refused(tmp_path, dataset):
 
 def test_flash_kernel_on_cpu_is_refused(tmp_path, dataset):
     _refused(_cfg(tmp_path, dataset, parallel={"attn_kernel": "flash"}), "parallel.attn_kernel = 'flash' on cpu")
+    _refused(_cfg(tmp_path, dataset, parallel={"attn_kernel": "cuda"}), "parallel.attn_kernel = 'cuda' on cpu",
+             "needs CUDA tensors")
 
 
 def _save(root: Path, steps: list[int]) -> list[Path]:
