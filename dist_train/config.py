@@ -172,6 +172,8 @@ class LaunchConfig:
     max_restarts: int = 0
     collective_timeout_s: float = 300.0
     watchdog_s: Optional[float] = None  # no step progress for this long = hang (0: off; null: automatic)
+    bind: Optional[str] = None  # rank 0's rendezvous store: None = MASTER_ADDR's interface (loopback alone
+    #                             on one machine); an address/host name, or "all" for every interface
 
 
 @dataclass
@@ -686,6 +688,9 @@ def _validate_launch(cfg: Config) -> None:
     _check_bounds(cfg, "launch")
     if cfg.launch.address is not None:
         _check_text("launch.address", cfg.launch.address, "a Ray cluster address (host:port, auto) or null")
+    if cfg.launch.bind is not None:
+        _check_text("launch.bind", cfg.launch.bind, "an address or host name of rank 0's node, 'all', or null "
+                                                  "(MASTER_ADDR's interface)")
 
 
 def _validate_gpt(cfg: Config) -> None:

@@ -8,9 +8,12 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import Optional
 
 import torch
 import torch.distributed as dist
+
+from .rendezvous import create_store
 
 
 @dataclass(frozen=True)
@@ -37,15 +40,22 @@ def pick_device(local_rank: int) -> torch.device:
     return torch.device("cpu")
 
 
-def init_distributed(timeout_s: float = 300.0) -> DistContext:
-    """Initialise the default group from the environment (no-op when already initialised or single)."""
+def init_distributed(timeout_s: float = 300.0, bind: Optional[str] = None) -> DistContext:
+    """Initialise the default group from the environment (no-op when already initialised or single).
+
+    Rank 0's rendezvous store listens on loopback when MASTER_ADDR is loopback, else on MASTER_ADDR's
+    interface or ``bind`` (launch.bind) — never on every interface by default (dist_train/rendezvous.py).
+    """
     rank, world, local_rank = env_rank_info()
     device = pick_device(local_rank)
     if dist.is_initialized():
         return DistContext(dist.get_rank(), dist.get_world_size(), local_rank, device)
     if world > 1:
         backend = "nccl" if device.type == "cuda" else "gloo"
-        dist.init_process_group(backend, rank=rank, world_size=world, timeout=timedelta(seconds=timeout_s),
+        timeout = timedelta(seconds=timeout_s)
+        store = create_store(rank, world, os.environ.get("MASTER_ADDR", "127.0.0.1"),
+                             int(os.environ.get("MASTER_PORT", "29500")), timeout, bind)
+        dist.init_process_group(backend, store=store, rank=rank, world_size=world, timeout=timeout,
                                 device_id=device if device.type == "cuda" else None)
     return DistContext(rank, world, local_rank, device)
 

@@ -33,7 +33,7 @@ def run_rank(config_path: str, overrides: list[str]) -> int:
     torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
     if env_rank_info()[0] == 0:
         clear_user_errors(cfg.run.dir)  # before the rendezvous: no peer can have failed yet
-    ctx = init_distributed(cfg.launch.collective_timeout_s)
+    ctx = init_distributed(cfg.launch.collective_timeout_s, bind=cfg.launch.bind)
     try:
         from .trainer import train
 

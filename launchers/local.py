@@ -7,7 +7,7 @@ import time
 from pathlib import Path
 from typing import Optional
 
-from launchers.env import free_port
+from launchers.env import free_port, loopback_environment
 from launchers.procs import ConsoleSink, RankProcess, Sink
 from launchers.supervisor import progress_from_heartbeats
 
@@ -71,7 +71,8 @@ class LocalBackend:
         ranks: list[RankProcess] = []
         try:
             for r in range(self.nproc):
-                env_r = rank_environment(base, r, self.nproc, r, self.nproc, "127.0.0.1", port, env)
+                env_r = rank_environment(base, r, self.nproc, r, self.nproc, "127.0.0.1", port,
+                                         {**loopback_environment(base), **env})
                 ranks.append(RankProcess(argv, r, env_r, self.sink, log_dir=self.run_dir / "logs", attempt=attempt,
                                          cwd=self.cwd))
         except BaseException:

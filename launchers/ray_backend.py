@@ -21,12 +21,13 @@ import contextlib
 import os
 import signal
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
 from typing import Any, Optional
 
-from launchers.env import free_port
+from launchers.env import free_port, loopback_environment
 from launchers.local import rank_environment
 from launchers.procs import ConsoleSink, RankProcess, Sink
 from launchers.supervisor import RankProgress, progress_from_heartbeats
@@ -45,6 +46,64 @@ def kept_signal_handlers(signals: tuple[int, ...] = (signal.SIGTERM, signal.SIGI
         for s, h in saved.items():
             if h is not None and signal.getsignal(s) != h:
                 signal.signal(s, h)
+
+
+class _HeldStderr:
+    def __init__(self) -> None:
+        self.keep = True
+
+    def drop(self) -> None:
+        self.keep = False
+
+
+@contextlib.contextmanager
+def stderr_held_back():
+    """Send file descriptor 2 (C++ libraries included) to a temporary file for the body; replay it
+    afterwards unless the body called ``.drop()`` on the yielded handle."""
+    held = _HeldStderr()
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile(mode="w+b") as tmp:
+        os.dup2(tmp.fileno(), 2)
+        try:
+            yield held
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            if held.keep:
+                tmp.seek(0)
+                sys.stderr.write(tmp.read().decode(errors="replace"))
+                sys.stderr.flush()
+
+
+def ray_token_available(environ: Optional[dict] = None) -> bool:
+    """A Ray authentication token this process could present (the places Ray itself looks)."""
+    environ = os.environ if environ is None else environ
+    if environ.get("RAY_AUTH_TOKEN"):
+        return True
+    path = environ.get("RAY_AUTH_TOKEN_PATH") or str(Path.home() / ".ray" / "auth_token")
+    return os.path.isfile(path) and os.path.getsize(path) > 0
+
+
+def token_auth_environment(environ: Optional[dict] = None) -> dict[str, str]:
+    """What to set before connecting to an existing cluster: token mode when a token exists and the user
+    did not choose a mode (``ray start`` turns token authentication on whenever ~/.ray/auth_token
+    exists, but a connecting client only presents the token in token mode)."""
+    environ = os.environ if environ is None else environ
+    if "RAY_AUTH_MODE" not in environ and ray_token_available(environ):
+        return {"RAY_AUTH_MODE": "token"}
+    return {}
+
+
+def connection_failure_message(address: str, error: BaseException) -> str:
+    """One line for a failed ``ray.init(address=...)``, naming the address and what to set."""
+    mode = os.environ.get("RAY_AUTH_MODE", "unset")
+    token = "a token is available" if ray_token_available() else "no token found"
+    return (f"cannot connect to the Ray cluster at {address} ({type(error).__name__}; RAY_AUTH_MODE={mode}, {token}): "
+            f"check the address (ray status on the head node), and if the cluster uses token authentication set "
+            f"RAY_AUTH_TOKEN or RAY_AUTH_TOKEN_PATH to its token (the head node's ~/.ray/auth_token) and "
+            f"RAY_AUTH_MODE=token")
 
 
 class RankActor:
@@ -201,6 +260,9 @@ class RayBackend:
     # cluster --------------------------------------------------------------------------------
     def connect(self) -> None:
         os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+        if self.address:
+            # before `import ray`: Ray reads the authentication mode once, when it is imported
+            os.environ.update(token_auth_environment())
         import ray
 
         if ray.is_initialized():
@@ -210,7 +272,13 @@ class RayBackend:
         # which forward a preemption to the ranks so that they checkpoint.
         with kept_signal_handlers():
             if self.address:
-                ray.init(address=self.address, **common)
+                # Ray's C++ client logs each of its ~20 failed attempts; on failure one line says why.
+                with stderr_held_back() as held:
+                    try:
+                        ray.init(address=self.address, **common)
+                    except (ConnectionError, ray.exceptions.AuthenticationError) as e:
+                        held.drop()
+                        raise ValueError(connection_failure_message(self.address, e)) from None
             else:
                 self._embedded = True
                 ray.init(address="local", num_cpus=max(self.nproc * self.cpus_per_rank, os.cpu_count() or 1),
@@ -244,11 +312,10 @@ class RayBackend:
 
     # one attempt ---------------------------------------------------------------------------------
     def start(self, argv: list[str], env: dict[str, str], attempt: int) -> RayAttempt:
+        if self._pg is None:
+            self.connect()  # first: it prepares the environment Ray reads when it is imported
         import ray
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
-
-        if self._pg is None:
-            self.connect()
         started = time.time()
         remote_cls = ray.remote(RankActor)
         per_node = self.nproc // self.nodes
@@ -261,15 +328,18 @@ class RayBackend:
         gpus = _gpu_layout(infos)
         local_of = [r % per_node for r in range(self.nproc)]
         cwd = os.getcwd()
+        # An embedded cluster is this machine alone: rendezvous and collectives stay on loopback.
+        master = "127.0.0.1" if self._embedded else infos[0]["ip"]
+        local_only = loopback_environment() if self._embedded else {}
         starts = []
         for r, actor in enumerate(actors):
             rank_argv = [infos[r]["python"] if a == sys.executable else a for a in argv]
-            extra = dict(env)
+            extra = {**local_only, **env}
             extra["PYTHONPATH"] = os.pathsep.join(filter(None, [cwd, os.environ.get("PYTHONPATH")]))
             local_rank = local_of[r]
             if self.gpus_per_node:
                 extra["CUDA_VISIBLE_DEVICES"], local_rank = gpus[r]
-            rank_env = rank_environment({}, r, self.nproc, local_rank, per_node, infos[0]["ip"], port, extra)
+            rank_env = rank_environment({}, r, self.nproc, local_rank, per_node, master, port, extra)
             starts.append(actor.start.remote(rank_argv, rank_env, r, str(self.run_dir.absolute()), attempt, cwd))
         ray.get(starts)
         return RayAttempt(actors, self.sink, started)

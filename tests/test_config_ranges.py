@@ -104,6 +104,7 @@ BAD: dict[str, list] = {
     "launch.max_restarts": [-1],
     "launch.collective_timeout_s": [0, -5.0, float("nan"), float("inf")],
     "launch.watchdog_s": [-1.0, float("nan"), float("inf")],
+    "launch.bind": ["", 8],
 }
 
 

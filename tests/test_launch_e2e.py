@@ -8,9 +8,11 @@
 """
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -147,3 +149,47 @@ def test_ray_launch_sigterm_checkpoints_and_resume_equals_uninterrupted(tmp_path
     got, ref = _metrics(run_dir)[-1], _metrics(ref_dir)[-1]
     assert got["step"] == ref["step"] == saved + 2
     assert got["loss"] == ref["loss"]
+
+
+def _free_port():
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_ray_address_with_token_auth(tmp_path):
+    """A `ray start` cluster with token authentication: the launcher presents the token it finds (no
+    RAY_AUTH_MODE needed); a wrong token is one line naming the address, exit 2."""
+    pytest.importorskip("ray")
+    token = tmp_path / "auth_token"
+    token.write_text("0123456789abcdef0123456789abcdef")
+    port = _free_port()
+    ray_exe = str(Path(sys.executable).parent / "ray")
+    head_env = _env(RAY_AUTH_TOKEN_PATH=str(token), RAY_USAGE_STATS_ENABLED="0")
+    head_log = tmp_path / "head.log"
+    ray_tmp = tempfile.mkdtemp(prefix="dt-ray-")  # Ray's socket paths must stay under 108 bytes
+    with open(head_log, "w") as log:
+        head = subprocess.Popen([ray_exe, "start", "--head", f"--port={port}", "--num-cpus=2",
+                                 "--include-dashboard=false", f"--temp-dir={ray_tmp}", "--block"],
+                                env=head_env, start_new_session=True, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.time() + 120
+        while "will now block" not in head_log.read_text() and time.time() < deadline and head.poll() is None:
+            time.sleep(0.5)
+        assert "will now block" in head_log.read_text(), head_log.read_text()[-3000:]
+        address = f"127.0.0.1:{port}"
+        ok = _launch(tmp_path / "ok", "--backend", "ray", "--address", address, "--nproc", "2",
+                     "--set", "train.steps=2", env=_env(RAY_AUTH_TOKEN_PATH=str(token)), timeout=300)
+        assert ok.returncode == 0, (ok.stdout + ok.stderr)[-4000:]
+        bad = _launch(tmp_path / "bad", "--backend", "ray", "--address", address, "--nproc", "2",
+                      env=_env(RAY_AUTH_TOKEN="not-the-token"), timeout=300)
+        errors = [line for line in (bad.stdout + bad.stderr).splitlines() if not line.startswith("[launcher]")]
+        assert bad.returncode == 2, bad.stderr[-3000:]
+        assert len(errors) == 1 and address in errors[0] and "RAY_AUTH_TOKEN" in errors[0], errors
+    finally:
+        if head.poll() is None:
+            os.killpg(head.pid, signal.SIGTERM)
+            head.wait(timeout=60)
+        shutil.rmtree(ray_tmp, ignore_errors=True)

@@ -1,0 +1,86 @@
+"""Rank 0's rendezvous store, listening only where it must.
+
+torch's default ``env://`` rendezvous makes rank 0 host an unauthenticated TCP store on *every*
+interface (``*:MASTER_PORT``), even when every rank is on this machine and ``MASTER_ADDR`` is
+127.0.0.1. Here rank 0 binds the listening socket itself and hands it to ``TCPStore`` through
+``master_listen_fd``:
+
+* ``MASTER_ADDR`` on loopback (single-machine launches: local, embedded Ray) → 127.0.0.1 only;
+* otherwise the interface of ``MASTER_ADDR`` (the address the other nodes dial), or ``launch.bind``
+  when the user names one (``0.0.0.0`` only when asked for explicitly).
+
+A port that is taken is one line naming it, at once, instead of an EADDRINUSE traceback on rank 0 and
+a rendezvous time-out on the others.
+
+    store = create_store(rank, world_size, "127.0.0.1", 29500, timedelta(seconds=300), bind=None)
+"""
+from __future__ import annotations
+
+import errno
+import ipaddress
+import socket
+from datetime import timedelta
+from typing import Optional
+
+import torch.distributed as dist
+
+
+class RendezvousError(ValueError):
+    """The store cannot listen where the job says it must; the message is one line for the user."""
+
+
+def _is_loopback(addr: str) -> bool:
+    try:
+        return ipaddress.ip_address(addr).is_loopback
+    except ValueError:
+        return False
+
+
+def resolve(host: str) -> str:
+    """The IPv4 address of ``host`` (a name or an address)."""
+    try:
+        return socket.gethostbyname(host)
+    except OSError as e:
+        raise RendezvousError(f"MASTER_ADDR={host!r} does not resolve ({e.strerror or e}): set MASTER_ADDR to "
+                              f"an address of the first node") from None
+
+
+def bind_address(master_addr: str, bind: Optional[str] = None) -> str:
+    """Where rank 0's store listens: ``bind`` if given, loopback for a loopback master, else the
+    master's own address."""
+    if bind:
+        return "0.0.0.0" if bind in ("all", "*") else resolve(bind)
+    addr = resolve(master_addr)
+    return "127.0.0.1" if _is_loopback(addr) else addr
+
+
+def listening_socket(addr: str, port: int) -> socket.socket:
+    """A TCP socket bound to (addr, port) and listening; a taken port or a foreign address is one line."""
+    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        s.bind((addr, port))
+        s.listen(socket.SOMAXCONN)
+    except OSError as e:
+        s.close()
+        if e.errno == errno.EADDRINUSE:
+            raise RendezvousError(f"MASTER_PORT {port} is already in use on {addr}: another job or service holds "
+                                  f"it; set MASTER_PORT to a free port (the launchers and generated batch "
+                                  f"scripts pick one that is checked free)") from None
+        if e.errno == errno.EADDRNOTAVAIL:
+            raise RendezvousError(f"cannot listen on {addr}:{port}: {addr} is not an address of this machine "
+                                  f"(rank 0 must run on MASTER_ADDR's node; or set launch.bind to one of its "
+                                  f"interfaces)") from None
+        raise
+    return s
+
+
+def create_store(rank: int, world_size: int, master_addr: str, port: int, timeout: timedelta,
+                 bind: Optional[str] = None) -> dist.TCPStore:
+    """The job's TCP store: rank 0 hosts it on :func:`bind_address`, the others connect to MASTER_ADDR."""
+    if rank != 0:
+        return dist.TCPStore(master_addr, port, world_size, False, timeout)
+    sock = listening_socket(bind_address(master_addr, bind), port)
+    # TCPStore takes ownership of the descriptor; the Python object must not close it behind its back.
+    fd = sock.detach()
+    return dist.TCPStore(master_addr, port, world_size, True, timeout, master_listen_fd=fd)

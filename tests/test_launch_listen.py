@@ -1,0 +1,77 @@
+"""Services bind to loopback on one machine: rank 0's rendezvous store and gloo listen on 127.0.0.1 only;
+a taken MASTER_PORT is one line naming it."""
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from datetime import timedelta
+from pathlib import Path
+
+import psutil
+import pytest
+
+from dist_train.lifecycle import read_heartbeat
+from dist_train.rendezvous import RendezvousError, bind_address, create_store, listening_socket
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _listening(pids):
+    """(ip, port) of every TCP socket in LISTEN state owned by ``pids``."""
+    out = []
+    for c in psutil.net_connections(kind="tcp"):
+        if c.status == psutil.CONN_LISTEN and c.pid in pids:
+            out.append((c.laddr.ip, c.laddr.port))
+    return out
+
+
+def test_bind_address_rules():
+    assert bind_address("127.0.0.1") == "127.0.0.1"
+    assert bind_address("localhost") == "127.0.0.1"
+    assert bind_address("127.0.0.1", bind="all") == "0.0.0.0"
+    assert bind_address("10.1.2.3") == "10.1.2.3"  # a multi-node master: its own interface, not all
+
+
+def test_taken_port_is_one_line_and_store_listens_on_loopback():
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        with pytest.raises(RendezvousError) as e:
+            listening_socket("127.0.0.1", port)
+        assert f"MASTER_PORT {port} is already in use" in str(e.value) and "\n" not in str(e.value)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    store = create_store(0, 1, "127.0.0.1", port, timedelta(seconds=10))
+    store.set("k", "v")
+    assert store.get("k") == b"v"
+    assert _listening({os.getpid()}) == [("127.0.0.1", port)]
+
+
+@pytest.mark.slow
+def test_local_job_listens_on_loopback_only(tmp_path):
+    run_dir = tmp_path / "run"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("DIST_TRAIN_", "RANK", "WORLD_SIZE", "MASTER_"))}
+    env.update({"PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"})
+    cmd = [sys.executable, "-m", "dist_train", "launch", str(REPO / "configs" / "gpt_tiny.yaml"), "--backend", "local",
+           "--nproc", "2", "--set", "parallel.dp=2", "--set", f"run.dir={run_dir}", "--set", "train.steps=400",
+           "--set", "train.progress=false", "--set", "checkpoint.at_end=false"]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.time() + 180
+        while time.time() < deadline and proc.poll() is None:
+            if all((read_heartbeat(run_dir, r) or {}).get("step") for r in range(2)):
+                break
+            time.sleep(0.2)
+        assert proc.poll() is None, proc.communicate()[0][-3000:]
+        pids = {proc.pid} | {c.pid for c in psutil.Process(proc.pid).children(recursive=True)}
+        sockets = _listening(pids)
+        assert sockets, "the ranks listen on nothing: the meter is broken"
+        assert all(ip.startswith("127.") for ip, _ in sockets), sockets
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=60)
