@@ -47,6 +47,7 @@ class BatchSpec:
     env_lines: list[str] = field(default_factory=list)
     directives: list[str] = field(default_factory=list)  # extra "#SBATCH …"/"#PBS …" lines, verbatim args
     python: str = sys.executable
+    mpiexec: Optional[str] = None  # PBS: default the mpiexec beside ``python`` (its MPI), else "mpiexec"
     script_path: Optional[str] = None  # where the script will be written (PBS requeue resubmits it)
 
     @property
@@ -56,6 +57,15 @@ class BatchSpec:
     @property
     def world_size(self) -> int:
         return self.nodes * self.per_node
+
+    @property
+    def mpiexec_path(self) -> str:
+        """PBS: the same resolved installation as ``python`` — a bare ``mpiexec`` is not on PATH in a
+        batch job without ``qsub -V``, and another MPI's mpiexec cannot start pip's MPICH ranks."""
+        if self.mpiexec:
+            return self.mpiexec
+        sibling = Path(self.python).parent / "mpiexec"
+        return str(sibling) if sibling.is_file() else "mpiexec"
 
 
 def validate(spec: BatchSpec) -> None:
@@ -99,7 +109,9 @@ def _header(spec: BatchSpec) -> list[str]:
         lines = [f"#SBATCH --job-name={spec.name}", f"#SBATCH --nodes={spec.nodes}",
                  f"#SBATCH --ntasks-per-node={spec.per_node}", f"#SBATCH --time={spec.time}",
                  f"#SBATCH --output={log}/slurm-%j.out", "#SBATCH --open-mode=append", "#SBATCH --requeue",
-                 "#SBATCH --signal=USR1@120"]
+                 # ray: only the batch shell gets USR1 (B:), it hands it to the launcher; the srun steps
+                 # running `ray start` would die of it and take the cluster with them
+                 "#SBATCH --signal=B:USR1@120" if spec.backend == "ray" else "#SBATCH --signal=USR1@120"]
         if spec.gpus_per_node:
             lines.append(f"#SBATCH --gpus-per-node={spec.gpus_per_node}")
         if spec.backend == "ray":
@@ -113,16 +125,33 @@ def _header(spec: BatchSpec) -> list[str]:
     return lines + [f"#PBS {d}" for d in spec.directives]
 
 
+def _free_port_command(spec: BatchSpec) -> str:
+    """Shell: a TCP port free on this node (the batch shell runs on the allocation's first node, where
+    rank 0 and the Ray head run) — not one derived from the job id, which may be taken."""
+    code = "from launchers.env import free_port; print(free_port())"
+    return f"$({shlex.quote(spec.python)} -c {shlex.quote(code)})"
+
+
 def _mpi_body(spec: BatchSpec) -> list[str]:
+    """Sets ``status`` to the job's exit status."""
     if spec.scheduler == "slurm":
         # No --kill-on-bad-exit: a preempted rank exits 75 and must not kill the others mid-checkpoint;
         # a crashed rank brings the rest down through the collective timeout.
-        return [f"srun --ntasks={spec.world_size} --ntasks-per-node={spec.per_node} {_rank_command(spec)}"]
-    return [f"mpiexec -n {spec.world_size} --ppn {spec.per_node} {_rank_command(spec)}"]
+        return [f"export MASTER_PORT={_free_port_command(spec)}  # rank 0's rendezvous port, checked free here",
+                f"srun --ntasks={spec.world_size} --ntasks-per-node={spec.per_node} {_rank_command(spec)}",
+                "status=$?"]
+    return [f"{shlex.quote(spec.mpiexec_path)} -n {spec.world_size} --ppn {spec.per_node} {_rank_command(spec)}",
+            "status=$?"]
 
 
 def _ray_body(spec: BatchSpec) -> list[str]:
-    """Head on the first node, a worker on every other, then the Ray launcher (never ssh)."""
+    """Head on the first node, a worker on every other, then the Ray launcher (never ssh).
+
+    The launcher runs in the background so that this shell can hand it the scheduler's signals
+    (``--signal=B:USR1@…`` on Slurm, SIGTERM on preemption / qdel): it asks every rank to checkpoint and
+    exits 75, while the ``ray start`` steps, which never see the signal, keep the cluster up until then.
+    Sets ``status`` to the launcher's exit status.
+    """
     gpus = f" --num-gpus={spec.gpus_per_node}" if spec.gpus_per_node else ""
     ray = shlex.quote(str(Path(spec.python).parent / "ray"))
     if spec.scheduler == "slurm":
@@ -130,23 +159,38 @@ def _ray_body(spec: BatchSpec) -> list[str]:
         on_node = 'srun --nodes=1 --ntasks=1 -w "{host}"'
     else:
         hosts = 'mapfile -t NODES < <(sort -u "$PBS_NODEFILE")'
-        on_node = 'mpiexec -n 1 --hosts "{host}"'
+        on_node = shlex.quote(spec.mpiexec_path) + ' -n 1 --hosts "{host}"'
     launch = _q([spec.python, "-m", "dist_train", "launch", "--backend", "ray", "--nodes", str(spec.nodes),
                  "--nproc", str(spec.world_size), *(["--gpus-per-node", str(spec.gpus_per_node)]
                                                     if spec.gpus_per_node else []), *_job_args(spec)])
+    token = shlex.quote(f"{spec.run_dir}/.ray_auth_token")
+    token_code = "import secrets; print(secrets.token_hex(32))"
     return [
+        "# Ray with token authentication: a private token for this job's cluster, read by every node",
+        f'export RAY_AUTH_MODE=token RAY_AUTH_TOKEN_PATH="${{RAY_AUTH_TOKEN_PATH:-{token}}}"',
+        f'[ -s "$RAY_AUTH_TOKEN_PATH" ] || (umask 077 && {shlex.quote(spec.python)} -c {shlex.quote(token_code)} '
+        f'> "$RAY_AUTH_TOKEN_PATH")',
         hosts,
         'HEAD_IP=$(' + on_node.format(host="${NODES[0]}") + ' hostname -I | awk \'{print $1}\')',
-        "RAY_PORT=6379",
+        f"RAY_PORT={_free_port_command(spec)}",
         on_node.format(host="${NODES[0]}") + f' {ray} start --head --node-ip-address="$HEAD_IP" '
         f'--port=$RAY_PORT --num-cpus={spec.per_node}{gpus} --include-dashboard=false --block &',
-        "sleep 15",
+        "for _ in $(seq 90); do",
+        f'  {ray} status --address "$HEAD_IP:$RAY_PORT" >/dev/null 2>&1 && break  # the head answers',
+        "  sleep 2",
+        "done",
         'for ((i = 1; i < ${#NODES[@]}; i++)); do',
         "  " + on_node.format(host="${NODES[$i]}") + f' {ray} start --address="$HEAD_IP:$RAY_PORT" '
         f'--num-cpus={spec.per_node}{gpus} --block &',
         "done",
-        "sleep 15",
-        f'{launch} --address "$HEAD_IP:$RAY_PORT"',
+        "# the launcher waits for every node's bundle (launch.placement_timeout_s)",
+        f'{launch} --address "$HEAD_IP:$RAY_PORT" &',
+        "LAUNCHER=$!",
+        'trap \'kill -USR1 "$LAUNCHER"\' USR1',
+        'trap \'kill -TERM "$LAUNCHER"\' TERM',
+        'wait "$LAUNCHER"; status=$?',
+        '# a trapped signal interrupts `wait`: wait again until the launcher has really exited',
+        'while kill -0 "$LAUNCHER" 2>/dev/null; do wait "$LAUNCHER"; status=$?; done',
     ]
 
 
@@ -164,8 +208,7 @@ def render(spec: BatchSpec) -> str:
     lines += list(spec.env_lines)
     lines += ["export PYTHONUNBUFFERED=1", f"export DIST_TRAIN_EXPECT_WORLD={spec.world_size}", ""]
     lines += _mpi_body(spec) if spec.backend == "mpi" else _ray_body(spec)
-    lines += ["status=$?",
-              f"if [ \"$status\" -eq {EXIT_PREEMPTED} ]; then",
+    lines += [f"if [ \"$status\" -eq {EXIT_PREEMPTED} ]; then",
               f"  echo \"dist-train: preempted (status {EXIT_PREEMPTED}): requeueing\"",
               f"  {requeue}",
               "fi",

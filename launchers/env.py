@@ -166,6 +166,52 @@ def check_mpi_world(env: RankEnv, mpi_size: int, mpi_library: str = "mpi4py's MP
             f"or rebuild mpi4py for this launcher's MPI")
 
 
+#: Which MPI family each launcher's variables belong to (Cray PALS starts Cray MPICH).
+LAUNCHER_FAMILY = {"openmpi": "Open MPI", "mpich": "MPICH", "pals": "MPICH"}
+
+
+def mpi_family(library_version: str) -> Optional[str]:
+    """'Open MPI' or 'MPICH' (MPICH derivatives: Intel MPI, Cray MPICH, MVAPICH) from
+    ``MPI_Get_library_version``; None when unknown."""
+    text = library_version.lower()
+    if "open mpi" in text:
+        return "Open MPI"
+    if any(k in text for k in ("mpich", "intel(r) mpi", "mvapich")):
+        return "MPICH"
+    return None
+
+
+def check_mpi_family(env: RankEnv, library_version: str) -> None:
+    """One line when the launcher (from its variables) and mpi4py's MPI are different implementations.
+
+    Must run *before* MPI_Init: pip's MPICH initialised under Open MPI's ``mpirun`` aborts inside
+    MPI_Init, before any message of ours could be printed.
+    """
+    launcher, library = LAUNCHER_FAMILY.get(env.source), mpi_family(library_version)
+    if launcher and library and launcher != library:
+        raise LaunchError(
+            f"MPI launcher mismatch: this rank was started by {launcher}'s launcher ({env.evidence or env.source}) "
+            f"but mpi4py is built against {library} ({library_version.splitlines()[0].strip()}): start the job with "
+            f"{os.path.join(os.path.dirname(sys.executable), 'mpiexec')} (the mpiexec of mpi4py's MPI), or install "
+            f"mpi4py built for {launcher}")
+
+
+def _mpi_checked_before_init(env: RankEnv):
+    """Import mpi4py's MPI without initialising it, check the family (:func:`check_mpi_family`), then
+    initialise. A module that imported MPI earlier has initialised it already: nothing left to check."""
+    import mpi4py
+
+    if "mpi4py.MPI" not in sys.modules:
+        mpi4py.rc.initialize = False
+        mpi4py.rc.finalize = True
+    from mpi4py import MPI
+
+    if not MPI.Is_initialized():
+        check_mpi_family(env, MPI.Get_library_version())
+        MPI.Init()
+    return MPI
+
+
 # ----------------------------------------------------------------------------------------------
 # Addresses and ports
 # ----------------------------------------------------------------------------------------------
@@ -215,7 +261,7 @@ def node_address() -> str:
 def _complete_with_mpi(env: RankEnv, environ: Mapping[str, str]) -> RankEnv:
     """Ask MPI for what the environment did not say, check the two agree, agree on the master."""
     try:
-        from mpi4py import MPI
+        MPI = _mpi_checked_before_init(env)
     except ImportError:
         if env.world_size and env.local_world_size and "MASTER_ADDR" in environ and "MASTER_PORT" in environ:
             return env

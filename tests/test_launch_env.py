@@ -11,8 +11,8 @@ import pytest
 from dist_train.lifecycle import (EXIT_PREEMPTED, FaultSpec, Lifecycle, describe_exit, heartbeat_path,
                                   read_heartbeat)
 from launchers.batch import BatchSpec, render
-from launchers.env import (EXPECT_WORLD_ENV, LaunchError, check_mpi_world, detect_rank_env,
-                           parse_slurm_tasks_per_node, populate_rank_env, slurm_first_host)
+from launchers.env import (EXPECT_WORLD_ENV, LaunchError, check_mpi_family, check_mpi_world, detect_rank_env,
+                           mpi_family, parse_slurm_tasks_per_node, populate_rank_env, slurm_first_host)
 
 SLURM = {"SLURM_PROCID": "5", "SLURM_STEP_NUM_TASKS": "8", "SLURM_NTASKS": "8", "SLURM_LOCALID": "1",
          "SLURM_NODEID": "1", "SLURM_STEP_TASKS_PER_NODE": "4(x2)", "SLURM_STEP_NODELIST": "gpu[003-004]",
@@ -92,8 +92,9 @@ def test_mpi_world_checks():
         check_mpi_world(bare, 1, environ={EXPECT_WORLD_ENV: "3"})
 
 
-def test_every_rank_alone_is_reported_in_one_line():
-    """A real process: Open MPI's variables promise 2 ranks, but mpi4py (MPICH) initialises a singleton."""
+def test_mpi_family_mismatch_is_one_line_before_mpi_init():
+    """A real process: Open MPI's variables, but mpi4py is built against pip's MPICH. MPI_Init would
+    abort under Open MPI's mpirun before any message of ours: the family is checked first."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PMI_", "OMPI_", "SLURM_", "PALS_"))}
     env.update({"OMPI_COMM_WORLD_RANK": "0", "OMPI_COMM_WORLD_SIZE": "2", "OMPI_COMM_WORLD_LOCAL_RANK": "0"})
     for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
@@ -103,7 +104,20 @@ def test_every_rank_alone_is_reported_in_one_line():
     p = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)
     assert p.returncode == 3, p.stderr
     lines = p.stdout.strip().splitlines()
-    assert len(lines) == 1 and "every rank is alone" in lines[0] and "OMPI_COMM_WORLD_SIZE=2" in lines[0]
+    assert len(lines) == 1 and "MPI launcher mismatch" in lines[0], p.stdout + p.stderr
+    assert "Open MPI's launcher" in lines[0] and "built against MPICH" in lines[0] and "mpiexec" in lines[0]
+
+
+def test_mpi_family_from_library_version():
+    assert mpi_family("Open MPI v4.1.5, package: Open MPI ...") == "Open MPI"
+    assert mpi_family("MPICH Version:      4.3.0\nMPICH Release date: ...") == "MPICH"
+    assert mpi_family("Intel(R) MPI Library 2021.10 for Linux* OS") == "MPICH"
+    assert mpi_family("Something else") is None
+    mpich = detect_rank_env({"PMI_RANK": "0", "PMI_SIZE": "2"})
+    check_mpi_family(mpich, "MPICH Version: 4.3.0")  # matching families: nothing to say
+    check_mpi_family(mpich, "Something else")  # unknown library: leave it to the world-size check
+    with pytest.raises(LaunchError, match="started by MPICH's launcher .* built against Open MPI"):
+        check_mpi_family(mpich, "Open MPI v5.0.0")
 
 
 def test_fault_spec_and_exit_text():

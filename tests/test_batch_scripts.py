@@ -1,0 +1,120 @@
+"""Generated Slurm scripts run for real under bash, with stand-ins for srun/scontrol/ray and the job's
+python: the time-limit signal reaches the Ray launcher (which checkpoints and exits 75) and the job
+requeues; MPI jobs get a MASTER_PORT checked free on the first node."""
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from launchers.batch import BatchSpec, render
+
+STUBS = {
+    "srun": '''#!/bin/bash
+# drop srun's options (and -w HOST), run the step's command here
+while [[ "${1:-}" == -* ]]; do [[ "$1" == -w ]] && shift; shift; done
+exec "$@"
+''',
+    "scontrol": '''#!/bin/bash
+case "$1" in
+  show) echo localhost ;;
+  requeue) echo "$2" >> "$MARK/requeued" ;;
+esac
+''',
+    "ray": '''#!/bin/bash
+case "$1" in
+  status) exit 0 ;;
+  start) trap 'echo "$$" >> "$MARK/ray_got_usr1"' USR1; while true; do sleep 0.1; done ;;
+esac
+''',
+    # the job's python: the launcher and the ranks are stand-ins; `-c` snippets run for real
+    "python": '''#!/bin/bash
+if [[ "$1" == -m && "$2" == dist_train ]]; then
+  echo "$@" > "$MARK/launcher_args"
+  trap 'echo USR1 >> "$MARK/launcher_got_usr1"; exit 75' USR1
+  touch "$MARK/launcher_started"
+  while true; do sleep 0.1; done
+fi
+if [[ "$1" == -m && "$2" == launchers.rankio ]]; then
+  echo "$MASTER_PORT" >> "$MARK/master_port"; exit 0
+fi
+exec "$REAL_PYTHON" "$@"
+''',
+}
+
+
+def _stub_env(tmp_path):
+    bin_dir, mark = tmp_path / "bin", tmp_path / "mark"
+    bin_dir.mkdir()
+    mark.mkdir()
+    for name, text in STUBS.items():
+        (bin_dir / name).write_text(text)
+        (bin_dir / name).chmod(0o755)
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "MARK": str(mark), "REAL_PYTHON": sys.executable,
+           "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "SLURM_SUBMIT_DIR": str(tmp_path),
+           "SLURM_JOB_ID": "77", "SLURM_JOB_NODELIST": "localhost"}
+    return bin_dir, mark, env
+
+
+def _script(tmp_path, bin_dir, **kw):
+    spec = BatchSpec(config="c.yaml", scheduler="slurm", nodes=1, time="00:10:00", run_dir=str(tmp_path / "run"),
+                     name="t", python=str(bin_dir / "python"), **kw)
+    path = tmp_path / "job.sh"
+    path.write_text(render(spec))
+    return path
+
+
+def _wait_for(path, timeout=60):
+    deadline = time.time() + timeout
+    while not path.exists() and time.time() < deadline:
+        time.sleep(0.05)
+    assert path.exists(), f"{path.name} never appeared"
+
+
+def test_slurm_ray_time_limit_signal_reaches_launcher_and_requeues(tmp_path):
+    bin_dir, mark, env = _stub_env(tmp_path)
+    script = _script(tmp_path, bin_dir, backend="ray")
+    text = script.read_text()
+    assert "#SBATCH --signal=B:USR1@120" in text  # the batch shell alone, never the `ray start` steps
+    log = tmp_path / "job.out"
+    with open(log, "w") as sink:  # not a pipe: the `ray start --block` stand-ins outlive the script
+        job = subprocess.Popen(["bash", str(script)], env=env, start_new_session=True, stdout=sink,
+                               stderr=subprocess.STDOUT)
+    try:
+        _wait_for(mark / "launcher_started")
+        job.send_signal(signal.SIGUSR1)  # what Slurm does at the time limit with B:USR1
+        job.wait(timeout=60)
+    finally:
+        os.killpg(job.pid, signal.SIGKILL)  # the stand-in `ray start --block` steps
+    out = log.read_text()
+    assert job.returncode == 75, out
+    assert (mark / "launcher_got_usr1").read_text().strip() == "USR1"
+    assert (mark / "requeued").read_text().strip() == "77"
+    assert not (mark / "ray_got_usr1").exists()
+    assert "--address" in (mark / "launcher_args").read_text()
+    token = tmp_path / "run" / ".ray_auth_token"
+    assert token.stat().st_mode & 0o077 == 0 and len(token.read_text().strip()) == 64  # private, per job
+
+
+def test_slurm_mpi_master_port_is_checked_free(tmp_path):
+    bin_dir, mark, env = _stub_env(tmp_path)
+    script = _script(tmp_path, bin_dir, backend="mpi")
+    done = subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stdout + done.stderr
+    port = int((mark / "master_port").read_text().strip())
+    assert 1024 < port < 65536
+
+
+def test_pbs_uses_the_mpiexec_beside_the_job_python(tmp_path):
+    venv_bin = tmp_path / "venv" / "bin"
+    venv_bin.mkdir(parents=True)
+    (venv_bin / "mpiexec").write_text("#!/bin/sh\n")
+    spec = BatchSpec(config="c.yaml", scheduler="pbs", nodes=2, time="00:10:00", run_dir="/r", name="t",
+                     python=str(venv_bin / "python"))
+    text = render(spec)
+    assert f"{venv_bin / 'mpiexec'} -n 2 --ppn 1" in text
+    assert "\nmpiexec " not in text
+    assert f"{venv_bin / 'mpiexec'} -n 1 --hosts" in render(BatchSpec(**{**spec.__dict__, "backend": "ray"}))
