@@ -172,6 +172,7 @@ class LaunchConfig:
     max_restarts: int = 0
     collective_timeout_s: float = 300.0
     watchdog_s: Optional[float] = None  # no step progress for this long = hang (0: off; null: automatic)
+    placement_timeout_s: float = 120.0  # ray: how long to wait for every node's bundle before giving up
     bind: Optional[str] = None  # rank 0's rendezvous store: None = MASTER_ADDR's interface (loopback alone
     #                             on one machine); an address/host name, or "all" for every interface
 
@@ -502,6 +503,7 @@ _BOUNDS: dict[str, Bound] = {
     "launch.collective_timeout_s": _POSITIVE_REAL,
     "launch.watchdog_s": Bound(0, hi_open=True, null="automatic: 10x the slowest step, within [30 s, "
                                                       "0.8 x collective_timeout_s]"),  # 0: off
+    "launch.placement_timeout_s": _POSITIVE_REAL,
 }
 
 

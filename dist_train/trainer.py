@@ -187,6 +187,8 @@ def _train(cfg: Config, ctx: DistContext) -> TrainResult:
     mesh = build_mesh(cfg.parallel, ctx.world_size, ctx.device.type)
     if ctx.is_main:
         log.info(f"dist-train | {cfg.run.name} | {ctx.world_size} rank(s) on {ctx.device.type} | mesh {mesh.describe()}")
+    else:  # the console shows warnings only on these ranks; rank_N.log still says who this rank is
+        log.info(f"rank {ctx.rank} of {ctx.world_size} on {ctx.device} | coordinates {mesh.coords()} | pid {os.getpid()}")
 
     model = build_model(cfg, mesh, ctx.device)
     from .engines import build_engine
@@ -350,6 +352,9 @@ def _train(cfg: Config, ctx: DistContext) -> TrainResult:
         "device_peak_source": honest.peak.source, "mfu_peak_warning": honest.warning,
         "peak_mem_bytes": peak_memory_bytes(ctx.device),
     }
+    if not ctx.is_main:
+        log.info(f"rank {ctx.rank} done: {len(result.losses)} steps from step {start_step}, exit code "
+                 f"{result.exit_code}, peak memory {result.summary['peak_mem_bytes'] / 2**30:.2f} GiB")
     if ctx.is_main:
         (run_dir / "summary.json").write_text(json.dumps(result.summary, indent=2))
         s = result.summary

@@ -99,7 +99,8 @@ def resolve_launch(args: argparse.Namespace):
     return cfg, backend, nproc, nodes, gpus, max_restarts
 
 
-def build_backend(backend: str, nproc: int, run_dir: Path, address: Optional[str], nodes: int, gpus: int):
+def build_backend(backend: str, nproc: int, run_dir: Path, address: Optional[str], nodes: int, gpus: int,
+                  placement_timeout_s: float = 120.0):
     if backend == "local":
         from launchers.local import LocalBackend
 
@@ -110,7 +111,8 @@ def build_backend(backend: str, nproc: int, run_dir: Path, address: Optional[str
         return MpiBackend(nproc, run_dir)
     from launchers.ray_backend import RayBackend
 
-    return RayBackend(nproc, run_dir, address=address, nodes=nodes, gpus_per_node=gpus)
+    return RayBackend(nproc, run_dir, address=address, nodes=nodes, gpus_per_node=gpus,
+                      placement_timeout_s=placement_timeout_s)
 
 
 def ranks_on_this_machine(backend: str, nodes: int, address: Optional[str]) -> bool:
@@ -142,7 +144,7 @@ def launch_main(args: argparse.Namespace) -> int:
                        collective_timeout_s=cfg.launch.collective_timeout_s,
                        env={**forwarded_env(), **({PREFLIGHT_ENV: "1"} if ranks_here else {}),
                             LOCK_ENV: lock.token})
-        be = build_backend(backend, nproc, run_dir, address, nodes, gpus)
+        be = build_backend(backend, nproc, run_dir, address, nodes, gpus, cfg.launch.placement_timeout_s)
         print(f"[launcher] {backend}: {nproc} rank(s){f' on {nodes} nodes' if nodes > 1 else ''}, run dir "
               f"{run_dir}, max restarts {max_restarts}", file=sys.stderr, flush=True)
         try:

@@ -242,7 +242,8 @@ class RayBackend:
     name = "ray"
 
     def __init__(self, nproc: int, run_dir: Path, address: Optional[str] = None, nodes: int = 1,
-                 gpus_per_node: int = 0, sink: Optional[Sink] = None, cpus_per_rank: float = 1.0):
+                 gpus_per_node: int = 0, sink: Optional[Sink] = None, cpus_per_rank: float = 1.0,
+                 placement_timeout_s: float = 120.0):
         if nproc < 1 or nodes < 1:
             raise ValueError(f"--nproc {nproc} --nodes {nodes}: both must be >= 1")
         if nproc % nodes:
@@ -254,6 +255,7 @@ class RayBackend:
         self.nproc, self.nodes, self.gpus_per_node = nproc, nodes, gpus_per_node
         self.run_dir, self.sink, self.cpus_per_rank = Path(run_dir), sink or ConsoleSink(), cpus_per_rank
         self.address = address or os.environ.get("RAY_ADDRESS") or None
+        self.placement_timeout_s = placement_timeout_s
         self._pg = None
         self._embedded = False
 
@@ -291,10 +293,14 @@ class RayBackend:
             bundle["GPU"] = float(self.gpus_per_node)
         self._pg = placement_group([dict(bundle) for _ in range(self.nodes)],
                                    strategy="STRICT_SPREAD" if self.nodes > 1 else "PACK")
+        print(f"[launcher] waiting up to {self.placement_timeout_s:g} s (launch.placement_timeout_s) for Ray to "
+              f"place {self.nodes} node bundle(s) of {bundle}{' on different nodes' if self.nodes > 1 else ''}",
+              file=sys.stderr, flush=True)
         try:
-            ray.get(self._pg.ready(), timeout=120)
+            ray.get(self._pg.ready(), timeout=self.placement_timeout_s)
         except Exception as e:  # noqa: BLE001 - GetTimeoutError: the cluster is too small
-            raise ValueError(f"Ray cluster cannot place {self.nodes} node bundle(s) of {bundle}: it has "
+            raise ValueError(f"Ray cluster cannot place {self.nodes} node bundle(s) of {bundle} within "
+                             f"{self.placement_timeout_s:g} s (launch.placement_timeout_s): it has "
                              f"{ray.cluster_resources()} ({type(e).__name__})") from None
 
     def shutdown(self) -> None:

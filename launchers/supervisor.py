@@ -204,7 +204,12 @@ class Supervisor:
             # rank 0 draws its progress bar only when a person is watching this launcher's terminal
             env = {**spec.env, RESTART_ENV: str(attempt), "DIST_TRAIN_TTY": "1" if sys.stderr.isatty() else "0"}
             self._event("attempt_start", attempt=attempt, nproc=spec.nproc, argv=argv)
-            handle = self.backend.start(argv, env, attempt)
+            try:
+                handle = self.backend.start(argv, env, attempt)
+            except BaseException as e:  # e.g. the Ray cluster refused us: the attempt still gets its end
+                self._event("attempt_end", attempt=attempt, outcome="start_failed", code=None, rank=None,
+                            detail=f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+                raise
             self._reclaim_signals()
             outcome: Optional[Outcome] = None
             try:

@@ -105,6 +105,7 @@ BAD: dict[str, list] = {
     "launch.collective_timeout_s": [0, -5.0, float("nan"), float("inf")],
     "launch.watchdog_s": [-1.0, float("nan"), float("inf")],
     "launch.bind": ["", 8],
+    "launch.placement_timeout_s": [0, -1.0, float("nan"), float("inf")],
 }
 
 

@@ -52,6 +52,8 @@ def test_ray_embedded_two_ranks(tmp_path):
     for r in range(2):
         assert (run_dir / "logs" / f"rank_{r}.log").is_file() and (run_dir / "logs" / f"rank_{r}.stderr").is_file()
     assert out.count("dist-train | gpt_tiny") == 1, out[-4000:]  # rank 0's banner, exactly once
+    rank1 = (run_dir / "logs" / "rank_1.log").read_text()
+    assert "rank 1 of 2" in rank1 and "rank 1 done: 3 steps" in rank1, rank1  # ranks > 0 log start and end
     assert "[rank 0] " in out and "(RankActor" not in out  # ours, not Ray's log forwarding
 
 
@@ -193,3 +195,19 @@ def test_ray_address_with_token_auth(tmp_path):
             os.killpg(head.pid, signal.SIGTERM)
             head.wait(timeout=60)
         shutil.rmtree(ray_tmp, ignore_errors=True)
+
+
+def test_ray_impossible_placement_says_what_it_waits_for(tmp_path):
+    """Two node bundles on a one-node cluster: the wait is configurable and named, the failure is one line
+    (exit 2), and launcher.jsonl closes the attempt."""
+    pytest.importorskip("ray")
+    run_dir = tmp_path / "place"
+    p = _launch(run_dir, "--backend", "ray", "--nproc", "2", "--nodes", "2", "--set", "launch.placement_timeout_s=2")
+    out = p.stdout + p.stderr
+    assert p.returncode == 2, out[-4000:]
+    assert "waiting up to 2 s (launch.placement_timeout_s)" in out
+    errors = [line for line in out.splitlines() if line.startswith("dist-train: error:")]
+    assert len(errors) == 1 and "within 2 s" in errors[0], out[-4000:]
+    events = [json.loads(line) for line in (run_dir / "logs" / "launcher.jsonl").read_text().splitlines()]
+    assert [e["event"] for e in events] == ["attempt_start", "attempt_end"]
+    assert events[-1]["outcome"] == "start_failed"
