@@ -310,8 +310,15 @@ class Lifecycle:
 
     def _arm_stack_dump(self, limit_s: Optional[float] = None) -> None:
         limit_s = self.watchdog_s if limit_s is None else limit_s
-        if limit_s > 0 and not self._closed:
-            faulthandler.dump_traceback_later(0.8 * limit_s, repeat=False, file=sys.stderr, exit=False)
+        if limit_s <= 0 or self._closed:
+            return
+        # faulthandler needs a real file descriptor: a replaced sys.stderr (notebook, pytest capture) has none
+        for stream in (sys.stderr, sys.__stderr__):
+            try:
+                faulthandler.dump_traceback_later(0.8 * limit_s, repeat=False, file=stream, exit=False)
+                return
+            except (AttributeError, ValueError, OSError):  # io.UnsupportedOperation is both
+                continue
 
     # fault injection -------------------------------------------------------------------------
     def _maybe_inject_fault(self, step: int) -> None:

@@ -17,6 +17,7 @@ import torch
 
 from parallelism.context.kernels import get_kernel
 
+from .checkpoint import compat
 from .checkpoint import manifest as mf
 from .checkpoint.foreign import describe_foreign_tree
 from .checkpoint.storage import CheckpointError
@@ -162,6 +163,16 @@ def _problem(ckpt: Path) -> str:
     return problems[0] if problems else ""
 
 
+def check_resume_matches(cfg: Config, ckpt: Path) -> None:
+    """The checkpoint the ranks will resume from was saved with this model config (or the differences are
+    allowed): the trainer's check (checkpoint/compat.py), here before any rank starts."""
+    try:
+        compat.check_config(ckpt, mf.read_manifest(ckpt).get("config"), cfg.to_dict(),
+                            cfg.checkpoint.allow_config_change)
+    except compat.ResumeMismatchError as e:
+        raise ConfigError(str(e)) from None
+
+
 def check_resume(cfg: Config) -> None:
     """``checkpoint.resume`` = PATH must exist and verify; ``auto`` must find at least one checkpoint that
     verifies when there are any (the trainer would otherwise stop after every rank started)."""
@@ -197,6 +208,7 @@ def check_resume(cfg: Config) -> None:
     for ckpt in candidates:
         problem = _problem(ckpt)
         if not problem:
+            check_resume_matches(cfg, ckpt)
             return
         problems.append(problem if len(candidates) == 1 else f"{ckpt.name}: {problem}")
     raise ConfigError(f"{where} ({' | '.join(problems)}){hint}")

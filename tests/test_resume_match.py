@@ -16,7 +16,9 @@ from torch import nn
 
 from dist_train.checkpoint import CheckpointManager
 from dist_train.checkpoint.compat import ResumeMismatchError
+from dist_train.config import ConfigError
 from dist_train.optim import lr_lambda
+from dist_train.preflight import preflight
 from dist_train.trainer import train
 from tests.test_ckpt_common import CkptCfg
 from tests.trainer_utils import tiny_gpt_config
@@ -112,6 +114,17 @@ def test_changed_lr_and_schedule_apply_from_the_resume_step(saved, capsys):
     lrs = [json.loads(line)["lr"] for line in (Path(res.summary["run_dir"]) / "metrics.jsonl").read_text().splitlines()]
     # the new schedule evaluated at the optimizer steps taken so far (2, 3, 4, 5)
     assert lrs == pytest.approx([5e-3 * lr_lambda(cfg.train)(s) for s in range(2, 6)], rel=1e-12)
+
+
+def test_preflight_refuses_a_mismatch_before_any_rank_starts(saved, tmp_path):
+    cfg = tiny_gpt_config(tmp_path / "pre", steps=3, model={"rope_theta": 500000.0},
+                          checkpoint={"resume": str(saved / "checkpoints")})
+    with pytest.raises(ConfigError, match=r"model.rope_theta 10000.0 -> 500000.0; resume refused"):
+        preflight(cfg, on_cuda=False)
+    allowed = tiny_gpt_config(tmp_path / "pre", steps=3, model={"rope_theta": 500000.0},
+                              checkpoint={"resume": str(saved / "checkpoints"),
+                                          "allow_config_change": ["model.rope_theta"]})
+    preflight(allowed, on_cuda=False)
 
 
 @pytest.mark.slow
