@@ -194,10 +194,10 @@ def test_documents_on_gloo_ranks_match_reference(world_size):
     assert len(set(counts)) == 1 and counts[0] >= 12
 
 
-def test_bench_docs_pairs_packed_with_unmasked_records():
+def test_bench_docs_pairs_packed_with_unmasked_records(tmp_path):
     """``dist-train bench attention --docs N`` bookkeeping (no timing asserted): the packed record of
     each layout carries the ideal S²/ΣLᵢ², its speed-up over the unmasked twin and the plan's balance."""
-    from dist_train.bench.attention import _add_packing, simulate
+    from dist_train.bench.attention import _add_packing, plot_packing, simulate
 
     base = dict(world_size=2, seq_len=256, method="ring", ulysses_degree=1, heads=1, kv_heads=None, head_dim=8,
                 batch=1, window=None, causal=True, forward_only=False, kernel="auto", repeats=1, kv_piece=None)
@@ -209,3 +209,5 @@ def test_bench_docs_pairs_packed_with_unmasked_records():
         # striped: rank 1's queries sit one position later in every document (+1 key each)
         assert r["ideal_ratio"] == 1 / 8 and r["imbalance"] == (1.0 if r["layout"] == "zigzag" else 272 / 264)
         assert r["fraction_of_ideal"] == r["packed_speedup"] * r["ideal_ratio"] > 0
+    plot_packing(records, str(tmp_path / "packed.png"))
+    assert (tmp_path / "packed.png").stat().st_size > 0

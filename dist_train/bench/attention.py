@@ -36,7 +36,7 @@ EPILOG = """example:
   dist-train bench attention --world-size 4 --seq-len 8192 --layout contiguous,striped,zigzag --simulate
   dist-train bench attention --world-size 4 --seq-len 8192 --block-kernels --repeats 7
   dist-train bench attention --world-size 4 --seq-len 8192 --layout zigzag --kv-piece none,512 --repeats 1
-  dist-train bench attention --world-size 2 --seq-len 32768 --layout zigzag,striped --docs 8 --simulate
+  dist-train bench attention --world-size 2 --seq-len 32768 --layout zigzag,striped --docs 8 --simulate --png docs.png
 """
 
 
@@ -69,6 +69,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="run the P ranks' ring schedule in one process (critical path without "
                              "oversubscription; method ring only; no wall time or memory)")
     parser.add_argument("--json", default=None, help="write the records to this JSON file")
+    parser.add_argument("--png", default=None,
+                        help="with --docs: bar chart of the packed speed-up per layout against the ideal")
 
 
 def _split(value: str, valid: tuple, name: str) -> list[str]:
@@ -436,6 +438,39 @@ def _add_packing(records: list[dict]) -> None:
                 r[f"fraction_of_ideal{suffix}"] = r[f"packed_speedup{suffix}"] * r["ideal_ratio"]
 
 
+def plot_packing(records: list[dict], path: str) -> None:
+    """PNG: packed-document speed-up over unmasked per (P, layout, method) record, the ideal S²/ΣLᵢ² as
+    a line, and the fraction of it reached on each bar. ``records``: any runs' --docs records."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    packed = [r for r in records if "packed_speedup" in r or "packed_speedup_wall" in r]
+    if not packed:
+        raise ValueError("--png needs --docs N: no packed-document record to plot")
+    key = "packed_speedup" if "packed_speedup" in packed[0] else "packed_speedup_wall"
+    labels = [f"P={r['world_size']} {r['layout']}" + (f" {r['method']}" if r["method"] != "ring" else "")
+              for r in packed]
+    fig, ax = plt.subplots(figsize=(1.6 * len(packed) + 2, 4))
+    bars = ax.bar(labels, [r[key] for r in packed], color="tab:blue", label="measured (critical path)")
+    for bar, r in zip(bars, packed):
+        ideal = 1 / r["ideal_ratio"]
+        ax.hlines(ideal, bar.get_x(), bar.get_x() + bar.get_width(), colors="black", linestyles="--")
+        ax.hlines(0.8 * ideal, bar.get_x(), bar.get_x() + bar.get_width(), colors="tab:red", linestyles=":")
+        ax.text(bar.get_x() + bar.get_width() / 2, r[key], f"{r[key] * r['ideal_ratio']:.0%}", ha="center",
+                va="bottom")
+    ax.plot([], [], "k--", label="ideal S²/ΣLᵢ²")
+    ax.plot([], [], ":", color="tab:red", label="80% of ideal")
+    ax.set_ylabel("speed-up of packed over unmasked")
+    ax.set_title(f"{packed[0]['docs']} equal documents, S={packed[0]['seq_len']}, causal fwd+bwd")
+    ax.set_ylim(0, 1.3 * max(1 / r["ideal_ratio"] for r in packed))
+    ax.legend(loc="upper center", ncol=3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def _print(rec: dict) -> None:
     print(f"\n{rec['method']}/{rec['layout']}  P={rec['world_size']} S={rec['seq_len']} "
           f"H={rec['heads']}/{rec['kv_heads']} D={rec['head_dim']} causal={rec['causal']} "
@@ -516,4 +551,6 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         with open(args.json, "w") as f:
             json.dump(records, f, indent=1)
+    if args.png:
+        plot_packing(records, args.png)
     return 0
