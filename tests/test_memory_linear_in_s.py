@@ -30,3 +30,18 @@ def test_doubling_s_at_cp2_with_pieces_and_chunked_loss_at_most_doubles_peak_mem
     assert large["64"] >= 1.5 * small["64"], (small, large)  # the measured step really scales with S
     # 4096 tokens per rank x 2048 vocabulary: the unchunked loss keeps logits, log-softmax and gradient
     assert large["64"] < 0.5 * large["full"], (small, large)
+
+
+def test_bench_memory_summary_spread_and_loss_ratios():
+    from dist_train.bench.memory import summarize
+
+    def rec(s, cp, chunk, peak, step):
+        return {"seq_len": s, "cp": cp, "loss_chunk": chunk, "peak_bytes_per_rank": peak,
+                "bytes_per_token": peak / (s // cp), "step_s": step}
+
+    out = summarize([rec(1024, 2, "auto", 1000, 1.0), rec(2048, 2, "auto", 2100, 2.0),
+                     rec(1024, 2, "full", 4000, 1.25)])
+    auto = next(f for f in out["flatness"] if f["loss_chunk"] == "auto")
+    assert abs(auto["bytes_per_token_spread"] - 0.05) < 1e-12 and abs(auto["last_over_first"] - 1.05) < 1e-12
+    assert out["loss_chunk_vs_full"] == [{"seq_len": 1024, "cp": 2, "loss_chunk": "auto", "step_time_ratio": 0.8,
+                                          "peak_ratio": 0.25}]

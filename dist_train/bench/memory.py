@@ -32,6 +32,7 @@ EPILOG = """example:
   dist-train bench memory --seq-lens 32768,65536,131072 --cp 2,1 --window 2048 --json mem.json \\
       --csv mem.csv --png mem.png
   dist-train bench memory --seq-lens 32768 --cp 2 --vocab 8192 --loss-chunk auto,full --steps 3
+  dist-train bench memory --seq-lens 262144 --cp 2 --extend mem.json --json mem2.json --png mem2.png
   (cp=1 runs one rank; a cp=2 point runs 2 ranks of one thread each: on 2 cores they do not compete)
 """
 
@@ -56,6 +57,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="timed steps per point and loss setting after the memory step (0: report the memory "
                              "step's own time)")
     parser.add_argument("--timeout", type=float, default=3600.0, help="seconds per point before its ranks are killed")
+    parser.add_argument("--extend", default=None, metavar="JSON",
+                        help="a previous run's --json: its records are kept (points measured again replace "
+                             "them) and summarised and plotted with this run's, to extend a sweep in parts")
     parser.add_argument("--json", default=None, help="write the records and summary as JSON")
     parser.add_argument("--csv", default=None, help="write one row per point as CSV")
     parser.add_argument("--png", default=None, help="plot bytes/token, peak memory and s/step against S")
@@ -240,6 +244,21 @@ def _write_csv(records: list[dict], path: str) -> None:
         w.writerows(records)
 
 
+def _previous_records(path: str) -> list[dict]:
+    """Records of an earlier ``--json`` (for ``--extend``); one clear error when it is not one."""
+    try:
+        with open(path) as fh:
+            data = json.load(fh)
+        records = data["records"]
+        fields = ("seq_len", "cp", "loss_chunk", "peak_bytes_per_rank", "bytes_per_token", "step_s")
+        missing = sorted({f for r in records for f in fields if f not in r})
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"--extend {path}: not a 'dist-train bench memory --json' file ({e})") from None
+    if missing:
+        raise ValueError(f"--extend {path}: records lack {', '.join(missing)}; not a 'dist-train bench memory --json' file")
+    return records
+
+
 def run(args: argparse.Namespace) -> int:
     if args.steps < 0:
         raise ValueError(f"--steps {args.steps}: must be >= 0")
@@ -248,7 +267,10 @@ def run(args: argparse.Namespace) -> int:
             if s % (2 * cp):
                 raise ValueError(f"--seq-lens: {s} is not a multiple of 2·cp = {2 * cp} (zigzag shards)")
     _loss_chunks(args.loss_chunk)
-    records = measure(args)
+    previous = _previous_records(args.extend) if args.extend else []
+    new = measure(args)
+    measured = {(r["seq_len"], r["cp"], str(r["loss_chunk"])) for r in new}
+    records = [r for r in previous if (r["seq_len"], r["cp"], str(r["loss_chunk"])) not in measured] + new
     summary = summarize(records)
     for f in summary["flatness"]:
         print(f"cp {f['cp']} loss_chunk {f['loss_chunk']}: bytes/token spread over S "
