@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import sysconfig
 from pathlib import Path
 from typing import Iterable, Iterator, Optional
@@ -111,4 +112,9 @@ def ensure_prepared(prefix: str, prepare: Optional[str], tokenizer: str = "byte"
                          f"'dist-train data prepare --input FILES --output {prefix}' or set data.prepare: python-stdlib")
     if prepare != "python-stdlib":
         raise ValueError(f"data.prepare = {prepare!r}: valid values are python-stdlib or null")
+    # Say it: a job started with `ray job submit --working-dir .` does not get git-ignored files such as
+    # data_cache/, so the corpus is rebuilt inside the job's copy unless data.path is absolute.
+    print(f"dist-train: data.path {prefix}: no {prefix}.bin/.idx under {Path.cwd()}: building the python-stdlib "
+          f"corpus there now (data.prepare); to reuse a prepared dataset give data.path as an absolute path",
+          file=sys.stderr, flush=True)
     prepare_indexed(python_stdlib_files(), prefix, tokenizer)
