@@ -98,6 +98,8 @@ class ParallelConfig:
     ulysses_degree: int = 1
     cp_kv_piece: Optional[int] = None  # ring K/V in pieces of at most this many tokens (null: whole shards)
     zero_stage: Optional[int] = None  # None: plain DDP; 0-3: DeepSpeed engine
+    fsdp: bool = False  # FSDP2 (fully_shard, ZeRO-3) over the grad axes dp × wp × cp; composes with pp/tp/cp
+    fsdp_reshard_after_forward: bool = True  # free gathered weights after forward (re-gather in backward)
     microbatches: Optional[int] = None  # pipeline micro-batches (default: accumulation steps)
     pp_schedule: str = "1f1b"  # 1f1b | interleaved | gpipe
     sequence_parallel: bool = False
@@ -592,6 +594,8 @@ def _validate_parallel(cfg: Config) -> None:
     gh, gw = cfg.wp_grid
     if gh < 1 or gw < 1:
         raise ConfigError(f"parallel.wp = {p.wp!r}: expected [gh, gw] (two positive integers) or an integer")
+    if p.fsdp:
+        _validate_fsdp(cfg)
 
 
 def _validate_train(cfg: Config) -> None:
@@ -693,6 +697,19 @@ def _validate_launch(cfg: Config) -> None:
     if cfg.launch.bind is not None:
         _check_text("launch.bind", cfg.launch.bind, "an address or host name of rank 0's node, 'all', or null "
                                                   "(MASTER_ADDR's interface)")
+
+
+def _validate_fsdp(cfg: Config) -> None:
+    """FSDP2 shards over the grad axes (dp × wp × cp) and replaces DDP / DeepSpeed as the data-parallel engine."""
+    p = cfg.parallel
+    gh, gw = cfg.wp_grid
+    if p.zero_stage is not None:
+        raise ConfigError(f"parallel.fsdp with parallel.zero_stage = {p.zero_stage}: two data-parallel engines; "
+                          "FSDP2 already shards parameters, gradients and optimizer state (ZeRO-3), set "
+                          "zero_stage: null (or fsdp: false to use DeepSpeed)")
+    if p.dp * p.cp * gh * gw == 1:
+        raise ConfigError("parallel.fsdp needs ranks to shard over: dp × cp × wp = 1; set parallel.dp >= 2 "
+                          "(or fsdp: false)")
 
 
 def _validate_gpt(cfg: Config) -> None:

@@ -51,6 +51,7 @@ class Mesh:
     sizes: dict[str, int]
     rank: int
     groups: dict[str, Optional[dist.ProcessGroup]] = field(default_factory=dict)
+    grad_mesh: Optional[DeviceMesh] = None  # 1-D mesh over the grad group's ranks (FSDP2 shards over it)
 
     def size(self, axis: str) -> int:
         return self.sizes[axis]
@@ -115,10 +116,10 @@ def build_mesh(parallel: ParallelConfig, world_size: int, device_type: str = "cp
     for a in AXES:
         groups[a] = dm.get_group(a) if sizes[a] > 1 else None
     grad_axes = tuple(a for a in ("dp", "wp", "cp") if sizes[a] > 1)
+    grad_mesh = None
     if len(grad_axes) == 1:
-        groups["grad"] = groups[grad_axes[0]]
+        grad_mesh = dm[grad_axes[0]]
     elif grad_axes:
-        groups["grad"] = dm[grad_axes]._flatten("_".join(grad_axes)).get_group()
-    else:
-        groups["grad"] = None
-    return Mesh(device_mesh=dm, sizes=sizes, rank=dist.get_rank(), groups=groups)
+        grad_mesh = dm[grad_axes]._flatten("_".join(grad_axes))
+    groups["grad"] = grad_mesh.get_group() if grad_mesh is not None else None
+    return Mesh(device_mesh=dm, sizes=sizes, rank=dist.get_rank(), groups=groups, grad_mesh=grad_mesh)

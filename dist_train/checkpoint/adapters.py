@@ -15,6 +15,12 @@ Why these exist — the danger they remove. DCP treats same-named plain tensors 
     kwargs = engine_checkpoint_kwargs(module, mesh, DeepSpeedStateAdapter(ds_opt)) # DeepSpeed engine
     CheckpointManager(..., **kwargs)
 
+* FSDP2: parameters and optimizer state are already ``DTensor`` s sharded over the grad mesh, which DCP
+  writes shard by shard and reshards on load — nothing to adapt at tp = 1. Under tp > 1 the FSDP2 tensor
+  is a shard of a Megatron-local shard (same name, different content on each tp rank), so
+  :class:`GatheredStateAdapter` first all-gathers each over the grad mesh into the tp-local tensor, which
+  :class:`TensorParallelAdapter` then presents as before (:func:`fsdp_checkpoint_kwargs`).
+
 Pipeline stages need nothing: each stage holds disjoint names (``layers.<global i>``), DCP merges them by
 union. See docs/checkpointing.md ("Engines: tensor parallel, pipeline, ZeRO").
 """
@@ -25,6 +31,8 @@ from typing import Any, Optional
 
 import torch
 import torch.nn as nn
+
+from torch.distributed.checkpoint.state_dict import StateDictOptions
 
 from .state import StateAdapter, TorchStateAdapter
 
@@ -340,3 +348,22 @@ def engine_checkpoint_kwargs(module: nn.Module, mesh, inner: Optional[StateAdapt
     if mesh.size("tp") > 1:
         adapter = TensorParallelAdapter.for_module(module, mesh.device_mesh["tp"], inner)
     return {} if adapter is None else {"adapter": adapter}
+
+
+# ---------------------------------------------------------------------------------------------
+# FSDP2
+# ---------------------------------------------------------------------------------------------
+class GatheredStateAdapter(TorchStateAdapter):
+    """FSDP2 state as full (all-gathered over the shard mesh) plain tensors, and full tensors scattered back
+    into the shards on load (``full_state_dict``: DCP's state_dict API slices them locally, no broadcast).
+    Costs a full copy of this rank's (tp-local) model and optimizer state while a save is collected."""
+
+    options = StateDictOptions(full_state_dict=True, flatten_optimizer_state_dict=True)
+
+
+def fsdp_checkpoint_kwargs(module: nn.Module, mesh) -> dict:
+    """``checkpoint_kwargs()`` of FSDP2-sharded engines: the default adapter (sharded DTensors, written
+    without gathering) at tp = 1; gathered tp-local tensors wrapped in the tp adapter under tp > 1."""
+    if mesh.size("tp") > 1:
+        return engine_checkpoint_kwargs(module, mesh, GatheredStateAdapter())
+    return {}

@@ -28,14 +28,16 @@ class DDPEngine:
         self.module = model
         self.mesh = mesh
         self.grad_size = mesh.grad_size
-        self.wrapped: nn.Module = model
-        if mesh.grad_group is not None:
-            self.wrapped = DDP(model, process_group=mesh.grad_group)
+        self.wrapped: nn.Module = self._wrap(model)
         self.optimizer = build_optimizer(list(model.named_parameters()), cfg)
         self.scheduler = build_scheduler(self.optimizer, cfg)
         self.grad_clip = cfg.grad_clip
         self.autocast_dtype = autocast_dtype
         self.last_step_skipped = False  # the last train_step had a non-finite loss/norm: nothing applied
+
+    def _wrap(self, model: nn.Module) -> nn.Module:
+        """The module the forward runs through (subclasses shard instead); built before the optimizer."""
+        return model if self.mesh.grad_group is None else DDP(model, process_group=self.mesh.grad_group)
 
     def _autocast(self):
         if self.autocast_dtype is None:

@@ -13,6 +13,7 @@ from typing import Iterable, Optional
 
 import torch
 import torch.distributed as dist
+from torch.distributed.tensor import DTensor
 
 from ..models.tensor_parallel import is_tp_sharded
 
@@ -25,17 +26,22 @@ def all_reduce_sum(t: torch.Tensor, group) -> torch.Tensor:
 
 
 def global_grad_norm(params: Iterable[torch.nn.Parameter], tp_group=None, pp_group=None) -> float:
-    """L2 norm of the full model's gradient (see module docstring); every rank gets the same value."""
-    sharded = torch.zeros(1, dtype=torch.float64)
-    replicated = torch.zeros(1, dtype=torch.float64)
+    """L2 norm of the full model's gradient (see module docstring); every rank gets the same value.
+
+    FSDP2 gradients are DTensors sharded over the grad mesh: each rank squares its own shard and the sums
+    are added over that mesh first (both kinds), then tp and pp as for plain gradients."""
+    sums = torch.zeros(2, dtype=torch.float64)  # [tp-sharded, tp-replicated]
+    shard_group = None
     for p in params:
         if p.grad is None:
             continue
-        sq = p.grad.detach().double().pow(2).sum().cpu()
-        if is_tp_sharded(p):
-            sharded += sq
-        else:
-            replicated += sq
+        g = p.grad.detach()
+        if isinstance(g, DTensor):
+            shard_group = g.device_mesh.get_group()
+            g = g.to_local()
+        sums[0 if is_tp_sharded(p) else 1] += g.double().pow(2).sum().cpu()
+    all_reduce_sum(sums, shard_group)
+    sharded, replicated = sums[:1].clone(), sums[1:]
     total = all_reduce_sum(sharded, tp_group) + replicated
     all_reduce_sum(total, pp_group)
     return float(total.sqrt().item())

@@ -7,7 +7,9 @@ tensor-parallel layers and context-parallel attention over other mesh groups.
 Loss contract: the last stage's loss function returns ``loss_sum / global_count`` per micro-batch
 (``scale_grads=False``), so after the schedule every stage holds d(Σ local losses / global count);
 summing gradients over the grad group (dp × cp × wp) gives d(mean over all real tokens of the global
-batch) — whatever dp, cp, pp and the number of micro-batches are.
+batch) — whatever dp, cp, pp and the number of micro-batches are. With ``parallel.fsdp`` the stages are
+sharded by FSDP2 (engines/fsdp.py) whose reduce-scatter *averages* over the grad group, so the loss
+function then also multiplies by ``grad_size``.
 
 The rank's GPT holds only its stages' layers; each :class:`StageModule` is a view over it (shared
 parameters), one per virtual stage.
@@ -23,6 +25,7 @@ import torch.nn as nn
 from ..config import Config
 from ..mesh import Mesh
 from ..optim import build_optimizer, build_scheduler
+from .fsdp import FSDPSharder
 from .grads import all_ranks_finite, all_reduce_grads_, all_reduce_sum, clip_grads_, global_grad_norm
 
 
@@ -45,6 +48,20 @@ class StageModule(nn.Module):
         return self.gpt.run_layers(x, self.positions, self.stage.layers)
 
 
+class LossHead(nn.Module):
+    """The last stage's final norm + output head + loss as one module (shared parameters), so the schedule's
+    loss function runs through ``forward`` — FSDP2 gathers a unit on its module's forward.
+    hidden [B, S, d], labels [B, S] -> (loss sum, real-token count)."""
+
+    def __init__(self, gpt: nn.Module):
+        super().__init__()
+        self.norm, self.output = gpt.norm, gpt.output
+        object.__setattr__(self, "gpt", gpt)
+
+    def forward(self, hidden: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.gpt.loss(hidden, labels)
+
+
 class PipelineEngine:
     """``train_step(micro_batches, global_count) -> (global mean loss, grad norm)`` like the DDP engine."""
 
@@ -54,6 +71,11 @@ class PipelineEngine:
         self.device = next(model.parameters()).device
         self.last_step_skipped = False  # the last train_step had a non-finite loss/norm: nothing applied
         self.stage_modules = [StageModule(model, st) for st in model.pipeline_stages]
+        self.loss_head = LossHead(model) if model.has_head else None
+        self.fsdp = cfg.parallel.fsdp
+        if self.fsdp:  # before the optimizer: AdamW then holds state for this rank's shards only
+            FSDPSharder(mesh, cfg.parallel, autocast_dtype).shard_stages(self.stage_modules, self.loss_head)
+        self._grad_scale = float(mesh.grad_size) if self.fsdp else 1.0
         self.optimizer = build_optimizer(list(model.named_parameters()), cfg.train)
         self.scheduler = build_scheduler(self.optimizer, cfg.train)
         self.grad_clip = cfg.train.grad_clip
@@ -64,9 +86,9 @@ class PipelineEngine:
 
     # -- schedule --------------------------------------------------------------------------------
     def _loss_fn(self, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        loss_sum, _ = self.module.loss(hidden, labels)
+        loss_sum, _ = self.loss_head(hidden, labels)
         self._loss_sums.append(loss_sum.detach().double().cpu())
-        return loss_sum * self._inv_count
+        return loss_sum * (self._inv_count * self._grad_scale)
 
     def _build_schedule(self, n_micro: int):
         from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe, ScheduleInterleaved1F1B
@@ -121,7 +143,8 @@ class PipelineEngine:
         """One optimizer step over this rank's micro-batches -> (global mean loss, pre-clip grad norm)."""
         loss_sum = self._run_schedule(micro, 1.0 / global_count, forward_only=False)
         params = [p for p in self.module.parameters() if p.requires_grad]
-        all_reduce_grads_(params, self.mesh.grad_group)
+        if not self.fsdp:  # FSDP2 reduce-scattered inside backward
+            all_reduce_grads_(params, self.mesh.grad_group)
         norm = global_grad_norm(params, self.mesh.tp_group, self.mesh.pp_group)
         all_reduce_sum(loss_sum, self.mesh.pp_group)  # only the last stage contributes
         all_reduce_sum(loss_sum, self.mesh.grad_group)
@@ -145,9 +168,11 @@ class PipelineEngine:
 
     def checkpoint_kwargs(self) -> dict:
         """Extra CheckpointManager arguments: stages hold disjoint global names (``layers.<i>``) and merge by
-        union; with tp > 1 the tensor-parallel adapter (checkpoint/adapters.py)."""
-        from ..checkpoint.adapters import engine_checkpoint_kwargs
+        union; with tp > 1 the tensor-parallel adapter (checkpoint/adapters.py); FSDP2 shards as DTensors."""
+        from ..checkpoint.adapters import engine_checkpoint_kwargs, fsdp_checkpoint_kwargs
 
+        if self.fsdp:
+            return fsdp_checkpoint_kwargs(self.module, self.mesh)
         return engine_checkpoint_kwargs(self.module, self.mesh)
 
     @property
