@@ -1,0 +1,169 @@
+"""FSDP2 (``parallel.fsdp``) on real gloo ranks against the single-rank run, its per-rank memory, its
+checkpoints resharded to and from DDP, and the refused combinations.
+
+* losses: 5 steps of FSDP2 dp2 (with and without reshard-after-forward), Swin wp2, dp3 (uneven shards),
+  dp2 × pp2, dp2 × tp2 (sequence parallel), dp2 × cp2 equal the single-rank losses within 1e-5 relative,
+  on every rank;
+* memory: parameter, gradient and AdamW bytes per rank measured on the live tensors equal FSDP2's
+  padded-shard formula exactly and are the unsharded bytes / dp (up to the padding of one row per tensor);
+* checkpoints: FSDP2 dp2 × pp2 → DDP dp1, DDP dp1 → FSDP2 dp2 × pp2 and FSDP2 dp2 × tp2 → dp1 resume at
+  step 5 with the losses the saving layout went on to produce (1e-5).
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dist_train.config import ConfigError
+from dist_train.engines.fsdp import FSDPEngine
+from dist_train.mesh import build_mesh
+from dist_train.models.gpt import build_gpt
+from dist_train.trainer import train
+from tests.dist_harness import run_ranks
+from tests.trainer_utils import rel_close, tiny_gpt_config, tiny_swin_config
+
+RTOL = 1e-5
+MB1 = {"micro_batch": 1}  # pp2 needs >= 2 pipeline micro-batches per dp rank
+
+# (name, kind, parallel, train overrides) per world size; kind: gpt | swin
+CASES = {
+    2: [("fsdp_dp2", "gpt", {"dp": 2}, {}),
+        ("fsdp_dp2_keep_gathered", "gpt", {"dp": 2, "fsdp_reshard_after_forward": False}, {}),
+        ("fsdp_swin_wp2", "swin", {"wp": [1, 2]}, {})],
+    3: [("fsdp_dp3", "gpt", {"dp": 3}, {"global_batch": 6})],
+    4: [("fsdp_dp2_pp2", "gpt", {"dp": 2, "pp": 2}, MB1),
+        ("fsdp_dp2_tp2_sp", "gpt", {"dp": 2, "tp": 2, "sequence_parallel": True}, {}),
+        ("fsdp_dp2_cp2", "gpt", {"dp": 2, "cp": 2}, {})],
+}
+
+
+def _config(kind: str, run_dir, data_dir, parallel: dict, train_over: dict, **sections):
+    par = {**parallel, "fsdp": True} if parallel else {}
+    train_over = {**train_over, "peak_tflops": 1.0}  # MFU's denominator only: skip the CPU calibration
+    if kind == "swin":
+        return tiny_swin_config(run_dir, data_dir, parallel=par, train=train_over, **sections)
+    return tiny_gpt_config(run_dir, parallel=par, train=train_over, **sections)
+
+
+def _train_cases(rank, world, run_dir, cases):
+    out = {name: train(_config(kind, f"{run_dir}/{name}", f"{run_dir}/weather", par, over)).losses
+           for name, kind, par, over in cases}
+    out["bytes"] = _state_bytes(world)
+    return out
+
+
+def _shard_rows(rows: int, n: int, r: int) -> int:
+    """FSDP2's dim-0 shard of rank r: ceil(rows / n) rows, the last ranks fewer (possibly none)."""
+    chunk = -(-rows // n)
+    return max(0, min(chunk, rows - r * chunk))
+
+
+def _state_bytes(world: int) -> dict:
+    """Parameter, gradient and optimizer bytes on this rank after one forward/backward and optimizer step
+    of an FSDP2 dp=world GPT, the same from FSDP2's padded-shard formula, and the unsharded bytes."""
+    cfg = tiny_gpt_config("/tmp/unused", parallel={"dp": world, "fsdp": True}, train={"global_batch": 2 * world})
+    mesh = build_mesh(cfg.parallel, world)
+    model = build_gpt(cfg, mesh, torch.device("cpu"))
+    shapes = [tuple(p.shape) for p in model.parameters()]
+    engine = FSDPEngine(cfg, model, mesh, None)
+    g = torch.Generator().manual_seed(mesh.rank)
+    batch = {"tokens": torch.randint(0, 64, (2, 32), generator=g), "labels": torch.randint(0, 64, (2, 32), generator=g),
+             "positions": torch.arange(32)}
+    engine.forward_backward(batch, 1.0 / 128, last_micro=True)
+    params = list(engine.module.parameters())
+    measured = {"params": sum(p.to_local().nbytes for p in params),
+                "grads": sum(p.grad.to_local().nbytes for p in params)}
+    engine.optimizer.step()
+    measured["optim"] = sum(v.to_local().nbytes for st in engine.optimizer.state.values() for v in st.values()
+                            if v.dim() > 0)  # exp_avg and exp_avg_sq; 'step' is a scalar
+    r = mesh.rank
+    shard = sum(_shard_rows(s[0], world, r) * (s[1] if len(s) > 1 else 1) * 4 for s in shapes)
+    full = sum(torch.Size(s).numel() * 4 for s in shapes)
+    pad = sum((s[1] if len(s) > 1 else 1) * 4 for s in shapes)  # at most one row per tensor
+    return {"measured": measured, "formula": {"params": shard, "grads": shard, "optim": 2 * shard},
+            "full": full, "pad": pad}
+
+
+def _reference(tmp_path, kind: str, train_over: dict):
+    return train(_config(kind, tmp_path / f"ref_{kind}_{sorted(train_over.items())}", tmp_path / "weather", {},
+                         train_over)).losses
+
+
+def _check_world(tmp_path, world: int) -> None:
+    out = run_ranks(_train_cases, world, args=(str(tmp_path), CASES[world]), timeout=300)
+    for name, kind, _, over in CASES[world]:
+        ref = _reference(tmp_path, kind, over)
+        for rank, per_rank in enumerate(out):
+            assert rel_close(per_rank[name], ref, RTOL), (name, rank, per_rank[name], ref)
+    for rank, per_rank in enumerate(out):
+        b = per_rank["bytes"]
+        assert b["measured"] == b["formula"], (rank, b)
+        if rank == 0:  # rank 0 always holds a full ceil(rows / n) shard of every tensor
+            for kind, factor in (("params", 1), ("grads", 1), ("optim", 2)):
+                got = b["measured"][kind]
+                assert factor * b["full"] / world <= got <= factor * (b["full"] / world + b["pad"]), (kind, b)
+    assert sum(per_rank["bytes"]["measured"]["params"] for per_rank in out) == out[0]["bytes"]["full"]
+
+
+def test_fsdp_two_ranks_dp2_and_swin_wp2_match_single_rank(tmp_path):
+    _check_world(tmp_path, 2)
+
+
+@pytest.mark.slow
+def test_fsdp_three_ranks_uneven_shards_match_single_rank(tmp_path):
+    _check_world(tmp_path, 3)
+
+
+@pytest.mark.slow
+def test_fsdp_four_ranks_composed_with_pp_tp_cp_match_single_rank(tmp_path):
+    _check_world(tmp_path, 4)
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints: FSDP2 <-> DDP
+# ---------------------------------------------------------------------------------------------
+CKPT = {"every": 5, "keep_last": 3}
+PP_FSDP = {"dp": 2, "pp": 2}
+
+
+def _ckpt_runs(rank, world, root):
+    """On 4 ranks: FSDP2 dp2 × pp2 resumed from the DDP dp1 checkpoint; FSDP2 dp2 × pp2 and dp2 × tp2 runs
+    that save at step 5."""
+    resumed = train(_config("gpt", f"{root}/fsdp_from_ddp", None, PP_FSDP, MB1, steps=10,
+                            checkpoint={"resume": f"{root}/ddp/checkpoints/step_5"}))
+    saved_pp = train(_config("gpt", f"{root}/fsdp_pp", None, PP_FSDP, MB1, steps=10, checkpoint=CKPT)).losses
+    saved_tp = train(_config("gpt", f"{root}/fsdp_tp", None, {"dp": 2, "tp": 2}, MB1, steps=10,
+                             checkpoint=CKPT)).losses
+    return {"resumed": (resumed.start_step, resumed.losses), "saved_pp": saved_pp, "saved_tp": saved_tp}
+
+
+@pytest.mark.slow
+def test_fsdp_checkpoints_reshard_to_and_from_ddp(tmp_path):
+    ddp = train(_config("gpt", tmp_path / "ddp", None, {}, MB1, steps=10, checkpoint=CKPT)).losses
+    out = run_ranks(_ckpt_runs, 4, args=(str(tmp_path),), timeout=400)
+    for rank, r in enumerate(out):
+        start, losses = r["resumed"]
+        assert start == 5 and rel_close(losses, ddp[5:], RTOL), (rank, losses, ddp[5:])
+    for name in ("pp", "tp"):
+        saved = out[0][f"saved_{name}"]
+        resumed = train(_config("gpt", tmp_path / f"ddp_from_{name}", None, {}, MB1, steps=10,
+                                checkpoint={"resume": str(tmp_path / f"fsdp_{name}" / "checkpoints" / "step_5")}))
+        assert resumed.start_step == 5
+        assert rel_close(resumed.losses, saved[5:], RTOL), (name, resumed.losses, saved[5:])
+        assert rel_close(saved[:5], ddp[:5], RTOL), (name, saved[:5], ddp[:5])
+
+
+# ---------------------------------------------------------------------------------------------
+# Refused before any process group
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("parallel, words", [
+    ({"dp": 2, "fsdp": True, "zero_stage": 3}, "zero_stage = 3"),
+    ({"dp": 2, "pp": 2, "fsdp": True, "zero_stage": 1}, "zero_stage = 1"),
+    ({"fsdp": True}, "dp × cp × wp = 1"),
+    ({"tp": 2, "pp": 2, "fsdp": True}, "dp × cp × wp = 1"),
+])
+def test_fsdp_invalid_combinations_refused_with_one_line(tmp_path, parallel, words):
+    with pytest.raises(ConfigError) as e:
+        tiny_gpt_config(tmp_path, parallel=parallel)
+    msg = str(e.value)
+    assert "parallel.fsdp" in msg and words in msg and "\n" not in msg, msg
