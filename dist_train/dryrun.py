@@ -96,9 +96,10 @@ def format_layout(cfg: Config, rows: list[RankLayout]) -> str:
               else "none: the swin memory model needs data.image")
     lines = [f"layout: {len(rows)} ranks = pp{p.pp} x dp{p.dp} x wp{cfg.wp_grid[0]}x{cfg.wp_grid[1]} x cp{p.cp} "
              f"x tp{p.tp} (mesh axes outer->inner: {', '.join(AXES)}) | zero_stage {p.zero_stage} | "
+             f"fsdp {'on' if p.fsdp else 'off'} | "
              f"pp_schedule {p.pp_schedule if p.pp > 1 else '-'} | checkpointing {cfg.train.activation_checkpointing}",
              f"memory per rank in GiB ({source}): params, grads (+ DDP buckets), optimizer, activations, "
-             "other (baseline, logits, comm buffers, workspace)",
+             "other (baseline, logits, comm buffers, workspace, FSDP2 gathered copies)",
              f"{'rank':>4} {'dp':>3} {'pp':>3} {'cp':>3} {'tp':>3} {'wp':>3}  {'stages':<8} {'layers':<10} "
              f"{'emb':>3} {'head':>4} {'params':>8} {'grads':>8} {'optim':>8} {'acts':>8} {'other':>8} {'total':>8}"]
     for r in rows:

@@ -15,6 +15,9 @@ Components (bytes):
                         and head; ÷ZeRO-3 shards) × element size (train.precision; auto: the profile's)
     optimizer           AdamW m, v (+ fp32 master copy in 16-bit training), ÷ shards for ZeRO ≥ 1
     ddp_buckets         DDP's flat gradient buckets (a second gradient copy) when gradients are reduced
+    fsdp_unsharded      FSDP2 (parallel.fsdp): weights, gradients and AdamW live as fp32 shards (÷ shards,
+                        the shards are the master weights), plus the gathered compute-precision copies
+                        (:func:`fsdp_unsharded_bytes`)
     activations         per layer per token (Korthikanti et al. generalised to this model's tensors):
                         replicated part (norm inputs/outputs, ÷tp only with sequence parallel) +
                         tensor-parallel part (÷tp); + 2·heads·span scores without flash attention;
@@ -77,6 +80,31 @@ def loss_bytes(cfg: Config, sh: Shape, loc: RankShape) -> float:
     return per_chunk + loc.tokens * sh.d * bpe + (loc.vocab * sh.d * 4 if low else 0.0)
 
 
+def fsdp_layer_params(cfg: Config, sh: Shape) -> float:
+    """Parameters of one FSDP2 unit (a transformer / Swin block) on one tp rank."""
+    rep = sh.layer_replicated_params()
+    return (sh.layer_params() - rep) / cfg.parallel.tp + rep
+
+
+def fsdp_unsharded_bytes(cfg: Config, sh: Shape, loc: RankShape, load: RankLoad, n_local: float) -> float:
+    """Peak bytes of FSDP2's gathered (compute-precision) weights and not-yet-reduced gradients on one rank
+    holding ``n_local`` parameters (engines/fsdp.py):
+
+    * pp > 1: torch's ``PipelineStage`` keeps a stage gathered from its first backward to the last and
+      accumulates unsharded gradients across micro-batches (reduce-scatter once per step): the whole stage's
+      weights and gradients, 2 · n_local · bpe;
+    * pp = 1: the root (embedding, final norm, head) stays gathered; two blocks in flight (the one computing,
+      the one prefetched) — or every block when ``fsdp_reshard_after_forward`` is false (kept from forward
+      to backward) — plus one block's unsharded gradient and its fp32 reduce-scatter buffer."""
+    p, bpe = cfg.parallel, loc.bpe
+    if p.pp > 1:
+        return 2.0 * n_local * bpe
+    unit = fsdp_layer_params(cfg, sh)
+    root = n_local - load.layers * unit
+    blocks = load.layers * unit if not p.fsdp_reshard_after_forward else min(2, load.layers) * unit
+    return (root + blocks) * bpe + unit * (bpe + 4)
+
+
 def memory_model(cfg: Config, sh: Shape, prof: DeviceProfile, loc: RankShape,
                  load: Optional[RankLoad] = None) -> dict:
     """Bytes by component (+ "total") of the pipeline rank holding ``load``; None: the most loaded of
@@ -99,17 +127,23 @@ def memory_model(cfg: Config, sh: Shape, prof: DeviceProfile, loc: RankShape,
     grads = n_local * bpe / (shards if z is not None and z >= 2 else 1)
     optim = n_local * (8 + master) / (shards if z is not None and z >= 1 else 1)
     ddp = n_local * bpe if (z is None and shards > 1) else 0.0
+    unsharded = 0.0
+    if p.fsdp:
+        weights, grads, optim, ddp = n_local * 4 / shards, n_local * 4 / shards, n_local * 8 / shards, 0.0
+        unsharded = fsdp_unsharded_bytes(cfg, sh, loc, load, n_local)
 
     el = activation_elems_per_token(cfg, sh, prof, loc)
     per_layer_tok = el["replicated"] + el["parallel"] + el["scores"] + el["ulysses"]
+    # the residual stream (layer inputs, the stage input) is [S/tp, d] under sequence parallelism
+    d_stream = sh.d / p.tp if (p.sequence_parallel and p.tp > 1) else sh.d
     if t.activation_checkpointing == "full":
         # every in-flight micro-batch keeps its layer inputs; one layer is recomputed at a time
-        stored_tok = load.layers * sh.d * load.in_flight + per_layer_tok
+        stored_tok = load.layers * d_stream * load.in_flight + per_layer_tok
     else:
         if t.activation_checkpointing == "selective":
             per_layer_tok -= loc.q + el["scores"]   # the attention core is recomputed
         stored_tok = load.layers * per_layer_tok * load.in_flight
-    stored_tok += sh.d * load.in_flight  # the stage input per micro-batch (the embedding output on stage 0)
+    stored_tok += d_stream * load.in_flight  # the stage input per micro-batch (the embedding output on stage 0)
     acts = stored_tok * loc.tokens * bpe
     logits = loss_bytes(cfg, sh, loc) if load.head else 0.0
     comm = 0.0
@@ -121,7 +155,7 @@ def memory_model(cfg: Config, sh: Shape, prof: DeviceProfile, loc: RankShape,
             comm += loc.tokens * (loc.q + 2 * loc.kv) * bpe
     workspace = 2 * loc.tokens * (sh.d + loc.f) * bpe  # one layer's activation gradients in flight
     out = {"baseline": prof.baseline_bytes, "weights": weights, "grads": grads, "optimizer": optim,
-           "ddp_buckets": ddp, "activations": acts, "logits": logits, "comm_buffers": comm, "workspace": workspace}
+           "ddp_buckets": ddp, "fsdp_unsharded": unsharded, "activations": acts, "logits": logits, "comm_buffers": comm, "workspace": workspace}
     out["total"] = sum(out.values())
     return out
 
@@ -157,7 +191,8 @@ class MemoryEstimate:
 
     @property
     def other(self) -> float:
-        """Baseline (CUDA context / framework RSS), logits, communication buffers, workspace."""
+        """Baseline (CUDA context / framework RSS), logits, communication buffers, workspace, FSDP2's
+        gathered weights and unsharded gradients."""
         return self.total - self.params - self.grads - self.optimizer - self.activations
 
 

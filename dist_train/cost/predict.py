@@ -60,7 +60,7 @@ def predict(cfg: Config, prof: DeviceProfile, world: Optional[int] = None) -> Pr
     p = cfg.parallel
     layout = {"dp": p.dp, "tp": p.tp, "pp": p.pp, "cp": p.cp, "wp": list(cfg.wp_grid), "cp_method": p.cp_method,
               "cp_layout": p.cp_layout, "ulysses_degree": p.ulysses_degree, "zero_stage": p.zero_stage,
-              "checkpointing": cfg.train.activation_checkpointing, "micro_batch": cfg.train.micro_batch,
+              "fsdp": p.fsdp, "checkpointing": cfg.train.activation_checkpointing, "micro_batch": cfg.train.micro_batch,
               "sequence_parallel": p.sequence_parallel}
     return Prediction(layout=layout, memory=mem, time=tm, step_time_s=step, tokens_per_s=tokens_step / step,
                       tflops_per_device=tflops, mfu=tflops / prof.peak_tflops,

@@ -11,7 +11,7 @@ import math
 
 from ..config import Config
 from ..plan.profiles import DeviceProfile
-from .memory import activation_elems_per_token
+from .memory import activation_elems_per_token, fsdp_layer_params
 from .shape import RankShape, Shape, ring_piece_tokens
 
 # eager autograd ops per transformer layer (forward ops; their backward is in the calibrated per-op cost),
@@ -38,6 +38,37 @@ def _allreduce_s(nbytes: float, n: int, link) -> float:
     if n <= 1:
         return 0.0
     return 2 * (n - 1) / n * nbytes / (link.bw_gbs * 1e9) + 2 * (n - 1) * link.latency_us * 1e-6
+
+
+def _allgather_s(nbytes: float, n: int, link) -> float:
+    """Ring all-gather (or reduce-scatter) of ``nbytes`` (the full, unsharded size) over n ranks."""
+    return _allreduce_s(nbytes, n, link) / 2
+
+
+def fsdp_comm(cfg: Config, sh: Shape, loc: RankShape, n_local: float, compute_mb: float, link,
+              overlap: float) -> dict:
+    """FSDP2's communication per step (engines/fsdp.py) and what of it is exposed:
+
+    * pp = 1: per micro-batch, each block all-gathers its weights (compute precision) in forward and — with
+      ``fsdp_reshard_after_forward`` — again in backward, and reduce-scatters its gradients in fp32; the
+      next block's all-gather and the previous block's reduce-scatter overlap the current block's compute
+      (``profile.overlap`` of it), the first all-gather and the last reduce-scatter cannot;
+    * pp > 1: the stage all-gathers once (first micro-batch's forward, overlapping it) and reduce-scatters
+      once after the last backward (``PipelineStage.perform_reduce_grad``: not overlapped)."""
+    p, bpe, g = cfg.parallel, loc.bpe, loc.grad_shards
+    accum = cfg.grad_accum_steps
+    unit = fsdp_layer_params(cfg, sh)
+    ag, rs = _allgather_s(n_local * bpe, g, link), _allgather_s(n_local * 4, g, link)
+    first_ag, last_rs = _allgather_s(unit * bpe, g, link), _allgather_s(unit * 4, g, link)
+    if p.pp > 1:
+        total = ag + rs
+        exposed = max(first_ag, ag - overlap * compute_mb / 3) + rs
+    else:
+        per_mb = ag * (2 if p.fsdp_reshard_after_forward else 1) + rs
+        total = accum * per_mb
+        exposed = accum * (first_ag + last_rs + max(0.0, per_mb - first_ag - last_rs
+                                                     - overlap * compute_mb))
+    return {"total": total, "exposed": exposed}
 
 
 def time_model(cfg: Config, sh: Shape, prof: DeviceProfile, loc: RankShape, mem: dict, world: int) -> dict:
@@ -128,9 +159,12 @@ def time_model(cfg: Config, sh: Shape, prof: DeviceProfile, loc: RankShape, mem:
     body = accum * per_mb / (1 - bubble) if bubble < 1 else float("inf")
 
     # -- once per step ---------------------------------------------------------------------------
-    n_local = mem["weights"] * (loc.grad_shards if p.zero_stage == 3 else 1) / bpe
+    if p.fsdp:  # fp32 shards
+        n_local = mem["weights"] * loc.grad_shards / 4
+    else:
+        n_local = mem["weights"] * (loc.grad_shards if p.zero_stage == 3 else 1) / bpe
     tensors = (9 if sh.kind == "gpt" else 13) * loc.layers + 3
-    shards = loc.grad_shards if (p.zero_stage or 0) >= 1 else 1
+    shards = loc.grad_shards if (p.zero_stage or 0) >= 1 or p.fsdp else 1
     opt = (n_local / shards * 4 * 10 / (prof.mem_bw_gbs * 1e9) + tensors * 14 * prof.op_overhead_us * 1e-6) / share
     grad_bytes = n_local * bpe
     g = loc.grad_shards
@@ -140,6 +174,9 @@ def time_model(cfg: Config, sh: Shape, prof: DeviceProfile, loc: RankShape, mem:
     bucket = min(grad_bytes, 25 * 2 ** 20)
     last_bucket = _allreduce_s(bucket, g, dp_link)
     dp_exposed = max(last_bucket, dp_comm - prof.overlap * backward) if g > 1 else 0.0
+    if p.fsdp and g > 1:
+        fsdp = fsdp_comm(cfg, sh, loc, n_local, compute_mb, dp_link, prof.overlap)
+        dp_comm, dp_exposed = fsdp["total"], fsdp["exposed"]
     small = 2 * _allreduce_s(8, g, dp_link)  # token count and loss all-reduces
     out = {"matmul": accum * mm / share, "attention": accum * attn / share, "elementwise": accum * ew / share,
            "op_overhead": accum * ovh / share, "optimizer": opt, "tp_comm": accum * tp_s,

@@ -96,7 +96,8 @@ def plan_main(args: argparse.Namespace) -> int:
     best = ranked[0][0]
     fitting = sum(1 for p, _ in ranked if p.fits)
     print(f"{len(ranked)} layouts, {fitting} fit in {prof.memory_gib:.0f} GiB; ranked by predicted tokens/s:")
-    hdr = f"{'#':>3}  {'layout':<44} {'mem GiB':>9} {'step s':>10} {'tokens/s':>12} {'MFU':>6} {'comm':>6}  why not first"
+    hdr = (f"{'#':>3}  {'layout':<44} {'mem GiB':>9} {'step s':>10} {'tokens/s':>12} {'TFLOP/s':>8} {'MFU':>6} "
+           f"{'comm':>6}  why not first")
     print(hdr)
     print("-" * len(hdr))
     shown = ranked[:args.top]
@@ -104,7 +105,8 @@ def plan_main(args: argparse.Namespace) -> int:
     for i, (p, c) in enumerate(shown):
         why = "best" if i == 0 and p.fits else why_slower(p, best, prof.memory_bytes)
         print(f"{i + 1:>3}  {layout_label(c):<44} {p.memory['total'] / GIB:>9.2f} {p.step_time_s:>10.4g} "
-              f"{p.tokens_per_s:>12,.0f} {100 * p.mfu:>5.1f}% {100 * p.exposed_comm_fraction:>5.0f}%  {why}")
+              f"{p.tokens_per_s:>12,.0f} {p.tflops_per_device:>8.4g} {100 * p.mfu:>5.1f}% "
+              f"{100 * p.exposed_comm_fraction:>5.0f}%  {why}")
     losers = _representative_losers(ranked[args.top:], best, prof.memory_bytes)
     if losers:
         print("other layouts lose because:")

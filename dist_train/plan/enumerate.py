@@ -6,7 +6,8 @@
 
 A layout is dp × tp × pp × cp (GPT) or dp × wp[gh, gw] (Swin) = N, plus the cp method (ring with each
 sequence layout, Ulysses, or hybrid with each Ulysses degree), the ZeRO stage and activation
-checkpointing. Validity is the config's own validation plus what the kernels need: the sequence length
+checkpointing, and the data-parallel engine (DDP, ZeRO 1–3 via DeepSpeed, or FSDP2 — the only sharding that
+composes with pp). Validity is the config's own validation plus what the kernels need: the sequence length
 divisible by the layout's multiple, at least one window per tile.
 """
 from __future__ import annotations
@@ -59,8 +60,9 @@ def _grids(n: int) -> list[tuple[int, int]]:
 
 
 def enumerate_layouts(cfg: Config, devices: int, checkpointing: Iterable[str] = CHECKPOINTING,
-                      zero_stages: Iterable[Optional[int]] = ZERO_STAGES) -> list[Config]:
-    """All valid layouts of ``cfg``'s model and data on ``devices`` devices (each a full Config)."""
+                      zero_stages: Iterable[Optional[int]] = ZERO_STAGES, fsdp: bool = True) -> list[Config]:
+    """All valid layouts of ``cfg``'s model and data on ``devices`` devices (each a full Config).
+    ``fsdp``: also the FSDP2 variant of every layout with ranks to shard over (dp·cp·wp > 1)."""
     if devices < 1:
         raise ValueError(f"--devices {devices}: must be a positive integer")
     checkpointing, zero_stages = tuple(checkpointing), tuple(zero_stages)
@@ -79,12 +81,14 @@ def enumerate_layouts(cfg: Config, devices: int, checkpointing: Iterable[str] = 
                         if gpt and cfg.data.seq_len % _seq_multiple(lay, cp // (u if method == "hybrid" else 1)):
                             continue
                         shards = dp * cp * grid[0] * grid[1]
-                        for z, sp in itertools.product(zero_stages if shards > 1 else (None,),
-                                                       (False, True) if tp > 1 else (False,)):
+                        engines = [(z, False) for z in (zero_stages if shards > 1 else (None,))]
+                        engines += [(None, True)] if fsdp and shards > 1 else []
+                        for (z, sharded), sp in itertools.product(engines, (False, True) if tp > 1 else (False,)):
                             c = copy.deepcopy(cfg)
                             p = c.parallel
                             p.dp, p.tp, p.pp, p.cp, p.wp = dp, tp, pp, cp, list(grid)
                             p.cp_method, p.cp_layout, p.ulysses_degree, p.zero_stage = method, lay, u, z
+                            p.fsdp = sharded
                             p.sequence_parallel = sp
                             c.train.micro_batch, c.train.activation_checkpointing = mb, ck
                             try:
@@ -142,6 +146,8 @@ def layout_label(cfg: Config) -> str:
                       "hybrid": f"hybrid(u{p.ulysses_degree})/{p.cp_layout}"}[p.cp_method])
     if p.zero_stage is not None:
         parts.append(f"zero{p.zero_stage}")
+    if p.fsdp:
+        parts.append("fsdp" if p.fsdp_reshard_after_forward else "fsdp(keep)")
     if cfg.train.activation_checkpointing != "none":
         parts.append(f"ckpt={cfg.train.activation_checkpointing}")
     parts.append(f"mb{cfg.train.micro_batch}")
