@@ -3,7 +3,7 @@ checkpoints resharded to and from DDP, and the refused combinations.
 
 * losses: 5 steps of FSDP2 dp2 (with and without reshard-after-forward), Swin wp2, dp3 (uneven shards),
   dp2 × pp2, dp2 × tp2 (sequence parallel), dp2 × cp2 equal the single-rank losses within 1e-5 relative,
-  on every rank; bf16 (FSDP2's MixedPrecisionPolicy, CUDA's default) within 2e-3 of single-rank bf16
+  on every rank (dp2 and dp2 × pp2 also the validation loss: forward-only paths); bf16 (FSDP2's MixedPrecisionPolicy, CUDA's default) within 2e-3 of single-rank bf16
   autocast, with bf16 weights inside the forward and fp32 shards, gradients and AdamW state;
 * memory: parameter, gradient and AdamW bytes per rank measured on the live tensors equal FSDP2's
   padded-shard formula exactly and the cost model's unsharded bytes / dp (dist_train/cost/memory.py) up to
@@ -30,15 +30,16 @@ from tests.trainer_utils import rel_close, tiny_gpt_config, tiny_swin_config
 RTOL = 1e-5
 BF16_RTOL = 2e-3  # bf16 compute on both sides; measured 2e-4 on 5 steps
 MB1 = {"micro_batch": 1}  # pp2 needs >= 2 pipeline micro-batches per dp rank
+EVAL = {"eval_every": 5, "eval_steps": 1}  # + the validation loss after step 5 (forward-only paths)
 
 # (name, kind, parallel, train overrides) per world size; kind: gpt | swin
 CASES = {
-    2: [("fsdp_dp2", "gpt", {"dp": 2}, {}),
+    2: [("fsdp_dp2", "gpt", {"dp": 2}, EVAL),
         ("fsdp_dp2_keep_gathered", "gpt", {"dp": 2, "fsdp_reshard_after_forward": False}, {}),
         ("fsdp_swin_wp2", "swin", {"wp": [1, 2]}, {}),
         ("fsdp_dp2_bf16", "gpt", {"dp": 2}, {"precision": "bf16"})],
     3: [("fsdp_dp3", "gpt", {"dp": 3}, {"global_batch": 6})],
-    4: [("fsdp_dp2_pp2", "gpt", {"dp": 2, "pp": 2}, MB1),
+    4: [("fsdp_dp2_pp2", "gpt", {"dp": 2, "pp": 2}, {**MB1, **EVAL}),
         ("fsdp_dp2_tp2_sp", "gpt", {"dp": 2, "tp": 2, "sequence_parallel": True}, {}),
         ("fsdp_dp2_cp2", "gpt", {"dp": 2, "cp": 2}, {})],
 }
@@ -52,8 +53,14 @@ def _config(kind: str, run_dir, data_dir, parallel: dict, train_over: dict, **se
     return tiny_gpt_config(run_dir, parallel=par, train=train_over, **sections)
 
 
+def _losses(res) -> list[float]:
+    """Training losses, then the validation loss when the run evaluated."""
+    valid = res.summary.get("valid_loss")
+    return res.losses + ([valid] if valid is not None else [])
+
+
 def _train_cases(rank, world, run_dir, cases):
-    out = {name: train(_config(kind, f"{run_dir}/{name}", f"{run_dir}/weather", par, over)).losses
+    out = {name: _losses(train(_config(kind, f"{run_dir}/{name}", f"{run_dir}/weather", par, over)))
            for name, kind, par, over in cases}
     out["bytes"] = _state_bytes(world)
     if world == 2:
@@ -120,8 +127,8 @@ def _state_bytes(world: int) -> dict:
 
 
 def _reference(tmp_path, kind: str, train_over: dict):
-    return train(_config(kind, tmp_path / f"ref_{kind}_{sorted(train_over.items())}", tmp_path / "weather", {},
-                         train_over)).losses
+    return _losses(train(_config(kind, tmp_path / f"ref_{kind}_{sorted(train_over.items())}", tmp_path / "weather",
+                                 {}, train_over)))
 
 
 def _check_world(tmp_path, world: int) -> None:
