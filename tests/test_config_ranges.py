@@ -63,6 +63,8 @@ BAD: dict[str, list] = {
     "parallel.microbatches": [0, -4],
     "parallel.pp_schedule": ["zb"],
     "parallel.sequence_parallel": ["yes", 0],
+    "parallel.fsdp": ["yes", 1, True],  # True alone: dp × cp × wp = 1, nothing to shard over
+    "parallel.fsdp_reshard_after_forward": ["no", 0],
     "parallel.attn_kernel": ["xformers"],
     "parallel.deepspeed": [[1, 2], "zero3"],
     "train.steps": [0, -1],
