@@ -166,6 +166,28 @@ def test_sigstopped_rank_is_named_by_the_automatic_watchdog(tmp_path, tiny):
     assert time.time() - t0 < 60
 
 
+def test_externally_sigstopped_rank_is_named_not_the_healthy_one(tmp_path, tiny):
+    # the case: `kill -STOP` from outside (no fault injector writing the heartbeat first)
+    run_dir = tmp_path / "extstop"
+
+    def stop_rank_1():
+        deadline = time.time() + 60
+        while time.time() < deadline:
+            hb = read_heartbeat(run_dir, 1)
+            if hb and (hb.get("step") or 0) >= 3:
+                os.kill(hb["pid"], signal.SIGSTOP)
+                return
+            time.sleep(0.05)
+
+    stopper = threading.Thread(target=stop_rank_1, daemon=True)
+    stopper.start()
+    sup, code, said, _ = _run(tmp_path, tiny, "extstop", 2, 10**6, sink=Capture(), watchdog_s=None,
+                              collective_timeout_s=6.0, max_restarts=0, env={"TINY_SLEEP": "0.05"})
+    stopper.join()
+    assert code == EXIT_HANG and sup.attempts[0].rank == 1, said
+    assert "hang: rank 1 stopped responding after step" in said and "rank 0 at step" in said, said
+
+
 def test_sigterm_preempts_every_rank(tmp_path, tiny):
     run_dir = tmp_path / "pre"
 

@@ -11,7 +11,6 @@ import tempfile
 from pathlib import Path
 
 import pytest
-import torch
 from torch import nn
 
 from dist_train.checkpoint import CheckpointManager
