@@ -5,16 +5,19 @@ checkpoints resharded to and from DDP, and the refused combinations.
   dp2 × pp2, dp2 × tp2 (sequence parallel), dp2 × cp2 equal the single-rank losses within 1e-5 relative,
   on every rank (dp2 and dp2 × pp2 also the validation loss: forward-only paths); bf16 (FSDP2's MixedPrecisionPolicy, CUDA's default) within 2e-3 of single-rank bf16
   autocast, with bf16 weights inside the forward and fp32 shards, gradients and AdamW state;
+* communication: all-gathers and reduce-scatters per step counted (2 per block per micro-batch with
+  reshard-after-forward, 1 without, + the root's), as the planner's FSDP2 terms assume;
 * memory: parameter, gradient and AdamW bytes per rank measured on the live tensors equal FSDP2's
   padded-shard formula exactly and the cost model's unsharded bytes / dp (dist_train/cost/memory.py) up to
   the padding of one row per tensor;
-* checkpoints: FSDP2 dp2 × pp2 → DDP dp1, DDP dp1 → FSDP2 dp2 × pp2 and FSDP2 dp2 × tp2 → dp1 resume at
-  step 5 with the losses the saving layout went on to produce (1e-5).
+* checkpoints: FSDP2 dp2 × pp2 → DDP dp1, → DeepSpeed ZeRO-3 dp4, → DDP dp2 × tp2; DDP dp1 → FSDP2 dp2 × pp2;
+  FSDP2 dp2 × tp2 → dp1 — each resumes at step 5 with the losses the saving layout went on to produce (1e-5).
 """
 from __future__ import annotations
 
 import pytest
 import torch
+import torch.distributed as dist
 
 from dist_train.config import ConfigError
 from dist_train.cost.layout import stages_of_rank
@@ -32,7 +35,7 @@ BF16_RTOL = 2e-3  # bf16 compute on both sides; measured 2e-4 on 5 steps
 MB1 = {"micro_batch": 1}  # pp2 needs >= 2 pipeline micro-batches per dp rank
 EVAL = {"eval_every": 5, "eval_steps": 1}  # + the validation loss after step 5 (forward-only paths)
 
-# (name, kind, parallel, train overrides) per world size; kind: gpt | swin
+# (name, kind, parallel, train overrides) per world size; kind: gpt | gpt4 (4 layers) | swin
 CASES = {
     2: [("fsdp_dp2", "gpt", {"dp": 2}, EVAL),
         ("fsdp_dp2_keep_gathered", "gpt", {"dp": 2, "fsdp_reshard_after_forward": False}, {}),
@@ -40,6 +43,8 @@ CASES = {
         ("fsdp_dp2_bf16", "gpt", {"dp": 2}, {"precision": "bf16"})],
     3: [("fsdp_dp3", "gpt", {"dp": 3}, {"global_batch": 6})],
     4: [("fsdp_dp2_pp2", "gpt", {"dp": 2, "pp": 2}, {**MB1, **EVAL}),
+        ("fsdp_dp2_pp2_interleaved", "gpt4", {"dp": 2, "pp": 2, "pp_schedule": "interleaved", "microbatches": 2},
+         MB1),
         ("fsdp_dp2_tp2_sp", "gpt", {"dp": 2, "tp": 2, "sequence_parallel": True}, {}),
         ("fsdp_dp2_cp2", "gpt", {"dp": 2, "cp": 2}, {})],
 }
@@ -50,6 +55,8 @@ def _config(kind: str, run_dir, data_dir, parallel: dict, train_over: dict, **se
     train_over = {**train_over, "peak_tflops": 1.0}  # MFU's denominator only: skip the CPU calibration
     if kind == "swin":
         return tiny_swin_config(run_dir, data_dir, parallel=par, train=train_over, **sections)
+    if kind == "gpt4":  # interleaved: 2 virtual stages per pipeline rank, one layer each
+        sections["model"] = {"n_layers": 4}
     return tiny_gpt_config(run_dir, parallel=par, train=train_over, **sections)
 
 
@@ -65,7 +72,37 @@ def _train_cases(rank, world, run_dir, cases):
     out["bytes"] = _state_bytes(world)
     if world == 2:
         out["dtypes"] = _mixed_precision_dtypes(world)
+        out["collectives"] = {keep: _collective_counts(world, keep) for keep in (False, True)}
     return out
+
+
+def _collective_counts(world: int, keep_gathered: bool) -> dict:
+    """FSDP2's all-gathers and reduce-scatters in one optimizer step of 2 micro-batches (counted at
+    torch.distributed's single-tensor collectives, which FSDP2's default comm calls)."""
+    cfg = tiny_gpt_config("/tmp/unused", parallel={"dp": world, "fsdp": True,
+                                                   "fsdp_reshard_after_forward": not keep_gathered},
+                          train={"global_batch": 2 * world, "micro_batch": 1})
+    mesh = build_mesh(cfg.parallel, world)
+    engine = FSDPEngine(cfg, build_gpt(cfg, mesh, torch.device("cpu")), mesh, None)
+    batch = {"tokens": torch.randint(0, 64, (1, 32)), "labels": torch.randint(0, 64, (1, 32)),
+             "positions": torch.arange(32)}
+    counts = {"all_gather": 0, "reduce_scatter": 0}
+    originals = {name: getattr(dist, f"{name}_single") for name in counts}
+
+    def counting(name):
+        def call(*args, **kwargs):
+            counts[name] += 1
+            return originals[name](*args, **kwargs)
+        return call
+
+    try:
+        for name in counts:
+            setattr(dist, f"{name}_single", counting(name))
+        engine.train_step([batch, batch], global_count=2.0 * 32 * world)
+    finally:
+        for name, fn in originals.items():
+            setattr(dist, f"{name}_single", fn)
+    return counts
 
 
 def _mixed_precision_dtypes(world: int) -> dict:
@@ -138,6 +175,12 @@ def _check_world(tmp_path, world: int) -> None:
         rtol = BF16_RTOL if over.get("precision") == "bf16" else RTOL
         for rank, per_rank in enumerate(out):
             assert rel_close(per_rank[name], ref, rtol), (name, rank, per_rank[name], ref)
+    if world == 2:
+        # per micro-batch (2) and block (2): an all-gather in forward and — unless kept gathered — another in
+        # backward, one reduce-scatter; the root (embedding, norm, head) one of each (the planner's terms)
+        for per_rank in out:
+            assert per_rank["collectives"][False] == {"all_gather": 2 * (1 + 2 * 2), "reduce_scatter": 2 * (1 + 2)}
+            assert per_rank["collectives"][True] == {"all_gather": 2 * (1 + 2), "reduce_scatter": 2 * (1 + 2)}
     if world == 2:  # bf16 parameters and compute, fp32 reduce-scatter, fp32 master weights and AdamW
         for per_rank in out:
             assert per_rank["dtypes"] == {"in_forward": "torch.bfloat16", "sharded": "torch.float32",
@@ -180,22 +223,32 @@ PP_FSDP = {"dp": 2, "pp": 2}
 
 def _ckpt_runs(rank, world, root):
     """On 4 ranks: FSDP2 dp2 × pp2 resumed from the DDP dp1 checkpoint; FSDP2 dp2 × pp2 and dp2 × tp2 runs
-    that save at step 5."""
+    that save at step 5; the dp2 × pp2 checkpoint resumed by DeepSpeed ZeRO-3 at dp4 and by DDP dp2 × tp2."""
     resumed = train(_config("gpt", f"{root}/fsdp_from_ddp", None, PP_FSDP, MB1, steps=10,
                             checkpoint={"resume": f"{root}/ddp/checkpoints/step_5"}))
     saved_pp = train(_config("gpt", f"{root}/fsdp_pp", None, PP_FSDP, MB1, steps=10, checkpoint=CKPT)).losses
     saved_tp = train(_config("gpt", f"{root}/fsdp_tp", None, {"dp": 2, "tp": 2}, MB1, steps=10,
                              checkpoint=CKPT)).losses
-    return {"resumed": (resumed.start_step, resumed.losses), "saved_pp": saved_pp, "saved_tp": saved_tp}
+    from_pp = {"checkpoint": {"resume": f"{root}/fsdp_pp/checkpoints/step_5"}}
+    zero3 = train(tiny_gpt_config(f"{root}/zero3_from_fsdp", steps=10, parallel={"dp": 4, "zero_stage": 3},
+                                  train={**MB1, "peak_tflops": 1.0}, **from_pp))
+    tp2 = train(tiny_gpt_config(f"{root}/tp2_from_fsdp", steps=10, parallel={"dp": 2, "tp": 2},
+                                train={**MB1, "peak_tflops": 1.0}, **from_pp))
+    return {"resumed": (resumed.start_step, resumed.losses), "saved_pp": saved_pp, "saved_tp": saved_tp,
+            "zero3": (zero3.start_step, zero3.losses), "tp2": (tp2.start_step, tp2.losses)}
 
 
 @pytest.mark.slow
-def test_fsdp_checkpoints_reshard_to_and_from_ddp(tmp_path):
+def test_fsdp_checkpoints_reshard_to_and_from_ddp_zero_tp_pp(tmp_path):
+    pytest.importorskip("deepspeed")
     ddp = train(_config("gpt", tmp_path / "ddp", None, {}, MB1, steps=10, checkpoint=CKPT)).losses
     out = run_ranks(_ckpt_runs, 4, args=(str(tmp_path),), timeout=400)
     for rank, r in enumerate(out):
         start, losses = r["resumed"]
         assert start == 5 and rel_close(losses, ddp[5:], RTOL), (rank, losses, ddp[5:])
+        for layout in ("zero3", "tp2"):  # FSDP2 dp2 × pp2 -> ZeRO-3 dp4, -> DDP dp2 × tp2
+            start, losses = r[layout]
+            assert start == 5 and rel_close(losses, r["saved_pp"][5:], RTOL), (layout, rank, losses, r["saved_pp"])
     for name in ("pp", "tp"):
         saved = out[0][f"saved_{name}"]
         resumed = train(_config("gpt", tmp_path / f"ddp_from_{name}", None, {}, MB1, steps=10,
