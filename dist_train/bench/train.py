@@ -44,19 +44,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _state_bytes(engine) -> tuple[int, int]:
-    """(parameter bytes, optimizer-state bytes) this rank holds, ZeRO partitions included."""
+    """(parameter bytes, optimizer-state bytes) this rank holds, ZeRO partitions and FSDP2 shards (DTensor:
+    this rank's local shard, not the global size) included."""
     import torch
+    from torch.distributed.tensor import DTensor
 
     params = 0
     for p in engine.module.parameters():
         held = getattr(p, "ds_tensor", None)  # ZeRO-3: p.data is empty, the partition lives here
         t = held if held is not None else p.data
+        t = t.to_local() if isinstance(t, DTensor) else t
         params += t.numel() * t.element_size()
     seen: set[int] = set()
     optim = 0
 
     def add(t) -> None:
         nonlocal optim
+        t = t.to_local() if isinstance(t, DTensor) else t
         if isinstance(t, torch.Tensor) and t.data_ptr() not in seen and t.numel():
             seen.add(t.data_ptr())
             optim += t.numel() * t.element_size()
