@@ -227,7 +227,7 @@ def plot(records: list[dict], path: str) -> None:
         ax.set_title(title)
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=8)
-    axes[0].set_ylim(bottom=0)
+    axes[0].set_ylim(0, 1.3 * max(r["bytes_per_token"] for r in records) / 1024)  # flat lines clear of the legend
     axes[1].set_yscale("log", base=2)
     axes[2].set_yscale("log", base=2)
     fig.tight_layout()
