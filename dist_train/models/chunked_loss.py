@@ -16,7 +16,11 @@ weight) in the same pass, then the chunk is freed. Backward therefore only scale
 gradients by the incoming scalar: the head matmul runs three times per token (forward, dh, dW), exactly
 as the unchunked loss, instead of four with a recompute-in-backward scheme, and the extra memory is
 O(chunk·V_local + N·d) instead of O(N·V_local). When no gradient is needed (eval, ``torch.no_grad``)
-only the loss is computed.
+only the loss is computed. The two gradients are held from this loss's forward to its backward: a
+schedule that runs several loss forwards before their backwards (GPipe, and the warm-up of interleaved
+1F1B, on the last stage) holds one weight-sized dL/dW per micro-batch in flight, where a
+recompute-in-backward loss would hold one [N, d] input each; 1F1B on the last stage and every
+non-pipeline engine run each loss's backward right after its forward.
 
 Tensor parallelism: each rank holds V_pad/tp columns; the per-token log-sum-exp and the target logit are
 all-reduced over ``group`` once per chunk (two all-reduces of [chunk] floats). The gradient w.r.t. h is
