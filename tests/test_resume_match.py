@@ -36,6 +36,9 @@ CHANGES = {
     "model.norm_eps": 1e-6,
     "model.tie_embeddings": True,
     "model.attention_window": 8,
+    "model.head_dim": 16,
+    "model.rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                           "original_max_position_embeddings": 64},
 }
 
 
