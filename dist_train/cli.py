@@ -133,7 +133,7 @@ _HELP = {
     "launch": "start the ranks (ray | local | mpi) and train",
     "run": "run one rank (under torchrun, mpiexec or a launcher) or a single process",
     "data": "prepare datasets",
-    "bench": "benchmarks (attention, window, ckpt, train, launch)",
+    "bench": "benchmarks (attention, window, ckpt, train, launch, memory)",
     "ckpt": "inspect, verify and convert checkpoints",
     "submit": "write (and submit) a Slurm/PBS batch script",
     "plan": "predict memory and speed per layout and rank the layouts",
