@@ -22,6 +22,7 @@ CHECKED_KEYS = ("data.tokenizer",)
 #: Keys that may differ without being allowed: they only matter before the first step.
 FREE_KEYS = frozenset({"model.init_std"})
 _SHOWN = 3  # names listed per kind of tensor mismatch (then "and N more")
+_MISSING = object()  # a key the config does not have
 
 
 class ResumeMismatchError(CheckpointError):
@@ -34,9 +35,6 @@ def checked_keys(config: Mapping[str, Any]) -> list[str]:
     """The dotted keys of ``config`` that a resume compares (see ``CHECKED_SECTIONS``/``CHECKED_KEYS``)."""
     keys = [f"{s}.{k}" for s in CHECKED_SECTIONS for k in (config.get(s) or {}) if f"{s}.{k}" not in FREE_KEYS]
     return keys + [k for k in CHECKED_KEYS if _lookup(config, k) is not _MISSING]
-
-
-_MISSING = object()
 
 
 def _lookup(config: Mapping[str, Any], dotted: str) -> Any:
