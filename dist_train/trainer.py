@@ -116,7 +116,7 @@ def build_batcher(cfg: Config, mesh: Mesh, model: torch.nn.Module, part: str = "
 def layout_dict(cfg: Config, world_size: int) -> dict:
     p = cfg.parallel
     return {"dp": p.dp, "tp": p.tp, "pp": p.pp, "cp": p.cp, "wp": list(cfg.wp_grid), "cp_layout": p.cp_layout,
-            "cp_method": p.cp_method, "zero_stage": p.zero_stage, "world_size": world_size}
+            "cp_method": p.cp_method, "zero_stage": p.zero_stage, "fsdp": p.fsdp, "world_size": world_size}
 
 
 def _stop_reason(t, steps_done: int, start_step: int, lifecycle) -> Optional[str]:

@@ -10,7 +10,7 @@ checkpoints resharded to and from DDP, and the refused combinations.
 * memory: parameter, gradient and AdamW bytes per rank measured on the live tensors equal FSDP2's
   padded-shard formula exactly and the cost model's unsharded bytes / dp (dist_train/cost/memory.py) up to
   the padding of one row per tensor;
-* checkpoints: FSDP2 dp2 × pp2 → DDP dp1, → DeepSpeed ZeRO-3 dp4, → DDP dp2 × tp2; DDP dp1 → FSDP2 dp2 × pp2;
+* checkpoints (the dp2 × pp2 one saved asynchronously): FSDP2 dp2 × pp2 → DDP dp1, → DeepSpeed ZeRO-3 dp4, → DDP dp2 × tp2; DDP dp1 → FSDP2 dp2 × pp2;
   FSDP2 dp2 × tp2 → dp1 — each resumes at step 5 with the losses the saving layout went on to produce (1e-5).
 """
 from __future__ import annotations
@@ -226,7 +226,8 @@ def _ckpt_runs(rank, world, root):
     that save at step 5; the dp2 × pp2 checkpoint resumed by DeepSpeed ZeRO-3 at dp4 and by DDP dp2 × tp2."""
     resumed = train(_config("gpt", f"{root}/fsdp_from_ddp", None, PP_FSDP, MB1, steps=10,
                             checkpoint={"resume": f"{root}/ddp/checkpoints/step_5"}))
-    saved_pp = train(_config("gpt", f"{root}/fsdp_pp", None, PP_FSDP, MB1, steps=10, checkpoint=CKPT)).losses
+    saved_pp = train(_config("gpt", f"{root}/fsdp_pp", None, PP_FSDP, MB1, steps=10,
+                             checkpoint={**CKPT, "async_save": True})).losses  # DTensor shards staged async
     saved_tp = train(_config("gpt", f"{root}/fsdp_tp", None, {"dp": 2, "tp": 2}, MB1, steps=10,
                              checkpoint=CKPT)).losses
     from_pp = {"checkpoint": {"resume": f"{root}/fsdp_pp/checkpoints/step_5"}}
