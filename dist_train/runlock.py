@@ -7,8 +7,10 @@
 Who holds it:
 * ``dist-train launch`` (any backend: local, Ray, MPI) takes it before it touches the run directory and
   keeps it across every restart of the job; it hands its token to the ranks in ``DIST_TRAIN_RUN_LOCK``.
-  Rank 0 of such a job finds the token in the lock file and does not lock again, so a restart is never
-  refused by its own job's lock.
+  Rank 0 of such a job finds the token in the lock file and does not take ``run.lock``, so a restart is
+  never refused by its own job's lock; it takes ``run.lock.ranks`` instead (waiting up to RESTART_WAIT_S
+  for the previous attempt's rank 0 of the same token to be gone), which a new launcher probes: ranks that
+  outlived a SIGKILLed launcher (an orphaned ``mpiexec``) keep the next launch out.
 * Without our launcher (``dist-train run`` alone, torchrun, ``srun``/``mpiexec`` from a batch script), rank 0
   takes it in ``train()`` before anything else touches the run directory, and tells the other ranks (a
   broadcast); a refused job exits 2 on every rank, only rank 0 printing the line.
@@ -36,6 +38,10 @@ from pathlib import Path
 from typing import Iterator, Optional
 
 LOCK_NAME = "run.lock"
+#: Held by rank 0 of a job whose launcher holds LOCK_NAME: ranks that outlive a SIGKILLed launcher (an
+#: orphaned mpiexec) still keep the next launch out.
+RANKS_LOCK_NAME = "run.lock.ranks"
+RESTART_WAIT_S = 30.0  # how long rank 0 waits for the previous attempt's rank 0 of the same job to be gone
 LOCK_ENV = "DIST_TRAIN_RUN_LOCK"  # the launcher's lock token, in every rank's environment
 
 
@@ -60,10 +66,10 @@ def _read(fd: int) -> dict:
     return owner if isinstance(owner, dict) else {}
 
 
-def read_owner(run_dir: Path) -> dict:
+def read_owner(run_dir: Path, name: str = LOCK_NAME) -> dict:
     """The recorded holder of ``run_dir``'s lock ({} when none is recorded)."""
     try:
-        fd = os.open(Path(run_dir) / LOCK_NAME, os.O_RDONLY)
+        fd = os.open(Path(run_dir) / name, os.O_RDONLY)
     except OSError:
         return {}
     try:
@@ -83,28 +89,37 @@ class RunLock:
         return self.owner["token"]
 
     @classmethod
-    def acquire(cls, run_dir: Path, role: str = "job", out=None) -> "RunLock":
-        """Take the lock of ``run_dir`` (created if missing) or raise ``RunDirLocked`` naming the holder."""
+    def acquire(cls, run_dir: Path, role: str = "job", out=None, name: str = LOCK_NAME,
+                token: Optional[str] = None, wait_same_job_s: float = 0.0) -> "RunLock":
+        """Take the lock of ``run_dir`` (created if missing) or raise ``RunDirLocked`` naming the holder.
+        ``token``: the job's (default: a new one); ``wait_same_job_s``: a holder with the same token (the
+        previous attempt of this job, being killed by the supervisor) is waited for this long."""
         run_dir = Path(run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
-        path = run_dir / LOCK_NAME
+        path = run_dir / name
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = _read(fd)
-            os.close(fd)
-            raise RunDirLocked(f"run.dir {run_dir} is in use by another job: {describe_owner(holder)} holds "
-                               f"{path}; wait for it to end or stop it, or use another run.dir") from None
-        except BaseException:
-            os.close(fd)
-            raise
+        deadline = time.monotonic() + wait_same_job_s
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                holder = _read(fd)
+                if token is not None and holder.get("token") == token and time.monotonic() < deadline:
+                    time.sleep(0.1)
+                    continue
+                os.close(fd)
+                raise RunDirLocked(f"run.dir {run_dir} is in use by another job: {describe_owner(holder)} holds "
+                                   f"{path}; wait for it to end or stop it, or use another run.dir") from None
+            except BaseException:
+                os.close(fd)
+                raise
         stale = _read(fd)
-        if stale:
+        if stale and not (token is not None and stale.get("token") == token):
             print(f"[dist-train] taking over the lock of {run_dir}: its holder, {describe_owner(stale)}, is no "
                   f"longer running (it ended without releasing it)", file=out or sys.stderr, flush=True)
         owner = {"host": socket.gethostname(), "pid": os.getpid(), "started": time.time(), "role": role,
-                 "token": uuid.uuid4().hex}
+                 "token": token or uuid.uuid4().hex}
         data = json.dumps(owner).encode()
         os.ftruncate(fd, 0)
         os.pwrite(fd, data, 0)
@@ -131,6 +146,19 @@ class RunLock:
         self.release()
 
 
+def acquire_for_launcher(run_dir: Path, out=None) -> RunLock:
+    """The launcher's lock: ``run.lock``, and no rank 0 of an earlier job still running (its launcher was
+    killed, its ranks were not: they hold ``run.lock.ranks``)."""
+    lock = RunLock.acquire(run_dir, role="dist-train launch", out=out)
+    try:
+        RunLock.acquire(run_dir, role="dist-train launch (probe)", name=RANKS_LOCK_NAME, token=lock.token,
+                        out=out).release()
+    except BaseException:
+        lock.release()
+        raise
+    return lock
+
+
 def held_by_our_launcher(run_dir: Path) -> bool:
     """True when this process belongs to the job whose launcher holds ``run_dir``'s lock."""
     token = os.environ.get(LOCK_ENV)
@@ -142,9 +170,13 @@ def hold_run_dir(run_dir: Path, rank: int, device=None) -> Iterator[Optional[Run
     """Collective over the default group (when initialised): rank 0 takes the lock unless our launcher
     holds it; every rank raises ``RunDirLocked`` if rank 0 was refused. Released on exit (rank 0)."""
     lock, error = None, None
-    if rank == 0 and not held_by_our_launcher(run_dir):
+    if rank == 0:
         try:
-            lock = RunLock.acquire(run_dir, role="rank 0")
+            if held_by_our_launcher(run_dir):  # the launcher's lock covers us; ours keeps out a next launcher
+                lock = RunLock.acquire(run_dir, role="rank 0", name=RANKS_LOCK_NAME, token=os.environ[LOCK_ENV],
+                                       wait_same_job_s=RESTART_WAIT_S)
+            else:
+                lock = RunLock.acquire(run_dir, role="rank 0")
         except RunDirLocked as e:
             error = str(e)
     error = _broadcast_from_rank0(error, device)

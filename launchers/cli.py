@@ -17,7 +17,7 @@ from typing import Optional
 
 from dist_train.cli import examples
 from dist_train.preflight import PREFLIGHT_ENV, preflight
-from dist_train.runlock import LOCK_ENV, RunLock
+from dist_train.runlock import LOCK_ENV, acquire_for_launcher
 from launchers.supervisor import JobSpec, Supervisor
 
 BACKENDS = ("ray", "local", "mpi")
@@ -138,7 +138,7 @@ def launch_main(args: argparse.Namespace) -> int:
         preflight(cfg, on_cuda=gpus > 0, ranks_per_host=max(1, nproc // max(1, nodes)))
     run_dir = Path(cfg.run.dir)
     # the launcher holds the run directory for every attempt; its ranks know it by the token
-    with RunLock.acquire(run_dir, role="dist-train launch") as lock:
+    with acquire_for_launcher(run_dir) as lock:
         spec = JobSpec(argv=rank_argv(args.config, overrides), nproc=nproc, run_dir=run_dir,
                        max_restarts=max_restarts, watchdog_s=cfg.launch.watchdog_s,
                        collective_timeout_s=cfg.launch.collective_timeout_s,

@@ -15,7 +15,8 @@ import pytest
 
 from dist_train.checkpoint import complete_checkpoints, verify_checkpoint
 from dist_train.lifecycle import EXIT_PREEMPTED
-from dist_train.runlock import LOCK_ENV, LOCK_NAME, RunDirLocked, RunLock, hold_run_dir, read_owner
+from dist_train.runlock import (LOCK_ENV, LOCK_NAME, RANKS_LOCK_NAME, RunDirLocked, RunLock, acquire_for_launcher,
+                               hold_run_dir, read_owner)
 from dist_train.trainer import train
 from tests.trainer_utils import tiny_gpt_config
 
@@ -53,7 +54,9 @@ def test_ranks_of_the_holding_launcher_pass_others_are_refused_untouched(tmp_pat
     with RunLock.acquire(run, role="dist-train launch") as launcher:
         monkeypatch.setenv(LOCK_ENV, launcher.token)
         with hold_run_dir(run, rank=0) as held:  # a rank (or a restarted rank) of this job
-            assert held is None
+            assert held.path.name == RANKS_LOCK_NAME and held.token == launcher.token
+        with hold_run_dir(run, rank=0) as held:  # the next attempt of the same job passes again
+            assert held.path.name == RANKS_LOCK_NAME
         monkeypatch.setenv(LOCK_ENV, "someone-else")
         with pytest.raises(RunDirLocked):
             with hold_run_dir(run, rank=0):
@@ -61,9 +64,22 @@ def test_ranks_of_the_holding_launcher_pass_others_are_refused_untouched(tmp_pat
         monkeypatch.delenv(LOCK_ENV)
         with pytest.raises(RunDirLocked, match="in use by another job"):
             train(tiny_gpt_config(run, steps=2))
-        assert sorted(p.name for p in run.iterdir()) == [LOCK_NAME]  # no config, logs, heartbeats, checkpoints
+        # no config, logs, heartbeats, checkpoints
+        assert sorted(p.name for p in run.iterdir()) == [LOCK_NAME, RANKS_LOCK_NAME]
     res = train(tiny_gpt_config(run, steps=2))  # released: the next job trains, and releases in turn
     assert len(res.losses) == 2 and read_owner(run) == {}
+
+
+def test_ranks_that_outlived_their_launcher_keep_the_next_launch_out(tmp_path):
+    run = tmp_path / "run"
+    # an orphaned rank 0 (its launcher was SIGKILLed, an mpiexec kept the ranks alive): it holds the ranks'
+    # lock under the dead launcher's token, and run.lock is free
+    orphan = RunLock.acquire(run, role="rank 0", name=RANKS_LOCK_NAME, token="dead-launcher")
+    with pytest.raises(RunDirLocked, match=f"pid {os.getpid()} on .*rank 0.* holds .*{RANKS_LOCK_NAME}"):
+        acquire_for_launcher(run)
+    assert read_owner(run) == {}  # the refused launcher left run.lock free again
+    orphan.release()
+    acquire_for_launcher(run).release()
 
 
 def _launch(config: Path, run_dir: Path, *sets: str) -> subprocess.Popen:
