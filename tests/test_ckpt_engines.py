@@ -92,14 +92,15 @@ def test_engines_reshard_through_the_trainer(tmp_path):
         assert _tensor_table(tmp_path, name) == ref, name
         assert _value_keys(tmp_path, name) == _value_keys(tmp_path, "dp2"), name
     # ... and the same numbers: what `ckpt convert` reads (full tensors, one process) equals the dp2 run's
-    # weights to fp32 round-off (the layouts reduce in different orders) — a de-duplicated tp shard would
-    # differ by O(1), a lost ZeRO partition would read as zeros
+    # weights to fp32 round-off (the layouts reduce in different orders; under tp the chunked loss is the
+    # vocab-parallel one, whose round-off Adam carries to ~2e-6 on near-zero weights in 5 steps) — a
+    # de-duplicated tp shard would differ by O(1), a lost ZeRO partition would read as zeros
     ref_weights, _ = load_model_tensors(tmp_path / "dp2" / "checkpoints" / "step_5")
     for name in ("tp2", "zero3", "pp2"):
         weights, _ = load_model_tensors(tmp_path / name / "checkpoints" / "step_5")  # verifies CRCs first
         assert weights.keys() == ref_weights.keys(), name
         for k, w in weights.items():
-            assert torch.allclose(w, ref_weights[k], rtol=1e-4, atol=1e-6), (name, k, (w - ref_weights[k]).abs().max())
+            assert torch.allclose(w, ref_weights[k], rtol=1e-4, atol=1e-5), (name, k, (w - ref_weights[k]).abs().max())
     # the unpadded vocabulary (63 rows, not Megatron's 64) for the weights and the Adam moments
     for key in ("model.tok_embeddings.weight", "model.output.weight", "optim.state.output.weight.exp_avg",
                 "optim.state.tok_embeddings.weight.exp_avg_sq"):
