@@ -2,16 +2,18 @@
 checkpoints resharded to and from DDP, and the refused combinations.
 
 * losses: 5 steps of FSDP2 dp2 (with and without reshard-after-forward), Swin wp2, dp3 (uneven shards),
-  dp2 × pp2, dp2 × tp2 (sequence parallel), dp2 × cp2 equal the single-rank losses within 1e-5 relative,
-  on every rank (dp2 and dp2 × pp2 also the validation loss: forward-only paths); bf16 (FSDP2's MixedPrecisionPolicy, CUDA's default) within 2e-3 of single-rank bf16
-  autocast, with bf16 weights inside the forward and fp32 shards, gradients and AdamW state;
+  dp2 × pp2 (1F1B, interleaved, GPipe kept gathered), dp2 × tp2 (sequence parallel), dp2 × cp2 equal the
+  single-rank losses within 1e-5 relative on every rank (dp2 and dp2 × pp2 also the validation loss:
+  forward-only paths); bf16 (FSDP2's MixedPrecisionPolicy, CUDA's default) within 2e-3 of single-rank
+  bf16 autocast, with bf16 weights inside the forward and fp32 shards, gradients and AdamW state;
 * communication: all-gathers and reduce-scatters per step counted (2 per block per micro-batch with
   reshard-after-forward, 1 without, + the root's), as the planner's FSDP2 terms assume;
 * memory: parameter, gradient and AdamW bytes per rank measured on the live tensors equal FSDP2's
   padded-shard formula exactly and the cost model's unsharded bytes / dp (dist_train/cost/memory.py) up to
   the padding of one row per tensor;
-* checkpoints (the dp2 × pp2 one saved asynchronously): FSDP2 dp2 × pp2 → DDP dp1, → DeepSpeed ZeRO-3 dp4, → DDP dp2 × tp2; DDP dp1 → FSDP2 dp2 × pp2;
-  FSDP2 dp2 × tp2 → dp1 — each resumes at step 5 with the losses the saving layout went on to produce (1e-5).
+* checkpoints (the dp2 × pp2 one saved asynchronously): FSDP2 dp2 × pp2 → DDP dp1, → DeepSpeed ZeRO-3
+  dp4, → DDP dp2 × tp2; DDP dp1 → FSDP2 dp2 × pp2; FSDP2 dp2 × tp2 → dp1 — each resumes at step 5 with
+  the losses the saving layout went on to produce (1e-5).
 """
 from __future__ import annotations
 
@@ -45,6 +47,8 @@ CASES = {
     4: [("fsdp_dp2_pp2", "gpt", {"dp": 2, "pp": 2}, {**MB1, **EVAL}),
         ("fsdp_dp2_pp2_interleaved", "gpt4", {"dp": 2, "pp": 2, "pp_schedule": "interleaved", "microbatches": 2},
          MB1),
+        ("fsdp_dp2_pp2_gpipe_keep", "gpt", {"dp": 2, "pp": 2, "pp_schedule": "gpipe", "microbatches": 2,
+                                            "fsdp_reshard_after_forward": False}, MB1),
         ("fsdp_dp2_tp2_sp", "gpt", {"dp": 2, "tp": 2, "sequence_parallel": True}, {}),
         ("fsdp_dp2_cp2", "gpt", {"dp": 2, "cp": 2}, {})],
 }
@@ -125,7 +129,8 @@ def _mixed_precision_dtypes(world: int) -> dict:
     w = block.attention.wq.weight
     seen.update(sharded=str(w.to_local().dtype), grad=str(w.grad.to_local().dtype))
     engine.optimizer.step()
-    seen["adam"] = sorted({str(v.dtype) for st in engine.optimizer.state.values() for k, v in st.items() if k != "step"})
+    seen["adam"] = sorted({str(v.dtype) for st in engine.optimizer.state.values()
+                           for k, v in st.items() if k != "step"})
     return seen
 
 

@@ -155,7 +155,8 @@ def memory_model(cfg: Config, sh: Shape, prof: DeviceProfile, loc: RankShape,
             comm += loc.tokens * (loc.q + 2 * loc.kv) * bpe
     workspace = 2 * loc.tokens * (sh.d + loc.f) * bpe  # one layer's activation gradients in flight
     out = {"baseline": prof.baseline_bytes, "weights": weights, "grads": grads, "optimizer": optim,
-           "ddp_buckets": ddp, "fsdp_unsharded": unsharded, "activations": acts, "logits": logits, "comm_buffers": comm, "workspace": workspace}
+           "ddp_buckets": ddp, "fsdp_unsharded": unsharded, "activations": acts, "logits": logits,
+           "comm_buffers": comm, "workspace": workspace}
     out["total"] = sum(out.values())
     return out
 
