@@ -754,15 +754,7 @@ def _validate_gpt(cfg: Config) -> None:
         raise ConfigError(f"model.n_layers = {m.n_layers} < {n_stages} pipeline stages (pp = {p.pp}, schedule "
                           f"{p.pp_schedule}): each stage needs a layer")
     if p.pp > 1:
-        n_micro, local = p.microbatches or cfg.grad_accum_steps, cfg.train.global_batch // p.dp
-        if n_micro < 1 or local % n_micro or (p.pp_schedule != "gpipe" and n_micro < p.pp) or (
-                p.pp_schedule == "interleaved" and n_micro % p.pp):
-            raise ConfigError(f"parallel.microbatches = {n_micro} (pp = {p.pp}, {p.pp_schedule}): must divide the "
-                              f"{local} samples per dp rank, be >= pp for 1f1b/interleaved and a multiple of pp "
-                              "for interleaved")
-        if p.zero_stage is not None:
-            raise ConfigError(f"parallel.zero_stage = {p.zero_stage} with parallel.pp = {p.pp} is not supported: "
-                              "the pipeline engine reduces gradients itself; set zero_stage: null")
+        _validate_pipeline(cfg)
         if m.tie_embeddings:
             raise ConfigError(f"model.tie_embeddings with parallel.pp = {p.pp} is not supported (embedding and "
                               "head live on different stages)")
@@ -799,6 +791,20 @@ def validate_rope_scaling(scaling: Optional[dict]) -> None:
                           f"low_freq_factor = {nums['low_freq_factor']}")
 
 
+def _validate_pipeline(cfg: Config) -> None:
+    """pp > 1, any model: micro-batches that the schedule can run, no ZeRO."""
+    p = cfg.parallel
+    n_micro, local = p.microbatches or cfg.grad_accum_steps, cfg.train.global_batch // p.dp
+    if n_micro < 1 or local % n_micro or (p.pp_schedule != "gpipe" and n_micro < p.pp) or (
+            p.pp_schedule == "interleaved" and n_micro % p.pp):
+        raise ConfigError(f"parallel.microbatches = {n_micro} (pp = {p.pp}, {p.pp_schedule}): must divide the "
+                          f"{local} samples per dp rank, be >= pp for 1f1b/interleaved and a multiple of pp "
+                          "for interleaved")
+    if p.zero_stage is not None:
+        raise ConfigError(f"parallel.zero_stage = {p.zero_stage} with parallel.pp = {p.pp} is not supported: "
+                          "the pipeline engine reduces gradients itself; set zero_stage: null")
+
+
 def _validate_swin(cfg: Config) -> None:
     m, d, p = cfg.model, cfg.data, cfg.parallel
     if d.source != "weather":
@@ -810,8 +816,16 @@ def _validate_swin(cfg: Config) -> None:
                           "a swin model needs both >= 1")
     if m.d_model % m.n_heads:
         raise ConfigError(f"model.d_model = {m.d_model} is not divisible by model.n_heads = {m.n_heads}")
-    if p.tp > 1 or p.pp > 1:
-        raise ConfigError(f"parallel.tp = {p.tp}, pp = {p.pp}: the swin model supports dp, wp and cp only")
+    if p.tp > 1:
+        raise ConfigError(f"parallel.tp = {p.tp}: the swin model supports dp, wp, cp and pp only (use tp = 1)")
+    n_stages = p.pp * (2 if p.pp > 1 and p.pp_schedule == "interleaved" else 1)
+    pairs = -(-m.n_layers // 2)
+    if pairs < n_stages:
+        raise ConfigError(f"parallel.pp = {p.pp} ({p.pp_schedule}): {n_stages} pipeline stages but model.n_layers = "
+                          f"{m.n_layers} has {pairs} swin block pair(s); each stage needs a (plain, shifted) pair: "
+                          f"use at most {pairs} stages")
+    if p.pp > 1:
+        _validate_pipeline(cfg)
     if m.n_heads % p.cp:
         raise ConfigError(f"model.n_heads = {m.n_heads} is not divisible by parallel.cp = {p.cp}: swin with cp > 1 "
                           f"runs Ulysses inside windows (n_heads/cp heads per cp rank)")

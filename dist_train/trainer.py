@@ -24,6 +24,7 @@ import torch.distributed as dist
 from .config import Config, check_world_size, save_config
 from .cost.flops import (FLOP_CONVENTION, Throughput, attention_flops_per_key, document_keys, model_params,
                          train_flops_per_token)
+from .cost.layout import stages_of_rank
 from .cost.shape import shape_of
 from .distributed import DistContext, current_context
 from .engines.ddp import all_reduce_sum
@@ -71,7 +72,9 @@ def build_model(cfg: Config, mesh: Mesh, device: torch.device) -> torch.nn.Modul
         return build_gpt(cfg, mesh, device)
     from .models.swin import build_swin
 
-    return build_swin(cfg.model, wp_group=mesh.wp_group, grid=cfg.wp_grid, cp_group=mesh.cp_group).to(device)
+    stages = stages_of_rank(cfg, mesh.coord("pp")) if cfg.parallel.pp > 1 else None
+    return build_swin(cfg.model, wp_group=mesh.wp_group, grid=cfg.wp_grid, cp_group=mesh.cp_group,
+                      activation_checkpointing=cfg.train.activation_checkpointing, stages=stages).to(device)
 
 
 def build_batcher(cfg: Config, mesh: Mesh, model: torch.nn.Module, part: str = "train"):
@@ -196,7 +199,7 @@ def _train(cfg: Config, ctx: DistContext) -> TrainResult:
     engine = build_engine(cfg, model, mesh, autocast_dtype(cfg, ctx.device))
     batcher = build_batcher(cfg, mesh, model)
     # the full model, not this rank's tp shard / pipeline stage / ZeRO-3 partition (replicated for swin)
-    n_params = model_params(cfg) if cfg.model.kind == "gpt" else sum(p.numel() for p in model.parameters())
+    n_params = model_params(cfg) if cfg.model.kind == "gpt" else model.total_params
 
     t = cfg.train
     accum = cfg.grad_accum_steps

@@ -67,7 +67,7 @@ def _model_cases(rank: int, world: int) -> int:
         ref = build_swin(cfg, wp_group=None, grid=(1, 1)).double()  # None with grid 1×1: no wp (mesh style)
         with torch.no_grad():  # the zero-initialised head would hide every block from the gradients
             ref.head.weight.normal_(std=0.2, generator=gen)
-            ref.blocks[1].bias.normal_(std=0.5, generator=gen)  # distinct heads: a swapped head slice shows
+            ref.blocks["1"].bias.normal_(std=0.5, generator=gen)  # distinct heads: a swapped head slice shows
         ref_loss, ref_count = ref({"x": x, "y": y, "image_size": (H, W)})
         ref_loss.backward()
 

@@ -49,16 +49,28 @@ def balanced_layer_counts(n_layers: int, n_stages: int) -> list[int]:
     return counts
 
 
+def swin_block_pairs(n_layers: int) -> int:
+    """Pipeline units of a swin: (plain, shifted) block pairs, kept on one stage (an odd last block alone)."""
+    return -(-n_layers // 2)
+
+
 def pipeline_stages(cfg: Config) -> list[Stage]:
-    """All stages of the job (one per pp rank; two per rank for the interleaved schedule)."""
+    """All stages of the job (one per pp rank; two per rank for the interleaved schedule). A swin splits by
+    block pairs (each plain block with the shifted one after it), balanced like GPT layers."""
     pp = cfg.parallel.pp
     n_stages = pp * virtual_stages(cfg)
-    counts = balanced_layer_counts(cfg.model.n_layers, n_stages)
+    n_layers = cfg.model.n_layers
+    unit = 2 if cfg.model.kind == "swin" else 1
+    if unit == 2 and swin_block_pairs(n_layers) < n_stages:
+        raise ConfigError(f"model.n_layers = {n_layers} ({swin_block_pairs(n_layers)} swin block pairs) < "
+                          f"{n_stages} pipeline stages: each stage needs a (plain, shifted) block pair")
+    counts = balanced_layer_counts(-(-n_layers // unit), n_stages)
     out, start = [], 0
     for s, c in enumerate(counts):
-        out.append(Stage(index=s, rank=s % pp, layers=tuple(range(start, start + c)), first=s == 0,
+        stop = min(start + c * unit, n_layers)
+        out.append(Stage(index=s, rank=s % pp, layers=tuple(range(start, stop)), first=s == 0,
                          last=s == n_stages - 1))
-        start += c
+        start = stop
     return out
 
 

@@ -10,7 +10,8 @@ latitude–longitude grid, periodic in longitude (W) with closed poles (H). Per 
 zonal advection by u(lat) = 0.006·W·cos(lat)·(1 + 0.3·sin 3·lat) cells/step (semi-Lagrangian, linear
 interpolation), meridional advection by v = v_max·sin(2·lon + c)·cos(lat), diffusion κ∇² (periodic in
 lon, zero flux at the poles) and relaxation to a per-channel forcing pattern (time scale τ), so the
-fields stay non-trivial for any number of steps. The whole array [steps, H, W, C] float32 is written
+fields stay non-trivial for any number of steps; the first SPINUP_STEPS steps (the initial noise
+diffusing) are not written. The whole array [steps, H, W, C] float32 is written
 once to ``fields.npy`` (deterministic in ``seed``) and memory-mapped: ``sample`` reads only the tile.
 """
 from __future__ import annotations
@@ -22,7 +23,11 @@ from typing import Sequence, Union
 import numpy as np
 import torch
 
-_FORMAT_VERSION = 1
+_FORMAT_VERSION = 2  # 2: the first SPINUP_STEPS steps are integrated but not written
+# The initial state (forcing + small-scale noise) diffuses fast: its first increments are ~5x the later
+# ones, and one such sample dominates a whole run's loss on a big grid (one sample per step). These steps are
+# integrated before the first written one.
+SPINUP_STEPS = 8
 
 
 def _laplacian(f: np.ndarray) -> np.ndarray:
@@ -64,7 +69,7 @@ def prepare_weather(path: Union[str, Path], *, height: int, width: int, steps: i
             raise ValueError(f"weather {name} = {value}: must be >= {low}")
     path = Path(path)
     meta = {"version": _FORMAT_VERSION, "height": height, "width": width, "steps": steps,
-            "channels": channels, "seed": seed}
+            "channels": channels, "seed": seed, "spinup": SPINUP_STEPS}
     meta_file, data_file = path / "meta.json", path / "fields.npy"
     if meta_file.exists() and data_file.exists() and json.loads(meta_file.read_text()) == meta:
         return path
@@ -84,8 +89,9 @@ def prepare_weather(path: Union[str, Path], *, height: int, width: int, steps: i
     v = [0.002 * height * np.sin(2 * xx + c) * np.cos(yy) for c in range(channels)]  # [H, W] cells per step
     kappa, tau = 0.15, 40.0
     out = np.lib.format.open_memmap(data_file, mode="w+", dtype=np.float32, shape=(steps, height, width, channels))
-    for t in range(steps):
-        out[t] = f
+    for t in range(-SPINUP_STEPS, steps):
+        if t >= 0:
+            out[t] = f
         f = _shift_rows(f, u)
         f = np.concatenate([_shift_cols(f[..., c:c + 1], v[c]) for c in range(channels)], -1)
         f = f + kappa * _laplacian(f) + (forcing - f) / tau

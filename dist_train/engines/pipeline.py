@@ -11,8 +11,11 @@ batch) — whatever dp, cp, pp and the number of micro-batches are. With ``paral
 sharded by FSDP2 (engines/fsdp.py) whose reduce-scatter *averages* over the grad group, so the loss
 function then also multiplies by ``grad_size``.
 
-The rank's GPT holds only its stages' layers; each :class:`StageModule` is a view over it (shared
-parameters), one per virtual stage.
+The rank's model (GPT or swin) holds only its stages' layers / blocks; each stage module
+(:class:`StageModule`, ``models.swin.SwinStageModule``) is a view over it (shared parameters), one per virtual
+stage. The model-specific parts (stage modules, batch → schedule input and target, loss) are
+:class:`GPTPipeline` and ``models.swin.SwinPipeline``; a swin stage passes tokens [B, th, tw, d] of this rank's
+tile, every stage holding the same wp/cp tiling (SWiPe).
 """
 from __future__ import annotations
 
@@ -25,6 +28,7 @@ import torch.nn as nn
 from ..config import Config
 from ..mesh import Mesh
 from ..optim import build_optimizer, build_scheduler
+from ..models.swin import SwinPipeline
 from .fsdp import FSDPSharder
 from .grads import all_ranks_finite, all_reduce_grads_, all_reduce_sum, clip_grads_, global_grad_norm
 
@@ -62,6 +66,25 @@ class LossHead(nn.Module):
         return self.gpt.loss(hidden, labels)
 
 
+class GPTPipeline:
+    """What the pipeline engine needs from a GPT: stage modules, the loss head (last stage), and micro-batches
+    as the schedule's input (first stage: tokens) and target (last stage: labels); positions are set on every
+    stage module."""
+
+    def __init__(self, gpt: nn.Module):
+        self.model = gpt
+        self.stage_modules = [StageModule(gpt, st) for st in gpt.pipeline_stages]
+        self.loss_head = LossHead(gpt) if gpt.has_head else None
+
+    def inputs(self, micro: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
+        positions = micro[0]["positions"]
+        if any(not torch.equal(b["positions"], positions) for b in micro):
+            raise ValueError("pipeline engine: every micro-batch must share one positions vector")
+        for sm in self.stage_modules:
+            sm.positions = positions
+        return torch.cat([b["tokens"] for b in micro]), torch.cat([b["labels"] for b in micro])
+
+
 class PipelineEngine:
     """``train_step(micro_batches, global_count) -> (global mean loss, grad norm)`` like the DDP engine."""
 
@@ -70,8 +93,9 @@ class PipelineEngine:
         self.autocast_dtype = autocast_dtype
         self.device = next(model.parameters()).device
         self.last_step_skipped = False  # the last train_step had a non-finite loss/norm: nothing applied
-        self.stage_modules = [StageModule(model, st) for st in model.pipeline_stages]
-        self.loss_head = LossHead(model) if model.has_head else None
+        self.pipe = SwinPipeline(model) if cfg.model.kind == "swin" else GPTPipeline(model)
+        self.stage_modules = self.pipe.stage_modules
+        self.loss_head = self.pipe.loss_head
         self.fsdp = cfg.parallel.fsdp
         if self.fsdp:  # before the optimizer: AdamW then holds state for this rank's shards only
             FSDPSharder(mesh, cfg.parallel, autocast_dtype).shard_stages(self.stage_modules, self.loss_head)
@@ -112,19 +136,14 @@ class PipelineEngine:
         """This rank's local batch (all accumulation micro-batches concatenated) through the schedule as
         ``parallel.microbatches`` pipeline micro-batches (default: the accumulation count) -> the loss sum
         of this rank's micro-batches (zero off the last stage). ``forward_only``: the schedule's eval pass."""
-        positions = micro[0]["positions"]
-        if any(not torch.equal(b["positions"], positions) for b in micro):
-            raise ValueError("pipeline engine: every micro-batch must share one positions vector")
-        tokens = torch.cat([b["tokens"] for b in micro]).to(self.device)
-        labels = torch.cat([b["labels"] for b in micro]).to(self.device)
+        tokens, labels = self.pipe.inputs([{k: v.to(self.device) if isinstance(v, torch.Tensor) else v
+                                            for k, v in b.items()} for b in micro])
         n_micro = self.cfg.parallel.microbatches or len(micro)
         if tokens.shape[0] % n_micro:
             raise ValueError(f"parallel.microbatches = {n_micro} does not divide the local batch of "
                              f"{tokens.shape[0]} samples (micro_batch x accumulation)")
         if self._schedule is None or self._n_micro != n_micro:
             self._schedule, self._n_micro = self._build_schedule(n_micro), n_micro
-        for sm in self.stage_modules:
-            sm.positions = positions.to(self.device)
         self._inv_count = inv_count
         self._loss_sums = []
         first = any(sm.stage.first for sm in self.stage_modules)

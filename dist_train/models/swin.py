@@ -34,6 +34,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from parallelism.window.attention import group_rank_size
 from parallelism.window.halo import halo_roll
@@ -133,8 +134,12 @@ class _TileContext:
 class SwinModel(nn.Module):
     """Patch embedding → n_layers alternating plain/shifted window blocks → pixel decoder head."""
 
-    def __init__(self, cfg: Any, *, wp_group, grid: tuple[int, int], cp_group=None):
+    def __init__(self, cfg: Any, *, wp_group, grid: tuple[int, int], cp_group=None,
+                 activation_checkpointing: str = "none"):
         super().__init__()
+        # "full" and "selective" both recompute whole blocks in backward: a block's biggest tensors are its
+        # window scores, so recomputing only attention would save little more than the layer input
+        self.activation_checkpointing = activation_checkpointing
         self.patch = int(cfg.patch_size)
         self.window = as_pair(cfg.window, "model.window")
         self.grid = as_pair(grid, "grid")
@@ -164,8 +169,10 @@ class SwinModel(nn.Module):
         self.cin, self.cout = cin, cout
         self.embed = nn.Linear(cin * self.patch ** 2, d)
         half = (self.window[0] // 2, self.window[1] // 2)
-        self.blocks = nn.ModuleList(WindowBlock(d, heads, ffn, self.window, (0, 0) if i % 2 == 0 else half, eps)
-                                    for i in range(int(cfg.n_layers)))
+        # ModuleDict keyed by the global block index: names are blocks.<i>.… as with a ModuleList, also on a
+        # pipeline stage that holds only some blocks
+        self.blocks = nn.ModuleDict({str(i): WindowBlock(d, heads, ffn, self.window, (0, 0) if i % 2 == 0 else half,
+                                                         eps) for i in range(int(cfg.n_layers))})
         self.norm = nn.LayerNorm(d, eps=eps)
         self.head = nn.Linear(d, cout * self.patch ** 2)
         std = float(getattr(cfg, "init_std", 0.02))
@@ -174,6 +181,25 @@ class SwinModel(nn.Module):
                 nn.init.normal_(m.weight, std=std)
                 nn.init.zeros_(m.bias)
         nn.init.zeros_(self.head.weight)  # start as persistence (y ≈ x when in == out channels)
+        self.total_params = sum(p.numel() for p in self.parameters())  # the whole model, before any stage split
+        self.pipeline_stages: list = []
+        self.n_layers = int(cfg.n_layers)
+        self.held_blocks = list(range(self.n_layers))
+
+    def keep_stages(self, stages: list) -> None:
+        """Keep only the pieces of this rank's pipeline ``stages`` (``cost.layout.Stage``, block indices in
+        ``layers``): the patch embedding on the first stage, the final norm and head on the last. The whole
+        model was initialised first, so every stage holds exactly the single-rank weights; parameter names
+        stay global (``blocks.<i>.…``), which is what lets checkpoints reshard between pp sizes."""
+        held = {i for st in stages for i in st.layers}
+        self.pipeline_stages, self.held_blocks = list(stages), sorted(held)
+        for i in range(self.n_layers):
+            if i not in held:
+                self.blocks.pop(str(i))
+        if not any(st.first for st in stages):
+            self.embed = None
+        if not any(st.last for st in stages):
+            self.norm = self.head = None
 
     def layout(self, image_hw: tuple[int, int]) -> tuple[TileLayout, tuple[int, int]]:
         """Token-grid layout of an H×W image (padded to whole windows) and the real token counts."""
@@ -204,44 +230,141 @@ class SwinModel(nn.Module):
         r0, r1 = rows.start + share.start, rows.start + share.stop
         return slice(min(r0 * p, h), min(r1 * p, h)), slice(cols.start * p, min(cols.stop * p, w))
 
-    def forward(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        """batch: x [B, h, w, Cin] and y [B, h, w, Cout] (this rank's real pixels: ``tile_slices``), image_size.
+    def run_blocks(self, t: torch.Tensor, ctx: _TileContext, ids) -> torch.Tensor:
+        """Blocks ``ids`` on this rank's tokens t [B, h, w, d] (or its cp share); with activation
+        checkpointing each block keeps only its input and recomputes (halo exchanges included, in the same
+        order on every rank: the autograd graphs are identical) in backward."""
+        for i in ids:
+            block = self.blocks[str(i)]
+            if self.activation_checkpointing != "none" and self.training and torch.is_grad_enabled():
+                t = checkpoint(block, t, ctx, use_reentrant=False)
+            else:
+                t = block(t, ctx)
+        return t
 
-        Returns (sum of squared errors over this rank's real pixels × channels; their count, float tensor).
-        """
-        x, y = batch["x"], batch["y"]
-        if x.dim() == 3:
-            x, y = x[None], y[None]
-        image_hw = tuple(int(v) for v in batch["image_size"])
-        layout, real = self.layout(image_hw)
-        rank = self.wp_rank
+    def check_batch(self, x: torch.Tensor, y: Optional[torch.Tensor], image_hw: tuple[int, int]) -> None:
+        """ValueError unless x [B, h, w, Cin] (and y [B, h, w, Cout]) are this rank's pixels of the image."""
         rows, cols = self.tile_slices(image_hw)
         hp, wp = rows.stop - rows.start, cols.stop - cols.start
-        if tuple(x.shape[1:3]) != (hp, wp) or x.shape[3] != self.cin or tuple(y.shape[:3]) != tuple(x.shape[:3]) \
-                or y.shape[3] != self.cout:
-            raise ValueError(f"batch x {list(x.shape)} / y {list(y.shape)} do not match this rank's tile (or cp "
-                             f"share) of the {image_hw[0]}x{image_hw[1]} image: expected [B, {hp}, {wp}, {self.cin}] / "
-                             f"[B, {hp}, {wp}, {self.cout}] (use model.tile_slices)")
-        p = self.patch
-        counts, share = self.cp_rows(layout, rank)
-        th, tw = share.stop - share.start, layout.tile_shape(rank)[1]  # this rank's token rows × the tile width
-        dtype = self.embed.weight.dtype
-        xpad = F.pad(x.to(dtype), (0, 0, 0, tw * p - wp, 0, th * p - hp))  # pad BEFORE any roll
-        b = x.shape[0]
+        if tuple(x.shape[1:3]) != (hp, wp) or x.shape[3] != self.cin or (y is not None and (
+                tuple(y.shape[:3]) != tuple(x.shape[:3]) or y.shape[3] != self.cout)):
+            raise ValueError(f"batch x {list(x.shape)} / y {list(y.shape) if y is not None else None} do not match "
+                             f"this rank's tile (or cp share) of the {image_hw[0]}x{image_hw[1]} image: expected "
+                             f"[B, {hp}, {wp}, {self.cin}] / [B, {hp}, {wp}, {self.cout}] (use model.tile_slices)")
+
+    def tile_context(self, image_hw: tuple[int, int]) -> _TileContext:
+        """The per-image facts every block needs (layout, masks, cp shares) for this rank."""
+        layout, real = self.layout(image_hw)
+        counts, _ = self.cp_rows(layout, self.wp_rank)
+        tw = layout.tile_shape(self.wp_rank)[1]
+        return _TileContext(layout, self.wp_rank, real, self.wrap, self.wp_group, self.cp_group, self.cp_rank,
+                            tuple(c * tw for c in counts) if self.cp > 1 else ())
+
+    def embed_pixels(self, x: torch.Tensor, ctx: _TileContext) -> torch.Tensor:
+        """This rank's real pixels x [B, hp, wp, Cin] → tokens [B, th, tw, d] of its tile (or cp share),
+        zero-padded at the bottom/right BEFORE any roll."""
+        layout, p = ctx.layout, self.patch
+        _, share = self.cp_rows(layout, ctx.rank)
+        th, tw = share.stop - share.start, layout.tile_shape(ctx.rank)[1]
+        b, hp, wp = x.shape[:3]
+        xpad = F.pad(x.to(self.embed.weight.dtype), (0, 0, 0, tw * p - wp, 0, th * p - hp))
         patches = xpad.reshape(b, th, p, tw, p, self.cin).transpose(2, 3).reshape(b, th, tw, p * p * self.cin)
-        ctx = _TileContext(layout, rank, real, self.wrap, self.wp_group, self.cp_group, self.cp_rank,
-                           tuple(c * tw for c in counts) if self.cp > 1 else ())
-        t = self.embed(patches)
-        for block in self.blocks:
-            t = block(t, ctx)
+        return self.embed(patches)
+
+    def loss(self, t: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Last hidden t [B, th, tw, d] and this rank's real pixels x, y [B, hp, wp, C] → (sum of squared errors
+        over the real pixels × channels, their count as a float tensor). Padded pixels are dropped."""
+        b, th, tw = t.shape[:3]
+        p, hp, wp = self.patch, x.shape[1], x.shape[2]
+        dtype = self.head.weight.dtype
         out = self.head(self.norm(t)).reshape(b, th, tw, p, p, self.cout).transpose(2, 3)
-        pred = out.reshape(b, th * p, tw * p, self.cout)[:, :hp, :wp]  # drop the padded pixels
+        pred = out.reshape(b, th * p, tw * p, self.cout)[:, :hp, :wp]
         if self.cin == self.cout:
             pred = pred + x.to(dtype)  # forecast the increment
         err = (pred - y.to(dtype)).square()
         return err.sum(), torch.tensor(float(err.numel()))
 
+    def forward(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """batch: x [B, h, w, Cin] and y [B, h, w, Cout] (this rank's real pixels: ``tile_slices``), image_size.
 
-def build_swin(model_cfg: Any, *, wp_group, grid, cp_group=None) -> SwinModel:
-    """The trainer's entry point: replicated weights (same seed on every rank → same init)."""
-    return SwinModel(model_cfg, wp_group=wp_group, grid=as_pair(grid, "grid"), cp_group=cp_group)
+        Returns (sum of squared errors over this rank's real pixels × channels; their count, float tensor).
+        """
+        if self.pipeline_stages and len(self.held_blocks) != self.n_layers:
+            raise RuntimeError("this swin holds one pipeline stage; run it through the pipeline engine")
+        x, y = batch["x"], batch["y"]
+        if x.dim() == 3:
+            x, y = x[None], y[None]
+        image_hw = tuple(int(v) for v in batch["image_size"])
+        self.check_batch(x, y, image_hw)
+        ctx = self.tile_context(image_hw)
+        t = self.run_blocks(self.embed_pixels(x, ctx), ctx, self.held_blocks)
+        return self.loss(t, x, y)
+
+
+class SwinStageModule(nn.Module):
+    """One pipeline stage over a shared :class:`SwinModel` (every stage holds the same wp/cp tiling):
+    this rank's pixels x [B, hp, wp, Cin] (first stage) or tokens [B, th, tw, d] → tokens [B, th, tw, d].
+    The last stage's norm/head/loss run in the schedule's loss function (:meth:`SwinModel.loss`)."""
+
+    def __init__(self, model: SwinModel, stage):
+        super().__init__()
+        self.stage = stage
+        # register the owned pieces (shared with ``model``) so .parameters() is this stage's
+        self.blocks = nn.ModuleList(model.blocks[str(i)] for i in stage.layers)
+        self.embed = model.embed if stage.first else None
+        object.__setattr__(self, "model", model)  # not registered: the model holds every stage of this rank
+        self.ctx: Optional[_TileContext] = None
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        if self.stage.first:
+            t = self.model.embed_pixels(t, self.ctx)
+        return self.model.run_blocks(t, self.ctx, self.stage.layers)
+
+
+class SwinLossHead(nn.Module):
+    """The last stage's final norm + pixel head + loss as one module (shared parameters), called by the
+    schedule's loss function: tokens t [B, th, tw, d], target x|y [B, hp, wp, Cin+Cout] -> (loss sum, count)."""
+
+    def __init__(self, model: SwinModel):
+        super().__init__()
+        self.norm, self.head = model.norm, model.head
+        object.__setattr__(self, "model", model)
+
+    def forward(self, t: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        cin = self.model.cin
+        return self.model.loss(t, target[..., :cin], target[..., cin:])
+
+
+class SwinPipeline:
+    """What the pipeline engine needs from a swin: stage modules, the loss head (last stage), and
+    micro-batches as the schedule's input (first stage: x) and target (last stage: x and y concatenated on
+    channels, since the loss adds the forecast increment to x)."""
+
+    def __init__(self, model: SwinModel):
+        self.model = model
+        self.stage_modules = [SwinStageModule(model, st) for st in model.pipeline_stages]
+        self.loss_head = SwinLossHead(model) if model.head is not None else None
+
+    def inputs(self, micro: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Micro-batches (x, y [mb, hp, wp, C], image_size) → (x [B, hp, wp, Cin], x|y [B, hp, wp, Cin+Cout])."""
+        image_hw = tuple(int(v) for v in micro[0]["image_size"])
+        if any(tuple(int(v) for v in b["image_size"]) != image_hw for b in micro):
+            raise ValueError("pipeline engine: every micro-batch must be of one image size")
+        x = torch.cat([b["x"] for b in micro])
+        y = torch.cat([b["y"] for b in micro])
+        self.model.check_batch(x, y, image_hw)
+        ctx = self.model.tile_context(image_hw)
+        for sm in self.stage_modules:
+            sm.ctx = ctx
+        return x, torch.cat([x.to(y.dtype), y], dim=-1)
+
+
+def build_swin(model_cfg: Any, *, wp_group, grid, cp_group=None, activation_checkpointing: str = "none",
+               stages: Optional[list] = None) -> SwinModel:
+    """The trainer's entry point: replicated weights (same seed on every rank → same init); with ``stages``
+    (pp > 1: this pipeline rank's ``cost.layout.Stage`` list) only those stages' pieces are kept."""
+    model = SwinModel(model_cfg, wp_group=wp_group, grid=as_pair(grid, "grid"), cp_group=cp_group,
+                      activation_checkpointing=activation_checkpointing)
+    if stages:
+        model.keep_stages(stages)
+    return model

@@ -1,0 +1,87 @@
+"""Pipeline parallelism (and ZeRO-3) for the pixel-level Swin (stage split by (plain, shifted) block pairs), alone and
+composed with window parallelism (every stage holds the same tiling): the same losses and gradient norms as
+single-rank Swin training (1e-5 relative), and checkpoints that reshard pp2 -> pp1."""
+import pytest
+
+from dist_train.config import ConfigError, validate
+from dist_train.cost.layout import pipeline_stages
+from dist_train.trainer import train
+from tests.dist_harness import run_ranks
+from tests.trainer_utils import rel_close, tiny_swin_config
+
+FOUR_BLOCKS = {"n_layers": 4}  # two block pairs: one per stage at pp = 2
+
+
+def _swin_cases(rank, world, root, data_dir, cases):
+    """cases: config sections per run (model, parallel, train, checkpoint) -> (losses, grad norms) each."""
+    out = []
+    for i, sections in enumerate(cases):
+        steps = 10 if sections.get("checkpoint") else 5
+        res = train(tiny_swin_config(f"{root}/{i}", data_dir, steps=steps, **sections))
+        out.append((res.losses, res.grad_norms))
+    return out
+
+
+def _assert_matches(got, ref, what):
+    losses, norms = got
+    assert rel_close(losses, ref.losses, 1e-5), (what, losses, ref.losses)
+    assert rel_close(norms, ref.grad_norms, 1e-5), (what, norms, ref.grad_norms)
+
+
+def test_swin_pp2_1f1b_gpipe_interleaved_and_checkpointed_wp_match_single_rank(tmp_path):
+    data = tmp_path / "weather"
+    ref4 = train(tiny_swin_config(tmp_path / "ref4", data, model=FOUR_BLOCKS))
+    ref8 = train(tiny_swin_config(tmp_path / "ref8", data, model={"n_layers": 8}))
+    cases = [{"model": FOUR_BLOCKS, "parallel": {"pp": 2}},
+             {"model": FOUR_BLOCKS, "parallel": {"pp": 2, "pp_schedule": "gpipe"}},
+             {"model": {"n_layers": 8}, "parallel": {"pp": 2, "pp_schedule": "interleaved"}},
+             # activation checkpointing recomputes blocks whose halo exchanges run again in backward
+             {"model": FOUR_BLOCKS, "parallel": {"wp": [1, 2]}, "train": {"activation_checkpointing": "full"}},
+             {"model": FOUR_BLOCKS, "parallel": {"pp": 2}, "train": {"activation_checkpointing": "full"}}]
+    for rank_out in run_ranks(_swin_cases, 2, args=(str(tmp_path), str(data), cases), timeout=400):
+        for case, got in zip(cases, rank_out):
+            _assert_matches(got, ref8 if case["model"]["n_layers"] == 8 else ref4, case)
+
+
+def test_swin_pp2_x_wp_1x2_on_four_ranks_matches_single_rank(tmp_path):
+    data = tmp_path / "weather"
+    ref = train(tiny_swin_config(tmp_path / "ref", data, model=FOUR_BLOCKS))
+    cases = [{"model": FOUR_BLOCKS, "parallel": {"pp": 2, "wp": [1, 2]}}]
+    for rank_out in run_ranks(_swin_cases, 4, args=(str(tmp_path), str(data), cases), timeout=300):
+        _assert_matches(rank_out[0], ref, cases[0])
+
+
+def test_swin_pp2_checkpoint_resumes_on_pp1(tmp_path):
+    data = tmp_path / "weather"
+    cases = [{"model": FOUR_BLOCKS, "parallel": {"pp": 2}, "checkpoint": {"every": 5, "keep_last": 3}}]
+    saved = run_ranks(_swin_cases, 2, args=(str(tmp_path / "pp2"), str(data), cases), timeout=300)[0][0][0]
+    resumed = train(tiny_swin_config(tmp_path / "pp1", data, steps=10, model=FOUR_BLOCKS,
+                                     checkpoint={"resume": str(tmp_path / "pp2" / "0" / "checkpoints" / "step_5")}))
+    assert resumed.start_step == 5
+    assert rel_close(resumed.losses, saved[5:], 1e-5), (resumed.losses, saved[5:])
+
+
+def test_swin_zero3_dp2_matches_single_rank(tmp_path):
+    data = tmp_path / "weather"
+    ref = train(tiny_swin_config(tmp_path / "ref", data))
+    cases = [{"model": {"n_layers": 2}, "parallel": {"dp": 2, "zero_stage": 3}}]
+    for rank_out in run_ranks(_swin_cases, 2, args=(str(tmp_path), str(data), cases), timeout=300):
+        _assert_matches(rank_out[0], ref, cases[0])
+
+
+def test_swin_pipeline_stages_keep_block_pairs_together(tmp_path):
+    cfg = tiny_swin_config(tmp_path, tmp_path, model={"n_layers": 6}, parallel={"pp": 2})
+    assert [s.layers for s in pipeline_stages(cfg)] == [(0, 1), (2, 3, 4, 5)]
+    cfg = tiny_swin_config(tmp_path, tmp_path, model={"n_layers": 5}, parallel={"pp": 3},
+                           train={"global_batch": 3})
+    assert [s.layers for s in pipeline_stages(cfg)] == [(0, 1), (2, 3), (4,)]
+
+
+@pytest.mark.parametrize("model,par", [({"n_layers": 2}, {"pp": 2}),
+                                       ({"n_layers": 4}, {"pp": 2, "pp_schedule": "interleaved"}),
+                                       ({"n_layers": 4}, {"pp": 2, "zero_stage": 1}),
+                                       ({"n_layers": 4}, {"tp": 2})])
+def test_invalid_swin_pipelines_refused_with_one_line(tmp_path, model, par):
+    with pytest.raises(ConfigError) as err:  # config_from_dict validates; validate() again if it ever stops
+        validate(tiny_swin_config(tmp_path, tmp_path, model=model, parallel=par))
+    assert "\n" not in str(err.value) and "parallel." in str(err.value)
