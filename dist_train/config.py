@@ -826,6 +826,9 @@ def _validate_swin(cfg: Config) -> None:
                           f"use at most {pairs} stages")
     if p.pp > 1:
         _validate_pipeline(cfg)
+        if p.fsdp:
+            raise ConfigError(f"parallel.fsdp with parallel.pp = {p.pp} is not tested for model.kind = swin; use "
+                              "fsdp: false (the pipeline engine reduces gradients itself) or pp = 1")
     if m.n_heads % p.cp:
         raise ConfigError(f"model.n_heads = {m.n_heads} is not divisible by parallel.cp = {p.cp}: swin with cp > 1 "
                           f"runs Ulysses inside windows (n_heads/cp heads per cp rank)")

@@ -59,7 +59,7 @@ def layer_units(model: nn.Module) -> list[nn.Module]:
     """The per-layer FSDP units: the GPT's transformer blocks or the Swin model's window blocks."""
     if hasattr(model, "layers"):
         return list(model.layers.values())
-    return list(model.blocks)
+    return list(model.blocks.values())  # a ModuleDict keyed by the global block index
 
 
 class FSDPSharder:
