@@ -1,6 +1,6 @@
 """Pipeline parallelism (and ZeRO-3) for the pixel-level Swin (stage split by (plain, shifted) block pairs), alone and
 composed with window parallelism (every stage holds the same tiling): the same losses and gradient norms as
-single-rank Swin training (1e-5 relative), and checkpoints that reshard pp2 -> pp1."""
+single-rank Swin training (1e-5 relative), and checkpoints that reshard pp2 -> pp1 and pp2 x wp[1,2] -> one rank."""
 import pytest
 
 from dist_train.config import ConfigError, validate
@@ -43,14 +43,29 @@ def test_swin_pp2_1f1b_gpipe_interleaved_and_checkpointed_wp_match_single_rank(t
             _assert_matches(got, ref8 if case["model"]["n_layers"] == 8 else ref4, case)
 
 
-def test_swin_pp2_x_wp_1x2_on_four_ranks_matches_single_rank(tmp_path):
+@pytest.mark.slow
+def test_swin_pp2_x_wp_1x2_and_pp2_x_cp2_on_four_ranks_match_single_rank_and_reshard_to_one(tmp_path):
+    """pp2 × wp[1,2] (saving checkpoints) and pp2 × cp2 (Ulysses inside windows) in one 4-rank spawn; the
+    pp2 × wp[1,2] checkpoint then resumes on a single rank (pp1, wp[1,1])."""
     data = tmp_path / "weather"
-    ref = train(tiny_swin_config(tmp_path / "ref", data, model=FOUR_BLOCKS))
-    cases = [{"model": FOUR_BLOCKS, "parallel": {"pp": 2, "wp": [1, 2]}}]
-    for rank_out in run_ranks(_swin_cases, 4, args=(str(tmp_path), str(data), cases), timeout=300):
-        _assert_matches(rank_out[0], ref, cases[0])
+    ref = train(tiny_swin_config(tmp_path / "ref", data, steps=10, model=FOUR_BLOCKS))
+    ref5 = train(tiny_swin_config(tmp_path / "ref5", data, model=FOUR_BLOCKS))  # 5 steps: its own lr schedule
+    cases = [{"model": FOUR_BLOCKS, "parallel": {"pp": 2, "wp": [1, 2]}, "checkpoint": {"every": 5, "keep_last": 3}},
+             {"model": FOUR_BLOCKS, "parallel": {"pp": 2, "cp": 2}}]
+    root = tmp_path / "four"
+    for rank_out in run_ranks(_swin_cases, 4, args=(str(root), str(data), cases), timeout=400):
+        (wp_losses, wp_norms), (cp_losses, cp_norms) = rank_out
+        assert rel_close(wp_losses, ref.losses, 1e-5), ("pp2 x wp[1,2]", wp_losses, ref.losses)
+        assert rel_close(wp_norms, ref.grad_norms, 1e-5), ("pp2 x wp[1,2]", wp_norms, ref.grad_norms)
+        assert rel_close(cp_losses, ref5.losses, 1e-5), ("pp2 x cp2", cp_losses, ref5.losses)
+        assert rel_close(cp_norms, ref5.grad_norms, 1e-5), ("pp2 x cp2", cp_norms, ref5.grad_norms)
+    resumed = train(tiny_swin_config(tmp_path / "one", data, steps=10, model=FOUR_BLOCKS,
+                                     checkpoint={"resume": str(root / "0" / "checkpoints" / "step_5")}))
+    assert resumed.start_step == 5
+    assert rel_close(resumed.losses, ref.losses[5:], 1e-5), (resumed.losses, ref.losses[5:])
 
 
+@pytest.mark.slow
 def test_swin_pp2_checkpoint_resumes_on_pp1(tmp_path):
     data = tmp_path / "weather"
     cases = [{"model": FOUR_BLOCKS, "parallel": {"pp": 2}, "checkpoint": {"every": 5, "keep_last": 3}}]
@@ -61,6 +76,7 @@ def test_swin_pp2_checkpoint_resumes_on_pp1(tmp_path):
     assert rel_close(resumed.losses, saved[5:], 1e-5), (resumed.losses, saved[5:])
 
 
+@pytest.mark.slow
 def test_swin_zero3_dp2_matches_single_rank(tmp_path):
     data = tmp_path / "weather"
     ref = train(tiny_swin_config(tmp_path / "ref", data))
