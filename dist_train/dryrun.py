@@ -68,7 +68,7 @@ def rank_layout(cfg: Config, on_cuda: bool = False, profile: Optional[DeviceProf
     out = []
     for r in range(world):
         c = rank_coords(r, sizes)
-        st = stages_of_rank(cfg, c["pp"]) if cfg.model.kind == "gpt" else []
+        st = stages_of_rank(cfg, c["pp"])
         out.append(RankLayout(rank=r, coords=c, stages=st, memory=by_pp.get(c["pp"])))
     return out
 

@@ -5,6 +5,8 @@ import pytest
 
 from dist_train.config import ConfigError, validate
 from dist_train.cost.layout import pipeline_stages
+from dist_train.dryrun import rank_layout
+from dist_train.plan.enumerate import enumerate_layouts
 from dist_train.trainer import train
 from tests.dist_harness import run_ranks
 from tests.trainer_utils import rel_close, tiny_swin_config
@@ -101,3 +103,13 @@ def test_invalid_swin_pipelines_refused_with_one_line(tmp_path, model, par):
     with pytest.raises(ConfigError) as err:  # config_from_dict validates; validate() again if it ever stops
         validate(tiny_swin_config(tmp_path, tmp_path, model=model, parallel=par))
     assert "\n" not in str(err.value) and "parallel." in str(err.value)
+
+
+def test_planner_and_dry_run_cover_swin_pipelines(tmp_path):
+    cfg = tiny_swin_config(tmp_path, tmp_path, model=FOUR_BLOCKS, train={"global_batch": 4})
+    layouts = {(c.parallel.pp, tuple(c.wp_grid)) for c in enumerate_layouts(cfg, 4)}
+    assert (2, (1, 2)) in layouts and (1, (2, 2)) in layouts and all(pp <= 2 for pp, _ in layouts)  # 2 block pairs
+    four = tiny_swin_config(tmp_path, tmp_path, model=FOUR_BLOCKS, parallel={"pp": 2, "wp": [1, 2]})
+    rows = rank_layout(four)
+    assert [r.layers for r in rows] == [[0, 1], [0, 1], [2, 3], [2, 3]]
+    assert [r.memory is not None for r in rows] == [True] * 4

@@ -4,7 +4,7 @@
     ranked = rank_layouts(cands, profile)            # [(Prediction, Config)], fitting and fastest first
     why_slower(pred, best)                           # "41% slower: cp_comm_exposed +12 ms"
 
-A layout is dp × tp × pp × cp (GPT) or dp × wp[gh, gw] (Swin) = N, plus the cp method (ring with each
+A layout is dp × tp × pp × cp (GPT) or dp × pp × wp[gh, gw] (Swin; pp stages of block pairs) = N, plus the cp method (ring with each
 sequence layout, Ulysses, or hybrid with each Ulysses degree), the ZeRO stage and activation
 checkpointing, and the data-parallel engine (DDP, ZeRO 1–3 via DeepSpeed, or FSDP2 — the only sharding that
 composes with pp). Validity is the config's own validation plus what the kernels need: the sequence length
@@ -69,7 +69,7 @@ def enumerate_layouts(cfg: Config, devices: int, checkpointing: Iterable[str] = 
     out: list[Config] = []
     gpt = cfg.model.kind == "gpt"
     for tp in (divisors(devices) if gpt else [1]):
-        for pp in (divisors(devices // tp) if gpt else [1]):
+        for pp in divisors(devices // tp):  # swin too: stages of (plain, shifted) block pairs
             rest = devices // (tp * pp)
             for cp in (divisors(rest) if gpt else [1]):
                 for grid in ([(1, 1)] if gpt else _grids(rest)):
