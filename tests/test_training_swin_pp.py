@@ -79,12 +79,13 @@ def test_swin_pp2_checkpoint_resumes_on_pp1(tmp_path):
 
 
 @pytest.mark.slow
-def test_swin_zero3_dp2_matches_single_rank(tmp_path):
+def test_swin_zero1_and_zero3_dp2_match_single_rank(tmp_path):
     data = tmp_path / "weather"
     ref = train(tiny_swin_config(tmp_path / "ref", data))
-    cases = [{"model": {"n_layers": 2}, "parallel": {"dp": 2, "zero_stage": 3}}]
-    for rank_out in run_ranks(_swin_cases, 2, args=(str(tmp_path), str(data), cases), timeout=300):
-        _assert_matches(rank_out[0], ref, cases[0])
+    cases = [{"model": {"n_layers": 2}, "parallel": {"dp": 2, "zero_stage": z}} for z in (1, 3)]
+    for rank_out in run_ranks(_swin_cases, 2, args=(str(tmp_path), str(data), cases), timeout=400):
+        for case, got in zip(cases, rank_out):
+            _assert_matches(got, ref, case)
 
 
 def test_swin_pipeline_stages_keep_block_pairs_together(tmp_path):
