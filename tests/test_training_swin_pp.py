@@ -30,6 +30,7 @@ def _assert_matches(got, ref, what):
     assert rel_close(norms, ref.grad_norms, 1e-5), (what, norms, ref.grad_norms)
 
 
+@pytest.mark.slow
 def test_swin_pp2_1f1b_gpipe_interleaved_and_checkpointed_wp_match_single_rank(tmp_path):
     data = tmp_path / "weather"
     ref4 = train(tiny_swin_config(tmp_path / "ref4", data, model=FOUR_BLOCKS))
