@@ -25,7 +25,7 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import FileSystemWriter
 
 from dist_train.checkpoint import manifest as mf
-from dist_train.checkpoint.hf import expected_shapes, load_model_tensors
+from dist_train.checkpoint.hf import check_tensor_shapes, expected_shapes, load_model_tensors
 from dist_train.checkpoint.manager import CheckpointManager
 from dist_train.checkpoint.storage import SafeReader, load_dcp_metadata
 from dist_train.config import Config
@@ -102,15 +102,7 @@ def model_shapes(cfg: Config) -> dict[str, tuple[int, ...]]:
 
 def check_against(tensors: dict[str, torch.Tensor], cfg: Config, what: str) -> None:
     """ValueError (one line) unless ``tensors`` are exactly the model of ``cfg``, names and shapes."""
-    want = model_shapes(cfg)
-    missing, extra = sorted(set(want) - set(tensors)), sorted(set(tensors) - set(want))
-    if missing or extra:
-        raise ValueError(f"{what}: tensors do not match the {cfg.model.kind} of the config (missing "
-                         f"{missing[:3] or 'none'}, unexpected {extra[:3] or 'none'})")
-    for name, shape in want.items():
-        if tuple(tensors[name].shape) != shape:
-            raise ValueError(f"{what}: tensor {name} has shape {list(tensors[name].shape)}, the config's model "
-                             f"has {list(shape)}")
+    check_tensor_shapes(tensors, model_shapes(cfg), what, f"the {cfg.model.kind} of the config")
 
 
 def from_dcp(src: PathLike, out: PathLike, cfg: Optional[Config] = None) -> Path:

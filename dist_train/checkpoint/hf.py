@@ -129,17 +129,22 @@ def expected_shapes(m: ModelConfig) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def check_tensors(tensors: dict[str, torch.Tensor], m: ModelConfig, what: str) -> None:
-    """ValueError (one line) unless ``tensors`` are exactly the GPT parameters of ``m`` with their shapes."""
-    want = expected_shapes(m)
+def check_tensor_shapes(tensors: dict[str, torch.Tensor], want: dict[str, tuple], what: str, whose: str) -> None:
+    """ValueError (one line) unless ``tensors`` have exactly the names and shapes of ``want`` (``whose``
+    names the model they should be, for the message)."""
     missing, extra = sorted(set(want) - set(tensors)), sorted(set(tensors) - set(want))
     if missing or extra:
-        raise ValueError(f"{what}: tensors do not match the model config (missing {missing[:3] or 'none'}, "
+        raise ValueError(f"{what}: tensors do not match {whose} (missing {missing[:3] or 'none'}, "
                          f"unexpected {extra[:3] or 'none'})")
     for name, shape in want.items():
-        if tuple(tensors[name].shape) != shape:
-            raise ValueError(f"{what}: tensor {name} has shape {list(tensors[name].shape)}, the model config "
-                             f"implies {list(shape)}")
+        if tuple(tensors[name].shape) != tuple(shape):
+            raise ValueError(f"{what}: tensor {name} has shape {list(tensors[name].shape)}, {whose} has "
+                             f"{list(shape)}")
+
+
+def check_tensors(tensors: dict[str, torch.Tensor], m: ModelConfig, what: str) -> None:
+    """ValueError (one line) unless ``tensors`` are exactly the GPT parameters of ``m`` with their shapes."""
+    check_tensor_shapes(tensors, expected_shapes(m), what, "the model config")
 
 
 def load_model_tensors(ckpt: PathLike) -> tuple[dict[str, torch.Tensor], dict]:
