@@ -30,6 +30,7 @@ Fault injection (tests only, off unless the variable is set)::
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import faulthandler
 import json
 import os
@@ -89,6 +90,13 @@ def auto_watchdog_s(max_gap_s: Optional[float], collective_timeout_s: float, bus
     return min(hi, max(WATCHDOG_MIN_S, WATCHDOG_FACTOR * max_gap_s))
 FAULT_ENV = "DIST_TRAIN_FAULT"
 RESTART_ENV = "DIST_TRAIN_RESTART"
+
+
+def kill_me_with_parent() -> None:
+    """Ask Linux to SIGKILL this process when the thread that started it goes (prctl PR_SET_PDEATHSIG):
+    ranks, and ranks spawned by tests and benchmarks, never outlive a launcher killed without cleanup."""
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, int(signal.SIGKILL), 0, 0, 0)
 
 
 def exit_code_for_signal(signum: int) -> int:

@@ -23,10 +23,13 @@ import traceback
 from datetime import timedelta
 from typing import Any, Callable, Sequence
 
+from .lifecycle import kill_me_with_parent
+
 
 def _rank_main(fn: Callable, rank: int, world_size: int, init_file: str, args: Sequence[Any],
                out: "mp.Queue", timeout_s: float) -> None:
     os.environ["OMP_NUM_THREADS"] = "1"
+    kill_me_with_parent()  # a killed test or `dist-train bench` parent takes its ranks with it
     import torch
     import torch.distributed as dist
 

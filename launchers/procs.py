@@ -16,6 +16,8 @@ import time
 from pathlib import Path
 from typing import IO, Callable, Deque, Optional
 
+from dist_train.lifecycle import kill_me_with_parent
+
 #: ``sink(stream, text)``: stream is "stdout" or "stderr"; text is one line with its terminator
 #: ("\n", or "\r" for progress-bar redraws, or none for a final unterminated line), already prefixed.
 Sink = Callable[[str, str], None]
@@ -110,14 +112,6 @@ def kill_tree(pid: int, sig: int = signal.SIGKILL) -> None:
         pass
 
 
-def _die_with_parent() -> None:
-    """In the child before exec: ask Linux for SIGKILL when the parent goes (prctl PR_SET_PDEATHSIG)."""
-    if sys.platform.startswith("linux"):
-        import ctypes
-
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, int(signal.SIGKILL), 0, 0, 0)
-
-
 class RankProcess:
     """A running rank. ``argv`` is started with ``env`` in a new session (so a terminal's Ctrl-C does not
     hit it directly and ``kill_tree`` reaches its children); its output goes through ``sink``.
@@ -143,7 +137,7 @@ class RankProcess:
             self._log.flush()
         self.proc = subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                      stderr=subprocess.PIPE, start_new_session=True, close_fds=not pass_fds,
-                                     cwd=cwd, preexec_fn=_die_with_parent if die_with_parent else None)
+                                     cwd=cwd, preexec_fn=kill_me_with_parent if die_with_parent else None)
         prefix = rank_prefix(rank)
         self._pumps = [_Pump(self.proc.stdout, "stdout", prefix, sink, None, self.tail),
                        _Pump(self.proc.stderr, "stderr", prefix, sink, self._log, self.tail)]
