@@ -175,18 +175,22 @@ def test_ray_address_with_token_auth(tmp_path):
             time.sleep(0.5)
         assert "will now block" in head_log.read_text(), head_log.read_text()[-3000:]
         address = f"127.0.0.1:{port}"
+        # the refused client spends ~20 s in Ray's own retries: run it while the good one trains
+        bad = subprocess.Popen([sys.executable, "-m", "dist_train", "launch", CONFIG, *BASE, "--set",
+                                f"run.dir={tmp_path / 'bad'}", "--backend", "ray", "--address", address, "--nproc",
+                                "1", "--set", "parallel.dp=1"], cwd=REPO, env=_env(RAY_AUTH_TOKEN="not-the-token"),
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         ok = _launch(tmp_path / "ok", "--backend", "ray", "--address", address, "--nproc", "1",
                      "--set", "parallel.dp=1", "--set", "train.steps=1", env=_env(RAY_AUTH_TOKEN_PATH=str(token)),
                      timeout=300)
+        bad_out, bad_err = bad.communicate(timeout=300)
         assert ok.returncode == 0, (ok.stdout + ok.stderr)[-4000:]
-        bad = _launch(tmp_path / "bad", "--backend", "ray", "--address", address, "--nproc", "1",
-                      "--set", "parallel.dp=1", env=_env(RAY_AUTH_TOKEN="not-the-token"), timeout=300)
-        errors = [line for line in (bad.stdout + bad.stderr).splitlines() if not line.startswith("[launcher]")]
-        assert bad.returncode == 2, bad.stderr[-3000:]
+        errors = [line for line in (bad_out + bad_err).splitlines() if not line.startswith("[launcher]")]
+        assert bad.returncode == 2, bad_err[-3000:]
         assert len(errors) == 1 and address in errors[0] and "RAY_AUTH_TOKEN" in errors[0], errors
     finally:
         if head.poll() is None:
-            os.killpg(head.pid, signal.SIGTERM)
+            os.killpg(head.pid, signal.SIGKILL)  # the whole throw-away cluster (its own session) at once
             head.wait(timeout=60)
         shutil.rmtree(ray_tmp, ignore_errors=True)
 
