@@ -9,6 +9,11 @@ causal S_eff ≈ S/2, Megatron halving), peak memory per rank, the median step s
   * compute  — the rest of the step,
 and per-rank bytes of parameters and optimizer state actually held (ZeRO partitions counted as held),
 next to the memory model of dist_train.cost.memory (16 bytes/param mixed precision, 4+4+8 fp32 AdamW, ÷ sharding).
+
+With ``--baseline-set`` / ``--baseline-nproc`` the same invocation also runs a baseline (the config with the
+baseline overrides applied after ``--set``), alternating baseline and run ``--repeats`` times, and reports
+both medians, their ratio and the ratio the pipeline bubble formula predicts (dist_train.bench._paired).
+Both then get the same torch threads per rank, so a 1-rank baseline does not use the cores of 2 ranks.
 """
 from __future__ import annotations
 
@@ -26,20 +31,37 @@ from ..config import load_config
 from ..cost.layout import stages_of_rank
 from ..cost.memory import estimate_memory
 from ..plan.profiles import get_profile
+from ._paired import ORDER, alternation, compare, predicted_ratio
 
 HELP = "training throughput, MFU, memory and compute/comm/data split of one config on N ranks"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.epilog = ("example:\n  dist-train bench train configs/gpt_tiny.yaml --set parallel.dp=1 --set parallel.tp=2 "
+    parser.epilog = ("examples:\n  dist-train bench train configs/gpt_tiny.yaml --set parallel.dp=1 --set parallel.tp=2 "
                      "--set data.source=synthetic --nproc 2 --steps 8 --json tp2.json\n"
-                     "  (the first step is excluded from the medians: warm-up)")
+                     "  (the first step is excluded from the medians: warm-up)\n"
+                     "  dist-train bench train configs/swin_era5_721x1440.yaml --set data.image=[128,256] "
+                     "--set data.path=data_cache/weather_128x256 --set data.steps=12 --set train.global_batch=4 "
+                     "--set train.activation_checkpointing=none --set parallel.wp=[1,1] "
+                     "--set model.n_layers=4 --set parallel.pp=2 --baseline-set model.n_layers=2 "
+                     "--baseline-set parallel.pp=1 --repeats 3 --steps 6 --json pp2_vs_pp1.json\n"
+                     "  (pp2 against pp1 with the same blocks per rank, alternating baseline and run 3 times, 1 thread "
+                     "per rank: medians, ratio, and the bubble formula's (m + pp - 1) / m)")
     parser.add_argument("config", help="YAML config")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="config override (repeatable)")
     parser.add_argument("--nproc", type=int, default=None, help="ranks (default: the config's world size)")
     parser.add_argument("--steps", type=int, default=None, help="override train.steps (>= 2)")
     parser.add_argument("--timeout", type=float, default=1800.0, help="seconds before the ranks are killed")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads per rank (default: cores // ranks, the larger rank count of run and "
+                             "baseline when there is a baseline)")
+    parser.add_argument("--baseline-set", dest="baseline_overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override applied after --set for a baseline run in the same invocation (repeatable)")
+    parser.add_argument("--baseline-nproc", type=int, default=None,
+                        help="ranks of the baseline (default: its config's world size); alone it also asks for one")
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="baseline/run pairs, alternating (needs a baseline when > 1)")
     parser.add_argument("--json", metavar="PATH", default=None, help="write the results as JSON")
 
 
@@ -76,8 +98,8 @@ def _state_bytes(engine) -> tuple[int, int]:
     return params, optim
 
 
-def _rank_main(rank: int, world: int, init_file: str, config: str, overrides: list, run_dir: str, out) -> None:
-    threads = max(1, (os.cpu_count() or 1) // world)
+def _rank_main(rank: int, world: int, threads: int, init_file: str, config: str, overrides: list, run_dir: str,
+               out) -> None:
     os.environ.update({"OMP_NUM_THREADS": str(threads), "DIST_TRAIN_RANK_STATS": "1", "RANK": str(rank),
                        "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank)})
     import torch
@@ -136,26 +158,18 @@ def _median_tail(xs: list[float]) -> float:
     return statistics.median(xs[1:] if len(xs) > 1 else xs)
 
 
-def run(args: argparse.Namespace) -> int:
-    from ..mesh import axis_sizes, rank_coords  # torch.distributed: only once a run is asked for
-
-    overrides = list(args.overrides) + ([f"train.steps={args.steps}"] if args.steps is not None else [])
-    cfg = load_config(args.config, overrides)
-    nproc = args.nproc or cfg.world_size
-    if nproc != cfg.world_size:
-        raise ValueError(f"--nproc {nproc} but the config's dp*tp*pp*cp*wp = {cfg.world_size}")
-    if cfg.train.steps < 2:
-        raise ValueError(f"train.steps = {cfg.train.steps}: need >= 2 (the first step is warm-up)")
+def _launch(config: str, overrides: list, nproc: int, threads: int, timeout: float) -> dict:
+    """Spawn ``nproc`` gloo ranks training ``config`` -> the per-rank results of :func:`_rank_main`."""
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
     with tempfile.TemporaryDirectory(prefix="dt_bench_train_") as tmp:
-        procs = [ctx.Process(target=_rank_main, args=(r, nproc, os.path.join(tmp, "rdzv"), args.config, overrides,
-                                                      os.path.join(tmp, "run"), q), daemon=True)
+        procs = [ctx.Process(target=_rank_main, args=(r, nproc, threads, os.path.join(tmp, "rdzv"), config,
+                                                      overrides, os.path.join(tmp, "run"), q), daemon=True)
                  for r in range(nproc)]
         for p in procs:
             p.start()
         results: dict = {}
-        deadline = time.monotonic() + args.timeout
+        deadline = time.monotonic() + timeout
         while len(results) < nproc and time.monotonic() < deadline:
             try:
                 r, ok, payload = q.get(timeout=1.0)
@@ -173,8 +187,18 @@ def run(args: argparse.Namespace) -> int:
             if p.is_alive():
                 p.kill()
     if len(results) < nproc:
-        raise RuntimeError(f"ranks {sorted(set(range(nproc)) - set(results))} did not finish within {args.timeout}s")
+        raise RuntimeError(f"ranks {sorted(set(range(nproc)) - set(results))} did not finish within {timeout}s")
+    return results
 
+
+def _measure(config: str, overrides: list, nproc: int, threads: int, timeout: float) -> dict:
+    """One measured launch -> the JSON record (layout, throughput, per-rank split and memory, load average)."""
+    from ..mesh import axis_sizes, rank_coords  # torch.distributed: only once a run is asked for
+
+    cfg = load_config(config, overrides)
+    load_before = os.getloadavg()[0]
+    results = _launch(config, overrides, nproc, threads, timeout)
+    load_after = os.getloadavg()[0]
     s0 = results[0]["summary"]
     sizes = axis_sizes(cfg.parallel)
     cpu = get_profile("cpu")
@@ -187,25 +211,87 @@ def run(args: argparse.Namespace) -> int:
                       "peak_mem_bytes": res["peak_mem_bytes"], "param_bytes": res["param_bytes"],
                       "optim_bytes": res["optim_bytes"], "formula_param_bytes": est.params,
                       "formula_optim_bytes": est.optimizer, "formula_grad_bytes": est.grads})
-    out = {"config": args.config, "overrides": overrides, "nproc": nproc, "layout": s0["layout"],
-           "params": s0["params"], "tokens_per_s": s0["tokens_per_s"], "tflops_per_device": s0["tflops_per_device"],
-           "mfu": s0["mfu"], "device_peak_tflops": s0["device_peak_tflops"],
-           "device_peak_source": s0["device_peak_source"], "flop_convention": s0["flop_convention"],
-           "median_step_s": s0["median_step_time_s"], "losses": results[0]["losses"], "ranks": ranks}
-    lay = s0["layout"]
-    print(f"bench train | {nproc} rank(s) | dp{lay['dp']} tp{lay['tp']} pp{lay['pp']} cp{lay['cp']} "
-          f"zero {lay['zero_stage']} | {s0['params'] / 1e6:.2f}M params | FLOPs: {s0['flop_convention']}")
+    return {"config": config, "overrides": overrides, "nproc": nproc, "threads_per_rank": threads,
+            "load_avg_1min": [load_before, load_after], "layout": s0["layout"],
+            "params": s0["params"], "tokens_per_s": s0["tokens_per_s"], "tflops_per_device": s0["tflops_per_device"],
+            "mfu": s0["mfu"], "device_peak_tflops": s0["device_peak_tflops"],
+            "device_peak_source": s0["device_peak_source"], "flop_convention": s0["flop_convention"],
+            "median_step_s": s0["median_step_time_s"], "losses": results[0]["losses"], "ranks": ranks}
+
+
+def _print_run(out: dict) -> None:
+    lay, nproc = out["layout"], out["nproc"]
+    print(f"bench train | {nproc} rank(s) x {out['threads_per_rank']} thread(s) | dp{lay['dp']} tp{lay['tp']} "
+          f"pp{lay['pp']} cp{lay['cp']} zero {lay['zero_stage']} | {out['params'] / 1e6:.2f}M params | "
+          f"FLOPs: {out['flop_convention']} | load avg {out['load_avg_1min'][0]:.2f} -> {out['load_avg_1min'][1]:.2f}")
     print(f"tokens/s {out['tokens_per_s']:,.0f} | TFLOP/s/device {out['tflops_per_device']:.4f} | "
           f"MFU {100 * out['mfu']:.1f}% of {out['device_peak_tflops']:.3f} | median step {out['median_step_s']:.3f} s")
     print(f"{'rank':>4} {'step s':>8} {'compute':>8} {'comm':>8} {'data':>8} {'peak MiB':>9} {'param MiB':>10} "
           f"{'optim MiB':>10} {'formula p+g+o MiB':>18}")
     mib = 2 ** 20
-    for x in ranks:
+    for x in out["ranks"]:
         f = (x["formula_param_bytes"] + x["formula_grad_bytes"] + x["formula_optim_bytes"]) / mib
         print(f"{x['rank']:>4} {x['step_s']:>8.3f} {x['compute_s']:>8.3f} {x['comm_s']:>8.3f} {x['data_s']:>8.3f} "
               f"{x['peak_mem_bytes'] / mib:>9.1f} {x['param_bytes'] / mib:>10.2f} {x['optim_bytes'] / mib:>10.2f} "
               f"{f:>18.2f}")
+
+
+def _checked(config: str, overrides: list, nproc: int | None, label: str) -> tuple:
+    """(config, ranks) of one variant; ValueError on a rank count or step count the bench cannot use."""
+    cfg = load_config(config, overrides)
+    nproc = nproc or cfg.world_size
+    if nproc != cfg.world_size:
+        raise ValueError(f"{label}--nproc {nproc} but the config's dp*tp*pp*cp*wp = {cfg.world_size}")
+    if cfg.train.steps < 2:
+        raise ValueError(f"train.steps = {cfg.train.steps}: need >= 2 (the first step is warm-up)")
+    return cfg, nproc
+
+
+def run(args: argparse.Namespace) -> int:
+    overrides = list(args.overrides) + ([f"train.steps={args.steps}"] if args.steps is not None else [])
+    cfg, nproc = _checked(args.config, overrides, args.nproc, "")
+    paired = bool(args.baseline_overrides) or args.baseline_nproc is not None
+    order = alternation(args.repeats)  # ValueError on --repeats < 1
+    if args.repeats > 1 and not paired:
+        raise ValueError(f"--repeats {args.repeats}: needs a baseline (--baseline-set or --baseline-nproc)")
+    if args.threads is not None and args.threads < 1:
+        raise ValueError(f"--threads {args.threads}: must be >= 1")
+    cores = os.cpu_count() or 1
+    if not paired:
+        out = _measure(args.config, overrides, nproc, args.threads or max(1, cores // nproc), args.timeout)
+        _print_run(out)
+        if args.json:
+            with open(args.json, "w") as fh:
+                json.dump(out, fh, indent=2)
+        return 0
+    base_overrides = overrides + list(args.baseline_overrides)
+    base_cfg, base_nproc = _checked(args.config, base_overrides, args.baseline_nproc, "baseline: ")
+    threads = args.threads or max(1, cores // max(nproc, base_nproc))
+    variants = {"baseline": (base_overrides, base_nproc), "run": (overrides, nproc)}
+    runs: dict[str, list[dict]] = {"baseline": [], "run": []}
+    for name in order:
+        over, n = variants[name]
+        print(f"--- {name} {len(runs[name]) + 1}/{args.repeats}: {n} rank(s), extra overrides "
+              f"{over[len(overrides):] if name == 'baseline' else '(none)'}", flush=True)
+        runs[name].append(_measure(args.config, over, n, threads, args.timeout))
+        _print_run(runs[name][-1])
+    cmp = compare([r["median_step_s"] for r in runs["baseline"]], [r["median_step_s"] for r in runs["run"]],
+                  predicted_ratio(cfg, base_cfg))
+    loads = [x for name in ORDER for r in runs[name] for x in r["load_avg_1min"]]
+    print(f"\nbaseline vs run, {args.repeats} alternating repeat(s), {threads} thread(s) per rank on {cores} cores "
+          f"(load avg {min(loads):.2f}-{max(loads):.2f})")
+    print(f"  baseline {base_nproc} rank(s): median step {cmp['baseline_median_s']:.3f} s  "
+          f"{[round(r['median_step_s'], 3) for r in runs['baseline']]}")
+    print(f"  run      {nproc} rank(s): median step {cmp['run_median_s']:.3f} s  "
+          f"{[round(r['median_step_s'], 3) for r in runs['run']]}")
+    print(f"  ratio {cmp['ratio']:.3f} (pairs: median {cmp['pair_ratio_median']:.3f}) | bubble formula "
+          f"{cmp['predicted_ratio']:.3f} | beyond it: {100 * cmp['overhead_beyond_prediction']:+.1f}% "
+          f"(pairs {100 * cmp['pair_overhead_beyond_prediction']:+.1f}%)")
+    if nproc * threads > cores or base_nproc * threads > cores:
+        print(f"  note: {max(nproc, base_nproc)} rank(s) x {threads} thread(s) oversubscribe {cores} cores: "
+              f"not a weak-scaling measurement")
     if args.json:
         with open(args.json, "w") as fh:
-            json.dump(out, fh, indent=2)
+            json.dump({"baseline": runs["baseline"], "run": runs["run"], "comparison": cmp, "threads_per_rank": threads,
+                       "cores": cores, "order": order}, fh, indent=2)
     return 0

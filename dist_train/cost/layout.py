@@ -3,6 +3,7 @@
     stages = pipeline_stages(cfg)                 # [Stage(index, rank, layers, first, last)]
     mine = stages_of_rank(cfg, pp_rank)           # the stages one pipeline rank builds (models/gpt.py)
     loads = rank_loads(cfg)                       # per pp rank: layers, embedding?, head?, micro-batches in flight
+    bubble = bubble_fraction(cfg)                 # idle share of a pipelined step (0 without a pipeline)
 
 Stage balance: the embedding and the output head each count as one layer (Megatron's
 ``account_for_embedding/loss_in_pipeline_split``), every stage holds at least one transformer layer,
@@ -29,6 +30,18 @@ class Stage:
 def virtual_stages(cfg: Config) -> int:
     """Stages per pipeline rank: 2 for the interleaved schedule, else 1."""
     return VIRTUAL_STAGES_INTERLEAVED if cfg.parallel.pp > 1 and cfg.parallel.pp_schedule == "interleaved" else 1
+
+
+def bubble_fraction(cfg: Config) -> float:
+    """Share of a pipelined step each rank idles in the fill/drain bubble: (pp - 1) / (m + pp - 1) for 1F1B and
+    GPipe with m micro-batches, so a step takes (m + pp - 1) / m times the rank's bubble-free work; the
+    interleaved schedule halves it (the time model's convention, :mod:`dist_train.cost.step_time`); 0 at pp 1."""
+    p = cfg.parallel
+    if p.pp == 1:
+        return 0.0
+    m = p.microbatches or cfg.grad_accum_steps
+    bubble = (p.pp - 1) / (m + p.pp - 1)
+    return bubble / 2 if p.pp_schedule == "interleaved" else bubble
 
 
 def balanced_layer_counts(n_layers: int, n_stages: int) -> list[int]:

@@ -11,6 +11,7 @@ import math
 
 from ..config import Config
 from ..plan.profiles import DeviceProfile
+from .layout import bubble_fraction
 from .memory import activation_elems_per_token, fsdp_layer_params
 from .shape import RankShape, Shape, ring_piece_tokens
 
@@ -147,14 +148,10 @@ def time_model(cfg: Config, sh: Shape, prof: DeviceProfile, loc: RankShape, mem:
         per = link.seconds(halo * cfg.train.micro_batch * sh.d * bpe, 3)
         wp_s = (sh.layers // 2) * 2 * 2 * per * (1 - prof.overlap)  # roll and roll back, forward and backward
     pp_s = 0.0
-    bubble = 0.0
+    bubble = bubble_fraction(cfg)
     if p.pp > 1:
         link = prof.link(world)
         pp_s = 2 * link.seconds(loc.tokens * sh.d * bpe)
-        m = p.microbatches or accum
-        bubble = (p.pp - 1) / (m + p.pp - 1)
-        if p.pp_schedule == "interleaved":
-            bubble /= 2
     per_mb = compute_mb + tp_s + cp_exposed + wp_s + pp_s
     body = accum * per_mb / (1 - bubble) if bubble < 1 else float("inf")
 

@@ -1,0 +1,84 @@
+"""`dist-train bench train --baseline-set ... --repeats N`: the pure parts (alternation order, the bubble
+formula's predicted ratio, medians / ratios / overhead) and the argument checks that refuse before any rank
+starts. Nothing here is timed."""
+from __future__ import annotations
+
+import argparse
+
+import pytest
+
+from dist_train.bench import train as bench_train
+from dist_train.bench._paired import alternation, compare, predicted_ratio, step_units
+from dist_train.config import load_config
+from dist_train.cost.layout import bubble_fraction
+
+SWIN = "configs/swin_era5_721x1440.yaml"
+SMALL = ["data.image=[128,256]", "train.global_batch=4", "train.micro_batch=1", "parallel.wp=[1,1]"]
+
+
+def _cfg(*sets: str):
+    return load_config(SWIN, SMALL + list(sets))
+
+
+def test_alternation_puts_the_baseline_first_in_every_pair():
+    assert alternation(2) == ["baseline", "run", "baseline", "run"]
+    with pytest.raises(ValueError, match="--repeats 0"):
+        alternation(0)
+
+
+def test_bubble_fraction_per_schedule():
+    assert bubble_fraction(_cfg("model.n_layers=2")) == 0.0
+    assert bubble_fraction(_cfg("model.n_layers=4", "parallel.pp=2")) == pytest.approx(1 / 5)  # m = accum = 4
+    assert bubble_fraction(_cfg("model.n_layers=4", "parallel.pp=2", "parallel.microbatches=2")) == pytest.approx(1 / 3)
+    assert bubble_fraction(_cfg("model.n_layers=8", "parallel.pp=2", "parallel.pp_schedule=interleaved")) == \
+        pytest.approx(1 / 10)
+
+
+def test_predicted_ratio_is_the_bubble_formula_at_equal_work_per_rank():
+    pp1 = _cfg("model.n_layers=2")
+    # pp2 with twice the blocks: 2 blocks per rank, 4 micro-batches -> (m + pp - 1) / m
+    assert predicted_ratio(_cfg("model.n_layers=4", "parallel.pp=2"), pp1) == pytest.approx(5 / 4)
+    # dp2 at twice the global batch: the same work per rank, no bubble
+    assert predicted_ratio(_cfg("model.n_layers=2", "parallel.dp=2", "train.global_batch=8"), pp1) == pytest.approx(1)
+    # wp 1x2 halves each rank's tokens; wp 1x2 x pp2 on twice the blocks matches it plus the bubble
+    wp = _cfg("model.n_layers=2", "parallel.wp=[1,2]")
+    assert step_units(wp) == pytest.approx(step_units(pp1) / 2)
+    assert predicted_ratio(_cfg("model.n_layers=4", "parallel.wp=[1,2]", "parallel.pp=2"), wp) == pytest.approx(5 / 4)
+    # pp2 on the SAME 4 blocks: half the work per rank, times the bubble
+    assert predicted_ratio(_cfg("model.n_layers=4", "parallel.pp=2"), _cfg("model.n_layers=4")) == pytest.approx(5 / 8)
+
+
+def test_compare_medians_ratio_and_overhead_beyond_the_prediction():
+    out = compare([1.0, 2.0, 1.2], [1.5, 2.4, 1.5], 1.25)
+    assert out["baseline_median_s"] == 1.2 and out["run_median_s"] == 1.5
+    assert out["ratio"] == pytest.approx(1.25) and out["overhead_beyond_prediction"] == pytest.approx(0.0)
+    assert out["pair_ratios"] == pytest.approx([1.5, 1.2, 1.25])
+    assert out["pair_ratio_median"] == pytest.approx(1.25)
+    assert compare([1.0], [1.5], 1.25)["overhead_beyond_prediction"] == pytest.approx(0.2)
+    with pytest.raises(ValueError, match="as many baseline as run"):
+        compare([1.0, 1.0], [1.0], 1.0)
+
+
+def _args(**kw) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    bench_train.add_arguments(parser)
+    args = parser.parse_args([SWIN] + [f"--set={s}" for s in SMALL + ["model.n_layers=4", "parallel.pp=2"]])
+    for k, v in kw.items():
+        setattr(args, k, v)
+    return args
+
+
+@pytest.mark.parametrize("kw, message", [
+    ({"repeats": 3}, "--repeats 3: needs a baseline"),
+    ({"repeats": 0, "baseline_overrides": ["parallel.pp=1"]}, "--repeats 0"),
+    ({"threads": 0}, "--threads 0"),
+    ({"baseline_overrides": ["model.n_layers=2", "parallel.pp=1"], "baseline_nproc": 2}, "baseline: --nproc 2"),
+    ({"steps": 1, "baseline_nproc": 1}, "train.steps = 1"),
+])
+def test_bad_arguments_are_refused_before_any_rank_starts(kw, message, monkeypatch):
+    def no_launch(*a, **k):
+        raise AssertionError("ranks were started")
+
+    monkeypatch.setattr(bench_train, "_launch", no_launch)
+    with pytest.raises(ValueError, match=message):
+        bench_train.run(_args(**kw))
