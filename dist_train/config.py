@@ -816,8 +816,13 @@ def _validate_swin(cfg: Config) -> None:
                           "a swin model needs both >= 1")
     if m.d_model % m.n_heads:
         raise ConfigError(f"model.d_model = {m.d_model} is not divisible by model.n_heads = {m.n_heads}")
-    if p.tp > 1:
-        raise ConfigError(f"parallel.tp = {p.tp}: the swin model supports dp, wp, cp and pp only (use tp = 1)")
+    if p.sequence_parallel:
+        raise ConfigError("parallel.sequence_parallel: not implemented for model.kind = swin (its tp regions keep "
+                          "the whole tile on every tp rank); set sequence_parallel: false")
+    ffn = m.ffn_hidden or 4 * m.d_model
+    if ffn % p.tp:
+        raise ConfigError(f"swin MLP hidden size {ffn} (model.ffn_hidden, default 4·d_model) is not divisible by "
+                          f"parallel.tp = {p.tp}")
     n_stages = p.pp * (2 if p.pp > 1 and p.pp_schedule == "interleaved" else 1)
     pairs = -(-m.n_layers // 2)
     if pairs < n_stages:
@@ -829,9 +834,11 @@ def _validate_swin(cfg: Config) -> None:
         if p.fsdp:
             raise ConfigError(f"parallel.fsdp with parallel.pp = {p.pp} is not tested for model.kind = swin; use "
                               "fsdp: false (the pipeline engine reduces gradients itself) or pp = 1")
-    if m.n_heads % p.cp:
-        raise ConfigError(f"model.n_heads = {m.n_heads} is not divisible by parallel.cp = {p.cp}: swin with cp > 1 "
-                          f"runs Ulysses inside windows (n_heads/cp heads per cp rank)")
+    if m.n_heads % (p.tp * p.cp):
+        valid = [c for c in range(1, m.n_heads + 1) if m.n_heads % c == 0]
+        raise ConfigError(f"model.n_heads = {m.n_heads} is not divisible by parallel.tp·cp = {p.tp}·{p.cp}: swin splits "
+                          f"heads over tp and runs Ulysses inside windows over cp (n_heads/(tp·cp) heads per rank); "
+                          f"tp·cp must be one of {valid}")
 
 
 def check_world_size(cfg: Config, world_size: int) -> None:

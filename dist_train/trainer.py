@@ -71,10 +71,13 @@ def build_model(cfg: Config, mesh: Mesh, device: torch.device) -> torch.nn.Modul
 
         return build_gpt(cfg, mesh, device)
     from .models.swin import build_swin
+    from .models.tensor_parallel import TensorParallel
 
     stages = stages_of_rank(cfg, mesh.coord("pp")) if cfg.parallel.pp > 1 else None
+    tp = TensorParallel.from_mesh(mesh, cfg.run.seed, device)
     return build_swin(cfg.model, wp_group=mesh.wp_group, grid=cfg.wp_grid, cp_group=mesh.cp_group,
-                      activation_checkpointing=cfg.train.activation_checkpointing, stages=stages).to(device)
+                      activation_checkpointing=cfg.train.activation_checkpointing, stages=stages, tp=tp,
+                      init_seed=cfg.run.seed).to(device)
 
 
 def build_batcher(cfg: Config, mesh: Mesh, model: torch.nn.Module, part: str = "train"):
@@ -198,8 +201,7 @@ def _train(cfg: Config, ctx: DistContext) -> TrainResult:
 
     engine = build_engine(cfg, model, mesh, autocast_dtype(cfg, ctx.device))
     batcher = build_batcher(cfg, mesh, model)
-    # the full model, not this rank's tp shard / pipeline stage / ZeRO-3 partition (replicated for swin)
-    n_params = model_params(cfg) if cfg.model.kind == "gpt" else model.total_params
+    n_params = model_params(cfg)  # the full model, not this rank's tp shard / pipeline stage / ZeRO-3 partition
 
     t = cfg.train
     accum = cfg.grad_accum_steps

@@ -47,17 +47,21 @@ def test_swin_pp2_1f1b_gpipe_interleaved_and_checkpointed_wp_match_single_rank(t
 
 
 @pytest.mark.slow
-def test_swin_pp2_x_wp_1x2_and_pp2_x_cp2_on_four_ranks_match_single_rank_and_reshard_to_one(tmp_path):
-    """pp2 × wp[1,2] (saving checkpoints) and pp2 × cp2 (Ulysses inside windows) in one 4-rank spawn; the
-    pp2 × wp[1,2] checkpoint then resumes on a single rank (pp1, wp[1,1])."""
+def test_swin_pp2_x_wp_cp_tp_and_zero3_x_tp2_on_four_ranks_match_single_rank_and_reshard_to_one(tmp_path):
+    """pp2 × wp[1,2] (saving checkpoints), pp2 × cp2 (Ulysses inside windows), pp2 × tp2 and ZeRO-3 dp2 × tp2
+    in one 4-rank spawn; the pp2 × wp[1,2] checkpoint then resumes on a single rank (pp1, wp[1,1])."""
     data = tmp_path / "weather"
     ref = train(tiny_swin_config(tmp_path / "ref", data, steps=10, model=FOUR_BLOCKS))
     ref5 = train(tiny_swin_config(tmp_path / "ref5", data, model=FOUR_BLOCKS))  # 5 steps: its own lr schedule
     cases = [{"model": FOUR_BLOCKS, "parallel": {"pp": 2, "wp": [1, 2]}, "checkpoint": {"every": 5, "keep_last": 3}},
-             {"model": FOUR_BLOCKS, "parallel": {"pp": 2, "cp": 2}}]
+             {"model": FOUR_BLOCKS, "parallel": {"pp": 2, "cp": 2}},
+             {"model": FOUR_BLOCKS, "parallel": {"pp": 2, "tp": 2}},
+             {"model": FOUR_BLOCKS, "parallel": {"dp": 2, "tp": 2, "zero_stage": 3}}]
     root = tmp_path / "four"
     for rank_out in run_ranks(_swin_cases, 4, args=(str(root), str(data), cases), timeout=400):
-        (wp_losses, wp_norms), (cp_losses, cp_norms) = rank_out
+        (wp_losses, wp_norms), (cp_losses, cp_norms), *tp_runs = rank_out
+        for case, got in zip(cases[2:], tp_runs):
+            _assert_matches(got, ref5, case)
         assert rel_close(wp_losses, ref.losses, 1e-5), ("pp2 x wp[1,2]", wp_losses, ref.losses)
         assert rel_close(wp_norms, ref.grad_norms, 1e-5), ("pp2 x wp[1,2]", wp_norms, ref.grad_norms)
         assert rel_close(cp_losses, ref5.losses, 1e-5), ("pp2 x cp2", cp_losses, ref5.losses)
@@ -80,13 +84,22 @@ def test_swin_pp2_checkpoint_resumes_on_pp1(tmp_path):
 
 
 @pytest.mark.slow
-def test_swin_zero1_and_zero3_dp2_match_single_rank(tmp_path):
+def test_swin_zero1_zero3_dp2_and_tp2_match_single_rank_and_tp2_reshards_to_one(tmp_path):
+    """ZeRO-1/3 over dp 2 and tensor parallelism (tp 2, saving checkpoints) in one 2-rank spawn; the tp 2
+    checkpoint (strided q|k|v gathered, heads and MLP shards resharded) then resumes on a single rank."""
     data = tmp_path / "weather"
     ref = train(tiny_swin_config(tmp_path / "ref", data))
+    ref10 = train(tiny_swin_config(tmp_path / "ref10", data, steps=10))
     cases = [{"model": {"n_layers": 2}, "parallel": {"dp": 2, "zero_stage": z}} for z in (1, 3)]
-    for rank_out in run_ranks(_swin_cases, 2, args=(str(tmp_path), str(data), cases), timeout=400):
+    cases.append({"model": {"n_layers": 2}, "parallel": {"tp": 2}, "checkpoint": {"every": 5, "keep_last": 3}})
+    root = tmp_path / "two"
+    for rank_out in run_ranks(_swin_cases, 2, args=(str(root), str(data), cases), timeout=400):
         for case, got in zip(cases, rank_out):
-            _assert_matches(got, ref, case)
+            _assert_matches(got, ref10 if "checkpoint" in case else ref, case)
+    resumed = train(tiny_swin_config(tmp_path / "one", data, steps=10,
+                                     checkpoint={"resume": str(root / "2" / "checkpoints" / "step_5")}))
+    assert resumed.start_step == 5
+    assert rel_close(resumed.losses, ref10.losses[5:], 1e-5), (resumed.losses, ref10.losses[5:])
 
 
 def test_swin_pipeline_stages_keep_block_pairs_together(tmp_path):
@@ -100,7 +113,9 @@ def test_swin_pipeline_stages_keep_block_pairs_together(tmp_path):
 @pytest.mark.parametrize("model,par", [({"n_layers": 2}, {"pp": 2}),
                                        ({"n_layers": 4}, {"pp": 2, "pp_schedule": "interleaved"}),
                                        ({"n_layers": 4}, {"pp": 2, "zero_stage": 1}),
-                                       ({"n_layers": 4}, {"tp": 2})])
+                                       ({"n_heads": 2}, {"tp": 2, "cp": 2}),
+                                       ({"n_layers": 2}, {"tp": 2, "sequence_parallel": True}),
+                                       ({"n_heads": 4, "ffn_hidden": 30}, {"tp": 4})])
 def test_invalid_swin_pipelines_refused_with_one_line(tmp_path, model, par):
     with pytest.raises(ConfigError) as err:  # config_from_dict validates; validate() again if it ever stops
         validate(tiny_swin_config(tmp_path, tmp_path, model=model, parallel=par))

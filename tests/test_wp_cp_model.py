@@ -108,7 +108,7 @@ def _model_cases(rank: int, world: int) -> int:
 
     if world == 2:  # bad input: heads not divisible by cp, a tile with fewer token rows than cp ranks
         _, cp_group = _groups(world, 1, 2, cache)
-        with pytest.raises(ValueError, match=r"n_heads = 3 is not divisible by cp = 2.*valid cp: \[1, 3\]"):
+        with pytest.raises(ValueError, match=r"n_heads = 3 is not divisible by tp·cp = 1·2.*one of \[1, 3\]"):
             build_swin(_cfg(3, 1, (4, 4), (False, False)), wp_group=None, grid=(1, 1), cp_group=cp_group)
         one_row = build_swin(_cfg(2, 4, (1, 4), (False, False)), wp_group=None, grid=(1, 1), cp_group=cp_group)
         with pytest.raises(ValueError, match="cp = 2 .* only 1 token rows: use cp <= 1"):

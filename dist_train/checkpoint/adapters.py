@@ -30,10 +30,12 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 
 from torch.distributed.checkpoint.state_dict import StateDictOptions
 
+from ..models.tensor_parallel import is_tp_sharded, shard_of, unshard_strided
 from .state import StateAdapter, TorchStateAdapter
 
 
@@ -43,10 +45,13 @@ from .state import StateAdapter, TorchStateAdapter
 @dataclass(frozen=True)
 class TPShard:
     """How one parameter is split over tp: along ``dim``, ``local`` rows per rank (Megatron: equal shards,
-    the last ones zero-padded), ``size`` real rows in the full tensor (``size <= local * tp``)."""
+    the last ones zero-padded), ``size`` real rows in the full tensor (``size <= local * tp``); ``stride``
+    > 1: Megatron's strided split (a fused q|k|v: each of ``stride`` parts split over tp, see
+    ``models.tensor_parallel.shard_of``)."""
     dim: int
     local: int
     size: int
+    stride: int = 1
 
 
 def _contiguous_stride(shape: list[int]) -> tuple[int, ...]:
@@ -70,6 +75,11 @@ class TensorParallelAdapter(StateAdapter):
 
     Norms and other tp-replicated tensors stay plain tensors: DCP de-duplicates them exactly as it would a
     ``Replicate()`` DTensor, and their entries are byte-identical to a tp=1 checkpoint's.
+
+    Strided shards (``partition_stride`` > 1: the Swin's fused q|k|v, each rank holding the q, k and v rows
+    of its heads) are not one contiguous block of the full tensor, which a ``Shard`` placement cannot
+    express: they are all-gathered over tp into the full tp=1 tensor (a plain, replicated entry) and sliced
+    back on load. That costs one all-gather per such tensor per save/load and a full copy of it meanwhile.
     """
 
     def __init__(self, tp_mesh, shards: dict[str, TPShard], inner: Optional[StateAdapter] = None) -> None:
@@ -77,6 +87,9 @@ class TensorParallelAdapter(StateAdapter):
         self.tp = tp_mesh.size()
         self.rank = tp_mesh.get_local_rank()
         for name, s in shards.items():
+            if s.stride > 1 and s.size != s.local * self.tp:
+                raise ValueError(f"parameter '{name}': a strided shard (stride {s.stride}) of {s.local} rows along "
+                                 f"dim {s.dim} must be exactly 1/{self.tp} of the {s.size} rows (no padding)")
             if s.local != -(-s.size // self.tp):
                 raise ValueError(f"parameter '{name}': shard of {s.local} rows along dim {s.dim} for {s.size} "
                                  f"rows over tp = {self.tp}; expected ceil({s.size} / {self.tp}) = "
@@ -94,16 +107,25 @@ class TensorParallelAdapter(StateAdapter):
         tensor has the parameter's local shape (scalars like Adam's ``step`` stay replicated)."""
         if not isinstance(value, torch.Tensor):
             return None
-        if section == "model":
-            fqn = key
-        elif key.startswith("state."):
-            fqn = key[len("state."):].rsplit(".", 1)[0]
-        else:
+        fqn = self._fqn(section, key)
+        if fqn is None:
             return None
         s = self.shards.get(fqn)
         if s is None or value.dim() <= s.dim or value.shape[s.dim] != s.local:
             return None
         return s
+
+    def _fqn(self, section: str, key: str) -> Optional[str]:
+        if section == "model":
+            return key
+        return key[len("state."):].rsplit(".", 1)[0] if key.startswith("state.") else None
+
+    def _gather_strided(self, v: torch.Tensor, s: TPShard) -> torch.Tensor:
+        """This rank's strided shard → the full tp=1 tensor (all-gather over tp, identical on every tp rank)."""
+        group = self.mesh.get_group()
+        parts = [torch.empty_like(v) for _ in range(self.tp)]
+        dist.all_gather(parts, v.detach().contiguous(), group=group)
+        return unshard_strided(parts, s.dim, s.stride)
 
     def _real_rows(self, s: TPShard) -> int:
         return max(0, min(s.local, s.size - self.rank * s.local))
@@ -118,6 +140,9 @@ class TensorParallelAdapter(StateAdapter):
             s = self._spec(section, key, v)
             if s is None:
                 out[key] = v
+                continue
+            if s.stride > 1:
+                out[key] = self._gather_strided(v, s)
                 continue
             shape = list(v.shape)
             shape[s.dim] = s.size
@@ -134,9 +159,12 @@ class TensorParallelAdapter(StateAdapter):
         out = {}
         for key, v in sd.items():
             if not isinstance(v, DTensor):
-                out[key] = v
+                s = self.shards.get(self._fqn(section, key) or "")
+                strided = (s is not None and s.stride > 1 and isinstance(v, torch.Tensor) and v.dim() > s.dim
+                           and v.shape[s.dim] == s.size)
+                out[key] = shard_of(v, s.dim, s.local, self.rank, self.tp, s.stride) if strided else v
                 continue
-            s = self.shards[key if section == "model" else key[len("state."):].rsplit(".", 1)[0]]
+            s = self.shards[self._fqn(section, key)]
             real = v.to_local()
             shape = list(real.shape)
             shape[s.dim] = s.local
@@ -164,8 +192,6 @@ def tp_shards(module: nn.Module, tp: int) -> dict[str, TPShard]:
     ``partition_dim`` attributes). The full size along the split dim is ``local * tp`` unless the module
     says otherwise through ``full_shape(name, param)`` (the GPT's padded vocabulary). ZeRO-3 parameters are
     empty placeholders: their local shape is ``ds_shape``."""
-    from ..models.tensor_parallel import is_tp_sharded
-
     out = {}
     for name, p in module.named_parameters():
         if not is_tp_sharded(p):
@@ -178,7 +204,7 @@ def tp_shards(module: nn.Module, tp: int) -> dict[str, TPShard]:
             proxy = torch.empty(local_shape, device="meta")
             proxy.tensor_model_parallel, proxy.partition_dim = True, dim
             size = int(module.full_shape(name, proxy)[dim])
-        out[name] = TPShard(dim=dim, local=local_shape[dim], size=size)
+        out[name] = TPShard(dim=dim, local=local_shape[dim], size=size, stride=int(getattr(p, "partition_stride", 1)))
     return out
 
 

@@ -22,7 +22,6 @@ then sliced, so any tp/pp layout starts from exactly the same weights as the sin
 from __future__ import annotations
 
 import math
-import zlib
 from typing import Optional, Sequence, Union
 
 import torch
@@ -34,7 +33,8 @@ from ..config import ModelConfig, attention_head_dim, ffn_hidden_size, resolve_l
 from ..cost.layout import stages_of_rank
 from .attention import AttentionContext, attention
 from .chunked_loss import chunked_cross_entropy
-from .tensor_parallel import TensorParallel, copy_shard_, is_tp_sharded, padded_vocab_size
+from .init import normal_full
+from .tensor_parallel import TensorParallel, copy_shard_, is_tp_sharded, padded_vocab_size, parallel_linear
 
 IGNORE_INDEX = -100
 
@@ -42,14 +42,6 @@ IGNORE_INDEX = -100
 def at_least_fp32(dtype: torch.dtype) -> torch.dtype:
     """Reductions (norms, softmax) run in fp32 for 16-bit inputs and keep float64 for float64 references."""
     return torch.promote_types(dtype, torch.float32)
-
-
-def _linear(tp: Optional[TensorParallel], d_in: int, d_out: int, kind: str) -> nn.Module:
-    """nn.Linear at tp=1; a Megatron column- ('col': output split) or row- ('row': input split) parallel
-    linear otherwise."""
-    if tp is None:
-        return nn.Linear(d_in, d_out, bias=False)
-    return tp.column(d_in, d_out) if kind == "col" else tp.row(d_in, d_out)
 
 
 class RMSNorm(nn.Module):
@@ -113,10 +105,10 @@ class Attention(nn.Module):
         self.n_kv = cfg.n_kv_heads or cfg.n_heads
         self.head_dim = attention_head_dim(cfg)
         self.ctx = ctx
-        self.wq = _linear(tp, cfg.d_model, self.n_heads * self.head_dim, "col")
-        self.wk = _linear(tp, cfg.d_model, self.n_kv * self.head_dim, "col")
-        self.wv = _linear(tp, cfg.d_model, self.n_kv * self.head_dim, "col")
-        self.wo = _linear(tp, self.n_heads * self.head_dim, cfg.d_model, "row")
+        self.wq = parallel_linear(tp, cfg.d_model, self.n_heads * self.head_dim, "col")
+        self.wk = parallel_linear(tp, cfg.d_model, self.n_kv * self.head_dim, "col")
+        self.wv = parallel_linear(tp, cfg.d_model, self.n_kv * self.head_dim, "col")
+        self.wo = parallel_linear(tp, self.n_heads * self.head_dim, cfg.d_model, "row")
         self.selective_checkpoint = False
         self.tp = tp
 
@@ -144,9 +136,9 @@ class FeedForward(nn.Module):
     def __init__(self, cfg: ModelConfig, tp: Optional[TensorParallel] = None):
         super().__init__()
         hidden = ffn_hidden_size(cfg)
-        self.w1 = _linear(tp, cfg.d_model, hidden, "col")
-        self.w3 = _linear(tp, cfg.d_model, hidden, "col")
-        self.w2 = _linear(tp, hidden, cfg.d_model, "row")
+        self.w1 = parallel_linear(tp, cfg.d_model, hidden, "col")
+        self.w3 = parallel_linear(tp, cfg.d_model, hidden, "col")
+        self.w2 = parallel_linear(tp, hidden, cfg.d_model, "row")
         self.tp = tp
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -203,7 +195,7 @@ class GPT(nn.Module):
         if has_head:
             self.norm = RMSNorm(cfg.d_model, cfg.norm_eps, tp)
             vocab = cfg.vocab_size if tp is None else padded_vocab_size(cfg.vocab_size, tp.size)
-            self.output = None if cfg.tie_embeddings else _linear(tp, cfg.d_model, vocab, "col")
+            self.output = None if cfg.tie_embeddings else parallel_linear(tp, cfg.d_model, vocab, "col")
         self.activation_checkpointing = activation_checkpointing
         for layer in self.layers.values():
             layer.attention.selective_checkpoint = activation_checkpointing == "selective"
@@ -230,9 +222,8 @@ class GPT(nn.Module):
             if p.dim() == 1:
                 full = torch.ones(shape)
             else:
-                g = torch.Generator().manual_seed((self.init_seed * 1_000_003 + zlib.crc32(name.encode())) % 2**63)
                 scale = out_std if name.endswith(("wo.weight", "w2.weight")) else std
-                full = torch.randn(shape, generator=g) * scale
+                full = normal_full(shape, self.init_seed, name, scale)
             if self.tp is None:
                 p.copy_(full)
             else:

@@ -43,40 +43,53 @@ from parallelism.window.ulysses import heads_to_shares, share_rows, shares_to_he
 from parallelism.window.windows import region_labels, window_attention, wrap_flags
 
 from ..cost.shape import token_grid
+from .init import normal_full
+from .tensor_parallel import TensorParallel, copy_shard_, is_tp_sharded, mark_tp_sharded, parallel_linear
 
 
 class WindowBlock(nn.Module):
-    """Pre-norm (shifted) window attention + MLP on a rolled tile; relative position bias per head."""
+    """Pre-norm (shifted) window attention + MLP on a rolled tile; relative position bias per head.
 
-    def __init__(self, d: int, heads: int, ffn: int, window: tuple[int, int], shift: tuple[int, int], eps: float):
+    Tensor parallelism (``tp``, Megatron-core layers like the GPT's): this rank holds heads/tp heads —
+    ``qkv`` column-parallel with stride 3 (the q, k and v rows of its heads), the relative-position bias
+    of those heads, ``proj`` row-parallel (one all-reduce) — and ffn/tp MLP columns (``fc1`` column-,
+    ``fc2`` row-parallel). Norms and the row layers' biases are replicated."""
+
+    def __init__(self, d: int, heads: int, ffn: int, window: tuple[int, int], shift: tuple[int, int], eps: float,
+                 tp: Optional[TensorParallel] = None):
         super().__init__()
-        self.heads, self.window, self.shift = heads, window, shift
+        tp_size = 1 if tp is None else tp.size
+        self.head_dim, self.heads = d // heads, heads // tp_size  # heads held on this tp rank
+        self.window, self.shift = window, shift
         self.norm1 = nn.LayerNorm(d, eps=eps)
-        self.qkv = nn.Linear(d, 3 * d)
-        self.proj = nn.Linear(d, d)
-        self.bias = nn.Parameter(torch.zeros(heads, 2 * window[0] - 1, 2 * window[1] - 1))
+        self.qkv = parallel_linear(tp, d, 3 * d, "col", bias=True, stride=3)
+        self.proj = parallel_linear(tp, d, d, "row", bias=True)
+        self.bias = nn.Parameter(torch.zeros(self.heads, 2 * window[0] - 1, 2 * window[1] - 1))
+        if tp is not None:
+            mark_tp_sharded(self.bias, dim=0)
         self.norm2 = nn.LayerNorm(d, eps=eps)
-        self.fc1 = nn.Linear(d, ffn)
-        self.fc2 = nn.Linear(ffn, d)
+        self.fc1 = parallel_linear(tp, d, ffn, "col", bias=True)
+        self.fc2 = parallel_linear(tp, ffn, d, "row", bias=True)
 
     def forward(self, x: torch.Tensor, ctx: "_TileContext") -> torch.Tensor:
         """x: this rank's tokens in the unrolled frame → same shape: the whole tile [B, h, w, d] without cp,
         this cp rank's share of the tile's rows [B, r, w, d] with cp."""
         if ctx.cp > 1:
-            x = x + self.proj(self._ulysses_attention(self.norm1(x), ctx))
+            x = x + _tokens(self.proj, self._ulysses_attention(self.norm1(x), ctx))
             return x + self._mlp(x)
         if any(self.shift):  # roll x once; attention and the per-token MLP both run in the rolled frame
             x = halo_roll(x, ctx.layout, ctx.rank, self.shift, ctx.wp_group)
-        b, h, w, d = x.shape
-        q, k, v = self.qkv(self.norm1(x)).reshape(b, h, w, 3, self.heads, d // self.heads).unbind(3)
-        x = x + self.proj(self._attend(q, k, v, self.bias, ctx).reshape(b, h, w, d))
+        b, h, w, _ = x.shape
+        q, k, v = _tokens(self.qkv, self.norm1(x)).reshape(b, h, w, 3, self.heads, self.head_dim).unbind(3)
+        o = self._attend(q, k, v, self.bias, ctx).reshape(b, h, w, self.heads * self.head_dim)
+        x = x + _tokens(self.proj, o)
         x = x + self._mlp(x)
         if any(self.shift):
             x = halo_roll(x, ctx.layout, ctx.rank, self.shift, ctx.wp_group, inverse=True)
         return x
 
     def _mlp(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(F.gelu(self.fc1(self.norm2(x))))
+        return _tokens(self.fc2, F.gelu(_tokens(self.fc1, self.norm2(x))))
 
     def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor,
                 ctx: "_TileContext") -> torch.Tensor:
@@ -86,14 +99,15 @@ class WindowBlock(nn.Module):
                                 scale=q.shape[-1] ** -0.5)
 
     def _ulysses_attention(self, h: torch.Tensor, ctx: "_TileContext") -> torch.Tensor:
-        """Normed share [B, r, w, d] → attention output of the share [B, r, w, d] (before proj).
+        """Normed share [B, r, w, d] → attention output of the share [B, r, w, heads·D] (before proj; heads
+        held on this tp rank).
 
         share → (all-to-all) whole tile on heads [k·H/cp, (k+1)·H/cp) of cp rank k → roll(−s) over wp
         → windows → roll(+s) → (all-to-all) share. q, k, v of a head travel together: one all-to-all and one halo message each way.
         """
-        b, r, w, d = h.shape
-        hd, hl = d // self.heads, self.heads // ctx.cp
-        qkv = self.qkv(h).reshape(b, r * w, 3, self.heads, hd).transpose(2, 3).reshape(b, r * w, self.heads, 3 * hd)
+        b, r, w, _ = h.shape
+        hd, hl = self.head_dim, self.heads // ctx.cp
+        qkv = _tokens(self.qkv, h).reshape(b, r * w, 3, self.heads, hd).transpose(2, 3).reshape(b, r * w, self.heads, 3 * hd)
         th, tw = ctx.layout.tile_shape(ctx.rank)
         tile = shares_to_heads(qkv, ctx.share_tokens, ctx.cp_group).reshape(b, th, tw, hl, 3, hd)
         if any(self.shift):
@@ -103,7 +117,13 @@ class WindowBlock(nn.Module):
         o = self._attend(q, k, v, self.bias[lo:lo + hl], ctx)
         if any(self.shift):
             o = halo_roll(o, ctx.layout, ctx.rank, self.shift, ctx.wp_group, inverse=True)
-        return heads_to_shares(o.reshape(b, th * tw, hl, hd), ctx.share_tokens, ctx.cp_group).reshape(b, r, w, d)
+        o = heads_to_shares(o.reshape(b, th * tw, hl, hd), ctx.share_tokens, ctx.cp_group)
+        return o.reshape(b, r, w, self.heads * hd)
+
+
+def _tokens(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """A linear on x [B, h, w, C] through [B, h·w, C]: Megatron's parallel linears take [B, S, C] only."""
+    return layer(x.flatten(1, 2)).unflatten(1, x.shape[1:3])
 
 
 class _TileContext:
@@ -135,7 +155,8 @@ class SwinModel(nn.Module):
     """Patch embedding → n_layers alternating plain/shifted window blocks → pixel decoder head."""
 
     def __init__(self, cfg: Any, *, wp_group, grid: tuple[int, int], cp_group=None,
-                 activation_checkpointing: str = "none"):
+                 activation_checkpointing: str = "none", tp: Optional[TensorParallel] = None,
+                 stages: Optional[list] = None, init_seed: Optional[int] = None):
         super().__init__()
         # "full" and "selective" both recompute whole blocks in backward: a block's biggest tensors are its
         # window scores, so recomputing only attention would save little more than the layer input
@@ -155,10 +176,12 @@ class SwinModel(nn.Module):
             raise ValueError(f"model.d_model = {d} is not a multiple of model.n_heads = {heads}")
         # cp_group None means "no cp" (the mesh passes None for an axis of size 1), never the default group
         self.cp_rank, self.cp = group_rank_size(cp_group) if cp_group is not None else (0, 1)
-        if heads % self.cp:
+        tp_size = 1 if tp is None else tp.size
+        if heads % (tp_size * self.cp):
             divisors = [c for c in range(1, heads + 1) if heads % c == 0]
-            raise ValueError(f"model.n_heads = {heads} is not divisible by cp = {self.cp}: swin with cp > 1 runs "
-                             f"Ulysses inside windows (n_heads/cp heads per cp rank); valid cp: {divisors}")
+            raise ValueError(f"model.n_heads = {heads} is not divisible by tp·cp = {tp_size}·{self.cp}: swin splits "
+                             f"heads over tp and runs Ulysses inside windows over cp (n_heads/(tp·cp) heads per "
+                             f"rank); tp·cp must be one of {divisors}")
         # grid 1×1 is "no wp" whatever wp_group is (the mesh passes None for an axis of size 1, which must not
         # be read as the default group); a larger grid takes None as the default group
         self.wp_rank, wp_size = group_rank_size(wp_group) if self.grid != (1, 1) else (0, 1)
@@ -166,40 +189,49 @@ class SwinModel(nn.Module):
             raise ValueError(f"grid {self.grid} needs {self.grid[0] * self.grid[1]} ranks in wp_group, got {wp_size}")
         ffn = int(cfg.ffn_hidden) if getattr(cfg, "ffn_hidden", None) else 4 * d
         eps = float(getattr(cfg, "norm_eps", 1e-5))
+        if ffn % tp_size:
+            raise ValueError(f"swin MLP hidden size {ffn} is not divisible by tp = {tp_size}")
         self.cin, self.cout = cin, cout
-        self.embed = nn.Linear(cin * self.patch ** 2, d)
-        half = (self.window[0] // 2, self.window[1] // 2)
-        # ModuleDict keyed by the global block index: names are blocks.<i>.… as with a ModuleList, also on a
-        # pipeline stage that holds only some blocks
-        self.blocks = nn.ModuleDict({str(i): WindowBlock(d, heads, ffn, self.window, (0, 0) if i % 2 == 0 else half,
-                                                         eps) for i in range(int(cfg.n_layers))})
-        self.norm = nn.LayerNorm(d, eps=eps)
-        self.head = nn.Linear(d, cout * self.patch ** 2)
-        std = float(getattr(cfg, "init_std", 0.02))
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                nn.init.normal_(m.weight, std=std)
-                nn.init.zeros_(m.bias)
-        nn.init.zeros_(self.head.weight)  # start as persistence (y ≈ x when in == out channels)
-        self.total_params = sum(p.numel() for p in self.parameters())  # the whole model, before any stage split
-        self.pipeline_stages: list = []
+        self.tp = tp
         self.n_layers = int(cfg.n_layers)
-        self.held_blocks = list(range(self.n_layers))
+        # pipeline (pp > 1): only this rank's stages' blocks; the patch embedding on the first stage, the
+        # final norm and head on the last. Names stay global (blocks.<i>.…: a ModuleDict keyed by the global
+        # block index), which is what lets checkpoints reshard between pp sizes.
+        self.pipeline_stages: list = list(stages or [])
+        held = sorted({i for st in self.pipeline_stages for i in st.layers}) if stages else list(range(self.n_layers))
+        self.held_blocks = held
+        first = not stages or any(st.first for st in stages)
+        last = not stages or any(st.last for st in stages)
+        half = (self.window[0] // 2, self.window[1] // 2)
+        self.embed = nn.Linear(cin * self.patch ** 2, d) if first else None
+        self.blocks = nn.ModuleDict({str(i): WindowBlock(d, heads, ffn, self.window, (0, 0) if i % 2 == 0 else half,
+                                                         eps, tp) for i in held})
+        self.norm = nn.LayerNorm(d, eps=eps) if last else None
+        self.head = nn.Linear(d, cout * self.patch ** 2) if last else None
+        self.init_std = float(getattr(cfg, "init_std", 0.02))
+        self.init_seed = torch.initial_seed() if init_seed is None else int(init_seed)
+        self.reset_parameters()
 
-    def keep_stages(self, stages: list) -> None:
-        """Keep only the pieces of this rank's pipeline ``stages`` (``cost.layout.Stage``, block indices in
-        ``layers``): the patch embedding on the first stage, the final norm and head on the last. The whole
-        model was initialised first, so every stage holds exactly the single-rank weights; parameter names
-        stay global (``blocks.<i>.…``), which is what lets checkpoints reshard between pp sizes."""
-        held = {i for st in stages for i in st.layers}
-        self.pipeline_stages, self.held_blocks = list(stages), sorted(held)
-        for i in range(self.n_layers):
-            if i not in held:
-                self.blocks.pop(str(i))
-        if not any(st.first for st in stages):
-            self.embed = None
-        if not any(st.last for st in stages):
-            self.norm = self.head = None
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """Each parameter as its full tp=1 tensor from its own generator seeded by (init_seed, name), then this
+        rank's tp shard copied in: every tp / pp / wp / cp layout starts from the single-rank weights. Linear
+        weights N(0, init_std²) — the head's zero (the model starts as persistence, y ≈ x when in == out
+        channels) — LayerNorm weights one, every bias and relative-position table zero."""
+        tp_rank, tp_size = (0, 1) if self.tp is None else (self.tp.rank, self.tp.size)
+        for mod_name, mod in self.named_modules():
+            for p_name, p in mod.named_parameters(recurse=False):
+                name = f"{mod_name}.{p_name}" if mod_name else p_name
+                shape = list(p.shape)
+                if is_tp_sharded(p):
+                    shape[p.partition_dim] *= tp_size
+                if isinstance(mod, nn.LayerNorm) and p_name == "weight":
+                    full = torch.ones(shape)
+                elif p.dim() == 2 and name != "head.weight":
+                    full = normal_full(tuple(shape), self.init_seed, name, self.init_std)
+                else:
+                    full = torch.zeros(shape)
+                copy_shard_(p, full, tp_rank, tp_size)
 
     def layout(self, image_hw: tuple[int, int]) -> tuple[TileLayout, tuple[int, int]]:
         """Token-grid layout of an H×W image (padded to whole windows) and the real token counts."""
@@ -360,11 +392,10 @@ class SwinPipeline:
 
 
 def build_swin(model_cfg: Any, *, wp_group, grid, cp_group=None, activation_checkpointing: str = "none",
-               stages: Optional[list] = None) -> SwinModel:
-    """The trainer's entry point: replicated weights (same seed on every rank → same init); with ``stages``
-    (pp > 1: this pipeline rank's ``cost.layout.Stage`` list) only those stages' pieces are kept."""
-    model = SwinModel(model_cfg, wp_group=wp_group, grid=as_pair(grid, "grid"), cp_group=cp_group,
-                      activation_checkpointing=activation_checkpointing)
-    if stages:
-        model.keep_stages(stages)
-    return model
+               stages: Optional[list] = None, tp: Optional[TensorParallel] = None,
+               init_seed: Optional[int] = None) -> SwinModel:
+    """The trainer's entry point. Weights are replicated over wp/cp/dp (per-parameter seeded: the same on
+    every rank); with ``tp`` (a :class:`TensorParallel`) this rank holds its shard of heads and MLP; with
+    ``stages`` (pp > 1: this pipeline rank's ``cost.layout.Stage`` list) only those stages' pieces are built."""
+    return SwinModel(model_cfg, wp_group=wp_group, grid=as_pair(grid, "grid"), cp_group=cp_group,
+                     activation_checkpointing=activation_checkpointing, tp=tp, stages=stages, init_seed=init_seed)

@@ -192,14 +192,22 @@ class TensorParallel:
                   sequence_parallel: bool = False) -> Optional["TensorParallel"]:
         if mesh.size("tp") == 1:
             return None
+        return cls.from_group(mesh.tp_group, mesh.ranks_along(("tp",)), seed, device, params_dtype,
+                              sequence_parallel)
+
+    @classmethod
+    def from_group(cls, group: dist.ProcessGroup, ranks: list[int], seed: int, device: torch.device,
+                   params_dtype: torch.dtype = torch.float32, sequence_parallel: bool = False) -> "TensorParallel":
+        """The tp context over ``group`` (global ``ranks``, in group order): binds Megatron's tp state to it
+        and seeds the model-parallel RNG. The trainer goes through :meth:`from_mesh`."""
         from megatron.core import ModelParallelConfig
 
-        group = mesh.tp_group
-        bind_megatron_state(group, mesh.ranks_along(("tp",)))
+        bind_megatron_state(group, ranks)
         rank = dist.get_rank(group)
+        size = dist.get_world_size(group)
         seed_model_parallel_rng(seed, rank, device)
         config = ModelParallelConfig(
-            tensor_model_parallel_size=mesh.size("tp"),
+            tensor_model_parallel_size=size,
             sequence_parallel=False,
             use_cpu_initialization=True,   # no torch.cuda calls while building; .to(device) moves it
             perform_initialization=False,  # the model copies its tp=1 init in (copy_shard_)
@@ -207,27 +215,31 @@ class TensorParallel:
             gradient_accumulation_fusion=False,
             async_tensor_model_parallel_allreduce=False,
         )
-        return cls(group=group, size=mesh.size("tp"), rank=rank, config=config,
-                   sequence_parallel=sequence_parallel)
+        return cls(group=group, size=size, rank=rank, config=config, sequence_parallel=sequence_parallel)
 
     # -- layers ---------------------------------------------------------------------------------
-    def column(self, d_in: int, d_out: int) -> nn.Module:
-        """x [..., d_in] (replicated) -> [..., d_out/tp] (this rank's output columns). With sequence
-        parallelism the input comes from :meth:`enter`, whose backward already sums the input gradient
-        over tp, so the layer's own all-reduce of it is disabled."""
+    def column(self, d_in: int, d_out: int, bias: bool = False, stride: int = 1) -> nn.Module:
+        """x [..., d_in] (replicated) -> [..., d_out/tp] (this rank's output columns, + its bias slice). With
+        sequence parallelism the input comes from :meth:`enter`, whose backward already sums the input
+        gradient over tp, so the layer's own all-reduce of it is disabled. ``stride`` > 1: the output is
+        ``stride`` concatenated parts (a fused q|k|v) each split over tp — Megatron's partition_stride, see
+        :func:`shard_of`."""
         from megatron.core.tensor_parallel import ColumnParallelLinear
 
         return _mark_sharded(_plain_output(ColumnParallelLinear)(
-            d_in, d_out, config=self.config, init_method=_no_init, bias=False, gather_output=False,
-            tp_group=self.group, disable_grad_reduce=self.sequence_parallel), dim=0)
+            d_in, d_out, config=self.config, init_method=_no_init, bias=bias, gather_output=False,
+            tp_group=self.group, disable_grad_reduce=self.sequence_parallel, stride=stride), dim=0, stride=stride)
 
-    def row(self, d_in: int, d_out: int) -> nn.Module:
-        """x [..., d_in/tp] (this rank's slice) -> [..., d_out] summed over tp; with sequence parallelism
-        x [B, S, d_in/tp] -> [B, S/tp, d_out] (the tp-sum reduce-scattered along the sequence)."""
+    def row(self, d_in: int, d_out: int, bias: bool = False) -> nn.Module:
+        """x [..., d_in/tp] (this rank's slice) -> [..., d_out] summed over tp (+ the replicated bias, added
+        once after the sum); with sequence parallelism x [B, S, d_in/tp] -> [B, S/tp, d_out] (the tp-sum
+        reduce-scattered along the sequence; no bias)."""
         from megatron.core.tensor_parallel import RowParallelLinear
 
+        if bias and self.sequence_parallel:
+            raise ValueError("a row-parallel linear with a bias under sequence parallelism is not supported")
         cls = _sp_row(RowParallelLinear) if self.sequence_parallel else _plain_output(RowParallelLinear)
-        layer = cls(d_in, d_out, config=self.config, init_method=_no_init, bias=False, input_is_parallel=True,
+        layer = cls(d_in, d_out, config=self.config, init_method=_no_init, bias=bias, input_is_parallel=True,
                     skip_bias_add=False, tp_group=self.group)
         layer.tp = self
         return _mark_sharded(layer, dim=1)
@@ -319,6 +331,19 @@ class TensorParallel:
         return loss * valid
 
 
+def parallel_linear(tp: Optional[TensorParallel], d_in: int, d_out: int, kind: str, bias: bool = False,
+                    stride: int = 1) -> nn.Module:
+    """``nn.Linear`` at tp=1; a Megatron column- (``kind='col'``: output split, ``stride`` parts) or row-
+    (``'row'``: input split) parallel linear otherwise. Same parameter names (``weight``, ``bias``) either way."""
+    if tp is None:
+        return nn.Linear(d_in, d_out, bias=bias)
+    if kind == "col":
+        return tp.column(d_in, d_out, bias=bias, stride=stride)
+    if kind == "row":
+        return tp.row(d_in, d_out, bias=bias)
+    raise ValueError(f"parallel_linear kind = {kind!r}: expected 'col' or 'row'")
+
+
 _PLAIN: dict = {}  # Megatron class (or ('sp', class)) -> our subclass
 
 
@@ -344,18 +369,25 @@ def _sp_row(cls: type) -> type:
     return _PLAIN[("sp", cls)]
 
 
-def _mark_sharded(layer: nn.Module, dim: int) -> nn.Module:
+def _mark_sharded(layer: nn.Module, dim: int, stride: int = 1) -> nn.Module:
     """Megatron sets the tp attributes (tensor_model_parallel, partition_dim, partition_stride) only
     inside its own init; with ``perform_initialization=False`` on CPU we set them (norms and DeepSpeed's
     model-parallel checks read them)."""
+    if not getattr(layer.weight, "tensor_model_parallel", False):
+        mark_tp_sharded(layer.weight, dim, stride)
+    return layer
+
+
+def mark_tp_sharded(param: torch.Tensor, dim: int, stride: int = 1) -> torch.Tensor:
+    """Give a parameter that holds this tp rank's slice along ``dim`` Megatron's tp attributes (what the
+    gradient norm, the checkpoint adapter and :func:`copy_shard_` read)."""
     from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attributes
 
-    if not getattr(layer.weight, "tensor_model_parallel", False):
-        for attr in ("tensor_model_parallel", "partition_dim", "partition_stride"):
-            if hasattr(layer.weight, attr):
-                delattr(layer.weight, attr)
-        set_tensor_model_parallel_attributes(layer.weight, is_parallel=True, dim=dim, stride=1)
-    return layer
+    for attr in ("tensor_model_parallel", "partition_dim", "partition_stride"):
+        if hasattr(param, attr):
+            delattr(param, attr)
+    set_tensor_model_parallel_attributes(param, is_parallel=True, dim=dim, stride=stride)
+    return param
 
 
 def _no_init(weight: torch.Tensor) -> None:
@@ -368,15 +400,34 @@ def is_tp_sharded(p: torch.Tensor) -> bool:
     return bool(getattr(p, "tensor_model_parallel", False))
 
 
+def shard_of(full: torch.Tensor, dim: int, local: int, tp_rank: int, tp_size: int, stride: int = 1) -> torch.Tensor:
+    """Tp rank ``tp_rank``'s ``local`` rows along ``dim`` of the tp=1 tensor ``full`` (Megatron's rule):
+    ``full`` (zero-padded to ``local * tp_size`` rows: the vocabulary) is cut into ``stride * tp_size``
+    equal pieces and the rank takes pieces ``tp_rank, tp_rank + tp_size, …`` — with ``stride`` = 3 on a
+    fused [q; k; v] output that is the q, k and v rows of this rank's heads."""
+    total = local * tp_size
+    if full.shape[dim] < total:  # padded vocabulary rows: zero
+        pad = list(full.shape)
+        pad[dim] = total - full.shape[dim]
+        full = torch.cat([full, full.new_zeros(pad)], dim=dim)
+    if stride == 1:
+        return full.narrow(dim, tp_rank * local, local)
+    if local % stride:
+        raise ValueError(f"a shard of {local} rows cannot hold {stride} equal strided parts")
+    return torch.cat(full.split(local // stride, dim=dim)[tp_rank::tp_size], dim=dim)
+
+
+def unshard_strided(shards: list[torch.Tensor], dim: int, stride: int) -> torch.Tensor:
+    """Inverse of :func:`shard_of` for every rank's shard (tp-rank order) of a strided parameter: the tp=1
+    tensor, each of the ``stride`` parts being the ranks' pieces of that part in rank order."""
+    pieces = [s.chunk(stride, dim=dim) for s in shards]
+    return torch.cat([pieces[r][j] for j in range(stride) for r in range(len(shards))], dim=dim)
+
+
 def copy_shard_(param: torch.Tensor, full: torch.Tensor, tp_rank: int, tp_size: int) -> None:
     """Copy this rank's shard of the tp=1 tensor ``full`` into ``param`` (zero-padding the vocab dim)."""
     if not is_tp_sharded(param):
         param.data.copy_(full)
         return
     dim = param.partition_dim
-    total = param.shape[dim] * tp_size
-    if full.shape[dim] < total:  # padded vocabulary rows: zero
-        pad = list(full.shape)
-        pad[dim] = total - full.shape[dim]
-        full = torch.cat([full, full.new_zeros(pad)], dim=dim)
-    param.data.copy_(full.narrow(dim, tp_rank * param.shape[dim], param.shape[dim]))
+    param.data.copy_(shard_of(full, dim, param.shape[dim], tp_rank, tp_size, getattr(param, "partition_stride", 1)))
