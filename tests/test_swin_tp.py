@@ -7,7 +7,7 @@ pixel head replicated. Cases: tp 2 and tp 3 (odd) alone, tp 2 × wp[1,2] and tp 
 windows on heads/(tp·cp) heads) on 4 ranks. Ranks are laid out like the mesh, tp innermost:
 global rank = (wp_rank·cp + cp_rank)·tp + tp_rank.
 
-On every rank: the initial weights are exactly the reference's shard (per-parameter seeded init, whatever
+On every rank: the cost model counts exactly the parameters the rank holds; the initial weights are exactly the reference's shard (per-parameter seeded init, whatever
 the layout); the loss summed over wp × cp equals the reference; every gradient summed over wp × cp equals
 the reference gradient's shard (tp-sharded parameters) or the whole reference gradient (replicated ones).
 """
@@ -19,9 +19,13 @@ import pytest
 import torch
 import torch.distributed as dist
 
+from dist_train.cost.layout import pipeline_stages
+from dist_train.cost.memory import estimate_memory
 from dist_train.models.swin import build_swin
 from dist_train.models.tensor_parallel import TensorParallel, copy_shard_, is_tp_sharded, shard_of, unshard_strided
+from dist_train.plan.profiles import builtin_profiles
 from tests.dist_harness import run_ranks
+from tests.trainer_utils import tiny_swin_config
 
 B, D_HEAD, SEED = 2, 4, 5
 # by world size: (tp, wp grid, cp, heads, image H, W, window, wrap)
@@ -77,6 +81,12 @@ def _model_cases(rank: int, world: int) -> int:
         par = build_swin(cfg, wp_group=groups["wp"][0] if nwp > 1 else None, grid=grid,
                          cp_group=groups["cp"][0] if cp > 1 else None, tp=tpc, init_seed=SEED).double()
         ref_params = dict(ref.named_parameters())
+        planned = tiny_swin_config("/nonexistent", "/nonexistent", model={
+            "d_model": cfg.d_model, "n_heads": heads, "ffn_hidden": cfg.ffn_hidden, "window": list(window),
+            "wrap": list(wrap), "in_channels": 3, "out_channels": 3}, data={"image": [H, W], "channels": 3},
+            parallel={"tp": tp, "cp": cp, "wp": list(grid)})
+        mem = estimate_memory(planned, pipeline_stages(planned), builtin_profiles()["cpu"])
+        assert mem.params == 4 * sum(p.numel() for p in par.parameters()), f"{tag}: the cost model's weights"
         assert par.blocks["0"].qkv.weight.shape == (3 * cfg.d_model // tp, cfg.d_model), tag
         assert par.blocks["0"].bias.shape[0] == heads // tp, tag
         for name, p in par.named_parameters():  # the same weights as one rank, sharded

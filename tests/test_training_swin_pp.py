@@ -1,4 +1,4 @@
-"""Pipeline parallelism (and ZeRO-3) for the pixel-level Swin (stage split by (plain, shifted) block pairs), alone and
+"""Pipeline and tensor parallelism (and ZeRO-3, FSDP2) for the pixel-level Swin (stage split by (plain, shifted) block pairs), alone and
 composed with window parallelism (every stage holds the same tiling): the same losses and gradient norms as
 single-rank Swin training (1e-5 relative), and checkpoints that reshard pp2 -> pp1 and pp2 x wp[1,2] -> one rank."""
 import pytest
@@ -47,16 +47,17 @@ def test_swin_pp2_1f1b_gpipe_interleaved_and_checkpointed_wp_match_single_rank(t
 
 
 @pytest.mark.slow
-def test_swin_pp2_x_wp_cp_tp_and_zero3_x_tp2_on_four_ranks_match_single_rank_and_reshard_to_one(tmp_path):
-    """pp2 × wp[1,2] (saving checkpoints), pp2 × cp2 (Ulysses inside windows), pp2 × tp2 and ZeRO-3 dp2 × tp2
-    in one 4-rank spawn; the pp2 × wp[1,2] checkpoint then resumes on a single rank (pp1, wp[1,1])."""
+def test_swin_pp2_x_wp_cp_tp_and_zero3_fsdp_x_tp2_on_four_ranks_match_single_rank_and_reshard_to_one(tmp_path):
+    """pp2 × wp[1,2] (saving checkpoints), pp2 × cp2 (Ulysses inside windows), pp2 × tp2, ZeRO-3 dp2 × tp2 and
+    FSDP2 dp2 × tp2 in one 4-rank spawn; the pp2 × wp[1,2] checkpoint then resumes on a single rank (pp1, wp[1,1])."""
     data = tmp_path / "weather"
     ref = train(tiny_swin_config(tmp_path / "ref", data, steps=10, model=FOUR_BLOCKS))
     ref5 = train(tiny_swin_config(tmp_path / "ref5", data, model=FOUR_BLOCKS))  # 5 steps: its own lr schedule
     cases = [{"model": FOUR_BLOCKS, "parallel": {"pp": 2, "wp": [1, 2]}, "checkpoint": {"every": 5, "keep_last": 3}},
              {"model": FOUR_BLOCKS, "parallel": {"pp": 2, "cp": 2}},
              {"model": FOUR_BLOCKS, "parallel": {"pp": 2, "tp": 2}},
-             {"model": FOUR_BLOCKS, "parallel": {"dp": 2, "tp": 2, "zero_stage": 3}}]
+             {"model": FOUR_BLOCKS, "parallel": {"dp": 2, "tp": 2, "zero_stage": 3}},
+             {"model": FOUR_BLOCKS, "parallel": {"dp": 2, "tp": 2, "fsdp": True}}]
     root = tmp_path / "four"
     for rank_out in run_ranks(_swin_cases, 4, args=(str(root), str(data), cases), timeout=400):
         (wp_losses, wp_norms), (cp_losses, cp_norms), *tp_runs = rank_out
@@ -126,6 +127,9 @@ def test_planner_and_dry_run_cover_swin_pipelines(tmp_path):
     cfg = tiny_swin_config(tmp_path, tmp_path, model=FOUR_BLOCKS, train={"global_batch": 4})
     layouts = {(c.parallel.pp, tuple(c.wp_grid)) for c in enumerate_layouts(cfg, 4)}
     assert (2, (1, 2)) in layouts and (1, (2, 2)) in layouts and all(pp <= 2 for pp, _ in layouts)  # 2 block pairs
+    tp_layouts = {(c.parallel.tp, c.parallel.pp, c.parallel.fsdp) for c in enumerate_layouts(cfg, 4)}
+    assert {(2, 2, False), (2, 1, True), (2, 1, False)} <= tp_layouts and all(t <= 2 for t, _, _ in tp_layouts)  # 2 heads
+    assert not any(c.parallel.sequence_parallel for c in enumerate_layouts(cfg, 4))
     four = tiny_swin_config(tmp_path, tmp_path, model=FOUR_BLOCKS, parallel={"pp": 2, "wp": [1, 2]})
     rows = rank_layout(four)
     assert [r.layers for r in rows] == [[0, 1], [0, 1], [2, 3], [2, 3]]

@@ -82,13 +82,14 @@ class Shape:
 
     def layer_replicated_params(self) -> int:
         """Parameters of one layer that tensor parallelism does not split: the norms (gpt: two RMSNorm
-        weights; swin: two LayerNorms with bias — swin runs with tp = 1 anyway)."""
-        return 2 * self.d if self.kind == "gpt" else 4 * self.d
+        weights; swin: two LayerNorms with bias, plus the biases of its two row-parallel linears, proj and
+        fc2, which are added once after the tp sum)."""
+        return 2 * self.d if self.kind == "gpt" else 6 * self.d
 
     def vocab_rows(self, tp: int = 1) -> int:
         """Output rows per tp rank: the vocabulary padded up to a multiple of tp, split (Megatron's
-        vocab-parallel embedding/head, ``padded_vocab_size``); swin heads are not tp-split (tp = 1)."""
-        return -(-self.vocab // tp)
+        vocab-parallel embedding/head, ``padded_vocab_size``); the swin's pixel head is replicated over tp."""
+        return -(-self.vocab // tp) if self.kind == "gpt" else self.vocab
 
     def embed_params(self, tp: int = 1) -> int:
         return self.vocab_rows(tp) * self.d if self.kind == "gpt" else self.embed_in * self.d + self.d

@@ -68,7 +68,7 @@ def enumerate_layouts(cfg: Config, devices: int, checkpointing: Iterable[str] = 
     checkpointing, zero_stages = tuple(checkpointing), tuple(zero_stages)
     out: list[Config] = []
     gpt = cfg.model.kind == "gpt"
-    for tp in (divisors(devices) if gpt else [1]):
+    for tp in divisors(devices):  # swin: heads and MLP split (n_heads % tp·cp checked by validate)
         for pp in divisors(devices // tp):  # swin too: stages of (plain, shifted) block pairs
             rest = devices // (tp * pp)
             for cp in (divisors(rest) if gpt else [1]):
@@ -83,7 +83,8 @@ def enumerate_layouts(cfg: Config, devices: int, checkpointing: Iterable[str] = 
                         shards = dp * cp * grid[0] * grid[1]
                         engines = [(z, False) for z in (zero_stages if shards > 1 else (None,))]
                         engines += [(None, True)] if fsdp and shards > 1 else []
-                        for (z, sharded), sp in itertools.product(engines, (False, True) if tp > 1 else (False,)):
+                        sps = (False, True) if tp > 1 and gpt else (False,)  # swin has no sequence parallelism
+                        for (z, sharded), sp in itertools.product(engines, sps):
                             c = copy.deepcopy(cfg)
                             p = c.parallel
                             p.dp, p.tp, p.pp, p.cp, p.wp = dp, tp, pp, cp, list(grid)
