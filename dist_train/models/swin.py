@@ -1,7 +1,7 @@
 """Pixel-level Swin encoder–decoder for dense prediction, window-parallel over a gh×gw grid of ranks,
 optionally with a cp sub-group per tile (Ulysses inside windows).
 
-    model = build_swin(model_cfg, wp_group=g, grid=(gh, gw), cp_group=c)
+    model = build_swin(model_cfg, wp_group=g, grid=(gh, gw), cp_group=c, tp=tp, stages=stages, init_seed=seed)
     rows, cols = model.tile_slices((H, W))           # the pixels this rank reads from the dataset
     loss_sum, count = model({"x": [B, h, w, Cin], "y": [B, h, w, Cout], "image_size": (H, W)})
 
@@ -25,6 +25,13 @@ rolls THOSE by −shift with the halo exchange over the wp group (cp rank k of e
 so the wp group — fixed cp coordinate — pairs the right ranks), attention runs in the rolled frame, the
 output rolls back and a second all-to-all returns it to the share. Per block and pass: 2 all-to-alls; per
 shifted block 4·d/c channels of halo (q, k, v, out) per rank instead of 2·d (x and back) without cp.
+
+With ``tp`` (a :class:`~dist_train.models.tensor_parallel.TensorParallel` over the mesh's tp group) each
+block holds n_heads/tp heads and ffn/tp MLP units (Megatron-core layers; see :class:`WindowBlock`): two
+all-reduces per block and pass, the tile whole on every tp rank. With cp too, each tp rank's Ulysses runs
+on its n_heads/(tp·cp) heads. Pipeline stages (``stages``) build only their blocks (and the embedding /
+head on the first / last stage); every parameter comes from a (seed, name)-seeded generator, so any layout
+starts from the single-rank weights.
 """
 from __future__ import annotations
 
