@@ -114,7 +114,8 @@ class WindowBlock(nn.Module):
         """
         b, r, w, _ = h.shape
         hd, hl = self.head_dim, self.heads // ctx.cp
-        qkv = _tokens(self.qkv, h).reshape(b, r * w, 3, self.heads, hd).transpose(2, 3).reshape(b, r * w, self.heads, 3 * hd)
+        qkv = _tokens(self.qkv, h).reshape(b, r * w, 3, self.heads, hd)
+        qkv = qkv.transpose(2, 3).reshape(b, r * w, self.heads, 3 * hd)
         th, tw = ctx.layout.tile_shape(ctx.rank)
         tile = shares_to_heads(qkv, ctx.share_tokens, ctx.cp_group).reshape(b, th, tw, hl, 3, hd)
         if any(self.shift):
