@@ -11,6 +11,8 @@ sweep sets for its runs)::
 in ``Work.wait()`` of an async one (ring p2p, Ulysses all-to-all, halo exchange, the loss/count
 all-reduces): the *exposed* part, since anything that overlapped with compute finished before the
 wait. DDP's bucketed gradient all-reduce runs in C++ inside ``backward()`` and is not seen here.
+"CPU time" is the process's CPU seconds per step (all its threads): on a shared machine, wall time minus
+blocked communication well above it means the rank was waiting for a core (others' processes), not working.
 """
 from __future__ import annotations
 
@@ -91,7 +93,9 @@ class RankStats:
         self.run_dir, self.rank, self.timer = run_dir, rank, timer
         self.step_times: list[float] = []
         self.comm_times: list[float] = []
+        self.cpu_times: list[float] = []
         self._comm_mark = 0.0
+        self._cpu_mark = time.process_time()
 
     @classmethod
     def start(cls, run_dir, rank: int) -> "RankStats":
@@ -107,6 +111,9 @@ class RankStats:
         self.step_times.append(float(seconds))
         self.comm_times.append(self.timer.seconds - self._comm_mark)
         self._comm_mark = self.timer.seconds
+        cpu = time.process_time()
+        self.cpu_times.append(cpu - self._cpu_mark)
+        self._cpu_mark = cpu
 
     def finish(self, peak_mem_bytes: int) -> None:
         if self.timer is None:
@@ -115,6 +122,7 @@ class RankStats:
         out = self.run_dir / "rank_stats"
         out.mkdir(parents=True, exist_ok=True)
         rec = {"rank": self.rank, "step_times_s": self.step_times, "comm_wait_s": self.comm_times,
+               "cpu_s": self.cpu_times,
                "peak_mem_bytes": int(peak_mem_bytes), "pid": os.getpid()}
         tmp = out / f".rank_{self.rank}.json.tmp"
         tmp.write_text(json.dumps(rec))

@@ -82,3 +82,31 @@ def test_bad_arguments_are_refused_before_any_rank_starts(kw, message, monkeypat
     monkeypatch.setattr(bench_train, "_launch", no_launch)
     with pytest.raises(ValueError, match=message):
         bench_train.run(_args(**kw))
+
+
+def test_work_ratio_leaves_the_bubble_out():
+    pp1, pp2 = _cfg("model.n_layers=2"), _cfg("model.n_layers=4", "parallel.pp=2")
+    assert predicted_ratio(pp2, pp1, with_bubble=False) == pytest.approx(1.0)
+    assert step_units(pp2, with_bubble=False) * 5 / 4 == pytest.approx(step_units(pp2))
+
+
+def test_rank_stats_record_cpu_seconds_per_step(tmp_path, monkeypatch):
+    """The bench's "cpu" column: the process's CPU seconds per step, next to wall time and blocked comm."""
+    import json
+    import time
+
+    from dist_train.rankstats import ENV, RankStats
+
+    monkeypatch.setenv(ENV, "1")
+    stats = RankStats.start(tmp_path, 0)
+    for _ in range(2):
+        t0, c0 = time.perf_counter(), time.process_time()
+        while time.process_time() - c0 < 0.02:  # busy: CPU time advances with wall time
+            pass
+        stats.step(time.perf_counter() - t0)
+    time.sleep(0.05)  # idle between steps: wall time only
+    stats.step(0.05)
+    stats.finish(0)
+    rec = json.loads((tmp_path / "rank_stats" / "rank_0.json").read_text())
+    assert len(rec["cpu_s"]) == 3 and all(c >= 0.02 for c in rec["cpu_s"][:2]), rec
+    assert rec["cpu_s"][2] < 0.04, rec

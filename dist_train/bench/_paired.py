@@ -8,6 +8,10 @@ invocation says little; baseline, run, baseline, run, ... puts both under the sa
     order = alternation(3)                        # ["baseline", "run", "baseline", "run", "baseline", "run"]
     ratio = predicted_ratio(run_cfg, base_cfg)    # step-time ratio the bubble formula predicts
     summary = compare(base_s, run_s, ratio)       # medians, ratio, overhead beyond the prediction
+
+The same comparison on the busiest rank's CPU seconds per step (``with_bubble=False``: an idle rank burns
+no CPU) isolates the pipeline's own per-step costs (p2p copies, schedule bookkeeping) from both the bubble
+and the time a rank spent waiting for a core that other processes held.
 """
 from __future__ import annotations
 
@@ -28,19 +32,19 @@ def alternation(repeats: int) -> list[str]:
     return list(ORDER) * repeats
 
 
-def step_units(cfg: Config) -> float:
+def step_units(cfg: Config, with_bubble: bool = True) -> float:
     """Bubble-formula step time of the most loaded rank, in units of one layer's forward+backward on one token:
     tokens per micro-batch on a rank (÷ wp tiles, ÷ cp) × micro-batches per step × layers on the most loaded
-    pipeline rank ÷ (1 − bubble fraction). Embedding, head, tp widths and communication are not counted:
+    pipeline rank ÷ (1 − bubble fraction, unless not ``with_bubble``: the work, not the time). Embedding, head, tp widths and communication are not counted:
     the ratio of two configs is the prediction only where those match or are small."""
     _, loc = rank_inputs(cfg, get_profile("cpu"))
-    return loc.tokens * cfg.grad_accum_steps * loc.layers / (1.0 - bubble_fraction(cfg))
+    return loc.tokens * cfg.grad_accum_steps * loc.layers / (1.0 - (bubble_fraction(cfg) if with_bubble else 0.0))
 
 
-def predicted_ratio(run: Config, baseline: Config) -> float:
+def predicted_ratio(run: Config, baseline: Config, with_bubble: bool = True) -> float:
     """Step-time ratio run / baseline the bubble formula predicts (1.25 for pp2 at 4 micro-batches over pp1,
-    same layers per rank: (m + pp − 1) / m)."""
-    return step_units(run) / step_units(baseline)
+    same layers per rank: (m + pp − 1) / m); ``with_bubble=False``: the ratio of work per rank."""
+    return step_units(run, with_bubble) / step_units(baseline, with_bubble)
 
 
 def compare(baseline_s: list[float], run_s: list[float], predicted: float) -> dict:

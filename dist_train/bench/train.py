@@ -7,6 +7,8 @@ causal S_eff ≈ S/2, Megatron halving), peak memory per rank, the median step s
                Work.wait() (dist_train.rankstats). DDP's bucketed all-reduce runs in C++ inside
                backward and is counted as compute (gloo on CPU overlaps little of it),
   * compute  — the rest of the step,
+  * cpu      — the process's CPU seconds in the step (dist_train.rankstats): compute well above it means the
+               rank waited for a core (other processes on a shared machine), not that it had more work,
 and per-rank bytes of parameters and optimizer state actually held (ZeRO partitions counted as held),
 next to the memory model of dist_train.cost.memory (16 bytes/param mixed precision, 4+4+8 fp32 AdamW, ÷ sharding).
 
@@ -143,6 +145,7 @@ def _rank_main(rank: int, world: int, threads: int, init_file: str, config: str,
         stats = json.loads((__import__("pathlib").Path(run_dir) / "rank_stats" / f"rank_{rank}.json").read_text())
         p_bytes, o_bytes = _state_bytes(held["engine"])
         out.put((rank, True, {"summary": res.summary, "step_s": stats["step_times_s"], "comm_s": stats["comm_wait_s"],
+                              "cpu_s": stats["cpu_s"],
                               "data_s": data_per_step, "peak_mem_bytes": stats["peak_mem_bytes"],
                               "param_bytes": p_bytes, "optim_bytes": o_bytes, "losses": res.losses}))
     except BaseException:  # noqa: BLE001 - reported by the parent
@@ -201,13 +204,14 @@ def _measure(config: str, overrides: list, nproc: int, threads: int, timeout: fl
     load_after = os.getloadavg()[0]
     s0 = results[0]["summary"]
     sizes = axis_sizes(cfg.parallel)
-    cpu = get_profile("cpu")
+    prof = get_profile("cpu")
     ranks = []
     for r in range(nproc):
         res = results[r]
-        step, comm, data = (_median_tail(res[k]) for k in ("step_s", "comm_s", "data_s"))
-        est = estimate_memory(cfg, stages_of_rank(cfg, rank_coords(r, sizes)["pp"]), cpu)
+        step, comm, data, cpu = (_median_tail(res[k]) for k in ("step_s", "comm_s", "data_s", "cpu_s"))
+        est = estimate_memory(cfg, stages_of_rank(cfg, rank_coords(r, sizes)["pp"]), prof)
         ranks.append({"rank": r, "step_s": step, "comm_s": comm, "data_s": data, "compute_s": step - comm - data,
+                      "cpu_s": cpu,
                       "peak_mem_bytes": res["peak_mem_bytes"], "param_bytes": res["param_bytes"],
                       "optim_bytes": res["optim_bytes"], "formula_param_bytes": est.params,
                       "formula_optim_bytes": est.optimizer, "formula_grad_bytes": est.grads})
@@ -226,14 +230,19 @@ def _print_run(out: dict) -> None:
           f"FLOPs: {out['flop_convention']} | load avg {out['load_avg_1min'][0]:.2f} -> {out['load_avg_1min'][1]:.2f}")
     print(f"tokens/s {out['tokens_per_s']:,.0f} | TFLOP/s/device {out['tflops_per_device']:.4f} | "
           f"MFU {100 * out['mfu']:.1f}% of {out['device_peak_tflops']:.3f} | median step {out['median_step_s']:.3f} s")
-    print(f"{'rank':>4} {'step s':>8} {'compute':>8} {'comm':>8} {'data':>8} {'peak MiB':>9} {'param MiB':>10} "
+    print(f"{'rank':>4} {'step s':>8} {'compute':>8} {'cpu':>8} {'comm':>8} {'data':>8} {'peak MiB':>9} {'param MiB':>10} "
           f"{'optim MiB':>10} {'formula p+g+o MiB':>18}")
     mib = 2 ** 20
     for x in out["ranks"]:
         f = (x["formula_param_bytes"] + x["formula_grad_bytes"] + x["formula_optim_bytes"]) / mib
-        print(f"{x['rank']:>4} {x['step_s']:>8.3f} {x['compute_s']:>8.3f} {x['comm_s']:>8.3f} {x['data_s']:>8.3f} "
+        print(f"{x['rank']:>4} {x['step_s']:>8.3f} {x['compute_s']:>8.3f} {x['cpu_s']:>8.3f} {x['comm_s']:>8.3f} {x['data_s']:>8.3f} "
               f"{x['peak_mem_bytes'] / mib:>9.1f} {x['param_bytes'] / mib:>10.2f} {x['optim_bytes'] / mib:>10.2f} "
               f"{f:>18.2f}")
+
+
+def _busiest_cpu(out: dict) -> float:
+    """CPU seconds per step of the rank that used the most (median over its steps after the first)."""
+    return max(r["cpu_s"] for r in out["ranks"])
 
 
 def _checked(config: str, overrides: list, nproc: int | None, label: str) -> tuple:
@@ -277,6 +286,8 @@ def run(args: argparse.Namespace) -> int:
         _print_run(runs[name][-1])
     cmp = compare([r["median_step_s"] for r in runs["baseline"]], [r["median_step_s"] for r in runs["run"]],
                   predicted_ratio(cfg, base_cfg))
+    cpu = compare([_busiest_cpu(r) for r in runs["baseline"]], [_busiest_cpu(r) for r in runs["run"]],
+                  predicted_ratio(cfg, base_cfg, with_bubble=False))
     loads = [x for name in ORDER for r in runs[name] for x in r["load_avg_1min"]]
     print(f"\nbaseline vs run, {args.repeats} alternating repeat(s), {threads} thread(s) per rank on {cores} cores "
           f"(load avg {min(loads):.2f}-{max(loads):.2f})")
@@ -287,11 +298,15 @@ def run(args: argparse.Namespace) -> int:
     print(f"  ratio {cmp['ratio']:.3f} (pairs: median {cmp['pair_ratio_median']:.3f}) | bubble formula "
           f"{cmp['predicted_ratio']:.3f} | beyond it: {100 * cmp['overhead_beyond_prediction']:+.1f}% "
           f"(pairs {100 * cmp['pair_overhead_beyond_prediction']:+.1f}%)")
+    print(f"  CPU s/step of the busiest rank: baseline {cpu['baseline_median_s']:.3f}, run {cpu['run_median_s']:.3f}, "
+          f"ratio {cpu['ratio']:.3f} against {cpu['predicted_ratio']:.3f} for the work per rank: "
+          f"{100 * cpu['overhead_beyond_prediction']:+.1f}% (the pipeline's own costs; no bubble, no waiting for a core)")
     if nproc * threads > cores or base_nproc * threads > cores:
         print(f"  note: {max(nproc, base_nproc)} rank(s) x {threads} thread(s) oversubscribe {cores} cores: "
               f"not a weak-scaling measurement")
     if args.json:
         with open(args.json, "w") as fh:
-            json.dump({"baseline": runs["baseline"], "run": runs["run"], "comparison": cmp, "threads_per_rank": threads,
+            json.dump({"baseline": runs["baseline"], "run": runs["run"], "comparison": cmp, "cpu_comparison": cpu,
+                       "threads_per_rank": threads,
                        "cores": cores, "order": order}, fh, indent=2)
     return 0
