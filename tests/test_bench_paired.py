@@ -59,6 +59,18 @@ def test_compare_medians_ratio_and_overhead_beyond_the_prediction():
         compare([1.0, 1.0], [1.0], 1.0)
 
 
+def test_threads_per_rank_honours_the_flag_then_omp_num_threads_then_divides_the_cores():
+    from dist_train.bench.train import threads_per_rank
+
+    assert threads_per_rank(3, {"OMP_NUM_THREADS": "1"}, 2, 1) == 3
+    assert threads_per_rank(None, {"OMP_NUM_THREADS": "1"}, 2, 1) == 1
+    assert threads_per_rank(None, {}, 2, 1) == 2 and threads_per_rank(None, {}, 2, 4) == 1
+    for requested, env, message in ((0, {}, "--threads 0"), (None, {"OMP_NUM_THREADS": "two"}, "OMP_NUM_THREADS='two'"),
+                                    (None, {"OMP_NUM_THREADS": "0"}, "OMP_NUM_THREADS='0'")):
+        with pytest.raises(ValueError, match=message):
+            threads_per_rank(requested, env, 2, 1)
+
+
 def _args(**kw) -> argparse.Namespace:
     parser = argparse.ArgumentParser()
     bench_train.add_arguments(parser)
@@ -71,7 +83,6 @@ def _args(**kw) -> argparse.Namespace:
 @pytest.mark.parametrize("kw, message", [
     ({"repeats": 3}, "--repeats 3: needs a baseline"),
     ({"repeats": 0, "baseline_overrides": ["parallel.pp=1"]}, "--repeats 0"),
-    ({"threads": 0}, "--threads 0"),
     ({"baseline_overrides": ["model.n_layers=2", "parallel.pp=1"], "baseline_nproc": 2}, "baseline: --nproc 2"),
     ({"steps": 1, "baseline_nproc": 1}, "train.steps = 1"),
 ])

@@ -27,6 +27,7 @@ import queue
 import statistics
 import tempfile
 import time
+from collections.abc import Mapping
 from datetime import timedelta
 
 from ..config import load_config
@@ -56,8 +57,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--steps", type=int, default=None, help="override train.steps (>= 2)")
     parser.add_argument("--timeout", type=float, default=1800.0, help="seconds before the ranks are killed")
     parser.add_argument("--threads", type=int, default=None,
-                        help="torch threads per rank (default: cores // ranks, the larger rank count of run and "
-                             "baseline when there is a baseline)")
+                        help="torch threads per rank (default: $OMP_NUM_THREADS if set, else cores // ranks, the "
+                             "larger rank count of run and baseline when there is a baseline)")
     parser.add_argument("--baseline-set", dest="baseline_overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override applied after --set for a baseline run in the same invocation (repeatable)")
     parser.add_argument("--baseline-nproc", type=int, default=None,
@@ -245,6 +246,21 @@ def _busiest_cpu(out: dict) -> float:
     return max(r["cpu_s"] for r in out["ranks"])
 
 
+def threads_per_rank(requested: int | None, env: Mapping[str, str], cores: int, ranks: int) -> int:
+    """--threads, else the caller's OMP_NUM_THREADS (the ranks would otherwise silently override it), else
+    cores // ranks; ValueError on a value below 1 or an OMP_NUM_THREADS that is not an integer."""
+    if requested is None and env.get("OMP_NUM_THREADS"):
+        text = env["OMP_NUM_THREADS"]
+        if not text.strip().isdigit():
+            raise ValueError(f"OMP_NUM_THREADS={text!r}: must be a positive integer (or pass --threads)")
+        requested = int(text)
+        if requested < 1:
+            raise ValueError(f"OMP_NUM_THREADS={text!r}: must be >= 1")
+    elif requested is not None and requested < 1:
+        raise ValueError(f"--threads {requested}: must be >= 1")
+    return requested if requested is not None else max(1, cores // ranks)
+
+
 def _checked(config: str, overrides: list, nproc: int | None, label: str) -> tuple:
     """(config, ranks) of one variant; ValueError on a rank count or step count the bench cannot use."""
     cfg = load_config(config, overrides)
@@ -263,11 +279,10 @@ def run(args: argparse.Namespace) -> int:
     order = alternation(args.repeats)  # ValueError on --repeats < 1
     if args.repeats > 1 and not paired:
         raise ValueError(f"--repeats {args.repeats}: needs a baseline (--baseline-set or --baseline-nproc)")
-    if args.threads is not None and args.threads < 1:
-        raise ValueError(f"--threads {args.threads}: must be >= 1")
     cores = os.cpu_count() or 1
     if not paired:
-        out = _measure(args.config, overrides, nproc, args.threads or max(1, cores // nproc), args.timeout)
+        out = _measure(args.config, overrides, nproc, threads_per_rank(args.threads, os.environ, cores, nproc),
+                       args.timeout)
         _print_run(out)
         if args.json:
             with open(args.json, "w") as fh:
@@ -275,7 +290,7 @@ def run(args: argparse.Namespace) -> int:
         return 0
     base_overrides = overrides + list(args.baseline_overrides)
     base_cfg, base_nproc = _checked(args.config, base_overrides, args.baseline_nproc, "baseline: ")
-    threads = args.threads or max(1, cores // max(nproc, base_nproc))
+    threads = threads_per_rank(args.threads, os.environ, cores, max(nproc, base_nproc))
     variants = {"baseline": (base_overrides, base_nproc), "run": (overrides, nproc)}
     runs: dict[str, list[dict]] = {"baseline": [], "run": []}
     for name in order:
