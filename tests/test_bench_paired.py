@@ -85,6 +85,7 @@ def _args(**kw) -> argparse.Namespace:
     ({"repeats": 0, "baseline_overrides": ["parallel.pp=1"]}, "--repeats 0"),
     ({"baseline_overrides": ["model.n_layers=2", "parallel.pp=1"], "baseline_nproc": 2}, "baseline: --nproc 2"),
     ({"steps": 1, "baseline_nproc": 1}, "train.steps = 1"),
+    ({"png": "x.png"}, "--png x.png: plots a comparison"),
 ])
 def test_bad_arguments_are_refused_before_any_rank_starts(kw, message, monkeypatch):
     def no_launch(*a, **k):
@@ -121,3 +122,16 @@ def test_rank_stats_record_cpu_seconds_per_step(tmp_path, monkeypatch):
     rec = json.loads((tmp_path / "rank_stats" / "rank_0.json").read_text())
     assert len(rec["cpu_s"]) == 3 and all(c >= 0.02 for c in rec["cpu_s"][:2]), rec
     assert rec["cpu_s"][2] < 0.04, rec
+
+
+def test_paired_plot_writes_a_png_from_a_recorded_comparison(tmp_path):
+    """The PNG of ``--png``, drawn from a stored record (docs/benchmarks/swin_pipeline/), not a timed run."""
+    import json
+    from pathlib import Path
+
+    from dist_train.bench._paired_plot import plot_paired
+
+    record = json.loads((Path(__file__).resolve().parent.parent / "docs" / "benchmarks" / "swin_pipeline" /
+                         "pp2_vs_dp2.json").read_text())
+    plot_paired(record, str(tmp_path / "p.png"))
+    assert (tmp_path / "p.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

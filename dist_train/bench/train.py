@@ -47,7 +47,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                      "--set data.path=data_cache/weather_128x256 --set data.steps=12 --set train.global_batch=4 "
                      "--set train.activation_checkpointing=none --set parallel.wp=[1,1] "
                      "--set model.n_layers=4 --set parallel.pp=2 --baseline-set model.n_layers=2 "
-                     "--baseline-set parallel.pp=1 --repeats 3 --steps 6 --json pp2_vs_pp1.json\n"
+                     "--baseline-set parallel.pp=1 --repeats 3 --steps 6 --json pp2_vs_pp1.json --png pp2_vs_pp1.png\n"
                      "  (pp2 against pp1 with the same blocks per rank, alternating baseline and run 3 times, 1 thread "
                      "per rank: medians, ratio, and the bubble formula's (m + pp - 1) / m)")
     parser.add_argument("config", help="YAML config")
@@ -66,6 +66,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--repeats", type=int, default=1,
                         help="baseline/run pairs, alternating (needs a baseline when > 1)")
     parser.add_argument("--json", metavar="PATH", default=None, help="write the results as JSON")
+    parser.add_argument("--png", metavar="PATH", default=None,
+                        help="with a baseline: plot every launch's step time and the per-rank split")
 
 
 def _state_bytes(engine) -> tuple[int, int]:
@@ -279,6 +281,8 @@ def run(args: argparse.Namespace) -> int:
     order = alternation(args.repeats)  # ValueError on --repeats < 1
     if args.repeats > 1 and not paired:
         raise ValueError(f"--repeats {args.repeats}: needs a baseline (--baseline-set or --baseline-nproc)")
+    if args.png and not paired:
+        raise ValueError(f"--png {args.png}: plots a comparison; needs a baseline (--baseline-set or --baseline-nproc)")
     cores = os.cpu_count() or 1
     if not paired:
         out = _measure(args.config, overrides, nproc, threads_per_rank(args.threads, os.environ, cores, nproc),
@@ -319,9 +323,13 @@ def run(args: argparse.Namespace) -> int:
     if nproc * threads > cores or base_nproc * threads > cores:
         print(f"  note: {max(nproc, base_nproc)} rank(s) x {threads} thread(s) oversubscribe {cores} cores: "
               f"not a weak-scaling measurement")
+    record = {"baseline": runs["baseline"], "run": runs["run"], "comparison": cmp, "cpu_comparison": cpu,
+              "threads_per_rank": threads, "cores": cores, "order": order}
     if args.json:
         with open(args.json, "w") as fh:
-            json.dump({"baseline": runs["baseline"], "run": runs["run"], "comparison": cmp, "cpu_comparison": cpu,
-                       "threads_per_rank": threads,
-                       "cores": cores, "order": order}, fh, indent=2)
+            json.dump(record, fh, indent=2)
+    if args.png:
+        from ._paired_plot import plot_paired  # matplotlib: only when a plot is asked for
+
+        plot_paired(record, args.png)
     return 0
