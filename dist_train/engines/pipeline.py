@@ -150,7 +150,10 @@ class PipelineEngine:
         last = any(sm.stage.last for sm in self.stage_modules)
         run = self._schedule.eval if forward_only else self._schedule.step
         with self._autocast(), (torch.no_grad() if forward_only else contextlib.nullcontext()):
-            run(*((tokens,) if first else ()), target=labels if last else None)
+            # return_outputs=False: the losses come from the loss function; returning the last stage's outputs
+            # would keep every micro-batch's hidden states [mb, ..., d] alive until the step ends and then
+            # concatenate them, a copy nothing reads
+            run(*((tokens,) if first else ()), target=labels if last else None, return_outputs=False)
         loss_sum = torch.zeros(1, dtype=torch.float64)
         if last:
             # the schedule's first step also calls the loss function once for metadata inference (on
