@@ -35,8 +35,9 @@ def alternation(repeats: int) -> list[str]:
 def step_units(cfg: Config, with_bubble: bool = True) -> float:
     """Bubble-formula step time of the most loaded rank, in units of one layer's forward+backward on one token:
     tokens per micro-batch on a rank (÷ wp tiles, ÷ cp) × micro-batches per step × layers on the most loaded
-    pipeline rank ÷ (1 − bubble fraction, unless not ``with_bubble``: the work, not the time). Embedding, head, tp widths and communication are not counted:
-    the ratio of two configs is the prediction only where those match or are small."""
+    pipeline rank ÷ (1 − bubble fraction, unless not ``with_bubble``: the work, not the time). Embedding,
+    head, tp widths and communication are not counted: the ratio of two configs is the prediction only where
+    those match or are small."""
     _, loc = rank_inputs(cfg, get_profile("cpu"))
     return loc.tokens * cfg.grad_accum_steps * loc.layers / (1.0 - (bubble_fraction(cfg) if with_bubble else 0.0))
 

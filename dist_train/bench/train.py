@@ -238,7 +238,8 @@ def _print_run(out: dict) -> None:
     mib = 2 ** 20
     for x in out["ranks"]:
         f = (x["formula_param_bytes"] + x["formula_grad_bytes"] + x["formula_optim_bytes"]) / mib
-        print(f"{x['rank']:>4} {x['step_s']:>8.3f} {x['compute_s']:>8.3f} {x['cpu_s']:>8.3f} {x['comm_s']:>8.3f} {x['data_s']:>8.3f} "
+        print(f"{x['rank']:>4} {x['step_s']:>8.3f} {x['compute_s']:>8.3f} {x['cpu_s']:>8.3f} {x['comm_s']:>8.3f} "
+              f"{x['data_s']:>8.3f} "
               f"{x['peak_mem_bytes'] / mib:>9.1f} {x['param_bytes'] / mib:>10.2f} {x['optim_bytes'] / mib:>10.2f} "
               f"{f:>18.2f}")
 
