@@ -7,8 +7,9 @@ causal S_eff ≈ S/2, Megatron halving), peak memory per rank, the median step s
                Work.wait() (dist_train.rankstats). DDP's bucketed all-reduce runs in C++ inside
                backward and is counted as compute (gloo on CPU overlaps little of it),
   * compute  — the rest of the step,
-  * cpu      — the process's CPU seconds in the step (dist_train.rankstats): compute well above it means the
-               rank waited for a core (other processes on a shared machine), not that it had more work,
+  * cpu      — the process's CPU seconds in the step, all its threads (dist_train.rankstats): at 1 thread,
+               compute well above it means the rank waited for a core (other processes on a shared
+               machine), not that it had more work,
 and per-rank bytes of parameters and optimizer state actually held (ZeRO partitions counted as held),
 next to the memory model of dist_train.cost.memory (16 bytes/param mixed precision, 4+4+8 fp32 AdamW, ÷ sharding).
 
