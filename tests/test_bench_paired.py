@@ -46,6 +46,8 @@ def test_predicted_ratio_is_the_bubble_formula_at_equal_work_per_rank():
     assert predicted_ratio(_cfg("model.n_layers=4", "parallel.wp=[1,2]", "parallel.pp=2"), wp) == pytest.approx(5 / 4)
     # pp2 on the SAME 4 blocks: half the work per rank, times the bubble
     assert predicted_ratio(_cfg("model.n_layers=4", "parallel.pp=2"), _cfg("model.n_layers=4")) == pytest.approx(5 / 8)
+    # tp2 splits every block's heads and MLP: ideally half the time on the same tokens
+    assert predicted_ratio(_cfg("model.n_layers=2", "parallel.tp=2"), pp1) == pytest.approx(1 / 2)
 
 
 def test_compare_medians_ratio_and_overhead_beyond_the_prediction():

@@ -35,16 +35,20 @@ def alternation(repeats: int) -> list[str]:
 def step_units(cfg: Config, with_bubble: bool = True) -> float:
     """Bubble-formula step time of the most loaded rank, in units of one layer's forward+backward on one token:
     tokens per micro-batch on a rank (÷ wp tiles, ÷ cp) × micro-batches per step × layers on the most loaded
-    pipeline rank ÷ (1 − bubble fraction, unless not ``with_bubble``: the work, not the time). Embedding,
-    head, tp widths and communication are not counted: the ratio of two configs is the prediction only where
-    those match or are small."""
+    pipeline rank ÷ tp (ideal tensor parallelism: the heads and MLP units split, nothing replicated) ÷ (1 −
+    bubble fraction, unless not ``with_bubble``: the work, not the time). Embedding, head, the tp-replicated
+    norms and communication are not counted: the ratio of two configs is the prediction only where those
+    match or are small — for tp, "beyond the prediction" is what tp loses to its all-reduces and the work it
+    replicates."""
     _, loc = rank_inputs(cfg, get_profile("cpu"))
-    return loc.tokens * cfg.grad_accum_steps * loc.layers / (1.0 - (bubble_fraction(cfg) if with_bubble else 0.0))
+    work = loc.tokens * cfg.grad_accum_steps * loc.layers / cfg.parallel.tp
+    return work / (1.0 - (bubble_fraction(cfg) if with_bubble else 0.0))
 
 
 def predicted_ratio(run: Config, baseline: Config, with_bubble: bool = True) -> float:
     """Step-time ratio run / baseline the bubble formula predicts (1.25 for pp2 at 4 micro-batches over pp1,
-    same layers per rank: (m + pp − 1) / m); ``with_bubble=False``: the ratio of work per rank."""
+    same layers per rank: (m + pp − 1) / m; 0.5 for tp2 over tp1: :func:`step_units`); ``with_bubble=False``:
+    the ratio of work per rank."""
     return step_units(run, with_bubble) / step_units(baseline, with_bubble)
 
 

@@ -1,7 +1,7 @@
 """PNG of a baseline-vs-run comparison of ``dist-train bench train --baseline-set … --png FILE``.
 
 Left: every launch's median step time in launch order (baseline and run alternate), the two medians, and
-the run time the bubble formula predicts from the baseline median. Right: the per-rank split of each
+the run time the bubble formula (÷ tp) predicts from the baseline median. Right: the per-rank split of each
 variant's median launch — compute, blocked communication and data as stacked bars, the process CPU
 seconds as a marker (a bar well above its marker is time spent waiting for a core).
 """
@@ -39,7 +39,7 @@ def plot_paired(record: dict, path: str) -> None:
     left.hlines(cmp["baseline_median_s"], 0.5, n + 0.5, colors=COLOURS["baseline"], lw=1)
     left.hlines(cmp["run_median_s"], 0.5, n + 0.5, colors=COLOURS["run"], lw=1)
     left.hlines(cmp["baseline_median_s"] * cmp["predicted_ratio"], 0.5, n + 0.5, colors="k", linestyles="--",
-                lw=1, label=f"baseline × bubble formula {cmp['predicted_ratio']:.3f}")
+                lw=1, label=f"baseline × predicted {cmp['predicted_ratio']:.3f}")
     left.set_xticks(range(1, n + 1))
     left.set_xlabel("launch (alternating)")
     left.set_ylabel("median step time (s)")

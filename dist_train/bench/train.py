@@ -316,12 +316,12 @@ def run(args: argparse.Namespace) -> int:
           f"{[round(r['median_step_s'], 3) for r in runs['baseline']]}")
     print(f"  run      {nproc} rank(s): median step {cmp['run_median_s']:.3f} s  "
           f"{[round(r['median_step_s'], 3) for r in runs['run']]}")
-    print(f"  ratio {cmp['ratio']:.3f} (pairs: median {cmp['pair_ratio_median']:.3f}) | bubble formula "
+    print(f"  ratio {cmp['ratio']:.3f} (pairs: median {cmp['pair_ratio_median']:.3f}) | work ÷ tp ÷ (1 − bubble) predicts "
           f"{cmp['predicted_ratio']:.3f} | beyond it: {100 * cmp['overhead_beyond_prediction']:+.1f}% "
           f"(pairs {100 * cmp['pair_overhead_beyond_prediction']:+.1f}%)")
     print(f"  CPU s/step of the busiest rank: baseline {cpu['baseline_median_s']:.3f}, run {cpu['run_median_s']:.3f}, "
           f"ratio {cpu['ratio']:.3f} against {cpu['predicted_ratio']:.3f} for the work per rank: "
-          f"{100 * cpu['overhead_beyond_prediction']:+.1f}% (the pipeline's own costs; no bubble, no waiting for a core)")
+          f"{100 * cpu['overhead_beyond_prediction']:+.1f}% (the parallelism's own costs: communication, replicated work; no bubble, no waiting for a core)")
     if nproc * threads > cores or base_nproc * threads > cores:
         print(f"  note: {max(nproc, base_nproc)} rank(s) x {threads} thread(s) oversubscribe {cores} cores: "
               f"not a weak-scaling measurement")
