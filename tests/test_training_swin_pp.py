@@ -85,20 +85,20 @@ def test_swin_pp2_checkpoint_resumes_on_pp1(tmp_path):
 
 
 @pytest.mark.slow
-def test_swin_zero1_zero3_dp2_and_tp2_match_single_rank_and_tp2_reshards_to_one(tmp_path):
-    """ZeRO-1/3 over dp 2 and tensor parallelism (tp 2, saving checkpoints) in one 2-rank spawn; the tp 2
+def test_swin_zero1_2_3_dp2_and_tp2_match_single_rank_and_tp2_reshards_to_one(tmp_path):
+    """ZeRO-1/2/3 over dp 2 and tensor parallelism (tp 2, saving checkpoints) in one 2-rank spawn; the tp 2
     checkpoint (strided q|k|v gathered, heads and MLP shards resharded) then resumes on a single rank."""
     data = tmp_path / "weather"
     ref = train(tiny_swin_config(tmp_path / "ref", data))
     ref10 = train(tiny_swin_config(tmp_path / "ref10", data, steps=10))
-    cases = [{"model": {"n_layers": 2}, "parallel": {"dp": 2, "zero_stage": z}} for z in (1, 3)]
+    cases = [{"model": {"n_layers": 2}, "parallel": {"dp": 2, "zero_stage": z}} for z in (1, 2, 3)]
     cases.append({"model": {"n_layers": 2}, "parallel": {"tp": 2}, "checkpoint": {"every": 5, "keep_last": 3}})
     root = tmp_path / "two"
     for rank_out in run_ranks(_swin_cases, 2, args=(str(root), str(data), cases), timeout=400):
         for case, got in zip(cases, rank_out):
             _assert_matches(got, ref10 if "checkpoint" in case else ref, case)
     resumed = train(tiny_swin_config(tmp_path / "one", data, steps=10,
-                                     checkpoint={"resume": str(root / "2" / "checkpoints" / "step_5")}))
+                                     checkpoint={"resume": str(root / "3" / "checkpoints" / "step_5")}))
     assert resumed.start_step == 5
     assert rel_close(resumed.losses, ref10.losses[5:], 1e-5), (resumed.losses, ref10.losses[5:])
 
