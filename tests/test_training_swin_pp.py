@@ -85,18 +85,24 @@ def test_swin_pp2_checkpoint_resumes_on_pp1(tmp_path):
 
 
 @pytest.mark.slow
-def test_swin_zero1_2_3_dp2_and_tp2_match_single_rank_and_tp2_reshards_to_one(tmp_path):
-    """ZeRO-1/2/3 over dp 2 and tensor parallelism (tp 2, saving checkpoints) in one 2-rank spawn; the tp 2
-    checkpoint (strided q|k|v gathered, heads and MLP shards resharded) then resumes on a single rank."""
+def test_swin_zero1_2_3_dp2_and_tp2_match_single_rank_and_tp_checkpoints_reshard_both_ways(tmp_path):
+    """ZeRO-1/2/3 over dp 2 and tensor parallelism (tp 2, saving checkpoints) in one 2-rank spawn, plus a tp 2
+    run resuming a single-rank checkpoint; the tp 2 checkpoint (strided q|k|v gathered, heads and MLP shards
+    resharded) then resumes on a single rank."""
     data = tmp_path / "weather"
     ref = train(tiny_swin_config(tmp_path / "ref", data))
-    ref10 = train(tiny_swin_config(tmp_path / "ref10", data, steps=10))
+    ref10 = train(tiny_swin_config(tmp_path / "ref10", data, steps=10, checkpoint={"every": 5, "keep_last": 3}))
     cases = [{"model": {"n_layers": 2}, "parallel": {"dp": 2, "zero_stage": z}} for z in (1, 2, 3)]
     cases.append({"model": {"n_layers": 2}, "parallel": {"tp": 2}, "checkpoint": {"every": 5, "keep_last": 3}})
+    cases.append({"model": {"n_layers": 2}, "parallel": {"tp": 2},
+                  "checkpoint": {"resume": str(tmp_path / "ref10" / "checkpoints" / "step_5")}})
     root = tmp_path / "two"
     for rank_out in run_ranks(_swin_cases, 2, args=(str(root), str(data), cases), timeout=400):
-        for case, got in zip(cases, rank_out):
+        for case, got in zip(cases[:-1], rank_out):
             _assert_matches(got, ref10 if "checkpoint" in case else ref, case)
+        losses, norms = rank_out[-1]  # tp 2 from the single-rank step 5: steps 6..10
+        assert rel_close(losses, ref10.losses[5:], 1e-5), ("tp 1 -> tp 2", losses, ref10.losses[5:])
+        assert rel_close(norms, ref10.grad_norms[5:], 1e-5), ("tp 1 -> tp 2", norms, ref10.grad_norms[5:])
     resumed = train(tiny_swin_config(tmp_path / "one", data, steps=10,
                                      checkpoint={"resume": str(root / "3" / "checkpoints" / "step_5")}))
     assert resumed.start_step == 5
