@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from ..config import parse_split
+from ..megatron_import import import_megatron_core
 from .integrity import check_bin_size, read_index
 
 
@@ -24,6 +25,7 @@ def megatron_indexed_dataset():
 
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*(Transformer Engine|Apex).*")
+        import_megatron_core()
         from megatron.core.datasets import indexed_dataset
     return indexed_dataset
 

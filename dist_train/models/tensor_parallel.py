@@ -37,6 +37,8 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..megatron_import import import_megatron_core
+
 
 def padded_vocab_size(vocab_size: int, tp: int) -> int:
     """Vocabulary padded up to a multiple of tp (Megatron's vocab-parallel layers need equal shards)."""
@@ -87,6 +89,7 @@ class CPURNGStatesTracker:
 def seed_model_parallel_rng(seed: int, tp_rank: int, device: torch.device) -> None:
     """Megatron's convention: the 'model-parallel-rng' state (dropout inside tp regions) differs per tp
     rank, the default generator (dropout in replicated regions) is the same on every tp rank."""
+    import_megatron_core()
     from megatron.core.tensor_parallel import random as mrandom
 
     if device.type == "cuda":
@@ -105,6 +108,7 @@ def bind_megatron_state(tp_group: dist.ProcessGroup, tp_ranks: list[int]) -> Non
     nothing else (data/pipeline/context parallelism are run by our engines with the mesh's groups).
     Called on every model build so a process that builds several models always sees the current mesh.
     """
+    import_megatron_core()
     from megatron.core import parallel_state as ps
 
     ps._TENSOR_MODEL_PARALLEL_GROUP = tp_group
@@ -200,6 +204,7 @@ class TensorParallel:
                    params_dtype: torch.dtype = torch.float32, sequence_parallel: bool = False) -> "TensorParallel":
         """The tp context over ``group`` (global ``ranks``, in group order): binds Megatron's tp state to it
         and seeds the model-parallel RNG. The trainer goes through :meth:`from_mesh`."""
+        import_megatron_core()
         from megatron.core import ModelParallelConfig
 
         bind_megatron_state(group, ranks)
