@@ -85,14 +85,16 @@ def test_swin_pp2_checkpoint_resumes_on_pp1(tmp_path):
 
 @pytest.mark.slow
 def test_swin_zero1_2_3_dp2_and_tp2_match_single_rank_and_tp_checkpoints_reshard_both_ways(tmp_path):
-    """ZeRO-1/2/3 over dp 2 and tensor parallelism (tp 2, saving checkpoints) in one 2-rank spawn, plus a tp 2
-    run resuming a single-rank checkpoint; the tp 2 checkpoint (strided q|k|v gathered, heads and MLP shards
+    """ZeRO-1/2/3 over dp 2 and tensor parallelism (tp 2 saving checkpoints, tp 2 with activation checkpointing)
+    in one 2-rank spawn, plus a tp 2 run resuming a single-rank checkpoint; the tp 2 checkpoint (strided q|k|v gathered, heads and MLP shards
     resharded) then resumes on a single rank."""
     data = tmp_path / "weather"
     ref = train(tiny_swin_config(tmp_path / "ref", data))
     ref10 = train(tiny_swin_config(tmp_path / "ref10", data, steps=10, checkpoint={"every": 5, "keep_last": 3}))
     cases = [{"model": {"n_layers": 2}, "parallel": {"dp": 2, "zero_stage": z}} for z in (1, 2, 3)]
     cases.append({"model": {"n_layers": 2}, "parallel": {"tp": 2}, "checkpoint": {"every": 5, "keep_last": 3}})
+    # recomputed blocks run their tp all-reduces again in backward, in the same order on both ranks
+    cases.append({"model": {"n_layers": 2}, "parallel": {"tp": 2}, "train": {"activation_checkpointing": "full"}})
     cases.append({"model": {"n_layers": 2}, "parallel": {"tp": 2},
                   "checkpoint": {"resume": str(tmp_path / "ref10" / "checkpoints" / "step_5")}})
     root = tmp_path / "two"
