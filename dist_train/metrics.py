@@ -5,6 +5,7 @@ convention, tokens/s, MFU arithmetic) is the cost model's: :mod:`dist_train.cost
 """
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import math
@@ -97,13 +98,11 @@ def store_cpu_peak(threads: int, entry: dict) -> None:
     cache = cpu_peak_cache()
     table = _read_cpu_table()
     table[_cpu_key(threads)] = entry
-    try:
+    with contextlib.suppress(OSError):  # unwritable cache: the next run measures again, nothing else is lost
         cache.parent.mkdir(parents=True, exist_ok=True)
         tmp = cache.with_suffix(f".tmp{os.getpid()}")
         tmp.write_text(json.dumps(table, indent=1))
         os.replace(tmp, cache)
-    except OSError:
-        pass
 
 
 def _cpu_source(entry: dict) -> str:

@@ -80,8 +80,7 @@ def check_writable_dir(key: str, path) -> None:
         raise ConfigError(f"{key} = {path}: cannot be created, {existing} is a file")
     try:
         if p.is_dir():
-            with tempfile.TemporaryFile(dir=p, prefix=".dist_train_probe"):
-                pass
+            tempfile.TemporaryFile(dir=p, prefix=".dist_train_probe").close()  # unlinked on close
         else:
             Path(tempfile.mkdtemp(dir=existing, prefix=".dist_train_probe")).rmdir()
     except OSError as e:

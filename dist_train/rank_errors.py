@@ -15,6 +15,7 @@ other's records only when ``run.dir`` is shared (it is for checkpoints); otherwi
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 from pathlib import Path
@@ -36,13 +37,13 @@ def clear_user_errors(run_dir: PathLike) -> None:
 def record_user_error(run_dir: PathLike, rank: int, message: str) -> None:
     """Best effort: a rank that cannot write here (full disk) still exits with its message."""
     d = _dir(run_dir)
-    try:
+    # unwritable: the peers then report their own (secondary) failure too, but this rank's message still
+    # reaches the user on its own stderr
+    with contextlib.suppress(OSError):
         d.mkdir(parents=True, exist_ok=True)
         tmp = d / f".rank_{rank}.txt.tmp"
         tmp.write_text(message.splitlines()[0] if message else "")
         os.replace(tmp, d / f"rank_{rank}.txt")
-    except OSError:
-        pass
 
 
 def user_errors(run_dir: PathLike) -> dict[int, str]:

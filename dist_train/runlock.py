@@ -131,9 +131,9 @@ class RunLock:
         if self._fd < 0:
             return
         try:
-            os.ftruncate(self._fd, 0)
-        except OSError:
-            pass
+            # left uncleared, the next holder only prints a take-over line: the lock itself is the flock
+            with contextlib.suppress(OSError):
+                os.ftruncate(self._fd, 0)
         finally:
             fcntl.flock(self._fd, fcntl.LOCK_UN)
             os.close(self._fd)

@@ -4,13 +4,19 @@ starts. Nothing here is timed."""
 from __future__ import annotations
 
 import argparse
+import json
+import time
+from pathlib import Path
 
 import pytest
 
 from dist_train.bench import train as bench_train
 from dist_train.bench._paired import alternation, compare, predicted_ratio, step_units
+from dist_train.bench._paired_plot import plot_paired
+from dist_train.bench.train import threads_per_rank
 from dist_train.config import load_config
 from dist_train.cost.layout import bubble_fraction
+from dist_train.rankstats import ENV, RankStats
 
 SWIN = "configs/swin_era5_721x1440.yaml"
 SMALL = ["data.image=[128,256]", "train.global_batch=4", "train.micro_batch=1", "parallel.wp=[1,1]"]
@@ -62,8 +68,6 @@ def test_compare_medians_ratio_and_overhead_beyond_the_prediction():
 
 
 def test_threads_per_rank_honours_the_flag_then_omp_num_threads_then_divides_the_cores():
-    from dist_train.bench.train import threads_per_rank
-
     assert threads_per_rank(3, {"OMP_NUM_THREADS": "1"}, 2, 1) == 3
     assert threads_per_rank(None, {"OMP_NUM_THREADS": "1"}, 2, 1) == 1
     assert threads_per_rank(None, {}, 2, 1) == 2 and threads_per_rank(None, {}, 2, 4) == 1
@@ -106,17 +110,13 @@ def test_work_ratio_leaves_the_bubble_out():
 
 def test_rank_stats_record_cpu_seconds_per_step(tmp_path, monkeypatch):
     """The bench's "cpu" column: the process's CPU seconds per step, next to wall time and blocked comm."""
-    import json
-    import time
-
-    from dist_train.rankstats import ENV, RankStats
-
     monkeypatch.setenv(ENV, "1")
     stats = RankStats.start(tmp_path, 0)
     for _ in range(2):
         t0, c0 = time.perf_counter(), time.process_time()
+        spins = 0
         while time.process_time() - c0 < 0.02:  # busy: CPU time advances with wall time
-            pass
+            spins += 1
         stats.step(time.perf_counter() - t0)
     time.sleep(0.05)  # idle between steps: wall time only
     stats.step(0.05)
@@ -128,11 +128,6 @@ def test_rank_stats_record_cpu_seconds_per_step(tmp_path, monkeypatch):
 
 def test_paired_plot_writes_a_png_from_a_recorded_comparison(tmp_path):
     """The PNG of ``--png``, drawn from a stored record (docs/benchmarks/swin_pipeline/), not a timed run."""
-    import json
-    from pathlib import Path
-
-    from dist_train.bench._paired_plot import plot_paired
-
     record = json.loads((Path(__file__).resolve().parent.parent / "docs" / "benchmarks" / "swin_pipeline" /
                          "pp2_vs_dp2.json").read_text())
     plot_paired(record, str(tmp_path / "p.png"))

@@ -2,6 +2,7 @@
 before it touches anything; a stale lock is taken over with a message; a job's own ranks (and restarts) pass."""
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -58,9 +59,8 @@ def test_ranks_of_the_holding_launcher_pass_others_are_refused_untouched(tmp_pat
         with hold_run_dir(run, rank=0) as held:  # the next attempt of the same job passes again
             assert held.path.name == RANKS_LOCK_NAME
         monkeypatch.setenv(LOCK_ENV, "someone-else")
-        with pytest.raises(RunDirLocked):
-            with hold_run_dir(run, rank=0):
-                pass
+        with pytest.raises(RunDirLocked), contextlib.ExitStack() as held:
+            held.enter_context(hold_run_dir(run, rank=0))
         monkeypatch.delenv(LOCK_ENV)
         with pytest.raises(RunDirLocked, match="in use by another job"):
             train(tiny_gpt_config(run, steps=2))
