@@ -34,6 +34,7 @@ from datetime import timedelta
 from ..config import load_config
 from ..cost.layout import stages_of_rank
 from ..cost.memory import estimate_memory
+from ..lifecycle import kill_me_with_parent
 from ..plan.profiles import get_profile
 from ._paired import ORDER, alternation, compare, predicted_ratio
 
@@ -108,6 +109,7 @@ def _rank_main(rank: int, world: int, threads: int, init_file: str, config: str,
                out) -> None:
     os.environ.update({"OMP_NUM_THREADS": str(threads), "DIST_TRAIN_RANK_STATS": "1", "RANK": str(rank),
                        "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank)})
+    kill_me_with_parent()  # a killed `dist-train bench` takes its ranks with it, as dist_train.spawn's do
     import torch
     import torch.distributed as dist
 
@@ -198,11 +200,11 @@ def _launch(config: str, overrides: list, nproc: int, threads: int, timeout: flo
     return results
 
 
-def _measure(config: str, overrides: list, nproc: int, threads: int, timeout: float) -> dict:
-    """One measured launch -> the JSON record (layout, throughput, per-rank split and memory, load average)."""
+def _measure(config: str, overrides: list, cfg, nproc: int, threads: int, timeout: float) -> dict:
+    """One measured launch of ``config`` + ``overrides`` (``cfg``: that config, loaded and checked once) -> the
+    JSON record (layout, throughput, per-rank split and memory, load average)."""
     from ..mesh import axis_sizes, rank_coords  # torch.distributed: only once a run is asked for
 
-    cfg = load_config(config, overrides)
     load_before = os.getloadavg()[0]
     results = _launch(config, overrides, nproc, threads, timeout)
     load_after = os.getloadavg()[0]
@@ -287,7 +289,7 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--png {args.png}: plots a comparison; needs a baseline (--baseline-set or --baseline-nproc)")
     cores = os.cpu_count() or 1
     if not paired:
-        out = _measure(args.config, overrides, nproc, threads_per_rank(args.threads, os.environ, cores, nproc),
+        out = _measure(args.config, overrides, cfg, nproc, threads_per_rank(args.threads, os.environ, cores, nproc),
                        args.timeout)
         _print_run(out)
         if args.json:
@@ -297,13 +299,13 @@ def run(args: argparse.Namespace) -> int:
     base_overrides = overrides + list(args.baseline_overrides)
     base_cfg, base_nproc = _checked(args.config, base_overrides, args.baseline_nproc, "baseline: ")
     threads = threads_per_rank(args.threads, os.environ, cores, max(nproc, base_nproc))
-    variants = {"baseline": (base_overrides, base_nproc), "run": (overrides, nproc)}
+    variants = {"baseline": (base_overrides, base_cfg, base_nproc), "run": (overrides, cfg, nproc)}
     runs: dict[str, list[dict]] = {"baseline": [], "run": []}
     for name in order:
-        over, n = variants[name]
+        over, variant_cfg, n = variants[name]
         print(f"--- {name} {len(runs[name]) + 1}/{args.repeats}: {n} rank(s), extra overrides "
               f"{over[len(overrides):] if name == 'baseline' else '(none)'}", flush=True)
-        runs[name].append(_measure(args.config, over, n, threads, args.timeout))
+        runs[name].append(_measure(args.config, over, variant_cfg, n, threads, args.timeout))
         _print_run(runs[name][-1])
     cmp = compare([r["median_step_s"] for r in runs["baseline"]], [r["median_step_s"] for r in runs["run"]],
                   predicted_ratio(cfg, base_cfg))

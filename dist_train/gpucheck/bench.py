@@ -34,7 +34,7 @@ import torch.nn.functional as F
 
 from dist_train.config import CheckpointConfig, Config, config_from_dict
 from dist_train.cost.flops import FLOP_CONVENTION, model_params, train_flops_per_token
-from dist_train.metrics import cuda_peak
+from dist_train.metrics import cuda_peak, peak_memory_bytes, timed_matmul_tflops
 
 LLAMA_1B = dict(kind="gpt", d_model=2048, n_layers=16, n_heads=32, n_kv_heads=8, ffn_hidden=8192,
                 vocab_size=32000, rope_theta=500000.0)
@@ -64,10 +64,9 @@ def device_times(fn: Callable[[], object], repeats: int, device: torch.device = 
 
 
 def matmul_peak_tflops(device: torch.device = torch.device("cuda"), n: int = 8192, repeats: int = 10) -> float:
-    """The best bf16 [n, n] @ [n, n] rate of ``repeats`` runs on ``device``, in TFLOP/s."""
-    a, b = (torch.randn(n, n, device=device, dtype=torch.bfloat16) for _ in range(2))
-    best = min(device_times(lambda: a @ b, repeats, device, warmup=2))
-    return 2.0 * n ** 3 / best / 1e12
+    """The best bf16 [n, n] @ [n, n] rate of ``repeats`` runs on ``device``, in TFLOP/s: the same measurement
+    as the CPU calibration (:func:`dist_train.metrics.timed_matmul_tflops`)."""
+    return timed_matmul_tflops(device, torch.bfloat16, n, 1, repeats)
 
 
 def table_peak_tflops(device: torch.device = torch.device("cuda")) -> float | None:
@@ -160,25 +159,25 @@ def _device_of(model) -> torch.device:
     return next(model.parameters()).device
 
 
-def _mem(device: torch.device, what: str) -> int | None:
-    """CUDA allocator statistics (None on CPU): "now", "peak", or "reset" the peak."""
-    if device.type != "cuda":
-        return None
-    if what == "reset":
+def _cuda_peak_bytes(device: torch.device) -> int | None:
+    """The CUDA allocator's peak since the last reset (None on CPU, where the smoke run has none)."""
+    return peak_memory_bytes(device) if device.type == "cuda" else None
+
+
+def _reset_cuda_peak(device: torch.device) -> None:
+    if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-        return None
-    return torch.cuda.memory_allocated(device) if what == "now" else torch.cuda.max_memory_allocated(device)
 
 
 def bench_step(model, opt, cfg: Config, peak: float, table_peak: float | None, repeats: int = 3) -> dict:
     """Median training step at cfg's S: tokens/s, TFLOP/s (FLOP convention of dist_train.cost) and MFU."""
     dev, s = _device_of(model), cfg.data.seq_len
     batch = _batch(s, cfg.model.vocab_size, dev)
-    _mem(dev, "reset")
+    _reset_cuda_peak(dev)
     times = device_times(lambda: train_step(model, opt, batch), repeats, dev, warmup=1)
     t = statistics.median(times)
     tflops = train_flops_per_token(cfg) * s / t / 1e12
-    peak_mem = _mem(dev, "peak")
+    peak_mem = _cuda_peak_bytes(dev)
     return {"seq_len": s, "params": model_params(cfg), "step_s": t, "step_times_s": times, "tokens_per_s": s / t,
             "tflops": tflops, "mfu_vs_measured_peak": tflops / peak, "mfu_vs_table_peak": tflops / table_peak if table_peak else None,
             "peak_mem_gib": None if peak_mem is None else peak_mem / 2**30, "activation_checkpointing": "full",
@@ -219,15 +218,15 @@ def trial_step(model, opt, cfg: Config, seq_len: int) -> dict:
     gc.collect()
     if dev.type == "cuda":
         torch.cuda.empty_cache()
-    base = _mem(dev, "now")
-    _mem(dev, "reset")
+    base = torch.cuda.memory_allocated(dev) if dev.type == "cuda" else None
+    _reset_cuda_peak(dev)
     try:
         batch = _batch(seq_len, cfg.model.vocab_size, dev)
         t = device_times(lambda: train_step(model, opt, batch), 1, dev, warmup=0)[0]
     except torch.cuda.OutOfMemoryError as e:
         opt.zero_grad(set_to_none=True)
         return {"seq_len": seq_len, "ok": False, "error": str(e).splitlines()[0][:200]}
-    peak = _mem(dev, "peak")
+    peak = _cuda_peak_bytes(dev)
     return {"seq_len": seq_len, "ok": True, "step_s": t, "peak_gib": None if peak is None else peak / 2**30,
             "bytes_per_token": None if peak is None else (peak - base) / seq_len}
 

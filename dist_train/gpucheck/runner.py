@@ -122,13 +122,12 @@ def main(argv=None) -> int:
             if name != "tests":
                 report["notes"].append(f"{name}: exit {sec['exit_code']} in {sec['seconds']:.0f} s")
     failed = any(t["outcome"] in ("failed", "error") for t in report["tests"])
-    crashed = any(sec["exit_code"] not in (0, 1) or (name != "tests" and sec["exit_code"] != 0)
-                  for name, sec in report["sections"].items())
-    if report["sections"]["tests"]["exit_code"] not in (0, 1, 5) or not report["tests"]:
-        crashed = True
+    # pytest exits 1 when tests fail (counted above), anything else (5: none collected) is a crash
+    crashed = (report["sections"]["tests"]["exit_code"] not in (0, 1) or not report["tests"]
+               or any(sec["exit_code"] != 0 for name, sec in report["sections"].items() if name != "tests"))
     report["status"] = "failed" if failed or crashed else ("passed" if cuda else "passed (CPU smoke: CUDA parts skipped)")
     report["wall_s"] = time.perf_counter() - t0
     rep.write(report, out)
-    print(f"gpu-check: {report['status']} | tests {rep.summarize(report)} | {report['wall_s']:.0f} s | "
+    print(f"gpu-check: {report['status']} | tests {report['summary']} | {report['wall_s']:.0f} s | "
           f"report {out / 'gpu-report.md'}")
     return 1 if failed or crashed else 0
