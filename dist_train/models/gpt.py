@@ -243,6 +243,8 @@ class GPT(nn.Module):
         S_local tokens); runs ``layer_ids`` (default: all held); cu_seqlens: packed documents [B, N+1]
         (``data.document_mask``; None: one document per sample)."""
         cos, sin = rope_cos_sin(positions, self.head_dim, self.cfg.rope_theta, x.dtype, self.cfg.rope_scaling)
+        if cu_seqlens is not None:  # read by every layer's attention plan: one device->host copy, not one per layer
+            cu_seqlens = cu_seqlens.cpu()
         for i in (self.layer_ids if layer_ids is None else layer_ids):
             layer = self.layers[str(i)]
             if self.activation_checkpointing == "full" and self.training:

@@ -112,6 +112,8 @@ def classify(q: Chunk, k: Chunk, causal: bool, window: Optional[int],
     counts = [int(allowed_per_query(q, k, causal, window, row).sum()) for row in rows]
     kinds = {_kind(q, k, causal, c) for c in counts}
     kind = kinds.pop() if len(kinds) == 1 else "explicit"
-    cut = docs is not None and kind == "explicit" and any(
-        c != int(allowed_per_query(q, k, causal, window).sum()) for c in counts)
+    cut = False
+    if docs is not None and kind == "explicit":
+        whole = int(allowed_per_query(q, k, causal, window).sum())  # the block without document cuts
+        cut = any(c != whole for c in counts)
     return BlockMask(kind, q, k, causal, window, sum(counts), docs if cut else None)
