@@ -14,32 +14,22 @@ exported. Works for any ``model.kind`` (gpt, swin).
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import warnings
 from pathlib import Path
-from typing import Iterator, Optional, Union
+from typing import Optional, Union
 
 import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import FileSystemWriter
 
 from dist_train.checkpoint import manifest as mf
-from dist_train.checkpoint.hf import check_tensor_shapes, expected_shapes, load_model_tensors
-from dist_train.checkpoint.manager import CheckpointManager
+from dist_train.checkpoint.hf import check_tensor_shapes, expected_shapes, load_model_tensors, write_step0
+from dist_train.checkpoint.manager import quiet_single_process
 from dist_train.checkpoint.storage import SafeReader, load_dcp_metadata
 from dist_train.config import Config
 from dist_train.models.swin import build_swin
 
 PathLike = Union[str, Path]
-
-
-@contextlib.contextmanager
-def _quiet_dcp() -> Iterator[None]:
-    """DCP warns on every call that torch.distributed is not initialised: single-process use is intended."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        yield
 
 
 def _fresh_output(out: Path) -> None:
@@ -53,7 +43,7 @@ def to_dcp(ckpt: PathLike, out: PathLike) -> Path:
     _fresh_output(out)
     tensors, _ = load_model_tensors(ckpt)
     out.mkdir(parents=True, exist_ok=True)
-    with _quiet_dcp():
+    with quiet_single_process():
         dcp.save(tensors, storage_writer=FileSystemWriter(str(out)), no_dist=True)
     return out
 
@@ -84,7 +74,7 @@ def read_stock_dcp(src: PathLike) -> dict[str, torch.Tensor]:
     state = {fqn: torch.empty(tuple(m.size), dtype=m.properties.dtype) for fqn, m in md.state_dict_metadata.items()}
     if not state:
         raise ValueError(f"{src}: the DCP checkpoint holds no tensors")
-    with _quiet_dcp():
+    with quiet_single_process():
         dcp.load(state, storage_reader=SafeReader(src), no_dist=True)
     if all(k.startswith("model.") for k in state):
         state = {k[len("model."):]: v for k, v in state.items()}
@@ -112,10 +102,7 @@ def from_dcp(src: PathLike, out: PathLike, cfg: Optional[Config] = None) -> Path
     if cfg is not None:
         check_against(tensors, cfg, str(src))
     _fresh_output(Path(out))
-    ckpt_cfg = type("ImportCfg", (), dict(every=0, keep_last=1, async_save=False, resume="none", dir=str(out),
-                                         on_error="stop"))
     config = {"source": str(src)}
     if cfg is not None:
         config.update(model=dataclasses.asdict(cfg.model), data={"seq_len": cfg.data.seq_len})
-    CheckpointManager(ckpt_cfg, run_dir=Path(out), config=config, layout={"world_size": 1}).save_tensors(0, tensors)
-    return Path(out) / mf.step_dir_name(0)
+    return write_step0(out, tensors, config)

@@ -23,7 +23,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
-import warnings
 from pathlib import Path
 from typing import Any, Optional, Union
 
@@ -31,10 +30,10 @@ import torch
 import torch.distributed.checkpoint as dcp
 
 from dist_train.checkpoint import manifest as mf
-from dist_train.checkpoint.manager import CheckpointManager
+from dist_train.checkpoint.manager import CheckpointManager, quiet_single_process
 from dist_train.checkpoint.storage import CheckpointError, SafeReader
-from dist_train.config import (LLAMA3_ROPE_KEYS, ConfigError, ModelConfig, attention_head_dim, ffn_hidden_size,
-                               validate_rope_scaling)
+from dist_train.config import (LLAMA3_ROPE_KEYS, CheckpointConfig, ConfigError, ModelConfig, attention_head_dim,
+                               ffn_hidden_size, validate_rope_scaling)
 
 PathLike = Union[str, Path]
 
@@ -156,8 +155,7 @@ def load_model_tensors(ckpt: PathLike) -> tuple[dict[str, torch.Tensor], dict]:
     body = mf.read_manifest(ckpt)
     keys = {k: v for k, v in body["tensors"].items() if k.startswith("model.")}
     state = {k: torch.empty(v["shape"], dtype=getattr(torch, v["dtype"])) for k, v in keys.items()}
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+    with quiet_single_process():
         dcp.load(state, storage_reader=SafeReader(ckpt), no_dist=True)
     return {k[len("model."):]: v for k, v in state.items()}, body
 
@@ -256,8 +254,7 @@ def _rope_from_hf(hf: dict) -> tuple[float, Optional[dict]]:
             raise ValueError(f"config.json rope_scaling = {legacy} disagrees with rope_parameters = {params}")
         params = {**params, "rope_theta": params.get("rope_theta", theta)}
     params = {k: v for k, v in params.items() if v is not None}
-    rope_type = params.pop("rope_type", params.pop("type", "default"))
-    params.pop("type", None)
+    rope_type = params.pop("rope_type", params.pop("type", "default"))  # the inner pop always runs: "type" goes
     theta = float(params.pop("rope_theta", 10000.0))
     if rope_type == "default":
         if params:
@@ -340,11 +337,13 @@ def from_hf(hf_dir: PathLike, out: PathLike) -> Path:
     if m.tie_embeddings:
         tensors.pop("output.weight", None)  # tied: the head is the embedding
     check_tensors(tensors, m, f"{hf_dir}")
-    _ckpt_cfg = type("ImportCfg", (), dict(every=0, keep_last=1, async_save=False, resume="none", dir=str(out),
-                                          on_error="stop"))
     kept = {k: hf[k] for k in KEPT if k in hf}
-    mgr = CheckpointManager(_ckpt_cfg, run_dir=Path(out),
-                            config={"model": dataclasses.asdict(m), "source": str(hf_dir), "hf_config": kept},
-                            layout={"world_size": 1})
-    mgr.save_tensors(0, tensors)
+    return write_step0(out, tensors, {"model": dataclasses.asdict(m), "source": str(hf_dir), "hf_config": kept})
+
+
+def write_step0(out: PathLike, tensors: dict[str, torch.Tensor], config: dict) -> Path:
+    """A weights-only, single-process step-0 checkpoint of the model ``tensors`` ({fqn: full tensor}) under
+    ``out``, with ``config`` in its manifest (what a converted model is trained or resumed from)."""
+    ckpt_cfg = CheckpointConfig(every=0, keep_last=1, async_save=False, resume="none", dir=str(out), on_error="stop")
+    CheckpointManager(ckpt_cfg, run_dir=Path(out), config=config, layout={"world_size": 1}).save_tensors(0, tensors)
     return Path(out) / mf.step_dir_name(0)

@@ -58,7 +58,7 @@ ON_ERROR = ("stop", "continue")
 
 
 @contextlib.contextmanager
-def _quiet_single_process() -> Iterator[None]:
+def quiet_single_process() -> Iterator[None]:
     """DCP warns on every single-process save/load ("assuming the intent is to … in a single process");
     world 1 is a supported mode here, not an accident."""
     with warnings.catch_warnings():
@@ -298,7 +298,7 @@ class CheckpointManager:
 
         writer = ChecksumWriter(tmp, thread_count=self.io_threads)
         try:
-            with _quiet_single_process():
+            with quiet_single_process():
                 dcp.save(p["tensors"], storage_writer=writer, process_group=comm.group,
                          no_dist=not comm.distributed)
         except (Exception, CheckpointException) as e:  # DCP reports every rank's failure to every rank
@@ -482,7 +482,7 @@ class CheckpointManager:
         checked_while_reading = verify and bool(mf.shards_verified_while_loading(body))
         reader = SafeReader(ckpt, records=body["files"] if checked_while_reading else None, threads=self.io_threads)
         try:
-            with _quiet_single_process():
+            with quiet_single_process():
                 dcp.load(tensors, storage_reader=reader, process_group=self.comm.group,
                          no_dist=not self.comm.distributed)
         except (Exception, CheckpointException) as e:  # DCP's is a BaseException: make it one line

@@ -77,14 +77,13 @@ class FSDPSharder:
         """``fully_shard`` on one module or a list of modules grouped into one unit. ``root``: leave
         ``reshard_after_forward`` to FSDP2's root rule (kept gathered until backward)."""
         group = modules if isinstance(modules, list) else [modules]
-        saved = [(p, {a: getattr(p, a) for a in TP_ATTRIBUTES if hasattr(p, a)})
-                 for m in group for p in m.parameters()]
+        saved = [{a: getattr(p, a) for a in TP_ATTRIBUTES if hasattr(p, a)} for m in group for p in m.parameters()]
         names = [[n for n, _ in m.named_parameters()] for m in group]
         out = fully_shard(modules, mesh=self.mesh, mp_policy=self.mp_policy,
                           reshard_after_forward=None if root else self.reshard_after_forward)
         # fully_shard registers new DTensor parameters in the same order under the same names
         new = [p for m, ns in zip(group, names) for p in (dict(m.named_parameters())[n] for n in ns)]
-        for (_, attrs), p in zip(saved, new):
+        for attrs, p in zip(saved, new):
             for a, v in attrs.items():
                 setattr(p, a, v)
         return out
