@@ -41,6 +41,14 @@ def split_ranges(n: int, fractions: tuple[float, float, float]) -> list[tuple[in
     return [(bounds[i], bounds[i + 1]) for i in range(3)]
 
 
+def split_part(n: int, split: Optional[str], part: str) -> tuple[int, int]:
+    """Samples [lo, hi) of the ``part`` ("train" or "valid") of ``n`` samples under ``data.split`` (all of
+    them for both parts when split is None)."""
+    if not split:
+        return 0, n
+    return split_ranges(n, parse_split(split))[{"train": 0, "valid": 1}[part]]
+
+
 #: synthetic data validates on a held-out stream: the same generator under run.seed + this offset
 SYNTHETIC_VALID_SEED_OFFSET = 1_000_003
 
@@ -48,10 +56,10 @@ SYNTHETIC_VALID_SEED_OFFSET = 1_000_003
 class IndexedTokenDataset:
     """A Megatron indexed dataset (PREFIX.bin/.idx) read as one memory-mapped token stream.
 
-    ``chunks = (lo, hi)``: only samples lo..hi-1 of the stream (a ``data.split`` part: training and
-    validation never share a token); default all of them."""
+    ``split``/``part``: only the ``part`` ("train" or "valid") of the stream's samples under ``data.split``
+    (training and validation never share a token); default (split None) all of them."""
 
-    def __init__(self, prefix: str, seq_len: int, seed: int, chunks: Optional[tuple[int, int]] = None):
+    def __init__(self, prefix: str, seq_len: int, seed: int, split: Optional[str] = None, part: str = "train"):
         if not Path(f"{prefix}.idx").is_file() or not Path(f"{prefix}.bin").is_file():
             raise ValueError(f"data.path = {prefix}: {prefix}.bin/.idx not found")
         index = read_index(prefix)  # one-line errors for a truncated or foreign .idx
@@ -64,7 +72,7 @@ class IndexedTokenDataset:
         if total < 1:
             raise ValueError(f"data.path = {prefix}: {len(self.tokens)} tokens is fewer than data.seq_len + 1 = "
                              f"{seq_len + 1}")
-        self.first, end = chunks if chunks is not None else (0, total)
+        self.first, end = split_part(total, split, part)
         self.num_chunks = end - self.first
         if self.num_chunks < 1:
             raise ValueError(f"data.split: the part [{self.first}, {end}) of the {total} samples of {prefix} "
@@ -82,11 +90,7 @@ class IndexedTokenDataset:
 
 def indexed_split_part(prefix: str, seq_len: int, seed: int, split: Optional[str], part: str) -> IndexedTokenDataset:
     """The "train" or "valid" share of ``prefix`` under ``data.split`` (the whole dataset when split is None)."""
-    whole = IndexedTokenDataset(prefix, seq_len, seed)
-    if split is None:
-        return whole
-    lo, hi = split_ranges(whole.num_chunks, parse_split(split))[{"train": 0, "valid": 1}[part]]
-    return IndexedTokenDataset(prefix, seq_len, seed, (lo, hi))
+    return IndexedTokenDataset(prefix, seq_len, seed, split, part)
 
 
 class SyntheticTokenDataset:

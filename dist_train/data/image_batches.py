@@ -20,9 +20,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from ..config import parse_split
 from .batches import micro_batch_ids
-from .datasets import split_ranges
+from .datasets import split_part
 
 
 class WeatherBatcher:
@@ -49,8 +48,7 @@ class WeatherBatcher:
             raise ValueError(f"data.path = {d.path} holds {self.ds.image_size} x {self.ds.channels} fields, "
                              f"but data.image = {d.image}, data.channels = {d.channels}")
         self.mean, self.scale = self._field_stats()
-        parts = split_ranges(len(self.ds), parse_split(d.split)) if d.split else [(0, len(self.ds))] * 2
-        self.first, end = parts[{"train": 0, "valid": 1}[part]]
+        self.first, end = split_part(len(self.ds), d.split, part)
         self.num_samples = end - self.first
         if self.num_samples < 1:
             raise ValueError(f"data.split = {d.split!r}: the {part} share of the {len(self.ds)} weather samples is "
