@@ -73,6 +73,7 @@ class GPTPipeline:
 
     def __init__(self, gpt: nn.Module):
         self.model = gpt
+        self.device = next(gpt.parameters()).device
         self.stage_modules = [StageModule(gpt, st) for st in gpt.pipeline_stages]
         self.loss_head = LossHead(gpt) if gpt.has_head else None
 
@@ -80,6 +81,7 @@ class GPTPipeline:
         positions = micro[0]["positions"]
         if any(not torch.equal(b["positions"], positions) for b in micro):
             raise ValueError("pipeline engine: every micro-batch must share one positions vector")
+        positions = positions.to(self.device)
         for sm in self.stage_modules:
             sm.positions = positions
         return torch.cat([b["tokens"] for b in micro]), torch.cat([b["labels"] for b in micro])
@@ -136,8 +138,8 @@ class PipelineEngine:
         """This rank's local batch (all accumulation micro-batches concatenated) through the schedule as
         ``parallel.microbatches`` pipeline micro-batches (default: the accumulation count) -> the loss sum
         of this rank's micro-batches (zero off the last stage). ``forward_only``: the schedule's eval pass."""
-        tokens, labels = self.pipe.inputs([{k: v.to(self.device) if isinstance(v, torch.Tensor) else v
-                                            for k, v in b.items()} for b in micro])
+        # the micro-batches' checks and concatenation run on the host (no device syncs); two tensors move
+        tokens, labels = (t.to(self.device) for t in self.pipe.inputs(micro))
         n_micro = self.cfg.parallel.microbatches or len(micro)
         if tokens.shape[0] % n_micro:
             raise ValueError(f"parallel.microbatches = {n_micro} does not divide the local batch of "
