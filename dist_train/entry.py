@@ -23,15 +23,14 @@ from .runlock import RunDirLocked
 def run_rank(config_path: str, overrides: list[str]) -> int:
     """Validate, initialise the process group, train; returns the process exit code."""
     cfg = load_config(config_path, overrides)
-    _, world, _ = env_rank_info()
+    rank, world, _ = env_rank_info()
     check_world_size(cfg, world)  # before any process group exists
+    local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", world))
     if os.environ.get(PREFLIGHT_ENV) != "1":  # `dist-train launch` ran it once for all ranks
-        local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", world))
         preflight(cfg, on_cuda=torch.cuda.is_available(), ranks_per_host=local_ranks)
-    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // max(1, int(
-        os.environ.get("LOCAL_WORLD_SIZE", world))))))
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // max(1, local_ranks))))
     torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
-    if env_rank_info()[0] == 0:
+    if rank == 0:
         clear_user_errors(cfg.run.dir)  # before the rendezvous: no peer can have failed yet
     ctx = init_distributed(cfg.launch.collective_timeout_s, bind=cfg.launch.bind)
     try:

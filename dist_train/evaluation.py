@@ -32,12 +32,13 @@ class Evaluator:
     def run(self, engine) -> tuple[float, float]:
         """-> (validation loss, real tokens or values it averages over); collective over every rank."""
         t = self.cfg.train
-        total, count = 0.0, 0.0
+        total, local_count = 0.0, 0.0
         for e in range(t.eval_steps):
             micro = [self.batcher.microbatch(e * t.global_batch, m) for m in range(self.cfg.grad_accum_steps)]
-            c = torch.tensor([sum(float(b["count"]) for b in micro)], dtype=torch.float64)
-            count += float(all_reduce_sum(c, self.mesh.grad_group).item())
+            local_count += sum(float(b["count"]) for b in micro)
             total += engine.eval_loss_sum(micro)
+        # one collective for the whole evaluation (whole counts: exact in float64)
+        count = float(all_reduce_sum(torch.tensor([local_count], dtype=torch.float64), self.mesh.grad_group).item())
         if count <= 0:
             raise ValueError("validation: the evaluation batches hold no real tokens")
         return total / count, count

@@ -9,7 +9,7 @@ from typing import Optional
 
 from launchers.env import free_port, loopback_environment
 from launchers.procs import ConsoleSink, RankProcess, Sink
-from launchers.supervisor import progress_from_heartbeats
+from launchers.supervisor import RankProgress, progress_from_heartbeats
 
 
 def rank_environment(base: dict[str, str], rank: int, world_size: int, local_rank: int, local_world_size: int,
@@ -33,7 +33,7 @@ class LocalAttempt:
     def poll(self) -> list[Optional[int]]:
         return [r.poll() for r in self.ranks]
 
-    def progress(self) -> dict[int, tuple[Optional[int], float]]:
+    def progress(self) -> dict[int, RankProgress]:
         return progress_from_heartbeats(self.run_dir, range(self.world_size), self.attempt, self.started)
 
     def send_signal(self, sig: int) -> None:

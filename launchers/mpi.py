@@ -20,7 +20,7 @@ from typing import Optional
 from launchers.env import EXPECT_WORLD_ENV, LAUNCHER_ENV, TORCH_VARS
 from launchers.procs import kill_tree
 from launchers.rankio import exit_status_path, read_exit_status
-from launchers.supervisor import progress_from_heartbeats
+from launchers.supervisor import RankProgress, progress_from_heartbeats
 
 MPIEXEC_ENV = "DIST_TRAIN_MPIEXEC"
 
@@ -61,7 +61,7 @@ class MpiAttempt:
             codes = [c if c is not None else (launcher or 1) for c in codes]
         return codes
 
-    def progress(self) -> dict[int, tuple[Optional[int], float]]:
+    def progress(self) -> dict[int, RankProgress]:
         return progress_from_heartbeats(self.run_dir, range(self.world_size), self.attempt, self.started)
 
     def _wrappers(self) -> list:

@@ -205,7 +205,7 @@ class RayAttempt:
             self._codes[r] = res["code"]
         return list(self._codes)
 
-    def progress(self) -> dict[int, tuple[Optional[int], float]]:
+    def progress(self) -> dict[int, RankProgress]:
         return dict(self._progress)
 
     def send_signal(self, sig: int) -> None:

@@ -127,7 +127,7 @@ def progress_from_heartbeats(run_dir: Path, ranks: range, attempt: int, started:
 def format_progress(progress: dict[int, RankProgress]) -> str:
     parts = []
     for r in sorted(progress):
-        p = RankProgress(*progress[r])
+        p = progress[r]
         where = "before its first step" if p.step is None else f"at step {p.step}"
         extra = "" if p.responding else f", not responding for {p.alive_age:.1f} s"
         extra += f", in {p.busy}" if p.busy else ""
@@ -137,8 +137,8 @@ def format_progress(progress: dict[int, RankProgress]) -> str:
 
 def frozen_ranks(progress: dict[int, RankProgress]) -> list[int]:
     """Ranks whose process wrote nothing for NOT_RESPONDING_S (stopped, frozen), longest silence first."""
-    silent = [r for r, p in progress.items() if not RankProgress(*p).responding]
-    return sorted(silent, key=lambda r: -RankProgress(*progress[r]).alive_age)
+    silent = [r for r, p in progress.items() if not p.responding]
+    return sorted(silent, key=lambda r: -progress[r].alive_age)
 
 
 def describe_frozen(r: int, p: RankProgress) -> str:
@@ -277,15 +277,15 @@ class Supervisor:
                 running = {r: p for r, p in handle.progress().items() if codes[r] is None}
                 frozen = frozen_ranks(running)
                 handle.kill()
-                if frozen and not user_errors(self.spec.run_dir):
+                recorded = user_errors(self.spec.run_dir)  # one snapshot for both decisions
+                if frozen and not recorded:
                     r = frozen[0]
                     others = ", ".join(f"rank {o} {describe_exit(oc)}" for o, oc in failed)
-                    return Outcome("hang", EXIT_HANG, r, f"hang: {describe_frozen(r, RankProgress(*running[r]))}; "
+                    return Outcome("hang", EXIT_HANG, r, f"hang: {describe_frozen(r, running[r])}; "
                                    f"then {others} (attempt {attempt})")
                 # The root cause is a rank that recorded a bad-input error (its peers then exit quietly,
                 # dist_train/rank_errors.py); else usually the rank killed by a signal (the others then fail
                 # in a collective); else the lowest failed rank.
-                recorded = user_errors(self.spec.run_dir)
                 if recorded:  # the recording rank may still be exiting after its quiet peers
                     r = min(recorded)
                     c = codes[r] if codes[r] is not None else EXIT_USAGE
@@ -317,7 +317,7 @@ class Supervisor:
                 for r, p in running.items()}
 
     def _check_progress(self, handle: Attempt, codes: list[Optional[int]]) -> Optional[Outcome]:
-        running = {r: RankProgress(*p) for r, p in handle.progress().items() if codes[r] is None}
+        running = {r: p for r, p in handle.progress().items() if codes[r] is None}
         limit = self._limit(running)
         stalled = [r for r, p in running.items() if p.age > limit[r]]
         if not stalled:
