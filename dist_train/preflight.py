@@ -20,6 +20,7 @@ from parallelism.context.kernels import get_kernel
 from .checkpoint import compat
 from .checkpoint import manifest as mf
 from .checkpoint.foreign import describe_foreign_tree
+from .checkpoint.manager import checkpoint_root
 from .checkpoint.storage import CheckpointError
 from .config import Config, ConfigError
 from .cost import memory_model, model_params, rank_inputs
@@ -37,14 +38,10 @@ def preflight(cfg: Config, on_cuda: bool, ranks_per_host: int = 1) -> None:
     check_model_fits(cfg, on_cuda, ranks_per_host)
     check_writable_dir("run.dir", cfg.run.dir)
     ckpt_key = "checkpoint.dir" if cfg.checkpoint.dir else "run.dir (its checkpoints/)"
-    check_writable_dir(ckpt_key, checkpoint_root(cfg))
+    check_writable_dir(ckpt_key, checkpoint_root(cfg.checkpoint, cfg.run.dir))
     check_attention_kernel(cfg, on_cuda)
     check_data(cfg)
     check_resume(cfg)
-
-
-def checkpoint_root(cfg: Config) -> Path:
-    return Path(cfg.checkpoint.dir) if cfg.checkpoint.dir else Path(cfg.run.dir) / "checkpoints"
 
 
 # -- model size -------------------------------------------------------------------------------------
@@ -178,12 +175,12 @@ def check_resume(cfg: Config) -> None:
     mode = cfg.checkpoint.resume
     if mode == "none":
         return
-    foreign = describe_foreign_tree(checkpoint_root(cfg) if mode == "auto" else Path(mode))
+    root = checkpoint_root(cfg.checkpoint, cfg.run.dir)
+    foreign = describe_foreign_tree(root if mode == "auto" else Path(mode))
     if foreign:
         raise ConfigError(f"checkpoint.resume = {mode}: {foreign}, then resume from OUT (or set "
                           "checkpoint.resume=none)")
     if mode == "auto":
-        root = checkpoint_root(cfg)
         candidates = [p for _, p in mf.list_checkpoints(root)]
         if not candidates:
             return

@@ -57,6 +57,11 @@ log = logging.getLogger("dist_train.checkpoint")
 ON_ERROR = ("stop", "continue")
 
 
+def checkpoint_root(ckpt_cfg, run_dir) -> Path:
+    """Where a run's checkpoints live: ``checkpoint.dir``, else ``run_dir/checkpoints``."""
+    return Path(ckpt_cfg.dir) if ckpt_cfg.dir else Path(run_dir) / "checkpoints"
+
+
 @contextlib.contextmanager
 def quiet_single_process() -> Iterator[None]:
     """DCP warns on every single-process save/load ("assuming the intent is to … in a single process");
@@ -141,7 +146,7 @@ class CheckpointManager:
         if io_threads < 1:
             raise ValueError(f"io_threads = {io_threads}: must be >= 1")
         self.cfg = cfg
-        self.root = Path(cfg.dir) if cfg.dir else Path(run_dir) / "checkpoints"
+        self.root = checkpoint_root(cfg, run_dir)
         self.config = config or {}
         self.layout = dict(layout or {"world_size": world_size})
         self.layout.setdefault("world_size", world_size)

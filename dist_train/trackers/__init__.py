@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import importlib
 from pathlib import Path
-from typing import Iterable, Optional, Protocol
+from typing import Iterable, Protocol
 
 from ..config import Config, default_trackers
 
@@ -74,14 +74,12 @@ class Trackers:
         self.trackers = []
 
 
-def build_trackers(cfg: Config, run_dir: Path, start_step: int, is_main: bool,
-                   names: Optional[list[str]] = None) -> Trackers:
+def build_trackers(cfg: Config, run_dir: Path, start_step: int, is_main: bool) -> Trackers:
     """The trackers of ``train.trackers`` (default :func:`~dist_train.config.default_trackers`) for a run
     continuing after ``start_step``; none off rank 0."""
     if not is_main:
         return Trackers()
-    names = names if names is not None else (cfg.train.trackers if cfg.train.trackers is not None
-                                             else default_trackers())
+    names = cfg.train.trackers if cfg.train.trackers is not None else default_trackers()
     out = []
     for name in names:
         module = importlib.import_module(f"{__name__}.{MODULES[name]}")
