@@ -74,10 +74,11 @@ def pipeline_stages(cfg: Config) -> list[Stage]:
     n_stages = pp * virtual_stages(cfg)
     n_layers = cfg.model.n_layers
     unit = 2 if cfg.model.kind == "swin" else 1
-    if unit == 2 and swin_block_pairs(n_layers) < n_stages:
-        raise ConfigError(f"model.n_layers = {n_layers} ({swin_block_pairs(n_layers)} swin block pairs) < "
+    units = swin_block_pairs(n_layers) if unit == 2 else n_layers
+    if unit == 2 and units < n_stages:
+        raise ConfigError(f"model.n_layers = {n_layers} ({units} swin block pairs) < "
                           f"{n_stages} pipeline stages: each stage needs a (plain, shifted) block pair")
-    counts = balanced_layer_counts(-(-n_layers // unit), n_stages)
+    counts = balanced_layer_counts(units, n_stages)
     out, start = [], 0
     for s, c in enumerate(counts):
         stop = min(start + c * unit, n_layers)

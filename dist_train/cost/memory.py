@@ -70,10 +70,8 @@ def loss_bytes(cfg: Config, sh: Shape, loc: RankShape) -> float:
     """Bytes the head + loss of one micro-batch adds on the last pipeline stage (dist_train/models/
     chunked_loss.py; the last stage runs its loss and backward before the next forward)."""
     bpe = loc.bpe
-    if sh.kind != "gpt":
-        return loc.tokens * loc.vocab * (bpe + 4 + 4)
-    chunk = resolve_loss_chunk(cfg.train.loss_chunk, int(loc.vocab))
-    if chunk is None:
+    chunk = resolve_loss_chunk(cfg.train.loss_chunk, int(loc.vocab)) if sh.kind == "gpt" else None
+    if chunk is None:  # the swin's pixel head, or the unchunked loss: whole logits
         return loc.tokens * loc.vocab * (bpe + 4 + 4)
     low = bpe if bpe < 4 else 0  # 16-bit: the matmul output before the fp32 cast, and the gradient's cast
     per_chunk = min(chunk, loc.tokens) * loc.vocab * (4 + 2 * low)

@@ -34,7 +34,7 @@ from ..cost.layout import stages_of_rank
 from .attention import AttentionContext, attention
 from .chunked_loss import chunked_cross_entropy
 from .init import normal_full
-from .tensor_parallel import TensorParallel, copy_shard_, is_tp_sharded, padded_vocab_size, parallel_linear
+from .tensor_parallel import TensorParallel, copy_shard_, padded_vocab_size, parallel_linear, unsharded_shape
 
 IGNORE_INDEX = -100
 
@@ -204,9 +204,7 @@ class GPT(nn.Module):
 
     def full_shape(self, name: str, p: torch.Tensor) -> tuple[int, ...]:
         """Shape of parameter ``name`` in the tp=1 model (vocab unpadded)."""
-        shape = list(p.shape)
-        if self.tp is not None and is_tp_sharded(p):
-            shape[p.partition_dim] *= self.tp.size
+        shape = unsharded_shape(p, 1 if self.tp is None else self.tp.size)
         if name in ("tok_embeddings.weight", "output.weight"):
             shape[0] = self.cfg.vocab_size
         return tuple(shape)
@@ -224,10 +222,7 @@ class GPT(nn.Module):
             else:
                 scale = out_std if name.endswith(("wo.weight", "w2.weight")) else std
                 full = normal_full(shape, self.init_seed, name, scale)
-            if self.tp is None:
-                p.copy_(full)
-            else:
-                copy_shard_(p, full, self.tp.rank, self.tp.size)
+            copy_shard_(p, full, *((0, 1) if self.tp is None else (self.tp.rank, self.tp.size)))
 
     # -- pieces (the pipeline stages call these) ------------------------------------------------
     def embed(self, tokens: torch.Tensor) -> torch.Tensor:

@@ -51,7 +51,7 @@ from parallelism.window.windows import region_labels, window_attention, wrap_fla
 
 from ..cost.shape import token_grid
 from .init import normal_full
-from .tensor_parallel import TensorParallel, copy_shard_, is_tp_sharded, mark_tp_sharded, parallel_linear
+from .tensor_parallel import TensorParallel, copy_shard_, mark_tp_sharded, parallel_linear, unsharded_shape
 
 
 class WindowBlock(nn.Module):
@@ -230,9 +230,7 @@ class SwinModel(nn.Module):
         for mod_name, mod in self.named_modules():
             for p_name, p in mod.named_parameters(recurse=False):
                 name = f"{mod_name}.{p_name}" if mod_name else p_name
-                shape = list(p.shape)
-                if is_tp_sharded(p):
-                    shape[p.partition_dim] *= tp_size
+                shape = unsharded_shape(p, tp_size)
                 if isinstance(mod, nn.LayerNorm) and p_name == "weight":
                     full = torch.ones(shape)
                 elif p.dim() == 2 and name != "head.weight":

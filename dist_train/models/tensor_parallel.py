@@ -429,6 +429,14 @@ def unshard_strided(shards: list[torch.Tensor], dim: int, stride: int) -> torch.
     return torch.cat([pieces[r][j] for j in range(stride) for r in range(len(shards))], dim=dim)
 
 
+def unsharded_shape(param: torch.Tensor, tp_size: int) -> list[int]:
+    """The tp=1 shape of ``param`` (this rank's shard, or a replicated tensor), before any vocab padding rule."""
+    shape = list(param.shape)
+    if is_tp_sharded(param):
+        shape[param.partition_dim] *= tp_size
+    return shape
+
+
 def copy_shard_(param: torch.Tensor, full: torch.Tensor, tp_rank: int, tp_size: int) -> None:
     """Copy this rank's shard of the tp=1 tensor ``full`` into ``param`` (zero-padding the vocab dim)."""
     if not is_tp_sharded(param):
