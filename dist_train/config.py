@@ -749,7 +749,7 @@ def _validate_gpt(cfg: Config) -> None:
             raise ConfigError(f"parallel.sequence_parallel: per-cp-rank sequence length {s_local} (data.seq_len = "
                               f"{d.seq_len}, cp = {p.cp}) is not divisible by parallel.tp = {p.tp}; use a "
                               f"data.seq_len that is a multiple of {mult * p.tp}")
-    n_stages = p.pp * (2 if p.pp > 1 and p.pp_schedule == "interleaved" else 1)
+    n_stages = p.pp * virtual_stages(cfg)
     if m.n_layers < n_stages:
         raise ConfigError(f"model.n_layers = {m.n_layers} < {n_stages} pipeline stages (pp = {p.pp}, schedule "
                           f"{p.pp_schedule}): each stage needs a layer")
@@ -791,6 +791,14 @@ def validate_rope_scaling(scaling: Optional[dict]) -> None:
                           f"low_freq_factor = {nums['low_freq_factor']}")
 
 
+VIRTUAL_STAGES_INTERLEAVED = 2
+
+
+def virtual_stages(cfg: Config) -> int:
+    """Stages per pipeline rank: 2 for the interleaved schedule, else 1 (validation and the cost model)."""
+    return VIRTUAL_STAGES_INTERLEAVED if cfg.parallel.pp > 1 and cfg.parallel.pp_schedule == "interleaved" else 1
+
+
 def _validate_pipeline(cfg: Config) -> None:
     """pp > 1, any model: micro-batches that the schedule can run, no ZeRO."""
     p = cfg.parallel
@@ -823,7 +831,7 @@ def _validate_swin(cfg: Config) -> None:
     if ffn % p.tp:
         raise ConfigError(f"swin MLP hidden size {ffn} (model.ffn_hidden, default 4·d_model) is not divisible by "
                           f"parallel.tp = {p.tp}")
-    n_stages = p.pp * (2 if p.pp > 1 and p.pp_schedule == "interleaved" else 1)
+    n_stages = p.pp * virtual_stages(cfg)
     pairs = -(-m.n_layers // 2)
     if pairs < n_stages:
         raise ConfigError(f"parallel.pp = {p.pp} ({p.pp_schedule}): {n_stages} pipeline stages but model.n_layers = "

@@ -13,9 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..config import Config, ConfigError
-
-VIRTUAL_STAGES_INTERLEAVED = 2
+from ..config import Config, ConfigError, virtual_stages
 
 
 @dataclass(frozen=True)
@@ -25,11 +23,6 @@ class Stage:
     layers: tuple       # global transformer layer indices, contiguous
     first: bool         # holds the token embedding
     last: bool          # holds the final norm + output head + loss
-
-
-def virtual_stages(cfg: Config) -> int:
-    """Stages per pipeline rank: 2 for the interleaved schedule, else 1."""
-    return VIRTUAL_STAGES_INTERLEAVED if cfg.parallel.pp > 1 and cfg.parallel.pp_schedule == "interleaved" else 1
 
 
 def bubble_fraction(cfg: Config) -> float:
