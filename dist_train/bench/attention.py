@@ -521,6 +521,8 @@ def run(args: argparse.Namespace) -> int:
     pieces = [_piece(p) for p in args.kv_piece.split(",")]
     if args.docs is not None and not 1 <= args.docs <= args.seq_len:
         raise ValueError(f"--docs {args.docs} must be between 1 and --seq-len {args.seq_len}")
+    if args.png and not args.docs:  # before the measurements, not after them
+        raise ValueError("--png needs --docs N: no packed-document record to plot")
     docs = [None, args.docs] if args.docs else [None]
     cfgs = [dict(world_size=args.world_size, seq_len=args.seq_len, layout=layout, method=method,
                  ulysses_degree=args.ulysses_degree, heads=args.heads, kv_heads=args.kv_heads,

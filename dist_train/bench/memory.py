@@ -125,13 +125,13 @@ def _point(rank: int, world: int, cfg_dict: dict, chunks: list, steps: int) -> d
     source = SyntheticTokenDataset(cfg.model.vocab_size, cfg.data.seq_len, cfg.run.seed)
     batcher = TokenBatcher(source, micro_batch=1, dp=1, dp_rank=0, cp=cfg.parallel.cp, cp_rank=mesh.coord("cp"),
                            layout=cfg.parallel.cp_layout)
-    n_steps = 0
+    n_steps, tokens = 0, 0
 
     def step(chunk) -> float:
-        nonlocal n_steps
+        nonlocal n_steps, tokens
         model.loss_chunk = chunk
         batch = batcher.microbatch(n_steps, 0)
-        n_steps += 1
+        n_steps, tokens = n_steps + 1, int(batch["tokens"].numel())
         count = batch.pop("count").clone()
         if world > 1:
             dist.all_reduce(count)
@@ -152,17 +152,16 @@ def _point(rank: int, world: int, cfg_dict: dict, chunks: list, steps: int) -> d
             out[str(c)]["step_s"].append(time.perf_counter() - t0)
     return {"per_chunk": out, "param_bytes": sum(p.numel() * p.element_size() for p in model.parameters()),
             "rss_peak_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-            "tokens": int(batcher.microbatch(0, 0)["tokens"].numel())}
+            "tokens": tokens}
 
 
-def measure(args: argparse.Namespace) -> list[dict]:
+def measure(args: argparse.Namespace, cps: list[int], seq_lens: list[int], chunks: list) -> list[dict]:
     """Every (S, cp) point, one record per loss-chunk setting (measured in the same ranks)."""
     from dist_train.spawn import run_ranks
 
-    chunks = _loss_chunks(args.loss_chunk)
     records = []
-    for cp in _ints(args.cp, "cp"):
-        for s in _ints(args.seq_lens, "seq-lens"):
+    for cp in cps:
+        for s in seq_lens:
             cfg_dict = point_config(args, s, cp, chunks[0])
             t0 = time.perf_counter()
             per_rank = run_ranks(_point, cp, args=(cfg_dict, chunks, args.steps), timeout=args.timeout)
@@ -185,12 +184,17 @@ def measure(args: argparse.Namespace) -> list[dict]:
     return records
 
 
+def _series(records: list[dict]) -> dict:
+    """{(cp, loss_chunk): that series' records in order of S}."""
+    keys = sorted({(r["cp"], str(r["loss_chunk"])) for r in records})
+    return {(cp, chunk): sorted((r for r in records if r["cp"] == cp and str(r["loss_chunk"]) == chunk),
+                                key=lambda r: r["seq_len"]) for cp, chunk in keys}
+
+
 def summarize(records: list[dict]) -> dict:
     """Per (cp, loss_chunk): bytes/token max/min − 1 over S; per (S, cp): chunked/full ratios."""
     out: dict = {"flatness": [], "loss_chunk_vs_full": []}
-    keys = sorted({(r["cp"], str(r["loss_chunk"])) for r in records})
-    for cp, chunk in keys:
-        pts = sorted((r for r in records if r["cp"] == cp and str(r["loss_chunk"]) == chunk), key=lambda r: r["seq_len"])
+    for (cp, chunk), pts in _series(records).items():
         bpt = [r["bytes_per_token"] for r in pts]
         out["flatness"].append({"cp": cp, "loss_chunk": chunk, "seq_lens": [r["seq_len"] for r in pts],
                                 "bytes_per_token_spread": max(bpt) / min(bpt) - 1.0,
@@ -213,8 +217,7 @@ def plot(records: list[dict], path: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
-    for cp, chunk in sorted({(r["cp"], str(r["loss_chunk"])) for r in records}):
-        pts = sorted((r for r in records if r["cp"] == cp and str(r["loss_chunk"]) == chunk), key=lambda r: r["seq_len"])
+    for (cp, chunk), pts in _series(records).items():
         xs = [r["seq_len"] for r in pts]
         label = f"cp={cp}, loss_chunk={chunk}"
         axes[0].plot(xs, [r["bytes_per_token"] / 1024 for r in pts], "o-", label=label)
@@ -262,13 +265,13 @@ def _previous_records(path: str) -> list[dict]:
 def run(args: argparse.Namespace) -> int:
     if args.steps < 0:
         raise ValueError(f"--steps {args.steps}: must be >= 0")
-    for cp in _ints(args.cp, "cp"):
-        for s in _ints(args.seq_lens, "seq-lens"):
+    cps, seq_lens, chunks = _ints(args.cp, "cp"), _ints(args.seq_lens, "seq-lens"), _loss_chunks(args.loss_chunk)
+    for cp in cps:
+        for s in seq_lens:
             if s % (2 * cp):
                 raise ValueError(f"--seq-lens: {s} is not a multiple of 2·cp = {2 * cp} (zigzag shards)")
-    _loss_chunks(args.loss_chunk)
     previous = _previous_records(args.extend) if args.extend else []
-    new = measure(args)
+    new = measure(args, cps, seq_lens, chunks)
     measured = {(r["seq_len"], r["cp"], str(r["loss_chunk"])) for r in new}
     records = [r for r in previous if (r["seq_len"], r["cp"], str(r["loss_chunk"])) not in measured] + new
     summary = summarize(records)
