@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 
 from dist_train.lifecycle import EXIT_PREEMPTED, read_heartbeat
+from launchers.env import free_port
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
@@ -146,21 +147,13 @@ def test_ray_launch_sigterm_checkpoints_and_resume_equals_uninterrupted(tmp_path
     assert got["loss"] == ref["loss"]
 
 
-def _free_port():
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_ray_address_with_token_auth(tmp_path):
     """A `ray start` cluster with token authentication: the launcher presents the token it finds (no
     RAY_AUTH_MODE needed); a wrong token is one line naming the address, exit 2."""
     pytest.importorskip("ray")
     token = tmp_path / "auth_token"
     token.write_text("0123456789abcdef0123456789abcdef")
-    port = _free_port()
+    port = free_port("127.0.0.1")
     ray_exe = str(Path(sys.executable).parent / "ray")
     head_env = _env(RAY_AUTH_TOKEN_PATH=str(token), RAY_USAGE_STATS_ENABLED="0")
     head_log = tmp_path / "head.log"
