@@ -9,17 +9,17 @@ import sys
 import pytest
 import torch
 import torch.distributed.checkpoint as dcp
-import yaml
 from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
 from dist_train.checkpoint.manager import CheckpointManager
 from dist_train.cli import main
+from dist_train.config import CheckpointConfig, save_config
 from dist_train.data.datasets import SyntheticTokenDataset
 from dist_train.models.gpt import GPT
 from dist_train.models.swin import build_swin
 from dist_train.trainer import train
-from tests.trainer_utils import tiny_gpt_config, tiny_swin_config
+from tests.trainer_utils import run_cli, tiny_gpt_config, tiny_swin_config
 
 pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
 
@@ -60,16 +60,10 @@ def test_to_dcp_and_to_torch_are_read_by_stock_torch(kind, tmp_path, capsys):
 
 
 def _save_ours_simple(model, root):
-    ckpt_cfg = type("C", (), dict(every=0, keep_last=1, async_save=False, resume="none", dir=str(root), on_error="stop"))
+    ckpt_cfg = CheckpointConfig(every=0, keep_last=1, async_save=False, resume="none", dir=str(root), on_error="stop")
     mgr = CheckpointManager(ckpt_cfg, run_dir=root, config={"model": {}}, layout={"world_size": 1})
     assert mgr.save(3, model, torch.optim.AdamW(model.parameters()))
     return root / "step_3"
-
-
-def _write_config(cfg, path):
-    d = cfg.to_dict()
-    path.write_text(yaml.safe_dump(d))
-    return path
 
 
 def _first_batch_loss(model: GPT, cfg) -> float:
@@ -86,7 +80,8 @@ def test_from_dcp_then_resume_starts_from_those_weights(nested, tmp_path, capsys
     model, cfg = _model("gpt", tmp_path)  # init_seed 17: not what the run's seed would build
     sd = model.state_dict()
     dcp.save({"model": sd} if nested else sd, checkpoint_id=str(tmp_path / "stock"))
-    cfg_file = _write_config(cfg, tmp_path / "cfg.yaml")
+    cfg_file = tmp_path / "cfg.yaml"
+    save_config(cfg, cfg_file)
     assert main(["ckpt", "convert", str(tmp_path / "stock"), "--from", "dcp", str(tmp_path / "init"),
                  "--config", str(cfg_file)]) == 0
     assert "checkpoint.resume=" in capsys.readouterr().out
@@ -98,11 +93,6 @@ def test_from_dcp_then_resume_starts_from_those_weights(nested, tmp_path, capsys
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "has shape" in err and not (tmp_path / "init2").exists()
 
-
-def _cli(*args):
-    env = dict(os.environ, PYTHONPATH=os.getcwd())
-    return subprocess.run([sys.executable, "-m", "dist_train", *args], capture_output=True, text=True, timeout=180,
-                          env=env)
 
 
 @pytest.mark.slow
@@ -125,9 +115,10 @@ def test_foreign_checkpoints_are_named(tmp_path, capsys):
     os.rename(tmp_path / "stock", tmp_path / "ckpts_a")
     (tmp_path / "ckpts_b").mkdir()
     dcp.save(model.state_dict(), checkpoint_id=str(tmp_path / "ckpts_b" / "step_5"))
-    cfg_file = _write_config(cfg, tmp_path / "cfg.yaml")
+    cfg_file = tmp_path / "cfg.yaml"
+    save_config(cfg, cfg_file)
     for d in ("ckpts_a", "ckpts_b"):
-        r = _cli("run", str(cfg_file), "--set", f"checkpoint.dir={tmp_path / d}", "--set", "checkpoint.resume=auto",
+        r = run_cli("run", str(cfg_file), "--set", f"checkpoint.dir={tmp_path / d}", "--set", "checkpoint.resume=auto",
                  "--set", f"run.dir={tmp_path / 'never'}")
         lines = r.stderr.strip().splitlines()
         assert r.returncode == 2 and len(lines) == 1 and "stock torch.distributed.checkpoint" in lines[0], r.stderr

@@ -6,6 +6,7 @@ import pytest
 
 from dist_train.cli import _COMMANDS, _bench_modules, main
 from dist_train.config import ConfigError, check_world_size, config_from_dict, load_config
+from tests.trainer_utils import run_cli
 
 
 def test_overrides_are_yaml_scalars_and_refs_expand(tmp_path):
@@ -42,12 +43,6 @@ def test_world_size_mismatch_names_the_product():
     check_world_size(cfg, 6)
 
 
-def _cli(*args, env_extra=None):
-    import os
-    env = dict(os.environ, **(env_extra or {}))
-    return subprocess.run([sys.executable, "-m", "dist_train", *args], capture_output=True, text=True, env=env,
-                          timeout=120)
-
 
 def test_cli_bad_input_is_one_line_exit_2(tmp_path, monkeypatch, capsys):
     bad_yaml = tmp_path / "bad.yaml"
@@ -65,7 +60,7 @@ def test_cli_bad_input_is_one_line_exit_2(tmp_path, monkeypatch, capsys):
     # through the same main() (a subprocess costs seconds of imports each)
     for i, (args, env, needle) in enumerate(cases):
         if i == 0:
-            r = _cli(*args, env_extra=env)
+            r = run_cli(*args, env_extra=env)
             code, err = r.returncode, r.stderr
         else:
             with monkeypatch.context() as m:

@@ -2,13 +2,11 @@
 names the key (in process, fast), plus real CLI runs for the exit status, the single line and the fact
 that no rank process started."""
 import dataclasses
-import os
-import subprocess
-import sys
 
 import pytest
 
 from dist_train.config import Config, ConfigError, config_from_dict
+from tests.trainer_utils import run_cli
 
 HUGE = 10**12
 
@@ -155,11 +153,6 @@ def test_null_keeps_its_documented_meaning():
     assert cfg.model.n_kv_heads is None and cfg.train.grad_clip == 0.0
 
 
-def _cli(*args, cwd=None):
-    env = dict(os.environ, PYTHONPATH=os.getcwd())
-    return subprocess.run([sys.executable, "-m", "dist_train", *args], capture_output=True, text=True,
-                          timeout=120, env=env, cwd=cwd)
-
 
 def test_cli_refuses_before_any_rank_starts(tmp_path):
     """A few real commands: exit 2, exactly one line on stderr, and no run directory (no rank ever ran)."""
@@ -172,7 +165,7 @@ def test_cli_refuses_before_any_rank_starts(tmp_path):
         ["plan", "configs/gpt_tiny.yaml", "--devices", "0"],
     ]
     for args in cases:
-        r = _cli(*args)
+        r = run_cli(*args)
         assert r.returncode == 2, (args, r.returncode, r.stderr[-2000:])
         lines = r.stderr.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("dist-train"), (args, r.stderr[-2000:])

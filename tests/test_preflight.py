@@ -3,9 +3,6 @@ datasets, token ids beyond the vocabulary, unusable directories, missing or dama
 a kernel the device lacks. In process (fast), plus two real commands for the exit status and the fact
 that no rank started."""
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -18,6 +15,7 @@ from dist_train.data.integrity import check_bin_size, check_indexed_dataset, rea
 from dist_train.data.prepare import prepare_indexed
 from dist_train.data.sidecar import sidecar_path
 from dist_train.preflight import preflight
+from tests.trainer_utils import run_cli
 
 
 @pytest.fixture(scope="module")
@@ -194,11 +192,6 @@ def test_empty_yaml_is_refused(tmp_path):
         load_config(empty)
 
 
-def _cli(*args):
-    env = dict(os.environ, PYTHONPATH=os.getcwd())
-    return subprocess.run([sys.executable, "-m", "dist_train", *args], capture_output=True, text=True,
-                          timeout=120, env=env)
-
 
 def test_cli_data_problems_exit_2_with_one_line_before_any_rank(dataset, tmp_path):
     prefix = _copy(dataset, tmp_path)
@@ -210,7 +203,7 @@ def test_cli_data_problems_exit_2_with_one_line_before_any_rank(dataset, tmp_pat
              (["run", "configs/gpt_tiny.yaml", *common, "--set", "parallel.dp=1",
                "--set", f"data.path={dataset}", "--set", "model.vocab_size=100"], "outside model.vocab_size = 100")]
     for args, needle in cases:
-        r = _cli(*args)
+        r = run_cli(*args)
         assert r.returncode == 2, (args, r.stderr[-2000:])
         lines = r.stderr.strip().splitlines()
         assert len(lines) == 1 and needle in lines[0], r.stderr[-2000:]

@@ -1,6 +1,11 @@
 """Shared helpers for training tests: a tiny config that trains in well under a second per step."""
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 from dist_train.config import config_from_dict
 
 
@@ -38,3 +43,14 @@ def tiny_swin_config(run_dir, data_dir, steps: int = 5, **sections) -> "Config":
         "checkpoint": {"every": 0, "at_end": False},
     }
     return _with_sections(base, sections)
+
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def run_cli(*args, env_extra=None, cwd=None, timeout=180) -> subprocess.CompletedProcess:
+    """``python -m dist_train ARGS`` in a real process (exit status and stderr as a user sees them), with this
+    checkout importable."""
+    env = dict(os.environ, PYTHONPATH=str(REPO), **(env_extra or {}))
+    return subprocess.run([sys.executable, "-m", "dist_train", *args], capture_output=True, text=True, env=env,
+                          cwd=cwd, timeout=timeout)
