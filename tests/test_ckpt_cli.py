@@ -59,6 +59,9 @@ def test_inspect_and_verify(saved, capsys, tmp_path):
     assert "train_state.json: missing" in capsys.readouterr().out
     with pytest.raises(ValueError, match="no such checkpoint"):
         cli.run(_parse("inspect", str(tmp_path / "nowhere")))
+    for action in ("inspect", "verify"):  # a step that does not exist is named, with the ones that do
+        with pytest.raises(ValueError, match=r"step_20: no such checkpoint .*holds step_3"):
+            cli.run(_parse(action, str(root / "step_20")))
 
 
 def test_hf_names_and_shapes_follow_llama_spec():

@@ -32,10 +32,13 @@ def _human(n: float) -> str:
 
 
 def _checkpoints(path: Path, newest_only: bool) -> list[Path]:
+    if not path.is_dir():
+        # a step_N that was never written (or pruned by keep_last) is a typo to name, not a damaged checkpoint
+        there = [p.name for _, p in mf.list_checkpoints(path.parent)] if path.parent.is_dir() else []
+        raise ValueError(f"{path}: no such checkpoint (expected a step_N directory or a directory of them)"
+                         + (f"; {path.parent} holds {', '.join(there)}" if there else ""))
     if (path / mf.MANIFEST).exists() or mf._STEP_RE.match(path.name) or path.name.endswith(".tmp"):
         return [path]
-    if not path.is_dir():
-        raise ValueError(f"{path}: no such checkpoint (expected a step_N directory or a directory of them)")
     found = mf.complete_checkpoints(path) if newest_only else mf.list_checkpoints(path)
     if not found:
         raise ValueError(f"{path}: contains no {'complete ' if newest_only else ''}step_N checkpoint")
@@ -144,7 +147,7 @@ def convert(src: Path, out: Path, to: str | None, frm: str | None, config: str |
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.epilog = ("examples:\n"
                      "  dist-train ckpt inspect runs/demo/checkpoints\n"
-                     "  dist-train ckpt verify runs/demo/checkpoints/step_20\n"
+                     "  dist-train ckpt verify runs/demo/checkpoints/step_120\n"
                      "  dist-train ckpt convert runs/demo/checkpoints --to hf hf_out\n"
                      "  dist-train ckpt convert hf_out --from hf runs/init && "
                      "dist-train run cfg.yaml --set checkpoint.resume=runs/init\n"
@@ -153,7 +156,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="ckpt_command", required=True, metavar="ACTION")
     fmt = getattr(parser, "formatter_class", argparse.HelpFormatter)
     p = sub.add_parser("inspect", help="table of tensors, shapes, dtypes, bytes, saved layout, step",
-                       formatter_class=fmt, epilog="example:\n  dist-train ckpt inspect runs/demo/checkpoints/step_20")
+                       formatter_class=fmt, epilog="example:\n  dist-train ckpt inspect runs/demo/checkpoints/step_120")
     p.add_argument("path", type=Path, help="step_N directory, or a checkpoint directory (newest complete one)")
     p.add_argument("--json", metavar="PATH", help="also write the table as JSON")
     p = sub.add_parser("verify", help="check completeness and checksums; exit 1 naming the bad file/tensor",
@@ -161,7 +164,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("path", type=Path, help="step_N directory, or a checkpoint directory (all checkpoints in it)")
     p = sub.add_parser("convert", help="to / from Hugging Face Llama/Mistral, stock DCP, a torch.save file",
                        formatter_class=fmt,
-                       epilog="examples:\n  dist-train ckpt convert runs/demo/checkpoints/step_20 --to hf hf_out\n"
+                       epilog="examples:\n  dist-train ckpt convert runs/demo/checkpoints/step_120 --to hf hf_out\n"
                               "  dist-train ckpt convert hf_out --from hf runs/init\n"
                               "  dist-train ckpt convert runs/demo/checkpoints --to dcp stock_dcp   "
                               "# dcp.load(model.state_dict(), checkpoint_id='stock_dcp')\n"
