@@ -66,6 +66,11 @@ def ffn_hidden_size(m: ModelConfig) -> int:
     return 32 * math.ceil(8 * m.d_model / 3 / 32)
 
 
+def swin_ffn_hidden_size(m: ModelConfig) -> int:
+    """The Swin block's MLP hidden width: ``model.ffn_hidden``, else 4·d (Swin's MLP ratio 4)."""
+    return m.ffn_hidden or 4 * m.d_model
+
+
 @dataclass
 class DataConfig:
     source: str = "indexed"  # indexed | synthetic | weather
@@ -827,7 +832,7 @@ def _validate_swin(cfg: Config) -> None:
     if p.sequence_parallel:
         raise ConfigError("parallel.sequence_parallel: not implemented for model.kind = swin (its tp regions keep "
                           "the whole tile on every tp rank); set sequence_parallel: false")
-    ffn = m.ffn_hidden or 4 * m.d_model
+    ffn = swin_ffn_hidden_size(m)
     if ffn % p.tp:
         raise ConfigError(f"swin MLP hidden size {ffn} (model.ffn_hidden, default 4·d_model) is not divisible by "
                           f"parallel.tp = {p.tp}")

@@ -30,7 +30,7 @@ CHANGES = {
     "model.n_layers": 1,
     "model.n_heads": 2,
     "model.n_kv_heads": 4,
-    "model.ffn_hidden": 96,
+    "model.ffn_hidden": 128,
     "model.vocab_size": 96,
     "model.rope_theta": 500000.0,
     "model.norm_eps": 1e-6,
@@ -80,6 +80,14 @@ def test_every_difference_is_listed_and_allowed_ones_pass(saved, capsys):
         capsys.readouterr().out
     # init_std only shapes the initial weights: free to differ
     assert _resume(saved, model={"init_std": 0.5}).start_step == 2
+
+
+def test_explicit_sizes_equal_to_the_derived_defaults_are_no_change(saved):
+    """An HF import writes ffn_hidden/head_dim explicitly; the saved run left them null (d=32: SwiGLU 96,
+    d/heads = 8): the same model, so the resume goes ahead, and an explicit different size is still refused."""
+    assert _resume(saved, model={"ffn_hidden": 96, "head_dim": 8}).start_step == 2
+    with pytest.raises(ResumeMismatchError, match=r"model.ffn_hidden 96 -> 128"):
+        _resume(saved, model={"ffn_hidden": 128})
 
 
 class _Stack(nn.Module):

@@ -11,10 +11,12 @@ model's tensors must be exactly the saved ``model.*`` tensors, with equal shapes
 """
 from __future__ import annotations
 
+from dataclasses import fields
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Optional, Sequence
 
 from dist_train.checkpoint.storage import CheckpointError
+from dist_train.config import ModelConfig, attention_head_dim, ffn_hidden_size, swin_ffn_hidden_size
 
 #: Config keys a checkpoint must agree on: every key of these sections, and these single keys.
 CHECKED_SECTIONS = ("model",)
@@ -46,10 +48,34 @@ def _lookup(config: Mapping[str, Any], dotted: str) -> Any:
     return node
 
 
+_MODEL_FIELDS = frozenset(f.name for f in fields(ModelConfig))
+
+
+def _sizes_as_built(config: Mapping[str, Any]) -> Mapping[str, Any]:
+    """``config`` with the model sizes whose null means "derived" (``n_kv_heads``, ``ffn_hidden``, gpt
+    ``head_dim``) replaced by the value the model is built with, so that an explicit ``ffn_hidden: 704`` (what
+    an HF import writes) equals an omitted one on a d=256 GPT. Only keys the section records are filled."""
+    model = config.get("model")
+    if not isinstance(model, Mapping):
+        return config
+    try:
+        m = ModelConfig(**{k: v for k, v in model.items() if k in _MODEL_FIELDS})
+        built = {"n_kv_heads": m.n_kv_heads or m.n_heads,
+                 "ffn_hidden": ffn_hidden_size(m) if m.kind == "gpt" else swin_ffn_hidden_size(m)}
+        if m.kind == "gpt":
+            built["head_dim"] = attention_head_dim(m)
+    except (TypeError, ZeroDivisionError):  # a section too broken to build: compare it as written
+        return config
+    resolved = {k: (built[k] if v is None and k in built else v) for k, v in model.items()}
+    return {**config, "model": resolved}
+
+
 def config_differences(saved: Mapping[str, Any], current: Mapping[str, Any]) -> list[tuple[str, Any, Any]]:
     """``[(dotted key, saved value, current value)]`` for every checked key present on both sides whose
-    values differ. A key the checkpoint does not record (saved by an older version, or a converted checkpoint
-    that knows no such field) is not compared: its default is, by design, the older behaviour."""
+    values differ, null sizes compared as the model builds them (``_sizes_as_built``). A key the checkpoint does
+    not record (saved by an older version, or a converted checkpoint that knows no such field) is not compared:
+    its default is, by design, the older behaviour."""
+    saved, current = _sizes_as_built(saved), _sizes_as_built(current)
     out = []
     for key in checked_keys(current):
         old, new = _lookup(saved, key), _lookup(current, key)

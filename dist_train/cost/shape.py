@@ -12,7 +12,7 @@ import math
 from dataclasses import dataclass
 from typing import Optional
 
-from ..config import Config, ConfigError, ModelConfig, attention_head_dim, ffn_hidden_size
+from ..config import Config, ConfigError, ModelConfig, attention_head_dim, ffn_hidden_size, swin_ffn_hidden_size
 from ..plan.profiles import DeviceProfile
 from .layout import RankLoad, rank_loads
 
@@ -121,7 +121,7 @@ def shape_of(cfg: Config) -> Shape:
     area = win[0] * win[1]
     p2 = m.patch_size ** 2
     return Shape("swin", m.n_layers, m.d_model, m.n_heads, m.n_heads, m.d_model // m.n_heads,
-                 m.ffn_hidden or 4 * m.d_model, m.out_channels * p2, m.in_channels * p2, ph * pw, float(area), area,
+                 swin_ffn_hidden_size(m), m.out_channels * p2, m.in_channels * p2, ph * pw, float(area), area,
                  (ph, pw), win)
 
 
