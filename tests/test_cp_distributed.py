@@ -11,6 +11,7 @@ import torch
 
 from parallelism.context import (CPStats, LAYOUTS, context_parallel_attention, sequence_positions,
                                  shard_sequence, unshard_sequence)
+from parallelism.context.hybrid import ordered_new_group
 from tests.dist_harness import run_ranks
 from tests.test_cp_reference import max_rel_err, random_qkv, reference_attention
 
@@ -154,3 +155,26 @@ def _rank_main(rank: int, world_size: int) -> int:
 def test_context_parallel_matches_reference(world_size):
     counts = run_ranks(_rank_main, world_size, timeout=170)
     assert len(set(counts)) == 1 and counts[0] >= 24
+
+
+def test_hybrid_sub_groups_keep_rank_order_on_torch_2_11_and_2_13():
+    """The sub-group factory against stand-ins with each torch's ``new_group`` signature: 2.13's takes
+    ``sort_ranks`` (asked not to sort); 2.11's has none and always sorts, so ascending ranks pass
+    unchanged and any other order is refused (the sub-group's ranks would be silently permuted)."""
+    calls = []
+
+    def new_group_2_13(ranks=None, timeout=None, backend=None, pg_options=None, use_local_synchronization=False,
+                       group_desc=None, device_id=None, sort_ranks=True):
+        calls.append((sorted(ranks) if sort_ranks else list(ranks), use_local_synchronization))
+        return "2.13 group"
+
+    def new_group_2_11(ranks=None, timeout=None, backend=None, pg_options=None, use_local_synchronization=False,
+                       group_desc=None, device_id=None):
+        calls.append((sorted(ranks), use_local_synchronization))
+        return "2.11 group"
+
+    assert ordered_new_group((5, 1, 3), new_group_2_13) == "2.13 group" and calls[-1] == ([5, 1, 3], True)
+    assert ordered_new_group((1, 3, 5), new_group_2_11) == "2.11 group" and calls[-1] == ([1, 3, 5], True)
+    with pytest.raises(ValueError, match=r"\[5, 1, 3\] are not ascending"):
+        ordered_new_group((5, 1, 3), new_group_2_11)
+    assert len(calls) == 2

@@ -3,7 +3,8 @@
 A group of P = U·R ranks (in group-rank order g_0..g_{P−1}) is split into R Ulysses sub-groups of
 U consecutive ranks {g_{iU}, …, g_{iU+U−1}} and U ring sub-groups {g_j, g_{j+U}, …}. Sub-groups are
 created on first use with ``new_group(use_local_synchronization=True)`` — only the members take part
-— and cached keyed by the parent's global ranks and U.
+— and cached keyed by the parent's global ranks and U. Sub-group rank i is member i of the list
+(:func:`ordered_new_group`: ``sort_ranks=False`` where torch has it; 2.13 does, 2.11 does not).
 
 Every rank of the group must call with the same (group, ulysses_degree) in the same order: all
 ranks first create their Ulysses sub-group, then their ring sub-group, so the creation order is
@@ -11,8 +12,9 @@ globally consistent (required to avoid deadlocks between overlapping groups).
 """
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional, Sequence
 
 import torch.distributed as dist
 
@@ -38,6 +40,26 @@ def group_ranks(group: Optional[dist.ProcessGroup]) -> tuple[int, ...]:
     return tuple(dist.get_process_group_ranks(group))
 
 
+def ordered_new_group(ranks: Sequence[int], new_group: Optional[Callable] = None) -> Optional[dist.ProcessGroup]:
+    """``new_group(ranks, use_local_synchronization=True)`` whose group rank i is ``ranks[i]``.
+
+    Where ``new_group`` takes ``sort_ranks`` (torch 2.13) the caller's order is kept with
+    ``sort_ranks=False``. torch 2.11's ``new_group`` has no such argument and always sorts: the same
+    group when ``ranks`` ascend (always the case there, since the parent group was itself created
+    sorted); any other order would be silently permuted, so it is refused. ``new_group``: the factory
+    (default ``torch.distributed.new_group``; tests pass stand-ins with either signature).
+    """
+    new_group = dist.new_group if new_group is None else new_group
+    ranks = list(ranks)
+    if "sort_ranks" in inspect.signature(new_group).parameters:
+        return new_group(ranks, use_local_synchronization=True, sort_ranks=False)
+    if ranks != sorted(ranks):
+        raise ValueError(f"sub-group ranks {ranks} are not ascending and this torch's new_group always sorts "
+                         "them (its new_group has no sort_ranks argument): the sub-group's rank order would not "
+                         "match the parent group's")
+    return new_group(ranks, use_local_synchronization=True)
+
+
 def subgroups(group: Optional[dist.ProcessGroup], degree: int) -> SubGroups:
     """The (cached) Ulysses/ring sub-groups of this rank for ``degree`` = U dividing the group size."""
     ranks = group_ranks(group)
@@ -55,13 +77,11 @@ def subgroups(group: Optional[dist.ProcessGroup], degree: int) -> SubGroups:
         if degree == P:
             ulysses = group
         elif degree > 1:
-            ulysses = dist.new_group([ranks[m] for m in u_members], use_local_synchronization=True,
-                                     sort_ranks=False)
+            ulysses = ordered_new_group([ranks[m] for m in u_members])
         if degree == 1:
             ring = group
         elif degree < P:
-            ring = dist.new_group([ranks[m] for m in r_members], use_local_synchronization=True,
-                                  sort_ranks=False)
+            ring = ordered_new_group([ranks[m] for m in r_members])
         _CACHE[key] = SubGroups(ulysses, r_idx, ring, u_idx, P // degree, u_members)
     return _CACHE[key]
 
