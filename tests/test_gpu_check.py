@@ -1,10 +1,12 @@
 """``make gpu-check`` on a machine without CUDA: the same command as on the GPU, as a smoke run
-(tests skip with their reason, benchmarks report why they did not run), and never an import of
-deepspeed, megatron-core or ray (the GPU machine has none of them)."""
+(tests skip with their reason, benchmarks report why they did not run), and an import check of the whole
+GPU path against what the GPU machine has (no deepspeed, megatron-core or ray)."""
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -47,19 +49,75 @@ def test_make_gpu_check_smoke_run_on_cpu(tmp_path):
     assert "## Environment" in md and "test_trainer_on_one_gpu_with_nccl_bf16_vs_fp32" in md
 
 
+#: what the GPU machine's python3 has besides the standard library (issue #21): torch and these
+#: distributions, with what they require; deepspeed, megatron-core and ray are absent
+GPU_MACHINE = ("torch", "numpy", "pyyaml", "tqdm", "psutil", "xxhash", "matplotlib", "safetensors", "transformers",
+               "tensorboard", "mpi4py", "pytest")
+
+#: the GPU path on CPU in one process: the gpu tests' modules and the helpers they import lazily, the trainer
+#: at world size 1 with the gpu tests' precision (bf16) and an async checkpoint, the llama benchmark (tiny
+#: model: step, async checkpoint, longest-S search), the environment probe. Prints {module: [distribution]}
+#: for every imported module that comes from an installed distribution (not the project's own editable-install
+#: finder).
+GPU_PATH_SCRIPT = """
+import importlib.metadata, json, sys
+from pathlib import Path
+import torch
+from tests.trainer_utils import tiny_gpt_config
+from dist_train.trainer import train
+from dist_train.gpucheck import bench, env, runner
+import tests.test_gpu_path, tests.test_cuda_kernel, tests.test_wp_attention, tests.test_ckpt_common
+out = Path(sys.argv[1])
+r = train(tiny_gpt_config(out / "run", steps=1, train={"precision": "bf16", "peak_tflops": 1.0},
+                          checkpoint={"every": 0, "at_end": True, "async_save": True}))
+assert r.exit_code == 0
+tiny = dict(kind="gpt", d_model=32, n_layers=1, n_heads=4, n_kv_heads=2, ffn_hidden=64, vocab_size=64)
+bench.run_llama(out / "llama.json", 60.0, torch.device("cpu"), model=tiny, seq_len=64, window=16, longest_start=64,
+                longest_limit=64, peak_n=64)
+env.environment()
+owners = importlib.metadata.packages_distributions()
+print(json.dumps({m: owners.get(m, [m]) for m in sorted({n.split(".")[0] for n in sys.modules})
+                  if "-packages" in str(getattr(sys.modules[m], "__file__", None) or "")
+                  and not m.startswith("__editable__")}))
+"""
+
+
+def _canonical(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def _with_requirements(dists) -> set[str]:
+    """``dists`` and everything they require, transitively (extras left out), as canonical names."""
+    seen, todo = set(), [_canonical(d) for d in dists]
+    while todo:
+        name = todo.pop()
+        if name in seen:
+            continue
+        seen.add(name)
+        try:
+            reqs = importlib.metadata.requires(name) or []
+        except importlib.metadata.PackageNotFoundError:
+            continue
+        todo += [_canonical(re.match(r"[A-Za-z0-9_.-]+", r).group(0)) for r in reqs if "extra" not in r.partition(";")[2]]
+    return seen
+
+
 @pytest.mark.slow
-def test_gpu_path_imports_no_optional_package(tmp_path):
-    """The trainer (one CPU step of a tiny GPT), the checkpoint manager and the GPU benchmarks work
-    with deepspeed, megatron-core and ray unimportable."""
-    code = ("import sys; from tests.trainer_utils import tiny_gpt_config; from dist_train.trainer import train;"
-            "import dist_train.gpucheck.bench, dist_train.gpucheck.env, tests.test_gpu_path, tests.test_cuda_kernel;"
-            f"r = train(tiny_gpt_config({str(tmp_path / 'run')!r}, steps=1, train={{'peak_tflops': 1.0}}));"
-            "assert r.exit_code == 0;"
-            f"bad = [m for m in sys.modules if m.split('.')[0] in {BLOCKED!r}]; assert not bad, bad")
+def test_gpu_path_imports_only_what_the_gpu_machine_has(tmp_path):
+    """The whole GPU path (GPU_PATH_SCRIPT) runs on CPU with deepspeed, megatron-core and ray unimportable,
+    and every installed distribution it imports is torch, one on the GPU machine's list, or required by one."""
+    script = tmp_path / "gpu_path.py"
+    script.write_text(GPU_PATH_SCRIPT)
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([_blocking_path(tmp_path), str(ROOT)]),
                DIST_TRAIN_CACHE=str(tmp_path / "cache"))
-    res = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=170)
+    res = subprocess.run([sys.executable, str(script), str(tmp_path)], cwd=ROOT, env=env, capture_output=True,
+                         text=True, timeout=170)
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+    imported = json.loads(res.stdout.strip().splitlines()[-1])
+    assert "torch" in imported and not set(imported) & set(BLOCKED), imported
+    allowed = _with_requirements(GPU_MACHINE)
+    foreign = {m: d for m, d in imported.items() if not {_canonical(x) for x in d} & allowed}
+    assert not foreign, f"the GPU path imports modules of distributions the GPU machine lacks: {foreign}"
 
 
 def test_gpu_test_files_are_found_by_their_marker():
