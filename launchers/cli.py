@@ -162,9 +162,9 @@ def add_submit_arguments(parser: argparse.ArgumentParser) -> None:
                           "head + workers) with requeue on preemption, and submit it with sbatch/qsub.")
     parser.epilog = examples(
         "dist-train submit configs/demo.yaml --scheduler slurm --nodes 2 --gpus-per-node 4 --time 02:00:00 "
-        "--set parallel.dp=4 --dry-run",
+        "--set parallel.dp=4 --set train.global_batch=16 --dry-run",
         "dist-train submit configs/demo.yaml --scheduler pbs --nodes 4 --gpus-per-node 4 --time 01:00:00 "
-        "--module cuda/12.4 --env-line 'export NCCL_DEBUG=WARN' --set parallel.dp=8")
+        "--module cuda/12.4 --env-line 'export NCCL_DEBUG=WARN' --set parallel.dp=8 --set train.global_batch=32")
     parser.add_argument("config", help="YAML config file")
     parser.add_argument("--scheduler", required=True, choices=("slurm", "pbs"))
     parser.add_argument("--nodes", type=int, help="nodes (default launch.nodes)")

@@ -1,0 +1,109 @@
+"""Every concrete example command — in each ``--help`` epilog, README.md and docs/*.md — parses with the real
+parser, and the config it names, with its ``--set`` overrides, passes validation and the command's own checks
+(launch: the rank count; submit: the batch script's world size; bench train: run and baseline; plan: the
+planned config; scale: the sweep's points). A new user copies these; none may end in an error.
+
+In-process and config-only: nothing is started, trained or written (a subprocess per example would cost
+seconds of imports each). Examples with placeholders (CONFIG, $M, …, [optional flags], a|b) are skipped.
+"""
+from __future__ import annotations
+
+import argparse
+import re
+import shlex
+from pathlib import Path
+
+import pytest
+
+from dist_train.bench import train as bench_train
+from dist_train.cli import _COMMANDS, build_parser
+from dist_train.config import load_config
+from dist_train.plan.cli import _plan_config
+from dist_train.plan.sweep import expand, load_sweep, point_config
+from launchers.cli import resolve_launch, submit_main
+
+REPO = Path(__file__).resolve().parents[1]
+_PLACEHOLDER = re.compile(r"CONFIG|SWEEP|RUN_DIR|PREFIX|FILES|HEAD\b|\$|…|\[|\||<")
+
+
+def _parsers():
+    for name in _COMMANDS:
+        stack = [build_parser(name)]
+        while stack:
+            parser = stack.pop()
+            yield parser
+            for action in parser._actions:
+                if isinstance(action, argparse._SubParsersAction):
+                    stack.extend(action.choices.values())
+
+
+def _commands(text: str):
+    """The ``dist-train …`` commands in ``text``: continuation lines joined, ``a && b`` split, comments cut."""
+    for line in re.sub(r"\\\n\s*", " ", text).splitlines():
+        for part in line.split("&&"):
+            part = re.split(r"\s#\s|\s{2,}#", part.strip())[0].strip()
+            if part.startswith("dist-train ") and not _PLACEHOLDER.search(part):
+                yield part
+
+
+def _examples() -> list[tuple[str, str]]:
+    found = {("--help", cmd) for p in _parsers() for cmd in _commands(p.epilog or "")}
+    for doc in [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]:
+        # fenced blocks are examples; an inline span is one when it names a shipped config (prose also says
+        # `dist-train plot` for the command itself)
+        for m in re.finditer(r"```[a-z]*\n(.*?)```|`([^`]*dist-train [^`]*configs/[^`]*)`", doc.read_text(),
+                             re.S):
+            text = m.group(1) if m.group(1) is not None else m.group(2).replace("\n", " ")
+            found |= {(doc.name, cmd) for cmd in _commands(text)}
+    return sorted(found)
+
+
+EXAMPLES = _examples()
+
+
+def test_the_examples_are_found():
+    assert len(EXAMPLES) > 50 and ("--help", "dist-train launch configs/demo.yaml") in EXAMPLES
+
+
+def _check_config_of(args: argparse.Namespace, argv: list[str], capsys) -> None:
+    command = argv[0]
+    if command == "launch":
+        resolve_launch(args)
+    elif command == "submit":
+        args.dry_run = True  # print the script, submit nothing
+        assert submit_main(args) == 0
+        capsys.readouterr()
+    elif command == "run":
+        load_config(args.config, args.set or [])
+    elif command == "plan" and args.config:
+        _plan_config(args)
+    elif command == "scale":
+        spec = load_sweep(args.sweep)
+        for point in expand(spec):
+            point_config(spec, point)
+    elif argv[:2] == ["bench", "train"]:
+        overrides = list(args.overrides) + ([f"train.steps={args.steps}"] if args.steps is not None else [])
+        bench_train._checked(args.config, overrides, args.nproc, "")
+        if args.baseline_overrides or args.baseline_nproc is not None:
+            bench_train._checked(args.config, overrides + list(args.baseline_overrides), args.baseline_nproc,
+                                 "baseline: ")
+    elif argv[:2] == ["bench", "launch"]:
+        load_config(args.config, args.set or [])
+
+
+@pytest.mark.parametrize("where, command", EXAMPLES, ids=[f"{w}: {c[11:70]}" for w, c in EXAMPLES])
+def test_example_parses_and_its_config_validates(where, command, monkeypatch, capsys):
+    monkeypatch.chdir(REPO)
+    argv = shlex.split(command)[1:]
+    if argv == ["<command>", "--help"]:
+        return
+    try:
+        args = build_parser(argv[0]).parse_args(argv)
+    except SystemExit:
+        pytest.fail(f"{where}: `{command}` does not parse: {capsys.readouterr().err.strip()}")
+    if not any(a.startswith("configs/") for a in argv):
+        return
+    try:
+        _check_config_of(args, argv, capsys)
+    except ValueError as e:  # ConfigError included
+        pytest.fail(f"{where}: `{command}` fails: {e}")
