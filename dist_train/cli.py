@@ -71,7 +71,8 @@ def _cmd_data_prepare(args: argparse.Namespace) -> int:
 
 
 def _add_run(sub) -> None:
-    p = sub.add_parser("run", help=_HELP["run"],
+    p = sub.add_parser("run", help=_HELP["run"], description=_HELP["run"][0].upper() + _HELP["run"][1:] + ": the "
+                       "per-rank command every launcher ends in (docs/launching.md).",
                        formatter_class=_F, epilog=examples(
                            "dist-train run configs/gpt_tiny.yaml --set parallel.dp=1 --set train.steps=10",
                            "torchrun --nproc-per-node 2 -m dist_train run configs/gpt_tiny.yaml --set parallel.dp=2",
@@ -82,7 +83,9 @@ def _add_run(sub) -> None:
 
 
 def _add_data(sub) -> None:
-    p = sub.add_parser("data", help=_HELP["data"], formatter_class=_F)
+    p = sub.add_parser("data", help=_HELP["data"], formatter_class=_F, epilog=examples(
+        "dist-train data prepare --corpus python-stdlib --output data/pystd",
+        "dist-train data prepare --input notes/*.txt corpus.jsonl --output data/corpus"))
     dsub = p.add_subparsers(dest="data_cmd", required=True, metavar="{prepare}")
     q = dsub.add_parser("prepare", help="build a Megatron indexed dataset (.bin/.idx) from text/JSONL files",
                         formatter_class=_F, epilog=examples(

@@ -76,8 +76,8 @@ def test_cli_bad_input_is_one_line_exit_2(tmp_path, monkeypatch, capsys):
 
 def test_every_subcommand_has_help_with_an_example(capsys):
     """In-process (subprocesses would cost seconds each): every command and bench subcommand."""
-    commands = [[c] for c in _COMMANDS if c != "data"] + [["data", "prepare"]]
-    commands += [["bench", b] for b in _bench_modules()]
+    commands = [[c] for c in _COMMANDS] + [["data", "prepare"]]
+    commands += [["bench", b] for b in _bench_modules()] + [["ckpt", a] for a in ("inspect", "verify", "convert")]
     for cmd in [[]] + commands:
         with pytest.raises(SystemExit) as e:
             main([*cmd, "--help"])
