@@ -121,6 +121,19 @@ def ranks_on_this_machine(backend: str, nodes: int, address: Optional[str]) -> b
     return backend != "ray" or (nodes == 1 and not (address or os.environ.get("RAY_ADDRESS")))
 
 
+def _launch_error(args: argparse.Namespace) -> Optional[str]:
+    """What the launch itself would refuse (rank count, flags) for ``--dry-run``: an explicit ``--nproc``,
+    ``--nodes`` or ``--gpus-per-node`` that does not fit is an error there too (raised); a mismatch with the
+    config's own ``launch.nproc`` only a note, since the dry run previews layouts under ``--set``."""
+    try:
+        resolve_launch(args)
+    except ValueError as e:
+        if args.nproc is not None or args.nodes is not None or args.gpus_per_node is not None:
+            raise
+        return str(e)
+    return None
+
+
 def launch_main(args: argparse.Namespace) -> int:
     overrides = list(args.set or [])
     if getattr(args, "dry_run", False):
@@ -128,7 +141,12 @@ def launch_main(args: argparse.Namespace) -> int:
 
         if not hasattr(entry, "dry_run"):
             raise ValueError("--dry-run: this build has no dist_train.entry.dry_run")
-        return int(entry.dry_run(args.config, overrides))
+        launch_error = _launch_error(args)
+        code = int(entry.dry_run(args.config, overrides))
+        if launch_error:
+            print(f"note: the layout is valid, but launching it as given would fail: {launch_error}",
+                  file=sys.stderr)
+        return code
     cfg, backend, nproc, nodes, gpus, max_restarts = resolve_launch(args)
     address = args.address or cfg.launch.address
     # Data, directories, resume: one line and exit 2 before any rank starts. Ranks on other machines (a Ray

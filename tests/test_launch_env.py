@@ -237,6 +237,22 @@ def test_submit_dry_run_prints_script(tmp_path, capsys):
         submit_main(args)
 
 
+def test_dry_run_refuses_an_explicit_rank_count_the_launch_would_refuse(capsys):
+    """--nproc 3 on a 2-rank layout fails the launch, so its dry run says so (exit 2) instead of a table; the
+    config's own launch.nproc against a --set layout is only a note under the table."""
+    from launchers.cli import launch_main
+
+    with pytest.raises(ValueError, match="= 2 but 3 ranks"):
+        launch_main(_launch_args("configs/gpt_tiny.yaml", "--nproc", "3", "--dry-run"))
+    assert launch_main(_launch_args("configs/gpt_tiny.yaml", "--set", "parallel.dp=1", "--dry-run")) == 0
+    out, err = capsys.readouterr()
+    assert "rank  dp" in out and "note: the layout is valid, but launching it as given would fail" in err
+    assert "pass --nproc 1" in err
+    assert launch_main(_launch_args("configs/gpt_tiny.yaml", "--set", "parallel.dp=1", "--nproc", "1",
+                                    "--dry-run")) == 0
+    assert "note:" not in capsys.readouterr().err
+
+
 def test_preflight_runs_in_the_launcher_only_when_the_ranks_run_here(monkeypatch):
     from launchers.cli import ranks_on_this_machine
 
