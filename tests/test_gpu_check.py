@@ -9,13 +9,14 @@ import os
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 import torch
 
 from dist_train.gpucheck import report as rep
-from dist_train.gpucheck.runner import gpu_test_files
+from dist_train.gpucheck.runner import _run, gpu_test_files, run_bench
 
 ROOT = Path(__file__).resolve().parents[1]
 BLOCKED = ("deepspeed", "megatron", "ray")
@@ -98,7 +99,8 @@ def _with_requirements(dists) -> set[str]:
             reqs = importlib.metadata.requires(name) or []
         except importlib.metadata.PackageNotFoundError:
             continue
-        todo += [_canonical(re.match(r"[A-Za-z0-9_.-]+", r).group(0)) for r in reqs if "extra" not in r.partition(";")[2]]
+        todo += [_canonical(re.match(r"[A-Za-z0-9_.-]+", r).group(0)) for r in reqs
+                 if "extra" not in r.partition(";")[2]]
     return seen
 
 
@@ -155,6 +157,38 @@ def test_report_from_junit(tmp_path):
     assert "fixture \\| broke" in md and "| 8192 | causal | auto=cuda {'flash': 6} | 2 | 500 |" in md
     assert json.loads((tmp_path / "r" / "gpu-report.json").read_text())["summary"] == {
         "passed": 1, "failed": 1, "skipped": 1, "error": 1}
+    # a section stopped by its time limit: the error, then what it measured before
+    cut = {"environment": {}, "tests": [], "benchmarks": {
+        "kernels": {"error": "exit 1 after 3 s: CUDA error"},
+        "llama": {"error": "exit 124 after 300 s: KeyboardInterrupt", "step": {"tokens_per_s": 41000.0},
+                  "longest": {"window": 4096, "stopped_by": "running", "trials": [
+                      {"seq_len": 32768, "ok": True, "step_s": 2.0, "peak_gib": 30.0, "bytes_per_token": 9e5}]}}}}
+    rep.write(cut, tmp_path / "cut")
+    md = (tmp_path / "cut" / "gpu-report.md").read_text()
+    assert "### kernels\n\n**error**: exit 1 after 3 s: CUDA error\n\nno rows measured" in md
+    assert "**error**: exit 124 after 300 s: KeyboardInterrupt" in md and "**step**: tokens_per_s=41,000" in md
+    assert "- S=32768: ok, 2 s, peak 30 GiB" in md and "stopped_by=running" in md
+
+
+@pytest.mark.slow
+def test_a_section_at_its_time_limit_is_interrupted_and_keeps_its_finished_tests(tmp_path):
+    """SIGINT before SIGKILL: pytest, stopped by the limit in its second test, still writes the JUnit
+    result of the first one, which the report then lists."""
+    (tmp_path / "test_limit.py").write_text("import time\n\ndef test_quick():\n    pass\n\n"
+                                             "def test_hangs():\n    time.sleep(120)\n")
+    xml = tmp_path / "junit.xml"
+    t0 = time.perf_counter()
+    rc, secs = _run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"--junitxml={xml}",
+                     str(tmp_path / "test_limit.py")], 12.0, tmp_path / "pytest.log")
+    assert rc == 124 and secs <= 12.5 and time.perf_counter() - t0 <= 13.0, (rc, secs)
+    assert [(t["test"].rsplit("::", 1)[1], t["outcome"]) for t in rep.junit_results(xml)] == [("test_quick", "passed")]
+
+
+def test_a_benchmark_without_time_to_start_is_reported_as_skipped(tmp_path):
+    report = {"benchmarks": {}, "sections": {}, "notes": []}
+    run_bench(report, "llama", tmp_path, 12.0, budget_s=0.0)
+    assert report["benchmarks"]["llama"]["skipped"].startswith("time budget: 12 s left") and not report["sections"]
+    assert report["notes"] == ["llama: not run, the time budget was spent"]
 
 
 def test_longest_sequence_bisection():
@@ -170,6 +204,19 @@ def test_longest_sequence_bisection():
     assert res["first_failure"] - res["longest_seq_len"] <= res["longest_seq_len"] // 8
     assert bench_longest(trial, 0.0, start=32768)["stopped_by"].startswith("time budget")
     assert bench_longest(trial, float("inf"), start=32768, limit=100_000)["longest_seq_len"] == 65536
+    # every trial is handed out as it finishes (a run killed later keeps them)
+    seen = []
+    final = bench_longest(trial, float("inf"), start=32768, on_trial=seen.append)
+    assert [len(p["trials"]) for p in seen] == list(range(1, len(final["trials"]) + 1))
+    assert all(p["stopped_by"] == "running" for p in seen) and seen[-1]["trials"] == final["trials"]
+    # a first trial the budget cannot hold (predicted from a known step: 4 x 10 s x 1.3 + 5) is not started
+    called = []
+    res = bench_longest(lambda s: called.append(s) or trial(s), time.perf_counter() + 50.0, start=32768,
+                        known={"seq_len": 8192, "step_s": 10.0})
+    assert called == [] and res["trials"] == [] and res["longest_seq_len"] is None
+    assert res["stopped_by"] == "time budget (first S=32768 predicted 57 s)"
+    assert bench_longest(trial, time.perf_counter() + 60.0, start=32768, known={"seq_len": 8192, "step_s": 10.0},
+                         limit=32768)["longest_seq_len"] == 32768
 
 
 def test_llama_benchmark_code_runs_on_cpu_with_a_tiny_model(tmp_path):

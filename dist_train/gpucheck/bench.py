@@ -13,7 +13,8 @@ peak); (2) an async checkpoint of its model + AdamW state: bytes, GB/s, the stal
 the step time while the write runs; (3) the longest S one step trains at with a sliding window
 (the million-token recipe at cp = 1), by doubling then bisection under the time budget, with peak
 bytes per token. Times are CUDA-event medians over repeats after a warm-up. A JSON file is
-rewritten after every part, so a run cut short keeps what it measured.
+rewritten after every part and every longest-S trial, so a run cut short keeps what it measured; the
+longest-S search starts no trial its time budget cannot hold (predicted from the measured step).
 """
 from __future__ import annotations
 
@@ -27,7 +28,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -75,9 +76,11 @@ def table_peak_tflops(device: torch.device = torch.device("cuda")) -> float | No
 
 
 # ---------------------------------------------------------------------------------------------
-def bench_kernels(seq_lens=(8192, 32768), heads: int = 16, head_dim: int = 128, repeats: int = 5) -> list[dict]:
+def bench_kernels(seq_lens=(8192, 32768), heads: int = 16, head_dim: int = 128, repeats: int = 5,
+                  on_row: Optional[Callable[[list[dict]], None]] = None) -> list[dict]:
     """fwd+bwd of one block: our kernels vs torch SDPA, bf16, causal and full (4·S²·D·H FLOPs per
-    forward for a full block, half for causal; backward 2.5× the forward)."""
+    forward for a full block, half for causal; backward 2.5× the forward). ``on_row(rows)`` gets the
+    rows so far after each one."""
     from parallelism.context.kernels import CudaSdpaKernel, get_kernel
     from parallelism.context.layouts import Chunk
     from parallelism.context.masks import classify
@@ -112,6 +115,8 @@ def bench_kernels(seq_lens=(8192, 32768), heads: int = 16, head_dim: int = 128, 
                              "ops": dict(getattr(kern, "calls", {})), "ms": t * 1e3, "sdpa_ms": t_sdpa * 1e3,
                              "tflops": flops / t / 1e12, "sdpa_tflops": flops / t_sdpa / 1e12,
                              "vs_sdpa": t_sdpa / t})
+                if on_row is not None:
+                    on_row(rows)
             del qs, ks, vs
         del q, k, v, do
         torch.cuda.empty_cache()
@@ -231,14 +236,33 @@ def trial_step(model, opt, cfg: Config, seq_len: int) -> dict:
             "bytes_per_token": None if peak is None else (peak - base) / seq_len}
 
 
+def predicted_step_s(known: dict, seq_len: int) -> float:
+    """A training step's time at ``seq_len`` from a completed one (``known``: its ``seq_len`` and
+    ``step_s``): linear in S (a window keeps attention linear), with a 1.3x + 5 s margin for the
+    first-call and allocator costs of a new length."""
+    return known["step_s"] * seq_len / known["seq_len"] * 1.3 + 5.0
+
+
 def bench_longest(trial: Callable[[int], dict], deadline: float, start: int = 32768, quantum: int = 8192,
-                  limit: int = 1 << 23) -> dict:
+                  limit: int = 1 << 23, known: Optional[dict] = None,
+                  on_trial: Optional[Callable[[dict], None]] = None) -> dict:
     """Double S from ``start`` until a step fails (OOM), the next one would pass ``deadline``
     (perf_counter time) or exceed ``limit``, then bisect to within max(quantum, S/8). ``trial(S)`` ->
     :func:`trial_step`'s record. ``longest_seq_len`` is the largest S whose step completed (a lower
-    bound unless ``stopped_by`` says the bisection converged)."""
+    bound unless ``stopped_by`` says the bisection converged). ``known``: a completed step of the same
+    model (:func:`bench_step`'s record) that predicts the first trial, which is not started when it would
+    pass ``deadline``. ``on_trial(result)`` gets the result so far (``stopped_by`` "running") after every
+    trial, so a run stopped from outside keeps the trials it finished."""
     trials, ok, bad = [], None, None
-    s, stopped = start, "bisection converged"
+
+    def result(stopped: str) -> dict:
+        return {"longest_seq_len": ok["seq_len"] if ok else None,
+                "bytes_per_token": ok["bytes_per_token"] if ok else None, "first_failure": bad,
+                "stopped_by": stopped, "trials": list(trials)}
+
+    s = start
+    if known is not None and time.perf_counter() + predicted_step_s(known, s) > deadline:
+        return result(f"time budget (first S={s} predicted {predicted_step_s(known, s):.0f} s)")
     while True:
         rec = trial(s)
         trials.append(rec)
@@ -246,26 +270,22 @@ def bench_longest(trial: Callable[[int], dict], deadline: float, start: int = 32
             ok = rec
         else:
             bad = s
+        if on_trial is not None:
+            on_trial(result("running"))
         if ok is None:
-            stopped = "the first length failed"
-            break
+            return result("the first length failed")
         if bad is None:
             nxt = 2 * s
         else:
             nxt = (ok["seq_len"] + bad) // 2 // quantum * quantum
             if bad - ok["seq_len"] <= max(quantum, ok["seq_len"] // 8) or nxt <= ok["seq_len"]:
-                break
+                return result("bisection converged")
         if nxt > limit:
-            stopped = f"the length limit {limit}"
-            break
-        predicted = ok["step_s"] * nxt / ok["seq_len"] * 1.3 + 5.0
+            return result(f"the length limit {limit}")
+        predicted = predicted_step_s(ok, nxt)
         if time.perf_counter() + predicted > deadline:
-            stopped = f"time budget (next S={nxt} predicted {predicted:.0f} s)"
-            break
+            return result(f"time budget (next S={nxt} predicted {predicted:.0f} s)")
         s = nxt
-    return {"longest_seq_len": ok["seq_len"] if ok else None,
-            "bytes_per_token": ok["bytes_per_token"] if ok else None, "first_failure": bad,
-            "stopped_by": stopped, "trials": trials}
 
 
 def run_llama(out: Path, budget_s: float, device: torch.device, model: dict = LLAMA_1B, seq_len: int = 8192,
@@ -295,10 +315,13 @@ def run_llama(out: Path, budget_s: float, device: torch.device, model: dict = LL
     for layer in mdl.layers.values():
         layer.attention.ctx = dataclasses.replace(layer.attention.ctx, window=window)
     cfg_w = llama_config(seq_len, window, model)
-    res["longest"] = dict(window=window, **bench_longest(lambda s: trial_step(mdl, opt, cfg_w, s), deadline,
-                                                         start=longest_start, quantum=min(8192, longest_start),
-                                                         limit=longest_limit))
-    dump()
+
+    def keep(part: dict) -> None:
+        res["longest"] = dict(window=window, **part)
+        dump()
+
+    keep(bench_longest(lambda s: trial_step(mdl, opt, cfg_w, s), deadline, start=longest_start,
+                       quantum=min(8192, longest_start), limit=longest_limit, known=res["step"], on_trial=keep))
     return res
 
 
@@ -313,7 +336,10 @@ def main(argv=None) -> int:
         args.out.write_text(json.dumps({"skipped": "no CUDA device"}))
         return 0
     if args.name == "kernels":
-        args.out.write_text(json.dumps({"rows": bench_kernels()}, indent=2))
+        def keep(rows: list[dict]) -> None:
+            args.out.write_text(json.dumps({"rows": rows}, indent=2))
+
+        keep(bench_kernels(on_row=keep))
     else:
         run_llama(args.out, args.budget_s, torch.device("cuda"))
     return 0

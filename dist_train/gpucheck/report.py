@@ -8,10 +8,13 @@ from pathlib import Path
 
 def junit_results(path: Path) -> list[dict]:
     """Every test case of a pytest JUnit XML file: id, outcome (passed/failed/error/skipped), seconds,
-    and the failure/skip message (first 500 characters)."""
+    and the failure/skip message (first 500 characters). A run interrupted by its time limit lists the
+    tests it finished."""
     root = ET.parse(path).getroot()
     out = []
     for case in root.iter("testcase"):
+        if case.get("name") is None:  # an interrupted pytest leaves a nameless case for the test it stopped
+            continue
         outcome, message = "passed", ""
         for tag in ("failure", "error", "skipped"):
             el = case.find(tag)
@@ -51,9 +54,13 @@ def _env_md(env: dict) -> list[str]:
 
 def _bench_md(name: str, res: dict) -> list[str]:
     lines = [f"### {name}", ""]
-    if not res or "skipped" in res or "error" in res:
-        return lines + [f"{res.get('skipped') or res.get('error') or 'not run'}", ""]
+    if not res or "skipped" in res:
+        return lines + [f"{res.get('skipped') or 'not run'}", ""]
+    if "error" in res:  # a crash or the time limit: the parts measured before it still follow
+        lines += [f"**error**: {res['error']}", ""]
     if name == "kernels":
+        if not res.get("rows"):
+            return lines + ["no rows measured", ""]
         lines += ["| S | mask | kernel (ops) | ms | TFLOP/s | SDPA ms | SDPA TFLOP/s | vs SDPA |", "|---|---|---|---|---|---|---|---|"]
         for r in res.get("rows", []):
             lines.append(f"| {r['seq_len']} | {'causal' if r['causal'] else 'full'} | {r['kernel']}={r['kernel_name']} "
@@ -67,7 +74,7 @@ def _bench_md(name: str, res: dict) -> list[str]:
     for t in res.get("longest", {}).get("trials", []):
         lines.append(f"- S={t['seq_len']}: " + (f"ok, {_fmt(t['step_s'])} s, peak {_fmt(t['peak_gib'])} GiB, "
                                               f"{_fmt(t['bytes_per_token'])} B/token" if t["ok"] else f"failed: {t['error']}"))
-    extra = {k: v for k, v in res.items() if not isinstance(v, dict)}
+    extra = {k: v for k, v in res.items() if not isinstance(v, dict) and k != "error"}
     return lines + ["", ", ".join(f"{k}={_fmt(v)}" for k, v in extra.items()), ""]
 
 

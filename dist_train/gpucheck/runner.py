@@ -1,14 +1,18 @@
 """Sections of the GPU check under one time budget: environment, gpu tests, kernel and llama benchmarks.
 
 Each section runs in a subprocess with a time limit (a CUDA fault or a hang loses one section, not the
-report); the report is rewritten after every section. Exit status: 0 when no test failed and no
-section crashed (skips are fine: that is the CPU smoke run), 1 otherwise, 2 for bad arguments.
+report); the report is rewritten after every section. A section reaching its limit is interrupted
+(SIGINT) :data:`INTERRUPT_GRACE_S` before it is killed, so pytest still writes the results of the
+tests it finished and a benchmark keeps the JSON of the parts it measured. Exit status: 0 when no test
+failed and no section crashed (skips are fine: that is the CPU smoke run), 1 otherwise, 2 for bad
+arguments.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -18,6 +22,11 @@ from pathlib import Path
 from . import report as rep
 
 ROOT = Path(__file__).resolve().parents[2]
+#: a section at its time limit gets SIGINT this long before SIGKILL (pytest then writes its JUnit file)
+INTERRUPT_GRACE_S = 10.0
+#: a benchmark process's start (python, torch with its CUDA libraries, the CUDA context) happens before its
+#: own --budget-s clock starts
+BENCH_START_S = 15.0
 EXAMPLES = """examples:
   make gpu-check                                  # python3 as is; report in $OUT or runs/gpu-check/
   PYTHONPATH=. python3 -m dist_train.gpucheck --out /tmp/gpu --budget-s 470
@@ -32,14 +41,24 @@ def gpu_test_files(root: Path = ROOT) -> list[str]:
 
 
 def _run(cmd: list[str], timeout: float, log: Path) -> tuple[int, float]:
-    """Run ``cmd`` in the repository root with the project on PYTHONPATH; (exit status or 124, seconds)."""
+    """Run ``cmd`` in the repository root with the project on PYTHONPATH for at most ``timeout`` seconds:
+    SIGINT at ``timeout`` minus the grace (:data:`INTERRUPT_GRACE_S`, at most a quarter of ``timeout``),
+    SIGKILL at ``timeout``. Returns (exit status, or 124 when the limit stopped it; seconds)."""
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
+    timeout = max(1.0, timeout)
+    grace = min(INTERRUPT_GRACE_S, timeout / 4)
     t0 = time.perf_counter()
     with open(log, "w") as fh:
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=fh, stderr=subprocess.STDOUT)
         try:
-            rc = subprocess.run(cmd, cwd=ROOT, env=env, stdout=fh, stderr=subprocess.STDOUT,
-                                timeout=max(1.0, timeout)).returncode
+            rc = proc.wait(timeout=timeout - grace)
         except subprocess.TimeoutExpired:
+            proc.send_signal(signal.SIGINT)
+            try:
+                proc.wait(timeout=grace)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
             rc = 124
     return rc, time.perf_counter() - t0
 
@@ -60,10 +79,19 @@ def run_tests(report: dict, work: Path, timeout: float) -> None:
     report["tests"] = rep.junit_results(xml) if xml.exists() else []
     report["sections"]["tests"] = {"exit_code": rc, "seconds": secs, "log_tail": _tail(work / "pytest.log")}
     if rc == 124:
-        report["notes"].append(f"gpu tests stopped by the time limit ({timeout:.0f} s); results incomplete")
+        report["notes"].append(f"gpu tests stopped by the time limit ({timeout:.0f} s); the tests listed are those "
+                               "that finished before it")
 
 
 def run_bench(report: dict, name: str, work: Path, timeout: float, budget_s: float | None = None) -> None:
+    """Benchmark ``name`` in a subprocess limited to ``timeout`` seconds (its results, or why it did not
+    run, into ``report``); not started when ``timeout`` cannot even hold the process's start and stop."""
+    overhead = BENCH_START_S + INTERRUPT_GRACE_S
+    if timeout <= overhead:
+        report["benchmarks"][name] = {"skipped": f"time budget: {max(0.0, timeout):.0f} s left, not enough to start "
+                                                 f"and stop a benchmark process ({overhead:.0f} s)"}
+        report["notes"].append(f"{name}: not run, the time budget was spent")
+        return
     out = work / f"{name}.json"
     cmd = [sys.executable, "-m", "dist_train.gpucheck.bench", name, "--out", str(out)]
     if budget_s is not None:
@@ -117,7 +145,8 @@ def main(argv=None) -> int:
             run_bench(report, "kernels", work, min(90.0, left(150.0)))
             rep.write(report, out)
             llama_limit = left()
-            run_bench(report, "llama", work, llama_limit, budget_s=llama_limit - 20.0)
+            run_bench(report, "llama", work, llama_limit,
+                      budget_s=llama_limit - INTERRUPT_GRACE_S - BENCH_START_S)
         for name, sec in report["sections"].items():
             if name != "tests":
                 report["notes"].append(f"{name}: exit {sec['exit_code']} in {sec['seconds']:.0f} s")
