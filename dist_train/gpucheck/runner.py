@@ -57,9 +57,12 @@ def _run(cmd: list[str], timeout: float, log: Path) -> tuple[int, float]:
             try:
                 proc.wait(timeout=grace)
             except subprocess.TimeoutExpired:
+                pass
+            rc = 124
+        finally:  # also when the check itself is interrupted: no section outlives it
+            if proc.poll() is None:
                 proc.kill()
                 proc.wait()
-            rc = 124
     return rc, time.perf_counter() - t0
 
 
