@@ -13,6 +13,7 @@ the reference gradient's shard (tp-sharded parameters) or the whole reference gr
 """
 from __future__ import annotations
 
+import warnings
 from types import SimpleNamespace
 
 import pytest
@@ -66,6 +67,15 @@ def _groups(tp: int, nwp: int, cp: int):
 
 
 def _model_cases(rank: int, world: int) -> int:
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        done = _checked_cases(world)
+    # Megatron's advice to set a CUDA stream variable is noise on every CPU rank of every tp run
+    assert not [w for w in caught if "CUDA_DEVICE_MAX_CONNECTIONS" in str(w.message)], "megatron's CUDA warning"
+    return done
+
+
+def _checked_cases(world: int) -> int:
     for case_id, (tp, grid, cp, heads, H, W, window, wrap) in enumerate(CASES[world]):
         nwp = grid[0] * grid[1]
         assert tp * nwp * cp == world

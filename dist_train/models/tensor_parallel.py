@@ -40,6 +40,16 @@ import torch.nn.functional as F
 from ..megatron_import import import_megatron_core
 
 
+def silence_cuda_connections_advice() -> None:
+    """Off CUDA, mark Megatron's one-time "set CUDA_DEVICE_MAX_CONNECTIONS to 1" warning as given: it is
+    about CUDA stream scheduling and would otherwise print on every CPU rank of every tp run."""
+    from megatron.core.tensor_parallel import layers
+
+    linear = getattr(layers, "linear_with_grad_accumulation_and_async_allreduce", None)
+    if linear is not None:  # a megatron-core without it has no such warning either
+        linear.warned = True
+
+
 def padded_vocab_size(vocab_size: int, tp: int) -> int:
     """Vocabulary padded up to a multiple of tp (Megatron's vocab-parallel layers need equal shards)."""
     return -(-vocab_size // tp) * tp
@@ -208,6 +218,8 @@ class TensorParallel:
         from megatron.core import ModelParallelConfig
 
         bind_megatron_state(group, ranks)
+        if device.type != "cuda":
+            silence_cuda_connections_advice()
         rank = dist.get_rank(group)
         size = dist.get_world_size(group)
         seed_model_parallel_rng(seed, rank, device)
