@@ -847,11 +847,39 @@ def _validate_swin(cfg: Config) -> None:
         if p.fsdp:
             raise ConfigError(f"parallel.fsdp with parallel.pp = {p.pp} is not tested for model.kind = swin; use "
                               "fsdp: false (the pipeline engine reduces gradients itself) or pp = 1")
+    _validate_swin_tiling(cfg)
     if m.n_heads % (p.tp * p.cp):
         valid = [c for c in range(1, m.n_heads + 1) if m.n_heads % c == 0]
         raise ConfigError(f"model.n_heads = {m.n_heads} is not divisible by parallel.tp·cp = {p.tp}·{p.cp}: swin splits "
                           f"heads over tp and runs Ulysses inside windows over cp (n_heads/(tp·cp) heads per rank); "
                           f"tp·cp must be one of {valid}")
+
+
+def _validate_swin_tiling(cfg: Config) -> None:
+    """The tiling rules every swin rank applies when it builds its tile (``models/swin.SwinModel.layout``,
+    ``parallelism.window.TileLayout.build``, ``share_rows``), here before any rank starts: they depend on the
+    config alone. Arithmetic only: importing ``parallelism.window`` would import torch into the config."""
+    m, p = cfg.model, cfg.parallel
+    wh, ww = (m.window, m.window) if isinstance(m.window, int) else m.window
+    gh, gw = cfg.wp_grid
+    image = f"data.image = {list(cfg.data.image)} at model.patch_size = {m.patch_size}"
+    grid_windows = []
+    for axis, size, win, periodic in (("H", cfg.data.image[0], wh, m.wrap[0]), ("W", cfg.data.image[1], ww, m.wrap[1])):
+        tokens = -(-size // m.patch_size)
+        if periodic and tokens % win:
+            raise ConfigError(f"model.wrap is periodic along {axis} but {image} gives {tokens} tokens along {axis}, "
+                              f"not a multiple of the window {win}: make {axis} a multiple of patch_size·window = "
+                              f"{m.patch_size * win} (or wrap {axis} false: the model then pads it)")
+        grid_windows.append(-(-tokens // win))
+    nh, nw = grid_windows
+    if nh < gh or nw < gw:
+        raise ConfigError(f"parallel.wp = [{gh}, {gw}]: {image} has {nh}×{nw} windows of {wh}×{ww}, and every tile "
+                          f"needs at least one window row and column: use wp at most [{nh}, {nw}]")
+    shortest = (nh // gh) * wh  # token rows of the shortest tile (earlier tiles take the extra window rows)
+    if shortest < p.cp:
+        raise ConfigError(f"parallel.cp = {p.cp} splits each tile's token rows over the cp ranks, but with "
+                          f"parallel.wp = [{gh}, {gw}] the shortest tile has {shortest} rows: use cp <= {shortest}, "
+                          f"or fewer wp grid rows")
 
 
 def check_world_size(cfg: Config, world_size: int) -> None:
