@@ -27,9 +27,12 @@ def test_killed_parent_takes_its_ranks_with_it():
         deadline = time.time() + 120
         ranks = []
         while time.time() < deadline and len(ranks) < 2:
-            ranks = [c for c in psutil.Process(parent.pid).children() if "spawn" in " ".join(c.cmdline())]
+            # the ranks are forked by the fork server, a child of the parent
+            servers = [c for c in psutil.Process(parent.pid).children() if "forkserver" in " ".join(c.cmdline())]
+            ranks = [r for s in servers for r in s.children()]
             time.sleep(0.2)
         assert len(ranks) >= 2, "the ranks never started"
+        ranks += servers
         time.sleep(1.0)  # past their start-up, into the rank function
         os.kill(parent.pid, signal.SIGKILL)  # no cleanup code of the parent runs
         parent.wait(timeout=30)
