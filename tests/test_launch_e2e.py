@@ -168,10 +168,13 @@ def test_ray_address_with_token_auth(tmp_path):
             time.sleep(0.5)
         assert "will now block" in head_log.read_text(), head_log.read_text()[-3000:]
         address = f"127.0.0.1:{port}"
-        # the refused client spends ~20 s in Ray's own retries: run it while the good one trains
+        # Ray retries a refused GCS connection once a second, 20 times by default; its own override of that
+        # budget (ray/_private/node.py, _init_gcs_client) makes the refused client give up after 2 tries.
+        # It runs while the good one trains.
+        bad_env = _env(RAY_AUTH_TOKEN="not-the-token", RAY_gcs_server_port_wait_time_s="2")
         bad = subprocess.Popen([sys.executable, "-m", "dist_train", "launch", CONFIG, *BASE, "--set",
                                 f"run.dir={tmp_path / 'bad'}", "--backend", "ray", "--address", address, "--nproc",
-                                "1", "--set", "parallel.dp=1"], cwd=REPO, env=_env(RAY_AUTH_TOKEN="not-the-token"),
+                                "1", "--set", "parallel.dp=1"], cwd=REPO, env=bad_env,
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         ok = _launch(tmp_path / "ok", "--backend", "ray", "--address", address, "--nproc", "1",
                      "--set", "parallel.dp=1", "--set", "train.steps=1", env=_env(RAY_AUTH_TOKEN_PATH=str(token)),
