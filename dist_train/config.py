@@ -387,13 +387,44 @@ def config_from_dict(data: dict, overrides: Optional[list[str]] = None) -> Confi
     return cfg
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses a key given twice in one mapping: plain YAML keeps the last one
+    silently, so a leftover ``n_heads: 4`` above ``n_heads: 8`` would change the model without a word."""
+
+    where = "YAML"
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            seen: dict = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge" or not isinstance(key_node, yaml.ScalarNode):
+                    continue  # `<<:` merges may override on purpose; complex keys are left to YAML
+                line = key_node.start_mark.line + 1
+                if key_node.value in seen:
+                    raise ConfigError(f"{self.where}: key '{key_node.value}' is given twice in one mapping (lines "
+                                      f"{seen[key_node.value]} and {line}); YAML would silently keep the last: "
+                                      f"remove one")
+                seen[key_node.value] = line
+        return super().construct_mapping(node, deep=deep)
+
+
+def load_yaml_unique(text: str, where: str) -> Any:
+    """``yaml.safe_load(text)`` refusing duplicate keys with a ConfigError naming ``where``, the key and lines."""
+    loader = _UniqueKeyLoader(text)
+    loader.where = where
+    try:
+        return loader.get_single_data()
+    finally:
+        loader.dispose()
+
+
 def load_config(path: Union[str, Path], overrides: Optional[list[str]] = None) -> Config:
     """Read a YAML config file, apply ``--set`` overrides and validate."""
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"config file '{p}' not found")
     try:
-        data = yaml.safe_load(p.read_text())
+        data = load_yaml_unique(p.read_text(), f"config file '{p}'")
     except yaml.YAMLError as e:
         first = " ".join(str(e).split())
         raise ConfigError(f"config file '{p}' is not valid YAML: {first}") from None

@@ -2,6 +2,8 @@
 import subprocess
 import sys
 
+from pathlib import Path
+
 import pytest
 
 from dist_train.cli import _COMMANDS, _bench_modules, main
@@ -47,9 +49,12 @@ def test_world_size_mismatch_names_the_product():
 def test_cli_bad_input_is_one_line_exit_2(tmp_path, monkeypatch, capsys):
     bad_yaml = tmp_path / "bad.yaml"
     bad_yaml.write_text("run: {name: [unclosed\n")
+    twice = tmp_path / "twice.yaml"
+    twice.write_text(Path("configs/gpt_tiny.yaml").read_text().replace("  n_heads: 4\n", "  n_heads: 4\n  n_heads: 8\n"))
     cases = [
         (["run", "configs/gpt_tiny.yaml", "--set", "train.stepz=3"], {}, "unknown config key 'train.stepz'"),
         (["run", str(bad_yaml)], {}, "is not valid YAML"),
+        (["run", str(twice)], {}, "key 'n_heads' is given twice in one mapping (lines "),
         (["run", "configs/gpt_tiny.yaml", "--set", "parallel.dp=3", "--set", "train.global_batch=12"], {"WORLD_SIZE": "2"},
          "dp*tp*pp*cp*wp = 3*1*1*1*1 = 3 but 2 ranks were launched"),
         (["run", "configs/gpt_tiny.yaml", "--set", f"data.path={tmp_path}/nope", "--set", "data.prepare=null", "--set", "parallel.dp=1",

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from dist_train.checkpoint import CheckpointManager
-from dist_train.config import CheckpointConfig, ConfigError, config_from_dict, load_config
+from dist_train.config import CheckpointConfig, ConfigError, config_from_dict, load_config, load_yaml_unique
 from dist_train.data.datasets import IndexedTokenDataset
 from dist_train.data.integrity import check_bin_size, check_indexed_dataset, read_index
 from dist_train.data.prepare import prepare_indexed
@@ -183,6 +183,16 @@ def test_resume_path_missing_or_damaged_and_all_damaged(tmp_path, dataset):
     _refused(_cfg(tmp_path, dataset, checkpoint={"resume": str(root)}), "every checkpoint is damaged")
     (tmp_path / "empty").mkdir()
     _refused(_cfg(tmp_path, dataset, checkpoint={"resume": str(tmp_path / "empty")}), "no step_N checkpoint")
+
+
+def test_a_key_given_twice_is_refused_and_merges_still_load(tmp_path):
+    twice = tmp_path / "twice.yaml"
+    twice.write_text("model:\n  kind: gpt\n  d_model: 64\n  d_model: 128\n")
+    with pytest.raises(ConfigError, match=r"twice.yaml': key 'd_model' is given twice in one mapping \(lines 3 and 4\)"):
+        load_config(twice)
+    merged = tmp_path / "merged.yaml"  # a `<<:` merge overriding a key is deliberate, not a duplicate
+    merged.write_text("base: &b {d_model: 64, n_layers: 2}\nmodel:\n  <<: *b\n  d_model: 128\n")
+    assert load_yaml_unique(merged.read_text(), "merged")["model"] == {"d_model": 128, "n_layers": 2}
 
 
 def test_empty_yaml_is_refused(tmp_path):

@@ -43,7 +43,7 @@ from typing import Any, Callable, Optional
 
 import yaml
 
-from ..config import Config, ConfigError, load_config
+from ..config import Config, ConfigError, load_config, load_yaml_unique
 
 MODES = ("strong", "weak", "sequence-weak", "grid")
 SCALE_AXES = ("dp", "cp", "tp", "pp", "wp")
@@ -153,7 +153,7 @@ def load_sweep(path) -> SweepSpec:
     if not path.is_file():
         raise ValueError(f"sweep file '{path}' not found")
     try:
-        data = yaml.safe_load(path.read_text())
+        data = load_yaml_unique(path.read_text(), f"sweep file '{path}'")
     except yaml.YAMLError as e:
         raise _err(path, f"not valid YAML ({' '.join(str(e).split())})") from None
     spec = parse_sweep(data, path)
