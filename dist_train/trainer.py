@@ -350,7 +350,7 @@ def _train(cfg: Config, ctx: DistContext) -> TrainResult:
         "layout": layout_dict(cfg, ctx.world_size), "params": n_params,
         "first_loss": result.losses[0] if result.losses else None,
         "final_loss": result.losses[-1] if result.losses else None,
-        "median_step_time_s": med, **(thr.metrics(med, float(np.mean(step_keys)) if packed else None) if timed else
+        "median_step_time_s": med if timed else None, **(thr.metrics(med, float(np.mean(step_keys)) if packed else None) if timed else
                                       {"tokens_per_s": None, "tflops_per_device": None, "mfu": None}),
         "valid_loss": valid_loss,
         "flop_convention": FLOP_CONVENTION, "device_peak_tflops": honest.peak.tflops,
@@ -360,7 +360,11 @@ def _train(cfg: Config, ctx: DistContext) -> TrainResult:
     if not ctx.is_main:
         log.info(f"rank {ctx.rank} done: {len(result.losses)} steps from step {start_step}, exit code "
                  f"{result.exit_code}, peak memory {result.summary['peak_mem_bytes'] / 2**30:.2f} GiB")
-    if ctx.is_main:
+    if ctx.is_main and start_step >= t.steps:  # a finished run started again: keep its summary, say why
+        log.info(f"nothing to train: {ckpt.resumed_from} is at step {start_step} and train.steps = {t.steps}; "
+                 f"raise train.steps to continue, or start over with checkpoint.resume=none or another run.dir "
+                 f"({run_dir / 'summary.json'} kept)")
+    elif ctx.is_main:
         (run_dir / "summary.json").write_text(json.dumps(result.summary, indent=2))
         s = result.summary
         if s["first_loss"] is not None:

@@ -90,6 +90,18 @@ def test_explicit_sizes_equal_to_the_derived_defaults_are_no_change(saved):
         _resume(saved, model={"ffn_hidden": 128})
 
 
+def test_a_finished_run_started_again_says_so_and_keeps_its_summary(tmp_path, capsys):
+    cfg = tiny_gpt_config(tmp_path / "run", steps=2, checkpoint={"at_end": True})
+    train(cfg)
+    summary = (tmp_path / "run" / "summary.json").read_text()
+    capsys.readouterr()
+    res = train(cfg)
+    assert res.start_step == 2 and res.losses == []
+    out = capsys.readouterr().out
+    assert "nothing to train: " in out and "step_2 is at step 2 and train.steps = 2" in out, out
+    assert (tmp_path / "run" / "summary.json").read_text() == summary
+
+
 class _Stack(nn.Module):
     def __init__(self, widths):
         super().__init__()
