@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import pytest
 
@@ -177,6 +178,10 @@ def test_enumerate_and_rank(cpu):
     best = ranked[0][0]
     assert all(p.tokens_per_s <= best.tokens_per_s for p, _ in ranked if p.fits)
     assert why_slower(ranked[-1][0], best, cpu.memory_bytes)
+    # equal time: the phrase says how much more memory, or that it is a tie
+    assert why_slower(best, best, cpu.memory_bytes) == "ties with the best (same predicted time and memory)"
+    bigger = dataclasses.replace(best, memory={**best.memory, "total": best.memory["total"] + 2 ** 30})
+    assert why_slower(bigger, best, cpu.memory_bytes) == "as fast as the best; 1.00 GiB more memory"
     tiny = rank_layouts(cands, builtin_profiles()["cpu"].__class__(**{**builtin_profiles()["cpu"].__dict__,
                                                                       "memory_gib": 0.4}))
     assert not tiny[0][0].fits and why_slower(tiny[0][0], best, 0.4 * 2 ** 30).startswith("out of memory")

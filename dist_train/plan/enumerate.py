@@ -18,7 +18,6 @@ from typing import Iterable, Optional
 
 from ..config import Config, ConfigError, validate
 from ..cost.predict import Prediction, predict
-from ..cost.shape import token_grid, window_hw
 from .profiles import DeviceProfile
 
 CHECKPOINTING = ("none", "selective", "full")
@@ -93,22 +92,11 @@ def enumerate_layouts(cfg: Config, devices: int, checkpointing: Iterable[str] = 
                             p.sequence_parallel = sp
                             c.train.micro_batch, c.train.activation_checkpointing = mb, ck
                             try:
-                                validate(c)
-                                _check_kernels(c)
+                                validate(c)  # swin: also more wp tiles than windows (_validate_swin_tiling)
                             except (ConfigError, ValueError):
                                 continue
                             out.append(c)
     return out
-
-
-def _check_kernels(cfg: Config) -> None:
-    if cfg.model.kind != "swin":
-        return
-    win = window_hw(cfg.model)
-    _, _, ph, pw = token_grid(tuple(cfg.data.image), cfg.model.patch_size, win)
-    gh, gw = cfg.wp_grid
-    if ph // win[0] < gh or pw // win[1] < gw:
-        raise ValueError(f"wp grid {gh}x{gw} has more tiles than the {ph // win[0]}x{pw // win[1]} windows")
 
 
 def rank_layouts(cands: list[Config], prof: DeviceProfile) -> list[tuple[Prediction, Config]]:
@@ -129,7 +117,9 @@ def why_slower(pred: Prediction, best: Prediction, memory_limit: float) -> str:
     diffs = {k: pred.time.get(k, 0.0) - best.time.get(k, 0.0) for k in pred.time if k != "step"}
     worst = max(diffs, key=diffs.get)
     if slower <= 1e-9:
-        return "as fast as the best; more memory"
+        more = pred.memory["total"] - best.memory["total"]
+        return f"as fast as the best; {more / gib:.2f} GiB more memory" if more > 0.005 * gib else \
+            "ties with the best (same predicted time and memory)"
     return f"{100 * slower:.0f}% slower: {worst} +{diffs[worst] * 1e3:.3g} ms/step"
 
 
