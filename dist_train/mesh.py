@@ -19,23 +19,8 @@ from typing import Optional
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
-from .config import ParallelConfig, _as_grid
-
-AXES: tuple[str, ...] = ("pp", "dp", "wp", "cp", "tp")
-
-
-def axis_sizes(parallel: ParallelConfig) -> dict[str, int]:
-    gh, gw = _as_grid(parallel.wp)
-    return {"pp": parallel.pp, "dp": parallel.dp, "wp": gh * gw, "cp": parallel.cp, "tp": parallel.tp}
-
-
-def rank_coords(rank: int, sizes: dict[str, int]) -> dict[str, int]:
-    """Coordinates of ``rank`` in the mesh (row-major over AXES, tp fastest)."""
-    coords = {}
-    for axis in reversed(AXES):
-        coords[axis] = rank % sizes[axis]
-        rank //= sizes[axis]
-    return {a: coords[a] for a in AXES}
+from .config import ParallelConfig
+from .cost.layout import AXES, axis_sizes, rank_coords  # the arithmetic, torch-free for the planner and bench
 
 
 @dataclass

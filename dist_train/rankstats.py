@@ -1,11 +1,12 @@
-"""Per-rank measurements for ``dist-train scale``: step times, time blocked in communication, peak memory.
+"""Per-rank measurements for ``dist-train scale`` and ``dist-train bench train``: step times, time blocked in
+communication, time in the batcher, CPU time, peak memory, bytes of parameters and optimizer state held.
 
 The trainer calls (three lines; everything is a no-op unless ``DIST_TRAIN_RANK_STATS=1``, which the
-sweep sets for its runs)::
+sweep and the bench set for their runs)::
 
     stats = RankStats.start(run_dir, rank)   # before the loop: wraps torch.distributed's Python calls
-    stats.step(dt)                           # after each optimizer step
-    stats.finish(peak_mem_bytes)             # at the end: writes run_dir/rank_stats/rank_<rank>.json
+    stats.step(dt, data_s)                   # after each optimizer step (data_s: of dt, in the batcher)
+    stats.finish(peak_mem_bytes, engine)     # at the end: writes run_dir/rank_stats/rank_<rank>.json
 
 "Communication time" is the wall time this rank's Python thread spends inside a blocking collective or
 in ``Work.wait()`` of an async one (ring p2p, Ulysses all-to-all, halo exchange, the loss/count
@@ -13,6 +14,7 @@ all-reduces): the *exposed* part, since anything that overlapped with compute fi
 wait. DDP's bucketed gradient all-reduce runs in C++ inside ``backward()`` and is not seen here.
 "CPU time" is the process's CPU seconds per step (all its threads): on a shared machine, wall time minus
 blocked communication well above it means the rank was waiting for a core (others' processes), not working.
+"Held" bytes count what this rank keeps: its ZeRO partition, its FSDP2 shard, not the global sizes.
 """
 from __future__ import annotations
 
@@ -22,6 +24,10 @@ import os
 import time
 from pathlib import Path
 from typing import Optional
+
+import torch
+import torch.distributed as dist
+from torch.distributed.tensor import DTensor
 
 ENV = "DIST_TRAIN_RANK_STATS"
 _BLOCKING = ("all_reduce", "all_gather", "all_gather_into_tensor", "reduce_scatter_tensor", "all_to_all_single",
@@ -67,8 +73,6 @@ class CommTimer:
         return timed
 
     def install(self) -> None:
-        import torch.distributed as dist
-
         for name in _BLOCKING:
             fn = getattr(dist, name, None)
             if fn is not None and name not in self._saved:
@@ -81,11 +85,39 @@ class CommTimer:
             dist.P2POp = lambda op, *a, **k: p2p(getattr(op, "__wrapped__", op), *a, **k)
 
     def uninstall(self) -> None:
-        import torch.distributed as dist
-
         for name, fn in self._saved.items():
             setattr(dist, name, fn)
         self._saved.clear()
+
+
+def held_state_bytes(engine) -> tuple[int, int]:
+    """(parameter bytes, optimizer-state bytes) this rank holds, ZeRO partitions and FSDP2 shards (DTensor:
+    this rank's local shard, not the global size) included."""
+    params = 0
+    for p in engine.module.parameters():
+        held = getattr(p, "ds_tensor", None)  # ZeRO-3: p.data is empty, the partition lives here
+        t = held if held is not None else p.data
+        t = t.to_local() if isinstance(t, DTensor) else t
+        params += t.numel() * t.element_size()
+    seen: set[int] = set()
+    optim = 0
+
+    def add(t) -> None:
+        nonlocal optim
+        t = t.to_local() if isinstance(t, DTensor) else t
+        if isinstance(t, torch.Tensor) and t.data_ptr() not in seen and t.numel():
+            seen.add(t.data_ptr())
+            optim += t.numel() * t.element_size()
+
+    opt = engine.optimizer
+    inner = getattr(opt, "optimizer", opt)  # DeepSpeed wraps the torch optimizer
+    for st in inner.state.values():
+        for v in st.values():
+            add(v)
+    for name in ("single_partition_of_fp32_groups", "fp32_partitioned_groups_flat"):  # ZeRO fp32 masters
+        for t in getattr(opt, name, None) or []:
+            add(t)
+    return params, optim
 
 
 class RankStats:
@@ -94,6 +126,7 @@ class RankStats:
         self.step_times: list[float] = []
         self.comm_times: list[float] = []
         self.cpu_times: list[float] = []
+        self.data_times: list[float] = []
         self._comm_mark = 0.0
         self._cpu_mark = time.process_time()
 
@@ -105,25 +138,30 @@ class RankStats:
         timer.install()
         return cls(Path(run_dir), rank, timer)
 
-    def step(self, seconds: float) -> None:
+    def step(self, seconds: float, data_seconds: float) -> None:
+        """One optimizer step took ``seconds``, ``data_seconds`` of them in the batcher."""
         if self.timer is None:
             return
         self.step_times.append(float(seconds))
+        self.data_times.append(float(data_seconds))
         self.comm_times.append(self.timer.seconds - self._comm_mark)
         self._comm_mark = self.timer.seconds
         cpu = time.process_time()
         self.cpu_times.append(cpu - self._cpu_mark)
         self._cpu_mark = cpu
 
-    def finish(self, peak_mem_bytes: int) -> None:
+    def finish(self, peak_mem_bytes: int, engine) -> None:
+        """Write the record; ``engine``: the trainer's (its module and optimizer hold the counted state)."""
         if self.timer is None:
             return
         self.timer.uninstall()
+        param_bytes, optim_bytes = held_state_bytes(engine)
         out = self.run_dir / "rank_stats"
         out.mkdir(parents=True, exist_ok=True)
         rec = {"rank": self.rank, "step_times_s": self.step_times, "comm_wait_s": self.comm_times,
-               "cpu_s": self.cpu_times,
-               "peak_mem_bytes": int(peak_mem_bytes), "pid": os.getpid()}
+               "cpu_s": self.cpu_times, "data_s": self.data_times,
+               "peak_mem_bytes": int(peak_mem_bytes), "param_bytes": param_bytes, "optim_bytes": optim_bytes,
+               "pid": os.getpid()}
         tmp = out / f".rank_{self.rank}.json.tmp"
         tmp.write_text(json.dumps(rec))
         os.replace(tmp, out / f"rank_{self.rank}.json")

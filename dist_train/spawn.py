@@ -1,42 +1,53 @@
-"""Spawn P gloo ranks on this machine and run one function on each (tests and benchmarks).
+"""Start P ranks on this machine and run one function on each (tests and benchmarks).
 
     results = run_ranks(my_case_fn, world_size=3, args=(cfg,), timeout=120)
+    results = run_ranks(train_one_rank, 1, args=(...), threads=2, process_group=False, fresh=True)  # `bench train`
 
 * Rendezvous is a file in a fresh temp dir (no fixed ports, so parallel test runs never collide).
-* Each rank runs with one torch thread, so P ranks fit on a 2-core machine.
-* ``fn(rank, world_size, *args)`` runs after ``dist.init_process_group`` on the default (gloo) group
-  and must be importable by name (a module-level function): it is pickled by reference.
-  It should assert; an exception on any rank fails the test with that rank's traceback.
+* Each rank runs with ``threads`` torch threads (default one, so P ranks fit on a 2-core machine); its
+  environment is the caller's plus ``OMP_NUM_THREADS`` and torchrun's ``RANK``, ``WORLD_SIZE``,
+  ``LOCAL_RANK``, its directory the caller's.
+* ``fn(rank, world_size, *args)`` runs after ``dist.init_process_group`` on the default (gloo) group, or
+  with no process group at all when ``process_group=False`` (a 1-rank run measured as it runs alone), and
+  must be importable by name (a module-level function): it is pickled by reference.
+  It should assert; an exception on any rank fails the run with that rank's traceback.
 * Its return value (picklable) comes back in ``results[rank]``.
-* A hard timeout kills every rank and names the ranks that had not finished.
+* The first rank that raises or dies stops the others (they would only wait in a collective for it);
+  a hard timeout kills every rank and names the ranks that had not finished. Either raises RankFailure.
 
 Ranks are forked by a fork server that imported torch and the trainer once (``PRELOAD``), so a rank
-starts in a fraction of a second instead of the seconds a spawned rank spends importing them; each rank
-takes the caller's current environment and directory, as a spawned one would. Still, put many cases
-into one rank function: every call pays for its ranks' process group and its test module's import.
+starts in a fraction of a second instead of the seconds a spawned rank spends importing them. ``fresh=True``
+spawns a new interpreter per rank instead, as a launcher starts one: what a benchmark measures (peak
+resident memory, thread pools) is then not shaped by the fork server's. Still, put many cases into one rank
+function: every call pays for its ranks' process group and its test module's import.
 tests/dist_harness.py re-exports :func:`run_ranks` for the test suite.
 """
 from __future__ import annotations
 
 import multiprocessing as mp
-from multiprocessing import forkserver
 import os
+import pickle
 import queue
 import tempfile
+import time
 import traceback
 from datetime import timedelta
+from multiprocessing import forkserver
 from typing import Any, Callable, Sequence
 
-from .lifecycle import kill_me_with_parent
+from .lifecycle import describe_exit, kill_me_with_parent
 
 
-def _rank_main(fn: Callable, rank: int, world_size: int, init_file: str, args: Sequence[Any],
-               out: "mp.Queue", timeout_s: float, environ: dict[str, str], cwd: str) -> None:
+def _rank_main(job: bytes, rank: int, world_size: int, init_file: str, out: "mp.Queue", timeout_s: float,
+               threads: int, process_group: bool, environ: dict[str, str], cwd: str) -> None:
+    """``job``: the pickled ``(fn, args)``, unpickled only after this rank's set-up, since unpickling imports
+    fn's module (a test module, its imports): a caller killed meanwhile would leave the rank behind."""
     # A forked rank inherits the fork server's environment and directory, as they were when it started:
     # take the caller's, as they are now (what a spawned rank would get).
     os.environ.clear()
     os.environ.update(environ)
-    os.environ["OMP_NUM_THREADS"] = "1"
+    os.environ.update({"OMP_NUM_THREADS": str(threads), "RANK": str(rank), "WORLD_SIZE": str(world_size),
+                       "LOCAL_RANK": str(rank)})
     os.chdir(cwd)
     # A forked rank inherits the write end of the pipe whose closing tells the fork server that its caller
     # is gone: leave it to the caller alone, so that a killed test or `dist-train bench` stops the server,
@@ -46,15 +57,20 @@ def _rank_main(fn: Callable, rank: int, world_size: int, init_file: str, args: S
         os.close(server._forkserver_alive_fd)
         server._forkserver_alive_fd = None
     kill_me_with_parent()
+    # torch only now: this module is imported by parents that never need it (the CLI's bench parser), and a
+    # fresh rank has its thread count in the environment before torch reads it
     import torch
     import torch.distributed as dist
 
-    torch.set_num_threads(1)
+    torch.set_num_threads(threads)
     try:
-        dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
-                                world_size=world_size, timeout=timedelta(seconds=timeout_s))
+        fn, args = pickle.loads(job)
+        if process_group:
+            dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
+                                    world_size=world_size, timeout=timedelta(seconds=timeout_s))
         result = fn(rank, world_size, *args)
-        dist.barrier()
+        if process_group:
+            dist.barrier()
         out.put((rank, True, result))
     except BaseException:  # noqa: BLE001 - the parent reports it
         out.put((rank, False, traceback.format_exc()))
@@ -69,48 +85,74 @@ PRELOAD = ["torch", "torch.distributed", "dist_train.trainer"]
 
 
 class RankFailure(AssertionError):
-    """A spawned rank raised, died or hung. (An AssertionError, so pytest reports it as a failed check.)"""
+    """A rank raised, died or hung. (An AssertionError, so pytest reports it as a failed check.)"""
 
 
-def run_ranks(fn: Callable, world_size: int, args: Sequence[Any] = (), timeout: float = 180.0) -> list:
-    """Run ``fn(rank, world_size, *args)`` on ``world_size`` spawned gloo ranks; return per-rank results."""
-    ctx = mp.get_context("forkserver")
-    ctx.set_forkserver_preload(PRELOAD)
+def _stop(procs: list, kill: bool) -> None:
+    """Join the ranks; ``kill``: at once (a failure or a timeout), else only the ones not gone within 5 s."""
+    for p in procs:
+        if kill and p.is_alive():
+            p.kill()
+        p.join(timeout=5)
+        if p.is_alive():
+            p.kill()
+            p.join(timeout=5)
+
+
+def run_ranks(fn: Callable, world_size: int, args: Sequence[Any] = (), timeout: float = 180.0, threads: int = 1,
+              process_group: bool = True, fresh: bool = False) -> list:
+    """Run ``fn(rank, world_size, *args)`` on ``world_size`` ranks with ``threads`` torch threads each, in one
+    gloo group unless ``process_group`` is False, forked by the fork server (``fresh``: spawned); return the
+    per-rank results. RankFailure names the first rank that raised (with its traceback) or died, or on
+    ``timeout`` the ranks still running."""
+    if fresh:
+        ctx = mp.get_context("spawn")
+    else:
+        ctx = mp.get_context("forkserver")
+        ctx.set_forkserver_preload(PRELOAD)
     out: mp.Queue = ctx.Queue()
     with tempfile.TemporaryDirectory(prefix="dt_rdzv_") as tmp:
         init_file = os.path.join(tmp, "rendezvous")
-        procs = [ctx.Process(target=_rank_main, args=(fn, r, world_size, init_file, tuple(args), out, timeout,
-                                                         dict(os.environ), os.getcwd()),
-                             daemon=True) for r in range(world_size)]
+        job = pickle.dumps((fn, tuple(args)))
+        procs = [ctx.Process(target=_rank_main, args=(job, r, world_size, init_file, out, timeout, threads,
+                                                      process_group, dict(os.environ), os.getcwd()), daemon=True)
+                 for r in range(world_size)]
         for p in procs:
             p.start()
         results: dict[int, Any] = {}
-        failures: dict[int, str] = {}
-        import time
-
+        failures: dict[int, str] = {}  # in the order they were seen: the first is the cause, the rest its echo
         deadline = time.monotonic() + timeout
-        while len(results) + len(failures) < world_size:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                break
-            try:
-                rank, ok, payload = out.get(timeout=min(remaining, 1.0))
-            except queue.Empty:
-                dead = [r for r, p in enumerate(procs)
-                        if not p.is_alive() and p.exitcode not in (0, None)
-                        and r not in results and r not in failures]
-                for r in dead:
-                    failures[r] = f"rank {r} died with exit code {procs[r].exitcode}"
-                continue
-            (results if ok else failures)[rank] = payload
-        for p in procs:
-            p.join(timeout=5)
-            if p.is_alive():
-                p.kill()
-        if failures:
-            first = min(failures)
-            raise RankFailure(f"{len(failures)} of {world_size} ranks failed; rank {first}:\n{failures[first]}")
-        missing = [r for r in range(world_size) if r not in results]
-        if missing:
-            raise RankFailure(f"timeout after {timeout:.0f}s: ranks {missing} of {world_size} did not finish")
-        return [results[r] for r in range(world_size)]
+        done = False
+        try:
+            while len(results) < world_size and not failures:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    break
+                try:
+                    rank, ok, payload = out.get(timeout=min(remaining, 1.0))
+                except queue.Empty:
+                    for r, p in enumerate(procs):
+                        if not p.is_alive() and p.exitcode not in (0, None) and r not in results:
+                            failures.setdefault(r, f"rank {r} died: {describe_exit(p.exitcode)}")
+                    continue
+                (results if ok else failures)[rank] = payload
+            if failures:  # collect what the others reported meanwhile (their echo of the first failure)
+                while True:
+                    try:
+                        rank, ok, payload = out.get(timeout=0.2)
+                    except queue.Empty:
+                        break
+                    if not ok:
+                        failures.setdefault(rank, payload)
+            done = len(results) == world_size
+        finally:
+            _stop(procs, kill=not done)
+    if failures:
+        first, *others = failures
+        also = f" (then ranks {sorted(others)})" if others else ""
+        stopped = "; the other ranks were stopped" if world_size > 1 else ""
+        raise RankFailure(f"rank {first} of {world_size} failed{also}{stopped}:\n{failures[first]}")
+    missing = [r for r in range(world_size) if r not in results]
+    if missing:
+        raise RankFailure(f"timeout after {timeout:.0f}s: ranks {missing} of {world_size} did not finish")
+    return [results[r] for r in range(world_size)]

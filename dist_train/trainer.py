@@ -272,6 +272,7 @@ def _train(cfg: Config, ctx: DistContext) -> TrainResult:
         for step in range(start_step, t.steps):
             t0 = time.perf_counter()
             micro = [batcher.microbatch(consumed, m) for m in range(accum)]
+            data_s = time.perf_counter() - t0
             count = [sum(float(b["count"]) for b in micro)]
             if packed:   # cp ranks repeat their samples' documents: the keys/tokens RATIO is unaffected
                 keys = [document_keys(b["cu_seqlens"].tolist(), cfg.data.seq_len, cfg.model.attention_window)
@@ -290,7 +291,7 @@ def _train(cfg: Config, ctx: DistContext) -> TrainResult:
             consumed += t.global_batch
             dt = time.perf_counter() - t0
             step_times.append(dt)
-            rank_stats.step(dt)
+            rank_stats.step(dt, data_s)
             result.losses.append(loss)
             result.grad_norms.append(grad_norm)
             if bar is not None:
@@ -338,7 +339,7 @@ def _train(cfg: Config, ctx: DistContext) -> TrainResult:
             bar.close()
         trackers.close()
 
-    rank_stats.finish(peak_memory_bytes(ctx.device))
+    rank_stats.finish(peak_memory_bytes(ctx.device), engine)
     timed = step_times[1:] if len(step_times) > 1 else step_times
     med = float(np.median(timed)) if timed else float("nan")
     if timed:

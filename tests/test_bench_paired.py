@@ -7,8 +7,10 @@ import argparse
 import json
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
+import torch
 
 from dist_train.bench import train as bench_train
 from dist_train.bench._paired import alternation, compare, predicted_ratio, step_units
@@ -97,7 +99,7 @@ def test_bad_arguments_are_refused_before_any_rank_starts(kw, message, monkeypat
     def no_launch(*a, **k):
         raise AssertionError("ranks were started")
 
-    monkeypatch.setattr(bench_train, "_launch", no_launch)
+    monkeypatch.setattr(bench_train, "run_ranks", no_launch)
     with pytest.raises(ValueError, match=message):
         bench_train.run(_args(**kw))
 
@@ -108,8 +110,13 @@ def test_work_ratio_leaves_the_bubble_out():
     assert step_units(pp2, with_bubble=False) * 5 / 4 == pytest.approx(step_units(pp2))
 
 
-def test_rank_stats_record_cpu_seconds_per_step(tmp_path, monkeypatch):
-    """The bench's "cpu" column: the process's CPU seconds per step, next to wall time and blocked comm."""
+def test_rank_stats_record_cpu_data_seconds_and_held_state(tmp_path, monkeypatch):
+    """The bench's "cpu" column: the process's CPU seconds per step, next to wall time and blocked comm; its
+    "data" column as the trainer reported it; the parameter and optimizer bytes the engine holds."""
+    module = torch.nn.Linear(4, 3)  # 15 fp32 parameters
+    optimizer = torch.optim.AdamW(module.parameters())
+    module(torch.ones(1, 4)).sum().backward()
+    optimizer.step()  # AdamW state per tensor: exp_avg, exp_avg_sq (its shape) and step (a scalar)
     monkeypatch.setenv(ENV, "1")
     stats = RankStats.start(tmp_path, 0)
     for _ in range(2):
@@ -117,13 +124,15 @@ def test_rank_stats_record_cpu_seconds_per_step(tmp_path, monkeypatch):
         spins = 0
         while time.process_time() - c0 < 0.02:  # busy: CPU time advances with wall time
             spins += 1
-        stats.step(time.perf_counter() - t0)
+        stats.step(time.perf_counter() - t0, 0.01)
     time.sleep(0.05)  # idle between steps: wall time only
-    stats.step(0.05)
-    stats.finish(0)
+    stats.step(0.05, 0.02)
+    stats.finish(0, SimpleNamespace(module=module, optimizer=optimizer))
     rec = json.loads((tmp_path / "rank_stats" / "rank_0.json").read_text())
     assert len(rec["cpu_s"]) == 3 and all(c >= 0.02 for c in rec["cpu_s"][:2]), rec
     assert rec["cpu_s"][2] < 0.04, rec
+    assert rec["data_s"] == [0.01, 0.01, 0.02], rec
+    assert rec["param_bytes"] == 15 * 4 and rec["optim_bytes"] == 2 * 15 * 4 + 2 * 4, rec
 
 
 def test_paired_plot_writes_a_png_from_a_recorded_comparison(tmp_path):

@@ -1,4 +1,5 @@
-"""dist_train.spawn: ranks started by a test or a benchmark never outlive their parent."""
+"""dist_train.spawn: ranks started by a test or a benchmark never outlive their parent; the first rank that
+fails is named with its traceback and stops the others; threads, environment and the optional process group."""
 import os
 import signal
 import subprocess
@@ -7,13 +8,18 @@ import time
 from pathlib import Path
 
 import psutil
+import pytest
+import torch
+import torch.distributed as dist
+
+from dist_train.spawn import RankFailure, run_ranks
 
 REPO = Path(__file__).resolve().parents[1]
 PARENT = """
-import time
+import sys, time
 from dist_train.spawn import run_ranks
 from tests.test_spawn import sleep_forever
-run_ranks(sleep_forever, 2, timeout=600)
+run_ranks(sleep_forever, 2, timeout=600, fresh=sys.argv[1] == "fresh")
 """
 
 
@@ -21,15 +27,49 @@ def sleep_forever(rank, world_size):
     time.sleep(600)
 
 
-def test_killed_parent_takes_its_ranks_with_it():
-    parent = subprocess.Popen([sys.executable, "-c", PARENT], cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})
+def rank_1_breaks(rank, world_size):
+    if rank == 1:
+        raise ValueError("rank one is broken")
+    dist.barrier()  # waits for rank 1 until the group's timeout: only being stopped ends it early
+
+
+def what_the_rank_sees(rank, world_size):
+    return (torch.get_num_threads(), dist.is_initialized(),
+            *(os.environ[k] for k in ("OMP_NUM_THREADS", "RANK", "WORLD_SIZE", "LOCAL_RANK")))
+
+
+@pytest.mark.slow
+def test_the_first_failing_rank_is_named_with_its_traceback_and_stops_the_others():
+    t0 = time.monotonic()
+    with pytest.raises(RankFailure) as info:
+        run_ranks(rank_1_breaks, 2, timeout=300)
+    message = str(info.value)
+    assert message.startswith("rank 1 of 2 failed") and "the other ranks were stopped" in message, message
+    assert "ValueError: rank one is broken" in message and "in rank_1_breaks" in message, message
+    assert time.monotonic() - t0 < 120, "rank 0 was left waiting in its barrier"
+
+
+@pytest.mark.slow
+def test_ranks_get_their_threads_and_torchrun_variables_and_a_group_only_when_asked():
+    assert run_ranks(what_the_rank_sees, 1, threads=2, process_group=False, fresh=True) == \
+        [(2, False, "2", "0", "1", "0")]
+    assert run_ranks(what_the_rank_sees, 2) == [(1, True, "1", str(r), "2", str(r)) for r in range(2)]
+
+
+@pytest.mark.parametrize("start", ["forked", "fresh"])
+def test_killed_parent_takes_its_ranks_with_it(start):
+    parent = subprocess.Popen([sys.executable, "-c", PARENT, start], cwd=REPO,
+                              env={**os.environ, "PYTHONPATH": str(REPO)})
     try:
         deadline = time.time() + 120
-        ranks = []
+        ranks, servers = [], []
         while time.time() < deadline and len(ranks) < 2:
-            # the ranks are forked by the fork server, a child of the parent
-            servers = [c for c in psutil.Process(parent.pid).children() if "forkserver" in " ".join(c.cmdline())]
-            ranks = [r for s in servers for r in s.children()]
+            children = psutil.Process(parent.pid).children()
+            if start == "fresh":  # spawned: children of the parent
+                ranks = [c for c in children if "spawn" in " ".join(c.cmdline())]
+            else:  # forked by the fork server, a child of the parent
+                servers = [c for c in children if "forkserver" in " ".join(c.cmdline())]
+                ranks = [r for s in servers for r in s.children()]
             time.sleep(0.2)
         assert len(ranks) >= 2, "the ranks never started"
         ranks += servers

@@ -2,7 +2,7 @@
 
 Reports tokens/s, TFLOP/s per device and MFU (FLOP convention of dist_train.cost.flops: 6N + 12·L·d·S_eff,
 causal S_eff ≈ S/2, Megatron halving), peak memory per rank, the median step split into
-  * data     — time in the batcher (wrapped in the bench's ranks only),
+  * data     — time in the batcher (recorded by dist_train.rankstats, like the next two),
   * comm     — exposed communication: wall time blocked in torch.distributed's Python collectives and
                Work.wait() (dist_train.rankstats). DDP's bucketed all-reduce runs in C++ inside
                backward and is counted as compute (gloo on CPU overlaps little of it),
@@ -22,20 +22,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import multiprocessing as mp
 import os
-import queue
 import statistics
 import tempfile
-import time
 from collections.abc import Mapping
-from datetime import timedelta
+from pathlib import Path
 
 from ..config import load_config
-from ..cost.layout import stages_of_rank
+from ..cost.layout import axis_sizes, rank_coords, stages_of_rank
 from ..cost.memory import estimate_memory
-from ..lifecycle import kill_me_with_parent
 from ..plan.profiles import get_profile
+from ..spawn import run_ranks
 from ._paired import ORDER, alternation, compare, predicted_ratio
 
 HELP = "training throughput, MFU, memory and compute/comm/data split of one config on N ranks"
@@ -72,141 +69,37 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="with a baseline: plot every launch's step time and the per-rank split")
 
 
-def _state_bytes(engine) -> tuple[int, int]:
-    """(parameter bytes, optimizer-state bytes) this rank holds, ZeRO partitions and FSDP2 shards (DTensor:
-    this rank's local shard, not the global size) included."""
-    import torch
-    from torch.distributed.tensor import DTensor
+def _train_rank(rank: int, world: int, config: str, overrides: list, run_dir: str) -> dict:
+    """One rank of a measured run (spawned by dist_train.spawn.run_ranks) -> its record: the trainer's summary
+    and losses, and the per-step times, memory and held state bytes it wrote through dist_train.rankstats."""
+    # the trainer (torch) only in the rank: `dist-train bench <any>` imports this module to build its parser
+    # (dist_train/cli.py imports every bench module), which must not cost a torch import
+    from ..rankstats import ENV as RANK_STATS_ENV
+    from ..trainer import train
 
-    params = 0
-    for p in engine.module.parameters():
-        held = getattr(p, "ds_tensor", None)  # ZeRO-3: p.data is empty, the partition lives here
-        t = held if held is not None else p.data
-        t = t.to_local() if isinstance(t, DTensor) else t
-        params += t.numel() * t.element_size()
-    seen: set[int] = set()
-    optim = 0
-
-    def add(t) -> None:
-        nonlocal optim
-        t = t.to_local() if isinstance(t, DTensor) else t
-        if isinstance(t, torch.Tensor) and t.data_ptr() not in seen and t.numel():
-            seen.add(t.data_ptr())
-            optim += t.numel() * t.element_size()
-
-    opt = engine.optimizer
-    inner = getattr(opt, "optimizer", opt)  # DeepSpeed wraps the torch optimizer
-    for st in inner.state.values():
-        for v in st.values():
-            add(v)
-    for name in ("single_partition_of_fp32_groups", "fp32_partitioned_groups_flat"):  # ZeRO fp32 masters
-        for t in getattr(opt, name, None) or []:
-            add(t)
-    return params, optim
-
-
-def _rank_main(rank: int, world: int, threads: int, init_file: str, config: str, overrides: list, run_dir: str,
-               out) -> None:
-    os.environ.update({"OMP_NUM_THREADS": str(threads), "DIST_TRAIN_RANK_STATS": "1", "RANK": str(rank),
-                       "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank)})
-    kill_me_with_parent()  # a killed `dist-train bench` takes its ranks with it, as dist_train.spawn's do
-    import torch
-    import torch.distributed as dist
-
-    torch.set_num_threads(threads)
-    try:
-        if world > 1:
-            dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
-                                    timeout=timedelta(seconds=600))
-        from dist_train import engines, trainer
-        from dist_train.config import load_config
-
-        cfg = load_config(config, overrides + [f"run.dir={run_dir}", "train.progress=false",
-                                               "checkpoint.at_end=false", "checkpoint.every=0"])
-        data_s: list[float] = []
-        held: dict = {}
-        build_batcher, build_engine = trainer.build_batcher, engines.build_engine
-
-        def timed_batcher(*a, **k):
-            b = build_batcher(*a, **k)
-            fn = b.microbatch
-
-            def microbatch(*a, **k):
-                t0 = time.perf_counter()
-                try:
-                    return fn(*a, **k)
-                finally:
-                    data_s.append(time.perf_counter() - t0)
-            b.microbatch = microbatch
-            return b
-
-        def capture_engine(*a, **k):
-            held["engine"] = build_engine(*a, **k)
-            return held["engine"]
-
-        trainer.build_batcher, engines.build_engine = timed_batcher, capture_engine
-        res = trainer.train(cfg)
-        accum = cfg.grad_accum_steps
-        data_per_step = [sum(data_s[i * accum:(i + 1) * accum]) for i in range(len(res.losses))]
-        stats = json.loads((__import__("pathlib").Path(run_dir) / "rank_stats" / f"rank_{rank}.json").read_text())
-        p_bytes, o_bytes = _state_bytes(held["engine"])
-        out.put((rank, True, {"summary": res.summary, "step_s": stats["step_times_s"], "comm_s": stats["comm_wait_s"],
-                              "cpu_s": stats["cpu_s"],
-                              "data_s": data_per_step, "peak_mem_bytes": stats["peak_mem_bytes"],
-                              "param_bytes": p_bytes, "optim_bytes": o_bytes, "losses": res.losses}))
-    except BaseException:  # noqa: BLE001 - reported by the parent
-        import traceback
-
-        out.put((rank, False, traceback.format_exc()))
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+    os.environ[RANK_STATS_ENV] = "1"  # the trainer writes rank_stats/rank_<rank>.json
+    cfg = load_config(config, overrides + [f"run.dir={run_dir}", "train.progress=false", "checkpoint.at_end=false",
+                                           "checkpoint.every=0"])
+    res = train(cfg)
+    stats = json.loads((Path(run_dir) / "rank_stats" / f"rank_{rank}.json").read_text())
+    return {"summary": res.summary, "losses": res.losses, "step_s": stats["step_times_s"],
+            "comm_s": stats["comm_wait_s"], "cpu_s": stats["cpu_s"], "data_s": stats["data_s"],
+            **{k: stats[k] for k in ("peak_mem_bytes", "param_bytes", "optim_bytes")}}
 
 
 def _median_tail(xs: list[float]) -> float:
     return statistics.median(xs[1:] if len(xs) > 1 else xs)
 
 
-def _launch(config: str, overrides: list, nproc: int, threads: int, timeout: float) -> dict:
-    """Spawn ``nproc`` gloo ranks training ``config`` -> the per-rank results of :func:`_rank_main`."""
-    ctx = mp.get_context("spawn")
-    q = ctx.Queue()
-    with tempfile.TemporaryDirectory(prefix="dt_bench_train_") as tmp:
-        procs = [ctx.Process(target=_rank_main, args=(r, nproc, threads, os.path.join(tmp, "rdzv"), config,
-                                                      overrides, os.path.join(tmp, "run"), q), daemon=True)
-                 for r in range(nproc)]
-        for p in procs:
-            p.start()
-        results: dict = {}
-        deadline = time.monotonic() + timeout
-        while len(results) < nproc and time.monotonic() < deadline:
-            try:
-                r, ok, payload = q.get(timeout=1.0)
-            except queue.Empty:
-                if any(p.exitcode not in (None, 0) for p in procs):
-                    break
-                continue
-            if not ok:
-                for p in procs:
-                    p.kill()
-                raise RuntimeError(f"rank {r} failed:\n{payload}")
-            results[r] = payload
-        for p in procs:
-            p.join(timeout=5)
-            if p.is_alive():
-                p.kill()
-    if len(results) < nproc:
-        raise RuntimeError(f"ranks {sorted(set(range(nproc)) - set(results))} did not finish within {timeout}s")
-    return results
-
-
 def _measure(config: str, overrides: list, cfg, nproc: int, threads: int, timeout: float) -> dict:
     """One measured launch of ``config`` + ``overrides`` (``cfg``: that config, loaded and checked once) -> the
     JSON record (layout, throughput, per-rank split and memory, load average)."""
-    from ..mesh import axis_sizes, rank_coords  # torch.distributed: only once a run is asked for
-
     load_before = os.getloadavg()[0]
-    results = _launch(config, overrides, nproc, threads, timeout)
+    with tempfile.TemporaryDirectory(prefix="dt_bench_train_") as tmp:
+        # fresh interpreters, as a launcher starts them (a forked rank's peak RSS would count pages it shares
+        # with the fork server); a 1-rank run gets no process group: it is measured as it would run alone
+        results = run_ranks(_train_rank, nproc, args=(config, overrides, os.path.join(tmp, "run")), timeout=timeout,
+                            threads=threads, process_group=nproc > 1, fresh=True)
     load_after = os.getloadavg()[0]
     s0 = results[0]["summary"]
     sizes = axis_sizes(cfg.parallel)

@@ -4,6 +4,7 @@
     mine = stages_of_rank(cfg, pp_rank)           # the stages one pipeline rank builds (models/gpt.py)
     loads = rank_loads(cfg)                       # per pp rank: layers, embedding?, head?, micro-batches in flight
     bubble = bubble_fraction(cfg)                 # idle share of a pipelined step (0 without a pipeline)
+    rank_coords(rank, axis_sizes(cfg.parallel))  # {"pp": 0, "dp": 1, "wp": 0, "cp": 1, "tp": 0}: mesh.py's order
 
 Stage balance: the embedding and the output head each count as one layer (Megatron's
 ``account_for_embedding/loss_in_pipeline_split``), every stage holds at least one transformer layer,
@@ -13,7 +14,24 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..config import Config, ConfigError, virtual_stages
+from ..config import Config, ConfigError, ParallelConfig, _as_grid, virtual_stages
+
+# mesh axes, outermost -> innermost (dist_train/mesh.py says why this order)
+AXES: tuple[str, ...] = ("pp", "dp", "wp", "cp", "tp")
+
+
+def axis_sizes(parallel: ParallelConfig) -> dict[str, int]:
+    gh, gw = _as_grid(parallel.wp)
+    return {"pp": parallel.pp, "dp": parallel.dp, "wp": gh * gw, "cp": parallel.cp, "tp": parallel.tp}
+
+
+def rank_coords(rank: int, sizes: dict[str, int]) -> dict[str, int]:
+    """Coordinates of ``rank`` in the mesh (row-major over AXES, tp fastest)."""
+    coords = {}
+    for axis in reversed(AXES):
+        coords[axis] = rank % sizes[axis]
+        rank //= sizes[axis]
+    return {a: coords[a] for a in AXES}
 
 
 @dataclass(frozen=True)
