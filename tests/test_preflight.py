@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from dist_train.checkpoint import CheckpointManager
+from dist_train.cli import main
 from dist_train.config import CheckpointConfig, ConfigError, config_from_dict, load_config, load_yaml_unique
 from dist_train.data.datasets import IndexedTokenDataset
 from dist_train.data.integrity import check_bin_size, check_indexed_dataset, read_index
@@ -203,7 +204,7 @@ def test_empty_yaml_is_refused(tmp_path):
 
 
 
-def test_cli_data_problems_exit_2_with_one_line_before_any_rank(dataset, tmp_path):
+def test_cli_data_problems_exit_2_with_one_line_before_any_rank(dataset, tmp_path, capsys):
     prefix = _copy(dataset, tmp_path)
     data = Path(prefix + ".bin").read_bytes()
     Path(prefix + ".bin").write_bytes(data[:1000 % len(data)])
@@ -212,9 +213,15 @@ def test_cli_data_problems_exit_2_with_one_line_before_any_rank(dataset, tmp_pat
     cases = [(["launch", "configs/gpt_tiny.yaml", "--backend", "local", *common], "is truncated"),
              (["run", "configs/gpt_tiny.yaml", *common, "--set", "parallel.dp=1",
                "--set", f"data.path={dataset}", "--set", "model.vocab_size=100"], "outside model.vocab_size = 100")]
-    for args, needle in cases:
-        r = run_cli(*args)
-        assert r.returncode == 2, (args, r.stderr[-2000:])
-        lines = r.stderr.strip().splitlines()
-        assert len(lines) == 1 and needle in lines[0], r.stderr[-2000:]
+    # the launch through a real process (exit status, stderr as a user sees them), the run in-process through
+    # the same main() (a subprocess costs seconds of imports)
+    for i, (args, needle) in enumerate(cases):
+        if i == 0:
+            r = run_cli(*args)
+            code, err = r.returncode, r.stderr
+        else:
+            code, err = main(args), capsys.readouterr().err
+        assert code == 2, (args, err[-2000:])
+        lines = err.strip().splitlines()
+        assert len(lines) == 1 and needle in lines[0], err[-2000:]
         assert not run_dir.exists()
