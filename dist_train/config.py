@@ -10,10 +10,12 @@ and what would be valid; the CLI prints it and exits with status 2.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import importlib.util
 import math
 import os
+import re
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Optional, Union, get_args, get_origin, get_type_hints
@@ -342,8 +344,6 @@ def parse_override(item: str) -> tuple[list[str], Any]:
 
 def _expand_vars(d: dict, root: dict) -> dict:
     """Expand ``${section.key}`` references in string values (used for run.dir = runs/${run.name})."""
-    import re
-
     def lookup(m: "re.Match[str]") -> str:
         node: Any = root
         for part in m.group(1).split("."):
@@ -364,8 +364,6 @@ def _expand_vars(d: dict, root: dict) -> dict:
 
 
 def config_from_dict(data: dict, overrides: Optional[list[str]] = None) -> Config:
-    import copy
-
     data = copy.deepcopy(data or {})  # overrides must never leak into the caller's mapping
     for item in overrides or []:
         path, value = parse_override(item)

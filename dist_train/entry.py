@@ -18,6 +18,7 @@ from .lifecycle import EXIT_FAILED, EXIT_USAGE, TrainingDiverged
 from .preflight import PREFLIGHT_ENV, preflight
 from .rank_errors import clear_user_errors, record_user_error, user_errors
 from .runlock import RunDirLocked
+from .trainer import train
 
 
 def run_rank(config_path: str, overrides: list[str]) -> int:
@@ -34,8 +35,6 @@ def run_rank(config_path: str, overrides: list[str]) -> int:
         clear_user_errors(cfg.run.dir)  # before the rendezvous: no peer can have failed yet
     ctx = init_distributed(cfg.launch.collective_timeout_s, bind=cfg.launch.bind)
     try:
-        from .trainer import train
-
         result = train(cfg, ctx)
         return result.exit_code
     except (TrainingDiverged, CheckpointError, RunDirLocked) as e:

@@ -10,6 +10,8 @@ import sys
 from pathlib import Path
 from typing import Optional
 
+from tqdm import tqdm
+
 LOGGER_NAME = "dist_train"
 
 
@@ -18,8 +20,6 @@ class _ConsoleHandler(logging.StreamHandler):
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
-            from tqdm import tqdm
-
             tqdm.write(self.format(record), file=self.stream)
         except Exception:  # noqa: BLE001 - logging must never raise
             self.handleError(record)

@@ -20,19 +20,31 @@ from typing import Optional
 import numpy as np
 import torch
 import torch.distributed as dist
+from tqdm import tqdm
 
+from .checkpoint import CheckpointManager
 from .config import Config, check_world_size, save_config
 from .cost.flops import (FLOP_CONVENTION, Throughput, attention_flops_per_key, document_keys, model_params,
                          train_flops_per_token)
 from .cost.layout import stages_of_rank
 from .cost.shape import shape_of
+from .data.batches import TokenBatcher
+from .data.datasets import (SYNTHETIC_VALID_SEED_OFFSET, IndexedTokenDataset, SyntheticTokenDataset,
+                            indexed_split_part)
+from .data.documents import document_options
+from .data.image_batches import WeatherBatcher
+from .data.prepare import ensure_prepared
 from .distributed import DistContext, current_context
+from .engines import build_engine
 from .engines.ddp import all_reduce_sum
 from .evaluation import Evaluator
-from .lifecycle import TrainingDiverged
+from .lifecycle import EXIT_PREEMPTED, Lifecycle, TrainingDiverged
 from .logs import get_logger, setup_logging
 from .mesh import Mesh, build_mesh
 from .metrics import HonestPeak, device_peak, format_metrics, peak_memory_bytes
+from .models.gpt import build_gpt
+from .models.swin import build_swin
+from .models.tensor_parallel import TensorParallel
 from .optim import apply_changed_hyperparameters
 from .rankstats import RankStats
 from .runlock import hold_run_dir
@@ -67,12 +79,7 @@ def autocast_dtype(cfg: Config, device: torch.device) -> Optional[torch.dtype]:
 def build_model(cfg: Config, mesh: Mesh, device: torch.device) -> torch.nn.Module:
     seed_everything(cfg.run.seed)  # identical initial weights on every rank
     if cfg.model.kind == "gpt":
-        from .models.gpt import build_gpt
-
         return build_gpt(cfg, mesh, device)
-    from .models.swin import build_swin
-    from .models.tensor_parallel import TensorParallel
-
     stages = stages_of_rank(cfg, mesh.coord("pp")) if cfg.parallel.pp > 1 else None
     tp = TensorParallel.from_mesh(mesh, cfg.run.seed, device)
     return build_swin(cfg.model, wp_group=mesh.wp_group, grid=cfg.wp_grid, cp_group=mesh.cp_group,
@@ -87,14 +94,7 @@ def build_batcher(cfg: Config, mesh: Mesh, model: torch.nn.Module, part: str = "
     if cfg.model.kind == "swin":
         if d.source != "weather":
             raise ValueError(f"data.source = {d.source!r}: model.kind = swin trains on data.source = weather")
-        from .data.image_batches import WeatherBatcher
-
         return WeatherBatcher(cfg, mesh, model, part)
-    from .data.batches import TokenBatcher
-    from .data.datasets import (SYNTHETIC_VALID_SEED_OFFSET, IndexedTokenDataset, SyntheticTokenDataset,
-                                indexed_split_part)
-    from .data.documents import document_options
-
     if d.source == "synthetic":
         seed = cfg.run.seed + (SYNTHETIC_VALID_SEED_OFFSET if part == "valid" else 0)
         source = SyntheticTokenDataset(cfg.model.vocab_size, d.seq_len, seed)
@@ -102,8 +102,6 @@ def build_batcher(cfg: Config, mesh: Mesh, model: torch.nn.Module, part: str = "
         if not d.path:
             raise ValueError("data.path is not set: give the prefix of a Megatron indexed dataset "
                              "(dist-train data prepare --output PREFIX)")
-        from .data.prepare import ensure_prepared
-
         if mesh.rank == 0:
             ensure_prepared(d.path, d.prepare, d.tokenizer)
         if dist.is_initialized():
@@ -197,17 +195,12 @@ def _train(cfg: Config, ctx: DistContext) -> TrainResult:
         log.info(f"rank {ctx.rank} of {ctx.world_size} on {ctx.device} | coordinates {mesh.coords()} | pid {os.getpid()}")
 
     model = build_model(cfg, mesh, ctx.device)
-    from .engines import build_engine
-
     engine = build_engine(cfg, model, mesh, autocast_dtype(cfg, ctx.device))
     batcher = build_batcher(cfg, mesh, model)
     n_params = model_params(cfg)  # the full model, not this rank's tp shard / pipeline stage / ZeRO-3 partition
 
     t = cfg.train
     accum = cfg.grad_accum_steps
-    from .checkpoint import CheckpointManager
-    from .lifecycle import EXIT_PREEMPTED, Lifecycle
-
     ckpt = CheckpointManager(cfg.checkpoint, run_dir=run_dir, config=cfg.to_dict(),
                              layout=layout_dict(cfg, ctx.world_size), rank=ctx.rank, world_size=ctx.world_size,
                              **engine.checkpoint_kwargs())
@@ -260,8 +253,6 @@ def _train(cfg: Config, ctx: DistContext) -> TrainResult:
     bar = None
     # a bar only where a person watches: a terminal here, or one behind the launcher (DIST_TRAIN_TTY=1)
     if ctx.is_main and t.progress and (sys.stderr.isatty() or os.environ.get("DIST_TRAIN_TTY") == "1"):
-        from tqdm import tqdm
-
         bar = tqdm(total=t.steps, initial=start_step, desc="train", unit="step", file=sys.stderr,
                    dynamic_ncols=True, leave=False, mininterval=0.5)
     step_times: list[float] = []

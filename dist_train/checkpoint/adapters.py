@@ -34,6 +34,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from torch.distributed.checkpoint.state_dict import StateDictOptions
+from torch.distributed.tensor import DTensor, Shard
 
 from ..models.tensor_parallel import is_tp_sharded, shard_of, unshard_strided
 from .state import StateAdapter, TorchStateAdapter
@@ -131,8 +132,6 @@ class TensorParallelAdapter(StateAdapter):
         return max(0, min(s.local, s.size - self.rank * s.local))
 
     def _to_global(self, section: str, sd: Optional[dict]) -> Optional[dict]:
-        from torch.distributed.tensor import DTensor, Shard
-
         if sd is None:
             return None
         out = {}
@@ -152,8 +151,6 @@ class TensorParallelAdapter(StateAdapter):
         return out
 
     def _to_local(self, section: str, sd: Optional[dict]) -> Optional[dict]:
-        from torch.distributed.tensor import DTensor
-
         if sd is None:
             return None
         out = {}

@@ -28,6 +28,7 @@ from typing import Any, Optional, Union
 
 import torch
 import torch.distributed.checkpoint as dcp
+from safetensors.torch import load_file, save_file
 
 from dist_train.checkpoint import manifest as mf
 from dist_train.checkpoint.manager import CheckpointManager, quiet_single_process
@@ -208,8 +209,6 @@ def hf_config(m: ModelConfig, dtype: torch.dtype, kept: Optional[dict] = None, s
 
 def to_hf(ckpt: PathLike, out: PathLike) -> Path:
     """Write ``out/model.safetensors`` + ``out/config.json`` from a (verified) dist-train checkpoint."""
-    from safetensors.torch import save_file
-
     tensors, body = load_model_tensors(ckpt)
     cfg = body.get("config") or {}
     m = saved_model_config(body, f"checkpoint {ckpt}")
@@ -313,8 +312,6 @@ def model_config_from_hf(hf: dict) -> ModelConfig:
 
 def read_hf_dir(hf_dir: PathLike) -> tuple[dict, dict[str, torch.Tensor]]:
     """(config.json, {dist-train name: tensor}) of an HF directory (one or more ``*.safetensors``)."""
-    from safetensors.torch import load_file
-
     hf_dir = Path(hf_dir)
     cfg_path = hf_dir / "config.json"
     files = sorted(hf_dir.glob("*.safetensors"))

@@ -23,6 +23,7 @@ import os
 import re
 import subprocess
 from concurrent.futures import ThreadPoolExecutor
+from importlib.metadata import version
 from pathlib import Path
 from typing import Any, Iterable, Optional, Union
 
@@ -61,8 +62,6 @@ def code_version() -> str:
     except (OSError, subprocess.SubprocessError):
         pass
     try:
-        from importlib.metadata import version
-
         return f"dist-train {version('dist-train')}"
     except Exception:  # noqa: BLE001 - not installed as a distribution
         return "unknown"

@@ -23,6 +23,7 @@ from typing import Any, Optional
 import numpy as np
 import torch
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
+from torch.distributed.tensor import DTensor
 
 
 class StateAdapter(abc.ABC):
@@ -213,8 +214,6 @@ class HostStager:
         return buf
 
     def stage(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        from torch.distributed.tensor import DTensor
-
         out: dict[str, torch.Tensor] = {}
         host_copies: list[tuple[torch.Tensor, torch.Tensor]] = []
         any_cuda = False

@@ -13,6 +13,7 @@ from __future__ import annotations
 from typing import Optional, Protocol
 
 import torch
+from parallelism import sequence_positions
 
 from ..models.gpt import IGNORE_INDEX
 from .documents import DocumentOptions, apply_documents
@@ -63,8 +64,6 @@ class TokenBatcher:
         if self.cp == 1:
             idx = torch.arange(tokens.shape[1])
         else:
-            from parallelism import sequence_positions
-
             idx = sequence_positions(tokens.shape[1], rank=self.cp_rank, world_size=self.cp, layout=self.layout)
             tokens, labels = tokens[:, idx], labels[:, idx]
         count = (labels != IGNORE_INDEX).sum().to(torch.float64)

@@ -6,6 +6,7 @@ sharding). Chunks are drawn without replacement in a seeded order that is reshuf
 """
 from __future__ import annotations
 
+import warnings
 from functools import lru_cache
 from pathlib import Path
 from typing import Optional
@@ -21,8 +22,6 @@ from .integrity import check_bin_size, read_index
 def megatron_indexed_dataset():
     """megatron-core's IndexedDataset module, imported without its 'Transformer Engine/Apex are not
     installed' warnings (irrelevant for reading data, and printed once per rank otherwise)."""
-    import warnings
-
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*(Transformer Engine|Apex).*")
         import_megatron_core()

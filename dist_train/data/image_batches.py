@@ -22,6 +22,7 @@ import torch.distributed as dist
 
 from .batches import micro_batch_ids
 from .datasets import split_part
+from .weather import WeatherDataset, prepare_weather
 
 
 class WeatherBatcher:
@@ -30,8 +31,6 @@ class WeatherBatcher:
     def __init__(self, cfg, mesh, model, part: str = "train"):
         """``part``: "train" or "valid" — the ``data.split`` share of the time steps read (all of them for
         training when no split is set)."""
-        from .weather import WeatherDataset, prepare_weather
-
         d = cfg.data
         if not d.path:
             raise ValueError("data.path is not set: give the directory of the weather dataset (generated there "

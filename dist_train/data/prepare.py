@@ -18,7 +18,9 @@ from pathlib import Path
 from typing import Iterable, Iterator, Optional
 
 import numpy as np
+import torch
 
+from .datasets import megatron_indexed_dataset
 from .sidecar import write_sidecar
 from .tokenizer import get_tokenizer
 
@@ -70,9 +72,6 @@ def prepare_indexed(inputs: list[Path], output_prefix: str, tokenizer: str = "by
     """Tokenize ``inputs`` into ``output_prefix``.bin/.idx (+ .meta.json); returns {"prefix", "documents",
     "tokens", "vocab_size", "eod_id", "max_token_id", "tokenizer"}. eod_token: the EOD token's text for a
     tokenizer.json (None: its recognised EOS, else ValueError)."""
-    import torch
-
-    from .datasets import megatron_indexed_dataset
 
     IndexedDatasetBuilder = megatron_indexed_dataset().IndexedDatasetBuilder
     tok = get_tokenizer(tokenizer, eod_token)

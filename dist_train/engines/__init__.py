@@ -17,22 +17,18 @@ import torch
 
 from ..config import Config
 from ..mesh import Mesh
+from .ddp import DDPEngine
+from .deepspeed import DeepSpeedEngine  # imports deepspeed itself only when one is built
+from .fsdp import FSDPEngine
+from .pipeline import PipelineEngine
 
 
 def build_engine(cfg: Config, model: torch.nn.Module, mesh: Mesh, autocast_dtype: Optional[torch.dtype]):
     """Pick the engine for this config (config validation already rejected zero_stage with pp > 1 or with fsdp)."""
     if mesh.size("pp") > 1:
-        from .pipeline import PipelineEngine
-
         return PipelineEngine(cfg, model, mesh, autocast_dtype)
     if cfg.parallel.fsdp:
-        from .fsdp import FSDPEngine
-
         return FSDPEngine(cfg, model, mesh, autocast_dtype)
     if cfg.parallel.zero_stage is not None:
-        from .deepspeed import DeepSpeedEngine
-
         return DeepSpeedEngine(cfg, model, mesh, autocast_dtype)
-    from .ddp import DDPEngine
-
     return DDPEngine(model, mesh, cfg.train, autocast_dtype)

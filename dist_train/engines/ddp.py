@@ -15,6 +15,7 @@ import torch
 import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from ..checkpoint.adapters import engine_checkpoint_kwargs
 from ..config import TrainConfig
 from ..mesh import Mesh
 from ..optim import build_optimizer, build_scheduler
@@ -57,8 +58,6 @@ class DDPEngine:
     def checkpoint_kwargs(self) -> dict:
         """Extra CheckpointManager arguments: with tp > 1 an adapter that saves Megatron shards as DTensors
         of the full shape (checkpoint/adapters.py), else none."""
-        from ..checkpoint.adapters import engine_checkpoint_kwargs
-
         return engine_checkpoint_kwargs(self.module, self.mesh)
 
     def train_step(self, micro: list[dict], global_count: float) -> tuple[float, float]:

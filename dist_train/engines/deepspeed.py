@@ -25,6 +25,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from ..checkpoint.adapters import DeepSpeedStateAdapter, engine_checkpoint_kwargs
 from ..config import Config
 from ..mesh import Mesh
 from ..optim import build_optimizer, build_scheduler
@@ -130,8 +131,6 @@ class DeepSpeedEngine:
     def checkpoint_kwargs(self) -> dict:
         """Extra CheckpointManager arguments: an adapter that gathers ZeRO-partitioned fp32 weights and
         optimizer state per parameter into the plain engines' layout (wrapped for tp > 1)."""
-        from ..checkpoint.adapters import DeepSpeedStateAdapter, engine_checkpoint_kwargs
-
         return engine_checkpoint_kwargs(self.module, self.mesh, DeepSpeedStateAdapter(self.optimizer))
 
     def train_step(self, micro: list[dict], global_count: float) -> tuple[float, float]:

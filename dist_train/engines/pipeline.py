@@ -24,7 +24,9 @@ from typing import Optional
 
 import torch
 import torch.nn as nn
+from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe, ScheduleInterleaved1F1B
 
+from ..checkpoint.adapters import engine_checkpoint_kwargs, fsdp_checkpoint_kwargs
 from ..config import Config
 from ..mesh import Mesh
 from ..optim import build_optimizer, build_scheduler
@@ -117,8 +119,6 @@ class PipelineEngine:
         return loss_sum * (self._inv_count * self._grad_scale)
 
     def _build_schedule(self, n_micro: int):
-        from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe, ScheduleInterleaved1F1B
-
         n_stages = self.mesh.size("pp") * len(self.stage_modules)
         stages = [PipelineStage(sm, sm.stage.index, n_stages, self.device, group=self.mesh.pp_group)
                   for sm in self.stage_modules]
@@ -193,8 +193,6 @@ class PipelineEngine:
     def checkpoint_kwargs(self) -> dict:
         """Extra CheckpointManager arguments: stages hold disjoint global names (``layers.<i>``) and merge by
         union; with tp > 1 the tensor-parallel adapter (checkpoint/adapters.py); FSDP2 shards as DTensors."""
-        from ..checkpoint.adapters import engine_checkpoint_kwargs, fsdp_checkpoint_kwargs
-
         if self.fsdp:
             return fsdp_checkpoint_kwargs(self.module, self.mesh)
         return engine_checkpoint_kwargs(self.module, self.mesh)

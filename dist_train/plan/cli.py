@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
@@ -17,6 +18,8 @@ from ..cost.predict import predict
 from ..cost.shape import shape_of
 from .enumerate import enumerate_layouts, layout_label, rank_layouts, why_slower
 from .profiles import calibrate, get_profile
+from .report import add_efficiency, write_outputs
+from .sweep import expand, load_sweep, point_config, run_sweep
 
 GIB = 2 ** 30
 
@@ -117,8 +120,6 @@ def plan_main(args: argparse.Namespace) -> int:
         for line in best.breakdown_lines():
             print(f"  {line}")
     if args.json:
-        import json
-
         Path(args.json).write_text(json.dumps({
             "device": prof.name, "devices": devices, "flop_convention": FLOP_CONVENTION,
             "layouts": [dict(p.to_dict(), label=layout_label(c)) for p, c in ranked]}, indent=2))
@@ -171,8 +172,6 @@ def add_scale_arguments(parser: argparse.ArgumentParser) -> None:
 
 def derive(spec, point, rec: dict, prof) -> dict:
     """Add throughput, MFU and the planner's prediction (and its error) to a point record."""
-    from .sweep import point_config
-
     cfg = point_config(spec, point)
     sh = shape_of(cfg)
     pred = predict(cfg, prof)
@@ -196,9 +195,6 @@ def derive(spec, point, rec: dict, prof) -> dict:
 
 
 def scale_main(args: argparse.Namespace) -> int:
-    from .report import add_efficiency, write_outputs
-    from .sweep import expand, load_sweep, point_config, run_sweep
-
     spec = load_sweep(args.sweep)
     prof = get_profile(args.device or spec.device)
     out = Path(args.out) if args.out else Path("runs") / "scale" / spec.name

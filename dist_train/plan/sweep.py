@@ -42,6 +42,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 import yaml
+from tqdm import tqdm
 
 from ..config import Config, ConfigError, load_config, load_yaml_unique
 
@@ -398,8 +399,6 @@ def run_sweep(spec: SweepSpec, out: Path, *, retry_failed: bool = False, progres
         log(f"{skipped} of {len(points)} points already finished in {out} (skipped; delete points/<id> to rerun)")
     bar = None
     if progress and todo:
-        from tqdm import tqdm
-
         bar = tqdm(total=len(todo), desc=f"scale {spec.name}", unit="point", file=sys.stderr, dynamic_ncols=True)
     try:
         for p in todo:
