@@ -15,6 +15,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -48,21 +49,23 @@ def test_killed_rank_restarts_and_matches_uninterrupted(tmp_path):
     from launchers.mpi import find_mpiexec
 
     steps = ["--set", "train.steps=5", "--set", "checkpoint.every=2"]
-    run_dir = tmp_path / "fault"
-    p = _launch(run_dir, "--backend", "local", "--nproc", "2", "--max-restarts", "1", *steps,
-                env=_env(DIST_TRAIN_FAULT="rank=1,step=3,signal=KILL"))
-    out = p.stdout + p.stderr
-    assert p.returncode == 0, out[-4000:]
-    assert "rank 1 killed by SIGKILL" in out and "restart 1 of 1" in out
-    events = [json.loads(line)["event"] for line in (run_dir / "logs" / "launcher.jsonl").read_text().splitlines()]
-    assert events.count("attempt_start") == 2
+    run_dir, ref_dir = tmp_path / "fault", tmp_path / "ref"
     mpiexec = find_mpiexec()
-    if mpiexec is None:
-        pytest.skip("no mpiexec for the uninterrupted reference run")
-    ref_dir = tmp_path / "ref"
-    cmd = [mpiexec, "-n", "2", sys.executable, "-m", "dist_train", "run", CONFIG, *BASE, *steps,
-           "--set", f"run.dir={ref_dir}"]
-    q = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=240)
+    with ThreadPoolExecutor(1) as pool:  # the uninterrupted reference trains while the faulty run does
+        ref_run = None if mpiexec is None else pool.submit(
+            subprocess.run, [mpiexec, "-n", "2", sys.executable, "-m", "dist_train", "run", CONFIG, *BASE, *steps,
+                             "--set", f"run.dir={ref_dir}"],
+            cwd=REPO, env=_env(), capture_output=True, text=True, timeout=240)
+        p = _launch(run_dir, "--backend", "local", "--nproc", "2", "--max-restarts", "1", *steps,
+                    env=_env(DIST_TRAIN_FAULT="rank=1,step=3,signal=KILL"))
+        out = p.stdout + p.stderr
+        assert p.returncode == 0, out[-4000:]
+        assert "rank 1 killed by SIGKILL" in out and "restart 1 of 1" in out
+        events = [json.loads(line)["event"] for line in (run_dir / "logs" / "launcher.jsonl").read_text().splitlines()]
+        assert events.count("attempt_start") == 2
+        if ref_run is None:
+            pytest.skip("no mpiexec for the uninterrupted reference run")
+        q = ref_run.result()
     assert q.returncode == 0, (q.stdout + q.stderr)[-4000:]
     got, ref = _metrics(run_dir)[-1], _metrics(ref_dir)[-1]
     assert got["step"] == ref["step"] == 5
