@@ -32,10 +32,16 @@ from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
+from parallelism.context.kernels import CudaSdpaKernel, get_kernel
+from parallelism.context.layouts import Chunk
+from parallelism.context.masks import classify
 
+from dist_train.checkpoint import CheckpointManager
 from dist_train.config import CheckpointConfig, Config, config_from_dict
 from dist_train.cost.flops import FLOP_CONVENTION, model_params, train_flops_per_token
 from dist_train.metrics import cuda_peak, peak_memory_bytes, timed_matmul_tflops
+from dist_train.models.attention import AttentionContext
+from dist_train.models.gpt import GPT
 
 LLAMA_1B = dict(kind="gpt", d_model=2048, n_layers=16, n_heads=32, n_kv_heads=8, ffn_hidden=8192,
                 vocab_size=32000, rope_theta=500000.0)
@@ -81,10 +87,6 @@ def bench_kernels(seq_lens=(8192, 32768), heads: int = 16, head_dim: int = 128, 
     """fwd+bwd of one block: our kernels vs torch SDPA, bf16, causal and full (4·S²·D·H FLOPs per
     forward for a full block, half for causal; backward 2.5× the forward). ``on_row(rows)`` gets the
     rows so far after each one."""
-    from parallelism.context.kernels import CudaSdpaKernel, get_kernel
-    from parallelism.context.layouts import Chunk
-    from parallelism.context.masks import classify
-
     dev, dt = torch.device("cuda"), torch.bfloat16
     kernels = {"auto": get_kernel("auto", dev, dt)}
     if kernels["auto"].name != "cuda":
@@ -134,9 +136,6 @@ def llama_config(seq_len: int, window=None, model: dict = LLAMA_1B) -> Config:
 def build_llama(cfg: Config, device: torch.device):
     """The GPT of ``cfg`` on ``device`` (fp32 master weights; chunked loss, full activation
     checkpointing) with AdamW (fused on CUDA)."""
-    from dist_train.models.attention import AttentionContext
-    from dist_train.models.gpt import GPT
-
     m = cfg.model
     model = GPT(m, AttentionContext(window=m.attention_window, kernel="auto"), activation_checkpointing="full",
                 init_seed=0, loss_chunk=cfg.train.loss_chunk).to(device)
@@ -192,8 +191,6 @@ def bench_step(model, opt, cfg: Config, peak: float, table_peak: float | None, r
 def bench_checkpoint(model, opt, cfg: Config) -> dict:
     """Async save of model + AdamW state: the stall of save(), the whole save's GB/s, and one training
     step run while the writer thread works (vs the same step undisturbed)."""
-    from dist_train.checkpoint import CheckpointManager
-
     dev = _device_of(model)
     nbytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
     nbytes += sum(t.numel() * t.element_size() for st in opt.state.values() for t in st.values()

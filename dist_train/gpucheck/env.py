@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import torch
+from parallelism.context.kernels import available_cuda_ops
 
 OPTIONAL = ("flash_attn", "deepspeed", "megatron.core", "ray", "mpi4py", "transformers")
 
@@ -50,8 +51,6 @@ def _git_commit(root: Path) -> str | None:
 
 def environment() -> dict:
     """Everything a reader needs to reproduce or compare a report."""
-    from parallelism.context.kernels import available_cuda_ops
-
     env = {
         "host": socket.gethostname(), "platform": platform.platform(), "python": sys.version.split()[0],
         "cpu_count": os.cpu_count(), "load_average": list(os.getloadavg()),

@@ -183,6 +183,8 @@ def _median_time(fn, repeats: int) -> float:
     return ts[len(ts) // 2]
 
 
+# Calibration (below) measures with torch, imported in each function: this module is read by dist_train.cost and
+# the planner, which stay torch-free (`dist-train plan` predicts without it).
 def _interleaved_medians(fns: dict, repeats: int) -> dict:
     """Median seconds of each callable, timed round-robin so that load changes on a shared machine hit
     every size alike instead of biasing whichever was measured during a busy moment."""

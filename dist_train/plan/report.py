@@ -140,7 +140,7 @@ def _series_points(records: list[dict], x_key: str, y_key: str) -> dict[str, tup
 
 def write_plots(records: list[dict], out: Path, meta: dict) -> list[Path]:
     """efficiency.png, throughput.png, memory.png, aggregate_loglog.png (matplotlib, Agg backend)."""
-    import matplotlib
+    import matplotlib  # only when plots are written: `dist-train scale --help` and the CSV/JSON need none
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
