@@ -10,7 +10,8 @@ interface (``*:MASTER_PORT``), even when every rank is on this machine and ``MAS
   when the user names one (``0.0.0.0`` only when asked for explicitly).
 
 A port that is taken is one line naming it, at once, instead of an EADDRINUSE traceback on rank 0 and
-a rendezvous time-out on the others.
+a rendezvous time-out on the others. Under torchrun the elastic agent hosts the store itself (on the
+address and port it chose): every rank then only connects.
 
     store = create_store(rank, world_size, "127.0.0.1", 29500, timedelta(seconds=300), bind=None)
 """
@@ -18,11 +19,15 @@ from __future__ import annotations
 
 import errno
 import ipaddress
+import os
 import socket
 from datetime import timedelta
-from typing import Optional
+from typing import Mapping, Optional
 
 import torch.distributed as dist
+
+
+AGENT_STORE_ENV = "TORCHELASTIC_USE_AGENT_STORE"
 
 
 class RendezvousError(ValueError):
@@ -75,10 +80,17 @@ def listening_socket(addr: str, port: int) -> socket.socket:
     return s
 
 
+def agent_hosts_store(environ: Mapping[str, str] = os.environ) -> bool:
+    """True under torchrun, whose elastic agent already hosts the store on MASTER_PORT and tells its workers so
+    (``TORCHELASTIC_USE_AGENT_STORE=True``, what torch's own ``env://`` rendezvous reads)."""
+    return environ.get(AGENT_STORE_ENV) == "True"
+
+
 def create_store(rank: int, world_size: int, master_addr: str, port: int, timeout: timedelta,
                  bind: Optional[str] = None) -> dist.TCPStore:
-    """The job's TCP store: rank 0 hosts it on :func:`bind_address`, the others connect to MASTER_ADDR."""
-    if rank != 0:
+    """The job's TCP store: rank 0 hosts it on :func:`bind_address`, the others connect to MASTER_ADDR; under
+    torchrun every rank, rank 0 included, connects to the agent's store (binding it would find the port taken)."""
+    if rank != 0 or agent_hosts_store():
         return dist.TCPStore(master_addr, port, world_size, False, timeout)
     sock = listening_socket(bind_address(master_addr, bind), port)
     # TCPStore takes ownership of the descriptor; the Python object must not close it behind its back.

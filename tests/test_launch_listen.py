@@ -11,6 +11,7 @@ from pathlib import Path
 
 import psutil
 import pytest
+import torch.distributed as dist
 
 from dist_train.lifecycle import read_heartbeat
 from dist_train.rendezvous import RendezvousError, bind_address, create_store, listening_socket
@@ -49,6 +50,20 @@ def test_taken_port_is_one_line_and_store_listens_on_loopback():
     store.set("k", "v")
     assert store.get("k") == b"v"
     assert _listening({os.getpid()}) == [("127.0.0.1", port)]
+
+
+def test_under_torchrun_rank_0_connects_to_the_agents_store(monkeypatch):
+    """torchrun's agent holds MASTER_PORT with its own store: rank 0 binding it found the port taken."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    agent = dist.TCPStore("127.0.0.1", port, None, True, timedelta(seconds=10), wait_for_workers=False)
+    with pytest.raises(RendezvousError, match="already in use"):
+        create_store(0, 2, "127.0.0.1", port, timedelta(seconds=10))
+    monkeypatch.setenv("TORCHELASTIC_USE_AGENT_STORE", "True")
+    rank0 = create_store(0, 2, "127.0.0.1", port, timedelta(seconds=10))
+    rank0.set("k", "v")
+    assert agent.get("k") == b"v"
 
 
 @pytest.mark.slow
