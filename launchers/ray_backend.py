@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import socket
 import sys
 import tempfile
 import threading
@@ -104,6 +105,23 @@ def connection_failure_message(address: str, error: BaseException) -> str:
             f"check the address (ray status on the head node), and if the cluster uses token authentication set "
             f"RAY_AUTH_TOKEN or RAY_AUTH_TOKEN_PATH to its token (the head node's ~/.ray/auth_token) and "
             f"RAY_AUTH_MODE=token")
+
+
+def refuse_unreachable(address: str, timeout_s: float = 5.0) -> None:
+    """A ``host:port`` cluster address where nothing accepts a TCP connection is one line at once (ValueError),
+    instead of minutes of Ray's reconnect attempts and their log lines. Other forms (``auto``, ``ray://…``,
+    ``http://…``) are left to Ray's own resolution."""
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit() or not host or "/" in host:
+        return
+    try:
+        with socket.create_connection((host, int(port)), timeout=timeout_s):
+            pass
+    except OSError as e:
+        raise ValueError(f"Ray cluster address {address} (--address / launch.address / RAY_ADDRESS): nothing "
+                         f"accepts connections there ({e.strerror or type(e).__name__}); start the cluster "
+                         f"(ray start --head, then ray status) or leave the address unset for an embedded "
+                         f"single-machine cluster") from None
 
 
 class RankActor:
@@ -263,6 +281,7 @@ class RayBackend:
     def connect(self) -> None:
         os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
         if self.address:
+            refuse_unreachable(self.address)
             # before `import ray`: Ray reads the authentication mode once, when it is imported
             os.environ.update(token_auth_environment())
         import ray

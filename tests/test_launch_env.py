@@ -263,3 +263,22 @@ def test_preflight_runs_in_the_launcher_only_when_the_ranks_run_here(monkeypatch
     assert not ranks_on_this_machine("ray", 1, "10.0.0.1:6379")
     monkeypatch.setenv("RAY_ADDRESS", "auto")
     assert not ranks_on_this_machine("ray", 1, None)
+
+
+def test_an_unreachable_ray_address_is_one_line_at_once():
+    """A wrong --address was minutes of Ray reconnect attempts and log lines; a closed port is refused at once."""
+    import socket
+
+    from launchers.ray_backend import refuse_unreachable
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    with pytest.raises(ValueError, match=rf"^Ray cluster address 127.0.0.1:{port} .*nothing accepts connections there"):
+        refuse_unreachable(f"127.0.0.1:{port}")
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        refuse_unreachable(f"127.0.0.1:{server.getsockname()[1]}")  # something answers: Ray takes over
+    for left_to_ray in ("auto", f"ray://127.0.0.1:{port}", f"http://127.0.0.1:{port}"):
+        refuse_unreachable(left_to_ray)
