@@ -116,3 +116,18 @@ def test_convert_to_hf_and_back_is_bitwise(saved, capsys, tmp_path):
     assert cli.run(_parse("convert", str(back), "--to", "hf", str(tmp_path / "hf2"))) == 0
     again = load_file(str(tmp_path / "hf2" / "model.safetensors"))
     assert again.keys() == tensors.keys() and all(torch.equal(again[k], tensors[k]) for k in tensors)
+
+    # never over what is there: an HF export over an earlier one, an import into a checkpoint directory (its
+    # step_0 would prune the trained checkpoints) — one line each, nothing written
+    with pytest.raises(ValueError, match="already holds model.safetensors and config.json"):
+        cli.run(_parse("convert", str(back), "--to", "hf", str(hf_dir)))
+    with pytest.raises(ValueError, match="is a file"):
+        cli.run(_parse("convert", str(back), "--to", "hf", str(hf_dir / "config.json")))
+    before = sorted(p.name for p in root.iterdir())
+    with pytest.raises(ValueError, match="already exists and is not an empty directory"):
+        cli.run(_parse("convert", str(hf_dir), "--from", "hf", str(root)))
+    assert sorted(p.name for p in root.iterdir()) == before
+    (hf_dir / "tokenizer.json").write_text("{}")  # other files beside an export are fine
+    (hf_dir / "model.safetensors").unlink()
+    (hf_dir / "config.json").unlink()
+    assert cli.run(_parse("convert", str(back), "--to", "hf", str(hf_dir))) == 0

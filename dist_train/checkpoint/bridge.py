@@ -23,7 +23,8 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import FileSystemWriter
 
 from dist_train.checkpoint import manifest as mf
-from dist_train.checkpoint.hf import check_tensor_shapes, expected_shapes, load_model_tensors, write_step0
+from dist_train.checkpoint.hf import (check_tensor_shapes, expected_shapes, fresh_output, load_model_tensors,
+                                      write_step0)
 from dist_train.checkpoint.manager import quiet_single_process
 from dist_train.checkpoint.storage import SafeReader, load_dcp_metadata
 from dist_train.config import Config
@@ -32,15 +33,10 @@ from dist_train.models.swin import build_swin
 PathLike = Union[str, Path]
 
 
-def _fresh_output(out: Path) -> None:
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise ValueError(f"{out}: already exists and is not an empty directory; choose a new output path")
-
-
 def to_dcp(ckpt: PathLike, out: PathLike) -> Path:
     """Write the model state dict of ``ckpt`` as a stock DCP checkpoint directory ``out``."""
     out = Path(out)
-    _fresh_output(out)
+    fresh_output(out)
     tensors, _ = load_model_tensors(ckpt)
     out.mkdir(parents=True, exist_ok=True)
     with quiet_single_process():
@@ -101,7 +97,7 @@ def from_dcp(src: PathLike, out: PathLike, cfg: Optional[Config] = None) -> Path
     tensors = read_stock_dcp(src)
     if cfg is not None:
         check_against(tensors, cfg, str(src))
-    _fresh_output(Path(out))
+    fresh_output(Path(out))
     config = {"source": str(src)}
     if cfg is not None:
         config.update(model=dataclasses.asdict(cfg.model), data={"seq_len": cfg.data.seq_len})

@@ -207,8 +207,22 @@ def hf_config(m: ModelConfig, dtype: torch.dtype, kept: Optional[dict] = None, s
     return config
 
 
+def fresh_output(out: Path) -> None:
+    """A conversion writes into a new (or empty) directory only: writing a step_0 into a checkpoint directory
+    would prune its trained checkpoints (keep_last), and other outputs would be overwritten."""
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ValueError(f"{out}: already exists and is not an empty directory; choose a new output path")
+
+
 def to_hf(ckpt: PathLike, out: PathLike) -> Path:
-    """Write ``out/model.safetensors`` + ``out/config.json`` from a (verified) dist-train checkpoint."""
+    """Write ``out/model.safetensors`` + ``out/config.json`` from a (verified) dist-train checkpoint. ``out`` may
+    already hold other files (a tokenizer), never those two."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"{out}: is a file; --to hf writes a directory (model.safetensors, config.json)")
+    taken = [n for n in ("model.safetensors", "config.json") if (out / n).exists()]
+    if taken:
+        raise ValueError(f"{out}: already holds {' and '.join(taken)}; choose a new output directory")
     tensors, body = load_model_tensors(ckpt)
     cfg = body.get("config") or {}
     m = saved_model_config(body, f"checkpoint {ckpt}")
@@ -219,7 +233,6 @@ def to_hf(ckpt: PathLike, out: PathLike) -> Path:
     data = cfg.get("data") or {}
     eos = 256 if data.get("tokenizer", "byte") == "byte" and m.vocab_size == 257 else None
     config = hf_config(m, tensors["tok_embeddings.weight"].dtype, cfg.get("hf_config"), data.get("seq_len", 2048), eos)
-    out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     save_file({to_hf_name(k): v.contiguous() for k, v in tensors.items()}, str(out / "model.safetensors"),
               metadata={"format": "pt", "source": f"dist-train {Path(ckpt).name}"})
@@ -329,6 +342,7 @@ def from_hf(hf_dir: PathLike, out: PathLike) -> Path:
     """Write a dist-train checkpoint ``out/step_0`` (weights only, step 0) from an HF Llama/Mistral
     directory. Start pretraining from it with ``--set checkpoint.resume=OUT`` and the ``model:`` section
     this prints (:func:`model_config_from_hf`)."""
+    fresh_output(Path(out))
     hf, tensors = read_hf_dir(hf_dir)
     m = model_config_from_hf(hf)
     if m.tie_embeddings:
