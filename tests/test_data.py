@@ -2,6 +2,7 @@
 import json
 
 import numpy as np
+import pytest
 
 from dist_train.data.datasets import IndexedTokenDataset
 from dist_train.data.prepare import prepare_indexed
@@ -31,3 +32,18 @@ def test_prepare_and_read_back_text_and_jsonl(tmp_path):
         start = next(s for s in range(0, len(stream) - 4, 4) if np.array_equal(stream[s:s + 5], chunk))
         seen.add(start)
     assert len(seen) == ds.num_chunks  # one epoch visits every chunk once
+
+
+def test_a_failed_prepare_leaves_nothing_behind(tmp_path):
+    """Missing inputs and directories are named before anything is written; a bad JSONL line met while
+    writing removes the temporaries (they were left as PREFIX.bin.tmpPID)."""
+    (tmp_path / "a.txt").write_text("hello\n")
+    (tmp_path / "bad.jsonl").write_text(json.dumps({"text": "fine"}) + "\n{not json\n")
+    out = tmp_path / "out"
+    out.mkdir()
+    for inputs, msg in (([tmp_path / "a.txt", tmp_path / "missing.txt"], "missing.txt: no such file"),
+                        ([tmp_path], "is a directory; give its files"),
+                        ([tmp_path / "a.txt", tmp_path / "bad.jsonl"], "bad.jsonl")):
+        with pytest.raises(ValueError, match=msg):
+            prepare_indexed(inputs, str(out / "ds"), "byte")
+        assert list(out.iterdir()) == [], (msg, list(out.iterdir()))

@@ -10,6 +10,7 @@ sidecar PREFIX.meta.json (:mod:`.sidecar`) records the tokenizer, its vocabulary
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -47,6 +48,16 @@ def python_stdlib_files(max_bytes: int = 8 << 20) -> list[Path]:
     return files
 
 
+def check_inputs(paths: Iterable[Path]) -> None:
+    """Every input is a readable file, checked before anything is written (ValueError naming the first that
+    is not)."""
+    for p in map(Path, paths):
+        if p.is_dir():
+            raise ValueError(f"--input {p}: is a directory; give its files (e.g. {p}/*.txt {p}/*.jsonl)")
+        if not p.is_file():
+            raise ValueError(f"--input {p}: no such file")
+
+
 def iter_documents(paths: Iterable[Path]) -> Iterator[str]:
     for p in paths:
         p = Path(p)
@@ -73,6 +84,7 @@ def prepare_indexed(inputs: list[Path], output_prefix: str, tokenizer: str = "by
     "tokens", "vocab_size", "eod_id", "max_token_id", "tokenizer"}. eod_token: the EOD token's text for a
     tokenizer.json (None: its recognised EOS, else ValueError)."""
 
+    check_inputs(inputs)
     IndexedDatasetBuilder = megatron_indexed_dataset().IndexedDatasetBuilder
     tok = get_tokenizer(tokenizer, eod_token)
     dtype = np.uint16 if tok.vocab_size <= 65535 else np.int32
@@ -81,18 +93,23 @@ def prepare_indexed(inputs: list[Path], output_prefix: str, tokenizer: str = "by
     tmp_bin, tmp_idx = f"{out}.bin.tmp{os.getpid()}", f"{out}.idx.tmp{os.getpid()}"
     builder = IndexedDatasetBuilder(tmp_bin, dtype=dtype)
     n_docs = n_tokens = max_id = 0
-    for text in iter_documents(inputs):
-        ids = tok.encode(text) + [tok.eod_id]
-        builder.add_item(torch.tensor(ids, dtype=torch.int64))
-        builder.end_document()
-        n_docs += 1
-        n_tokens += len(ids)
-        max_id = max(max_id, max(ids))
-    if n_docs == 0:
+    try:
+        for text in iter_documents(inputs):
+            ids = tok.encode(text) + [tok.eod_id]
+            builder.add_item(torch.tensor(ids, dtype=torch.int64))
+            builder.end_document()
+            n_docs += 1
+            n_tokens += len(ids)
+            max_id = max(max_id, max(ids))
+        if n_docs == 0:
+            raise ValueError(f"no documents found in {', '.join(map(str, inputs))}")
+        builder.finalize(tmp_idx)
+    except BaseException:  # a bad JSONL line, Ctrl-C: no half-written temporaries left beside the output
         builder.data_file.close()
-        os.unlink(tmp_bin)
-        raise ValueError(f"no documents found in {', '.join(map(str, inputs))}")
-    builder.finalize(tmp_idx)
+        for tmp in (tmp_bin, tmp_idx):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+        raise
     info = {"tokenizer": tokenizer, "vocab_size": tok.vocab_size, "eod_id": tok.eod_id, "max_token_id": max_id,
             "documents": n_docs, "tokens": n_tokens}
     write_sidecar(out, info)
