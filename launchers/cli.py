@@ -216,7 +216,14 @@ def submit_main(args: argparse.Namespace) -> int:
                      ntasks_per_node=args.ntasks_per_node, backend=args.backend, overrides=overrides,
                      modules=list(args.module), env_lines=list(args.env_line), directives=list(args.directive),
                      script_path=str(script_path.absolute()))
-    check_world_size(cfg, spec.world_size)
+    try:
+        check_world_size(cfg, spec.world_size)
+    except ValueError as e:
+        per_node = -(-cfg.world_size // spec.nodes)
+        raise ValueError(f"{str(e).replace('ranks were launched', 'ranks in the batch script')} (--nodes "
+                         f"{spec.nodes} × {spec.per_node} rank(s) per node, from --ntasks-per-node or "
+                         f"--gpus-per-node; e.g. --nodes {spec.nodes} --ntasks-per-node {per_node}, or change "
+                         f"parallel.*)") from None
     text = render(spec)
     if args.dry_run:
         print(text, end="")

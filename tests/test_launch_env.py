@@ -233,7 +233,9 @@ def test_submit_dry_run_prints_script(tmp_path, capsys):
     assert out.startswith("#!/bin/bash") and "srun --ntasks=2" in out and not (tmp_path / "r").exists()
     args = parser.parse_args(["configs/gpt_tiny.yaml", "--scheduler", "pbs", "--nodes", "1", "--time", "00:10:00",
                               "--ntasks-per-node", "3", "--set", f"run.dir={tmp_path}/r", "--dry-run"])
-    with pytest.raises(ValueError, match="but 3 ranks were launched"):
+    with pytest.raises(ValueError, match=r"= 2 but 3 ranks in the batch script \(--nodes 1 × 3 rank\(s\) per node, "
+                                         r"from --ntasks-per-node or --gpus-per-node; e.g. --nodes 1 "
+                                         r"--ntasks-per-node 2, or change parallel.\*\)"):
         submit_main(args)
 
 
