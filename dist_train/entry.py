@@ -25,7 +25,18 @@ def run_rank(config_path: str, overrides: list[str]) -> int:
     """Validate, initialise the process group, train; returns the process exit code."""
     cfg = load_config(config_path, overrides)
     rank, world, _ = env_rank_info()
-    check_world_size(cfg, world)  # before any process group exists
+    try:
+        check_world_size(cfg, world)  # before any process group exists
+    except ValueError as e:
+        if world != 1:
+            raise
+        p = cfg.parallel
+        one = [f"--set parallel.{a}=1" for a in ("dp", "tp", "pp", "cp") if getattr(p, a) > 1]
+        one += ["--set parallel.wp=[1,1]"] if cfg.wp_grid != (1, 1) else []
+        n = cfg.world_size
+        raise ValueError(f"{e}: `dist-train run` without a launcher is one process; for one rank pass {' '.join(one)}, "
+                         f"or start {n} ranks: dist-train launch CONFIG, torchrun --nproc-per-node {n} -m dist_train "
+                         f"run CONFIG, or mpiexec -n {n} dist-train run CONFIG") from None
     local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", world))
     if os.environ.get(PREFLIGHT_ENV) != "1":  # `dist-train launch` ran it once for all ranks
         preflight(cfg, on_cuda=torch.cuda.is_available(), ranks_per_host=local_ranks)

@@ -55,6 +55,9 @@ def test_cli_bad_input_is_one_line_exit_2(tmp_path, monkeypatch, capsys):
         (["run", "configs/gpt_tiny.yaml", "--set", "train.stepz=3"], {}, "unknown config key 'train.stepz'"),
         (["run", str(bad_yaml)], {}, "is not valid YAML"),
         (["run", str(twice)], {}, "key 'n_heads' is given twice in one mapping (lines "),
+        (["run", "configs/gpt_tiny.yaml", "--set", "parallel.cp=2"], {},
+         "= 4 but 1 ranks were launched: `dist-train run` without a launcher is one process; for one rank pass "
+         "--set parallel.dp=1 --set parallel.cp=1, or start 4 ranks: dist-train launch CONFIG, torchrun"),
         (["run", "configs/gpt_tiny.yaml", "--set", "parallel.dp=3", "--set", "train.global_batch=12"], {"WORLD_SIZE": "2"},
          "dp*tp*pp*cp*wp = 3*1*1*1*1 = 3 but 2 ranks were launched"),
         (["run", "configs/gpt_tiny.yaml", "--set", f"data.path={tmp_path}/nope", "--set", "data.prepare=null", "--set", "parallel.dp=1",
