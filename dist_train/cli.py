@@ -172,7 +172,20 @@ def build_parser(command: Optional[str] = None) -> argparse.ArgumentParser:
             fill(sub, name)
         else:
             sub.add_parser(name, help=_HELP[name])
+    _describe(parser)
     return parser
+
+
+def _describe(parser: argparse.ArgumentParser) -> None:
+    """Every (sub)command's ``--help`` opens with what it does: a parser without its own description gets the
+    one-line help its parent lists it with."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            helps = {a.dest: a.help for a in action._choices_actions}
+            for name, child in action.choices.items():
+                if not child.description and helps.get(name):
+                    child.description = helps[name][0].upper() + helps[name][1:] + "."
+                _describe(child)
 
 
 def main(argv: Optional[list[str]] = None) -> int:

@@ -25,6 +25,9 @@ EXTRAS = {"tokens_per_s": ("tokens_per_s", "tokens/s", 1.0), "mfu": ("mfu", "MFU
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.description = ("Plot the training loss (solid) and validation loss (dashed) of one or more runs against "
+                          "optimizer steps and against tokens trained on, one colour per run, from each run's "
+                          "metrics.jsonl; --extra adds tokens/s, MFU and peak-memory panels. See docs/metrics.md.")
     parser.epilog = examples("dist-train plot runs/demo --out runs/demo/curves.png",
                              "dist-train plot runs/dp2 runs/cp2 --out compare.png --extra tokens_per_s mfu memory")
     parser.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run directories (holding metrics.jsonl)")

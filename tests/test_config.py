@@ -91,6 +91,8 @@ def test_every_subcommand_has_help_with_an_example(capsys):
             main([*cmd, "--help"])
         out = capsys.readouterr().out
         assert e.value.code == 0 and "example" in out.lower(), (cmd, out[-500:])
+        # the usage, then a line saying what the command does
+        assert cmd == [] or out.split("\n\n")[1][:1].isupper(), (cmd, out[:500])
 
 
 def test_top_level_help_imports_no_torch():
