@@ -4,7 +4,7 @@ memory — at a 512×512 Swin image with d 32, 4 micro-batches, 92 MiB of the la
 (docs/benchmarks/swin_pipeline.md). Losses still equal the single-rank run's."""
 import pytest
 
-from dist_train import engines
+from dist_train import trainer
 from dist_train.trainer import train
 from tests.dist_harness import run_ranks
 from tests.trainer_utils import rel_close, tiny_swin_config
@@ -15,17 +15,17 @@ FOUR_BLOCKS = {"n_layers": 4}
 def _train_pp2(rank, world, root, data_dir):
     """Train pp2 for 2 steps; return the losses and, per stage this rank holds, (is last, outputs kept)."""
     held = {}
-    build = engines.build_engine
+    build = trainer.build_engine  # the name the trainer calls (imported at its top)
 
     def capture(*a, **k):
         held["engine"] = build(*a, **k)
         return held["engine"]
 
-    engines.build_engine = capture
+    trainer.build_engine = capture
     try:
         res = train(tiny_swin_config(f"{root}/pp2", data_dir, steps=2, model=FOUR_BLOCKS, parallel={"pp": 2}))
     finally:
-        engines.build_engine = build
+        trainer.build_engine = build
     schedule = held["engine"]._schedule
     stages = getattr(schedule, "_stages", None) or [schedule._stage]
     return res.losses, [(s.is_last, len(s.output_chunks)) for s in stages]
