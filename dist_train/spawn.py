@@ -32,18 +32,39 @@ import tempfile
 import time
 import traceback
 from datetime import timedelta
-from multiprocessing import forkserver
+from multiprocessing import forkserver, reduction
 from typing import Any, Callable, Sequence
 
 from .lifecycle import describe_exit, kill_me_with_parent
 
 
+class _CallerFd:
+    """The caller's file descriptor ``fd`` as it is when a rank starts, handed to the rank (pickled while the
+    rank starts, it travels as an inherited descriptor; unpickled, it is that descriptor's number)."""
+
+    def __init__(self, fd: int):
+        self.fd = fd
+
+    def __reduce__(self):
+        return _inherited_fd, (reduction.DupFd(self.fd),)
+
+
+def _inherited_fd(dup) -> int:
+    return dup.detach()
+
+
 def _rank_main(job: bytes, rank: int, world_size: int, init_file: str, out: "mp.Queue", timeout_s: float,
-               threads: int, process_group: bool, environ: dict[str, str], cwd: str) -> None:
+               threads: int, process_group: bool, environ: dict[str, str], cwd: str, stdio: tuple[int, int]) -> None:
     """``job``: the pickled ``(fn, args)``, unpickled only after this rank's set-up, since unpickling imports
-    fn's module (a test module, its imports): a caller killed meanwhile would leave the rank behind."""
-    # A forked rank inherits the fork server's environment and directory, as they were when it started:
-    # take the caller's, as they are now (what a spawned rank would get).
+    fn's module (a test module, its imports): a caller killed meanwhile would leave the rank behind.
+    ``stdio``: the caller's stdout and stderr (see :class:`_CallerFd`)."""
+    # A forked rank inherits the fork server's stdout/stderr, environment and directory, as they were when
+    # it started (under pytest: the first test's captured output): take the caller's, as they are now (what
+    # a spawned rank would get).
+    for target, fd in zip((1, 2), stdio):
+        if fd != target:
+            os.dup2(fd, target)
+            os.close(fd)
     os.environ.clear()
     os.environ.update(environ)
     os.environ.update({"OMP_NUM_THREADS": str(threads), "RANK": str(rank), "WORLD_SIZE": str(world_size),
@@ -115,7 +136,8 @@ def run_ranks(fn: Callable, world_size: int, args: Sequence[Any] = (), timeout: 
         init_file = os.path.join(tmp, "rendezvous")
         job = pickle.dumps((fn, tuple(args)))
         procs = [ctx.Process(target=_rank_main, args=(job, r, world_size, init_file, out, timeout, threads,
-                                                      process_group, dict(os.environ), os.getcwd()), daemon=True)
+                                                      process_group, dict(os.environ), os.getcwd(),
+                                                      (_CallerFd(1), _CallerFd(2))), daemon=True)
                  for r in range(world_size)]
         for p in procs:
             p.start()

@@ -33,6 +33,12 @@ def rank_1_breaks(rank, world_size):
     dist.barrier()  # waits for rank 1 until the group's timeout: only being stopped ends it early
 
 
+def say(rank, world_size, word):
+    # one write each: the ranks share the caller's descriptors, and print() may split a line in two writes
+    os.write(1, f"rank {rank} out: {word}\n".encode())
+    os.write(2, f"rank {rank} err: {word}\n".encode())
+
+
 def what_the_rank_sees(rank, world_size):
     return (torch.get_num_threads(), dist.is_initialized(),
             *(os.environ[k] for k in ("OMP_NUM_THREADS", "RANK", "WORLD_SIZE", "LOCAL_RANK")))
@@ -81,3 +87,23 @@ def test_killed_parent_takes_its_ranks_with_it(start):
     finally:
         if parent.poll() is None:
             parent.kill()
+
+
+def test_ranks_write_where_the_caller_writes_when_they_start(capfd):
+    """Not where the caller wrote when the fork server started (under pytest: an earlier test's capture)."""
+    devnull, saved = os.open(os.devnull, os.O_WRONLY), (os.dup(1), os.dup(2))
+    os.dup2(devnull, 1)
+    os.dup2(devnull, 2)
+    try:
+        run_ranks(say, 1, args=("unseen",))  # this may be the call that starts the fork server
+    finally:
+        for fd, old in zip((1, 2), saved):
+            os.dup2(old, fd)
+            os.close(old)
+        os.close(devnull)
+    for word in ("first", "second"):
+        run_ranks(say, 2, args=(word,))
+        out, err = capfd.readouterr()
+        assert sorted(out.splitlines()) == [f"rank {r} out: {word}" for r in range(2)], out
+        said = sorted(line for line in err.splitlines() if line.startswith("rank "))
+        assert said == [f"rank {r} err: {word}" for r in range(2)], err
