@@ -4,7 +4,8 @@ parser, and the config it names, with its ``--set`` overrides, passes validation
 planned config; scale: the sweep's points). A new user copies these; none may end in an error.
 
 In-process and config-only: nothing is started, trained or written (a subprocess per example would cost
-seconds of imports each). Examples with placeholders (CONFIG, $M, …, [optional flags], a|b) are skipped.
+seconds of imports each). Shared flags a page defines (`M="--set …"`) are substituted for $M; examples with
+placeholders (CONFIG, N, Z, …, [optional flags], a|b) are skipped.
 """
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ from dist_train.plan.sweep import expand, load_sweep, point_config
 from launchers.cli import resolve_launch, submit_main
 
 REPO = Path(__file__).resolve().parents[1]
-_PLACEHOLDER = re.compile(r"CONFIG|SWEEP|RUN_DIR|PREFIX|FILES|HEAD\b|\$|…|\[|\||<")
+_PLACEHOLDER = re.compile(r"CONFIG|SWEEP|RUN_DIR|PREFIX|FILES|HEAD\b|\$|…|\[(?!\d)|\||<|[=\s][A-Z](?=[\s.]|$)")
 
 
 def _parsers():
@@ -48,13 +49,16 @@ def _commands(text: str):
 
 def _examples() -> list[tuple[str, str]]:
     found = {("--help", cmd) for p in _parsers() for cmd in _commands(p.epilog or "")}
-    for doc in [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]:
+    for doc in [REPO / "README.md", *sorted((REPO / "docs").glob("*.md")), *sorted((REPO / "docs").glob("*/*.md"))]:
+        source = doc.read_text()
+        # shared flags a page defines once (`M="--set …"`) and its commands use as $M
+        shared = dict(re.findall(r"\b([A-Z])=\"([^\"]*)\"", source))
         # fenced blocks are examples; an inline span is one when it names a shipped config (prose also says
         # `dist-train plot` for the command itself)
-        for m in re.finditer(r"```[a-z]*\n(.*?)```|`([^`]*dist-train [^`]*configs/[^`]*)`", doc.read_text(),
-                             re.S):
+        for m in re.finditer(r"```[a-z]*\n(.*?)```|`([^`]*dist-train [^`]*configs/[^`]*)`", source, re.S):
             text = m.group(1) if m.group(1) is not None else m.group(2).replace("\n", " ")
-            found |= {(doc.name, cmd) for cmd in _commands(text)}
+            text = re.sub(r"\$([A-Z])\b", lambda v: shared.get(v.group(1), v.group(0)), text)
+            found |= {(str(doc.relative_to(REPO)), cmd) for cmd in _commands(text)}
     return sorted(found)
 
 
