@@ -100,8 +100,14 @@ def format_layout(cfg: Config, rows: list[RankLayout]) -> str:
              f"pp_schedule {p.pp_schedule if p.pp > 1 else '-'} | checkpointing {cfg.train.activation_checkpointing}",
              f"memory per rank in GiB ({source}): params, grads (+ DDP buckets), optimizer, activations, "
              "other (baseline, logits, comm buffers, workspace, FSDP2 gathered copies)",
-             f"{'rank':>4} {'dp':>3} {'pp':>3} {'cp':>3} {'tp':>3} {'wp':>3}  {'stages':<8} {'layers':<10} "
-             f"{'emb':>3} {'head':>4} {'params':>8} {'grads':>8} {'optim':>8} {'acts':>8} {'other':>8} {'total':>8}"]
+             ""]
+    # columns as wide as their largest value: a 16,384-rank layout stays aligned
+    wr = max([4] + [len(str(r.rank)) for r in rows])
+    wc = max([3] + [len(str(v)) for r in rows for v in r.coords.values()])
+    wl = max([10] + [len(_layers_str(r.layers)) for r in rows])
+    lines[-1] = (f"{'rank':>{wr}} {'dp':>{wc}} {'pp':>{wc}} {'cp':>{wc}} {'tp':>{wc}} {'wp':>{wc}}  {'stages':<8} "
+                 f"{'layers':<{wl}} {'emb':>3} {'head':>4} {'params':>8} {'grads':>8} {'optim':>8} {'acts':>8} "
+                 f"{'other':>8} {'total':>8}")
     for r in rows:
         c = r.coords
         st = ",".join(str(s.index) for s in r.stages) or "-"
@@ -110,6 +116,6 @@ def format_layout(cfg: Config, rows: list[RankLayout]) -> str:
         mem = r.memory
         mem_s = " ".join(f"{_gib(x):>8}" for x in (mem.params, mem.grads, mem.optimizer, mem.activations, mem.other,
                                                    mem.total)) if mem else "-"
-        lines.append(f"{r.rank:>4} {c['dp']:>3} {c['pp']:>3} {c['cp']:>3} {c['tp']:>3} {c['wp']:>3}  {st:<8} "
-                     f"{_layers_str(r.layers):<10} {emb:>3} {head:>4} {mem_s}")
+        lines.append(f"{r.rank:>{wr}} {c['dp']:>{wc}} {c['pp']:>{wc}} {c['cp']:>{wc}} {c['tp']:>{wc}} "
+                     f"{c['wp']:>{wc}}  {st:<8} {_layers_str(r.layers):<{wl}} {emb:>3} {head:>4} {mem_s}")
     return "\n".join(lines)

@@ -3,6 +3,7 @@ each rank's exact stages; the planner = the most loaded rank), invalid combos.""
 from __future__ import annotations
 
 import itertools
+from types import SimpleNamespace
 
 import pytest
 import torch.distributed as dist
@@ -162,6 +163,25 @@ def test_swin_dry_run_uses_the_planner_too(cpu):
     rows = rank_layout(cfg, profile=cpu)
     assert len(rows) == 2 and all(r.memory.components == predict(cfg, cpu).memory for r in rows)
     assert format_layout(cfg, rows).splitlines()[-1].split()[-1] == f"{rows[-1].memory.total / 2 ** 30:.3f}"
+
+
+def test_dry_run_columns_stay_aligned_past_9999_ranks():
+    """The 405B projections dry-run 16,384 ranks with layer lists like 59-62,123-125: every value stays under
+    its header (right-aligned numbers end where their header ends, left-aligned ones start where it starts)."""
+    from dist_train.config import config_from_dict
+    from dist_train.dryrun import RankLayout
+
+    coords = {"dp": 0, "pp": 0, "cp": 0, "tp": 0, "wp": 0}
+    stage = SimpleNamespace(index=15, layers=[59, 60, 61, 62, 123, 124, 125], first=False, last=True)
+    rows = [RankLayout(0, coords), RankLayout(16383, {**coords, "dp": 1023, "tp": 7}, [stage])]
+    table = format_layout(config_from_dict({}), rows).splitlines()
+    header, body = table[2], table[3:]
+    for name in ("rank", "dp", "tp", "wp", "emb", "head"):
+        end = header.index(name) + len(name)
+        assert all(line[end - 1] != " " and line[end:end + 1] in (" ", "") for line in body), (name, table)
+    for name in ("stages", "layers"):
+        begin = header.index(name)
+        assert all(line[begin - 1] == " " and line[begin] != " " for line in body), (name, table)
 
 
 def test_dry_run_profile_label():
