@@ -179,8 +179,9 @@ def test_a_section_at_its_time_limit_is_interrupted_and_keeps_its_finished_tests
     xml = tmp_path / "junit.xml"
     t0 = time.perf_counter()
     rc, secs = _run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"--junitxml={xml}",
-                     str(tmp_path / "test_limit.py")], 12.0, tmp_path / "pytest.log")
-    assert rc == 124 and secs <= 12.5 and time.perf_counter() - t0 <= 13.0, (rc, secs)
+                     str(tmp_path / "test_limit.py")], 20.0, tmp_path / "pytest.log")
+    # SIGINT at 15 s leaves a loaded machine time to start pytest and pass test_quick first
+    assert rc == 124 and secs <= 21.0 and time.perf_counter() - t0 <= 22.0, (rc, secs)
     assert [(t["test"].rsplit("::", 1)[1], t["outcome"]) for t in rep.junit_results(xml)] == [("test_quick", "passed")]
 
 
