@@ -20,7 +20,7 @@ from parallelism.context.kernels import get_kernel
 from .checkpoint import compat
 from .checkpoint import manifest as mf
 from .checkpoint.foreign import describe_foreign_tree
-from .checkpoint.manager import checkpoint_root
+from .checkpoint.manager import checkpoint_root, occupied_message
 from .checkpoint.storage import CheckpointError
 from .config import Config, ConfigError
 from .cost import memory_model, model_params, rank_inputs
@@ -173,9 +173,12 @@ def check_resume(cfg: Config) -> None:
     """``checkpoint.resume`` = PATH must exist and verify; ``auto`` must find at least one checkpoint that
     verifies when there are any (the trainer would otherwise stop after every rank started)."""
     mode = cfg.checkpoint.resume
-    if mode == "none":
-        return
     root = checkpoint_root(cfg.checkpoint, cfg.run.dir)
+    if mode == "none":
+        occupied = occupied_message(root)
+        if occupied:
+            raise ConfigError(occupied)
+        return
     foreign = describe_foreign_tree(root if mode == "auto" else Path(mode))
     if foreign:
         raise ConfigError(f"checkpoint.resume = {mode}: {foreign}, then resume from OUT (or set "
@@ -185,7 +188,7 @@ def check_resume(cfg: Config) -> None:
         if not candidates:
             return
         where = f"checkpoint.resume = auto: every checkpoint under {root} is damaged"
-        hint = "; repair or move them away, or set checkpoint.resume=none to start from scratch"
+        hint = "; repair them, or move them away to start from scratch"
     else:
         path = Path(mode)
         if not path.exists():

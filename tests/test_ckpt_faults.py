@@ -143,6 +143,9 @@ def test_all_checkpoints_bad_is_an_error_not_a_fresh_start(tmp_path):
     shard_files(root / "step_2")[0].unlink()
     with pytest.raises(CheckpointError, match="no valid checkpoint"):
         _resume(root, resume="auto")
+    with pytest.raises(CheckpointError, match="checkpoint.resume = none, but .* holds checkpoints"):
+        _resume(root, resume="none")  # a fresh start would prune them: they must be moved away first
+    (root / "step_2").rename(tmp_path / "step_2.damaged")
     extra, _ = _resume(root, resume="none")
     assert extra is None
 

@@ -112,3 +112,37 @@ def test_resigned_refused_metadata_fails_verify_and_auto_falls_back(tmp_path, ca
                for r in caplog.records)
     with pytest.raises(CheckpointError, match="not allowed"):
         _mgr(root, resume=str(root / "step_4")).resume(*build(seed=9))
+
+
+def test_a_fresh_run_into_a_checkpoint_dir_with_checkpoints_is_refused_and_touches_nothing(tmp_path):
+    """resume: none beside an earlier run's checkpoints would prune them (keep_last counts both runs) or replace
+    the step both reach, and its own first saves would be pruned at once as the oldest: refused, one line."""
+    root = tmp_path / "ckpt"
+    save = _saver(root, keep_last=2)
+    save(10)
+    save(20)
+    before = {p.name: p.stat().st_mtime_ns for p in root.iterdir()}
+    fresh = build(seed=9)
+    with pytest.raises(CheckpointError, match=r"checkpoint.resume = none, but .*ckpt holds checkpoints \(step_20, "
+                                              r"step_10\)") as e:
+        _mgr(root, resume="none", keep_last=2).resume(*fresh)
+    assert "\n" not in str(e.value) and e.value.exit_code == 2
+    assert {p.name: p.stat().st_mtime_ns for p in root.iterdir()} == before
+    empty = tmp_path / "empty"
+    assert _mgr(empty, resume="none").resume(*fresh) is None  # nothing there: a fresh start
+
+
+def test_the_checkpoint_just_committed_is_never_pruned(tmp_path):
+    """A run resumed from an older step of its own directory (a roll-back after a loss spike) with keep_last=1:
+    its first save is older than the newest checkpoint there, and must not be deleted as it commits."""
+    root = tmp_path / "ckpt"
+    save = _saver(root, keep_last=3)
+    save(10)
+    save(20)
+    save(30)
+    model, opt, sched = build(seed=9)
+    mgr = _mgr(root, resume=str(root / "step_10"), keep_last=1)
+    assert mgr.resume(model, opt, sched)["step"] == 10
+    assert mgr.save(15, model, opt, sched, extra={"step": 15, "consumed_samples": 90})
+    names = [p.name for _, p in complete_checkpoints(root)]
+    assert "step_15" in names and "step_10" in names, names

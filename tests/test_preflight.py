@@ -180,7 +180,10 @@ def test_resume_path_missing_or_damaged_and_all_damaged(tmp_path, dataset):
     auto = _cfg(tmp_path, dataset, checkpoint={"dir": str(root), "resume": "auto"})
     preflight(auto, on_cuda=False)  # step_1 still verifies: auto falls back to it
     _damage(first)
-    _refused(auto, "every checkpoint under", "step_2:", "step_1:", "checkpoint.resume=none")
+    _refused(auto, "every checkpoint under", "step_2:", "step_1:", "move them away")
+    _refused(_cfg(tmp_path, dataset, checkpoint={"dir": str(root), "resume": "none"}),
+             f"checkpoint.resume = none, but {root} holds checkpoints (step_2, step_1) of an earlier run")
+    preflight(_cfg(tmp_path, dataset, checkpoint={"dir": str(tmp_path / "new"), "resume": "none"}), on_cuda=False)
     _refused(_cfg(tmp_path, dataset, checkpoint={"resume": str(root)}), "every checkpoint is damaged")
     (tmp_path / "empty").mkdir()
     _refused(_cfg(tmp_path, dataset, checkpoint={"resume": str(tmp_path / "empty")}), "no step_N checkpoint")

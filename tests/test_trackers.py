@@ -57,7 +57,9 @@ def test_resumed_run_continues_the_curves_without_duplicate_steps(tmp_path):
     steps = [e.step for e in _events(run).Scalars("train/loss")]
     assert steps == [1, 2, 3, 4, 5], steps
     assert _jsonl(run)[2]["loss"] == pytest.approx(res.losses[0])  # step 3 is the resumed run's record
-    # a fresh run (no resume) in the same directory starts new curves: nothing of the old run is shown
+    # a fresh run (no resume) in the same directory, its checkpoints moved away, starts new curves: nothing of
+    # the old run is shown
+    (run / "checkpoints").rename(tmp_path / "old_checkpoints")
     fresh = train(tiny_gpt_config(run, steps=2, train=TRAIN, checkpoint={"resume": "none", "at_end": False}))
     assert [r["step"] for r in _jsonl(run)] == [1, 2]
     assert [e.value for e in _events(run).Scalars("train/loss")] == pytest.approx(fresh.losses, rel=1e-6)
@@ -92,6 +94,8 @@ def test_wandb_tracker_is_offline_and_resumes_the_same_run(tmp_path, monkeypatch
     monkeypatch.delenv("WANDB_MODE", raising=False)
     run = tmp_path / "run"
     for steps, resume in ((2, "auto"), (3, "auto"), (1, "none")):  # the second run resumes the first one
+        if resume == "none":  # a fresh run in the same run.dir: the old run's checkpoints moved away first
+            (run / "checkpoints").rename(tmp_path / "old_checkpoints")
         train(tiny_gpt_config(run, steps=steps, train={"trackers": ["wandb"]},
                               checkpoint={"at_end": True, "resume": resume}))
     inits = [c[1] for c in calls if c[0] == "init"]

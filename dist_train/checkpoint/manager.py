@@ -117,6 +117,25 @@ def nonfinite_tensor(tensors: dict[str, torch.Tensor]) -> Optional[str]:
     return None
 
 
+class CheckpointDirInUse(CheckpointError):
+    """A fresh run (``checkpoint.resume: none``) would save beside another run's checkpoints; bad input: exit 2."""
+
+    exit_code = 2
+
+
+def occupied_message(root: Path) -> Optional[str]:
+    """One line refusing a fresh run whose checkpoint dir ``root`` already holds ``step_N`` checkpoints (None when
+    it holds none): its saves would share ``keep_last`` with them, so pruning would delete the older run's
+    checkpoints (or the fresh run's own first saves, being the oldest) and a step both reach would replace theirs."""
+    found = [p.name for _, p in mf.list_checkpoints(root)]
+    if not found:
+        return None
+    shown = ", ".join(found[:3]) + (f" and {len(found) - 3} more" if len(found) > 3 else "")
+    return (f"checkpoint.resume = none, but {root} holds checkpoints ({shown}) of an earlier run: a fresh run "
+            "there would prune or replace them; resume them (checkpoint.resume=auto), or start fresh with another "
+            "run.dir or checkpoint.dir, or move them away")
+
+
 def _tensor_info(t: torch.Tensor) -> dict:
     """Global shape/dtype/bytes (a DTensor reports its global shape)."""
     return {"shape": list(t.shape), "dtype": str(t.dtype).replace("torch.", ""),
@@ -365,10 +384,11 @@ class CheckpointManager:
             log.warning("checkpoint pruning under %s failed: %s", self.root, e)
 
     def _prune(self, current_step: int) -> None:
-        """Keep the newest ``keep_last`` complete checkpoints, the newest complete one and the one this run
-        resumed from; drop stale ``.tmp`` dirs of earlier steps (saves that died)."""
+        """Keep the newest ``keep_last`` complete checkpoints, the newest complete one, the one just committed
+        (a run rolled back to an older step saves below newer ones) and the one this run resumed from; drop
+        stale ``.tmp`` dirs of earlier steps (saves that died)."""
         complete = mf.complete_checkpoints(self.root)
-        keep = {p for _, p in complete[: self.cfg.keep_last]}
+        keep = {p for _, p in complete[: self.cfg.keep_last]} | {self.root / mf.step_dir_name(current_step)}
         if complete:
             keep.add(complete[0][1])
         if self.resumed_from is not None:
@@ -406,6 +426,9 @@ class CheckpointManager:
         fails verification; PATH (a ``step_N`` dir, or a dir of them) must verify."""
         mode = self.cfg.resume
         if mode in (None, "", "none"):
+            refused = self.comm.broadcast(occupied_message(self.root) if self.rank == 0 else None)
+            if refused:
+                raise CheckpointDirInUse(refused)
             return None
         foreign = describe_foreign_tree(self.root if mode == "auto" else Path(mode))
         if foreign:  # never start fresh beside (or fail obscurely on) someone else's weights
