@@ -129,27 +129,30 @@ def test_vocab_parallel_chunked_loss_matches_single_rank(world):
     assert all(w < TOL for w in run_ranks(_vocab_parallel_function, world, timeout=120))
 
 
-def _tp_gpt(rank, world, cases):
-    """GPT at tp = world (chunked loss) vs the tp=1 model (full loss), float64: loss and every gradient."""
+def _tp_gpt(rank, world, cases, model_extra=None, seq=16, vocab=63):
+    """GPT at tp = world (chunked loss) vs the tp=1 model (full loss), float64: loss and every gradient.
+    ``vocab`` is padded to a multiple of tp (the last rank holds padding rows); ``seq`` divides by tp."""
     from dist_train.mesh import build_mesh
     from dist_train.models.gpt import build_gpt
 
     dev = torch.device("cpu")
     g = torch.Generator().manual_seed(3)
-    tokens = torch.randint(0, 63, (2, 16), generator=g)
-    labels = torch.randint(0, 63, (2, 16), generator=g)
+    tokens = torch.randint(0, vocab, (2, seq), generator=g)
+    labels = torch.randint(0, vocab, (2, seq), generator=g)
     labels[1, 5:9] = IGNORE_INDEX
-    batch = {"tokens": tokens, "labels": labels, "positions": torch.arange(16)}
+    batch = {"tokens": tokens, "labels": labels, "positions": torch.arange(seq)}
     worst = 0.0
     for tie, sp in cases:
-        model_over = {"tie_embeddings": tie, "vocab_size": 63}  # 63: padded to 64, the last rank holds padding
+        model_over = {"tie_embeddings": tie, "vocab_size": vocab, **(model_extra or {})}
         cfg = tiny_gpt_config("/tmp/unused", model=model_over, parallel={"tp": world, "sequence_parallel": sp},
-                              train={"loss_chunk": 5})
-        ref_cfg = tiny_gpt_config("/tmp/unused", model=model_over, train={"loss_chunk": "full"})
+                              train={"loss_chunk": 5}, data={"seq_len": seq})
+        ref_cfg = tiny_gpt_config("/tmp/unused", model=model_over, train={"loss_chunk": "full"},
+                                  data={"seq_len": seq})
         model = build_gpt(cfg, build_mesh(cfg.parallel, world), dev).double()
         ref = build_gpt(ref_cfg, build_mesh(ref_cfg.parallel, 1), dev).double()
         loss, count = model(batch)
         ref_loss, ref_count = ref(batch)
+        assert float(count) == float(ref_count) == 2 * seq - 4
         (loss / count).backward()
         (ref_loss / ref_count).backward()
         worst = max(worst, abs(loss.item() - ref_loss.item()))
@@ -160,7 +163,9 @@ def _tp_gpt(rank, world, cases):
                 parts = [torch.empty_like(grad) for _ in range(world)]
                 dist.all_gather(parts, grad.contiguous(), group=model.tp.group)
                 grad = torch.cat(parts, dim=p.partition_dim)
-                grad = grad.narrow(0, 0, 63) if name in ("output.weight", "tok_embeddings.weight") else grad
+                if name in ("output.weight", "tok_embeddings.weight"):
+                    assert grad[vocab:].abs().max().item() == 0.0, name  # padding rows learn nothing
+                    grad = grad.narrow(0, 0, vocab)
             worst = max(worst, (grad - ref_params[name].grad).abs().max().item())
     return worst
 
@@ -168,3 +173,12 @@ def _tp_gpt(rank, world, cases):
 def test_tp2_gpt_chunked_loss_matches_single_rank_full_loss():
     cases = [(False, False), (True, False), (False, True), (True, True)]
     assert all(w < 1e-10 for w in run_ranks(_tp_gpt, 2, args=(cases,), timeout=170))
+
+
+def test_tp3_sequence_parallel_gpt_matches_single_rank_full_loss():
+    """An odd tp with sequence parallelism: the gloo SP collectives (scatter, all-gather, reduce-scatter as
+    all-reduce + own third) cut S = 18 in thirds, the vocabulary 62 pads to 63 (rank 2 holds a padding row),
+    3 KV heads split one per rank; float64 loss and every gathered gradient equal tp = 1."""
+    model = {"d_model": 48, "n_heads": 6, "n_kv_heads": 3, "ffn_hidden": 96}
+    cases = [(False, True), (True, True)]
+    assert all(w < 1e-10 for w in run_ranks(_tp_gpt, 3, args=(cases, model, 18, 62), timeout=170))
