@@ -1,7 +1,8 @@
 """Tensor / pipeline / ZeRO data parallelism on real gloo ranks against the single-rank run.
 
 Every case: the first 5 losses and the step-1 gradient norm equal the single-rank run (same seed,
-same global batch) within 1e-4 relative in fp32, on every rank. The tp model is also checked in
+same global batch) within 1e-4 relative in fp32, on every rank; the dp3, ZeRO-3 dp3 and cp3 cases also
+the validation loss after step 5 (the evaluation's loss-sum and count all-reduces, uneven per cp rank). The tp model is also checked in
 float64 (forward loss + every gathered gradient) against the tp=1 model. Cases are grouped per world
 size (2, 3, 4) so each spawn pays the import cost once.
 """
@@ -16,6 +17,7 @@ from tests.dist_harness import run_ranks
 from tests.trainer_utils import rel_close, tiny_gpt_config
 
 RTOL = 1e-4
+EVAL = {"eval_every": 5, "eval_steps": 1}  # + the validation loss after step 5 (the evaluation all-reduce)
 FOUR_LAYERS = {"n_layers": 4}
 # tp = 3 needs 3 | heads and 3 | kv heads; vocab 64 is NOT divisible by 3 (exercises vocab padding)
 TP3_MODEL = {"d_model": 48, "n_heads": 6, "n_kv_heads": 3, "ffn_hidden": 96}
@@ -44,8 +46,11 @@ CASES = {
     3: [
         ("pp3", FOUR_LAYERS, {"pp": 3, "microbatches": 4}, {"micro_batch": 1}),
         ("tp3", TP3_MODEL, {"tp": 3}, {}),
-        ("dp3", {}, {"dp": 3}, {"global_batch": 6}),
-        ("cp3_head_dim_llama3", HEAD_DIM_LLAMA3, {"cp": 3}, {}),
+        ("dp3", {}, {"dp": 3}, {"global_batch": 6, **EVAL}),
+        # ZeRO-3 partitions every parameter in thirds (uneven, padded); same reference as dp3
+        ("dp3_zero3", {}, {"dp": 3, "zero_stage": 3}, {"global_batch": 6, **EVAL}),
+        # zigzag cp3 pads S = 32 to 36: the cp ranks hold different real-token counts (training and eval)
+        ("cp3_head_dim_llama3", HEAD_DIM_LLAMA3, {"cp": 3}, EVAL),
     ],
     4: [
         ("dp2_tp2", {}, {"dp": 2, "tp": 2}, {}),
@@ -67,7 +72,7 @@ def _train_cases(rank, world, run_dir, cases):
     out = {}
     for name, model, parallel, train_over in cases:
         res = train(_config(f"{run_dir}/{name}", model, parallel, train_over))
-        out[name] = (res.losses, res.grad_norms)
+        out[name] = (_losses(res), res.grad_norms)
     if world in (3, 4):
         out["fp64_grads"] = _tp_fp64_gradients(world)
     return out
@@ -125,7 +130,13 @@ def _tp_fp64_gradients(world: int) -> float:
 
 def _reference(tmp_path, model, train_over):
     res = train(_config(tmp_path / "ref", model, {}, train_over))
-    return res.losses, res.grad_norms
+    return _losses(res), res.grad_norms
+
+
+def _losses(res) -> list[float]:
+    """Training losses, then the validation loss when the run evaluated."""
+    valid = res.summary.get("valid_loss")
+    return res.losses + ([valid] if valid is not None else [])
 
 
 def _check_world(tmp_path, world: int) -> None:
@@ -138,6 +149,7 @@ def _check_world(tmp_path, world: int) -> None:
         ref_losses, ref_norms = refs[key]
         for rank, per_rank in enumerate(out):
             losses, norms = per_rank[name]
+            assert len(losses) == 5 + ("eval_every" in train_over), (name, rank, losses)
             assert rel_close(losses, ref_losses, RTOL), (name, rank, losses, ref_losses)
             assert rel_close(norms[:1], ref_norms[:1], RTOL), (name, rank, norms[0], ref_norms[0])
     if world == 2:  # ZeRO 1-3 reproduce stage 0 (same DeepSpeed engine, only the sharding differs)
