@@ -3,8 +3,8 @@ checkpoints resharded to and from DDP, and the refused combinations.
 
 * losses: 5 steps of FSDP2 dp2 (with and without reshard-after-forward), Swin wp2, dp3 (uneven shards),
   dp2 × pp2 (1F1B, interleaved, GPipe kept gathered), dp2 × tp2 (sequence parallel), dp2 × cp2 equal the
-  single-rank losses within 1e-5 relative on every rank (dp2 and dp2 × pp2 also the validation loss:
-  forward-only paths); bf16 (FSDP2's MixedPrecisionPolicy, CUDA's default) within 2e-3 of single-rank
+  single-rank losses and step-1 gradient norm (the DTensor shard sums) within 1e-5 relative on every rank
+  (dp2 and dp2 × pp2 also the validation loss: forward-only paths); bf16 (FSDP2's MixedPrecisionPolicy, CUDA's default) within 2e-3 of single-rank
   bf16 autocast, with bf16 weights inside the forward and fp32 shards, gradients and AdamW state;
 * communication: all-gathers and reduce-scatters per step counted (2 per block per micro-batch with
   reshard-after-forward, 1 without, + the root's), as the planner's FSDP2 terms assume;
@@ -70,8 +70,15 @@ def _losses(res) -> list[float]:
     return res.losses + ([valid] if valid is not None else [])
 
 
+def _losses_and_norm(res) -> tuple[list[float], float]:
+    """The losses and the step-1 gradient norm (before any update: it depends on the reduction alone).
+    AdamW is nearly blind to a uniform gradient scale, so a wrong norm (hence clip factor) would not show
+    in the losses: it is compared by itself."""
+    return _losses(res), res.grad_norms[0]
+
+
 def _train_cases(rank, world, run_dir, cases):
-    out = {name: _losses(train(_config(kind, f"{run_dir}/{name}", f"{run_dir}/weather", par, over)))
+    out = {name: _losses_and_norm(train(_config(kind, f"{run_dir}/{name}", f"{run_dir}/weather", par, over)))
            for name, kind, par, over in cases}
     out["bytes"] = _state_bytes(world)
     if world == 2:
@@ -169,8 +176,8 @@ def _state_bytes(world: int) -> dict:
 
 
 def _reference(tmp_path, kind: str, train_over: dict):
-    return _losses(train(_config(kind, tmp_path / f"ref_{kind}_{sorted(train_over.items())}", tmp_path / "weather",
-                                 {}, train_over)))
+    run_dir = tmp_path / f"ref_{kind}_{sorted(train_over.items())}"
+    return _losses_and_norm(train(_config(kind, run_dir, tmp_path / "weather", {}, train_over)))
 
 
 def _check_world(tmp_path, world: int) -> None:
@@ -180,10 +187,12 @@ def _check_world(tmp_path, world: int) -> None:
         key = (kind, tuple(sorted(over.items())))
         if key not in refs:
             refs[key] = _reference(tmp_path, kind, over)
-        ref = refs[key]
+        (ref, ref_norm) = refs[key]
         rtol = BF16_RTOL if over.get("precision") == "bf16" else RTOL
         for rank, per_rank in enumerate(out):
-            assert rel_close(per_rank[name], ref, rtol), (name, rank, per_rank[name], ref)
+            losses, norm = per_rank[name]
+            assert rel_close(losses, ref, rtol), (name, rank, losses, ref)
+            assert rel_close([norm], [ref_norm], rtol), (name, rank, norm, ref_norm)
     if world == 2:
         # per micro-batch (2) and block (2): an all-gather in forward and — unless kept gathered — another in
         # backward, one reduce-scatter; the root (embedding, norm, head) one of each (the planner's terms)
