@@ -159,6 +159,12 @@ def resolve_loss_chunk(setting: Union[str, int], vocab_local: int) -> Optional[i
     return int(setting)
 
 
+#: Single keys (beside every ``model.*`` key) a resume compares with the checkpoint's (checkpoint/compat.py):
+#: the tokenizer gives token ids their meaning; the rest fix which sample ``consumed_samples`` points at
+#: (run.seed orders the samples), so a change would silently repeat or skip data.
+RESUME_CHECKED_KEYS = ("data.tokenizer", "run.seed", "data.source", "data.path", "data.seq_len", "data.split")
+
+
 @dataclass
 class CheckpointConfig:
     every: int = 0  # save every N steps (0: only at the end when `at_end`)
@@ -714,7 +720,7 @@ def _validate_validation(cfg: Config) -> None:
 def _validate_checkpoint(cfg: Config) -> None:
     _check_bounds(cfg, "checkpoint")
     c = cfg.checkpoint
-    resumable = [f"model.{f.name}" for f in fields(ModelConfig)] + ["data.tokenizer"]  # checkpoint/compat.py
+    resumable = [f"model.{f.name}" for f in fields(ModelConfig)] + list(RESUME_CHECKED_KEYS)  # checkpoint/compat.py
     for key in c.allow_config_change:
         if key not in resumable:
             raise ConfigError(f"checkpoint.allow_config_change: {key!r} is not a key a resume compares; valid: "

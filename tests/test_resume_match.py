@@ -161,3 +161,19 @@ def test_cli_mismatch_is_one_line_exit_2(saved):
     lines = [line for line in out.stderr.splitlines() if line.strip()]
     assert out.returncode == 2 and len(lines) == 1, out.stderr
     assert "model.n_layers 2 -> 3" in lines[0] and lines[0].startswith("dist-train: error: checkpoint "), lines
+
+
+@pytest.mark.parametrize("section,key,value", [("run", "seed", 8), ("data", "seq_len", 16)])
+def test_a_change_of_what_consumed_samples_points_at_is_refused(saved, section, key, value):
+    """run.seed orders the samples and data.seq_len/split/path/source decide what sample N is: a resume that
+    changes one continues at ``consumed_samples`` in another order, silently repeating or skipping data."""
+    out = Path(tempfile.mkdtemp(dir=saved.parent, prefix="data_change"))
+    ck = {"resume": str(saved / "checkpoints"), "dir": str(out / "checkpoints"), "at_end": False}
+    cfg = tiny_gpt_config(out, steps=3, checkpoint=ck)
+    changed = {**getattr(cfg, section).__dict__, key: value}
+    with pytest.raises(ResumeMismatchError, match=rf"{section}.{key} .* -> {value!r}; resume refused") as info:
+        train(tiny_gpt_config(out, steps=3, checkpoint=ck, **{section: changed}))
+    assert "\n" not in str(info.value) and f"allow_config_change: [{section}.{key}]" in str(info.value)
+    if key == "seed":  # listed as allowed, it goes ahead (and says so)
+        allowed = {**ck, "allow_config_change": ["run.seed"]}
+        assert train(tiny_gpt_config(out, steps=3, checkpoint=allowed, run=changed)).start_step == 2

@@ -5,7 +5,8 @@
 
 Resuming into a model that differs from the saved one must never "work": a smaller ``n_layers`` silently
 drops saved layers, a different ``rope_theta`` or ``norm_eps`` loads every weight into a different function.
-So the saved ``model`` section (and the tokenizer, which gives the token ids their meaning) must equal the
+So the saved ``model`` section (and the tokenizer, which gives the token ids their meaning, and the keys that
+fix which sample ``consumed_samples`` points at: run.seed, data.source/path/seq_len/split) must equal the
 current one, key by key, unless the user lists the key in ``checkpoint.allow_config_change``; and the
 model's tensors must be exactly the saved ``model.*`` tensors, with equal shapes, in both directions.
 """
@@ -16,11 +17,12 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping, Optional, Sequence
 
 from dist_train.checkpoint.storage import CheckpointError
-from dist_train.config import ModelConfig, attention_head_dim, ffn_hidden_size, swin_ffn_hidden_size
+from dist_train.config import (RESUME_CHECKED_KEYS, ModelConfig, attention_head_dim, ffn_hidden_size,
+                               swin_ffn_hidden_size)
 
 #: Config keys a checkpoint must agree on: every key of these sections, and these single keys.
 CHECKED_SECTIONS = ("model",)
-CHECKED_KEYS = ("data.tokenizer",)
+CHECKED_KEYS = RESUME_CHECKED_KEYS
 #: Keys that may differ without being allowed: they only matter before the first step.
 FREE_KEYS = frozenset({"model.init_std"})
 _SHOWN = 3  # names listed per kind of tensor mismatch (then "and N more")
@@ -97,7 +99,7 @@ def check_config(ckpt: Path, saved: Optional[Mapping[str, Any]], current: Mappin
     if refused:
         listed = ", ".join(f"{k} {old!r} -> {new!r}" for k, old, new in refused)
         keys = ", ".join(k for k, _, _ in refused)
-        raise ResumeMismatchError(f"checkpoint {ckpt} was saved with a different model config: {listed}; resume "
+        raise ResumeMismatchError(f"checkpoint {ckpt} was saved with a different model/data config: {listed}; resume "
                                   f"refused (if this change is intended, set checkpoint.allow_config_change: "
                                   f"[{keys}])")
     return [d for d in diffs if d[0] in allowed]
