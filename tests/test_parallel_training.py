@@ -58,6 +58,8 @@ CASES = {
         ("pp2_cp2", {}, {"pp": 2, "cp": 2}, {}),
         ("pp2_tp2", {}, {"pp": 2, "tp": 2}, {}),
         ("dp2_cp2_zero3", {}, {"dp": 2, "cp": 2, "zero_stage": 3}, {}),
+        # hybrid cp through the model: Ulysses pairs {0, 1}, {2, 3} and rings {0, 2}, {1, 3}
+        ("cp4_hybrid_u2", {}, {"cp": 4, "cp_method": "hybrid", "ulysses_degree": 2}, {}),
     ],
 }
 
