@@ -41,6 +41,9 @@ LOCK_NAME = "run.lock"
 #: Held by rank 0 of a job whose launcher holds LOCK_NAME: ranks that outlive a SIGKILLed launcher (an
 #: orphaned mpiexec) still keep the next launch out.
 RANKS_LOCK_NAME = "run.lock.ranks"
+#: Held by rank 0 in a ``checkpoint.dir`` outside ``run.dir``: two jobs with different run directories must not
+#: share one (each would prune and replace the other's checkpoints).
+CHECKPOINT_LOCK_NAME = "checkpoints.lock"
 RESTART_WAIT_S = 30.0  # how long rank 0 waits for the previous attempt's rank 0 of the same job to be gone
 LOCK_ENV = "DIST_TRAIN_RUN_LOCK"  # the launcher's lock token, in every rank's environment
 
@@ -90,10 +93,11 @@ class RunLock:
 
     @classmethod
     def acquire(cls, run_dir: Path, role: str = "job", out=None, name: str = LOCK_NAME,
-                token: Optional[str] = None, wait_same_job_s: float = 0.0) -> "RunLock":
+                token: Optional[str] = None, wait_same_job_s: float = 0.0, what: str = "run.dir") -> "RunLock":
         """Take the lock of ``run_dir`` (created if missing) or raise ``RunDirLocked`` naming the holder.
         ``token``: the job's (default: a new one); ``wait_same_job_s``: a holder with the same token (the
-        previous attempt of this job, being killed by the supervisor) is waited for this long."""
+        previous attempt of this job, being killed by the supervisor) is waited for this long; ``what``: the
+        config key naming the directory in the refusal."""
         run_dir = Path(run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
         path = run_dir / name
@@ -109,8 +113,8 @@ class RunLock:
                     time.sleep(0.1)
                     continue
                 os.close(fd)
-                raise RunDirLocked(f"run.dir {run_dir} is in use by another job: {describe_owner(holder)} holds "
-                                   f"{path}; wait for it to end or stop it, or use another run.dir") from None
+                raise RunDirLocked(f"{what} {run_dir} is in use by another job: {describe_owner(holder)} holds "
+                                   f"{path}; wait for it to end or stop it, or use another {what}") from None
             except BaseException:
                 os.close(fd)
                 raise
@@ -169,14 +173,39 @@ def held_by_our_launcher(run_dir: Path) -> bool:
 def hold_run_dir(run_dir: Path, rank: int, device=None) -> Iterator[Optional[RunLock]]:
     """Collective over the default group (when initialised): rank 0 takes the lock unless our launcher
     holds it; every rank raises ``RunDirLocked`` if rank 0 was refused. Released on exit (rank 0)."""
+    def take() -> RunLock:
+        if held_by_our_launcher(run_dir):  # the launcher's lock covers us; ours keeps out a next launcher
+            return RunLock.acquire(run_dir, role="rank 0", name=RANKS_LOCK_NAME, token=os.environ[LOCK_ENV],
+                                   wait_same_job_s=RESTART_WAIT_S)
+        return RunLock.acquire(run_dir, role="rank 0")
+    with _held_by_rank0(take, rank, device) as lock:
+        yield lock
+
+
+@contextlib.contextmanager
+def hold_checkpoint_dir(ckpt_dir: Path, run_dir: Path, rank: int, device=None) -> Iterator[Optional[RunLock]]:
+    """Like :func:`hold_run_dir` for a ``checkpoint.dir`` outside ``run_dir`` (one inside is covered by the run
+    directory's lock): ``checkpoints.lock`` there, waited for across restarts of the same launched job."""
+    ckpt_dir, run_dir = Path(ckpt_dir).resolve(), Path(run_dir).resolve()
+    inside = ckpt_dir == run_dir or run_dir in ckpt_dir.parents
+
+    def take() -> Optional[RunLock]:
+        if inside:
+            return None
+        token = os.environ.get(LOCK_ENV) if held_by_our_launcher(run_dir) else None
+        return RunLock.acquire(ckpt_dir, role="rank 0", name=CHECKPOINT_LOCK_NAME, token=token,
+                               wait_same_job_s=RESTART_WAIT_S if token else 0.0, what="checkpoint.dir")
+    with _held_by_rank0(take, rank, device) as lock:
+        yield lock
+
+
+@contextlib.contextmanager
+def _held_by_rank0(take, rank: int, device) -> Iterator[Optional[RunLock]]:
+    """Rank 0 runs ``take()``; its refusal is raised on every rank (a broadcast); the lock is released on exit."""
     lock, error = None, None
     if rank == 0:
         try:
-            if held_by_our_launcher(run_dir):  # the launcher's lock covers us; ours keeps out a next launcher
-                lock = RunLock.acquire(run_dir, role="rank 0", name=RANKS_LOCK_NAME, token=os.environ[LOCK_ENV],
-                                       wait_same_job_s=RESTART_WAIT_S)
-            else:
-                lock = RunLock.acquire(run_dir, role="rank 0")
+            lock = take()
         except RunDirLocked as e:
             error = str(e)
     error = _broadcast_from_rank0(error, device)

@@ -23,6 +23,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from .checkpoint import CheckpointManager
+from .checkpoint.manager import checkpoint_root
 from .config import Config, check_world_size, save_config
 from .cost.flops import (FLOP_CONVENTION, Throughput, attention_flops_per_key, document_keys, model_params,
                          train_flops_per_token)
@@ -47,7 +48,7 @@ from .models.swin import build_swin
 from .models.tensor_parallel import TensorParallel
 from .optim import apply_changed_hyperparameters
 from .rankstats import RankStats
-from .runlock import hold_run_dir
+from .runlock import hold_checkpoint_dir, hold_run_dir
 from .trackers import build_trackers
 
 
@@ -178,7 +179,8 @@ def train(cfg: Config, ctx: Optional[DistContext] = None) -> TrainResult:
     ctx = ctx or current_context()
     check_world_size(cfg, ctx.world_size)
     # one job per run directory, taken before anything touches it (dist_train/runlock.py)
-    with hold_run_dir(Path(cfg.run.dir), ctx.rank, ctx.device):
+    with hold_run_dir(Path(cfg.run.dir), ctx.rank, ctx.device), \
+            hold_checkpoint_dir(checkpoint_root(cfg.checkpoint, cfg.run.dir), Path(cfg.run.dir), ctx.rank, ctx.device):
         return _train(cfg, ctx)
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from dist_train.checkpoint import complete_checkpoints, verify_checkpoint
+from dist_train.checkpoint import CheckpointManager, complete_checkpoints, verify_checkpoint
 from dist_train.lifecycle import EXIT_PREEMPTED
 from dist_train.runlock import (LOCK_ENV, LOCK_NAME, RANKS_LOCK_NAME, RunDirLocked, RunLock, acquire_for_launcher,
                                hold_run_dir, read_owner)
@@ -122,3 +122,28 @@ def test_two_concurrent_launches_one_refused_the_other_intact(tmp_path):
     good = complete_checkpoints(run / "checkpoints")
     assert len(good) >= 2 and not any(verify_checkpoint(p) for _, p in good)
     assert read_owner(run) == {}
+
+
+def test_two_jobs_sharing_a_checkpoint_dir_from_different_run_dirs_are_refused(tmp_path, monkeypatch):
+    """checkpoint.dir outside run.dir: a second job with another run.dir would prune and replace the first
+    one's checkpoints while it trains (keep_last counts both), so the checkpoint dir is held like run.dir."""
+    shared = tmp_path / "shared_ckpt"
+    ck = {"dir": str(shared), "at_end": True}
+    refused = []
+    real_resume = CheckpointManager.resume
+
+    def second_job_starts_meanwhile(self, *args):
+        monkeypatch.setattr(CheckpointManager, "resume", real_resume)
+        with pytest.raises(RunDirLocked) as info:
+            train(tiny_gpt_config(tmp_path / "b", steps=1, checkpoint=ck))
+        refused.append(str(info.value))
+        return real_resume(self, *args)
+
+    monkeypatch.setattr(CheckpointManager, "resume", second_job_starts_meanwhile)
+    train(tiny_gpt_config(tmp_path / "a", steps=2, checkpoint=ck))
+    assert len(refused) == 1 and "\n" not in refused[0], refused
+    assert f"checkpoint.dir {shared} is in use by another job: pid {os.getpid()}" in refused[0]
+    assert [p.name for _, p in complete_checkpoints(shared)] == ["step_2"]
+    assert not (tmp_path / "b" / "summary.json").exists()
+    # once the first job ended, the next one takes the directory (and resumes it)
+    assert train(tiny_gpt_config(tmp_path / "b", steps=3, checkpoint=ck)).start_step == 2
