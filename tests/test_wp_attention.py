@@ -179,6 +179,14 @@ def _attention_cases(rank: int, world: int) -> int:
     xt = x.permute(3, 0, 1, 2)  # [C, B, H, W]: image dims (2, 3)
     part = shard_image(xt, grid=grid, window=(4, 3), group=group, dims=(2, 3))
     assert torch.equal(unshard_image(part, grid=grid, window=(4, 3), group=group, dims=(2, 3)), xt)
+    # its gradient: the replicated image is used identically on every rank, so a tile's gradient is that
+    # tile of the image's gradient (uneven tiles, both dim orders)
+    for img, dims in ((x, (1, 2)), (xt, (2, 3))):
+        tl = shard_image(img, grid=grid, window=(4, 3), group=group, dims=dims).clone().requires_grad_()
+        weight = torch.randn(img.shape, generator=gen, dtype=torch.float64)
+        (gt,) = torch.autograd.grad((unshard_image(tl, grid=grid, window=(4, 3), group=group, dims=dims)
+                                     * weight).sum(), tl)
+        assert torch.equal(gt, shard_image(weight, grid=grid, window=(4, 3), group=group, dims=dims)), dims
     return checked
 
 
