@@ -162,7 +162,8 @@ def resolve_loss_chunk(setting: Union[str, int], vocab_local: int) -> Optional[i
 #: Single keys (beside every ``model.*`` key) a resume compares with the checkpoint's (checkpoint/compat.py):
 #: the tokenizer gives token ids their meaning; the rest fix which sample ``consumed_samples`` points at
 #: (run.seed orders the samples), so a change would silently repeat or skip data.
-RESUME_CHECKED_KEYS = ("data.tokenizer", "run.seed", "data.source", "data.path", "data.seq_len", "data.split")
+RESUME_DATA_ORDER_KEYS = ("run.seed", "data.source", "data.path", "data.seq_len", "data.split")
+RESUME_CHECKED_KEYS = ("data.tokenizer",) + RESUME_DATA_ORDER_KEYS
 
 
 @dataclass

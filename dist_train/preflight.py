@@ -10,6 +10,7 @@ a traceback from every rank after start-up (docs/launching.md, "What each failur
 """
 from __future__ import annotations
 
+import json
 import tempfile
 from pathlib import Path
 
@@ -20,7 +21,7 @@ from parallelism.context.kernels import get_kernel
 from .checkpoint import compat
 from .checkpoint import manifest as mf
 from .checkpoint.foreign import describe_foreign_tree
-from .checkpoint.manager import checkpoint_root, occupied_message
+from .checkpoint.manager import checkpoint_root, consumed_samples, occupied_message
 from .checkpoint.storage import CheckpointError
 from .config import Config, ConfigError
 from .cost import memory_model, model_params, rank_inputs
@@ -164,7 +165,8 @@ def check_resume_matches(cfg: Config, ckpt: Path) -> None:
     allowed): the trainer's check (checkpoint/compat.py), here before any rank starts."""
     try:
         compat.check_config(ckpt, mf.read_manifest(ckpt).get("config"), cfg.to_dict(),
-                            cfg.checkpoint.allow_config_change)
+                            cfg.checkpoint.allow_config_change,
+                            consumed_samples(json.loads((ckpt / mf.TRAIN_STATE).read_text())))
     except compat.ResumeMismatchError as e:
         raise ConfigError(str(e)) from None
 

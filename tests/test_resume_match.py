@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -177,3 +178,23 @@ def test_a_change_of_what_consumed_samples_points_at_is_refused(saved, section, 
     if key == "seed":  # listed as allowed, it goes ahead (and says so)
         allowed = {**ck, "allow_config_change": ["run.seed"]}
         assert train(tiny_gpt_config(out, steps=3, checkpoint=allowed, run=changed)).start_step == 2
+
+
+def test_data_order_keys_are_free_before_the_first_sample_is_consumed(tmp_path):
+    """A checkpoint that consumed no sample (an HF/DCP import: step 0, which may record data.seq_len) has no
+    data order to keep: a new seed or sequence length is no change; once samples were consumed it is."""
+    model = nn.Linear(3, 2)
+    saved = {"model": {"kind": "gpt"}, "run": {"seed": 7}, "data": {"seq_len": 32}}
+    CheckpointManager(CkptCfg(dir=str(tmp_path)), run_dir=tmp_path, config=saved).save_tensors(
+        0, {"weight": model.weight.detach(), "bias": model.bias.detach()})
+    current = {"model": {"kind": "gpt"}, "run": {"seed": 8}, "data": {"seq_len": 64}}
+    assert CheckpointManager(CkptCfg(dir=str(tmp_path)), run_dir=tmp_path, config=current).resume(
+        nn.Linear(3, 2))["step"] == 0
+    later = tmp_path / "later" / "step_1"  # the same checkpoint, 8 samples consumed
+    shutil.copytree(tmp_path / "step_0", later)
+    state = json.loads((later / "train_state.json").read_text())
+    state["extra"]["consumed_samples"] = 8
+    (later / "train_state.json").write_text(json.dumps(state))
+    with pytest.raises(ResumeMismatchError, match=r"run.seed 7 -> 8, data.seq_len 32 -> 64"):
+        CheckpointManager(CkptCfg(dir=str(later.parent)), run_dir=tmp_path, config=current).load(
+            later, nn.Linear(3, 2), verify=False)

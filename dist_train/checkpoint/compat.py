@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping, Optional, Sequence
 
 from dist_train.checkpoint.storage import CheckpointError
-from dist_train.config import (RESUME_CHECKED_KEYS, ModelConfig, attention_head_dim, ffn_hidden_size,
+from dist_train.config import (RESUME_CHECKED_KEYS, RESUME_DATA_ORDER_KEYS, ModelConfig, attention_head_dim, ffn_hidden_size,
                                swin_ffn_hidden_size)
 
 #: Config keys a checkpoint must agree on: every key of these sections, and these single keys.
@@ -72,14 +72,17 @@ def _sizes_as_built(config: Mapping[str, Any]) -> Mapping[str, Any]:
     return {**config, "model": resolved}
 
 
-def config_differences(saved: Mapping[str, Any], current: Mapping[str, Any]) -> list[tuple[str, Any, Any]]:
+def config_differences(saved: Mapping[str, Any], current: Mapping[str, Any],
+                       consumed_samples: Optional[int] = None) -> list[tuple[str, Any, Any]]:
     """``[(dotted key, saved value, current value)]`` for every checked key present on both sides whose
     values differ, null sizes compared as the model builds them (``_sizes_as_built``). A key the checkpoint does
     not record (saved by an older version, or a converted checkpoint that knows no such field) is not compared:
-    its default is, by design, the older behaviour."""
+    its default is, by design, the older behaviour. ``consumed_samples == 0`` (an imported step 0): no data
+    order to keep, so the data-order keys are not compared."""
     saved, current = _sizes_as_built(saved), _sizes_as_built(current)
+    skip = set(RESUME_DATA_ORDER_KEYS) if consumed_samples == 0 else set()
     out = []
-    for key in checked_keys(current):
+    for key in (k for k in checked_keys(current) if k not in skip):
         old, new = _lookup(saved, key), _lookup(current, key)
         if old is _MISSING or new is _MISSING:
             continue
@@ -89,12 +92,13 @@ def config_differences(saved: Mapping[str, Any], current: Mapping[str, Any]) -> 
 
 
 def check_config(ckpt: Path, saved: Optional[Mapping[str, Any]], current: Mapping[str, Any],
-                 allowed: Iterable[str] = ()) -> list[tuple[str, Any, Any]]:
-    """Raise ``ResumeMismatchError`` listing every difference not in ``allowed``; return the allowed ones."""
+                 allowed: Iterable[str] = (), consumed_samples: Optional[int] = None) -> list[tuple[str, Any, Any]]:
+    """Raise ``ResumeMismatchError`` listing every difference not in ``allowed``; return the allowed ones.
+    ``consumed_samples``: the checkpoint's (see ``config_differences``)."""
     if not saved:
         return []
     allowed = set(allowed)
-    diffs = config_differences(saved, current)
+    diffs = config_differences(saved, current, consumed_samples)
     refused = [d for d in diffs if d[0] not in allowed]
     if refused:
         listed = ", ".join(f"{k} {old!r} -> {new!r}" for k, old, new in refused)

@@ -136,6 +136,12 @@ def occupied_message(root: Path) -> Optional[str]:
             "run.dir or checkpoint.dir, or move them away")
 
 
+def consumed_samples(train_state: dict) -> Optional[int]:
+    """The samples a checkpoint's run had consumed, from its parsed ``train_state.json`` (None: not recorded)."""
+    value = from_json(train_state.get("extra") or {}).get("consumed_samples")
+    return int(value) if isinstance(value, int) else None
+
+
 def _tensor_info(t: torch.Tensor) -> dict:
     """Global shape/dtype/bytes (a DTensor reports its global shape)."""
     return {"shape": list(t.shape), "dtype": str(t.dtype).replace("torch.", ""),
@@ -490,9 +496,10 @@ class CheckpointManager:
             if problems:
                 raise CorruptCheckpointError(f"checkpoint {ckpt} failed verification: {problems[0]}", problems[0])
         body = mf.read_manifest(ckpt)
-        self.config_changes = compat.check_config(ckpt, body.get("config"), self.config,
-                                                  getattr(self.cfg, "allow_config_change", None) or ())
         ts = json.loads((ckpt / mf.TRAIN_STATE).read_text())
+        self.config_changes = compat.check_config(ckpt, body.get("config"), self.config,
+                                                  getattr(self.cfg, "allow_config_change", None) or (),
+                                                  consumed_samples(ts))
         with_optim = optimizer is not None and "optim" in body["contents"]
         # a checkpoint without optimizer state (e.g. converted from HF) leaves the optimizer untouched —
         # in particular not initialised by get_state_dict's zero-gradient step
