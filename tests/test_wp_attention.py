@@ -4,7 +4,8 @@ Each spawned rank runs every case for its world size: grids 1×1, 1×2, 2×1, 1�
 2×2 (uneven); square and rectangular windows; shift 0, half and odd; wrap on/off per axis; bias
 on/off; float64 and float32 (≤ 1e-5 relative); forward and gradients of q, k, v and bias; exact
 halo byte counts; and the two classic bugs (a roll that does nothing, a mask in local coordinates),
-shown to differ from the reference on these very cases.
+shown to differ from the reference on these very cases. The 4-rank run also runs the 3-rank cases on the
+sub-group {1, 2, 3} (group ranks differ from global ranks, as for the mesh's wp groups).
 """
 from __future__ import annotations
 
@@ -93,9 +94,21 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def _attention_cases(rank: int, world: int) -> int:
-    group = None
+    checked = _swin_cases(CASES[world], None, world)
+    _halo_and_unshard(rank, world, None)
+    if world == 4:  # a sub-group (group rank i = global rank i + 1) runs the odd 3-rank cases
+        sub = dist.new_group([1, 2, 3])
+        if rank in (1, 2, 3):
+            checked += _swin_cases(CASES[3], sub, 3)
+            _halo_and_unshard(dist.get_rank(sub), 3, sub)
+        dist.barrier()
+    return checked
+
+
+def _swin_cases(cases: list, group, world: int) -> int:
+    """Every case on ``group`` of ``world`` ranks (None: the default group) -> the number checked."""
     checked = 0
-    for case_id, (grid, H, W, window, shift, wrap, use_bias, B) in enumerate(CASES[world]):
+    for case_id, (grid, H, W, window, shift, wrap, use_bias, B) in enumerate(cases):
         gen = torch.Generator().manual_seed(1000 + case_id)  # identical full tensors on every rank
         q, k, v, gout = (torch.randn(B, H, W, HEADS, DIM, generator=gen, dtype=torch.float64) for _ in range(4))
         bias = torch.randn(HEADS, 2 * window[0] - 1, 2 * window[1] - 1, generator=gen, dtype=torch.float64)
@@ -124,7 +137,7 @@ def _attention_cases(rank: int, world: int) -> int:
             if use_bias:
                 gb = bl.grad.double().clone()
                 if world > 1:
-                    dist.all_reduce(gb)  # the replicated weight's gradient reduction over wp
+                    dist.all_reduce(gb, group=group)  # the replicated weight's gradient reduction over wp
                 assert _rel(gb, ref_grads[3]) <= tol, f"{tag} {dtype}: bias grad rel err {_rel(gb, ref_grads[3])}"
 
             # Bytes: forward sends packed q|k|v (3 tensors) + the output roll-back (1); backward sends the
@@ -150,11 +163,15 @@ def _attention_cases(rank: int, world: int) -> int:
             bad = WindowParallelAttention.apply(tile(q), tile(k), tile(v), bias if use_bias else None, bad_spec)
             diff = torch.tensor([_rel(bad, tile(ref))], dtype=torch.float64)
             if world > 1:
-                dist.all_reduce(diff, op=dist.ReduceOp.MAX)
+                dist.all_reduce(diff, op=dist.ReduceOp.MAX, group=group)
             local_mask_differs = any(s and not wr and g > 1 for s, wr, g in zip(shift, wrap, grid))
             assert (float(diff) > 1e-3) == local_mask_differs, f"{tag}: local-mask bug diff {float(diff)}"
         checked += 1
+    return checked
 
+
+def _halo_and_unshard(rank: int, world: int, group) -> None:
+    """halo_roll and shard/unshard_image on ``group`` (``rank``: the rank in it)."""
     # halo_roll (the model's primitive: roll the block input once) == torch.roll, and its adjoint.
     grid = {1: (1, 1), 2: (2, 1), 3: (1, 3), 4: (2, 2)}[world]
     H, W = 20, 21
@@ -187,13 +204,13 @@ def _attention_cases(rank: int, world: int) -> int:
         (gt,) = torch.autograd.grad((unshard_image(tl, grid=grid, window=(4, 3), group=group, dims=dims)
                                      * weight).sum(), tl)
         assert torch.equal(gt, shard_image(weight, grid=grid, window=(4, 3), group=group, dims=dims)), dims
-    return checked
 
 
 @pytest.mark.parametrize("world", [1, 2, 3, 4])
 def test_window_parallel_attention_matches_swin_reference(world):
     results = run_ranks(_attention_cases, world, timeout=150)
-    assert results == [len(CASES[world])] * world
+    sub = [len(CASES[3]) if world == 4 and rank else 0 for rank in range(world)]  # the 4-rank run's sub-group
+    assert results == [len(CASES[world]) + n for n in sub]
 
 
 def test_bad_input_raises_value_error():
