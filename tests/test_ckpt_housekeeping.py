@@ -146,3 +146,31 @@ def test_the_checkpoint_just_committed_is_never_pruned(tmp_path):
     assert mgr.save(15, model, opt, sched, extra={"step": 15, "consumed_samples": 90})
     names = [p.name for _, p in complete_checkpoints(root)]
     assert "step_15" in names and "step_10" in names, names
+
+
+def test_kill_between_the_two_renames_of_a_resaved_step_loses_neither(tmp_path, monkeypatch):
+    """Re-saving step_N (a run rolled back to an older step reaches it again) swaps step_N aside, then renames
+    step_N.tmp in: a kill between the two renames leaves no step_N. The next start puts the old one back
+    instead of resuming from an older step and deleting it as a leftover."""
+    root = tmp_path / "ckpt"
+    save = _saver(root, keep_last=3)
+    save(10)
+    out20 = save(20)
+    model, opt, sched = build(seed=9)
+    mgr = _mgr(root, resume=str(root / "step_10"), keep_last=3)
+    mgr.resume(model, opt, sched)
+    real_replace = manager_mod.os.replace
+
+    def killed_after_swap(src, dst):
+        real_replace(src, dst)
+        if ".replaced" in str(dst):
+            raise KeyboardInterrupt  # stands for SIGKILL right after step_20 was moved aside
+
+    monkeypatch.setattr(manager_mod.os, "replace", killed_after_swap)
+    with pytest.raises(KeyboardInterrupt):
+        mgr.save(20, model, opt, sched, extra={"step": 20, "consumed_samples": 120})
+    monkeypatch.setattr(manager_mod.os, "replace", real_replace)
+    assert not (root / "step_20").exists()
+    fresh = build(seed=5)
+    assert _mgr(root).resume(*fresh)["step"] == 20 and torch.equal(eval_outputs(fresh[0]), out20)
+    assert not list(root.glob("step_20.replaced*"))

@@ -107,6 +107,24 @@ def discard(path: Path) -> None:
     shutil.rmtree(doomed, ignore_errors=True)
 
 
+REPLACED = ".replaced"  # suffix (+ pid) of a step_N moved aside while a re-save of step N commits
+
+
+def restore_interrupted_replace(root: Path) -> list[str]:
+    """Put back each ``step_N.replaced<pid>`` whose ``step_N`` is missing: a re-save of step N was killed
+    between moving the old ``step_N`` aside and renaming the new one in, so the old one is still the
+    committed step N. Returns the restored names."""
+    restored = []
+    for p in sorted(Path(root).glob(f"step_*{REPLACED}*")):
+        final = p.with_name(p.name.split(REPLACED)[0])
+        if final.exists():
+            continue
+        os.replace(p, final)
+        fsync_dir(final.parent)
+        restored.append(final.name)
+    return restored
+
+
 def nonfinite_tensor(tensors: dict[str, torch.Tensor]) -> Optional[str]:
     """The first key (sorted) of a floating tensor holding NaN or ±inf (this rank's part of a DTensor), else None."""
     for key in sorted(tensors):
@@ -371,7 +389,7 @@ class CheckpointManager:
         fsync_dir(tmp)
         replaced = None
         if final.exists():  # re-saving a step (e.g. a resumed run reaching the same step): swap, then delete
-            replaced = final.with_name(final.name + f".replaced{os.getpid()}")
+            replaced = final.with_name(final.name + f"{REPLACED}{os.getpid()}")
             os.replace(final, replaced)
         os.replace(tmp, final)
         fsync_dir(self.root)
@@ -409,7 +427,8 @@ class CheckpointManager:
                     discard(p)
             except ValueError:
                 continue
-        for p in [*self.root.glob(f"step_*{DELETING}"), *self.root.glob("step_*.replaced*")]:
+        restore_interrupted_replace(self.root)
+        for p in [*self.root.glob(f"step_*{DELETING}"), *self.root.glob(f"step_*{REPLACED}*")]:
             shutil.rmtree(p, ignore_errors=True)  # left by a process killed while deleting
 
     def _raise_if(self, errors: list[str], tmp: Path) -> None:
@@ -431,6 +450,18 @@ class CheckpointManager:
         checkpoint under the checkpoint dir and falls back to older ones (one warning line each) when it
         fails verification; PATH (a ``step_N`` dir, or a dir of them) must verify."""
         mode = self.cfg.resume
+        restored = None
+        if self.rank == 0 and self.root.is_dir():
+            try:
+                restored = restore_interrupted_replace(self.root)
+            except OSError as e:
+                restored = f"cannot restore an interrupted re-save under {self.root}: {e}"
+        problem = self.comm.broadcast(restored if isinstance(restored, str) else None)
+        if problem:
+            raise CheckpointError(problem)
+        if restored and self.rank == 0:
+            log.warning("restored %s under %s: a re-save of that step was killed before it committed",
+                        ", ".join(restored), self.root)
         if mode in (None, "", "none"):
             refused = self.comm.broadcast(occupied_message(self.root) if self.rank == 0 else None)
             if refused:
