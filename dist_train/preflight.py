@@ -21,7 +21,7 @@ from parallelism.context.kernels import get_kernel
 from .checkpoint import compat
 from .checkpoint import manifest as mf
 from .checkpoint.foreign import describe_foreign_tree
-from .checkpoint.manager import checkpoint_root, consumed_samples, occupied_message
+from .checkpoint.manager import checkpoint_root, consumed_samples, newer_checkpoints_message, occupied_message
 from .checkpoint.storage import CheckpointError
 from .config import Config, ConfigError
 from .cost import memory_model, model_params, rank_inputs
@@ -210,6 +210,9 @@ def check_resume(cfg: Config) -> None:
         problem = _problem(ckpt)
         if not problem:
             check_resume_matches(cfg, ckpt)
+            newer = None if mode == "auto" else newer_checkpoints_message(root, mode, mf.read_manifest(ckpt)["step"])
+            if newer:
+                raise ConfigError(newer)
             return
         problems.append(problem if len(candidates) == 1 else f"{ckpt.name}: {problem}")
     raise ConfigError(f"{where} ({' | '.join(problems)}){hint}")

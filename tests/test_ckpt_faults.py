@@ -197,7 +197,9 @@ def test_keep_last_prunes_but_never_the_loaded_or_newest(tmp_path):
     _train_and_save(root, steps=(1, 2, 3, 4), keep_last=2)
     assert [p.name for _, p in complete_checkpoints(root)] == ["step_4", "step_3"]
 
-    # resume from an older checkpoint explicitly, keep_last=1: it stays while this run saves newer ones
+    # resume from an older checkpoint explicitly (the newer one moved away: a restart would resume it), keep_last=1:
+    # it stays while this run saves newer ones
+    (root / "step_4").rename(tmp_path / "step_4")
     model, opt, sched = build()
     mgr = _mgr(root, keep_last=1, resume=str(root / "step_3"))
     assert mgr.resume(model, opt, sched)["step"] == 3

@@ -132,33 +132,49 @@ def test_a_fresh_run_into_a_checkpoint_dir_with_checkpoints_is_refused_and_touch
     assert _mgr(empty, resume="none").resume(*fresh) is None  # nothing there: a fresh start
 
 
-def test_the_checkpoint_just_committed_is_never_pruned(tmp_path):
-    """A run resumed from an older step of its own directory (a roll-back after a loss spike) with keep_last=1:
-    its first save is older than the newest checkpoint there, and must not be deleted as it commits."""
+def test_a_resume_path_older_than_the_newest_checkpoint_there_is_refused(tmp_path):
+    """A roll-back (resume: PATH at step 10) beside step_20/step_30 of the abandoned run: every restart resumes
+    with resume: auto, which takes the newest, so a crash would silently continue the abandoned run (and its
+    saves would replace this run's steps). Refused in one line; with them moved away it goes ahead."""
     root = tmp_path / "ckpt"
     save = _saver(root, keep_last=3)
     save(10)
     save(20)
     save(30)
     model, opt, sched = build(seed=9)
+    with pytest.raises(CheckpointError, match=r"checkpoint.resume = .*step_10 is at step 10, but .*ckpt holds newer "
+                                              r"checkpoints \(step_30, step_20\)") as e:
+        _mgr(root, resume=str(root / "step_10"), keep_last=1).resume(model, opt, sched)
+    assert "\n" not in str(e.value) and e.value.exit_code == 2
+    assert [p.name for _, p in complete_checkpoints(root)] == ["step_30", "step_20", "step_10"]
+    for name in ("step_30", "step_20"):
+        (root / name).rename(tmp_path / name)
     mgr = _mgr(root, resume=str(root / "step_10"), keep_last=1)
     assert mgr.resume(model, opt, sched)["step"] == 10
-    assert mgr.save(15, model, opt, sched, extra={"step": 15, "consumed_samples": 90})
-    names = [p.name for _, p in complete_checkpoints(root)]
-    assert "step_15" in names and "step_10" in names, names
+
+
+def test_the_checkpoint_just_committed_is_never_pruned(tmp_path):
+    """keep_last=1 and a save below the newest step (saved by hand, ckpt convert, a second manager): it must not
+    be deleted as it commits."""
+    root = tmp_path / "ckpt"
+    save = _saver(root, keep_last=3)
+    save(10)
+    save(30)
+    model, opt, sched = build(seed=9)
+    assert _mgr(root, keep_last=1).save(15, model, opt, sched, extra={"step": 15, "consumed_samples": 90})
+    assert [p.name for _, p in complete_checkpoints(root)] == ["step_30", "step_15"]
 
 
 def test_kill_between_the_two_renames_of_a_resaved_step_loses_neither(tmp_path, monkeypatch):
-    """Re-saving step_N (a run rolled back to an older step reaches it again) swaps step_N aside, then renames
-    step_N.tmp in: a kill between the two renames leaves no step_N. The next start puts the old one back
-    instead of resuming from an older step and deleting it as a leftover."""
+    """Re-saving step_N (a second manager saving the same step) swaps step_N aside, then renames step_N.tmp in:
+    a kill between the two renames leaves no step_N. The next start puts the old one back instead of resuming
+    from an older step and deleting it as a leftover."""
     root = tmp_path / "ckpt"
     save = _saver(root, keep_last=3)
     save(10)
     out20 = save(20)
     model, opt, sched = build(seed=9)
-    mgr = _mgr(root, resume=str(root / "step_10"), keep_last=3)
-    mgr.resume(model, opt, sched)
+    mgr = _mgr(root, keep_last=3)
     real_replace = manager_mod.os.replace
 
     def killed_after_swap(src, dst):

@@ -136,7 +136,8 @@ def nonfinite_tensor(tensors: dict[str, torch.Tensor]) -> Optional[str]:
 
 
 class CheckpointDirInUse(CheckpointError):
-    """A fresh run (``checkpoint.resume: none``) would save beside another run's checkpoints; bad input: exit 2."""
+    """A run would save beside checkpoints of another run or lineage (``checkpoint.resume: none`` into a
+    directory of checkpoints, or a PATH older than the directory's newest); bad input: exit 2."""
 
     exit_code = 2
 
@@ -158,6 +159,19 @@ def consumed_samples(train_state: dict) -> Optional[int]:
     """The samples a checkpoint's run had consumed, from its parsed ``train_state.json`` (None: not recorded)."""
     value = from_json(train_state.get("extra") or {}).get("consumed_samples")
     return int(value) if isinstance(value, int) else None
+
+
+def newer_checkpoints_message(root: Path, mode: str, step: int) -> Optional[str]:
+    """One line refusing ``checkpoint.resume = PATH`` at ``step`` when the run's checkpoint dir ``root`` holds
+    newer ``step_N`` checkpoints (None when it does not): every restart resumes with ``resume: auto``, which
+    takes the newest, so a crash would silently drop this run's progress for that older lineage."""
+    newer = [p.name for s, p in mf.list_checkpoints(root) if s > step]
+    if not newer:
+        return None
+    shown = ", ".join(newer[:3]) + (f" and {len(newer) - 3} more" if len(newer) > 3 else "")
+    return (f"checkpoint.resume = {mode} is at step {step}, but {root} holds newer checkpoints ({shown}) that a "
+            "restart (resume: auto takes the newest) would resume instead of this run's: to roll back, move them "
+            "away; to continue them, set checkpoint.resume=auto")
 
 
 def _tensor_info(t: torch.Tensor) -> dict:
@@ -490,9 +504,15 @@ class CheckpointManager:
         problems_seen = []
         for i, ckpt in enumerate(candidates):
             try:
-                return self.load(ckpt, model, optimizer, scheduler, verify=True)
+                extra = self.load(ckpt, model, optimizer, scheduler, verify=True)
             except CorruptCheckpointError as e:
                 problem = e.problem
+            else:
+                newer = self.comm.broadcast(newer_checkpoints_message(self.root, mode, int(extra["step"]))
+                                            if mode != "auto" and self.rank == 0 else None)
+                if newer:
+                    raise CheckpointDirInUse(newer)
+                return extra
             problems_seen.append(problem)
             if strict:
                 raise CheckpointError(f"checkpoint {ckpt} failed verification: {problem}")
