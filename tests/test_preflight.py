@@ -228,3 +228,12 @@ def test_cli_data_problems_exit_2_with_one_line_before_any_rank(dataset, tmp_pat
         lines = err.strip().splitlines()
         assert len(lines) == 1 and needle in lines[0], err[-2000:]
         assert not run_dir.exists()
+
+
+def test_resume_path_older_than_the_newest_in_the_checkpoint_dir_is_refused(tmp_path, dataset):
+    root = tmp_path / "ck"
+    first, _ = _save(root, [1, 2])
+    _refused(_cfg(tmp_path, dataset, checkpoint={"dir": str(root), "resume": str(first)}),
+             f"checkpoint.resume = {first} is at step 1, but {root} holds newer checkpoints (step_2)")
+    preflight(_cfg(tmp_path, dataset, checkpoint={"dir": str(tmp_path / "other"), "resume": str(first)}),
+              on_cuda=False)  # another run's checkpoint dir: nothing newer there
