@@ -295,12 +295,17 @@ def _train(cfg: Config, ctx: DistContext) -> TrainResult:
             stop = _stop_reason(t, step + 1, start_step, lifecycle)
             if stop:
                 saved = save_state(step + 1, force=True) or saved
+                with lifecycle.busy("checkpoint"):
+                    ckpt.wait()  # the process exits next: say "saved" only of a committed checkpoint
+                kept = (f"checkpoint saved after step {step + 1}" if ckpt.last_good() == f"step_{step + 1}" else
+                        f"the checkpoint of step {step + 1} failed (see above): a restart resumes from "
+                        f"{ckpt.last_good() or 'scratch'}")
                 if stop == "preempted":
                     result.exit_code = EXIT_PREEMPTED
-                    log.warning(f"preempted (signal {lifecycle.signalled}) after step {step + 1}: checkpoint "
-                                f"saved, exiting with resumable status {EXIT_PREEMPTED}")
+                    log.warning(f"preempted (signal {lifecycle.signalled}): {kept}, exiting with resumable status "
+                                f"{EXIT_PREEMPTED}")
                 else:
-                    log.info(f"exit_interval {t.exit_interval}: checkpoint saved after step {step + 1}, exiting")
+                    log.info(f"exit_interval {t.exit_interval}: {kept}, exiting")
             valid = evaluator.run(engine) if evaluator is not None and evaluator.due(step + 1) else None
             if (step + 1) % t.log_every == 0 or step + 1 == t.steps or stop or valid or saved:
                 keys = step_keys[-1] if packed else None

@@ -13,6 +13,8 @@ import torch
 from dist_train.checkpoint import CheckpointError, CheckpointManager, complete_checkpoints, verify_checkpoint
 from dist_train.checkpoint import blockio, storage
 from dist_train.checkpoint.manifest import MANIFEST, read_latest, read_manifest, write_manifest
+from dist_train.trainer import train
+from tests.trainer_utils import tiny_gpt_config
 from tests.test_ckpt_common import (CkptCfg, build, eval_outputs, flip_byte, model_config, seed_rank, shard_files,
                                     train_steps)
 
@@ -214,3 +216,18 @@ def test_keep_last_prunes_but_never_the_loaded_or_newest(tmp_path):
     assert names == ["step_6", "step_3", "step_1"]
     # saving the step just loaded/saved again is a no-op
     assert mgr.save(1, model, opt, sched) is False
+
+
+@pytest.mark.parametrize("async_save", [False, True])
+def test_a_failed_stop_checkpoint_is_not_reported_as_saved(tmp_path, monkeypatch, capsys, async_save):
+    """exit_interval (and preemption) save, then exit: with on_error=continue a failed save must not be followed
+    by "checkpoint saved" (the next start resumes from the last good one, and the steps since are lost)."""
+    monkeypatch.setattr(storage._ChecksumStream, "write", _disk_full)  # (os.pwrite would also fail run.lock)
+    cfg = tiny_gpt_config(tmp_path / "run", steps=4, train={"exit_interval": 2},
+                          checkpoint={"on_error": "continue", "async_save": async_save})
+    assert train(cfg).exit_code == 0
+    out = capsys.readouterr()
+    text = out.out + out.err
+    assert "checkpoint saved" not in text, text
+    assert "exit_interval 2: the checkpoint of step 2 failed (see above): a restart resumes from scratch" in text
+    assert not complete_checkpoints(tmp_path / "run" / "checkpoints")
