@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import tempfile
 from pathlib import Path
+from typing import Optional
 
 import torch
 
@@ -22,9 +23,11 @@ from .checkpoint import compat
 from .checkpoint import manifest as mf
 from .checkpoint.foreign import describe_foreign_tree
 from .checkpoint.manager import checkpoint_root, consumed_samples, newer_checkpoints_message, occupied_message
+from .checkpoint.state import from_json
 from .checkpoint.storage import CheckpointError
 from .config import Config, ConfigError
 from .cost import memory_model, model_params, rank_inputs
+from .data.datasets import indexed_split_part
 from .data.integrity import check_indexed_dataset
 from .data.tokenizer import get_tokenizer
 from .dryrun import device_profile
@@ -160,13 +163,26 @@ def _problem(ckpt: Path) -> str:
     return problems[0] if problems else ""
 
 
+def _train_samples(cfg: Config) -> Optional[int]:
+    """Samples of the GPT's indexed training data as the trainer reads it (None: other data, or not prepared yet)."""
+    d = cfg.data
+    if cfg.model.kind != "gpt" or d.source != "indexed" or not d.path or not Path(f"{d.path}.idx").is_file():
+        return None
+    try:
+        return indexed_split_part(d.path, d.seq_len, cfg.run.seed, d.split, "train").num_chunks
+    except ValueError:  # unreadable or too small: check_data's refusal, or the trainer's
+        return None
+
+
 def check_resume_matches(cfg: Config, ckpt: Path) -> None:
-    """The checkpoint the ranks will resume from was saved with this model config (or the differences are
-    allowed): the trainer's check (checkpoint/compat.py), here before any rank starts."""
+    """The checkpoint the ranks will resume from was saved with this model config and dataset (or the
+    differences are allowed): the trainer's checks (checkpoint/compat.py), here before any rank starts."""
+    state = json.loads((ckpt / mf.TRAIN_STATE).read_text())
     try:
         compat.check_config(ckpt, mf.read_manifest(ckpt).get("config"), cfg.to_dict(),
-                            cfg.checkpoint.allow_config_change,
-                            consumed_samples(json.loads((ckpt / mf.TRAIN_STATE).read_text())))
+                            cfg.checkpoint.allow_config_change, consumed_samples(state))
+        compat.check_dataset(ckpt, from_json(state.get("extra") or {}), _train_samples(cfg),
+                             cfg.checkpoint.allow_config_change, cfg.data.path, cfg.data.seq_len)
     except compat.ResumeMismatchError as e:
         raise ConfigError(str(e)) from None
 

@@ -23,6 +23,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from .checkpoint import CheckpointManager
+from .checkpoint import compat
 from .checkpoint.manager import checkpoint_root
 from .config import Config, check_world_size, save_config
 from .cost.flops import (FLOP_CONVENTION, Throughput, attention_flops_per_key, document_keys, model_params,
@@ -209,7 +210,10 @@ def _train(cfg: Config, ctx: DistContext) -> TrainResult:
     resumed = ckpt.resume(engine.module, engine.optimizer, engine.scheduler)
     start_step = int(resumed["step"]) if resumed else 0
     consumed = int(resumed["consumed_samples"]) if resumed else 0
+    train_samples = getattr(batcher.source, "num_chunks", None) if isinstance(batcher, TokenBatcher) else None
     if resumed:
+        compat.check_dataset(ckpt.resumed_from, resumed, train_samples, cfg.checkpoint.allow_config_change,
+                             cfg.data.path, cfg.data.seq_len)
         # every rank continues its own random streams from the saved state (restored by resume)
         log.info(f"resumed from {ckpt.resumed_from} at step {start_step} ({consumed} samples consumed)")
         _report_resume_changes(cfg, engine, ckpt, start_step, log, ctx.is_main)
@@ -220,6 +224,8 @@ def _train(cfg: Config, ctx: DistContext) -> TrainResult:
     def save_state(step_done: int, force: bool) -> bool:
         """Save (``force``) or save when checkpoint.every says so; True when a checkpoint was written."""
         state = {"step": step_done, "consumed_samples": consumed}
+        if train_samples is not None:  # the dataset's identity for compat.check_dataset at the next resume
+            state["train_samples"] = int(train_samples)
         if not force and not ckpt.due(step_done):
             return False
         with lifecycle.busy("checkpoint"):  # the automatic watchdog allows a save more than a step

@@ -17,6 +17,7 @@ from torch import nn
 from dist_train.checkpoint import CheckpointManager
 from dist_train.checkpoint.compat import ResumeMismatchError
 from dist_train.config import ConfigError
+from dist_train.data.prepare import prepare_indexed
 from dist_train.optim import lr_lambda
 from dist_train.preflight import preflight
 from dist_train.trainer import train
@@ -198,3 +199,28 @@ def test_data_order_keys_are_free_before_the_first_sample_is_consumed(tmp_path):
     with pytest.raises(ResumeMismatchError, match=r"run.seed 7 -> 8, data.seq_len 32 -> 64"):
         CheckpointManager(CkptCfg(dir=str(later.parent)), run_dir=tmp_path, config=current).load(
             later, nn.Linear(3, 2), verify=False)
+
+
+def test_a_dataset_replaced_at_the_same_path_is_refused(tmp_path):
+    """data.path unchanged but the dataset there re-prepared (another corpus, another tokenizer file): the sample
+    count differs, so consumed_samples points into another permutation. Refused unless data.path is allowed."""
+    docs = tmp_path / "docs.jsonl"
+    prefix = str(tmp_path / "ds")
+    docs.write_text("\n".join(json.dumps({"text": t * 40}) for t in ("alpha ", "beta gamma ", "delta\n")))
+    prepare_indexed([docs], prefix)
+    data = {"source": "indexed", "path": prefix, "seq_len": 32}
+    model = {"vocab_size": 257}
+    run = tmp_path / "run"
+    train(tiny_gpt_config(run, steps=2, data=data, model=model, checkpoint={"at_end": True}))
+    docs.write_text("\n".join(json.dumps({"text": t * 80}) for t in ("epsilon ", "zeta eta ", "theta\n")))
+    for suffix in (".bin", ".idx", ".meta.json"):
+        Path(prefix + suffix).unlink(missing_ok=True)
+    prepare_indexed([docs], prefix)
+    refusal = r"step_2 was trained on 28 samples of data.path .*ds \(data.seq_len 32\), it now has 57: the dataset"
+    with pytest.raises(ResumeMismatchError, match=refusal) as info:
+        train(tiny_gpt_config(run, steps=3, data=data, model=model))
+    assert "\n" not in str(info.value) and "allow_config_change: [data.path]" in str(info.value)
+    with pytest.raises(ConfigError, match=refusal):  # before any rank starts
+        preflight(tiny_gpt_config(run, steps=3, data=data, model=model), on_cuda=False)
+    allowed = {"allow_config_change": ["data.path"]}
+    assert train(tiny_gpt_config(run, steps=3, data=data, model=model, checkpoint=allowed)).start_step == 2
