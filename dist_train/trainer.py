@@ -25,6 +25,7 @@ from tqdm import tqdm
 from .checkpoint import CheckpointManager
 from .checkpoint import compat
 from .checkpoint.manager import checkpoint_root
+from .checkpoint.manifest import step_dir_name
 from .config import Config, check_world_size, save_config
 from .cost.flops import (FLOP_CONVENTION, Throughput, attention_flops_per_key, document_keys, model_params,
                          train_flops_per_token)
@@ -180,8 +181,8 @@ def train(cfg: Config, ctx: Optional[DistContext] = None) -> TrainResult:
     ctx = ctx or current_context()
     check_world_size(cfg, ctx.world_size)
     # one job per run directory, taken before anything touches it (dist_train/runlock.py)
-    with hold_run_dir(Path(cfg.run.dir), ctx.rank, ctx.device), \
-            hold_checkpoint_dir(checkpoint_root(cfg.checkpoint, cfg.run.dir), Path(cfg.run.dir), ctx.rank, ctx.device):
+    run_dir, ckpt_dir = Path(cfg.run.dir), checkpoint_root(cfg.checkpoint, cfg.run.dir)
+    with hold_run_dir(run_dir, ctx.rank, ctx.device), hold_checkpoint_dir(ckpt_dir, run_dir, ctx.rank, ctx.device):
         return _train(cfg, ctx)
 
 
@@ -303,7 +304,7 @@ def _train(cfg: Config, ctx: DistContext) -> TrainResult:
                 saved = save_state(step + 1, force=True) or saved
                 with lifecycle.busy("checkpoint"):
                     ckpt.wait()  # the process exits next: say "saved" only of a committed checkpoint
-                kept = (f"checkpoint saved after step {step + 1}" if ckpt.last_good() == f"step_{step + 1}" else
+                kept = (f"checkpoint saved after step {step + 1}" if ckpt.last_good() == step_dir_name(step + 1) else
                         f"the checkpoint of step {step + 1} failed (see above): a restart resumes from "
                         f"{ckpt.last_good() or 'scratch'}")
                 if stop == "preempted":

@@ -17,8 +17,8 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping, Optional, Sequence
 
 from dist_train.checkpoint.storage import CheckpointError
-from dist_train.config import (RESUME_CHECKED_KEYS, RESUME_DATA_ORDER_KEYS, ModelConfig, attention_head_dim, ffn_hidden_size,
-                               swin_ffn_hidden_size)
+from dist_train.config import (RESUME_CHECKED_KEYS, RESUME_DATA_ORDER_KEYS, ModelConfig, attention_head_dim,
+                               ffn_hidden_size, swin_ffn_hidden_size)
 
 #: Config keys a checkpoint must agree on: every key of these sections, and these single keys.
 CHECKED_SECTIONS = ("model",)
