@@ -182,7 +182,7 @@ def check_resume_matches(cfg: Config, ckpt: Path) -> None:
         compat.check_config(ckpt, mf.read_manifest(ckpt).get("config"), cfg.to_dict(),
                             cfg.checkpoint.allow_config_change, consumed_samples(state))
         compat.check_dataset(ckpt, from_json(state.get("extra") or {}), _train_samples(cfg),
-                             cfg.checkpoint.allow_config_change, cfg.data.path, cfg.data.seq_len)
+                             cfg.checkpoint.allow_config_change, cfg.data.path)
     except compat.ResumeMismatchError as e:
         raise ConfigError(str(e)) from None
 

@@ -120,6 +120,16 @@ def build_batcher(cfg: Config, mesh: Mesh, model: torch.nn.Module, part: str = "
                         documents=document_options(d))
 
 
+def training_samples(batcher) -> Optional[int]:
+    """Samples per epoch of a dataset read from files (indexed tokens, weather), the identity a checkpoint
+    records as ``train_samples``; None for generated (synthetic) data."""
+    if isinstance(batcher, WeatherBatcher):
+        return int(batcher.num_samples)
+    if isinstance(batcher, TokenBatcher) and isinstance(batcher.source, IndexedTokenDataset):
+        return int(batcher.source.num_chunks)
+    return None
+
+
 def layout_dict(cfg: Config, world_size: int) -> dict:
     p = cfg.parallel
     return {"dp": p.dp, "tp": p.tp, "pp": p.pp, "cp": p.cp, "wp": list(cfg.wp_grid), "cp_layout": p.cp_layout,
@@ -211,10 +221,10 @@ def _train(cfg: Config, ctx: DistContext) -> TrainResult:
     resumed = ckpt.resume(engine.module, engine.optimizer, engine.scheduler)
     start_step = int(resumed["step"]) if resumed else 0
     consumed = int(resumed["consumed_samples"]) if resumed else 0
-    train_samples = getattr(batcher.source, "num_chunks", None) if isinstance(batcher, TokenBatcher) else None
+    train_samples = training_samples(batcher)
     if resumed:
         compat.check_dataset(ckpt.resumed_from, resumed, train_samples, cfg.checkpoint.allow_config_change,
-                             cfg.data.path, cfg.data.seq_len)
+                             cfg.data.path)
         # every rank continues its own random streams from the saved state (restored by resume)
         log.info(f"resumed from {ckpt.resumed_from} at step {start_step} ({consumed} samples consumed)")
         _report_resume_changes(cfg, engine, ckpt, start_step, log, ctx.is_main)
@@ -226,7 +236,7 @@ def _train(cfg: Config, ctx: DistContext) -> TrainResult:
         """Save (``force``) or save when checkpoint.every says so; True when a checkpoint was written."""
         state = {"step": step_done, "consumed_samples": consumed}
         if train_samples is not None:  # the dataset's identity for compat.check_dataset at the next resume
-            state["train_samples"] = int(train_samples)
+            state["train_samples"] = train_samples
         if not force and not ckpt.due(step_done):
             return False
         with lifecycle.busy("checkpoint"):  # the automatic watchdog allows a save more than a step

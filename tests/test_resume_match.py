@@ -22,7 +22,7 @@ from dist_train.optim import lr_lambda
 from dist_train.preflight import preflight
 from dist_train.trainer import train
 from tests.test_ckpt_common import CkptCfg
-from tests.trainer_utils import tiny_gpt_config
+from tests.trainer_utils import tiny_gpt_config, tiny_swin_config
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -216,7 +216,7 @@ def test_a_dataset_replaced_at_the_same_path_is_refused(tmp_path):
     for suffix in (".bin", ".idx", ".meta.json"):
         Path(prefix + suffix).unlink(missing_ok=True)
     prepare_indexed([docs], prefix)
-    refusal = r"step_2 was trained on 28 samples of data.path .*ds \(data.seq_len 32\), it now has 57: the dataset"
+    refusal = r"step_2 was trained on 28 samples of data.path .*ds, it now has 57: the dataset"
     with pytest.raises(ResumeMismatchError, match=refusal) as info:
         train(tiny_gpt_config(run, steps=3, data=data, model=model))
     assert "\n" not in str(info.value) and "allow_config_change: [data.path]" in str(info.value)
@@ -224,3 +224,14 @@ def test_a_dataset_replaced_at_the_same_path_is_refused(tmp_path):
         preflight(tiny_gpt_config(run, steps=3, data=data, model=model), on_cuda=False)
     allowed = {"allow_config_change": ["data.path"]}
     assert train(tiny_gpt_config(run, steps=3, data=data, model=model, checkpoint=allowed)).start_step == 2
+
+
+def test_weather_data_replaced_at_the_same_path_is_refused(tmp_path):
+    """The Swin's weather directory re-prepared with more time steps: another sample count, another order."""
+    run, weather = tmp_path / "run", tmp_path / "weather"
+    train(tiny_swin_config(run, weather, steps=2, checkpoint={"at_end": True}))
+    shutil.rmtree(weather)
+    more = {"source": "weather", "path": str(weather), "image": [10, 16], "channels": 2, "steps": 16}
+    with pytest.raises(ResumeMismatchError, match=r"step_2 was trained on 11 samples of data.path .*weather, it now "
+                                                  r"has 15: the dataset was re-prepared or replaced"):
+        train(tiny_swin_config(run, weather, steps=3, data=more))

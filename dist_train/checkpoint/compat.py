@@ -110,15 +110,15 @@ def check_config(ckpt: Path, saved: Optional[Mapping[str, Any]], current: Mappin
 
 
 def check_dataset(ckpt: Path, extra: Mapping[str, Any], samples: Optional[int], allowed: Iterable[str],
-                  path: Optional[str], seq_len: int) -> None:
+                  path: Optional[str]) -> None:
     """Refuse a resume whose training dataset has ``samples`` samples where the checkpoint's run had
     ``extra["train_samples"]`` (the same data.path, re-prepared or replaced): consumed_samples would point into
     another permutation. Only once samples were consumed; allowed with ``allow_config_change: [data.path]``."""
     saved, consumed = extra.get("train_samples"), extra.get("consumed_samples")
     if saved is None or samples is None or saved == samples or not consumed or "data.path" in set(allowed):
         return
-    raise ResumeMismatchError(f"checkpoint {ckpt} was trained on {saved} samples of data.path {path} (data.seq_len "
-                              f"{seq_len}), it now has {samples}: the dataset was re-prepared or replaced, so "
+    raise ResumeMismatchError(f"checkpoint {ckpt} was trained on {saved} samples of data.path {path}, it now has "
+                              f"{samples}: the dataset was re-prepared or replaced, so "
                               f"consumed_samples = {consumed} points into another order; resume refused (if this "
                               "change is intended, set checkpoint.allow_config_change: [data.path])")
 
