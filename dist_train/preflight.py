@@ -179,10 +179,10 @@ def check_resume_matches(cfg: Config, ckpt: Path) -> None:
     differences are allowed): the trainer's checks (checkpoint/compat.py), here before any rank starts."""
     state = json.loads((ckpt / mf.TRAIN_STATE).read_text())
     try:
-        compat.check_config(ckpt, mf.read_manifest(ckpt).get("config"), cfg.to_dict(),
-                            cfg.checkpoint.allow_config_change, consumed_samples(state))
+        changes = compat.check_config(ckpt, mf.read_manifest(ckpt).get("config"), cfg.to_dict(),
+                                      cfg.checkpoint.allow_config_change, consumed_samples(state))
         compat.check_dataset(ckpt, from_json(state.get("extra") or {}), _train_samples(cfg),
-                             cfg.checkpoint.allow_config_change, cfg.data.path)
+                             cfg.checkpoint.allow_config_change, cfg.data.path, changes)
     except compat.ResumeMismatchError as e:
         raise ConfigError(str(e)) from None
 

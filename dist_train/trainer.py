@@ -224,7 +224,7 @@ def _train(cfg: Config, ctx: DistContext) -> TrainResult:
     train_samples = training_samples(batcher)
     if resumed:
         compat.check_dataset(ckpt.resumed_from, resumed, train_samples, cfg.checkpoint.allow_config_change,
-                             cfg.data.path)
+                             cfg.data.path, ckpt.config_changes)
         # every rank continues its own random streams from the saved state (restored by resume)
         log.info(f"resumed from {ckpt.resumed_from} at step {start_step} ({consumed} samples consumed)")
         _report_resume_changes(cfg, engine, ckpt, start_step, log, ctx.is_main)

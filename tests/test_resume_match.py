@@ -224,6 +224,11 @@ def test_a_dataset_replaced_at_the_same_path_is_refused(tmp_path):
         preflight(tiny_gpt_config(run, steps=3, data=data, model=model), on_cuda=False)
     allowed = {"allow_config_change": ["data.path"]}
     assert train(tiny_gpt_config(run, steps=3, data=data, model=model, checkpoint=allowed)).start_step == 2
+    # an allowed change of data.seq_len changes the sample count by itself: not reported as a replaced dataset
+    shorter = tiny_gpt_config(run, steps=3, data={**data, "seq_len": 16}, model=model,
+                              checkpoint={"allow_config_change": ["data.seq_len"]})
+    preflight(shorter, on_cuda=False)
+    assert train(shorter).start_step == 2
 
 
 def test_weather_data_replaced_at_the_same_path_is_refused(tmp_path):

@@ -109,13 +109,20 @@ def check_config(ckpt: Path, saved: Optional[Mapping[str, Any]], current: Mappin
     return [d for d in diffs if d[0] in allowed]
 
 
+#: Data keys whose (allowed) change alters the number of training samples by itself.
+SAMPLE_COUNT_KEYS = frozenset({"data.source", "data.path", "data.seq_len", "data.split"})
+
+
 def check_dataset(ckpt: Path, extra: Mapping[str, Any], samples: Optional[int], allowed: Iterable[str],
-                  path: Optional[str]) -> None:
+                  path: Optional[str], changes: Iterable[tuple[str, Any, Any]] = ()) -> None:
     """Refuse a resume whose training dataset has ``samples`` samples where the checkpoint's run had
     ``extra["train_samples"]`` (the same data.path, re-prepared or replaced): consumed_samples would point into
-    another permutation. Only once samples were consumed; allowed with ``allow_config_change: [data.path]``."""
+    another permutation. Only once samples were consumed; allowed with ``allow_config_change: [data.path]``, and
+    not compared after an allowed change (``changes``, from ``check_config``) of a key in SAMPLE_COUNT_KEYS."""
     saved, consumed = extra.get("train_samples"), extra.get("consumed_samples")
     if saved is None or samples is None or saved == samples or not consumed or "data.path" in set(allowed):
+        return
+    if SAMPLE_COUNT_KEYS & {key for key, _, _ in changes}:
         return
     raise ResumeMismatchError(f"checkpoint {ckpt} was trained on {saved} samples of data.path {path}, it now has "
                               f"{samples}: the dataset was re-prepared or replaced, so "
