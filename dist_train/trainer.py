@@ -200,7 +200,6 @@ def _train(cfg: Config, ctx: DistContext) -> TrainResult:
     run_dir = Path(cfg.run.dir)
     if ctx.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, run_dir / "config.yaml")
     log = setup_logging(ctx.rank, run_dir)
     mesh = build_mesh(cfg.parallel, ctx.world_size, ctx.device.type)
     if ctx.is_main:
@@ -228,6 +227,8 @@ def _train(cfg: Config, ctx: DistContext) -> TrainResult:
         # every rank continues its own random streams from the saved state (restored by resume)
         log.info(f"resumed from {ckpt.resumed_from} at step {start_step} ({consumed} samples consumed)")
         _report_resume_changes(cfg, engine, ckpt, start_step, log, ctx.is_main)
+    if ctx.is_main:  # only once resume accepted it: a refused config never replaces the one the run trained with
+        save_config(cfg, run_dir / "config.yaml")
     result = TrainResult(start_step=start_step)
     lifecycle = Lifecycle(run_dir, ctx.rank, watchdog_s=cfg.launch.watchdog_s,
                           collective_timeout_s=cfg.launch.collective_timeout_s)

@@ -217,9 +217,11 @@ def test_a_dataset_replaced_at_the_same_path_is_refused(tmp_path):
         Path(prefix + suffix).unlink(missing_ok=True)
     prepare_indexed([docs], prefix)
     refusal = r"step_2 was trained on 28 samples of data.path .*ds, it now has 57: the dataset"
+    trained_with = (run / "config.yaml").read_text()
     with pytest.raises(ResumeMismatchError, match=refusal) as info:
         train(tiny_gpt_config(run, steps=3, data=data, model=model))
     assert "\n" not in str(info.value) and "allow_config_change: [data.path]" in str(info.value)
+    assert (run / "config.yaml").read_text() == trained_with  # the refused run's config is not recorded
     with pytest.raises(ConfigError, match=refusal):  # before any rank starts
         preflight(tiny_gpt_config(run, steps=3, data=data, model=model), on_cuda=False)
     allowed = {"allow_config_change": ["data.path"]}
