@@ -147,7 +147,8 @@ def _stop_reason(t, steps_done: int, start_step: int, lifecycle) -> Optional[str
 
 def _report_resume_changes(cfg: Config, engine, ckpt, start_step: int, log, is_main: bool) -> None:
     """Apply changed training hyper-parameters from the resume step on and say so; say which model keys
-    changed under ``checkpoint.allow_config_change`` (any other change was refused by the manager)."""
+    changed under ``checkpoint.allow_config_change`` (any other change was refused by the manager), and which
+    other data/train/parallel keys differ from the checkpoint (applied as configured now)."""
     changed = apply_changed_hyperparameters(engine.optimizer, engine.scheduler, cfg.train,
                                             ckpt.saved_config.get("train") or {})
     if is_main and changed:
@@ -156,6 +157,11 @@ def _report_resume_changes(cfg: Config, engine, ckpt, start_step: int, log, is_m
     if is_main and ckpt.config_changes:
         log.warning("resume: " + ", ".join(f"{k} {old!r} -> {new!r}" for k, old, new in ckpt.config_changes)
                     + " (allowed by checkpoint.allow_config_change)")
+    named = {c.split(" ", 1)[0] for c in changed} | {k for k, _, _ in ckpt.config_changes}
+    others = compat.applied_differences(ckpt.saved_config, cfg.to_dict(), named)
+    if is_main and others:
+        log.info("resume: " + ", ".join(f"{k} {old!r} -> {new!r}" for k, old, new in others)
+                 + f" (differ from the checkpoint): as configured now from step {start_step + 1} on")
 
 
 def _check_finite(cfg: Config, engine, step: int, loss: float, grad_norm: float, run: int, ckpt, log,

@@ -132,12 +132,25 @@ def test_changed_lr_and_schedule_apply_from_the_resume_step(saved, capsys):
     res = _resume(saved, steps=6, train_over={"lr": 5e-3, "warmup_steps": 1})
     assert res.start_step == 2
     said = [line for line in capsys.readouterr().out.splitlines() if line.startswith("resume: ")]
-    assert said and "train.lr 0.01 -> 0.005" in said[0] and "train.steps 2 -> 6" in said[0] \
+    assert len(said) == 1 and "train.lr 0.01 -> 0.005" in said[0] and "train.steps 2 -> 6" in said[0] \
         and "train.warmup_steps 2 -> 1" in said[0] and "applied from step 3" in said[0], said
     cfg = tiny_gpt_config("x", steps=6, train={"lr": 5e-3, "warmup_steps": 1})
     lrs = [json.loads(line)["lr"] for line in (Path(res.summary["run_dir"]) / "metrics.jsonl").read_text().splitlines()]
     # the new schedule evaluated at the optimizer steps taken so far (2, 3, 4, 5)
     assert lrs == pytest.approx([5e-3 * lr_lambda(cfg.train)(s) for s in range(2, 6)], rel=1e-12)
+
+
+def test_every_other_difference_is_named_once_on_resume(saved, capsys):
+    """Keys a resume neither refuses nor re-applies (gradient clipping, logging, the loss chunk) take the current
+    value from the resume step on, and one line names each of them with both values."""
+    capsys.readouterr()
+    res = _resume(saved, train_over={"grad_clip": 0.5, "log_every": 2, "loss_chunk": 16})
+    assert res.start_step == 2
+    said = [line for line in capsys.readouterr().out.splitlines() if line.startswith("resume: ")]
+    assert len(said) == 2 and "train.steps 2 -> 3" in said[0], said
+    assert "train.grad_clip 1.0 -> 0.5, train.log_every 1 -> 2, train.loss_chunk 'auto' -> 16 (differ from the " \
+           "checkpoint): as configured now from step 3 on" in said[1], said
+    assert "train.steps" not in said[1] and "run." not in said[1] and "checkpoint." not in said[1]
 
 
 def test_preflight_refuses_a_mismatch_before_any_rank_starts(saved, tmp_path):

@@ -12,6 +12,7 @@ model's tensors must be exactly the saved ``model.*`` tensors, with equal shapes
 """
 from __future__ import annotations
 
+import json
 from dataclasses import fields
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Optional, Sequence
@@ -107,6 +108,29 @@ def check_config(ckpt: Path, saved: Optional[Mapping[str, Any]], current: Mappin
                                   f"refused (if this change is intended, set checkpoint.allow_config_change: "
                                   f"[{keys}])")
     return [d for d in diffs if d[0] in allowed]
+
+
+#: Sections whose remaining differences a resume applies as configured now, and names in one log line.
+REPORTED_SECTIONS = ("data", "train", "parallel")
+
+
+def applied_differences(saved: Mapping[str, Any], current: Mapping[str, Any],
+                        reported: Iterable[str] = ()) -> list[tuple[str, Any, Any]]:
+    """``[(dotted key, saved value, current value)]`` for every key of ``REPORTED_SECTIONS`` that both configs
+    record and that differs, except the keys in ``reported`` (already named, or refused, elsewhere): what the
+    resumed run does differently without a refusal (e.g. data.document_mask, train.grad_clip, parallel.dp), so
+    that no such change goes unsaid. Values are compared as the checkpoint stores them (JSON: tuples are lists)."""
+    saved, current = json.loads(json.dumps(saved, default=str)), json.loads(json.dumps(current, default=str))
+    skip = set(reported) | set(checked_keys(current))
+    out = []
+    for section in REPORTED_SECTIONS:
+        old_s, new_s = saved.get(section), current.get(section)
+        if not isinstance(old_s, Mapping) or not isinstance(new_s, Mapping):
+            continue
+        for key in (k for k in new_s if k in old_s and f"{section}.{k}" not in skip):
+            if old_s[key] != new_s[key]:
+                out.append((f"{section}.{key}", old_s[key], new_s[key]))
+    return out
 
 
 #: Data keys whose (allowed) change alters the number of training samples by itself.
