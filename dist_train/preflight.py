@@ -27,7 +27,7 @@ from .checkpoint.state import from_json
 from .checkpoint.storage import CheckpointError
 from .config import Config, ConfigError
 from .cost import memory_model, model_params, rank_inputs
-from .data.datasets import indexed_split_part
+from .data.datasets import indexed_split_part, training_digest
 from .data.integrity import check_indexed_dataset
 from .data.tokenizer import get_tokenizer
 from .dryrun import device_profile
@@ -174,6 +174,14 @@ def _train_samples(cfg: Config) -> Optional[int]:
         return None
 
 
+def _train_digest(cfg: Config) -> Optional[str]:
+    """:func:`training_digest`, None when the sidecar cannot be read (check_data's refusal)."""
+    try:
+        return training_digest(cfg)
+    except ValueError:
+        return None
+
+
 def check_resume_matches(cfg: Config, ckpt: Path) -> None:
     """The checkpoint the ranks will resume from was saved with this model config and dataset (or the
     differences are allowed): the trainer's checks (checkpoint/compat.py), here before any rank starts."""
@@ -182,7 +190,7 @@ def check_resume_matches(cfg: Config, ckpt: Path) -> None:
         changes = compat.check_config(ckpt, mf.read_manifest(ckpt).get("config"), cfg.to_dict(),
                                       cfg.checkpoint.allow_config_change, consumed_samples(state))
         compat.check_dataset(ckpt, from_json(state.get("extra") or {}), _train_samples(cfg),
-                             cfg.checkpoint.allow_config_change, cfg.data.path, changes)
+                             cfg.checkpoint.allow_config_change, cfg.data.path, changes, _train_digest(cfg))
     except compat.ResumeMismatchError as e:
         raise ConfigError(str(e)) from None
 

@@ -33,7 +33,7 @@ from .cost.layout import stages_of_rank
 from .cost.shape import shape_of
 from .data.batches import TokenBatcher
 from .data.datasets import (SYNTHETIC_VALID_SEED_OFFSET, IndexedTokenDataset, SyntheticTokenDataset,
-                            indexed_split_part)
+                            indexed_split_part, training_digest)
 from .data.documents import document_options
 from .data.image_batches import WeatherBatcher
 from .data.prepare import ensure_prepared
@@ -226,10 +226,10 @@ def _train(cfg: Config, ctx: DistContext) -> TrainResult:
     resumed = ckpt.resume(engine.module, engine.optimizer, engine.scheduler)
     start_step = int(resumed["step"]) if resumed else 0
     consumed = int(resumed["consumed_samples"]) if resumed else 0
-    train_samples = training_samples(batcher)
+    train_samples, train_digest = training_samples(batcher), training_digest(cfg)
     if resumed:
         compat.check_dataset(ckpt.resumed_from, resumed, train_samples, cfg.checkpoint.allow_config_change,
-                             cfg.data.path, ckpt.config_changes)
+                             cfg.data.path, ckpt.config_changes, train_digest)
         # every rank continues its own random streams from the saved state (restored by resume)
         log.info(f"resumed from {ckpt.resumed_from} at step {start_step} ({consumed} samples consumed)")
         _report_resume_changes(cfg, engine, ckpt, start_step, log, ctx.is_main)
@@ -244,6 +244,8 @@ def _train(cfg: Config, ctx: DistContext) -> TrainResult:
         state = {"step": step_done, "consumed_samples": consumed}
         if train_samples is not None:  # the dataset's identity for compat.check_dataset at the next resume
             state["train_samples"] = train_samples
+        if train_digest is not None:
+            state["train_digest"] = train_digest
         if not force and not ckpt.due(step_done):
             return False
         with lifecycle.busy("checkpoint"):  # the automatic watchdog allows a save more than a step

@@ -246,6 +246,39 @@ def test_a_dataset_replaced_at_the_same_path_is_refused(tmp_path):
     assert train(shorter).start_step == 2
 
 
+def test_a_dataset_re_prepared_from_other_text_with_the_same_sample_count_is_refused(tmp_path):
+    """Other text of the same length: the sample count cannot tell, the token digest of the sidecar does. The
+    same text prepared again (same digest) resumes."""
+    docs, prefix = tmp_path / "docs.jsonl", str(tmp_path / "ds")
+
+    def prepare(words):
+        docs.write_text("\n".join(json.dumps({"text": t * 40}) for t in words))
+        for suffix in (".bin", ".idx", ".meta.json"):
+            Path(prefix + suffix).unlink(missing_ok=True)
+        return prepare_indexed([docs], prefix)
+
+    first = prepare(("alpha ", "beta gamma ", "delta\n"))
+    data, model, run = {"source": "indexed", "path": prefix, "seq_len": 32}, {"vocab_size": 257}, tmp_path / "run"
+    train(tiny_gpt_config(run, steps=2, data=data, model=model, checkpoint={"at_end": True}))
+    again = prepare(("alpha ", "beta gamma ", "delta\n"))
+    assert again["digest"] == first["digest"] and first["digest"].startswith("xxh3_64:")
+    preflight(tiny_gpt_config(run, steps=3, data=data, model=model), on_cuda=False)
+    other = prepare(("omega ", "beta delta ", "gamma\n"))
+    assert other["tokens"] == first["tokens"] and other["digest"] != first["digest"]
+    refusal = (rf"step_{{}} was trained on data.path .*ds with token digest {first['digest']}, it now holds "
+               rf"{other['digest']}: the dataset was re-prepared or replaced")
+    with pytest.raises(ConfigError, match=refusal.format(2)):  # before any rank starts
+        preflight(tiny_gpt_config(run, steps=4, data=data, model=model), on_cuda=False)
+    prepare(("alpha ", "beta gamma ", "delta\n"))
+    assert train(tiny_gpt_config(run, steps=3, data=data, model=model, checkpoint={"at_end": True})).start_step == 2
+    prepare(("omega ", "beta delta ", "gamma\n"))
+    with pytest.raises(ResumeMismatchError, match=refusal.format(3)) as info:
+        train(tiny_gpt_config(run, steps=4, data=data, model=model))
+    assert "\n" not in str(info.value) and "allow_config_change: [data.path]" in str(info.value)
+    allowed = {"allow_config_change": ["data.path"]}
+    assert train(tiny_gpt_config(run, steps=4, data=data, model=model, checkpoint=allowed)).start_step == 3
+
+
 def test_weather_data_replaced_at_the_same_path_is_refused(tmp_path):
     """The Swin's weather directory re-prepared with more time steps: another sample count, another order."""
     run, weather = tmp_path / "run", tmp_path / "weather"

@@ -138,18 +138,26 @@ SAMPLE_COUNT_KEYS = frozenset({"data.source", "data.path", "data.seq_len", "data
 
 
 def check_dataset(ckpt: Path, extra: Mapping[str, Any], samples: Optional[int], allowed: Iterable[str],
-                  path: Optional[str], changes: Iterable[tuple[str, Any, Any]] = ()) -> None:
-    """Refuse a resume whose training dataset has ``samples`` samples where the checkpoint's run had
-    ``extra["train_samples"]`` (the same data.path, re-prepared or replaced): consumed_samples would point into
-    another permutation. Only once samples were consumed; allowed with ``allow_config_change: [data.path]``, and
-    not compared after an allowed change (``changes``, from ``check_config``) of a key in SAMPLE_COUNT_KEYS."""
-    saved, consumed = extra.get("train_samples"), extra.get("consumed_samples")
-    if saved is None or samples is None or saved == samples or not consumed or "data.path" in set(allowed):
+                  path: Optional[str], changes: Iterable[tuple[str, Any, Any]] = (),
+                  digest: Optional[str] = None) -> None:
+    """Refuse a resume whose training dataset differs from the checkpoint's run's at the same data.path
+    (re-prepared or replaced): consumed_samples would point into another permutation or other text. It
+    differs when it has ``samples`` samples where the checkpoint's run had ``extra["train_samples"]``, or when
+    its token stream's ``digest`` (``dist-train data prepare``'s sidecar) is not ``extra["train_digest"]``;
+    each is compared only when both sides have it. Only once samples were consumed; allowed with
+    ``allow_config_change: [data.path]``, and not compared after an allowed change (``changes``, from
+    ``check_config``) of a key in SAMPLE_COUNT_KEYS."""
+    consumed = extra.get("consumed_samples")
+    if not consumed or "data.path" in set(allowed) or SAMPLE_COUNT_KEYS & {key for key, _, _ in changes}:
         return
-    if SAMPLE_COUNT_KEYS & {key for key, _, _ in changes}:
+    saved, saved_digest = extra.get("train_samples"), extra.get("train_digest")
+    if saved is not None and samples is not None and saved != samples:
+        found = f"was trained on {saved} samples of data.path {path}, it now has {samples}"
+    elif saved_digest is not None and digest is not None and saved_digest != digest:
+        found = f"was trained on data.path {path} with token digest {saved_digest}, it now holds {digest}"
+    else:
         return
-    raise ResumeMismatchError(f"checkpoint {ckpt} was trained on {saved} samples of data.path {path}, it now has "
-                              f"{samples}: the dataset was re-prepared or replaced, so "
+    raise ResumeMismatchError(f"checkpoint {ckpt} {found}: the dataset was re-prepared or replaced, so "
                               f"consumed_samples = {consumed} points into another order; resume refused (if this "
                               "change is intended, set checkpoint.allow_config_change: [data.path])")
 

@@ -14,9 +14,10 @@ from typing import Optional
 import numpy as np
 import torch
 
-from ..config import parse_split
+from ..config import Config, parse_split
 from ..megatron_import import import_megatron_core
 from .integrity import check_bin_size, read_index
+from .sidecar import dataset_digest
 
 
 def megatron_indexed_dataset():
@@ -90,6 +91,15 @@ class IndexedTokenDataset:
 def indexed_split_part(prefix: str, seq_len: int, seed: int, split: Optional[str], part: str) -> IndexedTokenDataset:
     """The "train" or "valid" share of ``prefix`` under ``data.split`` (the whole dataset when split is None)."""
     return IndexedTokenDataset(prefix, seq_len, seed, split, part)
+
+
+def training_digest(cfg: Config) -> Optional[str]:
+    """The digest of the GPT's indexed training data that a checkpoint records as ``train_digest`` (its
+    sidecar's, :func:`dataset_digest`); None for other data or a dataset prepared without one."""
+    d = cfg.data
+    if cfg.model.kind != "gpt" or d.source != "indexed" or not d.path:
+        return None
+    return dataset_digest(d.path)
 
 
 class SyntheticTokenDataset:

@@ -6,7 +6,9 @@
 Uses megatron-core's own ``IndexedDatasetBuilder``, so the files load in Megatron-LM too. One document
 per text file or per JSONL line (its ``"text"`` field); each document ends with the tokenizer's EOD id.
 Text files are read as bytes and decoded as UTF-8, with no newline translation (``\r`` is kept). The
-sidecar PREFIX.meta.json (:mod:`.sidecar`) records the tokenizer, its vocabulary size and EOD id.
+sidecar PREFIX.meta.json (:mod:`.sidecar`) records the tokenizer, its vocabulary size and EOD id, and the
+XXH3-64 digest of the token stream (the ``.bin`` bytes): a checkpoint records it, so a resume notices a dataset
+re-prepared from other text even when its sample count did not change.
 """
 from __future__ import annotations
 
@@ -20,9 +22,10 @@ from typing import Iterable, Iterator, Optional
 
 import numpy as np
 import torch
+import xxhash
 
 from .datasets import megatron_indexed_dataset
-from .sidecar import write_sidecar
+from .sidecar import DIGEST_ALGORITHM, write_sidecar
 from .tokenizer import get_tokenizer
 
 
@@ -92,11 +95,13 @@ def prepare_indexed(inputs: list[Path], output_prefix: str, tokenizer: str = "by
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp_bin, tmp_idx = f"{out}.bin.tmp{os.getpid()}", f"{out}.idx.tmp{os.getpid()}"
     builder = IndexedDatasetBuilder(tmp_bin, dtype=dtype)
+    digest = xxhash.xxh3_64()  # of exactly the bytes the .bin gets, in order
     n_docs = n_tokens = max_id = 0
     try:
         for text in iter_documents(inputs):
             ids = tok.encode(text) + [tok.eod_id]
             builder.add_item(torch.tensor(ids, dtype=torch.int64))
+            digest.update(np.asarray(ids, dtype=dtype).tobytes())
             builder.end_document()
             n_docs += 1
             n_tokens += len(ids)
@@ -111,7 +116,7 @@ def prepare_indexed(inputs: list[Path], output_prefix: str, tokenizer: str = "by
                 os.unlink(tmp)
         raise
     info = {"tokenizer": tokenizer, "vocab_size": tok.vocab_size, "eod_id": tok.eod_id, "max_token_id": max_id,
-            "documents": n_docs, "tokens": n_tokens}
+            "documents": n_docs, "tokens": n_tokens, "digest": f"{DIGEST_ALGORITHM}:{digest.hexdigest()}"}
     write_sidecar(out, info)
     # rename last, .idx (what readers look for) at the very end: a reader never sees a half-written dataset
     os.replace(tmp_bin, f"{out}.bin")

@@ -1,10 +1,11 @@
 """The dataset sidecar ``PREFIX.meta.json``: what built ``PREFIX.bin/.idx``, so training can check it.
 
     {"format": "dist-train-dataset/1", "tokenizer": "byte", "vocab_size": 257, "eod_id": 256,
-     "max_token_id": 255, "documents": 3, "tokens": 27}
+     "max_token_id": 255, "documents": 3, "tokens": 27, "digest": "xxh3_64:5f1b0c0a9d7e3c21"}
 
 ``vocab_size`` and ``eod_id`` are the tokenizer's; ``max_token_id`` is the largest id actually written
-(a model needs ``model.vocab_size > max_token_id``). Datasets built elsewhere (Megatron-LM) have no
+(a model needs ``model.vocab_size > max_token_id``); ``digest`` is the XXH3-64 of the token stream (the
+``.bin`` bytes; sidecars written before it have none). Datasets built elsewhere (Megatron-LM) have no
 sidecar: :func:`read_sidecar` then returns None.
 """
 from __future__ import annotations
@@ -17,6 +18,7 @@ from typing import Optional, Union
 FORMAT = "dist-train-dataset/1"
 SUFFIX = ".meta.json"
 REQUIRED = ("tokenizer", "vocab_size", "eod_id", "max_token_id")
+DIGEST_ALGORITHM = "xxh3_64"
 
 
 def sidecar_path(prefix: Union[str, Path]) -> Path:
@@ -48,3 +50,10 @@ def read_sidecar(prefix: Union[str, Path]) -> Optional[dict]:
         raise ValueError(f"dataset sidecar {path} is not a {FORMAT} file with {', '.join(REQUIRED)}; rebuild the "
                          "dataset with dist-train data prepare")
     return body
+
+
+def dataset_digest(prefix: Union[str, Path]) -> Optional[str]:
+    """The token stream's digest recorded by ``dist-train data prepare`` (``"xxh3_64:<hex>"``); None for a
+    dataset without one (built elsewhere, or before digests were recorded)."""
+    body = read_sidecar(prefix)
+    return body.get("digest") if body else None
