@@ -162,7 +162,8 @@ def check_dataset(ckpt: Path, extra: Mapping[str, Any], samples: Optional[int], 
                               "change is intended, set checkpoint.allow_config_change: [data.path])")
 
 
-def _names(keys: Sequence[str]) -> str:
+def shortened_list(keys: Sequence[str]) -> str:
+    """The first few of ``keys``, comma-separated, then "and N more": a refusal stays one readable line."""
     shown = ", ".join(keys[:_SHOWN])
     return shown + (f" and {len(keys) - _SHOWN} more" if len(keys) > _SHOWN else "")
 
@@ -181,9 +182,9 @@ def check_tensors(ckpt: Path, saved: Mapping[str, dict], model_keys: Iterable[st
         return
     parts = []
     if missing:
-        parts.append(f"{len(missing)} tensor(s) of the model not in the checkpoint ({_names(missing)})")
+        parts.append(f"{len(missing)} tensor(s) of the model not in the checkpoint ({shortened_list(missing)})")
     if unexpected:
-        parts.append(f"{len(unexpected)} saved tensor(s) the model does not have ({_names(unexpected)})")
+        parts.append(f"{len(unexpected)} saved tensor(s) the model does not have ({shortened_list(unexpected)})")
     if wrong:
         shown = [f"{k} saved {saved[k]['shape']}, model {list(shapes[k])}" for k in wrong[:_SHOWN]]
         parts.append(f"{len(wrong)} shape mismatch(es) ({'; '.join(shown)}"

@@ -149,8 +149,7 @@ def occupied_message(root: Path) -> Optional[str]:
     found = [p.name for _, p in mf.list_checkpoints(root)]
     if not found:
         return None
-    shown = ", ".join(found[:3]) + (f" and {len(found) - 3} more" if len(found) > 3 else "")
-    return (f"checkpoint.resume = none, but {root} holds checkpoints ({shown}) of an earlier run: a fresh run "
+    return (f"checkpoint.resume = none, but {root} holds checkpoints ({compat.shortened_list(found)}) of an earlier run: a fresh run "
             "there would prune or replace them; resume them (checkpoint.resume=auto), or start fresh with another "
             "run.dir or checkpoint.dir, or move them away")
 
@@ -168,8 +167,8 @@ def newer_checkpoints_message(root: Path, mode: str, step: int) -> Optional[str]
     newer = [p.name for s, p in mf.list_checkpoints(root) if s > step]
     if not newer:
         return None
-    shown = ", ".join(newer[:3]) + (f" and {len(newer) - 3} more" if len(newer) > 3 else "")
-    return (f"checkpoint.resume = {mode} is at step {step}, but {root} holds newer checkpoints ({shown}) that a "
+    return (f"checkpoint.resume = {mode} is at step {step}, but {root} holds newer checkpoints "
+            f"({compat.shortened_list(newer)}) that a "
             "restart (resume: auto takes the newest) would resume instead of this run's: to roll back, move them "
             "away; to continue them, set checkpoint.resume=auto")
 
