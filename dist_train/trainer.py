@@ -387,8 +387,8 @@ def _train(cfg: Config, ctx: DistContext) -> TrainResult:
                  f"{result.exit_code}, peak memory {result.summary['peak_mem_bytes'] / 2**30:.2f} GiB")
     if ctx.is_main and start_step >= t.steps:  # a finished run started again: keep its summary, say why
         log.info(f"nothing to train: {ckpt.resumed_from} is at step {start_step} and train.steps = {t.steps}; "
-                 f"raise train.steps to continue, or start over with checkpoint.resume=none or another run.dir "
-                 f"({run_dir / 'summary.json'} kept)")
+                 f"raise train.steps to continue, or start over with another run.dir or checkpoint.dir (or move "
+                 f"{ckpt.root}'s checkpoints away) ({run_dir / 'summary.json'} kept)")
     elif ctx.is_main:
         (run_dir / "summary.json").write_text(json.dumps(result.summary, indent=2))
         s = result.summary

@@ -16,6 +16,7 @@ from torch import nn
 
 from dist_train.checkpoint import CheckpointManager
 from dist_train.checkpoint.compat import ResumeMismatchError
+from dist_train.checkpoint.manager import CheckpointDirInUse
 from dist_train.config import ConfigError
 from dist_train.data.prepare import prepare_indexed
 from dist_train.optim import lr_lambda
@@ -101,6 +102,10 @@ def test_a_finished_run_started_again_says_so_and_keeps_its_summary(tmp_path, ca
     assert res.start_step == 2 and res.losses == []
     out = capsys.readouterr().out
     assert "nothing to train: " in out and "step_2 is at step 2 and train.steps = 2" in out, out
+    # the way out it names must not be one that resume refuses (resume=none into a dir of checkpoints)
+    assert "resume=none" not in out and "another run.dir or checkpoint.dir" in out, out
+    with pytest.raises(CheckpointDirInUse):
+        train(tiny_gpt_config(tmp_path / "run", steps=2, checkpoint={"at_end": True, "resume": "none"}))
     assert (tmp_path / "run" / "summary.json").read_text() == summary
 
 
