@@ -22,7 +22,8 @@ from parallelism.context.kernels import get_kernel
 from .checkpoint import compat
 from .checkpoint import manifest as mf
 from .checkpoint.foreign import describe_foreign_tree
-from .checkpoint.manager import checkpoint_root, consumed_samples, newer_checkpoints_message, occupied_message
+from .checkpoint.manager import (checkpoint_root, consumed_samples, newer_checkpoints_message, occupied_message,
+                                 trained_digest)
 from .checkpoint.state import from_json
 from .checkpoint.storage import CheckpointError
 from .config import Config, ConfigError
@@ -188,7 +189,8 @@ def check_resume_matches(cfg: Config, ckpt: Path) -> None:
     state = json.loads((ckpt / mf.TRAIN_STATE).read_text())
     try:
         changes = compat.check_config(ckpt, mf.read_manifest(ckpt).get("config"), cfg.to_dict(),
-                                      cfg.checkpoint.allow_config_change, consumed_samples(state))
+                                      cfg.checkpoint.allow_config_change, consumed_samples(state),
+                                      trained_digest(state))
         compat.check_dataset(ckpt, from_json(state.get("extra") or {}), _train_samples(cfg),
                              cfg.checkpoint.allow_config_change, cfg.data.path, changes, _train_digest(cfg))
     except compat.ResumeMismatchError as e:

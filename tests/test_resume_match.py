@@ -284,6 +284,30 @@ def test_a_dataset_re_prepared_from_other_text_with_the_same_sample_count_is_ref
     assert train(tiny_gpt_config(run, steps=4, data=data, model=model, checkpoint=allowed)).start_step == 3
 
 
+def test_a_dataset_moved_to_another_path_resumes_and_other_text_there_is_refused(tmp_path):
+    """The same prepared files under a new data.path (moved to local disk, say): the token digest the checkpoint
+    recorded proves it is the text the run trained on, so the resume goes ahead without allow_config_change.
+    Other text at the new path is still a data.path change, refused in one line."""
+    docs, old = tmp_path / "docs.jsonl", tmp_path / "old" / "ds"
+    old.parent.mkdir()
+    docs.write_text("\n".join(json.dumps({"text": t * 40}) for t in ("alpha ", "beta gamma ", "delta\n")))
+    prepare_indexed([docs], str(old))
+    model, run = {"vocab_size": 257}, tmp_path / "run"
+    data = {"source": "indexed", "path": str(old), "seq_len": 32}
+    train(tiny_gpt_config(run, steps=2, data=data, model=model, checkpoint={"at_end": True}))
+    new = tmp_path / "new" / "ds"
+    shutil.move(str(old.parent), str(new.parent))
+    moved = tiny_gpt_config(run, steps=3, data={**data, "path": str(new)}, model=model, checkpoint={"at_end": True})
+    preflight(moved, on_cuda=False)
+    assert train(moved).start_step == 2
+    docs.write_text("\n".join(json.dumps({"text": t * 40}) for t in ("omega ", "beta delta ", "gamma\n")))
+    other = tmp_path / "other" / "ds"
+    other.parent.mkdir()
+    prepare_indexed([docs], str(other))
+    with pytest.raises(ResumeMismatchError, match=r"data.path '.*new/ds' -> '.*other/ds'; resume refused"):
+        train(tiny_gpt_config(run, steps=4, data={**data, "path": str(other)}, model=model))
+
+
 def test_weather_data_replaced_at_the_same_path_is_refused(tmp_path):
     """The Swin's weather directory re-prepared with more time steps: another sample count, another order."""
     run, weather = tmp_path / "run", tmp_path / "weather"

@@ -160,6 +160,13 @@ def consumed_samples(train_state: dict) -> Optional[int]:
     return int(value) if isinstance(value, int) else None
 
 
+def trained_digest(train_state: dict) -> Optional[str]:
+    """The token digest of the data a checkpoint's run trained on, from its parsed ``train_state.json`` (None: not
+    recorded: other data, or a dataset prepared without one)."""
+    value = from_json(train_state.get("extra") or {}).get("train_digest")
+    return value if isinstance(value, str) else None
+
+
 def newer_checkpoints_message(root: Path, mode: str, step: int) -> Optional[str]:
     """One line refusing ``checkpoint.resume = PATH`` at ``step`` when the run's checkpoint dir ``root`` holds
     newer ``step_N`` checkpoints (None when it does not): every restart resumes with ``resume: auto``, which
@@ -549,7 +556,7 @@ class CheckpointManager:
         ts = json.loads((ckpt / mf.TRAIN_STATE).read_text())
         self.config_changes = compat.check_config(ckpt, body.get("config"), self.config,
                                                   getattr(self.cfg, "allow_config_change", None) or (),
-                                                  consumed_samples(ts))
+                                                  consumed_samples(ts), trained_digest(ts))
         with_optim = optimizer is not None and "optim" in body["contents"]
         # a checkpoint without optimizer state (e.g. converted from HF) leaves the optimizer untouched —
         # in particular not initialised by get_state_dict's zero-gradient step
