@@ -92,11 +92,15 @@ FAULT_ENV = "DIST_TRAIN_FAULT"
 RESTART_ENV = "DIST_TRAIN_RESTART"
 
 
-def kill_me_with_parent() -> None:
+def kill_me_with_parent(parent_pid: Optional[int] = None) -> None:
     """Ask Linux to SIGKILL this process when the thread that started it goes (prctl PR_SET_PDEATHSIG):
-    ranks, and ranks spawned by tests and benchmarks, never outlive a launcher killed without cleanup."""
+    ranks, and ranks spawned by tests and benchmarks, never outlive a launcher killed without cleanup.
+    ``parent_pid``: the process that started this one. If it is no longer the parent here, it died before the
+    request was made (this process was handed to init or a subreaper) and no signal will ever come: die now."""
     if sys.platform.startswith("linux"):
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, int(signal.SIGKILL), 0, 0, 0)
+        if parent_pid is not None and os.getppid() != parent_pid:
+            os.kill(os.getpid(), signal.SIGKILL)
 
 
 def exit_code_for_signal(signum: int) -> int:

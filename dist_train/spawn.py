@@ -54,10 +54,12 @@ def _inherited_fd(dup) -> int:
 
 
 def _rank_main(job: bytes, rank: int, world_size: int, init_file: str, out: "mp.Queue", timeout_s: float,
-               threads: int, process_group: bool, environ: dict[str, str], cwd: str, stdio: tuple[int, int]) -> None:
+               threads: int, process_group: bool, environ: dict[str, str], cwd: str, stdio: tuple[int, int],
+               parent_pid: int) -> None:
     """``job``: the pickled ``(fn, args)``, unpickled only after this rank's set-up, since unpickling imports
     fn's module (a test module, its imports): a caller killed meanwhile would leave the rank behind.
-    ``stdio``: the caller's stdout and stderr (see :class:`_CallerFd`)."""
+    ``stdio``: the caller's stdout and stderr (see :class:`_CallerFd`); ``parent_pid``: the process that
+    starts the rank (the fork server, or the caller when spawned)."""
     # A forked rank inherits the fork server's stdout/stderr, environment and directory, as they were when
     # it started (under pytest: the first test's captured output): take the caller's, as they are now (what
     # a spawned rank would get).
@@ -77,7 +79,8 @@ def _rank_main(job: bytes, rank: int, world_size: int, init_file: str, out: "mp.
     if server._forkserver_alive_fd is not None:
         os.close(server._forkserver_alive_fd)
         server._forkserver_alive_fd = None
-    kill_me_with_parent()
+    # a parent gone before this line (the rank read its job, imported __main__ meanwhile) sends no signal
+    kill_me_with_parent(parent_pid)
     # torch only now: this module is imported by parents that never need it (the CLI's bench parser), and a
     # fresh rank has its thread count in the environment before torch reads it
     import torch
@@ -127,17 +130,19 @@ def run_ranks(fn: Callable, world_size: int, args: Sequence[Any] = (), timeout: 
     per-rank results. RankFailure names the first rank that raised (with its traceback) or died, or on
     ``timeout`` the ranks still running."""
     if fresh:
-        ctx = mp.get_context("spawn")
+        ctx, parent_pid = mp.get_context("spawn"), os.getpid()
     else:
         ctx = mp.get_context("forkserver")
         ctx.set_forkserver_preload(PRELOAD)
+        forkserver.ensure_running()
+        parent_pid = forkserver._forkserver._forkserver_pid
     out: mp.Queue = ctx.Queue()
     with tempfile.TemporaryDirectory(prefix="dt_rdzv_") as tmp:
         init_file = os.path.join(tmp, "rendezvous")
         job = pickle.dumps((fn, tuple(args)))
         procs = [ctx.Process(target=_rank_main, args=(job, r, world_size, init_file, out, timeout, threads,
                                                       process_group, dict(os.environ), os.getcwd(),
-                                                      (_CallerFd(1), _CallerFd(2))), daemon=True)
+                                                      (_CallerFd(1), _CallerFd(2)), parent_pid), daemon=True)
                  for r in range(world_size)]
         for p in procs:
             p.start()

@@ -7,6 +7,7 @@ lines are buffered until the driver polls), and the MPI rank wrapper (``python -
 from __future__ import annotations
 
 import collections
+import functools
 import os
 import signal
 import subprocess
@@ -137,7 +138,8 @@ class RankProcess:
             self._log.flush()
         self.proc = subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                      stderr=subprocess.PIPE, start_new_session=True, close_fds=not pass_fds,
-                                     cwd=cwd, preexec_fn=kill_me_with_parent if die_with_parent else None)
+                                     cwd=cwd, preexec_fn=functools.partial(kill_me_with_parent, os.getpid())
+                                     if die_with_parent else None)
         prefix = rank_prefix(rank)
         self._pumps = [_Pump(self.proc.stdout, "stdout", prefix, sink, None, self.tail),
                        _Pump(self.proc.stderr, "stderr", prefix, sink, self._log, self.tail)]

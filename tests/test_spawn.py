@@ -89,6 +89,33 @@ def test_killed_parent_takes_its_ranks_with_it(start):
             parent.kill()
 
 
+ORPHAN = """
+import os, sys, time
+from dist_train.lifecycle import kill_me_with_parent
+r, w = os.pipe()
+middle = os.fork()
+if middle == 0:
+    middle = os.getpid()
+    if os.fork() == 0:
+        time.sleep(0.5)  # its parent exits meanwhile, before it asks to die with it
+        kill_me_with_parent(middle if sys.argv[1] == "checked" else None)
+        os.write(w, b"survived")
+    os._exit(0)
+os.close(w)
+os.waitpid(middle, 0)
+print(os.read(r, 100).decode() or "died")
+"""
+
+
+@pytest.mark.parametrize("check", ["checked", "unchecked"])
+def test_a_process_whose_parent_died_before_it_asked_to_die_with_it_dies_at_once(check):
+    """The gap between a rank's start and its PR_SET_PDEATHSIG request (reading its job, importing __main__):
+    a parent that dies there would leave an orphan for good, unless the rank checks its parent is still there."""
+    out = subprocess.run([sys.executable, "-c", ORPHAN, check], cwd=REPO, capture_output=True, text=True,
+                         env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=60)
+    assert out.stdout.strip() == ("died" if check == "checked" else "survived"), out
+
+
 def test_ranks_write_where_the_caller_writes_when_they_start(capfd):
     """Not where the caller wrote when the fork server started (under pytest: an earlier test's capture)."""
     devnull, saved = os.open(os.devnull, os.O_WRONLY), (os.dup(1), os.dup(2))
