@@ -7,6 +7,7 @@ import errno
 import logging
 import os
 import pickle
+import shutil
 from pathlib import Path
 
 import pytest
@@ -190,3 +191,16 @@ def test_kill_between_the_two_renames_of_a_resaved_step_loses_neither(tmp_path, 
     fresh = build(seed=5)
     assert _mgr(root).resume(*fresh)["step"] == 20 and torch.equal(eval_outputs(fresh[0]), out20)
     assert not list(root.glob("step_20.replaced*"))
+
+
+def test_a_leftover_of_a_committed_re_save_never_comes_back_as_a_pruned_step(tmp_path):
+    """A re-save of step_10 committed, then was killed before deleting the old one (step_10.replaced<pid>, or
+    step_10.replaced<pid>.deleting mid-delete). Once step_10 is pruned, that leftover is an older lineage's
+    step 10, not an interrupted re-save: it is deleted, never renamed back to step_10."""
+    root = tmp_path / "ckpt"
+    save = _saver(root, keep_last=1)
+    save(10)
+    shutil.copytree(root / "step_10", root / "step_10.replaced4242")
+    shutil.copytree(root / "step_10", root / "step_10.replaced4343.deleting")
+    save(20)  # prunes step_10
+    assert sorted(p.name for p in root.iterdir() if p.name.startswith("step_")) == ["step_20"]

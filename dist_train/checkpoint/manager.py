@@ -116,8 +116,10 @@ def restore_interrupted_replace(root: Path) -> list[str]:
     committed step N. Returns the restored names."""
     restored = []
     for p in sorted(Path(root).glob(f"step_*{REPLACED}*")):
-        final = p.with_name(p.name.split(REPLACED)[0])
-        if final.exists():
+        stem, _, pid = p.name.partition(REPLACED)
+        final = p.with_name(stem)
+        # not step_N.replaced<pid>.deleting: that one was being deleted after its re-save committed
+        if not pid.isdigit() or final.exists():
             continue
         os.replace(p, final)
         fsync_dir(final.parent)
@@ -431,6 +433,9 @@ class CheckpointManager:
         """Keep the newest ``keep_last`` complete checkpoints, the newest complete one, the one just committed
         (a run rolled back to an older step saves below newer ones) and the one this run resumed from; drop
         stale ``.tmp`` dirs of earlier steps (saves that died)."""
+        # first: once an old step_N is pruned below, its leftover step_N.replaced<pid> (a re-save that committed,
+        # then was killed before deleting it) would look interrupted and come back as step_N
+        restore_interrupted_replace(self.root)
         complete = mf.complete_checkpoints(self.root)
         keep = {p for _, p in complete[: self.cfg.keep_last]} | {self.root / mf.step_dir_name(current_step)}
         if complete:
@@ -447,7 +452,6 @@ class CheckpointManager:
                     discard(p)
             except ValueError:
                 continue
-        restore_interrupted_replace(self.root)
         for p in [*self.root.glob(f"step_*{DELETING}"), *self.root.glob(f"step_*{REPLACED}*")]:
             shutil.rmtree(p, ignore_errors=True)  # left by a process killed while deleting
 
