@@ -115,6 +115,10 @@ class RunLock:
                 os.close(fd)
                 raise RunDirLocked(f"{what} {run_dir} is in use by another job: {describe_owner(holder)} holds "
                                    f"{path}; wait for it to end or stop it, or use another {what}") from None
+            except OSError as e:  # flock itself failed: a file system without locks (NFS without lockd: ENOLCK)
+                os.close(fd)
+                raise RunDirLocked(f"{what} {run_dir}: cannot lock {path} ({e.strerror or e}): its file system "
+                                   f"does not support flock; use another {what} on one that does") from None
             except BaseException:
                 os.close(fd)
                 raise
@@ -206,6 +210,8 @@ def _held_by_rank0(take, rank: int, device) -> Iterator[Optional[RunLock]]:
     if rank == 0:
         try:
             lock = take()
+        except OSError as e:  # e.g. the directory cannot be created: raised alone, it would leave the others waiting
+            error = f"cannot take the job's lock: {e}"
         except RunDirLocked as e:
             error = str(e)
     error = _broadcast_from_rank0(error, device)

@@ -3,6 +3,8 @@ before it touches anything; a stale lock is taken over with a message; a job's o
 from __future__ import annotations
 
 import contextlib
+import errno
+import fcntl
 import io
 import json
 import os
@@ -17,8 +19,9 @@ import pytest
 from dist_train.checkpoint import CheckpointManager, complete_checkpoints, verify_checkpoint
 from dist_train.lifecycle import EXIT_PREEMPTED
 from dist_train.runlock import (LOCK_ENV, LOCK_NAME, RANKS_LOCK_NAME, RunDirLocked, RunLock, acquire_for_launcher,
-                               hold_run_dir, read_owner)
+                               hold_checkpoint_dir, hold_run_dir, read_owner)
 from dist_train.trainer import train
+from tests.dist_harness import run_ranks
 from tests.trainer_utils import tiny_gpt_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -147,3 +150,28 @@ def test_two_jobs_sharing_a_checkpoint_dir_from_different_run_dirs_are_refused(t
     assert not (tmp_path / "b" / "summary.json").exists()
     # once the first job ended, the next one takes the directory (and resumes it)
     assert train(tiny_gpt_config(tmp_path / "b", steps=3, checkpoint=ck)).start_step == 2
+
+
+def _no_flock(fd, op):
+    raise OSError(errno.ENOLCK, "No locks available")
+
+
+def _rank_0_cannot_lock(rank, world_size, root):
+    """Every rank gets rank 0's one-line refusal: none is left waiting in the broadcast for a rank that raised."""
+    if rank == 0:
+        fcntl_flock, fcntl.flock = fcntl.flock, _no_flock  # the runlock module calls fcntl.flock
+    try:
+        with pytest.raises(RunDirLocked) as info:
+            with hold_checkpoint_dir(Path(root) / "ckpt", Path(root) / "run", rank):
+                pass
+    finally:
+        if rank == 0:
+            fcntl.flock = fcntl_flock
+    return str(info.value)
+
+
+def test_a_file_system_without_flock_is_one_line_on_every_rank(tmp_path):
+    lines = run_ranks(_rank_0_cannot_lock, 2, args=(str(tmp_path),), timeout=120)
+    assert lines[0] == lines[1] and "\n" not in lines[0], lines
+    assert f"checkpoint.dir {tmp_path / 'ckpt'}: cannot lock" in lines[0] and "No locks available" in lines[0]
+    assert "does not support flock" in lines[0], lines
