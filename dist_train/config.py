@@ -918,13 +918,14 @@ def _validate_swin_tiling(cfg: Config) -> None:
                           f"or fewer wp grid rows")
 
 
-def check_world_size(cfg: Config, world_size: int) -> None:
-    """The launched world must equal dp × tp × pp × cp × wp."""
+def check_world_size(cfg: Config, world_size: int, where: str = "were launched") -> None:
+    """The launched world must equal dp × tp × pp × cp × wp; ``where``: how the refusal says where the
+    ``world_size`` ranks are (``dist-train submit``: "in the batch script")."""
     p = cfg.parallel
     gh, gw = cfg.wp_grid
     if cfg.world_size != world_size:
         parts = f"dp*tp*pp*cp*wp = {p.dp}*{p.tp}*{p.pp}*{p.cp}*{gh * gw} = {cfg.world_size}"
-        raise ConfigError(f"parallel: {parts} but {world_size} ranks were launched")
+        raise ConfigError(f"parallel: {parts} but {world_size} ranks {where}")
 
 
 def env_world_size() -> int:

@@ -217,13 +217,13 @@ def submit_main(args: argparse.Namespace) -> int:
                      modules=list(args.module), env_lines=list(args.env_line), directives=list(args.directive),
                      script_path=str(script_path.absolute()))
     try:
-        check_world_size(cfg, spec.world_size)
+        check_world_size(cfg, spec.world_size, "in the batch script")
     except ValueError as e:
-        per_node = -(-cfg.world_size // spec.nodes)
-        raise ValueError(f"{str(e).replace('ranks were launched', 'ranks in the batch script')} (--nodes "
-                         f"{spec.nodes} × {spec.per_node} rank(s) per node, from --ntasks-per-node or "
-                         f"--gpus-per-node; e.g. --nodes {spec.nodes} --ntasks-per-node {per_node}, or change "
-                         f"parallel.*)") from None
+        # a suggestion that launches exactly the world: the most nodes up to --nodes that divide it
+        nodes = max(n for n in range(1, spec.nodes + 1) if cfg.world_size % n == 0)
+        raise ValueError(f"{e} (--nodes {spec.nodes} × {spec.per_node} rank(s) per node, from --ntasks-per-node or "
+                         f"--gpus-per-node; e.g. --nodes {nodes} --ntasks-per-node {cfg.world_size // nodes}, or "
+                         f"change parallel.*)") from None
     text = render(spec)
     if args.dry_run:
         print(text, end="")

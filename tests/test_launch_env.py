@@ -237,6 +237,12 @@ def test_submit_dry_run_prints_script(tmp_path, capsys):
                                          r"from --ntasks-per-node or --gpus-per-node; e.g. --nodes 1 "
                                          r"--ntasks-per-node 2, or change parallel.\*\)"):
         submit_main(args)
+    # 3 ranks do not split over 2 nodes: the example must still launch exactly 3 (not 2 × 2)
+    args = parser.parse_args(["configs/gpt_tiny.yaml", "--scheduler", "slurm", "--nodes", "2", "--time", "00:10:00",
+                              "--ntasks-per-node", "1", "--set", "parallel.dp=3", "--set", "train.global_batch=12",
+                              "--set", f"run.dir={tmp_path}/r", "--dry-run"])
+    with pytest.raises(ValueError, match=r"= 3 but 2 ranks in the batch script .* e.g. --nodes 1 --ntasks-per-node 3,"):
+        submit_main(args)
 
 
 def test_dry_run_refuses_an_explicit_rank_count_the_launch_would_refuse(capsys):
