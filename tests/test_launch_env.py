@@ -3,6 +3,7 @@ real 'every rank alone' MPI check)."""
 import argparse
 import os
 import signal
+import socket
 import subprocess
 import sys
 
@@ -11,8 +12,11 @@ import pytest
 from dist_train.lifecycle import (EXIT_PREEMPTED, FaultSpec, Lifecycle, describe_exit, heartbeat_path,
                                   read_heartbeat)
 from launchers.batch import BatchSpec, render
+from launchers.cli import (add_launch_arguments, add_submit_arguments, launch_main, rank_argv, ranks_on_this_machine,
+                           resolve_launch, submit_main)
 from launchers.env import (EXPECT_WORLD_ENV, LaunchError, check_mpi_family, check_mpi_world, detect_rank_env,
                            mpi_family, parse_slurm_tasks_per_node, populate_rank_env, slurm_first_host)
+from launchers.ray_backend import refuse_unreachable
 
 SLURM = {"SLURM_PROCID": "5", "SLURM_STEP_NUM_TASKS": "8", "SLURM_NTASKS": "8", "SLURM_LOCALID": "1",
          "SLURM_NODEID": "1", "SLURM_STEP_TASKS_PER_NODE": "4(x2)", "SLURM_STEP_NODELIST": "gpu[003-004]",
@@ -189,16 +193,12 @@ def test_batch_scripts():
 
 
 def _launch_args(*argv):
-    from launchers.cli import add_launch_arguments
-
     parser = argparse.ArgumentParser()
     add_launch_arguments(parser)
     return parser.parse_args(list(argv))
 
 
 def test_launch_flag_resolution(tmp_path):
-    from launchers.cli import rank_argv, resolve_launch
-
     cfg_path = tmp_path / "c.yaml"
     cfg_path.write_text("parallel: {dp: 1, cp: 2}\ntrain: {global_batch: 16, micro_batch: 2}\n"
                         "launch: {backend: mpi, max_restarts: 2}\n")
@@ -221,8 +221,6 @@ def test_launch_flag_resolution(tmp_path):
 
 
 def test_submit_dry_run_prints_script(tmp_path, capsys):
-    from launchers.cli import add_submit_arguments, submit_main
-
     parser = argparse.ArgumentParser()
     add_submit_arguments(parser)
     args = parser.parse_args(["configs/gpt_tiny.yaml", "--scheduler", "slurm", "--nodes", "1",
@@ -248,8 +246,6 @@ def test_submit_dry_run_prints_script(tmp_path, capsys):
 def test_dry_run_refuses_an_explicit_rank_count_the_launch_would_refuse(capsys):
     """--nproc 3 on a 2-rank layout fails the launch, so its dry run says so (exit 2) instead of a table; the
     config's own launch.nproc against a --set layout is only a note under the table."""
-    from launchers.cli import launch_main
-
     with pytest.raises(ValueError, match="= 2 but 3 ranks"):
         launch_main(_launch_args("configs/gpt_tiny.yaml", "--nproc", "3", "--dry-run"))
     assert launch_main(_launch_args("configs/gpt_tiny.yaml", "--set", "parallel.dp=1", "--dry-run")) == 0
@@ -262,8 +258,6 @@ def test_dry_run_refuses_an_explicit_rank_count_the_launch_would_refuse(capsys):
 
 
 def test_preflight_runs_in_the_launcher_only_when_the_ranks_run_here(monkeypatch):
-    from launchers.cli import ranks_on_this_machine
-
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     assert ranks_on_this_machine("local", 1, None) and ranks_on_this_machine("mpi", 1, None)
     assert ranks_on_this_machine("ray", 1, None)  # embedded cluster
@@ -275,10 +269,6 @@ def test_preflight_runs_in_the_launcher_only_when_the_ranks_run_here(monkeypatch
 
 def test_an_unreachable_ray_address_is_one_line_at_once():
     """A wrong --address was minutes of Ray reconnect attempts and log lines; a closed port is refused at once."""
-    import socket
-
-    from launchers.ray_backend import refuse_unreachable
-
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]

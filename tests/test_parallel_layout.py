@@ -8,11 +8,11 @@ from types import SimpleNamespace
 import pytest
 import torch.distributed as dist
 
-from dist_train.config import ConfigError
+from dist_train.config import ConfigError, config_from_dict
 from dist_train.cost.layout import balanced_layer_counts, in_flight_microbatches, pipeline_stages, stages_of_rank
 from dist_train.cost.memory import estimate_memory
 from dist_train.cost.predict import predict
-from dist_train.dryrun import device_profile, format_layout, rank_layout
+from dist_train.dryrun import RankLayout, device_profile, format_layout, rank_layout
 from dist_train.mesh import rank_coords
 from dist_train.plan.profiles import builtin_profiles
 from tests.trainer_utils import tiny_gpt_config
@@ -154,8 +154,6 @@ def test_planner_memory_is_the_dry_runs_most_loaded_rank(sections, cpu):
 
 
 def test_swin_dry_run_uses_the_planner_too(cpu):
-    from dist_train.config import config_from_dict
-
     cfg = config_from_dict({"model": {"kind": "swin", "d_model": 16, "n_layers": 2, "n_heads": 2, "window": 4,
                                       "in_channels": 2, "out_channels": 2},
                             "data": {"source": "weather", "image": [16, 16]},
@@ -168,9 +166,6 @@ def test_swin_dry_run_uses_the_planner_too(cpu):
 def test_dry_run_columns_stay_aligned_past_9999_ranks():
     """The 405B projections dry-run 16,384 ranks with layer lists like 59-62,123-125: every value stays under
     its header (right-aligned numbers end where their header ends, left-aligned ones start where it starts)."""
-    from dist_train.config import config_from_dict
-    from dist_train.dryrun import RankLayout
-
     coords = {"dp": 0, "pp": 0, "cp": 0, "tp": 0, "wp": 0}
     stage = SimpleNamespace(index=15, layers=[59, 60, 61, 62, 123, 124, 125], first=False, last=True)
     rows = [RankLayout(0, coords), RankLayout(16383, {**coords, "dp": 1023, "tp": 7}, [stage])]
