@@ -114,8 +114,8 @@ def refuse_unreachable(address: str, timeout_s: float = 5.0) -> None:
     host, sep, port = address.rpartition(":")
     if not sep or not port.isdigit() or not host or "/" in host:
         return
-    try:
-        with socket.create_connection((host, int(port)), timeout=timeout_s):
+    try:  # an IPv6 address is written [addr]:port; the brackets are not part of the host
+        with socket.create_connection((host.removeprefix("[").removesuffix("]"), int(port)), timeout=timeout_s):
             pass
     except OSError as e:
         raise ValueError(f"Ray cluster address {address} (--address / launch.address / RAY_ADDRESS): nothing "

@@ -278,5 +278,15 @@ def test_an_unreachable_ray_address_is_one_line_at_once():
         server.bind(("127.0.0.1", 0))
         server.listen()
         refuse_unreachable(f"127.0.0.1:{server.getsockname()[1]}")  # something answers: Ray takes over
+    if socket.has_ipv6:  # [::1]:port is IPv6 loopback, not a host named "[::1]"
+        try:
+            server6 = socket.socket(socket.AF_INET6)
+            server6.bind(("::1", 0))
+        except OSError:  # no IPv6 loopback on this machine
+            server6 = None
+        if server6 is not None:
+            with server6:
+                server6.listen()
+                refuse_unreachable(f"[::1]:{server6.getsockname()[1]}")
     for left_to_ray in ("auto", f"ray://127.0.0.1:{port}", f"http://127.0.0.1:{port}"):
         refuse_unreachable(left_to_ray)
