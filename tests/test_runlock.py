@@ -170,6 +170,7 @@ def _rank_0_cannot_lock(rank, world_size, root):
     return str(info.value)
 
 
+@pytest.mark.slow
 def test_a_file_system_without_flock_is_one_line_on_every_rank(tmp_path):
     lines = run_ranks(_rank_0_cannot_lock, 2, args=(str(tmp_path),), timeout=120)
     assert lines[0] == lines[1] and "\n" not in lines[0], lines

@@ -62,6 +62,7 @@ def test_ranks_get_their_threads_and_torchrun_variables_and_a_group_only_when_as
     assert run_ranks(what_the_rank_sees, 2) == [(1, True, "1", str(r), "2", str(r)) for r in range(2)]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("start", ["forked", "fresh"])
 def test_killed_parent_takes_its_ranks_with_it(start):
     parent = subprocess.Popen([sys.executable, "-c", PARENT, start], cwd=REPO,
