@@ -45,11 +45,12 @@ class _CallerFd:
     def __init__(self, fd: int):
         self.fd = fd
 
-    def __reduce__(self):
+    def __reduce__(self) -> tuple[Callable[[Any], int], tuple[Any]]:
         return _inherited_fd, (reduction.DupFd(self.fd),)
 
 
-def _inherited_fd(dup) -> int:
+def _inherited_fd(dup: Any) -> int:
+    """The descriptor number a ``reduction.DupFd`` handle has in the rank (its context's own ``_DupFd``)."""
     return dup.detach()
 
 

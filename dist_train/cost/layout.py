@@ -21,6 +21,7 @@ AXES: tuple[str, ...] = ("pp", "dp", "wp", "cp", "tp")
 
 
 def axis_sizes(parallel: ParallelConfig) -> dict[str, int]:
+    """Size of each mesh axis of ``parallel`` (wp: the tile count of its grid)."""
     gh, gw = _as_grid(parallel.wp)
     return {"pp": parallel.pp, "dp": parallel.dp, "wp": gh * gw, "cp": parallel.cp, "tp": parallel.tp}
 
