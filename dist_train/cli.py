@@ -12,6 +12,8 @@ import sys
 from pathlib import Path
 from typing import Callable, Optional
 
+from .bench import cli as bench_commands
+
 EXIT_USAGE = 2
 EXIT_BROKEN_PIPE = 141
 _F = argparse.RawDescriptionHelpFormatter
@@ -103,10 +105,17 @@ def _add_data(sub) -> None:
 
 
 def _bench_modules() -> dict[str, str]:
-    from . import bench
-
-    return {m.name: f"dist_train.bench.{m.name}" for m in pkgutil.iter_modules(bench.__path__)
+    """bench command name -> its torch-free module (flags, help, checks); dist_train/bench/__init__.py."""
+    return {m.name: f"{bench_commands.__name__}.{m.name}" for m in pkgutil.iter_modules(bench_commands.__path__)
             if not m.name.startswith("_")}
+
+
+def _run_bench(args: argparse.Namespace) -> int:
+    """`dist-train bench NAME`: NAME's torch-free checks first (a refusal costs no torch import), then the
+    measuring module dist_train.bench.NAME (torch and all it measures, imported at its top) is loaded by name
+    and runs with what the checks returned. The one place a bench command is dispatched."""
+    checked = importlib.import_module(_bench_modules()[args.bench_cmd]).check(args)
+    return importlib.import_module(f"dist_train.bench.{args.bench_cmd}").run(args, checked)
 
 
 def _add_bench(sub) -> None:
@@ -118,7 +127,7 @@ def _add_bench(sub) -> None:
         mod = importlib.import_module(modname)
         q = bsub.add_parser(name, help=getattr(mod, "HELP", name), formatter_class=_F)
         mod.add_arguments(q)
-        q.set_defaults(func=mod.run)
+        q.set_defaults(func=_run_bench)
 
 
 def _module_command(module: str, add: str, main: str) -> Callable:

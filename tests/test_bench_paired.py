@@ -15,7 +15,9 @@ import torch
 from dist_train.bench import train as bench_train
 from dist_train.bench._paired import alternation, compare, predicted_ratio, step_units
 from dist_train.bench._paired_plot import plot_paired
-from dist_train.bench.train import threads_per_rank
+from dist_train.bench.cli import train as bench_train_cli
+from dist_train.bench.cli.train import threads_per_rank
+from dist_train.cli import _run_bench
 from dist_train.config import load_config
 from dist_train.cost.layout import bubble_fraction
 from dist_train.rankstats import ENV, RankStats
@@ -81,8 +83,9 @@ def test_threads_per_rank_honours_the_flag_then_omp_num_threads_then_divides_the
 
 def _args(**kw) -> argparse.Namespace:
     parser = argparse.ArgumentParser()
-    bench_train.add_arguments(parser)
+    bench_train_cli.add_arguments(parser)
     args = parser.parse_args([SWIN] + [f"--set={s}" for s in SMALL + ["model.n_layers=4", "parallel.pp=2"]])
+    args.bench_cmd = "train"  # what the `bench` subparser records: the dispatch reads it
     for k, v in kw.items():
         setattr(args, k, v)
     return args
@@ -101,7 +104,7 @@ def test_bad_arguments_are_refused_before_any_rank_starts(kw, message, monkeypat
 
     monkeypatch.setattr(bench_train, "run_ranks", no_launch)
     with pytest.raises(ValueError, match=message):
-        bench_train.run(_args(**kw))
+        _run_bench(_args(**kw))
 
 
 def test_work_ratio_leaves_the_bubble_out():

@@ -103,6 +103,55 @@ def test_top_level_help_imports_no_torch():
     assert r.returncode == 0, r.stderr[-2000:]
 
 
+# one argument per bench command that its torch-free check refuses (a new command must add one)
+_BENCH_REFUSALS = {"attention": ["--repeats", "0"], "memory": ["--cp", "0"], "window": ["--image", "10", "16"],
+                   "ckpt": ["--size-gb", "0"], "train": ["configs/gpt_tiny.yaml", "--repeats", "3"],
+                   "launch": ["configs/gpt_tiny.yaml", "--backends", "foo"]}
+
+
+def test_bench_parser_help_and_refusals_import_no_torch():
+    """Importing the CLI, building the `bench` parser, `--help` of every bench command and an argument each one
+    refuses (exit 2) load neither torch nor any measuring module dist_train.bench.NAME: only a command that
+    runs imports them (dist_train/bench/__init__.py). In a fresh interpreter: this one has torch already."""
+    code = f"""
+import sys
+from dist_train.cli import _bench_modules, build_parser, main
+
+def loaded():
+    measuring = {{"dist_train.bench." + name for name in _bench_modules()}}
+    return sorted(m for m in sys.modules if m == "torch" or m in measuring)
+
+assert not loaded(), ("import dist_train.cli", loaded())
+build_parser("bench")
+assert not loaded(), ("building the bench parser", loaded())
+refusals = {_BENCH_REFUSALS!r}
+assert sorted(refusals) == sorted(_bench_modules()), sorted(_bench_modules())
+for name, argv in refusals.items():
+    try:
+        main(["bench", name, "--help"])
+    except SystemExit as e:
+        assert e.code == 0, (name, e.code)
+    assert not loaded(), ("bench " + name + " --help", loaded())
+    assert main(["bench", name, *argv]) == 2, name
+    assert not loaded(), ("bench " + name + " refusing " + " ".join(argv), loaded())
+"""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                       cwd=Path(__file__).resolve().parents[1])
+    assert r.returncode == 0, r.stderr[-3000:]
+    errors = [line for line in r.stderr.splitlines() if line.startswith("dist-train: error:")]
+    assert len(errors) == len(_BENCH_REFUSALS), r.stderr[-3000:]
+
+
+def test_bench_command_that_runs_loads_its_measuring_module(monkeypatch, capsys):
+    """The dispatch imports dist_train.bench.NAME once NAME passed its torch-free checks; a check that needs
+    torch (attention's layout names, from parallelism.context) refuses there, exit 2, one line."""
+    monkeypatch.delitem(sys.modules, "dist_train.bench.attention", raising=False)
+    assert main(["bench", "attention", "--layout", "spiral"]) == 2
+    assert "dist_train.bench.attention" in sys.modules
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["dist-train: error: --layout 'spiral': unknown ['spiral']; valid: contiguous, striped, zigzag"], err
+
+
 @pytest.mark.parametrize("path", sorted(str(p) for p in __import__("pathlib").Path("configs").glob("*.yaml")))
 def test_every_shipped_config_validates(path):
     cfg = load_config(path, [])

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from dist_train.bench import train as bench_train
+from dist_train.bench.cli import train as bench_train
 from dist_train.cli import _COMMANDS, build_parser
 from dist_train.config import load_config
 from dist_train.plan.cli import _plan_config
@@ -86,11 +86,7 @@ def _check_config_of(args: argparse.Namespace, argv: list[str], capsys) -> None:
         for point in expand(spec):
             point_config(spec, point)
     elif argv[:2] == ["bench", "train"]:
-        overrides = list(args.overrides) + ([f"train.steps={args.steps}"] if args.steps is not None else [])
-        bench_train._checked(args.config, overrides, args.nproc, "")
-        if args.baseline_overrides or args.baseline_nproc is not None:
-            bench_train._checked(args.config, overrides + list(args.baseline_overrides), args.baseline_nproc,
-                                 "baseline: ")
+        bench_train.check(args)  # run and baseline configs, rank and step counts, --repeats, --png, threads
     elif argv[:2] == ["bench", "launch"]:
         load_config(args.config, args.set or [])
 

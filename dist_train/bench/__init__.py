@@ -1,6 +1,12 @@
-"""`dist-train bench …` subcommands: each module here defines HELP, add_arguments(parser) and run(args) -> int.
+"""`dist-train bench …` subcommands. Each command NAME is two modules:
 
-dist_train/cli.py imports every module here to build the `bench` parser, so their module tops stay torch-free
-(`dist-train bench attention --help` must not pay for torch and the trainer): torch, and what imports it, is
-imported inside the functions that measure. Every other function-local import in this package is that case,
-or matplotlib for a plot that was asked for."""
+* ``dist_train.bench.cli.NAME`` — torch-free: ``HELP``, ``add_arguments(parser)`` and ``check(args)`` (the
+  validation that needs no torch). ``dist_train/cli.py`` imports all of them to build the ``bench`` parser, so
+  ``--help`` and a refused argument cost no torch import.
+* ``dist_train.bench.NAME`` — the measurement: imports torch and what it needs at its top, and defines
+  ``run(args, checked) -> int`` (``checked``: what ``check`` returned). ``dist_train/cli.py`` imports it by
+  name once NAME was chosen and ``check`` passed, the one place a bench command is dispatched.
+
+Modules starting with ``_`` are shared by the measurements (``_paired``, ``_paired_plot``). matplotlib alone is
+imported inside the function that draws a plot that was asked for: the ranks import their measuring module
+(their rank function lives there) and report their own peak memory, which an unused matplotlib would inflate."""

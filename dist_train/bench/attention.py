@@ -28,49 +28,20 @@ import argparse
 import json
 import statistics
 import time
+from typing import Optional
 
-HELP = "context-parallel attention: efficiency, critical path, imbalance vs single-process attention"
-EPILOG = """example:
-  dist-train bench attention --world-size 2 --seq-len 16384 --layout zigzag --method ring --json out.json
-  dist-train bench attention --world-size 4 --seq-len 8192 --layout contiguous,striped,zigzag
-  dist-train bench attention --world-size 4 --seq-len 8192 --layout contiguous,striped,zigzag --simulate
-  dist-train bench attention --world-size 4 --seq-len 8192 --block-kernels --repeats 7
-  dist-train bench attention --world-size 4 --seq-len 8192 --layout zigzag --kv-piece none,512 --repeats 1
-  dist-train bench attention --world-size 2 --seq-len 32768 --layout zigzag,striped --docs 8 --simulate --png docs.png
-"""
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch._C._autograd import DeviceType
+from torch.profiler import ProfilerActivity, profile
 
+from parallelism.context import (LAYOUTS, METHODS, Chunk, CPStats, build_schedule, check_seq_len,
+                                 context_parallel_attention, default_tile, get_kernel, normalize_cu_seqlens,
+                                 rank_chunks, simulate_ring_attention)
+from parallelism.context.masks import classify, mask_tensor
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.epilog = EPILOG
-    parser.add_argument("--world-size", type=int, default=2, help="number of ranks P (default 2)")
-    parser.add_argument("--seq-len", type=int, default=8192, help="global sequence length S")
-    parser.add_argument("--layout", default="zigzag", help="comma list of contiguous,striped,zigzag")
-    parser.add_argument("--method", default="ring", help="comma list of ring,ulysses,hybrid")
-    parser.add_argument("--ulysses-degree", type=int, default=1, help="U for --method hybrid")
-    parser.add_argument("--heads", type=int, default=8, help="query heads H")
-    parser.add_argument("--kv-heads", type=int, default=None, help="K/V heads (default: H)")
-    parser.add_argument("--head-dim", type=int, default=64, help="head dimension D")
-    parser.add_argument("--batch", type=int, default=1)
-    parser.add_argument("--window", type=int, default=None, help="sliding window w (default: none)")
-    parser.add_argument("--no-causal", action="store_true", help="full (bidirectional) attention")
-    parser.add_argument("--forward-only", action="store_true", help="time forward only (default fwd+bwd)")
-    parser.add_argument("--kernel", default="auto", help="auto, sdpa or math")
-    parser.add_argument("--kv-piece", default="none",
-                        help="comma list of K/V piece sizes in tokens for the ring (none = whole shards), "
-                             "e.g. none,512: one record per value")
-    parser.add_argument("--docs", type=int, default=None,
-                        help="pack N equal documents into S (document masking) and compare with the same S "
-                             "unmasked, against the ideal speed-up S^2 / sum(L_i^2)")
-    parser.add_argument("--repeats", type=int, default=3, help="timed iterations (median reported)")
-    parser.add_argument("--block-kernels", action="store_true",
-                        help="only time the local kernel on the block shapes the layouts use at n=S/P "
-                             "(full n×n, causal n, half blocks, causal n/2): useful GFLOP/s per shape")
-    parser.add_argument("--simulate", action="store_true",
-                        help="run the P ranks' ring schedule in one process (critical path without "
-                             "oversubscription; method ring only; no wall time or memory)")
-    parser.add_argument("--json", default=None, help="write the records to this JSON file")
-    parser.add_argument("--png", default=None,
-                        help="with --docs: bar chart of the packed speed-up per layout against the ideal")
+from ..spawn import run_ranks
 
 
 def _split(value: str, valid: tuple, name: str) -> list[str]:
@@ -81,18 +52,7 @@ def _split(value: str, valid: tuple, name: str) -> list[str]:
     return items
 
 
-def _piece(value: str):
-    """'none' -> None (whole shards), else a positive token count."""
-    if value.strip().lower() == "none":
-        return None
-    if not value.strip().isdigit() or int(value) < 1:
-        raise ValueError(f"--kv-piece {value!r} must be 'none' or a positive number of tokens")
-    return int(value)
-
-
 def _inputs(cfg: dict, seq: int, seed: int = 0):
-    import torch
-
     gen = torch.Generator().manual_seed(seed)
     hkv = cfg["kv_heads"] or cfg["heads"]
     shape = (cfg["batch"], seq)
@@ -111,9 +71,6 @@ def _cu_seqlens(cfg: dict):
 
 def _full_attention_step(cfg: dict, q, k, v) -> float:
     """One single-process torch SDPA step (fwd[+bwd]); returns its CPU time."""
-    import torch
-    import torch.nn.functional as F
-
     g = q.shape[2] // k.shape[2]
     xs = [x.clone().requires_grad_() for x in (q, k, v)]
     start = time.thread_time()
@@ -129,20 +86,11 @@ def _full_attention_step(cfg: dict, q, k, v) -> float:
 def _window_mask(cfg: dict, seq: int):
     if cfg["window"] is None:
         return None
-    from parallelism.context.masks import mask_tensor
-    from parallelism.context.layouts import Chunk
-
     return mask_tensor(Chunk(0, 1, seq), Chunk(0, 1, seq), cfg["causal"], cfg["window"])
 
 
 def _kernel_ratio(cfg: dict, n: int) -> float:
     """CPU time of torch SDPA ÷ our local block kernel (fwd[+bwd]) on one causal n-token block."""
-    import torch
-
-    from parallelism.context.kernels import get_kernel
-    from parallelism.context.masks import classify
-    from parallelism.context.layouts import Chunk
-
     q, k, v = _inputs(dict(cfg, window=None), n, seed=5)
     kern = get_kernel(cfg["kernel"], q.device, q.dtype)
     mask = classify(Chunk(0, 1, n), Chunk(0, 1, n), True, None)
@@ -164,8 +112,6 @@ def peak_tensor_bytes(fn):
     Counts allocations and frees reported by c10's CPU allocator to the profiler on this thread
     (autograd's CPU backward runs on the calling thread); tensors that existed before are ignored.
     """
-    from torch.profiler import ProfilerActivity, profile
-
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         result = fn()
     live = peak = 0
@@ -177,8 +123,6 @@ def peak_tensor_bytes(fn):
 
 def _memory_events(prof) -> list[tuple[int, int]]:
     """(time ns, ±bytes) of the CPU allocator events in time order (stable for equal times)."""
-    from torch._C._autograd import DeviceType
-
     return sorted(((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
                    if e.name() == "[memory]" and e.device_type() == DeviceType.CPU), key=lambda e: e[0])
 
@@ -186,8 +130,6 @@ def _memory_events(prof) -> list[tuple[int, int]]:
 def check_memory_meter() -> None:
     """Validate :func:`peak_tensor_bytes` on a known pattern: 1 MiB + 2 MiB live, free 1, add 1, free
 all, then a small matmul → exactly 3 MiB."""
-    import torch
-
     before = torch.empty(1 << 20, dtype=torch.uint8)    # allocated before: its free must not count
 
     def pattern():
@@ -206,10 +148,6 @@ all, then a small matmul → exactly 3 MiB."""
 
 def _ring_step(cfg: dict, q, k, v, stats) -> None:
     """One fwd[+bwd] context-parallel step on fresh leaves cloned from this rank's shard."""
-    import torch
-
-    from parallelism.context import context_parallel_attention
-
     xs = [x.clone().requires_grad_() for x in (q, k, v)]
     o = context_parallel_attention(*xs, layout=cfg["layout"], method=cfg["method"],
                                    ulysses_degree=cfg["ulysses_degree"], causal=cfg["causal"],
@@ -221,10 +159,6 @@ def _ring_step(cfg: dict, q, k, v, stats) -> None:
 
 def _rank_main(rank: int, world: int, cfg: dict) -> dict:
     """One rank of the benchmark (run by dist_train.spawn.run_ranks after the gloo group is up)."""
-    import torch.distributed as dist
-
-    from parallelism.context import CPStats
-
     q, k, v = _inputs(cfg, cfg["seq_len"] // world, seed=rank)   # values do not matter for timing
     records = []
     for it in range(cfg["repeats"] + 1):
@@ -243,8 +177,6 @@ def _rank_main(rank: int, world: int, cfg: dict) -> dict:
 
 
 def _spawn(cfg: dict, world: int) -> list[dict]:
-    from dist_train.spawn import run_ranks
-
     return run_ranks(_rank_main, world, args=(cfg,), timeout=3600)
 
 
@@ -257,8 +189,6 @@ def _single_peak_bytes(cfg: dict, n: int) -> int:
 
 def measure(cfg: dict) -> dict:
     """Run one configuration; returns its JSON record."""
-    import torch
-
     torch.set_num_threads(1)
     P, S = cfg["world_size"], cfg["seq_len"]
     full = [_full_attention_step(cfg, *_inputs(cfg, S)) for _ in range(cfg["repeats"] + 1)][1:]
@@ -288,8 +218,6 @@ def measure(cfg: dict) -> dict:
 
 def _plan_work(cfg: dict) -> list[int]:
     """Allowed (query, key) pairs per rank in the ring plan of ``cfg``."""
-    from parallelism.context import build_schedule, default_tile, normalize_cu_seqlens, rank_chunks
-
     P, S = cfg["world_size"], cfg["seq_len"]
     chunks = tuple(rank_chunks(S, r, P, cfg["layout"]) for r in range(P))
     schedule = build_schedule(chunks, cfg["causal"], cfg["window"], default_tile(cfg["window"]), cfg["kv_piece"],
@@ -306,12 +234,6 @@ def block_kernels(cfg: dict) -> list[dict]:
     (other processes only add time). Useful GFLOP/s count allowed pairs only (4·D per pair forward,
     2.5× that for the backward).
     """
-    import torch
-
-    from parallelism.context.kernels import get_kernel
-    from parallelism.context.layouts import Chunk
-    from parallelism.context.masks import classify
-
     torch.set_num_threads(1)
     n, h = cfg["seq_len"] // cfg["world_size"], cfg["kv_heads"] or cfg["heads"]
     kern = get_kernel(cfg["kernel"], torch.device("cpu"), torch.float32)
@@ -361,10 +283,6 @@ def simulate(cfgs: list[dict]) -> list[dict]:
     ever add CPU time (cache and memory-bandwidth contention), and a max over P noisy ranks per
     step otherwise penalises balanced layouts for noise rather than for work.
     """
-    import torch
-
-    from parallelism.context import CPStats, simulate_ring_attention
-
     torch.set_num_threads(1)
     bad = [c["method"] for c in cfgs if c["method"] != "ring"]
     if bad:
@@ -507,22 +425,12 @@ def _print(rec: dict) -> None:
           f"attention at S/P tokens {rec['single_peak_mib']:.1f} MiB: ratio {rec['peak_mem_ratio']:.2f}")
 
 
-def run(args: argparse.Namespace) -> int:
-    from parallelism.context import LAYOUTS, METHODS, check_seq_len
-
-    if args.world_size < 1:
-        raise ValueError(f"--world-size {args.world_size} must be >= 1")
-    if args.repeats < 1:
-        raise ValueError(f"--repeats {args.repeats} must be >= 1")
+def run(args: argparse.Namespace, pieces: list[Optional[int]]) -> int:
+    """``pieces``: the ``--kv-piece`` values that dist_train.bench.cli.attention.check parsed."""
     layouts = _split(args.layout, LAYOUTS, "layout")
     methods = _split(args.method, METHODS, "method")
     for layout in layouts:
         check_seq_len(args.seq_len, args.world_size, layout)
-    pieces = [_piece(p) for p in args.kv_piece.split(",")]
-    if args.docs is not None and not 1 <= args.docs <= args.seq_len:
-        raise ValueError(f"--docs {args.docs} must be between 1 and --seq-len {args.seq_len}")
-    if args.png and not args.docs:  # before the measurements, not after them
-        raise ValueError("--png needs --docs N: no packed-document record to plot")
     docs = [None, args.docs] if args.docs else [None]
     cfgs = [dict(world_size=args.world_size, seq_len=args.seq_len, layout=layout, method=method,
                  ulysses_degree=args.ulysses_degree, heads=args.heads, kv_heads=args.kv_heads,

@@ -37,20 +37,14 @@ import tempfile
 import time
 from pathlib import Path
 
-HELP = "checkpoint save/load throughput vs raw disk bandwidth; async save stall vs sync save"
+import torch
+from torch import nn
+
+from ..checkpoint import CheckpointManager, checksum
+from ..checkpoint.blockio import BLOCK
+from ..config import CheckpointConfig
 
 PIECE = 64 << 20  # bytes per tensor / per raw write
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.epilog = ("examples:\n  dist-train bench ckpt --size-gb 1\n"
-                     "  dist-train bench ckpt --size-gb 2 --dir /scratch --repeats 3 --json ckpt.json")
-    parser.add_argument("--size-gb", type=float, default=1.0, help="model state size in GiB (default 1)")
-    parser.add_argument("--dir", default=".", help="directory on the disk to measure (default: current dir)")
-    parser.add_argument("--repeats", type=int, default=3, help="runs per measurement; medians are reported")
-    parser.add_argument("--io-threads", type=int, default=2,
-                        help="threads reading/writing shard bytes per rank (default 2)")
-    parser.add_argument("--json", metavar="PATH", help="write the results as JSON")
 
 
 def _drop_cache(path: Path) -> None:
@@ -87,9 +81,6 @@ def _raw_write_new(work: Path, i: int, tensors: list) -> float:
 
 def _hash_time(tensors: list, algorithm: str) -> float:
     """Seconds to hash ``tensors``' bytes in ``BLOCK``-sized blocks with ``algorithm`` on this thread."""
-    from dist_train.checkpoint import checksum
-    from dist_train.checkpoint.blockio import BLOCK
-
     t0 = time.perf_counter()
     for t in tensors:
         view = memoryview(t.numpy()).cast("B")
@@ -108,28 +99,9 @@ def _raw_read(path: Path) -> float:
     return time.perf_counter() - t0
 
 
-def run(args: argparse.Namespace) -> int:
-    import torch
-    from torch import nn
-
-    from dist_train.checkpoint import CheckpointManager
-    from dist_train.config import CheckpointConfig
-
-    if not args.size_gb > 0:
-        raise ValueError(f"--size-gb = {args.size_gb}: must be a positive number of GiB, e.g. --size-gb 1")
-    if args.repeats < 1:
-        raise ValueError(f"--repeats = {args.repeats}: must be >= 1")
-    if args.io_threads < 1:
-        raise ValueError(f"--io-threads = {args.io_threads}: must be >= 1")
+def run(args: argparse.Namespace, nbytes: int) -> int:
+    """``nbytes``: the model state's size dist_train.bench.cli.ckpt.check derived from ``--size-gb``."""
     base = Path(args.dir)
-    if not base.is_dir():
-        raise ValueError(f"--dir = {args.dir}: not a directory")
-    nbytes = int(args.size_gb * (1 << 30))
-    free = shutil.disk_usage(base).free
-    if free < 5.2 * nbytes:  # raw file + two new-file raw writes + two checkpoints (keep_last=1 + the new one)
-        raise ValueError(f"--size-gb = {args.size_gb}: needs ~{5.2 * nbytes / 2**30:.1f} GiB free in {base}, "
-                         f"{free / 2**30:.1f} GiB available")
-
     n_full, rest = divmod(nbytes // 4, PIECE // 4)
     model = nn.Module()
     sizes = [PIECE // 4] * n_full + ([rest] if rest else [])

@@ -20,23 +20,6 @@ import time
 from pathlib import Path
 from typing import Optional
 
-HELP = "seconds from `dist-train launch` to the first training step per backend, and restart cost"
-BACKENDS = ("local", "ray", "mpi")
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.epilog = ("example:\n  dist-train bench launch configs/gpt_tiny.yaml --backends local ray mpi "
-                     "--set parallel.dp=2 --json launch.json")
-    parser.add_argument("config", help="YAML config file (its run.dir is replaced by a temp dir)")
-    parser.add_argument("--backends", nargs="+", default=list(BACKENDS), help="subset of local ray mpi")
-    parser.add_argument("--nproc", type=int, default=2, help="ranks (default 2)")
-    parser.add_argument("--steps", type=int, default=4, help="training steps per run (default 4)")
-    parser.add_argument("--repeats", type=int, default=1, help="runs per backend; medians reported")
-    parser.add_argument("--no-restart", action="store_true", help="skip the killed-rank restart measurement")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override")
-    parser.add_argument("--json", metavar="PATH", help="write the results as JSON")
-
-
 def _first_step_time(run_dir: Path, attempt: int) -> Optional[float]:
     try:
         hb = json.loads((run_dir / "heartbeats" / "rank_0.json").read_text())
@@ -80,12 +63,8 @@ def _median(values: list) -> Optional[float]:
     return statistics.median(vals) if vals else None
 
 
-def run(args: argparse.Namespace) -> int:
-    bad = [b for b in args.backends if b not in BACKENDS]
-    if bad:
-        raise ValueError(f"--backends {' '.join(bad)}: valid backends are {', '.join(BACKENDS)}")
-    if args.nproc < 1 or args.steps < 1 or args.repeats < 1:
-        raise ValueError(f"--nproc {args.nproc} --steps {args.steps} --repeats {args.repeats}: all must be >= 1")
+def run(args: argparse.Namespace, checked: None) -> int:
+    """``checked``: dist_train.bench.cli.launch.check hands nothing on (the arguments carry it all)."""
     results = []
     with tempfile.TemporaryDirectory(prefix="dt_bench_launch_") as tmp:
         for backend in args.backends:

@@ -25,66 +25,20 @@ import json
 import resource
 import statistics
 import time
-from typing import Any, Optional
+from typing import Any
 
-HELP = "peak memory per rank, bytes/token and s/step of GPT training over a sweep of sequence lengths"
-EPILOG = """example:
-  dist-train bench memory --seq-lens 32768,65536,131072 --cp 2,1 --window 2048 --json mem.json \\
-      --csv mem.csv --png mem.png
-  dist-train bench memory --seq-lens 32768 --cp 2 --vocab 8192 --loss-chunk auto,full --steps 3
-  dist-train bench memory --seq-lens 262144 --cp 2 --extend mem.json --json mem2.json --png mem2.png
-  (cp=1 runs one rank; a cp=2 point runs 2 ranks of one thread each: on 2 cores they do not compete)
-"""
+import torch
+import torch.distributed as dist
 
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.epilog = EPILOG
-    parser.add_argument("--seq-lens", default="32768,65536,131072,262144,524288,1048576",
-                        help="comma list of global sequence lengths S")
-    parser.add_argument("--cp", default="2,1", help="comma list of context-parallel sizes (ranks per point)")
-    parser.add_argument("--window", type=int, default=2048, help="sliding attention window (tokens; 0: full causal)")
-    parser.add_argument("--d-model", type=int, default=128)
-    parser.add_argument("--layers", type=int, default=2)
-    parser.add_argument("--heads", type=int, default=4)
-    parser.add_argument("--kv-heads", type=int, default=2)
-    parser.add_argument("--vocab", type=int, default=257, help="vocabulary size (257: the byte tokenizer)")
-    parser.add_argument("--kv-piece", type=int, default=4096, help="ring K/V piece in tokens (0: whole shards)")
-    parser.add_argument("--loss-chunk", default="auto",
-                        help="comma list of train.loss_chunk values (auto, full or tokens): one record each")
-    parser.add_argument("--checkpointing", default="full", choices=("none", "full", "selective"),
-                        help="train.activation_checkpointing")
-    parser.add_argument("--steps", type=int, default=1,
-                        help="timed steps per point and loss setting after the memory step (0: report the memory "
-                             "step's own time)")
-    parser.add_argument("--timeout", type=float, default=3600.0, help="seconds per point before its ranks are killed")
-    parser.add_argument("--extend", default=None, metavar="JSON",
-                        help="a previous run's --json: its records are kept (points measured again replace "
-                             "them) and summarised and plotted with this run's, to extend a sweep in parts")
-    parser.add_argument("--json", default=None, help="write the records and summary as JSON")
-    parser.add_argument("--csv", default=None, help="write one row per point as CSV")
-    parser.add_argument("--png", default=None, help="plot bytes/token, peak memory and s/step against S")
-
-
-def _ints(value: str, name: str) -> list[int]:
-    items = [v.strip() for v in value.split(",") if v.strip()]
-    if not items or not all(v.isdigit() and int(v) > 0 for v in items):
-        raise ValueError(f"--{name} {value!r}: expected a comma list of positive integers, e.g. 32768,65536")
-    return [int(v) for v in items]
-
-
-def _loss_chunks(value: str) -> list[Any]:
-    out: list[Any] = []
-    for v in (x.strip() for x in value.split(",") if x.strip()):
-        if v in ("auto", "full"):
-            out.append(v)
-        elif v.isdigit() and int(v) > 0:
-            out.append(int(v))
-        else:
-            raise ValueError(f"--loss-chunk {value!r}: each value must be auto, full or a positive token count")
-    if not out:
-        raise ValueError("--loss-chunk: empty; valid: auto, full or a positive token count")
-    return out
-
+from ..config import config_from_dict
+from ..data.batches import TokenBatcher
+from ..data.datasets import SyntheticTokenDataset
+from ..engines import build_engine
+from ..mesh import build_mesh
+from ..models.gpt import build_gpt
+from ..spawn import run_ranks
+from .attention import check_memory_meter, peak_tensor_bytes
+from .cli.memory import Sweep
 
 def point_config(args: argparse.Namespace, seq_len: int, cp: int, loss_chunk: Any) -> dict:
     """The training config (as a dict for ``config_from_dict``) of one sweep point."""
@@ -105,17 +59,6 @@ def _point(rank: int, world: int, cfg_dict: dict, chunks: list, steps: int) -> d
     """One rank of one (S, cp) point (run by dist_train.spawn.run_ranks): per ``train.loss_chunk`` setting
     one memory-measured step, then ``steps`` timed steps per setting, the settings interleaved round-robin
     (the same model and process, so machine noise hits every setting alike)."""
-    import torch
-    import torch.distributed as dist
-
-    from dist_train.bench.attention import check_memory_meter, peak_tensor_bytes
-    from dist_train.config import config_from_dict
-    from dist_train.data.batches import TokenBatcher
-    from dist_train.data.datasets import SyntheticTokenDataset
-    from dist_train.engines import build_engine
-    from dist_train.mesh import build_mesh
-    from dist_train.models.gpt import build_gpt
-
     check_memory_meter()
     cfg = config_from_dict(cfg_dict)
     mesh = build_mesh(cfg.parallel, world)
@@ -157,8 +100,6 @@ def _point(rank: int, world: int, cfg_dict: dict, chunks: list, steps: int) -> d
 
 def measure(args: argparse.Namespace, cps: list[int], seq_lens: list[int], chunks: list) -> list[dict]:
     """Every (S, cp) point, one record per loss-chunk setting (measured in the same ranks)."""
-    from dist_train.spawn import run_ranks
-
     records = []
     for cp in cps:
         for s in seq_lens:
@@ -247,33 +188,11 @@ def _write_csv(records: list[dict], path: str) -> None:
         w.writerows(records)
 
 
-def _previous_records(path: str) -> list[dict]:
-    """Records of an earlier ``--json`` (for ``--extend``); one clear error when it is not one."""
-    try:
-        with open(path) as fh:
-            data = json.load(fh)
-        records = data["records"]
-        fields = ("seq_len", "cp", "loss_chunk", "peak_bytes_per_rank", "bytes_per_token", "step_s")
-        missing = sorted({f for r in records for f in fields if f not in r})
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise ValueError(f"--extend {path}: not a 'dist-train bench memory --json' file ({e})") from None
-    if missing:
-        raise ValueError(f"--extend {path}: records lack {', '.join(missing)}; not a 'dist-train bench memory --json' file")
-    return records
-
-
-def run(args: argparse.Namespace) -> int:
-    if args.steps < 0:
-        raise ValueError(f"--steps {args.steps}: must be >= 0")
-    cps, seq_lens, chunks = _ints(args.cp, "cp"), _ints(args.seq_lens, "seq-lens"), _loss_chunks(args.loss_chunk)
-    for cp in cps:
-        for s in seq_lens:
-            if s % (2 * cp):
-                raise ValueError(f"--seq-lens: {s} is not a multiple of 2·cp = {2 * cp} (zigzag shards)")
-    previous = _previous_records(args.extend) if args.extend else []
-    new = measure(args, cps, seq_lens, chunks)
+def run(args: argparse.Namespace, sweep: Sweep) -> int:
+    """``sweep``: the points dist_train.bench.cli.memory.check parsed, with an ``--extend`` file's records."""
+    new = measure(args, sweep.cps, sweep.seq_lens, sweep.loss_chunks)
     measured = {(r["seq_len"], r["cp"], str(r["loss_chunk"])) for r in new}
-    records = [r for r in previous if (r["seq_len"], r["cp"], str(r["loss_chunk"])) not in measured] + new
+    records = [r for r in sweep.previous if (r["seq_len"], r["cp"], str(r["loss_chunk"])) not in measured] + new
     summary = summarize(records)
     for f in summary["flatness"]:
         print(f"cp {f['cp']} loss_chunk {f['loss_chunk']}: bytes/token spread over S "

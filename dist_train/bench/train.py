@@ -25,58 +25,22 @@ import json
 import os
 import statistics
 import tempfile
-from collections.abc import Mapping
 from pathlib import Path
 
 from ..config import load_config
 from ..cost.layout import axis_sizes, rank_coords, stages_of_rank
 from ..cost.memory import estimate_memory
 from ..plan.profiles import get_profile
+from ..rankstats import ENV as RANK_STATS_ENV
 from ..spawn import run_ranks
-from ._paired import ORDER, alternation, compare, predicted_ratio
-
-HELP = "training throughput, MFU, memory and compute/comm/data split of one config on N ranks"
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.epilog = ("examples:\n  dist-train bench train configs/gpt_tiny.yaml --set parallel.dp=1 --set parallel.tp=2 "
-                     "--set data.source=synthetic --nproc 2 --steps 8 --json tp2.json\n"
-                     "  (the first step is excluded from the medians: warm-up)\n"
-                     "  dist-train bench train configs/swin_era5_721x1440.yaml --set data.image=[128,256] "
-                     "--set data.path=data_cache/weather_128x256 --set data.steps=12 --set train.global_batch=4 "
-                     "--set train.activation_checkpointing=none --set parallel.wp=[1,1] "
-                     "--set model.n_layers=4 --set parallel.pp=2 --baseline-set model.n_layers=2 "
-                     "--baseline-set parallel.pp=1 --repeats 3 --steps 6 --json pp2_vs_pp1.json --png pp2_vs_pp1.png\n"
-                     "  (pp2 against pp1 with the same blocks per rank, alternating baseline and run 3 times, 1 thread "
-                     "per rank: medians, ratio, and the bubble formula's (m + pp - 1) / m)")
-    parser.add_argument("config", help="YAML config")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="config override (repeatable)")
-    parser.add_argument("--nproc", type=int, default=None, help="ranks (default: the config's world size)")
-    parser.add_argument("--steps", type=int, default=None, help="override train.steps (>= 2)")
-    parser.add_argument("--timeout", type=float, default=1800.0, help="seconds before the ranks are killed")
-    parser.add_argument("--threads", type=int, default=None,
-                        help="torch threads per rank (default: $OMP_NUM_THREADS if set, else cores // ranks, the "
-                             "larger rank count of run and baseline when there is a baseline)")
-    parser.add_argument("--baseline-set", dest="baseline_overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override applied after --set for a baseline run in the same invocation (repeatable)")
-    parser.add_argument("--baseline-nproc", type=int, default=None,
-                        help="ranks of the baseline (default: its config's world size); alone it also asks for one")
-    parser.add_argument("--repeats", type=int, default=1,
-                        help="baseline/run pairs, alternating (needs a baseline when > 1)")
-    parser.add_argument("--json", metavar="PATH", default=None, help="write the results as JSON")
-    parser.add_argument("--png", metavar="PATH", default=None,
-                        help="with a baseline: plot every launch's step time and the per-rank split")
+from ..trainer import train
+from ._paired import ORDER, compare, predicted_ratio
+from .cli.train import Plan, Variant
 
 
 def _train_rank(rank: int, world: int, config: str, overrides: list, run_dir: str) -> dict:
     """One rank of a measured run (spawned by dist_train.spawn.run_ranks) -> its record: the trainer's summary
     and losses, and the per-step times, memory and held state bytes it wrote through dist_train.rankstats."""
-    # the trainer (torch) only in the rank: `dist-train bench <any>` imports this module to build its parser
-    # (dist_train/cli.py imports every bench module), which must not cost a torch import
-    from ..rankstats import ENV as RANK_STATS_ENV
-    from ..trainer import train
-
     os.environ[RANK_STATS_ENV] = "1"  # the trainer writes rank_stats/rank_<rank>.json
     cfg = load_config(config, overrides + [f"run.dir={run_dir}", "train.progress=false", "checkpoint.at_end=false",
                                            "checkpoint.every=0"])
@@ -91,9 +55,10 @@ def _median_tail(xs: list[float]) -> float:
     return statistics.median(xs[1:] if len(xs) > 1 else xs)
 
 
-def _measure(config: str, overrides: list, cfg, nproc: int, threads: int, timeout: float) -> dict:
-    """One measured launch of ``config`` + ``overrides`` (``cfg``: that config, loaded and checked once) -> the
-    JSON record (layout, throughput, per-rank split and memory, load average)."""
+def _measure(config: str, variant: Variant, threads: int, timeout: float) -> dict:
+    """One measured launch of ``config`` + ``variant.overrides`` (``variant.cfg``: that config, loaded and checked
+    once) -> the JSON record (layout, throughput, per-rank split and memory, load average)."""
+    overrides, cfg, nproc = variant.overrides, variant.cfg, variant.nproc
     load_before = os.getloadavg()[0]
     with tempfile.TemporaryDirectory(prefix="dt_bench_train_") as tmp:
         # fresh interpreters, as a launcher starts them (a forked rank's peak RSS would count pages it shares
@@ -145,60 +110,24 @@ def _busiest_cpu(out: dict) -> float:
     return max(r["cpu_s"] for r in out["ranks"])
 
 
-def threads_per_rank(requested: int | None, env: Mapping[str, str], cores: int, ranks: int) -> int:
-    """--threads, else the caller's OMP_NUM_THREADS (the ranks would otherwise silently override it), else
-    cores // ranks; ValueError on a value below 1 or an OMP_NUM_THREADS that is not an integer."""
-    if requested is None and env.get("OMP_NUM_THREADS"):
-        text = env["OMP_NUM_THREADS"]
-        if not text.strip().isdigit():
-            raise ValueError(f"OMP_NUM_THREADS={text!r}: must be a positive integer (or pass --threads)")
-        requested = int(text)
-        if requested < 1:
-            raise ValueError(f"OMP_NUM_THREADS={text!r}: must be >= 1")
-    elif requested is not None and requested < 1:
-        raise ValueError(f"--threads {requested}: must be >= 1")
-    return requested if requested is not None else max(1, cores // ranks)
-
-
-def _checked(config: str, overrides: list, nproc: int | None, label: str) -> tuple:
-    """(config, ranks) of one variant; ValueError on a rank count or step count the bench cannot use."""
-    cfg = load_config(config, overrides)
-    nproc = nproc or cfg.world_size
-    if nproc != cfg.world_size:
-        raise ValueError(f"{label}--nproc {nproc} but the config's dp*tp*pp*cp*wp = {cfg.world_size}")
-    if cfg.train.steps < 2:
-        raise ValueError(f"train.steps = {cfg.train.steps}: need >= 2 (the first step is warm-up)")
-    return cfg, nproc
-
-
-def run(args: argparse.Namespace) -> int:
-    overrides = list(args.overrides) + ([f"train.steps={args.steps}"] if args.steps is not None else [])
-    cfg, nproc = _checked(args.config, overrides, args.nproc, "")
-    paired = bool(args.baseline_overrides) or args.baseline_nproc is not None
-    order = alternation(args.repeats)  # ValueError on --repeats < 1
-    if args.repeats > 1 and not paired:
-        raise ValueError(f"--repeats {args.repeats}: needs a baseline (--baseline-set or --baseline-nproc)")
-    if args.png and not paired:
-        raise ValueError(f"--png {args.png}: plots a comparison; needs a baseline (--baseline-set or --baseline-nproc)")
-    cores = os.cpu_count() or 1
-    if not paired:
-        out = _measure(args.config, overrides, cfg, nproc, threads_per_rank(args.threads, os.environ, cores, nproc),
-                       args.timeout)
+def run(args: argparse.Namespace, plan: Plan) -> int:
+    """``plan``: the run, baseline, order and threads dist_train.bench.cli.train.check derived from ``args``."""
+    threads, cores = plan.threads, plan.cores
+    if plan.baseline is None:
+        out = _measure(args.config, plan.run, threads, args.timeout)
         _print_run(out)
         if args.json:
             with open(args.json, "w") as fh:
                 json.dump(out, fh, indent=2)
         return 0
-    base_overrides = overrides + list(args.baseline_overrides)
-    base_cfg, base_nproc = _checked(args.config, base_overrides, args.baseline_nproc, "baseline: ")
-    threads = threads_per_rank(args.threads, os.environ, cores, max(nproc, base_nproc))
-    variants = {"baseline": (base_overrides, base_cfg, base_nproc), "run": (overrides, cfg, nproc)}
+    cfg, nproc, base_cfg, base_nproc = plan.run.cfg, plan.run.nproc, plan.baseline.cfg, plan.baseline.nproc
+    variants = {"baseline": plan.baseline, "run": plan.run}
     runs: dict[str, list[dict]] = {"baseline": [], "run": []}
-    for name in order:
-        over, variant_cfg, n = variants[name]
-        print(f"--- {name} {len(runs[name]) + 1}/{args.repeats}: {n} rank(s), extra overrides "
-              f"{over[len(overrides):] if name == 'baseline' else '(none)'}", flush=True)
-        runs[name].append(_measure(args.config, over, variant_cfg, n, threads, args.timeout))
+    for name in plan.order:
+        variant = variants[name]
+        print(f"--- {name} {len(runs[name]) + 1}/{args.repeats}: {variant.nproc} rank(s), extra overrides "
+              f"{variant.overrides[len(plan.run.overrides):] if name == 'baseline' else '(none)'}", flush=True)
+        runs[name].append(_measure(args.config, variant, threads, args.timeout))
         _print_run(runs[name][-1])
     cmp = compare([r["median_step_s"] for r in runs["baseline"]], [r["median_step_s"] for r in runs["run"]],
                   predicted_ratio(cfg, base_cfg))
@@ -221,12 +150,14 @@ def run(args: argparse.Namespace) -> int:
         print(f"  note: {max(nproc, base_nproc)} rank(s) x {threads} thread(s) oversubscribe {cores} cores: "
               f"not a weak-scaling measurement")
     record = {"baseline": runs["baseline"], "run": runs["run"], "comparison": cmp, "cpu_comparison": cpu,
-              "threads_per_rank": threads, "cores": cores, "order": order}
+              "threads_per_rank": threads, "cores": cores, "order": plan.order}
     if args.json:
         with open(args.json, "w") as fh:
             json.dump(record, fh, indent=2)
     if args.png:
-        from ._paired_plot import plot_paired  # matplotlib: only when a plot is asked for
+        # matplotlib only when a plot is asked for, not at the top: every rank imports this module (its rank
+        # function) and the peak memory of that rank is what is measured
+        from ._paired_plot import plot_paired
 
         plot_paired(record, args.png)
     return 0
