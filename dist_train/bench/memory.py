@@ -203,7 +203,8 @@ def run(args: argparse.Namespace, sweep: Sweep) -> int:
               f"{c['step_time_ratio']:.3f}x, peak memory {c['peak_ratio']:.3f}x")
     if args.json:
         with open(args.json, "w") as fh:
-            json.dump({"args": vars(args), "records": records, "summary": summary}, fh, indent=2, default=str)
+            options = {k: v for k, v in vars(args).items() if not callable(v)}  # not argparse's handler
+            json.dump({"args": options, "records": records, "summary": summary}, fh, indent=2, default=str)
     if args.csv:
         _write_csv(records, args.csv)
     if args.png:
