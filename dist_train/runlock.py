@@ -41,8 +41,8 @@ LOCK_NAME = "run.lock"
 #: Held by rank 0 of a job whose launcher holds LOCK_NAME: ranks that outlive a SIGKILLed launcher (an
 #: orphaned mpiexec) still keep the next launch out.
 RANKS_LOCK_NAME = "run.lock.ranks"
-#: Held by rank 0 in a ``checkpoint.dir`` outside ``run.dir``: two jobs with different run directories must not
-#: share one (each would prune and replace the other's checkpoints).
+#: Held by rank 0 in the checkpoint dir (``checkpoint.dir``, default run.dir/checkpoints): two jobs with different
+#: run directories must not share one (each would prune and replace the other's checkpoints).
 CHECKPOINT_LOCK_NAME = "checkpoints.lock"
 RESTART_WAIT_S = 30.0  # how long rank 0 waits for the previous attempt's rank 0 of the same job to be gone
 LOCK_ENV = "DIST_TRAIN_RUN_LOCK"  # the launcher's lock token, in every rank's environment
@@ -188,14 +188,10 @@ def hold_run_dir(run_dir: Path, rank: int, device=None) -> Iterator[Optional[Run
 
 @contextlib.contextmanager
 def hold_checkpoint_dir(ckpt_dir: Path, run_dir: Path, rank: int, device=None) -> Iterator[Optional[RunLock]]:
-    """Like :func:`hold_run_dir` for a ``checkpoint.dir`` outside ``run_dir`` (one inside is covered by the run
-    directory's lock): ``checkpoints.lock`` there, waited for across restarts of the same launched job."""
-    ckpt_dir, run_dir = Path(ckpt_dir).resolve(), Path(run_dir).resolve()
-    inside = ckpt_dir == run_dir or run_dir in ckpt_dir.parents
-
-    def take() -> Optional[RunLock]:
-        if inside:
-            return None
+    """Like :func:`hold_run_dir` for the checkpoint dir: ``checkpoints.lock`` there, waited for across restarts
+    of the same launched job. Taken inside ``run_dir`` too (the default run.dir/checkpoints): the run directory's
+    lock does not keep out a job with another run.dir whose ``checkpoint.dir`` names this one."""
+    def take() -> RunLock:
         token = os.environ.get(LOCK_ENV) if held_by_our_launcher(run_dir) else None
         return RunLock.acquire(ckpt_dir, role="rank 0", name=CHECKPOINT_LOCK_NAME, token=token,
                                wait_same_job_s=RESTART_WAIT_S if token else 0.0, what="checkpoint.dir")

@@ -152,6 +152,26 @@ def test_two_jobs_sharing_a_checkpoint_dir_from_different_run_dirs_are_refused(t
     assert train(tiny_gpt_config(tmp_path / "b", steps=3, checkpoint=ck)).start_step == 2
 
 
+def test_a_job_whose_checkpoint_dir_is_a_running_jobs_default_one_is_refused(tmp_path, monkeypatch):
+    """Job a keeps its checkpoints in run.dir/checkpoints (covered by a's run.dir lock); job b, with its own
+    run.dir, names that directory as its checkpoint.dir: refused while a runs, like two shared checkpoint.dirs."""
+    refused = []
+    real_resume = CheckpointManager.resume
+
+    def second_job_starts_meanwhile(self, *args):
+        monkeypatch.setattr(CheckpointManager, "resume", real_resume)
+        with pytest.raises(RunDirLocked) as info:
+            train(tiny_gpt_config(tmp_path / "b", steps=1, checkpoint={"dir": str(tmp_path / "a" / "checkpoints")}))
+        refused.append(str(info.value))
+        return real_resume(self, *args)
+
+    monkeypatch.setattr(CheckpointManager, "resume", second_job_starts_meanwhile)
+    train(tiny_gpt_config(tmp_path / "a", steps=2, checkpoint={"at_end": True}))
+    assert len(refused) == 1 and f"checkpoint.dir {tmp_path / 'a' / 'checkpoints'} is in use by another job" in \
+        refused[0], refused
+    assert [p.name for _, p in complete_checkpoints(tmp_path / "a" / "checkpoints")] == ["step_2"]
+
+
 def _no_flock(fd, op):
     raise OSError(errno.ENOLCK, "No locks available")
 
