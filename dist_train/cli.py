@@ -130,14 +130,25 @@ def _add_bench(sub) -> None:
         q.set_defaults(func=_run_bench)
 
 
-def _module_command(module: str, add: str, main: str) -> Callable:
-    """A subcommand implemented in another package (launchers, checkpoint, planner)."""
+def _module_command(arguments: str, add: str, main: str) -> Callable:
+    """A subcommand implemented in another package (launchers, checkpoint, planner): ``add`` of the module
+    ``arguments`` defines its flags; ``main`` ("module:function") runs it and is imported only then, so that the
+    command's ``--help`` and a refused flag import no more than ``arguments`` does (no torch)."""
     def fill(sub, name: str) -> None:
-        mod = importlib.import_module(module)
         p = sub.add_parser(name, help=_HELP[name], formatter_class=_F)
-        getattr(mod, add)(p)
-        p.set_defaults(func=getattr(mod, main))
+        getattr(importlib.import_module(arguments), add)(p)
+        p.set_defaults(func=_deferred(main))
     return fill
+
+
+def _deferred(main: str) -> Callable[[argparse.Namespace], int]:
+    """``"module:function"`` -> a command function that imports ``module`` when called (one dispatch point for
+    every command defined outside this file, as ``_run_bench`` is for the bench commands)."""
+    module, function = main.split(":")
+
+    def run(args: argparse.Namespace) -> int:
+        return getattr(importlib.import_module(module), function)(args)
+    return run
 
 
 # name -> one-line help; shown by `dist-train --help` without importing any command's module
@@ -153,15 +164,15 @@ _HELP = {
     "plot": "plot loss and validation loss (and tokens/s, MFU, memory) of runs against step and tokens",
 }
 _COMMANDS: dict[str, Callable] = {
-    "launch": _module_command("launchers.cli", "add_launch_arguments", "launch_main"),
+    "launch": _module_command("launchers.arguments", "add_launch_arguments", "launchers.cli:launch_main"),
     "run": lambda sub, name: _add_run(sub),
     "data": lambda sub, name: _add_data(sub),
     "bench": lambda sub, name: _add_bench(sub),
-    "ckpt": _module_command("dist_train.checkpoint.cli", "add_arguments", "run"),
-    "submit": _module_command("launchers.cli", "add_submit_arguments", "submit_main"),
-    "plan": _module_command("dist_train.plan.cli", "add_plan_arguments", "plan_main"),
-    "scale": _module_command("dist_train.plan.cli", "add_scale_arguments", "scale_main"),
-    "plot": _module_command("dist_train.plot", "add_arguments", "run"),
+    "ckpt": _module_command("dist_train.checkpoint_arguments", "add_arguments", "dist_train.checkpoint.cli:run"),
+    "submit": _module_command("launchers.arguments", "add_submit_arguments", "launchers.cli:submit_main"),
+    "plan": _module_command("dist_train.plan.cli", "add_plan_arguments", "dist_train.plan.cli:plan_main"),
+    "scale": _module_command("dist_train.plan.cli", "add_scale_arguments", "dist_train.plan.cli:scale_main"),
+    "plot": _module_command("dist_train.plot", "add_arguments", "dist_train.plot:run"),
 }
 
 

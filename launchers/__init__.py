@@ -4,6 +4,6 @@ per-rank environment, then run ``dist-train run`` on every rank; restart on fail
 Modules: ``env`` (launcher detection → RANK/WORLD_SIZE/MASTER_*), ``procs`` (one rank process: output,
 signals, kill), ``supervisor`` (restarts, watchdog, preemption), ``local``/``mpi``/``ray_backend``
 (backends), ``rankio`` (per-rank I/O wrapper under mpiexec/srun), ``batch`` (Slurm/PBS scripts),
-``cli`` (``dist-train launch`` and ``dist-train submit``). Importing this package imports neither torch
-nor ray.
+``arguments`` (the flags of ``dist-train launch`` and ``dist-train submit``, torch-free) and ``cli`` (what
+runs them). Importing this package imports neither torch nor ray.
 """

@@ -1,7 +1,8 @@
-"""``dist-train launch`` and ``dist-train submit``: the functions the CLI in ``dist_train.cli`` mounts.
+"""``dist-train launch`` and ``dist-train submit``: what runs once the CLI in ``dist_train.cli`` parsed their
+flags (defined in the torch-free :mod:`launchers.arguments`).
 
-    add_launch_arguments(parser); launch_main(args) -> exit status
-    add_submit_arguments(parser); submit_main(args) -> exit status
+    launch_main(args) -> exit status
+    submit_main(args) -> exit status
 
 Command-line flags override ``launch.*`` from the config. Bad input raises ``ValueError`` (exit 2).
 """
@@ -15,12 +16,9 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-from dist_train.cli import examples
 from dist_train.preflight import PREFLIGHT_ENV, preflight
 from dist_train.runlock import LOCK_ENV, acquire_for_launcher
 from launchers.supervisor import JobSpec, Supervisor
-
-BACKENDS = ("ray", "local", "mpi")
 
 
 def rank_argv(config: str, overrides: list[str], python: Optional[str] = None) -> list[str]:
@@ -40,31 +38,6 @@ def forwarded_env() -> dict[str, str]:
 # ----------------------------------------------------------------------------------------------
 # dist-train launch
 # ----------------------------------------------------------------------------------------------
-def add_launch_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.description = ("Start every rank of a job and train: an embedded or existing Ray cluster, mpiexec, "
-                          "or local subprocesses. Restarts from the last checkpoint on failure "
-                          "(--max-restarts), forwards SIGTERM/SIGUSR1 for a preemption checkpoint "
-                          "(exit status 75 = resumable).")
-    parser.epilog = examples(
-        "dist-train launch configs/gpt_tiny.yaml --backend local --nproc 2 --set parallel.dp=2",
-        "dist-train launch configs/demo.yaml --backend ray               # embedded Ray cluster",
-        "ray job submit -- dist-train launch configs/demo.yaml --backend ray --nodes 2 --gpus-per-node 4",
-        "dist-train launch configs/gpt_tiny.yaml --backend mpi --nproc 2 --set parallel.dp=2 --max-restarts 2")
-    parser.add_argument("config", help="YAML config file")
-    parser.add_argument("--backend", choices=BACKENDS, help="how to start ranks (default: launch.backend)")
-    parser.add_argument("--nproc", type=int, help="ranks in total (default: launch.nproc, or the config's "
-                                                  "world size dp*tp*pp*cp*wp when launch.nproc is 1)")
-    parser.add_argument("--address", help="Ray cluster address (default: launch.address, then RAY_ADDRESS; "
-                                          "none = embedded cluster)")
-    parser.add_argument("--nodes", type=int, help="nodes (Ray placement bundles; default launch.nodes)")
-    parser.add_argument("--gpus-per-node", type=int, help="GPUs per node, one rank each (default "
-                                                          "launch.gpus_per_node; 0 = CPU ranks, gloo)")
-    parser.add_argument("--max-restarts", type=int, help="restarts after a failed or hung attempt "
-                                                         "(default launch.max_restarts)")
-    parser.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key (repeatable)")
-    parser.add_argument("--dry-run", action="store_true", help="print the layout and exit without starting ranks")
-
-
 def resolve_launch(args: argparse.Namespace):
     """Config + flags → (cfg, backend, nproc, nodes, gpus_per_node, max_restarts). Raises ValueError."""
     from dist_train.config import check_world_size, load_config
@@ -175,33 +148,6 @@ def launch_main(args: argparse.Namespace) -> int:
 # ----------------------------------------------------------------------------------------------
 # dist-train submit
 # ----------------------------------------------------------------------------------------------
-def add_submit_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.description = ("Write a Slurm or PBS batch script that runs the job (srun/mpiexec per rank, or a Ray "
-                          "head + workers) with requeue on preemption, and submit it with sbatch/qsub.")
-    parser.epilog = examples(
-        "dist-train submit configs/demo.yaml --scheduler slurm --nodes 2 --gpus-per-node 4 --time 02:00:00 "
-        "--set parallel.dp=4 --set train.global_batch=16 --dry-run",
-        "dist-train submit configs/demo.yaml --scheduler pbs --nodes 4 --gpus-per-node 4 --time 01:00:00 "
-        "--module cuda/12.4 --env-line 'export NCCL_DEBUG=WARN' --set parallel.dp=8 --set train.global_batch=32")
-    parser.add_argument("config", help="YAML config file")
-    parser.add_argument("--scheduler", required=True, choices=("slurm", "pbs"))
-    parser.add_argument("--nodes", type=int, help="nodes (default launch.nodes)")
-    parser.add_argument("--gpus-per-node", type=int, help="GPUs per node, one rank each (default "
-                                                          "launch.gpus_per_node)")
-    parser.add_argument("--ntasks-per-node", type=int, help="ranks per node (default: GPUs per node, or 1)")
-    parser.add_argument("--time", required=True, help="wall-clock limit HH:MM:SS")
-    parser.add_argument("--backend", choices=("mpi", "ray"), default="mpi",
-                        help="start ranks with srun/mpiexec (default) or a Ray cluster in the allocation")
-    parser.add_argument("--module", action="append", default=[], metavar="NAME", help="module load NAME (repeatable)")
-    parser.add_argument("--env-line", action="append", default=[], metavar="LINE",
-                        help="a shell line before the job, e.g. 'export NCCL_DEBUG=WARN' (repeatable)")
-    parser.add_argument("--directive", action="append", default=[], metavar="ARGS",
-                        help="extra scheduler directive, e.g. '--account=abc' or '-q debug' (repeatable)")
-    parser.add_argument("--job-name", help="job name (default run.name)")
-    parser.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key (repeatable)")
-    parser.add_argument("--dry-run", action="store_true", help="print the script; write and submit nothing")
-
-
 def submit_main(args: argparse.Namespace) -> int:
     from dist_train.config import check_world_size, load_config
     from launchers.batch import BatchSpec, render

@@ -9,6 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from dist_train import checkpoint_arguments
 from dist_train.checkpoint import CheckpointManager, read_manifest
 from dist_train.checkpoint import cli
 from dist_train.checkpoint.hf import from_hf_name, to_hf_name
@@ -18,7 +19,7 @@ from tests.test_ckpt_common import (D, FFN, HEADS, KV_HEADS, LAYERS, VOCAB, Ckpt
 
 def _parse(*argv: str) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="dist-train ckpt", formatter_class=argparse.RawDescriptionHelpFormatter)
-    cli.add_arguments(parser)
+    checkpoint_arguments.add_arguments(parser)
     return parser.parse_args(list(argv))
 
 

@@ -142,6 +142,40 @@ for name, argv in refusals.items():
     assert len(errors) == len(_BENCH_REFUSALS), r.stderr[-3000:]
 
 
+# commands defined outside dist_train/cli.py: an argument each one's parser refuses (argparse, exit 2)
+_COMMAND_REFUSALS = {"launch": ["configs/gpt_tiny.yaml", "--backend", "slurm"],
+                     "submit": ["configs/gpt_tiny.yaml", "--scheduler", "lsf", "--time", "01:00:00"],
+                     "ckpt": ["convert", "runs/x", "--to", "onnx", "out"]}
+
+
+def test_launch_submit_and_ckpt_help_and_refused_flags_import_no_torch():
+    """`launch`, `submit` and `ckpt`: their flags come from torch-free modules (launchers.arguments,
+    dist_train.checkpoint_arguments); the modules that run them (preflight, the checkpoint package: torch) are
+    imported only when the command runs. In a fresh interpreter: this one has torch already."""
+    code = f"""
+import sys
+from dist_train.cli import main
+
+def loaded():
+    return sorted(m for m in ("torch", "launchers.cli", "dist_train.checkpoint", "dist_train.preflight")
+                  if m in sys.modules)
+
+for name, argv in {_COMMAND_REFUSALS!r}.items():
+    for args in (["--help"], argv):
+        try:
+            main([name, *args])
+        except SystemExit as e:
+            assert e.code == (0 if args == ["--help"] else 2), (name, args, e.code)
+        else:
+            raise AssertionError((name, args, "did not exit"))
+        assert not loaded(), (name, args, loaded())
+"""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                       cwd=Path(__file__).resolve().parents[1])
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert sum("invalid choice" in line for line in r.stderr.splitlines()) == len(_COMMAND_REFUSALS), r.stderr
+
+
 def test_bench_command_that_runs_loads_its_measuring_module(monkeypatch, capsys):
     """The dispatch imports dist_train.bench.NAME once NAME passed its torch-free checks; a check that needs
     torch (attention's layout names, from parallelism.context) refuses there, exit 2, one line."""

@@ -12,8 +12,8 @@ import pytest
 from dist_train.lifecycle import (EXIT_PREEMPTED, FaultSpec, Lifecycle, describe_exit, heartbeat_path,
                                   read_heartbeat)
 from launchers.batch import BatchSpec, render
-from launchers.cli import (add_launch_arguments, add_submit_arguments, launch_main, rank_argv, ranks_on_this_machine,
-                           resolve_launch, submit_main)
+from launchers.arguments import add_launch_arguments, add_submit_arguments
+from launchers.cli import launch_main, rank_argv, ranks_on_this_machine, resolve_launch, submit_main
 from launchers.env import (EXPECT_WORLD_ENV, LaunchError, check_mpi_family, check_mpi_world, detect_rank_env,
                            mpi_family, parse_slurm_tasks_per_node, populate_rank_env, slurm_first_host)
 from launchers.ray_backend import refuse_unreachable
