@@ -115,8 +115,7 @@ def refuse_unreachable(address: str, timeout_s: float = 5.0) -> None:
     if not sep or not port.isdigit() or not host or "/" in host:
         return
     try:  # an IPv6 address is written [addr]:port; the brackets are not part of the host
-        with socket.create_connection((host.removeprefix("[").removesuffix("]"), int(port)), timeout=timeout_s):
-            pass
+        socket.create_connection((host.removeprefix("[").removesuffix("]"), int(port)), timeout=timeout_s).close()
     except OSError as e:
         raise ValueError(f"Ray cluster address {address} (--address / launch.address / RAY_ADDRESS): nothing "
                          f"accepts connections there ({e.strerror or type(e).__name__}); start the cluster "

@@ -183,7 +183,7 @@ def _rank_0_cannot_lock(rank, world_size, root):
     try:
         with pytest.raises(RunDirLocked) as info:
             with hold_checkpoint_dir(Path(root) / "ckpt", Path(root) / "run", rank):
-                pass
+                pytest.fail(f"rank {rank} holds the checkpoint dir although rank 0 could not lock it")
     finally:
         if rank == 0:
             fcntl.flock = fcntl_flock

@@ -10,6 +10,7 @@ arguments.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import signal
@@ -54,10 +55,8 @@ def _run(cmd: list[str], timeout: float, log: Path) -> tuple[int, float]:
             rc = proc.wait(timeout=timeout - grace)
         except subprocess.TimeoutExpired:
             proc.send_signal(signal.SIGINT)
-            try:
+            with contextlib.suppress(subprocess.TimeoutExpired):  # still running after the grace: killed below
                 proc.wait(timeout=grace)
-            except subprocess.TimeoutExpired:
-                pass
             rc = 124
         finally:  # also when the check itself is interrupted: no section outlives it
             if proc.poll() is None:
