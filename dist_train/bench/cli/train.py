@@ -104,9 +104,9 @@ def check(args: argparse.Namespace) -> Plan:
         raise ValueError(f"--repeats {args.repeats}: needs a baseline (--baseline-set or --baseline-nproc)")
     if args.png and not paired:
         raise ValueError(f"--png {args.png}: plots a comparison; needs a baseline (--baseline-set or --baseline-nproc)")
+    baseline = (_variant(args.config, overrides + list(args.baseline_overrides), args.baseline_nproc, "baseline: ")
+                if paired else None)
+    # a baseline gets the run's threads per rank: sized for the larger rank count of the two
+    ranks = max(run.nproc, baseline.nproc) if baseline else run.nproc
     cores = os.cpu_count() or 1
-    if not paired:
-        return Plan(run, None, order, threads_per_rank(args.threads, os.environ, cores, run.nproc), cores)
-    baseline = _variant(args.config, overrides + list(args.baseline_overrides), args.baseline_nproc, "baseline: ")
-    return Plan(run, baseline, order, threads_per_rank(args.threads, os.environ, cores, max(run.nproc, baseline.nproc)),
-                cores)
+    return Plan(run, baseline, order, threads_per_rank(args.threads, os.environ, cores, ranks), cores)
