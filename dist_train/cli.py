@@ -72,8 +72,13 @@ def _cmd_data_prepare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _sentence(help_line: str) -> str:
+    """A one-line ``help`` (lower case, as argparse lists it) as the start of a ``--help`` description."""
+    return help_line[:1].upper() + help_line[1:]
+
+
 def _add_run(sub) -> None:
-    p = sub.add_parser("run", help=_HELP["run"], description=_HELP["run"][0].upper() + _HELP["run"][1:] + ": the "
+    p = sub.add_parser("run", help=_HELP["run"], description=_sentence(_HELP["run"]) + ": the "
                        "per-rank command every launcher ends in (docs/launching.md).",
                        formatter_class=_F, epilog=examples(
                            "dist-train run configs/gpt_tiny.yaml --set parallel.dp=1 --set train.steps=10",
@@ -204,7 +209,7 @@ def _describe(parser: argparse.ArgumentParser) -> None:
             helps = {a.dest: a.help for a in action._choices_actions}
             for name, child in action.choices.items():
                 if not child.description and helps.get(name):
-                    child.description = helps[name][0].upper() + helps[name][1:] + "."
+                    child.description = _sentence(helps[name]) + "."
                 _describe(child)
 
 
