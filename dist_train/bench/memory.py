@@ -188,11 +188,16 @@ def _write_csv(records: list[dict], path: str) -> None:
         w.writerows(records)
 
 
+def _point_key(record: dict) -> tuple[int, int, str]:
+    """What identifies a record's point: (S, cp, loss_chunk); a point measured again replaces an --extend record."""
+    return record["seq_len"], record["cp"], str(record["loss_chunk"])
+
+
 def run(args: argparse.Namespace, sweep: Sweep) -> int:
     """``sweep``: the points dist_train.bench.cli.memory.check parsed, with an ``--extend`` file's records."""
     new = measure(args, sweep.cps, sweep.seq_lens, sweep.loss_chunks)
-    measured = {(r["seq_len"], r["cp"], str(r["loss_chunk"])) for r in new}
-    records = [r for r in sweep.previous if (r["seq_len"], r["cp"], str(r["loss_chunk"])) not in measured] + new
+    measured = {_point_key(r) for r in new}
+    records = [r for r in sweep.previous if _point_key(r) not in measured] + new
     summary = summarize(records)
     for f in summary["flatness"]:
         print(f"cp {f['cp']} loss_chunk {f['loss_chunk']}: bytes/token spread over S "
