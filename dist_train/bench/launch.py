@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 from typing import Optional
 
+
 def _first_step_time(run_dir: Path, attempt: int) -> Optional[float]:
     try:
         hb = json.loads((run_dir / "heartbeats" / "rank_0.json").read_text())

@@ -40,6 +40,7 @@ from ..spawn import run_ranks
 from .attention import check_memory_meter, peak_tensor_bytes
 from .cli.memory import Sweep
 
+
 def point_config(args: argparse.Namespace, seq_len: int, cp: int, loss_chunk: Any) -> dict:
     """The training config (as a dict for ``config_from_dict``) of one sweep point."""
     return {
