@@ -110,6 +110,11 @@ def _busiest_cpu(out: dict) -> float:
     return max(r["cpu_s"] for r in out["ranks"])
 
 
+def _write_json(path: str, record: dict) -> None:
+    with open(path, "w") as fh:
+        json.dump(record, fh, indent=2)
+
+
 def run(args: argparse.Namespace, plan: Plan) -> int:
     """``plan``: the run, baseline, order and threads dist_train.bench.cli.train.check derived from ``args``."""
     threads, cores = plan.threads, plan.cores
@@ -117,8 +122,7 @@ def run(args: argparse.Namespace, plan: Plan) -> int:
         out = _measure(args.config, plan.run, threads, args.timeout)
         _print_run(out)
         if args.json:
-            with open(args.json, "w") as fh:
-                json.dump(out, fh, indent=2)
+            _write_json(args.json, out)
         return 0
     cfg, nproc, base_cfg, base_nproc = plan.run.cfg, plan.run.nproc, plan.baseline.cfg, plan.baseline.nproc
     variants = {"baseline": plan.baseline, "run": plan.run}
@@ -152,8 +156,7 @@ def run(args: argparse.Namespace, plan: Plan) -> int:
     record = {"baseline": runs["baseline"], "run": runs["run"], "comparison": cmp, "cpu_comparison": cpu,
               "threads_per_rank": threads, "cores": cores, "order": plan.order}
     if args.json:
-        with open(args.json, "w") as fh:
-            json.dump(record, fh, indent=2)
+        _write_json(args.json, record)
     if args.png:
         # matplotlib only when a plot is asked for, not at the top: every rank imports this module (its rank
         # function) and the peak memory of that rank is what is measured
