@@ -153,15 +153,16 @@ def _check_indexed(cfg: Config) -> None:
 
 
 # -- resume -----------------------------------------------------------------------------------------
-def _problem(ckpt: Path) -> str:
+def _verified_manifest(ckpt: Path) -> tuple[Optional[dict], str]:
     """The checkpoint module's verification as done at resume, minus the shard contents that the loader
-    checks while reading them: manifest, every file's size, the small files' checksums ('' when valid)."""
+    checks while reading them: manifest, every file's size, the small files' checksums. Returns (the manifest
+    body, '') when valid, else (None, the first problem)."""
     try:
         body = mf.read_manifest(ckpt)
         problems = mf.verify_files(ckpt, body, size_only=mf.shards_verified_while_loading(body))
     except CheckpointError as e:
         problems = [str(e)]
-    return problems[0] if problems else ""
+    return (None, problems[0]) if problems else (body, "")
 
 
 def _train_samples(cfg: Config) -> Optional[int]:
@@ -183,12 +184,13 @@ def _train_digest(cfg: Config) -> Optional[str]:
         return None
 
 
-def check_resume_matches(cfg: Config, ckpt: Path) -> None:
-    """The checkpoint the ranks will resume from was saved with this model config and dataset (or the
-    differences are allowed): the trainer's checks (checkpoint/compat.py), here before any rank starts."""
+def check_resume_matches(cfg: Config, ckpt: Path, manifest: dict) -> None:
+    """The checkpoint the ranks will resume from (``manifest``: its verified manifest body) was saved with this
+    model config and dataset (or the differences are allowed): the trainer's checks (checkpoint/compat.py),
+    here before any rank starts."""
     state = json.loads((ckpt / mf.TRAIN_STATE).read_text())
     try:
-        changes = compat.check_config(ckpt, mf.read_manifest(ckpt).get("config"), cfg.to_dict(),
+        changes = compat.check_config(ckpt, manifest.get("config"), cfg.to_dict(),
                                       cfg.checkpoint.allow_config_change, consumed_samples(state),
                                       trained_digest(state))
         compat.check_dataset(ckpt, from_json(state.get("extra") or {}), _train_samples(cfg),
@@ -233,10 +235,10 @@ def check_resume(cfg: Config) -> None:
         hint = ""
     problems = []
     for ckpt in candidates:
-        problem = _problem(ckpt)
-        if not problem:
-            check_resume_matches(cfg, ckpt)
-            newer = None if mode == "auto" else newer_checkpoints_message(root, mode, mf.read_manifest(ckpt)["step"])
+        body, problem = _verified_manifest(ckpt)
+        if body is not None:
+            check_resume_matches(cfg, ckpt, body)
+            newer = None if mode == "auto" else newer_checkpoints_message(root, mode, body["step"])
             if newer:
                 raise ConfigError(newer)
             return
