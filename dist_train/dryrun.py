@@ -99,23 +99,22 @@ def format_layout(cfg: Config, rows: list[RankLayout]) -> str:
              f"fsdp {'on' if p.fsdp else 'off'} | "
              f"pp_schedule {p.pp_schedule if p.pp > 1 else '-'} | checkpointing {cfg.train.activation_checkpointing}",
              f"memory per rank in GiB ({source}): params, grads (+ DDP buckets), optimizer, activations, "
-             "other (baseline, logits, comm buffers, workspace, FSDP2 gathered copies)",
-             ""]
+             "other (baseline, logits, comm buffers, workspace, FSDP2 gathered copies)"]
     # columns as wide as their largest value: a 16,384-rank layout stays aligned
     wr = max([4] + [len(str(r.rank)) for r in rows])
     wc = max([3] + [len(str(v)) for r in rows for v in r.coords.values()])
     wl = max([10] + [len(_layers_str(r.layers)) for r in rows])
-    lines[-1] = (f"{'rank':>{wr}} {'dp':>{wc}} {'pp':>{wc}} {'cp':>{wc}} {'tp':>{wc}} {'wp':>{wc}}  {'stages':<8} "
-                 f"{'layers':<{wl}} {'emb':>3} {'head':>4} {'params':>8} {'grads':>8} {'optim':>8} {'acts':>8} "
-                 f"{'other':>8} {'total':>8}")
+    shown = ("dp", "pp", "cp", "tp", "wp")  # the mesh coordinates, in the table's order
+    lines.append(" ".join([f"{'rank':>{wr}}", *(f"{a:>{wc}}" for a in shown)]) +
+                 f"  {'stages':<8} {'layers':<{wl}} {'emb':>3} {'head':>4} {'params':>8} {'grads':>8} "
+                 f"{'optim':>8} {'acts':>8} {'other':>8} {'total':>8}")
     for r in rows:
-        c = r.coords
         st = ",".join(str(s.index) for s in r.stages) or "-"
         emb = "y" if any(s.first for s in r.stages) else "-"
         head = "y" if any(s.last for s in r.stages) else "-"
         mem = r.memory
         mem_s = " ".join(f"{_gib(x):>8}" for x in (mem.params, mem.grads, mem.optimizer, mem.activations, mem.other,
                                                    mem.total)) if mem else "-"
-        lines.append(f"{r.rank:>{wr}} {c['dp']:>{wc}} {c['pp']:>{wc}} {c['cp']:>{wc}} {c['tp']:>{wc}} "
-                     f"{c['wp']:>{wc}}  {st:<8} {_layers_str(r.layers):<{wl}} {emb:>3} {head:>4} {mem_s}")
+        lines.append(" ".join([f"{r.rank:>{wr}}", *(f"{r.coords[a]:>{wc}}" for a in shown)]) +
+                     f"  {st:<8} {_layers_str(r.layers):<{wl}} {emb:>3} {head:>4} {mem_s}")
     return "\n".join(lines)
