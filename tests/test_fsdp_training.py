@@ -30,7 +30,7 @@ from dist_train.models.gpt import build_gpt
 from dist_train.plan.profiles import builtin_profiles
 from dist_train.trainer import train
 from tests.dist_harness import run_ranks
-from tests.trainer_utils import rel_close, tiny_gpt_config, tiny_swin_config
+from tests.trainer_utils import losses_and_valid, rel_close, tiny_gpt_config, tiny_swin_config
 
 RTOL = 1e-5
 BF16_RTOL = 2e-3  # bf16 compute on both sides; measured 2e-4 on 5 steps
@@ -64,17 +64,11 @@ def _config(kind: str, run_dir, data_dir, parallel: dict, train_over: dict, **se
     return tiny_gpt_config(run_dir, parallel=par, train=train_over, **sections)
 
 
-def _losses(res) -> list[float]:
-    """Training losses, then the validation loss when the run evaluated."""
-    valid = res.summary.get("valid_loss")
-    return res.losses + ([valid] if valid is not None else [])
-
-
 def _losses_and_norm(res) -> tuple[list[float], float]:
     """The losses and the step-1 gradient norm (before any update: it depends on the reduction alone).
     AdamW is nearly blind to a uniform gradient scale, so a wrong norm (hence clip factor) would not show
     in the losses: it is compared by itself."""
-    return _losses(res), res.grad_norms[0]
+    return losses_and_valid(res), res.grad_norms[0]
 
 
 def _train_cases(rank, world, run_dir, cases):

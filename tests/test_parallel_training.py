@@ -14,7 +14,7 @@ import torch.distributed as dist
 
 from dist_train.trainer import train
 from tests.dist_harness import run_ranks
-from tests.trainer_utils import rel_close, tiny_gpt_config
+from tests.trainer_utils import losses_and_valid, rel_close, tiny_gpt_config
 
 RTOL = 1e-4
 EVAL = {"eval_every": 5, "eval_steps": 1}  # + the validation loss after step 5 (the evaluation all-reduce)
@@ -74,7 +74,7 @@ def _train_cases(rank, world, run_dir, cases):
     out = {}
     for name, model, parallel, train_over in cases:
         res = train(_config(f"{run_dir}/{name}", model, parallel, train_over))
-        out[name] = (_losses(res), res.grad_norms)
+        out[name] = (losses_and_valid(res), res.grad_norms)
     if world in (3, 4):
         out["fp64_grads"] = _tp_fp64_gradients(world)
     return out
@@ -132,13 +132,7 @@ def _tp_fp64_gradients(world: int) -> float:
 
 def _reference(tmp_path, model, train_over):
     res = train(_config(tmp_path / "ref", model, {}, train_over))
-    return _losses(res), res.grad_norms
-
-
-def _losses(res) -> list[float]:
-    """Training losses, then the validation loss when the run evaluated."""
-    valid = res.summary.get("valid_loss")
-    return res.losses + ([valid] if valid is not None else [])
+    return losses_and_valid(res), res.grad_norms
 
 
 def _check_world(tmp_path, world: int) -> None:

@@ -45,6 +45,12 @@ def tiny_swin_config(run_dir, data_dir, steps: int = 5, **sections) -> "Config":
     return _with_sections(base, sections)
 
 
+def losses_and_valid(res) -> list[float]:
+    """A run's training losses, then its validation loss when it evaluated."""
+    valid = res.summary.get("valid_loss")
+    return res.losses + ([valid] if valid is not None else [])
+
+
 REPO = Path(__file__).resolve().parent.parent
 
 
