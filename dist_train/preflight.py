@@ -188,13 +188,13 @@ def check_resume_matches(cfg: Config, ckpt: Path, manifest: dict) -> None:
     """The checkpoint the ranks will resume from (``manifest``: its verified manifest body) was saved with this
     model config and dataset (or the differences are allowed): the trainer's checks (checkpoint/compat.py),
     here before any rank starts."""
-    state = json.loads((ckpt / mf.TRAIN_STATE).read_text())
+    state, digest = json.loads((ckpt / mf.TRAIN_STATE).read_text()), _train_digest(cfg)
     try:
         changes = compat.check_config(ckpt, manifest.get("config"), cfg.to_dict(),
                                       cfg.checkpoint.allow_config_change, consumed_samples(state),
-                                      trained_digest(state))
+                                      trained_digest(state), digest)
         compat.check_dataset(ckpt, from_json(state.get("extra") or {}), _train_samples(cfg),
-                             cfg.checkpoint.allow_config_change, cfg.data.path, changes, _train_digest(cfg))
+                             cfg.checkpoint.allow_config_change, cfg.data.path, changes, digest)
     except compat.ResumeMismatchError as e:
         raise ConfigError(str(e)) from None
 

@@ -220,13 +220,13 @@ def _train(cfg: Config, ctx: DistContext) -> TrainResult:
 
     t = cfg.train
     accum = cfg.grad_accum_steps
+    train_samples, train_digest = training_samples(batcher), training_digest(cfg)
     ckpt = CheckpointManager(cfg.checkpoint, run_dir=run_dir, config=cfg.to_dict(),
                              layout=layout_dict(cfg, ctx.world_size), rank=ctx.rank, world_size=ctx.world_size,
-                             **engine.checkpoint_kwargs())
+                             data_digest=train_digest, **engine.checkpoint_kwargs())
     resumed = ckpt.resume(engine.module, engine.optimizer, engine.scheduler)
     start_step = int(resumed["step"]) if resumed else 0
     consumed = int(resumed["consumed_samples"]) if resumed else 0
-    train_samples, train_digest = training_samples(batcher), training_digest(cfg)
     if resumed:
         compat.check_dataset(ckpt.resumed_from, resumed, train_samples, cfg.checkpoint.allow_config_change,
                              cfg.data.path, ckpt.config_changes, train_digest)

@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping, Optional, Sequence
 
 from dist_train.checkpoint.storage import CheckpointError
-from dist_train.data.sidecar import dataset_digest
 from dist_train.config import (RESUME_CHECKED_KEYS, RESUME_DATA_ORDER_KEYS, ModelConfig, attention_head_dim,
                                ffn_hidden_size, swin_ffn_hidden_size)
 
@@ -74,30 +73,19 @@ def _sizes_as_built(config: Mapping[str, Any]) -> Mapping[str, Any]:
     return {**config, "model": resolved}
 
 
-def holds_trained_dataset(current: Mapping[str, Any], saved_digest: Optional[str]) -> bool:
-    """True when the indexed dataset at ``current``'s data.path has the token digest ``saved_digest`` (a checkpoint's
-    ``train_digest``): the text the run trained on, whatever path it was named by then (moved, copied to local
-    disk, or named relative instead of absolute). False when either side has no digest."""
-    data = current.get("data")
-    if not saved_digest or not isinstance(data, Mapping) or data.get("source") != "indexed" or not data.get("path"):
-        return False
-    try:
-        return dataset_digest(data["path"]) == saved_digest
-    except (OSError, ValueError):  # no readable sidecar there: the trainer's own refusal names it
-        return False
-
-
 def config_differences(saved: Mapping[str, Any], current: Mapping[str, Any],
-                       consumed_samples: Optional[int] = None,
-                       saved_digest: Optional[str] = None) -> list[tuple[str, Any, Any]]:
+                       consumed_samples: Optional[int] = None, saved_digest: Optional[str] = None,
+                       current_digest: Optional[str] = None) -> list[tuple[str, Any, Any]]:
     """``[(dotted key, saved value, current value)]`` for every checked key present on both sides whose
     values differ, null sizes compared as the model builds them (``_sizes_as_built``). A key the checkpoint does
     not record (saved by an older version, or a converted checkpoint that knows no such field) is not compared:
     its default is, by design, the older behaviour. ``consumed_samples == 0`` (an imported step 0): no data
     order to keep, so the data-order keys are not compared. ``saved_digest``: the checkpoint's ``train_digest``;
-    when the dataset at the current data.path has it (:func:`holds_trained_dataset`), data.path is no change."""
+    ``current_digest``: the token digest of the dataset at the current data.path (its sidecar's, read once by the
+    caller). When both are known and equal, data.path is no change: the same text the run trained on, whatever
+    path it was named by then (moved, copied to local disk, or named relative instead of absolute)."""
     skip = set(RESUME_DATA_ORDER_KEYS) if consumed_samples == 0 else set()
-    if holds_trained_dataset(current, saved_digest):
+    if saved_digest and saved_digest == current_digest:
         skip.add("data.path")
     saved, current = _sizes_as_built(saved), _sizes_as_built(current)
     out = []
@@ -112,13 +100,14 @@ def config_differences(saved: Mapping[str, Any], current: Mapping[str, Any],
 
 def check_config(ckpt: Path, saved: Optional[Mapping[str, Any]], current: Mapping[str, Any],
                  allowed: Iterable[str] = (), consumed_samples: Optional[int] = None,
-                 saved_digest: Optional[str] = None) -> list[tuple[str, Any, Any]]:
+                 saved_digest: Optional[str] = None, current_digest: Optional[str] = None) -> list[tuple[str, Any, Any]]:
     """Raise ``ResumeMismatchError`` listing every difference not in ``allowed``; return the allowed ones.
-    ``consumed_samples``, ``saved_digest``: the checkpoint's (see ``config_differences``)."""
+    ``consumed_samples``, ``saved_digest``: the checkpoint's; ``current_digest``: the current dataset's (see
+    ``config_differences``)."""
     if not saved:
         return []
     allowed = set(allowed)
-    diffs = config_differences(saved, current, consumed_samples, saved_digest)
+    diffs = config_differences(saved, current, consumed_samples, saved_digest, current_digest)
     refused = [d for d in diffs if d[0] not in allowed]
     if refused:
         listed = ", ".join(f"{k} {old!r} -> {new!r}" for k, old, new in refused)

@@ -197,11 +197,15 @@ class CheckpointManager:
     every rank during a save; fault-injection tests use it to kill or fail a rank at a precise point.
     ``io_threads``: threads per rank reading/writing (and checksumming) shard bytes; 2 measured best on a
     2-core machine (docs/benchmarks/ckpt.md).
+    ``data_digest``: the token digest of the dataset this run trains on (its sidecar's,
+    :func:`dist_train.data.datasets.training_digest`); a checkpoint that recorded the same ``train_digest`` takes
+    a changed data.path as the same text under a new name (``compat.config_differences``).
     """
 
     def __init__(self, cfg: Any, run_dir: Union[str, os.PathLike], config: Optional[dict] = None,
                  layout: Optional[dict] = None, rank: int = 0, world_size: int = 1,
-                 adapter: Optional[StateAdapter] = None, io_threads: int = 2) -> None:
+                 adapter: Optional[StateAdapter] = None, io_threads: int = 2,
+                 data_digest: Optional[str] = None) -> None:
         if cfg.on_error not in ON_ERROR:
             raise ValueError(f"checkpoint.on_error = {cfg.on_error!r}: valid values are {', '.join(ON_ERROR)}")
         if cfg.keep_last < 1:
@@ -213,6 +217,7 @@ class CheckpointManager:
         self.cfg = cfg
         self.root = checkpoint_root(cfg, run_dir)
         self.config = config or {}
+        self.data_digest = data_digest
         self.layout = dict(layout or {"world_size": world_size})
         self.layout.setdefault("world_size", world_size)
         self.rank, self.world_size = rank, world_size
@@ -560,7 +565,7 @@ class CheckpointManager:
         ts = json.loads((ckpt / mf.TRAIN_STATE).read_text())
         self.config_changes = compat.check_config(ckpt, body.get("config"), self.config,
                                                   getattr(self.cfg, "allow_config_change", None) or (),
-                                                  consumed_samples(ts), trained_digest(ts))
+                                                  consumed_samples(ts), trained_digest(ts), self.data_digest)
         with_optim = optimizer is not None and "optim" in body["contents"]
         # a checkpoint without optimizer state (e.g. converted from HF) leaves the optimizer untouched —
         # in particular not initialised by get_state_dict's zero-gradient step
