@@ -141,8 +141,9 @@ def applied_differences(saved: Mapping[str, Any], current: Mapping[str, Any],
     return out
 
 
-#: Data keys whose (allowed) change alters the number of training samples by itself.
-SAMPLE_COUNT_KEYS = frozenset({"data.source", "data.path", "data.seq_len", "data.split"})
+#: Data keys whose (allowed) change alters the number of training samples by itself: the data-order keys but
+#: run.seed, which reorders the same samples.
+SAMPLE_COUNT_KEYS = frozenset(RESUME_DATA_ORDER_KEYS) - {"run.seed"}
 
 
 def check_dataset(ckpt: Path, extra: Mapping[str, Any], samples: Optional[int], allowed: Iterable[str],
