@@ -28,7 +28,7 @@ from .checkpoint.state import from_json
 from .checkpoint.storage import CheckpointError
 from .config import Config, ConfigError
 from .cost import memory_model, model_params, rank_inputs
-from .data.datasets import indexed_split_part, training_digest
+from .data.datasets import IndexedTokenDataset, training_digest
 from .data.integrity import check_indexed_dataset
 from .data.tokenizer import get_tokenizer
 from .dryrun import device_profile
@@ -171,7 +171,7 @@ def _train_samples(cfg: Config) -> Optional[int]:
     if cfg.model.kind != "gpt" or d.source != "indexed" or not d.path or not Path(f"{d.path}.idx").is_file():
         return None
     try:
-        return indexed_split_part(d.path, d.seq_len, cfg.run.seed, d.split, "train").num_chunks
+        return IndexedTokenDataset(d.path, d.seq_len, cfg.run.seed, d.split, "train").num_chunks
     except ValueError:  # unreadable or too small: check_data's refusal, or the trainer's
         return None
 

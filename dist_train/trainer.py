@@ -32,8 +32,7 @@ from .cost.flops import (FLOP_CONVENTION, Throughput, attention_flops_per_key, d
 from .cost.layout import stages_of_rank
 from .cost.shape import shape_of
 from .data.batches import TokenBatcher
-from .data.datasets import (SYNTHETIC_VALID_SEED_OFFSET, IndexedTokenDataset, SyntheticTokenDataset,
-                            indexed_split_part, training_digest)
+from .data.datasets import SYNTHETIC_VALID_SEED_OFFSET, IndexedTokenDataset, SyntheticTokenDataset, training_digest
 from .data.documents import document_options
 from .data.image_batches import WeatherBatcher
 from .data.prepare import ensure_prepared
@@ -112,7 +111,7 @@ def build_batcher(cfg: Config, mesh: Mesh, model: torch.nn.Module, part: str = "
         if part == "valid" and d.valid_path:
             source = IndexedTokenDataset(d.valid_path, d.seq_len, cfg.run.seed)
         else:
-            source = indexed_split_part(d.path, d.seq_len, cfg.run.seed, d.split, part)
+            source = IndexedTokenDataset(d.path, d.seq_len, cfg.run.seed, d.split, part)
     else:
         raise ValueError(f"data.source = {d.source!r} needs model.kind = swin")
     return TokenBatcher(source, micro_batch=cfg.train.micro_batch, dp=mesh.size("dp"), dp_rank=mesh.coord("dp"),

@@ -88,11 +88,6 @@ class IndexedTokenDataset:
         return torch.from_numpy(self.tokens[start:start + self.seq_len + 1].astype(np.int64))
 
 
-def indexed_split_part(prefix: str, seq_len: int, seed: int, split: Optional[str], part: str) -> IndexedTokenDataset:
-    """The "train" or "valid" share of ``prefix`` under ``data.split`` (the whole dataset when split is None)."""
-    return IndexedTokenDataset(prefix, seq_len, seed, split, part)
-
-
 def training_digest(cfg: Config) -> Optional[str]:
     """The digest of the GPT's indexed training data that a checkpoint records as ``train_digest`` (its
     sidecar's, :func:`dataset_digest`); None for other data or a dataset prepared without one."""
