@@ -215,6 +215,7 @@ class GPT(nn.Module):
         whatever the tp/pp layout, then this rank's shard copied in."""
         std = self.cfg.init_std
         out_std = std / math.sqrt(2 * self.cfg.n_layers)  # residual-branch outputs (GPT-2 / Megatron)
+        tp_rank, tp_size = (0, 1) if self.tp is None else (self.tp.rank, self.tp.size)
         for name, p in self.named_parameters():
             shape = self.full_shape(name, p)
             if p.dim() == 1:
@@ -222,7 +223,7 @@ class GPT(nn.Module):
             else:
                 scale = out_std if name.endswith(("wo.weight", "w2.weight")) else std
                 full = normal_full(shape, self.init_seed, name, scale)
-            copy_shard_(p, full, *((0, 1) if self.tp is None else (self.tp.rank, self.tp.size)))
+            copy_shard_(p, full, tp_rank, tp_size)
 
     # -- pieces (the pipeline stages call these) ------------------------------------------------
     def embed(self, tokens: torch.Tensor) -> torch.Tensor:
