@@ -131,8 +131,9 @@ def test_vocab_parallel_chunked_loss_matches_single_rank(world):
 
 def _tp_gpt(rank, world, cases, model_extra=None, seq=16, vocab=63):
     """GPT at tp = world vs the tp=1 model (full loss), float64: loss and every gradient -> the largest
-    difference per case (relative for the loss sum, absolute for the gradients of the mean loss). cases: (tie, sequence_parallel[, loss_chunk]); loss_chunk 5 (default: the chunked
-    vocab-parallel loss) or "full" (Megatron's vocab_parallel_cross_entropy, which computes in fp32).
+    difference per case (relative for the loss sum, absolute for the gradients of the mean loss).
+    cases: (tie, sequence_parallel[, loss_chunk]); loss_chunk 5 (default: the chunked vocab-parallel loss)
+    or "full" (Megatron's vocab_parallel_cross_entropy, which computes in fp32).
     ``vocab`` is padded to a multiple of tp (the last rank holds padding rows); ``seq`` divides by tp."""
     from dist_train.mesh import build_mesh
     from dist_train.models.gpt import build_gpt

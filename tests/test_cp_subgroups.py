@@ -6,7 +6,8 @@ sub-groups (built from the parent's GLOBAL ranks) must all translate. tests/test
 case on the default group only, where the two numberings coincide. One spawn of 5 gloo ranks holds three
 groups at once: A = {0, 2, 4} (odd, strided), B = {1, 3} (strided, the complement of A, running concurrently)
 and C = {1, 2, 3, 4} (offset by one: hybrid U = 2, i.e. Ulysses sub-groups {1, 2}, {3, 4} and ring
-sub-groups {1, 3}, {2, 4}; and Ulysses over all four, with GQA K/V heads replicated to pairs of ranks). Forward and every input gradient, asserted on every member rank.
+sub-groups {1, 3}, {2, 4}; and Ulysses over all four, with GQA K/V heads replicated to pairs of ranks).
+Forward and every input gradient, asserted on every member rank.
 """
 from __future__ import annotations
 

@@ -4,8 +4,9 @@ checkpoints resharded to and from DDP, and the refused combinations.
 * losses: 5 steps of FSDP2 dp2 (with and without reshard-after-forward), Swin wp2, dp3 (uneven shards),
   dp2 × pp2 (1F1B, interleaved, GPipe kept gathered), dp2 × tp2 (sequence parallel), dp2 × cp2 equal the
   single-rank losses and step-1 gradient norm (the DTensor shard sums) within 1e-5 relative on every rank
-  (dp2 and dp2 × pp2 also the validation loss: forward-only paths); bf16 (FSDP2's MixedPrecisionPolicy, CUDA's default) within 2e-3 of single-rank
-  bf16 autocast, with bf16 weights inside the forward and fp32 shards, gradients and AdamW state;
+  (dp2 and dp2 × pp2 also the validation loss: forward-only paths); bf16 (FSDP2's MixedPrecisionPolicy,
+  CUDA's default) within 2e-3 of single-rank bf16 autocast, with bf16 weights inside the forward and fp32
+  shards, gradients and AdamW state;
 * communication: all-gathers and reduce-scatters per step counted (2 per block per micro-batch with
   reshard-after-forward, 1 without, + the root's), as the planner's FSDP2 terms assume;
 * memory: parameter, gradient and AdamW bytes per rank measured on the live tensors equal FSDP2's

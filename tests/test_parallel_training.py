@@ -2,9 +2,9 @@
 
 Every case: the first 5 losses and the step-1 gradient norm equal the single-rank run (same seed,
 same global batch) within 1e-4 relative in fp32, on every rank; the dp3, ZeRO-3 dp3 and cp3 cases also
-the validation loss after step 5 (the evaluation's loss-sum and count all-reduces, uneven per cp rank). The tp model is also checked in
-float64 (forward loss + every gathered gradient) against the tp=1 model. Cases are grouped per world
-size (2, 3, 4) so each spawn pays the import cost once.
+the validation loss after step 5 (the evaluation's loss-sum and count all-reduces, uneven per cp rank).
+The tp model is also checked in float64 (forward loss + every gathered gradient) against the tp=1 model.
+Cases are grouped per world size (2, 3, 4) so each spawn pays the import cost once.
 """
 from __future__ import annotations
 
