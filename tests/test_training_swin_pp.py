@@ -54,6 +54,32 @@ def test_swin_pp2_1f1b_gpipe_interleaved_and_checkpointed_wp_match_single_rank_a
 
 
 @pytest.mark.slow
+def test_swin_pp2_x_wp_cp_tp_and_zero3_fsdp_x_tp2_on_four_ranks_match_single_rank_and_reshard_to_one(tmp_path):
+    """pp2 × wp[1,2], pp2 × cp2 (Ulysses inside windows), pp2 × tp2, ZeRO-3 dp2 × tp2 and FSDP2 dp2 × tp2 in one
+    4-rank spawn; the checkpoints of pp2 × wp[1,2], ZeRO-3 × tp2 and FSDP2 × tp2 (the strided q|k|v gathered
+    through the DeepSpeed and FSDP2 adapters) then resume on a single rank (pp1, wp[1,1], tp1)."""
+    data = tmp_path / "weather"
+    ref = train(tiny_swin_config(tmp_path / "ref", data, steps=10, model=FOUR_BLOCKS))
+    ref5 = train(tiny_swin_config(tmp_path / "ref5", data, model=FOUR_BLOCKS))  # 5 steps: its own lr schedule
+    saving = {"every": 5, "keep_last": 3}
+    cases = [{"model": FOUR_BLOCKS, "parallel": {"pp": 2, "wp": [1, 2]}, "checkpoint": saving},
+             {"model": FOUR_BLOCKS, "parallel": {"pp": 2, "cp": 2}},
+             {"model": FOUR_BLOCKS, "parallel": {"pp": 2, "tp": 2}},
+             {"model": FOUR_BLOCKS, "parallel": {"dp": 2, "tp": 2, "zero_stage": 3}, "checkpoint": saving},
+             {"model": FOUR_BLOCKS, "parallel": {"dp": 2, "tp": 2, "fsdp": True}, "checkpoint": saving}]
+    root = tmp_path / "four"
+    for rank_out in run_ranks(_swin_cases, 4, args=(str(root), str(data), cases), timeout=400):
+        for case, got in zip(cases, rank_out):  # the saving runs train 10 steps, the others 5
+            _assert_matches(got, ref if "checkpoint" in case else ref5, case)
+    for i, case in enumerate(cases):
+        if "checkpoint" in case:
+            resumed = train(tiny_swin_config(tmp_path / f"one{i}", data, steps=10, model=FOUR_BLOCKS,
+                                             checkpoint={"resume": str(root / str(i) / "checkpoints" / "step_5")}))
+            assert resumed.start_step == 5, case
+            assert rel_close(resumed.losses, ref.losses[5:], 1e-5), (case, resumed.losses, ref.losses[5:])
+
+
+@pytest.mark.slow
 def test_swin_zero1_2_3_dp2_and_tp2_match_single_rank_and_tp_checkpoints_reshard_both_ways(tmp_path):
     """ZeRO-1/2/3 over dp 2 and tensor parallelism (tp 2 saving checkpoints, tp 2 with activation checkpointing)
     in one 2-rank spawn, plus a tp 2 run resuming a single-rank checkpoint; the tp 2 checkpoint (strided q|k|v gathered, heads and MLP shards
