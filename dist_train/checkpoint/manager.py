@@ -537,9 +537,11 @@ class CheckpointManager:
                             f"falling back to {nxt}" if nxt else "no older complete checkpoint")
         raise CheckpointError(f"no valid checkpoint under {self.root}: " + " | ".join(problems_seen))
 
-    def _verify_collective(self, ckpt: Path) -> list[str]:
+    def _verify_collective(self, ckpt: Path) -> tuple[Optional[dict], list[str]]:
         """Manifest + every file's size and checksums, except the contents of the shards that the loader verifies
-        while reading them; the files are split across ranks, results shared."""
+        while reading them; the files are split across ranks, results shared. Returns (the manifest body as this
+        rank read it, every rank's problems): the body is None only when this rank's problems say why."""
+        body = None
         try:
             body = mf.read_manifest(ckpt)
             names = sorted(body["files"])[self.rank::self.world_size]
@@ -549,7 +551,7 @@ class CheckpointManager:
         problems = []
         for rank_problems in self.comm.all_gather(mine):
             problems.extend(p for p in rank_problems if p not in problems)
-        return problems
+        return body, problems
 
     def load(self, ckpt: Union[str, os.PathLike], model, optimizer=None, scheduler=None,
              verify: bool = True) -> dict:
@@ -557,11 +559,12 @@ class CheckpointManager:
         RNG when the saved layout equals ours. Returns the saved ``extra`` dict. ``verify``: see the module
         doc; a failure raises ``CorruptCheckpointError(message, problem)`` on every rank."""
         ckpt = Path(ckpt)
-        if verify:
-            problems = self._verify_collective(ckpt)
+        if verify:  # the manifest verified is the one loaded: read once
+            body, problems = self._verify_collective(ckpt)
             if problems:
                 raise CorruptCheckpointError(f"checkpoint {ckpt} failed verification: {problems[0]}", problems[0])
-        body = mf.read_manifest(ckpt)
+        else:
+            body = mf.read_manifest(ckpt)
         ts = json.loads((ckpt / mf.TRAIN_STATE).read_text())
         self.config_changes = compat.check_config(ckpt, body.get("config"), self.config,
                                                   getattr(self.cfg, "allow_config_change", None) or (),
