@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 from typing import Optional
 
+from dist_train.config import Config, check_world_size, load_config
 from dist_train.preflight import PREFLIGHT_ENV, preflight
 from dist_train.runlock import LOCK_ENV, acquire_for_launcher
 from launchers.supervisor import JobSpec, Supervisor
@@ -40,10 +41,13 @@ def forwarded_env() -> dict[str, str]:
 # ----------------------------------------------------------------------------------------------
 def resolve_launch(args: argparse.Namespace):
     """Config + flags → (cfg, backend, nproc, nodes, gpus_per_node, max_restarts). Raises ValueError."""
-    from dist_train.config import check_world_size, load_config
+    cfg = load_config(args.config, list(args.set or []))
+    return (cfg, *launch_settings(cfg, args))
 
-    overrides = list(args.set or [])
-    cfg = load_config(args.config, overrides)
+
+def launch_settings(cfg: Config, args: argparse.Namespace) -> tuple[str, int, int, int, int]:
+    """The loaded config (``cfg``, from ``args.config`` and ``args.set``) + flags → (backend, nproc, nodes,
+    gpus_per_node, max_restarts). Raises ValueError."""
     lc = cfg.launch
     backend = args.backend or lc.backend
     nodes = args.nodes if args.nodes is not None else lc.nodes
@@ -69,7 +73,7 @@ def resolve_launch(args: argparse.Namespace):
     except ValueError as e:
         raise ValueError(f"{e} (launching {nproc}; pass --nproc {cfg.world_size} or change parallel.*, e.g. "
                          f"--set parallel.dp={max(1, nproc // max(1, cfg.model_parallel_size))})") from None
-    return cfg, backend, nproc, nodes, gpus, max_restarts
+    return backend, nproc, nodes, gpus, max_restarts
 
 
 def build_backend(backend: str, nproc: int, run_dir: Path, address: Optional[str], nodes: int, gpus: int,
@@ -94,12 +98,12 @@ def ranks_on_this_machine(backend: str, nodes: int, address: Optional[str]) -> b
     return backend != "ray" or (nodes == 1 and not (address or os.environ.get("RAY_ADDRESS")))
 
 
-def _launch_error(args: argparse.Namespace) -> Optional[str]:
-    """What the launch itself would refuse (rank count, flags) for ``--dry-run``: an explicit ``--nproc``,
-    ``--nodes`` or ``--gpus-per-node`` that does not fit is an error there too (raised); a mismatch with the
-    config's own ``launch.nproc`` only a note, since the dry run previews layouts under ``--set``."""
+def _launch_error(cfg: Config, args: argparse.Namespace) -> Optional[str]:
+    """What the launch of ``cfg`` (loaded from ``args``) would refuse (rank count, flags) for ``--dry-run``: an
+    explicit ``--nproc``, ``--nodes`` or ``--gpus-per-node`` that does not fit is an error there too (raised); a
+    mismatch with the config's own ``launch.nproc`` only a note, since the dry run previews layouts under ``--set``."""
     try:
-        resolve_launch(args)
+        launch_settings(cfg, args)
     except ValueError as e:
         if args.nproc is not None or args.nodes is not None or args.gpus_per_node is not None:
             raise
@@ -112,10 +116,9 @@ def launch_main(args: argparse.Namespace) -> int:
     if getattr(args, "dry_run", False):
         from dist_train import entry
 
-        if not hasattr(entry, "dry_run"):
-            raise ValueError("--dry-run: this build has no dist_train.entry.dry_run")
-        launch_error = _launch_error(args)
-        code = int(entry.dry_run(args.config, overrides))
+        cfg = load_config(args.config, overrides)  # once: the rank-count check and the table read the same config
+        launch_error = _launch_error(cfg, args)
+        code = entry.show_layout(cfg)
         if launch_error:
             print(f"note: the layout is valid, but launching it as given would fail: {launch_error}",
                   file=sys.stderr)
@@ -149,7 +152,6 @@ def launch_main(args: argparse.Namespace) -> int:
 # dist-train submit
 # ----------------------------------------------------------------------------------------------
 def submit_main(args: argparse.Namespace) -> int:
-    from dist_train.config import check_world_size, load_config
     from launchers.batch import BatchSpec, render
 
     overrides = list(args.set or [])
