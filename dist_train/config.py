@@ -133,6 +133,8 @@ class TrainConfig:
     exit_interval: int = 0  # save and exit after every N steps done in this process (time-sliced jobs)
     on_nonfinite: str = "stop"  # non-finite loss/grad norm: stop (exit 3) | skip (the step is not applied)
     max_nonfinite_steps: int = 3  # skip: this many consecutive skipped steps are tolerated, one more stops
+    spike_factor: Optional[float] = None  # a loss > this x the median of the last spike_window applied steps is
+    spike_window: int = 20                # handled like a non-finite one (on_nonfinite); null: off (spikes.py)
     progress: bool = True
     trackers: Optional[list] = None  # jsonl | tensorboard | wandb (offline); None: jsonl + tensorboard if installed
     eval_every: int = 0  # validation loss every N steps (and at the last step); 0: off
@@ -535,6 +537,8 @@ _BOUNDS: dict[str, Bound] = {
     "train.peak_tflops": Bound(0, lo_open=True, hi_open=True, null="CUDA table or CPU calibration"),
     "train.exit_interval": _NONNEG,  # 0: off
     "train.max_nonfinite_steps": _POS,
+    "train.spike_factor": Bound(1, lo_open=True, hi_open=True, null="no loss-spike check"),
+    "train.spike_window": _POS,
     "train.eval_every": _NONNEG,  # 0: off
     "train.eval_steps": _POS,
     "checkpoint.every": _NONNEG,  # 0: only at the end

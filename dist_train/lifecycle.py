@@ -54,8 +54,8 @@ EXIT_HANG = 124
 EXIT_FAILED = 1
 #: Bad input (config, files, arguments): one line on stderr (``dist_train.cli.EXIT_USAGE``).
 EXIT_USAGE = 2
-#: Training stopped on a non-finite loss or gradient norm (``train.on_nonfinite``); the last finite
-#: checkpoint is untouched. Not restartable: a restart would replay the same steps into the same NaN.
+#: Training stopped on a non-finite loss or gradient norm, or a loss spike (``train.on_nonfinite``); the last good
+#: checkpoint is untouched. Not restartable: a restart would replay the same steps into the same NaN or spike.
 EXIT_DIVERGED = 3
 
 

@@ -50,6 +50,8 @@ from .models.tensor_parallel import TensorParallel
 from .optim import apply_changed_hyperparameters
 from .rankstats import RankStats
 from .runlock import hold_checkpoint_dir, hold_run_dir
+from .spikes import STATE_KEY as SPIKE_STATE_KEY
+from .spikes import LossSpikeGuard
 from .trackers import build_trackers
 
 
@@ -163,28 +165,35 @@ def _report_resume_changes(cfg: Config, engine, ckpt, start_step: int, log, is_m
                  + f" (differ from the checkpoint): as configured now from step {start_step + 1} on")
 
 
-def _check_finite(cfg: Config, engine, step: int, loss: float, grad_norm: float, run: int, ckpt, log,
-                  is_main: bool) -> int:
+def _check_step(cfg: Config, engine, spikes: LossSpikeGuard, limit: Optional[float], step: int, loss: float,
+                grad_norm: float, run: int, ckpt, log, is_main: bool) -> int:
     """Apply ``train.on_nonfinite`` to the step just taken; returns the new count of consecutive skipped
     steps or raises ``TrainingDiverged`` (the same decision on every rank: the engines agree on the flag).
+    A step with a non-finite loss or gradient norm, or a loss above ``limit`` (a spike, dist_train/spikes.py),
+    is not accepted; an accepted step's loss enters the spike window.
 
-    The engines never apply a non-finite step (``last_step_skipped``), so the weights stay finite and no
-    later checkpoint can hold NaN; DeepSpeed applies its own step, so there a non-finite step always stops."""
+    The engines never apply a step they did not accept (``last_step_skipped``), so the weights stay finite
+    and no later checkpoint can hold NaN or a spike's update; DeepSpeed applies its own step, so there an
+    unaccepted step always stops."""
     skipped = getattr(engine, "last_step_skipped", False)
-    if not skipped and math.isfinite(loss) and math.isfinite(grad_norm):
+    finite = math.isfinite(loss) and math.isfinite(grad_norm)
+    spike = finite and spikes.is_spike(loss, limit)
+    if not skipped and finite and not spike:
+        spikes.record(loss)
         return 0
     t = cfg.train
     what = f"step {step}: loss {loss:g}, grad norm {grad_norm:g}"
+    what += f" is a loss spike ({spikes.describe(limit)})" if spike else " is not finite"
     good = ckpt.last_good()
     tail = f"last good checkpoint: {good or 'none'} (untouched)"
     if t.on_nonfinite == "stop" or not skipped:
-        raise TrainingDiverged(f"{what} is not finite: training stopped (train.on_nonfinite = {t.on_nonfinite}); "
+        raise TrainingDiverged(f"{what}: training stopped (train.on_nonfinite = {t.on_nonfinite}); "
                                f"the step was not saved; {tail}")
     run += 1
     if run > t.max_nonfinite_steps:
-        raise TrainingDiverged(f"{what} is not finite: {run} consecutive non-finite steps > "
+        raise TrainingDiverged(f"{what}: {run} consecutive skipped steps > "
                                f"train.max_nonfinite_steps = {t.max_nonfinite_steps}, training stopped; {tail}")
-    (log.warning if is_main else log.info)(f"{what} is not finite: step skipped, weights and optimizer unchanged "
+    (log.warning if is_main else log.info)(f"{what}: step skipped, weights and optimizer unchanged "
                 f"({run} of at most {t.max_nonfinite_steps} consecutive, train.on_nonfinite = skip)")
     return run
 
@@ -226,6 +235,8 @@ def _train(cfg: Config, ctx: DistContext) -> TrainResult:
     resumed = ckpt.resume(engine.module, engine.optimizer, engine.scheduler)
     start_step = int(resumed["step"]) if resumed else 0
     consumed = int(resumed["consumed_samples"]) if resumed else 0
+    # the losses a loss spike is judged against go on from the checkpoint (an older one holds none)
+    spikes = LossSpikeGuard(t.spike_factor, t.spike_window, (resumed or {}).get(SPIKE_STATE_KEY, ()))
     if resumed:
         compat.check_dataset(ckpt.resumed_from, resumed, train_samples, cfg.checkpoint.allow_config_change,
                              cfg.data.path, ckpt.config_changes, train_digest)
@@ -240,7 +251,7 @@ def _train(cfg: Config, ctx: DistContext) -> TrainResult:
 
     def save_state(step_done: int, force: bool) -> bool:
         """Save (``force``) or save when checkpoint.every says so; True when a checkpoint was written."""
-        state = {"step": step_done, "consumed_samples": consumed}
+        state = {"step": step_done, "consumed_samples": consumed, SPIKE_STATE_KEY: spikes.state()}
         if train_samples is not None:  # the dataset's identity for compat.check_dataset at the next resume
             state["train_samples"] = train_samples
         if train_digest is not None:
@@ -283,7 +294,7 @@ def _train(cfg: Config, ctx: DistContext) -> TrainResult:
         bar = tqdm(total=t.steps, initial=start_step, desc="train", unit="step", file=sys.stderr,
                    dynamic_ncols=True, leave=False, mininterval=0.5)
     step_times: list[float] = []
-    nonfinite_run = 0  # consecutive skipped (non-finite) steps
+    nonfinite_run = 0  # consecutive skipped (non-finite or spike) steps
     rank_stats = RankStats.start(run_dir, ctx.rank)  # per-rank record for `dist-train scale` (DIST_TRAIN_RANK_STATS=1)
     model.train()
     try:
@@ -303,9 +314,10 @@ def _train(cfg: Config, ctx: DistContext) -> TrainResult:
             if global_count <= 0:
                 raise ValueError(f"step {step}: the global batch has no real tokens to train on")
             lr = engine.lr
-            loss, grad_norm = engine.train_step(micro, global_count)
-            nonfinite_run = _check_finite(cfg, engine, step + 1, loss, grad_norm, nonfinite_run, ckpt, log,
-                                         ctx.is_main)
+            limit = spikes.limit()
+            loss, grad_norm = engine.train_step(micro, global_count, limit)
+            nonfinite_run = _check_step(cfg, engine, spikes, limit, step + 1, loss, grad_norm, nonfinite_run, ckpt,
+                                        log, ctx.is_main)
             consumed += t.global_batch
             dt = time.perf_counter() - t0
             step_times.append(dt)

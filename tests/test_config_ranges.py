@@ -83,6 +83,8 @@ BAD: dict[str, list] = {
     "train.progress": ["on"],
     "train.on_nonfinite": ["ignore", None],
     "train.max_nonfinite_steps": [0, -1],
+    "train.spike_factor": [1, 0.5, float("inf"), float("nan")],
+    "train.spike_window": [0, -3],
     "train.trackers": ["tensorboard", ["csv"], ["jsonl", "jsonl"]],
     "train.eval_every": [-1, "often"],
     "train.eval_steps": [0, -2],

@@ -130,7 +130,7 @@ def test_skip_applies_nothing_and_stops_after_too_many(tmp_path):
         assert all(_all_finite(p) for _, p in complete_checkpoints(tmp_path / "skip" / "checkpoints"))
         ddp.global_grad_norm = real
         _nan_norm_at({2, 3, 4}, {0})
-        with pytest.raises(TrainingDiverged, match=r"step 4: .*3 consecutive non-finite steps > "
+        with pytest.raises(TrainingDiverged, match=r"step 4: .*3 consecutive skipped steps > "
                                                    r"train.max_nonfinite_steps = 2"):
             train(tiny_gpt_config(tmp_path / "many", steps=6,
                                   train={"on_nonfinite": "skip", "max_nonfinite_steps": 2}))

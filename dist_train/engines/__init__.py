@@ -1,6 +1,6 @@
 """Training engines: how gradients are reduced and the optimizer steps.
 
-Every engine offers ``train_step(micro_batches, global_count) -> (global mean loss, grad norm)``,
+Every engine offers ``train_step(micro_batches, global_count, loss_limit) -> (global mean loss, grad norm)``,
 ``lr`` and ``module`` (the unwrapped model), ``optimizer`` and ``scheduler``.
 
     parallel.pp > 1            -> PipelineEngine   (torch.distributed.pipelining; engines/pipeline.py),

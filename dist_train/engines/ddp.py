@@ -19,7 +19,7 @@ from ..checkpoint.adapters import engine_checkpoint_kwargs
 from ..config import TrainConfig
 from ..mesh import Mesh
 from ..optim import build_optimizer, build_scheduler
-from .grads import all_ranks_finite, all_reduce_sum, clip_grads_, global_grad_norm
+from .grads import all_ranks_accept, all_reduce_sum, clip_grads_, global_grad_norm
 
 __all__ = ["DDPEngine", "all_reduce_sum"]
 
@@ -34,7 +34,7 @@ class DDPEngine:
         self.scheduler = build_scheduler(self.optimizer, cfg)
         self.grad_clip = cfg.grad_clip
         self.autocast_dtype = autocast_dtype
-        self.last_step_skipped = False  # the last train_step had a non-finite loss/norm: nothing applied
+        self.last_step_skipped = False  # the last train_step was not accepted (non-finite, spike): nothing applied
 
     def _wrap(self, model: nn.Module) -> nn.Module:
         """The module the forward runs through (subclasses shard instead); built before the optimizer."""
@@ -60,10 +60,12 @@ class DDPEngine:
         of the full shape (checkpoint/adapters.py), else none."""
         return engine_checkpoint_kwargs(self.module, self.mesh)
 
-    def train_step(self, micro: list[dict], global_count: float) -> tuple[float, float]:
+    def train_step(self, micro: list[dict], global_count: float,
+                   loss_limit: Optional[float] = None) -> tuple[float, float]:
         """One optimizer step over this rank's micro-batches -> (global mean loss, pre-clip grad norm).
 
         ``global_count``: real tokens (or elements) in the whole global batch, summed over grad_group.
+        ``loss_limit``: a global loss above it is not applied, like a non-finite one (dist_train/spikes.py).
         """
         device = next(self.module.parameters()).device
         loss_sum = torch.zeros(1, dtype=torch.float64)
@@ -72,7 +74,7 @@ class DDPEngine:
             loss_sum += self.forward_backward(batch, 1.0 / global_count, m == len(micro) - 1).double().cpu()
         all_reduce_sum(loss_sum, self.mesh.grad_group)
         loss = float(loss_sum.item()) / global_count
-        grad_norm = self.step(loss)
+        grad_norm = self.step(loss, loss_limit)
         return loss, grad_norm
 
     def eval_loss_sum(self, micro: list[dict]) -> float:
@@ -87,14 +89,15 @@ class DDPEngine:
         all_reduce_sum(loss_sum, self.mesh.grad_group)
         return float(loss_sum.item())
 
-    def step(self, loss: float = 0.0) -> float:
+    def step(self, loss: float = 0.0, loss_limit: Optional[float] = None) -> float:
         """Clip, step, zero grads, advance the LR schedule; returns the pre-clip gradient norm. When the loss
-        or the norm is not finite on any rank, nothing is applied (``last_step_skipped``): the weights,
-        optimizer state and schedule stay as they were and the gradients are dropped."""
+        or the norm is not finite on any rank, or the loss exceeds ``loss_limit``, nothing is applied
+        (``last_step_skipped``): the weights, optimizer state and schedule stay as they were and the
+        gradients are dropped."""
         params = [p for p in self.module.parameters() if p.grad is not None]
         norm = global_grad_norm(params, self.mesh.tp_group, self.mesh.pp_group)
         device = params[0].device if params else torch.device("cpu")
-        self.last_step_skipped = not all_ranks_finite((loss, norm), device)
+        self.last_step_skipped = not all_ranks_accept(loss, norm, device, loss_limit)
         if not self.last_step_skipped:
             clip_grads_(params, norm, self.grad_clip)
             self.optimizer.step()

@@ -124,8 +124,8 @@ class DeepSpeedEngine:
             model=model, optimizer=optimizer, lr_scheduler=lambda opt: build_scheduler(opt, cfg.train),
             mpu=MeshMPU(mesh), config=self.ds_config, dist_init_required=False)
         self.module = self.engine.module
-        # DeepSpeed applies its step inside engine.step(): a non-finite step cannot be skipped here, so the
-        # trainer stops on it (config refuses train.on_nonfinite = skip with ZeRO)
+        # DeepSpeed applies its step inside engine.step(): a non-finite step or a loss spike cannot be skipped
+        # here, so the trainer stops on it (config refuses train.on_nonfinite = skip with ZeRO)
         self.last_step_skipped = False
 
     def checkpoint_kwargs(self) -> dict:
@@ -133,7 +133,9 @@ class DeepSpeedEngine:
         optimizer state per parameter into the plain engines' layout (wrapped for tp > 1)."""
         return engine_checkpoint_kwargs(self.module, self.mesh, DeepSpeedStateAdapter(self.optimizer))
 
-    def train_step(self, micro: list[dict], global_count: float) -> tuple[float, float]:
+    def train_step(self, micro: list[dict], global_count: float,
+                   loss_limit: Optional[float] = None) -> tuple[float, float]:
+        """``loss_limit`` is not enforced here (the step is already applied); the trainer stops above it."""
         device = self.engine.device
         if len(micro) != self.engine.gradient_accumulation_steps():
             raise ValueError(f"DeepSpeed engine: got {len(micro)} micro-batches, its config says "

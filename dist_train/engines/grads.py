@@ -47,13 +47,14 @@ def global_grad_norm(params: Iterable[torch.nn.Parameter], tp_group=None, pp_gro
     return float(total.sqrt().item())
 
 
-def all_ranks_finite(values: Iterable[float], device: torch.device) -> bool:
-    """True on every rank iff every value is finite on every rank of the job (MIN over the default group).
+def all_ranks_accept(loss: float, norm: float, device: torch.device, loss_limit: Optional[float] = None) -> bool:
+    """True on every rank iff, on every rank of the job (MIN over the default group), the loss and the
+    gradient norm are finite and the loss is at most ``loss_limit`` (None: no limit; see dist_train/spikes.py).
 
     The loss and the gradient norm are already equal on all ranks when the engines' reductions are
     exact; the agreement makes the skip decision collective even when a reduction was not (a NaN on
     one dp rank only), so no rank ever applies a step that another skipped."""
-    ok = all(math.isfinite(v) for v in values)
+    ok = math.isfinite(loss) and math.isfinite(norm) and (loss_limit is None or loss <= loss_limit)
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return ok
     flag = torch.tensor([1 if ok else 0], dtype=torch.int32, device=device)

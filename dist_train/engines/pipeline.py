@@ -32,7 +32,7 @@ from ..mesh import Mesh
 from ..optim import build_optimizer, build_scheduler
 from ..models.swin import SwinPipeline
 from .fsdp import FSDPSharder
-from .grads import all_ranks_finite, all_reduce_grads_, all_reduce_sum, clip_grads_, global_grad_norm
+from .grads import all_ranks_accept, all_reduce_grads_, all_reduce_sum, clip_grads_, global_grad_norm
 
 
 class StageModule(nn.Module):
@@ -96,7 +96,7 @@ class PipelineEngine:
         self.cfg, self.module, self.mesh = cfg, model, mesh
         self.autocast_dtype = autocast_dtype
         self.device = next(model.parameters()).device
-        self.last_step_skipped = False  # the last train_step had a non-finite loss/norm: nothing applied
+        self.last_step_skipped = False  # the last train_step was not accepted (non-finite, spike): nothing applied
         self.pipe = SwinPipeline(model) if cfg.model.kind == "swin" else GPTPipeline(model)
         self.stage_modules = self.pipe.stage_modules
         self.loss_head = self.pipe.loss_head
@@ -163,8 +163,10 @@ class PipelineEngine:
             loss_sum += torch.stack(self._loss_sums[-n_micro:]).sum()
         return loss_sum
 
-    def train_step(self, micro: list[dict], global_count: float) -> tuple[float, float]:
-        """One optimizer step over this rank's micro-batches -> (global mean loss, pre-clip grad norm)."""
+    def train_step(self, micro: list[dict], global_count: float,
+                   loss_limit: Optional[float] = None) -> tuple[float, float]:
+        """One optimizer step over this rank's micro-batches -> (global mean loss, pre-clip grad norm);
+        ``loss_limit``: see ``DDPEngine.train_step``."""
         loss_sum = self._run_schedule(micro, 1.0 / global_count, forward_only=False)
         params = [p for p in self.module.parameters() if p.requires_grad]
         if not self.fsdp:  # FSDP2 reduce-scattered inside backward
@@ -173,8 +175,8 @@ class PipelineEngine:
         all_reduce_sum(loss_sum, self.mesh.pp_group)  # only the last stage contributes
         all_reduce_sum(loss_sum, self.mesh.grad_group)
         loss = float(loss_sum.item()) / global_count
-        # a non-finite loss or norm on any rank: apply nothing (see DDPEngine.step)
-        self.last_step_skipped = not all_ranks_finite((loss, norm), self.device)
+        # a non-finite loss or norm, or a spike, on any rank: apply nothing (see DDPEngine.step)
+        self.last_step_skipped = not all_ranks_accept(loss, norm, self.device, loss_limit)
         if not self.last_step_skipped:
             clip_grads_(params, norm, self.grad_clip)
             self.optimizer.step()
