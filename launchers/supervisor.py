@@ -36,8 +36,9 @@ from dist_train.rank_errors import user_errors
 
 FORWARDED_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 #: Rank exit codes a restart cannot cure: bad input found after the ranks started, and divergence (the
-#: restart would resume from the last finite checkpoint and replay the same steps into the same NaN).
-NOT_RESTARTABLE = {EXIT_USAGE: "a configuration or input error", EXIT_DIVERGED: "divergence (non-finite loss or a loss spike)"}
+#: restart would resume from the last good checkpoint and replay the same steps into the same NaN or spike).
+NOT_RESTARTABLE = {EXIT_USAGE: "a configuration or input error",
+                   EXIT_DIVERGED: "divergence (non-finite loss or a loss spike)"}
 
 
 class Attempt(Protocol):
