@@ -1,12 +1,16 @@
 """Swin with window parallelism × cp (Ulysses inside windows) equals the single-rank model, in float64.
 
-Ranks are laid out like the mesh (cp innermost): global rank = wp_rank·cp + cp_rank; the wp group of a rank
-holds the ranks with its cp coordinate, the cp group the ranks of its tile. Every case checks, on every rank,
-the loss and count summed over all ranks and every parameter gradient summed over all ranks (the trainer's
-reduction over dp × wp × cp) against grid 1×1 without cp on the full image, plus the number of all-to-alls
-and the bytes the all-to-alls and the halo exchanges send. Images need padding; splits are even (whole
-window rows), even across windows, uneven (exact via the uneven all-to-all) and include a cp share that
-is all padding (it reads no pixel).
+The wp and cp groups are the job's DeviceMesh groups (dist_train.mesh.build_mesh, cp innermost): global rank =
+wp_rank·cp + cp_rank; the wp group of a rank holds the ranks with its cp coordinate, the cp group the ranks of
+its tile. Every case checks, on every rank, the loss and count summed over all ranks and every parameter
+gradient summed over all ranks (the trainer's reduction over dp × wp × cp) against grid 1×1 without cp on the
+full image, plus the number of all-to-alls and the bytes the all-to-alls and the halo exchanges send. Images
+need padding; splits are even (whole window rows), even across windows, uneven (exact via the uneven
+all-to-all) and include a cp share that is all padding (it reads no pixel).
+
+World 6 puts an odd wp grid and cp in one model: 3 tiles × cp 2, as grid [3, 1] (a short last tile, whose
+second cp share is half padding) and [1, 3] (periodic along W, a narrow last tile); and an odd cp 3 × grid
+[1, 2].
 """
 from __future__ import annotations
 
@@ -16,6 +20,8 @@ import pytest
 import torch
 import torch.distributed as dist
 
+from dist_train.config import ParallelConfig
+from dist_train.mesh import build_mesh
 from dist_train.models.swin import build_swin
 from parallelism.window import halo_stats, halo_tokens, reset_halo_stats, reset_ulysses_stats, share_rows, \
     ulysses_stats
@@ -33,6 +39,11 @@ CASES = {
         ((1, 2), 2, 2, 9, 14, 1, (3, 4), (False, False), [5, 4]),
         ((2, 1), 2, 2, 15, 8, 1, (4, 4), (False, False), [4, 4]),     # tiles 8 + 8 rows, whole windows
         ((1, 1), 4, 4, 5, 8, 1, (4, 4), (False, False), [2, 2, 2, 2])],  # cp rank 3's share is all padding
+    # by wp rank when the tiles differ: 5 window rows → tiles 8, 8, 4 rows; the last tile's image rows are
+    # 16..18, so its cp shares read 2 real rows and 1 real row + 1 padding row
+    6: [((3, 1), 2, 2, 19, 10, 1, (4, 4), (False, False), [[4, 4], [4, 4], [2, 2]]),
+        ((1, 3), 2, 2, 9, 20, 1, (3, 4), (False, True), [5, 4]),       # periodic W: 5 windows → 8, 8, 4 cols
+        ((1, 2), 3, 3, 13, 16, 1, (4, 4), (False, False), [6, 5, 5])],
 }
 
 
@@ -42,15 +53,13 @@ def _cfg(heads, patch, window, wrap):
                            init_std=0.2, wrap=list(wrap))
 
 
-def _groups(world: int, nwp: int, cp: int, cache: dict):
-    """(wp group, cp group) of this rank; every rank creates every group in the same order."""
-    if (nwp, cp) not in cache:
-        wp = [dist.new_group([w * cp + c for w in range(nwp)]) for c in range(cp)]
-        cpg = [dist.new_group([w * cp + c for c in range(cp)]) for w in range(nwp)]
-        cache[(nwp, cp)] = (wp, cpg)
-    wp, cpg = cache[(nwp, cp)]
-    rank = dist.get_rank()
-    return wp[rank % cp], cpg[rank // cp]
+def _groups(world: int, grid: tuple[int, int], cp: int, cache: dict):
+    """(wp group, cp group) of this rank from the mesh the trainer builds for wp = grid, cp (every rank builds it)."""
+    if (grid, cp) not in cache:
+        mesh = build_mesh(ParallelConfig(wp=list(grid), cp=cp), world)
+        assert mesh.coords() == {"pp": 0, "dp": 0, "wp": dist.get_rank() // cp, "cp": dist.get_rank() % cp, "tp": 0}
+        cache[(grid, cp)] = (mesh.wp_group, mesh.cp_group)
+    return cache[(grid, cp)]
 
 
 def _model_cases(rank: int, world: int) -> int:
@@ -58,7 +67,7 @@ def _model_cases(rank: int, world: int) -> int:
     for case_id, (grid, cp, heads, H, W, patch, window, wrap, rows_expected) in enumerate(CASES[world]):
         nwp = grid[0] * grid[1]
         assert nwp * cp == world
-        wp_group, cp_group = _groups(world, nwp, cp, cache)
+        wp_group, cp_group = _groups(world, grid, cp, cache)
         cfg = _cfg(heads, patch, window, wrap)
         gen = torch.Generator().manual_seed(70 + case_id)
         x = torch.randn(B, H, W, 3, generator=gen, dtype=torch.float64)
@@ -71,12 +80,14 @@ def _model_cases(rank: int, world: int) -> int:
         ref_loss, ref_count = ref({"x": x, "y": y, "image_size": (H, W)})
         ref_loss.backward()
 
-        par = build_swin(cfg, wp_group=None if nwp == 1 else wp_group, grid=grid, cp_group=cp_group).double()
+        par = build_swin(cfg, wp_group=wp_group, grid=grid, cp_group=cp_group).double()  # wp None when nwp = 1
         par.load_state_dict(ref.state_dict())
         tag = f"case {case_id} grid {grid} cp {cp} image {H}x{W} patch {patch} window {window}"
         layout, _ = par.layout((H, W))
         th, tw = layout.tile_shape(par.wp_rank)
         counts, share = par.cp_rows(layout, par.wp_rank)
+        if isinstance(rows_expected[0], list):
+            rows_expected = rows_expected[par.wp_rank]
         assert counts == rows_expected, f"{tag}: rows {counts}"
         rows, cols = par.tile_slices((H, W))
         reset_ulysses_stats()
@@ -107,7 +118,7 @@ def _model_cases(rank: int, world: int) -> int:
                 f"{tag}: {name} grad max err {(g - p_ref.grad).abs().max()}"
 
     if world == 2:  # bad input: heads not divisible by cp, a tile with fewer token rows than cp ranks
-        _, cp_group = _groups(world, 1, 2, cache)
+        _, cp_group = _groups(world, (1, 1), 2, cache)
         with pytest.raises(ValueError, match=r"n_heads = 3 is not divisible by tp·cp = 1·2.*one of \[1, 3\]"):
             build_swin(_cfg(3, 1, (4, 4), (False, False)), wp_group=None, grid=(1, 1), cp_group=cp_group)
         one_row = build_swin(_cfg(2, 4, (1, 4), (False, False)), wp_group=None, grid=(1, 1), cp_group=cp_group)
@@ -116,7 +127,7 @@ def _model_cases(rank: int, world: int) -> int:
     return len(CASES[world])
 
 
-@pytest.mark.parametrize("world", [2, 3, 4])
+@pytest.mark.parametrize("world", [2, 3, 4, 6])
 def test_swin_wp_cp_equals_single_rank(world):
     assert run_ranks(_model_cases, world, timeout=150) == [len(CASES[world])] * world
 
