@@ -23,7 +23,7 @@ from .checkpoint import compat
 from .checkpoint import manifest as mf
 from .checkpoint.foreign import describe_foreign_tree
 from .checkpoint.manager import (checkpoint_root, consumed_samples, newer_checkpoints_message, occupied_message,
-                                 trained_digest)
+                                 resume_candidates, trained_digest)
 from .checkpoint.state import from_json
 from .checkpoint.storage import CheckpointError
 from .config import Config, ConfigError
@@ -200,8 +200,9 @@ def check_resume_matches(cfg: Config, ckpt: Path, manifest: dict) -> None:
 
 
 def check_resume(cfg: Config) -> None:
-    """``checkpoint.resume`` = PATH must exist and verify; ``auto`` must find at least one checkpoint that
-    verifies when there are any (the trainer would otherwise stop after every rank started)."""
+    """``checkpoint.resume`` = PATH must exist and verify (a dir of checkpoints: one of them, newest first, as
+    auto); ``auto`` must find at least one checkpoint that verifies when there are any (the trainer would
+    otherwise stop after every rank started). The candidates are the manager's (``resume_candidates``)."""
     mode = cfg.checkpoint.resume
     root = checkpoint_root(cfg.checkpoint, cfg.run.dir)
     if mode == "none":
@@ -213,34 +214,27 @@ def check_resume(cfg: Config) -> None:
     if foreign:
         raise ConfigError(f"checkpoint.resume = {mode}: {foreign}, then resume from OUT (or set "
                           "checkpoint.resume=none)")
+    try:  # the manager's candidates, by the same function: this verdict is the ranks' choice
+        candidates, single = resume_candidates(mode, root)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    if not candidates:
+        return
     if mode == "auto":
-        candidates = [p for _, p in mf.list_checkpoints(root)]
-        if not candidates:
-            return
         where = f"checkpoint.resume = auto: every checkpoint under {root} is damaged"
         hint = "; repair them, or move them away to start from scratch"
     else:
-        path = Path(mode)
-        if not path.exists():
-            raise ConfigError(f"checkpoint.resume = {mode}: no such checkpoint (a step_N directory, a directory "
-                              "of them, auto or none)")
-        if (path / mf.MANIFEST).exists() or mf._STEP_RE.match(path.name):
-            candidates = [path]
-        else:
-            candidates = [p for _, p in mf.list_checkpoints(path)]
-            if not candidates:
-                raise ConfigError(f"checkpoint.resume = {mode}: no step_N checkpoint there (expected a step_N "
-                                  f"directory with {mf.MANIFEST}, or a directory of them)")
-        where = f"checkpoint.resume = {mode}: " + ("damaged" if len(candidates) == 1 else "every checkpoint is damaged")
+        where = f"checkpoint.resume = {mode}: " + ("damaged" if single else "every checkpoint is damaged")
         hint = ""
-    problems = []
+    problems, damaged = [], []
     for ckpt in candidates:
         body, problem = _verified_manifest(ckpt)
         if body is not None:
             check_resume_matches(cfg, ckpt, body)
-            newer = None if mode == "auto" else newer_checkpoints_message(root, mode, body["step"])
+            newer = None if mode == "auto" else newer_checkpoints_message(root, mode, body["step"], damaged)
             if newer:
                 raise ConfigError(newer)
             return
-        problems.append(problem if len(candidates) == 1 else f"{ckpt.name}: {problem}")
+        damaged.append(ckpt)
+        problems.append(problem if single else f"{ckpt.name}: {problem}")
     raise ConfigError(f"{where} ({' | '.join(problems)}){hint}")

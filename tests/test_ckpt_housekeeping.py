@@ -18,7 +18,8 @@ from dist_train.checkpoint import manager as manager_mod
 from dist_train.checkpoint import storage
 from dist_train.checkpoint.cli import verify as cli_verify
 from dist_train.checkpoint.manifest import list_checkpoints, read_latest
-from tests.test_ckpt_common import CkptCfg, build, eval_outputs, model_config, seed_rank, train_steps
+from tests.test_ckpt_common import (CkptCfg, build, eval_outputs, flip_byte, model_config, seed_rank, shard_files,
+                                   train_steps)
 from tests.test_divergence import resign
 
 
@@ -204,3 +205,71 @@ def test_a_leftover_of_a_committed_re_save_never_comes_back_as_a_pruned_step(tmp
     shutil.copytree(root / "step_10", root / "step_10.replaced4343.deleting")
     save(20)  # prunes step_10
     assert sorted(p.name for p in root.iterdir() if p.name.startswith("step_")) == ["step_20"]
+
+
+def _names(root: Path) -> list[str]:
+    return [p.name for _, p in list_checkpoints(root)]
+
+
+def _files(ckpt: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in ckpt.iterdir()}
+
+
+@pytest.mark.parametrize("damage", ["unfinished", "shard"])
+@pytest.mark.parametrize("resume", ["auto", "dir"])
+def test_a_damaged_newest_checkpoint_resumes_the_newest_good_one_and_no_good_one_is_lost(tmp_path, caplog, monkeypatch,
+                                                                                        damage, resume):
+    """step_30 damaged (never finished: no manifest; or a flipped shard byte). ``resume: auto`` and ``resume: DIR``
+    (the checkpoint dir itself) both resume step_20 with one warning line naming both. The run then goes on:
+    keep_last counts only good checkpoints (a damaged step_30 would otherwise take a slot and step_22 be
+    pruned); the damaged one is left untouched; a kill while re-saving step 30 brings the damaged one back and
+    the restart falls back to step_23; the re-save of step 30 replaces it."""
+    root = tmp_path / "ckpt"
+    save = _saver(root, keep_last=3)
+    save(10)
+    out20 = save(20)
+    save(30)
+    if damage == "unfinished":
+        (root / "step_30" / "manifest.json").unlink()
+    else:
+        flip_byte(shard_files(root / "step_30")[0])
+    damaged = _files(root / "step_30")
+    mode = "auto" if resume == "auto" else str(root)
+    model, opt, sched = build(seed=9)
+    mgr = _mgr(root, resume=mode, keep_last=2)
+    with caplog.at_level(logging.WARNING, logger="dist_train.checkpoint"):
+        assert mgr.resume(model, opt, sched)["step"] == 20
+    assert torch.equal(eval_outputs(model), out20)
+    said = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(said) == 1 and "step_30 failed verification" in said[0] and "falling back to step_20" in said[0], said
+
+    def run_to(last: int, step_from: int) -> torch.Tensor:
+        for step in range(step_from, last + 1):
+            train_steps(model, opt, sched, step, step)
+            if step in (21, 22, 23, 30):
+                mgr.save(step, model, opt, sched, extra={"step": step, "consumed_samples": 6 * step})
+        return eval_outputs(model)
+
+    out23 = run_to(23, 21)
+    # keep_last=2 good ones (23, 22), the one resumed from (20); the damaged step_30 untouched
+    assert _names(root) == ["step_30", "step_23", "step_22", "step_20"]
+    assert _files(root / "step_30") == damaged
+    real_replace = manager_mod.os.replace
+
+    def killed_after_swap(src, dst):
+        real_replace(src, dst)
+        if ".replaced" in str(dst):
+            raise KeyboardInterrupt  # SIGKILL right after the damaged step_30 was moved aside
+
+    monkeypatch.setattr(manager_mod.os, "replace", killed_after_swap)
+    with pytest.raises(KeyboardInterrupt):
+        run_to(30, 24)
+    monkeypatch.setattr(manager_mod.os, "replace", real_replace)
+    restart = build(seed=5)
+    again = _mgr(root, resume=mode, keep_last=2)
+    assert again.resume(*restart)["step"] == 23 and torch.equal(eval_outputs(restart[0]), out23)
+    assert _files(root / "step_30") == damaged and _names(root) == ["step_30", "step_23", "step_22", "step_20"]
+    model, opt, sched = restart
+    mgr = again
+    run_to(30, 24)
+    assert not verify_checkpoint(root / "step_30") and _names(root) == ["step_30", "step_23"]

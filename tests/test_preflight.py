@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from dist_train.checkpoint import CheckpointManager
+from dist_train.checkpoint import CheckpointError, CheckpointManager
 from dist_train.cli import main
 from dist_train.config import CheckpointConfig, ConfigError, config_from_dict, load_config, load_yaml_unique
 from dist_train.data.datasets import IndexedTokenDataset
@@ -228,6 +228,58 @@ def test_cli_data_problems_exit_2_with_one_line_before_any_rank(dataset, tmp_pat
         lines = err.strip().splitlines()
         assert len(lines) == 1 and needle in lines[0], err[-2000:]
         assert not run_dir.exists()
+
+
+def _damage_newest(root: Path, how: str) -> None:
+    """Damage ``root/step_2`` the ways a resume meets: never finished (no manifest), a small file the pre-flight
+    checksums, or shard bytes that only the loading ranks check (the size still matches)."""
+    newest = root / "step_2"
+    if how == "unfinished":
+        (newest / "manifest.json").unlink()
+    elif how == "small_file":
+        _damage(newest)
+    elif how == "shard":
+        shard = sorted(newest.glob("*.distcp"))[0]
+        data = bytearray(shard.read_bytes())
+        data[len(data) // 2] ^= 0x40
+        shard.write_bytes(bytes(data))
+
+
+def _manager_verdict(root: Path, mode: str) -> str:
+    """The checkpoint the manager resumes from (``step_N``) with ``checkpoint.resume = mode``, or ``refused``."""
+    mgr = CheckpointManager(CheckpointConfig(keep_last=5, dir=str(root), resume=mode), run_dir=root)
+    try:
+        return f"step_{mgr.resume(torch.nn.Linear(3, 2))['step']}"
+    except (CheckpointError, ValueError):
+        return "refused"
+
+
+@pytest.mark.parametrize("damage,resume,verdict", [
+    # resume = the checkpoint dir itself, its newest damaged: as auto, the newest complete one that verifies
+    ("unfinished", "dir", "step_1"), ("small_file", "dir", "step_1"), ("shard", "dir", "step_1"),
+    ("none", "dir", "step_2"),
+    # an explicit step_N older than a newer checkpoint there, damaged or not, stays refused (move them away)
+    ("none", "step_1", "refused"), ("unfinished", "step_1", "refused"), ("shard", "step_1", "refused"),
+    # another run's checkpoint dir, older than this run's newest: refused
+    ("none", "other_dir", "refused"),
+])
+def test_preflight_and_the_manager_agree_on_a_resume_dir(tmp_path, dataset, damage, resume, verdict):
+    """Pre-flight (before any rank starts) and the checkpoint manager (in the ranks) take their candidates from
+    one function: pre-flight passes exactly when the manager resumes. Pre-flight cannot see shard bytes (the
+    loading ranks check them): it passes on step_2 there and the manager falls back to step_1, one warning."""
+    root = tmp_path / "ck"
+    _save(root, [1, 2])
+    _damage_newest(root, damage)
+    path = {"dir": root, "step_1": root / "step_1", "other_dir": tmp_path / "other"}[resume]
+    if resume == "other_dir":
+        _save(path, [1])
+    cfg = _cfg(tmp_path, dataset, checkpoint={"dir": str(root), "resume": str(path)})
+    if verdict == "refused":
+        _refused(cfg, f"checkpoint.resume = {path} is at step 1, but {root} holds newer checkpoints (step_2)")
+    else:
+        preflight(cfg, on_cuda=False)
+    assert _manager_verdict(root, str(path)) == verdict
+    assert (root / "step_2").is_dir()  # a damaged checkpoint is left for inspection, never deleted by a resume
 
 
 def test_resume_path_older_than_the_newest_in_the_checkpoint_dir_is_refused(tmp_path, dataset):

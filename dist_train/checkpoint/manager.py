@@ -36,7 +36,7 @@ import time
 import warnings
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional, Union
+from typing import Any, Callable, Iterable, Iterator, Optional, Union
 
 import torch
 import torch.distributed.checkpoint as dcp
@@ -169,11 +169,39 @@ def trained_digest(train_state: dict) -> Optional[str]:
     return value if isinstance(value, str) else None
 
 
-def newer_checkpoints_message(root: Path, mode: str, step: int) -> Optional[str]:
+def resume_candidates(mode: str, root: Path) -> tuple[list[Path], bool]:
+    """The checkpoints a resume with ``checkpoint.resume = mode`` tries, newest first, and whether ``mode`` names
+    one checkpoint (it must verify: no fallback). The pre-flight and the manager both take them from here, so the
+    pre-flight's verdict and the manager's choice cannot disagree on what counts.
+
+    ``auto``: every ``step_N`` under the run's checkpoint dir ``root`` (none: a fresh start, ``[]``); a DIR of
+    checkpoints: every ``step_N`` under it, the same way; a ``step_N`` dir (or any dir holding a manifest): that
+    one. Every ``step_N`` counts, complete or not: the commit renames ``step_N.tmp`` to ``step_N`` only once the
+    manifest is durable, so a ``step_N`` without a valid manifest is damage, skipped with a warning line like any
+    other, never silently. Raises ValueError (one line) when PATH does not exist or holds no ``step_N``."""
+    if mode == "auto":
+        return [p for _, p in mf.list_checkpoints(root)], False
+    path = Path(mode)
+    if not path.exists():
+        raise ValueError(f"checkpoint.resume = {mode}: no such checkpoint (a step_N directory, a directory of them, "
+                         "auto or none)")
+    if (path / mf.MANIFEST).exists() or mf.is_step_dir_name(path.name):
+        return [path], True
+    candidates = [p for _, p in mf.list_checkpoints(path)]
+    if not candidates:
+        raise ValueError(f"checkpoint.resume = {mode}: no step_N checkpoint there (expected a step_N directory with "
+                         f"{mf.MANIFEST}, or a directory of them)")
+    return candidates, False
+
+
+def newer_checkpoints_message(root: Path, mode: str, step: int, damaged: Iterable[Path] = ()) -> Optional[str]:
     """One line refusing ``checkpoint.resume = PATH`` at ``step`` when the run's checkpoint dir ``root`` holds
     newer ``step_N`` checkpoints (None when it does not): every restart resumes with ``resume: auto``, which
-    takes the newest, so a crash would silently drop this run's progress for that older lineage."""
-    newer = [p.name for s, p in mf.list_checkpoints(root) if s > step]
+    takes the newest, so a crash would silently drop this run's progress for that older lineage. ``damaged``:
+    the checkpoints this resume tried and found damaged (a PATH that is ``root`` itself falls back past them as
+    auto does; auto would skip them too); any other newer one counts, complete or not, since it was not verified."""
+    skipped = {p.resolve() for p in damaged}
+    newer = [p.name for s, p in mf.list_checkpoints(root) if s > step and p.resolve() not in skipped]
     if not newer:
         return None
     return (f"checkpoint.resume = {mode} is at step {step}, but {root} holds newer checkpoints "
@@ -226,6 +254,9 @@ class CheckpointManager:
         self.io_threads = io_threads
         self.fault_hook: Optional[Callable[[str], None]] = None
         self.resumed_from: Optional[Path] = None
+        # checkpoints under the checkpoint dir that this run's resume found damaged and skipped: pruning neither
+        # counts them toward keep_last nor deletes them; a save of the same step replaces one
+        self.found_damaged: list[Path] = []
         self.saved_config: dict = {}  # the config recorded in the checkpoint loaded last
         self.config_changes: list = []  # (key, saved, current) allowed by checkpoint.allow_config_change
         self.last_stall_s = 0.0  # time the last save() blocked the caller
@@ -309,9 +340,14 @@ class CheckpointManager:
             log.warning("%s; continuing (checkpoint.on_error=continue)", msg)
 
     def last_good(self) -> Optional[str]:
-        """Name of the newest complete checkpoint (``step_N``), or None."""
-        complete = mf.complete_checkpoints(self.root)
-        return complete[0][1].name if complete else None
+        """Name of the newest complete checkpoint (``step_N``) not found damaged at resume, or None."""
+        good = self._good_checkpoints()
+        return good[0][1].name if good else None
+
+    def _good_checkpoints(self) -> list[tuple[int, Path]]:
+        """Newest-first complete checkpoints under the checkpoint dir, less those this run's resume found damaged."""
+        damaged = {p.resolve() for p in self.found_damaged}
+        return [(s, p) for s, p in mf.complete_checkpoints(self.root) if p.resolve() not in damaged]
 
     def _fire(self, phase: str) -> None:
         if self.fault_hook is not None:
@@ -421,6 +457,7 @@ class CheckpointManager:
         os.replace(tmp, final)
         fsync_dir(self.root)
         # committed from here on: nothing below may report the save as failed
+        self.found_damaged = [d for d in self.found_damaged if d.resolve() != final.resolve()]
         try:
             mf.write_latest(self.root, final.name)
         except OSError as e:
@@ -437,11 +474,12 @@ class CheckpointManager:
     def _prune(self, current_step: int) -> None:
         """Keep the newest ``keep_last`` complete checkpoints, the newest complete one, the one just committed
         (a run rolled back to an older step saves below newer ones) and the one this run resumed from; drop
-        stale ``.tmp`` dirs of earlier steps (saves that died)."""
+        stale ``.tmp`` dirs of earlier steps (saves that died). Checkpoints the resume found damaged are neither
+        counted (a damaged newest one would take a good one's place) nor deleted (left for inspection)."""
         # first: once an old step_N is pruned below, its leftover step_N.replaced<pid> (a re-save that committed,
         # then was killed before deleting it) would look interrupted and come back as step_N
         restore_interrupted_replace(self.root)
-        complete = mf.complete_checkpoints(self.root)
+        complete = self._good_checkpoints()
         keep = {p for _, p in complete[: self.cfg.keep_last]} | {self.root / mf.step_dir_name(current_step)}
         if complete:
             keep.add(complete[0][1])
@@ -475,9 +513,11 @@ class CheckpointManager:
     # ------------------------------------------------------------------------------------------
     def resume(self, model, optimizer=None, scheduler=None) -> Optional[dict]:
         """Restore per ``cfg.resume`` (``auto`` | ``none`` | PATH); None on a fresh start, else the saved
-        ``extra`` dict (at least ``step`` and ``consumed_samples``). ``auto`` takes the newest complete
-        checkpoint under the checkpoint dir and falls back to older ones (one warning line each) when it
-        fails verification; PATH (a ``step_N`` dir, or a dir of them) must verify."""
+        ``extra`` dict (at least ``step`` and ``consumed_samples``). ``auto`` takes the newest checkpoint under
+        the checkpoint dir and falls back to older ones (one warning line each) when it fails verification; PATH
+        as a dir of ``step_N`` does the same over that dir; PATH as one ``step_N`` must verify. A PATH older than
+        a checkpoint in the checkpoint dir that this resume did not find damaged is refused
+        (:func:`newer_checkpoints_message`)."""
         mode = self.cfg.resume
         restored = None
         if self.rank == 0 and self.root.is_dir():
@@ -499,43 +539,32 @@ class CheckpointManager:
         foreign = describe_foreign_tree(self.root if mode == "auto" else Path(mode))
         if foreign:  # never start fresh beside (or fail obscurely on) someone else's weights
             raise CheckpointError(f"checkpoint.resume = {mode}: {foreign}")
-        if mode == "auto":
-            # every step_N dir counts: the commit renames step_N.tmp -> step_N only after the manifest is
-            # durable, so a step_N with a bad manifest is damage (warn and fall back), not a save in progress
-            candidates = [p for _, p in mf.list_checkpoints(self.root)]
-            if not candidates:
-                return None
-            strict = False
-        else:
-            path = Path(mode)
-            if (path / mf.MANIFEST).exists():
-                candidates = [path]
-            else:
-                candidates = [p for _, p in mf.complete_checkpoints(path)]
-                if not candidates:
-                    raise ValueError(f"checkpoint.resume = {mode!r}: no complete checkpoint there (expected a "
-                                     f"step_N directory with {mf.MANIFEST}, or a directory of them)")
-            strict = len(candidates) == 1
-        problems_seen = []
+        candidates, single = resume_candidates(mode, self.root)
+        if not candidates:
+            return None
+        problems_seen, damaged = [], []
         for i, ckpt in enumerate(candidates):
             try:
                 extra = self.load(ckpt, model, optimizer, scheduler, verify=True)
             except CorruptCheckpointError as e:
                 problem = e.problem
             else:
-                newer = self.comm.broadcast(newer_checkpoints_message(self.root, mode, int(extra["step"]))
+                newer = self.comm.broadcast(newer_checkpoints_message(self.root, mode, int(extra["step"]), damaged)
                                             if mode != "auto" and self.rank == 0 else None)
                 if newer:
                     raise CheckpointDirInUse(newer)
+                self.found_damaged = damaged
                 return extra
-            problems_seen.append(problem)
-            if strict:
+            if single:
                 raise CheckpointError(f"checkpoint {ckpt} failed verification: {problem}")
+            problems_seen.append(problem)
+            damaged.append(ckpt)
             nxt = candidates[i + 1].name if i + 1 < len(candidates) else None
             if self.rank == 0:
                 log.warning("checkpoint %s failed verification (%s); %s", ckpt.name, problem,
-                            f"falling back to {nxt}" if nxt else "no older complete checkpoint")
-        raise CheckpointError(f"no valid checkpoint under {self.root}: " + " | ".join(problems_seen))
+                            f"falling back to {nxt}" if nxt else "no older checkpoint")
+        where = self.root if mode == "auto" else Path(mode)
+        raise CheckpointError(f"no valid checkpoint under {where}: " + " | ".join(problems_seen))
 
     def _verify_collective(self, ckpt: Path) -> tuple[Optional[dict], list[str]]:
         """Manifest + every file's size and checksums, except the contents of the shards that the loader verifies

@@ -47,6 +47,11 @@ def step_dir_name(step: int) -> str:
     return f"step_{step}"
 
 
+def is_step_dir_name(name: str) -> bool:
+    """True for a committed checkpoint directory's name, ``step_N`` (not ``step_N.tmp`` and the like)."""
+    return bool(_STEP_RE.match(name))
+
+
 def rng_file_name(rank: int) -> str:
     return f"rng_rank{rank:05d}.json"
 
