@@ -888,11 +888,29 @@ def _validate_swin(cfg: Config) -> None:
             raise ConfigError(f"parallel.fsdp with parallel.pp = {p.pp} is not tested for model.kind = swin; use "
                               "fsdp: false (the pipeline engine reduces gradients itself) or pp = 1")
     _validate_swin_tiling(cfg)
+    _validate_swin_cp_fields(p)
     if m.n_heads % (p.tp * p.cp):
         valid = [c for c in range(1, m.n_heads + 1) if m.n_heads % c == 0]
         raise ConfigError(f"model.n_heads = {m.n_heads} is not divisible by parallel.tp·cp = {p.tp}·{p.cp}: swin splits "
                           f"heads over tp and runs Ulysses inside windows over cp (n_heads/(tp·cp) heads per rank); "
                           f"tp·cp must be one of {valid}")
+
+
+def _validate_swin_cp_fields(p: ParallelConfig) -> None:
+    """Swin's cp is always Ulysses inside windows over the whole cp group (no ring, no sequence layout): a
+    ring/hybrid setting would be silently ignored, so one that differs from its default is refused. ``ulysses``
+    (what runs) and the defaults (``ring``, ``zigzag``, degree 1, whole shards) are accepted."""
+    if p.cp == 1:
+        return
+    ignored = [f"{k} = {v!r}" for k, v, ok in (
+        ("cp_method", p.cp_method, p.cp_method in ("ring", "ulysses")),
+        ("ulysses_degree", p.ulysses_degree, p.ulysses_degree in (1, p.cp)),
+        ("cp_layout", p.cp_layout, p.cp_layout == "zigzag"),
+        ("cp_kv_piece", p.cp_kv_piece, p.cp_kv_piece is None)) if not ok]
+    if ignored:
+        raise ConfigError(f"parallel.{ignored[0]} with model.kind = swin and cp = {p.cp}: swin's cp is Ulysses inside "
+                          f"windows over the whole cp group (bands of tile rows, no ring), so this would be ignored; "
+                          f"remove it (docs/window_parallel.md)")
 
 
 def _validate_swin_tiling(cfg: Config) -> None:

@@ -56,3 +56,23 @@ def test_config_refuses_exactly_the_tilings_a_rank_would(tmp_path, image, patch,
 def test_the_cases_cover_every_rule():
     verdicts = [_rank_refuses(*case) for case in CASES]
     assert 3 <= sum(verdicts) < len(CASES)
+
+
+@pytest.mark.parametrize("parallel, accepted", [
+    ({"cp": 2}, True),                                              # the defaults: ring, zigzag
+    ({"cp": 2, "cp_method": "ulysses"}, True),                      # what runs
+    ({"cp": 2, "cp_method": "ulysses", "ulysses_degree": 2}, True),
+    ({"cp": 1, "cp_layout": "striped", "cp_kv_piece": 8}, True),    # no cp: nothing to ignore
+    ({"cp": 2, "cp_method": "hybrid", "ulysses_degree": 2}, "cp_method = 'hybrid'"),
+    ({"cp": 2, "cp_layout": "contiguous"}, "cp_layout = 'contiguous'"),
+    ({"wp": [3, 1], "cp": 2, "cp_kv_piece": 4}, "cp_kv_piece = 4"),
+])
+def test_config_refuses_cp_fields_a_swin_would_ignore(tmp_path, parallel, accepted):
+    """Swin's cp is Ulysses inside windows over the whole cp group: a ring/hybrid field would be silently ignored."""
+    if accepted is True:
+        tiny_swin_config(tmp_path, tmp_path, parallel=parallel)
+        return
+    with pytest.raises(ConfigError) as info:
+        tiny_swin_config(tmp_path, tmp_path, parallel=parallel)
+    msg = str(info.value)
+    assert "\n" not in msg and f"parallel.{accepted} with model.kind = swin" in msg and "remove it" in msg, msg
