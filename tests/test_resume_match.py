@@ -11,6 +11,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+import numpy as np
 import pytest
 from torch import nn
 
@@ -18,6 +19,7 @@ from dist_train.checkpoint import CheckpointManager
 from dist_train.checkpoint.compat import ResumeMismatchError
 from dist_train.checkpoint.manager import CheckpointDirInUse
 from dist_train.config import ConfigError
+from dist_train.data.fingerprint import BLOCK, SAMPLES, dataset_fingerprint, digest_kind
 from dist_train.data.prepare import prepare_indexed
 from dist_train.optim import lr_lambda
 from dist_train.preflight import preflight
@@ -282,6 +284,75 @@ def test_a_dataset_re_prepared_from_other_text_with_the_same_sample_count_is_ref
     assert "\n" not in str(info.value) and "allow_config_change: [data.path]" in str(info.value)
     allowed = {"allow_config_change": ["data.path"]}
     assert train(tiny_gpt_config(run, steps=4, data=data, model=model, checkpoint=allowed)).start_step == 3
+
+
+def test_a_dataset_built_elsewhere_and_re_shuffled_is_refused_by_its_fingerprint(tmp_path):
+    """No sidecar (a Megatron-LM dataset): the same documents in another order keep the sample count, so only
+    the sampled fingerprint (data/fingerprint.py) can tell. The files restored resume; a sidecar added later
+    (a whole-stream digest, another kind) is not compared with the recorded fingerprint."""
+    docs, prefix = tmp_path / "docs.jsonl", str(tmp_path / "ds")
+
+    def build(words, sidecar=False):
+        docs.write_text("\n".join(json.dumps({"text": t * 40}) for t in words))
+        for suffix in (".bin", ".idx", ".meta.json"):
+            Path(prefix + suffix).unlink(missing_ok=True)
+        info = prepare_indexed([docs], prefix)
+        if not sidecar:
+            Path(prefix + ".meta.json").unlink()
+        return info
+
+    words = ("alpha ", "beta gamma ", "delta\n")
+    first = build(words)
+    data, model, run = {"source": "indexed", "path": prefix, "seq_len": 32}, {"vocab_size": 257}, tmp_path / "run"
+    train(tiny_gpt_config(run, steps=2, data=data, model=model, checkpoint={"at_end": True}))
+    recorded = json.loads((run / "checkpoints" / "step_2" / "train_state.json").read_text())["extra"]["train_digest"]
+    assert recorded == dataset_fingerprint(prefix) and recorded.startswith("xxh3_64-sampled:")
+    shuffled = build(words[::-1])
+    assert shuffled["tokens"] == first["tokens"] and dataset_fingerprint(prefix) != recorded
+    refusal = rf"step_2 was trained on data.path .*ds with token digest {recorded}, it now holds xxh3_64-sampled:"
+    with pytest.raises(ConfigError, match=refusal):  # before any rank starts
+        preflight(tiny_gpt_config(run, steps=3, data=data, model=model), on_cuda=False)
+    with pytest.raises(ResumeMismatchError, match=refusal):
+        train(tiny_gpt_config(run, steps=3, data=data, model=model))
+    build(words)
+    assert train(tiny_gpt_config(run, steps=3, data=data, model=model, checkpoint={"at_end": True})).start_step == 2
+    build(words, sidecar=True)
+    preflight(tiny_gpt_config(run, steps=4, data=data, model=model), on_cuda=False)
+    assert train(tiny_gpt_config(run, steps=4, data=data, model=model)).start_step == 3
+
+
+def test_fingerprint_sees_size_content_and_index_and_reads_a_bounded_amount(tmp_path):
+    prefix = tmp_path / "ds"
+    body = bytearray(np.random.default_rng(0).integers(0, 256, 3 * 2**20, dtype=np.uint8).tobytes())
+    Path(f"{prefix}.idx").write_bytes(b"index")
+    Path(f"{prefix}.bin").write_bytes(body)
+    base = dataset_fingerprint(prefix)
+    assert base == dataset_fingerprint(prefix) and base.startswith("xxh3_64-sampled:")
+    body[-1] ^= 1  # the last block is always sampled
+    Path(f"{prefix}.bin").write_bytes(body)
+    assert dataset_fingerprint(prefix) != base
+    body[-1] ^= 1
+    Path(f"{prefix}.bin").write_bytes(body + b"\0\0")
+    assert dataset_fingerprint(prefix) != base  # the size
+    Path(f"{prefix}.bin").write_bytes(body)
+    Path(f"{prefix}.idx").write_bytes(b"indey")
+    assert dataset_fingerprint(prefix) != base
+    Path(f"{prefix}.idx").unlink()
+    assert dataset_fingerprint(prefix) is None
+    assert digest_kind("xxh3_64:ab") == "xxh3_64" and digest_kind(base) == "xxh3_64-sampled"
+    big = tmp_path / "big"
+    with open(f"{big}.bin", "wb") as f:
+        f.truncate(256 * 2**20)
+    Path(f"{big}.idx").write_bytes(b"index")
+    before = _bytes_read()
+    dataset_fingerprint(big)
+    assert _bytes_read() - before < 2 * SAMPLES * BLOCK + 2**20  # 2 MiB of a 256 MiB dataset
+
+
+def _bytes_read() -> int:
+    """This process's bytes read through read(2) so far (Linux /proc/self/io ``rchar``)."""
+    io = dict(line.split(": ") for line in Path("/proc/self/io").read_text().splitlines())
+    return int(io["rchar"])
 
 
 def test_a_dataset_moved_to_another_path_resumes_and_other_text_there_is_refused(tmp_path):

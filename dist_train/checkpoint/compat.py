@@ -20,6 +20,7 @@ from typing import Any, Iterable, Mapping, Optional, Sequence
 from dist_train.checkpoint.storage import CheckpointError
 from dist_train.config import (RESUME_CHECKED_KEYS, RESUME_DATA_ORDER_KEYS, ModelConfig, attention_head_dim,
                                ffn_hidden_size, swin_ffn_hidden_size)
+from dist_train.data.fingerprint import digest_kind
 
 #: Config keys a checkpoint must agree on: every key of these sections, and these single keys.
 CHECKED_SECTIONS = ("model",)
@@ -152,8 +153,9 @@ def check_dataset(ckpt: Path, extra: Mapping[str, Any], samples: Optional[int], 
     """Refuse a resume whose training dataset differs from the checkpoint's run's at the same data.path
     (re-prepared or replaced): consumed_samples would point into another permutation or other text. It
     differs when it has ``samples`` samples where the checkpoint's run had ``extra["train_samples"]``, or when
-    its token stream's ``digest`` (``dist-train data prepare``'s sidecar) is not ``extra["train_digest"]``;
-    each is compared only when both sides have it. Only once samples were consumed; allowed with
+    its token stream's ``digest`` (``dist-train data prepare``'s sidecar, else the sampled fingerprint of
+    data/fingerprint.py) is not ``extra["train_digest"]``; each is compared only when both sides have it
+    (digests only of one kind: a full digest is never compared with a fingerprint). Only once samples were consumed; allowed with
     ``allow_config_change: [data.path]``, and not compared after an allowed change (``changes``, from
     ``check_config``) of a key in SAMPLE_COUNT_KEYS."""
     consumed = extra.get("consumed_samples")
@@ -162,7 +164,7 @@ def check_dataset(ckpt: Path, extra: Mapping[str, Any], samples: Optional[int], 
     saved, saved_digest = extra.get("train_samples"), extra.get("train_digest")
     if saved is not None and samples is not None and saved != samples:
         found = f"was trained on {saved} samples of data.path {path}, it now has {samples}"
-    elif saved_digest is not None and digest is not None and saved_digest != digest:
+    elif saved_digest and digest and digest_kind(saved_digest) == digest_kind(digest) and saved_digest != digest:
         found = f"was trained on data.path {path} with token digest {saved_digest}, it now holds {digest}"
     else:
         return

@@ -17,6 +17,7 @@ import torch
 from ..config import Config, parse_split
 from ..megatron_import import import_megatron_core
 from .integrity import check_bin_size, read_index
+from .fingerprint import dataset_fingerprint
 from .sidecar import dataset_digest
 
 
@@ -89,12 +90,13 @@ class IndexedTokenDataset:
 
 
 def training_digest(cfg: Config) -> Optional[str]:
-    """The digest of the GPT's indexed training data that a checkpoint records as ``train_digest`` (its
-    sidecar's, :func:`dataset_digest`); None for other data or a dataset prepared without one."""
+    """The identity of the GPT's indexed training data that a checkpoint records as ``train_digest``: its
+    sidecar's whole-stream digest (:func:`dataset_digest`), else, for a dataset built elsewhere or prepared
+    before digests were recorded, its sampled fingerprint (data/fingerprint.py); None for other data."""
     d = cfg.data
     if cfg.model.kind != "gpt" or d.source != "indexed" or not d.path:
         return None
-    return dataset_digest(d.path)
+    return dataset_digest(d.path) or dataset_fingerprint(d.path)
 
 
 class SyntheticTokenDataset:
