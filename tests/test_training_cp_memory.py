@@ -1,5 +1,7 @@
 """Ring attention memory per rank is a constant multiple of one shard-sized tensor X = [B, S/P, H, D]
 (no buffer grows with S), measured by the benchmark's validated tensor-memory meter."""
+import os
+
 import torch
 
 from tests.dist_harness import run_ranks
@@ -78,3 +80,17 @@ def test_kv_pieces_bound_ring_memory_near_single_device_attention():
         assert max(ratios[:3]) <= 1.2, ratios
         assert ratios[3] < ratios[0] - 0.05, ratios           # same piece, 4x the shard: relatively less
         assert ratios[4] > 1.4, ratios                          # whole shards: the classic ring's overhead
+
+
+def test_the_meter_prints_no_kineto_lines_and_keeps_everything_else(capfd):
+    """libkineto writes ``USDT:… profiler_start/stop`` to file descriptor 2 at every profiler start and stop;
+    the meter drops exactly those lines, and what the measured code writes there still reaches stderr."""
+    from dist_train.bench.attention import peak_tensor_bytes
+
+    def noisy():
+        os.write(2, b"from the measured code\n")
+        return torch.ones(4).sum()
+
+    result, _ = peak_tensor_bytes(noisy)
+    err = capfd.readouterr().err
+    assert result == 4 and "USDT:" not in err and "from the measured code" in err, err

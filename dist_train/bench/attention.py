@@ -25,10 +25,14 @@ one against the ideal S² / Σ Lᵢ² (the work ratio) and the fraction of that 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
 import statistics
+import sys
+import tempfile
 import time
-from typing import Optional
+from typing import Iterator, Optional
 
 import torch
 import torch.distributed as dist
@@ -112,13 +116,56 @@ def peak_tensor_bytes(fn):
     Counts allocations and frees reported by c10's CPU allocator to the profiler on this thread
     (autograd's CPU backward runs on the calling thread); tensors that existed before are ignored.
     """
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+    with _quiet_profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         result = fn()
     live = peak = 0
     for _, nbytes in _memory_events(prof):
         live += nbytes
         peak = max(peak, live)
     return result, peak
+
+
+#: libkineto (torch 2.13) writes ``USDT:<time> <pid> SyncActivityProfilerHandler.cpp:52] profiler_start`` (and
+#: ``…_stop``) to stderr from C++ at every profiler start and stop; no log level or environment variable
+#: silences it, and a benchmark printing four such lines per point buries its own results.
+_KINETO_NOISE = b"USDT:"
+
+
+@contextlib.contextmanager
+def _quiet_profile(**kwargs) -> Iterator[profile]:
+    """``torch.profiler.profile(**kwargs)`` whose start and stop do not print libkineto's USDT lines; what runs
+    inside the block writes to stderr as usual."""
+    prof = profile(**kwargs)
+    with _without_stderr_lines(_KINETO_NOISE):
+        prof.start()
+    try:
+        yield prof
+    finally:
+        with _without_stderr_lines(_KINETO_NOISE):
+            prof.stop()
+
+
+@contextlib.contextmanager
+def _without_stderr_lines(prefix: bytes) -> Iterator[None]:
+    """Catch file descriptor 2 (C++ writes there directly) for the block; then pass on every line that does
+    not start with ``prefix``."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as caught:
+        os.dup2(caught.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            caught.seek(0)
+            kept = b"".join(line for line in caught if not line.startswith(prefix))
+            if kept and hasattr(sys.stderr, "buffer"):
+                sys.stderr.buffer.write(kept)
+            elif kept:  # a text-only stream (a test's capture)
+                sys.stderr.write(kept.decode(errors="replace"))
+            sys.stderr.flush()
 
 
 def _memory_events(prof) -> list[tuple[int, int]]:
