@@ -11,6 +11,7 @@ from dist_train.cost.flops import flops_per_token, matmul_params, model_params, 
 from dist_train.cost.memory import memory_model
 from dist_train.cost.predict import predict
 from dist_train.cost.shape import rank_inputs, shape_of
+from dist_train.cost.step_time import EAGER_OPS_PER_LAYER, ULYSSES_OPS, ulysses_traffic
 from dist_train.plan.enumerate import enumerate_layouts, layout_label, rank_layouts, why_slower
 from dist_train.plan.profiles import Link, _lookup, builtin_profiles, fit_link, get_profile
 
@@ -209,3 +210,32 @@ def test_swin_shape_and_wp():
     # 8x15 windows on a 2x2 grid: the largest tile has 4x8 windows = 512 of the 1920 tokens
     assert p4.memory["activations"] == pytest.approx(p1.memory["activations"] * 512 / 1920)
     assert p4.time["wp_halo_exposed"] > 0
+
+
+def test_swin_cp_is_costed_as_the_ulysses_it_runs(cpu):
+    """A swin's cp runs Ulysses inside windows over the whole cp group whatever parallel.cp_method says
+    (models/swin.py; the config accepts the default ring and ulysses): the default and ulysses predict the
+    same, with the window-Ulysses all-to-alls (q|k|v out, the output back: 2 per block and pass) and no ring."""
+    data = {"model": {"kind": "swin", "d_model": 32, "n_layers": 2, "n_heads": 2, "window": 4, "in_channels": 3,
+                      "out_channels": 3},
+            "data": {"source": "weather", "image": [30, 60]}, "train": {"global_batch": 2, "micro_batch": 1}}
+    one = predict(config_from_dict(copy.deepcopy(data)), cpu)
+    default = config_from_dict(copy.deepcopy(data), ["parallel.cp=2"])
+    ring, uly = predict(default, cpu), predict(config_from_dict(copy.deepcopy(data), ["parallel.cp=2",
+                                                                                       "parallel.cp_method=ulysses"]), cpu)
+    assert ring.memory == uly.memory and ring.time == uly.time
+    assert ring.layout["cp_method"] == uly.layout["cp_method"] == "ulysses" and ring.layout["ulysses_degree"] == 2
+    assert layout_label(default) == "cp2 ulysses mb1"
+    sh, loc = rank_inputs(default, cpu)
+    assert loc.tokens == 32 * 60 / 2  # each cp rank's band of the 32x60 padded token grid
+    assert ulysses_traffic(default, loc) == (2, loc.tokens * 4 * 32 * loc.bpe / 2)  # q|k|v + out, half leaves
+    link = cpu.link(2)
+    a2a = 2 * 2 * 2 * (loc.tokens * 4 * 32 * loc.bpe / 2 / (link.bw_gbs * 1e9) + 2 * link.latency_us * 1e-6)
+    assert ring.time["cp_comm_exposed"] == pytest.approx(a2a)  # 2 micro-batches, 2 blocks, forward and backward
+    # eager ops: the Ulysses bookkeeping once per block, no ring steps (2 micro-batches of 2 blocks)
+    assert ring.time["op_overhead"] == pytest.approx(
+        2 * 2 * (EAGER_OPS_PER_LAYER["swin"] + ULYSSES_OPS) * cpu.op_overhead_us * 1e-6 / cpu.compute_share(2))
+    # memory: window attention keeps the head-sharded q, k, v instead of the qkv output, so activations are
+    # the cp-1 ones per token; buffers: one all-to-all output of q|k|v, no K/V ring buffers
+    assert ring.memory["activations"] == pytest.approx(one.memory["activations"] / 2)
+    assert ring.memory["comm_buffers"] == loc.tokens * 3 * 32 * loc.bpe

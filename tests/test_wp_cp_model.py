@@ -4,7 +4,9 @@ The wp and cp groups are the job's DeviceMesh groups (dist_train.mesh.build_mesh
 wp_rank·cp + cp_rank; the wp group of a rank holds the ranks with its cp coordinate, the cp group the ranks of
 its tile. Every case checks, on every rank, the loss and count summed over all ranks and every parameter
 gradient summed over all ranks (the trainer's reduction over dp × wp × cp) against grid 1×1 without cp on the
-full image, plus the number of all-to-alls and the bytes the all-to-alls and the halo exchanges send. Images
+full image, plus the number of all-to-alls and the bytes the all-to-alls and the halo exchanges send — against
+the formulas and against the cost model's prediction for the same config (``dist_train.cost.step_time``:
+``ulysses_traffic`` is the mean over a tile's cp ranks, ``swin_halo_traffic`` the largest tile). Images
 need padding; splits are even (whole window rows), even across windows, uneven (exact via the uneven
 all-to-all) and include a cp share that is all padding (it reads no pixel).
 
@@ -20,9 +22,12 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from dist_train.config import ParallelConfig
+from dist_train.config import ParallelConfig, config_from_dict
+from dist_train.cost.shape import rank_inputs
+from dist_train.cost.step_time import swin_halo_traffic, ulysses_traffic
 from dist_train.mesh import build_mesh
 from dist_train.models.swin import build_swin
+from dist_train.plan.profiles import builtin_profiles
 from parallelism.window import halo_stats, halo_tokens, reset_halo_stats, reset_ulysses_stats, share_rows, \
     ulysses_stats
 from tests.dist_harness import run_ranks
@@ -51,6 +56,17 @@ def _cfg(heads, patch, window, wrap):
     return SimpleNamespace(kind="swin", d_model=heads * D_HEAD, n_layers=2, n_heads=heads, ffn_hidden=24,
                            norm_eps=1e-5, patch_size=patch, window=list(window), in_channels=3, out_channels=3,
                            init_std=0.2, wrap=list(wrap))
+
+
+def _predicted(grid, cp, heads, H, W, patch, window, wrap) -> dict:
+    """The cost model's communication for this case as a trainer config (fp32: elements = bytes / 4)."""
+    m = _cfg(heads, patch, window, wrap)
+    c = config_from_dict({"model": vars(m), "data": {"source": "weather", "image": [H, W], "channels": 3},
+                          "parallel": {"wp": list(grid), "cp": cp},
+                          "train": {"global_batch": B, "micro_batch": B, "precision": "fp32"}})
+    sh, loc = rank_inputs(c, builtin_profiles()["cpu"])
+    (a2as, a2a_bytes), (rolls, halo_bytes) = ulysses_traffic(c, loc), swin_halo_traffic(c, sh, loc)
+    return {"a2as": a2as, "a2a": a2a_bytes / loc.bpe, "rolls": rolls, "halo": halo_bytes / loc.bpe}
 
 
 def _groups(world: int, grid: tuple[int, int], cp: int, cache: dict):
@@ -104,6 +120,20 @@ def _model_cases(rank: int, world: int) -> int:
         loss.backward()
         a2a_bwd = L * 8 * B * (d // cp) * (n_r * (cp - 1) + 3 * (n_all - n_r))  # the adjoint exchanges
         assert ulysses_stats() == {"calls": 4 * L, "bytes_sent": a2a_fwd + a2a_bwd}, (tag, ulysses_stats())
+
+        # the cost model predicts what ran: L·a2as all-to-alls per pass; forward + backward elements averaged
+        # over the tile's cp ranks (uneven bands send unequal amounts); the halo of the largest tile (one
+        # shifted block of L = 2)
+        pred = _predicted(grid, cp, heads, H, W, patch, window, wrap)
+        assert L * pred["a2as"] == 2 * L, (tag, pred)
+        sent = torch.tensor([float(ulysses_stats()["bytes_sent"])], dtype=torch.float64)
+        dist.all_reduce(sent, group=cp_group)
+        largest = (th, tw) == tuple(max(s) for s in zip(*(layout.tile_shape(r) for r in range(nwp))))
+        if largest:
+            assert float(sent) / cp == pytest.approx(2 * L * pred["a2a"] * 8, rel=1e-12), (tag, float(sent), pred)
+            assert (L // 2) * pred["halo"] * 8 == halo_fwd and pred["rolls"] == (2 if nwp > 1 else 0), (tag, pred)
+        else:
+            assert halo_fwd <= (L // 2) * pred["halo"] * 8, (tag, pred)
 
         assert float(count) == B * (rows.stop - rows.start) * (cols.stop - cols.start) * 3, tag
         total = torch.stack([loss.detach(), count.double()])

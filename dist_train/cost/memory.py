@@ -22,14 +22,17 @@ Components (bytes):
                         replicated part (norm inputs/outputs, ÷tp only with sequence parallel) +
                         tensor-parallel part (÷tp); + 2·heads·span scores without flash attention;
                         tokens per rank = micro_batch·S / (cp·wp); full checkpointing keeps the layer
-                        input (d per token) per layer + one layer being recomputed; Ulysses keeps the
-                        head-sharded q, k, v copies; × micro-batches in flight; + the stage input
+                        input (d per token) per layer + one layer being recomputed; a GPT's Ulysses keeps
+                        the head-sharded q, k, v copies (a swin's replace its qkv output); × micro-batches
+                        in flight; + the stage input
     logits              head rank only (:func:`loss_bytes`), one micro-batch: chunked (train.loss_chunk)
                         c·V_pad/tp × (fp32 logits/their gradient in place + the 16-bit matmul output and
                         gradient copy) with c = min(chunk, tokens), + dL/dh (tokens·d) + an fp32 dL/dW
                         accumulator in 16-bit training; full: tokens·V_pad/tp × (logits + fp32
                         log-softmax + its gradient)
-    comm_buffers        ring double buffers for K/V and dK/dV, all-to-all outputs
+    comm_buffers        ring double buffers for K/V and dK/dV, all-to-all outputs — of the cp that runs
+                        (:func:`~dist_train.cost.shape.cp_execution`: a swin's is Ulysses whatever
+                        parallel.cp_method says)
     workspace           one layer's activation gradients in flight
 """
 from __future__ import annotations
@@ -40,7 +43,7 @@ from typing import Optional
 from ..config import Config, resolve_loss_chunk
 from ..plan.profiles import DeviceProfile
 from .layout import RankLoad, Stage, load_of
-from .shape import RankShape, Shape, rank_inputs, ring_piece_tokens
+from .shape import RankShape, Shape, cp_execution, rank_inputs, ring_piece_tokens
 
 
 def activation_elems_per_token(cfg: Config, sh: Shape, prof: DeviceProfile, loc: RankShape) -> dict:
@@ -61,8 +64,11 @@ def activation_elems_per_token(cfg: Config, sh: Shape, prof: DeviceProfile, loc:
     if cfg.parallel.sequence_parallel and cfg.parallel.tp > 1:
         rep /= cfg.parallel.tp
     uly = 0.0
-    if cfg.parallel.cp > 1 and cfg.parallel.cp_method in ("ulysses", "hybrid"):
-        uly = loc.q + 2 * loc.kv  # the head-sharded q, k, v after the all-to-all
+    if cp_execution(cfg).ulysses > 1 and sh.kind == "gpt":
+        # the head-sharded q, k, v after the all-to-all, besides the sequence-sharded ones RoPE kept; a swin's
+        # window attention keeps its head-sharded q, k, v INSTEAD of the qkv output (saved-tensor bytes per
+        # token of a block are the same at cp 1, 2 and 4), so it adds nothing per token
+        uly = loc.q + 2 * loc.kv
     return {"replicated": rep, "parallel": par, "scores": scores, "ulysses": uly}
 
 
@@ -145,12 +151,12 @@ def memory_model(cfg: Config, sh: Shape, prof: DeviceProfile, loc: RankShape,
     acts = stored_tok * loc.tokens * bpe
     logits = loss_bytes(cfg, sh, loc) if load.head else 0.0
     comm = 0.0
-    if p.cp > 1:
-        if p.cp_method in ("ring", "hybrid"):
-            # K/V in flight (double buffer) + dK/dV accumulators, per K/V piece when the ring is pieced
-            comm += 4 * ring_piece_tokens(cfg, loc) * loc.kv * bpe * 2
-        if p.cp_method in ("ulysses", "hybrid"):
-            comm += loc.tokens * (loc.q + 2 * loc.kv) * bpe
+    cpx = cp_execution(cfg)
+    if cpx.ring > 1:
+        # K/V in flight (double buffer) + dK/dV accumulators, per K/V piece when the ring is pieced
+        comm += 4 * ring_piece_tokens(cfg, loc) * loc.kv * bpe * 2
+    if cpx.ulysses > 1:  # the all-to-all's output of q, k, v (swin: q|k|v in one)
+        comm += loc.tokens * (loc.q + 2 * loc.kv) * bpe
     workspace = 2 * loc.tokens * (sh.d + loc.f) * bpe  # one layer's activation gradients in flight
     out = {"baseline": prof.baseline_bytes, "weights": weights, "grads": grads, "optimizer": optim,
            "ddp_buckets": ddp, "fsdp_unsharded": unsharded, "activations": acts, "logits": logits,

@@ -12,7 +12,7 @@ from ..config import Config
 from ..plan.profiles import DeviceProfile
 from .flops import flops_per_token
 from .memory import memory_model
-from .shape import rank_inputs
+from .shape import cp_execution, rank_inputs
 from .step_time import time_model
 
 
@@ -58,8 +58,10 @@ def predict(cfg: Config, prof: DeviceProfile, world: Optional[int] = None) -> Pr
     tokens_step = cfg.train.global_batch * sh.tokens
     tflops = fpt * tokens_step / step / world / 1e12
     p = cfg.parallel
-    layout = {"dp": p.dp, "tp": p.tp, "pp": p.pp, "cp": p.cp, "wp": list(cfg.wp_grid), "cp_method": p.cp_method,
-              "cp_layout": p.cp_layout, "ulysses_degree": p.ulysses_degree, "zero_stage": p.zero_stage,
+    cpx = cp_execution(cfg)  # the cp that runs (a swin's is Ulysses whatever parallel.cp_method says)
+    layout = {"dp": p.dp, "tp": p.tp, "pp": p.pp, "cp": p.cp, "wp": list(cfg.wp_grid),
+              "cp_method": cpx.method if p.cp > 1 else p.cp_method, "cp_layout": p.cp_layout,
+              "ulysses_degree": cpx.ulysses if p.cp > 1 else p.ulysses_degree, "zero_stage": p.zero_stage,
               "fsdp": p.fsdp, "checkpointing": cfg.train.activation_checkpointing, "micro_batch": cfg.train.micro_batch,
               "sequence_parallel": p.sequence_parallel}
     return Prediction(layout=layout, memory=mem, time=tm, step_time_s=step, tokens_per_s=tokens_step / step,

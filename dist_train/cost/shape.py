@@ -2,6 +2,7 @@
 
     sh = shape_of(cfg)                   # layers, widths, heads, vocabulary, tokens per sample, keys per query
     sh, loc = rank_inputs(cfg, prof)     # + per-rank quantities (tokens, ÷tp widths, pipeline loads, bytes/elem)
+    cpx = cp_execution(cfg)              # how cp really runs: method, ring size, Ulysses degree, all-to-alls
 
 Pure arithmetic on the typed config (no torch): the models build themselves from the same definitions
 (``config.ffn_hidden_size``, :func:`token_grid`), so a shape counted here is the shape that trains.
@@ -172,6 +173,39 @@ def rank_shape(cfg: Config, sh: Shape, prof: DeviceProfile) -> RankShape:
     return RankShape(tokens=tokens, layers=max(ld.layers for ld in loads), q=sh.q_dim / tp,
                      kv=kv_heads_local * sh.head_dim, f=sh.ffn / tp, heads=sh.heads / tp, vocab=sh.vocab_rows(tp),
                      grad_shards=p.dp * p.cp * gh * gw, bpe=element_bytes(cfg, prof), loads=loads)
+
+
+@dataclass(frozen=True)
+class CpExecution:
+    """How context parallelism runs for a config — what the model executes, which is not always what
+    ``parallel.cp_method`` says (a swin runs Ulysses whatever it says)."""
+
+    method: str        # "none" (cp = 1), "ring", "ulysses" or "hybrid"
+    ring: int          # ranks of one K/V ring (1: no ring)
+    ulysses: int       # ranks of one all-to-all (1: no all-to-all)
+    all_to_alls: int   # all-to-alls per layer and pass (the backward runs their adjoints, as many)
+
+
+def cp_execution(cfg: Config) -> CpExecution:
+    """The one definition of what ``cfg``'s cp runs, for every cost-model site.
+
+    * swin (``models/swin.py``): Ulysses inside windows over the whole cp group, whatever
+      ``parallel.cp_method`` says (the config accepts only its default ``ring`` and ``ulysses`` there):
+      per block and pass one all-to-all of q|k|v (the three travel together) and one of the output;
+    * gpt (``parallelism/context/attention.py``): ``ring`` over all cp ranks; ``ulysses`` over all of them
+      (``ulysses_degree`` 1 means cp); ``hybrid``: all-to-alls inside groups of ``ulysses_degree``, a ring of
+      cp / ulysses_degree across them (degree 1: the plain ring); an all-to-all each for q, k, v and one for
+      the output."""
+    p = cfg.parallel
+    if p.cp == 1:
+        return CpExecution("none", 1, 1, 0)
+    if cfg.model.kind == "swin":
+        return CpExecution("ulysses", 1, p.cp, 2)
+    if p.cp_method == "ulysses":
+        return CpExecution("ulysses", 1, p.cp, 4)
+    if p.cp_method == "hybrid" and p.ulysses_degree > 1:
+        return CpExecution("hybrid", p.cp // p.ulysses_degree, p.ulysses_degree, 4)
+    return CpExecution("ring", p.cp, 1, 0)
 
 
 def ring_piece_tokens(cfg: Config, loc: RankShape) -> float:

@@ -13,7 +13,7 @@ from ..config import Config
 from ..plan.profiles import DeviceProfile
 from .layout import bubble_fraction
 from .memory import activation_elems_per_token, fsdp_layer_params
-from .shape import RankShape, Shape, ring_piece_tokens
+from .shape import RankShape, Shape, cp_execution, ring_piece_tokens
 
 # eager autograd ops per transformer layer (forward ops; their backward is in the calibrated per-op cost),
 # counted from dist_train/models/gpt.py and swin.py; fused kernels collapse them
@@ -33,6 +33,37 @@ def _matmuls(sh: Shape, loc: RankShape) -> list[tuple[float, float, int]]:
     if sh.kind == "gpt":
         return [(d, loc.q, 1), (d, loc.kv, 2), (loc.q, d, 1), (d, loc.f, 2), (loc.f, d, 1)]
     return [(d, 3 * loc.q, 1), (loc.q, d, 1), (d, loc.f, 1), (loc.f, d, 1)]
+
+
+def ulysses_traffic(cfg: Config, loc: RankShape) -> tuple[int, float]:
+    """(all-to-alls, bytes sent to other ranks) of one layer's forward, one rank, one micro-batch, as
+    :func:`~dist_train.cost.shape.cp_execution` runs them; the backward runs the adjoint exchanges, as many
+    and as many bytes. Each sends (u−1)/u of this rank's q, k, v to the heads' owners and gets its share of
+    the output back: loc.tokens · (2q + 2kv) · (u−1)/u elements. Swin's uneven bands send unequal amounts;
+    this is their mean over the cp group (tests/test_wp_cp_model.py counts both against it)."""
+    cpx = cp_execution(cfg)
+    u = cpx.ulysses
+    if u == 1:
+        return 0, 0.0
+    return cpx.all_to_alls, loc.tokens * (2 * loc.q + 2 * loc.kv) * loc.bpe * (u - 1) / u
+
+
+def swin_halo_traffic(cfg: Config, sh: Shape, loc: RankShape) -> tuple[int, float]:
+    """(rolls, bytes sent) of one shifted swin block's forward on a rank of the largest wp tile, one
+    micro-batch (the backward sends the same back). Without cp the block rolls x (d channels) out and back;
+    with cp (Ulysses inside windows, ``models/swin.py``) the whole tile's q|k|v of this rank's heads out and
+    its attention output back: 4·q/u channels, q = d/tp. Tokens: the tile's two strips and corner
+    (``parallelism.window.halo_tokens``; an axis with one tile rolls locally)."""
+    gh, gw = cfg.wp_grid
+    if sh.kind != "swin" or gh * gw == 1:
+        return 0, 0.0
+    wh, ww = sh.window
+    sh_h, sh_w = (wh // 2 if gh > 1 else 0), (ww // 2 if gw > 1 else 0)
+    tile_h, tile_w = math.ceil(sh.grid[0] // wh / gh) * wh, math.ceil(sh.grid[1] // ww / gw) * ww
+    halo = sh_h * tile_w + sh_w * tile_h - sh_h * sh_w
+    u = cp_execution(cfg).ulysses
+    channels = 2 * sh.d if u == 1 else 4 * loc.q / u
+    return 2, halo * cfg.train.micro_batch * channels * loc.bpe
 
 
 def _allreduce_s(nbytes: float, n: int, link) -> float:
@@ -95,13 +126,13 @@ def time_model(cfg: Config, sh: Shape, prof: DeviceProfile, loc: RankShape, mem:
     attn_flops = 12.0 * loc.q * sh.keys_per_query * loc.tokens * loc.layers
     kernel_keys = sh.span
     imbalance = 1.0
-    if p.cp > 1 and sh.kind == "gpt":
-        ring = p.cp if p.cp_method == "ring" else (p.cp // p.ulysses_degree if p.cp_method == "hybrid" else 1)
-        if ring > 1:
-            kernel_keys = max(1, int(sh.span / ring))
-            causal_full = cfg.model.attention_window is None
-            if p.cp_layout == "contiguous" and causal_full:
-                imbalance = (2 * ring - 1) / ring  # the last rank's critical path: P - 1/2 blocks vs P/2
+    cpx = cp_execution(cfg)
+    ring = cpx.ring
+    if ring > 1:
+        kernel_keys = max(1, int(sh.span / ring))
+        causal_full = cfg.model.attention_window is None
+        if p.cp_layout == "contiguous" and causal_full:
+            imbalance = (2 * ring - 1) / ring  # the last rank's critical path: P - 1/2 blocks vs P/2
     attn = attn_flops * imbalance * recompute / (prof.attention_tflops_at(kernel_keys) * 1e12)
 
     el = activation_elems_per_token(cfg, sh, prof, loc)
@@ -110,9 +141,8 @@ def time_model(cfg: Config, sh: Shape, prof: DeviceProfile, loc: RankShape, mem:
     ew += 6 * loc.tokens * loc.vocab * 4 / (prof.mem_bw_gbs * 1e9)  # logits, log-softmax, their gradients
     ops = (FUSED_OPS_PER_LAYER if prof.fused_kernels else EAGER_OPS_PER_LAYER[sh.kind]) * loc.layers
     if p.cp > 1:
-        ring = p.cp if p.cp_method == "ring" else (p.cp // p.ulysses_degree if p.cp_method == "hybrid" else 1)
         pieces = loc.tokens / ring_piece_tokens(cfg, loc)   # one sub-ring per K/V piece
-        ops += loc.layers * (RING_OPS_PER_STEP * (ring - 1) * pieces + (ULYSSES_OPS if p.cp_method != "ring" else 0))
+        ops += loc.layers * (RING_OPS_PER_STEP * (ring - 1) * pieces + (ULYSSES_OPS if cpx.ulysses > 1 else 0))
     ovh = ops * recompute * prof.op_overhead_us * 1e-6
     compute_mb = (mm + attn + ew + ovh) / share
 
@@ -122,13 +152,12 @@ def time_model(cfg: Config, sh: Shape, prof: DeviceProfile, loc: RankShape, mem:
         link = prof.link(p.tp)
         tp_s = 4 * loc.layers * _allreduce_s(loc.tokens * sh.d * bpe, p.tp, link)
     cp_exposed = 0.0
-    if p.cp > 1 and sh.kind == "gpt":
+    if p.cp > 1:
         link = prof.link(p.cp * p.tp)
-        u = p.cp if p.cp_method == "ulysses" else (p.ulysses_degree if p.cp_method == "hybrid" else 1)
-        ring = p.cp // u
-        if u > 1:
-            a2a_bytes = loc.tokens * (2 * loc.q + 2 * loc.kv) * bpe * (u - 1) / u  # q, k, v in; out back
-            cp_exposed += 2 * loc.layers * (a2a_bytes / (link.bw_gbs * 1e9) + 4 * (u - 1) * link.latency_us * 1e-6)
+        a2as, a2a_bytes = ulysses_traffic(cfg, loc)
+        if a2as:  # forward and backward
+            cp_exposed += 2 * loc.layers * (a2a_bytes / (link.bw_gbs * 1e9)
+                                            + a2as * (cpx.ulysses - 1) * link.latency_us * 1e-6)
         if ring > 1:
             pieces = loc.tokens / ring_piece_tokens(cfg, loc)
             blk = 2 * loc.tokens * loc.kv * bpe / pieces  # one K/V block (piece)
@@ -138,15 +167,12 @@ def time_model(cfg: Config, sh: Shape, prof: DeviceProfile, loc: RankShape, mem:
             fwd = (ring - 1) * pieces * max(0.0, per_step_comm - hidden)
             cp_exposed += loc.layers * 3 * fwd  # backward: K/V again plus dK/dV
     wp_s = 0.0
-    gh, gw = cfg.wp_grid
-    if sh.kind == "swin" and gh * gw > 1:
-        wh, ww = sh.window
-        sh_h, sh_w = wh // 2, ww // 2
-        tile_h, tile_w = math.ceil(sh.grid[0] // wh / gh) * wh, math.ceil(sh.grid[1] // ww / gw) * ww
-        halo = (sh_h * tile_w * (gh > 1) + sh_w * tile_h * (gw > 1) - sh_h * sh_w * (gh > 1 and gw > 1))
+    rolls, halo_bytes = swin_halo_traffic(cfg, sh, loc)
+    if rolls:
+        gh, gw = cfg.wp_grid
         link = prof.link(gh * gw * p.cp)
-        per = link.seconds(halo * cfg.train.micro_batch * sh.d * bpe, 3)
-        wp_s = (sh.layers // 2) * 2 * 2 * per * (1 - prof.overlap)  # roll and roll back, forward and backward
+        per_pass = halo_bytes / (link.bw_gbs * 1e9) + rolls * 3 * link.latency_us * 1e-6  # 2 strips + corner
+        wp_s = (sh.layers // 2) * 2 * per_pass * (1 - prof.overlap)  # forward and backward
     pp_s = 0.0
     bubble = bubble_fraction(cfg)
     if p.pp > 1:

@@ -18,6 +18,7 @@ from typing import Iterable, Optional
 
 from ..config import Config, ConfigError, validate
 from ..cost.predict import Prediction, predict
+from ..cost.shape import cp_execution
 from .profiles import DeviceProfile
 
 CHECKPOINTING = ("none", "selective", "full")
@@ -132,9 +133,10 @@ def layout_label(cfg: Config) -> str:
     gh, gw = cfg.wp_grid
     if gh * gw > 1:
         parts.append(f"wp{gh}x{gw}")
-    if p.cp > 1:
+    if p.cp > 1:  # the cp that runs (a swin's is Ulysses whatever parallel.cp_method says)
+        cpx = cp_execution(cfg)
         parts.append({"ring": f"ring/{p.cp_layout}", "ulysses": "ulysses",
-                      "hybrid": f"hybrid(u{p.ulysses_degree})/{p.cp_layout}"}[p.cp_method])
+                      "hybrid": f"hybrid(u{cpx.ulysses})/{p.cp_layout}"}[cpx.method])
     if p.zero_stage is not None:
         parts.append(f"zero{p.zero_stage}")
     if p.fsdp:
