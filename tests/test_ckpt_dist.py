@@ -23,7 +23,8 @@ from dist_train.checkpoint import CheckpointManager, complete_checkpoints, verif
 from dist_train.checkpoint.manifest import read_latest
 from dist_train.checkpoint.storage import ChecksumWriter, SafeReader
 from tests.dist_harness import run_ranks
-from tests.test_ckpt_common import CkptCfg, build, eval_outputs, model_config, seed_rank, train_steps
+from tests.test_ckpt_common import (CkptCfg, build, eval_outputs, flip_byte, model_config, seed_rank, shard_files,
+                                   train_steps)
 
 STEPS, SAVE_EVERY = 12, 3
 
@@ -128,12 +129,36 @@ def _dtensor_case(rank: int, world: int, path: str, save: bool) -> None:
         assert torch.equal(got, full[key]), (rank, key)
 
 
+def _damaged_newest_on_every_rank(rank: int, world: int, root: str) -> None:
+    """step_3 damaged (a flipped shard byte): every rank resumes step_2 and names the same last good checkpoint,
+    before and after the re-save of step 3 that replaces the damaged one (rank 0 commits it; the others must not
+    go on excluding the new step_3 as the damaged one)."""
+    seed_rank(rank)
+    model, opt, sched = build()
+    mgr = manager(CkptCfg(dir=root), root, rank, world)
+    for step in (1, 2, 3):
+        train_steps(model, opt, sched, step, step, rank, world)
+        mgr.save(step, model, opt, sched, extra={"step": step, "consumed_samples": 6 * step})
+    dist.barrier()
+    if rank == 0:
+        flip_byte(shard_files(Path(root) / "step_3")[0])
+    dist.barrier()
+    model, opt, sched = build(seed=5)
+    mgr = manager(CkptCfg(dir=root), root, rank, world)
+    assert mgr.resume(model, opt, sched)["step"] == 2
+    assert mgr.last_good() == "step_2", (rank, mgr.last_good())
+    train_steps(model, opt, sched, 3, 3, rank, world)
+    mgr.save(3, model, opt, sched, extra={"step": 3, "consumed_samples": 18})
+    assert mgr.last_good() == "step_3", (rank, mgr.last_good())
+
+
 def _multi_rank_cases(rank: int, world: int, root: str, reshard_path: str, expected, kill_root) -> torch.Tensor:
     """Exact resume (sync, async); then either save the dp reference (expected None) or load it resharded;
     with ``kill_root`` finally a save during which rank 1 is SIGKILLed (this spawn then fails by design)."""
     _exact_resume(rank, world, root, async_save=False)
     _exact_resume(rank, world, root, async_save=True)
     if expected is None:
+        _damaged_newest_on_every_rank(rank, world, f"{root}/damaged_w{world}")
         _dtensor_case(rank, world, f"{reshard_path}_dtensor", save=True)
         return _save_reference(rank, world, reshard_path)
     _load_and_compare(rank, world, reshard_path, expected)

@@ -349,6 +349,10 @@ class CheckpointManager:
         damaged = {p.resolve() for p in self.found_damaged}
         return [(s, p) for s, p in mf.complete_checkpoints(self.root) if p.resolve() not in damaged]
 
+    def _forget_damaged(self, committed: Path) -> None:
+        """``committed`` (a ``step_N`` just committed) replaced the damaged checkpoint of that name, if any."""
+        self.found_damaged = [d for d in self.found_damaged if d.resolve() != committed.resolve()]
+
     def _fire(self, phase: str) -> None:
         if self.fault_hook is not None:
             self.fault_hook(phase)
@@ -430,6 +434,7 @@ class CheckpointManager:
         err = comm.broadcast(err)
         if err:
             raise CheckpointError(f"commit of {final} failed on rank 0: {err}")
+        self._forget_damaged(final)  # every rank: rank 0's commit replaced it, and last_good() is asked everywhere
         self.last_write_s = time.perf_counter() - t0
 
     def _commit(self, p: dict, tmp: Path, final: Path, reports: list[dict]) -> None:
@@ -457,7 +462,7 @@ class CheckpointManager:
         os.replace(tmp, final)
         fsync_dir(self.root)
         # committed from here on: nothing below may report the save as failed
-        self.found_damaged = [d for d in self.found_damaged if d.resolve() != final.resolve()]
+        self._forget_damaged(final)  # before _prune: the new step_N counts toward keep_last
         try:
             mf.write_latest(self.root, final.name)
         except OSError as e:
