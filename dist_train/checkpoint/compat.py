@@ -155,9 +155,9 @@ def check_dataset(ckpt: Path, extra: Mapping[str, Any], samples: Optional[int], 
     differs when it has ``samples`` samples where the checkpoint's run had ``extra["train_samples"]``, or when
     its token stream's ``digest`` (``dist-train data prepare``'s sidecar, else the sampled fingerprint of
     data/fingerprint.py) is not ``extra["train_digest"]``; each is compared only when both sides have it
-    (digests only of one kind: a full digest is never compared with a fingerprint). Only once samples were consumed; allowed with
-    ``allow_config_change: [data.path]``, and not compared after an allowed change (``changes``, from
-    ``check_config``) of a key in SAMPLE_COUNT_KEYS."""
+    (digests only of one kind: a full digest is never compared with a fingerprint). Only once samples were
+    consumed; allowed with ``allow_config_change: [data.path]``, and not compared after an allowed change
+    (``changes``, from ``check_config``) of a key in SAMPLE_COUNT_KEYS."""
     consumed = extra.get("consumed_samples")
     if not consumed or "data.path" in set(allowed) or SAMPLE_COUNT_KEYS & {key for key, _, _ in changes}:
         return

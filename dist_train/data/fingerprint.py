@@ -32,6 +32,8 @@ def digest_kind(digest: Optional[str]) -> Optional[str]:
 
 
 def _hash_file(h: "xxhash.xxh3_64", path: Path) -> None:
+    """Feed ``h`` the file's kind (extension) and size, then SAMPLES blocks of BLOCK bytes at evenly spaced offsets
+    from 0 to size - BLOCK (a file shorter than a block is read whole each time: still deterministic)."""
     size = path.stat().st_size
     h.update(path.name.rsplit(".", 1)[-1].encode() + size.to_bytes(8, "little"))
     last = max(0, size - BLOCK)
