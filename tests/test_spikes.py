@@ -11,7 +11,7 @@ import pytest
 
 from dist_train.checkpoint import complete_checkpoints
 from dist_train.checkpoint.state import from_json
-from dist_train.engines import ddp, pipeline
+from dist_train.engines import ddp, deepspeed, pipeline
 from dist_train.lifecycle import TrainingDiverged
 from dist_train.spikes import STATE_KEY, LossSpikeGuard
 from dist_train.trainer import train
@@ -147,3 +147,26 @@ def _pipeline_cases(rank, world, root):
     finally:
         pipeline.global_grad_norm = real
     return spiked, nan
+
+
+@pytest.mark.slow
+def test_deepspeed_stops_on_a_spike_and_keeps_the_last_good_checkpoint(tmp_path):
+    """DeepSpeed applies its update inside engine.step(), before the loss is known: the engine ignores the limit
+    and the trainer stops on the spike itself (skip is refused with ZeRO), the spiked step never saved."""
+    pytest.importorskip("deepspeed")
+    real, calls = deepspeed.DeepSpeedEngine.train_step, {"n": 0}
+
+    def spiked(self, micro, global_count, loss_limit=None):
+        calls["n"] += 1
+        loss, norm = real(self, micro, global_count, loss_limit)
+        return (loss * SPIKE if calls["n"] == 5 else loss), norm
+    deepspeed.DeepSpeedEngine.train_step = spiked
+    try:
+        with pytest.raises(TrainingDiverged, match=r"^step 5: .*is a loss spike .*training stopped .*; the step was "
+                                                   r"not saved; last good checkpoint: step_4 \(untouched\)$"):
+            train(tiny_gpt_config(tmp_path, steps=6, parallel={"zero_stage": 1},
+                                  train={"spike_factor": 3.0, "spike_window": 2},
+                                  checkpoint={"every": 1, "keep_last": 1}))
+    finally:
+        deepspeed.DeepSpeedEngine.train_step = real
+    assert [p.name for _, p in complete_checkpoints(tmp_path / "checkpoints")] == ["step_4"]
