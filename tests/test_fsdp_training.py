@@ -84,7 +84,9 @@ def _train_cases(rank, world, run_dir, cases):
 
 def _collective_counts(world: int, keep_gathered: bool) -> dict:
     """FSDP2's all-gathers and reduce-scatters in one optimizer step of 2 micro-batches (counted at
-    torch.distributed's single-tensor collectives, which FSDP2's default comm calls)."""
+    torch.distributed's single-tensor collectives, which FSDP2's default comm calls: ``all_gather_single`` /
+    ``reduce_scatter_single`` where torch has them (2.13), else ``all_gather_into_tensor`` /
+    ``reduce_scatter_tensor`` (2.11, whose FSDP2 calls those))."""
     cfg = tiny_gpt_config("/tmp/unused", parallel={"dp": world, "fsdp": True,
                                                    "fsdp_reshard_after_forward": not keep_gathered},
                           train={"global_batch": 2 * world, "micro_batch": 1})
@@ -93,7 +95,9 @@ def _collective_counts(world: int, keep_gathered: bool) -> dict:
     batch = {"tokens": torch.randint(0, 64, (1, 32)), "labels": torch.randint(0, 64, (1, 32)),
              "positions": torch.arange(32)}
     counts = {"all_gather": 0, "reduce_scatter": 0}
-    originals = {name: getattr(dist, f"{name}_single") for name in counts}
+    attrs = {name: f"{name}_single" if hasattr(dist, f"{name}_single") else legacy
+             for name, legacy in (("all_gather", "all_gather_into_tensor"), ("reduce_scatter", "reduce_scatter_tensor"))}
+    originals = {name: getattr(dist, attrs[name]) for name in counts}
 
     def counting(name):
         def call(*args, **kwargs):
@@ -103,11 +107,11 @@ def _collective_counts(world: int, keep_gathered: bool) -> dict:
 
     try:
         for name in counts:
-            setattr(dist, f"{name}_single", counting(name))
+            setattr(dist, attrs[name], counting(name))
         engine.train_step([batch, batch], global_count=2.0 * 32 * world)
     finally:
         for name, fn in originals.items():
-            setattr(dist, f"{name}_single", fn)
+            setattr(dist, attrs[name], fn)
     return counts
 
 
