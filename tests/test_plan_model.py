@@ -239,3 +239,34 @@ def test_swin_cp_is_costed_as_the_ulysses_it_runs(cpu):
     # the cp-1 ones per token; buffers: one all-to-all output of q|k|v, no K/V ring buffers
     assert ring.memory["activations"] == pytest.approx(one.memory["activations"] / 2)
     assert ring.memory["comm_buffers"] == loc.tokens * 3 * 32 * loc.bpe
+
+
+def test_recompute_is_costed_as_the_model_runs_it(cpu):
+    """A swin's selective checkpointing recomputes whole blocks as full does (SwinModel.run_blocks): same
+    memory and time; under either, every cp all-to-all and halo roll of the forward runs a third time (the
+    recompute), and a GPT's attention recompute (selective) re-runs its cp exchanges too."""
+    data = {"model": {"kind": "swin", "d_model": 32, "n_layers": 2, "n_heads": 2, "window": 4, "in_channels": 3,
+                      "out_channels": 3},
+            "data": {"source": "weather", "image": [30, 60]}, "train": {"global_batch": 2, "micro_batch": 1},
+            "parallel": {"cp": 2, "wp": [1, 2]}}
+    run = {ck: predict(config_from_dict(copy.deepcopy(data), [f"train.activation_checkpointing={ck}"]), cpu)
+           for ck in ("none", "selective", "full")}
+    assert run["selective"].memory == run["full"].memory and run["selective"].time == run["full"].time
+    assert run["full"].memory["activations"] < run["none"].memory["activations"]
+    for part in ("cp_comm_exposed", "wp_halo_exposed"):
+        assert run["full"].time[part] == pytest.approx(run["none"].time[part] * 3 / 2), part
+    gpt = {ck: predict(cfg(**{"parallel.cp": 2, "parallel.cp_method": "ulysses",
+                              "train.activation_checkpointing": ck}), cpu) for ck in ("none", "selective")}
+    assert gpt["selective"].time["cp_comm_exposed"] == pytest.approx(gpt["none"].time["cp_comm_exposed"] * 3 / 2)
+
+
+def test_swin_halo_counts_the_shifted_blocks_of_the_rank(cpu):
+    """Pipeline stages hold whole (plain, shifted) block pairs: a pp rank rolls the halo of its own shifted
+    blocks, half of them at pp 2 (the whole model's were counted on every rank before)."""
+    data = {"model": {"kind": "swin", "d_model": 32, "n_layers": 4, "n_heads": 2, "window": 4, "in_channels": 3,
+                      "out_channels": 3},
+            "data": {"source": "weather", "image": [30, 60]}, "train": {"global_batch": 2, "micro_batch": 1},
+            "parallel": {"wp": [1, 2]}}
+    one = predict(config_from_dict(copy.deepcopy(data)), cpu)
+    two = predict(config_from_dict(copy.deepcopy(data), ["parallel.pp=2"]), cpu)
+    assert two.time["wp_halo_exposed"] == pytest.approx(one.time["wp_halo_exposed"] / 2) and two.time["wp_halo_exposed"]

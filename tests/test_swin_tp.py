@@ -7,9 +7,12 @@ pixel head replicated. Cases: tp 3 (odd) alone, tp 2 × wp[1,2] and tp 2 × cp 2
 windows on heads/(tp·cp) heads) on 4 ranks. Ranks are laid out like the mesh, tp innermost:
 global rank = (wp_rank·cp + cp_rank)·tp + tp_rank.
 
-On every rank: the cost model counts exactly the parameters the rank holds; the initial weights are exactly the reference's shard (per-parameter seeded init, whatever
-the layout); the loss summed over wp × cp equals the reference; every gradient summed over wp × cp equals
-the reference gradient's shard (tp-sharded parameters) or the whole reference gradient (replicated ones).
+On every rank: the cost model counts exactly the parameters the rank holds and predicts the all-to-alls
+and halo bytes it sends (per tp rank: the q|k|v of its heads/(tp·cp) heads; x whole for the halo without
+cp; the all-to-all bytes as the mean over the cp group, whose bands may differ); the initial weights are
+exactly the reference's shard (per-parameter seeded init, whatever the layout); the loss summed over wp × cp
+equals the reference; every gradient summed over wp × cp equals the reference gradient's shard (tp-sharded
+parameters) or the whole reference gradient (replicated ones).
 """
 from __future__ import annotations
 
@@ -22,9 +25,12 @@ import torch.distributed as dist
 
 from dist_train.cost.layout import pipeline_stages
 from dist_train.cost.memory import estimate_memory
+from dist_train.cost.shape import rank_inputs
+from dist_train.cost.step_time import swin_halo_traffic, ulysses_traffic
 from dist_train.models.swin import build_swin
 from dist_train.models.tensor_parallel import TensorParallel, copy_shard_, is_tp_sharded, shard_of, unshard_strided
 from dist_train.plan.profiles import builtin_profiles
+from parallelism.window import halo_stats, reset_halo_stats, reset_ulysses_stats, ulysses_stats
 from tests.dist_harness import run_ranks
 from tests.trainer_utils import tiny_swin_config
 
@@ -94,7 +100,7 @@ def _checked_cases(world: int) -> int:
         planned = tiny_swin_config("/nonexistent", "/nonexistent", model={
             "d_model": cfg.d_model, "n_heads": heads, "ffn_hidden": cfg.ffn_hidden, "window": list(window),
             "wrap": list(wrap), "in_channels": 3, "out_channels": 3}, data={"image": [H, W], "channels": 3},
-            parallel={"tp": tp, "cp": cp, "wp": list(grid)})
+            parallel={"tp": tp, "cp": cp, "wp": list(grid)}, train={"global_batch": B, "micro_batch": B})
         mem = estimate_memory(planned, pipeline_stages(planned), builtin_profiles()["cpu"])
         assert mem.params == 4 * sum(p.numel() for p in par.parameters()), f"{tag}: the cost model's weights"
         assert par.blocks["0"].qkv.weight.shape == (3 * cfg.d_model // tp, cfg.d_model), tag
@@ -116,8 +122,20 @@ def _checked_cases(world: int) -> int:
         ref_loss.backward()
 
         rows, cols = par.tile_slices((H, W))
+        reset_ulysses_stats()
+        reset_halo_stats()
         loss, count = par({"x": x[:, rows, cols], "y": y[:, rows, cols], "image_size": (H, W)})
         loss.backward()
+        sh, loc = rank_inputs(planned, builtin_profiles()["cpu"])
+        (a2as, a2a), (_, halo) = ulysses_traffic(planned, loc), swin_halo_traffic(planned, sh, loc)
+        sent = torch.tensor([float(ulysses_stats()["bytes_sent"])], dtype=torch.float64)
+        if cp > 1:
+            dist.all_reduce(sent, group=groups["cp"][0])
+        L = cfg.n_layers  # forward and backward; float64 here, the planned run's elements are loc.bpe bytes
+        assert ulysses_stats()["calls"] == 2 * L * a2as == (4 * L if cp > 1 else 0), (tag, ulysses_stats())
+        assert float(sent) / cp == pytest.approx(2 * L * a2a / loc.bpe * 8, rel=1e-12), (tag, float(sent), a2a)
+        assert halo_stats()["bytes_sent"] == 2 * (L // 2) * halo / loc.bpe * 8, (tag, halo_stats(), halo)
+        assert (halo > 0) == (nwp > 1), tag
         grad_group = groups["grad"][0]
         total = torch.stack([loss.detach(), count.double()])
         dist.all_reduce(total, group=grad_group)

@@ -24,7 +24,7 @@ import torch.distributed as dist
 
 from dist_train.config import ParallelConfig, config_from_dict
 from dist_train.cost.shape import rank_inputs
-from dist_train.cost.step_time import swin_halo_traffic, ulysses_traffic
+from dist_train.cost.step_time import exchange_passes, swin_halo_traffic, ulysses_traffic
 from dist_train.mesh import build_mesh
 from dist_train.models.swin import build_swin
 from dist_train.plan.profiles import builtin_profiles
@@ -58,15 +58,17 @@ def _cfg(heads, patch, window, wrap):
                            init_std=0.2, wrap=list(wrap))
 
 
-def _predicted(grid, cp, heads, H, W, patch, window, wrap) -> dict:
+def _predicted(grid, cp, heads, H, W, patch, window, wrap, ck="none") -> dict:
     """The cost model's communication for this case as a trainer config (fp32: elements = bytes / 4)."""
     m = _cfg(heads, patch, window, wrap)
     c = config_from_dict({"model": vars(m), "data": {"source": "weather", "image": [H, W], "channels": 3},
                           "parallel": {"wp": list(grid), "cp": cp},
-                          "train": {"global_batch": B, "micro_batch": B, "precision": "fp32"}})
+                          "train": {"global_batch": B, "micro_batch": B, "precision": "fp32",
+                                    "activation_checkpointing": ck}})
     sh, loc = rank_inputs(c, builtin_profiles()["cpu"])
     (a2as, a2a_bytes), (rolls, halo_bytes) = ulysses_traffic(c, loc), swin_halo_traffic(c, sh, loc)
-    return {"a2as": a2as, "a2a": a2a_bytes / loc.bpe, "rolls": rolls, "halo": halo_bytes / loc.bpe}
+    return {"a2as": a2as, "a2a": a2a_bytes / loc.bpe, "rolls": rolls, "halo": halo_bytes / loc.bpe,
+            "passes": exchange_passes(c)}
 
 
 def _groups(world: int, grid: tuple[int, int], cp: int, cache: dict):
@@ -120,12 +122,13 @@ def _model_cases(rank: int, world: int) -> int:
         loss.backward()
         a2a_bwd = L * 8 * B * (d // cp) * (n_r * (cp - 1) + 3 * (n_all - n_r))  # the adjoint exchanges
         assert ulysses_stats() == {"calls": 4 * L, "bytes_sent": a2a_fwd + a2a_bwd}, (tag, ulysses_stats())
+        assert halo_stats()["bytes_sent"] == 2 * halo_fwd, (tag, halo_stats())  # the adjoint rolls, as many
 
         # the cost model predicts what ran: L·a2as all-to-alls per pass; forward + backward elements averaged
         # over the tile's cp ranks (uneven bands send unequal amounts); the halo of the largest tile (one
         # shifted block of L = 2)
         pred = _predicted(grid, cp, heads, H, W, patch, window, wrap)
-        assert L * pred["a2as"] == 2 * L, (tag, pred)
+        assert pred["passes"] * L * pred["a2as"] == ulysses_stats()["calls"], (tag, pred)
         sent = torch.tensor([float(ulysses_stats()["bytes_sent"])], dtype=torch.float64)
         dist.all_reduce(sent, group=cp_group)
         largest = (th, tw) == tuple(max(s) for s in zip(*(layout.tile_shape(r) for r in range(nwp))))
@@ -146,6 +149,19 @@ def _model_cases(rank: int, world: int) -> int:
             assert p_ref.grad.abs().max() > 0, f"{tag}: {name} has no gradient in the reference"
             assert torch.allclose(g, p_ref.grad, rtol=1e-9, atol=1e-12), \
                 f"{tag}: {name} grad max err {(g - p_ref.grad).abs().max()}"
+
+        # checkpointing (a swin's selective recomputes whole blocks, like full): the forward's all-to-alls and
+        # halo rolls run again in the backward — the third pass the cost model counts
+        ck = build_swin(cfg, wp_group=wp_group, grid=grid, cp_group=cp_group,
+                        activation_checkpointing="selective").double()
+        ck.load_state_dict(ref.state_dict())
+        reset_ulysses_stats()
+        reset_halo_stats()
+        ck({"x": x[:, rows, cols], "y": y[:, rows, cols], "image_size": (H, W)})[0].backward()
+        pred_ck = _predicted(grid, cp, heads, H, W, patch, window, wrap, "selective")
+        assert pred_ck["passes"] * L * pred_ck["a2as"] == ulysses_stats()["calls"] == 6 * L, (tag, ulysses_stats())
+        assert ulysses_stats()["bytes_sent"] == 2 * a2a_fwd + a2a_bwd, (tag, ulysses_stats())
+        assert halo_stats()["bytes_sent"] == pred_ck["passes"] * halo_fwd, (tag, halo_stats())
 
     if world == 2:  # bad input: heads not divisible by cp, a tile with fewer token rows than cp ranks
         _, cp_group = _groups(world, (1, 1), 2, cache)

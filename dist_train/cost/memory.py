@@ -43,7 +43,7 @@ from typing import Optional
 from ..config import Config, resolve_loss_chunk
 from ..plan.profiles import DeviceProfile
 from .layout import RankLoad, Stage, load_of
-from .shape import RankShape, Shape, cp_execution, rank_inputs, ring_piece_tokens
+from .shape import RankShape, Shape, cp_execution, rank_inputs, recompute_scope, ring_piece_tokens
 
 
 def activation_elems_per_token(cfg: Config, sh: Shape, prof: DeviceProfile, loc: RankShape) -> dict:
@@ -115,7 +115,7 @@ def memory_model(cfg: Config, sh: Shape, prof: DeviceProfile, loc: RankShape,
     ``loc.loads`` (every pp rank's exact stages), the rank that decides whether a layout fits."""
     if load is None:
         return max((memory_model(cfg, sh, prof, loc, ld) for ld in loc.loads), key=lambda m: m["total"])
-    p, t = cfg.parallel, cfg.train
+    p = cfg.parallel
     bpe = loc.bpe
     tied = cfg.model.tie_embeddings if sh.kind == "gpt" else False
     rep = sh.layer_replicated_params()
@@ -140,11 +140,12 @@ def memory_model(cfg: Config, sh: Shape, prof: DeviceProfile, loc: RankShape,
     per_layer_tok = el["replicated"] + el["parallel"] + el["scores"] + el["ulysses"]
     # the residual stream (layer inputs, the stage input) is [S/tp, d] under sequence parallelism
     d_stream = sh.d / p.tp if (p.sequence_parallel and p.tp > 1) else sh.d
-    if t.activation_checkpointing == "full":
+    scope = recompute_scope(cfg)
+    if scope == "layer":
         # every in-flight micro-batch keeps its layer inputs; one layer is recomputed at a time
         stored_tok = load.layers * d_stream * load.in_flight + per_layer_tok
     else:
-        if t.activation_checkpointing == "selective":
+        if scope == "attention":
             per_layer_tok -= loc.q + el["scores"]   # the attention core is recomputed
         stored_tok = load.layers * per_layer_tok * load.in_flight
     stored_tok += d_stream * load.in_flight  # the stage input per micro-batch (the embedding output on stage 0)

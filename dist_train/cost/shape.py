@@ -208,6 +208,16 @@ def cp_execution(cfg: Config) -> CpExecution:
     return CpExecution("ring", p.cp, 1, 0)
 
 
+def recompute_scope(cfg: Config) -> str:
+    """What activation checkpointing re-runs in the backward, as the model does it: "none"; "attention" (a
+    GPT's selective: the attention core, with its cp exchanges); "layer" (a GPT's full, and a swin's full AND
+    selective: ``SwinModel.run_blocks`` recomputes whole blocks, all-to-alls and halo rolls included)."""
+    ck = cfg.train.activation_checkpointing
+    if ck == "none":
+        return "none"
+    return "layer" if ck == "full" or cfg.model.kind == "swin" else "attention"
+
+
 def ring_piece_tokens(cfg: Config, loc: RankShape) -> float:
     """Tokens of one ring message: the rank's whole shard, or ``parallel.cp_kv_piece`` per sequence."""
     piece = cfg.parallel.cp_kv_piece

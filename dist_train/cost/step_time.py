@@ -13,7 +13,7 @@ from ..config import Config
 from ..plan.profiles import DeviceProfile
 from .layout import bubble_fraction
 from .memory import activation_elems_per_token, fsdp_layer_params
-from .shape import RankShape, Shape, cp_execution, ring_piece_tokens
+from .shape import RankShape, Shape, cp_execution, recompute_scope, ring_piece_tokens
 
 # eager autograd ops per transformer layer (forward ops; their backward is in the calibrated per-op cost),
 # counted from dist_train/models/gpt.py and swin.py; fused kernels collapse them
@@ -33,6 +33,13 @@ def _matmuls(sh: Shape, loc: RankShape) -> list[tuple[float, float, int]]:
     if sh.kind == "gpt":
         return [(d, loc.q, 1), (d, loc.kv, 2), (loc.q, d, 1), (d, loc.f, 2), (loc.f, d, 1)]
     return [(d, 3 * loc.q, 1), (loc.q, d, 1), (d, loc.f, 1), (loc.f, d, 1)]
+
+
+def exchange_passes(cfg: Config) -> int:
+    """Passes of a layer's cp and halo exchanges per micro-batch: the forward, the backward (the adjoint
+    exchanges), and the forward again when checkpointing recomputes them (:func:`~dist_train.cost.shape.
+    recompute_scope`)."""
+    return 2 if recompute_scope(cfg) == "none" else 3
 
 
 def ulysses_traffic(cfg: Config, loc: RankShape) -> tuple[int, float]:
@@ -106,12 +113,12 @@ def fsdp_comm(cfg: Config, sh: Shape, loc: RankShape, n_local: float, compute_mb
 def time_model(cfg: Config, sh: Shape, prof: DeviceProfile, loc: RankShape, mem: dict, world: int) -> dict:
     """Seconds per optimizer step by component (+ "step", the total, and "comm_total", all communication)
     on one rank of ``world`` (``mem``: :func:`~dist_train.cost.memory.memory_model` of the same rank)."""
-    p, t = cfg.parallel, cfg.train
+    p = cfg.parallel
     bpe = loc.bpe
     accum = cfg.grad_accum_steps
     ranks_per_node = min(world, prof.devices_per_node if prof.cores is None else world)
     share = prof.compute_share(ranks_per_node)
-    recompute = 4.0 / 3.0 if t.activation_checkpointing == "full" else 1.0
+    recompute = 4.0 / 3.0 if recompute_scope(cfg) == "layer" else 1.0
 
     # -- compute per micro-batch ---------------------------------------------------------------
     mm = 0.0
@@ -152,12 +159,13 @@ def time_model(cfg: Config, sh: Shape, prof: DeviceProfile, loc: RankShape, mem:
         link = prof.link(p.tp)
         tp_s = 4 * loc.layers * _allreduce_s(loc.tokens * sh.d * bpe, p.tp, link)
     cp_exposed = 0.0
+    passes = exchange_passes(cfg)
     if p.cp > 1:
         link = prof.link(p.cp * p.tp)
         a2as, a2a_bytes = ulysses_traffic(cfg, loc)
-        if a2as:  # forward and backward
-            cp_exposed += 2 * loc.layers * (a2a_bytes / (link.bw_gbs * 1e9)
-                                            + a2as * (cpx.ulysses - 1) * link.latency_us * 1e-6)
+        if a2as:
+            cp_exposed += passes * loc.layers * (a2a_bytes / (link.bw_gbs * 1e9)
+                                                 + a2as * (cpx.ulysses - 1) * link.latency_us * 1e-6)
         if ring > 1:
             pieces = loc.tokens / ring_piece_tokens(cfg, loc)
             blk = 2 * loc.tokens * loc.kv * bpe / pieces  # one K/V block (piece)
@@ -165,14 +173,15 @@ def time_model(cfg: Config, sh: Shape, prof: DeviceProfile, loc: RankShape, mem:
             per_step_compute = (attn / max(1, ring)) / loc.layers / share / pieces
             hidden = prof.overlap * per_step_compute
             fwd = (ring - 1) * pieces * max(0.0, per_step_comm - hidden)
-            cp_exposed += loc.layers * 3 * fwd  # backward: K/V again plus dK/dV
+            cp_exposed += loc.layers * (passes + 1) * fwd  # backward: K/V again plus dK/dV
     wp_s = 0.0
     rolls, halo_bytes = swin_halo_traffic(cfg, sh, loc)
     if rolls:
         gh, gw = cfg.wp_grid
         link = prof.link(gh * gw * p.cp)
         per_pass = halo_bytes / (link.bw_gbs * 1e9) + rolls * 3 * link.latency_us * 1e-6  # 2 strips + corner
-        wp_s = (sh.layers // 2) * 2 * per_pass * (1 - prof.overlap)  # forward and backward
+        # the shifted blocks (odd ones; stages hold whole pairs) of this rank's layers
+        wp_s = (loc.layers // 2) * passes * per_pass * (1 - prof.overlap)
     pp_s = 0.0
     bubble = bubble_fraction(cfg)
     if p.pp > 1:

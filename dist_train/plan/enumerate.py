@@ -68,6 +68,8 @@ def enumerate_layouts(cfg: Config, devices: int, checkpointing: Iterable[str] = 
     checkpointing, zero_stages = tuple(checkpointing), tuple(zero_stages)
     out: list[Config] = []
     gpt = cfg.model.kind == "gpt"
+    if not gpt and "full" in checkpointing:  # a swin's selective recomputes whole blocks: the full layout again
+        checkpointing = tuple(ck for ck in checkpointing if ck != "selective")
     for tp in divisors(devices):  # swin: heads and MLP split (n_heads % tp·cp checked by validate)
         for pp in divisors(devices // tp):  # swin too: stages of (plain, shifted) block pairs
             rest = devices // (tp * pp)
