@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 
 import pytest
 
@@ -203,7 +204,13 @@ def test_swin_shape_and_wp():
     assert sh.params() == sum(p.numel() for p in model.parameters())
     cands = enumerate_layouts(c, 4)
     grids = {tuple(x.wp_grid) for x in cands}
-    assert (2, 2) in grids and (1, 4) in grids and all(x.parallel.cp == 1 for x in cands)
+    assert (2, 2) in grids and (1, 4) in grids
+    # cp: the Ulysses inside windows a swin runs (n_heads 2: cp <= 2), over the devices wp leaves
+    with_cp = [x for x in cands if x.parallel.cp > 1]
+    assert with_cp and all(x.parallel.cp == 2 and x.parallel.cp_method == "ulysses" and
+                           x.parallel.tp * x.parallel.pp * x.parallel.dp * 2 * math.prod(x.wp_grid) == 4
+                           for x in with_cp)
+    assert {tuple(x.wp_grid) for x in with_cp} == {(1, 2), (2, 1)}  # (swin dp is not enumerated)
     cpu = builtin_profiles()["cpu"]
     p1 = predict(c, cpu)
     p4 = predict(config_from_dict(copy.deepcopy(data), ["parallel.wp=[2,2]"]), cpu)

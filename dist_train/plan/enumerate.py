@@ -4,8 +4,9 @@
     ranked = rank_layouts(cands, profile)            # [(Prediction, Config)], fitting and fastest first
     why_slower(pred, best)                           # "41% slower: cp_comm_exposed +12 ms"
 
-A layout is dp × tp × pp × cp (GPT) or dp × pp × wp[gh, gw] (Swin; pp stages of block pairs) = N, plus the cp method (ring with each
-sequence layout, Ulysses, or hybrid with each Ulysses degree), the ZeRO stage and activation
+A layout is dp × tp × pp × cp (GPT) or tp × pp × cp × wp[gh, gw] (Swin; pp stages of block pairs; its cp is the
+Ulysses inside windows it runs) = N, plus the cp method (GPT: ring with each sequence layout, Ulysses, or hybrid
+with each Ulysses degree), the ZeRO stage and activation
 checkpointing, and the data-parallel engine (DDP, ZeRO 1–3 via DeepSpeed, or FSDP2 — the only sharding that
 composes with pp). Validity is the config's own validation plus what the kernels need: the sequence length
 divisible by the layout's multiple, at least one window per tile.
@@ -29,10 +30,12 @@ def divisors(n: int) -> list[int]:
     return [d for d in range(1, n + 1) if n % d == 0]
 
 
-def _cp_variants(cp: int) -> list[tuple[str, str, int]]:
-    """(method, layout, ulysses_degree) choices for a cp degree."""
+def _cp_variants(cp: int, gpt: bool = True) -> list[tuple[str, str, int]]:
+    """(method, layout, ulysses_degree) choices for a cp degree (a swin's cp is always Ulysses inside windows)."""
     if cp == 1:
         return [("ring", "zigzag", 1)]
+    if not gpt:
+        return [("ulysses", "zigzag", cp)]
     out = [("ring", lay, 1) for lay in ("zigzag", "striped", "contiguous")]
     out.append(("ulysses", "zigzag", cp))
     out += [("hybrid", "zigzag", u) for u in divisors(cp) if 1 < u < cp]
@@ -73,13 +76,13 @@ def enumerate_layouts(cfg: Config, devices: int, checkpointing: Iterable[str] = 
     for tp in divisors(devices):  # swin: heads and MLP split (n_heads % tp·cp checked by validate)
         for pp in divisors(devices // tp):  # swin too: stages of (plain, shifted) block pairs
             rest = devices // (tp * pp)
-            for cp in (divisors(rest) if gpt else [1]):
-                for grid in ([(1, 1)] if gpt else _grids(rest)):
+            for cp in divisors(rest):  # swin: n_heads % tp·cp and cp <= token rows of a tile, by validate
+                for grid in ([(1, 1)] if gpt else _grids(rest // cp)):
                     dp = rest // cp // (grid[0] * grid[1])
                     mb = _micro_batch(cfg, dp)
                     if mb is None:
                         continue
-                    for (method, lay, u), ck in itertools.product(_cp_variants(cp), checkpointing):
+                    for (method, lay, u), ck in itertools.product(_cp_variants(cp, gpt), checkpointing):
                         if gpt and cfg.data.seq_len % _seq_multiple(lay, cp // (u if method == "hybrid" else 1)):
                             continue
                         shards = dp * cp * grid[0] * grid[1]
