@@ -7,13 +7,15 @@ import math
 
 import pytest
 
-from dist_train.config import config_from_dict
+from dist_train.config import check_world_size, config_from_dict, save_config
 from dist_train.cost.flops import flops_per_token, matmul_params, model_params, train_flops_per_token
 from dist_train.cost.memory import memory_model
 from dist_train.cost.predict import predict
 from dist_train.cost.shape import rank_inputs, shape_of
 from dist_train.cost.step_time import EAGER_OPS_PER_LAYER, ULYSSES_OPS, ulysses_traffic
 from dist_train.plan.enumerate import enumerate_layouts, layout_label, rank_layouts, why_slower
+from tests.trainer_utils import run_cli
+from dist_train.dryrun import format_layout, rank_layout
 from dist_train.plan.profiles import Link, _lookup, builtin_profiles, fit_link, get_profile
 
 GPT = {"model": {"kind": "gpt", "d_model": 64, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "vocab_size": 100,
@@ -210,13 +212,54 @@ def test_swin_shape_and_wp():
     assert with_cp and all(x.parallel.cp == 2 and x.parallel.cp_method == "ulysses" and
                            x.parallel.tp * x.parallel.pp * x.parallel.dp * 2 * math.prod(x.wp_grid) == 4
                            for x in with_cp)
-    assert {tuple(x.wp_grid) for x in with_cp} == {(1, 2), (2, 1)}  # (swin dp is not enumerated)
+    assert {tuple(x.wp_grid) for x in with_cp if x.parallel.dp == 1} == {(1, 2), (2, 1)}
+    # data parallelism beside the tiles (global batch 2: dp <= 2): dp2 alone, × wp 1x2 and 2x1, × cp2
+    with_dp = {(x.parallel.cp, tuple(x.wp_grid)) for x in cands if x.parallel.dp == 2}
+    assert with_dp == {(1, (1, 1)), (1, (1, 2)), (1, (2, 1)), (2, (1, 1))}
+    assert {x.parallel.dp for x in cands} == {1, 2}
     cpu = builtin_profiles()["cpu"]
     p1 = predict(c, cpu)
     p4 = predict(config_from_dict(copy.deepcopy(data), ["parallel.wp=[2,2]"]), cpu)
     # 8x15 windows on a 2x2 grid: the largest tile has 4x8 windows = 512 of the 1920 tokens
     assert p4.memory["activations"] == pytest.approx(p1.memory["activations"] * 512 / 1920)
     assert p4.time["wp_halo_exposed"] > 0
+
+
+@pytest.mark.parametrize("kind", ["swin", "gpt"])
+def test_every_planned_layout_passes_the_dry_run(kind, cpu):
+    """Each layout the planner proposes, as the config a user would write (its full mapping, built and validated
+    again), fits the world it was planned for and gets the dry run's rank table (``dist-train launch CONFIG
+    --dry-run`` = load_config + dryrun.rank_layout/format_layout) — a swin's dp × tp × pp × cp × wp layouts
+    included (a global batch of 4 allows dp 4 on 4 devices). One of them also travels through a YAML file."""
+    if kind == "swin":
+        data = {"model": {"kind": "swin", "d_model": 32, "n_layers": 4, "n_heads": 2, "window": 4, "in_channels": 3,
+                          "out_channels": 3},
+                "data": {"source": "weather", "image": [30, 60]}, "train": {"global_batch": 4, "micro_batch": 1}}
+        c = config_from_dict(copy.deepcopy(data))
+    else:
+        c = cfg(**{"data.seq_len": 128, "train.global_batch": 4})
+    cands = enumerate_layouts(c, 4)
+    assert {x.parallel.dp for x in cands} == {1, 2, 4}
+    for x in cands:
+        loaded = config_from_dict(x.to_dict())
+        check_world_size(loaded, 4)
+        rows = rank_layout(loaded, profile=cpu)
+        assert len(rows) == 4 and all(r.memory is not None for r in rows) and format_layout(loaded, rows)
+        assert layout_label(loaded) == layout_label(x)
+
+
+@pytest.mark.slow
+def test_a_planned_swin_dp_wp_layout_launches_dry(tmp_path):
+    """``dist-train launch --dry-run`` itself (a real process) on a planned dp × wp swin layout written to a file."""
+    data = {"model": {"kind": "swin", "d_model": 32, "n_layers": 2, "n_heads": 2, "window": 4, "in_channels": 3,
+                      "out_channels": 3},
+            "data": {"source": "weather", "image": [30, 60]}, "train": {"global_batch": 4, "micro_batch": 1}}
+    x = next(x for x in enumerate_layouts(config_from_dict(copy.deepcopy(data)), 8)
+             if x.parallel.dp == 2 and x.wp_grid == (2, 2))
+    save_config(x, tmp_path / "planned.yaml")
+    done = run_cli("launch", str(tmp_path / "planned.yaml"), "--dry-run", "--nproc", "8")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.count("\n") > 8
 
 
 def test_swin_cp_is_costed_as_the_ulysses_it_runs(cpu):

@@ -4,8 +4,8 @@
     ranked = rank_layouts(cands, profile)            # [(Prediction, Config)], fitting and fastest first
     why_slower(pred, best)                           # "41% slower: cp_comm_exposed +12 ms"
 
-A layout is dp × tp × pp × cp (GPT) or tp × pp × cp × wp[gh, gw] (Swin; pp stages of block pairs; its cp is the
-Ulysses inside windows it runs) = N, plus the cp method (GPT: ring with each sequence layout, Ulysses, or hybrid
+A layout is dp × tp × pp × cp (GPT) or dp × tp × pp × cp × wp[gh, gw] (Swin; pp stages of block pairs; its cp is
+the Ulysses inside windows it runs) = N, plus the cp method (GPT: ring with each sequence layout, Ulysses, or hybrid
 with each Ulysses degree), the ZeRO stage and activation
 checkpointing, and the data-parallel engine (DDP, ZeRO 1–3 via DeepSpeed, or FSDP2 — the only sharding that
 composes with pp). Validity is the config's own validation plus what the kernels need: the sequence length
@@ -62,6 +62,12 @@ def _grids(n: int) -> list[tuple[int, int]]:
     return [(gh, n // gh) for gh in divisors(n)]
 
 
+def _swin_dp_grids(n: int) -> list[tuple[int, tuple[int, int]]]:
+    """(dp, wp grid) with dp · gh · gw = n: a swin's remaining devices split between data parallelism and
+    window tiles (AERIS-style dp × wp runs), every dp that divides n with every grid of what it leaves."""
+    return [(dp, grid) for dp in divisors(n) for grid in _grids(n // dp)]
+
+
 def enumerate_layouts(cfg: Config, devices: int, checkpointing: Iterable[str] = CHECKPOINTING,
                       zero_stages: Iterable[Optional[int]] = ZERO_STAGES, fsdp: bool = True) -> list[Config]:
     """All valid layouts of ``cfg``'s model and data on ``devices`` devices (each a full Config).
@@ -77,8 +83,7 @@ def enumerate_layouts(cfg: Config, devices: int, checkpointing: Iterable[str] = 
         for pp in divisors(devices // tp):  # swin too: stages of (plain, shifted) block pairs
             rest = devices // (tp * pp)
             for cp in divisors(rest):  # swin: n_heads % tp·cp and cp <= token rows of a tile, by validate
-                for grid in ([(1, 1)] if gpt else _grids(rest // cp)):
-                    dp = rest // cp // (grid[0] * grid[1])
+                for dp, grid in ([(rest // cp, (1, 1))] if gpt else _swin_dp_grids(rest // cp)):
                     mb = _micro_batch(cfg, dp)
                     if mb is None:
                         continue
