@@ -32,6 +32,7 @@ import statistics
 import sys
 import tempfile
 import time
+import warnings
 from typing import Iterator, Optional
 
 import torch
@@ -129,6 +130,8 @@ def peak_tensor_bytes(fn):
 #: ``…_stop``) to stderr from C++ at every profiler start and stop; no log level or environment variable
 #: silences it, and a benchmark printing four such lines per point buries its own results.
 _KINETO_NOISE = b"USDT:"
+#: the start of torch.profiler's "Profiler clears events at the end of each cycle" warning (a regex prefix)
+_CYCLE_WARNING = "Warning: Profiler clears events"
 
 
 @contextlib.contextmanager
@@ -136,7 +139,10 @@ def _quiet_profile(**kwargs) -> Iterator[profile]:
     """``torch.profiler.profile(**kwargs)`` whose start and stop do not print libkineto's USDT lines; what runs
     inside the block writes to stderr as usual."""
     prof = profile(**kwargs)
-    with _without_stderr_lines(_KINETO_NOISE):
+    with _without_stderr_lines(_KINETO_NOISE), warnings.catch_warnings():
+        # torch 2.11 warns at the first start of every profile object (2.13 only at a restart) that events are
+        # cleared between cycles; each meter profile runs exactly one cycle, so the warning is only noise
+        warnings.filterwarnings("ignore", message=_CYCLE_WARNING, category=UserWarning)
         prof.start()
     try:
         yield prof
