@@ -8,7 +8,8 @@ import math
 import pytest
 
 from dist_train.config import check_world_size, config_from_dict, save_config
-from dist_train.cost.flops import flops_per_token, matmul_params, model_params, train_flops_per_token
+from dist_train.cost.flops import (attention_flops_per_key, flops_per_token, matmul_params, model_params,
+                                   recompute_flops_per_token, train_flops_per_token)
 from dist_train.cost.memory import memory_model
 from dist_train.cost.predict import predict
 from dist_train.cost.shape import rank_inputs, shape_of
@@ -320,3 +321,59 @@ def test_swin_halo_counts_the_shifted_blocks_of_the_rank(cpu):
     one = predict(config_from_dict(copy.deepcopy(data)), cpu)
     two = predict(config_from_dict(copy.deepcopy(data), ["parallel.pp=2"]), cpu)
     assert two.time["wp_halo_exposed"] == pytest.approx(one.time["wp_halo_exposed"] / 2) and two.time["wp_halo_exposed"]
+
+
+def _causal_core_flops(q_shape, k_shape, is_causal: bool, matmuls: int) -> int:
+    """``matmuls`` [B,H,S,D] products over the keys each query sees (causal: query i sees i+1 keys)."""
+    b, h, s, d = q_shape
+    keys = s * (s + 1) // 2 if is_causal else s * k_shape[2]
+    return 2 * matmuls * b * h * d * keys
+
+
+def _sdpa_cpu_fwd(q, k, v, dropout_p=0.0, is_causal=False, *args, out_shape=None, **kwargs) -> int:
+    return _causal_core_flops(q, k, is_causal, 2)  # QKᵀ, PV
+
+
+def _sdpa_cpu_bwd(grad_out, q, k, v, out, lse, dropout_p=0.0, is_causal=False, *args, out_shape=None, **kwargs) -> int:
+    return _causal_core_flops(q, k, is_causal, 4)  # dV, dP, dQ, dK
+
+
+def _counted_train_flops(c) -> dict:
+    """torch's FlopCounterMode over one forward + backward of the real GPT (CPU SDPA registered with the causal
+    count above; the counter has no formula for the CPU flash kernel): FLOPs by op."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from dist_train.models.gpt import GPT as Model
+
+    torch.manual_seed(0)
+    model = Model(c.model, activation_checkpointing=c.train.activation_checkpointing).train()
+    tokens = torch.randint(0, c.model.vocab_size, (c.train.micro_batch, c.data.seq_len))
+    aten = torch.ops.aten
+    with FlopCounterMode(display=False, custom_mapping={aten._scaled_dot_product_flash_attention_for_cpu: _sdpa_cpu_fwd,
+                         aten._scaled_dot_product_flash_attention_for_cpu_backward: _sdpa_cpu_bwd}) as counter:
+        loss, _ = model({"tokens": tokens, "positions": torch.arange(c.data.seq_len), "labels": tokens})
+        loss.backward()
+    return {str(op): n for op, n in counter.get_flop_counts()["Global"].items()}
+
+
+def test_selective_checkpointing_costs_the_attention_core_it_recomputes(cpu):
+    """A GPT's selective checkpointing re-runs the attention core's forward (QKᵀ, PV) and no projection: torch's
+    FLOP counter on the real model finds exactly recompute_flops_per_token(…, "attention") more FLOPs per token
+    (4·L·d_attn·S_eff, a third of the core's 12·L·d_attn·S_eff; the convention's causal S_eff) and the same
+    matmuls; the time model pays that third on the attention term (it used to cost selective as free)."""
+    c = {ck: cfg(**{"train.activation_checkpointing": ck}) for ck in ("none", "selective")}
+    counted = {ck: _counted_train_flops(x) for ck, x in c.items()}
+    sh = shape_of(c["none"])
+    tokens = c["none"].train.micro_batch * sh.tokens
+    assert counted["selective"]["aten.mm"] == counted["none"]["aten.mm"]
+    extra = sum(counted["selective"].values()) - sum(counted["none"].values())
+    assert extra == recompute_flops_per_token(sh, "attention") * tokens == 4 * 2 * 64 * (64 + 1) / 2 * tokens
+    core = sum(n for op, n in counted["none"].items() if "attention" in op)
+    assert core == attention_flops_per_key(sh) * sh.keys_per_query * tokens  # the convention's count, causal
+    assert recompute_flops_per_token(sh, "none") == 0
+    pred = {ck: predict(x, cpu) for ck, x in c.items()}
+    assert pred["selective"].time["attention"] == pytest.approx(pred["none"].time["attention"] * (1 + extra / core))
+    assert pred["selective"].time["matmul"] == pred["none"].time["matmul"]
+    full = predict(cfg(**{"train.activation_checkpointing": "full"}), cpu)
+    assert full.time["attention"] == pytest.approx(pred["selective"].time["attention"])

@@ -41,6 +41,30 @@ def flops_per_token(sh: Shape) -> float:
     return 6.0 * matmul_params(sh) + 12.0 * sh.layers * sh.q_dim * sh.keys_per_query
 
 
+def recompute_flops_per_token(sh: Shape, scope: str) -> float:
+    """Forward FLOPs per token that activation checkpointing runs a second time in the backward (not useful work:
+    the FLOP convention and MFU leave them out; the time model pays them), by
+    :func:`~dist_train.cost.shape.recompute_scope`:
+
+    * "none": 0;
+    * "attention" (a GPT's selective, ``models/gpt.Attention``: ``checkpoint(attention, q, k, v, …)``): the
+      attention core's forward, QKᵀ and PV over the keys each query sees — 4·L·d_attn·S_eff, a third of the
+      convention's 12·L·d_attn·S_eff; the q/k/v/o projections and RoPE stay outside the checkpoint, no matmul
+      of them runs again;
+    * "layer" (full): every matmul of the layers once more (2·their matmul parameters) + the attention core."""
+    if scope == "none":
+        return 0.0
+    core = 4.0 * sh.layers * sh.q_dim * sh.keys_per_query
+    if scope == "attention":
+        return core
+    return 2.0 * (matmul_params(sh) - layerless_matmul_params(sh)) + core
+
+
+def layerless_matmul_params(sh: Shape) -> int:
+    """Matmul parameters outside the layers: the head (and a swin's patch embedding)."""
+    return sh.vocab * sh.d + (sh.embed_in * sh.d if sh.kind == "swin" else 0)
+
+
 def attention_flops_per_key(sh: Shape) -> float:
     """Training FLOPs per token per attended key (the 12·L·d_attn of the convention)."""
     return 12.0 * sh.layers * sh.q_dim

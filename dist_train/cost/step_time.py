@@ -11,6 +11,7 @@ import math
 
 from ..config import Config
 from ..plan.profiles import DeviceProfile
+from .flops import attention_flops_per_key, recompute_flops_per_token
 from .layout import bubble_fraction
 from .memory import activation_elems_per_token, fsdp_layer_params
 from .shape import RankShape, Shape, cp_execution, recompute_scope, ring_piece_tokens
@@ -118,7 +119,13 @@ def time_model(cfg: Config, sh: Shape, prof: DeviceProfile, loc: RankShape, mem:
     accum = cfg.grad_accum_steps
     ranks_per_node = min(world, prof.devices_per_node if prof.cores is None else world)
     share = prof.compute_share(ranks_per_node)
-    recompute = 4.0 / 3.0 if recompute_scope(cfg) == "layer" else 1.0
+    scope = recompute_scope(cfg)
+    # a recomputed forward adds one forward to the forward + backward (3 forwards' worth): the layer's matmuls,
+    # elementwise passes and ops under full checkpointing; the attention core (its kernel and its cp steps) under
+    # either — a GPT's selective re-runs exactly the core (flops.recompute_flops_per_token: 4 of the 12·d·S_eff)
+    recompute = 4.0 / 3.0 if scope == "layer" else 1.0
+    core_recompute = 1.0 if scope == "none" else \
+        1.0 + recompute_flops_per_token(sh, "attention") / (attention_flops_per_key(sh) * sh.keys_per_query)
 
     # -- compute per micro-batch ---------------------------------------------------------------
     mm = 0.0
@@ -140,17 +147,18 @@ def time_model(cfg: Config, sh: Shape, prof: DeviceProfile, loc: RankShape, mem:
         causal_full = cfg.model.attention_window is None
         if p.cp_layout == "contiguous" and causal_full:
             imbalance = (2 * ring - 1) / ring  # the last rank's critical path: P - 1/2 blocks vs P/2
-    attn = attn_flops * imbalance * recompute / (prof.attention_tflops_at(kernel_keys) * 1e12)
+    attn = attn_flops * imbalance * core_recompute / (prof.attention_tflops_at(kernel_keys) * 1e12)
 
     el = activation_elems_per_token(cfg, sh, prof, loc)
     elems = el["replicated"] + el["parallel"] + el["ulysses"]
     ew = ELEMENTWISE_PASSES * elems * bpe * loc.tokens * loc.layers * recompute / (prof.mem_bw_gbs * 1e9)
     ew += 6 * loc.tokens * loc.vocab * 4 / (prof.mem_bw_gbs * 1e9)  # logits, log-softmax, their gradients
     ops = (FUSED_OPS_PER_LAYER if prof.fused_kernels else EAGER_OPS_PER_LAYER[sh.kind]) * loc.layers
+    core_ops = 0.0  # the cp steps' ops run inside the attention core
     if p.cp > 1:
         pieces = loc.tokens / ring_piece_tokens(cfg, loc)   # one sub-ring per K/V piece
-        ops += loc.layers * (RING_OPS_PER_STEP * (ring - 1) * pieces + (ULYSSES_OPS if cpx.ulysses > 1 else 0))
-    ovh = ops * recompute * prof.op_overhead_us * 1e-6
+        core_ops = loc.layers * (RING_OPS_PER_STEP * (ring - 1) * pieces + (ULYSSES_OPS if cpx.ulysses > 1 else 0))
+    ovh = (ops * recompute + core_ops * core_recompute) * prof.op_overhead_us * 1e-6
     compute_mb = (mm + attn + ew + ovh) / share
 
     # -- communication per micro-batch -----------------------------------------------------------
