@@ -199,4 +199,5 @@ def format_metrics(r: dict, total_steps: int) -> str:
     return (f"step {r['step']:>5}/{total_steps} | loss {r['loss']:.4f}{valid} | lr {r['lr']:.2e} | "
             f"gnorm {r['grad_norm']:.3f} | {r['tokens_per_s']:,.0f} tok/s | "
             f"{r['tflops_per_device']:.3f} TFLOP/s/dev | MFU {100 * r['mfu']:.1f}% | "
-            f"mem {r['peak_mem_bytes'] / 2**30:.2f} GiB | {r['step_time_s']:.3f} s/step")
+            f"mem {r['peak_mem_bytes'] / 2**30:.2f} GiB | {r['step_time_s']:.3f} s/step"
+            + (" | skipped (not applied)" if r.get("skipped") else ""))

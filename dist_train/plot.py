@@ -1,13 +1,14 @@
 """``dist-train plot RUN_DIR [RUN_DIR ...] --out FILE.png``: training curves without any tool.
 
-Loss (solid) and validation loss (dashed, markers) of every run against the optimizer step (left) and
-against the tokens trained on (right), one colour per run, labelled by run name; optionally throughput,
-MFU and peak memory below. Reads each run's ``metrics.jsonl`` and ``config.yaml`` (tokens per sample).
+Loss (solid; steps skipped by ``train.on_nonfinite: skip`` as crosses) and validation loss (dashed, markers)
+of every run against the optimizer step (left) and against the tokens trained on (right), one colour per
+run, labelled by run name; optionally throughput, MFU and peak memory below. Reads each run's ``metrics.jsonl`` and ``config.yaml`` (tokens per sample).
 """
 from __future__ import annotations
 
 import argparse
 import json
+import math
 from pathlib import Path
 
 import matplotlib
@@ -75,6 +76,11 @@ def plot_runs(run_dirs: list[Path], out: Path, extras: list[str]) -> dict:
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     series: dict = {}
     with_tokens = [r for r in runs if r["tokens_per_sample"]]
+    # the loss axis spans the curves (applied steps and validation); a skipped step's loss (a spike: often 100x)
+    # would squash them, so its marker sits at the top edge, labelled with its value, when it lies above
+    curve = [r["loss"] for run in runs for r in run["records"] if not r.get("skipped") and math.isfinite(r["loss"])]
+    curve += [r["valid_loss"] for run in runs for r in run["records"] if r.get("valid_loss") is not None]
+    top = max(curve) if curve else math.inf
     for col, xkey in enumerate(("step", "tokens")):
         for row, panel in enumerate(["loss"] + list(extras)):
             ax = axes[row][col]
@@ -89,9 +95,20 @@ def plot_runs(run_dirs: list[Path], out: Path, extras: list[str]) -> dict:
                             for r in recs]
                 recs = run["records"]
                 if panel == "loss":
-                    ax.plot(xs(recs), [r["loss"] for r in recs], color=c, lw=1.4, label=f"{label} train")
-                    valid = [r for r in recs if r.get("valid_loss") is not None]
+                    applied = [r for r in recs if not r.get("skipped")]
+                    ax.plot(xs(applied), [r["loss"] for r in applied], color=c, lw=1.4, label=f"{label} train")
                     n += 1
+                    # a skipped step (non-finite or a spike: not applied) is a marker, not part of the curve
+                    skipped = [r for r in recs if r.get("skipped") and math.isfinite(r["loss"])]
+                    if skipped:
+                        ax.plot(xs(skipped), [min(r["loss"], top) for r in skipped], color=c, ls="none",
+                                marker="x", ms=7, mew=2, label=f"{label} skipped (not applied)")
+                        for x, r in zip(xs(skipped), skipped):
+                            if r["loss"] > top:
+                                ax.annotate(f"{r['loss']:.3g}", (x, top), textcoords="offset points",
+                                            xytext=(5, -10), fontsize=7, color=c)
+                        n += 1
+                    valid = [r for r in recs if r.get("valid_loss") is not None]
                     if valid:
                         ax.plot(xs(valid), [r["valid_loss"] for r in valid], color=c, lw=1.4, ls="--", marker="o",
                                 ms=4, label=f"{label} valid")
@@ -110,9 +127,7 @@ def plot_runs(run_dirs: list[Path], out: Path, extras: list[str]) -> dict:
             else:
                 ax.xaxis.set_major_locator(MaxNLocator(integer=True))
             if panel == "loss":
-                ys = [r["loss"] for run in runs for r in run["records"]] + [
-                    r["valid_loss"] for run in runs for r in run["records"] if r.get("valid_loss") is not None]
-                if ys and min(ys) > 0 and max(ys) / min(ys) > 3:
+                if curve and min(curve) > 0 and max(curve) / min(curve) > 3:
                     ax.set_yscale("log")  # early loss drops by orders of magnitude; the tail stays readable
                     plain = FuncFormatter(lambda v, _: f"{v:g}")  # 2, 3, 4 rather than 2x10^0
                     ax.yaxis.set_major_formatter(plain)

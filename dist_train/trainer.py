@@ -318,6 +318,7 @@ def _train(cfg: Config, ctx: DistContext) -> TrainResult:
             loss, grad_norm = engine.train_step(micro, global_count, limit)
             nonfinite_run = _check_step(cfg, engine, spikes, limit, step + 1, loss, grad_norm, nonfinite_run, ckpt,
                                         log, ctx.is_main)
+            skipped = nonfinite_run > 0  # not applied (train.on_nonfinite = skip): always recorded, marked
             consumed += t.global_batch
             dt = time.perf_counter() - t0
             step_times.append(dt)
@@ -344,7 +345,7 @@ def _train(cfg: Config, ctx: DistContext) -> TrainResult:
                 else:
                     log.info(f"exit_interval {t.exit_interval}: {kept}, exiting")
             valid = evaluator.run(engine) if evaluator is not None and evaluator.due(step + 1) else None
-            if (step + 1) % t.log_every == 0 or step + 1 == t.steps or stop or valid or saved:
+            if (step + 1) % t.log_every == 0 or step + 1 == t.steps or stop or valid or saved or skipped:
                 keys = step_keys[-1] if packed else None
                 honest_mfu(step + 1, thr.tflops_per_device(dt, keys))
                 rec = {"step": step + 1, "loss": loss, "lr": lr, "grad_norm": grad_norm, **thr.metrics(dt, keys),
@@ -355,6 +356,8 @@ def _train(cfg: Config, ctx: DistContext) -> TrainResult:
                     rec.update(valid_loss=valid[0], valid_count=valid[1])
                 if saved:
                     rec["checkpoint_save_s"] = ckpt.last_stall_s
+                if skipped:
+                    rec["skipped"] = True
                 trackers.log(step + 1, rec)
                 if ctx.is_main:
                     log.info(format_metrics(rec, t.steps))

@@ -13,6 +13,8 @@ from dist_train.checkpoint import complete_checkpoints
 from dist_train.checkpoint.state import from_json
 from dist_train.engines import ddp, deepspeed, pipeline
 from dist_train.lifecycle import TrainingDiverged
+from dist_train.metrics import format_metrics
+from dist_train.plot import plot_runs
 from dist_train.spikes import STATE_KEY, LossSpikeGuard
 from dist_train.trainer import train
 from tests.dist_harness import run_ranks
@@ -116,6 +118,12 @@ def test_skip_goes_on_exactly_as_a_skipped_nonfinite_step(tmp_path):
     assert spiked.losses[3] > 3.0 * max(spiked.losses[1:3])
     # step 4 applied nothing in either run, and the spike did not enter the window
     assert spiked.losses[:3] + spiked.losses[4:] == nan.losses[:3] + nan.losses[4:]
+    # its record says so (written whatever log_every is), and the plot shows it as a marker beside the curve
+    records = [json.loads(line) for line in (tmp_path / "spike" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if r.get("skipped")] == [4] and records[3]["loss"] == spiked.losses[3]
+    assert "skipped (not applied)" in format_metrics(records[3], 6)
+    assert plot_runs([tmp_path / "spike"], tmp_path / "spike.png", [])["panels"]["loss vs step"] == 2
+    assert plot_runs([tmp_path / "nan"], tmp_path / "nan.png", [])["panels"]["loss vs step"] == 2
     # off (the default): the same loss is applied, so the run goes on differently
     real = _spike_ddp_step(4)
     try:
