@@ -20,7 +20,8 @@ Components (bytes):
                         (:func:`fsdp_unsharded_bytes`)
     activations         per layer per token (Korthikanti et al. generalised to this model's tensors):
                         replicated part (norm inputs/outputs, ÷tp only with sequence parallel) +
-                        tensor-parallel part (÷tp); + 2·heads·span scores without flash attention;
+                        tensor-parallel part (÷tp); + 2·heads·span scores without flash attention (a
+                        swin: heads·window area, the probabilities, + its norm statistics and masks);
                         tokens per rank = micro_batch·S / (cp·wp); full checkpointing keeps the layer
                         input (d per token) per layer + one layer being recomputed; a GPT's Ulysses keeps
                         the head-sharded q, k, v copies (a swin's replace its qkv output); × micro-batches
@@ -47,11 +48,22 @@ from .shape import RankShape, Shape, cp_execution, rank_inputs, recompute_scope,
 
 
 def activation_elems_per_token(cfg: Config, sh: Shape, prof: DeviceProfile, loc: RankShape) -> dict:
-    """Stored activation elements per token per layer: {"replicated", "parallel", "scores", "ulysses"}."""
+    """Stored activation elements per token per layer: {"replicated", "parallel", "scores", "ulysses", "small"}
+    ("small": the fp32 norm statistics and boolean masks, counted in elements of ``loc.bpe`` bytes)."""
     d = sh.d
+    small = 0.0
     if sh.kind == "swin":
-        rep, par = 4 * d, 5 * loc.q + 2 * loc.f
-        scores = 2 * loc.heads * sh.span  # window_attention materialises scores and probabilities
+        # what autograd saves in a WindowBlock (counted with saved_tensors_hooks, tests/test_plan_model.py::
+        # test_swin_activation_model_is_the_saved_tensors): x and norm1's output, the attention output (proj's
+        # input), x after attention and norm2's output — 4d; q, k, v as window_attention's matmuls keep them
+        # (the qkv linear's output itself is not kept) and the attention output — 4q; fc1's output and gelu's —
+        # 2f; one scores-sized tensor, the softmax probabilities (the raw scores are not kept: the scale, bias
+        # and mask ops save no input) — heads·N. Small: LayerNorm mean and rstd (2 norms × 2 fp32 values), and
+        # the shifted block's region mask, N bools per token of the whole tile (cp·N per rank token under cp,
+        # where attention runs on the whole tile), i.e. half of it per layer of a (plain, shifted) pair.
+        rep, par = 4 * d, 4 * loc.q + 2 * loc.f
+        scores = loc.heads * sh.span
+        small = (2 * 2 * 4 + cfg.parallel.cp * sh.span / 2) / loc.bpe
     elif prof.fused_kernels:
         rep, par = 4 * d, 2 * loc.q + 2 * loc.kv + 3 * loc.f
         scores = 0.0 if prof.flash_attention and cfg.parallel.attn_kernel != "math" else 2 * loc.heads * sh.span
@@ -69,7 +81,7 @@ def activation_elems_per_token(cfg: Config, sh: Shape, prof: DeviceProfile, loc:
         # window attention keeps its head-sharded q, k, v INSTEAD of the qkv output (saved-tensor bytes per
         # token of a block are the same at cp 1, 2 and 4), so it adds nothing per token
         uly = loc.q + 2 * loc.kv
-    return {"replicated": rep, "parallel": par, "scores": scores, "ulysses": uly}
+    return {"replicated": rep, "parallel": par, "scores": scores, "ulysses": uly, "small": small}
 
 
 def loss_bytes(cfg: Config, sh: Shape, loc: RankShape) -> float:
@@ -137,7 +149,7 @@ def memory_model(cfg: Config, sh: Shape, prof: DeviceProfile, loc: RankShape,
         unsharded = fsdp_unsharded_bytes(cfg, sh, loc, load, n_local)
 
     el = activation_elems_per_token(cfg, sh, prof, loc)
-    per_layer_tok = el["replicated"] + el["parallel"] + el["scores"] + el["ulysses"]
+    per_layer_tok = el["replicated"] + el["parallel"] + el["scores"] + el["ulysses"] + el["small"]
     # the residual stream (layer inputs, the stage input) is [S/tp, d] under sequence parallelism
     d_stream = sh.d / p.tp if (p.sequence_parallel and p.tp > 1) else sh.d
     scope = recompute_scope(cfg)
