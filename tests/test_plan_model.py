@@ -379,3 +379,47 @@ def test_selective_checkpointing_costs_the_attention_core_it_recomputes(cpu):
     assert pred["selective"].time["matmul"] == pred["none"].time["matmul"]
     full = predict(cfg(**{"train.activation_checkpointing": "full"}), cpu)
     assert full.time["attention"] == pytest.approx(pred["selective"].time["attention"])
+
+
+def _counted_swin_train_flops(c) -> dict:
+    """FlopCounterMode over one forward + backward of the real single-tile swin of ``c``: FLOPs by op."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from dist_train.models.swin import build_swin
+
+    model = build_swin(c.model, wp_group=None, grid=(1, 1), activation_checkpointing=c.train.activation_checkpointing,
+                       init_seed=1).train()
+    h, w = c.data.image
+    gen = torch.Generator().manual_seed(0)
+    x, y = torch.randn(1, h, w, c.model.in_channels, generator=gen), torch.randn(1, h, w, 3, generator=gen)
+    with FlopCounterMode(display=False) as counter:
+        model({"x": x, "y": y, "image_size": (h, w)})[0].backward()
+    return {str(op): n for op, n in counter.get_flop_counts()["Global"].items()}
+
+
+def test_full_checkpointing_recomputes_every_matmul_but_the_last(cpu):
+    """Full checkpointing re-runs a layer's forward up to the last tensor its backward needs (torch's early stop):
+    every matmul but the MLP's down projection (w2 / fc2, whose output nothing saves) and the attention core.
+    torch's FLOP counter on the real GPT and swin counts exactly recompute_flops_per_token(…, "layer") more
+    FLOPs per token; the time model re-runs every matmul but the last (it used to re-run all: ×4/3)."""
+    gpt = {ck: cfg(**{"train.activation_checkpointing": ck}) for ck in ("none", "full")}
+    counted = {ck: _counted_train_flops(x) for ck, x in gpt.items()}
+    sh = shape_of(gpt["none"])
+    extra = sum(counted["full"].values()) - sum(counted["none"].values())
+    d, q, kv, f = 64, 64, 32, 128
+    assert extra == recompute_flops_per_token(sh, "layer") * 2 * 64 == \
+        (2 * 2 * (d * (2 * q + 2 * kv) + 2 * d * f) + 4 * 2 * q * (64 + 1) / 2) * 2 * 64
+    data = {"model": {"kind": "swin", "d_model": 32, "n_layers": 2, "n_heads": 2, "window": 8, "in_channels": 3,
+                      "out_channels": 3, "ffn_hidden": 64},
+            "data": {"source": "weather", "image": [32, 32]}, "train": {"global_batch": 1, "micro_batch": 1}}
+    swin = {ck: config_from_dict(copy.deepcopy(data), [f"train.activation_checkpointing={ck}"]) for ck in ("none", "full")}
+    counted = {ck: _counted_swin_train_flops(x) for ck, x in swin.items()}
+    extra = sum(counted["full"].values()) - sum(counted["none"].values())
+    assert extra == recompute_flops_per_token(shape_of(swin["none"]), "layer") * 32 * 32 == \
+        (2 * 2 * (4 * 32 * 32 + 32 * 64) + 4 * 2 * 32 * 64) * 32 * 32
+    # time, at one flat matmul rate: the matmul term grows by exactly the recomputed matmul FLOPs (2 micro-batches)
+    flat = dataclasses.replace(cpu, matmul_tflops=0.1)
+    none, full = predict(gpt["none"], flat), predict(gpt["full"], flat)
+    matmul_flops = recompute_flops_per_token(sh, "layer") - recompute_flops_per_token(sh, "attention")
+    assert (full.time["matmul"] - none.time["matmul"]) * 0.1e12 == pytest.approx(matmul_flops * 2 * 2 * 64)

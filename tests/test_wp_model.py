@@ -12,7 +12,10 @@ import pytest
 import torch
 import torch.distributed as dist
 
+from dist_train.config import config_from_dict
+from dist_train.cost.step_time import halo_passes
 from dist_train.models.swin import build_swin
+from parallelism.window import halo_stats, reset_halo_stats
 from tests.dist_harness import run_ranks
 
 # (grid by world size, image H, W, patch, window, wrap)
@@ -62,6 +65,23 @@ def _model_cases(rank: int, world: int) -> int:
             assert p_ref.grad.abs().max() > 0, f"{tag}: {name} has no gradient in the reference"
             assert torch.allclose(g, p_ref.grad, rtol=1e-9, atol=1e-12), \
                 f"{tag}: {name} grad max err {(g - p_ref.grad).abs().max()}"
+
+        # checkpointing: torch's recompute stops once the saved tensors are back, so a shifted block's opening
+        # roll runs again and its closing one (after fc2) does not — what the cost model's halo_passes counts
+        ck = build_swin(cfg, wp_group=None, grid=grid, activation_checkpointing="full").double()
+        ck.load_state_dict(ref.state_dict())
+        reset_halo_stats()
+        loss_ck = ck({"x": x[:, rows, cols], "y": y[:, rows, cols], "image_size": (H, W)})[0]
+        forward = halo_stats()["bytes_sent"]
+        loss_ck.backward()
+        planned = config_from_dict({
+            "model": {"kind": "swin", "d_model": cfg.d_model, "n_layers": cfg.n_layers, "n_heads": cfg.n_heads,
+                      "ffn_hidden": cfg.ffn_hidden, "patch_size": patch, "window": list(window), "in_channels": 3,
+                      "out_channels": 3, "wrap": list(wrap)},
+            "data": {"source": "weather", "image": [H, W]}, "parallel": {"wp": list(grid)},
+            "train": {"global_batch": 2, "micro_batch": 2, "activation_checkpointing": "full"}})
+        assert forward > 0 and halo_stats()["bytes_sent"] == halo_passes(planned) * forward == 2.5 * forward, \
+            (tag, forward, halo_stats())
     return len(CASES[world])
 
 

@@ -51,13 +51,15 @@ def recompute_flops_per_token(sh: Shape, scope: str) -> float:
       attention core's forward, QKᵀ and PV over the keys each query sees — 4·L·d_attn·S_eff, a third of the
       convention's 12·L·d_attn·S_eff; the q/k/v/o projections and RoPE stay outside the checkpoint, no matmul
       of them runs again;
-    * "layer" (full): every matmul of the layers once more (2·their matmul parameters) + the attention core."""
+    * "layer" (full, ``checkpoint(layer, …)``): every matmul of the layers once more but the last, the MLP's down
+      projection (w2 / fc2: torch's non-reentrant recompute stops early, once the tensors the backward needs
+      are back, and nothing saves that matmul's output) — 2·(their matmul parameters − L·f·d) — + the core."""
     if scope == "none":
         return 0.0
     core = 4.0 * sh.layers * sh.q_dim * sh.keys_per_query
     if scope == "attention":
         return core
-    return 2.0 * (matmul_params(sh) - layerless_matmul_params(sh)) + core
+    return 2.0 * (matmul_params(sh) - layerless_matmul_params(sh) - sh.layers * sh.ffn * sh.d) + core
 
 
 def layerless_matmul_params(sh: Shape) -> int:

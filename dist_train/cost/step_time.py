@@ -29,7 +29,8 @@ ELEMENTWISE_PASSES = 4
 
 
 def _matmuls(sh: Shape, loc: RankShape) -> list[tuple[float, float, int]]:
-    """(K, N, count) of every matmul of one layer (tp-sharded dims divided)."""
+    """(K, N, count) of every matmul of one layer (tp-sharded dims divided), in forward order: the last is the
+    MLP's down projection (w2 / fc2)."""
     d = sh.d
     if sh.kind == "gpt":
         return [(d, loc.q, 1), (d, loc.kv, 2), (loc.q, d, 1), (d, loc.f, 2), (loc.f, d, 1)]
@@ -41,6 +42,16 @@ def exchange_passes(cfg: Config) -> int:
     exchanges), and the forward again when checkpointing recomputes them (:func:`~dist_train.cost.shape.
     recompute_scope`)."""
     return 2 if recompute_scope(cfg) == "none" else 3
+
+
+def halo_passes(cfg: Config) -> float:
+    """Passes of a shifted swin block's halo rolls per micro-batch, in whole forward passes (out and back).
+    Under checkpointing torch's non-reentrant recompute stops once the tensors the backward needs are back
+    (early stop): without cp the block's closing roll of x (after fc2, which needs nothing saved) is not re-run,
+    only the opening one — half a pass (tests/test_wp_model.py counts 2.5× the forward's halo bytes); with cp
+    both rolls sit inside attention, before proj, and run again (:func:`exchange_passes`)."""
+    passes = exchange_passes(cfg)
+    return passes - 0.5 if passes == 3 and cfg.parallel.cp == 1 else float(passes)
 
 
 def ulysses_traffic(cfg: Config, loc: RankShape) -> tuple[int, float]:
@@ -120,18 +131,21 @@ def time_model(cfg: Config, sh: Shape, prof: DeviceProfile, loc: RankShape, mem:
     ranks_per_node = min(world, prof.devices_per_node if prof.cores is None else world)
     share = prof.compute_share(ranks_per_node)
     scope = recompute_scope(cfg)
-    # a recomputed forward adds one forward to the forward + backward (3 forwards' worth): the layer's matmuls,
-    # elementwise passes and ops under full checkpointing; the attention core (its kernel and its cp steps) under
-    # either — a GPT's selective re-runs exactly the core (flops.recompute_flops_per_token: 4 of the 12·d·S_eff)
+    # a recomputed forward adds one forward to the forward + backward (3 forwards' worth): the layer's matmuls
+    # but its last (flops.recompute_flops_per_token: torch's early stop leaves out w2 / fc2, whose output nothing
+    # saves), elementwise passes and ops under full checkpointing; the attention core (its kernel and its cp
+    # steps) under either — a GPT's selective re-runs exactly the core (4 of the 12·d·S_eff)
     recompute = 4.0 / 3.0 if scope == "layer" else 1.0
     core_recompute = 1.0 if scope == "none" else \
         1.0 + recompute_flops_per_token(sh, "attention") / (attention_flops_per_key(sh) * sh.keys_per_query)
 
     # -- compute per micro-batch ---------------------------------------------------------------
     mm = 0.0
-    for k, n, c in _matmuls(sh, loc):
-        mm += c * 6.0 * loc.tokens * k * n / (prof.matmul_tflops_at(int(k), int(n)) * 1e12)
-    mm *= loc.layers * recompute
+    matmuls = _matmuls(sh, loc)
+    for i, (k, n, c) in enumerate(matmuls):
+        again = recompute if i < len(matmuls) - 1 else 1.0  # the layer's last matmul (w2 / fc2) is not re-run
+        mm += again * c * 6.0 * loc.tokens * k * n / (prof.matmul_tflops_at(int(k), int(n)) * 1e12)
+    mm *= loc.layers
     head_in = sh.d if sh.kind == "gpt" else sh.d
     mm += 6.0 * loc.tokens * head_in * loc.vocab / (prof.matmul_tflops_at(head_in, int(loc.vocab)) * 1e12)
     if sh.kind == "swin":
@@ -189,7 +203,7 @@ def time_model(cfg: Config, sh: Shape, prof: DeviceProfile, loc: RankShape, mem:
         link = prof.link(gh * gw * p.cp)
         per_pass = halo_bytes / (link.bw_gbs * 1e9) + rolls * 3 * link.latency_us * 1e-6  # 2 strips + corner
         # the shifted blocks (odd ones; stages hold whole pairs) of this rank's layers
-        wp_s = (loc.layers // 2) * passes * per_pass * (1 - prof.overlap)
+        wp_s = (loc.layers // 2) * halo_passes(cfg) * per_pass * (1 - prof.overlap)
     pp_s = 0.0
     bubble = bubble_fraction(cfg)
     if p.pp > 1:
