@@ -62,9 +62,11 @@ def test_memory_hand_computed_single_rank(cpu):
     n = 2 * layer + 100 * 64 * 2 + 64                          # 86784
     assert m["weights"] == n * 4 and m["grads"] == n * 4 and m["optimizer"] == n * 8
     assert m["ddp_buckets"] == 0
-    # eager per token per layer: 4d + 5q + 4kv + 4f = 256 + 320 + 128 + 512 = 1216 elements
+    # eager per token per layer (what autograd keeps, tests/test_gpt_saved_tensors.py): 6d + 2q + 2kv + 4f + 2 norm
+    # rstd + 4 heads' logsumexp = 384 + 128 + 64 + 512 + 6 = 1094 elements; per micro-batch the stage output (d)
+    # and RoPE's cos/sin (2·16 per position, shared by the micro-batch's 2 samples: 16 per token)
     tokens = 2 * 64
-    assert m["activations"] == (2 * 1216 + 64) * tokens * 4
+    assert m["activations"] == (2 * 1094 + 64 + 16) * tokens * 4
     # chunked loss (auto: one chunk holds all 128 tokens): fp32 logits, their gradient in place, + dL/dh
     assert m["logits"] == tokens * 100 * 4 + tokens * 64 * 4
     full = predict(cfg(**{"train.loss_chunk": "full"}), cpu).memory
@@ -97,11 +99,13 @@ def test_memory_sharding_rules(cpu):
     assert z3["weights"] == base["weights"] / 2 and z1["ddp_buckets"] == 0
     full = predict(cfg(**{"train.activation_checkpointing": "full"}), cpu).memory
     tokens = 2 * 64
-    assert full["activations"] == (2 * 64 + 1216 + 64) * tokens * 4      # layer inputs + one layer recomputed
+    assert full["activations"] == (2 * 64 + 1094 + 64 + 16) * tokens * 4      # layer inputs + one layer recomputed
     sel = predict(cfg(**{"train.activation_checkpointing": "selective"}), cpu).memory
-    assert sel["activations"] == (2 * (1216 - 64) + 64) * tokens * 4     # attention output recomputed
+    # the checkpointed core's inputs q, k, v are kept, and wo keeps its output: only the logsumexp goes
+    assert sel["activations"] == (2 * (1094 - 4) + 64 + 16) * tokens * 4
     uly = predict(cfg(**{"parallel.cp": 2, "parallel.cp_method": "ulysses"}), cpu).memory
-    assert uly["activations"] - cp2["activations"] == 2 * (64 + 2 * 32) * 64 * 4   # head-sharded q, k, v
+    # wo's sequence-layout copy of the output (q) and zigzag's permutation and inverse (2 int64 of u = 2)
+    assert uly["activations"] - cp2["activations"] == 2 * (64 + 2 * 2 * 8 / 4) * 64 * 4
 
 
 def test_memory_pipeline_ranks_tp_padding_and_precision(cpu):
@@ -112,8 +116,8 @@ def test_memory_pipeline_ranks_tp_padding_and_precision(cpu):
     # (36992 + 6400), rank 1 = layer 1 + final norm + head (36992 + 64 + 6400)
     assert r0["weights"] == (36992 + 6400) * 4 and r1["weights"] == (36992 + 6400 + 64) * 4
     # global batch 4 / micro_batch 2 = 2 micro-batches; 1F1B keeps min(2, pp - r) in flight: 2 on rank 0,
-    # 1 on rank 1, each 1 layer × 1216 + the stage input 64 elements per token, 128 tokens, fp32
-    assert r0["activations"] == 2 * (1216 + 64) * 128 * 4 and r1["activations"] == (1216 + 64) * 128 * 4
+    # 1 on rank 1, each 1 layer × 1094 + the stage output 64 + cos/sin 16 elements per token, 128 tokens, fp32
+    assert r0["activations"] == 2 * (1094 + 80) * 128 * 4 and r1["activations"] == (1094 + 80) * 128 * 4
     assert r0["logits"] == 0 and r1["logits"] == 128 * 100 * 4 + 128 * 64 * 4      # the loss lives on the last stage
     assert predict(c, cpu).memory == r0                               # the planner ranks the most loaded rank
     # tp=2 with vocab 101: padded to 102, 51 rows per rank for embedding and head; norms (2·64 per layer,
@@ -125,14 +129,21 @@ def test_memory_pipeline_ranks_tp_padding_and_precision(cpu):
     bf16 = predict(cfg(**{"train.precision": "bf16"}), cpu).memory
     base = predict(cfg(), cpu).memory
     assert bf16["weights"] == base["weights"] / 2 and bf16["optimizer"] == base["optimizer"] * 12 / 8
-    assert bf16["activations"] == base["activations"] / 2
+    # autocast: the residual stream, the norms' insides, rstd, logsumexp and cos/sin stay fp32; each of the 5
+    # linears after a norm keeps its own bf16 copy of the norm output; matmul outputs are bf16 — bytes per token
+    # per layer 2·2·64·4 + 5·64·2 + (2·64 + 2·32 + 4·128)·2 + 2·4 + 4·4, per micro-batch 64·4 + 2·16·4 / 2
+    layer_bytes = 1024 + 640 + 1408 + 8 + 16
+    assert bf16["activations"] == (2 * layer_bytes + 256 + 64) * 128
 
 
 def test_korthikanti_s2_term_without_flash(cpu):
-    """attn_kernel=math keeps scores and probabilities: + 2·heads·S elements per token per layer."""
+    """A device without flash attention keeps scores and probabilities: + 2·heads·S elements per token per
+    layer. attn_kernel=math does not: without cp it is torch SDPA all the same, and its block kernels run
+    inside RingAttention, which keeps no scores (counted: tests/test_gpt_saved_tensors.py)."""
     flash = predict(cfg(), cpu).memory["activations"]
-    math_ = predict(cfg(**{"parallel.attn_kernel": "math"}), cpu).memory["activations"]
-    assert math_ - flash == 2 * (2 * 4 * 64) * (2 * 64) * 4
+    assert predict(cfg(**{"parallel.attn_kernel": "math"}), cpu).memory["activations"] == flash
+    no_flash = predict(cfg(), dataclasses.replace(cpu, flash_attention=False)).memory["activations"]
+    assert no_flash - flash == 2 * (2 * 4 * 64) * (2 * 64) * 4
 
 
 def test_fused_profile_matches_korthikanti_style_count():

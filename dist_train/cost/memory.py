@@ -18,14 +18,17 @@ Components (bytes):
     fsdp_unsharded      FSDP2 (parallel.fsdp): weights, gradients and AdamW live as fp32 shards (÷ shards,
                         the shards are the master weights), plus the gathered compute-precision copies
                         (:func:`fsdp_unsharded_bytes`)
-    activations         per layer per token (Korthikanti et al. generalised to this model's tensors):
-                        replicated part (norm inputs/outputs, ÷tp only with sequence parallel) +
-                        tensor-parallel part (÷tp); + 2·heads·span scores without flash attention (a
-                        swin: heads·window area, the probabilities, + its norm statistics and masks);
-                        tokens per rank = micro_batch·S / (cp·wp); full checkpointing keeps the layer
-                        input (d per token) per layer + one layer being recomputed; a GPT's Ulysses keeps
-                        the head-sharded q, k, v copies (a swin's replace its qkv output); × micro-batches
-                        in flight; + the stage input
+    activations         per layer per token, what autograd keeps (counted with saved-tensor hooks:
+                        tests/test_gpt_saved_tensors.py, tests/test_swin_saved_tensors.py): replicated
+                        part (norm inputs, ÷tp only with sequence parallel) + the norm outputs the tp
+                        matmuls keep (all-gathered under sequence parallel, so never ÷tp) + tensor-parallel
+                        part (÷tp) + small fp32 statistics; + 2·heads·span scores without flash attention
+                        (a swin: heads·window area, the probabilities, + its masks); tokens per rank =
+                        micro_batch·S / (cp·wp); full checkpointing keeps the layer input (d per token)
+                        per layer + one layer being recomputed; selective keeps all but the attention
+                        core's insides; a GPT's Ulysses keeps wo's copy of the output and any repeated
+                        K/V heads (a swin's head-sharded q, k, v replace its qkv output); × micro-batches
+                        in flight; + per micro-batch the stage output and a GPT's RoPE cos/sin
     logits              head rank only (:func:`loss_bytes`), one micro-batch: chunked (train.loss_chunk)
                         c·V_pad/tp × (fp32 logits/their gradient in place + the 16-bit matmul output and
                         gradient copy) with c = min(chunk, tokens), + dL/dh (tokens·d) + an fp32 dL/dW
@@ -48,40 +51,119 @@ from .shape import RankShape, Shape, cp_execution, rank_inputs, recompute_scope,
 
 
 def activation_elems_per_token(cfg: Config, sh: Shape, prof: DeviceProfile, loc: RankShape) -> dict:
-    """Stored activation elements per token per layer: {"replicated", "parallel", "scores", "ulysses", "small"}
-    ("small": the fp32 norm statistics and boolean masks, counted in elements of ``loc.bpe`` bytes)."""
+    """Stored activation elements per token per layer, in elements of ``loc.bpe`` bytes: {"replicated",
+    "gathered", "parallel", "scores", "ulysses", "small", "logsumexp"} ("replicated": ÷tp under sequence parallelism;
+    "gathered": tp-replicated whatever sequence parallelism does; "parallel": already ÷tp; "small": the fp32
+    norm statistics, boolean masks and index tensors; "logsumexp": the attention's fp32 row statistics, which
+    a GPT's selective checkpointing drops with the scores and Ulysses' copies). A GPT's stage-wide terms
+    (RoPE's cos/sin, the stage output) are :func:`stage_elems_per_token`'s."""
     d = sh.d
-    small = 0.0
+    small = lse = gathered = 0.0
+    tp_sp = cfg.parallel.tp if (cfg.parallel.sequence_parallel and cfg.parallel.tp > 1) else 1
     if sh.kind == "swin":
-        # what autograd saves in a WindowBlock (counted with saved_tensors_hooks, tests/test_plan_model.py::
-        # test_swin_activation_model_is_the_saved_tensors): x and norm1's output, the attention output (proj's
-        # input), x after attention and norm2's output — 4d; q, k, v as window_attention's matmuls keep them
-        # (the qkv linear's output itself is not kept) and the attention output — 4q; fc1's output and gelu's —
-        # 2f; one scores-sized tensor, the softmax probabilities (the raw scores are not kept: the scale, bias
-        # and mask ops save no input) — heads·N. Small: LayerNorm mean and rstd (2 norms × 2 fp32 values), and
-        # the shifted block's region mask, N bools per token of the whole tile (cp·N per rank token under cp,
-        # where attention runs on the whole tile), i.e. half of it per layer of a (plain, shifted) pair.
+        # what autograd saves in a WindowBlock (counted with saved_tensors_hooks, tests/test_swin_saved_tensors.py):
+        # x and norm1's output, the attention output (proj's input), x after attention and norm2's output — 4d;
+        # q, k, v as window_attention's matmuls keep them (the qkv linear's output itself is not kept) and the
+        # attention output — 4q; fc1's output and gelu's — 2f; one scores-sized tensor, the softmax probabilities
+        # (the raw scores are not kept: the scale, bias and mask ops save no input) — heads·N. Small: LayerNorm
+        # mean and rstd (2 norms × 2 fp32 values), and the shifted block's region mask, N bools per token of the
+        # whole tile (cp·N per rank token under cp, where attention runs on the whole tile), i.e. half of it per
+        # layer of a (plain, shifted) pair.
         rep, par = 4 * d, 4 * loc.q + 2 * loc.f
         scores = loc.heads * sh.span
         small = (2 * 2 * 4 + cfg.parallel.cp * sh.span / 2) / loc.bpe
+        rep /= tp_sp
     elif prof.fused_kernels:
         rep, par = 4 * d, 2 * loc.q + 2 * loc.kv + 3 * loc.f
-        scores = 0.0 if prof.flash_attention and cfg.parallel.attn_kernel != "math" else 2 * loc.heads * sh.span
+        scores = 0.0 if prof.flash_attention else 2 * loc.heads * sh.span
+        rep /= tp_sp
     else:
-        # eager modules: RMSNorm keeps input and output (×2 norms); q and k keep pre-RoPE, rotate-half
-        # and post-RoPE copies; v; the attention output and its contiguous copy into wo; SwiGLU keeps
-        # w1 and w3 outputs, silu output and the product
-        rep, par = 4 * d, 5 * loc.q + 4 * loc.kv + 4 * loc.f
-        scores = 0.0 if prof.flash_attention and cfg.parallel.attn_kernel != "math" else 2 * loc.heads * sh.span
-    if cfg.parallel.sequence_parallel and cfg.parallel.tp > 1:
-        rep /= cfg.parallel.tp
+        rep, gathered, par, small = gpt_eager_elems(cfg, sh, loc, tp_sp)
+        lse = 4 * loc.heads / loc.bpe
+        scores = 0.0 if prof.flash_attention else 2 * loc.heads * sh.span
+    # a GPT's attention core keeps q, k, v, its output and the logsumexp, never scores, with any attn_kernel:
+    # the block kernels (cp, windows, attn_kernel math) run inside RingAttention, which saves no scores, and
+    # without cp or a window the model calls torch SDPA, which keeps none when it is flash
     uly = 0.0
     if cp_execution(cfg).ulysses > 1 and sh.kind == "gpt":
-        # the head-sharded q, k, v after the all-to-all, besides the sequence-sharded ones RoPE kept; a swin's
-        # window attention keeps its head-sharded q, k, v INSTEAD of the qkv output (saved-tensor bytes per
-        # token of a block are the same at cp 1, 2 and 4), so it adds nothing per token
-        uly = loc.q + 2 * loc.kv
-    return {"replicated": rep, "parallel": par, "scores": scores, "ulysses": uly, "small": small}
+        uly = gpt_ulysses_elems(cfg, sh, loc)
+    return {"replicated": rep, "gathered": gathered, "parallel": par, "scores": scores, "ulysses": uly,
+            "small": small, "logsumexp": lse}
+
+
+def gpt_eager_elems(cfg: Config, sh: Shape, loc: RankShape, tp_sp: int) -> tuple[float, float, float, float]:
+    """(replicated, gathered, parallel, small) elements of ``loc.bpe`` bytes one eager GPT layer keeps per
+    token (``models/gpt.Block``; counted with saved_tensors_hooks in tests/test_gpt_saved_tensors.py).
+
+    The residual stream and RMSNorm's insides are fp32 whatever train.precision says (the parameters are
+    fp32; 16-bit training is autocast), the matmul outputs are in the compute dtype (``loc.bpe``):
+
+    * replicated (÷tp under sequence parallelism): each RMSNorm keeps its input x and x·rstd (the weight's
+      gradient reads it), fp32 — 2 norms × 2d;
+    * gathered: the norm output as the linears keep it — under sequence parallelism the all-gathered
+      [S, d], so never ÷tp. One tensor per norm, shared by its linears, in fp32 training; under autocast
+      each linear keeps its own 16-bit cast (wq, wk, wv: 3; w1, w3: 2);
+    * parallel (÷tp): RoPE keeps only cos/sin (no q/k copies); the attention keeps q, k, v and its output
+      (wo's input is a view of it); SwiGLU keeps w1's and w3's outputs, silu's output and the product — 2q +
+      2kv + 4f;
+    * small: the rstd of the 2 norms (fp32, ÷tp under sequence parallelism); the attention's fp32
+      logsumexp (heads per token) is the caller's "logsumexp"."""
+    d, f32 = sh.d, 4 / loc.bpe
+    rep = 2 * 2 * d * f32 / tp_sp
+    gathered = 2 * d if loc.bpe >= 4 else (3 + 2) * d
+    par = 2 * loc.q + 2 * loc.kv + 4 * loc.f
+    small = 2 * 4 / tp_sp / loc.bpe
+    return rep, gathered, par, small
+
+
+def gpt_ulysses_elems(cfg: Config, sh: Shape, loc: RankShape) -> float:
+    """Elements (of ``loc.bpe`` bytes) per token a GPT layer keeps under Ulysses besides what it keeps without
+    cp (``parallelism.context.attention._ulysses_ring``): the attention keeps the head-sharded q, k, v and
+    output INSTEAD of the sequence-sharded ones (same size), but wo keeps the output back in the sequence
+    layout too (+q); K/V heads repeated so each of the u ranks gets whole groups are kept repeated
+    (``ulysses.kv_replication``); and where the gathered order is permuted (``ulysses.gathered_order``:
+    zigzag always, striped when the Ulysses group is the whole cp group) the permutation and its inverse,
+    u int64 each."""
+    cpx = cp_execution(cfg)
+    u = cpx.ulysses
+    hq, hkv = sh.heads // cfg.parallel.tp, max(1, sh.kv_heads // cfg.parallel.tp)
+    if hkv % u == 0:
+        factor = 1
+    elif u % hkv == 0:
+        factor = u // hkv
+    else:
+        factor = hq // hkv
+    layout = cfg.parallel.cp_layout
+    permuted = layout == "zigzag" or (layout == "striped" and cpx.ring == 1)
+    return loc.q + 2 * loc.kv * (factor - 1) + (2 * u * 8 / loc.bpe if permuted else 0.0)
+
+
+def residual_elems_per_token(cfg: Config, sh: Shape, prof: DeviceProfile, loc: RankShape) -> float:
+    """Elements (of ``loc.bpe`` bytes) per token of the residual stream (a layer's input): [S/tp, d] under
+    sequence parallelism; fp32 in the eager GPT (fp32 parameters: the embedding output and every residual add
+    stay fp32 under autocast), in the compute dtype otherwise (a fused, Transformer-Engine style profile's
+    convention, and the swin, whose patch embedding is a matmul)."""
+    p = cfg.parallel
+    d_stream = sh.d / p.tp if (p.sequence_parallel and p.tp > 1) else sh.d
+    return d_stream * 4 / loc.bpe if gpt_eager(sh, prof) else d_stream
+
+
+def gpt_eager(sh: Shape, prof: DeviceProfile) -> bool:
+    """Whether ``sh`` is costed as this repo's eager GPT modules (:func:`gpt_eager_elems`)."""
+    return sh.kind == "gpt" and not prof.fused_kernels
+
+
+def stage_elems_per_token(cfg: Config, sh: Shape, prof: DeviceProfile, loc: RankShape) -> float:
+    """Elements (of ``loc.bpe`` bytes) per token one micro-batch keeps on a pipeline stage besides its
+    layers': the stage output (:func:`residual_elems_per_token`; on the last stage the final norm's input,
+    elsewhere what the pipeline engine keeps for the backward it receives) and the eager GPT's RoPE cos/sin
+    (``models/gpt.rope_cos_sin``: computed once per micro-batch, kept by every layer, fp32; one row per
+    position of the rank's sequence, per sample only with ``data.reset_positions``)."""
+    out = residual_elems_per_token(cfg, sh, prof, loc)
+    if not gpt_eager(sh, prof):
+        return out
+    per_position = 1 if cfg.data.reset_positions else cfg.train.micro_batch
+    return out + 2 * sh.head_dim * 4 / per_position / loc.bpe
 
 
 def loss_bytes(cfg: Config, sh: Shape, loc: RankShape) -> float:
@@ -149,18 +231,19 @@ def memory_model(cfg: Config, sh: Shape, prof: DeviceProfile, loc: RankShape,
         unsharded = fsdp_unsharded_bytes(cfg, sh, loc, load, n_local)
 
     el = activation_elems_per_token(cfg, sh, prof, loc)
-    per_layer_tok = el["replicated"] + el["parallel"] + el["scores"] + el["ulysses"] + el["small"]
-    # the residual stream (layer inputs, the stage input) is [S/tp, d] under sequence parallelism
-    d_stream = sh.d / p.tp if (p.sequence_parallel and p.tp > 1) else sh.d
+    per_layer_tok = sum(el.values())
+    layer_input = residual_elems_per_token(cfg, sh, prof, loc)
     scope = recompute_scope(cfg)
     if scope == "layer":
         # every in-flight micro-batch keeps its layer inputs; one layer is recomputed at a time
-        stored_tok = load.layers * d_stream * load.in_flight + per_layer_tok
+        stored_tok = load.layers * layer_input * load.in_flight + per_layer_tok
     else:
         if scope == "attention":
-            per_layer_tok -= loc.q + el["scores"]   # the attention core is recomputed
+            # a GPT's checkpointed attention core keeps its inputs (q, k, v) and wo its output: what is not kept
+            # is what the core saves inside — the logsumexp, the scores without flash, Ulysses' head-sharded copies
+            per_layer_tok -= el["logsumexp"] + el["scores"] + el["ulysses"]
         stored_tok = load.layers * per_layer_tok * load.in_flight
-    stored_tok += d_stream * load.in_flight  # the stage input per micro-batch (the embedding output on stage 0)
+    stored_tok += stage_elems_per_token(cfg, sh, prof, loc) * load.in_flight
     acts = stored_tok * loc.tokens * bpe
     logits = loss_bytes(cfg, sh, loc) if load.head else 0.0
     comm = 0.0

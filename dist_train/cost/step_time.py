@@ -164,7 +164,7 @@ def time_model(cfg: Config, sh: Shape, prof: DeviceProfile, loc: RankShape, mem:
     attn = attn_flops * imbalance * core_recompute / (prof.attention_tflops_at(kernel_keys) * 1e12)
 
     el = activation_elems_per_token(cfg, sh, prof, loc)
-    elems = el["replicated"] + el["parallel"] + el["ulysses"]
+    elems = el["replicated"] + el["gathered"] + el["parallel"] + el["ulysses"]
     ew = ELEMENTWISE_PASSES * elems * bpe * loc.tokens * loc.layers * recompute / (prof.mem_bw_gbs * 1e9)
     ew += 6 * loc.tokens * loc.vocab * 4 / (prof.mem_bw_gbs * 1e9)  # logits, log-softmax, their gradients
     ops = (FUSED_OPS_PER_LAYER if prof.fused_kernels else EAGER_OPS_PER_LAYER[sh.kind]) * loc.layers
