@@ -308,7 +308,10 @@ def test_swin_cp_is_costed_as_the_ulysses_it_runs(cpu):
 def test_recompute_is_costed_as_the_model_runs_it(cpu):
     """A swin's selective checkpointing recomputes whole blocks as full does (SwinModel.run_blocks): same
     memory and time; under either, every cp all-to-all and halo roll of the forward runs a third time (the
-    recompute), and a GPT's attention recompute (selective) re-runs its cp exchanges too."""
+    recompute), and a GPT's attention recompute (selective) re-runs its cp exchanges before the core (the q, k, v
+    all-to-alls, not the output's: step_time.ulysses_recompute_traffic)."""
+    from dist_train.cost.step_time import ulysses_recompute_traffic
+
     data = {"model": {"kind": "swin", "d_model": 32, "n_layers": 2, "n_heads": 2, "window": 4, "in_channels": 3,
                       "out_channels": 3},
             "data": {"source": "weather", "image": [30, 60]}, "train": {"global_batch": 2, "micro_batch": 1},
@@ -319,9 +322,16 @@ def test_recompute_is_costed_as_the_model_runs_it(cpu):
     assert run["full"].memory["activations"] < run["none"].memory["activations"]
     for part in ("cp_comm_exposed", "wp_halo_exposed"):
         assert run["full"].time[part] == pytest.approx(run["none"].time[part] * 3 / 2), part
-    gpt = {ck: predict(cfg(**{"parallel.cp": 2, "parallel.cp_method": "ulysses",
-                              "train.activation_checkpointing": ck}), cpu) for ck in ("none", "selective")}
-    assert gpt["selective"].time["cp_comm_exposed"] == pytest.approx(gpt["none"].time["cp_comm_exposed"] * 3 / 2)
+    c = {ck: cfg(**{"parallel.cp": 2, "parallel.cp_method": "ulysses", "train.activation_checkpointing": ck})
+         for ck in ("none", "selective", "full")}
+    gpt = {ck: predict(x, cpu).time["cp_comm_exposed"] for ck, x in c.items()}
+    assert gpt["full"] == pytest.approx(gpt["none"] * 3 / 2)
+    sh, loc = rank_inputs(c["selective"], cpu)
+    a2as, nbytes = ulysses_recompute_traffic(c["selective"], loc)
+    assert (a2as, nbytes) == (3, loc.tokens * (loc.q + 2 * loc.kv) * loc.bpe / 2)
+    link = cpu.link(2)
+    again = 2 * sh.layers * (nbytes / (link.bw_gbs * 1e9) + a2as * link.latency_us * 1e-6)  # 2 micro-batches
+    assert gpt["selective"] == pytest.approx(gpt["none"] + again) and gpt["selective"] < gpt["full"]
 
 
 def test_swin_halo_counts_the_shifted_blocks_of_the_rank(cpu):
@@ -434,3 +444,129 @@ def test_full_checkpointing_recomputes_every_matmul_but_the_last(cpu):
     none, full = predict(gpt["none"], flat), predict(gpt["full"], flat)
     matmul_flops = recompute_flops_per_token(sh, "layer") - recompute_flops_per_token(sh, "attention")
     assert (full.time["matmul"] - none.time["matmul"]) * 0.1e12 == pytest.approx(matmul_flops * 2 * 2 * 64)
+
+
+def _gpt_ulysses_exchanges(rank: int, world: int, data: dict) -> dict:
+    """One rank of the real GPT with Ulysses over ``world`` cp ranks: (all-to-all calls, bytes sent to other
+    ranks) of one forward + backward on this rank's share, by checkpointing."""
+    import torch
+    import torch.distributed as dist
+
+    from dist_train.models.attention import AttentionContext
+    from dist_train.models.gpt import GPT as Model
+
+    sent = {"calls": 0, "bytes": 0}
+    all_to_all = dist.all_to_all_single
+
+    def counting(out, inp, *args, **kwargs):  # even splits: (world − 1)/world of the input leaves the rank
+        sent["calls"] += 1
+        sent["bytes"] += inp.numel() * inp.element_size() * (world - 1) // world
+        return all_to_all(out, inp, *args, **kwargs)
+
+    dist.all_to_all_single = counting
+    c = config_from_dict(copy.deepcopy(data))
+    n = c.data.seq_len // world
+    ctx = AttentionContext(cp_group=dist.group.WORLD, layout="contiguous", method="ulysses", ulysses_degree=world)
+    out = {}
+    for ck in ("none", "selective", "full"):
+        torch.manual_seed(0)
+        model = Model(c.model, ctx, activation_checkpointing=ck).train()
+        tokens = torch.randint(0, c.model.vocab_size, (c.train.micro_batch, n))
+        sent.update(calls=0, bytes=0)
+        model({"tokens": tokens, "positions": torch.arange(rank * n, (rank + 1) * n), "labels": tokens})[0].backward()
+        out[ck] = dict(sent)
+    return out
+
+
+def test_selective_checkpointing_re_runs_the_ulysses_all_to_alls_before_the_core():
+    """Under a GPT's selective checkpointing torch's early stop ends the recompute at the core's last saved tensor:
+    the q, k, v all-to-alls run again, the output's (after the core, nothing saves it) does not — 11 all-to-alls
+    per layer, not 12 (full checkpointing re-runs all four: wo saves its input). Counted on 2 real gloo ranks of the
+    GPT = the time model's step_time.ulysses_recompute_traffic (it used to re-run all four under selective)."""
+    from dist_train.cost.step_time import ulysses_recompute_traffic
+    from tests.dist_harness import run_ranks
+
+    counted = run_ranks(_gpt_ulysses_exchanges, 2, args=(GPT,))
+    for ck in ("none", "selective", "full"):
+        c = cfg(**{"parallel.cp": 2, "parallel.cp_method": "ulysses", "train.precision": "fp32",
+                   "train.activation_checkpointing": ck})
+        sh, loc = rank_inputs(c, builtin_profiles()["cpu"])
+        (a2as, nbytes), (r_a2as, r_bytes) = ulysses_traffic(c, loc), ulysses_recompute_traffic(c, loc)
+        for rank in counted:
+            assert rank[ck] == {"calls": sh.layers * (2 * a2as + r_a2as), "bytes": sh.layers * (2 * nbytes + r_bytes)}, ck
+    assert [r["calls"] for r in counted[0].values()] == [2 * 8, 2 * 11, 2 * 12]
+
+
+def _megatron_layer_matmul_flops(rank: int, world: int, gpt_data: dict, swin_data: dict) -> dict:
+    """One rank: forward + backward FLOPs by op (and checkpointing) of the real GPT and swin built
+    with Megatron's tp linears over a one-rank tp group — the layers a tp > 1 run uses (their all-reduces are
+    no-ops on one rank, their autograd is the same)."""
+    import torch
+    import torch.distributed as dist
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from dist_train.models.gpt import GPT as Model
+    from dist_train.models.swin import build_swin
+    from dist_train.models.tensor_parallel import TensorParallel
+
+    tp = TensorParallel.from_group(dist.group.WORLD, [0], 0, torch.device("cpu"))
+    out = {}
+    for ck in ("none", "full"):
+        g = config_from_dict(copy.deepcopy(gpt_data))
+        for kind, sp in (("gpt", False), ("gpt_sp", True)):
+            torch.manual_seed(0)
+            model = Model(g.model, activation_checkpointing=ck, tp=dataclasses.replace(tp, sequence_parallel=sp)).train()
+            tokens = torch.randint(0, g.model.vocab_size, (g.train.micro_batch, g.data.seq_len))
+            with FlopCounterMode(display=False) as counter:
+                model({"tokens": tokens, "positions": torch.arange(g.data.seq_len), "labels": tokens})[0].backward()
+            out[(kind, ck)] = {str(op): n for op, n in counter.get_flop_counts()["Global"].items()}
+        s = config_from_dict(copy.deepcopy(swin_data))
+        swin = build_swin(s.model, wp_group=None, grid=(1, 1), activation_checkpointing=ck, tp=tp, init_seed=1).train()
+        h, w = s.data.image
+        x = torch.randn(1, h, w, 3, generator=torch.Generator().manual_seed(0))
+        with FlopCounterMode(display=False) as counter:
+            swin({"x": x, "y": x, "image_size": (h, w)})[0].backward()
+        out[("swin", ck)] = {str(op): n for op, n in counter.get_flop_counts()["Global"].items()}
+    return out
+
+
+def test_full_checkpointing_under_tp_recomputes_the_last_matmul_too(cpu):
+    """torch's early stop ends the recompute at the last saved tensor; an aten matmul (nn.Linear, tp = 1) saves its
+    inputs BEFORE it runs, so w2 / fc2 is cut, but Megatron's row-parallel linear is an autograd Function whose
+    saved tensors are packed AFTER its forward ran: under tp > 1 every matmul of the layer runs again — except
+    under sequence parallelism, whose row-parallel layer is F.linear + a reduce-scatter. FLOP counter on the real
+    GPT (with and without sp) and swin with Megatron's layers = recompute_flops_per_token(…, "layer",
+    last_matmul=recompute_runs_last_matmul) (the model used to cut w2 / fc2 at every tp); the time model's
+    matmul term grows by exactly 4/3 under tp without sp."""
+    from dist_train.cost.shape import recompute_runs_last_matmul
+    from tests.dist_harness import run_ranks
+
+    swin_data = {"model": {"kind": "swin", "d_model": 32, "n_layers": 2, "n_heads": 2, "window": 8, "in_channels": 3,
+                           "out_channels": 3, "ffn_hidden": 64},
+                 "data": {"source": "weather", "image": [32, 32]}, "train": {"global_batch": 1, "micro_batch": 1}}
+    counted = run_ranks(_megatron_layer_matmul_flops, 1, args=(GPT, swin_data))[0]
+    for kind, data, tokens in (("gpt", GPT, 2 * 64), ("gpt_sp", GPT, 2 * 64), ("swin", swin_data, 32 * 32)):
+        sh = shape_of(config_from_dict(copy.deepcopy(data)))
+        layer_mm = 2 * (matmul_params(sh) - sh.vocab * sh.d - sh.embed_in * sh.d * (kind == "swin"))
+        if kind == "gpt_sp":  # w2 is F.linear again: cut
+            extra = counted[(kind, "full")]["aten.mm"] - counted[(kind, "none")]["aten.mm"]
+            assert extra == (recompute_flops_per_token(sh, "layer", last_matmul=False)
+                             - recompute_flops_per_token(sh, "attention")) * tokens == \
+                (layer_mm - 2 * sh.layers * sh.ffn * sh.d) * tokens
+        elif kind == "gpt":  # the projections (aten.mm; the counter has no formula for the CPU SDPA core)
+            extra = counted[(kind, "full")]["aten.mm"] - counted[(kind, "none")]["aten.mm"]
+            assert extra == (recompute_flops_per_token(sh, "layer", last_matmul=True)
+                             - recompute_flops_per_token(sh, "attention")) * tokens == layer_mm * tokens
+        else:  # every matmul: the projections (aten.mm) and the window core (aten.bmm)
+            extra = sum(counted[(kind, "full")].values()) - sum(counted[(kind, "none")].values())
+            assert extra == recompute_flops_per_token(sh, "layer", last_matmul=True) * tokens == \
+                (layer_mm + 4 * sh.layers * sh.q_dim * sh.keys_per_query) * tokens
+    tp2 = {ck: cfg(**{"train.activation_checkpointing": ck, "parallel.tp": 2}) for ck in ("none", "selective", "full")}
+    assert [recompute_runs_last_matmul(c) for c in tp2.values()] == [False, False, True]
+    assert not recompute_runs_last_matmul(cfg(**{"train.activation_checkpointing": "full"}))
+    assert not recompute_runs_last_matmul(cfg(**{"train.activation_checkpointing": "full", "parallel.tp": 2,
+                                                 "parallel.sequence_parallel": "true"}))
+    flat = dataclasses.replace(cpu, matmul_tflops=0.1)
+    none, full = predict(tp2["none"], flat), predict(tp2["full"], flat)
+    head = 6.0 * 2 * 64 * 64 * 50 / 0.1e12 * 2   # the tp-split head (2 micro-batches): not recomputed
+    assert full.time["matmul"] - head == pytest.approx(4 / 3 * (none.time["matmul"] - head))

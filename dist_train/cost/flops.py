@@ -41,7 +41,7 @@ def flops_per_token(sh: Shape) -> float:
     return 6.0 * matmul_params(sh) + 12.0 * sh.layers * sh.q_dim * sh.keys_per_query
 
 
-def recompute_flops_per_token(sh: Shape, scope: str) -> float:
+def recompute_flops_per_token(sh: Shape, scope: str, last_matmul: bool = False) -> float:
     """Forward FLOPs per token that activation checkpointing runs a second time in the backward (not useful work:
     the FLOP convention and MFU leave them out; the time model pays them), by
     :func:`~dist_train.cost.shape.recompute_scope`:
@@ -53,13 +53,16 @@ def recompute_flops_per_token(sh: Shape, scope: str) -> float:
       of them runs again;
     * "layer" (full, ``checkpoint(layer, …)``): every matmul of the layers once more but the last, the MLP's down
       projection (w2 / fc2: torch's non-reentrant recompute stops early, once the tensors the backward needs
-      are back, and nothing saves that matmul's output) — 2·(their matmul parameters − L·f·d) — + the core."""
+      are back, and nothing saves that matmul's output) — 2·(their matmul parameters − L·f·d) — + the core;
+      ``last_matmul`` (:func:`~dist_train.cost.shape.recompute_runs_last_matmul`: Megatron's tp linears) with
+      w2 / fc2 too."""
     if scope == "none":
         return 0.0
     core = 4.0 * sh.layers * sh.q_dim * sh.keys_per_query
     if scope == "attention":
         return core
-    return 2.0 * (matmul_params(sh) - layerless_matmul_params(sh) - sh.layers * sh.ffn * sh.d) + core
+    cut = 0 if last_matmul else sh.layers * sh.ffn * sh.d
+    return 2.0 * (matmul_params(sh) - layerless_matmul_params(sh) - cut) + core
 
 
 def layerless_matmul_params(sh: Shape) -> int:

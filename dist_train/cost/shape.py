@@ -218,6 +218,18 @@ def recompute_scope(cfg: Config) -> str:
     return "layer" if ck == "full" or cfg.model.kind == "swin" else "attention"
 
 
+def recompute_runs_last_matmul(cfg: Config) -> bool:
+    """Whether a layer's recompute re-runs its last matmul (the MLP's down projection, w2 / fc2). torch's
+    non-reentrant checkpoint stops once the last tensor the backward needs is back (early stop). An aten matmul
+    (``nn.Linear``, tp = 1) saves its inputs before its kernel runs, so the stop comes before w2 / fc2, whose
+    output nothing saves; Megatron's row-parallel linear (tp > 1) is an autograd Function whose saved tensors are
+    packed after its forward ran, so w2 / fc2's matmul runs again (the all-reduce after it does not). Under
+    sequence parallelism the row-parallel layer is ``F.linear`` + a reduce-scatter
+    (``models.tensor_parallel._sp_row``): cut again."""
+    p = cfg.parallel
+    return recompute_scope(cfg) == "layer" and p.tp > 1 and not p.sequence_parallel
+
+
 def ring_piece_tokens(cfg: Config, loc: RankShape) -> float:
     """Tokens of one ring message: the rank's whole shard, or ``parallel.cp_kv_piece`` per sequence."""
     piece = cfg.parallel.cp_kv_piece

@@ -14,7 +14,7 @@ from ..plan.profiles import DeviceProfile
 from .flops import attention_flops_per_key, recompute_flops_per_token
 from .layout import bubble_fraction
 from .memory import activation_elems_per_token, fsdp_layer_params
-from .shape import RankShape, Shape, cp_execution, recompute_scope, ring_piece_tokens
+from .shape import RankShape, Shape, cp_execution, recompute_runs_last_matmul, recompute_scope, ring_piece_tokens
 
 # eager autograd ops per transformer layer (forward ops; their backward is in the calibrated per-op cost),
 # counted from dist_train/models/gpt.py and swin.py; fused kernels collapse them
@@ -65,6 +65,22 @@ def ulysses_traffic(cfg: Config, loc: RankShape) -> tuple[int, float]:
     if u == 1:
         return 0, 0.0
     return cpx.all_to_alls, loc.tokens * (2 * loc.q + 2 * loc.kv) * loc.bpe * (u - 1) / u
+
+
+def ulysses_recompute_traffic(cfg: Config, loc: RankShape) -> tuple[int, float]:
+    """(all-to-alls, bytes sent) that checkpointing re-runs of one layer's :func:`ulysses_traffic`, by
+    :func:`~dist_train.cost.shape.recompute_scope`: every one under "layer" (the output's feeds wo / proj, which
+    saves it); under "attention" (a GPT's selective) those of q, k, v only — torch's early stop ends the
+    recompute at the core's last saved tensor and the output's all-to-all after it saves nothing
+    (loc.tokens · (q + 2kv) · (u−1)/u elements)."""
+    scope = recompute_scope(cfg)
+    a2as, nbytes = ulysses_traffic(cfg, loc)
+    if scope == "none" or a2as == 0:
+        return 0, 0.0
+    if scope == "layer":
+        return a2as, nbytes
+    u = cp_execution(cfg).ulysses
+    return a2as - 1, loc.tokens * (loc.q + 2 * loc.kv) * loc.bpe * (u - 1) / u
 
 
 def swin_halo_traffic(cfg: Config, sh: Shape, loc: RankShape) -> tuple[int, float]:
@@ -133,17 +149,18 @@ def time_model(cfg: Config, sh: Shape, prof: DeviceProfile, loc: RankShape, mem:
     scope = recompute_scope(cfg)
     # a recomputed forward adds one forward to the forward + backward (3 forwards' worth): the layer's matmuls
     # but its last (flops.recompute_flops_per_token: torch's early stop leaves out w2 / fc2, whose output nothing
-    # saves), elementwise passes and ops under full checkpointing; the attention core (its kernel and its cp
-    # steps) under either — a GPT's selective re-runs exactly the core (4 of the 12·d·S_eff)
+    # saves — unless shape.recompute_runs_last_matmul: Megatron's tp linears), elementwise passes and ops under
+    # full checkpointing; the attention core (its kernel and its cp steps) under either — a GPT's selective
+    # re-runs exactly the core (4 of the 12·d·S_eff)
     recompute = 4.0 / 3.0 if scope == "layer" else 1.0
     core_recompute = 1.0 if scope == "none" else \
         1.0 + recompute_flops_per_token(sh, "attention") / (attention_flops_per_key(sh) * sh.keys_per_query)
 
     # -- compute per micro-batch ---------------------------------------------------------------
     mm = 0.0
-    matmuls = _matmuls(sh, loc)
+    matmuls, last_matmul = _matmuls(sh, loc), recompute_runs_last_matmul(cfg)
     for i, (k, n, c) in enumerate(matmuls):
-        again = recompute if i < len(matmuls) - 1 else 1.0  # the layer's last matmul (w2 / fc2) is not re-run
+        again = recompute if i < len(matmuls) - 1 or last_matmul else 1.0  # the last (w2 / fc2): see above
         mm += again * c * 6.0 * loc.tokens * k * n / (prof.matmul_tflops_at(int(k), int(n)) * 1e12)
     mm *= loc.layers
     head_in = sh.d if sh.kind == "gpt" else sh.d
@@ -184,10 +201,10 @@ def time_model(cfg: Config, sh: Shape, prof: DeviceProfile, loc: RankShape, mem:
     passes = exchange_passes(cfg)
     if p.cp > 1:
         link = prof.link(p.cp * p.tp)
-        a2as, a2a_bytes = ulysses_traffic(cfg, loc)
-        if a2as:
-            cp_exposed += passes * loc.layers * (a2a_bytes / (link.bw_gbs * 1e9)
-                                                 + a2as * (cpx.ulysses - 1) * link.latency_us * 1e-6)
+        (a2as, a2a_bytes), (r_a2as, r_bytes) = ulysses_traffic(cfg, loc), ulysses_recompute_traffic(cfg, loc)
+        if a2as:  # forward and backward, + what the recompute re-runs
+            cp_exposed += loc.layers * ((2 * a2a_bytes + r_bytes) / (link.bw_gbs * 1e9)
+                                        + (2 * a2as + r_a2as) * (cpx.ulysses - 1) * link.latency_us * 1e-6)
         if ring > 1:
             pieces = loc.tokens / ring_piece_tokens(cfg, loc)
             blk = 2 * loc.tokens * loc.kv * bpe / pieces  # one K/V block (piece)
