@@ -497,6 +497,66 @@ def test_selective_checkpointing_re_runs_the_ulysses_all_to_alls_before_the_core
     assert [r["calls"] for r in counted[0].values()] == [2 * 8, 2 * 11, 2 * 12]
 
 
+def _gpt_tp_collectives(rank: int, world: int, data: dict) -> dict:
+    """One rank of the real GPT over a ``world``-rank Megatron tp group: tp collectives of one forward + backward,
+    by (sequence parallel, checkpointing). gloo has no reduce-scatter: the sp reduce-scatter runs as an
+    all-reduce here (``models.tensor_parallel._SeqReduceScatter``), so with sp all_reduce counts those."""
+    import torch
+    import torch.distributed as dist
+
+    from dist_train.models.gpt import GPT as Model
+    from dist_train.models.tensor_parallel import TensorParallel
+
+    calls = {"all_reduce": 0, "all_gather": 0}
+    for name in calls:
+        def counting(*args, _orig=getattr(dist, name), _name=name, **kwargs):
+            calls[_name] += 1
+            return _orig(*args, **kwargs)
+        setattr(dist, name, counting)
+    c = config_from_dict(copy.deepcopy(data))
+    out = {}
+    for sp in (False, True):
+        tp = TensorParallel.from_group(dist.group.WORLD, list(range(world)), 0, torch.device("cpu"), sequence_parallel=sp)
+        for ck in ("none", "selective", "full"):
+            torch.manual_seed(0)
+            model = Model(c.model, activation_checkpointing=ck, tp=tp).train()
+            tokens = torch.randint(0, c.model.vocab_size, (c.train.micro_batch, c.data.seq_len))
+            calls.update(all_reduce=0, all_gather=0)
+            model({"tokens": tokens, "positions": torch.arange(c.data.seq_len), "labels": tokens})[0].backward()
+            out[(sp, ck)] = dict(calls)
+    return out
+
+
+def test_full_checkpointing_re_runs_the_tp_collectives_before_the_last_matmul():
+    """Full checkpointing re-runs a layer's forward tp collectives up to w2 (early stop: w2's own all-reduce /
+    reduce-scatter comes after the last saved tensor): wo's all-reduce (+1 all-reduce per layer), or with sequence
+    parallelism the two all-gathers into the column linears and wo's reduce-scatter (+3 halves). Counted on 2
+    real gloo ranks of the GPT = step_time.tp_collectives; selective re-runs none (the model used to count 4
+    all-reduces per layer whatever the checkpointing)."""
+    from dist_train.cost.step_time import tp_collectives
+    from tests.dist_harness import run_ranks
+
+    counted = run_ranks(_gpt_tp_collectives, 2, args=(GPT,))[0]
+    layers = GPT["model"]["n_layers"]
+    for sp in (False, True):
+        model = {ck: tp_collectives(cfg(**{"parallel.tp": 2, "parallel.sequence_parallel": str(sp).lower(),
+                                           "train.activation_checkpointing": ck})) for ck in ("none", "selective", "full")}
+        assert model["none"] == ((4, 0) if not sp else (0, 8))
+        for ck in ("selective", "full"):
+            extra = {k: counted[(sp, ck)][k] - counted[(sp, "none")][k] for k in ("all_reduce", "all_gather")}
+            more = tuple(m - n for m, n in zip(model[ck], model["none"]))
+            # sp: all_gather counts the all-gathers, all_reduce the (emulated) reduce-scatters
+            assert (extra["all_reduce"] + extra["all_gather"]) == layers * (more[0] + more[1]), (sp, ck, extra, more)
+            if sp:
+                assert extra == {"all_reduce": layers * (ck == "full"), "all_gather": 2 * layers * (ck == "full")}
+    assert tp_collectives(cfg(**{"train.activation_checkpointing": "full"})) == (0, 0)
+    cpu = builtin_profiles()["cpu"]
+    for sp, ratio in ((False, 5 / 4), (True, 11 / 8)):  # the time model's tp term (latency halves with the bytes)
+        t = {ck: predict(cfg(**{"parallel.tp": 2, "parallel.sequence_parallel": str(sp).lower(),
+                                "train.activation_checkpointing": ck}), cpu).time["tp_comm"] for ck in ("none", "full")}
+        assert t["full"] == pytest.approx(ratio * t["none"]), sp
+
+
 def _megatron_layer_matmul_flops(rank: int, world: int, gpt_data: dict, swin_data: dict) -> dict:
     """One rank: forward + backward FLOPs by op (and checkpointing) of the real GPT and swin built
     with Megatron's tp linears over a one-rank tp group — the layers a tp > 1 run uses (their all-reduces are

@@ -83,6 +83,23 @@ def ulysses_recompute_traffic(cfg: Config, loc: RankShape) -> tuple[int, float]:
     return a2as - 1, loc.tokens * (loc.q + 2 * loc.kv) * loc.bpe * (u - 1) / u
 
 
+def tp_collectives(cfg: Config) -> tuple[int, int]:
+    """(all-reduces, all-gathers + reduce-scatters) of the tp group per layer and micro-batch, each over the
+    layer's [tokens, d] activations (an all-gather or reduce-scatter moves half an all-reduce's bytes):
+    forward and backward 2 each — the row-parallel wo / proj and w2 / fc2 sums, and the column-parallel
+    linears' input gradients (with sequence parallelism: an all-gather into each column pair and a reduce-scatter
+    out of each row layer, and their adjoints). Full checkpointing re-runs the forward's up to w2 / fc2 (torch's
+    early stop: w2's own sum comes after the layer's last saved tensor): wo's all-reduce, or with sp the two
+    all-gathers and wo's reduce-scatter. A GPT's selective re-runs none (the attention core has no tp collective)."""
+    p = cfg.parallel
+    if p.tp == 1:
+        return 0, 0
+    again = recompute_scope(cfg) == "layer"
+    if p.sequence_parallel and cfg.model.kind == "gpt":
+        return 0, 8 + 3 * again
+    return 4 + again, 0
+
+
 def swin_halo_traffic(cfg: Config, sh: Shape, loc: RankShape) -> tuple[int, float]:
     """(rolls, bytes sent) of one shifted swin block's forward on a rank of the largest wp tile, one
     micro-batch (the backward sends the same back). Without cp the block rolls x (d channels) out and back;
@@ -196,7 +213,9 @@ def time_model(cfg: Config, sh: Shape, prof: DeviceProfile, loc: RankShape, mem:
     tp_s = 0.0
     if p.tp > 1:
         link = prof.link(p.tp)
-        tp_s = 4 * loc.layers * _allreduce_s(loc.tokens * sh.d * bpe, p.tp, link)
+        all_reduces, halves = tp_collectives(cfg)
+        tp_s = loc.layers * (all_reduces * _allreduce_s(loc.tokens * sh.d * bpe, p.tp, link)
+                             + halves * _allgather_s(loc.tokens * sh.d * bpe, p.tp, link))
     cp_exposed = 0.0
     passes = exchange_passes(cfg)
     if p.cp > 1:
