@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import itertools
 import math
 
 import pytest
@@ -12,7 +13,7 @@ from dist_train.cost.flops import (attention_flops_per_key, flops_per_token, mat
                                    recompute_flops_per_token, train_flops_per_token)
 from dist_train.cost.memory import memory_model
 from dist_train.cost.predict import predict
-from dist_train.cost.shape import rank_inputs, shape_of
+from dist_train.cost.shape import cp_execution, rank_inputs, shape_of
 from dist_train.cost.step_time import EAGER_OPS_PER_LAYER, ULYSSES_OPS, ulysses_traffic
 from dist_train.plan.enumerate import enumerate_layouts, layout_label, rank_layouts, why_slower
 from tests.trainer_utils import run_cli
@@ -446,9 +447,9 @@ def test_full_checkpointing_recomputes_every_matmul_but_the_last(cpu):
     assert (full.time["matmul"] - none.time["matmul"]) * 0.1e12 == pytest.approx(matmul_flops * 2 * 2 * 64)
 
 
-def _gpt_ulysses_exchanges(rank: int, world: int, data: dict) -> dict:
+def _gpt_ulysses_exchanges(rank: int, world: int, data: dict, kv_heads: tuple[int, ...]) -> dict:
     """One rank of the real GPT with Ulysses over ``world`` cp ranks: (all-to-all calls, bytes sent to other
-    ranks) of one forward + backward on this rank's share, by checkpointing."""
+    ranks) of one forward + backward on this rank's share, by (KV heads, checkpointing)."""
     import torch
     import torch.distributed as dist
 
@@ -464,17 +465,17 @@ def _gpt_ulysses_exchanges(rank: int, world: int, data: dict) -> dict:
         return all_to_all(out, inp, *args, **kwargs)
 
     dist.all_to_all_single = counting
-    c = config_from_dict(copy.deepcopy(data))
-    n = c.data.seq_len // world
     ctx = AttentionContext(cp_group=dist.group.WORLD, layout="contiguous", method="ulysses", ulysses_degree=world)
     out = {}
-    for ck in ("none", "selective", "full"):
+    for kv, ck in itertools.product(kv_heads, ("none", "selective", "full")):
+        c = config_from_dict(copy.deepcopy(data), [f"model.n_kv_heads={kv}"])
+        n = c.data.seq_len // world
         torch.manual_seed(0)
         model = Model(c.model, ctx, activation_checkpointing=ck).train()
         tokens = torch.randint(0, c.model.vocab_size, (c.train.micro_batch, n))
         sent.update(calls=0, bytes=0)
         model({"tokens": tokens, "positions": torch.arange(rank * n, (rank + 1) * n), "labels": tokens})[0].backward()
-        out[ck] = dict(sent)
+        out[(kv, ck)] = dict(sent)
     return out
 
 
@@ -482,19 +483,23 @@ def test_selective_checkpointing_re_runs_the_ulysses_all_to_alls_before_the_core
     """Under a GPT's selective checkpointing torch's early stop ends the recompute at the core's last saved tensor:
     the q, k, v all-to-alls run again, the output's (after the core, nothing saves it) does not — 11 all-to-alls
     per layer, not 12 (full checkpointing re-runs all four: wo saves its input). Counted on 2 real gloo ranks of the
-    GPT = the time model's step_time.ulysses_recompute_traffic (it used to re-run all four under selective)."""
+    GPT = the time model's step_time.ulysses_recompute_traffic (it used to re-run all four under selective). With
+    one KV head on 2 Ulysses ranks the K/V heads travel repeated (``ulysses.kv_replication``: ×2), as
+    shape.cp_execution's kv_repeat says (the bytes used to be counted unrepeated)."""
     from dist_train.cost.step_time import ulysses_recompute_traffic
     from tests.dist_harness import run_ranks
 
-    counted = run_ranks(_gpt_ulysses_exchanges, 2, args=(GPT,))
-    for ck in ("none", "selective", "full"):
+    counted = run_ranks(_gpt_ulysses_exchanges, 2, args=(GPT, (2, 1)))
+    for kv, ck in itertools.product((2, 1), ("none", "selective", "full")):
         c = cfg(**{"parallel.cp": 2, "parallel.cp_method": "ulysses", "train.precision": "fp32",
-                   "train.activation_checkpointing": ck})
+                   "train.activation_checkpointing": ck, "model.n_kv_heads": kv})
+        assert cp_execution(c).kv_repeat == 3 - kv
         sh, loc = rank_inputs(c, builtin_profiles()["cpu"])
         (a2as, nbytes), (r_a2as, r_bytes) = ulysses_traffic(c, loc), ulysses_recompute_traffic(c, loc)
         for rank in counted:
-            assert rank[ck] == {"calls": sh.layers * (2 * a2as + r_a2as), "bytes": sh.layers * (2 * nbytes + r_bytes)}, ck
-    assert [r["calls"] for r in counted[0].values()] == [2 * 8, 2 * 11, 2 * 12]
+            assert rank[(kv, ck)] == {"calls": sh.layers * (2 * a2as + r_a2as),
+                                      "bytes": sh.layers * (2 * nbytes + r_bytes)}, (kv, ck)
+    assert [counted[0][(2, ck)]["calls"] for ck in ("none", "selective", "full")] == [2 * 8, 2 * 11, 2 * 12]
 
 
 def _gpt_tp_collectives(rank: int, world: int, data: dict) -> dict:

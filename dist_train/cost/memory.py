@@ -126,16 +126,9 @@ def gpt_ulysses_elems(cfg: Config, sh: Shape, loc: RankShape) -> float:
     u int64 each."""
     cpx = cp_execution(cfg)
     u = cpx.ulysses
-    hq, hkv = sh.heads // cfg.parallel.tp, max(1, sh.kv_heads // cfg.parallel.tp)
-    if hkv % u == 0:
-        factor = 1
-    elif u % hkv == 0:
-        factor = u // hkv
-    else:
-        factor = hq // hkv
     layout = cfg.parallel.cp_layout
     permuted = layout == "zigzag" or (layout == "striped" and cpx.ring == 1)
-    return loc.q + 2 * loc.kv * (factor - 1) + (2 * u * 8 / loc.bpe if permuted else 0.0)
+    return loc.q + 2 * loc.kv * (cpx.kv_repeat - 1) + (2 * u * 8 / loc.bpe if permuted else 0.0)
 
 
 def residual_elems_per_token(cfg: Config, sh: Shape, prof: DeviceProfile, loc: RankShape) -> float:
@@ -250,9 +243,9 @@ def memory_model(cfg: Config, sh: Shape, prof: DeviceProfile, loc: RankShape,
     cpx = cp_execution(cfg)
     if cpx.ring > 1:
         # K/V in flight (double buffer) + dK/dV accumulators, per K/V piece when the ring is pieced
-        comm += 4 * ring_piece_tokens(cfg, loc) * loc.kv * bpe * 2
+        comm += 4 * ring_piece_tokens(cfg, loc) * loc.kv * cpx.kv_repeat * bpe * 2  # hybrid: the repeated heads
     if cpx.ulysses > 1:  # the all-to-all's output of q, k, v (swin: q|k|v in one)
-        comm += loc.tokens * (loc.q + 2 * loc.kv) * bpe
+        comm += loc.tokens * (loc.q + 2 * loc.kv * cpx.kv_repeat) * bpe
     workspace = 2 * loc.tokens * (sh.d + loc.f) * bpe  # one layer's activation gradients in flight
     out = {"baseline": prof.baseline_bytes, "weights": weights, "grads": grads, "optimizer": optim,
            "ddp_buckets": ddp, "fsdp_unsharded": unsharded, "activations": acts, "logits": logits,

@@ -184,6 +184,7 @@ class CpExecution:
     ring: int          # ranks of one K/V ring (1: no ring)
     ulysses: int       # ranks of one all-to-all (1: no all-to-all)
     all_to_alls: int   # all-to-alls per layer and pass (the backward runs their adjoints, as many)
+    kv_repeat: int = 1  # K/V heads repeated so each Ulysses rank gets whole groups (``ulysses.kv_replication``)
 
 
 def cp_execution(cfg: Config) -> CpExecution:
@@ -195,17 +196,22 @@ def cp_execution(cfg: Config) -> CpExecution:
     * gpt (``parallelism/context/attention.py``): ``ring`` over all cp ranks; ``ulysses`` over all of them
       (``ulysses_degree`` 1 means cp); ``hybrid``: all-to-alls inside groups of ``ulysses_degree``, a ring of
       cp / ulysses_degree across them (degree 1: the plain ring); an all-to-all each for q, k, v and one for
-      the output."""
+      the output; the K/V heads of this tp rank repeated when the Ulysses degree does not divide them
+      (``parallelism.context.ulysses.kv_replication``: 1 when it does, u/Hkv when Hkv divides u, else Hq/Hkv)."""
     p = cfg.parallel
     if p.cp == 1:
         return CpExecution("none", 1, 1, 0)
     if cfg.model.kind == "swin":
         return CpExecution("ulysses", 1, p.cp, 2)
     if p.cp_method == "ulysses":
-        return CpExecution("ulysses", 1, p.cp, 4)
-    if p.cp_method == "hybrid" and p.ulysses_degree > 1:
-        return CpExecution("hybrid", p.cp // p.ulysses_degree, p.ulysses_degree, 4)
-    return CpExecution("ring", p.cp, 1, 0)
+        ring, u = 1, p.cp
+    elif p.cp_method == "hybrid" and p.ulysses_degree > 1:
+        ring, u = p.cp // p.ulysses_degree, p.ulysses_degree
+    else:
+        return CpExecution("ring", p.cp, 1, 0)
+    hq, hkv = cfg.model.n_heads // p.tp, max(1, (cfg.model.n_kv_heads or cfg.model.n_heads) // p.tp)
+    repeat = 1 if hkv % u == 0 else u // hkv if u % hkv == 0 else hq // hkv
+    return CpExecution(p.cp_method, ring, u, 4, repeat)
 
 
 def recompute_scope(cfg: Config) -> str:

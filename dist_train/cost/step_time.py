@@ -58,13 +58,14 @@ def ulysses_traffic(cfg: Config, loc: RankShape) -> tuple[int, float]:
     """(all-to-alls, bytes sent to other ranks) of one layer's forward, one rank, one micro-batch, as
     :func:`~dist_train.cost.shape.cp_execution` runs them; the backward runs the adjoint exchanges, as many
     and as many bytes. Each sends (u−1)/u of this rank's q, k, v to the heads' owners and gets its share of
-    the output back: loc.tokens · (2q + 2kv) · (u−1)/u elements. Swin's uneven bands send unequal amounts;
+    the output back: loc.tokens · (2q + 2kv·kv_repeat) · (u−1)/u elements (a GPT's K/V heads travel repeated
+    when u does not divide them, :class:`~dist_train.cost.shape.CpExecution`). Swin's uneven bands send unequal amounts;
     this is their mean over the cp group (tests/test_wp_cp_model.py counts both against it)."""
     cpx = cp_execution(cfg)
     u = cpx.ulysses
     if u == 1:
         return 0, 0.0
-    return cpx.all_to_alls, loc.tokens * (2 * loc.q + 2 * loc.kv) * loc.bpe * (u - 1) / u
+    return cpx.all_to_alls, loc.tokens * (2 * loc.q + 2 * loc.kv * cpx.kv_repeat) * loc.bpe * (u - 1) / u
 
 
 def ulysses_recompute_traffic(cfg: Config, loc: RankShape) -> tuple[int, float]:
@@ -79,8 +80,9 @@ def ulysses_recompute_traffic(cfg: Config, loc: RankShape) -> tuple[int, float]:
         return 0, 0.0
     if scope == "layer":
         return a2as, nbytes
-    u = cp_execution(cfg).ulysses
-    return a2as - 1, loc.tokens * (loc.q + 2 * loc.kv) * loc.bpe * (u - 1) / u
+    cpx = cp_execution(cfg)
+    u = cpx.ulysses
+    return a2as - 1, loc.tokens * (loc.q + 2 * loc.kv * cpx.kv_repeat) * loc.bpe * (u - 1) / u
 
 
 def tp_collectives(cfg: Config) -> tuple[int, int]:
@@ -226,7 +228,7 @@ def time_model(cfg: Config, sh: Shape, prof: DeviceProfile, loc: RankShape, mem:
                                         + (2 * a2as + r_a2as) * (cpx.ulysses - 1) * link.latency_us * 1e-6)
         if ring > 1:
             pieces = loc.tokens / ring_piece_tokens(cfg, loc)
-            blk = 2 * loc.tokens * loc.kv * bpe / pieces  # one K/V block (piece)
+            blk = 2 * loc.tokens * loc.kv * cpx.kv_repeat * bpe / pieces  # one K/V block (piece; hybrid: repeated heads)
             per_step_comm = link.seconds(blk, 2)
             per_step_compute = (attn / max(1, ring)) / loc.layers / share / pieces
             hidden = prof.overlap * per_step_compute
