@@ -479,6 +479,7 @@ def _gpt_ulysses_exchanges(rank: int, world: int, data: dict, kv_heads: tuple[in
     return out
 
 
+@pytest.mark.slow  # spawns ranks (and imports megatron-core): 2.5-3 s
 def test_selective_checkpointing_re_runs_the_ulysses_all_to_alls_before_the_core():
     """Under a GPT's selective checkpointing torch's early stop ends the recompute at the core's last saved tensor:
     the q, k, v all-to-alls run again, the output's (after the core, nothing saves it) does not — 11 all-to-alls
@@ -532,6 +533,7 @@ def _gpt_tp_collectives(rank: int, world: int, data: dict) -> dict:
     return out
 
 
+@pytest.mark.slow  # spawns ranks (and imports megatron-core): 2.5-3 s
 def test_full_checkpointing_re_runs_the_tp_collectives_before_the_last_matmul():
     """Full checkpointing re-runs a layer's forward tp collectives up to w2 (early stop: w2's own all-reduce /
     reduce-scatter comes after the last saved tensor): wo's all-reduce (+1 all-reduce per layer), or with sequence
@@ -595,6 +597,7 @@ def _megatron_layer_matmul_flops(rank: int, world: int, gpt_data: dict, swin_dat
     return out
 
 
+@pytest.mark.slow  # spawns ranks (and imports megatron-core): 2.5-3 s
 def test_full_checkpointing_under_tp_recomputes_the_last_matmul_too(cpu):
     """torch's early stop ends the recompute at the last saved tensor; an aten matmul (nn.Linear, tp = 1) saves its
     inputs BEFORE it runs, so w2 / fc2 is cut, but Megatron's row-parallel linear is an autograd Function whose
