@@ -12,14 +12,18 @@ the zigzag permutation, with repeated K/V heads) and tp 2 with and without seque
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 
 import pytest
 import torch
 
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+
 from dist_train.bench.attention import peak_tensor_bytes
 from dist_train.config import config_from_dict
-from dist_train.cost.memory import activation_elems_per_token, memory_model
+from dist_train.cost.memory import activation_elems_per_token, autocast_weight_bytes, memory_model
 from dist_train.cost.shape import rank_inputs
 from dist_train.mesh import build_mesh
 from dist_train.models.gpt import build_gpt
@@ -32,18 +36,47 @@ CPU = builtin_profiles()["cpu"]
 
 
 def _config(d, heads, kv, ffn, seq, activation_checkpointing: str = "none", micro_batch: int = 1,
-            window=None, **parallel):
+            window=None, precision: str = "fp32", **parallel):
     return config_from_dict({
         "model": {"kind": "gpt", "d_model": d, "n_layers": 2, "n_heads": heads, "n_kv_heads": kv, "ffn_hidden": ffn,
                   "vocab_size": 96, "attention_window": window},
         "data": {"seq_len": seq}, "parallel": copy.deepcopy(parallel),
-        "train": {"global_batch": micro_batch, "micro_batch": micro_batch, "precision": "fp32",
+        "train": {"global_batch": micro_batch, "micro_batch": micro_batch, "precision": precision,
                   "activation_checkpointing": activation_checkpointing}})
 
 
-def counted_bytes(cfg, world: int = 1) -> float:
-    """Bytes the forward of this rank's layers keeps for backward (saved tensors, each storage once) plus
-    the output they hand on, one micro-batch of random fp32 embeddings."""
+class _Created(TorchDispatchMode):
+    """Every storage an op returns (the latest per address), with a weak reference to tell whether it lives."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.made: dict[int, tuple[int, int]] = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_leaves(out):
+            if isinstance(t, torch.Tensor):
+                storage = t.untyped_storage()
+                old = self.made.pop(storage.data_ptr(), None)
+                if old is not None:
+                    torch.UntypedStorage._free_weak_ref(old[0])
+                self.made[storage.data_ptr()] = (storage._weak_ref(), storage.nbytes())
+        return out
+
+    def live_bytes(self, leave_out: set) -> int:
+        live = sum(n for ptr, (ref, n) in self.made.items()
+                   if ptr not in leave_out and not torch.UntypedStorage._expired(ref))
+        for ref, _ in self.made.values():
+            torch.UntypedStorage._free_weak_ref(ref)
+        return live
+
+
+def counted_bytes(cfg, world: int = 1, micro_batches: int = 1, live: bool = False) -> float:
+    """Bytes the forward of this rank's layers keeps for backward plus the outputs it hands on,
+    ``micro_batches`` forwards of random fp32 embeddings; in bf16 all of them in one torch.autocast region (as
+    the pipeline engine runs its schedule; the DDP engine's region holds one). Counted: the storages autograd
+    saves (``saved_tensors_hooks``, each storage once); ``live``: every storage the forward's ops created that
+    is still alive at its end, inside the region — what it saves, what autocast caches, the outputs."""
     rank = torch.distributed.get_rank() if world > 1 else 0
     model = build_gpt(cfg, build_mesh(cfg.parallel, world), torch.device("cpu")).train()
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
@@ -51,7 +84,6 @@ def counted_bytes(cfg, world: int = 1) -> float:
     s_local = cfg.data.seq_len // p.cp
     s_stream = s_local // p.tp if p.sequence_parallel else s_local
     gen = torch.Generator().manual_seed(rank)
-    x = torch.randn(cfg.train.micro_batch, s_stream, cfg.model.d_model, generator=gen).requires_grad_()
     positions = torch.arange(rank * s_local, (rank + 1) * s_local)
     kept: dict[int, int] = {}
 
@@ -61,9 +93,19 @@ def counted_bytes(cfg, world: int = 1) -> float:
             kept[storage.data_ptr()] = storage.nbytes()
         return saved
 
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda saved: saved):
-        out = model.run_layers(x, positions)
-    return sum(kept.values()) + out.untyped_storage().nbytes()
+    autocast = (torch.autocast("cpu", dtype=torch.bfloat16) if cfg.train.precision == "bf16"
+                else contextlib.nullcontext())
+    with autocast:  # a first forward builds what is cached per process (cp plans, sub-groups), not per step
+        model.run_layers(torch.randn(cfg.train.micro_batch, s_stream, cfg.model.d_model, requires_grad=True), positions)
+    created = _Created()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda saved: saved), autocast:
+        with created if live else contextlib.nullcontext():
+            xs = [torch.randn(cfg.train.micro_batch, s_stream, cfg.model.d_model, generator=gen).requires_grad_()
+                  for _ in range(micro_batches)]
+            outs = [model.run_layers(x, positions) for x in xs]
+        if live:
+            return created.live_bytes(params)
+    return sum(kept.values()) + sum(out.untyped_storage().nbytes() for out in outs)
 
 
 def predicted_bytes(cfg) -> float:
@@ -104,7 +146,34 @@ def test_gpt_attention_keeps_no_scores_with_any_kernel(attention):
     assert counted_bytes(cfg) == pytest.approx(predicted_bytes(cfg), rel=1e-12)
 
 
-# (name, parallel, shape, checkpointing) on two ranks
+@pytest.mark.parametrize("checkpointing", ["none", "selective", "full"])
+def test_gpt_bf16_autocast_keeps_fp32_norms_bf16_casts_and_weight_copies(checkpointing):
+    """train.precision bf16 (torch.autocast on CPU, fp32 parameters): the residual stream, x and x·rstd of each
+    norm, rstd, the logsumexp and cos/sin stay fp32; each of the 5 linears after a norm keeps its own bf16 cast of
+    the norm output; matmul outputs are bf16; each linear keeps autocast's bf16 copy of its weight (cached for
+    the region: under full checkpointing nothing saves them but the cache holds them to the forward's end); and
+    under selective checkpointing the core's inputs q and k are RoPE's fp32 outputs."""
+    cfg = _config(*SHAPES[0], activation_checkpointing=checkpointing, precision="bf16")
+    assert counted_bytes(cfg, live=True) == pytest.approx(predicted_bytes(cfg), rel=1e-12)
+    if checkpointing != "full":
+        assert counted_bytes(cfg) == counted_bytes(cfg, live=True)  # all of it saved for backward
+
+
+def test_gpt_autocast_weight_copies_are_one_per_region_not_per_micro_batch():
+    """torch.autocast caches a weight's bf16 copy for the region (CPU as CUDA): two micro-batches in one region
+    (the pipeline engine's whole schedule) share one copy of each weight; everything else doubles. Under full
+    checkpointing the copies are cached, not saved: the forward keeps no weight."""
+    cfg = _config(*SHAPES[0], precision="bf16")
+    sh, loc = rank_inputs(cfg, CPU)
+    copies = autocast_weight_bytes(cfg, sh, loc, loc.loads[0])
+    assert copies == 2 * (64 * (2 * 64 + 2 * 32) + 3 * 64 * 128) * 2           # 2 layers, bf16
+    assert counted_bytes(cfg, micro_batches=2) == pytest.approx(2 * (predicted_bytes(cfg) - copies) + copies)
+    full = _config(*SHAPES[0], activation_checkpointing="full", precision="bf16")
+    assert counted_bytes(full) == pytest.approx(predicted_bytes(full) - copies, rel=1e-12)
+    assert counted_bytes(full, live=True) == pytest.approx(predicted_bytes(full), rel=1e-12)
+
+
+# (name, parallel (and precision), shape, checkpointing) on two ranks
 RANK_CASES = [
     ("cp2_ring", {"cp": 2}, SHAPES[0], "none"),
     ("cp2_ring_selective", {"cp": 2}, SHAPES[0], "selective"),
@@ -117,6 +186,9 @@ RANK_CASES = [
     ("tp2", {"tp": 2}, SHAPES[0], "none"),
     ("tp2_sp", {"tp": 2, "sequence_parallel": True}, SHAPES[0], "none"),
     ("tp2_sp_selective", {"tp": 2, "sequence_parallel": True}, SHAPES[0], "selective"),
+    ("tp2_bf16", {"tp": 2, "precision": "bf16"}, SHAPES[0], "none"),
+    ("tp2_sp_bf16", {"tp": 2, "sequence_parallel": True, "precision": "bf16"}, SHAPES[0], "none"),
+    ("cp2_ulysses_selective_bf16", {"cp": 2, "cp_method": "ulysses", "precision": "bf16"}, SHAPES[0], "selective"),
 ]
 
 
@@ -124,7 +196,9 @@ def _rank_counts(rank: int, world: int, cases) -> dict:
     out = {}
     for name, parallel, shape, checkpointing in cases:
         cfg = _config(*shape, activation_checkpointing=checkpointing, **parallel)
-        out[name] = (counted_bytes(cfg, world), predicted_bytes(cfg))
+        # Megatron's tp linears cast their weights inside their autograd Function: autocast caches those copies
+        # for the region without saving them, so bf16 is counted live
+        out[name] = (counted_bytes(cfg, world, live=cfg.train.precision == "bf16"), predicted_bytes(cfg))
     return out
 
 

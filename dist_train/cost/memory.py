@@ -28,7 +28,9 @@ Components (bytes):
                         per layer + one layer being recomputed; selective keeps all but the attention
                         core's insides; a GPT's Ulysses keeps wo's copy of the output and any repeated
                         K/V heads (a swin's head-sharded q, k, v replace its qkv output); × micro-batches
-                        in flight; + per micro-batch the stage output and a GPT's RoPE cos/sin
+                        in flight; + per micro-batch the stage output and a GPT's RoPE cos/sin; + in
+                        16-bit training autocast's copies of a GPT's layer weights
+                        (:func:`autocast_weight_bytes`)
     logits              head rank only (:func:`loss_bytes`), one micro-batch: chunked (train.loss_chunk)
                         c·V_pad/tp × (fp32 logits/their gradient in place + the 16-bit matmul output and
                         gradient copy) with c = min(chunk, tokens), + dL/dh (tokens·d) + an fp32 dL/dW
@@ -102,7 +104,8 @@ def gpt_eager_elems(cfg: Config, sh: Shape, loc: RankShape, tp_sp: int) -> tuple
       gradient reads it), fp32 — 2 norms × 2d;
     * gathered: the norm output as the linears keep it — under sequence parallelism the all-gathered
       [S, d], so never ÷tp. One tensor per norm, shared by its linears, in fp32 training; under autocast
-      each linear keeps its own 16-bit cast (wq, wk, wv: 3; w1, w3: 2);
+      each torch linear keeps its own 16-bit cast (wq, wk, wv: 3; w1, w3: 2), while Megatron's tp linears keep
+      their fp32 input, one per norm (the 16-bit casts happen inside their autograd Function);
     * parallel (÷tp): RoPE keeps only cos/sin (no q/k copies); the attention keeps q, k, v and its output
       (wo's input is a view of it); SwiGLU keeps w1's and w3's outputs, silu's output and the product — 2q +
       2kv + 4f;
@@ -110,7 +113,10 @@ def gpt_eager_elems(cfg: Config, sh: Shape, loc: RankShape, tp_sp: int) -> tuple
       logsumexp (heads per token) is the caller's "logsumexp"."""
     d, f32 = sh.d, 4 / loc.bpe
     rep = 2 * 2 * d * f32 / tp_sp
-    gathered = 2 * d if loc.bpe >= 4 else (3 + 2) * d
+    if loc.bpe >= 4:
+        gathered = 2 * d
+    else:
+        gathered = (3 + 2) * d if cfg.parallel.tp == 1 else 2 * d * f32
     par = 2 * loc.q + 2 * loc.kv + 4 * loc.f
     small = 2 * 4 / tp_sp / loc.bpe
     return rep, gathered, par, small
@@ -157,6 +163,28 @@ def stage_elems_per_token(cfg: Config, sh: Shape, prof: DeviceProfile, loc: Rank
         return out
     per_position = 1 if cfg.data.reset_positions else cfg.train.micro_batch
     return out + 2 * sh.head_dim * 4 / per_position / loc.bpe
+
+
+def autocast_weight_bytes(cfg: Config, sh: Shape, loc: RankShape, load: RankLoad) -> float:
+    """Bytes of the 16-bit copies autocast makes of a GPT rank's fp32 layer matmul weights (÷tp): torch.autocast
+    casts each weight once per autocast region and caches the copy until the region ends (CPU as CUDA), and each
+    linear keeps it for its input gradient. The DDP engine opens a region per micro-batch (its forward; the graph
+    keeps the copies until that micro-batch's backward, one micro-batch in flight), the pipeline engine one
+    region around the whole schedule (every micro-batch shares the copies until the step ends): either way one
+    copy of every layer of the rank, whatever the checkpointing (under full checkpointing the cache still holds
+    them at the end of the forward). None in fp32, under FSDP2 (its mixed-precision policy gathers the weights
+    in bf16 already) and with DeepSpeed (it keeps the module in bf16: no autocast). Under tp only torch's own
+    linears keep one — the sequence-parallel row linears, wo and w2 (``tensor_parallel._sp_row``); Megatron's
+    column- and row-parallel linears cast inside their autograd Function and keep the fp32 weight. Counted in
+    tests/test_gpt_saved_tensors.py; a swin's (weights and biases) are not counted yet."""
+    p = cfg.parallel
+    if sh.kind != "gpt" or loc.bpe >= 4 or p.fsdp or (p.zero_stage is not None and p.pp == 1):
+        return 0.0
+    if p.tp == 1:
+        matmul = sh.layer_params() - sh.layer_replicated_params()
+    else:
+        matmul = (sh.q_dim + sh.ffn) * sh.d if p.sequence_parallel else 0
+    return load.layers * matmul / p.tp * loc.bpe
 
 
 def loss_bytes(cfg: Config, sh: Shape, loc: RankShape) -> float:
@@ -235,9 +263,13 @@ def memory_model(cfg: Config, sh: Shape, prof: DeviceProfile, loc: RankShape,
             # a GPT's checkpointed attention core keeps its inputs (q, k, v) and wo its output: what is not kept
             # is what the core saves inside — the logsumexp, the scores without flash, Ulysses' head-sharded copies
             per_layer_tok -= el["logsumexp"] + el["scores"] + el["ulysses"]
+            if gpt_eager(sh, prof) and bpe < 4:
+                # under autocast the core's inputs q and k are RoPE's fp32 outputs (cos/sin are fp32), cast
+                # to 16 bits inside the core: the checkpoint keeps them at 4 bytes
+                per_layer_tok += (loc.q + loc.kv) * (4 / bpe - 1)
         stored_tok = load.layers * per_layer_tok * load.in_flight
     stored_tok += stage_elems_per_token(cfg, sh, prof, loc) * load.in_flight
-    acts = stored_tok * loc.tokens * bpe
+    acts = stored_tok * loc.tokens * bpe + autocast_weight_bytes(cfg, sh, loc, load)
     logits = loss_bytes(cfg, sh, loc) if load.head else 0.0
     comm = 0.0
     cpx = cp_execution(cfg)
