@@ -46,13 +46,19 @@ def _config(d, heads, kv, ffn, seq, activation_checkpointing: str = "none", micr
 
 
 class _Created(TorchDispatchMode):
-    """Every storage an op returns (the latest per address), with a weak reference to tell whether it lives."""
+    """Every storage an op returns (the latest per address), with a weak reference to tell whether it lives, and
+    the storages collectives touched (gloo's worker may still hold a finished collective's buffers for a moment:
+    they are transient unless autograd saved them)."""
 
     def __init__(self) -> None:
         super().__init__()
         self.made: dict[int, tuple[int, int]] = {}
+        self.communicated: set[int] = set()
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.namespace == "c10d":
+            self.communicated |= {t.untyped_storage().data_ptr() for t in tree_leaves((args, kwargs))
+                                  if isinstance(t, torch.Tensor)}
         out = func(*args, **(kwargs or {}))
         for t in tree_leaves(out):
             if isinstance(t, torch.Tensor):
@@ -104,7 +110,7 @@ def counted_bytes(cfg, world: int = 1, micro_batches: int = 1, live: bool = Fals
                   for _ in range(micro_batches)]
             outs = [model.run_layers(x, positions) for x in xs]
         if live:
-            return created.live_bytes(params)
+            return created.live_bytes(params | (created.communicated - set(kept)))
     return sum(kept.values()) + sum(out.untyped_storage().nbytes() for out in outs)
 
 
