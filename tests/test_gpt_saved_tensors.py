@@ -41,52 +41,62 @@ def _config(d, heads, kv, ffn, seq, activation_checkpointing: str = "none", micr
         "model": {"kind": "gpt", "d_model": d, "n_layers": 2, "n_heads": heads, "n_kv_heads": kv, "ffn_hidden": ffn,
                   "vocab_size": 96, "attention_window": window},
         "data": {"seq_len": seq}, "parallel": copy.deepcopy(parallel),
-        "train": {"global_batch": micro_batch, "micro_batch": micro_batch, "precision": precision,
+        "train": {"global_batch": micro_batch * parallel.get("dp", 1), "micro_batch": micro_batch,
+                  "precision": precision,
                   "activation_checkpointing": activation_checkpointing}})
 
 
 class _Created(TorchDispatchMode):
-    """Every storage an op returns (the latest per address), with a weak reference to tell whether it lives, and
-    the storages collectives touched (gloo's worker may still hold a finished collective's buffers for a moment:
-    they are transient unless autograd saved them)."""
+    """Every storage an op returns, with a weak reference to tell whether it lives and whether a collective touched
+    it (gloo's worker may still hold a finished collective's buffers for a moment: they are transient unless
+    autograd saved them). An address is a new storage once the one recorded there has died."""
 
     def __init__(self) -> None:
         super().__init__()
-        self.made: dict[int, tuple[int, int]] = {}
-        self.communicated: set[int] = set()
+        self.made: dict[int, list] = {}   # address -> [weak ref, bytes, touched by a collective]
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         if func.namespace == "c10d":
-            self.communicated |= {t.untyped_storage().data_ptr() for t in tree_leaves((args, kwargs))
-                                  if isinstance(t, torch.Tensor)}
+            for t in tree_leaves((args, kwargs)):
+                if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() in self.made:
+                    self.made[t.untyped_storage().data_ptr()][2] = True
         out = func(*args, **(kwargs or {}))
         for t in tree_leaves(out):
             if isinstance(t, torch.Tensor):
                 storage = t.untyped_storage()
-                old = self.made.pop(storage.data_ptr(), None)
+                old = self.made.get(storage.data_ptr())
+                if old is not None and not torch.UntypedStorage._expired(old[0]):
+                    continue  # the same storage (a view or an in-place result)
                 if old is not None:
                     torch.UntypedStorage._free_weak_ref(old[0])
-                self.made[storage.data_ptr()] = (storage._weak_ref(), storage.nbytes())
+                self.made[storage.data_ptr()] = [storage._weak_ref(), storage.nbytes(), False]
         return out
 
-    def live_bytes(self, leave_out: set) -> int:
-        live = sum(n for ptr, (ref, n) in self.made.items()
-                   if ptr not in leave_out and not torch.UntypedStorage._expired(ref))
-        for ref, _ in self.made.values():
+    def live_bytes(self, leave_out: set, saved: set) -> int:
+        """Bytes of the recorded storages alive now, but those at ``leave_out`` and the unsaved ones a collective
+        touched."""
+        live = sum(n for ptr, (ref, n, communicated) in self.made.items()
+                   if ptr not in leave_out and not (communicated and ptr not in saved)
+                   and not torch.UntypedStorage._expired(ref))
+        for ref, _, _ in self.made.values():
             torch.UntypedStorage._free_weak_ref(ref)
         return live
 
 
-def counted_bytes(cfg, world: int = 1, micro_batches: int = 1, live: bool = False) -> float:
+def counted_bytes(cfg, world: int = 1, micro_batches: int = 1, live: bool = False, model=None) -> float:
     """Bytes the forward of this rank's layers keeps for backward plus the outputs it hands on,
     ``micro_batches`` forwards of random fp32 embeddings; in bf16 all of them in one torch.autocast region (as
     the pipeline engine runs its schedule; the DDP engine's region holds one). Counted: the storages autograd
     saves (``saved_tensors_hooks``, each storage once); ``live``: every storage the forward's ops created that
-    is still alive at its end, inside the region — what it saves, what autocast caches, the outputs."""
+    is still alive at its end, inside the region — what it saves, what autocast caches, the outputs. ``model``:
+    count that GPT (an engine's module) instead of building one."""
     rank = torch.distributed.get_rank() if world > 1 else 0
-    model = build_gpt(cfg, build_mesh(cfg.parallel, world), torch.device("cpu")).train()
-    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
     p = cfg.parallel
+    if model is None:
+        model = build_gpt(cfg, build_mesh(p, world), torch.device("cpu")).train()
+        if cfg.train.precision == "bf16" and p.zero_stage is not None:
+            model.to(torch.bfloat16)  # DeepSpeed's bf16 mode casts the parameters; it runs no autocast
+    params = {q.untyped_storage().data_ptr() for q in model.parameters()}
     s_local = cfg.data.seq_len // p.cp
     s_stream = s_local // p.tp if p.sequence_parallel else s_local
     gen = torch.Generator().manual_seed(rank)
@@ -99,18 +109,22 @@ def counted_bytes(cfg, world: int = 1, micro_batches: int = 1, live: bool = Fals
             kept[storage.data_ptr()] = storage.nbytes()
         return saved
 
-    autocast = (torch.autocast("cpu", dtype=torch.bfloat16) if cfg.train.precision == "bf16"
-                else contextlib.nullcontext())
+    autocast = (torch.autocast("cpu", dtype=torch.bfloat16)
+                if cfg.train.precision == "bf16" and p.zero_stage is None else contextlib.nullcontext())
+    dtype = next(model.parameters()).dtype
     with autocast:  # a first forward builds what is cached per process (cp plans, sub-groups), not per step
-        model.run_layers(torch.randn(cfg.train.micro_batch, s_stream, cfg.model.d_model, requires_grad=True), positions)
+        model.run_layers(torch.randn(cfg.train.micro_batch, s_stream, cfg.model.d_model, dtype=dtype,
+                                     requires_grad=True), positions)
     created = _Created()
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda saved: saved), autocast:
         with created if live else contextlib.nullcontext():
-            xs = [torch.randn(cfg.train.micro_batch, s_stream, cfg.model.d_model, generator=gen).requires_grad_()
-                  for _ in range(micro_batches)]
+            xs = [torch.randn(cfg.train.micro_batch, s_stream, cfg.model.d_model, generator=gen,
+                              dtype=next(model.parameters()).dtype).requires_grad_() for _ in range(micro_batches)]
             outs = [model.run_layers(x, positions) for x in xs]
         if live:
-            return created.live_bytes(params | (created.communicated - set(kept)))
+            # the test's inputs stand for the embedding output, which lives on only if a layer saves it
+            inputs = {x.untyped_storage().data_ptr() for x in xs}
+            return created.live_bytes(params | (inputs - set(kept)), set(kept))
     return sum(kept.values()) + sum(out.untyped_storage().nbytes() for out in outs)
 
 
@@ -165,6 +179,15 @@ def test_gpt_bf16_autocast_keeps_fp32_norms_bf16_casts_and_weight_copies(checkpo
         assert counted_bytes(cfg) == counted_bytes(cfg, live=True)  # all of it saved for backward
 
 
+@pytest.mark.parametrize("checkpointing", ["none", "selective", "full"])
+def test_gpt_bf16_module_of_deepspeed_keeps_bf16_stream_and_no_weight_copies(checkpointing):
+    """ZeRO (DeepSpeed) in bf16 casts the parameters to bf16 and runs no autocast (here: the module cast as
+    DeepSpeed's bf16 mode does, ``_cast_module_mixed_precision``): the residual stream, cos/sin and matmul inputs
+    are bf16, each norm keeps its fp32 upcast and a bf16 x·rstd, one bf16 output per norm, no weight copies."""
+    cfg = _config(*SHAPES[0], activation_checkpointing=checkpointing, precision="bf16", zero_stage=1)
+    assert counted_bytes(cfg, live=True) == pytest.approx(predicted_bytes(cfg), rel=1e-12)
+
+
 def test_gpt_autocast_weight_copies_are_one_per_region_not_per_micro_batch():
     """torch.autocast caches a weight's bf16 copy for the region (CPU as CUDA): two micro-batches in one region
     (the pipeline engine's whole schedule) share one copy of each weight; everything else doubles. Under full
@@ -206,6 +229,23 @@ def _rank_counts(rank: int, world: int, cases) -> dict:
         # for the region without saving them, so bf16 is counted live
         out[name] = (counted_bytes(cfg, world, live=cfg.train.precision == "bf16"), predicted_bytes(cfg))
     return out
+
+
+def _deepspeed_counts(rank: int, world: int) -> tuple:
+    from dist_train.engines import build_engine
+
+    cfg = _config(*SHAPES[0], precision="bf16", dp=2, zero_stage=1)
+    mesh = build_mesh(cfg.parallel, world)
+    engine = build_engine(cfg, build_gpt(cfg, mesh, torch.device("cpu")), mesh, torch.bfloat16)
+    return counted_bytes(cfg, world, live=True, model=engine.module.train()), predicted_bytes(cfg)
+
+
+@pytest.mark.slow
+def test_gpt_activation_model_of_a_real_deepspeed_bf16_engine():
+    """The module a real DeepSpeed engine trains (dp 2, ZeRO-1, bf16 on two gloo ranks, 6 s): what its layers keep
+    is the model's bf16-module count (its parameters are bf16; nothing autocasts)."""
+    for counted, predicted in run_ranks(_deepspeed_counts, 2, timeout=300):
+        assert counted == pytest.approx(predicted, rel=1e-12)
 
 
 @pytest.mark.slow

@@ -98,7 +98,8 @@ def gpt_eager_elems(cfg: Config, sh: Shape, loc: RankShape, tp_sp: int) -> tuple
     token (``models/gpt.Block``; counted with saved_tensors_hooks in tests/test_gpt_saved_tensors.py).
 
     The residual stream and RMSNorm's insides are fp32 whatever train.precision says (the parameters are
-    fp32; 16-bit training is autocast), the matmul outputs are in the compute dtype (``loc.bpe``):
+    fp32; 16-bit training is autocast) — but for DeepSpeed's bf16 module (:func:`module_in_16_bits`) —, the
+    matmul outputs are in the compute dtype (``loc.bpe``):
 
     * replicated (÷tp under sequence parallelism): each RMSNorm keeps its input x and x·rstd (the weight's
       gradient reads it), fp32 — 2 norms × 2d;
@@ -113,13 +114,26 @@ def gpt_eager_elems(cfg: Config, sh: Shape, loc: RankShape, tp_sp: int) -> tuple
       logsumexp (heads per token) is the caller's "logsumexp"."""
     d, f32 = sh.d, 4 / loc.bpe
     rep = 2 * 2 * d * f32 / tp_sp
-    if loc.bpe >= 4:
+    if module_in_16_bits(cfg, loc):
+        # DeepSpeed's bf16 module: x is bf16, the norm keeps its fp32 upcast and a bf16 x·rstd; its output, bf16,
+        # is shared by the linears (no autocast)
+        rep = 2 * (d * f32 + d) / tp_sp
+        gathered = 2 * d
+    elif loc.bpe >= 4:
         gathered = 2 * d
     else:
         gathered = (3 + 2) * d if cfg.parallel.tp == 1 else 2 * d * f32
     par = 2 * loc.q + 2 * loc.kv + 4 * loc.f
     small = 2 * 4 / tp_sp / loc.bpe
     return rep, gathered, par, small
+
+
+def module_in_16_bits(cfg: Config, loc: RankShape) -> bool:
+    """Whether 16-bit training holds the module itself in 16 bits instead of autocasting fp32 parameters:
+    DeepSpeed (zero_stage without a pipeline or FSDP2) casts the parameters to bf16 (its bf16 mode), so the
+    residual stream, RoPE's cos/sin and every matmul input are bf16 and no weight is copied."""
+    p = cfg.parallel
+    return loc.bpe < 4 and p.zero_stage is not None and p.pp == 1 and not p.fsdp
 
 
 def gpt_ulysses_elems(cfg: Config, sh: Shape, loc: RankShape) -> float:
@@ -144,7 +158,7 @@ def residual_elems_per_token(cfg: Config, sh: Shape, prof: DeviceProfile, loc: R
     convention, and the swin, whose patch embedding is a matmul)."""
     p = cfg.parallel
     d_stream = sh.d / p.tp if (p.sequence_parallel and p.tp > 1) else sh.d
-    return d_stream * 4 / loc.bpe if gpt_eager(sh, prof) else d_stream
+    return d_stream * 4 / loc.bpe if gpt_eager(sh, prof) and not module_in_16_bits(cfg, loc) else d_stream
 
 
 def gpt_eager(sh: Shape, prof: DeviceProfile) -> bool:
@@ -162,7 +176,8 @@ def stage_elems_per_token(cfg: Config, sh: Shape, prof: DeviceProfile, loc: Rank
     if not gpt_eager(sh, prof):
         return out
     per_position = 1 if cfg.data.reset_positions else cfg.train.micro_batch
-    return out + 2 * sh.head_dim * 4 / per_position / loc.bpe
+    rope_bytes = loc.bpe if module_in_16_bits(cfg, loc) else 4   # cos/sin in the residual stream's dtype
+    return out + 2 * sh.head_dim * rope_bytes / per_position / loc.bpe
 
 
 def autocast_weight_bytes(cfg: Config, sh: Shape, loc: RankShape, load: RankLoad) -> float:
@@ -178,7 +193,7 @@ def autocast_weight_bytes(cfg: Config, sh: Shape, loc: RankShape, load: RankLoad
     column- and row-parallel linears cast inside their autograd Function and keep the fp32 weight. Counted in
     tests/test_gpt_saved_tensors.py; a swin's (weights and biases) are not counted yet."""
     p = cfg.parallel
-    if sh.kind != "gpt" or loc.bpe >= 4 or p.fsdp or (p.zero_stage is not None and p.pp == 1):
+    if sh.kind != "gpt" or loc.bpe >= 4 or p.fsdp or module_in_16_bits(cfg, loc):
         return 0.0
     if p.tp == 1:
         matmul = sh.layer_params() - sh.layer_replicated_params()
@@ -263,7 +278,7 @@ def memory_model(cfg: Config, sh: Shape, prof: DeviceProfile, loc: RankShape,
             # a GPT's checkpointed attention core keeps its inputs (q, k, v) and wo its output: what is not kept
             # is what the core saves inside — the logsumexp, the scores without flash, Ulysses' head-sharded copies
             per_layer_tok -= el["logsumexp"] + el["scores"] + el["ulysses"]
-            if gpt_eager(sh, prof) and bpe < 4:
+            if gpt_eager(sh, prof) and bpe < 4 and not module_in_16_bits(cfg, loc):
                 # under autocast the core's inputs q and k are RoPE's fp32 outputs (cos/sin are fp32), cast
                 # to 16 bits inside the core: the checkpoint keeps them at 4 bytes
                 per_layer_tok += (loc.q + loc.kv) * (4 / bpe - 1)
