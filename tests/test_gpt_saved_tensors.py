@@ -9,6 +9,12 @@ Under full checkpointing the forward keeps the layer inputs (and RoPE's cos/sin)
 layer being recomputed in backward, which the forward cannot show. Cases: multi-head and grouped-query
 shapes, checkpointing none / selective / full, and on two gloo ranks cp 2 (ring; Ulysses with and without
 the zigzag permutation, with repeated K/V heads) and tp 2 with and without sequence parallelism.
+
+16-bit training is counted live as well: every storage the forward's ops created that is still alive at its end,
+inside the autocast region (a TorchDispatchMode with weak references), because autocast caches its bf16 weight
+copies for the region whether or not autograd saves them (under full checkpointing, inside Megatron's linears).
+Cases: CPU bf16 autocast (the DDP and pipeline engines), DeepSpeed's bf16 module (its parameters cast, no
+autocast; also the module of a real DeepSpeed engine), tp 2 with and without sequence parallelism, Ulysses.
 """
 from __future__ import annotations
 
