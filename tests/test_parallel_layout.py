@@ -109,8 +109,9 @@ def test_tp_pads_the_vocabulary(cpu):
     # per layer: matmuls d·(2q + 2kv) + 3·d·f = 32·96 + 3·32·96 = 12288 ÷ 2, norms 2d = 64 replicated;
     # vocabulary 63 padded to 64: 32 rows of d = 1024 each for embedding and head; final norm 32
     assert mem.params == (2 * (12288 // 2 + 64) + 2 * 1024 + 32) * 4
-    # chunked loss, one chunk of all 64 tokens: 32 local rows of fp32 logits (gradient in place) + dL/dh (d = 32)
-    assert mem.components["logits"] == 64 * 32 * 4 + 64 * 32 * 4
+    # chunked loss, one chunk of all 64 tokens: 32 local rows of fp32 logits (gradient in place) + the final norm's
+    # x·rstd and rstd + fp32 dL/dh (d = 32) and dL/dW (32 local rows)
+    assert mem.components["logits"] == 64 * 32 * 4 + 64 * (32 * 4 + 4) + (64 + 32) * 32 * 4
 
 
 def test_in_flight_microbatches_follow_torch_schedules():

@@ -69,7 +69,9 @@ def test_memory_hand_computed_single_rank(cpu):
     tokens = 2 * 64
     assert m["activations"] == (2 * 1094 + 64 + 16) * tokens * 4
     # chunked loss (auto: one chunk holds all 128 tokens): fp32 logits, their gradient in place, + dL/dh
-    assert m["logits"] == tokens * 100 * 4 + tokens * 64 * 4
+    # + what the forward keeps for the backward (tests/test_gpt_saved_tensors.py): the final norm's x·rstd and rstd,
+    # and dL/dh, dL/dW in fp32
+    assert m["logits"] == tokens * 100 * 4 + tokens * (64 * 4 + 4) + (tokens + 100) * 64 * 4
     full = predict(cfg(**{"train.loss_chunk": "full"}), cpu).memory
     assert full["logits"] == tokens * 100 * (4 + 4 + 4)                  # logits + fp32 log-softmax + grad
     assert m["total"] == pytest.approx(sum(v for k, v in m.items() if k != "total"))
@@ -80,11 +82,12 @@ def test_memory_of_the_chunked_loss(cpu):
     16-bit matmul output and gradient cast per chunk plus an fp32 dL/dW accumulator."""
     tokens, d, v = 2 * 64, 64, 100
     c32 = predict(cfg(**{"train.loss_chunk": 32}), cpu).memory
-    assert c32["logits"] == 32 * v * 4 + tokens * d * 4
+    kept = tokens * (d * 4 + 4) + (tokens + v) * d * 4      # final norm's x·rstd, rstd; fp32 dL/dh, dL/dW
+    assert c32["logits"] == 32 * v * 4 + kept
     bf = predict(cfg(**{"train.loss_chunk": 32, "train.precision": "bf16"}), cpu).memory
-    assert bf["logits"] == 32 * v * (4 + 2 * 2) + tokens * d * 2 + v * d * 4
+    assert bf["logits"] == 32 * v * (4 + 2 * 2) + kept + v * d * 2       # + autocast's bf16 copy of the head
     big = predict(cfg(**{"train.loss_chunk": 32, "data.seq_len": 64 * 16}), cpu).memory
-    assert big["logits"] - c32["logits"] == 15 * tokens * d * 4    # 16x the tokens: only dL/dh grows
+    assert big["logits"] - c32["logits"] == 15 * tokens * (2 * d * 4 + 4)   # 16x the tokens: only per-token terms
 
 
 def test_memory_sharding_rules(cpu):
@@ -119,13 +122,14 @@ def test_memory_pipeline_ranks_tp_padding_and_precision(cpu):
     # global batch 4 / micro_batch 2 = 2 micro-batches; 1F1B keeps min(2, pp - r) in flight: 2 on rank 0,
     # 1 on rank 1, each 1 layer × 1094 + the stage output 64 + cos/sin 16 elements per token, 128 tokens, fp32
     assert r0["activations"] == 2 * (1094 + 80) * 128 * 4 and r1["activations"] == (1094 + 80) * 128 * 4
-    assert r0["logits"] == 0 and r1["logits"] == 128 * 100 * 4 + 128 * 64 * 4      # the loss lives on the last stage
+    # the loss lives on the last stage
+    assert r0["logits"] == 0 and r1["logits"] == 128 * 100 * 4 + 128 * (64 * 4 + 4) + (128 + 100) * 64 * 4
     assert predict(c, cpu).memory == r0                               # the planner ranks the most loaded rank
     # tp=2 with vocab 101: padded to 102, 51 rows per rank for embedding and head; norms (2·64 per layer,
     # final 64) replicated, the other 36864 parameters of a layer halve
     tp = predict(cfg(**{"parallel.tp": 2, "model.vocab_size": 101}), cpu).memory
     assert tp["weights"] == (2 * (36864 // 2 + 128) + 2 * 51 * 64 + 64) * 4
-    assert tp["logits"] == 128 * 51 * 4 + 128 * 64 * 4
+    assert tp["logits"] == 128 * 51 * 4 + 128 * (64 * 4 + 4) + (128 + 51) * 64 * 4
     # train.precision overrides the profile's element size: bf16 on the cpu profile is 2 + 2 + (8 + 4 master)
     bf16 = predict(cfg(**{"train.precision": "bf16"}), cpu).memory
     base = predict(cfg(), cpu).memory

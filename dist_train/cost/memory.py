@@ -33,9 +33,9 @@ Components (bytes):
                         (:func:`autocast_weight_bytes`)
     logits              head rank only (:func:`loss_bytes`), one micro-batch: chunked (train.loss_chunk)
                         c·V_pad/tp × (fp32 logits/their gradient in place + the 16-bit matmul output and
-                        gradient copy) with c = min(chunk, tokens), + dL/dh (tokens·d) + an fp32 dL/dW
-                        accumulator in 16-bit training; full: tokens·V_pad/tp × (logits + fp32
-                        log-softmax + its gradient)
+                        gradient copy) with c = min(chunk, tokens), + what the forward keeps
+                        (:func:`loss_kept_bytes`: dL/dh, dL/dW, the eager GPT's final-norm insides);
+                        full: tokens·V_pad/tp × (logits + fp32 log-softmax + its gradient)
     comm_buffers        ring double buffers for K/V and dK/dV, all-to-all outputs — of the cp that runs
                         (:func:`~dist_train.cost.shape.cp_execution`: a swin's is Ulysses whatever
                         parallel.cp_method says)
@@ -202,16 +202,45 @@ def autocast_weight_bytes(cfg: Config, sh: Shape, loc: RankShape, load: RankLoad
     return load.layers * matmul / p.tp * loc.bpe
 
 
-def loss_bytes(cfg: Config, sh: Shape, loc: RankShape) -> float:
+def loss_bytes(cfg: Config, sh: Shape, loc: RankShape, prof: Optional[DeviceProfile] = None) -> float:
     """Bytes the head + loss of one micro-batch adds on the last pipeline stage (dist_train/models/
-    chunked_loss.py; the last stage runs its loss and backward before the next forward)."""
+    chunked_loss.py; the last stage runs its loss and backward before the next forward): the transient chunk
+    (:func:`loss_chunk_bytes`) + what the forward leaves for the backward (:func:`loss_kept_bytes`)."""
+    return loss_chunk_bytes(cfg, sh, loc) + loss_kept_bytes(cfg, sh, loc, prof)
+
+
+def loss_chunk_bytes(cfg: Config, sh: Shape, loc: RankShape) -> float:
+    """One chunk's logits and their gradient in place (+ in 16-bit training the matmul output before the fp32
+    cast and the gradient's cast); the unchunked loss (and the swin's pixel head): the whole logits, fp32
+    log-softmax and gradient."""
     bpe = loc.bpe
     chunk = resolve_loss_chunk(cfg.train.loss_chunk, int(loc.vocab)) if sh.kind == "gpt" else None
-    if chunk is None:  # the swin's pixel head, or the unchunked loss: whole logits
+    if chunk is None:
         return loc.tokens * loc.vocab * (bpe + 4 + 4)
-    low = bpe if bpe < 4 else 0  # 16-bit: the matmul output before the fp32 cast, and the gradient's cast
-    per_chunk = min(chunk, loc.tokens) * loc.vocab * (4 + 2 * low)
-    return per_chunk + loc.tokens * sh.d * bpe + (loc.vocab * sh.d * 4 if low else 0.0)
+    low = bpe if bpe < 4 else 0
+    return min(chunk, loc.tokens) * loc.vocab * (4 + 2 * low)
+
+
+def loss_kept_bytes(cfg: Config, sh: Shape, loc: RankShape, prof: Optional[DeviceProfile] = None) -> float:
+    """What the chunked loss's forward leaves for its backward: dL/dh ([tokens, d]) and dL/dW ([V_pad/tp, d]),
+    computed in the forward (``chunked_loss.py``). For this repo's eager GPT (``prof`` not fused), counted live
+    at the end of the loss's forward (tests/test_gpt_saved_tensors.py): the final norm's x·rstd and rstd (fp32,
+    ÷tp under sequence parallelism); dL/dh and dL/dW fp32 (h is the fp32 norm output, dL/dW accumulates in
+    fp32 and the fp32 weight keeps it so) — in the dtype of DeepSpeed's bf16 module there; under autocast the
+    weight's bf16 copy autocast caches. Otherwise (the fused convention): dL/dh in the compute dtype, dL/dW fp32
+    in 16-bit training only. None for the unchunked loss, whose logits :func:`loss_chunk_bytes` holds whole."""
+    bpe = loc.bpe
+    chunk = resolve_loss_chunk(cfg.train.loss_chunk, int(loc.vocab)) if sh.kind == "gpt" else None
+    if chunk is None:
+        return 0.0
+    if prof is None or not gpt_eager(sh, prof):
+        return loc.tokens * sh.d * bpe + (loc.vocab * sh.d * 4 if bpe < 4 else 0.0)
+    p = cfg.parallel
+    tp_sp = p.tp if (p.sequence_parallel and p.tp > 1) else 1
+    grads = bpe if module_in_16_bits(cfg, loc) else 4
+    norm = loc.tokens / tp_sp * (sh.d * 4 + 4)
+    copy = loc.vocab * sh.d * bpe if (bpe < 4 and not p.fsdp and not module_in_16_bits(cfg, loc)) else 0.0
+    return norm + (loc.tokens + loc.vocab) * sh.d * grads + copy
 
 
 def fsdp_layer_params(cfg: Config, sh: Shape) -> float:
@@ -285,7 +314,7 @@ def memory_model(cfg: Config, sh: Shape, prof: DeviceProfile, loc: RankShape,
         stored_tok = load.layers * per_layer_tok * load.in_flight
     stored_tok += stage_elems_per_token(cfg, sh, prof, loc) * load.in_flight
     acts = stored_tok * loc.tokens * bpe + autocast_weight_bytes(cfg, sh, loc, load)
-    logits = loss_bytes(cfg, sh, loc) if load.head else 0.0
+    logits = loss_bytes(cfg, sh, loc, prof) if load.head else 0.0
     comm = 0.0
     cpx = cp_execution(cfg)
     if cpx.ring > 1:
