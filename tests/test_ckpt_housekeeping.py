@@ -3,12 +3,14 @@ disk while rewriting ``latest`` leaves the committed checkpoint committed, ``lat
 re-signed metadata that the allow-list unpickler refuses fails verification and auto-resume falls back."""
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
 import pickle
 import shutil
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 import torch
@@ -21,6 +23,23 @@ from dist_train.checkpoint.manifest import list_checkpoints, read_latest
 from tests.test_ckpt_common import (CkptCfg, build, eval_outputs, flip_byte, model_config, seed_rank, shard_files,
                                    train_steps)
 from tests.test_divergence import resign
+
+
+@contextlib.contextmanager
+def killed_after_the_swap(monkeypatch) -> Iterator[None]:
+    """The block's save is killed (a KeyboardInterrupt standing for SIGKILL) right after the manager moved the
+    checkpoint it replaces aside to ``step_N.replaced…``, before the new one took its name; expected."""
+    real_replace = manager_mod.os.replace
+
+    def killed_after_swap(src, dst):
+        real_replace(src, dst)
+        if ".replaced" in str(dst):
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(manager_mod.os, "replace", killed_after_swap)
+    with pytest.raises(KeyboardInterrupt):
+        yield
+    monkeypatch.setattr(manager_mod.os, "replace", real_replace)
 
 
 def _mgr(root: Path, **kw) -> CheckpointManager:
@@ -177,17 +196,8 @@ def test_kill_between_the_two_renames_of_a_resaved_step_loses_neither(tmp_path, 
     out20 = save(20)
     model, opt, sched = build(seed=9)
     mgr = _mgr(root, keep_last=3)
-    real_replace = manager_mod.os.replace
-
-    def killed_after_swap(src, dst):
-        real_replace(src, dst)
-        if ".replaced" in str(dst):
-            raise KeyboardInterrupt  # stands for SIGKILL right after step_20 was moved aside
-
-    monkeypatch.setattr(manager_mod.os, "replace", killed_after_swap)
-    with pytest.raises(KeyboardInterrupt):
+    with killed_after_the_swap(monkeypatch):  # right after step_20 was moved aside
         mgr.save(20, model, opt, sched, extra={"step": 20, "consumed_samples": 120})
-    monkeypatch.setattr(manager_mod.os, "replace", real_replace)
     assert not (root / "step_20").exists()
     fresh = build(seed=5)
     assert _mgr(root).resume(*fresh)["step"] == 20 and torch.equal(eval_outputs(fresh[0]), out20)
@@ -254,17 +264,8 @@ def test_a_damaged_newest_checkpoint_resumes_the_newest_good_one_and_no_good_one
     # keep_last=2 good ones (23, 22), the one resumed from (20); the damaged step_30 untouched
     assert _names(root) == ["step_30", "step_23", "step_22", "step_20"]
     assert _files(root / "step_30") == damaged
-    real_replace = manager_mod.os.replace
-
-    def killed_after_swap(src, dst):
-        real_replace(src, dst)
-        if ".replaced" in str(dst):
-            raise KeyboardInterrupt  # SIGKILL right after the damaged step_30 was moved aside
-
-    monkeypatch.setattr(manager_mod.os, "replace", killed_after_swap)
-    with pytest.raises(KeyboardInterrupt):
+    with killed_after_the_swap(monkeypatch):  # right after the damaged step_30 was moved aside
         run_to(30, 24)
-    monkeypatch.setattr(manager_mod.os, "replace", real_replace)
     restart = build(seed=5)
     again = _mgr(root, resume=mode, keep_last=2)
     assert again.resume(*restart)["step"] == 23 and torch.equal(eval_outputs(restart[0]), out23)
