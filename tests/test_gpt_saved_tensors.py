@@ -259,7 +259,8 @@ def test_gpt_activation_model_under_cp_and_tp_is_the_saved_tensors():
     """cp 2 and tp 2 on two gloo ranks (3 s): the ring keeps what one rank keeps per token; Ulysses keeps the
     head-sharded q, k, v, output (+ repeated K/V heads), wo's sequence-layout copy of the output and, zigzag,
     the permutation; tp halves the heads and the MLP but not the norms, and sequence parallelism halves the
-    norms but not the all-gathered norm outputs the column-parallel linears keep."""
+    norms and the norm outputs the column-parallel linears keep (their local chunk, gathered again in backward;
+    the all-gathered ones were kept before TensorParallel.gathered_linears)."""
     for rank_out in run_ranks(_rank_counts, 2, args=(RANK_CASES,), timeout=180):
         for name, (counted, predicted) in rank_out.items():
             assert counted == pytest.approx(predicted, rel=1e-12), (name, counted, predicted)

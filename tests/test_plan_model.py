@@ -554,7 +554,7 @@ def test_full_checkpointing_re_runs_the_tp_collectives_before_the_last_matmul():
     for sp in (False, True):
         model = {ck: tp_collectives(cfg(**{"parallel.tp": 2, "parallel.sequence_parallel": str(sp).lower(),
                                            "train.activation_checkpointing": ck})) for ck in ("none", "selective", "full")}
-        assert model["none"] == ((4, 0) if not sp else (0, 8))
+        assert model["none"] == ((4, 0) if not sp else (0, 10))
         for ck in ("selective", "full"):
             extra = {k: counted[(sp, ck)][k] - counted[(sp, "none")][k] for k in ("all_reduce", "all_gather")}
             more = tuple(m - n for m, n in zip(model[ck], model["none"]))
@@ -564,7 +564,7 @@ def test_full_checkpointing_re_runs_the_tp_collectives_before_the_last_matmul():
                 assert extra == {"all_reduce": layers * (ck == "full"), "all_gather": 2 * layers * (ck == "full")}
     assert tp_collectives(cfg(**{"train.activation_checkpointing": "full"})) == (0, 0)
     cpu = builtin_profiles()["cpu"]
-    for sp, ratio in ((False, 5 / 4), (True, 11 / 8)):  # the time model's tp term (latency halves with the bytes)
+    for sp, ratio in ((False, 5 / 4), (True, 13 / 10)):  # the time model's tp term (latency halves with the bytes)
         t = {ck: predict(cfg(**{"parallel.tp": 2, "parallel.sequence_parallel": str(sp).lower(),
                                 "train.activation_checkpointing": ck}), cpu).time["tp_comm"] for ck in ("none", "full")}
         assert t["full"] == pytest.approx(ratio * t["none"]), sp

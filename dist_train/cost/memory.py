@@ -21,7 +21,8 @@ Components (bytes):
     activations         per layer per token, what autograd keeps (counted with saved-tensor hooks:
                         tests/test_gpt_saved_tensors.py, tests/test_swin_saved_tensors.py): replicated
                         part (norm inputs, ÷tp only with sequence parallel) + the norm outputs the tp
-                        matmuls keep (all-gathered under sequence parallel, so never ÷tp) + tensor-parallel
+                        matmuls keep (÷tp under sequence parallel: only the local chunk, gathered again in
+                        backward, ``TensorParallel.gathered_linears``) + tensor-parallel
                         part (÷tp) + small fp32 statistics; + 2·heads·span scores without flash attention
                         (a swin: heads·window area, the probabilities, + its masks); tokens per rank =
                         micro_batch·S / (cp·wp); full checkpointing keeps the layer input (d per token)
@@ -55,7 +56,8 @@ from .shape import RankShape, Shape, cp_execution, rank_inputs, recompute_scope,
 def activation_elems_per_token(cfg: Config, sh: Shape, prof: DeviceProfile, loc: RankShape) -> dict:
     """Stored activation elements per token per layer, in elements of ``loc.bpe`` bytes: {"replicated",
     "gathered", "parallel", "scores", "ulysses", "small", "logsumexp"} ("replicated": ÷tp under sequence parallelism;
-    "gathered": tp-replicated whatever sequence parallelism does; "parallel": already ÷tp; "small": the fp32
+    "gathered": the norm outputs the column-parallel matmuls keep, ÷tp under sequence parallelism too (their local
+    chunk); "parallel": already ÷tp; "small": the fp32
     norm statistics, boolean masks and index tensors; "logsumexp": the attention's fp32 row statistics, which
     a GPT's selective checkpointing drops with the scores and Ulysses' copies). A GPT's stage-wide terms
     (RoPE's cos/sin, the stage output) are :func:`stage_elems_per_token`'s."""
@@ -103,10 +105,12 @@ def gpt_eager_elems(cfg: Config, sh: Shape, loc: RankShape, tp_sp: int) -> tuple
 
     * replicated (÷tp under sequence parallelism): each RMSNorm keeps its input x and x·rstd (the weight's
       gradient reads it), fp32 — 2 norms × 2d;
-    * gathered: the norm output as the linears keep it — under sequence parallelism the all-gathered
-      [S, d], so never ÷tp. One tensor per norm, shared by its linears, in fp32 training; under autocast
-      each torch linear keeps its own 16-bit cast (wq, wk, wv: 3; w1, w3: 2), while Megatron's tp linears keep
-      their fp32 input, one per norm (the 16-bit casts happen inside their autograd Function);
+    * gathered: the norm output as the linears keep it — under sequence parallelism only this rank's [S/tp, d]
+      chunk, which ``TensorParallel.gathered_linears`` all-gathers again in backward (Megatron-LM's rule; the
+      all-gathered [S, d] was kept before), so ÷tp. One tensor per norm, shared by its linears, in fp32
+      training; under autocast each torch linear keeps its own 16-bit cast (wq, wk, wv: 3; w1, w3: 2), while
+      Megatron's tp linears and the sequence-parallel Function keep their fp32 input, one per norm (the 16-bit
+      casts happen inside their autograd Function);
     * parallel (÷tp): RoPE keeps only cos/sin (no q/k copies); the attention keeps q, k, v and its output
       (wo's input is a view of it); SwiGLU keeps w1's and w3's outputs, silu's output and the product — 2q +
       2kv + 4f;
@@ -125,7 +129,7 @@ def gpt_eager_elems(cfg: Config, sh: Shape, loc: RankShape, tp_sp: int) -> tuple
         gathered = (3 + 2) * d if cfg.parallel.tp == 1 else 2 * d * f32
     par = 2 * loc.q + 2 * loc.kv + 4 * loc.f
     small = 2 * 4 / tp_sp / loc.bpe
-    return rep, gathered, par, small
+    return rep, gathered / tp_sp, par, small
 
 
 def module_in_16_bits(cfg: Config, loc: RankShape) -> bool:

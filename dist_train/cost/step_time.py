@@ -89,16 +89,18 @@ def tp_collectives(cfg: Config) -> tuple[int, int]:
     """(all-reduces, all-gathers + reduce-scatters) of the tp group per layer and micro-batch, each over the
     layer's [tokens, d] activations (an all-gather or reduce-scatter moves half an all-reduce's bytes):
     forward and backward 2 each — the row-parallel wo / proj and w2 / fc2 sums, and the column-parallel
-    linears' input gradients (with sequence parallelism: an all-gather into each column pair and a reduce-scatter
-    out of each row layer, and their adjoints). Full checkpointing re-runs the forward's up to w2 / fc2 (torch's
-    early stop: w2's own sum comes after the layer's last saved tensor): wo's all-reduce, or with sp the two
-    all-gathers and wo's reduce-scatter. A GPT's selective re-runs none (the attention core has no tp collective)."""
+    linears' input gradients (with sequence parallelism: an all-gather into each column group and a reduce-scatter
+    out of each row layer, and their adjoints, + in backward each column group's all-gather again, as it keeps
+    only its local chunk: ``TensorParallel.gathered_linears``, 10). Full checkpointing re-runs the forward's up to
+    w2 / fc2 (torch's early stop: w2's own sum comes after the layer's last saved tensor): wo's all-reduce, or with
+    sp the two all-gathers and wo's reduce-scatter. A GPT's selective re-runs none (the attention core has no tp
+    collective)."""
     p = cfg.parallel
     if p.tp == 1:
         return 0, 0
     again = recompute_scope(cfg) == "layer"
     if p.sequence_parallel and cfg.model.kind == "gpt":
-        return 0, 8 + 3 * again
+        return 0, 10 + 3 * again
     return 4 + again, 0
 
 

@@ -14,8 +14,10 @@ shard). Pipeline parallelism builds only this rank's layers (``layer_ids``; ``la
 keeps the tp=1/pp=1 names) and the embedding / head when this rank holds the first / last stage.
 Sequence parallelism (``tp.sequence_parallel``): the residual stream and the RMSNorms hold [B, S/tp, d]
 (this tp rank's contiguous chunk): the embedding output is scattered, each attention / FFN block
-all-gathers its normed input (``tp.enter``) and its row-parallel output reduce-scatters back, and the
-final norm output is gathered before the vocab-parallel head, so the loss is the tp=1 loss.
+all-gathers its normed input into its column-parallel linears (``column_outputs``: one all-gather per
+group, only the local chunk kept for backward, gathered again there) and its row-parallel output
+reduce-scatters back, and the final norm output is gathered before the vocab-parallel head, so the loss
+is the tp=1 loss.
 Every parameter is initialised from its own generator seeded by (seed, name) as the full tp=1 tensor,
 then sliced, so any tp/pp layout starts from exactly the same weights as the single-rank model.
 """
@@ -34,7 +36,8 @@ from ..cost.layout import stages_of_rank
 from .attention import AttentionContext, attention
 from .chunked_loss import chunked_cross_entropy
 from .init import normal_full
-from .tensor_parallel import TensorParallel, copy_shard_, padded_vocab_size, parallel_linear, unsharded_shape
+from .tensor_parallel import (TensorParallel, column_outputs, copy_shard_, padded_vocab_size, parallel_linear,
+                              unsharded_shape)
 
 IGNORE_INDEX = -100
 
@@ -116,12 +119,12 @@ class Attention(nn.Module):
                 cu_seqlens: Optional[torch.Tensor] = None) -> torch.Tensor:
         """x: [B, S, d] ([B, S/tp, d] under sequence parallelism; the output has x's shape);
         cu_seqlens: packed document boundaries [B, N+1] (None: one document)."""
-        if self.tp is not None:
-            x = self.tp.enter(x)
-        b, s, _ = x.shape
-        q = apply_rope(self.wq(x).view(b, s, -1, self.head_dim), cos, sin)
-        k = apply_rope(self.wk(x).view(b, s, -1, self.head_dim), cos, sin)
-        v = self.wv(x).view(b, s, -1, self.head_dim)
+        # under sequence parallelism the three share one all-gather and keep only x's local chunk
+        q, k, v = column_outputs(self.tp, x, (self.wq, self.wk, self.wv))
+        b, s = q.shape[:2]
+        q = apply_rope(q.view(b, s, -1, self.head_dim), cos, sin)
+        k = apply_rope(k.view(b, s, -1, self.head_dim), cos, sin)
+        v = v.view(b, s, -1, self.head_dim)
         if self.selective_checkpoint:
             # recompute only the attention core (its S×S-sized intermediates) in backward
             o = checkpoint(attention, q, k, v, self.ctx, cu_seqlens, use_reentrant=False)
@@ -143,9 +146,8 @@ class FeedForward(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: [B, S, d] ([B, S/tp, d] under sequence parallelism; the output has x's shape)."""
-        if self.tp is not None:
-            x = self.tp.enter(x)
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+        gate, up = column_outputs(self.tp, x, (self.w1, self.w3))
+        return self.w2(F.silu(gate) * up)
 
 
 class Block(nn.Module):
@@ -253,11 +255,13 @@ class GPT(nn.Module):
         """Final norm + output projection: [B, S, d] ([B, S/tp, d] under sequence parallelism) -> logits
         [B, S, V] (tp: this rank's V_pad/tp slice)."""
         h = self.norm(x)
-        if self.tp is not None:
-            h = self.tp.enter(h)  # SP: gather the sequence; the column-parallel head needs all tokens
+        if self.tp is not None and self.tp.sequence_parallel:
+            # gather the sequence (the column-parallel head needs all tokens), keeping only the local chunk
+            head = self.output if self.output is not None else self.tok_embeddings
+            return self.tp.gathered_linears(h, [head])[0]
         if self.output is not None:
             return self.output(h)
-        if self.tp is not None and not self.tp.sequence_parallel:
+        if self.tp is not None:
             h = self.tp.copy_to_region(h)
         return F.linear(h, self.tok_embeddings.weight)
 

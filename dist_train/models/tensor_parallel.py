@@ -25,12 +25,18 @@ Activations are batch-first while Megatron's SP collectives cut dim 0, so the la
 ``gather_from_sequence_parallel_region`` / ``reduce_scatter_to_sequence_parallel_region`` (on the
 sequence-first transpose); on gloo, which has no reduce_scatter, through :class:`_SeqGather` /
 :class:`_SeqReduceScatter` (reduce-scatter emulated as all-reduce + own slice: exact, tp× the bytes).
+
+Column-parallel linears that share one input under sequence parallelism (wq|wk|wv, w1|w3, the head) run as
+one autograd Function, :meth:`TensorParallel.gathered_linears` (Megatron-LM's rule): forward all-gathers the
+local chunk once and applies each layer; backward all-gathers the chunk AGAIN (overlapping the input-gradient
+matmuls) instead of keeping the gathered [B, S, d] for the weight gradients, so autograd keeps only
+[B, S/tp, d] per group. :func:`column_outputs` picks it (SP) or the layers themselves (no SP / tp = 1).
 """
 from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -38,6 +44,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..megatron_import import import_megatron_core
+
+# torch >= 2.13 names the dim-0 reduce-scatter reduce_scatter_single (reduce_scatter_tensor warns there)
+_reduce_scatter_dim0 = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
 
 
 def silence_cuda_connections_advice() -> None:
@@ -187,6 +196,104 @@ _SeqGatherReplicated = _seq_mapping(
     "on every tp rank, so its gradient is already the full one).")
 
 
+class _PendingSeq:
+    """A started sequence all-gather or reduce-scatter along dim 1 of a batch-first tensor; ``wait()`` -> result.
+
+    ``fused``: one dim-0 collective into one buffer (``all_gather_into_tensor`` / ``reduce_scatter_single``: NCCL's,
+    through the [tp, B, S/tp, ...] layout); otherwise gloo's list all-gather and the exact reduce-scatter emulation
+    (all-reduce, keep the own chunk: tp× the bytes)."""
+
+    def __init__(self, work, finish: Callable[[], torch.Tensor]):
+        self.work, self.finish = work, finish
+
+    def wait(self) -> torch.Tensor:
+        self.work.wait()
+        return self.finish()
+
+    @classmethod
+    def all_gather(cls, x: torch.Tensor, group, fused: bool) -> "_PendingSeq":
+        """[B, S/tp, ...] -> [B, S, ...] (rank chunks in tp-rank order)."""
+        n, x = dist.get_world_size(group), x.contiguous()
+        if fused:
+            buf = x.new_empty((n * x.shape[0],) + tuple(x.shape[1:]))  # [tp·B, S/tp, ...]
+            work = dist.all_gather_into_tensor(buf, x, group=group, async_op=True)
+            return cls(work, lambda: buf.unflatten(0, (n, x.shape[0])).movedim(0, 1).flatten(1, 2))
+        parts = [torch.empty_like(x) for _ in range(n)]
+        return cls(dist.all_gather(parts, x, group=group, async_op=True), lambda: torch.cat(parts, dim=1))
+
+    @classmethod
+    def reduce_scatter(cls, x: torch.Tensor, group, fused: bool) -> "_PendingSeq":
+        """[B, S, ...] partial sums -> this rank's chunk [B, S/tp, ...] of their tp-sum."""
+        n = dist.get_world_size(group)
+        if fused:
+            parts = x.unflatten(1, (n, x.shape[1] // n)).movedim(1, 0).contiguous()  # [tp, B, S/tp, ...]
+            out = x.new_empty(parts.shape[1:])
+            return cls(_reduce_scatter_dim0(out, parts.flatten(0, 1), group=group, async_op=True), lambda: out)
+        full = x.contiguous().clone()
+        work = dist.all_reduce(full, op=dist.ReduceOp.SUM, group=group, async_op=True)
+        return cls(work, lambda: _seq_chunk(full, group))
+
+
+class _GatheredLinears(torch.autograd.Function):
+    """``outputs = [gather(x_local) @ W_i.T (+ b_i)]``: column-parallel linears sharing one sequence-parallel input,
+    keeping only ``x_local`` [B, S/tp, d] (and the weights) for backward — Megatron-LM's sequence parallelism.
+
+    Forward: one all-gather of ``x_local`` along the sequence (dim 1), then each layer's ``torch.matmul(x, W.t())
+    (+ bias)`` exactly as Megatron's ``LinearWithGradAccumulationAndAsyncCommunication`` computes it. Backward:
+    the all-gather again, started before the input-gradient matmuls and waited for after them; the input
+    gradient ``Σ_i dY_i @ W_i`` (each in x's dtype, as autograd sums the layers' gradients) is reduce-scattered
+    to this rank's chunk while the weight gradients ``dY_i^T @ x`` (and bias ``Σ dY_i``) are computed. 16-bit:
+    autocast's state of the forward is restored in backward (``torch.amp.custom_bwd``'s rule, on x's device —
+    Megatron's ``custom_bwd`` is CUDA's only), so the same 16-bit matmuls run; weight gradients reach ``.grad``
+    through autograd as with Megatron's layers (cast to the parameter's dtype)."""
+
+    @staticmethod
+    def forward(ctx, x_local, group, fused, n_layers, *weights_and_biases):
+        weights, biases = weights_and_biases[:n_layers], weights_and_biases[n_layers:]
+        device = x_local.device.type
+        ctx.autocast = (device, torch.is_autocast_enabled(device), torch.get_autocast_dtype(device))
+        ctx.group, ctx.fused, ctx.biases = group, fused, [b is not None for b in biases]
+        ctx.save_for_backward(x_local, *weights)
+        x = _PendingSeq.all_gather(x_local, group, fused).wait()
+        outs = []
+        for w, b in zip(weights, biases):
+            y = torch.matmul(x, w.t())
+            outs.append(y if b is None else y + b)
+        return tuple(outs)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        x_local, *weights = ctx.saved_tensors
+        device, enabled, dtype = ctx.autocast
+        n = len(weights)
+        need_x, need_w, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[4:4 + n], ctx.needs_input_grad[4 + n:]
+        with torch.autocast(device, enabled=enabled, dtype=dtype):
+            gathering = _PendingSeq.all_gather(x_local, ctx.group, ctx.fused) if any(need_w) else None
+            scattering = None
+            if need_x:
+                grad_x = sum(g.matmul(w).to(x_local.dtype) for g, w in zip(grads, weights))
+                scattering = _PendingSeq.reduce_scatter(grad_x, ctx.group, ctx.fused)
+            flat = [g.reshape(-1, g.shape[-1]) for g in grads]
+            grad_w: list = [None] * n
+            if gathering is not None:
+                x = gathering.wait()
+                x = x.reshape(-1, x.shape[-1])
+                grad_w = [g.t().matmul(x) if need else None for g, need in zip(flat, need_w)]
+            grad_b = [g.sum(dim=0) if has and need else None for g, has, need in zip(flat, ctx.biases, need_b)]
+        grad_x_local = scattering.wait() if scattering is not None else None
+        return (grad_x_local, None, None, None, *grad_w, *grad_b)
+
+
+def column_outputs(tp: Optional["TensorParallel"], x: torch.Tensor, layers: Sequence[nn.Module]) -> list[torch.Tensor]:
+    """Outputs of column-parallel ``layers`` (modules with ``weight`` and optional ``bias``) that share the input
+    ``x``: under sequence parallelism x [B, S/tp, d] -> each [B, S, d_out/tp] through
+    :meth:`TensorParallel.gathered_linears` (only the local chunk kept); otherwise each layer on ``x`` (tp = 1:
+    ``nn.Linear``; tp without SP: Megatron's layers, which all-reduce their input gradient)."""
+    if tp is None or not tp.sequence_parallel:
+        return [layer(x) for layer in layers]
+    return tp.gathered_linears(x, layers)
+
+
 def _megatron_seq_first(fn, x: torch.Tensor, *args) -> torch.Tensor:
     """Run a megatron-core sequence-parallel mapping (which cuts dim 0) on batch-first ``x``."""
     return fn(x.transpose(0, 1).contiguous(), *args).transpose(0, 1)
@@ -274,8 +381,10 @@ class TensorParallel:
         return dist.get_backend(self.group) == "nccl"
 
     def enter(self, x: torch.Tensor) -> torch.Tensor:
-        """Input of column-parallel matmuls. SP: [B, S/tp, d] -> [B, S, d] all-gathered (backward
-        reduce-scatter); otherwise identity (the column layers all-reduce their input gradient)."""
+        """The gathered input of a tp consumer that keeps no input for backward (the chunked loss; linears go
+        through :meth:`gathered_linears`, which keeps only the chunk). SP: [B, S/tp, d] -> [B, S, d]
+        all-gathered (backward reduce-scatter); otherwise identity (the column layers all-reduce their input
+        gradient)."""
         if not self.sequence_parallel:
             return x
         if self._nccl():
@@ -283,6 +392,14 @@ class TensorParallel:
 
             return _megatron_seq_first(gather_from_sequence_parallel_region, x, True, self.group)
         return _SeqGather.apply(x, self.group)
+
+    def gathered_linears(self, x_local: torch.Tensor, layers: Sequence[nn.Module]) -> list[torch.Tensor]:
+        """Sequence parallelism's column-parallel matmuls sharing one input: x_local [B, S/tp, d] -> per layer
+        [B, S, d_out/tp] = all-gathered x @ weight.T (+ bias), keeping only x_local for backward (which all-gathers
+        it again; :class:`_GatheredLinears`). Same values and gradients as ``layer(enter(x_local))`` per layer."""
+        weights = [layer.weight for layer in layers]
+        biases = [getattr(layer, "bias", None) for layer in layers]
+        return list(_GatheredLinears.apply(x_local, self.group, self._nccl(), len(layers), *weights, *biases))
 
     def reduce_scatter(self, x: torch.Tensor) -> torch.Tensor:
         """SP exit of a row-parallel matmul: partial [B, S, d] -> tp-sum's chunk [B, S/tp, d]."""
