@@ -4,10 +4,11 @@ On real gloo ranks, float64: the Function against the plain all-gather + linear 
 every gradient: the input chunk's, each weight's and bias's), with both collective paths — gloo's exact emulation
 and the dim-0 ``all_gather_into_tensor`` / ``reduce_scatter_single`` path NCCL takes (gloo runs those too on this
 torch) — asserts on every rank, 2 and 3 ranks; its collectives (forward one all-gather; backward one all-gather and
-one reduce-scatter); bf16 autocast against the unfused Megatron layers (the same 16-bit matmuls); and what
-autograd keeps: an attention and an FFN block under sequence parallelism save their input's [B, S/tp, d] chunk,
-never the all-gathered [B, S, d] (that failed before: ``tp.enter`` gathered ahead of Megatron's linears, which
-kept the gathered tensor).
+one reduce-scatter); bf16 autocast against the unfused Megatron layers (the same 16-bit matmuls), and tp2 + sequence
+parallelism training in bf16 on CPU like one rank (it failed before: Megatron's backward restores CUDA's autocast
+only); and what autograd keeps: an attention and an FFN block under sequence parallelism save their input's
+[B, S/tp, d] chunk, never the all-gathered [B, S, d] (that failed before: ``tp.enter`` gathered ahead of
+Megatron's linears, which kept the gathered tensor).
 """
 from __future__ import annotations
 
@@ -16,7 +17,9 @@ import torch
 import torch.distributed as dist
 
 from dist_train.models.tensor_parallel import TensorParallel, _GatheredLinears, column_outputs
+from dist_train.trainer import train
 from tests.dist_harness import run_ranks
+from tests.trainer_utils import rel_close, tiny_gpt_config
 
 B, S, D = 2, 12, 8
 OUT = (6, 3, 9)  # per-rank output widths of three column layers sharing one input
@@ -191,3 +194,18 @@ def _bf16_megatron_cpu(rank: int, world: int) -> dict:
         return _bf16_against_megatron(rank, world)
     finally:
         fn.backward = staticmethod(original)
+
+
+def _train_bf16(rank: int, world: int, run_dir: str) -> list[float]:
+    cfg = tiny_gpt_config(run_dir, steps=3, parallel={"tp": 2, "sequence_parallel": True}, train={"precision": "bf16"})
+    return train(cfg).losses
+
+
+@pytest.mark.slow  # 2 ranks x 3 steps + the single-rank run: 5 s
+def test_tp2_sequence_parallel_trains_in_bf16_on_cpu(tmp_path):
+    """bf16 autocast on CPU with tp2 + sequence parallelism trains like single-rank bf16 (within 2e-3): the Function
+    restores the forward's CPU autocast in its backward. Before, Megatron's column layers failed there ('expected
+    m1 and m2 to have the same dtype': their custom_bwd restores CUDA's autocast only)."""
+    ref = train(tiny_gpt_config(tmp_path / "ref", steps=3, train={"precision": "bf16"})).losses
+    for losses in run_ranks(_train_bf16, 2, args=(str(tmp_path / "tp2_sp"),), timeout=240):
+        assert rel_close(losses, ref, 2e-3), (losses, ref)
