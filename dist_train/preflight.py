@@ -32,6 +32,7 @@ from .data.datasets import IndexedTokenDataset, training_digest
 from .data.integrity import check_indexed_dataset
 from .data.tokenizer import get_tokenizer
 from .dryrun import device_profile
+from .engines import cpu_autocast_refusal
 
 #: set by the launcher in every rank's environment once it has run the preflight for the job
 PREFLIGHT_ENV = "DIST_TRAIN_PREFLIGHT_DONE"
@@ -92,9 +93,13 @@ def check_writable_dir(key: str, path) -> None:
 
 # -- attention kernel -------------------------------------------------------------------------------
 def check_attention_kernel(cfg: Config, on_cuda: bool) -> None:
-    """The block kernel must exist on the device the ranks use (e.g. flash needs CUDA and flash-attn)."""
+    """The block kernel must exist on the device the ranks use (e.g. flash needs CUDA and flash-attn), and the
+    layers around it must run their backward there under the precision asked for."""
     device = torch.device("cuda" if on_cuda else "cpu")
     bf16 = cfg.train.precision == "bf16" or (cfg.train.precision == "auto" and on_cuda)
+    refusal = cpu_autocast_refusal(cfg, torch.bfloat16 if bf16 else None, device.type)
+    if refusal:
+        raise ConfigError(refusal)
     try:
         get_kernel(cfg.parallel.attn_kernel, device, torch.bfloat16 if bf16 else torch.float32)
     except (ValueError, ImportError) as e:

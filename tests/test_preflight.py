@@ -15,6 +15,7 @@ from dist_train.data.datasets import IndexedTokenDataset
 from dist_train.data.integrity import check_bin_size, check_indexed_dataset, read_index
 from dist_train.data.prepare import prepare_indexed
 from dist_train.data.sidecar import sidecar_path
+from dist_train.engines import cpu_autocast_refusal
 from dist_train.preflight import preflight
 from tests.trainer_utils import run_cli
 
@@ -153,6 +154,21 @@ def test_flash_kernel_on_cpu_is_refused(tmp_path, dataset):
     _refused(_cfg(tmp_path, dataset, parallel={"attn_kernel": "flash"}), "parallel.attn_kernel = 'flash' on cpu")
     _refused(_cfg(tmp_path, dataset, parallel={"attn_kernel": "cuda"}), "parallel.attn_kernel = 'cuda' on cpu",
              "needs CUDA tensors")
+
+
+def test_bf16_through_megatrons_tp_linears_on_cpu_is_refused_and_the_layouts_that_run_are_not(tmp_path, dataset):
+    """tp2 in bf16 on CPU under the DDP engine died in Megatron's backward (a bf16 gradient against the fp32
+    weight: its layers restore autocast only on CUDA); sequence parallelism, FSDP2, a pipeline, ZeRO and fp32
+    run (each was run on CPU ranks), and CUDA is untouched."""
+    def cfg(**parallel):
+        return _cfg(tmp_path, dataset, parallel={"dp": 1, "tp": 2, "ulysses_degree": 1, **parallel},
+                    model={"n_heads": 4, "n_kv_heads": 2}, train={"precision": "bf16", "global_batch": 8})
+    _refused(cfg(), "train.precision = bf16 (bf16 autocast) with parallel.tp = 2 on CPU",
+             "use train.precision: fp32 (the CPU default), parallel.sequence_parallel: true")
+    for layout in ({"sequence_parallel": True}, {"fsdp": True, "dp": 2}, {"pp": 2}, {"zero_stage": 1}, {"tp": 1}):
+        assert cpu_autocast_refusal(cfg(**layout), torch.bfloat16, "cpu") is None, layout
+    assert cpu_autocast_refusal(cfg(), torch.bfloat16, "cuda") is None
+    assert cpu_autocast_refusal(cfg(), None, "cpu") is None  # fp32
 
 
 def _save(root: Path, steps: list[int]) -> list[Path]:

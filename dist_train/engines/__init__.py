@@ -15,7 +15,7 @@ from typing import Optional
 
 import torch
 
-from ..config import Config
+from ..config import Config, ConfigError
 from ..mesh import Mesh
 from .ddp import DDPEngine
 from .deepspeed import DeepSpeedEngine  # imports deepspeed itself only when one is built
@@ -23,8 +23,30 @@ from .fsdp import FSDPEngine
 from .pipeline import PipelineEngine
 
 
+def cpu_autocast_refusal(cfg: Config, autocast_dtype: Optional[torch.dtype], device_type: str) -> Optional[str]:
+    """One line refusing a layout whose backward would fail on CPU, else None.
+
+    Megatron-core's tensor-parallel linears restore autocast in their backward only on CUDA (``custom_bwd``
+    for "cuda"), so under CPU autocast their backward multiplies a bf16 gradient by the fp32 weight and fails.
+    The pipeline engine's autocast region spans its backward, FSDP2 casts the parameters to bf16, DeepSpeed runs
+    no autocast, and sequence parallelism's linears are dist-train's own: what is left is the DDP engine with
+    tp > 1 and Megatron's linears (each case run on 2 or 4 CPU ranks)."""
+    p = cfg.parallel
+    if device_type != "cpu" or autocast_dtype is None or p.tp == 1 or p.pp > 1 or p.fsdp or p.zero_stage is not None:
+        return None
+    if cfg.model.kind == "gpt" and p.sequence_parallel:
+        return None
+    sp = ", parallel.sequence_parallel: true" if cfg.model.kind == "gpt" else ""
+    return (f"train.precision = {cfg.train.precision} (bf16 autocast) with parallel.tp = {p.tp} on CPU: Megatron-core's "
+            f"tensor-parallel layers restore autocast in their backward only on CUDA, so the backward fails here; use "
+            f"train.precision: fp32 (the CPU default){sp}, parallel.fsdp or parallel.pp > 1")
+
+
 def build_engine(cfg: Config, model: torch.nn.Module, mesh: Mesh, autocast_dtype: Optional[torch.dtype]):
     """Pick the engine for this config (config validation already rejected zero_stage with pp > 1 or with fsdp)."""
+    refusal = cpu_autocast_refusal(cfg, autocast_dtype, next(model.parameters()).device.type)
+    if refusal:
+        raise ConfigError(refusal)
     if mesh.size("pp") > 1:
         return PipelineEngine(cfg, model, mesh, autocast_dtype)
     if cfg.parallel.fsdp:
