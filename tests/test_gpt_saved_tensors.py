@@ -35,6 +35,7 @@ from dist_train.mesh import build_mesh
 from dist_train.models.gpt import build_gpt
 from dist_train.plan.profiles import builtin_profiles
 from tests.dist_harness import run_ranks
+from tests.saved_tensors import kept_storages, parameter_storages
 
 # (d_model, heads, kv heads, ffn, seq_len): grouped-query and multi-head
 SHAPES = [(64, 4, 2, 128, 64), (48, 3, 3, 80, 32)]
@@ -102,19 +103,11 @@ def counted_bytes(cfg, world: int = 1, micro_batches: int = 1, live: bool = Fals
         model = build_gpt(cfg, build_mesh(p, world), torch.device("cpu")).train()
         if cfg.train.precision == "bf16" and p.zero_stage is not None:
             model.to(torch.bfloat16)  # DeepSpeed's bf16 mode casts the parameters; it runs no autocast
-    params = {q.untyped_storage().data_ptr() for q in model.parameters()}
+    params = parameter_storages(model)
     s_local = cfg.data.seq_len // p.cp
     s_stream = s_local // p.tp if p.sequence_parallel else s_local
     gen = torch.Generator().manual_seed(rank)
     positions = torch.arange(rank * s_local, (rank + 1) * s_local)
-    kept: dict[int, int] = {}
-
-    def pack(saved: torch.Tensor) -> torch.Tensor:
-        storage = saved.untyped_storage()
-        if storage.data_ptr() not in params:
-            kept[storage.data_ptr()] = storage.nbytes()
-        return saved
-
     autocast = (torch.autocast("cpu", dtype=torch.bfloat16)
                 if cfg.train.precision == "bf16" and p.zero_stage is None else contextlib.nullcontext())
     dtype = next(model.parameters()).dtype
@@ -122,7 +115,7 @@ def counted_bytes(cfg, world: int = 1, micro_batches: int = 1, live: bool = Fals
         model.run_layers(torch.randn(cfg.train.micro_batch, s_stream, cfg.model.d_model, dtype=dtype,
                                      requires_grad=True), positions)
     created = _Created()
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda saved: saved), autocast:
+    with kept_storages(params) as kept, autocast:
         with created if live else contextlib.nullcontext():
             xs = [torch.randn(cfg.train.micro_batch, s_stream, cfg.model.d_model, generator=gen,
                               dtype=next(model.parameters()).dtype).requires_grad_() for _ in range(micro_batches)]
@@ -274,7 +267,7 @@ def test_gpt_forward_end_is_activations_and_what_the_loss_keeps(precision):
     weight) — to the loss's two fp32 scalars. The model said dL/dh only (in the compute dtype) + dL/dW in 16-bit."""
     cfg = _config(*SHAPES[0], micro_batch=2, precision=precision)
     model = build_gpt(cfg, build_mesh(cfg.parallel, 1), torch.device("cpu")).train()
-    params = {q.untyped_storage().data_ptr() for q in model.parameters()}
+    params = parameter_storages(model)
     gen = torch.Generator().manual_seed(0)
     tokens = torch.randint(0, 96, (2, 64), generator=gen)
     batch = {"tokens": tokens, "labels": torch.roll(tokens, -1, 1), "positions": torch.arange(64)}

@@ -22,6 +22,7 @@ from dist_train.cost.shape import rank_inputs
 from dist_train.models.swin import build_swin
 from dist_train.plan.profiles import builtin_profiles
 from tests.dist_harness import run_ranks
+from tests.saved_tensors import kept_storages, parameter_storages
 
 # (d_model, heads, ffn, window, image): no padding (a padded tile's plain blocks hold a key mask too)
 SHAPES = [(32, 4, 64, 8, (32, 32)), (24, 2, 40, [4, 6], (16, 24))]
@@ -41,7 +42,7 @@ def saved_bytes_per_token(cfg, cp_group=None, checkpointing: str = "none") -> li
     micro-batch of this rank's pixels, float32."""
     model = build_swin(cfg.model, wp_group=None, grid=(1, 1), cp_group=cp_group, init_seed=3,
                        activation_checkpointing=checkpointing).train()
-    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    params = parameter_storages(model)
     image = tuple(cfg.data.image)
     rows, cols = model.tile_slices(image)
     x = torch.randn(1, *image, 3, generator=torch.Generator().manual_seed(0))[:, rows, cols]
@@ -50,15 +51,7 @@ def saved_bytes_per_token(cfg, cp_group=None, checkpointing: str = "none") -> li
     tokens = t.shape[1] * t.shape[2]
     out = []
     for block in (0, 1):
-        kept: dict[int, int] = {}
-
-        def pack(saved: torch.Tensor) -> torch.Tensor:
-            storage = saved.untyped_storage()
-            if storage.data_ptr() not in params:
-                kept[storage.data_ptr()] = storage.nbytes()
-            return saved
-
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda saved: saved):
+        with kept_storages(params) as kept:
             model.run_blocks(t, ctx, [block])
         out.append(sum(kept.values()) / tokens)
     return out
