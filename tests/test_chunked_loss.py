@@ -1,7 +1,7 @@
 """Chunked cross-entropy (dist_train/models/chunked_loss.py) equals the full [N, V] loss in float64: value,
 dL/dh and dL/dW, with ignored tokens and an uneven last chunk; inside GPT with tied and untied heads; and
-vocab-parallel on real gloo ranks (tp = 2 and an odd tp = 3 with padded vocabulary) against the
-single-rank loss."""
+vocab-parallel on real gloo ranks (tp = 2 and an odd tp = 3 with padded vocabulary), also under sequence
+parallelism (which keeps only the rank's chunk of dL/dh), against the single-rank loss."""
 from __future__ import annotations
 
 import pytest
@@ -127,6 +127,41 @@ def _vocab_parallel_function(rank, world):
 @pytest.mark.parametrize("world", [2, 3])
 def test_vocab_parallel_chunked_loss_matches_single_rank(world):
     assert all(w < TOL for w in run_ranks(_vocab_parallel_function, world, timeout=120))
+
+
+def _sequence_parallel_function(rank, world):
+    """chunked_cross_entropy under sequence parallelism: h is this rank's [B, S/tp, d] chunk, W's rows split over
+    ranks (padded), float64 against the single-rank loss; what the forward keeps for backward is this rank's
+    chunk of the summed dL/dh, [B, S/tp, d] (the whole [B, S, d] was kept before)."""
+    h, w, labels = _problem(n=2 * 12, v=23, seed=4)
+    ref_loss, ref_dh, ref_dw = _reference(h, w, labels)
+    h3, lab3, ref_dh3 = h.view(2, 12, 12), labels.view(2, 12), ref_dh.view(2, 12, 12)
+    s_part, part = 12 // world, -(-w.shape[0] // world)
+    w_pad = torch.cat([w, w.new_zeros(part * world - w.shape[0], w.shape[1])])
+    wl = w_pad[rank * part:(rank + 1) * part].clone().requires_grad_()
+    hc = h3[:, rank * s_part:(rank + 1) * s_part].clone().requires_grad_()
+    loss = chunked_cross_entropy(hc, wl, lab3, 5, vocab_size=23, vocab_start=rank * part, group=dist.group.WORLD,
+                                 sequence_parallel=True)
+    kept = tuple(loss.grad_fn.grads[0].shape)
+    (0.7 * loss).backward()
+    worst = max(abs(loss.item() - ref_loss.item()),
+                (hc.grad - ref_dh3[:, rank * s_part:(rank + 1) * s_part]).abs().max().item(),
+                (wl.grad - torch.cat([ref_dw, ref_dw.new_zeros(part * world - 23, 12)])[rank * part:(rank + 1) * part])
+                .abs().max().item())
+    return worst, kept
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_sequence_parallel_chunked_loss_keeps_the_local_chunk_of_dh(world):
+    for worst, kept in run_ranks(_sequence_parallel_function, world, timeout=120):
+        assert worst < TOL
+        assert kept == (2, 12 // world, 12)
+
+
+def test_sequence_parallel_chunked_loss_refuses_a_flat_h():
+    h, w, labels = _problem()
+    with pytest.raises(ValueError, match="sequence_parallel needs the tp group"):
+        chunked_cross_entropy(h, w, labels, 5, sequence_parallel=True)
 
 
 def _tp_gpt(rank, world, cases, model_extra=None, seq=16, vocab=63):

@@ -284,6 +284,43 @@ def test_gpt_forward_end_is_activations_and_what_the_loss_keeps(precision):
     assert live - (loss.untyped_storage().nbytes() + count.untyped_storage().nbytes()) == kept
 
 
+def _sp_loss_ends(rank: int, world: int) -> list:
+    """Per precision: (bytes the GPT's loss forward leaves alive at its end, less its two scalars;
+    ``loss_kept_bytes``) for tp 2 with sequence parallelism — the loss alone (from the last hidden chunk
+    [B, S/tp, d]), as Megatron's embedding keeps its masked token ids and mask, which the model does not count."""
+    out = []
+    for precision in ("fp32", "bf16"):
+        cfg = _config(*SHAPES[0], micro_batch=2, precision=precision, tp=2, sequence_parallel=True)
+        model = build_gpt(cfg, build_mesh(cfg.parallel, world), torch.device("cpu")).train()
+        params = parameter_storages(model)
+        seq = cfg.data.seq_len
+        gen = torch.Generator().manual_seed(rank)
+        x = torch.randn(2, seq // world, cfg.model.d_model, generator=gen).requires_grad_()
+        labels = torch.randint(0, cfg.model.vocab_size, (2, seq), generator=torch.Generator().manual_seed(0))
+        autocast = torch.autocast("cpu", dtype=torch.bfloat16) if precision == "bf16" else contextlib.nullcontext()
+        created = _Created()
+        with kept_storages(params) as kept, autocast:  # saved tensors count even when a collective read them
+            with created:
+                loss, count = model.loss(x, labels)
+            inputs = {x.untyped_storage().data_ptr(), labels.untyped_storage().data_ptr()}
+            live = created.live_bytes(params | inputs, set(kept))
+        sh, loc = rank_inputs(cfg, CPU)
+        out.append((live - loss.untyped_storage().nbytes() - count.untyped_storage().nbytes(),
+                    loss_kept_bytes(cfg, sh, loc, CPU)))
+    return out
+
+
+@pytest.mark.slow
+def test_gpt_loss_under_sequence_parallelism_keeps_the_local_chunk_of_dh():
+    """tp 2 with sequence parallelism on two gloo ranks (3 s), fp32 and bf16: the chunked loss reduce-scatters dL/dh
+    in its forward and keeps this rank's [B, S/tp, d] of it, so what the loss's forward leaves alive is
+    ``loss_kept_bytes`` (÷tp dL/dh) exactly. Failed before: the loss all-gathered h first and kept dL/dh [B, S, d],
+    16 KiB more per rank here."""
+    for per_rank in run_ranks(_sp_loss_ends, 2, timeout=180):
+        for counted, predicted in per_rank:
+            assert counted == predicted
+
+
 # the model's activations + loss + workspace over the measured step peak: (lowest, highest) allowed
 PEAK_RATIO = {"none": (1.0, 1.10), "full": (1.0, 1.30)}
 

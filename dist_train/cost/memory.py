@@ -226,10 +226,11 @@ def loss_chunk_bytes(cfg: Config, sh: Shape, loc: RankShape) -> float:
 
 
 def loss_kept_bytes(cfg: Config, sh: Shape, loc: RankShape, prof: Optional[DeviceProfile] = None) -> float:
-    """What the chunked loss's forward leaves for its backward: dL/dh ([tokens, d]) and dL/dW ([V_pad/tp, d]),
-    computed in the forward (``chunked_loss.py``). For this repo's eager GPT (``prof`` not fused), counted live
-    at the end of the loss's forward (tests/test_gpt_saved_tensors.py): the final norm's x·rstd and rstd (fp32,
-    ÷tp under sequence parallelism); dL/dh and dL/dW fp32 (h is the fp32 norm output, dL/dW accumulates in
+    """What the chunked loss's forward leaves for its backward: dL/dh ([tokens, d]; ÷tp under sequence parallelism,
+    which reduce-scatters it to the rank's sequence chunk in the forward) and dL/dW ([V_pad/tp, d]), computed in
+    the forward (``chunked_loss.py``). For this repo's eager GPT (``prof`` not fused), counted live at the end of
+    the loss's forward (tests/test_gpt_saved_tensors.py): the final norm's x·rstd and rstd (fp32, ÷tp under
+    sequence parallelism); dL/dh and dL/dW fp32 (h is the fp32 norm output, dL/dW accumulates in
     fp32 and the fp32 weight keeps it so) — in the dtype of DeepSpeed's bf16 module there; under autocast the
     weight's bf16 copy autocast caches. Otherwise (the fused convention): dL/dh in the compute dtype, dL/dW fp32
     in 16-bit training only. None for the unchunked loss, whose logits :func:`loss_chunk_bytes` holds whole."""
@@ -237,14 +238,14 @@ def loss_kept_bytes(cfg: Config, sh: Shape, loc: RankShape, prof: Optional[Devic
     chunk = resolve_loss_chunk(cfg.train.loss_chunk, int(loc.vocab)) if sh.kind == "gpt" else None
     if chunk is None:
         return 0.0
-    if prof is None or not gpt_eager(sh, prof):
-        return loc.tokens * sh.d * bpe + (loc.vocab * sh.d * 4 if bpe < 4 else 0.0)
     p = cfg.parallel
-    tp_sp = p.tp if (p.sequence_parallel and p.tp > 1) else 1
+    tokens_sp = loc.tokens / (p.tp if (p.sequence_parallel and p.tp > 1) else 1)  # the rank's sequence chunk
+    if prof is None or not gpt_eager(sh, prof):
+        return tokens_sp * sh.d * bpe + (loc.vocab * sh.d * 4 if bpe < 4 else 0.0)
     grads = bpe if module_in_16_bits(cfg, loc) else 4
-    norm = loc.tokens / tp_sp * (sh.d * 4 + 4)
+    norm = tokens_sp * (sh.d * 4 + 4)
     copy = loc.vocab * sh.d * bpe if (bpe < 4 and not p.fsdp and not module_in_16_bits(cfg, loc)) else 0.0
-    return norm + (loc.tokens + loc.vocab) * sh.d * grads + copy
+    return norm + (tokens_sp + loc.vocab) * sh.d * grads + copy
 
 
 def fsdp_layer_params(cfg: Config, sh: Shape) -> float:

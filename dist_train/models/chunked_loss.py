@@ -24,9 +24,13 @@ non-pipeline engine run each loss's backward right after its forward.
 
 Tensor parallelism: each rank holds V_pad/tp columns; the per-token log-sum-exp and the target logit are
 all-reduced over ``group`` once per chunk (two all-reduces of [chunk] floats). The gradient w.r.t. h is
-this rank's partial sum over its vocabulary slice: the caller feeds h through the tp region mapping
-(``copy_to_region`` / the sequence-parallel gather), whose backward sums it over tp, exactly as for the
-column-parallel head. Padded vocabulary columns (global id >= ``vocab_size``) get -inf, so the softmax is
+this rank's partial sum over its vocabulary slice: without sequence parallelism the caller feeds h through
+the tp region mapping (``copy_to_region``), whose backward sums it over tp, exactly as for the column-parallel
+head. Sequence parallelism (``sequence_parallel=True``): h is this rank's chunk [B, S/tp, d] of the sequence
+(dim 1) and labels the whole [B, S]; the forward all-gathers h (transient) and reduce-scatters the partial
+dL/dh along the sequence as soon as it is formed, so the forward keeps this rank's [B, S/tp, d] of the tp-sum
+(not [B, S, d]) and backward hands it straight to the local chunk: the same sum an all-gather's backward
+(reduce-scatter) would form, before the incoming scalar scales it instead of after. Padded vocabulary columns (global id >= ``vocab_size``) get -inf, so the softmax is
 over the real vocabulary only (identical to tp = 1).
 """
 from __future__ import annotations
@@ -37,6 +41,8 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from .tensor_parallel import sequence_all_gather, sequence_reduce_scatter
+
 def _at_least_fp32(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
@@ -46,9 +52,12 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
     scaled by the incoming gradient."""
 
     @staticmethod
-    def forward(ctx, h: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, chunk: int, vocab_size: int,
+    def forward(ctx, h_in: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, chunk: int, vocab_size: int,
                 vocab_start: int, group: Optional[dist.ProcessGroup], ignore_index: int,
-                need_grad: bool) -> torch.Tensor:
+                need_grad: bool, sequence_parallel: bool) -> torch.Tensor:
+        # h_in: [..., d]; sequence parallel: [B, S/tp, d], gathered to [B, S, d] for this forward only
+        h_seq = sequence_all_gather(h_in, group) if sequence_parallel else h_in
+        h = h_seq.reshape(-1, h_seq.shape[-1])
         n, v_local = h.shape[0], weight.shape[0]
         acc = _at_least_fp32(h.dtype)
         n_real = max(0, min(v_local, vocab_size - vocab_start))  # columns of real (unpadded) vocabulary
@@ -85,6 +94,9 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
                 grad_w.addmm_(g.t().to(grad_w.dtype), h_c.to(grad_w.dtype))
             del logits
         if need_grad:
+            grad_h = grad_h.view(h_seq.shape)
+            if sequence_parallel:  # the tp-sum of the partial dL/dh, this rank's sequence chunk only
+                grad_h = sequence_reduce_scatter(grad_h, group)
             ctx.grads = (grad_h, grad_w.to(weight.dtype))
         return total
 
@@ -96,23 +108,29 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         grad_h, grad_w = ctx.grads
         ctx.grads = None  # the stored gradients are handed out (scaled in place) exactly once
         return (grad_h.mul_(grad_out.to(grad_h.dtype)), grad_w.mul_(grad_out.to(grad_w.dtype)),
-                None, None, None, None, None, None, None)
+                None, None, None, None, None, None, None, None)
 
 
 def chunked_cross_entropy(h: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, chunk: int, *,
                           vocab_size: Optional[int] = None, vocab_start: int = 0,
-                          group: Optional[dist.ProcessGroup] = None, ignore_index: int = -100) -> torch.Tensor:
+                          group: Optional[dist.ProcessGroup] = None, ignore_index: int = -100,
+                          sequence_parallel: bool = False) -> torch.Tensor:
     """Sum over real tokens of cross_entropy(h @ weight.T, labels), computed ``chunk`` tokens at a time.
 
-    h: [N, d] (or [B, S, d], flattened); weight: [V_local, d]; labels: [N] (or [B, S]). ``vocab_size``:
-    the real vocabulary (default: all of weight's rows at tp = 1); ``vocab_start``: global id of this
-    rank's first row; ``group``: the tp group (None: tp = 1). Returns a scalar (at least fp32)."""
+    h: [N, d] (or [B, S, d]); weight: [V_local, d]; labels: [N] (or [B, S]). ``vocab_size``: the real
+    vocabulary (default: all of weight's rows at tp = 1); ``vocab_start``: global id of this rank's first row;
+    ``group``: the tp group (None: tp = 1). ``sequence_parallel``: h is this rank's chunk [B, S/tp, d] of the
+    sequence over ``group`` and labels [B, S] (see the module docstring). Returns a scalar (at least fp32)."""
     if chunk < 1:
         raise ValueError(f"chunked_cross_entropy: chunk = {chunk}: must be a positive number of tokens")
-    h2, lab = h.reshape(-1, h.shape[-1]), labels.reshape(-1)
-    if h2.shape[0] != lab.shape[0]:
-        raise ValueError(f"chunked_cross_entropy: {h2.shape[0]} hidden states but {lab.shape[0]} labels")
+    if sequence_parallel and (group is None or h.dim() != 3):
+        raise ValueError(f"chunked_cross_entropy: sequence_parallel needs the tp group and h [B, S/tp, d]; "
+                         f"got group {group}, h of shape {tuple(h.shape)}")
+    lab = labels.reshape(-1)
+    tokens = h[..., 0].numel() * (dist.get_world_size(group) if sequence_parallel else 1)
+    if tokens != lab.shape[0]:
+        raise ValueError(f"chunked_cross_entropy: {tokens} hidden states but {lab.shape[0]} labels")
     vocab = weight.shape[0] if vocab_size is None else vocab_size
     need_grad = torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad)
-    return _ChunkedLinearCrossEntropy.apply(h2, weight, lab, int(chunk), vocab, vocab_start, group, ignore_index,
-                                            need_grad)
+    return _ChunkedLinearCrossEntropy.apply(h, weight, lab, int(chunk), vocab, vocab_start, group, ignore_index,
+                                            need_grad, sequence_parallel)

@@ -279,10 +279,14 @@ class GPT(nn.Module):
         if chunk is None:
             return self._full_loss(x, labels), count
         h = self.norm(x)
+        tp_args = {}
         if self.tp is not None:
-            # the tp region mapping the column-parallel head applies: its backward sums dL/dh over tp
-            h = self.tp.enter(h) if self.tp.sequence_parallel else self.tp.copy_to_region(h)
-        tp_args = {} if self.tp is None else {"vocab_start": self.tp.rank * weight.shape[0], "group": self.tp.group}
+            tp_args = {"vocab_start": self.tp.rank * weight.shape[0], "group": self.tp.group,
+                       "sequence_parallel": self.tp.sequence_parallel}
+            if not self.tp.sequence_parallel:
+                # the tp region mapping the column-parallel head applies: its backward sums dL/dh over tp (under
+                # SP the loss gathers h and reduce-scatters dL/dh itself, keeping only the local chunk of it)
+                h = self.tp.copy_to_region(h)
         loss_sum = chunked_cross_entropy(h, weight, labels, chunk, vocab_size=self.cfg.vocab_size,
                                          ignore_index=IGNORE_INDEX, **tp_args)
         return loss_sum, count

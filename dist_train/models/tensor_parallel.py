@@ -234,6 +234,16 @@ class _PendingSeq:
         return cls(work, lambda: _seq_chunk(full, group))
 
 
+def sequence_all_gather(x: torch.Tensor, group) -> torch.Tensor:
+    """[B, S/tp, ...] -> [B, S, ...] along the sequence (no autograd): NCCL's dim-0 collective, gloo's list one."""
+    return _PendingSeq.all_gather(x, group, dist.get_backend(group) == "nccl").wait()
+
+
+def sequence_reduce_scatter(x: torch.Tensor, group) -> torch.Tensor:
+    """[B, S, ...] partial sums -> this rank's chunk [B, S/tp, ...] of their tp-sum (no autograd)."""
+    return _PendingSeq.reduce_scatter(x, group, dist.get_backend(group) == "nccl").wait()
+
+
 class _GatheredLinears(torch.autograd.Function):
     """``outputs = [gather(x_local) @ W_i.T (+ b_i)]``: column-parallel linears sharing one sequence-parallel input,
     keeping only ``x_local`` [B, S/tp, d] (and the weights) for backward — Megatron-LM's sequence parallelism.
@@ -381,10 +391,10 @@ class TensorParallel:
         return dist.get_backend(self.group) == "nccl"
 
     def enter(self, x: torch.Tensor) -> torch.Tensor:
-        """The gathered input of a tp consumer that keeps no input for backward (the chunked loss; linears go
-        through :meth:`gathered_linears`, which keeps only the chunk). SP: [B, S/tp, d] -> [B, S, d]
-        all-gathered (backward reduce-scatter); otherwise identity (the column layers all-reduce their input
-        gradient)."""
+        """The gathered input of a tp consumer: SP: [B, S/tp, d] -> [B, S, d] all-gathered (backward
+        reduce-scatter); otherwise identity (the column layers all-reduce their input gradient). The model's
+        consumers keep only the chunk instead (:meth:`gathered_linears`; the chunked loss gathers and
+        reduce-scatters inside its Function); this is the plain composition they are tested against."""
         if not self.sequence_parallel:
             return x
         if self._nccl():
