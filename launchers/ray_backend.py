@@ -22,12 +22,12 @@ import os
 import signal
 import socket
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
 from typing import Any, Optional
 
+from dist_train.held_stderr import stderr_held_back
 from launchers.env import free_port, loopback_environment
 from launchers.local import rank_environment
 from launchers.procs import ConsoleSink, RankProcess, Sink
@@ -47,35 +47,6 @@ def kept_signal_handlers(signals: tuple[int, ...] = (signal.SIGTERM, signal.SIGI
         for s, h in saved.items():
             if h is not None and signal.getsignal(s) != h:
                 signal.signal(s, h)
-
-
-class _HeldStderr:
-    def __init__(self) -> None:
-        self.keep = True
-
-    def drop(self) -> None:
-        self.keep = False
-
-
-@contextlib.contextmanager
-def stderr_held_back():
-    """Send file descriptor 2 (C++ libraries included) to a temporary file for the body; replay it
-    afterwards unless the body called ``.drop()`` on the yielded handle."""
-    held = _HeldStderr()
-    sys.stderr.flush()
-    saved = os.dup(2)
-    with tempfile.TemporaryFile(mode="w+b") as tmp:
-        os.dup2(tmp.fileno(), 2)
-        try:
-            yield held
-        finally:
-            sys.stderr.flush()
-            os.dup2(saved, 2)
-            os.close(saved)
-            if held.keep:
-                tmp.seek(0)
-                sys.stderr.write(tmp.read().decode(errors="replace"))
-                sys.stderr.flush()
 
 
 def ray_token_available(environ: Optional[dict] = None) -> bool:

@@ -27,10 +27,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import os
 import statistics
-import sys
-import tempfile
 import time
 import warnings
 from typing import Iterator, Optional
@@ -46,6 +43,7 @@ from parallelism.context import (LAYOUTS, METHODS, Chunk, CPStats, build_schedul
                                  rank_chunks, simulate_ring_attention)
 from parallelism.context.masks import classify, mask_tensor
 
+from ..held_stderr import stderr_held_back
 from ..spawn import run_ranks
 
 
@@ -139,7 +137,7 @@ def _quiet_profile(**kwargs) -> Iterator[profile]:
     """``torch.profiler.profile(**kwargs)`` whose start and stop do not print libkineto's USDT lines; what runs
     inside the block writes to stderr as usual."""
     prof = profile(**kwargs)
-    with _without_stderr_lines(_KINETO_NOISE), warnings.catch_warnings():
+    with stderr_held_back(skip=_KINETO_NOISE), warnings.catch_warnings():
         # torch 2.11 warns at the first start of every profile object (2.13 only at a restart) that events are
         # cleared between cycles; each meter profile runs exactly one cycle, so the warning is only noise
         warnings.filterwarnings("ignore", message=_CYCLE_WARNING, category=UserWarning)
@@ -147,31 +145,8 @@ def _quiet_profile(**kwargs) -> Iterator[profile]:
     try:
         yield prof
     finally:
-        with _without_stderr_lines(_KINETO_NOISE):
+        with stderr_held_back(skip=_KINETO_NOISE):
             prof.stop()
-
-
-@contextlib.contextmanager
-def _without_stderr_lines(prefix: bytes) -> Iterator[None]:
-    """Catch file descriptor 2 (C++ writes there directly) for the block; then pass on every line that does
-    not start with ``prefix``."""
-    sys.stderr.flush()
-    saved = os.dup(2)
-    with tempfile.TemporaryFile() as caught:
-        os.dup2(caught.fileno(), 2)
-        try:
-            yield
-        finally:
-            sys.stderr.flush()
-            os.dup2(saved, 2)
-            os.close(saved)
-            caught.seek(0)
-            kept = b"".join(line for line in caught if not line.startswith(prefix))
-            if kept and hasattr(sys.stderr, "buffer"):
-                sys.stderr.buffer.write(kept)
-            elif kept:  # a text-only stream (a test's capture)
-                sys.stderr.write(kept.decode(errors="replace"))
-            sys.stderr.flush()
 
 
 def _memory_events(prof) -> list[tuple[int, int]]:
