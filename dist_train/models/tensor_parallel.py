@@ -147,55 +147,6 @@ def _seq_chunk(x: torch.Tensor, group) -> torch.Tensor:
     return x.narrow(1, r * part, part).contiguous()
 
 
-def _seq_all_gather(x: torch.Tensor, group) -> torch.Tensor:
-    """[B, S/tp, ...] -> [B, S, ...] (rank chunks concatenated in tp-rank order)."""
-    parts = [torch.empty_like(x) for _ in range(dist.get_world_size(group))]
-    dist.all_gather(parts, x.contiguous(), group=group)
-    return torch.cat(parts, dim=1)
-
-
-def _seq_reduce_scatter(x: torch.Tensor, group) -> torch.Tensor:
-    """[B, S, ...] partial sums -> this rank's chunk [B, S/tp, ...] of the tp-sum. gloo has no
-    reduce_scatter: all-reduce then keep the own chunk (same result, tp× the bytes of a reduce-scatter)."""
-    full = x.contiguous().clone()
-    dist.all_reduce(full, op=dist.ReduceOp.SUM, group=group)
-    return _seq_chunk(full, group)
-
-
-def _seq_mapping(name: str, forward: Callable, backward: Callable, doc: str) -> type:
-    """An autograd Function applying ``forward(x, group)``, with ``backward(grad, group)`` as its adjoint."""
-
-    class _Mapping(torch.autograd.Function):
-        @staticmethod
-        def forward(ctx, x, group):
-            ctx.group = group
-            return forward(x, group)
-
-        @staticmethod
-        def backward(ctx, g):
-            return backward(g, ctx.group), None
-
-    _Mapping.__name__ = _Mapping.__qualname__ = name
-    _Mapping.__doc__ = doc
-    return _Mapping
-
-
-_SeqGather = _seq_mapping(
-    "_SeqGather", _seq_all_gather, _seq_reduce_scatter,
-    "All-gather along the sequence; backward reduce-scatter (the gathered tensor feeds tp matmuls whose "
-    "input gradients are per-rank partial sums).")
-_SeqReduceScatter = _seq_mapping(
-    "_SeqReduceScatter", _seq_reduce_scatter, _seq_all_gather,
-    "Reduce-scatter along the sequence (row-parallel output); backward all-gather.")
-_SeqScatter = _seq_mapping(
-    "_SeqScatter", _seq_chunk, _seq_all_gather,
-    "Keep the own sequence chunk of a replicated tensor; backward all-gather.")
-_SeqGatherReplicated = _seq_mapping(
-    "_SeqGatherReplicated", _seq_all_gather, _seq_chunk,
-    "All-gather along the sequence; backward keep the own chunk (the gathered tensor is used identically "
-    "on every tp rank, so its gradient is already the full one).")
-
-
 class _PendingSeq:
     """A started sequence all-gather or reduce-scatter along dim 1 of a batch-first tensor; ``wait()`` -> result.
 
@@ -242,6 +193,40 @@ def sequence_all_gather(x: torch.Tensor, group) -> torch.Tensor:
 def sequence_reduce_scatter(x: torch.Tensor, group) -> torch.Tensor:
     """[B, S, ...] partial sums -> this rank's chunk [B, S/tp, ...] of their tp-sum (no autograd)."""
     return _PendingSeq.reduce_scatter(x, group, dist.get_backend(group) == "nccl").wait()
+
+
+def _seq_mapping(name: str, forward: Callable, backward: Callable, doc: str) -> type:
+    """An autograd Function applying ``forward(x, group)``, with ``backward(grad, group)`` as its adjoint."""
+
+    class _Mapping(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x, group):
+            ctx.group = group
+            return forward(x, group)
+
+        @staticmethod
+        def backward(ctx, g):
+            return backward(g, ctx.group), None
+
+    _Mapping.__name__ = _Mapping.__qualname__ = name
+    _Mapping.__doc__ = doc
+    return _Mapping
+
+
+_SeqGather = _seq_mapping(
+    "_SeqGather", sequence_all_gather, sequence_reduce_scatter,
+    "All-gather along the sequence; backward reduce-scatter (the gathered tensor feeds tp matmuls whose "
+    "input gradients are per-rank partial sums).")
+_SeqReduceScatter = _seq_mapping(
+    "_SeqReduceScatter", sequence_reduce_scatter, sequence_all_gather,
+    "Reduce-scatter along the sequence (row-parallel output); backward all-gather.")
+_SeqScatter = _seq_mapping(
+    "_SeqScatter", _seq_chunk, sequence_all_gather,
+    "Keep the own sequence chunk of a replicated tensor; backward all-gather.")
+_SeqGatherReplicated = _seq_mapping(
+    "_SeqGatherReplicated", sequence_all_gather, _seq_chunk,
+    "All-gather along the sequence; backward keep the own chunk (the gathered tensor is used identically "
+    "on every tp rank, so its gradient is already the full one).")
 
 
 class _GatheredLinears(torch.autograd.Function):
