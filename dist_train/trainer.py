@@ -335,9 +335,10 @@ def _train(cfg: Config, ctx: DistContext) -> TrainResult:
                 saved = save_state(step + 1, force=True) or saved
                 with lifecycle.busy("checkpoint"):
                     ckpt.wait()  # the process exits next: say "saved" only of a committed checkpoint
-                kept = (f"checkpoint saved after step {step + 1}" if ckpt.last_good() == step_dir_name(step + 1) else
+                good = ckpt.last_good()  # reads every checkpoint's manifest: once
+                kept = (f"checkpoint saved after step {step + 1}" if good == step_dir_name(step + 1) else
                         f"the checkpoint of step {step + 1} failed (see above): a restart resumes from "
-                        f"{ckpt.last_good() or 'scratch'}")
+                        f"{good or 'scratch'}")
                 if stop == "preempted":
                     result.exit_code = EXIT_PREEMPTED
                     log.warning(f"preempted (signal {lifecycle.signalled}): {kept}, exiting with resumable status "
