@@ -47,7 +47,7 @@ from .metrics import HonestPeak, device_peak, format_metrics, peak_memory_bytes
 from .models.gpt import build_gpt
 from .models.swin import build_swin
 from .models.tensor_parallel import TensorParallel
-from .optim import apply_changed_hyperparameters
+from .optim import RESUME_APPLIED, apply_changed_hyperparameters
 from .rankstats import RankStats
 from .runlock import hold_checkpoint_dir, hold_run_dir
 from .spikes import STATE_KEY as SPIKE_STATE_KEY
@@ -158,8 +158,9 @@ def _report_resume_changes(cfg: Config, engine, ckpt, start_step: int, log, is_m
     if is_main and ckpt.config_changes:
         log.warning("resume: " + ", ".join(f"{k} {old!r} -> {new!r}" for k, old, new in ckpt.config_changes)
                     + " (allowed by checkpoint.allow_config_change)")
-    named = {c.split(" ", 1)[0] for c in changed} | {k for k, _, _ in ckpt.config_changes}
-    others = compat.applied_differences(ckpt.saved_config, cfg.to_dict(), named)
+    # the train keys apply_changed_hyperparameters compares are named above whenever they differ (and the
+    # allowed changes are checked keys, which applied_differences leaves out itself)
+    others = compat.applied_differences(ckpt.saved_config, cfg.to_dict(), [f"train.{k}" for k in RESUME_APPLIED])
     if is_main and others:
         log.info("resume: " + ", ".join(f"{k} {old!r} -> {new!r}" for k, old, new in others)
                  + f" (differ from the checkpoint): as configured now from step {start_step + 1} on")
