@@ -53,6 +53,12 @@ from .layout import RankLoad, Stage, load_of
 from .shape import RankShape, Shape, cp_execution, rank_inputs, recompute_scope, ring_piece_tokens
 
 
+def sequence_split(cfg: Config) -> int:
+    """How many ways the residual stream's sequence is split over tp: tp under sequence parallelism, else 1."""
+    p = cfg.parallel
+    return p.tp if (p.sequence_parallel and p.tp > 1) else 1
+
+
 def activation_elems_per_token(cfg: Config, sh: Shape, prof: DeviceProfile, loc: RankShape) -> dict:
     """Stored activation elements per token per layer, in elements of ``loc.bpe`` bytes: {"replicated",
     "gathered", "parallel", "scores", "ulysses", "small", "logsumexp"} ("replicated": ÷tp under sequence parallelism;
@@ -63,7 +69,7 @@ def activation_elems_per_token(cfg: Config, sh: Shape, prof: DeviceProfile, loc:
     (RoPE's cos/sin, the stage output) are :func:`stage_elems_per_token`'s."""
     d = sh.d
     small = lse = gathered = 0.0
-    tp_sp = cfg.parallel.tp if (cfg.parallel.sequence_parallel and cfg.parallel.tp > 1) else 1
+    tp_sp = sequence_split(cfg)
     if sh.kind == "swin":
         # what autograd saves in a WindowBlock (counted with saved_tensors_hooks, tests/test_swin_saved_tensors.py):
         # x and norm1's output, the attention output (proj's input), x after attention and norm2's output — 4d;
@@ -160,8 +166,7 @@ def residual_elems_per_token(cfg: Config, sh: Shape, prof: DeviceProfile, loc: R
     sequence parallelism; fp32 in the eager GPT (fp32 parameters: the embedding output and every residual add
     stay fp32 under autocast), in the compute dtype otherwise (a fused, Transformer-Engine style profile's
     convention, and the swin, whose patch embedding is a matmul)."""
-    p = cfg.parallel
-    d_stream = sh.d / p.tp if (p.sequence_parallel and p.tp > 1) else sh.d
+    d_stream = sh.d / sequence_split(cfg)
     return d_stream * 4 / loc.bpe if gpt_eager(sh, prof) and not module_in_16_bits(cfg, loc) else d_stream
 
 
@@ -239,7 +244,7 @@ def loss_kept_bytes(cfg: Config, sh: Shape, loc: RankShape, prof: Optional[Devic
     if chunk is None:
         return 0.0
     p = cfg.parallel
-    tokens_sp = loc.tokens / (p.tp if (p.sequence_parallel and p.tp > 1) else 1)  # the rank's sequence chunk
+    tokens_sp = loc.tokens / sequence_split(cfg)  # the rank's sequence chunk
     if prof is None or not gpt_eager(sh, prof):
         return tokens_sp * sh.d * bpe + (loc.vocab * sh.d * 4 if bpe < 4 else 0.0)
     grads = bpe if module_in_16_bits(cfg, loc) else 4
