@@ -232,15 +232,13 @@ def _train(cfg: Config, ctx: DistContext) -> TrainResult:
     train_samples, train_digest = training_samples(batcher), training_digest(cfg)
     ckpt = CheckpointManager(cfg.checkpoint, run_dir=run_dir, config=cfg.to_dict(),
                              layout=layout_dict(cfg, ctx.world_size), rank=ctx.rank, world_size=ctx.world_size,
-                             data_digest=train_digest, **engine.checkpoint_kwargs())
+                             data_digest=train_digest, data_samples=train_samples, **engine.checkpoint_kwargs())
     resumed = ckpt.resume(engine.module, engine.optimizer, engine.scheduler)
     start_step = int(resumed["step"]) if resumed else 0
     consumed = int(resumed["consumed_samples"]) if resumed else 0
     # the losses a loss spike is judged against go on from the checkpoint (an older one holds none)
     spikes = LossSpikeGuard(t.spike_factor, t.spike_window, (resumed or {}).get(SPIKE_STATE_KEY, ()))
     if resumed:
-        compat.check_dataset(ckpt.resumed_from, resumed, train_samples, cfg.checkpoint.allow_config_change,
-                             cfg.data.path, ckpt.config_changes, train_digest)
         # every rank continues its own random streams from the saved state (restored by resume)
         log.info(f"resumed from {ckpt.resumed_from} at step {start_step} ({consumed} samples consumed)")
         _report_resume_changes(cfg, engine, ckpt, start_step, log, ctx.is_main)

@@ -227,13 +227,15 @@ class CheckpointManager:
     2-core machine (docs/benchmarks/ckpt.md).
     ``data_digest``: the token digest of the dataset this run trains on (its sidecar's,
     :func:`dist_train.data.datasets.training_digest`); a checkpoint that recorded the same ``train_digest`` takes
-    a changed data.path as the same text under a new name (``compat.config_differences``).
+    a changed data.path as the same text under a new name (``compat.config_differences``). ``data_samples``: the
+    samples per epoch of that dataset (``trainer.training_samples``); with ``data_digest``, ``load`` refuses a
+    dataset re-prepared or replaced under the checkpoint (``compat.check_dataset``) before reading any shard.
     """
 
     def __init__(self, cfg: Any, run_dir: Union[str, os.PathLike], config: Optional[dict] = None,
                  layout: Optional[dict] = None, rank: int = 0, world_size: int = 1,
                  adapter: Optional[StateAdapter] = None, io_threads: int = 2,
-                 data_digest: Optional[str] = None) -> None:
+                 data_digest: Optional[str] = None, data_samples: Optional[int] = None) -> None:
         if cfg.on_error not in ON_ERROR:
             raise ValueError(f"checkpoint.on_error = {cfg.on_error!r}: valid values are {', '.join(ON_ERROR)}")
         if cfg.keep_last < 1:
@@ -245,7 +247,7 @@ class CheckpointManager:
         self.cfg = cfg
         self.root = checkpoint_root(cfg, run_dir)
         self.config = config or {}
-        self.data_digest = data_digest
+        self.data_digest, self.data_samples = data_digest, data_samples
         self.layout = dict(layout or {"world_size": world_size})
         self.layout.setdefault("world_size", world_size)
         self.rank, self.world_size = rank, world_size
@@ -603,6 +605,9 @@ class CheckpointManager:
         self.config_changes = compat.check_config(ckpt, body.get("config"), self.config,
                                                   getattr(self.cfg, "allow_config_change", None) or (),
                                                   consumed_samples(ts), trained_digest(ts), self.data_digest)
+        compat.check_dataset(ckpt, from_json(ts.get("extra") or {}), self.data_samples,
+                             getattr(self.cfg, "allow_config_change", None) or (),
+                             (self.config.get("data") or {}).get("path"), self.config_changes, self.data_digest)
         with_optim = optimizer is not None and "optim" in body["contents"]
         # a checkpoint without optimizer state (e.g. converted from HF) leaves the optimizer untouched —
         # in particular not initialised by get_state_dict's zero-gradient step
