@@ -31,12 +31,6 @@ def _tp(world: int, sp: bool = True) -> TensorParallel:
                                      sequence_parallel=sp)
 
 
-def _gather_seq(x: torch.Tensor, world: int) -> torch.Tensor:
-    parts = [torch.empty_like(x) for _ in range(world)]
-    dist.all_gather(parts, x.contiguous())
-    return torch.cat(parts, dim=1)
-
-
 def _against_plain(rank: int, world: int) -> dict:
     """Forward and every gradient of the Function vs the plain reference on this rank's shard: y_i = x_full @ W_i.T
     + b_i with x_full the gathered chunks; its input gradient is the tp-sum of dL/dx_full, this rank's chunk."""
