@@ -118,3 +118,9 @@ def format_layout(cfg: Config, rows: list[RankLayout]) -> str:
         lines.append(" ".join([f"{r.rank:>{wr}}", *(f"{r.coords[a]:>{wc}}" for a in shown)]) +
                      f"  {st:<8} {_layers_str(r.layers):<{wl}} {emb:>3} {head:>4} {mem_s}")
     return "\n".join(lines)
+
+
+def show_layout(cfg: Config) -> int:
+    """Print the dry run's table for a loaded (validated) config; returns the exit code 0."""
+    print(format_layout(cfg, rank_layout(cfg, on_cuda=cfg.launch.gpus_per_node > 0)))
+    return 0

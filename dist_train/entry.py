@@ -11,9 +11,9 @@ import torch
 import torch.distributed as dist
 
 from .checkpoint.storage import CheckpointError
-from .config import Config, check_world_size, load_config
+from .config import check_world_size, load_config
 from .distributed import env_rank_info, init_distributed
-from .dryrun import format_layout, rank_layout
+from .dryrun import show_layout
 from .lifecycle import EXIT_FAILED, EXIT_USAGE, TrainingDiverged
 from .preflight import PREFLIGHT_ENV, preflight
 from .rank_errors import clear_user_errors, record_user_error, user_errors
@@ -73,9 +73,3 @@ def dry_run(config_path: str, overrides: list[str]) -> int:
     """``launch --dry-run``: validate and print every rank's mesh coordinates, pipeline layers and memory
     estimate (dist_train/dryrun.py, dist_train/cost/) — no process group is created."""
     return show_layout(load_config(config_path, overrides))
-
-
-def show_layout(cfg: Config) -> int:
-    """Print the dry run's table for a loaded (validated) config; returns the exit code 0."""
-    print(format_layout(cfg, rank_layout(cfg, on_cuda=cfg.launch.gpus_per_node > 0)))
-    return 0

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Optional
 
 from dist_train.config import Config, check_world_size, load_config
+from dist_train.dryrun import show_layout
 from dist_train.preflight import PREFLIGHT_ENV, preflight
 from dist_train.runlock import LOCK_ENV, acquire_for_launcher
 from launchers.supervisor import JobSpec, Supervisor
@@ -114,11 +115,9 @@ def _launch_error(cfg: Config, args: argparse.Namespace) -> Optional[str]:
 def launch_main(args: argparse.Namespace) -> int:
     overrides = list(args.set or [])
     if getattr(args, "dry_run", False):
-        from dist_train import entry
-
         cfg = load_config(args.config, overrides)  # once: the rank-count check and the table read the same config
         launch_error = _launch_error(cfg, args)
-        code = entry.show_layout(cfg)
+        code = show_layout(cfg)
         if launch_error:
             print(f"note: the layout is valid, but launching it as given would fail: {launch_error}",
                   file=sys.stderr)
