@@ -23,8 +23,7 @@ from .checkpoint import compat
 from .checkpoint import manifest as mf
 from .checkpoint.foreign import describe_foreign_tree
 from .checkpoint.manager import (checkpoint_root, consumed_samples, newer_checkpoints_message, occupied_message,
-                                 resume_candidates, trained_digest)
-from .checkpoint.state import from_json
+                                 resume_candidates, saved_extra, trained_digest)
 from .checkpoint.storage import CheckpointError
 from .config import Config, ConfigError
 from .cost import memory_model, model_params, rank_inputs
@@ -193,12 +192,12 @@ def check_resume_matches(cfg: Config, ckpt: Path, manifest: dict) -> None:
     """The checkpoint the ranks will resume from (``manifest``: its verified manifest body) was saved with this
     model config and dataset (or the differences are allowed): the trainer's checks (checkpoint/compat.py),
     here before any rank starts."""
-    state, digest = json.loads((ckpt / mf.TRAIN_STATE).read_text()), _train_digest(cfg)
+    extra, digest = saved_extra(json.loads((ckpt / mf.TRAIN_STATE).read_text())), _train_digest(cfg)
     try:
         changes = compat.check_config(ckpt, manifest.get("config"), cfg.to_dict(),
-                                      cfg.checkpoint.allow_config_change, consumed_samples(state),
-                                      trained_digest(state), digest)
-        compat.check_dataset(ckpt, from_json(state.get("extra") or {}), _train_samples(cfg),
+                                      cfg.checkpoint.allow_config_change, consumed_samples(extra),
+                                      trained_digest(extra), digest)
+        compat.check_dataset(ckpt, extra, _train_samples(cfg),
                              cfg.checkpoint.allow_config_change, cfg.data.path, changes, digest)
     except compat.ResumeMismatchError as e:
         raise ConfigError(str(e)) from None

@@ -156,16 +156,21 @@ def occupied_message(root: Path) -> Optional[str]:
             "run.dir or checkpoint.dir, or move them away")
 
 
-def consumed_samples(train_state: dict) -> Optional[int]:
-    """The samples a checkpoint's run had consumed, from its parsed ``train_state.json`` (None: not recorded)."""
-    value = from_json(train_state.get("extra") or {}).get("consumed_samples")
+def saved_extra(train_state: dict) -> dict:
+    """The ``extra`` dict (step, consumed_samples, train_digest, ...) of a checkpoint's parsed ``train_state.json``."""
+    return from_json(train_state.get("extra") or {})
+
+
+def consumed_samples(extra: dict) -> Optional[int]:
+    """The samples a checkpoint's run had consumed, from its ``saved_extra`` (None: not recorded)."""
+    value = extra.get("consumed_samples")
     return int(value) if isinstance(value, int) else None
 
 
-def trained_digest(train_state: dict) -> Optional[str]:
-    """The token digest of the data a checkpoint's run trained on, from its parsed ``train_state.json`` (None: not
-    recorded: other data, or a dataset prepared without one)."""
-    value = from_json(train_state.get("extra") or {}).get("train_digest")
+def trained_digest(extra: dict) -> Optional[str]:
+    """The token digest of the data a checkpoint's run trained on, from its ``saved_extra`` (None: not recorded:
+    other data, or a dataset prepared without one)."""
+    value = extra.get("train_digest")
     return value if isinstance(value, str) else None
 
 
@@ -602,10 +607,11 @@ class CheckpointManager:
         else:
             body = mf.read_manifest(ckpt)
         ts = json.loads((ckpt / mf.TRAIN_STATE).read_text())
+        extra = saved_extra(ts)
         self.config_changes = compat.check_config(ckpt, body.get("config"), self.config,
                                                   getattr(self.cfg, "allow_config_change", None) or (),
-                                                  consumed_samples(ts), trained_digest(ts), self.data_digest)
-        compat.check_dataset(ckpt, from_json(ts.get("extra") or {}), self.data_samples,
+                                                  consumed_samples(extra), trained_digest(extra), self.data_digest)
+        compat.check_dataset(ckpt, extra, self.data_samples,
                              getattr(self.cfg, "allow_config_change", None) or (),
                              (self.config.get("data") or {}).get("path"), self.config_changes, self.data_digest)
         with_optim = optimizer is not None and "optim" in body["contents"]
@@ -652,7 +658,6 @@ class CheckpointManager:
                         ckpt.name, body.get("layout"), self.layout)
         self.resumed_from = ckpt
         self._last_step = body["step"]
-        extra = from_json(ts.get("extra") or {})
         extra.setdefault("step", body["step"])
         extra.setdefault("consumed_samples", 0)
         return extra
