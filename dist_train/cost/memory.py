@@ -88,7 +88,7 @@ def activation_elems_per_token(cfg: Config, sh: Shape, prof: DeviceProfile, loc:
         scores = 0.0 if prof.flash_attention else 2 * loc.heads * sh.span
         rep /= tp_sp
     else:
-        rep, gathered, par, small = gpt_eager_elems(cfg, sh, loc, tp_sp)
+        rep, gathered, par, small = gpt_eager_elems(cfg, sh, loc)
         lse = 4 * loc.heads / loc.bpe
         scores = 0.0 if prof.flash_attention else 2 * loc.heads * sh.span
     # a GPT's attention core keeps q, k, v, its output and the logsumexp, never scores, with any attn_kernel:
@@ -101,7 +101,7 @@ def activation_elems_per_token(cfg: Config, sh: Shape, prof: DeviceProfile, loc:
             "small": small, "logsumexp": lse}
 
 
-def gpt_eager_elems(cfg: Config, sh: Shape, loc: RankShape, tp_sp: int) -> tuple[float, float, float, float]:
+def gpt_eager_elems(cfg: Config, sh: Shape, loc: RankShape) -> tuple[float, float, float, float]:
     """(replicated, gathered, parallel, small) elements of ``loc.bpe`` bytes one eager GPT layer keeps per
     token (``models/gpt.Block``; counted with saved_tensors_hooks in tests/test_gpt_saved_tensors.py).
 
@@ -122,7 +122,7 @@ def gpt_eager_elems(cfg: Config, sh: Shape, loc: RankShape, tp_sp: int) -> tuple
       2kv + 4f;
     * small: the rstd of the 2 norms (fp32, ÷tp under sequence parallelism); the attention's fp32
       logsumexp (heads per token) is the caller's "logsumexp"."""
-    d, f32 = sh.d, 4 / loc.bpe
+    d, f32, tp_sp = sh.d, 4 / loc.bpe, sequence_split(cfg)
     rep = 2 * 2 * d * f32 / tp_sp
     if module_in_16_bits(cfg, loc):
         # DeepSpeed's bf16 module: x is bf16, the norm keeps its fp32 upcast and a bf16 x·rstd; its output, bf16,
