@@ -82,8 +82,8 @@ def _rank_main(job: bytes, rank: int, world_size: int, init_file: str, out: "mp.
         server._forkserver_alive_fd = None
     # a parent gone before this line (the rank read its job, imported __main__ meanwhile) sends no signal
     kill_me_with_parent(parent_pid)
-    # torch only now: this module is imported by parents that never need it (the CLI's bench parser), and a
-    # fresh rank has its thread count in the environment before torch reads it
+    # torch only now: a fresh (spawned) rank has its thread count in the environment before torch reads it (a
+    # forked rank has torch already, from the fork server's PRELOAD)
     import torch
     import torch.distributed as dist
 
