@@ -234,3 +234,53 @@ def test_model_config_refuses_bad_head_dim_and_rope_scaling(model, words, tmp_pa
         tiny_gpt_config(tmp_path, model=model)
     assert words in str(e.value) and "\n" not in str(e.value)
     tiny_gpt_config(tmp_path, model={"d_model": 30, "head_dim": 8})  # head_dim frees d_model from n_heads
+
+
+def _config_without(case: str, key: str, tmp_path) -> tuple[dict, dict]:
+    """(config.json of ``case`` without ``key``, the full config transformers builds when it loads that file)."""
+    _hf_model(case).save_pretrained(tmp_path)
+    path = tmp_path / "config.json"
+    config = json.loads(path.read_text())
+    config.pop(key, None)
+    path.write_text(json.dumps(config))
+    return config, transformers.AutoConfig.from_pretrained(str(tmp_path)).to_dict()
+
+
+def _read(config: dict):
+    try:
+        return hf.model_config_from_hf(config)
+    except ValueError as e:
+        return f"refused: {e}"
+
+
+@pytest.mark.parametrize("case", ["llama", "mistral_window"])
+def test_a_missing_field_is_read_as_transformers_reads_it(case, tmp_path):
+    """config.json may omit any field (hand-written, or trimmed): transformers then uses its class default (a
+    Mistral without sliding_window has a 4096-key window, not none), so the import must build the model of the
+    config transformers loads, field by field."""
+    fields = [k for k in json.loads(_hf_model(case).config.to_json_string()) if k not in
+              ("model_type", "architectures", "transformers_version")]
+    for i, key in enumerate(fields):
+        trimmed, theirs = _config_without(case, key, tmp_path / str(i))
+        assert _read(trimmed) == _read(theirs), key
+
+
+@pytest.mark.parametrize("case,change,words", [
+    ("llama", {"sliding_window": 6}, "model_type llama: LlamaForCausalLM does not apply it"),
+    ("mistral_window", {"use_sliding_window": False}, "MistralForCausalLM does not read use_sliding_window"),
+])
+def test_a_window_field_transformers_does_not_apply_is_refused(case, change, words, tmp_path):
+    """transformers computes LlamaForCausalLM without a window whatever config.json's sliding_window says, and
+    MistralForCausalLM with its window whatever use_sliding_window says: importing either as written would train
+    another model than the one the file holds (measured: logits differ by ~5 on 40 tokens)."""
+    src = _hf_model(case)
+    src.save_pretrained(tmp_path / "src")
+    path = tmp_path / "src" / "config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), **change}))
+    theirs = _load_hf(tmp_path / "src")  # what transformers computes from that file: the saved model, unchanged
+    tokens = _tokens()
+    assert (_hf_logits(theirs, tokens) - _hf_logits(src, tokens)).abs().max().item() == 0
+    with pytest.raises(ValueError) as info:
+        hf.from_hf(tmp_path / "src", tmp_path / "out")
+    assert words in str(info.value) and "\n" not in str(info.value), info.value
+    assert not (tmp_path / "out").exists()

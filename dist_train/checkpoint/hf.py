@@ -65,7 +65,8 @@ MAPPED = {
     "initializer_range": "init_std",
     "rope_parameters": "rope_theta + rope_scaling (transformers >= 5)",
     "rope_theta": "rope_theta (transformers < 5)", "rope_scaling": "rope_scaling (transformers < 5)",
-    "sliding_window": "attention_window = sliding_window - 1", "use_sliding_window": "attention_window (off: null)",
+    "sliding_window": "attention_window = sliding_window - 1 (mistral; llama: must be null)",
+    "use_sliding_window": "checked: not read by transformers' Llama/Mistral (false beside a window is refused)",
     "model_type": "llama or mistral (checked)", "architectures": "LlamaForCausalLM or MistralForCausalLM (checked)",
 }
 # field -> the values dist-train computes, the first is what export writes (a missing field has HF's default,
@@ -89,6 +90,18 @@ IGNORED = {
     "problem_type": "sequence-classification heads only",
     "chunk_size_feed_forward": "evaluates the FFN in chunks: the same function",
     "pretraining_tp": "splits the matmuls in slices (transformers < 5): the same function",
+}
+
+
+#: transformers' class defaults of the fields the import reads: config.json may omit any field, and transformers
+#: then builds the model with its default (a Mistral without sliding_window has a 4096-key window), so the import
+#: reads a missing field the same way (tests/test_hf_interop.py checks each against a load by transformers)
+_SHARED_DEFAULTS = {"vocab_size": 32000, "hidden_size": 4096, "num_hidden_layers": 32, "num_attention_heads": 32,
+                    "num_key_value_heads": None, "head_dim": None, "rms_norm_eps": 1e-6,
+                    "tie_word_embeddings": False, "initializer_range": 0.02, "sliding_window": None}
+HF_DEFAULTS = {
+    "llama": {**_SHARED_DEFAULTS, "intermediate_size": 11008},
+    "mistral": {**_SHARED_DEFAULTS, "intermediate_size": 14336, "num_key_value_heads": 8, "sliding_window": 4096},
 }
 
 
@@ -284,6 +297,21 @@ def _rope_from_hf(hf: dict) -> tuple[float, Optional[dict]]:
     return theta, {k: scaling[k] for k in LLAMA3_ROPE_KEYS}
 
 
+def check_window_fields(hf: dict, model_type: str) -> None:
+    """ValueError (one line) for a window field the architecture's transformers model does not apply: the file
+    would say one model and transformers compute another (LlamaForCausalLM attends to every earlier key whatever
+    ``sliding_window`` says; MistralForCausalLM applies ``sliding_window`` whatever ``use_sliding_window`` says)."""
+    window = hf.get("sliding_window", HF_DEFAULTS[model_type]["sliding_window"])
+    if model_type == "llama" and window is not None:
+        raise ValueError(f"config.json sliding_window = {window!r} with model_type llama: LlamaForCausalLM does not "
+                         "apply it (transformers attends to every earlier key), so the file names two models; remove "
+                         "it, or set model_type mistral (MistralForCausalLM) for a windowed model")
+    if model_type == "mistral" and hf.get("use_sliding_window") is False and window is not None:
+        raise ValueError(f"config.json use_sliding_window = false: MistralForCausalLM does not read use_sliding_window "
+                         f"(transformers applies sliding_window = {window}); remove it, or set sliding_window null for "
+                         "full causal attention")
+
+
 def model_config_from_hf(hf: dict) -> ModelConfig:
     """The dist-train ModelConfig of an HF Llama/Mistral config.json; ValueError (one line) for any field
     that would otherwise be dropped or change the model."""
@@ -302,19 +330,19 @@ def model_config_from_hf(hf: dict) -> ModelConfig:
         if key in hf and hf[key] not in values:
             raise ValueError(f"config.json {key} = {hf[key]!r}: dist-train's GPT only computes {key} = "
                              f"{' or '.join(map(repr, values))}")
+    check_window_fields(hf, model_type)
+    hf = {**HF_DEFAULTS[model_type], **hf}
     theta, scaling = _rope_from_hf(hf)
-    window = hf.get("sliding_window")
-    if hf.get("use_sliding_window") is False:
-        window = None
+    window = hf["sliding_window"]
     if window is not None and (isinstance(window, bool) or not isinstance(window, int) or window < 1):
         raise ValueError(f"config.json sliding_window = {window!r}: expected null or a positive number of keys")
     heads, d = hf["num_attention_heads"], hf["hidden_size"]
-    head_dim = hf.get("head_dim") or d // heads
+    head_dim = hf["head_dim"] or d // heads
     m = ModelConfig(kind="gpt", d_model=d, n_layers=hf["num_hidden_layers"], n_heads=heads,
-                    n_kv_heads=hf.get("num_key_value_heads") or heads, ffn_hidden=hf["intermediate_size"],
+                    n_kv_heads=hf["num_key_value_heads"] or heads, ffn_hidden=hf["intermediate_size"],
                     vocab_size=hf["vocab_size"], rope_theta=theta, rope_scaling=scaling,
-                    norm_eps=float(hf.get("rms_norm_eps", 1e-6)), tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
-                    init_std=float(hf.get("initializer_range", 0.02)),
+                    norm_eps=float(hf["rms_norm_eps"]), tie_embeddings=bool(hf["tie_word_embeddings"]),
+                    init_std=float(hf["initializer_range"]),
                     attention_window=None if window is None else window - 1,
                     head_dim=None if head_dim * heads == d else head_dim)
     if heads % m.n_kv_heads or head_dim % 2:
