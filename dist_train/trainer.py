@@ -249,7 +249,8 @@ def _train(cfg: Config, ctx: DistContext) -> TrainResult:
                           collective_timeout_s=cfg.launch.collective_timeout_s)
 
     def save_state(step_done: int, force: bool) -> bool:
-        """Save (``force``) or save when checkpoint.every says so; True when a checkpoint was written."""
+        """Save (``force``) or save when checkpoint.every says so; True when a checkpoint was committed (or, async,
+        handed to the writer), as ``CheckpointManager.save`` says."""
         state = {"step": step_done, "consumed_samples": consumed, SPIKE_STATE_KEY: spikes.state()}
         if train_samples is not None:  # the dataset's identity for compat.check_dataset at the next resume
             state["train_samples"] = train_samples
@@ -395,6 +396,7 @@ def _train(cfg: Config, ctx: DistContext) -> TrainResult:
         "flop_convention": FLOP_CONVENTION, "device_peak_tflops": honest.peak.tflops,
         "device_peak_source": honest.peak.source, "mfu_peak_warning": honest.warning,
         "peak_mem_bytes": peak_memory_bytes(ctx.device),
+        "checkpoint_failed_saves": ckpt.failed_saves,
     }
     if not ctx.is_main:
         log.info(f"rank {ctx.rank} done: {len(result.losses)} steps from step {start_step}, exit code "
@@ -409,4 +411,7 @@ def _train(cfg: Config, ctx: DistContext) -> TrainResult:
         if s["first_loss"] is not None:
             log.info(f"done: loss {s['first_loss']:.4f} -> {s['final_loss']:.4f} in {len(result.losses)} steps | "
                      f"median {med:.3f} s/step | summary {run_dir / 'summary.json'}")
+    if ctx.is_main and ckpt.failed_saves:  # on_error=continue trained on: the run looks finished, its saves are not
+        log.warning(f"{ckpt.failed_saves} checkpoint save(s) failed (checkpoint.on_error = continue): a restart "
+                    f"resumes from {ckpt.last_good() or 'scratch'}")
     return result

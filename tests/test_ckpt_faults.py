@@ -3,6 +3,7 @@ file, failing disks and pruning (one process, no process group)."""
 from __future__ import annotations
 
 import errno
+import json
 import logging
 import zlib
 from pathlib import Path
@@ -175,7 +176,7 @@ def test_disk_full_keeps_last_good_checkpoint(tmp_path, monkeypatch, caplog, whe
 
     cont = _mgr(root, on_error="continue")
     with caplog.at_level(logging.WARNING, logger="dist_train.checkpoint"):
-        assert cont.save(3, model, opt, sched) is True
+        assert cont.save(3, model, opt, sched) is False  # nothing was committed: no caller may count it
     assert cont.failed_saves == 1
     assert [r for r in caplog.records if "No space left" in r.getMessage() and "continuing" in r.getMessage()]
 
@@ -231,3 +232,23 @@ def test_a_failed_stop_checkpoint_is_not_reported_as_saved(tmp_path, monkeypatch
     assert "checkpoint saved" not in text, text
     assert "exit_interval 2: the checkpoint of step 2 failed (see above): a restart resumes from scratch" in text
     assert not complete_checkpoints(tmp_path / "run" / "checkpoints")
+
+
+@pytest.mark.parametrize("async_save", [False, True])
+def test_failed_saves_under_continue_are_not_recorded_as_saves_and_the_run_says_how_many(tmp_path, monkeypatch,
+                                                                                          capsys, async_save):
+    """on_error=continue keeps training through failed saves: the step's metrics record must not carry a save time
+    for a synchronous save that committed nothing, and the end of the run (its last line, summary.json) says how
+    many saves failed and which checkpoint a restart would take (a run whose every save failed looks finished)."""
+    monkeypatch.setattr(storage._ChecksumStream, "write", _disk_full)
+    run = tmp_path / "run"
+    cfg = tiny_gpt_config(run, steps=4, checkpoint={"on_error": "continue", "every": 2, "async_save": async_save})
+    res = train(cfg)
+    assert res.exit_code == 0 and not complete_checkpoints(run / "checkpoints")
+    recs = {r["step"]: r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())}
+    if not async_save:  # async: the stall of handing the state to the writer did happen; it fails later
+        assert "checkpoint_save_s" not in recs[2] and "checkpoint_save_s" not in recs[4], recs
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["checkpoint_failed_saves"] == 2, summary
+    out = capsys.readouterr().out
+    assert "2 checkpoint save(s) failed (checkpoint.on_error = continue): a restart resumes from scratch" in out, out

@@ -282,14 +282,17 @@ class CheckpointManager:
         return self.cfg.every > 0 and step % self.cfg.every == 0
 
     def maybe_save(self, step: int, model, optimizer=None, scheduler=None, extra: Optional[dict] = None) -> bool:
-        """Save when ``every > 0`` and ``step % every == 0``; True when a save started."""
+        """Save when ``every > 0`` and ``step % every == 0``; returns what ``save`` returns (False: no save)."""
         if self.due(step):
             return self.save(step, model, optimizer, scheduler, extra)
         return False
 
     def save(self, step: int, model, optimizer=None, scheduler=None, extra: Optional[dict] = None) -> bool:
-        """Save unconditionally (False when this step was already saved by this manager). With
-        ``async_save`` this blocks only to wait for a previous save and to copy the state to host memory."""
+        """Save unconditionally. With ``async_save`` this blocks only to wait for a previous save and to copy the
+        state to host memory. True when this call committed the checkpoint (synchronous) or handed it to the writer
+        thread (``async_save``: whether that one commits is known at ``wait``/``close``, per ``on_error``); False
+        when nothing was saved: this step was already saved by this manager, the state was not finite, or the
+        synchronous save failed under ``on_error = continue`` (counted in ``failed_saves``)."""
         self.wait()
         if step == self._last_step:
             return False
@@ -312,6 +315,7 @@ class CheckpointManager:
                 self._write(payload)
             except (Exception, CheckpointException) as e:  # noqa: BLE001 - classified by on_error
                 self._failed(step, e)
+                return False
         self.last_stall_s = time.perf_counter() - t0
         return True
 
