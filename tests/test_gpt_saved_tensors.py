@@ -168,8 +168,8 @@ def test_gpt_attention_keeps_no_scores_with_any_kernel(attention):
 @pytest.mark.parametrize("checkpointing", ["none", "selective", "full"])
 def test_gpt_bf16_autocast_keeps_fp32_norms_bf16_casts_and_weight_copies(checkpointing):
     """train.precision bf16 (torch.autocast on CPU, fp32 parameters): the residual stream, x and x·rstd of each
-    norm, rstd, the logsumexp and cos/sin stay fp32; each of the 5 linears after a norm keeps its own bf16 cast of
-    the norm output; matmul outputs are bf16; each linear keeps autocast's bf16 copy of its weight (cached for
+    norm, rstd, the logsumexp and cos/sin stay fp32; each norm's output is cast to bf16 once and its linears keep
+    that one cast (each of the 5 linears kept its own before: models/autocast_input.py); matmul outputs are bf16; each linear keeps autocast's bf16 copy of its weight (cached for
     the region: under full checkpointing nothing saves them but the cache holds them to the forward's end); and
     under selective checkpointing the core's inputs q and k are RoPE's fp32 outputs."""
     cfg = _config(*SHAPES[0], activation_checkpointing=checkpointing, precision="bf16")

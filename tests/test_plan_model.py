@@ -134,10 +134,10 @@ def test_memory_pipeline_ranks_tp_padding_and_precision(cpu):
     bf16 = predict(cfg(**{"train.precision": "bf16"}), cpu).memory
     base = predict(cfg(), cpu).memory
     assert bf16["weights"] == base["weights"] / 2 and bf16["optimizer"] == base["optimizer"] * 12 / 8
-    # autocast: the residual stream, the norms' insides, rstd, logsumexp and cos/sin stay fp32; each of the 5
-    # linears after a norm keeps its own bf16 copy of the norm output; matmul outputs are bf16 — bytes per token
-    # per layer 2·2·64·4 + 5·64·2 + (2·64 + 2·32 + 4·128)·2 + 2·4 + 4·4, per micro-batch 64·4 + 2·16·4 / 2
-    layer_bytes = 1024 + 640 + 1408 + 8 + 16
+    # autocast: the residual stream, the norms' insides, rstd, logsumexp and cos/sin stay fp32; each norm's output
+    # is cast to bf16 once, shared by its linears; matmul outputs are bf16 — bytes per token
+    # per layer 2·2·64·4 + 2·64·2 + (2·64 + 2·32 + 4·128)·2 + 2·4 + 4·4, per micro-batch 64·4 + 2·16·4 / 2
+    layer_bytes = 1024 + 256 + 1408 + 8 + 16
     weight_copies = 2 * 36864 * 2   # autocast's bf16 copy of each layer matmul weight, kept for its backward
     assert bf16["activations"] == (2 * layer_bytes + 256 + 64) * 128 + weight_copies
 

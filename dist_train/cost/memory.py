@@ -113,10 +113,10 @@ def gpt_eager_elems(cfg: Config, sh: Shape, loc: RankShape) -> tuple[float, floa
       gradient reads it), fp32 — 2 norms × 2d;
     * gathered: the norm output as the linears keep it — under sequence parallelism only this rank's [S/tp, d]
       chunk, which ``TensorParallel.gathered_linears`` all-gathers again in backward (Megatron-LM's rule; the
-      all-gathered [S, d] was kept before), so ÷tp. One tensor per norm, shared by its linears, in fp32
-      training; under autocast each torch linear keeps its own 16-bit cast (wq, wk, wv: 3; w1, w3: 2), while
-      Megatron's tp linears and the sequence-parallel Function keep their fp32 input, one per norm (the 16-bit
-      casts happen inside their autograd Function);
+      all-gathered [S, d] was kept before), so ÷tp. One tensor per norm, shared by its linears, in the compute
+      dtype: under autocast the norm output is cast once before its linears (``models/autocast_input.py``; each
+      torch linear kept its own 16-bit cast before, and Megatron's tp linears and the sequence-parallel
+      Function their fp32 input);
     * parallel (÷tp): RoPE keeps only cos/sin (no q/k copies); the attention keeps q, k, v and its output
       (wo's input is a view of it); SwiGLU keeps w1's and w3's outputs, silu's output and the product — 2q +
       2kv + 4f;
@@ -128,11 +128,7 @@ def gpt_eager_elems(cfg: Config, sh: Shape, loc: RankShape) -> tuple[float, floa
         # DeepSpeed's bf16 module: x is bf16, the norm keeps its fp32 upcast and a bf16 x·rstd; its output, bf16,
         # is shared by the linears (no autocast)
         rep = 2 * (d * f32 + d) / tp_sp
-        gathered = 2 * d
-    elif loc.bpe >= 4:
-        gathered = 2 * d
-    else:
-        gathered = (3 + 2) * d if cfg.parallel.tp == 1 else 2 * d * f32
+    gathered = 2 * d
     par = 2 * loc.q + 2 * loc.kv + 4 * loc.f
     small = 2 * 4 / tp_sp / loc.bpe
     return rep, gathered / tp_sp, par, small

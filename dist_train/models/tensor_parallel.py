@@ -44,6 +44,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..megatron_import import import_megatron_core
+from .autocast_input import autocast_dtype_of, autocast_inputs
 
 # torch >= 2.13 names the dim-0 reduce-scatter reduce_scatter_single (reduce_scatter_tensor warns there)
 _reduce_scatter_dim0 = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
@@ -240,7 +241,10 @@ class _GatheredLinears(torch.autograd.Function):
     to this rank's chunk while the weight gradients ``dY_i^T @ x`` (and bias ``Σ dY_i``) are computed. 16-bit:
     autocast's state of the forward is restored in backward (``torch.amp.custom_bwd``'s rule, on x's device —
     Megatron's ``custom_bwd`` is CUDA's only), so the same 16-bit matmuls run; weight gradients reach ``.grad``
-    through autograd as with Megatron's layers (cast to the parameter's dtype)."""
+    through autograd as with Megatron's layers (cast to the parameter's dtype). Under autocast the chunk is cast
+    to the autocast dtype once, before it is kept and gathered (:func:`~.autocast_input.autocast_dtype_of`): the
+    kept chunk and the all-gathers are 16-bit, as in Megatron-LM, whose norms output 16 bits; the input gradient
+    stays in x's dtype."""
 
     @staticmethod
     def forward(ctx, x_local, group, fused, n_layers, *weights_and_biases):
@@ -248,6 +252,12 @@ class _GatheredLinears(torch.autograd.Function):
         device = x_local.device.type
         ctx.autocast = (device, torch.is_autocast_enabled(device), torch.get_autocast_dtype(device))
         ctx.group, ctx.fused, ctx.biases = group, fused, [b is not None for b in biases]
+        ctx.x_dtype = x_local.dtype
+        cast = autocast_dtype_of(x_local)
+        if cast is not None:
+            # under autocast the matmuls would cast the gathered input to 16 bits anyway: cast the chunk first, so
+            # the kept chunk and both all-gathers are 16-bit (the same values reach the matmuls)
+            x_local = x_local.to(cast)
         ctx.save_for_backward(x_local, *weights)
         x = _PendingSeq.all_gather(x_local, group, fused).wait()
         outs = []
@@ -266,7 +276,7 @@ class _GatheredLinears(torch.autograd.Function):
             gathering = _PendingSeq.all_gather(x_local, ctx.group, ctx.fused) if any(need_w) else None
             scattering = None
             if need_x:
-                grad_x = sum(g.matmul(w).to(x_local.dtype) for g, w in zip(grads, weights))
+                grad_x = sum(g.matmul(w).to(ctx.x_dtype) for g, w in zip(grads, weights))
                 scattering = _PendingSeq.reduce_scatter(grad_x, ctx.group, ctx.fused)
             flat = [g.reshape(-1, g.shape[-1]) for g in grads]
             grad_w: list = [None] * n
@@ -285,7 +295,8 @@ def column_outputs(tp: Optional["TensorParallel"], x: torch.Tensor, layers: Sequ
     :meth:`TensorParallel.gathered_linears` (only the local chunk kept); otherwise each layer on ``x`` (tp = 1:
     ``nn.Linear``; tp without SP: Megatron's layers, which all-reduce their input gradient)."""
     if tp is None or not tp.sequence_parallel:
-        return [layer(x) for layer in layers]
+        # under autocast one 16-bit cast of x, shared (and kept once) by the layers instead of one per layer
+        return [layer(xi) for layer, xi in zip(layers, autocast_inputs(x, len(layers)))]
     return tp.gathered_linears(x, layers)
 
 
