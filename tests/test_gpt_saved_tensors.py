@@ -24,9 +24,6 @@ import copy
 import pytest
 import torch
 
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_leaves
-
 from dist_train.bench.attention import peak_tensor_bytes
 from dist_train.config import config_from_dict
 from dist_train.cost.memory import activation_elems_per_token, autocast_weight_bytes, loss_kept_bytes, memory_model
@@ -35,7 +32,7 @@ from dist_train.mesh import build_mesh
 from dist_train.models.gpt import build_gpt
 from dist_train.plan.profiles import builtin_profiles
 from tests.dist_harness import run_ranks
-from tests.saved_tensors import kept_storages, parameter_storages
+from tests.saved_tensors import LiveStorages, kept_storages, parameter_storages
 
 # (d_model, heads, kv heads, ffn, seq_len): grouped-query and multi-head
 SHAPES = [(64, 4, 2, 128, 64), (48, 3, 3, 80, 32)]
@@ -51,43 +48,6 @@ def _config(d, heads, kv, ffn, seq, activation_checkpointing: str = "none", micr
         "train": {"global_batch": micro_batch * parallel.get("dp", 1), "micro_batch": micro_batch,
                   "precision": precision,
                   "activation_checkpointing": activation_checkpointing}})
-
-
-class _Created(TorchDispatchMode):
-    """Every storage an op returns, with a weak reference to tell whether it lives and whether a collective touched
-    it (gloo's worker may still hold a finished collective's buffers for a moment: they are transient unless
-    autograd saved them). An address is a new storage once the one recorded there has died."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.made: dict[int, list] = {}   # address -> [weak ref, bytes, touched by a collective]
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func.namespace == "c10d":
-            for t in tree_leaves((args, kwargs)):
-                if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() in self.made:
-                    self.made[t.untyped_storage().data_ptr()][2] = True
-        out = func(*args, **(kwargs or {}))
-        for t in tree_leaves(out):
-            if isinstance(t, torch.Tensor):
-                storage = t.untyped_storage()
-                old = self.made.get(storage.data_ptr())
-                if old is not None and not torch.UntypedStorage._expired(old[0]):
-                    continue  # the same storage (a view or an in-place result)
-                if old is not None:
-                    torch.UntypedStorage._free_weak_ref(old[0])
-                self.made[storage.data_ptr()] = [storage._weak_ref(), storage.nbytes(), False]
-        return out
-
-    def live_bytes(self, leave_out: set, saved: set) -> int:
-        """Bytes of the recorded storages alive now, but those at ``leave_out`` and the unsaved ones a collective
-        touched."""
-        live = sum(n for ptr, (ref, n, communicated) in self.made.items()
-                   if ptr not in leave_out and not (communicated and ptr not in saved)
-                   and not torch.UntypedStorage._expired(ref))
-        for ref, _, _ in self.made.values():
-            torch.UntypedStorage._free_weak_ref(ref)
-        return live
 
 
 def counted_bytes(cfg, world: int = 1, micro_batches: int = 1, live: bool = False, model=None) -> float:
@@ -114,7 +74,7 @@ def counted_bytes(cfg, world: int = 1, micro_batches: int = 1, live: bool = Fals
     with autocast:  # a first forward builds what is cached per process (cp plans, sub-groups), not per step
         model.run_layers(torch.randn(cfg.train.micro_batch, s_stream, cfg.model.d_model, dtype=dtype,
                                      requires_grad=True), positions)
-    created = _Created()
+    created = LiveStorages()
     with kept_storages(params) as kept, autocast:
         with created if live else contextlib.nullcontext():
             xs = [torch.randn(cfg.train.micro_batch, s_stream, cfg.model.d_model, generator=gen,
@@ -273,7 +233,7 @@ def test_gpt_forward_end_is_activations_and_what_the_loss_keeps(precision):
     batch = {"tokens": tokens, "labels": torch.roll(tokens, -1, 1), "positions": torch.arange(64)}
     batch_storages = {t.untyped_storage().data_ptr() for t in batch.values()}
     autocast = torch.autocast("cpu", dtype=torch.bfloat16) if precision == "bf16" else contextlib.nullcontext()
-    created = _Created()
+    created = LiveStorages()
     with autocast:
         with created:
             loss, count = model(batch)
@@ -298,7 +258,7 @@ def _sp_loss_ends(rank: int, world: int) -> list:
         x = torch.randn(2, seq // world, cfg.model.d_model, generator=gen).requires_grad_()
         labels = torch.randint(0, cfg.model.vocab_size, (2, seq), generator=torch.Generator().manual_seed(0))
         autocast = torch.autocast("cpu", dtype=torch.bfloat16) if precision == "bf16" else contextlib.nullcontext()
-        created = _Created()
+        created = LiveStorages()
         with kept_storages(params) as kept, autocast:  # saved tensors count even when a collective read them
             with created:
                 loss, count = model.loss(x, labels)

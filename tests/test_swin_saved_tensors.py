@@ -7,33 +7,43 @@ multiplies by the rank's tokens and layers): equal, once the one per-tile consta
 position index, N×N int64 per block, which does not grow with the tile). Under full checkpointing a block keeps
 its input only (d per token), as the model says. Shapes: square and non-square windows, cp 1 in one process and
 cp 2 (Ulysses inside windows) on two gloo ranks.
+
+16-bit training is counted live as well (``saved_tensors.LiveStorages``: every storage the forward's ops created
+that is alive at its end, inside the autocast region), because autocast caches its bf16 copies of the weights and
+biases for the region whether or not autograd saves them: CPU bf16 autocast, DeepSpeed's bf16 module, and on two
+gloo ranks tp 2, wp 1×2 and cp 2 (fp32 and bf16, no and full checkpointing) — the whole rank's blocks against
+``memory_model``'s activations.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 
 import pytest
 import torch
+import torch.distributed as dist
 
 from dist_train.config import config_from_dict
 from dist_train.bench.attention import peak_tensor_bytes
-from dist_train.cost.memory import activation_elems_per_token, memory_model
+from dist_train.cost.memory import activation_elems_per_token, autocast_weight_bytes, memory_model
 from dist_train.cost.shape import rank_inputs
 from dist_train.models.swin import build_swin
+from dist_train.models.tensor_parallel import TensorParallel
 from dist_train.plan.profiles import builtin_profiles
 from tests.dist_harness import run_ranks
-from tests.saved_tensors import kept_storages, parameter_storages
+from tests.saved_tensors import LiveStorages, kept_storages, parameter_storages
 
 # (d_model, heads, ffn, window, image): no padding (a padded tile's plain blocks hold a key mask too)
 SHAPES = [(32, 4, 64, 8, (32, 32)), (24, 2, 40, [4, 6], (16, 24))]
 
 
-def _config(d, heads, ffn, window, image, activation_checkpointing: str = "none", **parallel):
+def _config(d, heads, ffn, window, image, activation_checkpointing: str = "none", precision: str = "fp32",
+            micro_batch: int = 1, **parallel):
     return config_from_dict({
         "model": {"kind": "swin", "d_model": d, "n_layers": 2, "n_heads": heads, "ffn_hidden": ffn, "window": window,
                   "in_channels": 3, "out_channels": 3, "wrap": [False, True]},
         "data": {"source": "weather", "image": list(image)}, "parallel": copy.deepcopy(parallel),
-        "train": {"global_batch": 1, "micro_batch": 1, "precision": "fp32",
+        "train": {"global_batch": micro_batch, "micro_batch": micro_batch, "precision": precision,
                   "activation_checkpointing": activation_checkpointing}})
 
 
@@ -83,8 +93,6 @@ def test_swin_activation_model_is_the_saved_tensors(shape):
 
 
 def _cp_counts(rank: int, world: int, shapes) -> list:
-    import torch.distributed as dist
-
     out = []
     for shape in shapes:
         cfg = _config(*shape, cp=world)
@@ -127,3 +135,120 @@ def test_swin_training_step_peak_is_the_memory_model(checkpointing):
     sh, loc = rank_inputs(cfg, prof)
     mem = memory_model(cfg, sh, prof, loc)
     assert (mem["activations"] + mem["logits"] + mem["workspace"]) / peak == pytest.approx(1, abs=0.05), mem
+
+
+def counted_block_bytes(cfg, *, wp_group=None, cp_group=None, tp=None, live: bool = False,
+                        micro_batches: int = 1) -> float:
+    """Bytes the forward of this rank's blocks keeps plus the outputs it hands on, ``micro_batches`` forwards of
+    this rank's tokens (the patch embedding's output, in the dtype training gives it); in bf16 all of them in one
+    torch.autocast region (the pipeline engine's; the DDP engine's holds one micro-batch) — or, with a ZeRO stage,
+    through the module cast to bf16 without autocast (DeepSpeed's bf16 mode). Counted: the storages autograd saves
+    (``saved_tensors_hooks``, each once); ``live``: every storage the forward's ops created that is alive at its
+    end, inside the region — what it saves, what autocast caches (its bf16 copies of the weights and biases), the
+    outputs. Left out as the per-tile constants they are: the tile's masks (region labels, padding), built once per
+    image and shared by the blocks, and the relative position index (one per window shape, cached)."""
+    p = cfg.parallel
+    model = build_swin(cfg.model, wp_group=wp_group, grid=cfg.wp_grid, cp_group=cp_group, tp=tp, init_seed=3,
+                       activation_checkpointing=cfg.train.activation_checkpointing).train()
+    module16 = cfg.train.precision == "bf16" and p.zero_stage is not None
+    if module16:
+        model.to(torch.bfloat16)
+    autocast = (torch.autocast("cpu", dtype=torch.bfloat16) if cfg.train.precision == "bf16" and not module16
+                else contextlib.nullcontext())
+    params = parameter_storages(model)
+    image = tuple(cfg.data.image)
+    rows, cols = model.tile_slices(image)
+    ctx = model.tile_context(image)
+    x = torch.randn(1, *image, cfg.model.in_channels, generator=torch.Generator().manual_seed(0))[:, rows, cols]
+    with torch.no_grad(), autocast:
+        t0 = model.embed_pixels(x.to(next(model.parameters()).dtype), ctx)
+    with autocast:  # a first forward builds the tile's masks (cached per image), as training's first step does
+        model.run_blocks(t0.clone().requires_grad_(), ctx, model.held_blocks)
+    created = LiveStorages()
+    with kept_storages(params) as kept, autocast:
+        with created if live else contextlib.nullcontext():
+            ts = [t0.clone().requires_grad_() for _ in range(micro_batches)]
+            outs = [model.run_blocks(t, ctx, model.held_blocks) for t in ts]
+        if live:
+            inputs = {t.untyped_storage().data_ptr() for t in ts}
+            masks = {m.untyped_storage().data_ptr() for block in model.blocks.values()
+                     for m in ctx.masks(block.shift) if m is not None}
+            return created.live_bytes(params | masks | (inputs - set(kept)), set(kept))
+    return sum(kept.values()) + sum(out.untyped_storage().nbytes() for out in outs)
+
+
+def predicted_block_bytes(cfg, micro_batches: int = 1) -> float:
+    """The memory model's activations of ``cfg``'s rank, less under full checkpointing the one block it holds while
+    recomputing it in backward."""
+    prof = builtin_profiles()["cpu"]
+    sh, loc = rank_inputs(cfg, prof)
+    acts = memory_model(cfg, sh, prof, loc)["activations"]
+    if cfg.train.activation_checkpointing == "none":
+        return acts
+    return acts - sum(activation_elems_per_token(cfg, sh, prof, loc).values()) * loc.tokens * loc.bpe
+
+
+@pytest.mark.parametrize("checkpointing", ["none", "selective", "full"])
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"d{s[0]}h{s[1]}f{s[2]}w{s[3]}")
+def test_swin_bf16_autocast_keeps_copies_of_the_weights_and_biases(shape, checkpointing):
+    """train.precision bf16 (torch.autocast on CPU, fp32 parameters): the blocks keep what they keep in fp32 at 2
+    bytes (the patch embedding's output, hence the residual stream, is bf16; LayerNorm's statistics stay fp32),
+    plus autocast's bf16 copy of every weight and bias of the four linears, cached for the region (the linears
+    save the weights' copies; the biases' only the cache holds, and under checkpointing all of them) — 33,664 B
+    for d 32, f 64, 2 blocks. The model had no copies for a swin (it counted the GPT's only)."""
+    cfg = _config(*shape, activation_checkpointing=checkpointing, precision="bf16")
+    assert counted_block_bytes(cfg, live=True) == pytest.approx(predicted_block_bytes(cfg), rel=1e-12)
+    if shape == SHAPES[0]:
+        sh, loc = rank_inputs(cfg, builtin_profiles()["cpu"])
+        assert autocast_weight_bytes(cfg, sh, loc, loc.loads[0]) == 2 * (4 * 32 * 32 + 2 * 32 * 64 + 5 * 32 + 64) * 2
+
+
+def test_swin_autocast_copies_are_one_per_region_not_per_micro_batch():
+    """Two micro-batches in one autocast region (the pipeline engine's whole schedule) share one copy of each
+    weight and bias; everything else doubles."""
+    cfg = _config(*SHAPES[0], precision="bf16")
+    sh, loc = rank_inputs(cfg, builtin_profiles()["cpu"])
+    copies = autocast_weight_bytes(cfg, sh, loc, loc.loads[0])
+    assert counted_block_bytes(cfg, live=True, micro_batches=2) == pytest.approx(
+        2 * (predicted_block_bytes(cfg) - copies) + copies, rel=1e-12)
+
+
+@pytest.mark.parametrize("checkpointing", ["none", "full"])
+def test_swin_bf16_module_of_deepspeed_keeps_no_copies(checkpointing):
+    """ZeRO (DeepSpeed) in bf16 casts the parameters and runs no autocast: no copies, and on CPU LayerNorm keeps
+    its statistics in bf16 (its kernel keeps them in the input's dtype unless the weight's differs; CUDA's keeps
+    fp32) — 8 B per token and block less than under autocast."""
+    cfg = _config(*SHAPES[0], activation_checkpointing=checkpointing, precision="bf16", zero_stage=1)
+    assert counted_block_bytes(cfg, live=True) == pytest.approx(predicted_block_bytes(cfg), rel=1e-12)
+
+
+# (name, parallel, shape, checkpointing, precision) on two ranks
+BLOCK_RANK_CASES = [(f"{name}_{precision}_{checkpointing}", parallel, SHAPES[0], checkpointing, precision)
+                    for name, parallel in (("tp2", {"tp": 2}), ("wp1x2", {"wp": [1, 2]}), ("cp2", {"cp": 2}))
+                    for precision in ("fp32", "bf16") for checkpointing in ("none", "full")]
+
+
+def _rank_block_counts(rank: int, world: int, cases) -> dict:
+    """{case: (counted live bytes, predicted)} of this rank; the case's wp, cp or tp group is the whole world."""
+    out = {}
+    for name, parallel, shape, checkpointing, precision in cases:
+        cfg = _config(*shape, activation_checkpointing=checkpointing, precision=precision, **parallel)
+        p = cfg.parallel
+        tp = (TensorParallel.from_group(dist.group.WORLD, list(range(world)), seed=3, device=torch.device("cpu"))
+              if p.tp > 1 else None)
+        counted = counted_block_bytes(cfg, wp_group=dist.group.WORLD if cfg.wp_grid != (1, 1) else None,
+                                      cp_group=dist.group.WORLD if p.cp > 1 else None, tp=tp, live=True)
+        out[name] = (counted, predicted_block_bytes(cfg))
+    return out
+
+
+@pytest.mark.slow
+def test_swin_activation_model_under_tp_wp_cp_and_bf16_is_the_live_tensors():
+    """tp 2, wp 1×2 and cp 2 on two gloo ranks, fp32 and bf16 autocast, no and full checkpointing (6 s): the blocks'
+    live storages are the model's activations exactly. wp keeps what one rank keeps per token of its tile, and the
+    replicated copies; under tp the linears are Megatron's, which keep no copy, and the bias is added in the
+    output's dtype (Megatron's own add of the fp32 bias made the tp swin's residual stream and MLP fp32 under
+    autocast: 720,896 B more per rank here than one rank's bf16 per token)."""
+    for rank_out in run_ranks(_rank_block_counts, 2, args=(BLOCK_RANK_CASES,), timeout=180):
+        for name, (counted, predicted) in rank_out.items():
+            assert counted == pytest.approx(predicted, rel=1e-12), (name, counted, predicted)

@@ -30,7 +30,7 @@ Components (bytes):
                         core's insides; a GPT's Ulysses keeps wo's copy of the output and any repeated
                         K/V heads (a swin's head-sharded q, k, v replace its qkv output); × micro-batches
                         in flight; + per micro-batch the stage output and a GPT's RoPE cos/sin; + in
-                        16-bit training autocast's copies of a GPT's layer weights
+                        16-bit training autocast's copies of the layer weights (a swin's: and biases)
                         (:func:`autocast_weight_bytes`)
     logits              head rank only (:func:`loss_bytes`), one micro-batch: chunked (train.loss_chunk)
                         c·V_pad/tp × (fp32 logits/their gradient in place + the 16-bit matmul output and
@@ -76,12 +76,14 @@ def activation_elems_per_token(cfg: Config, sh: Shape, prof: DeviceProfile, loc:
         # q, k, v as window_attention's matmuls keep them (the qkv linear's output itself is not kept) and the
         # attention output — 4q; fc1's output and gelu's — 2f; one scores-sized tensor, the softmax probabilities
         # (the raw scores are not kept: the scale, bias and mask ops save no input) — heads·N. Small: LayerNorm
-        # mean and rstd (2 norms × 2 fp32 values), and the shifted block's region mask, N bools per token of the
-        # whole tile (cp·N per rank token under cp, where attention runs on the whole tile), i.e. half of it per
-        # layer of a (plain, shifted) pair.
+        # mean and rstd (2 norms × 2 values: fp32 — but in bf16 for DeepSpeed's bf16 module on CPU, whose
+        # LayerNorm kernel keeps them in the input's dtype unless the weight's differs; CUDA's keeps fp32), and the
+        # shifted block's region mask, N bools per token of the whole tile (cp·N per rank token under cp, where
+        # attention runs on the whole tile), i.e. half of it per layer of a (plain, shifted) pair.
         rep, par = 4 * d, 4 * loc.q + 2 * loc.f
         scores = loc.heads * sh.span
-        small = (2 * 2 * 4 + cfg.parallel.cp * sh.span / 2) / loc.bpe
+        stat_bytes = loc.bpe if module_in_16_bits(cfg, loc) and prof.is_cpu else 4
+        small = (2 * 2 * stat_bytes + cfg.parallel.cp * sh.span / 2) / loc.bpe
         rep /= tp_sp
     elif prof.fused_kernels:
         rep, par = 4 * d, 2 * loc.q + 2 * loc.kv + 3 * loc.f
@@ -186,25 +188,40 @@ def stage_elems_per_token(cfg: Config, sh: Shape, prof: DeviceProfile, loc: Rank
 
 
 def autocast_weight_bytes(cfg: Config, sh: Shape, loc: RankShape, load: RankLoad) -> float:
-    """Bytes of the 16-bit copies autocast makes of a GPT rank's fp32 layer matmul weights (÷tp): torch.autocast
-    casts each weight once per autocast region and caches the copy until the region ends (CPU as CUDA), and each
-    linear keeps it for its input gradient. The DDP engine opens a region per micro-batch (its forward; the graph
-    keeps the copies until that micro-batch's backward, one micro-batch in flight), the pipeline engine one
-    region around the whole schedule (every micro-batch shares the copies until the step ends): either way one
-    copy of every layer of the rank, whatever the checkpointing (under full checkpointing the cache still holds
-    them at the end of the forward). None in fp32, under FSDP2 (its mixed-precision policy gathers the weights
-    in bf16 already) and with DeepSpeed (it keeps the module in bf16: no autocast). Under tp only torch's own
-    linears keep one — the sequence-parallel row linears, wo and w2 (``tensor_parallel._sp_row``); Megatron's
-    column- and row-parallel linears cast inside their autograd Function and keep the fp32 weight. Counted in
-    tests/test_gpt_saved_tensors.py; a swin's (weights and biases) are not counted yet."""
+    """Bytes of the 16-bit copies autocast makes of a rank's fp32 layer parameters: torch.autocast casts each
+    weight (and bias) once per autocast region and caches the copy until the region ends (CPU as CUDA), and each
+    linear keeps its weight's copy for its input gradient. The DDP engine opens a region per micro-batch (its
+    forward; the graph keeps the copies until that micro-batch's backward, one micro-batch in flight), the
+    pipeline engine one region around the whole schedule (every micro-batch shares the copies until the step
+    ends): either way one copy of every layer of the rank, whatever the checkpointing (under full checkpointing
+    the cache still holds them at the end of the forward). None in fp32, under FSDP2 (its mixed-precision policy
+    gathers the weights in bf16 already) and with DeepSpeed (it keeps the module in bf16: no autocast).
+
+    * GPT: the matmul weights (÷tp). Under tp only torch's own linears keep one — the sequence-parallel row
+      linears, wo and w2 (``tensor_parallel._sp_row``); Megatron's column- and row-parallel linears cast inside
+      their autograd Function (the transposed weight, a view autocast does not cache) and keep the fp32 weight.
+    * swin: the weights and biases of its four linears (:func:`swin_linear_params`; the relative position bias
+      table is indexed, not cast), at tp 1; under tp its linears are Megatron's, which keep none (their bias is
+      cast per call and added, ``tensor_parallel._plain_output``).
+
+    Counted in tests/test_gpt_saved_tensors.py and tests/test_swin_saved_tensors.py."""
     p = cfg.parallel
-    if sh.kind != "gpt" or loc.bpe >= 4 or p.fsdp or module_in_16_bits(cfg, loc):
+    if loc.bpe >= 4 or p.fsdp or module_in_16_bits(cfg, loc):
         return 0.0
-    if p.tp == 1:
+    if sh.kind == "swin":
+        matmul = swin_linear_params(sh) if p.tp == 1 else 0
+    elif p.tp == 1:
         matmul = sh.layer_params() - sh.layer_replicated_params()
     else:
         matmul = (sh.q_dim + sh.ffn) * sh.d if p.sequence_parallel else 0
     return load.layers * matmul / p.tp * loc.bpe
+
+
+def swin_linear_params(sh: Shape) -> int:
+    """Weights and biases of one swin block's linears (``models/swin.WindowBlock``): qkv 3d·d + 3d, proj d·d + d,
+    fc1 d·f + f, fc2 f·d + d."""
+    d, f = sh.d, sh.ffn
+    return 4 * d * d + 2 * d * f + 5 * d + f
 
 
 def loss_bytes(cfg: Config, sh: Shape, loc: RankShape, prof: Optional[DeviceProfile] = None) -> float:

@@ -357,7 +357,7 @@ class TensorParallel:
         from megatron.core.tensor_parallel import ColumnParallelLinear
 
         return _mark_sharded(_plain_output(ColumnParallelLinear)(
-            d_in, d_out, config=self.config, init_method=_no_init, bias=bias, gather_output=False,
+            d_in, d_out, config=self.config, init_method=_no_init, bias=bias, gather_output=False, skip_bias_add=True,
             tp_group=self.group, disable_grad_reduce=self.sequence_parallel, stride=stride), dim=0, stride=stride)
 
     def row(self, d_in: int, d_out: int, bias: bool = False) -> nn.Module:
@@ -370,7 +370,7 @@ class TensorParallel:
             raise ValueError("a row-parallel linear with a bias under sequence parallelism is not supported")
         cls = _sp_row(RowParallelLinear) if self.sequence_parallel else _plain_output(RowParallelLinear)
         layer = cls(d_in, d_out, config=self.config, init_method=_no_init, bias=bias, input_is_parallel=True,
-                    skip_bias_add=False, tp_group=self.group)
+                    skip_bias_add=True, tp_group=self.group)
         layer.tp = self
         return _mark_sharded(layer, dim=1)
 
@@ -488,11 +488,15 @@ _PLAIN: dict = {}  # Megatron class (or ('sp', class)) -> our subclass
 
 
 def _plain_output(cls: type) -> type:
-    """A subclass of a Megatron linear whose forward returns the output only (Megatron returns
-    (output, bias)), so it is a drop-in for ``nn.Linear`` and the parameter stays ``<name>.weight``."""
+    """A subclass of a Megatron linear whose forward returns the output only, its bias added (Megatron returns
+    (output, bias) with ``skip_bias_add``), so it is a drop-in for ``nn.Linear`` and the parameter stays
+    ``<name>.weight``. The bias is added in the output's dtype, as ``nn.Linear`` under autocast does: Megatron's
+    own add puts the fp32 bias on the 16-bit matmul output, which promotes the output — and, in a swin, the
+    residual stream and the MLP after it — to fp32 (counted: tests/test_swin_saved_tensors.py)."""
     if cls not in _PLAIN:
         def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return cls.forward(self, x)[0]
+            out, bias = cls.forward(self, x)
+            return out if bias is None else out + bias.to(out.dtype)
 
         _PLAIN[cls] = type(cls.__name__, (cls,), {"forward": forward, "__module__": __name__})
     return _PLAIN[cls]
