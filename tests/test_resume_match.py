@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -18,6 +19,7 @@ from torch import nn
 from dist_train.checkpoint import CheckpointManager
 from dist_train.checkpoint.compat import ResumeMismatchError
 from dist_train.checkpoint.manager import CheckpointDirInUse
+from dist_train.checkpoint.manifest import read_manifest, write_manifest
 from dist_train.config import ConfigError
 from dist_train.data.fingerprint import BLOCK, SAMPLES, dataset_fingerprint, digest_kind
 from dist_train.data.prepare import prepare_indexed
@@ -388,3 +390,38 @@ def test_weather_data_replaced_at_the_same_path_is_refused(tmp_path):
     with pytest.raises(ResumeMismatchError, match=r"step_2 was trained on 11 samples of data.path .*weather, it now "
                                                   r"has 15: the dataset was re-prepared or replaced"):
         train(tiny_swin_config(run, weather, steps=3, data=more))
+
+
+def _snapshot(run: Path) -> dict[str, bytes]:
+    """Every file under ``run`` and its bytes (directories as None)."""
+    return {str(p.relative_to(run)): (p.read_bytes() if p.is_file() else None) for p in sorted(run.rglob("*"))}
+
+
+@pytest.mark.parametrize("refusal", ["tensor_table", "model_config"])
+def test_a_resume_refused_in_the_trainer_leaves_the_run_directory_as_it_found_it(tmp_path, refusal):
+    """A resume the pre-flight cannot judge (the tensor table: preflight compares configs only) or that skipped it
+    (train() called directly) is refused by the ranks: by then nothing of the run may be rewritten — config.yaml
+    (the config the checkpoints were trained with), metrics.jsonl (steps after the checkpoint), summary.json, the
+    checkpoints. Only the logs grow (they say why it stopped) and the lock files, empty, are opened."""
+    run = tmp_path / "run"
+    train(tiny_gpt_config(run, steps=3, checkpoint={"every": 2}, train={"trackers": ["jsonl", "tensorboard"]}))
+    model = {}
+    if refusal == "tensor_table":  # equal config, a checkpoint whose table no longer matches the model
+        ckpt = run / "checkpoints" / "step_2"
+        body = read_manifest(ckpt)
+        body["tensors"]["model.norm.weight"]["shape"] = [31]
+        write_manifest(ckpt, body)
+        words = "model.norm.weight saved [31], model [32]"
+    else:
+        model, words = {"norm_eps": 1e-6}, "model.norm_eps 1e-05 -> 1e-06"
+    before = _snapshot(run)
+    assert "metrics.jsonl" in before and "config.yaml" in before and "summary.json" in before
+    with pytest.raises(ResumeMismatchError, match=re.escape(words)):
+        train(tiny_gpt_config(run, steps=5, checkpoint={"every": 2}, model=model, train={"lr": 5e-3}))
+    after = _snapshot(run)
+    for name, content in before.items():
+        if name.startswith("logs/"):
+            assert after[name].startswith(content), name
+        else:
+            assert after.get(name) == content, name
+    assert set(after) == set(before), set(after) ^ set(before)
