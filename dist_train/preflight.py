@@ -30,6 +30,7 @@ from .cost import memory_model, model_params, rank_inputs
 from .data.datasets import IndexedTokenDataset, training_digest
 from .data.integrity import check_indexed_dataset
 from .data.tokenizer import get_tokenizer
+from .data.weather import other_dataset_message, weather_meta
 from .dryrun import device_profile
 from .engines import cpu_autocast_refusal
 
@@ -119,6 +120,11 @@ def check_data(cfg: Config) -> None:
             raise ConfigError(f"data.path = {d.path}: is a file; the weather source needs a directory")
         if not Path(d.path).exists():
             check_writable_dir("data.path", d.path)  # generated there by rank 0
+        elif d.image and len(d.image) == 2:  # rank 0 would refuse to regenerate another job's dataset in place
+            other = other_dataset_message(d.path, weather_meta(height=int(d.image[0]), width=int(d.image[1]),
+                                                               steps=d.steps, channels=d.channels, seed=cfg.run.seed))
+            if other:
+                raise ConfigError(other)
     if d.tokenizer != "byte" and not Path(d.tokenizer).is_file():
         raise ConfigError(f"data.tokenizer = {d.tokenizer}: no such file (byte, or the path of a tokenizer.json)")
 

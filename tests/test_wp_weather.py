@@ -7,8 +7,11 @@ import numpy as np
 import pytest
 import torch
 
+from dist_train.config import ConfigError
 from dist_train.data.weather import WeatherDataset, prepare_weather
 from dist_train.models.swin import build_swin
+from dist_train.preflight import check_data
+from tests.trainer_utils import tiny_swin_config
 
 
 def test_prepare_is_deterministic_and_tiles_read_the_memmap(tmp_path):
@@ -55,3 +58,51 @@ def test_swin_learns_next_step(tmp_path):
         opt.step()
         losses.append(float(loss.detach()))
     assert np.mean(losses[-5:]) < 0.7 * np.mean(losses[:5]), losses
+
+
+def test_a_dataset_of_another_config_is_never_regenerated_in_place(tmp_path):
+    """Another job (or a resume with another run.seed, data.image, data.steps or data.channels) at the same
+    data.path used to regenerate fields.npy in place: a job training on it read the other job's numbers through its
+    memory map (measured: a time step changed by 0.41 under it), and a resume continued on other data with the same
+    sample count. Now refused in one line, with the file untouched."""
+    path = tmp_path / "w"
+    a = WeatherDataset(prepare_weather(path, height=10, width=16, steps=12, channels=2, seed=3))
+    before = np.array(a.fields).copy()
+    meta = (path / "meta.json").read_text()
+    for change, words in ((dict(seed=4), "seed 3"), (dict(height=6), "height 10"), (dict(steps=16), "steps 12"),
+                          (dict(channels=3), "channels 2")):
+        kw = {**dict(height=10, width=16, steps=12, channels=2, seed=3), **change}
+        with pytest.raises(ValueError) as info:
+            prepare_weather(path, **kw)
+        msg = str(info.value)
+        assert "\n" not in msg and words in msg and str(path) in msg and "another data.path" in msg, msg
+    assert np.array_equal(np.array(a.fields), before) and (path / "meta.json").read_text() == meta
+    assert sorted(p.name for p in path.iterdir()) == ["fields.npy", "meta.json"]
+
+
+def test_an_interrupted_generation_is_never_read_as_a_dataset(tmp_path, monkeypatch):
+    """fields.npy is written under a temporary name and renamed, meta.json last: a kill mid-way leaves no
+    half-written dataset behind a matching meta.json, and the next start generates it again."""
+    path = tmp_path / "w"
+    calls = []
+
+    def killed(*args, **kwargs):
+        calls.append(1)
+        raise KeyboardInterrupt  # stands in for a kill between two time steps
+
+    monkeypatch.setattr("dist_train.data.weather._laplacian", killed)
+    with pytest.raises(KeyboardInterrupt):
+        prepare_weather(path, height=10, width=16, steps=12, channels=2, seed=3)
+    assert calls and not (path / "fields.npy").exists() and not (path / "meta.json").exists()
+    monkeypatch.undo()
+    ds = WeatherDataset(prepare_weather(path, height=10, width=16, steps=12, channels=2, seed=3))
+    fresh = WeatherDataset(prepare_weather(tmp_path / "fresh", height=10, width=16, steps=12, channels=2, seed=3))
+    assert np.array_equal(ds.fields, fresh.fields)
+
+
+def test_preflight_refuses_another_dataset_at_the_weather_path_before_any_rank_starts(tmp_path):
+    path = tmp_path / "w"
+    prepare_weather(path, height=10, width=16, steps=12, channels=2, seed=3)  # what tiny_swin_config generates
+    check_data(tiny_swin_config(tmp_path / "run", path))
+    with pytest.raises(ConfigError, match=r"holds a weather dataset generated with height 10, this run needs height 6"):
+        check_data(tiny_swin_config(tmp_path / "run", path, data={"image": [6, 16]}))

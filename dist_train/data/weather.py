@@ -17,8 +17,9 @@ once to ``fields.npy`` (deterministic in ``seed``) and memory-mapped: ``sample``
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
-from typing import Sequence, Union
+from typing import Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -28,6 +29,7 @@ _FORMAT_VERSION = 2  # 2: the first SPINUP_STEPS steps are integrated but not wr
 # ones, and one such sample dominates a whole run's loss on a big grid (one sample per step). These steps are
 # integrated before the first written one.
 SPINUP_STEPS = 8
+META_FILE, FIELDS_FILE = "meta.json", "fields.npy"
 
 
 def _laplacian(f: np.ndarray) -> np.ndarray:
@@ -61,19 +63,65 @@ def _shift_cols(f: np.ndarray, cells: np.ndarray) -> np.ndarray:
     return (1 - frac) * f[y0, cols] + frac * f[y1, cols]
 
 
+def weather_meta(*, height: int, width: int, steps: int, channels: int, seed: int) -> dict:
+    """What ``meta.json`` records of a dataset generated with these settings (it is deterministic in them)."""
+    return {"version": _FORMAT_VERSION, "height": height, "width": width, "steps": steps,
+            "channels": channels, "seed": seed, "spinup": SPINUP_STEPS}
+
+
+def other_dataset_message(path: Union[str, Path], meta: dict) -> Optional[str]:
+    """One line refusing to generate the dataset ``meta`` at ``path`` when a different one is there (None when none
+    is, or the same): regenerating in place would change the numbers under a job memory-mapping it, and under a run
+    resuming on it with the same sample count."""
+    meta_file = Path(path) / META_FILE
+    if not meta_file.is_file():
+        return None
+    try:
+        found = json.loads(meta_file.read_text())
+    except ValueError:
+        found = {}
+    if found == meta:
+        return None
+    differ = [k for k in meta if found.get(k) != meta[k]]
+    held = ", ".join(f"{k} {found.get(k)}" for k in differ)
+    wanted = ", ".join(f"{k} {meta[k]}" for k in differ)
+    return (f"data.path = {path} holds a weather dataset generated with {held}, this run needs {wanted} (data.image, "
+            "data.steps, data.channels, run.seed): another run may be training on it; use another data.path, or "
+            "delete that directory to generate it again")
+
+
 def prepare_weather(path: Union[str, Path], *, height: int, width: int, steps: int, channels: int,
                     seed: int) -> Path:
-    """Generate the dataset at directory ``path`` unless the same one is already there; returns ``path``."""
+    """Generate the dataset at directory ``path`` unless the same one is already there; returns ``path``. A
+    different one there is refused (:func:`other_dataset_message`), never regenerated in place; the files are
+    written under temporary names and renamed, ``meta.json`` last, so no kill leaves a half-written dataset that
+    reads as complete."""
     for name, value, low in (("height", height, 2), ("width", width, 4), ("steps", steps, 2), ("channels", channels, 1)):
         if int(value) < low:
             raise ValueError(f"weather {name} = {value}: must be >= {low}")
     path = Path(path)
-    meta = {"version": _FORMAT_VERSION, "height": height, "width": width, "steps": steps,
-            "channels": channels, "seed": seed, "spinup": SPINUP_STEPS}
-    meta_file, data_file = path / "meta.json", path / "fields.npy"
-    if meta_file.exists() and data_file.exists() and json.loads(meta_file.read_text()) == meta:
+    meta = weather_meta(height=height, width=width, steps=steps, channels=channels, seed=seed)
+    meta_file, data_file = path / META_FILE, path / FIELDS_FILE
+    other = other_dataset_message(path, meta)
+    if other:
+        raise ValueError(other)
+    if meta_file.exists() and data_file.exists():
         return path
     path.mkdir(parents=True, exist_ok=True)
+    tmp_data, tmp_meta = path / f"{FIELDS_FILE}.tmp{os.getpid()}", path / f"{META_FILE}.tmp{os.getpid()}"
+    try:
+        _generate(tmp_data, height, width, steps, channels, seed)
+        os.replace(tmp_data, data_file)
+        tmp_meta.write_text(json.dumps(meta))
+        os.replace(tmp_meta, meta_file)
+    finally:
+        tmp_data.unlink(missing_ok=True)
+        tmp_meta.unlink(missing_ok=True)
+    return path
+
+
+def _generate(data_file: Path, height: int, width: int, steps: int, channels: int, seed: int) -> None:
+    """Integrate the tracers and write ``[steps, H, W, C]`` float32 to ``data_file`` (.npy)."""
     rng = np.random.default_rng(seed)
     lat = np.linspace(-np.pi / 2, np.pi / 2, height + 2)[1:-1]  # cell centres, poles excluded
     lon = np.linspace(0, 2 * np.pi, width, endpoint=False)
@@ -97,8 +145,6 @@ def prepare_weather(path: Union[str, Path], *, height: int, width: int, steps: i
         f = f + kappa * _laplacian(f) + (forcing - f) / tau
     out.flush()
     del out
-    meta_file.write_text(json.dumps(meta))
-    return path
 
 
 class WeatherDataset:
