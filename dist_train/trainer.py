@@ -30,7 +30,7 @@ from .config import Config, check_world_size, save_config
 from .cost.flops import (FLOP_CONVENTION, Throughput, attention_flops_per_key, document_keys, model_params,
                          train_flops_per_token)
 from .cost.layout import stages_of_rank
-from .cost.shape import shape_of
+from .cost.shape import cp_execution, shape_of
 from .data.batches import TokenBatcher
 from .data.datasets import SYNTHETIC_VALID_SEED_OFFSET, IndexedTokenDataset, SyntheticTokenDataset, training_digest
 from .data.documents import document_options
@@ -132,9 +132,23 @@ def training_samples(batcher) -> Optional[int]:
 
 
 def layout_dict(cfg: Config, world_size: int) -> dict:
+    """The parallel layout a checkpoint records (RNG states are restored only into the same one). ``cp_method`` is
+    the cp that runs: a swin with cp > 1 runs Ulysses inside windows whatever ``parallel.cp_method`` says
+    (:func:`~dist_train.cost.shape.cp_execution`); a GPT's is the configured one."""
     p = cfg.parallel
+    method = cp_execution(cfg).method if cfg.model.kind == "swin" and p.cp > 1 else p.cp_method
     return {"dp": p.dp, "tp": p.tp, "pp": p.pp, "cp": p.cp, "wp": list(cfg.wp_grid), "cp_layout": p.cp_layout,
-            "cp_method": p.cp_method, "zero_stage": p.zero_stage, "fsdp": p.fsdp, "world_size": world_size}
+            "cp_method": method, "zero_stage": p.zero_stage, "fsdp": p.fsdp, "world_size": world_size}
+
+
+def recorded_layouts(cfg: Config, world_size: int) -> list[dict]:
+    """Other layout dicts a checkpoint of this same execution may hold: a swin with cp > 1 was recorded with the
+    configured ``parallel.cp_method`` (``ring``, its default, or ``ulysses``) before :func:`layout_dict` recorded
+    the Ulysses it runs, so its RNG states still resume."""
+    if cfg.model.kind != "swin" or cfg.parallel.cp == 1:
+        return []
+    layout = layout_dict(cfg, world_size)
+    return [{**layout, "cp_method": method} for method in ("ring", "ulysses") if method != layout["cp_method"]]
 
 
 def _stop_reason(t, steps_done: int, start_step: int, lifecycle) -> Optional[str]:
@@ -232,6 +246,7 @@ def _train(cfg: Config, ctx: DistContext) -> TrainResult:
     train_samples, train_digest = training_samples(batcher), training_digest(cfg)
     ckpt = CheckpointManager(cfg.checkpoint, run_dir=run_dir, config=cfg.to_dict(),
                              layout=layout_dict(cfg, ctx.world_size), rank=ctx.rank, world_size=ctx.world_size,
+                             same_layouts=recorded_layouts(cfg, ctx.world_size),
                              data_digest=train_digest, data_samples=train_samples, **engine.checkpoint_kwargs())
     resumed = ckpt.resume(engine.module, engine.optimizer, engine.scheduler)
     start_step = int(resumed["step"]) if resumed else 0

@@ -36,7 +36,7 @@ import time
 import warnings
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Optional, Union
+from typing import Any, Callable, Iterable, Iterator, Optional, Sequence, Union
 
 import torch
 import torch.distributed.checkpoint as dcp
@@ -235,12 +235,16 @@ class CheckpointManager:
     a changed data.path as the same text under a new name (``compat.config_differences``). ``data_samples``: the
     samples per epoch of that dataset (``trainer.training_samples``); with ``data_digest``, ``load`` refuses a
     dataset re-prepared or replaced under the checkpoint (``compat.check_dataset``) before reading any shard.
+    ``layout``: this run's parallel layout, recorded with each checkpoint; a load restores the RNG states only from
+    a checkpoint of the same layout or of one of ``same_layouts`` (what an older version recorded for the same
+    execution).
     """
 
     def __init__(self, cfg: Any, run_dir: Union[str, os.PathLike], config: Optional[dict] = None,
                  layout: Optional[dict] = None, rank: int = 0, world_size: int = 1,
                  adapter: Optional[StateAdapter] = None, io_threads: int = 2,
-                 data_digest: Optional[str] = None, data_samples: Optional[int] = None) -> None:
+                 data_digest: Optional[str] = None, data_samples: Optional[int] = None,
+                 same_layouts: Sequence[dict] = ()) -> None:
         if cfg.on_error not in ON_ERROR:
             raise ValueError(f"checkpoint.on_error = {cfg.on_error!r}: valid values are {', '.join(ON_ERROR)}")
         if cfg.keep_last < 1:
@@ -255,6 +259,8 @@ class CheckpointManager:
         self.data_digest, self.data_samples = data_digest, data_samples
         self.layout = dict(layout or {"world_size": world_size})
         self.layout.setdefault("world_size", world_size)
+        # layouts an older checkpoint of the same execution recorded (the trainer's ``recorded_layouts``)
+        self.same_layouts = [self.layout] + [dict(other) for other in same_layouts]
         self.rank, self.world_size = rank, world_size
         self.comm = CheckpointComm(rank, world_size)
         self.adapter = adapter or TorchStateAdapter()
@@ -601,7 +607,7 @@ class CheckpointManager:
     def load(self, ckpt: Union[str, os.PathLike], model, optimizer=None, scheduler=None,
              verify: bool = True) -> dict:
         """Load one checkpoint directory into (model, optimizer, scheduler) in place; restore this rank's
-        RNG when the saved layout equals ours. Returns the saved ``extra`` dict. ``verify``: see the module
+        RNG when the saved layout equals ours (or one of ``same_layouts``). Returns the saved ``extra`` dict. ``verify``: see the module
         doc; a failure raises ``CorruptCheckpointError(message, problem)`` on every rank."""
         ckpt = Path(ckpt)
         if verify:  # the manifest verified is the one loaded: read once
@@ -654,7 +660,7 @@ class CheckpointManager:
         self.adapter.set(model, optimizer if with_optim else None, model_sd, optim_sd)
         if scheduler is not None and ts.get("scheduler") is not None:
             scheduler.load_state_dict(from_json(ts["scheduler"]))
-        if "rng" in body["contents"] and body.get("layout") == self.layout:
+        if "rng" in body["contents"] and body.get("layout") in self.same_layouts:
             restore_rng(json.loads((ckpt / mf.rng_file_name(self.rank)).read_text()))
         elif "rng" in body["contents"] and self.rank == 0:
             log.warning("checkpoint %s was saved with layout %s, loading with %s: weights and optimizer "
