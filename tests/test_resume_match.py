@@ -425,3 +425,23 @@ def test_a_resume_refused_in_the_trainer_leaves_the_run_directory_as_it_found_it
         else:
             assert after.get(name) == content, name
     assert set(after) == set(before), set(after) ^ set(before)
+
+
+def test_packed_document_switches_changed_on_resume_are_named_old_to_new(tmp_path, capsys):
+    """data.document_mask / reset_positions / eod_mask_loss / eod_id change the attention mask, the RoPE positions
+    and the loss mask the same weights train under, not the weights nor which samples consumed_samples points at
+    (the samples are the same seq_len chunks): a legitimate switch from the resume step (Megatron-LM allows it), so
+    applied — and named, each with both values, in the one line of such differences."""
+    run = tmp_path / "run"
+    train(tiny_gpt_config(run, steps=2, data={"eod_id": 5}, checkpoint={"at_end": True}))
+    capsys.readouterr()
+    on = {"eod_id": 6, "document_mask": True, "reset_positions": True, "eod_mask_loss": True}
+    res = train(tiny_gpt_config(run, steps=3, data=on))
+    assert res.start_step == 2 and len(res.losses) == 1
+    said = [line for line in capsys.readouterr().out.splitlines() if line.startswith("resume: ")]
+    named = [line for line in said if "data." in line]
+    assert len(named) == 1, said
+    for key, old, new in (("document_mask", False, True), ("reset_positions", False, True),
+                          ("eod_mask_loss", False, True), ("eod_id", 5, 6)):
+        assert f"data.{key} {old!r} -> {new!r}" in named[0], named
+    assert named[0].endswith("(differ from the checkpoint): as configured now from step 3 on"), named
