@@ -284,3 +284,28 @@ def test_a_window_field_transformers_does_not_apply_is_refused(case, change, wor
         hf.from_hf(tmp_path / "src", tmp_path / "out")
     assert words in str(info.value) and "\n" not in str(info.value), info.value
     assert not (tmp_path / "out").exists()
+
+
+def test_a_tied_config_over_a_distinct_lm_head_is_refused(tmp_path):
+    """tie_word_embeddings: true over a file whose lm_head.weight differs from embed_tokens: transformers 5 then
+    does NOT tie them (it warns and keeps both; older versions tie them), so dropping lm_head as the import does
+    for a tied model changed the model (measured: logits differ by ~4.9). An lm_head equal to the embedding is
+    the tied model itself and converts."""
+    src = _hf_model("llama")
+    src.save_pretrained(tmp_path / "src")
+    path = tmp_path / "src" / "config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "tie_word_embeddings": True}))
+    with pytest.raises(ValueError) as info:
+        hf.from_hf(tmp_path / "src", tmp_path / "out")
+    assert "lm_head.weight differs from model.embed_tokens.weight" in str(info.value), info.value
+    assert "\n" not in str(info.value) and not (tmp_path / "out").exists()
+
+    with torch.no_grad():
+        src.lm_head.weight.copy_(src.model.embed_tokens.weight)  # the same values: a tied model stored twice
+    src.save_pretrained(tmp_path / "same")
+    path = tmp_path / "same" / "config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "tie_word_embeddings": True}))
+    tokens = _tokens()
+    ours = _gpt_from(hf.from_hf(tmp_path / "same", tmp_path / "out2"))
+    assert ours.cfg.tie_embeddings
+    assert (_gpt_logits(ours, tokens) - _hf_logits(_load_hf(tmp_path / "same"), tokens)).abs().max().item() < 1e-5

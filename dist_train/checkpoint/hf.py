@@ -373,8 +373,13 @@ def from_hf(hf_dir: PathLike, out: PathLike) -> Path:
     fresh_output(Path(out))
     hf, tensors = read_hf_dir(hf_dir)
     m = model_config_from_hf(hf)
-    if m.tie_embeddings:
-        tensors.pop("output.weight", None)  # tied: the head is the embedding
+    if m.tie_embeddings and "output.weight" in tensors:  # tied: the head is the embedding, stored twice or not
+        head, embedding = tensors.pop("output.weight"), tensors.get("tok_embeddings.weight")
+        if embedding is not None and (head.shape != embedding.shape or not torch.equal(head, embedding)):
+            raise ValueError(f"{hf_dir}: config.json tie_word_embeddings = true, but lm_head.weight differs from "
+                             "model.embed_tokens.weight: transformers 5 then keeps both (untied), older versions tie "
+                             "them, so the file names two models; set tie_word_embeddings false to keep the head, or "
+                             "drop lm_head.weight to tie")
     check_tensors(tensors, m, f"{hf_dir}")
     kept = {k: hf[k] for k in KEPT if k in hf}
     return write_step0(out, tensors, {"model": dataclasses.asdict(m), "source": str(hf_dir), "hf_config": kept})
