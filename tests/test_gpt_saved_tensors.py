@@ -26,7 +26,8 @@ import torch
 
 from dist_train.bench.attention import peak_tensor_bytes
 from dist_train.config import config_from_dict
-from dist_train.cost.memory import activation_elems_per_token, autocast_weight_bytes, loss_kept_bytes, memory_model
+from dist_train.cost.memory import (activation_elems_per_token, autocast_weight_bytes, embedding_kept_bytes,
+                                    loss_kept_bytes, memory_model)
 from dist_train.cost.shape import rank_inputs
 from dist_train.mesh import build_mesh
 from dist_train.models.gpt import build_gpt
@@ -89,9 +90,10 @@ def counted_bytes(cfg, world: int = 1, micro_batches: int = 1, live: bool = Fals
 
 def predicted_bytes(cfg) -> float:
     """The memory model's activations of ``cfg``'s rank, less under full checkpointing the one layer it
-    holds while recomputing it in backward."""
+    holds while recomputing it in backward, and less what the embedding keeps (the count starts at the layers;
+    tests/test_gpt_embedding_memory.py counts the embedding)."""
     sh, loc = rank_inputs(cfg, CPU)
-    acts = memory_model(cfg, sh, CPU, loc)["activations"]
+    acts = memory_model(cfg, sh, CPU, loc)["activations"] - embedding_kept_bytes(cfg, sh, loc)
     if cfg.train.activation_checkpointing == "full":
         acts -= sum(activation_elems_per_token(cfg, sh, CPU, loc).values()) * loc.tokens * loc.bpe
     return acts

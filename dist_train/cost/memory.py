@@ -31,7 +31,8 @@ Components (bytes):
                         K/V heads (a swin's head-sharded q, k, v replace its qkv output); × micro-batches
                         in flight; + per micro-batch the stage output and a GPT's RoPE cos/sin; + in
                         16-bit training autocast's copies of the layer weights (a swin's: and biases)
-                        (:func:`autocast_weight_bytes`)
+                        (:func:`autocast_weight_bytes`); + on the first stage what the embedding keeps
+                        per micro-batch (:func:`embedding_kept_bytes`: Megatron's masked ids and mask)
     logits              head rank only (:func:`loss_bytes`), one micro-batch: chunked (train.loss_chunk)
                         c·V_pad/tp × (fp32 logits/their gradient in place + the 16-bit matmul output and
                         gradient copy) with c = min(chunk, tokens), + what the forward keeps
@@ -224,6 +225,19 @@ def swin_linear_params(sh: Shape) -> int:
     return 4 * d * d + 2 * d * f + 5 * d + f
 
 
+def embedding_kept_bytes(cfg: Config, sh: Shape, loc: RankShape) -> float:
+    """Bytes one micro-batch's token embedding keeps for its backward on the first pipeline stage, besides its output
+    (the first layer's input). Megatron's vocab-parallel embedding (a GPT with tp > 1, ``VocabParallelEmbedding``)
+    keeps its masked ids (int64: the ids less this rank's vocabulary start, 0 outside its rows), which the
+    embedding's backward reads, and the out-of-range mask (bool) that zeroed those rows: 9 bytes per token of the
+    rank's sequence — the whole of it, the embedding runs before sequence parallelism's scatter. A plain
+    ``nn.Embedding`` keeps the batch's token ids themselves, which the batch holds anyway: none. Counted in
+    tests/test_gpt_embedding_memory.py."""
+    if sh.kind != "gpt" or cfg.parallel.tp == 1:
+        return 0.0
+    return loc.tokens * (8 + 1)
+
+
 def loss_bytes(cfg: Config, sh: Shape, loc: RankShape, prof: Optional[DeviceProfile] = None) -> float:
     """Bytes the head + loss of one micro-batch adds on the last pipeline stage (dist_train/models/
     chunked_loss.py; the last stage runs its loss and backward before the next forward): the transient chunk
@@ -337,6 +351,8 @@ def memory_model(cfg: Config, sh: Shape, prof: DeviceProfile, loc: RankShape,
         stored_tok = load.layers * per_layer_tok * load.in_flight
     stored_tok += stage_elems_per_token(cfg, sh, prof, loc) * load.in_flight
     acts = stored_tok * loc.tokens * bpe + autocast_weight_bytes(cfg, sh, loc, load)
+    if load.embedding:
+        acts += embedding_kept_bytes(cfg, sh, loc) * load.in_flight
     logits = loss_bytes(cfg, sh, loc, prof) if load.head else 0.0
     comm = 0.0
     cpx = cp_execution(cfg)

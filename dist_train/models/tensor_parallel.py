@@ -139,13 +139,16 @@ def bind_megatron_state(tp_group: dist.ProcessGroup, tp_ranks: list[int]) -> Non
 
 # -- sequence-parallel collectives along dim 1 of [B, S, ...] ----------------------------------------
 def _seq_chunk(x: torch.Tensor, group) -> torch.Tensor:
-    """This rank's contiguous chunk of the sequence dim (dim 1); S must be divisible by the group size."""
+    """This rank's contiguous chunk of the sequence dim (dim 1), a tensor of its own; S must be divisible by the group
+    size. Always a copy: with one sample the chunk is a contiguous view, which would keep the whole [1, S, ...]
+    storage alive wherever the chunk is kept (the first layer saves the embedding's scattered output: tp× the chunk;
+    counted in tests/test_gpt_embedding_memory.py)."""
     n, r = dist.get_world_size(group), dist.get_rank(group)
     if x.shape[1] % n:
         raise ValueError(f"sequence parallelism: sequence length {x.shape[1]} is not divisible by tp = {n}; "
                          f"pad it to a multiple of {n}")
     part = x.shape[1] // n
-    return x.narrow(1, r * part, part).contiguous()
+    return x.narrow(1, r * part, part).clone(memory_format=torch.contiguous_format)
 
 
 class _PendingSeq:
@@ -234,8 +237,9 @@ class _GatheredLinears(torch.autograd.Function):
     """``outputs = [gather(x_local) @ W_i.T (+ b_i)]``: column-parallel linears sharing one sequence-parallel input,
     keeping only ``x_local`` [B, S/tp, d] (and the weights) for backward — Megatron-LM's sequence parallelism.
 
-    Forward: one all-gather of ``x_local`` along the sequence (dim 1), then each layer's ``torch.matmul(x, W.t())
-    (+ bias)`` exactly as Megatron's ``LinearWithGradAccumulationAndAsyncCommunication`` computes it. Backward:
+    Forward: one all-gather of ``x_local`` along the sequence (dim 1), then each layer's ``torch.matmul(x, W.t())``
+    exactly as Megatron's ``LinearWithGradAccumulationAndAsyncCommunication`` computes it (+ the bias in the output's
+    dtype, as :meth:`TensorParallel.column` adds it). Backward:
     the all-gather again, started before the input-gradient matmuls and waited for after them; the input
     gradient ``Σ_i dY_i @ W_i`` (each in x's dtype, as autograd sums the layers' gradients) is reduce-scattered
     to this rank's chunk while the weight gradients ``dY_i^T @ x`` (and bias ``Σ dY_i``) are computed. 16-bit:
@@ -263,7 +267,7 @@ class _GatheredLinears(torch.autograd.Function):
         outs = []
         for w, b in zip(weights, biases):
             y = torch.matmul(x, w.t())
-            outs.append(y if b is None else y + b)
+            outs.append(y if b is None else y + b.to(y.dtype))  # the bias in the output's dtype, as _plain_output
         return tuple(outs)
 
     @staticmethod
