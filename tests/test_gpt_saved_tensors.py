@@ -108,11 +108,12 @@ def test_gpt_activation_model_is_the_saved_tensors(shape, checkpointing):
 
 def test_gpt_saved_tensors_per_token_and_layer():
     """The hand count of one layer of d 64, 4 heads, 2 KV heads (head 16), f 128, fp32, one sample: each RMSNorm
-    keeps x, x·rstd and its output (6d), rstd (2); RoPE only cos/sin (2·16 per stage); attention q, k, v, the
-    output and the logsumexp (2q + 2kv + 4); SwiGLU 4f — 1,094 + 32 per token, where the model said 1,216."""
+    keeps x and its output (4d), rstd (2) — x·rstd is recomputed in backward (models/lean_autograd.rms_norm;
+    autograd's composition kept it: 1,094 per token); RoPE only cos/sin (2·16 per stage); attention q, k, v, the
+    output and the logsumexp (2q + 2kv + 4); SwiGLU 4f — 966 + 32 per token, where the first model said 1,216."""
     cfg = _config(*SHAPES[0])
     tokens, layers = 64, 2
-    assert counted_bytes(cfg) / 4 / tokens == layers * (6 * 64 + 2 + 2 * 64 + 2 * 32 + 4 + 4 * 128) + 2 * 16 + 64
+    assert counted_bytes(cfg) / 4 / tokens == layers * (4 * 64 + 2 + 2 * 64 + 2 * 32 + 4 + 4 * 128) + 2 * 16 + 64
     # two samples share one cos/sin: half of it per token
     two = _config(*SHAPES[0], micro_batch=2)
     assert counted_bytes(two) == pytest.approx(predicted_bytes(two), rel=1e-12)
@@ -129,8 +130,8 @@ def test_gpt_attention_keeps_no_scores_with_any_kernel(attention):
 
 @pytest.mark.parametrize("checkpointing", ["none", "selective", "full"])
 def test_gpt_bf16_autocast_keeps_fp32_norms_bf16_casts_and_weight_copies(checkpointing):
-    """train.precision bf16 (torch.autocast on CPU, fp32 parameters): the residual stream, x and x·rstd of each
-    norm, rstd, the logsumexp and cos/sin stay fp32; each norm's output is cast to bf16 once and its linears keep
+    """train.precision bf16 (torch.autocast on CPU, fp32 parameters): the residual stream, x of each norm (x·rstd is
+    recomputed in backward), rstd, the logsumexp and cos/sin stay fp32; each norm's output is cast to bf16 once and its linears keep
     that one cast (each of the 5 linears kept its own before: models/autocast_input.py); matmul outputs are bf16; each linear keeps autocast's bf16 copy of its weight (cached for
     the region: under full checkpointing nothing saves them but the cache holds them to the forward's end); and
     under selective checkpointing the core's inputs q and k are RoPE's fp32 outputs."""
@@ -144,7 +145,8 @@ def test_gpt_bf16_autocast_keeps_fp32_norms_bf16_casts_and_weight_copies(checkpo
 def test_gpt_bf16_module_of_deepspeed_keeps_bf16_stream_and_no_weight_copies(checkpointing):
     """ZeRO (DeepSpeed) in bf16 casts the parameters to bf16 and runs no autocast (here: the module cast as
     DeepSpeed's bf16 mode does, ``_cast_module_mixed_precision``): the residual stream, cos/sin and matmul inputs
-    are bf16, each norm keeps its fp32 upcast and a bf16 x·rstd, one bf16 output per norm, no weight copies."""
+    are bf16, each norm keeps its bf16 input x (its fp32 upcast and a bf16 x·rstd before models/lean_autograd.rms_norm), one
+    bf16 output per norm, no weight copies."""
     cfg = _config(*SHAPES[0], activation_checkpointing=checkpointing, precision="bf16", zero_stage=1)
     assert counted_bytes(cfg, live=True) == pytest.approx(predicted_bytes(cfg), rel=1e-12)
 
@@ -224,8 +226,8 @@ def test_gpt_activation_model_under_cp_and_tp_is_the_saved_tensors():
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 def test_gpt_forward_end_is_activations_and_what_the_loss_keeps(precision):
     """The whole single-rank forward (embedding, layers, chunked loss), counted live at its end inside the autocast
-    region: the activations + what the loss keeps for its backward (``loss_kept_bytes``: the final norm's x·rstd
-    and rstd, the fp32 dL/dh and dL/dW the chunked loss computes in the forward, autocast's copy of the head
+    region: the activations + what the loss keeps for its backward (``loss_kept_bytes``: the final norm's rstd
+    (its x is the stage output), the fp32 dL/dh and dL/dW the chunked loss computes in the forward, autocast's copy of the head
     weight) — to the loss's two fp32 scalars. The model said dL/dh only (in the compute dtype) + dL/dW in 16-bit."""
     cfg = _config(*SHAPES[0], micro_batch=2, precision=precision)
     model = build_gpt(cfg, build_mesh(cfg.parallel, 1), torch.device("cpu")).train()
@@ -295,8 +297,8 @@ def test_gpt_training_step_peak_is_bounded_by_the_memory_model(checkpointing):
     are small here and live before the step). The model adds terms that never coexist, so it stays above the
     peak: without checkpointing the peak is the end of the forward (the loss's chunk), with no backward
     workspace yet; under full checkpointing it is the last layer's recompute, when the loss's chunk, dL/dh and
-    the stage output are gone. When written: 1.081 and 1.277 (1.056 and 1.233 before the loss's kept tensors
-    were counted — test_gpt_forward_end_is_activations_and_what_the_loss_keeps has them exactly; the model before
+    the stage output are gone. When written: 1.081 and 1.277; 1.066 and 1.256 once the norms kept x and rstd only
+    (models/lean_autograd.rms_norm) (1.056 and 1.233 before the loss's kept tensors were counted — test_gpt_forward_end_is_activations_and_what_the_loss_keeps has them exactly; the model before
     its GPT terms were counted from the saved tensors said 1.135 and 1.292)."""
     torch.set_num_threads(1)
     cfg = _config(64, 4, 2, 128, 4096, activation_checkpointing=checkpointing)

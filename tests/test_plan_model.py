@@ -63,15 +63,15 @@ def test_memory_hand_computed_single_rank(cpu):
     n = 2 * layer + 100 * 64 * 2 + 64                          # 86784
     assert m["weights"] == n * 4 and m["grads"] == n * 4 and m["optimizer"] == n * 8
     assert m["ddp_buckets"] == 0
-    # eager per token per layer (what autograd keeps, tests/test_gpt_saved_tensors.py): 6d + 2q + 2kv + 4f + 2 norm
-    # rstd + 4 heads' logsumexp = 384 + 128 + 64 + 512 + 6 = 1094 elements; per micro-batch the stage output (d)
+    # eager per token per layer (what autograd keeps, tests/test_gpt_saved_tensors.py): 4d (each norm's x and output)
+    # + 2q + 2kv + 4f + 2 norm rstd + 4 heads' logsumexp = 256 + 128 + 64 + 512 + 6 = 966 elements; per micro-batch the stage output (d)
     # and RoPE's cos/sin (2·16 per position, shared by the micro-batch's 2 samples: 16 per token)
     tokens = 2 * 64
-    assert m["activations"] == (2 * 1094 + 64 + 16) * tokens * 4
+    assert m["activations"] == (2 * 966 + 64 + 16) * tokens * 4
     # chunked loss (auto: one chunk holds all 128 tokens): fp32 logits, their gradient in place, + dL/dh
-    # + what the forward keeps for the backward (tests/test_gpt_saved_tensors.py): the final norm's x·rstd and rstd,
-    # and dL/dh, dL/dW in fp32
-    assert m["logits"] == tokens * 100 * 4 + tokens * (64 * 4 + 4) + (tokens + 100) * 64 * 4
+    # + what the forward keeps for the backward (tests/test_gpt_saved_tensors.py): the final norm's rstd (its
+    # x is the stage output), and dL/dh, dL/dW in fp32
+    assert m["logits"] == tokens * 100 * 4 + tokens * 4 + (tokens + 100) * 64 * 4
     full = predict(cfg(**{"train.loss_chunk": "full"}), cpu).memory
     assert full["logits"] == tokens * 100 * (4 + 4 + 4)                  # logits + fp32 log-softmax + grad
     assert m["total"] == pytest.approx(sum(v for k, v in m.items() if k != "total"))
@@ -82,12 +82,12 @@ def test_memory_of_the_chunked_loss(cpu):
     16-bit matmul output and gradient cast per chunk plus an fp32 dL/dW accumulator."""
     tokens, d, v = 2 * 64, 64, 100
     c32 = predict(cfg(**{"train.loss_chunk": 32}), cpu).memory
-    kept = tokens * (d * 4 + 4) + (tokens + v) * d * 4      # final norm's x·rstd, rstd; fp32 dL/dh, dL/dW
+    kept = tokens * 4 + (tokens + v) * d * 4      # final norm's rstd; fp32 dL/dh, dL/dW
     assert c32["logits"] == 32 * v * 4 + kept
     bf = predict(cfg(**{"train.loss_chunk": 32, "train.precision": "bf16"}), cpu).memory
     assert bf["logits"] == 32 * v * (4 + 2 * 2) + kept + v * d * 2       # + autocast's bf16 copy of the head
     big = predict(cfg(**{"train.loss_chunk": 32, "data.seq_len": 64 * 16}), cpu).memory
-    assert big["logits"] - c32["logits"] == 15 * tokens * (2 * d * 4 + 4)   # 16x the tokens: only per-token terms
+    assert big["logits"] - c32["logits"] == 15 * tokens * (d * 4 + 4)   # 16x the tokens: only per-token terms
 
 
 def test_memory_sharding_rules(cpu):
@@ -103,10 +103,10 @@ def test_memory_sharding_rules(cpu):
     assert z3["weights"] == base["weights"] / 2 and z1["ddp_buckets"] == 0
     full = predict(cfg(**{"train.activation_checkpointing": "full"}), cpu).memory
     tokens = 2 * 64
-    assert full["activations"] == (2 * 64 + 1094 + 64 + 16) * tokens * 4      # layer inputs + one layer recomputed
+    assert full["activations"] == (2 * 64 + 966 + 64 + 16) * tokens * 4      # layer inputs + one layer recomputed
     sel = predict(cfg(**{"train.activation_checkpointing": "selective"}), cpu).memory
     # the checkpointed core's inputs q, k, v are kept, and wo keeps its output: only the logsumexp goes
-    assert sel["activations"] == (2 * (1094 - 4) + 64 + 16) * tokens * 4
+    assert sel["activations"] == (2 * (966 - 4) + 64 + 16) * tokens * 4
     uly = predict(cfg(**{"parallel.cp": 2, "parallel.cp_method": "ulysses"}), cpu).memory
     # wo's sequence-layout copy of the output (q) and zigzag's permutation and inverse (2 int64 of u = 2)
     assert uly["activations"] - cp2["activations"] == 2 * (64 + 2 * 2 * 8 / 4) * 64 * 4
@@ -120,24 +120,24 @@ def test_memory_pipeline_ranks_tp_padding_and_precision(cpu):
     # (36992 + 6400), rank 1 = layer 1 + final norm + head (36992 + 64 + 6400)
     assert r0["weights"] == (36992 + 6400) * 4 and r1["weights"] == (36992 + 6400 + 64) * 4
     # global batch 4 / micro_batch 2 = 2 micro-batches; 1F1B keeps min(2, pp - r) in flight: 2 on rank 0,
-    # 1 on rank 1, each 1 layer × 1094 + the stage output 64 + cos/sin 16 elements per token, 128 tokens, fp32
-    assert r0["activations"] == 2 * (1094 + 80) * 128 * 4 and r1["activations"] == (1094 + 80) * 128 * 4
+    # 1 on rank 1, each 1 layer × 966 + the stage output 64 + cos/sin 16 elements per token, 128 tokens, fp32
+    assert r0["activations"] == 2 * (966 + 80) * 128 * 4 and r1["activations"] == (966 + 80) * 128 * 4
     # the loss lives on the last stage
-    assert r0["logits"] == 0 and r1["logits"] == 128 * 100 * 4 + 128 * (64 * 4 + 4) + (128 + 100) * 64 * 4
+    assert r0["logits"] == 0 and r1["logits"] == 128 * 100 * 4 + 128 * 4 + (128 + 100) * 64 * 4
     assert predict(c, cpu).memory == r0                               # the planner ranks the most loaded rank
     # tp=2 with vocab 101: padded to 102, 51 rows per rank for embedding and head; norms (2·64 per layer,
     # final 64) replicated, the other 36864 parameters of a layer halve
     tp = predict(cfg(**{"parallel.tp": 2, "model.vocab_size": 101}), cpu).memory
     assert tp["weights"] == (2 * (36864 // 2 + 128) + 2 * 51 * 64 + 64) * 4
-    assert tp["logits"] == 128 * 51 * 4 + 128 * (64 * 4 + 4) + (128 + 51) * 64 * 4
+    assert tp["logits"] == 128 * 51 * 4 + 128 * 4 + (128 + 51) * 64 * 4
     # train.precision overrides the profile's element size: bf16 on the cpu profile is 2 + 2 + (8 + 4 master)
     bf16 = predict(cfg(**{"train.precision": "bf16"}), cpu).memory
     base = predict(cfg(), cpu).memory
     assert bf16["weights"] == base["weights"] / 2 and bf16["optimizer"] == base["optimizer"] * 12 / 8
-    # autocast: the residual stream, the norms' insides, rstd, logsumexp and cos/sin stay fp32; each norm's output
-    # is cast to bf16 once, shared by its linears; matmul outputs are bf16 — bytes per token
-    # per layer 2·2·64·4 + 2·64·2 + (2·64 + 2·32 + 4·128)·2 + 2·4 + 4·4, per micro-batch 64·4 + 2·16·4 / 2
-    layer_bytes = 1024 + 256 + 1408 + 8 + 16
+    # autocast: the residual stream (each norm keeps its input x), rstd, logsumexp and cos/sin stay fp32; each norm's
+    # output is cast to bf16 once, shared by its linears; matmul outputs are bf16 — bytes per token
+    # per layer 2·64·4 + 2·64·2 + (2·64 + 2·32 + 4·128)·2 + 2·4 + 4·4, per micro-batch 64·4 + 2·16·4 / 2
+    layer_bytes = 512 + 256 + 1408 + 8 + 16
     weight_copies = 2 * 36864 * 2   # autocast's bf16 copy of each layer matmul weight, kept for its backward
     assert bf16["activations"] == (2 * layer_bytes + 256 + 64) * 128 + weight_copies
 

@@ -112,8 +112,8 @@ def gpt_eager_elems(cfg: Config, sh: Shape, loc: RankShape) -> tuple[float, floa
     fp32; 16-bit training is autocast) — but for DeepSpeed's bf16 module (:func:`module_in_16_bits`) —, the
     matmul outputs are in the compute dtype (``loc.bpe``):
 
-    * replicated (÷tp under sequence parallelism): each RMSNorm keeps its input x and x·rstd (the weight's
-      gradient reads it), fp32 — 2 norms × 2d;
+    * replicated (÷tp under sequence parallelism): each RMSNorm keeps only its input x, fp32, and recomputes
+      x·rstd in backward (``models/lean_autograd.rms_norm``; autograd's composition kept x·rstd too) — 2 norms × d;
     * gathered: the norm output as the linears keep it — under sequence parallelism only this rank's [S/tp, d]
       chunk, which ``TensorParallel.gathered_linears`` all-gathers again in backward (Megatron-LM's rule; the
       all-gathered [S, d] was kept before), so ÷tp. One tensor per norm, shared by its linears, in the compute
@@ -126,11 +126,9 @@ def gpt_eager_elems(cfg: Config, sh: Shape, loc: RankShape) -> tuple[float, floa
     * small: the rstd of the 2 norms (fp32, ÷tp under sequence parallelism); the attention's fp32
       logsumexp (heads per token) is the caller's "logsumexp"."""
     d, f32, tp_sp = sh.d, 4 / loc.bpe, sequence_split(cfg)
-    rep = 2 * 2 * d * f32 / tp_sp
-    if module_in_16_bits(cfg, loc):
-        # DeepSpeed's bf16 module: x is bf16, the norm keeps its fp32 upcast and a bf16 x·rstd; its output, bf16,
-        # is shared by the linears (no autocast)
-        rep = 2 * (d * f32 + d) / tp_sp
+    # DeepSpeed's bf16 module: x is bf16, and the norm keeps it as it is (no autocast: the bf16 norm output is
+    # shared by the linears)
+    rep = 2 * d * (1 if module_in_16_bits(cfg, loc) else f32) / tp_sp
     gathered = 2 * d
     par = 2 * loc.q + 2 * loc.kv + 4 * loc.f
     small = 2 * 4 / tp_sp / loc.bpe
@@ -261,8 +259,8 @@ def loss_kept_bytes(cfg: Config, sh: Shape, loc: RankShape, prof: Optional[Devic
     """What the chunked loss's forward leaves for its backward: dL/dh ([tokens, d]; ÷tp under sequence parallelism,
     which reduce-scatters it to the rank's sequence chunk in the forward) and dL/dW ([V_pad/tp, d]), computed in
     the forward (``chunked_loss.py``). For this repo's eager GPT (``prof`` not fused), counted live at the end of
-    the loss's forward (tests/test_gpt_saved_tensors.py): the final norm's x·rstd and rstd (fp32, ÷tp under
-    sequence parallelism); dL/dh and dL/dW fp32 (h is the fp32 norm output, dL/dW accumulates in
+    the loss's forward (tests/test_gpt_saved_tensors.py): the final norm's rstd (fp32, ÷tp under sequence
+    parallelism; its x is the stage output); dL/dh and dL/dW fp32 (h is the fp32 norm output, dL/dW accumulates in
     fp32 and the fp32 weight keeps it so) — in the dtype of DeepSpeed's bf16 module there; under autocast the
     weight's bf16 copy autocast caches. Otherwise (the fused convention): dL/dh in the compute dtype, dL/dW fp32
     in 16-bit training only. None for the unchunked loss, whose logits :func:`loss_chunk_bytes` holds whole."""
@@ -275,7 +273,7 @@ def loss_kept_bytes(cfg: Config, sh: Shape, loc: RankShape, prof: Optional[Devic
     if prof is None or not gpt_eager(sh, prof):
         return tokens_sp * sh.d * bpe + (loc.vocab * sh.d * 4 if bpe < 4 else 0.0)
     grads = bpe if module_in_16_bits(cfg, loc) else 4
-    norm = tokens_sp * (sh.d * 4 + 4)
+    norm = tokens_sp * 4  # rstd; the norm's input x is the stage output, counted with the activations
     copy = loc.vocab * sh.d * bpe if (bpe < 4 and not p.fsdp and not module_in_16_bits(cfg, loc)) else 0.0
     return norm + (tokens_sp + loc.vocab) * sh.d * grads + copy
 

@@ -36,19 +36,16 @@ from ..cost.layout import stages_of_rank
 from .attention import AttentionContext, attention
 from .chunked_loss import chunked_cross_entropy
 from .init import normal_full
+from .lean_autograd import at_least_fp32, rms_norm
 from .tensor_parallel import (TensorParallel, column_outputs, copy_shard_, padded_vocab_size, parallel_linear,
                               unsharded_shape)
 
 IGNORE_INDEX = -100
 
 
-def at_least_fp32(dtype: torch.dtype) -> torch.dtype:
-    """Reductions (norms, softmax) run in fp32 for 16-bit inputs and keep float64 for float64 references."""
-    return torch.promote_types(dtype, torch.float32)
-
-
 class RMSNorm(nn.Module):
-    """x [..., dim] -> normalised x * weight. Under sequence parallelism (``tp``) x holds this rank's
+    """x [..., dim] -> normalised x * weight, keeping only x and rstd [..., 1] (fp32) for backward
+    (:func:`~dist_train.models.lean_autograd.rms_norm`). Under sequence parallelism (``tp``) x holds this rank's
     S/tp tokens and the weight gradient is summed over tp (``tp.replicated_weight``)."""
 
     def __init__(self, dim: int, eps: float, tp: Optional[TensorParallel] = None):
@@ -58,9 +55,8 @@ class RMSNorm(nn.Module):
         self.tp = tp
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.to(at_least_fp32(x.dtype))
         w = self.weight if self.tp is None else self.tp.replicated_weight(self.weight)
-        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * w
+        return rms_norm(x, w, self.eps)
 
 
 def rope_inv_freq(head_dim: int, theta: float, scaling: Optional[dict] = None,
