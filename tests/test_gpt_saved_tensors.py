@@ -110,10 +110,12 @@ def test_gpt_saved_tensors_per_token_and_layer():
     """The hand count of one layer of d 64, 4 heads, 2 KV heads (head 16), f 128, fp32, one sample: each RMSNorm
     keeps x and its output (4d), rstd (2) — x·rstd is recomputed in backward (models/lean_autograd.rms_norm;
     autograd's composition kept it: 1,094 per token); RoPE only cos/sin (2·16 per stage); attention q, k, v, the
-    output and the logsumexp (2q + 2kv + 4); SwiGLU 4f — 966 + 32 per token, where the first model said 1,216."""
+    output and the logsumexp (2q + 2kv + 4); SwiGLU gate, up and w2's input 3f — silu(gate) is recomputed in
+    backward (models/lean_autograd.swiglu; 4f, 966 per token, before) — 838 + 32 per token, where the first model
+    said 1,216."""
     cfg = _config(*SHAPES[0])
     tokens, layers = 64, 2
-    assert counted_bytes(cfg) / 4 / tokens == layers * (4 * 64 + 2 + 2 * 64 + 2 * 32 + 4 + 4 * 128) + 2 * 16 + 64
+    assert counted_bytes(cfg) / 4 / tokens == layers * (4 * 64 + 2 + 2 * 64 + 2 * 32 + 4 + 3 * 128) + 2 * 16 + 64
     # two samples share one cos/sin: half of it per token
     two = _config(*SHAPES[0], micro_batch=2)
     assert counted_bytes(two) == pytest.approx(predicted_bytes(two), rel=1e-12)
@@ -297,8 +299,8 @@ def test_gpt_training_step_peak_is_bounded_by_the_memory_model(checkpointing):
     are small here and live before the step). The model adds terms that never coexist, so it stays above the
     peak: without checkpointing the peak is the end of the forward (the loss's chunk), with no backward
     workspace yet; under full checkpointing it is the last layer's recompute, when the loss's chunk, dL/dh and
-    the stage output are gone. When written: 1.081 and 1.277; 1.066 and 1.256 once the norms kept x and rstd only
-    (models/lean_autograd.rms_norm) (1.056 and 1.233 before the loss's kept tensors were counted — test_gpt_forward_end_is_activations_and_what_the_loss_keeps has them exactly; the model before
+    the stage output are gone. When written: 1.081 and 1.277; 1.073 and 1.163 once the norms kept x and rstd only and SwiGLU
+    gate and up only (models/lean_autograd) (1.056 and 1.233 before the loss's kept tensors were counted — test_gpt_forward_end_is_activations_and_what_the_loss_keeps has them exactly; the model before
     its GPT terms were counted from the saved tensors said 1.135 and 1.292)."""
     torch.set_num_threads(1)
     cfg = _config(64, 4, 2, 128, 4096, activation_checkpointing=checkpointing)

@@ -64,10 +64,11 @@ def test_memory_hand_computed_single_rank(cpu):
     assert m["weights"] == n * 4 and m["grads"] == n * 4 and m["optimizer"] == n * 8
     assert m["ddp_buckets"] == 0
     # eager per token per layer (what autograd keeps, tests/test_gpt_saved_tensors.py): 4d (each norm's x and output)
-    # + 2q + 2kv + 4f + 2 norm rstd + 4 heads' logsumexp = 256 + 128 + 64 + 512 + 6 = 966 elements; per micro-batch the stage output (d)
+    # + 2q + 2kv + 3f (SwiGLU's gate, up and product) + 2 norm rstd + 4 heads' logsumexp = 256 + 128 + 64 + 384 + 6
+    # = 838 elements; per micro-batch the stage output (d)
     # and RoPE's cos/sin (2·16 per position, shared by the micro-batch's 2 samples: 16 per token)
     tokens = 2 * 64
-    assert m["activations"] == (2 * 966 + 64 + 16) * tokens * 4
+    assert m["activations"] == (2 * 838 + 64 + 16) * tokens * 4
     # chunked loss (auto: one chunk holds all 128 tokens): fp32 logits, their gradient in place, + dL/dh
     # + what the forward keeps for the backward (tests/test_gpt_saved_tensors.py): the final norm's rstd (its
     # x is the stage output), and dL/dh, dL/dW in fp32
@@ -103,10 +104,10 @@ def test_memory_sharding_rules(cpu):
     assert z3["weights"] == base["weights"] / 2 and z1["ddp_buckets"] == 0
     full = predict(cfg(**{"train.activation_checkpointing": "full"}), cpu).memory
     tokens = 2 * 64
-    assert full["activations"] == (2 * 64 + 966 + 64 + 16) * tokens * 4      # layer inputs + one layer recomputed
+    assert full["activations"] == (2 * 64 + 838 + 64 + 16) * tokens * 4      # layer inputs + one layer recomputed
     sel = predict(cfg(**{"train.activation_checkpointing": "selective"}), cpu).memory
     # the checkpointed core's inputs q, k, v are kept, and wo keeps its output: only the logsumexp goes
-    assert sel["activations"] == (2 * (966 - 4) + 64 + 16) * tokens * 4
+    assert sel["activations"] == (2 * (838 - 4) + 64 + 16) * tokens * 4
     uly = predict(cfg(**{"parallel.cp": 2, "parallel.cp_method": "ulysses"}), cpu).memory
     # wo's sequence-layout copy of the output (q) and zigzag's permutation and inverse (2 int64 of u = 2)
     assert uly["activations"] - cp2["activations"] == 2 * (64 + 2 * 2 * 8 / 4) * 64 * 4
@@ -120,8 +121,8 @@ def test_memory_pipeline_ranks_tp_padding_and_precision(cpu):
     # (36992 + 6400), rank 1 = layer 1 + final norm + head (36992 + 64 + 6400)
     assert r0["weights"] == (36992 + 6400) * 4 and r1["weights"] == (36992 + 6400 + 64) * 4
     # global batch 4 / micro_batch 2 = 2 micro-batches; 1F1B keeps min(2, pp - r) in flight: 2 on rank 0,
-    # 1 on rank 1, each 1 layer × 966 + the stage output 64 + cos/sin 16 elements per token, 128 tokens, fp32
-    assert r0["activations"] == 2 * (966 + 80) * 128 * 4 and r1["activations"] == (966 + 80) * 128 * 4
+    # 1 on rank 1, each 1 layer × 838 + the stage output 64 + cos/sin 16 elements per token, 128 tokens, fp32
+    assert r0["activations"] == 2 * (838 + 80) * 128 * 4 and r1["activations"] == (838 + 80) * 128 * 4
     # the loss lives on the last stage
     assert r0["logits"] == 0 and r1["logits"] == 128 * 100 * 4 + 128 * 4 + (128 + 100) * 64 * 4
     assert predict(c, cpu).memory == r0                               # the planner ranks the most loaded rank
@@ -136,8 +137,8 @@ def test_memory_pipeline_ranks_tp_padding_and_precision(cpu):
     assert bf16["weights"] == base["weights"] / 2 and bf16["optimizer"] == base["optimizer"] * 12 / 8
     # autocast: the residual stream (each norm keeps its input x), rstd, logsumexp and cos/sin stay fp32; each norm's
     # output is cast to bf16 once, shared by its linears; matmul outputs are bf16 — bytes per token
-    # per layer 2·64·4 + 2·64·2 + (2·64 + 2·32 + 4·128)·2 + 2·4 + 4·4, per micro-batch 64·4 + 2·16·4 / 2
-    layer_bytes = 512 + 256 + 1408 + 8 + 16
+    # per layer 2·64·4 + 2·64·2 + (2·64 + 2·32 + 3·128)·2 + 2·4 + 4·4, per micro-batch 64·4 + 2·16·4 / 2
+    layer_bytes = 512 + 256 + 1152 + 8 + 16
     weight_copies = 2 * 36864 * 2   # autocast's bf16 copy of each layer matmul weight, kept for its backward
     assert bf16["activations"] == (2 * layer_bytes + 256 + 64) * 128 + weight_copies
 

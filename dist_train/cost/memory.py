@@ -121,8 +121,9 @@ def gpt_eager_elems(cfg: Config, sh: Shape, loc: RankShape) -> tuple[float, floa
       torch linear kept its own 16-bit cast before, and Megatron's tp linears and the sequence-parallel
       Function their fp32 input);
     * parallel (÷tp): RoPE keeps only cos/sin (no q/k copies); the attention keeps q, k, v and its output
-      (wo's input is a view of it); SwiGLU keeps w1's and w3's outputs, silu's output and the product — 2q +
-      2kv + 4f;
+      (wo's input is a view of it); SwiGLU keeps w1's and w3's outputs and w2 the product, silu(gate) being
+      recomputed in backward (``models/lean_autograd.swiglu``; autograd's composition kept it too) — 2q + 2kv +
+      3f;
     * small: the rstd of the 2 norms (fp32, ÷tp under sequence parallelism); the attention's fp32
       logsumexp (heads per token) is the caller's "logsumexp"."""
     d, f32, tp_sp = sh.d, 4 / loc.bpe, sequence_split(cfg)
@@ -130,7 +131,7 @@ def gpt_eager_elems(cfg: Config, sh: Shape, loc: RankShape) -> tuple[float, floa
     # shared by the linears)
     rep = 2 * d * (1 if module_in_16_bits(cfg, loc) else f32) / tp_sp
     gathered = 2 * d
-    par = 2 * loc.q + 2 * loc.kv + 4 * loc.f
+    par = 2 * loc.q + 2 * loc.kv + 3 * loc.f
     small = 2 * 4 / tp_sp / loc.bpe
     return rep, gathered / tp_sp, par, small
 

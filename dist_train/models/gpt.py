@@ -36,7 +36,7 @@ from ..cost.layout import stages_of_rank
 from .attention import AttentionContext, attention
 from .chunked_loss import chunked_cross_entropy
 from .init import normal_full
-from .lean_autograd import at_least_fp32, rms_norm
+from .lean_autograd import at_least_fp32, rms_norm, swiglu
 from .tensor_parallel import (TensorParallel, column_outputs, copy_shard_, padded_vocab_size, parallel_linear,
                               unsharded_shape)
 
@@ -130,7 +130,8 @@ class Attention(nn.Module):
 
 
 class FeedForward(nn.Module):
-    """SwiGLU; w1/w3 column-parallel, w2 row-parallel under tp (one all-reduce per MLP)."""
+    """SwiGLU (:func:`~dist_train.models.lean_autograd.swiglu`); w1/w3 column-parallel, w2 row-parallel under tp (one
+    all-reduce per MLP)."""
 
     def __init__(self, cfg: ModelConfig, tp: Optional[TensorParallel] = None):
         super().__init__()
@@ -143,7 +144,8 @@ class FeedForward(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: [B, S, d] ([B, S/tp, d] under sequence parallelism; the output has x's shape)."""
         gate, up = column_outputs(self.tp, x, (self.w1, self.w3))
-        return self.w2(F.silu(gate) * up)
+        # keeps gate and up, recomputing silu(gate) in backward: with w2's input 3f per token, not 4f
+        return self.w2(swiglu(gate, up))
 
 
 class Block(nn.Module):

@@ -6,6 +6,10 @@
 Engine's RMSNorm (memory-efficient mode): d + 1 per token, and x is usually the residual stream, which exists
 anyway.
 
+:func:`swiglu` — autograd's graph of ``silu(gate) * up`` keeps gate (silu's input), silu's output and up: with the
+next linear's input (the product) 4f per token. This Function keeps gate and up and recomputes silu(gate) in
+backward (Megatron's fused ``bias_swiglu`` / Transformer Engine's ``swiglu`` rule): 3f with the product.
+
 The forward runs the same ops as the composition (bit-identical values); the backward runs the ops autograd runs
 for it, in its order, so gradients equal autograd's up to the order in which a tensor's gradients are summed
 (x's, when x also feeds the residual connection).
@@ -13,6 +17,7 @@ for it, in its order, so gradients equal autograd's up to the order in which a t
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 
 def at_least_fp32(dtype: torch.dtype) -> torch.dtype:
@@ -54,3 +59,29 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """RMSNorm of x [..., d] with weight [d]: (x·rstd).type_as(x) * weight, keeping x and rstd (fp32 [..., 1]) for
     backward and recomputing x·rstd there (:class:`_RMSNorm`)."""
     return _RMSNorm.apply(x, weight, eps)
+
+
+class _SwiGLU(torch.autograd.Function):
+    """gate, up [..., f] -> silu(gate) * up [..., f] (dtype as the eager expression's); keeps gate and up only."""
+
+    @staticmethod
+    def forward(ctx, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(gate, up)
+        return F.silu(gate) * up
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        gate, up = ctx.saved_tensors
+        grad_gate = grad_up = None
+        if ctx.needs_input_grad[1]:
+            grad_up = (grad * F.silu(gate)).to(up.dtype)  # silu(gate) recomputed: autograd's graph kept it
+        if ctx.needs_input_grad[0]:
+            # mul's backward into silu's output (gate's dtype), then silu's own backward kernel, as autograd runs them
+            grad_gate = torch.ops.aten.silu_backward((grad * up).to(gate.dtype), gate)
+        return grad_gate, grad_up
+
+
+def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """SwiGLU's product silu(gate) * up of gate, up [..., f], keeping gate and up for backward and recomputing
+    silu(gate) there (:class:`_SwiGLU`)."""
+    return _SwiGLU.apply(gate, up)
