@@ -81,10 +81,10 @@ def test_memory_formula_by_zero_stage(cpu):
     assert one.params / 2 < tp2.params < one.params  # norms are replicated, the rest halves
     full = estimate_memory(_cfg(train={"activation_checkpointing": "full"}), stage, cpu)
     # d=32, q=32, kv=2·8=16, f=32·ceil(8·32/3/32)=96, 4 heads; eager layer (tests/test_gpt_saved_tensors.py) =
-    # 6d + 2q + 2kv + 4f + 2 rstd + 4 logsumexp = 192+64+32+384+6 = 678 elements/token; full: L·d layer inputs (64)
-    # + one recomputed layer (678) + the stage output (32) + RoPE cos/sin (2·8 per position, 2 samples: 8) = 782;
+    # 4d + 2q + 2kv + 3f + 2 rstd + 4 logsumexp = 128+64+32+288+6 = 518 elements/token; full: L·d layer inputs (64)
+    # + one recomputed layer (518) + the stage output (32) + RoPE cos/sin (2·8 per position, 2 samples: 8) = 622;
     # × micro_batch·S = 64 tokens × 4 B
-    assert full.activations == 782 * 64 * 4
+    assert full.activations == 622 * 64 * 4
     assert full.total == pytest.approx(full.params + full.grads + full.optimizer + full.activations + full.other)
     assert full.other >= cpu.baseline_bytes
 
@@ -110,8 +110,8 @@ def test_tp_pads_the_vocabulary(cpu):
     # vocabulary 63 padded to 64: 32 rows of d = 1024 each for embedding and head; final norm 32
     assert mem.params == (2 * (12288 // 2 + 64) + 2 * 1024 + 32) * 4
     # chunked loss, one chunk of all 64 tokens: 32 local rows of fp32 logits (gradient in place) + the final norm's
-    # x·rstd and rstd + fp32 dL/dh (d = 32) and dL/dW (32 local rows)
-    assert mem.components["logits"] == 64 * 32 * 4 + 64 * (32 * 4 + 4) + (64 + 32) * 32 * 4
+    # rstd + fp32 dL/dh (d = 32) and dL/dW (32 local rows)
+    assert mem.components["logits"] == 64 * 32 * 4 + 64 * 4 + (64 + 32) * 32 * 4
 
 
 def test_in_flight_microbatches_follow_torch_schedules():
