@@ -12,7 +12,7 @@ from dist_train.bench.memory import _point, point_config
 from tests.dist_harness import run_ranks
 
 MODEL = argparse.Namespace(d_model=32, layers=2, heads=4, kv_heads=2, vocab=2048, window=64, kv_piece=256,
-                           checkpointing="full", steps=0)
+                           checkpointing="full", precision="fp32", steps=0)
 
 
 def _peaks(seq_len: int) -> dict:

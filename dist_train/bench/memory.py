@@ -2,7 +2,7 @@
 sweep of sequence lengths S, at a fixed model, for each cp (ranks on this machine, one torch thread each).
 
 Each point builds the model exactly as training does (``build_gpt`` on the config's mesh, the config's
-engine, zigzag cp shards, synthetic learnable tokens) and runs optimizer steps on sequences of S tokens:
+engine with ``--precision``'s autocast, zigzag cp shards, synthetic learnable tokens) and runs optimizer steps on sequences of S tokens:
 per ``--loss-chunk`` setting one step measured for memory, then ``--steps`` timed steps per setting,
 interleaved. The memory step runs under ``torch.profiler`` with
 ``profile_memory=True`` (the tensor meter of ``bench attention``, validated on a known allocation pattern
@@ -37,6 +37,7 @@ from ..engines import build_engine
 from ..mesh import build_mesh
 from ..models.gpt import build_gpt
 from ..spawn import run_ranks
+from ..trainer import autocast_dtype
 from .attention import check_memory_meter, peak_tensor_bytes
 from .cli.memory import Sweep
 
@@ -51,7 +52,8 @@ def point_config(args: argparse.Namespace, seq_len: int, cp: int, loss_chunk: An
         "data": {"source": "synthetic", "seq_len": seq_len},
         "parallel": {"cp": cp, "cp_layout": "zigzag", "cp_kv_piece": args.kv_piece or None},
         "train": {"steps": args.steps + 1, "global_batch": 1, "micro_batch": 1, "lr": 2e-3, "warmup_steps": 0,
-                  "activation_checkpointing": args.checkpointing, "loss_chunk": loss_chunk, "progress": False},
+                  "activation_checkpointing": args.checkpointing, "loss_chunk": loss_chunk, "progress": False,
+                  "precision": args.precision},
         "checkpoint": {"every": 0, "at_end": False},
     }
 
@@ -65,7 +67,7 @@ def _point(rank: int, world: int, cfg_dict: dict, chunks: list, steps: int) -> d
     mesh = build_mesh(cfg.parallel, world)
     model = build_gpt(cfg, mesh, torch.device("cpu"))
     model.train()
-    engine = build_engine(cfg, model, mesh, None)
+    engine = build_engine(cfg, model, mesh, autocast_dtype(cfg, torch.device("cpu")))
     source = SyntheticTokenDataset(cfg.model.vocab_size, cfg.data.seq_len, cfg.run.seed)
     batcher = TokenBatcher(source, micro_batch=1, dp=1, dp_rank=0, cp=cfg.parallel.cp, cp_rank=mesh.coord("cp"),
                            layout=cfg.parallel.cp_layout)
@@ -115,6 +117,7 @@ def measure(args: argparse.Namespace, cps: list[int], seq_lens: list[int], chunk
                 # --steps 0: the memory step's own time (first step of the process, under the profiler)
                 step_s = max(statistics.median(m["step_s"]) if args.steps else m["measured_step_s"] for m in mine)
                 rec = {"seq_len": s, "cp": cp, "loss_chunk": chunk, "window": args.window or None,
+                       "precision": args.precision,
                        "tokens_per_rank": tokens, "peak_bytes_per_rank": peak, "bytes_per_token": peak / tokens,
                        "step_s": step_s, "step_s_timed": bool(args.steps), "rss_peak_bytes_per_rank": max(r["rss_peak_bytes"] for r in per_rank),
                        "param_bytes": per_rank[0]["param_bytes"], "losses": mine[0]["losses"], "wall_s": wall}
@@ -181,7 +184,7 @@ def plot(records: list[dict], path: str) -> None:
 
 
 def _write_csv(records: list[dict], path: str) -> None:
-    cols = ["seq_len", "cp", "loss_chunk", "window", "tokens_per_rank", "peak_bytes_per_rank", "bytes_per_token",
+    cols = ["seq_len", "cp", "loss_chunk", "window", "precision", "tokens_per_rank", "peak_bytes_per_rank", "bytes_per_token",
             "step_s", "rss_peak_bytes_per_rank", "param_bytes", "wall_s"]
     with open(path, "w", newline="") as fh:
         w = csv.DictWriter(fh, fieldnames=cols, extrasaction="ignore")

@@ -13,6 +13,7 @@ EPILOG = """example:
       --csv mem.csv --png mem.png
   dist-train bench memory --seq-lens 32768 --cp 2 --vocab 8192 --loss-chunk auto,full --steps 3
   dist-train bench memory --seq-lens 262144 --cp 2 --extend mem.json --json mem2.json --png mem2.png
+  dist-train bench memory --seq-lens 8192 --cp 1 --checkpointing none --precision bf16 --steps 3
   (cp=1 runs one rank; a cp=2 point runs 2 ranks of one thread each: on 2 cores they do not compete)
 """
 
@@ -33,6 +34,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="comma list of train.loss_chunk values (auto, full or tokens): one record each")
     parser.add_argument("--checkpointing", default="full", choices=("none", "full", "selective"),
                         help="train.activation_checkpointing")
+    parser.add_argument("--precision", default="fp32", choices=("fp32", "bf16"),
+                        help="train.precision (bf16: torch.autocast with fp32 parameters, the DDP engine's)")
     parser.add_argument("--steps", type=int, default=1,
                         help="timed steps per point and loss setting after the memory step (0: report the memory "
                              "step's own time)")
