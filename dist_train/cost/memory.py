@@ -32,7 +32,8 @@ Components (bytes):
                         in flight; + per micro-batch the stage output and a GPT's RoPE cos/sin; + in
                         16-bit training autocast's copies of the layer weights (a swin's: and biases)
                         (:func:`autocast_weight_bytes`); + on the first stage what the embedding keeps
-                        per micro-batch (:func:`embedding_kept_bytes`: Megatron's masked ids and mask)
+                        per micro-batch (:func:`embedding_kept_bytes`: Megatron's masked ids and mask; a
+                        swin's input patches)
     logits              head rank only (:func:`loss_bytes`), one micro-batch: chunked (train.loss_chunk)
                         c·V_pad/tp × (fp32 logits/their gradient in place + the 16-bit matmul output and
                         gradient copy) with c = min(chunk, tokens), + what the forward keeps
@@ -202,7 +203,8 @@ def autocast_weight_bytes(cfg: Config, sh: Shape, loc: RankShape, load: RankLoad
       their autograd Function (the transposed weight, a view autocast does not cache) and keep the fp32 weight.
     * swin: the weights and biases of its four linears (:func:`swin_linear_params`; the relative position bias
       table is indexed, not cast), at tp 1; under tp its linears are Megatron's, which keep none (their bias is
-      cast per call and added, ``tensor_parallel._plain_output``).
+      cast per call and added, ``tensor_parallel._plain_output``). On the first stage the patch embedding's weight
+      and bias (a torch Linear whatever tp is). The head's copy on the last stage is not counted here.
 
     Counted in tests/test_gpt_saved_tensors.py and tests/test_swin_saved_tensors.py."""
     p = cfg.parallel
@@ -210,7 +212,9 @@ def autocast_weight_bytes(cfg: Config, sh: Shape, loc: RankShape, load: RankLoad
         return 0.0
     if sh.kind == "swin":
         matmul = swin_linear_params(sh) if p.tp == 1 else 0
-    elif p.tp == 1:
+        embed = sh.embed_params() if load.embedding else 0
+        return (load.layers * matmul / p.tp + embed) * loc.bpe
+    if p.tp == 1:
         matmul = sh.layer_params() - sh.layer_replicated_params()
     else:
         matmul = (sh.q_dim + sh.ffn) * sh.d if p.sequence_parallel else 0
@@ -231,8 +235,13 @@ def embedding_kept_bytes(cfg: Config, sh: Shape, loc: RankShape) -> float:
     embedding's backward reads, and the out-of-range mask (bool) that zeroed those rows: 9 bytes per token of the
     rank's sequence — the whole of it, the embedding runs before sequence parallelism's scatter. A plain
     ``nn.Embedding`` keeps the batch's token ids themselves, which the batch holds anyway: none. Counted in
-    tests/test_gpt_embedding_memory.py."""
-    if sh.kind != "gpt" or cfg.parallel.tp == 1:
+    tests/test_gpt_embedding_memory.py. A swin's patch embedding (a Linear, replicated over tp) keeps its input
+    patches for its weight gradient, p²·in_channels per token of the rank's tile (or cp share, padding included) in
+    the compute dtype (autocast's cast; its weight's copy is :func:`autocast_weight_bytes`'); counted in
+    tests/test_swin_saved_tensors.py."""
+    if sh.kind == "swin":
+        return loc.tokens * sh.embed_in * loc.bpe
+    if cfg.parallel.tp == 1:
         return 0.0
     return loc.tokens * (8 + 1)
 
