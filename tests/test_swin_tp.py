@@ -179,7 +179,7 @@ def _checked_cases(world: int) -> int:
 
 @pytest.mark.parametrize("world", [3, 4, pytest.param(8, marks=pytest.mark.slow)])
 def test_swin_tensor_parallel_equals_single_rank(world):
-    """World 8 (tp 2 × cp 2 × wp 1×2 on 8 gloo ranks; 7 s when written, load average 10 on the 2 cores):
+    """World 8 (tp 2 × cp 2 × wp 1×2 on 8 gloo ranks; 7–11 s when written at load average 6–10 on the 2 cores):
     the halo exchange of the shifted block carries q|k|v of this rank's heads/(tp·cp) heads out and the attention
     output back — 4·d/(tp·cp) channels of the tile's two strips and corner, which ``swin_halo_traffic`` predicts —
     and the blocks keep what the memory model says, per rank, fp32 and bf16."""
