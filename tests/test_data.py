@@ -4,6 +4,7 @@ import json
 import numpy as np
 import pytest
 
+from dist_train.cli import main
 from dist_train.data.datasets import IndexedTokenDataset
 from dist_train.data.prepare import prepare_indexed
 from dist_train.data.tokenizer import ByteTokenizer
@@ -47,3 +48,21 @@ def test_a_failed_prepare_leaves_nothing_behind(tmp_path):
         with pytest.raises(ValueError, match=msg):
             prepare_indexed(inputs, str(out / "ds"), "byte")
         assert list(out.iterdir()) == [], (msg, list(out.iterdir()))
+
+
+def test_prepare_never_writes_over_a_dataset(tmp_path, capsys):
+    """A dataset at --output may be what runs train on and resume from (their checkpoints record its digest):
+    preparing other text there replaced it, and every such run was then refused at resume with its data gone.
+    Like the converters' outputs, it is never written over: one line, exit 2, the files untouched."""
+    (tmp_path / "a.txt").write_text("hello world\n")
+    (tmp_path / "b.txt").write_text("other text\n")
+    prefix = str(tmp_path / "ds")
+    prepare_indexed([tmp_path / "a.txt"], prefix, "byte")
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.name.startswith("ds.")}
+    assert sorted(before) == ["ds.bin", "ds.idx", "ds.meta.json"]
+    with pytest.raises(ValueError) as info:
+        prepare_indexed([tmp_path / "b.txt"], prefix, "byte")
+    assert "ds.bin" in str(info.value) and "choose a new --output" in str(info.value) and "\n" not in str(info.value)
+    assert main(["data", "prepare", "--input", str(tmp_path / "b.txt"), "--output", prefix]) == 2
+    assert len(capsys.readouterr().err.strip().splitlines()) == 1
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.name.startswith("ds.")} == before

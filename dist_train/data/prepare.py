@@ -85,8 +85,13 @@ def prepare_indexed(inputs: list[Path], output_prefix: str, tokenizer: str = "by
                     eod_token: Optional[str] = None) -> dict:
     """Tokenize ``inputs`` into ``output_prefix``.bin/.idx (+ .meta.json); returns {"prefix", "documents",
     "tokens", "vocab_size", "eod_id", "max_token_id", "tokenizer"}. eod_token: the EOD token's text for a
-    tokenizer.json (None: its recognised EOS, else ValueError)."""
+    tokenizer.json (None: its recognised EOS, else ValueError). An existing dataset at ``output_prefix`` is never
+    written over (ValueError)."""
 
+    taken = [f"{output_prefix}{suffix}" for suffix in (".bin", ".idx") if Path(f"{output_prefix}{suffix}").exists()]
+    if taken:  # runs may train on it and resume from it (their checkpoints record its digest)
+        raise ValueError(f"--output {output_prefix}: {' and '.join(taken)} already exist (a dataset runs may train on "
+                         "or resume from); choose a new --output, or delete them first")
     check_inputs(inputs)
     IndexedDatasetBuilder = megatron_indexed_dataset().IndexedDatasetBuilder
     tok = get_tokenizer(tokenizer, eod_token)
