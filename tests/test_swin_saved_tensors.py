@@ -27,23 +27,24 @@ import torch.distributed as dist
 from dist_train.config import config_from_dict
 from dist_train.bench.attention import peak_tensor_bytes
 from dist_train.cost.memory import (activation_elems_per_token, autocast_weight_bytes, embedding_kept_bytes,
-                                    memory_model)
-from dist_train.cost.shape import rank_inputs
+                                    memory_model, swin_masked_blocks)
+from dist_train.cost.shape import rank_inputs, shape_of
 from dist_train.models.swin import build_swin
 from dist_train.models.tensor_parallel import TensorParallel
 from dist_train.plan.profiles import builtin_profiles
 from tests.dist_harness import run_ranks
 from tests.saved_tensors import LiveStorages, kept_storages, parameter_storages
 
-# (d_model, heads, ffn, window, image): no padding (a padded tile's plain blocks hold a key mask too)
-SHAPES = [(32, 4, 64, 8, (32, 32)), (24, 2, 40, [4, 6], (16, 24))]
+# (d_model, heads, ffn, window, image): square and non-square windows, and a padded image (its plain blocks hold a
+# key-padding mask too)
+SHAPES = [(32, 4, 64, 8, (32, 32)), (24, 2, 40, [4, 6], (16, 24)), (32, 4, 64, 8, (30, 32))]
 
 
 def _config(d, heads, ffn, window, image, activation_checkpointing: str = "none", precision: str = "fp32",
-            micro_batch: int = 1, **parallel):
+            micro_batch: int = 1, wrap=(False, True), **parallel):
     return config_from_dict({
         "model": {"kind": "swin", "d_model": d, "n_layers": 2, "n_heads": heads, "ffn_hidden": ffn, "window": window,
-                  "in_channels": 3, "out_channels": 3, "wrap": [False, True]},
+                  "in_channels": 3, "out_channels": 3, "wrap": list(wrap)},
         "data": {"source": "weather", "image": list(image)}, "parallel": copy.deepcopy(parallel),
         "train": {"global_batch": micro_batch, "micro_batch": micro_batch, "precision": precision,
                   "activation_checkpointing": activation_checkpointing}})
@@ -83,7 +84,12 @@ def position_index_bytes_per_token(cfg, tokens: float) -> float:
     return 8 * (wh * ww) ** 2 / tokens
 
 
-@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"d{s[0]}h{s[1]}f{s[2]}w{s[3]}")
+def _shape_id(s) -> str:
+    return f"d{s[0]}h{s[1]}f{s[2]}w{s[3]}" + ("" if s[4][0] % (s[3] if isinstance(s[3], int) else s[3][0]) == 0
+                                              else "_padded")
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=_shape_id)
 def test_swin_activation_model_is_the_saved_tensors(shape):
     cfg = _config(*shape)
     tokens = rank_inputs(cfg, builtin_profiles()["cpu"])[1].tokens
@@ -92,6 +98,21 @@ def test_swin_activation_model_is_the_saved_tensors(shape):
     assert (plain + shifted) / 2 - index == pytest.approx(predicted_bytes_per_token(cfg), rel=1e-12), (plain, shifted)
     # full checkpointing: each block keeps its input, d per token (memory_model's layer inputs)
     assert saved_bytes_per_token(cfg, checkpointing="full") == [shape[0] * 4] * 2
+
+
+def test_swin_masks_are_kept_by_the_blocks_that_build_them():
+    """N bools per tile token in each block that masks: on a torus (both axes periodic) neither block of an unpadded
+    image masks; with a non-periodic axis the shifted block holds its region mask; padding adds the plain block's
+    key-padding mask (the model charged the shifted block's mask always and the plain block's never)."""
+    torus = _config(32, 4, 64, 8, (32, 32), wrap=(True, True))
+    plain, shifted = saved_bytes_per_token(torus)
+    assert plain == shifted and swin_masked_blocks(torus, shape_of(torus)) == 0
+    index = position_index_bytes_per_token(torus, 1024)
+    assert plain - index == pytest.approx(predicted_bytes_per_token(torus), rel=1e-12)
+    for shape, masked in ((SHAPES[0], 1), (SHAPES[2], 2)):
+        cfg = _config(*shape)
+        plain, shifted = saved_bytes_per_token(cfg)
+        assert shifted - plain == (64 if masked == 1 else 0) and swin_masked_blocks(cfg, shape_of(cfg)) == masked
 
 
 def _cp_counts(rank: int, world: int, shapes) -> list:
@@ -118,8 +139,9 @@ def test_swin_training_step_peak_is_the_memory_model(checkpointing):
     """The whole step, measured: the peak of CPU tensor memory (torch.profiler's allocator events,
     ``bench.attention.peak_tensor_bytes``) over one forward + backward of a single-rank swin (8,192 tokens,
     one padded window row) against the memory model's activations + loss + workspace (weights, gradients and
-    optimizer are tiny here): within 5% (+0.5% none, +1.7% full since the patch embedding's kept patches are counted,
-    +0.3% / +1.3% before; the model before its swin terms were counted from the saved tensors said +23% / +20%)."""
+    optimizer are tiny here): within 5% (+1.7% none, +2.7% full since the patch embedding's kept patches and this
+    padded image's plain-block masks are counted, +0.3% / +1.3% before; the model before its swin terms were counted
+    from the saved tensors said +23% / +20%)."""
     torch.set_num_threads(1)
     cfg = _config(32, 2, 64, 8, (60, 128), activation_checkpointing=checkpointing)
     model = build_swin(cfg.model, wp_group=None, grid=(1, 1), activation_checkpointing=checkpointing,
@@ -192,7 +214,7 @@ def predicted_block_bytes(cfg, micro_batches: int = 1) -> float:
 
 
 @pytest.mark.parametrize("checkpointing", ["none", "selective", "full"])
-@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"d{s[0]}h{s[1]}f{s[2]}w{s[3]}")
+@pytest.mark.parametrize("shape", SHAPES, ids=_shape_id)
 def test_swin_bf16_autocast_keeps_copies_of_the_weights_and_biases(shape, checkpointing):
     """train.precision bf16 (torch.autocast on CPU, fp32 parameters): the blocks keep what they keep in fp32 at 2
     bytes (the patch embedding's output, hence the residual stream, is bf16; LayerNorm's statistics stay fp32),

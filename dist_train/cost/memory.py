@@ -52,7 +52,7 @@ from typing import Optional
 from ..config import Config, resolve_loss_chunk
 from ..plan.profiles import DeviceProfile
 from .layout import RankLoad, Stage, load_of
-from .shape import RankShape, Shape, cp_execution, rank_inputs, recompute_scope, ring_piece_tokens
+from .shape import RankShape, Shape, cp_execution, rank_inputs, recompute_scope, ring_piece_tokens, token_grid
 
 
 def sequence_split(cfg: Config) -> int:
@@ -80,12 +80,12 @@ def activation_elems_per_token(cfg: Config, sh: Shape, prof: DeviceProfile, loc:
         # (the raw scores are not kept: the scale, bias and mask ops save no input) — heads·N. Small: LayerNorm
         # mean and rstd (2 norms × 2 values: fp32 — but in bf16 for DeepSpeed's bf16 module on CPU, whose
         # LayerNorm kernel keeps them in the input's dtype unless the weight's differs; CUDA's keeps fp32), and the
-        # shifted block's region mask, N bools per token of the whole tile (cp·N per rank token under cp, where
-        # attention runs on the whole tile), i.e. half of it per layer of a (plain, shifted) pair.
+        # attention masks, N bools per token of the whole tile (cp·N per rank token under cp, where attention runs
+        # on the whole tile) in the blocks of a (plain, shifted) pair that hold one (:func:`swin_masked_blocks`).
         rep, par = 4 * d, 4 * loc.q + 2 * loc.f
         scores = loc.heads * sh.span
         stat_bytes = loc.bpe if module_in_16_bits(cfg, loc) and prof.is_cpu else 4
-        small = (2 * 2 * stat_bytes + cfg.parallel.cp * sh.span / 2) / loc.bpe
+        small = (2 * 2 * stat_bytes + cfg.parallel.cp * sh.span * swin_masked_blocks(cfg, sh) / 2) / loc.bpe
         rep /= tp_sp
     elif prof.fused_kernels:
         rep, par = 4 * d, 2 * loc.q + 2 * loc.kv + 3 * loc.f
@@ -103,6 +103,17 @@ def activation_elems_per_token(cfg: Config, sh: Shape, prof: DeviceProfile, loc:
         uly = gpt_ulysses_elems(cfg, sh, loc)
     return {"replicated": rep, "gathered": gathered, "parallel": par, "scores": scores, "ulysses": uly,
             "small": small, "logsumexp": lse}
+
+
+def swin_masked_blocks(cfg: Config, sh: Shape) -> int:
+    """How many blocks of a (plain, shifted) swin pair keep an attention mask (N bools per tile token,
+    ``parallelism.window.windows.window_attention``) on the tile that holds the most: the shifted block when its roll
+    wraps a non-periodic axis (the far tile along it: the region mask) or the image is padded; the plain block when
+    the image is padded (the last tiles' key-padding mask). Nearer tiles may hold fewer."""
+    th, tw, ph, pw = token_grid(tuple(cfg.data.image), cfg.model.patch_size, sh.window)
+    padded = (th, tw) != (ph, pw)
+    wraps_open_axis = any(not periodic and win // 2 > 0 for periodic, win in zip(cfg.model.wrap, sh.window))
+    return int(padded) + int(padded or wraps_open_axis)
 
 
 def gpt_eager_elems(cfg: Config, sh: Shape, loc: RankShape) -> tuple[float, float, float, float]:
