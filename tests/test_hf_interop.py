@@ -5,6 +5,7 @@ as Mistral; every config field is mapped or refused; each refusal is one line an
 cp=2 from an import starts at HF's loss on the same batch."""
 import dataclasses
 import json
+import shutil
 
 import pytest
 import torch
@@ -309,3 +310,44 @@ def test_a_tied_config_over_a_distinct_lm_head_is_refused(tmp_path):
     ours = _gpt_from(hf.from_hf(tmp_path / "same", tmp_path / "out2"))
     assert ours.cfg.tie_embeddings
     assert (_gpt_logits(ours, tokens) - _hf_logits(_load_hf(tmp_path / "same"), tokens)).abs().max().item() < 1e-5
+
+
+def _random_llama(seed: int):
+    model = _hf_model("llama")
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.2)
+    return model
+
+
+@pytest.mark.parametrize("layout", ["single_and_stray", "index_and_stale_single", "index_only", "index_and_stray"])
+def test_the_weight_files_read_are_the_ones_transformers_reads(layout, tmp_path):
+    """A directory may hold more *.safetensors than the model's: a stale single file beside a sharded save, a stray
+    copy. transformers reads model.safetensors when it exists, else the shards model.safetensors.index.json names;
+    the import read every *.safetensors and let the last one (by name) win. It now reads exactly what transformers
+    reads (equal logits), and a tensor in two of the files it reads is refused."""
+    src, other = tmp_path / "src", tmp_path / "other"
+    main_model, stray = _random_llama(1), _random_llama(2)
+    stray.save_pretrained(other)
+    main_model.save_pretrained(src, max_shard_size="20KB" if layout.startswith("index") else "1GB")
+    if layout == "single_and_stray":
+        shutil.copy(other / "model.safetensors", src / "zz-copy.safetensors")
+    elif layout == "index_and_stale_single":
+        shutil.copy(other / "model.safetensors", src / "model.safetensors")
+    elif layout == "index_and_stray":
+        shutil.copy(other / "model.safetensors", src / "zz-copy.safetensors")
+    tokens = _tokens()
+    want = _hf_logits(_load_hf(src), tokens)
+    ours = _gpt_from(hf.from_hf(src, tmp_path / "out"))
+    assert (_gpt_logits(ours, tokens) - want).abs().max().item() < 1e-5
+
+
+def test_a_tensor_in_two_weight_files_is_refused(tmp_path):
+    src = tmp_path / "src"
+    _random_llama(1).save_pretrained(src)
+    (src / "model.safetensors").rename(src / "a.safetensors")  # no single file, no index: every file is read
+    shutil.copy(src / "a.safetensors", src / "b.safetensors")
+    with pytest.raises(ValueError, match=r"is in both a.safetensors and b.safetensors"):
+        hf.from_hf(src, tmp_path / "out")
+    assert not (tmp_path / "out").exists()

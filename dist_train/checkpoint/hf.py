@@ -351,17 +351,42 @@ def model_config_from_hf(hf: dict) -> ModelConfig:
     return m
 
 
+SINGLE_FILE, INDEX_FILE = "model.safetensors", "model.safetensors.index.json"
+
+
+def weight_files(hf_dir: Path) -> list[Path]:
+    """The ``*.safetensors`` of ``hf_dir`` that transformers reads: ``model.safetensors`` when it exists, else the
+    shards ``model.safetensors.index.json`` names; without either, every ``*.safetensors`` there. Other files
+    beside them (a stale single file of an earlier save, a stray copy) are not the model's."""
+    if (hf_dir / SINGLE_FILE).is_file():
+        return [hf_dir / SINGLE_FILE]
+    if (hf_dir / INDEX_FILE).is_file():
+        names = sorted(set((json.loads((hf_dir / INDEX_FILE).read_text()).get("weight_map") or {}).values()))
+        missing = [n for n in names if not (hf_dir / n).is_file()]
+        if not names or missing:
+            raise ValueError(f"{hf_dir / INDEX_FILE}: names {', '.join(missing) or 'no shard'}"
+                             f"{' (missing)' if missing else ''}; expected the shards of a complete save")
+        return [hf_dir / n for n in names]
+    return sorted(hf_dir.glob("*.safetensors"))
+
+
 def read_hf_dir(hf_dir: PathLike) -> tuple[dict, dict[str, torch.Tensor]]:
-    """(config.json, {dist-train name: tensor}) of an HF directory (one or more ``*.safetensors``)."""
+    """(config.json, {dist-train name: tensor}) of an HF directory (its :func:`weight_files`); a tensor in two of
+    them is refused (which one is the model's is not said)."""
     hf_dir = Path(hf_dir)
     cfg_path = hf_dir / "config.json"
-    files = sorted(hf_dir.glob("*.safetensors"))
-    if not cfg_path.is_file() or not files:
+    files = weight_files(hf_dir) if cfg_path.is_file() else []
+    if not files:
         raise ValueError(f"{hf_dir}: expected config.json and *.safetensors (an HF Llama/Mistral directory)")
     hf = json.loads(cfg_path.read_text())
     tensors: dict[str, torch.Tensor] = {}
+    source: dict[str, str] = {}
     for f in files:
         for name, t in load_file(str(f)).items():
+            if name in source:
+                raise ValueError(f"{hf_dir}: tensor {name} is in both {source[name]} and {f.name}: which one is the "
+                                 "model's is not said; move the other file away")
+            source[name] = f.name
             tensors[from_hf_name(name)] = t
     return hf, tensors
 
