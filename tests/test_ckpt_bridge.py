@@ -145,3 +145,19 @@ def test_closed_stdout_pipe_ends_quietly(tmp_path):
         p.wait(timeout=120)
         assert "Traceback" not in err and "BrokenPipe" not in err and err.strip() == "", err
         assert p.returncode in (0, 141), (args, p.returncode)
+
+
+def test_a_resume_from_an_import_that_records_no_model_config_says_so(tmp_path, capsys):
+    """`--from dcp` without --config records no model section: nothing can check the keys that change the
+    function without changing a shape (rope_theta, rope_scaling, norm_eps, attention_window), so a resume with
+    another rope_theta loaded the weights into another model without a word. It still loads (the documented
+    import), and one line names the checkpoint, what cannot be checked and how to record it."""
+    model, cfg = _model("gpt", tmp_path)
+    dcp.save(model.state_dict(), checkpoint_id=str(tmp_path / "stock"))
+    assert main(["ckpt", "convert", str(tmp_path / "stock"), "--from", "dcp", str(tmp_path / "init")]) == 0
+    capsys.readouterr()
+    other = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, rope_theta=500000.0),
+                                checkpoint=dataclasses.replace(cfg.checkpoint, resume=str(tmp_path / "init")))
+    assert train(other).start_step == 0
+    said = [line for line in capsys.readouterr().out.splitlines() if "records no model config" in line]
+    assert len(said) == 1 and "step_0" in said[0] and "rope_theta" in said[0] and "--config" in said[0], said
