@@ -28,6 +28,7 @@ from .checkpoint.storage import CheckpointError
 from .config import Config, ConfigError
 from .cost import memory_model, model_params, rank_inputs
 from .data.datasets import IndexedTokenDataset, training_digest
+from .data.documents import resolve_eod_id
 from .data.integrity import check_indexed_dataset
 from .data.tokenizer import get_tokenizer
 from .data.weather import other_dataset_message, weather_meta
@@ -127,6 +128,25 @@ def check_data(cfg: Config) -> None:
                 raise ConfigError(other)
     if d.tokenizer != "byte" and not Path(d.tokenizer).is_file():
         raise ConfigError(f"data.tokenizer = {d.tokenizer}: no such file (byte, or the path of a tokenizer.json)")
+    check_end_of_document(cfg)
+
+
+def check_end_of_document(cfg: Config) -> None:
+    """A GPT document option (data.document_mask / reset_positions / eod_mask_loss) needs an end-of-document id
+    inside the vocabulary: one outside it (the byte tokenizer's 256 under model.vocab_size = 64) never occurs, and
+    the option would silently do nothing."""
+    d = cfg.data
+    if cfg.model.kind != "gpt" or not (d.document_mask or d.reset_positions or d.eod_mask_loss):
+        return
+    try:
+        eod = resolve_eod_id(d)
+    except ValueError:  # an unreadable sidecar or tokenizer: check_data's refusal, or the trainer's
+        return
+    if eod >= cfg.model.vocab_size:
+        option = next(k for k in ("document_mask", "reset_positions", "eod_mask_loss") if getattr(d, k))
+        raise ConfigError(f"data.{option}: the end-of-document id {eod} (data.eod_id null: the dataset's, else the "
+                          f"tokenizer's) is outside model.vocab_size = {cfg.model.vocab_size}, so no document would "
+                          "ever end; set data.eod_id to a token id the data holds")
 
 
 def _check_indexed(cfg: Config) -> None:

@@ -17,7 +17,7 @@ from dist_train.data.prepare import prepare_indexed
 from dist_train.data.sidecar import sidecar_path
 from dist_train.engines import cpu_autocast_refusal
 from dist_train.preflight import preflight
-from tests.trainer_utils import run_cli
+from tests.trainer_utils import run_cli, tiny_gpt_config
 
 
 @pytest.fixture(scope="module")
@@ -305,3 +305,14 @@ def test_resume_path_older_than_the_newest_in_the_checkpoint_dir_is_refused(tmp_
              f"checkpoint.resume = {first} is at step 1, but {root} holds newer checkpoints (step_2)")
     preflight(_cfg(tmp_path, dataset, checkpoint={"dir": str(tmp_path / "other"), "resume": str(first)}),
               on_cuda=False)  # another run's checkpoint dir: nothing newer there
+
+
+@pytest.mark.parametrize("option", ["document_mask", "reset_positions", "eod_mask_loss"])
+def test_a_document_option_whose_end_of_document_id_is_outside_the_vocabulary_is_refused(tmp_path, option):
+    """Synthetic data with model.vocab_size 64 and the byte tokenizer's EOD id 256: no token can ever end a
+    document, so the option silently did nothing (a benchmark of packed attention measured unpacked attention)."""
+    cfg = tiny_gpt_config(tmp_path / "run", data={option: True})
+    with pytest.raises(ConfigError) as info:
+        preflight(cfg, on_cuda=False)
+    assert f"data.{option}" in str(info.value) and "256" in str(info.value) and "data.eod_id" in str(info.value)
+    preflight(tiny_gpt_config(tmp_path / "run", data={option: True, "eod_id": 3}), on_cuda=False)
