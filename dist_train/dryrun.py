@@ -18,7 +18,7 @@ import torch
 
 from .config import Config
 from .cost.layout import stages_of_rank
-from .cost.memory import MemoryEstimate, estimate_memory
+from .cost.memory import PHASE_LABELS, MemoryEstimate, estimate_memory
 from .mesh import AXES, axis_sizes, rank_coords
 from .plan.profiles import DeviceProfile, builtin_profiles, get_profile
 
@@ -99,7 +99,8 @@ def format_layout(cfg: Config, rows: list[RankLayout]) -> str:
              f"fsdp {'on' if p.fsdp else 'off'} | "
              f"pp_schedule {p.pp_schedule if p.pp > 1 else '-'} | checkpointing {cfg.train.activation_checkpointing}",
              f"memory per rank in GiB ({source}): params, grads (+ DDP buckets), optimizer, activations, "
-             "other (baseline, logits, comm buffers, workspace, FSDP2 gathered copies)"]
+             "other (baseline, logits, comm buffers, workspace, FSDP2 gathered copies); total: the step's peak, at "
+             "phase loss (end of forward), bwd or optim; not the columns' sum, which never all coexist"]
     # columns as wide as their largest value: a 16,384-rank layout stays aligned
     wr = max([4] + [len(str(r.rank)) for r in rows])
     wc = max([3] + [len(str(v)) for r in rows for v in r.coords.values()])
@@ -107,14 +108,15 @@ def format_layout(cfg: Config, rows: list[RankLayout]) -> str:
     shown = ("dp", "pp", "cp", "tp", "wp")  # the mesh coordinates, in the table's order
     lines.append(" ".join([f"{'rank':>{wr}}", *(f"{a:>{wc}}" for a in shown)]) +
                  f"  {'stages':<8} {'layers':<{wl}} {'emb':>3} {'head':>4} {'params':>8} {'grads':>8} "
-                 f"{'optim':>8} {'acts':>8} {'other':>8} {'total':>8}")
+                 f"{'optim':>8} {'acts':>8} {'other':>8} {'total':>8} at")
     for r in rows:
         st = ",".join(str(s.index) for s in r.stages) or "-"
         emb = "y" if any(s.first for s in r.stages) else "-"
         head = "y" if any(s.last for s in r.stages) else "-"
         mem = r.memory
-        mem_s = " ".join(f"{_gib(x):>8}" for x in (mem.params, mem.grads, mem.optimizer, mem.activations, mem.other,
-                                                   mem.total)) if mem else "-"
+        mem_s = " ".join([*(f"{_gib(x):>8}" for x in (mem.params, mem.grads, mem.optimizer, mem.activations,
+                                                      mem.other, mem.total)),
+                          PHASE_LABELS[mem.peak_phase]]) if mem else "-"
         lines.append(" ".join([f"{r.rank:>{wr}}", *(f"{r.coords[a]:>{wc}}" for a in shown)]) +
                      f"  {st:<8} {_layers_str(r.layers):<{wl}} {emb:>3} {head:>4} {mem_s}")
     return "\n".join(lines)

@@ -42,7 +42,7 @@ VARIANTS = {
 def _prediction(cfg, prof) -> dict:
     p = predict(cfg, prof)
     return {"memory": p.memory, "time": p.time, "step_time_s": p.step_time_s, "tokens_per_s": p.tokens_per_s,
-            "mfu": p.mfu, "flops_per_token": p.flops_per_token}
+            "mfu": p.mfu, "flops_per_token": p.flops_per_token, "memory_phases": p.memory_phases}
 
 
 def figures() -> dict:
@@ -53,7 +53,8 @@ def figures() -> dict:
         for dev in ("h100", "cpu"):
             out["predict"][f"{name}/{dev}"] = _prediction(c, prof[dev])
         rows = rank_layout(c, profile=prof["h100"])
-        out["dry_run"][name] = [[r.rank, [s.index for s in r.stages], r.memory.components] for r in rows]
+        out["dry_run"][name] = [[r.rank, [s.index for s in r.stages], r.memory.components, r.memory.phases]
+                                for r in rows]
         fps = train_flops_per_token(c) * c.data.seq_len
         out["flops"][name] = {"per_token": flops_per_token(shape_of(c)), "per_sample": fps,
                               "total_params": model_params(c),

@@ -69,13 +69,25 @@ def test_memory_hand_computed_single_rank(cpu):
     # and RoPE's cos/sin (2·16 per position, shared by the micro-batch's 2 samples: 16 per token)
     tokens = 2 * 64
     assert m["activations"] == (2 * 838 + 64 + 16) * tokens * 4
-    # chunked loss (auto: one chunk holds all 128 tokens): fp32 logits, their gradient in place, + dL/dh
-    # + what the forward keeps for the backward (tests/test_gpt_saved_tensors.py): the final norm's rstd (its
-    # x is the stage output), and dL/dh, dL/dW in fp32
-    assert m["logits"] == tokens * 100 * 4 + tokens * 4 + (tokens + 100) * 64 * 4
+    # chunked loss (auto: one chunk holds all 128 tokens), at its peak (torch.logsumexp; tests/test_gpt_saved_tensors.py):
+    # fp32 logits and logsumexp's temporary of their size, 30 B of per-token tensors, the final norm's fp32 output h
+    # + what the forward keeps for the backward: the final norm's rstd (its x is the stage output), and dL/dh, dL/dW
+    # in fp32
+    kept = tokens * 4 + (tokens + 100) * 64 * 4
+    assert m["logits"] == tokens * 100 * 8 + tokens * 30 + tokens * 64 * 4 + kept
     full = predict(cfg(**{"train.loss_chunk": "full"}), cpu).memory
     assert full["logits"] == tokens * 100 * (4 + 4 + 4)                  # logits + fp32 log-softmax + grad
-    assert m["total"] == pytest.approx(sum(v for k, v in m.items() if k != "total"))
+    # the backward's workspace: the final norm's 6 fp32 [tokens, d] + 16 B (1552 B/token) above SwiGLU's 3f (1536)
+    assert m["workspace"] == tokens * (6 * 64 * 4 + 16)
+    # the total is the step's peak phase: the final norm's backward (the loss's tensors freed but dL/dh, its
+    # workspace formed), above the loss (2 micro-batches: the second's loss runs with the first's gradients)
+    states = m["baseline"] + m["weights"] + m["grads"] + m["optimizer"]
+    phases = pred.memory_phases
+    assert phases["loss"] == states + m["activations"] + m["logits"]
+    assert phases["backward"] == states + m["activations"] + m["workspace"]
+    assert phases["optimizer"] == states + 3 * 4 * 128 * 64   # AdamW: w3's sqrt and division while w1's denom is bound
+    assert m["total"] == phases["backward"] > phases["loss"]
+    assert m["total"] < sum(v for k, v in m.items() if k != "total")
 
 
 def test_memory_of_the_chunked_loss(cpu):
@@ -84,11 +96,12 @@ def test_memory_of_the_chunked_loss(cpu):
     tokens, d, v = 2 * 64, 64, 100
     c32 = predict(cfg(**{"train.loss_chunk": 32}), cpu).memory
     kept = tokens * 4 + (tokens + v) * d * 4      # final norm's rstd; fp32 dL/dh, dL/dW
-    assert c32["logits"] == 32 * v * 4 + kept
+    # one chunk's fp32 logits and logsumexp's temporary, its 30 B per token, the final norm's fp32 output h
+    assert c32["logits"] == 32 * v * 8 + 32 * 30 + tokens * d * 4 + kept
     bf = predict(cfg(**{"train.loss_chunk": 32, "train.precision": "bf16"}), cpu).memory
-    assert bf["logits"] == 32 * v * (4 + 2 * 2) + kept + v * d * 2       # + autocast's bf16 copy of the head
+    assert bf["logits"] == 32 * v * 8 + 32 * 30 + tokens * d * 4 + kept + v * d * 2  # + autocast's bf16 copy of the head
     big = predict(cfg(**{"train.loss_chunk": 32, "data.seq_len": 64 * 16}), cpu).memory
-    assert big["logits"] - c32["logits"] == 15 * tokens * (d * 4 + 4)   # 16x the tokens: only per-token terms
+    assert big["logits"] - c32["logits"] == 15 * tokens * (2 * d * 4 + 4)   # 16x the tokens: only per-token terms
 
 
 def test_memory_sharding_rules(cpu):
@@ -124,13 +137,13 @@ def test_memory_pipeline_ranks_tp_padding_and_precision(cpu):
     # 1 on rank 1, each 1 layer × 838 + the stage output 64 + cos/sin 16 elements per token, 128 tokens, fp32
     assert r0["activations"] == 2 * (838 + 80) * 128 * 4 and r1["activations"] == (838 + 80) * 128 * 4
     # the loss lives on the last stage
-    assert r0["logits"] == 0 and r1["logits"] == 128 * 100 * 4 + 128 * 4 + (128 + 100) * 64 * 4
+    assert r0["logits"] == 0 and r1["logits"] == 128 * 100 * 8 + 128 * 30 + 128 * 64 * 4 + 128 * 4 + (128 + 100) * 64 * 4
     assert predict(c, cpu).memory == r0                               # the planner ranks the most loaded rank
     # tp=2 with vocab 101: padded to 102, 51 rows per rank for embedding and head; norms (2·64 per layer,
     # final 64) replicated, the other 36864 parameters of a layer halve
     tp = predict(cfg(**{"parallel.tp": 2, "model.vocab_size": 101}), cpu).memory
     assert tp["weights"] == (2 * (36864 // 2 + 128) + 2 * 51 * 64 + 64) * 4
-    assert tp["logits"] == 128 * 51 * 4 + 128 * 4 + (128 + 51) * 64 * 4
+    assert tp["logits"] == 128 * 51 * 8 + 128 * 30 + 128 * 64 * 4 + 128 * 4 + (128 + 51) * 64 * 4
     # train.precision overrides the profile's element size: bf16 on the cpu profile is 2 + 2 + (8 + 4 master)
     bf16 = predict(cfg(**{"train.precision": "bf16"}), cpu).memory
     base = predict(cfg(), cpu).memory

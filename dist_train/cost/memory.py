@@ -3,6 +3,7 @@
     sh, loc = rank_inputs(cfg, prof)                    # dist_train.cost.shape
     mem = memory_model(cfg, sh, prof, loc)              # the most loaded pipeline rank (what decides "fits")
     mem = memory_model(cfg, sh, prof, loc, load)        # one pipeline rank's exact RankLoad
+    phases = memory_phases(cfg, sh, prof, loc)          # {"loss", "backward", "optimizer"}: mem["total"] is the max
     est = estimate_memory(cfg, stages_of_rank(cfg, r), prof)   # grouped as the dry run's table columns
 
 ``dist-train plan``, the predictions beside each ``dist-train scale`` point and ``dist-train launch
@@ -42,7 +43,12 @@ Components (bytes):
     comm_buffers        ring double buffers for K/V and dK/dV, all-to-all outputs — of the cp that runs
                         (:func:`~dist_train.cost.shape.cp_execution`: a swin's is Ulysses whatever
                         parallel.cp_method says)
-    workspace           one layer's activation gradients in flight
+    workspace           what the backward creates above the activations it frees (:func:`backward_workspaces`:
+                        counted for the eager GPT; one layer's activation gradients otherwise)
+    total               the step's PEAK: the largest of its phases (:func:`step_phases`: the loss at the end
+                        of the forward, the first layer's backward, the optimizer step), each the components
+                        alive then — not their sum: the loss's chunk, the backward's workspace and the
+                        optimizer's transient never coexist
 """
 from __future__ import annotations
 
@@ -261,19 +267,37 @@ def loss_bytes(cfg: Config, sh: Shape, loc: RankShape, prof: Optional[DeviceProf
     """Bytes the head + loss of one micro-batch adds on the last pipeline stage (dist_train/models/
     chunked_loss.py; the last stage runs its loss and backward before the next forward): the transient chunk
     (:func:`loss_chunk_bytes`) + what the forward leaves for the backward (:func:`loss_kept_bytes`)."""
-    return loss_chunk_bytes(cfg, sh, loc) + loss_kept_bytes(cfg, sh, loc, prof)
+    return loss_chunk_bytes(cfg, sh, loc, prof) + loss_kept_bytes(cfg, sh, loc, prof)
 
 
-def loss_chunk_bytes(cfg: Config, sh: Shape, loc: RankShape) -> float:
-    """One chunk's logits and their gradient in place (+ in 16-bit training the matmul output before the fp32
-    cast and the gradient's cast); the unchunked loss (and the swin's pixel head): the whole logits, fp32
-    log-softmax and gradient."""
+#: bytes per token of a chunk the chunked loss's per-token tensors take at its peak (torch.logsumexp):
+#: the valid mask (1), the local ids (int64, 8), this rank's mask (1), the gather index (int64, 8), the target
+#: logit gathered and masked (2 × fp32) and the log-sum-exp (fp32) — counted at tp 1
+LOSS_TOKEN_BYTES = 1 + 8 + 1 + 8 + 4 + 4 + 4
+
+
+def loss_chunk_bytes(cfg: Config, sh: Shape, loc: RankShape, prof: Optional[DeviceProfile] = None) -> float:
+    """The loss's transient at its peak. This repo's eager GPT (``prof`` not fused; measured, the op at the
+    forward's peak is the chunk's ``torch.logsumexp``: tests/test_gpt_saved_tensors.py): the chunk's fp32 logits
+    and logsumexp's ``exp(logits - max)`` of the same size, :data:`LOSS_TOKEN_BYTES` per chunk token, and the
+    final norm's output h ([tokens, d] in the stream's dtype, not kept past the loss); under sequence
+    parallelism h is this rank's chunk plus its all-gather, and dL/dh is formed whole ([tokens, d]) before its
+    reduce-scatter. Otherwise (the fused convention): one chunk's logits and their gradient in place (+ in
+    16-bit training the matmul output before the fp32 cast and the gradient's cast). The unchunked loss (and
+    the swin's pixel head): the whole logits, fp32 log-softmax and gradient."""
     bpe = loc.bpe
     chunk = resolve_loss_chunk(cfg.train.loss_chunk, int(loc.vocab)) if sh.kind == "gpt" else None
     if chunk is None:
         return loc.tokens * loc.vocab * (bpe + 4 + 4)
+    c = min(chunk, loc.tokens)
+    if prof is not None and gpt_eager(sh, prof):
+        stream = bpe if module_in_16_bits(cfg, loc) else 4
+        h = loc.tokens * sh.d * stream
+        if sequence_split(cfg) > 1:
+            h *= 2  # the gathered h and dL/dh before its reduce-scatter; the local h is dL/dh's kept chunk's size
+        return c * loc.vocab * (4 + 4) + c * LOSS_TOKEN_BYTES + h
     low = bpe if bpe < 4 else 0
-    return min(chunk, loc.tokens) * loc.vocab * (4 + 2 * low)
+    return c * loc.vocab * (4 + 2 * low)
 
 
 def loss_kept_bytes(cfg: Config, sh: Shape, loc: RankShape, prof: Optional[DeviceProfile] = None) -> float:
@@ -321,15 +345,35 @@ def fsdp_unsharded_bytes(cfg: Config, sh: Shape, loc: RankShape, load: RankLoad,
     unit = fsdp_layer_params(cfg, sh)
     root = n_local - load.layers * unit
     blocks = load.layers * unit if not p.fsdp_reshard_after_forward else min(2, load.layers) * unit
-    return (root + blocks) * bpe + unit * (bpe + 4)
+    return (root + blocks) * bpe + fsdp_grad_bytes(cfg, sh, loc)
+
+
+def fsdp_grad_bytes(cfg: Config, sh: Shape, loc: RankShape) -> float:
+    """FSDP2 without a pipeline: one block's unsharded gradient and its fp32 reduce-scatter buffer (backward only)."""
+    return fsdp_layer_params(cfg, sh) * (loc.bpe + 4)
 
 
 def memory_model(cfg: Config, sh: Shape, prof: DeviceProfile, loc: RankShape,
                  load: Optional[RankLoad] = None) -> dict:
-    """Bytes by component (+ "total") of the pipeline rank holding ``load``; None: the most loaded of
-    ``loc.loads`` (every pp rank's exact stages), the rank that decides whether a layout fits."""
+    """Bytes by component + "total" of the pipeline rank holding ``load``; None: the most loaded of
+    ``loc.loads`` (every pp rank's exact stages), the rank that decides whether a layout fits. "total" is the
+    step's peak, the largest of :func:`memory_phases` — not the components' sum: they never all coexist."""
+    return rank_memory(cfg, sh, prof, loc, load)[0]
+
+
+def memory_phases(cfg: Config, sh: Shape, prof: DeviceProfile, loc: RankShape,
+                  load: Optional[RankLoad] = None) -> dict:
+    """Bytes alive at each phase of one training step on the rank :func:`memory_model` costs: {"loss",
+    "backward", "optimizer"} (see :func:`step_phases`); its "total" is the largest."""
+    return rank_memory(cfg, sh, prof, loc, load)[1]
+
+
+def rank_memory(cfg: Config, sh: Shape, prof: DeviceProfile, loc: RankShape,
+                load: Optional[RankLoad] = None) -> tuple[dict, dict]:
+    """(:func:`memory_model`'s components + "total", :func:`memory_phases`) of the rank holding ``load``
+    (None: the pipeline rank with the largest peak)."""
     if load is None:
-        return max((memory_model(cfg, sh, prof, loc, ld) for ld in loc.loads), key=lambda m: m["total"])
+        return max((rank_memory(cfg, sh, prof, loc, ld) for ld in loc.loads), key=lambda m: m[0]["total"])
     p = cfg.parallel
     bpe = loc.bpe
     tied = cfg.model.tie_embeddings if sh.kind == "gpt" else False
@@ -369,7 +413,8 @@ def memory_model(cfg: Config, sh: Shape, prof: DeviceProfile, loc: RankShape,
                 per_layer_tok += (loc.q + loc.kv) * (4 / bpe - 1)
         stored_tok = load.layers * per_layer_tok * load.in_flight
     stored_tok += stage_elems_per_token(cfg, sh, prof, loc) * load.in_flight
-    acts = stored_tok * loc.tokens * bpe + autocast_weight_bytes(cfg, sh, loc, load)
+    copies = autocast_weight_bytes(cfg, sh, loc, load)
+    acts = stored_tok * loc.tokens * bpe + copies
     if load.embedding:
         acts += embedding_kept_bytes(cfg, sh, loc) * load.in_flight
     logits = loss_bytes(cfg, sh, loc, prof) if load.head else 0.0
@@ -380,21 +425,121 @@ def memory_model(cfg: Config, sh: Shape, prof: DeviceProfile, loc: RankShape,
         comm += 4 * ring_piece_tokens(cfg, loc) * loc.kv * cpx.kv_repeat * bpe * 2  # hybrid: the repeated heads
     if cpx.ulysses > 1:  # the all-to-all's output of q, k, v (swin: q|k|v in one)
         comm += loc.tokens * (loc.q + 2 * loc.kv * cpx.kv_repeat) * bpe
-    workspace = 2 * loc.tokens * (sh.d + loc.f) * bpe  # one layer's activation gradients in flight
+    norm_ws, layer_ws = backward_workspaces(cfg, sh, prof, loc, load)
+    workspace = max(norm_ws, layer_ws)
     out = {"baseline": prof.baseline_bytes, "weights": weights, "grads": grads, "optimizer": optim,
            "ddp_buckets": ddp, "fsdp_unsharded": unsharded, "activations": acts, "logits": logits,
            "comm_buffers": comm, "workspace": workspace}
-    out["total"] = sum(out.values())
-    return out
+    # what the backward holds of the activations: under full checkpointing (eager GPT) the layer being
+    # recomputed keeps its input as the checkpoint's (one layer input less), and outside a pipeline (the DDP
+    # engine's autocast region closes with the forward) only that layer's autocast weight copies (the
+    # recompute's own region makes them)
+    acts_bwd = acts_loss = acts
+    if scope == "layer":
+        acts_loss -= per_layer_tok * loc.tokens * bpe  # the forward recomputes nothing
+    if scope == "layer" and gpt_eager(sh, prof):
+        acts_bwd -= layer_input * loc.tokens * bpe
+        if p.pp == 1 and load.layers:
+            acts_bwd -= copies * (1 - 1 / load.layers)
+    # the backward peaks at the final norm (the activations as the loss left them) or at the first layer
+    bwd_live = max(acts_loss + norm_ws, acts_bwd + layer_ws)
+    phases = step_phases(cfg, out, acts_loss, bwd_live, optimizer_step_bytes(cfg, sh, loc, load, n_local),
+                         fsdp_forward=unsharded - fsdp_grad_bytes(cfg, sh, loc) if p.fsdp and p.pp == 1 else unsharded)
+    out["total"] = max(phases.values())
+    return out, phases
+
+
+def step_phases(cfg: Config, comp: dict, acts_loss: float, bwd_live: float, optimizer_step: float,
+                fsdp_forward: float) -> dict:
+    """Bytes alive at each phase of one training step (``comp``: :func:`memory_model`'s components):
+
+    * "loss": the end of the forward through the loss's backward — the activations of the micro-batches in
+      flight (``acts_loss``: under full checkpointing no layer is being recomputed yet), the loss's transient
+      chunk and what it keeps (``logits``); the gradients only where an earlier
+      micro-batch made them (accumulation, a pipeline, DeepSpeed's persistent gradient buffers: the DDP and
+      FSDP2 engines set them to None after each step); FSDP2's gathered weights, not its gradient buffers;
+    * "backward": its peak (``bwd_live``: activations + workspace at the final norm's backward or at the first
+      layer's, where the stage output's gradient takes the place of the stage output), the cp buffers (conservative: they live inside the
+      attention's backward, when a layer's MLP activations are already freed), every gradient and FSDP2's
+      buffers (conservative: at the first layer only the head's and that layer's gradients exist yet); the
+      chunked loss's two gradients are handed on in place before any layer's backward;
+    * "optimizer": gradients, optimizer state and the update's transient (:func:`optimizer_step_bytes`).
+
+    Baseline, weights, optimizer state and DDP's buckets live through all three. Measured on one CPU rank
+    (tests/test_gpt_saved_tensors.py, tests/test_swin_saved_tensors.py: the live-tensor peak per phase)."""
+    p = cfg.parallel
+    resident = comp["baseline"] + comp["weights"] + comp["optimizer"] + comp["ddp_buckets"]
+    grads_early = p.pp > 1 or cfg.grad_accum_steps > 1 or (p.zero_stage is not None and not p.fsdp)
+    loss = resident + (comp["grads"] if grads_early else 0.0) + fsdp_forward + acts_loss + comp["logits"]
+    backward = resident + comp["grads"] + comp["fsdp_unsharded"] + bwd_live + comp["comm_buffers"]
+    optimizer = resident + comp["grads"] + optimizer_step
+    if p.fsdp and p.pp > 1:
+        optimizer += comp["fsdp_unsharded"]  # conservative: the stage stays gathered until its reduce-scatter
+    return {"loss": loss, "backward": backward, "optimizer": optimizer}
+
+
+def backward_workspaces(cfg: Config, sh: Shape, prof: DeviceProfile, loc: RankShape,
+                        load: RankLoad) -> tuple[float, float]:
+    """(final norm, layer): bytes the backward creates above the activations it frees, at its two candidate
+    peaks — the final norm's backward on the head stage (before any layer is recomputed) and the first
+    layer's. The eager GPT (``models/lean_autograd``; measured with torch.profiler's allocator events, the op at
+    the backward's peak: tests/test_gpt_saved_tensors.py): the final RMSNorm's backward holds 6 fp32
+    [tokens, d] at once (the incoming dL/dh, the recomputed x·rstd, the normed gradient, and the three terms
+    of x's gradient: ``grad_normed * rstd + grad_sq * (2.0 * xf)``) and 16 B per token (its kept rstd and three
+    [tokens, 1] fp32 gradients); SwiGLU's backward holds the product's gradient, up's, the gradient into silu
+    and gate's (4f of the matmul outputs' dtype) while w2's input (f) is freed: 3f per token; the attention's
+    backward stays below both (its dq, dk, dv and output gradient, 2q + 2kv, come after the MLP's activations
+    are freed). Otherwise (the swin, a fused profile) no final norm term and the convention of one layer's
+    activation gradients, 2·(d + f) per token."""
+    if not gpt_eager(sh, prof):
+        return 0.0, 2 * loc.tokens * (sh.d + loc.f) * loc.bpe
+    norm = (6 * sh.d * 4 + 16) / sequence_split(cfg) if load.head else 0.0
+    mlp = 3 * loc.f * loc.bpe if load.layers else 0.0
+    return loc.tokens * norm, loc.tokens * mlp
+
+
+def optimizer_step_bytes(cfg: Config, sh: Shape, loc: RankShape, load: RankLoad, n_local: float) -> float:
+    """The transient of AdamW's step (``optim.build_optimizer``: torch's single-tensor AdamW, foreach off), one
+    parameter at a time in the optimizer's order (the matrices in module order, then the vectors): fp32
+    ``exp_avg_sq.sqrt()`` and its division by the bias correction, two tensors of the parameter's size, while
+    the previous parameter's ``denom`` is still bound — the largest ``previous + 2 · current`` over the rank's
+    consecutive matrices (measured with the allocator meter, tests/test_gpt_saved_tensors.py; ÷ shards under
+    FSDP2). DeepSpeed's ZeRO hands AdamW its flat fp32 partition, one tensor: two partition-sized temporaries
+    by the same rule (not measured). The swin by the same rule over its block's matrices (not measured)."""
+    p = cfg.parallel
+    if p.zero_stage is not None and not p.fsdp:
+        return 2 * 4 * n_local / loc.grad_shards
+    d = sh.d
+    if sh.kind == "gpt":
+        layer = [d * x / p.tp for x in (sh.q_dim, sh.kv_dim, sh.kv_dim, sh.q_dim, sh.ffn, sh.ffn, sh.ffn)]
+        embed = head = sh.vocab_rows(p.tp) * d
+        if cfg.model.tie_embeddings:
+            head = 0
+    else:
+        layer = [3 * d * d, d * d, d * sh.ffn, d * sh.ffn]
+        embed, head = sh.embed_in * d, sh.vocab * d
+    order = ([embed] if load.embedding else []) + layer * min(2, load.layers) + ([head] if load.head and head else [])
+    worst = max(2 * cur + prev for prev, cur in zip([0.0] + order, order)) if order else 0.0
+    return 4 * worst / (loc.grad_shards if p.fsdp else 1)
+
+
+#: the phases of :func:`step_phases`, as the dry run's table names them
+PHASE_LABELS = {"loss": "loss", "backward": "bwd", "optimizer": "optim"}
+
+
+def peak_phase(phases: dict) -> str:
+    """The phase (a key of :func:`memory_phases`) with the most bytes: where the step peaks."""
+    return max(phases, key=phases.get)
 
 
 @dataclass(frozen=True)
 class MemoryEstimate:
-    """One rank's memory, bytes by :func:`memory_model`'s components (its dict, with "total"), grouped
-    into the dry-run table's columns."""
+    """One rank's memory, bytes by :func:`memory_model`'s components (its dict, with "total", the step's peak)
+    and :func:`memory_phases`, grouped into the dry-run table's columns."""
 
     components: dict
     device: str         # the device profile the numbers come from, as the table header states it
+    phases: dict        # bytes alive at each phase of the step (:func:`step_phases`); "total" is the largest
 
     @property
     def params(self) -> float:
@@ -415,13 +560,19 @@ class MemoryEstimate:
 
     @property
     def total(self) -> float:
+        """The step's peak (the largest phase), below the components' sum where they do not coexist."""
         return self.components["total"]
+
+    @property
+    def peak_phase(self) -> str:
+        return peak_phase(self.phases)
 
     @property
     def other(self) -> float:
         """Baseline (CUDA context / framework RSS), logits, communication buffers, workspace, FSDP2's
         gathered weights and unsharded gradients."""
-        return self.total - self.params - self.grads - self.optimizer - self.activations
+        c = self.components
+        return c["baseline"] + c["logits"] + c["comm_buffers"] + c["workspace"] + c["fsdp_unsharded"]
 
 
 def estimate_memory(cfg: Config, stages: list[Stage], profile: DeviceProfile,
@@ -429,4 +580,5 @@ def estimate_memory(cfg: Config, stages: list[Stage], profile: DeviceProfile,
     """Bytes one rank holding ``stages`` (all on one pipeline rank: :func:`~dist_train.cost.layout.stages_of_rank`)
     uses on ``profile`` devices, by :func:`memory_model`; ``label`` names the profile in the dry run's header."""
     sh, loc = rank_inputs(cfg, profile)
-    return MemoryEstimate(memory_model(cfg, sh, profile, loc, load_of(cfg, stages)), label or profile.name)
+    comp, phases = rank_memory(cfg, sh, profile, loc, load_of(cfg, stages))
+    return MemoryEstimate(comp, label or profile.name, phases)

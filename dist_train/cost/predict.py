@@ -11,7 +11,7 @@ from typing import Optional
 from ..config import Config
 from ..plan.profiles import DeviceProfile
 from .flops import flops_per_token
-from .memory import memory_model
+from .memory import peak_phase, rank_memory
 from .shape import cp_execution, rank_inputs
 from .step_time import time_model
 
@@ -19,7 +19,7 @@ from .step_time import time_model
 @dataclass
 class Prediction:
     layout: dict
-    memory: dict                  # bytes by component + "total"
+    memory: dict                  # bytes by component + "total" (the step's peak phase, not their sum)
     time: dict                    # seconds per step by component + "step"
     step_time_s: float
     tokens_per_s: float
@@ -29,6 +29,7 @@ class Prediction:
     fits: bool
     device: str
     flops_per_token: float
+    memory_phases: dict = field(default_factory=dict)   # bytes alive at each phase of the step; "total" the largest
     notes: list = field(default_factory=list)
 
     def to_dict(self) -> dict:
@@ -36,21 +37,26 @@ class Prediction:
                 "step_time_s": self.step_time_s, "tokens_per_s": self.tokens_per_s,
                 "tflops_per_device": self.tflops_per_device, "mfu": self.mfu,
                 "exposed_comm_fraction": self.exposed_comm_fraction, "fits": self.fits, "device": self.device,
-                "flops_per_token": self.flops_per_token, "notes": self.notes}
+                "flops_per_token": self.flops_per_token, "memory_phases_bytes": self.memory_phases,
+                "notes": self.notes}
 
     def breakdown_lines(self) -> list[str]:
         gib = 2 ** 30
         mem = ", ".join(f"{k} {v / gib:.3g}" for k, v in self.memory.items() if k != "total" and v)
         tim = ", ".join(f"{k} {v * 1e3:.3g}" for k, v in self.time.items() if k != "step" and v)
-        return [f"memory GiB: total {self.memory['total'] / gib:.3g} = {mem}",
-                f"time ms/step: total {self.step_time_s * 1e3:.4g} = {tim}"]
+        lines = [f"memory GiB: total {self.memory['total'] / gib:.3g} (the step's peak) of {mem}"]
+        if self.memory_phases:
+            phases = ", ".join(f"{k} {v / gib:.3g}" for k, v in self.memory_phases.items())
+            lines.append(f"memory peak: {peak_phase(self.memory_phases)} (phases GiB: {phases}; the components "
+                         "above do not all coexist)")
+        return lines + [f"time ms/step: total {self.step_time_s * 1e3:.4g} = {tim}"]
 
 
 def predict(cfg: Config, prof: DeviceProfile, world: Optional[int] = None) -> Prediction:
     """Memory and speed of ``cfg``'s layout on ``prof`` devices (world = dp·tp·pp·cp·wp by default)."""
     world = world or cfg.world_size
     sh, loc = rank_inputs(cfg, prof)
-    mem = memory_model(cfg, sh, prof, loc)
+    mem, phases = rank_memory(cfg, sh, prof, loc)
     tm = time_model(cfg, sh, prof, loc, mem, world)
     comm_total = tm.pop("comm_total")
     step = tm["step"]
@@ -67,4 +73,4 @@ def predict(cfg: Config, prof: DeviceProfile, world: Optional[int] = None) -> Pr
     return Prediction(layout=layout, memory=mem, time=tm, step_time_s=step, tokens_per_s=tokens_step / step,
                       tflops_per_device=tflops, mfu=tflops / prof.peak_tflops,
                       exposed_comm_fraction=comm_total / step, fits=mem["total"] <= prof.memory_bytes,
-                      device=prof.name, flops_per_token=fpt)
+                      device=prof.name, flops_per_token=fpt, memory_phases=phases)
