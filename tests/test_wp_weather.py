@@ -1,6 +1,8 @@
 """The generated weather dataset: deterministic, tile reads, physics sanity; the Swin model learns it."""
 from __future__ import annotations
 
+import threading
+import time
 from types import SimpleNamespace
 
 import numpy as np
@@ -8,6 +10,7 @@ import pytest
 import torch
 
 from dist_train.config import ConfigError
+from dist_train.data import weather
 from dist_train.data.weather import WeatherDataset, prepare_weather
 from dist_train.models.swin import build_swin
 from dist_train.preflight import check_data
@@ -77,7 +80,7 @@ def test_a_dataset_of_another_config_is_never_regenerated_in_place(tmp_path):
         msg = str(info.value)
         assert "\n" not in msg and words in msg and str(path) in msg and "another data.path" in msg, msg
     assert np.array_equal(np.array(a.fields), before) and (path / "meta.json").read_text() == meta
-    assert sorted(p.name for p in path.iterdir()) == ["fields.npy", "meta.json"]
+    assert sorted(p.name for p in path.iterdir()) == [".prepare.lock", "fields.npy", "meta.json"]
 
 
 def test_an_interrupted_generation_is_never_read_as_a_dataset(tmp_path, monkeypatch):
@@ -93,7 +96,7 @@ def test_an_interrupted_generation_is_never_read_as_a_dataset(tmp_path, monkeypa
     monkeypatch.setattr("dist_train.data.weather._laplacian", killed)
     with pytest.raises(KeyboardInterrupt):
         prepare_weather(path, height=10, width=16, steps=12, channels=2, seed=3)
-    assert calls and not (path / "fields.npy").exists() and not (path / "meta.json").exists()
+    assert calls and sorted(p.name for p in path.iterdir()) == [".prepare.lock"]
     monkeypatch.undo()
     ds = WeatherDataset(prepare_weather(path, height=10, width=16, steps=12, channels=2, seed=3))
     fresh = WeatherDataset(prepare_weather(tmp_path / "fresh", height=10, width=16, steps=12, channels=2, seed=3))
@@ -106,3 +109,37 @@ def test_preflight_refuses_another_dataset_at_the_weather_path_before_any_rank_s
     check_data(tiny_swin_config(tmp_path / "run", path))
     with pytest.raises(ConfigError, match=r"holds a weather dataset generated with height 10, this run needs height 6"):
         check_data(tiny_swin_config(tmp_path / "run", path, data={"image": [6, 16]}))
+
+
+def test_two_jobs_generating_at_one_fresh_path_never_mix_their_datasets(tmp_path, monkeypatch):
+    """Two jobs (other run.seed) prepare the same fresh path at once (threads here: flock conflicts between two
+    open()s as between two processes; the generation is slowed so that they overlap): one generates, the other then
+    finds a dataset of other settings and is refused; the files left are exactly the winner's dataset."""
+    generate = weather._generate
+
+    def slow(*args):
+        time.sleep(0.5)
+        generate(*args)
+
+    monkeypatch.setattr(weather, "_generate", slow)
+    outcome = {}
+
+    def job(seed):
+        try:
+            prepare_weather(tmp_path / "w", height=10, width=16, steps=12, channels=2, seed=seed)
+            outcome[seed] = "ok"
+        except ValueError as e:
+            outcome[seed] = str(e)
+
+    threads = [threading.Thread(target=job, args=(seed,)) for seed in (5, 6)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join(60)
+    winner = [seed for seed, said in outcome.items() if said == "ok"]
+    assert len(winner) == 1, outcome
+    loser = ({5, 6} - set(winner)).pop()
+    assert "holds a weather dataset generated with seed" in outcome[loser], outcome
+    monkeypatch.undo()
+    alone = WeatherDataset(prepare_weather(tmp_path / "alone", height=10, width=16, steps=12, channels=2, seed=winner[0]))
+    assert np.array_equal(WeatherDataset(tmp_path / "w").fields, alone.fields)

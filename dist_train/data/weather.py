@@ -16,6 +16,7 @@ once to ``fields.npy`` (deterministic in ``seed``) and memory-mapped: ``sample``
 """
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 from pathlib import Path
@@ -29,7 +30,7 @@ _FORMAT_VERSION = 2  # 2: the first SPINUP_STEPS steps are integrated but not wr
 # ones, and one such sample dominates a whole run's loss on a big grid (one sample per step). These steps are
 # integrated before the first written one.
 SPINUP_STEPS = 8
-META_FILE, FIELDS_FILE = "meta.json", "fields.npy"
+META_FILE, FIELDS_FILE, LOCK_FILE = "meta.json", "fields.npy", ".prepare.lock"
 
 
 def _laplacian(f: np.ndarray) -> np.ndarray:
@@ -95,7 +96,7 @@ def prepare_weather(path: Union[str, Path], *, height: int, width: int, steps: i
     """Generate the dataset at directory ``path`` unless the same one is already there; returns ``path``. A
     different one there is refused (:func:`other_dataset_message`), never regenerated in place; the files are
     written under temporary names and renamed, ``meta.json`` last, so no kill leaves a half-written dataset that
-    reads as complete."""
+    reads as complete; generation holds ``flock`` on ``.prepare.lock`` there (per machine, like run.lock)."""
     for name, value, low in (("height", height, 2), ("width", width, 4), ("steps", steps, 2), ("channels", channels, 1)):
         if int(value) < low:
             raise ValueError(f"weather {name} = {value}: must be >= {low}")
@@ -108,15 +109,23 @@ def prepare_weather(path: Union[str, Path], *, height: int, width: int, steps: i
     if meta_file.exists() and data_file.exists():
         return path
     path.mkdir(parents=True, exist_ok=True)
-    tmp_data, tmp_meta = path / f"{FIELDS_FILE}.tmp{os.getpid()}", path / f"{META_FILE}.tmp{os.getpid()}"
-    try:
-        _generate(tmp_data, height, width, steps, channels, seed)
-        os.replace(tmp_data, data_file)
-        tmp_meta.write_text(json.dumps(meta))
-        os.replace(tmp_meta, meta_file)
-    finally:
-        tmp_data.unlink(missing_ok=True)
-        tmp_meta.unlink(missing_ok=True)
+    # two jobs generating at one fresh path: the second waits, then finds the first one's dataset (or refuses it)
+    with open(path / LOCK_FILE, "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        other = other_dataset_message(path, meta)
+        if other:
+            raise ValueError(other)
+        if meta_file.exists() and data_file.exists():
+            return path
+        tmp_data, tmp_meta = path / f"{FIELDS_FILE}.tmp{os.getpid()}", path / f"{META_FILE}.tmp{os.getpid()}"
+        try:
+            _generate(tmp_data, height, width, steps, channels, seed)
+            os.replace(tmp_data, data_file)
+            tmp_meta.write_text(json.dumps(meta))
+            os.replace(tmp_meta, meta_file)
+        finally:
+            tmp_data.unlink(missing_ok=True)
+            tmp_meta.unlink(missing_ok=True)
     return path
 
 
