@@ -20,7 +20,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                      "--set data.source=synthetic --nproc 2 --steps 8 --json tp2.json\n"
                      "  (the first step is excluded from the medians: warm-up)\n"
                      "  dist-train bench train configs/swin_era5_721x1440.yaml --set data.image=[128,256] "
-                     "--set data.path=data_cache/weather_128x256 --set data.steps=12 --set train.global_batch=4 "
+                     "--set data.path=data_cache/weather_128x256 --set data.steps=16 --set train.global_batch=4 "
                      "--set train.activation_checkpointing=none --set parallel.wp=[1,1] "
                      "--set model.n_layers=4 --set parallel.pp=2 --baseline-set model.n_layers=2 "
                      "--baseline-set parallel.pp=1 --repeats 3 --steps 6 --json pp2_vs_pp1.json --png pp2_vs_pp1.png\n"
