@@ -62,7 +62,16 @@ def test_prepare_never_writes_over_a_dataset(tmp_path, capsys):
     assert sorted(before) == ["ds.bin", "ds.idx", "ds.meta.json"]
     with pytest.raises(ValueError) as info:
         prepare_indexed([tmp_path / "b.txt"], prefix, "byte")
-    assert "ds.bin" in str(info.value) and "choose a new --output" in str(info.value) and "\n" not in str(info.value)
+    assert "ds.bin and .idx already exist" in str(info.value) and "choose a new output prefix" in str(info.value)
+    assert "\n" not in str(info.value)
     assert main(["data", "prepare", "--input", str(tmp_path / "b.txt"), "--output", prefix]) == 2
     assert len(capsys.readouterr().err.strip().splitlines()) == 1
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.name.startswith("ds.")} == before
+
+
+def test_an_interrupted_build_is_built_again(tmp_path):
+    """A lone .bin (a build killed between its two renames, or a copy cut short) is no dataset: prepared again."""
+    (tmp_path / "a.txt").write_text("hello world\n")
+    (tmp_path / "ds.bin").write_bytes(b"partial")
+    info = prepare_indexed([tmp_path / "a.txt"], str(tmp_path / "ds"), "byte")
+    assert info["documents"] == 1 and IndexedTokenDataset(str(tmp_path / "ds"), seq_len=4, seed=0).num_chunks > 0

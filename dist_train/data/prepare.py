@@ -88,10 +88,11 @@ def prepare_indexed(inputs: list[Path], output_prefix: str, tokenizer: str = "by
     tokenizer.json (None: its recognised EOS, else ValueError). An existing dataset at ``output_prefix`` is never
     written over (ValueError)."""
 
-    taken = [f"{output_prefix}{suffix}" for suffix in (".bin", ".idx") if Path(f"{output_prefix}{suffix}").exists()]
-    if taken:  # runs may train on it and resume from it (their checkpoints record its digest)
-        raise ValueError(f"--output {output_prefix}: {' and '.join(taken)} already exist (a dataset runs may train on "
-                         "or resume from); choose a new --output, or delete them first")
+    # a complete dataset: runs may train on it and resume from it (their checkpoints record its digest); a lone
+    # .bin or .idx is an interrupted build, rebuilt
+    if all(Path(f"{output_prefix}{suffix}").exists() for suffix in (".bin", ".idx")):
+        raise ValueError(f"{output_prefix}: {output_prefix}.bin and .idx already exist (a dataset runs may train on "
+                         "or resume from); choose a new output prefix, or delete them first")
     check_inputs(inputs)
     IndexedDatasetBuilder = megatron_indexed_dataset().IndexedDatasetBuilder
     tok = get_tokenizer(tokenizer, eod_token)
