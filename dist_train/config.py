@@ -588,6 +588,7 @@ def validate(cfg: Config) -> None:
     _validate_parallel(cfg)
     _validate_data(cfg)
     _validate_train(cfg)
+    _validate_deepspeed_keys(cfg)
     _validate_checkpoint(cfg)
     _validate_launch(cfg)
     _validate_model(cfg)  # last: its cross-key rules divide by parallel and train sizes checked above
@@ -641,6 +642,46 @@ def _validate_parallel(cfg: Config) -> None:
         raise ConfigError(f"parallel.wp = {p.wp!r}: expected [gh, gw] (two positive integers) or an integer")
     if p.fsdp:
         _validate_fsdp(cfg)
+
+
+#: parallel.deepspeed keys that dist-train's own fields set (engines/deepspeed.deepspeed_config, or what it passes to
+#: deepspeed.initialize): the field to set instead
+_DEEPSPEED_OWNED = {"bf16": "train.precision", "fp16": "train.precision (fp16 is not supported)",
+                    "optimizer": "train.lr, train.betas, train.weight_decay (dist-train passes its AdamW)",
+                    "scheduler": "train.warmup_steps, train.min_lr_ratio (dist-train passes its schedule)",
+                    "train_batch_size": "train.global_batch (DeepSpeed derives it)"}
+
+
+def _validate_deepspeed_keys(cfg: Config) -> None:
+    """``parallel.deepspeed`` is merged over the DeepSpeed config generated from dist-train's own fields: a key
+    there that differs would silently override them (the run would do other than its config, and every
+    checkpoint's recorded config, says: e.g. gradient_clipping 1e-6 under train.grad_clip 1.0), and without
+    ZeRO nothing reads it. Equal values, and keys dist-train does not generate, pass."""
+    ds, p, t = cfg.parallel.deepspeed or {}, cfg.parallel, cfg.train
+    if not ds:
+        return
+    if p.zero_stage is None:
+        raise ConfigError(f"parallel.deepspeed is set but parallel.zero_stage is null: the DDP engine runs and "
+                          f"ignores it ({', '.join(sorted(ds))}); set parallel.zero_stage (0-3) or remove it")
+    zero = ds.get("zero_optimization")
+    generated = {"train_micro_batch_size_per_gpu": ("train.micro_batch", t.micro_batch),
+                 "gradient_accumulation_steps": ("train.global_batch / (train.micro_batch x parallel.dp)",
+                                                 cfg.grad_accum_steps),
+                 "gradient_clipping": ("train.grad_clip", float(t.grad_clip or 0.0))}
+    for key, (field_name, value) in generated.items():
+        if key in ds and ds[key] != value:
+            raise ConfigError(f"parallel.deepspeed.{key} = {ds[key]!r} contradicts {field_name} = {value!r}, which "
+                              "dist-train generates it from; set that instead")
+    if isinstance(zero, dict) and "stage" in zero and zero["stage"] != p.zero_stage:
+        raise ConfigError(f"parallel.deepspeed.zero_optimization.stage = {zero['stage']!r} contradicts "
+                          f"parallel.zero_stage = {p.zero_stage}; set parallel.zero_stage instead")
+    for key, field_name in _DEEPSPEED_OWNED.items():
+        value = ds.get(key)
+        if key == "bf16" and not (isinstance(value, dict) and "enabled" in value):
+            continue  # bf16 sub-options other than enabled are DeepSpeed's own
+        if key in ds:
+            what = f"{key}.enabled" if key == "bf16" else key
+            raise ConfigError(f"parallel.deepspeed.{what}: set {field_name} instead; dist-train sets it")
 
 
 def _validate_train(cfg: Config) -> None:

@@ -8,7 +8,7 @@ import pytest
 
 from dist_train.cli import _COMMANDS, _bench_modules, main
 from dist_train.config import ConfigError, check_world_size, config_from_dict, load_config
-from tests.trainer_utils import run_cli
+from tests.trainer_utils import run_cli, tiny_gpt_config
 
 
 def test_overrides_are_yaml_scalars_and_refs_expand(tmp_path):
@@ -190,3 +190,32 @@ def test_bench_command_that_runs_loads_its_measuring_module(monkeypatch, capsys)
 def test_every_shipped_config_validates(path):
     cfg = load_config(path, [])
     assert cfg.world_size >= 1
+
+
+@pytest.mark.parametrize("parallel, msg", [
+    # measured: ZeRO-1, 3 steps: clipping at 1e-6 under train.grad_clip 1.0 changed the losses from step 2, silently
+    ({"zero_stage": 1, "deepspeed": {"gradient_clipping": 1e-6}},
+     "parallel.deepspeed.gradient_clipping = 1e-06 contradicts train.grad_clip = 1.0"),
+    ({"zero_stage": 1, "deepspeed": {"train_micro_batch_size_per_gpu": 1}},
+     "parallel.deepspeed.train_micro_batch_size_per_gpu = 1 contradicts train.micro_batch = 2"),
+    ({"zero_stage": 1, "deepspeed": {"gradient_accumulation_steps": 1}},
+     "parallel.deepspeed.gradient_accumulation_steps = 1 contradicts"),
+    ({"zero_stage": 1, "deepspeed": {"zero_optimization": {"stage": 3}}},
+     "parallel.deepspeed.zero_optimization.stage = 3 contradicts parallel.zero_stage = 1"),
+    ({"zero_stage": 1, "deepspeed": {"bf16": {"enabled": True}}}, "parallel.deepspeed.bf16.enabled: set train.precision"),
+    ({"zero_stage": 1, "deepspeed": {"fp16": {"enabled": True}}}, "parallel.deepspeed.fp16"),
+    ({"zero_stage": 1, "deepspeed": {"optimizer": {"type": "Lamb"}}}, "parallel.deepspeed.optimizer"),
+    ({"zero_stage": 1, "deepspeed": {"scheduler": {"type": "WarmupLR"}}}, "parallel.deepspeed.scheduler"),
+    ({"zero_stage": 1, "deepspeed": {"train_batch_size": 64}}, "parallel.deepspeed.train_batch_size"),
+    ({"deepspeed": {"zero_optimization": {"overlap_comm": True}}}, "parallel.deepspeed is set but parallel.zero_stage is null"),
+])
+def test_deepspeed_keys_that_contradict_the_config_are_refused(parallel, msg, tmp_path):
+    """parallel.deepspeed is merged over the DeepSpeed config dist-train generates from its own fields: a key there
+    overrode them (the run did other than its config, and every checkpoint's recorded config, says) or was ignored.
+    Equal values, and keys dist-train does not generate, pass."""
+    with pytest.raises(ConfigError) as info:
+        tiny_gpt_config(tmp_path, parallel=parallel)
+    assert msg in str(info.value) and "\n" not in str(info.value), info.value
+    tiny_gpt_config(tmp_path, parallel={"zero_stage": 1, "deepspeed": {
+        "gradient_clipping": 1.0, "train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 2,
+        "zero_optimization": {"stage": 1, "overlap_comm": True}, "bf16": {"immediate_grad_update": True}}})
