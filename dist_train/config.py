@@ -607,10 +607,32 @@ def _validate_model(cfg: Config) -> None:
         _check_int_list("model.window", m.window, 2, 1, "a positive integer or [wh, ww] (two positive integers)")
     if not (isinstance(m.wrap, list) and len(m.wrap) == 2 and all(isinstance(v, bool) for v in m.wrap)):
         raise ConfigError(f"model.wrap = {m.wrap!r}: expected [bool, bool] (periodic H, periodic W)")
+    _validate_model_kind_fields(m)
     if cfg.model.kind == "gpt":
         _validate_gpt(cfg)
     else:
         _validate_swin(cfg)
+
+
+#: model fields only one kind builds (the rest: d_model, n_layers, n_heads, ffn_hidden, norm_eps, init_std, both)
+KIND_FIELDS = {"gpt": ("n_kv_heads", "vocab_size", "rope_theta", "tie_embeddings", "attention_window", "head_dim",
+                       "rope_scaling"),
+               "swin": ("patch_size", "window", "in_channels", "out_channels", "wrap")}
+
+
+def _validate_model_kind_fields(m: ModelConfig) -> None:
+    """A field only the other kind builds must keep its default: the model would silently not have it (e.g. a GPT's
+    ``model.window: 16`` meant as its sliding window, which is model.attention_window)."""
+    defaults = ModelConfig()
+    for kind, names in KIND_FIELDS.items():
+        if kind == m.kind:
+            continue
+        for name in names:
+            value = getattr(m, name)
+            if value != getattr(defaults, name):
+                hint = "; a GPT's sliding window is model.attention_window" if name == "window" else ""
+                raise ConfigError(f"model.{name} = {value!r} is a {kind} field: model.kind = {m.kind} does not build "
+                                  f"it; remove it{hint}")
 
 
 def _validate_data(cfg: Config) -> None:

@@ -1,4 +1,5 @@
 """Config parsing, overrides and validation; the CLI's bad-input contract (one line, exit 2)."""
+import dataclasses
 import subprocess
 import sys
 
@@ -7,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from dist_train.cli import _COMMANDS, _bench_modules, main
-from dist_train.config import ConfigError, check_world_size, config_from_dict, load_config
-from tests.trainer_utils import run_cli, tiny_gpt_config
+from dist_train.config import ConfigError, ModelConfig, check_world_size, config_from_dict, load_config
+from tests.trainer_utils import run_cli, tiny_gpt_config, tiny_swin_config
 
 
 def test_overrides_are_yaml_scalars_and_refs_expand(tmp_path):
@@ -219,3 +220,26 @@ def test_deepspeed_keys_that_contradict_the_config_are_refused(parallel, msg, tm
     tiny_gpt_config(tmp_path, parallel={"zero_stage": 1, "deepspeed": {
         "gradient_clipping": 1.0, "train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 2,
         "zero_optimization": {"stage": 1, "overlap_comm": True}, "bf16": {"immediate_grad_update": True}}})
+
+
+@pytest.mark.parametrize("kind, key, value", [
+    ("gpt", "window", 16), ("gpt", "patch_size", 2), ("gpt", "in_channels", 3), ("gpt", "out_channels", 3),
+    ("gpt", "wrap", [True, True]),
+    ("swin", "attention_window", 16), ("swin", "rope_theta", 5.0), ("swin", "head_dim", 8), ("swin", "n_kv_heads", 1),
+    ("swin", "tie_embeddings", True), ("swin", "vocab_size", 100),
+    ("swin", "rope_scaling", {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                              "original_max_position_embeddings": 64}),
+])
+def test_a_model_field_of_the_other_kind_is_refused(kind, key, value, tmp_path):
+    """The GPT builds no Swin field and the Swin no GPT field: `model.window: 16` on a GPT (meant as its sliding
+    window, which is model.attention_window) trained full causal attention without a word. A field of the other
+    kind that differs from its default is refused in one line; its default (what an HF import or a full dump
+    records) passes."""
+    build = (lambda m: tiny_gpt_config(tmp_path, model=m)) if kind == "gpt" else \
+        (lambda m: tiny_swin_config(tmp_path, tmp_path / "w", model=m))
+    with pytest.raises(ConfigError) as info:
+        build({key: value})
+    msg = str(info.value)
+    assert f"model.{key} = {value!r}" in msg and f"model.kind = {kind}" in msg and "\n" not in msg, msg
+    default = dataclasses.asdict(ModelConfig())[key]
+    build({key: default})
