@@ -26,10 +26,11 @@ import torch
 
 from dist_train.bench.attention import peak_tensor_bytes
 from dist_train.config import config_from_dict
-from dist_train.cost.layout import load_of, stages_of_rank
+from dist_train.cost.layout import axis_sizes, load_of, rank_coords, stages_of_rank
 from dist_train.cost.memory import (activation_elems_per_token, autocast_weight_bytes, embedding_kept_bytes,
-                                    loss_kept_bytes, memory_model, memory_phases, optimizer_step_bytes)
+                                    loss_kept_bytes, memory_model, memory_phases, optimizer_step_bytes, rank_memory)
 from dist_train.cost.shape import rank_inputs
+from dist_train.engines import build_engine
 from dist_train.mesh import build_mesh
 from dist_train.models.gpt import build_gpt
 from dist_train.optim import build_optimizer
@@ -199,8 +200,6 @@ def _rank_counts(rank: int, world: int, cases) -> dict:
 
 
 def _deepspeed_counts(rank: int, world: int) -> tuple:
-    from dist_train.engines import build_engine
-
     cfg = _config(*SHAPES[0], precision="bf16", dp=2, zero_stage=1)
     mesh = build_mesh(cfg.parallel, world)
     engine = build_engine(cfg, build_gpt(cfg, mesh, torch.device("cpu")), mesh, torch.bfloat16)
@@ -355,3 +354,68 @@ def test_optimizer_step_transient_is_the_models(shape):
     n_local = sum(p.numel() for p in model.parameters())
     predicted = optimizer_step_bytes(cfg, sh, loc, load_of(cfg, stages_of_rank(cfg, 0)), n_local)
     assert 0 <= peak - predicted <= 64, (peak, predicted)
+
+
+# (parallel, micro-batches per step): the whole train_step of each engine, measured against the model's peak phase
+ENGINE_CASES = {"ddp_m1": ({}, 1), "ddp_m2": ({}, 2), "ddp_dp2_m1": ({"dp": 2}, 1), "ddp_dp2_m2": ({"dp": 2}, 2),
+                "pp2_1f1b_m4": ({"pp": 2, "microbatches": 4}, 4), "fsdp_dp2_m1": ({"dp": 2, "fsdp": True}, 1)}
+# (lowest, highest) of model / measured − 1, per case and pipeline rank, with what the model leaves out
+ENGINE_BANDS = {
+    "ddp_m1": (0.0, 0.03),        # conservative: every gradient in the backward, where only the head's exists yet
+    "ddp_m2": (-0.005, 0.005),    # the first micro-batch made every gradient: exact
+    "ddp_dp2_m1": (0.0, 0.03),    # conservative, as ddp_m1
+    "ddp_dp2_m2": (-0.005, 0.005),
+    # torch's 1F1B holds about one more micro-batch's residual-stream tensor than its in-flight count (rank 0: a third
+    # embedding output) — not modelled
+    "pp2_1f1b_m4": (-0.04, 0.0),
+    "fsdp_dp2_m1": (0.0, 0.03),   # conservative, as ddp_m1
+}
+
+
+def _engine_step_peaks(rank: int, world: int, names: list) -> dict:
+    """Per case: (the allocator meter's peak over one steady-state ``engine.train_step`` — forward, backward and the
+    optimizer step —, the model's peak phase less what lives before the step: baseline, weights, AdamW state), a
+    4-layer GPT with 2,048 tokens per micro-batch. DDP's gradient buckets are not left out: the meter sees a
+    gradient-sized buffer allocated within every synchronised step (with two micro-batches the peak is the first
+    micro-batch's gradients + that buffer + the final norm's backward, exactly the model's with its ``ddp_buckets``)."""
+    out = {}
+    for name in names:
+        parallel, n_micro = ENGINE_CASES[name]
+        dp = parallel.get("dp", 1)
+        cfg = config_from_dict({
+            "model": {"kind": "gpt", "d_model": 64, "n_layers": 4, "n_heads": 4, "n_kv_heads": 2, "ffn_hidden": 128,
+                      "vocab_size": 96},
+            "data": {"seq_len": 2048}, "parallel": copy.deepcopy(parallel),
+            "train": {"global_batch": n_micro * dp, "micro_batch": 1}})
+        if cfg.world_size != world:
+            continue
+        mesh = build_mesh(cfg.parallel, world)
+        engine = build_engine(cfg, build_gpt(cfg, mesh, torch.device("cpu")).train(), mesh, None)
+        gen = torch.Generator().manual_seed(rank)
+        micro = []
+        for _ in range(n_micro):
+            tokens = torch.randint(0, 96, (1, 2048), generator=gen)
+            micro.append({"tokens": tokens, "labels": torch.roll(tokens, -1, 1), "positions": torch.arange(2048)})
+        count = 2048.0 * n_micro * dp
+        engine.train_step(micro, count)  # the optimizer state and the pipeline's buffers exist from here on
+        _, peak = peak_tensor_bytes(lambda: engine.train_step(micro, count))
+        sh, loc = rank_inputs(cfg, CPU)
+        pp_rank = rank_coords(rank, axis_sizes(cfg.parallel))["pp"]
+        mem, phases = rank_memory(cfg, sh, CPU, loc, load_of(cfg, stages_of_rank(cfg, pp_rank)))
+        states = mem["baseline"] + mem["weights"] + mem["optimizer"]
+        out[name] = (peak, max(phases.values()) - states)
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("world", [1, 2])
+def test_engine_step_peak_is_the_memory_model(world):
+    """Each engine's whole train_step (the DDP engine on one rank and dp 2, with one and two micro-batches; 1F1B over
+    pp 2 with 4 micro-batches; FSDP2 over dp 2), its live-tensor peak on every rank against the model's peak phase,
+    within the bands of ``ENGINE_BANDS`` (which say what the model leaves out). When written: +1.96%, −0.00%, +1.92%,
+    −0.00%, −1.98% / −3.34% (pp ranks 0 / 1), +1.9%; the components' sum said +6.1%, +4.1%, +6.0%, +4.0%,
+    −2.0% / +3.7%, +6.0%. About 10 s on two ranks."""
+    for per_rank in run_ranks(_engine_step_peaks, world, args=(list(ENGINE_CASES),), timeout=300):
+        for name, (peak, predicted) in per_rank.items():
+            low, high = ENGINE_BANDS[name]
+            assert low <= predicted / peak - 1 <= high, (name, peak, predicted)
