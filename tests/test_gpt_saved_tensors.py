@@ -14,7 +14,8 @@ the zigzag permutation, with repeated K/V heads) and tp 2 with and without seque
 inside the autocast region (a TorchDispatchMode with weak references), because autocast caches its bf16 weight
 copies for the region whether or not autograd saves them (under full checkpointing, inside Megatron's linears).
 Cases: CPU bf16 autocast (the DDP and pipeline engines), DeepSpeed's bf16 module (its parameters cast, no
-autocast; also the module of a real DeepSpeed engine), tp 2 with and without sequence parallelism, Ulysses.
+autocast; also the module of a real DeepSpeed engine), a real FSDP2 bf16 engine's GPT (saved tensors, its gathered
+weights left out), tp 2 with and without sequence parallelism, Ulysses.
 """
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ import copy
 
 import pytest
 import torch
+from torch.distributed.tensor import DTensor
 
 from dist_train.bench.attention import peak_tensor_bytes
 from dist_train.config import config_from_dict
@@ -136,10 +138,11 @@ def test_gpt_attention_keeps_no_scores_with_any_kernel(attention):
 @pytest.mark.parametrize("checkpointing", ["none", "selective", "full"])
 def test_gpt_bf16_autocast_keeps_fp32_norms_bf16_casts_and_weight_copies(checkpointing):
     """train.precision bf16 (torch.autocast on CPU, fp32 parameters): the residual stream, x of each norm (x·rstd is
-    recomputed in backward), rstd, the logsumexp and cos/sin stay fp32; each norm's output is cast to bf16 once and its linears keep
-    that one cast (each of the 5 linears kept its own before: models/autocast_input.py); matmul outputs are bf16; each linear keeps autocast's bf16 copy of its weight (cached for
-    the region: under full checkpointing nothing saves them but the cache holds them to the forward's end); and
-    under selective checkpointing the core's inputs q and k are RoPE's fp32 outputs."""
+    recomputed in backward), rstd, the logsumexp and cos/sin stay fp32; each norm's output is cast to bf16 once and
+    its linears keep that one cast (each of the 5 linears kept its own before: models/autocast_input.py); matmul
+    outputs are bf16; each linear keeps autocast's bf16 copy of its weight (cached for the region: under full
+    checkpointing nothing saves them but the cache holds them to the forward's end); and under selective
+    checkpointing the core's inputs q and k are RoPE's fp32 outputs."""
     cfg = _config(*SHAPES[0], activation_checkpointing=checkpointing, precision="bf16")
     assert counted_bytes(cfg, live=True) == pytest.approx(predicted_bytes(cfg), rel=1e-12)
     if checkpointing != "full":
@@ -148,10 +151,10 @@ def test_gpt_bf16_autocast_keeps_fp32_norms_bf16_casts_and_weight_copies(checkpo
 
 @pytest.mark.parametrize("checkpointing", ["none", "selective", "full"])
 def test_gpt_bf16_module_of_deepspeed_keeps_bf16_stream_and_no_weight_copies(checkpointing):
-    """ZeRO (DeepSpeed) in bf16 casts the parameters to bf16 and runs no autocast (here: the module cast as
-    DeepSpeed's bf16 mode does, ``_cast_module_mixed_precision``): the residual stream, cos/sin and matmul inputs
-    are bf16, each norm keeps its bf16 input x (its fp32 upcast and a bf16 x·rstd before models/lean_autograd.rms_norm), one
-    bf16 output per norm, no weight copies."""
+    """ZeRO (DeepSpeed) in bf16 casts the parameters to bf16 and runs no autocast (here: the module cast as DeepSpeed's
+    bf16 mode does, ``_cast_module_mixed_precision``): the residual stream, cos/sin and matmul inputs are bf16, each
+    norm keeps its bf16 input x (its fp32 upcast and a bf16 x·rstd before models/lean_autograd.rms_norm), one bf16
+    output per norm, no weight copies."""
     cfg = _config(*SHAPES[0], activation_checkpointing=checkpointing, precision="bf16", zero_stage=1)
     assert counted_bytes(cfg, live=True) == pytest.approx(predicted_bytes(cfg), rel=1e-12)
 
@@ -229,9 +232,10 @@ def test_gpt_activation_model_under_cp_and_tp_is_the_saved_tensors():
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 def test_gpt_forward_end_is_activations_and_what_the_loss_keeps(precision):
     """The whole single-rank forward (embedding, layers, chunked loss), counted live at its end inside the autocast
-    region: the activations + what the loss keeps for its backward (``loss_kept_bytes``: the final norm's rstd
-    (its x is the stage output), the fp32 dL/dh and dL/dW the chunked loss computes in the forward, autocast's copy of the head
-    weight) — to the loss's two fp32 scalars. The model said dL/dh only (in the compute dtype) + dL/dW in 16-bit."""
+    region: the activations + what the loss keeps for its backward (``loss_kept_bytes``: the final norm's rstd (its
+    x is the stage output), the fp32 dL/dh and dL/dW the chunked loss computes in the forward, autocast's copy of
+    the head weight) — to the loss's two fp32 scalars. The model said dL/dh only (in the compute dtype) + dL/dW in
+    16-bit."""
     cfg = _config(*SHAPES[0], micro_batch=2, precision=precision)
     model = build_gpt(cfg, build_mesh(cfg.parallel, 1), torch.device("cpu")).train()
     params = parameter_storages(model)
@@ -419,3 +423,47 @@ def test_engine_step_peak_is_the_memory_model(world):
         for name, (peak, predicted) in per_rank.items():
             low, high = ENGINE_BANDS[name]
             assert low <= predicted / peak - 1 <= high, (name, peak, predicted)
+
+
+def _fsdp_counts(rank: int, world: int) -> dict:
+    """Per checkpointing: (bytes the layers of a real FSDP2 bf16 engine's GPT save for backward + their output,
+    the model's). FSDP2's mixed precision computes with bf16 parameters (gathered per block, cast inputs) inside the
+    engine's autocast, so the embedding output — the layers' input — is bf16: it is fed in bf16 here. The gathered
+    weights the linears save are FSDP2's (``fsdp_unsharded``), left out like parameters: a saved storage is
+    left out when it is one of the model's parameters' at the moment it is saved (the block's gathered ones)."""
+    out = {}
+    for checkpointing in ("none", "selective", "full"):
+        cfg = _config(*SHAPES[0], activation_checkpointing=checkpointing, precision="bf16", dp=2, fsdp=True)
+        mesh = build_mesh(cfg.parallel, world)
+        model = build_gpt(cfg, mesh, torch.device("cpu")).train()
+        build_engine(cfg, model, mesh, torch.bfloat16)  # shards the model in place
+        kept: dict = {}
+
+        def pack(t: torch.Tensor) -> torch.Tensor:
+            ptr = t.untyped_storage().data_ptr()
+            # the running block's parameters are its gathered bf16 tensors, the others sharded DTensors
+            params = {(p.to_local() if isinstance(p, DTensor) else p).untyped_storage().data_ptr()
+                      for p in model.parameters()}
+            if ptr not in params:
+                kept[ptr] = t.untyped_storage().nbytes()
+            return t
+
+        x = torch.randn(1, cfg.data.seq_len, cfg.model.d_model, generator=torch.Generator().manual_seed(rank),
+                        dtype=torch.bfloat16, requires_grad=True)
+        positions = torch.arange(cfg.data.seq_len)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            model.run_layers(x.detach().clone().requires_grad_(), positions)  # first forward: FSDP2's lazy init
+            with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+                y = model.run_layers(x, positions)
+        out[checkpointing] = (sum(kept.values()) + y.untyped_storage().nbytes(), predicted_bytes(cfg))
+    return out
+
+
+@pytest.mark.slow
+def test_gpt_activation_model_of_a_real_fsdp2_bf16_engine():
+    """FSDP2 in bf16 (dp 2 on two gloo ranks, none / selective / full): the parameters it computes with are bf16, so
+    the residual stream, each norm's input, cos/sin and every matmul input are bf16 — as in DeepSpeed's bf16 module
+    (``cost.memory.parameters_in_16_bits``), not fp32 as under plain autocast — and no autocast weight copy exists."""
+    for per_rank in run_ranks(_fsdp_counts, 2, timeout=300):
+        for checkpointing, (counted, predicted) in per_rank.items():
+            assert counted == pytest.approx(predicted, rel=1e-12), (checkpointing, counted, predicted)

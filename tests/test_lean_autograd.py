@@ -97,8 +97,9 @@ def test_rms_norm_keeps_x_and_rstd_not_x_rstd():
 
 
 def test_gpt_with_the_functions_trains_as_with_the_compositions(monkeypatch):
-    """The whole fp32 GPT with both Functions against the compositions it ran before: loss bit-identical; gradients within 1e-6 of the largest (x's gradient is the sum of the
-    residual's and the norm's, and autograd summed the norm's two parts into it one at a time)."""
+    """The whole fp32 GPT with both Functions against the compositions it ran before: loss bit-identical; gradients
+    within 1e-6 of the largest (x's gradient is the sum of the residual's and the norm's, and autograd summed the
+    norm's two parts into it one at a time)."""
     cfg = config_from_dict({"model": {"kind": "gpt", "d_model": 32, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2,
                                       "ffn_hidden": 48, "vocab_size": 64}, "data": {"seq_len": 16},
                             "train": {"global_batch": 2, "micro_batch": 2}})

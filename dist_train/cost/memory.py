@@ -127,8 +127,9 @@ def gpt_eager_elems(cfg: Config, sh: Shape, loc: RankShape) -> tuple[float, floa
     token (``models/gpt.Block``; counted with saved_tensors_hooks in tests/test_gpt_saved_tensors.py).
 
     The residual stream and RMSNorm's insides are fp32 whatever train.precision says (the parameters are
-    fp32; 16-bit training is autocast) — but for DeepSpeed's bf16 module (:func:`module_in_16_bits`) —, the
-    matmul outputs are in the compute dtype (``loc.bpe``):
+    fp32; 16-bit training is autocast) — but where the forward computes with 16-bit parameters
+    (:func:`parameters_in_16_bits`: DeepSpeed's bf16 module, FSDP2) —, the matmul outputs are in the compute dtype
+    (``loc.bpe``):
 
     * replicated (÷tp under sequence parallelism): each RMSNorm keeps only its input x, fp32, and recomputes
       x·rstd in backward (``models/lean_autograd.rms_norm``; autograd's composition kept x·rstd too) — 2 norms × d;
@@ -147,7 +148,7 @@ def gpt_eager_elems(cfg: Config, sh: Shape, loc: RankShape) -> tuple[float, floa
     d, f32, tp_sp = sh.d, 4 / loc.bpe, sequence_split(cfg)
     # DeepSpeed's bf16 module: x is bf16, and the norm keeps it as it is (no autocast: the bf16 norm output is
     # shared by the linears)
-    rep = 2 * d * (1 if module_in_16_bits(cfg, loc) else f32) / tp_sp
+    rep = 2 * d * (1 if parameters_in_16_bits(cfg, loc) else f32) / tp_sp
     gathered = 2 * d
     par = 2 * loc.q + 2 * loc.kv + 3 * loc.f
     small = 2 * 4 / tp_sp / loc.bpe
@@ -160,6 +161,15 @@ def module_in_16_bits(cfg: Config, loc: RankShape) -> bool:
     residual stream, RoPE's cos/sin and every matmul input are bf16 and no weight is copied."""
     p = cfg.parallel
     return loc.bpe < 4 and p.zero_stage is not None and p.pp == 1 and not p.fsdp
+
+
+def parameters_in_16_bits(cfg: Config, loc: RankShape) -> bool:
+    """Whether a GPT's forward computes with 16-bit parameters, so its residual stream (the embedding output and
+    every residual add), RoPE's cos/sin and each norm's input are 16-bit, as the matmul inputs: DeepSpeed's bf16
+    module (:func:`module_in_16_bits`) and FSDP2, whose mixed precision gathers each block's parameters in bf16
+    (``param_dtype``) and casts the block's inputs to it (counted on a real FSDP2 engine's GPT,
+    tests/test_gpt_saved_tensors.py). Under plain autocast the parameters, hence the stream, stay fp32."""
+    return module_in_16_bits(cfg, loc) or (loc.bpe < 4 and cfg.parallel.fsdp)
 
 
 def gpt_ulysses_elems(cfg: Config, sh: Shape, loc: RankShape) -> float:
@@ -183,7 +193,7 @@ def residual_elems_per_token(cfg: Config, sh: Shape, prof: DeviceProfile, loc: R
     stay fp32 under autocast), in the compute dtype otherwise (a fused, Transformer-Engine style profile's
     convention, and the swin, whose patch embedding is a matmul)."""
     d_stream = sh.d / sequence_split(cfg)
-    return d_stream * 4 / loc.bpe if gpt_eager(sh, prof) and not module_in_16_bits(cfg, loc) else d_stream
+    return d_stream * 4 / loc.bpe if gpt_eager(sh, prof) and not parameters_in_16_bits(cfg, loc) else d_stream
 
 
 def gpt_eager(sh: Shape, prof: DeviceProfile) -> bool:
@@ -201,7 +211,7 @@ def stage_elems_per_token(cfg: Config, sh: Shape, prof: DeviceProfile, loc: Rank
     if not gpt_eager(sh, prof):
         return out
     per_position = 1 if cfg.data.reset_positions else cfg.train.micro_batch
-    rope_bytes = loc.bpe if module_in_16_bits(cfg, loc) else 4   # cos/sin in the residual stream's dtype
+    rope_bytes = loc.bpe if parameters_in_16_bits(cfg, loc) else 4   # cos/sin in the residual stream's dtype
     return out + 2 * sh.head_dim * rope_bytes / per_position / loc.bpe
 
 
@@ -291,7 +301,7 @@ def loss_chunk_bytes(cfg: Config, sh: Shape, loc: RankShape, prof: Optional[Devi
         return loc.tokens * loc.vocab * (bpe + 4 + 4)
     c = min(chunk, loc.tokens)
     if prof is not None and gpt_eager(sh, prof):
-        stream = bpe if module_in_16_bits(cfg, loc) else 4
+        stream = bpe if parameters_in_16_bits(cfg, loc) else 4
         h = loc.tokens * sh.d * stream
         if sequence_split(cfg) > 1:
             h *= 2  # the gathered h and dL/dh before its reduce-scatter; the local h is dL/dh's kept chunk's size
@@ -317,7 +327,7 @@ def loss_kept_bytes(cfg: Config, sh: Shape, loc: RankShape, prof: Optional[Devic
     tokens_sp = loc.tokens / sequence_split(cfg)  # the rank's sequence chunk
     if prof is None or not gpt_eager(sh, prof):
         return tokens_sp * sh.d * bpe + (loc.vocab * sh.d * 4 if bpe < 4 else 0.0)
-    grads = bpe if module_in_16_bits(cfg, loc) else 4
+    grads = bpe if parameters_in_16_bits(cfg, loc) else 4   # dL/dh in h's dtype, dL/dW in the weight's
     norm = tokens_sp * 4  # rstd; the norm's input x is the stage output, counted with the activations
     copy = loc.vocab * sh.d * bpe if (bpe < 4 and not p.fsdp and not module_in_16_bits(cfg, loc)) else 0.0
     return norm + (tokens_sp + loc.vocab) * sh.d * grads + copy
@@ -407,7 +417,7 @@ def rank_memory(cfg: Config, sh: Shape, prof: DeviceProfile, loc: RankShape,
             # a GPT's checkpointed attention core keeps its inputs (q, k, v) and wo its output: what is not kept
             # is what the core saves inside — the logsumexp, the scores without flash, Ulysses' head-sharded copies
             per_layer_tok -= el["logsumexp"] + el["scores"] + el["ulysses"]
-            if gpt_eager(sh, prof) and bpe < 4 and not module_in_16_bits(cfg, loc):
+            if gpt_eager(sh, prof) and bpe < 4 and not parameters_in_16_bits(cfg, loc):
                 # under autocast the core's inputs q and k are RoPE's fp32 outputs (cos/sin are fp32), cast
                 # to 16 bits inside the core: the checkpoint keeps them at 4 bytes
                 per_layer_tok += (loc.q + loc.kv) * (4 / bpe - 1)
