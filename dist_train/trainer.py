@@ -257,8 +257,6 @@ def _train(cfg: Config, ctx: DistContext) -> TrainResult:
         # every rank continues its own random streams from the saved state (restored by resume)
         log.info(f"resumed from {ckpt.resumed_from} at step {start_step} ({consumed} samples consumed)")
         _report_resume_changes(cfg, engine, ckpt, start_step, log, ctx.is_main)
-    if ctx.is_main:  # only once resume accepted it: a refused config never replaces the one the run trained with
-        save_config(cfg, run_dir / "config.yaml")
     result = TrainResult(start_step=start_step)
     lifecycle = Lifecycle(run_dir, ctx.rank, watchdog_s=cfg.launch.watchdog_s,
                           collective_timeout_s=cfg.launch.collective_timeout_s)
@@ -289,6 +287,8 @@ def _train(cfg: Config, ctx: DistContext) -> TrainResult:
     step_keys: list[float] = []   # packed: S_eff of each step
     evaluator = Evaluator(cfg, mesh, build_batcher(cfg, mesh, model, part="valid")) if t.eval_every else None
     trackers = build_trackers(cfg, run_dir, start_step, ctx.is_main)
+    if ctx.is_main:  # only once the resume accepted it and the run has all it needs to train: a refused or failed
+        save_config(cfg, run_dir / "config.yaml")  # start never replaces the config the checkpoints were trained with
     valid_loss: Optional[float] = None
     if ctx.is_main:
         log.info(f"model {cfg.model.kind}: {n_params / 1e6:.2f}M params | global batch {t.global_batch} = "

@@ -445,3 +445,20 @@ def test_packed_document_switches_changed_on_resume_are_named_old_to_new(tmp_pat
                           ("eod_mask_loss", False, True), ("eod_id", 5, 6)):
         assert f"data.{key} {old!r} -> {new!r}" in named[0], named
     assert named[0].endswith("(differ from the checkpoint): as configured now from step 3 on"), named
+
+
+def test_a_start_that_fails_after_the_resume_accepted_leaves_config_and_metrics_alone(tmp_path):
+    """The resume accepted the config, then the start failed building the held-out data (data.valid_path missing;
+    the pre-flight says so first, train() here goes without it): config.yaml must still be the config the
+    checkpoints were trained with (it was rewritten with one that never trained a step), metrics.jsonl untouched."""
+    docs, prefix = tmp_path / "docs.jsonl", str(tmp_path / "ds")
+    docs.write_text("\n".join(json.dumps({"text": t * 40}) for t in ("alpha ", "beta ", "gamma ")))
+    prepare_indexed([docs], prefix)
+    data, model, run = {"source": "indexed", "path": prefix, "seq_len": 32}, {"vocab_size": 257}, tmp_path / "run"
+    train(tiny_gpt_config(run, steps=2, data=data, model=model, checkpoint={"at_end": True}))
+    before = _snapshot(run)
+    with pytest.raises(ValueError, match="missing.bin/.idx not found"):
+        train(tiny_gpt_config(run, steps=4, data={**data, "valid_path": str(tmp_path / "missing")}, model=model,
+                              train={"eval_every": 1, "lr": 5e-3}))
+    after = _snapshot(run)
+    assert after["config.yaml"] == before["config.yaml"] and after["metrics.jsonl"] == before["metrics.jsonl"]
