@@ -56,35 +56,38 @@ def _config(d, heads, kv, ffn, seq, activation_checkpointing: str = "none", micr
                   "activation_checkpointing": activation_checkpointing}})
 
 
-def counted_bytes(cfg, world: int = 1, micro_batches: int = 1, live: bool = False, model=None) -> float:
+def counted_bytes(cfg, world: int = 1, micro_batches: int = 1, live: bool = False, model=None,
+                  device: str = "cpu") -> float:
     """Bytes the forward of this rank's layers keeps for backward plus the outputs it hands on,
     ``micro_batches`` forwards of random fp32 embeddings; in bf16 all of them in one torch.autocast region (as
     the pipeline engine runs its schedule; the DDP engine's region holds one). Counted: the storages autograd
     saves (``saved_tensors_hooks``, each storage once); ``live``: every storage the forward's ops created that
     is still alive at its end, inside the region — what it saves, what autocast caches, the outputs. ``model``:
-    count that GPT (an engine's module) instead of building one."""
+    count that GPT (an engine's module) instead of building one; ``device``: where the model runs (tests/
+    test_gpu_path.py counts on CUDA)."""
     rank = torch.distributed.get_rank() if world > 1 else 0
     p = cfg.parallel
     if model is None:
-        model = build_gpt(cfg, build_mesh(p, world), torch.device("cpu")).train()
+        model = build_gpt(cfg, build_mesh(p, world), torch.device(device)).train()
         if cfg.train.precision == "bf16" and p.zero_stage is not None:
             model.to(torch.bfloat16)  # DeepSpeed's bf16 mode casts the parameters; it runs no autocast
     params = parameter_storages(model)
     s_local = cfg.data.seq_len // p.cp
     s_stream = s_local // p.tp if p.sequence_parallel else s_local
     gen = torch.Generator().manual_seed(rank)
-    positions = torch.arange(rank * s_local, (rank + 1) * s_local)
-    autocast = (torch.autocast("cpu", dtype=torch.bfloat16)
+    positions = torch.arange(rank * s_local, (rank + 1) * s_local, device=device)
+    autocast = (torch.autocast(device, dtype=torch.bfloat16)
                 if cfg.train.precision == "bf16" and p.zero_stage is None else contextlib.nullcontext())
     dtype = next(model.parameters()).dtype
     with autocast:  # a first forward builds what is cached per process (cp plans, sub-groups), not per step
         model.run_layers(torch.randn(cfg.train.micro_batch, s_stream, cfg.model.d_model, dtype=dtype,
-                                     requires_grad=True), positions)
+                                     device=device, requires_grad=True), positions)
     created = LiveStorages()
     with kept_storages(params) as kept, autocast:
         with created if live else contextlib.nullcontext():
             xs = [torch.randn(cfg.train.micro_batch, s_stream, cfg.model.d_model, generator=gen,
-                              dtype=next(model.parameters()).dtype).requires_grad_() for _ in range(micro_batches)]
+                              dtype=next(model.parameters()).dtype).to(device).requires_grad_()
+                  for _ in range(micro_batches)]
             outs = [model.run_layers(x, positions) for x in xs]
         if live:
             # the test's inputs stand for the embedding output, which lives on only if a layer saves it
@@ -93,14 +96,14 @@ def counted_bytes(cfg, world: int = 1, micro_batches: int = 1, live: bool = Fals
     return sum(kept.values()) + sum(out.untyped_storage().nbytes() for out in outs)
 
 
-def predicted_bytes(cfg) -> float:
+def predicted_bytes(cfg, profile=CPU) -> float:
     """The memory model's activations of ``cfg``'s rank, less under full checkpointing the one layer it
     holds while recomputing it in backward, and less what the embedding keeps (the count starts at the layers;
     tests/test_gpt_embedding_memory.py counts the embedding)."""
-    sh, loc = rank_inputs(cfg, CPU)
-    acts = memory_model(cfg, sh, CPU, loc)["activations"] - embedding_kept_bytes(cfg, sh, loc)
+    sh, loc = rank_inputs(cfg, profile)
+    acts = memory_model(cfg, sh, profile, loc)["activations"] - embedding_kept_bytes(cfg, sh, loc)
     if cfg.train.activation_checkpointing == "full":
-        acts -= sum(activation_elems_per_token(cfg, sh, CPU, loc).values()) * loc.tokens * loc.bpe
+        acts -= sum(activation_elems_per_token(cfg, sh, profile, loc).values()) * loc.tokens * loc.bpe
     return acts
 
 

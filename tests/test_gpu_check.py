@@ -241,7 +241,8 @@ def test_llama_benchmark_code_runs_on_cpu_with_a_tiny_model(tmp_path):
 @pytest.mark.slow
 def test_gpu_test_bodies_run_on_cpu(monkeypatch, tmp_path):
     """The gpu-marked tests' own code stays runnable (CI never has CUDA): the device-agnostic ones run
-    here with DEV = "cpu" — window-parallel, chunked loss, async checkpoint round trip, and the CP
+    here with DEV = "cpu" — window-parallel, chunked loss, async checkpoint round trip, the GPT's kept
+    activations against the GPU memory model, and the CP
     error comparison for every variant at P = 1 and 4 (short sequence)."""
     import tests.test_gpu_path as g
 
@@ -249,6 +250,7 @@ def test_gpu_test_bodies_run_on_cpu(monkeypatch, tmp_path):
     g.test_window_parallel_attention_on_cuda(torch.float32, 1e-4)
     g.test_chunked_cross_entropy_on_cuda_equals_the_full_loss(torch.bfloat16, 3e-2)
     g.test_async_checkpoint_of_gpu_tensors_is_bit_exact(tmp_path)
+    g.test_gpt_kept_activations_on_cuda_are_the_memory_model("selective")
     for variant in g.CP_VARIANTS:
         e1, e4 = g._cp_errors(variant, 1, S=256), g._cp_errors(variant, 4, S=256)
         assert max(e1 + e4) <= 3e-2 and all(b <= 1.5 * a for a, b in zip(e1, e4)), (variant, e1, e4)

@@ -5,6 +5,7 @@ checked with world size 1 through the real trainer.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from pathlib import Path
 
@@ -12,7 +13,9 @@ import pytest
 import torch
 import torch.distributed as dist
 
+from dist_train.plan.profiles import builtin_profiles
 from tests.test_cp_reference import max_rel_err, random_qkv, reference_attention
+from tests.test_gpt_saved_tensors import SHAPES, _config, counted_bytes, predicted_bytes
 
 DEV = "cuda"   # the rehearsal on CPU (docs/gpu_check.md) sets this to "cpu"; the tests run on CUDA
 
@@ -99,6 +102,23 @@ def test_chunked_cross_entropy_on_cuda_equals_the_full_loss(dtype, tol):
     assert abs(loss.item() - ref.item()) <= tol * abs(ref.item())
     assert max_rel_err(dh, ref_dh) <= tol and max_rel_err(dw, ref_dw) <= tol
     assert dh[::7].abs().max().item() == 0.0
+
+
+#: bytes per layer the CUDA attention may save beyond the model's q, k, v, output and logsumexp: flash attention's
+#: RNG state (philox seed and offset, saved even without dropout), which the model does not count
+CUDA_ATTENTION_RNG_BYTES = 64
+
+
+@pytest.mark.parametrize("checkpointing", ["none", "selective", "full"])
+def test_gpt_kept_activations_on_cuda_are_the_memory_model(checkpointing):
+    """What the GPT's layers keep for backward on CUDA in bf16 autocast (torch SDPA's CUDA kernel, the lean norm and
+    SwiGLU Functions, one 16-bit cast per column group, autocast's weight copies) equals the planner's GPU memory
+    model (the h100 profile costing this repo's eager modules), as tests/test_gpt_saved_tensors.py checks it on
+    CPU to the byte — up to the CUDA attention's RNG state per layer."""
+    h100 = dataclasses.replace(builtin_profiles()["h100"], fused_kernels=False)
+    cfg = _config(*SHAPES[0], activation_checkpointing=checkpointing, precision="bf16")
+    counted, predicted = counted_bytes(cfg, live=True, device=DEV), predicted_bytes(cfg, h100)
+    assert predicted <= counted <= predicted + CUDA_ATTENTION_RNG_BYTES * cfg.model.n_layers, (counted, predicted)
 
 
 def _nccl_world_one(tmp_path: Path) -> None:
