@@ -365,7 +365,9 @@ def test_optimizer_step_transient_is_the_models(shape):
 
 # (parallel, micro-batches per step): the whole train_step of each engine, measured against the model's peak phase
 ENGINE_CASES = {"ddp_m1": ({}, 1), "ddp_m2": ({}, 2), "ddp_dp2_m1": ({"dp": 2}, 1), "ddp_dp2_m2": ({"dp": 2}, 2),
-                "pp2_1f1b_m4": ({"pp": 2, "microbatches": 4}, 4), "fsdp_dp2_m1": ({"dp": 2, "fsdp": True}, 1)}
+                "pp2_1f1b_m4": ({"pp": 2, "microbatches": 4}, 4), "fsdp_dp2_m1": ({"dp": 2, "fsdp": True}, 1),
+                "pp2_gpipe_m4": ({"pp": 2, "pp_schedule": "gpipe", "microbatches": 4}, 4),
+                "pp2_interleaved_m4": ({"pp": 2, "pp_schedule": "interleaved", "microbatches": 4}, 4)}
 # (lowest, highest) of model / measured − 1, per case and pipeline rank, with what the model leaves out
 ENGINE_BANDS = {
     "ddp_m1": (0.0, 0.03),        # conservative: every gradient in the backward, where only the head's exists yet
@@ -376,6 +378,10 @@ ENGINE_BANDS = {
     # embedding output) — not modelled
     "pp2_1f1b_m4": (-0.04, 0.0),
     "fsdp_dp2_m1": (0.0, 0.03),   # conservative, as ddp_m1
+    "pp2_gpipe_m4": (-0.01, 0.01),
+    # torch's interleaved schedule holds more than its in-flight (stage, micro-batch) pairs: norm-output-sized tensors
+    # of pairs already backwarded or not yet (counted by the allocator meter, not attributed) — not modelled
+    "pp2_interleaved_m4": (-0.10, 0.0),
 }
 
 
@@ -417,11 +423,13 @@ def _engine_step_peaks(rank: int, world: int, names: list) -> dict:
 @pytest.mark.slow
 @pytest.mark.parametrize("world", [1, 2])
 def test_engine_step_peak_is_the_memory_model(world):
-    """Each engine's whole train_step (the DDP engine on one rank and dp 2, with one and two micro-batches; 1F1B over
-    pp 2 with 4 micro-batches; FSDP2 over dp 2), its live-tensor peak on every rank against the model's peak phase,
-    within the bands of ``ENGINE_BANDS`` (which say what the model leaves out). When written: +1.96%, −0.00%, +1.92%,
-    −0.00%, −1.98% / −3.34% (pp ranks 0 / 1), +1.9%; the components' sum said +6.1%, +4.1%, +6.0%, +4.0%,
-    −2.0% / +3.7%, +6.0%. About 10 s on two ranks."""
+    """Each engine's whole train_step (the DDP engine on one rank and dp 2, with one and two micro-batches; 1F1B,
+    GPipe and interleaved 1F1B over pp 2 with 4 micro-batches; FSDP2 over dp 2), its live-tensor peak on every rank
+    against the model's peak phase, within the bands of ``ENGINE_BANDS`` (which say what the model leaves out). When
+    written: +1.96%, −0.00%, +1.92%, −0.00%, −1.98% / −3.34% (1F1B pp ranks 0 / 1), +1.9%, +0.26% / +0.11% (GPipe),
+    −3.9% / −9.3% (interleaved; −8.5% / −13.4% while each virtual stage's output and cos/sin were counted once per
+    whole-rank micro-batch); the components' sum said +6.1%, +4.1%, +6.0%, +4.0%, −2.0% / +3.7%, +6.0%. About 15 s
+    on two ranks."""
     for per_rank in run_ranks(_engine_step_peaks, world, args=(list(ENGINE_CASES),), timeout=300):
         for name, (peak, predicted) in per_rank.items():
             low, high = ENGINE_BANDS[name]

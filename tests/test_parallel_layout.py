@@ -2,6 +2,7 @@
 each rank's exact stages; the planner = the most loaded rank), invalid combos."""
 from __future__ import annotations
 
+import dataclasses
 import itertools
 from types import SimpleNamespace
 
@@ -9,8 +10,10 @@ import pytest
 import torch.distributed as dist
 
 from dist_train.config import ConfigError, config_from_dict
-from dist_train.cost.layout import balanced_layer_counts, in_flight_microbatches, pipeline_stages, stages_of_rank
-from dist_train.cost.memory import estimate_memory
+from dist_train.cost.layout import (balanced_layer_counts, in_flight_microbatches, load_of, pipeline_stages,
+                                    stages_of_rank)
+from dist_train.cost.memory import estimate_memory, memory_model, stage_elems_per_token
+from dist_train.cost.shape import rank_inputs
 from dist_train.cost.predict import predict
 from dist_train.dryrun import RankLayout, device_profile, format_layout, rank_layout
 from dist_train.mesh import rank_coords
@@ -138,6 +141,24 @@ def test_in_flight_microbatches_follow_torch_schedules():
     acts = {r.coords["pp"]: r.memory.activations for r in rows}
     assert [acts[r] / acts[3] for r in range(4)] == [4, 3, 2, 1]
     assert rows[0].memory.other < rows[-1].memory.other  # the logits live on the head rank only
+
+
+def test_every_virtual_stage_in_flight_keeps_its_stage_output_and_rope():
+    """Interleaved: each (virtual stage, micro-batch) in flight keeps its own stage output (torch's PipelineStage caches
+    it per stage until that stage's backward) and its RoPE cos/sin (each stage's forward computes them): in_flight
+    counts whole-rank micro-batches, so a rank of v stages holds v × in_flight of these. Failed before: counted once
+    per whole-rank micro-batch (half the stage-wide bytes at v = 2)."""
+    base = dict(model={"n_layers": 4}, train={"micro_batch": 1, "global_batch": 4})
+    inter = _cfg(parallel={"pp": 2, "microbatches": 4, "pp_schedule": "interleaved"}, **base)
+    cpu = builtin_profiles()["cpu"]
+    sh, loc = rank_inputs(inter, cpu)
+    stage_bytes = stage_elems_per_token(inter, sh, cpu, loc) * loc.tokens * loc.bpe
+    for r in range(2):
+        load = load_of(inter, stages_of_rank(inter, r))
+        assert load.stages == 2
+        one = dataclasses.replace(load, stages=1)
+        more = memory_model(inter, sh, cpu, loc, load)["activations"] - memory_model(inter, sh, cpu, loc, one)["activations"]
+        assert more == pytest.approx(stage_bytes * in_flight_microbatches(inter, r))
 
 
 @pytest.mark.parametrize("sections", [

@@ -134,13 +134,15 @@ class RankLoad:
     embedding: bool     # holds the token / patch embedding (first stage)
     head: bool          # holds the final norm + output head + loss (last stage)
     in_flight: float    # micro-batches of activations alive at the peak (:func:`in_flight_microbatches`)
+    stages: int = 1     # pipeline stages on this rank (interleaved: virtual stages), each with its own stage-wide tensors
 
 
 def load_of(cfg: Config, stages: list[Stage]) -> RankLoad:
     """The load of the pipeline rank holding ``stages`` (all of one rank: :func:`stages_of_rank`)."""
     assert stages and len({s.rank for s in stages}) == 1, stages
     return RankLoad(layers=sum(len(s.layers) for s in stages), embedding=any(s.first for s in stages),
-                    head=any(s.last for s in stages), in_flight=in_flight_microbatches(cfg, stages[0].rank))
+                    head=any(s.last for s in stages), in_flight=in_flight_microbatches(cfg, stages[0].rank),
+                    stages=len(stages))
 
 
 def rank_loads(cfg: Config) -> list[RankLoad]:

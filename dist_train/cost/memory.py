@@ -422,7 +422,9 @@ def rank_memory(cfg: Config, sh: Shape, prof: DeviceProfile, loc: RankShape,
                 # to 16 bits inside the core: the checkpoint keeps them at 4 bytes
                 per_layer_tok += (loc.q + loc.kv) * (4 / bpe - 1)
         stored_tok = load.layers * per_layer_tok * load.in_flight
-    stored_tok += stage_elems_per_token(cfg, sh, prof, loc) * load.in_flight
+    # every (stage, micro-batch) in flight keeps its own stage output and RoPE cos/sin (each virtual stage's forward
+    # computes them); in_flight counts whole-rank micro-batches, so an interleaved rank holds ``stages`` times as many
+    stored_tok += stage_elems_per_token(cfg, sh, prof, loc) * load.in_flight * load.stages
     copies = autocast_weight_bytes(cfg, sh, loc, load)
     acts = stored_tok * loc.tokens * bpe + copies
     if load.embedding:
