@@ -178,6 +178,9 @@ class CheckpointConfig:
     at_end: bool = True
     on_error: str = "stop"  # stop | continue
     allow_config_change: list = field(default_factory=list)  # model keys a resume may change, e.g. [model.attention_window]
+    # set by the launchers on every restart (and every start of a batch job): resume the run's own newest checkpoint
+    # once it has one, else what `resume` names (never from scratch when `resume` names an import)
+    restart: bool = False
 
 
 @dataclass

@@ -22,8 +22,8 @@ from parallelism.context.kernels import get_kernel
 from .checkpoint import compat
 from .checkpoint import manifest as mf
 from .checkpoint.foreign import describe_foreign_tree
-from .checkpoint.manager import (checkpoint_root, consumed_samples, newer_checkpoints_message, occupied_message,
-                                 resume_candidates, saved_extra, trained_digest)
+from .checkpoint.manager import (checkpoint_root, consumed_samples, effective_resume, newer_checkpoints_message,
+                                 occupied_message, resume_candidates, saved_extra, trained_digest)
 from .checkpoint.storage import CheckpointError
 from .config import Config, ConfigError
 from .cost import memory_model, model_params, rank_inputs
@@ -233,8 +233,8 @@ def check_resume(cfg: Config) -> None:
     """``checkpoint.resume`` = PATH must exist and verify (a dir of checkpoints: one of them, newest first, as
     auto); ``auto`` must find at least one checkpoint that verifies when there are any (the trainer would
     otherwise stop after every rank started). The candidates are the manager's (``resume_candidates``)."""
-    mode = cfg.checkpoint.resume
     root = checkpoint_root(cfg.checkpoint, cfg.run.dir)
+    mode = effective_resume(cfg.checkpoint, root)
     if mode == "none":
         occupied = occupied_message(root)
         if occupied:

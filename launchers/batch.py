@@ -11,8 +11,8 @@ Two ways to start the job inside the allocation:
 
 Preemption and time limits: Slurm sends SIGUSR1 120 s before the limit (``--signal=USR1@120``) and
 SIGTERM on preemption; every rank then saves and exits 75 (``EXIT_PREEMPTED``), and the script requeues
-itself (``scontrol requeue`` / ``qsub`` of this script). Every start resumes with
-``checkpoint.resume=auto``.
+itself (``scontrol requeue`` / ``qsub`` of this script). Every start runs with ``checkpoint.restart=true``: the
+run's newest committed checkpoint, or before its first save what ``checkpoint.resume`` names.
 """
 from __future__ import annotations
 
@@ -91,7 +91,7 @@ def _q(items: list[str]) -> str:
 
 def _job_args(spec: BatchSpec) -> list[str]:
     args = [spec.config]
-    for o in [*spec.overrides, "checkpoint.resume=auto"]:
+    for o in [*spec.overrides, "checkpoint.restart=true"]:
         args += ["--set", o]
     return args
 

@@ -5,7 +5,8 @@ watches it:
 
 * a rank exits non-zero (not ``EXIT_PREEMPTED``) or dies by a signal → the whole group is torn down
   (every rank and its children killed) and, while ``max_restarts`` allows, started again with the resume
-  arguments (``--set checkpoint.resume=auto``: the newest committed checkpoint) and
+  arguments (``--set checkpoint.restart=true``: the run's newest committed checkpoint, or before its first save
+  what checkpoint.resume names) and
   ``DIST_TRAIN_RESTART=<attempt>`` in every rank's environment;
 * no step progress for ``watchdog_s`` on some running rank (heartbeats from ``dist_train.lifecycle``)
   → a hang: reported with the step each rank reached, then handled like a failure;
@@ -83,7 +84,7 @@ class JobSpec:
     max_restarts: int = 0
     watchdog_s: Optional[float] = 0.0  # 0: off; None: automatic (dist_train.lifecycle.auto_watchdog_s)
     collective_timeout_s: float = 300.0  # the ranks' launch.collective_timeout_s (bounds the automatic watchdog)
-    resume_args: list[str] = field(default_factory=lambda: ["--set", "checkpoint.resume=auto"])
+    resume_args: list[str] = field(default_factory=lambda: ["--set", "checkpoint.restart=true"])
     env: dict[str, str] = field(default_factory=dict)
 
 
@@ -235,8 +236,8 @@ class Supervisor:
                           f"the same way again")
             elif attempt < spec.max_restarts and not self._pending:
                 attempt += 1
-                self._say(f"{summary}\n[launcher] restarting the job from the last committed checkpoint "
-                          f"(restart {attempt} of {spec.max_restarts})")
+                self._say(f"{summary}\n[launcher] restarting the job from its newest committed checkpoint (none "
+                          f"yet: from checkpoint.resume) (restart {attempt} of {spec.max_restarts})")
                 self._event("restart", attempt=attempt)
                 continue
             total = attempt + 1

@@ -96,6 +96,7 @@ BAD: dict[str, list] = {
     "checkpoint.resume": ["", None],
     "checkpoint.dir": ["", 7],
     "checkpoint.at_end": ["no"],
+    "checkpoint.restart": ["yes"],
     "checkpoint.on_error": ["ignore"],
     "checkpoint.allow_config_change": [["model.nope"], ["train.lr"], "model.rope_theta", [3]],
     "launch.backend": ["slurm"],

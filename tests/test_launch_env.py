@@ -173,7 +173,7 @@ def test_batch_scripts():
                    "#SBATCH --time=01:30:00", "#SBATCH --signal=USR1@120", "#SBATCH --requeue", "module load cuda/12.4",
                    "export NCCL_DEBUG=WARN", "srun --ntasks=8 --ntasks-per-node=4", "-m launchers.rankio",
                    "--preempted-exit 75", "-m dist_train run configs/gpt_tiny.yaml --set parallel.dp=8 --set "
-                   "checkpoint.resume=auto", 'if [ "$status" -eq 75 ]', 'scontrol requeue "$SLURM_JOB_ID"'):
+                   "checkpoint.restart=true", 'if [ "$status" -eq 75 ]', 'scontrol requeue "$SLURM_JOB_ID"'):
         assert needle in s, needle
     assert "ssh" not in s and "pdsh" not in s
     p = render(_spec(scheduler="pbs"))

@@ -38,7 +38,7 @@ TINY = textwrap.dedent("""
         rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     lc = Lifecycle(run_dir=run_dir, rank=rank, watchdog_s=float(os.environ.get("TINY_WATCHDOG", "0")))
     ck = run_dir / "ckpt.txt"
-    start = int(ck.read_text()) + 1 if ("checkpoint.resume=auto" in sys.argv and ck.exists()) else 0
+    start = int(ck.read_text()) + 1 if ("checkpoint.restart=true" in sys.argv and ck.exists()) else 0
     print(f"start {{start}} world {{world}}", flush=True)
     total = 0.0
     for step in range(start, steps):
@@ -121,7 +121,7 @@ def test_restart_after_killed_rank_and_failure_summary(tmp_path, tiny):
     assert "[rank 1] [fault injection] rank 1 step 4: signal SIGKILL" in text
     ev = _events(run_dir)
     assert [e["event"] for e in ev] == ["attempt_start", "attempt_end", "restart", "attempt_start", "attempt_end"]
-    assert ev[3]["argv"][-2:] == ["--set", "checkpoint.resume=auto"] and "--set" not in ev[0]["argv"]
+    assert ev[3]["argv"][-2:] == ["--set", "checkpoint.restart=true"] and "--set" not in ev[0]["argv"]
     stderr_log = (run_dir / "logs" / "rank_1.stderr").read_text()
     assert "===== attempt 0" in stderr_log and "===== attempt 1" in stderr_log and "fault injection" in stderr_log
 
@@ -208,7 +208,7 @@ def test_sigterm_preempts_every_rank(tmp_path, tiny):
     saved = int((run_dir / "ckpt.txt").read_text())
     assert f"[rank 0] preempted at {saved}" in cap.text() and "[rank 1] preempted at" in cap.text()
     # relaunching resumes at the next step
-    spec = JobSpec([sys.executable, str(tiny), str(run_dir), str(saved + 3), "--set", "checkpoint.resume=auto"],
+    spec = JobSpec([sys.executable, str(tiny), str(run_dir), str(saved + 3), "--set", "checkpoint.restart=true"],
                    nproc=2, run_dir=run_dir, env={"TINY_TORCH": "0"})
     cap2 = Capture()
     assert Supervisor(spec, LocalBackend(2, run_dir, sink=cap2), out=io.StringIO()).run() == 0

@@ -27,7 +27,7 @@ from dist_train.optim import lr_lambda
 from dist_train.preflight import preflight
 from dist_train.trainer import train
 from tests.test_ckpt_common import CkptCfg
-from tests.trainer_utils import tiny_gpt_config, tiny_swin_config
+from tests.trainer_utils import rel_close, tiny_gpt_config, tiny_swin_config
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -462,3 +462,22 @@ def test_a_start_that_fails_after_the_resume_accepted_leaves_config_and_metrics_
                               train={"eval_every": 1, "lr": 5e-3}))
     after = _snapshot(run)
     assert after["config.yaml"] == before["config.yaml"] and after["metrics.jsonl"] == before["metrics.jsonl"]
+
+
+def test_a_restart_before_the_first_save_starts_from_what_checkpoint_resume_names(tmp_path):
+    """The launchers restart a job (and every batch-job start) with checkpoint.restart=true; they set
+    checkpoint.resume=auto, which discarded a configured checkpoint.resume PATH (an HF import, another run's step):
+    a fine-tune that crashed before its first save restarted from random weights at step 0 (measured with `dist-train
+    launch --max-restarts 1`: 'restarting the job from the last committed checkpoint', then step 1/8 from scratch).
+    Now: the run's own newest checkpoint once it has one, else what checkpoint.resume names."""
+    init = tmp_path / "init"
+    straight = train(tiny_gpt_config(init, steps=5, checkpoint={"every": 3}))
+    src = str(init / "checkpoints" / "step_3")
+    run = tmp_path / "finetune"
+    cfg = tiny_gpt_config(run, steps=5, checkpoint={"resume": src, "restart": True, "at_end": True})
+    preflight(cfg, on_cuda=False)
+    first = train(cfg)  # a restart before this run saved anything: from the configured checkpoint
+    assert first.start_step == 3 and rel_close(first.losses, straight.losses[3:], 1e-6), (first.losses, straight.losses)
+    again = tiny_gpt_config(run, steps=6, checkpoint={"resume": src, "restart": True, "at_end": True})
+    preflight(again, on_cuda=False)  # the run's own step_5 is newer than src: no "holds newer checkpoints" refusal
+    assert train(again).start_step == 5

@@ -174,6 +174,16 @@ def trained_digest(extra: dict) -> Optional[str]:
     return value if isinstance(value, str) else None
 
 
+def effective_resume(ckpt_cfg: Any, root: Path) -> str:
+    """The resume mode a start uses: ``checkpoint.resume``, except on a restart (``checkpoint.restart``, set by the
+    launchers on every restart and every start of a batch job) once the run's checkpoint dir ``root`` holds a
+    ``step_N``: then ``auto``, the run's newest. A restart before the run's first save thus starts from what
+    ``checkpoint.resume`` names (an HF import, another run's step), not from scratch."""
+    if getattr(ckpt_cfg, "restart", False) and mf.list_checkpoints(root):
+        return "auto"
+    return ckpt_cfg.resume
+
+
 def resume_candidates(mode: str, root: Path) -> tuple[list[Path], bool]:
     """The checkpoints a resume with ``checkpoint.resume = mode`` tries, newest first, and whether ``mode`` names
     one checkpoint (it must verify: no fallback). The pre-flight and the manager both take them from here, so the
@@ -534,13 +544,12 @@ class CheckpointManager:
     # resuming
     # ------------------------------------------------------------------------------------------
     def resume(self, model, optimizer=None, scheduler=None) -> Optional[dict]:
-        """Restore per ``cfg.resume`` (``auto`` | ``none`` | PATH); None on a fresh start, else the saved
-        ``extra`` dict (at least ``step`` and ``consumed_samples``). ``auto`` takes the newest checkpoint under
+        """Restore per ``cfg.resume`` (``auto`` | ``none`` | PATH; on a restart :func:`effective_resume`); None on a
+        fresh start, else the saved ``extra`` dict (at least ``step`` and ``consumed_samples``). ``auto`` takes the newest checkpoint under
         the checkpoint dir and falls back to older ones (one warning line each) when it fails verification; PATH
         as a dir of ``step_N`` does the same over that dir; PATH as one ``step_N`` must verify. A PATH older than
         a checkpoint in the checkpoint dir that this resume did not find damaged is refused
         (:func:`newer_checkpoints_message`)."""
-        mode = self.cfg.resume
         restored = None
         if self.rank == 0 and self.root.is_dir():
             try:
@@ -550,6 +559,7 @@ class CheckpointManager:
         problem = self.comm.broadcast(restored if isinstance(restored, str) else None)
         if problem:
             raise CheckpointError(problem)
+        mode = self.comm.broadcast(effective_resume(self.cfg, self.root) if self.rank == 0 else None)
         if restored and self.rank == 0:
             log.warning("restored %s under %s: a re-save of that step was killed before it committed",
                         ", ".join(restored), self.root)
