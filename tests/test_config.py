@@ -203,12 +203,14 @@ def test_every_shipped_config_validates(path):
      "parallel.deepspeed.gradient_accumulation_steps = 1 contradicts"),
     ({"zero_stage": 1, "deepspeed": {"zero_optimization": {"stage": 3}}},
      "parallel.deepspeed.zero_optimization.stage = 3 contradicts parallel.zero_stage = 1"),
-    ({"zero_stage": 1, "deepspeed": {"bf16": {"enabled": True}}}, "parallel.deepspeed.bf16.enabled: set train.precision"),
+    ({"zero_stage": 1, "deepspeed": {"bf16": {"enabled": True}}},
+     "parallel.deepspeed.bf16.enabled: set train.precision"),
     ({"zero_stage": 1, "deepspeed": {"fp16": {"enabled": True}}}, "parallel.deepspeed.fp16"),
     ({"zero_stage": 1, "deepspeed": {"optimizer": {"type": "Lamb"}}}, "parallel.deepspeed.optimizer"),
     ({"zero_stage": 1, "deepspeed": {"scheduler": {"type": "WarmupLR"}}}, "parallel.deepspeed.scheduler"),
     ({"zero_stage": 1, "deepspeed": {"train_batch_size": 64}}, "parallel.deepspeed.train_batch_size"),
-    ({"deepspeed": {"zero_optimization": {"overlap_comm": True}}}, "parallel.deepspeed is set but parallel.zero_stage is null"),
+    ({"deepspeed": {"zero_optimization": {"overlap_comm": True}}},
+     "parallel.deepspeed is set but parallel.zero_stage is null"),
 ])
 def test_deepspeed_keys_that_contradict_the_config_are_refused(parallel, msg, tmp_path):
     """parallel.deepspeed is merged over the DeepSpeed config dist-train generates from its own fields: a key there

@@ -141,5 +141,6 @@ def test_two_jobs_generating_at_one_fresh_path_never_mix_their_datasets(tmp_path
     loser = ({5, 6} - set(winner)).pop()
     assert "holds a weather dataset generated with seed" in outcome[loser], outcome
     monkeypatch.undo()
-    alone = WeatherDataset(prepare_weather(tmp_path / "alone", height=10, width=16, steps=12, channels=2, seed=winner[0]))
+    alone = WeatherDataset(prepare_weather(tmp_path / "alone", height=10, width=16, steps=12, channels=2,
+                                           seed=winner[0]))
     assert np.array_equal(WeatherDataset(tmp_path / "w").fields, alone.fields)

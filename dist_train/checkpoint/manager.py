@@ -545,11 +545,11 @@ class CheckpointManager:
     # ------------------------------------------------------------------------------------------
     def resume(self, model, optimizer=None, scheduler=None) -> Optional[dict]:
         """Restore per ``cfg.resume`` (``auto`` | ``none`` | PATH; on a restart :func:`effective_resume`); None on a
-        fresh start, else the saved ``extra`` dict (at least ``step`` and ``consumed_samples``). ``auto`` takes the newest checkpoint under
-        the checkpoint dir and falls back to older ones (one warning line each) when it fails verification; PATH
-        as a dir of ``step_N`` does the same over that dir; PATH as one ``step_N`` must verify. A PATH older than
-        a checkpoint in the checkpoint dir that this resume did not find damaged is refused
-        (:func:`newer_checkpoints_message`)."""
+        fresh start, else the saved ``extra`` dict (at least ``step`` and ``consumed_samples``). ``auto`` takes the
+        newest checkpoint under the checkpoint dir and falls back to older ones (one warning line each) when it
+        fails verification; PATH as a dir of ``step_N`` does the same over that dir; PATH as one ``step_N`` must
+        verify. A PATH older than a checkpoint in the checkpoint dir that this resume did not find damaged is
+        refused (:func:`newer_checkpoints_message`)."""
         restored = None
         if self.rank == 0 and self.root.is_dir():
             try:
