@@ -21,6 +21,7 @@ from dist_train.cli import _run_bench
 from dist_train.config import load_config
 from dist_train.cost.layout import bubble_fraction
 from dist_train.rankstats import ENV, RankStats
+from dist_train.trainer import train
 
 SWIN = "configs/swin_era5_721x1440.yaml"
 SMALL = ["data.image=[128,256]", "train.global_batch=4", "train.micro_batch=1", "parallel.wp=[1,1]"]
@@ -144,3 +145,25 @@ def test_paired_plot_writes_a_png_from_a_recorded_comparison(tmp_path):
                          "pp2_vs_dp2.json").read_text())
     plot_paired(record, str(tmp_path / "p.png"))
     assert (tmp_path / "p.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_measured_run_never_resumes_from_or_saves_into_the_configs_checkpoint_dir(tmp_path, monkeypatch):
+    """`bench train` runs the user's config in a temporary run.dir, but a checkpoint.dir outside run.dir stayed the
+    config's: the measured run resumed the real run's checkpoint (measuring from there), and a stop (exit_interval,
+    a SIGTERM) saved into it — pruning the real run's checkpoints with its keep_last. Now it starts from scratch in
+    its own directory and leaves the config's checkpoint dir byte for byte alone."""
+    real = tmp_path / "real_ckpts"
+    base = ["data.source=synthetic", "parallel.dp=1", "model.d_model=32", "model.n_heads=2", "model.n_kv_heads=1",
+            "data.seq_len=32", "train.global_batch=2", "train.micro_batch=2", "train.peak_tflops=1.0",
+            "train.progress=false", f"checkpoint.dir={real}", "checkpoint.keep_last=1"]
+    train_cfg = load_config("configs/gpt_tiny.yaml", base + [f"run.dir={tmp_path / 'real'}", "train.steps=2",
+                                                              "checkpoint.at_end=true"])
+    train(train_cfg)
+    before = {p.relative_to(real).as_posix(): p.read_bytes() for p in real.rglob("*") if p.is_file()}
+    assert "step_2/manifest.json" in before
+    monkeypatch.delenv(ENV, raising=False)
+    rec = bench_train._train_rank(0, 1, "configs/gpt_tiny.yaml", base + ["train.steps=4", "train.exit_interval=1"],
+                                  str(tmp_path / "bench_run"))
+    assert rec["summary"]["start_step"] == 0, rec["summary"]
+    after = {p.relative_to(real).as_posix(): p.read_bytes() for p in real.rglob("*") if p.is_file()}
+    assert after == before

@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from dist_train.plan.report import add_efficiency, efficiency, error_summary, write_outputs
-from dist_train.plan.sweep import classify_failure, expand, load_sweep, run_sweep
+from dist_train.plan.sweep import classify_failure, expand, launch_command, load_sweep, run_sweep
 
 ROOT = Path(__file__).resolve().parents[1]
 BASE = {"model": {"kind": "gpt", "d_model": 32, "n_layers": 1, "n_heads": 2, "vocab_size": 64},
@@ -177,3 +177,13 @@ def test_every_shipped_sweep_loads_and_expands():
     assert files
     for f in files:
         assert expand(load_sweep(f)), f
+
+
+def test_a_point_checkpoints_in_its_own_run_dir_from_scratch(tmp_path):
+    """A base config whose checkpoint.dir lies outside run.dir names a real run's checkpoints: a point ran with
+    resume=none there, so it was refused (the dir holds checkpoints), or, once that run had none yet, saved beside
+    it. Every point gets its own checkpoint dir under its run dir."""
+    spec = load_sweep(write_sweep(tmp_path))
+    point = expand(spec)[0]
+    argv = launch_command(spec, point, tmp_path / "p0")
+    assert f"checkpoint.dir={tmp_path / 'p0' / 'checkpoints'}" in argv and "checkpoint.resume=none" in argv

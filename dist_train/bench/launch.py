@@ -34,7 +34,9 @@ def _one_run(args: argparse.Namespace, backend: str, work: Path, fault: bool) ->
     steps = max(args.steps, 4) if fault else args.steps
     cmd = [sys.executable, "-m", "dist_train", "launch", args.config, "--backend", backend, "--nproc",
            str(args.nproc), *sum((["--set", s] for s in args.set), []), "--set", f"run.dir={run_dir}",
-           "--set", f"train.steps={steps}", "--set", "train.progress=false"]
+           "--set", f"train.steps={steps}", "--set", "train.progress=false",
+           # its own checkpoints, from scratch: a config's checkpoint.dir outside run.dir is a real run's
+           "--set", f"checkpoint.dir={run_dir / 'checkpoints'}", "--set", "checkpoint.resume=none"]
     env = {k: v for k, v in os.environ.items() if not k.startswith("DIST_TRAIN_FAULT")}
     if fault:
         cmd += ["--max-restarts", "1", "--set", "checkpoint.every=1"]

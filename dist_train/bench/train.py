@@ -42,8 +42,11 @@ def _train_rank(rank: int, world: int, config: str, overrides: list, run_dir: st
     """One rank of a measured run (spawned by dist_train.spawn.run_ranks) -> its record: the trainer's summary
     and losses, and the per-step times, memory and held state bytes it wrote through dist_train.rankstats."""
     os.environ[RANK_STATS_ENV] = "1"  # the trainer writes rank_stats/rank_<rank>.json
+    # its own checkpoint dir, from scratch: a config's checkpoint.dir outside run.dir is a real run's, which the
+    # measured run would resume from and (on an exit_interval or SIGTERM stop) save into
     cfg = load_config(config, overrides + [f"run.dir={run_dir}", "train.progress=false", "checkpoint.at_end=false",
-                                           "checkpoint.every=0"])
+                                           "checkpoint.every=0", "checkpoint.resume=none",
+                                           f"checkpoint.dir={Path(run_dir) / 'checkpoints'}"])
     res = train(cfg)
     stats = json.loads((Path(run_dir) / "rank_stats" / f"rank_{rank}.json").read_text())
     return {"summary": res.summary, "losses": res.losses, "step_s": stats["step_times_s"],

@@ -251,7 +251,9 @@ def launch_command(spec: SweepSpec, point: Point, run_dir: Path) -> list[str]:
     steps = spec.warmup_steps + spec.measure_steps
     sets = point.overrides + [f"run.dir={run_dir}", f"run.name={point.id}", f"train.steps={steps}",
                               "train.log_every=1", "train.progress=false", "checkpoint.at_end=false",
-                              "checkpoint.every=0", "checkpoint.resume=none", f"launch.nproc={point.world_size}"]
+                              "checkpoint.every=0", "checkpoint.resume=none", f"launch.nproc={point.world_size}",
+                              # its own: a base config's checkpoint.dir outside run.dir is a real run's
+                              f"checkpoint.dir={run_dir / 'checkpoints'}"]
     flags = [a for s in sets for a in ("--set", s)]
     py = sys.executable
     if spec.launcher == "torchrun":
