@@ -221,8 +221,9 @@ def newer_checkpoints_message(root: Path, mode: str, step: int, damaged: Iterabl
         return None
     return (f"checkpoint.resume = {mode} is at step {step}, but {root} holds newer checkpoints "
             f"({compat.shortened_list(newer)}) that a "
-            "restart (resume: auto takes the newest) would resume instead of this run's: to roll back, move them "
-            "away; to continue them, set checkpoint.resume=auto")
+            "restart (checkpoint.restart takes the newest) would resume instead of this run's: to roll back, move "
+            "them away; to continue them, set checkpoint.restart=true (it keeps this PATH for a start before the "
+            "run's first save) or checkpoint.resume=auto")
 
 
 def _tensor_info(t: torch.Tensor) -> dict:
