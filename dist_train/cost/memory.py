@@ -93,7 +93,7 @@ def activation_elems_per_token(cfg: Config, sh: Shape, prof: DeviceProfile, loc:
         stat_bytes = loc.bpe if module_in_16_bits(cfg, loc) and prof.is_cpu else 4
         small = (2 * 2 * stat_bytes + cfg.parallel.cp * sh.span * swin_masked_blocks(cfg, sh) / 2) / loc.bpe
         rep /= tp_sp
-    elif prof.fused_kernels:
+    elif prof.fused_kernels:  # a what-if profile's Transformer-Engine style layer (no built-in profile: devices.yaml)
         rep, par = 4 * d, 2 * loc.q + 2 * loc.kv + 3 * loc.f
         scores = 0.0 if prof.flash_attention else 2 * loc.heads * sh.span
         rep /= tp_sp
@@ -190,14 +190,16 @@ def gpt_ulysses_elems(cfg: Config, sh: Shape, loc: RankShape) -> float:
 def residual_elems_per_token(cfg: Config, sh: Shape, prof: DeviceProfile, loc: RankShape) -> float:
     """Elements (of ``loc.bpe`` bytes) per token of the residual stream (a layer's input): [S/tp, d] under
     sequence parallelism; fp32 in the eager GPT (fp32 parameters: the embedding output and every residual add
-    stay fp32 under autocast), in the compute dtype otherwise (a fused, Transformer-Engine style profile's
+    stay fp32 under autocast), in the compute dtype otherwise (a fused what-if profile's, Transformer-Engine style,
     convention, and the swin, whose patch embedding is a matmul)."""
     d_stream = sh.d / sequence_split(cfg)
     return d_stream * 4 / loc.bpe if gpt_eager(sh, prof) and not parameters_in_16_bits(cfg, loc) else d_stream
 
 
 def gpt_eager(sh: Shape, prof: DeviceProfile) -> bool:
-    """Whether ``sh`` is costed as this repo's eager GPT modules (:func:`gpt_eager_elems`)."""
+    """Whether ``sh`` is costed as this repo's eager GPT modules (:func:`gpt_eager_elems`): on every built-in
+    profile, GPU and CPU (the GPT runs these modules on every device); not on a custom profile with
+    ``fused_kernels: true``, the what-if of a fused layer dist-train does not run."""
     return sh.kind == "gpt" and not prof.fused_kernels
 
 
@@ -292,9 +294,9 @@ def loss_chunk_bytes(cfg: Config, sh: Shape, loc: RankShape, prof: Optional[Devi
     and logsumexp's ``exp(logits - max)`` of the same size, :data:`LOSS_TOKEN_BYTES` per chunk token, and the
     final norm's output h ([tokens, d] in the stream's dtype, not kept past the loss); under sequence
     parallelism h is this rank's chunk plus its all-gather, and dL/dh is formed whole ([tokens, d]) before its
-    reduce-scatter. Otherwise (the fused convention): one chunk's logits and their gradient in place (+ in
-    16-bit training the matmul output before the fp32 cast and the gradient's cast). The unchunked loss (and
-    the swin's pixel head): the whole logits, fp32 log-softmax and gradient."""
+    reduce-scatter. Otherwise (a fused what-if profile's convention): one chunk's logits and their gradient in
+    place (+ in 16-bit training the matmul output before the fp32 cast and the gradient's cast). The unchunked
+    loss (and the swin's pixel head): the whole logits, fp32 log-softmax and gradient."""
     bpe = loc.bpe
     chunk = resolve_loss_chunk(cfg.train.loss_chunk, int(loc.vocab)) if sh.kind == "gpt" else None
     if chunk is None:
@@ -317,8 +319,9 @@ def loss_kept_bytes(cfg: Config, sh: Shape, loc: RankShape, prof: Optional[Devic
     the loss's forward (tests/test_gpt_saved_tensors.py): the final norm's rstd (fp32, ÷tp under sequence
     parallelism; its x is the stage output); dL/dh and dL/dW fp32 (h is the fp32 norm output, dL/dW accumulates in
     fp32 and the fp32 weight keeps it so) — in the dtype of DeepSpeed's bf16 module there; under autocast the
-    weight's bf16 copy autocast caches. Otherwise (the fused convention): dL/dh in the compute dtype, dL/dW fp32
-    in 16-bit training only. None for the unchunked loss, whose logits :func:`loss_chunk_bytes` holds whole."""
+    weight's bf16 copy autocast caches. Otherwise (a fused what-if profile's convention): dL/dh in the compute
+    dtype, dL/dW fp32 in 16-bit training only. None for the unchunked loss, whose logits :func:`loss_chunk_bytes`
+    holds whole."""
     bpe = loc.bpe
     chunk = resolve_loss_chunk(cfg.train.loss_chunk, int(loc.vocab)) if sh.kind == "gpt" else None
     if chunk is None:
@@ -501,7 +504,7 @@ def backward_workspaces(cfg: Config, sh: Shape, prof: DeviceProfile, loc: RankSh
     [tokens, 1] fp32 gradients); SwiGLU's backward holds the product's gradient, up's, the gradient into silu
     and gate's (4f of the matmul outputs' dtype) while w2's input (f) is freed: 3f per token; the attention's
     backward stays below both (its dq, dk, dv and output gradient, 2q + 2kv, come after the MLP's activations
-    are freed). Otherwise (the swin, a fused profile) no final norm term and the convention of one layer's
+    are freed). Otherwise (the swin, a fused what-if profile) no final norm term and the convention of one layer's
     activation gradients, 2·(d + f) per token."""
     if not gpt_eager(sh, prof):
         return 0.0, 2 * loc.tokens * (sh.d + loc.f) * loc.bpe

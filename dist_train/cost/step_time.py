@@ -17,7 +17,9 @@ from .memory import activation_elems_per_token, fsdp_layer_params
 from .shape import RankShape, Shape, cp_execution, recompute_runs_last_matmul, recompute_scope, ring_piece_tokens
 
 # eager autograd ops per transformer layer (forward ops; their backward is in the calibrated per-op cost),
-# counted from dist_train/models/gpt.py and swin.py; fused kernels collapse them
+# counted from dist_train/models/gpt.py and swin.py; a fused what-if profile (``fused_kernels: true``, a layer
+# dist-train does not run) collapses them. Times ``op_overhead_us``: 0 on the GPU profiles, whose launches are
+# asynchronous and hide behind the kernels at the projections' sizes (devices.yaml)
 EAGER_OPS_PER_LAYER = {"gpt": 48, "swin": 40}
 FUSED_OPS_PER_LAYER = 14
 # ops each extra cp ring step adds per layer (kernel call, LSE merge, send/recv bookkeeping)
