@@ -18,12 +18,14 @@ from __future__ import annotations
 import dataclasses
 
 import pytest
+import yaml
 
+from dist_train.cli import main
 from dist_train.cost.memory import gpt_eager, memory_model, memory_phases
 from dist_train.cost.predict import predict
 from dist_train.cost.shape import rank_inputs
 from dist_train.cost.step_time import ELEMENTWISE_PASSES
-from dist_train.plan.profiles import builtin_profiles
+from dist_train.plan.profiles import builtin_profiles, profile_to_dict
 from tests.test_gpt_saved_tensors import SHAPES, _config, counted_bytes, predicted_bytes
 from tests.test_swin_saved_tensors import SHAPES as SWIN_SHAPES
 from tests.test_swin_saved_tensors import _config as _swin_config
@@ -142,3 +144,16 @@ def test_gpu_profile_swin_memory_differs_only_by_cuda_layernorm_statistics(gpu, 
     for g, c in zip(gpu_c + gpu_p, cpu_c + cpu_p):
         assert {k: v for k, v in g.items() if k not in ("activations", "total", "loss", "backward")} == \
                {k: v for k, v in c.items() if k not in ("activations", "total", "loss", "backward")}
+
+
+def test_plan_says_a_fused_profile_is_a_what_if(tmp_path, capsys):
+    """``fused_kernels: true`` in a custom profile still works, and ``dist-train plan`` says it costs a layer dist-train
+    does not run; the built-in h100 profile prints no such line."""
+    fused = tmp_path / "h100_fused.yaml"
+    fused.write_text(yaml.safe_dump({**profile_to_dict(PROFILES["h100"]), "fused_kernels": True}))
+    what_if = "has fused_kernels: true — a what-if"
+    assert main(["plan", "configs/gpt_tiny.yaml", "--device", str(fused), "--current"]) == 0
+    out = capsys.readouterr().out
+    assert what_if in out and "dist-train does not run" in out
+    assert main(["plan", "configs/gpt_tiny.yaml", "--device", "h100", "--current"]) == 0
+    assert what_if not in capsys.readouterr().out

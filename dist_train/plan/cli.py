@@ -86,6 +86,10 @@ def plan_main(args: argparse.Namespace) -> int:
           f"{12 * sh.layers * sh.q_dim * sh.keys_per_query / 1e9:.4g}, S_eff = {sh.keys_per_query:,.0f})")
     if not prof.is_cpu:
         print("GPU predictions are MODEL OUTPUTS from datasheet profiles, not measurements.")
+    if prof.fused_kernels and sh.kind == "gpt":
+        print(f"profile {prof.name} has fused_kernels: true — a what-if: the GPT is costed as a Transformer-Engine "
+              "style fused layer, which dist-train does not run (it runs its eager modules, what the built-in "
+              "profiles cost)")
     if args.current:
         if devices != cfg.world_size:
             raise ValueError(f"--current with --devices {devices}: the config's layout spans {cfg.world_size}")
