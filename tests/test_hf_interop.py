@@ -351,3 +351,33 @@ def test_a_tensor_in_two_weight_files_is_refused(tmp_path):
     with pytest.raises(ValueError, match=r"is in both a.safetensors and b.safetensors"):
         hf.from_hf(src, tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_a_saved_rotary_cache_is_checked_against_the_rope_settings(dtype, tmp_path):
+    """Older transformers saved each layer's ``rotary_emb.inv_freq`` with the weights (in the model's dtype after
+    ``.half()``); transformers ignores it and recomputes it from config.json. One that config.json's rope settings
+    give converts to the same model; one from another rope_theta (weights trained with another RoPE than
+    config.json says) is refused in one line."""
+    from safetensors.torch import load_file, save_file
+
+    src = _hf_model("llama")
+    src.save_pretrained(tmp_path / "src")
+    weights = tmp_path / "src" / "model.safetensors"
+    tensors = load_file(str(weights))
+    head_dim = BASE["hidden_size"] // BASE["num_attention_heads"]
+    theta = CASES["llama"][1]["rope_parameters"]["rope_theta"]
+    for theta_saved, out in ((theta, "same"), (theta * 2, "other")):
+        cache = 1.0 / (theta_saved ** (torch.arange(0, head_dim, 2).float() / head_dim))
+        caches = {f"model.layers.{i}.self_attn.rotary_emb.inv_freq": cache.to(dtype).clone()
+                  for i in range(BASE["num_hidden_layers"])}
+        (tmp_path / out).mkdir()
+        shutil.copy(tmp_path / "src" / "config.json", tmp_path / out / "config.json")
+        save_file({**tensors, **caches}, str(tmp_path / out / "model.safetensors"))
+    tokens = _tokens()
+    ours = _gpt_from(hf.from_hf(tmp_path / "same", tmp_path / "out_same"))
+    assert (_gpt_logits(ours, tokens) - _hf_logits(src, tokens)).abs().max().item() < 1e-5
+    with pytest.raises(ValueError) as info:
+        hf.from_hf(tmp_path / "other", tmp_path / "out_other")
+    assert "rotary_emb.inv_freq (a saved RoPE cache) differs" in str(info.value), info.value
+    assert "\n" not in str(info.value) and not (tmp_path / "out_other").exists()

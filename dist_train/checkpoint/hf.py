@@ -35,6 +35,7 @@ from dist_train.checkpoint.manager import CheckpointManager, quiet_single_proces
 from dist_train.checkpoint.storage import CheckpointError, SafeReader
 from dist_train.config import (LLAMA3_ROPE_KEYS, CheckpointConfig, ConfigError, ModelConfig, attention_head_dim,
                                ffn_hidden_size, validate_rope_scaling)
+from dist_train.models.gpt import rope_inv_freq
 
 PathLike = Union[str, Path]
 
@@ -122,7 +123,7 @@ def to_hf_name(name: str) -> str:
 
 def from_hf_name(name: str) -> str:
     return _rename(name, 1, f"Hugging Face tensor '{name}' is not a LlamaForCausalLM weight this converter knows "
-                            "(biases, rotary caches and other architectures are not supported)")
+                            "(biases and other architectures are not supported)")
 
 
 def expected_shapes(m: ModelConfig) -> dict[str, tuple[int, ...]]:
@@ -370,9 +371,14 @@ def weight_files(hf_dir: Path) -> list[Path]:
     return sorted(hf_dir.glob("*.safetensors"))
 
 
-def read_hf_dir(hf_dir: PathLike) -> tuple[dict, dict[str, torch.Tensor]]:
-    """(config.json, {dist-train name: tensor}) of an HF directory (its :func:`weight_files`); a tensor in two of
-    them is refused (which one is the model's is not said)."""
+#: the RoPE inverse-frequency buffer older transformers versions saved with the weights (a cache of what
+#: config.json's rope settings give; transformers ignores it on load)
+ROTARY_CACHE = re.compile(r"model\.layers\.(\d+)\.self_attn\.rotary_emb\.inv_freq")
+
+
+def read_hf_dir(hf_dir: PathLike) -> tuple[dict, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """(config.json, {dist-train name: tensor}, {HF name: rotary cache}) of an HF directory (its
+    :func:`weight_files`); a tensor in two of them is refused (which one is the model's is not said)."""
     hf_dir = Path(hf_dir)
     cfg_path = hf_dir / "config.json"
     files = weight_files(hf_dir) if cfg_path.is_file() else []
@@ -380,6 +386,7 @@ def read_hf_dir(hf_dir: PathLike) -> tuple[dict, dict[str, torch.Tensor]]:
         raise ValueError(f"{hf_dir}: expected config.json and *.safetensors (an HF Llama/Mistral directory)")
     hf = json.loads(cfg_path.read_text())
     tensors: dict[str, torch.Tensor] = {}
+    rotary: dict[str, torch.Tensor] = {}
     source: dict[str, str] = {}
     for f in files:
         for name, t in load_file(str(f)).items():
@@ -387,8 +394,25 @@ def read_hf_dir(hf_dir: PathLike) -> tuple[dict, dict[str, torch.Tensor]]:
                 raise ValueError(f"{hf_dir}: tensor {name} is in both {source[name]} and {f.name}: which one is the "
                                  "model's is not said; move the other file away")
             source[name] = f.name
-            tensors[from_hf_name(name)] = t
-    return hf, tensors
+            if ROTARY_CACHE.fullmatch(name):
+                rotary[name] = t
+            else:
+                tensors[from_hf_name(name)] = t
+    return hf, tensors, rotary
+
+
+def check_rotary_caches(rotary: dict[str, torch.Tensor], m: ModelConfig, where: str) -> None:
+    """Saved RoPE caches ``rotary`` ({HF name: inv_freq [head_dim / 2]}) must be what ``m``'s rope settings give
+    (``models.gpt.rope_inv_freq``), as transformers recomputes them from config.json and ignores the file's: a
+    cache that differs says the weights were trained with another RoPE than config.json describes."""
+    want = rope_inv_freq(attention_head_dim(m), m.rope_theta, m.rope_scaling)
+    for name, t in sorted(rotary.items()):
+        # in the cache's own dtype (a model saved in fp16 saved its buffers in fp16), to a few of its ulps
+        if (t.shape != want.shape or not t.is_floating_point()
+                or not torch.allclose(t.float(), want.to(t.dtype).float(), rtol=4 * torch.finfo(t.dtype).eps, atol=0.0)):
+            raise ValueError(f"{where}: {name} (a saved RoPE cache) differs from the inverse frequencies config.json's "
+                             f"rope settings give (rope_theta {m.rope_theta}, scaling {m.rope_scaling}): the weights were "
+                             "trained with another RoPE; fix config.json's rope fields, or drop the cache to use them")
 
 
 def from_hf(hf_dir: PathLike, out: PathLike) -> Path:
@@ -396,8 +420,9 @@ def from_hf(hf_dir: PathLike, out: PathLike) -> Path:
     directory. Start pretraining from it with ``--set checkpoint.resume=OUT`` and the ``model:`` section
     this prints (:func:`model_config_from_hf`)."""
     fresh_output(Path(out))
-    hf, tensors = read_hf_dir(hf_dir)
+    hf, tensors, rotary = read_hf_dir(hf_dir)
     m = model_config_from_hf(hf)
+    check_rotary_caches(rotary, m, f"{hf_dir}")
     if m.tie_embeddings and "output.weight" in tensors:  # tied: the head is the embedding, stored twice or not
         head, embedding = tensors.pop("output.weight"), tensors.get("tok_embeddings.weight")
         if embedding is not None and (head.shape != embedding.shape or not torch.equal(head, embedding)):
