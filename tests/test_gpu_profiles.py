@@ -10,8 +10,9 @@ side is counted to the byte in tests/test_gpt_saved_tensors.py; here a GPU profi
 same function of the element size: every memory component and phase but the baseline equal to the cpu
 profile's for the same config, and equal to what the CPU count holds. A GPU profile that went back to the fused
 (Transformer-Engine style) convention, or a term costed differently on a GPU without a stated reason, fails.
-The one stated reason: a swin's LayerNorm statistics under DeepSpeed's bf16 module (CPU's kernel keeps them in
-bf16, CUDA's in fp32, ``cost.memory.activation_elems_per_token``).
+The stated reasons, each tested: a swin's LayerNorm statistics under DeepSpeed's bf16 module (CPU's kernel keeps them
+in bf16, CUDA's in fp32, ``cost.memory.activation_elems_per_token``), and fp32 training with grouped-query heads on the
+path that calls torch SDPA, where CUDA runs the math kernel (``cost.memory.cuda_sdpa_runs_math``).
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ import dataclasses
 
 import pytest
 import yaml
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from dist_train.cli import main
 from dist_train.cost.memory import gpt_eager, memory_model, memory_phases
@@ -36,7 +38,9 @@ GPUS = [name for name, prof in PROFILES.items() if not prof.is_cpu]
 
 # (name, precision, checkpointing, parallel): each engine's dtype rule and each parallel term the CPU tests count
 GPT_CASES = [
-    ("fp32", "fp32", "none", {}),
+    # fp32 on the path that calls torch SDPA with grouped-query heads runs CUDA's math kernel: the last test
+    ("fp32_window", "fp32", "none", {"window": 16}),
+    ("fp32_cp2_full", "fp32", "full", {"cp": 2}),
     ("ddp_bf16", "bf16", "none", {}),
     ("ddp_bf16_selective", "bf16", "selective", {}),
     ("ddp_bf16_full", "bf16", "full", {}),
@@ -157,3 +161,23 @@ def test_plan_says_a_fused_profile_is_a_what_if(tmp_path, capsys):
     assert what_if in out and "dist-train does not run" in out
     assert main(["plan", "configs/gpt_tiny.yaml", "--device", "h100", "--current"]) == 0
     assert what_if not in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("checkpointing", ["none", "selective", "full"])
+@pytest.mark.parametrize("shape", [SHAPES[0], (64, 4, 1, 128, 64)], ids=["gqa2", "mqa"])
+def test_fp32_gqa_on_a_gpu_profile_is_costed_as_torch_sdpa_math_kernel(shape, checkpointing):
+    """fp32 with grouped-query heads on CUDA: torch SDPA's flash and cuDNN kernels take 16-bit inputs only and its
+    memory-efficient kernel no ``enable_gqa``, so the math kernel runs — the same composite on CPU, counted here with
+    the math backend forced: it keeps the S x S probabilities and K/V repeated to every query head, no logsumexp. The
+    GPU profile's prediction is that count; multi-head fp32 (the memory-efficient kernel) and bf16 (flash) keep none."""
+    cfg = _config(*shape, activation_checkpointing=checkpointing)
+    with sdpa_kernel([SDPBackend.MATH]):
+        math = counted_bytes(cfg)
+    assert predicted_bytes(cfg, PROFILES["h100"]) == pytest.approx(math, rel=1e-12)
+    assert predicted_bytes(cfg, CPU) == pytest.approx(counted_bytes(cfg), rel=1e-12)  # CPU: its flash kernel
+    if checkpointing == "none":
+        assert math > counted_bytes(cfg)
+    mha = _config(64, 4, 4, 128, 64, activation_checkpointing=checkpointing)
+    assert predicted_bytes(mha, PROFILES["h100"]) == predicted_bytes(mha, CPU)
+    bf16 = _config(*shape, activation_checkpointing=checkpointing, precision="bf16")
+    assert predicted_bytes(bf16, PROFILES["h100"]) == predicted_bytes(bf16, CPU)
