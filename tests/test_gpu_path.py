@@ -201,3 +201,25 @@ def test_bf16_matmul_peak_is_measurable():
 
     tflops = matmul_peak_tflops(n=4096, repeats=3)
     assert math.isfinite(tflops) and 1.0 < tflops < 5000.0, tflops
+
+
+def test_fp32_gqa_attention_on_cuda_keeps_no_scores():
+    """CUDA fp32 with grouped-query heads (SDPA would run its math kernel, [B, Hq, S, S] probabilities): the model's
+    entry point takes the block kernels' memory-efficient op: exact against float64 at S 512 and, at S 8192 with
+    8:2 heads, a fwd+bwd peak far below one [Hq, S, S] fp32 probability matrix (2 GiB)."""
+    from dist_train.models.attention import local_causal_attention
+
+    q, k, v = (x.detach().to(DEV).requires_grad_() for x in random_qkv(1, 512, 8, 2, 64, seed=5))
+    ref = reference_attention(q, k, v, causal=True)
+    out = local_causal_attention(*(x.float().detach().requires_grad_() for x in (q, k, v)), None)
+    assert max_rel_err(out, ref) <= 1e-4
+    s, hq = 8192, 8
+    q, k, v = (torch.randn(1, s, h, 64, device=DEV, requires_grad=True) for h in (hq, 2, 2))
+    if DEV == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+    local_causal_attention(q, k, v, None).sum().backward()
+    if DEV == "cuda":
+        extra = torch.cuda.max_memory_allocated() - base
+        assert extra < hq * s * s * 4 / 8, extra       # an [Hq, S, S] fp32 matrix is 2 GiB

@@ -10,9 +10,10 @@ side is counted to the byte in tests/test_gpt_saved_tensors.py; here a GPU profi
 same function of the element size: every memory component and phase but the baseline equal to the cpu
 profile's for the same config, and equal to what the CPU count holds. A GPU profile that went back to the fused
 (Transformer-Engine style) convention, or a term costed differently on a GPU without a stated reason, fails.
-The stated reasons, each tested: a swin's LayerNorm statistics under DeepSpeed's bf16 module (CPU's kernel keeps them
-in bf16, CUDA's in fp32, ``cost.memory.activation_elems_per_token``), and fp32 training with grouped-query heads on the
-path that calls torch SDPA, where CUDA runs the math kernel (``cost.memory.cuda_sdpa_runs_math``).
+The stated reason, tested: a swin's LayerNorm statistics under DeepSpeed's bf16 module (CPU's kernel keeps them
+in bf16, CUDA's in fp32, ``cost.memory.activation_elems_per_token``). fp32 training with grouped-query heads, where
+CUDA's SDPA would run its math kernel, takes the block kernels instead (``models.attention.sdpa_keeps_no_scores``)
+and is costed as on CPU.
 """
 from __future__ import annotations
 
@@ -20,13 +21,13 @@ import dataclasses
 
 import pytest
 import yaml
-from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from dist_train.cli import main
 from dist_train.cost.memory import gpt_eager, memory_model, memory_phases
 from dist_train.cost.predict import predict
 from dist_train.cost.shape import rank_inputs
 from dist_train.cost.step_time import ELEMENTWISE_PASSES
+from dist_train.models import attention
 from dist_train.plan.profiles import builtin_profiles, profile_to_dict
 from tests.test_gpt_saved_tensors import SHAPES, _config, counted_bytes, predicted_bytes
 from tests.test_swin_saved_tensors import SHAPES as SWIN_SHAPES
@@ -38,7 +39,7 @@ GPUS = [name for name, prof in PROFILES.items() if not prof.is_cpu]
 
 # (name, precision, checkpointing, parallel): each engine's dtype rule and each parallel term the CPU tests count
 GPT_CASES = [
-    # fp32 on the path that calls torch SDPA with grouped-query heads runs CUDA's math kernel: the last test
+    # fp32 with grouped-query heads on the path that calls torch SDPA: the last test
     ("fp32_window", "fp32", "none", {"window": 16}),
     ("fp32_cp2_full", "fp32", "full", {"cp": 2}),
     ("ddp_bf16", "bf16", "none", {}),
@@ -165,19 +166,12 @@ def test_plan_says_a_fused_profile_is_a_what_if(tmp_path, capsys):
 
 @pytest.mark.parametrize("checkpointing", ["none", "selective", "full"])
 @pytest.mark.parametrize("shape", [SHAPES[0], (64, 4, 1, 128, 64)], ids=["gqa2", "mqa"])
-def test_fp32_gqa_on_a_gpu_profile_is_costed_as_torch_sdpa_math_kernel(shape, checkpointing):
-    """fp32 with grouped-query heads on CUDA: torch SDPA's flash and cuDNN kernels take 16-bit inputs only and its
-    memory-efficient kernel no ``enable_gqa``, so the math kernel runs — the same composite on CPU, counted here with
-    the math backend forced: it keeps the S x S probabilities and K/V repeated to every query head, no logsumexp. The
-    GPU profile's prediction is that count; multi-head fp32 (the memory-efficient kernel) and bf16 (flash) keep none."""
+def test_fp32_gqa_on_a_gpu_profile_is_costed_as_on_cpu(shape, checkpointing, monkeypatch):
+    """fp32 with grouped-query heads: where torch SDPA would run its math kernel (CUDA: flash takes 16-bit inputs
+    only, the memory-efficient kernel no ``enable_gqa``), the model runs the block kernels instead
+    (``models.attention.sdpa_keeps_no_scores``), which keep what SDPA's flash kernel keeps — counted here with that
+    route taken on CPU: the GPU profile costs the same as the cpu profile, no S x S probabilities."""
     cfg = _config(*shape, activation_checkpointing=checkpointing)
-    with sdpa_kernel([SDPBackend.MATH]):
-        math = counted_bytes(cfg)
-    assert predicted_bytes(cfg, PROFILES["h100"]) == pytest.approx(math, rel=1e-12)
-    assert predicted_bytes(cfg, CPU) == pytest.approx(counted_bytes(cfg), rel=1e-12)  # CPU: its flash kernel
-    if checkpointing == "none":
-        assert math > counted_bytes(cfg)
-    mha = _config(64, 4, 4, 128, 64, activation_checkpointing=checkpointing)
-    assert predicted_bytes(mha, PROFILES["h100"]) == predicted_bytes(mha, CPU)
-    bf16 = _config(*shape, activation_checkpointing=checkpointing, precision="bf16")
-    assert predicted_bytes(bf16, PROFILES["h100"]) == predicted_bytes(bf16, CPU)
+    monkeypatch.setattr(attention, "sdpa_keeps_no_scores", lambda q, grouped: not grouped)
+    assert predicted_bytes(cfg, PROFILES["h100"]) == pytest.approx(counted_bytes(cfg), rel=1e-12)
+    assert predicted_bytes(cfg, PROFILES["h100"]) == predicted_bytes(cfg, CPU)

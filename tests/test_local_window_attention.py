@@ -113,3 +113,35 @@ def test_mixed_dtypes_under_autocast_take_the_autocast_dtype():
     assert out.dtype == torch.bfloat16 and max_rel_err(out, ref) <= 2e-2
     out = attention(q.float(), k.float(), v.to(torch.bfloat16), AttentionContext(window=9))
     assert out.dtype == torch.float32 and max_rel_err(out, ref) <= 2e-2           # promoted without autocast
+
+
+def test_sdpa_is_taken_only_where_it_keeps_no_scores():
+    """torch SDPA on CPU (any float dtype) and CUDA 16-bit, or CUDA without grouped-query heads; CUDA fp32 with
+    grouped-query heads would run SDPA's math kernel ([B, Hq, S, S] probabilities kept): the block kernels instead."""
+    from dist_train.models.attention import sdpa_keeps_no_scores
+
+    cpu, meta = torch.empty(1, 4, 2, 8), torch.empty(1, 4, 2, 8, device="meta")
+    assert sdpa_keeps_no_scores(cpu, grouped=True) and sdpa_keeps_no_scores(cpu.double(), grouped=True)
+
+    class Cuda:  # the device and dtype are all the rule reads (no CUDA on this machine)
+        def __init__(self, dtype):
+            self.device, self.dtype = torch.device("cuda"), dtype
+    assert sdpa_keeps_no_scores(Cuda(torch.bfloat16), True) and sdpa_keeps_no_scores(Cuda(torch.float16), True)
+    assert sdpa_keeps_no_scores(Cuda(torch.float32), False)
+    assert not sdpa_keeps_no_scores(Cuda(torch.float32), True)
+    assert meta.device.type == "meta" and sdpa_keeps_no_scores(meta, True)
+
+
+@pytest.mark.parametrize("hq,hkv", [(4, 2), (6, 1)])
+def test_full_causal_gqa_where_sdpa_would_keep_scores_runs_the_block_kernels(hq, hkv, monkeypatch):
+    """The route CUDA fp32 GQA takes (forced here on CPU): exact against the float64 reference, forward and
+    backward, through the one-rank ring (RingAttention saves q, k, v, out and the logsumexp: no [S, S] tensor)."""
+    import dist_train.models.attention as model_attention
+
+    monkeypatch.setattr(model_attention, "sdpa_keeps_no_scores", lambda q, grouped: not grouped)
+    _check(96, hq, hkv, None, tile=None)
+    q, k, v = random_qkv(1, 96, hq, hkv, 8)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
+        local_causal_attention(q, k, v, None)
+    assert saved and max(saved) < 96 * 96, saved   # the largest kept: q [1, 96, hq, 8]

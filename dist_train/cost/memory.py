@@ -58,7 +58,7 @@ from typing import Optional
 from ..config import Config, resolve_loss_chunk
 from ..plan.profiles import DeviceProfile
 from .layout import RankLoad, Stage, load_of
-from .shape import (RankShape, Shape, cp_execution, element_bytes, rank_inputs, recompute_scope, ring_piece_tokens,
+from .shape import (RankShape, Shape, cp_execution, rank_inputs, recompute_scope, ring_piece_tokens,
                     token_grid)
 
 
@@ -102,30 +102,15 @@ def activation_elems_per_token(cfg: Config, sh: Shape, prof: DeviceProfile, loc:
         rep, gathered, par, small = gpt_eager_elems(cfg, sh, loc)
         lse = 4 * loc.heads / loc.bpe
         scores = 0.0 if prof.flash_attention else 2 * loc.heads * sh.span
-        if cuda_sdpa_runs_math(cfg, sh, prof):
-            # torch's math kernel keeps the softmax probabilities (heads x S x S: the whole square, causal or not) and
-            # K/V repeated to every query head, and no logsumexp (counted with the math backend forced on CPU, the same
-            # composite: tests/test_gpu_profiles.py)
-            lse, scores = 0.0, loc.heads * sh.span + 2 * (loc.q - loc.kv)
     # a GPT's attention core keeps q, k, v, its output and the logsumexp, never scores, with any attn_kernel:
     # the block kernels (cp, windows, attn_kernel math) run inside RingAttention, which saves no scores, and
-    # without cp or a window the model calls torch SDPA, which keeps none when it is flash
+    # without cp or a window the model calls torch SDPA, which keeps none when it is flash (where SDPA would run its
+    # math kernel — CUDA fp32 with grouped-query heads — the model runs the block kernels: models/attention.py)
     uly = 0.0
     if cp_execution(cfg).ulysses > 1 and sh.kind == "gpt":
         uly = gpt_ulysses_elems(cfg, sh, loc)
     return {"replicated": rep, "gathered": gathered, "parallel": par, "scores": scores, "ulysses": uly,
             "small": small, "logsumexp": lse}
-
-
-def cuda_sdpa_runs_math(cfg: Config, sh: Shape, prof: DeviceProfile) -> bool:
-    """Whether a GPT on a GPU profile runs torch SDPA's math kernel, which keeps S x S probabilities: fp32 training
-    (no autocast: flash and cuDNN take 16-bit inputs only) with grouped-query heads (torch's CUDA SDPA takes
-    ``enable_gqa`` in its flash and math kernels only — its docstring: "It currently works only for Flash_attention
-    and math kernel on CUDA tensor"), on the path that calls SDPA (``models/attention.local_causal_attention``: no cp,
-    no window, no packed-document mask; the others run dist-train's block kernels). Multi-head fp32 runs the
-    memory-efficient kernel, which keeps no scores. Not checked on a GPU (none was lent)."""
-    return (sh.kind == "gpt" and not prof.is_cpu and element_bytes(cfg, prof) == 4 and sh.kv_heads < sh.heads
-            and cfg.parallel.cp == 1 and cfg.model.attention_window is None and not cfg.data.document_mask)
 
 
 def swin_masked_blocks(cfg: Config, sh: Shape) -> int:

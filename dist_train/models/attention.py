@@ -32,18 +32,30 @@ class AttentionContext:
     kv_piece: Optional[int] = None
 
 
+def sdpa_keeps_no_scores(q: torch.Tensor, grouped: bool) -> bool:
+    """Whether torch SDPA runs a kernel that keeps no [S, S] scores for ``q`` [B, S, Hq, D] (``grouped``: fewer K/V
+    heads than query heads). CPU: its flash kernel takes every float dtype, grouped or not. CUDA: grouped-query
+    heads (``enable_gqa``) run in the flash and math kernels only (torch's SDPA docstring: "It currently works only
+    for Flash_attention and math kernel on CUDA tensor"), and flash takes 16-bit inputs only, so fp32 GQA would run
+    the math kernel, which keeps the softmax probabilities [B, Hq, S, S]."""
+    return q.device.type != "cuda" or not grouped or q.dtype in (torch.float16, torch.bfloat16)
+
+
 def local_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: Optional[int],
                            kernel: str = "auto") -> torch.Tensor:
     """q: [B, S, Hq, D]; k, v: [B, S, Hkv, D] -> [B, S, Hq, D]; causal (+ window), GQA by head groups.
 
-    Full causal attention is torch SDPA (flash kernels, O(S) memory). A window (keys i-w..i) runs
-    through the context-parallel block kernels as a one-rank ring, tiled so that work and memory
-    are O(S·w): an [S, S] mask would be quadratic in S.
+    Full causal attention is torch SDPA (flash kernels, O(S) memory) wherever SDPA has a kernel that keeps no
+    scores (:func:`sdpa_keeps_no_scores`); otherwise (CUDA fp32 with grouped-query heads) and with a window (keys
+    i-w..i) it runs through the context-parallel block kernels as a one-rank ring — on CUDA the memory-efficient
+    op with the K/V heads expanded per block — tiled so that work and memory are O(S·w) with a window: an [S, S]
+    mask or score matrix would be quadratic in S.
     """
-    if window is not None:
+    grouped = q.shape[2] != k.shape[2]
+    if window is not None or not sdpa_keeps_no_scores(q, grouped):
         return local_attention(q, k, v, causal=True, window=window, kernel=kernel)
     qh, kh, vh = (t.transpose(1, 2) for t in (q, k, v))
-    out = F.scaled_dot_product_attention(qh, kh, vh, is_causal=True, enable_gqa=qh.shape[1] != kh.shape[1])
+    out = F.scaled_dot_product_attention(qh, kh, vh, is_causal=True, enable_gqa=grouped)
     return out.transpose(1, 2)
 
 
