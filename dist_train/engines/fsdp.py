@@ -22,10 +22,11 @@ Loss contract (identical to DDP): backward of ``loss_sum · grad_size / global_c
 reduce-scatter *averages* over the ``grad_size`` shard ranks, so every shard holds its slice of
 d(mean over all real tokens of the global batch).
 
-Mixed precision: on CUDA with bf16 (``train.precision``) FSDP2 all-gathers bf16 copies of the fp32
-sharded parameters (``MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32)``): compute in bf16,
-gradients reduced in fp32 into fp32 shards, optimizer (master weights and moments) in fp32. On CPU
-everything stays fp32.
+Mixed precision: in bf16 (``train.precision`` bf16 on any device, or auto on CUDA: ``trainer.autocast_dtype``)
+FSDP2 all-gathers bf16 copies of the fp32 sharded parameters (``MixedPrecisionPolicy(param_dtype=bf16,
+reduce_dtype=fp32)``): compute in bf16 — the residual stream and every norm input too, which the cost model
+counts (``cost.memory.parameters_in_16_bits``) —, gradients reduced in fp32 into fp32 shards, optimizer (master
+weights and moments) in fp32. In fp32 (auto on CPU) everything stays fp32.
 
 Megatron's tensor-parallel attributes (``tensor_model_parallel``, ``partition_dim``) live on the original
 parameter objects; ``fully_shard`` replaces them with new DTensor parameters, so they are copied over —
@@ -49,7 +50,7 @@ TP_ATTRIBUTES = ("tensor_model_parallel", "partition_dim", "partition_stride")
 
 def mixed_precision(autocast_dtype: Optional[torch.dtype]) -> MixedPrecisionPolicy:
     """bf16 all-gathered parameters and compute, fp32 gradient reduction (fp32 sharded master state);
-    the default policy (everything in the parameters' fp32) when no autocast dtype is set (CPU)."""
+    the default policy (everything in the parameters' fp32) when no autocast dtype is set (fp32 training)."""
     if autocast_dtype is None:
         return MixedPrecisionPolicy()
     return MixedPrecisionPolicy(param_dtype=autocast_dtype, reduce_dtype=torch.float32)
