@@ -8,11 +8,12 @@ from types import SimpleNamespace
 
 import pytest
 import torch.distributed as dist
+from torch.distributed.pipelining.schedules import ScheduleInterleaved1F1B, _ComputationType
 
 from dist_train.config import ConfigError, config_from_dict
 from dist_train.cost.layout import (balanced_layer_counts, in_flight_microbatches, load_of, pipeline_stages,
-                                    stages_of_rank)
-from dist_train.cost.memory import estimate_memory, memory_model, stage_elems_per_token
+                                    recv_buffers, schedule_peak, stages_of_rank)
+from dist_train.cost.memory import estimate_memory, memory_model, residual_elems_per_token, stage_elems_per_token
 from dist_train.cost.shape import rank_inputs
 from dist_train.cost.predict import predict
 from dist_train.dryrun import RankLayout, device_profile, format_layout, rank_layout
@@ -136,11 +137,72 @@ def test_in_flight_microbatches_follow_torch_schedules():
         for r in range(pp):
             forwards = min(_get_warmup_ops(r, 2, per_round, pp, m) + 1, 2 * m)  # warm-up, then one 1F before 1B
             assert in_flight_microbatches(cfg, r) == forwards / 2, (pp, m, r)
-    # 1F1B, 1 layer per rank, no checkpointing: activations scale exactly with the micro-batches in flight
-    rows = rank_layout(f1b, profile=builtin_profiles()["cpu"])
+    # 1F1B, 1 layer per rank, no checkpointing: activations scale exactly with the micro-batches in flight, beside
+    # what torch's schedule holds or receives (schedule_peak) and the engine's int64 ids (first) and labels (last)
+    cpu = builtin_profiles()["cpu"]
+    rows = rank_layout(f1b, profile=cpu)
     acts = {r.coords["pp"]: r.memory.activations for r in rows}
-    assert [acts[r] / acts[3] for r in range(4)] == [4, 3, 2, 1]
+    sh, loc = rank_inputs(f1b, cpu)
+    resid = residual_elems_per_token(f1b, sh, cpu, loc) * loc.tokens * loc.bpe
+    own = {}
+    for r in range(4):
+        load = load_of(f1b, stages_of_rank(f1b, r))
+        ids = 8 * loc.tokens * f1b.grad_accum_steps * (load.embedding + load.head)
+        own[r] = acts[r] - (load.held_sends - load.received) * resid - ids
+    assert [own[r] / own[3] for r in range(4)] == [4, 3, 2, 1]
     assert rows[0].memory.other < rows[-1].memory.other  # the logits live on the head rank only
+
+
+def _torch_interleaved_peak(pp: int, m: int, rank: int) -> tuple[int, int, int, int]:
+    """Walk torch's own interleaved 1F1B order for ``rank`` (``_calculate_single_rank_operations``): at each backward,
+    (pairs in flight, sends held — every backwarded pair's output unless its stage is the last, its input gradient
+    unless it is stage 0, as ``send_ops`` keeps them to the step's end —, pairs in flight reading a received input,
+    last-stage pairs in flight besides the one being backwarded); the largest, in-flight first."""
+    sched = object.__new__(ScheduleInterleaved1F1B)
+    rounds = max(1, m // pp)
+    sched.pp_group_size, sched.n_local_stages, sched._n_microbatches = pp, 2, m
+    sched.number_of_rounds, sched.microbatches_per_round = rounds, m // rounds
+    last_stage = 2 * pp - 1
+    in_flight, held, moments = set(), 0, []
+    for action in sched._calculate_single_rank_operations(rank):
+        if action is None:
+            continue
+        pair = (action.stage_index, action.microbatch_index)
+        if action.computation_type == _ComputationType.FORWARD:
+            in_flight.add(pair)
+            continue
+        moments.append((len(in_flight), held, sum(s != 0 for s, _ in in_flight),
+                        sum(s == last_stage for s, _ in in_flight) - (pair[0] == last_stage)))
+        in_flight.remove(pair)
+        held += (pair[0] != last_stage) + (pair[0] != 0)
+    return max(moments)
+
+
+@pytest.mark.parametrize("pp,m", [(2, 2), (2, 4), (2, 6), (4, 4), (4, 8), (4, 12)])
+def test_schedule_peak_is_torchs_interleaved_order(pp, m):
+    """cost/layout.schedule_peak's closed walk (warm-up, steady state's last backward) equals walking the actions of
+    torch's ``ScheduleInterleaved1F1B`` itself, on every rank; the pairs in flight there are in_flight_microbatches'."""
+    cfg = _cfg(parallel={"pp": pp, "microbatches": m, "pp_schedule": "interleaved"},
+               model={"n_layers": 8}, train={"micro_batch": 1, "global_batch": 24})
+    for r in range(pp):
+        pairs, held, received, losses = _torch_interleaved_peak(pp, m, r)
+        assert pairs == 2 * in_flight_microbatches(cfg, r), (pp, m, r)
+        assert schedule_peak(cfg, r) == (held, received, losses), (pp, m, r)
+
+
+def test_schedule_peak_1f1b_and_gpipe_by_hand():
+    """1F1B (pp 4, m 8): rank 0 holds the warm-up's micro-batch 2 output (loop backward 3 ≥ warm-up − 1), no received
+    input; middle ranks also their previous backward's input gradient; the last only that gradient; every non-first rank
+    reads all its in-flight inputs from receive buffers. GPipe: nothing held at its first backward, every other
+    micro-batch's loss pending on the last rank. Receive buffers: m per direction a stage has a neighbour in."""
+    one = dict(model={"n_layers": 8}, train={"micro_batch": 1, "global_batch": 8})
+    f1b = _cfg(parallel={"pp": 4, "microbatches": 8}, **one)
+    assert [schedule_peak(f1b, r) for r in range(4)] == [(1, 0, 0), (2, 3, 0), (2, 2, 0), (1, 1, 0)]
+    gpipe = _cfg(parallel={"pp": 4, "microbatches": 8, "pp_schedule": "gpipe"}, **one)
+    assert [schedule_peak(gpipe, r) for r in range(4)] == [(0, 0, 0), (0, 8, 0), (0, 8, 0), (0, 8, 7)]
+    assert [recv_buffers(f1b, stages_of_rank(f1b, r)) for r in range(4)] == [8, 16, 16, 8]
+    inter = _cfg(parallel={"pp": 2, "microbatches": 4, "pp_schedule": "interleaved"}, **one)
+    assert [recv_buffers(inter, stages_of_rank(inter, r)) for r in range(2)] == [12, 12]  # (1 + 2) × 4, (2 + 1) × 4
 
 
 def test_every_virtual_stage_in_flight_keeps_its_stage_output_and_rope():

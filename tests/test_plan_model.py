@@ -135,7 +135,12 @@ def test_memory_pipeline_ranks_tp_padding_and_precision(cpu):
     assert r0["weights"] == (36992 + 6400) * 4 and r1["weights"] == (36992 + 6400 + 64) * 4
     # global batch 4 / micro_batch 2 = 2 micro-batches; 1F1B keeps min(2, pp - r) in flight: 2 on rank 0,
     # 1 on rank 1, each 1 layer × 838 + the stage output 64 + cos/sin 16 elements per token, 128 tokens, fp32
-    assert r0["activations"] == 2 * (838 + 80) * 128 * 4 and r1["activations"] == (838 + 80) * 128 * 4
+    # + the engine's int64 token ids (rank 0) / labels (rank 1) of both micro-batches; rank 1's input is read from a
+    # receive buffer, not kept, while the send of its previous backward's input gradient holds one of the same size
+    ids = 8 * 128 * 2
+    assert r0["activations"] == 2 * (838 + 80) * 128 * 4 + ids and r1["activations"] == (838 + 80) * 128 * 4 + ids
+    # PipelineStage's receive buffers, one per micro-batch: rank 0's gradients, rank 1's inputs ([128, 64] fp32)
+    assert r0["pp_buffers"] == r1["pp_buffers"] == 2 * 128 * 64 * 4
     # the loss lives on the last stage
     assert r0["logits"] == 0 and r1["logits"] == 128 * 100 * 8 + 128 * 30 + 128 * 64 * 4 + 128 * 4 + (128 + 100) * 64 * 4
     assert predict(c, cpu).memory == r0                               # the planner ranks the most loaded rank

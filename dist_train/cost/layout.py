@@ -2,7 +2,7 @@
 
     stages = pipeline_stages(cfg)                 # [Stage(index, rank, layers, first, last)]
     mine = stages_of_rank(cfg, pp_rank)           # the stages one pipeline rank builds (models/gpt.py)
-    loads = rank_loads(cfg)                       # per pp rank: layers, embedding?, head?, micro-batches in flight
+    loads = rank_loads(cfg)                       # per pp rank: layers, embedding?, head?, micro-batches in flight, held sends
     bubble = bubble_fraction(cfg)                 # idle share of a pipelined step (0 without a pipeline)
     rank_coords(rank, axis_sizes(cfg.parallel))  # {"pp": 0, "dp": 1, "wp": 0, "cp": 1, "tp": 0}: mesh.py's order
 
@@ -126,6 +126,65 @@ def in_flight_microbatches(cfg: Config, pp_rank: int) -> float:
     return float(min(m, p.pp - pp_rank))
 
 
+def schedule_peak(cfg: Config, pp_rank: int) -> tuple[int, int, int]:
+    """(held, received, losses) at pipeline rank ``pp_rank``'s peak backward under torch's schedule (torch 2.13,
+    ``torch/distributed/pipelining/``): ``held``, the stage-boundary tensors (each a micro-batch's [tokens, d] of the
+    residual stream: a stage output sent forward or a stage input's gradient sent backward) still referenced by a
+    send beyond the (stage, micro-batch) pairs in flight (:func:`in_flight_microbatches`, whose outputs
+    ``PipelineStage`` caches anyway); ``received``, the pairs in flight whose stage input is one of
+    ``PipelineStage``'s persistent receive buffers (every stage but the first), not a fresh tensor; ``losses``, the
+    last stage's pairs in flight besides the one being backwarded, each keeping its loss's backward state.
+
+    A send's ``dist.Work`` holds its tensor until the Work is dropped (gloo's ``SendWork::tensor_``; NCCL stashes
+    it until the work is waited on or found complete), and the schedules drop them late (``schedules.py``):
+
+    * 1F1B (``Schedule1F1B._step_microbatches``): the warm-up's last fired forward send (micro-batch warm-up − 2)
+      stays in ``send_work`` through the whole 1B1F loop (waited, rebound only in the cooldown); the previous
+      backward's input gradient stays in ``bwd_sends`` (the loop) or ``send_work`` (the cooldown) until the next
+      backward is done. Loop backward k holds micro-batch warm-up − 2's output once k ≥ warm-up − 1, every
+      backward k ≥ 1 of a non-first stage its predecessor's gradient;
+    * interleaved 1F1B (``_PipelineScheduleRuntime._step_microbatches``): every send's Work is appended to
+      ``send_ops`` and waited only when the step ends, so each pair already backwarded still holds its output
+      (unless its stage is the last) and its input gradient (unless its stage is the first). The peak backward is
+      the steady state's last, backward vm − W − 1 (the most in flight, then the most held: a pair's activations
+      outweigh the two tensors a backward adds), in ``_get_1f1b_rank_ops``' order: forward f runs local stage
+      (f // per round) mod v, backward b local stage v − 1 − (b // per round) mod v;
+    * GPipe holds every send until its phase ends too, but its peak is the first backward, before any is extra;
+      every other micro-batch's loss is pending then.
+
+    Measured on CPU (gloo): tests/test_gpt_saved_tensors.py's engine step peaks; NCCL not measured."""
+    p = cfg.parallel
+    if p.pp == 1:
+        return 0, 0, 0
+    m = p.microbatches or cfg.grad_accum_steps
+    first, last = pp_rank == 0, pp_rank == p.pp - 1
+    if p.pp_schedule == "gpipe":
+        return 0, 0 if first else m, m - 1 if last else 0
+    if p.pp_schedule == "interleaved":
+        v = virtual_stages(cfg)
+        per_round = m // max(1, m // p.pp)
+        warmup = min((v - 1) * per_round + 2 * (p.pp - 1 - pp_rank), m * v)
+        peak = max(0, m * v - warmup - 1)  # backwards done before the peak one
+        in_flight = [0] * v                # per local stage
+        for f in range(min(warmup + 1 + peak, m * v)):
+            in_flight[(f // per_round) % v] += 1
+        held = 0
+        for b in range(peak):
+            local = v - 1 - (b // per_round) % v
+            in_flight[local] -= 1
+            stage = local * p.pp + pp_rank
+            held += (stage != v * p.pp - 1) + (stage != 0)
+        received = sum(n for local, n in enumerate(in_flight) if local * p.pp + pp_rank != 0)
+        backwarding_last = last and (peak // per_round) % v == 0  # backward ``peak`` runs local stage v - 1
+        return held, received, in_flight[v - 1] - 1 if backwarding_last else in_flight[v - 1] if last else 0
+    warmup = min(m, p.pp - pp_rank)
+    # (in flight, held) at each backward k: the loop's m - warmup + 1 backwards hold warmup, the cooldown's fewer
+    at = max((warmup if k <= m - warmup else m - k,
+              int(not last and warmup >= 2 and warmup - 1 <= k <= m - warmup) + int(not first and k >= 1))
+             for k in range(m))
+    return at[1], 0 if first else at[0], 0  # the last stage has one micro-batch in flight
+
+
 @dataclass(frozen=True)
 class RankLoad:
     """What one pipeline rank holds, as the memory model (:mod:`dist_train.cost.memory`) needs it."""
@@ -135,14 +194,30 @@ class RankLoad:
     head: bool          # holds the final norm + output head + loss (last stage)
     in_flight: float    # micro-batches of activations alive at the peak (:func:`in_flight_microbatches`)
     stages: int = 1     # pipeline stages on this rank (interleaved: virtual stages), each with its own stage-wide tensors
+    held_sends: int = 0  # stage outputs / input gradients the schedule's sends still hold at the peak (:func:`schedule_peak`)
+    received: int = 0    # pairs in flight at the peak whose stage input is a receive buffer (:func:`schedule_peak`)
+    losses: int = 0      # last-stage pairs in flight at the peak, not being backwarded: their loss state (:func:`schedule_peak`)
+    recv_buffers: int = 0  # PipelineStage's persistent receive buffers, one per micro-batch and direction (:func:`recv_buffers`)
 
 
 def load_of(cfg: Config, stages: list[Stage]) -> RankLoad:
     """The load of the pipeline rank holding ``stages`` (all of one rank: :func:`stages_of_rank`)."""
     assert stages and len({s.rank for s in stages}) == 1, stages
+    held, received, losses = schedule_peak(cfg, stages[0].rank)
     return RankLoad(layers=sum(len(s.layers) for s in stages), embedding=any(s.first for s in stages),
                     head=any(s.last for s in stages), in_flight=in_flight_microbatches(cfg, stages[0].rank),
-                    stages=len(stages))
+                    stages=len(stages), held_sends=held, received=received, losses=losses, recv_buffers=recv_buffers(cfg, stages))
+
+
+def recv_buffers(cfg: Config, stages: list[Stage]) -> int:
+    """``PipelineStage``'s receive buffers on the rank holding ``stages``, each a micro-batch's [tokens, d]: a stage
+    allocates one activation buffer per micro-batch unless it is the first (``_setup_forward_recv_info``) and one
+    gradient buffer per micro-batch unless it is the last (``_setup_backward_recv_info``), at the first step, and
+    keeps them across steps. 0 without a pipeline."""
+    if cfg.parallel.pp == 1:
+        return 0
+    m = cfg.parallel.microbatches or cfg.grad_accum_steps
+    return m * sum((not s.first) + (not s.last) for s in stages)
 
 
 def rank_loads(cfg: Config) -> list[RankLoad]:

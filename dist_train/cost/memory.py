@@ -34,7 +34,10 @@ Components (bytes):
                         16-bit training autocast's copies of the layer weights (a swin's: and biases)
                         (:func:`autocast_weight_bytes`); + on the first stage what the embedding keeps
                         per micro-batch (:func:`embedding_kept_bytes`: Megatron's masked ids and mask; a
-                        swin's input patches)
+                        swin's input patches); with a pipeline, what torch's schedule adds at the peak
+                        (:func:`~dist_train.cost.layout.schedule_peak`): the stage outputs and input
+                        gradients its sends still hold, less the inputs it reads from receive buffers, the
+                        pending losses' kept gradients, and a GPT's int64 token ids / labels of the batch
     logits              head rank only (:func:`loss_bytes`), one micro-batch: chunked (train.loss_chunk)
                         c·V_pad/tp × (fp32 logits/their gradient in place + the 16-bit matmul output and
                         gradient copy) with c = min(chunk, tokens), + what the forward keeps
@@ -44,7 +47,10 @@ Components (bytes):
                         (:func:`~dist_train.cost.shape.cp_execution`: a swin's is Ulysses whatever
                         parallel.cp_method says)
     workspace           what the backward creates above the activations it frees (:func:`backward_workspaces`:
-                        counted for the eager GPT; one layer's activation gradients otherwise)
+                        counted for the eager GPT; one layer's activation gradients otherwise); on a pipeline's
+                        last stage + the stage output, which ``PipelineStage`` keeps through its backward
+    pp_buffers          ``PipelineStage``'s receive buffers, one [tokens, d] per micro-batch and direction a
+                        stage has a neighbour in (:func:`~dist_train.cost.layout.recv_buffers`), kept across steps
     total               the step's PEAK: the largest of its phases (:func:`step_phases`: the loss at the end
                         of the forward, the first layer's backward, the optimizer step), each the components
                         alive then — not their sum: the loss's chunk, the backward's workspace and the
@@ -430,11 +436,23 @@ def rank_memory(cfg: Config, sh: Shape, prof: DeviceProfile, loc: RankShape,
     # every (stage, micro-batch) in flight keeps its own stage output and RoPE cos/sin (each virtual stage's forward
     # computes them); in_flight counts whole-rank micro-batches, so an interleaved rank holds ``stages`` times as many
     stored_tok += stage_elems_per_token(cfg, sh, prof, loc) * load.in_flight * load.stages
+    # torch's schedule (cost/layout.schedule_peak): its sends still hold stage outputs / input gradients of pairs
+    # already backwarded; a pair whose stage input was received reads it from a persistent receive buffer
+    # (``pp_buffers`` below), not a tensor of its own
+    stored_tok += layer_input * (load.held_sends - load.received)
     copies = autocast_weight_bytes(cfg, sh, loc, load)
     acts = stored_tok * loc.tokens * bpe + copies
     if load.embedding:
         acts += embedding_kept_bytes(cfg, sh, loc) * load.in_flight
     logits = loss_bytes(cfg, sh, loc, prof) if load.head else 0.0
+    if load.head:  # the last stage's micro-batches in flight, not being backwarded, keep their loss's gradients
+        acts += loss_kept_bytes(cfg, sh, loc, prof) * load.losses
+    if p.pp > 1 and sh.kind == "gpt":
+        # the pipeline engine hands the schedule the rank's whole batch at once: the token ids (first stage) and
+        # labels (last stage), int64, live through the step (the swin's pixel inputs are not counted)
+        acts += 8 * loc.tokens * cfg.grad_accum_steps * (load.embedding + load.head)
+    # PipelineStage's receive buffers (cost/layout.recv_buffers): allocated at the first step, kept across steps
+    pp_buffers = load.recv_buffers * layer_input * loc.tokens * bpe
     comm = 0.0
     cpx = cp_execution(cfg)
     if cpx.ring > 1:
@@ -443,10 +461,14 @@ def rank_memory(cfg: Config, sh: Shape, prof: DeviceProfile, loc: RankShape,
     if cpx.ulysses > 1:  # the all-to-all's output of q, k, v (swin: q|k|v in one)
         comm += loc.tokens * (loc.q + 2 * loc.kv * cpx.kv_repeat) * bpe
     norm_ws, layer_ws = backward_workspaces(cfg, sh, prof, loc, load)
+    if load.head and p.pp > 1:
+        # PipelineStage.backward_one_chunk keeps the stage output (popped from its cache into locals) through the
+        # whole backward: the final norm's gradient into the last layer does not take its place
+        layer_ws += layer_input * loc.tokens * bpe
     workspace = max(norm_ws, layer_ws)
     out = {"baseline": prof.baseline_bytes, "weights": weights, "grads": grads, "optimizer": optim,
            "ddp_buckets": ddp, "fsdp_unsharded": unsharded, "activations": acts, "logits": logits,
-           "comm_buffers": comm, "workspace": workspace}
+           "comm_buffers": comm, "workspace": workspace, "pp_buffers": pp_buffers}
     # what the backward holds of the activations: under full checkpointing (eager GPT) the layer being
     # recomputed keeps its input as the checkpoint's (one layer input less), and outside a pipeline (the DDP
     # engine's autocast region closes with the forward) only that layer's autocast weight copies (the
@@ -482,10 +504,10 @@ def step_phases(cfg: Config, comp: dict, acts_loss: float, bwd_live: float, opti
       chunked loss's two gradients are handed on in place before any layer's backward;
     * "optimizer": gradients, optimizer state and the update's transient (:func:`optimizer_step_bytes`).
 
-    Baseline, weights, optimizer state and DDP's buckets live through all three. Measured on one CPU rank
+    Baseline, weights, optimizer state, DDP's buckets and a pipeline stage's receive buffers live through all three. Measured on one CPU rank
     (tests/test_gpt_saved_tensors.py, tests/test_swin_saved_tensors.py: the live-tensor peak per phase)."""
     p = cfg.parallel
-    resident = comp["baseline"] + comp["weights"] + comp["optimizer"] + comp["ddp_buckets"]
+    resident = comp["baseline"] + comp["weights"] + comp["optimizer"] + comp["ddp_buckets"] + comp["pp_buffers"]
     grads_early = p.pp > 1 or cfg.grad_accum_steps > 1 or (p.zero_stage is not None and not p.fsdp)
     loss = resident + (comp["grads"] if grads_early else 0.0) + fsdp_forward + acts_loss + comp["logits"]
     backward = resident + comp["grads"] + comp["fsdp_unsharded"] + bwd_live + comp["comm_buffers"]

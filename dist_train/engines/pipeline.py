@@ -138,24 +138,30 @@ class PipelineEngine:
         """This rank's local batch (all accumulation micro-batches concatenated) through the schedule as
         ``parallel.microbatches`` pipeline micro-batches (default: the accumulation count) -> the loss sum
         of this rank's micro-batches (zero off the last stage). ``forward_only``: the schedule's eval pass."""
-        # the micro-batches' checks and concatenation run on the host (no device syncs); two tensors move
-        tokens, labels = (t.to(self.device) for t in self.pipe.inputs(micro))
+        # the micro-batches' checks and concatenation run on the host (no device syncs)
+        inputs, target = self.pipe.inputs(micro)
+        samples = inputs.shape[0]
         n_micro = self.cfg.parallel.microbatches or len(micro)
-        if tokens.shape[0] % n_micro:
+        if samples % n_micro:
             raise ValueError(f"parallel.microbatches = {n_micro} does not divide the local batch of "
-                             f"{tokens.shape[0]} samples (micro_batch x accumulation)")
+                             f"{samples} samples (micro_batch x accumulation)")
         if self._schedule is None or self._n_micro != n_micro:
             self._schedule, self._n_micro = self._build_schedule(n_micro), n_micro
         self._inv_count = inv_count
         self._loss_sums = []
         first = any(sm.stage.first for sm in self.stage_modules)
         last = any(sm.stage.last for sm in self.stage_modules)
+        # only the first stage reads the inputs and only the last the target: the other is dropped before the
+        # schedule runs, not moved to the device nor kept through the step
+        args = (inputs.to(self.device),) if first else ()
+        target = target.to(self.device) if last else None
+        del inputs
         run = self._schedule.eval if forward_only else self._schedule.step
         with self._autocast(), (torch.no_grad() if forward_only else contextlib.nullcontext()):
             # return_outputs=False: the losses come from the loss function; returning the last stage's outputs
             # would keep every micro-batch's hidden states [mb, ..., d] alive until the step ends and then
             # concatenate them, a copy nothing reads
-            run(*((tokens,) if first else ()), target=labels if last else None, return_outputs=False)
+            run(*args, target=target, return_outputs=False)
         loss_sum = torch.zeros(1, dtype=torch.float64)
         if last:
             # the schedule's first step also calls the loss function once for metadata inference (on
