@@ -49,6 +49,7 @@ from .models.swin import build_swin
 from .models.tensor_parallel import TensorParallel
 from .optim import RESUME_APPLIED, apply_changed_hyperparameters
 from .rankstats import RankStats
+from .run_records import set_aside_earlier_run
 from .runlock import hold_checkpoint_dir, hold_run_dir
 from .spikes import STATE_KEY as SPIKE_STATE_KEY
 from .spikes import LossSpikeGuard
@@ -286,6 +287,10 @@ def _train(cfg: Config, ctx: DistContext) -> TrainResult:
         thr.flops_per_key, thr.keys_per_query = attention_flops_per_key(sh), sh.keys_per_query
     step_keys: list[float] = []   # packed: S_eff of each step
     evaluator = Evaluator(cfg, mesh, build_batcher(cfg, mesh, model, part="valid")) if t.eval_every else None
+    if ctx.is_main and start_step == 0:  # a fresh start: the trackers would truncate/purge an earlier run's records,
+        moved = set_aside_earlier_run(run_dir, keep=ckpt.root)  # and summary/config be replaced: keep them aside
+        if moved:
+            log.info(moved)
     trackers = build_trackers(cfg, run_dir, start_step, ctx.is_main)
     if ctx.is_main:  # only once the resume accepted it and the run has all it needs to train: a refused or failed
         save_config(cfg, run_dir / "config.yaml")  # start never replaces the config the checkpoints were trained with

@@ -58,11 +58,15 @@ def test_resumed_run_continues_the_curves_without_duplicate_steps(tmp_path):
     assert steps == [1, 2, 3, 4, 5], steps
     assert _jsonl(run)[2]["loss"] == pytest.approx(res.losses[0])  # step 3 is the resumed run's record
     # a fresh run (no resume) in the same directory, its checkpoints moved away, starts new curves: nothing of
-    # the old run is shown
+    # the old run is shown there
     (run / "checkpoints").rename(tmp_path / "old_checkpoints")
     fresh = train(tiny_gpt_config(run, steps=2, train=TRAIN, checkpoint={"resume": "none", "at_end": False}))
     assert [r["step"] for r in _jsonl(run)] == [1, 2]
     assert [e.value for e in _events(run).Scalars("train/loss")] == pytest.approx(fresh.losses, rel=1e-6)
+    # and the old run's curves are kept aside as they were (dist_train/run_records.py)
+    [kept] = list((run / "previous").iterdir())
+    assert [r["step"] for r in _jsonl(kept)] == [1, 2, 3, 4, 5]
+    assert [e.step for e in _events(kept).Scalars("train/loss")] == [1, 2, 3, 4, 5]
 
 
 def test_wandb_offline_files(tmp_path, monkeypatch):

@@ -11,7 +11,8 @@ unless WANDB_MODE says otherwise; never a network call by default). Default: jso
 the package is installed. Each tracker module imports its package at its top and is imported only when
 configured. A resumed run continues the same curves: records after the resumed step are dropped
 (jsonl), purged (TensorBoard ``purge_step``) or ignored (W&B keeps the run id in run_dir/wandb_run_id);
-a run that starts at step 0 in an old run directory starts new curves there.
+a run that starts at step 0 in an old run directory starts new curves there (the trainer first moves the
+earlier run's records to run_dir/previous/<time>/: dist_train/run_records.py).
 """
 from __future__ import annotations
 
