@@ -96,6 +96,23 @@ def test_memory_formula_by_zero_stage(cpu):
     assert full.other >= cpu.baseline_bytes
 
 
+
+@pytest.mark.parametrize("sections", [
+    {},
+    {"parallel": {"pp": 2}, "train": {"global_batch": 4}},
+    {"parallel": {"pp": 2, "pp_schedule": "interleaved"}, "model": {"n_layers": 4}, "train": {"global_batch": 4}},
+    {"parallel": {"dp": 2, "fsdp": True}, "train": {"precision": "bf16"}},
+])
+def test_the_dry_run_columns_show_every_component_once(sections, cpu):
+    """params + grads + optim + acts + other = the sum of memory_model's components, on every rank: no component
+    (a pipeline stage's receive buffers included) is missing from the table nor counted in two columns."""
+    cfg = _cfg(**sections)
+    for r in range(cfg.parallel.pp):
+        m = estimate_memory(cfg, stages_of_rank(cfg, r), cpu)
+        columns = m.params + m.grads + m.optimizer + m.activations + m.other
+        components = sum(v for k, v in m.components.items() if k != "total")
+        assert columns == pytest.approx(components, rel=1e-12), (sections, r)
+
 def test_per_stage_params_match_the_real_stage_modules(cpu):
     """Every pipeline rank's weights = the parameters of the GPT holding exactly its stages (tp = 1)."""
     from dist_train.models.gpt import GPT, count_parameters

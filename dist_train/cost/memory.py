@@ -609,9 +609,11 @@ class MemoryEstimate:
     @property
     def other(self) -> float:
         """Baseline (CUDA context / framework RSS), logits, communication buffers, workspace, FSDP2's
-        gathered weights and unsharded gradients."""
+        gathered weights and unsharded gradients, a pipeline stage's receive buffers: every component the other
+        columns do not show."""
         c = self.components
-        return c["baseline"] + c["logits"] + c["comm_buffers"] + c["workspace"] + c["fsdp_unsharded"]
+        return (c["baseline"] + c["logits"] + c["comm_buffers"] + c["workspace"] + c["fsdp_unsharded"]
+                + c["pp_buffers"])
 
 
 def estimate_memory(cfg: Config, stages: list[Stage], profile: DeviceProfile,
