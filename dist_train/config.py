@@ -910,10 +910,16 @@ def virtual_stages(cfg: Config) -> int:
     return VIRTUAL_STAGES_INTERLEAVED if cfg.parallel.pp > 1 and cfg.parallel.pp_schedule == "interleaved" else 1
 
 
+def pipeline_microbatches(cfg: Config) -> int:
+    """Micro-batches one pipelined step runs through the schedule: ``parallel.microbatches``, by default the
+    accumulation count (the pipeline engine splits the rank's local batch into as many)."""
+    return cfg.parallel.microbatches or cfg.grad_accum_steps
+
+
 def _validate_pipeline(cfg: Config) -> None:
     """pp > 1, any model: micro-batches that the schedule can run, no ZeRO."""
     p = cfg.parallel
-    n_micro, local = p.microbatches or cfg.grad_accum_steps, cfg.train.global_batch // p.dp
+    n_micro, local = pipeline_microbatches(cfg), cfg.train.global_batch // p.dp
     if n_micro < 1 or local % n_micro or (p.pp_schedule != "gpipe" and n_micro < p.pp) or (
             p.pp_schedule == "interleaved" and n_micro % p.pp):
         raise ConfigError(f"parallel.microbatches = {n_micro} (pp = {p.pp}, {p.pp_schedule}): must divide the "

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..config import Config, ConfigError, ParallelConfig, _as_grid, virtual_stages
+from ..config import Config, ConfigError, ParallelConfig, _as_grid, pipeline_microbatches, virtual_stages
 
 # mesh axes, outermost -> innermost (dist_train/mesh.py says why this order)
 AXES: tuple[str, ...] = ("pp", "dp", "wp", "cp", "tp")
@@ -51,7 +51,7 @@ def bubble_fraction(cfg: Config) -> float:
     p = cfg.parallel
     if p.pp == 1:
         return 0.0
-    m = p.microbatches or cfg.grad_accum_steps
+    m = pipeline_microbatches(cfg)
     bubble = (p.pp - 1) / (m + p.pp - 1)
     return bubble / 2 if p.pp_schedule == "interleaved" else bubble
 
@@ -115,15 +115,24 @@ def in_flight_microbatches(cfg: Config, pp_rank: int) -> float:
     p = cfg.parallel
     if p.pp == 1:
         return 1.0
-    m = p.microbatches or cfg.grad_accum_steps
+    m = pipeline_microbatches(cfg)
     if p.pp_schedule == "gpipe":
         return float(m)
     if p.pp_schedule == "interleaved":
         v = virtual_stages(cfg)
-        per_round = m // max(1, m // p.pp)
-        forwards = min((v - 1) * per_round + 2 * (p.pp - 1 - pp_rank) + 1, m * v)
-        return forwards / v
+        _, warmup = interleaved_warmup(cfg, pp_rank)
+        return min(warmup + 1, m * v) / v
     return float(min(m, p.pp - pp_rank))
+
+
+def interleaved_warmup(cfg: Config, pp_rank: int) -> tuple[int, int]:
+    """(micro-batches per round, warm-up forwards) of pipeline rank ``pp_rank`` under torch's interleaved 1F1B
+    (``ScheduleInterleaved1F1B``: rounds of ``m // max(1, m // pp)`` micro-batches; ``_get_warmup_ops``: (v - 1)
+    rounds + 2·(pp - 1 - r) forwards), not clipped to the m·v forwards the rank runs."""
+    p = cfg.parallel
+    m = pipeline_microbatches(cfg)
+    per_round = m // max(1, m // p.pp)
+    return per_round, (virtual_stages(cfg) - 1) * per_round + 2 * (p.pp - 1 - pp_rank)
 
 
 def schedule_peak(cfg: Config, pp_rank: int) -> tuple[int, int, int]:
@@ -156,14 +165,14 @@ def schedule_peak(cfg: Config, pp_rank: int) -> tuple[int, int, int]:
     p = cfg.parallel
     if p.pp == 1:
         return 0, 0, 0
-    m = p.microbatches or cfg.grad_accum_steps
+    m = pipeline_microbatches(cfg)
     first, last = pp_rank == 0, pp_rank == p.pp - 1
     if p.pp_schedule == "gpipe":
         return 0, 0 if first else m, m - 1 if last else 0
     if p.pp_schedule == "interleaved":
         v = virtual_stages(cfg)
-        per_round = m // max(1, m // p.pp)
-        warmup = min((v - 1) * per_round + 2 * (p.pp - 1 - pp_rank), m * v)
+        per_round, warmup = interleaved_warmup(cfg, pp_rank)
+        warmup = min(warmup, m * v)
         peak = max(0, m * v - warmup - 1)  # backwards done before the peak one
         in_flight = [0] * v                # per local stage
         for f in range(min(warmup + 1 + peak, m * v)):
@@ -216,7 +225,7 @@ def recv_buffers(cfg: Config, stages: list[Stage]) -> int:
     keeps them across steps. 0 without a pipeline."""
     if cfg.parallel.pp == 1:
         return 0
-    m = cfg.parallel.microbatches or cfg.grad_accum_steps
+    m = pipeline_microbatches(cfg)
     return m * sum((not s.first) + (not s.last) for s in stages)
 
 

@@ -154,8 +154,8 @@ def gpt_eager_elems(cfg: Config, sh: Shape, loc: RankShape) -> tuple[float, floa
     * small: the rstd of the 2 norms (fp32, ÷tp under sequence parallelism); the attention's fp32
       logsumexp (heads per token) is the caller's "logsumexp"."""
     d, f32, tp_sp = sh.d, 4 / loc.bpe, sequence_split(cfg)
-    # DeepSpeed's bf16 module: x is bf16, and the norm keeps it as it is (no autocast: the bf16 norm output is
-    # shared by the linears)
+    # each norm keeps its input x as it comes, in the stream's dtype (:func:`gpt_stream_bytes`): 16-bit where the
+    # parameters are (DeepSpeed's bf16 module, FSDP2), else fp32
     rep = 2 * d * (1 if parameters_in_16_bits(cfg, loc) else f32) / tp_sp
     gathered = 2 * d
     par = 2 * loc.q + 2 * loc.kv + 3 * loc.f
@@ -178,6 +178,21 @@ def parameters_in_16_bits(cfg: Config, loc: RankShape) -> bool:
     (``param_dtype``) and casts the block's inputs to it (counted on a real FSDP2 engine's GPT,
     tests/test_gpt_saved_tensors.py). Under plain autocast the parameters, hence the stream, stay fp32."""
     return module_in_16_bits(cfg, loc) or (loc.bpe < 4 and cfg.parallel.fsdp)
+
+
+def gpt_stream_bytes(cfg: Config, loc: RankShape) -> int:
+    """Bytes of an element in the eager GPT's parameter dtype, which its residual stream, RoPE's cos/sin, the final
+    norm's output and the chunked loss's dL/dh and dL/dW take: ``loc.bpe`` with 16-bit parameters
+    (:func:`parameters_in_16_bits`), else 4 (fp32 parameters, under autocast too)."""
+    return loc.bpe if parameters_in_16_bits(cfg, loc) else 4
+
+
+def autocast_over_fp32(cfg: Config, loc: RankShape) -> bool:
+    """Whether 16-bit training runs as torch.autocast over fp32 parameters (the DDP and pipeline engines): 16-bit,
+    but not with 16-bit parameters (:func:`parameters_in_16_bits`). Only then does autocast cache 16-bit copies of
+    the weights (:func:`autocast_weight_bytes`, the head's in :func:`loss_kept_bytes`) while the residual stream,
+    RoPE's cos/sin (so q and k entering the attention core) stay fp32."""
+    return loc.bpe < 4 and not parameters_in_16_bits(cfg, loc)
 
 
 def gpt_ulysses_elems(cfg: Config, sh: Shape, loc: RankShape) -> float:
@@ -221,8 +236,8 @@ def stage_elems_per_token(cfg: Config, sh: Shape, prof: DeviceProfile, loc: Rank
     if not gpt_eager(sh, prof):
         return out
     per_position = 1 if cfg.data.reset_positions else cfg.train.micro_batch
-    rope_bytes = loc.bpe if parameters_in_16_bits(cfg, loc) else 4   # cos/sin in the residual stream's dtype
-    return out + 2 * sh.head_dim * rope_bytes / per_position / loc.bpe
+    # cos/sin in the residual stream's dtype
+    return out + 2 * sh.head_dim * gpt_stream_bytes(cfg, loc) / per_position / loc.bpe
 
 
 def autocast_weight_bytes(cfg: Config, sh: Shape, loc: RankShape, load: RankLoad) -> float:
@@ -245,7 +260,7 @@ def autocast_weight_bytes(cfg: Config, sh: Shape, loc: RankShape, load: RankLoad
 
     Counted in tests/test_gpt_saved_tensors.py and tests/test_swin_saved_tensors.py."""
     p = cfg.parallel
-    if loc.bpe >= 4 or p.fsdp or module_in_16_bits(cfg, loc):
+    if not autocast_over_fp32(cfg, loc):
         return 0.0
     if sh.kind == "swin":
         matmul = swin_linear_params(sh) if p.tp == 1 else 0
@@ -311,8 +326,7 @@ def loss_chunk_bytes(cfg: Config, sh: Shape, loc: RankShape, prof: Optional[Devi
         return loc.tokens * loc.vocab * (bpe + 4 + 4)
     c = min(chunk, loc.tokens)
     if prof is not None and gpt_eager(sh, prof):
-        stream = bpe if parameters_in_16_bits(cfg, loc) else 4
-        h = loc.tokens * sh.d * stream
+        h = loc.tokens * sh.d * gpt_stream_bytes(cfg, loc)
         if sequence_split(cfg) > 1:
             h *= 2  # the gathered h and dL/dh before its reduce-scatter; the local h is dL/dh's kept chunk's size
         return c * loc.vocab * (4 + 4) + c * LOSS_TOKEN_BYTES + h
@@ -326,21 +340,20 @@ def loss_kept_bytes(cfg: Config, sh: Shape, loc: RankShape, prof: Optional[Devic
     the forward (``chunked_loss.py``). For this repo's eager GPT (``prof`` not fused), counted live at the end of
     the loss's forward (tests/test_gpt_saved_tensors.py): the final norm's rstd (fp32, ÷tp under sequence
     parallelism; its x is the stage output); dL/dh and dL/dW fp32 (h is the fp32 norm output, dL/dW accumulates in
-    fp32 and the fp32 weight keeps it so) — in the dtype of DeepSpeed's bf16 module there; under autocast the
-    weight's bf16 copy autocast caches. Otherwise (a fused what-if profile's convention): dL/dh in the compute
+    fp32 and the fp32 weight keeps it so) — 16-bit where the parameters are (:func:`gpt_stream_bytes`: DeepSpeed's
+    bf16 module, FSDP2); under autocast over fp32 parameters the weight's bf16 copy autocast caches. Otherwise (a fused what-if profile's convention): dL/dh in the compute
     dtype, dL/dW fp32 in 16-bit training only. None for the unchunked loss, whose logits :func:`loss_chunk_bytes`
     holds whole."""
     bpe = loc.bpe
     chunk = resolve_loss_chunk(cfg.train.loss_chunk, int(loc.vocab)) if sh.kind == "gpt" else None
     if chunk is None:
         return 0.0
-    p = cfg.parallel
     tokens_sp = loc.tokens / sequence_split(cfg)  # the rank's sequence chunk
     if prof is None or not gpt_eager(sh, prof):
         return tokens_sp * sh.d * bpe + (loc.vocab * sh.d * 4 if bpe < 4 else 0.0)
-    grads = bpe if parameters_in_16_bits(cfg, loc) else 4   # dL/dh in h's dtype, dL/dW in the weight's
+    grads = gpt_stream_bytes(cfg, loc)   # dL/dh in h's dtype, dL/dW in the weight's
     norm = tokens_sp * 4  # rstd; the norm's input x is the stage output, counted with the activations
-    copy = loc.vocab * sh.d * bpe if (bpe < 4 and not p.fsdp and not module_in_16_bits(cfg, loc)) else 0.0
+    copy = loc.vocab * sh.d * bpe if autocast_over_fp32(cfg, loc) else 0.0
     return norm + (tokens_sp + loc.vocab) * sh.d * grads + copy
 
 
@@ -385,7 +398,7 @@ def memory_model(cfg: Config, sh: Shape, prof: DeviceProfile, loc: RankShape,
 def memory_phases(cfg: Config, sh: Shape, prof: DeviceProfile, loc: RankShape,
                   load: Optional[RankLoad] = None) -> dict:
     """Bytes alive at each phase of one training step on the rank :func:`memory_model` costs: {"loss",
-    "backward", "optimizer"} (see :func:`step_phases`); its "total" is the largest."""
+    "backward", "optimizer"} (see :func:`step_phases`); :func:`memory_model`'s "total" is the largest of them."""
     return rank_memory(cfg, sh, prof, loc, load)[1]
 
 
@@ -397,24 +410,8 @@ def rank_memory(cfg: Config, sh: Shape, prof: DeviceProfile, loc: RankShape,
         return max((rank_memory(cfg, sh, prof, loc, ld) for ld in loc.loads), key=lambda m: m[0]["total"])
     p = cfg.parallel
     bpe = loc.bpe
-    tied = cfg.model.tie_embeddings if sh.kind == "gpt" else False
-    rep = sh.layer_replicated_params()
-    n_local = load.layers * ((sh.layer_params() - rep) / p.tp + rep)
-    if load.embedding:
-        n_local += sh.embed_params(p.tp)
-    if load.head:
-        n_local += sh.final_norm_params() + (0 if tied else sh.head_params(p.tp))
-    z = p.zero_stage
-    shards = loc.grad_shards
-    master = 4 if bpe < 4 else 0
-    weights = n_local * bpe / (shards if z == 3 else 1)
-    grads = n_local * bpe / (shards if z is not None and z >= 2 else 1)
-    optim = n_local * (8 + master) / (shards if z is not None and z >= 1 else 1)
-    ddp = n_local * bpe if (z is None and shards > 1) else 0.0
-    unsharded = 0.0
-    if p.fsdp:
-        weights, grads, optim, ddp = n_local * 4 / shards, n_local * 4 / shards, n_local * 8 / shards, 0.0
-        unsharded = fsdp_unsharded_bytes(cfg, sh, loc, load, n_local)
+    n_local = rank_params(cfg, sh, load)
+    states = parameter_state_bytes(cfg, sh, loc, load, n_local)
 
     el = activation_elems_per_token(cfg, sh, prof, loc)
     per_layer_tok = sum(el.values())
@@ -428,7 +425,7 @@ def rank_memory(cfg: Config, sh: Shape, prof: DeviceProfile, loc: RankShape,
             # a GPT's checkpointed attention core keeps its inputs (q, k, v) and wo its output: what is not kept
             # is what the core saves inside — the logsumexp, the scores without flash, Ulysses' head-sharded copies
             per_layer_tok -= el["logsumexp"] + el["scores"] + el["ulysses"]
-            if gpt_eager(sh, prof) and bpe < 4 and not parameters_in_16_bits(cfg, loc):
+            if gpt_eager(sh, prof) and autocast_over_fp32(cfg, loc):
                 # under autocast the core's inputs q and k are RoPE's fp32 outputs (cos/sin are fp32), cast
                 # to 16 bits inside the core: the checkpoint keeps them at 4 bytes
                 per_layer_tok += (loc.q + loc.kv) * (4 / bpe - 1)
@@ -453,22 +450,9 @@ def rank_memory(cfg: Config, sh: Shape, prof: DeviceProfile, loc: RankShape,
         acts += 8 * loc.tokens * cfg.grad_accum_steps * (load.embedding + load.head)
     # PipelineStage's receive buffers (cost/layout.recv_buffers): allocated at the first step, kept across steps
     pp_buffers = load.recv_buffers * layer_input * loc.tokens * bpe
-    comm = 0.0
-    cpx = cp_execution(cfg)
-    if cpx.ring > 1:
-        # K/V in flight (double buffer) + dK/dV accumulators, per K/V piece when the ring is pieced
-        comm += 4 * ring_piece_tokens(cfg, loc) * loc.kv * cpx.kv_repeat * bpe * 2  # hybrid: the repeated heads
-    if cpx.ulysses > 1:  # the all-to-all's output of q, k, v (swin: q|k|v in one)
-        comm += loc.tokens * (loc.q + 2 * loc.kv * cpx.kv_repeat) * bpe
     norm_ws, layer_ws = backward_workspaces(cfg, sh, prof, loc, load)
-    if load.head and p.pp > 1:
-        # PipelineStage.backward_one_chunk keeps the stage output (popped from its cache into locals) through the
-        # whole backward: the final norm's gradient into the last layer does not take its place
-        layer_ws += layer_input * loc.tokens * bpe
-    workspace = max(norm_ws, layer_ws)
-    out = {"baseline": prof.baseline_bytes, "weights": weights, "grads": grads, "optimizer": optim,
-           "ddp_buckets": ddp, "fsdp_unsharded": unsharded, "activations": acts, "logits": logits,
-           "comm_buffers": comm, "workspace": workspace, "pp_buffers": pp_buffers}
+    out = {"baseline": prof.baseline_bytes, **states, "activations": acts, "logits": logits,
+           "comm_buffers": comm_buffer_bytes(cfg, loc), "workspace": max(norm_ws, layer_ws), "pp_buffers": pp_buffers}
     # what the backward holds of the activations: under full checkpointing (eager GPT) the layer being
     # recomputed keeps its input as the checkpoint's (one layer input less), and outside a pipeline (the DDP
     # engine's autocast region closes with the forward) only that layer's autocast weight copies (the
@@ -482,10 +466,59 @@ def rank_memory(cfg: Config, sh: Shape, prof: DeviceProfile, loc: RankShape,
             acts_bwd -= copies * (1 - 1 / load.layers)
     # the backward peaks at the final norm (the activations as the loss left them) or at the first layer
     bwd_live = max(acts_loss + norm_ws, acts_bwd + layer_ws)
+    unsharded = states["fsdp_unsharded"]
     phases = step_phases(cfg, out, acts_loss, bwd_live, optimizer_step_bytes(cfg, sh, loc, load, n_local),
                          fsdp_forward=unsharded - fsdp_grad_bytes(cfg, sh, loc) if p.fsdp and p.pp == 1 else unsharded)
     out["total"] = max(phases.values())
     return out, phases
+
+
+def rank_params(cfg: Config, sh: Shape, load: RankLoad) -> float:
+    """Parameters the rank holding ``load`` keeps (÷tp where tensor parallelism splits them): its layers, the
+    embedding on the first stage, the final norm and (untied) head on the last."""
+    p = cfg.parallel
+    tied = cfg.model.tie_embeddings if sh.kind == "gpt" else False
+    rep = sh.layer_replicated_params()
+    n_local = load.layers * ((sh.layer_params() - rep) / p.tp + rep)
+    if load.embedding:
+        n_local += sh.embed_params(p.tp)
+    if load.head:
+        n_local += sh.final_norm_params() + (0 if tied else sh.head_params(p.tp))
+    return n_local
+
+
+def parameter_state_bytes(cfg: Config, sh: Shape, loc: RankShape, load: RankLoad, n_local: float) -> dict:
+    """{"weights", "grads", "optimizer", "ddp_buckets", "fsdp_unsharded"}: bytes of the rank's ``n_local``
+    parameters' states. 16-bit weights and gradients with an fp32 master copy and fp32 AdamW moments, sharded over
+    ``loc.grad_shards`` by the ZeRO stage (1: optimizer, 2: + gradients, 3: + weights); DDP's flat buckets, a second
+    copy of the gradients; FSDP2: fp32 shards of everything (mixed precision gathers 16-bit copies) and its
+    gathered weights and unsharded gradients (:func:`fsdp_unsharded_bytes`)."""
+    p, bpe = cfg.parallel, loc.bpe
+    z = p.zero_stage
+    shards = loc.grad_shards
+    master = 4 if bpe < 4 else 0
+    weights = n_local * bpe / (shards if z == 3 else 1)
+    grads = n_local * bpe / (shards if z is not None and z >= 2 else 1)
+    optim = n_local * (8 + master) / (shards if z is not None and z >= 1 else 1)
+    ddp = n_local * bpe if (z is None and shards > 1) else 0.0
+    unsharded = 0.0
+    if p.fsdp:
+        weights, grads, optim, ddp = n_local * 4 / shards, n_local * 4 / shards, n_local * 8 / shards, 0.0
+        unsharded = fsdp_unsharded_bytes(cfg, sh, loc, load, n_local)
+    return {"weights": weights, "grads": grads, "optimizer": optim, "ddp_buckets": ddp, "fsdp_unsharded": unsharded}
+
+
+def comm_buffer_bytes(cfg: Config, loc: RankShape) -> float:
+    """Bytes of the cp that runs (:func:`~dist_train.cost.shape.cp_execution`): the ring's K/V double buffer and
+    dK/dV accumulators (per K/V piece when the ring is pieced; hybrid: of the repeated heads), the all-to-all's
+    output of q, k, v (swin: q|k|v in one)."""
+    comm = 0.0
+    cpx = cp_execution(cfg)
+    if cpx.ring > 1:
+        comm += 4 * ring_piece_tokens(cfg, loc) * loc.kv * cpx.kv_repeat * loc.bpe * 2
+    if cpx.ulysses > 1:
+        comm += loc.tokens * (loc.q + 2 * loc.kv * cpx.kv_repeat) * loc.bpe
+    return comm
 
 
 def step_phases(cfg: Config, comp: dict, acts_loss: float, bwd_live: float, optimizer_step: float,
@@ -498,14 +531,16 @@ def step_phases(cfg: Config, comp: dict, acts_loss: float, bwd_live: float, opti
       micro-batch made them (accumulation, a pipeline, DeepSpeed's persistent gradient buffers: the DDP and
       FSDP2 engines set them to None after each step); FSDP2's gathered weights, not its gradient buffers;
     * "backward": its peak (``bwd_live``: activations + workspace at the final norm's backward or at the first
-      layer's, where the stage output's gradient takes the place of the stage output), the cp buffers (conservative: they live inside the
-      attention's backward, when a layer's MLP activations are already freed), every gradient and FSDP2's
-      buffers (conservative: at the first layer only the head's and that layer's gradients exist yet); the
-      chunked loss's two gradients are handed on in place before any layer's backward;
+      layer's, where the stage output's gradient takes the place of the stage output), the cp buffers
+      (conservative: they live inside the attention's backward, when a layer's MLP activations are already
+      freed), every gradient and FSDP2's buffers (conservative: at the first layer only the head's and that
+      layer's gradients exist yet); the chunked loss's two gradients are handed on in place before any layer's
+      backward;
     * "optimizer": gradients, optimizer state and the update's transient (:func:`optimizer_step_bytes`).
 
-    Baseline, weights, optimizer state, DDP's buckets and a pipeline stage's receive buffers live through all three. Measured on one CPU rank
-    (tests/test_gpt_saved_tensors.py, tests/test_swin_saved_tensors.py: the live-tensor peak per phase)."""
+    Baseline, weights, optimizer state, DDP's buckets and a pipeline stage's receive buffers live through all
+    three. Measured on one CPU rank (tests/test_gpt_saved_tensors.py, tests/test_swin_saved_tensors.py: the
+    live-tensor peak per phase)."""
     p = cfg.parallel
     resident = comp["baseline"] + comp["weights"] + comp["optimizer"] + comp["ddp_buckets"] + comp["pp_buffers"]
     grads_early = p.pp > 1 or cfg.grad_accum_steps > 1 or (p.zero_stage is not None and not p.fsdp)
@@ -529,12 +564,19 @@ def backward_workspaces(cfg: Config, sh: Shape, prof: DeviceProfile, loc: RankSh
     and gate's (4f of the matmul outputs' dtype) while w2's input (f) is freed: 3f per token; the attention's
     backward stays below both (its dq, dk, dv and output gradient, 2q + 2kv, come after the MLP's activations
     are freed). Otherwise (the swin, a fused what-if profile) no final norm term and the convention of one layer's
-    activation gradients, 2·(d + f) per token."""
+    activation gradients, 2·(d + f) per token. On a pipeline's last stage the layer's + the stage output, which
+    ``PipelineStage`` keeps through its backward."""
     if not gpt_eager(sh, prof):
-        return 0.0, 2 * loc.tokens * (sh.d + loc.f) * loc.bpe
-    norm = (6 * sh.d * 4 + 16) / sequence_split(cfg) if load.head else 0.0
-    mlp = 3 * loc.f * loc.bpe if load.layers else 0.0
-    return loc.tokens * norm, loc.tokens * mlp
+        norm_ws, layer_ws = 0.0, 2 * loc.tokens * (sh.d + loc.f) * loc.bpe
+    else:
+        norm = (6 * sh.d * 4 + 16) / sequence_split(cfg) if load.head else 0.0
+        mlp = 3 * loc.f * loc.bpe if load.layers else 0.0
+        norm_ws, layer_ws = loc.tokens * norm, loc.tokens * mlp
+    if load.head and cfg.parallel.pp > 1:
+        # PipelineStage.backward_one_chunk keeps the stage output (popped from its cache into locals) through the
+        # whole backward: the final norm's gradient into the last layer does not take its place
+        layer_ws += residual_elems_per_token(cfg, sh, prof, loc) * loc.tokens * loc.bpe
+    return norm_ws, layer_ws
 
 
 def optimizer_step_bytes(cfg: Config, sh: Shape, loc: RankShape, load: RankLoad, n_local: float) -> float:
@@ -578,7 +620,7 @@ class MemoryEstimate:
 
     components: dict
     device: str         # the device profile the numbers come from, as the table header states it
-    phases: dict        # bytes alive at each phase of the step (:func:`step_phases`); "total" is the largest
+    phases: dict        # bytes alive at each phase (:func:`step_phases`): components["total"] is the largest
 
     @property
     def params(self) -> float:

@@ -29,7 +29,7 @@ class Prediction:
     fits: bool
     device: str
     flops_per_token: float
-    memory_phases: dict = field(default_factory=dict)   # bytes alive at each phase of the step; "total" the largest
+    memory_phases: dict = field(default_factory=dict)   # bytes at each phase of the step: memory["total"] is the max
     notes: list = field(default_factory=list)
 
     def to_dict(self) -> dict:
