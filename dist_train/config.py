@@ -677,23 +677,30 @@ _DEEPSPEED_OWNED = {"bf16": "train.precision", "fp16": "train.precision (fp16 is
                     "train_batch_size": "train.global_batch (DeepSpeed derives it)"}
 
 
+def deepspeed_generated(cfg: Config) -> dict[str, tuple[str, Any]]:
+    """The DeepSpeed config keys generated from dist-train's own fields (``engines/deepspeed.deepspeed_config``
+    writes these values; validation refuses a ``parallel.deepspeed`` key that contradicts one): key -> (the
+    field(s) it comes from, its value)."""
+    t = cfg.train
+    return {"train_micro_batch_size_per_gpu": ("train.micro_batch", t.micro_batch),
+            "gradient_accumulation_steps": ("train.global_batch / (train.micro_batch x parallel.dp)",
+                                            cfg.grad_accum_steps),
+            "gradient_clipping": ("train.grad_clip", float(t.grad_clip or 0.0))}
+
+
 def _validate_deepspeed_keys(cfg: Config) -> None:
     """``parallel.deepspeed`` is merged over the DeepSpeed config generated from dist-train's own fields: a key
     there that differs would silently override them (the run would do other than its config, and every
     checkpoint's recorded config, says: e.g. gradient_clipping 1e-6 under train.grad_clip 1.0), and without
     ZeRO nothing reads it. Equal values, and keys dist-train does not generate, pass."""
-    ds, p, t = cfg.parallel.deepspeed or {}, cfg.parallel, cfg.train
+    ds, p = cfg.parallel.deepspeed or {}, cfg.parallel
     if not ds:
         return
     if p.zero_stage is None:
         raise ConfigError(f"parallel.deepspeed is set but parallel.zero_stage is null: the DDP engine runs and "
                           f"ignores it ({', '.join(sorted(ds))}); set parallel.zero_stage (0-3) or remove it")
     zero = ds.get("zero_optimization")
-    generated = {"train_micro_batch_size_per_gpu": ("train.micro_batch", t.micro_batch),
-                 "gradient_accumulation_steps": ("train.global_batch / (train.micro_batch x parallel.dp)",
-                                                 cfg.grad_accum_steps),
-                 "gradient_clipping": ("train.grad_clip", float(t.grad_clip or 0.0))}
-    for key, (field_name, value) in generated.items():
+    for key, (field_name, value) in deepspeed_generated(cfg).items():
         if key in ds and ds[key] != value:
             raise ConfigError(f"parallel.deepspeed.{key} = {ds[key]!r} contradicts {field_name} = {value!r}, which "
                               "dist-train generates it from; set that instead")

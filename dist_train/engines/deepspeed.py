@@ -26,7 +26,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from ..checkpoint.adapters import DeepSpeedStateAdapter, engine_checkpoint_kwargs
-from ..config import Config
+from ..config import Config, deepspeed_generated
 from ..mesh import Mesh
 from ..optim import build_optimizer, build_scheduler
 from .grads import all_reduce_sum, global_grad_norm
@@ -42,11 +42,8 @@ def _deep_merge(base: dict, extra: dict) -> dict:
 def deepspeed_config(cfg: Config, bf16: bool) -> dict:
     """DeepSpeed's JSON config generated from ours (train_batch_size is left to DeepSpeed: it is
     micro_batch × accumulation × its data-parallel size, which includes cp and wp)."""
-    t = cfg.train
     base = {
-        "train_micro_batch_size_per_gpu": t.micro_batch,
-        "gradient_accumulation_steps": cfg.grad_accum_steps,
-        "gradient_clipping": float(t.grad_clip or 0.0),
+        **{key: value for key, (_, value) in deepspeed_generated(cfg).items()},
         "zero_optimization": {"stage": int(cfg.parallel.zero_stage)},
         "bf16": {"enabled": bool(bf16)},
         "zero_allow_untested_optimizer": True,  # our torch AdamW (decoupled decay on matrices only)
