@@ -41,10 +41,8 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from .lean_autograd import at_least_fp32
 from .tensor_parallel import sequence_all_gather, sequence_reduce_scatter
-
-def _at_least_fp32(dtype: torch.dtype) -> torch.dtype:
-    return torch.promote_types(dtype, torch.float32)
 
 
 class _ChunkedLinearCrossEntropy(torch.autograd.Function):
@@ -59,11 +57,11 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         h_seq = sequence_all_gather(h_in, group) if sequence_parallel else h_in
         h = h_seq.reshape(-1, h_seq.shape[-1])
         n, v_local = h.shape[0], weight.shape[0]
-        acc = _at_least_fp32(h.dtype)
+        acc = at_least_fp32(h.dtype)
         n_real = max(0, min(v_local, vocab_size - vocab_start))  # columns of real (unpadded) vocabulary
         total = torch.zeros((), dtype=acc, device=h.device)
         grad_h = torch.empty_like(h) if need_grad else None
-        grad_w = torch.zeros(weight.shape, dtype=_at_least_fp32(weight.dtype), device=weight.device) if need_grad else None
+        grad_w = torch.zeros(weight.shape, dtype=at_least_fp32(weight.dtype), device=weight.device) if need_grad else None
         for s in range(0, n, chunk):
             h_c, lab = h[s:s + chunk], labels[s:s + chunk]
             logits = F.linear(h_c, weight).to(acc)                       # [c, V_local]

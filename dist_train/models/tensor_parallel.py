@@ -45,6 +45,7 @@ import torch.nn.functional as F
 
 from ..megatron_import import import_megatron_core
 from .autocast_input import autocast_dtype_of, autocast_inputs
+from .lean_autograd import at_least_fp32
 
 # torch >= 2.13 names the dim-0 reduce-scatter reduce_scatter_single (reduce_scatter_tensor warns there)
 _reduce_scatter_dim0 = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
@@ -465,7 +466,7 @@ class TensorParallel:
         part = logits.shape[-1]
         start = self.rank * part
         n_pad = max(0, start + part - vocab_size)
-        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+        logits = logits.to(at_least_fp32(logits.dtype))
         if n_pad:
             mask = torch.zeros(part, dtype=torch.bool, device=logits.device)
             mask[part - n_pad:] = True
