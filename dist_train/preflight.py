@@ -31,7 +31,7 @@ from .data.datasets import IndexedTokenDataset, training_digest
 from .data.documents import resolve_eod_id
 from .data.integrity import check_indexed_dataset
 from .data.tokenizer import get_tokenizer
-from .data.weather import other_dataset_message, weather_meta
+from .data.weather import other_dataset_message, weather_meta, weather_settings
 from .dryrun import device_profile
 from .engines import cpu_autocast_refusal
 
@@ -122,8 +122,7 @@ def check_data(cfg: Config) -> None:
         if not Path(d.path).exists():
             check_writable_dir("data.path", d.path)  # generated there by rank 0
         elif d.image and len(d.image) == 2:  # rank 0 would refuse to regenerate another job's dataset in place
-            other = other_dataset_message(d.path, weather_meta(height=int(d.image[0]), width=int(d.image[1]),
-                                                               steps=d.steps, channels=d.channels, seed=cfg.run.seed))
+            other = other_dataset_message(d.path, weather_meta(**weather_settings(d, cfg.run.seed)))
             if other:
                 raise ConfigError(other)
     if d.tokenizer != "byte" and not Path(d.tokenizer).is_file():

@@ -22,7 +22,7 @@ import torch.distributed as dist
 
 from .batches import micro_batch_ids
 from .datasets import split_part
-from .weather import WeatherDataset, prepare_weather
+from .weather import WeatherDataset, prepare_weather, weather_settings
 
 
 class WeatherBatcher:
@@ -38,8 +38,7 @@ class WeatherBatcher:
         if not d.image or len(d.image) != 2:
             raise ValueError(f"data.image = {d.image!r}: the weather source needs [H, W]")
         if mesh.rank == 0:
-            prepare_weather(d.path, height=int(d.image[0]), width=int(d.image[1]), steps=d.steps,
-                            channels=d.channels, seed=cfg.run.seed)
+            prepare_weather(d.path, **weather_settings(d, cfg.run.seed))
         if dist.is_initialized():
             dist.barrier()
         self.ds = WeatherDataset(d.path)

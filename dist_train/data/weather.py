@@ -64,6 +64,14 @@ def _shift_cols(f: np.ndarray, cells: np.ndarray) -> np.ndarray:
     return (1 - frac) * f[y0, cols] + frac * f[y1, cols]
 
 
+def weather_settings(data, seed: int) -> dict:
+    """The settings of the dataset a run reads (:func:`prepare_weather`'s keywords) from its ``data`` section
+    (data.image [H, W], data.steps, data.channels) and ``run.seed``: one mapping for the rank that generates it and
+    for the pre-flight that refuses another dataset at data.path."""
+    return {"height": int(data.image[0]), "width": int(data.image[1]), "steps": data.steps,
+            "channels": data.channels, "seed": seed}
+
+
 def weather_meta(*, height: int, width: int, steps: int, channels: int, seed: int) -> dict:
     """What ``meta.json`` records of a dataset generated with these settings (it is deterministic in them)."""
     return {"version": _FORMAT_VERSION, "height": height, "width": width, "steps": steps,
