@@ -448,6 +448,14 @@ def load_config(path: Union[str, Path], overrides: Optional[list[str]] = None) -
     return config_from_dict(data, overrides)
 
 
+def own_checkpoint_overrides(run_dir: Union[str, Path]) -> list[str]:
+    """Overrides that make a measured run (``bench train``, ``bench launch``, a scale sweep point, each in a run dir
+    of its own) checkpoint under ``run_dir``/checkpoints, from scratch: a config's checkpoint.dir outside run.dir
+    is a real run's, which the measured run would otherwise resume from and (on an exit_interval or SIGTERM stop,
+    a fault run's every-step saves) save into."""
+    return ["checkpoint.resume=none", f"checkpoint.dir={Path(run_dir) / 'checkpoints'}"]
+
+
 def save_config(cfg: Config, path: Union[str, Path]) -> None:
     Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
 

@@ -20,6 +20,8 @@ import time
 from pathlib import Path
 from typing import Optional
 
+from ..config import own_checkpoint_overrides
+
 
 def _first_step_time(run_dir: Path, attempt: int) -> Optional[float]:
     try:
@@ -35,8 +37,7 @@ def _one_run(args: argparse.Namespace, backend: str, work: Path, fault: bool) ->
     cmd = [sys.executable, "-m", "dist_train", "launch", args.config, "--backend", backend, "--nproc",
            str(args.nproc), *sum((["--set", s] for s in args.set), []), "--set", f"run.dir={run_dir}",
            "--set", f"train.steps={steps}", "--set", "train.progress=false",
-           # its own checkpoints, from scratch: a config's checkpoint.dir outside run.dir is a real run's
-           "--set", f"checkpoint.dir={run_dir / 'checkpoints'}", "--set", "checkpoint.resume=none"]
+           *sum((["--set", s] for s in own_checkpoint_overrides(run_dir)), [])]
     env = {k: v for k, v in os.environ.items() if not k.startswith("DIST_TRAIN_FAULT")}
     if fault:
         cmd += ["--max-restarts", "1", "--set", "checkpoint.every=1"]

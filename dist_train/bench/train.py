@@ -27,7 +27,7 @@ import statistics
 import tempfile
 from pathlib import Path
 
-from ..config import load_config
+from ..config import load_config, own_checkpoint_overrides
 from ..cost.layout import axis_sizes, rank_coords, stages_of_rank
 from ..cost.memory import estimate_memory
 from ..plan.profiles import get_profile
@@ -42,11 +42,8 @@ def _train_rank(rank: int, world: int, config: str, overrides: list, run_dir: st
     """One rank of a measured run (spawned by dist_train.spawn.run_ranks) -> its record: the trainer's summary
     and losses, and the per-step times, memory and held state bytes it wrote through dist_train.rankstats."""
     os.environ[RANK_STATS_ENV] = "1"  # the trainer writes rank_stats/rank_<rank>.json
-    # its own checkpoint dir, from scratch: a config's checkpoint.dir outside run.dir is a real run's, which the
-    # measured run would resume from and (on an exit_interval or SIGTERM stop) save into
     cfg = load_config(config, overrides + [f"run.dir={run_dir}", "train.progress=false", "checkpoint.at_end=false",
-                                           "checkpoint.every=0", "checkpoint.resume=none",
-                                           f"checkpoint.dir={Path(run_dir) / 'checkpoints'}"])
+                                           "checkpoint.every=0", *own_checkpoint_overrides(run_dir)])
     res = train(cfg)
     stats = json.loads((Path(run_dir) / "rank_stats" / f"rank_{rank}.json").read_text())
     return {"summary": res.summary, "losses": res.losses, "step_s": stats["step_times_s"],

@@ -44,7 +44,7 @@ from typing import Any, Callable, Optional
 import yaml
 from tqdm import tqdm
 
-from ..config import Config, ConfigError, load_config, load_yaml_unique
+from ..config import Config, ConfigError, load_config, load_yaml_unique, own_checkpoint_overrides
 
 MODES = ("strong", "weak", "sequence-weak", "grid")
 SCALE_AXES = ("dp", "cp", "tp", "pp", "wp")
@@ -251,9 +251,8 @@ def launch_command(spec: SweepSpec, point: Point, run_dir: Path) -> list[str]:
     steps = spec.warmup_steps + spec.measure_steps
     sets = point.overrides + [f"run.dir={run_dir}", f"run.name={point.id}", f"train.steps={steps}",
                               "train.log_every=1", "train.progress=false", "checkpoint.at_end=false",
-                              "checkpoint.every=0", "checkpoint.resume=none", f"launch.nproc={point.world_size}",
-                              # its own: a base config's checkpoint.dir outside run.dir is a real run's
-                              f"checkpoint.dir={run_dir / 'checkpoints'}"]
+                              "checkpoint.every=0", f"launch.nproc={point.world_size}",
+                              *own_checkpoint_overrides(run_dir)]
     flags = [a for s in sets for a in ("--set", s)]
     py = sys.executable
     if spec.launcher == "torchrun":
