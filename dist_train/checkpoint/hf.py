@@ -301,8 +301,9 @@ def _rope_from_hf(hf: dict) -> tuple[float, Optional[dict]]:
 def check_window_fields(hf: dict, model_type: str) -> None:
     """ValueError (one line) for a window field the architecture's transformers model does not apply: the file
     would say one model and transformers compute another (LlamaForCausalLM attends to every earlier key whatever
-    ``sliding_window`` says; MistralForCausalLM applies ``sliding_window`` whatever ``use_sliding_window`` says)."""
-    window = hf.get("sliding_window", HF_DEFAULTS[model_type]["sliding_window"])
+    ``sliding_window`` says; MistralForCausalLM applies ``sliding_window`` whatever ``use_sliding_window`` says).
+    ``hf``: config.json with its omitted fields read as transformers reads them (:data:`HF_DEFAULTS`)."""
+    window = hf["sliding_window"]
     if model_type == "llama" and window is not None:
         raise ValueError(f"config.json sliding_window = {window!r} with model_type llama: LlamaForCausalLM does not "
                          "apply it (transformers attends to every earlier key), so the file names two models; remove "
@@ -331,8 +332,8 @@ def model_config_from_hf(hf: dict) -> ModelConfig:
         if key in hf and hf[key] not in values:
             raise ValueError(f"config.json {key} = {hf[key]!r}: dist-train's GPT only computes {key} = "
                              f"{' or '.join(map(repr, values))}")
-    check_window_fields(hf, model_type)
     hf = {**HF_DEFAULTS[model_type], **hf}
+    check_window_fields(hf, model_type)
     theta, scaling = _rope_from_hf(hf)
     window = hf["sliding_window"]
     if window is not None and (isinstance(window, bool) or not isinstance(window, int) or window < 1):
