@@ -2,15 +2,16 @@
 
     line = set_aside_earlier_run(run_dir, keep=checkpoint_root)   # rank 0, a start at step 0, before any tracker
     if line:
-        log.info(line)   # "fresh start in runs/x: the earlier run's records (metrics.jsonl, …) moved to runs/x/previous/…"
+        log.info(line)   # "fresh start in runs/x: the earlier run's records (…) moved to runs/x/previous/<time>/"
 
 A run that starts at step 0 in a run directory that already holds a run (a rerun of a config that saves no
 checkpoints, ``checkpoint.resume: none``, a run dir whose checkpoints were moved away, a restart before the first
 save) would otherwise truncate that run's ``metrics.jsonl``, hide its TensorBoard curves (``purge_step``) and
 replace its ``summary.json``, ``config.yaml`` and ``wandb_run_id``. They are renamed, unchanged, into
-``run_dir/previous/<when that run ended, UTC>/`` (``20261130T121503Z``: the newest modification time among them;
-``-2``, ``-3``, … when that folder exists: one is never reused). ``dist-train plot run_dir/previous/<time>`` plots
-that run; ``tensorboard --logdir runs/`` shows it beside the current one.
+``run_dir/previous/<when that run ended, UTC>/`` (``20261130T121503Z``: when its summary.json was written, else
+its newest record; ``-2``, ``-3``, … when that folder exists: one is never reused).
+``dist-train plot run_dir/previous/<time>`` plots that run; ``tensorboard --logdir runs/`` shows it beside the
+current one.
 
 Left where they are: ``logs/`` (appended by every attempt, and by the launcher before any rank starts),
 heartbeats, ``errors/``, locks, launcher files (``submit_*.sh``, ``.ray_auth_token``), ``wandb/`` (one folder per
@@ -67,9 +68,11 @@ def earlier_records(run_dir: Path, keep: Optional[Path] = None) -> list[Path]:
 
 
 def ended_at(records: list[Path]) -> datetime.datetime:
-    """When the run that wrote ``records`` last wrote one of them (its summary.json, or its last record when it
-    was stopped before its end), UTC."""
-    newest = max(f.stat().st_mtime for r in records for f in _files(r))
+    """When the run that wrote ``records`` ended, UTC: when it wrote its summary.json, else (stopped before its
+    end) its newest record; a plot drawn later of it counts only when nothing else is there."""
+    summary = [r for r in records if r.name == "summary.json"]
+    written = summary or [r for r in records if r.suffix != PLOT_SUFFIX] or records
+    newest = max(f.stat().st_mtime for r in written for f in _files(r))
     return datetime.datetime.fromtimestamp(newest, datetime.timezone.utc)
 
 

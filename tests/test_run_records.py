@@ -88,10 +88,12 @@ def test_only_what_records_a_run_moves(tmp_path):
     for stays in ("metrics.jsonl", "logs/rank_0.log", "run.lock", "checkpoints/checkpoints.lock"):
         assert (run / stays).is_file(), stays
     assert set_aside_earlier_run(run) is None and len(_previous(run)) == 1  # nothing left that records a run
-    # a later run that ended in the same second gets its own folder: an earlier one is never written into
-    (run / "summary.json").write_text("{}")
-    stamp = max(f.stat().st_mtime for f in kept.rglob("*") if f.is_file())  # renames keep mtimes
-    os.utime(run / "summary.json", (stamp, stamp))
+    # a later run that ended in the same second gets its own folder: an earlier one is never written into; the
+    # folder is named for the summary's time, not for a plot drawn an hour later
+    stamp = max(f.stat().st_mtime for f in kept.rglob("*") if f.is_file() and f.suffix != ".png")  # renames keep it
+    for name, when in (("summary.json", stamp), ("curves.png", stamp + 3600)):
+        (run / name).write_text("{}")
+        os.utime(run / name, (when, when))
     set_aside_earlier_run(run)
     assert [p.name for p in _previous(run)] == [kept.name, f"{kept.name}-2"]
     assert sorted(p.name for p in kept.iterdir()) == ["curves.png", "rank_stats", "tensorboard"]
