@@ -931,6 +931,22 @@ def pipeline_microbatches(cfg: Config) -> int:
     return cfg.parallel.microbatches or cfg.grad_accum_steps
 
 
+def step_micro_batches(cfg: Config) -> int:
+    """Forward + backward passes one optimizer step runs on a rank: under a pipeline its micro-batches
+    (:func:`pipeline_microbatches`: the engine splits the rank's local batch into as many), else the accumulation
+    count of ``train.micro_batch``-sample micro-batches."""
+    return pipeline_microbatches(cfg) if cfg.parallel.pp > 1 else cfg.grad_accum_steps
+
+
+def micro_batch_samples(cfg: Config) -> int:
+    """Samples in one of :func:`step_micro_batches`: ``train.micro_batch``, but under a pipeline the rank's local
+    batch (global_batch / dp) divided by ``parallel.microbatches`` (micro_batch itself only when that is the
+    accumulation count, its default)."""
+    if cfg.parallel.pp > 1:
+        return cfg.train.global_batch // cfg.parallel.dp // pipeline_microbatches(cfg)
+    return cfg.train.micro_batch
+
+
 def _validate_pipeline(cfg: Config) -> None:
     """pp > 1, any model: micro-batches that the schedule can run, no ZeRO."""
     p = cfg.parallel

@@ -164,7 +164,7 @@ def test_in_flight_microbatches_follow_torch_schedules():
     own = {}
     for r in range(4):
         load = load_of(f1b, stages_of_rank(f1b, r))
-        ids = 8 * loc.tokens * f1b.grad_accum_steps * (load.embedding + load.head)
+        ids = 8 * loc.tokens * 4 * (load.embedding + load.head)  # the step's 4 pipeline micro-batches
         own[r] = acts[r] - (load.held_sends - load.received) * resid - ids
     assert [own[r] / own[3] for r in range(4)] == [4, 3, 2, 1]
     assert rows[0].memory.other < rows[-1].memory.other  # the logits live on the head rank only

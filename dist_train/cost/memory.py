@@ -26,7 +26,8 @@ Components (bytes):
                         backward, ``TensorParallel.gathered_linears``) + tensor-parallel
                         part (÷tp) + small fp32 statistics; + 2·heads·span scores without flash attention
                         (a swin: heads·window area, the probabilities, + its masks); tokens per rank =
-                        micro_batch·S / (cp·wp); full checkpointing keeps the layer input (d per token)
+                        samples per micro-batch·S / (cp·wp) (``config.micro_batch_samples``: under a pipeline the
+                        local batch ÷ parallel.microbatches); full checkpointing keeps the layer input (d per token)
                         per layer + one layer being recomputed; selective keeps all but the attention
                         core's insides; a GPT's Ulysses keeps wo's copy of the output and any repeated
                         K/V heads (a swin's head-sharded q, k, v replace its qkv output); × micro-batches
@@ -61,7 +62,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
-from ..config import Config, resolve_loss_chunk
+from ..config import Config, micro_batch_samples, resolve_loss_chunk, step_micro_batches
 from ..plan.profiles import DeviceProfile
 from .layout import RankLoad, Stage, load_of
 from .shape import (RankShape, Shape, cp_execution, rank_inputs, recompute_scope, ring_piece_tokens,
@@ -235,7 +236,7 @@ def stage_elems_per_token(cfg: Config, sh: Shape, prof: DeviceProfile, loc: Rank
     out = residual_elems_per_token(cfg, sh, prof, loc)
     if not gpt_eager(sh, prof):
         return out
-    per_position = 1 if cfg.data.reset_positions else cfg.train.micro_batch
+    per_position = 1 if cfg.data.reset_positions else micro_batch_samples(cfg)
     # cos/sin in the residual stream's dtype
     return out + 2 * sh.head_dim * gpt_stream_bytes(cfg, loc) / per_position / loc.bpe
 
@@ -447,7 +448,7 @@ def rank_memory(cfg: Config, sh: Shape, prof: DeviceProfile, loc: RankShape,
     if p.pp > 1 and sh.kind == "gpt":
         # the pipeline engine hands the schedule the rank's whole batch at once: the token ids (first stage) and
         # labels (last stage), int64, live through the step (the swin's pixel inputs are not counted)
-        acts += 8 * loc.tokens * cfg.grad_accum_steps * (load.embedding + load.head)
+        acts += 8 * loc.tokens * step_micro_batches(cfg) * (load.embedding + load.head)
     # PipelineStage's receive buffers (cost/layout.recv_buffers): allocated at the first step, kept across steps
     pp_buffers = load.recv_buffers * layer_input * loc.tokens * bpe
     norm_ws, layer_ws = backward_workspaces(cfg, sh, prof, loc, load)

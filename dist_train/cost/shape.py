@@ -13,7 +13,8 @@ import math
 from dataclasses import dataclass
 from typing import Optional
 
-from ..config import Config, ConfigError, ModelConfig, attention_head_dim, ffn_hidden_size, swin_ffn_hidden_size
+from ..config import (Config, ConfigError, ModelConfig, attention_head_dim, ffn_hidden_size, micro_batch_samples,
+                      swin_ffn_hidden_size)
 from ..plan.profiles import DeviceProfile
 from .layout import RankLoad, rank_loads
 
@@ -165,9 +166,9 @@ def rank_shape(cfg: Config, sh: Shape, prof: DeviceProfile) -> RankShape:
         wh, ww = sh.window
         # tiles are window-aligned: the largest tile has ceil(windows / grid) windows per axis
         tile = math.ceil(ph // wh / gh) * wh * math.ceil(pw // ww / gw) * ww
-        tokens = cfg.train.micro_batch * tile / p.cp
+        tokens = micro_batch_samples(cfg) * tile / p.cp
     else:
-        tokens = cfg.train.micro_batch * sh.tokens / p.cp
+        tokens = micro_batch_samples(cfg) * sh.tokens / p.cp
     kv_heads_local = max(1.0, sh.kv_heads / tp)
     loads = tuple(rank_loads(cfg))
     return RankShape(tokens=tokens, layers=max(ld.layers for ld in loads), q=sh.q_dim / tp,
@@ -239,4 +240,4 @@ def recompute_runs_last_matmul(cfg: Config) -> bool:
 def ring_piece_tokens(cfg: Config, loc: RankShape) -> float:
     """Tokens of one ring message: the rank's whole shard, or ``parallel.cp_kv_piece`` per sequence."""
     piece = cfg.parallel.cp_kv_piece
-    return loc.tokens if piece is None else min(loc.tokens, cfg.train.micro_batch * piece)
+    return loc.tokens if piece is None else min(loc.tokens, micro_batch_samples(cfg) * piece)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 
-from ..config import Config
+from ..config import Config, micro_batch_samples, step_micro_batches
 from ..plan.profiles import DeviceProfile
 from .flops import attention_flops_per_key, recompute_flops_per_token
 from .layout import bubble_fraction
@@ -121,7 +121,7 @@ def swin_halo_traffic(cfg: Config, sh: Shape, loc: RankShape) -> tuple[int, floa
     halo = sh_h * tile_w + sh_w * tile_h - sh_h * sh_w
     u = cp_execution(cfg).ulysses
     channels = 2 * sh.d if u == 1 else 4 * loc.q / u
-    return 2, halo * cfg.train.micro_batch * channels * loc.bpe
+    return 2, halo * micro_batch_samples(cfg) * channels * loc.bpe
 
 
 def _allreduce_s(nbytes: float, n: int, link) -> float:
@@ -146,7 +146,7 @@ def fsdp_comm(cfg: Config, sh: Shape, loc: RankShape, n_local: float, compute_mb
     * pp > 1: the stage all-gathers once (first micro-batch's forward, overlapping it) and reduce-scatters
       once after the last backward (``PipelineStage.perform_reduce_grad``: not overlapped)."""
     p, bpe, g = cfg.parallel, loc.bpe, loc.grad_shards
-    accum = cfg.grad_accum_steps
+    accum = step_micro_batches(cfg)
     unit = fsdp_layer_params(cfg, sh)
     ag, rs = _allgather_s(n_local * bpe, g, link), _allgather_s(n_local * 4, g, link)
     first_ag, last_rs = _allgather_s(unit * bpe, g, link), _allgather_s(unit * 4, g, link)
@@ -166,7 +166,7 @@ def time_model(cfg: Config, sh: Shape, prof: DeviceProfile, loc: RankShape, mem:
     on one rank of ``world`` (``mem``: :func:`~dist_train.cost.memory.memory_model` of the same rank)."""
     p = cfg.parallel
     bpe = loc.bpe
-    accum = cfg.grad_accum_steps
+    accum = step_micro_batches(cfg)
     ranks_per_node = min(world, prof.devices_per_node if prof.cores is None else world)
     share = prof.compute_share(ranks_per_node)
     scope = recompute_scope(cfg)
