@@ -161,7 +161,9 @@ def test_a_measured_run_never_resumes_from_or_saves_into_the_configs_checkpoint_
     train(train_cfg)
     before = {p.relative_to(real).as_posix(): p.read_bytes() for p in real.rglob("*") if p.is_file()}
     assert "step_2/manifest.json" in before
-    monkeypatch.delenv(ENV, raising=False)
+    # _train_rank sets the variable for its (here: this) process; setenv makes monkeypatch unset it again afterwards,
+    # where a delenv of an unset variable records nothing and the "1" leaked into later tests' runs
+    monkeypatch.setenv(ENV, "0")
     rec = bench_train._train_rank(0, 1, "configs/gpt_tiny.yaml", base + ["train.steps=4", "train.exit_interval=1"],
                                   str(tmp_path / "bench_run"))
     assert rec["summary"]["start_step"] == 0, rec["summary"]

@@ -41,6 +41,13 @@ def gpu_test_files(root: Path = ROOT) -> list[str]:
                   if "mark.gpu" in p.read_text(errors="replace"))
 
 
+def _default_sigint() -> None:
+    """In the section's child before exec: SIGINT at its default. A check started as a background job of a
+    non-interactive shell (``make gpu-check &``, nohup) has SIGINT ignored, children inherit that, and a
+    section would then ignore the limit's SIGINT and lose, when killed, what it had finished."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _run(cmd: list[str], timeout: float, log: Path) -> tuple[int, float]:
     """Run ``cmd`` in the repository root with the project on PYTHONPATH for at most ``timeout`` seconds:
     SIGINT at ``timeout`` minus the grace (:data:`INTERRUPT_GRACE_S`, at most a quarter of ``timeout``),
@@ -50,7 +57,8 @@ def _run(cmd: list[str], timeout: float, log: Path) -> tuple[int, float]:
     grace = min(INTERRUPT_GRACE_S, timeout / 4)
     t0 = time.perf_counter()
     with open(log, "w") as fh:
-        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=fh, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=fh, stderr=subprocess.STDOUT,
+                                preexec_fn=_default_sigint)
         try:
             rc = proc.wait(timeout=timeout - grace)
         except subprocess.TimeoutExpired:
