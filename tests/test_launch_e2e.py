@@ -123,7 +123,11 @@ def test_ray_launch_sigterm_checkpoints_and_resume_equals_uninterrupted(tmp_path
     from dist_train.checkpoint import complete_checkpoints
 
     run_dir = tmp_path / "pre"
-    cmd = [sys.executable, "-m", "dist_train", "launch", CONFIG, *BASE, "--set", f"run.dir={run_dir}",
+    # the preempted run is told 500 steps and the two compared 'saved + 2': a constant LR after warm-up
+    # (min_lr_ratio 1) makes the schedule independent of the total, wherever the SIGTERM lands (it landed past
+    # warm-up on a loaded machine, and the cosine over 500 steps had trained other steps than over saved + 2)
+    flat = ["--set", "train.min_lr_ratio=1.0"]
+    cmd = [sys.executable, "-m", "dist_train", "launch", CONFIG, *BASE, *flat, "--set", f"run.dir={run_dir}",
            "--backend", "ray", "--nproc", "2", "--set", "train.steps=500", "--set", "checkpoint.every=0"]
     code, out = _preempt_when_stepping(cmd, run_dir)
     assert code == EXIT_PREEMPTED, out[-4000:]
@@ -139,7 +143,7 @@ def test_ray_launch_sigterm_checkpoints_and_resume_equals_uninterrupted(tmp_path
     assert done, out[-4000:]
     saved = done[0][0]
     assert 2 <= saved < 500
-    total = ["--set", f"train.steps={saved + 2}"]
+    total = [*flat, "--set", f"train.steps={saved + 2}"]
     p = _launch(run_dir, "--backend", "local", "--nproc", "2", *total)
     assert p.returncode == 0, (p.stdout + p.stderr)[-4000:]
     ref_dir = tmp_path / "ref"
