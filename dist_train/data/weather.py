@@ -99,6 +99,14 @@ def other_dataset_message(path: Union[str, Path], meta: dict) -> Optional[str]:
             "delete that directory to generate it again")
 
 
+def _already_there(path: Path, meta: dict) -> bool:
+    """True when the dataset ``meta`` is complete at ``path`` (both files); ValueError when another one is there."""
+    other = other_dataset_message(path, meta)
+    if other:
+        raise ValueError(other)
+    return (path / META_FILE).exists() and (path / FIELDS_FILE).exists()
+
+
 def prepare_weather(path: Union[str, Path], *, height: int, width: int, steps: int, channels: int,
                     seed: int) -> Path:
     """Generate the dataset at directory ``path`` unless the same one is already there; returns ``path``. A
@@ -111,19 +119,13 @@ def prepare_weather(path: Union[str, Path], *, height: int, width: int, steps: i
     path = Path(path)
     meta = weather_meta(height=height, width=width, steps=steps, channels=channels, seed=seed)
     meta_file, data_file = path / META_FILE, path / FIELDS_FILE
-    other = other_dataset_message(path, meta)
-    if other:
-        raise ValueError(other)
-    if meta_file.exists() and data_file.exists():
+    if _already_there(path, meta):
         return path
     path.mkdir(parents=True, exist_ok=True)
     # two jobs generating at one fresh path: the second waits, then finds the first one's dataset (or refuses it)
     with open(path / LOCK_FILE, "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        other = other_dataset_message(path, meta)
-        if other:
-            raise ValueError(other)
-        if meta_file.exists() and data_file.exists():
+        if _already_there(path, meta):
             return path
         tmp_data, tmp_meta = path / f"{FIELDS_FILE}.tmp{os.getpid()}", path / f"{META_FILE}.tmp{os.getpid()}"
         try:
