@@ -628,18 +628,16 @@ class CheckpointManager:
         else:
             body = mf.read_manifest(ckpt)
         ts = json.loads((ckpt / mf.TRAIN_STATE).read_text())
-        extra = saved_extra(ts)
-        self.config_changes = compat.check_config(ckpt, body.get("config"), self.config,
-                                                  getattr(self.cfg, "allow_config_change", None) or (),
+        extra, allowed = saved_extra(ts), getattr(self.cfg, "allow_config_change", None) or ()
+        self.config_changes = compat.check_config(ckpt, body.get("config"), self.config, allowed,
                                                   consumed_samples(extra), trained_digest(extra), self.data_digest)
         if self.rank == 0 and self.config.get("model") and not (body.get("config") or {}).get("model"):
             log.warning("checkpoint %s records no model config (`ckpt convert --from dcp` without --config): its "
                         "weights load into model.* as configured now, and nothing checks the keys that change the "
                         "function without changing a tensor's shape (rope_theta, rope_scaling, norm_eps, "
                         "attention_window); convert it again with --config to record them", ckpt)
-        compat.check_dataset(ckpt, extra, self.data_samples,
-                             getattr(self.cfg, "allow_config_change", None) or (),
-                             (self.config.get("data") or {}).get("path"), self.config_changes, self.data_digest)
+        compat.check_dataset(ckpt, extra, self.data_samples, allowed, (self.config.get("data") or {}).get("path"),
+                             self.config_changes, self.data_digest)
         with_optim = optimizer is not None and "optim" in body["contents"]
         # a checkpoint without optimizer state (e.g. converted from HF) leaves the optimizer untouched —
         # in particular not initialised by get_state_dict's zero-gradient step
