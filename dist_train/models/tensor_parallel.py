@@ -35,6 +35,8 @@ matmuls) instead of keeping the gathered [B, S, d] for the weight gradients, so 
 from __future__ import annotations
 
 import contextlib
+import functools
+import operator
 from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
 
@@ -281,7 +283,9 @@ class _GatheredLinears(torch.autograd.Function):
             gathering = _PendingSeq.all_gather(x_local, ctx.group, ctx.fused) if any(need_w) else None
             scattering = None
             if need_x:
-                grad_x = sum(g.matmul(w).to(ctx.x_dtype) for g, w in zip(grads, weights))
+                # folded from the first term (``sum`` would start with ``0 + dY_0 @ W_0``: one more [B, S, d]
+                # pass per group), in layer order as autograd accumulates the layers' input gradients
+                grad_x = functools.reduce(operator.add, (g.matmul(w).to(ctx.x_dtype) for g, w in zip(grads, weights)))
                 scattering = _PendingSeq.reduce_scatter(grad_x, ctx.group, ctx.fused)
             flat = [g.reshape(-1, g.shape[-1]) for g in grads]
             grad_w: list = [None] * n
