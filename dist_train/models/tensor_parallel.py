@@ -154,6 +154,11 @@ def _seq_chunk(x: torch.Tensor, group) -> torch.Tensor:
     return x.narrow(1, r * part, part).clone(memory_format=torch.contiguous_format)
 
 
+def _is_nccl(group) -> bool:
+    """NCCL has the fused dim-0 collectives (and Megatron's SP mappings); gloo takes the list / emulated ones."""
+    return dist.get_backend(group) == "nccl"
+
+
 class _PendingSeq:
     """A started sequence all-gather or reduce-scatter along dim 1 of a batch-first tensor; ``wait()`` -> result.
 
@@ -194,12 +199,12 @@ class _PendingSeq:
 
 def sequence_all_gather(x: torch.Tensor, group) -> torch.Tensor:
     """[B, S/tp, ...] -> [B, S, ...] along the sequence (no autograd): NCCL's dim-0 collective, gloo's list one."""
-    return _PendingSeq.all_gather(x, group, dist.get_backend(group) == "nccl").wait()
+    return _PendingSeq.all_gather(x, group, _is_nccl(group)).wait()
 
 
 def sequence_reduce_scatter(x: torch.Tensor, group) -> torch.Tensor:
     """[B, S, ...] partial sums -> this rank's chunk [B, S/tp, ...] of their tp-sum (no autograd)."""
-    return _PendingSeq.reduce_scatter(x, group, dist.get_backend(group) == "nccl").wait()
+    return _PendingSeq.reduce_scatter(x, group, _is_nccl(group)).wait()
 
 
 def _seq_mapping(name: str, forward: Callable, backward: Callable, doc: str) -> type:
@@ -393,7 +398,7 @@ class TensorParallel:
 
     # -- sequence parallelism -----------------------------------------------------------------
     def _nccl(self) -> bool:
-        return dist.get_backend(self.group) == "nccl"
+        return _is_nccl(self.group)
 
     def enter(self, x: torch.Tensor) -> torch.Tensor:
         """The gathered input of a tp consumer: SP: [B, S/tp, d] -> [B, S, d] all-gathered (backward
