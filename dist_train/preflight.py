@@ -33,7 +33,7 @@ from .data.integrity import check_indexed_dataset
 from .data.tokenizer import get_tokenizer
 from .data.weather import other_dataset_message, weather_meta, weather_settings
 from .dryrun import device_profile
-from .engines import cpu_autocast_refusal
+from .engines import autocast_dtype, cpu_autocast_refusal
 
 #: set by the launcher in every rank's environment once it has run the preflight for the job
 PREFLIGHT_ENV = "DIST_TRAIN_PREFLIGHT_DONE"
@@ -97,12 +97,12 @@ def check_attention_kernel(cfg: Config, on_cuda: bool) -> None:
     """The block kernel must exist on the device the ranks use (e.g. flash needs CUDA and flash-attn), and the
     layers around it must run their backward there under the precision asked for."""
     device = torch.device("cuda" if on_cuda else "cpu")
-    bf16 = cfg.train.precision == "bf16" or (cfg.train.precision == "auto" and on_cuda)
-    refusal = cpu_autocast_refusal(cfg, torch.bfloat16 if bf16 else None, device.type)
+    dtype = autocast_dtype(cfg, device)  # the ranks' (trainer.py builds the engine with it)
+    refusal = cpu_autocast_refusal(cfg, dtype, device.type)
     if refusal:
         raise ConfigError(refusal)
     try:
-        get_kernel(cfg.parallel.attn_kernel, device, torch.bfloat16 if bf16 else torch.float32)
+        get_kernel(cfg.parallel.attn_kernel, device, dtype or torch.float32)
     except (ValueError, ImportError) as e:
         raise ConfigError(f"parallel.attn_kernel = {cfg.parallel.attn_kernel!r} on {device.type} ranks: "
                           f"{str(e).splitlines()[0]}") from None

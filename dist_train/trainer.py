@@ -37,7 +37,7 @@ from .data.documents import document_options
 from .data.image_batches import WeatherBatcher
 from .data.prepare import ensure_prepared
 from .distributed import DistContext, current_context
-from .engines import build_engine
+from .engines import autocast_dtype, build_engine
 from .engines.ddp import all_reduce_sum
 from .evaluation import Evaluator
 from .lifecycle import EXIT_PREEMPTED, Lifecycle, TrainingDiverged
@@ -69,13 +69,6 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
-
-
-def autocast_dtype(cfg: Config, device: torch.device) -> Optional[torch.dtype]:
-    p = cfg.train.precision
-    if p == "bf16" or (p == "auto" and device.type == "cuda"):
-        return torch.bfloat16
-    return None
 
 
 # ---------------------------------------------------------------------------------------------

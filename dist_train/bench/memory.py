@@ -33,11 +33,10 @@ import torch.distributed as dist
 from ..config import config_from_dict
 from ..data.batches import TokenBatcher
 from ..data.datasets import SyntheticTokenDataset
-from ..engines import build_engine
+from ..engines import autocast_dtype, build_engine
 from ..mesh import build_mesh
 from ..models.gpt import build_gpt
 from ..spawn import run_ranks
-from ..trainer import autocast_dtype
 from .attention import check_memory_meter, peak_tensor_bytes
 from .cli.memory import Sweep
 

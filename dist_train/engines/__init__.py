@@ -23,6 +23,15 @@ from .fsdp import FSDPEngine
 from .pipeline import PipelineEngine
 
 
+def autocast_dtype(cfg: Config, device: torch.device) -> Optional[torch.dtype]:
+    """The autocast dtype of ``train.precision`` on ``device``: bf16 for bf16, and for auto on CUDA; None (fp32, no
+    autocast) otherwise. The ranks build their engine with it and the pre-flight checks the same precision."""
+    p = cfg.train.precision
+    if p == "bf16" or (p == "auto" and device.type == "cuda"):
+        return torch.bfloat16
+    return None
+
+
 def cpu_autocast_refusal(cfg: Config, autocast_dtype: Optional[torch.dtype], device_type: str) -> Optional[str]:
     """One line refusing a layout whose backward would fail on CPU, else None.
 

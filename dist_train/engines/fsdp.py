@@ -22,7 +22,7 @@ Loss contract (identical to DDP): backward of ``loss_sum · grad_size / global_c
 reduce-scatter *averages* over the ``grad_size`` shard ranks, so every shard holds its slice of
 d(mean over all real tokens of the global batch).
 
-Mixed precision: in bf16 (``train.precision`` bf16 on any device, or auto on CUDA: ``trainer.autocast_dtype``)
+Mixed precision: in bf16 (``train.precision`` bf16 on any device, or auto on CUDA: ``engines.autocast_dtype``)
 FSDP2 all-gathers bf16 copies of the fp32 sharded parameters (``MixedPrecisionPolicy(param_dtype=bf16,
 reduce_dtype=fp32)``): compute in bf16 — the residual stream and every norm input too, which the cost model
 counts (``cost.memory.parameters_in_16_bits``) —, gradients reduced in fp32 into fp32 shards, optimizer (master
