@@ -2,7 +2,8 @@
 
 Loss (solid; steps skipped by ``train.on_nonfinite: skip`` as crosses) and validation loss (dashed, markers)
 of every run against the optimizer step (left) and against the tokens trained on (right), one colour per
-run, labelled by run name; optionally throughput, MFU and peak memory below. Reads each run's ``metrics.jsonl`` and ``config.yaml`` (tokens per sample).
+run, labelled by run name; optionally throughput, MFU and peak memory below. Reads each run's ``metrics.jsonl``
+and ``config.yaml`` (tokens per sample).
 """
 from __future__ import annotations
 

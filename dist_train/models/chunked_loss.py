@@ -30,8 +30,8 @@ head. Sequence parallelism (``sequence_parallel=True``): h is this rank's chunk 
 (dim 1) and labels the whole [B, S]; the forward all-gathers h (transient) and reduce-scatters the partial
 dL/dh along the sequence as soon as it is formed, so the forward keeps this rank's [B, S/tp, d] of the tp-sum
 (not [B, S, d]) and backward hands it straight to the local chunk: the same sum an all-gather's backward
-(reduce-scatter) would form, before the incoming scalar scales it instead of after. Padded vocabulary columns (global id >= ``vocab_size``) get -inf, so the softmax is
-over the real vocabulary only (identical to tp = 1).
+(reduce-scatter) would form, before the incoming scalar scales it instead of after. Padded vocabulary columns
+(global id >= ``vocab_size``) get -inf, so the softmax is over the real vocabulary only (identical to tp = 1).
 """
 from __future__ import annotations
 
