@@ -332,10 +332,11 @@ def _build(cls: type, data: dict, prefix: str) -> Any:
     return cls(**kwargs)
 
 
-def _deep_merge(base: dict, extra: dict) -> dict:
+def deep_merge(base: dict, extra: dict) -> dict:
+    """``base`` with ``extra`` merged over it, dict into dict at every depth (neither is modified)."""
     out = dict(base)
     for k, v in extra.items():
-        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+        out[k] = deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
     return out
 
 
@@ -389,7 +390,7 @@ def config_from_dict(data: dict, overrides: Optional[list[str]] = None) -> Confi
             node = nxt
         node[path[-1]] = value
     defaults = Config().to_dict()
-    merged = _deep_merge(defaults, data)
+    merged = deep_merge(defaults, data)
     # unknown keys must be reported against the user's dict, not the merged one
     _build(Config, data, "")
     cfg = _build(Config, _expand_vars(merged, merged), "")

@@ -26,17 +26,10 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from ..checkpoint.adapters import DeepSpeedStateAdapter, engine_checkpoint_kwargs
-from ..config import Config, deepspeed_generated
+from ..config import Config, deep_merge, deepspeed_generated
 from ..mesh import Mesh
 from ..optim import build_optimizer, build_scheduler
 from .grads import all_reduce_sum, global_grad_norm
-
-
-def _deep_merge(base: dict, extra: dict) -> dict:
-    out = dict(base)
-    for k, v in extra.items():
-        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
 
 
 def deepspeed_config(cfg: Config, bf16: bool) -> dict:
@@ -50,7 +43,7 @@ def deepspeed_config(cfg: Config, bf16: bool) -> dict:
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }
-    return _deep_merge(base, dict(cfg.parallel.deepspeed or {}))
+    return deep_merge(base, dict(cfg.parallel.deepspeed or {}))
 
 
 class MeshMPU:
