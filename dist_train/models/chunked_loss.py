@@ -94,7 +94,7 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         if need_grad:
             grad_h = grad_h.view(h_seq.shape)
             if sequence_parallel:  # the tp-sum of the partial dL/dh, this rank's sequence chunk only
-                grad_h = sequence_reduce_scatter(grad_h, group)
+                grad_h = sequence_reduce_scatter(grad_h, group, owned=True)  # grad_h: this forward's buffer
             ctx.grads = (grad_h, grad_w.to(weight.dtype))
         return total
 

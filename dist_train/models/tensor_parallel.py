@@ -185,14 +185,15 @@ class _PendingSeq:
         return cls(dist.all_gather(parts, x, group=group, async_op=True), lambda: torch.cat(parts, dim=1))
 
     @classmethod
-    def reduce_scatter(cls, x: torch.Tensor, group, fused: bool) -> "_PendingSeq":
-        """[B, S, ...] partial sums -> this rank's chunk [B, S/tp, ...] of their tp-sum."""
+    def reduce_scatter(cls, x: torch.Tensor, group, fused: bool, owned: bool = False) -> "_PendingSeq":
+        """[B, S, ...] partial sums -> this rank's chunk [B, S/tp, ...] of their tp-sum. ``owned``: x is the caller's
+        own scratch, read no more: gloo's all-reduce runs in it (when contiguous) instead of in a copy."""
         n = dist.get_world_size(group)
         if fused:
             parts = x.unflatten(1, (n, x.shape[1] // n)).movedim(1, 0).contiguous()  # [tp, B, S/tp, ...]
             out = x.new_empty(parts.shape[1:])
             return cls(_reduce_scatter_dim0(out, parts.flatten(0, 1), group=group, async_op=True), lambda: out)
-        full = x.contiguous().clone()
+        full = x.contiguous() if owned else x.contiguous().clone()
         work = dist.all_reduce(full, op=dist.ReduceOp.SUM, group=group, async_op=True)
         return cls(work, lambda: _seq_chunk(full, group))
 
@@ -202,9 +203,10 @@ def sequence_all_gather(x: torch.Tensor, group) -> torch.Tensor:
     return _PendingSeq.all_gather(x, group, _is_nccl(group)).wait()
 
 
-def sequence_reduce_scatter(x: torch.Tensor, group) -> torch.Tensor:
-    """[B, S, ...] partial sums -> this rank's chunk [B, S/tp, ...] of their tp-sum (no autograd)."""
-    return _PendingSeq.reduce_scatter(x, group, _is_nccl(group)).wait()
+def sequence_reduce_scatter(x: torch.Tensor, group, owned: bool = False) -> torch.Tensor:
+    """[B, S, ...] partial sums -> this rank's chunk [B, S/tp, ...] of their tp-sum (no autograd; ``owned``: as
+    :meth:`_PendingSeq.reduce_scatter`)."""
+    return _PendingSeq.reduce_scatter(x, group, _is_nccl(group), owned).wait()
 
 
 def _seq_mapping(name: str, forward: Callable, backward: Callable, doc: str) -> type:
@@ -291,7 +293,8 @@ class _GatheredLinears(torch.autograd.Function):
                 # folded from the first term (``sum`` would start with ``0 + dY_0 @ W_0``: one more [B, S, d]
                 # pass per group), in layer order as autograd accumulates the layers' input gradients
                 grad_x = functools.reduce(operator.add, (g.matmul(w).to(ctx.x_dtype) for g, w in zip(grads, weights)))
-                scattering = _PendingSeq.reduce_scatter(grad_x, ctx.group, ctx.fused)
+                # grad_x is this backward's own fresh sum: gloo reduces it in place
+                scattering = _PendingSeq.reduce_scatter(grad_x, ctx.group, ctx.fused, owned=True)
             flat = [g.reshape(-1, g.shape[-1]) for g in grads]
             grad_w: list = [None] * n
             if gathering is not None:
