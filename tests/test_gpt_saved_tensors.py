@@ -30,7 +30,7 @@ from dist_train.bench.attention import peak_tensor_bytes
 from dist_train.config import config_from_dict
 from dist_train.cost.layout import axis_sizes, load_of, rank_coords, stages_of_rank
 from dist_train.cost.memory import (activation_elems_per_token, autocast_weight_bytes, embedding_kept_bytes,
-                                    loss_kept_bytes, memory_model, memory_phases, optimizer_step_bytes, rank_memory)
+                                    loss_kept_bytes, memory_model, optimizer_step_bytes, rank_memory)
 from dist_train.cost.shape import rank_inputs
 from dist_train.engines import build_engine
 from dist_train.mesh import build_mesh
@@ -296,12 +296,11 @@ def test_gpt_loss_under_sequence_parallelism_keeps_the_local_chunk_of_dh():
 
 
 def _step_phases_above_states(cfg) -> dict:
-    """``memory_phases`` of ``cfg``'s rank less what lives before the step (baseline, weights, optimizer state,
+    """``rank_memory``'s phases of ``cfg``'s rank less what lives before the step (baseline, weights, optimizer state,
     DDP buckets) and, in the backward, the gradients: the step's live tensors as the meter sees them (the
     gradients exist from a first step on and are accumulated in place)."""
     sh, loc = rank_inputs(cfg, CPU)
-    mem = memory_model(cfg, sh, CPU, loc)
-    phases = memory_phases(cfg, sh, CPU, loc)
+    mem, phases = rank_memory(cfg, sh, CPU, loc)
     states = mem["baseline"] + mem["weights"] + mem["optimizer"] + mem["ddp_buckets"]
     return {"loss": phases["loss"] - states, "backward": phases["backward"] - states - mem["grads"]}
 

@@ -23,7 +23,7 @@ import pytest
 import yaml
 
 from dist_train.cli import main
-from dist_train.cost.memory import gpt_eager, memory_model, memory_phases
+from dist_train.cost.memory import gpt_eager, rank_memory
 from dist_train.cost.predict import predict
 from dist_train.cost.shape import rank_inputs
 from dist_train.cost.step_time import ELEMENTWISE_PASSES
@@ -77,10 +77,11 @@ def _above_baseline(cfg, prof) -> tuple[dict, dict]:
     sh, loc = rank_inputs(cfg, prof)
     comps, phases = [], []
     for load in loc.loads:
-        c = dict(memory_model(cfg, sh, prof, loc, load))
+        mem, ph = rank_memory(cfg, sh, prof, loc, load)
+        c = dict(mem)
         c["total"] -= c.pop("baseline")
         comps.append(c)
-        phases.append({k: v - prof.baseline_bytes for k, v in memory_phases(cfg, sh, prof, loc, load).items()})
+        phases.append({k: v - prof.baseline_bytes for k, v in ph.items()})
     return comps, phases
 
 

@@ -27,7 +27,7 @@ import torch.distributed as dist
 from dist_train.config import config_from_dict
 from dist_train.bench.attention import peak_tensor_bytes
 from dist_train.cost.memory import (activation_elems_per_token, autocast_weight_bytes, embedding_kept_bytes,
-                                    memory_model, memory_phases, swin_masked_blocks)
+                                    memory_model, rank_memory, swin_masked_blocks)
 from dist_train.cost.shape import rank_inputs, shape_of
 from dist_train.models.swin import build_swin
 from dist_train.models.tensor_parallel import TensorParallel
@@ -138,7 +138,7 @@ def test_swin_activation_model_under_cp_is_the_saved_tensors():
 def test_swin_training_step_peak_is_the_memory_model(checkpointing):
     """The whole step, measured: the peak of CPU tensor memory (torch.profiler's allocator events,
     ``bench.attention.peak_tensor_bytes``) over one forward + backward of a single-rank swin (8,192 tokens,
-    one padded window row) against the memory model's peak phase (``memory_phases``, less what lives before
+    one padded window row) against the memory model's peak phase (``rank_memory``'s, less what lives before
     the step: weights, optimizer state and, in the backward, the gradients): within 2% (+1.04% none, +1.58%
     full when written; the components' sum said +1.7% / +2.7%, and +23% / +20% before the swin terms were
     counted from the saved tensors). Looser than the GPT's 1%: the model's peak phase is the backward, whose swin
@@ -160,8 +160,7 @@ def test_swin_training_step_peak_is_the_memory_model(checkpointing):
     _, peak = peak_tensor_bytes(step)
     prof = builtin_profiles()["cpu"]
     sh, loc = rank_inputs(cfg, prof)
-    mem = memory_model(cfg, sh, prof, loc)
-    phases = memory_phases(cfg, sh, prof, loc)
+    mem, phases = rank_memory(cfg, sh, prof, loc)
     states = mem["baseline"] + mem["weights"] + mem["optimizer"] + mem["ddp_buckets"]
     predicted = max(phases["loss"] - states, phases["backward"] - states - mem["grads"])
     assert predicted / peak == pytest.approx(1, abs=0.02), (phases, mem, peak)

@@ -3,7 +3,7 @@
     sh, loc = rank_inputs(cfg, prof)                    # dist_train.cost.shape
     mem = memory_model(cfg, sh, prof, loc)              # the most loaded pipeline rank (what decides "fits")
     mem = memory_model(cfg, sh, prof, loc, load)        # one pipeline rank's exact RankLoad
-    phases = memory_phases(cfg, sh, prof, loc)          # {"loss", "backward", "optimizer"}: mem["total"] is the max
+    mem, phases = rank_memory(cfg, sh, prof, loc)       # + {"loss", "backward", "optimizer"}: mem["total"] is the max
     est = estimate_memory(cfg, stages_of_rank(cfg, r), prof)   # grouped as the dry run's table columns
 
 ``dist-train plan``, the predictions beside each ``dist-train scale`` point and ``dist-train launch
@@ -392,21 +392,15 @@ def memory_model(cfg: Config, sh: Shape, prof: DeviceProfile, loc: RankShape,
                  load: Optional[RankLoad] = None) -> dict:
     """Bytes by component + "total" of the pipeline rank holding ``load``; None: the most loaded of
     ``loc.loads`` (every pp rank's exact stages), the rank that decides whether a layout fits. "total" is the
-    step's peak, the largest of :func:`memory_phases` — not the components' sum: they never all coexist."""
+    step's peak, the largest of its phases (:func:`rank_memory`) — not the components' sum: they never all coexist."""
     return rank_memory(cfg, sh, prof, loc, load)[0]
-
-
-def memory_phases(cfg: Config, sh: Shape, prof: DeviceProfile, loc: RankShape,
-                  load: Optional[RankLoad] = None) -> dict:
-    """Bytes alive at each phase of one training step on the rank :func:`memory_model` costs: {"loss",
-    "backward", "optimizer"} (see :func:`step_phases`); :func:`memory_model`'s "total" is the largest of them."""
-    return rank_memory(cfg, sh, prof, loc, load)[1]
 
 
 def rank_memory(cfg: Config, sh: Shape, prof: DeviceProfile, loc: RankShape,
                 load: Optional[RankLoad] = None) -> tuple[dict, dict]:
-    """(:func:`memory_model`'s components + "total", :func:`memory_phases`) of the rank holding ``load``
-    (None: the pipeline rank with the largest peak)."""
+    """(:func:`memory_model`'s components + "total", the bytes alive at each phase of one training step: {"loss",
+    "backward", "optimizer"}, :func:`step_phases`; "total" is the largest of them) of the rank holding ``load``
+    (None: the pipeline rank with the largest peak). Call it once where both are needed."""
     if load is None:
         return max((rank_memory(cfg, sh, prof, loc, ld) for ld in loc.loads), key=lambda m: m[0]["total"])
     p = cfg.parallel
@@ -610,14 +604,14 @@ PHASE_LABELS = {"loss": "loss", "backward": "bwd", "optimizer": "optim"}
 
 
 def peak_phase(phases: dict) -> str:
-    """The phase (a key of :func:`memory_phases`) with the most bytes: where the step peaks."""
+    """The phase (a key of :func:`rank_memory`'s phases) with the most bytes: where the step peaks."""
     return max(phases, key=phases.get)
 
 
 @dataclass(frozen=True)
 class MemoryEstimate:
     """One rank's memory, bytes by :func:`memory_model`'s components (its dict, with "total", the step's peak)
-    and :func:`memory_phases`, grouped into the dry-run table's columns."""
+    and its phases (:func:`rank_memory`), grouped into the dry-run table's columns."""
 
     components: dict
     device: str         # the device profile the numbers come from, as the table header states it
