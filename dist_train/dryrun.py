@@ -17,7 +17,7 @@ from typing import Optional
 import torch
 
 from .config import Config
-from .cost.layout import stages_of_rank
+from .cost.layout import stages_by_rank
 from .cost.memory import PHASE_LABELS, MemoryEstimate, estimate_memory
 from .mesh import AXES, axis_sizes, rank_coords
 from .plan.profiles import DeviceProfile, builtin_profiles, get_profile
@@ -61,15 +61,14 @@ def rank_layout(cfg: Config, on_cuda: bool = False, profile: Optional[DeviceProf
         profile, label = device_profile(on_cuda)
     sizes = axis_sizes(cfg.parallel)
     world = math.prod(sizes[a] for a in AXES)
+    stages = stages_by_rank(cfg)
     by_pp: dict = {}
     if cfg.model.kind == "gpt" or cfg.data.image:
-        by_pp = {r: estimate_memory(cfg, stages_of_rank(cfg, r), profile, label)
-                 for r in range(cfg.parallel.pp)}
+        by_pp = {r: estimate_memory(cfg, st, profile, label) for r, st in enumerate(stages)}
     out = []
     for r in range(world):
         c = rank_coords(r, sizes)
-        st = stages_of_rank(cfg, c["pp"])
-        out.append(RankLayout(rank=r, coords=c, stages=st, memory=by_pp.get(c["pp"])))
+        out.append(RankLayout(rank=r, coords=c, stages=stages[c["pp"]], memory=by_pp.get(c["pp"])))
     return out
 
 

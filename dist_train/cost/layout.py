@@ -2,6 +2,7 @@
 
     stages = pipeline_stages(cfg)                 # [Stage(index, rank, layers, first, last)]
     mine = stages_of_rank(cfg, pp_rank)           # the stages one pipeline rank builds (models/gpt.py)
+    every = stages_by_rank(cfg)                   # stages_of_rank of each pp rank, from one pipeline_stages
     loads = rank_loads(cfg)                       # per pp rank: layers, embedding?, head?, micro-batches in flight, held sends
     bubble = bubble_fraction(cfg)                 # idle share of a pipelined step (0 without a pipeline)
     rank_coords(rank, axis_sizes(cfg.parallel))  # {"pp": 0, "dp": 1, "wp": 0, "cp": 1, "tp": 0}: mesh.py's order
@@ -103,6 +104,15 @@ def pipeline_stages(cfg: Config) -> list[Stage]:
 def stages_of_rank(cfg: Config, pp_rank: int) -> list[Stage]:
     """The stages pipeline rank ``pp_rank`` holds, in schedule order."""
     return [s for s in pipeline_stages(cfg) if s.rank == pp_rank]
+
+
+def stages_by_rank(cfg: Config) -> list[list[Stage]]:
+    """:func:`stages_of_rank` of every pipeline rank, in pp order, from one :func:`pipeline_stages` (whose layer
+    balancing is O(layers · stages): per rank it made a 16,384-rank dry run take seconds)."""
+    by_rank: list[list[Stage]] = [[] for _ in range(cfg.parallel.pp)]
+    for s in pipeline_stages(cfg):
+        by_rank[s.rank].append(s)
+    return by_rank
 
 
 def in_flight_microbatches(cfg: Config, pp_rank: int) -> float:
@@ -231,4 +241,4 @@ def recv_buffers(cfg: Config, stages: list[Stage]) -> int:
 
 def rank_loads(cfg: Config) -> list[RankLoad]:
     """One :class:`RankLoad` per pipeline rank, in pp order (pp = 1: the whole model, one micro-batch)."""
-    return [load_of(cfg, stages_of_rank(cfg, r)) for r in range(cfg.parallel.pp)]
+    return [load_of(cfg, stages) for stages in stages_by_rank(cfg)]
