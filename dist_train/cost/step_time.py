@@ -186,8 +186,7 @@ def time_model(cfg: Config, sh: Shape, prof: DeviceProfile, loc: RankShape, mem:
         again = recompute if i < len(matmuls) - 1 or last_matmul else 1.0  # the last (w2 / fc2): see above
         mm += again * c * 6.0 * loc.tokens * k * n / (prof.matmul_tflops_at(int(k), int(n)) * 1e12)
     mm *= loc.layers
-    head_in = sh.d if sh.kind == "gpt" else sh.d
-    mm += 6.0 * loc.tokens * head_in * loc.vocab / (prof.matmul_tflops_at(head_in, int(loc.vocab)) * 1e12)
+    mm += 6.0 * loc.tokens * sh.d * loc.vocab / (prof.matmul_tflops_at(sh.d, int(loc.vocab)) * 1e12)  # the head
     if sh.kind == "swin":
         mm += 6.0 * loc.tokens * sh.embed_in * sh.d / (prof.matmul_tflops_at(sh.embed_in, sh.d) * 1e12)
 
