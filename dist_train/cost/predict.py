@@ -29,7 +29,7 @@ class Prediction:
     fits: bool
     device: str
     flops_per_token: float
-    memory_phases: dict = field(default_factory=dict)   # bytes at each phase of the step: memory["total"] is the max
+    memory_phases: dict           # bytes at each phase of the step: memory["total"] is the max
     notes: list = field(default_factory=list)
 
     def to_dict(self) -> dict:
@@ -44,12 +44,11 @@ class Prediction:
         gib = 2 ** 30
         mem = ", ".join(f"{k} {v / gib:.3g}" for k, v in self.memory.items() if k != "total" and v)
         tim = ", ".join(f"{k} {v * 1e3:.3g}" for k, v in self.time.items() if k != "step" and v)
-        lines = [f"memory GiB: total {self.memory['total'] / gib:.3g} (the step's peak) of {mem}"]
-        if self.memory_phases:
-            phases = ", ".join(f"{k} {v / gib:.3g}" for k, v in self.memory_phases.items())
-            lines.append(f"memory peak: {peak_phase(self.memory_phases)} (phases GiB: {phases}; the components "
-                         "above do not all coexist)")
-        return lines + [f"time ms/step: total {self.step_time_s * 1e3:.4g} = {tim}"]
+        phases = ", ".join(f"{k} {v / gib:.3g}" for k, v in self.memory_phases.items())
+        return [f"memory GiB: total {self.memory['total'] / gib:.3g} (the step's peak) of {mem}",
+                f"memory peak: {peak_phase(self.memory_phases)} (phases GiB: {phases}; the components "
+                "above do not all coexist)",
+                f"time ms/step: total {self.step_time_s * 1e3:.4g} = {tim}"]
 
 
 def predict(cfg: Config, prof: DeviceProfile, world: Optional[int] = None) -> Prediction:
