@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Optional
 
 from dist_train.lifecycle import EXIT_PREEMPTED
+from launchers.supervisor import RESTART_OVERRIDE
 
 SCHEDULERS = ("slurm", "pbs")
 BACKENDS = ("mpi", "ray")
@@ -91,7 +92,7 @@ def _q(items: list[str]) -> str:
 
 def _job_args(spec: BatchSpec) -> list[str]:
     args = [spec.config]
-    for o in [*spec.overrides, "checkpoint.restart=true"]:
+    for o in [*spec.overrides, RESTART_OVERRIDE]:
         args += ["--set", o]
     return args
 

@@ -36,6 +36,8 @@ from dist_train.lifecycle import (EXIT_DIVERGED, EXIT_HANG, EXIT_OK, EXIT_PREEMP
 from dist_train.rank_errors import user_errors
 
 FORWARDED_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
+#: the override every restart of a job runs with (and every start of a batch job: launchers/batch.py)
+RESTART_OVERRIDE = "checkpoint.restart=true"
 #: Rank exit codes a restart cannot cure: bad input found after the ranks started, and divergence (the
 #: restart would resume from the last good checkpoint and replay the same steps into the same NaN or spike).
 NOT_RESTARTABLE = {EXIT_USAGE: "a configuration or input error",
@@ -84,7 +86,7 @@ class JobSpec:
     max_restarts: int = 0
     watchdog_s: Optional[float] = 0.0  # 0: off; None: automatic (dist_train.lifecycle.auto_watchdog_s)
     collective_timeout_s: float = 300.0  # the ranks' launch.collective_timeout_s (bounds the automatic watchdog)
-    resume_args: list[str] = field(default_factory=lambda: ["--set", "checkpoint.restart=true"])
+    resume_args: list[str] = field(default_factory=lambda: ["--set", RESTART_OVERRIDE])
     env: dict[str, str] = field(default_factory=dict)
 
 
