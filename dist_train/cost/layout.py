@@ -212,11 +212,11 @@ class RankLoad:
     embedding: bool     # holds the token / patch embedding (first stage)
     head: bool          # holds the final norm + output head + loss (last stage)
     in_flight: float    # micro-batches of activations alive at the peak (:func:`in_flight_microbatches`)
-    stages: int = 1     # pipeline stages on this rank (interleaved: virtual stages), each with its own stage-wide tensors
-    held_sends: int = 0  # stage outputs / input gradients the schedule's sends still hold at the peak (:func:`schedule_peak`)
-    received: int = 0    # pairs in flight at the peak whose stage input is a receive buffer (:func:`schedule_peak`)
-    losses: int = 0      # last-stage pairs in flight at the peak, not being backwarded: their loss state (:func:`schedule_peak`)
-    recv_buffers: int = 0  # PipelineStage's persistent receive buffers, one per micro-batch and direction (:func:`recv_buffers`)
+    stages: int         # pipeline stages on this rank (interleaved: virtual stages), each with its own stage-wide tensors
+    held_sends: int     # stage outputs / input gradients the schedule's sends still hold at the peak (:func:`schedule_peak`)
+    received: int       # pairs in flight at the peak whose stage input is a receive buffer (:func:`schedule_peak`)
+    losses: int         # last-stage pairs in flight at the peak, not being backwarded: their loss state (:func:`schedule_peak`)
+    recv_buffers: int   # PipelineStage's persistent receive buffers, one per micro-batch and direction (:func:`recv_buffers`)
 
 
 def load_of(cfg: Config, stages: list[Stage]) -> RankLoad:
