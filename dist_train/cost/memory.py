@@ -299,7 +299,7 @@ def embedding_kept_bytes(cfg: Config, sh: Shape, loc: RankShape) -> float:
     return loc.tokens * (8 + 1)
 
 
-def loss_bytes(cfg: Config, sh: Shape, loc: RankShape, prof: Optional[DeviceProfile] = None) -> float:
+def loss_bytes(cfg: Config, sh: Shape, loc: RankShape, prof: DeviceProfile) -> float:
     """Bytes the head + loss of one micro-batch adds on the last pipeline stage (dist_train/models/
     chunked_loss.py; the last stage runs its loss and backward before the next forward): the transient chunk
     (:func:`loss_chunk_bytes`) + what the forward leaves for the backward (:func:`loss_kept_bytes`)."""
@@ -312,7 +312,7 @@ def loss_bytes(cfg: Config, sh: Shape, loc: RankShape, prof: Optional[DeviceProf
 LOSS_TOKEN_BYTES = 1 + 8 + 1 + 8 + 4 + 4 + 4
 
 
-def loss_chunk_bytes(cfg: Config, sh: Shape, loc: RankShape, prof: Optional[DeviceProfile] = None) -> float:
+def loss_chunk_bytes(cfg: Config, sh: Shape, loc: RankShape, prof: DeviceProfile) -> float:
     """The loss's transient at its peak. This repo's eager GPT (``prof`` not fused; measured, the op at the
     forward's peak is the chunk's ``torch.logsumexp``: tests/test_gpt_saved_tensors.py): the chunk's fp32 logits
     and logsumexp's ``exp(logits - max)`` of the same size, :data:`LOSS_TOKEN_BYTES` per chunk token, and the
@@ -326,7 +326,7 @@ def loss_chunk_bytes(cfg: Config, sh: Shape, loc: RankShape, prof: Optional[Devi
     if chunk is None:
         return loc.tokens * loc.vocab * (bpe + 4 + 4)
     c = min(chunk, loc.tokens)
-    if prof is not None and gpt_eager(sh, prof):
+    if gpt_eager(sh, prof):
         h = loc.tokens * sh.d * gpt_stream_bytes(cfg, loc)
         if sequence_split(cfg) > 1:
             h *= 2  # the gathered h and dL/dh before its reduce-scatter; the local h is dL/dh's kept chunk's size
@@ -335,22 +335,22 @@ def loss_chunk_bytes(cfg: Config, sh: Shape, loc: RankShape, prof: Optional[Devi
     return c * loc.vocab * (4 + 2 * low)
 
 
-def loss_kept_bytes(cfg: Config, sh: Shape, loc: RankShape, prof: Optional[DeviceProfile] = None) -> float:
+def loss_kept_bytes(cfg: Config, sh: Shape, loc: RankShape, prof: DeviceProfile) -> float:
     """What the chunked loss's forward leaves for its backward: dL/dh ([tokens, d]; ÷tp under sequence parallelism,
     which reduce-scatters it to the rank's sequence chunk in the forward) and dL/dW ([V_pad/tp, d]), computed in
     the forward (``chunked_loss.py``). For this repo's eager GPT (``prof`` not fused), counted live at the end of
     the loss's forward (tests/test_gpt_saved_tensors.py): the final norm's rstd (fp32, ÷tp under sequence
     parallelism; its x is the stage output); dL/dh and dL/dW fp32 (h is the fp32 norm output, dL/dW accumulates in
     fp32 and the fp32 weight keeps it so) — 16-bit where the parameters are (:func:`gpt_stream_bytes`: DeepSpeed's
-    bf16 module, FSDP2); under autocast over fp32 parameters the weight's bf16 copy autocast caches. Otherwise (a fused what-if profile's convention): dL/dh in the compute
-    dtype, dL/dW fp32 in 16-bit training only. None for the unchunked loss, whose logits :func:`loss_chunk_bytes`
-    holds whole."""
+    bf16 module, FSDP2); under autocast over fp32 parameters the weight's bf16 copy autocast caches. Otherwise (a
+    fused what-if profile's convention): dL/dh in the compute dtype, dL/dW fp32 in 16-bit training only. None for
+    the unchunked loss, whose logits :func:`loss_chunk_bytes` holds whole."""
     bpe = loc.bpe
     chunk = resolve_loss_chunk(cfg.train.loss_chunk, int(loc.vocab)) if sh.kind == "gpt" else None
     if chunk is None:
         return 0.0
     tokens_sp = loc.tokens / sequence_split(cfg)  # the rank's sequence chunk
-    if prof is None or not gpt_eager(sh, prof):
+    if not gpt_eager(sh, prof):
         return tokens_sp * sh.d * bpe + (loc.vocab * sh.d * 4 if bpe < 4 else 0.0)
     grads = gpt_stream_bytes(cfg, loc)   # dL/dh in h's dtype, dL/dW in the weight's
     norm = tokens_sp * 4  # rstd; the norm's input x is the stage output, counted with the activations
