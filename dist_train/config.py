@@ -603,7 +603,65 @@ def validate(cfg: Config) -> None:
     _validate_deepspeed_keys(cfg)
     _validate_checkpoint(cfg)
     _validate_launch(cfg)
-    _validate_model(cfg)  # last: its cross-key rules divide by parallel and train sizes checked above
+    _validate_model(cfg)  # its cross-key rules divide by parallel and train sizes checked above
+    _refuse_unread_fields(cfg)  # last: the rules above name a wrong combination more precisely
+
+
+def _unread_fields(cfg: Config) -> list[tuple[str, bool, str]]:
+    """(key, whether this config's code path never reads it, why and what would be valid) for the keys that only some
+    engines, models, data sources or settings read (the readers: engines/, models/, data/, trainer.py, spikes.py,
+    evaluation.py). Keys that act on nothing at size 1 (cp_layout at cp = 1, sequence_parallel at tp = 1) pass: they
+    change nothing a larger layout would read differently."""
+    m, d, p, t = cfg.model, cfg.data, cfg.parallel, cfg.train
+    swin, docs = m.kind == "swin", d.document_mask or d.reset_positions or d.eod_mask_loss
+    no_pipeline = f"only the pipeline engine reads it and parallel.pp = {p.pp}"
+    weather = (f"a weather-dataset setting and data.source = {d.source} does not read it; remove it (model.kind = "
+               "swin trains on data.source = weather)")
+    return [
+        ("parallel.ulysses_degree", m.kind == "gpt" and p.cp_method == "ring",
+         "parallel.cp_method = ring does not read it (all-to-all runs with cp_method ulysses or hybrid); remove it or "
+         "set parallel.cp_method: hybrid"),
+        ("parallel.microbatches", p.pp == 1,
+         f"{no_pipeline}: a step runs global_batch / (micro_batch x dp) = {cfg.grad_accum_steps} micro-batches of "
+         "train.micro_batch samples; set train.micro_batch instead (or parallel.pp > 1)"),
+        ("parallel.pp_schedule", p.pp == 1, f"{no_pipeline}; remove it (or set parallel.pp > 1)"),
+        ("parallel.fsdp_reshard_after_forward", not p.fsdp,
+         "only FSDP2 reads it and parallel.fsdp = false; remove it (or set parallel.fsdp: true)"),
+        ("parallel.attn_kernel", swin,
+         "it picks a GPT's attention block kernel; swin's window attention has its own, so remove it"),
+        ("train.loss_chunk", swin,
+         "it chunks a GPT's head + cross-entropy over the vocabulary; swin's loss is a pixel MSE, so remove it"),
+        ("data.seq_len", swin, "a token-sequence length; a swin sample is one data.image, so remove it"),
+        ("data.image", d.source != "weather", weather),
+        ("data.channels", d.source != "weather", weather),
+        ("data.steps", d.source != "weather", weather),
+        # data.source = synthetic is the stand-in for a real config's data (`--set data.source=synthetic`, the
+        # benchmarks' way): its indexed keys (path, prepare, tokenizer) stay as written, unread, by design
+        ("data.prepare", d.source == "weather",
+         "only data.source = indexed builds a text corpus at data.path (weather generates its own); remove it"),
+        ("data.tokenizer", d.source == "weather", "data.source = weather reads no text; remove it"),
+        ("data.eod_id", not docs,
+         "only the packed-document options read it (data.document_mask, reset_positions, eod_mask_loss) and all are "
+         "off; remove it or turn one on"),
+        ("train.max_nonfinite_steps", t.on_nonfinite == "stop",
+         "only train.on_nonfinite = skip reads it (stop ends the run at the first non-finite or spiking step); remove "
+         "it or set on_nonfinite: skip"),
+        ("train.spike_window", t.spike_factor is None,
+         "only the loss-spike check reads it and train.spike_factor is null (off); set spike_factor (e.g. 3.0) or "
+         "remove it"),
+        ("train.eval_steps", t.eval_every == 0,
+         "validation is off (train.eval_every = 0), so nothing reads it; set eval_every or remove it"),
+    ]
+
+
+def _refuse_unread_fields(cfg: Config) -> None:
+    """A key set away from its default that this config's code path never reads is refused (one line naming it): the
+    run would silently do other than its config, and every checkpoint's recorded config, says."""
+    defaults = Config()
+    for key, unread, why in _unread_fields(cfg):
+        value = _get(cfg, key)
+        if unread and value != _get(defaults, key):
+            raise ConfigError(f"{key} = {value!r}: {why}")
 
 
 def _validate_run(cfg: Config) -> None:

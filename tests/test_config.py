@@ -64,6 +64,8 @@ def test_cli_bad_input_is_one_line_exit_2(tmp_path, monkeypatch, capsys):
         (["run", "configs/gpt_tiny.yaml", "--set", f"data.path={tmp_path}/nope", "--set", "data.prepare=null", "--set", "parallel.dp=1",
           "--set", f"run.dir={tmp_path}/r"], {}, f"data.path = {tmp_path}/nope"),
         (["run", str(tmp_path / "missing.yaml")], {}, "not found"),
+        (["launch", "configs/gpt_tiny.yaml", "--set", "parallel.microbatches=4"], {},
+         "parallel.microbatches = 4: only the pipeline engine reads it and parallel.pp = 1"),
     ]
     # the first through a real process (python -m dist_train: exit status, stderr); the rest in-process
     # through the same main() (a subprocess costs seconds of imports each)

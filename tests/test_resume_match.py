@@ -433,7 +433,7 @@ def test_packed_document_switches_changed_on_resume_are_named_old_to_new(tmp_pat
     (the samples are the same seq_len chunks): a legitimate switch from the resume step (Megatron-LM allows it), so
     applied — and named, each with both values, in the one line of such differences."""
     run = tmp_path / "run"
-    train(tiny_gpt_config(run, steps=2, data={"eod_id": 5}, checkpoint={"at_end": True}))
+    train(tiny_gpt_config(run, steps=2, checkpoint={"at_end": True}))  # an eod_id without a document option is refused
     capsys.readouterr()
     on = {"eod_id": 6, "document_mask": True, "reset_positions": True, "eod_mask_loss": True}
     res = train(tiny_gpt_config(run, steps=3, data=on))
@@ -442,7 +442,7 @@ def test_packed_document_switches_changed_on_resume_are_named_old_to_new(tmp_pat
     named = [line for line in said if "data." in line]
     assert len(named) == 1, said
     for key, old, new in (("document_mask", False, True), ("reset_positions", False, True),
-                          ("eod_mask_loss", False, True), ("eod_id", 5, 6)):
+                          ("eod_mask_loss", False, True), ("eod_id", None, 6)):
         assert f"data.{key} {old!r} -> {new!r}" in named[0], named
     assert named[0].endswith("(differ from the checkpoint): as configured now from step 3 on"), named
 

@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from dist_train.plan.report import add_efficiency, efficiency, error_summary, write_outputs
-from dist_train.plan.sweep import classify_failure, expand, launch_command, load_sweep, run_sweep
+from dist_train.plan.sweep import classify_failure, expand, launch_command, load_sweep, point_config, run_sweep
 
 ROOT = Path(__file__).resolve().parents[1]
 BASE = {"model": {"kind": "gpt", "d_model": 32, "n_layers": 1, "n_heads": 2, "vocab_size": 64},
@@ -187,3 +187,14 @@ def test_a_point_checkpoints_in_its_own_run_dir_from_scratch(tmp_path):
     point = expand(spec)[0]
     argv = launch_command(spec, point, tmp_path / "p0")
     assert f"checkpoint.dir={tmp_path / 'p0' / 'checkpoints'}" in argv and "checkpoint.resume=none" in argv
+
+
+def test_a_pp_sweeps_point_without_a_pipeline_drops_the_pipeline_keys(tmp_path):
+    """The base's parallel.microbatches / pp_schedule are read only with pp > 1 (validation refuses them unread): the
+    sweep's pp = 1 point takes their defaults, the pipelined points keep them."""
+    spec = load_sweep(write_sweep(tmp_path, scale="pp", world_sizes=[1, 2],
+                                  set=["model.n_layers=2", "parallel.pp=2", "parallel.microbatches=2",
+                                       "parallel.pp_schedule=gpipe"]))
+    points = {p.world_size: point_config(spec, p).parallel for p in expand(spec)}
+    assert (points[1].pp, points[1].microbatches, points[1].pp_schedule) == (1, None, "1f1b")
+    assert (points[2].pp, points[2].microbatches, points[2].pp_schedule) == (2, 2, "gpipe")

@@ -17,12 +17,14 @@ import copy
 import itertools
 from typing import Iterable, Optional
 
-from ..config import Config, ConfigError, validate
+from ..config import Config, ConfigError, ParallelConfig, validate
 from ..cost.predict import Prediction, predict
 from ..cost.shape import cp_execution
 from .profiles import DeviceProfile
 
 CHECKPOINTING = ("none", "selective", "full")
+PIPELINE_DEFAULTS = (ParallelConfig.microbatches, ParallelConfig.pp_schedule)
+FSDP_RESHARD_DEFAULT = ParallelConfig.fsdp_reshard_after_forward
 ZERO_STAGES = (None, 1, 2, 3)
 
 
@@ -101,6 +103,12 @@ def enumerate_layouts(cfg: Config, devices: int, checkpointing: Iterable[str] = 
                             p.cp_method, p.cp_layout, p.ulysses_degree, p.zero_stage = method, lay, u, z
                             p.fsdp = sharded
                             p.sequence_parallel = sp
+                            # keys only a pipeline / FSDP2 reads: the base config's values where this layout has
+                            # one, the defaults where it has none (validation refuses them set there, unread)
+                            if pp == 1:
+                                p.microbatches, p.pp_schedule = PIPELINE_DEFAULTS
+                            if not sharded:
+                                p.fsdp_reshard_after_forward = FSDP_RESHARD_DEFAULT
                             c.train.micro_batch, c.train.activation_checkpointing = mb, ck
                             try:
                                 validate(c)  # swin: also more wp tiles than windows (_validate_swin_tiling)

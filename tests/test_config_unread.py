@@ -1,0 +1,97 @@
+"""A config key that this config's engine, model, data source or settings never read is refused in one line naming
+the key and its value (config.validate, exit 2 before any rank starts): each case below was accepted and silently
+did nothing before (the audit: which code reads each key, per engine, model kind and data source)."""
+from pathlib import Path
+
+import pytest
+
+from dist_train.config import ConfigError, config_from_dict, load_config
+from dist_train.plan.enumerate import enumerate_layouts
+from tests.trainer_utils import tiny_gpt_config, tiny_swin_config
+
+# (model kind, sections that set the unread key, the key, a phrase of the reason)
+UNREAD = [
+    ("gpt", {"parallel": {"cp": 2, "cp_method": "ring", "ulysses_degree": 2}}, "parallel.ulysses_degree",
+     "cp_method = ring does not read it"),
+    ("gpt", {"parallel": {"microbatches": 4}}, "parallel.microbatches", "only the pipeline engine reads it"),
+    ("swin", {"parallel": {"microbatches": 2}}, "parallel.microbatches", "parallel.pp = 1"),
+    ("gpt", {"parallel": {"pp_schedule": "interleaved"}}, "parallel.pp_schedule", "parallel.pp = 1"),
+    ("gpt", {"parallel": {"dp": 2, "fsdp_reshard_after_forward": False}}, "parallel.fsdp_reshard_after_forward",
+     "only FSDP2 reads it"),
+    ("swin", {"parallel": {"attn_kernel": "math"}}, "parallel.attn_kernel", "window attention has its own"),
+    ("swin", {"train": {"loss_chunk": 64}}, "train.loss_chunk", "pixel MSE"),
+    ("swin", {"data": {"seq_len": 1024}}, "data.seq_len", "a swin sample is one data.image"),
+    ("gpt", {"data": {"image": [8, 8]}}, "data.image", "data.source = synthetic does not read it"),
+    ("gpt", {"data": {"channels": 3}}, "data.channels", "weather-dataset setting"),
+    ("gpt", {"data": {"steps": 10}}, "data.steps", "weather-dataset setting"),
+    ("swin", {"data": {"prepare": "python-stdlib"}}, "data.prepare", "only data.source = indexed builds"),
+    ("swin", {"data": {"tokenizer": "tok.json"}}, "data.tokenizer", "data.source = weather reads no text"),
+    ("gpt", {"data": {"eod_id": 0}}, "data.eod_id", "only the packed-document options read it"),
+    ("gpt", {"train": {"max_nonfinite_steps": 5}}, "train.max_nonfinite_steps", "only train.on_nonfinite = skip"),
+    ("gpt", {"train": {"spike_window": 50}}, "train.spike_window", "train.spike_factor is null"),
+    ("swin", {"train": {"eval_steps": 8}}, "train.eval_steps", "train.eval_every = 0"),
+]
+
+# the same keys where they are read (each must still validate)
+READ = [
+    ("gpt", {"parallel": {"cp": 4, "cp_method": "hybrid", "ulysses_degree": 2}}),
+    ("gpt", {"parallel": {"cp": 2, "cp_method": "ulysses", "ulysses_degree": 2}}),
+    ("swin", {"parallel": {"cp": 2, "ulysses_degree": 2}}),  # swin's cp is Ulysses whatever cp_method says
+    ("gpt", {"model": {"n_layers": 4}, "parallel": {"pp": 2, "microbatches": 4, "pp_schedule": "gpipe"}}),
+    ("gpt", {"parallel": {"dp": 2, "fsdp": True, "fsdp_reshard_after_forward": False}}),
+    ("gpt", {"parallel": {"attn_kernel": "math"}, "train": {"loss_chunk": 64}}),
+    ("gpt", {"data": {"source": "indexed", "path": "p", "prepare": "python-stdlib", "tokenizer": "tok.json"}}),
+    ("gpt", {"data": {"tokenizer": "tok.json", "document_mask": True}}),  # the tokenizer's EOD id
+    # synthetic data standing in for a real config's (`--set data.source=synthetic`): its indexed keys stay
+    ("gpt", {"data": {"path": "data_cache/pystd", "prepare": "python-stdlib", "tokenizer": "tok.json"}}),
+    ("gpt", {"data": {"eod_mask_loss": True, "eod_id": 3}}),
+    ("swin", {"data": {"image": [12, 16], "channels": 2, "steps": 20}}),
+    ("gpt", {"train": {"on_nonfinite": "skip", "max_nonfinite_steps": 5, "spike_factor": 3.0, "spike_window": 5,
+                       "eval_every": 2, "eval_steps": 8}}),
+    ("gpt", {"parallel": {"cp_layout": "striped", "sequence_parallel": True}}),  # size-1 axes: nothing to act on
+]
+
+
+def _build(kind, tmp_path, sections):
+    if kind == "gpt":
+        return tiny_gpt_config(tmp_path, **sections)
+    return tiny_swin_config(tmp_path, tmp_path / "w", **sections)
+
+
+@pytest.mark.parametrize("kind, sections, key, why", UNREAD, ids=[f"{c[0]}-{c[2]}" for c in UNREAD])
+def test_a_key_nothing_reads_is_refused_in_one_line(kind, sections, key, why, tmp_path):
+    with pytest.raises(ConfigError) as info:
+        _build(kind, tmp_path, sections)
+    msg = str(info.value)
+    section, name = key.split(".")
+    value = [v for sec, vals in sections.items() for k, v in vals.items() if sec == section and k == name][0]
+    assert msg.startswith(f"{key} = {value!r}: ") and why in msg and "\n" not in msg, msg
+
+
+@pytest.mark.parametrize("kind, sections", READ, ids=[f"{c[0]}-{i}" for i, c in enumerate(READ)])
+def test_the_same_keys_where_they_are_read_still_validate(kind, sections, tmp_path):
+    _build(kind, tmp_path, sections)
+
+
+@pytest.mark.parametrize("path", sorted(str(p) for p in Path("configs").rglob("*.yaml") if "sweeps/" not in str(p)
+                                         or "projections" in str(p)))
+def test_shipped_configs_and_their_full_dumps_validate(path):
+    """Every shipped config, and its full dump (every key, defaults included: what run.dir/config.yaml records and
+    ``dist-train plot`` reloads), passes."""
+    cfg = load_config(path)
+    assert config_from_dict(cfg.to_dict()) == cfg
+
+
+def test_the_planner_keeps_layouts_without_a_pipeline_or_fsdp(tmp_path):
+    """A base config with pipeline and FSDP2-only keys set: the planner's pp = 1 and non-FSDP layouts take their
+    defaults (as they ran before: nothing read them) instead of being dropped as refused."""
+    cfg = tiny_gpt_config(tmp_path, model={"n_layers": 4},
+                          parallel={"dp": 2, "pp": 2, "microbatches": 2, "pp_schedule": "gpipe", "fsdp": True,
+                                    "fsdp_reshard_after_forward": False})
+    layouts = enumerate_layouts(cfg, 4, checkpointing=("none",), zero_stages=(None,))
+    assert {(c.parallel.pp, c.parallel.fsdp) for c in layouts} == {(1, False), (1, True), (2, False), (2, True),
+                                                                    (4, False)}
+    for c in layouts:
+        p = c.parallel
+        assert (p.microbatches, p.pp_schedule) == ((2, "gpipe") if p.pp > 1 else (None, "1f1b"))
+        assert p.fsdp_reshard_after_forward == (not p.fsdp)
