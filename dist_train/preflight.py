@@ -34,6 +34,7 @@ from .data.tokenizer import get_tokenizer
 from .data.weather import other_dataset_message, weather_meta, weather_settings
 from .dryrun import device_profile
 from .engines import autocast_dtype, cpu_autocast_refusal
+from .engines.deepspeed import check_deepspeed_keys
 
 #: set by the launcher in every rank's environment once it has run the preflight for the job
 PREFLIGHT_ENV = "DIST_TRAIN_PREFLIGHT_DONE"
@@ -47,6 +48,7 @@ def preflight(cfg: Config, on_cuda: bool, ranks_per_host: int = 1) -> None:
     ckpt_key = "checkpoint.dir" if cfg.checkpoint.dir else "run.dir (its checkpoints/)"
     check_writable_dir(ckpt_key, checkpoint_root(cfg.checkpoint, cfg.run.dir))
     check_attention_kernel(cfg, on_cuda)
+    check_deepspeed_keys(cfg, autocast_dtype(cfg, torch.device("cuda" if on_cuda else "cpu")) == torch.bfloat16)
     check_data(cfg)
     check_resume(cfg)
 

@@ -7,6 +7,7 @@ import pytest
 
 from dist_train.config import ConfigError, config_from_dict, load_config
 from dist_train.plan.enumerate import enumerate_layouts
+from dist_train.preflight import preflight
 from tests.trainer_utils import tiny_gpt_config, tiny_swin_config
 
 # (model kind, sections that set the unread key, the key, a phrase of the reason)
@@ -95,3 +96,23 @@ def test_the_planner_keeps_layouts_without_a_pipeline_or_fsdp(tmp_path):
         p = c.parallel
         assert (p.microbatches, p.pp_schedule) == ((2, "gpipe") if p.pp > 1 else (None, "1f1b"))
         assert p.fsdp_reshard_after_forward == (not p.fsdp)
+
+
+@pytest.mark.parametrize("extra, needle", [
+    ({"zero_optimisation": {"stage": 2}}, "parallel.deepspeed.zero_optimisation = {'stage': 2}: DeepSpeed never reads"),
+    ({"gradient_predivide_factr": 2.0}, "parallel.deepspeed.gradient_predivide_factr = 2.0: DeepSpeed never reads"),
+    ({"zero_optimization": {"overlap_comms": True}}, "parallel.deepspeed: DeepSpeed refuses overlap_comms (Extra"),
+    ({"zero_optimization": {"stage": 1, "overlap_comm": True}, "communication_data_type": "fp32",
+      "bf16": {"immediate_grad_update": True}, "gradient_clipping": 1.0, "train_micro_batch_size_per_gpu": 2}, None),
+])
+def test_a_deepspeed_key_deepspeed_never_reads_is_refused_before_the_ranks(extra, needle, tmp_path):
+    """``parallel.deepspeed`` is merged into the DeepSpeed config as written: DeepSpeed looks up the keys it knows and
+    drops the rest, so a misspelt section (``zero_optimisation``) silently trained without it. The pre-flight runs
+    DeepSpeed's own config reader and refuses a key it never looks up, or one its sub-configs reject."""
+    cfg = tiny_gpt_config(tmp_path / "run", parallel={"dp": 1, "zero_stage": 1, "deepspeed": extra})
+    if needle is None:
+        preflight(cfg, on_cuda=False)
+        return
+    with pytest.raises(ConfigError) as info:
+        preflight(cfg, on_cuda=False)
+    assert str(info.value).startswith(needle) and "\n" not in str(info.value), str(info.value)

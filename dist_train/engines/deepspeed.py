@@ -26,7 +26,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from ..checkpoint.adapters import DeepSpeedStateAdapter, engine_checkpoint_kwargs
-from ..config import Config, deep_merge, deepspeed_generated
+from ..config import Config, ConfigError, deep_merge, deepspeed_generated
 from ..mesh import Mesh
 from ..optim import build_optimizer, build_scheduler
 from .grads import all_reduce_sum, global_grad_norm
@@ -44,6 +44,57 @@ def deepspeed_config(cfg: Config, bf16: bool) -> dict:
         "wall_clock_breakdown": False,
     }
     return deep_merge(base, dict(cfg.parallel.deepspeed or {}))
+
+
+class _ReadKeys(dict):
+    """A config mapping that records every key DeepSpeed looks up (``get``, ``[]``, ``in``); ``copy.copy`` keeps the
+    one record (DeepSpeedConfig reads a shallow copy)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.read: set = set()
+
+    def get(self, key, *default):
+        self.read.add(key)
+        return super().get(key, *default)
+
+    def __getitem__(self, key):
+        self.read.add(key)
+        return super().__getitem__(key)
+
+    def __contains__(self, key):
+        self.read.add(key)
+        return super().__contains__(key)
+
+
+def check_deepspeed_keys(cfg: Config, bf16: bool) -> None:
+    """Refuse (ConfigError, one line) a ``parallel.deepspeed`` key that DeepSpeed would silently ignore — a top-level
+    key its config never looks up (a typo such as ``zero_optimisation``: DeepSpeed reads known keys and drops the
+    rest) — or one its sub-configs reject (``zero_optimization: {overlap_comms: true}``), here before any rank
+    starts instead of a traceback from every rank. Runs DeepSpeed's own ``DeepSpeedConfig`` over the generated
+    config with no process group (a one-rank view); any other complaint of it is left to the ranks, whose world
+    size it may depend on."""
+    user = dict(cfg.parallel.deepspeed or {})
+    if cfg.parallel.zero_stage is None or not user:
+        return  # the generated config alone: nothing of the user's to check, and no deepspeed import
+    import deepspeed.runtime.config as ds_config
+    import pydantic
+
+    generated = _ReadKeys(deepspeed_config(cfg, bf16))
+    try:
+        ds_config.DeepSpeedConfig(generated)
+    except pydantic.ValidationError as e:
+        first = e.errors()[0]
+        where = ".".join(str(x) for x in first.get("loc", ()))
+        raise ConfigError(f"parallel.deepspeed: DeepSpeed refuses {where or 'a key'} ({first.get('msg')}); see "
+                          "DeepSpeed's configuration reference for the valid keys") from None
+    except (ValueError, AssertionError, RuntimeError, TypeError, KeyError):
+        return  # DeepSpeed's own checks that may depend on the world size: the ranks run them
+    unread = sorted(k for k in user if k not in generated.read)
+    if unread:
+        raise ConfigError(f"parallel.deepspeed.{unread[0]} = {user[unread[0]]!r}: DeepSpeed never reads this key "
+                          "and would silently ignore it (a typo?); see DeepSpeed's configuration reference for the "
+                          "valid keys, or remove it")
 
 
 class MeshMPU:
