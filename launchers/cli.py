@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-from dist_train.config import Config, check_world_size, load_config
+from dist_train.config import Config, LaunchConfig, check_world_size, load_config
 from dist_train.dryrun import show_layout
 from dist_train.preflight import PREFLIGHT_ENV, preflight
 from dist_train.runlock import LOCK_ENV, acquire_for_launcher
@@ -69,12 +69,30 @@ def launch_settings(cfg: Config, args: argparse.Namespace) -> tuple[str, int, in
     if backend != "ray" and nodes > 1:
         raise ValueError(f"--nodes {nodes} with --backend {backend}: only the ray backend spans nodes from one "
                          f"command; for MPI use `dist-train submit` (srun/mpiexec start the ranks on each node)")
+    refuse_ray_only_keys(cfg, backend, args.address, f"--backend {backend}")
     try:
         check_world_size(cfg, nproc)
     except ValueError as e:
         raise ValueError(f"{e} (launching {nproc}; pass --nproc {cfg.world_size} or change parallel.*, e.g. "
                          f"--set parallel.dp={max(1, nproc // max(1, cfg.model_parallel_size))})") from None
     return backend, nproc, nodes, gpus, max_restarts
+
+
+def refuse_ray_only_keys(cfg: Config, backend: str, address_flag: Optional[str], how: str) -> None:
+    """``launch.address`` (or ``--address``) and ``launch.placement_timeout_s`` are read by the Ray backend only: under
+    another way of starting the ranks (``how``: "--backend local", "dist-train submit --backend mpi") they would be
+    silently ignored, so they are refused (ValueError, one line)."""
+    if backend == "ray":
+        return
+    address = address_flag or cfg.launch.address
+    if address:
+        where = "--address" if address_flag else "launch.address"
+        raise ValueError(f"{where} {address!r} with {how}: only the ray backend connects to a cluster, these ranks "
+                         f"start without it; remove it (--set launch.address=null) or use the ray backend")
+    timeout = cfg.launch.placement_timeout_s
+    if timeout != LaunchConfig.placement_timeout_s:
+        raise ValueError(f"launch.placement_timeout_s = {timeout:g} with {how}: only the ray backend waits for node "
+                         "bundles; remove it or use the ray backend")
 
 
 def build_backend(backend: str, nproc: int, run_dir: Path, address: Optional[str], nodes: int, gpus: int,
@@ -150,6 +168,22 @@ def launch_main(args: argparse.Namespace) -> int:
 # ----------------------------------------------------------------------------------------------
 # dist-train submit
 # ----------------------------------------------------------------------------------------------
+def refuse_unread_by_batch(cfg: Config, backend: str) -> None:
+    """The launch keys a batch script would silently ignore (ValueError, one line): ``launch.address`` always (the
+    script starts its own Ray head, or no Ray), and under ``--backend mpi`` the Ray-only keys and
+    ``launch.max_restarts`` (srun/mpiexec start each rank once: a preempted job requeues itself, a failed one is
+    not restarted; the ray body's ``dist-train launch`` restarts)."""
+    if cfg.launch.address:
+        raise ValueError(f"launch.address {cfg.launch.address!r} with dist-train submit: the batch script starts the job "
+                         "in its own allocation (a Ray head on the first node with --backend ray) and never connects "
+                         "to another cluster; remove it (--set launch.address=null)")
+    refuse_ray_only_keys(cfg, backend, None, f"dist-train submit --backend {backend}")
+    if backend == "mpi" and cfg.launch.max_restarts:
+        raise ValueError(f"launch.max_restarts = {cfg.launch.max_restarts} with dist-train submit --backend mpi: srun/"
+                         "mpiexec start each rank once and a failed job is not restarted (a preempted one requeues "
+                         "itself); use --backend ray, whose launcher restarts, or set launch.max_restarts: 0")
+
+
 def submit_main(args: argparse.Namespace) -> int:
     from launchers.batch import BatchSpec, render
 
@@ -157,6 +191,7 @@ def submit_main(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, overrides)
     nodes = args.nodes if args.nodes is not None else cfg.launch.nodes
     gpus = args.gpus_per_node if args.gpus_per_node is not None else cfg.launch.gpus_per_node
+    refuse_unread_by_batch(cfg, args.backend)
     script_path = Path(cfg.run.dir) / f"submit_{args.scheduler}.sh"
     spec = BatchSpec(config=args.config, scheduler=args.scheduler, nodes=nodes, time=args.time,
                      run_dir=cfg.run.dir, name=args.job_name or cfg.run.name, gpus_per_node=gpus,

@@ -243,6 +243,33 @@ def test_submit_dry_run_prints_script(tmp_path, capsys):
         submit_main(args)
 
 
+def test_launch_keys_the_way_of_starting_ranks_never_reads_are_refused(tmp_path, capsys):
+    """launch.address / --address and launch.placement_timeout_s are read by the ray backend only; a batch script
+    never connects to another cluster, and under --backend mpi starts each rank once (launch.max_restarts unread):
+    each was silently ignored, now one line naming it."""
+    cfg_path = tmp_path / "c.yaml"
+    cfg_path.write_text("train: {global_batch: 4, micro_batch: 2}\nlaunch: {address: 'auto', max_restarts: 2}\n")
+    with pytest.raises(ValueError, match=r"^launch.address 'auto' with --backend local: only the ray backend"):
+        resolve_launch(_launch_args(str(cfg_path), "--backend", "local"))
+    with pytest.raises(ValueError, match=r"^--address '10.0.0.1:6379' with --backend mpi"):
+        resolve_launch(_launch_args("configs/gpt_tiny.yaml", "--backend", "mpi", "--address", "10.0.0.1:6379"))
+    with pytest.raises(ValueError, match=r"^launch.placement_timeout_s = 30 with --backend local: only the ray"):
+        resolve_launch(_launch_args("configs/gpt_tiny.yaml", "--set", "launch.placement_timeout_s=30"))
+    assert resolve_launch(_launch_args(str(cfg_path), "--backend", "ray"))[1] == "ray"
+    assert resolve_launch(_launch_args("configs/gpt_tiny.yaml", "--backend", "ray", "--set",
+                                       "launch.placement_timeout_s=30"))[1] == "ray"
+    parser = argparse.ArgumentParser()
+    add_submit_arguments(parser)
+    submit = ["configs/gpt_tiny.yaml", "--scheduler", "slurm", "--nodes", "1", "--ntasks-per-node", "2", "--time",
+              "00:10:00", "--set", f"run.dir={tmp_path}/r", "--dry-run"]
+    with pytest.raises(ValueError, match=r"^launch.max_restarts = 2 with dist-train submit --backend mpi: srun/"):
+        submit_main(parser.parse_args(submit + ["--set", "launch.max_restarts=2"]))
+    with pytest.raises(ValueError, match=r"^launch.address 'auto' with dist-train submit: the batch script"):
+        submit_main(parser.parse_args(submit + ["--backend", "ray", "--set", "launch.address=auto"]))
+    assert submit_main(parser.parse_args(submit + ["--backend", "ray", "--set", "launch.max_restarts=2"])) == 0
+    assert "--backend ray" in capsys.readouterr().out
+
+
 def test_dry_run_refuses_an_explicit_rank_count_the_launch_would_refuse(capsys):
     """--nproc 3 on a 2-rank layout fails the launch, so its dry run says so (exit 2) instead of a table; the
     config's own launch.nproc against a --set layout is only a note under the table."""
