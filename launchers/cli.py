@@ -16,6 +16,8 @@ import sys
 from pathlib import Path
 from typing import Optional
 
+import torch
+
 from dist_train.config import Config, LaunchConfig, check_world_size, load_config
 from dist_train.dryrun import show_layout
 from dist_train.preflight import PREFLIGHT_ENV, preflight
@@ -70,6 +72,10 @@ def launch_settings(cfg: Config, args: argparse.Namespace) -> tuple[str, int, in
         raise ValueError(f"--nodes {nodes} with --backend {backend}: only the ray backend spans nodes from one "
                          f"command; for MPI use `dist-train submit` (srun/mpiexec start the ranks on each node)")
     refuse_ray_only_keys(cfg, backend, args.address, f"--backend {backend}")
+    if backend != "ray" and gpus and not torch.cuda.is_available():
+        raise ValueError(f"--gpus-per-node {gpus} with --backend {backend}: {backend} ranks compute on this machine's "
+                         "CUDA devices when it has any, and it has none, so they would run on CPU; remove it "
+                         "(launch.gpus_per_node: 0) or run where the GPUs are")
     try:
         check_world_size(cfg, nproc)
     except ValueError as e:
@@ -111,6 +117,13 @@ def build_backend(backend: str, nproc: int, run_dir: Path, address: Optional[str
                       placement_timeout_s=placement_timeout_s)
 
 
+def ranks_on_cuda(backend: str, gpus: int) -> bool:
+    """Whether the ranks compute on CUDA: Ray gives each rank one of ``gpus`` per node (none: a CPU rank, Ray hides the
+    GPUs); local and mpi ranks start on this machine and take its CUDA devices whenever it has any
+    (``dist_train.distributed.pick_device``), whatever ``launch.gpus_per_node`` says (it only sizes --nproc there)."""
+    return gpus > 0 if backend == "ray" else torch.cuda.is_available()
+
+
 def ranks_on_this_machine(backend: str, nodes: int, address: Optional[str]) -> bool:
     """True when every rank runs here (local, mpi, an embedded Ray cluster): the launcher's pre-flight then
     sees the ranks' files and devices. A Ray cluster (--address, RAY_ADDRESS, --nodes > 1) may not."""
@@ -146,7 +159,7 @@ def launch_main(args: argparse.Namespace) -> int:
     # cluster) may see other files than this one: they run the checks themselves, before their rendezvous.
     ranks_here = ranks_on_this_machine(backend, nodes, address)
     if ranks_here:
-        preflight(cfg, on_cuda=gpus > 0, ranks_per_host=max(1, nproc // max(1, nodes)))
+        preflight(cfg, on_cuda=ranks_on_cuda(backend, gpus), ranks_per_host=max(1, nproc // max(1, nodes)))
     run_dir = Path(cfg.run.dir)
     # the launcher holds the run directory for every attempt; its ranks know it by the token
     with acquire_for_launcher(run_dir) as lock:

@@ -8,12 +8,13 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from dist_train.lifecycle import (EXIT_PREEMPTED, FaultSpec, Lifecycle, describe_exit, heartbeat_path,
                                   read_heartbeat)
 from launchers.batch import BatchSpec, render
 from launchers.arguments import add_launch_arguments, add_submit_arguments
-from launchers.cli import launch_main, rank_argv, ranks_on_this_machine, resolve_launch, submit_main
+from launchers.cli import launch_main, rank_argv, ranks_on_cuda, ranks_on_this_machine, resolve_launch, submit_main
 from launchers.env import (EXPECT_WORLD_ENV, LaunchError, check_mpi_family, check_mpi_world, detect_rank_env,
                            mpi_family, parse_slurm_tasks_per_node, populate_rank_env, slurm_first_host)
 from launchers.ray_backend import refuse_unreachable
@@ -268,6 +269,21 @@ def test_launch_keys_the_way_of_starting_ranks_never_reads_are_refused(tmp_path,
         submit_main(parser.parse_args(submit + ["--backend", "ray", "--set", "launch.address=auto"]))
     assert submit_main(parser.parse_args(submit + ["--backend", "ray", "--set", "launch.max_restarts=2"])) == 0
     assert "--backend ray" in capsys.readouterr().out
+
+
+def test_local_and_mpi_ranks_compute_on_this_machines_gpus_whatever_gpus_per_node_says(monkeypatch):
+    """local / mpi ranks take this machine's CUDA devices whenever it has any (pick_device): the launcher's pre-flight
+    checks that device (it checked CPU on a GPU machine at gpus_per_node 0, refusing e.g. attn_kernel flash the ranks
+    would run), and --gpus-per-node on a machine without CUDA, which those ranks would silently run on CPU, is refused."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert ranks_on_cuda("local", 0) and ranks_on_cuda("mpi", 0) and not ranks_on_cuda("ray", 0) and ranks_on_cuda("ray", 2)
+    assert resolve_launch(_launch_args("configs/gpt_tiny.yaml", "--backend", "local", "--gpus-per-node", "2",
+                                       "--nodes", "1"))[4] == 2
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert not ranks_on_cuda("local", 2) and ranks_on_cuda("ray", 2)
+    with pytest.raises(ValueError, match=r"^--gpus-per-node 2 with --backend local: local ranks compute on this "):
+        resolve_launch(_launch_args("configs/gpt_tiny.yaml", "--backend", "local", "--gpus-per-node", "2",
+                                    "--nodes", "1"))
 
 
 def test_dry_run_refuses_an_explicit_rank_count_the_launch_would_refuse(capsys):
