@@ -621,6 +621,8 @@ def _unread_fields(cfg: Config) -> list[tuple[str, bool, str]]:
         ("parallel.ulysses_degree", m.kind == "gpt" and p.cp_method == "ring",
          "parallel.cp_method = ring does not read it (all-to-all runs with cp_method ulysses or hybrid); remove it or "
          "set parallel.cp_method: hybrid"),
+        ("parallel.ulysses_degree", swin and p.cp == 1,
+         "a swin runs Ulysses inside windows over the whole cp group and parallel.cp = 1; remove it"),
         ("parallel.microbatches", p.pp == 1,
          f"{no_pipeline}: a step runs global_batch / (micro_batch x dp) = {cfg.grad_accum_steps} micro-batches of "
          "train.micro_batch samples; set train.micro_batch instead (or parallel.pp > 1)"),

@@ -14,6 +14,7 @@ from tests.trainer_utils import tiny_gpt_config, tiny_swin_config
 UNREAD = [
     ("gpt", {"parallel": {"cp": 2, "cp_method": "ring", "ulysses_degree": 2}}, "parallel.ulysses_degree",
      "cp_method = ring does not read it"),
+    ("swin", {"parallel": {"ulysses_degree": 2}}, "parallel.ulysses_degree", "parallel.cp = 1"),
     ("gpt", {"parallel": {"microbatches": 4}}, "parallel.microbatches", "only the pipeline engine reads it"),
     ("swin", {"parallel": {"microbatches": 2}}, "parallel.microbatches", "parallel.pp = 1"),
     ("gpt", {"parallel": {"pp_schedule": "interleaved"}}, "parallel.pp_schedule", "parallel.pp = 1"),
