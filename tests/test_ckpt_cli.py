@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 from dist_train import checkpoint_arguments
 from dist_train.checkpoint import CheckpointManager, read_manifest
 from dist_train.checkpoint import cli
+from dist_train.cli import main
 from dist_train.checkpoint.hf import from_hf_name, to_hf_name
 from tests.test_ckpt_common import (D, FFN, HEADS, KV_HEADS, LAYERS, VOCAB, CkptCfg, build, eval_outputs, flip_byte,
                                     model_config, seed_rank, shard_files, train_steps)
@@ -132,3 +133,14 @@ def test_convert_to_hf_and_back_is_bitwise(saved, capsys, tmp_path):
     (hf_dir / "model.safetensors").unlink()
     (hf_dir / "config.json").unlink()
     assert cli.run(_parse("convert", str(back), "--to", "hf", str(hf_dir))) == 0
+
+
+@pytest.mark.parametrize("direction", [["--to", "hf"], ["--from", "hf"], ["--from", "dcp"]])
+def test_convert_refuses_set_without_a_config_it_would_override(direction, tmp_path, capsys):
+    """`--set` overrides a --config key (--from dcp); without --config nothing read it and the conversion went on
+    as if it were not given. Refused in one line before anything is read or written."""
+    out = tmp_path / "out"
+    assert main(["ckpt", "convert", str(tmp_path / "src"), *direction, str(out), "--set", "model.d_model=64"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--set model.d_model=64: --set overrides a --config key" in err, err
+    assert not out.exists()

@@ -120,6 +120,9 @@ def convert(src: Path, out: Path, to: str | None, frm: str | None, config: str |
             overrides: list[str] | None = None) -> int:
     if config and frm != "dcp":
         raise ValueError("--config applies to --from dcp only (the other formats carry their model config)")
+    if overrides and not config:
+        raise ValueError(f"--set {overrides[0]}: --set overrides a --config key (with --from dcp), and no --config is "
+                         "given, so nothing would read it; give --config or remove --set")
     if to:
         ckpt = _checkpoints(src, newest_only=True)[0]
         if to == "hf":
