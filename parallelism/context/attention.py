@@ -12,17 +12,15 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
+from .checks import METHODS, check_inputs
 from .comm import heads_to_seq, run_local, run_p2p, seq_to_heads
 from .documents import CuSeqlens, normalize_cu_seqlens
 from .hybrid import subgroups
 from .kernels import default_scale, get_kernel
-from .layouts import Chunk, check_layout, check_seq_len, rank_chunks
+from .layouts import Chunk, rank_chunks
 from .plan import build_schedule
 from .ring import CPStats, RingAttention
 from .ulysses import check_heads, gathered_order, kv_replication, replicate_kv
-
-METHODS = ("ring", "ulysses", "hybrid")
-
 
 def default_tile(window: Optional[int]) -> Optional[int]:
     """With a window, cut chunks into tiles of ~max(128, w) tokens so work is O(n·w), not O(n²)."""
@@ -32,27 +30,6 @@ def default_tile(window: Optional[int]) -> Optional[int]:
     while tile < window:
         tile *= 2
     return tile
-
-
-def _check_inputs(q, k, v, window, P: int, layout: str, method: str) -> None:
-    check_layout(layout)
-    if method not in METHODS:
-        raise ValueError(f"method={method!r} is not supported; valid methods: {', '.join(METHODS)}")
-    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
-        raise ValueError(f"q, k, v must be [B, S_local, H, D]; got shapes {tuple(q.shape)}, "
-                         f"{tuple(k.shape)}, {tuple(v.shape)}")
-    if k.shape != v.shape or q.shape[:2] != k.shape[:2] or q.shape[3] != k.shape[3]:
-        raise ValueError(f"q {tuple(q.shape)} and k/v {tuple(k.shape)}/{tuple(v.shape)} must share "
-                         f"B, S_local and D, and k and v must have the same shape")
-    if q.shape[2] % k.shape[2]:
-        raise ValueError(f"query heads Hq={q.shape[2]} must be a multiple of K/V heads Hkv={k.shape[2]}")
-    if not (q.dtype == k.dtype == v.dtype):
-        raise ValueError(f"q, k, v dtypes differ: {q.dtype}, {k.dtype}, {v.dtype}")
-    if window is not None and (not isinstance(window, int) or window < 0):
-        raise ValueError(f"window={window!r} must be None or an int >= 0")
-    if q.shape[1] == 0:
-        raise ValueError("S_local=0: every rank must hold at least one token")
-    check_seq_len(q.shape[1] * P, P, layout)
 
 
 def local_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = True,
@@ -68,7 +45,8 @@ def local_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal
     and memory are O(S·w): no [S, S] mask or score matrix, whatever S is. ``cu_seqlens``: packed
     documents, as in :func:`context_parallel_attention` (blocks between documents are skipped).
     """
-    _check_inputs(q, k, v, window, 1, "contiguous", "ring")
+    check_inputs(q, k, v, seq_len=q.shape[1], world_size=1, layout="contiguous", method="ring", window=window,
+                 tile=tile, kv_piece=None, scale=scale)
     docs = normalize_cu_seqlens(cu_seqlens, q.shape[1], q.shape[0])
     scale = default_scale(q.shape[-1], scale)
     tile = default_tile(window) if tile is None else tile
@@ -108,10 +86,9 @@ def context_parallel_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     stats: a :class:`CPStats` to fill with this rank's counters.
     """
     P = dist.get_world_size(group)
-    _check_inputs(q, k, v, window, P, layout, method)
+    check_inputs(q, k, v, seq_len=q.shape[1] * P, world_size=P, layout=layout, method=method, window=window,
+                 tile=tile, kv_piece=kv_piece, scale=scale)
     docs = normalize_cu_seqlens(cu_seqlens, q.shape[1] * P, q.shape[0])
-    if kv_piece is not None and (not isinstance(kv_piece, int) or kv_piece < 1):
-        raise ValueError(f"kv_piece={kv_piece!r} must be None (whole shards) or a positive number of tokens")
     scale = default_scale(q.shape[-1], scale)
     blk_kernel = get_kernel(kernel, q.device, q.dtype)
     tile = default_tile(window) if tile is None else tile

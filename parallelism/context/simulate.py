@@ -15,13 +15,14 @@ from typing import Generator, Optional, Sequence
 
 import torch
 
+from .checks import check_inputs
 from .comm import Post, Recv, Send, Wait
 from .documents import CuSeqlens, normalize_cu_seqlens
 from .kernels import default_scale, get_kernel
-from .layouts import check_layout, check_seq_len, rank_chunks, sequence_positions
+from .layouts import rank_chunks, sequence_positions
 from .plan import build_schedule
 from .ring import CPStats, ring_backward, ring_forward
-from .ulysses import gathered_order
+from .ulysses import check_heads, gathered_order
 
 
 class ScheduleError(RuntimeError):
@@ -158,10 +159,13 @@ def simulate_ring_attention(q, k, v, *, world_size: int, layout: str = "zigzag",
     Returns the full output [B, S, Hq, D]; differentiable. ``stats`` (list of P/U CPStats) is filled.
     ``cu_seqlens``: packed document boundaries (see ``context_parallel_attention``).
     """
-    check_layout(layout)
     seq_len = q.shape[1]
-    check_seq_len(seq_len, world_size, layout)
+    check_inputs(q, k, v, seq_len=seq_len, world_size=world_size, layout=layout,
+                 method="ring" if ulysses_degree == 1 else "hybrid", window=window, tile=tile, kv_piece=kv_piece,
+                 scale=scale)
     chunks, positions = simulated_shards(seq_len, world_size, layout, ulysses_degree)
+    if ulysses_degree > 1:
+        check_heads(q.shape[2], k.shape[2], ulysses_degree)     # the real all-to-all splits heads U ways
     ring = len(chunks)
     plan = build_schedule(chunks, causal, window, tile, kv_piece,
                           normalize_cu_seqlens(cu_seqlens, seq_len, q.shape[0]))
