@@ -183,6 +183,44 @@ def _break(d: Draw, rng: random.Random) -> Draw:
     return d
 
 
+def features(d: Draw) -> set[str]:
+    """What a draw exercises (the fixed suite list asserts it still covers them all)."""
+    n = d.seq_len // d.world_size
+    c = d.seq_len // (2 * d.world_size) if d.layout == "zigzag" else n
+    f = {f"method:{d.method}", f"causal:{d.causal}", f"kernel:{d.kernel}", f"gqa:{min(d.hq // d.hkv, 3)}"}
+    if d.invalid:
+        f.add(f"invalid:{d.invalid}")
+        return f
+    if d.world_size in (3, 5, 7):
+        f.add(f"P{d.world_size}:{d.layout}")
+    if d.world_size == 1:
+        f.add("P1")
+    if d.ulysses_degree > 1 and d.hkv % d.ulysses_degree:
+        f.add("ulysses:kv-replicated")
+    if d.window is not None:
+        names = {0: "0", 1: "1", n - 1: "n-1", n: "n", n + 1: "n+1", c - 1: "c-1", c + 1: "c+1"}
+        f.add("window:" + (">=S" if d.window >= d.seq_len else names.get(d.window, "other")))
+    if d.cu_seqlens is not None:
+        per_sample = isinstance(d.cu_seqlens[0], tuple)
+        f.add("docs:per-sample" if per_sample else "docs:shared")
+        if d.packed:
+            f.add("docs:packed")
+        for row in (d.cu_seqlens if per_sample else (d.cu_seqlens,)):
+            if any(b - a == 1 for a, b in zip(row, row[1:])):
+                f.add("docs:single-token")
+            if any(x % c == 0 for x in row[1:-1]):
+                f.add("docs:on-chunk-border")
+            if any(x % c in (1, c - 1) for x in row[1:-1]):
+                f.add("docs:next-to-chunk-border")
+            if row == (0, d.seq_len):
+                f.add("docs:one-spanning-all")
+    for name, on in (("kv_piece", d.kv_piece), ("tile", d.tile), ("scale", d.scale is not None),
+                     ("batch>1", d.batch > 1), ("shard<=2", n <= 2), ("long", n >= 60)):
+        if on:
+            f.add(name)
+    return f
+
+
 def tensors(d: Draw):
     """(q, k, v, output gradient) in float64, seeded by the draw (full sequence)."""
     gen = torch.Generator().manual_seed(d.seed)

@@ -14,9 +14,9 @@ from tests.test_cp_reference import max_rel_err, random_qkv, reference_attention
 
 
 def _check(P, layout, causal, window, hkv, kernel="auto", tile=None, dtype=torch.float64, tol=1e-12,
-           kv_piece=None, stats=None, ulysses_degree=1):
+           kv_piece=None, stats=None, ulysses_degree=1, hq=4):
     S = 2 * P * 3
-    q, k, v = random_qkv(1, S, 4, hkv, 8, dtype=torch.float64, seed=P)
+    q, k, v = random_qkv(1, S, hq, hkv, 8, dtype=torch.float64, seed=P)
     ref = reference_attention(q, k, v, causal=causal, window=window)
     grad = torch.randn(ref.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
     ref_grads = torch.autograd.grad(ref, (q, k, v), grad)
@@ -32,9 +32,10 @@ def _check(P, layout, causal, window, hkv, kernel="auto", tile=None, dtype=torch
 @pytest.mark.parametrize("P,U", [(4, 2), (4, 4), (6, 3), (6, 2)])
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_simulated_hybrid_and_ulysses_are_exact_in_float64(P, U, layout):
-    """Hybrid (U ranks do Ulysses, a ring over P/U groups) and Ulysses (U = P) in the simulator."""
-    _check(P, layout, True, None, 2, ulysses_degree=U, stats=[CPStats() for _ in range(P // U)])
-    _check(P, layout, True, 5, 4, ulysses_degree=U, tile=4)
+    """Hybrid (U ranks do Ulysses, a ring over P/U groups) and Ulysses (U = P) in the simulator, with
+    Hq = 12 heads (the all-to-all splits them U ways: U = 3 would refuse 4 heads, as the real ranks do)."""
+    _check(P, layout, True, None, 2, ulysses_degree=U, stats=[CPStats() for _ in range(P // U)], hq=12)
+    _check(P, layout, True, 5, 4, ulysses_degree=U, tile=4, hq=12)
     with pytest.raises(ValueError, match="ulysses_degree=4 must divide"):
         _check(6, layout, True, None, 2, ulysses_degree=4)
 
