@@ -384,7 +384,10 @@ def _train(cfg: Config, ctx: DistContext) -> TrainResult:
             save_state(t.steps, force=True)
     finally:
         try:
-            ckpt.close()  # an async save of an earlier (finite) step still commits when a later step diverged
+            # an async save of an earlier (finite) step still commits when a later step diverged; marked busy: the
+            # automatic watchdog would otherwise take a long final commit for a hang and kill the job mid-commit
+            with lifecycle.busy("checkpoint"):
+                ckpt.close()
         finally:
             lifecycle.close()
         if bar is not None:

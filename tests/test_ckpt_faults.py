@@ -14,6 +14,7 @@ import torch
 from dist_train.checkpoint import CheckpointError, CheckpointManager, complete_checkpoints, verify_checkpoint
 from dist_train.checkpoint import blockio, storage
 from dist_train.checkpoint.manifest import MANIFEST, read_latest, read_manifest, write_manifest
+from dist_train.lifecycle import read_heartbeat
 from dist_train.trainer import train
 from tests.trainer_utils import tiny_gpt_config
 from tests.test_ckpt_common import (CkptCfg, build, eval_outputs, flip_byte, model_config, seed_rank, shard_files,
@@ -252,3 +253,25 @@ def test_failed_saves_under_continue_are_not_recorded_as_saves_and_the_run_says_
     assert summary["checkpoint_failed_saves"] == 2, summary
     out = capsys.readouterr().out
     assert "2 checkpoint save(s) failed (checkpoint.on_error = continue): a restart resumes from scratch" in out, out
+
+
+def test_the_wait_for_the_last_async_save_is_marked_busy_for_the_watchdog(tmp_path, monkeypatch):
+    """After the last step the trainer waits for the async save still in flight (``at_end``, or the last
+    ``every``). The launcher's automatic watchdog allows a step's time x 10 (at least 30 s) without step progress
+    unless the rank's heartbeat says ``busy: checkpoint``; a large checkpoint's write outlasts that, the job was
+    killed as hung mid-commit and its final checkpoint lost (seen with `dist-train launch` and a commit slowed to
+    40 s: "FAILED after 1 attempt: hang: no step progress for more than 30 s")."""
+    seen = []
+    real_close = CheckpointManager.close
+
+    def close(self):
+        pending = self._pending is not None
+        seen.append((pending, (read_heartbeat(tmp_path / "run", 0) or {}).get("busy")))
+        real_close(self)
+
+    monkeypatch.setattr(CheckpointManager, "close", close)
+    cfg = tiny_gpt_config(tmp_path / "run", steps=2, checkpoint={"async_save": True, "at_end": True})
+    train(cfg)
+    assert seen and seen[-1][0], seen  # the final save was still in flight when the trainer closed the manager
+    assert seen[-1][1] == "checkpoint", seen
+    assert [p.name for _, p in complete_checkpoints(tmp_path / "run" / "checkpoints")] == ["step_2"]
