@@ -55,6 +55,10 @@ from .spikes import STATE_KEY as SPIKE_STATE_KEY
 from .spikes import LossSpikeGuard
 from .trackers import build_trackers
 
+#: the checkpoint ``extra`` key holding how many steps in a row were skipped (train.on_nonfinite = skip) up to the
+#: saved step: ``train.max_nonfinite_steps`` counts across a resume, as it would in an uninterrupted run
+SKIPPED_STATE_KEY = "skipped_in_a_row"
+
 
 @dataclass
 class TrainResult:
@@ -258,7 +262,8 @@ def _train(cfg: Config, ctx: DistContext) -> TrainResult:
     def save_state(step_done: int, force: bool) -> bool:
         """Save (``force``) or save when checkpoint.every says so; True when a checkpoint was committed (or, async,
         handed to the writer), as ``CheckpointManager.save`` says."""
-        state = {"step": step_done, "consumed_samples": consumed, SPIKE_STATE_KEY: spikes.state()}
+        state = {"step": step_done, "consumed_samples": consumed, SPIKE_STATE_KEY: spikes.state(),
+                 SKIPPED_STATE_KEY: nonfinite_run}
         if train_samples is not None:  # the dataset's identity for compat.check_dataset at the next resume
             state["train_samples"] = train_samples
         if train_digest is not None:
@@ -307,7 +312,8 @@ def _train(cfg: Config, ctx: DistContext) -> TrainResult:
         bar = tqdm(total=t.steps, initial=start_step, desc="train", unit="step", file=sys.stderr,
                    dynamic_ncols=True, leave=False, mininterval=0.5)
     step_times: list[float] = []
-    nonfinite_run = 0  # consecutive skipped (non-finite or spike) steps
+    # consecutive skipped (non-finite or spike) steps, going on from the checkpoint (an older one holds none)
+    nonfinite_run = int((resumed or {}).get(SKIPPED_STATE_KEY, 0))
     rank_stats = RankStats.start(run_dir, ctx.rank)  # per-rank record for `dist-train scale` (DIST_TRAIN_RANK_STATS=1)
     model.train()
     try:

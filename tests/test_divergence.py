@@ -164,3 +164,25 @@ def _skip_cases(rank, world, root):
             ddp.global_grad_norm = real
         out.append(res.losses)
     return out
+
+
+def test_consecutive_skipped_steps_are_counted_across_a_resume(tmp_path):
+    """``max_nonfinite_steps`` counts skipped steps in a row; a checkpoint taken inside such a row must carry the
+    count, else every restart (exit_interval, preemption) grants a diverging run a fresh allowance and it trains on
+    past the point where the uninterrupted run stops."""
+    skip = {"on_nonfinite": "skip", "max_nonfinite_steps": 2}
+    real = _nan_norm_at({2, 3, 4}, {0})
+    try:
+        with pytest.raises(TrainingDiverged, match=r"step 4: .*3 consecutive skipped steps"):
+            train(tiny_gpt_config(tmp_path / "straight", steps=6, train=skip))
+        ddp.global_grad_norm = real
+        _nan_norm_at({2, 3}, {0})
+        first = train(tiny_gpt_config(tmp_path / "r", steps=6, train={**skip, "exit_interval": 3},
+                                      checkpoint={"every": 1}))
+        assert math.isnan(first.grad_norms[1]) and math.isnan(first.grad_norms[2])  # steps 2, 3 skipped, saved at 3
+        ddp.global_grad_norm = real
+        _nan_norm_at({1}, {0})  # the resumed run's first step, step 4
+        with pytest.raises(TrainingDiverged, match=r"step 4: .*3 consecutive skipped steps"):
+            train(tiny_gpt_config(tmp_path / "r", steps=6, train=skip, checkpoint={"every": 1}))
+    finally:
+        ddp.global_grad_norm = real
