@@ -16,8 +16,9 @@ Files (all under ``run_dir``):
   "attempt", "pid"}``, replaced atomically: ``step`` finished at ``time``; ``alive`` is the last write (a
   background thread writes at least every ``ALIVE_INTERVAL_S``, so a rank waiting in a collective stays
   alive and a SIGSTOPped one does not); ``gap_s`` the longest time between two heartbeats so far (step +
-  anything between steps, e.g. a save); ``busy`` what the rank does outside the step loop ("checkpoint").
-  The launcher's watchdog reads it: a rank whose ``time`` is older than the watchdog limit has stopped.
+  anything between steps but a ``busy`` stretch); ``busy`` what the rank does outside the step loop
+  ("checkpoint"; ``time`` restarts when it ends). The launcher's watchdog reads it: a rank whose ``time`` is
+  older than the watchdog limit has stopped.
 
 Fault injection (tests only, off unless the variable is set)::
 
@@ -289,7 +290,9 @@ class Lifecycle:
     @contextlib.contextmanager
     def busy(self, what: str) -> Iterator[None]:
         """Mark a stretch outside the step loop (``"checkpoint"``): the automatic watchdog gives it the
-        collective-timeout bound instead of the step-based one. Written at once, cleared on exit."""
+        collective-timeout bound instead of the step-based one. Written at once, cleared on exit; the step clock
+        (``time``) restarts then: the stretch had its own bound, and a save longer than the step watchdog would
+        otherwise make the rank look hung the moment it ends (nor does it count in ``gap_s``)."""
         with self._lock:
             self._busy = what
             self._write(*self._latest)
@@ -300,6 +303,7 @@ class Lifecycle:
         finally:
             with self._lock:
                 self._busy = None
+                self._latest = (self._latest[0], time.time())
                 self._write(*self._latest)
             self._arm_stack_dump()
 

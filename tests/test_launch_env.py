@@ -6,18 +6,20 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
 
-from dist_train.lifecycle import (EXIT_PREEMPTED, FaultSpec, Lifecycle, describe_exit, heartbeat_path,
-                                  read_heartbeat)
+from dist_train.lifecycle import (EXIT_PREEMPTED, FaultSpec, Lifecycle, auto_watchdog_s, describe_exit,
+                                  heartbeat_path, read_heartbeat)
 from launchers.batch import BatchSpec, render
 from launchers.arguments import add_launch_arguments, add_submit_arguments
 from launchers.cli import launch_main, rank_argv, ranks_on_cuda, ranks_on_this_machine, resolve_launch, submit_main
 from launchers.env import (EXPECT_WORLD_ENV, LaunchError, check_mpi_family, check_mpi_world, detect_rank_env,
                            mpi_family, parse_slurm_tasks_per_node, populate_rank_env, slurm_first_host)
 from launchers.ray_backend import refuse_unreachable
+from launchers.supervisor import progress_from_heartbeats
 
 SLURM = {"SLURM_PROCID": "5", "SLURM_STEP_NUM_TASKS": "8", "SLURM_NTASKS": "8", "SLURM_LOCALID": "1",
          "SLURM_NODEID": "1", "SLURM_STEP_TASKS_PER_NODE": "4(x2)", "SLURM_STEP_NODELIST": "gpu[003-004]",
@@ -333,3 +335,32 @@ def test_an_unreachable_ray_address_is_one_line_at_once():
                 refuse_unreachable(f"[::1]:{server6.getsockname()[1]}")
     for left_to_ray in ("auto", f"ray://127.0.0.1:{port}", f"http://127.0.0.1:{port}"):
         refuse_unreachable(left_to_ray)
+
+
+def test_the_watchdog_clock_restarts_when_a_checkpoint_save_ends(tmp_path, monkeypatch):
+    """A save longer than the step watchdog (auto: 10 x the slowest step, at least 30 s) is covered by ``busy``,
+    but the step clock kept running through it: the moment the save ended the rank looked hung and the job was
+    killed (`dist-train launch` with a 45 s save at step 3: "FAILED after 1 attempt: hang: … rank 0 at step 3
+    (45.1 s ago)", a committed checkpoint and a dead job). The next step gets the watchdog's full time again."""
+    monkeypatch.delenv("DIST_TRAIN_FAULT", raising=False)
+    clock = [1000.0]
+    monkeypatch.setattr(time, "time", lambda: clock[0])
+    lc = Lifecycle(run_dir=tmp_path, rank=0, watchdog_s=None, install_signals=False)
+    try:
+        for step in (1, 2):
+            clock[0] += 1.0
+            lc.heartbeat(step)
+        with lc.busy("checkpoint"):
+            clock[0] += 45.0  # a save longer than the automatic limit (30 s at 1 s per step)
+            busy = progress_from_heartbeats(tmp_path, range(1), attempt=lc.attempt, started=0.0)[0]
+            assert busy.busy == "checkpoint" and busy.age == 45.0
+        clock[0] += 1.0
+        after = progress_from_heartbeats(tmp_path, range(1), attempt=lc.attempt, started=0.0)[0]
+        assert after.busy is None and after.step == 2
+        assert after.age == 1.0, after  # was 46 s since step 2: over auto_watchdog_s(1 s gap) = 30 s, a "hang"
+        assert after.age < auto_watchdog_s(after.gap_s, 300.0)
+        clock[0] += 1.0
+        lc.heartbeat(3)  # the save is not a step: it is not counted in the gap that sets the automatic limit
+        assert read_heartbeat(tmp_path, 0)["gap_s"] == 2.0
+    finally:
+        lc.close()
