@@ -381,3 +381,21 @@ def test_a_saved_rotary_cache_is_checked_against_the_rope_settings(dtype, tmp_pa
         hf.from_hf(tmp_path / "other", tmp_path / "out_other")
     assert "rotary_emb.inv_freq (a saved RoPE cache) differs" in str(info.value), info.value
     assert "\n" not in str(info.value) and not (tmp_path / "out_other").exists()
+
+
+def test_a_fine_tune_of_an_import_exports_the_fields_the_import_kept(tmp_path):
+    """config.json's KEPT fields (token ids, max_position_embeddings) came back only from the import itself: a run
+    resumed from it recorded its own config, so exporting the fine-tune wrote null token ids (generation would not
+    stop at EOS) and max_position_embeddings = data.seq_len (40 instead of 4096: a server caps the context there)."""
+    from dist_train.trainer import train
+
+    kept = dict(bos_token_id=1, eos_token_id=2, pad_token_id=0, max_position_embeddings=4096)
+    _hf_model("llama", **kept).save_pretrained(tmp_path / "src")
+    ckpt = hf.from_hf(tmp_path / "src", tmp_path / "init")
+    model = dataclasses.asdict(hf.saved_model_config(hf.load_model_tensors(ckpt)[1], "import"))
+    for steps in (1, 2):  # the import's fields go on through a restart of the fine-tune (resume: auto)
+        train(tiny_gpt_config(tmp_path / "run", steps=steps, model=model, data={"seq_len": SEQ},
+                              checkpoint={"resume": str(tmp_path / "init"), "restart": True, "at_end": True}))
+    hf.to_hf(tmp_path / "run" / "checkpoints" / "step_2", tmp_path / "back")
+    config = json.loads((tmp_path / "back" / "config.json").read_text())
+    assert {k: config[k] for k in kept} == kept, config

@@ -57,6 +57,13 @@ log = logging.getLogger("dist_train.checkpoint")
 ON_ERROR = ("stop", "continue")
 
 
+#: Manifest config entries a converter records that no training config holds: ``ckpt convert --from hf``'s
+#: ``hf_config`` (config.json's fields that do not change the computed function: token ids, context length), written
+#: back by ``--to hf``. A run resumed from such a checkpoint records them in its own checkpoints too, so a fine-tune
+#: of an import exports with the import's fields, not with nulls and data.seq_len.
+LINEAGE_KEYS = ("hf_config",)
+
+
 def checkpoint_root(ckpt_cfg, run_dir) -> Path:
     """Where a run's checkpoints live: ``checkpoint.dir``, else ``run_dir/checkpoints``."""
     return Path(ckpt_cfg.dir) if ckpt_cfg.dir else Path(run_dir) / "checkpoints"
@@ -680,6 +687,9 @@ class CheckpointManager:
             log.warning("checkpoint %s was saved with layout %s, loading with %s: weights and optimizer "
                         "resharded, RNG states not restored (ranks keep their seeded streams)",
                         ckpt.name, body.get("layout"), self.layout)
+        for key in LINEAGE_KEYS:  # carried on to this run's checkpoints (a config of its own has none)
+            if key in self.saved_config and key not in self.config:
+                self.config[key] = self.saved_config[key]
         self.resumed_from = ckpt
         self._last_step = body["step"]
         extra.setdefault("step", body["step"])
