@@ -856,6 +856,10 @@ def _validate_validation(cfg: Config) -> None:
         train_frac, valid_frac, _ = parse_split(d.split)
         if train_frac <= 0:
             raise ConfigError(f"data.split = {d.split!r}: the training share is 0")
+        if d.valid_path is not None and valid_frac > 0:
+            raise ConfigError(f"data.split = {d.split!r}: holds out {100 * valid_frac:g}% of data.path for validation, but "
+                              "data.valid_path is set and validation reads only it, so that share would never be read; "
+                              "give the split no validation share (e.g. \"100,0,0\") or remove data.valid_path")
         if t.eval_every and d.valid_path is None and valid_frac <= 0:
             raise ConfigError(f"data.split = {d.split!r} has no validation share but train.eval_every = "
                               f"{t.eval_every}: give it one, e.g. \"98,2,0\"")

@@ -32,6 +32,8 @@ UNREAD = [
     ("gpt", {"train": {"max_nonfinite_steps": 5}}, "train.max_nonfinite_steps", "only train.on_nonfinite = skip"),
     ("gpt", {"train": {"spike_window": 50}}, "train.spike_window", "train.spike_factor is null"),
     ("swin", {"train": {"eval_steps": 8}}, "train.eval_steps", "train.eval_every = 0"),
+    ("gpt", {"data": {"source": "indexed", "path": "p", "valid_path": "v", "split": "98,2,0"}}, "data.split",
+     "holds out 2% of data.path for validation, but data.valid_path is set"),
 ]
 
 # the same keys where they are read (each must still validate)
@@ -47,6 +49,7 @@ READ = [
     # synthetic data standing in for a real config's (`--set data.source=synthetic`): its indexed keys stay
     ("gpt", {"data": {"path": "data_cache/pystd", "prepare": "python-stdlib", "tokenizer": "tok.json"}}),
     ("gpt", {"data": {"eod_mask_loss": True, "eod_id": 3}}),
+    ("gpt", {"data": {"source": "indexed", "path": "p", "valid_path": "v", "split": "95,0,5"}}),
     ("swin", {"data": {"image": [12, 16], "channels": 2, "steps": 20}}),
     ("gpt", {"train": {"on_nonfinite": "skip", "max_nonfinite_steps": 5, "spike_factor": 3.0, "spike_window": 5,
                        "eval_every": 2, "eval_steps": 8}}),
