@@ -19,7 +19,7 @@ import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first
 from matplotlib.ticker import EngFormatter, FuncFormatter, MaxNLocator  # noqa: E402
 
 from .cli import examples  # noqa: E402
-from .config import load_config  # noqa: E402
+from .config import load_yaml_unique  # noqa: E402
 
 #: --extra name -> (metrics.jsonl key, y label, scale)
 EXTRAS = {"tokens_per_s": ("tokens_per_s", "tokens/s", 1.0), "mfu": ("mfu", "MFU (%)", 100.0),
@@ -53,12 +53,16 @@ def load_run(run_dir: Path) -> dict:
         raise ValueError(f"{metrics} holds no step record yet")
     name, tokens = run_dir.name, None
     if (run_dir / "config.yaml").is_file():
-        cfg = load_config(run_dir / "config.yaml")
-        name = cfg.run.name
-        if cfg.model.kind == "gpt":
-            tokens = cfg.data.seq_len
-        elif cfg.data.image:
-            tokens = (cfg.data.image[0] // cfg.model.patch_size) * (cfg.data.image[1] // cfg.model.patch_size)
+        # the record of a config that validated when its run started, read as written: a later version may refuse a
+        # key it holds (an unread one, a renamed one), which must not make the earlier run's curves unplottable
+        cfg = load_yaml_unique((run_dir / "config.yaml").read_text(), f"{run_dir}/config.yaml")
+        run, model, data = (cfg.get(section) or {} for section in ("run", "model", "data"))
+        name = run.get("name", name)
+        if model.get("kind", "gpt") == "gpt":
+            tokens = data.get("seq_len")
+        elif data.get("image"):
+            patch = model.get("patch_size", 1)
+            tokens = (data["image"][0] // patch) * (data["image"][1] // patch)
     return {"name": name, "records": records, "tokens_per_sample": tokens}
 
 

@@ -48,3 +48,13 @@ def test_plot_cli(tmp_path, capsys):
     assert "metrics.jsonl not found" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["plot", "--help"])
+
+
+def test_a_run_whose_recorded_config_a_later_version_refuses_still_plots(tmp_path):
+    """config.yaml records a config that validated when its run started; a key a later version refuses (here
+    train.eval_steps without eval_every, refused since nothing reads it) must not make that run unplottable."""
+    _fake_run(tmp_path / "old", "old", valid=False)
+    path = tmp_path / "old" / "config.yaml"
+    path.write_text(path.read_text().replace("eval_steps: 4", "eval_steps: 8"))
+    info = plot_runs([tmp_path / "old"], tmp_path / "c.png", [])
+    assert info["runs"] == ["old"] and info["panels"]["loss vs tokens"] == 1
