@@ -270,3 +270,106 @@ def test_gpu_test_bodies_run_on_cpu(monkeypatch, tmp_path):
     for variant in g.CP_VARIANTS:
         e1, e4 = g._cp_errors(variant, 1, S=256), g._cp_errors(variant, 4, S=256)
         assert max(e1 + e4) <= 3e-2 and all(b <= 1.5 * a for a, b in zip(e1, e4)), (variant, e1, e4)
+
+
+def test_the_longest_search_stops_at_an_error_that_is_not_memory():
+    """A trial that fails for another reason than memory (a kernel's size limit, a CUDA error) ends the search: no
+    bisection below it, the lengths that trained are kept, and ``stopped_by`` names the error."""
+    from dist_train.gpucheck.bench import bench_longest
+
+    def trial(s):
+        if s >= 131072:
+            return {"seq_len": s, "ok": False, "fatal": True, "error": "RuntimeError: invalid configuration argument"}
+        return {"seq_len": s, "ok": True, "step_s": 1e-3, "bytes_per_token": 1000.0}
+
+    res = bench_longest(trial, float("inf"), start=32768)
+    assert [t["seq_len"] for t in res["trials"]] == [32768, 65536, 131072]
+    assert res["longest_seq_len"] == 65536 and res["first_failure"] == 131072
+    assert res["stopped_by"] == "error at S=131072: RuntimeError: invalid configuration argument"
+
+
+class _Failing(torch.nn.Module):
+    """A model whose step raises ``error`` (what a GPU raises at a length it cannot take)."""
+
+    def __init__(self, error: Exception):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.zeros(1))
+        self.error = error
+
+    def forward(self, batch):
+        raise self.error
+
+
+def test_a_trial_tells_running_out_of_memory_from_other_errors():
+    from dist_train.gpucheck.bench import llama_config, trial_step
+
+    tiny = dict(kind="gpt", d_model=32, n_layers=1, n_heads=4, n_kv_heads=2, ffn_hidden=64, vocab_size=64)
+    cfg = llama_config(64, None, tiny)
+    for error, fatal in ((torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2 GiB"), False),
+                         (RuntimeError("CUDA error: an illegal memory access was encountered"), True)):
+        model = _Failing(error)
+        rec = trial_step(model, torch.optim.AdamW(model.parameters()), cfg, 64)
+        assert rec["ok"] is False and bool(rec.get("fatal")) is fatal and str(error).split(".")[0] in rec["error"], rec
+
+
+def test_the_checkpoint_part_hands_out_its_stall_before_the_write_ends(tmp_path):
+    """The disk write is the one part nothing bounds: the stall and the step times are handed out (and written to the
+    JSON) before the writer is waited for, so a llama process stopped during the write keeps them."""
+    from dist_train.gpucheck.bench import bench_checkpoint, build_llama, llama_config, train_step, _batch
+
+    tiny = dict(kind="gpt", d_model=32, n_layers=1, n_heads=4, n_kv_heads=2, ffn_hidden=64, vocab_size=64)
+    cfg = llama_config(64, None, tiny)
+    model, opt = build_llama(cfg, torch.device("cpu"))
+    train_step(model, opt, _batch(64, 64, torch.device("cpu")))  # AdamW's state exists, as after the step part
+    parts = []
+    res = bench_checkpoint(model, opt, cfg, on_part=lambda part: parts.append(dict(part)))
+    assert [sorted(p) for p in parts] == [
+        ["stall_includes_pinned_allocation", "stall_s", "state_bytes", "step_s_quiet"],
+        ["stall_includes_pinned_allocation", "stall_s", "state_bytes", "step_s_during_write", "step_s_quiet"]]
+    assert res["failed_saves"] == 0 and res["gb_per_s"] > 0 and res["stall_s"] == parts[0]["stall_s"]
+
+
+def test_a_failed_benchmark_keeps_every_finished_number_in_the_report(tmp_path, monkeypatch):
+    """The runner's CUDA branch on CPU (the sections' processes stood in): the tests pass, kernels measures, llama is
+    stopped by its limit after its step, longest-S search and checkpoint stall. The report keeps all of it, says
+    what stopped, and the check fails."""
+    import dist_train.gpucheck.env as env_mod
+    import dist_train.gpucheck.runner as runner
+
+    monkeypatch.setattr(env_mod, "environment", lambda: {"cuda_available": True, "gpus": [], "torch": "stand-in"})
+    calls = []
+
+    def fake_run(cmd, timeout, log):
+        calls.append((cmd[2] if cmd[2] != "pytest" else "pytest", timeout))
+        log.write_text("stand-in section\n")
+        if "pytest" in cmd:
+            xml = Path(next(c for c in cmd if c.startswith("--junitxml=")).split("=", 1)[1])
+            xml.write_text('<testsuites><testsuite><testcase classname="tests.test_gpu_path" name="test_ok" '
+                           'time="1.0"/></testsuite></testsuites>')
+            return 0, 12.0
+        out = Path(cmd[cmd.index("--out") + 1])
+        if cmd[3] == "kernels":
+            out.write_text(json.dumps({"rows": [{"seq_len": 8192, "causal": True, "kernel": "auto", "kernel_name": "cuda",
+                                                 "ops": {"flash": 6}, "ms": 4.0, "sdpa_ms": 3.9, "tflops": 480.0,
+                                                 "sdpa_tflops": 493.0, "vs_sdpa": 0.975}]}))
+            return 0, 20.0
+        out.write_text(json.dumps({"matmul_peak_tflops": 780.0, "step": {"tokens_per_s": 25000.0, "mfu_vs_measured_peak": 0.38},
+                                   "longest": {"window": 4096, "longest_seq_len": 393216, "stopped_by": "bisection converged",
+                                               "trials": []},
+                                   "checkpoint": {"state_bytes": 13.2e9, "stall_s": 4.5}}))
+        time.sleep(0.01)
+        return 124, timeout
+
+    monkeypatch.setattr(runner, "_run", fake_run)
+    rc = runner.main(["--out", str(tmp_path / "out"), "--budget-s", "470"])
+    report = json.loads((tmp_path / "out" / "gpu-report.json").read_text())
+    assert rc == 1 and report["status"] == "failed", report["status"]
+    assert [name for name, _ in calls] == ["pytest", "dist_train.gpucheck.bench", "dist_train.gpucheck.bench"]
+    assert [t["outcome"] for t in report["tests"]] == ["passed"]
+    assert report["benchmarks"]["kernels"]["rows"][0]["vs_sdpa"] == 0.975
+    llama = report["benchmarks"]["llama"]
+    assert llama["error"].startswith("exit 124") and llama["longest"]["longest_seq_len"] == 393216
+    assert llama["checkpoint"]["stall_s"] == 4.5 and llama["step"]["mfu_vs_measured_peak"] == 0.38
+    md = (tmp_path / "out" / "gpu-report.md").read_text()
+    assert "**error**: exit 124" in md and "longest_seq_len=393216" in md and "stall_s=4.5" in md
+    assert "| 8192 | causal | auto=cuda {'flash': 6} | 4 | 480 |" in md and "llama: exit 124" in md

@@ -9,12 +9,14 @@
 vocab 32000; 1.10B parameters) on one GPU in bf16 autocast with full activation checkpointing and the
 chunked loss: (1) one training step
 at S = 8192: tokens/s and MFU against the bf16 matmul peak measured in the same run (and the table
-peak); (2) an async checkpoint of its model + AdamW state: bytes, GB/s, the stall of ``save()`` and
-the step time while the write runs; (3) the longest S one step trains at with a sliding window
-(the million-token recipe at cp = 1), by doubling then bisection under the time budget, with peak
-bytes per token. Times are CUDA-event medians over repeats after a warm-up. A JSON file is
-rewritten after every part and every longest-S trial, so a run cut short keeps what it measured; the
-longest-S search starts no trial its time budget cannot hold (predicted from the measured step).
+peak); (2) the longest S one step trains at with a sliding window (the million-token recipe at
+cp = 1), by doubling then bisection under the time budget, with peak bytes per token; (3) an async
+checkpoint of its model + AdamW state: bytes, GB/s, the stall of ``save()`` and the step time while
+the write runs. Times are CUDA-event medians over repeats after a warm-up. A JSON file is
+rewritten after every part, every longest-S trial and every checkpoint measurement, so a run cut
+short keeps what it measured; the longest-S search starts no trial its time budget cannot hold
+(predicted from the measured step) and leaves the checkpoint its reserve (the disk write is the one
+part nothing bounds, so it runs last).
 """
 from __future__ import annotations
 
@@ -43,6 +45,10 @@ from dist_train.metrics import cuda_peak, peak_memory_bytes, timed_matmul_tflops
 from dist_train.models.attention import AttentionContext
 from dist_train.models.gpt import GPT
 
+#: the checkpoint part's time, planned before the longest-S search so that it keeps enough: the write at this
+#: rate (the slowest disk planned for; NVMe writes several GB/s) plus the fixed part (pinned staging, two steps)
+CHECKPOINT_PLAN_GB_S = 0.5
+CHECKPOINT_FIXED_S = 15.0
 LLAMA_1B = dict(kind="gpt", d_model=2048, n_layers=16, n_heads=32, n_kv_heads=8, ffn_hidden=8192,
                 vocab_size=32000, rope_theta=500000.0)
 
@@ -188,34 +194,53 @@ def bench_step(model, opt, cfg: Config, peak: float, table_peak: float | None, r
             "loss_chunk": cfg.train.loss_chunk, "flop_convention": FLOP_CONVENTION}
 
 
-def bench_checkpoint(model, opt, cfg: Config) -> dict:
+def bench_checkpoint(model, opt, cfg: Config, on_part: Optional[Callable[[dict], None]] = None) -> dict:
     """Async save of model + AdamW state: the stall of save(), the whole save's GB/s, and one training
-    step run while the writer thread works (vs the same step undisturbed)."""
+    step run while the writer thread works (vs the same step undisturbed). ``on_part(result)`` gets the
+    result so far after each measurement (the write's time depends on the disk, which nothing here
+    bounds: a run stopped during it keeps the stall and the step times)."""
     dev = _device_of(model)
-    nbytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
-    nbytes += sum(t.numel() * t.element_size() for st in opt.state.values() for t in st.values()
-                  if torch.is_tensor(t))
+    nbytes = state_bytes(model, opt)
     batch = _batch(cfg.data.seq_len, cfg.model.vocab_size, dev)
-    quiet = statistics.median(device_times(lambda: train_step(model, opt, batch), 2, dev, warmup=0))
+    res: dict = {"state_bytes": nbytes,
+                 "step_s_quiet": statistics.median(device_times(lambda: train_step(model, opt, batch), 2, dev,
+                                                                warmup=0))}
+    report = on_part or (lambda part: None)
     root = Path(tempfile.mkdtemp(prefix="gpucheck-ckpt-"))
     try:
         mgr = CheckpointManager(CheckpointConfig(async_save=True, dir=str(root)), run_dir=root,
                                 config=cfg.to_dict(), layout={"world_size": 1})
         t0 = time.perf_counter()
         mgr.save(1, model, opt, None, extra={"step": 1})
-        stall = mgr.last_stall_s
-        during = device_times(lambda: train_step(model, opt, batch), 1, dev, warmup=0)[0]
+        # a first save allocates the pinned host buffers that later saves of a run reuse
+        res["stall_s"], res["stall_includes_pinned_allocation"] = mgr.last_stall_s, True
+        report(res)
+        res["step_s_during_write"] = device_times(lambda: train_step(model, opt, batch), 1, dev, warmup=0)[0]
+        report(res)
         mgr.close()
         total = time.perf_counter() - t0
     finally:
         shutil.rmtree(root, ignore_errors=True)
-    return {"state_bytes": nbytes, "stall_s": stall, "write_s": mgr.last_write_s, "total_s": total,
-            "gb_per_s": nbytes / total / 1e9, "step_s_quiet": quiet, "step_s_during_write": during,
-            "failed_saves": mgr.failed_saves}
+    res.update(write_s=mgr.last_write_s, total_s=total, gb_per_s=nbytes / total / 1e9, failed_saves=mgr.failed_saves)
+    return res
+
+
+def state_bytes(model, opt) -> int:
+    """Bytes of the model's state dict plus the optimizer's tensor states (what a checkpoint writes)."""
+    nbytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    return nbytes + sum(t.numel() * t.element_size() for st in opt.state.values() for t in st.values()
+                        if torch.is_tensor(t))
+
+
+def checkpoint_reserve_s(nbytes: int) -> float:
+    """Seconds the llama benchmark keeps for its checkpoint part after the longest-S search: the write of
+    ``nbytes`` at :data:`CHECKPOINT_PLAN_GB_S` plus :data:`CHECKPOINT_FIXED_S`."""
+    return CHECKPOINT_FIXED_S + nbytes / CHECKPOINT_PLAN_GB_S / 1e9
 
 
 def trial_step(model, opt, cfg: Config, seq_len: int) -> dict:
-    """One training step at ``seq_len``: time, peak memory and bytes per token, or the OOM."""
+    """One training step at ``seq_len``: time, peak memory and bytes per token, or why it failed: out of memory
+    (``ok`` False), or any other error (also ``fatal``: the search stops, :func:`bench_longest`)."""
     dev = _device_of(model)
     gc.collect()
     if dev.type == "cuda":
@@ -228,6 +253,10 @@ def trial_step(model, opt, cfg: Config, seq_len: int) -> dict:
     except torch.cuda.OutOfMemoryError as e:
         opt.zero_grad(set_to_none=True)
         return {"seq_len": seq_len, "ok": False, "error": str(e).splitlines()[0][:200]}
+    except RuntimeError as e:  # not memory (a kernel's size limit, a CUDA error): no longer length is tried
+        opt.zero_grad(set_to_none=True)
+        return {"seq_len": seq_len, "ok": False, "fatal": True,
+                "error": f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:300]}"}
     peak = _cuda_peak_bytes(dev)
     return {"seq_len": seq_len, "ok": True, "step_s": t, "peak_gib": None if peak is None else peak / 2**30,
             "bytes_per_token": None if peak is None else (peak - base) / seq_len}
@@ -243,7 +272,8 @@ def predicted_step_s(known: dict, seq_len: int) -> float:
 def bench_longest(trial: Callable[[int], dict], deadline: float, start: int = 32768, quantum: int = 8192,
                   limit: int = 1 << 23, known: Optional[dict] = None,
                   on_trial: Optional[Callable[[dict], None]] = None) -> dict:
-    """Double S from ``start`` until a step fails (OOM), the next one would pass ``deadline``
+    """Double S from ``start`` until a step fails (OOM; any other error ends the search: ``stopped_by`` "error
+    at S=..."), the next one would pass ``deadline``
     (perf_counter time) or exceed ``limit``, then bisect to within max(quantum, S/8). ``trial(S)`` ->
     :func:`trial_step`'s record. ``longest_seq_len`` is the largest S whose step completed (a lower
     bound unless ``stopped_by`` says the bisection converged). ``known``: a completed step of the same
@@ -269,6 +299,8 @@ def bench_longest(trial: Callable[[int], dict], deadline: float, start: int = 32
             bad = s
         if on_trial is not None:
             on_trial(result("running"))
+        if rec.get("fatal"):
+            return result(f"error at S={s}: {rec['error']}")
         if ok is None:
             return result("the first length failed")
         if bad is None:
@@ -288,8 +320,11 @@ def bench_longest(trial: Callable[[int], dict], deadline: float, start: int = 32
 def run_llama(out: Path, budget_s: float, device: torch.device, model: dict = LLAMA_1B, seq_len: int = 8192,
               window: int = 4096, longest_start: int = 32768, longest_limit: int = 1 << 23,
               peak_n: int = 8192) -> dict:
-    """The three llama parts (step, checkpoint, longest S), rewriting ``out`` after each. The keyword
-    arguments exist so the same code runs on CPU with a tiny model (tests)."""
+    """The three llama parts (step, longest S, checkpoint), rewriting ``out`` after each. The longest-S
+    search stops itself at its deadline, which keeps :func:`checkpoint_reserve_s` for the checkpoint; the
+    checkpoint runs last because nothing bounds its disk write (a run stopped there keeps the other parts
+    and the checkpoint's stall). The keyword arguments exist so the same code runs on CPU with a tiny
+    model (tests)."""
     deadline = time.perf_counter() + budget_s
     res: dict = {"model": dict(model), "device": str(device)}
 
@@ -305,10 +340,11 @@ def run_llama(out: Path, budget_s: float, device: torch.device, model: dict = LL
     dump()
     res["step"] = bench_step(mdl, opt, cfg, peak, table)
     dump()
-    res["checkpoint"] = bench_checkpoint(mdl, opt, cfg)
-    dump()
+    reserve = checkpoint_reserve_s(state_bytes(mdl, opt))
+    res["checkpoint_reserve_s"] = reserve
     # the same weights with a sliding window (the million-token recipe at cp = 1): attention reads
     # its context at call time
+    full_ctx = {name: layer.attention.ctx for name, layer in mdl.layers.items()}
     for layer in mdl.layers.values():
         layer.attention.ctx = dataclasses.replace(layer.attention.ctx, window=window)
     cfg_w = llama_config(seq_len, window, model)
@@ -317,8 +353,16 @@ def run_llama(out: Path, budget_s: float, device: torch.device, model: dict = LL
         res["longest"] = dict(window=window, **part)
         dump()
 
-    keep(bench_longest(lambda s: trial_step(mdl, opt, cfg_w, s), deadline, start=longest_start,
+    keep(bench_longest(lambda s: trial_step(mdl, opt, cfg_w, s), deadline - reserve, start=longest_start,
                        quantum=min(8192, longest_start), limit=longest_limit, known=res["step"], on_trial=keep))
+    for name, layer in mdl.layers.items():  # the checkpoint's steps are the step measured above
+        layer.attention.ctx = full_ctx[name]
+
+    def keep_checkpoint(part: dict) -> None:
+        res["checkpoint"] = dict(part)
+        dump()
+
+    keep_checkpoint(bench_checkpoint(mdl, opt, cfg, on_part=keep_checkpoint))
     return res
 
 
@@ -338,7 +382,10 @@ def main(argv=None) -> int:
 
         keep(bench_kernels(on_row=keep))
     else:
-        run_llama(args.out, args.budget_s, torch.device("cuda"))
+        res = run_llama(args.out, args.budget_s, torch.device("cuda"))
+        if res["longest"]["stopped_by"].startswith("error"):  # every number is kept; the section reports the error
+            print(f"longest-S search: {res['longest']['stopped_by']}", file=sys.stderr)
+            return 1
     return 0
 
 

@@ -67,7 +67,7 @@ def _bench_md(name: str, res: dict) -> list[str]:
                          f"{r['ops']} | {_fmt(r['ms'])} | {_fmt(r['tflops'])} | {_fmt(r['sdpa_ms'])} | "
                          f"{_fmt(r['sdpa_tflops'])} | {_fmt(r['vs_sdpa'])}× |")
         return lines + [""]
-    for part in ("step", "checkpoint", "longest"):
+    for part in ("step", "longest", "checkpoint"):  # the order they run in
         if part in res:
             body = {k: v for k, v in res[part].items() if k != "trials"}
             lines += [f"**{part}**: " + ", ".join(f"{k}={_fmt(v)}" for k, v in body.items()), ""]
