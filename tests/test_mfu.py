@@ -71,6 +71,8 @@ def test_a_peak_measured_on_a_busy_machine_is_remeasured_when_quiet(tmp_path, mo
 
 @pytest.mark.parametrize("name,dtype,want", [
     ("NVIDIA H200", torch.bfloat16, 989.4), ("NVIDIA H100 80GB HBM3", torch.float32, 66.9),
+    ("NVIDIA H200 NVL", torch.bfloat16, 835.5), ("NVIDIA H100 NVL", torch.float32, 60.0),
+    ("NVIDIA GH200 480GB", torch.bfloat16, 989.4),
     ("NVIDIA H100 PCIe", torch.bfloat16, 756.0), ("NVIDIA A100-SXM4-80GB", torch.bfloat16, 312.0),
     ("NVIDIA B200", torch.bfloat16, 2250.0)])
 def test_cuda_peak_from_the_datasheet_table(monkeypatch, name, dtype, want):
