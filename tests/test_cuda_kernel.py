@@ -15,11 +15,14 @@ import pytest
 import torch
 
 import parallelism.context.kernels as kernels
+import parallelism.context.simulate as simulate
 from parallelism.context.kernels import (CUDA_OPS, CudaSdpaKernel, MathKernel, additive_bias, get_kernel,
                                          lse_from_op, lse_to_op, resolve_kernel_name, select_cuda_op,
                                          zero_empty_rows)
 from parallelism.context.layouts import Chunk
 from parallelism.context.masks import classify
+from tests.test_cp_reference import max_rel_err, random_qkv, reference_attention
+from tests.test_gpu_path import CP_VARIANTS
 
 HALF = (torch.float16, torch.bfloat16)
 cuda_only = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (run by make gpu-check)")
@@ -291,6 +294,38 @@ def test_cuda_kernel_per_sample_documents_with_stand_in_ops():
     assert bool((out[1] == 0).all())
     grads = kern.backward(do.float(), q.float(), k.float(), v.float(), o64.float(), l64.float(), mask, 0.25)
     assert max(_rel(g, r) for g, r in zip(grads, g64)) <= 1e-5
+
+
+@pytest.mark.parametrize("variant", list(CP_VARIANTS))
+def test_the_simulated_ring_runs_the_cuda_kernel_with_stand_in_ops(monkeypatch, variant):
+    """What the gpu test test_cp_bf16_error_does_not_grow_with_the_ring runs, with the CUDA kernel class inside the
+    simulated ring (its aten ops stood in on CPU, with their layouts and 16-bit outputs): every variant at P = 4 equals
+    the fp64 reference, forward and backward, in fp32 (efficient op everywhere) to 1e-5 and in bf16 (flash op on full
+    and causal blocks) to the gpu test's 3e-2."""
+    layout, degree, piece, window = CP_VARIANTS[variant]
+    window = None if window is None else 40  # the gpu test's S/8, at S = 256, and off the 32-token tile grid
+    made = []
+
+    def cuda_kernel(name, device, dtype):
+        made.append(CudaSdpaKernel(available=("flash", "efficient"), aten=_fake_aten([])))
+        return made[-1]
+
+    monkeypatch.setattr(simulate, "get_kernel", cuda_kernel)
+    s, world = 256, 4
+    q, k, v = random_qkv(1, s, 8, 2, 16, seed=3)
+    ref = reference_attention(q, k, v, causal=True, window=window)
+    grad = torch.randn(ref.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    ref_grads = torch.autograd.grad(ref, (q, k, v), grad)
+    for dtype, tol, ops in ((torch.float32, 1e-5, {"efficient"}), (torch.bfloat16, 3e-2, {"flash"})):
+        xs = [x.detach().to(dtype).requires_grad_() for x in (q, k, v)]
+        out = simulate.simulate_ring_attention(*xs, world_size=world, layout=layout, window=window,
+                                               kv_piece=piece(s, world), ulysses_degree=degree(world), tile=32)
+        grads = torch.autograd.grad(out, xs, grad.to(dtype))
+        errs = [max_rel_err(out, ref)] + [max_rel_err(g, r) for g, r in zip(grads, ref_grads)]
+        assert max(errs) <= tol, (variant, dtype, errs)
+        assert ops <= set(made[-1].calls), (variant, dtype, made[-1].calls)
+        if window is not None:  # window-edge tiles carry a mask: the efficient op with a tile-sized bias
+            assert made[-1].calls.get("efficient", 0) > 0, (variant, dtype, made[-1].calls)
 
 
 # --- on a GPU --------------------------------------------------------------------------------------
