@@ -329,18 +329,11 @@ def test_the_checkpoint_part_hands_out_its_stall_before_the_write_ends(tmp_path)
     assert res["failed_saves"] == 0 and res["gb_per_s"] > 0 and res["stall_s"] == parts[0]["stall_s"]
 
 
-def test_a_failed_benchmark_keeps_every_finished_number_in_the_report(tmp_path, monkeypatch):
-    """The runner's CUDA branch on CPU (the sections' processes stood in): the tests pass, kernels measures, llama is
-    stopped by its limit after its step, longest-S search and checkpoint stall. The report keeps all of it, says
-    what stopped, and the check fails."""
-    import dist_train.gpucheck.env as env_mod
-    import dist_train.gpucheck.runner as runner
-
-    monkeypatch.setattr(env_mod, "environment", lambda: {"cuda_available": True, "gpus": [], "torch": "stand-in"})
-    calls = []
-
+def _stand_in_sections(calls: list, llama_rc: int):
+    """A stand-in for the runner's ``_run``: the gpu tests pass, kernels measures a row, llama writes its step, longest-S
+    and checkpoint-stall numbers and exits ``llama_rc`` (124: stopped by its limit). Records (section, limit)."""
     def fake_run(cmd, timeout, log):
-        calls.append((cmd[2] if cmd[2] != "pytest" else "pytest", timeout))
+        calls.append(("pytest" if "pytest" in cmd else cmd[3], timeout))
         log.write_text("stand-in section\n")
         if "pytest" in cmd:
             xml = Path(next(c for c in cmd if c.startswith("--junitxml=")).split("=", 1)[1])
@@ -357,14 +350,32 @@ def test_a_failed_benchmark_keeps_every_finished_number_in_the_report(tmp_path, 
                                    "longest": {"window": 4096, "longest_seq_len": 393216, "stopped_by": "bisection converged",
                                                "trials": []},
                                    "checkpoint": {"state_bytes": 13.2e9, "stall_s": 4.5}}))
-        time.sleep(0.01)
-        return 124, timeout
+        return llama_rc, timeout if llama_rc == 124 else 200.0
+    return fake_run
 
-    monkeypatch.setattr(runner, "_run", fake_run)
-    rc = runner.main(["--out", str(tmp_path / "out"), "--budget-s", "470"])
+
+@pytest.fixture
+def cuda_runner(monkeypatch):
+    """The runner with its environment probe saying CUDA is there (sections are stood in by each test)."""
+    import dist_train.gpucheck.env as env_mod
+    import dist_train.gpucheck.runner as runner
+
+    monkeypatch.setattr(env_mod, "environment", lambda: {"cuda_available": True, "gpus": [], "torch": "stand-in"})
+    return runner
+
+
+def test_a_failed_benchmark_keeps_every_finished_number_in_the_report(tmp_path, monkeypatch, cuda_runner):
+    """The runner's CUDA branch on CPU (the sections' processes stood in): the tests pass, kernels measures, llama is
+    stopped by its limit after its step, longest-S search and checkpoint stall. The report keeps all of it, says
+    what stopped, and the check fails."""
+    calls = []
+    monkeypatch.setattr(cuda_runner, "_run", _stand_in_sections(calls, llama_rc=124))
+    rc = cuda_runner.main(["--out", str(tmp_path / "out"), "--budget-s", "470"])
     report = json.loads((tmp_path / "out" / "gpu-report.json").read_text())
     assert rc == 1 and report["status"] == "failed", report["status"]
-    assert [name for name, _ in calls] == ["pytest", "dist_train.gpucheck.bench", "dist_train.gpucheck.bench"]
+    assert [name for name, _ in calls] == ["pytest", "kernels", "llama"]
+    # each section its own limit: tests 240 s, kernels 90 s, llama what is left (the stand-ins return at once)
+    assert calls[0][1] == 240.0 and calls[1][1] == 90.0 and 450.0 < calls[2][1] < 470.0, calls
     assert [t["outcome"] for t in report["tests"]] == ["passed"]
     assert report["benchmarks"]["kernels"]["rows"][0]["vs_sdpa"] == 0.975
     llama = report["benchmarks"]["llama"]
@@ -373,3 +384,19 @@ def test_a_failed_benchmark_keeps_every_finished_number_in_the_report(tmp_path, 
     md = (tmp_path / "out" / "gpu-report.md").read_text()
     assert "**error**: exit 124" in md and "longest_seq_len=393216" in md and "stall_s=4.5" in md
     assert "| 8192 | causal | auto=cuda {'flash': 6} | 4 | 480 |" in md and "llama: exit 124" in md
+
+
+def test_a_second_try_runs_only_the_sections_asked_for(tmp_path, monkeypatch, cuda_runner):
+    """``--sections llama``: no tests, no kernels (reported as not run), llama gets the whole budget; its success is
+    the check's. An unknown section is refused with exit 2."""
+    calls = []
+    monkeypatch.setattr(cuda_runner, "_run", _stand_in_sections(calls, llama_rc=0))
+    rc = cuda_runner.main(["--out", str(tmp_path / "out"), "--sections", "llama"])
+    report = json.loads((tmp_path / "out" / "gpu-report.json").read_text())
+    assert rc == 0 and report["status"] == "passed" and [name for name, _ in calls] == ["llama"]
+    assert calls[0][1] > 450.0 and report["tests"] == [] and "gpu tests not run (--sections)" in report["notes"]
+    assert report["benchmarks"]["kernels"] == {"skipped": "not run (--sections / --skip-bench)"}
+    assert report["benchmarks"]["llama"]["longest"]["longest_seq_len"] == 393216
+    with pytest.raises(SystemExit) as e:
+        cuda_runner.main(["--out", str(tmp_path / "bad"), "--sections", "tests,bench"])
+    assert e.value.code == 2

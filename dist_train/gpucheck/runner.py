@@ -28,10 +28,13 @@ INTERRUPT_GRACE_S = 10.0
 #: a benchmark process's start (python, torch with its CUDA libraries, the CUDA context) happens before its
 #: own --budget-s clock starts
 BENCH_START_S = 15.0
+#: the check's sections, in the order they run (``--sections`` picks some: a second try reruns what failed)
+SECTIONS = ("tests", "kernels", "llama")
 EXAMPLES = """examples:
   make gpu-check                                  # python3 as is; report in $OUT or runs/gpu-check/
   PYTHONPATH=. python3 -m dist_train.gpucheck --out /tmp/gpu --budget-s 470
-  PYTHONPATH=. python3 -m dist_train.gpucheck --skip-bench     # tests only"""
+  PYTHONPATH=. python3 -m dist_train.gpucheck --skip-bench     # tests only
+  PYTHONPATH=. python3 -m dist_train.gpucheck --sections llama  # a second try of one section"""
 
 
 def gpu_test_files(root: Path = ROOT) -> list[str]:
@@ -126,9 +129,15 @@ def main(argv=None) -> int:
                         help="report directory (default: $OUT when set, else runs/gpu-check)")
     parser.add_argument("--budget-s", type=float, default=470.0, help="wall-clock budget of the whole check")
     parser.add_argument("--skip-bench", action="store_true", help="run the tests only")
+    parser.add_argument("--sections", default=",".join(SECTIONS),
+                        help=f"comma-separated sections to run, of {','.join(SECTIONS)} (default: all); the others "
+                             "are reported as not run")
     args = parser.parse_args(argv)
     if args.budget_s <= 0:
         parser.error(f"--budget-s {args.budget_s}: must be > 0")
+    sections = [name for name in args.sections.split(",") if name]
+    if not sections or set(sections) - set(SECTIONS):
+        parser.error(f"--sections {args.sections!r}: a comma-separated list of {', '.join(SECTIONS)}")
     out = args.out or Path(os.environ.get("OUT") or ROOT / "runs" / "gpu-check")
     t0 = time.perf_counter()
     deadline = t0 + args.budget_s
@@ -144,16 +153,23 @@ def main(argv=None) -> int:
     rep.write(report, out)
     with tempfile.TemporaryDirectory(prefix="gpucheck-") as tmp:
         work = Path(tmp)
-        run_tests(report, work, min(240.0, left()))
-        rep.write(report, out)
+        if "tests" in sections:
+            run_tests(report, work, min(240.0, left()))
+            rep.write(report, out)
+        else:
+            report["notes"].append("gpu tests not run (--sections)")
+        benches = [name for name in SECTIONS[1:] if name in sections and not args.skip_bench]
         if args.skip_bench:
             report["notes"].append("benchmarks skipped (--skip-bench)")
-        elif not cuda:
-            for name in ("kernels", "llama"):
+        for name in SECTIONS[1:]:
+            if name not in benches:
+                report["benchmarks"][name] = {"skipped": "not run (--sections / --skip-bench)"}
+            elif not cuda:
                 report["benchmarks"][name] = {"skipped": "no CUDA device"}
-        else:
-            run_bench(report, "kernels", work, min(90.0, left(150.0)))
+        if cuda and "kernels" in benches:  # at most 90 s, and llama keeps 150 s when it runs after
+            run_bench(report, "kernels", work, min(90.0, left(150.0 if "llama" in benches else 5.0)))
             rep.write(report, out)
+        if cuda and "llama" in benches:
             llama_limit = left()
             run_bench(report, "llama", work, llama_limit,
                       budget_s=llama_limit - INTERRUPT_GRACE_S - BENCH_START_S)
@@ -162,7 +178,8 @@ def main(argv=None) -> int:
                 report["notes"].append(f"{name}: exit {sec['exit_code']} in {sec['seconds']:.0f} s")
     failed = any(t["outcome"] in ("failed", "error") for t in report["tests"])
     # pytest exits 1 when tests fail (counted above), anything else (5: none collected) is a crash
-    crashed = (report["sections"]["tests"]["exit_code"] not in (0, 1) or not report["tests"]
+    tests = report["sections"].get("tests")
+    crashed = ((tests is not None and (tests["exit_code"] not in (0, 1) or not report["tests"]))
                or any(sec["exit_code"] != 0 for name, sec in report["sections"].items() if name != "tests"))
     report["status"] = "failed" if failed or crashed else ("passed" if cuda else "passed (CPU smoke: CUDA parts skipped)")
     report["wall_s"] = time.perf_counter() - t0
