@@ -400,3 +400,17 @@ def test_a_second_try_runs_only_the_sections_asked_for(tmp_path, monkeypatch, cu
     with pytest.raises(SystemExit) as e:
         cuda_runner.main(["--out", str(tmp_path / "bad"), "--sections", "tests,bench"])
     assert e.value.code == 2
+
+
+def test_the_report_names_the_commit_of_a_tree_copied_without_git(tmp_path, monkeypatch):
+    """The GPU machine gets the working tree without .git: the commit is then the one $DIST_TRAIN_COMMIT gives, marked
+    as such (git's answer where there is a repository)."""
+    from dist_train.gpucheck.env import commit_of
+
+    monkeypatch.setenv("GIT_CEILING_DIRECTORIES", str(tmp_path))  # no repository above tmp_path is found
+    monkeypatch.delenv("DIST_TRAIN_COMMIT", raising=False)
+    assert commit_of(tmp_path) is None
+    monkeypatch.setenv("DIST_TRAIN_COMMIT", "0123abc")
+    assert commit_of(tmp_path) == "0123abc (from $DIST_TRAIN_COMMIT: no .git here)"
+    head = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+    assert commit_of(ROOT) == head

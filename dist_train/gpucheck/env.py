@@ -46,7 +46,16 @@ def _git_commit(root: Path) -> str | None:
                              timeout=10)
     except (OSError, subprocess.SubprocessError):
         return None
-    return res.stdout.strip() or None
+    return (res.stdout.strip() or None) if res.returncode == 0 else None
+
+
+def commit_of(root: Path) -> str | None:
+    """The checked-out commit of ``root``; where the tree was copied without its ``.git`` (the GPU machine gets the
+    working tree only), ``$DIST_TRAIN_COMMIT`` as the person starting the check gave it, marked as given."""
+    commit = _git_commit(root)
+    if commit is None and os.environ.get("DIST_TRAIN_COMMIT"):
+        commit = f"{os.environ['DIST_TRAIN_COMMIT']} (from $DIST_TRAIN_COMMIT: no .git here)"
+    return commit
 
 
 def environment() -> dict:
@@ -59,7 +68,7 @@ def environment() -> dict:
         "cuda_available": torch.cuda.is_available(), "gpus": [], "driver": None,
         "packages": {m: _present(m) for m in OPTIONAL},
         "versions": {n: _version(n) for n in ("numpy", "pyyaml", "safetensors", "xxhash", "pytest", "flash-attn")},
-        "commit": _git_commit(Path(__file__).resolve().parents[2]),
+        "commit": commit_of(Path(__file__).resolve().parents[2]),
     }
     if torch.cuda.is_available():
         env["driver"] = _driver_version()
