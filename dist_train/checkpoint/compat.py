@@ -7,7 +7,8 @@ Resuming into a model that differs from the saved one must never "work": a small
 drops saved layers, a different ``rope_theta`` or ``norm_eps`` loads every weight into a different function.
 So the saved ``model`` section (and the tokenizer, which gives the token ids their meaning, and the keys that
 fix which sample ``consumed_samples`` points at: run.seed, data.source/path/seq_len/split) must equal the
-current one, key by key, unless the user lists the key in ``checkpoint.allow_config_change``; and the
+current one, key by key (the keys the model reads: ``unread_keys``), unless the user lists the key in
+``checkpoint.allow_config_change``; and the
 model's tensors must be exactly the saved ``model.*`` tensors, with equal shapes, in both directions.
 """
 from __future__ import annotations
@@ -18,8 +19,8 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping, Optional, Sequence
 
 from dist_train.checkpoint.storage import CheckpointError
-from dist_train.config import (RESUME_CHECKED_KEYS, RESUME_DATA_ORDER_KEYS, ModelConfig, attention_head_dim,
-                               ffn_hidden_size, swin_ffn_hidden_size)
+from dist_train.config import (KIND_FIELDS, RESUME_CHECKED_KEYS, RESUME_DATA_ORDER_KEYS, ModelConfig,
+                               attention_head_dim, ffn_hidden_size, swin_ffn_hidden_size)
 from dist_train.data.fingerprint import digest_kind
 
 #: Config keys a checkpoint must agree on: every key of these sections, and these single keys.
@@ -74,6 +75,19 @@ def _sizes_as_built(config: Mapping[str, Any]) -> Mapping[str, Any]:
     return {**config, "model": resolved}
 
 
+#: Checked keys a swin never reads (its sample is one data.image; it reads no text).
+SWIN_UNREAD_KEYS = frozenset({"data.seq_len", "data.tokenizer"})
+
+
+def unread_keys(config: Mapping[str, Any]) -> frozenset:
+    """Checked keys ``config``'s model never reads: the fields only the other model kind builds, and a swin's token
+    keys. Validation refuses them set; a checkpoint that recorded one set (accepted and unread by an older version)
+    must not block a resume over a value nothing reads."""
+    kind = (config.get("model") or {}).get("kind", "gpt")
+    other = {f"model.{name}" for k, names in KIND_FIELDS.items() if k != kind for name in names}
+    return frozenset(other | (SWIN_UNREAD_KEYS if kind == "swin" else set()))
+
+
 def config_differences(saved: Mapping[str, Any], current: Mapping[str, Any],
                        consumed_samples: Optional[int] = None, saved_digest: Optional[str] = None,
                        current_digest: Optional[str] = None) -> list[tuple[str, Any, Any]]:
@@ -85,7 +99,7 @@ def config_differences(saved: Mapping[str, Any], current: Mapping[str, Any],
     ``current_digest``: the token digest of the dataset at the current data.path (its sidecar's, read once by the
     caller). When both are known and equal, data.path is no change: the same text the run trained on, whatever
     path it was named by then (moved, copied to local disk, or named relative instead of absolute)."""
-    skip = set(RESUME_DATA_ORDER_KEYS) if consumed_samples == 0 else set()
+    skip = (set(RESUME_DATA_ORDER_KEYS) if consumed_samples == 0 else set()) | unread_keys(current)
     if saved_digest and saved_digest == current_digest:
         skip.add("data.path")
     saved, current = _sizes_as_built(saved), _sizes_as_built(current)
