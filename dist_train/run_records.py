@@ -1,12 +1,13 @@
-"""An earlier run's records in a run directory, moved aside before a fresh start writes its own.
+"""An earlier run's records in a run directory, moved aside before a new run writes its own.
 
-    line = set_aside_earlier_run(run_dir, keep=checkpoint_root)   # rank 0, a start at step 0, before any tracker
+    line = set_aside_earlier_run(run_dir, keep=checkpoint_root)   # rank 0, a new run's start, before any tracker
     if line:
         log.info(line)   # "fresh start in runs/x: the earlier run's records (…) moved to runs/x/previous/<time>/"
 
-A run that starts at step 0 in a run directory that already holds a run (a rerun of a config that saves no
+A new run in a run directory that already holds a run — one that starts at step 0 (a rerun of a config that saves no
 checkpoints, ``checkpoint.resume: none``, a run dir whose checkpoints were moved away, a restart before the first
-save) would otherwise truncate that run's ``metrics.jsonl``, hide its TensorBoard curves (``purge_step``) and
+save), or from a checkpoint that is not the run dir's own (a fine-tune from another run's ``step_N``, rerun) — would
+otherwise truncate that run's ``metrics.jsonl``, hide its TensorBoard curves (``purge_step``) and
 replace its ``summary.json``, ``config.yaml`` and ``wandb_run_id``. They are renamed, unchanged, into
 ``run_dir/previous/<when that run ended, UTC>/`` (``20261130T121503Z``: when its summary.json was written, else
 its newest record; ``-2``, ``-3``, … when that folder exists: one is never reused).
@@ -90,10 +91,11 @@ def _claim_folder(parent: Path, stamp: str) -> Path:
             n += 1
 
 
-def set_aside_earlier_run(run_dir: Path, keep: Optional[Path] = None) -> Optional[str]:
+def set_aside_earlier_run(run_dir: Path, keep: Optional[Path] = None, start: str = "fresh start") -> Optional[str]:
     """Move the records of the run that used ``run_dir`` before into ``run_dir/previous/<UTC end time>/`` (renames
     within the directory: the bytes are the same files); returns the one line that says what moved where, or None
-    when there was nothing to move. Rank 0 only, before a fresh start (step 0) opens any of them."""
+    when there was nothing to move. Rank 0 only, before a new run's start opens any of them; ``start`` names it in
+    the line (a fresh start, or a start from another run's checkpoint)."""
     run_dir = Path(run_dir)
     records = earlier_records(run_dir, keep)
     if not records:
@@ -102,4 +104,4 @@ def set_aside_earlier_run(run_dir: Path, keep: Optional[Path] = None) -> Optiona
     for path in records:
         os.rename(path, dest / path.name)
     names = ", ".join(p.name + ("/" if (dest / p.name).is_dir() else "") for p in records)
-    return f"fresh start in {run_dir}: the earlier run's records ({names}) moved to {dest}/"
+    return f"{start} in {run_dir}: the earlier run's records ({names}) moved to {dest}/"

@@ -178,6 +178,14 @@ def _report_resume_changes(cfg: Config, engine, ckpt, start_step: int, log, is_m
                  + f" (differ from the checkpoint): as configured now from step {start_step + 1} on")
 
 
+def _continues_own_checkpoints(ckpt, start_step: int) -> bool:
+    """This start continues the run dir's own lineage: resumed at a step > 0 from a ``step_N`` of the run's checkpoint
+    dir (``checkpoint.dir``), so the records there are its own and the trackers continue them after ``start_step``.
+    Any other start (fresh, an import at step 0, another run's checkpoint) begins a new run in run.dir."""
+    return (start_step > 0 and ckpt.resumed_from is not None
+            and ckpt.resumed_from.resolve().parent == ckpt.root.resolve())
+
+
 def _check_step(cfg: Config, engine, spikes: LossSpikeGuard, limit: Optional[float], step: int, loss: float,
                 grad_norm: float, run: int, ckpt, log, is_main: bool) -> int:
     """Apply ``train.on_nonfinite`` to the step just taken; returns the new count of consecutive skipped
@@ -285,8 +293,11 @@ def _train(cfg: Config, ctx: DistContext) -> TrainResult:
         thr.flops_per_key, thr.keys_per_query = attention_flops_per_key(sh), sh.keys_per_query
     step_keys: list[float] = []   # packed: S_eff of each step
     evaluator = Evaluator(cfg, mesh, build_batcher(cfg, mesh, model, part="valid")) if t.eval_every else None
-    if ctx.is_main and start_step == 0:  # a fresh start: the trackers would truncate/purge an earlier run's records,
-        moved = set_aside_earlier_run(run_dir, keep=ckpt.root)  # and summary/config be replaced: keep them aside
+    # a new run here (a fresh start, or from a checkpoint not this run dir's own): the trackers would truncate/purge
+    # an earlier run's records after start_step, and summary/config be replaced: keep them aside
+    if ctx.is_main and not _continues_own_checkpoints(ckpt, start_step):
+        moved = set_aside_earlier_run(run_dir, keep=ckpt.root,
+                                      start=f"start from {ckpt.resumed_from}" if resumed else "fresh start")
         if moved:
             log.info(moved)
     trackers = build_trackers(cfg, run_dir, start_step, ctx.is_main)

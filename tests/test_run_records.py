@@ -117,3 +117,23 @@ def test_only_rank_0_moves_and_every_rank_trains_on(tmp_path):
     assert _snapshot(kept) == first and _steps(run) == [1, 2]
     assert "fresh start in" in (run / "logs" / "rank_0.log").read_text()
     assert "fresh start in" not in (run / "logs" / "rank_1.log").read_text()
+
+
+def test_a_start_from_another_runs_checkpoint_keeps_the_earlier_runs_records(tmp_path, capsys):
+    """A start that does not continue this run dir's own checkpoints (a fine-tune from another run's step_N, an
+    import) is a new run there whatever step it starts at: the earlier run's records move aside as on a fresh
+    start. The trackers truncated metrics.jsonl after the resumed step instead, deleting the earlier run's steps
+    beyond it and leaving the ones before mixed into the new run's curve."""
+    src = tmp_path / "src"
+    train(tiny_gpt_config(src, steps=2, checkpoint={"at_end": True}))
+    run = tmp_path / "run"
+    from_src = {"resume": str(src / "checkpoints" / "step_2")}  # saves nothing of its own: run.dir has no checkpoint
+    train(tiny_gpt_config(run, steps=4, checkpoint=from_src))
+    first = _snapshot(run)
+    capsys.readouterr()
+    train(tiny_gpt_config(run, steps=3, train={"lr": 5e-3}, checkpoint=from_src))
+    [kept] = _previous(run)
+    assert _snapshot(kept) == first and _steps(kept) == [3, 4]
+    [line] = [x for x in capsys.readouterr().out.splitlines() if "the earlier run's records" in x]
+    assert line.startswith(f"start from {src / 'checkpoints' / 'step_2'} in {run}: "), line
+    assert _steps(run) == [3]
