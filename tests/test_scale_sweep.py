@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from dist_train.plan.report import add_efficiency, efficiency, error_summary, write_outputs
+from dist_train.plan.report import add_efficiency, efficiency, error_summary, markdown_table, write_outputs
 from dist_train.plan.sweep import classify_failure, expand, launch_command, load_sweep, point_config, run_sweep
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -198,3 +198,14 @@ def test_a_pp_sweeps_point_without_a_pipeline_drops_the_pipeline_keys(tmp_path):
     points = {p.world_size: point_config(spec, p).parallel for p in expand(spec)}
     assert (points[1].pp, points[1].microbatches, points[1].pp_schedule) == (1, None, "1f1b")
     assert (points[2].pp, points[2].microbatches, points[2].pp_schedule) == (2, 2, "gpipe")
+
+
+def test_a_sweeps_description_heads_its_results(tmp_path):
+    """The sweep file's `description` (accepted, and read by nothing before) is the results' second line and in
+    results.json's meta; without one the table is as before."""
+    meta = {"name": "s", "mode": "strong", "flop_convention": "6N", "efficiency_definition": "e", "device": "cpu",
+            "command": "dist-train scale s.yaml", "description": "cp strong scaling at 1k tokens"}
+    lines = markdown_table([], meta).splitlines()
+    assert lines[:3] == ["# Sweep `s` (strong scaling)", "", "cp strong scaling at 1k tokens"]
+    assert markdown_table([], {**meta, "description": ""}).splitlines()[2].startswith("FLOP convention")
+    assert load_sweep(write_sweep(tmp_path, description="cp strong")).description == "cp strong"

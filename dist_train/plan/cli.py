@@ -220,7 +220,8 @@ def scale_main(args: argparse.Namespace) -> int:
     records = run_sweep(spec, out, retry_failed=args.retry_failed, progress=not args.no_progress,
                         annotate=lambda p, r: derive(spec, p, r, prof))
     add_efficiency(spec.mode, records)
-    meta = {"name": spec.name, "mode": spec.mode, "sweep": str(spec.path), "base": str(spec.base),
+    meta = {"name": spec.name, "mode": spec.mode, "description": spec.description, "sweep": str(spec.path),
+            "base": str(spec.base),
             "launcher": spec.launcher, "flop_convention": FLOP_CONVENTION, "efficiency_definition": EFFICIENCY[spec.mode],
             "device": f"{prof.name} ({prof.description})", "threads_per_rank": spec.threads_per_rank,
             "command": f"dist-train scale {args.sweep}" + (f" --out {args.out}" if args.out else ""),

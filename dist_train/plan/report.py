@@ -93,6 +93,7 @@ def markdown_table(records: list[dict], meta: dict) -> str:
         return "" if v is None else f"{100 * v:.0f}%"
 
     lines = [f"# Sweep `{meta['name']}` ({meta['mode']} scaling)", "",
+             *([meta["description"], ""] if meta.get("description") else []),
              f"FLOP convention: {meta['flop_convention']}", "",
              f"Efficiency: {meta['efficiency_definition']}", "",
              f"Device: {meta['device']}. Command: `{meta['command']}`", "",
