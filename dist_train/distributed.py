@@ -40,6 +40,14 @@ def pick_device(local_rank: int) -> torch.device:
     return torch.device("cpu")
 
 
+def collective_device(group) -> torch.device:
+    """Where a collective over ``group`` takes its tensors: NCCL only CUDA tensors (this rank's device; a CPU tensor is
+    refused with "No backend type associated with device type cpu"), gloo CPU ones."""
+    if dist.get_backend(group) == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def init_distributed(timeout_s: float = 300.0, bind: Optional[str] = None) -> DistContext:
     """Initialise the default group from the environment (no-op when already initialised or single).
 

@@ -158,6 +158,24 @@ def test_trainer_on_one_gpu_with_nccl_bf16_vs_fp32(tmp_path):
     assert s["mfu"] is not None and 0 < s["mfu"] < 1, s
 
 
+def test_the_steps_cpu_scalars_reduce_over_an_nccl_group(tmp_path):
+    """The trainer's token count, the engines' loss sums and the gradient norm's partial sums are float64 CPU tensors,
+    reduced over the mesh's groups; NCCL refuses CPU tensors ("No backend type associated with device type cpu"), so
+    on more than one GPU every step failed. They are reduced on the group's device: checked on a world-size-1 NCCL
+    group, which refuses a CPU tensor exactly as eight ranks do (the trainer at world size 1 has no groups)."""
+    from dist_train.engines.grads import all_reduce_sum, global_grad_norm
+
+    _nccl_world_one(tmp_path)
+    world = dist.group.WORLD
+    with pytest.raises(RuntimeError):  # the premise: NCCL itself takes no CPU tensor
+        dist.all_reduce(torch.ones(1, dtype=torch.float64), group=world)
+    t = torch.tensor([3.0, 4.0], dtype=torch.float64)
+    assert all_reduce_sum(t, world) is t and t.device.type == "cpu" and t.tolist() == [3.0, 4.0]
+    p = torch.nn.Parameter(torch.ones(4, device="cuda"))
+    p.grad = torch.full((4,), 2.0, device="cuda")
+    assert global_grad_norm([p], tp_group=world, pp_group=world) == 4.0
+
+
 def test_async_checkpoint_of_gpu_tensors_is_bit_exact(tmp_path):
     """Async save of CUDA model + optimizer state, verify the files, resume into fresh objects: every
     tensor equal bit for bit, back on the GPU."""

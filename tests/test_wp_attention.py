@@ -158,7 +158,7 @@ def _swin_cases(cases: list, group, world: int) -> int:
             if shift != (0, 0):
                 assert _rel(noroll, ref) > 1e-3, f"{tag}: the no-roll bug is not detected by this case"
             # (2) a mask built in local tile coordinates: run our own pipeline with that one change.
-            layout, me = gather_layout(*tile(q).shape[1:3], grid=grid, window=window, group=group)
+            layout, me = gather_layout(*tile(q).shape[1:3], grid=grid, window=window, group=group, device=q.device)
             bad_spec = LocalMaskSpec(layout, me, window, shift, wrap, scale, group)
             bad = WindowParallelAttention.apply(tile(q), tile(k), tile(v), bias if use_bias else None, bad_spec)
             diff = torch.tensor([_rel(bad, tile(ref))], dtype=torch.float64)

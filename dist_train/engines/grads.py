@@ -15,13 +15,22 @@ import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
+from ..distributed import collective_device
 from ..models.tensor_parallel import is_tp_sharded
 
 
 def all_reduce_sum(t: torch.Tensor, group) -> torch.Tensor:
-    """In-place SUM over ``group`` (None: nothing to reduce)."""
+    """In-place SUM over ``group`` (None: nothing to reduce). The step's scalars (token counts, loss sums, the
+    gradient norm's partial sums) are float64 CPU tensors: over an NCCL group they are reduced on the GPU and copied
+    back (:func:`~dist_train.distributed.collective_device`)."""
     if group is not None:
-        dist.all_reduce(t, op=dist.ReduceOp.SUM, group=group)
+        device = collective_device(group)
+        if t.device != device:
+            moved = t.to(device)
+            dist.all_reduce(moved, op=dist.ReduceOp.SUM, group=group)
+            t.copy_(moved)
+        else:
+            dist.all_reduce(t, op=dist.ReduceOp.SUM, group=group)
     return t
 
 

@@ -50,16 +50,17 @@ def _as_wrap(wrap: Union[bool, Sequence[bool]]) -> tuple[bool, bool]:
 
 
 def gather_layout(h: int, w: int, *, grid: tuple[int, int], window: tuple[int, int],
-                  group: Optional[dist.ProcessGroup]) -> tuple[TileLayout, int]:
-    """Layout of the whole image from every rank's tile shape (one tiny all-gather); validates the tiling."""
+                  group: Optional[dist.ProcessGroup], device: torch.device) -> tuple[TileLayout, int]:
+    """Layout of the whole image from every rank's tile shape (one tiny all-gather on ``device``, the tiles' device:
+    NCCL gathers CUDA tensors only); validates the tiling."""
     rank, size = group_rank_size(group)
     gh, gw = grid
     if size != gh * gw:
         raise ValueError(f"grid {gh}x{gw} needs {gh * gw} ranks in the group, got {size}")
     shapes = [(h, w)]
     if size > 1:
-        gathered = [torch.zeros(2, dtype=torch.long) for _ in range(size)]
-        dist.all_gather(gathered, torch.tensor([h, w], dtype=torch.long), group=group)
+        gathered = [torch.zeros(2, dtype=torch.long, device=device) for _ in range(size)]
+        dist.all_gather(gathered, torch.tensor([h, w], dtype=torch.long, device=device), group=group)
         shapes = [tuple(int(v) for v in t) for t in gathered]
     heights = [shapes[i * gw][0] for i in range(gh)]
     widths = [shapes[j][1] for j in range(gw)]
@@ -183,7 +184,7 @@ def window_parallel_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     win = as_pair(window, "window")
     grid_ = as_pair(grid, "grid")
     sft = check_shift(shift, win)
-    layout, rank = gather_layout(q.shape[1], q.shape[2], grid=grid_, window=win, group=group)
+    layout, rank = gather_layout(q.shape[1], q.shape[2], grid=grid_, window=win, group=group, device=q.device)
     spec = WindowSpec(layout, rank, win, sft, _as_wrap(wrap),
                       float(scale) if scale is not None else q.shape[-1] ** -0.5, group)
     return WindowParallelAttention.apply(q, k, v, bias, spec)
@@ -249,7 +250,8 @@ def unshard_image(x_local: torch.Tensor, *, grid: IntPair, window: IntPair, grou
     """This rank's tile → the full image on every rank (tiles may be uneven)."""
     grid_, win = as_pair(grid, "grid"), as_pair(window, "window")
     d0, d1 = (d % x_local.dim() for d in dims)
-    layout, rank = gather_layout(x_local.shape[d0], x_local.shape[d1], grid=grid_, window=win, group=group)
+    layout, rank = gather_layout(x_local.shape[d0], x_local.shape[d1], grid=grid_, window=win, group=group,
+                                 device=x_local.device)
     front = _to_front(x_local, (d0, d1)).contiguous()
     full = _Unshard.apply(front, layout, rank, group)
     return _from_front(full, x_local, (d0, d1))
