@@ -7,6 +7,7 @@ import itertools
 import math
 
 import pytest
+import yaml
 
 from dist_train.config import check_world_size, config_from_dict, save_config
 from dist_train.cost.flops import (attention_flops_per_key, flops_per_token, matmul_params, model_params,
@@ -18,7 +19,8 @@ from dist_train.cost.step_time import EAGER_OPS_PER_LAYER, ULYSSES_OPS, ulysses_
 from dist_train.plan.enumerate import enumerate_layouts, layout_label, rank_layouts, why_slower
 from tests.trainer_utils import run_cli
 from dist_train.dryrun import format_layout, rank_layout
-from dist_train.plan.profiles import Link, _lookup, builtin_profiles, fit_link, get_profile
+from dist_train.plan.profiles import (Link, _lookup, builtin_profiles, fit_link, get_profile, load_profile_file,
+                                      profile_to_dict)
 
 GPT = {"model": {"kind": "gpt", "d_model": 64, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "vocab_size": 100,
                  "ffn_hidden": 128},
@@ -687,3 +689,16 @@ def test_a_pipeline_micro_batch_is_the_local_batch_split_into_parallel_microbatc
     assert estimates[0] == estimates[1] == estimates[2]
     times = [predict(c, cpu, 2).step_time_s for c in (cfg(2), cfg(8), cfg(4))]
     assert times[0] == pytest.approx(times[1], rel=1e-12) and times[0] == pytest.approx(times[2], rel=1e-12)
+
+
+def test_a_profile_key_nothing_reads_is_refused(tmp_path):
+    """A misspelt optional profile key (``core:`` for ``cores``) kept its default silently (no oversubscription
+    modelled); now one line naming it. Every built-in profile and a --calibrate file (which records its name) load."""
+    for name, prof in builtin_profiles().items():
+        d = profile_to_dict(prof)
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(yaml.safe_dump({**d, "name": name}))
+        assert load_profile_file(path) == dataclasses.replace(prof, source=str(path))
+    path.write_text(yaml.safe_dump({**d, "core": 16}))
+    with pytest.raises(ValueError, match=rf"device profile '{name}' in .*: unknown key 'core'; valid keys: "):
+        load_profile_file(path)

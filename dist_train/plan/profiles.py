@@ -18,7 +18,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Optional, Union
 
@@ -113,7 +113,16 @@ def _lookup(curve: Curve, x: float) -> float:
     return y0 + f * (y1 - y0)
 
 
+#: the keys a profile mapping may hold: DeviceProfile's fields as profile_to_dict writes them (links nest intra/inter;
+#: name: a profile file's own name, what --calibrate writes)
+PROFILE_KEYS = frozenset({f.name for f in fields(DeviceProfile)} - {"source", "intra", "inter"} | {"links"})
+
+
 def profile_from_dict(name: str, d: dict, source: str) -> DeviceProfile:
+    unknown = sorted(set(d) - PROFILE_KEYS) if isinstance(d, dict) else []
+    if unknown:  # a misspelt optional key (cores, description, extra) would silently keep its default
+        raise ValueError(f"device profile '{name}' in {source}: unknown key '{unknown[0]}'; valid keys: "
+                         f"{', '.join(sorted(PROFILE_KEYS))}")
     try:
         links = d["links"]
         return DeviceProfile(
