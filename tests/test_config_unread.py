@@ -5,9 +5,13 @@ import copy
 from pathlib import Path
 
 import pytest
+import torch
 
 from dist_train.checkpoint.compat import config_differences
 from dist_train.config import ConfigError, config_from_dict, load_config
+from dist_train.engines.deepspeed import DeepSpeedEngine
+from dist_train.mesh import build_mesh
+from dist_train.models.gpt import build_gpt
 from dist_train.plan.enumerate import enumerate_layouts
 from dist_train.preflight import preflight
 from tests.trainer_utils import tiny_gpt_config, tiny_swin_config
@@ -139,3 +143,11 @@ def test_a_resume_compares_no_key_the_model_never_reads(tmp_path):
     saved = copy.deepcopy(gpt)
     saved["model"]["window"], saved["data"]["seq_len"] = 16, 64
     assert config_differences(saved, gpt) == [("data.seq_len", 64, 32)]
+
+
+def test_the_deepspeed_engine_itself_refuses_a_key_deepspeed_never_reads(tmp_path):
+    """bench and scale ranks build their engine without the pre-flight: the engine runs the same check."""
+    cfg = tiny_gpt_config(tmp_path / "run", parallel={"zero_stage": 1, "deepspeed": {"zero_optimisation": {}}})
+    mesh = build_mesh(cfg.parallel, 1)
+    with pytest.raises(ConfigError, match=r"^parallel.deepspeed.zero_optimisation = \{\}: DeepSpeed never reads"):
+        DeepSpeedEngine(cfg, build_gpt(cfg, mesh, torch.device("cpu")), mesh, None)

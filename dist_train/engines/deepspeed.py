@@ -159,6 +159,8 @@ class DeepSpeedEngine:
         self.mesh = mesh
         self.grad_size = mesh.grad_size
         self.zero_stage = int(cfg.parallel.zero_stage)
+        # the pre-flight ran this before any rank when one ran (launch, run); bench and scale ranks come here directly
+        check_deepspeed_keys(cfg, bf16=autocast_dtype == torch.bfloat16)
         self.ds_config = deepspeed_config(cfg, bf16=autocast_dtype == torch.bfloat16)
         optimizer = build_optimizer(list(model.named_parameters()), cfg.train)
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
