@@ -26,6 +26,7 @@ from .checkpoint import CheckpointManager
 from .checkpoint import compat
 from .checkpoint.manager import checkpoint_root
 from .checkpoint.manifest import step_dir_name
+from .checkpoint.storage import CheckpointError
 from .config import Config, check_world_size, save_config
 from .cost.flops import (FLOP_CONVENTION, Throughput, attention_flops_per_key, document_keys, model_params,
                          train_flops_per_token)
@@ -325,6 +326,7 @@ def _train(cfg: Config, ctx: DistContext) -> TrainResult:
     step_times: list[float] = []
     # consecutive skipped (non-finite or spike) steps, going on from the checkpoint (an older one holds none)
     nonfinite_run = int((resumed or {}).get(SKIPPED_STATE_KEY, 0))
+    diverged: Optional[TrainingDiverged] = None  # the loop's divergence, if any (it decides how the run ends)
     rank_stats = RankStats.start(run_dir, ctx.rank)  # per-rank record for `dist-train scale` (DIST_TRAIN_RANK_STATS=1)
     model.train()
     try:
@@ -399,12 +401,22 @@ def _train(cfg: Config, ctx: DistContext) -> TrainResult:
         finished = start_step + len(result.losses) == t.steps
         if finished and cfg.checkpoint.at_end and t.steps > start_step:
             save_state(t.steps, force=True)
+    except TrainingDiverged as e:
+        diverged = e
+        raise
     finally:
         try:
             # an async save of an earlier (finite) step still commits when a later step diverged; marked busy: the
             # automatic watchdog would otherwise take a long final commit for a hang and kill the job mid-commit
             with lifecycle.busy("checkpoint"):
                 ckpt.close()
+        except CheckpointError as e:
+            if diverged is None:
+                raise
+            # the divergence decides how the run ends (exit 3: a restart would replay the same steps into it); that
+            # save's failure (on_error = stop) is said, not raised in its place
+            (log.error if ctx.is_main else log.info)(f"{str(e).splitlines()[0]} (the run diverged after that step: "
+                                                     "see below)")
         finally:
             lifecycle.close()
         if bar is not None:

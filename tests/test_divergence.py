@@ -186,3 +186,23 @@ def test_consecutive_skipped_steps_are_counted_across_a_resume(tmp_path):
             train(tiny_gpt_config(tmp_path / "r", steps=6, train=skip, checkpoint={"every": 1}))
     finally:
         ddp.global_grad_norm = real
+
+
+def test_a_failed_async_save_does_not_hide_the_divergence_that_follows_it(tmp_path, monkeypatch, capsys):
+    """The async save of step 2 fails (disk full, checkpoint.on_error = stop) while step 3 diverges: the run must
+    still end as diverged (exit 3, which the launcher does not restart: it would replay the same steps into the
+    same NaN). The save's failure, surfaced by the final wait, replaced the divergence: exit 1, restarted."""
+    from dist_train.checkpoint import storage
+
+    def disk_full(*args):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(storage._ChecksumStream, "write", disk_full)
+    real = _nan_norm_at({3}, {0})
+    try:
+        with pytest.raises(TrainingDiverged, match=r"step 3: .* is not finite"):
+            train(tiny_gpt_config(tmp_path / "run", steps=4, checkpoint={"every": 2, "async_save": True}))
+    finally:
+        ddp.global_grad_norm = real
+    out = capsys.readouterr()
+    assert "checkpoint save at step 2 failed" in out.out + out.err  # said, not lost
