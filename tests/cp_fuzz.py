@@ -63,6 +63,7 @@ class Draw:
     kernel: str
     scale: Optional[float]
     invalid: Optional[str] = None      # which rule the draw breaks (None: valid)
+    strided: bool = False              # q, k, v given as non-contiguous [B, S, H, D] views of [B, H, S, D]
 
     @property
     def method(self) -> str:
@@ -155,7 +156,7 @@ def draw(seed: int) -> Draw:
     d = Draw(seed, P, layout, U, S, B, hq, hkv, D, causal, window, tile, kv_piece, cu, packed, kernel, scale)
     if rng.random() < 0.08:
         d = _break(d, rng)
-    return d
+    return replace(d, strided=rng.random() < 0.3)       # drawn last: earlier seeds keep their fields
 
 
 def _break(d: Draw, rng: random.Random) -> Draw:
@@ -215,7 +216,7 @@ def features(d: Draw) -> set[str]:
             if row == (0, d.seq_len):
                 f.add("docs:one-spanning-all")
     for name, on in (("kv_piece", d.kv_piece), ("tile", d.tile), ("scale", d.scale is not None),
-                     ("batch>1", d.batch > 1), ("shard<=2", n <= 2), ("long", n >= 60)):
+                     ("batch>1", d.batch > 1), ("strided", d.strided), ("shard<=2", n <= 2), ("long", n >= 60)):
         if on:
             f.add(name)
     return f
@@ -232,7 +233,7 @@ def tensors(d: Draw):
 
 def reference(d: Draw, q, k, v, grad):
     """Float64 single-device output and (dq, dk, dv)."""
-    xs = [x.clone().requires_grad_() for x in (q, k, v)]
+    xs = leaves((q, k, v), d.strided)
     out = reference_attention(*xs, causal=d.causal, window=d.window, scale=d.scale, doc_ids=d.doc_ids())
     return out.detach(), torch.autograd.grad(out, xs, grad)
 
@@ -244,6 +245,14 @@ def rel_err(x: torch.Tensor, ref: torch.Tensor) -> float:
     return float((x - ref).abs().max() / ref.abs().max().clamp_min(1e-3))
 
 
+def leaves(xs, strided: bool) -> list[torch.Tensor]:
+    """Fresh leaves with the values of ``xs`` ([B, S, H, D]), non-contiguous views when ``strided``
+    (the strides a model gets from [B, H, S, D] projections)."""
+    if strided:
+        return [x.transpose(1, 2).contiguous().transpose(1, 2).requires_grad_() for x in xs]
+    return [x.clone().requires_grad_() for x in xs]
+
+
 def _errors(out, grads, ref_out, ref_grads) -> list[float]:
     return [rel_err(out, ref_out)] + [rel_err(g, r) for g, r in zip(grads, ref_grads)]
 
@@ -251,7 +260,7 @@ def _errors(out, grads, ref_out, ref_grads) -> list[float]:
 def run_simulated(d: Draw) -> list[float]:
     """Errors [out, dq, dk, dv] of the simulator against the reference (a ValueError propagates)."""
     q, k, v, grad = tensors(d)
-    xs = [x.clone().requires_grad_() for x in (q, k, v)]
+    xs = leaves((q, k, v), d.strided)
     out = simulate_ring_attention(*xs, world_size=d.world_size, layout=d.layout, causal=d.causal,
                                   window=d.window, scale=d.scale, kernel=d.kernel, tile=d.tile,
                                   kv_piece=d.kv_piece, cu_seqlens=d.cu_arg(), ulysses_degree=d.ulysses_degree)
@@ -263,7 +272,7 @@ def run_simulated(d: Draw) -> list[float]:
 def run_local(d: Draw) -> list[float]:
     """Errors of ``local_attention`` (the one-rank ring, no simulator) on a P = 1 draw."""
     q, k, v, grad = tensors(d)
-    xs = [x.clone().requires_grad_() for x in (q, k, v)]
+    xs = leaves((q, k, v), d.strided)
     out = local_attention(*xs, causal=d.causal, window=d.window, scale=d.scale, kernel=d.kernel, tile=d.tile,
                           cu_seqlens=d.cu_arg())
     return _errors(out, torch.autograd.grad(out, xs, grad), *reference(d, q, k, v, grad))
@@ -273,7 +282,7 @@ def run_model(d: Draw) -> list[float]:
     """Errors of the model layer's ``attention`` without a cp group (torch SDPA, or the tiled one-rank
     ring with a window or documents) on a causal P = 1 draw with the default scale."""
     q, k, v, grad = tensors(d)
-    xs = [x.clone().requires_grad_() for x in (q, k, v)]
+    xs = leaves((q, k, v), d.strided)
     cu = d.cu_arg()
     if cu is not None and not isinstance(cu, torch.Tensor):
         cu = pack_cu_seqlens([cu] * d.batch if isinstance(cu[0], int) else cu)
@@ -284,7 +293,8 @@ def run_model(d: Draw) -> list[float]:
 def runners(d: Draw) -> list:
     """Every code path a draw can run on in one process."""
     out = [run_simulated]
-    if d.world_size == 1 and d.ulysses_degree == 1 and d.invalid != "kv_piece":     # neither takes kv_piece
+    # neither takes kv_piece or a layout (whose length rule a seq_len draw breaks)
+    if d.world_size == 1 and d.ulysses_degree == 1 and d.invalid not in ("kv_piece", "seq_len"):
         out.append(run_local)
         if d.causal and d.scale is None and d.tile is None and d.kv_piece is None:
             out.append(run_model)
@@ -295,7 +305,7 @@ def run_on_rank(rank: int, d: Draw) -> list[float]:
     """Errors [out, dq, dk, dv] of this rank's shard on real ranks (the default group)."""
     q, k, v, grad = tensors(d)
     pos = sequence_positions(d.seq_len, rank=rank, world_size=d.world_size, layout=d.layout)
-    xs = [x[:, pos].clone().requires_grad_() for x in (q, k, v)]
+    xs = leaves([x[:, pos] for x in (q, k, v)], d.strided)
     out = context_parallel_attention(*xs, layout=d.layout, method=d.method, ulysses_degree=d.ulysses_degree,
                                      causal=d.causal, window=d.window, scale=d.scale, kernel=d.kernel,
                                      tile=d.tile, kv_piece=d.kv_piece, cu_seqlens=d.cu_arg())
@@ -322,13 +332,8 @@ def check(d: Draw, run=run_simulated) -> Optional[str]:
     return None
 
 
-def _gloo_rank(rank: int, world_size: int, seeds: list[int]) -> list[Optional[str]]:
-    out = []
-    for seed in seeds:
-        d = draw(seed)
-        assert d.world_size == world_size, (seed, d.world_size, world_size)
-        out.append(check(d, functools.partial(run_on_rank, rank)))
-    return out
+def _gloo_rank(rank: int, world_size: int, draws: list[Draw]) -> list[Optional[str]]:
+    return [check(d, functools.partial(run_on_rank, rank)) for d in draws]
 
 
 def seeds_for(world_size: int, count: int, first: int = 0) -> list[int]:
@@ -341,11 +346,13 @@ def seeds_for(world_size: int, count: int, first: int = 0) -> list[int]:
     return out
 
 
-def run_gloo(world_size: int, seeds: list[int], timeout: float = 300) -> list[tuple[int, str]]:
-    """Run the draws of ``seeds`` (all with ``world_size`` ranks) on real gloo ranks through
+def run_gloo(draws: list[Draw], timeout: float = 300) -> list[tuple[int, str]]:
+    """Run ``draws`` (all with the same world size) on real gloo ranks through
     ``context_parallel_attention``; (seed, message) for every draw that misbehaved on some rank."""
-    per_rank = run_ranks(_gloo_rank, world_size, args=(seeds,), timeout=timeout)
-    return [(seed, f"rank {r}: {msg}") for r, msgs in enumerate(per_rank) for seed, msg in zip(seeds, msgs)
+    sizes = {d.world_size for d in draws}
+    assert len(sizes) == 1, f"one world size per spawn, got {sorted(sizes)}"
+    per_rank = run_ranks(_gloo_rank, sizes.pop(), args=(draws,), timeout=timeout)
+    return [(d.seed, f"rank {r}: {msg}") for r, msgs in enumerate(per_rank) for d, msg in zip(draws, msgs)
             if msg is not None]
 
 
@@ -362,7 +369,7 @@ def main(argv=None) -> int:
     if args.gloo is not None:
         start = time.time()
         seeds = seeds_for(args.gloo, args.draws, args.seed)
-        fails = run_gloo(args.gloo, seeds)
+        fails = run_gloo([draw(s) for s in seeds])
         for seed, msg in fails:
             print(f"FAIL seed={seed} gloo: {msg}\n    {draw(seed).call()}", flush=True)
         print(f"{len(seeds)} draws on {args.gloo} gloo ranks (seeds {seeds[0]}..{seeds[-1]}), "

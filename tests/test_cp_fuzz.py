@@ -10,11 +10,14 @@ the coverage test keeps it that way if the draw changes. The long run:
 """
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 
-from parallelism.context import local_attention, simulate_ring_attention
-from tests.cp_fuzz import check, draw, features, run_gloo, runners
+from parallelism.context import ScheduleError, Simulator, local_attention, simulate_ring_attention
+from parallelism.context.comm import Post, Recv, Send, Wait
+from tests.cp_fuzz import Draw, check, draw, features, run_gloo, runners
 from tests.test_cp_reference import random_qkv
 
 # 20 consecutive draws, then the cheapest draws adding coverage (greedy over seeds 0..2499)
@@ -23,6 +26,8 @@ SEEDS = list(range(20)) + [1269, 259, 433, 1370, 946, 1086, 1233, 2479, 2212, 31
 # P = 3 on gloo: ring, Ulysses with replicated K/V heads, documents, K/V pieces, windows, and three
 # invalid draws (window, tile, cu_seqlens) that every rank must refuse alike
 GLOO_SEEDS = [7, 26, 35, 22, 87, 157, 445, 310, 229, 220, 343]
+# P = 4 hybrids (U = 2) from the draw: documents per sample / shared with window 0, K/V pieces
+GLOO_HYBRID_SEEDS = [23, 694]
 
 
 def test_fixed_draws_cover_every_feature():
@@ -46,7 +51,23 @@ def test_fuzz_draws_on_gloo_ranks():
     assert {draw(s).world_size for s in GLOO_SEEDS} == {3}
     assert {draw(s).method for s in GLOO_SEEDS} == {"ring", "ulysses"}
     assert sum(draw(s).invalid is not None for s in GLOO_SEEDS) == 3
-    failures = run_gloo(3, GLOO_SEEDS, timeout=170)
+    failures = run_gloo([draw(s) for s in GLOO_SEEDS], timeout=170)
+    assert not failures, failures
+
+
+def test_strided_kv_through_the_ring_on_gloo_ranks():
+    """Regression: K/V that are strided views made the whole-shard backward ring send them as they
+    were, and gloo refused ("RuntimeError: input tensor has to be contiguous"). Found with a hybrid
+    (U = 2) holding one token per rank with B = 2: the all-to-all's gathered K/V is then a view, not a
+    copy, even for contiguous inputs; non-contiguous inputs (``strided``) through the plain ring too."""
+    base = Draw(seed=5044, world_size=4, layout="striped", ulysses_degree=2, seq_len=4, batch=2, hq=2, hkv=1,
+                head_dim=4, causal=True, window=None, tile=None, kv_piece=None, cu_seqlens=None, packed=False,
+                kernel="sdpa", scale=None)
+    # hkv = 2: with one K/V head a [B, H, S, D] view transposed is still contiguous
+    draws = [base, replace(base, seed=5045, ulysses_degree=1, seq_len=8, hkv=2, strided=True, causal=False)]
+    draws += [draw(s) for s in GLOO_HYBRID_SEEDS]
+    assert all(d.world_size == 4 for d in draws) and {d.method for d in draws} == {"hybrid", "ring"}
+    failures = run_gloo(draws, timeout=170)
     assert not failures, failures
 
 
@@ -86,3 +107,16 @@ def test_bad_tile_scale_and_window_are_refused(entry):
         with pytest.raises(ValueError, match=msg):
             call(**kw)
     assert torch.isfinite(call(scale=0.01)).all()
+
+
+def test_simulator_refuses_non_contiguous_p2p_buffers():
+    """The simulator checks what real p2p needs: a strided buffer posted by a ring generator is a
+    ScheduleError (gloo: "input tensor has to be contiguous"), not a silent clone."""
+    def rank_gen(r, x):
+        handle = yield Post([Send(1 - r, x, 0), Recv(1 - r, torch.empty(2, 3), 0)])
+        yield Wait(handle)
+
+    ok = Simulator(2).run([rank_gen(0, torch.zeros(2, 3)), rank_gen(1, torch.zeros(2, 3))])
+    assert ok == [None, None]
+    with pytest.raises(ScheduleError, match=r"rank 1 posts a non-contiguous Send buffer .*strides \(1, 2\)"):
+        Simulator(2).run([rank_gen(0, torch.zeros(2, 3)), rank_gen(1, torch.zeros(3, 2).t())])

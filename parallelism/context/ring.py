@@ -155,6 +155,10 @@ def ring_backward(schedule: tuple[Piece, ...], rank: int, q, k, v, o, lse, do, k
     """
     c = compute_dtype(q.dtype)
     state = {"dq": None}
+    # K/V travel (and their receive buffers copy their strides): p2p needs contiguous tensors, and a
+    # caller's K/V may be a strided view (a [B, H, S, D] projection transposed; a hybrid's gathered
+    # K/V with one token per rank and B > 1). The forward's piece.gather makes the same copy.
+    k, v = k.contiguous(), v.contiguous()
     if len(schedule) == 1 and schedule[0].length == k.shape[1]:
         dk, dv = yield from _backward_piece(schedule[0].plan, rank, q, k, v, o, lse, do, state,
                                             kernel, scale, stats)

@@ -3,7 +3,8 @@
 The :class:`Simulator` advances every rank's generator round-robin; ``Post`` deposits copies of sent
 tensors in per-(src, dst, tag) FIFO mailboxes, ``Wait`` completes once every awaited receive has
 arrived. If every unfinished rank is blocked, the schedule has a deadlock or a send/receive
-mismatch and :class:`ScheduleError` is raised — the simulator checks the protocol, not only the math.
+mismatch and :class:`ScheduleError` is raised — the simulator checks the protocol, not only the math
+(including that every posted buffer is contiguous, as gloo and NCCL require).
 
 :func:`simulate_ring_attention` takes FULL tensors, shards them with a layout, runs P ranks and
 returns the full output; it is differentiable (backward runs the backward generators).
@@ -62,6 +63,11 @@ class Simulator:
                     started[r] = True
                     while isinstance(msg, Post):
                         for op in msg.ops:
+                            if not op.tensor.is_contiguous():
+                                # gloo and NCCL refuse strided p2p buffers: fail here as real ranks would
+                                raise ScheduleError(f"rank {r} posts a non-contiguous {type(op).__name__} buffer "
+                                                    f"(peer {op.peer}, tag {op.tag}, shape {tuple(op.tensor.shape)}, "
+                                                    f"strides {op.tensor.stride()}): p2p needs contiguous tensors")
                             if isinstance(op, Send):
                                 self.mailbox[(r, op.peer, op.tag)].append(op.tensor.clone())
                                 self.messages += 1
