@@ -414,3 +414,37 @@ def test_the_report_names_the_commit_of_a_tree_copied_without_git(tmp_path, monk
     assert commit_of(tmp_path) == "0123abc (from $DIST_TRAIN_COMMIT: no .git here)"
     head = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
     assert commit_of(ROOT) == head
+
+
+#: what ``pytest -v`` had written (unbuffered) when the limit's SIGKILL stopped it inside a test that ignored SIGINT
+#: (recorded from a real run of such a test under runner._run)
+KILLED_PYTEST_LOG = """============================= test session starts ==============================
+collecting ... collected 3 items
+
+tests/test_gpu_path.py::test_quick PASSED              [ 33%]
+tests/test_gpu_path.py::test_skip[1] SKIPPED (no CUDA)      [ 66%]
+tests/test_gpu_path.py::test_hangs_in_nccl_init """
+
+
+def test_a_tests_section_killed_before_its_junit_file_keeps_what_finished(tmp_path, monkeypatch):
+    """A test hanging where SIGINT cannot reach it (inside a CUDA or NCCL call) is killed with pytest, which then
+    writes no JUnit file: the outcomes come from pytest's verbose log, and the note names the test that hung."""
+    import dist_train.gpucheck.runner as runner
+
+    def killed(cmd, timeout, log):
+        assert "-v" in cmd and not (tmp_path / "junit.xml").exists()
+        log.write_text(KILLED_PYTEST_LOG)
+        return 124, timeout
+
+    monkeypatch.setattr(runner, "_run", killed)
+    report = {"notes": [], "sections": {}}
+    runner.run_tests(report, tmp_path, 240.0)
+    assert [(t["test"], t["outcome"]) for t in report["tests"]] == [
+        ("tests/test_gpu_path.py::test_quick", "passed"), ("tests/test_gpu_path.py::test_skip[1]", "skipped")]
+    assert "tests/test_gpu_path.py::test_hangs_in_nccl_init was running when the tests section stopped" in report["notes"][0]
+    # a JUnit file cut off while being written is no better than none
+    (tmp_path / "junit.xml").write_text('<testsuites><testsuite><testcase classname="tests.test_gpu_path" name="test_q')
+    monkeypatch.setattr(runner, "_run", lambda cmd, timeout, log: (log.write_text(KILLED_PYTEST_LOG), (124, timeout))[1])
+    report = {"notes": [], "sections": {}}
+    runner.run_tests(report, tmp_path, 240.0)
+    assert len(report["tests"]) == 2 and report["sections"]["tests"]["exit_code"] == 124

@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import json
+import re
 import xml.etree.ElementTree as ET
 from pathlib import Path
+from typing import Optional
 
 
 def junit_results(path: Path) -> list[dict]:
@@ -26,6 +28,28 @@ def junit_results(path: Path) -> list[dict]:
         out.append({"test": f"{cls}.py::{case.get('name')}", "outcome": outcome,
                     "seconds": float(case.get("time") or 0.0), "message": message})
     return out
+
+
+#: a finished test in ``pytest -v`` output: "tests/test_x.py::test_y[id] PASSED   [ 10%]"
+_VERBOSE_LINE = re.compile(r"^(\S+\.py::\S+) (PASSED|FAILED|SKIPPED|ERROR|XFAIL|XPASS)\b")
+_VERBOSE_OUTCOME = {"PASSED": "passed", "XPASS": "passed", "FAILED": "failed", "ERROR": "error", "SKIPPED": "skipped",
+                    "XFAIL": "skipped"}
+
+
+def log_results(path: Path) -> tuple[list[dict], Optional[str]]:
+    """The tests a ``pytest -v`` log (written unbuffered) shows finished, and the one it shows started but not
+    finished (None when none): what is left of a pytest killed before it wrote its JUnit file (a hang that ignored
+    SIGINT). No seconds or messages: the log has none per test."""
+    out, running = [], None
+    for line in path.read_text(errors="replace").splitlines():
+        m = _VERBOSE_LINE.match(line)
+        if m:
+            out.append({"test": m.group(1), "outcome": _VERBOSE_OUTCOME[m.group(2)], "seconds": 0.0,
+                        "message": "from the pytest log (no JUnit file)"})
+            running = None
+        elif re.match(r"^\S+\.py::\S+ *$", line):
+            running = line.strip()
+    return out, running
 
 
 def summarize(report: dict) -> dict:

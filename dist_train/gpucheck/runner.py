@@ -18,6 +18,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import xml.etree.ElementTree as ET
 from pathlib import Path
 
 from . import report as rep
@@ -55,7 +56,9 @@ def _run(cmd: list[str], timeout: float, log: Path) -> tuple[int, float]:
     """Run ``cmd`` in the repository root with the project on PYTHONPATH for at most ``timeout`` seconds:
     SIGINT at ``timeout`` minus the grace (:data:`INTERRUPT_GRACE_S`, at most a quarter of ``timeout``),
     SIGKILL at ``timeout``. Returns (exit status, or 124 when the limit stopped it; seconds)."""
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
+    # unbuffered: a section killed at its limit leaves its log complete up to that moment (run_tests reads it)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+               PYTHONUNBUFFERED="1")
     timeout = max(1.0, timeout)
     grace = min(INTERRUPT_GRACE_S, timeout / 4)
     t0 = time.perf_counter()
@@ -85,12 +88,19 @@ def _tail(path: Path, n: int = 1500) -> str:
 
 def run_tests(report: dict, work: Path, timeout: float) -> None:
     files = gpu_test_files()
-    xml = work / "junit.xml"
-    rc, secs = _run([sys.executable, "-m", "pytest", "-m", "gpu", "-q", "-p", "no:cacheprovider",
-                     f"--junitxml={xml}", *files], timeout, work / "pytest.log")
+    xml, log = work / "junit.xml", work / "pytest.log"
+    # -v: each test's outcome on its own line as it finishes, so a pytest killed before writing its JUnit file
+    # (a hang that ignores SIGINT, e.g. inside a CUDA or NCCL call) still shows what finished and what hung
+    rc, secs = _run([sys.executable, "-m", "pytest", "-m", "gpu", "-v", "-p", "no:cacheprovider",
+                     f"--junitxml={xml}", *files], timeout, log)
     report["test_files"] = files
-    report["tests"] = rep.junit_results(xml) if xml.exists() else []
-    report["sections"]["tests"] = {"exit_code": rc, "seconds": secs, "log_tail": _tail(work / "pytest.log")}
+    report["sections"]["tests"] = {"exit_code": rc, "seconds": secs, "log_tail": _tail(log)}
+    try:
+        report["tests"] = rep.junit_results(xml)
+    except (OSError, ET.ParseError):  # killed before (or while) writing it
+        report["tests"], running = rep.log_results(log) if log.exists() else ([], None)
+        report["notes"].append("no complete JUnit file: the test outcomes come from the pytest log"
+                               + (f"; {running} was running when the tests section stopped" if running else ""))
     if rc == 124:
         report["notes"].append(f"gpu tests stopped by the time limit ({timeout:.0f} s); the tests listed are those "
                                "that finished before it")
