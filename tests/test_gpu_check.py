@@ -448,3 +448,23 @@ def test_a_tests_section_killed_before_its_junit_file_keeps_what_finished(tmp_pa
     report = {"notes": [], "sections": {}}
     runner.run_tests(report, tmp_path, 240.0)
     assert len(report["tests"]) == 2 and report["sections"]["tests"]["exit_code"] == 124
+
+
+def test_kernel_benchmark_code_runs_on_cpu():
+    """The kernels benchmark's own code on CPU, tiny blocks: one row per length, mask and kernel, SDPA measured
+    alongside, and each row's op counts are that row's calls only (1 warm-up + the repeats): the CUDA kernel
+    class with its aten ops stood in, beside the CPU kernel."""
+    from dist_train.gpucheck.bench import bench_kernels
+    from parallelism.context.kernels import CudaSdpaKernel, SdpaCpuKernel
+    from tests.test_cuda_kernel import _fake_aten
+
+    seen = []
+    kernels = {"sdpa": SdpaCpuKernel(),
+               "cuda": CudaSdpaKernel(available=("flash", "efficient"), aten=_fake_aten([]))}
+    rows = bench_kernels(seq_lens=(64, 128), heads=2, head_dim=16, repeats=2, device=torch.device("cpu"),
+                         kernels=kernels, on_row=lambda r: seen.append(len(r)))
+    assert [(r["seq_len"], r["causal"], r["kernel"]) for r in rows] == [
+        (s, c, k) for s in (64, 128) for c in (True, False) for k in ("sdpa", "cuda")]
+    assert seen == list(range(1, 9))
+    assert all(r["ops"] == {"flash": 3} for r in rows if r["kernel"] == "cuda"), [r["ops"] for r in rows]
+    assert all(r["tflops"] > 0 and r["sdpa_tflops"] > 0 and r["vs_sdpa"] > 0 for r in rows)

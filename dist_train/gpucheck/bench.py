@@ -89,17 +89,20 @@ def table_peak_tflops(device: torch.device = torch.device("cuda")) -> float | No
 
 # ---------------------------------------------------------------------------------------------
 def bench_kernels(seq_lens=(8192, 32768), heads: int = 16, head_dim: int = 128, repeats: int = 5,
-                  on_row: Optional[Callable[[list[dict]], None]] = None) -> list[dict]:
+                  on_row: Optional[Callable[[list[dict]], None]] = None, device: torch.device = torch.device("cuda"),
+                  kernels: Optional[dict] = None) -> list[dict]:
     """fwd+bwd of one block: our kernels vs torch SDPA, bf16, causal and full (4·S²·D·H FLOPs per
     forward for a full block, half for causal; backward 2.5× the forward). ``on_row(rows)`` gets the
-    rows so far after each one."""
-    dev, dt = torch.device("cuda"), torch.bfloat16
-    kernels = {"auto": get_kernel("auto", dev, dt)}
-    if kernels["auto"].name != "cuda":
-        kernels["cuda"] = CudaSdpaKernel()
+    rows so far after each one. ``kernels`` ({label: kernel}; default: ``auto``'s kernel, and torch's CUDA
+    ops kernel when ``auto`` is another) and ``device`` exist so the same code runs on CPU (tests)."""
+    dev, dt = device, torch.bfloat16
+    if kernels is None:
+        kernels = {"auto": get_kernel("auto", dev, dt)}
+        if kernels["auto"].name != "cuda":
+            kernels["cuda"] = CudaSdpaKernel()
     rows = []
     for s in seq_lens:
-        gen = torch.Generator(device="cuda").manual_seed(0)
+        gen = torch.Generator(device=dev).manual_seed(0)
         q, k, v, do = (torch.randn(1, s, heads, head_dim, device=dev, dtype=dt, generator=gen) for _ in range(4))
         scale = head_dim ** -0.5
         for causal in (True, False):
@@ -112,22 +115,25 @@ def bench_kernels(seq_lens=(8192, 32768), heads: int = 16, head_dim: int = 128, 
                 out = F.scaled_dot_product_attention(qs, ks, vs, is_causal=causal)
                 out.backward(dos)
 
-            t_sdpa = statistics.median(device_times(sdpa, repeats))
+            t_sdpa = statistics.median(device_times(sdpa, repeats, dev))
             for label, kern in kernels.items():
                 def ours(kern=kern):
                     out, lse = kern.forward(q, k, v, mask, scale)
                     kern.backward(do, q, k, v, out, lse, mask, scale)
 
-                t = statistics.median(device_times(ours, repeats))
+                before = dict(getattr(kern, "calls", {}))   # the torch op each call ran, this row's calls only
+                t = statistics.median(device_times(ours, repeats, dev))
+                ops = {op: n - before.get(op, 0) for op, n in getattr(kern, "calls", {}).items() if n > before.get(op, 0)}
                 rows.append({"seq_len": s, "causal": causal, "kernel": label, "kernel_name": kern.name,
-                             "ops": dict(getattr(kern, "calls", {})), "ms": t * 1e3, "sdpa_ms": t_sdpa * 1e3,
+                             "ops": ops, "ms": t * 1e3, "sdpa_ms": t_sdpa * 1e3,
                              "tflops": flops / t / 1e12, "sdpa_tflops": flops / t_sdpa / 1e12,
                              "vs_sdpa": t_sdpa / t})
                 if on_row is not None:
                     on_row(rows)
             del qs, ks, vs
         del q, k, v, do
-        torch.cuda.empty_cache()
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()
     return rows
 
 
