@@ -20,7 +20,7 @@ import torch
 
 from dist_train.config import Config, LaunchConfig, check_world_size, load_config
 from dist_train.dryrun import show_layout
-from dist_train.preflight import PREFLIGHT_ENV, preflight
+from dist_train.preflight import PREFLIGHT_ENV, check_resume, preflight
 from dist_train.runlock import LOCK_ENV, acquire_for_launcher
 from launchers.supervisor import JobSpec, Supervisor
 
@@ -219,6 +219,10 @@ def submit_main(args: argparse.Namespace) -> int:
         raise ValueError(f"{e} (--nodes {spec.nodes} × {spec.per_node} rank(s) per node, from --ntasks-per-node or "
                          f"--gpus-per-node; e.g. --nodes {nodes} --ntasks-per-node {cfg.world_size // nodes}, or "
                          f"change parallel.*)") from None
+    # the script starts every time with checkpoint.restart=true (a requeue resumes the run's newest), so its ranks
+    # cannot refuse a first start that would take over an earlier run's checkpoints (resume: none into them, or a
+    # PATH older than their newest): checked here, as configured, before anything is written or submitted
+    check_resume(cfg)
     text = render(spec)
     if args.dry_run:
         print(text, end="")

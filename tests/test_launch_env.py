@@ -364,3 +364,31 @@ def test_the_watchdog_clock_restarts_when_a_checkpoint_save_ends(tmp_path, monke
         assert read_heartbeat(tmp_path, 0)["gap_s"] == 2.0
     finally:
         lc.close()
+
+
+def test_submit_refuses_a_start_that_would_resume_another_runs_checkpoints(tmp_path):
+    """Every start of a batch job runs with checkpoint.restart=true (a requeue must resume the run's newest), so its
+    ranks cannot tell a first start from a requeue: a job submitted with checkpoint.resume = none (or a fine-tune's
+    PATH) into a run dir that still holds an earlier run's checkpoints silently continued that run (what `launch`
+    refuses). `dist-train submit` checks the start as configured, before anything is written or submitted."""
+    from dist_train.config import save_config
+    from dist_train.trainer import train
+    from tests.trainer_utils import tiny_gpt_config
+
+    run = tmp_path / "r"
+    cfg = tiny_gpt_config(run, steps=2, checkpoint={"every": 2})
+    train(cfg)  # the earlier run: step_2 in r/checkpoints
+    config = tmp_path / "c.yaml"
+    save_config(cfg, config)
+    # what the batch job's first start runs: it resumes step_2 although the config says none
+    assert train(tiny_gpt_config(run, steps=3, checkpoint={"resume": "none", "restart": True, "at_end": True})
+                 ).start_step == 2
+    parser = argparse.ArgumentParser()
+    add_submit_arguments(parser)
+    submit = [str(config), "--scheduler", "slurm", "--nodes", "1", "--ntasks-per-node", "1", "--time", "00:10:00"]
+    with pytest.raises(ValueError, match=r"^checkpoint.resume = none, but .* holds checkpoints \(step_3, step_2\)"):
+        submit_main(parser.parse_args(submit + ["--set", "checkpoint.resume=none"]))
+    with pytest.raises(ValueError, match=r"is at step 2, but .* holds newer checkpoints \(step_3\)"):
+        submit_main(parser.parse_args(submit + ["--set", f"checkpoint.resume={run / 'checkpoints' / 'step_2'}"]))
+    assert not list(run.glob("submit_*.sh"))
+    assert submit_main(parser.parse_args(submit + ["--dry-run"])) == 0  # resume: auto continues the run: fine
