@@ -116,6 +116,12 @@ def check_data(cfg: Config) -> None:
     if d.source == "indexed":
         _check_indexed(cfg)
     elif d.source == "weather":
+        m = cfg.model
+        if not m.in_channels == m.out_channels == d.channels:
+            # every rank would refuse its first batch (models/swin.check_batch): input and target are the same fields
+            raise ConfigError(f"data.channels = {d.channels} with model.in_channels = {m.in_channels}, model.out_channels "
+                              f"= {m.out_channels}: the weather source forecasts the next step of all its fields, so "
+                              f"each batch's input and target have data.channels fields; set all three equal")
         if not d.path:
             raise ConfigError("data.path is not set: give the directory of the weather dataset (generated there "
                               "on first use)")

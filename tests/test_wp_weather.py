@@ -144,3 +144,12 @@ def test_two_jobs_generating_at_one_fresh_path_never_mix_their_datasets(tmp_path
     alone = WeatherDataset(prepare_weather(tmp_path / "alone", height=10, width=16, steps=12, channels=2,
                                            seed=winner[0]))
     assert np.array_equal(WeatherDataset(tmp_path / "w").fields, alone.fields)
+
+
+@pytest.mark.parametrize("data, model", [({"channels": 4}, {}), ({}, {"out_channels": 3}), ({}, {"in_channels": 1})])
+def test_preflight_refuses_channels_the_first_batch_would_not_fit(data, model, tmp_path):
+    """x and y of a weather batch both hold data.channels fields; a swin built for other in/out channels refused its
+    first batch on every rank after start-up, naming tensor shapes. Now one line naming the three keys, before."""
+    cfg = tiny_swin_config(tmp_path / "run", tmp_path / "w", data=data, model=model)
+    with pytest.raises(ConfigError, match=r"^data.channels = \d+ with model.in_channels = \d+, model.out_channels = \d+"):
+        check_data(cfg)
