@@ -27,7 +27,7 @@ from .checkpoint.manager import (checkpoint_root, consumed_samples, effective_re
 from .checkpoint.storage import CheckpointError
 from .config import Config, ConfigError
 from .cost import memory_model, model_params, rank_inputs
-from .data.datasets import IndexedTokenDataset, training_digest
+from .data.datasets import IndexedTokenDataset, split_part, training_digest
 from .data.documents import resolve_eod_id
 from .data.integrity import check_indexed_dataset
 from .data.tokenizer import get_tokenizer
@@ -122,6 +122,12 @@ def check_data(cfg: Config) -> None:
             raise ConfigError(f"data.channels = {d.channels} with model.in_channels = {m.in_channels}, model.out_channels "
                               f"= {m.out_channels}: the weather source forecasts the next step of all its fields, so "
                               f"each batch's input and target have data.channels fields; set all three equal")
+        pairs = d.steps - 1  # forecasting pairs (t, t+1) of data.steps time steps (data/weather.WeatherDataset)
+        for part in ("train", "valid") if cfg.train.eval_every else ("train",):
+            lo, hi = split_part(pairs, d.split, part)
+            if hi <= lo:  # the rank's WeatherBatcher would refuse it after start-up
+                raise ConfigError(f"data.split = {d.split!r}: the {part} share of the {pairs} weather samples (data.steps "
+                                  f"= {d.steps}) is empty; give it a larger share or more data.steps")
         if not d.path:
             raise ConfigError("data.path is not set: give the directory of the weather dataset (generated there "
                               "on first use)")

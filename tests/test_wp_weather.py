@@ -1,6 +1,7 @@
 """The generated weather dataset: deterministic, tile reads, physics sanity; the Swin model learns it."""
 from __future__ import annotations
 
+import re
 import threading
 import time
 from types import SimpleNamespace
@@ -152,4 +153,18 @@ def test_preflight_refuses_channels_the_first_batch_would_not_fit(data, model, t
     first batch on every rank after start-up, naming tensor shapes. Now one line naming the three keys, before."""
     cfg = tiny_swin_config(tmp_path / "run", tmp_path / "w", data=data, model=model)
     with pytest.raises(ConfigError, match=r"^data.channels = \d+ with model.in_channels = \d+, model.out_channels = \d+"):
+        check_data(cfg)
+
+
+@pytest.mark.parametrize("split, train, refused", [("99,1,0", {"eval_every": 2}, "the valid share of the 11"),
+                                                   ("0.01,99,0", {}, "the train share of the 11"),
+                                                   ("99,1,0", {}, None), ("80,20,0", {"eval_every": 2}, None)])
+def test_preflight_refuses_an_empty_weather_split_share_before_any_rank_starts(split, train, refused, tmp_path):
+    """data.split over data.steps - 1 forecasting pairs: an empty training share (or validation share, when
+    validation runs) was refused by every rank's batcher after start-up; it depends on the config alone."""
+    cfg = tiny_swin_config(tmp_path / "run", tmp_path / "w", data={"split": split}, train=train)
+    if refused is None:
+        check_data(cfg)
+        return
+    with pytest.raises(ConfigError, match=rf"^data.split = '{re.escape(split)}': {refused} weather samples"):
         check_data(cfg)
