@@ -399,3 +399,10 @@ def test_a_fine_tune_of_an_import_exports_the_fields_the_import_kept(tmp_path):
     hf.to_hf(tmp_path / "run" / "checkpoints" / "step_2", tmp_path / "back")
     config = json.loads((tmp_path / "back" / "config.json").read_text())
     assert {k: config[k] for k in kept} == kept, config
+    # trained at a longer context than the import's (context extension): the export says the length it trained at
+    _hf_model("llama", **{**kept, "max_position_embeddings": 24}).save_pretrained(tmp_path / "short")
+    hf.from_hf(tmp_path / "short", tmp_path / "short_init")
+    train(tiny_gpt_config(tmp_path / "long", steps=1, model=model, data={"seq_len": SEQ},
+                          checkpoint={"resume": str(tmp_path / "short_init"), "at_end": True}))
+    hf.to_hf(tmp_path / "long" / "checkpoints" / "step_1", tmp_path / "long_hf")
+    assert json.loads((tmp_path / "long_hf" / "config.json").read_text())["max_position_embeddings"] == SEQ

@@ -246,7 +246,10 @@ def to_hf(ckpt: PathLike, out: PathLike) -> Path:
     check_tensors(tensors, m, f"checkpoint {ckpt}")
     data = cfg.get("data") or {}
     eos = 256 if data.get("tokenizer", "byte") == "byte" and m.vocab_size == 257 else None
-    config = hf_config(m, tensors["tok_embeddings.weight"].dtype, cfg.get("hf_config"), data.get("seq_len", 2048), eos)
+    kept = dict(cfg.get("hf_config") or {})
+    if "max_position_embeddings" in kept and data.get("seq_len"):  # a fine-tune of an import: it was trained at
+        kept["max_position_embeddings"] = max(kept["max_position_embeddings"], data["seq_len"])  # seq_len at least
+    config = hf_config(m, tensors["tok_embeddings.weight"].dtype, kept, data.get("seq_len", 2048), eos)
     out.mkdir(parents=True, exist_ok=True)
     save_file({to_hf_name(k): v.contiguous() for k, v in tensors.items()}, str(out / "model.safetensors"),
               metadata={"format": "pt", "source": f"dist-train {Path(ckpt).name}"})
