@@ -176,8 +176,12 @@ def _check_indexed(cfg: Config) -> None:
     if all(have):
         try:
             check_indexed_dataset(d.path, m.vocab_size, d.seq_len)
+            # the parts the ranks read (data.split's training share; its validation share when validation reads it):
+            # an empty one is refused by every rank's dataset after start-up
+            for part in ("train", "valid") if cfg.train.eval_every and not d.valid_path else ("train",):
+                IndexedTokenDataset(d.path, d.seq_len, cfg.run.seed, d.split, part)
         except ValueError as e:
-            raise ConfigError(str(e)) from None
+            raise ConfigError(str(e).splitlines()[0]) from None
         return
     if d.prepare is None:
         missing = " and ".join(f"{d.path}{s}" for s, h in zip((".bin", ".idx"), have) if not h)

@@ -16,7 +16,7 @@ from dist_train.data.integrity import check_bin_size, check_indexed_dataset, rea
 from dist_train.data.prepare import prepare_indexed
 from dist_train.data.sidecar import sidecar_path
 from dist_train.engines import cpu_autocast_refusal
-from dist_train.preflight import preflight
+from dist_train.preflight import check_data, preflight
 from tests.trainer_utils import run_cli, tiny_gpt_config
 
 
@@ -316,3 +316,18 @@ def test_a_document_option_whose_end_of_document_id_is_outside_the_vocabulary_is
         preflight(cfg, on_cuda=False)
     assert f"data.{option}" in str(info.value) and "256" in str(info.value) and "data.eod_id" in str(info.value)
     preflight(tiny_gpt_config(tmp_path / "run", data={option: True, "eod_id": 3}), on_cuda=False)
+
+
+@pytest.mark.parametrize("split, train, needle", [("99,1,0", {"eval_every": 2}, "data.split: the part ["),
+                                                  ("1,99,0", {}, "data.split: the part [0, 0)"),
+                                                  ("99,1,0", {}, None), ("50,50,0", {"eval_every": 2}, None)])
+def test_an_empty_share_of_data_split_is_refused_before_any_rank_starts(split, train, needle, tmp_path, dataset):
+    """The dataset's samples under data.split: an empty training share (or validation share, when validation reads
+    it) was refused by every rank's dataset after start-up; it depends on the config and the files alone."""
+    cfg = _cfg(tmp_path, dataset, data={"split": split, "seq_len": 64}, train=train)
+    if needle is None:
+        check_data(cfg)
+        return
+    with pytest.raises(ConfigError) as e:
+        check_data(cfg)
+    assert str(e.value).startswith(needle) and "is empty" in str(e.value), str(e.value)
