@@ -45,11 +45,14 @@ def gpu_test_files(root: Path = ROOT) -> list[str]:
                   if "mark.gpu" in p.read_text(errors="replace"))
 
 
-def _default_sigint() -> None:
-    """In the section's child before exec: SIGINT at its default. A check started as a background job of a
-    non-interactive shell (``make gpu-check &``, nohup) has SIGINT ignored, children inherit that, and a
-    section would then ignore the limit's SIGINT and lose, when killed, what it had finished."""
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
+def _let_sections_see_sigint() -> None:
+    """A check started as a background job of a non-interactive shell (``make gpu-check &``, nohup) has SIGINT
+    ignored, and "ignored" survives exec: every section would then ignore the limit's SIGINT and lose, when killed,
+    what it had finished. A handled SIGINT is reset to its default by exec, so this process takes Python's handler and
+    the sections start with SIGINT at its default. (Not a ``preexec_fn`` in the child: Python code between fork and
+    exec can deadlock when the parent has threads, which the CUDA driver probed by ``environment()`` may start.)"""
+    if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def _run(cmd: list[str], timeout: float, log: Path) -> tuple[int, float]:
@@ -62,9 +65,9 @@ def _run(cmd: list[str], timeout: float, log: Path) -> tuple[int, float]:
     timeout = max(1.0, timeout)
     grace = min(INTERRUPT_GRACE_S, timeout / 4)
     t0 = time.perf_counter()
+    _let_sections_see_sigint()
     with open(log, "w") as fh:
-        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=fh, stderr=subprocess.STDOUT,
-                                preexec_fn=_default_sigint)
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=fh, stderr=subprocess.STDOUT)
         try:
             rc = proc.wait(timeout=timeout - grace)
         except subprocess.TimeoutExpired:
