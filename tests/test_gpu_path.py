@@ -120,11 +120,17 @@ def test_gpt_kept_activations_on_cuda_are_the_memory_model(checkpointing):
     assert predicted <= counted <= predicted + CUDA_ATTENTION_RNG_BYTES * cfg.model.n_layers, (counted, predicted)
 
 
-def _nccl_world_one(tmp_path: Path) -> None:
-    if not dist.is_initialized():
-        dist.init_process_group("nccl", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1,
-                                device_id=torch.device("cuda", torch.cuda.current_device()))
+@pytest.fixture(scope="module")
+def nccl_world_one(tmp_path_factory):
+    """The default process group on NCCL with world size 1, for this module's NCCL tests, destroyed after them: a
+    process exiting with a live NCCL group warns and can block in its destructor, and the tests section would then
+    sit until its time limit after its last test."""
+    rendezvous = tmp_path_factory.mktemp("nccl") / "rendezvous"
+    dist.init_process_group("nccl", init_method=f"file://{rendezvous}", rank=0, world_size=1,
+                            device_id=torch.device("cuda", torch.cuda.current_device()))
     assert dist.get_backend() == "nccl" and dist.get_world_size() == 1
+    yield dist.group.WORLD
+    dist.destroy_process_group()
 
 
 def _tiny_run(tmp_path: Path, name: str, precision: str, steps: int = 12, **checkpoint):
@@ -138,12 +144,11 @@ def _tiny_run(tmp_path: Path, name: str, precision: str, steps: int = 12, **chec
     return train(cfg)
 
 
-def test_trainer_on_one_gpu_with_nccl_bf16_vs_fp32(tmp_path):
+def test_trainer_on_one_gpu_with_nccl_bf16_vs_fp32(tmp_path, nccl_world_one):
     """gpt_tiny-sized model, NCCL world size 1: bf16 trains (loss falls) and tracks fp32 on the first
     steps; CUDA peak memory is reported; MFU uses the GPU's bf16 peak (not the CPU calibration)."""
     from dist_train.metrics import cuda_peak
 
-    _nccl_world_one(tmp_path)
     torch.cuda.reset_peak_memory_stats()
     bf16 = _tiny_run(tmp_path, "bf16", "bf16")
     fp32 = _tiny_run(tmp_path, "fp32", "fp32")
@@ -158,15 +163,14 @@ def test_trainer_on_one_gpu_with_nccl_bf16_vs_fp32(tmp_path):
     assert s["mfu"] is not None and 0 < s["mfu"] < 1, s
 
 
-def test_the_steps_cpu_scalars_reduce_over_an_nccl_group(tmp_path):
+def test_the_steps_cpu_scalars_reduce_over_an_nccl_group(nccl_world_one):
     """The trainer's token count, the engines' loss sums and the gradient norm's partial sums are float64 CPU tensors,
     reduced over the mesh's groups; NCCL refuses CPU tensors ("No backend type associated with device type cpu"), so
     on more than one GPU every step failed. They are reduced on the group's device: checked on a world-size-1 NCCL
     group, which refuses a CPU tensor exactly as eight ranks do (the trainer at world size 1 has no groups)."""
     from dist_train.engines.grads import all_reduce_sum, global_grad_norm
 
-    _nccl_world_one(tmp_path)
-    world = dist.group.WORLD
+    world = nccl_world_one
     with pytest.raises(RuntimeError):  # the premise: NCCL itself takes no CPU tensor
         dist.all_reduce(torch.ones(1, dtype=torch.float64), group=world)
     t = torch.tensor([3.0, 4.0], dtype=torch.float64)
