@@ -656,6 +656,19 @@ def _unread_fields(cfg: Config) -> list[tuple[str, bool, str]]:
     ]
 
 
+#: Keys only a pipeline (pp > 1) reads and keys only FSDP2 reads, with their defaults: a layout a tool derives without
+#: one (a planner candidate, a sweep point, a benchmark's baseline) takes these, since validation refuses them set there.
+PIPELINE_ONLY_DEFAULTS = {f"parallel.{k}": getattr(ParallelConfig, k) for k in ("microbatches", "pp_schedule")}
+FSDP_ONLY_DEFAULTS = {"parallel.fsdp_reshard_after_forward": ParallelConfig.fsdp_reshard_after_forward}
+
+
+def unread_reset_overrides(pipeline: bool, fsdp: bool) -> list[str]:
+    """``--set`` items giving a layout without a pipeline (``pipeline`` False) / without FSDP2 (``fsdp`` False) the
+    defaults of the keys only those read (:data:`PIPELINE_ONLY_DEFAULTS`, :data:`FSDP_ONLY_DEFAULTS`)."""
+    keys = {**({} if pipeline else PIPELINE_ONLY_DEFAULTS), **({} if fsdp else FSDP_ONLY_DEFAULTS)}
+    return [f"{k}={yaml.safe_dump(v, default_flow_style=True).splitlines()[0]}" for k, v in keys.items()]
+
+
 def _refuse_unread_fields(cfg: Config) -> None:
     """A key set away from its default that this config's code path never reads is refused (one line naming it): the
     run would silently do other than its config, and every checkpoint's recorded config, says."""

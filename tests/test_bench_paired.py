@@ -169,3 +169,22 @@ def test_a_measured_run_never_resumes_from_or_saves_into_the_configs_checkpoint_
     assert rec["summary"]["start_step"] == 0, rec["summary"]
     after = {p.relative_to(real).as_posix(): p.read_bytes() for p in real.rglob("*") if p.is_file()}
     assert after == before
+
+
+def test_a_baseline_without_a_pipeline_drops_the_runs_pipeline_keys():
+    """`--set parallel.pp_schedule=gpipe` (the documented pp2 GPipe vs pp1 pair) applies to the baseline too, whose
+    `--baseline-set parallel.pp=1` leaves nothing to read it: the baseline takes the pipeline keys' defaults (a
+    refusal otherwise), the run keeps them, an explicit --baseline-set still wins."""
+    args = _args(overrides=SMALL + ["model.n_layers=4", "parallel.pp=2", "parallel.pp_schedule=gpipe",
+                                    "parallel.microbatches=2"], baseline_overrides=["model.n_layers=2", "parallel.pp=1"])
+    plan = bench_train_cli.check(args)
+    run, base = plan.run.cfg.parallel, plan.baseline.cfg.parallel
+    assert (run.pp, run.pp_schedule, run.microbatches) == (2, "gpipe", 2)
+    assert (base.pp, base.pp_schedule, base.microbatches) == (1, "1f1b", None)
+    args.baseline_overrides = ["model.n_layers=2", "parallel.pp=1", "parallel.pp_schedule=interleaved"]
+    with pytest.raises(ValueError, match=r"^parallel.pp_schedule = 'interleaved': only the pipeline engine"):
+        bench_train_cli.check(args)
+    args = _args(overrides=SMALL + ["model.n_layers=4", "parallel.dp=2", "parallel.fsdp=true",
+                                    "parallel.fsdp_reshard_after_forward=false"],
+                 baseline_overrides=["parallel.fsdp=false"])
+    assert bench_train_cli.check(args).baseline.cfg.parallel.fsdp_reshard_after_forward is True

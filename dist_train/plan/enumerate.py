@@ -17,14 +17,12 @@ import copy
 import itertools
 from typing import Iterable, Optional
 
-from ..config import Config, ConfigError, ParallelConfig, validate
+from ..config import FSDP_ONLY_DEFAULTS, PIPELINE_ONLY_DEFAULTS, Config, ConfigError, validate
 from ..cost.predict import Prediction, predict
 from ..cost.shape import cp_execution
 from .profiles import DeviceProfile
 
 CHECKPOINTING = ("none", "selective", "full")
-PIPELINE_DEFAULTS = (ParallelConfig.microbatches, ParallelConfig.pp_schedule)
-FSDP_RESHARD_DEFAULT = ParallelConfig.fsdp_reshard_after_forward
 ZERO_STAGES = (None, 1, 2, 3)
 
 
@@ -105,10 +103,10 @@ def enumerate_layouts(cfg: Config, devices: int, checkpointing: Iterable[str] = 
                             p.sequence_parallel = sp
                             # keys only a pipeline / FSDP2 reads: the base config's values where this layout has
                             # one, the defaults where it has none (validation refuses them set there, unread)
-                            if pp == 1:
-                                p.microbatches, p.pp_schedule = PIPELINE_DEFAULTS
-                            if not sharded:
-                                p.fsdp_reshard_after_forward = FSDP_RESHARD_DEFAULT
+                            resets = {**(PIPELINE_ONLY_DEFAULTS if pp == 1 else {}),
+                                      **(FSDP_ONLY_DEFAULTS if not sharded else {})}
+                            for key, default in resets.items():
+                                setattr(p, key.split(".")[1], default)
                             c.train.micro_batch, c.train.activation_checkpointing = mb, ck
                             try:
                                 validate(c)  # swin: also more wp tiles than windows (_validate_swin_tiling)

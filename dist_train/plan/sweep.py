@@ -44,7 +44,7 @@ from typing import Any, Callable, Optional
 import yaml
 from tqdm import tqdm
 
-from ..config import Config, ConfigError, ParallelConfig, load_config, load_yaml_unique, own_checkpoint_overrides
+from ..config import Config, ConfigError, load_config, load_yaml_unique, own_checkpoint_overrides, unread_reset_overrides
 
 MODES = ("strong", "weak", "sequence-weak", "grid")
 SCALE_AXES = ("dp", "cp", "tp", "pp", "wp")
@@ -219,7 +219,7 @@ def _scaling_sets(spec: SweepSpec, base: Config, n: int, n1: int) -> list[str]:
     k = n // others
     sets = [f"parallel.wp=[1,{k}]" if spec.scale == "wp" else f"parallel.{spec.scale}={k}"]
     if spec.scale == "pp" and k == 1:  # a point without a pipeline: its keys back to their defaults (unread there)
-        sets += ["parallel.microbatches=null", f"parallel.pp_schedule={ParallelConfig.pp_schedule}"]
+        sets += unread_reset_overrides(pipeline=False, fsdp=True)
     if spec.scale == "cp" and p.cp_method == "ulysses":
         sets.append(f"parallel.ulysses_degree={k}")
     if n % n1:
