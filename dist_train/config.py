@@ -662,10 +662,15 @@ PIPELINE_ONLY_DEFAULTS = {f"parallel.{k}": getattr(ParallelConfig, k) for k in (
 FSDP_ONLY_DEFAULTS = {"parallel.fsdp_reshard_after_forward": ParallelConfig.fsdp_reshard_after_forward}
 
 
-def unread_reset_overrides(pipeline: bool, fsdp: bool) -> list[str]:
-    """``--set`` items giving a layout without a pipeline (``pipeline`` False) / without FSDP2 (``fsdp`` False) the
-    defaults of the keys only those read (:data:`PIPELINE_ONLY_DEFAULTS`, :data:`FSDP_ONLY_DEFAULTS`)."""
-    keys = {**({} if pipeline else PIPELINE_ONLY_DEFAULTS), **({} if fsdp else FSDP_ONLY_DEFAULTS)}
+def unread_reset_overrides(overrides: list[str]) -> list[str]:
+    """``--set`` items to apply just before ``overrides`` (a sweep point's, a benchmark baseline's): when those take
+    the pipeline away (``parallel.pp=1``) or FSDP2 (``parallel.fsdp=false``), the keys only that reads go back to
+    their defaults (:data:`PIPELINE_ONLY_DEFAULTS`, :data:`FSDP_ONLY_DEFAULTS`) instead of being inherited from
+    what came before (``--set parallel.pp_schedule=gpipe`` of the run) and refused as unread; ``overrides`` that
+    set such a key themselves still win, coming after."""
+    given = {".".join(path): value for path, value in map(parse_override, overrides)}
+    keys = {**(PIPELINE_ONLY_DEFAULTS if given.get("parallel.pp") == 1 else {}),
+            **(FSDP_ONLY_DEFAULTS if given.get("parallel.fsdp") is False else {})}
     return [f"{k}={yaml.safe_dump(v, default_flow_style=True).splitlines()[0]}" for k, v in keys.items()]
 
 

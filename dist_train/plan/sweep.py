@@ -187,13 +187,15 @@ def expand(spec: SweepSpec) -> list[Point]:
     for series in combos:
         axis_sets = [f"{k}={_fmt(v)}" for k, v in series.items()]
         if spec.mode == "grid":
-            sets = list(spec.overrides) + axis_sets
+            sets = list(spec.overrides) + unread_reset_overrides(axis_sets) + axis_sets
             cfg = _checked(spec, sets, series)
             points.append(Point(_point_id(cfg.world_size, series), cfg.world_size, series, sets, dict(series)))
             continue
         n1 = spec.world_sizes[0]
         for n in spec.world_sizes:
-            sets = list(spec.overrides) + axis_sets + _scaling_sets(spec, base, n, n1)
+            point_sets = axis_sets + _scaling_sets(spec, base, n, n1)
+            # a point without a pipeline / FSDP2 takes those keys' defaults, not the base's (unread there)
+            sets = list(spec.overrides) + unread_reset_overrides(point_sets) + point_sets
             cfg = _checked(spec, sets, {**series, "world_size": n})
             if cfg.world_size != n:
                 raise _err(spec.path, f"point world_size={n} {series}: the layout spans {cfg.world_size} devices "
@@ -218,8 +220,6 @@ def _scaling_sets(spec: SweepSpec, base: Config, n: int, n1: int) -> list[str]:
                               f"(the layout without {spec.scale})")
     k = n // others
     sets = [f"parallel.wp=[1,{k}]" if spec.scale == "wp" else f"parallel.{spec.scale}={k}"]
-    if spec.scale == "pp" and k == 1:  # a point without a pipeline: its keys back to their defaults (unread there)
-        sets += unread_reset_overrides(pipeline=False, fsdp=True)
     if spec.scale == "cp" and p.cp_method == "ulysses":
         sets.append(f"parallel.ulysses_degree={k}")
     if n % n1:

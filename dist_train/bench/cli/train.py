@@ -9,7 +9,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Optional
 
-from ...config import Config, load_config, parse_override, unread_reset_overrides
+from ...config import Config, load_config, unread_reset_overrides
 from .._paired import alternation
 
 HELP = "training throughput, MFU, memory and compute/comm/data split of one config on N ranks"
@@ -93,14 +93,6 @@ class Plan:
     cores: int
 
 
-def _baseline_resets(baseline_overrides: list) -> list[str]:
-    """A baseline set to ``parallel.pp=1`` / ``parallel.fsdp=false`` runs without a pipeline / FSDP2: the run's
-    pipeline-only / FSDP2-only keys (``--set parallel.pp_schedule=gpipe``) go back to their defaults before the
-    baseline's own overrides (which still win), since validation refuses them set where nothing reads them."""
-    given = {".".join(path): value for path, value in map(parse_override, baseline_overrides)}
-    return unread_reset_overrides(pipeline=given.get("parallel.pp") != 1, fsdp=given.get("parallel.fsdp") is not False)
-
-
 def check(args: argparse.Namespace) -> Plan:
     """The plan of ``args``; ValueError on a config, rank count, step count, ``--repeats``, ``--png`` or thread
     count the bench cannot use."""
@@ -112,8 +104,9 @@ def check(args: argparse.Namespace) -> Plan:
         raise ValueError(f"--repeats {args.repeats}: needs a baseline (--baseline-set or --baseline-nproc)")
     if args.png and not paired:
         raise ValueError(f"--png {args.png}: plots a comparison; needs a baseline (--baseline-set or --baseline-nproc)")
-    baseline = (_variant(args.config, overrides + _baseline_resets(args.baseline_overrides) + list(args.baseline_overrides),
-                         args.baseline_nproc, "baseline: ") if paired else None)
+    # a baseline set to pp=1 / fsdp=false takes the pipeline / FSDP2 keys' defaults, not the run's (unread there)
+    baseline_sets = unread_reset_overrides(args.baseline_overrides) + list(args.baseline_overrides)
+    baseline = _variant(args.config, overrides + baseline_sets, args.baseline_nproc, "baseline: ") if paired else None
     # a baseline gets the run's threads per rank: sized for the larger rank count of the two
     ranks = max(run.nproc, baseline.nproc) if baseline else run.nproc
     cores = os.cpu_count() or 1
