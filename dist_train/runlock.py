@@ -20,8 +20,11 @@ dies, however it dies, so a lock can never outlive its job; the file's content (
 time, token) names the holder in the refusal. Content left by a holder that did not release (it was
 killed) marks a stale lock: it is taken over with one line saying whose it was. The file is never deleted
 (deleting a lock file races with a process that has just opened it). ``flock`` is per machine on local
-file systems; on NFS (v4) and Lustre/GPFS with ``flock`` enabled it is cluster-wide — on a file system
-without working ``flock`` the lock cannot protect a run directory shared by two machines.
+file systems; on NFS (v4) and Lustre/GPFS with ``flock`` enabled it is cluster-wide. Where it is not (NFS
+mounted with local locks: every machine's flock succeeds), the record is a lease: the holder rewrites its
+``renewed`` time every LEASE_RENEW_S, and a record of another machine renewed less than LEASE_S ago is a
+running job there, refused like a held flock (a job killed there is taken over LEASE_S after it died). This
+assumes the machines' clocks agree within LEASE_S - LEASE_RENEW_S.
 """
 from __future__ import annotations
 
@@ -32,6 +35,7 @@ import json
 import os
 import socket
 import sys
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -46,6 +50,9 @@ RANKS_LOCK_NAME = "run.lock.ranks"
 CHECKPOINT_LOCK_NAME = "checkpoints.lock"
 RESTART_WAIT_S = 30.0  # how long rank 0 waits for the previous attempt's rank 0 of the same job to be gone
 LOCK_ENV = "DIST_TRAIN_RUN_LOCK"  # the launcher's lock token, in every rank's environment
+LEASE_RENEW_S = 5.0  # how often a holder rewrites its record's ``renewed`` time
+LEASE_S = 30.0  # a record of another machine renewed this recently belongs to a job still running there
+_RECORD_BYTES = 1024  # records are padded to this size: a renewal rewrites them in place, never truncated
 
 
 class RunDirLocked(ValueError):
@@ -81,11 +88,45 @@ def read_owner(run_dir: Path, name: str = LOCK_NAME) -> dict:
         os.close(fd)
 
 
+def _write_record(fd: int, owner: dict) -> None:
+    """The owner record, padded to a fixed size (JSON ignores the trailing spaces), so that a renewal's
+    in-place rewrite never shows a reader a truncated record."""
+    os.pwrite(fd, json.dumps(owner).encode().ljust(_RECORD_BYTES), 0)
+
+
+def _running_elsewhere(owner: dict) -> Optional[float]:
+    """Seconds since ``owner`` (a record found under a flock this process just got) was renewed, when it is
+    another machine's and that is within LEASE_S: its job still runs there, the flock not reaching across
+    machines; else None. A record of this machine under a free flock is always stale (the kernel's flock)."""
+    host = owner.get("host")
+    if not host or host == socket.gethostname():
+        return None
+    try:
+        age = time.time() - float(owner.get("renewed", owner.get("started")) or 0.0)
+    except (TypeError, ValueError):
+        return None
+    return age if age < LEASE_S else None
+
+
 class RunLock:
-    """A held lock; ``token`` identifies it to the ranks of the job that holds it."""
+    """A held lock; ``token`` identifies it to the ranks of the job that holds it. A thread renews the record's
+    ``renewed`` time every LEASE_RENEW_S while it is held (module doc)."""
 
     def __init__(self, path: Path, fd: int, owner: dict):
         self.path, self._fd, self.owner = path, fd, owner
+        self._mutex = threading.Lock()
+        self._stop = threading.Event()
+        self._renewer = threading.Thread(target=self._renew, daemon=True, name=f"renew {path.name}")
+        self._renewer.start()
+
+    def _renew(self) -> None:
+        while not self._stop.wait(LEASE_RENEW_S):
+            with self._mutex:
+                if self._fd < 0:
+                    return
+                self.owner["renewed"] = time.time()
+                with contextlib.suppress(OSError):  # a missed renewal only shortens the lease others see
+                    _write_record(self._fd, self.owner)
 
     @property
     def token(self) -> str:
@@ -124,28 +165,38 @@ class RunLock:
                 raise
         stale = _read(fd)
         if stale and not (token is not None and stale.get("token") == token):
+            age = _running_elsewhere(stale)
+            if age is not None:
+                os.close(fd)  # drops the flock this machine granted
+                raise RunDirLocked(f"{what} {run_dir} is in use by another job: {describe_owner(stale)} holds "
+                                   f"{path} (its record was renewed {age:.0f} s ago; this file system's flock "
+                                   f"does not reach across machines); wait for it to end (or {LEASE_S:g} s after "
+                                   f"it died) or stop it, or use another {what}")
             print(f"[dist-train] taking over the lock of {run_dir}: its holder, {describe_owner(stale)}, is no "
                   f"longer running (it ended without releasing it)", file=out or sys.stderr, flush=True)
-        owner = {"host": socket.gethostname(), "pid": os.getpid(), "started": time.time(), "role": role,
+        now = time.time()
+        owner = {"host": socket.gethostname(), "pid": os.getpid(), "started": now, "renewed": now, "role": role,
                  "token": token or uuid.uuid4().hex}
-        data = json.dumps(owner).encode()
         os.ftruncate(fd, 0)
-        os.pwrite(fd, data, 0)
+        _write_record(fd, owner)
         os.fsync(fd)
         return cls(path, fd, owner)
 
     def release(self) -> None:
         """Clear the owner record (so the next holder sees no stale lock), then unlock."""
-        if self._fd < 0:
-            return
-        try:
-            # left uncleared, the next holder only prints a take-over line: the lock itself is the flock
-            with contextlib.suppress(OSError):
-                os.ftruncate(self._fd, 0)
-        finally:
-            fcntl.flock(self._fd, fcntl.LOCK_UN)
-            os.close(self._fd)
-            self._fd = -1
+        self._stop.set()
+        with self._mutex:
+            if self._fd < 0:
+                return
+            try:
+                # left uncleared, the next holder only prints a take-over line (or, from another machine, waits
+                # out the lease): the lock itself is the flock
+                with contextlib.suppress(OSError):
+                    os.ftruncate(self._fd, 0)
+            finally:
+                fcntl.flock(self._fd, fcntl.LOCK_UN)
+                os.close(self._fd)
+                self._fd = -1
 
     def __enter__(self) -> "RunLock":
         return self

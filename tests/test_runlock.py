@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from dist_train import runlock
 from dist_train.checkpoint import CheckpointManager, complete_checkpoints, verify_checkpoint
 from dist_train.lifecycle import EXIT_PREEMPTED
 from dist_train.runlock import (LOCK_ENV, LOCK_NAME, RANKS_LOCK_NAME, RunDirLocked, RunLock, acquire_for_launcher,
@@ -196,3 +197,31 @@ def test_a_file_system_without_flock_is_one_line_on_every_rank(tmp_path):
     assert lines[0] == lines[1] and "\n" not in lines[0], lines
     assert f"checkpoint.dir {tmp_path / 'ckpt'}: cannot lock" in lines[0] and "No locks available" in lines[0]
     assert "does not support flock" in lines[0], lines
+
+
+def test_a_lock_record_another_machine_keeps_renewing_is_refused_where_flock_is_local(tmp_path, monkeypatch):
+    """On a file system whose flock does not reach across machines (NFS mounted with local locks), a job on
+    another machine holds run.lock there while flock succeeds here: its record was taken for a stale one and
+    "taken over", two jobs sharing one run dir. The record is a lease the holder renews: one of another machine
+    renewed within LEASE_S is refused, one older than that is stale (taken over, as before)."""
+    run = tmp_path / "run"
+    run.mkdir()
+    other = {"host": "node7", "pid": 4242, "started": time.time() - 600, "role": "dist-train launch", "token": "t"}
+    (run / LOCK_NAME).write_text(json.dumps({**other, "renewed": time.time() - 3}))  # its flock is on node7 only
+    with pytest.raises(RunDirLocked, match=r"^run.dir .* in use by another job: pid 4242 on node7 .*renewed 3 s ago; "
+                                           r"this file system's flock does not reach across machines"):
+        RunLock.acquire(run)
+    assert json.loads((run / LOCK_NAME).read_text())["pid"] == 4242  # untouched
+    (run / LOCK_NAME).write_text(json.dumps({**other, "renewed": time.time() - runlock.LEASE_S - 1}))
+    out = io.StringIO()
+    with RunLock.acquire(run, out=out):  # that job died LEASE_S ago: stale
+        assert "taking over the lock" in out.getvalue() and "pid 4242 on node7" in out.getvalue()
+    # a holder renews its record while it holds the lock, so another machine sees it running
+    monkeypatch.setattr(runlock, "LEASE_RENEW_S", 0.05)
+    with RunLock.acquire(run) as lock:
+        first = read_owner(run)["renewed"]
+        deadline = time.time() + 5
+        while read_owner(run)["renewed"] == first and time.time() < deadline:
+            time.sleep(0.05)
+        assert read_owner(run)["renewed"] > first and read_owner(run)["token"] == lock.token
+    assert read_owner(run) == {}
