@@ -209,3 +209,15 @@ def test_a_sweeps_description_heads_its_results(tmp_path):
     assert lines[:3] == ["# Sweep `s` (strong scaling)", "", "cp strong scaling at 1k tokens"]
     assert markdown_table([], {**meta, "description": ""}).splitlines()[2].startswith("FLOP convention")
     assert load_sweep(write_sweep(tmp_path, description="cp strong")).description == "cp strong"
+
+
+def test_a_grid_point_without_a_pipeline_or_fsdp_drops_their_keys(tmp_path):
+    spec = load_sweep(write_sweep(tmp_path, mode="grid", world_sizes=None, scale=None,
+                                  axes={"parallel.pp": [1, 2], "parallel.fsdp": [False, True]},
+                                  set=["model.n_layers=2", "parallel.dp=2", "train.global_batch=4",
+                                       "train.micro_batch=1", "parallel.pp=2", "parallel.pp_schedule=gpipe",
+                                       "parallel.fsdp=true",
+                                       "parallel.fsdp_reshard_after_forward=false"]))
+    got = {(p.series["parallel.pp"], p.series["parallel.fsdp"]): point_config(spec, p).parallel for p in expand(spec)}
+    assert {k: (v.pp_schedule, v.fsdp_reshard_after_forward) for k, v in got.items()} == {
+        (1, False): ("1f1b", True), (1, True): ("1f1b", False), (2, False): ("gpipe", True), (2, True): ("gpipe", False)}
