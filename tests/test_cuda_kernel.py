@@ -356,7 +356,7 @@ def _cuda_kernel(label: str):
 @pytest.mark.parametrize("label", list(CUDA_KERNEL_DTYPES))
 @pytest.mark.parametrize("name", list(BLOCKS))
 @pytest.mark.parametrize("hq,hkv", [(4, 4), (8, 2)])
-def test_cuda_kernels_match_float64(name, hq, hkv, label):
+def test_cuda_kernels_match_float64(name, hq, hkv, label, record_property):
     """One test per kernel (and torch op), so that an op this GPU or torch build gets wrong or refuses fails alone and
     the report still shows every other kernel's result; every dtype of the kernel is checked before the verdict."""
     factory = _cuda_kernel(label)
@@ -370,6 +370,7 @@ def test_cuda_kernels_match_float64(name, hq, hkv, label):
             results[str(dtype)] = _check_kernel(kern, name, hq, hkv, dtype, TOLERANCES[dtype], "cuda")
         except Exception as e:  # noqa: BLE001 - every dtype's outcome goes into the one verdict below
             failures[str(dtype)] = f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
+    record_property("errors", {dt: {k: float(f"{e:.3g}") for k, e in errs.items()} for dt, errs in results.items()})
     assert not failures, f"{label} on a {name} block, {hq}:{hkv} heads: {failures}; passed: {results}"
 
 

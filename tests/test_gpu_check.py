@@ -132,7 +132,8 @@ def test_gpu_test_files_are_found_by_their_marker():
 def test_report_from_junit(tmp_path):
     xml = tmp_path / "j.xml"
     xml.write_text("""<testsuites><testsuite>
-<testcase classname="tests.test_a" name="test_ok" time="0.5"/>
+<testcase classname="tests.test_a" name="test_ok" time="0.5"><properties><property name="peak_mib" value="131.5"/>
+<property name="errors" value="{'bf16': 0.004}"/></properties></testcase>
 <testcase classname="tests.test_a" name="test_bad" time="1.0"><failure message="assert 1 == 2">trace</failure></testcase>
 <testcase classname="tests.test_b" name="test_gpu" time="0"><skipped message="needs a CUDA device"/></testcase>
 <testcase classname="tests.test_b" name="test_err" time="0"><error message="fixture | broke"/></testcase>
@@ -156,6 +157,8 @@ def test_report_from_junit(tmp_path):
     assert "**step**: tokens_per_s=41,000, mfu_vs_measured_peak=0.41" in md and "matmul_peak_tflops=812" in md
     assert "- S=524288: ok, 30 s, peak 120 GiB" in md and "- S=1048576: failed: CUDA out of memory" in md
     assert "fixture \\| broke" in md and "| 8192 | causal | auto=cuda {'flash': 6} | 2 | 500 |" in md
+    assert tests[0]["numbers"] == {"peak_mib": "131.5", "errors": "{'bf16': 0.004}"} and tests[1]["numbers"] == {}
+    assert "| tests/test_a.py::test_ok | passed | 0.50 |  | peak_mib=131.5; errors={'bf16': 0.004} |" in md
     assert json.loads((tmp_path / "r" / "gpu-report.json").read_text())["summary"] == {
         "passed": 1, "failed": 1, "skipped": 1, "error": 1}
     # a section stopped by its time limit: the error, then what it measured before
@@ -262,11 +265,15 @@ def test_gpu_test_bodies_run_on_cpu(monkeypatch, tmp_path):
     import tests.test_gpu_path as g
 
     monkeypatch.setattr(g, "DEV", "cpu")
-    g.test_window_parallel_attention_on_cuda(torch.float32, 1e-4)
-    g.test_chunked_cross_entropy_on_cuda_equals_the_full_loss(torch.bfloat16, 3e-2)
+    recorded = []
+    record = lambda name, value: recorded.append((name, value))  # noqa: E731 - pytest's record_property
+    g.test_window_parallel_attention_on_cuda(torch.float32, 1e-4, record)
+    g.test_chunked_cross_entropy_on_cuda_equals_the_full_loss(torch.bfloat16, 3e-2, record)
     g.test_async_checkpoint_of_gpu_tensors_is_bit_exact(tmp_path)
-    g.test_gpt_kept_activations_on_cuda_are_the_memory_model("selective")
-    g.test_fp32_gqa_attention_on_cuda_keeps_no_scores()
+    g.test_gpt_kept_activations_on_cuda_are_the_memory_model("selective", record)
+    g.test_fp32_gqa_attention_on_cuda_keeps_no_scores(record)
+    assert [name for name, _ in recorded] == ["errors_out_dq_dk_dv", "errors_loss_dh_dw", "counted_bytes",
+                                              "predicted_bytes", "error_s512"], recorded
     for variant in g.CP_VARIANTS:
         e1, e4 = g._cp_errors(variant, 1, S=256), g._cp_errors(variant, 4, S=256)
         assert max(e1 + e4) <= 3e-2 and all(b <= 1.5 * a for a, b in zip(e1, e4)), (variant, e1, e4)
@@ -468,3 +475,20 @@ def test_kernel_benchmark_code_runs_on_cpu():
     assert seen == list(range(1, 9))
     assert all(r["ops"] == {"flash": 3} for r in rows if r["kernel"] == "cuda"), [r["ops"] for r in rows]
     assert all(r["tflops"] > 0 and r["sdpa_tflops"] > 0 and r["vs_sdpa"] > 0 for r in rows)
+
+
+def test_a_gpu_test_s_recorded_numbers_reach_the_report(tmp_path, monkeypatch):
+    """The tests section as it runs (a real pytest, -m gpu, JUnit): what a gpu test records with record_property is in
+    the report, for a passing and for a failing test (a failure's numbers are what a person needs most)."""
+    import dist_train.gpucheck.runner as runner
+
+    (tmp_path / "test_numbers.py").write_text(
+        "import pytest\n\n"
+        "@pytest.mark.gpu\ndef test_ok(record_property):\n    record_property('peak_mib', 131.5)\n\n"
+        "@pytest.mark.gpu\ndef test_bad(record_property):\n    record_property('ratio', 1.7)\n    assert 1.7 <= 1.5\n")
+    monkeypatch.setattr(runner, "gpu_test_files", lambda: [str(tmp_path / "test_numbers.py")])
+    report = {"notes": [], "sections": {}}
+    runner.run_tests(report, tmp_path, 60.0)
+    got = {t["test"].rsplit("::", 1)[1]: (t["outcome"], t["numbers"]) for t in report["tests"]}
+    assert got == {"test_ok": ("passed", {"peak_mib": "131.5"}), "test_bad": ("failed", {"ratio": "1.7"})}, got
+    assert report["sections"]["tests"]["exit_code"] == 1 and "PytestWarning" not in report["sections"]["tests"]["log_tail"]

@@ -18,6 +18,17 @@ from tests.test_gpt_saved_tensors import SHAPES, _config, counted_bytes, predict
 
 DEV = "cuda"   # the rehearsal on CPU (docs/gpu_check.md) sets this to "cpu"; the tests run on CUDA
 
+def _sig(x, digits: int = 4):
+    """Floats (also inside lists and dicts) to ``digits`` significant digits: the numbers a test records for the report."""
+    if isinstance(x, float):
+        return float(f"{x:.{digits}g}")
+    if isinstance(x, dict):
+        return {k: _sig(v, digits) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_sig(v, digits) for v in x]
+    return x
+
+
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(),
                                  reason="needs a CUDA device (run by make gpu-check on a GPU machine)")]
@@ -51,9 +62,11 @@ def _cp_errors(variant: str, P: int, S: int = 2048) -> list[float]:
 
 
 @pytest.mark.parametrize("variant", list(CP_VARIANTS))
-def test_cp_bf16_error_does_not_grow_with_the_ring(variant):
-    """P = 1, 2, 4, 8 on CUDA bf16: every error vs fp64 is bf16-sized and P=8's is <= 1.5x P=1's."""
+def test_cp_bf16_error_does_not_grow_with_the_ring(variant, record_property):
+    """P = 1, 2, 4, 8 on CUDA bf16: every error vs fp64 is bf16-sized and P=8's is <= 1.5x P=1's (the errors, out/dq/dk/dv
+    per P, go into the report)."""
     errs = {P: _cp_errors(variant, P) for P in (1, 2, 4, 8)}
+    record_property("errors_out_dq_dk_dv", _sig({f"P{P}": e for P, e in errs.items()}, 3))
     for P, e in errs.items():
         assert max(e) <= 3e-2, (variant, P, e)
     for i, name in enumerate(("out", "dq", "dk", "dv")):
@@ -61,7 +74,7 @@ def test_cp_bf16_error_does_not_grow_with_the_ring(variant):
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.bfloat16, 3e-2), (torch.float32, 1e-4)])
-def test_window_parallel_attention_on_cuda(dtype, tol):
+def test_window_parallel_attention_on_cuda(dtype, tol, record_property):
     from parallelism.window import window_parallel_attention
     from tests.test_wp_attention import swin_reference
 
@@ -76,11 +89,12 @@ def test_window_parallel_attention_on_cuda(dtype, tol):
     assert out.device.type == DEV and out.dtype == dtype
     grads = torch.autograd.grad(out, xs, grad.to(dtype))
     errs = [max_rel_err(out, want)] + [max_rel_err(g, w) for g, w in zip(grads, want_grads)]
+    record_property("errors_out_dq_dk_dv", _sig(errs, 3))
     assert max(errs) <= tol, errs
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 3e-2)])
-def test_chunked_cross_entropy_on_cuda_equals_the_full_loss(dtype, tol):
+def test_chunked_cross_entropy_on_cuda_equals_the_full_loss(dtype, tol, record_property):
     """Loss value and gradients (h, W) of the chunked loss on CUDA vs the unchunked loss in fp64, with
     ignored tokens and an uneven last chunk."""
     from dist_train.models.chunked_loss import chunked_cross_entropy
@@ -98,6 +112,8 @@ def test_chunked_cross_entropy_on_cuda_equals_the_full_loss(dtype, tol):
     loss = chunked_cross_entropy(h, w, labels, 96, ignore_index=-100)
     dh, dw = torch.autograd.grad(loss, (h, w))
     assert loss.device.type == DEV and loss.dtype == torch.float32
+    record_property("errors_loss_dh_dw", _sig([abs(loss.item() - ref.item()) / abs(ref.item()), max_rel_err(dh, ref_dh),
+                                               max_rel_err(dw, ref_dw)], 3))
     assert abs(loss.item() - ref.item()) <= tol * abs(ref.item())
     assert max_rel_err(dh, ref_dh) <= tol and max_rel_err(dw, ref_dw) <= tol
     assert dh[::7].abs().max().item() == 0.0
@@ -109,7 +125,7 @@ CUDA_ATTENTION_RNG_BYTES = 64
 
 
 @pytest.mark.parametrize("checkpointing", ["none", "selective", "full"])
-def test_gpt_kept_activations_on_cuda_are_the_memory_model(checkpointing):
+def test_gpt_kept_activations_on_cuda_are_the_memory_model(checkpointing, record_property):
     """What the GPT's layers keep for backward on CUDA in bf16 autocast (torch SDPA's CUDA kernel, the lean norm and
     SwiGLU Functions, one 16-bit cast per column group, autocast's weight copies) equals the planner's GPU memory
     model (the h100 profile costing this repo's eager modules), as tests/test_gpt_saved_tensors.py checks it on
@@ -117,6 +133,8 @@ def test_gpt_kept_activations_on_cuda_are_the_memory_model(checkpointing):
     h100 = builtin_profiles()["h100"]  # costs the eager modules (fused_kernels: false, tests/test_gpu_profiles.py)
     cfg = _config(*SHAPES[0], activation_checkpointing=checkpointing, precision="bf16")
     counted, predicted = counted_bytes(cfg, live=True, device=DEV), predicted_bytes(cfg, h100)
+    record_property("counted_bytes", counted)
+    record_property("predicted_bytes", predicted)
     assert predicted <= counted <= predicted + CUDA_ATTENTION_RNG_BYTES * cfg.model.n_layers, (counted, predicted)
 
 
@@ -144,7 +162,7 @@ def _tiny_run(tmp_path: Path, name: str, precision: str, steps: int = 12, **chec
     return train(cfg)
 
 
-def test_trainer_on_one_gpu_with_nccl_bf16_vs_fp32(tmp_path, nccl_world_one):
+def test_trainer_on_one_gpu_with_nccl_bf16_vs_fp32(tmp_path, nccl_world_one, record_property):
     """gpt_tiny-sized model, NCCL world size 1: bf16 trains (loss falls) and tracks fp32 on the first
     steps; CUDA peak memory is reported; MFU uses the GPU's bf16 peak (not the CPU calibration)."""
     from dist_train.metrics import cuda_peak
@@ -153,10 +171,14 @@ def test_trainer_on_one_gpu_with_nccl_bf16_vs_fp32(tmp_path, nccl_world_one):
     bf16 = _tiny_run(tmp_path, "bf16", "bf16")
     fp32 = _tiny_run(tmp_path, "fp32", "fp32")
     assert bf16.exit_code == 0 and fp32.exit_code == 0
+    s = bf16.summary
+    record_property("bf16_losses", _sig(bf16.losses))
+    record_property("fp32_losses", _sig(fp32.losses))
+    for key in ("peak_mem_bytes", "median_step_time_s", "tokens_per_s", "mfu", "device_peak_tflops", "device_peak_source"):
+        record_property(f"bf16_{key}", _sig(s[key]))
     assert bf16.losses[-1] < bf16.losses[0] - 0.3, bf16.losses
     for a, b in zip(bf16.losses[:3], fp32.losses[:3]):
         assert abs(a - b) <= 2e-2 * abs(b), (bf16.losses[:3], fp32.losses[:3])
-    s = bf16.summary
     assert 0 < s["peak_mem_bytes"] <= torch.cuda.get_device_properties(0).total_memory
     bf16_peak = cuda_peak(torch.device("cuda", 0), torch.bfloat16)
     assert s["device_peak_tflops"] == bf16_peak.tflops and s["device_peak_source"] == bf16_peak.source, s
@@ -217,15 +239,16 @@ def test_async_checkpoint_of_gpu_tensors_is_bit_exact(tmp_path):
             assert torch.equal(st_a[key].cpu(), st_b[key].cpu()), key
 
 
-def test_bf16_matmul_peak_is_measurable():
+def test_bf16_matmul_peak_is_measurable(record_property):
     """The MFU denominator of the benchmarks: a large bf16 matmul runs and reports a plausible rate."""
     from dist_train.gpucheck.bench import matmul_peak_tflops
 
     tflops = matmul_peak_tflops(n=4096, repeats=3)
+    record_property("bf16_matmul_4096_tflops", _sig(tflops))
     assert math.isfinite(tflops) and 1.0 < tflops < 5000.0, tflops
 
 
-def test_fp32_gqa_attention_on_cuda_keeps_no_scores():
+def test_fp32_gqa_attention_on_cuda_keeps_no_scores(record_property):
     """CUDA fp32 with grouped-query heads (SDPA would run its math kernel, [B, Hq, S, S] probabilities): the model's
     entry point takes the block kernels' memory-efficient op: exact against float64 at S 512 and, at S 8192 with
     8:2 heads, a fwd+bwd peak far below one [Hq, S, S] fp32 probability matrix (2 GiB)."""
@@ -234,6 +257,7 @@ def test_fp32_gqa_attention_on_cuda_keeps_no_scores():
     q, k, v = (x.detach().to(DEV).requires_grad_() for x in random_qkv(1, 512, 8, 2, 64, seed=5))
     ref = reference_attention(q, k, v, causal=True)
     out = local_causal_attention(*(x.float().detach().requires_grad_() for x in (q, k, v)), None)
+    record_property("error_s512", _sig(max_rel_err(out, ref), 3))
     assert max_rel_err(out, ref) <= 1e-4
     s, hq = 8192, 8
     q, k, v = (torch.randn(1, s, h, 64, device=DEV, requires_grad=True) for h in (hq, 2, 2))
@@ -244,4 +268,5 @@ def test_fp32_gqa_attention_on_cuda_keeps_no_scores():
     local_causal_attention(q, k, v, None).sum().backward()
     if DEV == "cuda":
         extra = torch.cuda.max_memory_allocated() - base
+        record_property("fwd_bwd_extra_peak_mib_s8192", _sig(extra / 2**20))
         assert extra < hq * s * s * 4 / 8, extra       # an [Hq, S, S] fp32 matrix is 2 GiB

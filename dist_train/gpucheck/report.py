@@ -10,7 +10,8 @@ from typing import Optional
 
 def junit_results(path: Path) -> list[dict]:
     """Every test case of a pytest JUnit XML file: id, outcome (passed/failed/error/skipped), seconds,
-    and the failure/skip message (first 500 characters). A run interrupted by its time limit lists the
+    the failure/skip message (first 500 characters) and the numbers the test recorded (``record_property``:
+    errors, bytes, losses; kept for a failed test too). A run interrupted by its time limit lists the
     tests it finished."""
     root = ET.parse(path).getroot()
     out = []
@@ -26,7 +27,8 @@ def junit_results(path: Path) -> list[dict]:
                 break
         cls = case.get("classname", "").replace(".", "/")
         out.append({"test": f"{cls}.py::{case.get('name')}", "outcome": outcome,
-                    "seconds": float(case.get("time") or 0.0), "message": message})
+                    "seconds": float(case.get("time") or 0.0), "message": message,
+                    "numbers": {prop.get("name"): prop.get("value") for prop in case.iter("property")}})
     return out
 
 
@@ -111,10 +113,11 @@ def write(report: dict, out_dir: Path) -> None:
              + ", ".join(f"{v} {k}" for k, v in report["summary"].items())
              + f" | wall {_fmt(report.get('wall_s'))} s of budget {_fmt(report.get('budget_s'))} s", "",
              "## Environment", ""] + _env_md(report.get("environment", {}))
-    lines += ["", "## Tests", "", "| test | outcome | s | message |", "|---|---|---|---|"]
+    lines += ["", "## Tests", "", "| test | outcome | s | message | numbers |", "|---|---|---|---|---|"]
     for t in report.get("tests", []):
         msg = t["message"].replace("|", "\\|").replace("\n", " ")[:200]
-        lines.append(f"| {t['test']} | {t['outcome']} | {t['seconds']:.2f} | {msg} |")
+        numbers = "; ".join(f"{k}={v}" for k, v in t.get("numbers", {}).items()).replace("|", "\\|")[:400]
+        lines.append(f"| {t['test']} | {t['outcome']} | {t['seconds']:.2f} | {msg} | {numbers} |")
     lines += ["", "## Benchmarks", ""]
     for name, res in report.get("benchmarks", {}).items():
         lines += _bench_md(name, res)

@@ -94,8 +94,9 @@ def run_tests(report: dict, work: Path, timeout: float) -> None:
     xml, log = work / "junit.xml", work / "pytest.log"
     # -v: each test's outcome on its own line as it finishes, so a pytest killed before writing its JUnit file
     # (a hang that ignores SIGINT, e.g. inside a CUDA or NCCL call) still shows what finished and what hung
-    rc, secs = _run([sys.executable, "-m", "pytest", "-m", "gpu", "-v", "-p", "no:cacheprovider",
-                     f"--junitxml={xml}", *files], timeout, log)
+    # junit_family xunit1: the JUnit file keeps each test's record_property numbers (xunit2 has no place for them)
+    rc, secs = _run([sys.executable, "-m", "pytest", "-m", "gpu", "-v", "-p", "no:cacheprovider", "-o",
+                     "junit_family=xunit1", f"--junitxml={xml}", *files], timeout, log)
     report["test_files"] = files
     report["sections"]["tests"] = {"exit_code": rc, "seconds": secs, "log_tail": _tail(log)}
     try:
