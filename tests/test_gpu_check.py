@@ -482,10 +482,11 @@ def test_a_gpu_test_s_recorded_numbers_reach_the_report(tmp_path, monkeypatch):
     the report, for a passing and for a failing test (a failure's numbers are what a person needs most)."""
     import dist_train.gpucheck.runner as runner
 
+    # the marker spelled through getattr: gpu_test_files finds test files by the text of it, and this file is not one
     (tmp_path / "test_numbers.py").write_text(
-        "import pytest\n\n"
-        "@pytest.mark.gpu\ndef test_ok(record_property):\n    record_property('peak_mib', 131.5)\n\n"
-        "@pytest.mark.gpu\ndef test_bad(record_property):\n    record_property('ratio', 1.7)\n    assert 1.7 <= 1.5\n")
+        "import pytest\n\ngpu = getattr(pytest.mark, 'gpu')\n\n"
+        "@gpu\ndef test_ok(record_property):\n    record_property('peak_mib', 131.5)\n\n"
+        "@gpu\ndef test_bad(record_property):\n    record_property('ratio', 1.7)\n    assert 1.7 <= 1.5\n")
     monkeypatch.setattr(runner, "gpu_test_files", lambda: [str(tmp_path / "test_numbers.py")])
     report = {"notes": [], "sections": {}}
     runner.run_tests(report, tmp_path, 60.0)
