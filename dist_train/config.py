@@ -656,6 +656,18 @@ def _unread_fields(cfg: Config) -> list[tuple[str, bool, str]]:
     ]
 
 
+#: Keys a resume compares (RESUME_CHECKED_KEYS) that a swin never reads: its sample is one data.image, it reads no text.
+SWIN_UNREAD_RESUME_KEYS = ("data.seq_len", "data.tokenizer")
+
+
+def resume_unread_keys(kind: str) -> frozenset:
+    """The keys a resume would compare that a model of ``kind`` never reads (the other kind's model fields, a swin's
+    token keys): validation refuses them set, so a resume does not compare them (checkpoint/compat.py) and
+    ``checkpoint.allow_config_change`` cannot name them."""
+    other = {f"model.{name}" for k, names in KIND_FIELDS.items() if k != kind for name in names}
+    return frozenset(other | (set(SWIN_UNREAD_RESUME_KEYS) if kind == "swin" else set()))
+
+
 #: Keys only a pipeline (pp > 1) reads and keys only FSDP2 reads, with their defaults: a layout a tool derives without
 #: one (a planner candidate, a sweep point, a benchmark's baseline) takes these, since validation refuses them set there.
 PIPELINE_ONLY_DEFAULTS = {f"parallel.{k}": getattr(ParallelConfig, k) for k in ("microbatches", "pp_schedule")}
@@ -889,7 +901,9 @@ def _validate_validation(cfg: Config) -> None:
 def _validate_checkpoint(cfg: Config) -> None:
     _check_bounds(cfg, "checkpoint")
     c = cfg.checkpoint
-    resumable = [f"model.{f.name}" for f in fields(ModelConfig)] + list(RESUME_CHECKED_KEYS)  # checkpoint/compat.py
+    unread = resume_unread_keys(cfg.model.kind)
+    resumable = [k for k in [f"model.{f.name}" for f in fields(ModelConfig)] + list(RESUME_CHECKED_KEYS)
+                 if k not in unread]  # checkpoint/compat.py compares these
     for key in c.allow_config_change:
         if key not in resumable:
             raise ConfigError(f"checkpoint.allow_config_change: {key!r} is not a key a resume compares; valid: "

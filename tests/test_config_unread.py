@@ -151,3 +151,15 @@ def test_the_deepspeed_engine_itself_refuses_a_key_deepspeed_never_reads(tmp_pat
     mesh = build_mesh(cfg.parallel, 1)
     with pytest.raises(ConfigError, match=r"^parallel.deepspeed.zero_optimisation = \{\}: DeepSpeed never reads"):
         DeepSpeedEngine(cfg, build_gpt(cfg, mesh, torch.device("cpu")), mesh, None)
+
+
+@pytest.mark.parametrize("kind, key, ok", [("swin", "model.attention_window", False), ("swin", "data.seq_len", False),
+                                           ("gpt", "model.window", False), ("gpt", "model.attention_window", True),
+                                           ("swin", "model.window", True), ("swin", "data.path", True)])
+def test_allow_config_change_cannot_name_a_key_a_resume_never_compares(kind, key, ok, tmp_path):
+    """A key the model never reads is not compared on resume, so allowing its change would be a no-op."""
+    if ok:
+        _build(kind, tmp_path, {"checkpoint": {"allow_config_change": [key]}})
+        return
+    with pytest.raises(ConfigError, match=rf"^checkpoint.allow_config_change: '{key}' is not a key a resume compares"):
+        _build(kind, tmp_path, {"checkpoint": {"allow_config_change": [key]}})

@@ -19,8 +19,8 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping, Optional, Sequence
 
 from dist_train.checkpoint.storage import CheckpointError
-from dist_train.config import (KIND_FIELDS, RESUME_CHECKED_KEYS, RESUME_DATA_ORDER_KEYS, ModelConfig,
-                               attention_head_dim, ffn_hidden_size, swin_ffn_hidden_size)
+from dist_train.config import (RESUME_CHECKED_KEYS, RESUME_DATA_ORDER_KEYS, ModelConfig, attention_head_dim,
+                               ffn_hidden_size, resume_unread_keys, swin_ffn_hidden_size)
 from dist_train.data.fingerprint import digest_kind
 
 #: Config keys a checkpoint must agree on: every key of these sections, and these single keys.
@@ -75,17 +75,11 @@ def _sizes_as_built(config: Mapping[str, Any]) -> Mapping[str, Any]:
     return {**config, "model": resolved}
 
 
-#: Checked keys a swin never reads (its sample is one data.image; it reads no text).
-SWIN_UNREAD_KEYS = frozenset({"data.seq_len", "data.tokenizer"})
-
-
 def unread_keys(config: Mapping[str, Any]) -> frozenset:
-    """Checked keys ``config``'s model never reads: the fields only the other model kind builds, and a swin's token
-    keys. Validation refuses them set; a checkpoint that recorded one set (accepted and unread by an older version)
-    must not block a resume over a value nothing reads."""
-    kind = (config.get("model") or {}).get("kind", "gpt")
-    other = {f"model.{name}" for k, names in KIND_FIELDS.items() if k != kind for name in names}
-    return frozenset(other | (SWIN_UNREAD_KEYS if kind == "swin" else set()))
+    """Checked keys ``config``'s model never reads (``config.resume_unread_keys``). Validation refuses them set; a
+    checkpoint that recorded one set (accepted and unread by an older version) must not block a resume over a value
+    nothing reads."""
+    return resume_unread_keys((config.get("model") or {}).get("kind", "gpt"))
 
 
 def config_differences(saved: Mapping[str, Any], current: Mapping[str, Any],
