@@ -303,7 +303,10 @@ def test_the_simulated_ring_runs_the_cuda_kernel_with_stand_in_ops(monkeypatch, 
     the fp64 reference, forward and backward, in fp32 (efficient op everywhere) to 1e-5 and in bf16 (flash op on full
     and causal blocks) to the gpu test's 3e-2."""
     layout, degree, piece, window = CP_VARIANTS[variant]
+    s, world = 256, 4
     window = None if window is None else 40  # the gpu test's S/8, at S = 256, and off the 32-token tile grid
+    # K/V pieces of a quarter shard (16 tokens): the gpu test's size, S/(8P), would be 8 here and 4x the kernel calls
+    kv_piece = None if piece(s, world) is None else s // world // 4
     made = []
 
     def cuda_kernel(name, device, dtype):
@@ -311,7 +314,6 @@ def test_the_simulated_ring_runs_the_cuda_kernel_with_stand_in_ops(monkeypatch, 
         return made[-1]
 
     monkeypatch.setattr(simulate, "get_kernel", cuda_kernel)
-    s, world = 256, 4
     q, k, v = random_qkv(1, s, 8, 2, 16, seed=3)
     ref = reference_attention(q, k, v, causal=True, window=window)
     grad = torch.randn(ref.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
@@ -319,7 +321,7 @@ def test_the_simulated_ring_runs_the_cuda_kernel_with_stand_in_ops(monkeypatch, 
     for dtype, tol, ops in ((torch.float32, 1e-5, {"efficient"}), (torch.bfloat16, 3e-2, {"flash"})):
         xs = [x.detach().to(dtype).requires_grad_() for x in (q, k, v)]
         out = simulate.simulate_ring_attention(*xs, world_size=world, layout=layout, window=window,
-                                               kv_piece=piece(s, world), ulysses_degree=degree(world), tile=32)
+                                               kv_piece=kv_piece, ulysses_degree=degree(world), tile=32)
         grads = torch.autograd.grad(out, xs, grad.to(dtype))
         errs = [max_rel_err(out, ref)] + [max_rel_err(g, r) for g, r in zip(grads, ref_grads)]
         assert max(errs) <= tol, (variant, dtype, errs)
