@@ -23,7 +23,7 @@ import torch.distributed as dist
 
 from .halo import HaloPlan, PendingHalo, assemble, make_plan, roll_tiles
 from .layout import IntPair, TileLayout, as_pair
-from .windows import region_labels, window_attention, wrap_flags
+from .windows import check_bias, region_labels, window_attention, wrap_flags
 
 
 def group_rank_size(group: Optional[dist.ProcessGroup]) -> tuple[int, int]:
@@ -184,6 +184,9 @@ def window_parallel_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     win = as_pair(window, "window")
     grid_ = as_pair(grid, "grid")
     sft = check_shift(shift, win)
+    # before any message: a bad table found inside the forward left the posted halo exchange
+    # behind and every rank hung instead of raising
+    check_bias(bias, q.shape[3], win)
     layout, rank = gather_layout(q.shape[1], q.shape[2], grid=grid_, window=win, group=group, device=q.device)
     spec = WindowSpec(layout, rank, win, sft, _as_wrap(wrap),
                       float(scale) if scale is not None else q.shape[-1] ** -0.5, group)

@@ -40,13 +40,18 @@ def relative_position_index(window: tuple[int, int]) -> torch.Tensor:
     return dr * (2 * ww - 1) + dc
 
 
+def check_bias(bias: Optional[torch.Tensor], heads: int, window: tuple[int, int]) -> None:
+    """ValueError unless ``bias`` is None or the table [heads, 2wh−1, 2ww−1] for ``heads`` heads."""
+    wh, ww = window
+    if bias is not None and tuple(bias.shape) != (heads, 2 * wh - 1, 2 * ww - 1):
+        raise ValueError(f"bias must have shape [heads={heads}, {2 * wh - 1}, {2 * ww - 1}] for window {window}, "
+                         f"got {list(bias.shape)}")
+
+
 def bias_matrix(bias: torch.Tensor, window: tuple[int, int]) -> torch.Tensor:
     """Relative position bias table [heads, 2wh−1, 2ww−1] → per-window bias [heads, N, N]."""
-    wh, ww = window
     heads = bias.shape[0]
-    if tuple(bias.shape[1:]) != (2 * wh - 1, 2 * ww - 1):
-        raise ValueError(f"bias must have shape [heads, {2 * wh - 1}, {2 * ww - 1}] for window {window}, "
-                         f"got {list(bias.shape)}")
+    check_bias(bias, heads, window)
     idx = relative_position_index(window).to(bias.device)
     return bias.reshape(heads, -1)[:, idx]
 
@@ -82,6 +87,7 @@ def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, windo
     key_valid: [h, w] bool, False for padding — a real query never attends to a padded key (a padded
     query may, so no row is ever fully masked); bias: [heads, 2wh−1, 2ww−1]. Returns [B, h, w, heads, D].
     """
+    check_bias(bias, q.shape[3], window)
     qw, kw, vw = (window_partition(t, window).movedim(-2, 3) for t in (q, k, v))  # [B, nh, nw, heads, N, D]
     scores = torch.matmul(qw, kw.transpose(-1, -2)) * scale
     if bias is not None:
