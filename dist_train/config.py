@@ -806,6 +806,15 @@ def _validate_deepspeed_keys(cfg: Config) -> None:
     if isinstance(zero, dict) and "stage" in zero and zero["stage"] != p.zero_stage:
         raise ConfigError(f"parallel.deepspeed.zero_optimization.stage = {zero['stage']!r} contradicts "
                           f"parallel.zero_stage = {p.zero_stage}; set parallel.zero_stage instead")
+    if isinstance(zero, dict):
+        # DeepSpeed's config accepts these at any stage; only the stage-3 (offload_optimizer: any ZeRO) optimizer reads them
+        stage_only = [(k, 3, "3") for k in sorted(zero) if k == "offload_param" or k.startswith("stage3_")]
+        stage_only += [("offload_optimizer", 1, "1-3")] if "offload_optimizer" in zero else []
+        for key, lowest, stages in stage_only:
+            if p.zero_stage < lowest:
+                raise ConfigError(f"parallel.deepspeed.zero_optimization.{key} with parallel.zero_stage = {p.zero_stage}: "
+                                  f"only ZeRO stage {stages} reads it and DeepSpeed would silently ignore it; set "
+                                  f"parallel.zero_stage: {lowest if lowest == 3 else '1, 2 or 3'} or remove it")
     for key, field_name in _DEEPSPEED_OWNED.items():
         value = ds.get(key)
         if key == "bf16" and not (isinstance(value, dict) and "enabled" in value):

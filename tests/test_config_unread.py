@@ -163,3 +163,23 @@ def test_allow_config_change_cannot_name_a_key_a_resume_never_compares(kind, key
         return
     with pytest.raises(ConfigError, match=rf"^checkpoint.allow_config_change: '{key}' is not a key a resume compares"):
         _build(kind, tmp_path, {"checkpoint": {"allow_config_change": [key]}})
+
+
+@pytest.mark.parametrize("stage, zero, needle", [
+    (2, {"offload_param": {"device": "cpu"}}, "zero_optimization.offload_param with parallel.zero_stage = 2: only ZeRO stage 3"),
+    (1, {"stage3_max_live_parameters": 10}, "zero_optimization.stage3_max_live_parameters with parallel.zero_stage = 1"),
+    (0, {"offload_optimizer": {"device": "cpu"}}, "zero_optimization.offload_optimizer with parallel.zero_stage = 0: only ZeRO stage 1-3"),
+    (3, {"offload_param": {"device": "cpu"}, "stage3_max_live_parameters": 10}, None),
+    (1, {"offload_optimizer": {"device": "cpu"}}, None),
+])
+def test_a_zero_key_the_configured_stage_never_reads_is_refused(stage, zero, needle, tmp_path):
+    """DeepSpeed's config takes ZeRO-3's keys (offload_param, stage3_*) at any stage and offload_optimizer at stage 0,
+    and the optimizer of the configured stage never reads them (deepspeed/runtime/engine.py builds them into the
+    stage-3 / ZeRO optimizers only): a param offload asked for under ZeRO-2 silently did not happen."""
+    build = lambda: tiny_gpt_config(tmp_path, parallel={"zero_stage": stage, "deepspeed": {"zero_optimization": zero}})
+    if needle is None:
+        build()
+        return
+    with pytest.raises(ConfigError) as info:
+        build()
+    assert str(info.value).startswith(f"parallel.deepspeed.{needle}") and "\n" not in str(info.value), str(info.value)
