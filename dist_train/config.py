@@ -776,6 +776,19 @@ _DEEPSPEED_OWNED = {"bf16": "train.precision", "fp16": "train.precision (fp16 is
                     "train_batch_size": "train.global_batch (DeepSpeed derives it)"}
 
 
+#: parallel.deepspeed keys DeepSpeed applies only through a part of it dist-train does not use (the part, and what
+#: dist-train reads instead): DeepSpeed's config takes them and nothing acts on them
+_DEEPSPEED_INERT = {
+    "activation_checkpointing": ("deepspeed.checkpointing, which dist-train's models do not call",
+                                 "set train.activation_checkpointing"),
+    "pipeline": ("its PipelineModule / pipeline engine", "set parallel.pp, parallel.pp_schedule, parallel.microbatches"),
+    "checkpoint": ("its save_checkpoint / load_checkpoint (dist-train writes its own)", "set checkpoint.*"),
+    "dataloader_drop_last": ("its own data loader (dist-train feeds its own batches)", "remove it"),
+    "sparse_attention": ("its sparse-attention modules (dist-train's attention is its own)",
+                         "set parallel.attn_kernel or model.attention_window"),
+}
+
+
 def deepspeed_generated(cfg: Config) -> dict[str, tuple[str, Any]]:
     """The DeepSpeed config keys generated from dist-train's own fields (``engines/deepspeed.deepspeed_config``
     writes these values; validation refuses a ``parallel.deepspeed`` key that contradicts one): key -> (the
@@ -822,6 +835,10 @@ def _validate_deepspeed_keys(cfg: Config) -> None:
         if key in ds:
             what = f"{key}.enabled" if key == "bf16" else key
             raise ConfigError(f"parallel.deepspeed.{what}: set {field_name} instead; dist-train sets it")
+    for key, (through, instead) in _DEEPSPEED_INERT.items():
+        if key in ds:
+            raise ConfigError(f"parallel.deepspeed.{key}: DeepSpeed applies it only through {through}, so it would be "
+                              f"silently ignored; {instead}")
 
 
 def _validate_train(cfg: Config) -> None:

@@ -183,3 +183,15 @@ def test_a_zero_key_the_configured_stage_never_reads_is_refused(stage, zero, nee
     with pytest.raises(ConfigError) as info:
         build()
     assert str(info.value).startswith(f"parallel.deepspeed.{needle}") and "\n" not in str(info.value), str(info.value)
+
+
+@pytest.mark.parametrize("key, instead", [("activation_checkpointing", "set train.activation_checkpointing"),
+                                          ("pipeline", "set parallel.pp"), ("checkpoint", "set checkpoint.*"),
+                                          ("dataloader_drop_last", "remove it"), ("sparse_attention", "attn_kernel")])
+def test_a_deepspeed_key_only_an_unused_part_of_deepspeed_applies_is_refused(key, instead, tmp_path):
+    """DeepSpeed reads these keys but applies them only through parts dist-train does not use (its activation
+    checkpointing API, PipelineModule, checkpoint save/load, data loader, sparse attention): they did nothing."""
+    with pytest.raises(ConfigError) as info:
+        tiny_gpt_config(tmp_path, parallel={"zero_stage": 1, "deepspeed": {key: {}}})
+    msg = str(info.value)
+    assert msg.startswith(f"parallel.deepspeed.{key}: DeepSpeed applies it only through ") and instead in msg, msg
