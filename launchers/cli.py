@@ -143,6 +143,25 @@ def _launch_error(cfg: Config, args: argparse.Namespace) -> Optional[str]:
     return None
 
 
+#: the config file as `dist-train launch` read it, in the run dir: what every attempt of the job runs
+LAUNCHED_CONFIG = "launched_config.yaml"
+
+
+def snapshot_config(config: str, run_dir: Path) -> Path:
+    """Copy the config file's bytes to ``run_dir/LAUNCHED_CONFIG`` (temp + rename; absolute path returned): every
+    attempt reads the config as launched. A restart re-read the original file, so an edit made while the job ran
+    (a new run.dir or checkpoint.dir for the next run, another lr) silently changed what the restart did: with a
+    new run.dir it trained from step 0 elsewhere, dropping the run's checkpoints, while the launcher said it
+    restarted from the newest. Paths inside the file are relative to the working directory, not to the file, so
+    the copy reads the same."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    target = (run_dir / LAUNCHED_CONFIG).absolute()
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    tmp.write_bytes(Path(config).read_bytes())
+    os.replace(tmp, target)
+    return target
+
+
 def launch_main(args: argparse.Namespace) -> int:
     overrides = list(args.set or [])
     if getattr(args, "dry_run", False):
@@ -163,7 +182,8 @@ def launch_main(args: argparse.Namespace) -> int:
     run_dir = Path(cfg.run.dir)
     # the launcher holds the run directory for every attempt; its ranks know it by the token
     with acquire_for_launcher(run_dir) as lock:
-        spec = JobSpec(argv=rank_argv(args.config, overrides), nproc=nproc, run_dir=run_dir,
+        config = snapshot_config(args.config, run_dir)
+        spec = JobSpec(argv=rank_argv(str(config), overrides), nproc=nproc, run_dir=run_dir,
                        max_restarts=max_restarts, watchdog_s=cfg.launch.watchdog_s,
                        collective_timeout_s=cfg.launch.collective_timeout_s,
                        env={**forwarded_env(), **({PREFLIGHT_ENV: "1"} if ranks_here else {}),

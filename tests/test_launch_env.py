@@ -11,10 +11,12 @@ import time
 import pytest
 import torch
 
+from dist_train.config import load_config
 from dist_train.lifecycle import (EXIT_PREEMPTED, FaultSpec, Lifecycle, auto_watchdog_s, describe_exit,
                                   heartbeat_path, read_heartbeat)
 from launchers.batch import BatchSpec, render
 from launchers.arguments import add_launch_arguments, add_submit_arguments
+import launchers.cli as cli
 from launchers.cli import launch_main, rank_argv, ranks_on_cuda, ranks_on_this_machine, resolve_launch, submit_main
 from launchers.env import (EXPECT_WORLD_ENV, LaunchError, check_mpi_family, check_mpi_world, detect_rank_env,
                            mpi_family, parse_slurm_tasks_per_node, populate_rank_env, slurm_first_host)
@@ -392,3 +394,27 @@ def test_submit_refuses_a_start_that_would_resume_another_runs_checkpoints(tmp_p
         submit_main(parser.parse_args(submit + ["--set", f"checkpoint.resume={run / 'checkpoints' / 'step_2'}"]))
     assert not list(run.glob("submit_*.sh"))
     assert submit_main(parser.parse_args(submit + ["--dry-run"])) == 0  # resume: auto continues the run: fine
+
+
+def test_every_attempt_of_a_launch_runs_the_config_as_launched(tmp_path, monkeypatch):
+    """A restart re-read the config file: edited while the job ran (a new run.dir for the next run), the automatic
+    restart trained from step 0 in the other run dir and dropped the run's checkpoints, while the launcher said
+    "restarting the job from its newest committed checkpoint" (`dist-train launch cfg.yaml --max-restarts 1`, a
+    fault at step 7, run.dir edited after step_4: attempt 1 trained steps 1-12 in runB, runA's step_6 ignored)."""
+    config = tmp_path / "cfg.yaml"
+    text = (f"run: {{name: e, dir: {tmp_path / 'runA'}}}\ndata: {{source: synthetic, seq_len: 32}}\n"
+            "train: {steps: 2, global_batch: 4, micro_batch: 2}\nlaunch: {backend: local, nproc: 1}\n")
+    config.write_text(text)
+    seen = {}
+
+    def run(self):  # instead of starting ranks: what each attempt would read
+        seen["argv"] = list(self.spec.argv)
+        config.write_text(text.replace("runA", "runB"))  # edited while the job runs
+        seen["read"] = load_config(self.spec.argv[4], []).run.dir
+        return 0
+
+    monkeypatch.setattr(cli.Supervisor, "run", run)
+    monkeypatch.setattr(cli, "preflight", lambda *a, **k: None)
+    assert launch_main(_launch_args(str(config), "--max-restarts", "1")) == 0
+    assert seen["read"] == str(tmp_path / "runA"), seen  # the restart reads the config as launched
+    assert seen["argv"][3:5] == ["run", str(tmp_path / "runA" / cli.LAUNCHED_CONFIG)], seen
