@@ -11,7 +11,8 @@ float64 and returns the relative errors of the output and of dq, dk, dv against
 ``reference_attention``; :func:`run_on_rank` runs it on a real gloo rank through
 ``context_parallel_attention``. A small fraction of draws is made invalid on purpose (an S the
 layout cannot shard, heads U does not divide, a negative window, a non-increasing ``cu_seqlens``, a
-zero ``kv_piece`` or ``tile``, a scale <= 0 or not finite) and must be refused with a ValueError.
+zero ``kv_piece`` or ``tile``, a scale <= 0 or not finite, no heads or a zero head dim) and must be
+refused with a ValueError.
 
     python -m tests.cp_fuzz --draws 2000 --seed 0     # the long run (prints failures, exits 1 on any)
     python -m tests.cp_fuzz --draws 40 --gloo 3       # 40 draws with P = 3 on real gloo ranks
@@ -37,7 +38,7 @@ from tests.dist_harness import run_ranks
 from tests.test_cp_reference import reference_attention
 
 TOL = 1e-10
-INVALID_KINDS = ("seq_len", "heads", "window", "cu_seqlens", "kv_piece", "tile", "scale")
+INVALID_KINDS = ("seq_len", "heads", "window", "cu_seqlens", "kv_piece", "tile", "scale", "empty_dim")
 
 
 @dataclass(frozen=True)
@@ -179,6 +180,8 @@ def _break(d: Draw, rng: random.Random) -> Draw:
         return replace(d, kv_piece=rng.choice((0, -1)), invalid=kind)
     if kind == "tile":
         return replace(d, tile=rng.choice((0, -1, -3)), invalid=kind)
+    if kind == "empty_dim":
+        return replace(d, **rng.choice(({"hq": 0, "hkv": 0}, {"head_dim": 0})), invalid=kind)
     if kind == "scale":
         return replace(d, scale=rng.choice((0.0, -0.5, float("nan"), float("inf"))), invalid=kind)
     return d
@@ -188,10 +191,11 @@ def features(d: Draw) -> set[str]:
     """What a draw exercises (the fixed suite list asserts it still covers them all)."""
     n = d.seq_len // d.world_size
     c = d.seq_len // (2 * d.world_size) if d.layout == "zigzag" else n
-    f = {f"method:{d.method}", f"causal:{d.causal}", f"kernel:{d.kernel}", f"gqa:{min(d.hq // d.hkv, 3)}"}
+    f = {f"method:{d.method}", f"causal:{d.causal}", f"kernel:{d.kernel}"}
     if d.invalid:
         f.add(f"invalid:{d.invalid}")
         return f
+    f.add(f"gqa:{min(d.hq // d.hkv, 3)}")
     if d.world_size in (3, 5, 7):
         f.add(f"P{d.world_size}:{d.layout}")
     if d.world_size == 1:

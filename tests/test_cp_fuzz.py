@@ -21,10 +21,10 @@ from tests.cp_fuzz import Draw, check, draw, features, run_gloo, runners
 from tests.test_cp_reference import random_qkv
 
 # 20 consecutive draws, then the cheapest draws adding coverage (greedy over seeds 0..2499)
-SEEDS = list(range(20)) + [1269, 259, 433, 1370, 946, 1086, 1233, 2479, 2212, 310, 268, 904, 270, 320, 1655,
-                           572, 457]
+SEEDS = list(range(20)) + [1060, 492, 824, 58, 864, 1046, 1849, 147, 560, 2248, 979, 1655, 2079, 422, 1455, 1686,
+                           1968, 1490, 355, 1493, 1303, 2073, 183, 316]
 # P = 3 on gloo: ring, Ulysses with replicated K/V heads, documents, K/V pieces, windows, and three
-# invalid draws (window, tile, cu_seqlens) that every rank must refuse alike
+# invalid draws that every rank must refuse alike
 GLOO_SEEDS = [7, 26, 35, 22, 87, 157, 445, 310, 229, 220, 343]
 # P = 4 hybrids (U = 2) from the draw: documents per sample / shared with window 0, K/V pieces
 GLOO_HYBRID_SEEDS = [23, 694]
@@ -92,7 +92,8 @@ def test_simulator_refuses_what_the_real_ranks_refuse():
 @pytest.mark.parametrize("entry", ["local", "simulated"])
 def test_bad_tile_scale_and_window_are_refused(entry):
     """tile=-1 produced an all-zero output (no tile was ever cut), scale <= 0 NaN (torch's CPU flash op
-    on a causal block), window=True a RuntimeError deep in the planner; each is now one ValueError."""
+    on a causal block), window=True a RuntimeError deep in the planner, an empty head dimension a
+    ZeroDivisionError; each is now one ValueError."""
     q, k, v = _full()
 
     def call(**kw):
@@ -106,6 +107,12 @@ def test_bad_tile_scale_and_window_are_refused(entry):
                     ({"scale": float("nan")}, r"scale=nan must be None"), ({"window": True}, r"window=True must be")):
         with pytest.raises(ValueError, match=msg):
             call(**kw)
+    # no heads or a zero head dim: was a ZeroDivisionError deep in the kernel setup
+    for shape in ((1, 12, 0, 4), (1, 12, 2, 0)):
+        x = torch.zeros(shape, dtype=torch.float64)
+        with pytest.raises(ValueError, match=r"heads and head dim D must be >= 1"):
+            local_attention(x, x, x) if entry == "local" else simulate_ring_attention(x, x, x, world_size=3,
+                                                                                      layout="contiguous")
     assert torch.isfinite(call(scale=0.01)).all()
 
 

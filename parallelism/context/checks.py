@@ -24,13 +24,15 @@ def _is_int(x) -> bool:
 
 
 def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-    """q [B, S, Hq, D]; k, v [B, S, Hkv, D] with Hq % Hkv == 0, one dtype, S >= 1."""
+    """q [B, S, Hq, D]; k, v [B, S, Hkv, D] with Hq % Hkv == 0, one dtype, S, Hq, Hkv, D >= 1."""
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
         raise ValueError(f"q, k, v must be [B, S_local, H, D]; got shapes {tuple(q.shape)}, "
                          f"{tuple(k.shape)}, {tuple(v.shape)}")
     if k.shape != v.shape or q.shape[:2] != k.shape[:2] or q.shape[3] != k.shape[3]:
         raise ValueError(f"q {tuple(q.shape)} and k/v {tuple(k.shape)}/{tuple(v.shape)} must share "
                          f"B, S_local and D, and k and v must have the same shape")
+    if min(q.shape[2], k.shape[2], q.shape[3]) < 1:
+        raise ValueError(f"q {tuple(q.shape)}, k/v {tuple(k.shape)}: heads and head dim D must be >= 1")
     if q.shape[2] % k.shape[2]:
         raise ValueError(f"query heads Hq={q.shape[2]} must be a multiple of K/V heads Hkv={k.shape[2]}")
     if not (q.dtype == k.dtype == v.dtype):
