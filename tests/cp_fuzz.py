@@ -32,7 +32,7 @@ import torch
 from dist_train.models.attention import AttentionContext
 from dist_train.models.attention import attention as model_attention
 from parallelism.context import (context_parallel_attention, local_attention, pack_cu_seqlens, required_multiple,
-                                 sequence_positions, simulate_ring_attention)
+                                 sequence_positions, shard_sequence, simulate_ring_attention, unshard_sequence)
 from parallelism.context.layouts import LAYOUTS
 from tests.dist_harness import run_ranks
 from tests.test_cp_reference import reference_attention
@@ -306,7 +306,8 @@ def runners(d: Draw) -> list:
 
 
 def run_on_rank(rank: int, d: Draw) -> list[float]:
-    """Errors [out, dq, dk, dv] of this rank's shard on real ranks (the default group)."""
+    """Errors [out, dq, dk, dv] of this rank's shard on real ranks (the default group), and of the
+    full output gathered with ``unshard_sequence``."""
     q, k, v, grad = tensors(d)
     pos = sequence_positions(d.seq_len, rank=rank, world_size=d.world_size, layout=d.layout)
     xs = leaves([x[:, pos] for x in (q, k, v)], d.strided)
@@ -315,7 +316,10 @@ def run_on_rank(rank: int, d: Draw) -> list[float]:
                                      tile=d.tile, kv_piece=d.kv_piece, cu_seqlens=d.cu_arg())
     grads = torch.autograd.grad(out, xs, grad[:, pos])
     ref_out, ref_grads = reference(d, q, k, v, grad)
-    return _errors(out, grads, ref_out[:, pos], [g[:, pos] for g in ref_grads])
+    # the layout ops on the same shapes: shard(full) is this rank's rows, unshard(out) the full output
+    assert torch.equal(shard_sequence(q, dim=1, layout=d.layout), q[:, pos]), "shard_sequence"
+    full_out = unshard_sequence(out.detach(), dim=1, layout=d.layout)
+    return _errors(out, grads, ref_out[:, pos], [g[:, pos] for g in ref_grads]) + [rel_err(full_out, ref_out)]
 
 
 def check(d: Draw, run=run_simulated) -> Optional[str]:

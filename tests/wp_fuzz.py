@@ -21,7 +21,7 @@ from typing import Optional
 
 import torch
 
-from parallelism.window import shard_image, window_parallel_attention
+from parallelism.window import TileLayout, halo_roll, shard_image, window_parallel_attention
 from tests.dist_harness import run_ranks
 from tests.test_wp_attention import swin_reference
 
@@ -99,6 +99,11 @@ def run_on_rank(rank: int, d: WDraw) -> list[float]:
                          bias=ref_in[3] if d.bias else None, scale=d.scale)
     ref_grads = torch.autograd.grad(ref, ref_in, gout)
     errs = [_rel(out, tile(ref))] + [_rel(g, tile(r)) for g, r in zip(grads[:3], ref_grads[:3])]
+    # the model's primitive on the same tiling: halo_roll (and its inverse) is torch.roll, exactly
+    layout = TileLayout.build(d.height, d.width, d.grid, d.window)
+    for sign, inverse in ((-1, False), (1, True)):
+        rolled = halo_roll(tile(q), layout, rank, d.shift, None, inverse=inverse)
+        assert torch.equal(rolled, tile(torch.roll(q, (sign * d.shift[0], sign * d.shift[1]), (1, 2)))), inverse
     if d.bias:
         gb = grads[3].clone()
         if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
