@@ -15,7 +15,7 @@ its newest record; ``-2``, ``-3``, … when that folder exists: one is never reu
 current one.
 
 Left where they are: ``logs/`` (appended by every attempt, and by the launcher before any rank starts),
-heartbeats, ``errors/``, locks, launcher files (``submit_*.sh``, ``.ray_auth_token``, ``launched_config.yaml``),
+heartbeats, ``errors/``, locks, launcher files (``submit_*.sh``, ``.ray_auth_token``, ``*_config.yaml``),
 ``wandb/`` (one folder per W&B run already), the checkpoints (``keep``; a fresh start beside them is refused by the
 checkpoint manager), and anything else a person put there.
 

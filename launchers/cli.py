@@ -9,6 +9,7 @@ Command-line flags override ``launch.*`` from the config. Bad input raises ``Val
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import shutil
 import subprocess
@@ -145,17 +146,19 @@ def _launch_error(cfg: Config, args: argparse.Namespace) -> Optional[str]:
 
 #: the config file as `dist-train launch` read it, in the run dir: what every attempt of the job runs
 LAUNCHED_CONFIG = "launched_config.yaml"
+#: the same for `dist-train submit`: what every start of the batch job (its requeues included) runs
+SUBMITTED_CONFIG = "submitted_config.yaml"
 
 
-def snapshot_config(config: str, run_dir: Path) -> Path:
-    """Copy the config file's bytes to ``run_dir/LAUNCHED_CONFIG`` (temp + rename; absolute path returned): every
+def snapshot_config(config: str, run_dir: Path, name: str = LAUNCHED_CONFIG) -> Path:
+    """Copy the config file's bytes to ``run_dir/name`` (temp + rename; absolute path returned): every
     attempt reads the config as launched. A restart re-read the original file, so an edit made while the job ran
     (a new run.dir or checkpoint.dir for the next run, another lr) silently changed what the restart did: with a
     new run.dir it trained from step 0 elsewhere, dropping the run's checkpoints, while the launcher said it
     restarted from the newest. Paths inside the file are relative to the working directory, not to the file, so
     the copy reads the same."""
     run_dir.mkdir(parents=True, exist_ok=True)
-    target = (run_dir / LAUNCHED_CONFIG).absolute()
+    target = (run_dir / name).absolute()
     tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
     tmp.write_bytes(Path(config).read_bytes())
     os.replace(tmp, target)
@@ -243,10 +246,12 @@ def submit_main(args: argparse.Namespace) -> int:
     # cannot refuse a first start that would take over an earlier run's checkpoints (resume: none into them, or a
     # PATH older than their newest): checked here, as configured, before anything is written or submitted
     check_resume(cfg)
-    text = render(spec)
     if args.dry_run:
-        print(text, end="")
+        print(render(spec), end="")
         return 0
+    # every start (requeues too) runs the config as submitted, not the file as edited since (see snapshot_config)
+    text = render(dataclasses.replace(spec, config=str(snapshot_config(args.config, Path(cfg.run.dir),
+                                                                        SUBMITTED_CONFIG))))
     script_path.parent.mkdir(parents=True, exist_ok=True)
     (script_path.parent / "logs").mkdir(exist_ok=True)
     script_path.write_text(text)

@@ -418,3 +418,26 @@ def test_every_attempt_of_a_launch_runs_the_config_as_launched(tmp_path, monkeyp
     assert launch_main(_launch_args(str(config), "--max-restarts", "1")) == 0
     assert seen["read"] == str(tmp_path / "runA"), seen  # the restart reads the config as launched
     assert seen["argv"][3:5] == ["run", str(tmp_path / "runA" / cli.LAUNCHED_CONFIG)], seen
+
+
+def test_every_start_of_a_submitted_job_runs_the_config_as_submitted(tmp_path, monkeypatch):
+    """The batch script named the config file itself: a requeue (preemption, time limit) read it again, edits made
+    since included (a new run.dir: the requeued job started over elsewhere). Submit copies it into the run dir."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "sbatch").write_text("#!/bin/sh\necho Submitted batch job 1\n")
+    (bin_dir / "sbatch").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    config = tmp_path / "cfg.yaml"
+    text = (f"run: {{name: e, dir: {tmp_path / 'runA'}}}\ndata: {{source: synthetic, seq_len: 32}}\n"
+            "train: {steps: 2, global_batch: 4, micro_batch: 2}\n")
+    config.write_text(text)
+    parser = argparse.ArgumentParser()
+    add_submit_arguments(parser)
+    assert submit_main(parser.parse_args([str(config), "--scheduler", "slurm", "--nodes", "1", "--ntasks-per-node",
+                                          "1", "--time", "00:10:00"])) == 0
+    config.write_text(text.replace("runA", "runB"))  # edited after submitting
+    snapshot = tmp_path / "runA" / "submitted_config.yaml"
+    script = (tmp_path / "runA" / "submit_slurm.sh").read_text()
+    assert f"-m dist_train run {snapshot} " in script and str(config) not in script, script
+    assert load_config(snapshot).run.dir == str(tmp_path / "runA")
