@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed as dist
 
 from dist_train.checkpoint.compat import config_differences
 from dist_train.config import ConfigError, config_from_dict, load_config
@@ -151,6 +152,7 @@ def test_the_deepspeed_engine_itself_refuses_a_key_deepspeed_never_reads(tmp_pat
     mesh = build_mesh(cfg.parallel, 1)
     with pytest.raises(ConfigError, match=r"^parallel.deepspeed.zero_optimisation = \{\}: DeepSpeed never reads"):
         DeepSpeedEngine(cfg, build_gpt(cfg, mesh, torch.device("cpu")), mesh, None)
+    assert not dist.is_initialized()  # refused before the engine's one-rank group: nothing left for later tests
 
 
 @pytest.mark.parametrize("kind, key, ok", [("swin", "model.attention_window", False), ("swin", "data.seq_len", False),

@@ -148,6 +148,9 @@ class DeepSpeedEngine:
     def __init__(self, cfg: Config, model: nn.Module, mesh: Mesh, autocast_dtype: Optional[torch.dtype]):
         import deepspeed
 
+        # the pre-flight ran this before any rank when one ran (launch, run); bench and scale ranks come here directly.
+        # First: a refusal leaves no process group or rank environment behind
+        check_deepspeed_keys(cfg, bf16=autocast_dtype == torch.bfloat16)
         _ensure_process_group()
         if next(model.parameters()).device.type == "cpu":
             # DeepSpeed's CPU comm backend JIT-compiles a shared-memory all-reduce (minutes on 2 cores,
@@ -159,8 +162,6 @@ class DeepSpeedEngine:
         self.mesh = mesh
         self.grad_size = mesh.grad_size
         self.zero_stage = int(cfg.parallel.zero_stage)
-        # the pre-flight ran this before any rank when one ran (launch, run); bench and scale ranks come here directly
-        check_deepspeed_keys(cfg, bf16=autocast_dtype == torch.bfloat16)
         self.ds_config = deepspeed_config(cfg, bf16=autocast_dtype == torch.bfloat16)
         optimizer = build_optimizer(list(model.named_parameters()), cfg.train)
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
