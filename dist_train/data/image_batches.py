@@ -9,8 +9,10 @@ time steps through a seeded permutation that is reshuffled every epoch.
 
 Fields are normalised per channel as ``(f - mean) / std(one-step increment)``: the model forecasts
 ``x + Δ``, so the target increment has unit scale and the initial loss is ~1 whatever the physical
-units (the usual residual normalisation of weather models). The statistics come from every time
-step on a strided pixel subset, read by every rank (the same numbers everywhere, no communication).
+units (the usual residual normalisation of weather models). The statistics come from the time steps of
+the *training* share (``data.split``; every step without one) on a strided pixel subset, read by every
+rank (the same numbers everywhere, no communication): the validation batcher uses the same ones, so no
+held-out field shapes the inputs of either.
 """
 from __future__ import annotations
 
@@ -45,7 +47,8 @@ class WeatherBatcher:
         if self.ds.image_size != (int(d.image[0]), int(d.image[1])) or self.ds.channels != d.channels:
             raise ValueError(f"data.path = {d.path} holds {self.ds.image_size} x {self.ds.channels} fields, "
                              f"but data.image = {d.image}, data.channels = {d.channels}")
-        self.mean, self.scale = self._field_stats()
+        train_lo, train_hi = split_part(len(self.ds), d.split, "train")
+        self.mean, self.scale = self._field_stats(train_lo, train_hi)
         self.first, end = split_part(len(self.ds), d.split, part)
         self.num_samples = end - self.first
         if self.num_samples < 1:
@@ -56,10 +59,11 @@ class WeatherBatcher:
         p = cfg.model.patch_size
         self.tokens_per_sample = (self.ds.height // p) * (self.ds.width // p)
 
-    def _field_stats(self, stride: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-channel mean of the fields and std of their one-step increment, shapes [C], over every
-        time step (a start-up transient must not set the scale) on a strided pixel subset."""
-        f = np.asarray(self.ds.fields[:, ::stride, ::stride], dtype=np.float64)  # [T, H/s, W/s, C]
+    def _field_stats(self, lo: int, hi: int, stride: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-channel mean of the fields and std of their one-step increment, shapes [C], over every time
+        step the training samples [lo, hi) read (their inputs t and targets t + 1: steps lo..hi; all of them,
+        so a start-up transient does not set the scale) on a strided pixel subset."""
+        f = np.asarray(self.ds.fields[lo:hi + 1, ::stride, ::stride], dtype=np.float64)  # [T', H/s, W/s, C]
         std = np.diff(f, axis=0).reshape(-1, f.shape[-1]).std(axis=0)
         return (torch.from_numpy(f.reshape(-1, f.shape[-1]).mean(axis=0)).float(),
                 torch.from_numpy(np.where(std > 0, std, 1.0)).float())
