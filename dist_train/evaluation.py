@@ -10,8 +10,14 @@ depend on dp), for e < ``train.eval_steps``. The loss is the sum over every real
 (swin: the MSE) of all evaluation batches divided by their real count, the count all-reduced over the
 grad group (dp × wp × cp) and the loss sums by the engine (``eval_loss_sum``: forward only, no gradient,
 pipeline stages through the schedule's eval pass) — the training contract (docs/architecture.md).
+
+Every held-out sample counts at most once: ``eval_steps · global_batch`` beyond the held-out samples would
+wrap into the next epoch's order and count some of them twice (a weighted loss no one asked for), so such a
+configuration is refused (:func:`held_out_overrun`; the pre-flight says so before any rank starts).
 """
 from __future__ import annotations
+
+from typing import Optional
 
 import torch
 
@@ -20,8 +26,27 @@ from .engines.grads import all_reduce_sum
 from .mesh import Mesh
 
 
+def held_out_overrun(cfg: Config, held_out: Optional[int]) -> Optional[str]:
+    """One line refusing an evaluation that reads more than the ``held_out`` validation samples (None: a
+    generated, endless stream); None when it fits."""
+    t = cfg.train
+    wanted = t.eval_steps * t.global_batch
+    if held_out is None or wanted <= held_out:
+        return None
+    where = (f"data.valid_path = {cfg.data.valid_path}" if cfg.data.valid_path
+             else f"the validation share of data.split = {cfg.data.split!r}")
+    fix = (f"set train.eval_steps <= {held_out // t.global_batch}" if held_out >= t.global_batch else
+           "give validation more data (a larger data.split share) or set a smaller train.global_batch")
+    return (f"train.eval_steps = {t.eval_steps} x train.global_batch = {t.global_batch} reads {wanted} held-out "
+            f"samples per evaluation, but {where} holds {held_out}: {wanted - held_out} would be counted twice; {fix}")
+
+
 class Evaluator:
     def __init__(self, cfg: Config, mesh: Mesh, batcher):
+        """``batcher``: the validation batcher; its ``samples_per_epoch`` (None: endless) bounds the evaluation."""
+        refusal = held_out_overrun(cfg, batcher.samples_per_epoch)
+        if refusal:
+            raise ValueError(refusal)
         self.cfg, self.mesh, self.batcher = cfg, mesh, batcher
 
     def due(self, step: int) -> bool:

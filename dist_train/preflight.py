@@ -35,6 +35,7 @@ from .data.weather import other_dataset_message, weather_meta, weather_settings
 from .dryrun import device_profile
 from .engines import autocast_dtype, cpu_autocast_refusal
 from .engines.deepspeed import check_deepspeed_keys
+from .evaluation import held_out_overrun
 
 #: set by the launcher in every rank's environment once it has run the preflight for the job
 PREFLIGHT_ENV = "DIST_TRAIN_PREFLIGHT_DONE"
@@ -128,6 +129,8 @@ def check_data(cfg: Config) -> None:
             if hi <= lo:  # the rank's WeatherBatcher would refuse it after start-up
                 raise ConfigError(f"data.split = {d.split!r}: the {part} share of the {pairs} weather samples (data.steps "
                                   f"= {d.steps}) is empty; give it a larger share or more data.steps")
+            if part == "valid":  # the rank's Evaluator would refuse it after start-up
+                _check_held_out(cfg, hi - lo)
         if not d.path:
             raise ConfigError("data.path is not set: give the directory of the weather dataset (generated there "
                               "on first use)")
@@ -162,6 +165,13 @@ def check_end_of_document(cfg: Config) -> None:
                           "ever end; set data.eod_id to a token id the data holds")
 
 
+def _check_held_out(cfg: Config, held_out: int) -> None:
+    """An evaluation reading more than the ``held_out`` validation samples would count some twice: refused."""
+    refusal = held_out_overrun(cfg, held_out)
+    if refusal:
+        raise ConfigError(refusal)
+
+
 def _check_indexed(cfg: Config) -> None:
     d, m = cfg.data, cfg.model
     if d.valid_path:
@@ -178,10 +188,13 @@ def _check_indexed(cfg: Config) -> None:
             check_indexed_dataset(d.path, m.vocab_size, d.seq_len)
             # the parts the ranks read (data.split's training share; its validation share when validation reads it):
             # an empty one is refused by every rank's dataset after start-up
-            for part in ("train", "valid") if cfg.train.eval_every and not d.valid_path else ("train",):
-                IndexedTokenDataset(d.path, d.seq_len, cfg.run.seed, d.split, part)
+            samples = {part: IndexedTokenDataset(d.path, d.seq_len, cfg.run.seed, d.split, part).num_chunks
+                       for part in (("train", "valid") if cfg.train.eval_every and not d.valid_path else ("train",))}
         except ValueError as e:
             raise ConfigError(str(e).splitlines()[0]) from None
+        if cfg.train.eval_every:  # the ranks' Evaluator would refuse it after start-up
+            _check_held_out(cfg, IndexedTokenDataset(d.valid_path, d.seq_len, cfg.run.seed).num_chunks
+                            if d.valid_path else samples["valid"])
         return
     if d.prepare is None:
         missing = " and ".join(f"{d.path}{s}" for s, h in zip((".bin", ".idx"), have) if not h)

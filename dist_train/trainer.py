@@ -123,11 +123,7 @@ def build_batcher(cfg: Config, mesh: Mesh, model: torch.nn.Module, part: str = "
 def training_samples(batcher) -> Optional[int]:
     """Samples per epoch of a dataset read from files (indexed tokens, weather), the identity a checkpoint
     records as ``train_samples``; None for generated (synthetic) data."""
-    if isinstance(batcher, WeatherBatcher):
-        return int(batcher.num_samples)
-    if isinstance(batcher, TokenBatcher) and isinstance(batcher.source, IndexedTokenDataset):
-        return int(batcher.source.num_chunks)
-    return None
+    return batcher.samples_per_epoch
 
 
 def layout_dict(cfg: Config, world_size: int) -> dict:

@@ -1,14 +1,22 @@
 """Held-out data stays held out: what the validation share may and may not shape (no processes, tiny data)."""
 from __future__ import annotations
 
+import json
 from types import SimpleNamespace
 
 import numpy as np
+import pytest
 import torch
 
+from dist_train.config import ConfigError
+from dist_train.data.batches import TokenBatcher
+from dist_train.data.datasets import IndexedTokenDataset
 from dist_train.data.image_batches import WeatherBatcher
+from dist_train.data.prepare import prepare_indexed
 from dist_train.data.weather import prepare_weather
-from tests.trainer_utils import tiny_swin_config
+from dist_train.evaluation import Evaluator
+from dist_train.preflight import check_data
+from tests.trainer_utils import tiny_gpt_config, tiny_swin_config
 
 ONE_RANK = SimpleNamespace(rank=0, size=lambda axis: 1, coord=lambda axis: 0)
 WHOLE_IMAGE = SimpleNamespace(tile_slices=lambda size: (slice(0, size[0]), slice(0, size[1])))
@@ -32,3 +40,39 @@ def test_weather_normalisation_comes_from_the_training_share_only(tmp_path):
     assert torch.allclose(train.scale.double(), torch.from_numpy(want_scale), rtol=1e-6)
     assert torch.equal(valid.mean, train.mean) and torch.equal(valid.scale, train.scale)
     assert (train.first, train.num_samples, valid.first, valid.num_samples) == (0, 6, 6, 5)
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> str:
+    """A byte-tokenized dataset of 682 tokens: 42 samples of 16 tokens."""
+    d = tmp_path_factory.mktemp("corpus")
+    (d / "docs.jsonl").write_text("\n".join(json.dumps({"text": t * 40}) for t in ("alpha ", "beta gamma ")))
+    prepare_indexed([d / "docs.jsonl"], str(d / "ds"))
+    return str(d / "ds")
+
+
+def _gpt(tmp_path, prefix, data, **train):
+    return tiny_gpt_config(tmp_path / "run", data={"source": "indexed", "path": prefix, "seq_len": 16, **data},
+                           model={"vocab_size": 257}, train={"eval_every": 2, **train})
+
+
+def test_an_evaluation_longer_than_the_held_out_data_is_refused(tmp_path, corpus):
+    """eval_steps x global_batch beyond the held-out samples wrapped into the next epoch's order: the validation
+    loss silently counted some samples twice (and the same ones every evaluation). Refused before any rank starts
+    (split share, data.valid_path, weather share) and by the ranks' Evaluator; an evaluation that fits runs."""
+    assert IndexedTokenDataset(corpus, 16, 7, "80,20,0", "valid").num_chunks == 8
+    check_data(_gpt(tmp_path, corpus, {"split": "80,20,0"}, eval_steps=2, global_batch=4))  # 8 of 8
+    with pytest.raises(ConfigError, match=r"^train.eval_steps = 3 x train.global_batch = 4 reads 12 held-out samples "
+                                          r"per evaluation, but the validation share of data.split = '80,20,0' holds 8: "
+                                          r"4 would be counted twice; set train.eval_steps <= 2$"):
+        check_data(_gpt(tmp_path, corpus, {"split": "80,20,0"}, eval_steps=3, global_batch=4))
+    with pytest.raises(ConfigError, match=r"holds 42: 6 would be .* set a smaller train.global_batch$"):
+        check_data(_gpt(tmp_path, corpus, {"valid_path": corpus}, eval_steps=1, global_batch=48, micro_batch=4))
+    swin = tiny_swin_config(tmp_path / "s", tmp_path / "w", data={"split": "80,20,0"}, train={"eval_every": 2})
+    with pytest.raises(ConfigError, match=r"holds 2: 6 would be counted twice; set train.eval_steps <= 1$"):
+        check_data(swin)
+    cfg = _gpt(tmp_path, corpus, {"split": "80,20,0"}, eval_steps=3, global_batch=4)
+    valid = TokenBatcher(IndexedTokenDataset(corpus, 16, 7, "80,20,0", "valid"), micro_batch=2, dp=1, dp_rank=0)
+    with pytest.raises(ValueError, match="holds 8: 4 would be counted twice"):
+        Evaluator(cfg, ONE_RANK, valid)
+    Evaluator(_gpt(tmp_path, corpus, {"split": "80,20,0"}, eval_steps=2, global_batch=4), ONE_RANK, valid)

@@ -320,7 +320,8 @@ def test_a_document_option_whose_end_of_document_id_is_outside_the_vocabulary_is
 
 @pytest.mark.parametrize("split, train, needle", [("99,1,0", {"eval_every": 2}, "data.split: the part ["),
                                                   ("1,99,0", {}, "data.split: the part [0, 0)"),
-                                                  ("99,1,0", {}, None), ("50,50,0", {"eval_every": 2}, None)])
+                                                  ("99,1,0", {}, None),
+                                                  ("50,50,0", {"eval_every": 2, "eval_steps": 1, "global_batch": 4}, None)])
 def test_an_empty_share_of_data_split_is_refused_before_any_rank_starts(split, train, needle, tmp_path, dataset):
     """The dataset's samples under data.split: an empty training share (or validation share, when validation reads
     it) was refused by every rank's dataset after start-up; it depends on the config and the files alone."""

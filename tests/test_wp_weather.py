@@ -158,7 +158,8 @@ def test_preflight_refuses_channels_the_first_batch_would_not_fit(data, model, t
 
 @pytest.mark.parametrize("split, train, refused", [("99,1,0", {"eval_every": 2}, "the valid share of the 11"),
                                                    ("0.01,99,0", {}, "the train share of the 11"),
-                                                   ("99,1,0", {}, None), ("80,20,0", {"eval_every": 2}, None)])
+                                                   ("99,1,0", {}, None),
+                                                   ("80,20,0", {"eval_every": 2, "eval_steps": 1}, None)])
 def test_preflight_refuses_an_empty_weather_split_share_before_any_rank_starts(split, train, refused, tmp_path):
     """data.split over data.steps - 1 forecasting pairs: an empty training share (or validation share, when
     validation runs) was refused by every rank's batcher after start-up; it depends on the config alone."""

@@ -43,6 +43,12 @@ class TokenBatcher:
         self.cp, self.cp_rank, self.layout = cp, cp_rank, layout
         self.documents = documents if documents is not None and documents.active else None
 
+    @property
+    def samples_per_epoch(self) -> Optional[int]:
+        """Distinct samples before the order wraps into the next epoch (None: a generated, endless stream)."""
+        n = getattr(self.source, "num_chunks", None)
+        return None if n is None else int(n)
+
     def sample_ids(self, consumed: int, micro: int) -> list[int]:
         return micro_batch_ids(consumed, micro, self.mb, self.dp, self.dp_rank)
 

@@ -59,6 +59,11 @@ class WeatherBatcher:
         p = cfg.model.patch_size
         self.tokens_per_sample = (self.ds.height // p) * (self.ds.width // p)
 
+    @property
+    def samples_per_epoch(self) -> int:
+        """Distinct samples (forecasting pairs of this share) before the order wraps into the next epoch."""
+        return int(self.num_samples)
+
     def _field_stats(self, lo: int, hi: int, stride: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-channel mean of the fields and std of their one-step increment, shapes [C], over every time
         step the training samples [lo, hi) read (their inputs t and targets t + 1: steps lo..hi; all of them,
