@@ -30,6 +30,7 @@ from .cost import memory_model, model_params, rank_inputs
 from .data.datasets import IndexedTokenDataset, split_part, training_digest
 from .data.documents import resolve_eod_id
 from .data.integrity import check_indexed_dataset
+from .data.sidecar import other_tokenizer_message
 from .data.tokenizer import get_tokenizer
 from .data.weather import other_dataset_message, weather_meta, weather_settings
 from .dryrun import device_profile
@@ -192,6 +193,10 @@ def _check_indexed(cfg: Config) -> None:
                        for part in (("train", "valid") if cfg.train.eval_every and not d.valid_path else ("train",))}
         except ValueError as e:
             raise ConfigError(str(e).splitlines()[0]) from None
+        if d.valid_path:  # both sidecars read above (a bad one is refused there)
+            other = other_tokenizer_message(d.path, d.valid_path, "data.path", "data.valid_path")
+            if other:
+                raise ConfigError(other)
         if cfg.train.eval_every:  # the ranks' Evaluator would refuse it after start-up
             _check_held_out(cfg, IndexedTokenDataset(d.valid_path, d.seq_len, cfg.run.seed).num_chunks
                             if d.valid_path else samples["valid"])

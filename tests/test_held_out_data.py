@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from types import SimpleNamespace
 
 import numpy as np
@@ -13,6 +14,7 @@ from dist_train.data.batches import TokenBatcher
 from dist_train.data.datasets import IndexedTokenDataset
 from dist_train.data.image_batches import WeatherBatcher
 from dist_train.data.prepare import prepare_indexed
+from dist_train.data.sidecar import sidecar_path
 from dist_train.data.weather import prepare_weather
 from dist_train.evaluation import Evaluator
 from dist_train.preflight import check_data
@@ -76,3 +78,23 @@ def test_an_evaluation_longer_than_the_held_out_data_is_refused(tmp_path, corpus
     with pytest.raises(ValueError, match="holds 8: 4 would be counted twice"):
         Evaluator(cfg, ONE_RANK, valid)
     Evaluator(_gpt(tmp_path, corpus, {"split": "80,20,0"}, eval_steps=2, global_batch=4), ONE_RANK, valid)
+
+
+def test_a_held_out_dataset_of_another_tokenizer_is_refused(tmp_path, corpus):
+    """data.valid_path prepared with another tokenizer than data.path: the same id means another token in each, and
+    the validation loss measured the model on text it never saw tokenized that way, silently. Refused before any
+    rank starts, as the two sidecars say; the same tokenizer (or a dataset built elsewhere, no sidecar) passes."""
+    held = tmp_path / "held"
+    for suffix in (".bin", ".idx"):
+        shutil.copy(f"{corpus}{suffix}", f"{held}{suffix}")
+    meta = json.loads(sidecar_path(corpus).read_text())
+    sidecar_path(held).write_text(json.dumps(meta))
+    check_data(_gpt(tmp_path, corpus, {"valid_path": str(held)}, eval_steps=1, global_batch=4))
+    sidecar_path(held).write_text(json.dumps({**meta, "tokenizer": "other/tokenizer.json", "vocab_size": 300,
+                                              "eod_id": 299}))
+    with pytest.raises(ConfigError, match=r"^data.valid_path = .*held was prepared with tokenizer other/tokenizer.json "
+                                          r"\(vocabulary 300, EOD id 299\) but data.path = .*ds with tokenizer byte "
+                                          r"\(vocabulary 257, EOD id 256\): its token ids would mean other tokens"):
+        check_data(_gpt(tmp_path, corpus, {"valid_path": str(held)}, eval_steps=1, global_batch=4))
+    sidecar_path(held).unlink()
+    check_data(_gpt(tmp_path, corpus, {"valid_path": str(held)}, eval_steps=1, global_batch=4))

@@ -57,3 +57,24 @@ def dataset_digest(prefix: Union[str, Path]) -> Optional[str]:
     dataset without one (built elsewhere, or before digests were recorded)."""
     body = read_sidecar(prefix)
     return body.get("digest") if body else None
+
+
+def other_tokenizer_message(prefix: Union[str, Path], other: Union[str, Path], what: str, other_what: str) -> Optional[str]:
+    """One line when the datasets ``prefix`` (config key ``what``) and ``other`` (``other_what``) were prepared with
+    different tokenizers — the same id would mean another token in each — as far as their sidecars say (the
+    tokenizer's kind, vocabulary size and EOD id); None when they agree or either has no sidecar (built elsewhere)."""
+    a, b = read_sidecar(prefix), read_sidecar(other)
+    if a is None or b is None:
+        return None
+
+    def identity(meta: dict) -> tuple:
+        return meta["tokenizer"] == "byte", int(meta["vocab_size"]), int(meta["eod_id"])
+
+    if identity(a) == identity(b):
+        return None
+
+    def described(meta: dict) -> str:
+        return f"tokenizer {meta['tokenizer']} (vocabulary {meta['vocab_size']}, EOD id {meta['eod_id']})"
+
+    return (f"{other_what} = {other} was prepared with {described(b)} but {what} = {prefix} with {described(a)}: "
+            f"its token ids would mean other tokens; prepare both with the same --tokenizer")
