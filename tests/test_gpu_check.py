@@ -312,11 +312,18 @@ def test_a_trial_tells_running_out_of_memory_from_other_errors():
 
     tiny = dict(kind="gpt", d_model=32, n_layers=1, n_heads=4, n_kv_heads=2, ffn_hidden=64, vocab_size=64)
     cfg = llama_config(64, None, tiny)
+    # memory also runs out outside the caching allocator: in a library's own allocation or a raw cudaMalloc, raised
+    # as a plain RuntimeError (AcceleratorError); a shorter length still fits there, so the search must go on
     for error, fatal in ((torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2 GiB"), False),
-                         (RuntimeError("CUDA error: an illegal memory access was encountered"), True)):
+                         (RuntimeError("CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate(handle)`"),
+                          False),
+                         (RuntimeError("CUDA error: out of memory\nCompile with TORCH_USE_CUDA_DSA"), False),
+                         (RuntimeError("CUDA error: an illegal memory access was encountered"), True),
+                         (ValueError("seq_len=1048576 is too long for the kernel"), True)):
         model = _Failing(error)
         rec = trial_step(model, torch.optim.AdamW(model.parameters()), cfg, 64)
-        assert rec["ok"] is False and bool(rec.get("fatal")) is fatal and str(error).split(".")[0] in rec["error"], rec
+        first_line = str(error).splitlines()[0].split(".")[0]
+        assert rec["ok"] is False and bool(rec.get("fatal")) is fatal and first_line in rec["error"], (error, rec)
 
 
 def test_the_checkpoint_part_hands_out_its_stall_before_the_write_ends(tmp_path):

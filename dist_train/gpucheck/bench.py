@@ -244,6 +244,18 @@ def checkpoint_reserve_s(nbytes: int) -> float:
     return CHECKPOINT_FIXED_S + nbytes / CHECKPOINT_PLAN_GB_S / 1e9
 
 
+#: how running out of GPU memory reads when it is not the caching allocator's OutOfMemoryError: a library's own
+#: allocation ("CUBLAS_STATUS_ALLOC_FAILED", "CUDNN_STATUS_ALLOC_FAILED") or a raw cudaMalloc ("CUDA error: out of
+#: memory"); none of these leaves the CUDA context unusable, so a shorter length can still be tried
+OUT_OF_MEMORY_TEXTS = ("out of memory", "ALLOC_FAILED")
+
+
+def is_out_of_memory(e: BaseException) -> bool:
+    """Whether ``e`` says the GPU ran out of memory (the longest-S search bisects below such a failure)."""
+    return isinstance(e, torch.cuda.OutOfMemoryError) or (
+        isinstance(e, RuntimeError) and any(text in str(e) for text in OUT_OF_MEMORY_TEXTS))
+
+
 def trial_step(model, opt, cfg: Config, seq_len: int) -> dict:
     """One training step at ``seq_len``: time, peak memory and bytes per token, or why it failed: out of memory
     (``ok`` False), or any other error (also ``fatal``: the search stops, :func:`bench_longest`)."""
@@ -256,13 +268,13 @@ def trial_step(model, opt, cfg: Config, seq_len: int) -> dict:
     try:
         batch = _batch(seq_len, cfg.model.vocab_size, dev)
         t = device_times(lambda: train_step(model, opt, batch), 1, dev, warmup=0)[0]
-    except torch.cuda.OutOfMemoryError as e:
+    except Exception as e:  # noqa: BLE001 - every failure is a record; KeyboardInterrupt (the limit) still stops it
         opt.zero_grad(set_to_none=True)
-        return {"seq_len": seq_len, "ok": False, "error": str(e).splitlines()[0][:200]}
-    except RuntimeError as e:  # not memory (a kernel's size limit, a CUDA error): no longer length is tried
-        opt.zero_grad(set_to_none=True)
-        return {"seq_len": seq_len, "ok": False, "fatal": True,
-                "error": f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:300]}"}
+        first_line = (str(e).splitlines() or [""])[0]
+        if is_out_of_memory(e):
+            return {"seq_len": seq_len, "ok": False, "error": first_line[:200]}
+        # not memory (a kernel's size limit, a CUDA error): no longer length is tried
+        return {"seq_len": seq_len, "ok": False, "fatal": True, "error": f"{type(e).__name__}: {first_line[:300]}"}
     peak = _cuda_peak_bytes(dev)
     return {"seq_len": seq_len, "ok": True, "step_s": t, "peak_gib": None if peak is None else peak / 2**30,
             "bytes_per_token": None if peak is None else (peak - base) / seq_len}
