@@ -411,6 +411,10 @@ def test_a_second_try_runs_only_the_sections_asked_for(tmp_path, monkeypatch, cu
     assert calls[0][1] > 450.0 and report["tests"] == [] and "gpu tests not run (--sections)" in report["notes"]
     assert report["benchmarks"]["kernels"] == {"skipped": "not run (--sections / --skip-bench)"}
     assert report["benchmarks"]["llama"]["longest"]["longest_seq_len"] == 393216
+    # the command as run, for recording the numbers with it
+    command = f"{Path(sys.executable).name} -m dist_train.gpucheck --out {tmp_path / 'out'} --sections llama"
+    assert report["command"] == command
+    assert f"command: `{command}`" in (tmp_path / "out" / "gpu-report.md").read_text()
     with pytest.raises(SystemExit) as e:
         cuda_runner.main(["--out", str(tmp_path / "bad"), "--sections", "tests,bench"])
     assert e.value.code == 2

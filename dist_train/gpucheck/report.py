@@ -72,7 +72,8 @@ def _env_md(env: dict) -> list[str]:
     rows = [("GPU", gpus or "none (CUDA not available)"), ("driver", env.get("driver")),
             ("torch", env.get("torch")), ("CUDA (torch build)", env.get("torch_cuda")), ("cuDNN", env.get("cudnn")),
             ("attention ops", ", ".join(env.get("attention_ops", [])) or "—"), ("python", env.get("python")),
-            ("host", f"{env.get('host')} ({env.get('cpu_count')} CPUs, load {env.get('load_average')})"),
+            ("host", f"{env.get('host')} ({env.get('cpu_count')} CPUs, load "
+                     f"{' '.join(f'{x:.2f}' for x in env.get('load_average') or [])})"),
             ("optional packages", ", ".join(f"{k}={'yes' if v else 'no'}" for k, v in env.get("packages", {}).items())),
             ("commit", env.get("commit"))]
     return ["| | |", "|---|---|"] + [f"| {k} | {_fmt(v)} |" for k, v in rows]
@@ -112,7 +113,7 @@ def write(report: dict, out_dir: Path) -> None:
     lines = ["# dist-train GPU check", "", f"status: **{report.get('status', 'running')}** | tests: "
              + ", ".join(f"{v} {k}" for k, v in report["summary"].items())
              + f" | wall {_fmt(report.get('wall_s'))} s of budget {_fmt(report.get('budget_s'))} s", "",
-             "## Environment", ""] + _env_md(report.get("environment", {}))
+             f"command: `{report.get('command', '—')}`", "", "## Environment", ""] + _env_md(report.get("environment", {}))
     lines += ["", "## Tests", "", "| test | outcome | s | message | numbers |", "|---|---|---|---|---|"]
     for t in report.get("tests", []):
         msg = t["message"].replace("|", "\\|").replace("\n", " ")[:200]

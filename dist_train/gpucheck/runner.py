@@ -13,6 +13,7 @@ import argparse
 import contextlib
 import json
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -161,7 +162,11 @@ def main(argv=None) -> int:
 
     from .env import environment
 
-    report = {"status": "running", "budget_s": args.budget_s, "environment": environment(), "tests": [],
+    # the command as run, for whoever records the report's numbers with it (docs/benchmarks.md)
+    command = shlex.join([Path(sys.executable).name, "-m", "dist_train.gpucheck",
+                          *(sys.argv[1:] if argv is None else argv)])
+    report = {"status": "running", "command": command, "budget_s": args.budget_s, "environment": environment(),
+              "tests": [],
               "benchmarks": {}, "sections": {}, "notes": []}
     cuda = report["environment"]["cuda_available"]
     rep.write(report, out)
