@@ -66,3 +66,23 @@ def test_unreadable_sidecar_is_one_line(tmp_path):
         read_sidecar(tmp_path / "ds")
     assert "\n" not in str(e.value)
     assert read_sidecar(tmp_path / "missing") is None
+
+
+def test_a_tokenizer_that_appends_its_eos_ends_each_document_with_one_eod(tmp_path, capsys):
+    """A tokenizer.json whose post-processor adds BOS/EOS (Llama/T5-style templates): prepare appended the EOD id after
+    the tokenizer's own EOS, so every document ended with two and an empty document sat between every pair (trained
+    on as "after EOD comes EOD"). Now exactly one; the template's BOS stays."""
+    vocab = _word_tokenizer(tmp_path / "tokenizer.json", extra=["<s>", "</s>"])
+    tok = tokenizers.Tokenizer.from_file(str(tmp_path / "tokenizer.json"))
+    tok.post_processor = tokenizers.processors.TemplateProcessing(
+        single="<s> $A </s>", special_tokens=[("<s>", vocab["<s>"]), ("</s>", vocab["</s>"])])
+    tok.save(str(tmp_path / "tokenizer.json"))
+    (tmp_path / "x.txt").write_text("a b c")
+    (tmp_path / "y.txt").write_text("c b")
+    rc = main(["data", "prepare", "--input", str(tmp_path / "x.txt"), str(tmp_path / "y.txt"), "--tokenizer",
+               str(tmp_path / "tokenizer.json"), "--output", str(tmp_path / "ds")])
+    assert rc == 0, capsys.readouterr().err
+    bos, eos = vocab["<s>"], vocab["</s>"]
+    written = list(np.memmap(tmp_path / "ds.bin", dtype=np.uint16, mode="r"))
+    assert written == [bos, vocab["a"], vocab["b"], vocab["c"], eos, bos, vocab["c"], vocab["b"], eos]
+    assert read_sidecar(tmp_path / "ds")["tokens"] == 9

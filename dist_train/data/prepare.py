@@ -4,7 +4,8 @@
     dist-train data prepare --corpus python-stdlib --output data/pystd
 
 Uses megatron-core's own ``IndexedDatasetBuilder``, so the files load in Megatron-LM too. One document
-per text file or per JSONL line (its ``"text"`` field); each document ends with the tokenizer's EOD id.
+per text file or per JSONL line (its ``"text"`` field); each document ends with one EOD id (the tokenizer's; not
+added again when the tokenizer's own post-processor already appended it).
 Text files are read as bytes and decoded as UTF-8, with no newline translation (``\r`` is kept). The
 sidecar PREFIX.meta.json (:mod:`.sidecar`) records the tokenizer, its vocabulary size and EOD id, and the
 XXH3-64 digest of the token stream (the ``.bin`` bytes): a checkpoint records it, so a resume notices a dataset
@@ -81,6 +82,13 @@ def iter_documents(paths: Iterable[Path]) -> Iterator[str]:
             yield p.read_bytes().decode("utf-8", errors="replace")
 
 
+def document_ids(tok, text: str) -> list[int]:
+    """``text``'s token ids ending in exactly one EOD: a tokenizer.json whose post-processor already appends its EOS
+    (the EOD id) would otherwise end every document with two, an empty document between every pair."""
+    ids = tok.encode(text)
+    return ids if ids and ids[-1] == tok.eod_id else ids + [tok.eod_id]
+
+
 def prepare_indexed(inputs: list[Path], output_prefix: str, tokenizer: str = "byte",
                     eod_token: Optional[str] = None) -> dict:
     """Tokenize ``inputs`` into ``output_prefix``.bin/.idx (+ .meta.json); returns {"prefix", "documents",
@@ -105,7 +113,7 @@ def prepare_indexed(inputs: list[Path], output_prefix: str, tokenizer: str = "by
     n_docs = n_tokens = max_id = 0
     try:
         for text in iter_documents(inputs):
-            ids = tok.encode(text) + [tok.eod_id]
+            ids = document_ids(tok, text)
             builder.add_item(torch.tensor(ids, dtype=torch.int64))
             digest.update(np.asarray(ids, dtype=dtype).tobytes())
             builder.end_document()
