@@ -45,6 +45,7 @@ def test_fixed_fuzz_draws_match_the_float64_reference():
     assert not failures, "\n".join(failures)
 
 
+@pytest.mark.slow  # 11 draws on 3 spawned gloo ranks: ~7 s on the loaded 2-core machine
 def test_fuzz_draws_on_gloo_ranks():
     """The same draws through context_parallel_attention on 3 real gloo ranks (the all-to-all and the
     K/V head replication the simulator does not run), asserted on every rank."""
