@@ -188,3 +188,14 @@ def test_a_baseline_without_a_pipeline_drops_the_runs_pipeline_keys():
                                     "parallel.fsdp_reshard_after_forward=false"],
                  baseline_overrides=["parallel.fsdp=false"])
     assert bench_train_cli.check(args).baseline.cfg.parallel.fsdp_reshard_after_forward is True
+
+
+def test_a_ring_baseline_drops_the_runs_all_to_all_degree():
+    """A hybrid run against a ring baseline (`--baseline-set parallel.cp_method=ring`): the ring never reads the run's
+    parallel.ulysses_degree, so the baseline takes its default (it was refused as unread); the run keeps it."""
+    args = _args(config="configs/gpt_tiny.yaml", overrides=[
+        "data.source=synthetic", "parallel.dp=1", "parallel.cp=4", "parallel.cp_method=hybrid",
+        "parallel.ulysses_degree=2"], baseline_overrides=["parallel.cp_method=ring"])
+    plan = bench_train_cli.check(args)
+    assert (plan.run.cfg.parallel.cp_method, plan.run.cfg.parallel.ulysses_degree) == ("hybrid", 2)
+    assert (plan.baseline.cfg.parallel.cp_method, plan.baseline.cfg.parallel.ulysses_degree) == ("ring", 1)

@@ -221,3 +221,14 @@ def test_a_grid_point_without_a_pipeline_or_fsdp_drops_their_keys(tmp_path):
     got = {(p.series["parallel.pp"], p.series["parallel.fsdp"]): point_config(spec, p).parallel for p in expand(spec)}
     assert {k: (v.pp_schedule, v.fsdp_reshard_after_forward) for k, v in got.items()} == {
         (1, False): ("1f1b", True), (1, True): ("1f1b", False), (2, False): ("gpipe", True), (2, True): ("gpipe", False)}
+
+
+def test_a_grid_of_cp_methods_gives_the_ring_point_the_default_all_to_all_degree(tmp_path):
+    """Ring vs hybrid in one grid: the hybrid needs parallel.ulysses_degree, which the ring never reads (refused there
+    as unread): the ring point takes its default."""
+    spec = load_sweep(write_sweep(tmp_path, mode="grid", world_sizes=None, scale=None,
+                                  axes={"parallel.cp_method": ["ring", "hybrid"]},
+                                  set=["parallel.dp=1", "parallel.cp=4", "parallel.cp_method=hybrid", "parallel.ulysses_degree=2",
+                                       "train.global_batch=1", "train.micro_batch=1"]))
+    got = {p.series["parallel.cp_method"]: point_config(spec, p).parallel.ulysses_degree for p in expand(spec)}
+    assert got == {"ring": 1, "hybrid": 2}
