@@ -31,7 +31,7 @@ import torch
 
 from dist_train.models.attention import AttentionContext
 from dist_train.models.attention import attention as model_attention
-from parallelism.context import (context_parallel_attention, local_attention, pack_cu_seqlens, required_multiple,
+from parallelism.context import (CPStats, context_parallel_attention, local_attention, normalize_cu_seqlens, pack_cu_seqlens, required_multiple,
                                  sequence_positions, shard_sequence, simulate_ring_attention, unshard_sequence)
 from parallelism.context.layouts import LAYOUTS
 from tests.dist_harness import run_ranks
@@ -262,15 +262,42 @@ def _errors(out, grads, ref_out, ref_grads) -> list[float]:
 
 
 def run_simulated(d: Draw) -> list[float]:
-    """Errors [out, dq, dk, dv] of the simulator against the reference (a ValueError propagates)."""
+    """Errors [out, dq, dk, dv] of the simulator against the reference (a ValueError propagates).
+
+    Also asserts that the ranks together computed every allowed (query, key) pair exactly once: a
+    block computed twice (or by two ranks) is invisible in the output — merging a block with itself
+    keeps o, and its doubled lse halves each copy's gradient — but it is wasted work."""
     q, k, v, grad = tensors(d)
     xs = leaves((q, k, v), d.strided)
+    ring = d.world_size // d.ulysses_degree if d.ulysses_degree >= 1 and d.world_size % d.ulysses_degree == 0 else 1
+    stats = [CPStats() for _ in range(ring)]
     out = simulate_ring_attention(*xs, world_size=d.world_size, layout=d.layout, causal=d.causal,
                                   window=d.window, scale=d.scale, kernel=d.kernel, tile=d.tile,
-                                  kv_piece=d.kv_piece, cu_seqlens=d.cu_arg(), ulysses_degree=d.ulysses_degree)
+                                  kv_piece=d.kv_piece, cu_seqlens=d.cu_arg(), ulysses_degree=d.ulysses_degree,
+                                  stats=stats)
     assert out.shape == q.shape and out.dtype == torch.float64, (out.shape, out.dtype)
+    work, allowed = sum(st.work_pairs for st in stats), allowed_pairs(d)
+    assert work == allowed, f"the ranks computed {work} (query, key) pairs, {allowed} are allowed"
     grads = torch.autograd.grad(out, xs, grad)
     return _errors(out, grads, *reference(d, q, k, v, grad))
+
+
+def allowed_pairs(d: Draw) -> int:
+    """Allowed (query, key) pairs of the draw, counted once per distinct document row (CPStats'
+    convention: per (batch, head), summed over the rows when documents differ per sample)."""
+    i, j = torch.arange(d.seq_len)[:, None], torch.arange(d.seq_len)[None, :]
+    ok = torch.ones(d.seq_len, d.seq_len, dtype=torch.bool)
+    if d.causal:
+        ok &= j <= i
+    if d.window is not None:
+        ok &= j >= i - d.window
+        if not d.causal:
+            ok &= j <= i + d.window
+    docs = normalize_cu_seqlens(d.cu_arg(), d.seq_len, d.batch)
+    if docs is None:
+        return int(ok.sum())
+    ids = [torch.searchsorted(torch.tensor(row), torch.arange(d.seq_len), right=True) for row in docs]
+    return sum(int((ok & (r[:, None] == r[None, :])).sum()) for r in ids)
 
 
 def run_local(d: Draw) -> list[float]:

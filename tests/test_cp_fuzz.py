@@ -17,7 +17,7 @@ import torch
 
 from parallelism.context import ScheduleError, Simulator, local_attention, simulate_ring_attention
 from parallelism.context.comm import Post, Recv, Send, Wait
-from tests.cp_fuzz import Draw, check, draw, features, run_gloo, runners
+from tests.cp_fuzz import Draw, check, draw, features, run_gloo, run_simulated, runners
 from tests.test_cp_reference import random_qkv
 
 # 20 consecutive draws, then the cheapest draws adding coverage (greedy over seeds 0..2499)
@@ -128,3 +128,15 @@ def test_simulator_refuses_non_contiguous_p2p_buffers():
     assert ok == [None, None]
     with pytest.raises(ScheduleError, match=r"rank 1 posts a non-contiguous Send buffer .*strides \(1, 2\)"):
         Simulator(2).run([rank_gen(0, torch.zeros(2, 3)), rank_gen(1, torch.zeros(3, 2).t())])
+
+
+@pytest.mark.parametrize("seed", [52, 441])
+def test_work_counters_count_every_pair_of_per_sample_documents(seed):
+    """Regression: fusing adjacent full blocks set the fused block's ``allowed`` to its area, dropping
+    the factor of the document rows (per-sample documents sum a block's pairs over the samples), so
+    CPStats.work_pairs and the plan's rank_work under-counted: 64 of 80 pairs (seed 52: P = 1, K/V
+    pieces), 64 of 72 (seed 441: P = 5 zigzag, window 1). run_simulated asserts the sum equals the
+    pairs the reference allows."""
+    d = draw(seed)
+    assert isinstance(d.cu_seqlens[0], tuple) and d.batch > 1 and d.invalid is None
+    assert max(run_simulated(d)) <= 1e-10

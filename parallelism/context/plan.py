@@ -130,7 +130,7 @@ def pair_blocks(q_chunks: tuple[Chunk, ...], k_chunks: tuple[Chunk, ...], causal
             prev = row[-1] if row else None
             if (prev is not None and m.kind == "full" and prev.mask.kind == "full" and prev.k_hi == k_off):
                 blk = Block(q_off, q_off + qc.length, prev.k_lo, k_off + kc.length,
-                            _fused(prev.mask, m, (q_off + qc.length - q_off) * (k_off + kc.length - prev.k_lo)))
+                            _fused(prev.mask, m, prev.mask.allowed + m.allowed))
                 row[-1] = blk
             else:
                 row.append(blk)
@@ -142,8 +142,7 @@ def pair_blocks(q_chunks: tuple[Chunk, ...], k_chunks: tuple[Chunk, ...], causal
                 and (max_rows is None or row[0].q_hi - prev.q_lo <= max_rows)
                 and (prev.k_lo, prev.k_hi) == (row[0].k_lo, row[0].k_hi) and prev.q_hi == row[0].q_lo):
             b = row[0]
-            out[-1] = Block(prev.q_lo, b.q_hi, b.k_lo, b.k_hi,
-                            _fused(prev.mask, b.mask, (b.q_hi - prev.q_lo) * (b.k_hi - b.k_lo)))
+            out[-1] = Block(prev.q_lo, b.q_hi, b.k_lo, b.k_hi, _fused(prev.mask, b.mask, prev.mask.allowed + b.mask.allowed))
         else:
             out.extend(row)
     return tuple(out)
@@ -151,6 +150,8 @@ def pair_blocks(q_chunks: tuple[Chunk, ...], k_chunks: tuple[Chunk, ...], causal
 
 def _fused(a: BlockMask, b: BlockMask, allowed: int) -> BlockMask:
     # A fused block is full, so its chunks are never used to build a mask; keep the first ones.
+    # ``allowed`` is the parts' sum, not the fused area: with per-sample documents a full block's
+    # count is summed over the document rows (masks.py), and the area would drop that factor.
     return BlockMask("full", a.q, a.k, a.causal, a.window, allowed)
 
 

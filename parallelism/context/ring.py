@@ -57,13 +57,16 @@ class CPStats:
     all_to_all_calls: int = 0        # Ulysses exchanges (forward)
     ring_steps: int = 0              # forward ring steps executed
     blocks_computed: int = 0         # forward kernel calls
-    work_pairs: int = 0              # allowed (query, key) pairs computed in forward, per (batch, head)
+    # allowed (query, key) pairs computed in forward, per head and batch row; with documents that
+    # differ per sample (several cu_seqlens rows) summed over the samples instead (masks.py)
+    work_pairs: int = 0
     fwd_step_compute_s: list = field(default_factory=list)   # CPU time of each forward step's compute
     bwd_step_compute_s: list = field(default_factory=list)
 
     def forward_flops(self, batch: int, heads: int, head_dim: int) -> int:
         """Forward attention FLOPs of the computed pairs: q·kᵀ and p·v, 2·D each per pair and head.
-        Skipped blocks (no shared document, outside the window or the causal triangle) cost nothing."""
+        Skipped blocks (no shared document, outside the window or the causal triangle) cost nothing.
+        ``batch``: the batch size, or 1 with per-sample documents (``work_pairs`` already sums the samples)."""
         return 4 * batch * heads * head_dim * self.work_pairs
 
 
