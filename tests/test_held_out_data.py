@@ -98,3 +98,34 @@ def test_a_held_out_dataset_of_another_tokenizer_is_refused(tmp_path, corpus):
         check_data(_gpt(tmp_path, corpus, {"valid_path": str(held)}, eval_steps=1, global_batch=4))
     sidecar_path(held).unlink()
     check_data(_gpt(tmp_path, corpus, {"valid_path": str(held)}, eval_steps=1, global_batch=4))
+
+
+def test_each_epoch_visits_every_sample_once_whatever_dp_and_accumulation(tmp_path):
+    """The training order over three epochs of an indexed dataset (42 samples: the global batch of 6 does not divide
+    it, so batches straddle epoch boundaries): for dp 1, 2, 3 (odd) with 1 or 2 accumulation micro-batches, the
+    ranks' micro-batches of a step are exactly the step's global samples, every epoch visits each sample once, the
+    epochs' orders differ, and a fresh dataset object (a resume) reads the same samples at the same indices."""
+    letters = np.random.default_rng(0).integers(97, 123, 681).astype(np.uint8).tobytes().decode()
+    (tmp_path / "a.txt").write_text(letters)
+    corpus = str(tmp_path / "ds")
+    prepare_indexed([tmp_path / "a.txt"], corpus)
+    ds = IndexedTokenDataset(corpus, 16, 7)
+    n, gb = ds.num_chunks, 6
+    stream = np.memmap(f"{corpus}.bin", dtype=np.uint16, mode="r")
+    starts = {tuple(stream[k * 16:k * 16 + 17]): k for k in range(n)}
+    assert len(starts) == n  # distinct samples, so each one read is identified by its start
+    orders = {}
+    for dp, mb in ((1, 6), (1, 3), (2, 3), (2, 1), (3, 2), (3, 1)):
+        ids = []
+        for step in range(3 * n // gb):
+            got = sorted(i for d in range(dp) for m in range(gb // (mb * dp))
+                         for i in TokenBatcher(ds, micro_batch=mb, dp=dp, dp_rank=d).sample_ids(step * gb, m))
+            assert got == list(range(step * gb, (step + 1) * gb)), (dp, mb, step)
+            ids += got
+        orders[(dp, mb)] = [starts[tuple(ds[i].tolist())] for i in ids]
+    first = next(iter(orders.values()))
+    assert all(order == first for order in orders.values())
+    epochs = [first[e * n:(e + 1) * n] for e in range(3)]
+    assert all(sorted(e) == list(range(n)) for e in epochs) and epochs[0] != epochs[1] != epochs[2]
+    resumed = IndexedTokenDataset(corpus, 16, 7)
+    assert all(torch.equal(resumed[i], ds[i]) for i in range(n - 3, n + 3))
