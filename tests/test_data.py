@@ -75,3 +75,15 @@ def test_an_interrupted_build_is_built_again(tmp_path):
     (tmp_path / "ds.bin").write_bytes(b"partial")
     info = prepare_indexed([tmp_path / "a.txt"], str(tmp_path / "ds"), "byte")
     assert info["documents"] == 1 and IndexedTokenDataset(str(tmp_path / "ds"), seq_len=4, seed=0).num_chunks > 0
+
+
+@pytest.mark.parametrize("record", [{"content": "the key of another tool"}, {"text": 12}, {"text": None}, ["text"]])
+def test_a_jsonl_record_without_a_string_text_is_refused_not_skipped(tmp_path, record):
+    """A JSONL line whose object had no string "text" (another key, a number, null) was skipped silently: the dataset
+    lacked those documents and said nothing. Now refused naming the file and line, like Megatron's preprocessing;
+    an empty text is still no document."""
+    (tmp_path / "c.jsonl").write_text("\n".join(json.dumps(r) for r in ({"text": "kept"}, {"text": ""}, record)))
+    with pytest.raises(ValueError, match=r"c.jsonl:3: not a JSON object with a 'text' field \(a string\)"):
+        prepare_indexed([tmp_path / "c.jsonl"], str(tmp_path / "ds"), "byte")
+    (tmp_path / "c.jsonl").write_text("\n".join(json.dumps(r) for r in ({"text": "kept"}, {"text": ""})))
+    assert prepare_indexed([tmp_path / "c.jsonl"], str(tmp_path / "ds"), "byte")["documents"] == 1

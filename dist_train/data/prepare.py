@@ -73,11 +73,14 @@ def iter_documents(paths: Iterable[Path]) -> Iterator[str]:
                     if not line.strip():
                         continue
                     try:
-                        text = json.loads(line).get("text")
-                    except (json.JSONDecodeError, AttributeError):
-                        raise ValueError(f"{p}:{n}: not a JSON object with a 'text' field") from None
-                    if isinstance(text, str) and text:
-                        yield text
+                        record = json.loads(line)
+                    except json.JSONDecodeError:
+                        record = None
+                    # a record without a string "text" was skipped silently: the corpus lost documents unsaid
+                    if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+                        raise ValueError(f"{p}:{n}: not a JSON object with a 'text' field (a string)")
+                    if record["text"]:
+                        yield record["text"]
         else:
             yield p.read_bytes().decode("utf-8", errors="replace")
 
