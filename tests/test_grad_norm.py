@@ -8,6 +8,8 @@ gradients and do not add. Clipping by that norm brings the global norm to max_no
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
@@ -84,3 +86,16 @@ def _rank_main(rank: int, world: int) -> dict:
 def test_global_grad_norm_and_clipping_match_the_single_device_norm():
     out = run_ranks(_rank_main, 6, timeout=120)
     assert len({r["norm"] for r in out}) == 1, out
+
+
+def test_the_norm_copies_its_partial_sums_to_the_host_once(monkeypatch):
+    """On a GPU every ``.cpu()`` of a partial sum waits for the device: the squares are summed where the gradients
+    are and copied once per step (a copy per gradient tensor was a wait per parameter, ~150 per step for a 16-layer
+    GPT). The norm itself is unchanged: the same float64 additions in the same order."""
+    copies = []
+    real_cpu = torch.Tensor.cpu
+    monkeypatch.setattr(torch.Tensor, "cpu", lambda self, *a, **kw: copies.append(tuple(self.shape))
+                        or real_cpu(self, *a, **kw))
+    params = [_param(torch.full((3,), float(i)), sharded=i % 2 == 0) for i in range(1, 9)]
+    assert global_grad_norm(params) == math.sqrt(sum(3 * i * i for i in range(1, 9)))
+    assert copies == [(2,)], copies

@@ -39,7 +39,7 @@ def global_grad_norm(params: Iterable[torch.nn.Parameter], tp_group=None, pp_gro
 
     FSDP2 gradients are DTensors sharded over the grad mesh: each rank squares its own shard and the sums
     are added over that mesh first (both kinds), then tp and pp as for plain gradients."""
-    sums = torch.zeros(2, dtype=torch.float64)  # [tp-sharded, tp-replicated]
+    sums = None  # [tp-sharded, tp-replicated] float64, on the gradients' device
     shard_group = None
     for p in params:
         if p.grad is None:
@@ -48,7 +48,12 @@ def global_grad_norm(params: Iterable[torch.nn.Parameter], tp_group=None, pp_gro
         if isinstance(g, DTensor):
             shard_group = g.device_mesh.get_group()
             g = g.to_local()
-        sums[0 if is_tp_sharded(p) else 1] += g.double().pow(2).sum().cpu()
+        square = g.double().pow(2).sum()
+        if sums is None:
+            sums = torch.zeros(2, dtype=torch.float64, device=square.device)
+        sums[0 if is_tp_sharded(p) else 1] += square.to(sums.device)
+    # one device-to-host copy per step: a copy per parameter waited for the GPU once per gradient tensor
+    sums = torch.zeros(2, dtype=torch.float64) if sums is None else sums.cpu()
     all_reduce_sum(sums, shard_group)
     sharded, replicated = sums[:1].clone(), sums[1:]
     total = all_reduce_sum(sharded, tp_group) + replicated
