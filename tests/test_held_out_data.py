@@ -129,3 +129,18 @@ def test_each_epoch_visits_every_sample_once_whatever_dp_and_accumulation(tmp_pa
     assert all(sorted(e) == list(range(n)) for e in epochs) and epochs[0] != epochs[1] != epochs[2]
     resumed = IndexedTokenDataset(corpus, 16, 7)
     assert all(torch.equal(resumed[i], ds[i]) for i in range(n - 3, n + 3))
+
+
+def test_no_validation_label_is_a_training_token(corpus):
+    """data.split cuts the samples of one token stream: the shares touch in exactly one token, the last training
+    label and the first validation input; every validation label lies beyond every training token."""
+    train, valid = (IndexedTokenDataset(corpus, 16, 7, "80,20,0", part) for part in ("train", "valid"))
+    trained = {(train.first + k) * 16 + o for k in range(train.num_chunks) for o in range(17)}
+    valid_inputs = {(valid.first + k) * 16 + o for k in range(valid.num_chunks) for o in range(16)}
+    valid_labels = {(valid.first + k) * 16 + o for k in range(valid.num_chunks) for o in range(1, 17)}
+    assert trained & valid_inputs == {valid.first * 16} and not trained & valid_labels
+    # the samples read are those positions: the first validation sample starts where the training share ends
+    stream = np.memmap(f"{corpus}.bin", dtype=np.uint16, mode="r")
+    read = sorted(tuple(valid[i].tolist()) for i in range(valid.num_chunks))
+    assert read == sorted(tuple(int(t) for t in stream[(valid.first + k) * 16:(valid.first + k) * 16 + 17])
+                          for k in range(valid.num_chunks))

@@ -58,7 +58,8 @@ class IndexedTokenDataset:
     """A Megatron indexed dataset (PREFIX.bin/.idx) read as one memory-mapped token stream.
 
     ``split``/``part``: only the ``part`` ("train" or "valid") of the stream's samples under ``data.split``
-    (training and validation never share a token); default (split None) all of them."""
+    (no validation label is ever a training token: the only token both read is the training share's last label,
+    the validation share's first input); default (split None) all of them."""
 
     def __init__(self, prefix: str, seq_len: int, seed: int, split: Optional[str] = None, part: str = "train"):
         if not Path(f"{prefix}.idx").is_file() or not Path(f"{prefix}.bin").is_file():

@@ -31,8 +31,9 @@ class WeatherBatcher:
     """``microbatch(consumed, m) -> {"x": [mb, h, w, C], "y": ..., "image_size": [2], "count": []}``."""
 
     def __init__(self, cfg, mesh, model, part: str = "train"):
-        """``part``: "train" or "valid" — the ``data.split`` share of the time steps read (all of them for
-        training when no split is set)."""
+        """``part``: "train" or "valid" — the ``data.split`` share of the forecasting pairs read (all of them for
+        training when no split is set). No validation target is a training field: the only step both read is the
+        training share's last target, the validation share's first input."""
         d = cfg.data
         if not d.path:
             raise ValueError("data.path is not set: give the directory of the weather dataset (generated there "
