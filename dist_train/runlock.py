@@ -23,8 +23,11 @@ killed) marks a stale lock: it is taken over with one line saying whose it was. 
 file systems; on NFS (v4) and Lustre/GPFS with ``flock`` enabled it is cluster-wide. Where it is not (NFS
 mounted with local locks: every machine's flock succeeds), the record is a lease: the holder rewrites its
 ``renewed`` time every LEASE_RENEW_S, and a record of another machine renewed less than LEASE_S ago is a
-running job there, refused like a held flock (a job killed there is taken over LEASE_S after it died). This
-assumes the machines' clocks agree within LEASE_S - LEASE_RENEW_S.
+running job there, refused like a held flock (a job killed there is taken over LEASE_S after it died). Each
+renewal is fsynced (NFS clients write back a dirty page up to ~30 s late: the server, and so the other machines,
+would see a running job's record age past LEASE_S). Clocks that disagree by more than LEASE_S - LEASE_RENEW_S make
+a running job's record look stale from the machine whose clock is ahead: a record stale by this machine's clock is
+watched for WATCH_S before the take-over, and one renewed meanwhile is refused all the same.
 """
 from __future__ import annotations
 
@@ -52,6 +55,7 @@ RESTART_WAIT_S = 30.0  # how long rank 0 waits for the previous attempt's rank 0
 LOCK_ENV = "DIST_TRAIN_RUN_LOCK"  # the launcher's lock token, in every rank's environment
 LEASE_RENEW_S = 5.0  # how often a holder rewrites its record's ``renewed`` time
 LEASE_S = 30.0  # a record of another machine renewed this recently belongs to a job still running there
+WATCH_S = 2.5  # x LEASE_RENEW_S: how long another machine's record, stale by this clock, is watched for a renewal
 _RECORD_BYTES = 1024  # records are padded to this size: a renewal rewrites them in place, never truncated
 
 
@@ -94,18 +98,37 @@ def _write_record(fd: int, owner: dict) -> None:
     os.pwrite(fd, json.dumps(owner).encode().ljust(_RECORD_BYTES), 0)
 
 
-def _running_elsewhere(owner: dict) -> Optional[float]:
-    """Seconds since ``owner`` (a record found under a flock this process just got) was renewed, when it is
-    another machine's and that is within LEASE_S: its job still runs there, the flock not reaching across
-    machines; else None. A record of this machine under a free flock is always stale (the kernel's flock)."""
+def _running_elsewhere(path: Path, owner: dict, out) -> Optional[str]:
+    """Why ``owner`` (the record in ``path``, found under a flock this process just got) belongs to a job still
+    running on another machine, the flock not reaching across machines; None when it is stale. Its ``renewed``
+    time within LEASE_S by this machine's clock; else, the clocks possibly disagreeing, a renewal seen while
+    watching the record for WATCH_S x LEASE_RENEW_S (a lease record only: an older version's never renews). A
+    record of this machine under a free flock is always stale (the kernel's flock)."""
     host = owner.get("host")
     if not host or host == socket.gethostname():
         return None
+    renewed = owner.get("renewed", owner.get("started"))
     try:
-        age = time.time() - float(owner.get("renewed", owner.get("started")) or 0.0)
+        age = time.time() - float(renewed or 0.0)
     except (TypeError, ValueError):
         return None
-    return age if age < LEASE_S else None
+    if age < LEASE_S:
+        return f"its record was renewed {age:.0f} s ago"
+    if "renewed" not in owner:
+        return None
+    watch_s = WATCH_S * LEASE_RENEW_S
+    print(f"[dist-train] {path}: {describe_owner(owner)} renewed its record {age:.0f} s ago by this machine's clock; "
+          f"watching it {watch_s:g} s for a renewal before taking it over", file=out or sys.stderr, flush=True)
+    deadline = time.monotonic() + watch_s
+    while time.monotonic() < deadline:
+        time.sleep(min(0.5, LEASE_RENEW_S / 5))
+        now = read_owner(path.parent, path.name)  # opened again: an NFS client revalidates its cache at open
+        if now.get("token") != owner.get("token"):
+            return None  # released (cleared) meanwhile
+        if now.get("renewed") != renewed:
+            return (f"its record was renewed while this job watched it, {age:.0f} s after the time it names: the "
+                    f"machines' clocks disagree")
+    return None
 
 
 class RunLock:
@@ -127,6 +150,7 @@ class RunLock:
                 self.owner["renewed"] = time.time()
                 with contextlib.suppress(OSError):  # a missed renewal only shortens the lease others see
                     _write_record(self._fd, self.owner)
+                    os.fsync(self._fd)  # to the file server now, not at the client's next write-back
 
     @property
     def token(self) -> str:
@@ -165,13 +189,13 @@ class RunLock:
                 raise
         stale = _read(fd)
         if stale and not (token is not None and stale.get("token") == token):
-            age = _running_elsewhere(stale)
-            if age is not None:
+            running = _running_elsewhere(path, stale, out)
+            if running is not None:
                 os.close(fd)  # drops the flock this machine granted
                 raise RunDirLocked(f"{what} {run_dir} is in use by another job: {describe_owner(stale)} holds "
-                                   f"{path} (its record was renewed {age:.0f} s ago; this file system's flock "
-                                   f"does not reach across machines); wait for it to end (or {LEASE_S:g} s after "
-                                   f"it died) or stop it, or use another {what}")
+                                   f"{path} ({running}; this file system's flock does not reach across "
+                                   f"machines); wait for it to end (or {LEASE_S:g} s after it died) or stop it, or "
+                                   f"use another {what}")
             print(f"[dist-train] taking over the lock of {run_dir}: its holder, {describe_owner(stale)}, is no "
                   f"longer running (it ended without releasing it)", file=out or sys.stderr, flush=True)
         now = time.time()

@@ -204,6 +204,7 @@ def test_a_lock_record_another_machine_keeps_renewing_is_refused_where_flock_is_
     another machine holds run.lock there while flock succeeds here: its record was taken for a stale one and
     "taken over", two jobs sharing one run dir. The record is a lease the holder renews: one of another machine
     renewed within LEASE_S is refused, one older than that is stale (taken over, as before)."""
+    monkeypatch.setattr(runlock, "LEASE_RENEW_S", 0.05)  # renewals, and the watch of a stale record, in tenths of a second
     run = tmp_path / "run"
     run.mkdir()
     other = {"host": "node7", "pid": 4242, "started": time.time() - 600, "role": "dist-train launch", "token": "t"}
@@ -217,7 +218,6 @@ def test_a_lock_record_another_machine_keeps_renewing_is_refused_where_flock_is_
     with RunLock.acquire(run, out=out):  # that job died LEASE_S ago: stale
         assert "taking over the lock" in out.getvalue() and "pid 4242 on node7" in out.getvalue()
     # a holder renews its record while it holds the lock, so another machine sees it running
-    monkeypatch.setattr(runlock, "LEASE_RENEW_S", 0.05)
     with RunLock.acquire(run) as lock:
         first = read_owner(run)["renewed"]
         deadline = time.time() + 5
@@ -225,3 +225,47 @@ def test_a_lock_record_another_machine_keeps_renewing_is_refused_where_flock_is_
             time.sleep(0.05)
         assert read_owner(run)["renewed"] > first and read_owner(run)["token"] == lock.token
     assert read_owner(run) == {}
+
+
+def test_a_record_stale_by_this_clock_that_is_still_renewed_is_refused(tmp_path, monkeypatch):
+    """Clocks that disagree by more than LEASE_S - LEASE_RENEW_S (this machine's ahead) made a running job's record
+    on another machine look stale, and it was taken over: two jobs in one run dir. A record stale by this clock is
+    watched for a renewal first (no clock compared); one that is not renewed meanwhile is taken over as before."""
+    monkeypatch.setattr(runlock, "LEASE_RENEW_S", 0.05)
+    run = tmp_path / "run"
+    run.mkdir()
+    record = {"host": "node7", "pid": 4242, "started": 1000.0, "renewed": 1000.0, "role": "rank 0", "token": "t"}
+    (run / LOCK_NAME).write_text(json.dumps(record))  # renewed "hours ago" by this machine's clock
+    sleep = time.sleep
+
+    def renewing(seconds):  # node7's job renews with its own (behind) clock while this one watches
+        record["renewed"] += 5.0
+        (run / LOCK_NAME).write_text(json.dumps(record))
+        sleep(seconds)
+
+    monkeypatch.setattr(runlock.time, "sleep", renewing)
+    with pytest.raises(RunDirLocked, match=r"pid 4242 on node7 .*renewed while this job watched it, \d+ s after the "
+                                           r"time it names: the machines' clocks disagree; this file system's flock"):
+        RunLock.acquire(run, out=io.StringIO())
+    monkeypatch.setattr(runlock.time, "sleep", sleep)  # a job that died there: not renewed while watched
+    out = io.StringIO()
+    with RunLock.acquire(run, out=out):
+        assert "watching it" in out.getvalue() and "taking over the lock" in out.getvalue(), out.getvalue()
+
+
+def test_each_renewal_reaches_the_file_server(tmp_path, monkeypatch):
+    """An NFS client writes a dirty page back up to ~30 s late: unsynced, the renewals of a running job reached the
+    server (and the other machines) too late for LEASE_S. Each one is fsynced."""
+    monkeypatch.setattr(runlock, "LEASE_RENEW_S", 0.02)
+    synced = []
+    fsync = os.fsync
+    monkeypatch.setattr(runlock.os, "fsync", lambda fd: synced.append(fd) or fsync(fd))
+    with RunLock.acquire(tmp_path) as lock:
+        acquired = len(synced)
+        deadline = time.monotonic() + 10
+        while read_owner(tmp_path)["renewed"] == lock.owner["started"] and time.monotonic() < deadline:
+            time.sleep(0.02)
+        renewed = read_owner(tmp_path)["renewed"]
+        while len(synced) == acquired and time.monotonic() < deadline:
+            time.sleep(0.02)
+    assert renewed > lock.owner["started"] and len(synced) > acquired and set(synced) == {synced[0]}
