@@ -1,4 +1,5 @@
-"""Held-out data stays held out: what the validation share may and may not shape (no processes, tiny data)."""
+"""The data path's contracts (no processes, tiny data): held-out data stays held out, the sample order across dp
+ranks, accumulation and epochs, cp shards of packed documents."""
 from __future__ import annotations
 
 import json
@@ -12,12 +13,15 @@ import torch
 from dist_train.config import ConfigError
 from dist_train.data.batches import TokenBatcher
 from dist_train.data.datasets import IndexedTokenDataset
+from dist_train.data.documents import DocumentOptions
 from dist_train.data.image_batches import WeatherBatcher
 from dist_train.data.prepare import prepare_indexed
 from dist_train.data.sidecar import sidecar_path
 from dist_train.data.weather import prepare_weather
 from dist_train.evaluation import Evaluator
+from dist_train.models.gpt import IGNORE_INDEX
 from dist_train.preflight import check_data
+from parallelism import sequence_positions
 from tests.trainer_utils import tiny_gpt_config, tiny_swin_config
 
 ONE_RANK = SimpleNamespace(rank=0, size=lambda axis: 1, coord=lambda axis: 0)
@@ -144,3 +148,38 @@ def test_no_validation_label_is_a_training_token(corpus):
     read = sorted(tuple(valid[i].tolist()) for i in range(valid.num_chunks))
     assert read == sorted(tuple(int(t) for t in stream[(valid.first + k) * 16:(valid.first + k) * 16 + 17])
                           for k in range(valid.num_chunks))
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "striped", "zigzag"])
+@pytest.mark.parametrize("cp", [2, 3])
+def test_cp_shards_of_packed_documents_reassemble_the_cp1_batch(layout, cp):
+    """Every cp rank's tokens, labels, document positions and loss mask are its layout's slice of the cp = 1 batch
+    (documents cut at EODs, samples starting or ending with an EOD, consecutive EODs; odd cp 3 with padding), the
+    document boundaries are the same global ones on every rank, and the shards' real labels add up to cp = 1's."""
+    eod = 9
+
+    class Source:
+        def __getitem__(self, i):
+            row = torch.randint(0, 5, (15,), generator=torch.Generator().manual_seed(i))
+            row[row == 4] = eod
+            if i % 2:
+                row[0], row[-3], row[-2] = eod, eod, eod
+            return row
+
+    opts = DocumentOptions(eod, document_mask=True, reset_positions=True, eod_mask_loss=True)
+    ref = TokenBatcher(Source(), micro_batch=2, dp=1, dp_rank=0, documents=opts).microbatch(0, 0)
+    parts = [TokenBatcher(Source(), micro_batch=2, dp=1, dp_rank=0, cp=cp, cp_rank=r, layout=layout,
+                          documents=opts).microbatch(0, 0) for r in range(cp)]
+    padded = parts[0]["tokens"].shape[1] * cp
+    for key in ("tokens", "labels", "positions"):
+        full = torch.full((2, padded), -7, dtype=torch.long)
+        for r, part in enumerate(parts):
+            full[:, sequence_positions(padded, rank=r, world_size=cp, layout=layout)] = part[key]
+        assert torch.equal(full[:, :14], ref[key]), key
+        if key == "labels":
+            assert (full[:, 14:] == IGNORE_INDEX).all()
+    # global boundaries: cp = 1's, plus the padding's own document where the layout pads
+    for row, ref_row in zip(parts[0]["cu_seqlens"].tolist(), ref["cu_seqlens"].tolist()):
+        assert set(row) - ({padded} - {14}) == set(ref_row)
+    assert all(torch.equal(p["cu_seqlens"], parts[0]["cu_seqlens"]) for p in parts)
+    assert sum(float(p["count"]) for p in parts) == float(ref["count"])
