@@ -16,8 +16,16 @@ from pathlib import Path
 import pytest
 import torch
 
+import dist_train.gpucheck.env as env_mod
+import dist_train.gpucheck.runner as runner
+import tests.test_gpu_path as gpu_path
 from dist_train.gpucheck import report as rep
+from dist_train.gpucheck.bench import (_batch, bench_checkpoint, bench_kernels, bench_longest, build_llama,
+                                       llama_config, run_llama, train_step, trial_step)
+from dist_train.gpucheck.env import commit_of
 from dist_train.gpucheck.runner import _run, gpu_test_files, run_bench
+from parallelism.context.kernels import CudaSdpaKernel, SdpaCpuKernel
+from tests.test_cuda_kernel import _fake_aten
 
 ROOT = Path(__file__).resolve().parents[1]
 BLOCKED = ("deepspeed", "megatron", "ray")
@@ -211,8 +219,6 @@ def test_a_benchmark_without_time_to_start_is_reported_as_skipped(tmp_path):
 
 
 def test_longest_sequence_bisection():
-    from dist_train.gpucheck.bench import bench_longest
-
     def trial(s):      # steps fit up to 300k tokens; time linear in S
         return ({"seq_len": s, "ok": True, "step_s": s * 1e-6, "bytes_per_token": 1000.0} if s <= 300_000
                 else {"seq_len": s, "ok": False, "error": "CUDA out of memory"})
@@ -240,8 +246,6 @@ def test_longest_sequence_bisection():
 
 def test_llama_benchmark_code_runs_on_cpu_with_a_tiny_model(tmp_path):
     """The benchmark's own code path (step, async checkpoint, longest-S search) on CPU, tiny model."""
-    from dist_train.gpucheck.bench import run_llama
-
     tiny = dict(kind="gpt", d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_hidden=128, vocab_size=256)
     out = tmp_path / "llama.json"
     res = run_llama(out, 120.0, torch.device("cpu"), model=tiny, seq_len=128, window=32, longest_start=128,
@@ -262,28 +266,24 @@ def test_gpu_test_bodies_run_on_cpu(monkeypatch, tmp_path):
     here with DEV = "cpu" — window-parallel, chunked loss, async checkpoint round trip, the GPT's kept
     activations against the GPU memory model, and the CP
     error comparison for every variant at P = 1 and 4 (short sequence)."""
-    import tests.test_gpu_path as g
-
-    monkeypatch.setattr(g, "DEV", "cpu")
+    monkeypatch.setattr(gpu_path, "DEV", "cpu")
     recorded = []
     record = lambda name, value: recorded.append((name, value))  # noqa: E731 - pytest's record_property
-    g.test_window_parallel_attention_on_cuda(torch.float32, 1e-4, record)
-    g.test_chunked_cross_entropy_on_cuda_equals_the_full_loss(torch.bfloat16, 3e-2, record)
-    g.test_async_checkpoint_of_gpu_tensors_is_bit_exact(tmp_path)
-    g.test_gpt_kept_activations_on_cuda_are_the_memory_model("selective", record)
-    g.test_fp32_gqa_attention_on_cuda_keeps_no_scores(record)
+    gpu_path.test_window_parallel_attention_on_cuda(torch.float32, 1e-4, record)
+    gpu_path.test_chunked_cross_entropy_on_cuda_equals_the_full_loss(torch.bfloat16, 3e-2, record)
+    gpu_path.test_async_checkpoint_of_gpu_tensors_is_bit_exact(tmp_path)
+    gpu_path.test_gpt_kept_activations_on_cuda_are_the_memory_model("selective", record)
+    gpu_path.test_fp32_gqa_attention_on_cuda_keeps_no_scores(record)
     assert [name for name, _ in recorded] == ["errors_out_dq_dk_dv", "errors_loss_dh_dw", "counted_bytes",
                                               "predicted_bytes", "error_s512"], recorded
-    for variant in g.CP_VARIANTS:
-        e1, e4 = g._cp_errors(variant, 1, S=256), g._cp_errors(variant, 4, S=256)
+    for variant in gpu_path.CP_VARIANTS:
+        e1, e4 = gpu_path._cp_errors(variant, 1, S=256), gpu_path._cp_errors(variant, 4, S=256)
         assert max(e1 + e4) <= 3e-2 and all(b <= 1.5 * a for a, b in zip(e1, e4)), (variant, e1, e4)
 
 
 def test_the_longest_search_stops_at_an_error_that_is_not_memory():
     """A trial that fails for another reason than memory (a kernel's size limit, a CUDA error) ends the search: no
     bisection below it, the lengths that trained are kept, and ``stopped_by`` names the error."""
-    from dist_train.gpucheck.bench import bench_longest
-
     def trial(s):
         if s >= 131072:
             return {"seq_len": s, "ok": False, "fatal": True, "error": "RuntimeError: invalid configuration argument"}
@@ -308,8 +308,6 @@ class _Failing(torch.nn.Module):
 
 
 def test_a_trial_tells_running_out_of_memory_from_other_errors():
-    from dist_train.gpucheck.bench import llama_config, trial_step
-
     tiny = dict(kind="gpt", d_model=32, n_layers=1, n_heads=4, n_kv_heads=2, ffn_hidden=64, vocab_size=64)
     cfg = llama_config(64, None, tiny)
     # memory also runs out outside the caching allocator: in a library's own allocation or a raw cudaMalloc, raised
@@ -329,8 +327,6 @@ def test_a_trial_tells_running_out_of_memory_from_other_errors():
 def test_the_checkpoint_part_hands_out_its_stall_before_the_write_ends(tmp_path):
     """The disk write is the one part nothing bounds: the stall and the step times are handed out (and written to the
     JSON) before the writer is waited for, so a llama process stopped during the write keeps them."""
-    from dist_train.gpucheck.bench import bench_checkpoint, build_llama, llama_config, train_step, _batch
-
     tiny = dict(kind="gpt", d_model=32, n_layers=1, n_heads=4, n_kv_heads=2, ffn_hidden=64, vocab_size=64)
     cfg = llama_config(64, None, tiny)
     model, opt = build_llama(cfg, torch.device("cpu"))
@@ -371,9 +367,6 @@ def _stand_in_sections(calls: list, llama_rc: int):
 @pytest.fixture
 def cuda_runner(monkeypatch):
     """The runner with its environment probe saying CUDA is there (sections are stood in by each test)."""
-    import dist_train.gpucheck.env as env_mod
-    import dist_train.gpucheck.runner as runner
-
     monkeypatch.setattr(env_mod, "environment", lambda: {"cuda_available": True, "gpus": [], "torch": "stand-in"})
     return runner
 
@@ -423,8 +416,6 @@ def test_a_second_try_runs_only_the_sections_asked_for(tmp_path, monkeypatch, cu
 def test_the_report_names_the_commit_of_a_tree_copied_without_git(tmp_path, monkeypatch):
     """The GPU machine gets the working tree without .git: the commit is then the one $DIST_TRAIN_COMMIT gives, marked
     as such (git's answer where there is a repository)."""
-    from dist_train.gpucheck.env import commit_of
-
     monkeypatch.setenv("GIT_CEILING_DIRECTORIES", str(tmp_path))  # no repository above tmp_path is found
     monkeypatch.delenv("DIST_TRAIN_COMMIT", raising=False)
     assert commit_of(tmp_path) is None
@@ -447,8 +438,6 @@ tests/test_gpu_path.py::test_hangs_in_nccl_init """
 def test_a_tests_section_killed_before_its_junit_file_keeps_what_finished(tmp_path, monkeypatch):
     """A test hanging where SIGINT cannot reach it (inside a CUDA or NCCL call) is killed with pytest, which then
     writes no JUnit file: the outcomes come from pytest's verbose log, and the note names the test that hung."""
-    import dist_train.gpucheck.runner as runner
-
     def killed(cmd, timeout, log):
         assert "-v" in cmd and not (tmp_path / "junit.xml").exists()
         log.write_text(KILLED_PYTEST_LOG)
@@ -472,10 +461,6 @@ def test_kernel_benchmark_code_runs_on_cpu():
     """The kernels benchmark's own code on CPU, tiny blocks: one row per length, mask and kernel, SDPA measured
     alongside, and each row's op counts are that row's calls only (1 warm-up + the repeats): the CUDA kernel
     class with its aten ops stood in, beside the CPU kernel."""
-    from dist_train.gpucheck.bench import bench_kernels
-    from parallelism.context.kernels import CudaSdpaKernel, SdpaCpuKernel
-    from tests.test_cuda_kernel import _fake_aten
-
     seen = []
     kernels = {"sdpa": SdpaCpuKernel(),
                "cuda": CudaSdpaKernel(available=("flash", "efficient"), aten=_fake_aten([]))}
@@ -491,8 +476,6 @@ def test_kernel_benchmark_code_runs_on_cpu():
 def test_a_gpu_test_s_recorded_numbers_reach_the_report(tmp_path, monkeypatch):
     """The tests section as it runs (a real pytest, -m gpu, JUnit): what a gpu test records with record_property is in
     the report, for a passing and for a failing test (a failure's numbers are what a person needs most)."""
-    import dist_train.gpucheck.runner as runner
-
     # the marker spelled through getattr: gpu_test_files finds test files by the text of it, and this file is not one
     (tmp_path / "test_numbers.py").write_text(
         "import pytest\n\ngpu = getattr(pytest.mark, 'gpu')\n\n"

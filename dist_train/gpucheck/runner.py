@@ -160,6 +160,8 @@ def main(argv=None) -> int:
     def left(reserve: float = 5.0) -> float:
         return deadline - time.perf_counter() - reserve
 
+    # here, not at the top: env imports torch, which --help and a refused argument (exit 2) do not need; the
+    # CUDA probe starts only once the arguments are good
     from .env import environment
 
     # the command as run, for whoever records the report's numbers with it (docs/benchmarks.md)
