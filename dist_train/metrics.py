@@ -24,8 +24,8 @@ import torch
 #: NVL" and "NVIDIA H100 NVL", run at lower clocks than the SXM parts: 1,671 sparse = 835.5 dense bf16, 60 fp32).
 CUDA_PEAK_TFLOPS = {
     "B200": (2250.0, 75.0), "H200": (989.4, 66.9), "H200 NVL": (835.5, 60.0), "GH200": (989.4, 66.9),
-    "H100 PCIe": (756.0, 51.2), "H100 NVL": (835.5, 60.0), "H100": (989.4, 66.9), "A100": (312.0, 19.5), "L40S": (362.1, 91.6), "L4": (121.0, 30.3),
-    "A10": (125.0, 31.2),
+    "H100 PCIe": (756.0, 51.2), "H100 NVL": (835.5, 60.0), "H100": (989.4, 66.9), "A100": (312.0, 19.5),
+    "L40S": (362.1, 91.6), "L4": (121.0, 30.3), "A10": (125.0, 31.2),
 }
 #: the CPU calibration: best of ROUNDS x REPEATS timed fp32 matmuls of SIZE^3 (best-of discards the runs a
 #: busy machine slowed down; a peak measured too low makes MFU read above 100%)
