@@ -86,3 +86,16 @@ def test_a_tokenizer_that_appends_its_eos_ends_each_document_with_one_eod(tmp_pa
     written = list(np.memmap(tmp_path / "ds.bin", dtype=np.uint16, mode="r"))
     assert written == [bos, vocab["a"], vocab["b"], vocab["c"], eos, bos, vocab["c"], vocab["b"], eos]
     assert read_sidecar(tmp_path / "ds")["tokens"] == 9
+
+
+def test_the_byte_tokenizer_keeps_every_byte_of_a_text_file(tmp_path, capsys):
+    """Text files were decoded as UTF-8 with replacement before the byte tokenizer saw them: a Latin-1 'é' (0xE9)
+    became the three bytes of U+FFFD, silently. The byte tokenizer now takes the file's bytes as they are; a
+    tokenizer.json still reads UTF-8."""
+    raw = b"caf\xe9 cr\xe8me\r\n\xff"
+    (tmp_path / "latin1.txt").write_bytes(raw)
+    assert main(["data", "prepare", "--input", str(tmp_path / "latin1.txt"), "--output", str(tmp_path / "ds")]) == 0
+    written = np.memmap(tmp_path / "ds.bin", dtype=np.uint16, mode="r")
+    assert list(written) == list(raw) + [256]
+    vocab = _word_tokenizer(tmp_path / "tokenizer.json", extra=["</s>"])
+    assert HFTokenizer(str(tmp_path / "tokenizer.json")).encode(b"a b\xff c") == [vocab[w] for w in ("a", "b", "<unk>", "c")]

@@ -6,7 +6,8 @@
 Uses megatron-core's own ``IndexedDatasetBuilder``, so the files load in Megatron-LM too. One document
 per text file or per JSONL line (its ``"text"`` field); each document ends with one EOD id (the tokenizer's; not
 added again when the tokenizer's own post-processor already appended it).
-Text files are read as bytes and decoded as UTF-8, with no newline translation (``\r`` is kept). The
+Text files are read as bytes with no newline translation (``\r`` is kept): the byte tokenizer takes those bytes as
+they are (valid UTF-8 or not), a tokenizer.json decodes them as UTF-8. The
 sidecar PREFIX.meta.json (:mod:`.sidecar`) records the tokenizer, its vocabulary size and EOD id, and the
 XXH3-64 digest of the token stream (the ``.bin`` bytes): a checkpoint records it, so a resume notices a dataset
 re-prepared from other text even when its sample count did not change.
@@ -19,7 +20,7 @@ import os
 import sys
 import sysconfig
 from pathlib import Path
-from typing import Iterable, Iterator, Optional
+from typing import Iterable, Iterator, Optional, Union
 
 import numpy as np
 import torch
@@ -62,7 +63,9 @@ def check_inputs(paths: Iterable[Path]) -> None:
             raise ValueError(f"--input {p}: no such file")
 
 
-def iter_documents(paths: Iterable[Path]) -> Iterator[str]:
+def iter_documents(paths: Iterable[Path]) -> Iterator[Union[str, bytes]]:
+    """Each input's documents: a JSONL line's "text" (str), a text file's raw bytes (the tokenizer decodes them:
+    the byte tokenizer keeps every byte exactly, a tokenizer.json reads UTF-8)."""
     for p in paths:
         p = Path(p)
         if not p.is_file():
@@ -82,10 +85,10 @@ def iter_documents(paths: Iterable[Path]) -> Iterator[str]:
                     if record["text"]:
                         yield record["text"]
         else:
-            yield p.read_bytes().decode("utf-8", errors="replace")
+            yield p.read_bytes()
 
 
-def document_ids(tok, text: str) -> list[int]:
+def document_ids(tok, text: Union[str, bytes]) -> list[int]:
     """``text``'s token ids ending in exactly one EOD: a tokenizer.json whose post-processor already appends its EOS
     (the EOD id) would otherwise end every document with two, an empty document between every pair."""
     ids = tok.encode(text)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Optional, Protocol
+from typing import Optional, Protocol, Union
 
 EOS_NAMES = ("</s>", "<|endoftext|>", "<|end_of_text|>", "<eos>")
 
@@ -18,16 +18,17 @@ class Tokenizer(Protocol):
     vocab_size: int
     eod_id: int
 
-    def encode(self, text: str) -> list[int]: ...
+    def encode(self, text: Union[str, bytes]) -> list[int]: ...  # bytes: a text file's raw contents
 
 
 class ByteTokenizer:
-    """UTF-8 bytes as ids 0..255, end-of-document = 256 (vocab 257)."""
+    """UTF-8 bytes as ids 0..255, end-of-document = 256 (vocab 257). Raw bytes (a text file's) are their own ids,
+    exactly, valid UTF-8 or not."""
     vocab_size = 257
     eod_id = 256
 
-    def encode(self, text: str) -> list[int]:
-        return list(text.encode("utf-8", errors="replace"))
+    def encode(self, text: Union[str, bytes]) -> list[int]:
+        return list(text) if isinstance(text, bytes) else list(text.encode("utf-8", errors="replace"))
 
     def decode(self, ids: list[int]) -> str:
         return bytes(i for i in ids if i < 256).decode("utf-8", errors="replace")
@@ -71,7 +72,10 @@ class HFTokenizer:
                                  f"{', '.join(EOS_NAMES)}); name it with --eod-token TOKEN")
         self.eod_id = int(eod)
 
-    def encode(self, text: str) -> list[int]:
+    def encode(self, text: Union[str, bytes]) -> list[int]:
+        """Raw bytes are decoded as UTF-8 first (an invalid sequence becomes U+FFFD)."""
+        if isinstance(text, bytes):
+            text = text.decode("utf-8", errors="replace")
         return self._tok.encode(text).ids
 
 
