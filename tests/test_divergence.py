@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from dist_train.checkpoint import CheckpointError, CheckpointManager, complete_checkpoints, verify_checkpoint
+from dist_train.checkpoint import CheckpointError, CheckpointManager, complete_checkpoints, storage, verify_checkpoint
 from dist_train.checkpoint.manifest import read_manifest, write_manifest
 from dist_train.checkpoint.storage import file_block_digests, load_dcp_metadata
 from dist_train.engines import ddp
@@ -192,8 +192,6 @@ def test_a_failed_async_save_does_not_hide_the_divergence_that_follows_it(tmp_pa
     """The async save of step 2 fails (disk full, checkpoint.on_error = stop) while step 3 diverges: the run must
     still end as diverged (exit 3, which the launcher does not restart: it would replay the same steps into the
     same NaN). The save's failure, surfaced by the final wait, replaced the divergence: exit 1, restarted."""
-    from dist_train.checkpoint import storage
-
     def disk_full(*args):
         raise OSError(28, "No space left on device")
 

@@ -11,17 +11,19 @@ import time
 import pytest
 import torch
 
-from dist_train.config import load_config
+from dist_train.config import load_config, save_config
 from dist_train.lifecycle import (EXIT_PREEMPTED, FaultSpec, Lifecycle, auto_watchdog_s, describe_exit,
                                   heartbeat_path, read_heartbeat)
-from launchers.batch import BatchSpec, render
-from launchers.arguments import add_launch_arguments, add_submit_arguments
+from dist_train.trainer import train
 import launchers.cli as cli
+from launchers.arguments import add_launch_arguments, add_submit_arguments
+from launchers.batch import BatchSpec, render
 from launchers.cli import launch_main, rank_argv, ranks_on_cuda, ranks_on_this_machine, resolve_launch, submit_main
 from launchers.env import (EXPECT_WORLD_ENV, LaunchError, check_mpi_family, check_mpi_world, detect_rank_env,
                            mpi_family, parse_slurm_tasks_per_node, populate_rank_env, slurm_first_host)
 from launchers.ray_backend import refuse_unreachable
 from launchers.supervisor import progress_from_heartbeats
+from tests.trainer_utils import tiny_gpt_config
 
 SLURM = {"SLURM_PROCID": "5", "SLURM_STEP_NUM_TASKS": "8", "SLURM_NTASKS": "8", "SLURM_LOCALID": "1",
          "SLURM_NODEID": "1", "SLURM_STEP_TASKS_PER_NODE": "4(x2)", "SLURM_STEP_NODELIST": "gpu[003-004]",
@@ -373,10 +375,6 @@ def test_submit_refuses_a_start_that_would_resume_another_runs_checkpoints(tmp_p
     ranks cannot tell a first start from a requeue: a job submitted with checkpoint.resume = none (or a fine-tune's
     PATH) into a run dir that still holds an earlier run's checkpoints silently continued that run (what `launch`
     refuses). `dist-train submit` checks the start as configured, before anything is written or submitted."""
-    from dist_train.config import save_config
-    from dist_train.trainer import train
-    from tests.trainer_utils import tiny_gpt_config
-
     run = tmp_path / "r"
     cfg = tiny_gpt_config(run, steps=2, checkpoint={"every": 2})
     train(cfg)  # the earlier run: step_2 in r/checkpoints
