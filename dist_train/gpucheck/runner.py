@@ -135,7 +135,8 @@ def run_bench(report: dict, name: str, work: Path, timeout: float, budget_s: flo
     report["sections"][name] = {"exit_code": rc, "seconds": secs}
 
 
-def main(argv=None) -> int:
+def _parse_args(argv) -> tuple[argparse.Namespace, list[str]]:
+    """The check's arguments and the sections to run (exit 2 with one line for a bad value)."""
     parser = argparse.ArgumentParser(prog="python3 -m dist_train.gpucheck",
                                      description="Run every gpu-marked test and the GPU benchmarks; write "
                                                  "gpu-report.json and gpu-report.md.",
@@ -153,25 +154,16 @@ def main(argv=None) -> int:
     sections = [name for name in args.sections.split(",") if name]
     if not sections or set(sections) - set(SECTIONS):
         parser.error(f"--sections {args.sections!r}: a comma-separated list of {', '.join(SECTIONS)}")
-    out = args.out or Path(os.environ.get("OUT") or ROOT / "runs" / "gpu-check")
-    t0 = time.perf_counter()
-    deadline = t0 + args.budget_s
+    return args, sections
 
+
+def _run_sections(report: dict, sections: list[str], skip_bench: bool, deadline: float, out: Path) -> None:
+    """Each section asked for, in order, under its own limit within ``deadline`` (perf_counter time); the report is
+    rewritten to ``out`` after each."""
     def left(reserve: float = 5.0) -> float:
         return deadline - time.perf_counter() - reserve
 
-    # here, not at the top: env imports torch, which --help and a refused argument (exit 2) do not need; the
-    # CUDA probe starts only once the arguments are good
-    from .env import environment
-
-    # the command as run, for whoever records the report's numbers with it (docs/benchmarks.md)
-    command = shlex.join([Path(sys.executable).name, "-m", "dist_train.gpucheck",
-                          *(sys.argv[1:] if argv is None else argv)])
-    report = {"status": "running", "command": command, "budget_s": args.budget_s, "environment": environment(),
-              "tests": [],
-              "benchmarks": {}, "sections": {}, "notes": []}
     cuda = report["environment"]["cuda_available"]
-    rep.write(report, out)
     with tempfile.TemporaryDirectory(prefix="gpucheck-") as tmp:
         work = Path(tmp)
         if "tests" in sections:
@@ -179,8 +171,8 @@ def main(argv=None) -> int:
             rep.write(report, out)
         else:
             report["notes"].append("gpu tests not run (--sections)")
-        benches = [name for name in SECTIONS[1:] if name in sections and not args.skip_bench]
-        if args.skip_bench:
+        benches = [name for name in SECTIONS[1:] if name in sections and not skip_bench]
+        if skip_bench:
             report["notes"].append("benchmarks skipped (--skip-bench)")
         for name in SECTIONS[1:]:
             if name not in benches:
@@ -197,14 +189,38 @@ def main(argv=None) -> int:
         for name, sec in report["sections"].items():
             if name != "tests":
                 report["notes"].append(f"{name}: exit {sec['exit_code']} in {sec['seconds']:.0f} s")
+
+
+def _failed(report: dict) -> bool:
+    """A test failed, or a section crashed (pytest exits 1 when tests fail, counted here; anything else, 5: none
+    collected, or a tests section that listed no test is a crash; a benchmark's non-zero exit too)."""
     failed = any(t["outcome"] in ("failed", "error") for t in report["tests"])
-    # pytest exits 1 when tests fail (counted above), anything else (5: none collected) is a crash
     tests = report["sections"].get("tests")
     crashed = ((tests is not None and (tests["exit_code"] not in (0, 1) or not report["tests"]))
                or any(sec["exit_code"] != 0 for name, sec in report["sections"].items() if name != "tests"))
-    report["status"] = "failed" if failed or crashed else ("passed" if cuda else "passed (CPU smoke: CUDA parts skipped)")
+    return failed or crashed
+
+
+def main(argv=None) -> int:
+    args, sections = _parse_args(argv)
+    out = args.out or Path(os.environ.get("OUT") or ROOT / "runs" / "gpu-check")
+    t0 = time.perf_counter()
+    # here, not at the top: env imports torch, which --help and a refused argument (exit 2) do not need; the
+    # CUDA probe starts only once the arguments are good
+    from .env import environment
+
+    # the command as run, for whoever records the report's numbers with it (docs/benchmarks.md)
+    command = shlex.join([Path(sys.executable).name, "-m", "dist_train.gpucheck",
+                          *(sys.argv[1:] if argv is None else argv)])
+    report = {"status": "running", "command": command, "budget_s": args.budget_s, "environment": environment(),
+              "tests": [], "benchmarks": {}, "sections": {}, "notes": []}
+    rep.write(report, out)
+    _run_sections(report, sections, args.skip_bench, t0 + args.budget_s, out)
+    failed = _failed(report)
+    cuda = report["environment"]["cuda_available"]
+    report["status"] = "failed" if failed else ("passed" if cuda else "passed (CPU smoke: CUDA parts skipped)")
     report["wall_s"] = time.perf_counter() - t0
     rep.write(report, out)
     print(f"gpu-check: {report['status']} | tests {report['summary']} | {report['wall_s']:.0f} s | "
           f"report {out / 'gpu-report.md'}")
-    return 1 if failed or crashed else 0
+    return 1 if failed else 0
