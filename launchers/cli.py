@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
 import os
 import shutil
 import subprocess
@@ -146,21 +147,24 @@ def _launch_error(cfg: Config, args: argparse.Namespace) -> Optional[str]:
 
 #: the config file as `dist-train launch` read it, in the run dir: what every attempt of the job runs
 LAUNCHED_CONFIG = "launched_config.yaml"
-#: the same for `dist-train submit`: what every start of the batch job (its requeues included) runs
-SUBMITTED_CONFIG = "submitted_config.yaml"
+#: the same for `dist-train submit`: what every start of the batch job (its requeues included) runs. Named by its
+#: bytes' digest: jobs submitted into one run dir (a chain of stages, --directive --dependency=...) may be queued at
+#: once, and one file for all would have the last submission's config run by every job of the chain
+SUBMITTED_CONFIG = "submitted_config-{digest}.yaml"
 
 
 def snapshot_config(config: str, run_dir: Path, name: str = LAUNCHED_CONFIG) -> Path:
-    """Copy the config file's bytes to ``run_dir/name`` (temp + rename; absolute path returned): every
-    attempt reads the config as launched. A restart re-read the original file, so an edit made while the job ran
-    (a new run.dir or checkpoint.dir for the next run, another lr) silently changed what the restart did: with a
-    new run.dir it trained from step 0 elsewhere, dropping the run's checkpoints, while the launcher said it
-    restarted from the newest. Paths inside the file are relative to the working directory, not to the file, so
-    the copy reads the same."""
+    """Copy the config file's bytes to ``run_dir/name`` (temp + rename; absolute path returned; ``{digest}`` in
+    ``name``: the first 12 hex digits of the bytes' SHA-256): every attempt reads the config as launched. A restart
+    re-read the original file, so an edit made while the job ran (a new run.dir or checkpoint.dir for the next run,
+    another lr) silently changed what the restart did: with a new run.dir it trained from step 0 elsewhere, dropping
+    the run's checkpoints, while the launcher said it restarted from the newest. Paths inside the file are relative
+    to the working directory, not to the file, so the copy reads the same."""
+    data = Path(config).read_bytes()
     run_dir.mkdir(parents=True, exist_ok=True)
-    target = (run_dir / name).absolute()
+    target = (run_dir / name.format(digest=hashlib.sha256(data).hexdigest()[:12])).absolute()
     tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-    tmp.write_bytes(Path(config).read_bytes())
+    tmp.write_bytes(data)
     os.replace(tmp, target)
     return target
 

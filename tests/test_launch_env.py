@@ -435,7 +435,16 @@ def test_every_start_of_a_submitted_job_runs_the_config_as_submitted(tmp_path, m
     assert submit_main(parser.parse_args([str(config), "--scheduler", "slurm", "--nodes", "1", "--ntasks-per-node",
                                           "1", "--time", "00:10:00"])) == 0
     config.write_text(text.replace("runA", "runB"))  # edited after submitting
-    snapshot = tmp_path / "runA" / "submitted_config.yaml"
+    snapshot, = (tmp_path / "runA").glob("submitted_config-*.yaml")
     script = (tmp_path / "runA" / "submit_slurm.sh").read_text()
     assert f"-m dist_train run {snapshot} " in script and str(config) not in script, script
     assert load_config(snapshot).run.dir == str(tmp_path / "runA")
+    # a second job into the same run dir (the next stage of a chain, queued behind the first) with another config:
+    # the first job, still queued or requeued, keeps running its own
+    stage2 = tmp_path / "stage2.yaml"
+    stage2.write_text(text.replace("steps: 2", "steps: 4"))
+    assert submit_main(parser.parse_args([str(stage2), "--scheduler", "slurm", "--nodes", "1", "--ntasks-per-node",
+                                          "1", "--time", "00:10:00"])) == 0
+    assert load_config(snapshot).train.steps == 2
+    second = (tmp_path / "runA" / "submit_slurm.sh").read_text()
+    assert str(snapshot) not in second and load_config(second.split(" -m dist_train run ")[1].split()[0]).train.steps == 4
