@@ -28,7 +28,7 @@ from .checkpoint.storage import CheckpointError
 from .config import Config, ConfigError
 from .cost import memory_model, model_params, rank_inputs
 from .data.datasets import IndexedTokenDataset, split_part, training_digest
-from .data.documents import resolve_eod_id
+from .data.documents import resolve_eod_id, unknown_eod_message
 from .data.integrity import check_indexed_dataset
 from .data.sidecar import other_tokenizer_message
 from .data.tokenizer import get_tokenizer
@@ -155,6 +155,9 @@ def check_end_of_document(cfg: Config) -> None:
     d = cfg.data
     if cfg.model.kind != "gpt" or not (d.document_mask or d.reset_positions or d.eod_mask_loss):
         return
+    unknown = unknown_eod_message(d)
+    if unknown:
+        raise ConfigError(unknown)
     try:
         eod = resolve_eod_id(d)
     except ValueError:  # an unreadable sidecar or tokenizer: check_data's refusal, or the trainer's

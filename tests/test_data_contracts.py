@@ -13,7 +13,7 @@ import torch
 from dist_train.config import ConfigError
 from dist_train.data.batches import TokenBatcher
 from dist_train.data.datasets import IndexedTokenDataset
-from dist_train.data.documents import DocumentOptions
+from dist_train.data.documents import DocumentOptions, document_options
 from dist_train.data.image_batches import WeatherBatcher
 from dist_train.data.prepare import prepare_indexed
 from dist_train.data.sidecar import sidecar_path
@@ -183,3 +183,23 @@ def test_cp_shards_of_packed_documents_reassemble_the_cp1_batch(layout, cp):
         assert set(row) - ({padded} - {14}) == set(ref_row)
     assert all(torch.equal(p["cu_seqlens"], parts[0]["cu_seqlens"]) for p in parts)
     assert sum(float(p["count"]) for p in parts) == float(ref["count"])
+
+
+def test_documents_of_a_dataset_without_a_sidecar_need_data_eod_id(tmp_path, corpus):
+    """A dataset built elsewhere (no sidecar) with a document option and no data.eod_id: the EOD id fell back to the
+    default byte tokenizer's 256, an ordinary token in e.g. GPT-2's vocabulary, so documents were cut at every
+    occurrence of it, silently. Refused before any rank starts (and by the ranks); data.eod_id, or the sidecar,
+    settles it; a dataset still to be prepared with the byte tokenizer keeps its 256."""
+    bare = tmp_path / "bare"
+    for suffix in (".bin", ".idx"):
+        shutil.copy(f"{corpus}{suffix}", f"{bare}{suffix}")
+    cfg = _gpt(tmp_path, str(bare), {"document_mask": True}, eval_every=0)
+    with pytest.raises(ConfigError, match=r"^data.document_mask: data.path = .*bare has no sidecar \(bare.meta.json: "
+                                          r"built elsewhere\) .* set data.eod_id"):
+        check_data(cfg)
+    with pytest.raises(ValueError, match="has no sidecar"):
+        document_options(cfg.data)
+    check_data(_gpt(tmp_path, str(bare), {"reset_positions": True, "eod_id": 256}, eval_every=0))
+    assert document_options(_gpt(tmp_path, corpus, {"eod_mask_loss": True}, eval_every=0).data).eod_id == 256
+    later = _gpt(tmp_path, str(tmp_path / "later"), {"document_mask": True, "prepare": "python-stdlib"}, eval_every=0)
+    assert document_options(later.data).eod_id == 256

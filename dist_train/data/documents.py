@@ -11,6 +11,7 @@ real tokens never see it and its labels are ignored anyway.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Optional
 
 import torch
@@ -18,7 +19,7 @@ import torch
 from parallelism.context import pack_cu_seqlens
 
 from ..config import DataConfig
-from .sidecar import read_sidecar
+from .sidecar import read_sidecar, sidecar_path
 from .tokenizer import get_tokenizer
 
 
@@ -36,10 +37,29 @@ class DocumentOptions:
         return self.document_mask or self.reset_positions or self.eod_mask_loss
 
 
+def unknown_eod_message(d: DataConfig) -> Optional[str]:
+    """One line when a document option is on and nothing says which id ends a document of the indexed dataset: no
+    ``data.eod_id``, no sidecar (a dataset built elsewhere, e.g. by Megatron-LM's tools) and only the default byte
+    tokenizer to fall back on, whose 256 may be an ordinary token of the dataset's vocabulary (documents would be cut
+    at every occurrence of it, silently); None otherwise."""
+    if d.eod_id is not None or d.source != "indexed" or not d.path or d.tokenizer != "byte":
+        return None
+    if not (Path(f"{d.path}.bin").is_file() and Path(f"{d.path}.idx").is_file()) or read_sidecar(d.path) is not None:
+        return None  # to be prepared (its sidecar will hold the byte tokenizer's id), or the sidecar says it
+    option = next((k for k in ("document_mask", "reset_positions", "eod_mask_loss") if getattr(d, k)), "document_mask")
+    return (f"data.{option}: data.path = {d.path} has no sidecar ({sidecar_path(d.path).name}: built elsewhere) to say "
+            "which id ends a document, and the byte tokenizer's 256 may be an ordinary token of its vocabulary; set "
+            "data.eod_id (e.g. 50256 for GPT-2's <|endoftext|>, 256 for byte-level data)")
+
+
 def resolve_eod_id(d: DataConfig) -> int:
-    """``data.eod_id``, else the indexed dataset's sidecar EOD id, else the tokenizer's."""
+    """``data.eod_id``, else the indexed dataset's sidecar EOD id, else the tokenizer's (a named tokenizer.json's, or
+    the byte tokenizer's for a dataset still to be prepared with it; ValueError: :func:`unknown_eod_message`)."""
     if d.eod_id is not None:
         return d.eod_id
+    unknown = unknown_eod_message(d)
+    if unknown:
+        raise ValueError(unknown)
     meta = read_sidecar(d.path) if d.source == "indexed" and d.path else None
     if meta is not None:
         return int(meta["eod_id"])
