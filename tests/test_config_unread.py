@@ -116,6 +116,7 @@ def test_the_planner_keeps_layouts_without_a_pipeline_or_fsdp(tmp_path):
     # DeepSpeed's own refusals of its config (a removed feature's block): one line, not a traceback with exit 1
     ({"amp": {"enabled": False}}, "parallel.deepspeed: DeepSpeed refuses it: NVIDIA Apex AMP integration has been removed"),
     ({"zero_optimization": {"mics_shard_size": 2}}, "parallel.deepspeed: DeepSpeed refuses it: MiCS ZeRO-3 sharding"),
+    ({"communication_data_type": "fp8"}, "parallel.deepspeed: DeepSpeed refuses it: Invalid communication_data_type"),
     ({"zero_optimization": {"stage": 1, "overlap_comm": True}, "communication_data_type": "fp32",
       "bf16": {"immediate_grad_update": True}, "gradient_clipping": 1.0, "train_micro_batch_size_per_gpu": 2}, None),
 ])

@@ -88,10 +88,12 @@ def check_deepspeed_keys(cfg: Config, bf16: bool) -> None:
         where = ".".join(str(x) for x in first.get("loc", ()))
         raise ConfigError(f"parallel.deepspeed: DeepSpeed refuses {where or 'a key'} ({first.get('msg')}); see "
                           "DeepSpeed's configuration reference for the valid keys") from None
-    except ds_config.DeepSpeedConfigError as e:  # a removed feature's block (amp, elasticity, ...) or a bad value
+    except (ds_config.DeepSpeedConfigError, ValueError) as e:
+        # a removed feature's block (amp, elasticity, ...) or a value it refuses (communication_data_type,
+        # gradient_allreduce_op, ...): its config reader raises these from the config alone, whatever the world size
         raise ConfigError(f"parallel.deepspeed: DeepSpeed refuses it: {str(e).splitlines()[0]}") from None
-    except (ValueError, AssertionError, RuntimeError, TypeError, KeyError):
-        return  # DeepSpeed's own checks that may depend on the world size: the ranks run them
+    except (AssertionError, RuntimeError, TypeError, KeyError):
+        return  # DeepSpeed's own checks that may depend on the world size (batch sizes): the ranks run them
     unread = sorted(k for k in user if k not in generated.read)
     if unread:
         raise ConfigError(f"parallel.deepspeed.{unread[0]} = {user[unread[0]]!r}: DeepSpeed never reads this key "
