@@ -165,6 +165,10 @@ def test_report_from_junit(tmp_path):
     assert "**step**: tokens_per_s=41,000, mfu_vs_measured_peak=0.41" in md and "matmul_peak_tflops=812" in md
     assert "- S=524288: ok, 30 s, peak 120 GiB" in md and "- S=1048576: failed: CUDA out of memory" in md
     assert "fixture \\| broke" in md and "| 8192 | causal | auto=cuda {'flash': 6} | 2 | 500 |" in md
+    # issue 21's targets beside the numbers they judge
+    assert ("target (issue 21): speed vs SDPA >= 90%; measured 95.0% (lowest row: auto, S=8192, causal): met"
+            in md)
+    assert "target (issue 21): MFU vs the measured bf16 matmul peak >= 45%; measured 41.0%: **not met**" in md
     assert tests[0]["numbers"] == {"peak_mib": "131.5", "errors": "{'bf16': 0.004}"} and tests[1]["numbers"] == {}
     assert "| tests/test_a.py::test_ok | passed | 0.50 |  | peak_mib=131.5; errors={'bf16': 0.004} |" in md
     assert json.loads((tmp_path / "r" / "gpu-report.json").read_text())["summary"] == {

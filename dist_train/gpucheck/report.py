@@ -61,6 +61,17 @@ def summarize(report: dict) -> dict:
     return counts
 
 
+#: issue 21's targets, printed beside the numbers they judge: the block kernel at >= 90% of torch SDPA's speed, and the
+#: ~1B Llama step at >= 45% MFU against the bf16 matmul peak measured in the same run
+TARGET_VS_SDPA = 0.90
+TARGET_MFU = 0.45
+
+
+def _target_line(what: str, value: float, target: float, where: str = "") -> str:
+    verdict = "met" if value >= target else "**not met**"
+    return f"target (issue 21): {what} >= {target:.0%}; measured {value:.1%}{where}: {verdict}"
+
+
 def _fmt(x, digits: int = 3) -> str:
     if isinstance(x, float):
         return f"{x:.{digits}g}" if abs(x) < 1e4 else f"{x:,.0f}"
@@ -93,11 +104,16 @@ def _bench_md(name: str, res: dict) -> list[str]:
             lines.append(f"| {r['seq_len']} | {'causal' if r['causal'] else 'full'} | {r['kernel']}={r['kernel_name']} "
                          f"{r['ops']} | {_fmt(r['ms'])} | {_fmt(r['tflops'])} | {_fmt(r['sdpa_ms'])} | "
                          f"{_fmt(r['sdpa_tflops'])} | {_fmt(r['vs_sdpa'])}× |")
-        return lines + [""]
+        worst = min(res["rows"], key=lambda r: r["vs_sdpa"])
+        where = f" (lowest row: {worst['kernel']}, S={worst['seq_len']}, {'causal' if worst['causal'] else 'full'})"
+        return lines + ["", _target_line("speed vs SDPA", worst["vs_sdpa"], TARGET_VS_SDPA, where), ""]
     for part in ("step", "longest", "checkpoint"):  # the order they run in
         if part in res:
             body = {k: v for k, v in res[part].items() if k != "trials"}
             lines += [f"**{part}**: " + ", ".join(f"{k}={_fmt(v)}" for k, v in body.items()), ""]
+    if res.get("step", {}).get("mfu_vs_measured_peak") is not None:
+        lines += [_target_line("MFU vs the measured bf16 matmul peak", res["step"]["mfu_vs_measured_peak"],
+                               TARGET_MFU), ""]
     for t in res.get("longest", {}).get("trials", []):
         lines.append(f"- S={t['seq_len']}: " + (f"ok, {_fmt(t['step_s'])} s, peak {_fmt(t['peak_gib'])} GiB, "
                                               f"{_fmt(t['bytes_per_token'])} B/token" if t["ok"] else f"failed: {t['error']}"))
