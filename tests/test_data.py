@@ -87,3 +87,15 @@ def test_a_jsonl_record_without_a_string_text_is_refused_not_skipped(tmp_path, r
         prepare_indexed([tmp_path / "c.jsonl"], str(tmp_path / "ds"), "byte")
     (tmp_path / "c.jsonl").write_text("\n".join(json.dumps(r) for r in ({"text": "kept"}, {"text": ""})))
     assert prepare_indexed([tmp_path / "c.jsonl"], str(tmp_path / "ds"), "byte")["documents"] == 1
+
+
+def test_a_jsonl_line_of_invalid_utf8_is_refused_not_replaced(tmp_path):
+    """JSONL was read with errors="replace": a Latin-1 byte inside a "text" became U+FFFD, silently. Refused naming
+    the file and line; valid UTF-8 (with CRLF line ends) reads as before."""
+    good = json.dumps({"text": "café"}, ensure_ascii=False).encode()
+    (tmp_path / "l.jsonl").write_bytes(good + b"\r\n" + b'{"text": "caf\xe9"}\n')
+    with pytest.raises(ValueError, match=r"l.jsonl:2: not valid UTF-8 \(byte 13 of the line"):
+        prepare_indexed([tmp_path / "l.jsonl"], str(tmp_path / "ds"), "byte")
+    (tmp_path / "l.jsonl").write_bytes(good + b"\r\n" + good + b"\n")
+    info = prepare_indexed([tmp_path / "l.jsonl"], str(tmp_path / "ds"), "byte")
+    assert info["documents"] == 2 and info["tokens"] == 2 * (len("café".encode()) + 1)

@@ -71,8 +71,13 @@ def iter_documents(paths: Iterable[Path]) -> Iterator[Union[str, bytes]]:
         if not p.is_file():
             raise ValueError(f"--input {p}: no such file")
         if p.suffix in (".jsonl", ".json"):
-            with p.open(encoding="utf-8", errors="replace") as f:
-                for n, line in enumerate(f, 1):
+            with p.open("rb") as f:
+                for n, raw in enumerate(f, 1):
+                    try:  # JSON is UTF-8: an invalid byte was replaced by U+FFFD silently (the text changed unsaid)
+                        line = raw.decode("utf-8")
+                    except UnicodeDecodeError as e:
+                        raise ValueError(f"{p}:{n}: not valid UTF-8 (byte {e.start} of the line: {e.reason}); JSON text "
+                                         "is UTF-8") from None
                     if not line.strip():
                         continue
                     try:
