@@ -21,7 +21,7 @@ import dist_train.gpucheck.runner as runner
 import tests.test_gpu_path as gpu_path
 from dist_train.gpucheck import report as rep
 from dist_train.gpucheck.bench import (_batch, bench_checkpoint, bench_kernels, bench_longest, build_llama,
-                                       llama_config, run_llama, train_step, trial_step)
+                                       llama_config, matmul_peak_tflops, run_llama, train_step, trial_step)
 from dist_train.gpucheck.env import commit_of
 from dist_train.gpucheck.runner import _run, gpu_test_files, run_bench
 from parallelism.context.kernels import CudaSdpaKernel, SdpaCpuKernel
@@ -246,6 +246,14 @@ def test_longest_sequence_bisection():
     assert res["stopped_by"] == "time budget (first S=32768 predicted 57 s)"
     assert bench_longest(trial, time.perf_counter() + 60.0, start=32768, known={"seq_len": 8192, "step_s": 10.0},
                          limit=32768)["longest_seq_len"] == 32768
+
+
+def test_the_matmul_peak_is_timed_after_a_warm_up():
+    """An idle GPU raises its clocks only under load: the peak (every MFU's denominator) is timed after warmup_s of
+    the same matmuls, not cold (the lower bound on the time is what the test can check without a GPU)."""
+    t0 = time.perf_counter()
+    assert matmul_peak_tflops(torch.device("cpu"), n=64, repeats=2, warmup_s=0.3) > 0
+    assert time.perf_counter() - t0 >= 0.3
 
 
 def test_llama_benchmark_code_runs_on_cpu_with_a_tiny_model(tmp_path):

@@ -76,9 +76,25 @@ def device_times(fn: Callable[[], object], repeats: int, device: torch.device = 
     return out
 
 
-def matmul_peak_tflops(device: torch.device = torch.device("cuda"), n: int = 8192, repeats: int = 10) -> float:
+#: seconds of matmuls before the bf16 peak is timed on a GPU: an idle GPU runs at low clocks and raises them under
+#: load; the llama benchmark times the peak first, after the GPU idled through the check's start, and ten 1.4 ms
+#: matmuls timed cold would read a low peak and overstate every MFU measured against it
+GPU_WARM_UP_S = 0.5
+
+
+def matmul_peak_tflops(device: torch.device = torch.device("cuda"), n: int = 8192, repeats: int = 10,
+                       warmup_s: Optional[float] = None) -> float:
     """The best bf16 [n, n] @ [n, n] rate of ``repeats`` runs on ``device``, in TFLOP/s: the same measurement
-    as the CPU calibration (:func:`dist_train.metrics.timed_matmul_tflops`)."""
+    as the CPU calibration (:func:`dist_train.metrics.timed_matmul_tflops`), after ``warmup_s`` seconds of the
+    same matmuls (None: :data:`GPU_WARM_UP_S` on CUDA, none on CPU)."""
+    if warmup_s is None:
+        warmup_s = GPU_WARM_UP_S if device.type == "cuda" else 0.0
+    a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    end = time.perf_counter() + warmup_s
+    while time.perf_counter() < end:
+        torch.mm(a, a)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
     return timed_matmul_tflops(device, torch.bfloat16, n, 1, repeats)
 
 
