@@ -169,6 +169,17 @@ def snapshot_config(config: str, run_dir: Path, name: str = LAUNCHED_CONFIG) -> 
     return target
 
 
+def snapshot_as_checked(config: str, cfg: Config, overrides: list[str], name: str = LAUNCHED_CONFIG) -> Path:
+    """:func:`snapshot_config` into ``cfg.run.dir``, refused (ValueError, one line) when the copy is not the config
+    ``cfg`` was loaded from (with ``overrides``): the file was edited after the launcher's checks read it, and the
+    ranks would run a config nothing checked."""
+    copy = snapshot_config(config, Path(cfg.run.dir), name)
+    if load_config(copy, overrides) != cfg:
+        raise ValueError(f"config file {config} changed while it was being launched (the checks read its earlier "
+                         "text); launch it again")
+    return copy
+
+
 def launch_main(args: argparse.Namespace) -> int:
     overrides = list(args.set or [])
     if getattr(args, "dry_run", False):
@@ -189,7 +200,7 @@ def launch_main(args: argparse.Namespace) -> int:
     run_dir = Path(cfg.run.dir)
     # the launcher holds the run directory for every attempt; its ranks know it by the token
     with acquire_for_launcher(run_dir) as lock:
-        config = snapshot_config(args.config, run_dir)
+        config = snapshot_as_checked(args.config, cfg, overrides)
         spec = JobSpec(argv=rank_argv(str(config), overrides), nproc=nproc, run_dir=run_dir,
                        max_restarts=max_restarts, watchdog_s=cfg.launch.watchdog_s,
                        collective_timeout_s=cfg.launch.collective_timeout_s,
@@ -254,8 +265,8 @@ def submit_main(args: argparse.Namespace) -> int:
         print(render(spec), end="")
         return 0
     # every start (requeues too) runs the config as submitted, not the file as edited since (see snapshot_config)
-    text = render(dataclasses.replace(spec, config=str(snapshot_config(args.config, Path(cfg.run.dir),
-                                                                        SUBMITTED_CONFIG))))
+    text = render(dataclasses.replace(spec, config=str(snapshot_as_checked(args.config, cfg, overrides,
+                                                                            SUBMITTED_CONFIG))))
     script_path.parent.mkdir(parents=True, exist_ok=True)
     (script_path.parent / "logs").mkdir(exist_ok=True)
     script_path.write_text(text)

@@ -418,6 +418,21 @@ def test_every_attempt_of_a_launch_runs_the_config_as_launched(tmp_path, monkeyp
     assert seen["argv"][3:5] == ["run", str(tmp_path / "runA" / cli.LAUNCHED_CONFIG)], seen
 
 
+def test_a_config_edited_between_its_checks_and_its_copy_is_refused(tmp_path, monkeypatch):
+    """The launcher reads the file for its checks (validation, pre-flight: data, resume) and copies it for the ranks
+    later (under the run dir's lock): an edit in between ran the ranks on a config nothing checked."""
+    config = tmp_path / "cfg.yaml"
+    text = (f"run: {{name: e, dir: {tmp_path / 'runA'}}}\ndata: {{source: synthetic, seq_len: 32}}\n"
+            "train: {steps: 2, global_batch: 4, micro_batch: 2}\nlaunch: {backend: local, nproc: 1}\n")
+    config.write_text(text)
+    monkeypatch.setattr(cli.Supervisor, "run", lambda self: 0)
+    monkeypatch.setattr(cli, "preflight", lambda *a, **k: config.write_text(text.replace("steps: 2", "steps: 9")))
+    with pytest.raises(ValueError, match=r"^config file .*cfg.yaml changed while it was being launched"):
+        launch_main(_launch_args(str(config)))
+    monkeypatch.setattr(cli, "preflight", lambda *a, **k: None)
+    assert launch_main(_launch_args(str(config))) == 0
+
+
 def test_every_start_of_a_submitted_job_runs_the_config_as_submitted(tmp_path, monkeypatch):
     """The batch script named the config file itself: a requeue (preemption, time limit) read it again, edits made
     since included (a new run.dir: the requeued job started over elsewhere). Submit copies it into the run dir."""
