@@ -476,8 +476,10 @@ def test_kernel_benchmark_code_runs_on_cpu():
     seen = []
     kernels = {"sdpa": SdpaCpuKernel(),
                "cuda": CudaSdpaKernel(available=("flash", "efficient"), aten=_fake_aten([]))}
+    t0 = time.perf_counter()
     rows = bench_kernels(seq_lens=(64, 128), heads=2, head_dim=16, repeats=2, device=torch.device("cpu"),
-                         kernels=kernels, on_row=lambda r: seen.append(len(r)))
+                         kernels=kernels, on_row=lambda r: seen.append(len(r)), warmup_s=0.2)
+    assert time.perf_counter() - t0 >= 0.2   # the warm-up before the first row's SDPA
     assert [(r["seq_len"], r["causal"], r["kernel"]) for r in rows] == [
         (s, c, k) for s in (64, 128) for c in (True, False) for k in ("sdpa", "cuda")]
     assert seen == list(range(1, 9))

@@ -82,19 +82,24 @@ def device_times(fn: Callable[[], object], repeats: int, device: torch.device = 
 GPU_WARM_UP_S = 0.5
 
 
-def matmul_peak_tflops(device: torch.device = torch.device("cuda"), n: int = 8192, repeats: int = 10,
-                       warmup_s: Optional[float] = None) -> float:
-    """The best bf16 [n, n] @ [n, n] rate of ``repeats`` runs on ``device``, in TFLOP/s: the same measurement
-    as the CPU calibration (:func:`dist_train.metrics.timed_matmul_tflops`), after ``warmup_s`` seconds of the
-    same matmuls (None: :data:`GPU_WARM_UP_S` on CUDA, none on CPU)."""
-    if warmup_s is None:
-        warmup_s = GPU_WARM_UP_S if device.type == "cuda" else 0.0
+def warm_up(device: torch.device, seconds: Optional[float] = None, n: int = 4096) -> None:
+    """Keep ``device`` busy with bf16 [n, n] matmuls for ``seconds`` (None: :data:`GPU_WARM_UP_S` on CUDA, none on
+    CPU), so that what is timed next runs at the clocks a loaded GPU has."""
+    if seconds is None:
+        seconds = GPU_WARM_UP_S if device.type == "cuda" else 0.0
     a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
-    end = time.perf_counter() + warmup_s
+    end = time.perf_counter() + seconds
     while time.perf_counter() < end:
         torch.mm(a, a)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
+
+
+def matmul_peak_tflops(device: torch.device = torch.device("cuda"), n: int = 8192, repeats: int = 10,
+                       warmup_s: Optional[float] = None) -> float:
+    """The best bf16 [n, n] @ [n, n] rate of ``repeats`` runs on ``device``, in TFLOP/s: the same measurement
+    as the CPU calibration (:func:`dist_train.metrics.timed_matmul_tflops`), after :func:`warm_up` (``warmup_s``)."""
+    warm_up(device, warmup_s, n)
     return timed_matmul_tflops(device, torch.bfloat16, n, 1, repeats)
 
 
@@ -106,12 +111,15 @@ def table_peak_tflops(device: torch.device = torch.device("cuda")) -> float | No
 # ---------------------------------------------------------------------------------------------
 def bench_kernels(seq_lens=(8192, 32768), heads: int = 16, head_dim: int = 128, repeats: int = 5,
                   on_row: Optional[Callable[[list[dict]], None]] = None, device: torch.device = torch.device("cuda"),
-                  kernels: Optional[dict] = None) -> list[dict]:
+                  kernels: Optional[dict] = None, warmup_s: Optional[float] = None) -> list[dict]:
     """fwd+bwd of one block: our kernels vs torch SDPA, bf16, causal and full (4·S²·D·H FLOPs per
     forward for a full block, half for causal; backward 2.5× the forward). ``on_row(rows)`` gets the
     rows so far after each one. ``kernels`` ({label: kernel}; default: ``auto``'s kernel, and torch's CUDA
-    ops kernel when ``auto`` is another) and ``device`` exist so the same code runs on CPU (tests)."""
+    ops kernel when ``auto`` is another) and ``device`` exist so the same code runs on CPU (tests). Each row times
+    SDPA first: the device is warmed up first (:func:`warm_up`), or the first row's SDPA would run at an idle
+    GPU's clocks and flatter the kernel beside it."""
     dev, dt = device, torch.bfloat16
+    warm_up(dev, warmup_s)
     if kernels is None:
         kernels = {"auto": get_kernel("auto", dev, dt)}
         if kernels["auto"].name != "cuda":
