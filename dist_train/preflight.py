@@ -27,7 +27,7 @@ from .checkpoint.manager import (checkpoint_root, consumed_samples, effective_re
 from .checkpoint.storage import CheckpointError
 from .config import Config, ConfigError
 from .cost import memory_model, model_params, rank_inputs
-from .data.datasets import IndexedTokenDataset, split_part, training_digest
+from .data.datasets import IndexedTokenDataset, same_data_message, split_part, training_digest
 from .data.documents import resolve_eod_id, unknown_eod_message
 from .data.integrity import check_indexed_dataset
 from .data.sidecar import other_tokenizer_message
@@ -197,7 +197,8 @@ def _check_indexed(cfg: Config) -> None:
         except ValueError as e:
             raise ConfigError(str(e).splitlines()[0]) from None
         if d.valid_path:  # both sidecars read above (a bad one is refused there)
-            other = other_tokenizer_message(d.path, d.valid_path, "data.path", "data.valid_path")
+            other = (same_data_message(d.path, d.valid_path)
+                     or other_tokenizer_message(d.path, d.valid_path, "data.path", "data.valid_path"))
             if other:
                 raise ConfigError(other)
         if cfg.train.eval_every:  # the ranks' Evaluator would refuse it after start-up

@@ -57,12 +57,21 @@ def corpus(tmp_path_factory) -> str:
     return str(d / "ds")
 
 
+@pytest.fixture(scope="module")
+def held_out(tmp_path_factory) -> str:
+    """Another byte-tokenized dataset (other text): 562 tokens, 35 samples of 16 tokens."""
+    d = tmp_path_factory.mktemp("held_out")
+    (d / "docs.jsonl").write_text("\n".join(json.dumps({"text": t * 40}) for t in ("omega ", "psi chi ")))
+    prepare_indexed([d / "docs.jsonl"], str(d / "ds"))
+    return str(d / "ds")
+
+
 def _gpt(tmp_path, prefix, data, **train):
     return tiny_gpt_config(tmp_path / "run", data={"source": "indexed", "path": prefix, "seq_len": 16, **data},
                            model={"vocab_size": 257}, train={"eval_every": 2, **train})
 
 
-def test_an_evaluation_longer_than_the_held_out_data_is_refused(tmp_path, corpus):
+def test_an_evaluation_longer_than_the_held_out_data_is_refused(tmp_path, corpus, held_out):
     """eval_steps x global_batch beyond the held-out samples wrapped into the next epoch's order: the validation
     loss silently counted some samples twice (and the same ones every evaluation). Refused before any rank starts
     (split share, data.valid_path, weather share) and by the ranks' Evaluator; an evaluation that fits runs."""
@@ -72,8 +81,8 @@ def test_an_evaluation_longer_than_the_held_out_data_is_refused(tmp_path, corpus
                                           r"per evaluation, but the validation share of data.split = '80,20,0' holds 8: "
                                           r"4 would be counted twice; set train.eval_steps <= 2$"):
         check_data(_gpt(tmp_path, corpus, {"split": "80,20,0"}, eval_steps=3, global_batch=4))
-    with pytest.raises(ConfigError, match=r"holds 42: 6 would be .* set a smaller train.global_batch$"):
-        check_data(_gpt(tmp_path, corpus, {"valid_path": corpus}, eval_steps=1, global_batch=48, micro_batch=4))
+    with pytest.raises(ConfigError, match=r"held_out.*/ds holds 35: 13 would be .* set a smaller train.global_batch$"):
+        check_data(_gpt(tmp_path, corpus, {"valid_path": held_out}, eval_steps=1, global_batch=48, micro_batch=4))
     swin = tiny_swin_config(tmp_path / "s", tmp_path / "w", data={"split": "80,20,0"}, train={"eval_every": 2})
     with pytest.raises(ConfigError, match=r"holds 2: 6 would be counted twice; set train.eval_steps <= 1$"):
         check_data(swin)
@@ -84,15 +93,14 @@ def test_an_evaluation_longer_than_the_held_out_data_is_refused(tmp_path, corpus
     Evaluator(_gpt(tmp_path, corpus, {"split": "80,20,0"}, eval_steps=2, global_batch=4), ONE_RANK, valid)
 
 
-def test_a_held_out_dataset_of_another_tokenizer_is_refused(tmp_path, corpus):
+def test_a_held_out_dataset_of_another_tokenizer_is_refused(tmp_path, corpus, held_out):
     """data.valid_path prepared with another tokenizer than data.path: the same id means another token in each, and
     the validation loss measured the model on text it never saw tokenized that way, silently. Refused before any
     rank starts, as the two sidecars say; the same tokenizer (or a dataset built elsewhere, no sidecar) passes."""
     held = tmp_path / "held"
-    for suffix in (".bin", ".idx"):
-        shutil.copy(f"{corpus}{suffix}", f"{held}{suffix}")
-    meta = json.loads(sidecar_path(corpus).read_text())
-    sidecar_path(held).write_text(json.dumps(meta))
+    for suffix in (".bin", ".idx", ".meta.json"):
+        shutil.copy(f"{held_out}{suffix}", f"{held}{suffix}")
+    meta = json.loads(sidecar_path(held).read_text())
     check_data(_gpt(tmp_path, corpus, {"valid_path": str(held)}, eval_steps=1, global_batch=4))
     sidecar_path(held).write_text(json.dumps({**meta, "tokenizer": "other/tokenizer.json", "vocab_size": 300,
                                               "eod_id": 299}))

@@ -123,11 +123,28 @@ def test_missing_data_and_tokenizer(tmp_path, dataset):
 
 
 def test_held_out_dataset_is_checked_like_the_training_one(tmp_path, dataset):
-    preflight(_cfg(tmp_path, dataset, data={"valid_path": dataset}, train={"eval_every": 2}), on_cuda=False)
-    _refused(_cfg(tmp_path, dataset, data={"valid_path": str(tmp_path / "held")}, train={"eval_every": 2}),
-             "data.valid_path = ", "held.bin not found")
-    small = _cfg(tmp_path, dataset, data={"valid_path": dataset}, model={"vocab_size": 100})
+    (tmp_path / "held.jsonl").write_text("\n".join(json.dumps({"text": t * 40}) for t in ("omega ", "psi chi ", "zeta\n")))
+    held = str(tmp_path / "held")
+    prepare_indexed([tmp_path / "held.jsonl"], held)
+    preflight(_cfg(tmp_path, dataset, data={"valid_path": held}, train={"eval_every": 2}), on_cuda=False)
+    _refused(_cfg(tmp_path, dataset, data={"valid_path": str(tmp_path / "missing")}, train={"eval_every": 2}),
+             "data.valid_path = ", "missing.bin not found")
+    small = _cfg(tmp_path, dataset, data={"valid_path": held}, model={"vocab_size": 100})
     _refused(small, "data.valid_path = ", "model.vocab_size")
+
+
+def test_a_held_out_dataset_that_is_the_training_data_is_refused(tmp_path, dataset):
+    """data.valid_path naming data.path itself, or a copy of it: the validation loss measured the training samples
+    (train/validation overlap of 100%), silently. Refused naming why: the same file, or equal digests."""
+    _refused(_cfg(tmp_path, dataset, data={"valid_path": dataset}, train={"eval_every": 2}),
+             f"data.valid_path = {dataset} holds the training data of data.path = {dataset} (the same .bin file)")
+    copy = _copy(dataset, tmp_path)
+    _refused(_cfg(tmp_path, dataset, data={"valid_path": copy}, train={"eval_every": 2}), "(equal xxh3_64 digests: a copy)")
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()  # built elsewhere (no sidecars): their fingerprints
+    bare_train, bare_held = _copy(dataset, tmp_path / "a", sidecar=False), _copy(dataset, tmp_path / "b", sidecar=False)
+    _refused(_cfg(tmp_path, bare_train, data={"valid_path": bare_held}, train={"eval_every": 2}),
+             "(equal xxh3_64-sampled digests: a copy)")
 
 
 def test_unusable_run_and_checkpoint_directories(tmp_path, dataset):

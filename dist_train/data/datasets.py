@@ -100,6 +100,22 @@ def training_digest(cfg: Config) -> Optional[str]:
     return dataset_digest(d.path) or dataset_fingerprint(d.path)
 
 
+def same_data_message(path: str, valid_path: str) -> Optional[str]:
+    """One line when the held-out dataset ``valid_path`` is the training dataset ``path`` itself — the same ``.bin``
+    file, or an equal token-stream identity (:func:`training_digest`'s: sidecar digest, else fingerprint), e.g. a
+    copy — so the validation loss would measure training data; None otherwise."""
+    if Path(f"{path}.bin").samefile(f"{valid_path}.bin"):
+        why = "the same .bin file"
+    else:
+        mine = dataset_digest(path) or dataset_fingerprint(path)
+        if mine is None or mine != (dataset_digest(valid_path) or dataset_fingerprint(valid_path)):
+            return None
+        why = f"equal {mine.split(':', 1)[0]} digests: a copy"
+    return (f"data.valid_path = {valid_path} holds the training data of data.path = {path} ({why}): the validation "
+            "loss would measure samples the model trains on; give a held-out dataset, or hold out a share with "
+            "data.split instead")
+
+
 class SyntheticTokenDataset:
     """Deterministic, learnable sequences (a noisy modular progression) for tests and benchmarks."""
 
