@@ -672,16 +672,18 @@ def resume_unread_keys(kind: str) -> frozenset:
 #: one (a planner candidate, a sweep point, a benchmark's baseline) takes these, since validation refuses them set there.
 PIPELINE_ONLY_DEFAULTS = {f"parallel.{k}": getattr(ParallelConfig, k) for k in ("microbatches", "pp_schedule")}
 FSDP_ONLY_DEFAULTS = {"parallel.fsdp_reshard_after_forward": ParallelConfig.fsdp_reshard_after_forward}
-#: A GPT's all-to-all degree, which its ring (cp_method ring) never reads: likewise for a layout set to the ring.
+#: The all-to-all degree, which a GPT's ring (cp_method ring) and any model at cp = 1 never read (or, a GPT's hybrid at
+#: cp = 1, refuse): likewise for a layout set to the ring or to cp = 1 (a strong-scaling sweep's one-rank point).
 ALL_TO_ALL_ONLY_DEFAULTS = {"parallel.ulysses_degree": ParallelConfig.ulysses_degree}
 #: (override key, the value that leaves nothing to read some keys, those keys' defaults) for unread_reset_overrides
 _UNREAD_RESETS = (("parallel.pp", 1, PIPELINE_ONLY_DEFAULTS), ("parallel.fsdp", False, FSDP_ONLY_DEFAULTS),
-                  ("parallel.cp_method", "ring", ALL_TO_ALL_ONLY_DEFAULTS))
+                  ("parallel.cp_method", "ring", ALL_TO_ALL_ONLY_DEFAULTS), ("parallel.cp", 1, ALL_TO_ALL_ONLY_DEFAULTS))
 
 
 def unread_reset_overrides(overrides: list[str]) -> list[str]:
     """``--set`` items to apply just before ``overrides`` (a sweep point's, a benchmark baseline's): when those take
-    the pipeline away (``parallel.pp=1``), FSDP2 (``parallel.fsdp=false``) or the all-to-all (``parallel.cp_method=ring``),
+    the pipeline away (``parallel.pp=1``), FSDP2 (``parallel.fsdp=false``) or the all-to-all (``parallel.cp_method=ring``
+    or ``parallel.cp=1``),
     the keys only that reads go back to their defaults (:data:`PIPELINE_ONLY_DEFAULTS`, :data:`FSDP_ONLY_DEFAULTS`,
     :data:`ALL_TO_ALL_ONLY_DEFAULTS`) instead of being inherited from what came before (``--set
     parallel.pp_schedule=gpipe`` of the run) and refused as unread; ``overrides`` that set such a key themselves

@@ -232,3 +232,13 @@ def test_a_grid_of_cp_methods_gives_the_ring_point_the_default_all_to_all_degree
                                        "train.global_batch=1", "train.micro_batch=1"]))
     got = {p.series["parallel.cp_method"]: point_config(spec, p).parallel.ulysses_degree for p in expand(spec)}
     assert got == {"ring": 1, "hybrid": 2}
+
+
+def test_a_strong_cp_sweeps_one_rank_point_takes_the_default_all_to_all_degree(tmp_path):
+    """The cp = 1 point of a cp sweep whose base runs a hybrid all-to-all of degree 2: nothing splits heads at cp 1
+    (degree 2 is refused there), so the point takes the degree's default; the others keep it."""
+    spec = load_sweep(write_sweep(tmp_path, world_sizes=[1, 2, 4], set=[
+        "parallel.cp=4", "parallel.cp_method=hybrid", "parallel.ulysses_degree=2", "model.n_heads=4",
+        "train.global_batch=1", "train.micro_batch=1"]))
+    got = {p.world_size: point_config(spec, p).parallel for p in expand(spec)}
+    assert {n: (p.cp, p.ulysses_degree) for n, p in got.items()} == {1: (1, 1), 2: (2, 2), 4: (4, 2)}
