@@ -114,38 +114,44 @@ def check_attention_kernel(cfg: Config, on_cuda: bool) -> None:
 
 # -- data ---------------------------------------------------------------------------------------------
 def check_data(cfg: Config) -> None:
+    """The data the ranks will read: the dataset's files and shares, the tokenizer, the end-of-document id."""
     d = cfg.data
     if d.source == "indexed":
         _check_indexed(cfg)
     elif d.source == "weather":
-        m = cfg.model
-        if not m.in_channels == m.out_channels == d.channels:
-            # every rank would refuse its first batch (models/swin.check_batch): input and target are the same fields
-            raise ConfigError(f"data.channels = {d.channels} with model.in_channels = {m.in_channels}, model.out_channels "
-                              f"= {m.out_channels}: the weather source forecasts the next step of all its fields, so "
-                              f"each batch's input and target have data.channels fields; set all three equal")
-        pairs = d.steps - 1  # forecasting pairs (t, t+1) of data.steps time steps (data/weather.WeatherDataset)
-        for part in ("train", "valid") if cfg.train.eval_every else ("train",):
-            lo, hi = split_part(pairs, d.split, part)
-            if hi <= lo:  # the rank's WeatherBatcher would refuse it after start-up
-                raise ConfigError(f"data.split = {d.split!r}: the {part} share of the {pairs} weather samples (data.steps "
-                                  f"= {d.steps}) is empty; give it a larger share or more data.steps")
-            if part == "valid":  # the rank's Evaluator would refuse it after start-up
-                _check_held_out(cfg, hi - lo)
-        if not d.path:
-            raise ConfigError("data.path is not set: give the directory of the weather dataset (generated there "
-                              "on first use)")
-        if Path(d.path).exists() and not Path(d.path).is_dir():
-            raise ConfigError(f"data.path = {d.path}: is a file; the weather source needs a directory")
-        if not Path(d.path).exists():
-            check_writable_dir("data.path", d.path)  # generated there by rank 0
-        elif d.image and len(d.image) == 2:  # rank 0 would refuse to regenerate another job's dataset in place
-            other = other_dataset_message(d.path, weather_meta(**weather_settings(d, cfg.run.seed)))
-            if other:
-                raise ConfigError(other)
+        _check_weather(cfg)
     if d.tokenizer != "byte" and not Path(d.tokenizer).is_file():
         raise ConfigError(f"data.tokenizer = {d.tokenizer}: no such file (byte, or the path of a tokenizer.json)")
     check_end_of_document(cfg)
+
+
+def _check_weather(cfg: Config) -> None:
+    """The weather source: channels the model fits, non-empty split shares, a usable data.path directory."""
+    d, m = cfg.data, cfg.model
+    if not m.in_channels == m.out_channels == d.channels:
+        # every rank would refuse its first batch (models/swin.check_batch): input and target are the same fields
+        raise ConfigError(f"data.channels = {d.channels} with model.in_channels = {m.in_channels}, model.out_channels "
+                          f"= {m.out_channels}: the weather source forecasts the next step of all its fields, so "
+                          f"each batch's input and target have data.channels fields; set all three equal")
+    pairs = d.steps - 1  # forecasting pairs (t, t+1) of data.steps time steps (data/weather.WeatherDataset)
+    for part in ("train", "valid") if cfg.train.eval_every else ("train",):
+        lo, hi = split_part(pairs, d.split, part)
+        if hi <= lo:  # the rank's WeatherBatcher would refuse it after start-up
+            raise ConfigError(f"data.split = {d.split!r}: the {part} share of the {pairs} weather samples (data.steps "
+                              f"= {d.steps}) is empty; give it a larger share or more data.steps")
+        if part == "valid":  # the rank's Evaluator would refuse it after start-up
+            _check_held_out(cfg, hi - lo)
+    if not d.path:
+        raise ConfigError("data.path is not set: give the directory of the weather dataset (generated there "
+                          "on first use)")
+    if Path(d.path).exists() and not Path(d.path).is_dir():
+        raise ConfigError(f"data.path = {d.path}: is a file; the weather source needs a directory")
+    if not Path(d.path).exists():
+        check_writable_dir("data.path", d.path)  # generated there by rank 0
+    elif d.image and len(d.image) == 2:  # rank 0 would refuse to regenerate another job's dataset in place
+        other = other_dataset_message(d.path, weather_meta(**weather_settings(d, cfg.run.seed)))
+        if other:
+            raise ConfigError(other)
 
 
 def check_end_of_document(cfg: Config) -> None:
