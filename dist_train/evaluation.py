@@ -38,7 +38,8 @@ def held_out_overrun(cfg: Config, held_out: Optional[int]) -> Optional[str]:
     fix = (f"set train.eval_steps <= {held_out // t.global_batch}" if held_out >= t.global_batch else
            "give validation more data (a larger data.split share) or set a smaller train.global_batch")
     return (f"train.eval_steps = {t.eval_steps} x train.global_batch = {t.global_batch} reads {wanted} held-out "
-            f"samples per evaluation, but {where} holds {held_out}: {wanted - held_out} would be counted twice; {fix}")
+            f"samples per evaluation, but {where} holds {held_out}: {wanted - held_out} would be read again (a sample "
+            f"counted twice or more); {fix}")
 
 
 class Evaluator:

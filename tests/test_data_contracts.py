@@ -79,16 +79,17 @@ def test_an_evaluation_longer_than_the_held_out_data_is_refused(tmp_path, corpus
     check_data(_gpt(tmp_path, corpus, {"split": "80,20,0"}, eval_steps=2, global_batch=4))  # 8 of 8
     with pytest.raises(ConfigError, match=r"^train.eval_steps = 3 x train.global_batch = 4 reads 12 held-out samples "
                                           r"per evaluation, but the validation share of data.split = '80,20,0' holds 8: "
-                                          r"4 would be counted twice; set train.eval_steps <= 2$"):
+                                          r"4 would be read again \(a sample counted twice or more\); "
+                                          r"set train.eval_steps <= 2$"):
         check_data(_gpt(tmp_path, corpus, {"split": "80,20,0"}, eval_steps=3, global_batch=4))
     with pytest.raises(ConfigError, match=r"held_out.*/ds holds 35: 13 would be .* set a smaller train.global_batch$"):
         check_data(_gpt(tmp_path, corpus, {"valid_path": held_out}, eval_steps=1, global_batch=48, micro_batch=4))
     swin = tiny_swin_config(tmp_path / "s", tmp_path / "w", data={"split": "80,20,0"}, train={"eval_every": 2})
-    with pytest.raises(ConfigError, match=r"holds 2: 6 would be counted twice; set train.eval_steps <= 1$"):
+    with pytest.raises(ConfigError, match=r"holds 2: 6 would be read again .*; set train.eval_steps <= 1$"):
         check_data(swin)
     cfg = _gpt(tmp_path, corpus, {"split": "80,20,0"}, eval_steps=3, global_batch=4)
     valid = TokenBatcher(IndexedTokenDataset(corpus, 16, 7, "80,20,0", "valid"), micro_batch=2, dp=1, dp_rank=0)
-    with pytest.raises(ValueError, match="holds 8: 4 would be counted twice"):
+    with pytest.raises(ValueError, match="holds 8: 4 would be read again"):
         Evaluator(cfg, ONE_RANK, valid)
     Evaluator(_gpt(tmp_path, corpus, {"split": "80,20,0"}, eval_steps=2, global_batch=4), ONE_RANK, valid)
 
