@@ -425,6 +425,28 @@ def test_a_second_try_runs_only_the_sections_asked_for(tmp_path, monkeypatch, cu
     assert e.value.code == 2
 
 
+def test_the_sections_logs_come_back_with_the_report_and_an_earlier_runs_are_never_read(tmp_path, monkeypatch,
+                                                                                          cuda_runner):
+    """On a lent GPU only $OUT comes back: pytest's log (the failures' tracebacks), the JUnit file and each benchmark's
+    log and JSON are kept in gpu-check-logs/ beside the report (they were in a temporary folder, deleted). The folder is
+    emptied first: a benchmark that crashed before writing its JSON must not report an earlier run's numbers."""
+    out = tmp_path / "out"
+    (out / "gpu-check-logs").mkdir(parents=True)
+    (out / "gpu-check-logs" / "llama.json").write_text(json.dumps({"step": {"tokens_per_s": 1.0}}))  # an earlier run
+
+    def crashed_llama(cmd, timeout, log):
+        log.write_text("Traceback (most recent call last):\nRuntimeError: CUDA error: misaligned address\n")
+        return 1, 3.0
+
+    monkeypatch.setattr(cuda_runner, "_run", crashed_llama)
+    assert cuda_runner.main(["--out", str(out), "--sections", "llama"]) == 1
+    report = json.loads((out / "gpu-report.json").read_text())
+    assert "step" not in report["benchmarks"]["llama"] and "misaligned address" in report["benchmarks"]["llama"]["error"]
+    assert (out / "gpu-check-logs" / "llama.log").read_text().startswith("Traceback")
+    assert sorted(p.name for p in (out / "gpu-check-logs").iterdir()) == ["llama.log"]
+    assert "full logs: `gpu-check-logs/`" in (out / "gpu-report.md").read_text()
+
+
 def test_the_report_names_the_commit_of_a_tree_copied_without_git(tmp_path, monkeypatch):
     """The GPU machine gets the working tree without .git: the commit is then the one $DIST_TRAIN_COMMIT gives, marked
     as such (git's answer where there is a repository)."""

@@ -129,7 +129,11 @@ def write(report: dict, out_dir: Path) -> None:
     lines = ["# dist-train GPU check", "", f"status: **{report.get('status', 'running')}** | tests: "
              + ", ".join(f"{v} {k}" for k, v in report["summary"].items())
              + f" | wall {_fmt(report.get('wall_s'))} s of budget {_fmt(report.get('budget_s'))} s", "",
-             f"command: `{report.get('command', '—')}`", "", "## Environment", ""] + _env_md(report.get("environment", {}))
+             f"command: `{report.get('command', '—')}`", ""]
+    if report.get("logs"):
+        lines += [f"full logs: `{report['logs']}/` beside this file (pytest.log with the failures' tracebacks, junit.xml, "
+                  "each benchmark's .log and .json)", ""]
+    lines += ["## Environment", ""] + _env_md(report.get("environment", {}))
     lines += ["", "## Tests", "", "| test | outcome | s | message | numbers |", "|---|---|---|---|---|"]
     for t in report.get("tests", []):
         msg = t["message"].replace("|", "\\|").replace("\n", " ")[:200]

@@ -15,9 +15,9 @@ import json
 import os
 import shlex
 import signal
+import shutil
 import subprocess
 import sys
-import tempfile
 import time
 import xml.etree.ElementTree as ET
 from pathlib import Path
@@ -30,6 +30,10 @@ INTERRUPT_GRACE_S = 10.0
 #: a benchmark process's start (python, torch with its CUDA libraries, the CUDA context) happens before its
 #: own --budget-s clock starts
 BENCH_START_S = 15.0
+#: the sections' own files, kept in this folder of the report's directory: pytest's log (with the failures' tracebacks),
+#: its JUnit file, each benchmark's log and JSON. On a lent GPU only $OUT comes back, and the report's 500-character
+#: messages do not say where a test failed. Emptied at the start of every check.
+LOGS_DIR = "gpu-check-logs"
 #: the check's sections, in the order they run (``--sections`` picks some: a second try reruns what failed)
 SECTIONS = ("tests", "kernels", "llama")
 EXAMPLES = """examples:
@@ -164,31 +168,33 @@ def _run_sections(report: dict, sections: list[str], skip_bench: bool, deadline:
         return deadline - time.perf_counter() - reserve
 
     cuda = report["environment"]["cuda_available"]
-    with tempfile.TemporaryDirectory(prefix="gpucheck-") as tmp:
-        work = Path(tmp)
-        if "tests" in sections:
-            run_tests(report, work, min(240.0, left()))
-            rep.write(report, out)
-        else:
-            report["notes"].append("gpu tests not run (--sections)")
-        benches = [name for name in SECTIONS[1:] if name in sections and not skip_bench]
-        if skip_bench:
-            report["notes"].append("benchmarks skipped (--skip-bench)")
-        for name in SECTIONS[1:]:
-            if name not in benches:
-                report["benchmarks"][name] = {"skipped": "not run (--sections / --skip-bench)"}
-            elif not cuda:
-                report["benchmarks"][name] = {"skipped": "no CUDA device"}
-        if cuda and "kernels" in benches:  # at most 90 s, and llama keeps 150 s when it runs after
-            run_bench(report, "kernels", work, min(90.0, left(150.0 if "llama" in benches else 5.0)))
-            rep.write(report, out)
-        if cuda and "llama" in benches:
-            llama_limit = left()
-            run_bench(report, "llama", work, llama_limit,
-                      budget_s=llama_limit - INTERRUPT_GRACE_S - BENCH_START_S)
-        for name, sec in report["sections"].items():
-            if name != "tests":
-                report["notes"].append(f"{name}: exit {sec['exit_code']} in {sec['seconds']:.0f} s")
+    work = out / LOGS_DIR
+    shutil.rmtree(work, ignore_errors=True)  # an earlier run's benchmark JSON must never be read as this run's
+    work.mkdir(parents=True)
+    report["logs"] = LOGS_DIR
+    if "tests" in sections:
+        run_tests(report, work, min(240.0, left()))
+        rep.write(report, out)
+    else:
+        report["notes"].append("gpu tests not run (--sections)")
+    benches = [name for name in SECTIONS[1:] if name in sections and not skip_bench]
+    if skip_bench:
+        report["notes"].append("benchmarks skipped (--skip-bench)")
+    for name in SECTIONS[1:]:
+        if name not in benches:
+            report["benchmarks"][name] = {"skipped": "not run (--sections / --skip-bench)"}
+        elif not cuda:
+            report["benchmarks"][name] = {"skipped": "no CUDA device"}
+    if cuda and "kernels" in benches:  # at most 90 s, and llama keeps 150 s when it runs after
+        run_bench(report, "kernels", work, min(90.0, left(150.0 if "llama" in benches else 5.0)))
+        rep.write(report, out)
+    if cuda and "llama" in benches:
+        llama_limit = left()
+        run_bench(report, "llama", work, llama_limit,
+                  budget_s=llama_limit - INTERRUPT_GRACE_S - BENCH_START_S)
+    for name, sec in report["sections"].items():
+        if name != "tests":
+            report["notes"].append(f"{name}: exit {sec['exit_code']} in {sec['seconds']:.0f} s")
 
 
 def _failed(report: dict) -> bool:
