@@ -3,8 +3,9 @@
 One GPU: multi-rank context parallelism runs on the in-process simulator with CUDA tensors; NCCL is
 checked with world size 1 through the real trainer.
 
-The project's modules are imported inside the tests on purpose: on a briefly lent GPU machine an import that fails
-there then fails one test, not the collection of this whole file (which would leave the one run with no results).
+Besides the few helpers imported below, the modules under test are imported inside the tests on purpose: on a
+briefly lent GPU machine an import that fails there then fails one test, not the collection of this whole file
+(which would leave the one run with no results).
 """
 from __future__ import annotations
 
