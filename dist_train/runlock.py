@@ -22,12 +22,11 @@ killed) marks a stale lock: it is taken over with one line saying whose it was. 
 (deleting a lock file races with a process that has just opened it). ``flock`` is per machine on local
 file systems; on NFS (v4) and Lustre/GPFS with ``flock`` enabled it is cluster-wide. Where it is not (NFS
 mounted with local locks: every machine's flock succeeds), the record is a lease: the holder rewrites its
-``renewed`` time every LEASE_RENEW_S, and a record of another machine renewed less than LEASE_S ago is a
-running job there, refused like a held flock (a job killed there is taken over LEASE_S after it died). Each
-renewal is fsynced (NFS clients write back a dirty page up to ~30 s late: the server, and so the other machines,
-would see a running job's record age past LEASE_S). Clocks that disagree by more than LEASE_S - LEASE_RENEW_S make
-a running job's record look stale from the machine whose clock is ahead: a record stale by this machine's clock is
-watched for WATCH_S before the take-over, and one renewed meanwhile is refused all the same.
+``renewed`` time every LEASE_RENEW_S (fsynced: NFS clients write a dirty page back up to ~30 s late), and another
+machine's record found under a free flock is watched: renewed meanwhile, it is a job running there, refused like a
+held flock; not renewed, it is taken over. The watch lasts until the lease would end by this machine's clock
+(LEASE_S after ``renewed``: a job killed there a moment ago is taken over then, not refused), and at least WATCH_S
+renewal periods, so clocks that disagree (this one ahead) never make a running job's record look stale.
 """
 from __future__ import annotations
 
@@ -54,8 +53,8 @@ CHECKPOINT_LOCK_NAME = "checkpoints.lock"
 RESTART_WAIT_S = 30.0  # how long rank 0 waits for the previous attempt's rank 0 of the same job to be gone
 LOCK_ENV = "DIST_TRAIN_RUN_LOCK"  # the launcher's lock token, in every rank's environment
 LEASE_RENEW_S = 5.0  # how often a holder rewrites its record's ``renewed`` time
-LEASE_S = 30.0  # a record of another machine renewed this recently belongs to a job still running there
-WATCH_S = 2.5  # x LEASE_RENEW_S: how long another machine's record, stale by this clock, is watched for a renewal
+LEASE_S = 30.0  # another machine's record is watched for a renewal until this long after its ``renewed`` time
+WATCH_S = 2.5  # x LEASE_RENEW_S: the shortest watch (the other machine's clock may be behind this one's)
 _RECORD_BYTES = 1024  # records are padded to this size: a renewal rewrites them in place, never truncated
 
 
@@ -100,10 +99,10 @@ def _write_record(fd: int, owner: dict) -> None:
 
 def _running_elsewhere(path: Path, owner: dict, out) -> Optional[str]:
     """Why ``owner`` (the record in ``path``, found under a flock this process just got) belongs to a job still
-    running on another machine, the flock not reaching across machines; None when it is stale. Its ``renewed``
-    time within LEASE_S by this machine's clock; else, the clocks possibly disagreeing, a renewal seen while
-    watching the record for WATCH_S x LEASE_RENEW_S (a lease record only: an older version's never renews). A
-    record of this machine under a free flock is always stale (the kernel's flock)."""
+    running on another machine, the flock not reaching across machines; None when it is stale. A lease record is
+    watched for a renewal (module doc), no clocks compared; an older version's record, which never renews, is
+    running when it started less than LEASE_S ago. A record of this machine under a free flock is always stale
+    (the kernel's flock)."""
     host = owner.get("host")
     if not host or host == socket.gethostname():
         return None
@@ -112,13 +111,11 @@ def _running_elsewhere(path: Path, owner: dict, out) -> Optional[str]:
         age = time.time() - float(renewed or 0.0)
     except (TypeError, ValueError):
         return None
-    if age < LEASE_S:
-        return f"its record was renewed {age:.0f} s ago"
     if "renewed" not in owner:
-        return None
-    watch_s = WATCH_S * LEASE_RENEW_S
-    print(f"[dist-train] {path}: {describe_owner(owner)} renewed its record {age:.0f} s ago by this machine's clock; "
-          f"watching it {watch_s:g} s for a renewal before taking it over", file=out or sys.stderr, flush=True)
+        return f"it started {age:.0f} s ago" if age < LEASE_S else None
+    watch_s = min(LEASE_S, max(WATCH_S * LEASE_RENEW_S, LEASE_S - age))
+    print(f"[dist-train] {path}: {describe_owner(owner)} renewed its record {age:.0f} s ago (this machine's clock); "
+          f"watching it up to {watch_s:.1f} s for a renewal before taking it over", file=out or sys.stderr, flush=True)
     deadline = time.monotonic() + watch_s
     while time.monotonic() < deadline:
         time.sleep(min(0.5, LEASE_RENEW_S / 5))
@@ -126,8 +123,7 @@ def _running_elsewhere(path: Path, owner: dict, out) -> Optional[str]:
         if now.get("token") != owner.get("token"):
             return None  # released (cleared) meanwhile
         if now.get("renewed") != renewed:
-            return (f"its record was renewed while this job watched it, {age:.0f} s after the time it names: the "
-                    f"machines' clocks disagree")
+            return "its record was renewed while this job watched it"
     return None
 
 
@@ -194,7 +190,7 @@ class RunLock:
                 os.close(fd)  # drops the flock this machine granted
                 raise RunDirLocked(f"{what} {run_dir} is in use by another job: {describe_owner(stale)} holds "
                                    f"{path} ({running}; this file system's flock does not reach across "
-                                   f"machines); wait for it to end (or {LEASE_S:g} s after it died) or stop it, or "
+                                   f"machines); wait for it to end or stop it, or "
                                    f"use another {what}")
             print(f"[dist-train] taking over the lock of {run_dir}: its holder, {describe_owner(stale)}, is no "
                   f"longer running (it ended without releasing it)", file=out or sys.stderr, flush=True)

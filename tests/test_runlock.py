@@ -199,25 +199,46 @@ def test_a_file_system_without_flock_is_one_line_on_every_rank(tmp_path):
     assert "does not support flock" in lines[0], lines
 
 
+def _renewing_elsewhere(monkeypatch, path: Path, record: dict) -> None:
+    """While this job watches, the job on the record's machine renews it (with that machine's clock): each wait of
+    the watch sees one renewal, so nothing depends on thread timing."""
+    sleep = time.sleep
+
+    def renew(seconds):
+        record["renewed"] += runlock.LEASE_RENEW_S
+        path.write_text(json.dumps(record))
+        sleep(seconds)
+
+    monkeypatch.setattr(runlock.time, "sleep", renew)
+
+
 def test_a_lock_record_another_machine_keeps_renewing_is_refused_where_flock_is_local(tmp_path, monkeypatch):
     """On a file system whose flock does not reach across machines (NFS mounted with local locks), a job on
     another machine holds run.lock there while flock succeeds here: its record was taken for a stale one and
-    "taken over", two jobs sharing one run dir. The record is a lease the holder renews: one of another machine
-    renewed within LEASE_S is refused, one older than that is stale (taken over, as before)."""
-    monkeypatch.setattr(runlock, "LEASE_RENEW_S", 0.05)  # renewals, and the watch of a stale record, in tenths of a second
+    "taken over", two jobs sharing one run dir. The record is a lease the holder renews: another machine's record
+    renewed while this job watches it is refused and left untouched; one not renewed until its lease ends (a job
+    killed there a moment ago) is taken over then, not refused (a requeued job on another node would end)."""
+    monkeypatch.setattr(runlock, "LEASE_RENEW_S", 0.05)
+    monkeypatch.setattr(runlock, "LEASE_S", 0.5)
     run = tmp_path / "run"
     run.mkdir()
-    other = {"host": "node7", "pid": 4242, "started": time.time() - 600, "role": "dist-train launch", "token": "t"}
-    (run / LOCK_NAME).write_text(json.dumps({**other, "renewed": time.time() - 3}))  # its flock is on node7 only
-    with pytest.raises(RunDirLocked, match=r"^run.dir .* in use by another job: pid 4242 on node7 .*renewed \d+ s ago; "
-                                           r"this file system's flock does not reach across machines"):
-        RunLock.acquire(run)
+    record = {"host": "node7", "pid": 4242, "started": time.time() - 600, "renewed": time.time() - 0.1,
+              "role": "dist-train launch", "token": "t"}
+    (run / LOCK_NAME).write_text(json.dumps(record))  # its flock is on node7 only
+    with monkeypatch.context() as m:
+        _renewing_elsewhere(m, run / LOCK_NAME, record)
+        with pytest.raises(RunDirLocked, match=r"^run.dir .* in use by another job: pid 4242 on node7 .*renewed while "
+                                               r"this job watched it; this file system's flock does not reach across"):
+            RunLock.acquire(run, out=io.StringIO())
     assert json.loads((run / LOCK_NAME).read_text())["pid"] == 4242  # untouched
-    (run / LOCK_NAME).write_text(json.dumps({**other, "renewed": time.time() - runlock.LEASE_S - 1}))
+    killed = time.time() - 0.1
+    (run / LOCK_NAME).write_text(json.dumps({**record, "renewed": killed}))  # killed there just now
     out = io.StringIO()
-    with RunLock.acquire(run, out=out):  # that job died LEASE_S ago: stale
-        assert "taking over the lock" in out.getvalue() and "pid 4242 on node7" in out.getvalue()
+    with RunLock.acquire(run, out=out):
+        assert "watching it up to" in out.getvalue() and "taking over the lock" in out.getvalue(), out.getvalue()
+        assert "pid 4242 on node7" in out.getvalue() and time.time() - killed >= 0.49  # its lease ran out first
     # a holder renews its record while it holds the lock, so another machine sees it running
+    monkeypatch.setattr(runlock, "LEASE_S", 30.0)
     with RunLock.acquire(run) as lock:
         first = read_owner(run)["renewed"]
         deadline = time.time() + 5
@@ -229,28 +250,21 @@ def test_a_lock_record_another_machine_keeps_renewing_is_refused_where_flock_is_
 
 def test_a_record_stale_by_this_clock_that_is_still_renewed_is_refused(tmp_path, monkeypatch):
     """Clocks that disagree by more than LEASE_S - LEASE_RENEW_S (this machine's ahead) made a running job's record
-    on another machine look stale, and it was taken over: two jobs in one run dir. A record stale by this clock is
-    watched for a renewal first (no clock compared); one that is not renewed meanwhile is taken over as before."""
+    on another machine look stale by its time, and it was taken over: two jobs in one run dir. Every such record is
+    watched for a renewal (at least WATCH_S renewal periods), no clocks compared; one that is not renewed meanwhile
+    is taken over as before."""
     monkeypatch.setattr(runlock, "LEASE_RENEW_S", 0.05)
     run = tmp_path / "run"
     run.mkdir()
     record = {"host": "node7", "pid": 4242, "started": 1000.0, "renewed": 1000.0, "role": "rank 0", "token": "t"}
-    (run / LOCK_NAME).write_text(json.dumps(record))  # renewed "hours ago" by this machine's clock
-    sleep = time.sleep
-
-    def renewing(seconds):  # node7's job renews with its own (behind) clock while this one watches
-        record["renewed"] += 5.0
-        (run / LOCK_NAME).write_text(json.dumps(record))
-        sleep(seconds)
-
-    monkeypatch.setattr(runlock.time, "sleep", renewing)
-    with pytest.raises(RunDirLocked, match=r"pid 4242 on node7 .*renewed while this job watched it, \d+ s after the "
-                                           r"time it names: the machines' clocks disagree; this file system's flock"):
-        RunLock.acquire(run, out=io.StringIO())
-    monkeypatch.setattr(runlock.time, "sleep", sleep)  # a job that died there: not renewed while watched
-    out = io.StringIO()
+    (run / LOCK_NAME).write_text(json.dumps(record))  # renewed "decades ago" by this machine's clock
+    with monkeypatch.context() as m:
+        _renewing_elsewhere(m, run / LOCK_NAME, record)
+        with pytest.raises(RunDirLocked, match=r"pid 4242 on node7 .*renewed while this job watched it; this file"):
+            RunLock.acquire(run, out=io.StringIO())
+    out = io.StringIO()  # a job that died there: not renewed while watched
     with RunLock.acquire(run, out=out):
-        assert "watching it" in out.getvalue() and "taking over the lock" in out.getvalue(), out.getvalue()
+        assert "watching it up to 0.1 s" in out.getvalue() and "taking over the lock" in out.getvalue(), out.getvalue()
 
 
 def test_each_renewal_reaches_the_file_server(tmp_path, monkeypatch):
