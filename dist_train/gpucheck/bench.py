@@ -87,6 +87,8 @@ def warm_up(device: torch.device, seconds: Optional[float] = None, n: int = 4096
     CPU), so that what is timed next runs at the clocks a loaded GPU has."""
     if seconds is None:
         seconds = GPU_WARM_UP_S if device.type == "cuda" else 0.0
+    if seconds <= 0:
+        return
     a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
     end = time.perf_counter() + seconds
     while time.perf_counter() < end:
