@@ -75,7 +75,8 @@ def launch_settings(cfg: Config, args: argparse.Namespace) -> tuple[str, int, in
                          f"command; for MPI use `dist-train submit` (srun/mpiexec start the ranks on each node)")
     refuse_ray_only_keys(cfg, backend, args.address, f"--backend {backend}")
     if backend != "ray" and gpus and not torch.cuda.is_available():
-        raise ValueError(f"--gpus-per-node {gpus} with --backend {backend}: {backend} ranks compute on this machine's "
+        given = "--gpus-per-node" if args.gpus_per_node is not None else "launch.gpus_per_node ="
+        raise ValueError(f"{given} {gpus} with --backend {backend}: {backend} ranks compute on this machine's "
                          "CUDA devices when it has any, and it has none, so they would run on CPU; remove it "
                          "(launch.gpus_per_node: 0) or run where the GPUs are")
     try:

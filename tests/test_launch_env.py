@@ -290,6 +290,8 @@ def test_local_and_mpi_ranks_compute_on_this_machines_gpus_whatever_gpus_per_nod
     with pytest.raises(ValueError, match=r"^--gpus-per-node 2 with --backend local: local ranks compute on this "):
         resolve_launch(_launch_args("configs/gpt_tiny.yaml", "--backend", "local", "--gpus-per-node", "2",
                                     "--nodes", "1"))
+    with pytest.raises(ValueError, match=r"^launch.gpus_per_node = 2 with --backend local: local ranks compute on "):
+        resolve_launch(_launch_args("configs/gpt_tiny.yaml", "--set", "launch.gpus_per_node=2"))
 
 
 def test_dry_run_refuses_an_explicit_rank_count_the_launch_would_refuse(capsys):
