@@ -16,8 +16,8 @@ current one.
 
 Left where they are: ``logs/`` (appended by every attempt, and by the launcher before any rank starts),
 heartbeats, ``errors/``, locks, launcher files (``submit_*.sh``, ``.ray_auth_token``, ``launched_config.yaml``,
-``submitted_config-*.yaml``), ``wandb/`` (one folder per W&B run already), the checkpoints (``keep``; a fresh start beside them is refused by the
-checkpoint manager), and anything else a person put there.
+``submitted_config-*.yaml``), ``wandb/`` (one folder per W&B run already), the checkpoints (``keep``; a fresh
+start beside them is refused by the checkpoint manager), and anything else a person put there.
 
 Safe against other jobs because only rank 0 calls it, inside ``train()``'s hold of the run directory's lock
 (:mod:`dist_train.runlock`): no other job trains in this run.dir meanwhile, and this job's other ranks write
