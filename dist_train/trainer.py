@@ -35,7 +35,7 @@ from .cost.shape import cp_execution, shape_of
 from .data.batches import TokenBatcher
 from .data.datasets import SYNTHETIC_VALID_SEED_OFFSET, IndexedTokenDataset, SyntheticTokenDataset, training_digest
 from .data.documents import document_options
-from .data.image_batches import WeatherBatcher
+from .data.image_batches import NORMALISATION_KEY, WeatherBatcher, same_normalisation_data
 from .data.prepare import ensure_prepared
 from .distributed import DistContext, current_context
 from .engines import autocast_dtype, build_engine
@@ -260,6 +260,11 @@ def _train(cfg: Config, ctx: DistContext) -> TrainResult:
         # every rank continues its own random streams from the saved state (restored by resume)
         log.info(f"resumed from {ckpt.resumed_from} at step {start_step} ({consumed} samples consumed)")
         _report_resume_changes(cfg, engine, ckpt, start_step, log, ctx.is_main)
+        if isinstance(batcher, WeatherBatcher):
+            kept = batcher.resume_normalisation(resumed.get(NORMALISATION_KEY),
+                                                same_normalisation_data(ckpt.saved_config, cfg.to_dict()))
+            if kept and ctx.is_main:
+                log.info(kept)
     result = TrainResult(start_step=start_step)
     lifecycle = Lifecycle(run_dir, ctx.rank, watchdog_s=cfg.launch.watchdog_s,
                           collective_timeout_s=cfg.launch.collective_timeout_s)
@@ -273,6 +278,8 @@ def _train(cfg: Config, ctx: DistContext) -> TrainResult:
             state["train_samples"] = train_samples
         if train_digest is not None:
             state["train_digest"] = train_digest
+        if isinstance(batcher, WeatherBatcher):  # what the model's inputs are normalised with
+            state[NORMALISATION_KEY] = batcher.normalisation()
         if not force and not ckpt.due(step_done):
             return False
         with lifecycle.busy("checkpoint"):  # the automatic watchdog allows a save more than a step
@@ -290,6 +297,8 @@ def _train(cfg: Config, ctx: DistContext) -> TrainResult:
         thr.flops_per_key, thr.keys_per_query = attention_flops_per_key(sh), sh.keys_per_query
     step_keys: list[float] = []   # packed: S_eff of each step
     evaluator = Evaluator(cfg, mesh, build_batcher(cfg, mesh, model, part="valid")) if t.eval_every else None
+    if evaluator and isinstance(batcher, WeatherBatcher):  # the validation inputs as the training ones (a resume's)
+        evaluator.batcher.share_normalisation(batcher)
     # a new run here (a fresh start, or from a checkpoint not this run dir's own): the trackers would truncate/purge
     # an earlier run's records after start_step, and summary/config be replaced: keep them aside
     if ctx.is_main and not _continues_own_checkpoints(ckpt, start_step):

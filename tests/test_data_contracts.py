@@ -10,17 +10,19 @@ import numpy as np
 import pytest
 import torch
 
+from dist_train.checkpoint.manager import saved_extra
 from dist_train.config import ConfigError
 from dist_train.data.batches import TokenBatcher
 from dist_train.data.datasets import IndexedTokenDataset
 from dist_train.data.documents import DocumentOptions, document_options
-from dist_train.data.image_batches import WeatherBatcher
+from dist_train.data.image_batches import NORMALISATION_KEY, WeatherBatcher, same_normalisation_data
 from dist_train.data.prepare import prepare_indexed
 from dist_train.data.sidecar import sidecar_path
 from dist_train.data.weather import prepare_weather
 from dist_train.evaluation import Evaluator
 from dist_train.models.gpt import IGNORE_INDEX
 from dist_train.preflight import check_data
+from dist_train.trainer import train
 from parallelism import sequence_positions
 from tests.trainer_utils import tiny_gpt_config, tiny_swin_config
 
@@ -46,6 +48,65 @@ def test_weather_normalisation_comes_from_the_training_share_only(tmp_path):
     assert torch.allclose(train.scale.double(), torch.from_numpy(want_scale), rtol=1e-6)
     assert torch.equal(valid.mean, train.mean) and torch.equal(valid.scale, train.scale)
     assert (train.first, train.num_samples, valid.first, valid.num_samples) == (0, 6, 6, 5)
+
+
+def test_a_resume_on_the_same_data_normalises_as_its_checkpoint_was_trained(tmp_path):
+    """The statistics changed rule (every step -> the training share): a run resumed from a checkpoint of the older
+    rule would have gone on with other inputs. A checkpoint records them; a resume on the same data goes on with the
+    recorded ones, one written before they were recorded with every step's (that version's rule), and a resume on
+    other data (an allowed data change) with its own."""
+    cfg = tiny_swin_config(tmp_path / "run", tmp_path / "w", data={"split": "50,50,0"})
+    prepare_weather(tmp_path / "w", height=10, width=16, steps=12, channels=2, seed=cfg.run.seed)
+    fields = np.load(tmp_path / "w" / "fields.npy", mmap_mode="r+")
+    fields[7:] += 100.0  # the held-out steps shift every-step statistics
+    fields.flush()
+    own = WeatherBatcher(cfg, ONE_RANK, WHOLE_IMAGE, "train")
+    every_step = np.asarray(fields[:, ::4, ::4], dtype=np.float64).reshape(-1, 2).mean(axis=0)
+
+    older = WeatherBatcher(cfg, ONE_RANK, WHOLE_IMAGE, "train")
+    line = older.resume_normalisation(None, same_data=True)
+    assert "over every time step" in line
+    assert torch.allclose(older.mean.double(), torch.from_numpy(every_step), rtol=1e-6)
+    assert not torch.allclose(older.mean, own.mean)
+    valid = WeatherBatcher(cfg, ONE_RANK, WHOLE_IMAGE, "valid")
+    valid.share_normalisation(older)
+    assert torch.equal(valid.mean, older.mean) and torch.equal(valid.scale, older.scale)
+
+    recorded = json.loads(json.dumps(older.normalisation()))  # through the checkpoint's JSON: exact
+    again = WeatherBatcher(cfg, ONE_RANK, WHOLE_IMAGE, "train")
+    assert "as the checkpoint records" in again.resume_normalisation(recorded, same_data=True)
+    assert torch.equal(again.mean, older.mean) and torch.equal(again.scale, older.scale)
+
+    assert own.resume_normalisation(own.normalisation(), same_data=True) is None  # nothing differs: nothing said
+    other = WeatherBatcher(cfg, ONE_RANK, WHOLE_IMAGE, "train")
+    assert other.resume_normalisation(recorded, same_data=False) is None
+    assert torch.equal(other.mean, own.mean)
+    with pytest.raises(ValueError, match="channels"):
+        other.resume_normalisation({"mean": [0.0], "scale": [1.0]}, same_data=True)
+
+
+def test_a_swin_checkpoint_records_its_normalisation_and_a_resume_goes_on_exactly(tmp_path):
+    """train() writes the statistics into the checkpoint's extra state, and a resume over a data.split (recorded =
+    this data's own) continues bitwise: 2 steps + restart + 1 step == 3 steps."""
+    def cfg(run, **train_keys):
+        return tiny_swin_config(tmp_path / run, tmp_path / "w", steps=3, data={"split": "50,50,0"},
+                                checkpoint={"every": 1}, train=train_keys)
+    straight = train(cfg("straight"))
+    first = train(cfg("r", exit_interval=2))
+    second = train(cfg("r"))
+    assert second.start_step == 2 and first.losses + second.losses == straight.losses
+    state = json.loads((tmp_path / "r" / "checkpoints" / "step_2" / "train_state.json").read_text())
+    assert saved_extra(state)[NORMALISATION_KEY] == WeatherBatcher(cfg("r"), ONE_RANK, WHOLE_IMAGE).normalisation()
+
+
+def test_the_normalisation_data_keys_decide_same_data():
+    base = {"data": {"path": "w", "image": [8, 8], "channels": 2, "steps": 12, "split": "50,50,0"},
+            "run": {"seed": 0}}
+    assert same_normalisation_data(base, json.loads(json.dumps(base)))
+    for section, key, value in [("data", "split", "90,10,0"), ("data", "path", "v"), ("run", "seed", 1)]:
+        changed = json.loads(json.dumps(base))
+        changed[section][key] = value
+        assert not same_normalisation_data(base, changed)
 
 
 @pytest.fixture(scope="module")

@@ -12,11 +12,13 @@ Fields are normalised per channel as ``(f - mean) / std(one-step increment)``: t
 units (the usual residual normalisation of weather models). The statistics come from the time steps of
 the *training* share (``data.split``; every step without one) on a strided pixel subset, read by every
 rank (the same numbers everywhere, no communication): the validation batcher uses the same ones, so no
-held-out field shapes the inputs of either.
+held-out field shapes the inputs of either. A checkpoint records the statistics (``normalisation``) and a resume on the
+same data goes on with the ones its model was trained with (``resume_normalisation``).
 """
 from __future__ import annotations
 
 from functools import lru_cache
+from typing import Any, Mapping, Optional
 
 import numpy as np
 import torch
@@ -25,6 +27,20 @@ import torch.distributed as dist
 from .batches import micro_batch_ids
 from .datasets import split_part
 from .weather import WeatherDataset, prepare_weather, weather_settings
+
+#: the checkpoint ``extra`` key of the inputs' normalisation (``WeatherBatcher.normalisation``)
+NORMALISATION_KEY = "input_normalisation"
+#: the keys that decide which fields a run's statistics come from: the dataset (path, its generation settings, the
+#: seed) and the training share of it
+NORMALISATION_DATA_KEYS = ("data.path", "data.image", "data.channels", "data.steps", "data.split", "run.seed")
+
+
+def same_normalisation_data(saved_config: Mapping[str, Any], config: Mapping[str, Any]) -> bool:
+    """Whether two configs (``Config.to_dict()`` form) compute their statistics from the same fields."""
+    def value(c: Mapping[str, Any], key: str) -> Any:
+        section, name = key.split(".")
+        return (c.get(section) or {}).get(name)
+    return all(value(saved_config, k) == value(config, k) for k in NORMALISATION_DATA_KEYS)
 
 
 class WeatherBatcher:
@@ -73,6 +89,38 @@ class WeatherBatcher:
         std = np.diff(f, axis=0).reshape(-1, f.shape[-1]).std(axis=0)
         return (torch.from_numpy(f.reshape(-1, f.shape[-1]).mean(axis=0)).float(),
                 torch.from_numpy(np.where(std > 0, std, 1.0)).float())
+
+    def normalisation(self) -> dict[str, list[float]]:
+        """What a checkpoint records: the per-channel ``mean`` and ``scale`` ([C] float32 values as floats, exact
+        through JSON)."""
+        return {"mean": self.mean.tolist(), "scale": self.scale.tolist()}
+
+    def resume_normalisation(self, recorded: Optional[Mapping[str, list]], same_data: bool) -> Optional[str]:
+        """Go on with the normalisation the resumed model was trained with, when the resume reads the same data
+        (``same_normalisation_data``): the checkpoint's ``recorded`` one, or, for a checkpoint written before they
+        were recorded, the statistics over every time step (that version's rule, which read the validation
+        share's steps too). Other data (an allowed data change) keeps this data's own. Returns one line saying
+        what differs from this data's own statistics, None when nothing does."""
+        if not same_data:
+            return None
+        if recorded is None:
+            mean, scale = self._field_stats(0, len(self.ds))
+            source = "over every time step, as the version that wrote the checkpoint normalised"
+        else:
+            mean, scale = (torch.tensor(recorded[k], dtype=torch.float32) for k in ("mean", "scale"))
+            if mean.shape != self.mean.shape or scale.shape != self.scale.shape:
+                raise ValueError(f"the checkpoint's {NORMALISATION_KEY} has {mean.numel()} / {scale.numel()} "
+                                 f"channels, the data {self.mean.numel()}")
+            source = "as the checkpoint records"
+        if torch.equal(mean, self.mean) and torch.equal(scale, self.scale):
+            return None
+        self.mean, self.scale = mean, scale
+        return (f"resume: the inputs are normalised with the statistics the checkpoint's model was trained with "
+                f"({source}), not this version's training-share statistics")
+
+    def share_normalisation(self, other: "WeatherBatcher") -> None:
+        """Normalise as ``other`` does (the validation batcher as the training one, after a resume)."""
+        self.mean, self.scale = other.mean, other.scale
 
     @lru_cache(maxsize=4)
     def _order(self, epoch: int) -> np.ndarray:
