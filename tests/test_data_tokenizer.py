@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 
 from dist_train.cli import main
-from dist_train.data.sidecar import read_sidecar, sidecar_path
-from dist_train.data.tokenizer import HFTokenizer
+from dist_train.data.sidecar import dataset_tokenizer, other_tokenizer_message, read_sidecar, sidecar_path
+from dist_train.data.tokenizer import HFTokenizer, tokenizer_fingerprint
 
 tokenizers = pytest.importorskip("tokenizers")
 
@@ -99,3 +99,44 @@ def test_the_byte_tokenizer_keeps_every_byte_of_a_text_file(tmp_path, capsys):
     assert list(written) == list(raw) + [256]
     vocab = _word_tokenizer(tmp_path / "tokenizer.json", extra=["</s>"])
     assert HFTokenizer(str(tmp_path / "tokenizer.json")).encode(b"a b\xff c") == [vocab[w] for w in ("a", "b", "<unk>", "c")]
+
+
+def _ordered_tokenizer(path, words):
+    """A word-level tokenizer.json with ids in the order of ``words`` (``<unk>`` first, ``</s>`` last)."""
+    vocab = {w: i for i, w in enumerate(["<unk>", *words, "</s>"])}
+    tok = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+    tok.save(str(path))
+    return str(path)
+
+
+def test_two_tokenizers_of_equal_size_and_eod_are_told_apart_by_their_fingerprint(tmp_path):
+    """Two tokenizer.json files with the same vocabulary size and EOD id but other meanings for ids 1 and 2: the
+    sidecars recorded only kind, size and EOD id, so a held-out set of the other one passed. Now each sidecar records
+    its tokenizer's fingerprint and the pair is refused in one line naming both; the same file re-saved with other
+    formatting keeps its fingerprint; an older sidecar without one is compared as before."""
+    (tmp_path / "d.txt").write_text("a b c a")
+    ab = _ordered_tokenizer(tmp_path / "ab.json", ["a", "b", "c"])
+    ba = _ordered_tokenizer(tmp_path / "ba.json", ["b", "a", "c"])
+    for name, tok in (("one", ab), ("two", ba)):
+        assert main(["data", "prepare", "--input", str(tmp_path / "d.txt"), "--tokenizer", tok,
+                     "--output", str(tmp_path / name)]) == 0
+    one, two = read_sidecar(tmp_path / "one"), read_sidecar(tmp_path / "two")
+    assert (one["vocab_size"], one["eod_id"]) == (two["vocab_size"], two["eod_id"]) == (5, 4)
+    assert one["tokenizer_fingerprint"] == tokenizer_fingerprint(ab) != tokenizer_fingerprint(ba)
+    assert one["tokenizer_fingerprint"].startswith("sha256:") and dataset_tokenizer(tmp_path / "two") == two[
+        "tokenizer_fingerprint"]
+    refusal = other_tokenizer_message(tmp_path / "one", tmp_path / "two", "data.path", "data.valid_path")
+    assert refusal and "\n" not in refusal and one["tokenizer_fingerprint"] in refusal
+    assert two["tokenizer_fingerprint"] in refusal and "prepare both with the same --tokenizer" in refusal
+    # formatting does not count: the same definition re-saved indented with other key order
+    (tmp_path / "ab2.json").write_text(json.dumps(dict(reversed(json.loads((tmp_path / "ab.json").read_text()).items())),
+                                                  indent=3))
+    assert tokenizer_fingerprint(tmp_path / "ab2.json") == tokenizer_fingerprint(ab)
+    assert main(["data", "prepare", "--input", str(tmp_path / "d.txt"), "--output", str(tmp_path / "bytes")]) == 0
+    assert dataset_tokenizer(tmp_path / "bytes") == "byte"
+    # a sidecar from before fingerprints: unknown, not compared (kind, size and EOD id still are)
+    del two["tokenizer_fingerprint"]
+    sidecar_path(tmp_path / "two").write_text(json.dumps(two))
+    assert dataset_tokenizer(tmp_path / "two") is None
+    assert other_tokenizer_message(tmp_path / "one", tmp_path / "two", "data.path", "data.valid_path") is None

@@ -8,7 +8,7 @@ per text file or per JSONL line (its ``"text"`` field); each document ends with 
 added again when the tokenizer's own post-processor already appended it).
 Text files are read as bytes with no newline translation (``\r`` is kept): the byte tokenizer takes those bytes as
 they are (valid UTF-8 or not), a tokenizer.json decodes them as UTF-8. The
-sidecar PREFIX.meta.json (:mod:`.sidecar`) records the tokenizer, its vocabulary size and EOD id, and the
+sidecar PREFIX.meta.json (:mod:`.sidecar`) records the tokenizer, its fingerprint, vocabulary size and EOD id, and the
 XXH3-64 digest of the token stream (the ``.bin`` bytes): a checkpoint records it, so a resume notices a dataset
 re-prepared from other text even when its sample count did not change.
 """
@@ -103,7 +103,7 @@ def document_ids(tok, text: Union[str, bytes]) -> list[int]:
 def prepare_indexed(inputs: list[Path], output_prefix: str, tokenizer: str = "byte",
                     eod_token: Optional[str] = None) -> dict:
     """Tokenize ``inputs`` into ``output_prefix``.bin/.idx (+ .meta.json); returns {"prefix", "documents",
-    "tokens", "vocab_size", "eod_id", "max_token_id", "tokenizer"}. eod_token: the EOD token's text for a
+    "tokens", "vocab_size", "eod_id", "max_token_id", "tokenizer", "tokenizer_fingerprint", "digest"}. eod_token: the EOD token's text for a
     tokenizer.json (None: its recognised EOS, else ValueError). An existing dataset at ``output_prefix`` is never
     written over (ValueError)."""
 
@@ -140,7 +140,7 @@ def prepare_indexed(inputs: list[Path], output_prefix: str, tokenizer: str = "by
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp)
         raise
-    info = {"tokenizer": tokenizer, "vocab_size": tok.vocab_size, "eod_id": tok.eod_id, "max_token_id": max_id,
+    info = {"tokenizer": tokenizer, "tokenizer_fingerprint": tok.fingerprint, "vocab_size": tok.vocab_size, "eod_id": tok.eod_id, "max_token_id": max_id,
             "documents": n_docs, "tokens": n_tokens, "digest": f"{DIGEST_ALGORITHM}:{digest.hexdigest()}"}
     write_sidecar(out, info)
     # rename last, .idx (what readers look for) at the very end: a reader never sees a half-written dataset

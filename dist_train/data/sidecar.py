@@ -1,9 +1,12 @@
 """The dataset sidecar ``PREFIX.meta.json``: what built ``PREFIX.bin/.idx``, so training can check it.
 
-    {"format": "dist-train-dataset/1", "tokenizer": "byte", "vocab_size": 257, "eod_id": 256,
-     "max_token_id": 255, "documents": 3, "tokens": 27, "digest": "xxh3_64:5f1b0c0a9d7e3c21"}
+    {"format": "dist-train-dataset/1", "tokenizer": "byte", "tokenizer_fingerprint": "byte", "vocab_size": 257,
+     "eod_id": 256, "max_token_id": 255, "documents": 3, "tokens": 27, "digest": "xxh3_64:5f1b0c0a9d7e3c21"}
 
-``vocab_size`` and ``eod_id`` are the tokenizer's; ``max_token_id`` is the largest id actually written
+``tokenizer`` is the ``--tokenizer`` given (byte or a path); ``tokenizer_fingerprint`` names its definition
+(:func:`dist_train.data.tokenizer.tokenizer_fingerprint`: ``byte``, or the digest of the tokenizer.json), so two
+tokenizer files of equal vocabulary size and EOD id are told apart (sidecars written before it have none: the
+tokenizer is then known only by kind, size and EOD id); ``vocab_size`` and ``eod_id`` are the tokenizer's; ``max_token_id`` is the largest id actually written
 (a model needs ``model.vocab_size > max_token_id``); ``digest`` is the XXH3-64 of the token stream (the
 ``.bin`` bytes; sidecars written before it have none). Datasets built elsewhere (Megatron-LM) have no
 sidecar: :func:`read_sidecar` then returns None.
@@ -59,10 +62,19 @@ def dataset_digest(prefix: Union[str, Path]) -> Optional[str]:
     return body.get("digest") if body else None
 
 
+def dataset_tokenizer(prefix: Union[str, Path]) -> Optional[str]:
+    """The fingerprint of the tokenizer the dataset at ``prefix`` was prepared with (``"byte"`` or
+    ``"sha256:<hex>"``); None when unknown (no sidecar, or one written before fingerprints were recorded)."""
+    body = read_sidecar(prefix)
+    value = body.get("tokenizer_fingerprint") if body else None
+    return value if isinstance(value, str) and value else None
+
+
 def other_tokenizer_message(prefix: Union[str, Path], other: Union[str, Path], what: str, other_what: str) -> Optional[str]:
     """One line when the datasets ``prefix`` (config key ``what``) and ``other`` (``other_what``) were prepared with
     different tokenizers — the same id would mean another token in each — as far as their sidecars say (the
-    tokenizer's kind, vocabulary size and EOD id); None when they agree or either has no sidecar (built elsewhere)."""
+    tokenizer's kind, vocabulary size and EOD id, and its fingerprint when both sidecars record one); None when they
+    agree or either has no sidecar (built elsewhere)."""
     a, b = read_sidecar(prefix), read_sidecar(other)
     if a is None or b is None:
         return None
@@ -70,11 +82,13 @@ def other_tokenizer_message(prefix: Union[str, Path], other: Union[str, Path], w
     def identity(meta: dict) -> tuple:
         return meta["tokenizer"] == "byte", int(meta["vocab_size"]), int(meta["eod_id"])
 
-    if identity(a) == identity(b):
+    prints = a.get("tokenizer_fingerprint"), b.get("tokenizer_fingerprint")
+    if identity(a) == identity(b) and (None in prints or prints[0] == prints[1]):
         return None
 
     def described(meta: dict) -> str:
-        return f"tokenizer {meta['tokenizer']} (vocabulary {meta['vocab_size']}, EOD id {meta['eod_id']})"
+        known = f", fingerprint {meta['tokenizer_fingerprint']}" if None not in prints and len(set(prints)) == 2 else ""
+        return f"tokenizer {meta['tokenizer']} (vocabulary {meta['vocab_size']}, EOD id {meta['eod_id']}{known})"
 
     return (f"{other_what} = {other} was prepared with {described(b)} but {what} = {prefix} with {described(a)}: "
             f"its token ids would mean other tokens; prepare both with the same --tokenizer")

@@ -4,19 +4,40 @@ The end-of-document (EOD) id separates documents in a prepared dataset. An HF to
 ``--eod-token`` given, else the ``eos_token`` of a ``tokenizer_config.json`` next to the file, else the
 first of the usual names (``</s>``, ``<|endoftext|>``, ``<|end_of_text|>``, ``<eos>``) in the vocabulary;
 without any of them preparation refuses rather than reuse an ordinary token as the separator.
+
+A tokenizer's fingerprint (:func:`tokenizer_fingerprint`) names its definition: ``"byte"`` for the byte tokenizer,
+``"sha256:<16 hex>"`` of a tokenizer.json's canonical JSON (keys sorted, no whitespace) otherwise. Two files of equal
+vocabulary size and EOD id that map ids to other tokens get different fingerprints; the same file re-saved (key
+order, indentation) keeps its own. The dataset sidecar and checkpoints record it, so data of another tokenizer is
+told apart from the model's.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 from typing import Optional, Protocol, Union
 
 EOS_NAMES = ("</s>", "<|endoftext|>", "<|end_of_text|>", "<eos>")
+BYTE_FINGERPRINT = "byte"
+
+
+def tokenizer_fingerprint(path: Union[str, Path]) -> str:
+    """``"sha256:<16 hex>"`` of the tokenizer.json at ``path``, canonicalised (sorted keys, compact separators), so
+    formatting does not count and every vocabulary entry, merge, normaliser and post-processor does. ValueError (one
+    line) when the file is not JSON."""
+    try:
+        body = json.loads(Path(path).read_bytes())
+    except (OSError, ValueError) as e:
+        raise ValueError(f"tokenizer {path}: cannot be read as JSON ({e})") from None
+    canonical = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    return "sha256:" + hashlib.sha256(canonical).hexdigest()[:16]
 
 
 class Tokenizer(Protocol):
     vocab_size: int
     eod_id: int
+    fingerprint: str  # tokenizer_fingerprint: which tokens the ids mean
 
     def encode(self, text: Union[str, bytes]) -> list[int]: ...  # bytes: a text file's raw contents
 
@@ -26,6 +47,7 @@ class ByteTokenizer:
     exactly, valid UTF-8 or not."""
     vocab_size = 257
     eod_id = 256
+    fingerprint = BYTE_FINGERPRINT
 
     def encode(self, text: Union[str, bytes]) -> list[int]:
         return list(text) if isinstance(text, bytes) else list(text.encode("utf-8", errors="replace"))
@@ -58,6 +80,7 @@ class HFTokenizer:
         except ImportError as e:  # optional dependency
             raise ValueError(f"--tokenizer {path}: needs the 'tokenizers' package (pip install 'dist-train[hf]')") from e
         self._tok = _Tok.from_file(path)
+        self.fingerprint = tokenizer_fingerprint(path)
         self.vocab_size = self._tok.get_vocab_size()
         if eod_token is not None:
             eod = self._tok.token_to_id(eod_token)
