@@ -376,7 +376,8 @@ def _expand_vars(d: dict, root: dict) -> dict:
     return out
 
 
-def config_from_dict(data: dict, overrides: Optional[list[str]] = None) -> Config:
+def config_from_dict(data: dict, overrides: Optional[list[str]] = None, derives_layouts: bool = False) -> Config:
+    """The validated config of ``data`` with ``overrides`` applied; ``derives_layouts``: see :func:`validate`."""
     data = copy.deepcopy(data or {})  # overrides must never leak into the caller's mapping
     for item in overrides or []:
         path, value = parse_override(item)
@@ -394,7 +395,7 @@ def config_from_dict(data: dict, overrides: Optional[list[str]] = None) -> Confi
     # unknown keys must be reported against the user's dict, not the merged one
     _build(Config, data, "")
     cfg = _build(Config, _expand_vars(merged, merged), "")
-    validate(cfg)
+    validate(cfg, derives_layouts)
     return cfg
 
 
@@ -429,8 +430,8 @@ def load_yaml_unique(text: str, where: str) -> Any:
         loader.dispose()
 
 
-def load_config(path: Union[str, Path], overrides: Optional[list[str]] = None) -> Config:
-    """Read a YAML config file, apply ``--set`` overrides and validate."""
+def load_config(path: Union[str, Path], overrides: Optional[list[str]] = None, derives_layouts: bool = False) -> Config:
+    """Read a YAML config file, apply ``--set`` overrides and validate (``derives_layouts``: see :func:`validate`)."""
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"config file '{p}' not found")
@@ -446,7 +447,7 @@ def load_config(path: Union[str, Path], overrides: Optional[list[str]] = None) -
                           f"(see configs/gpt_tiny.yaml)")
     if not isinstance(data, dict):
         raise ConfigError(f"config file '{p}' must hold a mapping of sections, got {type(data).__name__}")
-    return config_from_dict(data, overrides)
+    return config_from_dict(data, overrides, derives_layouts)
 
 
 def own_checkpoint_overrides(run_dir: Union[str, Path]) -> list[str]:
@@ -589,9 +590,12 @@ def _check_int_list(dotted: str, v: Any, n: int, lo: int, what: str) -> None:
         raise ConfigError(f"{dotted} = {v!r}: expected {what}")
 
 
-def validate(cfg: Config) -> None:
+def validate(cfg: Config, derives_layouts: bool = False) -> None:
     """Every key's range and the cross-key rules; raises ConfigError (one line). No process group needed;
-    the world size is checked separately once it is known (:func:`check_world_size`)."""
+    the world size is checked separately once it is known (:func:`check_world_size`). ``derives_layouts``: ``cfg``
+    is the base a tool derives other layouts from (the planner's config, a sweep's base): a key only some layouts
+    read (:data:`LAYOUT_ONLY_KEYS`: the pipeline's, FSDP2's, the all-to-all's) is not refused here but in each
+    derived layout that does not read it (which the tools give the key's default instead)."""
     for dotted, choices in _CHOICES.items():
         v = _get(cfg, dotted)
         if v not in choices:
@@ -604,7 +608,8 @@ def validate(cfg: Config) -> None:
     _validate_checkpoint(cfg)
     _validate_launch(cfg)
     _validate_model(cfg)  # its cross-key rules divide by parallel and train sizes checked above
-    _refuse_unread_fields(cfg)  # last: the rules above name a wrong combination more precisely
+    # last: the rules above name a wrong combination more precisely
+    _refuse_unread_fields(cfg, LAYOUT_ONLY_KEYS if derives_layouts else frozenset())
 
 
 def _unread_fields(cfg: Config) -> list[tuple[str, bool, str]]:
@@ -675,6 +680,8 @@ FSDP_ONLY_DEFAULTS = {"parallel.fsdp_reshard_after_forward": ParallelConfig.fsdp
 #: The all-to-all degree, which a GPT's ring (cp_method ring) and any model at cp = 1 never read (or, a GPT's hybrid at
 #: cp = 1, refuse): likewise for a layout set to the ring or to cp = 1 (a strong-scaling sweep's one-rank point).
 ALL_TO_ALL_ONLY_DEFAULTS = {"parallel.ulysses_degree": ParallelConfig.ulysses_degree}
+#: The keys only some layouts read (see validate's ``derives_layouts``)
+LAYOUT_ONLY_KEYS = frozenset({**PIPELINE_ONLY_DEFAULTS, **FSDP_ONLY_DEFAULTS, **ALL_TO_ALL_ONLY_DEFAULTS})
 #: (override key, the value that leaves nothing to read some keys, those keys' defaults) for unread_reset_overrides
 _UNREAD_RESETS = (("parallel.pp", 1, PIPELINE_ONLY_DEFAULTS), ("parallel.fsdp", False, FSDP_ONLY_DEFAULTS),
                   ("parallel.cp_method", "ring", ALL_TO_ALL_ONLY_DEFAULTS), ("parallel.cp", 1, ALL_TO_ALL_ONLY_DEFAULTS))
@@ -694,13 +701,14 @@ def unread_reset_overrides(overrides: list[str]) -> list[str]:
     return [f"{k}={yaml.safe_dump(v, default_flow_style=True).splitlines()[0]}" for k, v in keys.items()]
 
 
-def _refuse_unread_fields(cfg: Config) -> None:
+def _refuse_unread_fields(cfg: Config, allowed: frozenset = frozenset()) -> None:
     """A key set away from its default that this config's code path never reads is refused (one line naming it): the
-    run would silently do other than its config, and every checkpoint's recorded config, says."""
+    run would silently do other than its config, and every checkpoint's recorded config, says. ``allowed``: keys
+    not refused here (a base of derived layouts, :func:`validate`)."""
     defaults = Config()
     for key, unread, why in _unread_fields(cfg):
         value = _get(cfg, key)
-        if unread and value != _get(defaults, key):
+        if unread and key not in allowed and value != _get(defaults, key):
             raise ConfigError(f"{key} = {value!r}: {why}")
 
 

@@ -1,6 +1,7 @@
 """A config key that this config's engine, model, data source or settings never read is refused in one line naming
 the key and its value (config.validate, exit 2 before any rank starts): each case below was accepted and silently
 did nothing before (the audit: which code reads each key, per engine, model kind and data source)."""
+import argparse
 import copy
 from pathlib import Path
 
@@ -13,6 +14,7 @@ from dist_train.config import ConfigError, config_from_dict, load_config
 from dist_train.engines.deepspeed import DeepSpeedEngine
 from dist_train.mesh import build_mesh
 from dist_train.models.gpt import build_gpt
+from dist_train.plan.cli import _plan_config
 from dist_train.plan.enumerate import enumerate_layouts
 from dist_train.preflight import preflight
 from tests.trainer_utils import tiny_gpt_config, tiny_swin_config
@@ -107,6 +109,25 @@ def test_the_planner_keeps_layouts_without_a_pipeline_or_fsdp(tmp_path):
         p = c.parallel
         assert (p.microbatches, p.pp_schedule) == ((2, "gpipe") if p.pp > 1 else (None, "1f1b"))
         assert p.fsdp_reshard_after_forward == (not p.fsdp)
+
+
+def test_the_planners_config_may_set_keys_only_some_of_its_layouts_read(tmp_path):
+    """`dist-train plan configs/gpt_tiny.yaml --set parallel.microbatches=4` (a pp = 1 base): the pipelined
+    candidates read it, so the base is not refused (it was, as unread at the base's pp = 1); each candidate is
+    checked as it is (those without a pipeline take the default), and a run config is still refused."""
+    args = argparse.Namespace(config="configs/gpt_tiny.yaml", set=["parallel.microbatches=4",
+                                                                   "parallel.pp_schedule=gpipe"], seq_len=None, image=None)
+    cfg = _plan_config(args)
+    assert (cfg.parallel.pp, cfg.parallel.microbatches) == (1, 4)
+    layouts = enumerate_layouts(cfg, 4, checkpointing=("none",), zero_stages=(None,))
+    assert {c.parallel.pp for c in layouts} >= {1, 2}
+    assert all((c.parallel.microbatches, c.parallel.pp_schedule) == ((4, "gpipe") if c.parallel.pp > 1 else
+                                                                    (None, "1f1b")) for c in layouts)
+    with pytest.raises(ConfigError, match=r"^parallel.microbatches = 4: only the pipeline engine reads it"):
+        load_config("configs/gpt_tiny.yaml", ["parallel.microbatches=4"])
+    with pytest.raises(ConfigError, match=r"^train.eval_steps = 3: validation is off"):  # not a layout's key
+        _plan_config(argparse.Namespace(config="configs/gpt_tiny.yaml", set=["train.eval_steps=3"], seq_len=None,
+                                        image=None))
 
 
 @pytest.mark.parametrize("extra, needle", [

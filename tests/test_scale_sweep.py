@@ -242,3 +242,14 @@ def test_a_strong_cp_sweeps_one_rank_point_takes_the_default_all_to_all_degree(t
         "train.global_batch=1", "train.micro_batch=1"]))
     got = {p.world_size: point_config(spec, p).parallel for p in expand(spec)}
     assert {n: (p.cp, p.ulysses_degree) for n, p in got.items()} == {1: (1, 1), 2: (2, 2), 4: (4, 2)}
+
+
+def test_a_sweeps_base_may_set_the_pipeline_keys_its_pipelined_points_read(tmp_path):
+    """A pp weak-scaling sweep from pp = 1 (like configs/sweeps/swin_wp_pp_weak.yaml) giving its pipelined points
+    parallel.microbatches: the base (pp = 1) was refused as not reading it; now each point is checked as it is, the
+    pp = 1 point taking the default."""
+    spec = load_sweep(write_sweep(tmp_path, scale="pp", world_sizes=[1, 2],
+                                  set=["model.n_layers=2", "parallel.microbatches=2", "parallel.pp_schedule=gpipe"]))
+    points = {p.world_size: point_config(spec, p).parallel for p in expand(spec)}
+    assert (points[1].pp, points[1].microbatches, points[1].pp_schedule) == (1, None, "1f1b")
+    assert (points[2].pp, points[2].microbatches, points[2].pp_schedule) == (2, 2, "gpipe")

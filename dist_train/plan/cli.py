@@ -61,7 +61,7 @@ def _plan_config(args: argparse.Namespace) -> Config:
         if min(args.image) < 1:
             raise ValueError(f"--image {args.image[0]} {args.image[1]}: both sides must be >= 1")
         sets.append(f"data.image=[{args.image[0]},{args.image[1]}]")
-    return load_config(args.config, sets)
+    return load_config(args.config, sets, derives_layouts=True)  # e.g. microbatches for the pipelined candidates
 
 
 def plan_main(args: argparse.Namespace) -> int:

@@ -180,7 +180,7 @@ def point_config(spec: SweepSpec, point: Point) -> Config:
 
 def expand(spec: SweepSpec) -> list[Point]:
     """The points of a sweep, each validated as a config (ValueError names the point and the problem)."""
-    base = load_config(spec.base, spec.overrides)
+    base = load_config(spec.base, spec.overrides, derives_layouts=True)  # each point is checked as it is
     keys = list(spec.axes)
     combos = [dict(zip(keys, vals)) for vals in itertools.product(*(spec.axes[k] for k in keys))] or [{}]
     points: list[Point] = []
