@@ -378,8 +378,10 @@ def _stand_in_sections(calls: list, llama_rc: int):
 
 @pytest.fixture
 def cuda_runner(monkeypatch):
-    """The runner with its environment probe saying CUDA is there (sections are stood in by each test)."""
+    """The runner with its environment probe saying CUDA is there and one gpu test file (sections are stood in by each
+    test)."""
     monkeypatch.setattr(env_mod, "environment", lambda: {"cuda_available": True, "gpus": [], "torch": "stand-in"})
+    monkeypatch.setattr(runner, "gpu_test_files", lambda: ["tests/test_gpu_path.py"])
     return runner
 
 
@@ -394,7 +396,7 @@ def test_a_failed_benchmark_keeps_every_finished_number_in_the_report(tmp_path, 
     assert rc == 1 and report["status"] == "failed", report["status"]
     assert [name for name, _ in calls] == ["pytest", "kernels", "llama"]
     # each section its own limit: tests 240 s, kernels 90 s, llama what is left (the stand-ins return at once)
-    assert calls[0][1] == 240.0 and calls[1][1] == 90.0 and 450.0 < calls[2][1] < 470.0, calls
+    assert 235.0 < calls[0][1] <= 240.0 and calls[1][1] == 90.0 and 450.0 < calls[2][1] < 470.0, calls
     assert [t["outcome"] for t in report["tests"]] == ["passed"]
     assert report["benchmarks"]["kernels"]["rows"][0]["vs_sdpa"] == 0.975
     llama = report["benchmarks"]["llama"]
@@ -473,22 +475,62 @@ def test_a_tests_section_killed_before_its_junit_file_keeps_what_finished(tmp_pa
     """A test hanging where SIGINT cannot reach it (inside a CUDA or NCCL call) is killed with pytest, which then
     writes no JUnit file: the outcomes come from pytest's verbose log, and the note names the test that hung."""
     def killed(cmd, timeout, log):
-        assert "-v" in cmd and not (tmp_path / "junit.xml").exists()
+        assert "-v" in cmd and not (tmp_path / "junit-test_gpu_path.xml").exists()
         log.write_text(KILLED_PYTEST_LOG)
         return 124, timeout
 
+    monkeypatch.setattr(runner, "gpu_test_files", lambda: ["tests/test_gpu_path.py"])
     monkeypatch.setattr(runner, "_run", killed)
     report = {"notes": [], "sections": {}}
     runner.run_tests(report, tmp_path, 240.0)
     assert [(t["test"], t["outcome"]) for t in report["tests"]] == [
         ("tests/test_gpu_path.py::test_quick", "passed"), ("tests/test_gpu_path.py::test_skip[1]", "skipped")]
-    assert "tests/test_gpu_path.py::test_hangs_in_nccl_init was running when the tests section stopped" in report["notes"][0]
+    assert ("tests/test_gpu_path.py::test_hangs_in_nccl_init was running when its pytest stopped (exit 124)"
+            in report["notes"][0])
     # a JUnit file cut off while being written is no better than none
-    (tmp_path / "junit.xml").write_text('<testsuites><testsuite><testcase classname="tests.test_gpu_path" name="test_q')
+    (tmp_path / "junit-test_gpu_path.xml").write_text('<testsuites><testsuite><testcase classname="tests.test_gpu_path" name="test_q')
     monkeypatch.setattr(runner, "_run", lambda cmd, timeout, log: (log.write_text(KILLED_PYTEST_LOG), (124, timeout))[1])
     report = {"notes": [], "sections": {}}
     runner.run_tests(report, tmp_path, 240.0)
     assert len(report["tests"]) == 2 and report["sections"]["tests"]["exit_code"] == 124
+
+
+def test_a_test_that_kills_its_process_costs_only_the_rest_of_its_own_file(tmp_path, monkeypatch):
+    """Each gpu test file runs in its own pytest: one killed by a crash in a CUDA library (SIGSEGV, no JUnit file) or
+    poisoned by a sticky CUDA error loses the rest of its own file only; the next file still runs and reports, and the
+    section counts as crashed. A file the time left cannot start is reported as not run."""
+    files = ["tests/test_cuda_kernel.py", "tests/test_gpu_path.py"]
+    seen = []
+
+    def crash_then_pass(cmd, timeout, log):
+        path = cmd[-1]
+        seen.append((path, timeout))
+        if path == files[0]:
+            log.write_text("tests/test_cuda_kernel.py::test_a PASSED [ 50%]\ntests/test_cuda_kernel.py::test_b ")
+            return -11, 5.0
+        xml = Path(next(c for c in cmd if c.startswith("--junitxml=")).split("=", 1)[1])
+        xml.write_text('<testsuites><testsuite><testcase classname="tests.test_gpu_path" name="test_ok" time="1.0"/>'
+                       '</testsuite></testsuites>')
+        log.write_text("1 passed\n")
+        return 0, 30.0
+
+    monkeypatch.setattr(runner, "gpu_test_files", lambda: files)
+    monkeypatch.setattr(runner, "_run", crash_then_pass)
+    report = {"notes": [], "sections": {}}
+    runner.run_tests(report, tmp_path, 240.0)
+    assert [path for path, _ in seen] == files and seen[1][1] <= seen[0][1] <= 240.0
+    assert [(t["test"], t["outcome"]) for t in report["tests"]] == [
+        ("tests/test_cuda_kernel.py::test_a", "passed"), ("tests/test_gpu_path.py::test_ok", "passed")]
+    tests = report["sections"]["tests"]
+    assert tests["exit_code"] == -11 and tests["seconds"] == 35.0 and "test_cuda_kernel.py::test_b" in tests["log_tail"]
+    assert tests["files"] == {files[0]: {"exit_code": -11, "seconds": 5.0}, files[1]: {"exit_code": 0, "seconds": 30.0}}
+    assert "tests/test_cuda_kernel.py::test_b was running when its pytest stopped (exit -11)" in report["notes"][0]
+    # no time left for a file: not started, reported, and the section is not complete
+    seen.clear()
+    report = {"notes": [], "sections": {}}
+    runner.run_tests(report, tmp_path, 10.0)
+    assert seen == [] and report["tests"] == [] and report["sections"]["tests"]["exit_code"] == 124
+    assert re.fullmatch(r"tests/test_cuda_kernel\.py: not run, \d+ s left of the tests section's 10 s", report["notes"][0])
 
 
 def test_kernel_benchmark_code_runs_on_cpu():

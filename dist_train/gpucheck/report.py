@@ -131,7 +131,7 @@ def write(report: dict, out_dir: Path) -> None:
              + f" | wall {_fmt(report.get('wall_s'))} s of budget {_fmt(report.get('budget_s'))} s", "",
              f"command: `{report.get('command', '—')}`", ""]
     if report.get("logs"):
-        lines += [f"full logs: `{report['logs']}/` beside this file (pytest.log with the failures' tracebacks, junit.xml, "
+        lines += [f"full logs: `{report['logs']}/` beside this file (pytest-<file>.log with the failures' tracebacks, junit-<file>.xml, "
                   "each benchmark's .log and .json)", ""]
     lines += ["## Environment", ""] + _env_md(report.get("environment", {}))
     lines += ["", "## Tests", "", "| test | outcome | s | message | numbers |", "|---|---|---|---|---|"]

@@ -34,6 +34,9 @@ BENCH_START_S = 15.0
 #: its JUnit file, each benchmark's log and JSON. On a lent GPU only $OUT comes back, and the report's 500-character
 #: messages do not say where a test failed. Emptied at the start of every check.
 LOGS_DIR = "gpu-check-logs"
+#: a gpu test file is not started with less than this left of the tests section (its process's start, torch's CUDA
+#: context and the collection alone take seconds)
+MIN_TEST_FILE_S = 20.0
 #: the check's sections, in the order they run (``--sections`` picks some: a second try reruns what failed)
 SECTIONS = ("tests", "kernels", "llama")
 EXAMPLES = """examples:
@@ -95,24 +98,52 @@ def _tail(path: Path, n: int = 1500) -> str:
 
 
 def run_tests(report: dict, work: Path, timeout: float) -> None:
+    """Every gpu test file in its own pytest process, one after another within ``timeout`` seconds (each may use what
+    the ones before it left). One process per file: a test that kills its process (a segfault in a CUDA library) or
+    leaves a sticky CUDA error (after an illegal memory access every later CUDA call of that process fails) costs the
+    rest of its own file, not the other files' results."""
     files = gpu_test_files()
-    xml, log = work / "junit.xml", work / "pytest.log"
+    report["test_files"], report["tests"] = files, []
+    deadline = time.perf_counter() + timeout
+    runs = []
+    for path in files:
+        left = deadline - time.perf_counter()
+        if left < MIN_TEST_FILE_S:
+            report["notes"].append(f"{path}: not run, {max(0.0, left):.0f} s left of the tests section's "
+                                   f"{timeout:.0f} s")
+            runs.append({"file": path, "exit_code": 124, "seconds": 0.0, "log": None})
+            continue
+        runs.append(_run_test_file(report, path, work, left))
+    # the run a reader needs first: a crash (not 0: passed, nor 1: tests failed), else a failure, else the last
+    worst = next((r for r in runs if r["exit_code"] not in (0, 1)), None) or next(
+        (r for r in runs if r["exit_code"] == 1), runs[-1] if runs else None)
+    report["sections"]["tests"] = {
+        "exit_code": 5 if worst is None else worst["exit_code"],   # 5: pytest's "no tests collected"
+        "seconds": sum(r["seconds"] for r in runs),
+        "log_tail": _tail(worst["log"]) if worst is not None and worst["log"] is not None else "",
+        "files": {r["file"]: {"exit_code": r["exit_code"], "seconds": r["seconds"]} for r in runs}}
+
+
+def _run_test_file(report: dict, path: str, work: Path, timeout: float) -> dict:
+    """pytest -m gpu over one file (at most ``timeout`` seconds); its tests are added to ``report``. -> its run."""
+    stem = Path(path).stem
+    xml, log = work / f"junit-{stem}.xml", work / f"pytest-{stem}.log"
     # -v: each test's outcome on its own line as it finishes, so a pytest killed before writing its JUnit file
     # (a hang that ignores SIGINT, e.g. inside a CUDA or NCCL call) still shows what finished and what hung
     # junit_family xunit1: the JUnit file keeps each test's record_property numbers (xunit2 has no place for them)
     rc, secs = _run([sys.executable, "-m", "pytest", "-m", "gpu", "-v", "-p", "no:cacheprovider", "-o",
-                     "junit_family=xunit1", f"--junitxml={xml}", *files], timeout, log)
-    report["test_files"] = files
-    report["sections"]["tests"] = {"exit_code": rc, "seconds": secs, "log_tail": _tail(log)}
+                     "junit_family=xunit1", f"--junitxml={xml}", path], timeout, log)
     try:
-        report["tests"] = rep.junit_results(xml)
+        report["tests"] += rep.junit_results(xml)
     except (OSError, ET.ParseError):  # killed before (or while) writing it
-        report["tests"], running = rep.log_results(log) if log.exists() else ([], None)
-        report["notes"].append("no complete JUnit file: the test outcomes come from the pytest log"
-                               + (f"; {running} was running when the tests section stopped" if running else ""))
+        tests, running = rep.log_results(log) if log.exists() else ([], None)
+        report["tests"] += tests
+        report["notes"].append(f"{path}: no complete JUnit file: the test outcomes come from the pytest log"
+                               + (f"; {running} was running when its pytest stopped (exit {rc})" if running else ""))
     if rc == 124:
-        report["notes"].append(f"gpu tests stopped by the time limit ({timeout:.0f} s); the tests listed are those "
+        report["notes"].append(f"{path}: stopped by the time limit ({timeout:.0f} s); the tests listed are those "
                                "that finished before it")
+    return {"file": path, "exit_code": rc, "seconds": secs, "log": log}
 
 
 def run_bench(report: dict, name: str, work: Path, timeout: float, budget_s: float | None = None) -> None:
