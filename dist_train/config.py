@@ -684,17 +684,17 @@ ALL_TO_ALL_ONLY_DEFAULTS = {"parallel.ulysses_degree": ParallelConfig.ulysses_de
 LAYOUT_ONLY_KEYS = frozenset({**PIPELINE_ONLY_DEFAULTS, **FSDP_ONLY_DEFAULTS, **ALL_TO_ALL_ONLY_DEFAULTS})
 #: (override key, the value that leaves nothing to read some keys, those keys' defaults) for unread_reset_overrides
 _UNREAD_RESETS = (("parallel.pp", 1, PIPELINE_ONLY_DEFAULTS), ("parallel.fsdp", False, FSDP_ONLY_DEFAULTS),
-                  ("parallel.cp_method", "ring", ALL_TO_ALL_ONLY_DEFAULTS), ("parallel.cp", 1, ALL_TO_ALL_ONLY_DEFAULTS))
+                  ("parallel.cp_method", "ring", ALL_TO_ALL_ONLY_DEFAULTS),
+                  ("parallel.cp", 1, ALL_TO_ALL_ONLY_DEFAULTS))
 
 
 def unread_reset_overrides(overrides: list[str]) -> list[str]:
     """``--set`` items to apply just before ``overrides`` (a sweep point's, a benchmark baseline's): when those take
-    the pipeline away (``parallel.pp=1``), FSDP2 (``parallel.fsdp=false``) or the all-to-all (``parallel.cp_method=ring``
-    or ``parallel.cp=1``),
-    the keys only that reads go back to their defaults (:data:`PIPELINE_ONLY_DEFAULTS`, :data:`FSDP_ONLY_DEFAULTS`,
-    :data:`ALL_TO_ALL_ONLY_DEFAULTS`) instead of being inherited from what came before (``--set
-    parallel.pp_schedule=gpipe`` of the run) and refused as unread; ``overrides`` that set such a key themselves
-    still win, coming after."""
+    the pipeline away (``parallel.pp=1``), FSDP2 (``parallel.fsdp=false``) or the all-to-all
+    (``parallel.cp_method=ring`` or ``parallel.cp=1``), the keys only that reads go back to their defaults
+    (:data:`PIPELINE_ONLY_DEFAULTS`, :data:`FSDP_ONLY_DEFAULTS`, :data:`ALL_TO_ALL_ONLY_DEFAULTS`) instead of being
+    inherited from what came before (``--set parallel.pp_schedule=gpipe`` of the run) and refused as unread;
+    ``overrides`` that set such a key themselves still win, coming after."""
     given = {".".join(path): value for path, value in map(parse_override, overrides)}
     keys = {k: v for key, value, defaults in _UNREAD_RESETS
             if key in given and given[key] == value and type(given[key]) is type(value) for k, v in defaults.items()}

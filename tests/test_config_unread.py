@@ -115,8 +115,8 @@ def test_the_planners_config_may_set_keys_only_some_of_its_layouts_read(tmp_path
     """`dist-train plan configs/gpt_tiny.yaml --set parallel.microbatches=4` (a pp = 1 base): the pipelined
     candidates read it, so the base is not refused (it was, as unread at the base's pp = 1); each candidate is
     checked as it is (those without a pipeline take the default), and a run config is still refused."""
-    args = argparse.Namespace(config="configs/gpt_tiny.yaml", set=["parallel.microbatches=4",
-                                                                   "parallel.pp_schedule=gpipe"], seq_len=None, image=None)
+    args = argparse.Namespace(config="configs/gpt_tiny.yaml", seq_len=None, image=None,
+                              set=["parallel.microbatches=4", "parallel.pp_schedule=gpipe"])
     cfg = _plan_config(args)
     assert (cfg.parallel.pp, cfg.parallel.microbatches) == (1, 4)
     layouts = enumerate_layouts(cfg, 4, checkpointing=("none",), zero_stages=(None,))

@@ -464,4 +464,5 @@ def test_every_start_of_a_submitted_job_runs_the_config_as_submitted(tmp_path, m
                                           "1", "--time", "00:10:00"])) == 0
     assert load_config(snapshot).train.steps == 2
     second = (tmp_path / "runA" / "submit_slurm.sh").read_text()
-    assert str(snapshot) not in second and load_config(second.split(" -m dist_train run ")[1].split()[0]).train.steps == 4
+    stage2_copy = second.split(" -m dist_train run ")[1].split()[0]
+    assert str(snapshot) not in second and load_config(stage2_copy).train.steps == 4

@@ -228,7 +228,8 @@ def test_a_grid_of_cp_methods_gives_the_ring_point_the_default_all_to_all_degree
     as unread): the ring point takes its default."""
     spec = load_sweep(write_sweep(tmp_path, mode="grid", world_sizes=None, scale=None,
                                   axes={"parallel.cp_method": ["ring", "hybrid"]},
-                                  set=["parallel.dp=1", "parallel.cp=4", "parallel.cp_method=hybrid", "parallel.ulysses_degree=2",
+                                  set=["parallel.dp=1", "parallel.cp=4", "parallel.cp_method=hybrid",
+                                       "parallel.ulysses_degree=2",
                                        "train.global_batch=1", "train.micro_batch=1"]))
     got = {p.series["parallel.cp_method"]: point_config(spec, p).parallel.ulysses_degree for p in expand(spec)}
     assert got == {"ring": 1, "hybrid": 2}
