@@ -355,9 +355,12 @@ def _cuda_kernel(label: str):
 
 @pytest.mark.gpu
 @cuda_only
-@pytest.mark.parametrize("label", list(CUDA_KERNEL_DTYPES))
 @pytest.mark.parametrize("name", list(BLOCKS))
 @pytest.mark.parametrize("hq,hkv", [(4, 4), (8, 2)])
+# applied first, so it varies slowest: the kernels run one after another in CUDA_KERNEL_DTYPES's order, cuDNN (whose
+# support varies most) after flash and efficient, so an op that leaves a sticky CUDA error (every later CUDA call of
+# the process fails) cannot take the cases of the kernels before it down with it
+@pytest.mark.parametrize("label", list(CUDA_KERNEL_DTYPES))
 def test_cuda_kernels_match_float64(name, hq, hkv, label, record_property):
     """One test per kernel (and torch op), so that an op this GPU or torch build gets wrong or refuses fails alone and
     the report still shows every other kernel's result; every dtype of the kernel is checked before the verdict."""
@@ -374,6 +377,16 @@ def test_cuda_kernels_match_float64(name, hq, hkv, label, record_property):
             failures[str(dtype)] = f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
     record_property("errors", {dt: {k: float(f"{e:.3g}") for k, e in errs.items()} for dt, errs in results.items()})
     assert not failures, f"{label} on a {name} block, {hq}:{hkv} heads: {failures}; passed: {results}"
+
+
+def test_the_gpu_kernel_cases_run_kernel_by_kernel_cudnn_after_flash_and_efficient():
+    """pytest varies the first-applied parametrize slowest: the kernel label is it, and cuDNN comes after the ops
+    training uses (a sticky CUDA error in a cuDNN case then cannot fail their cases)."""
+    params = [mark.args[0] for mark in test_cuda_kernels_match_float64.pytestmark if mark.name == "parametrize"]
+    assert params[0] == "label", params
+    labels = list(CUDA_KERNEL_DTYPES)
+    assert labels.index("cuda:cudnn") > max(labels.index("math"), labels.index("cuda:flash"),
+                                            labels.index("cuda:efficient"))
 
 
 def test_every_cuda_kernel_label_resolves(monkeypatch):
