@@ -27,7 +27,7 @@ from .checkpoint.manager import (checkpoint_root, consumed_samples, effective_re
 from .checkpoint.storage import CheckpointError
 from .config import Config, ConfigError
 from .cost import memory_model, model_params, rank_inputs
-from .data.datasets import IndexedTokenDataset, same_data_message, split_part, training_digest
+from .data.datasets import IndexedTokenDataset, same_data_message, split_part, training_digest, training_tokenizer
 from .data.documents import resolve_eod_id, unknown_eod_message
 from .data.integrity import check_indexed_dataset
 from .data.sidecar import other_tokenizer_message
@@ -259,6 +259,14 @@ def _train_digest(cfg: Config) -> Optional[str]:
         return None
 
 
+def _train_tokenizer(cfg: Config) -> Optional[str]:
+    """:func:`training_tokenizer`, None when the sidecar cannot be read (check_data's refusal)."""
+    try:
+        return training_tokenizer(cfg)
+    except ValueError:
+        return None
+
+
 def check_resume_matches(cfg: Config, ckpt: Path, manifest: dict) -> None:
     """The checkpoint the ranks will resume from (``manifest``: its verified manifest body) was saved with this
     model config and dataset (or the differences are allowed): the trainer's checks (checkpoint/compat.py),
@@ -270,6 +278,7 @@ def check_resume_matches(cfg: Config, ckpt: Path, manifest: dict) -> None:
                                       trained_digest(extra), digest)
         compat.check_dataset(ckpt, extra, _train_samples(cfg),
                              cfg.checkpoint.allow_config_change, cfg.data.path, changes, digest)
+        compat.check_tokenizer(ckpt, extra, _train_tokenizer(cfg), cfg.checkpoint.allow_config_change, cfg.data.path)
     except compat.ResumeMismatchError as e:
         raise ConfigError(str(e)) from None
 

@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from .checkpoint import CheckpointManager
 from .checkpoint import compat
-from .checkpoint.manager import checkpoint_root
+from .checkpoint.manager import checkpoint_root, trained_tokenizer
 from .checkpoint.manifest import step_dir_name
 from .checkpoint.storage import CheckpointError
 from .config import Config, check_world_size, save_config
@@ -33,7 +33,8 @@ from .cost.flops import (FLOP_CONVENTION, Throughput, attention_flops_per_key, d
 from .cost.layout import stages_of_rank
 from .cost.shape import cp_execution, shape_of
 from .data.batches import TokenBatcher
-from .data.datasets import SYNTHETIC_VALID_SEED_OFFSET, IndexedTokenDataset, SyntheticTokenDataset, training_digest
+from .data.datasets import (SYNTHETIC_VALID_SEED_OFFSET, IndexedTokenDataset, SyntheticTokenDataset, training_digest,
+                            training_tokenizer)
 from .data.documents import document_options
 from .data.image_batches import NORMALISATION_KEY, WeatherBatcher, same_normalisation_data
 from .data.prepare import ensure_prepared
@@ -247,11 +248,15 @@ def _train(cfg: Config, ctx: DistContext) -> TrainResult:
     t = cfg.train
     accum = cfg.grad_accum_steps
     train_samples, train_digest = training_samples(batcher), training_digest(cfg)
+    train_tokenizer = training_tokenizer(cfg)
     ckpt = CheckpointManager(cfg.checkpoint, run_dir=run_dir, config=cfg.to_dict(),
                              layout=layout_dict(cfg, ctx.world_size), rank=ctx.rank, world_size=ctx.world_size,
                              same_layouts=recorded_layouts(cfg, ctx.world_size),
-                             data_digest=train_digest, data_samples=train_samples, **engine.checkpoint_kwargs())
+                             data_digest=train_digest, data_samples=train_samples, data_tokenizer=train_tokenizer,
+                             **engine.checkpoint_kwargs())
     resumed = ckpt.resume(engine.module, engine.optimizer, engine.scheduler)
+    # the tokenizer the model's ids mean: its data's; on data that does not say (built elsewhere), the checkpoint's
+    train_tokenizer = train_tokenizer or trained_tokenizer(resumed or {})
     start_step = int(resumed["step"]) if resumed else 0
     consumed = int(resumed["consumed_samples"]) if resumed else 0
     # the losses a loss spike is judged against go on from the checkpoint (an older one holds none)
@@ -278,6 +283,8 @@ def _train(cfg: Config, ctx: DistContext) -> TrainResult:
             state["train_samples"] = train_samples
         if train_digest is not None:
             state["train_digest"] = train_digest
+        if train_tokenizer is not None:  # for compat.check_tokenizer at the next resume or fine-tune, and HF export
+            state["train_tokenizer"] = train_tokenizer
         if isinstance(batcher, WeatherBatcher):  # what the model's inputs are normalised with
             state[NORMALISATION_KEY] = batcher.normalisation()
         if not force and not ckpt.due(step_done):

@@ -181,6 +181,23 @@ def check_dataset(ckpt: Path, extra: Mapping[str, Any], samples: Optional[int], 
                               "change is intended, set checkpoint.allow_config_change: [data.path])")
 
 
+def check_tokenizer(ckpt: Path, extra: Mapping[str, Any], tokenizer: Optional[str], allowed: Iterable[str],
+                    path: Optional[str]) -> None:
+    """Refuse a resume or fine-tune whose training data at ``path`` was prepared with a tokenizer (fingerprint
+    ``tokenizer``, its sidecar's) other than the one the checkpoint's model learnt its ids from
+    (``extra["train_tokenizer"]``: its training data's, or the tokenizer.json beside an HF import): every id would
+    mean another token to the model. Unlike :func:`check_dataset` this holds after an allowed data.path change and
+    at step 0 (a new corpus is fine, other token meanings are not). Compared only when both sides are known (older
+    checkpoints and sidecars record none); allowed with ``allow_config_change: [data.tokenizer]``."""
+    saved = extra.get("train_tokenizer")
+    if not saved or not tokenizer or saved == tokenizer or "data.tokenizer" in set(allowed):
+        return
+    raise ResumeMismatchError(f"checkpoint {ckpt} holds a model of tokenizer {saved}, but data.path {path} was "
+                              f"prepared with tokenizer {tokenizer}: its token ids would mean other tokens to the "
+                              "model; resume refused (prepare the data with the model's tokenizer.json, or if this change is "
+                              "intended, set checkpoint.allow_config_change: [data.tokenizer])")
+
+
 def shortened_list(keys: Sequence[str]) -> str:
     """The first few of ``keys``, comma-separated, then "and N more": a refusal stays one readable line."""
     shown = ", ".join(keys[:_SHOWN])

@@ -17,12 +17,19 @@ refused. RoPE is read from transformers ≥ 5's ``rope_parameters`` or the older
 ``rope_scaling``; default and llama3 RoPE convert, other scalings are refused. A sliding window: HF's
 ``sliding_window = n`` lets a query see n keys (itself included), dist-train's ``attention_window = w``
 sees w + 1, so w = n - 1; a windowed model exports as MistralForCausalLM.
+
+Tokenizer: the ids mean the tokens of one tokenizer. An import records the fingerprint of a ``tokenizer.json``
+beside the weights (``train_tokenizer`` in the step-0 checkpoint's extra), so a fine-tune on data prepared with
+another tokenizer is refused (``compat.check_tokenizer``). An export names the checkpoint's tokenizer fingerprint in
+the safetensors metadata (``tokenizer``), copies the tokenizer.json the training data's sidecar names when it still
+has that fingerprint, and refuses a ``tokenizer.json`` already in the output directory with another fingerprint.
 """
 from __future__ import annotations
 
 import dataclasses
 import json
 import re
+import shutil
 from pathlib import Path
 from typing import Any, Optional, Union
 
@@ -31,13 +38,16 @@ import torch.distributed.checkpoint as dcp
 from safetensors.torch import load_file, save_file
 
 from dist_train.checkpoint import manifest as mf
-from dist_train.checkpoint.manager import CheckpointManager, quiet_single_process
+from dist_train.checkpoint.manager import CheckpointManager, quiet_single_process, saved_extra, trained_tokenizer
 from dist_train.checkpoint.storage import CheckpointError, SafeReader
 from dist_train.config import (LLAMA3_ROPE_KEYS, CheckpointConfig, ConfigError, ModelConfig, attention_head_dim,
                                ffn_hidden_size, validate_rope_scaling)
+from dist_train.data.sidecar import read_sidecar
+from dist_train.data.tokenizer import BYTE_FINGERPRINT, tokenizer_fingerprint
 from dist_train.models.gpt import rope_inv_freq
 
 PathLike = Union[str, Path]
+TOKENIZER_FILE = "tokenizer.json"
 
 _LAYER = r"layers\.(\d+)\."
 # (dist-train name, HF name); "{}" is the layer index
@@ -229,8 +239,8 @@ def fresh_output(out: Path) -> None:
 
 
 def to_hf(ckpt: PathLike, out: PathLike) -> Path:
-    """Write ``out/model.safetensors`` + ``out/config.json`` from a (verified) dist-train checkpoint. ``out`` may
-    already hold other files (a tokenizer), never those two."""
+    """Write ``out/model.safetensors`` + ``out/config.json`` (+ the model's tokenizer.json, see the module doc) from a
+    (verified) dist-train checkpoint. ``out`` may already hold other files (the model's tokenizer), never those two."""
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise ValueError(f"{out}: is a file; --to hf writes a directory (model.safetensors, config.json)")
@@ -250,11 +260,43 @@ def to_hf(ckpt: PathLike, out: PathLike) -> Path:
     if "max_position_embeddings" in kept and data.get("seq_len"):  # a fine-tune of an import: it was trained at
         kept["max_position_embeddings"] = max(kept["max_position_embeddings"], data["seq_len"])  # seq_len at least
     config = hf_config(m, tensors["tok_embeddings.weight"].dtype, kept, data.get("seq_len", 2048), eos)
+    tokenizer = trained_tokenizer(saved_extra(json.loads((Path(ckpt) / mf.TRAIN_STATE).read_text())))
+    source = tokenizer_source(tokenizer, out, data.get("path"), ckpt)
     out.mkdir(parents=True, exist_ok=True)
+    metadata = {"format": "pt", "source": f"dist-train {Path(ckpt).name}"}
+    if tokenizer:  # which tokens the ids mean (the fingerprint of data/tokenizer.py)
+        metadata["tokenizer"] = tokenizer
     save_file({to_hf_name(k): v.contiguous() for k, v in tensors.items()}, str(out / "model.safetensors"),
-              metadata={"format": "pt", "source": f"dist-train {Path(ckpt).name}"})
+              metadata=metadata)
+    if source is not None:
+        shutil.copyfile(source, out / TOKENIZER_FILE)
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     return out
+
+
+def tokenizer_source(tokenizer: Optional[str], out: Path, data_path: Optional[str], ckpt: PathLike) -> Optional[Path]:
+    """The tokenizer.json an export of a model of tokenizer fingerprint ``tokenizer`` copies into ``out``: the one
+    the sidecar of the training data ``data_path`` names, when it is still there with that fingerprint; None when
+    there is nothing to copy (unknown or byte tokenizer, file gone or changed, or ``out`` already holds it).
+    ValueError (one line) when ``out`` holds a tokenizer.json of another fingerprint: the export would pair the
+    weights with tokens they were not trained on."""
+    present = out / TOKENIZER_FILE
+    if tokenizer and present.is_file():
+        found = tokenizer_fingerprint(present)
+        if found != tokenizer:
+            raise ValueError(f"{present}: tokenizer {found}, but checkpoint {ckpt} holds a model of tokenizer "
+                             f"{tokenizer}: its ids would be read as other tokens; export into another directory, or "
+                             "put the model's tokenizer.json there")
+        return None
+    if not tokenizer or tokenizer == BYTE_FINGERPRINT or not data_path:
+        return None
+    try:
+        named = (read_sidecar(data_path) or {}).get("tokenizer")
+        if named and Path(named).is_file() and tokenizer_fingerprint(named) == tokenizer:
+            return Path(named)
+    except ValueError:  # an unreadable sidecar or tokenizer: nothing to copy, the metadata still names it
+        pass
+    return None
 
 
 # -- HF -> dist-train --------------------------------------------------------------------------
@@ -436,12 +478,16 @@ def from_hf(hf_dir: PathLike, out: PathLike) -> Path:
                              "drop lm_head.weight to tie")
     check_tensors(tensors, m, f"{hf_dir}")
     kept = {k: hf[k] for k in KEPT if k in hf}
-    return write_step0(out, tensors, {"model": dataclasses.asdict(m), "source": str(hf_dir), "hf_config": kept})
+    tokenizer = Path(hf_dir) / TOKENIZER_FILE  # the ids' meaning: a fine-tune on data of another one is refused
+    extra = {"train_tokenizer": tokenizer_fingerprint(tokenizer)} if tokenizer.is_file() else {}
+    return write_step0(out, tensors, {"model": dataclasses.asdict(m), "source": str(hf_dir), "hf_config": kept}, extra)
 
 
-def write_step0(out: PathLike, tensors: dict[str, torch.Tensor], config: dict) -> Path:
+def write_step0(out: PathLike, tensors: dict[str, torch.Tensor], config: dict, extra: Optional[dict] = None) -> Path:
     """A weights-only, single-process step-0 checkpoint of the model ``tensors`` ({fqn: full tensor}) under
-    ``out``, with ``config`` in its manifest (what a converted model is trained or resumed from)."""
+    ``out``, with ``config`` in its manifest and ``extra`` in its train state (what a converted model is trained or
+    resumed from)."""
     ckpt_cfg = CheckpointConfig(every=0, keep_last=1, async_save=False, resume="none", dir=str(out), on_error="stop")
-    CheckpointManager(ckpt_cfg, run_dir=Path(out), config=config, layout={"world_size": 1}).save_tensors(0, tensors)
+    CheckpointManager(ckpt_cfg, run_dir=Path(out), config=config, layout={"world_size": 1}).save_tensors(0, tensors,
+                                                                                                         extra)
     return Path(out) / mf.step_dir_name(0)

@@ -181,6 +181,13 @@ def trained_digest(extra: dict) -> Optional[str]:
     return value if isinstance(value, str) else None
 
 
+def trained_tokenizer(extra: dict) -> Optional[str]:
+    """The fingerprint of the tokenizer a checkpoint's model learnt its ids from, from its ``saved_extra`` (None: not
+    recorded: other data, an older checkpoint, a dataset prepared without one)."""
+    value = extra.get("train_tokenizer")
+    return value if isinstance(value, str) and value else None
+
+
 def effective_resume(ckpt_cfg: Any, root: Path) -> str:
     """The resume mode a start uses: ``checkpoint.resume``, except on a restart (``checkpoint.restart``, set by the
     launchers on every restart and every start of a batch job) once the run's checkpoint dir ``root`` holds a
@@ -253,6 +260,8 @@ class CheckpointManager:
     a changed data.path as the same text under a new name (``compat.config_differences``). ``data_samples``: the
     samples per epoch of that dataset (``trainer.training_samples``); with ``data_digest``, ``load`` refuses a
     dataset re-prepared or replaced under the checkpoint (``compat.check_dataset``) before reading any shard.
+    ``data_tokenizer``: the fingerprint of the tokenizer that dataset was prepared with (its sidecar's); ``load``
+    refuses one other than the checkpoint's ``train_tokenizer`` (``compat.check_tokenizer``).
     ``layout``: this run's parallel layout, recorded with each checkpoint; a load restores the RNG states only from
     a checkpoint of the same layout or of one of ``same_layouts`` (what an older version recorded for the same
     execution).
@@ -262,7 +271,7 @@ class CheckpointManager:
                  layout: Optional[dict] = None, rank: int = 0, world_size: int = 1,
                  adapter: Optional[StateAdapter] = None, io_threads: int = 2,
                  data_digest: Optional[str] = None, data_samples: Optional[int] = None,
-                 same_layouts: Sequence[dict] = ()) -> None:
+                 same_layouts: Sequence[dict] = (), data_tokenizer: Optional[str] = None) -> None:
         if cfg.on_error not in ON_ERROR:
             raise ValueError(f"checkpoint.on_error = {cfg.on_error!r}: valid values are {', '.join(ON_ERROR)}")
         if cfg.keep_last < 1:
@@ -274,7 +283,7 @@ class CheckpointManager:
         self.cfg = cfg
         self.root = checkpoint_root(cfg, run_dir)
         self.config = config or {}
-        self.data_digest, self.data_samples = data_digest, data_samples
+        self.data_digest, self.data_samples, self.data_tokenizer = data_digest, data_samples, data_tokenizer
         self.layout = dict(layout or {"world_size": world_size})
         self.layout.setdefault("world_size", world_size)
         # layouts an older checkpoint of the same execution recorded (the trainer's ``recorded_layouts``)
@@ -645,6 +654,7 @@ class CheckpointManager:
                         "attention_window); convert it again with --config to record them", ckpt)
         compat.check_dataset(ckpt, extra, self.data_samples, allowed, (self.config.get("data") or {}).get("path"),
                              self.config_changes, self.data_digest)
+        compat.check_tokenizer(ckpt, extra, self.data_tokenizer, allowed, (self.config.get("data") or {}).get("path"))
         with_optim = optimizer is not None and "optim" in body["contents"]
         # a checkpoint without optimizer state (e.g. converted from HF) leaves the optimizer untouched —
         # in particular not initialised by get_state_dict's zero-gradient step

@@ -18,7 +18,7 @@ from ..config import Config, parse_split
 from ..megatron_import import import_megatron_core
 from .integrity import check_bin_size, read_index
 from .fingerprint import dataset_fingerprint
-from .sidecar import dataset_digest
+from .sidecar import dataset_digest, dataset_tokenizer
 
 
 def megatron_indexed_dataset():
@@ -98,6 +98,16 @@ def training_digest(cfg: Config) -> Optional[str]:
     if cfg.model.kind != "gpt" or d.source != "indexed" or not d.path:
         return None
     return dataset_digest(d.path) or dataset_fingerprint(d.path)
+
+
+def training_tokenizer(cfg: Config) -> Optional[str]:
+    """The fingerprint of the tokenizer the GPT's indexed training data was prepared with (its sidecar's
+    ``tokenizer_fingerprint``), which a checkpoint records as ``train_tokenizer``: the tokens the model's ids mean.
+    None when unknown (a dataset built elsewhere or before fingerprints were recorded) or for other data."""
+    d = cfg.data
+    if cfg.model.kind != "gpt" or d.source != "indexed" or not d.path:
+        return None
+    return dataset_tokenizer(d.path)
 
 
 def same_data_message(path: str, valid_path: str) -> Optional[str]:

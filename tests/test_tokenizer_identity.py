@@ -1,0 +1,138 @@
+"""Which tokenizer the ids mean, across checkpoints: a run records its data's tokenizer fingerprint
+(``train_tokenizer``), an HF import the fingerprint of the tokenizer.json beside its weights; a resume or fine-tune on
+data prepared with another tokenizer (same vocabulary size and EOD id: nothing else could tell) is refused in one
+line unless ``checkpoint.allow_config_change: [data.tokenizer]``; an HF export names and copies the model's tokenizer."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from dist_train.checkpoint import hf
+from dist_train.checkpoint.compat import ResumeMismatchError, check_tokenizer
+from dist_train.checkpoint.manager import saved_extra
+from dist_train.checkpoint.manifest import TRAIN_STATE
+from dist_train.config import ConfigError, ModelConfig
+from dist_train.data.prepare import prepare_indexed
+from dist_train.data.tokenizer import tokenizer_fingerprint
+from dist_train.models.gpt import GPT
+from dist_train.preflight import preflight
+from dist_train.trainer import train
+from tests.trainer_utils import tiny_gpt_config
+
+tokenizers = pytest.importorskip("tokenizers")
+
+MODEL = {"d_model": 32, "n_layers": 1, "n_heads": 4, "n_kv_heads": 2, "vocab_size": 64}
+
+
+def _tokenizer(path: Path, words: list[str]) -> str:
+    """A word-level tokenizer.json, ids in the order of ``words`` after <unk>, ``</s>`` (the EOD) last."""
+    vocab = {w: i for i, w in enumerate(["<unk>", *words, "</s>"])}
+    tok = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+    tok.save(str(path))
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory):
+    """Two tokenizers of equal size and EOD id that swap the meaning of ids 1 and 2, the same text prepared with
+    each: ``{"ab": (tokenizer, dataset), "ba": (...)}``."""
+    root = tmp_path_factory.mktemp("tok")
+    (root / "text.txt").write_text("a b c a c b " * 60)
+    out = {}
+    for name, words in (("ab", ["a", "b", "c"]), ("ba", ["b", "a", "c"])):
+        tok = _tokenizer(root / f"{name}.json", words)
+        out[name] = (tok, prepare_indexed([root / "text.txt"], str(root / name), tok)["prefix"])
+    return out
+
+
+def _config(run: Path, data: str, steps: int = 1, **checkpoint):
+    """A tiny GPT on the prepared dataset ``data``; data.tokenizer left as configured before (it only builds data
+    that is missing), as when both datasets were prepared with ``dist-train data prepare``: the config cannot tell."""
+    return tiny_gpt_config(run, steps=steps, model=MODEL, data={"source": "indexed", "path": data, "seq_len": 16},
+                           checkpoint={"at_end": True, **checkpoint})
+
+
+def test_check_tokenizer_compares_only_known_fingerprints_and_allows_data_tokenizer():
+    extra = {"train_tokenizer": "sha256:aaaa", "consumed_samples": 0}
+    with pytest.raises(ResumeMismatchError) as info:
+        check_tokenizer(Path("ck/step_0"), extra, "sha256:bbbb", [], "d/ds")
+    msg = str(info.value)
+    assert "\n" not in msg and "tokenizer sha256:aaaa" in msg and "tokenizer sha256:bbbb" in msg
+    assert "allow_config_change: [data.tokenizer]" in msg
+    check_tokenizer(Path("ck"), extra, "sha256:bbbb", ["data.tokenizer"], "d/ds")  # allowed deliberately
+    check_tokenizer(Path("ck"), extra, "sha256:aaaa", [], "d/ds")  # the same tokenizer
+    check_tokenizer(Path("ck"), extra, None, [], "d/ds")  # data of unknown tokenizer (no sidecar, or an old one)
+    check_tokenizer(Path("ck"), {"consumed_samples": 4}, "sha256:bbbb", [], "d/ds")  # an old checkpoint
+
+
+def test_a_fine_tune_onto_data_of_another_tokenizer_is_refused_even_with_data_path_allowed(tmp_path, prepared):
+    """The run records its data's tokenizer; a fine-tune onto new data (data.path allowed to change) prepared with
+    another tokenizer.json of the same size was accepted: the model read every id as another token. Refused by the
+    pre-flight and by the ranks' checkpoint manager; allowed with data.tokenizer; the same tokenizer goes on."""
+    (ab_tok, ab), (ba_tok, ba) = prepared["ab"], prepared["ba"]
+    run = tmp_path / "run"
+    train(_config(run, ab))
+    extra = saved_extra(json.loads((run / "checkpoints" / "step_1" / TRAIN_STATE).read_text()))
+    assert extra["train_tokenizer"] == tokenizer_fingerprint(ab_tok)
+    other = _config(run, ba, steps=2, allow_config_change=["data.path"])
+    refusal = rf"step_1 holds a model of tokenizer {extra['train_tokenizer']}, but data.path .*ba was prepared with"
+    with pytest.raises(ConfigError, match=refusal):
+        preflight(other, on_cuda=False)
+    with pytest.raises(ResumeMismatchError, match=refusal):
+        train(other)
+    allowed = _config(run, ba, steps=2, allow_config_change=["data.path", "data.tokenizer"])
+    preflight(allowed, on_cuda=False)
+    assert train(allowed).start_step == 1
+    # the fine-tuned model's ids now mean the new tokenizer's tokens: its checkpoint says so
+    extra = saved_extra(json.loads((run / "checkpoints" / "step_2" / TRAIN_STATE).read_text()))
+    assert extra["train_tokenizer"] == tokenizer_fingerprint(ba_tok)
+
+
+def _hf_dir(tmp_path: Path) -> Path:
+    """A tiny Llama directory (model.safetensors + config.json) written by the exporter from random weights."""
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(**MODEL))
+    step0 = hf.write_step0(tmp_path / "made", {k: v.detach() for k, v in model.state_dict().items()},
+                           {"model": {"kind": "gpt", **MODEL}})
+    return hf.to_hf(step0, tmp_path / "hf")
+
+
+def test_an_hf_import_records_its_tokenizer_and_a_fine_tune_on_other_token_ids_is_refused(tmp_path, prepared):
+    """A tokenizer.json beside the imported weights gives the ids their meaning: the step-0 checkpoint records its
+    fingerprint, so a fine-tune on data prepared with another tokenizer of the same size is refused before any rank
+    starts; data of the model's tokenizer passes. An import without a tokenizer.json records none (not compared)."""
+    (ab_tok, ab), (ba_tok, ba) = prepared["ab"], prepared["ba"]
+    src = _hf_dir(tmp_path)
+    bare = hf.from_hf(src, tmp_path / "bare")
+    assert "train_tokenizer" not in saved_extra(json.loads((bare / TRAIN_STATE).read_text()))
+    (src / "tokenizer.json").write_bytes(Path(ab_tok).read_bytes())
+    init = hf.from_hf(src, tmp_path / "init")
+    assert saved_extra(json.loads((init / TRAIN_STATE).read_text()))["train_tokenizer"] == tokenizer_fingerprint(ab_tok)
+    with pytest.raises(ConfigError, match=r"step_0 holds a model of tokenizer sha256:\w+, but data.path .*ba was "):
+        preflight(_config(tmp_path / "ft", ba, resume=str(tmp_path / "init")), on_cuda=False)
+    preflight(_config(tmp_path / "ft", ab, resume=str(tmp_path / "init")), on_cuda=False)
+    preflight(_config(tmp_path / "ft", ba, resume=str(tmp_path / "bare")), on_cuda=False)
+
+
+def test_an_hf_export_names_and_copies_the_models_tokenizer(tmp_path, prepared):
+    """The export's safetensors metadata names the tokenizer fingerprint; the tokenizer.json of the training data's
+    sidecar is copied beside the weights; an output directory already holding another tokenizer.json is refused."""
+    ab_tok, ab = prepared["ab"]
+    run = tmp_path / "run"
+    train(_config(run, ab))
+    step = run / "checkpoints" / "step_1"
+    out = hf.to_hf(step, tmp_path / "out")
+    with safe_open(str(out / "model.safetensors"), "pt") as f:
+        assert f.metadata()["tokenizer"] == tokenizer_fingerprint(ab_tok)
+    assert (out / "tokenizer.json").read_bytes() == Path(ab_tok).read_bytes()
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "tokenizer.json").write_bytes(Path(prepared["ba"][0]).read_bytes())
+    with pytest.raises(ValueError, match=r"taken/tokenizer.json: tokenizer sha256:\w+, but checkpoint .*step_1 holds a "
+                                         r"model of tokenizer sha256:\w+: its ids would be read as other tokens"):
+        hf.to_hf(step, tmp_path / "taken")
+    assert not (tmp_path / "taken" / "model.safetensors").exists()
