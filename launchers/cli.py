@@ -105,7 +105,9 @@ def refuse_ray_only_keys(cfg: Config, backend: str, address_flag: Optional[str],
 
 
 def build_backend(backend: str, nproc: int, run_dir: Path, address: Optional[str], nodes: int, gpus: int,
-                  placement_timeout_s: float = 120.0):
+                  placement_timeout_s: float = 120.0, files: Optional[dict[str, bytes]] = None):
+    """The backend that starts the ranks; ``files`` (absolute path -> bytes): what the rank command reads, written on
+    each Ray node that lacks it (local and mpi ranks run on this machine, where it is)."""
     if backend == "local":
         from launchers.local import LocalBackend
 
@@ -117,7 +119,7 @@ def build_backend(backend: str, nproc: int, run_dir: Path, address: Optional[str
     from launchers.ray_backend import RayBackend
 
     return RayBackend(nproc, run_dir, address=address, nodes=nodes, gpus_per_node=gpus,
-                      placement_timeout_s=placement_timeout_s)
+                      placement_timeout_s=placement_timeout_s, files=files)
 
 
 def ranks_on_cuda(backend: str, gpus: int) -> bool:
@@ -207,7 +209,9 @@ def launch_main(args: argparse.Namespace) -> int:
                        collective_timeout_s=cfg.launch.collective_timeout_s,
                        env={**forwarded_env(), **({PREFLIGHT_ENV: "1"} if ranks_here else {}),
                             LOCK_ENV: lock.token})
-        be = build_backend(backend, nproc, run_dir, address, nodes, gpus, cfg.launch.placement_timeout_s)
+        # a Ray node whose run.dir is not this one's (node-local scratch) gets the config copy with its rank
+        be = build_backend(backend, nproc, run_dir, address, nodes, gpus, cfg.launch.placement_timeout_s,
+                           files={str(config): config.read_bytes()})
         print(f"[launcher] {backend}: {nproc} rank(s){f' on {nodes} nodes' if nodes > 1 else ''}, run dir "
               f"{run_dir}, max restarts {max_restarts}", file=sys.stderr, flush=True)
         try:

@@ -94,6 +94,20 @@ def refuse_unreachable(address: str, timeout_s: float = 5.0) -> None:
                          f"single-machine cluster") from None
 
 
+def write_missing(files: dict[str, bytes]) -> None:
+    """Write each file (absolute path -> bytes) that does not exist here (temp + rename): the launcher's config copy
+    (run.dir/launched_config.yaml, which the rank command names) on a node whose run.dir is not the launcher's
+    (node-local scratch). A file already there (a shared run.dir: the launcher's own) is left as it is."""
+    for name, data in files.items():
+        path = Path(name)
+        if path.exists():
+            continue
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+
+
 class RankActor:
     """Runs on a Ray worker: owns one rank's process and buffers its output until the driver polls."""
 
@@ -120,10 +134,12 @@ class RankActor:
             self._lines.append((stream, text))
 
     def start(self, argv: list[str], env: dict[str, str], rank: int, run_dir: str, attempt: int,
-              cwd: Optional[str]) -> int:
+              cwd: Optional[str], files: Optional[dict[str, bytes]] = None) -> int:
+        """Start the rank's process; ``files`` (absolute path -> bytes) are written first where this node lacks them."""
         self._run_dir, self._rank, self._attempt, self._started = Path(run_dir), rank, attempt, time.time()
         if cwd and not os.path.isdir(cwd):
             cwd = None  # another node without the driver's directory: run where the worker is
+        write_missing(files or {})
         full = {**os.environ, **env}
         self._proc = RankProcess(argv, rank, full, self._sink, log_dir=self._run_dir / "logs", attempt=attempt,
                                  cwd=cwd, die_with_parent=False)
@@ -231,7 +247,7 @@ class RayBackend:
 
     def __init__(self, nproc: int, run_dir: Path, address: Optional[str] = None, nodes: int = 1,
                  gpus_per_node: int = 0, sink: Optional[Sink] = None, cpus_per_rank: float = 1.0,
-                 placement_timeout_s: float = 120.0):
+                 placement_timeout_s: float = 120.0, files: Optional[dict[str, bytes]] = None):
         if nproc < 1 or nodes < 1:
             raise ValueError(f"--nproc {nproc} --nodes {nodes}: both must be >= 1")
         if nproc % nodes:
@@ -244,6 +260,7 @@ class RayBackend:
         self.run_dir, self.sink, self.cpus_per_rank = Path(run_dir), sink or ConsoleSink(), cpus_per_rank
         self.address = address or os.environ.get("RAY_ADDRESS") or None
         self.placement_timeout_s = placement_timeout_s
+        self.files = dict(files or {})  # what every rank's node needs at these paths (write_missing)
         self._pg = None
         self._embedded = False
 
@@ -335,6 +352,7 @@ class RayBackend:
             if self.gpus_per_node:
                 extra["CUDA_VISIBLE_DEVICES"], local_rank = gpus[r]
             rank_env = rank_environment({}, r, self.nproc, local_rank, per_node, master, port, extra)
-            starts.append(actor.start.remote(rank_argv, rank_env, r, str(self.run_dir.absolute()), attempt, cwd))
+            starts.append(actor.start.remote(rank_argv, rank_env, r, str(self.run_dir.absolute()), attempt, cwd,
+                                             self.files))
         ray.get(starts)
         return RayAttempt(actors, self.sink, started)

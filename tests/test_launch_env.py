@@ -18,10 +18,11 @@ from dist_train.trainer import train
 import launchers.cli as cli
 from launchers.arguments import add_launch_arguments, add_submit_arguments
 from launchers.batch import BatchSpec, render
-from launchers.cli import launch_main, rank_argv, ranks_on_cuda, ranks_on_this_machine, resolve_launch, submit_main
+from launchers.cli import (LAUNCHED_CONFIG, launch_main, rank_argv, ranks_on_cuda, ranks_on_this_machine, resolve_launch,
+                           submit_main)
 from launchers.env import (EXPECT_WORLD_ENV, LaunchError, check_mpi_family, check_mpi_world, detect_rank_env,
                            mpi_family, parse_slurm_tasks_per_node, populate_rank_env, slurm_first_host)
-from launchers.ray_backend import refuse_unreachable
+from launchers.ray_backend import RankActor, refuse_unreachable, write_missing
 from launchers.supervisor import progress_from_heartbeats
 from tests.trainer_utils import tiny_gpt_config
 
@@ -433,6 +434,24 @@ def test_a_config_edited_between_its_checks_and_its_copy_is_refused(tmp_path, mo
         launch_main(_launch_args(str(config)))
     monkeypatch.setattr(cli, "preflight", lambda *a, **k: None)
     assert launch_main(_launch_args(str(config))) == 0
+
+
+def test_a_ray_rank_on_a_node_without_the_launchers_run_dir_gets_the_config_copy(tmp_path):
+    """Ray ranks on other nodes run `dist_train run <run.dir>/launched_config.yaml`: with run.dir on node-local
+    scratch that file exists only on the launcher's node, and the ranks there failed at start (they used to read
+    the config file). Each Ray actor writes the copy it is handed where its node lacks it; one already there (a
+    shared run.dir: the launcher's own) is left as it is."""
+    copy = tmp_path / "node2_scratch" / "run" / LAUNCHED_CONFIG
+    text = b"run: {name: e}\n"
+    check = f"import sys; sys.exit(0 if open({str(copy)!r}, 'rb').read() == {text!r} else 1)"
+    actor = RankActor()
+    actor.start([sys.executable, "-c", check], {}, 0, str(tmp_path / "run"), 0, None, {str(copy): text})
+    deadline = time.monotonic() + 60
+    while (code := actor.poll()["code"]) is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert code == 0
+    write_missing({str(copy): b"other"})
+    assert copy.read_bytes() == text
 
 
 def test_every_start_of_a_submitted_job_runs_the_config_as_submitted(tmp_path, monkeypatch):
