@@ -120,8 +120,10 @@ def _running_elsewhere(path: Path, owner: dict, out) -> Optional[str]:
     while time.monotonic() < deadline:
         time.sleep(min(0.5, LEASE_RENEW_S / 5))
         now = read_owner(path.parent, path.name)  # opened again: an NFS client revalidates its cache at open
-        if now.get("token") != owner.get("token"):
+        if not now:
             return None  # released (cleared) meanwhile
+        if now.get("token") != owner.get("token"):  # a job on a third machine took it over meanwhile
+            return f"{describe_owner(now)} took it over while this job watched it"
         if now.get("renewed") != renewed:
             return "its record was renewed while this job watched it"
     return None

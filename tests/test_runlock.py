@@ -283,3 +283,24 @@ def test_each_renewal_reaches_the_file_server(tmp_path, monkeypatch):
         while len(synced) == acquired and time.monotonic() < deadline:
             time.sleep(0.02)
     assert renewed > lock.owner["started"] and len(synced) > acquired and set(synced) == {synced[0]}
+
+
+def test_a_record_another_machine_takes_over_during_the_watch_is_refused(tmp_path, monkeypatch):
+    """While this job watches a dead job's record, a job on a third machine (its flock local too) takes the lock
+    over and writes its own record: that job runs there, so this one is refused (it took a changed holder for a
+    release and ran beside it)."""
+    monkeypatch.setattr(runlock, "LEASE_RENEW_S", 0.05)
+    path = tmp_path / LOCK_NAME
+    dead = {"host": "node7", "pid": 4242, "started": 1000.0, "renewed": 1000.0, "role": "rank 0", "token": "t"}
+    path.write_text(json.dumps(dead))
+    sleep = time.sleep
+
+    def third_machine_takes_over(seconds):
+        path.write_text(json.dumps({**dead, "host": "node9", "pid": 99, "token": "u", "renewed": time.time()}))
+        sleep(seconds)
+
+    monkeypatch.setattr(runlock.time, "sleep", third_machine_takes_over)
+    with pytest.raises(RunDirLocked, match=r"pid 4242 on node7 .*\(pid 99 on node9 .* took it over while this job "
+                                           r"watched it; this file system's flock"):
+        RunLock.acquire(tmp_path, out=io.StringIO())
+    assert json.loads(path.read_text())["host"] == "node9"
