@@ -31,8 +31,9 @@ import torch
 
 from dist_train.models.attention import AttentionContext
 from dist_train.models.attention import attention as model_attention
-from parallelism.context import (CPStats, context_parallel_attention, local_attention, normalize_cu_seqlens, pack_cu_seqlens, required_multiple,
-                                 sequence_positions, shard_sequence, simulate_ring_attention, unshard_sequence)
+from parallelism.context import (CPStats, context_parallel_attention, local_attention, normalize_cu_seqlens,
+                                 pack_cu_seqlens, required_multiple, sequence_positions, shard_sequence,
+                                 simulate_ring_attention, unshard_sequence)
 from parallelism.context.layouts import LAYOUTS
 from tests.dist_harness import run_ranks
 from tests.test_cp_reference import reference_attention

@@ -109,22 +109,24 @@ def test_the_normalisation_data_keys_decide_same_data():
         assert not same_normalisation_data(base, changed)
 
 
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory) -> str:
-    """A byte-tokenized dataset of 682 tokens: 42 samples of 16 tokens."""
-    d = tmp_path_factory.mktemp("corpus")
-    (d / "docs.jsonl").write_text("\n".join(json.dumps({"text": t * 40}) for t in ("alpha ", "beta gamma ")))
+def _byte_dataset(tmp_path_factory, name: str, texts: tuple[str, ...]) -> str:
+    """A byte-tokenized dataset of two documents, each text repeated 40 times; returns its prefix."""
+    d = tmp_path_factory.mktemp(name)
+    (d / "docs.jsonl").write_text("\n".join(json.dumps({"text": t * 40}) for t in texts))
     prepare_indexed([d / "docs.jsonl"], str(d / "ds"))
     return str(d / "ds")
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> str:
+    """682 tokens: 42 samples of 16 tokens."""
+    return _byte_dataset(tmp_path_factory, "corpus", ("alpha ", "beta gamma "))
 
 
 @pytest.fixture(scope="module")
 def held_out(tmp_path_factory) -> str:
-    """Another byte-tokenized dataset (other text): 562 tokens, 35 samples of 16 tokens."""
-    d = tmp_path_factory.mktemp("held_out")
-    (d / "docs.jsonl").write_text("\n".join(json.dumps({"text": t * 40}) for t in ("omega ", "psi chi ")))
-    prepare_indexed([d / "docs.jsonl"], str(d / "ds"))
-    return str(d / "ds")
+    """Another text: 562 tokens, 35 samples of 16 tokens."""
+    return _byte_dataset(tmp_path_factory, "held_out", ("omega ", "psi chi "))
 
 
 def _gpt(tmp_path, prefix, data, **train):

@@ -140,8 +140,8 @@ def prepare_indexed(inputs: list[Path], output_prefix: str, tokenizer: str = "by
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp)
         raise
-    info = {"tokenizer": tokenizer, "tokenizer_fingerprint": tok.fingerprint, "vocab_size": tok.vocab_size, "eod_id": tok.eod_id, "max_token_id": max_id,
-            "documents": n_docs, "tokens": n_tokens, "digest": f"{DIGEST_ALGORITHM}:{digest.hexdigest()}"}
+    info = {"tokenizer": tokenizer, "tokenizer_fingerprint": tok.fingerprint, "vocab_size": tok.vocab_size,
+            "eod_id": tok.eod_id, "max_token_id": max_id, "documents": n_docs, "tokens": n_tokens, "digest": f"{DIGEST_ALGORITHM}:{digest.hexdigest()}"}
     write_sidecar(out, info)
     # rename last, .idx (what readers look for) at the very end: a reader never sees a half-written dataset
     os.replace(tmp_bin, f"{out}.bin")

@@ -6,9 +6,9 @@
 ``tokenizer`` is the ``--tokenizer`` given (byte or a path); ``tokenizer_fingerprint`` names its definition
 (:func:`dist_train.data.tokenizer.tokenizer_fingerprint`: ``byte``, or the digest of the tokenizer.json), so two
 tokenizer files of equal vocabulary size and EOD id are told apart (sidecars written before it have none: the
-tokenizer is then known only by kind, size and EOD id); ``vocab_size`` and ``eod_id`` are the tokenizer's; ``max_token_id`` is the largest id actually written
-(a model needs ``model.vocab_size > max_token_id``); ``digest`` is the XXH3-64 of the token stream (the
-``.bin`` bytes; sidecars written before it have none). Datasets built elsewhere (Megatron-LM) have no
+tokenizer is then known only by kind, size and EOD id); ``vocab_size`` and ``eod_id`` are the tokenizer's;
+``max_token_id`` is the largest id actually written (a model needs ``model.vocab_size > max_token_id``); ``digest``
+is the XXH3-64 of the token stream (the ``.bin`` bytes; sidecars written before it have none). Datasets built elsewhere (Megatron-LM) have no
 sidecar: :func:`read_sidecar` then returns None.
 """
 from __future__ import annotations
