@@ -23,7 +23,8 @@ from .checkpoint import compat
 from .checkpoint import manifest as mf
 from .checkpoint.foreign import describe_foreign_tree
 from .checkpoint.manager import (checkpoint_root, consumed_samples, effective_resume, newer_checkpoints_message,
-                                 occupied_message, resume_candidates, saved_extra, trained_digest)
+                                 occupied_message, resume_candidates, saved_extra, trained_digest,
+                                 trained_tokenizer)
 from .checkpoint.storage import CheckpointError
 from .config import Config, ConfigError
 from .cost import memory_model, model_params, rank_inputs
@@ -272,13 +273,14 @@ def check_resume_matches(cfg: Config, ckpt: Path, manifest: dict) -> None:
     model config and dataset (or the differences are allowed): the trainer's checks (checkpoint/compat.py),
     here before any rank starts."""
     extra, digest = saved_extra(json.loads((ckpt / mf.TRAIN_STATE).read_text())), _train_digest(cfg)
+    tokenizer = _train_tokenizer(cfg)
     try:
         changes = compat.check_config(ckpt, manifest.get("config"), cfg.to_dict(),
                                       cfg.checkpoint.allow_config_change, consumed_samples(extra),
-                                      trained_digest(extra), digest)
+                                      trained_digest(extra), digest, trained_tokenizer(extra), tokenizer)
         compat.check_dataset(ckpt, extra, _train_samples(cfg),
                              cfg.checkpoint.allow_config_change, cfg.data.path, changes, digest)
-        compat.check_tokenizer(ckpt, extra, _train_tokenizer(cfg), cfg.checkpoint.allow_config_change, cfg.data.path)
+        compat.check_tokenizer(ckpt, extra, tokenizer, cfg.checkpoint.allow_config_change, cfg.data.path)
     except compat.ResumeMismatchError as e:
         raise ConfigError(str(e)) from None
 

@@ -136,3 +136,27 @@ def test_an_hf_export_names_and_copies_the_models_tokenizer(tmp_path, prepared):
                                          r"model of tokenizer sha256:\w+: its ids would be read as other tokens"):
         hf.to_hf(step, tmp_path / "taken")
     assert not (tmp_path / "taken" / "model.safetensors").exists()
+
+
+def test_a_resume_naming_the_same_tokenizer_by_another_path_goes_on(tmp_path, prepared):
+    """data.tokenizer is compared by the tokenizer it names, not by its path: the same tokenizer.json moved (or named
+    at last, over a leftover ``byte`` that only builds missing data) with the same prepared data is no change. The
+    path was compared as text and refused such a resume with allow_config_change: [data.tokenizer] as the only way on."""
+    ab_tok, ab = prepared["ab"]
+    run = tmp_path / "run"
+    cfg = _config(run, ab)
+    cfg.data.tokenizer = ab_tok
+    train(cfg)
+    moved = tmp_path / "moved" / "tokenizer.json"
+    moved.parent.mkdir()
+    moved.write_bytes(Path(ab_tok).read_bytes())
+    for named in (str(moved), "byte"):
+        again = _config(run, ab, steps=2)
+        again.data.tokenizer = named
+        preflight(again, on_cuda=False)
+    assert train(again).start_step == 1
+    # another tokenizer at the path is still refused, by what it is
+    again = _config(run, prepared["ba"][1], steps=2, allow_config_change=["data.path"])
+    again.data.tokenizer = prepared["ba"][0]
+    with pytest.raises(ConfigError, match=r"holds a model of tokenizer sha256:\w+, but data.path"):
+        preflight(again, on_cuda=False)

@@ -84,7 +84,8 @@ def unread_keys(config: Mapping[str, Any]) -> frozenset:
 
 def config_differences(saved: Mapping[str, Any], current: Mapping[str, Any],
                        consumed_samples: Optional[int] = None, saved_digest: Optional[str] = None,
-                       current_digest: Optional[str] = None) -> list[tuple[str, Any, Any]]:
+                       current_digest: Optional[str] = None, saved_tokenizer: Optional[str] = None,
+                       current_tokenizer: Optional[str] = None) -> list[tuple[str, Any, Any]]:
     """``[(dotted key, saved value, current value)]`` for every checked key present on both sides whose
     values differ, null sizes compared as the model builds them (``_sizes_as_built``). A key the checkpoint does
     not record (saved by an older version, or a converted checkpoint that knows no such field) is not compared:
@@ -92,10 +93,16 @@ def config_differences(saved: Mapping[str, Any], current: Mapping[str, Any],
     order to keep, so the data-order keys are not compared. ``saved_digest``: the checkpoint's ``train_digest``;
     ``current_digest``: the token digest of the dataset at the current data.path (its sidecar's, read once by the
     caller). When both are known and equal, data.path is no change: the same text the run trained on, whatever
-    path it was named by then (moved, copied to local disk, or named relative instead of absolute)."""
+    path it was named by then (moved, copied to local disk, or named relative instead of absolute).
+    ``saved_tokenizer``: the checkpoint's ``train_tokenizer``; ``current_tokenizer``: the fingerprint the dataset's
+    sidecar records. When both are known, they decide and data.tokenizer's text is not compared: equal, the same
+    tokenizer, whatever path (or leftover ``byte``, which only builds missing data) names it; different,
+    :func:`check_tokenizer` refuses naming both (allowed by the same key, data.tokenizer)."""
     skip = (set(RESUME_DATA_ORDER_KEYS) if consumed_samples == 0 else set()) | unread_keys(current)
     if saved_digest and saved_digest == current_digest:
         skip.add("data.path")
+    if saved_tokenizer and current_tokenizer:
+        skip.add("data.tokenizer")
     saved, current = _sizes_as_built(saved), _sizes_as_built(current)
     out = []
     for key in (k for k in checked_keys(current) if k not in skip):
@@ -109,14 +116,17 @@ def config_differences(saved: Mapping[str, Any], current: Mapping[str, Any],
 
 def check_config(ckpt: Path, saved: Optional[Mapping[str, Any]], current: Mapping[str, Any],
                  allowed: Iterable[str] = (), consumed_samples: Optional[int] = None,
-                 saved_digest: Optional[str] = None, current_digest: Optional[str] = None) -> list[tuple[str, Any, Any]]:
+                 saved_digest: Optional[str] = None, current_digest: Optional[str] = None,
+                 saved_tokenizer: Optional[str] = None,
+                 current_tokenizer: Optional[str] = None) -> list[tuple[str, Any, Any]]:
     """Raise ``ResumeMismatchError`` listing every difference not in ``allowed``; return the allowed ones.
-    ``consumed_samples``, ``saved_digest``: the checkpoint's; ``current_digest``: the current dataset's (see
-    ``config_differences``)."""
+    ``consumed_samples``, ``saved_digest``, ``saved_tokenizer``: the checkpoint's; ``current_digest``,
+    ``current_tokenizer``: the current dataset's (see ``config_differences``)."""
     if not saved:
         return []
     allowed = set(allowed)
-    diffs = config_differences(saved, current, consumed_samples, saved_digest, current_digest)
+    diffs = config_differences(saved, current, consumed_samples, saved_digest, current_digest, saved_tokenizer,
+                               current_tokenizer)
     refused = [d for d in diffs if d[0] not in allowed]
     if refused:
         listed = ", ".join(f"{k} {old!r} -> {new!r}" for k, old, new in refused)

@@ -646,7 +646,8 @@ class CheckpointManager:
         ts = json.loads((ckpt / mf.TRAIN_STATE).read_text())
         extra, allowed = saved_extra(ts), getattr(self.cfg, "allow_config_change", None) or ()
         self.config_changes = compat.check_config(ckpt, body.get("config"), self.config, allowed,
-                                                  consumed_samples(extra), trained_digest(extra), self.data_digest)
+                                                  consumed_samples(extra), trained_digest(extra), self.data_digest,
+                                                  trained_tokenizer(extra), self.data_tokenizer)
         if self.rank == 0 and self.config.get("model") and not (body.get("config") or {}).get("model"):
             log.warning("checkpoint %s records no model config (`ckpt convert --from dcp` without --config): its "
                         "weights load into model.* as configured now, and nothing checks the keys that change the "
