@@ -53,8 +53,8 @@ def test_weather_normalisation_comes_from_the_training_share_only(tmp_path):
 def test_a_resume_on_the_same_data_normalises_as_its_checkpoint_was_trained(tmp_path):
     """The statistics changed rule (every step -> the training share): a run resumed from a checkpoint of the older
     rule would have gone on with other inputs. A checkpoint records them; a resume on the same data goes on with the
-    recorded ones, one written before they were recorded with every step's (that version's rule), and a resume on
-    other data (an allowed data change) with its own."""
+    recorded ones, one written before they were recorded with every step's (that version's rule); a resume on
+    other data (an allowed data change) with the recorded ones too, or its own when none are recorded."""
     cfg = tiny_swin_config(tmp_path / "run", tmp_path / "w", data={"split": "50,50,0"})
     prepare_weather(tmp_path / "w", height=10, width=16, steps=12, channels=2, seed=cfg.run.seed)
     fields = np.load(tmp_path / "w" / "fields.npy", mmap_mode="r+")
@@ -78,9 +78,15 @@ def test_a_resume_on_the_same_data_normalises_as_its_checkpoint_was_trained(tmp_
     assert torch.equal(again.mean, older.mean) and torch.equal(again.scale, older.scale)
 
     assert own.resume_normalisation(own.normalisation(), same_data=True) is None  # nothing differs: nothing said
+    # an allowed data change (a longer training share, a fine-tune onto other fields) keeps the model's recorded
+    # statistics too: it took this data's own, silently re-scaling the model's inputs
     other = WeatherBatcher(cfg, ONE_RANK, WHOLE_IMAGE, "train")
-    assert other.resume_normalisation(recorded, same_data=False) is None
-    assert torch.equal(other.mean, own.mean)
+    assert "the data changed since" in other.resume_normalisation(recorded, same_data=False)
+    assert torch.equal(other.mean, older.mean) and torch.equal(other.scale, older.scale)
+    assert other.resume_normalisation(None, same_data=False) is None  # nothing recorded, other data: its own
+    assert torch.equal(other.mean, older.mean)
+    fresh = WeatherBatcher(cfg, ONE_RANK, WHOLE_IMAGE, "train")
+    assert fresh.resume_normalisation(None, same_data=False) is None and torch.equal(fresh.mean, own.mean)
     with pytest.raises(ValueError, match="channels"):
         other.resume_normalisation({"mean": [0.0], "scale": [1.0]}, same_data=True)
 

@@ -12,8 +12,8 @@ Fields are normalised per channel as ``(f - mean) / std(one-step increment)``: t
 units (the usual residual normalisation of weather models). The statistics come from the time steps of
 the *training* share (``data.split``; every step without one) on a strided pixel subset, read by every
 rank (the same numbers everywhere, no communication): the validation batcher uses the same ones, so no
-held-out field shapes the inputs of either. A checkpoint records the statistics (``normalisation``) and a resume on the
-same data goes on with the ones its model was trained with (``resume_normalisation``).
+held-out field shapes the inputs of either. A checkpoint records the statistics (``normalisation``) and a resume goes
+on with the ones its model was trained with, also after an allowed data change (``resume_normalisation``).
 """
 from __future__ import annotations
 
@@ -96,14 +96,16 @@ class WeatherBatcher:
         return {"mean": self.mean.tolist(), "scale": self.scale.tolist()}
 
     def resume_normalisation(self, recorded: Optional[Mapping[str, list]], same_data: bool) -> Optional[str]:
-        """Go on with the normalisation the resumed model was trained with, when the resume reads the same data
-        (``same_normalisation_data``): the checkpoint's ``recorded`` one, or, for a checkpoint written before they
-        were recorded, the statistics over every time step (that version's rule, which read the validation
-        share's steps too). Other data (an allowed data change) keeps this data's own. Returns one line saying
-        what differs from this data's own statistics, None when nothing does."""
-        if not same_data:
-            return None
+        """Go on with the normalisation the resumed model was trained with: the checkpoint's ``recorded`` one, on
+        this data or after an allowed data change (``same_data`` False, see ``same_normalisation_data``: a longer
+        training share, more steps, a fine-tune onto other fields) alike, since the statistics are part of what the
+        model computes and re-scaling its inputs would silently change it. A checkpoint written before they were
+        recorded, on the same data: the statistics over every time step (that version's rule, which read the
+        validation share's steps too); on other data: this data's own (nothing says otherwise). Returns one line
+        saying what differs from this data's own statistics, None when nothing does."""
         if recorded is None:
+            if not same_data:
+                return None
             mean, scale = self._field_stats(0, len(self.ds))
             source = "over every time step, as the version that wrote the checkpoint normalised"
         else:
@@ -111,12 +113,12 @@ class WeatherBatcher:
             if mean.shape != self.mean.shape or scale.shape != self.scale.shape:
                 raise ValueError(f"the checkpoint's {NORMALISATION_KEY} has {mean.numel()} / {scale.numel()} "
                                  f"channels, the data {self.mean.numel()}")
-            source = "as the checkpoint records"
+            source = "as the checkpoint records" + ("" if same_data else "; the data changed since")
         if torch.equal(mean, self.mean) and torch.equal(scale, self.scale):
             return None
         self.mean, self.scale = mean, scale
         return (f"resume: the inputs are normalised with the statistics the checkpoint's model was trained with "
-                f"({source}), not this version's training-share statistics")
+                f"({source}), not this data's own training-share statistics")
 
     def share_normalisation(self, other: "WeatherBatcher") -> None:
         """Normalise as ``other`` does (the validation batcher as the training one, after a resume)."""
