@@ -95,13 +95,16 @@ def refuse_unreachable(address: str, timeout_s: float = 5.0) -> None:
 
 
 def write_missing(files: dict[str, bytes]) -> None:
-    """Write each file (absolute path -> bytes) that does not exist here (temp + rename): the launcher's config copy
-    (run.dir/launched_config.yaml, which the rank command names) on a node whose run.dir is not the launcher's
-    (node-local scratch). A file already there (a shared run.dir: the launcher's own) is left as it is."""
+    """Write each file (absolute path -> bytes) that this node lacks or holds with other bytes (temp + rename): the
+    launcher's config copy (run.dir/launched_config.yaml, which the rank command names) on a node whose run.dir is
+    not the launcher's (node-local scratch). One with the same bytes (a shared run.dir: the launcher's own) is left
+    as it is; one with other bytes is an earlier launch's copy left on that node's scratch, which its ranks would
+    run instead of the config launched now (an edited lr, steps, checkpoint.dir)."""
     for name, data in files.items():
         path = Path(name)
-        if path.exists():
-            continue
+        with contextlib.suppress(FileNotFoundError):
+            if path.read_bytes() == data:
+                continue
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
         tmp.write_bytes(data)

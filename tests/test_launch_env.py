@@ -439,8 +439,8 @@ def test_a_config_edited_between_its_checks_and_its_copy_is_refused(tmp_path, mo
 def test_a_ray_rank_on_a_node_without_the_launchers_run_dir_gets_the_config_copy(tmp_path):
     """Ray ranks on other nodes run `dist_train run <run.dir>/launched_config.yaml`: with run.dir on node-local
     scratch that file exists only on the launcher's node, and the ranks there failed at start (they used to read
-    the config file). Each Ray actor writes the copy it is handed where its node lacks it; one already there (a
-    shared run.dir: the launcher's own) is left as it is."""
+    the config file). Each Ray actor writes the copy it is handed where its node lacks it or holds other bytes (an
+    earlier launch's, left on the scratch); one with the same bytes (a shared run.dir: the launcher's own) is left."""
     copy = tmp_path / "node2_scratch" / "run" / LAUNCHED_CONFIG
     text = b"run: {name: e}\n"
     check = f"import sys; sys.exit(0 if open({str(copy)!r}, 'rb').read() == {text!r} else 1)"
@@ -450,8 +450,12 @@ def test_a_ray_rank_on_a_node_without_the_launchers_run_dir_gets_the_config_copy
     while (code := actor.poll()["code"]) is None and time.monotonic() < deadline:
         time.sleep(0.05)
     assert code == 0
-    write_missing({str(copy): b"other"})
-    assert copy.read_bytes() == text
+    inode = copy.stat().st_ino
+    write_missing({str(copy): text})
+    assert copy.stat().st_ino == inode  # the same bytes (a shared run.dir's copy, the launcher's own): left as it is
+    # an earlier launch's copy left on the node's scratch: its ranks ran it instead of the config launched now
+    write_missing({str(copy): b"run: {name: edited}\n"})
+    assert copy.read_bytes() == b"run: {name: edited}\n"
 
 
 def test_every_start_of_a_submitted_job_runs_the_config_as_submitted(tmp_path, monkeypatch):
