@@ -30,6 +30,7 @@ from .config import Config, ConfigError
 from .cost import memory_model, model_params, rank_inputs
 from .data.datasets import IndexedTokenDataset, same_data_message, split_part, training_digest, training_tokenizer
 from .data.documents import resolve_eod_id, unknown_eod_message
+from .data.fingerprint import comparable_digest
 from .data.integrity import check_indexed_dataset
 from .data.sidecar import other_tokenizer_message
 from .data.tokenizer import get_tokenizer
@@ -272,7 +273,8 @@ def check_resume_matches(cfg: Config, ckpt: Path, manifest: dict) -> None:
     """The checkpoint the ranks will resume from (``manifest``: its verified manifest body) was saved with this
     model config and dataset (or the differences are allowed): the trainer's checks (checkpoint/compat.py),
     here before any rank starts."""
-    extra, digest = saved_extra(json.loads((ckpt / mf.TRAIN_STATE).read_text())), _train_digest(cfg)
+    extra = saved_extra(json.loads((ckpt / mf.TRAIN_STATE).read_text()))
+    digest = comparable_digest(trained_digest(extra), _train_digest(cfg), cfg.data.path)
     tokenizer = _train_tokenizer(cfg)
     try:
         changes = compat.check_config(ckpt, manifest.get("config"), cfg.to_dict(),

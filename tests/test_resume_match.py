@@ -381,6 +381,35 @@ def test_a_dataset_moved_to_another_path_resumes_and_other_text_there_is_refused
         train(tiny_gpt_config(run, steps=4, data={**data, "path": str(other)}, model=model))
 
 
+def test_a_dataset_of_an_older_sidecar_prepared_again_elsewhere_resumes(tmp_path):
+    """A run on a dataset whose sidecar records no digest (prepared before digests, as the demo's data_cache) records
+    the sampled fingerprint; the same text prepared again at another path has a sidecar digest, a fingerprint of
+    the other kind, and the resume was refused as a data.path change though the files are byte-identical. The new
+    dataset's sampled fingerprint is compared instead; other text there is still refused."""
+    docs, old = tmp_path / "docs.jsonl", tmp_path / "old" / "ds"
+    old.parent.mkdir()
+    docs.write_text("\n".join(json.dumps({"text": t * 40}) for t in ("alpha ", "beta gamma ", "delta\n")))
+    prepare_indexed([docs], str(old))
+    sidecar = Path(f"{old}.meta.json")
+    sidecar.write_text(json.dumps({k: v for k, v in json.loads(sidecar.read_text()).items()
+                                   if k not in ("digest", "tokenizer_fingerprint")}))  # an older version's sidecar
+    model, run = {"vocab_size": 257}, tmp_path / "run"
+    data = {"source": "indexed", "path": str(old), "seq_len": 32}
+    train(tiny_gpt_config(run, steps=2, data=data, model=model, checkpoint={"at_end": True}))
+    again = tmp_path / "again" / "ds"
+    again.parent.mkdir()
+    prepare_indexed([docs], str(again))
+    moved = tiny_gpt_config(run, steps=3, data={**data, "path": str(again)}, model=model, checkpoint={"at_end": True})
+    preflight(moved, on_cuda=False)
+    assert train(moved).start_step == 2
+    docs.write_text("\n".join(json.dumps({"text": t * 40}) for t in ("omega ", "beta delta ", "gamma\n")))
+    other = tmp_path / "other" / "ds"
+    other.parent.mkdir()
+    prepare_indexed([docs], str(other))
+    with pytest.raises(ConfigError, match=r"data.path '.*again/ds' -> '.*other/ds'; resume refused"):
+        preflight(tiny_gpt_config(run, steps=4, data={**data, "path": str(other)}, model=model), on_cuda=False)
+
+
 def test_weather_data_replaced_at_the_same_path_is_refused(tmp_path):
     """The Swin's weather directory re-prepared with more time steps: another sample count, another order."""
     run, weather = tmp_path / "run", tmp_path / "weather"

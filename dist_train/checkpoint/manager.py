@@ -51,6 +51,7 @@ from dist_train.checkpoint.state import (HostStager, StateAdapter, TorchStateAda
                                          join_state, restore_rng, split_state, to_json)
 from dist_train.checkpoint.storage import (RAW_FORMAT, CheckpointError, ChecksumWriter, CorruptCheckpointError,
                                           SafeReader, fsync_dir, write_file_durable)
+from dist_train.data.fingerprint import comparable_digest
 
 log = logging.getLogger("dist_train.checkpoint")
 
@@ -645,17 +646,18 @@ class CheckpointManager:
             body = mf.read_manifest(ckpt)
         ts = json.loads((ckpt / mf.TRAIN_STATE).read_text())
         extra, allowed = saved_extra(ts), getattr(self.cfg, "allow_config_change", None) or ()
+        data_path = (self.config.get("data") or {}).get("path")
+        digest = comparable_digest(trained_digest(extra), self.data_digest, data_path)
         self.config_changes = compat.check_config(ckpt, body.get("config"), self.config, allowed,
-                                                  consumed_samples(extra), trained_digest(extra), self.data_digest,
+                                                  consumed_samples(extra), trained_digest(extra), digest,
                                                   trained_tokenizer(extra), self.data_tokenizer)
         if self.rank == 0 and self.config.get("model") and not (body.get("config") or {}).get("model"):
             log.warning("checkpoint %s records no model config (`ckpt convert --from dcp` without --config): its "
                         "weights load into model.* as configured now, and nothing checks the keys that change the "
                         "function without changing a tensor's shape (rope_theta, rope_scaling, norm_eps, "
                         "attention_window); convert it again with --config to record them", ckpt)
-        compat.check_dataset(ckpt, extra, self.data_samples, allowed, (self.config.get("data") or {}).get("path"),
-                             self.config_changes, self.data_digest)
-        compat.check_tokenizer(ckpt, extra, self.data_tokenizer, allowed, (self.config.get("data") or {}).get("path"))
+        compat.check_dataset(ckpt, extra, self.data_samples, allowed, data_path, self.config_changes, digest)
+        compat.check_tokenizer(ckpt, extra, self.data_tokenizer, allowed, data_path)
         with_optim = optimizer is not None and "optim" in body["contents"]
         # a checkpoint without optimizer state (e.g. converted from HF) leaves the optimizer untouched —
         # in particular not initialised by get_state_dict's zero-gradient step

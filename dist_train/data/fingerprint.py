@@ -31,6 +31,16 @@ def digest_kind(digest: Optional[str]) -> Optional[str]:
     return digest.split(":", 1)[0] if digest else None
 
 
+def comparable_digest(saved: Optional[str], current: Optional[str], prefix: Optional[str]) -> Optional[str]:
+    """The identity of the dataset at ``prefix`` to compare with a checkpoint's ``saved`` one: ``current`` (its
+    sidecar's digest, else its sampled fingerprint), except when the checkpoint recorded a sampled fingerprint (its
+    dataset had no sidecar digest) and this one has a sidecar digest: then this dataset's sampled fingerprint, so
+    the same files prepared again with a newer version (a sidecar digest now) are still known to be the same."""
+    if saved and current and prefix and digest_kind(saved) == KIND != digest_kind(current):
+        return dataset_fingerprint(prefix)
+    return current
+
+
 def _hash_file(h: "xxhash.xxh3_64", path: Path) -> None:
     """Feed ``h`` the file's kind (extension) and size, then SAMPLES blocks of BLOCK bytes at evenly spaced offsets
     from 0 to size - BLOCK (a file shorter than a block is read whole each time: still deterministic)."""
