@@ -6,7 +6,7 @@ import pytest
 
 from dist_train.cli import main
 from dist_train.data.sidecar import dataset_tokenizer, other_tokenizer_message, read_sidecar, sidecar_path
-from dist_train.data.tokenizer import HFTokenizer, tokenizer_fingerprint
+from dist_train.data.tokenizer import HFTokenizer, fingerprints_differ, tokenizer_fingerprint
 
 tokenizers = pytest.importorskip("tokenizers")
 
@@ -124,7 +124,7 @@ def test_two_tokenizers_of_equal_size_and_eod_are_told_apart_by_their_fingerprin
     one, two = read_sidecar(tmp_path / "one"), read_sidecar(tmp_path / "two")
     assert (one["vocab_size"], one["eod_id"]) == (two["vocab_size"], two["eod_id"]) == (5, 4)
     assert one["tokenizer_fingerprint"] == tokenizer_fingerprint(ab) != tokenizer_fingerprint(ba)
-    assert one["tokenizer_fingerprint"].startswith("sha256:") and dataset_tokenizer(tmp_path / "two") == two[
+    assert one["tokenizer_fingerprint"].startswith("vocab-sha256:") and dataset_tokenizer(tmp_path / "two") == two[
         "tokenizer_fingerprint"]
     refusal = other_tokenizer_message(tmp_path / "one", tmp_path / "two", "data.path", "data.valid_path")
     assert refusal and "\n" not in refusal and one["tokenizer_fingerprint"] in refusal
@@ -140,3 +140,32 @@ def test_two_tokenizers_of_equal_size_and_eod_are_told_apart_by_their_fingerprin
     sidecar_path(tmp_path / "two").write_text(json.dumps(two))
     assert dataset_tokenizer(tmp_path / "two") is None
     assert other_tokenizer_message(tmp_path / "one", tmp_path / "two", "data.path", "data.valid_path") is None
+
+
+def test_the_same_tokenizer_in_another_tokenizers_versions_format_keeps_its_fingerprint(tmp_path):
+    """A hub tokenizer.json written by an older `tokenizers` (BPE merges as "a b" strings, no ignore_merges) and the
+    same tokenizer re-saved by the installed one (merges as pairs, fields added) encode alike: their fingerprints were
+    the digests of the two files' JSON, so an HF import and data prepared with the re-saved file were refused as two
+    tokenizers. The fingerprint is the id -> token table's; ids naming other tokens still differ, and a first-version
+    whole-file fingerprint is not compared with it (``byte`` always is)."""
+    tokenizers = pytest.importorskip("tokenizers")
+    vocab = {"<unk>": 0, "a": 1, "b": 2, "ab": 3, "</s>": 4}
+    tok = tokenizers.Tokenizer(tokenizers.models.BPE(vocab=vocab, merges=[("a", "b")], unk_token="<unk>"))
+    tok.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+    tok.save(str(tmp_path / "new.json"))
+    body = json.loads((tmp_path / "new.json").read_text())
+    body["model"]["merges"] = ["a b"]
+    body["model"].pop("ignore_merges")
+    (tmp_path / "old.json").write_text(json.dumps(body))
+    old = tokenizers.Tokenizer.from_file(str(tmp_path / "old.json"))
+    assert old.encode("ab a b").ids == tok.encode("ab a b").ids == [3, 1, 2]
+    assert tokenizer_fingerprint(tmp_path / "old.json") == tokenizer_fingerprint(tmp_path / "new.json")
+    assert tokenizer_fingerprint(tmp_path / "new.json").startswith("vocab-sha256:")
+    body["model"]["vocab"] = {"<unk>": 0, "b": 1, "a": 2, "ab": 3, "</s>": 4}
+    (tmp_path / "swapped.json").write_text(json.dumps(body))
+    assert tokenizer_fingerprint(tmp_path / "swapped.json") != tokenizer_fingerprint(tmp_path / "old.json")
+    mine = tokenizer_fingerprint(tmp_path / "old.json")
+    assert fingerprints_differ(mine, tokenizer_fingerprint(tmp_path / "swapped.json"))
+    assert not fingerprints_differ(mine, mine) and not fingerprints_differ(mine, None)
+    assert not fingerprints_differ(mine, "sha256:0123456789abcdef")  # the first version's kind: not comparable
+    assert fingerprints_differ(mine, "byte") and fingerprints_differ("sha256:0123456789abcdef", "byte")

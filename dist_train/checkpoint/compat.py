@@ -22,6 +22,7 @@ from dist_train.checkpoint.storage import CheckpointError
 from dist_train.config import (RESUME_CHECKED_KEYS, RESUME_DATA_ORDER_KEYS, ModelConfig, attention_head_dim,
                                ffn_hidden_size, resume_unread_keys, swin_ffn_hidden_size)
 from dist_train.data.fingerprint import digest_kind
+from dist_train.data.tokenizer import fingerprints_differ
 
 #: Config keys a checkpoint must agree on: every key of these sections, and these single keys.
 CHECKED_SECTIONS = ("model",)
@@ -95,13 +96,15 @@ def config_differences(saved: Mapping[str, Any], current: Mapping[str, Any],
     caller). When both are known and equal, data.path is no change: the same text the run trained on, whatever
     path it was named by then (moved, copied to local disk, or named relative instead of absolute).
     ``saved_tokenizer``: the checkpoint's ``train_tokenizer``; ``current_tokenizer``: the fingerprint the dataset's
-    sidecar records. When both are known, they decide and data.tokenizer's text is not compared: equal, the same
+    sidecar records. When both are known (and comparable: ``fingerprints_differ``), they decide and data.tokenizer's
+    text is not compared: equal, the same
     tokenizer, whatever path (or leftover ``byte``, which only builds missing data) names it; different,
     :func:`check_tokenizer` refuses naming both (allowed by the same key, data.tokenizer)."""
     skip = (set(RESUME_DATA_ORDER_KEYS) if consumed_samples == 0 else set()) | unread_keys(current)
     if saved_digest and saved_digest == current_digest:
         skip.add("data.path")
-    if saved_tokenizer and current_tokenizer:
+    if saved_tokenizer and current_tokenizer and (saved_tokenizer == current_tokenizer
+                                                  or fingerprints_differ(saved_tokenizer, current_tokenizer)):
         skip.add("data.tokenizer")
     saved, current = _sizes_as_built(saved), _sizes_as_built(current)
     out = []
@@ -200,7 +203,7 @@ def check_tokenizer(ckpt: Path, extra: Mapping[str, Any], tokenizer: Optional[st
     at step 0 (a new corpus is fine, other token meanings are not). Compared only when both sides are known (older
     checkpoints and sidecars record none); allowed with ``allow_config_change: [data.tokenizer]``."""
     saved = extra.get("train_tokenizer")
-    if not saved or not tokenizer or saved == tokenizer or "data.tokenizer" in set(allowed):
+    if not fingerprints_differ(saved, tokenizer) or "data.tokenizer" in set(allowed):
         return
     raise ResumeMismatchError(f"checkpoint {ckpt} holds a model of tokenizer {saved}, but data.path {path} was "
                               f"prepared with tokenizer {tokenizer}: its token ids would mean other tokens to the "

@@ -43,7 +43,7 @@ from dist_train.checkpoint.storage import CheckpointError, SafeReader
 from dist_train.config import (LLAMA3_ROPE_KEYS, CheckpointConfig, ConfigError, ModelConfig, attention_head_dim,
                                ffn_hidden_size, validate_rope_scaling)
 from dist_train.data.sidecar import read_sidecar
-from dist_train.data.tokenizer import BYTE_FINGERPRINT, tokenizer_fingerprint
+from dist_train.data.tokenizer import BYTE_FINGERPRINT, fingerprints_differ, tokenizer_fingerprint
 from dist_train.models.gpt import rope_inv_freq
 
 PathLike = Union[str, Path]
@@ -283,7 +283,7 @@ def tokenizer_source(tokenizer: Optional[str], out: Path, data_path: Optional[st
     present = out / TOKENIZER_FILE
     if tokenizer and present.is_file():
         found = tokenizer_fingerprint(present)
-        if found != tokenizer:
+        if fingerprints_differ(found, tokenizer):
             raise ValueError(f"{present}: tokenizer {found}, but checkpoint {ckpt} holds a model of tokenizer "
                              f"{tokenizer}: its ids would be read as other tokens; export into another directory, or "
                              "put the model's tokenizer.json there")

@@ -18,6 +18,8 @@ import os
 from pathlib import Path
 from typing import Optional, Union
 
+from .tokenizer import fingerprints_differ
+
 FORMAT = "dist-train-dataset/1"
 SUFFIX = ".meta.json"
 REQUIRED = ("tokenizer", "vocab_size", "eod_id", "max_token_id")
@@ -83,11 +85,12 @@ def other_tokenizer_message(prefix: Union[str, Path], other: Union[str, Path], w
         return meta["tokenizer"] == "byte", int(meta["vocab_size"]), int(meta["eod_id"])
 
     prints = a.get("tokenizer_fingerprint"), b.get("tokenizer_fingerprint")
-    if identity(a) == identity(b) and (None in prints or prints[0] == prints[1]):
+    differ = fingerprints_differ(*prints)
+    if identity(a) == identity(b) and not differ:
         return None
 
     def described(meta: dict) -> str:
-        known = f", fingerprint {meta['tokenizer_fingerprint']}" if None not in prints and len(set(prints)) == 2 else ""
+        known = f", fingerprint {meta['tokenizer_fingerprint']}" if differ else ""
         return f"tokenizer {meta['tokenizer']} (vocabulary {meta['vocab_size']}, EOD id {meta['eod_id']}{known})"
 
     return (f"{other_what} = {other} was prepared with {described(b)} but {what} = {prefix} with {described(a)}: "

@@ -5,10 +5,10 @@ The end-of-document (EOD) id separates documents in a prepared dataset. An HF to
 first of the usual names (``</s>``, ``<|endoftext|>``, ``<|end_of_text|>``, ``<eos>``) in the vocabulary;
 without any of them preparation refuses rather than reuse an ordinary token as the separator.
 
-A tokenizer's fingerprint (:func:`tokenizer_fingerprint`) names its definition: ``"byte"`` for the byte tokenizer,
-``"sha256:<16 hex>"`` of a tokenizer.json's canonical JSON (keys sorted, no whitespace) otherwise. Two files of equal
-vocabulary size and EOD id that map ids to other tokens get different fingerprints; the same file re-saved (key
-order, indentation) keeps its own. The dataset sidecar and checkpoints record it, so data of another tokenizer is
+A tokenizer's fingerprint (:func:`tokenizer_fingerprint`) names which token each id means: ``"byte"`` for the byte
+tokenizer, ``"vocab-sha256:<16 hex>"`` of a tokenizer.json's id -> token table otherwise. Two files of equal
+vocabulary size and EOD id that map ids to other tokens get different fingerprints; the same tokenizer re-saved (key
+order, indentation, another `tokenizers` version's format) keeps its own. The dataset sidecar and checkpoints record it, so data of another tokenizer is
 told apart from the model's.
 """
 from __future__ import annotations
@@ -23,15 +23,50 @@ BYTE_FINGERPRINT = "byte"
 
 
 def tokenizer_fingerprint(path: Union[str, Path]) -> str:
-    """``"sha256:<16 hex>"`` of the tokenizer.json at ``path``, canonicalised (sorted keys, compact separators), so
-    formatting does not count and every vocabulary entry, merge, normaliser and post-processor does. ValueError (one
+    """``"vocab-sha256:<16 hex>"`` of the tokenizer.json at ``path``: the SHA-256 of its id -> token table (the
+    model's vocabulary and the added tokens, as canonical JSON), which is what a model's ids mean. Formatting, key
+    order and the serialisation a `tokenizers` version writes (merges as "a b" strings or as pairs, fields newer
+    versions add with their defaults) do not count, so a hub file and the same tokenizer re-saved by
+    ``save_pretrained`` agree; which token an id names does. A file whose model has no vocabulary table:
+    ``"sha256:<16 hex>"`` of the whole canonical JSON (the first version's fingerprint of every file). ValueError (one
     line) when the file is not JSON."""
     try:
         body = json.loads(Path(path).read_bytes())
     except (OSError, ValueError) as e:
         raise ValueError(f"tokenizer {path}: cannot be read as JSON ({e})") from None
-    canonical = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
-    return "sha256:" + hashlib.sha256(canonical).hexdigest()[:16]
+    table = _id_table(body)
+    kind, named = ("vocab-sha256", table) if table is not None else ("sha256", body)
+    canonical = json.dumps(named, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    return f"{kind}:" + hashlib.sha256(canonical).hexdigest()[:16]
+
+
+def _id_table(body: object) -> Optional[dict]:
+    """``{"vocab": [[id, token], ...], "added": [[id, token], ...]}`` (sorted by id) of a tokenizer.json's body:
+    a BPE/WordPiece/WordLevel ``model.vocab`` maps token -> id, a Unigram one lists [token, score] in id order.
+    None when there is no such table."""
+    model = body.get("model") if isinstance(body, dict) else None
+    vocab = model.get("vocab") if isinstance(model, dict) else None
+    try:
+        if isinstance(vocab, dict):
+            pairs = sorted((int(i), str(t)) for t, i in vocab.items())
+        elif isinstance(vocab, list):
+            pairs = [(i, str(entry[0])) for i, entry in enumerate(vocab)]
+        else:
+            return None
+        added = sorted((int(t["id"]), str(t["content"])) for t in body.get("added_tokens") or [])
+    except (TypeError, ValueError, KeyError, IndexError):
+        return None
+    return {"vocab": pairs, "added": added}
+
+
+def fingerprints_differ(a: Optional[str], b: Optional[str]) -> bool:
+    """Whether two recorded tokenizer fingerprints name different tokenizers, as far as they can tell: both known,
+    and of one kind (``byte`` against a file's always is); a ``sha256:`` of the first version (whole file) and a
+    ``vocab-sha256:`` are not compared, as two digest kinds of a dataset are not."""
+    if not a or not b or a == b:
+        return False
+    kinds = {x.split(":", 1)[0] for x in (a, b)}
+    return len(kinds) == 1 or BYTE_FINGERPRINT in kinds
 
 
 class Tokenizer(Protocol):
