@@ -357,57 +357,46 @@ def _bytes_read() -> int:
     return int(io["rchar"])
 
 
-def test_a_dataset_moved_to_another_path_resumes_and_other_text_there_is_refused(tmp_path):
+def _prepare_docs(docs: Path, prefix: Path, texts: tuple[str, ...]) -> None:
+    """``texts`` (each repeated 40 times) as the documents of ``docs`` (JSONL), prepared into ``prefix``."""
+    prefix.parent.mkdir(exist_ok=True)
+    docs.write_text("\n".join(json.dumps({"text": t * 40}) for t in texts))
+    prepare_indexed([docs], str(prefix))
+
+
+@pytest.mark.parametrize("how", ["moved", "prepared_again_after_an_older_sidecar"])
+def test_a_dataset_moved_to_another_path_resumes_and_other_text_there_is_refused(tmp_path, how):
     """The same prepared files under a new data.path (moved to local disk, say): the token digest the checkpoint
     recorded proves it is the text the run trained on, so the resume goes ahead without allow_config_change.
-    Other text at the new path is still a data.path change, refused in one line."""
-    docs, old = tmp_path / "docs.jsonl", tmp_path / "old" / "ds"
-    old.parent.mkdir()
-    docs.write_text("\n".join(json.dumps({"text": t * 40}) for t in ("alpha ", "beta gamma ", "delta\n")))
-    prepare_indexed([docs], str(old))
+    Other text at the new path is still a data.path change, refused in one line. prepared_again_after_an_older_sidecar:
+    a run on a dataset whose sidecar records no digest (prepared before digests, as the demo's data_cache) records the
+    sampled fingerprint; the same text prepared again elsewhere has a sidecar digest, a digest of the other kind, and
+    the resume was refused as a data.path change though the files are byte-identical: the new dataset's sampled
+    fingerprint is compared instead."""
+    docs, old, new, texts = tmp_path / "docs.jsonl", tmp_path / "old" / "ds", tmp_path / "new" / "ds", (
+        "alpha ", "beta gamma ", "delta\n")
+    _prepare_docs(docs, old, texts)
+    if how != "moved":
+        sidecar = Path(f"{old}.meta.json")
+        sidecar.write_text(json.dumps({k: v for k, v in json.loads(sidecar.read_text()).items()
+                                       if k not in ("digest", "tokenizer_fingerprint")}))  # an older version's sidecar
     model, run = {"vocab_size": 257}, tmp_path / "run"
     data = {"source": "indexed", "path": str(old), "seq_len": 32}
     train(tiny_gpt_config(run, steps=2, data=data, model=model, checkpoint={"at_end": True}))
-    new = tmp_path / "new" / "ds"
-    shutil.move(str(old.parent), str(new.parent))
+    if how == "moved":
+        shutil.move(str(old.parent), str(new.parent))
+    else:
+        _prepare_docs(docs, new, texts)
     moved = tiny_gpt_config(run, steps=3, data={**data, "path": str(new)}, model=model, checkpoint={"at_end": True})
     preflight(moved, on_cuda=False)
     assert train(moved).start_step == 2
-    docs.write_text("\n".join(json.dumps({"text": t * 40}) for t in ("omega ", "beta delta ", "gamma\n")))
-    other = tmp_path / "other" / "ds"
-    other.parent.mkdir()
-    prepare_indexed([docs], str(other))
-    with pytest.raises(ResumeMismatchError, match=r"data.path '.*new/ds' -> '.*other/ds'; resume refused"):
-        train(tiny_gpt_config(run, steps=4, data={**data, "path": str(other)}, model=model))
-
-
-def test_a_dataset_of_an_older_sidecar_prepared_again_elsewhere_resumes(tmp_path):
-    """A run on a dataset whose sidecar records no digest (prepared before digests, as the demo's data_cache) records
-    the sampled fingerprint; the same text prepared again at another path has a sidecar digest, a fingerprint of
-    the other kind, and the resume was refused as a data.path change though the files are byte-identical. The new
-    dataset's sampled fingerprint is compared instead; other text there is still refused."""
-    docs, old = tmp_path / "docs.jsonl", tmp_path / "old" / "ds"
-    old.parent.mkdir()
-    docs.write_text("\n".join(json.dumps({"text": t * 40}) for t in ("alpha ", "beta gamma ", "delta\n")))
-    prepare_indexed([docs], str(old))
-    sidecar = Path(f"{old}.meta.json")
-    sidecar.write_text(json.dumps({k: v for k, v in json.loads(sidecar.read_text()).items()
-                                   if k not in ("digest", "tokenizer_fingerprint")}))  # an older version's sidecar
-    model, run = {"vocab_size": 257}, tmp_path / "run"
-    data = {"source": "indexed", "path": str(old), "seq_len": 32}
-    train(tiny_gpt_config(run, steps=2, data=data, model=model, checkpoint={"at_end": True}))
-    again = tmp_path / "again" / "ds"
-    again.parent.mkdir()
-    prepare_indexed([docs], str(again))
-    moved = tiny_gpt_config(run, steps=3, data={**data, "path": str(again)}, model=model, checkpoint={"at_end": True})
-    preflight(moved, on_cuda=False)
-    assert train(moved).start_step == 2
-    docs.write_text("\n".join(json.dumps({"text": t * 40}) for t in ("omega ", "beta delta ", "gamma\n")))
-    other = tmp_path / "other" / "ds"
-    other.parent.mkdir()
-    prepare_indexed([docs], str(other))
-    with pytest.raises(ConfigError, match=r"data.path '.*again/ds' -> '.*other/ds'; resume refused"):
-        preflight(tiny_gpt_config(run, steps=4, data={**data, "path": str(other)}, model=model), on_cuda=False)
+    _prepare_docs(docs, tmp_path / "other" / "ds", ("omega ", "beta delta ", "gamma\n"))
+    other = tiny_gpt_config(run, steps=4, data={**data, "path": str(tmp_path / "other" / "ds")}, model=model)
+    refusal = r"data.path '.*new/ds' -> '.*other/ds'; resume refused"
+    with pytest.raises(ConfigError, match=refusal):
+        preflight(other, on_cuda=False)
+    with pytest.raises(ResumeMismatchError, match=refusal):
+        train(other)
 
 
 def test_weather_data_replaced_at_the_same_path_is_refused(tmp_path):
