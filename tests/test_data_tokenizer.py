@@ -135,6 +135,9 @@ def test_two_tokenizers_of_equal_size_and_eod_are_told_apart_by_their_fingerprin
     assert tokenizer_fingerprint(tmp_path / "ab2.json") == tokenizer_fingerprint(ab)
     assert main(["data", "prepare", "--input", str(tmp_path / "d.txt"), "--output", str(tmp_path / "bytes")]) == 0
     assert dataset_tokenizer(tmp_path / "bytes") == "byte"
+    older = {k: v for k, v in read_sidecar(tmp_path / "bytes").items() if k != "tokenizer_fingerprint"}
+    sidecar_path(tmp_path / "bytes").write_text(json.dumps(older))  # before fingerprints: byte is still byte
+    assert dataset_tokenizer(tmp_path / "bytes") == "byte"
     # a sidecar from before fingerprints: unknown, not compared (kind, size and EOD id still are)
     del two["tokenizer_fingerprint"]
     sidecar_path(tmp_path / "two").write_text(json.dumps(two))

@@ -18,7 +18,7 @@ import os
 from pathlib import Path
 from typing import Optional, Union
 
-from .tokenizer import fingerprints_differ
+from .tokenizer import BYTE_FINGERPRINT, fingerprints_differ
 
 FORMAT = "dist-train-dataset/1"
 SUFFIX = ".meta.json"
@@ -66,9 +66,13 @@ def dataset_digest(prefix: Union[str, Path]) -> Optional[str]:
 
 def dataset_tokenizer(prefix: Union[str, Path]) -> Optional[str]:
     """The fingerprint of the tokenizer the dataset at ``prefix`` was prepared with (``"byte"`` or
-    ``"sha256:<hex>"``); None when unknown (no sidecar, or one written before fingerprints were recorded)."""
+    ``"vocab-sha256:<hex>"``); None when unknown (no sidecar, or a tokenizer.json's written before fingerprints were
+    recorded). A sidecar of that age naming the byte tokenizer is ``"byte"``: there is only one (the demo's data_cache
+    prepared then is compared with a model of a tokenizer.json)."""
     body = read_sidecar(prefix)
     value = body.get("tokenizer_fingerprint") if body else None
+    if value is None and body and body.get("tokenizer") == "byte":
+        return BYTE_FINGERPRINT
     return value if isinstance(value, str) and value else None
 
 
