@@ -117,7 +117,7 @@ def _running_elsewhere(path: Path, owner: dict, out) -> Optional[str]:
     print(f"[dist-train] {path}: {describe_owner(owner)} renewed its record {age:.0f} s ago (this machine's clock); "
           f"watching it up to {watch_s:.1f} s for a renewal before taking it over", file=out or sys.stderr, flush=True)
     deadline = time.monotonic() + watch_s
-    while time.monotonic() < deadline:
+    while True:  # the record is read at least once after a wait, however late this process was scheduled
         time.sleep(min(0.5, LEASE_RENEW_S / 5))
         now = read_owner(path.parent, path.name)  # opened again: an NFS client revalidates its cache at open
         if not now:
@@ -126,7 +126,8 @@ def _running_elsewhere(path: Path, owner: dict, out) -> Optional[str]:
             return f"{describe_owner(now)} took it over while this job watched it"
         if now.get("renewed") != renewed:
             return "its record was renewed while this job watched it"
-    return None
+        if time.monotonic() >= deadline:
+            return None
 
 
 class RunLock:

@@ -267,6 +267,26 @@ def test_a_record_stale_by_this_clock_that_is_still_renewed_is_refused(tmp_path,
         assert "watching it up to 0.1 s" in out.getvalue() and "taking over the lock" in out.getvalue(), out.getvalue()
 
 
+def test_a_watch_stalled_past_its_end_still_reads_the_record_once(tmp_path, monkeypatch):
+    """A process descheduled between setting the watch's deadline and its first look (a loaded machine, a short
+    watch) ended the watch without reading the record once and took a running job's lock over. The record is read at
+    least once after a wait: renewed then, refused."""
+    record = {"host": "node7", "pid": 4242, "started": 1000.0, "renewed": 1000.0, "role": "rank 0", "token": "t"}
+    (tmp_path / LOCK_NAME).write_text(json.dumps(record))
+    out, watch_clock = io.StringIO(), []
+
+    def monotonic() -> float:  # the watch's deadline is set at 0; every later look finds it long past
+        if "watching it up to" not in out.getvalue():
+            return 0.0
+        watch_clock.append(None)
+        return 0.0 if len(watch_clock) == 1 else 1e6
+
+    monkeypatch.setattr(runlock.time, "monotonic", monotonic)
+    _renewing_elsewhere(monkeypatch, tmp_path / LOCK_NAME, record)
+    with pytest.raises(RunDirLocked, match=r"pid 4242 on node7 .*renewed while this job watched it"):
+        RunLock.acquire(tmp_path, out=out)
+
+
 def test_each_renewal_reaches_the_file_server(tmp_path, monkeypatch):
     """An NFS client writes a dirty page back up to ~30 s late: unsynced, the renewals of a running job reached the
     server (and the other machines) too late for LEASE_S. Each one is fsynced."""
