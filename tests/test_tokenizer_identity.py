@@ -12,6 +12,7 @@ import torch
 from safetensors import safe_open
 
 from dist_train.checkpoint import hf
+from dist_train.checkpoint.cli import convert
 from dist_train.checkpoint.compat import ResumeMismatchError, check_tokenizer
 from dist_train.checkpoint.manager import saved_extra
 from dist_train.checkpoint.manifest import TRAIN_STATE
@@ -119,7 +120,7 @@ def test_an_hf_import_records_its_tokenizer_and_a_fine_tune_on_other_token_ids_i
     preflight(_config(tmp_path / "ft", ba, resume=str(tmp_path / "bare")), on_cuda=False)
 
 
-def test_an_hf_export_names_and_copies_the_models_tokenizer(tmp_path, prepared):
+def test_an_hf_export_names_and_copies_the_models_tokenizer(tmp_path, prepared, capsys):
     """The export's safetensors metadata names the tokenizer fingerprint; the tokenizer.json of the training data's
     sidecar is copied beside the weights; an output directory already holding another tokenizer.json is refused."""
     ab_tok, ab = prepared["ab"]
@@ -130,6 +131,17 @@ def test_an_hf_export_names_and_copies_the_models_tokenizer(tmp_path, prepared):
     with safe_open(str(out / "model.safetensors"), "pt") as f:
         assert f.metadata()["tokenizer"] == tokenizer_fingerprint(ab_tok)
     assert (out / "tokenizer.json").read_bytes() == Path(ab_tok).read_bytes()
+    assert hf.missing_tokenizer_note(step, out) is None
+    # the tokenizer.json the data was prepared with moved away: nothing to copy, and the export says so
+    moved = Path(ab_tok).rename(tmp_path / "moved.json")
+    try:
+        assert convert(step, tmp_path / "bare", "hf", None) == 0
+        assert not (tmp_path / "bare" / "tokenizer.json").exists()
+        note = capsys.readouterr().err.strip()
+        assert note == hf.missing_tokenizer_note(step, tmp_path / "bare")
+        assert "\n" not in note and tokenizer_fingerprint(moved) in note and "copy that tokenizer.json" in note
+    finally:
+        moved.rename(ab_tok)
     (tmp_path / "taken").mkdir()
     (tmp_path / "taken" / "tokenizer.json").write_bytes(Path(prepared["ba"][0]).read_bytes())
     with pytest.raises(ValueError, match=r"taken/tokenizer.json: tokenizer [\w-]+:\w+, but checkpoint .*step_1 holds a "

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 from dist_train.checkpoint import bridge, hf
@@ -128,6 +129,9 @@ def convert(src: Path, out: Path, to: str | None, frm: str | None, config: str |
         if to == "hf":
             written = hf.to_hf(ckpt, out)
             print(f"wrote {written / 'model.safetensors'} and {written / 'config.json'} from {ckpt}")
+            note = hf.missing_tokenizer_note(ckpt, written)
+            if note:
+                print(note, file=sys.stderr)
         elif to == "dcp":
             print(f"wrote {bridge.to_dcp(ckpt, out)} (stock DCP, model state dict) from {ckpt}")
         else:

@@ -274,6 +274,18 @@ def to_hf(ckpt: PathLike, out: PathLike) -> Path:
     return out
 
 
+def missing_tokenizer_note(ckpt: PathLike, out: Path) -> Optional[str]:
+    """One line when an export in ``out`` lacks the tokenizer.json its model's ids mean (a tokenizer.json fingerprint
+    recorded, but the file the training data's sidecar named was moved or changed, so :func:`to_hf` copied nothing):
+    the exported model would otherwise be handed on without a word about which tokens its ids mean."""
+    tokenizer = trained_tokenizer(saved_extra(json.loads((Path(ckpt) / mf.TRAIN_STATE).read_text())))
+    if not tokenizer or tokenizer == BYTE_FINGERPRINT or (Path(out) / TOKENIZER_FILE).is_file():
+        return None
+    return (f"note: {out} has no {TOKENIZER_FILE}: the model's ids mean the tokens of tokenizer {tokenizer} (named in "
+            f"model.safetensors' metadata), and the file its training data was prepared with is no longer where the "
+            f"data's sidecar says or has changed; copy that tokenizer.json into {out}")
+
+
 def tokenizer_source(tokenizer: Optional[str], out: Path, data_path: Optional[str], ckpt: PathLike) -> Optional[Path]:
     """The tokenizer.json an export of a model of tokenizer fingerprint ``tokenizer`` copies into ``out``: the one
     the sidecar of the training data ``data_path`` names, when it is still there with that fingerprint; None when
