@@ -8,8 +8,8 @@ without any of them preparation refuses rather than reuse an ordinary token as t
 A tokenizer's fingerprint (:func:`tokenizer_fingerprint`) names which token each id means: ``"byte"`` for the byte
 tokenizer, ``"vocab-sha256:<16 hex>"`` of a tokenizer.json's id -> token table otherwise. Two files of equal
 vocabulary size and EOD id that map ids to other tokens get different fingerprints; the same tokenizer re-saved (key
-order, indentation, another `tokenizers` version's format) keeps its own. The dataset sidecar and checkpoints record it, so data of another tokenizer is
-told apart from the model's.
+order, indentation, another `tokenizers` version's format) keeps its own. The dataset sidecar and checkpoints record
+it, so data of another tokenizer is told apart from the model's.
 """
 from __future__ import annotations
 
