@@ -307,7 +307,7 @@ def tokenizer_source(tokenizer: Optional[str], out: Path, data_path: Optional[st
         if named and Path(named).is_file() and tokenizer_fingerprint(named) == tokenizer:
             return Path(named)
     except ValueError:  # an unreadable sidecar or tokenizer: nothing to copy, the metadata still names it
-        pass
+        return None
     return None
 
 
