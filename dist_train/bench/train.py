@@ -28,7 +28,7 @@ import tempfile
 from pathlib import Path
 
 from ..config import load_config, own_checkpoint_overrides
-from ..cost.layout import axis_sizes, rank_coords, stages_of_rank
+from ..cost.layout import axis_sizes, rank_coords, stages_by_rank
 from ..cost.memory import estimate_memory
 from ..plan.profiles import get_profile
 from ..rankstats import ENV as RANK_STATS_ENV
@@ -69,11 +69,13 @@ def _measure(config: str, variant: Variant, threads: int, timeout: float) -> dic
     s0 = results[0]["summary"]
     sizes = axis_sizes(cfg.parallel)
     prof = get_profile("cpu")
+    # one estimate per pipeline rank (the ranks of one pp coordinate hold the same stages), from one layer balancing
+    by_pp = [estimate_memory(cfg, stages, prof) for stages in stages_by_rank(cfg)]
     ranks = []
     for r in range(nproc):
         res = results[r]
         step, comm, data, cpu = (_median_tail(res[k]) for k in ("step_s", "comm_s", "data_s", "cpu_s"))
-        est = estimate_memory(cfg, stages_of_rank(cfg, rank_coords(r, sizes)["pp"]), prof)
+        est = by_pp[rank_coords(r, sizes)["pp"]]
         ranks.append({"rank": r, "step_s": step, "comm_s": comm, "data_s": data, "compute_s": step - comm - data,
                       "cpu_s": cpu,
                       "peak_mem_bytes": res["peak_mem_bytes"], "param_bytes": res["param_bytes"],
