@@ -34,10 +34,10 @@ def _first_step_time(run_dir: Path, attempt: int) -> Optional[float]:
 def _one_run(args: argparse.Namespace, backend: str, work: Path, fault: bool) -> dict:
     run_dir = work / f"{backend}{'_restart' if fault else ''}_{time.time_ns()}"
     steps = max(args.steps, 4) if fault else args.steps
+    sets = [*args.set, f"run.dir={run_dir}", f"train.steps={steps}", "train.progress=false",
+            *own_checkpoint_overrides(run_dir)]
     cmd = [sys.executable, "-m", "dist_train", "launch", args.config, "--backend", backend, "--nproc",
-           str(args.nproc), *sum((["--set", s] for s in args.set), []), "--set", f"run.dir={run_dir}",
-           "--set", f"train.steps={steps}", "--set", "train.progress=false",
-           *sum((["--set", s] for s in own_checkpoint_overrides(run_dir)), [])]
+           str(args.nproc), *(a for s in sets for a in ("--set", s))]
     env = {k: v for k, v in os.environ.items() if not k.startswith("DIST_TRAIN_FAULT")}
     if fault:
         cmd += ["--max-restarts", "1", "--set", "checkpoint.every=1"]
