@@ -121,12 +121,6 @@ def build_batcher(cfg: Config, mesh: Mesh, model: torch.nn.Module, part: str = "
                         documents=document_options(d))
 
 
-def training_samples(batcher) -> Optional[int]:
-    """Samples per epoch of a dataset read from files (indexed tokens, weather), the identity a checkpoint
-    records as ``train_samples``; None for generated (synthetic) data."""
-    return batcher.samples_per_epoch
-
-
 def layout_dict(cfg: Config, world_size: int) -> dict:
     """The parallel layout a checkpoint records (RNG states are restored only into the same one). ``cp_method`` is
     the cp that runs: a swin with cp > 1 runs Ulysses inside windows whatever ``parallel.cp_method`` says
@@ -247,7 +241,8 @@ def _train(cfg: Config, ctx: DistContext) -> TrainResult:
 
     t = cfg.train
     accum = cfg.grad_accum_steps
-    train_samples, train_digest = training_samples(batcher), training_digest(cfg)
+    # the dataset's identity a checkpoint records: samples per epoch of data read from files (None: generated)
+    train_samples, train_digest = batcher.samples_per_epoch, training_digest(cfg)
     train_tokenizer = training_tokenizer(cfg)
     ckpt = CheckpointManager(cfg.checkpoint, run_dir=run_dir, config=cfg.to_dict(),
                              layout=layout_dict(cfg, ctx.world_size), rank=ctx.rank, world_size=ctx.world_size,

@@ -259,7 +259,7 @@ class CheckpointManager:
     ``data_digest``: the token digest of the dataset this run trains on (its sidecar's,
     :func:`dist_train.data.datasets.training_digest`); a checkpoint that recorded the same ``train_digest`` takes
     a changed data.path as the same text under a new name (``compat.config_differences``). ``data_samples``: the
-    samples per epoch of that dataset (``trainer.training_samples``); with ``data_digest``, ``load`` refuses a
+    samples per epoch of that dataset (the batcher's ``samples_per_epoch``); with ``data_digest``, ``load`` refuses a
     dataset re-prepared or replaced under the checkpoint (``compat.check_dataset``) before reading any shard.
     ``data_tokenizer``: the fingerprint of the tokenizer that dataset was prepared with (its sidecar's); ``load``
     refuses one other than the checkpoint's ``train_tokenizer`` (``compat.check_tokenizer``).
