@@ -5,7 +5,7 @@ Functions, one 16-bit cast of each norm output shared by its linears, torch SDPA
 attention), so what a layer keeps is the same tensors in the same dtypes. The dtypes depend on the engine and
 ``train.precision``, not on the device: DDP and the pipeline engine autocast over fp32 parameters (fp32 residual
 stream), FSDP2's ``MixedPrecisionPolicy(param_dtype=bf16)`` and DeepSpeed's bf16 module compute with bf16
-parameters (bf16 stream) — the same code on both devices (``engines/``; ``trainer.autocast_dtype``). The CPU
+parameters (bf16 stream) — the same code on both devices (``engines/``; ``engines.autocast_dtype``). The CPU
 side is counted to the byte in tests/test_gpt_saved_tensors.py; here a GPU profile's estimate is shown to be the
 same function of the element size: every memory component and phase but the baseline equal to the cpu
 profile's for the same config, and equal to what the CPU count holds. A GPU profile that went back to the fused
@@ -107,7 +107,7 @@ def test_gpu_profile_gpt_memory_is_the_cpu_counted_function_of_element_size(gpu,
 
 @pytest.mark.parametrize("gpu", GPUS)
 def test_auto_precision_on_a_gpu_profile_is_bf16(gpu):
-    """train.precision auto trains bf16 autocast on CUDA (``trainer.autocast_dtype``): a GPU profile costs it as the
+    """train.precision auto trains bf16 autocast on CUDA (``engines.autocast_dtype``): a GPU profile costs it as the
     cpu profile costs an explicit bf16, and not as fp32."""
     auto, bf16 = _gpt("auto", "none", {}), _gpt("bf16", "none", {})
     assert _above_baseline(auto, PROFILES[gpu]) == _above_baseline(bf16, CPU)
