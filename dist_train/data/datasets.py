@@ -17,7 +17,7 @@ import torch
 from ..config import Config, parse_split
 from ..megatron_import import import_megatron_core
 from .integrity import check_bin_size, read_index
-from .fingerprint import dataset_fingerprint
+from .fingerprint import dataset_fingerprint, digest_kind
 from .sidecar import dataset_digest, dataset_tokenizer
 
 
@@ -97,7 +97,13 @@ def training_digest(cfg: Config) -> Optional[str]:
     d = cfg.data
     if cfg.model.kind != "gpt" or d.source != "indexed" or not d.path:
         return None
-    return dataset_digest(d.path) or dataset_fingerprint(d.path)
+    return dataset_identity(d.path)
+
+
+def dataset_identity(prefix: str) -> Optional[str]:
+    """The token-stream identity of the indexed dataset at ``prefix``: its sidecar's whole-stream digest, else its
+    sampled fingerprint (a dataset built elsewhere or prepared before digests were recorded)."""
+    return dataset_digest(prefix) or dataset_fingerprint(prefix)
 
 
 def training_tokenizer(cfg: Config) -> Optional[str]:
@@ -112,15 +118,15 @@ def training_tokenizer(cfg: Config) -> Optional[str]:
 
 def same_data_message(path: str, valid_path: str) -> Optional[str]:
     """One line when the held-out dataset ``valid_path`` is the training dataset ``path`` itself — the same ``.bin``
-    file, or an equal token-stream identity (:func:`training_digest`'s: sidecar digest, else fingerprint), e.g. a
+    file, or an equal token-stream identity (:func:`dataset_identity`: sidecar digest, else fingerprint), e.g. a
     copy — so the validation loss would measure training data; None otherwise."""
     if Path(f"{path}.bin").samefile(f"{valid_path}.bin"):
         why = "the same .bin file"
     else:
-        mine = dataset_digest(path) or dataset_fingerprint(path)
-        if mine is None or mine != (dataset_digest(valid_path) or dataset_fingerprint(valid_path)):
+        mine = dataset_identity(path)
+        if mine is None or mine != dataset_identity(valid_path):
             return None
-        why = f"equal {mine.split(':', 1)[0]} digests: a copy"
+        why = f"equal {digest_kind(mine)} digests: a copy"
     return (f"data.valid_path = {valid_path} holds the training data of data.path = {path} ({why}): the validation "
             "loss would measure samples the model trains on; give a held-out dataset, or hold out a share with "
             "data.split instead")
