@@ -49,9 +49,9 @@ def check_bias(bias: Optional[torch.Tensor], heads: int, window: tuple[int, int]
 
 
 def bias_matrix(bias: torch.Tensor, window: tuple[int, int]) -> torch.Tensor:
-    """Relative position bias table [heads, 2wh−1, 2ww−1] → per-window bias [heads, N, N]."""
+    """Relative position bias table [heads, 2wh−1, 2ww−1] → per-window bias [heads, N, N]. The table is its one
+    caller's, :func:`window_attention`, which has checked its shape (:func:`check_bias`, with the head count)."""
     heads = bias.shape[0]
-    check_bias(bias, heads, window)
     idx = relative_position_index(window).to(bias.device)
     return bias.reshape(heads, -1)[:, idx]
 
