@@ -12,7 +12,8 @@ import yaml
 from dist_train.config import check_world_size, config_from_dict, save_config
 from dist_train.cost.flops import (attention_flops_per_key, flops_per_token, matmul_params, model_params,
                                    recompute_flops_per_token, train_flops_per_token)
-from dist_train.cost.memory import memory_model, swin_masked_blocks
+from dist_train.cost.layout import stages_of_rank
+from dist_train.cost.memory import estimate_memory, memory_model, swin_masked_blocks
 from dist_train.cost.predict import predict
 from dist_train.cost.shape import cp_execution, rank_inputs, shape_of
 from dist_train.cost.step_time import EAGER_OPS_PER_LAYER, ULYSSES_OPS, ulysses_traffic
@@ -675,10 +676,6 @@ def test_a_pipeline_micro_batch_is_the_local_batch_split_into_parallel_microbatc
     """The pipeline engine splits the rank's local batch (global_batch / dp) into ``parallel.microbatches``, whatever
     ``train.micro_batch`` says: three configs running the same pp2 step (8 samples in 4 micro-batches of 2) cost the
     same memory and time (they were 2.25, 4.48 and 8.94 MiB of activations: each micro-batch sized at micro_batch)."""
-    from dist_train.cost.layout import stages_of_rank
-    from dist_train.cost.memory import estimate_memory
-    from dist_train.cost.predict import predict
-
     def cfg(micro_batch: int):
         return config_from_dict({"model": {"kind": "gpt", "d_model": 64, "n_layers": 4, "n_heads": 4, "vocab_size": 96},
                                  "data": {"source": "synthetic", "seq_len": 64}, "parallel": {"pp": 2, "microbatches": 4},

@@ -169,10 +169,6 @@ def test_real_two_point_sweep_end_to_end(tmp_path):
 
 def test_every_shipped_sweep_loads_and_expands():
     """The example sweeps in configs/sweeps/ stay valid as their base configs change."""
-    from pathlib import Path
-
-    from dist_train.plan.sweep import expand, load_sweep
-
     files = sorted(Path("configs/sweeps").glob("*.yaml"))
     assert files
     for f in files:
