@@ -261,10 +261,9 @@ class Lifecycle:
             return bool(local)
         import torch
 
-        device = torch.device("cpu")
-        if dist.get_backend(group) == "nccl":
-            device = torch.device("cuda", torch.cuda.current_device())
-        flag = torch.tensor([local], dtype=torch.int32, device=device)
+        from .distributed import collective_device  # imports torch: lazy for the same reason
+
+        flag = torch.tensor([local], dtype=torch.int32, device=collective_device(group))
         dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=group)
         return bool(flag.item())
 
