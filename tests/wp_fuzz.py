@@ -22,6 +22,7 @@ from typing import Optional
 import torch
 
 from parallelism.window import TileLayout, halo_roll, shard_image, window_parallel_attention
+from tests.cp_fuzz import rel_err
 from tests.dist_harness import run_ranks
 from tests.test_wp_attention import swin_reference
 
@@ -76,11 +77,6 @@ def draw(seed: int, world_size: int) -> WDraw:
     return d
 
 
-def _rel(x: torch.Tensor, ref: torch.Tensor) -> float:
-    x, ref = x.detach().double(), ref.detach().double()
-    return float((x - ref).abs().max() / ref.abs().max().clamp_min(1e-3))
-
-
 def run_on_rank(rank: int, d: WDraw) -> list[float]:
     """Errors [out, dq, dk, dv(, dbias)] of this rank's tile against the reference."""
     gen = torch.Generator().manual_seed(d.seed)
@@ -98,7 +94,7 @@ def run_on_rank(rank: int, d: WDraw) -> list[float]:
     ref = swin_reference(*ref_in[:3], window=d.window, shift=d.shift, wrap=d.wrap,
                          bias=ref_in[3] if d.bias else None, scale=d.scale)
     ref_grads = torch.autograd.grad(ref, ref_in, gout)
-    errs = [_rel(out, tile(ref))] + [_rel(g, tile(r)) for g, r in zip(grads[:3], ref_grads[:3])]
+    errs = [rel_err(out, tile(ref))] + [rel_err(g, tile(r)) for g, r in zip(grads[:3], ref_grads[:3])]
     # the model's primitive on the same tiling: halo_roll (and its inverse) is torch.roll, exactly
     layout = TileLayout.build(d.height, d.width, d.grid, d.window)
     for sign, inverse in ((-1, False), (1, True)):
@@ -108,7 +104,7 @@ def run_on_rank(rank: int, d: WDraw) -> list[float]:
         gb = grads[3].clone()
         if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
             torch.distributed.all_reduce(gb)      # a replicated weight's gradient: summed over the ranks
-        errs.append(_rel(gb, ref_grads[3]))
+        errs.append(rel_err(gb, ref_grads[3]))
     return errs
 
 
