@@ -73,6 +73,10 @@ def swin_ffn_hidden_size(m: ModelConfig) -> int:
     return m.ffn_hidden or 4 * m.d_model
 
 
+#: DataConfig's packed-document options (each needs the end-of-document id)
+DOCUMENT_OPTIONS = ("document_mask", "reset_positions", "eod_mask_loss")
+
+
 @dataclass
 class DataConfig:
     source: str = "indexed"  # indexed | synthetic | weather
@@ -91,6 +95,11 @@ class DataConfig:
     eod_id: Optional[int] = None  # EOD token id (null: the dataset sidecar's, else the tokenizer's)
     valid_path: Optional[str] = None  # indexed: a held-out dataset prefix (PREFIX.bin/.idx) for validation
     split: Optional[str] = None  # Megatron --split "train,valid,test" weights of data.path, e.g. "98,2,0"
+
+    @property
+    def document_options_on(self) -> list[str]:
+        """The packed-document options turned on, by name, in the order of :data:`DOCUMENT_OPTIONS` (empty: none)."""
+        return [k for k in DOCUMENT_OPTIONS if getattr(self, k)]
 
 
 @dataclass
@@ -618,7 +627,7 @@ def _unread_fields(cfg: Config) -> list[tuple[str, bool, str]]:
     evaluation.py). Keys that act on nothing at size 1 (cp_layout at cp = 1, sequence_parallel at tp = 1) pass: they
     change nothing a larger layout would read differently."""
     m, d, p, t = cfg.model, cfg.data, cfg.parallel, cfg.train
-    swin, docs = m.kind == "swin", d.document_mask or d.reset_positions or d.eod_mask_loss
+    swin, docs = m.kind == "swin", d.document_options_on
     no_pipeline = f"only the pipeline engine reads it and parallel.pp = {p.pp}"
     weather = (f"a weather-dataset setting and data.source = {d.source} does not read it; remove it (model.kind = "
                "swin trains on data.source = weather)")
@@ -764,7 +773,7 @@ def _validate_data(cfg: Config) -> None:
                           f"{', '.join(c for c in PREPARE_CORPORA if c)}")
     if d.image is not None:
         _check_int_list("data.image", d.image, 2, 1, "[H, W] (two positive integers) or null")
-    docs = [k for k in ("document_mask", "reset_positions", "eod_mask_loss") if getattr(d, k)]
+    docs = d.document_options_on
     if docs and cfg.model.kind != "gpt":
         raise ConfigError(f"data.{docs[0]} = true with model.kind = {cfg.model.kind}: packed documents apply to "
                           "token sequences (model.kind = gpt); Swin windows have no documents")

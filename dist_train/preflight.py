@@ -161,7 +161,7 @@ def check_end_of_document(cfg: Config) -> None:
     inside the vocabulary: one outside it (the byte tokenizer's 256 under model.vocab_size = 64) never occurs, and
     the option would silently do nothing."""
     d = cfg.data
-    if cfg.model.kind != "gpt" or not (d.document_mask or d.reset_positions or d.eod_mask_loss):
+    if cfg.model.kind != "gpt" or not d.document_options_on:
         return
     unknown = unknown_eod_message(d)
     if unknown:
@@ -171,7 +171,7 @@ def check_end_of_document(cfg: Config) -> None:
     except ValueError:  # an unreadable sidecar or tokenizer: check_data's refusal, or the trainer's
         return
     if eod >= cfg.model.vocab_size:
-        option = next(k for k in ("document_mask", "reset_positions", "eod_mask_loss") if getattr(d, k))
+        option = d.document_options_on[0]
         raise ConfigError(f"data.{option}: the end-of-document id {eod} (data.eod_id null: the dataset's, else the "
                           f"tokenizer's) is outside model.vocab_size = {cfg.model.vocab_size}, so no document would "
                           "ever end; set data.eod_id to a token id the data holds")

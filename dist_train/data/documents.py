@@ -46,7 +46,7 @@ def unknown_eod_message(d: DataConfig) -> Optional[str]:
         return None
     if not (Path(f"{d.path}.bin").is_file() and Path(f"{d.path}.idx").is_file()) or read_sidecar(d.path) is not None:
         return None  # to be prepared (its sidecar will hold the byte tokenizer's id), or the sidecar says it
-    option = next((k for k in ("document_mask", "reset_positions", "eod_mask_loss") if getattr(d, k)), "document_mask")
+    option = (d.document_options_on or ["document_mask"])[0]
     return (f"data.{option}: data.path = {d.path} has no sidecar ({sidecar_path(d.path).name}: built elsewhere) to say "
             "which id ends a document, and the byte tokenizer's 256 may be an ordinary token of its vocabulary; set "
             "data.eod_id (e.g. 50256 for GPT-2's <|endoftext|>, 256 for byte-level data)")
@@ -68,7 +68,7 @@ def resolve_eod_id(d: DataConfig) -> int:
 
 def document_options(d: DataConfig) -> Optional[DocumentOptions]:
     """The batcher's document options for ``data`` (None when no document option is on)."""
-    if not (d.document_mask or d.reset_positions or d.eod_mask_loss):
+    if not d.document_options_on:
         return None
     return DocumentOptions(resolve_eod_id(d), d.document_mask, d.reset_positions, d.eod_mask_loss)
 
