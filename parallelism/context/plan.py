@@ -130,7 +130,7 @@ def pair_blocks(q_chunks: tuple[Chunk, ...], k_chunks: tuple[Chunk, ...], causal
             prev = row[-1] if row else None
             if (prev is not None and m.kind == "full" and prev.mask.kind == "full" and prev.k_hi == k_off):
                 blk = Block(q_off, q_off + qc.length, prev.k_lo, k_off + kc.length,
-                            _fused(prev.mask, m, prev.mask.allowed + m.allowed))
+                            _fused(prev.mask, m))
                 row[-1] = blk
             else:
                 row.append(blk)
@@ -142,17 +142,17 @@ def pair_blocks(q_chunks: tuple[Chunk, ...], k_chunks: tuple[Chunk, ...], causal
                 and (max_rows is None or row[0].q_hi - prev.q_lo <= max_rows)
                 and (prev.k_lo, prev.k_hi) == (row[0].k_lo, row[0].k_hi) and prev.q_hi == row[0].q_lo):
             b = row[0]
-            out[-1] = Block(prev.q_lo, b.q_hi, b.k_lo, b.k_hi, _fused(prev.mask, b.mask, prev.mask.allowed + b.mask.allowed))
+            out[-1] = Block(prev.q_lo, b.q_hi, b.k_lo, b.k_hi, _fused(prev.mask, b.mask))
         else:
             out.extend(row)
     return tuple(out)
 
 
-def _fused(a: BlockMask, b: BlockMask, allowed: int) -> BlockMask:
+def _fused(a: BlockMask, b: BlockMask) -> BlockMask:
     # A fused block is full, so its chunks are never used to build a mask; keep the first ones.
-    # ``allowed`` is the parts' sum, not the fused area: with per-sample documents a full block's
+    # Its allowed count is the parts' sum, not the fused area: with per-sample documents a full block's
     # count is summed over the document rows (masks.py), and the area would drop that factor.
-    return BlockMask("full", a.q, a.k, a.causal, a.window, allowed)
+    return BlockMask("full", a.q, a.k, a.causal, a.window, a.allowed + b.allowed)
 
 
 @dataclass(frozen=True)
