@@ -10,7 +10,6 @@ a traceback from every rank after start-up (docs/launching.md, "What each failur
 """
 from __future__ import annotations
 
-import json
 import tempfile
 from pathlib import Path
 from typing import Optional
@@ -22,8 +21,8 @@ from parallelism.context.kernels import get_kernel
 from .checkpoint import compat
 from .checkpoint import manifest as mf
 from .checkpoint.foreign import describe_foreign_tree
-from .checkpoint.manager import (checkpoint_root, consumed_samples, effective_resume, newer_checkpoints_message,
-                                 occupied_message, resume_candidates, saved_extra, trained_digest,
+from .checkpoint.manager import (checkpoint_extra, checkpoint_root, consumed_samples, effective_resume,
+                                 newer_checkpoints_message, occupied_message, resume_candidates, trained_digest,
                                  trained_tokenizer)
 from .checkpoint.storage import CheckpointError
 from .config import Config, ConfigError
@@ -273,7 +272,7 @@ def check_resume_matches(cfg: Config, ckpt: Path, manifest: dict) -> None:
     """The checkpoint the ranks will resume from (``manifest``: its verified manifest body) was saved with this
     model config and dataset (or the differences are allowed): the trainer's checks (checkpoint/compat.py),
     here before any rank starts."""
-    extra = saved_extra(json.loads((ckpt / mf.TRAIN_STATE).read_text()))
+    extra = checkpoint_extra(ckpt)
     digest = comparable_digest(trained_digest(extra), _train_digest(cfg), cfg.data.path)
     tokenizer = _train_tokenizer(cfg)
     try:

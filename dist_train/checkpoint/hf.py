@@ -38,7 +38,7 @@ import torch.distributed.checkpoint as dcp
 from safetensors.torch import load_file, save_file
 
 from dist_train.checkpoint import manifest as mf
-from dist_train.checkpoint.manager import CheckpointManager, quiet_single_process, saved_extra, trained_tokenizer
+from dist_train.checkpoint.manager import CheckpointManager, checkpoint_extra, quiet_single_process, trained_tokenizer
 from dist_train.checkpoint.storage import CheckpointError, SafeReader
 from dist_train.config import (LLAMA3_ROPE_KEYS, CheckpointConfig, ConfigError, ModelConfig, attention_head_dim,
                                ffn_hidden_size, validate_rope_scaling)
@@ -260,7 +260,7 @@ def to_hf(ckpt: PathLike, out: PathLike) -> Path:
     if "max_position_embeddings" in kept and data.get("seq_len"):  # a fine-tune of an import: it was trained at
         kept["max_position_embeddings"] = max(kept["max_position_embeddings"], data["seq_len"])  # seq_len at least
     config = hf_config(m, tensors["tok_embeddings.weight"].dtype, kept, data.get("seq_len", 2048), eos)
-    tokenizer = trained_tokenizer(saved_extra(json.loads((Path(ckpt) / mf.TRAIN_STATE).read_text())))
+    tokenizer = trained_tokenizer(checkpoint_extra(ckpt))
     source = tokenizer_source(tokenizer, out, data.get("path"), ckpt)
     out.mkdir(parents=True, exist_ok=True)
     metadata = {"format": "pt", "source": f"dist-train {Path(ckpt).name}"}
@@ -278,7 +278,7 @@ def missing_tokenizer_note(ckpt: PathLike, out: Path) -> Optional[str]:
     """One line when an export in ``out`` lacks the tokenizer.json its model's ids mean (a tokenizer.json fingerprint
     recorded, but the file the training data's sidecar named was moved or changed, so :func:`to_hf` copied nothing):
     the exported model would otherwise be handed on without a word about which tokens its ids mean."""
-    tokenizer = trained_tokenizer(saved_extra(json.loads((Path(ckpt) / mf.TRAIN_STATE).read_text())))
+    tokenizer = trained_tokenizer(checkpoint_extra(ckpt))
     if not tokenizer or tokenizer == BYTE_FINGERPRINT or (Path(out) / TOKENIZER_FILE).is_file():
         return None
     return (f"note: {out} has no {TOKENIZER_FILE}: the model's ids mean the tokens of tokenizer {tokenizer} (named in "

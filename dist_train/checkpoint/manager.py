@@ -169,6 +169,11 @@ def saved_extra(train_state: dict) -> dict:
     return from_json(train_state.get("extra") or {})
 
 
+def checkpoint_extra(ckpt: Path) -> dict:
+    """:func:`saved_extra` of the checkpoint directory ``ckpt`` (its ``train_state.json``, read here)."""
+    return saved_extra(json.loads((Path(ckpt) / mf.TRAIN_STATE).read_text()))
+
+
 def consumed_samples(extra: dict) -> Optional[int]:
     """The samples a checkpoint's run had consumed, from its ``saved_extra`` (None: not recorded)."""
     value = extra.get("consumed_samples")
