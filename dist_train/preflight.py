@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import tempfile
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
@@ -252,18 +252,11 @@ def _train_samples(cfg: Config) -> Optional[int]:
         return None
 
 
-def _train_digest(cfg: Config) -> Optional[str]:
-    """:func:`training_digest`, None when the sidecar cannot be read (check_data's refusal)."""
+def _from_sidecar(read: Callable[[Config], Optional[str]], cfg: Config) -> Optional[str]:
+    """``read(cfg)`` (:func:`training_digest`, :func:`training_tokenizer`), None when the sidecar cannot be read
+    (check_data's refusal)."""
     try:
-        return training_digest(cfg)
-    except ValueError:
-        return None
-
-
-def _train_tokenizer(cfg: Config) -> Optional[str]:
-    """:func:`training_tokenizer`, None when the sidecar cannot be read (check_data's refusal)."""
-    try:
-        return training_tokenizer(cfg)
+        return read(cfg)
     except ValueError:
         return None
 
@@ -273,8 +266,8 @@ def check_resume_matches(cfg: Config, ckpt: Path, manifest: dict) -> None:
     model config and dataset (or the differences are allowed): the trainer's checks (checkpoint/compat.py),
     here before any rank starts."""
     extra = checkpoint_extra(ckpt)
-    digest = comparable_digest(trained_digest(extra), _train_digest(cfg), cfg.data.path)
-    tokenizer = _train_tokenizer(cfg)
+    digest = comparable_digest(trained_digest(extra), _from_sidecar(training_digest, cfg), cfg.data.path)
+    tokenizer = _from_sidecar(training_tokenizer, cfg)
     try:
         changes = compat.check_config(ckpt, manifest.get("config"), cfg.to_dict(),
                                       cfg.checkpoint.allow_config_change, consumed_samples(extra),
