@@ -58,6 +58,10 @@ EXIT_USAGE = 2
 #: Training stopped on a non-finite loss or gradient norm, or a loss spike (``train.on_nonfinite``); the last good
 #: checkpoint is untouched. Not restartable: a restart would replay the same steps into the same NaN or spike.
 EXIT_DIVERGED = 3
+#: Every checkpoint the resume could use failed verification for its content (checksum or size mismatch, a file
+#: missing, NaN/inf tensors, an unparsable manifest); they are left untouched. Not restartable: a restart re-reads
+#: the same bytes. (An I/O error while reading them, which may pass, is a plain failure: restartable.)
+EXIT_DAMAGED = 4
 
 
 class TrainingDiverged(RuntimeError):

@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, NamedTuple, Optional, Protocol
 
-from dist_train.lifecycle import (EXIT_DIVERGED, EXIT_HANG, EXIT_OK, EXIT_PREEMPTED, EXIT_USAGE, NOT_RESPONDING_S,
+from dist_train.lifecycle import (EXIT_DAMAGED, EXIT_DIVERGED, EXIT_HANG, EXIT_OK, EXIT_PREEMPTED, EXIT_USAGE, NOT_RESPONDING_S,
                                   RESTART_ENV, WATCHDOG_COLLECTIVE_SHARE, WATCHDOG_FACTOR, WATCHDOG_MIN_S,
                                   auto_watchdog_s, describe_exit, exit_code_for_signal, read_heartbeat)
 from dist_train.rank_errors import user_errors
@@ -38,10 +38,12 @@ from dist_train.rank_errors import user_errors
 FORWARDED_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 #: the override every restart of a job runs with (and every start of a batch job: launchers/batch.py)
 RESTART_OVERRIDE = "checkpoint.restart=true"
-#: Rank exit codes a restart cannot cure: bad input found after the ranks started, and divergence (the
-#: restart would resume from the last good checkpoint and replay the same steps into the same NaN or spike).
+#: Rank exit codes a restart cannot cure: bad input found after the ranks started, divergence (the restart would
+#: resume from the last good checkpoint and replay the same steps into the same NaN or spike), and checkpoints
+#: that all failed verification for their content (the restart would re-read the same damaged bytes).
 NOT_RESTARTABLE = {EXIT_USAGE: "a configuration or input error",
-                   EXIT_DIVERGED: "divergence (non-finite loss or a loss spike)"}
+                   EXIT_DIVERGED: "divergence (non-finite loss or a loss spike)",
+                   EXIT_DAMAGED: "every checkpoint the resume could use is damaged (left untouched)"}
 
 
 class Attempt(Protocol):

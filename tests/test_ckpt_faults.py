@@ -13,8 +13,10 @@ import torch
 
 from dist_train.checkpoint import CheckpointError, CheckpointManager, complete_checkpoints, verify_checkpoint
 from dist_train.checkpoint import blockio, storage
+from dist_train.checkpoint import manifest as mf
+from dist_train.checkpoint.manager import CheckpointDamaged
 from dist_train.checkpoint.manifest import MANIFEST, read_latest, read_manifest, write_manifest
-from dist_train.lifecycle import read_heartbeat
+from dist_train.lifecycle import EXIT_DAMAGED, EXIT_FAILED, EXIT_USAGE, read_heartbeat
 from dist_train.trainer import train
 from tests.trainer_utils import tiny_gpt_config
 from tests.test_ckpt_common import (CkptCfg, build, eval_outputs, flip_byte, model_config, seed_rank, shard_files,
@@ -152,6 +154,93 @@ def test_all_checkpoints_bad_is_an_error_not_a_fresh_start(tmp_path):
     (root / "step_2").rename(tmp_path / "step_2.damaged")
     extra, _ = _resume(root, resume="none")
     assert extra is None
+
+
+def _tree_bytes(root: Path) -> dict:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("damage", ["flip", "missing", "nan"])
+def test_every_checkpoint_damaged_is_not_restartable_and_left_untouched(tmp_path, damage):
+    """Content damage is persistent: a restart re-reads the same bytes, so the resume's error carries its own
+    exit code (the supervisor does not restart it), tells the user what to do, and deletes or rewrites nothing."""
+    root = tmp_path / "ckpt"
+    _train_and_save(root)
+    for step in (2, 4):
+        shard = shard_files(root / f"step_{step}")[0]
+        if damage == "flip":
+            flip_byte(shard, offset=shard.stat().st_size - 200)
+        elif damage == "missing":
+            shard.unlink()
+        else:  # a checkpoint saved before non-finite states were refused: valid checksums over NaN weights
+            body = read_manifest(root / f"step_{step}")
+            data = bytearray(shard.read_bytes())
+            data[-8:] = bytes(torch.full((2,), float("nan")).view(torch.uint8).numpy())
+            shard.write_bytes(bytes(data))
+            body["files"][shard.name] = storage.file_block_digests(shard)
+            write_manifest(root / f"step_{step}", body)
+    before = _tree_bytes(root)
+    for mode in ("auto", str(root / "step_4")):
+        with pytest.raises(CheckpointDamaged) as info:
+            _resume(root, resume=mode)
+        assert info.value.exit_code == EXIT_DAMAGED and EXIT_DAMAGED not in (EXIT_FAILED, EXIT_USAGE)
+        line = str(info.value)
+        assert "\n" not in line and "step_4" in line and "move" in line and "run.dir" in line, line
+    assert _tree_bytes(root) == before
+
+
+def _eio_reading(ckpt: Path, monkeypatch) -> None:
+    """Every checksum read of a file under ``ckpt`` fails with EIO (an NFS server going away)."""
+    real = mf.file_block_digests
+
+    def flaky(path, *a, **kw):
+        if Path(path).parent == ckpt:
+            raise OSError(errno.EIO, "Input/output error", str(path))
+        return real(path, *a, **kw)
+
+    monkeypatch.setattr(mf, "file_block_digests", flaky)
+
+
+def test_transient_io_error_is_restartable_and_does_not_fall_back(tmp_path, monkeypatch):
+    """An I/O error (EIO, ESTALE) may be gone on a restart: the resume neither falls back past a checkpoint that
+    may be good nor reports damage; it raises a plain (restartable) CheckpointError naming the file."""
+    root = tmp_path / "ckpt"
+    _train_and_save(root)
+    _eio_reading(root / "step_4", monkeypatch)
+    with pytest.raises(CheckpointError) as info:
+        _resume(root, resume="auto")
+    assert not isinstance(info.value, CheckpointDamaged)
+    assert getattr(info.value, "exit_code", EXIT_FAILED) == EXIT_FAILED
+    assert "step_4" in str(info.value) and "Input/output error" in str(info.value), info.value
+    monkeypatch.undo()
+    extra, _ = _resume(root, resume="auto")  # the error went away: the newest checkpoint, nothing lost
+    assert extra["step"] == 4
+
+
+def test_manifest_read_io_error_is_transient_but_bad_json_is_damage(tmp_path, monkeypatch):
+    root = tmp_path / "ckpt"
+    _train_and_save(root, steps=(2,))
+    ckpt = root / "step_2"
+    real = Path.read_text
+
+    def stale(self, *a, **kw):
+        if self.name == MANIFEST:
+            raise OSError(errno.ESTALE, "Stale file handle", str(self))
+        return real(self, *a, **kw)
+
+    monkeypatch.setattr(Path, "read_text", stale)
+    with pytest.raises(storage.CheckpointIOError, match="Stale file handle"):
+        read_manifest(ckpt)
+    with pytest.raises(CheckpointError) as info:
+        _resume(root, resume="auto")
+    assert not isinstance(info.value, CheckpointDamaged)
+    monkeypatch.undo()
+    (ckpt / MANIFEST).write_text("{not json")
+    with pytest.raises(CheckpointError, match="unreadable or truncated") as info:
+        read_manifest(ckpt)
+    assert not isinstance(info.value, storage.CheckpointIOError)
+    with pytest.raises(CheckpointDamaged):
+        _resume(root, resume="auto")
 
 
 def _disk_full(*args):

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from dist_train.lifecycle import EXIT_HANG, EXIT_PREEMPTED, read_heartbeat
+from dist_train.lifecycle import EXIT_DAMAGED, EXIT_HANG, EXIT_PREEMPTED, read_heartbeat
 from launchers.local import LocalBackend
-from launchers.supervisor import JobSpec, Supervisor
+from launchers.supervisor import NOT_RESTARTABLE, JobSpec, Supervisor
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -228,3 +228,57 @@ def test_mpi_backend_restarts(tmp_path, tiny, capfd):
     assert "[rank 0] start 0 world 2" in out.out and "[rank 1] start 2 world 2" in out.out
     assert "[rank 1] done sum 11" in out.err  # rank+5 summed over 2 ranks at the last step
     assert "[fault injection]" in (run_dir / "logs" / "rank_1.stderr").read_text()
+
+
+class _ExitedAttempt:
+    """An attempt whose ranks have all exited with ``codes`` (no processes: the supervisor's decisions only)."""
+
+    def __init__(self, codes):
+        self.codes, self.world_size = list(codes), len(codes)
+
+    def poll(self):
+        return self.codes
+
+    def progress(self):
+        return {}
+
+    def send_signal(self, sig):
+        pass
+
+    def kill(self):
+        pass
+
+    def tail(self, rank):
+        return [f"dist-train: error: rank {rank} exit {self.codes[rank]}"]
+
+    def close(self):
+        pass
+
+
+class _ScriptedBackend:
+    """Attempt i exits with ``script[min(i, len - 1)]``."""
+
+    name = "scripted"
+
+    def __init__(self, *script):
+        self.script, self.started = script, 0
+
+    def start(self, argv, env, attempt):
+        self.started += 1
+        return _ExitedAttempt(self.script[min(attempt, len(self.script) - 1)])
+
+
+def test_damaged_checkpoints_are_not_restarted_but_a_failed_rank_is(tmp_path):
+    """EXIT_DAMAGED (every checkpoint the resume could use failed verification: a restart re-reads the same bytes)
+    stops at once with one line saying why; a plain failure (1: e.g. an I/O error while reading) is restarted."""
+    spec = JobSpec(["rank"], nproc=2, run_dir=tmp_path, max_restarts=3)
+    out = io.StringIO()
+    be = _ScriptedBackend([EXIT_DAMAGED, EXIT_DAMAGED])
+    assert Supervisor(spec, be, poll_s=0.0, out=out).run() == EXIT_DAMAGED
+    said = out.getvalue()
+    assert be.started == 1, said
+    assert said.count("not restarting") == 1 and NOT_RESTARTABLE[EXIT_DAMAGED] in said, said
+    assert "FAILED after 1 attempt" in said and "rank 0 exit 4" in said
+
+    be = _ScriptedBackend([1, 1], [0, 0])
+    assert Supervisor(spec, be, poll_s=0.0, out=io.StringIO()).run() == 0 and be.started == 2

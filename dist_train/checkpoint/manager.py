@@ -49,9 +49,10 @@ from dist_train.checkpoint.comm import CheckpointComm
 from dist_train.checkpoint.foreign import describe_foreign_tree
 from dist_train.checkpoint.state import (HostStager, StateAdapter, TorchStateAdapter, capture_rng, from_json,
                                          join_state, restore_rng, split_state, to_json)
-from dist_train.checkpoint.storage import (RAW_FORMAT, CheckpointError, ChecksumWriter, CorruptCheckpointError,
-                                          SafeReader, fsync_dir, write_file_durable)
+from dist_train.checkpoint.storage import (RAW_FORMAT, CheckpointError, CheckpointIOError, ChecksumWriter,
+                                          CorruptCheckpointError, SafeReader, fsync_dir, write_file_durable)
 from dist_train.data.fingerprint import comparable_digest
+from dist_train.lifecycle import EXIT_DAMAGED
 
 log = logging.getLogger("dist_train.checkpoint")
 
@@ -150,6 +151,20 @@ class CheckpointDirInUse(CheckpointError):
     directory of checkpoints, or a PATH older than the directory's newest); bad input: exit 2."""
 
     exit_code = 2
+
+
+class CheckpointDamaged(CheckpointError):
+    """Every checkpoint a resume could use failed verification for its content (checksums, sizes, a missing file,
+    NaN/inf tensors, an unparsable manifest): a restart would re-read the same bytes, so not restartable
+    (``EXIT_DAMAGED``). Nothing was deleted or rewritten; the message says what to do."""
+
+    exit_code = EXIT_DAMAGED
+
+
+def damaged_remedy(root: Path) -> str:
+    """What to do when every checkpoint is damaged (they are left as they are, for inspection or repair)."""
+    return (f"they are left untouched: repair them, or move the damaged step_N directories out of {root} (a fresh "
+            "start there needs them gone), or start fresh with another run.dir or checkpoint.dir")
 
 
 def occupied_message(root: Path) -> Optional[str]:
@@ -611,7 +626,8 @@ class CheckpointManager:
                 self.found_damaged = damaged
                 return extra
             if single:
-                raise CheckpointError(f"checkpoint {ckpt} failed verification: {problem}")
+                raise CheckpointDamaged(f"checkpoint {ckpt} failed verification: {problem}; "
+                                        + damaged_remedy(ckpt.parent))
             problems_seen.append(problem)
             damaged.append(ckpt)
             nxt = candidates[i + 1].name if i + 1 < len(candidates) else None
@@ -619,22 +635,29 @@ class CheckpointManager:
                 log.warning("checkpoint %s failed verification (%s); %s", ckpt.name, problem,
                             f"falling back to {nxt}" if nxt else "no older checkpoint")
         where = self.root if mode == "auto" else Path(mode)
-        raise CheckpointError(f"no valid checkpoint under {where}: " + " | ".join(problems_seen))
+        raise CheckpointDamaged(f"no valid checkpoint under {where}: " + " | ".join(problems_seen) + "; "
+                                + damaged_remedy(where))
 
     def _verify_collective(self, ckpt: Path) -> tuple[Optional[dict], list[str]]:
         """Manifest + every file's size and checksums, except the contents of the shards that the loader verifies
         while reading them; the files are split across ranks, results shared. Returns (the manifest body as this
         rank read it, every rank's problems): the body is None only when this rank's problems say why."""
-        body = None
+        body, io_error = None, None
         try:
             body = mf.read_manifest(ckpt)
             names = sorted(body["files"])[self.rank::self.world_size]
             mine = mf.verify_files(ckpt, body, names, size_only=mf.shards_verified_while_loading(body))
+        except CheckpointIOError as e:
+            mine, io_error = [], str(e)
         except CheckpointError as e:
             mine = [str(e)]
-        problems = []
-        for rank_problems in self.comm.all_gather(mine):
+        problems, io_errors = [], []
+        for rank_problems, rank_io_error in self.comm.all_gather((mine, io_error)):
             problems.extend(p for p in rank_problems if p not in problems)
+            io_errors += [rank_io_error] if rank_io_error else []
+        if io_errors:  # on every rank: no fall-back past a checkpoint that may be good, no verdict of damage
+            raise CheckpointIOError(f"checkpoint {ckpt} could not be read: {io_errors[0]}; not falling back to an "
+                                    "older checkpoint (this one may be good): a restart tries again")
         return body, problems
 
     def load(self, ckpt: Union[str, os.PathLike], model, optimizer=None, scheduler=None,

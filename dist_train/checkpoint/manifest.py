@@ -30,8 +30,8 @@ from typing import Any, Iterable, Optional, Union
 import torch
 
 from dist_train.checkpoint import checksum
-from dist_train.checkpoint.storage import (RAW_FORMAT, CheckpointError, damage_message, file_block_digests,
-                                           load_dcp_metadata, write_file_durable)
+from dist_train.checkpoint.storage import (RAW_FORMAT, CheckpointError, CheckpointIOError, damage_message,
+                                           file_block_digests, load_dcp_metadata, transient_io, write_file_durable)
 
 MANIFEST = "manifest.json"
 TRAIN_STATE = "train_state.json"
@@ -90,7 +90,11 @@ def read_manifest(ckpt: PathLike) -> dict:
         doc = json.loads(path.read_text())
     except FileNotFoundError:
         raise CheckpointError(f"{path}: missing (the checkpoint was never committed)") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+    except OSError as e:
+        if transient_io(e):
+            raise CheckpointIOError(f"{path}: I/O error reading the manifest ({e})") from None
+        raise CheckpointError(f"{path}: unreadable or truncated manifest ({e})") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise CheckpointError(f"{path}: unreadable or truncated manifest ({e})") from None
     if not isinstance(doc, dict) or doc.get("format") != FORMAT or not isinstance(doc.get("body"), dict):
         raise CheckpointError(f"{path}: not a {FORMAT} manifest")
@@ -115,7 +119,8 @@ def tensors_in_range(ckpt: Path, file_name: str, start: int, end: int) -> list[s
 
 def check_file(ckpt: Path, name: str, rec: dict, content: bool = True) -> Optional[str]:
     """None when ``ckpt/name`` matches its record (size, and with ``content`` every block's checksum), else a
-    one-line problem naming the file (and, for a DCP shard, the damaged tensors)."""
+    one-line problem naming the file (and, for a DCP shard, the damaged tensors). An I/O error that may pass
+    (``storage.transient_io``) raises ``CheckpointIOError`` instead: it says nothing about the bytes."""
     path = ckpt / name
     try:
         algorithm, expected = checksum.record_digests(rec)
@@ -123,13 +128,17 @@ def check_file(ckpt: Path, name: str, rec: dict, content: bool = True) -> Option
         return f"{path}: manifest record: {e}"
     try:
         size = path.stat().st_size
+        if size != rec["bytes"]:
+            return f"{path}: size {size} bytes, manifest says {rec['bytes']} (truncated or appended)"
+        if not content:
+            return None
+        got = file_block_digests(path, rec["block"], algorithm)["digests"]
     except FileNotFoundError:
         return f"{path}: missing"
-    if size != rec["bytes"]:
-        return f"{path}: size {size} bytes, manifest says {rec['bytes']} (truncated or appended)"
-    if not content:
-        return None
-    got = file_block_digests(path, rec["block"], algorithm)["digests"]
+    except OSError as e:
+        if transient_io(e):
+            raise CheckpointIOError(f"{path}: I/O error ({e.strerror or e})") from None
+        return f"{path}: unreadable ({e.strerror or e})"
     bad = checksum.mismatched_blocks(expected, dict(enumerate(got)))
     if not bad:
         return None

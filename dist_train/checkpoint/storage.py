@@ -24,6 +24,7 @@ tensor chunk, resharding at load), this module stores the bytes.
 from __future__ import annotations
 
 import contextlib
+import errno
 import functools
 import io
 import math
@@ -60,6 +61,24 @@ class CorruptCheckpointError(CheckpointError):
     def __init__(self, message: str, problem: Optional[str] = None) -> None:
         super().__init__(message)  # args == (message,): pickles across ranks (DCP gathers exceptions)
         self.problem = problem or message
+
+
+class CheckpointIOError(CheckpointError):
+    """Reading a checkpoint failed with an I/O error that may pass (``transient_io``: EIO, ESTALE, a timeout on a
+    network file system): nothing says its bytes are bad, so a resume neither falls back past it nor calls it
+    damaged; the run fails as restartable."""
+
+
+#: errnos of a read that may succeed when tried again (a network file system's server or link, a flaky device)
+TRANSIENT_ERRNOS = frozenset(getattr(errno, name) for name in (
+    "EIO", "ESTALE", "EAGAIN", "EINTR", "ETIMEDOUT", "EBUSY", "ENOLCK", "EREMOTEIO", "ECONNRESET", "ECONNABORTED",
+    "ENETDOWN", "ENETUNREACH", "ENETRESET", "EHOSTDOWN", "EHOSTUNREACH") if hasattr(errno, name))
+
+
+def transient_io(e: BaseException) -> bool:
+    """True for an ``OSError`` whose errno is in ``TRANSIENT_ERRNOS``. A missing file (ENOENT) is not: the commit
+    makes every file durable before the manifest that lists it, so a listed file that is absent was removed."""
+    return isinstance(e, OSError) and e.errno in TRANSIENT_ERRNOS
 
 
 def damage_message(path: PathLike, start: int, end: int, tensors: Sequence[str], algorithm: str) -> str:
