@@ -31,7 +31,7 @@ from .data.datasets import IndexedTokenDataset, same_data_message, split_part, t
 from .data.documents import resolve_eod_id, unknown_eod_message
 from .data.fingerprint import comparable_digest
 from .data.integrity import check_indexed_dataset
-from .data.sidecar import other_tokenizer_message
+from .data.sidecar import named_tokenizer_message, other_tokenizer_message
 from .data.tokenizer import get_tokenizer
 from .data.weather import other_dataset_message, weather_meta, weather_settings
 from .dryrun import device_profile
@@ -123,7 +123,23 @@ def check_data(cfg: Config) -> None:
         _check_weather(cfg)
     if d.tokenizer != "byte" and not Path(d.tokenizer).is_file():
         raise ConfigError(f"data.tokenizer = {d.tokenizer}: no such file (byte, or the path of a tokenizer.json)")
+    check_named_tokenizer(cfg)
     check_end_of_document(cfg)
+
+
+def check_named_tokenizer(cfg: Config) -> None:
+    """The tokenizer.json data.tokenizer names is the one the prepared dataset's sidecar records (by fingerprint),
+    unless ``checkpoint.allow_config_change`` holds data.tokenizer (as for a resume onto another tokenizer's data)."""
+    d = cfg.data
+    if (d.source != "indexed" or not d.path or not Path(f"{d.path}.bin").is_file()
+            or "data.tokenizer" in cfg.checkpoint.allow_config_change):
+        return
+    try:
+        other = named_tokenizer_message(d.path, d.tokenizer)
+    except ValueError as e:  # an unreadable sidecar is _check_indexed's refusal; an unreadable tokenizer.json ours
+        raise ConfigError(f"data.tokenizer = {d.tokenizer}: {str(e).splitlines()[0]}") from None
+    if other:
+        raise ConfigError(other)
 
 
 def _check_weather(cfg: Config) -> None:

@@ -172,3 +172,43 @@ def test_a_resume_naming_the_same_tokenizer_by_another_path_goes_on(tmp_path, pr
     again.data.tokenizer = prepared["ba"][0]
     with pytest.raises(ConfigError, match=r"holds a model of tokenizer [\w-]+:\w+, but data.path"):
         preflight(again, on_cuda=False)
+
+
+def test_data_tokenizer_naming_another_tokenizer_than_the_datasets_sidecar_is_refused(tmp_path, prepared):
+    """data.tokenizer names a tokenizer.json whose id -> token table is not the one the dataset's sidecar records:
+    the model would be configured for one tokenizer and fed the ids of another. Refused before any rank starts, naming
+    both, unless allowed like any tokenizer change; the same tokenizer at another path, the default ``byte`` (it only
+    builds missing data), and a dataset whose sidecar records no tokenizer pass."""
+    (ab_tok, ab), (ba_tok, ba) = prepared["ab"], prepared["ba"]
+    cfg = _config(tmp_path / "run", ab)
+    cfg.data.tokenizer = ba_tok
+    with pytest.raises(ConfigError) as info:
+        preflight(cfg, on_cuda=False)
+    line = str(info.value)
+    assert "\n" not in line and f"data.tokenizer = {ba_tok}" in line and tokenizer_fingerprint(ba_tok) in line, line
+    assert tokenizer_fingerprint(ab_tok) in line and f"data.path = {ab}" in line, line
+    assert "allow_config_change: [data.tokenizer]" in line, line
+    preflight(_config(tmp_path / "run", ab, allow_config_change=["data.tokenizer"]), on_cuda=False)
+
+    same = tmp_path / "same" / "tokenizer.json"
+    same.parent.mkdir()
+    same.write_bytes(Path(ab_tok).read_bytes())
+    for named in (str(same), "byte"):
+        cfg.data.tokenizer = named
+        preflight(cfg, on_cuda=False)
+
+    # byte-level data against a tokenizer.json: refused the same way
+    (tmp_path / "t.txt").write_text("a b c " * 40)
+    byte_data = prepare_indexed([tmp_path / "t.txt"], str(tmp_path / "bytes"), "byte")["prefix"]
+    cfg = _config(tmp_path / "run2", byte_data)
+    cfg.model.vocab_size = 257
+    cfg.data.tokenizer = ab_tok
+    with pytest.raises(ConfigError, match=r"data.tokenizer = .*ab.json \(tokenizer vocab-sha256:\w+\).* byte"):
+        preflight(cfg, on_cuda=False)
+
+    # a dataset built elsewhere (no sidecar) records nothing to compare with
+    for suffix in (".bin", ".idx"):
+        (tmp_path / f"elsewhere{suffix}").write_bytes(Path(f"{ab}{suffix}").read_bytes())
+    cfg = _config(tmp_path / "run3", str(tmp_path / "elsewhere"))
+    cfg.data.tokenizer = ba_tok
+    preflight(cfg, on_cuda=False)

@@ -18,7 +18,7 @@ import os
 from pathlib import Path
 from typing import Optional, Union
 
-from .tokenizer import BYTE_FINGERPRINT, fingerprints_differ
+from .tokenizer import BYTE_FINGERPRINT, fingerprints_differ, tokenizer_fingerprint
 
 FORMAT = "dist-train-dataset/1"
 SUFFIX = ".meta.json"
@@ -99,3 +99,24 @@ def other_tokenizer_message(prefix: Union[str, Path], other: Union[str, Path], w
 
     return (f"{other_what} = {other} was prepared with {described(b)} but {what} = {prefix} with {described(a)}: "
             f"its token ids would mean other tokens; prepare both with the same --tokenizer")
+
+
+def named_tokenizer_message(prefix: Union[str, Path], tokenizer: str) -> Optional[str]:
+    """One line when ``data.tokenizer`` (a tokenizer.json's path) names another tokenizer than the one the dataset at
+    ``prefix`` was prepared with, by fingerprint (:func:`fingerprints_differ`): the model, sized and configured for
+    one, would be fed the ids of the other. None when they agree or cannot be compared: ``byte``, the default, which
+    only builds missing data (a config that never named the tokenizer of its data.path says ``byte``); a dataset whose
+    sidecar records no tokenizer (built elsewhere, or a tokenizer.json's before fingerprints) — as a checkpoint's
+    tokenizer is, compared only when both sides are known. ValueError when the sidecar or the tokenizer.json cannot
+    be read."""
+    if tokenizer == BYTE_FINGERPRINT:
+        return None
+    recorded, named = dataset_tokenizer(prefix), tokenizer_fingerprint(tokenizer)
+    if not fingerprints_differ(recorded, named):
+        return None
+    prepared_with = read_sidecar(prefix)["tokenizer"]
+    return (f"data.tokenizer = {tokenizer} (tokenizer {named}) but data.path = {prefix} was prepared with "
+            f"{prepared_with} (tokenizer {recorded}, its {sidecar_path(prefix).name}): every id would mean another "
+            "token than the configured tokenizer's; name the tokenizer the data was prepared with, prepare the data "
+            "with this one (dist-train data prepare --tokenizer), or if intended set "
+            "checkpoint.allow_config_change: [data.tokenizer]")
