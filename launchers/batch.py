@@ -84,6 +84,19 @@ def validate(spec: BatchSpec) -> None:
         raise ValueError(f"--time {spec.time!r}: expected HH:MM:SS (or D-HH:MM:SS for Slurm), e.g. 02:00:00")
     if spec.scheduler == "pbs" and "-" in spec.time:
         raise ValueError(f"--time {spec.time!r}: PBS walltime is HH:MM:SS (e.g. 48:00:00 for two days)")
+    # Values written into the script's #SBATCH/#PBS lines: a newline there starts a shell command of the job,
+    # whitespace another scheduler option (e.g. --export=LD_PRELOAD=…); the config that names them may come
+    # from someone else.
+    for what, value in (("job name (--job-name, else run.name)", spec.name), ("run.dir", spec.run_dir)):
+        bad = next((c for c in value if c.isspace() or not c.isprintable()), None)
+        if bad is not None:
+            raise ValueError(f"{what} {value!r}: holds {bad!r}, which would end the #SBATCH/#PBS line it is "
+                             f"written into; use a value without whitespace or control characters")
+    for what, values in (("--directive", spec.directives), ("--module", spec.modules)):
+        for value in values:
+            if any(not c.isprintable() for c in value):
+                raise ValueError(f"{what} {value!r}: holds a control character (a newline would start a shell "
+                                 f"line of its own); give each line as its own {what}")
 
 
 def _q(items: list[str]) -> str:
@@ -168,7 +181,9 @@ def _ray_body(spec: BatchSpec) -> list[str]:
     token_code = "import secrets; print(secrets.token_hex(32))"
     return [
         "# Ray with token authentication: a private token for this job's cluster, read by every node",
-        f'export RAY_AUTH_MODE=token RAY_AUTH_TOKEN_PATH="${{RAY_AUTH_TOKEN_PATH:-{token}}}"',
+        # the default on a line of its own: inside "${…:-word}" single quotes are literal and $( ) runs
+        f'[ -n "${{RAY_AUTH_TOKEN_PATH:-}}" ] || RAY_AUTH_TOKEN_PATH={token}',
+        "export RAY_AUTH_MODE=token RAY_AUTH_TOKEN_PATH",
         f'[ -s "$RAY_AUTH_TOKEN_PATH" ] || (umask 077 && {shlex.quote(spec.python)} -c {shlex.quote(token_code)} '
         f'> "$RAY_AUTH_TOKEN_PATH")',
         hosts,

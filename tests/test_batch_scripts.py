@@ -8,6 +8,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 
 from launchers.batch import BatchSpec, render
 
@@ -59,8 +60,9 @@ def _stub_env(tmp_path):
 
 
 def _script(tmp_path, bin_dir, **kw):
-    spec = BatchSpec(config="c.yaml", scheduler="slurm", nodes=1, time="00:10:00", run_dir=str(tmp_path / "run"),
-                     name="t", python=str(bin_dir / "python"), **kw)
+    kw.setdefault("run_dir", str(tmp_path / "run"))
+    spec = BatchSpec(config="c.yaml", scheduler="slurm", nodes=1, time="00:10:00", name="t",
+                     python=str(bin_dir / "python"), **kw)
     path = tmp_path / "job.sh"
     path.write_text(render(spec))
     return path
@@ -73,23 +75,30 @@ def _wait_for(path, timeout=60):
     assert path.exists(), f"{path.name} never appeared"
 
 
+def _run_ray_job_to_time_limit(script, env, mark, log):
+    """Run a Ray batch script until its launcher runs, then send what Slurm sends at the time limit (B:USR1);
+    the script's exit status."""
+    with open(log, "w") as sink:  # not a pipe: the `ray start --block` stand-ins outlive the script
+        job = subprocess.Popen(["bash", str(script)], env=env, start_new_session=True, stdout=sink,
+                               stderr=subprocess.STDOUT)
+    try:
+        _wait_for(mark / "launcher_started")
+        job.send_signal(signal.SIGUSR1)
+        job.wait(timeout=60)
+    finally:
+        os.killpg(job.pid, signal.SIGKILL)  # the stand-in `ray start --block` steps
+    return job.returncode
+
+
 def test_slurm_ray_time_limit_signal_reaches_launcher_and_requeues(tmp_path):
     bin_dir, mark, env = _stub_env(tmp_path)
     script = _script(tmp_path, bin_dir, backend="ray")
     text = script.read_text()
     assert "#SBATCH --signal=B:USR1@120" in text  # the batch shell alone, never the `ray start` steps
     log = tmp_path / "job.out"
-    with open(log, "w") as sink:  # not a pipe: the `ray start --block` stand-ins outlive the script
-        job = subprocess.Popen(["bash", str(script)], env=env, start_new_session=True, stdout=sink,
-                               stderr=subprocess.STDOUT)
-    try:
-        _wait_for(mark / "launcher_started")
-        job.send_signal(signal.SIGUSR1)  # what Slurm does at the time limit with B:USR1
-        job.wait(timeout=60)
-    finally:
-        os.killpg(job.pid, signal.SIGKILL)  # the stand-in `ray start --block` steps
+    code = _run_ray_job_to_time_limit(script, env, mark, log)
     out = log.read_text()
-    assert job.returncode == 75, out
+    assert code == 75, out
     assert (mark / "launcher_got_usr1").read_text().strip() == "USR1"
     assert (mark / "requeued").read_text().strip() == "77"
     assert not (mark / "ray_got_usr1").exists()
@@ -117,3 +126,41 @@ def test_pbs_uses_the_mpiexec_beside_the_job_python(tmp_path):
     assert f"{venv_bin / 'mpiexec'} -n 2 --ppn 1" in text
     assert "\nmpiexec " not in text
     assert f"{venv_bin / 'mpiexec'} -n 1 --hosts" in render(BatchSpec(**{**spec.__dict__, "backend": "ray"}))
+
+
+def test_a_run_dir_the_shell_would_expand_stays_literal(tmp_path):
+    """The Ray token's default path is run.dir as written: ``$( )`` in it runs nothing (it ran when the quoted
+    path sat inside ``"${RAY_AUTH_TOKEN_PATH:-…}"``, where single quotes are literal)."""
+    bin_dir, mark, env = _stub_env(tmp_path)
+    run_dir = tmp_path / "r$(touch${IFS}$MARK/injected)"
+    script = _script(tmp_path, bin_dir, backend="ray", run_dir=str(run_dir))
+    log = tmp_path / "job.out"
+    assert _run_ray_job_to_time_limit(script, env, mark, log) == 75, log.read_text()
+    assert not (mark / "injected").exists(), "a command in run.dir ran in the batch script"
+    token = run_dir / ".ray_auth_token"
+    assert token.stat().st_mode & 0o077 == 0 and len(token.read_text().strip()) == 64
+
+
+@pytest.mark.parametrize("field, value", [
+    ("name", "t\ntouch /tmp/pwned"),  # a shell line of the job
+    ("name", "t --export=ALL,LD_PRELOAD=/tmp/x.so"),  # another sbatch option
+    ("run_dir", "/r\rx"),
+    ("run_dir", "/r s"),
+    ("directives", ["--account=a\nrm -rf ~"]),
+    ("modules", ["cuda/12.4\ncurl x | sh"]),
+])
+@pytest.mark.parametrize("scheduler", ["slurm", "pbs"])
+def test_values_that_would_end_a_directive_line_are_refused(field, value, scheduler):
+    spec = BatchSpec(config="c.yaml", scheduler=scheduler, nodes=1, time="00:10:00", **{"run_dir": "/r", "name": "t",
+                                                                                        field: value})
+    with pytest.raises(ValueError) as e:
+        render(spec)
+    shown = repr(value[0] if isinstance(value, list) else value)
+    assert shown in str(e.value) and "\n" not in str(e.value), str(e.value)
+
+
+def test_directives_with_spaces_are_kept():
+    spec = BatchSpec(config="c.yaml", scheduler="pbs", nodes=1, time="00:10:00", run_dir="/r", name="t",
+                     directives=["-l filesystems=home:eagle"], modules=["cuda/12.4"])
+    text = render(spec)
+    assert "#PBS -l filesystems=home:eagle\n" in text and "module load cuda/12.4\n" in text
