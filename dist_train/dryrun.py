@@ -20,13 +20,14 @@ from .config import Config
 from .cost.layout import stages_by_rank
 from .cost.memory import PHASE_LABELS, MemoryEstimate, estimate_memory
 from .mesh import AXES, axis_sizes, rank_coords
-from .plan.profiles import DeviceProfile, builtin_profiles, get_profile
+from .plan.profiles import DeviceProfile, builtin_profiles, get_profile, profile_for_device_name
 
 
 def device_profile(on_cuda: bool) -> tuple[DeviceProfile, str]:
     """(profile, header label) of the dry run: ``cpu`` (the calibrated one when ``dist-train plan
     --calibrate`` has run) off CUDA; on CUDA the built-in profile whose name the visible device's name
-    contains (H100, H200, A100), else h100 — the label then says it was assumed and why."""
+    names (``profile_for_device_name``: H100, H100 NVL, H200, H200 NVL, A100), else h100 — the label then says it
+    was assumed and why."""
     if not on_cuda:
         prof = get_profile("cpu")
         return prof, f"cpu ({prof.source})"
@@ -34,10 +35,10 @@ def device_profile(on_cuda: bool) -> tuple[DeviceProfile, str]:
     if not torch.cuda.is_available():
         return table["h100"], "h100 (assumed: no CUDA device visible on this host)"
     name = torch.cuda.get_device_name()
-    hits = [k for k in table if k != "cpu" and k in name.lower()]
-    if not hits:
+    hit = profile_for_device_name(name)
+    if hit is None:
         return table["h100"], f"h100 (assumed: no profile for {name!r})"
-    return table[hits[0]], f"{hits[0]} ({name})"
+    return table[hit], f"{hit} ({name})"
 
 
 @dataclass

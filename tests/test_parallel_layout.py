@@ -18,7 +18,7 @@ from dist_train.cost.shape import rank_inputs
 from dist_train.cost.predict import predict
 from dist_train.dryrun import RankLayout, device_profile, format_layout, rank_layout
 from dist_train.mesh import rank_coords
-from dist_train.plan.profiles import builtin_profiles
+from dist_train.plan.profiles import builtin_profiles, profile_for_device_name
 from tests.trainer_utils import tiny_gpt_config
 
 
@@ -293,7 +293,8 @@ def test_dry_run_profile_label():
     prof, label = device_profile(on_cuda=True)
     if torch.cuda.is_available():
         assert label.split()[0] == prof.name
-        assert prof.name in torch.cuda.get_device_name().lower() or label.startswith("h100 (assumed: no profile")
+        assert prof.name == profile_for_device_name(torch.cuda.get_device_name()) or label.startswith(
+            "h100 (assumed: no profile")
     else:
         assert prof.name == "h100" and label == "h100 (assumed: no CUDA device visible on this host)"
 

@@ -20,8 +20,9 @@ from dist_train.cost.step_time import EAGER_OPS_PER_LAYER, ULYSSES_OPS, ulysses_
 from dist_train.plan.enumerate import enumerate_layouts, layout_label, rank_layouts, why_slower
 from tests.trainer_utils import run_cli
 from dist_train.dryrun import format_layout, rank_layout
+from dist_train.metrics import CUDA_PEAK_TFLOPS
 from dist_train.plan.profiles import (Link, _lookup, builtin_profiles, fit_link, get_profile, load_profile_file,
-                                      profile_to_dict)
+                                      profile_for_device_name, profile_to_dict)
 
 GPT = {"model": {"kind": "gpt", "d_model": 64, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "vocab_size": 100,
                  "ffn_hidden": 128},
@@ -209,6 +210,24 @@ def test_profiles_lookup_and_link_fit():
     assert fit.bw_gbs == pytest.approx(link.bw_gbs) and fit.latency_us == pytest.approx(50.0)
     with pytest.raises(ValueError, match="valid devices are"):
         get_profile("tpu9")
+
+
+def test_nvl_cards_get_their_own_profiles_by_device_name():
+    """H100 NVL and H200 NVL (PCIe cards, bridged in 2s / 4s, lower clocks) are not the SXM parts: a CUDA device's
+    name picks the longest matching profile name, as metrics.CUDA_PEAK_TFLOPS does; the peaks agree with it."""
+    names = {"NVIDIA H100 NVL": "h100-nvl", "NVIDIA H200 NVL": "h200-nvl", "NVIDIA H100 80GB HBM3": "h100",
+             "NVIDIA H200": "h200", "NVIDIA A100-SXM4-80GB": "a100", "Tesla V100-SXM2-16GB": None}
+    for device, profile in names.items():
+        assert profile_for_device_name(device) == profile, device
+    table = builtin_profiles()
+    for name, card, memory, bw, link, pair in (("h100-nvl", "H100 NVL", 94, 3900, 300, 2),
+                                               ("h200-nvl", "H200 NVL", 141, 4800, 450, 4)):
+        p = table[name]
+        assert p.peak_tflops == CUDA_PEAK_TFLOPS[card][0] == 835.5 and p.memory_gib == memory
+        assert p.mem_bw_gbs < bw and p.intra.bw_gbs < link and p.devices_per_node == pair
+        assert p.link(pair) is p.intra and p.link(pair + 1) is p.inter  # beyond the bridge: not NVLink
+        sxm = table[name.split("-")[0]]
+        assert p.matmul_tflops < sxm.matmul_tflops and p.attention_tflops < sxm.attention_tflops
 
 
 def test_enumerate_and_rank(cpu):

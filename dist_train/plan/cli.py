@@ -39,7 +39,8 @@ def add_plan_arguments(parser: argparse.ArgumentParser) -> None:
         "dist-train plan --calibrate          # measure this machine once (~1 min), stored under ~/.cache/dist-train")
     parser.add_argument("config", nargs="?", help="YAML config file (model, data, batch)")
     parser.add_argument("--devices", type=positive_int, help="number of devices to plan for")
-    parser.add_argument("--device", default="cpu", help="h100 | h200 | a100 | cpu, or a profile .yaml (default cpu)")
+    parser.add_argument("--device", default="cpu", help="h100 | h100-nvl | h200 | h200-nvl | a100 | cpu, or a profile .yaml "
+                        "(default cpu)")
     parser.add_argument("--seq-len", type=int, help="override data.seq_len")
     parser.add_argument("--image", type=int, nargs=2, metavar=("H", "W"), help="override data.image (swin)")
     parser.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key (repeatable)")

@@ -152,6 +152,18 @@ def builtin_profiles() -> dict[str, DeviceProfile]:
     return {name: profile_from_dict(name, d, str(DATA_FILE)) for name, d in data["devices"].items()}
 
 
+def profile_for_device_name(device_name: str) -> Optional[str]:
+    """The built-in GPU profile for a CUDA device name (``torch.cuda.get_device_name()``): the longest profile name
+    the device's name contains, ``-``/``_`` read as spaces ("NVIDIA H100 NVL" is h100-nvl, not h100, as in
+    metrics.CUDA_PEAK_TFLOPS); None when none does."""
+    def words(text: str) -> str:
+        return text.lower().replace("-", " ").replace("_", " ")
+
+    name = words(device_name)
+    gpus = sorted((k for k, p in builtin_profiles().items() if not p.is_cpu), key=len, reverse=True)
+    return next((k for k in gpus if words(k) in name), None)
+
+
 def get_profile(name: str, calibration: Optional[Union[str, Path]] = None) -> DeviceProfile:
     """A built-in profile by name, or a profile file by path. ``cpu`` prefers the calibrated profile."""
     p = Path(name)
