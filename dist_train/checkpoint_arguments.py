@@ -26,7 +26,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p = sub.add_parser("verify", help="check completeness and checksums; exit 1 naming the bad file/tensor",
                        formatter_class=fmt, epilog="example:\n  dist-train ckpt verify runs/demo/checkpoints")
     p.add_argument("path", type=Path, help="step_N directory, or a checkpoint directory (all checkpoints in it)")
-    p = sub.add_parser("convert", help="to / from Hugging Face Llama/Mistral, stock DCP, a torch.save file",
+    p = sub.add_parser("convert", help="to Hugging Face Llama/Mistral, stock DCP or a torch.save file; from Hugging Face or stock DCP",
                        formatter_class=fmt,
                        epilog="examples:\n  dist-train ckpt convert runs/demo/checkpoints/step_120 --to hf hf_out\n"
                               "  dist-train ckpt convert hf_out --from hf runs/init\n"
