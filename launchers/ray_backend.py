@@ -5,7 +5,7 @@ ambiguous.
 * Cluster: ``--address`` / ``launch.address`` or ``RAY_ADDRESS`` (set by ``ray job submit``) → connect;
   otherwise an embedded single-machine cluster is started (``address="local"``: never silently joins a
   stray ``ray start`` cluster), without dashboard and without log forwarding (our actors forward the
-  ranks' lines themselves, prefixed, exactly once).
+  ranks' lines themselves, prefixed, exactly once), every Ray server on loopback (``EMBEDDED_LOOPBACK_ENV``).
 * Ranks: each actor runs its rank as a **subprocess** (``python -m dist_train run …``) rather than calling
   ``dist_train.entry.run_rank`` inside the actor. Reasons: the rank's SIGTERM/SIGUSR1 handlers need a
   process main thread of its own; a rank that segfaults or is SIGKILLed leaves the actor alive to report
@@ -47,6 +47,14 @@ def kept_signal_handlers(signals: tuple[int, ...] = (signal.SIGTERM, signal.SIGI
         for s, h in saved.items():
             if h is not None and signal.getsignal(s) != h:
                 signal.signal(s, h)
+
+
+#: What an embedded (single-machine) cluster needs in the environment before ``import ray``: Ray 2.60 keeps a
+#: cluster on loopback on macOS/Windows, and this switch (read once, when ray is imported; inherited by the
+#: processes it starts) does the same here: the node's address is 127.0.0.1, and its GCS, raylet, worker and agent
+#: servers and its unauthenticated Prometheus metrics ports listen on loopback instead of every interface.
+#: ``_node_ip_address="127.0.0.1"`` does not: Ray maps it back to the host's routable address.
+EMBEDDED_LOOPBACK_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
 
 
 def ray_token_available(environ: Optional[dict] = None) -> bool:
@@ -270,10 +278,12 @@ class RayBackend:
     # cluster --------------------------------------------------------------------------------
     def connect(self) -> None:
         os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+        # before `import ray`: Ray reads the authentication mode and the loopback switch once, when it is imported
         if self.address:
             refuse_unreachable(self.address)
-            # before `import ray`: Ray reads the authentication mode once, when it is imported
             os.environ.update(token_auth_environment())
+        else:
+            os.environ.update(EMBEDDED_LOOPBACK_ENV)
         import ray
 
         if ray.is_initialized():

@@ -7,6 +7,7 @@
 * ``dist-train launch --backend mpi`` + SIGTERM → complete checkpoint, status 75; relaunch resumes at the
   next step.
 """
+import ipaddress
 import json
 import os
 import shutil
@@ -18,6 +19,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import psutil
 import pytest
 
 from dist_train.lifecycle import EXIT_PREEMPTED, read_heartbeat
@@ -102,19 +104,39 @@ def test_mpi_launch_sigterm_checkpoints_and_resumes(tmp_path):
     assert _metrics(run_dir)[-1]["step"] == saved + 1
 
 
-def _preempt_when_stepping(cmd, run_dir, env=None, min_step=2, timeout=240):
-    """Start ``cmd``, SIGTERM it once every rank has finished ``min_step`` steps; (returncode, output)."""
+def _preempt_when_stepping(cmd, run_dir, env=None, min_step=2, timeout=240, while_stepping=None):
+    """Start ``cmd``, SIGTERM it once every rank has finished ``min_step`` steps (first calling
+    ``while_stepping(pid)``); (returncode, output)."""
     proc = subprocess.Popen(cmd, cwd=REPO, env=env or _env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True)
     deadline = time.time() + timeout
     while time.time() < deadline and proc.poll() is None:
         hb = [read_heartbeat(run_dir, r) for r in range(2)]
         if all(h and (h.get("step") or 0) >= min_step for h in hb):
+            if while_stepping is not None:
+                while_stepping(proc.pid)
             break
         time.sleep(0.1)
     proc.send_signal(signal.SIGTERM)
     out, _ = proc.communicate(timeout=timeout)
     return proc.returncode, out
+
+
+def _listening_outside_loopback(pid):
+    """``ip:port (process)`` of every TCP socket in LISTEN state, on an address other than loopback, owned by
+    ``pid`` or a process below it (an embedded Ray cluster's GCS, raylet, workers and agents are), and how many
+    listening sockets there were in all."""
+    procs = {pid: psutil.Process(pid)}
+    procs.update({c.pid: c for c in procs[pid].children(recursive=True)})
+    outside, seen = [], 0
+    for c in psutil.net_connections(kind="tcp"):
+        if c.status != psutil.CONN_LISTEN or c.pid not in procs:
+            continue
+        seen += 1
+        ip = ipaddress.ip_address(c.laddr.ip)
+        if not (ip.is_loopback or getattr(ip, "ipv4_mapped", None) and ip.ipv4_mapped.is_loopback):
+            outside.append(f"{c.laddr.ip}:{c.laddr.port} ({procs[c.pid].name()})")
+    return outside, seen
 
 
 def test_ray_launch_sigterm_checkpoints_and_resume_equals_uninterrupted(tmp_path):
@@ -129,9 +151,15 @@ def test_ray_launch_sigterm_checkpoints_and_resume_equals_uninterrupted(tmp_path
     flat = ["--set", "train.min_lr_ratio=1.0"]
     cmd = [sys.executable, "-m", "dist_train", "launch", CONFIG, *BASE, *flat, "--set", f"run.dir={run_dir}",
            "--backend", "ray", "--nproc", "2", "--set", "train.steps=500", "--set", "checkpoint.every=0"]
-    code, out = _preempt_when_stepping(cmd, run_dir)
+    listening = []
+    code, out = _preempt_when_stepping(cmd, run_dir, while_stepping=lambda pid: listening.append(
+        _listening_outside_loopback(pid)))
     assert code == EXIT_PREEMPTED, out[-4000:]
     assert "got SIGTERM" in out, out[-4000:]
+    # the embedded cluster is this machine alone: Ray's servers and metrics ports listen on loopback only
+    outside, seen = listening[0]
+    assert seen >= 5, f"{seen} listening sockets: the meter missed Ray's servers"
+    assert not outside, f"listening beyond loopback: {outside}"
     # the embedded cluster: per-rank logs, rank 0's lines exactly once, ours (not Ray's log forwarding)
     for r in range(2):
         assert (run_dir / "logs" / f"rank_{r}.log").is_file() and (run_dir / "logs" / f"rank_{r}.stderr").is_file()
