@@ -212,3 +212,39 @@ def test_data_tokenizer_naming_another_tokenizer_than_the_datasets_sidecar_is_re
     cfg = _config(tmp_path / "run3", str(tmp_path / "elsewhere"))
     cfg.data.tokenizer = ba_tok
     preflight(cfg, on_cuda=False)
+
+
+def test_an_hf_export_copies_the_tokenizers_special_token_files(tmp_path):
+    """The training tokenizer came from an HF directory: its tokenizer_config.json and special_tokens_map.json (which
+    name bos/eos/pad/unk) are copied beside tokenizer.json, so AutoTokenizer on the export has the same special tokens
+    (tokenizer.json alone gives none); a different one already in the output directory is refused, never replaced."""
+    transformers = pytest.importorskip("transformers")
+    src = tmp_path / "hf_tok"
+    vocab = {w: i for i, w in enumerate(["<unk>", "<s>", "</s>", "<pad>", "a", "b", "c"])}
+    tok = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+    special = {"bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>", "unk_token": "<unk>"}
+    transformers.PreTrainedTokenizerFast(tokenizer_object=tok, **special).save_pretrained(str(src))
+    (src / "special_tokens_map.json").write_text(json.dumps(special))  # what transformers < 5 also wrote
+    (tmp_path / "t.txt").write_text("a b c </s> " * 40)
+    data = prepare_indexed([tmp_path / "t.txt"], str(tmp_path / "ds"), str(src / "tokenizer.json"))["prefix"]
+    model = {**MODEL, "vocab_size": 8}
+    torch.manual_seed(0)
+    weights = {k: v.detach() for k, v in GPT(ModelConfig(**model)).state_dict().items()}
+    step = hf.write_step0(tmp_path / "ck", weights, {"model": {"kind": "gpt", **model}, "data": {"path": data}},
+                          {"train_tokenizer": tokenizer_fingerprint(src / "tokenizer.json")})
+
+    out = hf.to_hf(step, tmp_path / "out")
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        assert (out / name).read_bytes() == (src / name).read_bytes(), name
+    want = transformers.AutoTokenizer.from_pretrained(str(src))
+    got = transformers.AutoTokenizer.from_pretrained(str(out))
+    assert got.special_tokens_map == want.special_tokens_map and got.special_tokens_map["eos_token"] == "</s>"
+    assert got.eos_token_id == want.eos_token_id == 2 and got("a b").input_ids == want("a b").input_ids
+
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "tokenizer_config.json").write_text("{}")
+    with pytest.raises(ValueError, match=r"taken/tokenizer_config.json: differs from .*hf_tok/tokenizer_config.json"):
+        hf.to_hf(step, tmp_path / "taken")
+    assert (tmp_path / "taken" / "tokenizer_config.json").read_text() == "{}"
+    assert not (tmp_path / "taken" / "model.safetensors").exists()

@@ -22,7 +22,8 @@ Tokenizer: the ids mean the tokens of one tokenizer. An import records the finge
 beside the weights (``train_tokenizer`` in the step-0 checkpoint's extra), so a fine-tune on data prepared with
 another tokenizer is refused (``compat.check_tokenizer``). An export names the checkpoint's tokenizer fingerprint in
 the safetensors metadata (``tokenizer``), copies the tokenizer.json the training data's sidecar names when it still
-has that fingerprint, and refuses a ``tokenizer.json`` already in the output directory with another fingerprint.
+has that fingerprint (with the ``tokenizer_config.json`` / ``special_tokens_map.json`` beside it: the special tokens
+``AutoTokenizer`` reads), and refuses a ``tokenizer.json`` already in the output directory with another fingerprint.
 """
 from __future__ import annotations
 
@@ -48,6 +49,9 @@ from dist_train.models.gpt import rope_inv_freq
 
 PathLike = Union[str, Path]
 TOKENIZER_FILE = "tokenizer.json"
+#: Files beside a tokenizer.json in an HF directory that ``AutoTokenizer.from_pretrained`` reads for the special tokens
+#: (bos/eos/pad/unk, chat template): an export copies them with it, or the exported tokenizer would have none.
+TOKENIZER_COMPANIONS = ("tokenizer_config.json", "special_tokens_map.json")
 
 _LAYER = r"layers\.(\d+)\."
 # (dist-train name, HF name); "{}" is the layer index
@@ -262,6 +266,7 @@ def to_hf(ckpt: PathLike, out: PathLike) -> Path:
     config = hf_config(m, tensors["tok_embeddings.weight"].dtype, kept, data.get("seq_len", 2048), eos)
     tokenizer = trained_tokenizer(checkpoint_extra(ckpt))
     source = tokenizer_source(tokenizer, out, data.get("path"), ckpt)
+    companions = tokenizer_companions(source, out) if source is not None else []
     out.mkdir(parents=True, exist_ok=True)
     metadata = {"format": "pt", "source": f"dist-train {Path(ckpt).name}"}
     if tokenizer:  # which tokens the ids mean (the fingerprint of data/tokenizer.py)
@@ -270,6 +275,8 @@ def to_hf(ckpt: PathLike, out: PathLike) -> Path:
               metadata=metadata)
     if source is not None:
         shutil.copyfile(source, out / TOKENIZER_FILE)
+    for companion in companions:
+        shutil.copyfile(companion, out / companion.name)
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     return out
 
@@ -309,6 +316,24 @@ def tokenizer_source(tokenizer: Optional[str], out: Path, data_path: Optional[st
     except ValueError:  # an unreadable sidecar or tokenizer: nothing to copy, the metadata still names it
         return None
     return None
+
+
+def tokenizer_companions(source: Path, out: Path) -> list[Path]:
+    """The ``TOKENIZER_COMPANIONS`` beside the tokenizer.json ``source`` that an export into ``out`` copies with it
+    (those ``out`` holds with the same bytes are left as they are). ValueError (one line) when ``out`` holds one with
+    other bytes: it would give the exported tokenizer another tokenizer's special tokens, and it is not ours to
+    replace."""
+    copied = []
+    for name in TOKENIZER_COMPANIONS:
+        theirs, ours = Path(source).parent / name, out / name
+        if not theirs.is_file():
+            continue
+        if not ours.exists():
+            copied.append(theirs)
+        elif not ours.is_file() or ours.read_bytes() != theirs.read_bytes():
+            raise ValueError(f"{ours}: differs from {theirs}, which goes with the model's tokenizer.json (its special "
+                             "tokens); export into another directory, or remove it")
+    return copied
 
 
 # -- HF -> dist-train --------------------------------------------------------------------------
