@@ -1,7 +1,9 @@
 """Every concrete example command — in each ``--help`` epilog, README.md and docs/*.md — parses with the real
 parser, and the config it names, with its ``--set`` overrides, passes validation and the command's own checks
 (launch: the rank count; submit: the batch script's world size; bench train: run and baseline; plan: the
-planned config; scale: the sweep's points). A new user copies these; none may end in an error.
+planned config; scale: the sweep's points), also behind a launcher prefix (`ray job submit --`, `mpiexec -n N`,
+`srun`, `torchrun --nproc-per-node N -m dist_train`: with N, the config's world size must be N). A new user
+copies these; none may end in an error.
 
 In-process and config-only: nothing is started, trained or written (a subprocess per example would cost
 seconds of imports each). Shared flags a page defines (`M="--set …"`) are substituted for $M; examples with
@@ -37,12 +39,30 @@ def _parsers():
                     stack.extend(action.choices.values())
 
 
+# what starts the per-rank command in an example: `ray job submit … -- `, `mpiexec -n N `, `srun `, `torchrun
+# --nproc-per-node N -m dist_train `, `python -m dist_train ` (with N, the ranks the config must have)
+_LAUNCHED = re.compile(r"(?:ray job submit\b.*?\s--\s+|mpiexec -n (?P<n>\d+)\s+|srun\s+"
+                       r"|torchrun\b.*?--nproc[-_]per[-_]node[ =](?P<t>\d+).*?\s(?P<m>-m dist_train\s+)"
+                       r"|python3? (?P<p>-m dist_train(?:\.cli)?\s+))")
+
+
+def _as_dist_train(part: str) -> tuple[str, int | None]:
+    """``part`` as the ``dist-train …`` command it runs, and the rank count its launcher prefix fixes (or None)."""
+    m = _LAUNCHED.match(part)
+    if not m:
+        return part, None
+    rest = part[m.end():]
+    n = m.group("n") or m.group("t")
+    return ("dist-train " + rest if m.group("m") or m.group("p") else rest), (int(n) if n else None)
+
+
 def _commands(text: str):
-    """The ``dist-train …`` commands in ``text``: continuation lines joined, ``a && b`` split, comments cut."""
+    """The ``dist-train …`` commands in ``text`` (also behind a launcher prefix, kept): continuation lines
+    joined, ``a && b`` split, comments cut."""
     for line in re.sub(r"\\\n\s*", " ", text).splitlines():
         for part in line.split("&&"):
             part = re.split(r"\s#\s|\s{2,}#", part.strip())[0].strip()
-            if part.startswith("dist-train ") and not _PLACEHOLDER.search(part):
+            if _as_dist_train(part)[0].startswith("dist-train ") and not _PLACEHOLDER.search(part):
                 yield part
 
 
@@ -90,9 +110,11 @@ def _check_config_of(args: argparse.Namespace, argv: list[str], capsys) -> None:
         load_config(args.config, args.set or [])
 
 
-@pytest.mark.parametrize("where, command", EXAMPLES, ids=[f"{w}: {c[11:70]}" for w, c in EXAMPLES])
+@pytest.mark.parametrize("where, command", EXAMPLES,
+                         ids=[f"{w}: {c.removeprefix('dist-train ')[:60]}" for w, c in EXAMPLES])
 def test_example_parses_and_its_config_validates(where, command, monkeypatch, capsys):
     monkeypatch.chdir(REPO)
+    command, ranks = _as_dist_train(command)
     argv = shlex.split(command)[1:]
     try:
         args = build_parser(argv[0]).parse_args(argv)
@@ -102,5 +124,8 @@ def test_example_parses_and_its_config_validates(where, command, monkeypatch, ca
         return
     try:
         _check_config_of(args, argv, capsys)
+        if ranks is not None and argv[0] == "run":
+            world = load_config(args.config, args.set or []).world_size
+            assert world == ranks, f"{where}: `{command}` under {ranks} ranks, but its config's world size is {world}"
     except ValueError as e:  # ConfigError included
         pytest.fail(f"{where}: `{command}` fails: {e}")
