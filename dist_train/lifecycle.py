@@ -43,6 +43,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
+from .own_files import clear_own_files
+
 # -- exit codes --------------------------------------------------------------------------------
 EXIT_OK = 0
 #: A rank (or launcher) saved a checkpoint after SIGTERM/SIGUSR1 and stopped: resumable. 75 is
@@ -135,6 +137,11 @@ def describe_exit(code: Optional[int]) -> str:
 
 def heartbeat_path(run_dir: Path, rank: int) -> Path:
     return Path(run_dir) / "heartbeats" / f"rank_{rank}.json"
+
+
+def clear_heartbeats(run_dir: Path) -> None:
+    """Remove an earlier attempt's heartbeats (only those: ``run_dir/heartbeats`` may be a person's own folder)."""
+    clear_own_files(Path(run_dir) / "heartbeats", ["rank_*.json", ".rank_*.json.*.tmp"])
 
 
 def read_heartbeat(run_dir: Path, rank: int) -> Optional[dict]:

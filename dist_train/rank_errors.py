@@ -17,11 +17,13 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shutil
 from pathlib import Path
 from typing import Union
 
+from .own_files import clear_own_files
+
 ERRORS_DIR = "errors"
+RECORD_PATTERNS = ("rank_*.txt", ".rank_*.txt.tmp")  # what record_user_error writes
 
 PathLike = Union[str, os.PathLike]
 
@@ -31,7 +33,8 @@ def _dir(run_dir: PathLike) -> Path:
 
 
 def clear_user_errors(run_dir: PathLike) -> None:
-    shutil.rmtree(_dir(run_dir), ignore_errors=True)
+    """Remove the records of an earlier job (only those: ``run_dir/errors`` may be a person's own folder)."""
+    clear_own_files(_dir(run_dir), RECORD_PATTERNS)
 
 
 def record_user_error(run_dir: PathLike, rank: int, message: str) -> None:

@@ -21,7 +21,6 @@ appended to ``run_dir/logs/launcher.jsonl`` (the benchmark reads restart times f
 from __future__ import annotations
 
 import json
-import shutil
 import signal
 import sys
 import threading
@@ -32,7 +31,8 @@ from typing import IO, NamedTuple, Optional, Protocol
 
 from dist_train.lifecycle import (EXIT_DAMAGED, EXIT_DIVERGED, EXIT_HANG, EXIT_OK, EXIT_PREEMPTED, EXIT_USAGE, NOT_RESPONDING_S,
                                   RESTART_ENV, WATCHDOG_COLLECTIVE_SHARE, WATCHDOG_FACTOR, WATCHDOG_MIN_S,
-                                  auto_watchdog_s, describe_exit, exit_code_for_signal, read_heartbeat)
+                                  auto_watchdog_s, clear_heartbeats, describe_exit, exit_code_for_signal,
+                                  read_heartbeat)
 from dist_train.rank_errors import user_errors
 
 FORWARDED_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
@@ -205,7 +205,7 @@ class Supervisor:
         spec = self.spec
         attempt = 0
         while True:
-            shutil.rmtree(Path(spec.run_dir) / "heartbeats", ignore_errors=True)
+            clear_heartbeats(spec.run_dir)
             argv = spec.argv + (spec.resume_args if attempt > 0 else [])
             # rank 0 draws its progress bar only when a person is watching this launcher's terminal
             env = {**spec.env, RESTART_ENV: str(attempt), "DIST_TRAIN_TTY": "1" if sys.stderr.isatty() else "0"}

@@ -282,3 +282,22 @@ def test_damaged_checkpoints_are_not_restarted_but_a_failed_rank_is(tmp_path):
 
     be = _ScriptedBackend([1, 1], [0, 0])
     assert Supervisor(spec, be, poll_s=0.0, out=io.StringIO()).run() == 0 and be.started == 2
+
+
+def test_an_attempt_clears_only_heartbeats_from_the_run_dirs_heartbeats_folder(tmp_path):
+    """Each attempt clears the earlier one's heartbeats; run.dir may be a folder that was there before, whose own
+    heartbeats/ lost every file to the rmtree that did it."""
+    class Refused:
+        name = "refused"
+
+        def start(self, argv, env, attempt):
+            raise RuntimeError("no cluster")
+
+    folder = tmp_path / "heartbeats"
+    folder.mkdir()
+    (folder / "notes.txt").write_text("a person's file")
+    (folder / "rank_0.json").write_text("{}")
+    with pytest.raises(RuntimeError, match="no cluster"):
+        Supervisor(JobSpec(argv=["x"], nproc=1, run_dir=tmp_path), Refused(), out=io.StringIO()).run()
+    assert (folder / "notes.txt").read_text() == "a person's file"
+    assert not (folder / "rank_0.json").exists()

@@ -45,3 +45,18 @@ def test_peer_of_a_bad_input_rank_exits_quietly(tmp_path, tiny_dataset):
     assert "FAILED after 1 attempt: rank 1 stopped on bad input: injected bad-input error on rank 1" in err, err
     assert "not restarting" in err
     assert [line for line in err.splitlines() if line.startswith("[rank 0]") and "error" in line] == []
+
+
+def test_clearing_keeps_a_persons_files_in_a_run_dir_that_was_there_before(tmp_path):
+    """run.dir may be an existing folder (``--set run.dir=.``): its own errors/ folder lost every file to the
+    rmtree that cleared the records. Only the records go; the folder too when they were all it held."""
+    mine = tmp_path / "errors" / "notes.txt"
+    mine.parent.mkdir()
+    mine.write_text("a person's file")
+    record_user_error(tmp_path, 0, "bad input")
+    clear_user_errors(tmp_path)
+    assert user_errors(tmp_path) == {} and mine.read_text() == "a person's file"
+    mine.unlink()
+    record_user_error(tmp_path, 1, "bad input")
+    clear_user_errors(tmp_path)
+    assert not (tmp_path / "errors").exists()
