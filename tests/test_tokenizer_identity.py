@@ -18,7 +18,7 @@ from dist_train.checkpoint.manager import saved_extra
 from dist_train.checkpoint.manifest import TRAIN_STATE
 from dist_train.config import ConfigError, ModelConfig
 from dist_train.data.prepare import prepare_indexed
-from dist_train.data.tokenizer import tokenizer_fingerprint
+from dist_train.data.tokenizer import sentencepiece_fingerprint, tokenizer_fingerprint
 from dist_train.models.gpt import GPT
 from dist_train.preflight import preflight
 from dist_train.trainer import train
@@ -248,3 +248,56 @@ def test_an_hf_export_copies_the_tokenizers_special_token_files(tmp_path):
         hf.to_hf(step, tmp_path / "taken")
     assert (tmp_path / "taken" / "tokenizer_config.json").read_text() == "{}"
     assert not (tmp_path / "taken" / "model.safetensors").exists()
+
+
+def _sentencepiece_model(path: Path, pieces: list[str], model_type: int = 2) -> Path:
+    """A sentencepiece ``tokenizer.model`` (ModelProto) serialised by protobuf with transformers' schema, not by our
+    code; ``pieces`` in id order, scores and trainer settings varied by ``model_type``."""
+    pb = pytest.importorskip("transformers.utils.sentencepiece_model_pb2_new")
+    m = pb.ModelProto()
+    for i, piece in enumerate(pieces):
+        entry = m.pieces.add()
+        entry.piece, entry.score, entry.type = piece, -float(i) * model_type, 2 if piece == "<unk>" else 1
+    m.trainer_spec.model_type = model_type
+    m.trainer_spec.vocab_size = len(pieces)
+    m.normalizer_spec.name = "nmt_nfkc"
+    path.write_bytes(m.SerializeToString())
+    return path
+
+
+def test_a_sentencepiece_only_hf_import_records_its_tokenizer(tmp_path):
+    """An HF directory with tokenizer.model (sentencepiece) and no tokenizer.json (Llama 2 style) recorded no
+    tokenizer: the import now records ``spm-sha256:`` of its id -> piece table (not of the file's bytes: scores and
+    trainer settings do not change what an id means), so a fine-tune on byte-level data is refused; a tokenizer.json
+    beside it is the fingerprint (it is what data prepare reads); a tokenizer.model that is not sentencepiece (Llama 3's
+    tiktoken text) records nothing."""
+    pieces = ["<unk>", "<s>", "</s>", "\u2581a", "b", "<0x0A>"]
+    src = _hf_dir(tmp_path)
+    _sentencepiece_model(src / "tokenizer.model", pieces)
+    step = hf.from_hf(src, tmp_path / "spm")
+    recorded = saved_extra(json.loads((step / TRAIN_STATE).read_text()))["train_tokenizer"]
+    assert recorded.startswith("spm-sha256:"), recorded
+    other = tmp_path / "other"
+    other.mkdir()
+    assert sentencepiece_fingerprint(_sentencepiece_model(other / "same.model", pieces, model_type=1)) == recorded
+    swapped = [pieces[0], pieces[2], pieces[1], *pieces[3:]]
+    assert sentencepiece_fingerprint(_sentencepiece_model(other / "swapped.model", swapped)) != recorded
+    with pytest.raises(ResumeMismatchError, match=rf"holds a model of tokenizer {recorded}, but data.path d was "
+                                                   r"prepared with tokenizer byte"):
+        check_tokenizer(step, {"train_tokenizer": recorded}, "byte", [], "d")
+    check_tokenizer(step, {"train_tokenizer": recorded}, "vocab-sha256:0123456789abcdef", [], "d")  # not comparable
+    out = hf.to_hf(step, tmp_path / "exported")  # the export names it and says which file to copy
+    with safe_open(str(out / "model.safetensors"), "pt") as f:
+        assert f.metadata()["tokenizer"] == recorded
+    note = hf.missing_tokenizer_note(step, out)
+    assert "\n" not in note and recorded in note and "tokenizer.model" in note, note
+
+    (other / "tiktoken.model").write_bytes(b"IQ== 0\nIg== 1\nIw== 2\nJA== 3\n")
+    assert sentencepiece_fingerprint(other / "tiktoken.model") is None
+    (src / "tokenizer.model").write_bytes((other / "tiktoken.model").read_bytes())
+    bare = hf.from_hf(src, tmp_path / "tiktoken")
+    assert "train_tokenizer" not in saved_extra(json.loads((bare / TRAIN_STATE).read_text()))
+    _tokenizer(src / "tokenizer.json", ["a", "b", "c"])
+    both = hf.from_hf(src, tmp_path / "both")
+    assert saved_extra(json.loads((both / TRAIN_STATE).read_text()))["train_tokenizer"] == tokenizer_fingerprint(
+        src / "tokenizer.json")

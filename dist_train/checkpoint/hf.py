@@ -19,7 +19,8 @@ refused. RoPE is read from transformers ≥ 5's ``rope_parameters`` or the older
 sees w + 1, so w = n - 1; a windowed model exports as MistralForCausalLM.
 
 Tokenizer: the ids mean the tokens of one tokenizer. An import records the fingerprint of a ``tokenizer.json``
-beside the weights (``train_tokenizer`` in the step-0 checkpoint's extra), so a fine-tune on data prepared with
+beside the weights, else of a sentencepiece ``tokenizer.model`` (``train_tokenizer`` in the step-0 checkpoint's
+extra), so a fine-tune on data prepared with
 another tokenizer is refused (``compat.check_tokenizer``). An export names the checkpoint's tokenizer fingerprint in
 the safetensors metadata (``tokenizer``), copies the tokenizer.json the training data's sidecar names when it still
 has that fingerprint (with the ``tokenizer_config.json`` / ``special_tokens_map.json`` beside it: the special tokens
@@ -44,7 +45,8 @@ from dist_train.checkpoint.storage import CheckpointError, SafeReader
 from dist_train.config import (LLAMA3_ROPE_KEYS, CheckpointConfig, ConfigError, ModelConfig, attention_head_dim,
                                ffn_hidden_size, validate_rope_scaling)
 from dist_train.data.sidecar import read_sidecar
-from dist_train.data.tokenizer import BYTE_FINGERPRINT, fingerprints_differ, tokenizer_fingerprint
+from dist_train.data.tokenizer import (BYTE_FINGERPRINT, SENTENCEPIECE_FILE, fingerprints_differ, hf_dir_fingerprint,
+                                      tokenizer_fingerprint)
 from dist_train.models.gpt import rope_inv_freq
 
 PathLike = Union[str, Path]
@@ -288,6 +290,10 @@ def missing_tokenizer_note(ckpt: PathLike, out: Path) -> Optional[str]:
     tokenizer = trained_tokenizer(checkpoint_extra(ckpt))
     if not tokenizer or tokenizer == BYTE_FINGERPRINT or (Path(out) / TOKENIZER_FILE).is_file():
         return None
+    if tokenizer.startswith("spm-sha256:"):  # an import of a sentencepiece-only directory: no file is recorded
+        return (f"note: {out} has no {TOKENIZER_FILE}: the model's ids mean the pieces of the sentencepiece tokenizer "
+                f"{tokenizer} (named in model.safetensors' metadata), the {SENTENCEPIECE_FILE} of the HF directory it "
+                f"was imported from; copy that file (with its tokenizer_config.json) into {out}")
     return (f"note: {out} has no {TOKENIZER_FILE}: the model's ids mean the tokens of tokenizer {tokenizer} (named in "
             f"model.safetensors' metadata), and the file its training data was prepared with is no longer where the "
             f"data's sidecar says or has changed; copy that tokenizer.json into {out}")
@@ -515,8 +521,8 @@ def from_hf(hf_dir: PathLike, out: PathLike) -> Path:
                              "drop lm_head.weight to tie")
     check_tensors(tensors, m, f"{hf_dir}")
     kept = {k: hf[k] for k in KEPT if k in hf}
-    tokenizer = Path(hf_dir) / TOKENIZER_FILE  # the ids' meaning: a fine-tune on data of another one is refused
-    extra = {"train_tokenizer": tokenizer_fingerprint(tokenizer)} if tokenizer.is_file() else {}
+    tokenizer = hf_dir_fingerprint(hf_dir)  # the ids' meaning: a fine-tune on data of another one is refused
+    extra = {"train_tokenizer": tokenizer} if tokenizer else {}
     return write_step0(out, tensors, {"model": dataclasses.asdict(m), "source": str(hf_dir), "hf_config": kept}, extra)
 
 

@@ -6,7 +6,8 @@ first of the usual names (``</s>``, ``<|endoftext|>``, ``<|end_of_text|>``, ``<e
 without any of them preparation refuses rather than reuse an ordinary token as the separator.
 
 A tokenizer's fingerprint (:func:`tokenizer_fingerprint`) names which token each id means: ``"byte"`` for the byte
-tokenizer, ``"vocab-sha256:<16 hex>"`` of a tokenizer.json's id -> token table otherwise. Two files of equal
+tokenizer, ``"vocab-sha256:<16 hex>"`` of a tokenizer.json's id -> token table otherwise (``"spm-sha256:"`` of a
+sentencepiece tokenizer.model's id -> piece table, for an HF import that has no tokenizer.json). Two files of equal
 vocabulary size and EOD id that map ids to other tokens get different fingerprints; the same tokenizer re-saved (key
 order, indentation, another `tokenizers` version's format) keeps its own. The dataset sidecar and checkpoints record
 it, so data of another tokenizer is told apart from the model's.
@@ -20,6 +21,7 @@ from typing import Optional, Protocol, Union
 
 EOS_NAMES = ("</s>", "<|endoftext|>", "<|end_of_text|>", "<eos>")
 BYTE_FINGERPRINT = "byte"
+SENTENCEPIECE_FILE = "tokenizer.model"
 
 
 def tokenizer_fingerprint(path: Union[str, Path]) -> str:
@@ -38,6 +40,89 @@ def tokenizer_fingerprint(path: Union[str, Path]) -> str:
     kind, named = ("vocab-sha256", table) if table is not None else ("sha256", body)
     canonical = json.dumps(named, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
     return f"{kind}:" + hashlib.sha256(canonical).hexdigest()[:16]
+
+
+def sentencepiece_fingerprint(path: Union[str, Path]) -> Optional[str]:
+    """``"spm-sha256:<16 hex>"`` of the sentencepiece model (``tokenizer.model``, a ``ModelProto``) at ``path``: the
+    SHA-256 of its id -> piece table, as canonical JSON. Scores, piece types, trainer and normalizer settings do not
+    count (they change how text is cut, not which piece an id names). Read from the protobuf wire format here: the
+    ``sentencepiece`` package is not needed. None when the file is not a sentencepiece model (Llama 3's original
+    tokenizer.model is tiktoken text); ValueError (one line) when it cannot be read."""
+    try:
+        data = Path(path).read_bytes()
+    except OSError as e:
+        raise ValueError(f"tokenizer {path}: cannot be read ({e})") from None
+    pieces = _sentencepiece_pieces(data)
+    if not pieces:
+        return None
+    canonical = json.dumps({"pieces": list(enumerate(pieces))}, separators=(",", ":"), ensure_ascii=False)
+    return "spm-sha256:" + hashlib.sha256(canonical.encode("utf-8")).hexdigest()[:16]
+
+
+def hf_dir_fingerprint(hf_dir: Union[str, Path]) -> Optional[str]:
+    """The fingerprint of an HF model directory's tokenizer: its tokenizer.json's (what ``data prepare`` reads), else
+    its sentencepiece tokenizer.model's; None when it has neither (or a tokenizer.model of another format)."""
+    tokenizer, spm = Path(hf_dir) / "tokenizer.json", Path(hf_dir) / SENTENCEPIECE_FILE
+    if tokenizer.is_file():
+        return tokenizer_fingerprint(tokenizer)
+    return sentencepiece_fingerprint(spm) if spm.is_file() else None
+
+
+def _varint(data: bytes, at: int) -> tuple[int, int]:
+    """(value, next offset) of the protobuf varint at ``data[at:]``; ValueError past the end or beyond 64 bits."""
+    value = shift = 0
+    while True:
+        if at >= len(data) or shift > 63:
+            raise ValueError("bad varint")
+        byte = data[at]
+        value |= (byte & 0x7F) << shift
+        at, shift = at + 1, shift + 7
+        if not byte & 0x80:
+            return value, at
+
+
+def _fields(data: bytes) -> list[tuple[int, object]]:
+    """(field number, value) of one protobuf message: an int for varints, the bytes of the others. ValueError when
+    ``data`` is not a well-formed message (an unknown wire type, a length past its end)."""
+    out, at = [], 0
+    while at < len(data):
+        key, at = _varint(data, at)
+        number, wire = key >> 3, key & 7
+        if number == 0:
+            raise ValueError("field 0")
+        if wire == 0:
+            value, at = _varint(data, at)
+        elif wire in (1, 2, 5):
+            if wire == 2:
+                size, at = _varint(data, at)
+            else:
+                size = 8 if wire == 1 else 4
+            if at + size > len(data):
+                raise ValueError("truncated")
+            value, at = data[at:at + size], at + size
+        else:  # 3, 4: groups (not in sentencepiece's schema); 6, 7: undefined
+            raise ValueError(f"wire type {wire}")
+        out.append((number, value))
+    return out
+
+
+def _sentencepiece_pieces(data: bytes) -> list[str]:
+    """The pieces of a ``ModelProto`` in id order (field 1, each a ``SentencePiece`` whose field 1 is the piece);
+    empty when ``data`` is not one."""
+    try:
+        pieces = []
+        for number, value in _fields(data):
+            if number != 1:
+                continue
+            if not isinstance(value, bytes):
+                return []
+            text = [v for n, v in _fields(value) if n == 1]
+            if len(text) != 1 or not isinstance(text[0], bytes):
+                return []
+            pieces.append(text[0].decode("utf-8"))
+        return pieces
+    except (ValueError, UnicodeDecodeError):
+        return []
 
 
 def _id_table(body: object) -> Optional[dict]:
@@ -61,8 +146,9 @@ def _id_table(body: object) -> Optional[dict]:
 
 def fingerprints_differ(a: Optional[str], b: Optional[str]) -> bool:
     """Whether two recorded tokenizer fingerprints name different tokenizers, as far as they can tell: both known,
-    and of one kind (``byte`` against a file's always is); a ``sha256:`` of the first version (whole file) and a
-    ``vocab-sha256:`` are not compared, as two digest kinds of a dataset are not."""
+    and of one kind (``byte`` against a file's always is); a ``sha256:`` of the first version (whole file), a
+    ``vocab-sha256:`` and an ``spm-sha256:`` (a sentencepiece model's pieces, which a tokenizer.json converted from it
+    lists with other added tokens) are not compared with each other, as two digest kinds of a dataset are not."""
     if not a or not b or a == b:
         return False
     kinds = {x.split(":", 1)[0] for x in (a, b)}
