@@ -211,3 +211,27 @@ def test_metadata_unpickler_refuses_foreign_globals(tmp_path):
     dcp.save({"w": torch.ones(2)}, checkpoint_id=tmp_path / "d", no_dist=True)
     md = load_dcp_metadata(tmp_path / "d" / ".metadata")
     assert list(md.state_dict_metadata) == ["w"]
+
+
+@pytest.mark.parametrize("name", ["../secret.txt", "{outside}", "sub/../../secret.txt"])
+def test_a_manifest_listing_a_file_outside_its_directory_is_refused(name, tmp_path):
+    """The manifest's self-checksum is no signature: one rewritten elsewhere listed a file outside the checkpoint
+    with that file's true record, and verification read it and called the checkpoint valid."""
+    from dist_train.checkpoint import manifest as mf
+    from dist_train.checkpoint.manager import CheckpointManager
+    from dist_train.checkpoint.storage import file_block_digests
+
+    secret = tmp_path / "ckpts" / "secret.txt"
+    mgr = CheckpointManager(CheckpointConfig(dir=str(secret.parent)), run_dir=tmp_path)
+    mgr.save_tensors(1, {"w": torch.ones(3)})
+    mgr.close()
+    secret.write_text("not the checkpoint's")
+    ckpt = secret.parent / "step_1"
+    body = mf.read_manifest(ckpt)
+    name = name.format(outside=secret)
+    body["files"][name] = file_block_digests(secret)
+    mf.write_manifest(ckpt, body)
+    problems = mf.verify_checkpoint(ckpt)
+    assert len(problems) == 1 and repr(name) in problems[0] and "not a plain file name" in problems[0], problems
+    with pytest.raises(CheckpointError, match="not a plain file name"):
+        mf.read_manifest(ckpt)

@@ -406,3 +406,18 @@ def test_a_fine_tune_of_an_import_exports_the_fields_the_import_kept(tmp_path):
                           checkpoint={"resume": str(tmp_path / "short_init"), "at_end": True}))
     hf.to_hf(tmp_path / "long" / "checkpoints" / "step_1", tmp_path / "long_hf")
     assert json.loads((tmp_path / "long_hf" / "config.json").read_text())["max_position_embeddings"] == SEQ
+
+
+@pytest.mark.parametrize("shard", ["../other/model.safetensors", "{other}/model.safetensors", "a/../../other/x"])
+def test_an_index_naming_a_file_outside_the_directory_is_refused(shard, tmp_path):
+    """A downloaded model.safetensors.index.json could make the import read (and keep) weights from elsewhere on
+    this machine; only names inside the directory are read."""
+    src, other = tmp_path / "src", tmp_path / "other"
+    src.mkdir()
+    other.mkdir()
+    (other / "model.safetensors").write_bytes(b"")
+    shard = shard.format(other=other)
+    (src / hf.INDEX_FILE).write_text(json.dumps({"weight_map": {"model.embed_tokens.weight": shard}}))
+    with pytest.raises(ValueError) as e:
+        hf.weight_files(src)
+    assert repr(shard) in str(e.value) and "outside" in str(e.value) and "\n" not in str(e.value)

@@ -32,7 +32,7 @@ import dataclasses
 import json
 import re
 import shutil
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any, Optional, Union
 
 import torch
@@ -451,7 +451,13 @@ def weight_files(hf_dir: Path) -> list[Path]:
     if (hf_dir / SINGLE_FILE).is_file():
         return [hf_dir / SINGLE_FILE]
     if (hf_dir / INDEX_FILE).is_file():
-        names = sorted(set((json.loads((hf_dir / INDEX_FILE).read_text()).get("weight_map") or {}).values()))
+        names = sorted(set(map(str, (json.loads((hf_dir / INDEX_FILE).read_text()).get("weight_map") or {}).values())))
+        # a downloaded index must not make the import read weights from elsewhere on this machine (symlinks inside
+        # the directory stay allowed: the hub cache's snapshot files link to its blobs)
+        outside = [n for n in names if PurePosixPath(n).is_absolute() or ".." in PurePosixPath(n).parts]
+        if outside:
+            raise ValueError(f"{hf_dir / INDEX_FILE}: weight_map names {outside[0]!r}, a file outside {hf_dir} (an "
+                             f"absolute path or '..'); expected the shards' names inside the directory")
         missing = [n for n in names if not (hf_dir / n).is_file()]
         if not names or missing:
             raise ValueError(f"{hf_dir / INDEX_FILE}: names {', '.join(missing) or 'no shard'}"

@@ -31,7 +31,8 @@ import torch
 
 from dist_train.checkpoint import checksum
 from dist_train.checkpoint.storage import (RAW_FORMAT, CheckpointError, CheckpointIOError, damage_message,
-                                           file_block_digests, load_dcp_metadata, transient_io, write_file_durable)
+                                           file_block_digests, is_plain_file_name, load_dcp_metadata, transient_io,
+                                           write_file_durable)
 
 MANIFEST = "manifest.json"
 TRAIN_STATE = "train_state.json"
@@ -100,6 +101,12 @@ def read_manifest(ckpt: PathLike) -> dict:
         raise CheckpointError(f"{path}: not a {FORMAT} manifest")
     if _body_checksum(doc["body"]) != doc.get("sha256"):
         raise CheckpointError(f"{path}: manifest checksum mismatch (the manifest was modified or damaged)")
+    # the self-checksum is no signature: a manifest from elsewhere must not make verification read, and vouch for,
+    # a file outside the checkpoint directory
+    for name in doc["body"].get("files") or {}:
+        if not is_plain_file_name(name):
+            raise CheckpointError(f"{path}: lists file {name!r}, which is not a plain file name inside the checkpoint "
+                                  "directory")
     return doc["body"]
 
 

@@ -351,6 +351,11 @@ class _MetadataUnpickler(pickle.Unpickler):
         raise pickle.UnpicklingError(f"global '{module}.{name}' is not allowed in checkpoint metadata")
 
 
+def is_plain_file_name(name: str) -> bool:
+    """A file directly inside a directory: not empty, no separator, not ``.`` or ``..``."""
+    return bool(name) and name not in (".", "..") and "/" not in name and "\\" not in name
+
+
 def load_dcp_metadata(path: PathLike) -> dcp_metadata.Metadata:
     """Read a DCP ``.metadata`` file safely; raise ``CheckpointError`` naming the file when it is refused."""
     path = Path(path)
@@ -367,7 +372,7 @@ def load_dcp_metadata(path: PathLike) -> dcp_metadata.Metadata:
                                   "loaded (pickled objects are refused)")
     for info in (md.storage_data or {}).values():
         rel = getattr(info, "relative_path", "")
-        if not rel or "/" in rel or "\\" in rel or rel.startswith(".."):
+        if not is_plain_file_name(rel):
             raise CheckpointError(f"{path}: storage file name {rel!r} is not a plain file name")
     return md
 
