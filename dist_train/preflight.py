@@ -24,7 +24,7 @@ from .checkpoint.foreign import describe_foreign_tree
 from .checkpoint.manager import (checkpoint_extra, checkpoint_root, consumed_samples, effective_resume,
                                  newer_checkpoints_message, occupied_message, resume_candidates, trained_digest,
                                  trained_tokenizer)
-from .checkpoint.storage import CheckpointError
+from .checkpoint.storage import CheckpointError, CheckpointIOError
 from .config import Config, ConfigError
 from .cost import memory_model, model_params, rank_inputs
 from .data.datasets import IndexedTokenDataset, same_data_message, split_part, training_digest, training_tokenizer
@@ -248,10 +248,13 @@ def _check_indexed(cfg: Config) -> None:
 def _verified_manifest(ckpt: Path) -> tuple[Optional[dict], str]:
     """The checkpoint module's verification as done at resume, minus the shard contents that the loader
     checks while reading them: manifest, every file's size, the small files' checksums. Returns (the manifest
-    body, '') when valid, else (None, the first problem)."""
+    body, '') when valid, else (None, the first problem). An I/O error that may pass raises ``CheckpointIOError``, as
+    in the manager: no verdict on the bytes, no fall-back."""
     try:
         body = mf.read_manifest(ckpt)
         problems = mf.verify_files(ckpt, body, size_only=mf.shards_verified_while_loading(body))
+    except CheckpointIOError:
+        raise
     except CheckpointError as e:
         problems = [str(e)]
     return (None, problems[0]) if problems else (body, "")
@@ -324,7 +327,11 @@ def check_resume(cfg: Config) -> None:
         hint = ""
     problems, damaged = [], []
     for ckpt in candidates:
-        body, problem = _verified_manifest(ckpt)
+        try:
+            body, problem = _verified_manifest(ckpt)
+        except CheckpointIOError as e:  # the ranks would stop on it too (restartable): not a fall-back, not damage
+            raise ConfigError(f"checkpoint.resume = {mode}: {e}; its bytes may well be good: try again once the "
+                              "file system answers") from None
         if body is not None:
             check_resume_matches(cfg, ckpt, body)
             newer = None if mode == "auto" else newer_checkpoints_message(root, mode, body["step"], damaged)

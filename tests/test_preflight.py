@@ -2,6 +2,7 @@
 datasets, token ids beyond the vocabulary, unusable directories, missing or damaged resume checkpoints,
 a kernel the device lacks. In process (fast), plus two real commands for the exit status and the fact
 that no rank started."""
+import errno
 import json
 from pathlib import Path
 
@@ -9,6 +10,7 @@ import pytest
 import torch
 
 from dist_train.checkpoint import CheckpointError, CheckpointManager
+from dist_train.checkpoint import manifest as mf
 from dist_train.cli import main
 from dist_train.config import CheckpointConfig, ConfigError, config_from_dict, load_config, load_yaml_unique
 from dist_train.data.datasets import IndexedTokenDataset
@@ -349,3 +351,25 @@ def test_an_empty_share_of_data_split_is_refused_before_any_rank_starts(split, t
     with pytest.raises(ConfigError) as e:
         check_data(cfg)
     assert str(e.value).startswith(needle) and "is empty" in str(e.value), str(e.value)
+
+
+def test_an_io_error_on_the_newest_checkpoint_is_no_fall_back_in_the_preflight_either(tmp_path, dataset, monkeypatch):
+    """EIO/ESTALE while reading the newest checkpoint says nothing about its bytes: the manager neither falls back to
+    an older one nor calls it damaged (restartable), and the pre-flight's verdict is the same — one line naming the
+    I/O error, not 'damaged', and not a pass that would have the ranks resume an older step."""
+    root = tmp_path / "ck"
+    _save(root, [1, 2])
+    real = mf.file_block_digests
+
+    def flaky(path, *a, **kw):
+        if Path(path).parent.name == "step_2":
+            raise OSError(errno.ESTALE, "Stale file handle", str(path))
+        return real(path, *a, **kw)
+
+    monkeypatch.setattr(mf, "file_block_digests", flaky)
+    msg = _refused(_cfg(tmp_path, dataset, checkpoint={"dir": str(root), "resume": "auto"}), "step_2",
+                   "Stale file handle", "try again")
+    assert "damaged" not in msg, msg
+    assert _manager_verdict(root, "auto") == "refused"
+    monkeypatch.undo()
+    preflight(_cfg(tmp_path, dataset, checkpoint={"dir": str(root), "resume": "auto"}), on_cuda=False)
