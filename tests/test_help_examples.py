@@ -1,4 +1,5 @@
-"""Every concrete example command — in each ``--help`` epilog, README.md and docs/*.md — parses with the real
+"""Every concrete example command — in each ``--help`` epilog, README.md, docs/*.md and the configs' header
+comments — parses with the real
 parser, and the config it names, with its ``--set`` overrides, passes validation and the command's own checks
 (launch: the rank count; submit: the batch script's world size; bench train: run and baseline; plan: the
 planned config; scale: the sweep's points), also behind a launcher prefix (`ray job submit --`, `mpiexec -n N`,
@@ -78,6 +79,10 @@ def _examples() -> list[tuple[str, str]]:
             text = m.group(1) if m.group(1) is not None else m.group(2).replace("\n", " ")
             text = re.sub(r"\$([A-Z])\b", lambda v: shared.get(v.group(1), v.group(0)), text)
             found |= {(str(doc.relative_to(REPO)), cmd) for cmd in _commands(text)}
+    # a shipped config's header comment says how to run it
+    for config in sorted((REPO / "configs").rglob("*.yaml")):
+        comments = "\n".join(line.lstrip("# ") for line in config.read_text().splitlines() if line.startswith("#"))
+        found |= {(str(config.relative_to(REPO)), cmd) for cmd in _commands(comments)}
     return sorted(found)
 
 
