@@ -161,8 +161,11 @@ class CheckpointDamaged(CheckpointError):
     exit_code = EXIT_DAMAGED
 
 
-def damaged_remedy(root: Path) -> str:
-    """What to do when every checkpoint is damaged (they are left as they are, for inspection or repair)."""
+def damaged_remedy(root: Path, single: bool = False) -> str:
+    """What to do when every checkpoint is damaged (they are left as they are, for inspection or repair); ``single``:
+    checkpoint.resume named the one checkpoint ``root``."""
+    if single:
+        return "it is left untouched: repair it, or set checkpoint.resume to another checkpoint"
     return (f"they are left untouched: repair them, or move the damaged step_N directories out of {root} (a fresh "
             "start there needs them gone), or start fresh with another run.dir or checkpoint.dir")
 
@@ -627,7 +630,7 @@ class CheckpointManager:
                 return extra
             if single:
                 raise CheckpointDamaged(f"checkpoint {ckpt} failed verification: {problem}; "
-                                        + damaged_remedy(ckpt.parent))
+                                        + damaged_remedy(ckpt, single=True))
             problems_seen.append(problem)
             damaged.append(ckpt)
             nxt = candidates[i + 1].name if i + 1 < len(candidates) else None
