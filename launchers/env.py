@@ -223,8 +223,13 @@ def free_port(host: str = "") -> int:
         return int(s.getsockname()[1])
 
 
+#: The variables that put a transport's sockets on one interface: gloo, NCCL, and the network modules of
+#: MPICH/Open MPI (UCX, libfabric's tcp provider), whose listeners otherwise take the host's outside address.
+INTERFACE_VARS = ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME", "UCX_NET_DEVICES", "FI_TCP_IFACE")
+
+
 def loopback_environment(environ: Optional[Mapping[str, str]] = None) -> dict[str, str]:
-    """For a job whose ranks all run on this machine: gloo's and NCCL's sockets on the loopback interface
+    """For a job whose ranks all run on this machine: gloo's, NCCL's and MPI's sockets on the loopback interface
     (their defaults follow the host name, which may resolve to an outside address). Variables the user
     set are kept."""
     environ = os.environ if environ is None else environ
@@ -232,7 +237,7 @@ def loopback_environment(environ: Optional[Mapping[str, str]] = None) -> dict[st
              if any(a.family == socket.AF_INET and a.address.startswith("127.") for a in addrs)]
     if not names:
         return {}
-    return {k: names[0] for k in ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME") if k not in environ}
+    return {k: names[0] for k in INTERFACE_VARS if k not in environ}
 
 
 def node_address() -> str:

@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 from typing import Optional
 
-from launchers.env import EXPECT_WORLD_ENV, LAUNCHER_ENV, TORCH_VARS
+from launchers.env import EXPECT_WORLD_ENV, LAUNCHER_ENV, TORCH_VARS, free_port, loopback_environment
 from launchers.procs import kill_tree
 from launchers.rankio import exit_status_path, read_exit_status
 from launchers.supervisor import RankProgress, progress_from_heartbeats
@@ -128,6 +128,11 @@ class MpiBackend:
         full = {k: v for k, v in os.environ.items() if k not in TORCH_VARS}
         full.update(env)
         full.update({LAUNCHER_ENV: "mpi", EXPECT_WORLD_ENV: str(self.nproc), "PYTHONUNBUFFERED": "1"})
+        # Every rank runs here: rank 0's store (no authentication) and the transports listen on loopback, as under
+        # the local backend. Without MASTER_ADDR rank 0 broadcast the host's outside address and listened there.
+        # A fresh port per attempt: the old store may linger in TIME_WAIT.
+        full.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port("127.0.0.1")),
+                     **loopback_environment(full)})
         started = time.time()
         proc = subprocess.Popen(self.command(argv), env=full, stdin=subprocess.DEVNULL, start_new_session=True)
         return MpiAttempt(proc, self.nproc, self.run_dir, attempt, started)

@@ -90,3 +90,25 @@ def test_local_job_listens_on_loopback_only(tmp_path):
         proc.send_signal(signal.SIGINT)
         proc.send_signal(signal.SIGINT)
         proc.wait(timeout=60)
+
+
+def test_mpi_backend_ranks_rendezvous_and_talk_on_loopback(tmp_path, monkeypatch):
+    """`--backend mpi` runs every rank on this machine, but gave them no MASTER_ADDR: rank 0 broadcast the host's
+    outside address and its store (no authentication) listened there, and gloo and MPICH's UCX/libfabric
+    sockets took that interface too. What mpiexec hands the ranks, seen by a stand-in mpiexec."""
+    from launchers.mpi import MpiBackend
+
+    seen = tmp_path / "env.txt"
+    stub = tmp_path / "mpiexec"
+    stub.write_text(f"#!/bin/sh\nenv > {seen}\n")
+    stub.chmod(0o755)
+    monkeypatch.setenv("MASTER_ADDR", "10.9.8.7")  # an outer launcher's: never the ranks'
+    monkeypatch.delenv("GLOO_SOCKET_IFNAME", raising=False)
+    attempt = MpiBackend(2, tmp_path / "run", mpiexec=str(stub)).start(["true"], {}, 0)
+    attempt.proc.wait(timeout=30)
+    env = dict(line.split("=", 1) for line in seen.read_text().splitlines() if "=" in line)
+    loopback = next(n for n, addrs in psutil.net_if_addrs().items()
+                    if any(a.family == socket.AF_INET and a.address.startswith("127.") for a in addrs))
+    assert env["MASTER_ADDR"] == "127.0.0.1" and 0 < int(env["MASTER_PORT"]) < 65536
+    assert all(env[k] == loopback for k in ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME", "UCX_NET_DEVICES",
+                                            "FI_TCP_IFACE")), env
