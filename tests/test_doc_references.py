@@ -1,8 +1,8 @@
 """What README.md and docs/**/*.md point a reader at exists: every relative link (and its #anchor) resolves, every
 repository path named in backticks (`dist_train/…`, `tests/…`, `configs/…`, `docs/…`, `launchers/…`,
 `parallelism/…`) is there, and every test a page cites as evidence (`tests/test_x.py::test_y`, `::test_y`,
-`[test_y]`) is defined. Docs name these as proof of a claim or as the next thing to open; a renamed file or test
-leaves the claim pointing at nothing. (The commands the pages show are checked by tests/test_help_examples.py.)
+`[test_y]`, or a name cut short, `test_y_…`, as a prefix) is defined. Docs name these as proof of a claim or as
+the next thing to open; a renamed file or test leaves the claim pointing at nothing. (The commands the pages show are checked by tests/test_help_examples.py.)
 
 Text only, no imports of the project: a fraction of a second.
 """
@@ -16,7 +16,7 @@ from tests.trainer_utils import REPO
 
 DOCS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md")), *sorted((REPO / "docs").glob("*/*.md"))]
 _PATH = re.compile(r"(?<![\w/.-])((?:dist_train|launchers|parallelism|tests|configs|docs)/[\w/.-]*\w)")
-_TEST = re.compile(r"(?:::|\b)(test_\w+)(?!\w|\.py)")
+_TEST = re.compile(r"(?:::|\b)(test_\w+)(…)?(?!\w|\.py)")  # `test_x_…`: a name cut short, a prefix
 
 
 def _slug(heading: str) -> str:
@@ -67,7 +67,9 @@ def test_every_repository_path_and_cited_test_exists():
             for path in _PATH.findall(span):
                 if not any(c in path for c in "*<") and not (REPO / path).exists():
                     bad.append(f"{where}: `{span}` names {path}, which does not exist")
-            for name in _TEST.findall(span):
+            for name, cut in _TEST.findall(span):
+                if cut and any(t.startswith(name) for t in tests):
+                    continue
                 if name not in tests and not (REPO / "tests" / f"{name}.py").exists():
                     bad.append(f"{where}: `{span}` cites {name}, which no tests/*.py defines")
     assert not bad, "\n".join(bad)
