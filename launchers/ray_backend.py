@@ -5,7 +5,8 @@ ambiguous.
 * Cluster: ``--address`` / ``launch.address`` or ``RAY_ADDRESS`` (set by ``ray job submit``) → connect;
   otherwise an embedded single-machine cluster is started (``address="local"``: never silently joins a
   stray ``ray start`` cluster), without dashboard and without log forwarding (our actors forward the
-  ranks' lines themselves, prefixed, exactly once), every Ray server on loopback (``EMBEDDED_LOOPBACK_ENV``).
+  ranks' lines themselves, prefixed, exactly once), every Ray server on loopback, a token of its own
+  (``embedded_cluster_environment``).
 * Ranks: each actor runs its rank as a **subprocess** (``python -m dist_train run …``) rather than calling
   ``dist_train.entry.run_rank`` inside the actor. Reasons: the rank's SIGTERM/SIGUSR1 handlers need a
   process main thread of its own; a rank that segfaults or is SIGKILLed leaves the actor alive to report
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import secrets
 import signal
 import socket
 import sys
@@ -55,6 +57,20 @@ def kept_signal_handlers(signals: tuple[int, ...] = (signal.SIGTERM, signal.SIGI
 #: servers and its unauthenticated Prometheus metrics ports listen on loopback instead of every interface.
 #: ``_node_ip_address="127.0.0.1"`` does not: Ray maps it back to the host's routable address.
 EMBEDDED_LOOPBACK_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+AUTH_VARS = ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")
+
+
+def embedded_cluster_environment(environ: Optional[dict] = None) -> dict[str, str]:
+    """What to set before ``import ray`` for an embedded cluster: every server on loopback (``EMBEDDED_LOOPBACK_ENV``)
+    and, unless the user chose an authentication mode or token, token authentication with a fresh token of this
+    launch held in the environment alone (of its own processes: readable by this user only). Otherwise Ray 2.60
+    writes ``~/.ray/auth_token`` with mode 0644 and keeps it for every later cluster: where others can read the
+    home directory, any local user could take it and run code as this user through the loopback ports."""
+    environ = os.environ if environ is None else environ
+    env = dict(EMBEDDED_LOOPBACK_ENV)
+    if not any(k in environ for k in AUTH_VARS):
+        env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(32))
+    return env
 
 
 def ray_token_available(environ: Optional[dict] = None) -> bool:
@@ -283,7 +299,7 @@ class RayBackend:
             refuse_unreachable(self.address)
             os.environ.update(token_auth_environment())
         else:
-            os.environ.update(EMBEDDED_LOOPBACK_ENV)
+            os.environ.update(embedded_cluster_environment())
         import ray
 
         if ray.is_initialized():

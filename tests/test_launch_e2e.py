@@ -152,7 +152,10 @@ def test_ray_launch_sigterm_checkpoints_and_resume_equals_uninterrupted(tmp_path
     cmd = [sys.executable, "-m", "dist_train", "launch", CONFIG, *BASE, *flat, "--set", f"run.dir={run_dir}",
            "--backend", "ray", "--nproc", "2", "--set", "train.steps=500", "--set", "checkpoint.every=0"]
     listening = []
-    code, out = _preempt_when_stepping(cmd, run_dir, while_stepping=lambda pid: listening.append(
+    # a home of its own, no authentication settings: the embedded cluster must leave no token file behind
+    home = tmp_path / "home"
+    env = {k: v for k, v in _env(HOME=str(home)).items() if not k.startswith("RAY_AUTH_")}
+    code, out = _preempt_when_stepping(cmd, run_dir, env=env, while_stepping=lambda pid: listening.append(
         _listening_outside_loopback(pid)))
     assert code == EXIT_PREEMPTED, out[-4000:]
     assert "got SIGTERM" in out, out[-4000:]
@@ -160,6 +163,8 @@ def test_ray_launch_sigterm_checkpoints_and_resume_equals_uninterrupted(tmp_path
     outside, seen = listening[0]
     assert seen >= 5, f"{seen} listening sockets: the meter missed Ray's servers"
     assert not outside, f"listening beyond loopback: {outside}"
+    # its token lived in its processes' environment: Ray wrote ~/.ray/auth_token (mode 0644) and kept it
+    assert not (home / ".ray" / "auth_token").exists()
     # the embedded cluster: per-rank logs, rank 0's lines exactly once, ours (not Ray's log forwarding)
     for r in range(2):
         assert (run_dir / "logs" / f"rank_{r}.log").is_file() and (run_dir / "logs" / f"rank_{r}.stderr").is_file()

@@ -22,7 +22,7 @@ from launchers.cli import (LAUNCHED_CONFIG, launch_main, rank_argv, ranks_on_cud
                            submit_main)
 from launchers.env import (EXPECT_WORLD_ENV, LaunchError, check_mpi_family, check_mpi_world, detect_rank_env,
                            mpi_family, parse_slurm_tasks_per_node, populate_rank_env, slurm_first_host)
-from launchers.ray_backend import RankActor, refuse_unreachable, write_missing
+from launchers.ray_backend import RankActor, embedded_cluster_environment, refuse_unreachable, write_missing
 from launchers.supervisor import progress_from_heartbeats
 from tests.trainer_utils import tiny_gpt_config
 
@@ -489,3 +489,14 @@ def test_every_start_of_a_submitted_job_runs_the_config_as_submitted(tmp_path, m
     second = (tmp_path / "runA" / "submit_slurm.sh").read_text()
     stage2_copy = second.split(" -m dist_train run ")[1].split()[0]
     assert str(snapshot) not in second and load_config(stage2_copy).train.steps == 4
+
+
+def test_an_embedded_cluster_gets_a_token_of_its_own_unless_the_user_chose():
+    """Every Ray server on loopback, and a fresh token per launch in the environment only (Ray's default token is
+    a 0644 file in the home directory, reused by every later cluster); an authentication choice of the user's
+    (a mode, a token, a token file) is kept."""
+    first, second = embedded_cluster_environment({}), embedded_cluster_environment({})
+    assert first["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] == "0" and first["RAY_AUTH_MODE"] == "token"
+    assert len(first["RAY_AUTH_TOKEN"]) == 64 and first["RAY_AUTH_TOKEN"] != second["RAY_AUTH_TOKEN"]
+    for chosen in ({"RAY_AUTH_MODE": "disabled"}, {"RAY_AUTH_TOKEN": "t"}, {"RAY_AUTH_TOKEN_PATH": "/p"}):
+        assert embedded_cluster_environment(chosen) == {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
