@@ -102,7 +102,9 @@ def _add_data(sub) -> None:
                             "--output data/c"))
     q.add_argument("--input", nargs="+", metavar="PATH", help="text files (one document each) or JSONL ('text')")
     q.add_argument("--corpus", help="a built-in corpus: python-stdlib (this interpreter's standard library)")
-    q.add_argument("--output", required=True, metavar="PREFIX", help="writes PREFIX.bin and PREFIX.idx")
+    q.add_argument("--output", required=True, metavar="PREFIX",
+                   help="writes PREFIX.bin, PREFIX.idx and the PREFIX.meta.json sidecar (tokenizer, vocab size, "
+                        "end-of-document id, token digest); never over an existing PREFIX.bin/.idx")
     q.add_argument("--tokenizer", default="byte", help="byte (default, no download) or path/to/tokenizer.json")
     q.add_argument("--eod-token", metavar="TOKEN", help="end-of-document token of a tokenizer.json (default: its "
                    "tokenizer_config.json eos_token, else </s>, <|endoftext|>, <|end_of_text|>, <eos>)")
