@@ -592,6 +592,15 @@ def _check_text(dotted: str, v: Any, what: str) -> None:
         raise ConfigError(f"{dotted} = {v!r}: must be {what}")
 
 
+def _check_dir_path(dotted: str, v: Any, what: str) -> None:
+    """A directory dist-train creates: a leading ``~`` is no home directory here (YAML and ``--set`` keep it as it
+    is), so the run would create a folder named ``~`` in the working directory, one ``rm -rf ~`` away from the home."""
+    _check_text(dotted, v, what)
+    if v.startswith("~"):
+        raise ConfigError(f"{dotted} = {v!r}: a leading '~' is not expanded (a folder named '~' would be created "
+                          f"here); write the path out, e.g. {os.path.expanduser(v)}")
+
+
 def _check_int_list(dotted: str, v: Any, n: int, lo: int, what: str) -> None:
     ok = isinstance(v, list) and len(v) == n and all(
         isinstance(x, int) and not isinstance(x, bool) and x >= lo for x in v)
@@ -724,7 +733,7 @@ def _refuse_unread_fields(cfg: Config, allowed: frozenset = frozenset()) -> None
 def _validate_run(cfg: Config) -> None:
     _check_bounds(cfg, "run")
     _check_text("run.name", cfg.run.name, "a non-empty name")
-    _check_text("run.dir", cfg.run.dir, "a directory path")
+    _check_dir_path("run.dir", cfg.run.dir, "a directory path")
 
 
 def _validate_model(cfg: Config) -> None:
@@ -961,7 +970,7 @@ def _validate_checkpoint(cfg: Config) -> None:
                               f"{', '.join(resumable)}")
     _check_text("checkpoint.resume", c.resume, "auto, none or the path of a checkpoint")
     if c.dir is not None:
-        _check_text("checkpoint.dir", c.dir, "a directory path or null (run.dir/checkpoints)")
+        _check_dir_path("checkpoint.dir", c.dir, "a directory path or null (run.dir/checkpoints)")
 
 
 def _validate_launch(cfg: Config) -> None:

@@ -15,7 +15,7 @@ HUGE = 10**12
 #: and a row here.
 BAD: dict[str, list] = {
     "run.name": ["", "  ", 3],
-    "run.dir": ["", None, 5],
+    "run.dir": ["", None, 5, "~/runs/x"],  # '~' is not expanded: a folder named '~' here
     "run.seed": [-1, 2**63, "x"],
     "model.kind": ["bert", None],
     "model.d_model": [0, -128, HUGE, 1.5],
@@ -94,7 +94,7 @@ BAD: dict[str, list] = {
     "checkpoint.keep_last": [0, -3],
     "checkpoint.async_save": ["yes"],
     "checkpoint.resume": ["", None],
-    "checkpoint.dir": ["", 7],
+    "checkpoint.dir": ["", 7, "~"],
     "checkpoint.at_end": ["no"],
     "checkpoint.restart": ["yes"],
     "checkpoint.on_error": ["ignore"],
