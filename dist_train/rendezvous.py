@@ -5,7 +5,7 @@ interface (``*:MASTER_PORT``), even when every rank is on this machine and ``MAS
 127.0.0.1. Here rank 0 binds the listening socket itself and hands it to ``TCPStore`` through
 ``master_listen_fd``:
 
-* ``MASTER_ADDR`` on loopback (single-machine launches: local, embedded Ray) → 127.0.0.1 only;
+* ``MASTER_ADDR`` on loopback (single-machine launches: local, mpi, embedded Ray) → that loopback address only;
 * otherwise the interface of ``MASTER_ADDR`` (the address the other nodes dial), or ``launch.bind``
   when the user names one (``0.0.0.0`` only when asked for explicitly).
 
@@ -18,7 +18,6 @@ address and port it chose): every rank then only connects.
 from __future__ import annotations
 
 import errno
-import ipaddress
 import os
 import socket
 from datetime import timedelta
@@ -34,13 +33,6 @@ class RendezvousError(ValueError):
     """The store cannot listen where the job says it must; the message is one line for the user."""
 
 
-def _is_loopback(addr: str) -> bool:
-    try:
-        return ipaddress.ip_address(addr).is_loopback
-    except ValueError:
-        return False
-
-
 def resolve(host: str) -> str:
     """The IPv4 address of ``host`` (a name or an address)."""
     try:
@@ -51,12 +43,12 @@ def resolve(host: str) -> str:
 
 
 def bind_address(master_addr: str, bind: Optional[str] = None) -> str:
-    """Where rank 0's store listens: ``bind`` if given, loopback for a loopback master, else the
-    master's own address."""
+    """Where rank 0's store listens: ``bind`` if given, else the master's own address — on loopback for a
+    loopback master, and that very loopback address: a host name in Debian's /etc/hosts is 127.0.1.1, which a
+    socket bound to 127.0.0.1 does not answer (every rank, rank 0's own client too, waited out the timeout)."""
     if bind:
         return "0.0.0.0" if bind in ("all", "*") else resolve(bind)
-    addr = resolve(master_addr)
-    return "127.0.0.1" if _is_loopback(addr) else addr
+    return resolve(master_addr)
 
 
 def listening_socket(addr: str, port: int) -> socket.socket:

@@ -112,3 +112,15 @@ def test_mpi_backend_ranks_rendezvous_and_talk_on_loopback(tmp_path, monkeypatch
     assert env["MASTER_ADDR"] == "127.0.0.1" and 0 < int(env["MASTER_PORT"]) < 65536
     assert all(env[k] == loopback for k in ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME", "UCX_NET_DEVICES",
                                             "FI_TCP_IFACE")), env
+
+
+def test_a_master_on_another_loopback_address_is_answered_there():
+    """A host name in Debian's /etc/hosts is 127.0.1.1: the store bound 127.0.0.1 for it, which does not answer
+    127.0.1.1, and rank 0's own client waited out the whole timeout. It listens on that address (loopback still)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.1.1", 0))
+        port = probe.getsockname()[1]
+    store = create_store(0, 1, "127.0.1.1", port, timedelta(seconds=3))
+    store.set("k", "v")
+    assert store.get("k") == b"v"
+    assert _listening({os.getpid()}) == [("127.0.1.1", port)]
