@@ -123,4 +123,5 @@ def test_a_master_on_another_loopback_address_is_answered_there():
     store = create_store(0, 1, "127.0.1.1", port, timedelta(seconds=3))
     store.set("k", "v")
     assert store.get("k") == b"v"
-    assert _listening({os.getpid()}) == [("127.0.1.1", port)]
+    here = [ip for ip, p in _listening({os.getpid()}) if p == port]  # (earlier tests' stores may still listen)
+    assert here == ["127.0.1.1"], here
