@@ -16,7 +16,19 @@ from .bench import cli as bench_commands
 
 EXIT_USAGE = 2
 EXIT_BROKEN_PIPE = 141
-_F = argparse.RawDescriptionHelpFormatter
+
+
+class _F(argparse.RawDescriptionHelpFormatter):
+    """Examples kept as written, and every option's help line ends with the default the command uses when the
+    line does not say it already (an unset default — None, off, empty: the config's or nothing — is not shown)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        if not action.option_strings or "default" in text or default in (None, False, [], argparse.SUPPRESS):
+            return text
+        shown = " ".join(map(str, default)) if isinstance(default, (list, tuple)) else str(default)
+        return f"{text} (default {shown.replace('%', '%%')})".lstrip()
 
 
 class ArgumentParser(argparse.ArgumentParser):

@@ -134,3 +134,22 @@ def test_example_parses_and_its_config_validates(where, command, monkeypatch, ca
             assert world == ranks, f"{where}: `{command}` under {ranks} ranks, but its config's world size is {world}"
     except ValueError as e:  # ConfigError included
         pytest.fail(f"{where}: `{command}` fails: {e}")
+
+
+def _stated(default) -> bool:
+    """A default worth stating: a value the command will use, not 'unset' (None, off, empty, the config's)."""
+    return default not in (None, False, [], argparse.SUPPRESS)
+
+
+def test_every_option_says_what_it_defaults_to():
+    """`dist-train bench memory` with no flags sweeps S up to 1M tokens: a person reading --help must see that
+    before running it. Every option with a default the command uses says it in its help line."""
+    silent = []
+    for parser in _parsers():
+        formatter = parser._get_formatter()
+        for action in parser._actions:
+            if action.option_strings and action.help != argparse.SUPPRESS and _stated(action.default):
+                text = formatter._expand_help(action) if action.help else ""
+                if "default" not in text:
+                    silent.append(f"{parser.prog} {action.option_strings[-1]} (default {action.default!r})")
+    assert not silent, "\n".join(silent)

@@ -26,7 +26,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--heads", type=int, default=8, help="query heads H")
     parser.add_argument("--kv-heads", type=int, default=None, help="K/V heads (default: H)")
     parser.add_argument("--head-dim", type=int, default=64, help="head dimension D")
-    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--batch", type=int, default=1, help="sequences per call B")
     parser.add_argument("--window", type=int, default=None, help="sliding window w (default: none)")
     parser.add_argument("--no-causal", action="store_true", help="full (bidirectional) attention")
     parser.add_argument("--forward-only", action="store_true", help="time forward only (default fwd+bwd)")
