@@ -13,7 +13,8 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from .rendezvous import create_store
+from .loopback import is_loopback, loopback_environment
+from .rendezvous import create_store, resolve
 
 
 @dataclass(frozen=True)
@@ -61,8 +62,10 @@ def init_distributed(timeout_s: float = 300.0, bind: Optional[str] = None) -> Di
     if world > 1:
         backend = "nccl" if device.type == "cuda" else "gloo"
         timeout = timedelta(seconds=timeout_s)
-        store = create_store(rank, world, os.environ.get("MASTER_ADDR", "127.0.0.1"),
-                             int(os.environ.get("MASTER_PORT", "29500")), timeout, bind)
+        master = os.environ.get("MASTER_ADDR", "127.0.0.1")
+        if is_loopback(resolve(master)):  # one machine (torchrun there, a bare run): gloo and NCCL on loopback too
+            os.environ.update(loopback_environment())
+        store = create_store(rank, world, master, int(os.environ.get("MASTER_PORT", "29500")), timeout, bind)
         dist.init_process_group(backend, store=store, rank=rank, world_size=world, timeout=timeout,
                                 device_id=device if device.type == "cuda" else None)
     return DistContext(rank, world, local_rank, device)

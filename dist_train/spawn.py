@@ -36,6 +36,7 @@ from multiprocessing import forkserver, reduction
 from typing import Any, Callable, Sequence
 
 from .lifecycle import describe_exit, kill_me_with_parent
+from .loopback import loopback_environment
 
 
 class _CallerFd:
@@ -142,7 +143,8 @@ def run_ranks(fn: Callable, world_size: int, args: Sequence[Any] = (), timeout: 
         init_file = os.path.join(tmp, "rendezvous")
         job = pickle.dumps((fn, tuple(args)))
         procs = [ctx.Process(target=_rank_main, args=(job, r, world_size, init_file, out, timeout, threads,
-                                                      process_group, dict(os.environ), os.getcwd(),
+                                                      process_group, {**os.environ, **loopback_environment()},
+                                                      os.getcwd(),
                                                       (_CallerFd(1), _CallerFd(2)), parent_pid), daemon=True)
                  for r in range(world_size)]
         for p in procs:

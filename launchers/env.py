@@ -26,7 +26,6 @@ import sys
 from dataclasses import dataclass
 from typing import Mapping, MutableMapping, Optional
 
-import psutil
 
 #: Set by ``dist-train launch --backend mpi`` (and batch scripts): how many ranks the launcher started,
 #: so a rank that finds itself alone can say so.
@@ -221,23 +220,6 @@ def free_port(host: str = "") -> int:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         s.bind((host, 0))
         return int(s.getsockname()[1])
-
-
-#: The variables that put a transport's sockets on one interface: gloo, NCCL, and the network modules of
-#: MPICH/Open MPI (UCX, libfabric's tcp provider), whose listeners otherwise take the host's outside address.
-INTERFACE_VARS = ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME", "UCX_NET_DEVICES", "FI_TCP_IFACE")
-
-
-def loopback_environment(environ: Optional[Mapping[str, str]] = None) -> dict[str, str]:
-    """For a job whose ranks all run on this machine: gloo's, NCCL's and MPI's sockets on the loopback interface
-    (their defaults follow the host name, which may resolve to an outside address). Variables the user
-    set are kept."""
-    environ = os.environ if environ is None else environ
-    names = [name for name, addrs in psutil.net_if_addrs().items()
-             if any(a.family == socket.AF_INET and a.address.startswith("127.") for a in addrs)]
-    if not names:
-        return {}
-    return {k: names[0] for k in INTERFACE_VARS if k not in environ}
 
 
 def node_address() -> str:

@@ -7,7 +7,8 @@ import time
 from pathlib import Path
 from typing import Optional
 
-from launchers.env import free_port, loopback_environment
+from dist_train.loopback import loopback_environment
+from launchers.env import free_port
 from launchers.procs import ConsoleSink, RankProcess, Sink
 from launchers.supervisor import RankProgress, progress_from_heartbeats
 

@@ -17,7 +17,8 @@ import time
 from pathlib import Path
 from typing import Optional
 
-from launchers.env import EXPECT_WORLD_ENV, LAUNCHER_ENV, TORCH_VARS, free_port, loopback_environment
+from dist_train.loopback import loopback_environment
+from launchers.env import EXPECT_WORLD_ENV, LAUNCHER_ENV, TORCH_VARS, free_port
 from launchers.procs import kill_tree
 from launchers.rankio import exit_status_path, read_exit_status
 from launchers.supervisor import RankProgress, progress_from_heartbeats

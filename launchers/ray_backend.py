@@ -30,7 +30,8 @@ from pathlib import Path
 from typing import Any, Optional
 
 from dist_train.held_stderr import stderr_held_back
-from launchers.env import free_port, loopback_environment
+from dist_train.loopback import loopback_environment
+from launchers.env import free_port
 from launchers.local import rank_environment
 from launchers.procs import ConsoleSink, RankProcess, Sink
 from launchers.supervisor import RankProgress, progress_from_heartbeats

@@ -13,8 +13,11 @@ import psutil
 import pytest
 import torch.distributed as dist
 
+from dist_train.distributed import init_distributed
 from dist_train.lifecycle import read_heartbeat
+from dist_train.loopback import loopback_environment
 from dist_train.rendezvous import RendezvousError, bind_address, create_store, listening_socket
+from dist_train.spawn import run_ranks
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -125,3 +128,30 @@ def test_a_master_on_another_loopback_address_is_answered_there():
     assert store.get("k") == b"v"
     here = [ip for ip, p in _listening({os.getpid()}) if p == port]  # (earlier tests' stores may still listen)
     assert here == ["127.0.1.1"], here
+
+
+def gloo_interface_given_and_after_a_loopback_rendezvous(rank, world_size, port):
+    """(GLOO_SOCKET_IFNAME as dist_train.spawn started this rank, as init_distributed leaves it for a loopback
+    MASTER_ADDR when the rank's environment had none)."""
+    given = os.environ.pop("GLOO_SOCKET_IFNAME", None)
+    os.environ.pop("NCCL_SOCKET_IFNAME", None)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    init_distributed(timeout_s=60)
+    after = os.environ.get("GLOO_SOCKET_IFNAME")
+    dist.barrier()
+    dist.destroy_process_group()
+    return given, after
+
+
+def test_one_machine_ranks_put_gloo_on_loopback(monkeypatch):
+    """gloo listens on the host name's address: where that name resolves to an outside address (a cluster node;
+    shown here in a private mount+UTS namespace with the host name mapped to 192.0.2.2), the ranks of
+    `dist-train bench` (dist_train.spawn) and of a run under a loopback MASTER_ADDR (torchrun on one node, a bare
+    run) listened there. Both now name the loopback interface first (the user's own value is kept)."""
+    monkeypatch.delenv("GLOO_SOCKET_IFNAME", raising=False)
+    lo = loopback_environment({})["GLOO_SOCKET_IFNAME"]
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    got = run_ranks(gloo_interface_given_and_after_a_loopback_rendezvous, 2, args=(port,), process_group=False)
+    assert got == [(lo, lo)] * 2, got

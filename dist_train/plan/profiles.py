@@ -24,6 +24,8 @@ from typing import Optional, Union
 
 import yaml
 
+from ..loopback import loopback_environment
+
 DATA_FILE = Path(__file__).resolve().parent.parent / "profiles" / "devices.yaml"
 Curve = Union[float, dict]
 
@@ -311,7 +313,7 @@ def measure_allreduce(world: int = 2, timeout: float = 120.0) -> dict:
     """{bytes: seconds} of a gloo all-reduce between ``world`` local processes (median of 5)."""
     with tempfile.TemporaryDirectory() as tmp:
         init = f"file://{Path(tmp) / 'rdzv'}"
-        env = dict(os.environ, OMP_NUM_THREADS="1")
+        env = dict(os.environ, OMP_NUM_THREADS="1", **loopback_environment())
         procs = [subprocess.Popen([sys.executable, "-c", _ALLREDUCE_WORKER, str(r), str(world), init],
                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
                  for r in range(world)]
