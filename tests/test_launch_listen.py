@@ -143,6 +143,7 @@ def gloo_interface_given_and_after_a_loopback_rendezvous(rank, world_size, port)
     return given, after
 
 
+@pytest.mark.slow
 def test_one_machine_ranks_put_gloo_on_loopback(monkeypatch):
     """gloo listens on the host name's address: where that name resolves to an outside address (a cluster node;
     shown here in a private mount+UTS namespace with the host name mapped to 192.0.2.2), the ranks of
