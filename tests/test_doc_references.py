@@ -4,14 +4,19 @@ repository path named in backticks (`dist_train/…`, `tests/…`, `configs/…`
 `[test_y]`, or a name cut short, `test_y_…`, as a prefix) is defined. Docs name these as proof of a claim or as
 the next thing to open; a renamed file or test leaves the claim pointing at nothing. (The commands the pages show are checked by tests/test_help_examples.py.)
 
-Text only, no imports of the project: a fraction of a second.
+And the README's configuration table lists every key of every config section, and only keys that exist.
+
+Text and the config dataclasses only (no torch): a fraction of a second.
 """
 from __future__ import annotations
 
 import re
 
+import dataclasses
+
 import pytest
 
+from dist_train.config import Config
 from tests.trainer_utils import REPO
 
 DOCS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md")), *sorted((REPO / "docs").glob("*/*.md"))]
@@ -81,3 +86,16 @@ def test_every_repository_path_and_cited_test_exists():
                                             "projections-model-outputs---device-h100")])
 def test_the_anchor_rule_is_githubs(heading, slug):
     assert _slug(heading) == slug
+
+
+def test_the_readme_configuration_table_names_every_key_and_only_real_ones():
+    """Each section's row of README.md's "Configuration" table: its backticked names equal the section's fields."""
+    rows = dict(re.findall(r"^\| `(\w+)` \| (.*) \|$", (REPO / "README.md").read_text(), re.M))
+    wrong = []
+    for section in dataclasses.fields(Config):
+        fields = {f.name for f in dataclasses.fields(section.default_factory())}
+        named = set(re.findall(r"`([a-z_]+)`", rows.get(section.name, "")))
+        missing, unknown = sorted(fields - named), sorted(named - fields - {section.name})
+        if missing or unknown:
+            wrong.append(f"{section.name}: not in the table {missing}, not a key {unknown}")
+    assert not wrong, "\n".join(wrong)
