@@ -337,10 +337,14 @@ class DeepSpeedStateAdapter(StateAdapter):
             return
         from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
 
+        zero3 = hasattr(self.opt, "fp32_partitioned_groups_flat")
+        set_param = (lambda p, v: _set_zero3_partition(self.opt, p, v)) if zero3 else safe_set_full_fp32_param
+        set_state = (lambda p, v, k: _set_zero3_partition(self.opt, p, v, k)) if zero3 else \
+            safe_set_full_optimizer_state
         params = dict(model.named_parameters())
         with torch.no_grad():
             for name, p in params.items():
-                safe_set_full_fp32_param(p, model_sd[name])
+                set_param(p, model_sd[name])
             for name, buf in self._buffers(model, params).items():
                 buf.copy_(model_sd[name])
         if optimizer is not None and optim_sd is not None:
@@ -351,7 +355,7 @@ class DeepSpeedStateAdapter(StateAdapter):
                 for k, v in list(state.items()):
                     if isinstance(v, torch.Tensor) and v.shape == g.flat.shape:
                         for p in g.params:
-                            safe_set_full_optimizer_state(p, optim_sd[f"state.{names[id(p)]}.{k}"], k)
+                            set_state(p, optim_sd[f"state.{names[id(p)]}.{k}"], k)
                     elif g.params:
                         saved = optim_sd[f"state.{names[id(g.params[0])]}.{k}"]
                         state[k] = saved.detach().clone() if isinstance(saved, torch.Tensor) else saved
@@ -361,6 +365,30 @@ class DeepSpeedStateAdapter(StateAdapter):
                         if k != "params":
                             hyper[k] = optim_sd[f"param_groups.{first}.{k}"]
         self._refresh_working_copies()
+
+
+def _set_zero3_partition(opt, param: nn.Parameter, value: torch.Tensor, key: Optional[str] = None) -> None:
+    """Write this rank's ZeRO-3 partition of the full fp32 ``value`` [*param.ds_shape] into the master weights
+    (``key`` None) or the optimizer state ``key`` — what ``safe_set_full_fp32_param`` /
+    ``safe_set_full_optimizer_state`` do, for every size. DeepSpeed 0.19.8's ``set_full_hp_param`` copies
+    ``value[r·c : (r+1)·c]`` with partition size c = ceil(n / dp), which runs past the end of the tensor on the last
+    ranks whenever dp does not divide n (a norm of 4096 at dp 3): those ranks raise mid-resume while the others go
+    on into the next all-gather and hang. Here the partition's real elements are copied and its padding (past n)
+    zeroed, as a fresh ZeRO-3 partition has it."""
+    if not param.requires_grad:
+        return
+    part, group = opt._get_fp32_opt_state_partition(param, release_swap_buffers=False, optim_state_key=key)
+    flat = value.detach().reshape(-1)
+    if flat.numel() != param.ds_numel:
+        raise ValueError(f"a ZeRO-3 parameter of {param.ds_numel} elements cannot take a checkpoint tensor of "
+                         f"{flat.numel()}")
+    size = part.numel()
+    start = size * opt._get_param_partition_rank(param)
+    real = max(0, min(size, flat.numel() - start))
+    part.data[:real].copy_(flat[start:start + real])
+    part.data[real:].zero_()
+    if opt._swappable_optimizer_subgroup(group):
+        opt._optimizer_states_and_gradient_swap_out(group)
 
 
 def engine_checkpoint_kwargs(module: nn.Module, mesh, inner: Optional[StateAdapter] = None) -> dict:

@@ -179,16 +179,22 @@ def check_tensors(tensors: dict[str, torch.Tensor], m: ModelConfig, what: str) -
 
 def load_model_tensors(ckpt: PathLike) -> tuple[dict[str, torch.Tensor], dict]:
     """Verify ``ckpt`` and read its full (unsharded) model tensors in this process: ({fqn: tensor}, manifest)."""
+    return load_checkpoint_tensors(ckpt, "model.")
+
+
+def load_checkpoint_tensors(ckpt: PathLike, prefix: str = "") -> tuple[dict[str, torch.Tensor], dict]:
+    """Verify ``ckpt`` and read its full (unsharded) tensors whose key starts with ``prefix`` (``"model."``: the
+    weights, ``"optim."``: the optimizer state, ``""``: all) in this process: ({key less prefix: tensor}, manifest)."""
     ckpt = Path(ckpt)
     problems = mf.verify_checkpoint(ckpt)
     if problems:
         raise CheckpointError(f"checkpoint {ckpt} failed verification: {problems[0]}")
     body = mf.read_manifest(ckpt)
-    keys = {k: v for k, v in body["tensors"].items() if k.startswith("model.")}
+    keys = {k: v for k, v in body["tensors"].items() if k.startswith(prefix)}
     state = {k: torch.empty(v["shape"], dtype=getattr(torch, v["dtype"])) for k, v in keys.items()}
     with quiet_single_process():
         dcp.load(state, storage_reader=SafeReader(ckpt), no_dist=True)
-    return {k[len("model."):]: v for k, v in state.items()}, body
+    return {k[len(prefix):]: v for k, v in state.items()}, body
 
 
 def saved_model_config(body: dict, what: str) -> ModelConfig:
