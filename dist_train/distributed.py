@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 
 from .loopback import is_loopback, loopback_environment
-from .rendezvous import create_store, resolve
+from .rendezvous import create_store, resolve, spans_nodes
 
 
 @dataclass(frozen=True)
@@ -63,9 +63,13 @@ def init_distributed(timeout_s: float = 300.0, bind: Optional[str] = None) -> Di
         backend = "nccl" if device.type == "cuda" else "gloo"
         timeout = timedelta(seconds=timeout_s)
         master = os.environ.get("MASTER_ADDR", "127.0.0.1")
-        if is_loopback(resolve(master)):  # one machine (torchrun there, a bare run): gloo and NCCL on loopback too
+        multi_node = spans_nodes(master, world, int(os.environ.get("LOCAL_WORLD_SIZE", world)))
+        # One machine (torchrun there, a bare run): gloo and NCCL on loopback too. Not on a multi-node job's master
+        # node whose name is loopback only there: the other nodes could not reach them.
+        if not multi_node and is_loopback(resolve(master)):
             os.environ.update(loopback_environment())
-        store = create_store(rank, world, master, int(os.environ.get("MASTER_PORT", "29500")), timeout, bind)
+        store = create_store(rank, world, master, int(os.environ.get("MASTER_PORT", "29500")), timeout, bind,
+                             multi_node)
         dist.init_process_group(backend, store=store, rank=rank, world_size=world, timeout=timeout,
                                 device_id=device if device.type == "cuda" else None)
     return DistContext(rank, world, local_rank, device)

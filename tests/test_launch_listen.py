@@ -156,3 +156,63 @@ def test_one_machine_ranks_put_gloo_on_loopback(monkeypatch):
         port = probe.getsockname()[1]
     got = run_ranks(gloo_interface_given_and_after_a_loopback_rendezvous, 2, args=(port,), process_group=False)
     assert got == [(lo, lo)] * 2, got
+
+
+def _init_rank_0_of(monkeypatch, world: int, local_world: int, master: str, port: int) -> None:
+    """init_distributed as rank 0 of a job of ``world`` ranks, ``local_world`` of them on this node; no process group
+    is made (only the store and the transport environment are looked at)."""
+    for k in ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME", "UCX_NET_DEVICES", "FI_TCP_IFACE",
+              "TORCHELASTIC_USE_AGENT_STORE"):
+        monkeypatch.setenv(k, "")  # recorded, so what init_distributed sets is undone after the test
+        monkeypatch.delenv(k)
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", str(world))
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", str(local_world))
+    monkeypatch.setenv("MASTER_ADDR", master)
+    monkeypatch.setenv("MASTER_PORT", str(port))
+    monkeypatch.setattr(dist, "init_process_group", lambda *a, **k: None)
+    init_distributed(timeout_s=2)
+
+
+def test_a_multi_node_master_whose_name_is_loopback_here_is_one_line_not_a_hang(monkeypatch):
+    """A multi-node job (LOCAL_WORLD_SIZE < WORLD_SIZE: srun on 2 nodes, MASTER_ADDR the first node's name) whose
+    master node maps its own name to 127.0.1.1 (Debian's /etc/hosts): the other nodes dial the name's routable
+    address, so a store on loopback is never reached and every rank waited out the timeout. Rank 0 says so in one
+    line, naming what to set. (`socket.gethostbyname` stands in for such an /etc/hosts.)"""
+    real = socket.gethostbyname
+    monkeypatch.setattr(socket, "gethostbyname", lambda h: "127.0.1.1" if h == "node-a" else real(h))
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    with pytest.raises(RendezvousError) as e:
+        _init_rank_0_of(monkeypatch, 4, 2, "node-a", port)
+    assert "node-a" in str(e.value) and "launch.bind" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_a_multi_node_job_keeps_its_transports_off_loopback(monkeypatch):
+    """The same multi-node job: gloo and NCCL of the master node's ranks were put on the loopback interface, where the
+    other nodes cannot reach them (NCCL's own default picks an outside interface). A launch.bind the user named
+    lets the store listen; the transports are left to NCCL/gloo (or the user's *_SOCKET_IFNAME)."""
+    real = socket.gethostbyname
+    monkeypatch.setattr(socket, "gethostbyname", lambda h: "127.0.1.1" if h == "node-a" else real(h))
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    monkeypatch.setattr("dist_train.distributed.create_store", lambda *a, **k: None)
+    _init_rank_0_of(monkeypatch, 4, 2, "node-a", port)
+    assert "NCCL_SOCKET_IFNAME" not in os.environ and "GLOO_SOCKET_IFNAME" not in os.environ
+    _init_rank_0_of(monkeypatch, 2, 2, "node-a", port)  # all ranks here: loopback, as before
+    assert os.environ.get("GLOO_SOCKET_IFNAME") == loopback_environment({})["GLOO_SOCKET_IFNAME"]
+
+
+def test_a_loopback_address_is_one_machine_even_when_launched_as_two_nodes(monkeypatch):
+    """`MASTER_ADDR=127.0.0.1` with two 'nodes' on one machine (torchrun --nnodes 2 twice, to try a multi-node
+    setup): every rank dials loopback, so every rank is here; it is not refused."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    stores = []
+    monkeypatch.setattr("dist_train.distributed.create_store", lambda *a, **k: stores.append(a))
+    _init_rank_0_of(monkeypatch, 4, 2, "127.0.0.1", port)
+    assert stores and os.environ.get("GLOO_SOCKET_IFNAME") == loopback_environment({})["GLOO_SOCKET_IFNAME"]
