@@ -31,6 +31,13 @@ def _listening(pids):
     return out
 
 
+def _free_port(host: str = "127.0.0.1") -> int:
+    """A port on ``host`` that was free a moment ago."""
+    with socket.socket() as probe:
+        probe.bind((host, 0))
+        return probe.getsockname()[1]
+
+
 def test_bind_address_rules():
     assert bind_address("127.0.0.1") == "127.0.0.1"
     assert bind_address("localhost") == "127.0.0.1"
@@ -46,9 +53,7 @@ def test_taken_port_is_one_line_and_store_listens_on_loopback():
         with pytest.raises(RendezvousError) as e:
             listening_socket("127.0.0.1", port)
         assert f"MASTER_PORT {port} is already in use" in str(e.value) and "\n" not in str(e.value)
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = _free_port()
     store = create_store(0, 1, "127.0.0.1", port, timedelta(seconds=10))
     store.set("k", "v")
     assert store.get("k") == b"v"
@@ -57,9 +62,7 @@ def test_taken_port_is_one_line_and_store_listens_on_loopback():
 
 def test_under_torchrun_rank_0_connects_to_the_agents_store(monkeypatch):
     """torchrun's agent holds MASTER_PORT with its own store: rank 0 binding it found the port taken."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = _free_port()
     agent = dist.TCPStore("127.0.0.1", port, None, True, timedelta(seconds=10), wait_for_workers=False)
     with pytest.raises(RendezvousError, match="already in use"):
         create_store(0, 2, "127.0.0.1", port, timedelta(seconds=10))
@@ -120,9 +123,7 @@ def test_mpi_backend_ranks_rendezvous_and_talk_on_loopback(tmp_path, monkeypatch
 def test_a_master_on_another_loopback_address_is_answered_there():
     """A host name in Debian's /etc/hosts is 127.0.1.1: the store bound 127.0.0.1 for it, which does not answer
     127.0.1.1, and rank 0's own client waited out the whole timeout. It listens on that address (loopback still)."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.1.1", 0))
-        port = probe.getsockname()[1]
+    port = _free_port("127.0.1.1")
     store = create_store(0, 1, "127.0.1.1", port, timedelta(seconds=3))
     store.set("k", "v")
     assert store.get("k") == b"v"
@@ -151,9 +152,7 @@ def test_one_machine_ranks_put_gloo_on_loopback(monkeypatch):
     run) listened there. Both now name the loopback interface first (the user's own value is kept)."""
     monkeypatch.delenv("GLOO_SOCKET_IFNAME", raising=False)
     lo = loopback_environment({})["GLOO_SOCKET_IFNAME"]
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = _free_port()
     got = run_ranks(gloo_interface_given_and_after_a_loopback_rendezvous, 2, args=(port,), process_group=False)
     assert got == [(lo, lo)] * 2, got
 
@@ -182,9 +181,7 @@ def test_a_multi_node_master_whose_name_is_loopback_here_is_one_line_not_a_hang(
     line, naming what to set. (`socket.gethostbyname` stands in for such an /etc/hosts.)"""
     real = socket.gethostbyname
     monkeypatch.setattr(socket, "gethostbyname", lambda h: "127.0.1.1" if h == "node-a" else real(h))
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = _free_port()
     with pytest.raises(RendezvousError) as e:
         _init_rank_0_of(monkeypatch, 4, 2, "node-a", port)
     assert "node-a" in str(e.value) and "launch.bind" in str(e.value) and "\n" not in str(e.value)
@@ -196,9 +193,7 @@ def test_a_multi_node_job_keeps_its_transports_off_loopback(monkeypatch):
     lets the store listen; the transports are left to NCCL/gloo (or the user's *_SOCKET_IFNAME)."""
     real = socket.gethostbyname
     monkeypatch.setattr(socket, "gethostbyname", lambda h: "127.0.1.1" if h == "node-a" else real(h))
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = _free_port()
     monkeypatch.setattr("dist_train.distributed.create_store", lambda *a, **k: None)
     _init_rank_0_of(monkeypatch, 4, 2, "node-a", port)
     assert "NCCL_SOCKET_IFNAME" not in os.environ and "GLOO_SOCKET_IFNAME" not in os.environ
@@ -209,9 +204,7 @@ def test_a_multi_node_job_keeps_its_transports_off_loopback(monkeypatch):
 def test_a_loopback_address_is_one_machine_even_when_launched_as_two_nodes(monkeypatch):
     """`MASTER_ADDR=127.0.0.1` with two 'nodes' on one machine (torchrun --nnodes 2 twice, to try a multi-node
     setup): every rank dials loopback, so every rank is here; it is not refused."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = _free_port()
     stores = []
     monkeypatch.setattr("dist_train.distributed.create_store", lambda *a, **k: stores.append(a))
     _init_rank_0_of(monkeypatch, 4, 2, "127.0.0.1", port)
