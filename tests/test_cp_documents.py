@@ -219,3 +219,73 @@ def test_bench_docs_pairs_packed_with_unmasked_records(tmp_path):
         assert r["fraction_of_ideal"] == r["packed_speedup"] * r["ideal_ratio"] > 0
     plot_packing(records, str(tmp_path / "packed.png"))
     assert (tmp_path / "packed.png").stat().st_size > 0
+
+
+def _long_document_shapes(S: int) -> list:
+    """Documents whose blocks a cut makes explicit and which grow with S: short documents then a long one
+    (shared by the batch), and per-sample documents that differ (B = 2)."""
+    return [[0, 10, 20, S], [[0, S // 2, S], [0, S // 3, S]]]
+
+
+def test_document_blocks_without_a_window_are_tile_sized():
+    """With packed documents and no window every explicit (masked) kernel call is at most EXPLICIT_TILE rows
+    and keys on every rank of every layout, so a kernel's mask never grows with S (it was [L, L] for a long
+    document behind short ones, and piece × piece for per-sample documents)."""
+    from parallelism.context.layouts import rank_chunks
+    from parallelism.context.plan import EXPLICIT_TILE, build_schedule
+
+    S = 8 * EXPLICIT_TILE
+    for cu in _long_document_shapes(S):
+        docs = normalize_cu_seqlens(cu, S, 2)
+        for P, layout in ((1, "contiguous"), (2, "zigzag"), (2, "contiguous"), (4, "striped")):
+            chunks = tuple(rank_chunks(S, r, P, layout) for r in range(P))
+            for piece in build_schedule(chunks, True, None, None, None, docs):
+                blocks = [b for per_rank in piece.plan.blocks for per_source in per_rank for b in per_source]
+                explicit = [b for b in blocks if b.mask.kind == "explicit"]
+                assert explicit, (cu, P, layout)
+                assert all(b.q_hi - b.q_lo <= EXPLICIT_TILE and b.k_hi - b.k_lo <= EXPLICIT_TILE
+                           for b in explicit), (cu, P, layout)
+
+
+@pytest.mark.parametrize("cu_of", [lambda S: [0, 10, 20, S], lambda S: [[0, S // 2, S], [0, S // 3, S]]])
+def test_documents_split_into_sub_blocks_stay_exact(cu_of):
+    """A sequence longer than EXPLICIT_TILE with documents that make its blocks explicit: the sub-blocks
+    (some explicit, some full/causal, some skipped) are exact in float64, locally and on a simulated ring."""
+    from parallelism.context.plan import EXPLICIT_TILE
+
+    S = 2 * EXPLICIT_TILE + 36
+    cu = cu_of(S)
+    q, k, v = random_qkv(2, S, 2, 1, 4, seed=5)
+    ref = reference_attention(q, k, v, doc_ids=doc_ids(cu, S))
+    grad = torch.randn(ref.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    ref_grads = torch.autograd.grad(ref, (q, k, v), grad)
+    for out in (local_attention(q, k, v, cu_seqlens=cu),
+                simulate_ring_attention(q, k, v, world_size=2, layout="zigzag", cu_seqlens=cu)):
+        grads = torch.autograd.grad(out, (q, k, v), grad)
+        errs = [max_rel_err(out, ref)] + [max_rel_err(g, r) for g, r in zip(grads, ref_grads)]
+        assert max(errs) <= 1e-12, errs
+
+
+def test_local_attention_memory_with_documents_is_linear_in_sequence():
+    """The model's attention with packed documents and no window (fwd+bwd, profiler meter): doubling S
+    grows the peak by at most 2.2x for each document shape (an [L, L] mask of a long document grew it 3.5x)."""
+    from dist_train.bench.attention import check_memory_meter, peak_tensor_bytes
+    from dist_train.models.attention import AttentionContext, attention
+    from parallelism.context import pack_cu_seqlens
+
+    check_memory_meter()
+    for shape in range(2):
+        peaks = []
+        for S in (1024, 2048):
+            cu = _long_document_shapes(S)[shape]
+            cu = pack_cu_seqlens(cu if isinstance(cu[0], list) else [cu, cu])
+            g = torch.Generator().manual_seed(0)
+            q = torch.randn(2, S, 2, 16, generator=g, requires_grad=True)
+            k, v = (torch.randn(2, S, 1, 16, generator=g, requires_grad=True) for _ in range(2))
+
+            def step():
+                attention(q, k, v, AttentionContext(), cu).sum().backward()
+
+            step()                                     # lazily created state is not the step's
+            peaks.append(peak_tensor_bytes(step)[1])
+        assert peaks[1] <= 2.2 * peaks[0], (shape, peaks)

@@ -29,6 +29,10 @@ from .masks import BlockMask, classify
 
 FWD, BWD = 1, -1
 DOC_MIN_PIECE = 64   # documents shorter than this (local rows) share a piece: bounds kernel calls and plan size
+#: without a tile (no window), an ``explicit`` block (a document cut it: short documents sharing a piece, or
+#: per-sample documents that differ) is computed in sub-blocks of at most this many rows and keys, so the
+#: boolean/additive mask a kernel builds is O(EXPLICIT_TILE²), never [S, S]
+EXPLICIT_TILE = 512
 
 
 @dataclass(frozen=True)
@@ -116,6 +120,7 @@ def pair_blocks(q_chunks: tuple[Chunk, ...], k_chunks: tuple[Chunk, ...], causal
     pieces cap it at the piece size, so a call's dq stays piece-sized too.
     """
     rows: list[list[Block]] = []
+    cap = tile or EXPLICIT_TILE
     k_tiles = [(k_off, kc, _doc_span(kc, docs)) for k_off, kc in _tiles(k_chunks, tile, docs)]
     for q_off, qc in _tiles(q_chunks, tile, docs):
         row: list[Block] = []
@@ -126,14 +131,17 @@ def pair_blocks(q_chunks: tuple[Chunk, ...], k_chunks: tuple[Chunk, ...], causal
             m = classify(qc, kc, causal, window, docs)
             if m.kind == "none":
                 continue
-            blk = Block(q_off, q_off + qc.length, k_off, k_off + kc.length, m)
-            prev = row[-1] if row else None
-            if (prev is not None and m.kind == "full" and prev.mask.kind == "full" and prev.k_hi == k_off):
-                blk = Block(q_off, q_off + qc.length, prev.k_lo, k_off + kc.length,
-                            _fused(prev.mask, m))
-                row[-1] = blk
+            if m.kind == "explicit" and max(qc.length, kc.length) > cap:
+                parts = _explicit_parts(q_off, qc, k_off, kc, causal, window, docs, cap)
             else:
-                row.append(blk)
+                parts = [Block(q_off, q_off + qc.length, k_off, k_off + kc.length, m)]
+            for blk in parts:
+                prev = row[-1] if row else None
+                if (prev is not None and blk.mask.kind == "full" and prev.mask.kind == "full"
+                        and prev.k_hi == blk.k_lo and (prev.q_lo, prev.q_hi) == (blk.q_lo, blk.q_hi)):
+                    row[-1] = Block(blk.q_lo, blk.q_hi, prev.k_lo, blk.k_hi, _fused(prev.mask, blk.mask))
+                else:
+                    row.append(blk)
         rows.append(row)
     out: list[Block] = []
     for row in rows:
@@ -146,6 +154,26 @@ def pair_blocks(q_chunks: tuple[Chunk, ...], k_chunks: tuple[Chunk, ...], causal
         else:
             out.extend(row)
     return tuple(out)
+
+
+def _explicit_parts(q_off: int, qc: Chunk, k_off: int, kc: Chunk, causal: bool, window: Optional[int],
+                    docs: Optional[Docs], cap: int) -> list[Block]:
+    """An ``explicit`` block q × k cut into sub-blocks of at most ``cap`` rows and keys, each classified on
+    its own (those inside one document of every row take the full/causal fast paths, empty ones are dropped):
+    a kernel then builds a mask of at most cap × cap (per document row), not one the size of the block,
+    which without a window can be a long document's [L, L]."""
+    out = []
+    for qa in range(0, qc.length, cap):
+        q = Chunk(qc.start + qc.stride * qa, qc.stride, min(cap, qc.length - qa))
+        q_span = _doc_span(q, docs)
+        for ka in range(0, kc.length, cap):
+            k = Chunk(kc.start + kc.stride * ka, kc.stride, min(cap, kc.length - ka))
+            if _disjoint(q, k, causal, q_span, _doc_span(k, docs)):
+                continue
+            m = classify(q, k, causal, window, docs)
+            if m.kind != "none":
+                out.append(Block(q_off + qa, q_off + qa + q.length, k_off + ka, k_off + ka + k.length, m))
+    return out
 
 
 def _fused(a: BlockMask, b: BlockMask) -> BlockMask:
