@@ -145,3 +145,15 @@ def test_full_causal_gqa_where_sdpa_would_keep_scores_runs_the_block_kernels(hq,
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
         local_causal_attention(q, k, v, None)
     assert saved and max(saved) < 96 * 96, saved   # the largest kept: q [1, 96, hq, 8]
+
+
+def test_bench_attention_single_device_baseline_with_a_window_is_linear_in_sequence():
+    """`dist-train bench attention --window w`'s single-process baseline (time and peak memory) is the model's
+    windowed attention, O(S·w): doubling S grows its peak by at most 2.2x (SDPA with an [S, S] mask grew it 3.6x)."""
+    from dist_train.bench.attention import _single_peak_bytes, check_memory_meter
+
+    check_memory_meter()
+    cfg = {"batch": 1, "heads": 2, "kv_heads": 1, "head_dim": 16, "causal": True, "window": 64,
+           "forward_only": False, "kernel": "auto"}
+    small, large = (_single_peak_bytes(cfg, n) for n in (1024, 2048))
+    assert large <= 2.2 * small, (small, large)

@@ -1,7 +1,8 @@
 """Benchmark context-parallel attention on real gloo ranks (one torch thread each), fwd+bwd.
 
 Reports per rank: compute time (own CPU time of the ring steps), exposed communication (wall −
-compute), total; and overall: efficiency = (single-process full attention time / P) ÷ time,
+compute), total; and overall: efficiency = (single-process full attention time / P) ÷ time
+(torch SDPA; with ``--window`` the model's single-device windowed attention, which needs no [S, S] mask),
 work imbalance (max/mean allowed (q, k) pairs per rank), critical path (Σ over ring steps of the
 slowest rank's CPU time — meaningful even with more ranks than cores), the local kernel's speed
 relative to torch SDPA at the shard shape, and peak tensor memory per rank relative to single-device
@@ -39,9 +40,9 @@ from torch._C._autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
 from parallelism.context import (LAYOUTS, METHODS, Chunk, CPStats, build_schedule, check_seq_len,
-                                 context_parallel_attention, default_tile, get_kernel, normalize_cu_seqlens,
-                                 rank_chunks, simulate_ring_attention)
-from parallelism.context.masks import classify, mask_tensor
+                                 context_parallel_attention, default_tile, get_kernel, local_attention,
+                                 normalize_cu_seqlens, rank_chunks, simulate_ring_attention)
+from parallelism.context.masks import classify
 
 from ..held_stderr import stderr_held_back
 from ..spawn import run_ranks
@@ -73,23 +74,22 @@ def _cu_seqlens(cfg: dict):
 
 
 def _full_attention_step(cfg: dict, q, k, v) -> float:
-    """One single-process torch SDPA step (fwd[+bwd]); returns its CPU time."""
-    g = q.shape[2] // k.shape[2]
+    """One single-process attention step (fwd[+bwd]) over all of q's tokens; returns its CPU time. torch SDPA;
+    with a window, the model's single-device windowed attention (``local_attention``: the tiled block kernels as a
+    one-rank ring, O(S·w) time and memory), since SDPA would need an [S, S] mask: quadratic in S, at the long S
+    this bench is run at, and a baseline doing S² masked work instead of the S·w the window leaves."""
     xs = [x.clone().requires_grad_() for x in (q, k, v)]
     start = time.thread_time()
-    kk, vv = (x.repeat_interleave(g, dim=2) if g > 1 else x for x in xs[1:])
-    out = F.scaled_dot_product_attention(xs[0].transpose(1, 2), kk.transpose(1, 2), vv.transpose(1, 2),
-                                         is_causal=cfg["causal"] and cfg["window"] is None,
-                                         attn_mask=_window_mask(cfg, q.shape[1]))
+    if cfg["window"] is not None:
+        out = local_attention(*xs, causal=cfg["causal"], window=cfg["window"], kernel=cfg["kernel"])
+    else:
+        g = q.shape[2] // k.shape[2]
+        kk, vv = (x.repeat_interleave(g, dim=2) if g > 1 else x for x in xs[1:])
+        out = F.scaled_dot_product_attention(xs[0].transpose(1, 2), kk.transpose(1, 2), vv.transpose(1, 2),
+                                             is_causal=cfg["causal"])
     if not cfg["forward_only"]:
         out.backward(torch.ones_like(out))
     return time.thread_time() - start
-
-
-def _window_mask(cfg: dict, seq: int):
-    if cfg["window"] is None:
-        return None
-    return mask_tensor(Chunk(0, 1, seq), Chunk(0, 1, seq), cfg["causal"], cfg["window"])
 
 
 def _kernel_ratio(cfg: dict, n: int) -> float:
