@@ -27,7 +27,8 @@ class _F(argparse.RawDescriptionHelpFormatter):
     def _get_help_string(self, action: argparse.Action) -> str:
         text = action.help or ""
         default = action.default
-        if not action.option_strings or "default" in text or default in (None, False, [], argparse.SUPPRESS):
+        unset = default is None or default is False or default is argparse.SUPPRESS or default == []  # 0 == False
+        if not action.option_strings or "default" in text or unset:
             return text
         shown = " ".join(map(str, default)) if isinstance(default, (list, tuple)) else str(default)
         return f"{text} (default {shown.replace('%', '%%')})".lstrip()

@@ -19,7 +19,7 @@ import shlex
 import pytest
 
 from dist_train.bench.cli import train as bench_train
-from dist_train.cli import _COMMANDS, build_parser
+from dist_train.cli import _COMMANDS, ArgumentParser, _F, build_parser
 from dist_train.config import load_config
 from dist_train.plan.cli import _plan_config
 from dist_train.plan.sweep import expand, load_sweep, point_config
@@ -137,8 +137,9 @@ def test_example_parses_and_its_config_validates(where, command, monkeypatch, ca
 
 
 def _stated(default) -> bool:
-    """A default worth stating: a value the command will use, not 'unset' (None, off, empty, the config's)."""
-    return default not in (None, False, [], argparse.SUPPRESS)
+    """A default worth stating: a value the command will use, not 'unset' (None, off, empty, the config's). By
+    identity: 0 == False, and a default of 0 (steps, a window, a seed) is a value the command uses."""
+    return not (default is None or default is False or default is argparse.SUPPRESS or default == [])
 
 
 def test_every_option_says_what_it_defaults_to():
@@ -153,3 +154,16 @@ def test_every_option_says_what_it_defaults_to():
                 if "default" not in text:
                     silent.append(f"{parser.prog} {action.option_strings[-1]} (default {action.default!r})")
     assert not silent, "\n".join(silent)
+
+
+def test_a_default_of_zero_is_stated():
+    """0 == False: a rule written as `default in (None, False, ...)` hid a default of 0 (or 0.0) from the help line
+    and from the check above alike."""
+    parser = ArgumentParser(prog="x", formatter_class=_F)
+    parser.add_argument("--warmup", type=int, default=0, help="warm-up steps")
+    parser.add_argument("--lr-floor", type=float, default=0.0, help="lowest learning rate")
+    parser.add_argument("--fast", action="store_true", help="skip the checks")
+    text = " ".join(parser.format_help().split())
+    assert "warm-up steps (default 0)" in text and "lowest learning rate (default 0.0)" in text, text
+    assert "skip the checks (default" not in text
+    assert _stated(0) and _stated(0.0) and not _stated(False) and not _stated(None) and not _stated([])
