@@ -19,9 +19,11 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from dist_train.checkpoint import manifest as mf
+from dist_train.checkpoint.manager import CheckpointManager
 from dist_train.checkpoint.state import from_json, to_json
 from dist_train.config import CheckpointConfig
-from dist_train.checkpoint.storage import CheckpointError, load_dcp_metadata
+from dist_train.checkpoint.storage import CheckpointError, file_block_digests, load_dcp_metadata
 
 VOCAB, D, LAYERS, HEADS, KV_HEADS, FFN, SEQ = 29, 16, 2, 4, 2, 24, 8
 GLOBAL_BATCH = 6  # divisible by world sizes 1, 2, 3
@@ -217,10 +219,6 @@ def test_metadata_unpickler_refuses_foreign_globals(tmp_path):
 def test_a_manifest_listing_a_file_outside_its_directory_is_refused(name, tmp_path):
     """The manifest's self-checksum is no signature: one rewritten elsewhere listed a file outside the checkpoint
     with that file's true record, and verification read it and called the checkpoint valid."""
-    from dist_train.checkpoint import manifest as mf
-    from dist_train.checkpoint.manager import CheckpointManager
-    from dist_train.checkpoint.storage import file_block_digests
-
     secret = tmp_path / "ckpts" / "secret.txt"
     mgr = CheckpointManager(CheckpointConfig(dir=str(secret.parent)), run_dir=tmp_path)
     mgr.save_tensors(1, {"w": torch.ones(3)})

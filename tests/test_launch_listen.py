@@ -18,6 +18,7 @@ from dist_train.lifecycle import read_heartbeat
 from dist_train.loopback import loopback_environment
 from dist_train.rendezvous import RendezvousError, bind_address, create_store, listening_socket
 from dist_train.spawn import run_ranks
+from launchers.mpi import MpiBackend
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -102,8 +103,6 @@ def test_mpi_backend_ranks_rendezvous_and_talk_on_loopback(tmp_path, monkeypatch
     """`--backend mpi` runs every rank on this machine, but gave them no MASTER_ADDR: rank 0 broadcast the host's
     outside address and its store (no authentication) listened there, and gloo and MPICH's UCX/libfabric
     sockets took that interface too. What mpiexec hands the ranks, seen by a stand-in mpiexec."""
-    from launchers.mpi import MpiBackend
-
     seen = tmp_path / "env.txt"
     stub = tmp_path / "mpiexec"
     stub.write_text(f"#!/bin/sh\nenv > {seen}\n")
