@@ -141,7 +141,7 @@ def heartbeat_path(run_dir: Path, rank: int) -> Path:
 
 def clear_heartbeats(run_dir: Path) -> None:
     """Remove an earlier attempt's heartbeats (only those: ``run_dir/heartbeats`` may be a person's own folder)."""
-    clear_own_files(Path(run_dir) / "heartbeats", ["rank_*.json", ".rank_*.json.*.tmp"])
+    clear_own_files(Path(run_dir) / "heartbeats", [r"rank_\d+\.json", r"\.rank_\d+\.json\.\d+\.tmp"])
 
 
 def read_heartbeat(run_dir: Path, rank: int) -> Optional[dict]:

@@ -23,7 +23,7 @@ from typing import Union
 from .own_files import clear_own_files
 
 ERRORS_DIR = "errors"
-RECORD_PATTERNS = ("rank_*.txt", ".rank_*.txt.tmp")  # what record_user_error writes
+RECORD_PATTERNS = (r"rank_\d+\.txt", r"\.rank_\d+\.txt\.tmp")  # what record_user_error writes
 
 PathLike = Union[str, os.PathLike]
 

@@ -7,6 +7,7 @@ import sys
 import pytest
 
 from dist_train.data.prepare import prepare_indexed
+from dist_train.lifecycle import clear_heartbeats
 from dist_train.rank_errors import clear_user_errors, record_user_error, user_errors
 
 
@@ -60,3 +61,19 @@ def test_clearing_keeps_a_persons_files_in_a_run_dir_that_was_there_before(tmp_p
     record_user_error(tmp_path, 1, "bad input")
     clear_user_errors(tmp_path)
     assert not (tmp_path / "errors").exists()
+
+
+def test_clearing_takes_only_names_dist_train_writes(tmp_path):
+    """errors/rank_N.txt and heartbeats/rank_N.json are ours; a person's rank_notes.txt or rank_summary.json beside
+    them matched the glob rank_*.txt / rank_*.json and was deleted."""
+    errors, beats = tmp_path / "errors", tmp_path / "heartbeats"
+    for folder, theirs in ((errors, "rank_notes.txt"), (beats, "rank_summary.json")):
+        folder.mkdir()
+        (folder / theirs).write_text("a person's file")
+    record_user_error(tmp_path, 3, "bad input")
+    (beats / "rank_12.json").write_text("{}")
+    (beats / ".rank_12.json.4242.tmp").write_text("{")
+    clear_user_errors(tmp_path)
+    clear_heartbeats(tmp_path)
+    assert sorted(p.name for p in errors.iterdir()) == ["rank_notes.txt"]
+    assert sorted(p.name for p in beats.iterdir()) == ["rank_summary.json"]
