@@ -597,8 +597,12 @@ def _check_dir_path(dotted: str, v: Any, what: str) -> None:
     is), so the run would create a folder named ``~`` in the working directory, one ``rm -rf ~`` away from the home."""
     _check_text(dotted, v, what)
     if v.startswith("~"):
-        raise ConfigError(f"{dotted} = {v!r}: a leading '~' is not expanded (a folder named '~' would be created "
-                          f"here); write the path out, e.g. {os.path.expanduser(v)}")
+        first = v.split("/", 1)[0]
+        expanded = os.path.expanduser(v)
+        path = (f", e.g. {expanded}" if expanded != v else
+                f" in full (there is no home of a user {first[1:]} here)")
+        raise ConfigError(f"{dotted} = {v!r}: a leading '~' is not expanded (a folder named {first!r} would be "
+                          f"created here); write the path out{path}")
 
 
 def _check_int_list(dotted: str, v: Any, n: int, lo: int, what: str) -> None:

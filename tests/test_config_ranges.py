@@ -2,6 +2,7 @@
 names the key (in process, fast), plus real CLI runs for the exit status, the single line and the fact
 that no rank process started."""
 import dataclasses
+import os
 
 import pytest
 
@@ -148,6 +149,19 @@ def test_message_quotes_the_valid_range(key, value, text):
     with pytest.raises(ConfigError, match=None) as e:
         config_from_dict({section: {name: value}})
     assert text in str(e.value), str(e.value)
+
+
+@pytest.mark.parametrize("value, folder, suggestion", [
+    ("~/runs/x", "'~'", os.path.expanduser("~/runs/x")),
+    ("~nosuchuser_dt/x", "'~nosuchuser_dt'", "no home of a user nosuchuser_dt"),
+])
+def test_a_leading_tilde_names_the_folder_it_would_create_and_the_path_to_write(value, folder, suggestion):
+    """`~user/x` would create a folder named `~user` (not `~`), and for an unknown user expanduser gives the value
+    back: the line then suggested the refused value itself."""
+    with pytest.raises(ConfigError) as e:
+        config_from_dict({"run": {"dir": value}})
+    msg = str(e.value)
+    assert f"a folder named {folder}" in msg and suggestion in msg, msg
 
 
 def test_null_keeps_its_documented_meaning():
