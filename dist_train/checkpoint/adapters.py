@@ -34,7 +34,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from torch.distributed.checkpoint.state_dict import StateDictOptions
-from torch.distributed.tensor import DTensor, Shard
+from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 
 from ..models.tensor_parallel import is_tp_sharded, shard_of, unshard_strided
 from .state import StateAdapter, TorchStateAdapter
@@ -410,6 +410,28 @@ class GatheredStateAdapter(TorchStateAdapter):
     Costs a full copy of this rank's (tp-local) model and optimizer state while a save is collected."""
 
     options = StateDictOptions(full_state_dict=True, flatten_optimizer_state_dict=True)
+
+    def set(self, model, optimizer, model_sd, optim_sd):
+        # Not set_state_dict(full_state_dict=True): with flatten_optimizer_state_dict, torch 2.13 matches the
+        # (unflattened, nested) checkpoint dict against a flattened local one and raises KeyError
+        # 'param_groups.0.params.0', so no FSDP2 × tp run could resume. Each rank slices its shards out of the full
+        # tensors (every rank holds them: no communication) and loads them as the sharded default adapter does.
+        sharded = TorchStateAdapter()
+        local_model, local_optim = sharded.get(model, optimizer)
+        sharded.set(model, optimizer, _shard_like(model_sd, local_model),
+                    None if optim_sd is None else _shard_like(optim_sd, local_optim or {}))
+
+
+def _shard_like(full: dict, local: dict) -> dict:
+    """``full``'s entries, each plain tensor whose ``local`` counterpart is a DTensor cut to that DTensor's mesh
+    and placements (this rank's slice of the full tensor, which every rank holds: ``src_data_rank=None``)."""
+    out = dict(full)
+    for key, value in full.items():
+        like = local.get(key)
+        if isinstance(like, DTensor) and isinstance(value, torch.Tensor) and not isinstance(value, DTensor):
+            out[key] = distribute_tensor(value.to(like.device, like.dtype), like.device_mesh, like.placements,
+                                         src_data_rank=None)
+    return out
 
 
 def fsdp_checkpoint_kwargs(module: nn.Module, mesh) -> dict:
