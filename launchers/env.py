@@ -272,6 +272,20 @@ def _complete_with_mpi(env: RankEnv, environ: Mapping[str, str]) -> RankEnv:
     return RankEnv(rank, local_rank, comm.Get_size(), lws, env.source, env.evidence, master[0], int(master[1]))
 
 
+def refuse_mpi_backend_on_other_nodes(env: RankEnv, environ: Mapping[str, str]) -> None:
+    """One line (LaunchError) when ``dist-train launch --backend mpi`` started this rank but mpiexec placed the job's
+    ranks on more than one node: inside a Slurm allocation or with a hostfile it spreads them (hydra starts them with
+    srun), while the backend gives them MASTER_ADDR=127.0.0.1 and loopback transports, one machine's setup: the
+    other nodes' ranks would never reach rank 0 and the job would hang."""
+    if environ.get(LAUNCHER_ENV) != "mpi" or not env.world_size or not env.local_world_size:
+        return
+    if env.local_world_size < env.world_size:
+        raise LaunchError(f"--backend mpi runs every rank on this machine, but mpiexec placed {env.world_size} ranks "
+                          f"on several nodes ({env.local_world_size} here: a Slurm/PBS allocation or a hostfile it "
+                          f"read): start a multi-node job with dist-train submit, or srun/mpiexec ... dist-train run "
+                          f"CONFIG (docs/launching.md)")
+
+
 def populate_rank_env(environ: Optional[MutableMapping[str, str]] = None) -> RankEnv:
     """Detect the launcher and write the torch.distributed variables into ``environ`` (default
     ``os.environ``). torchrun variables and the single-process case leave it untouched."""
@@ -279,8 +293,10 @@ def populate_rank_env(environ: Optional[MutableMapping[str, str]] = None) -> Ran
     env = detect_rank_env(environ)
     if env.source in ("torchrun", "single"):
         return env
+    refuse_mpi_backend_on_other_nodes(env, environ)  # before MPI_Init: its transports are on loopback
     if env.uses_mpi:
         env = _complete_with_mpi(env, environ)
+        refuse_mpi_backend_on_other_nodes(env, environ)
     elif env.world_size is None:
         raise LaunchError(f"launcher {env.source}: the world size is unknown ({env.evidence or 'no variable'})")
     if env.local_world_size is None:

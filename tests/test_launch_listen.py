@@ -18,6 +18,7 @@ from dist_train.lifecycle import read_heartbeat
 from dist_train.loopback import loopback_environment
 from dist_train.rendezvous import RendezvousError, bind_address, create_store, listening_socket
 from dist_train.spawn import run_ranks
+from launchers.env import LAUNCHER_ENV, LaunchError, populate_rank_env
 from launchers.mpi import MpiBackend
 
 REPO = Path(__file__).resolve().parents[1]
@@ -117,6 +118,27 @@ def test_mpi_backend_ranks_rendezvous_and_talk_on_loopback(tmp_path, monkeypatch
     assert env["MASTER_ADDR"] == "127.0.0.1" and 0 < int(env["MASTER_PORT"]) < 65536
     assert all(env[k] == loopback for k in ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME", "UCX_NET_DEVICES",
                                             "FI_TCP_IFACE")), env
+
+
+@pytest.mark.parametrize("placed", [
+    {"PMI_RANK": "0", "PMI_SIZE": "2", "MPI_LOCALRANKID": "0", "MPI_LOCALNRANKS": "1"},  # MPICH hydra
+    {"OMPI_COMM_WORLD_RANK": "0", "OMPI_COMM_WORLD_SIZE": "4", "OMPI_COMM_WORLD_LOCAL_RANK": "0",
+     "OMPI_COMM_WORLD_LOCAL_SIZE": "2"},  # Open MPI
+])
+def test_mpi_backend_ranks_that_mpiexec_placed_on_other_nodes_refuse_in_one_line(placed, monkeypatch):
+    """Inside a Slurm allocation (or with a hostfile) mpiexec spreads `--backend mpi`'s ranks over the allocated
+    nodes (hydra starts them with srun): with MASTER_ADDR=127.0.0.1 and the transports on loopback, the other nodes'
+    ranks could never reach rank 0 and the job hung. A rank that finds the job on several nodes says so before any
+    MPI or rendezvous step."""
+    monkeypatch.setattr("launchers.env._complete_with_mpi", lambda env, environ: env)  # the MPI step, not reached
+    environ = {LAUNCHER_ENV: "mpi", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500", **placed}
+    with pytest.raises(LaunchError) as e:
+        populate_rank_env(environ)
+    assert "--backend mpi" in str(e.value) and "nodes" in str(e.value) and "\n" not in str(e.value)
+    one_node = {**environ, "MPI_LOCALNRANKS": environ.get("PMI_SIZE", "1"),
+                "OMPI_COMM_WORLD_LOCAL_SIZE": environ.get("OMPI_COMM_WORLD_SIZE", "1")}
+    populate_rank_env(one_node)
+    assert one_node["WORLD_SIZE"] == one_node["LOCAL_WORLD_SIZE"]
 
 
 def test_a_master_on_another_loopback_address_is_answered_there():
