@@ -13,8 +13,8 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from .loopback import is_loopback, loopback_environment
-from .rendezvous import create_store, resolve, spans_nodes
+from .loopback import loopback_environment
+from .rendezvous import create_store, resolves_to_loopback, spans_nodes
 
 
 @dataclass(frozen=True)
@@ -66,7 +66,7 @@ def init_distributed(timeout_s: float = 300.0, bind: Optional[str] = None) -> Di
         multi_node = spans_nodes(master, world, int(os.environ.get("LOCAL_WORLD_SIZE", world)))
         # One machine (torchrun there, a bare run): gloo and NCCL on loopback too. Not on a multi-node job's master
         # node whose name is loopback only there: the other nodes could not reach them.
-        if not multi_node and is_loopback(resolve(master)):
+        if not multi_node and resolves_to_loopback(master):
             os.environ.update(loopback_environment())
         store = create_store(rank, world, master, int(os.environ.get("MASTER_PORT", "29500")), timeout, bind,
                              multi_node)

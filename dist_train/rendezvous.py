@@ -45,6 +45,15 @@ def resolve(host: str) -> str:
                               f"an address of the first node") from None
 
 
+def resolves_to_loopback(host: str) -> bool:
+    """``host`` resolves to a loopback address here. A name with no IPv4 address is not: it is left to torch, which
+    resolves it itself when connecting (IPv6 too; under torchrun every rank only connects)."""
+    try:
+        return is_loopback(resolve(host))
+    except RendezvousError:
+        return False
+
+
 def spans_nodes(master_addr: str, world_size: int, local_world_size: int) -> bool:
     """Whether the job may have ranks on other machines: some ranks are not on this node (``local_world_size`` <
     ``world_size``) and ``MASTER_ADDR`` is not a loopback address every rank dials here (127.0.0.1, ::1,

@@ -178,9 +178,9 @@ def test_one_machine_ranks_put_gloo_on_loopback(monkeypatch):
     assert got == [(lo, lo)] * 2, got
 
 
-def _init_rank_0_of(monkeypatch, world: int, local_world: int, master: str, port: int) -> None:
-    """init_distributed as rank 0 of a job of ``world`` ranks, ``local_world`` of them on this node; no process group
-    is made (only the store and the transport environment are looked at)."""
+def _init_rank_0_of(monkeypatch, world: int, local_world: int, master: str, port: int, **env: str) -> None:
+    """init_distributed as rank 0 of a job of ``world`` ranks, ``local_world`` of them on this node, with ``env`` set
+    too; no process group is made (only the store and the transport environment are looked at)."""
     for k in ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME", "UCX_NET_DEVICES", "FI_TCP_IFACE",
               "TORCHELASTIC_USE_AGENT_STORE"):
         monkeypatch.setenv(k, "")  # recorded, so what init_distributed sets is undone after the test
@@ -191,6 +191,8 @@ def _init_rank_0_of(monkeypatch, world: int, local_world: int, master: str, port
     monkeypatch.setenv("LOCAL_WORLD_SIZE", str(local_world))
     monkeypatch.setenv("MASTER_ADDR", master)
     monkeypatch.setenv("MASTER_PORT", str(port))
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
     monkeypatch.setattr(dist, "init_process_group", lambda *a, **k: None)
     init_distributed(timeout_s=2)
 
@@ -230,3 +232,21 @@ def test_a_loopback_address_is_one_machine_even_when_launched_as_two_nodes(monke
     monkeypatch.setattr("dist_train.distributed.create_store", lambda *a, **k: stores.append(a))
     _init_rank_0_of(monkeypatch, 4, 2, "127.0.0.1", port)
     assert stores and os.environ.get("GLOO_SOCKET_IFNAME") == loopback_environment({})["GLOO_SOCKET_IFNAME"]
+
+
+def test_under_torchrun_a_master_name_python_cannot_resolve_is_left_to_torch(monkeypatch):
+    """Under torchrun every rank only connects to the agent's store (torch resolves the name itself, IPv6 included);
+    the loopback check for the transports resolved MASTER_ADDR on every rank first, and a name without an IPv4
+    address ended the job there. Such a name is simply not loopback."""
+    real = socket.gethostbyname
+
+    def v6_only(host):
+        if host == "v6-only-node":
+            raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+        return real(host)
+
+    monkeypatch.setattr(socket, "gethostbyname", v6_only)
+    stores = []
+    monkeypatch.setattr("dist_train.distributed.create_store", lambda *a, **k: stores.append(a))
+    _init_rank_0_of(monkeypatch, 2, 2, "v6-only-node", _free_port(), TORCHELASTIC_USE_AGENT_STORE="True")
+    assert stores and "GLOO_SOCKET_IFNAME" not in os.environ
