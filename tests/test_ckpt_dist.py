@@ -8,6 +8,7 @@ the source layout, load with ``_load_and_compare`` under the target layout, comp
 """
 from __future__ import annotations
 
+import errno
 import os
 import signal
 from pathlib import Path
@@ -20,8 +21,8 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 
 from dist_train.checkpoint import CheckpointManager, complete_checkpoints, verify_checkpoint
-from dist_train.checkpoint.manifest import read_latest
-from dist_train.checkpoint.storage import ChecksumWriter, SafeReader
+from dist_train.checkpoint.manifest import MANIFEST, read_latest
+from dist_train.checkpoint.storage import CheckpointIOError, ChecksumWriter, SafeReader
 from tests.dist_harness import run_ranks
 from tests.test_ckpt_common import (CkptCfg, build, eval_outputs, flip_byte, model_config, seed_rank, shard_files,
                                    train_steps)
@@ -150,6 +151,27 @@ def _damaged_newest_on_every_rank(rank: int, world: int, root: str) -> None:
     train_steps(model, opt, sched, 3, 3, rank, world)
     mgr.save(3, model, opt, sched, extra={"step": 3, "consumed_samples": 18})
     assert mgr.last_good() == "step_3", (rank, mgr.last_good())
+    _io_error_on_one_rank_stops_every_rank(rank, root)
+
+
+def _io_error_on_one_rank_stops_every_rank(rank: int, root: str) -> None:
+    """Rank 1 alone gets ESTALE reading step_3's manifest (its NFS client; rank 0 reads it fine): every rank raises
+    CheckpointIOError together, none falls back to step_2 or calls step_3 damaged (a rank that did would load
+    another step than its peers, or wait for them in a collective they never reach)."""
+    real = Path.read_text
+
+    def stale(self, *a, **kw):
+        if self.name == MANIFEST and self.parent.name == "step_3":
+            raise OSError(errno.ESTALE, "Stale file handle", str(self))
+        return real(self, *a, **kw)
+
+    model, opt, sched = build(seed=6)
+    Path.read_text = stale if rank == 1 else real
+    try:
+        with pytest.raises(CheckpointIOError, match="Stale file handle" if rank == 1 else "could not be read"):
+            manager(CkptCfg(dir=root), root, rank, dist.get_world_size()).resume(model, opt, sched)
+    finally:
+        Path.read_text = real
 
 
 def _multi_rank_cases(rank: int, world: int, root: str, reshard_path: str, expected, kill_root) -> torch.Tensor:
