@@ -4,7 +4,7 @@ A *draw* is one random case of the promise that a checkpoint saved under one lay
 without changing the model: a model (a GPT with 2–4 layers, MHA/GQA/MQA, tied or untied embeddings, an odd or
 even vocabulary so tp pads it or not, seq_len 24/32/48; or the tiny pixel-level Swin of
 ``tests.trainer_utils.tiny_swin_config`` with 2 or 4 blocks), a global batch, a *save* layout and a *load*
-layout over 1–4 ranks each (dp, tp, pp with 1F1B / GPipe / interleaved virtual stages and micro-batch counts,
+layout over 1–4 ranks each (GPT d_model sometimes odd) (dp, tp, pp with 1F1B / GPipe / interleaved virtual stages and micro-batch counts,
 cp with its sequence layouts and ring / Ulysses / hybrid methods, DeepSpeed ZeRO 0–3, FSDP2, sequence
 parallel, Swin wp tile grids, train.micro_batch), k = 1–3 steps before the save, m = 1–2 after it, and
 a synchronous or asynchronous save.
@@ -14,7 +14,9 @@ own validation) and a refused draw is counted by the refusal's first words (``--
 
 A valid draw runs three trainings, all through ``dist_train.trainer.train``:
   * reference: one rank, same dtype (fp32), k + m steps, checkpoints after step k and at the end;
-  * save: the save layout trains k steps (``train.exit_interval = k``: save and exit, as a time-sliced job);
+  * save: the save layout trains k steps and saves (``train.exit_interval = k``: save and exit, as a time-sliced
+    job), or trains on to k + m after saving at step k (``train_on``: an async save is written while the next
+    steps change the weights, and all k + m losses are compared);
   * load: the load layout resumes that step_k checkpoint and trains to k + m, then saves at the end;
 and compares each with the reference: the save run's k losses; its step_k checkpoint's tensor table (keys,
 full shapes, dtypes), every weight and optimizer tensor (Adam moments and step), and the JSON train state
@@ -142,6 +144,9 @@ class Draw:
     k: int                          # steps before the save
     m: int                          # steps after the resume
     async_save: bool
+    #: the saving run trains on to k + m after its step-k save (checkpoint.every = k) instead of exiting there
+    #: (train.exit_interval = k): an async save is then written while the next steps change the weights
+    train_on: bool = False
 
     def call(self) -> str:
         return ", ".join(f"{k}={v!r}" for k, v in asdict(self).items())
@@ -151,7 +156,7 @@ class Draw:
         return (f"seed={self.seed} {self.kind}({model}{',S=' + str(self.seq_len) if self.seq_len else ''}) "
                 f"gb={self.global_batch} {self.save.name()}[mb{self.save.micro_batch}] -> "
                 f"{self.load.name()}[mb{self.load.micro_batch}] k={self.k} m={self.m}"
-                f"{' async' if self.async_save else ''}")
+                f"{' async' if self.async_save else ''}{' train-on' if self.train_on else ''}")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -204,14 +209,21 @@ def draw(seed: int) -> Draw:
         model = {"n_layers": rng.choice((2, 4))}
         seq_len, gb = None, rng.choice((2, 4, 4, 6))
     save, load = _draw_layout(rng, kind), _draw_layout(rng, kind)
-    return Draw(seed, kind, model, seq_len, gb, save, load, k=rng.choice((1, 2, 2, 3)), m=rng.choice((1, 2)),
-                async_save=rng.random() < 0.4)
+    d = Draw(seed, kind, model, seq_len, gb, save, load, k=rng.choice((1, 2, 2, 3)), m=rng.choice((1, 2)),
+             async_save=rng.random() < 0.4)
+    # drawn last, so earlier seeds keep the fields above: a save in the middle of a run, and an odd GPT d_model
+    # (head_dim 8 keeps the heads): no even dp divides a norm or an embedding row, so shards and ZeRO partitions
+    # are uneven
+    d = replace(d, train_on=rng.random() < 0.5)
+    if kind == "gpt" and rng.random() < 0.2:
+        d = replace(d, model={**model, "d_model": model["d_model"] + rng.choice((-5, 3)), "head_dim": 8})
+    return d
 
 
 def features(d: Draw) -> set[str]:
     """What a draw exercises (the suite's fixed draws assert they still cover the ones they were chosen for)."""
     f = {f"kind:{d.kind}", f"save_world:{d.save.world}", f"load_world:{d.load.world}",
-         "save:" + ("async" if d.async_save else "sync")}
+         "save:" + ("async" if d.async_save else "sync"), "save:" + ("train-on" if d.train_on else "exit")}
     if d.save.world != d.load.world:
         f.add("world-change")
     if d.kind == "gpt":
@@ -219,6 +231,8 @@ def features(d: Draw) -> set[str]:
         f.add("tied" if d.model["tie_embeddings"] else "untied")
         if d.model["vocab_size"] % 2:
             f.add("odd-vocab")
+        if d.model["d_model"] % 2:
+            f.add("odd-width")
     for side, lay in (("save", d.save), ("load", d.load)):
         for axis in ("dp", "tp", "pp", "cp"):
             if getattr(lay, axis) > 1:
@@ -249,6 +263,8 @@ def config(d: Draw, role: str, root: Path) -> Config:
     train_over = {**FAST, "global_batch": d.global_batch, "micro_batch": lay.micro_batch}
     if role == "ref":
         ckpt = {"every": d.k, "keep_last": 3, "at_end": True}
+    elif role == "save" and d.train_on:
+        ckpt = {"every": d.k, "keep_last": 3, "at_end": False, "async_save": d.async_save}
     elif role == "save":
         ckpt = {"every": 0, "at_end": False, "async_save": d.async_save}
         train_over["exit_interval"] = d.k  # save after step k and exit, as a time-sliced job
@@ -449,8 +465,9 @@ def judge(d: Draw, ref: list[dict], save: list[dict], load: list[dict], root: Pa
             return "fail", f"{role}: ranks disagree: {outs}"
     s, lo = save[0], load[0]
     problems = []
-    if not _close(s["losses"], ref_losses[:d.k], LOSS_RTOL):
-        problems.append(f"save losses {s['losses']} != reference {ref_losses[:d.k]}")
+    saved_steps = d.k + d.m if d.train_on else d.k
+    if not _close(s["losses"], ref_losses[:saved_steps], LOSS_RTOL):
+        problems.append(f"save losses {s['losses']} != reference {ref_losses[:saved_steps]}")
     if lo["start_step"] != d.k:
         problems.append(f"load started at step {lo['start_step']}, not {d.k}")
     if not _close(lo["losses"], ref_losses[d.k:], LOSS_RTOL):
