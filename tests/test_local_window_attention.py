@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from dist_train.models.attention import AttentionContext, attention, local_causal_attention
-from parallelism.context import local_attention
+from parallelism.context import default_tile, local_attention
 from tests.dist_harness import run_ranks
 from tests.test_cp_reference import max_rel_err, random_qkv, reference_attention
 
@@ -157,3 +157,56 @@ def test_bench_attention_single_device_baseline_with_a_window_is_linear_in_seque
            "forward_only": False, "kernel": "auto"}
     small, large = (_single_peak_bytes(cfg, n) for n in (1024, 2048))
     assert large <= 2.2 * small, (small, large)
+
+
+def test_wide_window_edge_blocks_are_at_most_explicit_tile():
+    """A window wider than EXPLICIT_TILE has tiles of ~w tokens (up to S when w > S/2): its masked edge blocks are
+    computed in sub-blocks of at most EXPLICIT_TILE rows and keys, on one rank and on every rank of a ring, so no
+    kernel builds a [w, w] (or [S, S]) mask."""
+    from parallelism.context.layouts import rank_chunks
+    from parallelism.context.plan import EXPLICIT_TILE, build_schedule
+
+    S = 8 * EXPLICIT_TILE
+    for window in (EXPLICIT_TILE + 100, 3 * S // 4):
+        tile = default_tile(window)
+        for P, layout in ((1, "contiguous"), (2, "zigzag")):
+            chunks = tuple(rank_chunks(S, r, P, layout) for r in range(P))
+            blocks = [b for piece in build_schedule(chunks, True, window, tile, None) for per_rank in piece.plan.blocks
+                      for per_source in per_rank for b in per_source]
+            explicit = [b for b in blocks if b.mask.kind == "explicit"]
+            assert explicit and all(b.q_hi - b.q_lo <= EXPLICIT_TILE and b.k_hi - b.k_lo <= EXPLICIT_TILE
+                                    for b in explicit), (window, P, layout)
+
+
+def test_wide_window_split_edge_blocks_stay_exact():
+    """w = 600 (1024-token tiles, edge blocks cut into 512-token sub-blocks) at S = 1100: float64 exact, on one
+    rank and on a simulated zigzag ring of 2."""
+    from parallelism.context import simulate_ring_attention
+
+    _check(1100, 2, 1, 600, tile=None)
+    q, k, v = random_qkv(1, 1100, 2, 1, 4, seed=4)
+    ref = reference_attention(q, k, v, causal=True, window=600)
+    out = simulate_ring_attention(q, k, v, world_size=2, layout="zigzag", window=600)
+    errs = [max_rel_err(out, ref)] + [max_rel_err(a, b) for a, b in zip(_grads(out, q, k, v), _grads(ref, q, k, v))]
+    assert max(errs) <= 1e-12, errs
+
+
+def test_attention_memory_with_a_window_wider_than_half_the_sequence_is_linear():
+    """Doubling S and w together (w = 0.7·S: one tile of S tokens, its edge block cut by the window): the model's
+    attention peak (fwd+bwd) grows at most 2.2x: the edge block's mask is EXPLICIT_TILE-sized, not [S, S] (3.4x)."""
+    from dist_train.bench.attention import check_memory_meter, peak_tensor_bytes
+
+    check_memory_meter()
+    peaks = []
+    for s in (1024, 2048):
+        g = torch.Generator().manual_seed(0)
+        q = torch.randn(1, s, 2, 16, generator=g, requires_grad=True)
+        k, v = (torch.randn(1, s, 1, 16, generator=g, requires_grad=True) for _ in range(2))
+        ctx = AttentionContext(window=7 * s // 10)
+
+        def step():
+            attention(q, k, v, ctx).sum().backward()
+
+        step()
+        peaks.append(peak_tensor_bytes(step)[1])
+    assert peaks[1] <= 2.2 * peaks[0], peaks

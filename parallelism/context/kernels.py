@@ -26,8 +26,9 @@ importable and the inputs are CUDA half/bf16, else ``cuda`` for CUDA fp16/bf16/f
 
 Window blocks never need an S×S mask: the ring planner tiles a window into blocks of ~max(128, w)
 tokens (:func:`~parallelism.context.attention.default_tile`), so a kernel sees full and causal tiles
-plus tile-sized ``explicit`` edge blocks, which the CUDA kernel runs through the efficient op with a
-tile-sized additive bias.
+plus ``explicit`` edge blocks of at most :data:`~parallelism.context.plan.EXPLICIT_TILE` rows and keys
+(as are document-cut blocks), which the CUDA kernel runs through the efficient op with an additive bias
+of that size.
 """
 from __future__ import annotations
 

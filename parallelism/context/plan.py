@@ -29,9 +29,11 @@ from .masks import BlockMask, classify
 
 FWD, BWD = 1, -1
 DOC_MIN_PIECE = 64   # documents shorter than this (local rows) share a piece: bounds kernel calls and plan size
-#: without a tile (no window), an ``explicit`` block (a document cut it: short documents sharing a piece, or
-#: per-sample documents that differ) is computed in sub-blocks of at most this many rows and keys, so the
-#: boolean/additive mask a kernel builds is O(EXPLICIT_TILE²), never [S, S]
+#: an ``explicit`` block larger than this (no window: a document cut it — short documents sharing a piece, or
+#: per-sample documents that differ; a window wider than 512: its tile of ~w tokens, up to S when w > S/2) is
+#: computed in sub-blocks of at most this many rows and keys, so the boolean/additive mask a kernel builds is
+#: O(EXPLICIT_TILE²) whatever S and w are, never [S, S] (and sub-blocks the mask fills or empties take the
+#: full path or are skipped: less masked work)
 EXPLICIT_TILE = 512
 
 
@@ -120,7 +122,7 @@ def pair_blocks(q_chunks: tuple[Chunk, ...], k_chunks: tuple[Chunk, ...], causal
     pieces cap it at the piece size, so a call's dq stays piece-sized too.
     """
     rows: list[list[Block]] = []
-    cap = tile or EXPLICIT_TILE
+    cap = min(tile or EXPLICIT_TILE, EXPLICIT_TILE)
     k_tiles = [(k_off, kc, _doc_span(kc, docs)) for k_off, kc in _tiles(k_chunks, tile, docs)]
     for q_off, qc in _tiles(q_chunks, tile, docs):
         row: list[Block] = []
@@ -161,7 +163,7 @@ def _explicit_parts(q_off: int, qc: Chunk, k_off: int, kc: Chunk, causal: bool, 
     """An ``explicit`` block q × k cut into sub-blocks of at most ``cap`` rows and keys, each classified on
     its own (those inside one document of every row take the full/causal fast paths, empty ones are dropped):
     a kernel then builds a mask of at most cap × cap (per document row), not one the size of the block,
-    which without a window can be a long document's [L, L]."""
+    which can be a long document's [L, L] without a window, or [w, w] (up to [S, S]) for a wide one."""
     out = []
     for qa in range(0, qc.length, cap):
         q = Chunk(qc.start + qc.stride * qa, qc.stride, min(cap, qc.length - qa))
