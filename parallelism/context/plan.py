@@ -103,10 +103,13 @@ def _doc_span(c: Chunk, docs: Optional[Docs]) -> Optional[tuple[tuple[int, int],
     return tuple((bisect.bisect_right(row, c.start) - 1, bisect.bisect_right(row, c.last) - 1) for row in docs)
 
 
-def _disjoint(q: Chunk, k: Chunk, causal: bool, q_span, k_span) -> bool:
-    """Cheap proof that q × k has no allowed pair (all keys after the queries, or no shared document
-    in any row), so large document-cut plans classify only the blocks near the diagonal."""
+def _disjoint(q: Chunk, k: Chunk, causal: bool, window: Optional[int], q_span, k_span) -> bool:
+    """Cheap proof that q × k has no allowed pair (all keys after the queries, all keys further than the
+    window from every query, or no shared document in any row), so long windowed or document-cut plans
+    classify only the blocks near the diagonal (classifying every pair made planning O(S²/tile))."""
     if causal and k.start > q.last:
+        return True
+    if window is not None and (k.last < q.start - window or (not causal and k.start > q.last + window)):
         return True
     return q_span is not None and all(a[1] < b[0] or b[1] < a[0] for a, b in zip(q_span, k_span))
 
@@ -128,7 +131,7 @@ def pair_blocks(q_chunks: tuple[Chunk, ...], k_chunks: tuple[Chunk, ...], causal
         row: list[Block] = []
         q_span = _doc_span(qc, docs)
         for k_off, kc, k_span in k_tiles:
-            if _disjoint(qc, kc, causal, q_span, k_span):
+            if _disjoint(qc, kc, causal, window, q_span, k_span):
                 continue
             m = classify(qc, kc, causal, window, docs)
             if m.kind == "none":
@@ -170,7 +173,7 @@ def _explicit_parts(q_off: int, qc: Chunk, k_off: int, kc: Chunk, causal: bool, 
         q_span = _doc_span(q, docs)
         for ka in range(0, kc.length, cap):
             k = Chunk(kc.start + kc.stride * ka, kc.stride, min(cap, kc.length - ka))
-            if _disjoint(q, k, causal, q_span, _doc_span(k, docs)):
+            if _disjoint(q, k, causal, window, q_span, _doc_span(k, docs)):
                 continue
             m = classify(q, k, causal, window, docs)
             if m.kind != "none":
