@@ -15,6 +15,7 @@ from dataclasses import replace
 import pytest
 import torch
 
+import parallelism.context.plan as plan
 from parallelism.context import ScheduleError, Simulator, local_attention, simulate_ring_attention
 from parallelism.context.comm import Post, Recv, Send, Wait
 from tests.cp_fuzz import Draw, check, draw, features, run_gloo, run_simulated, runners
@@ -23,6 +24,9 @@ from tests.test_cp_reference import random_qkv
 # 20 consecutive draws, then the cheapest draws adding coverage (greedy over seeds 0..2499)
 SEEDS = list(range(20)) + [1060, 492, 824, 58, 864, 1046, 1849, 147, 560, 2248, 979, 1655, 2079, 422, 1455, 1686,
                            1968, 1490, 355, 1493, 1303, 2073, 183, 316]
+# draws whose explicit blocks, cut at EXPLICIT_TILE = 2, mix explicit, full, causal and empty sub-blocks: ring
+# (P 2, 5, 6, 7) and Ulysses, every layout, causal and full, windows, shared and per-sample documents, K/V pieces
+SPLIT_SEEDS = [21, 37, 51, 78, 90, 92, 97, 100, 103, 110, 120]
 # P = 3 on gloo: ring, Ulysses with replicated K/V heads, documents, K/V pieces, windows, and three
 # invalid draws that every rank must refuse alike
 GLOO_SEEDS = [7, 26, 35, 22, 87, 157, 445, 310, 229, 220, 343]
@@ -42,6 +46,35 @@ def test_fixed_fuzz_draws_match_the_float64_reference():
     forward and dq, dk, dv within 1e-10; invalid draws refused with a ValueError."""
     failures = [f"seed {s} {run.__name__}: {msg}" for s in SEEDS for run in runners(draw(s))
                 if (msg := check(draw(s), run)) is not None]
+    assert not failures, "\n".join(failures)
+
+
+@pytest.fixture
+def explicit_tile_2(monkeypatch):
+    """plan.EXPLICIT_TILE = 2 for one test, with the plan caches (not keyed on it) cleared before and after."""
+    monkeypatch.setattr(plan, "EXPLICIT_TILE", 2)
+    plan.build_plan.cache_clear()
+    plan.build_schedule.cache_clear()
+    yield
+    plan.build_plan.cache_clear()
+    plan.build_schedule.cache_clear()
+
+
+def test_fuzz_draws_with_explicit_blocks_cut_into_sub_blocks_match_the_float64_reference(explicit_tile_2, monkeypatch):
+    """The planner cuts an explicit block larger than EXPLICIT_TILE (512) into sub-blocks classified on their own.
+    The draws' shards (1–5 tokens a chunk) never reach 512, so at the real size nothing here cuts a block, and the
+    hand-picked cases cover only causal zigzag/contiguous; at 2 tokens these draws' explicit blocks are cut (the
+    count is asserted) and stay exact, forward and dq, dk, dv."""
+    cut = []
+    parts = plan._explicit_parts
+    monkeypatch.setattr(plan, "_explicit_parts", lambda *a, **kw: cut.append(1) or parts(*a, **kw))
+    failures = []
+    for s in SPLIT_SEEDS:
+        before = len(cut)
+        failures += [f"seed {s} {run.__name__}: {msg}" for run in runners(draw(s))
+                     if (msg := check(draw(s), run)) is not None]
+        if len(cut) == before:
+            failures.append(f"seed {s}: no explicit block was cut")
     assert not failures, "\n".join(failures)
 
 
