@@ -10,9 +10,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from parallelism.context import (CPStats, LAYOUTS, context_parallel_attention, local_attention,
+from dist_train.bench.attention import check_memory_meter, peak_tensor_bytes
+from dist_train.models.attention import AttentionContext, attention
+from parallelism.context import (CPStats, LAYOUTS, context_parallel_attention, local_attention, pack_cu_seqlens,
                                  sequence_positions, simulate_ring_attention)
 from parallelism.context.documents import boundaries_from_doc_ids, normalize_cu_seqlens
+from parallelism.context.layouts import rank_chunks
+from parallelism.context.plan import EXPLICIT_TILE, build_schedule
 from tests.dist_harness import run_ranks
 from tests.test_cp_reference import max_rel_err, random_qkv, reference_attention
 
@@ -231,9 +235,6 @@ def test_document_blocks_without_a_window_are_tile_sized():
     """With packed documents and no window every explicit (masked) kernel call is at most EXPLICIT_TILE rows
     and keys on every rank of every layout, so a kernel's mask never grows with S (it was [L, L] for a long
     document behind short ones, and piece × piece for per-sample documents)."""
-    from parallelism.context.layouts import rank_chunks
-    from parallelism.context.plan import EXPLICIT_TILE, build_schedule
-
     S = 8 * EXPLICIT_TILE
     for cu in _long_document_shapes(S):
         docs = normalize_cu_seqlens(cu, S, 2)
@@ -251,8 +252,6 @@ def test_document_blocks_without_a_window_are_tile_sized():
 def test_documents_split_into_sub_blocks_stay_exact(cu_of):
     """A sequence longer than EXPLICIT_TILE with documents that make its blocks explicit: the sub-blocks
     (some explicit, some full/causal, some skipped) are exact in float64, locally and on a simulated ring."""
-    from parallelism.context.plan import EXPLICIT_TILE
-
     S = EXPLICIT_TILE + 36
     cu = cu_of(S)
     q, k, v = random_qkv(2, S, 2, 1, 4, seed=5)
@@ -269,10 +268,6 @@ def test_documents_split_into_sub_blocks_stay_exact(cu_of):
 def test_local_attention_memory_with_documents_is_linear_in_sequence():
     """The model's attention with packed documents and no window (fwd+bwd, profiler meter): doubling S
     grows the peak by at most 2.2x for each document shape (an [L, L] mask of a long document grew it 3.5x)."""
-    from dist_train.bench.attention import check_memory_meter, peak_tensor_bytes
-    from dist_train.models.attention import AttentionContext, attention
-    from parallelism.context import pack_cu_seqlens
-
     check_memory_meter()
     for shape in range(2):
         peaks = []

@@ -5,8 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 
+import parallelism.context.plan as plan
+from dist_train.bench.attention import _single_peak_bytes, check_memory_meter, peak_tensor_bytes
 from dist_train.models.attention import AttentionContext, attention, local_causal_attention
-from parallelism.context import default_tile, local_attention
+from parallelism.context import default_tile, local_attention, simulate_ring_attention
+from parallelism.context.layouts import Chunk, rank_chunks
+from parallelism.context.masks import classify
+from parallelism.context.plan import EXPLICIT_TILE, build_schedule
 from tests.dist_harness import run_ranks
 from tests.test_cp_reference import max_rel_err, random_qkv, reference_attention
 
@@ -49,10 +54,6 @@ def test_math_kernel_and_non_causal_window():
 def test_window_work_is_linear_in_sequence():
     """The one-rank ring's kernel calls with a window: tile-sized, at most two per query tile, so the
     computed (query, key) area per token is bounded by 2·tile whatever S is."""
-    from parallelism.context.attention import default_tile
-    from parallelism.context.layouts import Chunk
-    from parallelism.context.plan import build_schedule
-
     tile = default_tile(64)
     for s in (1024, 4096, 16384):
         blocks = build_schedule(((Chunk(0, 1, s),),), True, 64, tile, None)[0].plan.blocks[0][0]
@@ -150,8 +151,6 @@ def test_full_causal_gqa_where_sdpa_would_keep_scores_runs_the_block_kernels(hq,
 def test_bench_attention_single_device_baseline_with_a_window_is_linear_in_sequence():
     """`dist-train bench attention --window w`'s single-process baseline (time and peak memory) is the model's
     windowed attention, O(S·w): doubling S grows its peak by at most 2.2x (SDPA with an [S, S] mask grew it 3.6x)."""
-    from dist_train.bench.attention import _single_peak_bytes, check_memory_meter
-
     check_memory_meter()
     cfg = {"batch": 1, "heads": 2, "kv_heads": 1, "head_dim": 16, "causal": True, "window": 64,
            "forward_only": False, "kernel": "auto"}
@@ -163,9 +162,6 @@ def test_wide_window_edge_blocks_are_at_most_explicit_tile():
     """A window wider than EXPLICIT_TILE has tiles of ~w tokens (up to S when w > S/2): its masked edge blocks are
     computed in sub-blocks of at most EXPLICIT_TILE rows and keys, on one rank and on every rank of a ring, so no
     kernel builds a [w, w] (or [S, S]) mask."""
-    from parallelism.context.layouts import rank_chunks
-    from parallelism.context.plan import EXPLICIT_TILE, build_schedule
-
     S = 8 * EXPLICIT_TILE
     for window in (EXPLICIT_TILE + 100, 3 * S // 4):
         tile = default_tile(window)
@@ -181,8 +177,6 @@ def test_wide_window_edge_blocks_are_at_most_explicit_tile():
 def test_wide_window_split_edge_blocks_stay_exact():
     """w = 600 (1024-token tiles, edge blocks cut into 512-token sub-blocks) at S = 1100: float64 exact, on one
     rank and on a simulated zigzag ring of 2."""
-    from parallelism.context import simulate_ring_attention
-
     _check(1100, 2, 1, 600, tile=None)
     q, k, v = random_qkv(1, 1100, 2, 1, 4, seed=4)
     ref = reference_attention(q, k, v, causal=True, window=600)
@@ -194,8 +188,6 @@ def test_wide_window_split_edge_blocks_stay_exact():
 def test_attention_memory_with_a_window_wider_than_half_the_sequence_is_linear():
     """Doubling S and w together (w = 0.7·S: one tile of S tokens, its edge block cut by the window): the model's
     attention peak (fwd+bwd) grows at most 2.2x: the edge block's mask is EXPLICIT_TILE-sized, not [S, S] (3.4x)."""
-    from dist_train.bench.attention import check_memory_meter, peak_tensor_bytes
-
     check_memory_meter()
     peaks = []
     for s in (1024, 2048):
@@ -215,10 +207,6 @@ def test_attention_memory_with_a_window_wider_than_half_the_sequence_is_linear()
 def test_window_planning_classifies_only_blocks_near_the_diagonal(monkeypatch):
     """Planning a window is linear in S too: tiles further than the window from every query are proven empty
     without classifying them (classifying every pair below the diagonal was O(S²/tile): 1.4 s at S = 262,144)."""
-    import parallelism.context.plan as plan
-    from parallelism.context.layouts import Chunk
-    from parallelism.context.masks import classify
-
     calls = []
     monkeypatch.setattr(plan, "classify", lambda *a, **kw: calls.append(1) or classify(*a, **kw))
     counts = []
