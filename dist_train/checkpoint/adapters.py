@@ -406,8 +406,9 @@ def engine_checkpoint_kwargs(module: nn.Module, mesh, inner: Optional[StateAdapt
 # ---------------------------------------------------------------------------------------------
 class GatheredStateAdapter(TorchStateAdapter):
     """FSDP2 state as full (all-gathered over the shard mesh) plain tensors, and full tensors scattered back
-    into the shards on load (``full_state_dict``: DCP's state_dict API slices them locally, no broadcast).
-    Costs a full copy of this rank's (tp-local) model and optimizer state while a save is collected."""
+    into the shards on load (each rank cuts its own shards out of them, :func:`_shard_like`: no broadcast).
+    Costs a full copy of this rank's (tp-local) model and optimizer state, on its device, while a save is collected
+    and while a checkpoint loads (the load reads into the gathered tensors, then cuts this rank's shards out of them)."""
 
     options = StateDictOptions(full_state_dict=True, flatten_optimizer_state_dict=True)
 
