@@ -25,8 +25,9 @@ from tests.test_cp_reference import random_qkv
 SEEDS = list(range(20)) + [1060, 492, 824, 58, 864, 1046, 1849, 147, 560, 2248, 979, 1655, 2079, 422, 1455, 1686,
                            1968, 1490, 355, 1493, 1303, 2073, 183, 316]
 # draws whose explicit blocks, cut at EXPLICIT_TILE = 2, mix explicit, full, causal and empty sub-blocks: ring
-# (P 2, 5, 6, 7) and Ulysses, every layout, causal and full, windows, shared and per-sample documents, K/V pieces
-SPLIT_SEEDS = [21, 37, 51, 78, 90, 92, 97, 100, 103, 110, 120]
+# (P 2, 5, 6, 7), Ulysses and hybrid (P 8, 4), every layout, causal and full, windows, shared and per-sample
+# documents, K/V pieces
+SPLIT_SEEDS = [21, 37, 51, 78, 90, 92, 97, 100, 103, 110, 120, 227, 329]
 # P = 3 on gloo: ring, Ulysses with replicated K/V heads, documents, K/V pieces, windows, and three
 # invalid draws that every rank must refuse alike
 GLOO_SEEDS = [7, 26, 35, 22, 87, 157, 445, 310, 229, 220, 343]
@@ -63,7 +64,7 @@ def explicit_tile_2(monkeypatch):
 def test_fuzz_draws_with_explicit_blocks_cut_into_sub_blocks_match_the_float64_reference(explicit_tile_2, monkeypatch):
     """The planner cuts an explicit block larger than EXPLICIT_TILE (512) into sub-blocks classified on their own.
     The draws' shards (1–5 tokens a chunk) never reach 512, so at the real size nothing here cuts a block, and the
-    hand-picked cases cover only causal zigzag/contiguous; at 2 tokens these draws' explicit blocks are cut (the
+    hand-picked cases cover only causal zigzag/contiguous rings; at 2 tokens these draws' explicit blocks are cut (the
     count is asserted) and stay exact, forward and dq, dk, dv."""
     cut = []
     parts = plan._explicit_parts
