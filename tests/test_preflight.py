@@ -18,7 +18,7 @@ from dist_train.data.integrity import check_bin_size, check_indexed_dataset, rea
 from dist_train.data.prepare import prepare_indexed
 from dist_train.data.sidecar import sidecar_path
 from dist_train.engines import cpu_autocast_refusal
-from dist_train.preflight import check_data, preflight
+from dist_train.preflight import check_data, check_model_fits, preflight
 from tests.trainer_utils import run_cli, tiny_gpt_config
 
 
@@ -167,6 +167,45 @@ def test_a_model_whose_states_exceed_the_memory_is_refused(tmp_path, dataset):
              "parallel.tp")
     with pytest.raises(ConfigError, match="data.eod_id = 300 is outside model.vocab_size = 257"):
         _cfg(tmp_path, dataset, data={"eod_id": 300})
+
+
+def _llama70b(tmp_path: Path, checkpoint: dict, **parallel):
+    """A Llama-70B-shaped GPT under FSDP2 (bf16) on 64 ranks: its sharded states fit an 80 GiB device."""
+    return config_from_dict({"run": {"dir": str(tmp_path / "run")}, "data": {"source": "synthetic", "seq_len": 4096},
+                             "model": {"d_model": 8192, "n_layers": 80, "n_heads": 64, "n_kv_heads": 8,
+                                       "ffn_hidden": 28672, "vocab_size": 128256},
+                             "train": {"precision": "bf16", "global_batch": 256},
+                             "parallel": {"fsdp": True, "dp": 8, "tp": 8, **parallel}, "checkpoint": checkpoint})
+
+
+def test_fsdp2_tp_checkpoints_that_cannot_gather_on_the_device_are_refused(tmp_path):
+    """FSDP2 × tp gathers each rank's tp-local weights and AdamW moments to save or load a checkpoint
+    (GatheredStateAdapter): 70B at tp = 8 needs ~115 GiB then on an 80 GiB H100 (CUDA profile; no device needed)
+    and would die at its first save. Refused when the run saves or resumes; the layouts that gather nothing, or
+    little enough, and a run that never checkpoints, pass."""
+    def refusal(cfg) -> str:
+        with pytest.raises(ConfigError) as e:
+            check_model_fits(cfg, on_cuda=True, ranks_per_host=1)
+        msg = str(e.value)
+        assert "\n" not in msg
+        return msg
+
+    off = {"every": 0, "at_end": False, "resume": "none"}
+    msg = refusal(_llama70b(tmp_path, {}))
+    for needle in ("parallel.fsdp with parallel.tp = 8", "(checkpoint.at_end)", "115.0 GiB per rank",
+                   "80.0 GiB of a h100", "FSDP2 at parallel.tp = 1", "DeepSpeed ZeRO", "turn checkpoints off"):
+        assert needle in msg, msg
+    assert "checkpoint.every = 100" in refusal(_llama70b(tmp_path, {**off, "every": 100}))
+    assert "train.exit_interval" in refusal(config_from_dict({**_llama70b(tmp_path, off).to_dict(),
+                                                              "train": {"precision": "bf16", "global_batch": 256,
+                                                                        "exit_interval": 50}}))
+    (tmp_path / "run" / "checkpoints" / "step_10").mkdir(parents=True)  # auto finds one to load
+    assert "(checkpoint.resume = auto)" in refusal(_llama70b(tmp_path, {**off, "resume": "auto"}))
+
+    check_model_fits(_llama70b(tmp_path, off), on_cuda=True, ranks_per_host=1)  # never saves or loads
+    check_model_fits(_llama70b(tmp_path, {}, tp=1, dp=64), on_cuda=True, ranks_per_host=1)  # the shards, no gather
+    check_model_fits(_llama70b(tmp_path, {}, fsdp=False, zero_stage=1), on_cuda=True, ranks_per_host=1)
+    check_model_fits(_llama70b(tmp_path, {}, dp=2, pp=4), on_cuda=True, ranks_per_host=1)  # a quarter of the layers
 
 
 def test_flash_kernel_on_cpu_is_refused(tmp_path, dataset):

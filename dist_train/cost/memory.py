@@ -503,6 +503,19 @@ def parameter_state_bytes(cfg: Config, sh: Shape, loc: RankShape, load: RankLoad
     return {"weights": weights, "grads": grads, "optimizer": optim, "ddp_buckets": ddp, "fsdp_unsharded": unsharded}
 
 
+def checkpoint_gather_bytes(cfg: Config, sh: Shape, loc: RankShape, load: RankLoad, n_local: float) -> float:
+    """Bytes FSDP2 × tp's checkpoint adapter (checkpoint/adapters.py ``GatheredStateAdapter``) holds on the rank's
+    device while a save is collected and while a checkpoint loads: its ``n_local`` parameters and their AdamW
+    moments all-gathered over the FSDP2 shards into the full tp-local tensors — the fp32 weight and optimizer
+    shards of :func:`parameter_state_bytes`, × the shards. 0 without that gather (tp = 1 writes the shards as
+    they are; DDP and DeepSpeed never gather)."""
+    p = cfg.parallel
+    if not (p.fsdp and p.tp > 1):
+        return 0.0
+    states = parameter_state_bytes(cfg, sh, loc, load, n_local)
+    return (states["weights"] + states["optimizer"]) * loc.grad_shards
+
+
 def comm_buffer_bytes(cfg: Config, loc: RankShape) -> float:
     """Bytes of the cp that runs (:func:`~dist_train.cost.shape.cp_execution`): the ring's K/V double buffer and
     dK/dV accumulators (per K/V piece when the ring is pieced; hybrid: of the repeated heads), the all-to-all's
