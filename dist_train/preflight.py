@@ -98,8 +98,8 @@ def check_checkpoint_fits(cfg: Config, on_cuda: bool, ranks_per_host: int) -> No
     each rank's device while a save is collected and while a checkpoint loads (checkpoint/adapters.py
     ``GatheredStateAdapter``): refuse a run that would save or load one when its sharded states plus that gather
     (:func:`~dist_train.cost.memory.checkpoint_gather_bytes`) exceed the device's memory — it would train and
-    then die at its first save with nothing saved. Activations are freed by then; the baseline is left out as
-    in :func:`check_model_fits`."""
+    then die at its first save with nothing saved. The cost model's "checkpoint" phase (cost/memory.step_phases)
+    less the baseline and a pipeline's receive buffers, which are left out as in :func:`check_model_fits`."""
     p = cfg.parallel
     if not (p.fsdp and p.tp > 1):
         return
@@ -112,7 +112,7 @@ def check_checkpoint_fits(cfg: Config, on_cuda: bool, ranks_per_host: int) -> No
     for load in loc.loads:
         n_local = rank_params(cfg, sh, load)
         st = parameter_state_bytes(cfg, sh, loc, load, n_local)
-        resident = st["weights"] + st["grads"] + st["optimizer"] + st["ddp_buckets"]
+        resident = st["weights"] + st["optimizer"] + st["ddp_buckets"]  # the FSDP2 engine frees gradients each step
         needed = max(needed, resident + checkpoint_gather_bytes(cfg, sh, loc, load, n_local))
     capacity = prof.memory_bytes / (1 if on_cuda else max(1, ranks_per_host))
     if needed > capacity:

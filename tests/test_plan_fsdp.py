@@ -11,6 +11,7 @@ from dist_train.config import config_from_dict, load_config
 from dist_train.cost.predict import predict
 from dist_train.cost.shape import rank_inputs
 from dist_train.cost.step_time import fsdp_comm
+from dist_train.dryrun import format_layout, rank_layout
 from dist_train.plan.enumerate import enumerate_layouts, layout_label
 from dist_train.plan.profiles import builtin_profiles
 
@@ -84,6 +85,43 @@ def test_enumeration_offers_fsdp_with_pp_tp_cp_but_never_zero_with_pp():
     assert not any(c.parallel.fsdp and c.parallel.zero_stage is not None for c in cands)
     assert all("fsdp" in layout_label(c) for c in fsdp)
     assert not any(c.parallel.fsdp and c.parallel.dp * c.parallel.cp == 1 for c in cands)
+
+
+L70 = {"model": {"d_model": 8192, "n_layers": 80, "n_heads": 64, "n_kv_heads": 8, "ffn_hidden": 28672,
+                 "vocab_size": 128256},
+       "data": {"source": "synthetic", "seq_len": 1024},
+       "train": {"precision": "bf16", "global_batch": 64, "micro_batch": 1, "activation_checkpointing": "full"},
+       "parallel": {"fsdp": True, "dp": 8, "tp": 8}}
+
+
+def test_fsdp_tp_checkpoint_phase_decides_fit_and_the_planner_never_offers_a_layout_that_cannot_save(profiles):
+    """FSDP2 × tp gathers each rank's tp-local weights and AdamW moments to save or load (GatheredStateAdapter):
+    the "checkpoint" phase, 70B at tp = 8 on an H100 ~114 GiB while training peaks at ~22 GiB. Without checkpoints,
+    at tp = 1 or without FSDP2 there is no such phase (every other config's figures are unchanged)."""
+    h100 = profiles["h100"]
+    c = config_from_dict(copy.deepcopy(L70))
+    pred = predict(c, h100)
+    m, ph = pred.memory, pred.memory_phases
+    resident = m["baseline"] + m["weights"] + m["optimizer"] + m["ddp_buckets"] + m["pp_buffers"]
+    assert ph["checkpoint"] == resident + (m["weights"] + m["optimizer"]) * 8  # fp32 shards × the 8 FSDP2 shards
+    assert max(ph["loss"], ph["backward"], ph["optimizer"]) < h100.memory_bytes < ph["checkpoint"] == m["total"]
+    assert not pred.fits
+    table = format_layout(c, rank_layout(c, profile=h100)).splitlines()
+    assert "or ckpt (the checkpoint's gather" in table[1] and all(row.endswith(" ckpt") for row in table[3:])
+    off = predict(config_from_dict(copy.deepcopy(L70), ["checkpoint.at_end=false"]), h100)
+    assert "checkpoint" not in off.memory_phases and off.fits
+    assert off.memory_phases == {k: v for k, v in ph.items() if k != "checkpoint"}
+    assert "checkpoint" not in predict(config_from_dict(copy.deepcopy(L70), ["parallel.tp=1", "parallel.dp=64"]),
+                                       h100).memory_phases
+    cut = []
+    for lay in enumerate_layouts(c, 64):
+        p = predict(lay, h100)
+        assert ("checkpoint" in p.memory_phases) == (lay.parallel.fsdp and lay.parallel.tp > 1)
+        if p.fits:
+            assert p.memory_phases.get("checkpoint", 0) <= h100.memory_bytes
+        elif max(v for k, v in p.memory_phases.items() if k != "checkpoint") <= h100.memory_bytes:
+            cut.append(layout_label(lay))
+    assert cut and all("fsdp" in label and "tp" in label for label in cut)
 
 
 @pytest.mark.parametrize("name", ["llama3_405b_8k", "llama3_405b_128k"])
