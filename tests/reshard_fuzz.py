@@ -570,6 +570,11 @@ def main(argv=None) -> int:
     for d in draws:
         verdict, detail = results[d.seed]
         print(f"{verdict.upper():7s} {d.describe()}" + (f"\n    {detail}" if detail else ""), flush=True)
+    by_feature = collections.defaultdict(collections.Counter)
+    for d in draws:
+        for f in features(d):
+            by_feature[f][results[d.seed][0]] += 1
+    print("by feature: " + ", ".join(f"{f} {dict(c)}" for f, c in sorted(by_feature.items())))
     print(f"{len(draws)} draws: {dict(counts)}, {time.time() - start:.0f} s")
     return 1 if counts.get("fail") else 0
 
