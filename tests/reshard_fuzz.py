@@ -2,12 +2,12 @@
 
 A *draw* is one random case of the promise that a checkpoint saved under one layout resumes under another
 without changing the model: a model (a GPT with 2–4 layers, MHA/GQA/MQA, tied or untied embeddings, an odd or
-even vocabulary so tp pads it or not, seq_len 24/32/48; or the tiny pixel-level Swin of
-``tests.trainer_utils.tiny_swin_config`` with 2 or 4 blocks), a global batch, a *save* layout and a *load*
-layout over 1–4 ranks each (GPT d_model sometimes odd) (dp, tp, pp with 1F1B / GPipe / interleaved virtual stages and micro-batch counts,
+even vocabulary so tp pads it or not, sometimes an odd d_model, seq_len 24/32/48; or the tiny pixel-level Swin
+of ``tests.trainer_utils.tiny_swin_config`` with 2 or 4 blocks), a global batch, a *save* layout and a *load*
+layout over 1–4 ranks each (dp, tp, pp with 1F1B / GPipe / interleaved virtual stages and micro-batch counts,
 cp with its sequence layouts and ring / Ulysses / hybrid methods, DeepSpeed ZeRO 0–3, FSDP2, sequence
 parallel, Swin wp tile grids, train.micro_batch), k = 1–3 steps before the save, m = 1–2 after it, and
-a synchronous or asynchronous save.
+a synchronous or asynchronous save, at the end of the saving run or in its middle.
 
 Only the combinations the config accepts run: every layout goes through ``config_from_dict`` (the product's
 own validation) and a refused draw is counted by the refusal's first words (``--stats``), never run.
@@ -30,12 +30,13 @@ A draw whose resume is *refused* (a ``ValueError``/``NotImplementedError``/``Con
 in one line) is reported as a refusal, not a pass, for a person to judge; any other exception, a hang, a
 multi-line refusal or a mismatch is a failure.
 
-    python -m tests.reshard_fuzz --draws 20 --seed 0          # run draws 0..19 (prints failures, exits 1 on any)
+    python -m tests.reshard_fuzz --draws 20 --seed 0          # the first 20 valid draws from seed 0 (exit 1 on a failure)
+    python -m tests.reshard_fuzz --draws 20 --feature zero3   # only draws with ZeRO-3 on either side (see features())
     python -m tests.reshard_fuzz --stats --draws 2000         # the draw space only: kinds and refusals, no runs
     python -m tests.reshard_fuzz --one 17 --keep /tmp/d17     # one draw, keeping its run directories
 
-Runs are grouped: every reference in this process, then the save runs and the load runs one spawn per world
-size (one multi-rank process group at a time).
+Runs are grouped: every reference in this process, then the save runs and the load runs, up to ``GROUP`` draws
+per spawn of their world size (one multi-rank process group at a time).
 """
 from __future__ import annotations
 
