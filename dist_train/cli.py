@@ -10,6 +10,7 @@ import importlib
 import os
 import pkgutil
 import sys
+from contextvars import ContextVar
 from pathlib import Path
 from types import ModuleType
 from typing import Callable, Optional
@@ -171,6 +172,10 @@ def _deferred(main: str) -> Callable[[argparse.Namespace], int]:
     return run
 
 
+#: True while ``main`` runs a command from the process's own command line (argv None): the heap is dist-train's
+_OWN_PROCESS: ContextVar[bool] = ContextVar("dist_train_cli_own_process", default=False)
+
+
 def import_command_module(module: str) -> ModuleType:
     """Import the module that runs a command: torch and what it pulls in (DCP, DTensor, dynamo, sympy: ~300k
     objects that live until the process exits), with the cyclic garbage collector paused meanwhile; one collection
@@ -183,6 +188,11 @@ def import_command_module(module: str) -> ModuleType:
     at exit included), later garbage is collected as before, and only the frozen survivors are no longer examined
     for cycles. A module already imported (an in-process caller) is returned as it is, without collecting or
     freezing anything.
+
+    Only a process that is dist-train's own (``main()`` reading the process's command line: the console script,
+    ``python -m dist_train``, every rank) freezes: ``gc.freeze`` takes the whole heap, so a caller that passes
+    ``main`` its arguments (a notebook, a test) would have every object it held then in a cycle never freed; its
+    import is only paused and collected.
     """
     if module in sys.modules:
         return sys.modules[module]
@@ -192,7 +202,8 @@ def import_command_module(module: str) -> ModuleType:
         return importlib.import_module(module)
     finally:
         gc.collect()
-        gc.freeze()
+        if _OWN_PROCESS.get():
+            gc.freeze()
         if enabled:
             gc.enable()
 
@@ -269,7 +280,14 @@ def main(argv: Optional[list[str]] = None) -> int:
 
 
 def _dispatch(argv: Optional[list[str]]) -> int:
-    argv = sys.argv[1:] if argv is None else list(argv)
+    owner = _OWN_PROCESS.set(argv is None)
+    try:
+        return _run_command(sys.argv[1:] if argv is None else list(argv))
+    finally:
+        _OWN_PROCESS.reset(owner)
+
+
+def _run_command(argv: list[str]) -> int:
     command = next((a for a in argv if not a.startswith("-")), None)
     parser = build_parser(command if command in _COMMANDS else None)
     args = parser.parse_args(argv)
