@@ -180,7 +180,7 @@ def _llama70b(tmp_path: Path, checkpoint: dict, **parallel):
 
 def test_fsdp2_tp_checkpoints_that_cannot_gather_on_the_device_are_refused(tmp_path):
     """FSDP2 × tp gathers each rank's tp-local weights and AdamW moments to save or load a checkpoint
-    (GatheredStateAdapter): 70B at tp = 8 needs ~111 GiB then on an 80 GiB H100 (CUDA profile; no device needed)
+    (GatheredStateAdapter): 70B at tp = 8 needs ~123 GiB then on an 80 GiB H100 (CUDA profile; no device needed)
     and would die at its first save. Refused when the run saves or resumes; the layouts that gather nothing, or
     little enough, and a run that never checkpoints, pass."""
     def refusal(cfg) -> str:
@@ -192,7 +192,7 @@ def test_fsdp2_tp_checkpoints_that_cannot_gather_on_the_device_are_refused(tmp_p
 
     off = {"every": 0, "at_end": False, "resume": "none"}
     msg = refusal(_llama70b(tmp_path, {}))
-    for needle in ("parallel.fsdp with parallel.tp = 8", "(checkpoint.at_end)", "110.9 GiB per rank",
+    for needle in ("parallel.fsdp with parallel.tp = 8", "(checkpoint.at_end)", "123.2 GiB per rank",
                    "80.0 GiB of a h100", "FSDP2 at parallel.tp = 1", "DeepSpeed ZeRO", "turn checkpoints off"):
         assert needle in msg, msg
     assert "checkpoint.every = 100" in refusal(_llama70b(tmp_path, {**off, "every": 100}))

@@ -409,8 +409,9 @@ class GatheredStateAdapter(TorchStateAdapter):
     into the shards on load (each rank cuts its own shards out of them, :func:`_shard_like`: no broadcast).
     Costs a full copy of this rank's (tp-local) model and optimizer state, on its device, while a save is collected
     and while a checkpoint loads (the load reads into the gathered tensors, then cuts this rank's shards out of them):
-    12 bytes per tp-local parameter (fp32 weight, AdamW's two moments), ``cost/memory.checkpoint_gather_bytes``; the
-    pre-flight refuses a run whose device cannot hold it (``preflight.check_checkpoint_fits``)."""
+    12 bytes per tp-local parameter (fp32 weight, AdamW's two moments), and on a load this rank's shards cut out of
+    them as well (copies, while the full tensors are held), ``cost/memory.checkpoint_gather_bytes``; the pre-flight
+    refuses a run whose device cannot hold it (``preflight.check_checkpoint_fits``)."""
 
     options = StateDictOptions(full_state_dict=True, flatten_optimizer_state_dict=True)
 

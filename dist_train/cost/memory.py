@@ -515,16 +515,20 @@ def checkpoints_collected(cfg: Config) -> bool:
 
 
 def checkpoint_gather_bytes(cfg: Config, sh: Shape, loc: RankShape, load: RankLoad, n_local: float) -> float:
-    """Bytes FSDP2 × tp's checkpoint adapter (checkpoint/adapters.py ``GatheredStateAdapter``) holds on the rank's
-    device while a save is collected and while a checkpoint loads: its ``n_local`` parameters and their AdamW
+    """Bytes FSDP2 × tp's checkpoint adapter (checkpoint/adapters.py ``GatheredStateAdapter``) allocates on the
+    rank's device at a checkpoint, the larger of a save's and a load's: its ``n_local`` parameters and their AdamW
     moments all-gathered over the FSDP2 shards into the full tp-local tensors — the fp32 weight and optimizer
-    shards of :func:`parameter_state_bytes`, × the shards. 0 without that gather (tp = 1 writes the shards as
-    they are; DDP and DeepSpeed never gather)."""
+    shards of :func:`parameter_state_bytes`, × the shards — and, on a load, this rank's shards cut out of them
+    (copies, made while the gathered tensors are still held): 12 bytes per tp-local parameter × (shards + 1).
+    A run that only saves is counted at the load too: its checkpoints exist to be resumed. Measured on 4 CPU
+    ranks (tests/test_fsdp_training.py::test_fsdp_tp_checkpoint_gather_peak_is_the_cost_model): the load's peak
+    exactly, the save's 1/(shards + 1) less. 0 without that gather (tp = 1 writes the shards as they are; DDP and
+    DeepSpeed never gather)."""
     p = cfg.parallel
     if not (p.fsdp and p.tp > 1):
         return 0.0
     states = parameter_state_bytes(cfg, sh, loc, load, n_local)
-    return (states["weights"] + states["optimizer"]) * loc.grad_shards
+    return (states["weights"] + states["optimizer"]) * (loc.grad_shards + 1)
 
 
 def comm_buffer_bytes(cfg: Config, loc: RankShape) -> float:
@@ -558,7 +562,8 @@ def step_phases(cfg: Config, comp: dict, acts_loss: float, bwd_live: float, opti
     * "optimizer": gradients, optimizer state and the update's transient (:func:`optimizer_step_bytes`);
     * "checkpoint", only when ``checkpoint_gather`` (:func:`checkpoint_gather_bytes`: FSDP2 × tp saving or loading
       checkpoints) is not 0: a save after the step (or a load before the first), the gathered tp-local weights and
-      AdamW moments over the resident states — activations and FSDP2's gradients are gone (set to None).
+      AdamW moments (and a load's shards cut from them) over the resident states — activations and FSDP2's
+      gradients are gone (set to None).
 
     Baseline, weights, optimizer state, DDP's buckets and a pipeline stage's receive buffers live through all
     phases. Measured on one CPU rank (tests/test_gpt_saved_tensors.py, tests/test_swin_saved_tensors.py: the
