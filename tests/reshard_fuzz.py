@@ -307,13 +307,15 @@ REFUSALS = (ConfigError, ValueError, NotImplementedError)
 
 def _run_one(d: Draw, role: str, root: Path) -> dict:
     """Train one run of the draw; the outcome as a plain dict (what a rank sends back)."""
+    start = time.perf_counter()
     try:
         res = train(config(d, role, root))
     except REFUSALS as e:
         return {"refused": f"{type(e).__name__}: {e}"}
     except Exception as e:  # noqa: BLE001 - a finding, reported with the draw
         return {"error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc(limit=-6)}
-    return {"losses": res.losses, "start_step": res.start_step, "exit_code": res.exit_code}
+    return {"losses": res.losses, "start_step": res.start_step, "exit_code": res.exit_code,
+            "seconds": round(time.perf_counter() - start, 2)}
 
 
 def _outcome_file(root: Path, d: Draw, role: str, rank: int) -> Path:
@@ -462,7 +464,8 @@ def judge(d: Draw, ref: list[dict], save: list[dict], load: list[dict], root: Pa
             if "refused" in o:
                 verdict = "refused" if _one_line(o["refused"]) else "fail"
                 return verdict, f"{role} rank {rank} refused: {o['refused']}"
-        if any(o != outs[0] for o in outs):
+        if any({k: v for k, v in o.items() if k != "seconds"} != {k: v for k, v in outs[0].items() if k != "seconds"}
+               for o in outs):
             return "fail", f"{role}: ranks disagree: {outs}"
     s, lo = save[0], load[0]
     problems = []
