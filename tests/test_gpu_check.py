@@ -20,7 +20,8 @@ import dist_train.gpucheck.env as env_mod
 import dist_train.gpucheck.runner as runner
 import tests.test_gpu_path as gpu_path
 from dist_train.gpucheck import report as rep
-from dist_train.gpucheck.bench import (_batch, bench_checkpoint, bench_kernels, bench_longest, build_llama,
+from dist_train.gpucheck.bench import (_batch, bench_checkpoint, bench_documents, bench_kernels, bench_longest,
+                                       build_llama, document_boundaries,
                                        llama_config, matmul_peak_tflops, run_llama, train_step, trial_step)
 from dist_train.gpucheck.env import commit_of
 from dist_train.gpucheck.runner import _run, gpu_test_files, run_bench
@@ -551,6 +552,39 @@ def test_kernel_benchmark_code_runs_on_cpu():
     assert seen == list(range(1, 9))
     assert all(r["ops"] == {"flash": 3} for r in rows if r["kernel"] == "cuda"), [r["ops"] for r in rows]
     assert all(r["tflops"] > 0 and r["sdpa_tflops"] > 0 and r["vs_sdpa"] > 0 for r in rows)
+
+
+def test_document_benchmark_code_runs_on_cpu(tmp_path):
+    """The kernels section's packed-document rows on CPU, tiny: unmasked, documents shared by the batch and
+    documents that differ per sample, each with the forward's kernel calls and its allowed pairs per sample, which
+    equal the causal pairs inside each document counted here from the boundaries; the speed-up columns are the
+    ratios of those; the report shows the rows."""
+    S, B, L = 256, 2, 32
+    seen = []
+    rows = bench_documents(seq_len=S, batch=B, heads=2, head_dim=16, doc_len=L, repeats=1, device=torch.device("cpu"),
+                           dtype=torch.float32, on_row=lambda r: seen.append(len(r)))
+    assert [r["case"] for r in rows] == ["unmasked", "shared documents", "per-sample documents"] and seen == [1, 2, 3]
+
+    def causal_pairs(row):
+        return sum((b - a) * (b - a + 1) // 2 for a, b in zip(row, row[1:]))
+
+    per_sample = document_boundaries(S, B, L, True)
+    assert per_sample[0] != per_sample[1] and all(r[0] == 0 and r[-1] == S for r in per_sample)
+    assert document_boundaries(S, B, L, True) == per_sample  # seeded: the same batch in every run
+    assert rows[0]["pairs"] == causal_pairs([0, S]) and rows[0]["kernel_calls"] == 1
+    assert rows[1]["pairs"] == causal_pairs(list(range(0, S, L)) + [S]) and rows[1]["documents"] == [S // L]
+    assert rows[2]["pairs"] == sum(causal_pairs(r) for r in per_sample) / B
+    assert rows[2]["documents"] == [len(r) - 1 for r in per_sample]
+    for r in rows[1:]:
+        assert r["kernel_calls"] > 1 and r["ideal"] == pytest.approx(rows[0]["pairs"] / r["pairs"])
+        assert r["vs_unmasked"] == pytest.approx(rows[0]["ms"] / r["ms"])
+        assert r["of_ideal"] == pytest.approx(r["vs_unmasked"] / r["ideal"])
+    rep.write({"environment": {}, "tests": [], "benchmarks": {"kernels": {"rows": [
+        {"seq_len": 8192, "causal": True, "kernel": "auto", "kernel_name": "cuda", "ops": {}, "ms": 2.0,
+         "sdpa_ms": 1.9, "tflops": 500.0, "sdpa_tflops": 526.3, "vs_sdpa": 0.95}], "documents": rows}}}, tmp_path)
+    md = (tmp_path / "gpu-report.md").read_text()
+    assert f"packed documents, causal fwd+bwd through local_attention (B={B}, S={S})" in md
+    assert f"| per-sample documents | {rows[2]['documents']} | {rows[2]['kernel_calls']} |" in md
 
 
 def test_a_gpu_test_s_recorded_numbers_reach_the_report(tmp_path, monkeypatch):

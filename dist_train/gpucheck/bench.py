@@ -4,7 +4,11 @@
     python3 -m dist_train.gpucheck.bench llama --out llama.json --budget-s 240
 
 ``kernels``: fwd+bwd TFLOP/s of the block kernel ``auto`` picks (and torch's CUDA ops kernel) vs
-``torch.nn.functional.scaled_dot_product_attention`` on one S×S block, bf16, causal and full.
+``torch.nn.functional.scaled_dot_product_attention`` on one S×S block, bf16, causal and full; then packed
+documents through ``local_attention`` (the planner's blocks, sub-blocks of at most EXPLICIT_TILE where documents
+cut a block): documents shared by the batch and documents that differ per sample, timed against the same
+call without documents, beside the speed-up their skipped pairs would allow (the kernel calls the plan makes
+cost launches and masks; a GPU is where that shows).
 ``llama``: a ~1B-parameter Llama-style GPT (d 2048, 16 layers, 32 heads / 8 K/V heads, SwiGLU 8192,
 vocab 32000; 1.10B parameters) on one GPU in bf16 autocast with full activation checkpointing and the
 chunked loss: (1) one training step
@@ -34,6 +38,7 @@ from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
+from parallelism.context import CPStats, local_attention
 from parallelism.context.kernels import CudaSdpaKernel, get_kernel
 from parallelism.context.layouts import Chunk
 from parallelism.context.masks import classify
@@ -160,6 +165,70 @@ def bench_kernels(seq_lens=(8192, 32768), heads: int = 16, head_dim: int = 128, 
         del q, k, v, do
         if dev.type == "cuda":
             torch.cuda.empty_cache()
+    return rows
+
+
+
+def document_boundaries(seq_len: int, batch: int, doc_len: int, per_sample: bool, seed: int = 0) -> list[list[int]]:
+    """``cu_seqlens`` rows for ``batch`` samples of ``seq_len`` tokens: documents of ``doc_len`` tokens shared by
+    every sample, or (``per_sample``) seeded lengths in [doc_len/2, 3·doc_len/2) that differ per sample, as the
+    data path's per-sample EOD boundaries do (the last document of a row takes the remainder)."""
+    if not per_sample:
+        row = list(range(0, seq_len, doc_len)) + [seq_len]
+        return [row] * batch
+    gen = torch.Generator().manual_seed(seed)
+    rows = []
+    for _ in range(batch):
+        row, at = [0], 0
+        while True:
+            at += int(torch.randint(max(1, doc_len // 2), max(2, doc_len * 3 // 2), (1,), generator=gen))
+            if at >= seq_len:
+                break
+            row.append(at)
+        rows.append(row + [seq_len])
+    return rows
+
+
+def bench_documents(seq_len: int = 32768, batch: int = 2, heads: int = 16, head_dim: int = 128, doc_len: int = 2048,
+                    repeats: int = 5, device: torch.device = torch.device("cuda"), dtype: torch.dtype = torch.bfloat16,
+                    kernel: str = "auto", on_row: Optional[Callable[[list[dict]], None]] = None) -> list[dict]:
+    """Causal fwd+bwd of ``local_attention`` over q, k, v [batch, seq_len, heads, head_dim]: without documents,
+    with documents shared by the batch and with documents that differ per sample (:func:`document_boundaries`).
+    Each row: ms, the forward's kernel calls and allowed pairs (per sample), ``ideal`` (the speed-up the skipped
+    pairs would allow: unmasked pairs / these pairs), ``vs_unmasked`` (measured speed-up) and ``of_ideal`` (their
+    ratio: 1 when nothing but the pairs counts; what falls short is the plan's extra calls and masks)."""
+    gen = torch.Generator(device=device).manual_seed(0)
+    q, k, v, do = (torch.randn(batch, seq_len, heads, head_dim, device=device, dtype=dtype, generator=gen)
+                   for _ in range(4))
+    # one boundary list for the batch, or one per sample (then CPStats.work_pairs sums the samples)
+    cases = (("unmasked", None), ("shared documents", document_boundaries(seq_len, batch, doc_len, False)[0]),
+             ("per-sample documents", document_boundaries(seq_len, batch, doc_len, True)))
+    rows: list[dict] = []
+    for case, cu in cases:
+        leaves = [x.detach().requires_grad_() for x in (q, k, v)]
+        stats = CPStats()
+        local_attention(*leaves, causal=True, kernel=kernel, cu_seqlens=cu, stats=stats)  # count one forward
+
+        def step(leaves=leaves, cu=cu):
+            local_attention(*leaves, causal=True, kernel=kernel, cu_seqlens=cu).backward(do)
+
+        t = statistics.median(device_times(step, repeats, device))
+        per_sample = cu is not None and isinstance(cu[0], list)
+        pairs = stats.work_pairs / (batch if per_sample else 1)
+        row = {"case": case, "seq_len": seq_len, "batch": batch, "doc_len": None if cu is None else doc_len,
+               "documents": None if cu is None else [len(r) - 1 for r in (cu if per_sample else [cu])], "ms": t * 1e3,
+               "kernel_calls": stats.blocks_computed, "pairs": pairs}
+        if rows:
+            base = rows[0]
+            row.update(ideal=base["pairs"] / pairs, vs_unmasked=base["ms"] / row["ms"])
+            row["of_ideal"] = row["vs_unmasked"] / row["ideal"]
+        rows.append(row)
+        if on_row is not None:
+            on_row(rows)
+        del leaves
+    del q, k, v, do
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
     return rows
 
 
@@ -421,10 +490,16 @@ def main(argv=None) -> int:
         args.out.write_text(json.dumps({"skipped": "no CUDA device"}))
         return 0
     if args.name == "kernels":
-        def keep(rows: list[dict]) -> None:
-            args.out.write_text(json.dumps({"rows": rows}, indent=2))
+        res: dict = {}
 
-        keep(bench_kernels(on_row=keep))
+        def keep(part: str) -> Callable[[list[dict]], None]:
+            def write(rows: list[dict]) -> None:
+                res[part] = rows
+                args.out.write_text(json.dumps(res, indent=2))
+            return write
+
+        keep("rows")(bench_kernels(on_row=keep("rows")))
+        keep("documents")(bench_documents(on_row=keep("documents")))
     else:
         res = run_llama(args.out, args.budget_s, torch.device("cuda"))
         if res["longest"]["stopped_by"].startswith("error"):  # every number is kept; the section reports the error

@@ -90,6 +90,19 @@ def _env_md(env: dict) -> list[str]:
     return ["| | |", "|---|---|"] + [f"| {k} | {_fmt(v)} |" for k, v in rows]
 
 
+def _document_lines(rows: list[dict]) -> list[str]:
+    """The packed-document rows of the kernels benchmark (bench.bench_documents) as a table; none: nothing."""
+    if not rows:
+        return []
+    lines = [f"packed documents, causal fwd+bwd through local_attention (B={rows[0]['batch']}, S={rows[0]['seq_len']}): "
+             "`ideal` is the speed-up the skipped pairs allow, `of ideal` how much of it the plan's kernel calls keep", "",
+             "| case | documents | kernel calls | ms | vs unmasked | ideal | of ideal |", "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['case']} | {_fmt(r['documents'])} | {r['kernel_calls']} | {_fmt(r['ms'])} | "
+                     f"{_fmt(r.get('vs_unmasked'))} | {_fmt(r.get('ideal'))} | {_fmt(r.get('of_ideal'))} |")
+    return lines + [""]
+
+
 def _bench_md(name: str, res: dict) -> list[str]:
     lines = [f"### {name}", ""]
     if not res or "skipped" in res:
@@ -106,7 +119,8 @@ def _bench_md(name: str, res: dict) -> list[str]:
                          f"{_fmt(r['sdpa_tflops'])} | {_fmt(r['vs_sdpa'])}× |")
         worst = min(res["rows"], key=lambda r: r["vs_sdpa"])
         where = f" (lowest row: {worst['kernel']}, S={worst['seq_len']}, {'causal' if worst['causal'] else 'full'})"
-        return lines + ["", _target_line("speed vs SDPA", worst["vs_sdpa"], TARGET_VS_SDPA, where), ""]
+        lines += ["", _target_line("speed vs SDPA", worst["vs_sdpa"], TARGET_VS_SDPA, where), ""]
+        return lines + _document_lines(res.get("documents") or [])
     for part in ("step", "longest", "checkpoint"):  # the order they run in
         if part in res:
             body = {k: v for k, v in res[part].items() if k != "trials"}
