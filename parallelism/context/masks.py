@@ -13,7 +13,9 @@ A block (query chunk × key chunk) is classified so the kernel can take its fast
                  q[1:] × k[:-1] (the row 0 of the block is fully masked).
 * ``explicit`` — anything else (window edges, hybrid chunk pairs): an explicit boolean mask.
 
-Classification is exact: it counts allowed pairs analytically in O(query length). A document
+Classification is exact: it counts allowed pairs analytically, in pure integer arithmetic that costs
+O(documents the queries touch × log length) per block (:func:`allowed_pairs`), so a plan rebuilt for
+every micro-batch of packed documents stays cheap on the host (no torch op per block). A document
 boundary only removes pairs, so a block whose count equals the causal triangle (or the full block)
 is exactly that triangle: blocks inside one document keep the fast paths.
 
@@ -24,6 +26,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Optional
+
+import bisect
 
 import torch
 
@@ -52,6 +56,76 @@ def allowed_per_query(q: Chunk, k: Chunk, causal: bool, window: Optional[int],
     b_hi = torch.clamp(_floor_div(hi - k.start, k.stride), max=k.length - 1)
     b_lo = torch.clamp(-_floor_div(k.start - lo, k.stride), min=0)
     return torch.clamp(b_hi - b_lo + 1, min=0)
+
+
+def _floor_sum(n: int, m: int, a: int, b: int) -> int:
+    """sum_{x=0}^{n-1} floor((a*x + b) / m) for n >= 0, m > 0 and any integers a, b, in O(log m)
+    (the Euclid-like reduction of AtCoder Library's ``floor_sum``)."""
+    ans = 0
+    if a < 0 or a >= m:
+        ans += n * (n - 1) // 2 * (a // m)
+        a %= m
+    if b < 0 or b >= m:
+        ans += n * (b // m)
+        b %= m
+    while True:
+        if a >= m:
+            ans += n * (n - 1) // 2 * (a // m)
+            a %= m
+        if b >= m:
+            ans += n * (b // m)
+            b %= m
+        y_max = a * n + b
+        if y_max < m:
+            return ans
+        n, b = divmod(y_max, m)
+        m, a = a, m
+
+
+def _keys_at_most(alpha: int, q_stride: int, k_stride: int, b0: int, b1: int, a_lo: int, a_hi: int) -> int:
+    """sum over queries a in [a_lo, a_hi) of #{key index b in [b0, b1] : b <= floor((alpha + q_stride*a) /
+    k_stride)}, i.e. of clamp(f(a) - b0 + 1, 0, b1 - b0 + 1) with f non-decreasing in a: zero below the first a
+    where f reaches b0, the full key count from the first a where f reaches b1, a floor sum in between."""
+    if a_hi <= a_lo:
+        return 0
+    first = min(max(-((alpha - k_stride * b0) // q_stride), a_lo), a_hi)    # f(a) >= b0 from here
+    full = min(max(-((alpha - k_stride * b1) // q_stride), first), a_hi)    # f(a) >= b1 from here
+    n = full - first
+    between = _floor_sum(n, k_stride, q_stride, alpha + q_stride * first) - n * (b0 - 1)
+    return between + (a_hi - full) * (b1 - b0 + 1)
+
+
+def allowed_pairs(q: Chunk, k: Chunk, causal: bool, window: Optional[int],
+                  doc_row: Optional[tuple[int, ...]] = None) -> int:
+    """Number of allowed (query, key) pairs of q × k (inside one document of ``doc_row`` when given): the sum of
+    :func:`allowed_per_query`, computed with Python integers per document the queries touch (no tensor).
+
+    For the queries a (global i = q.start + q.stride*a) of one document [F, D], the allowed keys are the key
+    indices b in [b0, b1] (keys inside the document) with i - window <= j <= hi(i), hi(i) = i (causal), i + window
+    or unbounded: #(keys <= hi(i)) − #(keys <= i − window − 1), each summed over a in closed form."""
+    if window is not None and window < 0:
+        return 0
+    if doc_row is None:
+        docs = [(min(q.start, k.start), max(q.last, k.last))]
+    else:
+        first, last = bisect.bisect_right(doc_row, q.start) - 1, bisect.bisect_right(doc_row, q.last) - 1
+        docs = [(doc_row[d], doc_row[d + 1] - 1) for d in range(first, last + 1)]
+    total = 0
+    for lo, hi in docs:
+        b0 = max(0, -((k.start - lo) // k.stride))
+        b1 = min(k.length - 1, (hi - k.start) // k.stride)
+        a_lo = max(0, -((q.start - lo) // q.stride))
+        a_hi = min(q.length - 1, (hi - q.start) // q.stride) + 1
+        if b1 < b0 or a_hi <= a_lo:
+            continue
+        shift = q.start - k.start
+        if causal or window is not None:
+            total += _keys_at_most(shift + (0 if causal else window), q.stride, k.stride, b0, b1, a_lo, a_hi)
+        else:
+            total += (a_hi - a_lo) * (b1 - b0 + 1)
+        if window is not None:
+            total -= _keys_at_most(shift - window - 1, q.stride, k.stride, b0, b1, a_lo, a_hi)
+    return total
 
 
 def mask_tensor(q: Chunk, k: Chunk, causal: bool, window: Optional[int],
@@ -109,11 +183,11 @@ def classify(q: Chunk, k: Chunk, causal: bool, window: Optional[int],
              docs: Optional[Docs] = None) -> BlockMask:
     """Exact classification of the block q × k (see module docstring)."""
     rows = (None,) if docs is None else docs
-    counts = [int(allowed_per_query(q, k, causal, window, row).sum()) for row in rows]
+    counts = [allowed_pairs(q, k, causal, window, row) for row in rows]
     kinds = {_kind(q, k, causal, c) for c in counts}
     kind = kinds.pop() if len(kinds) == 1 else "explicit"
     cut = False
     if docs is not None and kind == "explicit":
-        whole = int(allowed_per_query(q, k, causal, window).sum())  # the block without document cuts
+        whole = allowed_pairs(q, k, causal, window)  # the block without document cuts
         cut = any(c != whole for c in counts)
     return BlockMask(kind, q, k, causal, window, sum(counts), docs if cut else None)
