@@ -107,8 +107,9 @@ def allowed_pairs(q: Chunk, k: Chunk, causal: bool, window: Optional[int],
         return 0
     if doc_row is None:
         docs = [(min(q.start, k.start), max(q.last, k.last))]
-    else:
-        first, last = bisect.bisect_right(doc_row, q.start) - 1, bisect.bisect_right(doc_row, q.last) - 1
+    else:   # only documents holding both queries and keys have pairs
+        lo, hi = max(q.start, k.start), min(q.last, k.last)
+        first, last = bisect.bisect_right(doc_row, lo) - 1, bisect.bisect_right(doc_row, hi) - 1
         docs = [(doc_row[d], doc_row[d + 1] - 1) for d in range(first, last + 1)]
     total = 0
     for lo, hi in docs:
