@@ -380,8 +380,11 @@ ENGINE_BANDS = {
     "pp2_1f1b_m4": (-0.001, 0.001),
     "fsdp_dp2_m1": (0.0, 0.03),   # conservative, as ddp_m1
     "pp2_gpipe_m4": (0.0, 0.006),  # conservative: every gradient, where GPipe's first backward has made none yet
-    "pp2_interleaved_m4": (-0.001, 0.001),
-    "pp2_interleaved_m8": (-0.001, 0.001),  # 4 rounds: the sends send_ops holds grow with every backward
+    # up to +0.2%: once in a full-suite run on a loaded machine rank 0's peak was 49,408 B (0.114%) below the usual
+    # (equal to the model's), never reproduced alone or three at a time: a buffer the interleaved schedule holds at
+    # the peak was already released, which depends on when the peer's transfer completes; the model stays an upper bound
+    "pp2_interleaved_m4": (-0.001, 0.002),
+    "pp2_interleaved_m8": (-0.001, 0.002),  # 4 rounds: the sends send_ops holds grow with every backward
 }
 
 
