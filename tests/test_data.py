@@ -1,12 +1,15 @@
 """Megatron indexed-dataset preparation and reading."""
 import json
+import threading
+import time
 
 import numpy as np
 import pytest
 
 from dist_train.cli import main
 from dist_train.data.datasets import IndexedTokenDataset
-from dist_train.data.prepare import prepare_indexed
+from dist_train.data import prepare as prepare_module
+from dist_train.data.prepare import ensure_prepared, prepare_indexed
 from dist_train.data.tokenizer import ByteTokenizer
 
 
@@ -99,3 +102,36 @@ def test_a_jsonl_line_of_invalid_utf8_is_refused_not_replaced(tmp_path):
     (tmp_path / "l.jsonl").write_bytes(good + b"\r\n" + good + b"\n")
     info = prepare_indexed([tmp_path / "l.jsonl"], str(tmp_path / "ds"), "byte")
     assert info["documents"] == 2 and info["tokens"] == 2 * (len("café".encode()) + 1)
+
+
+def test_two_jobs_building_the_missing_corpus_at_once_build_it_once(tmp_path, monkeypatch):
+    """Two rank 0s (two jobs started together on a fresh machine) both find data.prepare's dataset missing: one builds
+    it, the other waits and uses it. Before, both built, and the one that checked after the other's rename stopped on
+    'already exist' (seen in a fresh clone's full test run: test_launch_e2e's reference and faulty jobs)."""
+    src = tmp_path / "corpus.py"
+    src.write_text("print('hello')\n" * 50)
+    monkeypatch.setattr(prepare_module, "python_stdlib_files", lambda: [src])
+    real, builds = prepare_module.prepare_indexed, []
+
+    def slow_build(*args, **kwargs):  # long enough that the second job starts while the first builds
+        builds.append(threading.get_ident())
+        time.sleep(0.3)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(prepare_module, "prepare_indexed", slow_build)
+    prefix, errors = str(tmp_path / "cache" / "pystd"), []
+
+    def job():
+        try:
+            ensure_prepared(prefix, "python-stdlib")
+        except Exception as e:  # noqa: BLE001 - the test reports it
+            errors.append(e)
+
+    threads = [threading.Thread(target=job) for _ in range(2)]
+    for t in threads:
+        t.start()
+        time.sleep(0.1)
+    for t in threads:
+        t.join()
+    assert not errors and len(builds) == 1, (errors, builds)
+    assert IndexedTokenDataset(prefix, seq_len=8, seed=0).num_chunks > 0

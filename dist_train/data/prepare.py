@@ -15,6 +15,7 @@ re-prepared from other text even when its sample count did not change.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
 import sys
@@ -150,17 +151,30 @@ def prepare_indexed(inputs: list[Path], output_prefix: str, tokenizer: str = "by
 
 
 def ensure_prepared(prefix: str, prepare: Optional[str], tokenizer: str = "byte") -> None:
-    """Build the dataset at ``prefix`` from a named corpus when it is missing (demo convenience)."""
-    if Path(f"{prefix}.bin").is_file() and Path(f"{prefix}.idx").is_file():
+    """Build the dataset at ``prefix`` from a named corpus when it is missing (demo convenience). Two jobs started
+    at once on a fresh machine (two rank 0s) build it once: the build holds an exclusive lock on
+    ``prefix.prepare.lock``, and a job that waited for it finds the other's dataset and uses it (without the lock
+    both built, and the later one met the earlier one's finished files and stopped with 'already exist')."""
+    if _prepared(prefix):
         return
     if prepare is None:
         raise ValueError(f"data.path = {prefix}: {prefix}.bin/.idx not found; build it with "
                          f"'dist-train data prepare --input FILES --output {prefix}' or set data.prepare: python-stdlib")
     if prepare != "python-stdlib":
         raise ValueError(f"data.prepare = {prepare!r}: valid values are python-stdlib or null")
-    # Say it: a job started with `ray job submit --working-dir .` does not get git-ignored files such as
-    # data_cache/, so the corpus is rebuilt inside the job's copy unless data.path is absolute.
-    print(f"dist-train: data.path {prefix}: no {prefix}.bin/.idx under {Path.cwd()}: building the python-stdlib "
-          f"corpus there now (data.prepare); to reuse a prepared dataset give data.path as an absolute path",
-          file=sys.stderr, flush=True)
-    prepare_indexed(python_stdlib_files(), prefix, tokenizer)
+    Path(prefix).parent.mkdir(parents=True, exist_ok=True)
+    with open(f"{prefix}.prepare.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, also if this process dies
+        if _prepared(prefix):  # another job built it while this one waited
+            return
+        # Say it: a job started with `ray job submit --working-dir .` does not get git-ignored files such as
+        # data_cache/, so the corpus is rebuilt inside the job's copy unless data.path is absolute.
+        print(f"dist-train: data.path {prefix}: no {prefix}.bin/.idx under {Path.cwd()}: building the python-stdlib "
+              f"corpus there now (data.prepare); to reuse a prepared dataset give data.path as an absolute path",
+              file=sys.stderr, flush=True)
+        prepare_indexed(python_stdlib_files(), prefix, tokenizer)
+
+
+def _prepared(prefix: str) -> bool:
+    """Whether a complete dataset is at ``prefix`` (its .idx is renamed into place last)."""
+    return Path(f"{prefix}.bin").is_file() and Path(f"{prefix}.idx").is_file()
