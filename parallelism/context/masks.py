@@ -24,10 +24,9 @@ explicit mask is [rows, 1, Sq, Sk] (broadcast over heads); with one shared row i
 """
 from __future__ import annotations
 
+import bisect
 from dataclasses import dataclass
 from typing import Optional
-
-import bisect
 
 import torch
 
