@@ -13,7 +13,7 @@ import gc, sys, weakref
 from dist_train.cli import main
 
 class Cycle:
-    pass
+    '''An object that will refer to itself (collectable only by the cyclic GC).'''
 
 held = Cycle()
 held.me = held                     # reachable only through its own cycle once the caller drops it

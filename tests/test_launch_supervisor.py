@@ -243,16 +243,16 @@ class _ExitedAttempt:
         return {}
 
     def send_signal(self, sig):
-        pass
+        """No process runs: nothing to signal."""
 
     def kill(self):
-        pass
+        """No process runs: nothing to kill."""
 
     def tail(self, rank):
         return [f"dist-train: error: rank {rank} exit {self.codes[rank]}"]
 
     def close(self):
-        pass
+        """Nothing to release."""
 
 
 class _ScriptedBackend:
