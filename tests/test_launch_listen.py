@@ -18,7 +18,7 @@ from dist_train.lifecycle import read_heartbeat
 from dist_train.loopback import loopback_environment
 from dist_train.rendezvous import RendezvousError, bind_address, create_store, listening_socket
 from dist_train.spawn import run_ranks
-from launchers.env import LAUNCHER_ENV, LaunchError, populate_rank_env
+from launchers.env import LAUNCHER_ENV, LaunchError, free_port, populate_rank_env
 from launchers.mpi import MpiBackend
 
 REPO = Path(__file__).resolve().parents[1]
@@ -31,13 +31,6 @@ def _listening(pids):
         if c.status == psutil.CONN_LISTEN and c.pid in pids:
             out.append((c.laddr.ip, c.laddr.port))
     return out
-
-
-def _free_port(host: str = "127.0.0.1") -> int:
-    """A port on ``host`` that was free a moment ago."""
-    with socket.socket() as probe:
-        probe.bind((host, 0))
-        return probe.getsockname()[1]
 
 
 def test_bind_address_rules():
@@ -55,7 +48,7 @@ def test_taken_port_is_one_line_and_store_listens_on_loopback():
         with pytest.raises(RendezvousError) as e:
             listening_socket("127.0.0.1", port)
         assert f"MASTER_PORT {port} is already in use" in str(e.value) and "\n" not in str(e.value)
-    port = _free_port()
+    port = free_port("127.0.0.1")
     store = create_store(0, 1, "127.0.0.1", port, timedelta(seconds=10))
     store.set("k", "v")
     assert store.get("k") == b"v"
@@ -64,7 +57,7 @@ def test_taken_port_is_one_line_and_store_listens_on_loopback():
 
 def test_under_torchrun_rank_0_connects_to_the_agents_store(monkeypatch):
     """torchrun's agent holds MASTER_PORT with its own store: rank 0 binding it found the port taken."""
-    port = _free_port()
+    port = free_port("127.0.0.1")
     agent = dist.TCPStore("127.0.0.1", port, None, True, timedelta(seconds=10), wait_for_workers=False)
     with pytest.raises(RendezvousError, match="already in use"):
         create_store(0, 2, "127.0.0.1", port, timedelta(seconds=10))
@@ -144,7 +137,7 @@ def test_mpi_backend_ranks_that_mpiexec_placed_on_other_nodes_refuse_in_one_line
 def test_a_master_on_another_loopback_address_is_answered_there():
     """A host name in Debian's /etc/hosts is 127.0.1.1: the store bound 127.0.0.1 for it, which does not answer
     127.0.1.1, and rank 0's own client waited out the whole timeout. It listens on that address (loopback still)."""
-    port = _free_port("127.0.1.1")
+    port = free_port("127.0.1.1")
     store = create_store(0, 1, "127.0.1.1", port, timedelta(seconds=3))
     store.set("k", "v")
     assert store.get("k") == b"v"
@@ -173,7 +166,7 @@ def test_one_machine_ranks_put_gloo_on_loopback(monkeypatch):
     run) listened there. Both now name the loopback interface first (the user's own value is kept)."""
     monkeypatch.delenv("GLOO_SOCKET_IFNAME", raising=False)
     lo = loopback_environment({})["GLOO_SOCKET_IFNAME"]
-    port = _free_port()
+    port = free_port("127.0.0.1")
     got = run_ranks(gloo_interface_given_and_after_a_loopback_rendezvous, 2, args=(port,), process_group=False)
     assert got == [(lo, lo)] * 2, got
 
@@ -204,7 +197,7 @@ def test_a_multi_node_master_whose_name_is_loopback_here_is_one_line_not_a_hang(
     line, naming what to set. (`socket.gethostbyname` stands in for such an /etc/hosts.)"""
     real = socket.gethostbyname
     monkeypatch.setattr(socket, "gethostbyname", lambda h: "127.0.1.1" if h == "node-a" else real(h))
-    port = _free_port()
+    port = free_port("127.0.0.1")
     with pytest.raises(RendezvousError) as e:
         _init_rank_0_of(monkeypatch, 4, 2, "node-a", port)
     assert "node-a" in str(e.value) and "launch.bind" in str(e.value) and "\n" not in str(e.value)
@@ -216,7 +209,7 @@ def test_a_multi_node_job_keeps_its_transports_off_loopback(monkeypatch):
     lets the store listen; the transports are left to NCCL/gloo (or the user's *_SOCKET_IFNAME)."""
     real = socket.gethostbyname
     monkeypatch.setattr(socket, "gethostbyname", lambda h: "127.0.1.1" if h == "node-a" else real(h))
-    port = _free_port()
+    port = free_port("127.0.0.1")
     monkeypatch.setattr("dist_train.distributed.create_store", lambda *a, **k: None)
     _init_rank_0_of(monkeypatch, 4, 2, "node-a", port)
     assert "NCCL_SOCKET_IFNAME" not in os.environ and "GLOO_SOCKET_IFNAME" not in os.environ
@@ -227,7 +220,7 @@ def test_a_multi_node_job_keeps_its_transports_off_loopback(monkeypatch):
 def test_a_loopback_address_is_one_machine_even_when_launched_as_two_nodes(monkeypatch):
     """`MASTER_ADDR=127.0.0.1` with two 'nodes' on one machine (torchrun --nnodes 2 twice, to try a multi-node
     setup): every rank dials loopback, so every rank is here; it is not refused."""
-    port = _free_port()
+    port = free_port("127.0.0.1")
     stores = []
     monkeypatch.setattr("dist_train.distributed.create_store", lambda *a, **k: stores.append(a))
     _init_rank_0_of(monkeypatch, 4, 2, "127.0.0.1", port)
@@ -248,5 +241,5 @@ def test_under_torchrun_a_master_name_python_cannot_resolve_is_left_to_torch(mon
     monkeypatch.setattr(socket, "gethostbyname", v6_only)
     stores = []
     monkeypatch.setattr("dist_train.distributed.create_store", lambda *a, **k: stores.append(a))
-    _init_rank_0_of(monkeypatch, 2, 2, "v6-only-node", _free_port(), TORCHELASTIC_USE_AGENT_STORE="True")
+    _init_rank_0_of(monkeypatch, 2, 2, "v6-only-node", free_port("127.0.0.1"), TORCHELASTIC_USE_AGENT_STORE="True")
     assert stores and "GLOO_SOCKET_IFNAME" not in os.environ
