@@ -302,7 +302,7 @@ def rejection_kind(msg: str) -> str:
 # ---------------------------------------------------------------------------------------------------------------
 # Running
 # ---------------------------------------------------------------------------------------------------------------
-#: dist-train's own refusals (it raises no NotImplementedError: one from torch or DeepSpeed is a failure)
+#: dist-train's own refusals; any other exception (one from torch or DeepSpeed included) is a failure
 REFUSALS = (ConfigError, ValueError)
 
 
