@@ -59,21 +59,14 @@ def allowed_per_query(q: Chunk, k: Chunk, causal: bool, window: Optional[int],
 
 def _floor_sum(n: int, m: int, a: int, b: int) -> int:
     """sum_{x=0}^{n-1} floor((a*x + b) / m) for n >= 0, m > 0 and any integers a, b, in O(log m)
-    (the Euclid-like reduction of AtCoder Library's ``floor_sum``)."""
+    (the Euclid-like reduction of AtCoder Library's ``floor_sum``; Python's floor division and modulo make its
+    separate step for negative a and b the loop's own first reduction)."""
     ans = 0
-    if a < 0 or a >= m:
+    while True:
         ans += n * (n - 1) // 2 * (a // m)
         a %= m
-    if b < 0 or b >= m:
         ans += n * (b // m)
         b %= m
-    while True:
-        if a >= m:
-            ans += n * (n - 1) // 2 * (a // m)
-            a %= m
-        if b >= m:
-            ans += n * (b // m)
-            b %= m
         y_max = a * n + b
         if y_max < m:
             return ans
