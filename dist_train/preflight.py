@@ -113,7 +113,7 @@ def check_checkpoint_fits(cfg: Config, on_cuda: bool, ranks_per_host: int) -> No
         n_local = rank_params(cfg, sh, load)
         st = parameter_state_bytes(cfg, sh, loc, load, n_local)
         resident = st["weights"] + st["optimizer"] + st["ddp_buckets"]  # the FSDP2 engine frees gradients each step
-        needed = max(needed, resident + checkpoint_gather_bytes(cfg, sh, loc, load, n_local))
+        needed = max(needed, resident + checkpoint_gather_bytes(cfg, loc, st))
     capacity = prof.memory_bytes / (1 if on_cuda else max(1, ranks_per_host))
     if needed > capacity:
         where = f"a {label} device" if on_cuda else f"this host's {prof.memory_gib:.0f} GiB shared by {ranks_per_host} rank(s)"

@@ -25,7 +25,7 @@ import torch.distributed as dist
 from dist_train.bench.attention import peak_tensor_bytes
 from dist_train.config import ConfigError, config_from_dict
 from dist_train.cost.layout import stages_of_rank
-from dist_train.cost.memory import checkpoint_gather_bytes, estimate_memory, rank_params
+from dist_train.cost.memory import checkpoint_gather_bytes, estimate_memory, parameter_state_bytes, rank_params
 from dist_train.cost.shape import rank_inputs
 from dist_train.engines import build_engine
 from dist_train.engines.fsdp import FSDPEngine
@@ -302,7 +302,8 @@ def _checkpoint_gather_peaks(rank: int, world: int) -> dict:
     _, save = peak_tensor_bytes(lambda: adapter.get(model, optimizer))
     _, loaded = peak_tensor_bytes(load)
     sh, loc = rank_inputs(cfg, builtin_profiles()["cpu"])
-    predicted = checkpoint_gather_bytes(cfg, sh, loc, loc.loads[0], rank_params(cfg, sh, loc.loads[0]))
+    states = parameter_state_bytes(cfg, sh, loc, loc.loads[0], rank_params(cfg, sh, loc.loads[0]))
+    predicted = checkpoint_gather_bytes(cfg, loc, states)
     return {"save": save, "load": loaded, "predicted": predicted}
 
 

@@ -463,7 +463,7 @@ def rank_memory(cfg: Config, sh: Shape, prof: DeviceProfile, loc: RankShape,
     # the backward peaks at the final norm (the activations as the loss left them) or at the first layer
     bwd_live = max(acts_loss + norm_ws, acts_bwd + layer_ws)
     unsharded = states["fsdp_unsharded"]
-    gather = checkpoint_gather_bytes(cfg, sh, loc, load, n_local) if checkpoints_collected(cfg) else 0.0
+    gather = checkpoint_gather_bytes(cfg, loc, states) if checkpoints_collected(cfg) else 0.0
     phases = step_phases(cfg, out, acts_loss, bwd_live, optimizer_step_bytes(cfg, sh, loc, load, n_local),
                          fsdp_forward=unsharded - fsdp_grad_bytes(cfg, sh, loc) if p.fsdp and p.pp == 1 else unsharded,
                          checkpoint_gather=gather)
@@ -514,12 +514,12 @@ def checkpoints_collected(cfg: Config) -> bool:
     return c.every > 0 or c.at_end or cfg.train.exit_interval > 0 or c.resume not in ("none", "auto")
 
 
-def checkpoint_gather_bytes(cfg: Config, sh: Shape, loc: RankShape, load: RankLoad, n_local: float) -> float:
+def checkpoint_gather_bytes(cfg: Config, loc: RankShape, states: dict) -> float:
     """Bytes FSDP2 × tp's checkpoint adapter (checkpoint/adapters.py ``GatheredStateAdapter``) allocates on the
-    rank's device at a checkpoint, the larger of a save's and a load's: its ``n_local`` parameters and their AdamW
-    moments all-gathered over the FSDP2 shards into the full tp-local tensors — the fp32 weight and optimizer
-    shards of :func:`parameter_state_bytes`, × the shards — and, on a load, this rank's shards cut out of them
-    (copies, made while the gathered tensors are still held): 12 bytes per tp-local parameter × (shards + 1).
+    rank's device at a checkpoint, the larger of a save's and a load's: its parameters and their AdamW moments
+    all-gathered over the FSDP2 shards into the full tp-local tensors — the fp32 weight and optimizer shards of
+    ``states`` (the rank's :func:`parameter_state_bytes`), × the shards — and, on a load, this rank's shards cut
+    out of them (copies, made while the gathered tensors are still held): 12 bytes per tp-local parameter × (shards + 1).
     A run that only saves is counted at the load too: its checkpoints exist to be resumed. Measured on 4 CPU
     ranks (tests/test_fsdp_training.py::test_fsdp_tp_checkpoint_gather_peak_is_the_cost_model): the load's peak
     exactly, the save's 1/(shards + 1) less. 0 without that gather (tp = 1 writes the shards as they are; DDP and
@@ -527,7 +527,6 @@ def checkpoint_gather_bytes(cfg: Config, sh: Shape, loc: RankShape, load: RankLo
     p = cfg.parallel
     if not (p.fsdp and p.tp > 1):
         return 0.0
-    states = parameter_state_bytes(cfg, sh, loc, load, n_local)
     return (states["weights"] + states["optimizer"]) * (loc.grad_shards + 1)
 
 
