@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import tempfile
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 
@@ -28,7 +28,7 @@ from .checkpoint.storage import CheckpointError, CheckpointIOError
 from .config import Config, ConfigError
 from .cost import memory_model, model_params, rank_inputs
 from .cost.memory import checkpoint_gather_bytes, parameter_state_bytes, rank_params
-from .data.datasets import IndexedTokenDataset, same_data_message, split_part, training_digest, training_tokenizer
+from .data.datasets import IndexedTokenDataset, same_data_message, split_part, training_identity
 from .data.documents import resolve_eod_id, unknown_eod_message
 from .data.fingerprint import comparable_digest
 from .data.integrity import check_indexed_dataset
@@ -321,13 +321,12 @@ def _train_samples(cfg: Config) -> Optional[int]:
         return None
 
 
-def _from_sidecar(read: Callable[[Config], Optional[str]], cfg: Config) -> Optional[str]:
-    """``read(cfg)`` (:func:`training_digest`, :func:`training_tokenizer`), None when the sidecar cannot be read
-    (check_data's refusal)."""
+def _training_identity(cfg: Config) -> tuple[Optional[str], Optional[str]]:
+    """:func:`training_identity`, (None, None) when the sidecar cannot be read (check_data's refusal)."""
     try:
-        return read(cfg)
+        return training_identity(cfg)
     except ValueError:
-        return None
+        return None, None
 
 
 def check_resume_matches(cfg: Config, ckpt: Path, manifest: dict) -> None:
@@ -335,8 +334,8 @@ def check_resume_matches(cfg: Config, ckpt: Path, manifest: dict) -> None:
     model config and dataset (or the differences are allowed): the trainer's checks (checkpoint/compat.py),
     here before any rank starts."""
     extra = checkpoint_extra(ckpt)
-    digest = comparable_digest(trained_digest(extra), _from_sidecar(training_digest, cfg), cfg.data.path)
-    tokenizer = _from_sidecar(training_tokenizer, cfg)
+    current_digest, tokenizer = _training_identity(cfg)
+    digest = comparable_digest(trained_digest(extra), current_digest, cfg.data.path)
     try:
         changes = compat.check_config(ckpt, manifest.get("config"), cfg.to_dict(),
                                       cfg.checkpoint.allow_config_change, consumed_samples(extra),

@@ -280,7 +280,7 @@ class CheckpointManager:
     ``io_threads``: threads per rank reading/writing (and checksumming) shard bytes; 2 measured best on a
     2-core machine (docs/benchmarks/ckpt.md).
     ``data_digest``: the token digest of the dataset this run trains on (its sidecar's,
-    :func:`dist_train.data.datasets.training_digest`); a checkpoint that recorded the same ``train_digest`` takes
+    :func:`dist_train.data.datasets.training_identity`); a checkpoint that recorded the same ``train_digest`` takes
     a changed data.path as the same text under a new name (``compat.config_differences``). ``data_samples``: the
     samples per epoch of that dataset (the batcher's ``samples_per_epoch``); with ``data_digest``, ``load`` refuses a
     dataset re-prepared or replaced under the checkpoint (``compat.check_dataset``) before reading any shard.

@@ -18,7 +18,7 @@ from ..config import Config, parse_split
 from ..megatron_import import import_megatron_core
 from .integrity import check_bin_size, read_index
 from .fingerprint import dataset_fingerprint, digest_kind
-from .sidecar import dataset_digest, dataset_tokenizer
+from .sidecar import read_sidecar, sidecar_digest, sidecar_tokenizer
 
 
 def megatron_indexed_dataset():
@@ -90,30 +90,28 @@ class IndexedTokenDataset:
         return torch.from_numpy(self.tokens[start:start + self.seq_len + 1].astype(np.int64))
 
 
-def training_digest(cfg: Config) -> Optional[str]:
-    """The identity of the GPT's indexed training data that a checkpoint records as ``train_digest``: its
-    sidecar's whole-stream digest (:func:`dataset_digest`), else, for a dataset built elsewhere or prepared
-    before digests were recorded, its sampled fingerprint (data/fingerprint.py); None for other data."""
+def training_identity(cfg: Config) -> tuple[Optional[str], Optional[str]]:
+    """What a checkpoint records of the GPT's indexed training data, from one read of its sidecar:
+    ``(train_digest, train_tokenizer)``. ``train_digest``: :func:`dataset_identity`. ``train_tokenizer``: the
+    fingerprint of the tokenizer the data was prepared with (:func:`~.sidecar.sidecar_tokenizer`), the tokens the
+    model's ids mean; None when unknown (a dataset built elsewhere or before fingerprints were recorded).
+    ``(None, None)`` for other data."""
     d = cfg.data
     if cfg.model.kind != "gpt" or d.source != "indexed" or not d.path:
-        return None
-    return dataset_identity(d.path)
+        return None, None
+    sidecar = read_sidecar(d.path)
+    return _identity(d.path, sidecar), sidecar_tokenizer(sidecar)
 
 
 def dataset_identity(prefix: str) -> Optional[str]:
     """The token-stream identity of the indexed dataset at ``prefix``: its sidecar's whole-stream digest, else its
-    sampled fingerprint (a dataset built elsewhere or prepared before digests were recorded)."""
-    return dataset_digest(prefix) or dataset_fingerprint(prefix)
+    sampled fingerprint (a dataset built elsewhere or prepared before digests were recorded; data/fingerprint.py)."""
+    return _identity(prefix, read_sidecar(prefix))
 
 
-def training_tokenizer(cfg: Config) -> Optional[str]:
-    """The fingerprint of the tokenizer the GPT's indexed training data was prepared with (its sidecar's
-    ``tokenizer_fingerprint``), which a checkpoint records as ``train_tokenizer``: the tokens the model's ids mean.
-    None when unknown (a dataset built elsewhere or before fingerprints were recorded) or for other data."""
-    d = cfg.data
-    if cfg.model.kind != "gpt" or d.source != "indexed" or not d.path:
-        return None
-    return dataset_tokenizer(d.path)
+def _identity(prefix: str, sidecar: Optional[dict]) -> Optional[str]:
+    """:func:`dataset_identity` of ``prefix`` whose sidecar (None: none) was read as ``sidecar``."""
+    return sidecar_digest(sidecar) or dataset_fingerprint(prefix)
 
 
 def same_data_message(path: str, valid_path: str) -> Optional[str]:

@@ -57,19 +57,23 @@ def read_sidecar(prefix: Union[str, Path]) -> Optional[dict]:
     return body
 
 
-def dataset_digest(prefix: Union[str, Path]) -> Optional[str]:
-    """The token stream's digest recorded by ``dist-train data prepare`` (``"xxh3_64:<hex>"``); None for a
-    dataset without one (built elsewhere, or before digests were recorded)."""
-    body = read_sidecar(prefix)
+def sidecar_digest(body: Optional[dict]) -> Optional[str]:
+    """The token stream's digest recorded by ``dist-train data prepare`` (``"xxh3_64:<hex>"``) in the sidecar
+    ``body`` (:func:`read_sidecar`'s); None for a dataset without one (built elsewhere, or before digests were
+    recorded)."""
     return body.get("digest") if body else None
 
 
 def dataset_tokenizer(prefix: Union[str, Path]) -> Optional[str]:
-    """The fingerprint of the tokenizer the dataset at ``prefix`` was prepared with (``"byte"`` or
-    ``"vocab-sha256:<hex>"``); None when unknown (no sidecar, or a tokenizer.json's written before fingerprints were
-    recorded). A sidecar of that age naming the byte tokenizer is ``"byte"``: there is only one (the demo's data_cache
-    prepared then is compared with a model of a tokenizer.json)."""
-    body = read_sidecar(prefix)
+    """:func:`sidecar_tokenizer` of the dataset at ``prefix``."""
+    return sidecar_tokenizer(read_sidecar(prefix))
+
+
+def sidecar_tokenizer(body: Optional[dict]) -> Optional[str]:
+    """The fingerprint of the tokenizer a dataset was prepared with, from its sidecar ``body`` (:func:`read_sidecar`'s)
+    (``"byte"`` or ``"vocab-sha256:<hex>"``); None when unknown (no sidecar, or a tokenizer.json's written before
+    fingerprints were recorded). A sidecar of that age naming the byte tokenizer is ``"byte"``: there is only one (the
+    demo's data_cache prepared then is compared with a model of a tokenizer.json)."""
     value = body.get("tokenizer_fingerprint") if body else None
     if value is None and body and body.get("tokenizer") == "byte":
         return BYTE_FINGERPRINT
@@ -111,10 +115,11 @@ def named_tokenizer_message(prefix: Union[str, Path], tokenizer: str) -> Optiona
     be read."""
     if tokenizer == BYTE_FINGERPRINT:
         return None
-    recorded, named = dataset_tokenizer(prefix), tokenizer_fingerprint(tokenizer)
+    body = read_sidecar(prefix)
+    recorded, named = sidecar_tokenizer(body), tokenizer_fingerprint(tokenizer)
     if not fingerprints_differ(recorded, named):
         return None
-    prepared_with = read_sidecar(prefix)["tokenizer"]
+    prepared_with = body["tokenizer"]
     return (f"data.tokenizer = {tokenizer} (tokenizer {named}) but data.path = {prefix} was prepared with "
             f"{prepared_with} (tokenizer {recorded}, its {sidecar_path(prefix).name}): every id would mean another "
             "token than the configured tokenizer's; name the tokenizer the data was prepared with, prepare the data "
