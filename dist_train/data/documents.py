@@ -57,12 +57,12 @@ def resolve_eod_id(d: DataConfig) -> int:
     the byte tokenizer's for a dataset still to be prepared with it; ValueError: :func:`unknown_eod_message`)."""
     if d.eod_id is not None:
         return d.eod_id
-    unknown = unknown_eod_message(d)
-    if unknown:
-        raise ValueError(unknown)
     meta = read_sidecar(d.path) if d.source == "indexed" and d.path else None
     if meta is not None:
         return int(meta["eod_id"])
+    unknown = unknown_eod_message(d)  # only without a sidecar: its own read of it finds none
+    if unknown:
+        raise ValueError(unknown)
     return get_tokenizer(d.tokenizer).eod_id
 
 
