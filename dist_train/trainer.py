@@ -90,14 +90,15 @@ def build_model(cfg: Config, mesh: Mesh, device: torch.device) -> torch.nn.Modul
                       init_seed=cfg.run.seed).to(device)
 
 
-def build_batcher(cfg: Config, mesh: Mesh, model: torch.nn.Module, part: str = "train"):
+def build_batcher(cfg: Config, mesh: Mesh, model: torch.nn.Module, part: str = "train", train_batcher=None):
     """Per-rank micro-batches of the training data (``part = "train"``) or of the held-out validation data
-    (``"valid"``: data.valid_path, the data.split share, or synthetic data under a held-out seed)."""
+    (``"valid"``: data.valid_path, the data.split share, or synthetic data under a held-out seed). ``train_batcher``:
+    the training one, whose input normalisation weather validation batches take (a resume's included)."""
     d = cfg.data
     if cfg.model.kind == "swin":
         if d.source != "weather":
             raise ValueError(f"data.source = {d.source!r}: model.kind = swin trains on data.source = weather")
-        return WeatherBatcher(cfg, mesh, model, part)
+        return WeatherBatcher(cfg, mesh, model, part, normalise_as=train_batcher)
     if d.source == "synthetic":
         seed = cfg.run.seed + (SYNTHETIC_VALID_SEED_OFFSET if part == "valid" else 0)
         source = SyntheticTokenDataset(cfg.model.vocab_size, d.seq_len, seed)
@@ -296,9 +297,8 @@ def _train(cfg: Config, ctx: DistContext) -> TrainResult:
         sh = shape_of(cfg)
         thr.flops_per_key, thr.keys_per_query = attention_flops_per_key(sh), sh.keys_per_query
     step_keys: list[float] = []   # packed: S_eff of each step
-    evaluator = Evaluator(cfg, mesh, build_batcher(cfg, mesh, model, part="valid")) if t.eval_every else None
-    if evaluator and isinstance(batcher, WeatherBatcher):  # the validation inputs as the training ones (a resume's)
-        evaluator.batcher.share_normalisation(batcher)
+    evaluator = (Evaluator(cfg, mesh, build_batcher(cfg, mesh, model, part="valid", train_batcher=batcher))
+                 if t.eval_every else None)
     # a new run here (a fresh start, or from a checkpoint not this run dir's own): the trackers would truncate/purge
     # an earlier run's records after start_step, and summary/config be replaced: keep them aside
     if ctx.is_main and not _continues_own_checkpoints(ckpt, start_step):

@@ -50,6 +50,17 @@ def test_weather_normalisation_comes_from_the_training_share_only(tmp_path):
     assert (train.first, train.num_samples, valid.first, valid.num_samples) == (0, 6, 6, 5)
 
 
+def test_a_validation_batcher_given_the_training_one_reads_no_statistics_of_its_own(tmp_path, monkeypatch):
+    """Every rank's validation batcher read the training share's fields for statistics the trainer then replaced
+    with the training batcher's (a resume's included): it takes those directly."""
+    cfg = tiny_swin_config(tmp_path / "run", tmp_path / "w", data={"split": "50,50,0"})
+    prepare_weather(tmp_path / "w", height=10, width=16, steps=12, channels=2, seed=cfg.run.seed)
+    train = WeatherBatcher(cfg, ONE_RANK, WHOLE_IMAGE, "train")
+    monkeypatch.setattr(WeatherBatcher, "_field_stats", lambda *a, **k: pytest.fail("statistics read again"))
+    valid = WeatherBatcher(cfg, ONE_RANK, WHOLE_IMAGE, "valid", normalise_as=train)
+    assert valid.mean is train.mean and valid.scale is train.scale
+
+
 def test_a_resume_on_the_same_data_normalises_as_its_checkpoint_was_trained(tmp_path):
     """The statistics changed rule (every step -> the training share): a run resumed from a checkpoint of the older
     rule would have gone on with other inputs. A checkpoint records them; a resume on the same data goes on with the

@@ -46,10 +46,12 @@ def same_normalisation_data(saved_config: Mapping[str, Any], config: Mapping[str
 class WeatherBatcher:
     """``microbatch(consumed, m) -> {"x": [mb, h, w, C], "y": ..., "image_size": [2], "count": []}``."""
 
-    def __init__(self, cfg, mesh, model, part: str = "train"):
+    def __init__(self, cfg, mesh, model, part: str = "train", normalise_as: Optional["WeatherBatcher"] = None):
         """``part``: "train" or "valid" — the ``data.split`` share of the forecasting pairs read (all of them for
         training when no split is set). No validation target is a training field: the only step both read is the
-        training share's last target, the validation share's first input."""
+        training share's last target, the validation share's first input. ``normalise_as``: a batcher whose
+        normalisation this one takes (the validation batcher the training one's, a resume's included) instead of
+        reading the training share's fields again."""
         d = cfg.data
         if not d.path:
             raise ValueError("data.path is not set: give the directory of the weather dataset (generated there "
@@ -64,8 +66,10 @@ class WeatherBatcher:
         if self.ds.image_size != (int(d.image[0]), int(d.image[1])) or self.ds.channels != d.channels:
             raise ValueError(f"data.path = {d.path} holds {self.ds.image_size} x {self.ds.channels} fields, "
                              f"but data.image = {d.image}, data.channels = {d.channels}")
-        train_lo, train_hi = split_part(len(self.ds), d.split, "train")
-        self.mean, self.scale = self._field_stats(train_lo, train_hi)
+        if normalise_as is not None:
+            self.share_normalisation(normalise_as)
+        else:
+            self.mean, self.scale = self._field_stats(*split_part(len(self.ds), d.split, "train"))
         self.first, end = split_part(len(self.ds), d.split, part)
         self.num_samples = end - self.first
         if self.num_samples < 1:
