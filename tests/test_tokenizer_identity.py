@@ -14,8 +14,7 @@ from safetensors import safe_open
 from dist_train.checkpoint import hf
 from dist_train.checkpoint.cli import convert
 from dist_train.checkpoint.compat import ResumeMismatchError, check_tokenizer
-from dist_train.checkpoint.manager import saved_extra
-from dist_train.checkpoint.manifest import TRAIN_STATE
+from dist_train.checkpoint.manager import checkpoint_extra
 from dist_train.config import ConfigError, ModelConfig
 from dist_train.data.prepare import prepare_indexed
 from dist_train.data.tokenizer import sentencepiece_fingerprint, tokenizer_fingerprint
@@ -78,7 +77,7 @@ def test_a_fine_tune_onto_data_of_another_tokenizer_is_refused_even_with_data_pa
     (ab_tok, ab), (ba_tok, ba) = prepared["ab"], prepared["ba"]
     run = tmp_path / "run"
     train(_config(run, ab))
-    extra = saved_extra(json.loads((run / "checkpoints" / "step_1" / TRAIN_STATE).read_text()))
+    extra = checkpoint_extra(run / "checkpoints" / "step_1")
     assert extra["train_tokenizer"] == tokenizer_fingerprint(ab_tok)
     other = _config(run, ba, steps=2, allow_config_change=["data.path"])
     refusal = rf"step_1 holds a model of tokenizer {extra['train_tokenizer']}, but data.path .*ba was prepared with"
@@ -90,7 +89,7 @@ def test_a_fine_tune_onto_data_of_another_tokenizer_is_refused_even_with_data_pa
     preflight(allowed, on_cuda=False)
     assert train(allowed).start_step == 1
     # the fine-tuned model's ids now mean the new tokenizer's tokens: its checkpoint says so
-    extra = saved_extra(json.loads((run / "checkpoints" / "step_2" / TRAIN_STATE).read_text()))
+    extra = checkpoint_extra(run / "checkpoints" / "step_2")
     assert extra["train_tokenizer"] == tokenizer_fingerprint(ba_tok)
 
 
@@ -110,10 +109,10 @@ def test_an_hf_import_records_its_tokenizer_and_a_fine_tune_on_other_token_ids_i
     (ab_tok, ab), (ba_tok, ba) = prepared["ab"], prepared["ba"]
     src = _hf_dir(tmp_path)
     bare = hf.from_hf(src, tmp_path / "bare")
-    assert "train_tokenizer" not in saved_extra(json.loads((bare / TRAIN_STATE).read_text()))
+    assert "train_tokenizer" not in checkpoint_extra(bare)
     (src / "tokenizer.json").write_bytes(Path(ab_tok).read_bytes())
     init = hf.from_hf(src, tmp_path / "init")
-    assert saved_extra(json.loads((init / TRAIN_STATE).read_text()))["train_tokenizer"] == tokenizer_fingerprint(ab_tok)
+    assert checkpoint_extra(init)["train_tokenizer"] == tokenizer_fingerprint(ab_tok)
     with pytest.raises(ConfigError, match=r"step_0 holds a model of tokenizer [\w-]+:\w+, but data.path .*ba was "):
         preflight(_config(tmp_path / "ft", ba, resume=str(tmp_path / "init")), on_cuda=False)
     preflight(_config(tmp_path / "ft", ab, resume=str(tmp_path / "init")), on_cuda=False)
@@ -275,7 +274,7 @@ def test_a_sentencepiece_only_hf_import_records_its_tokenizer(tmp_path):
     src = _hf_dir(tmp_path)
     _sentencepiece_model(src / "tokenizer.model", pieces)
     step = hf.from_hf(src, tmp_path / "spm")
-    recorded = saved_extra(json.loads((step / TRAIN_STATE).read_text()))["train_tokenizer"]
+    recorded = checkpoint_extra(step)["train_tokenizer"]
     assert recorded.startswith("spm-sha256:"), recorded
     other = tmp_path / "other"
     other.mkdir()
@@ -296,8 +295,7 @@ def test_a_sentencepiece_only_hf_import_records_its_tokenizer(tmp_path):
     assert sentencepiece_fingerprint(other / "tiktoken.model") is None
     (src / "tokenizer.model").write_bytes((other / "tiktoken.model").read_bytes())
     bare = hf.from_hf(src, tmp_path / "tiktoken")
-    assert "train_tokenizer" not in saved_extra(json.loads((bare / TRAIN_STATE).read_text()))
+    assert "train_tokenizer" not in checkpoint_extra(bare)
     _tokenizer(src / "tokenizer.json", ["a", "b", "c"])
     both = hf.from_hf(src, tmp_path / "both")
-    assert saved_extra(json.loads((both / TRAIN_STATE).read_text()))["train_tokenizer"] == tokenizer_fingerprint(
-        src / "tokenizer.json")
+    assert checkpoint_extra(both)["train_tokenizer"] == tokenizer_fingerprint(src / "tokenizer.json")
