@@ -101,8 +101,9 @@ def test_the_byte_tokenizer_keeps_every_byte_of_a_text_file(tmp_path, capsys):
     assert HFTokenizer(str(tmp_path / "tokenizer.json")).encode(b"a b\xff c") == [vocab[w] for w in ("a", "b", "<unk>", "c")]
 
 
-def _ordered_tokenizer(path, words):
-    """A word-level tokenizer.json with ids in the order of ``words`` (``<unk>`` first, ``</s>`` last)."""
+def ordered_word_tokenizer(path, words) -> str:
+    """A word-level tokenizer.json with ids in the order of ``words`` (``<unk>`` first, ``</s>`` last, the EOD); returns
+    its path (also tests/test_tokenizer_identity.py's)."""
     vocab = {w: i for i, w in enumerate(["<unk>", *words, "</s>"])}
     tok = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="<unk>"))
     tok.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
@@ -116,8 +117,8 @@ def test_two_tokenizers_of_equal_size_and_eod_are_told_apart_by_their_fingerprin
     its tokenizer's fingerprint and the pair is refused in one line naming both; the same file re-saved with other
     formatting keeps its fingerprint; an older sidecar without one is compared as before."""
     (tmp_path / "d.txt").write_text("a b c a")
-    ab = _ordered_tokenizer(tmp_path / "ab.json", ["a", "b", "c"])
-    ba = _ordered_tokenizer(tmp_path / "ba.json", ["b", "a", "c"])
+    ab = ordered_word_tokenizer(tmp_path / "ab.json", ["a", "b", "c"])
+    ba = ordered_word_tokenizer(tmp_path / "ba.json", ["b", "a", "c"])
     for name, tok in (("one", ab), ("two", ba)):
         assert main(["data", "prepare", "--input", str(tmp_path / "d.txt"), "--tokenizer", tok,
                      "--output", str(tmp_path / name)]) == 0

@@ -21,20 +21,12 @@ from dist_train.data.tokenizer import sentencepiece_fingerprint, tokenizer_finge
 from dist_train.models.gpt import GPT
 from dist_train.preflight import preflight
 from dist_train.trainer import train
+from tests.test_data_tokenizer import ordered_word_tokenizer
 from tests.trainer_utils import tiny_gpt_config
 
 tokenizers = pytest.importorskip("tokenizers")
 
 MODEL = {"d_model": 32, "n_layers": 1, "n_heads": 4, "n_kv_heads": 2, "vocab_size": 64}
-
-
-def _tokenizer(path: Path, words: list[str]) -> str:
-    """A word-level tokenizer.json, ids in the order of ``words`` after <unk>, ``</s>`` (the EOD) last."""
-    vocab = {w: i for i, w in enumerate(["<unk>", *words, "</s>"])}
-    tok = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
-    tok.save(str(path))
-    return str(path)
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +37,7 @@ def prepared(tmp_path_factory):
     (root / "text.txt").write_text("a b c a c b " * 60)
     out = {}
     for name, words in (("ab", ["a", "b", "c"]), ("ba", ["b", "a", "c"])):
-        tok = _tokenizer(root / f"{name}.json", words)
+        tok = ordered_word_tokenizer(root / f"{name}.json", words)
         out[name] = (tok, prepare_indexed([root / "text.txt"], str(root / name), tok)["prefix"])
     return out
 
@@ -296,6 +288,6 @@ def test_a_sentencepiece_only_hf_import_records_its_tokenizer(tmp_path):
     (src / "tokenizer.model").write_bytes((other / "tiktoken.model").read_bytes())
     bare = hf.from_hf(src, tmp_path / "tiktoken")
     assert "train_tokenizer" not in checkpoint_extra(bare)
-    _tokenizer(src / "tokenizer.json", ["a", "b", "c"])
+    ordered_word_tokenizer(src / "tokenizer.json", ["a", "b", "c"])
     both = hf.from_hf(src, tmp_path / "both")
     assert checkpoint_extra(both)["train_tokenizer"] == tokenizer_fingerprint(src / "tokenizer.json")
