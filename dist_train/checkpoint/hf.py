@@ -45,12 +45,11 @@ from dist_train.checkpoint.storage import CheckpointError, SafeReader
 from dist_train.config import (LLAMA3_ROPE_KEYS, CheckpointConfig, ConfigError, ModelConfig, attention_head_dim,
                                ffn_hidden_size, validate_rope_scaling)
 from dist_train.data.sidecar import read_sidecar
-from dist_train.data.tokenizer import (BYTE_FINGERPRINT, SENTENCEPIECE_FILE, fingerprints_differ, hf_dir_fingerprint,
-                                      tokenizer_fingerprint)
+from dist_train.data.tokenizer import (BYTE_FINGERPRINT, SENTENCEPIECE_FILE, TOKENIZER_FILE, fingerprints_differ,
+                                      hf_dir_fingerprint, tokenizer_fingerprint)
 from dist_train.models.gpt import rope_inv_freq
 
 PathLike = Union[str, Path]
-TOKENIZER_FILE = "tokenizer.json"
 #: Files beside a tokenizer.json in an HF directory that ``AutoTokenizer.from_pretrained`` reads for the special tokens
 #: (bos/eos/pad/unk, chat template): an export copies them with it, or the exported tokenizer would have none.
 TOKENIZER_COMPANIONS = ("tokenizer_config.json", "special_tokens_map.json")

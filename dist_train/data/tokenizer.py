@@ -22,6 +22,7 @@ from typing import Optional, Protocol, Union
 EOS_NAMES = ("</s>", "<|endoftext|>", "<|end_of_text|>", "<eos>")
 BYTE_FINGERPRINT = "byte"
 SENTENCEPIECE_FILE = "tokenizer.model"
+TOKENIZER_FILE = "tokenizer.json"  # an HF directory's tokenizer (what data prepare reads)
 
 
 def tokenizer_fingerprint(path: Union[str, Path]) -> str:
@@ -62,7 +63,7 @@ def sentencepiece_fingerprint(path: Union[str, Path]) -> Optional[str]:
 def hf_dir_fingerprint(hf_dir: Union[str, Path]) -> Optional[str]:
     """The fingerprint of an HF model directory's tokenizer: its tokenizer.json's (what ``data prepare`` reads), else
     its sentencepiece tokenizer.model's; None when it has neither (or a tokenizer.model of another format)."""
-    tokenizer, spm = Path(hf_dir) / "tokenizer.json", Path(hf_dir) / SENTENCEPIECE_FILE
+    tokenizer, spm = Path(hf_dir) / TOKENIZER_FILE, Path(hf_dir) / SENTENCEPIECE_FILE
     if tokenizer.is_file():
         return tokenizer_fingerprint(tokenizer)
     return sentencepiece_fingerprint(spm) if spm.is_file() else None
