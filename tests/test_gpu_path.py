@@ -190,11 +190,12 @@ def test_trainer_on_one_gpu_with_nccl_bf16_vs_fp32(tmp_path, nccl_world_one, rec
 
 
 def test_the_steps_cpu_scalars_reduce_over_an_nccl_group(nccl_world_one):
-    """The trainer's token count, the engines' loss sums and the gradient norm's partial sums are float64 CPU tensors,
-    reduced over the mesh's groups; NCCL refuses CPU tensors ("No backend type associated with device type cpu"), so
-    on more than one GPU every step failed. They are reduced on the group's device: checked on a world-size-1 NCCL
-    group, which refuses a CPU tensor exactly as eight ranks do (the trainer at world size 1 has no groups)."""
-    from dist_train.engines.grads import all_reduce_sum, global_grad_norm
+    """The trainer's token count and the engines' loss sums are float64 CPU tensors, reduced over the mesh's groups;
+    NCCL refuses CPU tensors ("No backend type associated with device type cpu"), so on more than one GPU every step
+    failed. They are reduced on the group's device: checked on a world-size-1 NCCL group, which refuses a CPU tensor
+    exactly as eight ranks do (the trainer at world size 1 has no groups). The gradient norm's partial sums stay on
+    the GPU for all their reductions (no host round trip, no sync until the final float)."""
+    from dist_train.engines.grads import all_reduce_sum, global_grad_norm, global_grad_norm_squared
 
     world = nccl_world_one
     with pytest.raises(RuntimeError):  # the premise: NCCL itself takes no CPU tensor
@@ -204,6 +205,15 @@ def test_the_steps_cpu_scalars_reduce_over_an_nccl_group(nccl_world_one):
     p = torch.nn.Parameter(torch.ones(4, device="cuda"))
     p.grad = torch.full((4,), 2.0, device="cuda")
     assert global_grad_norm([p], tp_group=world, pp_group=world) == 4.0
+    # the gradient norm's partial sums never leave the GPU: reduced there, no host copy, no device sync
+    # (set_sync_debug_mode "error" raises on any synchronizing call: a .cpu(), .item(), stream synchronize)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        squared = global_grad_norm_squared([p], tp_group=world, pp_group=world)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert squared.device.type == "cuda" and squared.tolist() == [16.0], squared
 
 
 def test_async_checkpoint_of_gpu_tensors_is_bit_exact(tmp_path):

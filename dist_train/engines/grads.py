@@ -20,9 +20,10 @@ from ..models.tensor_parallel import is_tp_sharded
 
 
 def all_reduce_sum(t: torch.Tensor, group) -> torch.Tensor:
-    """In-place SUM over ``group`` (None: nothing to reduce). The step's scalars (token counts, loss sums, the
-    gradient norm's partial sums) are float64 CPU tensors: over an NCCL group they are reduced on the GPU and copied
-    back (:func:`~dist_train.distributed.collective_device`)."""
+    """In-place SUM over ``group`` (None: nothing to reduce). A tensor away from the group's device (the step's float64
+    CPU scalars, token counts and loss sums, over NCCL) is reduced on that device and copied back
+    (:func:`~dist_train.distributed.collective_device`); one already there (the gradient norm's partial sums on the
+    GPU) is reduced in place, with no host round trip."""
     if group is not None:
         device = collective_device(group)
         if t.device != device:
@@ -34,11 +35,13 @@ def all_reduce_sum(t: torch.Tensor, group) -> torch.Tensor:
     return t
 
 
-def global_grad_norm(params: Iterable[torch.nn.Parameter], tp_group=None, pp_group=None) -> float:
-    """L2 norm of the full model's gradient (see module docstring); every rank gets the same value.
+def global_grad_norm_squared(params: Iterable[torch.nn.Parameter], tp_group=None, pp_group=None) -> torch.Tensor:
+    """||g||² of the full model (see module docstring) as a float64 tensor of shape (1,), identical on every rank,
+    left where the gradients are: no host copy and no device sync (on NCCL every reduction runs on the GPU).
 
     FSDP2 gradients are DTensors sharded over the grad mesh: each rank squares its own shard and the sums
-    are added over that mesh first (both kinds), then tp and pp as for plain gradients."""
+    are added over that mesh first (both kinds), then tp and pp as for plain gradients. A rank without
+    gradients contributes zeros from a CPU tensor (:func:`all_reduce_sum` reduces it on the group's device)."""
     sums = None  # [tp-sharded, tp-replicated] float64, on the gradients' device
     shard_group = None
     for p in params:
@@ -52,13 +55,20 @@ def global_grad_norm(params: Iterable[torch.nn.Parameter], tp_group=None, pp_gro
         if sums is None:
             sums = torch.zeros(2, dtype=torch.float64, device=square.device)
         sums[0 if is_tp_sharded(p) else 1] += square.to(sums.device)
-    # one device-to-host copy per step: a copy per parameter waited for the GPU once per gradient tensor
-    sums = torch.zeros(2, dtype=torch.float64) if sums is None else sums.cpu()
+    if sums is None:
+        sums = torch.zeros(2, dtype=torch.float64)
     all_reduce_sum(sums, shard_group)
     sharded, replicated = sums[:1].clone(), sums[1:]
     total = all_reduce_sum(sharded, tp_group) + replicated
-    all_reduce_sum(total, pp_group)
-    return float(total.sqrt().item())
+    return all_reduce_sum(total, pp_group)
+
+
+def global_grad_norm(params: Iterable[torch.nn.Parameter], tp_group=None, pp_group=None) -> float:
+    """L2 norm of the full model's gradient (:func:`global_grad_norm_squared`); every rank gets the same value.
+
+    The one host read of the computation: on a GPU it waits for the device once per step. The callers need the
+    float there anyway (the skip decision's isfinite, the clipping coefficient, the trainer's record)."""
+    return float(global_grad_norm_squared(params, tp_group, pp_group).sqrt().item())
 
 
 def all_ranks_accept(loss: float, norm: float, device: torch.device, loss_limit: Optional[float] = None) -> bool:
