@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import tempfile
 from pathlib import Path
-from typing import Optional
+from types import MappingProxyType
+from typing import Mapping, Optional
 
 import torch
 
@@ -28,11 +29,11 @@ from .checkpoint.storage import CheckpointError, CheckpointIOError
 from .config import Config, ConfigError
 from .cost import memory_model, model_params, rank_inputs
 from .cost.memory import checkpoint_gather_bytes, parameter_state_bytes, rank_params
-from .data.datasets import IndexedTokenDataset, same_data_message, split_part, training_identity
+from .data.datasets import indexed_part, same_data_message, split_part, training_identity
 from .data.documents import resolve_eod_id, unknown_eod_message
 from .data.fingerprint import comparable_digest
-from .data.integrity import check_indexed_dataset
-from .data.sidecar import named_tokenizer_message, other_tokenizer_message
+from .data.integrity import check_bin_size, check_indexed_dataset, read_index
+from .data.sidecar import named_tokenizer_message, other_tokenizer_message, read_sidecar
 from .data.tokenizer import get_tokenizer
 from .data.weather import other_dataset_message, weather_meta, weather_settings
 from .dryrun import device_profile
@@ -53,8 +54,8 @@ def preflight(cfg: Config, on_cuda: bool, ranks_per_host: int = 1) -> None:
     check_writable_dir(ckpt_key, checkpoint_root(cfg.checkpoint, cfg.run.dir))
     check_attention_kernel(cfg, on_cuda)
     check_deepspeed_keys(cfg, autocast_dtype(cfg, torch.device("cuda" if on_cuda else "cpu")) == torch.bfloat16)
-    check_data(cfg)
-    check_resume(cfg)
+    tokens = check_data(cfg)
+    check_resume(cfg, tokens)
 
 
 # -- model size -------------------------------------------------------------------------------------
@@ -164,17 +165,19 @@ def check_attention_kernel(cfg: Config, on_cuda: bool) -> None:
 
 
 # -- data ---------------------------------------------------------------------------------------------
-def check_data(cfg: Config) -> None:
-    """The data the ranks will read: the dataset's files and shares, the tokenizer, the end-of-document id."""
+def check_data(cfg: Config) -> dict[str, int]:
+    """The data the ranks will read: the dataset's files and shares, the tokenizer, the end-of-document id.
+    Returns the token count of each indexed dataset it read, by prefix (so :func:`check_resume` need not read its
+    index again)."""
     d = cfg.data
-    if d.source == "indexed":
-        _check_indexed(cfg)
-    elif d.source == "weather":
+    tokens = _check_indexed(cfg) if d.source == "indexed" else {}
+    if d.source == "weather":
         _check_weather(cfg)
     if d.tokenizer != "byte" and not Path(d.tokenizer).is_file():
         raise ConfigError(f"data.tokenizer = {d.tokenizer}: no such file (byte, or the path of a tokenizer.json)")
     check_named_tokenizer(cfg)
     check_end_of_document(cfg)
+    return tokens
 
 
 def check_named_tokenizer(cfg: Config) -> None:
@@ -249,11 +252,19 @@ def _check_held_out(cfg: Config, held_out: int) -> None:
         raise ConfigError(refusal)
 
 
-def _check_indexed(cfg: Config) -> None:
+def _samples(part: tuple[int, int]) -> int:
+    """The number of samples in ``part`` = [first, end) (:func:`~.data.datasets.indexed_part`)."""
+    first, end = part
+    return end - first
+
+
+def _check_indexed(cfg: Config) -> dict[str, int]:
+    """Returns data.path's and data.valid_path's token counts by prefix (none when data.path is built at start-up)."""
     d, m = cfg.data, cfg.model
+    tokens: dict[str, int] = {}
     if d.valid_path:
         try:  # the held-out dataset must exist (nothing builds it) and pass the same checks
-            check_indexed_dataset(d.valid_path, m.vocab_size, d.seq_len)
+            tokens[d.valid_path] = check_indexed_dataset(d.valid_path, m.vocab_size, d.seq_len)["tokens"]
         except ValueError as e:
             raise ConfigError(str(e).replace("data.path = ", "data.valid_path = ", 1)) from None
     if not d.path:
@@ -262,22 +273,23 @@ def _check_indexed(cfg: Config) -> None:
     have = [Path(f"{d.path}{s}").is_file() for s in (".bin", ".idx")]
     if all(have):
         try:
-            check_indexed_dataset(d.path, m.vocab_size, d.seq_len)
+            tokens[d.path] = check_indexed_dataset(d.path, m.vocab_size, d.seq_len)["tokens"]
             # the parts the ranks read (data.split's training share; its validation share when validation reads it):
             # an empty one is refused by every rank's dataset after start-up
-            samples = {part: IndexedTokenDataset(d.path, d.seq_len, cfg.run.seed, d.split, part).num_chunks
+            samples = {part: _samples(indexed_part(d.path, tokens[d.path], d.seq_len, d.split, part))
                        for part in (("train", "valid") if cfg.train.eval_every and not d.valid_path else ("train",))}
         except ValueError as e:
             raise ConfigError(str(e).splitlines()[0]) from None
         if d.valid_path:  # both sidecars read above (a bad one is refused there)
-            other = (same_data_message(d.path, d.valid_path)
-                     or other_tokenizer_message(d.path, d.valid_path, "data.path", "data.valid_path"))
+            sidecars = read_sidecar(d.path), read_sidecar(d.valid_path)
+            other = (same_data_message(d.path, d.valid_path, sidecars)
+                     or other_tokenizer_message(d.path, d.valid_path, "data.path", "data.valid_path", sidecars))
             if other:
                 raise ConfigError(other)
         if cfg.train.eval_every:  # the ranks' Evaluator would refuse it after start-up
-            _check_held_out(cfg, IndexedTokenDataset(d.valid_path, d.seq_len, cfg.run.seed).num_chunks
+            _check_held_out(cfg, _samples(indexed_part(d.valid_path, tokens[d.valid_path], d.seq_len, None, "train"))
                             if d.valid_path else samples["valid"])
-        return
+        return tokens
     if d.prepare is None:
         missing = " and ".join(f"{d.path}{s}" for s, h in zip((".bin", ".idx"), have) if not h)
         raise ConfigError(f"data.path = {d.path}: {missing} not found; build it with 'dist-train data prepare "
@@ -292,6 +304,7 @@ def _check_indexed(cfg: Config) -> None:
                           f"{m.vocab_size}: ids up to {tok.vocab_size - 1} would be outside the embedding; set "
                           f"model.vocab_size >= {tok.vocab_size}")
     check_writable_dir("data.path (its directory)", Path(d.path).parent)
+    return tokens
 
 
 # -- resume -----------------------------------------------------------------------------------------
@@ -310,13 +323,19 @@ def _verified_manifest(ckpt: Path) -> tuple[Optional[dict], str]:
     return (None, problems[0]) if problems else (body, "")
 
 
-def _train_samples(cfg: Config) -> Optional[int]:
-    """Samples of the GPT's indexed training data as the trainer reads it (None: other data, or not prepared yet)."""
+def _train_samples(cfg: Config, tokens: Mapping[str, int]) -> Optional[int]:
+    """Samples of the GPT's indexed training data as the trainer reads it (None: other data, or not prepared yet).
+    ``tokens``: :func:`check_data`'s token counts (data.path's index is read here when they lack it)."""
     d = cfg.data
     if cfg.model.kind != "gpt" or d.source != "indexed" or not d.path or not Path(f"{d.path}.idx").is_file():
         return None
     try:
-        return IndexedTokenDataset(d.path, d.seq_len, cfg.run.seed, d.split, "train").num_chunks
+        count = tokens.get(d.path)
+        if count is None:
+            index = read_index(d.path)
+            check_bin_size(d.path, index)  # as the trainer's IndexedTokenDataset: a mismatched .bin counts nothing
+            count = index.tokens
+        return _samples(indexed_part(d.path, count, d.seq_len, d.split, "train"))
     except ValueError:  # unreadable or too small: check_data's refusal, or the trainer's
         return None
 
@@ -329,10 +348,10 @@ def _training_identity(cfg: Config) -> tuple[Optional[str], Optional[str]]:
         return None, None
 
 
-def check_resume_matches(cfg: Config, ckpt: Path, manifest: dict) -> None:
+def check_resume_matches(cfg: Config, ckpt: Path, manifest: dict, tokens: Mapping[str, int]) -> None:
     """The checkpoint the ranks will resume from (``manifest``: its verified manifest body) was saved with this
     model config and dataset (or the differences are allowed): the trainer's checks (checkpoint/compat.py),
-    here before any rank starts."""
+    here before any rank starts. ``tokens``: see :func:`_train_samples`."""
     extra = checkpoint_extra(ckpt)
     current_digest, tokenizer = _training_identity(cfg)
     digest = comparable_digest(trained_digest(extra), current_digest, cfg.data.path)
@@ -340,17 +359,18 @@ def check_resume_matches(cfg: Config, ckpt: Path, manifest: dict) -> None:
         changes = compat.check_config(ckpt, manifest.get("config"), cfg.to_dict(),
                                       cfg.checkpoint.allow_config_change, consumed_samples(extra),
                                       trained_digest(extra), digest, trained_tokenizer(extra), tokenizer)
-        compat.check_dataset(ckpt, extra, _train_samples(cfg),
+        compat.check_dataset(ckpt, extra, _train_samples(cfg, tokens),
                              cfg.checkpoint.allow_config_change, cfg.data.path, changes, digest)
         compat.check_tokenizer(ckpt, extra, tokenizer, cfg.checkpoint.allow_config_change, cfg.data.path)
     except compat.ResumeMismatchError as e:
         raise ConfigError(str(e)) from None
 
 
-def check_resume(cfg: Config) -> None:
+def check_resume(cfg: Config, tokens: Mapping[str, int] = MappingProxyType({})) -> None:
     """``checkpoint.resume`` = PATH must exist and verify (a dir of checkpoints: one of them, newest first, as
     auto); ``auto`` must find at least one checkpoint that verifies when there are any (the trainer would
-    otherwise stop after every rank started). The candidates are the manager's (``resume_candidates``)."""
+    otherwise stop after every rank started). The candidates are the manager's (``resume_candidates``).
+    ``tokens``: :func:`check_data`'s token counts, when it ran."""
     root = checkpoint_root(cfg.checkpoint, cfg.run.dir)
     mode = effective_resume(cfg.checkpoint, root)
     if mode == "none":
@@ -382,7 +402,7 @@ def check_resume(cfg: Config) -> None:
             raise ConfigError(f"checkpoint.resume = {mode}: {e}; its bytes may well be good: try again once the "
                               "file system answers") from None
         if body is not None:
-            check_resume_matches(cfg, ckpt, body)
+            check_resume_matches(cfg, ckpt, body, tokens)
             newer = None if mode == "auto" else newer_checkpoints_message(root, mode, body["step"], damaged)
             if newer:
                 raise ConfigError(newer)

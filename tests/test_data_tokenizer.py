@@ -127,7 +127,7 @@ def test_two_tokenizers_of_equal_size_and_eod_are_told_apart_by_their_fingerprin
     assert one["tokenizer_fingerprint"] == tokenizer_fingerprint(ab) != tokenizer_fingerprint(ba)
     assert one["tokenizer_fingerprint"].startswith("vocab-sha256:") and dataset_tokenizer(tmp_path / "two") == two[
         "tokenizer_fingerprint"]
-    refusal = other_tokenizer_message(tmp_path / "one", tmp_path / "two", "data.path", "data.valid_path")
+    refusal = other_tokenizer_message(tmp_path / "one", tmp_path / "two", "data.path", "data.valid_path", (one, two))
     assert refusal and "\n" not in refusal and one["tokenizer_fingerprint"] in refusal
     assert two["tokenizer_fingerprint"] in refusal and "prepare both with the same --tokenizer" in refusal
     # formatting does not count: the same definition re-saved indented with other key order
@@ -143,7 +143,8 @@ def test_two_tokenizers_of_equal_size_and_eod_are_told_apart_by_their_fingerprin
     del two["tokenizer_fingerprint"]
     sidecar_path(tmp_path / "two").write_text(json.dumps(two))
     assert dataset_tokenizer(tmp_path / "two") is None
-    assert other_tokenizer_message(tmp_path / "one", tmp_path / "two", "data.path", "data.valid_path") is None
+    assert other_tokenizer_message(tmp_path / "one", tmp_path / "two", "data.path", "data.valid_path",
+                                   (one, read_sidecar(tmp_path / "two"))) is None
 
 
 def test_the_same_tokenizer_in_another_tokenizers_versions_format_keeps_its_fingerprint(tmp_path):

@@ -263,6 +263,28 @@ def test_resume_path_missing_or_damaged_and_all_damaged(tmp_path, dataset):
     _refused(_cfg(tmp_path, dataset, checkpoint={"resume": str(tmp_path / "empty")}), "no step_N checkpoint")
 
 
+def test_one_preflight_reads_each_index_once_and_the_held_out_sidecar_once_for_its_pair_checks(tmp_path, dataset,
+                                                                                              monkeypatch):
+    """The dataset checks read each .idx (a pass over its sequence table) once, and the resume check takes the
+    training data's sample count from them instead of opening the dataset again; the same-data and tokenizer checks of
+    data.valid_path share one read of the two sidecars (check_indexed_dataset's own read is the other)."""
+    (tmp_path / "held.jsonl").write_text("\n".join(json.dumps({"text": t * 40}) for t in ("omega ", "psi chi ")))
+    held = str(tmp_path / "held")
+    prepare_indexed([tmp_path / "held.jsonl"], held)
+    root = tmp_path / "ck"
+    _save(root, [1])
+    cfg = _cfg(tmp_path, dataset, data={"valid_path": held}, train={"eval_every": 2},
+               checkpoint={"dir": str(root), "resume": "auto"})
+    opened, read = [], []
+    real_open, real_read_text = Path.open, Path.read_text
+    monkeypatch.setattr(Path, "open", lambda self, *a, **kw: opened.append(self.name) or real_open(self, *a, **kw))
+    monkeypatch.setattr(Path, "read_text", lambda self, *a, **kw: read.append(self.name)
+                        or real_read_text(self, *a, **kw))
+    preflight(cfg, on_cuda=False)
+    assert sorted(n for n in opened if n.endswith(".idx")) == ["ds.idx", "held.idx"], opened
+    assert read.count("held.meta.json") == 2, read
+
+
 def test_a_key_given_twice_is_refused_and_merges_still_load(tmp_path):
     twice = tmp_path / "twice.yaml"
     twice.write_text("model:\n  kind: gpt\n  d_model: 64\n  d_model: 128\n")

@@ -91,7 +91,7 @@ def _hf_dir(tmp_path: Path) -> Path:
     model = GPT(ModelConfig(**MODEL))
     step0 = hf.write_step0(tmp_path / "made", {k: v.detach() for k, v in model.state_dict().items()},
                            {"model": {"kind": "gpt", **MODEL}})
-    return hf.to_hf(step0, tmp_path / "hf")
+    return hf.to_hf(step0, tmp_path / "hf").directory
 
 
 def test_an_hf_import_records_its_tokenizer_and_a_fine_tune_on_other_token_ids_is_refused(tmp_path, prepared):
@@ -118,18 +118,19 @@ def test_an_hf_export_names_and_copies_the_models_tokenizer(tmp_path, prepared, 
     run = tmp_path / "run"
     train(_config(run, ab))
     step = run / "checkpoints" / "step_1"
-    out = hf.to_hf(step, tmp_path / "out")
+    export = hf.to_hf(step, tmp_path / "out")
+    out = export.directory
     with safe_open(str(out / "model.safetensors"), "pt") as f:
-        assert f.metadata()["tokenizer"] == tokenizer_fingerprint(ab_tok)
+        assert f.metadata()["tokenizer"] == export.tokenizer == tokenizer_fingerprint(ab_tok)
     assert (out / "tokenizer.json").read_bytes() == Path(ab_tok).read_bytes()
-    assert hf.missing_tokenizer_note(step, out) is None
+    assert hf.missing_tokenizer_note(export) is None
     # the tokenizer.json the data was prepared with moved away: nothing to copy, and the export says so
     moved = Path(ab_tok).rename(tmp_path / "moved.json")
     try:
         assert convert(step, tmp_path / "bare", "hf", None) == 0
         assert not (tmp_path / "bare" / "tokenizer.json").exists()
         note = capsys.readouterr().err.strip()
-        assert note == hf.missing_tokenizer_note(step, tmp_path / "bare")
+        assert note == hf.missing_tokenizer_note(hf.HFExport(tmp_path / "bare", export.tokenizer))
         assert "\n" not in note and tokenizer_fingerprint(moved) in note and "copy that tokenizer.json" in note
     finally:
         moved.rename(ab_tok)
@@ -225,7 +226,7 @@ def test_an_hf_export_copies_the_tokenizers_special_token_files(tmp_path):
     step = hf.write_step0(tmp_path / "ck", weights, {"model": {"kind": "gpt", **model}, "data": {"path": data}},
                           {"train_tokenizer": tokenizer_fingerprint(src / "tokenizer.json")})
 
-    out = hf.to_hf(step, tmp_path / "out")
+    out = hf.to_hf(step, tmp_path / "out").directory
     for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
         assert (out / name).read_bytes() == (src / name).read_bytes(), name
     want = transformers.AutoTokenizer.from_pretrained(str(src))
@@ -277,10 +278,10 @@ def test_a_sentencepiece_only_hf_import_records_its_tokenizer(tmp_path):
                                                    r"prepared with tokenizer byte"):
         check_tokenizer(step, {"train_tokenizer": recorded}, "byte", [], "d")
     check_tokenizer(step, {"train_tokenizer": recorded}, "vocab-sha256:0123456789abcdef", [], "d")  # not comparable
-    out = hf.to_hf(step, tmp_path / "exported")  # the export names it and says which file to copy
-    with safe_open(str(out / "model.safetensors"), "pt") as f:
-        assert f.metadata()["tokenizer"] == recorded
-    note = hf.missing_tokenizer_note(step, out)
+    export = hf.to_hf(step, tmp_path / "exported")  # the export names it and says which file to copy
+    with safe_open(str(export.directory / "model.safetensors"), "pt") as f:
+        assert f.metadata()["tokenizer"] == export.tokenizer == recorded
+    note = hf.missing_tokenizer_note(export)
     assert "\n" not in note and recorded in note and "tokenizer.model" in note, note
 
     (other / "tiktoken.model").write_bytes(b"IQ== 0\nIg== 1\nIw== 2\nJA== 3\n")

@@ -127,9 +127,10 @@ def convert(src: Path, out: Path, to: str | None, frm: str | None, config: str |
     if to:
         ckpt = _checkpoints(src, newest_only=True)[0]
         if to == "hf":
-            written = hf.to_hf(ckpt, out)
+            export = hf.to_hf(ckpt, out)
+            written = export.directory
             print(f"wrote {written / 'model.safetensors'} and {written / 'config.json'} from {ckpt}")
-            note = hf.missing_tokenizer_note(ckpt, written)
+            note = hf.missing_tokenizer_note(export)
             if note:
                 print(note, file=sys.stderr)
         elif to == "dcp":

@@ -1,7 +1,7 @@
 """Conversion between dist-train GPT checkpoints and Hugging Face ``LlamaForCausalLM`` /
 ``MistralForCausalLM`` directories, refusing (one line) whatever would silently change the model.
 
-    to_hf("runs/x/checkpoints/step_100", "out_hf")          # model.safetensors + config.json
+    to_hf("runs/x/checkpoints/step_100", "out_hf")          # model.safetensors + config.json (an HFExport)
     from_hf("hf_model_dir", "runs/y/init")                   # runs/y/init/step_0/ (+ latest): weights only
 
 Names (the GPT's parameters ↔ HF): tok_embeddings ↔ model.embed_tokens; layers.i.attention_norm ↔
@@ -249,7 +249,15 @@ def fresh_output(out: Path) -> None:
         raise ValueError(f"{out}: already exists and is not an empty directory; choose a new output path")
 
 
-def to_hf(ckpt: PathLike, out: PathLike) -> Path:
+@dataclasses.dataclass(frozen=True)
+class HFExport:
+    """What :func:`to_hf` wrote: the HF ``directory``, and the fingerprint of the ``tokenizer`` whose tokens the
+    exported model's ids mean (the checkpoint's; None: not recorded), as its safetensors metadata names it."""
+    directory: Path
+    tokenizer: Optional[str]
+
+
+def to_hf(ckpt: PathLike, out: PathLike) -> HFExport:
     """Write ``out/model.safetensors`` + ``out/config.json`` (+ the model's tokenizer.json, see the module doc) from a
     (verified) dist-train checkpoint. ``out`` may already hold other files (the model's tokenizer), never those two."""
     out = Path(out)
@@ -285,14 +293,14 @@ def to_hf(ckpt: PathLike, out: PathLike) -> Path:
     for companion in companions:
         shutil.copyfile(companion, out / companion.name)
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    return out
+    return HFExport(out, tokenizer)
 
 
-def missing_tokenizer_note(ckpt: PathLike, out: Path) -> Optional[str]:
-    """One line when an export in ``out`` lacks the tokenizer.json its model's ids mean (a tokenizer.json fingerprint
-    recorded, but the file the training data's sidecar named was moved or changed, so :func:`to_hf` copied nothing):
-    the exported model would otherwise be handed on without a word about which tokens its ids mean."""
-    tokenizer = trained_tokenizer(checkpoint_extra(ckpt))
+def missing_tokenizer_note(export: HFExport) -> Optional[str]:
+    """One line when the ``export``'s directory lacks the tokenizer.json its model's ids mean (a tokenizer.json
+    fingerprint recorded, but the file the training data's sidecar named was moved or changed, so :func:`to_hf` copied
+    nothing): the exported model would otherwise be handed on without a word about which tokens its ids mean."""
+    tokenizer, out = export.tokenizer, export.directory
     if not tokenizer or tokenizer == BYTE_FINGERPRINT or (Path(out) / TOKENIZER_FILE).is_file():
         return None
     if tokenizer.startswith("spm-sha256:"):  # an import of a sentencepiece-only directory: no file is recorded

@@ -54,6 +54,20 @@ def split_part(n: int, split: Optional[str], part: str) -> tuple[int, int]:
 SYNTHETIC_VALID_SEED_OFFSET = 1_000_003
 
 
+def indexed_part(prefix: str, tokens: int, seq_len: int, split: Optional[str], part: str) -> tuple[int, int]:
+    """Samples [first, end) of the ``part`` ("train" or "valid") under ``data.split`` of the indexed dataset at
+    ``prefix`` holding ``tokens`` tokens, cut into samples of ``seq_len`` + 1 tokens (each sample's last label is the
+    next one's first input). ValueError (one line) when there is no sample, or the part is empty."""
+    total = (tokens - 1) // seq_len
+    if total < 1:
+        raise ValueError(f"data.path = {prefix}: {tokens} tokens is fewer than data.seq_len + 1 = {seq_len + 1}")
+    first, end = split_part(total, split, part)
+    if end <= first:
+        raise ValueError(f"data.split: the part [{first}, {end}) of the {total} samples of {prefix} "
+                         f"(data.seq_len = {seq_len}) is empty; give it a larger share")
+    return first, end
+
+
 class IndexedTokenDataset:
     """A Megatron indexed dataset (PREFIX.bin/.idx) read as one memory-mapped token stream.
 
@@ -70,15 +84,8 @@ class IndexedTokenDataset:
         self.tokens = np.memmap(f"{prefix}.bin", dtype=index.dtype, mode="r")
         self.seq_len = seq_len
         self.seed = seed
-        total = (len(self.tokens) - 1) // seq_len
-        if total < 1:
-            raise ValueError(f"data.path = {prefix}: {len(self.tokens)} tokens is fewer than data.seq_len + 1 = "
-                             f"{seq_len + 1}")
-        self.first, end = split_part(total, split, part)
+        self.first, end = indexed_part(prefix, len(self.tokens), seq_len, split, part)
         self.num_chunks = end - self.first
-        if self.num_chunks < 1:
-            raise ValueError(f"data.split: the part [{self.first}, {end}) of the {total} samples of {prefix} "
-                             f"(data.seq_len = {seq_len}) is empty; give it a larger share")
 
     @lru_cache(maxsize=4)
     def _order(self, epoch: int) -> np.ndarray:
@@ -100,29 +107,26 @@ def training_identity(cfg: Config) -> tuple[Optional[str], Optional[str]]:
     if cfg.model.kind != "gpt" or d.source != "indexed" or not d.path:
         return None, None
     sidecar = read_sidecar(d.path)
-    return _identity(d.path, sidecar), sidecar_tokenizer(sidecar)
+    return dataset_identity(d.path, sidecar), sidecar_tokenizer(sidecar)
 
 
-def dataset_identity(prefix: str) -> Optional[str]:
-    """The token-stream identity of the indexed dataset at ``prefix``: its sidecar's whole-stream digest, else its
-    sampled fingerprint (a dataset built elsewhere or prepared before digests were recorded; data/fingerprint.py)."""
-    return _identity(prefix, read_sidecar(prefix))
-
-
-def _identity(prefix: str, sidecar: Optional[dict]) -> Optional[str]:
-    """:func:`dataset_identity` of ``prefix`` whose sidecar (None: none) was read as ``sidecar``."""
+def dataset_identity(prefix: str, sidecar: Optional[dict]) -> Optional[str]:
+    """The token-stream identity of the indexed dataset at ``prefix`` whose sidecar (None: none) was read as
+    ``sidecar`` (:func:`~.sidecar.read_sidecar`): its whole-stream digest, else the stream's sampled fingerprint (a
+    dataset built elsewhere or prepared before digests were recorded; data/fingerprint.py)."""
     return sidecar_digest(sidecar) or dataset_fingerprint(prefix)
 
 
-def same_data_message(path: str, valid_path: str) -> Optional[str]:
+def same_data_message(path: str, valid_path: str, sidecars: tuple[Optional[dict], Optional[dict]]) -> Optional[str]:
     """One line when the held-out dataset ``valid_path`` is the training dataset ``path`` itself — the same ``.bin``
     file, or an equal token-stream identity (:func:`dataset_identity`: sidecar digest, else fingerprint), e.g. a
-    copy — so the validation loss would measure training data; None otherwise."""
+    copy — so the validation loss would measure training data; None otherwise. ``sidecars``: the two datasets'
+    sidecars as read (:func:`~.sidecar.read_sidecar`), in that order."""
     if Path(f"{path}.bin").samefile(f"{valid_path}.bin"):
         why = "the same .bin file"
     else:
-        mine = dataset_identity(path)
-        if mine is None or mine != dataset_identity(valid_path):
+        mine = dataset_identity(path, sidecars[0])
+        if mine is None or mine != dataset_identity(valid_path, sidecars[1]):
             return None
         why = f"equal {digest_kind(mine)} digests: a copy"
     return (f"data.valid_path = {valid_path} holds the training data of data.path = {path} ({why}): the validation "

@@ -80,12 +80,13 @@ def sidecar_tokenizer(body: Optional[dict]) -> Optional[str]:
     return value if isinstance(value, str) and value else None
 
 
-def other_tokenizer_message(prefix: Union[str, Path], other: Union[str, Path], what: str, other_what: str) -> Optional[str]:
+def other_tokenizer_message(prefix: Union[str, Path], other: Union[str, Path], what: str, other_what: str,
+                            sidecars: tuple[Optional[dict], Optional[dict]]) -> Optional[str]:
     """One line when the datasets ``prefix`` (config key ``what``) and ``other`` (``other_what``) were prepared with
-    different tokenizers — the same id would mean another token in each — as far as their sidecars say (the
-    tokenizer's kind, vocabulary size and EOD id, and its fingerprint when both sidecars record one); None when they
-    agree or either has no sidecar (built elsewhere)."""
-    a, b = read_sidecar(prefix), read_sidecar(other)
+    different tokenizers — the same id would mean another token in each — as far as their ``sidecars`` say (the two
+    as :func:`read_sidecar` returns them, in that order: the tokenizer's kind, vocabulary size and EOD id, and its
+    fingerprint when both record one); None when they agree or either has no sidecar (built elsewhere)."""
+    a, b = sidecars
     if a is None or b is None:
         return None
 
