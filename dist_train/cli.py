@@ -81,8 +81,16 @@ def _cmd_data_prepare(args: argparse.Namespace) -> int:
             raise ValueError(f"--corpus {args.corpus!r}: valid values are python-stdlib")
         inputs += python_stdlib_files()
     info = prepare_indexed(inputs, args.output, args.tokenizer, args.eod_token)
-    print(f"wrote {info['prefix']}.bin/.idx/.meta.json: {info['documents']:,} documents, {info['tokens']:,} tokens, "
-          f"vocab {info['vocab_size']}, end-of-document id {info['eod_id']}")
+    print(f"wrote {info['prefix']}.bin/.idx/.meta.json/.doc_hashes: {info['documents']:,} documents, "
+          f"{info['tokens']:,} tokens, vocab {info['vocab_size']}, end-of-document id {info['eod_id']}")
+    return 0
+
+
+def _cmd_data_hash(args: argparse.Namespace) -> int:
+    from .data.document_hashes import hash_dataset
+
+    info = hash_dataset(args.prefix)
+    print(f"wrote {info['path']}: {info['documents']:,} document hashes of {args.prefix}.bin")
     return 0
 
 
@@ -106,8 +114,9 @@ def _add_run(sub) -> None:
 def _add_data(sub) -> None:
     p = sub.add_parser("data", help=_HELP["data"], formatter_class=_F, epilog=examples(
         "dist-train data prepare --corpus python-stdlib --output data/pystd",
-        "dist-train data prepare --input notes/*.txt corpus.jsonl --output data/corpus"))
-    dsub = p.add_subparsers(dest="data_cmd", required=True, metavar="{prepare}")
+        "dist-train data prepare --input notes/*.txt corpus.jsonl --output data/corpus",
+        "dist-train data hash data/megatron_corpus_text_document"))
+    dsub = p.add_subparsers(dest="data_cmd", required=True, metavar="{prepare,hash}")
     q = dsub.add_parser("prepare", help="build a Megatron indexed dataset (.bin/.idx) from text/JSONL files",
                         formatter_class=_F, epilog=examples(
                             "dist-train data prepare --input notes/*.txt corpus.jsonl --output data/corpus",
@@ -117,12 +126,19 @@ def _add_data(sub) -> None:
     q.add_argument("--input", nargs="+", metavar="PATH", help="text files (one document each) or JSONL ('text')")
     q.add_argument("--corpus", help="a built-in corpus: python-stdlib (this interpreter's standard library)")
     q.add_argument("--output", required=True, metavar="PREFIX",
-                   help="writes PREFIX.bin, PREFIX.idx and the PREFIX.meta.json sidecar (tokenizer, vocab size, "
-                        "end-of-document id, token digest); never over an existing PREFIX.bin/.idx")
+                   help="writes PREFIX.bin, PREFIX.idx, the PREFIX.meta.json sidecar (tokenizer, vocab size, "
+                        "end-of-document id, token digest) and PREFIX.doc_hashes (8 B per document: the pre-flight's "
+                        "train/validation overlap check); never over an existing PREFIX.bin/.idx")
     q.add_argument("--tokenizer", default="byte", help="byte (default, no download) or path/to/tokenizer.json")
     q.add_argument("--eod-token", metavar="TOKEN", help="end-of-document token of a tokenizer.json (default: its "
                    "tokenizer_config.json eos_token, else </s>, <|endoftext|>, <|end_of_text|>, <eos>)")
     q.set_defaults(func=_cmd_data_prepare)
+    h = dsub.add_parser("hash", help="write PREFIX.doc_hashes for a dataset that has none (built by Megatron-LM, or "
+                        "prepared before the file existed)", formatter_class=_F, epilog=examples(
+                            "dist-train data hash data/megatron_corpus_text_document"))
+    h.add_argument("prefix", metavar="PREFIX", help="the dataset's PREFIX.bin/.idx; writes PREFIX.doc_hashes (8 B "
+                   "per document), so the pre-flight reads it instead of hashing the .bin at every start")
+    h.set_defaults(func=_cmd_data_hash)
 
 
 def _bench_modules() -> dict[str, str]:

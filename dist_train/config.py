@@ -95,6 +95,11 @@ class DataConfig:
     eod_id: Optional[int] = None  # EOD token id (null: the dataset sidecar's, else the tokenizer's)
     valid_path: Optional[str] = None  # indexed: a held-out dataset prefix (PREFIX.bin/.idx) for validation
     split: Optional[str] = None  # Megatron --split "train,valid,test" weights of data.path, e.g. "98,2,0"
+    # indexed held-out data (valid_path, or split's validation share): the fraction of its documents that may also be
+    # training documents (exact token-for-token copies; 1: not checked), counting documents of at least
+    # valid_overlap_min_tokens tokens (EOD included): short boilerplate repeats legitimately (data/overlap.py)
+    valid_overlap_max: float = 0.0
+    valid_overlap_min_tokens: int = 64
 
     @property
     def document_options_on(self) -> list[str]:
@@ -539,6 +544,8 @@ _BOUNDS: dict[str, Bound] = {
     "data.channels": Bound(1, 1 << 16),
     "data.steps": Bound(2, 1 << 24),
     "data.eod_id": Bound(0, MAX_VOCAB, null="the dataset sidecar's EOD id, else the tokenizer's"),
+    "data.valid_overlap_max": Bound(0, 1),
+    "data.valid_overlap_min_tokens": Bound(1, MAX_SEQ),
     "parallel.dp": _POS,
     "parallel.tp": _POS,
     "parallel.pp": _POS,
@@ -644,6 +651,9 @@ def _unread_fields(cfg: Config) -> list[tuple[str, bool, str]]:
     no_pipeline = f"only the pipeline engine reads it and parallel.pp = {p.pp}"
     weather = (f"a weather-dataset setting and data.source = {d.source} does not read it; remove it (model.kind = "
                "swin trains on data.source = weather)")
+    overlap_unread = ("only the check of indexed held-out documents against the training ones reads it and " +
+                      (f"data.source = {d.source}" if d.source != "indexed" else "validation is off (train.eval_every "
+                       "= 0)") + "; remove it")
     return [
         ("parallel.ulysses_degree", m.kind == "gpt" and p.cp_method == "ring",
          "parallel.cp_method = ring does not read it (all-to-all runs with cp_method ulysses or hybrid); remove it or "
@@ -680,6 +690,8 @@ def _unread_fields(cfg: Config) -> list[tuple[str, bool, str]]:
          "remove it"),
         ("train.eval_steps", t.eval_every == 0,
          "validation is off (train.eval_every = 0), so nothing reads it; set eval_every or remove it"),
+        *((key, d.source != "indexed" or t.eval_every == 0, overlap_unread)
+          for key in ("data.valid_overlap_max", "data.valid_overlap_min_tokens")),
     ]
 
 

@@ -33,6 +33,7 @@ from .data.datasets import indexed_part, same_data_message, split_part, training
 from .data.documents import resolve_eod_id, unknown_eod_message
 from .data.fingerprint import comparable_digest
 from .data.integrity import check_bin_size, check_indexed_dataset, read_index
+from .data.overlap import Checked, held_out_overlap_message
 from .data.sidecar import named_tokenizer_message, other_tokenizer_message, read_sidecar
 from .data.tokenizer import get_tokenizer
 from .data.weather import other_dataset_message, weather_meta, weather_settings
@@ -252,6 +253,17 @@ def _check_held_out(cfg: Config, held_out: int) -> None:
         raise ConfigError(refusal)
 
 
+def _check_held_out_documents(cfg: Config, checked: dict[str, Checked]) -> None:
+    """Held-out documents that are training documents too (data/overlap.py): more than data.valid_overlap_max of
+    them is refused, the validation loss would be optimistic. ``checked``: the datasets as read, by prefix."""
+    try:
+        overlap = held_out_overlap_message(cfg, checked)
+    except ValueError as e:  # a damaged document table
+        raise ConfigError(str(e).splitlines()[0]) from None
+    if overlap:
+        raise ConfigError(overlap)
+
+
 def _samples(part: tuple[int, int]) -> int:
     """The number of samples in ``part`` = [first, end) (:func:`~.data.datasets.indexed_part`)."""
     first, end = part
@@ -262,9 +274,16 @@ def _check_indexed(cfg: Config) -> dict[str, int]:
     """Returns data.path's and data.valid_path's token counts by prefix (none when data.path is built at start-up)."""
     d, m = cfg.data, cfg.model
     tokens: dict[str, int] = {}
+    checked: dict[str, Checked] = {}  # the index and sidecar each check read, for the overlap check
+
+    def check(prefix: str) -> None:
+        result = check_indexed_dataset(prefix, m.vocab_size, d.seq_len)
+        tokens[prefix] = result["tokens"]
+        checked[prefix] = Checked(prefix, result["index"], result["sidecar"])
+
     if d.valid_path:
         try:  # the held-out dataset must exist (nothing builds it) and pass the same checks
-            tokens[d.valid_path] = check_indexed_dataset(d.valid_path, m.vocab_size, d.seq_len)["tokens"]
+            check(d.valid_path)
         except ValueError as e:
             raise ConfigError(str(e).replace("data.path = ", "data.valid_path = ", 1)) from None
     if not d.path:
@@ -273,7 +292,7 @@ def _check_indexed(cfg: Config) -> dict[str, int]:
     have = [Path(f"{d.path}{s}").is_file() for s in (".bin", ".idx")]
     if all(have):
         try:
-            tokens[d.path] = check_indexed_dataset(d.path, m.vocab_size, d.seq_len)["tokens"]
+            check(d.path)
             # the parts the ranks read (data.split's training share; its validation share when validation reads it):
             # an empty one is refused by every rank's dataset after start-up
             samples = {part: _samples(indexed_part(d.path, tokens[d.path], d.seq_len, d.split, part))
@@ -289,6 +308,7 @@ def _check_indexed(cfg: Config) -> dict[str, int]:
         if cfg.train.eval_every:  # the ranks' Evaluator would refuse it after start-up
             _check_held_out(cfg, _samples(indexed_part(d.valid_path, tokens[d.valid_path], d.seq_len, None, "train"))
                             if d.valid_path else samples["valid"])
+        _check_held_out_documents(cfg, checked)
         return tokens
     if d.prepare is None:
         missing = " and ".join(f"{d.path}{s}" for s, h in zip((".bin", ".idx"), have) if not h)

@@ -91,6 +91,8 @@ BAD: dict[str, list] = {
     "train.eval_steps": [0, -2],
     "data.split": ["a,b", "-1,2", "0,0,0", "1,2,3,4"],
     "data.valid_path": ["", 3],
+    "data.valid_overlap_max": [-0.1, 1.5, float("nan"), "some", None],
+    "data.valid_overlap_min_tokens": [0, -1, 1.5, "x", None],
     "checkpoint.every": [-1],
     "checkpoint.keep_last": [0, -3],
     "checkpoint.async_save": ["yes"],

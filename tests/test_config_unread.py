@@ -43,6 +43,10 @@ UNREAD = [
     ("swin", {"train": {"eval_steps": 8}}, "train.eval_steps", "train.eval_every = 0"),
     ("gpt", {"data": {"source": "indexed", "path": "p", "valid_path": "v", "split": "98,2,0"}}, "data.split",
      "holds out 2% of data.path for validation, but data.valid_path is set"),
+    ("gpt", {"data": {"source": "indexed", "path": "p", "split": "98,2,0", "valid_overlap_max": 0.01}},
+     "data.valid_overlap_max", "validation is off (train.eval_every = 0)"),
+    ("gpt", {"data": {"valid_overlap_min_tokens": 8}, "train": {"eval_every": 2}}, "data.valid_overlap_min_tokens",
+     "data.source = synthetic"),
 ]
 
 # the same keys where they are read (each must still validate)
@@ -59,6 +63,8 @@ READ = [
     ("gpt", {"data": {"path": "data_cache/pystd", "prepare": "python-stdlib", "tokenizer": "tok.json"}}),
     ("gpt", {"data": {"eod_mask_loss": True, "eod_id": 3}}),
     ("gpt", {"data": {"source": "indexed", "path": "p", "valid_path": "v", "split": "95,0,5"}}),
+    ("gpt", {"data": {"source": "indexed", "path": "p", "split": "98,2,0", "valid_overlap_max": 0.01,
+                      "valid_overlap_min_tokens": 8}, "train": {"eval_every": 2}}),
     ("swin", {"data": {"image": [12, 16], "channels": 2, "steps": 20}}),
     ("gpt", {"train": {"on_nonfinite": "skip", "max_nonfinite_steps": 5, "spike_factor": 3.0, "spike_window": 5,
                        "eval_every": 2, "eval_steps": 8}}),

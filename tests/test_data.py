@@ -62,7 +62,7 @@ def test_prepare_never_writes_over_a_dataset(tmp_path, capsys):
     prefix = str(tmp_path / "ds")
     prepare_indexed([tmp_path / "a.txt"], prefix, "byte")
     before = {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.name.startswith("ds.")}
-    assert sorted(before) == ["ds.bin", "ds.idx", "ds.meta.json"]
+    assert sorted(before) == ["ds.bin", "ds.doc_hashes", "ds.idx", "ds.meta.json"]
     with pytest.raises(ValueError) as info:
         prepare_indexed([tmp_path / "b.txt"], prefix, "byte")
     assert "ds.bin and .idx already exist" in str(info.value) and "choose a new output prefix" in str(info.value)

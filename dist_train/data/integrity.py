@@ -43,7 +43,8 @@ class IndexInfo:
     dtype: np.dtype
     lengths: np.ndarray  # int32 [S]
     pointers: np.ndarray  # int64 [S]
-    documents: int
+    documents: int  # entries of the document table: the document count + 1
+    document_indices: np.ndarray  # int64 [documents]: document d is sequences [document_indices[d], [d + 1])
 
     @property
     def tokens(self) -> int:
@@ -78,9 +79,10 @@ def read_index(prefix: Prefix) -> IndexInfo:
     table = np.memmap(path, dtype=np.uint8, mode="r")
     lengths = np.frombuffer(table, dtype=np.int32, count=n_seq, offset=_HEADER.size)
     pointers = np.frombuffer(table, dtype=np.int64, count=n_seq, offset=_HEADER.size + 4 * n_seq)
+    document_indices = np.frombuffer(table, dtype=np.int64, count=n_doc, offset=_HEADER.size + 12 * n_seq)
     if n_seq and int(lengths.min()) < 0:
         raise ValueError(f"data.path = {prefix}: {path} lists a negative sequence length: damaged")
-    return IndexInfo(np.dtype(_TOKEN_DTYPES[code]), lengths, pointers, int(n_doc))
+    return IndexInfo(np.dtype(_TOKEN_DTYPES[code]), lengths, pointers, int(n_doc), document_indices)
 
 
 def check_bin_size(prefix: Prefix, info: IndexInfo) -> None:
@@ -108,6 +110,21 @@ def check_bin_size(prefix: Prefix, info: IndexInfo) -> None:
         offset += int(lengths.sum())
 
 
+def document_bounds(prefix: Prefix, info: IndexInfo) -> np.ndarray:
+    """int64 [D + 1]: document d is tokens [bounds[d], bounds[d + 1]) of the ``.bin`` (its sequences are contiguous:
+    :func:`check_bin_size` checked the pointers). ValueError (one line) when the document table is not the sequence
+    indices 0 .. S in order, as megatron-core writes it."""
+    docs, n_seq = info.document_indices, len(info.lengths)
+    if (len(docs) == 0 or int(docs[0]) != 0 or int(docs[-1]) != n_seq
+            or (len(docs) > 1 and bool((np.diff(docs) < 0).any()))):
+        raise ValueError(f"data.path = {prefix}: {prefix}.idx document table does not run from sequence 0 to "
+                         f"{n_seq:,} in order: damaged index; rebuild with dist-train data prepare")
+    seq_starts = np.empty(n_seq + 1, dtype=np.int64)
+    seq_starts[:n_seq] = info.pointers // info.dtype.itemsize
+    seq_starts[n_seq] = info.tokens
+    return seq_starts[docs]
+
+
 def token_id_range(prefix: Prefix, info: IndexInfo) -> tuple[int, int]:
     """(min, max) token id of the ``.bin``, scanned through a memory map (no copy of the file)."""
     if info.tokens == 0:
@@ -117,8 +134,10 @@ def token_id_range(prefix: Prefix, info: IndexInfo) -> tuple[int, int]:
 
 
 def check_indexed_dataset(prefix: Prefix, vocab_size: int, seq_len: int) -> dict:
-    """Every start-up check of one dataset; returns ``{"tokens", "max_token_id", "source"}`` (source:
-    "sidecar" or "scan"). Raises ValueError with one line naming the file and what would be valid."""
+    """Every start-up check of one dataset; returns ``{"tokens", "max_token_id", "source", "index", "sidecar"}``
+    (source: "sidecar" or "scan"; index: the :class:`IndexInfo` read; sidecar: the sidecar read, None when there is
+    none), so later checks need not read the files again. Raises ValueError with one line naming the file and what
+    would be valid."""
     for suffix in (".bin", ".idx"):
         if not Path(f"{prefix}{suffix}").is_file():
             raise ValueError(f"data.path = {prefix}: {prefix}{suffix} not found (build the dataset with "
@@ -143,4 +162,5 @@ def check_indexed_dataset(prefix: Prefix, vocab_size: int, seq_len: int) -> dict
     if info.tokens < seq_len + 1:
         raise ValueError(f"data.path = {prefix}: {info.tokens:,} tokens is fewer than data.seq_len + 1 = "
                          f"{seq_len + 1}")
-    return {"tokens": info.tokens, "max_token_id": hi, "source": "sidecar" if meta is not None else "scan"}
+    return {"tokens": info.tokens, "max_token_id": hi, "source": "sidecar" if meta is not None else "scan",
+            "index": info, "sidecar": meta}

@@ -10,10 +10,12 @@ Text files are read as bytes with no newline translation (``\r`` is kept): the b
 they are (valid UTF-8 or not), a tokenizer.json decodes them as UTF-8. The
 sidecar PREFIX.meta.json (:mod:`.sidecar`) records the tokenizer, its fingerprint, vocabulary size and EOD id, and the
 XXH3-64 digest of the token stream (the ``.bin`` bytes): a checkpoint records it, so a resume notices a dataset
-re-prepared from other text even when its sample count did not change.
+re-prepared from other text even when its sample count did not change. PREFIX.doc_hashes (:mod:`.document_hashes`)
+holds each document's 8-byte content hash: the pre-flight finds the validation documents the training data holds too.
 """
 from __future__ import annotations
 
+import array
 import contextlib
 import fcntl
 import json
@@ -28,6 +30,7 @@ import torch
 import xxhash
 
 from .datasets import megatron_indexed_dataset
+from .document_hashes import document_hash, write_document_hashes
 from .sidecar import DIGEST_ALGORITHM, write_sidecar
 from .tokenizer import get_tokenizer
 
@@ -122,12 +125,14 @@ def prepare_indexed(inputs: list[Path], output_prefix: str, tokenizer: str = "by
     tmp_bin, tmp_idx = f"{out}.bin.tmp{os.getpid()}", f"{out}.idx.tmp{os.getpid()}"
     builder = IndexedDatasetBuilder(tmp_bin, dtype=dtype)
     digest = xxhash.xxh3_64()  # of exactly the bytes the .bin gets, in order
+    doc_hashes = array.array("Q")  # 8 B per document: PREFIX.doc_hashes
     n_docs = n_tokens = max_id = 0
     try:
         for text in iter_documents(inputs):
             ids = document_ids(tok, text)
             builder.add_item(torch.tensor(ids, dtype=torch.int64))
             digest.update(np.asarray(ids, dtype=dtype).tobytes())
+            doc_hashes.append(document_hash(ids))
             builder.end_document()
             n_docs += 1
             n_tokens += len(ids)
@@ -144,6 +149,7 @@ def prepare_indexed(inputs: list[Path], output_prefix: str, tokenizer: str = "by
     info = {"tokenizer": tokenizer, "tokenizer_fingerprint": tok.fingerprint, "vocab_size": tok.vocab_size,
             "eod_id": tok.eod_id, "max_token_id": max_id, "documents": n_docs, "tokens": n_tokens, "digest": f"{DIGEST_ALGORITHM}:{digest.hexdigest()}"}
     write_sidecar(out, info)
+    write_document_hashes(out, np.frombuffer(doc_hashes, dtype=np.uint64), info["digest"])
     # rename last, .idx (what readers look for) at the very end: a reader never sees a half-written dataset
     os.replace(tmp_bin, f"{out}.bin")
     os.replace(tmp_idx, f"{out}.idx")

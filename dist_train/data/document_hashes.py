@@ -1,0 +1,135 @@
+"""Per-document content hashes of an indexed dataset, ``PREFIX.doc_hashes``: what tells which validation documents
+the training data holds too (:mod:`.overlap`).
+
+    write_document_hashes("data/c", hashes, identity)     # dist-train data prepare does, beside .bin/.idx
+    hashes, source = dataset_document_hashes("data/c", read_index("data/c"), read_sidecar("data/c"))  # uint64 [D]
+
+A document's hash is the XXH3-64 of its token ids (its EOD included) as little-endian uint32, so it does not depend
+on the ``.bin``'s token dtype (uint16 or int32). File layout, little-endian: magic ``DTDOCHSH`` (8 bytes), version
+u32 (= 1), u32 0, document count u64, the dataset's identity u64 (the XXH3-64 of
+:func:`~.datasets.dataset_identity`'s string: the sidecar's token digest, else the sampled fingerprint), then uint64 [D] — 32 + 8 B per document.
+The identity binds the file to the build of ``PREFIX.bin`` it was hashed from: a file left beside another build of
+the same prefix (or of a count that differs from the ``.idx``'s) is not used.
+
+A dataset without a usable file (prepared before this file existed, or built by Megatron-LM's tools) has its hashes
+computed from the ``.bin``, in chunks of CHUNK_TOKENS tokens (one XXH3 call per document);
+``dist-train data hash PREFIX`` writes the file once instead.
+"""
+from __future__ import annotations
+
+import os
+import struct
+from pathlib import Path
+from typing import Optional, Sequence, Union
+
+import numpy as np
+import xxhash
+
+from .datasets import dataset_identity
+from .integrity import IndexInfo, check_bin_size, document_bounds, read_index
+from .sidecar import read_sidecar
+
+SUFFIX = ".doc_hashes"
+MAGIC = b"DTDOCHSH"
+VERSION = 1
+_HEADER = struct.Struct("<8sIIQQ")  # magic, version, 0, document count, identity
+#: tokens per step of the computation from the .bin: 64 MiB of uint32 ids at a time
+CHUNK_TOKENS = 1 << 24
+
+Prefix = Union[str, Path]
+
+
+def document_hashes_path(prefix: Prefix) -> Path:
+    return Path(f"{prefix}{SUFFIX}")
+
+
+def document_hash(ids: Sequence[int]) -> int:
+    """The hash of one document of token ``ids`` (see the module docstring)."""
+    return xxhash.xxh3_64_intdigest(np.asarray(ids, dtype="<u4").tobytes())
+
+
+def identity_hash(identity: str) -> int:
+    """The u64 a file records of the dataset identity string (``"xxh3_64:<hex>"``, or a sampled fingerprint)."""
+    return xxhash.xxh3_64_intdigest(identity.encode())
+
+
+def write_document_hashes(prefix: Prefix, hashes: np.ndarray, identity: str) -> Path:
+    """Write ``hashes`` (uint64 [D], document order) as PREFIX.doc_hashes for the dataset of ``identity``,
+    atomically (temporary file + rename)."""
+    path = document_hashes_path(prefix)
+    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
+    with tmp.open("wb") as f:
+        f.write(_HEADER.pack(MAGIC, VERSION, 0, len(hashes), identity_hash(identity)))
+        f.write(np.ascontiguousarray(hashes, dtype="<u8").tobytes())
+    os.replace(tmp, path)
+    return path
+
+
+def read_document_hashes(prefix: Prefix, documents: int, identity: Optional[str]) -> Union[np.ndarray, str]:
+    """The hashes of PREFIX.doc_hashes (uint64 [documents], memory-mapped) when the file belongs to this build of
+    the dataset (``documents``: the ``.idx``'s count; ``identity``: :func:`~.datasets.dataset_identity`'s); else why
+    it is not used (one phrase)."""
+    path = document_hashes_path(prefix)
+    if not path.is_file():
+        return f"no {path.name}"
+    size = path.stat().st_size
+    with path.open("rb") as f:
+        head = f.read(_HEADER.size)
+    if len(head) < _HEADER.size:
+        return f"{path.name} is truncated"
+    magic, version, _, count, recorded = _HEADER.unpack(head)
+    if magic != MAGIC or version != VERSION:
+        return f"{path.name} is not a version-{VERSION} document hash file"
+    if count != documents or size != _HEADER.size + 8 * count:
+        return f"{path.name} holds {count:,} documents in {size:,} bytes, the .idx {documents:,}: another build"
+    if identity is None or recorded != identity_hash(identity):
+        return f"{path.name} was hashed from another build of {Path(str(prefix)).name}.bin"
+    if count == 0:
+        return np.empty(0, dtype=np.uint64)
+    return np.memmap(path, dtype="<u8", mode="r", offset=_HEADER.size, shape=(count,))
+
+
+def compute_document_hashes(prefix: Prefix, info: IndexInfo) -> np.ndarray:
+    """uint64 [D]: every document's hash, computed from ``PREFIX.bin`` (memory-mapped, CHUNK_TOKENS at a time)."""
+    bounds = document_bounds(prefix, info)
+    n_docs = len(bounds) - 1
+    out = np.empty(n_docs, dtype=np.uint64)
+    if n_docs == 0:
+        return out
+    tokens = np.memmap(f"{prefix}.bin", dtype=info.dtype, mode="r") if info.tokens else np.empty(0, info.dtype)
+    digest = xxhash.xxh3_64_intdigest
+    lo = 0
+    while lo < n_docs:
+        # whole documents up to CHUNK_TOKENS tokens, at least one (a longer document is its own chunk)
+        hi = int(np.searchsorted(bounds, bounds[lo] + CHUNK_TOKENS, side="right")) - 1
+        hi = min(n_docs, max(hi, lo + 1))
+        first = int(bounds[lo])
+        ids = memoryview(np.ascontiguousarray(tokens[first:int(bounds[hi])], dtype="<u4")).cast("B")
+        offsets = ((bounds[lo:hi + 1] - first) * 4).tolist()
+        out[lo:hi] = [digest(ids[a:b]) for a, b in zip(offsets, offsets[1:])]
+        lo = hi
+    return out
+
+
+def dataset_document_hashes(prefix: Prefix, info: IndexInfo, sidecar: Optional[dict]) -> tuple[np.ndarray, str]:
+    """``(hashes uint64 [D], source)`` of the dataset at ``prefix`` whose index and sidecar (None: none) were read as
+    ``info`` and ``sidecar``: PREFIX.doc_hashes's when it belongs to this build (source ``"file"``), else computed
+    from the ``.bin`` (source ``"computed: <why the file was not used>"``)."""
+    found = read_document_hashes(prefix, max(0, info.documents - 1), dataset_identity(str(prefix), sidecar))
+    if isinstance(found, str):
+        return compute_document_hashes(prefix, info), f"computed: {found}"
+    return found, "file"
+
+
+def hash_dataset(prefix: Prefix) -> dict:
+    """``dist-train data hash PREFIX``: compute every document's hash from the ``.bin`` and write PREFIX.doc_hashes
+    (replacing one of another build); ValueError (one line) when the dataset is missing or damaged. Returns
+    ``{"path", "documents"}``."""
+    for suffix in (".bin", ".idx"):
+        if not Path(f"{prefix}{suffix}").is_file():
+            raise ValueError(f"{prefix}: {prefix}{suffix} not found (give the prefix of a dataset's .bin/.idx)")
+    info = read_index(prefix)
+    check_bin_size(prefix, info)
+    hashes = compute_document_hashes(prefix, info)
+    path = write_document_hashes(prefix, hashes, dataset_identity(str(prefix), read_sidecar(prefix)))
+    return {"path": str(path), "documents": len(hashes)}

@@ -1,0 +1,137 @@
+"""Held-out documents that are also training documents (train/validation contamination), found before any rank
+starts.
+
+    overlap = shared_documents(train_hashes, valid_hashes, valid_lengths, min_tokens=64)
+    line = held_out_overlap_message(cfg, checked)   # one line when more than data.valid_overlap_max are shared
+
+A validation set that partially repeats the training set (a split made before deduplication, shards concatenated
+twice) gives an optimistic validation loss without a word. Each document is known by its 8-byte content hash
+(:mod:`.document_hashes`: token for token, EOD included); a held-out document counts as shared when a training
+document has the same hash. Documents shorter than ``data.valid_overlap_min_tokens`` tokens are not counted on
+either side: empty or one-line boilerplate ("Thank you.", a licence stub) repeats in any corpus legitimately.
+
+Held-out data is ``data.valid_path`` (its documents against all of ``data.path``'s), or ``data.split``'s validation
+share of ``data.path`` (the documents wholly inside that share against those the training share reads any token
+of). Cost: linear — the validation hashes are sorted once, the training hashes streamed past them in CHUNK-long
+pieces (O(D_train log D_valid) time, memory O(D_valid + CHUNK)); reading a PREFIX.doc_hashes file is 8 B per
+document, a dataset without one is hashed from its ``.bin`` first.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+
+from ..config import Config
+from .datasets import split_part
+from .document_hashes import dataset_document_hashes
+from .integrity import IndexInfo, document_bounds
+
+#: training hashes compared per step: 8 MiB of them
+CHUNK = 1 << 20
+
+
+@dataclass(frozen=True)
+class Overlap:
+    """Held-out documents of at least the minimum length (``counted``, ``counted_tokens``) and how many of them a
+    training document repeats (``shared``, ``shared_tokens``); ``short``: held-out documents not counted."""
+
+    shared: int
+    counted: int
+    shared_tokens: int
+    counted_tokens: int
+    short: int
+
+    @property
+    def fraction(self) -> float:
+        return self.shared / self.counted if self.counted else 0.0
+
+
+def shared_documents(train_hashes: np.ndarray, valid_hashes: np.ndarray, valid_lengths: np.ndarray,
+                     min_tokens: int) -> Overlap:
+    """train_hashes uint64 [D_train] (may be memory-mapped: read CHUNK at a time), valid_hashes uint64 [D_valid],
+    valid_lengths int [D_valid] (tokens per held-out document) -> the :class:`Overlap`. A held-out document repeated
+    within the held-out set counts each time."""
+    counted = np.asarray(valid_lengths) >= min_tokens
+    hashes, lengths = np.asarray(valid_hashes)[counted], np.asarray(valid_lengths, dtype=np.int64)[counted]
+    keys = np.unique(hashes)  # sorted
+    found = np.zeros(len(keys), dtype=bool)
+    if len(keys):
+        for lo in range(0, len(train_hashes), CHUNK):
+            chunk = np.asarray(train_hashes[lo:lo + CHUNK])
+            at = np.minimum(np.searchsorted(keys, chunk), len(keys) - 1)
+            found[at[keys[at] == chunk]] = True
+    shared = found[np.searchsorted(keys, hashes)] if len(keys) else np.zeros(0, dtype=bool)
+    return Overlap(int(shared.sum()), int(counted.sum()), int(lengths[shared].sum()), int(lengths.sum()),
+                   int((~counted).sum()))
+
+
+@dataclass(frozen=True)
+class Checked:
+    """A dataset as the pre-flight read it (:func:`~.integrity.check_indexed_dataset`'s ``index`` and ``sidecar``):
+    the overlap check reads neither file again."""
+
+    prefix: str
+    index: IndexInfo
+    sidecar: Optional[dict]
+
+    def hashes(self) -> np.ndarray:
+        return dataset_document_hashes(self.prefix, self.index, self.sidecar)[0]
+
+    def bounds(self) -> np.ndarray:
+        return document_bounds(self.prefix, self.index)
+
+
+def valid_path_overlap(train: Checked, valid: Checked, min_tokens: int) -> Overlap:
+    """The documents of the dataset ``valid`` that the dataset ``train`` holds too."""
+    return shared_documents(train.hashes(), valid.hashes(), np.diff(valid.bounds()), min_tokens)
+
+
+def split_overlap(data: Checked, seq_len: int, split: str, min_tokens: int) -> Overlap:
+    """The documents wholly inside ``split``'s validation share of the dataset ``data`` (read as samples of
+    ``seq_len`` + 1 tokens, as :class:`~.datasets.IndexedTokenDataset` does) that its training share holds too (any
+    document of which training reads a token)."""
+    bounds, hashes = data.bounds(), data.hashes()
+    samples = (data.index.tokens - 1) // seq_len
+    (t_lo, t_hi), (v_lo, v_hi) = split_part(samples, split, "train"), split_part(samples, split, "valid")
+    starts = bounds[:-1]
+    # a share reads tokens [lo·S, hi·S + 1): its samples and the last one's label
+    train = slice(int(np.searchsorted(bounds, t_lo * seq_len, side="right")) - 1,
+                  int(np.searchsorted(starts, t_hi * seq_len + 1, side="left")))
+    valid = slice(int(np.searchsorted(starts, v_lo * seq_len, side="left")),
+                  int(np.searchsorted(bounds, v_hi * seq_len + 1, side="right")) - 1)
+    if v_hi <= v_lo or valid.stop <= valid.start:
+        return Overlap(0, 0, 0, 0, 0)
+    return shared_documents(hashes[train], hashes[valid], np.diff(bounds[valid.start:valid.stop + 1]), min_tokens)
+
+
+def held_out_overlap_message(cfg: Config, checked: dict[str, Checked]) -> Optional[str]:
+    """One line when more than ``data.valid_overlap_max`` of the held-out documents (``data.valid_path``'s, else
+    ``data.split``'s validation share) are training documents too, naming both, the counts and the way on; None
+    otherwise, when validation is off, or when ``data.valid_overlap_max`` is 1 (not checked). ``checked``: data.path
+    and data.valid_path as the pre-flight read them, by prefix. ValueError: a damaged document table (one line)."""
+    d = cfg.data
+    if d.source != "indexed" or not cfg.train.eval_every or d.valid_overlap_max >= 1 or not d.path:
+        return None
+    if d.valid_path:
+        overlap = valid_path_overlap(checked[d.path], checked[d.valid_path], d.valid_overlap_min_tokens)
+        where = f"data.valid_path = {d.valid_path}: {overlap.shared:,} of its {overlap.counted:,} documents"
+        training = f"the training data data.path = {d.path}"
+        fix = "rebuild the held-out set without them (deduplicate, then split)"
+    elif d.split:
+        overlap = split_overlap(checked[d.path], d.seq_len, d.split, d.valid_overlap_min_tokens)
+        where = (f"data.split = {d.split!r}: {overlap.shared:,} of the {overlap.counted:,} documents of the "
+                 f"validation share of data.path = {d.path}")
+        training = "its training share"
+        fix = "deduplicate the corpus and prepare it again"
+    else:
+        return None
+    if overlap.shared == 0 or overlap.fraction <= d.valid_overlap_max:
+        return None
+    accept = math.ceil(overlap.fraction * 1e4) / 1e4  # the smallest 4-decimal setting that passes
+    return (f"{where} ({overlap.shared_tokens:,} of {overlap.counted_tokens:,} tokens) are also in {training}, "
+            f"{100 * overlap.fraction:.3g}% > data.valid_overlap_max = {d.valid_overlap_max:g} (documents under "
+            f"data.valid_overlap_min_tokens = {d.valid_overlap_min_tokens} tokens not counted): the validation loss "
+            f"would partly measure training documents; {fix}, or accept it with data.valid_overlap_max: {accept:g}")

@@ -1,0 +1,142 @@
+"""Held-out documents that are also training documents (data/overlap.py, data/document_hashes.py): recorded by
+`dist-train data prepare` as 8-byte content hashes in PREFIX.doc_hashes, counted by the pre-flight, refused over
+data.valid_overlap_max with one line (exit 2), short boilerplate not counted, datasets without the file hashed from
+their .bin."""
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from dist_train.config import ConfigError, config_from_dict
+from dist_train.data.document_hashes import (compute_document_hashes, dataset_document_hashes,
+                                             document_hashes_path, read_document_hashes)
+from dist_train.data.integrity import read_index
+from dist_train.data.overlap import shared_documents
+from dist_train.data.prepare import prepare_indexed
+from dist_train.data.sidecar import read_sidecar
+from dist_train.preflight import check_data
+from tests.trainer_utils import run_cli
+
+#: distinct documents of 90-odd bytes (byte tokenizer: one token each, + EOD), long enough to be counted
+DOCS = [f"document {i}: " + " ".join(f"w{i * 7 + j}" for j in range(20)) for i in range(12)]
+BOILERPLATE = "Thanks!"  # 8 tokens with its EOD: repeats legitimately
+
+
+def _prepare(tmp_path: Path, name: str, texts: list[str]) -> str:
+    src = tmp_path / f"{name}.jsonl"
+    src.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    prefix = str(tmp_path / name)
+    prepare_indexed([src], prefix)
+    return prefix
+
+
+def _cfg(tmp_path: Path, train: str, valid: str = None, split: str = None, **data):
+    return config_from_dict({
+        "run": {"dir": str(tmp_path / "run")}, "model": {"vocab_size": 257},
+        "data": {"source": "indexed", "path": train, "seq_len": 16, "valid_path": valid, "split": split, **data},
+        "train": {"eval_every": 2, "eval_steps": 1, "global_batch": 4, "micro_batch": 4}})
+
+
+def _refusal(cfg) -> str:
+    with pytest.raises(ConfigError) as e:
+        check_data(cfg)
+    assert "\n" not in str(e.value)
+    return str(e.value)
+
+
+def test_prepare_records_one_hash_per_document_that_the_bin_reproduces(tmp_path):
+    prefix = _prepare(tmp_path, "train", DOCS[:5])
+    info = read_index(prefix)
+    recorded = read_document_hashes(prefix, 5, read_sidecar(prefix)["digest"])
+    assert isinstance(recorded, np.ndarray) and len(set(recorded.tolist())) == 5
+    assert document_hashes_path(prefix).stat().st_size == 32 + 8 * 5  # linear: 8 B per document
+    np.testing.assert_array_equal(recorded, compute_document_hashes(prefix, info))
+    # the same text in another dataset (other neighbours, other offsets) has the same hash
+    other = _prepare(tmp_path, "other", [DOCS[7], DOCS[2]])
+    assert read_document_hashes(other, 2, read_sidecar(other)["digest"])[1] == recorded[2]
+
+
+def test_a_hash_file_of_another_build_is_not_used_and_data_hash_writes_it_again(tmp_path):
+    prefix = _prepare(tmp_path, "train", DOCS[:4])
+    stale = _prepare(tmp_path, "stale", DOCS[4:8])  # same count, other text: its file beside train's .bin
+    good = document_hashes_path(prefix).read_bytes()
+    document_hashes_path(prefix).write_bytes(document_hashes_path(stale).read_bytes())
+    hashes, source = dataset_document_hashes(prefix, read_index(prefix), read_sidecar(prefix))
+    assert source == "computed: train.doc_hashes was hashed from another build of train.bin"
+    np.testing.assert_array_equal(hashes, np.frombuffer(good[32:], dtype="<u8"))
+    document_hashes_path(prefix).unlink()
+    r = run_cli("data", "hash", prefix)
+    assert r.returncode == 0, r.stderr
+    assert document_hashes_path(prefix).read_bytes() == good
+    assert dataset_document_hashes(prefix, read_index(prefix), read_sidecar(prefix))[1] == "file"
+
+
+def test_shared_documents_counts_documents_and_tokens_and_skips_short_ones():
+    train = np.array([5, 9, 11, 3], dtype=np.uint64)
+    valid = np.array([9, 4, 3, 3, 5], dtype=np.uint64)
+    lengths = np.array([100, 80, 70, 70, 2])
+    o = shared_documents(train, valid, lengths, min_tokens=64)
+    assert (o.shared, o.counted, o.shared_tokens, o.counted_tokens, o.short) == (3, 4, 240, 320, 1)
+    assert shared_documents(train[:0], valid, lengths, 64).shared == 0
+    assert shared_documents(train, valid, lengths, 1000).counted == 0
+
+
+def test_a_partial_overlap_is_refused_naming_both_paths_and_the_counts(tmp_path):
+    train = _prepare(tmp_path, "train", DOCS[:10])
+    valid = _prepare(tmp_path, "valid", [DOCS[10], DOCS[3], DOCS[11], DOCS[7]])
+    msg = _refusal(_cfg(tmp_path, train, valid))
+    tokens = len(DOCS[3]) + len(DOCS[7]) + 2
+    total = sum(len(DOCS[i]) + 1 for i in (10, 3, 11, 7))
+    assert msg.startswith(f"data.valid_path = {valid}: 2 of its 4 documents ({tokens} of {total} tokens) are also "
+                          f"in the training data data.path = {train}, 50% > data.valid_overlap_max = 0 "), msg
+    assert "data.valid_overlap_min_tokens = 64" in msg and "data.valid_overlap_max: 0.5" in msg
+    # the knob: at the fraction it suggests the run goes on, just below it is refused
+    check_data(_cfg(tmp_path, train, valid, valid_overlap_max=0.5))
+    assert "data.valid_overlap_max = 0.49" in _refusal(_cfg(tmp_path, train, valid, valid_overlap_max=0.49))
+    check_data(_cfg(tmp_path, train, valid, valid_overlap_max=1.0))  # 1: not checked
+
+
+def test_disjoint_sets_and_repeated_short_boilerplate_pass(tmp_path):
+    train = _prepare(tmp_path, "train", DOCS[:8] + [BOILERPLATE, ""])
+    valid = _prepare(tmp_path, "valid", DOCS[8:] + [BOILERPLATE, BOILERPLATE])
+    check_data(_cfg(tmp_path, train, valid))
+    # counted once they are long enough for data.valid_overlap_min_tokens: 2 of the 6 held-out documents
+    assert "2 of its 6 documents" in _refusal(_cfg(tmp_path, train, valid, valid_overlap_min_tokens=8))
+
+
+def test_datasets_without_the_hash_file_or_a_sidecar_are_hashed_from_their_bin(tmp_path):
+    train = _prepare(tmp_path, "train", DOCS[:10])
+    valid = _prepare(tmp_path, "valid", [DOCS[10], DOCS[3], DOCS[11], DOCS[7]])
+    with_files = _refusal(_cfg(tmp_path, train, valid))
+    for prefix in (train, valid):  # prepared before the file existed
+        document_hashes_path(prefix).unlink()
+    assert _refusal(_cfg(tmp_path, train, valid)) == with_files
+    for prefix in (train, valid):  # built elsewhere: no sidecar either
+        Path(prefix + ".meta.json").unlink()
+    assert _refusal(_cfg(tmp_path, train, valid)) == with_files
+
+
+def test_duplicates_across_the_shares_of_data_split_are_refused(tmp_path):
+    """data.split holds out the corpus's last share: a corpus with repeated documents repeats some of them there."""
+    deduplicated = _prepare(tmp_path, "dedup", DOCS)
+    check_data(_cfg(tmp_path, deduplicated, split="70,30,0"))
+    repeated = _prepare(tmp_path, "repeated", DOCS[:9] + [DOCS[1], DOCS[5], DOCS[9]])
+    msg = _refusal(_cfg(tmp_path, repeated, split="70,30,0"))
+    # the last document is read only in part (the stream's tail short of a sample): not a held-out document
+    assert msg.startswith(f"data.split = '70,30,0': 2 of the 2 documents of the validation share of data.path = "
+                          f"{repeated} (") and "also in its training share" in msg, msg
+    assert "deduplicate the corpus" in msg
+
+
+def test_launch_refuses_an_overlapping_held_out_set_with_exit_2_before_any_rank(tmp_path):
+    train = _prepare(tmp_path, "train", DOCS[:10] * 3)
+    valid = _prepare(tmp_path, "valid", [DOCS[10], DOCS[3], DOCS[11], DOCS[7]] * 2)
+    run_dir = tmp_path / "run"
+    r = run_cli("launch", "configs/gpt_tiny.yaml", "--backend", "local", "--set", f"data.path={train}",
+                "--set", f"data.valid_path={valid}", "--set", "train.eval_every=2", "--set", "train.eval_steps=1",
+                "--set", "data.seq_len=16", "--set", f"run.dir={run_dir}")
+    assert r.returncode == 2, r.stderr[-2000:]
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and f"data.valid_path = {valid}: 4 of its 8 documents" in lines[0], r.stderr[-2000:]
+    assert not run_dir.exists()
