@@ -4,6 +4,13 @@ Matmuls by shape over the calibrated matmul curve, attention (FLOP convention) o
 with the causal critical-path factor of the cp layout, elementwise traffic over memory bandwidth, eager
 op overhead, the optimizer, then the communication of every axis: exposed = what the algorithm cannot
 overlap (profile.overlap).
+
+Host dispatch (:func:`host_bound_seconds`): on a device whose kernels launch asynchronously the host dispatches
+each eager op (``profile.host_op_us``) while the device runs the ones before it, so a rank's compute per
+micro-batch takes max(device time, host dispatch time), not their sum: a big model's
+kernels hide the launches, a small model (or small per-rank shards) leaves the device waiting for the host. What
+the device waits beyond its own work is the ``host_dispatch_exposed`` component. A CPU profile runs its ops on the
+host: ``host_op_us`` is 0 there and ``op_overhead_us`` is its serial per-op cost, added to the compute time.
 """
 from __future__ import annotations
 
@@ -18,9 +25,11 @@ from .shape import RankShape, Shape, cp_execution, recompute_runs_last_matmul, r
 
 # eager autograd ops per transformer layer (forward ops; their backward is in the calibrated per-op cost),
 # counted from dist_train/models/gpt.py and swin.py; a fused what-if profile (``fused_kernels: true``, a layer
-# dist-train does not run) collapses them. Times ``op_overhead_us``: 0 on the GPU profiles, whose launches are
-# asynchronous and hide behind the kernels at the projections' sizes (devices.yaml)
+# dist-train does not run) collapses them. Times ``op_overhead_us`` serially (0 on the GPU profiles) and
+# ``host_op_us`` as the host's dispatch, which overlaps the device's work (host_bound_seconds)
 EAGER_OPS_PER_LAYER = {"gpt": 48, "swin": 40}
+# ops of torch AdamW (foreach=False, dist_train/optim.py) per parameter tensor and step
+OPTIMIZER_OPS_PER_TENSOR = 14
 FUSED_OPS_PER_LAYER = 14
 # ops each extra cp ring step adds per layer (kernel call, LSE merge, send/recv bookkeeping)
 RING_OPS_PER_STEP = 14
@@ -124,6 +133,14 @@ def swin_halo_traffic(cfg: Config, sh: Shape, loc: RankShape) -> tuple[int, floa
     return 2, halo * micro_batch_samples(cfg) * channels * loc.bpe
 
 
+def host_bound_seconds(device_s: float, ops: float, prof: DeviceProfile) -> float:
+    """Seconds of work that takes ``device_s`` on the device and dispatches ``ops`` eager ops from the host: on an
+    asynchronous-launch profile the host launches op i+1 while the device runs op i, so the slower of the two sets
+    the pace, max(device_s, ops · host_op_us); ``host_op_us`` 0 (the CPU, whose ops run on the host and cost
+    ``op_overhead_us`` inside ``device_s``) leaves ``device_s`` exactly."""
+    return max(device_s, ops * prof.host_op_us * 1e-6)
+
+
 def _allreduce_s(nbytes: float, n: int, link) -> float:
     if n <= 1:
         return 0.0
@@ -211,8 +228,10 @@ def time_model(cfg: Config, sh: Shape, prof: DeviceProfile, loc: RankShape, mem:
     if p.cp > 1:
         pieces = loc.tokens / ring_piece_tokens(cfg, loc)   # one sub-ring per K/V piece
         core_ops = loc.layers * (RING_OPS_PER_STEP * (ring - 1) * pieces + (ULYSSES_OPS if cpx.ulysses > 1 else 0))
-    ovh = (ops * recompute + core_ops * core_recompute) * prof.op_overhead_us * 1e-6
-    compute_mb = (mm + attn + ew + ovh) / share
+    ops_mb = ops * recompute + core_ops * core_recompute
+    ovh = ops_mb * prof.op_overhead_us * 1e-6
+    device_mb = (mm + attn + ew + ovh) / share
+    compute_mb = host_bound_seconds(device_mb, ops_mb, prof)
 
     # -- communication per micro-batch -----------------------------------------------------------
     tp_s = 0.0
@@ -260,7 +279,10 @@ def time_model(cfg: Config, sh: Shape, prof: DeviceProfile, loc: RankShape, mem:
         n_local = mem["weights"] * (loc.grad_shards if p.zero_stage == 3 else 1) / bpe
     tensors = (9 if sh.kind == "gpt" else 13) * loc.layers + 3
     shards = loc.grad_shards if (p.zero_stage or 0) >= 1 or p.fsdp else 1
-    opt = (n_local / shards * 4 * 10 / (prof.mem_bw_gbs * 1e9) + tensors * 14 * prof.op_overhead_us * 1e-6) / share
+    # the optimizer's own dispatch (no autograd: ~3.5 us per op, not a forward op's host_op_us, gpucheck's dispatch
+    # section) is not in the host term: host_op_us would overstate it several times over (docs/planner.md)
+    opt = (n_local / shards * 4 * 10 / (prof.mem_bw_gbs * 1e9)
+           + tensors * OPTIMIZER_OPS_PER_TENSOR * prof.op_overhead_us * 1e-6) / share
     grad_bytes = n_local * bpe
     g = loc.grad_shards
     dp_link = prof.link(world // max(1, p.pp))
@@ -274,9 +296,15 @@ def time_model(cfg: Config, sh: Shape, prof: DeviceProfile, loc: RankShape, mem:
         dp_comm, dp_exposed = fsdp["total"], fsdp["exposed"]
     small = 2 * _allreduce_s(8, g, dp_link)  # token count and loss all-reduces
     out = {"matmul": accum * mm / share, "attention": accum * attn / share, "elementwise": accum * ew / share,
-           "op_overhead": accum * ovh / share, "optimizer": opt, "tp_comm": accum * tp_s,
+           "op_overhead": accum * ovh / share, "host_dispatch_exposed": accum * (compute_mb - device_mb),
+           "optimizer": opt, "tp_comm": accum * tp_s,
            "cp_comm_exposed": accum * cp_exposed, "wp_halo_exposed": accum * wp_s, "pp_p2p": accum * pp_s,
            "pp_bubble": body - accum * per_mb, "dp_comm_exposed": dp_exposed + small}
     out["step"] = body + opt + dp_exposed + small
     out["comm_total"] = accum * (tp_s + cp_exposed + wp_s + pp_s) + dp_exposed + small
+    # per step: the eager ops the host dispatches for the micro-batches' compute, their dispatch seconds, the
+    # device's seconds they overlap and whether the device waits (predict moves it to Prediction.host)
+    dispatch = accum * ops_mb * prof.host_op_us * 1e-6
+    out["host"] = {"ops": accum * ops_mb, "dispatch_s": dispatch, "device_s": accum * device_mb,
+                   "bound": compute_mb > device_mb}
     return out

@@ -87,6 +87,9 @@ def plan_main(args: argparse.Namespace) -> int:
           f"{12 * sh.layers * sh.q_dim * sh.keys_per_query / 1e9:.4g}, S_eff = {sh.keys_per_query:,.0f})")
     if not prof.is_cpu:
         print("GPU predictions are MODEL OUTPUTS from datasheet profiles, not measurements.")
+    if not prof.is_cpu and prof.host_op_us == 0:
+        print(f"profile {prof.name} sets no host_op_us: the host's dispatch is not costed (every launch assumed to hide "
+              "behind the kernels)")
     if prof.fused_kernels and sh.kind == "gpt":
         print(f"profile {prof.name} has fused_kernels: true — a what-if: the GPT is costed as a Transformer-Engine "
               "style fused layer, which dist-train does not run (it runs its eager modules, what the built-in "
@@ -112,6 +115,7 @@ def plan_main(args: argparse.Namespace) -> int:
     # also show why the best layouts of other families lost (one per distinct reason family)
     for i, (p, c) in enumerate(shown):
         why = "best" if i == 0 and p.fits else why_slower(p, best, prof.memory_bytes)
+        why += " [host-bound]" if p.host_bound else ""
         print(f"{i + 1:>3}  {layout_label(c):<44} {p.memory['total'] / GIB:>9.2f} {p.step_time_s:>10.4g} "
               f"{p.tokens_per_s:>12,.0f} {p.tflops_per_device:>8.4g} {100 * p.mfu:>5.1f}% "
               f"{100 * p.exposed_comm_fraction:>5.0f}%  {why}")

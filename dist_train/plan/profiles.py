@@ -66,6 +66,9 @@ class DeviceProfile:
     intra: Link
     inter: Link
     cores: Optional[int] = None  # CPU: ranks per node beyond this share cores
+    # host dispatch per eager forward op (its backward included) on a device whose kernels launch asynchronously:
+    # overlaps the device's work (cost.step_time.host_bound_seconds); 0 on CPU, whose ops cost op_overhead_us serially
+    host_op_us: float = 0.0
     source: str = "data file"
     extra: dict = field(default_factory=dict)
 
@@ -120,6 +123,35 @@ def _lookup(curve: Curve, x: float) -> float:
 PROFILE_KEYS = frozenset({f.name for f in fields(DeviceProfile)} - {"source", "intra", "inter"} | {"links"})
 
 
+#: ``host_op_us`` of a profile that does not set it (a custom profile or a calibration written before the field
+#: existed): no host dispatch is costed, the device's work alone sets a rank's compute time (the model before it)
+DEFAULT_HOST_OP_US = 0.0
+
+
+def _per_op_us(name: str, d: dict, source: str, key: str, default: Optional[float] = None) -> float:
+    """A per-op cost in microseconds: a finite number >= 0 (one line naming the value otherwise)."""
+    value = d.get(key, default) if default is not None else d[key]
+    try:
+        us = float(value)
+    except (TypeError, ValueError):
+        us = float("nan")
+    if not math.isfinite(us) or us < 0:
+        raise ValueError(f"device profile '{name}' in {source}: {key} {value!r}: must be a number >= 0 (microseconds "
+                         "per eager op)")
+    return us
+
+
+def _host_op_us(name: str, d: dict, source: str) -> float:
+    """``host_op_us`` (default :data:`DEFAULT_HOST_OP_US`); refused on a cpu profile (``cores`` set), whose ops run on
+    the host, serially: their cost is ``op_overhead_us``."""
+    us = _per_op_us(name, d, source, "host_op_us", DEFAULT_HOST_OP_US)
+    if us > 0 and d.get("cores") is not None:
+        raise ValueError(f"device profile '{name}' in {source}: host_op_us {us:g} on a cpu profile (cores set): its ops "
+                         "run on the host, serially, so their cost is op_overhead_us; host_op_us is the dispatch "
+                         "cost of a device whose kernels launch asynchronously (a GPU)")
+    return us
+
+
 def profile_from_dict(name: str, d: dict, source: str) -> DeviceProfile:
     unknown = sorted(set(d) - PROFILE_KEYS) if isinstance(d, dict) else []
     if unknown:  # a misspelt optional key (cores, description, extra) would silently keep its default
@@ -131,11 +163,12 @@ def profile_from_dict(name: str, d: dict, source: str) -> DeviceProfile:
             name=name, description=str(d.get("description", name)), memory_gib=float(d["memory_gib"]),
             baseline_gib=float(d["baseline_gib"]), peak_tflops=float(d["peak_tflops"]),
             matmul_tflops=d["matmul_tflops"], attention_tflops=d["attention_tflops"],
-            mem_bw_gbs=float(d["mem_bw_gbs"]), op_overhead_us=float(d["op_overhead_us"]),
+            mem_bw_gbs=float(d["mem_bw_gbs"]), op_overhead_us=_per_op_us(name, d, source, "op_overhead_us"),
             bytes_per_elem=int(d["bytes_per_elem"]), fused_kernels=bool(d["fused_kernels"]),
             flash_attention=bool(d["flash_attention"]), devices_per_node=int(d["devices_per_node"]),
             overlap=float(d["overlap"]), intra=Link(**links["intra"]), inter=Link(**links["inter"]),
-            cores=int(d["cores"]) if d.get("cores") is not None else None, source=source,
+            cores=int(d["cores"]) if d.get("cores") is not None else None, host_op_us=_host_op_us(name, d, source),
+            source=source,
             extra=dict(d.get("extra") or {}))
     except (KeyError, TypeError) as e:
         raise ValueError(f"device profile '{name}' in {source} is missing or has a bad field: {e}") from None
