@@ -43,6 +43,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
+from .atomic_write import write_text_atomic
 from .own_files import clear_own_files
 
 # -- exit codes --------------------------------------------------------------------------------
@@ -328,9 +329,7 @@ class Lifecycle:
         payload = {"rank": self.rank, "step": step, "time": now, "alive": time.time(), "gap_s": self._max_gap,
                    "busy": self._busy, "first_step_time": self._first_step_time, "attempt": self.attempt,
                    "pid": os.getpid()}
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(payload))
-        os.replace(tmp, path)  # readers never see a half-written file
+        write_text_atomic(path, json.dumps(payload))  # readers never see a half-written file
         self._last_write = time.time()
         self._written = (step, now)
 

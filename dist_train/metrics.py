@@ -19,6 +19,8 @@ from typing import Optional
 
 import torch
 
+from .atomic_write import write_text_atomic
+
 #: dense (no sparsity) datasheet peaks, TFLOP/s per device: (bf16 tensor core, fp32 without TF32). Matched
 #: against torch.cuda.get_device_name(), longest key first ("H100 PCIe" before "H100"; the NVL cards, "NVIDIA H200
 #: NVL" and "NVIDIA H100 NVL", run at lower clocks than the SXM parts: 1,671 sparse = 835.5 dense bf16, 60 fp32).
@@ -101,9 +103,7 @@ def store_cpu_peak(threads: int, entry: dict) -> None:
     table[_cpu_key(threads)] = entry
     with contextlib.suppress(OSError):  # unwritable cache: the next run measures again, nothing else is lost
         cache.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache.with_suffix(f".tmp{os.getpid()}")
-        tmp.write_text(json.dumps(table, indent=1))
-        os.replace(tmp, cache)
+        write_text_atomic(cache, json.dumps(table, indent=1))
 
 
 def _cpu_source(entry: dict) -> str:

@@ -6,7 +6,7 @@ it with ``rmtree`` deleted. Only files named exactly the way dist-train names it
 ``rank_notes.txt`` is not ``rank_N.txt``), a symlink as itself (never what it points to), and the folder only when
 that leaves it empty.
 
-    clear_own_files(run_dir / "errors", [r"rank_\d+\.txt", r"\.rank_\d+\.txt\.tmp"])
+    clear_own_files(run_dir / "errors", [r"rank_\d+\.txt", r"\.rank_\d+\.txt\.\d+\.tmp"])
 """
 from __future__ import annotations
 

@@ -20,10 +20,11 @@ import os
 from pathlib import Path
 from typing import Union
 
+from .atomic_write import write_text_atomic
 from .own_files import clear_own_files
 
 ERRORS_DIR = "errors"
-RECORD_PATTERNS = (r"rank_\d+\.txt", r"\.rank_\d+\.txt\.tmp")  # what record_user_error writes
+RECORD_PATTERNS = (r"rank_\d+\.txt", r"\.rank_\d+\.txt\.\d+\.tmp")  # what record_user_error writes (atomic_write)
 
 PathLike = Union[str, os.PathLike]
 
@@ -44,9 +45,7 @@ def record_user_error(run_dir: PathLike, rank: int, message: str) -> None:
     # reaches the user on its own stderr
     with contextlib.suppress(OSError):
         d.mkdir(parents=True, exist_ok=True)
-        tmp = d / f".rank_{rank}.txt.tmp"
-        tmp.write_text(message.splitlines()[0] if message else "")
-        os.replace(tmp, d / f"rank_{rank}.txt")
+        write_text_atomic(d / f"rank_{rank}.txt", message.splitlines()[0] if message else "")
 
 
 def user_errors(run_dir: PathLike) -> dict[int, str]:

@@ -29,6 +29,8 @@ import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
+from .atomic_write import write_text_atomic
+
 ENV = "DIST_TRAIN_RANK_STATS"
 _BLOCKING = ("all_reduce", "all_gather", "all_gather_into_tensor", "reduce_scatter_tensor", "all_to_all_single",
              "all_to_all", "broadcast", "barrier", "send", "recv", "isend", "irecv", "batch_isend_irecv",
@@ -162,6 +164,4 @@ class RankStats:
                "cpu_s": self.cpu_times, "data_s": self.data_times,
                "peak_mem_bytes": int(peak_mem_bytes), "param_bytes": param_bytes, "optim_bytes": optim_bytes,
                "pid": os.getpid()}
-        tmp = out / f".rank_{self.rank}.json.tmp"
-        tmp.write_text(json.dumps(rec))
-        os.replace(tmp, out / f"rank_{self.rank}.json")
+        write_text_atomic(out / f"rank_{self.rank}.json", json.dumps(rec))

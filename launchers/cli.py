@@ -20,6 +20,7 @@ from typing import Optional
 
 import torch
 
+from dist_train.atomic_write import write_bytes_atomic
 from dist_train.config import Config, LaunchConfig, check_world_size, load_config
 from dist_train.dryrun import show_layout
 from dist_train.preflight import PREFLIGHT_ENV, check_resume, preflight
@@ -166,9 +167,7 @@ def snapshot_config(config: str, run_dir: Path, name: str = LAUNCHED_CONFIG) -> 
     data = Path(config).read_bytes()
     run_dir.mkdir(parents=True, exist_ok=True)
     target = (run_dir / name.format(digest=hashlib.sha256(data).hexdigest()[:12])).absolute()
-    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, target)
+    write_bytes_atomic(target, data)
     return target
 
 

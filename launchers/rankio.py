@@ -21,6 +21,7 @@ import sys
 import time
 from pathlib import Path
 
+from dist_train.atomic_write import write_text_atomic
 from dist_train.lifecycle import EXIT_PREEMPTED, current_attempt, exit_code_for_signal
 from launchers.env import detect_rank_env
 from launchers.procs import ConsoleSink, RankProcess
@@ -64,9 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     code = child.wait()  # signal handlers run in between (PEP 475 retries the wait)
     child.close()
     path = exit_status_path(Path(args.log_dir), rank)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps({"rank": rank, "attempt": attempt, "code": code, "time": time.time()}))
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps({"rank": rank, "attempt": attempt, "code": code, "time": time.time()}))
     if code == EXIT_PREEMPTED:
         return args.preempted_exit
     return exit_code_for_signal(-code) if code < 0 else code

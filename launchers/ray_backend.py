@@ -29,6 +29,7 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
+from dist_train.atomic_write import write_bytes_atomic
 from dist_train.held_stderr import stderr_held_back
 from dist_train.loopback import loopback_environment
 from launchers.env import free_port
@@ -131,9 +132,7 @@ def write_missing(files: dict[str, bytes]) -> None:
             if path.read_bytes() == data:
                 continue
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
+        write_bytes_atomic(path, data)
 
 
 class RankActor:

@@ -92,7 +92,7 @@ def test_disk_full_while_rewriting_latest_keeps_the_committed_checkpoint(tmp_pat
     real_fsync = storage.os.fsync
 
     def full_for_latest(fd):
-        if os.path.basename(os.readlink(f"/proc/self/fd/{fd}")).startswith("latest.tmp"):
+        if os.path.basename(os.readlink(f"/proc/self/fd/{fd}")).startswith(".latest."):
             raise OSError(errno.ENOSPC, "No space left on device")
         return real_fsync(fd)
 
@@ -103,7 +103,7 @@ def test_disk_full_while_rewriting_latest_keeps_the_committed_checkpoint(tmp_pat
     said = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert len(said) == 1 and "step_2 is committed, but rewriting" in said[0] and "No space left" in said[0] \
         and "still names step_1" in said[0], said
-    assert read_latest(root) == "step_1" and not list(root.glob("latest.tmp*"))
+    assert read_latest(root) == "step_1" and not list(root.glob(".latest.*.tmp"))
     assert [p.name for _, p in complete_checkpoints(root)] == ["step_2", "step_1"]
     assert not verify_checkpoint(root / "step_2")
     fresh = build(seed=9)

@@ -22,6 +22,7 @@ import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import FileSystemWriter
 
+from dist_train.atomic_write import atomic_path
 from dist_train.checkpoint import manifest as mf
 from dist_train.checkpoint.hf import (check_tensor_shapes, expected_shapes, fresh_output, load_model_tensors,
                                       write_step0)
@@ -51,9 +52,8 @@ def to_torch(ckpt: PathLike, out: PathLike) -> Path:
         raise ValueError(f"{out}: already exists; choose a new output file")
     tensors, _ = load_model_tensors(ckpt)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    torch.save(tensors, tmp)
-    tmp.replace(out)
+    with atomic_path(out) as tmp:
+        torch.save(tensors, tmp)
     return out
 
 

@@ -19,7 +19,8 @@ tensor chunk, resharding at load), this module stores the bytes.
   (``CorruptCheckpointError`` names the file, byte range and tensors).
   Checkpoints of the older ``torch.save`` shard format are read by DCP's own reader
   (``torch.load(weights_only=True)``).
-* ``write_file_durable`` / ``fsync_dir`` / ``file_block_digests``: (temp-file +) fsync (+ rename), checksums.
+* ``write_file_durable`` / ``fsync_dir`` / ``file_block_digests``: (temp-file +) fsync (+ rename), checksums
+  (``fsync_dir`` and the temp-file write are :mod:`dist_train.atomic_write`'s, re-exported here).
 """
 from __future__ import annotations
 
@@ -43,6 +44,7 @@ from torch.distributed.checkpoint.planner import LoadPlan, LoadPlanner, ReadItem
 from torch.distributed.checkpoint.planner import WriteItemType
 from torch.distributed.checkpoint.storage import WriteResult
 
+from dist_train.atomic_write import fsync_dir, write_bytes_atomic
 from dist_train.checkpoint import blockio, checksum
 from dist_train.checkpoint.blockio import BLOCK, Segment
 
@@ -153,36 +155,19 @@ def bytes_block_digests(data: bytes, block: int = BLOCK) -> dict:
                                                    for i in range(0, len(data), block)])
 
 
-def fsync_dir(path: PathLike) -> None:
-    """Make a rename/creation inside ``path`` durable (POSIX: fsync the directory)."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def write_file_durable(path: PathLike, data: bytes, atomic: bool = True) -> dict:
     """Write ``data`` to ``path`` and fsync it; return its checksum record. ``atomic``: via a temp file +
     rename + directory fsync. Files inside a save's ``step_N.tmp`` directory pass ``atomic=False``: the
     directory is fsynced once and renamed as a whole at commit, so a per-file rename and directory fsync
-    would only add fsyncs (each a journal commit) to every save."""
-    path = Path(path)
-    target = path.with_name(path.name + f".tmp{os.getpid()}") if atomic else path
-    try:
-        with open(target, "wb") as f:
+    would only add fsyncs (each a journal commit) to every save. Disk full in an atomic write: the old file stays as
+    it was and no temp file is left behind (:mod:`dist_train.atomic_write`)."""
+    if atomic:
+        write_bytes_atomic(path, data, fsync=True)
+    else:
+        with open(path, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
-        if atomic:
-            os.replace(target, path)
-    except BaseException:
-        if atomic:  # e.g. disk full: the old file stays as it was and no temp file is left behind
-            with contextlib.suppress(OSError):
-                os.unlink(target)
-        raise
-    if atomic:
-        fsync_dir(path.parent)
     return bytes_block_digests(data)
 
 

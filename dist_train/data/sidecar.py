@@ -14,10 +14,10 @@ sidecar: :func:`read_sidecar` then returns None.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Optional, Union
 
+from ..atomic_write import write_text_atomic
 from .tokenizer import BYTE_FINGERPRINT, fingerprints_differ, tokenizer_fingerprint
 
 FORMAT = "dist-train-dataset/1"
@@ -36,9 +36,7 @@ def write_sidecar(prefix: Union[str, Path], info: dict) -> Path:
     if missing:
         raise ValueError(f"dataset sidecar for {prefix}: missing {', '.join(missing)}")
     path = sidecar_path(prefix)
-    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps({"format": FORMAT, **info}, indent=1) + "\n")
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps({"format": FORMAT, **info}, indent=1) + "\n")
     return path
 
 

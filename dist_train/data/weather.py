@@ -18,12 +18,13 @@ from __future__ import annotations
 
 import fcntl
 import json
-import os
 from pathlib import Path
 from typing import Optional, Sequence, Union
 
 import numpy as np
 import torch
+
+from ..atomic_write import atomic_path, write_text_atomic
 
 _FORMAT_VERSION = 2  # 2: the first SPINUP_STEPS steps are integrated but not written
 # The initial state (forcing + small-scale noise) diffuses fast: its first increments are ~5x the later
@@ -127,15 +128,9 @@ def prepare_weather(path: Union[str, Path], *, height: int, width: int, steps: i
         fcntl.flock(lock, fcntl.LOCK_EX)
         if _already_there(path, meta):
             return path
-        tmp_data, tmp_meta = path / f"{FIELDS_FILE}.tmp{os.getpid()}", path / f"{META_FILE}.tmp{os.getpid()}"
-        try:
+        with atomic_path(data_file) as tmp_data:
             _generate(tmp_data, height, width, steps, channels, seed)
-            os.replace(tmp_data, data_file)
-            tmp_meta.write_text(json.dumps(meta))
-            os.replace(tmp_meta, meta_file)
-        finally:
-            tmp_data.unlink(missing_ok=True)
-            tmp_meta.unlink(missing_ok=True)
+        write_text_atomic(meta_file, json.dumps(meta))  # last: the meta says the fields are complete
     return path
 
 

@@ -44,6 +44,7 @@ from typing import Any, Callable, Optional
 import yaml
 from tqdm import tqdm
 
+from ..atomic_write import write_text_atomic
 from ..config import Config, ConfigError, load_config, load_yaml_unique, own_checkpoint_overrides, unread_reset_overrides
 
 MODES = ("strong", "weak", "sequence-weak", "grid")
@@ -378,9 +379,7 @@ def load_result(out: Path, point: Point) -> Optional[dict]:
 def save_result(out: Path, point: Point, rec: dict) -> None:
     d = point_dir(out, point)
     d.mkdir(parents=True, exist_ok=True)
-    tmp = d / ".result.json.tmp"
-    tmp.write_text(json.dumps(rec, indent=2, default=str))
-    os.replace(tmp, d / "result.json")  # atomic: a killed sweep never leaves half a result
+    write_text_atomic(d / "result.json", json.dumps(rec, indent=2, default=str))  # a killed sweep leaves no half result
 
 
 def run_sweep(spec: SweepSpec, out: Path, *, retry_failed: bool = False, progress: bool = True,

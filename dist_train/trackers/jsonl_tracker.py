@@ -5,6 +5,7 @@ import json
 import os
 from pathlib import Path
 
+from ..atomic_write import write_text_atomic
 from ..config import Config
 
 
@@ -27,9 +28,7 @@ class JsonlTracker:
                 continue
             if int(rec.get("step", 0)) <= start_step:
                 keep.append(line)
-        tmp = self.path.with_suffix(f".tmp{os.getpid()}")
-        tmp.write_text("".join(f"{line}\n" for line in keep))
-        os.replace(tmp, self.path)
+        write_text_atomic(self.path, "".join(f"{line}\n" for line in keep))
 
     def log(self, step: int, record: dict) -> None:
         self._f.write(json.dumps({"step": step, **record}) + "\n")
