@@ -17,7 +17,6 @@ computed from the ``.bin``, in chunks of CHUNK_TOKENS tokens (one XXH3 call per 
 """
 from __future__ import annotations
 
-import os
 import struct
 from pathlib import Path
 from typing import Optional, Sequence, Union
@@ -25,6 +24,7 @@ from typing import Optional, Sequence, Union
 import numpy as np
 import xxhash
 
+from ..atomic_write import atomic_path
 from .datasets import dataset_identity
 from .integrity import IndexInfo, check_bin_size, document_bounds, read_index
 from .sidecar import read_sidecar
@@ -57,11 +57,9 @@ def write_document_hashes(prefix: Prefix, hashes: np.ndarray, identity: str) -> 
     """Write ``hashes`` (uint64 [D], document order) as PREFIX.doc_hashes for the dataset of ``identity``,
     atomically (temporary file + rename)."""
     path = document_hashes_path(prefix)
-    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
-    with tmp.open("wb") as f:
+    with atomic_path(path) as tmp, tmp.open("wb") as f:
         f.write(_HEADER.pack(MAGIC, VERSION, 0, len(hashes), identity_hash(identity)))
         f.write(np.ascontiguousarray(hashes, dtype="<u8").tobytes())
-    os.replace(tmp, path)
     return path
 
 
