@@ -109,7 +109,7 @@ def test_top_level_help_imports_no_torch():
 # one argument per bench command that its torch-free check refuses (a new command must add one)
 _BENCH_REFUSALS = {"attention": ["--repeats", "0"], "memory": ["--cp", "0"], "window": ["--image", "10", "16"],
                    "ckpt": ["--size-gb", "0"], "train": ["configs/gpt_tiny.yaml", "--repeats", "3"],
-                   "launch": ["configs/gpt_tiny.yaml", "--backends", "foo"]}
+                   "launch": ["configs/gpt_tiny.yaml", "--backends", "foo"], "overlap": ["--overlap", "1.5"]}
 
 
 def test_bench_parser_help_and_refusals_import_no_torch():

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from dist_train.cli import main
 from dist_train.config import ConfigError, config_from_dict
 from dist_train.data.document_hashes import (compute_document_hashes, dataset_document_hashes,
                                              document_hashes_path, read_document_hashes)
@@ -79,6 +80,8 @@ def test_shared_documents_counts_documents_and_tokens_and_skips_short_ones():
     o = shared_documents(train, valid, lengths, min_tokens=64)
     assert (o.shared, o.counted, o.shared_tokens, o.counted_tokens, o.short) == (3, 4, 240, 320, 1)
     assert shared_documents(train[:0], valid, lengths, 64).shared == 0
+    # equal low bits (what the filter looks at) are not a match
+    assert shared_documents(valid[:3] + np.uint64(1 << 40), valid, lengths, 64).shared == 0
     assert shared_documents(train, valid, lengths, 1000).counted == 0
 
 
@@ -140,3 +143,12 @@ def test_launch_refuses_an_overlapping_held_out_set_with_exit_2_before_any_rank(
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and f"data.valid_path = {valid}: 4 of its 8 documents" in lines[0], r.stderr[-2000:]
     assert not run_dir.exists()
+
+
+def test_the_overlap_bench_finds_every_planted_copy(tmp_path, capsys):
+    """`dist-train bench overlap` exits 1 unless both variants of the check (with and without PREFIX.doc_hashes) find
+    exactly the copies it planted: run at a tiny size (what it measures is in docs/benchmarks/overlap.md)."""
+    assert main(["bench", "overlap", "--train-docs", "3000", "--valid-docs", "300", "--overlap", "0.5",
+                 "--repeats", "1", "--dir", str(tmp_path), "--json", str(tmp_path / "o.json")]) == 0
+    result = json.loads((tmp_path / "o.json").read_text())
+    assert result["planted"] > 50 and set(result["found"].values()) == {result["planted"]}, result
