@@ -23,7 +23,11 @@ from dist_train.gpucheck import report as rep
 from dist_train.gpucheck.bench import (_batch, bench_checkpoint, bench_documents, bench_kernels, bench_longest,
                                        build_llama, document_boundaries,
                                        llama_config, matmul_peak_tflops, run_llama, train_step, trial_step)
+from dist_train.config import ModelConfig
+from dist_train.cost.step_time import EAGER_OPS_PER_LAYER
+from dist_train.gpucheck.dispatch import SEQ_LEN, TINY_GPT, OpCounter, measure_dispatch
 from dist_train.gpucheck.env import commit_of
+from dist_train.models.gpt import GPT
 from dist_train.gpucheck.runner import _run, gpu_test_files, run_bench
 from parallelism.context.kernels import CudaSdpaKernel, SdpaCpuKernel
 from tests.test_cuda_kernel import _fake_aten
@@ -55,9 +59,13 @@ def test_make_gpu_check_smoke_run_on_cpu(tmp_path):
     files = {t["test"].split("::")[0] for t in report["tests"]}
     assert {"tests/test_cuda_kernel.py", "tests/test_gpu_path.py"} <= files, files
     assert all(t["outcome"] == "skipped" and "CUDA" in t["message"] for t in report["tests"]), report["tests"]
+    dispatch = report["benchmarks"].pop("dispatch")  # the one benchmark with a CPU smoke
     assert report["benchmarks"] == {"kernels": {"skipped": "no CUDA device"}, "llama": {"skipped": "no CUDA device"}}
+    assert dispatch["device"] == "cpu" and dispatch["smoke"].startswith("no CUDA device: measured on CPU")
+    assert dispatch["host_us_per_forward_op"] > 0 and dispatch["profile"] == "cpu"
     md = (out / "gpu-report.md").read_text()
     assert "## Environment" in md and "test_trainer_on_one_gpu_with_nccl_bf16_vs_fp32" in md
+    assert "us per forward op** with its backward" in md and "planner: profile cpu assumes op_overhead_us = 12" in md
 
 
 #: what the GPU machine's python3 has besides the standard library (issue #21): torch and these
@@ -85,6 +93,7 @@ assert r.exit_code == 0
 tiny = dict(kind="gpt", d_model=32, n_layers=1, n_heads=4, n_kv_heads=2, ffn_hidden=64, vocab_size=64)
 bench.run_llama(out / "llama.json", 60.0, torch.device("cpu"), model=tiny, seq_len=64, window=16, longest_start=64,
                 longest_limit=64, peak_n=64)
+bench.run_dispatch()
 env.environment()
 owners = importlib.metadata.packages_distributions()
 print(json.dumps({m: owners.get(m, [m]) for m in sorted({n.split(".")[0] for n in sys.modules})
@@ -354,8 +363,18 @@ def test_the_checkpoint_part_hands_out_its_stall_before_the_write_ends(tmp_path)
     assert res["failed_saves"] == 0 and res["gb_per_s"] > 0 and res["stall_s"] == parts[0]["stall_s"]
 
 
+#: what the dispatch benchmark writes on an H200 (a stand-in: these are not measured numbers)
+DISPATCH_RESULT = {"device": "cuda", "model": {"d_model": 64, "n_layers": 2, "seq_len": 64}, "iters": 50, "repeats": 5,
+                   "precision": "bf16 autocast", "forward_ops": 169, "backward_ops": 190, "step_s": 0.005,
+                   "host_loop_s": 0.00495, "host_us_per_forward_op": 29.6, "host_us_per_dispatched_op": 13.9,
+                   "host_bound": True, "optimizer_tensors": 21, "optimizer_ops": 212, "optimizer_us_per_tensor": 60.0,
+                   "optimizer_us_per_op": 5.9, "optimizer_host_bound": True, "planner_ops_per_layer": 48,
+                   "planner_optimizer_ops_per_tensor": 14, "profile": "h200", "profile_field": "host_op_us",
+                   "profile_us": 20.0}
+
+
 def _stand_in_sections(calls: list, llama_rc: int):
-    """A stand-in for the runner's ``_run``: the gpu tests pass, kernels measures a row, llama writes its step, longest-S
+    """A stand-in for the runner's ``_run``: the gpu tests pass, dispatch measures, kernels measures a row, llama writes its step, longest-S
     and checkpoint-stall numbers and exits ``llama_rc`` (124: stopped by its limit). Records (section, limit)."""
     def fake_run(cmd, timeout, log):
         calls.append(("pytest" if "pytest" in cmd else cmd[3], timeout))
@@ -366,6 +385,9 @@ def _stand_in_sections(calls: list, llama_rc: int):
                            'time="1.0"/></testsuite></testsuites>')
             return 0, 12.0
         out = Path(cmd[cmd.index("--out") + 1])
+        if cmd[3] == "dispatch":
+            out.write_text(json.dumps(DISPATCH_RESULT))
+            return 0, 18.0
         if cmd[3] == "kernels":
             out.write_text(json.dumps({"rows": [{"seq_len": 8192, "causal": True, "kernel": "auto", "kernel_name": "cuda",
                                                  "ops": {"flash": 6}, "ms": 4.0, "sdpa_ms": 3.9, "tflops": 480.0,
@@ -397,10 +419,14 @@ def test_a_failed_benchmark_keeps_every_finished_number_in_the_report(tmp_path, 
     rc = cuda_runner.main(["--out", str(tmp_path / "out"), "--budget-s", "470"])
     report = json.loads((tmp_path / "out" / "gpu-report.json").read_text())
     assert rc == 1 and report["status"] == "failed", report["status"]
-    assert [name for name, _ in calls] == ["pytest", "kernels", "llama"]
-    # each section its own limit: tests 240 s, kernels 90 s, llama what is left (the stand-ins return at once)
-    assert 235.0 < calls[0][1] <= 240.0 and calls[1][1] == 90.0 and 450.0 < calls[2][1] < 470.0, calls
+    assert [name for name, _ in calls] == ["pytest", "dispatch", "kernels", "llama"]
+    # each section its own limit: tests 240 s, dispatch 45 s, kernels 90 s, llama what is left (the stand-ins return
+    # at once)
+    assert 235.0 < calls[0][1] <= 240.0 and calls[1][1] == 45.0 and calls[2][1] == 90.0, calls
+    assert 450.0 < calls[3][1] < 470.0, calls
     assert [t["outcome"] for t in report["tests"]] == ["passed"]
+    assert list(report["benchmarks"]) == ["dispatch", "kernels", "llama"]
+    assert report["benchmarks"]["dispatch"]["host_us_per_forward_op"] == 29.6
     assert report["benchmarks"]["kernels"]["rows"][0]["vs_sdpa"] == 0.975
     llama = report["benchmarks"]["llama"]
     assert llama["error"].startswith("exit 124") and llama["longest"]["longest_seq_len"] == 393216
@@ -420,6 +446,7 @@ def test_a_second_try_runs_only_the_sections_asked_for(tmp_path, monkeypatch, cu
     assert rc == 0 and report["status"] == "passed" and [name for name, _ in calls] == ["llama"]
     assert calls[0][1] > 450.0 and report["tests"] == [] and "gpu tests not run (--sections)" in report["notes"]
     assert report["benchmarks"]["kernels"] == {"skipped": "not run (--sections / --skip-bench)"}
+    assert report["benchmarks"]["dispatch"] == {"skipped": "not run (--sections / --skip-bench)"}
     assert report["benchmarks"]["llama"]["longest"]["longest_seq_len"] == 393216
     # the command as run, for recording the numbers with it
     command = f"{Path(sys.executable).name} -m dist_train.gpucheck --out {tmp_path / 'out'} --sections llama"
@@ -601,3 +628,47 @@ def test_a_gpu_test_s_recorded_numbers_reach_the_report(tmp_path, monkeypatch):
     got = {t["test"].rsplit("::", 1)[1]: (t["outcome"], t["numbers"]) for t in report["tests"]}
     assert got == {"test_ok": ("passed", {"peak_mib": "131.5"}), "test_bad": ("failed", {"ratio": "1.7"})}, got
     assert report["sections"]["tests"]["exit_code"] == 1 and "PytestWarning" not in report["sections"]["tests"]["log_tail"]
+
+
+def test_dispatch_benchmark_code_runs_on_cpu():
+    """The dispatch measurement's code on CPU, a few iterations: forward and backward ops counted, µs per op, the
+    optimizer's per tensor, the cpu profile's serial op_overhead_us beside it (the GPU's host_op_us there)."""
+    res = measure_dispatch(torch.device("cpu"), iters=2, repeats=1)
+    assert res["device"] == "cpu" and res["precision"] == "fp32" and res["model"]["seq_len"] == SEQ_LEN
+    assert res["forward_ops"] > 2 * 40 and res["backward_ops"] > res["forward_ops"] // 2
+    assert res["host_us_per_forward_op"] == pytest.approx(res["step_s"] / res["forward_ops"] * 1e6)
+    assert res["host_us_per_dispatched_op"] < res["host_us_per_forward_op"]
+    assert res["optimizer_tensors"] == sum(1 for _ in GPT(ModelConfig(**TINY_GPT)).parameters())
+    assert res["optimizer_ops"] >= 8 * res["optimizer_tensors"] and res["optimizer_us_per_tensor"] > 0
+    assert (res["profile"], res["profile_field"], res["profile_us"]) == ("cpu", "op_overhead_us", 12.0)
+    assert (res["planner_ops_per_layer"], res["planner_optimizer_ops_per_tensor"]) == (48, 14)
+
+
+@pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "bf16_autocast"])
+def test_the_planner_s_eager_op_count_is_the_gpt_s(autocast):
+    """step_time.EAGER_OPS_PER_LAYER["gpt"] (what host_op_us and op_overhead_us multiply) is within 15% of the non-view
+    aten ops one more layer adds to the real GPT's forward, as the dispatch benchmark counts them (45 in fp32, 54 under
+    bf16 autocast, 2026-11-30)."""
+    def forward_ops(layers: int) -> int:
+        model = GPT(ModelConfig(**dict(TINY_GPT, n_layers=layers)), init_seed=0)
+        tokens = torch.randint(0, TINY_GPT["vocab_size"], (1, 33))
+        batch = {"tokens": tokens[:, :-1], "labels": tokens[:, 1:], "positions": torch.arange(32)}
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast), OpCounter() as counter:
+            model(batch)
+        return counter.ops
+
+    per_layer = forward_ops(3) - forward_ops(2)
+    assert abs(per_layer - EAGER_OPS_PER_LAYER["gpt"]) <= 0.15 * EAGER_OPS_PER_LAYER["gpt"], per_layer
+
+
+def test_the_report_puts_the_measured_dispatch_beside_the_profile_s_assumption(tmp_path):
+    report = {"status": "passed", "tests": [], "notes": [], "benchmarks": {"dispatch": dict(DISPATCH_RESULT)}}
+    rep.write(report, tmp_path)
+    md = (tmp_path / "gpu-report.md").read_text()
+    assert "**29.6 us per forward op** with its backward (169 forward + 190 backward aten ops" in md
+    assert "planner: profile h200 assumes host_op_us = 20 us per forward op, measured / assumed = 1.48" in md
+    assert "60 us per parameter tensor" in md and "did not keep up" not in md
+    report["benchmarks"]["dispatch"].update(host_bound=False, profile=None, profile_us=None)
+    rep.write(report, tmp_path)
+    md = (tmp_path / "gpu-report.md").read_text()
+    assert "**the device did not keep up**" in md and "no built-in profile matches this device's name" in md

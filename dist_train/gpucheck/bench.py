@@ -1,8 +1,11 @@
 """GPU benchmarks of ``make gpu-check`` (CUDA only; each returns plain dicts for the report).
 
+    python3 -m dist_train.gpucheck.bench dispatch --out dispatch.json
     python3 -m dist_train.gpucheck.bench kernels --out kernels.json
     python3 -m dist_train.gpucheck.bench llama --out llama.json --budget-s 240
 
+``dispatch``: the host's cost per eager op of the GPT (:mod:`dist_train.gpucheck.dispatch`), beside the planner
+profile's ``host_op_us``; the one benchmark that also runs without CUDA (a smoke on CPU, few iterations).
 ``kernels``: fwd+bwd TFLOP/s of the block kernel ``auto`` picks (and torch's CUDA ops kernel) vs
 ``torch.nn.functional.scaled_dot_product_attention`` on one S×S block, bf16, causal and full; then packed
 documents through ``local_attention`` (the planner's blocks, sub-blocks of at most EXPLICIT_TILE where documents
@@ -46,6 +49,7 @@ from parallelism.context.masks import classify
 from dist_train.checkpoint import CheckpointManager
 from dist_train.config import CheckpointConfig, Config, config_from_dict
 from dist_train.cost.flops import FLOP_CONVENTION, model_params, train_flops_per_token
+from dist_train.gpucheck.dispatch import measure_dispatch
 from dist_train.metrics import cuda_peak, peak_memory_bytes, timed_matmul_tflops
 from dist_train.models.attention import AttentionContext
 from dist_train.models.gpt import GPT
@@ -479,13 +483,30 @@ def run_llama(out: Path, budget_s: float, device: torch.device, model: dict = LL
     return res
 
 
+#: the dispatch benchmark's iterations without CUDA: a smoke of the code, not a measurement anyone plans with
+DISPATCH_CPU_SMOKE = dict(iters=10, repeats=3)
+DISPATCH_CPU_NOTE = ("no CUDA device: measured on CPU, where the ops run on the host (the cpu profile's serial "
+                     "op_overhead_us regime), not a GPU's dispatch")
+
+
+def run_dispatch() -> dict:
+    """The dispatch benchmark on the GPU, or its smoke on CPU (few iterations, marked ``smoke``)."""
+    if torch.cuda.is_available():
+        return measure_dispatch(torch.device("cuda"))
+    torch.set_num_threads(1)  # one core, as the cpu profile's calibration: a shared machine's threads would contend
+    return dict(measure_dispatch(torch.device("cpu"), **DISPATCH_CPU_SMOKE), smoke=DISPATCH_CPU_NOTE)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python3 -m dist_train.gpucheck.bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("name", choices=("kernels", "llama"))
+    parser.add_argument("name", choices=("dispatch", "kernels", "llama"))
     parser.add_argument("--out", required=True, type=Path, help="JSON file to (re)write with the results")
     parser.add_argument("--budget-s", type=float, default=240.0, help="time budget of the llama benchmark")
     args = parser.parse_args(argv)
+    if args.name == "dispatch":
+        args.out.write_text(json.dumps(run_dispatch(), indent=2))
+        return 0
     if not torch.cuda.is_available():
         args.out.write_text(json.dumps({"skipped": "no CUDA device"}))
         return 0

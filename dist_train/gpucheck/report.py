@@ -103,12 +103,41 @@ def _document_lines(rows: list[dict]) -> list[str]:
     return lines + [""]
 
 
+def _dispatch_lines(res: dict) -> list[str]:
+    """The dispatch benchmark (gpucheck.dispatch.measure_dispatch): the host's µs per eager op of the GPT beside what
+    the planner's profile assumes."""
+    if "host_us_per_forward_op" not in res:
+        return ["no measurement", ""]
+    m = res["model"]
+    lines = [f"host dispatch of the eager GPT (d {m['d_model']}, {m['n_layers']} layers, S {m['seq_len']}, "
+             f"{res['precision']}, on {res['device']}; {res['iters']} forward+backward x {res['repeats']} runs, "
+             f"synchronised at each run's end): **{_fmt(res['host_us_per_forward_op'])} us per forward op** with its "
+             f"backward ({res['forward_ops']} forward + {res['backward_ops']} backward aten ops, "
+             f"{_fmt(res['host_us_per_dispatched_op'])} us per dispatched op)", ""]
+    assumed = res.get("profile_us")
+    if res.get("profile") is None:
+        lines += ["planner: no built-in profile matches this device's name", ""]
+    else:
+        ratio = f", measured / assumed = {_fmt(res['host_us_per_forward_op'] / assumed)}" if assumed else ""
+        lines += [f"planner: profile {res['profile']} assumes {res['profile_field']} = {_fmt(assumed)} us per forward "
+                  f"op{ratio}", ""]
+    if not res["host_bound"]:
+        lines += ["**the device did not keep up** (the synchronised end came more than 10% after the host's loop): the "
+                  "number above is not the host's dispatch alone", ""]
+    lines += [f"optimizer (torch AdamW foreach=False): {_fmt(res['optimizer_us_per_tensor'])} us per parameter tensor, "
+              f"{_fmt(res['optimizer_ops'] / res['optimizer_tensors'])} ops each, {_fmt(res['optimizer_us_per_op'])} us "
+              "per op (not in the planner's host term)", ""]
+    return lines + ([res["smoke"], ""] if res.get("smoke") else [])
+
+
 def _bench_md(name: str, res: dict) -> list[str]:
     lines = [f"### {name}", ""]
     if not res or "skipped" in res:
         return lines + [f"{res.get('skipped') or 'not run'}", ""]
     if "error" in res:  # a crash or the time limit: the parts measured before it still follow
         lines += [f"**error**: {res['error']}", ""]
+    if name == "dispatch":
+        return lines + _dispatch_lines(res)
     if name == "kernels":
         if not res.get("rows"):
             return lines + ["no rows measured", ""]

@@ -38,7 +38,11 @@ LOGS_DIR = "gpu-check-logs"
 #: context and the collection alone take seconds)
 MIN_TEST_FILE_S = 20.0
 #: the check's sections, in the order they run (``--sections`` picks some: a second try reruns what failed)
-SECTIONS = ("tests", "kernels", "llama")
+SECTIONS = ("tests", "dispatch", "kernels", "llama")
+#: the benchmarks that also run without CUDA (a smoke of their code on CPU)
+CPU_SMOKE_BENCHES = ("dispatch",)
+#: the dispatch benchmark's limit: its process's start (BENCH_START_S) and a few seconds of timing
+DISPATCH_LIMIT_S = 45.0
 EXAMPLES = """examples:
   make gpu-check                                  # python3 as is; report in $OUT or runs/gpu-check/
   PYTHONPATH=. python3 -m dist_train.gpucheck --out /tmp/gpu --budget-s 470
@@ -211,11 +215,16 @@ def _run_sections(report: dict, sections: list[str], skip_bench: bool, deadline:
     benches = [name for name in SECTIONS[1:] if name in sections and not skip_bench]
     if skip_bench:
         report["notes"].append("benchmarks skipped (--skip-bench)")
-    for name in SECTIONS[1:]:
+    for name in SECTIONS[1:]:  # every benchmark gets its place in the report, in the order they run
         if name not in benches:
             report["benchmarks"][name] = {"skipped": "not run (--sections / --skip-bench)"}
-        elif not cuda:
+        elif not cuda and name not in CPU_SMOKE_BENCHES:
             report["benchmarks"][name] = {"skipped": "no CUDA device"}
+        else:  # replaced by its results (run_bench); stays if the check is stopped before it
+            report["benchmarks"][name] = {"skipped": "not run: the check stopped before it"}
+    if "dispatch" in benches:  # a few seconds; llama keeps 150 s when it runs after (kernels shrinks first)
+        run_bench(report, "dispatch", work, min(DISPATCH_LIMIT_S, left(150.0 if cuda and "llama" in benches else 5.0)))
+        rep.write(report, out)
     if cuda and "kernels" in benches:  # at most 90 s, and llama keeps 150 s when it runs after
         run_bench(report, "kernels", work, min(90.0, left(150.0 if "llama" in benches else 5.0)))
         rep.write(report, out)

@@ -1,0 +1,132 @@
+"""The host's cost per eager op of the GPT: what the planner's ``host_op_us`` assumes (dist_train/profiles/devices.yaml).
+
+    res = measure_dispatch(torch.device("cuda"))   # {"host_us_per_forward_op": ..., "forward_ops": ..., ...}
+
+A tiny GPT (d 64, 2 layers) runs forward + backward over and over: its kernels are far shorter than their launches,
+so the device waits for the host and the wall time of a run of steps, CUDA-synchronised only at its end, is the
+host's dispatch time (Python, autograd, the ATen dispatcher, ``cudaLaunchKernel``). It is divided by the forward's
+aten ops (non-view, counted with a :class:`OpCounter` the way docs/planner.md counts the eager layer's ops): µs per
+forward op with its backward, the unit of the planner's ``host_op_us`` (whose op counts,
+``step_time.EAGER_OPS_PER_LAYER``, are forward ops too). ``host_bound`` says whether the device kept up: the host's
+loop ended within :data:`HOST_BOUND_SLACK` of the synchronised end, so no launch waited for a full queue. The
+optimizer (torch AdamW ``foreach=False``, the trainer's) is timed the same way: µs per parameter tensor, beside the
+planner's 14 ops per tensor. On CPU the same code runs as a smoke: the ops run on the host, so the number is the
+CPU's serial per-op cost (``op_overhead_us``'s regime), not a GPU dispatch.
+"""
+from __future__ import annotations
+
+import time
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from dist_train.config import ModelConfig
+from dist_train.cost.step_time import EAGER_OPS_PER_LAYER, OPTIMIZER_OPS_PER_TENSOR
+from dist_train.models.attention import AttentionContext
+from dist_train.models.gpt import GPT
+from dist_train.plan.profiles import builtin_profiles, profile_for_device_name
+
+#: the timed model: every kernel a few microseconds on any GPU, so the host sets the pace
+TINY_GPT = dict(kind="gpt", d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_hidden=128, vocab_size=128)
+SEQ_LEN = 64
+#: the host's loop counts as host-bound when the synchronised end comes at most this fraction after it
+HOST_BOUND_SLACK = 0.10
+
+
+class OpCounter(TorchDispatchMode):
+    """Counts the aten ops dispatched under it, views (``OpOverload.is_view``) left out: they launch no kernel."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if not func.is_view:
+            self.ops += 1
+        return func(*args, **(kwargs or {}))
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _timed_runs(fn, device: torch.device, iters: int, repeats: int) -> list[tuple[float, float]]:
+    """(host loop seconds, synchronised seconds) of ``repeats`` runs of ``iters`` calls of ``fn``; the device is
+    synchronised before each run and only at its end."""
+    out = []
+    for _ in range(repeats):
+        _sync(device)
+        t0 = time.perf_counter()
+        for _ in range(iters):
+            fn()
+        host = time.perf_counter() - t0
+        _sync(device)
+        out.append((host, time.perf_counter() - t0))
+    return out
+
+
+def _median_run(runs: list[tuple[float, float]]) -> tuple[float, float]:
+    """The run of median synchronised time (its host time with it)."""
+    return sorted(runs, key=lambda r: r[1])[len(runs) // 2]
+
+
+def measure_dispatch(device: torch.device, iters: int = 50, repeats: int = 5) -> dict:
+    """Host µs per forward op (its backward included) and per optimizer op of :data:`TINY_GPT` on ``device`` (bf16
+    autocast on CUDA, the trainer's GPU precision; fp32 on CPU), beside the built-in profile's assumption."""
+    cfg = ModelConfig(**TINY_GPT)
+    torch.manual_seed(0)
+    model = GPT(cfg, AttentionContext(kernel="auto"), init_seed=0).to(device)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, foreach=False)
+    tokens = torch.randint(0, cfg.vocab_size, (1, SEQ_LEN + 1), device=device)
+    batch = {"tokens": tokens[:, :-1], "labels": tokens[:, 1:], "positions": torch.arange(SEQ_LEN, device=device)}
+    cast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+
+    def forward():
+        with cast:
+            loss_sum, count = model(batch)
+        return loss_sum / count
+
+    def step():
+        forward().backward()  # the gradients accumulate, as over a step's micro-batches
+
+    for _ in range(3):  # warm-up: kernels chosen, allocator filled, the gradients exist (accumulation from here on)
+        step()
+    opt.step()
+    with OpCounter() as fwd:
+        loss = forward()
+    with OpCounter() as bwd:
+        loss.backward()
+    with OpCounter() as optc:
+        opt.step()
+    tensors = sum(1 for p in model.parameters() if p.grad is not None)
+    host, total = _median_run(_timed_runs(step, device, iters, repeats))
+    opt_host, opt_total = _median_run(_timed_runs(opt.step, device, max(1, iters // 5), repeats))
+    opt_steps = max(1, iters // 5)
+    res = {
+        "device": str(device), "model": dict(TINY_GPT, seq_len=SEQ_LEN), "iters": iters, "repeats": repeats,
+        "precision": "bf16 autocast" if device.type == "cuda" else "fp32",
+        "forward_ops": fwd.ops, "backward_ops": bwd.ops, "step_s": total / iters, "host_loop_s": host / iters,
+        "host_us_per_forward_op": total / iters / fwd.ops * 1e6,
+        "host_us_per_dispatched_op": total / iters / (fwd.ops + bwd.ops) * 1e6,
+        "host_bound": total <= host * (1 + HOST_BOUND_SLACK),
+        "optimizer_tensors": tensors, "optimizer_ops": optc.ops,
+        "optimizer_us_per_tensor": opt_total / opt_steps / tensors * 1e6,
+        "optimizer_us_per_op": opt_total / opt_steps / optc.ops * 1e6,
+        "optimizer_host_bound": opt_total <= opt_host * (1 + HOST_BOUND_SLACK),
+        "planner_ops_per_layer": EAGER_OPS_PER_LAYER["gpt"], "planner_optimizer_ops_per_tensor": OPTIMIZER_OPS_PER_TENSOR,
+    }
+    res.update(profile_assumption(device))
+    return res
+
+
+def profile_assumption(device: torch.device) -> dict:
+    """The built-in profile this device would be planned with and what it assumes per op: ``host_op_us`` on a GPU
+    (None: no built-in profile matches the device's name), ``op_overhead_us`` (serial) on CPU."""
+    table = builtin_profiles()
+    if device.type != "cuda":
+        prof = table["cpu"]
+        return {"profile": "cpu", "profile_field": "op_overhead_us", "profile_us": prof.op_overhead_us}
+    name = profile_for_device_name(torch.cuda.get_device_name(device))
+    return {"profile": name, "profile_field": "host_op_us",
+            "profile_us": None if name is None else table[name].host_op_us}
