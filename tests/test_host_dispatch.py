@@ -14,6 +14,7 @@ from dist_train.cli import main
 from dist_train.config import config_from_dict, load_config, step_micro_batches
 from dist_train.cost.predict import predict
 from dist_train.cost.step_time import EAGER_OPS_PER_LAYER, host_bound_seconds
+from dist_train.plan.enumerate import enumerate_layouts, layout_label, rank_layouts
 from dist_train.plan.profiles import DEFAULT_HOST_OP_US, builtin_profiles, load_profile_file, profile_to_dict
 
 PROFILES = builtin_profiles()
@@ -170,3 +171,16 @@ def test_plan_explain_and_json_say_which_ranks_are_host_bound(tmp_path, capsys):
     # cpu: no host line at all (its op cost is serial, in the op_overhead component)
     assert main(["plan", "configs/gpt_tiny.yaml", "--device", "cpu", "--current", "--explain"]) == 0
     assert "host dispatch" not in capsys.readouterr().out
+
+
+def test_a_dispatch_limited_layout_no_longer_ranks_first():
+    """The issue: without the host term the planner ranked a layout first whose ranks are dispatch-limited. The 32K
+    toy GPT (d 128) on 2 h100s: a cp ring with K/V pieces dispatches 14 ops per piece and ring step — without the
+    host term it ranked first; with it, it is host-bound and the first layout is one whose launches hide."""
+    c = load_config("configs/gpt_long_context.yaml", [], derives_layouts=True)
+    cands = enumerate_layouts(c, 2)
+    (old_best, old_cfg), = rank_layouts(cands, _without_host(H100))[:1]
+    (new_best, new_cfg), = rank_layouts(cands, H100)[:1]
+    assert layout_label(old_cfg).startswith("cp2 ring/") and predict(old_cfg, H100).host_bound
+    assert not new_best.host_bound and new_best.step_time_s < predict(old_cfg, H100).step_time_s
+    assert new_best.step_time_s > old_best.step_time_s  # the prediction the old model made was too optimistic
