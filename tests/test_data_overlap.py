@@ -10,6 +10,7 @@ import pytest
 
 from dist_train.cli import main
 from dist_train.config import ConfigError, config_from_dict
+from dist_train.data import document_hashes
 from dist_train.data.document_hashes import (compute_document_hashes, dataset_document_hashes,
                                              document_hashes_path, read_document_hashes)
 from dist_train.data.integrity import read_index
@@ -108,13 +109,20 @@ def test_disjoint_sets_and_repeated_short_boilerplate_pass(tmp_path):
     assert "2 of its 6 documents" in _refusal(_cfg(tmp_path, train, valid, valid_overlap_min_tokens=8))
 
 
-def test_datasets_without_the_hash_file_or_a_sidecar_are_hashed_from_their_bin(tmp_path):
+def test_datasets_without_the_hash_file_or_a_sidecar_are_hashed_from_their_bin(tmp_path, monkeypatch, capsys):
     train = _prepare(tmp_path, "train", DOCS[:10])
     valid = _prepare(tmp_path, "valid", [DOCS[10], DOCS[3], DOCS[11], DOCS[7]])
     with_files = _refusal(_cfg(tmp_path, train, valid))
+    assert capsys.readouterr().err == ""
     for prefix in (train, valid):  # prepared before the file existed
         document_hashes_path(prefix).unlink()
     assert _refusal(_cfg(tmp_path, train, valid)) == with_files
+    # a large one (here: from 10 documents on) says that it is hashed at every start, and how to avoid it
+    monkeypatch.setattr(document_hashes, "NOTE_DOCUMENTS", 10)
+    assert _refusal(_cfg(tmp_path, train, valid)) == with_files
+    note = capsys.readouterr().err.strip().splitlines()
+    assert note == [f"dist-train: {train}: no train.doc_hashes; hashing its 10 documents from train.bin for the held-out "
+                    f"overlap check (about 0 s, at every start); 'dist-train data hash {train}' writes the file once"]
     for prefix in (train, valid):  # built elsewhere: no sidecar either
         Path(prefix + ".meta.json").unlink()
     assert _refusal(_cfg(tmp_path, train, valid)) == with_files

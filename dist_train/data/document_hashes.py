@@ -19,6 +19,7 @@ writes the file once instead.
 from __future__ import annotations
 
 import struct
+import sys
 from pathlib import Path
 from typing import Optional, Sequence, Union
 
@@ -36,6 +37,10 @@ VERSION = 1
 _HEADER = struct.Struct("<8sIIQQ")  # magic, version, 0, document count, identity
 #: tokens per step of the computation from the .bin: 64 MiB of uint32 ids at a time
 CHUNK_TOKENS = 1 << 24
+#: a dataset of this many documents hashed from its .bin gets a note on stderr (one line): seconds at every start
+NOTE_DOCUMENTS = 1_000_000
+#: hashing from the .bin, per document, on the project's 2-core machine (docs/benchmarks/overlap.md: 0.6-0.7 µs)
+SECONDS_PER_DOCUMENT = 0.7e-6
 
 Prefix = Union[str, Path]
 
@@ -114,8 +119,13 @@ def dataset_document_hashes(prefix: Prefix, info: IndexInfo, sidecar: Optional[d
     """``(hashes uint64 [D], source)`` of the dataset at ``prefix`` whose index and sidecar (None: none) were read as
     ``info`` and ``sidecar``: PREFIX.doc_hashes's when it belongs to this build (source ``"file"``), else computed
     from the ``.bin`` (source ``"computed: <why the file was not used>"``)."""
-    found = read_document_hashes(prefix, max(0, info.documents - 1), dataset_identity(str(prefix), sidecar))
+    documents = max(0, info.documents - 1)
+    found = read_document_hashes(prefix, documents, dataset_identity(str(prefix), sidecar))
     if isinstance(found, str):
+        if documents >= NOTE_DOCUMENTS:  # seconds at every start: say why, and how to spend them once
+            print(f"dist-train: {prefix}: {found}; hashing its {documents:,} documents from {Path(str(prefix)).name}.bin "
+                  f"for the held-out overlap check (about {documents * SECONDS_PER_DOCUMENT:.0f} s, at every start); "
+                  f"'dist-train data hash {prefix}' writes the file once", file=sys.stderr, flush=True)
         return compute_document_hashes(prefix, info), f"computed: {found}"
     return found, "file"
 
