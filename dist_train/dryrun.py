@@ -100,10 +100,7 @@ def format_layout(cfg: Config, rows: list[RankLayout]) -> str:
              f"pp_schedule {p.pp_schedule if p.pp > 1 else '-'} | checkpointing {cfg.train.activation_checkpointing}",
              f"memory per rank in GiB ({source}): params, grads (+ DDP buckets), optimizer, activations, "
              "other (baseline, logits, comm buffers, workspace, FSDP2 gathered copies, pp receive buffers); total: the step's peak, at "
-             "phase loss (end of forward), bwd or optim" + (" or ckpt (the checkpoint's gather of the tp-local state)"
-                                                               if any(r.memory and "checkpoint" in r.memory.phases
-                                                                      for r in rows) else "")
-             + "; not the columns' sum, which never all coexist"]
+             "phase loss (end of forward), bwd or optim; not the columns' sum, which never all coexist"]
     # columns as wide as their largest value: a 16,384-rank layout stays aligned
     wr = max([4] + [len(str(r.rank)) for r in rows])
     wc = max([3] + [len(str(v)) for r in rows for v in r.coords.values()])

@@ -28,7 +28,6 @@ from .checkpoint.manager import (checkpoint_extra, checkpoint_root, consumed_sam
 from .checkpoint.storage import CheckpointError, CheckpointIOError
 from .config import Config, ConfigError
 from .cost import memory_model, model_params, rank_inputs
-from .cost.memory import checkpoint_gather_bytes, parameter_state_bytes, rank_params
 from .data.datasets import indexed_part, same_data_message, split_part, training_identity
 from .data.documents import resolve_eod_id, unknown_eod_message
 from .data.fingerprint import comparable_digest
@@ -76,55 +75,6 @@ def check_model_fits(cfg: Config, on_cuda: bool, ranks_per_host: int) -> None:
                           f"weights, gradients and optimizer state alone (tp={p.tp}, pp={p.pp}, zero_stage="
                           f"{p.zero_stage}), more than the {capacity / 2**30:,.1f} GiB of {where}; shrink model.* "
                           "or shard it (parallel.tp, parallel.pp, parallel.zero_stage)")
-    check_checkpoint_fits(cfg, on_cuda, ranks_per_host)
-
-
-def checkpoint_uses(cfg: Config) -> list[str]:
-    """Why the ranks will save or load a checkpoint ([]: never, short of a SIGTERM's save): ``checkpoint.every``,
-    ``checkpoint.at_end``, ``train.exit_interval`` (each saves), a resume that finds a checkpoint to load."""
-    c = cfg.checkpoint
-    uses = [f"checkpoint.every = {c.every}"] if c.every > 0 else []
-    if c.at_end:
-        uses.append("checkpoint.at_end")
-    if cfg.train.exit_interval > 0:
-        uses.append(f"train.exit_interval = {cfg.train.exit_interval}")
-    root = checkpoint_root(c, cfg.run.dir)
-    mode = effective_resume(c, root)
-    if mode != "none" and (mode != "auto" or mf.list_checkpoints(root)):
-        uses.append(f"checkpoint.resume = {mode}")
-    return uses
-
-
-def check_checkpoint_fits(cfg: Config, on_cuda: bool, ranks_per_host: int) -> None:
-    """FSDP2 × tp checkpoints all-gather every parameter and its AdamW moments into the full tp-local tensors on
-    each rank's device while a save is collected and while a checkpoint loads (checkpoint/adapters.py
-    ``GatheredStateAdapter``): refuse a run that would save or load one when its sharded states plus that gather
-    (:func:`~dist_train.cost.memory.checkpoint_gather_bytes`) exceed the device's memory — it would train and
-    then die at its first save with nothing saved. The cost model's "checkpoint" phase (cost/memory.step_phases)
-    less the baseline and a pipeline's receive buffers, which are left out as in :func:`check_model_fits`."""
-    p = cfg.parallel
-    if not (p.fsdp and p.tp > 1):
-        return
-    uses = checkpoint_uses(cfg)
-    if not uses:
-        return
-    prof, label = device_profile(on_cuda)
-    sh, loc = rank_inputs(cfg, prof)
-    needed = 0.0
-    for load in loc.loads:
-        n_local = rank_params(cfg, sh, load)
-        st = parameter_state_bytes(cfg, sh, loc, load, n_local)
-        resident = st["weights"] + st["optimizer"] + st["ddp_buckets"]  # the FSDP2 engine frees gradients each step
-        needed = max(needed, resident + checkpoint_gather_bytes(cfg, loc, st))
-    capacity = prof.memory_bytes / (1 if on_cuda else max(1, ranks_per_host))
-    if needed > capacity:
-        where = f"a {label} device" if on_cuda else f"this host's {prof.memory_gib:.0f} GiB shared by {ranks_per_host} rank(s)"
-        raise ConfigError(f"parallel.fsdp with parallel.tp = {p.tp}: a checkpoint save or load ({', '.join(uses)}) "
-                          f"all-gathers each rank's tp-local weights and AdamW moments, {needed / 2**30:,.1f} GiB per "
-                          f"rank with the sharded states, more than the {capacity / 2**30:,.1f} GiB of {where}; use "
-                          "FSDP2 at parallel.tp = 1, DeepSpeed ZeRO with tp (parallel.fsdp: false, zero_stage), more "
-                          "parallel.tp or parallel.pp, or turn checkpoints off (checkpoint.every: 0, at_end: false, "
-                          "resume: none)")
 
 
 # -- directories ----------------------------------------------------------------------------------

@@ -32,6 +32,7 @@ multi-line refusal or a mismatch is a failure.
 
     python -m tests.reshard_fuzz --draws 20 --seed 0          # the first 20 valid draws from seed 0 (exit 1 on a failure)
     python -m tests.reshard_fuzz --draws 20 --feature zero3   # only draws with ZeRO-3 on either side (see features())
+    python -m tests.reshard_fuzz --draws 20 --feature fsdp-tp # only draws with FSDP2 × tp on either side
     python -m tests.reshard_fuzz --stats --draws 2000         # the draw space only: kinds and refusals, no runs
     python -m tests.reshard_fuzz --one 17 --keep /tmp/d17     # one draw, keeping its run directories
 
@@ -244,6 +245,8 @@ def features(d: Draw) -> set[str]:
             f.add(f"zero{lay.zero_stage}")
         if lay.fsdp:
             f.add("fsdp")
+            if lay.tp > 1:  # FSDP2 shards of tp shards: the checkpoint's blocks (checkpoint/adapters.py)
+                f.add("fsdp-tp")
         if lay.pp_schedule:
             f.add(f"pp:{lay.pp_schedule}")
         if lay.cp_method:

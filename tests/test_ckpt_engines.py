@@ -133,3 +133,44 @@ def test_tp_adapter_rejects_shards_that_are_not_ceil_sized():
     assert ok._real_rows(ok.shards["output.weight"]) == 31  # rank 1 of 2 holds rows 32..62 (+1 padding row)
     with pytest.raises(ValueError, match=r"'output.weight'.*expected ceil\(63 / 4\) = 16"):
         TensorParallelAdapter(_Mesh(4, 0), {"output.weight": TPShard(dim=0, local=10, size=63)})
+
+
+@pytest.mark.parametrize("dim, size, cols, stride, tp, shards", [
+    (0, 63, 5, 1, 2, 2),   # the odd vocabulary: 32 + 31 real rows, FSDP2 chunks of 16
+    (0, 61, 3, 1, 4, 3),   # 16-row tp shards, the last one 13 real rows; chunks 6 + 6 + 4: one all padding
+    (0, 5, 2, 1, 4, 2),    # a tp rank of padding only: ceil(5 / 4) = 2 rows each, rank 3 holds none
+    (0, 24, 4, 3, 2, 3),   # a fused q|k|v over tp 2: 12 local rows, 3 parts of 4; chunks of 4 straddle none
+    (0, 36, 2, 3, 2, 4),   # 18 local rows in parts of 6, chunks of 5: chunks straddle q|k and k|v
+    (0, 12, 3, 3, 4, 5),   # 3 local rows (1 per part) over 5 shards: 2 empty chunks
+    (1, 9, 7, 1, 3, 2),    # row-parallel: tp splits the columns, FSDP2 the (odd) rows
+    (0, 7, 0, 1, 2, 3),    # a 1-D bias (cols 0): 4 + 3 real rows
+])
+def test_an_fsdp_chunk_of_a_tp_shard_is_its_blocks_of_the_tp1_tensor(dim, size, cols, stride, tp, shards):
+    """FSDP2 × tp checkpoints write each rank's chunk of its tp shard as blocks of the tp=1 tensor (no gather):
+    every block is the tp=1 tensor's values there, the padding views are the shard's zero padding, and over all
+    (tp rank, FSDP2 rank) the blocks tile the tp=1 tensor exactly once (DCP would reject overlaps, but a hole
+    would load zeros)."""
+    from dist_train.checkpoint.adapters import TPShard, tp_local_blocks
+    from dist_train.models.tensor_parallel import shard_of
+
+    shape = [size] if cols == 0 else ([size, cols] if dim == 0 else [cols, size])
+    full = torch.arange(1, 1 + torch.Size(shape).numel(), dtype=torch.float64).reshape(shape)
+    spec = TPShard(dim=dim, local=-(-size // tp), size=size, stride=stride)
+    covered = torch.zeros(shape, dtype=torch.int64)
+    for t in range(tp):
+        shard = shard_of(full, dim, spec.local, t, tp, stride)  # Megatron's shard, vocab zero-padded
+        chunk = -(-shard.shape[0] // shards)  # FSDP2: dim 0 in chunks of ceil(rows / shards), the last short/empty
+        for d in range(shards):
+            start = min(d * chunk, shard.shape[0])
+            local = shard.narrow(0, start, max(0, min(chunk, shard.shape[0] - start)))
+            offset = (start,) + (0,) * (local.dim() - 1)
+            pieces, padding = tp_local_blocks(local, offset, spec, t, tp)
+            assert sum(p.shape[dim] for _, p in pieces) + sum(p.shape[dim] for p in padding) == local.shape[dim]
+            for pad in padding:
+                assert pad.numel() and not pad.any()
+            for at, p in pieces:
+                assert p.untyped_storage().data_ptr() == local.untyped_storage().data_ptr()  # a view, not a copy
+                box = tuple(slice(o, o + n) for o, n in zip(at, p.shape))
+                assert torch.equal(full[box], p), (t, d, at)
+                covered[box] += 1
+    assert bool((covered == 1).all()), covered

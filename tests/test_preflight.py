@@ -178,34 +178,17 @@ def _llama70b(tmp_path: Path, checkpoint: dict, **parallel):
                              "parallel": {"fsdp": True, "dp": 8, "tp": 8, **parallel}, "checkpoint": checkpoint})
 
 
-def test_fsdp2_tp_checkpoints_that_cannot_gather_on_the_device_are_refused(tmp_path):
-    """FSDP2 × tp gathers each rank's tp-local weights and AdamW moments to save or load a checkpoint
-    (GatheredStateAdapter): 70B at tp = 8 needs ~123 GiB then on an 80 GiB H100 (CUDA profile; no device needed)
-    and would die at its first save. Refused when the run saves or resumes; the layouts that gather nothing, or
-    little enough, and a run that never checkpoints, pass."""
-    def refusal(cfg) -> str:
-        with pytest.raises(ConfigError) as e:
-            check_model_fits(cfg, on_cuda=True, ranks_per_host=1)
-        msg = str(e.value)
-        assert "\n" not in msg
-        return msg
-
+def test_fsdp2_tp_runs_that_checkpoint_are_not_refused_for_a_gather(tmp_path):
+    """FSDP2 × tp saves and loads each rank's own blocks of the checkpoint's tensors (checkpoint/adapters.py
+    ``fsdp_rectangles``): nothing is gathered, so the 70B tp = 8 layout whose sharded states fit an 80 GiB H100
+    passes whether it saves or resumes (it was refused when the checkpoint all-gathered ~123 GiB per rank), and the
+    size check still refuses states that do not fit (CUDA profile; no device needed)."""
     off = {"every": 0, "at_end": False, "resume": "none"}
-    msg = refusal(_llama70b(tmp_path, {}))
-    for needle in ("parallel.fsdp with parallel.tp = 8", "(checkpoint.at_end)", "123.2 GiB per rank",
-                   "80.0 GiB of a h100", "FSDP2 at parallel.tp = 1", "DeepSpeed ZeRO", "turn checkpoints off"):
-        assert needle in msg, msg
-    assert "checkpoint.every = 100" in refusal(_llama70b(tmp_path, {**off, "every": 100}))
-    assert "train.exit_interval" in refusal(config_from_dict({**_llama70b(tmp_path, off).to_dict(),
-                                                              "train": {"precision": "bf16", "global_batch": 256,
-                                                                        "exit_interval": 50}}))
-    (tmp_path / "run" / "checkpoints" / "step_10").mkdir(parents=True)  # auto finds one to load
-    assert "(checkpoint.resume = auto)" in refusal(_llama70b(tmp_path, {**off, "resume": "auto"}))
-
-    check_model_fits(_llama70b(tmp_path, off), on_cuda=True, ranks_per_host=1)  # never saves or loads
-    check_model_fits(_llama70b(tmp_path, {}, tp=1, dp=64), on_cuda=True, ranks_per_host=1)  # the shards, no gather
-    check_model_fits(_llama70b(tmp_path, {}, fsdp=False, zero_stage=1), on_cuda=True, ranks_per_host=1)
-    check_model_fits(_llama70b(tmp_path, {}, dp=2, pp=4), on_cuda=True, ranks_per_host=1)  # a quarter of the layers
+    (tmp_path / "run" / "checkpoints" / "step_10").mkdir(parents=True)  # resume auto finds one to load
+    for checkpoint in ({}, {**off, "every": 100}, {**off, "resume": "auto"}, off):
+        check_model_fits(_llama70b(tmp_path, checkpoint), on_cuda=True, ranks_per_host=1)
+    with pytest.raises(ConfigError, match="GiB per rank for weights, gradients and optimizer state alone"):
+        check_model_fits(_llama70b(tmp_path, {}, dp=2, tp=2), on_cuda=True, ranks_per_host=1)
 
 
 def test_flash_kernel_on_cpu_is_refused(tmp_path, dataset):

@@ -17,9 +17,10 @@ Why these exist — the danger they remove. DCP treats same-named plain tensors 
 
 * FSDP2: parameters and optimizer state are already ``DTensor`` s sharded over the grad mesh, which DCP
   writes shard by shard and reshards on load — nothing to adapt at tp = 1. Under tp > 1 the FSDP2 tensor
-  is a shard of a Megatron-local shard (same name, different content on each tp rank), so
-  :class:`GatheredStateAdapter` first all-gathers each over the grad mesh into the tp-local tensor, which
-  :class:`TensorParallelAdapter` then presents as before (:func:`fsdp_checkpoint_kwargs`).
+  is a shard of a Megatron-local shard (same name, different content on each tp rank):
+  :class:`TensorParallelAdapter` presents it as its blocks of the tp=1 tensor (:func:`fsdp_rectangles`, a
+  :class:`~dist_train.checkpoint.rectangles.Rectangles` of views), so each rank writes and reads only its own
+  shard's bytes — nothing is gathered (:func:`fsdp_checkpoint_kwargs`).
 
 Pipeline stages need nothing: each stage holds disjoint names (``layers.<global i>``), DCP merges them by
 union. See docs/checkpointing.md ("Engines: tensor parallel, pipeline, ZeRO").
@@ -33,10 +34,11 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from torch.distributed.checkpoint.state_dict import StateDictOptions
-from torch.distributed.tensor import DTensor, Shard, distribute_tensor
+from torch.distributed.tensor import DTensor, Shard
+from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
 from ..models.tensor_parallel import is_tp_sharded, shard_of, unshard_strided
+from .rectangles import Piece, Rectangles
 from .state import StateAdapter, TorchStateAdapter
 
 
@@ -81,6 +83,11 @@ class TensorParallelAdapter(StateAdapter):
     of its heads) are not one contiguous block of the full tensor, which a ``Shard`` placement cannot
     express: they are all-gathered over tp into the full tp=1 tensor (a plain, replicated entry) and sliced
     back on load. That costs one all-gather per such tensor per save/load and a full copy of it meanwhile.
+
+    FSDP2 (``inner`` returns DTensors over the grad mesh: each a shard of the tp-local tensor): every tp-sharded
+    entry becomes a :class:`~dist_train.checkpoint.rectangles.Rectangles` of its blocks of the tp=1 tensor
+    (:func:`fsdp_rectangles`, strided and padded shards included), views of the FSDP2 shard that DCP writes from
+    and loads into directly: no gather, no copy; ``set`` zeroes the shard's padding rows and hands the DTensors on.
     """
 
     def __init__(self, tp_mesh, shards: dict[str, TPShard], inner: Optional[StateAdapter] = None) -> None:
@@ -140,11 +147,15 @@ class TensorParallelAdapter(StateAdapter):
             if s is None:
                 out[key] = v
                 continue
+            shape = list(v.shape)
+            shape[s.dim] = s.size
+            if isinstance(v, DTensor):  # FSDP2's shard of the tp shard: its blocks, strided or padded alike
+                pieces, _ = fsdp_rectangles(v, s, self.rank, self.tp)
+                out[key] = Rectangles(torch.Size(shape), pieces, v.dtype, v.device, source=v)
+                continue
             if s.stride > 1:
                 out[key] = self._gather_strided(v, s)
                 continue
-            shape = list(v.shape)
-            shape[s.dim] = s.size
             local = v.narrow(s.dim, 0, self._real_rows(s))  # a view: DCP loads straight into the shard
             out[key] = DTensor.from_local(local, self.mesh, [Shard(s.dim)], run_check=False,
                                           shape=torch.Size(shape), stride=_contiguous_stride(shape))
@@ -155,7 +166,14 @@ class TensorParallelAdapter(StateAdapter):
             return None
         out = {}
         for key, v in sd.items():
-            if not isinstance(v, DTensor):
+            if isinstance(v, Rectangles):  # loaded in place (views of the FSDP2 shard); padding zero, as below
+                _, padding = fsdp_rectangles(v.source, self.shards[self._fqn(section, key)], self.rank, self.tp)
+                with torch.no_grad():
+                    for pad in padding:
+                        pad.zero_()
+                out[key] = v.source
+                continue
+            if not isinstance(v, DTensor) or self._fqn(section, key) not in self.shards:  # FSDP2's norms: as they are
                 s = self.shards.get(self._fqn(section, key) or "")
                 strided = (s is not None and s.stride > 1 and isinstance(v, torch.Tensor) and v.dim() > s.dim
                            and v.shape[s.dim] == s.size)
@@ -404,43 +422,52 @@ def engine_checkpoint_kwargs(module: nn.Module, mesh, inner: Optional[StateAdapt
 # ---------------------------------------------------------------------------------------------
 # FSDP2
 # ---------------------------------------------------------------------------------------------
-class GatheredStateAdapter(TorchStateAdapter):
-    """FSDP2 state as full (all-gathered over the shard mesh) plain tensors, and full tensors scattered back
-    into the shards on load (each rank cuts its own shards out of them, :func:`_shard_like`: no broadcast).
-    Costs a full copy of this rank's (tp-local) model and optimizer state, on its device, while a save is collected
-    and while a checkpoint loads (the load reads into the gathered tensors, then cuts this rank's shards out of them):
-    12 bytes per tp-local parameter (fp32 weight, AdamW's two moments), and on a load this rank's shards cut out of
-    them as well (copies, while the full tensors are held), ``cost/memory.checkpoint_gather_bytes``; the pre-flight
-    refuses a run whose device cannot hold it (``preflight.check_checkpoint_fits``)."""
-
-    options = StateDictOptions(full_state_dict=True, flatten_optimizer_state_dict=True)
-
-    def set(self, model, optimizer, model_sd, optim_sd):
-        # Not set_state_dict(full_state_dict=True): with flatten_optimizer_state_dict, torch 2.13 matches the
-        # (unflattened, nested) checkpoint dict against a flattened local one and raises KeyError
-        # 'param_groups.0.params.0', so no FSDP2 × tp run could resume. Each rank slices its shards out of the full
-        # tensors (every rank holds them: no communication) and loads them as the sharded default adapter does.
-        sharded = TorchStateAdapter()
-        local_model, local_optim = sharded.get(model, optimizer)
-        sharded.set(model, optimizer, _shard_like(model_sd, local_model),
-                    None if optim_sd is None else _shard_like(optim_sd, local_optim or {}))
+def fsdp_rectangles(v: DTensor, s: TPShard, tp_rank: int, tp: int) -> tuple[list[Piece], list[torch.Tensor]]:
+    """This rank's FSDP2 shard ``v`` of its tp rank's shard, as blocks of the tp=1 tensor, and the views of it that
+    are vocabulary padding (:func:`tp_local_blocks`). ``v``: a DTensor over the grad mesh whose global shape is the
+    tp-local shape; its placements say where its local tensor lies in the tp-local tensor."""
+    local = v.to_local().detach()
+    shape, offset = compute_local_shape_and_global_offset(v.shape, v.device_mesh, v.placements)
+    if tuple(local.shape) != tuple(shape):
+        raise ValueError(f"a DTensor shard of shape {list(local.shape)} where its placements {v.placements} give "
+                         f"{list(shape)}")
+    return tp_local_blocks(local, tuple(offset), s, tp_rank, tp)
 
 
-def _shard_like(full: dict, local: dict) -> dict:
-    """``full``'s entries, each plain tensor whose ``local`` counterpart is a DTensor cut to that DTensor's mesh
-    and placements (this rank's slice of the full tensor, which every rank holds: ``src_data_rank=None``)."""
-    out = dict(full)
-    for key, value in full.items():
-        like = local.get(key)
-        if isinstance(like, DTensor) and isinstance(value, torch.Tensor) and not isinstance(value, DTensor):
-            out[key] = distribute_tensor(value.to(like.device, like.dtype), like.device_mesh, like.placements,
-                                         src_data_rank=None)
-    return out
+def tp_local_blocks(local: torch.Tensor, offset: tuple[int, ...], s: TPShard, tp_rank: int,
+                    tp: int) -> tuple[list[Piece], list[torch.Tensor]]:
+    """``local``: the block of tp rank ``tp_rank`` 's shard (``s.local`` rows along ``s.dim``) at ``offset`` in it —
+    an FSDP2 chunk: rows ``[lo, hi)`` along ``s.dim`` when ``s.dim`` = 0, all of them when ``s.dim`` = 1 (the chunk
+    is along the other dim, whose offset carries over unchanged). Returns its blocks of the tp=1 tensor
+    ``[(global offset, view of local)]`` and its views that are vocabulary padding (in no block).
+
+    Tp-local row ``i`` lies in strided part ``j = i // p`` (``p = s.local / s.stride``; ``shard_of``: the rank holds
+    parts ``tp_rank, tp_rank + tp, …`` of the ``stride · tp`` equal parts of the tp=1 tensor) at global row
+    ``(tp_rank + j·tp)·p + i - j·p``; rows at or past ``s.size`` are the padding of the last tp ranks (stride 1
+    only). So a chunk is at most ``stride`` blocks, each a view of ``local`` (no copy); a chunk that is empty or
+    all padding has none."""
+    lo, hi = offset[s.dim], offset[s.dim] + local.shape[s.dim]
+    part = s.local // s.stride
+    pieces: list[Piece] = []
+    padding: list[torch.Tensor] = []
+    for j in range(s.stride):
+        a, b = max(lo, j * part), min(hi, (j + 1) * part)
+        if a >= b:
+            continue
+        row = (tp_rank + j * tp) * part + a - j * part
+        real = max(0, min(b - a, s.size - row))
+        view = local.narrow(s.dim, a - lo, b - a)
+        if real:
+            at = list(offset)
+            at[s.dim] = row
+            pieces.append((tuple(at), view.narrow(s.dim, 0, real)))
+        if real < b - a:
+            padding.append(view.narrow(s.dim, real, b - a - real))
+    return pieces, padding
 
 
 def fsdp_checkpoint_kwargs(module: nn.Module, mesh) -> dict:
     """``checkpoint_kwargs()`` of FSDP2-sharded engines: the default adapter (sharded DTensors, written
-    without gathering) at tp = 1; gathered tp-local tensors wrapped in the tp adapter under tp > 1."""
-    if mesh.size("tp") > 1:
-        return engine_checkpoint_kwargs(module, mesh, GatheredStateAdapter())
-    return {}
+    without gathering) at tp = 1; under tp > 1 the tp adapter around it, which turns each FSDP2 shard of a tp
+    shard into its blocks of the tp=1 tensor (:func:`fsdp_rectangles`): every rank writes and reads its own."""
+    return engine_checkpoint_kwargs(module, mesh)

@@ -41,12 +41,12 @@ from typing import Any, Callable, Iterable, Iterator, Optional, Sequence, Union
 import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
-from torch.distributed.tensor import DTensor
 
 from dist_train.checkpoint import compat
 from dist_train.checkpoint import manifest as mf
 from dist_train.checkpoint.comm import CheckpointComm
 from dist_train.checkpoint.foreign import describe_foreign_tree
+from dist_train.checkpoint.rectangles import local_tensors
 from dist_train.checkpoint.state import (HostStager, StateAdapter, TorchStateAdapter, capture_rng, from_json,
                                          join_state, restore_rng, split_state, to_json)
 from dist_train.checkpoint.storage import (RAW_FORMAT, CheckpointError, CheckpointIOError, ChecksumWriter,
@@ -137,12 +137,12 @@ def restore_interrupted_replace(root: Path) -> list[str]:
 
 
 def nonfinite_tensor(tensors: dict[str, torch.Tensor]) -> Optional[str]:
-    """The first key (sorted) of a floating tensor holding NaN or ±inf (this rank's part of a DTensor), else None."""
+    """The first key (sorted) of a floating tensor holding NaN or ±inf (this rank's part of a DTensor, its
+    blocks of a ``Rectangles``: ``local_tensors``), else None."""
     for key in sorted(tensors):
-        t = tensors[key]
-        local = t.to_local() if isinstance(t, DTensor) else t
-        if local.is_floating_point() and local.numel() and not bool(torch.isfinite(local.detach()).all()):
-            return key
+        for local in local_tensors(tensors[key]):
+            if local.is_floating_point() and local.numel() and not bool(torch.isfinite(local.detach()).all()):
+                return key
     return None
 
 

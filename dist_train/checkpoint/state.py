@@ -25,6 +25,8 @@ import torch
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 from torch.distributed.tensor import DTensor
 
+from .rectangles import Rectangles
+
 
 class StateAdapter(abc.ABC):
     """Turns (model, optimizer) into flat state dicts and back. Engines implement both methods.
@@ -200,7 +202,8 @@ class HostStager:
     Reuse matters: a fresh allocation pays a page fault per 4 KiB on first touch, which makes the
     copy (the only training stall of an async save) several times slower. CUDA tensors go to pinned
     memory with non-blocking copies and one synchronize. DTensors are staged through their local shard
-    and re-wrapped with the same mesh/placements, so DCP still sees the global layout."""
+    and re-wrapped with the same mesh/placements, :class:`Rectangles` piece by piece (same offsets), so DCP
+    still sees the global layout."""
 
     def __init__(self) -> None:
         self._buffers: dict[str, torch.Tensor] = {}
@@ -217,18 +220,27 @@ class HostStager:
         out: dict[str, torch.Tensor] = {}
         host_copies: list[tuple[torch.Tensor, torch.Tensor]] = []
         any_cuda = False
+
+        def staged(key: str, local: torch.Tensor) -> torch.Tensor:
+            nonlocal any_cuda
+            buf = self._buffer(key, local)
+            if local.device.type == "cuda":
+                buf.copy_(local, non_blocking=True)
+                any_cuda = True
+            else:
+                host_copies.append((buf, local))
+            return buf
+
         with torch.no_grad():
             for key, t in tensors.items():
-                local = t.to_local() if isinstance(t, DTensor) else t.detach()
-                buf = self._buffer(key, local)
-                if local.device.type == "cuda":
-                    buf.copy_(local, non_blocking=True)
-                    any_cuda = True
+                if isinstance(t, Rectangles):
+                    pieces = [(at, staged(f"{key}@{list(at)}", p.detach())) for at, p in t.pieces]
+                    out[key] = Rectangles(t.shape, pieces, t.dtype, torch.device("cpu"))
+                elif isinstance(t, DTensor):
+                    out[key] = DTensor.from_local(staged(key, t.to_local()), t.device_mesh, t.placements,
+                                                  run_check=False, shape=t.shape, stride=t.stride())
                 else:
-                    host_copies.append((buf, local))
-                out[key] = (DTensor.from_local(buf, t.device_mesh, t.placements, run_check=False,
-                                               shape=t.shape, stride=t.stride())
-                            if isinstance(t, DTensor) else buf)
+                    out[key] = staged(key, t.detach())
             _parallel_copy(host_copies)
         if any_cuda:
             torch.cuda.synchronize()

@@ -3,7 +3,7 @@
     sh, loc = rank_inputs(cfg, prof)                    # dist_train.cost.shape
     mem = memory_model(cfg, sh, prof, loc)              # the most loaded pipeline rank (what decides "fits")
     mem = memory_model(cfg, sh, prof, loc, load)        # one pipeline rank's exact RankLoad
-    mem, phases = rank_memory(cfg, sh, prof, loc)       # + {"loss", "backward", "optimizer"[, "checkpoint"]}: the max is mem["total"]
+    mem, phases = rank_memory(cfg, sh, prof, loc)       # + {"loss", "backward", "optimizer"}: the max is mem["total"]
     est = estimate_memory(cfg, stages_of_rank(cfg, r), prof)   # grouped as the dry run's table columns
 
 ``dist-train plan``, the predictions beside each ``dist-train scale`` point and ``dist-train launch
@@ -53,9 +53,8 @@ Components (bytes):
     pp_buffers          ``PipelineStage``'s receive buffers, one [tokens, d] per micro-batch and direction a
                         stage has a neighbour in (:func:`~dist_train.cost.layout.recv_buffers`), kept across steps
     total               the step's PEAK: the largest of its phases (:func:`step_phases`: the loss at the end
-                        of the forward, the first layer's backward, the optimizer step; under FSDP2 × tp, when
-                        the run saves or loads checkpoints, the checkpoint's gather, :func:`checkpoint_gather_bytes`),
-                        each the components alive then — not their sum: the loss's chunk, the backward's workspace
+                        of the forward, the first layer's backward, the optimizer step), each the components
+                        alive then — not their sum: the loss's chunk, the backward's workspace
                         and the optimizer's transient never coexist
 """
 from __future__ import annotations
@@ -400,7 +399,7 @@ def memory_model(cfg: Config, sh: Shape, prof: DeviceProfile, loc: RankShape,
 def rank_memory(cfg: Config, sh: Shape, prof: DeviceProfile, loc: RankShape,
                 load: Optional[RankLoad] = None) -> tuple[dict, dict]:
     """(:func:`memory_model`'s components + "total", the bytes alive at each phase of one training step: {"loss",
-    "backward", "optimizer"} and FSDP2 × tp's "checkpoint", :func:`step_phases`; "total" is the largest of them) of the rank holding ``load``
+    "backward", "optimizer"}, :func:`step_phases`; "total" is the largest of them) of the rank holding ``load``
     (None: the pipeline rank with the largest peak). Call it once where both are needed."""
     if load is None:
         return max((rank_memory(cfg, sh, prof, loc, ld) for ld in loc.loads), key=lambda m: m[0]["total"])
@@ -463,10 +462,8 @@ def rank_memory(cfg: Config, sh: Shape, prof: DeviceProfile, loc: RankShape,
     # the backward peaks at the final norm (the activations as the loss left them) or at the first layer
     bwd_live = max(acts_loss + norm_ws, acts_bwd + layer_ws)
     unsharded = states["fsdp_unsharded"]
-    gather = checkpoint_gather_bytes(cfg, loc, states) if checkpoints_collected(cfg) else 0.0
     phases = step_phases(cfg, out, acts_loss, bwd_live, optimizer_step_bytes(cfg, sh, loc, load, n_local),
-                         fsdp_forward=unsharded - fsdp_grad_bytes(cfg, sh, loc) if p.fsdp and p.pp == 1 else unsharded,
-                         checkpoint_gather=gather)
+                         fsdp_forward=unsharded - fsdp_grad_bytes(cfg, sh, loc) if p.fsdp and p.pp == 1 else unsharded)
     out["total"] = max(phases.values())
     return out, phases
 
@@ -506,30 +503,6 @@ def parameter_state_bytes(cfg: Config, sh: Shape, loc: RankShape, load: RankLoad
     return {"weights": weights, "grads": grads, "optimizer": optim, "ddp_buckets": ddp, "fsdp_unsharded": unsharded}
 
 
-def checkpoints_collected(cfg: Config) -> bool:
-    """The run saves a checkpoint (``checkpoint.every``, ``checkpoint.at_end``, ``train.exit_interval``) or loads the
-    one ``checkpoint.resume`` names (``auto`` loads only what the run itself saved). The pre-flight's
-    ``checkpoint_uses`` also looks for the checkpoints ``auto`` would find on disk."""
-    c = cfg.checkpoint
-    return c.every > 0 or c.at_end or cfg.train.exit_interval > 0 or c.resume not in ("none", "auto")
-
-
-def checkpoint_gather_bytes(cfg: Config, loc: RankShape, states: dict) -> float:
-    """Bytes FSDP2 × tp's checkpoint adapter (checkpoint/adapters.py ``GatheredStateAdapter``) allocates on the
-    rank's device at a checkpoint, the larger of a save's and a load's: its parameters and their AdamW moments
-    all-gathered over the FSDP2 shards into the full tp-local tensors — the fp32 weight and optimizer shards of
-    ``states`` (the rank's :func:`parameter_state_bytes`), × the shards — and, on a load, this rank's shards cut
-    out of them (copies, made while the gathered tensors are still held): 12 bytes per tp-local parameter × (shards + 1).
-    A run that only saves is counted at the load too: its checkpoints exist to be resumed. Measured on 4 CPU
-    ranks (tests/test_fsdp_training.py::test_fsdp_tp_checkpoint_gather_peak_is_the_cost_model): the load's peak
-    exactly, the save's 1/(shards + 1) less. 0 without that gather (tp = 1 writes the shards as they are; DDP and
-    DeepSpeed never gather)."""
-    p = cfg.parallel
-    if not (p.fsdp and p.tp > 1):
-        return 0.0
-    return (states["weights"] + states["optimizer"]) * (loc.grad_shards + 1)
-
-
 def comm_buffer_bytes(cfg: Config, loc: RankShape) -> float:
     """Bytes of the cp that runs (:func:`~dist_train.cost.shape.cp_execution`): the ring's K/V double buffer and
     dK/dV accumulators (per K/V piece when the ring is pieced; hybrid: of the repeated heads), the all-to-all's
@@ -544,7 +517,7 @@ def comm_buffer_bytes(cfg: Config, loc: RankShape) -> float:
 
 
 def step_phases(cfg: Config, comp: dict, acts_loss: float, bwd_live: float, optimizer_step: float,
-                fsdp_forward: float, checkpoint_gather: float = 0.0) -> dict:
+                fsdp_forward: float) -> dict:
     """Bytes alive at each phase of one training step (``comp``: :func:`memory_model`'s components):
 
     * "loss": the end of the forward through the loss's backward — the activations of the micro-batches in
@@ -558,11 +531,11 @@ def step_phases(cfg: Config, comp: dict, acts_loss: float, bwd_live: float, opti
       freed), every gradient and FSDP2's buffers (conservative: at the first layer only the head's and that
       layer's gradients exist yet); the chunked loss's two gradients are handed on in place before any layer's
       backward;
-    * "optimizer": gradients, optimizer state and the update's transient (:func:`optimizer_step_bytes`);
-    * "checkpoint", only when ``checkpoint_gather`` (:func:`checkpoint_gather_bytes`: FSDP2 × tp saving or loading
-      checkpoints) is not 0: a save after the step (or a load before the first), the gathered tp-local weights and
-      AdamW moments (and a load's shards cut from them) over the resident states — activations and FSDP2's
-      gradients are gone (set to None).
+    * "optimizer": gradients, optimizer state and the update's transient (:func:`optimizer_step_bytes`).
+
+    No checkpoint phase: every engine saves and loads its own shards in place (FSDP2 × tp too: each rank's blocks of
+    the tp=1 tensors, checkpoint/adapters.py ``fsdp_rectangles``), nothing is gathered onto the device; an async
+    save's staging copies go to host memory.
 
     Baseline, weights, optimizer state, DDP's buckets and a pipeline stage's receive buffers live through all
     phases. Measured on one CPU rank (tests/test_gpt_saved_tensors.py, tests/test_swin_saved_tensors.py: the
@@ -575,10 +548,7 @@ def step_phases(cfg: Config, comp: dict, acts_loss: float, bwd_live: float, opti
     optimizer = resident + comp["grads"] + optimizer_step
     if p.fsdp and p.pp > 1:
         optimizer += comp["fsdp_unsharded"]  # conservative: the stage stays gathered until its reduce-scatter
-    phases = {"loss": loss, "backward": backward, "optimizer": optimizer}
-    if checkpoint_gather:
-        phases["checkpoint"] = resident + checkpoint_gather
-    return phases
+    return {"loss": loss, "backward": backward, "optimizer": optimizer}
 
 
 def backward_workspaces(cfg: Config, sh: Shape, prof: DeviceProfile, loc: RankShape,
@@ -634,7 +604,7 @@ def optimizer_step_bytes(cfg: Config, sh: Shape, loc: RankShape, load: RankLoad,
 
 
 #: the phases of :func:`step_phases`, as the dry run's table names them
-PHASE_LABELS = {"loss": "loss", "backward": "bwd", "optimizer": "optim", "checkpoint": "ckpt"}
+PHASE_LABELS = {"loss": "loss", "backward": "bwd", "optimizer": "optim"}
 
 
 def peak_phase(phases: dict) -> str:
