@@ -49,8 +49,9 @@ def document_hashes_path(prefix: Prefix) -> Path:
     return Path(f"{prefix}{SUFFIX}")
 
 
-def document_hash(ids: Sequence[int]) -> int:
-    """The hash of one document of token ``ids`` (see the module docstring)."""
+def document_hash(ids: Union[Sequence[int], np.ndarray]) -> int:
+    """The hash of one document of token ``ids`` (a list, or an integer array of any dtype; see the module
+    docstring)."""
     return xxhash.xxh3_64_intdigest(np.asarray(ids, dtype="<u4").tobytes())
 
 

@@ -131,8 +131,9 @@ def prepare_indexed(inputs: list[Path], output_prefix: str, tokenizer: str = "by
         for text in iter_documents(inputs):
             ids = document_ids(tok, text)
             builder.add_item(torch.tensor(ids, dtype=torch.int64))
-            digest.update(np.asarray(ids, dtype=dtype).tobytes())
-            doc_hashes.append(document_hash(ids))
+            tokens = np.asarray(ids, dtype=dtype)
+            digest.update(tokens.tobytes())
+            doc_hashes.append(document_hash(tokens))  # from the array: a list's conversion costs more than the hash
             builder.end_document()
             n_docs += 1
             n_tokens += len(ids)
