@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 
-from ..config import Config, micro_batch_samples, step_micro_batches
+from ..config import Config, micro_batch_samples, resolve_loss_chunk, step_micro_batches
 from ..plan.profiles import DeviceProfile
 from .flops import attention_flops_per_key, recompute_flops_per_token
 from .layout import bubble_fraction
@@ -30,6 +30,12 @@ from .shape import RankShape, Shape, cp_execution, recompute_runs_last_matmul, r
 EAGER_OPS_PER_LAYER = {"gpt": 48, "swin": 40}
 # ops of torch AdamW (foreach=False, dist_train/optim.py) per parameter tensor and step
 OPTIMIZER_OPS_PER_TENSOR = 14
+# forward ops outside the layers (embedding, final norm, head, loss), counted on the real models in fp32 with
+# gpucheck.dispatch.OpCounter (tests/test_host_dispatch.py); the GPT's chunked loss adds LOSS_CHUNK_OPS per chunk of
+# train.loss_chunk. In the host term only: the gpu check's measured us per op divides a step by all its forward ops,
+# these included (the cpu profile's serial op_overhead_us term predates them and leaves them out)
+OUTER_OPS = {"gpt": 26, "swin": 40}
+LOSS_CHUNK_OPS = 30
 FUSED_OPS_PER_LAYER = 14
 # ops each extra cp ring step adds per layer (kernel call, LSE merge, send/recv bookkeeping)
 RING_OPS_PER_STEP = 14
@@ -133,6 +139,16 @@ def swin_halo_traffic(cfg: Config, sh: Shape, loc: RankShape) -> tuple[int, floa
     return 2, halo * micro_batch_samples(cfg) * channels * loc.bpe
 
 
+def outer_ops(cfg: Config, sh: Shape, loc: RankShape) -> float:
+    """Forward ops of one micro-batch outside the layers (:data:`OUTER_OPS`, + :data:`LOSS_CHUNK_OPS` per chunk of a
+    GPT's chunked loss over the rank's tokens), charged to every rank as the head's matmul is."""
+    ops = float(OUTER_OPS[sh.kind])
+    chunk = resolve_loss_chunk(cfg.train.loss_chunk, int(loc.vocab)) if sh.kind == "gpt" else None
+    if chunk is not None:
+        ops += LOSS_CHUNK_OPS * math.ceil(loc.tokens / chunk)
+    return ops
+
+
 def host_bound_seconds(device_s: float, ops: float, prof: DeviceProfile) -> float:
     """Seconds of work that takes ``device_s`` on the device and dispatches ``ops`` eager ops from the host: on an
     asynchronous-launch profile the host launches op i+1 while the device runs op i, so the slower of the two sets
@@ -231,7 +247,8 @@ def time_model(cfg: Config, sh: Shape, prof: DeviceProfile, loc: RankShape, mem:
     ops_mb = ops * recompute + core_ops * core_recompute
     ovh = ops_mb * prof.op_overhead_us * 1e-6
     device_mb = (mm + attn + ew + ovh) / share
-    compute_mb = host_bound_seconds(device_mb, ops_mb, prof)
+    host_ops_mb = ops_mb + outer_ops(cfg, sh, loc)
+    compute_mb = host_bound_seconds(device_mb, host_ops_mb, prof)
 
     # -- communication per micro-batch -----------------------------------------------------------
     tp_s = 0.0
@@ -304,7 +321,7 @@ def time_model(cfg: Config, sh: Shape, prof: DeviceProfile, loc: RankShape, mem:
     out["comm_total"] = accum * (tp_s + cp_exposed + wp_s + pp_s) + dp_exposed + small
     # per step: the eager ops the host dispatches for the micro-batches' compute, their dispatch seconds, the
     # device's seconds they overlap and whether the device waits (predict moves it to Prediction.host)
-    dispatch = accum * ops_mb * prof.host_op_us * 1e-6
-    out["host"] = {"ops": accum * ops_mb, "dispatch_s": dispatch, "device_s": accum * device_mb,
+    dispatch = accum * host_ops_mb * prof.host_op_us * 1e-6
+    out["host"] = {"ops": accum * host_ops_mb, "dispatch_s": dispatch, "device_s": accum * device_mb,
                    "bound": compute_mb > device_mb}
     return out

@@ -7,7 +7,7 @@ so the device waits for the host and the wall time of a run of steps, CUDA-synch
 host's dispatch time (Python, autograd, the ATen dispatcher, ``cudaLaunchKernel``). It is divided by the forward's
 aten ops (non-view, counted with a :class:`OpCounter` the way docs/planner.md counts the eager layer's ops): µs per
 forward op with its backward, the unit of the planner's ``host_op_us`` (whose op counts,
-``step_time.EAGER_OPS_PER_LAYER``, are forward ops too). ``host_bound`` says whether the device kept up: the host's
+``step_time.EAGER_OPS_PER_LAYER`` and ``step_time.outer_ops`` for the embedding, head and loss, are forward ops too). ``host_bound`` says whether the device kept up: the host's
 loop ended within :data:`HOST_BOUND_SLACK` of the synchronised end, so no launch waited for a full queue. The
 optimizer (torch AdamW ``foreach=False``, the trainer's) is timed the same way: µs per parameter tensor, beside the
 planner's 14 ops per tensor. On CPU the same code runs as a smoke: the ops run on the host, so the number is the
