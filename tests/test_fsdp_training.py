@@ -300,36 +300,38 @@ def _checkpoint_peaks(rank: int, world: int, root: str) -> dict:
     model, optimizer = engine.module, engine.optimizer
     ckpt = CheckpointManager(cfg.checkpoint, run_dir=root, rank=rank, world_size=world, io_threads=1,
                              **engine.checkpoint_kwargs())
-    before = [t.to_local().clone() for t in list(model.parameters()) + [
-        v for st in optimizer.state.values() for v in st.values() if isinstance(v, DTensor)]]
+    def shards() -> list[torch.Tensor]:  # the rank's local fp32 weights and AdamW moments
+        moments = [v for st in optimizer.state.values() for v in st.values() if isinstance(v, DTensor)]
+        return [t.to_local() for t in list(model.parameters()) + moments]
+
+    before = [t.clone() for t in shards()]
     _, save = peak_tensor_bytes(lambda: ckpt.save(1, model, optimizer))
     with torch.no_grad():
-        for p in model.parameters():
-            p.to_local().zero_()
+        for t in shards():
+            t.zero_()
     _, load = peak_tensor_bytes(lambda: ckpt.load(ckpt.root / "step_1", model, optimizer))
-    after = [t.to_local() for t in list(model.parameters()) + [
-        v for st in optimizer.state.values() for v in st.values() if isinstance(v, DTensor)]]
+    after = shards()
     assert all(torch.equal(a, b) for a, b in zip(before, after)), rank  # the load restored every shard
     sh, loc = rank_inputs(cfg, builtin_profiles()["cpu"])
     states = parameter_state_bytes(cfg, sh, loc, loc.loads[0], rank_params(cfg, sh, loc.loads[0]))
     return {"save": save, "load": load, "shards": states["weights"] + states["optimizer"],
-            "grad_shards": loc.grad_shards, "largest": max(t.numel() * t.element_size() for t in before)}
+            "largest": max(t.numel() * t.element_size() for t in before)}
 
 
 @pytest.mark.slow
 def test_fsdp_tp_checkpoint_peak_is_the_local_shards_not_a_gather(tmp_path):
     """FSDP2 × tp checkpoints write and read each rank's own blocks of the tp=1 tensors (views of its shards:
     checkpoint/adapters.py ``fsdp_rectangles``), so neither a save nor a load allocates more than a small part of
-    the rank's sharded state: at most the NaN/inf check's temporaries on its largest shard tensor, on every rank,
-    which is what lets the cost model count no checkpoint phase. The gather they replaced held the whole tp-local
-    state: (shards + 1) = 3 × the sharded fp32 weights and AdamW moments on a load (this test measured 2.1 × on a
-    save, 3.0–3.1 × on a load with it). Its ranks are spawned fresh (the profiler's meter under several gloo ranks
-    crashed once, in a forked rank, in a full suite run)."""
+    the rank's sharded state (a quarter, on every rank), which is what lets the cost model count no checkpoint
+    phase. The gather they replaced held the whole tp-local state: (shards + 1) = 3 × the sharded fp32 weights and
+    AdamW moments on a load (this test measured 2.1 × on a save, 3.0–3.1 × on a load with it). Its ranks are
+    spawned fresh (the profiler's meter under several gloo ranks crashed once, in a forked rank, in a full suite
+    run)."""
     for peaks in run_ranks(_checkpoint_peaks, 4, args=(str(tmp_path),), timeout=300, fresh=True):
-        # measured: 229,376 B for save and load on every rank, 0.06 × the 3.7 MB of shards: the NaN/inf check's
-        # temporaries on the largest shard tensor (128 KiB: |x| and two bool masks), nothing per checkpoint entry
-        assert peaks["save"] <= 2 * peaks["largest"] and peaks["load"] <= 2 * peaks["largest"], peaks
-        assert 2 * peaks["largest"] < 0.1 * peaks["shards"], peaks  # the old gather: ≥ 2 × shards, 3 × on a load
+        # measured 229,376-286,785 B for a save or a load, 0.06-0.08 × the 3.7 MB of shards: the NaN/inf check's
+        # temporaries on the largest shard tensor (128 KiB: |x| and two bool masks) and, varying from run to run,
+        # DCP's and the manager's pickled plans and reports; nothing per entry. The old gather: 2.1 × and 3.0 ×
+        assert peaks["save"] <= 0.25 * peaks["shards"] and peaks["load"] <= 0.25 * peaks["shards"], peaks
 
 
 @pytest.mark.parametrize("parallel, words", [
