@@ -13,12 +13,17 @@ process (as a new job would).
 from __future__ import annotations
 
 import json
+import warnings
 
 import pytest
 import torch
+import torch.distributed.checkpoint as dcp
 
 from dist_train.checkpoint import manifest as mf
+from dist_train.checkpoint.adapters import TPShard, tp_local_blocks
 from dist_train.checkpoint.hf import load_model_tensors
+from dist_train.checkpoint.rectangles import Rectangles
+from dist_train.models.tensor_parallel import shard_of
 from dist_train.trainer import train
 from tests.dist_harness import run_ranks
 from tests.trainer_utils import rel_close, tiny_gpt_config
@@ -145,18 +150,19 @@ def test_tp_adapter_rejects_shards_that_are_not_ceil_sized():
     (1, 9, 7, 1, 3, 2),    # row-parallel: tp splits the columns, FSDP2 the (odd) rows
     (0, 7, 0, 1, 2, 3),    # a 1-D bias (cols 0): 4 + 3 real rows
 ])
-def test_an_fsdp_chunk_of_a_tp_shard_is_its_blocks_of_the_tp1_tensor(dim, size, cols, stride, tp, shards):
+def test_an_fsdp_chunk_of_a_tp_shard_is_its_blocks_of_the_tp1_tensor(tmp_path, dim, size, cols, stride, tp, shards):
     """FSDP2 × tp checkpoints write each rank's chunk of its tp shard as blocks of the tp=1 tensor (no gather):
     every block is the tp=1 tensor's values there, the padding views are the shard's zero padding, and over all
     (tp rank, FSDP2 rank) the blocks tile the tp=1 tensor exactly once (DCP would reject overlaps, but a hole
-    would load zeros)."""
-    from dist_train.checkpoint.adapters import TPShard, tp_local_blocks
-    from dist_train.models.tensor_parallel import shard_of
+    would load zeros). Through DCP (one process standing for every rank): the blocks of every chunk, as one
+    ``Rectangles``, save the tp=1 tensor, and each chunk's ``Rectangles`` of views loads its values from a tp=1
+    checkpoint in place."""
 
     shape = [size] if cols == 0 else ([size, cols] if dim == 0 else [cols, size])
     full = torch.arange(1, 1 + torch.Size(shape).numel(), dtype=torch.float64).reshape(shape)
     spec = TPShard(dim=dim, local=-(-size // tp), size=size, stride=stride)
     covered = torch.zeros(shape, dtype=torch.int64)
+    every_block, chunks = [], []
     for t in range(tp):
         shard = shard_of(full, dim, spec.local, t, tp, stride)  # Megatron's shard, vocab zero-padded
         chunk = -(-shard.shape[0] // shards)  # FSDP2: dim 0 in chunks of ceil(rows / shards), the last short/empty
@@ -173,4 +179,24 @@ def test_an_fsdp_chunk_of_a_tp_shard_is_its_blocks_of_the_tp1_tensor(dim, size, 
                 box = tuple(slice(o, o + n) for o, n in zip(at, p.shape))
                 assert torch.equal(full[box], p), (t, d, at)
                 covered[box] += 1
+            every_block += pieces
+            chunks.append((local, offset, t))
     assert bool((covered == 1).all()), covered
+
+    cpu = torch.device("cpu")
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")  # no_dist's notice
+        dcp.save({"w": Rectangles(full.shape, every_block, full.dtype, cpu)}, checkpoint_id=tmp_path / "blocks",
+                 no_dist=True)
+        whole = torch.zeros_like(full)
+        dcp.load({"w": whole}, checkpoint_id=tmp_path / "blocks", no_dist=True)
+        assert torch.equal(whole, full)
+        dcp.save({"w": full}, checkpoint_id=tmp_path / "full", no_dist=True)
+        for local, offset, t in chunks:
+            into = torch.full_like(local, -1.0)
+            pieces, padding = tp_local_blocks(into, offset, spec, t, tp)
+            dcp.load({"w": Rectangles(full.shape, pieces, full.dtype, cpu)}, checkpoint_id=tmp_path / "full",
+                     no_dist=True)
+            for pad in padding:
+                pad.zero_()  # what the adapter's set does
+            assert torch.equal(into, local), (t, offset)
