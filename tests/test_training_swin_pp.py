@@ -56,8 +56,8 @@ def test_swin_pp2_1f1b_gpipe_interleaved_and_checkpointed_wp_match_single_rank_a
 @pytest.mark.slow
 def test_swin_pp2_x_wp_cp_tp_and_zero3_fsdp_x_tp2_on_four_ranks_match_single_rank_and_reshard_to_one(tmp_path):
     """pp2 × wp[1,2], pp2 × cp2 (Ulysses inside windows), pp2 × tp2, ZeRO-3 dp2 × tp2 and FSDP2 dp2 × tp2 in one
-    4-rank spawn; the checkpoints of pp2 × wp[1,2], ZeRO-3 × tp2 and FSDP2 × tp2 (the strided q|k|v gathered
-    through the DeepSpeed and FSDP2 adapters) then resume on a single rank (pp1, wp[1,1], tp1)."""
+    4-rank spawn; the checkpoints of pp2 × wp[1,2], ZeRO-3 × tp2 and FSDP2 × tp2 (the strided q|k|v written as
+    its blocks of the tp=1 tensor through the DeepSpeed and FSDP2 adapters) then resume on a single rank (pp1, wp[1,1], tp1)."""
     data = tmp_path / "weather"
     ref = train(tiny_swin_config(tmp_path / "ref", data, steps=10, model=FOUR_BLOCKS))
     ref5 = train(tiny_swin_config(tmp_path / "ref5", data, model=FOUR_BLOCKS))  # 5 steps: its own lr schedule
@@ -82,7 +82,7 @@ def test_swin_pp2_x_wp_cp_tp_and_zero3_fsdp_x_tp2_on_four_ranks_match_single_ran
 @pytest.mark.slow
 def test_swin_zero1_2_3_dp2_and_tp2_match_single_rank_and_tp_checkpoints_reshard_both_ways(tmp_path):
     """ZeRO-1/2/3 over dp 2 and tensor parallelism (tp 2 saving checkpoints, tp 2 with activation checkpointing)
-    in one 2-rank spawn, plus a tp 2 run resuming a single-rank checkpoint; the tp 2 checkpoint (strided q|k|v gathered, heads and MLP shards
+    in one 2-rank spawn, plus a tp 2 run resuming a single-rank checkpoint; the tp 2 checkpoint (strided q|k|v written as its blocks, heads and MLP shards
     resharded) then resumes on a single rank."""
     data = tmp_path / "weather"
     ref = train(tiny_swin_config(tmp_path / "ref", data))

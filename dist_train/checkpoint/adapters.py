@@ -31,13 +31,12 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 
 from torch.distributed.tensor import DTensor, Shard
 from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
-from ..models.tensor_parallel import is_tp_sharded, shard_of, unshard_strided
+from ..models.tensor_parallel import is_tp_sharded
 from .rectangles import Piece, Rectangles
 from .state import StateAdapter, TorchStateAdapter
 
@@ -81,8 +80,8 @@ class TensorParallelAdapter(StateAdapter):
 
     Strided shards (``partition_stride`` > 1: the Swin's fused q|k|v, each rank holding the q, k and v rows
     of its heads) are not one contiguous block of the full tensor, which a ``Shard`` placement cannot
-    express: they are all-gathered over tp into the full tp=1 tensor (a plain, replicated entry) and sliced
-    back on load. That costs one all-gather per such tensor per save/load and a full copy of it meanwhile.
+    express: they become a :class:`~dist_train.checkpoint.rectangles.Rectangles` of their ``stride`` blocks
+    (:func:`tp_local_blocks`), views DCP writes from and loads into — no gather.
 
     FSDP2 (``inner`` returns DTensors over the grad mesh: each a shard of the tp-local tensor): every tp-sharded
     entry becomes a :class:`~dist_train.checkpoint.rectangles.Rectangles` of its blocks of the tp=1 tensor
@@ -128,12 +127,12 @@ class TensorParallelAdapter(StateAdapter):
             return key
         return key[len("state."):].rsplit(".", 1)[0] if key.startswith("state.") else None
 
-    def _gather_strided(self, v: torch.Tensor, s: TPShard) -> torch.Tensor:
-        """This rank's strided shard → the full tp=1 tensor (all-gather over tp, identical on every tp rank)."""
-        group = self.mesh.get_group()
-        parts = [torch.empty_like(v) for _ in range(self.tp)]
-        dist.all_gather(parts, v.detach().contiguous(), group=group)
-        return unshard_strided(parts, s.dim, s.stride)
+    def _blocks(self, v: torch.Tensor, s: TPShard) -> tuple[list[Piece], list[torch.Tensor]]:
+        """``v`` 's blocks of the tp=1 tensor and its padding views: an FSDP2 DTensor's local chunk
+        (:func:`fsdp_rectangles`), or this rank's whole tp shard (a strided one)."""
+        if isinstance(v, DTensor):
+            return fsdp_rectangles(v, s, self.rank, self.tp)
+        return tp_local_blocks(v.detach(), (0,) * v.dim(), s, self.rank, self.tp)
 
     def _real_rows(self, s: TPShard) -> int:
         return max(0, min(s.local, s.size - self.rank * s.local))
@@ -149,12 +148,9 @@ class TensorParallelAdapter(StateAdapter):
                 continue
             shape = list(v.shape)
             shape[s.dim] = s.size
-            if isinstance(v, DTensor):  # FSDP2's shard of the tp shard: its blocks, strided or padded alike
-                pieces, _ = fsdp_rectangles(v, s, self.rank, self.tp)
+            if isinstance(v, DTensor) or s.stride > 1:  # FSDP2's shard of the tp shard, a strided shard: its blocks
+                pieces, _ = self._blocks(v, s)
                 out[key] = Rectangles(torch.Size(shape), pieces, v.dtype, v.device, source=v)
-                continue
-            if s.stride > 1:
-                out[key] = self._gather_strided(v, s)
                 continue
             local = v.narrow(s.dim, 0, self._real_rows(s))  # a view: DCP loads straight into the shard
             out[key] = DTensor.from_local(local, self.mesh, [Shard(s.dim)], run_check=False,
@@ -166,18 +162,15 @@ class TensorParallelAdapter(StateAdapter):
             return None
         out = {}
         for key, v in sd.items():
-            if isinstance(v, Rectangles):  # loaded in place (views of the FSDP2 shard); padding zero, as below
-                _, padding = fsdp_rectangles(v.source, self.shards[self._fqn(section, key)], self.rank, self.tp)
+            if isinstance(v, Rectangles):  # loaded in place (views of the shard); padding zero, as below
+                _, padding = self._blocks(v.source, self.shards[self._fqn(section, key)])
                 with torch.no_grad():
                     for pad in padding:
                         pad.zero_()
                 out[key] = v.source
                 continue
-            if not isinstance(v, DTensor) or self._fqn(section, key) not in self.shards:  # FSDP2's norms: as they are
-                s = self.shards.get(self._fqn(section, key) or "")
-                strided = (s is not None and s.stride > 1 and isinstance(v, torch.Tensor) and v.dim() > s.dim
-                           and v.shape[s.dim] == s.size)
-                out[key] = shard_of(v, s.dim, s.local, self.rank, self.tp, s.stride) if strided else v
+            if not isinstance(v, DTensor) or self._fqn(section, key) not in self.shards:  # replicated, FSDP2's norms
+                out[key] = v
                 continue
             s = self.shards[self._fqn(section, key)]
             real = v.to_local()
