@@ -15,11 +15,11 @@
 * The first rank that raises or dies stops the others (they would only wait in a collective for it);
   a hard timeout kills every rank and names the ranks that had not finished. Either raises RankFailure.
 
-Ranks are forked by a fork server that imported torch and the trainer once (``PRELOAD``), so a rank
-starts in a fraction of a second instead of the seconds a spawned rank spends importing them. ``fresh=True``
-spawns a new interpreter per rank instead, as a launcher starts one: what a benchmark measures (peak
-resident memory, thread pools) is then not shaped by the fork server's. Still, put many cases into one rank
-function: every call pays for its ranks' process group and its test module's import.
+Ranks are forked by a fork server that imported torch and the trainer once (``PRELOAD``, more with
+:func:`preload_in_fork_server`), so a rank starts in a fraction of a second instead of the seconds a spawned
+rank spends importing them. ``fresh=True`` spawns a new interpreter per rank instead, as a launcher starts one:
+what a benchmark measures (peak resident memory, thread pools) is then not shaped by the fork server's. Still,
+put many cases into one rank function: every call pays for its ranks' process group and its test module's import.
 tests/dist_harness.py re-exports :func:`run_ranks` for the test suite.
 """
 from __future__ import annotations
@@ -108,6 +108,15 @@ def _rank_main(job: bytes, rank: int, world_size: int, init_file: str, out: "mp.
 # Imported once by the fork server; every rank forked from it starts with them loaded instead of spending
 # seconds importing torch (and the trainer) again, as a spawned rank does.
 PRELOAD = ["torch", "torch.distributed", "dist_train.trainer"]
+
+
+def preload_in_fork_server(*modules: str) -> None:
+    """Have the fork server import ``modules`` too, besides :data:`PRELOAD`, when it starts (the server is
+    started once per process, by the first ``run_ranks``: call this before it). A rank unpickles its function
+    by importing the function's module; what that module imports and the server already has costs the rank
+    nothing. The test suite (tests/conftest.py) preloads pytest and its helpers: each test module's ranks
+    imported them again, on every call. A module that is not importable is skipped (the fork server's rule)."""
+    PRELOAD.extend(m for m in modules if m not in PRELOAD)
 
 
 class RankFailure(AssertionError):

@@ -55,11 +55,18 @@ def test_the_first_failing_rank_is_named_with_its_traceback_and_stops_the_others
     assert time.monotonic() - t0 < 120, "rank 0 was left waiting in its barrier"
 
 
+def the_fork_servers_threads(rank, world_size):
+    return len(os.listdir(f"/proc/{os.getppid()}/task"))
+
+
 @pytest.mark.slow
 def test_ranks_get_their_threads_and_torchrun_variables_and_a_group_only_when_asked():
     assert run_ranks(what_the_rank_sees, 1, threads=2, process_group=False, fresh=True) == \
         [(2, False, "2", "0", "1", "0")]
     assert run_ranks(what_the_rank_sees, 2) == [(1, True, "1", str(r), "2", str(r)) for r in range(2)]
+    # A fork copies only the forking thread: a heap or lock another thread held mid-update stays so in the rank
+    # (glibc's "malloc(): unaligned tcache chunk"). The fork server, with all it preloads, must have one thread.
+    assert run_ranks(the_fork_servers_threads, 2, process_group=False) == [1, 1]
 
 
 @pytest.mark.slow
