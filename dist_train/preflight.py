@@ -22,6 +22,7 @@ from parallelism.context.kernels import get_kernel
 from .checkpoint import compat
 from .checkpoint import manifest as mf
 from .checkpoint.foreign import describe_foreign_tree
+from .checkpoint.hf import expected_shapes
 from .checkpoint.manager import (checkpoint_extra, checkpoint_root, consumed_samples, effective_resume,
                                  newer_checkpoints_message, occupied_message, resume_candidates, trained_digest,
                                  trained_tokenizer)
@@ -318,10 +319,37 @@ def _training_identity(cfg: Config) -> tuple[Optional[str], Optional[str]]:
         return None, None
 
 
+def check_model_shapes(cfg: Config, ckpt: Path, manifest: dict) -> None:
+    """A GPT checkpoint whose saved config records a model must hold the tensors (names and shapes) this config
+    builds: a checkpoint of another size cannot be loaded, whatever ``checkpoint.allow_config_change`` lists (the
+    ranks' own check would refuse it, after every rank started). ``manifest``: its verified manifest body."""
+    saved_model = (manifest.get("config") or {}).get("model")
+    if cfg.model.kind != "gpt" or not isinstance(saved_model, Mapping) or saved_model.get("kind", "gpt") != "gpt":
+        return
+    saved = {k[len("model."):]: list(v["shape"]) for k, v in (manifest.get("tensors") or {}).items()
+             if k.startswith("model.")}
+    want = {k: list(v) for k, v in expected_shapes(cfg.model).items()}
+    if saved == want:
+        return
+    changed = [f"{k} {old!r} -> {new!r}" for k, old, new in
+               compat.config_differences(manifest["config"], cfg.to_dict()) if k.startswith("model.")]
+    other = sorted(k for k in want.keys() & saved.keys() if want[k] != saved[k])
+    alone = sorted(saved.keys() ^ want.keys())
+    tensors = "; ".join(([f"{len(other)} tensor(s) of other shapes, e.g. {other[0]} saved {saved[other[0]]}, now "
+                          f"{want[other[0]]}"] if other else [])
+                        + ([f"{len(alone)} tensor(s) in only one of them, e.g. {alone[0]}"] if alone else []))
+    raise ConfigError(f"checkpoint {ckpt} holds a model of another size than this config's"
+                      + (f": {', '.join(changed)}" if changed else "")
+                      + f" ({tensors}); no resume can load it, whatever "
+                      "checkpoint.allow_config_change lists: keep the checkpoint's model sizes, or train this model "
+                      "in another run.dir")
+
+
 def check_resume_matches(cfg: Config, ckpt: Path, manifest: dict, tokens: Mapping[str, int]) -> None:
     """The checkpoint the ranks will resume from (``manifest``: its verified manifest body) was saved with this
     model config and dataset (or the differences are allowed): the trainer's checks (checkpoint/compat.py),
     here before any rank starts. ``tokens``: see :func:`_train_samples`."""
+    check_model_shapes(cfg, ckpt, manifest)
     extra = checkpoint_extra(ckpt)
     current_digest, tokenizer = _training_identity(cfg)
     digest = comparable_digest(trained_digest(extra), current_digest, cfg.data.path)

@@ -18,6 +18,7 @@ from dist_train.data.integrity import check_bin_size, check_indexed_dataset, rea
 from dist_train.data.prepare import prepare_indexed
 from dist_train.data.sidecar import sidecar_path
 from dist_train.engines import cpu_autocast_refusal
+from dist_train.models.gpt import GPT
 from dist_train.preflight import check_data, check_model_fits, preflight
 from tests.trainer_utils import run_cli, tiny_gpt_config
 
@@ -417,3 +418,21 @@ def test_an_io_error_on_the_newest_checkpoint_is_no_fall_back_in_the_preflight_e
     assert _manager_verdict(root, "auto") == "refused"
     monkeypatch.undo()
     preflight(_cfg(tmp_path, dataset, checkpoint={"dir": str(root), "resume": "auto"}), on_cuda=False)
+
+
+def test_a_resume_into_a_model_of_another_size_is_refused_before_any_rank_whatever_allow_config_change_lists(
+        tmp_path, dataset):
+    small = _cfg(tmp_path, dataset, model={"d_model": 32, "n_heads": 2, "n_layers": 1},
+                 checkpoint={"dir": str(tmp_path / "ck")})
+    mgr = CheckpointManager(small.checkpoint, run_dir=tmp_path / "run", config=small.to_dict())
+    mgr.save(1, GPT(small.model), extra={"step": 1, "consumed_samples": 0})
+    mgr.close()
+    preflight(small, on_cuda=False)  # the same model resumes
+    wider = {"d_model": 64, "n_heads": 2, "n_layers": 1}
+    _refused(_cfg(tmp_path, dataset, model=wider, checkpoint={
+        "dir": str(tmp_path / "ck"), "allow_config_change": ["model.d_model", "model.ffn_hidden", "model.head_dim"]}),
+        "holds a model of another size than this config's: model.d_model 32 -> 64",
+        "tensor(s) of other shapes, e.g.", "whatever checkpoint.allow_config_change lists", "another run.dir")
+    _refused(_cfg(tmp_path, dataset, model={"d_model": 32, "n_heads": 2, "n_layers": 2},
+                  checkpoint={"dir": str(tmp_path / "ck")}),
+             "model.n_layers 1 -> 2", "9 tensor(s) in only one of them, e.g. layers.1.")
