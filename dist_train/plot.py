@@ -1,4 +1,4 @@
-"""``dist-train plot RUN_DIR [RUN_DIR ...] --out FILE.png``: training curves without any tool.
+"""``dist-train plot RUN_DIR [RUN_DIR ...] [--out FILE.png]``: training curves without any tool.
 
 Loss (solid; steps skipped by ``train.on_nonfinite: skip`` as crosses) and validation loss (dashed, markers)
 of every run against the optimizer step (left) and against the tokens trained on (right), one colour per
@@ -11,6 +11,7 @@ import argparse
 import json
 import math
 from pathlib import Path
+from typing import Optional
 
 import matplotlib
 
@@ -30,10 +31,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.description = ("Plot the training loss (solid) and validation loss (dashed) of one or more runs against "
                           "optimizer steps and against tokens trained on, one colour per run, from each run's "
                           "metrics.jsonl; --extra adds tokens/s, MFU and peak-memory panels. See docs/metrics.md.")
-    parser.epilog = examples("dist-train plot runs/demo --out runs/demo/curves.png",
+    parser.epilog = examples("dist-train plot runs/demo          # writes runs/demo/curves.png",
+                             "dist-train plot runs/demo --out runs/demo/curves.png",
                              "dist-train plot runs/dp2 runs/cp2 --out compare.png --extra tokens_per_s mfu memory")
     parser.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run directories (holding metrics.jsonl)")
-    parser.add_argument("--out", required=True, metavar="FILE.png", help="the PNG to write")
+    parser.add_argument("--out", metavar="FILE.png",
+                        help="the PNG to write (default for one run: RUN_DIR/curves.png; needed for several)")
     parser.add_argument("--extra", nargs="*", default=[], choices=sorted(EXTRAS),
                         help="more panels below the loss: tokens_per_s, mfu, memory")
 
@@ -154,8 +157,22 @@ def plot_runs(run_dirs: list[Path], out: Path, extras: list[str]) -> dict:
     return {"panels": series, "runs": labels}
 
 
+#: what ``dist-train plot RUN_DIR`` writes without --out (as ``make demo`` does)
+DEFAULT_PNG = "curves.png"
+
+
+def output_path(out: Optional[str], runs: list[str]) -> Path:
+    """--out, else RUN_DIR/curves.png for one run; several runs have no directory of their own to write in."""
+    if out is not None:
+        return Path(out)
+    if len(runs) == 1:
+        return Path(runs[0]) / DEFAULT_PNG
+    raise ValueError(f"--out FILE.png is needed to plot {len(runs)} runs together (one run without it writes "
+                     f"RUN_DIR/{DEFAULT_PNG})")
+
+
 def run(args: argparse.Namespace) -> int:
-    out = Path(args.out)
+    out = output_path(args.out, list(args.runs))
     if out.suffix.lower() != ".png":
         raise ValueError(f"--out {args.out}: give a .png file")
     info = plot_runs([Path(d) for d in args.runs], out, list(args.extra))

@@ -50,6 +50,17 @@ def test_plot_cli(tmp_path, capsys):
         main(["plot", "--help"])
 
 
+def test_one_run_without_out_writes_its_curves_png_and_several_need_out(tmp_path, capsys):
+    _fake_run(tmp_path / "a", "a", valid=True)
+    _fake_run(tmp_path / "b", "b", valid=False)
+    assert main(["plot", str(tmp_path / "a")]) == 0
+    assert f"wrote {tmp_path / 'a' / 'curves.png'}" in capsys.readouterr().out
+    assert (tmp_path / "a" / "curves.png").is_file()
+    assert main(["plot", str(tmp_path / "a"), str(tmp_path / "b")]) == 2
+    err = capsys.readouterr().err
+    assert "--out FILE.png is needed to plot 2 runs together" in err and err.count("\n") == 1
+
+
 def test_a_run_whose_recorded_config_a_later_version_refuses_still_plots(tmp_path):
     """config.yaml records a config that validated when its run started; a key a later version refuses (here
     train.eval_steps without eval_every, refused since nothing reads it) must not make that run unplottable."""
