@@ -106,8 +106,9 @@ def _rank_main(job: bytes, rank: int, world_size: int, init_file: str, out: "mp.
 
 
 # Imported once by the fork server; every rank forked from it starts with them loaded instead of spending
-# seconds importing torch (and the trainer) again, as a spawned rank does.
-PRELOAD = ["torch", "torch.distributed", "dist_train.trainer"]
+# seconds importing torch (and the trainer) again, as a spawned rank does. The pipeline engine imports
+# torch.distributed.pipelining (and with it torch._dynamo) only in a pipeline rank: preloaded for those.
+PRELOAD = ["torch", "torch.distributed", "dist_train.trainer", "torch.distributed.pipelining"]
 
 
 def preload_in_fork_server(*modules: str) -> None:

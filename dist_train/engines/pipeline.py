@@ -24,7 +24,6 @@ from typing import Optional
 
 import torch
 import torch.nn as nn
-from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe, ScheduleInterleaved1F1B
 
 from ..checkpoint.adapters import engine_checkpoint_kwargs, fsdp_checkpoint_kwargs
 from ..config import Config
@@ -119,6 +118,10 @@ class PipelineEngine:
         return loss_sum * (self._inv_count * self._grad_scale)
 
     def _build_schedule(self, n_micro: int):
+        # Imported here, by a pipeline rank alone: torch.distributed.pipelining imports torch._dynamo (0.4 s of
+        # every rank's start-up, and of every pre-flight, at module level); the ranks' fork server preloads it.
+        from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe, ScheduleInterleaved1F1B
+
         n_stages = self.mesh.size("pp") * len(self.stage_modules)
         stages = [PipelineStage(sm, sm.stage.index, n_stages, self.device, group=self.mesh.pp_group)
                   for sm in self.stage_modules]
