@@ -177,26 +177,31 @@ def test_ray_launch_sigterm_checkpoints_and_resume_equals_uninterrupted(tmp_path
     saved = done[0][0]
     assert 2 <= saved < 500
     total = [*flat, "--set", f"train.steps={saved + 2}"]
-    p = _launch(run_dir, "--backend", "local", "--nproc", "2", *total)
-    assert p.returncode == 0, (p.stdout + p.stderr)[-4000:]
     ref_dir = tmp_path / "ref"
-    q = _launch(ref_dir, "--backend", "local", "--nproc", "2", *total)
+    with ThreadPoolExecutor(1) as pool:  # the uninterrupted reference trains while the preempted run resumes
+        ref_run = pool.submit(_launch, ref_dir, "--backend", "local", "--nproc", "2", *total)
+        p = _launch(run_dir, "--backend", "local", "--nproc", "2", *total)
+        q = ref_run.result()
+    assert p.returncode == 0, (p.stdout + p.stderr)[-4000:]
     assert q.returncode == 0, (q.stdout + q.stderr)[-4000:]
     got, ref = _metrics(run_dir)[-1], _metrics(ref_dir)[-1]
     assert got["step"] == ref["step"] == saved + 2
     assert got["loss"] == ref["loss"]
 
 
-def test_ray_address_with_token_auth(tmp_path):
-    """A `ray start` cluster with token authentication: the launcher presents the token it finds (no
-    RAY_AUTH_MODE needed); a wrong token is one line naming the address, exit 2."""
+@pytest.fixture(scope="module")
+def ray_head(tmp_path_factory):
+    """A `ray start --head` cluster with token authentication on loopback (one node, 2 CPUs), shared by the tests
+    that launch onto an existing cluster (--address): each start of a Ray cluster costs 10-20 s of this
+    2-core machine. Yields (address, token file)."""
     pytest.importorskip("ray")
-    token = tmp_path / "auth_token"
+    tmp = tmp_path_factory.mktemp("ray_head")
+    token = tmp / "auth_token"
     token.write_text("0123456789abcdef0123456789abcdef")
     port = free_port("127.0.0.1")
     ray_exe = str(Path(sys.executable).parent / "ray")
     head_env = _env(RAY_AUTH_TOKEN_PATH=str(token), RAY_USAGE_STATS_ENABLED="0")
-    head_log = tmp_path / "head.log"
+    head_log = tmp / "head.log"
     ray_tmp = tempfile.mkdtemp(prefix="dt-ray-")  # Ray's socket paths must stay under 108 bytes
     with open(head_log, "w") as log:
         head = subprocess.Popen([ray_exe, "start", "--head", f"--port={port}", "--num-cpus=2",
@@ -207,23 +212,7 @@ def test_ray_address_with_token_auth(tmp_path):
         while "will now block" not in head_log.read_text() and time.time() < deadline and head.poll() is None:
             time.sleep(0.5)
         assert "will now block" in head_log.read_text(), head_log.read_text()[-3000:]
-        address = f"127.0.0.1:{port}"
-        # Ray retries a refused GCS connection once a second, 20 times by default; its own override of that
-        # budget (ray/_private/node.py, _init_gcs_client) makes the refused client give up after 2 tries.
-        # It runs while the good one trains.
-        bad_env = _env(RAY_AUTH_TOKEN="not-the-token", RAY_gcs_server_port_wait_time_s="2")
-        bad = subprocess.Popen([sys.executable, "-m", "dist_train", "launch", CONFIG, *BASE, "--set",
-                                f"run.dir={tmp_path / 'bad'}", "--backend", "ray", "--address", address, "--nproc",
-                                "1", "--set", "parallel.dp=1"], cwd=REPO, env=bad_env,
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        ok = _launch(tmp_path / "ok", "--backend", "ray", "--address", address, "--nproc", "1",
-                     "--set", "parallel.dp=1", "--set", "train.steps=1", env=_env(RAY_AUTH_TOKEN_PATH=str(token)),
-                     timeout=300)
-        bad_out, bad_err = bad.communicate(timeout=300)
-        assert ok.returncode == 0, (ok.stdout + ok.stderr)[-4000:]
-        errors = [line for line in (bad_out + bad_err).splitlines() if not line.startswith("[launcher]")]
-        assert bad.returncode == 2, bad_err[-3000:]
-        assert len(errors) == 1 and address in errors[0] and "RAY_AUTH_TOKEN" in errors[0], errors
+        yield f"127.0.0.1:{port}", token
     finally:
         if head.poll() is None:
             os.killpg(head.pid, signal.SIGKILL)  # the whole throw-away cluster (its own session) at once
@@ -231,12 +220,36 @@ def test_ray_address_with_token_auth(tmp_path):
         shutil.rmtree(ray_tmp, ignore_errors=True)
 
 
-def test_ray_impossible_placement_says_what_it_waits_for(tmp_path):
+def test_ray_address_with_token_auth(tmp_path, ray_head):
+    """A `ray start` cluster with token authentication: the launcher presents the token it finds (no
+    RAY_AUTH_MODE needed); a wrong token is one line naming the address, exit 2."""
+    address, token = ray_head
+    # Ray retries a refused GCS connection once a second, 20 times by default; its own override of that
+    # budget (ray/_private/node.py, _init_gcs_client) makes the refused client give up after 2 tries.
+    # It runs while the good one trains.
+    bad_env = _env(RAY_AUTH_TOKEN="not-the-token", RAY_gcs_server_port_wait_time_s="2")
+    bad = subprocess.Popen([sys.executable, "-m", "dist_train", "launch", CONFIG, *BASE, "--set",
+                            f"run.dir={tmp_path / 'bad'}", "--backend", "ray", "--address", address, "--nproc",
+                            "1", "--set", "parallel.dp=1"], cwd=REPO, env=bad_env,
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    ok = _launch(tmp_path / "ok", "--backend", "ray", "--address", address, "--nproc", "1",
+                 "--set", "parallel.dp=1", "--set", "train.steps=1", env=_env(RAY_AUTH_TOKEN_PATH=str(token)),
+                 timeout=300)
+    bad_out, bad_err = bad.communicate(timeout=300)
+    assert ok.returncode == 0, (ok.stdout + ok.stderr)[-4000:]
+    errors = [line for line in (bad_out + bad_err).splitlines() if not line.startswith("[launcher]")]
+    assert bad.returncode == 2, bad_err[-3000:]
+    assert len(errors) == 1 and address in errors[0] and "RAY_AUTH_TOKEN" in errors[0], errors
+
+
+def test_ray_impossible_placement_says_what_it_waits_for(tmp_path, ray_head):
     """Two node bundles on a one-node cluster: the wait is configurable and named, the failure is one line
-    (exit 2), and launcher.jsonl closes the attempt."""
-    pytest.importorskip("ray")
+    (exit 2), and launcher.jsonl closes the attempt. (On the shared `ray start` cluster: the placement wait is
+    the same code after either connection, and an embedded cluster of its own cost 10-20 s more.)"""
+    address, token = ray_head
     run_dir = tmp_path / "place"
-    p = _launch(run_dir, "--backend", "ray", "--nproc", "2", "--nodes", "2", "--set", "launch.placement_timeout_s=2")
+    p = _launch(run_dir, "--backend", "ray", "--address", address, "--nproc", "2", "--nodes", "2",
+                "--set", "launch.placement_timeout_s=2", env=_env(RAY_AUTH_TOKEN_PATH=str(token)))
     out = p.stdout + p.stderr
     assert p.returncode == 2, out[-4000:]
     assert "waiting up to 2 s (launch.placement_timeout_s)" in out
