@@ -8,15 +8,24 @@ cross-entropy, the RNG tracker, ``parallel_state`` and the indexed dataset reade
 ``torch.compile`` replaced by an identity decorator, and the fused kernels Megatron defines stay plain eager
 functions. ``torch.compile`` is restored as soon as the import returns.
 
+The import also warns, four times on every rank of every tp run, that Transformer Engine and Apex are not
+installed and Megatron falls back to local multi-tensor helpers and torch optimizers. dist-train uses neither
+Megatron's optimizers nor those helpers, so the import holds back that one warning (any other still shows).
+
     megatron_core = import_megatron_core()   # then `from megatron.core... import ...` as usual
 """
 from __future__ import annotations
 
 import importlib
 import sys
+import warnings
 from types import ModuleType
 
 import torch
+
+
+#: the start of the import-time warning held back (see the module docstring)
+NO_TE_OR_APEX_WARNING = "Transformer Engine and Apex are not installed"
 
 
 def _identity_compile(fn=None, *args, **kwargs):
@@ -33,6 +42,8 @@ def import_megatron_core() -> ModuleType:
     real = torch.compile
     torch.compile = _identity_compile
     try:
-        return importlib.import_module("megatron.core")
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=NO_TE_OR_APEX_WARNING, category=UserWarning)
+            return importlib.import_module("megatron.core")
     finally:
         torch.compile = real

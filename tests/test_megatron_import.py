@@ -25,5 +25,7 @@ print("ok")
 
 
 def test_megatron_core_imports_without_dynamo_and_restores_torch_compile():
-    r = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, timeout=120)
+    r = subprocess.run([sys.executable, "-W", "default", "-c", SCRIPT], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stderr[-3000:]
+    # every tp rank printed it four times (8 lines) before: about optimizers and helpers dist-train does not use
+    assert "Transformer Engine and Apex are not installed" not in r.stderr, r.stderr[-3000:]
