@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from dist_train.checkpoint import CheckpointManager
+from dist_train.checkpoint.manager import layout_changes
 from dist_train.trainer import layout_dict, recorded_layouts
 from tests.test_ckpt_common import CkptCfg, build, model_config, seed_rank
 from tests.trainer_utils import tiny_gpt_config, tiny_swin_config
@@ -65,3 +66,12 @@ def test_an_old_swin_cp_checkpoint_recorded_as_ring_resumes_its_rng_states(tmp_p
     assert not _save_and_resume(tmp_path / "bare", old, layout_dict(cfg, 2), ())
     # and another layout still does not restore them (a different cp)
     assert not _save_and_resume(tmp_path / "other", {**old, "cp": 4}, layout_dict(cfg, 2), recorded_layouts(cfg, 2))
+
+
+def test_a_resume_into_another_layout_names_only_the_entries_that_changed():
+    """The warning of a resharding resume said ``saved with layout {...10 entries...}, loading with {...}``: two dicts
+    to diff by eye. It names the changed entries instead."""
+    dp2 = layout_dict(tiny_gpt_config("/nonexistent", parallel={"dp": 2}), 2)
+    cp2 = layout_dict(tiny_gpt_config("/nonexistent", parallel={"dp": 1, "cp": 2}), 2)
+    assert layout_changes(dp2, cp2) == "dp 2 -> 1, cp 1 -> 2"
+    assert layout_changes(None, cp2).startswith("None -> {")  # a checkpoint that recorded no layout

@@ -182,6 +182,16 @@ def occupied_message(root: Path) -> Optional[str]:
             "run.dir or checkpoint.dir, or move them away")
 
 
+def layout_changes(saved: Optional[dict], current: Optional[dict]) -> str:
+    """The entries of two checkpoint layouts (``{"dp": 2, "tp": 1, ..., "world_size": 2}``) that differ, as
+    ``"dp 2 -> 1, cp 1 -> 2"`` (one readable clause, not two dicts); a layout not recorded is named as such."""
+    if not isinstance(saved, dict) or not isinstance(current, dict):
+        return f"{saved!r} -> {current!r}"
+    keys = list(saved) + [k for k in current if k not in saved]
+    changed = [f"{k} {saved.get(k)!r} -> {current.get(k)!r}" for k in keys if saved.get(k) != current.get(k)]
+    return ", ".join(changed) or "the same entries"
+
+
 def saved_extra(train_state: dict) -> dict:
     """The ``extra`` dict (step, consumed_samples, train_digest, ...) of a checkpoint's parsed ``train_state.json``."""
     return from_json(train_state.get("extra") or {})
@@ -728,9 +738,9 @@ class CheckpointManager:
         if "rng" in body["contents"] and body.get("layout") in self.same_layouts:
             restore_rng(json.loads((ckpt / mf.rng_file_name(self.rank)).read_text()))
         elif "rng" in body["contents"] and self.rank == 0:
-            log.warning("checkpoint %s was saved with layout %s, loading with %s: weights and optimizer "
-                        "resharded, RNG states not restored (ranks keep their seeded streams)",
-                        ckpt.name, body.get("layout"), self.layout)
+            log.warning("checkpoint %s was saved with another layout (%s): weights and optimizer resharded, RNG "
+                        "states not restored (ranks keep their seeded streams)",
+                        ckpt.name, layout_changes(body.get("layout"), self.layout))
         for key in LINEAGE_KEYS:  # carried on to this run's checkpoints (a config of its own has none)
             if key in self.saved_config and key not in self.config:
                 self.config[key] = self.saved_config[key]
