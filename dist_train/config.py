@@ -1033,13 +1033,15 @@ def _validate_gpt(cfg: Config) -> None:
                           "model.head_dim)")
     validate_rope_scaling(m.rope_scaling)
     if m.n_heads % p.tp:
-        raise ConfigError(f"model.n_heads = {m.n_heads} is not divisible by parallel.tp = {p.tp}")
+        raise ConfigError(f"model.n_heads = {m.n_heads} is not divisible by parallel.tp = {p.tp}: heads are split "
+                          f"over tp; use tp in {divisors(m.n_heads)}")
     if kv % p.tp:
         raise ConfigError(f"model.n_kv_heads = {kv} is not divisible by parallel.tp = {p.tp}: KV heads are split "
-                          f"over tp, not replicated; use tp in {[t for t in range(1, kv + 1) if kv % t == 0]}")
+                          f"over tp, not replicated; use tp in {divisors(kv)}")
     ffn = ffn_hidden_size(m)
     if ffn % p.tp:
-        raise ConfigError(f"FFN hidden size {ffn} is not divisible by parallel.tp = {p.tp}")
+        raise ConfigError(f"FFN hidden size {ffn} is not divisible by parallel.tp = {p.tp}; set model.ffn_hidden to a "
+                          f"multiple of {p.tp}, e.g. {-(-ffn // p.tp) * p.tp}")
     if p.sequence_parallel and p.tp > 1:
         # the residual stream is split over tp along the (cp-local, padded) sequence
         mult = 1 if p.cp == 1 else (2 * p.cp if p.cp_layout == "zigzag" else p.cp)
@@ -1066,7 +1068,15 @@ def _validate_gpt(cfg: Config) -> None:
         deg = p.cp if p.cp_method == "ulysses" else p.ulysses_degree
         heads_local = m.n_heads // p.tp
         if heads_local % deg:
-            raise ConfigError(f"model.n_heads / tp = {heads_local} is not divisible by the Ulysses degree {deg}")
+            what = "parallel.cp" if p.cp_method == "ulysses" else "parallel.ulysses_degree"
+            raise ConfigError(f"model.n_heads / tp = {heads_local} is not divisible by the Ulysses degree {deg} "
+                              f"({what}): all-to-all splits the heads; use {what} in {divisors(heads_local)}, or "
+                              "parallel.cp_method: ring")
+
+
+def divisors(n: int) -> list[int]:
+    """Every positive divisor of ``n``, ascending: the valid degrees of a parallelism that splits ``n`` things."""
+    return [k for k in range(1, n + 1) if n % k == 0]
 
 
 def validate_rope_scaling(scaling: Optional[dict]) -> None:

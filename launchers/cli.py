@@ -83,8 +83,11 @@ def launch_settings(cfg: Config, args: argparse.Namespace) -> tuple[str, int, in
     try:
         check_world_size(cfg, nproc)
     except ValueError as e:
-        raise ValueError(f"{e} (launching {nproc}; pass --nproc {cfg.world_size} or change parallel.*, e.g. "
-                         f"--set parallel.dp={max(1, nproc // max(1, cfg.model_parallel_size))})") from None
+        mp = max(1, cfg.model_parallel_size)
+        change = (f"e.g. --set parallel.dp={nproc // mp}" if nproc % mp == 0 else
+                  f"tp·pp·cp·wp = {mp} does not divide {nproc} ranks")
+        raise ValueError(f"{e} (launching {nproc}; pass --nproc {cfg.world_size} or change parallel.*, {change})") \
+            from None
     return backend, nproc, nodes, gpus, max_restarts
 
 

@@ -215,7 +215,10 @@ def test_launch_flag_resolution(tmp_path):
     _, backend, nproc, _, _, restarts = resolve_launch(_launch_args(
         str(cfg_path), "--backend", "local", "--nproc", "4", "--set", "parallel.dp=2", "--max-restarts", "0"))
     assert (backend, nproc, restarts) == ("local", 4, 0)
-    with pytest.raises(ValueError, match=r"3 ranks were launched.*--set parallel.dp=1"):
+    with pytest.raises(ValueError, match=r"4 ranks were launched.*--set parallel.dp=2\)"):
+        resolve_launch(_launch_args(str(cfg_path), "--nproc", "4"))
+    # no dp makes 3 ranks of cp 2: the hint was "--set parallel.dp=1", the config's own value
+    with pytest.raises(ValueError, match=r"3 ranks were launched.*tp·pp·cp·wp = 2 does not divide 3 ranks\)"):
         resolve_launch(_launch_args(str(cfg_path), "--nproc", "3"))
     with pytest.raises(ValueError, match="only the ray backend spans nodes"):
         resolve_launch(_launch_args(str(cfg_path), "--backend", "local", "--nodes", "2"))

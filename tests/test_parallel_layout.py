@@ -321,12 +321,14 @@ def test_dry_run_prints_every_rank_without_a_process_group(tmp_path, capsys):
 
 @pytest.mark.parametrize("parallel,model,message", [
     ({"tp": 4}, {}, r"model.n_kv_heads = 2 is not divisible by parallel.tp = 4"),
-    ({"tp": 3}, {}, r"model.n_heads = 4 is not divisible by parallel.tp = 3"),
+    ({"tp": 3}, {}, r"model.n_heads = 4 is not divisible by parallel.tp = 3: .*use tp in \[1, 2, 4\]"),
     ({"pp": 3}, {}, r"model.n_layers = 2 < 3 pipeline stages"),
     ({"pp": 2, "zero_stage": 3}, {}, r"parallel.zero_stage = 3 with parallel.pp = 2 is not supported"),
     ({"pp": 2}, {"tie_embeddings": True}, r"tie_embeddings with parallel.pp = 2"),
     ({"pp": 2, "microbatches": 3}, {}, r"parallel.microbatches = 3"),
-    ({"tp": 2}, {"ffn_hidden": 33}, r"FFN hidden size 33 is not divisible by parallel.tp = 2"),
+    ({"tp": 2}, {"ffn_hidden": 33}, r"FFN hidden size 33 is not divisible by parallel.tp = 2; .*e.g. 34"),
+    ({"cp": 3, "cp_method": "ulysses"}, {}, r"by the Ulysses degree 3 \(parallel.cp\): .*parallel.cp in \[1, 2, 4\], or "
+                                            r"parallel.cp_method: ring"),
 ])
 def test_invalid_combinations_fail_before_any_process_group(parallel, model, message):
     with pytest.raises(ConfigError, match=message):
