@@ -93,6 +93,7 @@ def test_mpi_launch_sigterm_checkpoints_and_resumes(tmp_path):
     proc.send_signal(signal.SIGTERM)
     out, _ = proc.communicate(timeout=180)
     assert proc.returncode == EXIT_PREEMPTED, out[-4000:]
+    assert "[rank 0] preempted, resumable: loss " in out and "done: loss" not in out, out[-4000:]
     done = complete_checkpoints(run_dir / "checkpoints")
     assert done, out[-4000:]
     saved = done[0][0]
