@@ -8,8 +8,10 @@ Why these exist — the danger they remove. DCP treats same-named plain tensors 
   as a ``DTensor`` over the tp sub-mesh with the full tp=1 shape, so DCP writes each shard once and
   reshards on load to any tp.
 * DeepSpeed ZeRO 1-3: the fp32 master weights and the optimizer state are flat partitions inside
-  DeepSpeed. :class:`DeepSpeedStateAdapter` gathers them per parameter into full plain tensors (replicated
-  after gathering → de-duplicated by DCP) under the TorchStateAdapter's keys, and scatters them back.
+  DeepSpeed. :class:`DeepSpeedStateAdapter` presents each parameter's part in this rank's partition (a flat
+  range of the flattened parameter) as a :class:`~dist_train.checkpoint.rectangles.Rectangles` of boxes of
+  the full tensor, views of the partition, under the TorchStateAdapter's keys: each rank writes and reads
+  its own partition, nothing is gathered.
 
     kwargs = engine_checkpoint_kwargs(module, mesh)                               # DDP / pipeline engines
     kwargs = engine_checkpoint_kwargs(module, mesh, DeepSpeedStateAdapter(ds_opt)) # DeepSpeed engine
@@ -37,7 +39,7 @@ from torch.distributed.tensor import DTensor, Shard
 from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
 from ..models.tensor_parallel import is_tp_sharded
-from .rectangles import Piece, Rectangles
+from .rectangles import Piece, Rectangles, flat_range_pieces
 from .state import StateAdapter, TorchStateAdapter
 
 
@@ -87,6 +89,9 @@ class TensorParallelAdapter(StateAdapter):
     entry becomes a :class:`~dist_train.checkpoint.rectangles.Rectangles` of its blocks of the tp=1 tensor
     (:func:`fsdp_rectangles`, strided and padded shards included), views of the FSDP2 shard that DCP writes from
     and loads into directly: no gather, no copy; ``set`` zeroes the shard's padding rows and hands the DTensors on.
+    ZeRO (``inner`` a :class:`DeepSpeedStateAdapter`: Rectangles of boxes of the tp-local tensor, views of the
+    rank's fp32 partition) the same way: each box becomes its blocks of the tp=1 tensor (:func:`tp_local_blocks`),
+    and ``set`` hands the inner Rectangles back once their padding is zeroed.
     """
 
     def __init__(self, tp_mesh, shards: dict[str, TPShard], inner: Optional[StateAdapter] = None) -> None:
@@ -129,9 +134,18 @@ class TensorParallelAdapter(StateAdapter):
 
     def _blocks(self, v: torch.Tensor, s: TPShard) -> tuple[list[Piece], list[torch.Tensor]]:
         """``v`` 's blocks of the tp=1 tensor and its padding views: an FSDP2 DTensor's local chunk
-        (:func:`fsdp_rectangles`), or this rank's whole tp shard (a strided one)."""
+        (:func:`fsdp_rectangles`), the inner adapter's blocks of the tp-local tensor (a ZeRO partition's boxes:
+        each mapped by :func:`tp_local_blocks`), or this rank's whole tp shard (a strided one)."""
         if isinstance(v, DTensor):
             return fsdp_rectangles(v, s, self.rank, self.tp)
+        if isinstance(v, Rectangles):
+            pieces: list[Piece] = []
+            padding: list[torch.Tensor] = []
+            for offset, box in v.pieces:
+                p, pad = tp_local_blocks(box, offset, s, self.rank, self.tp)
+                pieces += p
+                padding += pad
+            return pieces, padding
         return tp_local_blocks(v.detach(), (0,) * v.dim(), s, self.rank, self.tp)
 
     def _real_rows(self, s: TPShard) -> int:
@@ -148,7 +162,7 @@ class TensorParallelAdapter(StateAdapter):
                 continue
             shape = list(v.shape)
             shape[s.dim] = s.size
-            if isinstance(v, DTensor) or s.stride > 1:  # FSDP2's shard of the tp shard, a strided shard: its blocks
+            if isinstance(v, (DTensor, Rectangles)) or s.stride > 1:  # FSDP2's / ZeRO's part, a strided shard
                 pieces, _ = self._blocks(v, s)
                 out[key] = Rectangles(torch.Size(shape), pieces, v.dtype, v.device, source=v)
                 continue
@@ -162,7 +176,9 @@ class TensorParallelAdapter(StateAdapter):
             return None
         out = {}
         for key, v in sd.items():
-            if isinstance(v, Rectangles):  # loaded in place (views of the shard); padding zero, as below
+            if isinstance(v, Rectangles) and self._fqn(section, key) in self.shards:
+                # ours (the inner adapter's Rectangles of a replicated tensor pass through below): loaded in place
+                # (views of the shard); padding zero, as below
                 _, padding = self._blocks(v.source, self.shards[self._fqn(section, key)])
                 with torch.no_grad():
                     for pad in padding:
@@ -242,25 +258,32 @@ def _flat_groups(opt) -> Optional[list[_FlatGroup]]:
 
 
 class DeepSpeedStateAdapter(StateAdapter):
-    """Full fp32 weights and optimizer state of a DeepSpeed optimizer, in :class:`TorchStateAdapter` 's
-    per-parameter-name form, so ZeRO 0-3 at any dp and the plain DDP / pipeline engines read each other's
-    checkpoints.
+    """fp32 weights and optimizer state of a DeepSpeed optimizer, in :class:`TorchStateAdapter` 's
+    per-parameter-name form, so ZeRO 0-3 at any dp and the plain DDP / pipeline / FSDP2 engines read each other's
+    checkpoints — written and read by each rank from its own partition, nothing gathered.
 
     ``zero_optimizer``: the DeepSpeed engine's optimizer (a ZeRO / bf16 wrapper, or the plain torch
     optimizer for stage 0 in fp32, which is handed to :class:`TorchStateAdapter` unchanged).
 
-    Gathering is collective and per parameter (``deepspeed.utils.safe_get_full_fp32_param`` /
-    ``safe_get_full_optimizer_state``: an all-reduce or all-gather over the data-parallel group each), so
-    every rank holds the full fp32 model and its optimizer state while a save is collected — fine up to a
-    few billion parameters per tp shard; beyond that the state must be written partition by partition
-    (DeepSpeed's universal checkpoint), which this adapter does not do. Loading writes each rank's
-    partition with ``safe_set_full_*`` (no communication) and then refreshes the low-precision / ZeRO-3
-    working copies from the fp32 masters, exactly as after an optimizer step.
+    Every parameter ``model.<fqn>`` [*shape] (and each per-element optimizer state ``optim.state.<fqn>.exp_avg``,
+    …) is a :class:`~dist_train.checkpoint.rectangles.Rectangles` of the full shape whose pieces are views of this
+    rank's fp32 partition (of the inner optimizer's state tensor of the partition's shape): the partition holds a
+    flat range ``[start, start + n)`` of the flattened parameter (:meth:`_partition`), which is at most
+    ``2·dim - 1`` boxes, each a view (:func:`~dist_train.checkpoint.rectangles.flat_range_pieces`). DCP writes
+    them and checks that the dp ranks' boxes tile every tensor; a load reads straight into them. So a save or a
+    load allocates nothing per parameter (a gather of every parameter's fp32 weight and AdamW moments — 12 B per
+    tp-local parameter on every rank — is what this replaced). Under tp the
+    :class:`TensorParallelAdapter` maps the boxes, which are in tp-local coordinates, to the tp=1 tensor.
+
+    After a load the padding of ZeRO-3 partitions (elements past the parameter's end on the last ranks) is zeroed,
+    the per-partition state (Adam's ``step``) and hyper-parameters are set, and the low-precision / ZeRO-3 working
+    copies are refreshed from the fp32 masters, exactly as after an optimizer step.
     """
 
     def __init__(self, zero_optimizer) -> None:
         self.opt = zero_optimizer
         self.groups = _flat_groups(zero_optimizer)
+        self.zero3 = hasattr(zero_optimizer, "fp32_partitioned_groups_flat")
         self._plain = TorchStateAdapter()
 
     # -- helpers ---------------------------------------------------------------------------------
@@ -289,18 +312,19 @@ class DeepSpeedStateAdapter(StateAdapter):
                     pg["params"], pg["lr"] = params, lr
                 for g in missing:
                     g.flat.grad = None
-        if not hasattr(self.opt, "fp32_partitioned_groups_flat"):
+        if not self.zero3:
             # ZeRO-1/2 / bf16 link every group's fragments once, right after the FIRST group's first step —
             # when later groups have no state yet, so their fragments stay empty for good (DeepSpeed 0.19.8,
-            # any optimizer with more than one param group, e.g. ours: decay / no decay). Re-link: idempotent.
-            from deepspeed.utils import lazy_init_hp_params_optimizer_state
+            # any optimizer with more than one param group, e.g. ours: decay / no decay). Re-link: idempotent,
+            # for DeepSpeed's own readers of the fragments (this adapter reads the state tensors directly).
+            from deepspeed.utils import lazy_init_hp_params_optimizer_state  # deepspeed only where it runs
 
             for g in self.groups:
                 lazy_init_hp_params_optimizer_state(g.params, g.flat, inner.state)
 
     def _refresh_working_copies(self) -> None:
         """fp32 masters -> the weights the forward uses (what the wrappers do after every step)."""
-        if hasattr(self.opt, "fp32_partitioned_groups_flat"):  # ZeRO-3
+        if self.zero3:
             self.opt.checkpoint_event_prologue()  # partition everything, persistent parameters included
             for s in range(len(self.opt.fp16_groups)):
                 self.opt._reassign_or_swap_out_partitioned_parameters(s)
@@ -314,92 +338,114 @@ class DeepSpeedStateAdapter(StateAdapter):
         ``_extra_state``) are not state: the layers ignore them on load."""
         return {k: v for k, v in model.state_dict().items() if k not in params and isinstance(v, torch.Tensor)}
 
+    def _group_of(self, params: dict) -> dict[str, _FlatGroup]:
+        """Parameter name -> its flat group; a parameter in none (frozen) has no fp32 master to save."""
+        by_id = {id(p): g for g in self.groups for p in g.params}
+        missing = [n for n, p in params.items() if id(p) not in by_id]
+        if missing:
+            raise ValueError(f"parameter '{missing[0]}' is in no DeepSpeed optimizer group (requires_grad = False?): "
+                             "its fp32 master weights are not in any ZeRO partition, so they cannot be checkpointed")
+        return {n: by_id[id(p)] for n, p in params.items()}
+
+    def _partition(self, g: _FlatGroup, p: nn.Parameter,
+                   key: Optional[str]) -> tuple[int, torch.Tensor, Optional[torch.Tensor]]:
+        """This rank's part of parameter ``p`` in the fp32 masters (``key`` None) or in the inner optimizer's state
+        ``key`` (a tensor of the flat partition's shape): ``(start, real, padding)`` — ``real`` [n] is a view of
+        elements ``[start, start + n)`` of the flattened parameter (n = 0: none here), ``padding`` a view of the
+        ZeRO-3 partition's elements past the parameter's end (None at ZeRO-1/2, where the partition holds only
+        fragments of parameters)."""
+        if self.zero3:
+            # per parameter: c = ceil(n / dp) elements, rank r's are [r·c, (r+1)·c), past n padding (stage3.py)
+            part, _ = self.opt._get_fp32_opt_state_partition(p, release_swap_buffers=False, optim_state_key=key)
+            start = part.numel() * self.opt._get_param_partition_rank(p)
+            real = max(0, min(part.numel(), p.ds_numel - start))
+            return start, part.narrow(0, 0, real), part.narrow(0, real, part.numel() - real)
+        flat = g.flat if key is None else self._inner.state[g.flat][key]
+        mapping = p._hp_mapping  # ZeRO-1/2, bf16: the fragment of p this rank's flat partition holds, if any
+        if mapping is None:
+            return 0, flat.narrow(0, 0, 0), None
+        hp, lp = mapping.hp_fragment_address, mapping.lp_fragment_address
+        if key is None and mapping.hp_fragment.data_ptr() != flat.data_ptr() + hp.start * flat.element_size():
+            raise RuntimeError(f"DeepSpeed's fp32 fragment of a parameter of shape {list(p.shape)} is not a view of "
+                               "the flat partition the adapter reads (a DeepSpeed version with another layout?)")
+        return lp.start, flat.narrow(0, hp.start, hp.numel), None
+
+    def _rectangles(self, g: _FlatGroup, p: nn.Parameter, key: Optional[str]) -> Rectangles:
+        """Parameter ``p`` (full shape: ZeRO-3's ``ds_shape``) as the boxes of this rank's part of it."""
+        start, real, _ = self._partition(g, p, key)
+        shape = torch.Size(p.ds_shape if self.zero3 else p.shape)
+        return Rectangles(shape, flat_range_pieces(real, shape, start), real.dtype, real.device)
+
+    def _refuse_swapping(self) -> None:
+        if getattr(self.opt, "swap_optimizer", False):
+            raise ValueError("checkpoints of a ZeRO-3 run with offload_optimizer.device = nvme are not supported: "
+                             "its optimizer state is swapped out to NVMe, where the checkpoint cannot read it in "
+                             "place; offload to cpu or none")
+
     # -- StateAdapter ----------------------------------------------------------------------------
     def get(self, model, optimizer):
         if self.groups is None:
             return self._plain.get(model, optimizer)
-        from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
-
+        self._refuse_swapping()
         params = dict(model.named_parameters())
-        model_sd = {name: safe_get_full_fp32_param(p).detach() for name, p in params.items()}
+        group = self._group_of(params)
+        model_sd: dict[str, Any] = {name: self._rectangles(group[name], p, None) for name, p in params.items()}
         model_sd.update(self._buffers(model, params))
         if optimizer is None:
             return model_sd, None
         self._ensure_state()
-        names = {id(p): n for n, p in params.items()}
         optim_sd: dict[str, Any] = {}
-        for g in self.groups:
+        for name, p in params.items():
+            g = group[name]
             state, hyper = self._inner.state[g.flat], self._inner.param_groups[g.group]
-            for p in g.params:
-                name = names[id(p)]
-                for k, v in state.items():
-                    if isinstance(v, torch.Tensor) and v.shape == g.flat.shape:  # per element: gather
-                        optim_sd[f"state.{name}.{k}"] = safe_get_full_optimizer_state(p, k).detach()
-                    else:  # per partition (Adam's step): the same for every parameter of the group
-                        optim_sd[f"state.{name}.{k}"] = v.detach().clone() if isinstance(v, torch.Tensor) else v
-                for k, v in hyper.items():
-                    if k != "params":
-                        optim_sd[f"param_groups.{name}.{k}"] = v
+            for k, v in state.items():
+                if isinstance(v, torch.Tensor) and v.shape == g.flat.shape:  # per element: this rank's boxes
+                    optim_sd[f"state.{name}.{k}"] = self._rectangles(g, p, k)
+                else:  # per partition (Adam's step): the same for every parameter of the group
+                    optim_sd[f"state.{name}.{k}"] = v.detach().clone() if isinstance(v, torch.Tensor) else v
+            for k, v in hyper.items():
+                if k != "params":
+                    optim_sd[f"param_groups.{name}.{k}"] = v
         return model_sd, optim_sd
 
     def set(self, model, optimizer, model_sd, optim_sd):
+        """``model_sd`` / ``optim_sd``: what :meth:`get` returned, its Rectangles loaded in place (DCP)."""
         if self.groups is None:
             self._plain.set(model, optimizer, model_sd, optim_sd)
             return
-        from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
-
-        zero3 = hasattr(self.opt, "fp32_partitioned_groups_flat")
-        set_param = (lambda p, v: _set_zero3_partition(self.opt, p, v)) if zero3 else safe_set_full_fp32_param
-        set_state = (lambda p, v, k: _set_zero3_partition(self.opt, p, v, k)) if zero3 else \
-            safe_set_full_optimizer_state
         params = dict(model.named_parameters())
+        group = self._group_of(params)
+        with_optim = optimizer is not None and optim_sd is not None
+        per_element = {name: [k for k, v in self._inner.state[group[name].flat].items()
+                              if isinstance(v, torch.Tensor) and v.shape == group[name].flat.shape]
+                       if with_optim else [] for name in params}
+        for name in params:
+            for entry in [f"model.{name}"] + [f"optim.state.{name}.{k}" for k in per_element[name]]:
+                section, key = entry.split(".", 1)
+                if not isinstance((model_sd if section == "model" else optim_sd)[key], Rectangles):
+                    raise TypeError(f"'{entry}': the DeepSpeed adapter loads only the Rectangles its get() made "
+                                    "(read in place)")
         with torch.no_grad():
-            for name, p in params.items():
-                set_param(p, model_sd[name])
+            if self.zero3:  # a fresh partition's padding is zero; the checkpoint has none to give
+                for name, p in params.items():
+                    for key in [None] + per_element[name]:
+                        self._partition(group[name], p, key)[2].zero_()
             for name, buf in self._buffers(model, params).items():
                 buf.copy_(model_sd[name])
-        if optimizer is not None and optim_sd is not None:
-            self._ensure_state()
-            names = {id(p): n for n, p in params.items()}
+        if with_optim:
             for g in self.groups:
+                if not g.params:
+                    continue
+                first = next(n for n, p in params.items() if p is g.params[0])
                 state, hyper = self._inner.state[g.flat], self._inner.param_groups[g.group]
-                for k, v in list(state.items()):
-                    if isinstance(v, torch.Tensor) and v.shape == g.flat.shape:
-                        for p in g.params:
-                            set_state(p, optim_sd[f"state.{names[id(p)]}.{k}"], k)
-                    elif g.params:
-                        saved = optim_sd[f"state.{names[id(g.params[0])]}.{k}"]
+                for k in list(state):
+                    if k not in per_element[first]:
+                        saved = optim_sd[f"state.{first}.{k}"]
                         state[k] = saved.detach().clone() if isinstance(saved, torch.Tensor) else saved
-                if g.params:
-                    first = names[id(g.params[0])]
-                    for k in hyper:
-                        if k != "params":
-                            hyper[k] = optim_sd[f"param_groups.{first}.{k}"]
+                for k in hyper:
+                    if k != "params":
+                        hyper[k] = optim_sd[f"param_groups.{first}.{k}"]
         self._refresh_working_copies()
-
-
-def _set_zero3_partition(opt, param: nn.Parameter, value: torch.Tensor, key: Optional[str] = None) -> None:
-    """Write this rank's ZeRO-3 partition of the full fp32 ``value`` [*param.ds_shape] into the master weights
-    (``key`` None) or the optimizer state ``key`` — what ``safe_set_full_fp32_param`` /
-    ``safe_set_full_optimizer_state`` do, for every size. DeepSpeed 0.19.8's ``set_full_hp_param`` copies
-    ``value[r·c : (r+1)·c]`` with partition size c = ceil(n / dp), which runs past the end of the tensor on the last
-    ranks whenever dp does not divide n (a norm of 4096 at dp 3): those ranks raise mid-resume while the others go
-    on into the next all-gather and hang. Here the partition's real elements are copied and its padding (past n)
-    zeroed, as a fresh ZeRO-3 partition has it."""
-    if not param.requires_grad:
-        return
-    part, group = opt._get_fp32_opt_state_partition(param, release_swap_buffers=False, optim_state_key=key)
-    flat = value.detach().reshape(-1)
-    if flat.numel() != param.ds_numel:
-        raise ValueError(f"a ZeRO-3 parameter of {param.ds_numel} elements cannot take a checkpoint tensor of "
-                         f"{flat.numel()}")
-    size = part.numel()
-    start = size * opt._get_param_partition_rank(param)
-    real = max(0, min(size, flat.numel() - start))
-    part.data[:real].copy_(flat[start:start + real])
-    part.data[real:].zero_()
-    if opt._swappable_optimizer_subgroup(group):
-        opt._optimizer_states_and_gradient_swap_out(group)
 
 
 def engine_checkpoint_kwargs(module: nn.Module, mesh, inner: Optional[StateAdapter] = None) -> dict:

@@ -19,7 +19,8 @@ It is a tensor for the code that sorts and describes checkpoint entries (``isins
 """
 from __future__ import annotations
 
-from typing import Any, Optional
+from math import prod
+from typing import Any, Optional, Sequence
 
 import torch
 from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, MetadataIndex, TensorProperties
@@ -82,6 +83,48 @@ class Rectangles(torch.Tensor):
                 return t
         raise ValueError(f"'{index.fqn}': this rank holds no block at {index.offset} "
                          f"(it holds {[list(o) for o, _ in self.pieces]})")
+
+
+def flat_range_boxes(shape: Sequence[int], start: int, stop: int) -> list[tuple[tuple[int, ...], tuple[int, ...]]]:
+    """Elements ``[start, stop)`` of a row-major tensor of ``shape`` as ``(offsets, sizes)`` boxes, in memory order.
+
+    A flat range is a partial row, whole rows, a partial row — recursively for the partial rows of an N-d tensor, so
+    at most ``2·N - 1`` boxes. Each box is ``(i0, …, ik, j, 0, …)`` with sizes ``(1, …, 1, m, full, …)``: contiguous in
+    memory, so a box of a flat range is a *view* of the flat range reshaped."""
+    if start >= stop:
+        return []
+    if not shape:
+        return [((), ())]
+    rest = tuple(shape[1:])
+    inner = prod(rest)
+    zeros = (0,) * len(rest)
+    boxes: list[tuple[tuple[int, ...], tuple[int, ...]]] = []
+    if start % inner:  # the end of a partial first row
+        row = start // inner
+        end = min(stop, (row + 1) * inner)
+        boxes += [((row,) + o, (1,) + s) for o, s in flat_range_boxes(rest, start - row * inner, end - row * inner)]
+        start = end
+    rows = (stop - start) // inner
+    if rows and start < stop:
+        boxes.append(((start // inner,) + zeros, (rows,) + rest))
+        start += rows * inner
+    if start < stop:  # the beginning of a partial last row
+        row = start // inner
+        boxes += [((row,) + o, (1,) + s) for o, s in flat_range_boxes(rest, 0, stop - start)]
+    return boxes
+
+
+def flat_range_pieces(flat: torch.Tensor, shape: Sequence[int], start: int) -> list[Piece]:
+    """``flat`` [n] (1-D, contiguous): elements ``[start, start + n)`` of a row-major tensor of ``shape`` — a ZeRO
+    partition's fragment of a parameter — as :class:`Rectangles` pieces of that tensor, each a view of ``flat``
+    (:func:`flat_range_boxes`)."""
+    pieces: list[Piece] = []
+    at = 0
+    for offsets, sizes in flat_range_boxes(shape, start, start + flat.numel()):
+        n = prod(sizes)
+        pieces.append((offsets, flat.narrow(0, at, n).view(sizes)))
+        at += n
+    return pieces
 
 
 def local_tensors(t: torch.Tensor) -> list[torch.Tensor]:

@@ -534,8 +534,9 @@ def step_phases(cfg: Config, comp: dict, acts_loss: float, bwd_live: float, opti
     * "optimizer": gradients, optimizer state and the update's transient (:func:`optimizer_step_bytes`).
 
     No checkpoint phase: every engine saves and loads its own shards in place (FSDP2 × tp too: each rank's blocks of
-    the tp=1 tensors, checkpoint/adapters.py ``fsdp_rectangles``), nothing is gathered onto the device; an async
-    save's staging copies go to host memory.
+    the tp=1 tensors, checkpoint/adapters.py ``fsdp_rectangles``; DeepSpeed ZeRO: each rank's boxes of its fp32
+    partition, ``DeepSpeedStateAdapter``), nothing is gathered onto the device; an async save's staging copies go to
+    host memory.
 
     Baseline, weights, optimizer state, DDP's buckets and a pipeline stage's receive buffers live through all
     phases. Measured on one CPU rank (tests/test_gpt_saved_tensors.py, tests/test_swin_saved_tensors.py: the

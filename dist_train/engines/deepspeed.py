@@ -177,8 +177,8 @@ class DeepSpeedEngine:
         self.last_step_skipped = False
 
     def checkpoint_kwargs(self) -> dict:
-        """Extra CheckpointManager arguments: an adapter that gathers ZeRO-partitioned fp32 weights and
-        optimizer state per parameter into the plain engines' layout (wrapped for tp > 1)."""
+        """Extra CheckpointManager arguments: an adapter that writes and reads each rank's ZeRO partition of the
+        fp32 weights and optimizer state in place, in the plain engines' layout (wrapped for tp > 1)."""
         return engine_checkpoint_kwargs(self.module, self.mesh, DeepSpeedStateAdapter(self.optimizer))
 
     def train_step(self, micro: list[dict], global_count: float,
