@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import difflib
 import importlib.util
 import math
 import os
@@ -324,6 +325,20 @@ def _type_name(tp: Any) -> str:
     return "null" if tp is type(None) else getattr(tp, "__name__", str(tp))
 
 
+def _did_you_mean(key: str, valid: list[str], prefix: str) -> str:
+    """`` (did you mean train.warmup_steps?)`` for a misspelt key, `` (it is data.seq_len)`` for a key of another
+    section (``train.seq_len``), else nothing: the list of valid keys follows either way."""
+    close = difflib.get_close_matches(key, valid, n=1, cutoff=0.75)
+    if close:
+        return f" (did you mean {prefix + '.' if prefix else ''}{close[0]}?)"
+    if prefix and "." not in prefix:  # a section's key: is it another section's?
+        sections = {name: tp for name, tp in get_type_hints(Config).items() if dataclasses.is_dataclass(tp)}
+        homes = [name for name, tp in sections.items() if key in {f.name for f in fields(tp)}]
+        if homes:
+            return f" (it is {' or '.join(f'{h}.{key}' for h in homes)})"
+    return ""
+
+
 def _build(cls: type, data: dict, prefix: str) -> Any:
     if not isinstance(data, dict):
         raise ConfigError(f"{prefix or 'config'}: expected a mapping of keys, got {type(data).__name__} {data!r}")
@@ -333,8 +348,8 @@ def _build(cls: type, data: dict, prefix: str) -> Any:
     for key, value in data.items():
         dotted = f"{prefix}.{key}" if prefix else str(key)
         if key not in valid:
-            raise ConfigError(f"unknown config key '{dotted}'; valid keys{' in ' + prefix if prefix else ''}: "
-                              f"{', '.join(valid)}")
+            raise ConfigError(f"unknown config key '{dotted}'{_did_you_mean(str(key), valid, prefix)}; valid keys"
+                              f"{' in ' + prefix if prefix else ''}: {', '.join(valid)}")
         tp = hints[key]
         if dataclasses.is_dataclass(tp):
             kwargs[key] = _build(tp, value if value is not None else {}, dotted)
