@@ -3,6 +3,7 @@ names the key (in process, fast), plus real CLI runs for the exit status, the si
 that no rank process started."""
 import dataclasses
 import os
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
@@ -183,8 +184,9 @@ def test_cli_refuses_before_any_rank_starts(tmp_path):
          "--set", "model.n_heads=0"],
         ["plan", "configs/gpt_tiny.yaml", "--devices", "0"],
     ]
-    for args in cases:
-        r = run_cli(*args)
+    with ThreadPoolExecutor(len(cases)) as pool:  # three interpreters start at once: their imports overlap
+        results = list(pool.map(lambda args: run_cli(*args), cases))
+    for args, r in zip(cases, results):
         assert r.returncode == 2, (args, r.returncode, r.stderr[-2000:])
         lines = r.stderr.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("dist-train"), (args, r.stderr[-2000:])
