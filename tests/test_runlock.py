@@ -111,13 +111,13 @@ def test_two_concurrent_launches_one_refused_the_other_intact(tmp_path):
     holder = read_owner(run)
     assert holder["role"] == "dist-train launch" and holder["pid"] == first.pid
     second = _launch(cfg, run)
+    # a bare rank (no launcher) is refused the same way (it starts while the second launch does)
+    bare = subprocess.run([sys.executable, "-m", "dist_train.cli", "run", str(cfg), "--set", f"run.dir={run}"],
+                          capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=120)
     out, err = second.communicate(timeout=120)
     lines = [line for line in err.splitlines() if line.strip()]
     assert second.returncode == 2 and len(lines) == 1, err
     assert lines[0].startswith("dist-train: error: run.dir ") and f"pid {first.pid} " in lines[0], lines
-    # a bare rank (no launcher) is refused the same way
-    bare = subprocess.run([sys.executable, "-m", "dist_train.cli", "run", str(cfg), "--set", f"run.dir={run}"],
-                          capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=120)
     assert bare.returncode == 2 and f"pid {first.pid} " in bare.stderr and len(bare.stderr.splitlines()) == 1
     assert first.poll() is None  # still training, untouched
     first.send_signal(signal.SIGTERM)  # preempt it: it checkpoints and exits 75
