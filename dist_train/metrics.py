@@ -201,4 +201,7 @@ def format_metrics(r: dict, total_steps: int) -> str:
             f"gnorm {r['grad_norm']:.3f} | {r['tokens_per_s']:,.0f} tok/s | "
             f"{r['tflops_per_device']:.3f} TFLOP/s/dev | MFU {100 * r['mfu']:.1f}% | "
             f"mem {r['peak_mem_bytes'] / 2**30:.2f} GiB | {r['step_time_s']:.3f} s/step"
-            + (" | skipped (not applied)" if r.get("skipped") else ""))
+            + (" | skipped (not applied)" if r.get("skipped") else "")
+            # why a step off the log_every grid has a line: the checkpoint saved after it
+            + (f" | checkpoint (blocked {r['checkpoint_save_s']:.3f} s)" if r.get("checkpoint_save_s") is not None
+               else ""))

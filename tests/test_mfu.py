@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from dist_train import metrics
-from dist_train.metrics import CUDA_PEAK_TFLOPS, DevicePeak, HonestPeak, cpu_peak, cpu_peak_cache
+from dist_train.metrics import CUDA_PEAK_TFLOPS, DevicePeak, HonestPeak, cpu_peak, cpu_peak_cache, format_metrics
 from dist_train.trainer import train
 from tests.trainer_utils import tiny_gpt_config
 
@@ -80,3 +80,11 @@ def test_cuda_peak_from_the_datasheet_table(monkeypatch, name, dtype, want):
     peak = metrics.cuda_peak(torch.device("cuda"), dtype)
     assert peak.tflops == want and peak.source.startswith(f"datasheet table: {name} dense")
     assert all(len(v) == 2 for v in CUDA_PEAK_TFLOPS.values())
+
+
+def test_a_metric_line_off_the_log_every_grid_says_it_is_the_checkpoint_step():
+    """With log_every 2 and checkpoint.every 5, steps 5, 15, ... printed a line too, with nothing saying why."""
+    rec = {"step": 5, "loss": 4.9, "lr": 3e-3, "grad_norm": 1.7, "tokens_per_s": 26464.0, "tflops_per_device": 0.012,
+           "mfu": 0.117, "peak_mem_bytes": 2 ** 28, "step_time_s": 0.077}
+    assert "checkpoint" not in format_metrics(rec, 40)
+    assert format_metrics({**rec, "checkpoint_save_s": 0.0123}, 40).endswith(" | checkpoint (blocked 0.012 s)")
