@@ -338,11 +338,12 @@ def check_model_shapes(cfg: Config, ckpt: Path, manifest: dict) -> None:
     tensors = "; ".join(([f"{len(other)} tensor(s) of other shapes, e.g. {other[0]} saved {saved[other[0]]}, now "
                           f"{want[other[0]]}"] if other else [])
                         + ([f"{len(alone)} tensor(s) in only one of them, e.g. {alone[0]}"] if alone else []))
+    elsewhere = ("train this model in another run.dir" if cfg.checkpoint.resume == "auto" else
+                 "start this model from scratch (checkpoint.resume: none)")
     raise ConfigError(f"checkpoint {ckpt} holds a model of another size than this config's"
                       + (f": {', '.join(changed)}" if changed else "")
                       + f" ({tensors}); no resume can load it, whatever "
-                      "checkpoint.allow_config_change lists: keep the checkpoint's model sizes, or train this model "
-                      "in another run.dir")
+                      f"checkpoint.allow_config_change lists: keep the checkpoint's model sizes, or {elsewhere}")
 
 
 def check_resume_matches(cfg: Config, ckpt: Path, manifest: dict, tokens: Mapping[str, int]) -> None:

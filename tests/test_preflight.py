@@ -435,4 +435,6 @@ def test_a_resume_into_a_model_of_another_size_is_refused_before_any_rank_whatev
         "tensor(s) of other shapes, e.g.", "whatever checkpoint.allow_config_change lists", "another run.dir")
     _refused(_cfg(tmp_path, dataset, model={"d_model": 32, "n_heads": 2, "n_layers": 2},
                   checkpoint={"dir": str(tmp_path / "ck")}),
-             "model.n_layers 1 -> 2", "9 tensor(s) in only one of them, e.g. layers.1.")
+             "model.n_layers 1 -> 2", "9 tensor(s) in only one of them, e.g. layers.1.", "in another run.dir")
+    _refused(_cfg(tmp_path, dataset, model=wider, checkpoint={"resume": str(tmp_path / "ck" / "step_1")}),
+             "model.d_model 32 -> 64", "or start this model from scratch (checkpoint.resume: none)")
