@@ -32,7 +32,7 @@ from .cost import memory_model, model_params, rank_inputs
 from .data.datasets import indexed_part, same_data_message, split_part, training_identity
 from .data.documents import resolve_eod_id, unknown_eod_message
 from .data.fingerprint import comparable_digest
-from .data.integrity import check_bin_size, check_indexed_dataset, read_index
+from .data.integrity import check_bin_size, check_indexed_dataset, prefix_hint, read_index
 from .data.overlap import Checked, held_out_overlap_message
 from .data.sidecar import named_tokenizer_message, other_tokenizer_message, read_sidecar
 from .data.tokenizer import get_tokenizer
@@ -263,8 +263,9 @@ def _check_indexed(cfg: Config) -> dict[str, int]:
         return tokens
     if d.prepare is None:
         missing = " and ".join(f"{d.path}{s}" for s, h in zip((".bin", ".idx"), have) if not h)
-        raise ConfigError(f"data.path = {d.path}: {missing} not found; build it with 'dist-train data prepare "
-                          f"--input FILES --output {d.path}' or set data.prepare: python-stdlib")
+        raise ConfigError(f"data.path = {d.path}: {missing} not found"
+                          + (prefix_hint(d.path) or f"; build it with 'dist-train data prepare --input FILES --output "
+                                                    f"{d.path}' or set data.prepare: python-stdlib"))
     # rank 0 builds it at start-up: the tokenizer must load and fit the model, the directory be writable
     try:
         tok = get_tokenizer(d.tokenizer)

@@ -125,6 +125,18 @@ def test_missing_data_and_tokenizer(tmp_path, dataset):
              "has 257 tokens but model.vocab_size = 100")
 
 
+def test_a_dataset_path_naming_one_of_its_files_or_its_directory_names_the_prefix(tmp_path, dataset):
+    """data.path: data/train.bin (or a held-out .idx) used to get 'data/train.bin.bin not found; build it with ...
+    --output data/train.bin', advice that builds a second dataset."""
+    msg = _refused(_cfg(tmp_path, dataset + ".bin"), "did you mean " + dataset + "?")
+    assert "build it" not in msg
+    _refused(_cfg(tmp_path, dataset, data={"valid_path": dataset + ".idx"}, train={"eval_every": 1, "eval_steps": 1}),
+             "data.valid_path", "did you mean " + dataset + "?")
+    _refused(_cfg(tmp_path, str(Path(dataset).parent)), "is a directory; a dataset path is the prefix of its "
+             ".bin/.idx, e.g. " + dataset)
+    assert "build it with" in _refused(_cfg(tmp_path, str(tmp_path / "nope")))  # no dataset near: build one
+
+
 def test_held_out_dataset_is_checked_like_the_training_one(tmp_path, dataset):
     (tmp_path / "held.jsonl").write_text("\n".join(json.dumps({"text": t * 40}) for t in ("omega ", "psi chi ", "zeta\n")))
     held = str(tmp_path / "held")

@@ -133,6 +133,25 @@ def token_id_range(prefix: Prefix, info: IndexInfo) -> tuple[int, int]:
     return int(tokens.min()), int(tokens.max())
 
 
+#: what a path that names one of a dataset's files, not its prefix, ends with
+DATASET_SUFFIXES = (".bin", ".idx", ".meta.json", ".doc_hashes")
+
+
+def prefix_hint(path: Prefix) -> str:
+    """For a dataset path that is not a prefix, `` (did you mean PREFIX? ...)``: a path naming one of its files
+    (``data/train.bin``) or a directory holding datasets; else nothing."""
+    text = str(path)
+    for suffix in DATASET_SUFFIXES:
+        stem = text[:-len(suffix)]
+        if text.endswith(suffix) and Path(f"{stem}.bin").is_file() and Path(f"{stem}.idx").is_file():
+            return f" (a dataset path is the prefix of its files: did you mean {stem}?)"
+    if Path(text).is_dir():
+        found = sorted(str(idx.with_suffix("")) for idx in Path(text).glob("*.idx") if idx.with_suffix(".bin").is_file())
+        return (f" ({text} is a directory; a dataset path is the prefix of its .bin/.idx"
+                + (f", e.g. {', '.join(found[:3])})" if found else ")"))
+    return ""
+
+
 def check_indexed_dataset(prefix: Prefix, vocab_size: int, seq_len: int) -> dict:
     """Every start-up check of one dataset; returns ``{"tokens", "max_token_id", "source", "index", "sidecar"}``
     (source: "sidecar" or "scan"; index: the :class:`IndexInfo` read; sidecar: the sidecar read, None when there is
@@ -140,8 +159,9 @@ def check_indexed_dataset(prefix: Prefix, vocab_size: int, seq_len: int) -> dict
     would be valid."""
     for suffix in (".bin", ".idx"):
         if not Path(f"{prefix}{suffix}").is_file():
-            raise ValueError(f"data.path = {prefix}: {prefix}{suffix} not found (build the dataset with "
-                             f"dist-train data prepare --output {prefix})")
+            raise ValueError(f"data.path = {prefix}: {prefix}{suffix} not found"
+                             + (prefix_hint(prefix) or f" (build the dataset with dist-train data prepare --output "
+                                                       f"{prefix})"))
     info = read_index(prefix)
     check_bin_size(prefix, info)
     meta = read_sidecar(prefix)
