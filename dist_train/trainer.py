@@ -376,12 +376,13 @@ def _train(cfg: Config, ctx: DistContext) -> TrainResult:
                 kept = (f"checkpoint saved after step {step + 1}" if good == step_dir_name(step + 1) else
                         f"the checkpoint of step {step + 1} failed (see above): a restart resumes from "
                         f"{good or 'scratch'}")
+                # said after this step's metric line (below), which is the last one the run prints
                 if stop == "preempted":
                     result.exit_code = EXIT_PREEMPTED
-                    log.warning(f"preempted (signal {lifecycle.signalled}): {kept}, exiting with resumable status "
-                                f"{EXIT_PREEMPTED}")
+                    stop_line = (log.warning, f"preempted (signal {lifecycle.signalled}): {kept}, exiting with "
+                                              f"resumable status {EXIT_PREEMPTED}")
                 else:
-                    log.info(f"exit_interval {t.exit_interval}: {kept}, exiting")
+                    stop_line = (log.info, f"exit_interval {t.exit_interval}: {kept}, exiting")
             valid = evaluator.run(engine) if evaluator is not None and evaluator.due(step + 1) else None
             if (step + 1) % t.log_every == 0 or step + 1 == t.steps or stop or valid or saved or skipped:
                 keys = step_keys[-1] if packed else None
@@ -402,6 +403,8 @@ def _train(cfg: Config, ctx: DistContext) -> TrainResult:
             if saved:
                 trackers.flush()  # what a checkpoint keeps, the curves show
             if stop:
+                say, line = stop_line
+                say(line)
                 break
         finished = start_step + len(result.losses) == t.steps
         if finished and cfg.checkpoint.at_end and t.steps > start_step:

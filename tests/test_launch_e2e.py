@@ -10,6 +10,7 @@
 import ipaddress
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -94,6 +95,10 @@ def test_mpi_launch_sigterm_checkpoints_and_resumes(tmp_path):
     out, _ = proc.communicate(timeout=180)
     assert proc.returncode == EXIT_PREEMPTED, out[-4000:]
     assert "[rank 0] preempted, resumable: loss " in out and "done: loss" not in out, out[-4000:]
+    # the preemption line follows the last step's metric line (it came before it)
+    lines = out.splitlines()
+    last_step = max(i for i, line in enumerate(lines) if re.match(r"\[rank 0\] step +\d+/500 ", line))
+    assert lines.index(next(line for line in lines if line.startswith("[rank 0] preempted (signal"))) > last_step
     done = complete_checkpoints(run_dir / "checkpoints")
     assert done, out[-4000:]
     saved = done[0][0]
