@@ -23,7 +23,9 @@ def add_launch_arguments(parser: argparse.ArgumentParser) -> None:
         "dist-train launch configs/demo.yaml --backend ray               # embedded Ray cluster",
         "ray job submit -- dist-train launch configs/demo.yaml --backend ray --nodes 2 --gpus-per-node 4 "
         "--set parallel.dp=4 --set train.global_batch=16   # 8 ranks: dp4 x cp2",
-        "dist-train launch configs/gpt_tiny.yaml --backend mpi --nproc 2 --set parallel.dp=2 --max-restarts 2")
+        "dist-train launch configs/gpt_tiny.yaml --backend mpi --nproc 2 --set parallel.dp=2 --max-restarts 2",
+        "dist-train launch configs/gpt_tiny.yaml --set train.steps=60 --set parallel.dp=1 --set parallel.cp=2"
+        "   # after a Ctrl-C (exit 75): resumes from its checkpoint, resharded to cp2")
     parser.add_argument("config", help="YAML config file")
     parser.add_argument("--backend", choices=BACKENDS, help="how to start ranks (default: launch.backend)")
     parser.add_argument("--nproc", type=int, help="ranks in total (default: launch.nproc, or the config's "
