@@ -25,7 +25,7 @@ from dist_train.checkpoint.adapters import DeepSpeedStateAdapter, TPShard, tp_lo
 from dist_train.checkpoint.hf import load_model_tensors
 from dist_train.checkpoint.manager import CheckpointManager
 from dist_train.checkpoint.rectangles import Rectangles, flat_range_pieces
-from dist_train.config import config_from_dict
+from dist_train.config import ConfigError, config_from_dict
 from dist_train.engines import build_engine
 from dist_train.mesh import build_mesh
 from dist_train.models.gpt import build_gpt
@@ -309,6 +309,18 @@ def test_zero3_checkpoints_with_the_optimizer_swapped_to_nvme_are_refused_in_one
     with pytest.raises(ValueError, match="offload_optimizer.device = nvme") as e:
         DeepSpeedStateAdapter(SwappingZero3()).get(torch.nn.Linear(2, 2), None)
     assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("checkpoint", [{}, {"every": 10, "at_end": False, "resume": "none"},
+                                        {"at_end": False, "resume": "auto"}])
+def test_an_nvme_optimizer_offload_with_checkpoints_is_refused_before_the_run(tmp_path, checkpoint):
+    """... so a run that would save or load one is refused by the config (one line), not at its first save."""
+    nvme = {"zero_optimization": {"offload_optimizer": {"device": "nvme", "nvme_path": str(tmp_path)}}}
+    with pytest.raises(ConfigError, match="offload_optimizer.device = nvme with checkpoints") as e:
+        tiny_gpt_config(tmp_path, parallel={"dp": 2, "zero_stage": 3, "deepspeed": nvme}, checkpoint=checkpoint)
+    assert "\n" not in str(e.value)
+    tiny_gpt_config(tmp_path, parallel={"dp": 2, "zero_stage": 3, "deepspeed": nvme},
+                    checkpoint={"every": 0, "at_end": False, "resume": "none"})  # no checkpoint: accepted
 
 
 def _zero_checkpoint_peaks(rank: int, world: int, root: str) -> dict:
