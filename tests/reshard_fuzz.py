@@ -555,19 +555,18 @@ def valid_draws(first: int, count: int, stats: Optional[collections.Counter] = N
                 rejected: Optional[collections.Counter] = None, max_world: int = 4,
                 kind: Optional[str] = None, need: frozenset = frozenset()) -> list[Draw]:
     """The first ``count`` draws from seed ``first`` on that validate (rejections counted into ``rejected``), of
-    model ``kind`` and with every feature in ``need`` when given."""
+    model ``kind`` and with every feature in ``need`` when given (the rejections counted are those of such draws: the
+    refusals that ``--feature documents --stats`` lists are those of document draws)."""
     out, seed = [], first
     while len(out) < count:
         d = draw(seed)
         seed += 1
-        if kind and d.kind != kind:
+        if kind and d.kind != kind or max(d.save.world, d.load.world) > max_world or not need <= features(d):
             continue
         why = rejection(d)
         if why is not None:
             if rejected is not None:
                 rejected[why.split(":", 1)[0] + ": " + rejection_kind(why)] += 1
-            continue
-        if max(d.save.world, d.load.world) > max_world or not need <= features(d):
             continue
         out.append(d)
         if stats is not None:
