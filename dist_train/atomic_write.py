@@ -30,8 +30,9 @@ def temp_path(path: PathLike) -> Path:
     return path.with_name(f".{path.name}.{os.getpid()}.tmp")
 
 
-def fsync_dir(path: PathLike) -> None:
-    """Make a rename or creation inside the directory ``path`` durable (POSIX: fsync the directory)."""
+def _fsync(path: PathLike) -> None:
+    """fsync ``path`` through a read-only descriptor: a file's bytes (any descriptor of the inode flushes what every
+    writer wrote) or a directory's entries."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -39,12 +40,9 @@ def fsync_dir(path: PathLike) -> None:
         os.close(fd)
 
 
-def _fsync_file(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)  # fsync of any descriptor of the inode flushes the bytes every writer wrote
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+def fsync_dir(path: PathLike) -> None:
+    """Make a rename or creation inside the directory ``path`` durable (POSIX: fsync the directory)."""
+    _fsync(path)
 
 
 @contextlib.contextmanager
@@ -57,7 +55,7 @@ def atomic_path(path: PathLike, *, fsync: bool = False) -> Iterator[Path]:
     try:
         yield tmp
         if fsync:
-            _fsync_file(tmp)
+            _fsync(tmp)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
