@@ -13,7 +13,7 @@ Why these exist — the danger they remove. DCP treats same-named plain tensors 
   the full tensor, views of the partition, under the TorchStateAdapter's keys: each rank writes and reads
   its own partition, nothing is gathered.
 
-    kwargs = engine_checkpoint_kwargs(module, mesh)                               # DDP / pipeline engines
+    kwargs = engine_checkpoint_kwargs(module, mesh)                               # DDP / pipeline / FSDP2 engines
     kwargs = engine_checkpoint_kwargs(module, mesh, DeepSpeedStateAdapter(ds_opt)) # DeepSpeed engine
     CheckpointManager(..., **kwargs)
 
@@ -22,7 +22,7 @@ Why these exist — the danger they remove. DCP treats same-named plain tensors 
   is a shard of a Megatron-local shard (same name, different content on each tp rank):
   :class:`TensorParallelAdapter` presents it as its blocks of the tp=1 tensor (:func:`fsdp_rectangles`, a
   :class:`~dist_train.checkpoint.rectangles.Rectangles` of views), so each rank writes and reads only its own
-  shard's bytes — nothing is gathered (:func:`fsdp_checkpoint_kwargs`).
+  shard's bytes — nothing is gathered (:func:`engine_checkpoint_kwargs`, as for DDP).
 
 Pipeline stages need nothing: each stage holds disjoint names (``layers.<global i>``), DCP merges them by
 union. See docs/checkpointing.md ("Engines: tensor parallel, pipeline, ZeRO").
@@ -451,7 +451,8 @@ class DeepSpeedStateAdapter(StateAdapter):
 def engine_checkpoint_kwargs(module: nn.Module, mesh, inner: Optional[StateAdapter] = None) -> dict:
     """What an engine's ``checkpoint_kwargs()`` returns: ``{"adapter": …}`` — ``inner`` (the engine's own
     state, e.g. :class:`DeepSpeedStateAdapter`) wrapped in a :class:`TensorParallelAdapter` when tp > 1 —
-    or ``{}`` when the default :class:`TorchStateAdapter` is right (tp = 1, plain optimizer)."""
+    or ``{}`` when the default :class:`TorchStateAdapter` is right (tp = 1, plain optimizer; FSDP2's DTensors). FSDP2
+    under tp needs nothing more: the tp adapter turns its DTensors into their blocks (:func:`fsdp_rectangles`)."""
     adapter = inner
     if mesh.size("tp") > 1:
         adapter = TensorParallelAdapter.for_module(module, mesh.device_mesh["tp"], inner)
@@ -503,10 +504,3 @@ def tp_local_blocks(local: torch.Tensor, offset: tuple[int, ...], s: TPShard, tp
         if real < b - a:
             padding.append(view.narrow(s.dim, real, b - a - real))
     return pieces, padding
-
-
-def fsdp_checkpoint_kwargs(module: nn.Module, mesh) -> dict:
-    """``checkpoint_kwargs()`` of FSDP2-sharded engines: the default adapter (sharded DTensors, written
-    without gathering) at tp = 1; under tp > 1 the tp adapter around it, which turns each FSDP2 shard of a tp
-    shard into its blocks of the tp=1 tensor (:func:`fsdp_rectangles`): every rank writes and reads its own."""
-    return engine_checkpoint_kwargs(module, mesh)

@@ -40,7 +40,7 @@ import torch
 import torch.nn as nn
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
-from ..checkpoint.adapters import fsdp_checkpoint_kwargs
+from ..checkpoint.adapters import engine_checkpoint_kwargs
 from ..config import Config, ParallelConfig
 from ..mesh import Mesh
 from .ddp import DDPEngine
@@ -122,5 +122,6 @@ class FSDPEngine(DDPEngine):
         return self._sharder.shard_model(model)
 
     def checkpoint_kwargs(self) -> dict:
-        """Sharded DTensor state (see checkpoint/adapters.py ``fsdp_checkpoint_kwargs``)."""
-        return fsdp_checkpoint_kwargs(self.module, self.mesh)
+        """Sharded DTensor state; under tp each shard's blocks of the tp=1 tensor (checkpoint/adapters.py
+        ``engine_checkpoint_kwargs``, ``fsdp_rectangles``)."""
+        return engine_checkpoint_kwargs(self.module, self.mesh)

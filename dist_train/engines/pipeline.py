@@ -25,7 +25,7 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
-from ..checkpoint.adapters import engine_checkpoint_kwargs, fsdp_checkpoint_kwargs
+from ..checkpoint.adapters import engine_checkpoint_kwargs
 from ..config import Config
 from ..mesh import Mesh
 from ..optim import build_optimizer, build_scheduler
@@ -203,9 +203,8 @@ class PipelineEngine:
 
     def checkpoint_kwargs(self) -> dict:
         """Extra CheckpointManager arguments: stages hold disjoint global names (``layers.<i>``) and merge by
-        union; with tp > 1 the tensor-parallel adapter (checkpoint/adapters.py); FSDP2 shards as DTensors."""
-        if self.fsdp:
-            return fsdp_checkpoint_kwargs(self.module, self.mesh)
+        union; with tp > 1 the tensor-parallel adapter (checkpoint/adapters.py); FSDP2 shards as DTensors (under tp:
+        their blocks of the tp=1 tensor)."""
         return engine_checkpoint_kwargs(self.module, self.mesh)
 
     @property
