@@ -62,13 +62,11 @@ class Rectangles(torch.Tensor):
         return f"Rectangles(shape={list(self.shape)}, dtype={self.dtype}, pieces={[o for o, _ in self.pieces]})"
 
     # -- DCP's _Checkpointable protocol ------------------------------------------------------------------------
-    def _properties(self, t: Optional[torch.Tensor]) -> TensorProperties:
-        return TensorProperties.create_from_tensor(t) if t is not None else TensorProperties(dtype=self.dtype)
-
     def __create_write_items__(self, fqn: str, obj: Any) -> list[WriteItem]:
         return [WriteItem(index=MetadataIndex(fqn, torch.Size(offsets), i), type=WriteItemType.SHARD,
                           tensor_data=TensorWriteData(chunk=ChunkStorageMetadata(torch.Size(offsets), t.shape),
-                                                      properties=self._properties(t), size=self.shape))
+                                                      properties=TensorProperties.create_from_tensor(t),
+                                                      size=self.shape))
                 for i, (offsets, t) in enumerate(self.pieces)]
 
     def __create_chunk_list__(self) -> list[ChunkStorageMetadata]:
