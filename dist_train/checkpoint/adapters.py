@@ -5,7 +5,9 @@ Why these exist — the danger they remove. DCP treats same-named plain tensors 
 * tensor parallel (Megatron layers): each tp rank's parameter is a *local shard* under the SAME name as the
   full tp=1 parameter; saved as plain tensors, one rank's shard would silently stand for the whole matrix.
   :class:`TensorParallelAdapter` presents each sharded parameter (and every optimizer state of its shape)
-  as a ``DTensor`` over the tp sub-mesh with the full tp=1 shape, so DCP writes each shard once and
+  as a ``DTensor`` over the tp sub-mesh with the full tp=1 shape — or, where one placement cannot say which
+  blocks a rank holds (a strided q|k|v shard, an FSDP2 chunk, a ZeRO partition's boxes), as a
+  :class:`~dist_train.checkpoint.rectangles.Rectangles` of those blocks — so DCP writes each shard once and
   reshards on load to any tp.
 * DeepSpeed ZeRO 1-3: the fp32 master weights and the optimizer state are flat partitions inside
   DeepSpeed. :class:`DeepSpeedStateAdapter` presents each parameter's part in this rank's partition (a flat
@@ -68,7 +70,8 @@ def _contiguous_stride(shape: list[int]) -> tuple[int, ...]:
 
 class TensorParallelAdapter(StateAdapter):
     """Wraps ``inner`` (default :class:`TorchStateAdapter`) so tp-sharded parameters and their optimizer
-    states are ``DTensor`` s with ``Shard(dim)`` over ``tp_mesh`` and the full tp=1 shape.
+    states are ``DTensor`` s with ``Shard(dim)`` over ``tp_mesh`` and the full tp=1 shape (plain tensors of a
+    contiguous tp shard; the strided, FSDP2 and ZeRO cases below are ``Rectangles``).
 
     Vocabulary padding: Megatron pads the vocab to ``local * tp`` rows; the checkpoint holds the unpadded
     ``[vocab, d]`` tensor. DTensor's uneven ``Shard(0)`` gives rank r rows ``[r*local, min((r+1)*local,
