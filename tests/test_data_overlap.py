@@ -109,6 +109,17 @@ def test_disjoint_sets_and_repeated_short_boilerplate_pass(tmp_path):
     assert "2 of its 6 documents" in _refusal(_cfg(tmp_path, train, valid, valid_overlap_min_tokens=8))
 
 
+def test_with_data_split_a_held_out_set_is_checked_against_the_training_share_only(tmp_path):
+    """data.valid_path with data.split: training reads only the split's training share of data.path, so a held-out
+    document that repeats one of the other shares (never trained on) is no overlap; one of the training share is."""
+    train = _prepare(tmp_path, "train", DOCS[:10])  # ~95 tokens each: "50,0,50" trains on the first ~5 documents
+    untrained = _prepare(tmp_path, "untrained", [DOCS[10], DOCS[9], DOCS[11]])
+    check_data(_cfg(tmp_path, train, untrained, split="50,0,50"))
+    assert "1 of its 3 documents" in _refusal(_cfg(tmp_path, train, untrained))  # no split: all of data.path trains
+    trained = _prepare(tmp_path, "trained", [DOCS[10], DOCS[1], DOCS[11]])
+    assert "1 of its 3 documents" in _refusal(_cfg(tmp_path, train, trained, split="50,0,50"))
+
+
 def test_datasets_without_the_hash_file_or_a_sidecar_are_hashed_from_their_bin(tmp_path, monkeypatch, capsys):
     train = _prepare(tmp_path, "train", DOCS[:10])
     valid = _prepare(tmp_path, "valid", [DOCS[10], DOCS[3], DOCS[11], DOCS[7]])

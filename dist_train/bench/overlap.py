@@ -121,7 +121,7 @@ def run(args: argparse.Namespace, checked: int) -> int:
                     for a, b in moved:
                         a.rename(b)
                 try:
-                    seconds, overlap = _timed(lambda: valid_path_overlap(sets[0], sets[1], min_tokens))
+                    seconds, overlap = _timed(lambda: valid_path_overlap(sets[0], sets[1], min_tokens, 16, None))
                 finally:
                     if hidden:
                         for a, b in moved:

@@ -10,9 +10,9 @@ twice) gives an optimistic validation loss without a word. Each document is know
 document has the same hash. Documents shorter than ``data.valid_overlap_min_tokens`` tokens are not counted on
 either side: empty or one-line boilerplate ("Thank you.", a licence stub) repeats in any corpus legitimately.
 
-Held-out data is ``data.valid_path`` (its documents against all of ``data.path``'s), or ``data.split``'s validation
-share of ``data.path`` (the documents wholly inside that share against those the training share reads any token
-of). Cost: linear — the validation hashes are sorted once, the training hashes streamed past them in CHUNK-long
+Held-out data is ``data.valid_path`` (its documents against all of ``data.path``'s, or under ``data.split`` against
+those its training share reads any token of), or ``data.split``'s validation share of ``data.path`` (the documents
+wholly inside that share against those the training share reads any token of). Cost: linear — the validation hashes are sorted once, the training hashes streamed past them in CHUNK-long
 pieces through a filter on their low bits (O(D_train) time, memory O(D_valid + CHUNK)); reading a PREFIX.doc_hashes file is 8 B per
 document, a dataset without one is hashed from its ``.bin`` first (2 million training documents: 0.04 s with the
 file, 1.4 s without; ``dist-train bench overlap``, docs/benchmarks/overlap.md).
@@ -95,9 +95,35 @@ class Checked:
         return document_bounds(self.prefix, self.index)
 
 
-def valid_path_overlap(train: Checked, valid: Checked, min_tokens: int) -> Overlap:
-    """The documents of the dataset ``valid`` that the dataset ``train`` holds too."""
-    return shared_documents(train.hashes(), valid.hashes(), np.diff(valid.bounds()), min_tokens)
+def share_tokens(data: Checked, seq_len: int, split: str, part: str) -> tuple[int, int]:
+    """Tokens [lo, hi) of ``data`` that ``split``'s ``part`` ("train" or "valid") reads, as
+    :class:`~.datasets.IndexedTokenDataset` does: its samples of ``seq_len`` + 1 tokens, the last one's label
+    included."""
+    first, end = split_part((data.index.tokens - 1) // seq_len, split, part)
+    return first * seq_len, end * seq_len + 1
+
+
+def documents_read(bounds: np.ndarray, tokens: tuple[int, int]) -> slice:
+    """The documents (``bounds`` int64 [D + 1]: :func:`~.integrity.document_bounds`) holding any of ``tokens`` =
+    [lo, hi)."""
+    lo, hi = tokens
+    return slice(int(np.searchsorted(bounds, lo, side="right")) - 1, int(np.searchsorted(bounds[:-1], hi, side="left")))
+
+
+def documents_within(bounds: np.ndarray, tokens: tuple[int, int]) -> slice:
+    """The documents lying wholly inside ``tokens`` = [lo, hi)."""
+    lo, hi = tokens
+    return slice(int(np.searchsorted(bounds[:-1], lo, side="left")), int(np.searchsorted(bounds, hi, side="right")) - 1)
+
+
+def valid_path_overlap(train: Checked, valid: Checked, min_tokens: int, seq_len: int,
+                       split: Optional[str]) -> Overlap:
+    """The documents of the dataset ``valid`` that the dataset ``train`` holds too: all of its documents, or under
+    ``split`` those its training share reads any token of (the others are never trained on)."""
+    train_hashes = train.hashes()
+    if split:
+        train_hashes = train_hashes[documents_read(train.bounds(), share_tokens(train, seq_len, split, "train"))]
+    return shared_documents(train_hashes, valid.hashes(), np.diff(valid.bounds()), min_tokens)
 
 
 def split_overlap(data: Checked, seq_len: int, split: str, min_tokens: int) -> Overlap:
@@ -105,15 +131,10 @@ def split_overlap(data: Checked, seq_len: int, split: str, min_tokens: int) -> O
     ``seq_len`` + 1 tokens, as :class:`~.datasets.IndexedTokenDataset` does) that its training share holds too (any
     document of which training reads a token)."""
     bounds, hashes = data.bounds(), data.hashes()
-    samples = (data.index.tokens - 1) // seq_len
-    (t_lo, t_hi), (v_lo, v_hi) = split_part(samples, split, "train"), split_part(samples, split, "valid")
-    starts = bounds[:-1]
-    # a share reads tokens [lo·S, hi·S + 1): its samples and the last one's label
-    train = slice(int(np.searchsorted(bounds, t_lo * seq_len, side="right")) - 1,
-                  int(np.searchsorted(starts, t_hi * seq_len + 1, side="left")))
-    valid = slice(int(np.searchsorted(starts, v_lo * seq_len, side="left")),
-                  int(np.searchsorted(bounds, v_hi * seq_len + 1, side="right")) - 1)
-    if v_hi <= v_lo or valid.stop <= valid.start:
+    valid_tokens = share_tokens(data, seq_len, split, "valid")
+    train = documents_read(bounds, share_tokens(data, seq_len, split, "train"))
+    valid = documents_within(bounds, valid_tokens)
+    if valid_tokens[1] - valid_tokens[0] <= 1 or valid.stop <= valid.start:  # no sample: only the training label
         return Overlap(0, 0, 0, 0, 0)
     return shared_documents(hashes[train], hashes[valid], np.diff(bounds[valid.start:valid.stop + 1]), min_tokens)
 
@@ -127,7 +148,8 @@ def held_out_overlap_message(cfg: Config, checked: dict[str, Checked]) -> Option
     if d.source != "indexed" or not cfg.train.eval_every or d.valid_overlap_max >= 1 or not d.path:
         return None
     if d.valid_path:
-        overlap = valid_path_overlap(checked[d.path], checked[d.valid_path], d.valid_overlap_min_tokens)
+        overlap = valid_path_overlap(checked[d.path], checked[d.valid_path], d.valid_overlap_min_tokens,
+                                     d.seq_len, d.split)
         where = f"data.valid_path = {d.valid_path}: {overlap.shared:,} of its {overlap.counted:,} documents"
         training = f"the training data data.path = {d.path}"
         fix = "rebuild the held-out set without them (deduplicate, then split)"
