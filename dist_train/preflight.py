@@ -209,8 +209,11 @@ def _check_held_out_documents(cfg: Config, checked: dict[str, Checked]) -> None:
     them is refused, the validation loss would be optimistic. ``checked``: the datasets as read, by prefix."""
     try:
         overlap = held_out_overlap_message(cfg, checked)
-    except ValueError as e:  # a damaged document table
-        raise ConfigError(str(e).splitlines()[0]) from None
+    except ValueError as e:  # a damaged document table, named "data.path = PREFIX: ..." as any dataset's problem
+        line, valid = str(e).splitlines()[0], cfg.data.valid_path
+        if valid and line.startswith(f"data.path = {valid}: "):
+            line = line.replace("data.path = ", "data.valid_path = ", 1)
+        raise ConfigError(line) from None
     if overlap:
         raise ConfigError(overlap)
 

@@ -120,6 +120,15 @@ def test_with_data_split_a_held_out_set_is_checked_against_the_training_share_on
     assert "1 of its 3 documents" in _refusal(_cfg(tmp_path, train, trained, split="50,0,50"))
 
 
+def test_a_damaged_document_table_of_the_held_out_set_is_refused_naming_data_valid_path(tmp_path):
+    train = _prepare(tmp_path, "train", DOCS[:6])
+    valid = _prepare(tmp_path, "valid", DOCS[6:9])
+    idx = Path(valid + ".idx")
+    idx.write_bytes(idx.read_bytes()[:-8] + np.int64(99).tobytes())  # the table's last entry: not the sequence count
+    msg = _refusal(_cfg(tmp_path, train, valid))
+    assert msg.startswith(f"data.valid_path = {valid}: {valid}.idx document table does not run"), msg
+
+
 def test_datasets_without_the_hash_file_or_a_sidecar_are_hashed_from_their_bin(tmp_path, monkeypatch, capsys):
     train = _prepare(tmp_path, "train", DOCS[:10])
     valid = _prepare(tmp_path, "valid", [DOCS[10], DOCS[3], DOCS[11], DOCS[7]])
