@@ -34,7 +34,7 @@ from .data.documents import resolve_eod_id, unknown_eod_message
 from .data.fingerprint import comparable_digest
 from .data.integrity import check_bin_size, check_indexed_dataset, prefix_hint, read_index
 from .data.overlap import Checked, held_out_overlap_message
-from .data.sidecar import named_tokenizer_message, other_tokenizer_message, read_sidecar
+from .data.sidecar import named_tokenizer_message, other_tokenizer_message
 from .data.tokenizer import get_tokenizer
 from .data.weather import other_dataset_message, weather_meta, weather_settings
 from .dryrun import device_profile
@@ -253,8 +253,8 @@ def _check_indexed(cfg: Config) -> dict[str, int]:
                        for part in (("train", "valid") if cfg.train.eval_every and not d.valid_path else ("train",))}
         except ValueError as e:
             raise ConfigError(str(e).splitlines()[0]) from None
-        if d.valid_path:  # both sidecars read above (a bad one is refused there)
-            sidecars = read_sidecar(d.path), read_sidecar(d.valid_path)
+        if d.valid_path:  # both sidecars as check_indexed_dataset read them (a bad one is refused there)
+            sidecars = checked[d.path].sidecar, checked[d.valid_path].sidecar
             other = (same_data_message(d.path, d.valid_path, sidecars)
                      or other_tokenizer_message(d.path, d.valid_path, "data.path", "data.valid_path", sidecars))
             if other:

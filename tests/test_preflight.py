@@ -259,11 +259,10 @@ def test_resume_path_missing_or_damaged_and_all_damaged(tmp_path, dataset):
     _refused(_cfg(tmp_path, dataset, checkpoint={"resume": str(tmp_path / "empty")}), "no step_N checkpoint")
 
 
-def test_one_preflight_reads_each_index_once_and_the_held_out_sidecar_once_for_its_pair_checks(tmp_path, dataset,
-                                                                                              monkeypatch):
+def test_one_preflight_reads_each_index_and_the_held_out_sidecar_once(tmp_path, dataset, monkeypatch):
     """The dataset checks read each .idx (a pass over its sequence table) once, and the resume check takes the
-    training data's sample count from them instead of opening the dataset again; the same-data and tokenizer checks of
-    data.valid_path share one read of the two sidecars (check_indexed_dataset's own read is the other)."""
+    training data's sample count from them instead of opening the dataset again; the same-data, tokenizer and overlap
+    checks of data.valid_path use the sidecars check_indexed_dataset read."""
     (tmp_path / "held.jsonl").write_text("\n".join(json.dumps({"text": t * 40}) for t in ("omega ", "psi chi ")))
     held = str(tmp_path / "held")
     prepare_indexed([tmp_path / "held.jsonl"], held)
@@ -278,7 +277,7 @@ def test_one_preflight_reads_each_index_once_and_the_held_out_sidecar_once_for_i
                         or real_read_text(self, *a, **kw))
     preflight(cfg, on_cuda=False)
     assert sorted(n for n in opened if n.endswith(".idx")) == ["ds.idx", "held.idx"], opened
-    assert read.count("held.meta.json") == 2, read
+    assert read.count("held.meta.json") == 1, read
 
 
 def test_a_key_given_twice_is_refused_and_merges_still_load(tmp_path):
