@@ -13,7 +13,6 @@ process (as a new job would).
 from __future__ import annotations
 
 import json
-import warnings
 
 import pytest
 import torch
@@ -146,6 +145,37 @@ def test_tp_adapter_rejects_shards_that_are_not_ceil_sized():
         TensorParallelAdapter(_Mesh(4, 0), {"output.weight": TPShard(dim=0, local=10, size=63)})
 
 
+def _tp1_tensor(dim: int, size: int, cols: int, stride: int, tp: int) -> tuple[torch.Tensor, TPShard]:
+    """A tp=1 tensor of distinct values, ``size`` rows along ``dim`` that tp splits (``cols`` the other dim's; 0: a
+    1-D bias), and its Megatron shard spec over ``tp`` (ceil-sized shards, the last padded; ``stride`` parts)."""
+    shape = [size] if cols == 0 else ([size, cols] if dim == 0 else [cols, size])
+    full = torch.arange(1, 1 + torch.Size(shape).numel(), dtype=torch.float64).reshape(shape)
+    return full, TPShard(dim=dim, local=-(-size // tp), size=size, stride=stride)
+
+
+def _count_blocks(full: torch.Tensor, blocks: list, memory: torch.Tensor, covered: torch.Tensor, where) -> None:
+    """Each ``(offsets, view)`` of ``blocks`` is a view of ``memory``'s storage holding ``full`` 's values there;
+    adds 1 to ``covered`` (``full`` 's shape) over each block."""
+    for at, p in blocks:
+        assert p.untyped_storage().data_ptr() == memory.untyped_storage().data_ptr()  # a view, not a copy
+        box = tuple(slice(o, o + k) for o, k in zip(at, p.shape))
+        assert torch.equal(full[box], p), (where, at)
+        covered[box] += 1
+
+
+#: DCP with ``no_dist`` (one process standing for every rank) says so in a warning
+NO_DIST_NOTICE = pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
+
+
+def _blocks_save_the_tensor(path, full: torch.Tensor, blocks: list) -> None:
+    """All ranks' ``blocks`` as one ``Rectangles`` save ``full`` through DCP: read back whole, it is ``full``."""
+    dcp.save({"w": Rectangles(full.shape, blocks, full.dtype, torch.device("cpu"))}, checkpoint_id=path,
+             no_dist=True)
+    whole = torch.zeros_like(full)
+    dcp.load({"w": whole}, checkpoint_id=path, no_dist=True)
+    assert torch.equal(whole, full)
+
+
 @pytest.mark.parametrize("dim, size, cols, stride, tp, shards", [
     (0, 63, 5, 1, 2, 2),   # the odd vocabulary: 32 + 31 real rows, FSDP2 chunks of 16
     (0, 61, 3, 1, 4, 3),   # 16-row tp shards, the last one 13 real rows; chunks 6 + 6 + 4: one all padding
@@ -156,6 +186,7 @@ def test_tp_adapter_rejects_shards_that_are_not_ceil_sized():
     (1, 9, 7, 1, 3, 2),    # row-parallel: tp splits the columns, FSDP2 the (odd) rows
     (0, 7, 0, 1, 2, 3),    # a 1-D bias (cols 0): 4 + 3 real rows
 ])
+@NO_DIST_NOTICE
 def test_an_fsdp_chunk_of_a_tp_shard_is_its_blocks_of_the_tp1_tensor(tmp_path, dim, size, cols, stride, tp, shards):
     """FSDP2 × tp checkpoints write each rank's chunk of its tp shard as blocks of the tp=1 tensor (no gather):
     every block is the tp=1 tensor's values there, the padding views are the shard's zero padding, and over all
@@ -164,10 +195,8 @@ def test_an_fsdp_chunk_of_a_tp_shard_is_its_blocks_of_the_tp1_tensor(tmp_path, d
     ``Rectangles``, save the tp=1 tensor, and each chunk's ``Rectangles`` of views loads its values from a tp=1
     checkpoint in place."""
 
-    shape = [size] if cols == 0 else ([size, cols] if dim == 0 else [cols, size])
-    full = torch.arange(1, 1 + torch.Size(shape).numel(), dtype=torch.float64).reshape(shape)
-    spec = TPShard(dim=dim, local=-(-size // tp), size=size, stride=stride)
-    covered = torch.zeros(shape, dtype=torch.int64)
+    full, spec = _tp1_tensor(dim, size, cols, stride, tp)
+    covered = torch.zeros(full.shape, dtype=torch.int64)
     every_block, chunks = [], []
     for t in range(tp):
         shard = shard_of(full, dim, spec.local, t, tp, stride)  # Megatron's shard, vocab zero-padded
@@ -180,32 +209,21 @@ def test_an_fsdp_chunk_of_a_tp_shard_is_its_blocks_of_the_tp1_tensor(tmp_path, d
             assert sum(p.shape[dim] for _, p in pieces) + sum(p.shape[dim] for p in padding) == local.shape[dim]
             for pad in padding:
                 assert pad.numel() and not pad.any()
-            for at, p in pieces:
-                assert p.untyped_storage().data_ptr() == local.untyped_storage().data_ptr()  # a view, not a copy
-                box = tuple(slice(o, o + n) for o, n in zip(at, p.shape))
-                assert torch.equal(full[box], p), (t, d, at)
-                covered[box] += 1
+            _count_blocks(full, pieces, local, covered, (t, d))
             every_block += pieces
             chunks.append((local, offset, t))
     assert bool((covered == 1).all()), covered
 
-    cpu = torch.device("cpu")
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="torch.distributed is disabled")  # no_dist's notice
-        dcp.save({"w": Rectangles(full.shape, every_block, full.dtype, cpu)}, checkpoint_id=tmp_path / "blocks",
-                 no_dist=True)
-        whole = torch.zeros_like(full)
-        dcp.load({"w": whole}, checkpoint_id=tmp_path / "blocks", no_dist=True)
-        assert torch.equal(whole, full)
-        dcp.save({"w": full}, checkpoint_id=tmp_path / "full", no_dist=True)
-        for local, offset, t in chunks:
-            into = torch.full_like(local, -1.0)
-            pieces, padding = tp_local_blocks(into, offset, spec, t, tp)
-            dcp.load({"w": Rectangles(full.shape, pieces, full.dtype, cpu)}, checkpoint_id=tmp_path / "full",
-                     no_dist=True)
-            for pad in padding:
-                pad.zero_()  # what the adapter's set does
-            assert torch.equal(into, local), (t, offset)
+    _blocks_save_the_tensor(tmp_path / "blocks", full, every_block)
+    dcp.save({"w": full}, checkpoint_id=tmp_path / "full", no_dist=True)
+    for local, offset, t in chunks:
+        into = torch.full_like(local, -1.0)
+        pieces, padding = tp_local_blocks(into, offset, spec, t, tp)
+        dcp.load({"w": Rectangles(full.shape, pieces, full.dtype, torch.device("cpu"))},
+                 checkpoint_id=tmp_path / "full", no_dist=True)
+        for pad in padding:
+            pad.zero_()  # what the adapter's set does
+        assert torch.equal(into, local), (t, offset)
 
 
 @pytest.mark.parametrize("shape", [(7,), (3, 5), (2, 3, 4), (2, 1, 3, 2), (4, 0), ()])
@@ -220,11 +238,8 @@ def test_a_flat_range_of_a_tensor_is_at_most_2n_minus_1_boxes_each_a_view(shape)
             covered = torch.zeros(shape, dtype=torch.int64)
             pieces = flat_range_pieces(flat, shape, a)
             assert len(pieces) <= max(1, 2 * len(shape) - 1), (a, b, [o for o, _ in pieces])
-            for at, t in pieces:
-                assert t.untyped_storage().data_ptr() == flat.untyped_storage().data_ptr() and t.is_contiguous()
-                box = tuple(slice(o, o + k) for o, k in zip(at, t.shape))
-                assert torch.equal(full[box], t), (a, b, at)
-                covered[box] += 1
+            assert all(t.is_contiguous() for _, t in pieces), (a, b)
+            _count_blocks(full, pieces, flat, covered, (a, b))
             inside = torch.zeros(n, dtype=torch.int64)
             inside[a:b] = 1
             assert torch.equal(covered.reshape(-1), inside), (a, b)
@@ -237,16 +252,15 @@ def test_a_flat_range_of_a_tensor_is_at_most_2n_minus_1_boxes_each_a_view(shape)
     (1, 9, 7, 1, 3, 5, 2),   # row-parallel: tp splits the columns, a partition starts mid-row
     (0, 7, 0, 1, 2, 3, 1),   # a 1-D bias
 ])
+@NO_DIST_NOTICE
 def test_a_zero_partition_of_a_tp_shard_is_its_blocks_of_the_tp1_tensor(tmp_path, dim, size, cols, stride, tp, dp,
                                                                          lead):
     """ZeRO × tp checkpoints without a gather: a ZeRO-1/2 partition holds a flat range of each tp rank's shard (here
     after ``lead`` elements of another parameter, so ranges start mid-row), whose boxes (``flat_range_pieces``)
     mapped to the tp=1 tensor (``tp_local_blocks``) are views of the partition holding the tp=1 values, tile the
     tp=1 tensor exactly once over (tp rank, dp rank), and through DCP save it and load it back in place."""
-    shape = [size] if cols == 0 else ([size, cols] if dim == 0 else [cols, size])
-    full = torch.arange(1, 1 + torch.Size(shape).numel(), dtype=torch.float64).reshape(shape)
-    spec = TPShard(dim=dim, local=-(-size // tp), size=size, stride=stride)
-    covered = torch.zeros(shape, dtype=torch.int64)
+    full, spec = _tp1_tensor(dim, size, cols, stride, tp)
+    covered = torch.zeros(full.shape, dtype=torch.int64)
     every_block, parts = [], []
     for t in range(tp):
         shard = shard_of(full, dim, spec.local, t, tp, stride)
@@ -264,36 +278,25 @@ def test_a_zero_partition_of_a_tp_shard_is_its_blocks_of_the_tp1_tensor(tmp_path
                 padding += pad
             for pad in padding:
                 assert not pad.any()
-            for at, p in blocks:
-                assert p.untyped_storage().data_ptr() == flat.untyped_storage().data_ptr()  # a view, not a copy
-                box = tuple(slice(o, o + k) for o, k in zip(at, p.shape))
-                assert torch.equal(full[box], p), (t, r, at)
-                covered[box] += 1
+            _count_blocks(full, blocks, flat, covered, (t, r))
             assert sum(p.numel() for _, p in blocks) + sum(p.numel() for p in padding) == fragment.numel()
             every_block += blocks
             parts.append((fragment, shard.shape, a - lead, t))
     assert bool((covered == 1).all()), covered
 
-    cpu = torch.device("cpu")
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="torch.distributed is disabled")  # no_dist's notice
-        dcp.save({"w": Rectangles(full.shape, every_block, full.dtype, cpu)}, checkpoint_id=tmp_path / "blocks",
-                 no_dist=True)
-        whole = torch.zeros_like(full)
-        dcp.load({"w": whole}, checkpoint_id=tmp_path / "blocks", no_dist=True)
-        assert torch.equal(whole, full)
-        for fragment, local_shape, start, t in parts:
-            into = torch.full_like(fragment, -1.0)
-            blocks, padding = [], []
-            for offset, box in flat_range_pieces(into, local_shape, start):
-                pieces, pad = tp_local_blocks(box, offset, spec, t, tp)
-                blocks += pieces
-                padding += pad
-            dcp.load({"w": Rectangles(full.shape, blocks, full.dtype, cpu)}, checkpoint_id=tmp_path / "blocks",
-                     no_dist=True)
-            for pad in padding:
-                pad.zero_()  # what the tp adapter's set does
-            assert torch.equal(into, fragment), (t, start)
+    _blocks_save_the_tensor(tmp_path / "blocks", full, every_block)
+    for fragment, local_shape, start, t in parts:
+        into = torch.full_like(fragment, -1.0)
+        blocks, padding = [], []
+        for offset, box in flat_range_pieces(into, local_shape, start):
+            pieces, pad = tp_local_blocks(box, offset, spec, t, tp)
+            blocks += pieces
+            padding += pad
+        dcp.load({"w": Rectangles(full.shape, blocks, full.dtype, torch.device("cpu"))},
+                 checkpoint_id=tmp_path / "blocks", no_dist=True)
+        for pad in padding:
+            pad.zero_()  # what the tp adapter's set does
+        assert torch.equal(into, fragment), (t, start)
 
 
 def test_zero3_checkpoints_with_the_optimizer_swapped_to_nvme_are_refused_in_one_line():
