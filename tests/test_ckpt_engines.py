@@ -24,14 +24,11 @@ from dist_train.checkpoint.adapters import DeepSpeedStateAdapter, TPShard, tp_lo
 from dist_train.checkpoint.hf import load_model_tensors
 from dist_train.checkpoint.manager import CheckpointManager
 from dist_train.checkpoint.rectangles import Rectangles, flat_range_pieces
-from dist_train.config import ConfigError, config_from_dict
-from dist_train.engines import build_engine
-from dist_train.mesh import build_mesh
-from dist_train.models.gpt import build_gpt
+from dist_train.config import ConfigError
 from dist_train.models.tensor_parallel import shard_of
 from dist_train.trainer import train
 from tests.dist_harness import run_ranks
-from tests.trainer_utils import rel_close, tiny_gpt_config
+from tests.trainer_utils import one_step_gpt_engine, rel_close, tiny_gpt_config
 
 SAVE = {"every": 5, "keep_last": 3}
 VOCAB = 63  # odd: Megatron pads it to 64 at tp 2
@@ -335,14 +332,7 @@ def _zero_checkpoint_peaks(rank: int, world: int, root: str) -> dict:
     restored every master weight, moment and working copy, all zeroed before it."""
     out = {}
     for stage in (2, 3):
-        cfg = config_from_dict({"model": {"kind": "gpt", "d_model": 256, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2,
-                                          "ffn_hidden": 512, "vocab_size": 95},
-                                "data": {"seq_len": 16}, "parallel": {"dp": 2, "zero_stage": stage},
-                                "train": {"global_batch": 2, "micro_batch": 1}})
-        mesh = build_mesh(cfg.parallel, world)
-        engine = build_engine(cfg, build_gpt(cfg, mesh, torch.device("cpu")).train(), mesh, None)
-        tokens = torch.randint(0, 95, (1, 16), generator=torch.Generator().manual_seed(rank))
-        engine.train_step([{"tokens": tokens, "labels": tokens, "positions": torch.arange(16)}], 32.0)
+        cfg, engine = one_step_gpt_engine({"dp": 2, "zero_stage": stage}, rank, world)
         model, optimizer = engine.module, engine.optimizer
         ckpt = CheckpointManager(cfg.checkpoint, run_dir=f"{root}/zero{stage}", rank=rank, world_size=world,
                                  io_threads=1, **engine.checkpoint_kwargs())
