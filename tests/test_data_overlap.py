@@ -180,3 +180,11 @@ def test_the_overlap_bench_finds_every_planted_copy(tmp_path, capsys):
                  "--repeats", "1", "--dir", str(tmp_path), "--json", str(tmp_path / "o.json")]) == 0
     result = json.loads((tmp_path / "o.json").read_text())
     assert result["planted"] > 50 and set(result["found"].values()) == {result["planted"]}, result
+
+
+def test_the_overlap_bench_refuses_more_planted_copies_than_training_documents(tmp_path, capsys):
+    assert main(["bench", "overlap", "--train-docs", "10", "--valid-docs", "100", "--overlap", "0.5",
+                 "--dir", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "plants 50 copies of distinct training documents, more than --train-docs 10" in err
+    assert list(tmp_path.iterdir()) == []  # refused before writing anything

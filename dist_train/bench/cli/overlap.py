@@ -35,6 +35,10 @@ def check(args: argparse.Namespace) -> int:
         raise ValueError(f"--mean-tokens = {args.mean_tokens}: must be >= 2 (every document ends with its EOD)")
     if not 0 <= args.overlap <= 1:
         raise ValueError(f"--overlap = {args.overlap}: must be a fraction in [0, 1]")
+    copies = round(args.overlap * args.valid_docs)  # each a distinct training document
+    if copies > args.train_docs:
+        raise ValueError(f"--overlap {args.overlap} of --valid-docs {args.valid_docs:,} plants {copies:,} copies of "
+                         f"distinct training documents, more than --train-docs {args.train_docs:,}")
     # uint16 tokens + the index (12 B per document + 8) + the hash file (8 B per document), both datasets
     docs = args.train_docs + args.valid_docs
     nbytes = 2 * docs * args.mean_tokens + 28 * docs
