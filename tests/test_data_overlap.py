@@ -188,3 +188,20 @@ def test_the_overlap_bench_refuses_more_planted_copies_than_training_documents(t
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "plants 50 copies of distinct training documents, more than --train-docs 10" in err
     assert list(tmp_path.iterdir()) == []  # refused before writing anything
+
+
+def test_data_hash_into_a_directory_it_cannot_write_is_one_line_and_exit_2(tmp_path, monkeypatch, capsys):
+    """A shared, read-only dataset directory (simulated: this test may run as root, which ignores file modes)."""
+    prefix = _prepare(tmp_path, "train", DOCS[:3])
+    document_hashes_path(prefix).unlink()
+    real_open = Path.open
+
+    def read_only(self, mode="r", *a, **kw):
+        if "w" in mode:
+            raise PermissionError(13, "Permission denied", str(self))
+        return real_open(self, mode, *a, **kw)
+    monkeypatch.setattr(Path, "open", read_only)
+    assert main(["data", "hash", prefix]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"cannot write {prefix}.doc_hashes (Permission denied)" in err, err
+    assert not document_hashes_path(prefix).exists() and not list(tmp_path.glob(".*"))  # no temp file left

@@ -133,13 +133,18 @@ def dataset_document_hashes(prefix: Prefix, info: IndexInfo, sidecar: Optional[d
 
 def hash_dataset(prefix: Prefix) -> dict:
     """``dist-train data hash PREFIX``: compute every document's hash from the ``.bin`` and write PREFIX.doc_hashes
-    (replacing one of another build); ValueError (one line) when the dataset is missing or damaged. Returns
-    ``{"path", "documents"}``."""
+    (replacing one of another build); ValueError (one line) when the dataset is missing or damaged, or the file
+    cannot be written. Returns ``{"path", "documents"}``."""
     for suffix in (".bin", ".idx"):
         if not Path(f"{prefix}{suffix}").is_file():
             raise ValueError(f"{prefix}: {prefix}{suffix} not found (give the prefix of a dataset's .bin/.idx)")
     info = read_index(prefix)
     check_bin_size(prefix, info)
     hashes = compute_document_hashes(prefix, info)
-    path = write_document_hashes(prefix, hashes, dataset_identity(str(prefix), read_sidecar(prefix)))
+    try:
+        path = write_document_hashes(prefix, hashes, dataset_identity(str(prefix), read_sidecar(prefix)))
+    except OSError as e:  # a shared, read-only dataset directory
+        raise ValueError(f"{prefix}: cannot write {document_hashes_path(prefix)} ({e.strerror or e}): the file goes "
+                         "beside the dataset's .bin; run data hash where that directory is writable, or check "
+                         "without the file (the pre-flight hashes the .bin then)") from None
     return {"path": str(path), "documents": len(hashes)}
