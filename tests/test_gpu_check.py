@@ -25,6 +25,7 @@ from dist_train.gpucheck.bench import (_batch, bench_checkpoint, bench_documents
                                        llama_config, matmul_peak_tflops, run_llama, train_step, trial_step)
 from dist_train.config import ModelConfig
 from dist_train.cost.step_time import EAGER_OPS_PER_LAYER
+from dist_train.gpucheck import dispatch
 from dist_train.gpucheck.dispatch import SEQ_LEN, TINY_GPT, OpCounter, measure_dispatch
 from dist_train.gpucheck.env import commit_of
 from dist_train.models.gpt import GPT
@@ -366,7 +367,7 @@ def test_the_checkpoint_part_hands_out_its_stall_before_the_write_ends(tmp_path)
 #: what the dispatch benchmark writes on an H200 (a stand-in: these are not measured numbers)
 DISPATCH_RESULT = {"device": "cuda", "model": {"d_model": 64, "n_layers": 2, "seq_len": 64}, "iters": 50, "repeats": 5,
                    "precision": "bf16 autocast", "forward_ops": 169, "backward_ops": 190, "step_s": 0.005,
-                   "host_loop_s": 0.00495, "host_us_per_forward_op": 29.6, "host_us_per_dispatched_op": 13.9,
+                   "host_loop_s": 0.00495, "scaled_batch": 4, "scaled_step_s": 0.0052, "host_us_per_forward_op": 29.6, "host_us_per_dispatched_op": 13.9,
                    "host_bound": True, "optimizer_tensors": 21, "optimizer_ops": 212, "optimizer_us_per_tensor": 60.0,
                    "optimizer_us_per_op": 5.9, "optimizer_host_bound": True, "planner_ops_per_layer": 48,
                    "planner_optimizer_ops_per_tensor": 14, "profile": "h200", "profile_field": "host_op_us",
@@ -638,6 +639,8 @@ def test_dispatch_benchmark_code_runs_on_cpu():
     assert res["forward_ops"] > 2 * 40 and res["backward_ops"] > res["forward_ops"] // 2
     assert res["host_us_per_forward_op"] == pytest.approx(res["step_s"] / res["forward_ops"] * 1e6)
     assert res["host_us_per_dispatched_op"] < res["host_us_per_forward_op"]
+    assert res["scaled_batch"] == 4 and res["scaled_step_s"] > 0
+    assert res["host_bound"] == (res["scaled_step_s"] < 2.0 * res["step_s"])
     assert res["optimizer_tensors"] == sum(1 for _ in GPT(ModelConfig(**TINY_GPT)).parameters())
     assert res["optimizer_ops"] >= 8 * res["optimizer_tensors"] and res["optimizer_us_per_tensor"] > 0
     assert (res["profile"], res["profile_field"], res["profile_us"]) == ("cpu", "op_overhead_us", 12.0)
@@ -668,7 +671,19 @@ def test_the_report_puts_the_measured_dispatch_beside_the_profile_s_assumption(t
     assert "**29.6 us per forward op** with its backward (169 forward + 190 backward aten ops" in md
     assert "planner: profile h200 assumes host_op_us = 20 us per forward op, measured / assumed = 1.48" in md
     assert "60 us per parameter tensor" in md and "did not keep up" not in md
-    report["benchmarks"]["dispatch"].update(host_bound=False, profile=None, profile_us=None)
+    report["benchmarks"]["dispatch"].update(host_bound=False, scaled_step_s=0.015, profile=None, profile_us=None)
     rep.write(report, tmp_path)
     md = (tmp_path / "gpu-report.md").read_text()
-    assert "**the device did not keep up**" in md and "no built-in profile matches this device's name" in md
+    assert "**the device did not keep up** (4 samples a step took 3x one sample's time" in md
+    assert "no built-in profile matches this device's name" in md
+
+
+def test_a_dispatch_run_whose_time_grows_with_the_device_s_work_is_not_host_bound(monkeypatch):
+    """host_bound is decided by the device's work, not by the host's loop against the synchronised end: the GPT's
+    chunked loss synchronises every forward (nonzero), so on a GPU the loop ends with the device whether or not it kept
+    up. The CPU runs every kernel synchronously, the limit of that: a GPT whose kernels dominate its dispatch (d 512,
+    S 256) is device-bound, and its 4-sample steps take ~4x as long; the tiny one's barely longer."""
+    monkeypatch.setattr(dispatch, "TINY_GPT", dict(TINY_GPT, d_model=512, n_heads=8, n_kv_heads=4, ffn_hidden=2048))
+    monkeypatch.setattr(dispatch, "SEQ_LEN", 256)
+    res = measure_dispatch(torch.device("cpu"), iters=2, repeats=1)
+    assert res["scaled_step_s"] > dispatch.HOST_BOUND_RATIO * res["step_s"] and not res["host_bound"], res

@@ -3,13 +3,15 @@
     res = measure_dispatch(torch.device("cuda"))   # {"host_us_per_forward_op": ..., "forward_ops": ..., ...}
 
 A tiny GPT (d 64, 2 layers) runs forward + backward over and over: its kernels are far shorter than their launches,
-so the device waits for the host and the wall time of a run of steps, CUDA-synchronised only at its end, is the
-host's dispatch time (Python, autograd, the ATen dispatcher, ``cudaLaunchKernel``). It is divided by the forward's
+so the device waits for the host and the wall time of a run of steps, CUDA-synchronised by the check only at its end
+(and, as in training, by the chunked loss once a step), is the host's dispatch time (Python, autograd, the ATen dispatcher, ``cudaLaunchKernel``). It is divided by the forward's
 aten ops (non-view, counted with a :class:`OpCounter` the way docs/planner.md counts the eager layer's ops): µs per
 forward op with its backward, the unit of the planner's ``host_op_us`` (whose op counts,
-``step_time.EAGER_OPS_PER_LAYER`` and ``step_time.outer_ops`` for the embedding, head and loss, are forward ops too). ``host_bound`` says whether the device kept up: the host's
-loop ended within :data:`HOST_BOUND_SLACK` of the synchronised end, so no launch waited for a full queue. The
-optimizer (torch AdamW ``foreach=False``, the trainer's) is timed the same way: µs per parameter tensor, beside the
+``step_time.EAGER_OPS_PER_LAYER`` and ``step_time.outer_ops`` for the embedding, head and loss, are forward ops too).
+``host_bound`` says whether the host set the pace: the same steps on :data:`SCALED_BATCH` samples (the same ops, that
+many times the device's work) took less than :data:`HOST_BOUND_RATIO` times as long. (Not the host's loop against
+the synchronised end: the GPT's chunked loss synchronises every forward, ``nonzero``, so the host's loop ends with
+the device's whether or not the device kept up.) The optimizer (torch AdamW ``foreach=False``, the trainer's) is timed the same way: µs per parameter tensor, beside the
 planner's 14 ops per tensor. On CPU the same code runs as a smoke: the ops run on the host, so the number is the
 CPU's serial per-op cost (``op_overhead_us``'s regime), not a GPU dispatch.
 """
@@ -29,8 +31,14 @@ from dist_train.plan.profiles import builtin_profiles, profile_for_device_name
 #: the timed model: every kernel a few microseconds on any GPU, so the host sets the pace
 TINY_GPT = dict(kind="gpt", d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_hidden=128, vocab_size=128)
 SEQ_LEN = 64
-#: the host's loop counts as host-bound when the synchronised end comes at most this fraction after it
+#: the optimizer's loop (no synchronisation inside) counts as host-bound when the synchronised end comes at most this
+#: fraction after it
 HOST_BOUND_SLACK = 0.10
+#: samples per batch of the second timing: the same eager ops, this many times the device's work
+SCALED_BATCH = 4
+#: the GPT's steps count as host-bound when the scaled batch's take less than this many times as long: a device
+#: that sets the pace takes ~SCALED_BATCH times as long, one that waits for the host the same time
+HOST_BOUND_RATIO = 2.0
 
 
 class OpCounter(TorchDispatchMode):
@@ -78,20 +86,23 @@ def measure_dispatch(device: torch.device, iters: int = 50, repeats: int = 5) ->
     torch.manual_seed(0)
     model = GPT(cfg, AttentionContext(kernel="auto"), init_seed=0).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, foreach=False)
-    tokens = torch.randint(0, cfg.vocab_size, (1, SEQ_LEN + 1), device=device)
-    batch = {"tokens": tokens[:, :-1], "labels": tokens[:, 1:], "positions": torch.arange(SEQ_LEN, device=device)}
+    tokens = torch.randint(0, cfg.vocab_size, (SCALED_BATCH, SEQ_LEN + 1), device=device)
+    positions = torch.arange(SEQ_LEN, device=device)
+    scaled = {"tokens": tokens[:, :-1], "labels": tokens[:, 1:], "positions": positions}
+    batch = {"tokens": tokens[:1, :-1], "labels": tokens[:1, 1:], "positions": positions}
     cast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
 
-    def forward():
+    def forward(b: dict = batch):
         with cast:
-            loss_sum, count = model(batch)
+            loss_sum, count = model(b)
         return loss_sum / count
 
-    def step():
-        forward().backward()  # the gradients accumulate, as over a step's micro-batches
+    def step(b: dict = batch):
+        forward(b).backward()  # the gradients accumulate, as over a step's micro-batches
 
     for _ in range(3):  # warm-up: kernels chosen, allocator filled, the gradients exist (accumulation from here on)
         step()
+        step(scaled)
     opt.step()
     with OpCounter() as fwd:
         loss = forward()
@@ -101,6 +112,7 @@ def measure_dispatch(device: torch.device, iters: int = 50, repeats: int = 5) ->
         opt.step()
     tensors = sum(1 for p in model.parameters() if p.grad is not None)
     host, total = _median_run(_timed_runs(step, device, iters, repeats))
+    _, scaled_total = _median_run(_timed_runs(lambda: step(scaled), device, iters, repeats))
     opt_host, opt_total = _median_run(_timed_runs(opt.step, device, max(1, iters // 5), repeats))
     opt_steps = max(1, iters // 5)
     res = {
@@ -109,7 +121,8 @@ def measure_dispatch(device: torch.device, iters: int = 50, repeats: int = 5) ->
         "forward_ops": fwd.ops, "backward_ops": bwd.ops, "step_s": total / iters, "host_loop_s": host / iters,
         "host_us_per_forward_op": total / iters / fwd.ops * 1e6,
         "host_us_per_dispatched_op": total / iters / (fwd.ops + bwd.ops) * 1e6,
-        "host_bound": total <= host * (1 + HOST_BOUND_SLACK),
+        "scaled_batch": SCALED_BATCH, "scaled_step_s": scaled_total / iters,
+        "host_bound": scaled_total < HOST_BOUND_RATIO * total,
         "optimizer_tensors": tensors, "optimizer_ops": optc.ops,
         "optimizer_us_per_tensor": opt_total / opt_steps / tensors * 1e6,
         "optimizer_us_per_op": opt_total / opt_steps / optc.ops * 1e6,

@@ -111,7 +111,7 @@ def _dispatch_lines(res: dict) -> list[str]:
     m = res["model"]
     lines = [f"host dispatch of the eager GPT (d {m['d_model']}, {m['n_layers']} layers, S {m['seq_len']}, "
              f"{res['precision']}, on {res['device']}; {res['iters']} forward+backward x {res['repeats']} runs, "
-             f"synchronised at each run's end): **{_fmt(res['host_us_per_forward_op'])} us per forward op** with its "
+             f"synchronised by the check at each run's end): **{_fmt(res['host_us_per_forward_op'])} us per forward op** with its "
              f"backward ({res['forward_ops']} forward + {res['backward_ops']} backward aten ops, "
              f"{_fmt(res['host_us_per_dispatched_op'])} us per dispatched op)", ""]
     assumed = res.get("profile_us")
@@ -122,8 +122,9 @@ def _dispatch_lines(res: dict) -> list[str]:
         lines += [f"planner: profile {res['profile']} assumes {res['profile_field']} = {_fmt(assumed)} us per forward "
                   f"op{ratio}", ""]
     if not res["host_bound"]:
-        lines += ["**the device did not keep up** (the synchronised end came more than 10% after the host's loop): the "
-                  "number above is not the host's dispatch alone", ""]
+        lines += [f"**the device did not keep up** ({res['scaled_batch']} samples a step took "
+                  f"{_fmt(res['scaled_step_s'] / res['step_s'])}x one sample's time, the same ops with more device work: "
+                  "the device's kernels set part of the pace): the number above is not the host's dispatch alone", ""]
     lines += [f"optimizer (torch AdamW foreach=False): {_fmt(res['optimizer_us_per_tensor'])} us per parameter tensor, "
               f"{_fmt(res['optimizer_ops'] / res['optimizer_tensors'])} ops each, {_fmt(res['optimizer_us_per_op'])} us "
               "per op (not in the planner's host term)", ""]
