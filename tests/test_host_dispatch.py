@@ -8,6 +8,7 @@ import dataclasses
 import json
 
 import pytest
+import torch
 import yaml
 
 from dist_train.cli import main
@@ -15,6 +16,9 @@ from dist_train.config import config_from_dict, load_config, step_micro_batches
 from dist_train.cost.predict import predict
 from dist_train.cost.shape import rank_inputs
 from dist_train.cost.step_time import EAGER_OPS_PER_LAYER, OUTER_OPS, host_bound_seconds, outer_ops
+from dist_train.gpucheck.dispatch import OpCounter
+from dist_train.models.gpt import GPT
+from dist_train.models.swin import build_swin
 from dist_train.plan.enumerate import enumerate_layouts, layout_label, rank_layouts
 from dist_train.plan.profiles import DEFAULT_HOST_OP_US, builtin_profiles, load_profile_file, profile_to_dict
 
@@ -194,12 +198,6 @@ def test_a_dispatch_limited_layout_no_longer_ranks_first():
 def _counted_forward_ops(cfg) -> int:
     """Non-view aten ops of one fp32 forward of ``cfg``'s real model on CPU, after a first one
     (gpucheck.dispatch.OpCounter)."""
-    import torch
-
-    from dist_train.gpucheck.dispatch import OpCounter
-    from dist_train.models.gpt import GPT
-    from dist_train.models.swin import build_swin
-
     torch.manual_seed(0)
     if cfg.model.kind == "gpt":
         model = GPT(cfg.model, init_seed=0, loss_chunk=cfg.train.loss_chunk)
