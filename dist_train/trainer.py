@@ -461,9 +461,12 @@ def _train(cfg: Config, ctx: DistContext) -> TrainResult:
     elif ctx.is_main:
         (run_dir / "summary.json").write_text(json.dumps(result.summary, indent=2))
         s = result.summary
-        if s["first_loss"] is not None:  # a preempted run is not done: its line must not say so
-            ended = ("done" if result.exit_code == 0 else "preempted, resumable" if result.exit_code == EXIT_PREEMPTED
-                     else f"stopped with exit status {result.exit_code}")
+        if s["first_loss"] is not None:  # a preempted or time-sliced run is not done: its line must not say so
+            ended = ("preempted, resumable" if result.exit_code == EXIT_PREEMPTED
+                     else f"stopped with exit status {result.exit_code}" if result.exit_code
+                     else "done" if s["steps"] == t.steps
+                     else f"stopped at train.exit_interval = {t.exit_interval} (step {s['steps']} of {t.steps}), "
+                          "resumable")
             log.info(f"{ended}: loss {s['first_loss']:.4f} -> {s['final_loss']:.4f} in {len(result.losses)} steps | "
                      f"median {med:.3f} s/step | summary {run_dir / 'summary.json'}")
     if ctx.is_main and ckpt.failed_saves:  # on_error=continue trained on: the run looks finished, its saves are not

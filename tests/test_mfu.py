@@ -88,3 +88,15 @@ def test_a_metric_line_off_the_log_every_grid_says_it_is_the_checkpoint_step():
            "mfu": 0.117, "peak_mem_bytes": 2 ** 28, "step_time_s": 0.077}
     assert "checkpoint" not in format_metrics(rec, 40)
     assert format_metrics({**rec, "checkpoint_save_s": 0.0123}, 40).endswith(" | checkpoint (blocked 0.012 s)")
+
+
+def test_the_last_line_of_a_run_stopped_by_exit_interval_does_not_say_done(tmp_path, capsys):
+    """A time-sliced job (train.exit_interval) saves and exits 0 before train.steps: its last line said `done:`."""
+    cfg = tiny_gpt_config(tmp_path / "run", steps=4, train={"exit_interval": 2, "log_every": 2})
+    assert train(cfg).exit_code == 0
+    out = capsys.readouterr()
+    text = out.out + out.err
+    assert "done:" not in text and "stopped at train.exit_interval = 2 (step 2 of 4), resumable: loss" in text, text
+    train(cfg)  # resumes at step 2 and trains the rest: that run is done
+    out = capsys.readouterr()
+    assert "done: loss" in out.out + out.err
