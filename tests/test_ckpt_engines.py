@@ -373,3 +373,18 @@ def test_zero_checkpoint_peak_is_a_small_part_of_the_fp32_state_not_a_gather(tmp
             # the nonfinite check's temporaries on the largest box (512 x 256 fp32 at ZeRO-2) and DCP's plans
             assert p["save"] <= 0.1 * p["full"], (stage, p)
             assert p["load"] <= 0.1 * p["full"] + p["refresh"], (stage, p)
+
+
+def test_a_rectangles_refuses_a_block_that_does_not_fit_and_any_torch_op():
+    """Each block must lie inside the global tensor, with its dtype and its number of dims (a block of another rank
+    would describe other elements than it holds); and it is no tensor to compute with."""
+    cpu = torch.device("cpu")
+    r = Rectangles(torch.Size([4, 3]), [((1, 0), torch.zeros(2, 3))], torch.float32, cpu)
+    assert [o for o, _ in r.pieces] == [(1, 0)] and r.shape == (4, 3)
+    for offsets, block in [((3, 0), torch.zeros(2, 3)), ((0, -1), torch.zeros(1, 3)),
+                           ((0, 0), torch.zeros(1, 3, dtype=torch.float64)), ((0,), torch.zeros(3)),
+                           ((0, 0), torch.zeros(1, 3, 1)), ((0, 0), torch.zeros(3))]:
+        with pytest.raises(ValueError, match="does not fit"):
+            Rectangles(torch.Size([4, 3]), [(offsets, block)], torch.float32, cpu)
+    with pytest.raises(TypeError, match="operate on its .pieces"):
+        r.sum()

@@ -42,7 +42,7 @@ class Rectangles(torch.Tensor):
     def __new__(cls, shape: torch.Size, pieces: list[Piece], dtype: torch.dtype, device: torch.device,
                 source: Optional[torch.Tensor] = None) -> "Rectangles":
         for offsets, t in pieces:
-            if (len(offsets) != len(shape) or t.dtype != dtype
+            if (len(offsets) != len(shape) or t.dim() != len(shape) or t.dtype != dtype
                     or any(o < 0 or o + n > s for o, n, s in zip(offsets, t.shape, shape))):
                 raise ValueError(f"a {t.dtype} block of shape {list(t.shape)} at {list(offsets)} does not fit a "
                                  f"{dtype} tensor of shape {list(shape)}")
