@@ -676,6 +676,9 @@ def test_the_report_puts_the_measured_dispatch_beside_the_profile_s_assumption(t
     md = (tmp_path / "gpu-report.md").read_text()
     assert "**the device did not keep up** (4 samples a step took 3x one sample's time" in md
     assert "no built-in profile matches this device's name" in md
+    report["benchmarks"]["dispatch"].update(smoke="no CUDA device: measured on CPU")  # no device to keep up
+    rep.write(report, tmp_path)
+    assert "did not keep up" not in (tmp_path / "gpu-report.md").read_text()
 
 
 def test_a_dispatch_run_whose_time_grows_with_the_device_s_work_is_not_host_bound(monkeypatch):
