@@ -32,7 +32,10 @@ class StateAdapter(abc.ABC):
     """Turns (model, optimizer) into flat state dicts and back. Engines implement both methods.
 
     ``get`` returns ``(model_sd, optim_sd)``: flat ``{key: Tensor | DTensor | int | float | bool | str | None |
-    tuple}`` dicts; ``optim_sd`` is None without an optimizer. ``set`` loads such dicts back (in place)."""
+    tuple}`` dicts (a tensor may be a :class:`Rectangles` of views of the live state); ``optim_sd`` is None without an
+    optimizer. ``set`` loads such dicts back (in place): the ones ``get`` returned, once DCP has read the checkpoint
+    into them (``CheckpointManager.load``) — an adapter whose tensors are views of the state (the DeepSpeed adapter)
+    takes nothing else."""
 
     @abc.abstractmethod
     def get(self, model: torch.nn.Module, optimizer: Optional[torch.optim.Optimizer]) -> tuple[dict, Optional[dict]]:
