@@ -120,6 +120,17 @@ def test_with_data_split_a_held_out_set_is_checked_against_the_training_share_on
     assert "1 of its 3 documents" in _refusal(_cfg(tmp_path, train, trained, split="50,0,50"))
 
 
+def test_the_document_that_starts_the_validation_share_is_not_its_own_duplicate(tmp_path):
+    """The training share's last label is the validation share's first token: a document starting exactly there is
+    read by both shares (one token of it by training), yet it is one document, not a copy."""
+    texts = [f"a unique document, number {i}: ".ljust(79, "x") for i in range(8)]  # 80 tokens each with the EOD
+    prefix = _prepare(tmp_path, "unique", texts)
+    # 639 // 16 = 39 samples, "50,50,0": training samples [0, 20), validation [20, 39) from token 320 = document 4
+    check_data(_cfg(tmp_path, prefix, split="50,50,0"))
+    repeated = _prepare(tmp_path, "repeated", texts[:5] + [texts[1]] + texts[6:])  # a real copy is still found
+    assert "1 of the 3 documents of the validation share" in _refusal(_cfg(tmp_path, repeated, split="50,50,0"))
+
+
 def test_a_damaged_document_table_of_the_held_out_set_is_refused_naming_data_valid_path(tmp_path):
     train = _prepare(tmp_path, "train", DOCS[:6])
     valid = _prepare(tmp_path, "valid", DOCS[6:9])

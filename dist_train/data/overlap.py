@@ -132,8 +132,11 @@ def split_overlap(data: Checked, seq_len: int, split: str, min_tokens: int) -> O
     document of which training reads a token)."""
     bounds, hashes = data.bounds(), data.hashes()
     valid_tokens = share_tokens(data, seq_len, split, "valid")
-    train = documents_read(bounds, share_tokens(data, seq_len, split, "train"))
     valid = documents_within(bounds, valid_tokens)
+    # the training share's last label is the validation share's first token: a document starting there is read by
+    # both, and is not a copy of itself
+    read = documents_read(bounds, share_tokens(data, seq_len, split, "train"))
+    train = slice(read.start, min(read.stop, valid.start))
     if valid_tokens[1] - valid_tokens[0] <= 1 or valid.stop <= valid.start:  # no sample: only the training label
         return Overlap(0, 0, 0, 0, 0)
     return shared_documents(hashes[train], hashes[valid], np.diff(bounds[valid.start:valid.stop + 1]), min_tokens)
