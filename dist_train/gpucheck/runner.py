@@ -1,4 +1,4 @@
-"""Sections of the GPU check under one time budget: environment, gpu tests, kernel and llama benchmarks.
+"""Sections of the GPU check under one time budget: environment, gpu tests, dispatch, kernel and llama benchmarks.
 
 Each section runs in a subprocess with a time limit (a CUDA fault or a hang loses one section, not the
 report); the report is rewritten after every section. A section reaching its limit is interrupted
