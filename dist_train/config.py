@@ -895,11 +895,13 @@ def _validate_deepspeed_keys(cfg: Config) -> None:
                                   f"parallel.zero_stage: {lowest if lowest == 3 else '1, 2 or 3'} or remove it")
         offload, ck = zero.get("offload_optimizer"), cfg.checkpoint
         if isinstance(offload, dict) and offload.get("device") == "nvme" and (ck.every or ck.at_end or
-                                                                             ck.resume != "none"):
+                                                                             ck.resume != "none" or
+                                                                             cfg.train.exit_interval):
             # checkpoint/adapters.py DeepSpeedStateAdapter: saves and loads read and fill the partitions in place
             raise ConfigError("parallel.deepspeed.zero_optimization.offload_optimizer.device = nvme with checkpoints: "
                               "dist-train saves and loads the optimizer state in place, which NVMe offload swaps out; "
-                              "use device cpu, or checkpoint.every 0, checkpoint.at_end false and checkpoint.resume none")
+                              "use device cpu, or checkpoint.every 0, checkpoint.at_end false, checkpoint.resume none "
+                              "and train.exit_interval 0 (it saves before it exits)")
     for key, field_name in _DEEPSPEED_OWNED.items():
         value = ds.get(key)
         if key == "bf16" and not (isinstance(value, dict) and "enabled" in value):

@@ -319,8 +319,12 @@ def test_an_nvme_optimizer_offload_with_checkpoints_is_refused_before_the_run(tm
     with pytest.raises(ConfigError, match="offload_optimizer.device = nvme with checkpoints") as e:
         tiny_gpt_config(tmp_path, parallel={"dp": 2, "zero_stage": 3, "deepspeed": nvme}, checkpoint=checkpoint)
     assert "\n" not in str(e.value)
+    off = {"every": 0, "at_end": False, "resume": "none"}
+    with pytest.raises(ConfigError, match="offload_optimizer.device = nvme with checkpoints"):  # it saves, then exits
+        tiny_gpt_config(tmp_path, parallel={"dp": 2, "zero_stage": 3, "deepspeed": nvme}, checkpoint=off,
+                        train={"exit_interval": 5})
     tiny_gpt_config(tmp_path, parallel={"dp": 2, "zero_stage": 3, "deepspeed": nvme},
-                    checkpoint={"every": 0, "at_end": False, "resume": "none"})  # no checkpoint: accepted
+                    checkpoint=off)  # no checkpoint: accepted
 
 
 def _zero_checkpoint_peaks(rank: int, world: int, root: str) -> dict:
