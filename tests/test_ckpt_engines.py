@@ -20,7 +20,7 @@ import torch.distributed.checkpoint as dcp
 
 from dist_train.bench.attention import peak_tensor_bytes
 from dist_train.checkpoint import manifest as mf
-from dist_train.checkpoint.adapters import DeepSpeedStateAdapter, TPShard, tp_local_blocks
+from dist_train.checkpoint.adapters import DeepSpeedStateAdapter, TensorParallelAdapter, TPShard, tp_local_blocks
 from dist_train.checkpoint.hf import load_model_tensors
 from dist_train.checkpoint.manager import CheckpointManager
 from dist_train.checkpoint.rectangles import Rectangles, flat_range_pieces
@@ -134,8 +134,6 @@ class _Mesh:
 
 
 def test_tp_adapter_rejects_shards_that_are_not_ceil_sized():
-    from dist_train.checkpoint.adapters import TensorParallelAdapter, TPShard
-
     ok = TensorParallelAdapter(_Mesh(2, 1), {"output.weight": TPShard(dim=0, local=32, size=63)})
     assert ok._real_rows(ok.shards["output.weight"]) == 31  # rank 1 of 2 holds rows 32..62 (+1 padding row)
     with pytest.raises(ValueError, match=r"'output.weight'.*expected ceil\(63 / 4\) = 16"):
