@@ -216,3 +216,21 @@ def test_data_hash_into_a_directory_it_cannot_write_is_one_line_and_exit_2(tmp_p
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and f"cannot write {prefix}.doc_hashes (Permission denied)" in err, err
     assert not document_hashes_path(prefix).exists() and not list(tmp_path.glob(".*"))  # no temp file left
+
+
+def test_a_hash_file_this_user_cannot_read_is_not_used(tmp_path, monkeypatch):
+    """Another user's `data hash` under umask 077 leaves a file others cannot open (simulated: this test may run as
+    root): the check hashes the .bin instead of stopping with a traceback."""
+    train = _prepare(tmp_path, "train", DOCS[:10])
+    valid = _prepare(tmp_path, "valid", [DOCS[10], DOCS[3], DOCS[11], DOCS[7]])
+    with_files = _refusal(_cfg(tmp_path, train, valid))
+    real_open = Path.open
+
+    def unreadable(self, *a, **kw):
+        if self.suffix == ".doc_hashes":
+            raise PermissionError(13, "Permission denied", str(self))
+        return real_open(self, *a, **kw)
+    monkeypatch.setattr(Path, "open", unreadable)
+    assert dataset_document_hashes(train, read_index(train), read_sidecar(train))[1] == (
+        "computed: train.doc_hashes cannot be read (Permission denied)")
+    assert _refusal(_cfg(tmp_path, train, valid)) == with_files

@@ -77,9 +77,12 @@ def read_document_hashes(prefix: Prefix, documents: int, identity: Optional[str]
     path = document_hashes_path(prefix)
     if not path.is_file():
         return f"no {path.name}"
-    size = path.stat().st_size
-    with path.open("rb") as f:
-        head = f.read(_HEADER.size)
+    try:
+        size = path.stat().st_size
+        with path.open("rb") as f:
+            head = f.read(_HEADER.size)
+    except OSError as e:  # e.g. another user's file, written under umask 077: the .bin can still be hashed
+        return f"{path.name} cannot be read ({e.strerror or e})"
     if len(head) < _HEADER.size:
         return f"{path.name} is truncated"
     magic, version, _, count, recorded = _HEADER.unpack(head)
