@@ -367,7 +367,8 @@ def test_the_checkpoint_part_hands_out_its_stall_before_the_write_ends(tmp_path)
 #: what the dispatch benchmark writes on an H200 (a stand-in: these are not measured numbers)
 DISPATCH_RESULT = {"device": "cuda", "model": {"d_model": 64, "n_layers": 2, "seq_len": 64}, "iters": 50, "repeats": 5,
                    "precision": "bf16 autocast", "forward_ops": 169, "backward_ops": 190, "step_s": 0.005,
-                   "host_loop_s": 0.00495, "scaled_batch": 4, "scaled_step_s": 0.0052, "host_us_per_forward_op": 29.6, "host_us_per_dispatched_op": 13.9,
+                   "host_loop_s": 0.00495, "scaled_batch": 4, "scaled_step_s": 0.0052, "host_us_per_forward_op": 29.6,
+                   "host_us_per_dispatched_op": 13.9, "planner_ops": 152.0, "host_us_per_planner_op": 32.9,
                    "host_bound": True, "optimizer_tensors": 21, "optimizer_ops": 212, "optimizer_us_per_tensor": 60.0,
                    "optimizer_us_per_op": 5.9, "optimizer_host_bound": True, "planner_ops_per_layer": 48,
                    "planner_optimizer_ops_per_tensor": 14, "profile": "h200", "profile_field": "host_op_us",
@@ -639,6 +640,9 @@ def test_dispatch_benchmark_code_runs_on_cpu():
     assert res["forward_ops"] > 2 * 40 and res["backward_ops"] > res["forward_ops"] // 2
     assert res["host_us_per_forward_op"] == pytest.approx(res["step_s"] / res["forward_ops"] * 1e6)
     assert res["host_us_per_dispatched_op"] < res["host_us_per_forward_op"]
+    # the value for host_op_us: a step over the ops the planner counts for it (48 a layer, 26 + 30 outside)
+    assert res["planner_ops"] == 2 * 48 + 26 + 30
+    assert res["host_us_per_planner_op"] == pytest.approx(res["step_s"] / res["planner_ops"] * 1e6)
     assert res["scaled_batch"] == 4 and res["scaled_step_s"] > 0
     assert res["host_bound"] == (res["scaled_step_s"] < 2.0 * res["step_s"])
     assert res["optimizer_tensors"] == sum(1 for _ in GPT(ModelConfig(**TINY_GPT)).parameters())
@@ -669,7 +673,9 @@ def test_the_report_puts_the_measured_dispatch_beside_the_profile_s_assumption(t
     rep.write(report, tmp_path)
     md = (tmp_path / "gpu-report.md").read_text()
     assert "**29.6 us per forward op** with its backward (169 forward + 190 backward aten ops" in md
-    assert "planner: profile h200 assumes host_op_us = 20 us per forward op, measured / assumed = 1.48" in md
+    assert "(152 forward ops for this model's step, 48 a layer + the embedding, head and loss): **32.9 us per op**, " \
+           "the value for host_op_us" in md
+    assert "planner: profile h200 assumes host_op_us = 20 us per forward op, measured / assumed = 1.65" in md
     assert "60 us per parameter tensor" in md and "did not keep up" not in md
     report["benchmarks"]["dispatch"].update(host_bound=False, scaled_step_s=0.015, profile=None, profile_us=None)
     rep.write(report, tmp_path)

@@ -22,7 +22,8 @@ import time
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from dist_train.config import ModelConfig
+from dist_train.config import ModelConfig, config_from_dict
+from dist_train.cost.predict import predict
 from dist_train.cost.step_time import EAGER_OPS_PER_LAYER, OPTIMIZER_OPS_PER_TENSOR
 from dist_train.models.attention import AttentionContext
 from dist_train.models.gpt import GPT
@@ -121,6 +122,7 @@ def measure_dispatch(device: torch.device, iters: int = 50, repeats: int = 5) ->
         "forward_ops": fwd.ops, "backward_ops": bwd.ops, "step_s": total / iters, "host_loop_s": host / iters,
         "host_us_per_forward_op": total / iters / fwd.ops * 1e6,
         "host_us_per_dispatched_op": total / iters / (fwd.ops + bwd.ops) * 1e6,
+        "planner_ops": (planned := planner_step_ops()), "host_us_per_planner_op": total / iters / planned * 1e6,
         "scaled_batch": SCALED_BATCH, "scaled_step_s": scaled_total / iters,
         "host_bound": scaled_total < HOST_BOUND_RATIO * total,
         "optimizer_tensors": tensors, "optimizer_ops": optc.ops,
@@ -131,6 +133,16 @@ def measure_dispatch(device: torch.device, iters: int = 50, repeats: int = 5) ->
     }
     res.update(profile_assumption(device))
     return res
+
+
+def planner_step_ops() -> float:
+    """The eager forward ops the planner counts for one step of :data:`TINY_GPT` (one micro-batch of :data:`SEQ_LEN`
+    tokens on one GPU: ``predict(...).host["ops"]``, its layers' ``EAGER_OPS_PER_LAYER`` + ``outer_ops``). A step's
+    time ÷ these is what ``host_op_us`` stands for, so the planner predicts the measured step exactly; the aten count
+    (``forward_ops``, larger under autocast's casts) is not the planner's unit."""
+    cfg = config_from_dict({"model": TINY_GPT, "data": {"source": "synthetic", "seq_len": SEQ_LEN},
+                            "train": {"global_batch": 1, "micro_batch": 1, "precision": "bf16"}})
+    return predict(cfg, builtin_profiles()["h100"]).host["ops"]
 
 
 def profile_assumption(device: torch.device) -> dict:

@@ -113,12 +113,16 @@ def _dispatch_lines(res: dict) -> list[str]:
              f"{res['precision']}, on {res['device']}; {res['iters']} forward+backward x {res['repeats']} runs, "
              f"synchronised by the check at each run's end): **{_fmt(res['host_us_per_forward_op'])} us per forward op** with its "
              f"backward ({res['forward_ops']} forward + {res['backward_ops']} backward aten ops, "
-             f"{_fmt(res['host_us_per_dispatched_op'])} us per dispatched op)", ""]
+             f"{_fmt(res['host_us_per_dispatched_op'])} us per dispatched op)", "",
+             f"per the planner's op count ({_fmt(res['planner_ops'])} forward ops for this model's step, "
+             f"{res['planner_ops_per_layer']} a layer + the embedding, head and loss): "
+             f"**{_fmt(res['host_us_per_planner_op'])} us per op**"
+             + ("" if res.get("smoke") else ", the value for host_op_us"), ""]
     assumed = res.get("profile_us")
     if res.get("profile") is None:
         lines += ["planner: no built-in profile matches this device's name", ""]
     else:
-        ratio = f", measured / assumed = {_fmt(res['host_us_per_forward_op'] / assumed)}" if assumed else ""
+        ratio = f", measured / assumed = {_fmt(res['host_us_per_planner_op'] / assumed)}" if assumed else ""
         lines += [f"planner: profile {res['profile']} assumes {res['profile_field']} = {_fmt(assumed)} us per forward "
                   f"op{ratio}", ""]
     if not res["host_bound"] and not res.get("smoke"):  # on CPU the ops run on the host: no device to keep up
