@@ -116,13 +116,14 @@ def measure_dispatch(device: torch.device, iters: int = 50, repeats: int = 5) ->
     _, scaled_total = _median_run(_timed_runs(lambda: step(scaled), device, iters, repeats))
     opt_host, opt_total = _median_run(_timed_runs(opt.step, device, max(1, iters // 5), repeats))
     opt_steps = max(1, iters // 5)
+    planned = planner_step_ops()
     res = {
         "device": str(device), "model": dict(TINY_GPT, seq_len=SEQ_LEN), "iters": iters, "repeats": repeats,
         "precision": "bf16 autocast" if device.type == "cuda" else "fp32",
         "forward_ops": fwd.ops, "backward_ops": bwd.ops, "step_s": total / iters, "host_loop_s": host / iters,
         "host_us_per_forward_op": total / iters / fwd.ops * 1e6,
         "host_us_per_dispatched_op": total / iters / (fwd.ops + bwd.ops) * 1e6,
-        "planner_ops": (planned := planner_step_ops()), "host_us_per_planner_op": total / iters / planned * 1e6,
+        "planner_ops": planned, "host_us_per_planner_op": total / iters / planned * 1e6,
         "scaled_batch": SCALED_BATCH, "scaled_step_s": scaled_total / iters,
         "host_bound": scaled_total < HOST_BOUND_RATIO * total,
         "optimizer_tensors": tensors, "optimizer_ops": optc.ops,
