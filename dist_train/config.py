@@ -865,6 +865,26 @@ def deepspeed_generated(cfg: Config) -> dict[str, tuple[str, Any]]:
             "gradient_clipping": ("train.grad_clip", float(t.grad_clip or 0.0))}
 
 
+def nvme_optimizer_offload(cfg: Config) -> bool:
+    """True when DeepSpeed offloads the optimizer state to NVMe (``parallel.deepspeed.zero_optimization.
+    offload_optimizer.device = nvme``): it swaps the state out, where the ZeRO checkpoint adapter, which reads and
+    fills the partitions in place, cannot reach it (checkpoint/adapters.py ``DeepSpeedStateAdapter``)."""
+    zero = (cfg.parallel.deepspeed or {}).get("zero_optimization") if cfg.parallel.zero_stage is not None else None
+    offload = zero.get("offload_optimizer") if isinstance(zero, dict) else None
+    return isinstance(offload, dict) and offload.get("device") == "nvme"
+
+
+def checkpoint_blocker(cfg: Config) -> Optional[str]:
+    """Why this run can write no checkpoint at all, as one clause naming the key and what would make the run
+    resumable (None: it can). Validation accepts such a run only when it never saves on its own; the one save left
+    is a preemption's, which the trainer skips for it rather than start a save (collective) known to fail."""
+    if nvme_optimizer_offload(cfg):
+        return ("parallel.deepspeed.zero_optimization.offload_optimizer.device = nvme swaps the optimizer state out, "
+                "where a checkpoint cannot read it (to make the run resumable: device cpu or none, and "
+                "checkpoint.every > 0)")
+    return None
+
+
 def _validate_deepspeed_keys(cfg: Config) -> None:
     """``parallel.deepspeed`` is merged over the DeepSpeed config generated from dist-train's own fields: a key
     there that differs would silently override them (the run would do other than its config, and every
@@ -893,10 +913,8 @@ def _validate_deepspeed_keys(cfg: Config) -> None:
                 raise ConfigError(f"parallel.deepspeed.zero_optimization.{key} with parallel.zero_stage = {p.zero_stage}: "
                                   f"only ZeRO stage {stages} reads it and DeepSpeed would silently ignore it; set "
                                   f"parallel.zero_stage: {lowest if lowest == 3 else '1, 2 or 3'} or remove it")
-        offload, ck = zero.get("offload_optimizer"), cfg.checkpoint
-        if isinstance(offload, dict) and offload.get("device") == "nvme" and (ck.every or ck.at_end or
-                                                                             ck.resume != "none" or
-                                                                             cfg.train.exit_interval):
+        ck = cfg.checkpoint
+        if nvme_optimizer_offload(cfg) and (ck.every or ck.at_end or ck.resume != "none" or cfg.train.exit_interval):
             # checkpoint/adapters.py DeepSpeedStateAdapter: saves and loads read and fill the partitions in place
             raise ConfigError("parallel.deepspeed.zero_optimization.offload_optimizer.device = nvme with checkpoints: "
                               "dist-train saves and loads the optimizer state in place, which NVMe offload swaps out; "

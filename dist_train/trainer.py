@@ -27,7 +27,7 @@ from .checkpoint import compat
 from .checkpoint.manager import checkpoint_root, trained_tokenizer
 from .checkpoint.manifest import step_dir_name
 from .checkpoint.storage import CheckpointError
-from .config import Config, check_world_size, save_config
+from .config import Config, check_world_size, checkpoint_blocker, save_config
 from .cost.flops import (FLOP_CONVENTION, Throughput, attention_flops_per_key, document_keys, model_params,
                          train_flops_per_token)
 from .cost.layout import stages_of_rank
@@ -267,6 +267,8 @@ def _train(cfg: Config, ctx: DistContext) -> TrainResult:
     result = TrainResult(start_step=start_step)
     lifecycle = Lifecycle(run_dir, ctx.rank, watchdog_s=cfg.launch.watchdog_s,
                           collective_timeout_s=cfg.launch.collective_timeout_s)
+    # the same on every rank (config only): a stop skips a save known to fail instead of starting one
+    unsavable = checkpoint_blocker(cfg)
 
     def save_state(step_done: int, force: bool) -> bool:
         """Save (``force``) or save when checkpoint.every says so; True when a checkpoint was committed (or, async,
@@ -368,7 +370,12 @@ def _train(cfg: Config, ctx: DistContext) -> TrainResult:
             lifecycle.heartbeat(step + 1)
             saved = save_state(step + 1, force=False)
             stop = _stop_reason(t, step + 1, start_step, lifecycle)
-            if stop:
+            if stop == "preempted" and unsavable:  # (validation refuses its other saves); rank 0 says it, once
+                result.exit_code = EXIT_PREEMPTED
+                stop_line = (log.warning if ctx.is_main else log.info,
+                             f"preempted (signal {lifecycle.signalled}): no checkpoint written after step {step + 1}: "
+                             f"{unsavable}; a restart starts from scratch, exiting with status {EXIT_PREEMPTED}")
+            elif stop:
                 saved = save_state(step + 1, force=True) or saved
                 with lifecycle.busy("checkpoint"):
                     ckpt.wait()  # the process exits next: say "saved" only of a committed checkpoint
@@ -462,7 +469,8 @@ def _train(cfg: Config, ctx: DistContext) -> TrainResult:
         (run_dir / "summary.json").write_text(json.dumps(result.summary, indent=2))
         s = result.summary
         if s["first_loss"] is not None:  # a preempted or time-sliced run is not done: its line must not say so
-            ended = ("preempted, resumable" if result.exit_code == EXIT_PREEMPTED
+            ended = ("preempted, no checkpoint to resume from" if result.exit_code == EXIT_PREEMPTED and unsavable
+                     else "preempted, resumable" if result.exit_code == EXIT_PREEMPTED
                      else f"stopped with exit status {result.exit_code}" if result.exit_code
                      else "done" if s["steps"] == t.steps
                      else f"stopped at train.exit_interval = {t.exit_interval} (step {s['steps']} of {t.steps}), "

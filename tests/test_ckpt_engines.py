@@ -13,18 +13,21 @@ process (as a new job would).
 from __future__ import annotations
 
 import json
+import signal
 
 import pytest
 import torch
 import torch.distributed.checkpoint as dcp
 
+from dist_train import trainer as trainer_module
 from dist_train.bench.attention import peak_tensor_bytes
 from dist_train.checkpoint import manifest as mf
 from dist_train.checkpoint.adapters import DeepSpeedStateAdapter, TensorParallelAdapter, TPShard, tp_local_blocks
 from dist_train.checkpoint.hf import load_model_tensors
 from dist_train.checkpoint.manager import CheckpointManager
 from dist_train.checkpoint.rectangles import Rectangles, flat_range_pieces
-from dist_train.config import ConfigError
+from dist_train.config import ConfigError, checkpoint_blocker
+from dist_train.lifecycle import EXIT_PREEMPTED, FAULT_ENV
 from dist_train.models.tensor_parallel import shard_of
 from dist_train.trainer import train
 from tests.dist_harness import run_ranks
@@ -324,6 +327,52 @@ def test_an_nvme_optimizer_offload_with_checkpoints_is_refused_before_the_run(tm
     tiny_gpt_config(tmp_path, parallel={"dp": 2, "zero_stage": 3, "deepspeed": nvme},
                     checkpoint=off)  # no checkpoint: accepted
 
+
+
+def _nvme_config(tmp_path, **sections):
+    nvme = {"zero_optimization": {"offload_optimizer": {"device": "nvme", "nvme_path": str(tmp_path)}}}
+    return tiny_gpt_config(tmp_path / "run", parallel={"dp": 2, "zero_stage": 3, "deepspeed": nvme},
+                           checkpoint={"every": 0, "at_end": False, "resume": "none"}, **sections)
+
+
+def test_only_an_nvme_optimizer_offload_blocks_every_checkpoint_and_the_reason_says_what_would_resume(tmp_path):
+    """The trainer's decision to skip a preemption's save: from the config alone (the same on every rank)."""
+    reason = checkpoint_blocker(_nvme_config(tmp_path))
+    assert reason and "offload_optimizer.device = nvme" in reason and "device cpu" in reason, reason
+    assert "checkpoint.every" in reason and "\n" not in reason
+    cpu = {"zero_optimization": {"offload_optimizer": {"device": "cpu"}}}
+    assert checkpoint_blocker(tiny_gpt_config(tmp_path, parallel={"dp": 2, "zero_stage": 3, "deepspeed": cpu})) is None
+    assert checkpoint_blocker(tiny_gpt_config(tmp_path, parallel={"dp": 2, "zero_stage": 3})) is None
+    assert checkpoint_blocker(tiny_gpt_config(tmp_path)) is None
+
+
+def test_a_preempted_nvme_offload_run_exits_75_with_one_line_and_starts_no_save(tmp_path, monkeypatch, capsys):
+    """SIGTERM in a run whose optimizer is offloaded to NVMe (no checkpoints, as validation demands): the forced save
+    would raise the ZeRO adapter's refusal as a traceback on every rank and leave a partial directory. It is not
+    started: rank 0 says why in one line and the run exits with the preempted status.
+
+    NVMe offload does not run here (DeepSpeed's async_io needs libaio, absent on this CPU machine), so a plain tiny
+    GPT runs with the NVMe config's decision, and the adapter's refusal is simulated by any save raising it."""
+    reason = checkpoint_blocker(_nvme_config(tmp_path))
+    monkeypatch.setattr(trainer_module, "checkpoint_blocker", lambda cfg: reason)
+
+    def refuse(self, *args, **kwargs):  # what DeepSpeedStateAdapter.get raises with swap_optimizer
+        raise ValueError("checkpoints of a ZeRO-3 run with offload_optimizer.device = nvme are not supported")
+
+    monkeypatch.setattr(CheckpointManager, "_collect", refuse)
+    monkeypatch.setenv(FAULT_ENV, "rank=0,step=2,signal=TERM")
+    cfg = tiny_gpt_config(tmp_path / "run", steps=5, checkpoint={"every": 0, "at_end": False, "resume": "none"})
+    result = train(cfg)
+    assert result.exit_code == EXIT_PREEMPTED and len(result.losses) == 2
+    out = capsys.readouterr()
+    text = out.out + out.err
+    line = (f"preempted (signal {int(signal.SIGTERM)}): no checkpoint written after step 2: {reason}; a restart "
+            f"starts from scratch, exiting with status {EXIT_PREEMPTED}")
+    assert text.count(line) == 1 and "Traceback" not in text and "checkpoint saved" not in text, text
+    assert "preempted, no checkpoint to resume from: loss" in text and "preempted, resumable" not in text, text
+    checkpoints = tmp_path / "run" / "checkpoints"
+    assert [p.name for p in checkpoints.iterdir()] == ["checkpoints.lock"]  # the run's own lock: no step dir
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["exit_code"] == EXIT_PREEMPTED
 
 def _zero_checkpoint_peaks(rank: int, world: int, root: str) -> dict:
     """ZeRO-2 and ZeRO-3 at dp 2 (DeepSpeed, fp32, CPU), after one step: the live-tensor peaks of a synchronous
