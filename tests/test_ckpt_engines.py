@@ -13,7 +13,9 @@ process (as a new job would).
 from __future__ import annotations
 
 import json
+import os
 import signal
+from pathlib import Path
 
 import pytest
 import torch
@@ -373,6 +375,31 @@ def test_a_preempted_nvme_offload_run_exits_75_with_one_line_and_starts_no_save(
     checkpoints = tmp_path / "run" / "checkpoints"
     assert [p.name for p in checkpoints.iterdir()] == ["checkpoints.lock"]  # the run's own lock: no step dir
     assert json.loads((tmp_path / "run" / "summary.json").read_text())["exit_code"] == EXIT_PREEMPTED
+
+
+def _preempted_nvme_ranks(rank: int, world: int, root: str) -> dict:
+    """One rank of a ZeRO-3 dp-2 run preempted by a SIGTERM to rank 1 only, with the NVMe config's decision and
+    the adapter's refusal simulated as in the test above (NVMe offload does not run on this machine)."""
+    reason = checkpoint_blocker(_nvme_config(Path(root)))
+    trainer_module.checkpoint_blocker = lambda cfg: reason
+
+    def refuse(self, *args, **kwargs):
+        raise ValueError("checkpoints of a ZeRO-3 run with offload_optimizer.device = nvme are not supported")
+
+    CheckpointManager._collect = refuse
+    os.environ[FAULT_ENV] = "rank=1,step=2,signal=TERM"
+    result = train(tiny_gpt_config(f"{root}/run", steps=5, parallel={"dp": 2, "zero_stage": 3},
+                                   checkpoint={"every": 0, "at_end": False, "resume": "none"}))
+    return {"exit_code": result.exit_code, "steps": len(result.losses)}
+
+
+@pytest.mark.slow  # ~6 s: two ranks building DeepSpeed ZeRO-3 engines
+def test_every_rank_of_a_preempted_nvme_offload_run_stops_at_the_same_step_and_exits_75(tmp_path):
+    """Only rank 1 is signalled: both agree to stop after step 2, neither starts a save (a rank that did would wait
+    in its collectives for the other: a hang), and both exit with the preempted status."""
+    for r in run_ranks(_preempted_nvme_ranks, 2, args=(str(tmp_path),), timeout=120):
+        assert r == {"exit_code": EXIT_PREEMPTED, "steps": 2}, r
+    assert [p.name for p in (tmp_path / "run" / "checkpoints").iterdir()] == ["checkpoints.lock"]
 
 def _zero_checkpoint_peaks(rank: int, world: int, root: str) -> dict:
     """ZeRO-2 and ZeRO-3 at dp 2 (DeepSpeed, fp32, CPU), after one step: the live-tensor peaks of a synchronous
