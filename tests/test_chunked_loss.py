@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from dist_train.config import ConfigError, resolve_loss_chunk
 from dist_train.models.chunked_loss import chunked_cross_entropy
@@ -48,6 +49,30 @@ def test_chunked_equals_full_loss_fp64(chunk):
     assert (hc.grad - ref_dh).abs().max().item() < TOL
     assert (wc.grad - ref_dw).abs().max().item() < TOL
     assert hc.grad[::4].abs().max().item() == 0.0  # ignored tokens get no gradient
+
+
+class _AtenOps(TorchDispatchMode):
+    """The aten ops dispatched while active (their packet names)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.names: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.append(func.overloadpacket.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+def test_chunked_loss_forms_its_gradient_with_no_op_whose_output_size_depends_on_the_data():
+    """On a GPU an op like nonzero or boolean indexing waits for the device (its output size is data): one such op
+    per chunk made the host and device take turns through the loss. The gradient is formed by a scatter instead;
+    the values stay those of the float64 reference (test_chunked_equals_full_loss_fp64)."""
+    h, w, labels = _problem()
+    hc, wc = h.clone().requires_grad_(), w.clone().requires_grad_()
+    with _AtenOps() as ops:
+        chunked_cross_entropy(hc, wc, labels, 8, ignore_index=IGNORE_INDEX)
+    synchronizing = {"nonzero", "masked_select", "item", "_local_scalar_dense"} & set(ops.names)
+    assert "scatter_add_" in ops.names and not synchronizing, synchronizing
 
 
 def test_chunked_loss_without_grad_and_all_ignored():

@@ -688,9 +688,9 @@ def test_the_report_puts_the_measured_dispatch_beside_the_profile_s_assumption(t
 
 
 def test_a_dispatch_run_whose_time_grows_with_the_device_s_work_is_not_host_bound(monkeypatch):
-    """host_bound is decided by the device's work, not by the host's loop against the synchronised end: the GPT's
-    chunked loss synchronises every forward (nonzero), so on a GPU the loop ends with the device whether or not it kept
-    up. The CPU runs every kernel synchronously, the limit of that: a GPT whose kernels dominate its dispatch (d 512,
+    """host_bound is decided by the device's work, not by the host's loop against the synchronised end: one
+    synchronising op per step (the chunked loss's nonzero until 2026-11-30) makes the loop end with the device
+    whether or not it kept up. The CPU runs every kernel synchronously, the limit of that: a GPT whose kernels dominate its dispatch (d 512,
     S 256) is device-bound, and its 4-sample steps take ~4x as long; the tiny one's barely longer."""
     monkeypatch.setattr(dispatch, "TINY_GPT", dict(TINY_GPT, d_model=512, n_heads=8, n_kv_heads=4, ffn_hidden=2048))
     monkeypatch.setattr(dispatch, "SEQ_LEN", 256)

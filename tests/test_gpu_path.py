@@ -121,6 +121,13 @@ def test_chunked_cross_entropy_on_cuda_equals_the_full_loss(dtype, tol, record_p
     assert abs(loss.item() - ref.item()) <= tol * abs(ref.item())
     assert max_rel_err(dh, ref_dh) <= tol and max_rel_err(dw, ref_dw) <= tol
     assert dh[::7].abs().max().item() == 0.0
+    if DEV == "cuda":  # no device sync inside the loss: the host runs ahead through every chunk
+        torch.cuda.synchronize()  # (set_sync_debug_mode "error" raises on a synchronizing call such as nonzero)
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            chunked_cross_entropy(h, w, labels, 96, ignore_index=-100)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
 
 
 #: bytes per layer the CUDA attention may save beyond the model's q, k, v, output and logsumexp: flash attention's

@@ -4,14 +4,14 @@
 
 A tiny GPT (d 64, 2 layers) runs forward + backward over and over: its kernels are far shorter than their launches,
 so the device waits for the host and the wall time of a run of steps, CUDA-synchronised by the check only at its end
-(and, as in training, by the chunked loss once a step), is the host's dispatch time (Python, autograd, the ATen dispatcher, ``cudaLaunchKernel``). It is divided by the forward's
+(the step itself has no synchronising op: tests/test_chunked_loss.py guards the loss), is the host's dispatch time (Python, autograd, the ATen dispatcher, ``cudaLaunchKernel``). It is divided by the forward's
 aten ops (non-view, counted with a :class:`OpCounter` the way docs/planner.md counts the eager layer's ops): µs per
 forward op with its backward, the unit of the planner's ``host_op_us`` (whose op counts,
 ``step_time.EAGER_OPS_PER_LAYER`` and ``step_time.outer_ops`` for the embedding, head and loss, are forward ops too).
 ``host_bound`` says whether the host set the pace: the same steps on :data:`SCALED_BATCH` samples (the same ops, that
 many times the device's work) took less than :data:`HOST_BOUND_RATIO` times as long. (Not the host's loop against
-the synchronised end: the GPT's chunked loss synchronises every forward, ``nonzero``, so the host's loop ends with
-the device's whether or not the device kept up.) The optimizer (torch AdamW ``foreach=False``, the trainer's) is timed the same way: µs per parameter tensor, beside the
+the synchronised end: one synchronising op in a step, as the chunked loss's ``nonzero`` was until 2026-11-30, makes
+the host's loop end with the device's whether or not the device kept up.) The optimizer (torch AdamW ``foreach=False``, the trainer's) is timed the same way: µs per parameter tensor, beside the
 planner's 14 ops per tensor. On CPU the same code runs as a smoke: the ops run on the host, so the number is the
 CPU's serial per-op cost (``op_overhead_us``'s regime), not a GPU dispatch.
 """

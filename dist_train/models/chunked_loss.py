@@ -84,8 +84,9 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
             if need_grad:
                 # dL/dlogits = softmax - onehot(target), zero on ignored tokens; formed in place of the logits
                 probs = logits.sub_(lse[:, None]).exp_()
-                rows = mine.nonzero().squeeze(1)
-                probs[rows, idx[rows]] -= 1.0
+                # scatter, not probs[mine.nonzero(), ...]: nonzero waits for the GPU once per chunk. Rows that are
+                # not this rank's target add 0.0 to column 0 (probs >= 0: unchanged bit for bit)
+                probs.scatter_add_(1, idx[:, None], mine[:, None].to(acc).neg_())
                 probs.mul_(valid[:, None].to(acc))
                 g = probs.to(h.dtype)
                 grad_h[s:s + chunk] = g @ weight
