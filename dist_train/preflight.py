@@ -21,8 +21,8 @@ from parallelism.context.kernels import get_kernel
 
 from .checkpoint import compat
 from .checkpoint import manifest as mf
+from .checkpoint.bridge import model_shapes
 from .checkpoint.foreign import describe_foreign_tree
-from .checkpoint.hf import expected_shapes
 from .checkpoint.manager import (checkpoint_extra, checkpoint_root, consumed_samples, effective_resume,
                                  newer_checkpoints_message, occupied_message, resume_candidates, trained_digest,
                                  trained_tokenizer)
@@ -324,15 +324,18 @@ def _training_identity(cfg: Config) -> tuple[Optional[str], Optional[str]]:
 
 
 def check_model_shapes(cfg: Config, ckpt: Path, manifest: dict) -> None:
-    """A GPT checkpoint whose saved config records a model must hold the tensors (names and shapes) this config
-    builds: a checkpoint of another size cannot be loaded, whatever ``checkpoint.allow_config_change`` lists (the
-    ranks' own check would refuse it, after every rank started). ``manifest``: its verified manifest body."""
+    """A checkpoint (GPT or Swin) whose saved config records a model of this kind must hold the tensors (names and
+    shapes) this config builds: a checkpoint of another size cannot be loaded, whatever
+    ``checkpoint.allow_config_change`` lists (the ranks' own check would refuse it, after every rank started).
+    Both sides are the tp=1 single-tile model's tensors (``bridge.model_shapes``: the GPT's from its config, the
+    Swin's from a meta-device build), the layout-independent checkpoint format, so a change of dp/tp/pp/cp/wp
+    passes. ``manifest``: its verified manifest body."""
     saved_model = (manifest.get("config") or {}).get("model")
-    if cfg.model.kind != "gpt" or not isinstance(saved_model, Mapping) or saved_model.get("kind", "gpt") != "gpt":
-        return
+    if not isinstance(saved_model, Mapping) or saved_model.get("kind", "gpt") != cfg.model.kind:
+        return  # a change of model.kind is compat.check_config's refusal
     saved = {k[len("model."):]: list(v["shape"]) for k, v in (manifest.get("tensors") or {}).items()
              if k.startswith("model.")}
-    want = {k: list(v) for k, v in expected_shapes(cfg.model).items()}
+    want = {k: list(v) for k, v in model_shapes(cfg).items()}
     if saved == want:
         return
     changed = [f"{k} {old!r} -> {new!r}" for k, old, new in

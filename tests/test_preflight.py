@@ -19,8 +19,9 @@ from dist_train.data.prepare import prepare_indexed
 from dist_train.data.sidecar import sidecar_path
 from dist_train.engines import cpu_autocast_refusal
 from dist_train.models.gpt import GPT
+from dist_train.models.swin import build_swin
 from dist_train.preflight import check_data, check_model_fits, preflight
-from tests.trainer_utils import run_cli, tiny_gpt_config
+from tests.trainer_utils import run_cli, tiny_gpt_config, tiny_swin_config
 
 
 @pytest.fixture(scope="module")
@@ -449,3 +450,35 @@ def test_a_resume_into_a_model_of_another_size_is_refused_before_any_rank_whatev
              "model.n_layers 1 -> 2", "9 tensor(s) in only one of them, e.g. layers.1.", "in another run.dir")
     _refused(_cfg(tmp_path, dataset, model=wider, checkpoint={"resume": str(tmp_path / "ck" / "step_1")}),
              "model.d_model 32 -> 64", "or start this model from scratch (checkpoint.resume: none)")
+
+
+def _swin(tmp_path: Path, model=None, parallel=None, **checkpoint):
+    return tiny_swin_config(tmp_path / "run", tmp_path / "weather", model={"n_layers": 4, **(model or {})},
+                            parallel=parallel or {}, checkpoint={"dir": str(tmp_path / "ck"), **checkpoint})
+
+
+def test_a_swin_resume_into_another_size_is_refused_before_any_rank_and_into_another_layout_passes(tmp_path, capsys):
+    saved = _swin(tmp_path)  # the manifest's tensor table is the tp=1 single-tile Swin's, whatever the layout
+    mgr = CheckpointManager(saved.checkpoint, run_dir=tmp_path / "run", config=saved.to_dict())
+    mgr.save(1, build_swin(saved.model, wp_group=None, grid=(1, 1)), extra={"step": 1, "consumed_samples": 0})
+    mgr.close()
+    for layout in ({}, {"wp": [1, 2]}, {"wp": [2, 1]}, {"tp": 2}, {"tp": 2, "wp": [1, 2]}, {"pp": 2}):
+        preflight(_swin(tmp_path, parallel=layout), on_cuda=False)
+    for model, needles in [
+            ({"d_model": 32}, ("model.d_model 16 -> 32", "tensor(s) of other shapes, e.g. ",
+                               "saved [32, 16], now [32, 32]")),
+            ({"n_layers": 6}, ("model.n_layers 4 -> 6", "tensor(s) in only one of them, e.g. blocks.4.")),
+            ({"window": 2}, ("model.window 4 -> 2", "saved [2, 7, 7], now [2, 3, 3]")),  # the relative position bias
+            ({"patch_size": 2}, ("model.patch_size 1 -> 2", "embed.weight saved [16, 2], now [16, 8]"))]:
+        _refused(_swin(tmp_path, model=model, allow_config_change=[f"model.{k}" for k in model]),
+                 "holds a model of another size than this config's: ", *needles,
+                 "whatever checkpoint.allow_config_change lists", "another run.dir")
+    # the command a user types: exit 2, one line, no rank started (no run directory)
+    args = ["launch", "configs/swin_weather.yaml", "--backend", "local", "--set", f"run.dir={tmp_path / 'run'}",
+            "--set", f"data.path={tmp_path / 'weather'}", "--set", f"checkpoint.dir={tmp_path / 'ck'}",
+            "--set", "model.in_channels=2", "--set", "model.out_channels=2", "--set", "data.channels=2",
+            "--set", "model.window=4", "--set", "model.n_layers=4", "--set", "model.ffn_hidden=32"]
+    assert main(args) == 2  # model.d_model is the yaml's 32, the checkpoint's 16
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and "model.d_model 16 -> 32" in lines[0], lines
+    assert not (tmp_path / "run").exists()
