@@ -235,6 +235,7 @@ _HELP = {
     "plan": "predict memory and speed per layout and rank the layouts",
     "scale": "run a scaling sweep and report efficiency with plots",
     "plot": "plot loss and validation loss (and tokens/s, MFU, memory) of runs against step and tokens",
+    "eval": "evaluate a checkpoint on held-out data (validation loss, perplexity) without training",
 }
 _COMMANDS: dict[str, Callable] = {
     "launch": _module_command("launchers.arguments", "add_launch_arguments", "launchers.cli:launch_main"),
@@ -246,6 +247,7 @@ _COMMANDS: dict[str, Callable] = {
     "plan": _module_command("dist_train.plan.cli", "add_plan_arguments", "dist_train.plan.cli:plan_main"),
     "scale": _module_command("dist_train.plan.cli", "add_scale_arguments", "dist_train.plan.cli:scale_main"),
     "plot": _module_command("dist_train.plot", "add_arguments", "dist_train.plot:run"),
+    "eval": _module_command("dist_train.eval_arguments", "add_arguments", "launchers.evaluate:eval_main"),
 }
 
 

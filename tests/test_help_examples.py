@@ -21,6 +21,7 @@ import pytest
 from dist_train.bench.cli import train as bench_train
 from dist_train.cli import _COMMANDS, ArgumentParser, _F, build_parser
 from dist_train.config import load_config
+from dist_train.eval_arguments import eval_overrides
 from dist_train.plan.cli import _plan_config
 from dist_train.plan.sweep import expand, load_sweep, point_config
 from launchers.cli import resolve_launch, submit_main
@@ -113,6 +114,8 @@ def _check_config_of(args: argparse.Namespace, argv: list[str], capsys) -> None:
         bench_train.check(args)  # run and baseline configs, rank and step counts, --repeats, --png, threads
     elif argv[:2] == ["bench", "launch"]:
         load_config(args.config, args.set or [])
+    elif command == "eval":  # the config as its ranks load it (--data and --batches are overrides)
+        load_config(args.config, eval_overrides(args.set or [], args.data, args.batches))
 
 
 @pytest.mark.parametrize("where, command", EXAMPLES,

@@ -1,0 +1,61 @@
+"""One rank of ``dist-train eval``: the validation loss of a checkpoint's weights, without training.
+
+    result = evaluate_checkpoint(cfg, Path("runs/x/checkpoints/step_30"), ctx)   # every rank, collective
+    # {"loss": 5.42, "perplexity": 226.1, "count": 8160.0, "step": 30, ...}  (the same on every rank)
+
+The pieces are the trainer's: its model, engine (layout) and validation batcher, the checkpoint manager's ``load``
+(weights only: no optimizer is given, so none is read) and :class:`dist_train.evaluation.Evaluator` over the same
+batches a training evaluation reads. The loss therefore equals the ``valid_loss`` the trainer logged at the
+checkpoint's step under the same config (the weights it evaluated are the ones it saved), on any layout.
+
+Read-only: no run-dir lock, no log file, tracker or config written under ``run.dir``; the checkpoint is only read.
+"""
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+
+from .checkpoint import CheckpointManager
+from .config import Config
+from .data.image_batches import NORMALISATION_KEY, WeatherBatcher, same_normalisation_data
+from .distributed import DistContext
+from .engines import autocast_dtype, build_engine
+from .evaluation import Evaluator
+from .mesh import build_mesh
+from .trainer import build_batcher, build_model, layout_dict
+
+
+def evaluate_checkpoint(cfg: Config, ckpt: Path, ctx: DistContext) -> dict:
+    """Load ``ckpt``'s weights into ``cfg``'s model under ``cfg.parallel`` and evaluate ``cfg.train.eval_steps``
+    held-out batches -> the result dict (the same on every rank). Collective over every rank."""
+    started = time.perf_counter()
+    mesh = build_mesh(cfg.parallel, ctx.world_size, ctx.device.type)
+    model = build_model(cfg, mesh, ctx.device)
+    engine = build_engine(cfg, model, mesh, autocast_dtype(cfg, ctx.device))
+    # only the model section is compared with the checkpoint's: data, training and layout keys may differ (another
+    # held-out set, another layout), the model may not
+    manager = CheckpointManager(cfg.checkpoint, run_dir=cfg.run.dir, config={"model": cfg.to_dict()["model"]},
+                                layout=layout_dict(cfg, ctx.world_size), rank=ctx.rank, world_size=ctx.world_size,
+                                **engine.checkpoint_kwargs())
+    extra = manager.load(ckpt, engine.module, optimizer=None, scheduler=None, verify=True)
+    train_batcher = None
+    if cfg.model.kind == "swin":  # validation inputs are normalised as the model was trained (the checkpoint's)
+        train_batcher = build_batcher(cfg, mesh, model)
+        if isinstance(train_batcher, WeatherBatcher):
+            train_batcher.resume_normalisation(extra.get(NORMALISATION_KEY),
+                                               same_normalisation_data(manager.saved_config, cfg.to_dict()))
+    evaluator = Evaluator(cfg, mesh, build_batcher(cfg, mesh, model, part="valid", train_batcher=train_batcher))
+    loss, count = evaluator.run(engine)
+    t = cfg.train
+    return {
+        "checkpoint": str(ckpt), "step": int(extra["step"]), "loss": loss,
+        # GPT: exp of the mean next-token cross-entropy; swin's loss is an MSE, which has no perplexity
+        "perplexity": (math.exp(loss) if loss < 700 else math.inf) if cfg.model.kind == "gpt" else None,
+        "count": count, "count_unit": "tokens" if cfg.model.kind == "gpt" else "values",
+        "batches": t.eval_steps, "samples": t.eval_steps * t.global_batch,
+        "data": cfg.data.valid_path or (f"{cfg.data.path} (data.split {cfg.data.split!r}, validation share)"
+                                        if cfg.data.source == "indexed" else f"{cfg.data.source} (held-out)"),
+        "world_size": ctx.world_size, "layout": layout_dict(cfg, ctx.world_size),
+        "time_s": time.perf_counter() - started,
+    }
