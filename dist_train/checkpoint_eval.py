@@ -38,7 +38,7 @@ def evaluate_checkpoint(cfg: Config, ckpt: Path, ctx: DistContext) -> dict:
     manager = CheckpointManager(cfg.checkpoint, run_dir=cfg.run.dir, config={"model": cfg.to_dict()["model"]},
                                 layout=layout_dict(cfg, ctx.world_size), rank=ctx.rank, world_size=ctx.world_size,
                                 **engine.checkpoint_kwargs())
-    extra = manager.load(ckpt, engine.module, optimizer=None, scheduler=None, verify=True)
+    extra = manager.load(ckpt, engine.module, optimizer=None, scheduler=None, verify=True, with_rng=False)
     train_batcher = None
     if cfg.model.kind == "swin":  # validation inputs are normalised as the model was trained (the checkpoint's)
         train_batcher = build_batcher(cfg, mesh, model)

@@ -1,7 +1,7 @@
 """``dist-train eval``: a checkpoint's validation loss without training.
 
 The loss equals the ``valid_loss`` the trainer logged at the checkpoint's step: bit for bit on the trained layout
-(same weights, same batches, same reduction), within 1e-5 under dp2 / cp2 / tp2 on 2 ranks (the validation
+(same weights, same batches, same reduction), within 1e-5 under dp2 / cp2 / tp2 / pp2 on 2 ranks (the validation
 contract across layouts, tests/test_validation.py). The command only reads the run dir (no file there changes,
 even while a job holds its lock), and bad input is one line and exit 2 before any rank starts."""
 from __future__ import annotations
@@ -25,7 +25,7 @@ from tests.trainer_utils import tiny_gpt_config
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN = {"eval_every": 1, "eval_steps": 2}
-LAYOUTS = {"dp2": ["parallel.dp=2"], "cp2": ["parallel.cp=2"], "tp2": ["parallel.tp=2"]}
+LAYOUTS = {"dp2": ["parallel.dp=2"], "cp2": ["parallel.cp=2"], "tp2": ["parallel.tp=2"], "pp2": ["parallel.pp=2"]}
 
 
 @pytest.fixture(scope="module")
@@ -63,7 +63,7 @@ def _layout_losses(rank, world, cfg_path, ckpt):
 
 
 @pytest.mark.slow
-def test_eval_on_two_ranks_matches_the_logged_loss_under_dp_cp_tp(trained):
+def test_eval_on_two_ranks_matches_the_logged_loss_under_dp_cp_tp_pp(trained):
     cfg_path, run_dir, logged = trained
     results = run_ranks(_layout_losses, 2, args=(str(cfg_path), str(run_dir / "checkpoints" / "step_2")), timeout=600)
     for rank, got in enumerate(results):

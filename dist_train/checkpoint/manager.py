@@ -674,9 +674,10 @@ class CheckpointManager:
         return body, problems
 
     def load(self, ckpt: Union[str, os.PathLike], model, optimizer=None, scheduler=None,
-             verify: bool = True) -> dict:
+             verify: bool = True, with_rng: bool = True) -> dict:
         """Load one checkpoint directory into (model, optimizer, scheduler) in place; restore this rank's
-        RNG when the saved layout equals ours (or one of ``same_layouts``). Returns the saved ``extra`` dict. ``verify``: see the module
+        RNG when the saved layout equals ours (or one of ``same_layouts``) and ``with_rng`` (False: an evaluation,
+        with no random stream to continue). Returns the saved ``extra`` dict. ``verify``: see the module
         doc; a failure raises ``CorruptCheckpointError(message, problem)`` on every rank."""
         ckpt = Path(ckpt)
         if verify:  # the manifest verified is the one loaded: read once
@@ -735,9 +736,10 @@ class CheckpointManager:
         self.adapter.set(model, optimizer if with_optim else None, model_sd, optim_sd)
         if scheduler is not None and ts.get("scheduler") is not None:
             scheduler.load_state_dict(from_json(ts["scheduler"]))
-        if "rng" in body["contents"] and body.get("layout") in self.same_layouts:
+        rng = with_rng and "rng" in body["contents"]
+        if rng and body.get("layout") in self.same_layouts:
             restore_rng(json.loads((ckpt / mf.rng_file_name(self.rank)).read_text()))
-        elif "rng" in body["contents"] and self.rank == 0:
+        elif rng and self.rank == 0:
             log.warning("checkpoint %s was saved with another layout (%s): weights and optimizer resharded, RNG "
                         "states not restored (ranks keep their seeded streams)",
                         ckpt.name, layout_changes(body.get("layout"), self.layout))
