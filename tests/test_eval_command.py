@@ -21,7 +21,7 @@ from dist_train.distributed import current_context
 from dist_train.runlock import hold_run_dir
 from dist_train.trainer import train
 from tests.dist_harness import run_ranks
-from tests.trainer_utils import tiny_gpt_config
+from tests.trainer_utils import tiny_gpt_config, tiny_swin_config
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN = {"eval_every": 1, "eval_steps": 2}
@@ -117,3 +117,13 @@ def test_a_run_without_checkpoints_is_refused(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--checkpoint latest: no step_N checkpoint under" in err[0], err
     assert not (tmp_path / "fresh").exists()  # nothing created
+
+
+def test_swin_eval_is_the_logged_validation_mse(tmp_path):
+    """A swin (weather batches, normalised with the statistics its checkpoint recorded): the validation MSE the
+    trainer logged, bit for bit, and no perplexity."""
+    cfg = tiny_swin_config(tmp_path / "run", tmp_path / "data", steps=2, data={"split": "75,25,0"},
+                           train={"eval_every": 2, "eval_steps": 1}, checkpoint={"at_end": True})
+    logged = train(cfg).summary["valid_loss"]
+    result = evaluate_checkpoint(cfg, tmp_path / "run" / "checkpoints" / "step_2", current_context())
+    assert result["loss"] == logged and result["perplexity"] is None and result["count_unit"] == "values"
