@@ -817,10 +817,6 @@ def _validate_data(cfg: Config) -> None:
     if docs and cfg.model.kind != "gpt":
         raise ConfigError(f"data.{docs[0]} = true with model.kind = {cfg.model.kind}: packed documents apply to "
                           "token sequences (model.kind = gpt); Swin windows have no documents")
-    pp_docs = [k for k in docs if k != "eod_mask_loss"]
-    if pp_docs and cfg.parallel.pp > 1:
-        raise ConfigError(f"data.{pp_docs[0]} = true with parallel.pp = {cfg.parallel.pp}: pipeline stages share "
-                          "one positions vector and no document boundaries; use pp = 1 (eod_mask_loss works with pp)")
 
 
 def _validate_parallel(cfg: Config) -> None:

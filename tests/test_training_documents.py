@@ -1,6 +1,7 @@
 """Packed documents in training: the batcher's boundaries, positions and loss mask (Megatron semantics),
-and cp=2 (every layout, Ulysses) with ``data.document_mask`` (and ``reset_positions``) trains exactly
-like cp=1 with the same options."""
+and cp=2 (every layout, Ulysses) and pp = 2, 3 (1F1B, GPipe, interleaved; the pipeline's micro-batches
+smaller than the accumulation micro-batches) with ``data.document_mask`` (and ``reset_positions``) train
+exactly like one rank with the same options."""
 import pytest
 import torch
 
@@ -55,8 +56,6 @@ def test_batcher_boundaries_positions_and_loss_mask():
 
 
 def test_document_options_are_refused_where_they_cannot_apply(tmp_path):
-    with pytest.raises(ConfigError, match="data.document_mask = true with parallel.pp = 2"):
-        tiny_gpt_config(tmp_path, data={"document_mask": True}, parallel={"pp": 2})
     with pytest.raises(ConfigError, match="data.reset_positions = true with model.kind = swin"):
         config_from_dict({"run": {"name": "s", "dir": str(tmp_path)}, "model": {"kind": "swin"},
                           "data": {"source": "weather", "reset_positions": True}})
@@ -77,6 +76,53 @@ def test_cp2_with_documents_matches_cp1(tmp_path, extra):
     for losses_per_case in ranks:
         for par, losses in zip(CASES, losses_per_case):
             assert rel_close(losses, ref, 1e-5), (par, extra, losses, ref)
+
+
+# (name, model, parallel, train) per world size: each pipeline micro-batch must attend and rotate with its own samples'
+# boundaries and positions (1F1B / interleaved run them out of order, interleaved with backwards)
+PP_DOCS = {**DOCS, "reset_positions": True, "eod_mask_loss": True}
+FOUR_LAYERS = {**MODEL, "n_layers": 4}
+PP_CASES = {
+    2: [("pp2_1f1b", MODEL, {"pp": 2}, {}),
+        ("pp2_1f1b_4micro", MODEL, {"pp": 2, "microbatches": 4}, {}),
+        ("pp2_gpipe_full_ckpt", MODEL, {"pp": 2, "pp_schedule": "gpipe"}, {"activation_checkpointing": "full"}),
+        ("pp2_interleaved", FOUR_LAYERS, {"pp": 2, "pp_schedule": "interleaved", "microbatches": 4}, {})],
+    3: [("pp3", FOUR_LAYERS, {"pp": 3, "microbatches": 4}, {"micro_batch": 1})],
+    # cp inside pp: the cp shard's positions, the global boundaries; dp: each dp rank its own samples' rows
+    4: [("pp2_cp2_zigzag", MODEL, {"pp": 2, "cp": 2}, {}),
+        ("pp2_cp2_ulysses_interleaved", FOUR_LAYERS, {"pp": 2, "cp": 2, "cp_method": "ulysses",
+                                                      "pp_schedule": "interleaved", "microbatches": 2}, {}),
+        ("pp2_dp2", MODEL, {"pp": 2, "dp": 2, "microbatches": 2}, {"micro_batch": 1})],
+}
+
+
+def _pp_cases(rank, world, root, cases):
+    out = {}
+    for name, model, par, train_over in cases:
+        res = train(tiny_gpt_config(f"{root}/{name}", model=model, parallel=par, data=PP_DOCS, train=train_over))
+        out[name] = (res.losses, res.grad_norms)
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("world", [2, 3, 4])
+def test_pipeline_with_documents_matches_one_rank(tmp_path, world):
+    refs = {}
+    for name, model, _, _ in PP_CASES[world]:
+        key = model.get("n_layers", 2)
+        if key not in refs:
+            res = train(tiny_gpt_config(tmp_path / f"ref{key}", model=model, data=PP_DOCS))
+            refs[key] = (res.losses, res.grad_norms)
+    model = PP_CASES[world][0][1]
+    plain = train(tiny_gpt_config(tmp_path / "plain", model=model, data={"seq_len": 30})).losses
+    assert not rel_close(refs[model.get("n_layers", 2)][0], plain, 1e-3), \
+        "the documents changed nothing: the data has no EOD tokens"
+    for out in run_ranks(_pp_cases, world, args=(str(tmp_path), PP_CASES[world]), timeout=240):
+        for name, model, _, _ in PP_CASES[world]:
+            losses, norms = out[name]
+            ref_losses, ref_norms = refs[model.get("n_layers", 2)]
+            assert rel_close(losses, ref_losses, 1e-5), (name, losses, ref_losses)
+            assert rel_close(norms, ref_norms, 1e-5), (name, norms, ref_norms)
 
 
 def test_flops_count_sum_of_document_lengths_squared():

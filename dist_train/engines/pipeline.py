@@ -36,7 +36,12 @@ from .grads import all_ranks_accept, all_reduce_grads_, all_reduce_sum, clip_gra
 
 class StageModule(nn.Module):
     """One pipeline stage over a shared GPT: tokens [B, S] (first stage) or hidden [B, S, d] -> hidden
-    [B, S, d]. The last stage's norm/head/loss run in the schedule's loss function."""
+    [B, S, d]. The last stage's norm/head/loss run in the schedule's loss function.
+
+    ``positions``: [S_local] shared by every sample, or [N, S_local] per sample of the rank's whole local batch
+    (``data.reset_positions``); ``cu_seqlens``: [N, D+1] per sample (``data.document_mask``) or None. The
+    schedule sets ``micro_index`` before each forward (``MicroBatchIndexedStage``): the stage reads the rows of
+    that micro-batch, samples [micro_index * B, (micro_index + 1) * B) of the N."""
 
     def __init__(self, gpt: nn.Module, stage):
         super().__init__()
@@ -46,11 +51,16 @@ class StageModule(nn.Module):
         self.embedding = gpt.tok_embeddings if stage.first else None
         object.__setattr__(self, "gpt", gpt)  # not registered: the GPT holds every stage of this rank
         self.positions: Optional[torch.Tensor] = None
+        self.cu_seqlens: Optional[torch.Tensor] = None
+        self.micro_index = 0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = slice(self.micro_index * x.shape[0], (self.micro_index + 1) * x.shape[0])
+        positions = self.positions if self.positions.dim() == 1 else self.positions[rows]
+        cu_seqlens = None if self.cu_seqlens is None else self.cu_seqlens[rows]
         if self.stage.first:
             x = self.gpt.embed(x)
-        return self.gpt.run_layers(x, self.positions, self.stage.layers)
+        return self.gpt.run_layers(x, positions, self.stage.layers, cu_seqlens=cu_seqlens)
 
 
 class LossHead(nn.Module):
@@ -79,12 +89,24 @@ class GPTPipeline:
         self.loss_head = LossHead(gpt) if gpt.has_head else None
 
     def inputs(self, micro: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Accumulation micro-batches -> (tokens, labels) [N, S_local] of the whole local batch; every stage
+        module gets the batch's positions (shared [S_local] or per sample [N, S_local]) and, with packed
+        documents, its per-sample boundaries [N, D+1] (on the host: the attention plan reads them there)."""
         positions = micro[0]["positions"]
-        if any(not torch.equal(b["positions"], positions) for b in micro):
-            raise ValueError("pipeline engine: every micro-batch must share one positions vector")
+        if positions.dim() == 1:
+            if any(not torch.equal(b["positions"], positions) for b in micro):
+                raise ValueError("pipeline engine: every micro-batch must share one positions vector")
+        else:
+            positions = torch.cat([b["positions"] for b in micro])
         positions = positions.to(self.device)
+        cu_seqlens = None
+        if "cu_seqlens" in micro[0]:
+            # rows padded by repeating their last boundary (empty documents), as pack_cu_seqlens does
+            width = max(b["cu_seqlens"].shape[1] for b in micro)
+            cu_seqlens = torch.cat([torch.cat([b["cu_seqlens"], b["cu_seqlens"][:, -1:].expand(
+                -1, width - b["cu_seqlens"].shape[1])], dim=1) for b in micro]).cpu()
         for sm in self.stage_modules:
-            sm.positions = positions
+            sm.positions, sm.cu_seqlens, sm.micro_index = positions, cu_seqlens, 0
         return torch.cat([b["tokens"] for b in micro]), torch.cat([b["labels"] for b in micro])
 
 
@@ -120,10 +142,11 @@ class PipelineEngine:
     def _build_schedule(self, n_micro: int):
         # Imported here, by a pipeline rank alone: torch.distributed.pipelining imports torch._dynamo (0.4 s of
         # every rank's start-up, and of every pre-flight, at module level); the ranks' fork server preloads it.
-        from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe, ScheduleInterleaved1F1B
+        from torch.distributed.pipelining import Schedule1F1B, ScheduleGPipe, ScheduleInterleaved1F1B
+        from .pipeline_stage import MicroBatchIndexedStage
 
         n_stages = self.mesh.size("pp") * len(self.stage_modules)
-        stages = [PipelineStage(sm, sm.stage.index, n_stages, self.device, group=self.mesh.pp_group)
+        stages = [MicroBatchIndexedStage(sm, sm.stage.index, n_stages, self.device, group=self.mesh.pp_group)
                   for sm in self.stage_modules]
         kind = self.cfg.parallel.pp_schedule
         if kind == "interleaved":
