@@ -12,7 +12,7 @@ from dist_train.models.gpt import IGNORE_INDEX
 from dist_train.trainer import train
 from parallelism.context import sequence_positions
 from tests.dist_harness import run_ranks
-from tests.trainer_utils import rel_close, tiny_gpt_config
+from tests.trainer_utils import losses_and_valid, rel_close, tiny_gpt_config
 
 EOD = 3
 # vocab 8: the synthetic progression hits the EOD id every few tokens, so samples pack several documents
@@ -78,9 +78,10 @@ def test_cp2_with_documents_matches_cp1(tmp_path, extra):
             assert rel_close(losses, ref, 1e-5), (par, extra, losses, ref)
 
 
-# (name, model, parallel, train) per world size: each pipeline micro-batch must attend and rotate with its own samples'
-# boundaries and positions (1F1B / interleaved run them out of order, interleaved with backwards)
+# (name, model, parallel, train) per world size: each pipeline micro-batch must attend and rotate with its own
+# samples' boundaries and positions (1F1B / interleaved run them out of order, interleaved with backwards)
 PP_DOCS = {**DOCS, "reset_positions": True, "eod_mask_loss": True}
+EVAL = {"eval_every": 5, "eval_steps": 1}  # + the validation loss after step 5 (the schedule's eval pass)
 FOUR_LAYERS = {**MODEL, "n_layers": 4}
 PP_CASES = {
     2: [("pp2_1f1b", MODEL, {"pp": 2}, {}),
@@ -99,8 +100,9 @@ PP_CASES = {
 def _pp_cases(rank, world, root, cases):
     out = {}
     for name, model, par, train_over in cases:
-        res = train(tiny_gpt_config(f"{root}/{name}", model=model, parallel=par, data=PP_DOCS, train=train_over))
-        out[name] = (res.losses, res.grad_norms)
+        res = train(tiny_gpt_config(f"{root}/{name}", model=model, parallel=par, data=PP_DOCS,
+                                    train={**EVAL, **train_over}))
+        out[name] = (losses_and_valid(res), res.grad_norms)
     return out
 
 
@@ -111,16 +113,17 @@ def test_pipeline_with_documents_matches_one_rank(tmp_path, world):
     for name, model, _, _ in PP_CASES[world]:
         key = model.get("n_layers", 2)
         if key not in refs:
-            res = train(tiny_gpt_config(tmp_path / f"ref{key}", model=model, data=PP_DOCS))
-            refs[key] = (res.losses, res.grad_norms)
+            res = train(tiny_gpt_config(tmp_path / f"ref{key}", model=model, data=PP_DOCS, train=EVAL))
+            refs[key] = (losses_and_valid(res), res.grad_norms)
     model = PP_CASES[world][0][1]
     plain = train(tiny_gpt_config(tmp_path / "plain", model=model, data={"seq_len": 30})).losses
-    assert not rel_close(refs[model.get("n_layers", 2)][0], plain, 1e-3), \
+    assert not rel_close(refs[model.get("n_layers", 2)][0][:5], plain, 1e-3), \
         "the documents changed nothing: the data has no EOD tokens"
     for out in run_ranks(_pp_cases, world, args=(str(tmp_path), PP_CASES[world]), timeout=240):
         for name, model, _, _ in PP_CASES[world]:
             losses, norms = out[name]
             ref_losses, ref_norms = refs[model.get("n_layers", 2)]
+            assert len(ref_losses) == 6, ref_losses  # 5 steps + the validation loss
             assert rel_close(losses, ref_losses, 1e-5), (name, losses, ref_losses)
             assert rel_close(norms, ref_norms, 1e-5), (name, norms, ref_norms)
 
