@@ -33,7 +33,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("config", help="YAML config file (the model and layout to evaluate under)")
     p.add_argument("--checkpoint", metavar="PATH|latest",
                    help="a step_N directory, a directory of them (its newest), or latest: the newest under the run's "
-                        "checkpoint dir (default: checkpoint.resume when it names a PATH, else latest)")
+                        "checkpoint dir (default: latest; a run with no checkpoint yet: what checkpoint.resume names, e.g. an "
+                        "import)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key (repeatable)")
     p.add_argument("--data", metavar="PREFIX", help="held-out indexed dataset (sets data.valid_path)")
     p.add_argument("--batches", type=positive_int, metavar="N",

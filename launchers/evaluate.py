@@ -24,6 +24,7 @@ import torch.distributed as dist
 
 from dist_train.atomic_write import write_text_atomic
 from dist_train.checkpoint import compat
+from dist_train.checkpoint import manifest as mf
 from dist_train.checkpoint.manager import checkpoint_root, resume_candidates
 from dist_train.checkpoint.storage import CheckpointError
 from dist_train.checkpoint_eval import evaluate_checkpoint
@@ -68,11 +69,13 @@ def load_eval_config(config: str, user_overrides: list[str], overrides: list[str
 
 def choose_checkpoint(cfg: Config, requested: Optional[str]) -> Path:
     """The checkpoint to evaluate, as ``checkpoint.resume`` resolves one (``latest`` is its ``auto``), newest
-    first past damaged ones; verified (manifest, sizes, small files' checksums) and of this config's model.
+    first past damaged ones (``requested`` None: the run's newest, or before its first save what checkpoint.resume
+    names); verified (manifest, sizes, small files' checksums) and of this config's model.
     Raises ConfigError (one line)."""
     root = checkpoint_root(cfg.checkpoint, cfg.run.dir)
-    configured = cfg.checkpoint.resume if cfg.checkpoint.resume not in ("auto", "none") else "latest"
-    wanted = requested or configured
+    # by default what a restart of the run resumes: its own newest once it has one, else what checkpoint.resume names
+    configured = "auto" if mf.list_checkpoints(root) else cfg.checkpoint.resume
+    wanted = requested or (configured if configured not in ("auto", "none") else "latest")
     mode = "auto" if wanted == "latest" else wanted
     try:
         candidates, _ = resume_candidates(mode, root)

@@ -20,6 +20,7 @@ from dist_train.config import load_config, save_config
 from dist_train.distributed import current_context
 from dist_train.runlock import hold_run_dir
 from dist_train.trainer import train
+from launchers.evaluate import choose_checkpoint
 from tests.dist_harness import run_ranks
 from tests.trainer_utils import tiny_gpt_config, tiny_swin_config
 
@@ -127,3 +128,15 @@ def test_swin_eval_is_the_logged_validation_mse(tmp_path):
     logged = train(cfg).summary["valid_loss"]
     result = evaluate_checkpoint(cfg, tmp_path / "run" / "checkpoints" / "step_2", current_context())
     assert result["loss"] == logged and result["perplexity"] is None and result["count_unit"] == "values"
+
+
+def test_the_default_checkpoint_is_the_runs_newest_else_what_resume_names(trained, tmp_path):
+    """A fine-tune config names its start (checkpoint.resume = PATH): before the run's first save that is what is
+    evaluated, afterwards the run's own newest, as a restart would resume."""
+    cfg_path, run_dir, _ = trained
+    start = run_dir / "checkpoints" / "step_1"
+    fresh = load_config(str(cfg_path), [f"run.dir={tmp_path / 'fine'}", f"checkpoint.resume={start}"])
+    assert choose_checkpoint(fresh, None) == start.resolve()
+    own = load_config(str(cfg_path), [f"checkpoint.resume={start}"])
+    assert choose_checkpoint(own, None) == (run_dir / "checkpoints" / "step_2").resolve()
+    assert choose_checkpoint(own, str(start)) == start.resolve()
