@@ -85,7 +85,9 @@ EVAL = {"eval_every": 5, "eval_steps": 1}  # + the validation loss after step 5 
 FOUR_LAYERS = {**MODEL, "n_layers": 4}
 PP_CASES = {
     2: [("pp2_1f1b", MODEL, {"pp": 2}, {}),
-        ("pp2_1f1b_4micro", MODEL, {"pp": 2, "microbatches": 4}, {}),
+        # full recompute in 1F1B's backward: the layers rerun on saved inputs (positions/boundaries already sliced),
+        # while the stage's micro_index already names a later micro-batch
+        ("pp2_1f1b_4micro_full_ckpt", MODEL, {"pp": 2, "microbatches": 4}, {"activation_checkpointing": "full"}),
         ("pp2_gpipe_full_ckpt", MODEL, {"pp": 2, "pp_schedule": "gpipe"}, {"activation_checkpointing": "full"}),
         ("pp2_interleaved", FOUR_LAYERS, {"pp": 2, "pp_schedule": "interleaved", "microbatches": 4}, {})],
     3: [("pp3", FOUR_LAYERS, {"pp": 3, "microbatches": 4}, {"micro_batch": 1})],
