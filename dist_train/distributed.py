@@ -34,6 +34,13 @@ def env_rank_info() -> tuple[int, int, int]:
             int(os.environ.get("LOCAL_RANK", 0)))
 
 
+def share_cpu_threads(local_ranks: int) -> None:
+    """This rank's intra-op threads: ``OMP_NUM_THREADS`` if set, else the host's cores split between the
+    ``local_ranks`` ranks on it (each rank defaulting to every core would oversubscribe them)."""
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // max(1, local_ranks))))
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+
+
 def pick_device(local_rank: int) -> torch.device:
     if torch.cuda.is_available():
         torch.cuda.set_device(local_rank % torch.cuda.device_count())

@@ -12,7 +12,7 @@ import torch.distributed as dist
 
 from .checkpoint.storage import CheckpointError
 from .config import check_world_size, load_config
-from .distributed import env_rank_info, init_distributed
+from .distributed import env_rank_info, init_distributed, share_cpu_threads
 from .dryrun import show_layout
 from .lifecycle import EXIT_FAILED, EXIT_USAGE, TrainingDiverged
 from .preflight import PREFLIGHT_ENV, preflight
@@ -40,8 +40,7 @@ def run_rank(config_path: str, overrides: list[str]) -> int:
     local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", world))
     if os.environ.get(PREFLIGHT_ENV) != "1":  # `dist-train launch` ran it once for all ranks
         preflight(cfg, on_cuda=torch.cuda.is_available(), ranks_per_host=local_ranks)
-    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // max(1, local_ranks))))
-    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+    share_cpu_threads(local_ranks)
     if rank == 0:
         clear_user_errors(cfg.run.dir)  # before the rendezvous: no peer can have failed yet
     ctx = init_distributed(cfg.launch.collective_timeout_s, bind=cfg.launch.bind)

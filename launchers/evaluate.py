@@ -29,7 +29,7 @@ from dist_train.checkpoint.manager import checkpoint_root, resume_candidates
 from dist_train.checkpoint.storage import CheckpointError
 from dist_train.checkpoint_eval import evaluate_checkpoint
 from dist_train.config import Config, ConfigError, TrainConfig, check_world_size, load_config, parse_split
-from dist_train.distributed import init_distributed
+from dist_train.distributed import init_distributed, share_cpu_threads
 from dist_train.engines import autocast_dtype
 from dist_train.engines.deepspeed import check_deepspeed_keys
 from dist_train.eval_arguments import eval_overrides
@@ -153,8 +153,7 @@ def eval_rank(args: argparse.Namespace, scratch: Path) -> int:
     """One rank started by :func:`eval_main` (the config and checkpoint already checked there)."""
     cfg = load_config(args.config, list(args.set or []))
     local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", cfg.world_size))
-    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // max(1, local_ranks))))
-    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+    share_cpu_threads(local_ranks)
     ctx = init_distributed(cfg.launch.collective_timeout_s, bind=cfg.launch.bind)
     try:
         result = evaluate_checkpoint(cfg, Path(args.checkpoint), ctx)
