@@ -6,7 +6,8 @@
 The pieces are the trainer's: its model, engine (layout) and validation batcher, the checkpoint manager's ``load``
 (weights only: no optimizer is given, so none is read) and :class:`dist_train.evaluation.Evaluator` over the same
 batches a training evaluation reads. The loss therefore equals the ``valid_loss`` the trainer logged at the
-checkpoint's step under the same config (the weights it evaluated are the ones it saved), on any layout.
+checkpoint's step under the same config (the weights it evaluated are the ones it saved): bit for bit on the
+trained layout, within float rounding on another (the reduction order changes; tests: 1e-5 under dp/cp/tp/pp 2).
 
 Read-only: no run-dir lock, no log file, tracker or config written under ``run.dir``; the checkpoint is only read.
 """
