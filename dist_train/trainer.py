@@ -150,6 +150,12 @@ def _stop_reason(t, steps_done: int, start_step: int, lifecycle) -> Optional[str
     return None
 
 
+def _preemption_cause(lifecycle) -> str:
+    """What stopped the run, for its last line: this rank's signal, or (stop_agreed is a MAX over the ranks) another
+    rank's, whose number this rank never saw."""
+    return "another rank was signalled" if lifecycle.signalled is None else f"signal {lifecycle.signalled}"
+
+
 def _report_resume_changes(cfg: Config, engine, ckpt, start_step: int, log, is_main: bool) -> None:
     """Apply changed training hyper-parameters from the resume step on and say so; say which model keys
     changed under ``checkpoint.allow_config_change`` (any other change was refused by the manager), and which
@@ -373,8 +379,9 @@ def _train(cfg: Config, ctx: DistContext) -> TrainResult:
             if stop == "preempted" and unsavable:  # (validation refuses its other saves); rank 0 says it, once
                 result.exit_code = EXIT_PREEMPTED
                 stop_line = (log.warning if ctx.is_main else log.info,
-                             f"preempted (signal {lifecycle.signalled}): no checkpoint written after step {step + 1}: "
-                             f"{unsavable}; a restart starts from scratch, exiting with status {EXIT_PREEMPTED}")
+                             f"preempted ({_preemption_cause(lifecycle)}): no checkpoint written after step "
+                             f"{step + 1}: {unsavable}; a restart starts from scratch, exiting with status "
+                             f"{EXIT_PREEMPTED}")
             elif stop:
                 saved = save_state(step + 1, force=True) or saved
                 with lifecycle.busy("checkpoint"):
@@ -386,7 +393,7 @@ def _train(cfg: Config, ctx: DistContext) -> TrainResult:
                 # said after this step's metric line (below), which is the last one the run prints
                 if stop == "preempted":
                     result.exit_code = EXIT_PREEMPTED
-                    stop_line = (log.warning, f"preempted (signal {lifecycle.signalled}): {kept}, exiting with "
+                    stop_line = (log.warning, f"preempted ({_preemption_cause(lifecycle)}): {kept}, exiting with "
                                               f"resumable status {EXIT_PREEMPTED}")
                 else:
                     stop_line = (log.info, f"exit_interval {t.exit_interval}: {kept}, exiting")

@@ -399,6 +399,10 @@ def test_every_rank_of_a_preempted_nvme_offload_run_stops_at_the_same_step_and_e
     in its collectives for the other: a hang), and both exit with the preempted status."""
     for r in run_ranks(_preempted_nvme_ranks, 2, args=(str(tmp_path),), timeout=120):
         assert r == {"exit_code": EXIT_PREEMPTED, "steps": 2}, r
+    # rank 0 saw no signal itself: its line names the cause it knows (was "signal None")
+    said = (tmp_path / "run" / "logs" / "rank_0.log").read_text()
+    assert "preempted (another rank was signalled): no checkpoint written after step 2: " in said, said
+    assert "signal 15" in (tmp_path / "run" / "logs" / "rank_1.log").read_text()
     assert [p.name for p in (tmp_path / "run" / "checkpoints").iterdir()] == ["checkpoints.lock"]
 
 def _zero_checkpoint_peaks(rank: int, world: int, root: str) -> dict:
