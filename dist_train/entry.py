@@ -6,13 +6,15 @@ from __future__ import annotations
 
 import os
 import sys
+from os import PathLike
+from typing import Callable
 
 import torch
 import torch.distributed as dist
 
 from .checkpoint.storage import CheckpointError
 from .config import check_world_size, load_config
-from .distributed import env_rank_info, init_distributed, share_cpu_threads
+from .distributed import DistContext, env_rank_info, init_distributed, share_cpu_threads
 from .dryrun import show_layout
 from .lifecycle import EXIT_FAILED, EXIT_USAGE, TrainingDiverged
 from .preflight import PREFLIGHT_ENV, preflight
@@ -44,9 +46,16 @@ def run_rank(config_path: str, overrides: list[str]) -> int:
     if rank == 0:
         clear_user_errors(cfg.run.dir)  # before the rendezvous: no peer can have failed yet
     ctx = init_distributed(cfg.launch.collective_timeout_s, bind=cfg.launch.bind)
+    return run_reporting_errors(lambda: train(cfg, ctx).exit_code, ctx, cfg.run.dir)
+
+
+def run_reporting_errors(work: Callable[[], int], ctx: DistContext, errors_dir: PathLike) -> int:
+    """``work()`` on this rank (its exit status) with a failure turned into one line and an exit status: a
+    collective decision said once by rank 0; bad input said by the rank that met it and recorded in ``errors_dir``
+    for the peers, which then exit quietly (exit 2) instead of burying the line under collective tracebacks.
+    Destroys the process group at the end."""
     try:
-        result = train(cfg, ctx)
-        return result.exit_code
+        return work()
     except (TrainingDiverged, CheckpointError, RunDirLocked) as e:
         # every rank raises the same one-line decision (agreed collectively): rank 0 says it, once
         if ctx.rank == 0:
@@ -57,10 +66,10 @@ def run_rank(config_path: str, overrides: list[str]) -> int:
         # peers (they then exit quietly instead of burying the line under collective tracebacks)
         message = str(e).splitlines()[0] if str(e) else type(e).__name__
         print(f"dist-train: error: {message}", file=sys.stderr, flush=True)  # before the launcher kills us
-        record_user_error(cfg.run.dir, ctx.rank, message)
+        record_user_error(errors_dir, ctx.rank, message)
         return EXIT_USAGE
     except Exception:
-        if ctx.world_size > 1 and set(user_errors(cfg.run.dir)) - {ctx.rank}:
+        if ctx.world_size > 1 and set(user_errors(errors_dir)) - {ctx.rank}:
             return EXIT_USAGE  # our collective failed because a peer stopped on bad input and said so: quiet
         raise
     finally:

@@ -20,23 +20,20 @@ from pathlib import Path
 from typing import Optional
 
 import torch
-import torch.distributed as dist
 
 from dist_train.atomic_write import write_text_atomic
 from dist_train.checkpoint import compat
 from dist_train.checkpoint import manifest as mf
 from dist_train.checkpoint.manager import checkpoint_root, resume_candidates
-from dist_train.checkpoint.storage import CheckpointError
 from dist_train.checkpoint_eval import evaluate_checkpoint
 from dist_train.config import Config, ConfigError, TrainConfig, check_world_size, load_config, parse_split
 from dist_train.distributed import init_distributed, share_cpu_threads
 from dist_train.engines import autocast_dtype
 from dist_train.engines.deepspeed import check_deepspeed_keys
+from dist_train.entry import run_reporting_errors
 from dist_train.eval_arguments import eval_overrides
-from dist_train.lifecycle import EXIT_FAILED, EXIT_USAGE
 from dist_train.preflight import (_verified_manifest, check_attention_kernel, check_data, check_model_fits,
                                   check_model_shapes)
-from dist_train.rank_errors import record_user_error
 from launchers.cli import forwarded_env
 from launchers.local import LocalBackend
 from launchers.supervisor import JobSpec, Supervisor
@@ -155,20 +152,13 @@ def eval_rank(args: argparse.Namespace, scratch: Path) -> int:
     local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", cfg.world_size))
     share_cpu_threads(local_ranks)
     ctx = init_distributed(cfg.launch.collective_timeout_s, bind=cfg.launch.bind)
-    try:
+
+    def evaluate() -> int:
         result = evaluate_checkpoint(cfg, Path(args.checkpoint), ctx)
         if ctx.rank == 0:
             write_text_atomic(scratch / RESULT_FILE, json.dumps(result))
         return 0
-    except (ValueError, FileNotFoundError) as e:  # e.g. a checkpoint pruned or changed since the pre-flight
-        message = str(e).splitlines()[0] if str(e) else type(e).__name__
-        print(f"dist-train: error: {message}", file=sys.stderr, flush=True)
-        record_user_error(str(scratch), ctx.rank, message)
-        return EXIT_USAGE
-    except CheckpointError as e:  # damaged shards (the pre-flight checks the small files only): one line
-        if ctx.rank == 0:
-            print(f"dist-train: error: {str(e).splitlines()[0]}", file=sys.stderr, flush=True)
-        return getattr(e, "exit_code", EXIT_FAILED)
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+
+    # e.g. a checkpoint pruned or changed since the pre-flight (one line; its peers quiet), damaged shards (the
+    # pre-flight checks the small files only): one line; the ranks' error records go to the scratch dir
+    return run_reporting_errors(evaluate, ctx, scratch)
