@@ -283,7 +283,7 @@ def _check_indexed(cfg: Config) -> dict[str, int]:
 
 
 # -- resume -----------------------------------------------------------------------------------------
-def _verified_manifest(ckpt: Path) -> tuple[Optional[dict], str]:
+def verified_manifest(ckpt: Path) -> tuple[Optional[dict], str]:
     """The checkpoint module's verification as done at resume, minus the shard contents that the loader
     checks while reading them: manifest, every file's size, the small files' checksums. Returns (the manifest
     body, '') when valid, else (None, the first problem). An I/O error that may pass raises ``CheckpointIOError``, as
@@ -403,7 +403,7 @@ def check_resume(cfg: Config, tokens: Mapping[str, int] = MappingProxyType({})) 
     problems, damaged = [], []
     for ckpt in candidates:
         try:
-            body, problem = _verified_manifest(ckpt)
+            body, problem = verified_manifest(ckpt)
         except CheckpointIOError as e:  # the ranks would stop on it too (restartable): not a fall-back, not damage
             raise ConfigError(f"checkpoint.resume = {mode}: {e}; its bytes may well be good: try again once the "
                               "file system answers") from None

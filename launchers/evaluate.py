@@ -32,8 +32,8 @@ from dist_train.engines import autocast_dtype
 from dist_train.engines.deepspeed import check_deepspeed_keys
 from dist_train.entry import run_reporting_errors
 from dist_train.eval_arguments import eval_overrides
-from dist_train.preflight import (_verified_manifest, check_attention_kernel, check_data, check_model_fits,
-                                  check_model_shapes)
+from dist_train.preflight import (check_attention_kernel, check_data, check_model_fits, check_model_shapes,
+                                  verified_manifest)
 from launchers.cli import forwarded_env
 from launchers.local import LocalBackend
 from launchers.supervisor import JobSpec, Supervisor
@@ -83,7 +83,7 @@ def choose_checkpoint(cfg: Config, requested: Optional[str]) -> Path:
                           "PATH: a step_N directory, a directory of them, or latest)")
     problems = []
     for ckpt in candidates:
-        body, problem = _verified_manifest(ckpt)
+        body, problem = verified_manifest(ckpt)
         if body is None:
             problems.append(f"{ckpt.name}: {problem}")
             continue
