@@ -114,8 +114,8 @@ def measure_dispatch(device: torch.device, iters: int = 50, repeats: int = 5) ->
     tensors = sum(1 for p in model.parameters() if p.grad is not None)
     host, total = _median_run(_timed_runs(step, device, iters, repeats))
     _, scaled_total = _median_run(_timed_runs(lambda: step(scaled), device, iters, repeats))
-    opt_host, opt_total = _median_run(_timed_runs(opt.step, device, max(1, iters // 5), repeats))
     opt_steps = max(1, iters // 5)
+    opt_host, opt_total = _median_run(_timed_runs(opt.step, device, opt_steps, repeats))
     planned = planner_step_ops()
     res = {
         "device": str(device), "model": dict(TINY_GPT, seq_len=SEQ_LEN), "iters": iters, "repeats": repeats,
