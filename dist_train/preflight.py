@@ -53,10 +53,16 @@ def preflight(cfg: Config, on_cuda: bool, ranks_per_host: int = 1) -> None:
     check_writable_dir("run.dir", cfg.run.dir)
     ckpt_key = "checkpoint.dir" if cfg.checkpoint.dir else "run.dir (its checkpoints/)"
     check_writable_dir(ckpt_key, checkpoint_root(cfg.checkpoint, cfg.run.dir))
-    check_attention_kernel(cfg, on_cuda)
-    check_deepspeed_keys(cfg, autocast_dtype(cfg, torch.device("cuda" if on_cuda else "cpu")) == torch.bfloat16)
+    check_engine(cfg, on_cuda)
     tokens = check_data(cfg)
     check_resume(cfg, tokens)
+
+
+def check_engine(cfg: Config, on_cuda: bool) -> None:
+    """What the ranks' engine is built with: the attention kernel, and the DeepSpeed keys under the ranks' autocast
+    dtype (``on_cuda``: the ranks use CUDA). Shared by the launch pre-flight and ``dist-train eval``'s."""
+    check_attention_kernel(cfg, on_cuda)
+    check_deepspeed_keys(cfg, autocast_dtype(cfg, torch.device("cuda" if on_cuda else "cpu")) == torch.bfloat16)
 
 
 # -- model size -------------------------------------------------------------------------------------

@@ -28,12 +28,9 @@ from dist_train.checkpoint.manager import checkpoint_root, resume_candidates
 from dist_train.checkpoint_eval import evaluate_checkpoint
 from dist_train.config import Config, ConfigError, TrainConfig, check_world_size, load_config, parse_split
 from dist_train.distributed import init_distributed, share_cpu_threads
-from dist_train.engines import autocast_dtype
-from dist_train.engines.deepspeed import check_deepspeed_keys
 from dist_train.entry import run_reporting_errors
 from dist_train.eval_arguments import eval_overrides
-from dist_train.preflight import (check_attention_kernel, check_data, check_model_fits, check_model_shapes,
-                                  verified_manifest)
+from dist_train.preflight import check_data, check_engine, check_model_fits, check_model_shapes, verified_manifest
 from launchers.cli import forwarded_env
 from launchers.local import LocalBackend
 from launchers.supervisor import JobSpec, Supervisor
@@ -102,8 +99,7 @@ def eval_preflight(cfg: Config, requested: Optional[str], on_cuda: bool) -> Path
     writable) and the checkpoint -> the step directory to evaluate. Raises ConfigError (one line)."""
     check_world_size(cfg, cfg.world_size)
     check_model_fits(cfg, on_cuda, ranks_per_host=cfg.world_size)
-    check_attention_kernel(cfg, on_cuda)
-    check_deepspeed_keys(cfg, autocast_dtype(cfg, torch.device("cuda" if on_cuda else "cpu")) == torch.bfloat16)
+    check_engine(cfg, on_cuda)
     check_data(cfg)  # includes the held-out data: there, and enough samples for train.eval_steps batches
     return choose_checkpoint(cfg, requested)
 
