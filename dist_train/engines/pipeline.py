@@ -25,6 +25,8 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
+from parallelism.context import pack_cu_seqlens
+
 from ..checkpoint.adapters import engine_checkpoint_kwargs
 from ..config import Config
 from ..mesh import Mesh
@@ -101,10 +103,8 @@ class GPTPipeline:
         positions = positions.to(self.device)
         cu_seqlens = None
         if "cu_seqlens" in micro[0]:
-            # rows padded by repeating their last boundary (empty documents), as pack_cu_seqlens does
-            width = max(b["cu_seqlens"].shape[1] for b in micro)
-            cu_seqlens = torch.cat([torch.cat([b["cu_seqlens"], b["cu_seqlens"][:, -1:].expand(
-                -1, width - b["cu_seqlens"].shape[1])], dim=1) for b in micro]).cpu()
+            # the micro-batches' rows, padded to one width as the batcher pads one micro-batch's
+            cu_seqlens = pack_cu_seqlens([row for b in micro for row in b["cu_seqlens"].tolist()])
         for sm in self.stage_modules:
             sm.positions, sm.cu_seqlens, sm.micro_index = positions, cu_seqlens, 0
         return torch.cat([b["tokens"] for b in micro]), torch.cat([b["labels"] for b in micro])
