@@ -96,4 +96,3 @@ def predict(cfg: Config, prof: DeviceProfile, world: Optional[int] = None) -> Pr
                       tflops_per_device=tflops, mfu=tflops / prof.peak_tflops,
                       exposed_comm_fraction=comm_total / step, fits=mem["total"] <= prof.memory_bytes,
                       device=prof.name, flops_per_token=fpt, memory_phases=phases, host=host)
-

@@ -172,7 +172,6 @@ def bench_kernels(seq_lens=(8192, 32768), heads: int = 16, head_dim: int = 128, 
     return rows
 
 
-
 def document_boundaries(seq_len: int, batch: int, doc_len: int, per_sample: bool, seed: int = 0) -> list[list[int]]:
     """``cu_seqlens`` rows for ``batch`` samples of ``seq_len`` tokens: documents of ``doc_len`` tokens shared by
     every sample, or (``per_sample``) seeded lengths in [doc_len/2, 3·doc_len/2) that differ per sample, as the
