@@ -54,8 +54,8 @@ def preflight(cfg: Config, on_cuda: bool, ranks_per_host: int = 1) -> None:
     ckpt_key = "checkpoint.dir" if cfg.checkpoint.dir else "run.dir (its checkpoints/)"
     check_writable_dir(ckpt_key, checkpoint_root(cfg.checkpoint, cfg.run.dir))
     check_engine(cfg, on_cuda)
-    tokens = check_data(cfg)
-    check_resume(cfg, tokens)
+    checked = check_data(cfg)
+    check_resume(cfg, checked)
 
 
 def check_engine(cfg: Config, on_cuda: bool) -> None:
@@ -123,19 +123,18 @@ def check_attention_kernel(cfg: Config, on_cuda: bool) -> None:
 
 
 # -- data ---------------------------------------------------------------------------------------------
-def check_data(cfg: Config) -> dict[str, int]:
+def check_data(cfg: Config) -> dict[str, Checked]:
     """The data the ranks will read: the dataset's files and shares, the tokenizer, the end-of-document id.
-    Returns the token count of each indexed dataset it read, by prefix (so :func:`check_resume` need not read its
-    index again)."""
+    Returns each indexed dataset it read, by prefix (so :func:`check_resume` need not read its index again)."""
     d = cfg.data
-    tokens = _check_indexed(cfg) if d.source == "indexed" else {}
+    checked = _check_indexed(cfg) if d.source == "indexed" else {}
     if d.source == "weather":
         _check_weather(cfg)
     if d.tokenizer != "byte" and not Path(d.tokenizer).is_file():
         raise ConfigError(f"data.tokenizer = {d.tokenizer}: no such file (byte, or the path of a tokenizer.json)")
     check_named_tokenizer(cfg)
     check_end_of_document(cfg)
-    return tokens
+    return checked
 
 
 def check_named_tokenizer(cfg: Config) -> None:
@@ -230,15 +229,14 @@ def _samples(part: tuple[int, int]) -> int:
     return end - first
 
 
-def _check_indexed(cfg: Config) -> dict[str, int]:
-    """Returns data.path's and data.valid_path's token counts by prefix (none when data.path is built at start-up)."""
+def _check_indexed(cfg: Config) -> dict[str, Checked]:
+    """Returns data.path and data.valid_path as read (index and sidecar), by prefix (none when data.path is built at
+    start-up)."""
     d, m = cfg.data, cfg.model
-    tokens: dict[str, int] = {}
-    checked: dict[str, Checked] = {}  # the index and sidecar each check read, for the overlap check
+    checked: dict[str, Checked] = {}  # the index and sidecar each check read, for the later checks
 
     def check(prefix: str) -> None:
         result = check_indexed_dataset(prefix, m.vocab_size, d.seq_len)
-        tokens[prefix] = result["tokens"]
         checked[prefix] = Checked(prefix, result["index"], result["sidecar"])
 
     if d.valid_path:
@@ -255,7 +253,7 @@ def _check_indexed(cfg: Config) -> dict[str, int]:
             check(d.path)
             # the parts the ranks read (data.split's training share; its validation share when validation reads it):
             # an empty one is refused by every rank's dataset after start-up
-            samples = {part: _samples(indexed_part(d.path, tokens[d.path], d.seq_len, d.split, part))
+            samples = {part: _samples(indexed_part(d.path, checked[d.path].index.tokens, d.seq_len, d.split, part))
                        for part in (("train", "valid") if cfg.train.eval_every and not d.valid_path else ("train",))}
         except ValueError as e:
             raise ConfigError(str(e).splitlines()[0]) from None
@@ -266,10 +264,11 @@ def _check_indexed(cfg: Config) -> dict[str, int]:
             if other:
                 raise ConfigError(other)
         if cfg.train.eval_every:  # the ranks' Evaluator would refuse it after start-up
-            _check_held_out(cfg, _samples(indexed_part(d.valid_path, tokens[d.valid_path], d.seq_len, None, "train"))
-                            if d.valid_path else samples["valid"])
+            held_out = checked.get(d.valid_path)
+            _check_held_out(cfg, _samples(indexed_part(d.valid_path, held_out.index.tokens, d.seq_len, None, "train"))
+                            if held_out else samples["valid"])
         _check_held_out_documents(cfg, checked)
-        return tokens
+        return checked
     if d.prepare is None:
         missing = " and ".join(f"{d.path}{s}" for s, h in zip((".bin", ".idx"), have) if not h)
         raise ConfigError(f"data.path = {d.path}: {missing} not found"
@@ -285,7 +284,7 @@ def _check_indexed(cfg: Config) -> dict[str, int]:
                           f"{m.vocab_size}: ids up to {tok.vocab_size - 1} would be outside the embedding; set "
                           f"model.vocab_size >= {tok.vocab_size}")
     check_writable_dir("data.path (its directory)", Path(d.path).parent)
-    return tokens
+    return checked
 
 
 # -- resume -----------------------------------------------------------------------------------------
@@ -304,19 +303,19 @@ def verified_manifest(ckpt: Path) -> tuple[Optional[dict], str]:
     return (None, problems[0]) if problems else (body, "")
 
 
-def _train_samples(cfg: Config, tokens: Mapping[str, int]) -> Optional[int]:
+def _train_samples(cfg: Config, checked: Mapping[str, Checked]) -> Optional[int]:
     """Samples of the GPT's indexed training data as the trainer reads it (None: other data, or not prepared yet).
-    ``tokens``: :func:`check_data`'s token counts (data.path's index is read here when they lack it)."""
+    ``checked``: :func:`check_data`'s datasets (data.path's index is read here when they lack it)."""
     d = cfg.data
     if cfg.model.kind != "gpt" or d.source != "indexed" or not d.path or not Path(f"{d.path}.idx").is_file():
         return None
     try:
-        count = tokens.get(d.path)
-        if count is None:
+        if d.path in checked:
+            index = checked[d.path].index
+        else:
             index = read_index(d.path)
             check_bin_size(d.path, index)  # as the trainer's IndexedTokenDataset: a mismatched .bin counts nothing
-            count = index.tokens
-        return _samples(indexed_part(d.path, count, d.seq_len, d.split, "train"))
+        return _samples(indexed_part(d.path, index.tokens, d.seq_len, d.split, "train"))
     except ValueError:  # unreadable or too small: check_data's refusal, or the trainer's
         return None
 
@@ -359,10 +358,10 @@ def check_model_shapes(cfg: Config, ckpt: Path, manifest: dict) -> None:
                       f"checkpoint.allow_config_change lists: keep the checkpoint's model sizes, or {elsewhere}")
 
 
-def check_resume_matches(cfg: Config, ckpt: Path, manifest: dict, tokens: Mapping[str, int]) -> None:
+def check_resume_matches(cfg: Config, ckpt: Path, manifest: dict, checked: Mapping[str, Checked]) -> None:
     """The checkpoint the ranks will resume from (``manifest``: its verified manifest body) was saved with this
     model config and dataset (or the differences are allowed): the trainer's checks (checkpoint/compat.py),
-    here before any rank starts. ``tokens``: see :func:`_train_samples`."""
+    here before any rank starts. ``checked``: see :func:`_train_samples`."""
     check_model_shapes(cfg, ckpt, manifest)
     extra = checkpoint_extra(ckpt)
     current_digest, tokenizer = _training_identity(cfg)
@@ -371,18 +370,18 @@ def check_resume_matches(cfg: Config, ckpt: Path, manifest: dict, tokens: Mappin
         changes = compat.check_config(ckpt, manifest.get("config"), cfg.to_dict(),
                                       cfg.checkpoint.allow_config_change, consumed_samples(extra),
                                       trained_digest(extra), digest, trained_tokenizer(extra), tokenizer)
-        compat.check_dataset(ckpt, extra, _train_samples(cfg, tokens),
+        compat.check_dataset(ckpt, extra, _train_samples(cfg, checked),
                              cfg.checkpoint.allow_config_change, cfg.data.path, changes, digest)
         compat.check_tokenizer(ckpt, extra, tokenizer, cfg.checkpoint.allow_config_change, cfg.data.path)
     except compat.ResumeMismatchError as e:
         raise ConfigError(str(e)) from None
 
 
-def check_resume(cfg: Config, tokens: Mapping[str, int] = MappingProxyType({})) -> None:
+def check_resume(cfg: Config, checked: Mapping[str, Checked] = MappingProxyType({})) -> None:
     """``checkpoint.resume`` = PATH must exist and verify (a dir of checkpoints: one of them, newest first, as
     auto); ``auto`` must find at least one checkpoint that verifies when there are any (the trainer would
     otherwise stop after every rank started). The candidates are the manager's (``resume_candidates``).
-    ``tokens``: :func:`check_data`'s token counts, when it ran."""
+    ``checked``: :func:`check_data`'s datasets, when it ran."""
     root = checkpoint_root(cfg.checkpoint, cfg.run.dir)
     mode = effective_resume(cfg.checkpoint, root)
     if mode == "none":
@@ -414,7 +413,7 @@ def check_resume(cfg: Config, tokens: Mapping[str, int] = MappingProxyType({})) 
             raise ConfigError(f"checkpoint.resume = {mode}: {e}; its bytes may well be good: try again once the "
                               "file system answers") from None
         if body is not None:
-            check_resume_matches(cfg, ckpt, body, tokens)
+            check_resume_matches(cfg, ckpt, body, checked)
             newer = None if mode == "auto" else newer_checkpoints_message(root, mode, body["step"], damaged)
             if newer:
                 raise ConfigError(newer)
