@@ -97,10 +97,6 @@ def _timed(fn: Callable[[], object]) -> tuple[float, object]:
     return time.perf_counter() - t0, out
 
 
-def _median(values: list[float]) -> float:
-    return statistics.median(values)
-
-
 def run(args: argparse.Namespace, checked: int) -> int:
     """``checked``: the bytes dist_train.bench.cli.overlap.check found room for."""
     min_tokens = DataConfig.valid_overlap_min_tokens
@@ -129,8 +125,9 @@ def run(args: argparse.Namespace, checked: int) -> int:
                 times[name].append(seconds)
                 found[name] = overlap.shared
     load_after = os.getloadavg()
-    base = _median(times["dataset checks (baseline)"])
-    rows = [{"measurement": k, "median_s": _median(v), "vs_baseline": _median(v) / base, "runs_s": v}
+    medians = {k: statistics.median(v) for k, v in times.items()}
+    base = medians["dataset checks (baseline)"]
+    rows = [{"measurement": k, "median_s": medians[k], "vs_baseline": medians[k] / base, "runs_s": v}
             for k, v in times.items()]
     ok = all(n == planted for n in found.values())
     print(f"overlap check, {args.train_docs:,} training and {args.valid_docs:,} held-out documents of mean "
