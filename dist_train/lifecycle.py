@@ -48,7 +48,8 @@ from .own_files import clear_own_files
 
 # -- exit codes --------------------------------------------------------------------------------
 EXIT_OK = 0
-#: A rank (or launcher) saved a checkpoint after SIGTERM/SIGUSR1 and stopped: resumable. 75 is
+#: A rank (or launcher) stopped after SIGTERM/SIGUSR1, having saved a checkpoint when the run can write one (NVMe
+#: optimizer offload cannot: a restart of such a run starts over). 75 is
 #: EX_TEMPFAIL from sysexits.h ("temporary failure, try again"), which is exactly what a scheduler
 #: requeue means, and it is outside the 128+N range used for deaths by signal.
 EXIT_PREEMPTED = 75
@@ -127,7 +128,8 @@ def describe_exit(code: Optional[int]) -> str:
             name = f"signal {-code}"
         return f"killed by {name}"
     if code == EXIT_PREEMPTED:
-        return f"exit code {code} (preempted, resumable)"
+        # not "resumable": the rank may have had no checkpoint to write (its own line says which)
+        return f"exit code {code} (preempted)"
     if code > 128:
         try:
             return f"exit code {code} ({signal.Signals(code - 128).name})"

@@ -476,7 +476,9 @@ def _train(cfg: Config, ctx: DistContext) -> TrainResult:
         (run_dir / "summary.json").write_text(json.dumps(result.summary, indent=2))
         s = result.summary
         if s["first_loss"] is not None:  # a preempted or time-sliced run is not done: its line must not say so
-            ended = ("preempted, no checkpoint to resume from" if result.exit_code == EXIT_PREEMPTED and unsavable
+            # unsavable: nothing was written; else the preemption's save may have failed with no earlier one to go on
+            ended = ("preempted, no checkpoint to resume from" if result.exit_code == EXIT_PREEMPTED and
+                     (unsavable or ckpt.last_good() is None)
                      else "preempted, resumable" if result.exit_code == EXIT_PREEMPTED
                      else f"stopped with exit status {result.exit_code}" if result.exit_code
                      else "done" if s["steps"] == t.steps

@@ -21,7 +21,9 @@ from typing import Optional
 import torch
 
 from dist_train.atomic_write import write_bytes_atomic
-from dist_train.config import Config, LaunchConfig, check_world_size, load_config
+from dist_train.checkpoint.manager import checkpoint_root
+from dist_train.checkpoint.manifest import complete_checkpoints
+from dist_train.config import CheckpointConfig, Config, LaunchConfig, check_world_size, load_config
 from dist_train.dryrun import show_layout
 from dist_train.preflight import PREFLIGHT_ENV, check_resume, preflight
 from dist_train.runlock import LOCK_ENV, acquire_for_launcher
@@ -45,6 +47,18 @@ def forwarded_env() -> dict[str, str]:
 # ----------------------------------------------------------------------------------------------
 # dist-train launch
 # ----------------------------------------------------------------------------------------------
+def restart_point(ckpt_cfg: CheckpointConfig, root: Path) -> str:
+    """What a restart (``checkpoint.restart``) of the run whose checkpoints live in ``root`` starts from now, as one
+    clause: the newest committed checkpoint there, else what ``checkpoint.resume`` names, else nothing (a run that
+    wrote no checkpoint, e.g. under NVMe optimizer offload, also exits 75 when preempted)."""
+    committed = complete_checkpoints(root)
+    if committed:
+        return f"a restart resumes from {committed[0][1]}"
+    if ckpt_cfg.resume not in ("auto", "none"):
+        return f"no checkpoint in {root}: a restart starts again from checkpoint.resume = {ckpt_cfg.resume}"
+    return f"no checkpoint in {root}: a restart starts from scratch"
+
+
 def resolve_launch(args: argparse.Namespace):
     """Config + flags → (cfg, backend, nproc, nodes, gpus_per_node, max_restarts). Raises ValueError."""
     cfg = load_config(args.config, list(args.set or []))
@@ -210,7 +224,8 @@ def launch_main(args: argparse.Namespace) -> int:
                        max_restarts=max_restarts, watchdog_s=cfg.launch.watchdog_s,
                        collective_timeout_s=cfg.launch.collective_timeout_s,
                        env={**forwarded_env(), **({PREFLIGHT_ENV: "1"} if ranks_here else {}),
-                            LOCK_ENV: lock.token})
+                            LOCK_ENV: lock.token},
+                       restart_point=lambda: restart_point(cfg.checkpoint, checkpoint_root(cfg.checkpoint, run_dir)))
         # a Ray node whose run.dir is not this one's (node-local scratch) gets the config copy with its rank
         be = build_backend(backend, nproc, run_dir, address, nodes, gpus, cfg.launch.placement_timeout_s,
                            files={str(config): config.read_bytes()})

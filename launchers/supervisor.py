@@ -27,7 +27,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, NamedTuple, Optional, Protocol
+from typing import IO, Callable, NamedTuple, Optional, Protocol
 
 from dist_train.lifecycle import (EXIT_DAMAGED, EXIT_DIVERGED, EXIT_HANG, EXIT_OK, EXIT_PREEMPTED, EXIT_USAGE, NOT_RESPONDING_S,
                                   RESTART_ENV, WATCHDOG_COLLECTIVE_SHARE, WATCHDOG_FACTOR, WATCHDOG_MIN_S,
@@ -90,6 +90,10 @@ class JobSpec:
     collective_timeout_s: float = 300.0  # the ranks' launch.collective_timeout_s (bounds the automatic watchdog)
     resume_args: list[str] = field(default_factory=lambda: ["--set", RESTART_OVERRIDE])
     env: dict[str, str] = field(default_factory=dict)
+    #: What a restart would start from, asked once every rank stopped on a preemption, as one clause ("a restart
+    #: resumes from …/step_40", "no checkpoint in …: a restart starts from scratch"): a run that wrote no checkpoint
+    #: (NVMe optimizer offload, a stop before the first save) exits 75 too. None: the launcher cannot tell.
+    restart_point: Optional[Callable[[], str]] = None
 
 
 @dataclass
@@ -230,8 +234,9 @@ class Supervisor:
                         detail=outcome.detail)
             if outcome.kind in ("ok", "preempted", "interrupted"):
                 if outcome.kind == "preempted":
-                    self._say(f"preempted: every rank stopped; exiting with {EXIT_PREEMPTED} (resumable from the last "
-                              f"committed checkpoint)")
+                    where = (self.spec.restart_point() if self.spec.restart_point is not None else
+                             "a restart resumes from the newest committed checkpoint, if the ranks wrote one")
+                    self._say(f"preempted: every rank stopped; exiting with {EXIT_PREEMPTED} ({where})")
                 elif outcome.kind == "interrupted":
                     self._say(f"interrupted twice: every rank killed, exit {outcome.code}")
                 return outcome.code

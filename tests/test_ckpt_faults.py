@@ -16,7 +16,7 @@ from dist_train.checkpoint import blockio, storage
 from dist_train.checkpoint import manifest as mf
 from dist_train.checkpoint.manager import CheckpointDamaged
 from dist_train.checkpoint.manifest import MANIFEST, read_latest, read_manifest, write_manifest
-from dist_train.lifecycle import EXIT_DAMAGED, EXIT_FAILED, EXIT_USAGE, read_heartbeat
+from dist_train.lifecycle import EXIT_DAMAGED, EXIT_FAILED, EXIT_PREEMPTED, EXIT_USAGE, FAULT_ENV, read_heartbeat
 from dist_train.trainer import train
 from tests.trainer_utils import tiny_gpt_config
 from tests.test_ckpt_common import (CkptCfg, build, eval_outputs, flip_byte, model_config, seed_rank, shard_files,
@@ -324,6 +324,19 @@ def test_a_failed_stop_checkpoint_is_not_reported_as_saved(tmp_path, monkeypatch
     assert "checkpoint saved" not in text, text
     assert "exit_interval 2: the checkpoint of step 2 failed (see above): a restart resumes from scratch" in text
     assert not complete_checkpoints(tmp_path / "run" / "checkpoints")
+
+
+def test_a_preempted_run_whose_only_save_failed_is_not_called_resumable(tmp_path, monkeypatch, capsys):
+    """SIGTERM, and the preemption's save (the run's first) fails under on_error=continue: the run's last line (and so
+    the launcher's, which looks for a committed checkpoint) says nothing can be resumed, not "preempted, resumable"."""
+    monkeypatch.setattr(storage._ChecksumStream, "write", _disk_full)
+    monkeypatch.setenv(FAULT_ENV, "rank=0,step=2,signal=TERM")
+    cfg = tiny_gpt_config(tmp_path / "run", steps=4, checkpoint={"on_error": "continue", "async_save": False})
+    assert train(cfg).exit_code == EXIT_PREEMPTED
+    out = capsys.readouterr()
+    text = out.out + out.err
+    assert "the checkpoint of step 2 failed (see above): a restart resumes from scratch" in text, text
+    assert "preempted, no checkpoint to resume from: loss" in text and "preempted, resumable" not in text, text
 
 
 @pytest.mark.parametrize("async_save", [False, True])

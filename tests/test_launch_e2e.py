@@ -103,6 +103,9 @@ def test_mpi_launch_sigterm_checkpoints_and_resumes(tmp_path):
     assert done, out[-4000:]
     saved = done[0][0]
     assert 2 <= saved < 500
+    # the launcher's last line names what the rank wrote, as rank 0's does
+    assert (f"[launcher] preempted: every rank stopped; exiting with {EXIT_PREEMPTED} (a restart resumes from "
+            f"{done[0][1]})") in out, out[-4000:]
     p = _launch(run_dir, "--backend", "local", "--nproc", "2", "--set", f"train.steps={saved + 1}")
     assert p.returncode == 0, (p.stdout + p.stderr)[-4000:]
     summary = json.loads((run_dir / "summary.json").read_text())

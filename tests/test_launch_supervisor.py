@@ -11,7 +11,10 @@ from pathlib import Path
 
 import pytest
 
+from dist_train.checkpoint.manifest import write_manifest
+from dist_train.config import CheckpointConfig
 from dist_train.lifecycle import EXIT_DAMAGED, EXIT_HANG, EXIT_PREEMPTED, read_heartbeat
+from launchers.cli import restart_point
 from launchers.local import LocalBackend
 from launchers.supervisor import NOT_RESTARTABLE, JobSpec, Supervisor
 
@@ -301,3 +304,31 @@ def test_an_attempt_clears_only_heartbeats_from_the_run_dirs_heartbeats_folder(t
         Supervisor(JobSpec(argv=["x"], nproc=1, run_dir=tmp_path), Refused(), out=io.StringIO()).run()
     assert (folder / "notes.txt").read_text() == "a person's file"
     assert not (folder / "rank_0.json").exists()
+
+
+def test_the_preempted_line_says_what_a_restart_starts_from(tmp_path):
+    """Every rank exited 75: the launcher's last line says what the run can resume from, as the ranks' own lines do; a
+    run that wrote no checkpoint (NVMe optimizer offload, a stop before the first save) is not called resumable."""
+    root = tmp_path / "checkpoints"
+    for resume, committed, clause in (
+            ("auto", False, f"no checkpoint in {root}: a restart starts from scratch"),
+            ("none", False, f"no checkpoint in {root}: a restart starts from scratch"),
+            ("/imports/step_7", False, f"no checkpoint in {root}: a restart starts again from checkpoint.resume = "
+                                       "/imports/step_7"),
+            ("/imports/step_7", True, f"a restart resumes from {root / 'step_4'}")):
+        if committed:
+            (root / "step_2").mkdir(parents=True)
+            write_manifest(root / "step_2", {"step": 2})
+            (root / "step_4").mkdir()
+            write_manifest(root / "step_4", {"step": 4})
+            (root / "step_6").mkdir()  # never committed (no manifest): not what a restart resumes from
+        ckpt_cfg = CheckpointConfig(resume=resume)
+        assert restart_point(ckpt_cfg, root) == clause
+        spec = JobSpec(["rank"], nproc=2, run_dir=tmp_path, max_restarts=3,
+                       restart_point=lambda: restart_point(ckpt_cfg, root))
+        out = io.StringIO()
+        be = _ScriptedBackend([EXIT_PREEMPTED, EXIT_PREEMPTED])
+        assert Supervisor(spec, be, poll_s=0.0, out=out).run() == EXIT_PREEMPTED and be.started == 1
+        said = out.getvalue()
+        assert said == f"[launcher] preempted: every rank stopped; exiting with {EXIT_PREEMPTED} ({clause})\n", said
+        assert ("resumes from" in said) == committed, said
