@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from dist_train.plan.report import add_efficiency, efficiency, error_summary, markdown_table, write_outputs
+from dist_train.plan.report import (add_efficiency, efficiency, error_summary, markdown_table, memory_axis,
+                                    write_outputs)
 from dist_train.plan.sweep import classify_failure, expand, launch_command, load_sweep, point_config, run_sweep
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -165,6 +166,15 @@ def test_real_two_point_sweep_end_to_end(tmp_path):
                  "aggregate_loglog.png"):
         assert (out / name).stat().st_size > 0
     assert "6N + 12*L*d_attn*S_eff" in (out / "results.md").read_text()
+
+
+def test_memory_plot_is_against_sequence_length_only_when_the_sweep_varies_it():
+    """A dp/wp/pp sweep at one sequence length drew every point on one vertical line of memory.png."""
+    one_length = [{"seq_len": 8192, "world_size": n} for n in (1, 2, 4)]
+    assert memory_axis(one_length, "world_size") == ("world_size", "devices")
+    assert memory_axis(one_length, "point_index") == ("point_index", "point")
+    growing = [{"seq_len": 1024 * n, "world_size": n} for n in (1, 2, 4)]
+    assert memory_axis(growing, "world_size") == ("seq_len", "sequence length (tokens)")
 
 
 def test_every_shipped_sweep_loads_and_expands():

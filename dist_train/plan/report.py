@@ -139,12 +139,21 @@ def _series_points(records: list[dict], x_key: str, y_key: str) -> dict[str, tup
     return out
 
 
+def memory_axis(ok_records: list[dict], x_key: str) -> tuple[str, str]:
+    """memory.png's x axis: the sequence length when the sweep varies it (sequence-weak, cp grids), else
+    ``x_key`` (devices, or the point of a grid): one sequence length would stack every point on one vertical line."""
+    if len({r.get("seq_len") for r in ok_records}) > 1:
+        return "seq_len", "sequence length (tokens)"
+    return x_key, "devices" if x_key == "world_size" else "point"
+
+
 def write_plots(records: list[dict], out: Path, meta: dict) -> list[Path]:
     """efficiency.png, throughput.png, memory.png, aggregate_loglog.png (matplotlib, Agg backend)."""
     import matplotlib  # only when plots are written: `dist-train scale --help` and the CSV/JSON need none
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter
 
     paths = []
     ok = [r for r in records if r.get("status") == "ok"]
@@ -180,16 +189,21 @@ def write_plots(records: list[dict], out: Path, meta: dict) -> list[Path]:
         ax.plot(xs, ys, "x:", label=f"{lab} planner")
     ax.set(xlabel="devices" if x_key == "world_size" else "point", ylabel="tokens/s per device",
            title=f"{meta['name']}: throughput per device")
+    if x_key == "world_size":
+        ax.set_xticks(ns)  # whole devices, not 1.2, 1.4, ...
     ax.legend(fontsize=7)
     save(fig, "throughput.png")
 
+    mem_x, mem_label = memory_axis(ok, x_key)
     fig, ax = plt.subplots(figsize=(6, 4))
-    for lab, (xs, ys) in _series_points(records, "seq_len", "peak_mem_bytes").items():
+    for lab, (xs, ys) in _series_points(records, mem_x, "peak_mem_bytes").items():
         ax.plot(xs, [y / 2 ** 20 for y in ys], "o-", label=f"{lab} measured (max over ranks)")
-    for lab, (xs, ys) in _series_points(records, "seq_len", "pred_peak_mem_bytes").items():
+    for lab, (xs, ys) in _series_points(records, mem_x, "pred_peak_mem_bytes").items():
         ax.plot(xs, [y / 2 ** 20 for y in ys], "x:", label=f"{lab} planner")
-    ax.set(xlabel="sequence length (tokens)", ylabel="peak memory per rank (MiB)",
-           title=f"{meta['name']}: memory vs sequence length")
+    ax.set(xlabel=mem_label, ylabel="peak memory per rank (MiB)",
+           title=f"{meta['name']}: memory vs {mem_label.split(' (')[0]}")
+    if mem_x == "world_size":
+        ax.set_xticks(ns)
     ax.legend(fontsize=7)
     save(fig, "memory.png")
 
@@ -198,6 +212,8 @@ def write_plots(records: list[dict], out: Path, meta: dict) -> list[Path]:
         ax.loglog(xs, ys, "o-", base=2, label=lab)
         ax.loglog(xs, [ys[0] * x / xs[0] for x in xs], "k--", base=2, alpha=0.5)
     ax.set(xlabel="devices", ylabel="aggregate TFLOP/s", title=f"{meta['name']}: aggregate throughput (dashed: ideal)")
+    ax.set_xticks(ns, [str(n) for n in ns])  # device counts, not 2^0, 2^1
+    ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:.3g}"))
     ax.legend(fontsize=7)
     save(fig, "aggregate_loglog.png")
     return paths
