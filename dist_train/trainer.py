@@ -28,8 +28,8 @@ from .checkpoint.manager import checkpoint_root, trained_tokenizer
 from .checkpoint.manifest import step_dir_name
 from .checkpoint.storage import CheckpointError
 from .config import Config, check_world_size, checkpoint_blocker, save_config
-from .cost.flops import (FLOP_CONVENTION, Throughput, attention_flops_per_key, document_keys, model_params,
-                         train_flops_per_token)
+from .cost.flops import (Throughput, attention_flops_per_key, document_keys, flop_convention, model_params,
+                         param_count, train_flops_per_token)
 from .cost.layout import stages_of_rank
 from .cost.shape import cp_execution, shape_of
 from .data.batches import TokenBatcher
@@ -319,9 +319,9 @@ def _train(cfg: Config, ctx: DistContext) -> TrainResult:
         save_config(cfg, run_dir / "config.yaml")  # start never replaces the config the checkpoints were trained with
     valid_loss: Optional[float] = None
     if ctx.is_main:
-        log.info(f"model {cfg.model.kind}: {n_params / 1e6:.2f}M params | global batch {t.global_batch} = "
+        log.info(f"model {cfg.model.kind}: {param_count(n_params)} params | global batch {t.global_batch} = "
                  f"micro {t.micro_batch} x accum {accum} x dp {mesh.size('dp')} | steps {t.steps} | "
-                 f"FLOPs/token convention: {FLOP_CONVENTION} | device peak {honest.peak.tflops:.4g} TFLOP/s "
+                 f"FLOPs/token convention: {flop_convention(cfg.model.kind)} | device peak {honest.peak.tflops:.4g} TFLOP/s "
                  f"({honest.peak.source})")
 
     def honest_mfu(step_done: int, achieved_tflops: float) -> None:
@@ -460,7 +460,7 @@ def _train(cfg: Config, ctx: DistContext) -> TrainResult:
         "median_step_time_s": med if timed else None, **(thr.metrics(med, float(np.mean(step_keys)) if packed else None) if timed else
                                       {"tokens_per_s": None, "tflops_per_device": None, "mfu": None}),
         "valid_loss": valid_loss,
-        "flop_convention": FLOP_CONVENTION, "device_peak_tflops": honest.peak.tflops,
+        "flop_convention": flop_convention(cfg.model.kind), "device_peak_tflops": honest.peak.tflops,
         "device_peak_source": honest.peak.source, "mfu_peak_warning": honest.warning,
         "peak_mem_bytes": peak_memory_bytes(ctx.device),
         "checkpoint_failed_saves": ckpt.failed_saves,

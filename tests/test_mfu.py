@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from dist_train import metrics
+from dist_train.cost.flops import FLOP_CONVENTION, flop_convention, param_count
 from dist_train.metrics import CUDA_PEAK_TFLOPS, DevicePeak, HonestPeak, cpu_peak, cpu_peak_cache, format_metrics
 from dist_train.trainer import train
 from tests.trainer_utils import tiny_gpt_config
@@ -100,3 +101,12 @@ def test_the_last_line_of_a_run_stopped_by_exit_interval_does_not_say_done(tmp_p
     train(cfg)  # resumes at step 2 and trains the rest: that run is done
     out = capsys.readouterr()
     assert "done: loss" in out.out + out.err
+
+
+def test_the_header_reads_a_tiny_models_size_and_a_swins_convention():
+    """A 19.7k-parameter Swin was printed as "0.0M params" by `plan` and "0.02M" by the trainer, under a
+    convention line that said causal S_eff ~ S/2 for its (non-causal) window attention."""
+    assert [param_count(n) for n in (512, 19_652, 1_234_567, 124_475_904, 8.03e9)] == \
+        ["512", "19.7k", "1.23M", "124M", "8.03B"]
+    assert flop_convention("gpt") == FLOP_CONVENTION and "causal" in FLOP_CONVENTION
+    assert "window area" in flop_convention("swin") and "S/2" not in flop_convention("swin")

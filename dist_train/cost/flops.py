@@ -26,6 +26,23 @@ from ..config import Config
 from .shape import Shape, mean_keys_per_query, shape_of
 
 FLOP_CONVENTION = "6N + 12*L*d_attn*S_eff (causal S_eff = mean keys per query ~ S/2, Megatron halving)"
+#: the same count for a Swin: its window attention is not causal, every query sees the whole window
+SWIN_FLOP_CONVENTION = "6N + 12*L*d_attn*S_eff (swin: S_eff = window area wh*ww, non-causal window attention)"
+
+
+def flop_convention(kind: str) -> str:
+    """The convention line printed beside a model's FLOP numbers: ``FLOP_CONVENTION`` for a GPT (causal), the
+    window-area reading of the same formula for a Swin (``model.kind``)."""
+    return SWIN_FLOP_CONVENTION if kind == "swin" else FLOP_CONVENTION
+
+
+def param_count(n: float) -> str:
+    """A parameter count a person reads at a glance: 19,652 -> "19.7k", 124,475,904 -> "124M", 8.03e9 ->
+    "8.03B" (three significant digits; a tiny model is not "0.0M")."""
+    for div, unit in ((1e9, "B"), (1e6, "M"), (1e3, "k")):
+        if n >= div:
+            return f"{n / div:.3g}{unit}"
+    return f"{n:.0f}"
 
 
 def matmul_params(sh: Shape) -> int:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from ..cli import examples, positive_int
 from ..config import Config, load_config
-from ..cost.flops import FLOP_CONVENTION, flops_per_token, matmul_params
+from ..cost.flops import flop_convention, flops_per_token, matmul_params, param_count
 from ..cost.predict import predict
 from ..cost.shape import shape_of
 from .enumerate import enumerate_layouts, layout_label, rank_layouts, why_slower
@@ -79,10 +79,10 @@ def plan_main(args: argparse.Namespace) -> int:
     prof = get_profile(args.device, args.profile_path)
     devices = args.devices or cfg.world_size
     sh = shape_of(cfg)
-    print(f"{cfg.model.kind}: {sh.params(cfg.model.tie_embeddings) / 1e6:,.1f}M params, {sh.layers} layers, "
+    print(f"{cfg.model.kind}: {param_count(sh.params(cfg.model.tie_embeddings))} params, {sh.layers} layers, "
           f"d={sh.d}, {sh.tokens:,} tokens/sample, global batch {cfg.train.global_batch} | device {prof.name} "
           f"({prof.description}; profile: {prof.source}) x {devices}")
-    print(f"FLOP convention: {FLOP_CONVENTION}: {flops_per_token(sh) / 1e9:.4g} GFLOP/token "
+    print(f"FLOP convention: {flop_convention(cfg.model.kind)}: {flops_per_token(sh) / 1e9:.4g} GFLOP/token "
           f"(dense 6N = {6 * matmul_params(sh) / 1e9:.4g}, attention = "
           f"{12 * sh.layers * sh.q_dim * sh.keys_per_query / 1e9:.4g}, S_eff = {sh.keys_per_query:,.0f})")
     if not prof.is_cpu:
@@ -130,7 +130,7 @@ def plan_main(args: argparse.Namespace) -> int:
             print(f"  {line}")
     if args.json:
         Path(args.json).write_text(json.dumps({
-            "device": prof.name, "devices": devices, "flop_convention": FLOP_CONVENTION,
+            "device": prof.name, "devices": devices, "flop_convention": flop_convention(cfg.model.kind),
             "layouts": [dict(p.to_dict(), label=layout_label(c)) for p, c in ranked]}, indent=2))
     return 0
 
@@ -211,7 +211,8 @@ def scale_main(args: argparse.Namespace) -> int:
     print(f"sweep {spec.name}: {spec.mode} scaling, {len(points)} points, launcher {spec.launcher}, "
           f"{spec.warmup_steps} warm-up + {spec.measure_steps} measured steps, {spec.threads_per_rank} thread(s)/rank "
           f"| planner profile {prof.name} ({prof.source}) | out {out}")
-    print(f"FLOP convention: {FLOP_CONVENTION}")
+    convention = flop_convention(point_config(spec, points[0]).model.kind)
+    print(f"FLOP convention: {convention}")
     cores = prof.cores or 0
     if cores and max(p.world_size for p in points) * spec.threads_per_rank > cores:
         print(f"note: points with more than {cores // spec.threads_per_rank} ranks oversubscribe this machine's "
@@ -227,7 +228,7 @@ def scale_main(args: argparse.Namespace) -> int:
     add_efficiency(spec.mode, records)
     meta = {"name": spec.name, "mode": spec.mode, "description": spec.description, "sweep": str(spec.path),
             "base": str(spec.base),
-            "launcher": spec.launcher, "flop_convention": FLOP_CONVENTION, "efficiency_definition": EFFICIENCY[spec.mode],
+            "launcher": spec.launcher, "flop_convention": convention, "efficiency_definition": EFFICIENCY[spec.mode],
             "device": f"{prof.name} ({prof.description})", "threads_per_rank": spec.threads_per_rank,
             "command": f"dist-train scale {args.sweep}" + (f" --out {args.out}" if args.out else ""),
             "finished": time.strftime("%Y-%m-%d %H:%M:%S")}
