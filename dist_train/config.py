@@ -1007,6 +1007,9 @@ def _validate_validation(cfg: Config) -> None:
         if t.eval_every and d.valid_path is None and valid_frac <= 0:
             raise ConfigError(f"data.split = {d.split!r} has no validation share but train.eval_every = "
                               f"{t.eval_every}: give it one, e.g. \"98,2,0\"")
+    if t.eval_every and d.source == "weather" and d.split is None:
+        raise ConfigError(f"train.eval_every = {t.eval_every} needs held-out data: set data.split (e.g. \"90,10,0\": "
+                          "the last 10% of the weather time steps held out; data.valid_path is for indexed token data)")
     if t.eval_every and d.source != "synthetic" and d.valid_path is None and d.split is None:
         raise ConfigError(f"train.eval_every = {t.eval_every} needs held-out data: set data.valid_path (an indexed "
                           "dataset prefix) or data.split (e.g. \"98,2,0\")")

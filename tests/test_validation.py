@@ -66,6 +66,10 @@ def test_eval_needs_held_out_data(tmp_path):
     with pytest.raises(ConfigError, match="no validation share"):
         tiny_gpt_config(tmp_path, data={"source": "indexed", "path": "x", "split": "100,0,0"},
                         train={"eval_every": 2})
+    # weather data takes no valid_path (refused): the advice is the split alone, with a share that holds steps
+    with pytest.raises(ConfigError, match=r"needs held-out data: set data.split \(e.g. \"90,10,0\"") as e:
+        tiny_swin_config(tmp_path / "run", tmp_path / "data", train={"eval_every": 2})
+    assert "set data.valid_path" not in str(e.value)
 
 
 def test_swin_reports_validation_mse(tmp_path):
