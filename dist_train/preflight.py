@@ -34,7 +34,7 @@ from .data.documents import resolve_eod_id, unknown_eod_message
 from .data.fingerprint import comparable_digest
 from .data.integrity import check_bin_size, check_indexed_dataset, prefix_hint, read_index
 from .data.overlap import Checked, held_out_overlap_message
-from .data.sidecar import named_tokenizer_message, other_tokenizer_message
+from .data.sidecar import named_tokenizer_message, other_tokenizer_message, sidecar_tokenizer
 from .data.tokenizer import get_tokenizer
 from .data.weather import other_dataset_message, weather_meta, weather_settings
 from .dryrun import device_profile
@@ -258,8 +258,9 @@ def _check_indexed(cfg: Config) -> dict[str, Checked]:
         except ValueError as e:
             raise ConfigError(str(e).splitlines()[0]) from None
         if d.valid_path:  # both sidecars as check_indexed_dataset read them (a bad one is refused there)
-            sidecars = checked[d.path].sidecar, checked[d.valid_path].sidecar
-            other = (same_data_message(d.path, d.valid_path, sidecars)
+            both = checked[d.path], checked[d.valid_path]
+            sidecars = both[0].sidecar, both[1].sidecar
+            other = (same_data_message(d.path, d.valid_path, (both[0].identity, both[1].identity))
                      or other_tokenizer_message(d.path, d.valid_path, "data.path", "data.valid_path", sidecars))
             if other:
                 raise ConfigError(other)
@@ -320,8 +321,12 @@ def _train_samples(cfg: Config, checked: Mapping[str, Checked]) -> Optional[int]
         return None
 
 
-def _training_identity(cfg: Config) -> tuple[Optional[str], Optional[str]]:
-    """:func:`training_identity`, (None, None) when the sidecar cannot be read (check_data's refusal)."""
+def _training_identity(cfg: Config, checked: Mapping[str, Checked]) -> tuple[Optional[str], Optional[str]]:
+    """:func:`training_identity`, (None, None) when the sidecar cannot be read (check_data's refusal). ``checked``:
+    see :func:`_train_samples`; data.path's identity is taken from there, computed once per pre-flight."""
+    read = checked.get(cfg.data.path) if cfg.data.path and cfg.model.kind == "gpt" else None
+    if read is not None:  # training_identity's two values, from the sidecar check_data read
+        return read.identity, sidecar_tokenizer(read.sidecar)
     try:
         return training_identity(cfg)
     except ValueError:
@@ -364,7 +369,7 @@ def check_resume_matches(cfg: Config, ckpt: Path, manifest: dict, checked: Mappi
     here before any rank starts. ``checked``: see :func:`_train_samples`."""
     check_model_shapes(cfg, ckpt, manifest)
     extra = checkpoint_extra(ckpt)
-    current_digest, tokenizer = _training_identity(cfg)
+    current_digest, tokenizer = _training_identity(cfg, checked)
     digest = comparable_digest(trained_digest(extra), current_digest, cfg.data.path)
     try:
         changes = compat.check_config(ckpt, manifest.get("config"), cfg.to_dict(),

@@ -11,6 +11,7 @@ import pytest
 from dist_train.cli import main
 from dist_train.config import ConfigError, config_from_dict
 from dist_train.data import document_hashes
+from dist_train.data.datasets import dataset_identity
 from dist_train.data.document_hashes import (compute_document_hashes, dataset_document_hashes,
                                              document_hashes_path, read_document_hashes)
 from dist_train.data.integrity import read_index
@@ -59,19 +60,24 @@ def test_prepare_records_one_hash_per_document_that_the_bin_reproduces(tmp_path)
     assert read_document_hashes(other, 2, read_sidecar(other)["digest"])[1] == recorded[2]
 
 
+def _document_hashes(prefix: str):
+    """:func:`dataset_document_hashes` of the dataset at ``prefix`` as the pre-flight reads it."""
+    return dataset_document_hashes(prefix, read_index(prefix), dataset_identity(prefix, read_sidecar(prefix)))
+
+
 def test_a_hash_file_of_another_build_is_not_used_and_data_hash_writes_it_again(tmp_path):
     prefix = _prepare(tmp_path, "train", DOCS[:4])
     stale = _prepare(tmp_path, "stale", DOCS[4:8])  # same count, other text: its file beside train's .bin
     good = document_hashes_path(prefix).read_bytes()
     document_hashes_path(prefix).write_bytes(document_hashes_path(stale).read_bytes())
-    hashes, source = dataset_document_hashes(prefix, read_index(prefix), read_sidecar(prefix))
+    hashes, source = _document_hashes(prefix)
     assert source == "computed: train.doc_hashes was hashed from another build of train.bin"
     np.testing.assert_array_equal(hashes, np.frombuffer(good[32:], dtype="<u8"))
     document_hashes_path(prefix).unlink()
     r = run_cli("data", "hash", prefix)
     assert r.returncode == 0, r.stderr
     assert document_hashes_path(prefix).read_bytes() == good
-    assert dataset_document_hashes(prefix, read_index(prefix), read_sidecar(prefix))[1] == "file"
+    assert _document_hashes(prefix)[1] == "file"
 
 
 def test_shared_documents_counts_documents_and_tokens_and_skips_short_ones():
@@ -231,6 +237,6 @@ def test_a_hash_file_this_user_cannot_read_is_not_used(tmp_path, monkeypatch):
             raise PermissionError(13, "Permission denied", str(self))
         return real_open(self, *a, **kw)
     monkeypatch.setattr(Path, "open", unreadable)
-    assert dataset_document_hashes(train, read_index(train), read_sidecar(train))[1] == (
+    assert _document_hashes(train)[1] == (
         "computed: train.doc_hashes cannot be read (Permission denied)")
     assert _refusal(_cfg(tmp_path, train, valid)) == with_files

@@ -21,6 +21,7 @@ from dist_train.checkpoint.compat import ResumeMismatchError
 from dist_train.checkpoint.manager import CheckpointDirInUse
 from dist_train.checkpoint.manifest import read_manifest, write_manifest
 from dist_train.config import ConfigError
+from dist_train.data import fingerprint
 from dist_train.data.fingerprint import BLOCK, SAMPLES, dataset_fingerprint, digest_kind
 from dist_train.data.prepare import prepare_indexed
 from dist_train.optim import lr_lambda
@@ -349,6 +350,31 @@ def test_fingerprint_sees_size_content_and_index_and_reads_a_bounded_amount(tmp_
     before = _bytes_read()
     dataset_fingerprint(big)
     assert _bytes_read() - before < 2 * SAMPLES * BLOCK + 2**20  # 2 MiB of a 256 MiB dataset
+
+
+def test_the_pre_flight_fingerprints_each_dataset_built_elsewhere_once(tmp_path, monkeypatch):
+    """data.path and data.valid_path without sidecars, validation on, a checkpoint to resume: the same-data check, the
+    held-out overlap check (its document hash files) and the resume check each need a dataset's identity, its sampled
+    fingerprint here (2 MiB read per dataset, cold on a network file system); the pre-flight reads each dataset's once.
+    """
+    docs, prefix, held = tmp_path / "docs.jsonl", tmp_path / "data" / "ds", tmp_path / "data" / "held"
+    _prepare_docs(docs, prefix, ("alpha ", "beta gamma ", "delta\n"))
+    _prepare_docs(docs, held, ("omega ", "psi chi ", "zeta\n"))
+    for p in (prefix, held):
+        Path(f"{p}.meta.json").unlink()  # built elsewhere (Megatron-LM's tools)
+    data, model = {"source": "indexed", "path": str(prefix), "valid_path": str(held), "seq_len": 32}, {"vocab_size": 257}
+    run, validation = tmp_path / "run", {"eval_every": 2, "eval_steps": 1}
+    train(tiny_gpt_config(run, steps=2, data=data, model=model, train=validation, checkpoint={"at_end": True}))
+    read: list[str] = []
+    hash_file = fingerprint._hash_file
+
+    def counted(h, path: Path) -> None:
+        read.append(path.name)
+        hash_file(h, path)
+
+    monkeypatch.setattr(fingerprint, "_hash_file", counted)
+    preflight(tiny_gpt_config(run, steps=3, data=data, model=model, train=validation), on_cuda=False)
+    assert sorted(read) == ["ds.bin", "ds.idx", "held.bin", "held.idx"], read
 
 
 def _bytes_read() -> int:

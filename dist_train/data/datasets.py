@@ -117,16 +117,16 @@ def dataset_identity(prefix: str, sidecar: Optional[dict]) -> Optional[str]:
     return sidecar_digest(sidecar) or dataset_fingerprint(prefix)
 
 
-def same_data_message(path: str, valid_path: str, sidecars: tuple[Optional[dict], Optional[dict]]) -> Optional[str]:
+def same_data_message(path: str, valid_path: str, identities: tuple[Optional[str], Optional[str]]) -> Optional[str]:
     """One line when the held-out dataset ``valid_path`` is the training dataset ``path`` itself — the same ``.bin``
-    file, or an equal token-stream identity (:func:`dataset_identity`: sidecar digest, else fingerprint), e.g. a
-    copy — so the validation loss would measure training data; None otherwise. ``sidecars``: the two datasets'
-    sidecars as read (:func:`~.sidecar.read_sidecar`), in that order."""
+    file, or an equal token-stream identity, e.g. a copy — so the validation loss would measure training data; None
+    otherwise. ``identities``: the two datasets' :func:`dataset_identity` (sidecar digest, else fingerprint), in that
+    order."""
     if Path(f"{path}.bin").samefile(f"{valid_path}.bin"):
         why = "the same .bin file"
     else:
-        mine = dataset_identity(path, sidecars[0])
-        if mine is None or mine != dataset_identity(valid_path, sidecars[1]):
+        mine = identities[0]
+        if mine is None or mine != identities[1]:
             return None
         why = f"equal {digest_kind(mine)} digests: a copy"
     return (f"data.valid_path = {valid_path} holds the training data of data.path = {path} ({why}): the validation "

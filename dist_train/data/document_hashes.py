@@ -2,7 +2,7 @@
 the training data holds too (:mod:`.overlap`).
 
     write_document_hashes("data/c", hashes, identity)     # dist-train data prepare does, beside .bin/.idx
-    hashes, source = dataset_document_hashes("data/c", read_index("data/c"), read_sidecar("data/c"))  # uint64 [D]
+    hashes, source = dataset_document_hashes("data/c", read_index("data/c"), identity)   # uint64 [D]
 
 A document's hash is the XXH3-64 of its token ids (its EOD included) as little-endian uint32, so it does not depend
 on the ``.bin``'s token dtype (uint16 or int32). File layout, little-endian: magic ``DTDOCHSH`` (8 bytes), version
@@ -119,12 +119,13 @@ def compute_document_hashes(prefix: Prefix, info: IndexInfo) -> np.ndarray:
     return out
 
 
-def dataset_document_hashes(prefix: Prefix, info: IndexInfo, sidecar: Optional[dict]) -> tuple[np.ndarray, str]:
-    """``(hashes uint64 [D], source)`` of the dataset at ``prefix`` whose index and sidecar (None: none) were read as
-    ``info`` and ``sidecar``: PREFIX.doc_hashes's when it belongs to this build (source ``"file"``), else computed
-    from the ``.bin`` (source ``"computed: <why the file was not used>"``)."""
+def dataset_document_hashes(prefix: Prefix, info: IndexInfo, identity: Optional[str]) -> tuple[np.ndarray, str]:
+    """``(hashes uint64 [D], source)`` of the dataset at ``prefix`` whose index was read as ``info`` and whose identity
+    is ``identity`` (:func:`~.datasets.dataset_identity`, computed by the caller, which needs it elsewhere too):
+    PREFIX.doc_hashes's when it belongs to this build (source ``"file"``), else computed from the ``.bin`` (source
+    ``"computed: <why the file was not used>"``)."""
     documents = max(0, info.documents - 1)
-    found = read_document_hashes(prefix, documents, dataset_identity(str(prefix), sidecar))
+    found = read_document_hashes(prefix, documents, identity)
     if isinstance(found, str):
         if documents >= NOTE_DOCUMENTS:  # seconds at every start: say why, and how to spend them once
             print(f"dist-train: {prefix}: {found}; hashing its {documents:,} documents from {Path(str(prefix)).name}.bin "

@@ -21,12 +21,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Optional
 
 import numpy as np
 
 from ..config import Config
-from .datasets import split_part
+from .datasets import dataset_identity, split_part
 from .document_hashes import dataset_document_hashes
 from .integrity import IndexInfo, document_bounds
 
@@ -88,8 +89,14 @@ class Checked:
     index: IndexInfo
     sidecar: Optional[dict]
 
+    @cached_property
+    def identity(self) -> Optional[str]:
+        """:func:`~.datasets.dataset_identity`, computed once: without a sidecar digest it is the sampled fingerprint
+        (2 MiB read), which the same-data, overlap and resume checks of one pre-flight all need."""
+        return dataset_identity(self.prefix, self.sidecar)
+
     def hashes(self) -> np.ndarray:
-        return dataset_document_hashes(self.prefix, self.index, self.sidecar)[0]
+        return dataset_document_hashes(self.prefix, self.index, self.identity)[0]
 
     def bounds(self) -> np.ndarray:
         return document_bounds(self.prefix, self.index)
