@@ -758,7 +758,9 @@ def _refuse_unread_fields(cfg: Config, allowed: frozenset = frozenset()) -> None
     for key, unread, why in _unread_fields(cfg):
         value = _get(cfg, key)
         if unread and key not in allowed and value != _get(defaults, key):
-            raise ConfigError(f"{key} = {value!r}: {why}")
+            # "remove it" from a config file; from the command line (a config that sets it) only a value can be given
+            default = yaml.safe_dump(_get(defaults, key), default_flow_style=True).splitlines()[0]
+            raise ConfigError(f"{key} = {value!r}: {why} (on the command line: --set {key}={default}, its default)")
 
 
 def _validate_run(cfg: Config) -> None:
