@@ -11,11 +11,11 @@ import pytest
 from dist_train.cli import main
 from dist_train.config import ConfigError, config_from_dict
 from dist_train.data import document_hashes
-from dist_train.data.datasets import dataset_identity
+from dist_train.data.datasets import dataset_identity, indexed_part
 from dist_train.data.document_hashes import (compute_document_hashes, dataset_document_hashes,
                                              document_hashes_path, read_document_hashes)
-from dist_train.data.integrity import read_index
-from dist_train.data.overlap import shared_documents
+from dist_train.data.integrity import IndexInfo, read_index
+from dist_train.data.overlap import Checked, share_tokens, shared_documents
 from dist_train.data.prepare import prepare_indexed
 from dist_train.data.sidecar import read_sidecar
 from dist_train.preflight import check_data
@@ -90,6 +90,25 @@ def test_shared_documents_counts_documents_and_tokens_and_skips_short_ones():
     # equal low bits (what the filter looks at) are not a match
     assert shared_documents(valid[:3] + np.uint64(1 << 40), valid, lengths, 64).shared == 0
     assert shared_documents(train, valid, lengths, 1000).counted == 0
+
+
+@pytest.mark.parametrize("split", ["98,2,0", "1,1", "2,1,1", "1,1,1", "1,0", "0,1"])
+def test_the_shares_the_overlap_check_compares_are_the_samples_the_dataset_reads(split):
+    """share_tokens and indexed_part (what IndexedTokenDataset reads) have one definition: on uneven splits their
+    ranges agree token for token, and a share indexed_part refuses as empty (or a stream without a sample) holds no
+    sample for share_tokens either (one token: the neighbouring share's label)."""
+    seq_len = 8
+    for tokens in (0, 1, seq_len, seq_len + 1, 2 * seq_len, 2 * seq_len + 1, 3 * seq_len + 5, 101, 1000):
+        index = IndexInfo(np.dtype(np.uint16), np.array([tokens], dtype=np.int32), np.zeros(1, dtype=np.int64), 2,
+                          np.array([0, 1], dtype=np.int64))
+        for part in ("train", "valid"):
+            lo, hi = share_tokens(Checked("ds", index, None), seq_len, split, part)
+            try:
+                first, end = indexed_part("ds", tokens, seq_len, split, part)
+            except ValueError:
+                assert hi - lo == 1, (tokens, part, lo, hi)
+                continue
+            assert (lo, hi) == (first * seq_len, end * seq_len + 1) and hi <= tokens, (tokens, part)
 
 
 def test_a_partial_overlap_is_refused_naming_both_paths_and_the_counts(tmp_path):

@@ -54,15 +54,22 @@ def split_part(n: int, split: Optional[str], part: str) -> tuple[int, int]:
 SYNTHETIC_VALID_SEED_OFFSET = 1_000_003
 
 
+def part_samples(tokens: int, seq_len: int, split: Optional[str], part: str) -> tuple[int, int]:
+    """Samples [first, end) of the ``part`` ("train" or "valid") under ``data.split`` of a stream of ``tokens`` tokens
+    cut into samples of ``seq_len`` + 1 tokens (each sample's last label is the next one's first input); empty (first
+    == end) when the stream holds no sample or the part gets none. The one definition of what
+    :class:`IndexedTokenDataset` reads (:func:`indexed_part`) and the overlap check compares (data/overlap.py)."""
+    return split_part(max(0, (tokens - 1) // seq_len), split, part)
+
+
 def indexed_part(prefix: str, tokens: int, seq_len: int, split: Optional[str], part: str) -> tuple[int, int]:
-    """Samples [first, end) of the ``part`` ("train" or "valid") under ``data.split`` of the indexed dataset at
-    ``prefix`` holding ``tokens`` tokens, cut into samples of ``seq_len`` + 1 tokens (each sample's last label is the
-    next one's first input). ValueError (one line) when there is no sample, or the part is empty."""
-    total = (tokens - 1) // seq_len
-    if total < 1:
-        raise ValueError(f"data.path = {prefix}: {tokens} tokens is fewer than data.seq_len + 1 = {seq_len + 1}")
-    first, end = split_part(total, split, part)
+    """:func:`part_samples` of the indexed dataset at ``prefix`` holding ``tokens`` tokens. ValueError (one line) when
+    there is no sample, or the part is empty."""
+    first, end = part_samples(tokens, seq_len, split, part)
     if end <= first:
+        total = part_samples(tokens, seq_len, None, "train")[1]  # split None: every sample
+        if total < 1:
+            raise ValueError(f"data.path = {prefix}: {tokens} tokens is fewer than data.seq_len + 1 = {seq_len + 1}")
         raise ValueError(f"data.split: the part [{first}, {end}) of the {total} samples of {prefix} "
                          f"(data.seq_len = {seq_len}) is empty; give it a larger share")
     return first, end

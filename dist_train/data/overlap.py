@@ -27,7 +27,7 @@ from typing import Optional
 import numpy as np
 
 from ..config import Config
-from .datasets import dataset_identity, split_part
+from .datasets import dataset_identity, part_samples
 from .document_hashes import dataset_document_hashes
 from .integrity import IndexInfo, document_bounds
 
@@ -104,9 +104,9 @@ class Checked:
 
 def share_tokens(data: Checked, seq_len: int, split: str, part: str) -> tuple[int, int]:
     """Tokens [lo, hi) of ``data`` that ``split``'s ``part`` ("train" or "valid") reads, as
-    :class:`~.datasets.IndexedTokenDataset` does: its samples of ``seq_len`` + 1 tokens, the last one's label
-    included."""
-    first, end = split_part((data.index.tokens - 1) // seq_len, split, part)
+    :class:`~.datasets.IndexedTokenDataset` does (:func:`~.datasets.part_samples`): its samples of ``seq_len`` + 1
+    tokens, the last one's label included; one token (hi - lo = 1, no sample) when the part is empty."""
+    first, end = part_samples(data.index.tokens, seq_len, split, part)
     return first * seq_len, end * seq_len + 1
 
 
