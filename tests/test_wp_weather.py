@@ -15,6 +15,7 @@ from dist_train.data import weather
 from dist_train.data.weather import WeatherDataset, prepare_weather
 from dist_train.models.swin import build_swin
 from dist_train.preflight import check_data
+from dist_train.trainer import train
 from tests.trainer_utils import tiny_swin_config
 
 
@@ -110,6 +111,37 @@ def test_preflight_refuses_another_dataset_at_the_weather_path_before_any_rank_s
     check_data(tiny_swin_config(tmp_path / "run", path))
     with pytest.raises(ConfigError, match=r"holds a weather dataset generated with height 10, this run needs height 6"):
         check_data(tiny_swin_config(tmp_path / "run", path, data={"image": [6, 16]}))
+
+
+def test_own_fields_are_read_as_they_are_and_never_generated_over(tmp_path):
+    """A fields.npy of one's own at data.path (no meta.json) was replaced by the generated fields, and the run
+    trained on those without a word. Now: refused in one line naming the meta.json that makes them read, the file
+    untouched; with it, they are what the batches hold, and a shape other than the config's is one line."""
+    path = tmp_path / "own"
+    path.mkdir()
+    own = np.random.default_rng(0).standard_normal((12, 10, 16, 2)).astype(np.float32)  # tiny_swin_config's shape
+    np.save(path / "fields.npy", own)
+    cfg = tiny_swin_config(tmp_path / "run", path)
+    with pytest.raises(ConfigError) as info:
+        check_data(cfg)
+    msg = str(info.value)
+    assert "\n" not in msg and "holds fields.npy but no meta.json" in msg and '{"source": "own"}' in msg, msg
+    with pytest.raises(ValueError, match="holds fields.npy but no meta.json"):
+        prepare_weather(path, height=10, width=16, steps=12, channels=2, seed=3)
+    assert np.array_equal(np.load(path / "fields.npy"), own) and [p.name for p in path.iterdir()] == ["fields.npy"]
+
+    (path / "meta.json").write_text('{"source": "own"}')
+    check_data(cfg)
+    ds = WeatherDataset(prepare_weather(path, height=10, width=16, steps=12, channels=2, seed=3))
+    assert np.array_equal(ds.sample(4, slice(0, 10), slice(0, 16))["y"].numpy(), own[5])
+    res = train(cfg)
+    assert len(res.losses) == 5 and np.array_equal(np.load(path / "fields.npy"), own)
+    with pytest.raises(ConfigError, match=r"holds your own fields of shape \[12, 10, 16, 2\] \[steps, H, W, C\], "
+                                          r"this run reads \[12, 6, 16, 2\]"):
+        check_data(tiny_swin_config(tmp_path / "run2", path, data={"image": [6, 16]}))
+    np.save(path / "fields.npy", own.astype(np.int32))
+    with pytest.raises(ConfigError, match="holds int32 values; the fields must be floating point"):
+        check_data(cfg)
 
 
 def test_two_jobs_generating_at_one_fresh_path_never_mix_their_datasets(tmp_path, monkeypatch):

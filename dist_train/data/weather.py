@@ -13,6 +13,10 @@ lon, zero flux at the poles) and relaxation to a per-channel forcing pattern (ti
 fields stay non-trivial for any number of steps; the first SPINUP_STEPS steps (the initial noise
 diffusing) are not written. The whole array [steps, H, W, C] float32 is written
 once to ``fields.npy`` (deterministic in ``seed``) and memory-mapped: ``sample`` reads only the tile.
+
+Your own fields: a directory holding ``fields.npy`` [steps, H, W, C] (floating point) and ``meta.json`` =
+``{"source": "own"}`` is read as it is (its shape must be the run's data.steps, data.image, data.channels) and never
+generated over; a ``fields.npy`` without ``meta.json`` is refused, not replaced.
 """
 from __future__ import annotations
 
@@ -32,6 +36,9 @@ _FORMAT_VERSION = 2  # 2: the first SPINUP_STEPS steps are integrated but not wr
 # integrated before the first written one.
 SPINUP_STEPS = 8
 META_FILE, FIELDS_FILE, LOCK_FILE = "meta.json", "fields.npy", ".prepare.lock"
+#: ``meta.json`` beside fields a person supplies (``fields.npy`` [steps, H, W, C], floating point): read as they are,
+#: never generated over
+OWN_META = {"source": "own"}
 
 
 def _laplacian(f: np.ndarray) -> np.ndarray:
@@ -79,17 +86,46 @@ def weather_meta(*, height: int, width: int, steps: int, channels: int, seed: in
             "channels": channels, "seed": seed, "spinup": SPINUP_STEPS}
 
 
+def own_fields_message(path: Union[str, Path], meta: dict) -> Optional[str]:
+    """For a directory whose ``meta.json`` is :data:`OWN_META` (fields a person supplies, never generated nor
+    overwritten): one line when its ``fields.npy`` is not a float array of the shape [steps, H, W, C] the run's
+    ``meta`` (:func:`weather_meta`) reads, None when it is."""
+    fields_file = Path(path) / FIELDS_FILE
+    if not fields_file.is_file():
+        return f"data.path = {path}: {META_FILE} says own fields, but there is no {FIELDS_FILE} ([steps, H, W, C])"
+    try:
+        fields = np.load(fields_file, mmap_mode="r")
+    except (ValueError, OSError) as e:
+        return f"data.path = {path}: {FIELDS_FILE} is not a readable .npy array ({' '.join(str(e).split())})"
+    want = [meta["steps"], meta["height"], meta["width"], meta["channels"]]
+    if list(fields.shape) != want:
+        return (f"data.path = {path} holds your own fields of shape {list(fields.shape)} [steps, H, W, C], this run "
+                f"reads {want} (data.steps, data.image, data.channels): set those to the file's")
+    if not np.issubdtype(fields.dtype, np.floating):
+        return f"data.path = {path}: {FIELDS_FILE} holds {fields.dtype} values; the fields must be floating point"
+    return None
+
+
 def other_dataset_message(path: Union[str, Path], meta: dict) -> Optional[str]:
     """One line refusing to generate the dataset ``meta`` at ``path`` when a different one is there (None when none
     is, or the same): regenerating in place would change the numbers under a job memory-mapping it, and under a run
-    resuming on it with the same sample count."""
+    resuming on it with the same sample count. A person's own fields (``meta.json`` = :data:`OWN_META`) are never
+    generated over: :func:`own_fields_message` checks them against the run; a ``fields.npy`` with no ``meta.json``
+    (someone's fields, or a generation killed between its two renames) is refused rather than replaced."""
     meta_file = Path(path) / META_FILE
     if not meta_file.is_file():
+        if (Path(path) / FIELDS_FILE).exists():
+            return (f"data.path = {path} holds {FIELDS_FILE} but no {META_FILE}: not a dataset dist-train generated "
+                    f"(or a generation killed before its last file); to train on your own fields [steps, H, W, C], "
+                    f"write {META_FILE} beside it as {json.dumps(OWN_META)}; to generate the synthetic one, use another "
+                    f"data.path or delete {FIELDS_FILE}")
         return None
     try:
         found = json.loads(meta_file.read_text())
     except ValueError:
         found = {}
+    if found == OWN_META:
+        return own_fields_message(path, meta)
     if found == meta:
         return None
     differ = [k for k in meta if found.get(k) != meta[k]]
