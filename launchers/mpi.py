@@ -1,14 +1,19 @@
 """``--backend mpi``: wrap ``mpiexec -n N`` on this machine; each rank runs under the I/O wrapper
-(``launchers.rankio``) and finds its rank in the MPI environment (``launchers.env.populate_rank_env``,
-which also broadcasts the master address and port with mpi4py).
+(``launchers.rankio``) and finds its rank in the MPI environment (``launchers.env.populate_rank_env``); the
+master is 127.0.0.1 and a free port the launcher picks.
 
 The ``mpiexec`` used is ``$DIST_TRAIN_MPIEXEC``, else the one next to this Python (the pip ``mpich``
-package installs it there, and it is the MPI mpi4py was built against), else the first on ``PATH``.
+package installs it there, and it is the MPI mpi4py was built against), else the first on ``PATH``. Where that
+one is MPICH's hydra and its installation has ``mpiexec.gforker`` (pip's does), the ranks start with gforker:
+hydra's ``mpiexec`` and proxy listen on 0.0.0.0 for each other (a control socket every rank inherits, which
+``-iface lo``, ``-localhost`` and ``HYDRA_IFACE`` do not move), while gforker forks every rank here and talks
+PMI over inherited socket pairs. A ``$DIST_TRAIN_MPIEXEC`` is used as given.
 Multi-node MPI jobs are started by the scheduler (``dist-train submit`` writes ``srun``/``mpiexec`` lines
 that run ``dist-train run`` directly), so this backend never needs ssh.
 """
 from __future__ import annotations
 
+import filecmp
 import os
 import shutil
 import subprocess
@@ -24,6 +29,8 @@ from launchers.rankio import exit_status_path, read_exit_status
 from launchers.supervisor import RankProgress, progress_from_heartbeats
 
 MPIEXEC_ENV = "DIST_TRAIN_MPIEXEC"
+#: MPICH's process manager that forks every rank on this machine and listens on nothing.
+GFORKER = "mpiexec.gforker"
 
 
 def find_mpiexec() -> Optional[str]:
@@ -35,6 +42,26 @@ def find_mpiexec() -> Optional[str]:
     if sibling.is_file() and os.access(sibling, os.X_OK):
         return str(sibling)
     return shutil.which("mpiexec") or shutil.which("mpirun")
+
+
+def gforker_beside(mpiexec: str) -> Optional[str]:
+    """The ``mpiexec.gforker`` of the MPICH installation whose hydra ``mpiexec`` is, or None: ``mpiexec`` (after
+    symbolic links) must be that directory's ``mpiexec.hydra`` or a copy of it (pip's ``mpiexec`` is), so an
+    Open MPI ``mpiexec`` is never paired with another installation's gforker."""
+    real = Path(os.path.realpath(mpiexec))
+    gforker, hydra = real.parent / GFORKER, real.parent / "mpiexec.hydra"
+    if not (gforker.is_file() and os.access(gforker, os.X_OK) and hydra.is_file()):
+        return None
+    return str(gforker) if real == hydra or filecmp.cmp(real, hydra, shallow=False) else None
+
+
+def backend_mpiexec() -> Optional[str]:
+    """What ``--backend mpi`` starts the ranks with: ``$DIST_TRAIN_MPIEXEC`` as given, else :func:`find_mpiexec`'s,
+    or the gforker beside it (:func:`gforker_beside`: nothing listens on the network)."""
+    found = find_mpiexec()
+    if found is None or os.environ.get(MPIEXEC_ENV):
+        return found
+    return gforker_beside(found) or found
 
 
 def _tail_of_file(path: Path, n: int) -> list[str]:
@@ -58,7 +85,8 @@ class MpiAttempt:
         codes = [read_exit_status(self.log_dir, r, self.attempt) for r in range(self.world_size)]
         launcher = self.proc.poll()
         if launcher is not None:
-            # A rank that left no status died with its wrapper (mpiexec killed it): use mpiexec's code.
+            # A rank that left no status died with its wrapper (mpiexec killed it): use mpiexec's code, unless that
+            # is 0 (gforker exits 0 after a rank died of a signal, and after a single rank's failure).
             codes = [c if c is not None else (launcher or 1) for c in codes]
         return codes
 
@@ -111,7 +139,7 @@ class MpiBackend:
     def __init__(self, nproc: int, run_dir: Path, mpiexec: Optional[str] = None, extra_args: tuple[str, ...] = ()):
         if nproc < 1:
             raise ValueError(f"--nproc {nproc}: the mpi backend needs at least 1 rank")
-        self.mpiexec = mpiexec or find_mpiexec()
+        self.mpiexec = mpiexec or backend_mpiexec()
         if not self.mpiexec:
             raise ValueError("--backend mpi: no mpiexec found (set DIST_TRAIN_MPIEXEC, put one on PATH, or "
                              "pip install mpich)")

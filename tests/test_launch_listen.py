@@ -19,7 +19,7 @@ from dist_train.loopback import loopback_environment
 from dist_train.rendezvous import RendezvousError, bind_address, create_store, listening_socket
 from dist_train.spawn import run_ranks
 from launchers.env import LAUNCHER_ENV, LaunchError, free_port, populate_rank_env
-from launchers.mpi import MpiBackend
+from launchers.mpi import GFORKER, MPIEXEC_ENV, MpiBackend, gforker_beside
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -111,6 +111,32 @@ def test_mpi_backend_ranks_rendezvous_and_talk_on_loopback(tmp_path, monkeypatch
     assert env["MASTER_ADDR"] == "127.0.0.1" and 0 < int(env["MASTER_PORT"]) < 65536
     assert all(env[k] == loopback for k in ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME", "UCX_NET_DEVICES",
                                             "FI_TCP_IFACE")), env
+
+
+def test_mpi_backend_starts_the_ranks_with_the_gforker_of_hydras_installation(tmp_path, monkeypatch):
+    """hydra's mpiexec and proxy listen on 0.0.0.0 for each other (a control socket every rank inherits; `-iface lo`
+    does not move it): `--backend mpi` starts the ranks with the `mpiexec.gforker` beside the mpiexec it found, when
+    that one is the installation's hydra (pip's mpiexec is a copy of mpiexec.hydra). Another MPI's mpiexec and a
+    `$DIST_TRAIN_MPIEXEC` are used as they are. (A real job's sockets: tests/test_launch_e2e.py, the mpi test.)"""
+    pip = tmp_path / "venv" / "bin"
+    pip.mkdir(parents=True)
+    for name, text in (("mpiexec", "hydra"), ("mpiexec.hydra", "hydra"), (GFORKER, "gforker"), ("mpirun", "ompi")):
+        (pip / name).write_text(text)
+        (pip / name).chmod(0o755)
+    gforker = str(pip / GFORKER)
+    assert gforker_beside(str(pip / "mpiexec")) == gforker == gforker_beside(str(pip / "mpiexec.hydra"))
+    (tmp_path / "mpiexec").symlink_to(pip / "mpiexec.hydra")  # /usr/bin/mpiexec -> the installation's hydra
+    assert gforker_beside(str(tmp_path / "mpiexec")) == gforker
+    assert gforker_beside(str(pip / "mpirun")) is None  # not this installation's hydra
+    (pip / GFORKER).unlink()
+    assert gforker_beside(str(pip / "mpiexec")) is None
+    (pip / GFORKER).write_text("gforker")
+    (pip / GFORKER).chmod(0o755)
+    monkeypatch.setattr(sys, "executable", str(pip / "python"))  # where find_mpiexec looks first
+    monkeypatch.delenv(MPIEXEC_ENV, raising=False)
+    assert MpiBackend(2, tmp_path / "run").mpiexec == gforker
+    monkeypatch.setenv(MPIEXEC_ENV, str(pip / "mpiexec"))  # the user's choice
+    assert MpiBackend(2, tmp_path / "run").mpiexec == str(pip / "mpiexec")
 
 
 @pytest.mark.parametrize("placed", [
