@@ -50,6 +50,17 @@ class BatchSpec:
     python: str = sys.executable
     mpiexec: Optional[str] = None  # PBS: default the mpiexec beside ``python`` (its MPI), else "mpiexec"
     script_path: Optional[str] = None  # where the script will be written (PBS requeue resubmits it)
+    # the absolute directory `dist-train submit` ran in: the job cds there and its log paths are absolute, so the
+    # script runs the same wherever sbatch/qsub is typed (None: the scheduler's submit directory, relative logs)
+    workdir: Optional[str] = None
+    # the directory holding the dist_train and launchers packages the job runs (put first on PYTHONPATH: a PBS job
+    # gets none of the submitting shell's environment without qsub -V); None: the job's python finds them itself
+    code_root: Optional[str] = None
+
+    @property
+    def log_dir(self) -> str:
+        """Where the scheduler's output and the ranks' logs go: run.dir/logs, absolute when ``workdir`` is set."""
+        return str(Path(self.workdir, self.run_dir) / "logs") if self.workdir else f"{self.run_dir}/logs"
 
     @property
     def per_node(self) -> int:
@@ -87,7 +98,9 @@ def validate(spec: BatchSpec) -> None:
     # Values written into the script's #SBATCH/#PBS lines: a newline there starts a shell command of the job,
     # whitespace another scheduler option (e.g. --export=LD_PRELOAD=…); the config that names them may come
     # from someone else.
-    for what, value in (("job name (--job-name, else run.name)", spec.name), ("run.dir", spec.run_dir)):
+    for what, value in (("job name (--job-name, else run.name)", spec.name), ("run.dir", spec.run_dir),
+                        ("the directory dist-train submit runs in (the job's log path starts with it)",
+                         spec.workdir or "")):
         bad = next((c for c in value if c.isspace() or not c.isprintable()), None)
         if bad is not None:
             raise ValueError(f"{what} {value!r}: holds {bad!r}, which would end the #SBATCH/#PBS line it is "
@@ -112,13 +125,13 @@ def _job_args(spec: BatchSpec) -> list[str]:
 
 def _rank_command(spec: BatchSpec) -> str:
     """What each rank runs: the I/O wrapper around ``dist_train run``; preemption keeps status 75."""
-    return _q([spec.python, "-m", "launchers.rankio", "--log-dir", f"{spec.run_dir}/logs",
+    return _q([spec.python, "-m", "launchers.rankio", "--log-dir", spec.log_dir,
                "--preempted-exit", str(EXIT_PREEMPTED), "--", spec.python, "-m", "dist_train", "run",
                *_job_args(spec)])
 
 
 def _header(spec: BatchSpec) -> list[str]:
-    log = f"{spec.run_dir}/logs"
+    log = spec.log_dir
     if spec.scheduler == "slurm":
         lines = [f"#SBATCH --job-name={spec.name}", f"#SBATCH --nodes={spec.nodes}",
                  f"#SBATCH --ntasks-per-node={spec.per_node}", f"#SBATCH --time={spec.time}",
@@ -215,13 +228,20 @@ def render(spec: BatchSpec) -> str:
     validate(spec)
     requeue = ('scontrol requeue "$SLURM_JOB_ID"' if spec.scheduler == "slurm"
                else f"qsub {shlex.quote(spec.script_path)}" if spec.script_path else "qsub \"$0\"")
-    workdir = 'cd "$PBS_O_WORKDIR"' if spec.scheduler == "pbs" else 'cd "$SLURM_SUBMIT_DIR"'
+    workdir = (f"cd {shlex.quote(spec.workdir)}" if spec.workdir
+               else 'cd "$PBS_O_WORKDIR"' if spec.scheduler == "pbs" else 'cd "$SLURM_SUBMIT_DIR"')
     lines = ["#!/bin/bash", *_header(spec), "",
              f"# dist-train job {spec.name}: {spec.nodes} node(s) x {spec.per_node} rank(s), backend {spec.backend}",
              "# written by `dist-train submit`; every start resumes from the newest committed checkpoint.",
-             "set -uo pipefail", workdir, f"mkdir -p {shlex.quote(spec.run_dir + '/logs')}"]
+             "set -uo pipefail", workdir, f"mkdir -p {shlex.quote(spec.log_dir)}"]
+    if spec.scheduler == "pbs":
+        # PBS writes -o anew at every start, and a requeue is a new job: each start appends to a file of its own
+        lines.append(f'exec >> {shlex.quote(spec.log_dir)}/"pbs-$PBS_JOBID.out" 2>&1  # this start\'s output')
     lines += [f"module load {m}" for m in spec.modules]
     lines += list(spec.env_lines)
+    if spec.code_root:  # after the modules and env lines, which may set a PYTHONPATH of their own (kept after it)
+        lines.append(f'export PYTHONPATH={shlex.quote(spec.code_root)}"${{PYTHONPATH:+:$PYTHONPATH}}"  '
+                     "# the dist-train code that wrote this script")
     lines += ["export PYTHONUNBUFFERED=1", f"export DIST_TRAIN_EXPECT_WORLD={spec.world_size}", ""]
     lines += _mpi_body(spec) if spec.backend == "mpi" else _ray_body(spec)
     lines += [f"if [ \"$status\" -eq {EXIT_PREEMPTED} ]; then",

@@ -172,6 +172,8 @@ LAUNCHED_CONFIG = "launched_config.yaml"
 #: bytes' digest: jobs submitted into one run dir (a chain of stages, --directive --dependency=...) may be queued at
 #: once, and one file for all would have the last submission's config run by every job of the chain
 SUBMITTED_CONFIG = "submitted_config-{digest}.yaml"
+#: the directory holding the dist_train and launchers packages this process runs: a submitted job runs the same code
+CODE_ROOT = Path(__file__).resolve().parents[1]
 
 
 def snapshot_config(config: str, run_dir: Path, name: str = LAUNCHED_CONFIG) -> Path:
@@ -270,7 +272,7 @@ def submit_main(args: argparse.Namespace) -> int:
                      run_dir=cfg.run.dir, name=args.job_name or cfg.run.name, gpus_per_node=gpus,
                      ntasks_per_node=args.ntasks_per_node, backend=args.backend, overrides=overrides,
                      modules=list(args.module), env_lines=list(args.env_line), directives=list(args.directive),
-                     script_path=str(script_path.absolute()))
+                     script_path=str(script_path.absolute()), workdir=str(Path.cwd()), code_root=str(CODE_ROOT))
     try:
         check_world_size(cfg, spec.world_size, "in the batch script")
     except ValueError as e:

@@ -18,6 +18,11 @@ STUBS = {
 while [[ "${1:-}" == -* ]]; do [[ "$1" == -w ]] && shift; shift; done
 exec "$@"
 ''',
+    "mpiexec": '''#!/bin/bash
+# drop mpiexec's options (-n N --ppn P), run the command here
+while [[ "${1:-}" == -* ]]; do shift; shift; done
+exec "$@"
+''',
     "scontrol": '''#!/bin/bash
 case "$1" in
   show) echo localhost ;;
@@ -39,7 +44,8 @@ if [[ "$1" == -m && "$2" == dist_train ]]; then
   while true; do sleep 0.1; done
 fi
 if [[ "$1" == -m && "$2" == launchers.rankio ]]; then
-  echo "$MASTER_PORT" >> "$MARK/master_port"; exit 0
+  echo "$MASTER_PORT" >> "$MARK/master_port"; pwd > "$MARK/cwd"; echo "$PYTHONPATH" > "$MARK/pythonpath"
+  echo "$@" > "$MARK/rank_args"; echo "a rank's line"; exit 0
 fi
 exec "$REAL_PYTHON" "$@"
 ''',
@@ -116,6 +122,35 @@ def test_slurm_mpi_master_port_is_checked_free(tmp_path):
     assert 1024 < port < 65536
 
 
+@pytest.mark.parametrize("scheduler", ["slurm", "pbs"])
+def test_a_submitted_script_runs_the_same_from_any_directory(scheduler, tmp_path):
+    """The script cd'd to the scheduler's submit directory and named run.dir and its logs relative to it: typed
+    from another directory (`sbatch /abs/runs/x/submit_slurm.sh`, as the "not found on PATH" line advises), the
+    job ran in the wrong place and Slurm could not open its --output. PBS wrote -o anew at every start, so a
+    requeue lost the previous start's output. A PBS job (no qsub -V) did not see the code that wrote it."""
+    bin_dir, mark, env = _stub_env(tmp_path)
+    work, elsewhere = tmp_path / "work", tmp_path / "elsewhere"
+    work.mkdir()
+    elsewhere.mkdir()
+    spec = BatchSpec(config="c.yaml", scheduler=scheduler, nodes=1, time="00:10:00", name="t", run_dir="runs/x",
+                     python=str(bin_dir / "python"), mpiexec=str(bin_dir / "mpiexec"), workdir=str(work),
+                     code_root="/the/code")
+    text = render(spec)
+    logs = work / "runs" / "x" / "logs"
+    assert (f"#SBATCH --output={logs}/slurm-%j.out" if scheduler == "slurm" else f"#PBS -o {logs}/pbs.out") in text
+    script = tmp_path / "job.sh"
+    script.write_text(text)
+    env = {**env, "SLURM_SUBMIT_DIR": str(elsewhere), "PBS_O_WORKDIR": str(elsewhere), "PBS_JOBID": "12.pbs"}
+    done = subprocess.run(["bash", str(script)], env=env, cwd=elsewhere, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert (mark / "cwd").read_text().strip() == str(work) and logs.is_dir()
+    assert f"--log-dir {logs} " in (mark / "rank_args").read_text()
+    assert (mark / "pythonpath").read_text().startswith("/the/code:")
+    if scheduler == "pbs":
+        assert "a rank's line" in (logs / "pbs-12.pbs.out").read_text() and "a rank's line" not in done.stdout
+    assert not list(elsewhere.iterdir())
+
+
 def test_pbs_uses_the_mpiexec_beside_the_job_python(tmp_path):
     venv_bin = tmp_path / "venv" / "bin"
     venv_bin.mkdir(parents=True)
@@ -148,6 +183,7 @@ def test_a_run_dir_the_shell_would_expand_stays_literal(tmp_path):
     ("run_dir", "/r s"),
     ("directives", ["--account=a\nrm -rf ~"]),
     ("modules", ["cuda/12.4\ncurl x | sh"]),
+    ("workdir", "/home/a b"),  # the log path in #SBATCH --output / #PBS -o starts with it
 ])
 @pytest.mark.parametrize("scheduler", ["slurm", "pbs"])
 def test_values_that_would_end_a_directive_line_are_refused(field, value, scheduler):
