@@ -214,11 +214,8 @@ def _check_held_out_documents(cfg: Config, checked: dict[str, Checked]) -> None:
     them is refused, the validation loss would be optimistic. ``checked``: the datasets as read, by prefix."""
     try:
         overlap = held_out_overlap_message(cfg, checked)
-    except ValueError as e:  # a damaged document table, named "data.path = PREFIX: ..." as any dataset's problem
-        line, valid = str(e).splitlines()[0], cfg.data.valid_path
-        if valid and line.startswith(f"data.path = {valid}: "):
-            line = line.replace("data.path = ", "data.valid_path = ", 1)
-        raise ConfigError(line) from None
+    except ValueError as e:  # a damaged document table, named by its key (Checked.key) as any dataset's problem
+        raise ConfigError(str(e).splitlines()[0]) from None
     if overlap:
         raise ConfigError(overlap)
 
@@ -235,22 +232,22 @@ def _check_indexed(cfg: Config) -> dict[str, Checked]:
     d, m = cfg.data, cfg.model
     checked: dict[str, Checked] = {}  # the index and sidecar each check read, for the later checks
 
-    def check(prefix: str) -> None:
-        result = check_indexed_dataset(prefix, m.vocab_size, d.seq_len)
-        checked[prefix] = Checked(prefix, result["index"], result["sidecar"])
+    def check(prefix: str, key: str) -> None:
+        result = check_indexed_dataset(prefix, m.vocab_size, d.seq_len, key)
+        checked[prefix] = Checked(prefix, result["index"], result["sidecar"], key)
 
     if d.valid_path:
         try:  # the held-out dataset must exist (nothing builds it) and pass the same checks
-            check(d.valid_path)
+            check(d.valid_path, "data.valid_path")
         except ValueError as e:
-            raise ConfigError(str(e).replace("data.path = ", "data.valid_path = ", 1)) from None
+            raise ConfigError(str(e).splitlines()[0]) from None
     if not d.path:
         raise ConfigError("data.path is not set: give the prefix of a Megatron indexed dataset "
                           "(dist-train data prepare --output PREFIX)")
     have = [Path(f"{d.path}{s}").is_file() for s in (".bin", ".idx")]
     if all(have):
         try:
-            check(d.path)
+            check(d.path, "data.path")
             # the parts the ranks read (data.split's training share; its validation share when validation reads it):
             # an empty one is refused by every rank's dataset after start-up
             samples = {part: _samples(indexed_part(d.path, checked[d.path].index.tokens, d.seq_len, d.split, part))
@@ -266,7 +263,8 @@ def _check_indexed(cfg: Config) -> dict[str, Checked]:
                 raise ConfigError(other)
         if cfg.train.eval_every:  # the ranks' Evaluator would refuse it after start-up
             held_out = checked.get(d.valid_path)
-            _check_held_out(cfg, _samples(indexed_part(d.valid_path, held_out.index.tokens, d.seq_len, None, "train"))
+            _check_held_out(cfg, _samples(indexed_part(d.valid_path, held_out.index.tokens, d.seq_len, None, "train",
+                                                       "data.valid_path"))
                             if held_out else samples["valid"])
         _check_held_out_documents(cfg, checked)
         return checked

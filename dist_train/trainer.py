@@ -111,7 +111,7 @@ def build_batcher(cfg: Config, mesh: Mesh, model: torch.nn.Module, part: str = "
         if dist.is_initialized():
             dist.barrier()
         if part == "valid" and d.valid_path:
-            source = IndexedTokenDataset(d.valid_path, d.seq_len, cfg.run.seed)
+            source = IndexedTokenDataset(d.valid_path, d.seq_len, cfg.run.seed, key="data.valid_path")
         else:
             source = IndexedTokenDataset(d.path, d.seq_len, cfg.run.seed, d.split, part)
     else:

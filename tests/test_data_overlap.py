@@ -156,13 +156,17 @@ def test_the_document_that_starts_the_validation_share_is_not_its_own_duplicate(
     assert "1 of the 3 documents of the validation share" in _refusal(_cfg(tmp_path, repeated, split="50,50,0"))
 
 
-def test_a_damaged_document_table_of_the_held_out_set_is_refused_naming_data_valid_path(tmp_path):
+@pytest.mark.parametrize("key", ["data.path", "data.valid_path"])
+def test_a_damaged_document_table_is_refused_naming_the_key_of_its_dataset(tmp_path, key):
+    """The overlap check reads both datasets' document tables (data.path's for the documents data.split's training
+    share reads); a damaged one is named by the key the config gives its dataset (Checked.key), whichever it is."""
     train = _prepare(tmp_path, "train", DOCS[:6])
     valid = _prepare(tmp_path, "valid", DOCS[6:9])
-    idx = Path(valid + ".idx")
+    damaged = train if key == "data.path" else valid
+    idx = Path(damaged + ".idx")
     idx.write_bytes(idx.read_bytes()[:-8] + np.int64(99).tobytes())  # the table's last entry: not the sequence count
-    msg = _refusal(_cfg(tmp_path, train, valid))
-    assert msg.startswith(f"data.valid_path = {valid}: {valid}.idx document table does not run"), msg
+    msg = _refusal(_cfg(tmp_path, train, valid, split="2,0,1"))
+    assert msg.startswith(f"{key} = {damaged}: {damaged}.idx document table does not run"), msg
 
 
 def test_datasets_without_the_hash_file_or_a_sidecar_are_hashed_from_their_bin(tmp_path, monkeypatch, capsys):

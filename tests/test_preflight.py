@@ -149,6 +149,28 @@ def test_held_out_dataset_is_checked_like_the_training_one(tmp_path, dataset):
     _refused(small, "data.valid_path = ", "model.vocab_size")
 
 
+@pytest.mark.parametrize("key", ["data.path", "data.valid_path"])
+def test_a_damaged_dataset_is_named_by_the_key_that_names_it(tmp_path, dataset, key):
+    """Both datasets pass the same checks, which take the key the config names the dataset with: each message names
+    the right one (a truncated .bin: the size check, also the ranks' dataset's; a truncated .idx: the index reader)."""
+    (tmp_path / "held.jsonl").write_text("\n".join(json.dumps({"text": t * 40}) for t in ("omega ", "psi chi ", "zeta\n")))
+    held = str(tmp_path / "held")
+    prepare_indexed([tmp_path / "held.jsonl"], held)
+    train = _copy(dataset, tmp_path)
+    damaged = train if key == "data.path" else held
+    cfg = _cfg(tmp_path, train, data={"valid_path": held}, train={"eval_every": 2})
+    binary = Path(damaged + ".bin")
+    binary.write_bytes(binary.read_bytes()[:-2])
+    _refused(cfg, f"{key} = {damaged}: {binary} is ", "the .bin is truncated")
+    with pytest.raises(ValueError, match=f"^{key} = {damaged}: {binary} is "):  # a rank's own check, the same way
+        IndexedTokenDataset(damaged, 16, 0, key=key)
+    binary.write_bytes(binary.read_bytes() + b"\0\0")
+    index = Path(damaged + ".idx")
+    index.write_bytes(index.read_bytes()[:20])
+    msg = _refused(cfg, f"{key} = {damaged}: {index} is 20 bytes, shorter than")
+    assert msg.startswith(key + " = "), msg
+
+
 def test_a_held_out_dataset_that_is_the_training_data_is_refused(tmp_path, dataset):
     """data.valid_path naming data.path itself, or a copy of it: the validation loss measured the training samples
     (train/validation overlap of 100%), silently. Refused naming why: the same file, or equal digests."""

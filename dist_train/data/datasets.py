@@ -62,14 +62,15 @@ def part_samples(tokens: int, seq_len: int, split: Optional[str], part: str) -> 
     return split_part(max(0, (tokens - 1) // seq_len), split, part)
 
 
-def indexed_part(prefix: str, tokens: int, seq_len: int, split: Optional[str], part: str) -> tuple[int, int]:
-    """:func:`part_samples` of the indexed dataset at ``prefix`` holding ``tokens`` tokens. ValueError (one line) when
-    there is no sample, or the part is empty."""
+def indexed_part(prefix: str, tokens: int, seq_len: int, split: Optional[str], part: str,
+                 key: str = "data.path") -> tuple[int, int]:
+    """:func:`part_samples` of the indexed dataset at ``prefix`` (the config's ``key``: data.path or data.valid_path)
+    holding ``tokens`` tokens. ValueError (one line) when there is no sample, or the part is empty."""
     first, end = part_samples(tokens, seq_len, split, part)
     if end <= first:
         total = part_samples(tokens, seq_len, None, "train")[1]  # split None: every sample
         if total < 1:
-            raise ValueError(f"data.path = {prefix}: {tokens} tokens is fewer than data.seq_len + 1 = {seq_len + 1}")
+            raise ValueError(f"{key} = {prefix}: {tokens} tokens is fewer than data.seq_len + 1 = {seq_len + 1}")
         raise ValueError(f"data.split: the part [{first}, {end}) of the {total} samples of {prefix} "
                          f"(data.seq_len = {seq_len}) is empty; give it a larger share")
     return first, end
@@ -80,18 +81,20 @@ class IndexedTokenDataset:
 
     ``split``/``part``: only the ``part`` ("train" or "valid") of the stream's samples under ``data.split``
     (no validation label is ever a training token: the only token both read is the training share's last label,
-    the validation share's first input); default (split None) all of them."""
+    the validation share's first input); default (split None) all of them. ``key``: the config key naming
+    ``prefix`` in its messages (data.path or data.valid_path)."""
 
-    def __init__(self, prefix: str, seq_len: int, seed: int, split: Optional[str] = None, part: str = "train"):
+    def __init__(self, prefix: str, seq_len: int, seed: int, split: Optional[str] = None, part: str = "train",
+                 key: str = "data.path"):
         if not Path(f"{prefix}.idx").is_file() or not Path(f"{prefix}.bin").is_file():
-            raise ValueError(f"data.path = {prefix}: {prefix}.bin/.idx not found")
-        index = read_index(prefix)  # one-line errors for a truncated or foreign .idx
-        check_bin_size(prefix, index)  # the token id range is checked once, before the ranks start (preflight)
+            raise ValueError(f"{key} = {prefix}: {prefix}.bin/.idx not found")
+        index = read_index(prefix, key)  # one-line errors for a truncated or foreign .idx
+        check_bin_size(prefix, index, key)  # the token id range is checked once, before the ranks start (preflight)
         # Megatron's .bin is the concatenation of every sequence's tokens in order: memmap it whole.
         self.tokens = np.memmap(f"{prefix}.bin", dtype=index.dtype, mode="r")
         self.seq_len = seq_len
         self.seed = seed
-        self.first, end = indexed_part(prefix, len(self.tokens), seq_len, split, part)
+        self.first, end = indexed_part(prefix, len(self.tokens), seq_len, split, part, key)
         self.num_chunks = end - self.first
 
     @lru_cache(maxsize=4)

@@ -51,53 +51,54 @@ class IndexInfo:
         return int(self.lengths.sum(dtype=np.int64))
 
 
-def read_index(prefix: Prefix) -> IndexInfo:
-    """Parse ``PREFIX.idx``; a missing, truncated or foreign file is a ValueError naming it (one line)."""
+def read_index(prefix: Prefix, key: str = "data.path") -> IndexInfo:
+    """Parse ``PREFIX.idx``; a missing, truncated or foreign file is a ValueError naming it (one line) and the config
+    key that names the dataset (``key``: data.path or data.valid_path)."""
     path = Path(f"{prefix}.idx")
     try:
         size = path.stat().st_size
         with path.open("rb") as f:
             head = f.read(_HEADER.size)
     except OSError as e:
-        raise ValueError(f"data.path = {prefix}: cannot read {path} ({e.strerror or e})") from None
+        raise ValueError(f"{key} = {prefix}: cannot read {path} ({e.strerror or e})") from None
     if len(head) < _HEADER.size:
-        raise ValueError(f"data.path = {prefix}: {path} is {size} bytes, shorter than the {_HEADER.size}-byte "
+        raise ValueError(f"{key} = {prefix}: {path} is {size} bytes, shorter than the {_HEADER.size}-byte "
                          "header of a Megatron index: truncated; rebuild it with dist-train data prepare")
     magic, version, code, n_seq, n_doc = _HEADER.unpack(head)
     if magic != INDEX_MAGIC:
-        raise ValueError(f"data.path = {prefix}: {path} does not start with the Megatron index magic "
+        raise ValueError(f"{key} = {prefix}: {path} does not start with the Megatron index magic "
                          f"{INDEX_MAGIC!r} (found {magic!r}): not an indexed-dataset .idx")
     if version != 1:
-        raise ValueError(f"data.path = {prefix}: {path} has index version {version}; only version 1 is supported")
+        raise ValueError(f"{key} = {prefix}: {path} has index version {version}; only version 1 is supported")
     if code not in _TOKEN_DTYPES:
-        raise ValueError(f"data.path = {prefix}: {path} declares token dtype code {code}; token ids need an "
+        raise ValueError(f"{key} = {prefix}: {path} declares token dtype code {code}; token ids need an "
                          f"integer code ({', '.join(map(str, sorted(_TOKEN_DTYPES)))})")
     expected = _HEADER.size + 12 * n_seq + 8 * n_doc
     if size not in (expected, expected + n_seq):  # + int8 modes when multimodal
-        raise ValueError(f"data.path = {prefix}: {path} is {size:,} bytes but its header promises {n_seq:,} "
+        raise ValueError(f"{key} = {prefix}: {path} is {size:,} bytes but its header promises {n_seq:,} "
                          f"sequences and {n_doc:,} documents ({expected:,} bytes): truncated or damaged")
     table = np.memmap(path, dtype=np.uint8, mode="r")
     lengths = np.frombuffer(table, dtype=np.int32, count=n_seq, offset=_HEADER.size)
     pointers = np.frombuffer(table, dtype=np.int64, count=n_seq, offset=_HEADER.size + 4 * n_seq)
     document_indices = np.frombuffer(table, dtype=np.int64, count=n_doc, offset=_HEADER.size + 12 * n_seq)
     if n_seq and int(lengths.min()) < 0:
-        raise ValueError(f"data.path = {prefix}: {path} lists a negative sequence length: damaged")
+        raise ValueError(f"{key} = {prefix}: {path} lists a negative sequence length: damaged")
     return IndexInfo(np.dtype(_TOKEN_DTYPES[code]), lengths, pointers, int(n_doc), document_indices)
 
 
-def check_bin_size(prefix: Prefix, info: IndexInfo) -> None:
+def check_bin_size(prefix: Prefix, info: IndexInfo, key: str = "data.path") -> None:
     """The ``.bin`` must be exactly the bytes the ``.idx`` describes (a truncated .bin would otherwise train
-    on whatever is left, silently)."""
+    on whatever is left, silently). ``key``: the config key its messages name (:func:`read_index`)."""
     path = Path(f"{prefix}.bin")
     try:
         size = path.stat().st_size
     except OSError as e:
-        raise ValueError(f"data.path = {prefix}: cannot read {path} ({e.strerror or e})") from None
+        raise ValueError(f"{key} = {prefix}: cannot read {path} ({e.strerror or e})") from None
     itemsize = info.dtype.itemsize
     expected = info.tokens * itemsize
     if size != expected:
         what = "truncated" if size < expected else f"{size - expected:,} bytes longer"
-        raise ValueError(f"data.path = {prefix}: {path} is {size:,} bytes but {prefix}.idx describes {info.tokens:,} "
+        raise ValueError(f"{key} = {prefix}: {path} is {size:,} bytes but {prefix}.idx describes {info.tokens:,} "
                          f"tokens of {itemsize} bytes ({expected:,} bytes): the .bin is {what} or the two files "
                          "come from different builds; rebuild with dist-train data prepare")
     offset = 0  # in chunks: an index of 10^8 sequences must not need GBs of temporaries here
@@ -105,19 +106,19 @@ def check_bin_size(prefix: Prefix, info: IndexInfo) -> None:
         lengths = info.lengths[lo:lo + _CHUNK].astype(np.int64)
         starts = offset + np.concatenate(([0], np.cumsum(lengths[:-1])))
         if not np.array_equal(starts * itemsize, info.pointers[lo:lo + _CHUNK]):
-            raise ValueError(f"data.path = {prefix}: {prefix}.idx sequence pointers do not match its lengths: "
+            raise ValueError(f"{key} = {prefix}: {prefix}.idx sequence pointers do not match its lengths: "
                              "damaged index; rebuild with dist-train data prepare")
         offset += int(lengths.sum())
 
 
-def document_bounds(prefix: Prefix, info: IndexInfo) -> np.ndarray:
+def document_bounds(prefix: Prefix, info: IndexInfo, key: str = "data.path") -> np.ndarray:
     """int64 [D + 1]: document d is tokens [bounds[d], bounds[d + 1]) of the ``.bin`` (its sequences are contiguous:
     :func:`check_bin_size` checked the pointers). ValueError (one line) when the document table is not the sequence
-    indices 0 .. S in order, as megatron-core writes it."""
+    indices 0 .. S in order, as megatron-core writes it; it names ``key`` (:func:`read_index`)."""
     docs, n_seq = info.document_indices, len(info.lengths)
     if (len(docs) == 0 or int(docs[0]) != 0 or int(docs[-1]) != n_seq
             or (len(docs) > 1 and bool((np.diff(docs) < 0).any()))):
-        raise ValueError(f"data.path = {prefix}: {prefix}.idx document table does not run from sequence 0 to "
+        raise ValueError(f"{key} = {prefix}: {prefix}.idx document table does not run from sequence 0 to "
                          f"{n_seq:,} in order: damaged index; rebuild with dist-train data prepare")
     seq_starts = np.empty(n_seq + 1, dtype=np.int64)
     seq_starts[:n_seq] = info.pointers // info.dtype.itemsize
@@ -152,21 +153,21 @@ def prefix_hint(path: Prefix) -> str:
     return ""
 
 
-def check_indexed_dataset(prefix: Prefix, vocab_size: int, seq_len: int) -> dict:
+def check_indexed_dataset(prefix: Prefix, vocab_size: int, seq_len: int, key: str = "data.path") -> dict:
     """Every start-up check of one dataset; returns ``{"tokens", "max_token_id", "source", "index", "sidecar"}``
     (source: "sidecar" or "scan"; index: the :class:`IndexInfo` read; sidecar: the sidecar read, None when there is
-    none), so later checks need not read the files again. Raises ValueError with one line naming the file and what
-    would be valid."""
+    none), so later checks need not read the files again. Raises ValueError with one line naming the config key that
+    names the dataset (``key``: data.path or data.valid_path), the file and what would be valid."""
     for suffix in (".bin", ".idx"):
         if not Path(f"{prefix}{suffix}").is_file():
-            raise ValueError(f"data.path = {prefix}: {prefix}{suffix} not found"
+            raise ValueError(f"{key} = {prefix}: {prefix}{suffix} not found"
                              + (prefix_hint(prefix) or f" (build the dataset with dist-train data prepare --output "
                                                        f"{prefix})"))
-    info = read_index(prefix)
-    check_bin_size(prefix, info)
+    info = read_index(prefix, key)
+    check_bin_size(prefix, info, key)
     meta = read_sidecar(prefix)
     if meta is not None and int(meta.get("tokens", info.tokens)) != info.tokens:
-        raise ValueError(f"data.path = {prefix}: {sidecar_path(prefix)} records {int(meta['tokens']):,} tokens but "
+        raise ValueError(f"{key} = {prefix}: {sidecar_path(prefix)} records {int(meta['tokens']):,} tokens but "
                          f"{prefix}.idx describes {info.tokens:,}: the sidecar belongs to another build")
     if meta is not None:
         lo, hi, source = 0, int(meta["max_token_id"]), f"its sidecar {sidecar_path(prefix).name}"
@@ -174,13 +175,13 @@ def check_indexed_dataset(prefix: Prefix, vocab_size: int, seq_len: int) -> dict
         lo, hi = token_id_range(prefix, info)
         source = f"a scan of {Path(f'{prefix}.bin').name}"
     if lo < 0:
-        raise ValueError(f"data.path = {prefix}: token id {lo} (from {source}) is negative: damaged .bin")
+        raise ValueError(f"{key} = {prefix}: token id {lo} (from {source}) is negative: damaged .bin")
     if hi >= vocab_size:
-        raise ValueError(f"data.path = {prefix}: token id {hi} (from {source}) is outside model.vocab_size = "
+        raise ValueError(f"{key} = {prefix}: token id {hi} (from {source}) is outside model.vocab_size = "
                          f"{vocab_size} (valid ids 0..{vocab_size - 1}); set model.vocab_size >= {hi + 1} or "
                          "prepare the data with the model's tokenizer")
     if info.tokens < seq_len + 1:
-        raise ValueError(f"data.path = {prefix}: {info.tokens:,} tokens is fewer than data.seq_len + 1 = "
+        raise ValueError(f"{key} = {prefix}: {info.tokens:,} tokens is fewer than data.seq_len + 1 = "
                          f"{seq_len + 1}")
     return {"tokens": info.tokens, "max_token_id": hi, "source": "sidecar" if meta is not None else "scan",
             "index": info, "sidecar": meta}

@@ -83,11 +83,13 @@ def shared_documents(train_hashes: np.ndarray, valid_hashes: np.ndarray, valid_l
 @dataclass(frozen=True)
 class Checked:
     """A dataset as the pre-flight read it (:func:`~.integrity.check_indexed_dataset`'s ``index`` and ``sidecar``):
-    the overlap check reads neither file again."""
+    the overlap check reads neither file again. ``key``: the config key naming it (data.path or data.valid_path), as
+    its messages do."""
 
     prefix: str
     index: IndexInfo
     sidecar: Optional[dict]
+    key: str = "data.path"
 
     @cached_property
     def identity(self) -> Optional[str]:
@@ -99,7 +101,7 @@ class Checked:
         return dataset_document_hashes(self.prefix, self.index, self.identity)[0]
 
     def bounds(self) -> np.ndarray:
-        return document_bounds(self.prefix, self.index)
+        return document_bounds(self.prefix, self.index, self.key)
 
 
 def share_tokens(data: Checked, seq_len: int, split: str, part: str) -> tuple[int, int]:
