@@ -17,7 +17,7 @@ def add_launch_arguments(parser: argparse.ArgumentParser) -> None:
     parser.description = ("Start every rank of a job and train: an embedded or existing Ray cluster, mpiexec, "
                           "or local subprocesses. Restarts from the last checkpoint on failure "
                           "(--max-restarts), forwards SIGTERM/SIGUSR1 for a preemption checkpoint "
-                          "(exit status 75 = resumable).")
+                          "(exit status 75 = preempted: resumable once a checkpoint was written).")
     parser.epilog = examples(
         "dist-train launch configs/gpt_tiny.yaml --backend local --nproc 2 --set parallel.dp=2",
         "dist-train launch configs/demo.yaml --backend ray               # embedded Ray cluster",
