@@ -16,9 +16,10 @@ def reference_attention(q, k, v, *, causal: bool = True, window: Optional[int] =
     kk, vv = k.repeat_interleave(g, dim=2), v.repeat_interleave(g, dim=2)
     scale = d ** -0.5 if scale is None else scale
     scores = torch.einsum("bihd,bjhd->bhij", q, kk) * scale
-    i = torch.arange(s)[:, None]
-    j = torch.arange(s)[None, :]
-    ok = torch.ones(s, s, dtype=torch.bool)
+    # the mask on the scores' device: a CUDA masked_fill refuses a CPU mask (the gpu tests use this reference)
+    i = torch.arange(s, device=q.device)[:, None]
+    j = torch.arange(s, device=q.device)[None, :]
+    ok = torch.ones(s, s, dtype=torch.bool, device=q.device)
     if causal:
         ok &= j <= i
     if window is not None:

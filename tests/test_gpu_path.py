@@ -130,6 +130,34 @@ def test_chunked_cross_entropy_on_cuda_equals_the_full_loss(dtype, tol, record_p
             torch.cuda.set_sync_debug_mode("default")
 
 
+@pytest.mark.parametrize("case", ["window", "per-sample documents"])
+def test_masked_attention_blocks_make_no_device_sync(case):
+    """Window edges and document cuts are explicit blocks (a mask per block, built in every forward and backward)
+    through the CUDA block kernel: under set_sync_debug_mode("error") no block reads a device value or makes a
+    blocking host-to-device copy (tests/test_device_placement.py checks the same on meta tensors)."""
+    from parallelism.context import local_attention
+
+    gen = torch.Generator().manual_seed(0)
+    q = torch.randn(2, 2048, 8, 64, generator=gen).to(DEV, torch.bfloat16).requires_grad_()
+    k, v = (torch.randn(2, 2048, 2, 64, generator=gen).to(DEV, torch.bfloat16).requires_grad_() for _ in range(2))
+    kwargs = {"window": {"window": 300},
+              "per-sample documents": {"cu_seqlens": [[0, 700, 2048], [0, 1000, 1500, 2048]]}}[case]
+
+    def step():
+        local_attention(q, k, v, causal=True, **kwargs).sum().backward()
+
+    step()  # a first call: the ops chosen, pinned host blocks allocated
+    if DEV == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+    try:
+        step()
+    finally:
+        if DEV == "cuda":
+            torch.cuda.set_sync_debug_mode("default")
+    assert q.grad.device.type == DEV and bool(torch.isfinite(q.grad).all())
+
+
 #: bytes per layer the CUDA attention may save beyond the model's q, k, v, output and logsumexp: flash attention's
 #: RNG state (philox seed and offset, saved even without dropout), which the model does not count
 CUDA_ATTENTION_RNG_BYTES = 64

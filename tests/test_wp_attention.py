@@ -43,7 +43,7 @@ def swin_reference(q, k, v, *, window, shift, wrap, bias, scale, roll=True):
         rel = coords[:, :, None] - coords[:, None, :]
         index = (rel[0] + wh - 1) * (2 * ww - 1) + (rel[1] + ww - 1)
         scores = scores + bias.reshape(nh, -1)[:, index][None]
-    img = torch.zeros(H, W)
+    img = torch.zeros(H, W, device=q.device)  # the mask on the scores' device: a CUDA masked_fill refuses a CPU one
     h_sl = (slice(0, -wh), slice(-wh, -sh), slice(-sh, None)) if sh and not wrap[0] else (slice(None),)
     w_sl = (slice(0, -ww), slice(-ww, -sw), slice(-sw, None)) if sw and not wrap[1] else (slice(None),)
     cnt = 0
@@ -62,11 +62,11 @@ def swin_reference(q, k, v, *, window, shift, wrap, bias, scale, roll=True):
 class LocalMaskSpec(WindowSpec):
     """The classic bug: Swin's mask built from the tile's LOCAL coordinates instead of global ones."""
 
-    def labels(self):
+    def labels(self, device="cpu"):
         rows, cols = self.layout.tile(self.rank)
         h, w = rows.stop - rows.start, cols.stop - cols.start
-        return region_labels(wrap_flags(0, h, self.shift[0], h, self.wrap[0]),
-                             wrap_flags(0, w, self.shift[1], w, self.wrap[1]), h, w)
+        return region_labels(wrap_flags(0, h, self.shift[0], h, self.wrap[0], device),
+                             wrap_flags(0, w, self.shift[1], w, self.wrap[1], device), h, w)
 
 
 # (grid, image H, W, window, shift, wrap, bias, batch)

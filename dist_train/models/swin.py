@@ -47,6 +47,7 @@ from parallelism.window.attention import group_rank_size
 from parallelism.window.halo import halo_roll
 from parallelism.window.layout import TileLayout, as_pair
 from parallelism.window.ulysses import heads_to_shares, share_rows, shares_to_heads
+from parallelism.host_copy import to_device
 from parallelism.window.windows import region_labels, window_attention, wrap_flags
 
 from ..cost.shape import token_grid
@@ -101,7 +102,7 @@ class WindowBlock(nn.Module):
     def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor,
                 ctx: "_TileContext") -> torch.Tensor:
         """Window attention on the rolled whole tile: q, k, v [B, h, w, heads', D] → [B, h, w, heads', D]."""
-        labels, key_valid = ctx.masks(self.shift)
+        labels, key_valid = ctx.masks(self.shift, q.device)
         return window_attention(q, k, v, window=self.window, labels=labels, key_valid=key_valid, bias=bias,
                                 scale=q.shape[-1] ** -0.5)
 
@@ -143,11 +144,13 @@ class _TileContext:
         # cp: tokens of every cp rank's share of this tile (group-rank order) and this rank's place in it
         self.cp_group, self.cp_rank, self.share_tokens = cp_group, cp_rank, share_tokens
         self.cp = max(1, len(share_tokens))
-        self._masks: dict[tuple[int, int], Any] = {}
+        self._masks: dict[tuple[tuple[int, int], Any], Any] = {}
 
-    def masks(self, shift: tuple[int, int]):
-        """(Swin region labels, key_valid) of the rolled tile; both from GLOBAL rolled coordinates."""
-        if shift not in self._masks:
+    def masks(self, shift: tuple[int, int], device: torch.device | str = "cpu"):
+        """(Swin region labels, key_valid) of the rolled tile; both from GLOBAL rolled coordinates, on ``device``
+        (built on the host, copied once per forward and shift: window_attention on CUDA needs them there)."""
+        device = torch.device(device)
+        if (shift, device) not in self._masks:
             rows, cols = self.layout.tile(self.rank)
             h, w = rows.stop - rows.start, cols.stop - cols.start
             labels = region_labels(wrap_flags(rows.start, h, shift[0], self.layout.height, self.wrap[0]),
@@ -155,8 +158,9 @@ class _TileContext:
             src_r = (torch.arange(rows.start, rows.stop) + shift[0]) % self.layout.height  # unrolled position
             src_c = (torch.arange(cols.start, cols.stop) + shift[1]) % self.layout.width
             valid = (src_r < self.real[0])[:, None] & (src_c < self.real[1])[None, :]
-            self._masks[shift] = (labels, None if bool(valid.all()) else valid)
-        return self._masks[shift]
+            valid = None if bool(valid.all()) else valid
+            self._masks[(shift, device)] = tuple(None if m is None else to_device(m, device) for m in (labels, valid))
+        return self._masks[(shift, device)]
 
 
 class SwinModel(nn.Module):

@@ -20,6 +20,7 @@ from typing import Optional, Sequence, Union
 
 import torch
 
+from ..host_copy import to_device
 from .layouts import Chunk
 
 Docs = tuple[tuple[int, ...], ...]
@@ -93,8 +94,9 @@ def doc_extent(row: tuple[int, ...], positions: torch.Tensor) -> tuple[torch.Ten
 
 
 def doc_index(row: tuple[int, ...], positions: torch.Tensor) -> torch.Tensor:
-    """LongTensor [n]: index of the document holding each global position."""
-    return torch.searchsorted(torch.tensor(row, dtype=torch.long, device=positions.device), positions,
+    """LongTensor [n]: index of the document holding each global position (on the positions' device; the
+    boundaries get there by an asynchronous copy, :func:`~parallelism.host_copy.to_device`)."""
+    return torch.searchsorted(to_device(torch.tensor(row, dtype=torch.long), positions.device), positions,
                               right=True) - 1
 
 

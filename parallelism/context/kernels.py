@@ -257,12 +257,12 @@ def zero_empty_rows(out: torch.Tensor, lse: torch.Tensor, allowed: Optional[torc
 
     A fully masked row of an additive-bias kernel is 0/0: whatever the op returns there (NaN, 0,
     a finite lse) is replaced, so the merge gives it weight 0 (and 0·NaN never reaches the state).
+    Masked whether or not a row is empty: asking first (``bool(empty.any())``) would wait for the GPU
+    once per masked block.
     """
     if allowed is None:
         return out, lse
     empty = ~allowed.any(-1)                                  # [Sq], or [B, 1, Sq] per-sample documents
-    if not bool(empty.any()):
-        return out, lse
     rows = empty if empty.dim() == 1 else empty[:, 0]         # [Sq] / [B, Sq]
     return (out.masked_fill(rows[..., None, None], 0.0), lse.masked_fill(empty, NEG_INF))
 

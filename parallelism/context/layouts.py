@@ -33,8 +33,9 @@ class Chunk:
     def last(self) -> int:
         return self.start + self.stride * (self.length - 1)
 
-    def positions(self) -> torch.Tensor:
-        return torch.arange(self.length, dtype=torch.long) * self.stride + self.start
+    def positions(self, device: torch.device | str = "cpu") -> torch.Tensor:
+        """LongTensor [length]: the chunk's global positions, built on ``device`` (no host-to-device copy)."""
+        return torch.arange(self.length, dtype=torch.long, device=device) * self.stride + self.start
 
 
 def check_layout(layout: str) -> None:

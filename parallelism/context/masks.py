@@ -124,9 +124,10 @@ def allowed_pairs(q: Chunk, k: Chunk, causal: bool, window: Optional[int],
 def mask_tensor(q: Chunk, k: Chunk, causal: bool, window: Optional[int],
                 device: torch.device | str = "cpu", docs: Optional[Docs] = None) -> torch.Tensor:
     """BoolTensor, True where query may attend to key: [q.length, k.length], or [rows, 1, q.length,
-    k.length] when ``docs`` has several rows (broadcastable to [B, H, Sq, Sk] either way)."""
-    i = q.positions().to(device)[:, None]
-    j = k.positions().to(device)[None, :]
+    k.length] when ``docs`` has several rows (broadcastable to [B, H, Sq, Sk] either way). Built on ``device``
+    with no synchronising copy (a CUDA kernel asks for one per masked block of every call)."""
+    i = q.positions(device)[:, None]
+    j = k.positions(device)[None, :]
     ok = torch.ones(q.length, k.length, dtype=torch.bool, device=device)
     if causal:
         ok &= j <= i

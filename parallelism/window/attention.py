@@ -84,12 +84,12 @@ class WindowSpec:
     scale: float
     group: Optional[dist.ProcessGroup]
 
-    def labels(self) -> Optional[torch.Tensor]:
-        """[h, w] Swin region labels of this rank's rolled tile, from GLOBAL rolled coordinates."""
+    def labels(self, device: torch.device | str = "cpu") -> Optional[torch.Tensor]:
+        """[h, w] Swin region labels of this rank's rolled tile, from GLOBAL rolled coordinates, on ``device``."""
         rows, cols = self.layout.tile(self.rank)
         h, w = rows.stop - rows.start, cols.stop - cols.start
-        return region_labels(wrap_flags(rows.start, h, self.shift[0], self.layout.height, self.wrap[0]),
-                             wrap_flags(cols.start, w, self.shift[1], self.layout.width, self.wrap[1]), h, w)
+        return region_labels(wrap_flags(rows.start, h, self.shift[0], self.layout.height, self.wrap[0], device),
+                             wrap_flags(cols.start, w, self.shift[1], self.layout.width, self.wrap[1], device), h, w)
 
 
 def _attend(x: torch.Tensor, labels: Optional[torch.Tensor], bias: Optional[torch.Tensor],
@@ -113,7 +113,7 @@ class WindowParallelAttention(torch.autograd.Function):
         wh, ww = spec.window
         # The windows of the rolled tile whose pixels are all this rank's own: computed while in flight.
         hi, wi = (h - sh) // wh * wh, (w - sw) // ww * ww
-        labels = spec.labels()
+        labels = spec.labels(qkv.device)
         lab = (lambda r, c: None) if labels is None else (lambda r, c: labels[r, c])
         with torch.enable_grad():
             x = qkv.detach().requires_grad_(q.requires_grad or k.requires_grad or v.requires_grad)

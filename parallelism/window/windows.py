@@ -10,6 +10,8 @@ from typing import Optional
 
 import torch
 
+from ..host_copy import to_device
+
 
 def window_partition(x: torch.Tensor, window: tuple[int, int]) -> torch.Tensor:
     """[B, h, w, *rest] → [B, h/wh, w/ww, wh·ww, *rest] (tokens of each window in row-major order)."""
@@ -48,33 +50,42 @@ def check_bias(bias: Optional[torch.Tensor], heads: int, window: tuple[int, int]
                          f"got {list(bias.shape)}")
 
 
+@functools.lru_cache(maxsize=32)
+def _relative_position_index_on(window: tuple[int, int], device: torch.device) -> torch.Tensor:
+    """:func:`relative_position_index` on ``device``, copied there once (not by every layer of every step)."""
+    return to_device(relative_position_index(window), device)
+
+
 def bias_matrix(bias: torch.Tensor, window: tuple[int, int]) -> torch.Tensor:
     """Relative position bias table [heads, 2wh−1, 2ww−1] → per-window bias [heads, N, N]. The table is its one
     caller's, :func:`window_attention`, which has checked its shape (:func:`check_bias`, with the head count)."""
     heads = bias.shape[0]
-    idx = relative_position_index(window).to(bias.device)
-    return bias.reshape(heads, -1)[:, idx]
+    return bias.reshape(heads, -1)[:, _relative_position_index_on(window, bias.device)]
 
 
-def wrap_flags(start: int, length: int, shift: int, size: int, wrap: bool) -> Optional[torch.Tensor]:
+def wrap_flags(start: int, length: int, shift: int, size: int, wrap: bool,
+               device: torch.device | str = "cpu") -> Optional[torch.Tensor]:
     """Per position of a rolled axis, whether its source pixel came through the roll's wrap-around.
 
     ``start`` is the GLOBAL rolled coordinate of the tile's first position (a local one is exactly the
     classic bug). Two tokens that differ in this flag only meet through the wrap; on a non-periodic
-    axis (``wrap=False``) Swin masks them. None when nothing needs masking along this axis.
+    axis (``wrap=False``) Swin masks them. None when nothing needs masking along this axis. Built on ``device``
+    (the attention's: no host-to-device copy).
     """
     if wrap or shift == 0 or start + length + shift <= size:
         return None
-    return (torch.arange(start, start + length) + shift) >= size
+    return (torch.arange(start, start + length, device=device) + shift) >= size
 
 
 def region_labels(row_flags: Optional[torch.Tensor], col_flags: Optional[torch.Tensor],
                   h: int, w: int) -> Optional[torch.Tensor]:
-    """[h, w] int labels: tokens attend only to tokens with the same label (None: all the same)."""
+    """[h, w] int labels: tokens attend only to tokens with the same label (None: all the same); on the flags'
+    device."""
     if row_flags is None and col_flags is None:
         return None
-    rows = row_flags.long() if row_flags is not None else torch.zeros(h, dtype=torch.long)
-    cols = col_flags.long() if col_flags is not None else torch.zeros(w, dtype=torch.long)
+    device = (row_flags if row_flags is not None else col_flags).device
+    rows = row_flags.long() if row_flags is not None else torch.zeros(h, dtype=torch.long, device=device)
+    cols = col_flags.long() if col_flags is not None else torch.zeros(w, dtype=torch.long, device=device)
     return rows[:, None] * 2 + cols[None, :]
 
 
@@ -86,8 +97,11 @@ def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, windo
     q, k, v: [B, h, w, heads, D]; labels: [h, w] region labels (pairs with different labels are masked);
     key_valid: [h, w] bool, False for padding — a real query never attends to a padded key (a padded
     query may, so no row is ever fully masked); bias: [heads, 2wh−1, 2ww−1]. Returns [B, h, w, heads, D].
+    ``labels`` and ``key_valid`` may be host tensors (built from layout integers): they are copied to q's device
+    (:func:`~parallelism.host_copy.to_device`), since a CUDA ``masked_fill`` refuses a CPU mask.
     """
     check_bias(bias, q.shape[3], window)
+    labels, key_valid = (None if m is None else to_device(m, q.device) for m in (labels, key_valid))
     qw, kw, vw = (window_partition(t, window).movedim(-2, 3) for t in (q, k, v))  # [B, nh, nw, heads, N, D]
     scores = torch.matmul(qw, kw.transpose(-1, -2)) * scale
     if bias is not None:

@@ -1,0 +1,118 @@
+"""The CUDA paths rehearsed on a CPU machine, on the ``meta`` device.
+
+Meta tensors refuse what a GPU refuses and CPU runs let through: a non-scalar CPU operand ("Tensor on device meta
+is not on the expected device cpu", where CUDA says "expected self and mask to be on the same device") and any
+read of a value (``.item()``, ``bool(t)``: on a GPU a host-device sync). What meta does not refuse, a blocking copy
+of a host tensor to the device (on a GPU a sync as well), :class:`BlockingCopies` records. So each path below,
+run on meta, holds no CPU tensor built inside it, waits for no device value and makes no blocking copy: what a GPU
+run needs, checked without one. (Values are not checked here: the same code's exactness tests run on CPU.)
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import parallelism.context.attention as cp_attention
+import parallelism.context.simulate as simulate
+import tests.test_gpu_path as gpu_path
+from dist_train.models.swin import build_swin
+from parallelism.context import local_attention
+from parallelism.context.kernels import CUDA_OPS, CudaSdpaKernel
+from parallelism.host_copy import to_device
+from parallelism.window import window_parallel_attention
+from tests.test_swin_saved_tensors import SHAPES, _config
+
+META = torch.device("meta")
+
+
+class BlockingCopies(TorchDispatchMode):
+    """Records every copy of a host tensor to another device that is not ``non_blocking`` (``.to(device)``,
+    ``copy_``): on a GPU each one waits for the device (``set_sync_debug_mode("error")`` refuses it)."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.ops.aten._to_copy.default:
+            src, dst = args[0].device, kwargs.get("device") or args[0].device
+            if src.type == "cpu" and torch.device(dst).type != "cpu" and not kwargs.get("non_blocking"):
+                self.seen.append(f"{func}: {tuple(args[0].shape)} {src} -> {dst}")
+        elif func is torch.ops.aten.copy_.default:
+            dst, src = args[0], args[1]
+            if src.device.type == "cpu" and dst.device.type != "cpu" and not (args[2:] and args[2]):
+                self.seen.append(f"{func}: {tuple(src.shape)} {src.device} -> {dst.device}")
+        return func(*args, **kwargs)
+
+
+def test_the_detector_sees_a_blocking_copy_and_not_an_asynchronous_one():
+    with BlockingCopies() as copies:
+        torch.arange(4).to(META)
+        torch.empty(4, device=META).copy_(torch.arange(4))
+        to_device(torch.arange(4), META)
+    assert len(copies.seen) == 2, copies.seen
+    t = torch.arange(3)
+    assert to_device(t, "cpu") is t
+
+
+def test_window_parallel_attention_keeps_its_swin_masks_on_the_device():
+    """wrap=False with a shift: the region labels mask the wrapped rows. They were built on the host and handed to a
+    CUDA masked_fill, which refuses a CPU mask (every shifted Swin window attention on a GPU failed)."""
+    q, k, v = (torch.randn(2, 16, 24, 4, 32, device=META, requires_grad=True) for _ in range(3))
+    bias = torch.randn(4, 15, 15, device=META, requires_grad=True)
+    with BlockingCopies() as copies:
+        out = window_parallel_attention(q, k, v, window=8, shift=4, grid=1, group=None, bias=bias)
+        out.sum().backward()
+    assert out.device == META and q.grad.device == META and bias.grad.device == META
+    assert copies.seen == []
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=["square", "uneven-window", "padded"])
+def test_the_swin_model_trains_on_a_device_other_than_the_host(shape):
+    """The Swin model's forward and backward (plain and shifted blocks; region labels, padding mask, relative
+    position bias) with its parameters and pixels on the device."""
+    cfg = _config(*shape)
+    model = build_swin(cfg.model, wp_group=None, grid=(1, 1), init_seed=3).to(META)
+    image = tuple(cfg.data.image)
+    x, y = (torch.randn(1, *image, 3, device=META) for _ in range(2))
+    with BlockingCopies() as copies:
+        loss, count = model({"x": x, "y": y, "image_size": torch.tensor(image)})
+        (loss / count).backward()
+    assert loss.device == META and all(p.grad.device == META for p in model.parameters())
+    assert copies.seen == []
+
+
+@pytest.mark.parametrize("case", ["window", "shared documents", "per-sample documents"])
+def test_the_cuda_block_kernel_masks_blocks_without_waiting_for_the_device(monkeypatch, case):
+    """Window edges and document cuts are explicit blocks: a mask per block, per call, forward and backward, through
+    the CUDA kernel (torch's real attention ops, whose meta functions run anywhere). The masks were built from host
+    positions copied to the device, and each block asked whether a row was empty (``bool(empty.any())``): several
+    syncs per masked block on a GPU, the host and device taking turns in every windowed or packed step."""
+    monkeypatch.setattr(cp_attention, "get_kernel", lambda name, device, dtype: CudaSdpaKernel(available=CUDA_OPS))
+    q = torch.randn(2, 2048, 8, 64, device=META, dtype=torch.bfloat16, requires_grad=True)
+    k, v = (torch.randn(2, 2048, 2, 64, device=META, dtype=torch.bfloat16, requires_grad=True) for _ in range(2))
+    kwargs = {"window": {"window": 300}, "shared documents": {"cu_seqlens": [0, 700, 2048]},
+              "per-sample documents": {"cu_seqlens": [[0, 700, 2048], [0, 1000, 1500, 2048]]}}[case]
+    with BlockingCopies() as copies:
+        out = local_attention(q, k, v, causal=True, **kwargs)
+        out.sum().backward()
+    assert out.device == META and k.grad.device == META
+    assert copies.seen == []
+
+
+def test_the_gpu_tests_own_code_runs_on_the_device(monkeypatch):
+    """The gpu tests' bodies (tests/test_gpu_path.py: every context-parallel variant on the simulator through the CUDA
+    kernel, window-parallel attention) with DEV = meta: their fp64 references built the causal/window and Swin masks
+    on the host and handed them to a device masked_fill, so every one of these tests failed on a GPU in its reference,
+    before the code under test ran. (The error values are not computed here: meta tensors have none.)"""
+    monkeypatch.setattr(gpu_path, "DEV", "meta")
+    monkeypatch.setattr(gpu_path, "max_rel_err", lambda x, ref: 0.0)
+    monkeypatch.setattr(simulate, "get_kernel", lambda name, device, dtype: CudaSdpaKernel(available=CUDA_OPS))
+    for variant in gpu_path.CP_VARIANTS:
+        assert gpu_path._cp_errors(variant, 4, S=256) == [0.0] * 4, variant
+    recorded = []
+    for dtype in (torch.bfloat16, torch.float32):
+        gpu_path.test_window_parallel_attention_on_cuda(dtype, 0.0, lambda name, value: recorded.append(name))
+    assert recorded == ["errors_out_dq_dk_dv"] * 2
