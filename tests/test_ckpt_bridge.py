@@ -2,10 +2,12 @@
 torch.load (GPT and Swin), `--from dcp` then resume, foreign checkpoints named by resume and inspect/verify
 (one line, exit 2 before any rank), and a closed stdout pipe ends a command quietly."""
 import dataclasses
+import json
 import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 import torch.distributed.checkpoint as dcp
@@ -161,3 +163,30 @@ def test_a_resume_from_an_import_that_records_no_model_config_says_so(tmp_path, 
     assert train(other).start_step == 0
     said = [line for line in capsys.readouterr().out.splitlines() if "records no model config" in line]
     assert len(said) == 1 and "step_0" in said[0] and "rope_theta" in said[0] and "--config" in said[0], said
+
+
+def test_a_swin_export_forecasts_with_the_normalisation_its_checkpoint_records(tmp_path, capsys):
+    """A Swin's --to torch export is half of a forecast: its inputs were normalised with statistics the state
+    dict does not hold, and the model's forward returned only a loss. `ckpt inspect` (and --json) and the
+    conversion now name the statistics, and ``forecast`` gives the prediction whose error the loss sums."""
+    cfg = tiny_swin_config(tmp_path / "run", tmp_path / "weather", steps=2, data={"split": "75,25,0"},
+                           checkpoint={"at_end": True})
+    train(cfg)
+    ckpts = tmp_path / "run" / "checkpoints"
+    assert main(["ckpt", "inspect", str(ckpts), "--json", str(tmp_path / "c.json")]) == 0
+    assert "\ninputs      normalised per channel as (field - mean) / scale" in capsys.readouterr().out
+    norm = json.loads((tmp_path / "c.json").read_text())["input_normalisation"]
+    assert len(norm["mean"]) == len(norm["scale"]) == 2
+    assert main(["ckpt", "convert", str(ckpts), "--to", "torch", str(tmp_path / "m.pt")]) == 0
+    err = capsys.readouterr().err
+    assert "inputs normalised per channel" in err and "#using-an-exported-swin" in err, err
+    model = build_swin(cfg.model, wp_group=None, grid=(1, 1)).eval()
+    model.load_state_dict(torch.load(tmp_path / "m.pt", weights_only=True))
+    mean, scale = (torch.tensor(norm[k]) for k in ("mean", "scale"))
+    fields = torch.from_numpy(np.load(tmp_path / "weather" / "fields.npy"))
+    x, y = ((fields[t] - mean) / scale for t in (9, 10))
+    with torch.no_grad():
+        pred = model.forecast(x[None])
+        loss_sum, count = model({"x": x[None], "y": y[None], "image_size": (10, 16)})
+    assert pred.shape == (1, 10, 16, 2) and count == pred.numel()
+    assert torch.equal(((pred - y[None]) ** 2).sum(), loss_sum)

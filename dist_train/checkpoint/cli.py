@@ -13,9 +13,11 @@ from pathlib import Path
 
 from dist_train.checkpoint import bridge, hf
 from dist_train.checkpoint.foreign import describe_foreign_tree
+from dist_train.checkpoint.manager import checkpoint_extra
 from dist_train.checkpoint import manifest as mf
 from dist_train.checkpoint.storage import CheckpointError, load_dcp_metadata
 from dist_train.config import load_config
+from dist_train.data.image_batches import NORMALISATION_KEY
 
 EXIT_OK, EXIT_BAD = 0, 1
 # the model.* keys a gpt uses (the swin-only ones are left out of what convert prints)
@@ -67,6 +69,18 @@ def _foreign(path: Path) -> bool:
     return True
 
 
+def input_normalisation_line(ckpt: Path) -> str | None:
+    """A Swin checkpoint's per-channel input normalisation as one line (None when it records none): what a forecast
+    from its weights needs on the way in, (field - mean) / scale, and out, pred * scale + mean."""
+    norm = checkpoint_extra(ckpt).get(NORMALISATION_KEY)
+    if not norm:
+        return None
+    def values(key):
+        return "[" + ", ".join(f"{v:.6g}" for v in norm[key]) + "]"
+    return (f"inputs normalised per channel as (field - mean) / scale, outputs back as pred * scale + mean: "
+            f"mean {values('mean')}, scale {values('scale')}")
+
+
 def inspect(path: Path, json_out: str | None = None) -> int:
     if _foreign(path):
         return EXIT_BAD
@@ -83,6 +97,9 @@ def inspect(path: Path, json_out: str | None = None) -> int:
     print(f"step        {body['step']}   contents: {'+'.join(body['contents'])}")
     print(f"layout      {_layout_str(body.get('layout') or {})}")
     print(f"code        {body.get('code_version')}   torch {body.get('torch_version')}")
+    normalisation = input_normalisation_line(ckpt)
+    if normalisation:
+        print(f"inputs      {normalisation.removeprefix('inputs ')}")
     print(f"files       {len(files)}, {_human(sum(f['bytes'] for f in files.values()))}")
     for name in sorted(files):
         print(f"  {name:<28} {_human(files[name]['bytes']):>10}")
@@ -95,7 +112,9 @@ def inspect(path: Path, json_out: str | None = None) -> int:
     if json_out:
         Path(json_out).write_text(json.dumps({"path": str(ckpt), "step": body["step"], "layout": body.get("layout"),
                                               "files": {k: v["bytes"] for k, v in files.items()},
-                                              "tensors": rows}, indent=1))
+                                              "tensors": rows,
+                                              NORMALISATION_KEY: checkpoint_extra(ckpt).get(NORMALISATION_KEY)},
+                                             indent=1))
     return EXIT_OK
 
 
@@ -137,6 +156,9 @@ def convert(src: Path, out: Path, to: str | None, frm: str | None, config: str |
             print(f"wrote {bridge.to_dcp(ckpt, out)} (stock DCP, model state dict) from {ckpt}")
         else:
             print(f"wrote {bridge.to_torch(ckpt, out)} (torch.save, model state dict) from {ckpt}")
+        normalisation = input_normalisation_line(ckpt) if to != "hf" else None
+        if normalisation:  # not in the state dict, and a forecast from these weights is wrong without it
+            print(f"the model's {normalisation} (docs/checkpointing.md#using-an-exported-swin)", file=sys.stderr)
         return EXIT_OK
     if frm == "hf":
         written = hf.from_hf(src, out)

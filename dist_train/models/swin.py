@@ -313,18 +313,35 @@ class SwinModel(nn.Module):
         patches = xpad.reshape(b, th, p, tw, p, self.cin).transpose(2, 3).reshape(b, th, tw, p * p * self.cin)
         return self.embed(patches)
 
-    def loss(self, t: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Last hidden t [B, th, tw, d] and this rank's real pixels x, y [B, hp, wp, C] → (sum of squared errors
-        over the real pixels × channels, their count as a float tensor). Padded pixels are dropped."""
+    def prediction(self, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """Last hidden t [B, th, tw, d] and this rank's real pixels x [B, hp, wp, Cin] → the model's output on
+        those pixels [B, hp, wp, Cout] (padded pixels dropped; x + the increment when in == out channels)."""
         b, th, tw = t.shape[:3]
         p, hp, wp = self.patch, x.shape[1], x.shape[2]
-        dtype = self.head.weight.dtype
         out = self.head(self.norm(t)).reshape(b, th, tw, p, p, self.cout).transpose(2, 3)
         pred = out.reshape(b, th * p, tw * p, self.cout)[:, :hp, :wp]
         if self.cin == self.cout:
-            pred = pred + x.to(dtype)  # forecast the increment
-        err = (pred - y.to(dtype)).square()
+            pred = pred + x.to(self.head.weight.dtype)  # forecast the increment
+        return pred
+
+    def loss(self, t: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Last hidden t [B, th, tw, d] and this rank's real pixels x, y [B, hp, wp, C] → (sum of squared errors
+        over the real pixels × channels, their count as a float tensor). Padded pixels are dropped."""
+        err = (self.prediction(t, x) - y.to(self.head.weight.dtype)).square()
         return err.sum(), torch.tensor(float(err.numel()))
+
+    def forecast(self, x: torch.Tensor, image_hw: Optional[tuple[int, int]] = None) -> torch.Tensor:
+        """The next step of this rank's real pixels x [B, hp, wp, Cin] (one process: the whole image, image_hw
+        defaults to x's) → [B, hp, wp, Cout], in the normalised units the model was trained in (the
+        checkpoint's ``input_normalisation``: x = (field − mean) / scale in, field = out · scale + mean back)."""
+        if self.pipeline_stages and len(self.held_blocks) != self.n_layers:
+            raise RuntimeError("this swin holds one pipeline stage; run it through the pipeline engine")
+        if x.dim() == 3:
+            x = x[None]
+        image_hw = tuple(int(v) for v in (image_hw or x.shape[1:3]))
+        self.check_batch(x, None, image_hw)
+        ctx = self.tile_context(image_hw)
+        return self.prediction(self.run_blocks(self.embed_pixels(x, ctx), ctx, self.held_blocks), x)
 
     def forward(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """batch: x [B, h, w, Cin] and y [B, h, w, Cout] (this rank's real pixels: ``tile_slices``), image_size.
