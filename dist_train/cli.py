@@ -247,7 +247,7 @@ _COMMANDS: dict[str, Callable] = {
     "plan": _module_command("dist_train.plan.cli", "add_plan_arguments", "dist_train.plan.cli:plan_main"),
     "scale": _module_command("dist_train.plan.cli", "add_scale_arguments", "dist_train.plan.cli:scale_main"),
     "plot": _module_command("dist_train.plot", "add_arguments", "dist_train.plot:run"),
-    "eval": _module_command("dist_train.eval_arguments", "add_arguments", "launchers.evaluate:eval_main"),
+    "eval": _module_command("launchers.arguments", "add_eval_arguments", "launchers.evaluate:eval_main"),
 }
 
 

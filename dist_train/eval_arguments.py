@@ -1,5 +1,6 @@
 """``dist-train eval``'s flags (torch-free: ``dist-train eval --help`` and a refused flag import nothing more).
 
+Its parser is :func:`launchers.arguments.add_eval_arguments` (these flags and launch's ``--backend``, ``--nproc``...).
 The command itself runs in :mod:`launchers.evaluate` (pre-flight, ranks) and :mod:`dist_train.checkpoint_eval`
 (what each rank does)."""
 from __future__ import annotations
@@ -10,9 +11,15 @@ from typing import Optional
 
 from .cli import examples, positive_int
 
+#: set in every eval rank's environment: the scratch directory of this evaluation (its presence makes the process
+#: a rank rather than the launcher; ``dist-train submit --eval``'s srun/mpiexec ranks: the job dir)
+EVAL_RANK_ENV = "DIST_TRAIN_EVAL_RANK"
+
 DESCRIPTION = (
     "Evaluate a checkpoint on held-out data without training: the config's model and parallel layout (its ranks "
-    "started here, as `dist-train launch --backend local` does), the checkpoint's weights only (no optimizer "
+    "started as `dist-train launch` starts them: --backend local|mpi|ray, --nproc, --nodes, --address, "
+    "--gpus-per-node or their launch.* keys; never restarted; on a Slurm/PBS cluster: dist-train submit --eval), "
+    "the checkpoint's weights only (no optimizer "
     "state), the validation loss of train.eval_steps batches (--batches) of data.valid_path (--data) or the "
     "validation share of data.split -- the same batches, and so the number the trainer logs as valid_loss at "
     "that step (bit for bit on the trained layout, within float rounding on another). Rank 0's result is one "
@@ -30,13 +37,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "dist-train eval configs/gpt_tiny.yaml --checkpoint runs/gpt_tiny/checkpoints/step_30 --data data/heldout "
         "--out eval.json",
         "dist-train eval configs/gpt_tiny.yaml --set parallel.dp=1 --set parallel.cp=2 --data data/heldout --batches 8",
-        "dist-train eval configs/gpt_tiny.yaml --checkpoint runs/init --set parallel.dp=1 --set data.split=98,2,0")
+        "dist-train eval configs/gpt_tiny.yaml --checkpoint runs/init --set parallel.dp=1 --set data.split=98,2,0",
+        "dist-train eval configs/gpt_tiny.yaml --backend mpi --data data/heldout --out eval.json")
     p.add_argument("config", help="YAML config file (the model and layout to evaluate under)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key (repeatable)")
+    add_evaluation_arguments(p)
+
+
+def add_evaluation_arguments(p: argparse.ArgumentParser) -> None:
+    """What to evaluate on which data, and where the result goes: ``dist-train eval`` and ``dist-train submit
+    --eval``."""
     p.add_argument("--checkpoint", metavar="PATH|latest",
                    help="a step_N directory, a directory of them (its newest), or latest: the newest under the run's "
                         "checkpoint dir (default: latest; a run with no checkpoint yet: what checkpoint.resume names, e.g. an "
                         "import)")
-    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key (repeatable)")
     p.add_argument("--data", metavar="PREFIX", help="held-out indexed dataset (sets data.valid_path)")
     p.add_argument("--batches", type=positive_int, metavar="N",
                    help="evaluation batches of train.global_batch samples (sets train.eval_steps)")

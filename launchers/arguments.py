@@ -1,7 +1,8 @@
-"""The flags, help and examples of ``dist-train launch`` and ``dist-train submit``, without torch: ``--help`` and a
+"""The flags, help and examples of ``dist-train launch``, ``eval`` and ``submit``, without torch: ``--help`` and a
 refused flag cost no torch import; :mod:`launchers.cli` (which imports preflight, hence torch) runs the command.
 
     add_launch_arguments(parser)
+    add_eval_arguments(parser)
     add_submit_arguments(parser)
 """
 from __future__ import annotations
@@ -9,8 +10,29 @@ from __future__ import annotations
 import argparse
 
 from dist_train.cli import examples
+from dist_train.eval_arguments import add_arguments, add_evaluation_arguments
 
 BACKENDS = ("ray", "local", "mpi")
+
+
+def add_backend_arguments(parser: argparse.ArgumentParser) -> None:
+    """How and where the ranks start (read by ``launchers.cli.launch_settings``): ``launch`` and ``eval``."""
+    parser.add_argument("--backend", choices=BACKENDS, help="how to start ranks (default: launch.backend)")
+    parser.add_argument("--nproc", type=int, help="ranks in total (default: launch.nproc, or the config's "
+                                                  "world size dp*tp*pp*cp*wp when launch.nproc is 1)")
+    parser.add_argument("--address", help="Ray cluster address (default: launch.address, then RAY_ADDRESS; "
+                                          "none = embedded cluster)")
+    parser.add_argument("--nodes", type=int, help="nodes (Ray placement bundles; default launch.nodes)")
+    parser.add_argument("--gpus-per-node", type=int, help="GPUs per node, one rank each (default "
+                                                          "launch.gpus_per_node; 0 = CPU ranks, gloo)")
+
+
+def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
+    """``dist-train eval``: its own flags (:mod:`dist_train.eval_arguments`) and launch's way of starting the ranks
+    (an evaluation is never restarted: no --max-restarts)."""
+    add_arguments(parser)
+    add_backend_arguments(parser)
+    parser.set_defaults(max_restarts=None)
 
 
 def add_launch_arguments(parser: argparse.ArgumentParser) -> None:
@@ -27,14 +49,7 @@ def add_launch_arguments(parser: argparse.ArgumentParser) -> None:
         "dist-train launch configs/gpt_tiny.yaml --set train.steps=60 --set parallel.dp=1 --set parallel.cp=2"
         "   # after a Ctrl-C (exit 75): resumes from its checkpoint, resharded to cp2")
     parser.add_argument("config", help="YAML config file")
-    parser.add_argument("--backend", choices=BACKENDS, help="how to start ranks (default: launch.backend)")
-    parser.add_argument("--nproc", type=int, help="ranks in total (default: launch.nproc, or the config's "
-                                                  "world size dp*tp*pp*cp*wp when launch.nproc is 1)")
-    parser.add_argument("--address", help="Ray cluster address (default: launch.address, then RAY_ADDRESS; "
-                                          "none = embedded cluster)")
-    parser.add_argument("--nodes", type=int, help="nodes (Ray placement bundles; default launch.nodes)")
-    parser.add_argument("--gpus-per-node", type=int, help="GPUs per node, one rank each (default "
-                                                          "launch.gpus_per_node; 0 = CPU ranks, gloo)")
+    add_backend_arguments(parser)
     parser.add_argument("--max-restarts", type=int, help="restarts after a failed or hung attempt "
                                                          "(default launch.max_restarts)")
     parser.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key (repeatable)")
@@ -48,7 +63,9 @@ def add_submit_arguments(parser: argparse.ArgumentParser) -> None:
         "dist-train submit configs/demo.yaml --scheduler slurm --nodes 2 --gpus-per-node 4 --time 02:00:00 "
         "--set parallel.dp=4 --set train.global_batch=16 --dry-run",
         "dist-train submit configs/demo.yaml --scheduler pbs --nodes 4 --gpus-per-node 4 --time 01:00:00 "
-        "--module cuda/12.4 --env-line 'export NCCL_DEBUG=WARN' --set parallel.dp=8 --set train.global_batch=32")
+        "--module cuda/12.4 --env-line 'export NCCL_DEBUG=WARN' --set parallel.dp=8 --set train.global_batch=32",
+        "dist-train submit configs/gpt_tiny.yaml --scheduler slurm --nodes 2 --ntasks-per-node 1 --time 00:20:00 "
+        "--eval --checkpoint latest --data data/heldout --out evals/gpt_tiny.json")
     parser.add_argument("config", help="YAML config file")
     parser.add_argument("--scheduler", required=True, choices=("slurm", "pbs"))
     parser.add_argument("--nodes", type=int, help="nodes (default launch.nodes)")
@@ -64,5 +81,10 @@ def add_submit_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--directive", action="append", default=[], metavar="ARGS",
                         help="extra scheduler directive, e.g. '--account=abc' or '-q debug' (repeatable)")
     parser.add_argument("--job-name", help="job name (default run.name)")
+    parser.add_argument("--eval", action="store_true",
+                        help="the job evaluates a checkpoint instead of training (dist-train eval on the allocation's "
+                             "ranks; needs --out): the checkpoint is chosen and checked now, the script, its logs and "
+                             "the config copy go to FILE.json.job/, nothing under run.dir")
+    add_evaluation_arguments(parser)
     parser.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key (repeatable)")
     parser.add_argument("--dry-run", action="store_true", help="print the script; write and submit nothing")

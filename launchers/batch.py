@@ -9,7 +9,12 @@ Two ways to start the job inside the allocation:
 * ``ray``: a Ray head on the first node and one worker per other node (started with ``srun``/``mpiexec``
   on that node, never ssh), then ``dist-train launch --backend ray --address HEAD`` on the first node.
 
-Preemption and time limits: Slurm sends SIGUSR1 120 s before the limit (``--signal=USR1@120``) and
+An evaluation (``dist-train submit --eval``, ``eval_args`` set) runs ``dist_train eval`` instead: per rank under
+``mpi`` (``DIST_TRAIN_EVAL_RANK`` names its job dir; rank 0 writes ``--out`` and prints the one line), or as
+``dist-train eval --backend ray`` under ``ray``. It is neither signalled before the time limit nor requeued by the
+script (a rerun evaluates the same step again), and ``run_dir`` is its job dir (``FILE.json.job``), not run.dir.
+
+Preemption and time limits (training): Slurm sends SIGUSR1 120 s before the limit (``--signal=USR1@120``) and
 SIGTERM on preemption; every rank then saves and exits 75 (``EXIT_PREEMPTED``), and the script requeues
 itself (``scontrol requeue`` / ``qsub`` of this script). Every start runs with ``checkpoint.restart=true``: the
 run's newest committed checkpoint, or before its first save what ``checkpoint.resume`` names.
@@ -23,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
+from dist_train.eval_arguments import EVAL_RANK_ENV
 from dist_train.lifecycle import EXIT_PREEMPTED
 from launchers.supervisor import RESTART_OVERRIDE
 
@@ -56,11 +62,17 @@ class BatchSpec:
     # the directory holding the dist_train and launchers packages the job runs (put first on PYTHONPATH: a PBS job
     # gets none of the submitting shell's environment without qsub -V); None: the job's python finds them itself
     code_root: Optional[str] = None
+    eval_args: Optional[list[str]] = None  # an evaluation: its `dist_train eval` flags (--checkpoint, --out)
 
     @property
     def log_dir(self) -> str:
         """Where the scheduler's output and the ranks' logs go: run.dir/logs, absolute when ``workdir`` is set."""
         return str(Path(self.workdir, self.run_dir) / "logs") if self.workdir else f"{self.run_dir}/logs"
+
+    @property
+    def command(self) -> str:
+        """The ``dist_train`` command the job runs."""
+        return "run" if self.eval_args is None else "eval"
 
     @property
     def per_node(self) -> int:
@@ -98,7 +110,8 @@ def validate(spec: BatchSpec) -> None:
     # Values written into the script's #SBATCH/#PBS lines: a newline there starts a shell command of the job,
     # whitespace another scheduler option (e.g. --export=LD_PRELOAD=…); the config that names them may come
     # from someone else.
-    for what, value in (("job name (--job-name, else run.name)", spec.name), ("run.dir", spec.run_dir),
+    for what, value in (("job name (--job-name, else run.name)", spec.name),
+                        ("run.dir" if spec.eval_args is None else "--out", spec.run_dir),
                         ("the directory dist-train submit runs in (the job's log path starts with it)",
                          spec.workdir or "")):
         bad = next((c for c in value if c.isspace() or not c.isprintable()), None)
@@ -118,15 +131,15 @@ def _q(items: list[str]) -> str:
 
 def _job_args(spec: BatchSpec) -> list[str]:
     args = [spec.config]
-    for o in [*spec.overrides, RESTART_OVERRIDE]:
+    for o in [*spec.overrides, *([RESTART_OVERRIDE] if spec.eval_args is None else [])]:
         args += ["--set", o]
-    return args
+    return args + list(spec.eval_args or [])
 
 
 def _rank_command(spec: BatchSpec) -> str:
-    """What each rank runs: the I/O wrapper around ``dist_train run``; preemption keeps status 75."""
+    """What each rank runs: the I/O wrapper around ``dist_train run`` (or ``eval``); preemption keeps status 75."""
     return _q([spec.python, "-m", "launchers.rankio", "--log-dir", spec.log_dir,
-               "--preempted-exit", str(EXIT_PREEMPTED), "--", spec.python, "-m", "dist_train", "run",
+               "--preempted-exit", str(EXIT_PREEMPTED), "--", spec.python, "-m", "dist_train", spec.command,
                *_job_args(spec)])
 
 
@@ -137,8 +150,9 @@ def _header(spec: BatchSpec) -> list[str]:
                  f"#SBATCH --ntasks-per-node={spec.per_node}", f"#SBATCH --time={spec.time}",
                  f"#SBATCH --output={log}/slurm-%j.out", "#SBATCH --open-mode=append", "#SBATCH --requeue",
                  # ray: only the batch shell gets USR1 (B:), it hands it to the launcher; the srun steps
-                 # running `ray start` would die of it and take the cluster with them
-                 "#SBATCH --signal=B:USR1@120" if spec.backend == "ray" else "#SBATCH --signal=USR1@120"]
+                 # running `ray start` would die of it and take the cluster with them; an evaluation saves nothing
+                 *(["#SBATCH --signal=B:USR1@120" if spec.backend == "ray" else "#SBATCH --signal=USR1@120"]
+                   if spec.eval_args is None else [])]
         if spec.gpus_per_node:
             lines.append(f"#SBATCH --gpus-per-node={spec.gpus_per_node}")
         if spec.backend == "ray":
@@ -161,14 +175,17 @@ def _free_port_command(spec: BatchSpec) -> str:
 
 def _mpi_body(spec: BatchSpec) -> list[str]:
     """Sets ``status`` to the job's exit status."""
+    evaluating = ([f"export {EVAL_RANK_ENV}={shlex.quote(spec.run_dir)}  # eval ranks: logs, error records"]
+                  if spec.eval_args is not None else [])
     if spec.scheduler == "slurm":
         # No --kill-on-bad-exit: a preempted rank exits 75 and must not kill the others mid-checkpoint;
         # a crashed rank brings the rest down through the collective timeout.
-        return [f"export MASTER_PORT={_free_port_command(spec)}  # rank 0's rendezvous port, checked free here",
+        return [*evaluating,
+                f"export MASTER_PORT={_free_port_command(spec)}  # rank 0's rendezvous port, checked free here",
                 f"srun --ntasks={spec.world_size} --ntasks-per-node={spec.per_node} {_rank_command(spec)}",
                 "status=$?"]
-    return [f"{shlex.quote(spec.mpiexec_path)} -n {spec.world_size} --ppn {spec.per_node} {_rank_command(spec)}",
-            "status=$?"]
+    return [*evaluating, f"{shlex.quote(spec.mpiexec_path)} -n {spec.world_size} --ppn {spec.per_node} "
+                         f"{_rank_command(spec)}", "status=$?"]
 
 
 def _ray_body(spec: BatchSpec) -> list[str]:
@@ -187,7 +204,8 @@ def _ray_body(spec: BatchSpec) -> list[str]:
     else:
         hosts = 'mapfile -t NODES < <(sort -u "$PBS_NODEFILE")'
         on_node = shlex.quote(spec.mpiexec_path) + ' -n 1 --hosts "{host}"'
-    launch = _q([spec.python, "-m", "dist_train", "launch", "--backend", "ray", "--nodes", str(spec.nodes),
+    launcher = "launch" if spec.eval_args is None else "eval"  # `dist-train eval` starts its ranks as launch does
+    launch = _q([spec.python, "-m", "dist_train", launcher, "--backend", "ray", "--nodes", str(spec.nodes),
                  "--nproc", str(spec.world_size), *(["--gpus-per-node", str(spec.gpus_per_node)]
                                                     if spec.gpus_per_node else []), *_job_args(spec)])
     token = shlex.quote(f"{spec.run_dir}/.ray_auth_token")
@@ -230,9 +248,11 @@ def render(spec: BatchSpec) -> str:
                else f"qsub {shlex.quote(spec.script_path)}" if spec.script_path else "qsub \"$0\"")
     workdir = (f"cd {shlex.quote(spec.workdir)}" if spec.workdir
                else 'cd "$PBS_O_WORKDIR"' if spec.scheduler == "pbs" else 'cd "$SLURM_SUBMIT_DIR"')
+    what = ("every start resumes from the newest committed checkpoint." if spec.eval_args is None else
+            f"an evaluation ({_q(spec.eval_args)}): nothing is written under run.dir.")
     lines = ["#!/bin/bash", *_header(spec), "",
              f"# dist-train job {spec.name}: {spec.nodes} node(s) x {spec.per_node} rank(s), backend {spec.backend}",
-             "# written by `dist-train submit`; every start resumes from the newest committed checkpoint.",
+             f"# written by `dist-train submit`; {what}",
              "set -uo pipefail", workdir, f"mkdir -p {shlex.quote(spec.log_dir)}"]
     if spec.scheduler == "pbs":
         # PBS writes -o anew at every start, and a requeue is a new job: each start appends to a file of its own
@@ -244,9 +264,10 @@ def render(spec: BatchSpec) -> str:
                      "# the dist-train code that wrote this script")
     lines += ["export PYTHONUNBUFFERED=1", f"export DIST_TRAIN_EXPECT_WORLD={spec.world_size}", ""]
     lines += _mpi_body(spec) if spec.backend == "mpi" else _ray_body(spec)
-    lines += [f"if [ \"$status\" -eq {EXIT_PREEMPTED} ]; then",
-              f"  echo \"dist-train: preempted (status {EXIT_PREEMPTED}): requeueing\"",
-              f"  {requeue}",
-              "fi",
-              'exit "$status"', ""]
+    if spec.eval_args is None:
+        lines += [f"if [ \"$status\" -eq {EXIT_PREEMPTED} ]; then",
+                  f"  echo \"dist-train: preempted (status {EXIT_PREEMPTED}): requeueing\"",
+                  f"  {requeue}",
+                  "fi"]
+    lines += ['exit "$status"', ""]
     return "\n".join(lines)

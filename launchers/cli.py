@@ -25,8 +25,11 @@ from dist_train.checkpoint.manager import checkpoint_root
 from dist_train.checkpoint.manifest import complete_checkpoints
 from dist_train.config import CheckpointConfig, Config, LaunchConfig, check_world_size, load_config
 from dist_train.dryrun import show_layout
+from dist_train.eval_arguments import eval_overrides
+from dist_train.eval_preflight import eval_preflight, load_eval_config
 from dist_train.preflight import PREFLIGHT_ENV, check_resume, preflight
 from dist_train.runlock import LOCK_ENV, acquire_for_launcher
+from launchers.procs import Sink
 from launchers.supervisor import JobSpec, Supervisor
 
 
@@ -123,13 +126,15 @@ def refuse_ray_only_keys(cfg: Config, backend: str, address_flag: Optional[str],
 
 
 def build_backend(backend: str, nproc: int, run_dir: Path, address: Optional[str], nodes: int, gpus: int,
-                  placement_timeout_s: float = 120.0, files: Optional[dict[str, bytes]] = None):
+                  placement_timeout_s: float = 120.0, files: Optional[dict[str, bytes]] = None,
+                  sink: Optional[Sink] = None):
     """The backend that starts the ranks; ``files`` (absolute path -> bytes): what the rank command reads, written on
-    each Ray node that lacks it (local and mpi ranks run on this machine, where it is)."""
+    each Ray node that lacks it (local and mpi ranks run on this machine, where it is); ``sink``: where local and Ray
+    ranks' console lines go (default: this console; mpi ranks' wrappers print them themselves)."""
     if backend == "local":
         from launchers.local import LocalBackend
 
-        return LocalBackend(nproc, run_dir)
+        return LocalBackend(nproc, run_dir, sink=sink)
     if backend == "mpi":
         from launchers.mpi import MpiBackend
 
@@ -137,7 +142,7 @@ def build_backend(backend: str, nproc: int, run_dir: Path, address: Optional[str
     from launchers.ray_backend import RayBackend
 
     return RayBackend(nproc, run_dir, address=address, nodes=nodes, gpus_per_node=gpus,
-                      placement_timeout_s=placement_timeout_s, files=files)
+                      placement_timeout_s=placement_timeout_s, files=files, sink=sink)
 
 
 def ranks_on_cuda(backend: str, gpus: int) -> bool:
@@ -190,11 +195,12 @@ def snapshot_config(config: str, run_dir: Path, name: str = LAUNCHED_CONFIG) -> 
     return target
 
 
-def snapshot_as_checked(config: str, cfg: Config, overrides: list[str], name: str = LAUNCHED_CONFIG) -> Path:
-    """:func:`snapshot_config` into ``cfg.run.dir``, refused (ValueError, one line) when the copy is not the config
-    ``cfg`` was loaded from (with ``overrides``): the file was edited after the launcher's checks read it, and the
-    ranks would run a config nothing checked."""
-    copy = snapshot_config(config, Path(cfg.run.dir), name)
+def snapshot_as_checked(config: str, cfg: Config, overrides: list[str], name: str = LAUNCHED_CONFIG,
+                        directory: Optional[Path] = None) -> Path:
+    """:func:`snapshot_config` into ``directory`` (default ``cfg.run.dir``), refused (ValueError, one line) when the
+    copy is not the config ``cfg`` was loaded from (with ``overrides``): the file was edited after the launcher's
+    checks read it, and the ranks would run a config nothing checked."""
+    copy = snapshot_config(config, Path(directory or cfg.run.dir), name)
     if load_config(copy, overrides) != cfg:
         raise ValueError(f"config file {config} changed while it was being launched (the checks read its earlier "
                          "text); launch it again")
@@ -243,17 +249,17 @@ def launch_main(args: argparse.Namespace) -> int:
 # ----------------------------------------------------------------------------------------------
 # dist-train submit
 # ----------------------------------------------------------------------------------------------
-def refuse_unread_by_batch(cfg: Config, backend: str) -> None:
+def refuse_unread_by_batch(cfg: Config, backend: str, evaluation: bool = False) -> None:
     """The launch keys a batch script would silently ignore (ValueError, one line): ``launch.address`` always (the
-    script starts its own Ray head, or no Ray), and under ``--backend mpi`` the Ray-only keys and
+    script starts its own Ray head, or no Ray), and under ``--backend mpi`` the Ray-only keys and, for training,
     ``launch.max_restarts`` (srun/mpiexec start each rank once: a preempted job requeues itself, a failed one is
-    not restarted; the ray body's ``dist-train launch`` restarts)."""
+    not restarted; the ray body's ``dist-train launch`` restarts; an evaluation is never restarted)."""
     if cfg.launch.address:
         raise ValueError(f"launch.address {cfg.launch.address!r} with dist-train submit: the batch script starts the job "
                          "in its own allocation (a Ray head on the first node with --backend ray) and never connects "
                          "to another cluster; remove it (--set launch.address=null)")
     refuse_ray_only_keys(cfg, backend, None, f"dist-train submit --backend {backend}")
-    if backend == "mpi" and cfg.launch.max_restarts:
+    if backend == "mpi" and cfg.launch.max_restarts and not evaluation:
         raise ValueError(f"launch.max_restarts = {cfg.launch.max_restarts} with dist-train submit --backend mpi: srun/"
                          "mpiexec start each rank once and a failed job is not restarted (a preempted one requeues "
                          "itself); use --backend ray, whose launcher restarts, or set launch.max_restarts: 0")
@@ -263,13 +269,27 @@ def submit_main(args: argparse.Namespace) -> int:
     from launchers.batch import BatchSpec, render
 
     overrides = list(args.set or [])
-    cfg = load_config(args.config, overrides)
+    if args.eval:
+        if not args.out:
+            raise ValueError("--eval without --out: give --out FILE.json, where the job writes the result (its script, "
+                             "logs and config copy go to FILE.json.job/, nothing under run.dir)")
+        overrides = eval_overrides(overrides, args.data, args.batches)
+        cfg = load_eval_config(args.config, list(args.set or []), overrides)
+        job_dir = f"{args.out}.job"
+    else:
+        given = next((flag for flag, v in (("--checkpoint", args.checkpoint), ("--data", args.data),
+                                            ("--batches", args.batches), ("--out", args.out)) if v), None)
+        if given:
+            raise ValueError(f"{given} is a flag of an evaluation job: add --eval to submit one (or leave {given} "
+                             "out to submit training)")
+        cfg = load_config(args.config, overrides)
+        job_dir = cfg.run.dir
     nodes = args.nodes if args.nodes is not None else cfg.launch.nodes
     gpus = args.gpus_per_node if args.gpus_per_node is not None else cfg.launch.gpus_per_node
-    refuse_unread_by_batch(cfg, args.backend)
-    script_path = Path(cfg.run.dir) / f"submit_{args.scheduler}.sh"
+    refuse_unread_by_batch(cfg, args.backend, evaluation=args.eval)
+    script_path = Path(job_dir) / f"submit_{args.scheduler}.sh"
     spec = BatchSpec(config=args.config, scheduler=args.scheduler, nodes=nodes, time=args.time,
-                     run_dir=cfg.run.dir, name=args.job_name or cfg.run.name, gpus_per_node=gpus,
+                     run_dir=job_dir, name=args.job_name or cfg.run.name, gpus_per_node=gpus,
                      ntasks_per_node=args.ntasks_per_node, backend=args.backend, overrides=overrides,
                      modules=list(args.module), env_lines=list(args.env_line), directives=list(args.directive),
                      script_path=str(script_path.absolute()), workdir=str(Path.cwd()), code_root=str(CODE_ROOT))
@@ -281,16 +301,22 @@ def submit_main(args: argparse.Namespace) -> int:
         raise ValueError(f"{e} (--nodes {spec.nodes} × {spec.per_node} rank(s) per node, from --ntasks-per-node or "
                          f"--gpus-per-node; e.g. --nodes {nodes} --ntasks-per-node {cfg.world_size // nodes}, or "
                          f"change parallel.*)") from None
-    # the script starts every time with checkpoint.restart=true (a requeue resumes the run's newest), so its ranks
-    # cannot refuse a first start that would take over an earlier run's checkpoints (resume: none into them, or a
-    # PATH older than their newest): checked here, as configured, before anything is written or submitted
-    check_resume(cfg)
+    if args.eval:
+        # the checkpoint is chosen now (as `dist-train eval` would: latest is the newest now) and checked on the ranks'
+        # devices; the job evaluates that step directory
+        ckpt = eval_preflight(cfg, args.checkpoint, on_cuda=spec.gpus_per_node > 0, ranks_per_host=spec.per_node)
+        spec = dataclasses.replace(spec, eval_args=["--checkpoint", str(ckpt), "--out", args.out])
+    else:
+        # the script starts every time with checkpoint.restart=true (a requeue resumes the run's newest), so its
+        # ranks cannot refuse a first start that would take over an earlier run's checkpoints (resume: none into
+        # them, or a PATH older than their newest): checked here, as configured, before anything is written
+        check_resume(cfg)
     if args.dry_run:
         print(render(spec), end="")
         return 0
     # every start (requeues too) runs the config as submitted, not the file as edited since (see snapshot_config)
     text = render(dataclasses.replace(spec, config=str(snapshot_as_checked(args.config, cfg, overrides,
-                                                                            SUBMITTED_CONFIG))))
+                                                                            SUBMITTED_CONFIG, Path(job_dir)))))
     script_path.parent.mkdir(parents=True, exist_ok=True)
     (script_path.parent / "logs").mkdir(exist_ok=True)
     script_path.write_text(text)

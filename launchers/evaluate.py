@@ -1,11 +1,17 @@
-"""``dist-train eval``: pre-flight, then the config's ranks started here, each running
+"""``dist-train eval``: pre-flight, then the config's ranks, each running
 :func:`dist_train.checkpoint_eval.evaluate_checkpoint`; rank 0's result printed as one line (and written as JSON).
 
-    eval_main(args) -> exit status       # args: dist_train.eval_arguments
+    eval_main(args) -> exit status       # args: launchers.arguments.add_eval_arguments
 
-The ranks run ``python -m dist_train eval CONFIG --set ... --checkpoint STEP_DIR`` with ``EVAL_RANK_ENV`` naming a
-scratch directory (outside run.dir) for their logs, error records and rank 0's result: the run dir is only read,
-and its lock is not taken (an evaluation never blocks, nor is blocked by, the job training there).
+The ranks start as ``dist-train launch`` starts them (``launch_settings`` and ``build_backend``: local, mpi or Ray,
+the same rank count, nodes and GPUs), once (no restarts, no watchdog). Each runs ``python -m dist_train eval CONFIG
+--set ... --checkpoint STEP_DIR`` with ``EVAL_RANK_ENV`` naming a scratch directory (outside run.dir) for their logs,
+error records and rank 0's result: the run dir is only read, and its lock is not taken (an evaluation never blocks,
+nor is blocked by, the job training there). Rank 0's result reaches the launcher as a file in that directory, or,
+under Ray (whose rank 0 may run on another node), as a line on its stdout (``RESULT_MARKER``) kept off the console.
+
+A rank given ``--out`` has no launcher above it (``dist-train submit --eval``: srun/mpiexec started it): rank 0
+then writes the JSON and prints the one line itself.
 """
 from __future__ import annotations
 
@@ -19,89 +25,38 @@ import tempfile
 from pathlib import Path
 from typing import Optional
 
-import torch
-
 from dist_train.atomic_write import write_text_atomic
-from dist_train.checkpoint import compat
-from dist_train.checkpoint import manifest as mf
-from dist_train.checkpoint.manager import checkpoint_root, resume_candidates
 from dist_train.checkpoint_eval import evaluate_checkpoint
-from dist_train.config import Config, ConfigError, TrainConfig, check_world_size, load_config, parse_split
+from dist_train.config import load_config
 from dist_train.distributed import init_distributed, share_cpu_threads
 from dist_train.entry import run_reporting_errors
-from dist_train.eval_arguments import eval_overrides
-from dist_train.preflight import check_data, check_engine, check_model_fits, check_model_shapes, verified_manifest
-from launchers.cli import forwarded_env
-from launchers.local import LocalBackend
+from dist_train.eval_arguments import EVAL_RANK_ENV, eval_overrides
+from dist_train.eval_preflight import eval_preflight, load_eval_config
+from launchers.cli import build_backend, forwarded_env, launch_settings, ranks_on_cuda
+from launchers.env import populate_rank_env
+from launchers.procs import ConsoleSink, Sink, rank_prefix
 from launchers.supervisor import JobSpec, Supervisor
 
-#: set in every eval rank's environment: the scratch directory of this evaluation (its presence makes the process
-#: a rank rather than the launcher)
-EVAL_RANK_ENV = "DIST_TRAIN_EVAL_RANK"
 RESULT_FILE = "result.json"
+#: set (to 1) in a Ray eval's ranks: rank 0 also prints its result on stdout, after this marker, for the launcher
+ECHO_ENV = "DIST_TRAIN_EVAL_ECHO"
+RESULT_MARKER = "dist-train eval result: "
 
 
-def load_eval_config(config: str, user_overrides: list[str], overrides: list[str]) -> Config:
-    """The config as the ranks load it (``overrides``: :func:`eval_overrides`). A config that has no held-out data
-    is refused naming this command's ways to give it, not the validation schedule it never asked for."""
-    try:
-        return load_config(config, overrides)
-    except ConfigError as e:
-        try:
-            # validation off (eval_steps at its default, as the config then wants it) shows the data as configured
-            plain = load_config(config, [*user_overrides, "train.eval_every=0",
-                                         f"train.eval_steps={TrainConfig().eval_steps}"])
-        except ValueError:
-            raise e from None
-        d = plain.data
-        if d.source == "indexed" and d.valid_path is None and (d.split is None or parse_split(d.split)[1] <= 0):
-            raise ConfigError(f"{config}: no held-out data to evaluate on (data.valid_path unset, data.split "
-                              f"{d.split!r} has no validation share): give --data PREFIX (an indexed dataset) or "
-                              "--set data.split=98,2,0 (the validation share of data.path)") from None
-        raise
+class ResultSink:
+    """The ranks' console lines, passed on to ``console``, except rank 0's result line (``RESULT_MARKER``), kept in
+    ``result`` instead."""
 
+    def __init__(self, console: Optional[Sink] = None):
+        self.console = console or ConsoleSink()
+        self.result: Optional[dict] = None
 
-def choose_checkpoint(cfg: Config, requested: Optional[str]) -> Path:
-    """The checkpoint to evaluate, as ``checkpoint.resume`` resolves one (``latest`` is its ``auto``), newest
-    first past damaged ones (``requested`` None: the run's newest, or before its first save what checkpoint.resume
-    names); verified (manifest, sizes, small files' checksums) and of this config's model.
-    Raises ConfigError (one line)."""
-    root = checkpoint_root(cfg.checkpoint, cfg.run.dir)
-    # by default what a restart of the run resumes: its own newest once it has one, else what checkpoint.resume names
-    configured = "auto" if mf.list_checkpoints(root) else cfg.checkpoint.resume
-    wanted = requested or (configured if configured not in ("auto", "none") else "latest")
-    mode = "auto" if wanted == "latest" else wanted
-    try:
-        candidates, _ = resume_candidates(mode, root)
-    except ValueError as e:
-        raise ConfigError(str(e).replace("checkpoint.resume = ", "--checkpoint ", 1)) from None
-    if not candidates:
-        raise ConfigError(f"--checkpoint {wanted}: no step_N checkpoint under {root} (train first, or give --checkpoint "
-                          "PATH: a step_N directory, a directory of them, or latest)")
-    problems = []
-    for ckpt in candidates:
-        body, problem = verified_manifest(ckpt)
-        if body is None:
-            problems.append(f"{ckpt.name}: {problem}")
-            continue
-        check_model_shapes(cfg, ckpt, body)
-        try:  # the model keys that change the function without changing a shape (rope_theta, norm_eps, ...)
-            compat.check_config(ckpt, {"model": (body.get("config") or {}).get("model") or {}},
-                                {"model": cfg.to_dict()["model"]}, cfg.checkpoint.allow_config_change)
-        except compat.ResumeMismatchError as e:
-            raise ConfigError(str(e).replace("resume refused", "evaluation refused", 1)) from None
-        return ckpt.resolve()
-    raise ConfigError(f"--checkpoint {wanted}: every checkpoint is damaged ({' | '.join(problems)})")
-
-
-def eval_preflight(cfg: Config, requested: Optional[str], on_cuda: bool) -> Path:
-    """The launch pre-flight's checks that apply to an evaluation (no directory is written, so none must be
-    writable) and the checkpoint -> the step directory to evaluate. Raises ConfigError (one line)."""
-    check_world_size(cfg, cfg.world_size)
-    check_model_fits(cfg, on_cuda, ranks_per_host=cfg.world_size)
-    check_engine(cfg, on_cuda)
-    check_data(cfg)  # includes the held-out data: there, and enough samples for train.eval_steps batches
-    return choose_checkpoint(cfg, requested)
+    def __call__(self, stream: str, text: str) -> None:
+        line = text.removeprefix(rank_prefix(0))
+        if stream == "stdout" and line.startswith(RESULT_MARKER):
+            self.result = json.loads(line[len(RESULT_MARKER):])
+        else:
+            self.console(stream, text)
 
 
 def summary_line(result: dict) -> str:
@@ -119,31 +74,46 @@ def eval_main(args: argparse.Namespace) -> int:
         return eval_rank(args, Path(scratch))
     overrides = eval_overrides(list(args.set or []), args.data, args.batches)
     cfg = load_eval_config(args.config, list(args.set or []), overrides)
-    on_cuda = torch.cuda.is_available()
-    ckpt = eval_preflight(cfg, args.checkpoint, on_cuda)
-    nproc = cfg.world_size
+    backend, nproc, nodes, gpus, _ = launch_settings(cfg, args)  # launch.max_restarts unread: never restarted
+    # here even for Ray ranks on other nodes (launch leaves its pre-flight to them): the checkpoint is chosen here, so
+    # this machine must see what the ranks read (a shared file system, as `ray job submit` on the head node has)
+    ckpt = eval_preflight(cfg, args.checkpoint, ranks_on_cuda(backend, gpus), max(1, nproc // max(1, nodes)))
     scratch_dir = Path(tempfile.mkdtemp(prefix="dist-train-eval-"))
+    sink = ResultSink()
     try:
         argv = [sys.executable, "-m", "dist_train", "eval", args.config, "--checkpoint", str(ckpt)]
         for item in overrides:
             argv += ["--set", item]
+        env = {**forwarded_env(), EVAL_RANK_ENV: str(scratch_dir), **({ECHO_ENV: "1"} if backend == "ray" else {})}
         spec = JobSpec(argv=argv, nproc=nproc, run_dir=scratch_dir, max_restarts=0, watchdog_s=0.0,
-                       collective_timeout_s=cfg.launch.collective_timeout_s,
-                       env={**forwarded_env(), EVAL_RANK_ENV: str(scratch_dir)})
-        code = Supervisor(spec, LocalBackend(nproc, scratch_dir)).run()
+                       collective_timeout_s=cfg.launch.collective_timeout_s, env=env)
+        be = build_backend(backend, nproc, scratch_dir, args.address or cfg.launch.address, nodes, gpus,
+                           cfg.launch.placement_timeout_s, sink=sink)
+        try:
+            code = Supervisor(spec, be).run()
+        finally:
+            if hasattr(be, "shutdown"):
+                be.shutdown()
         if code != 0:
             return code
-        result = json.loads((scratch_dir / RESULT_FILE).read_text())
+        result = sink.result or json.loads((scratch_dir / RESULT_FILE).read_text())
     finally:
         shutil.rmtree(scratch_dir, ignore_errors=True)
-    print(summary_line(result), flush=True)
-    if args.out:
-        write_text_atomic(args.out, json.dumps(result, indent=2) + "\n")
+    report(result, args.out)
     return 0
 
 
+def report(result: dict, out: Optional[str]) -> None:
+    """The result as one line on stdout and, with ``out``, as a JSON file (temp + rename)."""
+    print(summary_line(result), flush=True)
+    if out:
+        write_text_atomic(out, json.dumps(result, indent=2) + "\n")
+
+
 def eval_rank(args: argparse.Namespace, scratch: Path) -> int:
-    """One rank started by :func:`eval_main` (the config and checkpoint already checked there)."""
+    """One rank started by :func:`eval_main`, or by a batch script's srun/mpiexec (``args.out`` given: rank 0
+    reports); the config and checkpoint already checked there."""
+    populate_rank_env()  # mpiexec / srun: RANK, WORLD_SIZE, MASTER_* from their variables
     cfg = load_config(args.config, list(args.set or []))
     local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", cfg.world_size))
     share_cpu_threads(local_ranks)
@@ -152,7 +122,12 @@ def eval_rank(args: argparse.Namespace, scratch: Path) -> int:
     def evaluate() -> int:
         result = evaluate_checkpoint(cfg, Path(args.checkpoint), ctx)
         if ctx.rank == 0:
-            write_text_atomic(scratch / RESULT_FILE, json.dumps(result))
+            if os.environ.get(ECHO_ENV) == "1":  # Ray: this node's files may not be the launcher's
+                print(RESULT_MARKER + json.dumps(result), flush=True)
+            elif args.out:  # no launcher above this rank
+                report(result, args.out)
+            else:
+                write_text_atomic(scratch / RESULT_FILE, json.dumps(result))
         return 0
 
     # e.g. a checkpoint pruned or changed since the pre-flight (one line; its peers quiet), damaged shards (the

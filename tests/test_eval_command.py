@@ -20,7 +20,8 @@ from dist_train.config import load_config, save_config
 from dist_train.distributed import current_context
 from dist_train.runlock import hold_run_dir
 from dist_train.trainer import train
-from launchers.evaluate import choose_checkpoint
+from dist_train.eval_preflight import choose_checkpoint
+from launchers.evaluate import RESULT_MARKER, ResultSink
 from tests.dist_harness import run_ranks
 from tests.trainer_utils import tiny_gpt_config, tiny_swin_config
 
@@ -72,25 +73,68 @@ def test_eval_on_two_ranks_matches_the_logged_loss_under_dp_cp_tp_pp(trained):
             assert abs(loss - logged[2]) <= 1e-5, (rank, name, loss, logged[2])
 
 
+def _eval_cli(cfg_path, cwd, *flags, timeout=300):
+    return subprocess.run([sys.executable, "-m", "dist_train", "eval", str(cfg_path), *flags], capture_output=True,
+                          text=True, env={**os.environ, "PYTHONPATH": str(REPO)}, cwd=cwd, timeout=timeout)
+
+
+def _one_result(proc, out: Path) -> dict:
+    """The one stdout line and the JSON of a successful ``dist-train eval``."""
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    lines = proc.stdout.strip().splitlines()
+    assert len(lines) == 1 and "(step 2): loss" in lines[0] and "perplexity" in lines[0], proc.stdout
+    return json.loads(out.read_text())
+
+
 @pytest.mark.slow
-def test_cli_launches_ranks_reads_only_and_ignores_the_run_lock(trained, tmp_path):
+def test_cli_under_local_and_mpi_reads_only_ignores_the_run_lock_and_agrees(trained, tmp_path):
+    """The ranks start as `dist-train launch` starts them: local subprocesses, or mpiexec (2 ranks, dp2) with the
+    same loss, bit for bit, as the local ranks, and the trainer's logged valid_loss within 1e-5."""
+    from launchers.mpi import find_mpiexec
+
     cfg_path, run_dir, logged = trained
-    out = tmp_path / "eval.json"
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    backends = ["local", *(["mpi"] if find_mpiexec() else [])]
+    results = {}
     # a job holds the run dir: the evaluation neither waits for nor takes its lock
     with hold_run_dir(run_dir, 0):
         before = _snapshot(run_dir)
-        proc = subprocess.run([sys.executable, "-m", "dist_train", "eval", str(cfg_path), "--checkpoint", "latest",
-                               "--set", "parallel.dp=2", "--out", str(out)],
-                              capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+        for backend in backends:
+            out = tmp_path / f"{backend}.json"
+            proc = _eval_cli(cfg_path, tmp_path, "--checkpoint", "latest", "--set", "parallel.dp=2", "--backend",
+                             backend, "--out", str(out))
+            results[backend] = _one_result(proc, out)
         after = _snapshot(run_dir)
-    assert proc.returncode == 0, proc.stderr
-    lines = proc.stdout.strip().splitlines()
-    assert len(lines) == 1 and "(step 2): loss" in lines[0] and "perplexity" in lines[0], proc.stdout
-    result = json.loads(out.read_text())
-    assert result["step"] == 2 and result["world_size"] == 2 and result["layout"]["dp"] == 2
-    assert abs(result["loss"] - logged[2]) <= 1e-5
     assert after == before  # nothing written, moved or removed in the run dir (its lock file included)
+    for backend, result in results.items():
+        assert result["step"] == 2 and result["world_size"] == 2 and result["layout"]["dp"] == 2, backend
+        assert abs(result["loss"] - logged[2]) <= 1e-5, (backend, result["loss"], logged[2])
+    if "mpi" not in results:
+        pytest.skip("no mpiexec on this machine (pip install mpich): the local backend alone was checked")
+    assert results["mpi"]["loss"] == results["local"]["loss"]
+
+
+@pytest.mark.slow
+def test_cli_under_an_embedded_ray_cluster(trained, tmp_path):
+    """--backend ray (an embedded cluster, ~20 s): rank 0's result comes back as a marked stdout line (its node
+    need not be this one), kept off the console: stdout is the one summary line."""
+    pytest.importorskip("ray")
+    cfg_path, run_dir, logged = trained
+    out = tmp_path / "ray.json"
+    before = _snapshot(run_dir)
+    result = _one_result(_eval_cli(cfg_path, tmp_path, "--set", "parallel.dp=2", "--backend", "ray", "--out",
+                                   str(out)), out)
+    assert result["world_size"] == 2 and abs(result["loss"] - logged[2]) <= 1e-5
+    assert _snapshot(run_dir) == before
+
+
+def test_the_result_sink_keeps_rank_0s_result_line_off_the_console():
+    seen = []
+    sink = ResultSink(lambda stream, text: seen.append((stream, text)))
+    sink("stderr", "[rank 0] loading\n")
+    sink("stdout", f"[rank 1] {RESULT_MARKER}" + '{"loss": 9}\n')  # not rank 0's: passed on
+    sink("stdout", f"[rank 0] {RESULT_MARKER}" + '{"loss": 4.5, "step": 2}\n')
+    assert sink.result == {"loss": 4.5, "step": 2}
+    assert [t for _, t in seen] == ["[rank 0] loading\n", f"[rank 1] {RESULT_MARKER}" + '{"loss": 9}\n']
 
 
 @pytest.mark.parametrize("extra, says", [
@@ -100,6 +144,9 @@ def test_cli_launches_ranks_reads_only_and_ignores_the_run_lock(trained, tmp_pat
     (["--set", "data.source=indexed", "--set", "data.path=NOWHERE", "--data", "NOWHERE_VALID"],
      "data.valid_path = NOWHERE_VALID"),
     (["--set", "train.eval_every=0"], "train.eval_every = 0"),
+    (["--backend", "mpi", "--nodes", "2"], "--nodes 2 with --backend mpi: only the ray backend spans nodes"),
+    (["--backend", "local", "--nproc", "3"], "(launching 3; pass --nproc 1 or change parallel.*"),
+    (["--backend", "local", "--address", "10.0.0.1:6379"], "--address '10.0.0.1:6379' with --backend local"),
     (["--set", "data.source=indexed", "--set", "data.path=NOWHERE"], "no held-out data to evaluate on"),
     (["--set", "data.source=indexed", "--set", "data.path=NOWHERE", "--set", "data.split=100,0,0"],
      "no held-out data to evaluate on"),
@@ -140,3 +187,96 @@ def test_the_default_checkpoint_is_the_runs_newest_else_what_resume_names(traine
     own = load_config(str(cfg_path), [f"checkpoint.resume={start}"])
     assert choose_checkpoint(own, None) == (run_dir / "checkpoints" / "step_2").resolve()
     assert choose_checkpoint(own, str(start)) == start.resolve()
+
+
+# -- dist-train submit --eval ---------------------------------------------------------------------------------------
+#: srun for a test: starts the step's tasks on this machine with the variables a Slurm step gives them
+FAKE_SRUN = '''#!/bin/bash
+n=1
+while [[ "${1:-}" == -* ]]; do [[ "$1" == --ntasks=* ]] && n=${1#--ntasks=}; shift; done
+pids=()
+for ((i = 0; i < n; i++)); do
+  SLURM_PROCID=$i SLURM_LOCALID=$i SLURM_NODEID=0 SLURM_STEP_NUM_TASKS=$n SLURM_STEP_TASKS_PER_NODE=$n \
+    SLURM_STEP_NODELIST=localhost SLURM_STEP_ID=0 "$@" &
+  pids+=($!)
+done
+status=0
+for p in "${pids[@]}"; do wait "$p" || status=$?; done
+exit $status
+'''
+
+
+def _submit(cfg_path, *flags):
+    return main(["submit", str(cfg_path), "--scheduler", "slurm", "--nodes", "1", "--ntasks-per-node", "2", "--time",
+                 "00:10:00", "--set", "parallel.dp=2", *flags])
+
+
+def test_submit_eval_script_runs_dist_train_eval_on_the_allocations_ranks(trained, tmp_path, capsys, monkeypatch):
+    """`submit --eval`: the ranks run `dist_train eval` on the checkpoint chosen at submission (no restart override,
+    no requeue, no time-limit signal), their logs go to FILE.json.job, never under run.dir; under --backend ray the
+    job's launcher is `dist-train eval --backend ray` on the job's cluster."""
+    cfg_path, run_dir, _ = trained
+    monkeypatch.chdir(tmp_path)
+    before = _snapshot(run_dir)
+    step = (run_dir / "checkpoints" / "step_2").resolve()
+    job_args = f"{cfg_path} --set parallel.dp=2 --set train.eval_every=1 --checkpoint {step} --out e.json"
+    assert _submit(cfg_path, "--eval", "--out", "e.json", "--dry-run") == 0
+    text = capsys.readouterr().out
+    lines = text.splitlines()
+    logs = Path.cwd() / "e.json.job" / "logs"
+    assert f"#SBATCH --output={logs}/slurm-%j.out" in lines
+    assert "export DIST_TRAIN_EVAL_RANK=e.json.job  # eval ranks: logs, error records" in lines
+    assert (f"srun --ntasks=2 --ntasks-per-node=2 {sys.executable} -m launchers.rankio --log-dir {logs} "
+            f"--preempted-exit 75 -- {sys.executable} -m dist_train eval {job_args}") in lines
+    assert "checkpoint.restart" not in text and "--signal" not in text and "scontrol requeue" not in text
+    assert _submit(cfg_path, "--eval", "--out", "e.json", "--backend", "ray", "--dry-run") == 0
+    ray = capsys.readouterr().out
+    assert (f'{sys.executable} -m dist_train eval --backend ray --nodes 1 --nproc 2 {job_args} '
+            f'--address "$HEAD_IP:$RAY_PORT" &') in ray.splitlines()
+    assert "DIST_TRAIN_EVAL_RANK" not in ray  # the job's eval launcher sets it for its ranks alone
+    assert not (tmp_path / "e.json.job").exists()  # a dry run writes nothing
+    # no scheduler here: the script is written (config copy beside it) and sbatch's absence is the one line
+    assert _submit(cfg_path, "--eval", "--out", "e.json") == 2
+    assert "sbatch not found on PATH: the script is at e.json.job/submit_slurm.sh" in capsys.readouterr().err
+    script = (tmp_path / "e.json.job" / "submit_slurm.sh").read_text()
+    copy = next((tmp_path / "e.json.job").glob("submitted_config-*.yaml")).absolute()
+    assert f"-m dist_train eval {copy} --set parallel.dp=2" in script
+    assert _snapshot(run_dir) == before
+
+
+@pytest.mark.parametrize("flags, says", [
+    (["--eval"], "--eval without --out: give --out FILE.json"),
+    (["--out", "e.json"], "--out is a flag of an evaluation job: add --eval"),
+    (["--eval", "--out", "e.json", "--set", "model.d_model=64"], "holds a model of another size"),
+    (["--eval", "--out", "e.json", "--checkpoint", "NOWHERE"], "--checkpoint NOWHERE: no such checkpoint"),
+])
+def test_submit_eval_bad_input_is_one_line_and_writes_nothing(trained, tmp_path, capsys, monkeypatch, flags, says):
+    cfg_path, _, _ = trained
+    monkeypatch.chdir(tmp_path)
+    assert _submit(cfg_path, *flags) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and says in err[0], err
+    assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.slow
+def test_submitted_eval_job_writes_the_result(trained, tmp_path, monkeypatch):
+    """The generated Slurm script run by bash, its srun a stand-in that starts the 2 ranks here with a Slurm step's
+    variables: rank 0 writes --out (the logged loss) and prints the one line into the job's output."""
+    cfg_path, run_dir, logged = trained
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "srun").write_text(FAKE_SRUN)
+    (bin_dir / "srun").chmod(0o755)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")  # srun on PATH: sbatch still is not
+    before = _snapshot(run_dir)
+    assert _submit(cfg_path, "--eval", "--out", "e.json") == 2  # written; no sbatch to submit it
+    env = {**os.environ, "SLURM_JOB_ID": "7"}
+    job = subprocess.run(["bash", "e.json.job/submit_slurm.sh"], env=env, capture_output=True, text=True, timeout=300)
+    assert job.returncode == 0, (job.stdout + job.stderr)[-4000:]
+    result = json.loads((tmp_path / "e.json").read_text())
+    assert result["step"] == 2 and result["world_size"] == 2 and abs(result["loss"] - logged[2]) <= 1e-5
+    said = [line for line in job.stdout.splitlines() if "(step 2): loss" in line]
+    assert len(said) == 1 and said[0].startswith("[rank 0] eval "), job.stdout
+    assert _snapshot(run_dir) == before

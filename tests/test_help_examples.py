@@ -98,6 +98,8 @@ def _check_config_of(args: argparse.Namespace, argv: list[str], capsys) -> None:
     command = argv[0]
     if command == "launch":
         resolve_launch(args)
+    elif command == "submit" and args.eval:  # its checkpoint is chosen at submission: the config as the ranks load it
+        load_config(args.config, eval_overrides(args.set or [], args.data, args.batches))
     elif command == "submit":
         args.dry_run = True  # print the script, submit nothing
         assert submit_main(args) == 0
