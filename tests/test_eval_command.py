@@ -234,6 +234,12 @@ def test_submit_eval_script_runs_dist_train_eval_on_the_allocations_ranks(traine
     assert (f'{sys.executable} -m dist_train eval --backend ray --nodes 1 --nproc 2 {job_args} '
             f'--address "$HEAD_IP:$RAY_PORT" &') in ray.splitlines()
     assert "DIST_TRAIN_EVAL_RANK" not in ray  # the job's eval launcher sets it for its ranks alone
+    assert main(["submit", str(cfg_path), "--scheduler", "pbs", "--nodes", "2", "--ntasks-per-node", "1", "--time",
+                 "00:10:00", "--set", "parallel.dp=2", "--eval", "--out", "e.json", "--dry-run"]) == 0
+    pbs = capsys.readouterr().out.splitlines()
+    ranks = next(i for i, line in enumerate(pbs) if " -n 2 --ppn 1 " in line)
+    assert pbs[ranks - 1].startswith("export DIST_TRAIN_EVAL_RANK=e.json.job ")
+    assert pbs[ranks].endswith(f"-m dist_train eval {job_args}") and "qsub" not in "\n".join(pbs)
     assert not (tmp_path / "e.json.job").exists()  # a dry run writes nothing
     # no scheduler here: the script is written (config copy beside it) and sbatch's absence is the one line
     assert _submit(cfg_path, "--eval", "--out", "e.json") == 2
