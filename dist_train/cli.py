@@ -305,8 +305,19 @@ def _dispatch(argv: Optional[list[str]]) -> int:
         _OWN_PROCESS.reset(owner)
 
 
+#: words a person reaches for that are another command's job (an unknown command is one line naming the right one)
+_MEANT = {"sweep": "scale", "train": "launch", "evaluate": "eval", "checkpoint": "ckpt", "checkpoints": "ckpt",
+          "prepare": "data", "convert": "ckpt", "inspect": "ckpt", "verify": "ckpt", "predict": "plan",
+          "calibrate": "plan", "sbatch": "submit", "qsub": "submit"}
+
+
 def _run_command(argv: list[str]) -> int:
     command = next((a for a in argv if not a.startswith("-")), None)
+    if command in _MEANT:
+        meant = _MEANT[command]
+        print(f"dist-train: error: no command {command!r}: did you mean `dist-train {meant}` ({_HELP[meant]})? "
+              f"(see dist-train {meant} --help)", file=sys.stderr)
+        return EXIT_USAGE
     parser = build_parser(command if command in _COMMANDS else None)
     args = parser.parse_args(argv)
     func: Callable[[argparse.Namespace], int] = args.func

@@ -38,7 +38,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--out eval.json",
         "dist-train eval configs/gpt_tiny.yaml --set parallel.dp=1 --set parallel.cp=2 --data data/heldout --batches 8",
         "dist-train eval configs/gpt_tiny.yaml --checkpoint runs/init --set parallel.dp=1 --set data.split=98,2,0",
-        "dist-train eval configs/gpt_tiny.yaml --backend mpi --data data/heldout --out eval.json")
+        "dist-train eval configs/gpt_tiny.yaml --backend mpi --data data/heldout --out eval.json",
+        "dist-train eval configs/swin_weather.yaml --set data.split=90,10,0 --batches 2"
+        "   # a Swin trained with that split: the MSE of its last time steps")
     p.add_argument("config", help="YAML config file (the model and layout to evaluate under)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key (repeatable)")
     add_evaluation_arguments(p)

@@ -19,7 +19,7 @@ import shlex
 import pytest
 
 from dist_train.bench.cli import train as bench_train
-from dist_train.cli import _COMMANDS, ArgumentParser, _F, build_parser
+from dist_train.cli import _COMMANDS, ArgumentParser, _F, build_parser, main
 from dist_train.config import load_config
 from dist_train.eval_arguments import eval_overrides
 from dist_train.plan.cli import _plan_config
@@ -172,3 +172,13 @@ def test_a_default_of_zero_is_stated():
     assert "warm-up steps (default 0)" in text and "lowest learning rate (default 0.0)" in text, text
     assert "skip the checks (default" not in text
     assert _stated(0) and _stated(0.0) and not _stated(False) and not _stated(None) and not _stated([])
+
+
+@pytest.mark.parametrize("word, meant", [("sweep", "scale"), ("train", "launch"), ("evaluate", "eval"),
+                                         ("convert", "ckpt")])
+def test_a_command_word_of_another_commands_job_names_that_command(word, meant, capsys):
+    """`dist-train sweep` listed the ten valid commands; `scale` runs sweeps: the line says so."""
+    assert main([word, "x.yaml"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"no command {word!r}: did you mean `dist-train {meant}`" in err, err
+    assert meant in _COMMANDS and word not in _COMMANDS
