@@ -20,9 +20,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="ckpt_command", required=True, metavar="ACTION")
     fmt = getattr(parser, "formatter_class", argparse.HelpFormatter)
     p = sub.add_parser("inspect", help="table of tensors, shapes, dtypes, bytes, saved layout, step",
-                       formatter_class=fmt, epilog="example:\n  dist-train ckpt inspect runs/demo/checkpoints/step_120")
+                       formatter_class=fmt, epilog="examples:\n  dist-train ckpt inspect runs/demo/checkpoints/step_120\n"
+                              "  dist-train ckpt inspect runs/demo/checkpoints --all --json table.json")
     p.add_argument("path", type=Path, help="step_N directory, or a checkpoint directory (newest complete one)")
-    p.add_argument("--json", metavar="PATH", help="also write the table as JSON")
+    p.add_argument("--json", metavar="PATH", help="also write the table as JSON (every tensor)")
+    p.add_argument("--all", action="store_true",
+                   help="list every optimizer tensor too (default: one line per kind of optimizer state)")
     p = sub.add_parser("verify", help="check completeness and checksums; exit 1 naming the bad file/tensor",
                        formatter_class=fmt, epilog="example:\n  dist-train ckpt verify runs/demo/checkpoints")
     p.add_argument("path", type=Path, help="step_N directory, or a checkpoint directory (all checkpoints in it)")

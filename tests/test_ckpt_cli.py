@@ -43,8 +43,16 @@ def test_inspect_and_verify(saved, capsys, tmp_path):
     assert cli.run(_parse("inspect", str(root), "--json", str(tmp_path / "t.json"))) == 0
     out = capsys.readouterr().out
     for needle in ("step_3", "step        3", "dp=1", "__0_0.distcp", ".metadata", "rng_rank00000.json",
-                   "model.layers.0.attention.wq.weight", f"{D}x{D}", "float32", "optim.state.norm.weight.exp_avg"):
+                   "model.layers.0.attention.wq.weight", f"{D}x{D}", "float32", "optim.state.*.exp_avg_sq "):
         assert needle in out, (needle, out)
+    # the optimizer state is one line per kind (a large model's table was two thirds Adam moments); --all lists it
+    n_model = sum(line.lstrip().startswith("model.") for line in out.splitlines())
+    assert "optim.state.norm.weight.exp_avg" not in out and "--all lists each tensor" in out
+    assert f"{n_model} tensors" in next(line for line in out.splitlines() if "optim.state.*.exp_avg_sq" in line)
+    assert cli.run(_parse("inspect", str(root), "--all")) == 0
+    every = capsys.readouterr().out
+    assert "optim.state.norm.weight.exp_avg " in every and "optim.state.*" not in every
+    assert len(every.splitlines()) > len(out.splitlines())
     table = json.loads((tmp_path / "t.json").read_text())
     assert table["step"] == 3 and any(r["name"] == "model.tok_embeddings.weight" and r["shape"] == [VOCAB, D]
                                        for r in table["tensors"])

@@ -81,7 +81,21 @@ def input_normalisation_line(ckpt: Path) -> str | None:
             f"mean {values('mean')}, scale {values('scale')}")
 
 
-def inspect(path: Path, json_out: str | None = None) -> int:
+def optimizer_groups(rows: list[dict]) -> tuple[list[dict], dict[str, list[dict]]]:
+    """The tensor table's rows split into those listed one by one (the model's, anything not optimizer state) and
+    the optimizer state grouped by kind: ``optim.state.*.exp_avg`` -> its rows (one per parameter, the model's
+    shapes; listing them would triple a large model's table)."""
+    listed, grouped = [], {}
+    for r in rows:
+        parts = r["name"].split(".")
+        if parts[0] == "optim" and len(parts) > 3:
+            grouped.setdefault(f"{'.'.join(parts[:2])}.*.{parts[-1]}", []).append(r)
+        else:
+            listed.append(r)
+    return listed, grouped
+
+
+def inspect(path: Path, json_out: str | None = None, show_all: bool = False) -> int:
     if _foreign(path):
         return EXIT_BAD
     ckpt = _checkpoints(path, newest_only=True)[0]
@@ -104,11 +118,18 @@ def inspect(path: Path, json_out: str | None = None) -> int:
     for name in sorted(files):
         print(f"  {name:<28} {_human(files[name]['bytes']):>10}")
     print(f"tensors     {len(rows)}, {_human(total)}")
-    w = max([len(r["name"]) for r in rows] + [6])
+    listed, grouped = (rows, {}) if show_all else optimizer_groups(rows)
+    w = max([len(r["name"]) for r in listed] + [len(k) for k in grouped] + [6])
     print(f"  {'tensor':<{w}}  {'shape':<16} {'dtype':<9} {'bytes':>10}")
-    for r in rows:
+    for r in listed:
         print(f"  {r['name']:<{w}}  {'x'.join(map(str, r['shape'])) or 'scalar':<16} {r['dtype']:<9} "
               f"{_human(r['bytes']):>10}")
+    for pattern, group in grouped.items():
+        dtypes = "/".join(sorted({r["dtype"] for r in group}))
+        print(f"  {pattern:<{w}}  {f'{len(group)} tensors':<16} {dtypes:<9} "
+              f"{_human(sum(r['bytes'] for r in group)):>10}")
+    if grouped:
+        print("  (one line per kind of optimizer state; --all lists each tensor)")
     if json_out:
         Path(json_out).write_text(json.dumps({"path": str(ckpt), "step": body["step"], "layout": body.get("layout"),
                                               "files": {k: v["bytes"] for k, v in files.items()},
@@ -176,7 +197,7 @@ def convert(src: Path, out: Path, to: str | None, frm: str | None, config: str |
 def run(args: argparse.Namespace) -> int:
     try:
         if args.ckpt_command == "inspect":
-            return inspect(args.path, args.json)
+            return inspect(args.path, args.json, args.all)
         if args.ckpt_command == "verify":
             return verify(args.path)
         if args.ckpt_command == "convert":
