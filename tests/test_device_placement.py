@@ -16,6 +16,10 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import parallelism.context.attention as cp_attention
 import parallelism.context.simulate as simulate
 import tests.test_gpu_path as gpu_path
+from dist_train.config import ModelConfig
+from dist_train.engines.grads import global_grad_norm_squared
+from dist_train.models.attention import AttentionContext
+from dist_train.models.gpt import GPT
 from dist_train.models.swin import build_swin
 from parallelism.context import local_attention
 from parallelism.context.kernels import CUDA_OPS, CudaSdpaKernel
@@ -110,9 +114,30 @@ def test_the_gpu_tests_own_code_runs_on_the_device(monkeypatch):
     monkeypatch.setattr(gpu_path, "DEV", "meta")
     monkeypatch.setattr(gpu_path, "max_rel_err", lambda x, ref: 0.0)
     monkeypatch.setattr(simulate, "get_kernel", lambda name, device, dtype: CudaSdpaKernel(available=CUDA_OPS))
-    for variant in gpu_path.CP_VARIANTS:
-        assert gpu_path._cp_errors(variant, 4, S=256) == [0.0] * 4, variant
+    for variant in gpu_path.CP_VARIANTS:  # kv_pieces at P = 2: its 8P sub-rings cost a second each on meta
+        assert gpu_path._cp_errors(variant, 2 if variant == "kv_pieces" else 4, S=256) == [0.0] * 4, variant
     recorded = []
     for dtype in (torch.bfloat16, torch.float32):
         gpu_path.test_window_parallel_attention_on_cuda(dtype, 0.0, lambda name, value: recorded.append(name))
     assert recorded == ["errors_out_dq_dk_dv"] * 2
+
+
+@pytest.mark.parametrize("window, checkpointing", [(None, "none"), (64, "full"), (64, "selective")])
+def test_a_gpt_training_step_stays_on_the_device(monkeypatch, window, checkpointing):
+    """The GPT's forward (RoPE, grouped-query attention through the CUDA block kernel with a sliding window, the
+    chunked loss over a padded vocabulary) and backward, then the gradient norm's partial sums: nothing built on the
+    host, no value read, no blocking copy. (fp32: autocast has no meta device, so the autocast query says "off".)"""
+    autocast_on = torch.is_autocast_enabled
+    monkeypatch.setattr(torch, "is_autocast_enabled", lambda *a: False if a and str(a[0]) == "meta" else autocast_on(*a))
+    monkeypatch.setattr(cp_attention, "get_kernel", lambda name, device, dtype: CudaSdpaKernel(available=CUDA_OPS))
+    cfg = ModelConfig(kind="gpt", d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_hidden=128, vocab_size=131)
+    model = GPT(cfg, AttentionContext(window=window), init_seed=0, activation_checkpointing=checkpointing,
+                loss_chunk=32).to(META)
+    tokens = torch.randint(0, cfg.vocab_size, (2, 257)).to(META)
+    batch = {"tokens": tokens[:, :-1], "labels": tokens[:, 1:], "positions": torch.arange(256, device=META)}
+    with BlockingCopies() as copies:
+        loss_sum, count = model(batch)
+        (loss_sum / count).backward()
+        squared = global_grad_norm_squared(model.parameters())
+    assert loss_sum.device == count.device == squared.device == META
+    assert copies.seen == []
