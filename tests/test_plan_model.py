@@ -9,6 +9,7 @@ import math
 import pytest
 import yaml
 
+from dist_train.cli import main
 from dist_train.config import check_world_size, config_from_dict, save_config
 from dist_train.cost.flops import (attention_flops_per_key, flops_per_token, matmul_params, model_params,
                                    recompute_flops_per_token, train_flops_per_token)
@@ -718,3 +719,22 @@ def test_a_profile_key_nothing_reads_is_refused(tmp_path):
     path.write_text(yaml.safe_dump({**d, "core": 16}))
     with pytest.raises(ValueError, match=rf"device profile '{name}' in .*: unknown key 'core'; valid keys: "):
         load_profile_file(path)
+
+
+def test_plan_marks_the_configs_own_layout_in_the_ranking(tmp_path, capsys):
+    """`plan` ranked the layouts without saying which one the config runs: a user could not tell how far theirs
+    was from the best. It is marked in the table, or named with its rank below it when the table is cut."""
+    cfg = yaml.safe_load(open("configs/swin_weather.yaml"))
+    cfg["data"]["path"] = str(tmp_path / "w")
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    assert main(["plan", str(path), "--devices", "2", "--top", "40"]) == 0
+    table = capsys.readouterr().out.splitlines()
+    marked = [line for line in table if line.endswith("<- this config")]
+    assert len(marked) == 1 and " wp1x2 mb1 " in marked[0], table
+    rank = int(marked[0].split()[0])
+    if rank == 1:
+        return  # the best: nothing to cut it from
+    assert main(["plan", str(path), "--devices", "2", "--top", str(rank - 1)]) == 0
+    cut = capsys.readouterr().out
+    assert "<- this config" not in cut and f"this config's layout (wp1x2 mb1): #{rank} of " in cut, cut

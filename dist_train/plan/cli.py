@@ -65,6 +65,15 @@ def _plan_config(args: argparse.Namespace) -> Config:
     return load_config(args.config, sets, derives_layouts=True)  # e.g. microbatches for the pipelined candidates
 
 
+def own_layout_rank(cfg, ranked: list, devices: int) -> tuple[str, Optional[int]]:
+    """The config's own layout label and its index in ``ranked`` ((prediction, config) pairs, best first); None when
+    it is not there (another device count, or a layout the planner does not enumerate)."""
+    own = layout_label(cfg)
+    if devices != cfg.world_size:
+        return own, None
+    return own, next((i for i, (_, c) in enumerate(ranked) if layout_label(c) == own), None)
+
+
 def plan_main(args: argparse.Namespace) -> int:
     if args.calibrate:
         path, prof = calibrate(args.profile_path, log=lambda m: print(m, file=sys.stderr))
@@ -112,10 +121,12 @@ def plan_main(args: argparse.Namespace) -> int:
     print(hdr)
     print("-" * len(hdr))
     shown = ranked[:args.top]
+    own, own_rank = own_layout_rank(cfg, ranked, devices)
     # also show why the best layouts of other families lost (one per distinct reason family)
     for i, (p, c) in enumerate(shown):
         why = "best" if i == 0 and p.fits else why_slower(p, best, prof.memory_bytes)
         why += " [host-bound]" if p.host_bound else ""
+        why += "  <- this config" if i == own_rank and len(ranked) > 1 else ""
         print(f"{i + 1:>3}  {layout_label(c):<44} {p.memory['total'] / GIB:>9.2f} {p.step_time_s:>10.4g} "
               f"{p.tokens_per_s:>12,.0f} {p.tflops_per_device:>8.4g} {100 * p.mfu:>5.1f}% "
               f"{100 * p.exposed_comm_fraction:>5.0f}%  {why}")
@@ -124,6 +135,12 @@ def plan_main(args: argparse.Namespace) -> int:
         print("other layouts lose because:")
         for line in losers:
             print(f"  - {line}")
+    if own_rank is not None and own_rank >= len(shown):
+        p = ranked[own_rank][0]
+        print(f"this config's layout ({own}): #{own_rank + 1} of {len(ranked)}, {p.tokens_per_s:,.0f} tokens/s: "
+              f"{why_slower(p, best, prof.memory_bytes)}")
+    elif own_rank is None and devices == cfg.world_size:
+        print(f"this config's layout ({own}) is not among them (the planner's candidates: docs/planner.md)")
     if args.explain:
         print(f"breakdown of #1 ({layout_label(ranked[0][1])}):")
         for line in best.breakdown_lines():
