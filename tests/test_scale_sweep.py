@@ -166,6 +166,10 @@ def test_real_two_point_sweep_end_to_end(tmp_path):
                  "aggregate_loglog.png"):
         assert (out / name).stat().st_size > 0
     assert "6N + 12*L*d_attn*S_eff" in (out / "results.md").read_text()
+    # each point names its layout (the table's "n2" alone did not say what ran), in the table, CSV and JSON
+    assert one["layout"] == "mb2" and two["layout"].startswith("cp2 "), (one["layout"], two["layout"])
+    assert f"| n2 | 2 | {two['layout']} |" in (out / "results.md").read_text()
+    assert (out / "results.csv").read_text().splitlines()[0].startswith("id,status,world_size,layout,varied,")
 
 
 def test_memory_plot_is_against_sequence_length_only_when_the_sweep_varies_it():

@@ -204,7 +204,8 @@ def derive(spec, point, rec: dict, prof) -> dict:
     tokens_step = cfg.train.global_batch * sh.tokens
     flops_step = flops_per_token(sh) * tokens_step
     n = point.world_size
-    rec.update(seq_len=cfg.data.seq_len if sh.kind == "gpt" else sh.tokens, global_batch=cfg.train.global_batch,
+    rec.update(layout=layout_label(cfg), seq_len=cfg.data.seq_len if sh.kind == "gpt" else sh.tokens,
+               global_batch=cfg.train.global_batch,
                flops_per_step=flops_step, tokens_per_step=tokens_step, prediction=pred.to_dict(),
                pred_step_time_s=pred.step_time_s, pred_peak_mem_bytes=pred.memory["total"],
                pred_exposed_comm_fraction=pred.exposed_comm_fraction,
@@ -236,9 +237,10 @@ def scale_main(args: argparse.Namespace) -> int:
               f"{cores} cores; the planner models the shared cores")
     if args.dry_run:
         for p in points:
-            pred = predict(point_config(spec, p), prof)
-            print(f"  {p.id:<50} N={p.world_size} predicted {pred.step_time_s * 1e3:9.1f} ms/step "
-                  f"{pred.memory['total'] / 2 ** 20:8.0f} MiB")
+            cfg = point_config(spec, p)
+            pred = predict(cfg, prof)
+            print(f"  {p.id:<28} N={p.world_size} {layout_label(cfg):<28} predicted {pred.step_time_s * 1e3:9.1f} "
+                  f"ms/step {pred.memory['total'] / 2 ** 20:8.0f} MiB")
         return 0
     records = run_sweep(spec, out, retry_failed=args.retry_failed, progress=not args.no_progress,
                         annotate=lambda p, r: derive(spec, p, r, prof))

@@ -16,7 +16,7 @@ import statistics
 from pathlib import Path
 from typing import Optional
 
-COLUMNS = ["id", "status", "world_size", "params", "step_time_s", "step_time_iqr_s", "tokens_per_s",
+COLUMNS = ["id", "status", "world_size", "layout", "varied", "step_time_s", "step_time_iqr_s", "tokens_per_s",
            "tokens_per_s_per_device", "tflops_per_device", "mfu", "efficiency", "peak_mem_bytes",
            "pred_peak_mem_bytes", "mem_error", "pred_step_time_s", "step_error", "exposed_comm_fraction",
            "pred_exposed_comm_fraction", "straggler_spread", "seq_len", "global_batch", "load_avg_1m_before",
@@ -97,15 +97,16 @@ def markdown_table(records: list[dict], meta: dict) -> str:
              f"FLOP convention: {meta['flop_convention']}", "",
              f"Efficiency: {meta['efficiency_definition']}", "",
              f"Device: {meta['device']}. Command: `{meta['command']}`", "",
-             "| point | N | step ms (IQR) | tok/s | tok/s/dev | TFLOP/s/dev | MFU | eff. | peak MiB meas / pred (err) "
+             "| point | N | layout | step ms (IQR) | tok/s | tok/s/dev | TFLOP/s/dev | MFU | eff. | peak MiB meas / pred (err) "
              "| pred step ms (err) | exposed comm meas / pred | straggler | status |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in records:
         if r.get("status") != "ok":
-            lines.append(f"| {_label(r)} | {r['world_size']} | | | | | | | | | | | failed: {r.get('reason', '')} |")
+            lines.append(f"| {_label(r)} | {r['world_size']} | {r.get('layout', '')} | | | | | | | | | | | failed: "
+                         f"{r.get('reason', '')} |")
             continue
         lines.append(
-            f"| {_label(r)} | {r['world_size']} | {1e3 * r['step_time_s']:.1f} ({1e3 * r['step_time_iqr_s']:.1f}) "
+            f"| {_label(r)} | {r['world_size']} | {r.get('layout', '')} | {1e3 * r['step_time_s']:.1f} ({1e3 * r['step_time_iqr_s']:.1f}) "
             f"| {r['tokens_per_s']:,.0f} | {r['tokens_per_s_per_device']:,.0f} | {r['tflops_per_device']:.4f} "
             f"| {100 * r['mfu']:.1f}% | {pct_abs(r['efficiency'])} "
             f"| {r['peak_mem_bytes'] / 2 ** 20:.0f} / {r['pred_peak_mem_bytes'] / 2 ** 20:.0f} ({pct(r['mem_error'])}) "

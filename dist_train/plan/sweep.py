@@ -296,7 +296,7 @@ def run_point(spec: SweepSpec, point: Point, point_dir: Path,
     load = os.getloadavg()[0]
     t0 = time.time()
     rc, output, timed_out = (runner or _subprocess_runner)(argv, env, spec.timeout_s, point_dir / "output.log")
-    rec: dict[str, Any] = {"id": point.id, "world_size": point.world_size, "params": point.params,
+    rec: dict[str, Any] = {"id": point.id, "world_size": point.world_size, "varied": point.params,
                            "series": point.series, "command": " ".join(argv), "wall_s": time.time() - t0,
                            "load_avg_1m_before": load, "load_avg_1m_after": os.getloadavg()[0]}
     if rc == 0 and not timed_out:
