@@ -19,6 +19,7 @@ once).
 from __future__ import annotations
 
 import os
+import warnings
 from typing import Optional
 
 import torch
@@ -77,6 +78,7 @@ def check_deepspeed_keys(cfg: Config, bf16: bool) -> None:
     user = dict(cfg.parallel.deepspeed or {})
     if cfg.parallel.zero_stage is None or not user:
         return  # the generated config alone: nothing of the user's to check, and no deepspeed import
+    quiet_deepspeed(on_cpu=not torch.cuda.is_available())
     import deepspeed.runtime.config as ds_config
     import pydantic
 
@@ -146,10 +148,27 @@ def _ensure_process_group() -> None:
     os.environ.setdefault("LOCAL_RANK", "0")
 
 
+#: FutureWarnings torch 2.13 raises at DeepSpeed's own calls of the collectives it renamed (ZeRO's gathers and
+#: reduce-scatters): two per rank and run, about code that is not dist-train's
+DEEPSPEED_DEPRECATIONS = (r"`torch\.distributed\.all_gather_into_tensor` is deprecated",
+                          r"`torch\.distributed\.reduce_scatter_tensor` is deprecated")
+
+
+def quiet_deepspeed(on_cpu: bool) -> None:
+    """Before DeepSpeed is imported: on CPU name its accelerator (``DS_ACCELERATOR=cpu``, unless set) instead of
+    letting it warn on every rank that it found no GPU and is "setting accelerator to CPU"; and hold back
+    :data:`DEEPSPEED_DEPRECATIONS` (any other warning still shows)."""
+    if on_cpu:
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    for message in DEEPSPEED_DEPRECATIONS:
+        warnings.filterwarnings("ignore", message=message, category=FutureWarning)
+
+
 class DeepSpeedEngine:
     """``train_step(micro_batches, global_count) -> (global mean loss, grad norm)`` on a DeepSpeed engine."""
 
     def __init__(self, cfg: Config, model: nn.Module, mesh: Mesh, autocast_dtype: Optional[torch.dtype]):
+        quiet_deepspeed(on_cpu=next(model.parameters()).device.type == "cpu")
         import deepspeed
 
         # the pre-flight ran this before any rank when one ran (launch, run); bench and scale ranks come here directly.
