@@ -393,8 +393,10 @@ def _train(cfg: Config, ctx: DistContext) -> TrainResult:
                 # said after this step's metric line (below), which is the last one the run prints
                 if stop == "preempted":
                     result.exit_code = EXIT_PREEMPTED
-                    stop_line = (log.warning, f"preempted ({_preemption_cause(lifecycle)}): {kept}, exiting with "
-                                              f"resumable status {EXIT_PREEMPTED}")
+                    # rank 0 says it on the console; every other rank (the same words) in its own log only
+                    stop_line = (log.warning if ctx.is_main else log.info,
+                                 f"preempted ({_preemption_cause(lifecycle)}): {kept}, exiting with "
+                                 f"resumable status {EXIT_PREEMPTED}")
                 else:
                     stop_line = (log.info, f"exit_interval {t.exit_interval}: {kept}, exiting")
             valid = evaluator.run(engine) if evaluator is not None and evaluator.due(step + 1) else None

@@ -99,6 +99,8 @@ def test_mpi_launch_sigterm_checkpoints_and_resumes(tmp_path):
     lines = out.splitlines()
     last_step = max(i for i, line in enumerate(lines) if re.match(r"\[rank 0\] step +\d+/500 ", line))
     assert lines.index(next(line for line in lines if line.startswith("[rank 0] preempted (signal"))) > last_step
+    # once, by rank 0: the other ranks' copies of the line (one per rank) stay in their logs
+    assert not [line for line in lines if re.match(r"\[rank [1-9]\d*\] .*preempted \(signal", line)], out[-4000:]
     done = complete_checkpoints(run_dir / "checkpoints")
     assert done, out[-4000:]
     saved = done[0][0]
