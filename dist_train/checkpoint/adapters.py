@@ -303,6 +303,9 @@ class DeepSpeedStateAdapter(StateAdapter):
         missing = [g for g in self.groups if not inner.state.get(g.flat)]
         if missing:
             saved = [(pg["params"], pg["lr"]) for pg in inner.param_groups]
+            # with offload_optimizer.device = cpu a partition's .grad is DeepSpeed's persistent host gradient
+            # buffer, which its backward copies into: put that object back, not None
+            grads = [g.flat.grad for g in missing]
             try:
                 for pg in inner.param_groups:
                     pg["params"], pg["lr"] = [], 0.0
@@ -313,8 +316,8 @@ class DeepSpeedStateAdapter(StateAdapter):
             finally:
                 for pg, (params, lr) in zip(inner.param_groups, saved):
                     pg["params"], pg["lr"] = params, lr
-                for g in missing:
-                    g.flat.grad = None
+                for g, grad in zip(missing, grads):
+                    g.flat.grad = grad
         if not self.zero3:
             # ZeRO-1/2 / bf16 link every group's fragments once, right after the FIRST group's first step —
             # when later groups have no state yet, so their fragments stay empty for good (DeepSpeed 0.19.8,
