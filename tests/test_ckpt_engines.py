@@ -22,6 +22,7 @@ import torch
 import torch.distributed.checkpoint as dcp
 
 from dist_train import trainer as trainer_module
+from dist_train.bench._ckpt_engines import engine_state_tensors, one_step_gpt_engine
 from dist_train.bench.attention import peak_tensor_bytes
 from dist_train.checkpoint import manifest as mf
 from dist_train.checkpoint.adapters import DeepSpeedStateAdapter, TensorParallelAdapter, TPShard, tp_local_blocks
@@ -33,7 +34,7 @@ from dist_train.lifecycle import EXIT_PREEMPTED, FAULT_ENV
 from dist_train.models.tensor_parallel import shard_of
 from dist_train.trainer import train
 from tests.dist_harness import run_ranks
-from tests.trainer_utils import one_step_gpt_engine, rel_close, tiny_gpt_config
+from tests.trainer_utils import rel_close, tiny_gpt_config
 
 SAVE = {"every": 5, "keep_last": 3}
 VOCAB = 63  # odd: Megatron pads it to 64 at tp 2
@@ -419,23 +420,16 @@ def _zero_checkpoint_peaks(rank: int, world: int, root: str) -> dict:
         ckpt = CheckpointManager(cfg.checkpoint, run_dir=f"{root}/zero{stage}", rank=rank, world_size=world,
                                  io_threads=1, **engine.checkpoint_kwargs())
         adapter = ckpt.adapter
-
-        def state() -> list[torch.Tensor]:  # fp32 partitions, their AdamW moments, the forward's working copies
-            flats = [g.flat for g in adapter.groups]
-            moments = [v for f in flats for v in adapter._inner.state[f].values() if v.shape == f.shape]
-            working = [p.ds_tensor if stage == 3 else p for p in model.parameters()]
-            return [t.data for t in flats + moments + working]
-
-        before = [t.clone() for t in state()]
+        before = [t.clone() for t in engine_state_tensors(engine)]
         _, refresh = peak_tensor_bytes(adapter._refresh_working_copies)
         _, save = peak_tensor_bytes(lambda: ckpt.save(1, model, optimizer))
         with torch.no_grad():
-            for t in state():
+            for t in engine_state_tensors(engine):
                 t.zero_()
         _, load = peak_tensor_bytes(lambda: ckpt.load(ckpt.root / "step_1", model, optimizer))
         numel = sum(int(torch.Size(getattr(p, "ds_shape", p.shape)).numel()) for p in model.parameters())
         out[stage] = {"save": save, "load": load, "refresh": refresh, "full": 12 * numel,
-                      "restored": all(torch.equal(a, b) for a, b in zip(before, state()))}
+                      "restored": all(torch.equal(a, b) for a, b in zip(before, engine_state_tensors(engine)))}
     return out
 
 

@@ -21,8 +21,8 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.distributed as dist
-from torch.distributed.tensor import DTensor
 
+from dist_train.bench._ckpt_engines import engine_state_tensors, one_step_gpt_engine
 from dist_train.bench.attention import peak_tensor_bytes
 from dist_train.checkpoint.manager import CheckpointManager
 from dist_train.config import ConfigError
@@ -35,7 +35,7 @@ from dist_train.models.gpt import build_gpt
 from dist_train.plan.profiles import builtin_profiles
 from dist_train.trainer import train
 from tests.dist_harness import run_ranks
-from tests.trainer_utils import losses_and_valid, one_step_gpt_engine, rel_close, tiny_gpt_config, tiny_swin_config
+from tests.trainer_utils import losses_and_valid, rel_close, tiny_gpt_config, tiny_swin_config
 
 RTOL = 1e-5
 BF16_RTOL = 2e-3  # bf16 compute on both sides; measured 2e-4 on 5 steps
@@ -293,17 +293,13 @@ def _checkpoint_peaks(rank: int, world: int, root: str) -> dict:
     ckpt = CheckpointManager(cfg.checkpoint, run_dir=root, rank=rank, world_size=world, io_threads=1,
                              **engine.checkpoint_kwargs())
 
-    def shards() -> list[torch.Tensor]:  # the rank's local fp32 weights and AdamW moments
-        moments = [v for st in optimizer.state.values() for v in st.values() if isinstance(v, DTensor)]
-        return [t.to_local() for t in list(model.parameters()) + moments]
-
-    before = [t.clone() for t in shards()]
+    before = [t.clone() for t in engine_state_tensors(engine)]
     _, save = peak_tensor_bytes(lambda: ckpt.save(1, model, optimizer))
     with torch.no_grad():
-        for t in shards():
+        for t in engine_state_tensors(engine):
             t.zero_()
     _, load = peak_tensor_bytes(lambda: ckpt.load(ckpt.root / "step_1", model, optimizer))
-    after = shards()
+    after = engine_state_tensors(engine)
     assert all(torch.equal(a, b) for a, b in zip(before, after)), rank  # the load restored every shard
     sh, loc = rank_inputs(cfg, builtin_profiles()["cpu"])
     states = parameter_state_bytes(cfg, sh, loc, loc.loads[0], rank_params(cfg, sh, loc.loads[0]))

@@ -6,12 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-import torch
-
 from dist_train.config import config_from_dict
-from dist_train.engines import build_engine
-from dist_train.mesh import build_mesh
-from dist_train.models.gpt import build_gpt
 
 
 def tiny_gpt_config(run_dir, steps: int = 5, **sections) -> "Config":
@@ -24,21 +19,6 @@ def tiny_gpt_config(run_dir, steps: int = 5, **sections) -> "Config":
         "checkpoint": {"every": 0, "at_end": False},
     }
     return _with_sections(base, sections)
-
-
-def one_step_gpt_engine(parallel: dict, rank: int, world: int):
-    """``(cfg, engine)``: a GPT of d 256, 2 layers and an odd vocabulary (95: tp pads it) built under ``parallel`` on
-    CPU, after one training step on 16 tokens (so the optimizer has its state) — what the checkpoint memory tests
-    save and load (one process of ``world``, this ``rank``)."""
-    cfg = config_from_dict({"model": {"kind": "gpt", "d_model": 256, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2,
-                                      "ffn_hidden": 512, "vocab_size": 95},
-                            "data": {"seq_len": 16}, "parallel": parallel,
-                            "train": {"global_batch": 2, "micro_batch": 1}})
-    mesh = build_mesh(cfg.parallel, world)
-    engine = build_engine(cfg, build_gpt(cfg, mesh, torch.device("cpu")).train(), mesh, None)
-    tokens = torch.randint(0, 95, (1, 16), generator=torch.Generator().manual_seed(rank))
-    engine.train_step([{"tokens": tokens, "labels": tokens, "positions": torch.arange(16)}], 32.0)
-    return cfg, engine
 
 
 def _with_sections(base: dict, sections: dict) -> "Config":

@@ -7,6 +7,7 @@
   ``run(args, checked) -> int`` (``checked``: what ``check`` returned). ``dist_train/cli.py`` imports it by
   name once NAME was chosen and ``check`` passed, the one place a bench command is dispatched.
 
-Modules starting with ``_`` are shared by the measurements (``_paired``, ``_paired_plot``). matplotlib alone is
+Modules starting with ``_`` are parts of the measurements: shared (``_paired``, ``_paired_plot``, ``_os_meters``)
+or one command's mode (``_ckpt_engines``: ``bench ckpt --engine``, whose ranks import it alone). matplotlib alone is
 imported inside the function that draws a plot that was asked for: the ranks import their measuring module
 (their rank function lives there) and report their own peak memory, which an unused matplotlib would inflate."""

@@ -25,6 +25,9 @@ kind and goes through the same path):
   first async save also allocates the buffers and is reported separately.
 Every time is a median over ``--repeats`` runs; each run measures raw and checkpoint I/O back to back and the
 "vs raw" ratios are medians of the per-run ratios (the machine's load drifts between runs).
+
+``--engine LAYOUT,…`` measures engine checkpoints instead (FSDP2 × tp, DeepSpeed ZeRO: time, memory and bytes
+per rank against the engine's usual save and load, in the same ranks): dist_train/bench/_ckpt_engines.py.
 """
 from __future__ import annotations
 
@@ -43,20 +46,11 @@ from torch import nn
 from ..checkpoint import CheckpointManager, checksum
 from ..checkpoint.blockio import BLOCK
 from ..config import CheckpointConfig
+from . import _ckpt_engines
+from ._os_meters import drop_cache
+from .cli.ckpt import EngineRun
 
 PIECE = 64 << 20  # bytes per tensor / per raw write
-
-
-def _drop_cache(path: Path) -> None:
-    """Ask the kernel to drop the (clean, fsynced) pages of ``path`` or of every file under it."""
-    files = [path] if path.is_file() else [p for p in path.rglob("*") if p.is_file()]
-    for f in files:
-        fd = os.open(f, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        finally:
-            os.close(fd)
 
 
 def _raw_write(path: Path, tensors: list) -> float:
@@ -90,7 +84,7 @@ def _hash_time(tensors: list, algorithm: str) -> float:
 
 
 def _raw_read(path: Path) -> float:
-    _drop_cache(path)
+    drop_cache(path)
     buf = bytearray(PIECE)
     t0 = time.perf_counter()
     with open(path, "rb", buffering=0) as f:
@@ -99,8 +93,12 @@ def _raw_read(path: Path) -> float:
     return time.perf_counter() - t0
 
 
-def run(args: argparse.Namespace, nbytes: int) -> int:
-    """``nbytes``: the model state's size dist_train.bench.cli.ckpt.check derived from ``--size-gb``."""
+def run(args: argparse.Namespace, checked: "int | EngineRun") -> int:
+    """``checked``: what dist_train.bench.cli.ckpt.check returned — the layouts of ``--engine`` (measured by
+    ``_ckpt_engines``) or the model state's size in bytes from ``--size-gb``."""
+    if isinstance(checked, EngineRun):
+        return _ckpt_engines.run(args, checked)
+    nbytes = checked
     base = Path(args.dir)
     n_full, rest = divmod(nbytes // 4, PIECE // 4)
     model = nn.Module()
@@ -135,7 +133,7 @@ def run(args: argparse.Namespace, nbytes: int) -> int:
             return time.perf_counter() - t0
 
         def load(verify: bool) -> None:
-            _drop_cache(ckpt)
+            drop_cache(ckpt)
             t["load_verify" if verify else "load"].append(timed(lambda: sync.load(ckpt, model, verify=verify)))
 
         for i in range(args.repeats):

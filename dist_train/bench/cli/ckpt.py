@@ -1,30 +1,86 @@
 """`dist-train bench ckpt`: its flags, examples and argument checks, torch-free (the measurement:
-dist_train/bench/ckpt.py)."""
+dist_train/bench/ckpt.py; with ``--engine``, dist_train/bench/_ckpt_engines.py)."""
 from __future__ import annotations
 
 import argparse
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
-HELP = "checkpoint save/load throughput vs raw disk bandwidth; async save stall vs sync save"
+HELP = ("checkpoint save/load throughput vs raw disk bandwidth, async stall vs sync; with --engine: engine "
+        "checkpoints (FSDP2 x tp, ZeRO) vs the engine's usual save/load, time and memory per rank")
+EPILOG = """examples:
+  dist-train bench ckpt --size-gb 1
+  dist-train bench ckpt --size-gb 2 --dir /scratch --repeats 3 --json ckpt.json
+  dist-train bench ckpt --engine fsdp2-dp2-tp2,zero2-dp2,zero3-dp2 --repeats 5 --json e.json --csv e.csv --png e.png
+  dist-train bench ckpt --engine zero2-offload-dp2 --d-model 512 --layers 4
+
+--engine LAYOUT[,...] measures, per rank of each layout (gloo ranks on CPU), save and load time, peak extra CPU
+memory (tensors and resident set) and bytes written, of our gather-free checkpoints and of the engine's usual
+path in the same ranks: FSDP2 -> torch DCP full_state_dict gather + torch.save; ZeRO -> DeepSpeed's own
+save_checkpoint/load_checkpoint. Layouts: """
+
+#: --engine layouts: name -> (the config's parallel section, ranks)
+LAYOUTS = {
+    "fsdp2-dp2-tp2": ({"fsdp": True, "dp": 2, "tp": 2}, 4),
+    "fsdp2-dp2": ({"fsdp": True, "dp": 2}, 2),
+    "zero1-dp2": ({"dp": 2, "zero_stage": 1}, 2),
+    "zero2-dp2": ({"dp": 2, "zero_stage": 2}, 2),
+    "zero3-dp2": ({"dp": 2, "zero_stage": 3}, 2),
+    # the host steps the partitions with our torch AdamW (no DeepSpeedCPUAdam build)
+    "zero2-offload-dp2": ({"dp": 2, "zero_stage": 2,
+                           "deepspeed": {"zero_optimization": {"offload_optimizer": {"device": "cpu"}},
+                                         "zero_force_ds_cpu_optimizer": False}}, 2),
+}
+
+
+@dataclass(frozen=True)
+class EngineRun:
+    """What ``--engine`` chose: the layouts to measure, in order."""
+    layouts: list[str]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.epilog = ("examples:\n  dist-train bench ckpt --size-gb 1\n"
-                     "  dist-train bench ckpt --size-gb 2 --dir /scratch --repeats 3 --json ckpt.json")
-    parser.add_argument("--size-gb", type=float, default=1.0, help="model state size in GiB (default 1)")
+    parser.epilog = EPILOG + ", ".join(LAYOUTS)
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.add_argument("--size-gb", type=float, default=None,
+                        help="model state size in GiB (default 1; not with --engine, whose model is a GPT)")
     parser.add_argument("--dir", default=".", help="directory on the disk to measure (default: current dir)")
     parser.add_argument("--repeats", type=int, default=3, help="runs per measurement; medians are reported")
     parser.add_argument("--io-threads", type=int, default=2,
                         help="threads reading/writing shard bytes per rank (default 2)")
     parser.add_argument("--json", metavar="PATH", help="write the results as JSON")
+    parser.add_argument("--engine", metavar="LAYOUT[,LAYOUT...]",
+                        help=f"engine checkpoints instead of raw throughput; layouts: {', '.join(LAYOUTS)}")
+    parser.add_argument("--d-model", type=int, default=384, help="--engine: GPT width (ffn 4x; default 384)")
+    parser.add_argument("--layers", type=int, default=4, help="--engine: GPT layers (default 4)")
+    parser.add_argument("--vocab", type=int, default=8191, help="--engine: vocabulary (default 8191: odd, tp pads it)")
+    parser.add_argument("--csv", metavar="PATH", help="--engine: one row per (layout, path, rank) as CSV")
+    parser.add_argument("--png", metavar="PATH", help="--engine: plot time and peak memory, ours vs baseline")
+    parser.add_argument("--timeout", type=float, default=600.0, help="--engine: seconds per layout before its "
+                        "ranks are killed (default 600)")
 
 
-def check(args: argparse.Namespace) -> int:
-    """The model state's size in bytes; ValueError on a size, count or directory the bench cannot use (one
-    without room for the files it writes)."""
-    if not args.size_gb > 0:
-        raise ValueError(f"--size-gb = {args.size_gb}: must be a positive number of GiB, e.g. --size-gb 1")
+def _engine_run(args: argparse.Namespace) -> EngineRun:
+    names = [n.strip() for n in args.engine.split(",") if n.strip()]
+    unknown = [n for n in names if n not in LAYOUTS]
+    if not names or unknown:
+        raise ValueError(f"--engine {args.engine!r}: unknown layout {unknown[0] if unknown else '(none)'}; valid: "
+                         f"{', '.join(LAYOUTS)}")
+    if args.size_gb is not None:
+        raise ValueError(f"--size-gb = {args.size_gb} with --engine: the engine mode's model is a GPT sized by "
+                         "--d-model, --layers and --vocab")
+    for flag in ("d_model", "layers", "vocab"):
+        if getattr(args, flag) < 1:
+            raise ValueError(f"--{flag.replace('_', '-')} = {getattr(args, flag)}: must be >= 1")
+    if args.d_model % 4:
+        raise ValueError(f"--d-model = {args.d_model}: must be a multiple of 4 (the GPT's 4 heads)")
+    return EngineRun(list(dict.fromkeys(names)))
+
+
+def check(args: argparse.Namespace) -> "int | EngineRun":
+    """``--engine``: the layouts to measure; else the model state's size in bytes. ValueError on a size, count,
+    layout or directory the bench cannot use (one without room for the files it writes)."""
     if args.repeats < 1:
         raise ValueError(f"--repeats = {args.repeats}: must be >= 1")
     if args.io_threads < 1:
@@ -32,9 +88,17 @@ def check(args: argparse.Namespace) -> int:
     base = Path(args.dir)
     if not base.is_dir():
         raise ValueError(f"--dir = {args.dir}: not a directory")
-    nbytes = int(args.size_gb * (1 << 30))
+    if args.engine is not None:
+        return _engine_run(args)
+    for flag in ("csv", "png"):
+        if getattr(args, flag):
+            raise ValueError(f"--{flag} is written by the --engine mode only")
+    size_gb = 1.0 if args.size_gb is None else args.size_gb
+    if not size_gb > 0:
+        raise ValueError(f"--size-gb = {size_gb}: must be a positive number of GiB, e.g. --size-gb 1")
+    nbytes = int(size_gb * (1 << 30))
     free = shutil.disk_usage(base).free
     if free < 5.2 * nbytes:  # raw file + two new-file raw writes + two checkpoints (keep_last=1 + the new one)
-        raise ValueError(f"--size-gb = {args.size_gb}: needs ~{5.2 * nbytes / 2**30:.1f} GiB free in {base}, "
+        raise ValueError(f"--size-gb = {size_gb}: needs ~{5.2 * nbytes / 2**30:.1f} GiB free in {base}, "
                          f"{free / 2**30:.1f} GiB available")
     return nbytes
