@@ -13,7 +13,9 @@ import pytest
 import torch
 
 from dist_train.checkpoint import CheckpointError, CheckpointManager, complete_checkpoints, storage, verify_checkpoint
+from dist_train.checkpoint.manager import nonfinite_tensor
 from dist_train.checkpoint.manifest import read_manifest, write_manifest
+from dist_train.checkpoint.rectangles import Rectangles
 from dist_train.checkpoint.storage import file_block_digests, load_dcp_metadata
 from dist_train.engines import ddp
 from dist_train.lifecycle import EXIT_DIVERGED, TrainingDiverged
@@ -53,6 +55,25 @@ def poison_tensor(ckpt: Path, prefix: str = "model.") -> str:
 
 def _all_finite(ckpt: Path) -> bool:
     return not verify_checkpoint(ckpt)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_nonfinite_tensor_finds_nan_and_both_infinities_anywhere(dtype):
+    """One min/max reduction per tensor: NaN at the first, a middle or the last element (SIMD lanes and the
+    tail), +inf and -inf, in a strided view and in a Rectangles block; finite and integer tensors pass."""
+    n = 10_007  # not a multiple of any vector width
+    clean = {"a": torch.randn(n, dtype=dtype), "b": torch.arange(5), "c": torch.empty(0, dtype=dtype)}
+    assert nonfinite_tensor(clean) is None
+    for bad in (math.nan, math.inf, -math.inf):
+        for pos in (0, n // 2, n - 1):
+            x = torch.randn(n, dtype=dtype)
+            x[pos] = bad
+            assert nonfinite_tensor({**clean, "z": x}) == "z", (bad, pos)
+            assert nonfinite_tensor({**clean, "z": x.view(-1, 1).expand(n, 2)[:, 1]}) == "z", (bad, pos)
+        block = torch.randn(4, 3, dtype=dtype)
+        block[3, 2] = bad
+        r = Rectangles(torch.Size([8, 3]), [((4, 0), block)], dtype, torch.device("cpu"))
+        assert nonfinite_tensor({"a": clean["a"], "r": r}) == "r", bad
 
 
 def test_nonfinite_state_is_never_committed_nor_pruned_for(tmp_path):

@@ -7,7 +7,8 @@ offloaded to the host) gloo ranks are spawned fresh on CPU (one torch thread eac
 ``--layers`` and ``--vocab`` (odd: tp pads it) under the layout's engine and take one AdamW step, so every state
 tensor exists. Then ``--repeats`` rounds, each saving and loading with both paths (which goes first alternates):
 
-* **ours**: ``CheckpointManager.save`` (sync) and ``load(verify=True)`` (what a resume runs): each rank writes and
+* **ours**: ``CheckpointManager.save`` (sync) and ``load(verify=True)`` (what a resume runs; ``--no-verify``:
+  without the checksums and the collective manifest check, to see their share): each rank writes and
   reads its own shards' blocks of the tp=1 tensors (checkpoint/rectangles.py, ``DeepSpeedStateAdapter``) with
   checksums, fsync and the manifest — a checkpoint any layout resumes.
 * **baseline**, FSDP2: torch DCP ``get_state_dict`` / ``set_state_dict`` with ``full_state_dict=True``: every
@@ -102,8 +103,8 @@ class _Ours:
     """CheckpointManager, as the trainer runs it (sync save; load verified, as resume does)."""
     describe = "CheckpointManager: each rank's own shard blocks of the tp=1 tensors, checksums, fsync, manifest"
 
-    def __init__(self, cfg: Config, engine, root: Path, rank: int, world: int, io_threads: int):
-        self.engine = engine
+    def __init__(self, cfg: Config, engine, root: Path, rank: int, world: int, io_threads: int, verify: bool):
+        self.engine, self.verify = engine, verify
         # keep every step: the pruning of an old one inside save would be a cost the baseline does not pay
         ck = replace(cfg.checkpoint, keep_last=1 << 20, dir=str(root / "ours"))
         self.ckpt = CheckpointManager(ck, run_dir=root, rank=rank, world_size=world, io_threads=io_threads,
@@ -117,7 +118,7 @@ class _Ours:
             raise RuntimeError(f"bench ckpt: CheckpointManager.save({step}) saved nothing")
 
     def load(self, step: int) -> None:
-        self.ckpt.load(self.dir(step), self.engine.module, self.engine.optimizer)
+        self.ckpt.load(self.dir(step), self.engine.module, self.engine.optimizer, verify=self.verify)
 
 
 def _fsync_tree(path: Path) -> None:
@@ -222,13 +223,14 @@ def _cycle(path, step: int, rank: int, engine, reference: list[torch.Tensor], me
     return out
 
 
-def _rank(rank: int, world: int, parallel: dict, model: dict, root: str, repeats: int, io_threads: int) -> dict:
+def _rank(rank: int, world: int, parallel: dict, model: dict, root: str, repeats: int, io_threads: int,
+          verify: bool) -> dict:
     """One rank of one layout (run by dist_train.spawn.run_ranks): ``repeats`` timed rounds of both paths (the
     order alternating), then one round under the tensor meter."""
     check_memory_meter()
     cfg, engine = one_step_gpt_engine(parallel, rank, world, model)
     base = Path(root)
-    paths = {"ours": _Ours(cfg, engine, base, rank, world, io_threads), "baseline": _baseline(engine, base)}
+    paths = {"ours": _Ours(cfg, engine, base, rank, world, io_threads, verify), "baseline": _baseline(engine, base)}
     state = engine_state_tensors(engine)
     reference = [t.clone() for t in state]
     state_bytes = sum(t.numel() * t.element_size() for t in state)
@@ -378,7 +380,8 @@ def run(args: argparse.Namespace, choice: EngineRun) -> int:
         work = Path(tempfile.mkdtemp(prefix="dt_ckpt_engine_bench_", dir=args.dir))
         try:
             t0 = time.perf_counter()
-            per_rank = run_ranks(_rank, world, args=(parallel, model, str(work), args.repeats, args.io_threads),
+            per_rank = run_ranks(_rank, world, args=(parallel, model, str(work), args.repeats, args.io_threads,
+                                                       not args.no_verify),
                                  timeout=args.timeout, fresh=True)
             wall = time.perf_counter() - t0
         finally:
@@ -390,10 +393,11 @@ def run(args: argparse.Namespace, choice: EngineRun) -> int:
         ours["wall_s"] = base["wall_s"] = wall
         rows += [ours, base]
         ratios[layout] = _ratios(ours, base)
-    record = {"model": model, "repeats": args.repeats, "io_threads": args.io_threads, "load_avg": load_avg,
+    record = {"model": model, "repeats": args.repeats, "io_threads": args.io_threads, "verify": not args.no_verify,
+              "load_avg": load_avg,
               "load_avg_after": os.getloadavg(), "cores": os.cpu_count(), "rows": rows, "ratios": ratios}
     print(f"bench ckpt --engine: GPT d {args.d_model}, {args.layers} layers, vocab {args.vocab}; median of "
-          f"{args.repeats} per rank; load average {load_avg[0]:.2f} at the start, "
+          f"{args.repeats} per rank; ours loads {'without' if args.no_verify else 'with'} verification; load average {load_avg[0]:.2f} at the start, "
           f"{record['load_avg_after'][0]:.2f} at the end")
     _print_table(rows, ratios)
     print(f"  base/ours > 1: ours faster or smaller; —: ours under {MEMORY_FLOOR >> 20} MiB (no denominator). RSS+: "

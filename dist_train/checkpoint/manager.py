@@ -138,11 +138,17 @@ def restore_interrupted_replace(root: Path) -> list[str]:
 
 def nonfinite_tensor(tensors: dict[str, torch.Tensor]) -> Optional[str]:
     """The first key (sorted) of a floating tensor holding NaN or ±inf (this rank's part of a DTensor, its
-    blocks of a ``Rectangles``: ``local_tensors``), else None."""
+    blocks of a ``Rectangles``: ``local_tensors``), else None.
+
+    One ``aminmax`` per tensor: min and max propagate NaN, and ±inf is the min or the max. ``isfinite(x).all()``
+    allocated a bool per element (the largest temporaries of a save or load) and took 16× as long on one thread
+    (cProfile of one ZeRO-3 dp2 rank loading 15 M parameters, `bench ckpt --engine` sized: 0.20 of its 0.48 s)."""
     for key in sorted(tensors):
         for local in local_tensors(tensors[key]):
-            if local.is_floating_point() and local.numel() and not bool(torch.isfinite(local.detach()).all()):
-                return key
+            if local.is_floating_point() and local.numel():
+                low, high = torch.aminmax(local.detach())
+                if not bool(torch.isfinite(torch.stack((low, high))).all()):
+                    return key
     return None
 
 

@@ -57,6 +57,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--vocab", type=int, default=8191, help="--engine: vocabulary (default 8191: odd, tp pads it)")
     parser.add_argument("--csv", metavar="PATH", help="--engine: one row per (layout, path, rank) as CSV")
     parser.add_argument("--png", metavar="PATH", help="--engine: plot time and peak memory, ours vs baseline")
+    parser.add_argument("--no-verify", action="store_true", help="--engine: load our checkpoints without checking "
+                        "their checksums (a resume checks them; this shows what that costs)")
     parser.add_argument("--timeout", type=float, default=600.0, help="--engine: seconds per layout before its "
                         "ranks are killed (default 600)")
 
@@ -90,6 +92,8 @@ def check(args: argparse.Namespace) -> "int | EngineRun":
         raise ValueError(f"--dir = {args.dir}: not a directory")
     if args.engine is not None:
         return _engine_run(args)
+    if args.no_verify:
+        raise ValueError("--no-verify is for the --engine mode (the raw-disk mode times both loads)")
     for flag in ("csv", "png"):
         if getattr(args, flag):
             raise ValueError(f"--{flag} is written by the --engine mode only")
