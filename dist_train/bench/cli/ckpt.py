@@ -42,7 +42,6 @@ class EngineRun:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.epilog = EPILOG + ", ".join(LAYOUTS)
-    parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.add_argument("--size-gb", type=float, default=None,
                         help="model state size in GiB (default 1; not with --engine, whose model is a GPT)")
     parser.add_argument("--dir", default=".", help="directory on the disk to measure (default: current dir)")
