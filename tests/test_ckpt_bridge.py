@@ -174,7 +174,9 @@ def test_a_swin_export_forecasts_with_the_normalisation_its_checkpoint_records(t
     train(cfg)
     ckpts = tmp_path / "run" / "checkpoints"
     assert main(["ckpt", "inspect", str(ckpts), "--json", str(tmp_path / "c.json")]) == 0
-    assert "\ninputs      normalised per channel as (field - mean) / scale" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "\ninputs      normalised per channel as (field - mean) / scale" in out
+    assert "\nmodel       swin: d_model 16, n_layers 2, n_heads 2, ffn_hidden 32, patch_size 1, window 4" in out, out
     norm = json.loads((tmp_path / "c.json").read_text())["input_normalisation"]
     assert len(norm["mean"]) == len(norm["scale"]) == 2
     assert main(["ckpt", "convert", str(ckpts), "--to", "torch", str(tmp_path / "m.pt")]) == 0

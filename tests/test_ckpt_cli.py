@@ -42,7 +42,8 @@ def test_inspect_and_verify(saved, capsys, tmp_path):
     root, _ = saved
     assert cli.run(_parse("inspect", str(root), "--json", str(tmp_path / "t.json"))) == 0
     out = capsys.readouterr().out
-    for needle in ("step_3", "step        3", "dp=1", "__0_0.distcp", ".metadata", "rng_rank00000.json",
+    for needle in ("step_3", "step        3", f"model       gpt: d_model {D}, n_layers {LAYERS}, n_heads {HEADS}, "
+                   f"ffn_hidden {FFN}, n_kv_heads {KV_HEADS}, vocab_size {VOCAB}", "dp=1", "__0_0.distcp", ".metadata", "rng_rank00000.json",
                    "model.layers.0.attention.wq.weight", f"{D}x{D}", "float32", "optim.state.*.exp_avg_sq "):
         assert needle in out, (needle, out)
     # the optimizer state is one line per kind (a large model's table was two thirds Adam moments); --all lists it

@@ -16,7 +16,7 @@ from dist_train.checkpoint.foreign import describe_foreign_tree
 from dist_train.checkpoint.manager import checkpoint_extra
 from dist_train.checkpoint import manifest as mf
 from dist_train.checkpoint.storage import CheckpointError, load_dcp_metadata
-from dist_train.config import load_config
+from dist_train.config import KIND_FIELDS, load_config
 from dist_train.data.image_batches import NORMALISATION_KEY
 
 EXIT_OK, EXIT_BAD = 0, 1
@@ -95,6 +95,13 @@ def optimizer_groups(rows: list[dict]) -> tuple[list[dict], dict[str, list[dict]
     return listed, grouped
 
 
+def model_line(model: dict) -> str:
+    """The recorded model section as one line: its kind, sizes and the fields only that kind reads (set ones)."""
+    kind = model.get("kind", "?")
+    keys = ("d_model", "n_layers", "n_heads", "ffn_hidden", *KIND_FIELDS.get(kind, ()))
+    return f"{kind}: " + ", ".join(f"{k} {model[k]}" for k in keys if model.get(k) is not None)
+
+
 def inspect(path: Path, json_out: str | None = None, show_all: bool = False) -> int:
     if _foreign(path):
         return EXIT_BAD
@@ -109,6 +116,9 @@ def inspect(path: Path, json_out: str | None = None, show_all: bool = False) -> 
     files = body["files"]
     print(f"checkpoint  {ckpt}")
     print(f"step        {body['step']}   contents: {'+'.join(body['contents'])}")
+    model = (body.get("config") or {}).get("model")
+    if model:  # an import without a config (--from dcp) records none
+        print(f"model       {model_line(model)}")
     print(f"layout      {_layout_str(body.get('layout') or {})}")
     print(f"code        {body.get('code_version')}   torch {body.get('torch_version')}")
     normalisation = input_normalisation_line(ckpt)
