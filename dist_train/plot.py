@@ -54,19 +54,30 @@ def load_run(run_dir: Path) -> dict:
             continue  # a torn last line of a killed run
     if not records:
         raise ValueError(f"{metrics} holds no step record yet")
-    name, tokens = run_dir.name, None
+    name, tokens, kind = run_dir.name, None, None
     if (run_dir / "config.yaml").is_file():
         # the record of a config that validated when its run started, read as written: a later version may refuse a
         # key it holds (an unread one, a renamed one), which must not make the earlier run's curves unplottable
         cfg = load_yaml_unique((run_dir / "config.yaml").read_text(), f"{run_dir}/config.yaml")
         run, model, data = (cfg.get(section) or {} for section in ("run", "model", "data"))
-        name = run.get("name", name)
-        if model.get("kind", "gpt") == "gpt":
+        name, kind = run.get("name", name), model.get("kind", "gpt")
+        if kind == "gpt":
             tokens = data.get("seq_len")
         elif data.get("image"):
             patch = model.get("patch_size", 1)
             tokens = (data["image"][0] // patch) * (data["image"][1] // patch)
-    return {"name": name, "records": records, "tokens_per_sample": tokens}
+    return {"name": name, "records": records, "tokens_per_sample": tokens, "kind": kind}
+
+
+#: what each model kind's loss is (the loss axis says it when every plotted run is of one kind)
+LOSS_NAMES = {"gpt": "cross-entropy", "swin": "MSE"}
+
+
+def loss_axis_label(runs: list[dict]) -> str:
+    """The loss panel's y label: the loss's name when all runs share a model kind (a Swin's is an MSE)."""
+    kinds = {r.get("kind") for r in runs}
+    what = LOSS_NAMES.get(next(iter(kinds))) if len(kinds) == 1 else None
+    return f"{what} loss (train solid, validation dashed)" if what else "loss (train solid, validation dashed)"
 
 
 def _labels(runs: list[dict], dirs: list[Path]) -> list[str]:
@@ -128,7 +139,7 @@ def plot_runs(run_dirs: list[Path], out: Path, extras: list[str]) -> dict:
                     n += 1
             title = "loss" if panel == "loss" else EXTRAS[panel][1]
             series[f"{title} vs {xkey}"] = n
-            ax.set_ylabel("loss (train solid, validation dashed)" if panel == "loss" else EXTRAS[panel][1])
+            ax.set_ylabel(loss_axis_label(runs) if panel == "loss" else EXTRAS[panel][1])
             ax.set_xlabel("optimizer step" if xkey == "step" else "tokens trained on")
             if xkey == "tokens":
                 ax.xaxis.set_major_formatter(EngFormatter())

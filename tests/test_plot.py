@@ -9,7 +9,7 @@ import pytest
 
 from dist_train.cli import main
 from dist_train.config import save_config
-from dist_train.plot import plot_runs
+from dist_train.plot import loss_axis_label, plot_runs
 from tests.trainer_utils import tiny_gpt_config
 
 
@@ -69,3 +69,11 @@ def test_a_run_whose_recorded_config_a_later_version_refuses_still_plots(tmp_pat
     path.write_text(path.read_text().replace("eval_steps: 4", "eval_steps: 8"))
     info = plot_runs([tmp_path / "old"], tmp_path / "c.png", [])
     assert info["runs"] == ["old"] and info["panels"]["loss vs tokens"] == 1
+
+
+def test_the_loss_axis_names_the_loss_of_the_runs_kind():
+    """A Swin's curves were labelled "loss" like a GPT's: its loss is a mean squared error."""
+    assert loss_axis_label([{"kind": "swin"}]).startswith("MSE loss")
+    assert loss_axis_label([{"kind": "gpt"}, {"kind": "gpt"}]).startswith("cross-entropy loss")
+    assert loss_axis_label([{"kind": "gpt"}, {"kind": "swin"}]).startswith("loss")
+    assert loss_axis_label([{"kind": None}]).startswith("loss")  # no config.yaml: kind unknown
