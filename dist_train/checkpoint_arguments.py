@@ -48,3 +48,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("out", type=Path, help="output directory (output file with --to torch)")
     p.add_argument("--config", help="with --from dcp: the run's YAML config; the tensors must be its model")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a --config key (repeatable)")
+    p.add_argument("--input-normalisation-from-data", action="store_true",
+                   help="with --from dcp of a Swin without input_normalisation.json (which --to dcp writes): record "
+                        "none, so the run normalises the inputs with its own data's training-share statistics and "
+                        "says so; without this flag such an import is refused")

@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,10 +15,11 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
-from dist_train.checkpoint.manager import CheckpointManager
+from dist_train.checkpoint.manager import CheckpointManager, checkpoint_extra
 from dist_train.cli import main
 from dist_train.config import CheckpointConfig, save_config
 from dist_train.data.datasets import SyntheticTokenDataset
+from dist_train.data.image_batches import NORMALISATION_KEY
 from dist_train.models.gpt import GPT
 from dist_train.models.swin import build_swin
 from dist_train.trainer import train
@@ -192,3 +194,94 @@ def test_a_swin_export_forecasts_with_the_normalisation_its_checkpoint_records(t
         loss_sum, count = model({"x": x[None], "y": y[None], "image_size": (10, 16)})
     assert pred.shape == (1, 10, 16, 2) and count == pred.numel()
     assert torch.equal(((pred - y[None]) ** 2).sum(), loss_sum)
+
+
+def _norm_of(ckpt_dir) -> dict:
+    """The input normalisation the newest checkpoint under ``ckpt_dir`` records (None: none)."""
+    return checkpoint_extra(max(Path(ckpt_dir).glob("step_*"), key=lambda p: int(p.name[5:]))).get(NORMALISATION_KEY)
+
+
+def _said(out: str, what: str) -> list[str]:
+    return [line for line in out.splitlines() if what in line]
+
+
+def test_a_swin_keeps_its_normalisation_through_an_export_and_import_onto_other_fields(tmp_path, capsys):
+    """`--to dcp` then `--from dcp` of a Swin recorded no input normalisation, and a run from the import on other
+    fields normalised with those fields' statistics: the weights silently paired with other input units. The export
+    now writes them beside itself (`--to dcp`: inside the directory; `--to torch`: FILE.input_normalisation.json),
+    the import records them, and the run keeps them and says so in one line, as a run from the native checkpoint
+    on those fields (an allowed data change) does."""
+    trained = tiny_swin_config(tmp_path / "run", tmp_path / "w", steps=2, data={"split": "75,25,0"},
+                               checkpoint={"at_end": True})
+    train(trained)
+    native = _norm_of(tmp_path / "run" / "checkpoints")
+    ckpts = str(tmp_path / "run" / "checkpoints")
+    assert main(["ckpt", "convert", ckpts, "--to", "dcp", str(tmp_path / "stock")]) == 0
+    assert main(["ckpt", "convert", ckpts, "--to", "torch", str(tmp_path / "m.pt")]) == 0
+    for sidecar in (tmp_path / "stock" / "input_normalisation.json", tmp_path / "m.pt.input_normalisation.json"):
+        assert json.loads(sidecar.read_text()) == {NORMALISATION_KEY: native}
+    assert "written to" in capsys.readouterr().err
+    cfg_file = tmp_path / "cfg.yaml"
+    save_config(trained, cfg_file)
+    assert main(["ckpt", "convert", str(tmp_path / "stock"), "--from", "dcp", str(tmp_path / "init"),
+                 "--config", str(cfg_file)]) == 0
+    assert _said(capsys.readouterr().out, "recorded the model's inputs normalised")
+    assert _norm_of(tmp_path / "init") == native
+
+    def on_other_fields(run: str, resume: Path, steps: int, **checkpoint):
+        # other fields: another generation seed at another path; one step past the checkpoint
+        return tiny_swin_config(tmp_path / run, tmp_path / "w_other", steps=steps, run={"seed": 5},
+                                data={"split": "75,25,0"},
+                                checkpoint={"at_end": True, "resume": str(resume), **checkpoint})
+    train(on_other_fields("from_import", tmp_path / "init", 1))
+    train(on_other_fields("from_native", tmp_path / "run" / "checkpoints", 3,
+                          allow_config_change=["data.path", "run.seed"]))
+    for run in ("from_import", "from_native"):
+        assert _norm_of(tmp_path / run / "checkpoints") == native, run
+    said = _said(capsys.readouterr().out, "resume: the inputs are normalised with the statistics")
+    mean = "[" + ", ".join(f"{v:.6g}" for v in native["mean"]) + "]"
+    assert len(said) == 2 and all(f"trained with (as the checkpoint records; the data changed since), mean {mean}"
+                                  in line for line in said), said
+
+
+def test_a_swin_import_without_its_normalisation_is_refused_unless_told_to_use_the_datas(tmp_path, capsys):
+    """A stock DCP Swin without input_normalisation.json (a plain dcp.save, an export of an older version): the
+    import is refused in one line naming both ways on, and writes nothing. --input-normalisation-from-data records
+    none, and the run from it names the statistics it uses (its data's own). The flag is refused where it means
+    nothing: beside a recorded normalisation, and for a GPT."""
+    model, cfg = _model("swin", tmp_path)
+    dcp.save(model.state_dict(), checkpoint_id=str(tmp_path / "stock"))
+    cfg_file = tmp_path / "cfg.yaml"
+    save_config(cfg, cfg_file)
+    for config in ([], ["--config", str(cfg_file)]):  # a Swin by its config, or by its tensors
+        assert main(["ckpt", "convert", str(tmp_path / "stock"), "--from", "dcp", str(tmp_path / "init"),
+                     *config]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and "without input_normalisation.json" in err, err
+        assert "ckpt inspect CKPT --json" in err and "--input-normalisation-from-data" in err
+        assert not (tmp_path / "init").exists()
+    assert main(["ckpt", "convert", str(tmp_path / "stock"), "--from", "dcp", str(tmp_path / "init"),
+                 "--config", str(cfg_file), "--input-normalisation-from-data"]) == 0
+    assert _said(capsys.readouterr().out, "recorded no input normalisation")
+    assert _norm_of(tmp_path / "init") is None
+    run = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, steps=1),
+                              checkpoint=dataclasses.replace(cfg.checkpoint, resume=str(tmp_path / "init")))
+    train(run)
+    said = _said(capsys.readouterr().out, "records no input_normalisation")
+    assert len(said) == 1 and "this data's own training-share statistics, mean [" in said[0], said
+
+    (tmp_path / "stock" / "input_normalisation.json").write_text(json.dumps({NORMALISATION_KEY: {
+        "mean": [0.0, 1.0], "scale": [1.0, 2.0]}}))
+    assert main(["ckpt", "convert", str(tmp_path / "stock"), "--from", "dcp", str(tmp_path / "init2"),
+                 "--input-normalisation-from-data"]) == 2
+    assert "records the statistics the model was trained with" in capsys.readouterr().err
+    (tmp_path / "stock" / "input_normalisation.json").write_text(json.dumps({NORMALISATION_KEY: {
+        "mean": [0.0], "scale": [1.0]}}))
+    assert main(["ckpt", "convert", str(tmp_path / "stock"), "--from", "dcp", str(tmp_path / "init2"),
+                 "--config", str(cfg_file)]) == 2
+    assert "1 means and 1 scales, the model 2 input channels" in capsys.readouterr().err
+    gpt, _ = _model("gpt", tmp_path)
+    dcp.save(gpt.state_dict(), checkpoint_id=str(tmp_path / "gpt_stock"))
+    assert main(["ckpt", "convert", str(tmp_path / "gpt_stock"), "--from", "dcp", str(tmp_path / "init3"),
+                 "--input-normalisation-from-data"]) == 2
+    assert "not a Swin state dict" in capsys.readouterr().err

@@ -94,10 +94,14 @@ def test_a_resume_on_the_same_data_normalises_as_its_checkpoint_was_trained(tmp_
     other = WeatherBatcher(cfg, ONE_RANK, WHOLE_IMAGE, "train")
     assert "the data changed since" in other.resume_normalisation(recorded, same_data=False)
     assert torch.equal(other.mean, older.mean) and torch.equal(other.scale, older.scale)
-    assert other.resume_normalisation(None, same_data=False) is None  # nothing recorded, other data: its own
+    # nothing recorded (an import, an older checkpoint) on other data: its own statistics, said in one line with
+    # their values (it was silent), and nothing re-scaled that was set before
+    said = other.resume_normalisation(None, same_data=False)
+    assert "records no input_normalisation" in said and "this data's own" in said and "\n" not in said
     assert torch.equal(other.mean, older.mean)
     fresh = WeatherBatcher(cfg, ONE_RANK, WHOLE_IMAGE, "train")
-    assert fresh.resume_normalisation(None, same_data=False) is None and torch.equal(fresh.mean, own.mean)
+    said = fresh.resume_normalisation(None, same_data=False)
+    assert f"mean [{fresh.mean[0].item():.6g}, {fresh.mean[1].item():.6g}]" in said and torch.equal(fresh.mean, own.mean)
     with pytest.raises(ValueError, match="channels"):
         other.resume_normalisation({"mean": [0.0], "scale": [1.0]}, same_data=True)
 

@@ -10,7 +10,10 @@ Our shards are raw bytes tagged ``dist-train-raw/1`` (``storage.py``), which sto
 ``FileSystemWriter``. Both exports hold the model's full (unsharded, tp=1) state dict under its parameter
 names (``layers.0.attention.wq.weight``, …), so ``dcp.load(model.state_dict(), checkpoint_id=OUT)`` and
 ``model.load_state_dict(torch.load(OUT))`` work on a single-process model; optimizer state and RNG are not
-exported. Works for any ``model.kind`` (gpt, swin).
+exported. Works for any ``model.kind`` (gpt, swin). A Swin's input normalisation, which no state dict holds, goes
+into a sidecar (``input_normalisation.py``: ``OUT/input_normalisation.json``, ``OUT.input_normalisation.json``),
+and ``from_dcp`` records it again: a Swin import without one is refused unless told to take the statistics of the
+data it will be trained on.
 """
 from __future__ import annotations
 
@@ -26,34 +29,48 @@ from dist_train.atomic_write import atomic_path
 from dist_train.checkpoint import manifest as mf
 from dist_train.checkpoint.hf import (check_tensor_shapes, expected_shapes, fresh_output, load_model_tensors,
                                       write_step0)
-from dist_train.checkpoint.manager import quiet_single_process
+from dist_train.checkpoint.input_normalisation import SIDECAR_NAME, read_sidecar, sidecar_path, write_sidecar
+from dist_train.checkpoint.manager import checkpoint_extra, quiet_single_process
 from dist_train.checkpoint.storage import SafeReader, load_dcp_metadata
 from dist_train.config import Config
+from dist_train.data.image_batches import NORMALISATION_KEY
 from dist_train.models.swin import build_swin
 
 PathLike = Union[str, Path]
 
 
+def _write_normalisation(ckpt: PathLike, out: Path) -> None:
+    """The sidecar of the export ``out`` when ``ckpt`` records an input normalisation (a Swin's)."""
+    norm = checkpoint_extra(Path(ckpt)).get(NORMALISATION_KEY)
+    if norm:
+        write_sidecar(out, norm)
+
+
 def to_dcp(ckpt: PathLike, out: PathLike) -> Path:
-    """Write the model state dict of ``ckpt`` as a stock DCP checkpoint directory ``out``."""
+    """Write the model state dict of ``ckpt`` as a stock DCP checkpoint directory ``out`` (and a Swin's input
+    normalisation as ``out/input_normalisation.json``)."""
     out = Path(out)
     fresh_output(out)
     tensors, _ = load_model_tensors(ckpt)
     out.mkdir(parents=True, exist_ok=True)
     with quiet_single_process():
         dcp.save(tensors, storage_writer=FileSystemWriter(str(out)), no_dist=True)
+    _write_normalisation(ckpt, out)
     return out
 
 
 def to_torch(ckpt: PathLike, out: PathLike) -> Path:
-    """Write the model state dict of ``ckpt`` as one ``torch.save`` file ``out``."""
+    """Write the model state dict of ``ckpt`` as one ``torch.save`` file ``out`` (and a Swin's input normalisation
+    as ``out.input_normalisation.json`` beside it)."""
     out = Path(out)
-    if out.exists():
-        raise ValueError(f"{out}: already exists; choose a new output file")
+    for path in (out, sidecar_path(out)):
+        if path.exists():
+            raise ValueError(f"{path}: already exists; choose a new output file")
     tensors, _ = load_model_tensors(ckpt)
     out.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(out) as tmp:
         torch.save(tensors, tmp)
+    _write_normalisation(ckpt, out)
     return out
 
 
@@ -91,14 +108,46 @@ def check_against(tensors: dict[str, torch.Tensor], cfg: Config, what: str) -> N
     check_tensor_shapes(tensors, model_shapes(cfg), what, f"the {cfg.model.kind} of the config")
 
 
-def from_dcp(src: PathLike, out: PathLike, cfg: Optional[Config] = None) -> Path:
+#: tensors only a Swin state dict has (a GPT's are ``tok_embeddings``, ``layers.i.…``, ``output``): what says an
+#: import without --config is a Swin
+SWIN_TENSORS = ("embed.weight", "head.weight")
+
+
+def import_normalisation(src: Path, tensors: dict[str, torch.Tensor], cfg: Optional[Config],
+                         from_data: bool) -> Optional[dict[str, list[float]]]:
+    """The input normalisation a Swin import records: its export's sidecar. None for a GPT, and for a Swin whose
+    run is to take the statistics of its own data (``from_data``: --input-normalisation-from-data, then said in one
+    line by the run). ValueError (one line) for a Swin with neither, and for ``from_data`` where it means nothing."""
+    swin = cfg.model.kind == "swin" if cfg is not None else all(k in tensors for k in SWIN_TENSORS)
+    flag = "--input-normalisation-from-data"
+    if not swin:
+        if from_data:
+            raise ValueError(f"{flag}: {src} is not a Swin state dict (a Swin's inputs are normalised, a GPT's are "
+                             "token ids); remove the flag")
+        return None
+    norm = read_sidecar(src, cfg.model.in_channels if cfg is not None else None)
+    if norm is not None and from_data:
+        raise ValueError(f"{flag}: {sidecar_path(src)} records the statistics the model was trained with, and "
+                         "normalising with other ones changes the model; remove the flag to keep them (or the file "
+                         "to re-normalise on purpose)")
+    if norm is None and not from_data:
+        raise ValueError(f"{src}: a Swin state dict without {SIDECAR_NAME} (`ckpt convert --to dcp` writes it): the "
+                         "statistics its inputs were normalised with are unknown; write them with `dist-train ckpt "
+                         f"inspect CKPT --json {sidecar_path(src)}` from the checkpoint it came from, or pass {flag} "
+                         "to normalise with the statistics of the data it will be trained on")
+    return norm
+
+
+def from_dcp(src: PathLike, out: PathLike, cfg: Optional[Config] = None, normalisation_from_data: bool = False) -> Path:
     """A dist-train checkpoint ``out/step_0`` (weights only) from a stock DCP model state dict ``src``.
-    cfg: the run's config; when given the tensors must be exactly its model and the config is recorded."""
+    cfg: the run's config; when given the tensors must be exactly its model and the config is recorded.
+    A Swin's input normalisation is recorded from ``src``'s sidecar (``import_normalisation``)."""
     tensors = read_stock_dcp(src)
     if cfg is not None:
         check_against(tensors, cfg, str(src))
+    norm = import_normalisation(Path(src), tensors, cfg, normalisation_from_data)
     fresh_output(Path(out))
     config = {"source": str(src)}
     if cfg is not None:
         config.update(model=dataclasses.asdict(cfg.model), data={"seq_len": cfg.data.seq_len})
-    return write_step0(out, tensors, config)
+    return write_step0(out, tensors, config, {NORMALISATION_KEY: norm} if norm is not None else None)

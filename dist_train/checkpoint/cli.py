@@ -13,6 +13,7 @@ from pathlib import Path
 
 from dist_train.checkpoint import bridge, hf
 from dist_train.checkpoint.foreign import describe_foreign_tree
+from dist_train.checkpoint.input_normalisation import sidecar_path
 from dist_train.checkpoint.manager import checkpoint_extra
 from dist_train.checkpoint import manifest as mf
 from dist_train.checkpoint.storage import CheckpointError, load_dcp_metadata
@@ -168,9 +169,12 @@ def verify(path: Path) -> int:
 
 
 def convert(src: Path, out: Path, to: str | None, frm: str | None, config: str | None = None,
-            overrides: list[str] | None = None) -> int:
+            overrides: list[str] | None = None, normalisation_from_data: bool = False) -> int:
     if config and frm != "dcp":
         raise ValueError("--config applies to --from dcp only (the other formats carry their model config)")
+    if normalisation_from_data and frm != "dcp":
+        raise ValueError("--input-normalisation-from-data applies to --from dcp only (a dist-train checkpoint "
+                         "records its normalisation; HF models are GPTs); remove it")
     if overrides and not config:
         raise ValueError(f"--set {overrides[0]}: --set overrides a --config key (with --from dcp), and no --config is "
                          "given, so nothing would read it; give --config or remove --set")
@@ -184,12 +188,15 @@ def convert(src: Path, out: Path, to: str | None, frm: str | None, config: str |
             if note:
                 print(note, file=sys.stderr)
         elif to == "dcp":
-            print(f"wrote {bridge.to_dcp(ckpt, out)} (stock DCP, model state dict) from {ckpt}")
+            written = bridge.to_dcp(ckpt, out)
+            print(f"wrote {written} (stock DCP, model state dict) from {ckpt}")
         else:
-            print(f"wrote {bridge.to_torch(ckpt, out)} (torch.save, model state dict) from {ckpt}")
+            written = bridge.to_torch(ckpt, out)
+            print(f"wrote {written} (torch.save, model state dict) from {ckpt}")
         normalisation = input_normalisation_line(ckpt) if to != "hf" else None
         if normalisation:  # not in the state dict, and a forecast from these weights is wrong without it
-            print(f"the model's {normalisation} (docs/checkpointing.md#using-an-exported-swin)", file=sys.stderr)
+            print(f"the model's {normalisation}; written to {sidecar_path(written)} "
+                  "(docs/checkpointing.md#using-an-exported-swin)", file=sys.stderr)
         return EXIT_OK
     if frm == "hf":
         written = hf.from_hf(src, out)
@@ -198,9 +205,15 @@ def convert(src: Path, out: Path, to: str | None, frm: str | None, config: str |
               f"model section:\nmodel: {json.dumps(model)}")
     else:
         cfg = load_config(config, overrides or []) if config else None
-        written = bridge.from_dcp(src, out, cfg)
+        written = bridge.from_dcp(src, out, cfg, normalisation_from_data)
         checked = f"checked against {config}" if cfg else "not checked against a config (give --config to)"
         print(f"wrote {written} (step 0, weights only, {checked}); start from it with --set checkpoint.resume={out}")
+        normalisation = input_normalisation_line(written)
+        if normalisation:
+            print(f"recorded the model's {normalisation} (from {sidecar_path(src)})")
+        elif normalisation_from_data:
+            print("recorded no input normalisation (--input-normalisation-from-data): a run from it normalises the "
+                  "inputs with its own data's training-share statistics")
     return EXIT_OK
 
 
@@ -211,7 +224,8 @@ def run(args: argparse.Namespace) -> int:
         if args.ckpt_command == "verify":
             return verify(args.path)
         if args.ckpt_command == "convert":
-            return convert(args.src, args.out, args.to, args.from_, args.config, args.set)
+            return convert(args.src, args.out, args.to, args.from_, args.config, args.set,
+                           args.input_normalisation_from_data)
     except CheckpointError as e:
         print(f"BAD {e}")
         return EXIT_BAD

@@ -43,6 +43,10 @@ def same_normalisation_data(saved_config: Mapping[str, Any], config: Mapping[str
     return all(value(saved_config, k) == value(config, k) for k in NORMALISATION_DATA_KEYS)
 
 
+def _floats(values: torch.Tensor) -> str:
+    return "[" + ", ".join(f"{v:.6g}" for v in values.tolist()) + "]"
+
+
 class WeatherBatcher:
     """``microbatch(consumed, m) -> {"x": [mb, h, w, C], "y": ..., "image_size": [2], "count": []}``."""
 
@@ -105,11 +109,14 @@ class WeatherBatcher:
         training share, more steps, a fine-tune onto other fields) alike, since the statistics are part of what the
         model computes and re-scaling its inputs would silently change it. A checkpoint written before they were
         recorded, on the same data: the statistics over every time step (that version's rule, which read the
-        validation share's steps too); on other data: this data's own (nothing says otherwise). Returns one line
-        saying what differs from this data's own statistics, None when nothing does."""
+        validation share's steps too); on other data (or an import made with --input-normalisation-from-data):
+        this data's own, said in the line returned, since nothing says what the model was trained with. Returns one
+        line saying which statistics are used when they are not the checkpoint's own, None when they are."""
         if recorded is None:
             if not same_data:
-                return None
+                return (f"resume: the checkpoint records no {NORMALISATION_KEY} (an import, or written before they "
+                        "were recorded): the inputs are normalised with this data's own training-share statistics, "
+                        f"mean {_floats(self.mean)}, scale {_floats(self.scale)}")
             mean, scale = self._field_stats(0, len(self.ds))
             source = "over every time step, as the version that wrote the checkpoint normalised"
         else:
@@ -120,9 +127,11 @@ class WeatherBatcher:
             source = "as the checkpoint records" + ("" if same_data else "; the data changed since")
         if torch.equal(mean, self.mean) and torch.equal(scale, self.scale):
             return None
+        line = (f"resume: the inputs are normalised with the statistics the checkpoint's model was trained with "
+                f"({source}), mean {_floats(mean)}, scale {_floats(scale)}, not this data's own training-share "
+                f"statistics, mean {_floats(self.mean)}, scale {_floats(self.scale)}")
         self.mean, self.scale = mean, scale
-        return (f"resume: the inputs are normalised with the statistics the checkpoint's model was trained with "
-                f"({source}), not this data's own training-share statistics")
+        return line
 
     def share_normalisation(self, other: "WeatherBatcher") -> None:
         """Normalise as ``other`` does (the validation batcher as the training one, after a resume)."""
