@@ -73,8 +73,9 @@ def test_rows_ratios_table_csv_and_png_from_per_rank_results(tmp_path, capsys):
     assert ratios["save_s"] == pytest.approx(2.0) and ratios["save_s_pair_median"] == pytest.approx(2.0)
     assert ratios["load_tensor_peak_bytes"] == pytest.approx(8.0) and ratios["written_bytes"] == pytest.approx(1.0)
     assert ratios["save_rss_bytes"] == pytest.approx(2.0)
-    tiny = {**ours, "load_rss_bytes": engines.MEMORY_FLOOR - 1}  # below the floor: no ratio, not 2000x
-    assert engines._ratios(tiny, base)["load_rss_bytes"] is None
+    tiny = {**ours, "load_rss_bytes": engines.MEMORY_FLOOR - 1, "save_tensor_peak_bytes": 1024}
+    assert engines._ratios(tiny, base)["load_rss_bytes"] is None  # below the floor: no ratio, not 2000x
+    assert engines._ratios(tiny, base)["save_tensor_peak_bytes"] == pytest.approx(8 * 1024)  # counted to the byte
 
     engines._print_table(rows, {"zero2-dp2": ratios})
     lines = capsys.readouterr().out.splitlines()

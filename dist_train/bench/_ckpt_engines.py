@@ -277,16 +277,17 @@ RATIOS = ("save_s", "load_s", "save_tensor_peak_bytes", "load_tensor_peak_bytes"
           "load_rss_bytes", "written_bytes")
 
 
-#: a memory figure of ours below this is no denominator: the resident set moves in pages and the allocator reuses
-#: what it freed earlier (a 40 KiB growth against the baseline's 86 MiB would read as 2000x)
+#: a resident-set growth of ours below this is no denominator: the resident set moves in pages and the allocator
+#: reuses what it freed earlier (a 40 KiB growth against the baseline's 86 MiB would read as 2000x). The tensor
+#: meter counts every allocation to the byte: its ratios stand
 MEMORY_FLOOR = 1 << 20
 
 
 def _ratios(ours: dict, base: dict) -> dict:
-    """baseline / ours for every figure (> 1: ours is faster / smaller; None for memory where ours is under
-    :data:`MEMORY_FLOOR`), and the per-repeat time ratios' medians on the slowest rank (the round's two paths ran
-    back to back, under nearly the same load)."""
-    out = {m: None if m.endswith("_bytes") and m != "written_bytes" and ours[m] < MEMORY_FLOOR else base[m] / ours[m]
+    """baseline / ours for every figure (> 1: ours is faster / smaller; None for a resident-set growth of ours
+    under :data:`MEMORY_FLOOR`, or a zero), and the per-repeat time ratios' medians on the slowest rank (the round's
+    two paths ran back to back, under nearly the same load)."""
+    out = {m: None if (m.endswith("_rss_bytes") and ours[m] < MEMORY_FLOOR) or not ours[m] else base[m] / ours[m]
            for m in RATIOS}
     for phase in ("save_s", "load_s"):
         slow_o = [max(r[f"{phase}_runs"][i] for r in ours["ranks"]) for i in range(len(ours["ranks"][0][f"{phase}_runs"]))]
@@ -400,8 +401,9 @@ def run(args: argparse.Namespace, choice: EngineRun) -> int:
           f"{args.repeats} per rank; ours loads {'without' if args.no_verify else 'with'} verification; load average {load_avg[0]:.2f} at the start, "
           f"{record['load_avg_after'][0]:.2f} at the end")
     _print_table(rows, ratios)
-    print(f"  base/ours > 1: ours faster or smaller; —: ours under {MEMORY_FLOOR >> 20} MiB (no denominator). RSS+: "
-          "the resident set's peak growth, a lower bound (the allocator reuses freed pages)")
+    print(f"  base/ours > 1: ours faster or smaller; —: ours' RSS+ under {MEMORY_FLOOR >> 20} MiB (no denominator). "
+          "RSS+: the resident set's peak growth, a lower bound (the allocator reuses freed pages); tens: CPU tensor "
+          "bytes allocated during the call at their peak")
     for layout in choice.layouts:
         r = ratios[layout]
         print(f"  {layout}: baseline/ours per-repeat median: save {r['save_s_pair_median']:.2f}x, load "
