@@ -40,12 +40,12 @@ def evaluate_checkpoint(cfg: Config, ckpt: Path, ctx: DistContext) -> dict:
                                 layout=layout_dict(cfg, ctx.world_size), rank=ctx.rank, world_size=ctx.world_size,
                                 **engine.checkpoint_kwargs())
     extra = manager.load(ckpt, engine.module, optimizer=None, scheduler=None, verify=True, with_rng=False)
-    train_batcher = None
+    train_batcher, normalisation = None, None
     if cfg.model.kind == "swin":  # validation inputs are normalised as the model was trained (the checkpoint's)
         train_batcher = build_batcher(cfg, mesh, model)
         if isinstance(train_batcher, WeatherBatcher):
-            train_batcher.resume_normalisation(extra.get(NORMALISATION_KEY),
-                                               same_normalisation_data(manager.saved_config, cfg.to_dict()))
+            normalisation = train_batcher.resume_normalisation(
+                extra.get(NORMALISATION_KEY), same_normalisation_data(manager.saved_config, cfg.to_dict()))
     evaluator = Evaluator(cfg, mesh, build_batcher(cfg, mesh, model, part="valid", train_batcher=train_batcher))
     loss, count = evaluator.run(engine)
     t = cfg.train
@@ -58,5 +58,8 @@ def evaluate_checkpoint(cfg: Config, ckpt: Path, ctx: DistContext) -> dict:
         "data": cfg.data.valid_path or (f"{cfg.data.path} (data.split {cfg.data.split!r}, validation share)"
                                         if cfg.data.source == "indexed" else f"{cfg.data.source} (held-out)"),
         "world_size": ctx.world_size, "layout": layout_dict(cfg, ctx.world_size),
+        # a Swin's inputs normalised otherwise than with this data's own statistics, or with those for want of the
+        # checkpoint's: which statistics the loss is of (None: the checkpoint's, equal to this data's)
+        "input_normalisation_note": normalisation.removeprefix("resume: ") if normalisation else None,
         "time_s": time.perf_counter() - started,
     }

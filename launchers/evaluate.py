@@ -106,6 +106,8 @@ def eval_main(args: argparse.Namespace) -> int:
 def report(result: dict, out: Optional[str]) -> None:
     """The result as one line on stdout and, with ``out``, as a JSON file (temp + rename)."""
     print(summary_line(result), flush=True)
+    if result.get("input_normalisation_note"):
+        print(f"eval: {result['input_normalisation_note']}", file=sys.stderr, flush=True)
     if out:
         write_text_atomic(out, json.dumps(result, indent=2) + "\n")
 

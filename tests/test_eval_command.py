@@ -21,7 +21,7 @@ from dist_train.distributed import current_context
 from dist_train.runlock import hold_run_dir
 from dist_train.trainer import train
 from dist_train.eval_preflight import choose_checkpoint
-from launchers.evaluate import RESULT_MARKER, ResultSink
+from launchers.evaluate import RESULT_MARKER, ResultSink, report
 from tests.dist_harness import run_ranks
 from tests.trainer_utils import tiny_gpt_config, tiny_swin_config
 
@@ -175,6 +175,24 @@ def test_swin_eval_is_the_logged_validation_mse(tmp_path):
     logged = train(cfg).summary["valid_loss"]
     result = evaluate_checkpoint(cfg, tmp_path / "run" / "checkpoints" / "step_2", current_context())
     assert result["loss"] == logged and result["perplexity"] is None and result["count_unit"] == "values"
+    assert result["input_normalisation_note"] is None  # the checkpoint's statistics are this data's own
+
+
+def test_a_swin_eval_on_other_fields_names_the_statistics_it_normalised_with(tmp_path, capsys):
+    """On other fields a Swin checkpoint is evaluated with the statistics it was trained with (as a resume keeps
+    them), and the result said nothing about it; an import that records none was evaluated with the data's own
+    without a word. Both are now named: in the result and on stderr."""
+    cfg = tiny_swin_config(tmp_path / "run", tmp_path / "data", steps=1, data={"split": "75,25,0"},
+                           train={"eval_every": 1, "eval_steps": 1}, checkpoint={"at_end": True})
+    train(cfg)
+    other = tiny_swin_config(tmp_path / "run", tmp_path / "other", steps=1, run={"seed": 5},
+                             data={"split": "75,25,0"}, train={"eval_every": 1, "eval_steps": 1})
+    result = evaluate_checkpoint(other, tmp_path / "run" / "checkpoints" / "step_1", current_context())
+    assert result["input_normalisation_note"].startswith("the inputs are normalised with the statistics the "
+                                                         "checkpoint's model was trained with"), result
+    report(result, None)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("eval: the inputs are normalised"), err
 
 
 def test_the_default_checkpoint_is_the_runs_newest_else_what_resume_names(trained, tmp_path):
