@@ -466,31 +466,36 @@ def test_a_rectangles_refuses_a_block_that_does_not_fit_and_any_torch_op():
         r.sum()
 
 
-OFFLOAD = {"dp": 2, "zero_stage": 2,  # our torch AdamW steps the host partitions: no DeepSpeedCPUAdam build
-           "deepspeed": {"zero_optimization": {"offload_optimizer": {"device": "cpu"}},
-                         "zero_force_ds_cpu_optimizer": False}}
+def _offload(stage: int) -> dict:
+    """ZeRO ``stage`` at dp 2 with the optimizer offloaded to the host; our torch AdamW steps the host partitions
+    (``zero_force_ds_cpu_optimizer: false``: no DeepSpeedCPUAdam build)."""
+    return {"dp": 2, "zero_stage": stage,
+            "deepspeed": {"zero_optimization": {"offload_optimizer": {"device": "cpu"}},
+                          "zero_force_ds_cpu_optimizer": False}}
 
 
-def _offload_resume_ranks(rank: int, world: int, root: str) -> dict:
-    """ZeRO-2 with the optimizer offloaded to the host: 8 straight steps; 4 steps, exit, resume to 8; and its step-4
-    checkpoint resumed by ZeRO-2 without offload."""
-    straight = train(_cfg(root, "offload_straight", OFFLOAD, steps=8)).losses
+def _offload_resume_ranks(rank: int, world: int, root: str, stage: int) -> dict:
+    """ZeRO ``stage`` with the optimizer offloaded to the host: 8 straight steps; 4 steps, exit, resume to 8; and its
+    step-4 checkpoint resumed by the same stage without offload."""
+    straight = train(_cfg(root, "offload_straight", _offload(stage), steps=8)).losses
     ck = {"every": 0, "keep_last": 2}
-    first = train(_cfg(root, "offload", OFFLOAD, checkpoint=ck, steps=8, train_over={"exit_interval": 4}))
-    second = train(_cfg(root, "offload", OFFLOAD, checkpoint=ck, steps=8))
-    plain = train(_cfg(root, "plain_from_offload", {"dp": 2, "zero_stage": 2}, steps=8,
+    first = train(_cfg(root, "offload", _offload(stage), checkpoint=ck, steps=8, train_over={"exit_interval": 4}))
+    second = train(_cfg(root, "offload", _offload(stage), checkpoint=ck, steps=8))
+    plain = train(_cfg(root, "plain_from_offload", {"dp": 2, "zero_stage": stage}, steps=8,
                        checkpoint={"resume": f"{root}/offload/checkpoints/step_4"}))
     return {"straight": straight, "resumed": (first.losses, second.start_step, second.losses),
             "plain": (plain.start_step, plain.losses)}
 
 
-@pytest.mark.slow  # ~25 s: four 2-rank DeepSpeed runs
-def test_zero2_with_cpu_optimizer_offload_resumes_exactly_and_into_zero2_without_it(tmp_path):
+@pytest.mark.slow  # ~7-25 s per stage: four 2-rank DeepSpeed runs
+@pytest.mark.parametrize("stage", [2, 3])
+def test_zero_with_cpu_optimizer_offload_resumes_exactly_and_without_offload(tmp_path, stage):
     """offload_optimizer.device = cpu moves the fp32 partitions and the AdamW step to the host (here the host is the
     device, but DeepSpeed takes its offload path: separate fp32 gradient partitions, its own host step): the
-    adapter's partition views are those host tensors, so 4 + 4 steps equal 8 straight ones bit for bit, and the
-    checkpoint (the common layout) resumes under ZeRO-2 without offload with the same losses (1e-5)."""
-    for r in run_ranks(_offload_resume_ranks, 2, args=(str(tmp_path),), timeout=300):
+    adapter's partition views are those host tensors, so 4 + 4 steps equal 8 straight bit for bit, and the
+    checkpoint (the common layout) resumes under the same stage without offload with the same losses (1e-5).
+    ZeRO-2 failed here before the adapter kept DeepSpeed's host gradient buffers (``_ensure_state``)."""
+    for r in run_ranks(_offload_resume_ranks, 2, args=(str(tmp_path), stage), timeout=300):
         first, start, second = r["resumed"]
         assert start == 4 and first + second == r["straight"], (first + second, r["straight"])
         start, losses = r["plain"]
