@@ -144,6 +144,53 @@ def test_own_fields_are_read_as_they_are_and_never_generated_over(tmp_path):
         check_data(cfg)
 
 
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_own_fields_with_a_non_finite_value_are_refused_before_the_ranks_naming_its_time_step(tmp_path, monkeypatch,
+                                                                                              bad):
+    """A NaN or ±inf in one's own fields passed the pre-flight; the ranks then normalised with NaN statistics (or hit
+    it in a later batch) and the run stopped as diverged. Now one line naming the time step, before any rank (scanned
+    in chunks of whole steps: a tiny chunk size here makes the bad step's chunk not the first)."""
+    monkeypatch.setattr(weather, "_SCAN_BYTES", 1)
+    path = tmp_path / "own"
+    path.mkdir()
+    own = np.random.default_rng(0).standard_normal((12, 10, 16, 2)).astype(np.float32)
+    own[9, 7, 3, 1] = bad
+    np.save(path / "fields.npy", own)
+    (path / "meta.json").write_text('{"source": "own"}')
+    with pytest.raises(ConfigError) as info:
+        check_data(tiny_swin_config(tmp_path / "run", path))
+    msg = str(info.value)
+    assert "\n" not in msg and "fields.npy holds NaN or ±inf at time step 9 (of 12)" in msg, msg
+    assert weather.first_nonfinite_step(np.load(path / "fields.npy", mmap_mode="r")) == 9
+    own[9, 7, 3, 1] = 0.0
+    assert weather.first_nonfinite_step(own) is None
+
+
+def test_own_fields_big_endian_read_as_the_same_numbers_and_a_meta_with_unread_keys_is_refused(tmp_path):
+    """Big-endian own fields (">f4", e.g. converted from a big-endian archive) passed the pre-flight and every rank then
+    failed in torch.from_numpy ("byte order different from the native"); they now read as the same numbers. A
+    meta.json of own fields with any other key was read as a generated dataset's and refused as "generated with
+    version None, …"; it is now refused naming the keys nothing reads."""
+    path = tmp_path / "own"
+    path.mkdir()
+    own = np.random.default_rng(0).standard_normal((12, 10, 16, 2)).astype(np.float32)
+    np.save(path / "fields.npy", own.astype(">f4"))
+    (path / "meta.json").write_text('{"source": "own"}')
+    cfg = tiny_swin_config(tmp_path / "run", path)
+    check_data(cfg)
+    got = WeatherDataset(prepare_weather(path, height=10, width=16, steps=12, channels=2, seed=3)).sample(
+        4, slice(0, 10), slice(2, 9))
+    assert np.array_equal(got["x"].numpy(), own[4, :, 2:9]) and np.array_equal(got["y"].numpy(), own[5, :, 2:9])
+    (path / "meta.json").write_text('{"source": "own", "units": "K"}')
+    with pytest.raises(ConfigError) as info:
+        check_data(cfg)
+    msg = str(info.value)
+    assert "\n" not in msg and 'meta.json says own fields but also holds units' in msg and "version" not in msg, msg
+    (path / "meta.json").write_text('["own"]')
+    with pytest.raises(ConfigError, match="holds a weather dataset generated with"):
+        check_data(cfg)
+
 def test_two_jobs_generating_at_one_fresh_path_never_mix_their_datasets(tmp_path, monkeypatch):
     """Two jobs (other run.seed) prepare the same fresh path at once (threads here: flock conflicts between two
     open()s as between two processes; the generation is slowed so that they overlap): one generates, the other then

@@ -86,10 +86,11 @@ def weather_meta(*, height: int, width: int, steps: int, channels: int, seed: in
             "channels": channels, "seed": seed, "spinup": SPINUP_STEPS}
 
 
-def own_fields_message(path: Union[str, Path], meta: dict) -> Optional[str]:
+def own_fields_message(path: Union[str, Path], meta: dict, check_values: bool = True) -> Optional[str]:
     """For a directory whose ``meta.json`` is :data:`OWN_META` (fields a person supplies, never generated nor
     overwritten): one line when its ``fields.npy`` is not a float array of the shape [steps, H, W, C] the run's
-    ``meta`` (:func:`weather_meta`) reads, None when it is."""
+    ``meta`` (:func:`weather_meta`) reads, or (``check_values``: one read of the whole file) holds a NaN or ±inf;
+    None when it is fine."""
     fields_file = Path(path) / FIELDS_FILE
     if not fields_file.is_file():
         return f"data.path = {path}: {META_FILE} says own fields, but there is no {FIELDS_FILE} ([steps, H, W, C])"
@@ -103,15 +104,38 @@ def own_fields_message(path: Union[str, Path], meta: dict) -> Optional[str]:
                 f"reads {want} (data.steps, data.image, data.channels): set those to the file's")
     if not np.issubdtype(fields.dtype, np.floating):
         return f"data.path = {path}: {FIELDS_FILE} holds {fields.dtype} values; the fields must be floating point"
+    if check_values:
+        step = first_nonfinite_step(fields)
+        if step is not None:
+            return (f"data.path = {path}: {FIELDS_FILE} holds NaN or ±inf at time step {step} (of {len(fields)}): "
+                    "the normalisation and every loss that reads that step would be NaN; fill or cut those values")
     return None
 
 
-def other_dataset_message(path: Union[str, Path], meta: dict) -> Optional[str]:
+#: bytes of fields read at a time by :func:`first_nonfinite_step` (whole time steps, at least one)
+_SCAN_BYTES = 64 << 20
+
+
+def first_nonfinite_step(fields: np.ndarray) -> Optional[int]:
+    """The first time step of ``fields`` [steps, H, W, C] (memory-mapped) holding NaN or ±inf, None when every value
+    is finite. Read in chunks of whole steps (about :data:`_SCAN_BYTES`): min and max propagate NaN and ±inf is one
+    of them, so a chunk costs no per-element temporary unless it holds one."""
+    per_chunk = max(1, _SCAN_BYTES // max(1, fields[0].nbytes))
+    for lo in range(0, len(fields), per_chunk):
+        chunk = np.asarray(fields[lo:lo + per_chunk])
+        if not (np.isfinite(chunk.min()) and np.isfinite(chunk.max())):
+            bad = ~np.isfinite(chunk.reshape(len(chunk), -1)).all(axis=1)
+            return lo + int(np.argmax(bad))
+    return None
+
+
+def other_dataset_message(path: Union[str, Path], meta: dict, check_values: bool = True) -> Optional[str]:
     """One line refusing to generate the dataset ``meta`` at ``path`` when a different one is there (None when none
     is, or the same): regenerating in place would change the numbers under a job memory-mapping it, and under a run
     resuming on it with the same sample count. A person's own fields (``meta.json`` = :data:`OWN_META`) are never
     generated over: :func:`own_fields_message` checks them against the run; a ``fields.npy`` with no ``meta.json``
-    (someone's fields, or a generation killed between its two renames) is refused rather than replaced."""
+    (someone's fields, or a generation killed between its two renames) is refused rather than replaced.
+    ``check_values``: scan own fields for NaN and ±inf (:func:`own_fields_message`; the pre-flight does, once)."""
     meta_file = Path(path) / META_FILE
     if not meta_file.is_file():
         if (Path(path) / FIELDS_FILE).exists():
@@ -124,8 +148,14 @@ def other_dataset_message(path: Union[str, Path], meta: dict) -> Optional[str]:
         found = json.loads(meta_file.read_text())
     except ValueError:
         found = {}
+    if not isinstance(found, dict):  # a JSON list or number: no dataset's meta
+        found = {}
     if found == OWN_META:
-        return own_fields_message(path, meta)
+        return own_fields_message(path, meta, check_values)
+    if found.get("source") == OWN_META["source"]:  # own fields with keys nothing reads: refused, not ignored
+        extra = sorted(set(found) - set(OWN_META))
+        return (f"data.path = {path}: {META_FILE} says own fields but also holds {', '.join(extra)}, which nothing "
+                f"reads (the shape comes from {FIELDS_FILE}); write it as exactly {json.dumps(OWN_META)}")
     if found == meta:
         return None
     differ = [k for k in meta if found.get(k) != meta[k]]
@@ -138,7 +168,8 @@ def other_dataset_message(path: Union[str, Path], meta: dict) -> Optional[str]:
 
 def _already_there(path: Path, meta: dict) -> bool:
     """True when the dataset ``meta`` is complete at ``path`` (both files); ValueError when another one is there."""
-    other = other_dataset_message(path, meta)
+    # own fields' values were scanned by the pre-flight: rank 0 does not read the whole file a second time
+    other = other_dataset_message(path, meta, check_values=False)
     if other:
         raise ValueError(other)
     return (path / META_FILE).exists() and (path / FIELDS_FILE).exists()
@@ -217,8 +248,9 @@ class WeatherDataset:
     def sample(self, global_index: int, rows: slice, cols: slice) -> dict[str, torch.Tensor]:
         """{"x": [h, w, C], "y": [h, w, C]}: this tile of steps t and t+1 (t = global_index mod len)."""
         t = int(global_index) % len(self)
-        x = torch.from_numpy(np.array(self.fields[t, rows, cols]))
-        y = torch.from_numpy(np.array(self.fields[t + 1, rows, cols]))
+        native = self.fields.dtype.newbyteorder("=")  # own fields may be big-endian, which torch cannot hold
+        x = torch.from_numpy(np.array(self.fields[t, rows, cols], dtype=native))
+        y = torch.from_numpy(np.array(self.fields[t + 1, rows, cols], dtype=native))
         return {"x": x, "y": y}
 
     def batch(self, indices: Sequence[int], rows: slice, cols: slice) -> dict:
