@@ -26,6 +26,7 @@ from parallelism.context.kernels import CUDA_OPS, CudaSdpaKernel
 from parallelism.host_copy import to_device
 from parallelism.window import window_parallel_attention
 from tests.test_swin_saved_tensors import SHAPES, _config
+from tests.trainer_utils import one_rank_engine_and_batches
 
 META = torch.device("meta")
 
@@ -51,7 +52,39 @@ class BlockingCopies(TorchDispatchMode):
         return func(*args, **kwargs)
 
 
+class HostReads(TorchDispatchMode):
+    """Counts every read of a device value to the host (``.item()``, ``float(t)``, ``bool(t)``, ``.cpu()``,
+    ``.tolist()``): on a GPU each one waits for all the work queued before it. On meta the value does not exist, so a
+    read is answered with ones (a finite loss and norm: the step goes on as an accepted one)."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.ops.aten._local_scalar_dense.default and args[0].device.type == "meta":
+            self.seen.append(f"item {tuple(args[0].shape)}")
+            return 1.0 if args[0].dtype.is_floating_point else 1
+        if (func is torch.ops.aten._to_copy.default and args[0].device.type == "meta"
+                and torch.device(kwargs.get("device") or META).type == "cpu"):
+            self.seen.append(f"to cpu {tuple(args[0].shape)}")
+            return torch.ones(args[0].shape, dtype=kwargs.get("dtype") or args[0].dtype)
+        return func(*args, **kwargs)
+
+
+def _run_on_meta(monkeypatch) -> None:
+    """The CUDA block kernel for attention, autocast off on meta (it has no meta device)."""
+    autocast_on = torch.is_autocast_enabled
+    monkeypatch.setattr(torch, "is_autocast_enabled", lambda *a: False if a and str(a[0]) == "meta" else autocast_on(*a))
+    monkeypatch.setattr(cp_attention, "get_kernel", lambda name, device, dtype: CudaSdpaKernel(available=CUDA_OPS))
+
+
 def test_the_detector_sees_a_blocking_copy_and_not_an_asynchronous_one():
+    with HostReads() as reads:
+        x = torch.ones(3, device=META)
+        x.sum().item(), bool(x[0]), x.cpu(), x.tolist(), x.to(META)
+    assert len(reads.seen) == 4, reads.seen
     with BlockingCopies() as copies:
         torch.arange(4).to(META)
         torch.empty(4, device=META).copy_(torch.arange(4))
@@ -141,3 +174,21 @@ def test_a_gpt_training_step_stays_on_the_device(monkeypatch, window, checkpoint
         squared = global_grad_norm_squared(model.parameters())
     assert loss_sum.device == count.device == squared.device == META
     assert copies.seen == []
+
+
+@pytest.mark.parametrize("model", ["gpt", "gpt, packed documents", "swin"])
+def test_a_data_parallel_training_step_reads_the_device_once(monkeypatch, model):
+    """Whole steps of the data-parallel engine (the FSDP2 engine's too), 4 micro-batches each, clipping on: the step's
+    loss and gradient norm come to the host together, once per step, for the skip decision and the clipping
+    coefficient (the trainer then logs them). The engine copied each micro-batch's loss to the host and read the
+    norm on its own, and it moved the batch's layout integers to the device where the model read them back: the
+    Swin tiling's ``image_size`` (2 reads per micro-batch), the attention plan's ``cu_seqlens`` (1). Each read makes
+    the host wait for everything queued, so it could not queue the next micro-batch's kernels."""
+    _run_on_meta(monkeypatch)
+    engine, micro = one_rank_engine_and_batches(model, META)
+    with HostReads() as reads, BlockingCopies() as copies:
+        for _ in range(2):
+            loss, norm = engine.train_step(micro, 64.0, loss_limit=100.0)
+    assert reads.seen == ["to cpu (2,)"] * 2 and copies.seen == []
+    assert not engine.last_step_skipped and (loss, norm) == (1.0 / 64.0, 1.0)
+

@@ -128,14 +128,14 @@ def test_stop_keeps_the_last_finite_checkpoint(tmp_path):
 
 def _nan_norm_at(steps: set[int], ranks: set[int]):
     """Patch the DDP engine's gradient norm to NaN at the given 1-based steps on the given ranks."""
-    real, calls = ddp.global_grad_norm, {"n": 0}
+    real, calls = ddp.grad_norm_on_device, {"n": 0}
 
     def norm(*args, **kw):
         calls["n"] += 1
         rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
         value = real(*args, **kw)
-        return float("nan") if calls["n"] in steps and rank in ranks else value
-    ddp.global_grad_norm = norm
+        return torch.full_like(value, float("nan")) if calls["n"] in steps and rank in ranks else value
+    ddp.grad_norm_on_device = norm
     return real
 
 
@@ -149,14 +149,14 @@ def test_skip_applies_nothing_and_stops_after_too_many(tmp_path):
         assert res.losses[0] == ref.losses[0] and res.losses[1] == ref.losses[1]
         assert math.isnan(res.grad_norms[1]) and math.isnan(res.grad_norms[2])
         assert all(_all_finite(p) for _, p in complete_checkpoints(tmp_path / "skip" / "checkpoints"))
-        ddp.global_grad_norm = real
+        ddp.grad_norm_on_device = real
         _nan_norm_at({2, 3, 4}, {0})
         with pytest.raises(TrainingDiverged, match=r"step 4: .*3 consecutive skipped steps > "
                                                    r"train.max_nonfinite_steps = 2"):
             train(tiny_gpt_config(tmp_path / "many", steps=6,
                                   train={"on_nonfinite": "skip", "max_nonfinite_steps": 2}))
     finally:
-        ddp.global_grad_norm = real
+        ddp.grad_norm_on_device = real
 
 
 @pytest.mark.slow
@@ -182,7 +182,7 @@ def _skip_cases(rank, world, root):
         try:
             res = train(tiny_gpt_config(f"{root}/{name}", steps=4, parallel={"dp": 2}, train={"on_nonfinite": "skip"}))
         finally:
-            ddp.global_grad_norm = real
+            ddp.grad_norm_on_device = real
         out.append(res.losses)
     return out
 
@@ -196,17 +196,17 @@ def test_consecutive_skipped_steps_are_counted_across_a_resume(tmp_path):
     try:
         with pytest.raises(TrainingDiverged, match=r"step 4: .*3 consecutive skipped steps"):
             train(tiny_gpt_config(tmp_path / "straight", steps=6, train=skip))
-        ddp.global_grad_norm = real
+        ddp.grad_norm_on_device = real
         _nan_norm_at({2, 3}, {0})
         first = train(tiny_gpt_config(tmp_path / "r", steps=6, train={**skip, "exit_interval": 3},
                                       checkpoint={"every": 1}))
         assert math.isnan(first.grad_norms[1]) and math.isnan(first.grad_norms[2])  # steps 2, 3 skipped, saved at 3
-        ddp.global_grad_norm = real
+        ddp.grad_norm_on_device = real
         _nan_norm_at({1}, {0})  # the resumed run's first step, step 4
         with pytest.raises(TrainingDiverged, match=r"step 4: .*3 consecutive skipped steps"):
             train(tiny_gpt_config(tmp_path / "r", steps=6, train=skip, checkpoint={"every": 1}))
     finally:
-        ddp.global_grad_norm = real
+        ddp.grad_norm_on_device = real
 
 
 def test_a_failed_async_save_does_not_hide_the_divergence_that_follows_it(tmp_path, monkeypatch, capsys):
@@ -222,6 +222,6 @@ def test_a_failed_async_save_does_not_hide_the_divergence_that_follows_it(tmp_pa
         with pytest.raises(TrainingDiverged, match=r"step 3: .* is not finite"):
             train(tiny_gpt_config(tmp_path / "run", steps=4, checkpoint={"every": 2, "async_save": True}))
     finally:
-        ddp.global_grad_norm = real
+        ddp.grad_norm_on_device = real
     out = capsys.readouterr()
     assert "checkpoint save at step 2 failed" in out.out + out.err  # said, not lost

@@ -289,7 +289,7 @@ def test_llama_benchmark_code_runs_on_cpu_with_a_tiny_model(tmp_path):
 def test_gpu_test_bodies_run_on_cpu(monkeypatch, tmp_path):
     """The gpu-marked tests' own code stays runnable (CI never has CUDA): the device-agnostic ones run
     here with DEV = "cpu" — window-parallel, chunked loss, async checkpoint round trip, the GPT's kept
-    activations against the GPU memory model, masked attention blocks, and the CP
+    activations against the GPU memory model, masked attention blocks, a data-parallel step, and the CP
     error comparison for every variant at P = 1 and 4 (short sequence)."""
     monkeypatch.setattr(gpu_path, "DEV", "cpu")
     recorded = []
@@ -300,6 +300,7 @@ def test_gpu_test_bodies_run_on_cpu(monkeypatch, tmp_path):
     gpu_path.test_gpt_kept_activations_on_cuda_are_the_memory_model("selective", record)
     gpu_path.test_fp32_gqa_attention_on_cuda_keeps_no_scores(record)
     gpu_path.test_masked_attention_blocks_make_no_device_sync("per-sample documents")
+    gpu_path.test_a_data_parallel_step_waits_for_the_device_once("swin", monkeypatch)
     assert [name for name, _ in recorded] == ["errors_out_dq_dk_dv", "errors_loss_dh_dw", "counted_bytes",
                                               "predicted_bytes", "error_s512"], recorded
     for variant in gpu_path.CP_VARIANTS:

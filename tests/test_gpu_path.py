@@ -16,9 +16,11 @@ import pytest
 import torch
 import torch.distributed as dist
 
+from dist_train.engines import ddp
 from dist_train.plan.profiles import builtin_profiles
 from tests.test_cp_reference import max_rel_err, random_qkv, reference_attention
 from tests.test_gpt_saved_tensors import SHAPES, _config, counted_bytes, predicted_bytes
+from tests.trainer_utils import one_rank_engine_and_batches
 
 DEV = "cuda"   # the rehearsal on CPU (docs/gpu_check.md) sets this to "cpu"; the tests run on CUDA
 
@@ -156,6 +158,38 @@ def test_masked_attention_blocks_make_no_device_sync(case):
         if DEV == "cuda":
             torch.cuda.set_sync_debug_mode("default")
     assert q.grad.device.type == DEV and bool(torch.isfinite(q.grad).all())
+
+
+@pytest.mark.parametrize("model", ["gpt, packed documents", "swin"])
+def test_a_data_parallel_step_waits_for_the_device_once(model, monkeypatch):
+    """Whole steps of the data-parallel engine (4 micro-batches, clipping on: forward, backward, gradient norm, skip
+    decision, clipping, AdamW) under set_sync_debug_mode("error"), but for the step's one read of its loss and
+    gradient norm (``grads.read_floats``: the skip decision and the clipping coefficient need them on the host),
+    which is let through and counted (tests/test_device_placement.py checks the same on meta tensors)."""
+    engine, micro = one_rank_engine_and_batches(model, DEV)
+    reads, read_floats = [], ddp.read_floats
+
+    def allowed_read(*scalars):
+        reads.append(len(scalars))
+        if DEV == "cuda":
+            torch.cuda.set_sync_debug_mode("default")
+        try:
+            return read_floats(*scalars)
+        finally:
+            if DEV == "cuda":
+                torch.cuda.set_sync_debug_mode("error")
+
+    engine.train_step(micro, 64.0, loss_limit=1e9)  # a first step: the ops chosen, optimizer state made
+    monkeypatch.setattr(ddp, "read_floats", allowed_read)
+    if DEV == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+    try:
+        losses = [engine.train_step(micro, 64.0, loss_limit=1e9)[0] for _ in range(2)]
+    finally:
+        if DEV == "cuda":
+            torch.cuda.set_sync_debug_mode("default")
+    assert reads == [2, 2] and not engine.last_step_skipped and all(math.isfinite(x) for x in losses)
 
 
 #: bytes per layer the CUDA attention may save beyond the model's q, k, v, output and logsumexp: flash attention's

@@ -8,6 +8,7 @@ import math
 from pathlib import Path
 
 import pytest
+import torch
 
 from dist_train.checkpoint import complete_checkpoints
 from dist_train.checkpoint.state import from_json
@@ -60,12 +61,13 @@ def _spike_ddp_step(step: int, micro: int = 2):
 
 def _nan_norm_at(module, step: int):
     """The engine module's gradient norm is NaN at ``step`` (the already tested non-finite skip)."""
-    real, calls = module.global_grad_norm, {"n": 0}
+    real, calls = module.grad_norm_on_device, {"n": 0}
 
     def norm(*args, **kw):
         calls["n"] += 1
-        return float("nan") if calls["n"] == step else real(*args, **kw)
-    module.global_grad_norm = norm
+        value = real(*args, **kw)  # the norm on the device, read with the loss
+        return torch.full_like(value, float("nan")) if calls["n"] == step else value
+    module.grad_norm_on_device = norm
     return real
 
 
@@ -113,7 +115,7 @@ def test_skip_goes_on_exactly_as_a_skipped_nonfinite_step(tmp_path):
     try:
         nan = train(tiny_gpt_config(tmp_path / "nan", steps=6, train=skip))
     finally:
-        ddp.global_grad_norm = real
+        ddp.grad_norm_on_device = real
     assert math.isfinite(spiked.grad_norms[3]) and math.isnan(nan.grad_norms[3])
     assert spiked.losses[3] > 3.0 * max(spiked.losses[1:3])
     # step 4 applied nothing in either run, and the spike did not enter the window
@@ -153,7 +155,7 @@ def _pipeline_cases(rank, world, root):
     try:
         nan = train(tiny_gpt_config(f"{root}/nan", steps=5, parallel=layout, train=skip)).losses
     finally:
-        pipeline.global_grad_norm = real
+        pipeline.grad_norm_on_device = real
     return spiked, nan
 
 

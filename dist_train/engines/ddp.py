@@ -4,7 +4,7 @@ Loss contract: each micro-batch's ``loss_sum`` is scaled by ``grad_size / global
 backward; DDP *averages* over its ``grad_size`` ranks, so the reduced gradient is exactly
 d(Σ loss over the global batch / global token count) — the mean over all real tokens, whatever dp,
 cp, wp and accumulation are. Tensor-parallel layers reduce their activations' gradients inside
-Megatron's mappings; the reported/clipped norm is the full model's (``grads.global_grad_norm``).
+Megatron's mappings; the reported/clipped norm is the full model's (``grads.grad_norm_on_device``).
 """
 from __future__ import annotations
 
@@ -19,7 +19,8 @@ from ..checkpoint.adapters import engine_checkpoint_kwargs
 from ..config import TrainConfig
 from ..mesh import Mesh
 from ..optim import build_optimizer, build_scheduler
-from .grads import all_ranks_accept, all_reduce_sum, clip_grads_, global_grad_norm
+from .batches import batch_to_device
+from .grads import all_ranks_accept, all_reduce_sum, clip_grads_, grad_norm_on_device, read_floats
 
 __all__ = ["DDPEngine", "all_reduce_sum"]
 
@@ -68,34 +69,41 @@ class DDPEngine:
         ``loss_limit``: a global loss above it is not applied, like a non-finite one (dist_train/spikes.py).
         """
         device = next(self.module.parameters()).device
-        loss_sum = torch.zeros(1, dtype=torch.float64)
+        # the loss sums add up on the device, in float64 in micro-batch order (the same sum a host accumulator gave):
+        # a host copy per micro-batch would make the host wait for each micro-batch's forward and backward before
+        # queueing the next one's kernels
+        loss_sum = torch.zeros(1, dtype=torch.float64, device=device)
         for m, batch in enumerate(micro):
-            batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-            loss_sum += self.forward_backward(batch, 1.0 / global_count, m == len(micro) - 1).double().cpu()
+            batch = batch_to_device(batch, device)
+            loss_sum += self.forward_backward(batch, 1.0 / global_count, m == len(micro) - 1).double()
         all_reduce_sum(loss_sum, self.mesh.grad_group)
-        loss = float(loss_sum.item()) / global_count
-        grad_norm = self.step(loss, loss_limit)
-        return loss, grad_norm
+        return self.step(loss_sum, global_count, loss_limit)
 
     def eval_loss_sum(self, micro: list[dict]) -> float:
         """Forward only (no gradients, weights untouched) over this rank's micro-batches -> the loss sum of
         the whole global batch (all-reduced over the grad group), for validation."""
         device = next(self.module.parameters()).device
-        loss_sum = torch.zeros(1, dtype=torch.float64)
+        loss_sum = torch.zeros(1, dtype=torch.float64, device=device)  # on the device: see train_step
         with torch.no_grad(), self._autocast():
             for batch in micro:
-                batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-                loss_sum += self.module(batch)[0].double().cpu()
+                batch = batch_to_device(batch, device)
+                loss_sum += self.module(batch)[0].double()
         all_reduce_sum(loss_sum, self.mesh.grad_group)
         return float(loss_sum.item())
 
-    def step(self, loss: float = 0.0, loss_limit: Optional[float] = None) -> float:
-        """Clip, step, zero grads, advance the LR schedule; returns the pre-clip gradient norm. When the loss
-        or the norm is not finite on any rank, or the loss exceeds ``loss_limit``, nothing is applied
-        (``last_step_skipped``): the weights, optimizer state and schedule stay as they were and the
-        gradients are dropped."""
+    def step(self, loss_sum: torch.Tensor, global_count: float,
+             loss_limit: Optional[float] = None) -> tuple[float, float]:
+        """Clip, step, zero grads, advance the LR schedule -> (global mean loss, pre-clip gradient norm).
+
+        ``loss_sum``: the global batch's loss sum (float64, shape (1,), on the device), read with the norm in one
+        host copy: the step's one wait for the device (the skip decision below and the clipping coefficient need
+        both values on the host). When the loss or the norm is not finite on any rank, or the loss exceeds
+        ``loss_limit``, nothing is applied (``last_step_skipped``): the weights, optimizer state and schedule stay
+        as they were and the gradients are dropped."""
         params = [p for p in self.module.parameters() if p.grad is not None]
-        norm = global_grad_norm(params, self.mesh.tp_group, self.mesh.pp_group)
+        norm = grad_norm_on_device(params, self.mesh.tp_group, self.mesh.pp_group)
+        total, norm = read_floats(loss_sum, norm)
+        loss = total / global_count
         device = params[0].device if params else torch.device("cpu")
         self.last_step_skipped = not all_ranks_accept(loss, norm, device, loss_limit)
         if not self.last_step_skipped:
@@ -103,7 +111,7 @@ class DDPEngine:
             self.optimizer.step()
             self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return float(norm)
+        return loss, norm
 
     @property
     def lr(self) -> float:

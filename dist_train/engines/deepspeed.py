@@ -30,6 +30,7 @@ from ..checkpoint.adapters import DeepSpeedStateAdapter, engine_checkpoint_kwarg
 from ..config import Config, ConfigError, deep_merge, deepspeed_generated
 from ..mesh import Mesh
 from ..optim import build_optimizer, build_scheduler
+from .batches import batch_to_device
 from .grads import all_reduce_sum, global_grad_norm
 
 
@@ -207,11 +208,11 @@ class DeepSpeedEngine:
         if len(micro) != self.engine.gradient_accumulation_steps():
             raise ValueError(f"DeepSpeed engine: got {len(micro)} micro-batches, its config says "
                              f"gradient_accumulation_steps = {self.engine.gradient_accumulation_steps()}")
-        loss_sum = torch.zeros(1, dtype=torch.float64)
+        loss_sum = torch.zeros(1, dtype=torch.float64, device=device)  # on the device: see DDPEngine.train_step
         scale = self.grad_size / global_count
         own_norm = None
         for m, batch in enumerate(micro):
-            batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+            batch = batch_to_device(batch, device)
             loss, _ = self.engine(batch)
             # at the boundary DeepSpeed all-reduces (stage 0) or reduce-scatters (ZeRO) inside backward
             self.engine.backward(loss * scale, scale_wrt_gas=False)
@@ -220,7 +221,7 @@ class DeepSpeedEngine:
                 own_norm = global_grad_norm([p for p in self.module.parameters() if p.grad is not None],
                                             self.mesh.tp_group)
             self.engine.step()  # DeepSpeed clips and steps at the accumulation boundary only
-            loss_sum += loss.detach().double().cpu()
+            loss_sum += loss.detach().double()
         norm = self.engine.get_global_grad_norm()
         norm = own_norm if norm is None else norm
         all_reduce_sum(loss_sum, self.mesh.grad_group)
@@ -230,11 +231,11 @@ class DeepSpeedEngine:
         """Forward only through the DeepSpeed engine (ZeRO-3 gathers its partitions as in training) -> the
         loss sum of the whole global batch, for validation."""
         device = self.engine.device
-        loss_sum = torch.zeros(1, dtype=torch.float64)
+        loss_sum = torch.zeros(1, dtype=torch.float64, device=device)
         with torch.no_grad():
             for batch in micro:
-                batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-                loss_sum += self.engine(batch)[0].double().cpu()
+                batch = batch_to_device(batch, device)
+                loss_sum += self.engine(batch)[0].double()
         all_reduce_sum(loss_sum, self.mesh.grad_group)
         return float(loss_sum.item())
 

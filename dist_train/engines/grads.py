@@ -63,12 +63,24 @@ def global_grad_norm_squared(params: Iterable[torch.nn.Parameter], tp_group=None
     return all_reduce_sum(total, pp_group)
 
 
+def grad_norm_on_device(params: Iterable[torch.nn.Parameter], tp_group=None, pp_group=None) -> torch.Tensor:
+    """L2 norm of the full model's gradient (:func:`global_grad_norm_squared`) as a float64 tensor of shape (1,),
+    still on the device: the engines read it together with the step's loss (:func:`read_floats`), one wait."""
+    return global_grad_norm_squared(params, tp_group, pp_group).sqrt()
+
+
 def global_grad_norm(params: Iterable[torch.nn.Parameter], tp_group=None, pp_group=None) -> float:
     """L2 norm of the full model's gradient (:func:`global_grad_norm_squared`); every rank gets the same value.
 
-    The one host read of the computation: on a GPU it waits for the device once per step. The callers need the
-    float there anyway (the skip decision's isfinite, the clipping coefficient, the trainer's record)."""
-    return float(global_grad_norm_squared(params, tp_group, pp_group).sqrt().item())
+    A host read: on a GPU it waits for the device."""
+    return float(grad_norm_on_device(params, tp_group, pp_group).item())
+
+
+def read_floats(*scalars: torch.Tensor) -> list[float]:
+    """The values of one-element tensors, read to the host in ONE copy: a device's scalars wait for the device once,
+    not once each. (Each value is the tensor's own, converted to a Python float exactly as ``float(t.item())``.)"""
+    device = scalars[0].device
+    return torch.cat([t.detach().reshape(1).to(device) for t in scalars]).tolist()
 
 
 def all_ranks_accept(loss: float, norm: float, device: torch.device, loss_limit: Optional[float] = None) -> bool:

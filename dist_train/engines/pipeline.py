@@ -26,6 +26,7 @@ import torch
 import torch.nn as nn
 
 from parallelism.context import pack_cu_seqlens
+from parallelism.host_copy import to_device
 
 from ..checkpoint.adapters import engine_checkpoint_kwargs
 from ..config import Config
@@ -33,7 +34,7 @@ from ..mesh import Mesh
 from ..optim import build_optimizer, build_scheduler
 from ..models.swin import SwinPipeline
 from .fsdp import FSDPSharder
-from .grads import all_ranks_accept, all_reduce_grads_, all_reduce_sum, clip_grads_, global_grad_norm
+from .grads import all_ranks_accept, all_reduce_grads_, all_reduce_sum, clip_grads_, grad_norm_on_device, read_floats
 
 
 class StageModule(nn.Module):
@@ -100,7 +101,7 @@ class GPTPipeline:
                 raise ValueError("pipeline engine: every micro-batch must share one positions vector")
         else:
             positions = torch.cat([b["positions"] for b in micro])
-        positions = positions.to(self.device)
+        positions = to_device(positions, self.device)
         cu_seqlens = None
         if "cu_seqlens" in micro[0]:
             # the micro-batches' rows, padded to one width as the batcher pads one micro-batch's
@@ -136,7 +137,7 @@ class PipelineEngine:
     # -- schedule --------------------------------------------------------------------------------
     def _loss_fn(self, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         loss_sum, _ = self.loss_head(hidden, labels)
-        self._loss_sums.append(loss_sum.detach().double().cpu())
+        self._loss_sums.append(loss_sum.detach().double())  # summed on the device: see DDPEngine.train_step
         return loss_sum * (self._inv_count * self._grad_scale)
 
     def _build_schedule(self, n_micro: int):
@@ -179,8 +180,9 @@ class PipelineEngine:
         last = any(sm.stage.last for sm in self.stage_modules)
         # only the first stage reads the inputs and only the last the target: the other is dropped before the
         # schedule runs, not moved to the device nor kept through the step
-        args = (inputs.to(self.device),) if first else ()
-        target = target.to(self.device) if last else None
+        # through pinned memory, asynchronously: a plain .to() of pageable memory waits for the device
+        args = (to_device(inputs, self.device),) if first else ()
+        target = to_device(target, self.device) if last else None
         del inputs
         run = self._schedule.eval if forward_only else self._schedule.step
         with self._autocast(), (torch.no_grad() if forward_only else contextlib.nullcontext()):
@@ -188,7 +190,7 @@ class PipelineEngine:
             # would keep every micro-batch's hidden states [mb, ..., d] alive until the step ends and then
             # concatenate them, a copy nothing reads
             run(*args, target=target, return_outputs=False)
-        loss_sum = torch.zeros(1, dtype=torch.float64)
+        loss_sum = torch.zeros(1, dtype=torch.float64, device=self.device)
         if last:
             # the schedule's first step also calls the loss function once for metadata inference (on
             # placeholder tensors); the real micro-batches are always the last n_micro calls
@@ -203,10 +205,11 @@ class PipelineEngine:
         params = [p for p in self.module.parameters() if p.requires_grad]
         if not self.fsdp:  # FSDP2 reduce-scattered inside backward
             all_reduce_grads_(params, self.mesh.grad_group)
-        norm = global_grad_norm(params, self.mesh.tp_group, self.mesh.pp_group)
+        norm = grad_norm_on_device(params, self.mesh.tp_group, self.mesh.pp_group)
         all_reduce_sum(loss_sum, self.mesh.pp_group)  # only the last stage contributes
         all_reduce_sum(loss_sum, self.mesh.grad_group)
-        loss = float(loss_sum.item()) / global_count
+        total, norm = read_floats(loss_sum, norm)  # the step's one wait for the device (see DDPEngine.step)
+        loss = total / global_count
         # a non-finite loss or norm, or a spike, on any rank: apply nothing (see DDPEngine.step)
         self.last_step_skipped = not all_ranks_accept(loss, norm, self.device, loss_limit)
         if not self.last_step_skipped:

@@ -1,0 +1,21 @@
+"""A micro-batch onto the device, its layout integers left on the host.
+
+    batch = batch_to_device(batch, device)   # {"tokens": cuda, ..., "cu_seqlens": cpu, "image_size": cpu}
+
+The batchers hand every value over as a host tensor. The model computes on some (tokens, labels, positions, pixels)
+and only reads others on the host: the Swin tiling reads ``image_size`` with ``int()``, the attention plan reads
+``cu_seqlens`` with ``.tolist()``, the trainer sums ``count``. Moved to a GPU, each of those reads would be a copy
+back that waits for every kernel queued before it, once per micro-batch: the host could not queue the next
+micro-batch's work until the device had caught up.
+"""
+from __future__ import annotations
+
+import torch
+
+#: batch keys that hold layout integers the model reads on the host, never computes with on the device
+HOST_KEYS = frozenset({"image_size", "cu_seqlens", "count"})
+
+
+def batch_to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    """``batch`` with every tensor but :data:`HOST_KEYS` copied to ``device`` (asynchronously)."""
+    return {k: v if k in HOST_KEYS else v.to(device, non_blocking=True) for k, v in batch.items()}
