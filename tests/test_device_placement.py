@@ -9,8 +9,11 @@ run needs, checked without one. (Values are not checked here: the same code's ex
 """
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
+import torch.distributed as dist
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import parallelism.context.attention as cp_attention
@@ -21,7 +24,8 @@ from dist_train.engines.grads import global_grad_norm_squared
 from dist_train.models.attention import AttentionContext
 from dist_train.models.gpt import GPT
 from dist_train.models.swin import build_swin
-from parallelism.context import local_attention
+from parallelism.context import local_attention, shard_sequence, unshard_sequence
+from parallelism.context.hybrid import SubGroups
 from parallelism.context.kernels import CUDA_OPS, CudaSdpaKernel
 from parallelism.host_copy import to_device
 from parallelism.window import window_parallel_attention
@@ -192,3 +196,53 @@ def test_a_data_parallel_training_step_reads_the_device_once(monkeypatch, model)
     assert reads.seen == ["to cpu (2,)"] * 2 and copies.seen == []
     assert not engine.last_step_skipped and (loss, norm) == (1.0 / 64.0, 1.0)
 
+
+def _fake_four_rank_group(monkeypatch) -> None:
+    """This process plays rank 1 of a 4-rank context-parallel group: the collectives' results are placeholders (the
+    values are not checked here), the code between them is the real one."""
+    monkeypatch.setattr(dist, "get_world_size", lambda group=None: 4)
+    monkeypatch.setattr(dist, "get_rank", lambda group=None: 1)
+    monkeypatch.setattr(dist, "all_gather", lambda parts, x, group=None: None)
+
+
+def test_sharding_a_sequence_builds_its_positions_on_the_device(monkeypatch):
+    """shard_sequence / unshard_sequence, forward and backward (the step's sharding of its inputs and gathering of its
+    outputs): the shard's positions and the gather's order were built on the host and copied with a plain .to(device),
+    a wait for the device each, once per step."""
+    _fake_four_rank_group(monkeypatch)
+    x = torch.randn(2, 64, 8, device=META, requires_grad=True)
+    x_local = torch.randn(2, 16, 8, device=META, requires_grad=True)
+    with BlockingCopies() as copies:
+        shard_sequence(x, dim=1).sum().backward()
+        unshard_sequence(x_local, dim=1).sum().backward()
+    assert x.grad.device == x_local.grad.device == META
+    assert copies.seen == []
+
+
+def test_a_hybrid_layer_copies_its_permutation_to_the_device_once(monkeypatch):
+    """Hybrid context parallelism (Ulysses 2 x ring 2, zigzag: the gathered tokens are re-ordered): every layer call
+    copied the permutation to the device with a plain .to(), a wait for the device per layer of every step. It is made
+    once per shape and device now, by an asynchronous copy."""
+    _fake_four_rank_group(monkeypatch)
+    monkeypatch.setattr(cp_attention, "subgroups", lambda group, degree: SubGroups(
+        ulysses=None, ulysses_rank=1, ring=None, ring_rank=0, ring_size=2, ulysses_members=(0, 1)))
+    monkeypatch.setattr(cp_attention, "seq_to_heads", lambda x, group: torch.cat([x[:, :, :x.shape[2] // 2]] * 2, 1))
+    monkeypatch.setattr(cp_attention, "heads_to_seq", lambda x, group: torch.cat(x.chunk(2, 1), 2))
+    monkeypatch.setattr(cp_attention, "RingAttention", SimpleNamespace(apply=lambda q, k, v, *rest: q * 2))
+    q, k, v = (torch.randn(1, 16, 4, 8, device=META) for _ in range(3))
+    cp_attention.gathered_permutation.cache_clear()
+    with BlockingCopies() as copies:
+        outs = [cp_attention.context_parallel_attention(q, k, v, group=None, method="hybrid", ulysses_degree=2)
+                for _layer in range(3)]
+    assert all(o.shape == q.shape and o.device == META for o in outs)
+    assert copies.seen == [] and cp_attention.gathered_permutation.cache_info().misses == 1
+
+
+def test_the_simulator_moves_its_shard_positions_without_waiting(monkeypatch):
+    """The in-process ring simulator (hybrid, so re-ordered shards) put each virtual rank's positions on the device with
+    a plain .to(), a wait for the device per rank and call."""
+    monkeypatch.setattr(simulate, "get_kernel", lambda name, device, dtype: CudaSdpaKernel(available=CUDA_OPS))
+    q, k, v = (torch.randn(1, 256, 4, 32, device=META, requires_grad=True) for _ in range(3))
+    with BlockingCopies() as copies:
+        simulate.simulate_ring_attention(q, k, v, world_size=4, ulysses_degree=2).sum().backward()
+    assert q.grad.device == META and copies.seen == []

@@ -20,7 +20,7 @@ from .kernels import default_scale, get_kernel
 from .layouts import Chunk, rank_chunks
 from .plan import build_schedule
 from .ring import CPStats, RingAttention
-from .ulysses import check_heads, gathered_order, kv_replication, replicate_kv
+from .ulysses import check_heads, gathered_order, gathered_permutation, kv_replication, replicate_kv
 
 def default_tile(window: Optional[int]) -> Optional[int]:
     """With a window, cut chunks into tiles of ~max(128, w) tokens so work is O(n·w), not O(n²)."""
@@ -129,15 +129,16 @@ def _ulysses_ring(q, k, v, group, degree, layout, causal, window, scale, blk_ker
     orders = [gathered_order(seq_len, list(range(i * degree, (i + 1) * degree)), P, layout)
               for i in range(sub.ring_size)]
     chunks = tuple(c for c, _ in orders)
-    perm = orders[sub.ring_rank][1]
+    own = tuple(range(sub.ring_rank * degree, (sub.ring_rank + 1) * degree))
+    perm = gathered_permutation(seq_len, own, P, layout, q.device)
     if perm is not None:
-        perm = perm.to(q.device)
+        perm, inverse = perm
         qg, kg, vg = (x.index_select(1, perm) for x in (qg, kg, vg))
     schedule = build_schedule(chunks, causal, window, tile, kv_piece, docs)
     drive = functools.partial(run_p2p, group=sub.ring)
     out = RingAttention.apply(qg, kg, vg, schedule, sub.ring_rank, drive, blk_kernel, scale, stats)
     if perm is not None:
-        out = out.index_select(1, torch.argsort(perm))
+        out = out.index_select(1, inverse)
     if stats is not None:
         stats.all_to_all_calls += 1
     return heads_to_seq(out, sub.ulysses)

@@ -84,9 +84,11 @@ def rank_chunks(seq_len: int, rank: int, world_size: int, layout: str) -> tuple[
     return (Chunk(rank * c, 1, c), Chunk((2 * world_size - 1 - rank) * c, 1, c))
 
 
-def sequence_positions(seq_len: int, *, rank: int, world_size: int, layout: str) -> torch.Tensor:
-    """LongTensor [S/P]: global positions of the local shard, in local order (use them for RoPE/masks)."""
-    return torch.cat([c.positions() for c in rank_chunks(seq_len, rank, world_size, layout)])
+def sequence_positions(seq_len: int, *, rank: int, world_size: int, layout: str,
+                       device: torch.device | str = "cpu") -> torch.Tensor:
+    """LongTensor [S/P]: global positions of the local shard, in local order (use them for RoPE/masks), built on
+    ``device`` (no host-to-device copy, which on a GPU waits for the device)."""
+    return torch.cat([c.positions(device) for c in rank_chunks(seq_len, rank, world_size, layout)])
 
 
 def _rank_and_size(group: Optional[dist.ProcessGroup]) -> tuple[int, int]:
@@ -100,7 +102,7 @@ class _Shard(torch.autograd.Function):
     def forward(ctx, x, dim, group, layout):
         rank, size = _rank_and_size(group)
         ctx.dim, ctx.group, ctx.layout = dim, group, layout
-        pos = sequence_positions(x.shape[dim], rank=rank, world_size=size, layout=layout).to(x.device)
+        pos = sequence_positions(x.shape[dim], rank=rank, world_size=size, layout=layout, device=x.device)
         return x.index_select(dim, pos)
 
     @staticmethod
@@ -119,8 +121,9 @@ class _Unshard(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         rank, size = _rank_and_size(ctx.group)
-        pos = sequence_positions(grad.shape[ctx.dim], rank=rank, world_size=size, layout=ctx.layout)
-        return grad.index_select(ctx.dim, pos.to(grad.device)), None, None, None
+        pos = sequence_positions(grad.shape[ctx.dim], rank=rank, world_size=size, layout=ctx.layout,
+                                 device=grad.device)
+        return grad.index_select(ctx.dim, pos), None, None, None
 
 
 def _gather(x_local: torch.Tensor, dim: int, group, layout: str) -> torch.Tensor:
@@ -128,8 +131,8 @@ def _gather(x_local: torch.Tensor, dim: int, group, layout: str) -> torch.Tensor
     seq_len = x_local.shape[dim] * size
     parts = [torch.empty_like(x_local) for _ in range(size)]
     dist.all_gather(parts, x_local, group=group)
-    order = torch.cat([sequence_positions(seq_len, rank=r, world_size=size, layout=layout)
-                       for r in range(size)]).to(x_local.device)
+    order = torch.cat([sequence_positions(seq_len, rank=r, world_size=size, layout=layout, device=x_local.device)
+                       for r in range(size)])
     full = torch.empty(list(x_local.shape[:dim]) + [seq_len] + list(x_local.shape[dim + 1:]),
                        dtype=x_local.dtype, device=x_local.device)
     return full.index_copy_(dim, order, torch.cat(parts, dim))

@@ -16,6 +16,7 @@ from typing import Generator, Optional, Sequence
 
 import torch
 
+from ..host_copy import to_device
 from .checks import check_inputs
 from .comm import Post, Recv, Send, Wait
 from .documents import CuSeqlens, normalize_cu_seqlens
@@ -175,7 +176,7 @@ def simulate_ring_attention(q, k, v, *, world_size: int, layout: str = "zigzag",
     ring = len(chunks)
     plan = build_schedule(chunks, causal, window, tile, kv_piece,
                           normalize_cu_seqlens(cu_seqlens, seq_len, q.shape[0]))
-    positions = [pos.to(q.device) for pos in positions]
+    positions = [to_device(pos, q.device) for pos in positions]  # a blocking copy would wait for the GPU
     if stats is None:
         stats = [CPStats() for _ in range(ring)]
     if len(stats) != ring:

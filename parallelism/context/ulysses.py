@@ -7,10 +7,12 @@ causal block), and the ring planner takes over from there.
 """
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import torch
 
+from ..host_copy import to_device
 from .layouts import Chunk, sequence_positions
 
 
@@ -70,3 +72,15 @@ def gathered_order(seq_len: int, members: list[int], world_size: int,
     if len(by_pos) < len(as_is):
         return by_pos, order
     return as_is, None
+
+
+@functools.lru_cache(maxsize=64)
+def gathered_permutation(seq_len: int, members: tuple[int, ...], world_size: int, layout: str,
+                         device: torch.device) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
+    """:func:`gathered_order`'s permutation and its inverse, LongTensors [len(members) * S/P] on ``device`` (None: the
+    gathered order is kept). Made once per shape and device: a hybrid layer applies them in every call, and a copy
+    to the GPU per call would be a wait for the device (the pinned, asynchronous copy here is made once)."""
+    perm = gathered_order(seq_len, list(members), world_size, layout)[1]
+    if perm is None:
+        return None
+    return to_device(perm, device), to_device(torch.argsort(perm), device)
