@@ -271,13 +271,15 @@ class Lifecycle:
         # Lazy: launchers import this module without torch; and if torch.distributed was never imported,
         # no process group can exist (importing it here would only cost seconds).
         dist = sys.modules.get("torch.distributed")
-        if dist is None or not (dist.is_available() and dist.is_initialized()):
-            return bool(local)
+        if dist is None or not (dist.is_available() and dist.is_initialized()) or dist.get_world_size(group) == 1:
+            return bool(local)  # (a one-rank group, such as the GPU check's NCCL world of 1: nothing to agree on)
         import torch
 
         from .distributed import collective_device  # imports torch: lazy for the same reason
 
-        flag = torch.tensor([local], dtype=torch.int32, device=collective_device(group))
+        # filled on the device: torch.tensor([local], device=cuda) would be a blocking copy from the host, a wait for
+        # the device on top of the read below (which the agreement needs, once per step)
+        flag = torch.full((1,), local, dtype=torch.int32, device=collective_device(group))
         dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=group)
         return bool(flag.item())
 

@@ -16,11 +16,14 @@ import torch
 import torch.distributed as dist
 from torch.utils._python_dispatch import TorchDispatchMode
 
+import dist_train.distributed as distributed
 import parallelism.context.attention as cp_attention
 import parallelism.context.simulate as simulate
 import tests.test_gpu_path as gpu_path
 from dist_train.config import ModelConfig
+from dist_train.engines import grads
 from dist_train.engines.grads import global_grad_norm_squared
+from dist_train.lifecycle import Lifecycle
 from dist_train.models.attention import AttentionContext
 from dist_train.models.gpt import GPT
 from dist_train.models.swin import build_swin
@@ -74,7 +77,27 @@ class HostReads(TorchDispatchMode):
                 and torch.device(kwargs.get("device") or META).type == "cpu"):
             self.seen.append(f"to cpu {tuple(args[0].shape)}")
             return torch.ones(args[0].shape, dtype=kwargs.get("dtype") or args[0].dtype)
+        if func is torch.ops.aten.copy_.default and args[1].device.type == "meta" and args[0].device.type == "cpu":
+            self.seen.append(f"copy to cpu {tuple(args[1].shape)}")
+            return args[0].fill_(1)
         return func(*args, **kwargs)
+
+
+class HostDataOnTheDevice:
+    """Records ``torch.tensor(data, device=...)`` onto a device other than the host: a blocking copy of the host data
+    (on CUDA, a wait for the device) that :class:`BlockingCopies` cannot see (torch.tensor copies below the dispatch
+    modes)."""
+
+    def __init__(self, monkeypatch):
+        self.seen: list[str] = []
+        make = torch.tensor
+
+        def recording(data, *args, **kwargs):
+            t = make(data, *args, **kwargs)
+            if t.device.type != "cpu":
+                self.seen.append(f"torch.tensor({data!r}, device={t.device})")
+            return t
+        monkeypatch.setattr(torch, "tensor", recording)
 
 
 def _run_on_meta(monkeypatch) -> None:
@@ -246,3 +269,28 @@ def test_the_simulator_moves_its_shard_positions_without_waiting(monkeypatch):
     with BlockingCopies() as copies:
         simulate.simulate_ring_attention(q, k, v, world_size=4, ulysses_degree=2).sum().backward()
     assert q.grad.device == META and copies.seen == []
+
+
+def test_the_steps_agreements_over_ranks_read_the_device_once_each(monkeypatch, tmp_path):
+    """On more than one rank, a step agrees on its skip decision (a non-finite or spiking loss on any rank) and on a
+    stop (a signal on any rank), and sums its token count over the ranks. Each agreement's read is its decision (kept:
+    one per step each); the flags were made with torch.tensor([flag], device=cuda), a blocking copy before the
+    all-reduce, and the count went to the GPU by a blocking copy. (2 ranks faked: the all-reduce leaves the values.)"""
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "get_world_size", lambda group=None: 2)
+    monkeypatch.setattr(dist, "all_reduce", lambda t, op=None, group=None: None)
+    monkeypatch.setattr(grads, "collective_device", lambda group: META)
+    monkeypatch.setattr(distributed, "collective_device", lambda group: META)
+    lifecycle = Lifecycle(tmp_path, rank=0, install_signals=False)
+    host_data = HostDataOnTheDevice(monkeypatch)
+    with HostReads() as reads, BlockingCopies() as copies:
+        accepted = grads.all_ranks_accept(2.0, 1.0, META, loss_limit=3.0)
+        stop = lifecycle.stop_agreed()
+        count = grads.all_reduce_sum(torch.tensor([6.0, 2.0], dtype=torch.float64), group=object())
+    assert host_data.seen == [] and copies.seen == []
+    assert reads.seen == ["item (1,)", "item (1,)", "copy to cpu (2,)"]
+    assert accepted and stop and count.tolist() == [1.0, 1.0]  # (what HostReads answers for the values)
+    monkeypatch.setattr(dist, "get_world_size", lambda group=None: 1)  # the GPU check's NCCL world of one
+    with HostReads() as reads:
+        assert not lifecycle.stop_agreed() and grads.all_ranks_accept(2.0, 1.0, META)
+    assert reads.seen == []

@@ -15,6 +15,8 @@ import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
+from parallelism.host_copy import to_device
+
 from ..distributed import collective_device
 from ..models.tensor_parallel import is_tp_sharded
 
@@ -27,7 +29,7 @@ def all_reduce_sum(t: torch.Tensor, group) -> torch.Tensor:
     if group is not None:
         device = collective_device(group)
         if t.device != device:
-            moved = t.to(device)
+            moved = to_device(t, device)  # asynchronous: the copy back below is the one wait
             dist.all_reduce(moved, op=dist.ReduceOp.SUM, group=group)
             t.copy_(moved)
         else:
@@ -93,7 +95,9 @@ def all_ranks_accept(loss: float, norm: float, device: torch.device, loss_limit:
     ok = math.isfinite(loss) and math.isfinite(norm) and (loss_limit is None or loss <= loss_limit)
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return ok
-    flag = torch.tensor([1 if ok else 0], dtype=torch.int32, device=device)
+    # filled on the device (torch.tensor([ok], device=cuda) is a blocking copy from the host); the read is the
+    # decision itself, one wait per step on more than one rank
+    flag = torch.full((1,), 1 if ok else 0, dtype=torch.int32, device=device)
     dist.all_reduce(flag, op=dist.ReduceOp.MIN)
     return bool(flag.item())
 
