@@ -40,11 +40,33 @@ META = torch.device("meta")
 
 class BlockingCopies(TorchDispatchMode):
     """Records every copy of a host tensor to another device that is not ``non_blocking`` (``.to(device)``,
-    ``copy_``): on a GPU each one waits for the device (``set_sync_debug_mode("error")`` refuses it)."""
+    ``copy_``, ``torch.tensor(host data, device=...)``): on a GPU each one waits for the device
+    (``set_sync_debug_mode("error")`` refuses it)."""
 
     def __init__(self):
         super().__init__()
         self.seen: list[str] = []
+        self._factories = {name: getattr(torch, name) for name in ("tensor", "as_tensor")}
+
+    def __enter__(self):
+        # torch.tensor(data, device=meta) makes its tensor with no data and no copy, so no op reaches
+        # __torch_dispatch__; on CUDA it is a blocking copy from pageable memory. The factories are watched instead.
+        for name, factory in self._factories.items():
+            setattr(torch, name, self._watched(name, factory))
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        for name, factory in self._factories.items():
+            setattr(torch, name, factory)
+        return super().__exit__(*exc)
+
+    def _watched(self, name: str, factory):
+        def make(data, *args, **kwargs):
+            device = kwargs.get("device")
+            if device is not None and torch.device(device).type != "cpu" and not isinstance(data, torch.Tensor):
+                self.seen.append(f"torch.{name}(host data, device={device})")
+            return factory(data, *args, **kwargs)
+        return make
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -116,7 +138,10 @@ def test_the_detector_sees_a_blocking_copy_and_not_an_asynchronous_one():
         torch.arange(4).to(META)
         torch.empty(4, device=META).copy_(torch.arange(4))
         to_device(torch.arange(4), META)
-    assert len(copies.seen) == 2, copies.seen
+        torch.tensor([0, 700, 2048], device=META)
+        torch.as_tensor(torch.arange(4, device=META), device=META)
+    assert len(copies.seen) == 3, copies.seen
+    assert torch.tensor is copies._factories["tensor"]
     t = torch.arange(3)
     assert to_device(t, "cpu") is t
 
