@@ -27,12 +27,15 @@ def test_engine_layouts_parsed_and_bad_flags_refused_with_one_line(tmp_path):
     assert cli.check(_args("--engine", "zero3-dp2, fsdp2-dp2-tp2,zero3-dp2", *d)).layouts == ["zero3-dp2",
                                                                                              "fsdp2-dp2-tp2"]
     assert cli.check(_args("--size-gb", "0.001", *d)) == int(0.001 * (1 << 30))  # the raw-disk mode as before
+    assert cli.check(_args("--engine", "zero2-dp2,fsdp2-dp2", "--fsdp-baseline", "dcp", *d)).fsdp_baseline == "dcp"
     for argv, words in [(("--engine", "zero4-dp2"), "valid: fsdp2-dp2-tp2, fsdp2-dp2, zero1-dp2"),
                         (("--engine", ","), "unknown layout (none)"),
                         (("--engine", "zero2-dp2", "--size-gb", "1"), "--size-gb = 1.0 with --engine"),
                         (("--engine", "zero2-dp2", "--d-model", "66"), "multiple of 4"),
                         (("--engine", "zero2-dp2", "--layers", "0"), "--layers = 0"),
-                        (("--csv", "x.csv"), "--csv is written by the --engine mode only")]:
+                        (("--csv", "x.csv"), "--csv is written by the --engine mode only"),
+                        (("--engine", "zero2-dp2", "--fsdp-baseline", "dcp"), "no FSDP2 layout in --engine"),
+                        (("--fsdp-baseline", "dcp"), "--fsdp-baseline dcp is for the --engine mode")]:
         with pytest.raises(ValueError, match=None) as e:
             cli.check(_args(*argv, *d))
         assert words in str(e.value) and "\n" not in str(e.value), (argv, str(e.value))
@@ -93,14 +96,16 @@ def test_rows_ratios_table_csv_and_png_from_per_rank_results(tmp_path, capsys):
     assert (tmp_path / "e.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-@pytest.mark.slow  # ~20 s: two fresh DeepSpeed ranks, one repeat of each path
-def test_bench_ckpt_engine_runs_end_to_end_on_zero2(tmp_path):
+@pytest.mark.slow  # ~30 s: two fresh DeepSpeed ranks, then two FSDP2 ranks, one repeat of each path
+def test_bench_ckpt_engine_runs_end_to_end_on_zero2_and_fsdp2_against_sharded_dcp(tmp_path):
     """Every load restored the saved state (the ranks assert it) and the record carries each path's figures."""
     out = tmp_path / "e.json"
-    assert main(["bench", "ckpt", "--engine", "zero2-dp2", "--d-model", "64", "--layers", "1", "--vocab", "95",
-                 "--repeats", "1", "--dir", str(tmp_path), "--json", str(out)]) == 0
+    assert main(["bench", "ckpt", "--engine", "zero2-dp2,fsdp2-dp2", "--fsdp-baseline", "dcp", "--d-model", "64",
+                 "--layers", "1", "--vocab", "95", "--repeats", "1", "--dir", str(tmp_path), "--json", str(out)]) == 0
     record = json.loads(out.read_text())
-    assert [(r["layout"], r["path"]) for r in record["rows"]] == [("zero2-dp2", "ours"), ("zero2-dp2", "baseline")]
+    assert [(r["layout"], r["path"]) for r in record["rows"]] == [("zero2-dp2", "ours"), ("zero2-dp2", "baseline"),
+                                                                 ("fsdp2-dp2", "ours"), ("fsdp2-dp2", "baseline")]
+    assert "save_checkpoint" in record["rows"][1]["describe"] and "dcp.save" in record["rows"][3]["describe"]
     for row in record["rows"]:
         assert row["save_s"] > 0 and row["load_s"] > 0 and row["written_bytes"] > 0 and row["dir_bytes"] > 0, row
         assert len(row["ranks"]) == 2

@@ -19,6 +19,9 @@ tensor exists. Then ``--repeats`` rounds, each saving and loading with both path
 * **baseline**, DeepSpeed: its own ``save_checkpoint`` / ``load_checkpoint`` (each rank's partition of the fp32
   weights and optimizer state, plus rank 0's module weights; its files fsynced after it returns). It is sharded,
   not a gather: the comparison is cost, and only ours resumes under another layout.
+* **baseline**, FSDP2 with ``--fsdp-baseline dcp``: torch DCP's own sharded ``dcp.save`` / ``dcp.load`` of
+  ``get_state_dict`` (each rank its DTensor shards, no gather; fsynced as ours are), what ours is built on
+  without its checksums, tp=1 blocks and manifest check: the cost of those.
 
 Before every load each rank's state is zeroed and the page cache of the checkpoint dropped; after it, every
 weight, moment and working copy must equal what was saved (both paths: a load that did nothing fails the run).
@@ -46,6 +49,7 @@ from typing import Callable, Optional
 
 import torch
 import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 from torch.distributed.tensor import DTensor
 
@@ -161,6 +165,36 @@ class _FullStateDict:
                        optim_state_dict=saved["optim"], options=self.OPTIONS)
 
 
+class _ShardedDcp:
+    """FSDP2: torch DCP's own sharded checkpoint, what ours is built on, without what ours adds. The tp shards are
+    plain tensors under one name on every tp rank (DCP would keep one tp rank's and drop the others'), so each tp
+    rank saves its own DCP checkpoint over its FSDP2 shard group, as a user of this tp writes it."""
+    describe = ("torch DCP get_state_dict + dcp.save / dcp.load + set_state_dict per tp rank over its FSDP2 shard "
+                "group (sharded, no gather; +fsync; no checksums, no tp=1 blocks, no manifest check)")
+
+    def __init__(self, engine, root: Path):
+        self.engine, self.root = engine, root / "sharded_dcp"
+        self.group, self.name = engine.mesh.grad_group, f"tp{engine.mesh.coord('tp')}"
+
+    def dir(self, step: int) -> Path:
+        return self.root / f"step_{step}"
+
+    def save(self, step: int) -> None:
+        model_sd, optim_sd = get_state_dict(self.engine.module, self.engine.optimizer)
+        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(self.dir(step) / self.name),
+                 process_group=self.group)
+        dist.barrier()  # every rank's files are written: each fsyncs them all, as ours are fsynced
+        _fsync_tree(self.dir(step))
+        dist.barrier()
+
+    def load(self, step: int) -> None:
+        model_sd, optim_sd = get_state_dict(self.engine.module, self.engine.optimizer)
+        state = {"model": model_sd, "optim": optim_sd}
+        dcp.load(state, checkpoint_id=str(self.dir(step) / self.name), process_group=self.group)
+        set_state_dict(self.engine.module, self.engine.optimizer, model_state_dict=state["model"],
+                       optim_state_dict=state["optim"])
+
+
 class _DeepSpeedNative:
     """DeepSpeed's own checkpoint: each rank's ZeRO partition files, rank 0's module weights."""
     describe = "DeepSpeed engine.save_checkpoint/load_checkpoint (its per-rank partition files; +fsync)"
@@ -184,8 +218,12 @@ class _DeepSpeedNative:
             raise RuntimeError(f"bench ckpt: DeepSpeed load_checkpoint found nothing in {self.dir(step)}")
 
 
-def _baseline(engine, root: Path):
-    return _DeepSpeedNative(engine, root) if isinstance(engine, DeepSpeedEngine) else _FullStateDict(engine, root)
+#: --fsdp-baseline -> the FSDP2 layouts' baseline
+FSDP_BASELINE = {"full": _FullStateDict, "dcp": _ShardedDcp}
+
+
+def _baseline_class(parallel: dict, fsdp_baseline: str) -> type:
+    return _DeepSpeedNative if "zero_stage" in parallel else FSDP_BASELINE[fsdp_baseline]
 
 
 def _dir_bytes(path: Path) -> int:
@@ -224,13 +262,14 @@ def _cycle(path, step: int, rank: int, engine, reference: list[torch.Tensor], me
 
 
 def _rank(rank: int, world: int, parallel: dict, model: dict, root: str, repeats: int, io_threads: int,
-          verify: bool) -> dict:
+          verify: bool, fsdp_baseline: str = "full") -> dict:
     """One rank of one layout (run by dist_train.spawn.run_ranks): ``repeats`` timed rounds of both paths (the
     order alternating), then one round under the tensor meter."""
     check_memory_meter()
     cfg, engine = one_step_gpt_engine(parallel, rank, world, model)
     base = Path(root)
-    paths = {"ours": _Ours(cfg, engine, base, rank, world, io_threads, verify), "baseline": _baseline(engine, base)}
+    paths = {"ours": _Ours(cfg, engine, base, rank, world, io_threads, verify),
+             "baseline": _baseline_class(parallel, fsdp_baseline)(engine, base)}
     state = engine_state_tensors(engine)
     reference = [t.clone() for t in state]
     state_bytes = sum(t.numel() * t.element_size() for t in state)
@@ -363,7 +402,8 @@ def plot(record: dict, path: str) -> None:
     left.set_title("save and load time: ours vs the engine's usual checkpoint", fontsize=10)
     right.set_ylabel("peak extra memory / full fp32 state (12 B/param)")
     right.set_title("peak extra CPU memory per rank (bars: tensors; —: resident set)", fontsize=10)
-    fig.suptitle(f"bench ckpt --engine: GPT {record['model']}, {record['repeats']} repeats, load average "
+    fig.suptitle(f"bench ckpt --engine: GPT {record['model']}, {record['repeats']} repeats, FSDP2 baseline "
+                 f"{record.get('fsdp_baseline', 'full')}, load average "
                  f"{record['load_avg'][0]:.1f}", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -382,19 +422,19 @@ def run(args: argparse.Namespace, choice: EngineRun) -> int:
         try:
             t0 = time.perf_counter()
             per_rank = run_ranks(_rank, world, args=(parallel, model, str(work), args.repeats, args.io_threads,
-                                                       not args.no_verify),
+                                                       not args.no_verify, choice.fsdp_baseline),
                                  timeout=args.timeout, fresh=True)
             wall = time.perf_counter() - t0
         finally:
             shutil.rmtree(work, ignore_errors=True)
         full_state = 12 * per_rank[0]["numel"]
-        describe = {"ours": _Ours.describe,
-                    "baseline": (_DeepSpeedNative if "zero_stage" in parallel else _FullStateDict).describe}
+        describe = {"ours": _Ours.describe, "baseline": _baseline_class(parallel, choice.fsdp_baseline).describe}
         ours, base = (_row(layout, name, per_rank, full_state, describe[name]) for name in PATHS)
         ours["wall_s"] = base["wall_s"] = wall
         rows += [ours, base]
         ratios[layout] = _ratios(ours, base)
     record = {"model": model, "repeats": args.repeats, "io_threads": args.io_threads, "verify": not args.no_verify,
+              "fsdp_baseline": choice.fsdp_baseline,
               "load_avg": load_avg,
               "load_avg_after": os.getloadavg(), "cores": os.cpu_count(), "rows": rows, "ratios": ratios}
     print(f"bench ckpt --engine: GPT d {args.d_model}, {args.layers} layers, vocab {args.vocab}; median of "
@@ -409,7 +449,7 @@ def run(args: argparse.Namespace, choice: EngineRun) -> int:
         print(f"  {layout}: baseline/ours per-repeat median: save {r['save_s_pair_median']:.2f}x, load "
               f"{r['load_s_pair_median']:.2f}x")
     for layout in choice.layouts:
-        print(f"  baseline {layout}: {describe_baseline(layout)}")
+        print(f"  baseline {layout}: {_baseline_class(LAYOUTS[layout][0], choice.fsdp_baseline).describe}")
     if args.json:
         Path(args.json).write_text(json.dumps(record, indent=1))
     if args.csv:
@@ -417,7 +457,3 @@ def run(args: argparse.Namespace, choice: EngineRun) -> int:
     if args.png:
         plot(record, args.png)
     return 0
-
-
-def describe_baseline(layout: str) -> str:
-    return (_DeepSpeedNative if "zero_stage" in LAYOUTS[layout][0] else _FullStateDict).describe

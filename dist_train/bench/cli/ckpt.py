@@ -14,11 +14,12 @@ EPILOG = """examples:
   dist-train bench ckpt --size-gb 2 --dir /scratch --repeats 3 --json ckpt.json
   dist-train bench ckpt --engine fsdp2-dp2-tp2,zero2-dp2,zero3-dp2 --repeats 5 --json e.json --csv e.csv --png e.png
   dist-train bench ckpt --engine zero2-offload-dp2 --d-model 512 --layers 4
+  dist-train bench ckpt --engine fsdp2-dp2-tp2 --fsdp-baseline dcp --repeats 5
 
 --engine LAYOUT[,...] measures, per rank of each layout (gloo ranks on CPU), save and load time, peak extra CPU
 memory (tensors and resident set) and bytes written, of our gather-free checkpoints and of the engine's usual
 path in the same ranks: FSDP2 -> torch DCP full_state_dict gather + torch.save; ZeRO -> DeepSpeed's own
-save_checkpoint/load_checkpoint. Layouts: """
+save_checkpoint/load_checkpoint (--fsdp-baseline dcp: FSDP2 -> torch DCP's own sharded save/load). Layouts: """
 
 #: --engine layouts: name -> (the config's parallel section, ranks)
 LAYOUTS = {
@@ -34,10 +35,16 @@ LAYOUTS = {
 }
 
 
+#: --fsdp-baseline: what an FSDP2 layout's ours is compared with (ZeRO layouts: DeepSpeed's own checkpoint)
+FSDP_BASELINES = ("full", "dcp")
+
+
 @dataclass(frozen=True)
 class EngineRun:
-    """What ``--engine`` chose: the layouts to measure, in order."""
+    """What ``--engine`` chose: the layouts to measure, in order, and the FSDP2 layouts' baseline
+    (:data:`FSDP_BASELINES`)."""
     layouts: list[str]
+    fsdp_baseline: str = "full"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -58,6 +65,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--png", metavar="PATH", help="--engine: plot time and peak memory, ours vs baseline")
     parser.add_argument("--no-verify", action="store_true", help="--engine: load our checkpoints without checking "
                         "their checksums (a resume checks them; this shows what that costs)")
+    parser.add_argument("--fsdp-baseline", choices=FSDP_BASELINES, default="full",
+                        help="--engine, FSDP2 layouts: the baseline — full: DCP full_state_dict gathered + torch.save "
+                        "(one file per tp rank; default); dcp: torch DCP's own sharded dcp.save/dcp.load (no gather, "
+                        "no checksums: what ours adds to it)")
     parser.add_argument("--timeout", type=float, default=600.0, help="--engine: seconds per layout before its "
                         "ranks are killed (default 600)")
 
@@ -76,7 +87,11 @@ def _engine_run(args: argparse.Namespace) -> EngineRun:
             raise ValueError(f"--{flag.replace('_', '-')} = {getattr(args, flag)}: must be >= 1")
     if args.d_model % 4:
         raise ValueError(f"--d-model = {args.d_model}: must be a multiple of 4 (the GPT's 4 heads)")
-    return EngineRun(list(dict.fromkeys(names)))
+    layouts = list(dict.fromkeys(names))
+    if args.fsdp_baseline != "full" and not any(LAYOUTS[n][0].get("fsdp") for n in layouts):
+        raise ValueError(f"--fsdp-baseline {args.fsdp_baseline}: no FSDP2 layout in --engine {args.engine!r} (the "
+                         "ZeRO layouts' baseline is DeepSpeed's own checkpoint); add one, e.g. fsdp2-dp2-tp2")
+    return EngineRun(layouts, args.fsdp_baseline)
 
 
 def check(args: argparse.Namespace) -> "int | EngineRun":
@@ -93,6 +108,8 @@ def check(args: argparse.Namespace) -> "int | EngineRun":
         return _engine_run(args)
     if args.no_verify:
         raise ValueError("--no-verify is for the --engine mode (the raw-disk mode times both loads)")
+    if args.fsdp_baseline != "full":
+        raise ValueError(f"--fsdp-baseline {args.fsdp_baseline} is for the --engine mode")
     for flag in ("csv", "png"):
         if getattr(args, flag):
             raise ValueError(f"--{flag} is written by the --engine mode only")
