@@ -399,7 +399,9 @@ def plot(record: dict, path: str) -> None:
         ax.legend(fontsize=8)
         ax.grid(True, axis="y", alpha=0.3)
     left.set_ylabel("seconds (slowest rank, median of repeats)")
-    left.set_title("save and load time: ours vs the engine's usual checkpoint", fontsize=10)
+    against = ("torch DCP's sharded checkpoint (FSDP2)" if record.get("fsdp_baseline") == "dcp"
+               else "the engine's usual checkpoint")
+    left.set_title(f"save and load time: ours vs {against}", fontsize=10)
     right.set_ylabel("peak extra memory / full fp32 state (12 B/param)")
     right.set_title("peak extra CPU memory per rank (bars: tensors; —: resident set)", fontsize=10)
     fig.suptitle(f"bench ckpt --engine: GPT {record['model']}, {record['repeats']} repeats, FSDP2 baseline "
