@@ -191,6 +191,22 @@ def test_own_fields_big_endian_read_as_the_same_numbers_and_a_meta_with_unread_k
     with pytest.raises(ConfigError, match="holds a weather dataset generated with"):
         check_data(cfg)
 
+
+def test_own_fields_that_are_no_npy_array_are_refused_in_one_line(tmp_path):
+    """An empty fields.npy raised EOFError and a .npz saved as fields.npy AttributeError: tracebacks from the
+    pre-flight. Each is one line now."""
+    path = tmp_path / "own"
+    path.mkdir()
+    (path / "meta.json").write_text('{"source": "own"}')
+    cfg = tiny_swin_config(tmp_path / "run", path)
+    (path / "fields.npy").write_bytes(b"")
+    with pytest.raises(ConfigError, match=r"fields.npy is not a readable .npy array \(No data left in file\)$"):
+        check_data(cfg)
+    with open(path / "fields.npy", "wb") as fh:
+        np.savez(fh, fields=np.zeros((12, 10, 16, 2), np.float32))
+    with pytest.raises(ConfigError, match="fields.npy is a .npz archive, not one array; write the"):
+        check_data(cfg)
+
 def test_two_jobs_generating_at_one_fresh_path_never_mix_their_datasets(tmp_path, monkeypatch):
     """Two jobs (other run.seed) prepare the same fresh path at once (threads here: flock conflicts between two
     open()s as between two processes; the generation is slowed so that they overlap): one generates, the other then

@@ -96,8 +96,11 @@ def own_fields_message(path: Union[str, Path], meta: dict, check_values: bool = 
         return f"data.path = {path}: {META_FILE} says own fields, but there is no {FIELDS_FILE} ([steps, H, W, C])"
     try:
         fields = np.load(fields_file, mmap_mode="r")
-    except (ValueError, OSError) as e:
+    except (ValueError, OSError, EOFError) as e:  # EOFError: an empty file
         return f"data.path = {path}: {FIELDS_FILE} is not a readable .npy array ({' '.join(str(e).split())})"
+    if not isinstance(fields, np.ndarray):  # np.load reads a .npz archive whatever its name
+        return (f"data.path = {path}: {FIELDS_FILE} is a .npz archive, not one array; write the [steps, H, W, C] "
+                "array with np.save")
     want = [meta["steps"], meta["height"], meta["width"], meta["channels"]]
     if list(fields.shape) != want:
         return (f"data.path = {path} holds your own fields of shape {list(fields.shape)} [steps, H, W, C], this run "
