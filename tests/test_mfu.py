@@ -108,5 +108,8 @@ def test_the_header_reads_a_tiny_models_size_and_a_swins_convention():
     convention line that said causal S_eff ~ S/2 for its (non-causal) window attention."""
     assert [param_count(n) for n in (512, 19_652, 1_234_567, 124_475_904, 8.03e9)] == \
         ["512", "19.7k", "1.23M", "124M", "8.03B"]
+    # rounding up to the next unit names that unit (was "1e+03k", "1e+03M"), and a trillion is T (was "1.2e+03B")
+    assert [param_count(n) for n in (999_499, 999_500, 999_999, 999_600_000, 1.2e12)] == \
+        ["999k", "1M", "1M", "1B", "1.2T"]
     assert flop_convention("gpt") == FLOP_CONVENTION and "causal" in FLOP_CONVENTION
     assert "window area" in flop_convention("swin") and "S/2" not in flop_convention("swin")

@@ -38,8 +38,10 @@ def flop_convention(kind: str) -> str:
 
 def param_count(n: float) -> str:
     """A parameter count a person reads at a glance: 19,652 -> "19.7k", 124,475,904 -> "124M", 8.03e9 ->
-    "8.03B" (three significant digits; a tiny model is not "0.0M")."""
-    for div, unit in ((1e9, "B"), (1e6, "M"), (1e3, "k")):
+    "8.03B" (three significant digits; a tiny model is not "0.0M"). The unit is chosen after rounding: 999,999 is
+    "1M", not "1e+03k"."""
+    n = float(f"{n:.3g}")
+    for div, unit in ((1e12, "T"), (1e9, "B"), (1e6, "M"), (1e3, "k")):
         if n >= div:
             return f"{n / div:.3g}{unit}"
     return f"{n:.0f}"
