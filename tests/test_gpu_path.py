@@ -16,11 +16,9 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from dist_train.engines import ddp
 from dist_train.plan.profiles import builtin_profiles
 from tests.test_cp_reference import max_rel_err, random_qkv, reference_attention
 from tests.test_gpt_saved_tensors import SHAPES, _config, counted_bytes, predicted_bytes
-from tests.trainer_utils import one_rank_engine_and_batches
 
 DEV = "cuda"   # the rehearsal on CPU (docs/gpu_check.md) sets this to "cpu"; the tests run on CUDA
 
@@ -166,6 +164,9 @@ def test_a_data_parallel_step_waits_for_the_device_once(model, monkeypatch):
     decision, clipping, AdamW) under set_sync_debug_mode("error"), but for the step's one read of its loss and
     gradient norm (``grads.read_floats``: the skip decision and the clipping coefficient need them on the host),
     which is let through and counted (tests/test_device_placement.py checks the same on meta tensors)."""
+    from dist_train.engines import ddp
+    from tests.trainer_utils import one_rank_engine_and_batches
+
     engine, micro = one_rank_engine_and_batches(model, DEV)
     reads, read_floats = [], ddp.read_floats
 
