@@ -30,7 +30,8 @@ from dist_train.bench.attention import peak_tensor_bytes
 from dist_train.config import config_from_dict
 from dist_train.cost.layout import axis_sizes, load_of, rank_coords, stages_of_rank
 from dist_train.cost.memory import (activation_elems_per_token, autocast_weight_bytes, embedding_kept_bytes,
-                                    loss_kept_bytes, memory_model, optimizer_step_bytes, rank_memory)
+                                    loss_kept_bytes, memory_model, optimizer_step_bytes, rank_memory,
+                                    ulysses_permutation_bytes)
 from dist_train.cost.shape import rank_inputs
 from dist_train.engines import build_engine
 from dist_train.mesh import build_mesh
@@ -104,6 +105,10 @@ def predicted_bytes(cfg, profile=CPU) -> float:
     acts = memory_model(cfg, sh, profile, loc)["activations"] - embedding_kept_bytes(cfg, sh, loc)
     if cfg.train.activation_checkpointing == "full":
         acts -= sum(activation_elems_per_token(cfg, sh, profile, loc).values()) * loc.tokens * loc.bpe
+    if cfg.train.activation_checkpointing != "none":
+        # the hybrid layer's permutation lives in ulysses.gathered_permutation's cache; the forward saves it only
+        # where the attention core is not checkpointed, so here the cache alone keeps it, unseen by the hooks
+        acts -= ulysses_permutation_bytes(cfg, sh)
     return acts
 
 

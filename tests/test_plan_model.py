@@ -127,8 +127,9 @@ def test_memory_sharding_rules(cpu):
     # the checkpointed core's inputs q, k, v are kept, and wo keeps its output: only the logsumexp goes
     assert sel["activations"] == (2 * (838 - 4) + 64 + 16) * tokens * 4
     uly = predict(cfg(**{"parallel.cp": 2, "parallel.cp_method": "ulysses"}), cpu).memory
-    # wo's sequence-layout copy of the output (q) and zigzag's permutation and inverse (2 int64 of u = 2)
-    assert uly["activations"] - cp2["activations"] == 2 * (64 + 2 * 2 * 8 / 4) * 64 * 4
+    # wo's sequence-layout copy of the output (q) in each of the 2 layers, and zigzag's permutation and inverse
+    # once for both (2 int64 tensors of u · S/cp = 2 · 32: ulysses.gathered_permutation keeps one of each)
+    assert uly["activations"] - cp2["activations"] == 2 * 64 * 64 * 4 + 2 * 8 * (2 * 32)
 
 
 def test_memory_pipeline_ranks_tp_padding_and_precision(cpu):

@@ -201,14 +201,23 @@ def gpt_ulysses_elems(cfg: Config, sh: Shape, loc: RankShape) -> float:
     cp (``parallelism.context.attention._ulysses_ring``): the attention keeps the head-sharded q, k, v and
     output INSTEAD of the sequence-sharded ones (same size), but wo keeps the output back in the sequence
     layout too (+q); K/V heads repeated so each of the u ranks gets whole groups are kept repeated
-    (``ulysses.kv_replication``); and where the gathered order is permuted (``ulysses.gathered_order``:
-    zigzag always, striped when the Ulysses group is the whole cp group) the permutation and its inverse,
-    u int64 each."""
+    (``ulysses.kv_replication``). The gathered order's permutation is not a layer's:
+    :func:`ulysses_permutation_bytes`."""
     cpx = cp_execution(cfg)
-    u = cpx.ulysses
+    return loc.q + 2 * loc.kv * (cpx.kv_repeat - 1)
+
+
+def ulysses_permutation_bytes(cfg: Config, sh: Shape) -> float:
+    """Bytes of a hybrid GPT layer's gathered-order permutation and its inverse where that order is permuted
+    (``ulysses.gathered_order``: zigzag always, striped when the Ulysses group is the whole cp group): u·S/cp int64
+    each. ``ulysses.gathered_permutation`` makes them once per shape and keeps them, so every layer and micro-batch
+    saves the same two tensors for its backward: one copy per rank, not one per layer."""
+    cpx = cp_execution(cfg)
     layout = cfg.parallel.cp_layout
     permuted = layout == "zigzag" or (layout == "striped" and cpx.ring == 1)
-    return loc.q + 2 * loc.kv * (cpx.kv_repeat - 1) + (2 * u * 8 / loc.bpe if permuted else 0.0)
+    if sh.kind != "gpt" or cpx.ulysses <= 1 or not permuted:
+        return 0.0
+    return 2 * 8 * cpx.ulysses * sh.tokens / cfg.parallel.cp
 
 
 def residual_elems_per_token(cfg: Config, sh: Shape, prof: DeviceProfile, loc: RankShape) -> float:
@@ -433,7 +442,7 @@ def rank_memory(cfg: Config, sh: Shape, prof: DeviceProfile, loc: RankShape,
     # (``pp_buffers`` below), not a tensor of its own
     stored_tok += layer_input * (load.held_sends - load.received)
     copies = autocast_weight_bytes(cfg, sh, loc, load)
-    acts = stored_tok * loc.tokens * bpe + copies
+    acts = stored_tok * loc.tokens * bpe + copies + ulysses_permutation_bytes(cfg, sh)
     if load.embedding:
         acts += embedding_kept_bytes(cfg, sh, loc) * load.in_flight
     logits = loss_bytes(cfg, sh, loc, prof) if load.head else 0.0
