@@ -33,7 +33,8 @@ from .cost.flops import (Throughput, attention_flops_per_key, document_keys, flo
 from .cost.layout import stages_of_rank
 from .cost.shape import cp_execution, shape_of
 from .data.batches import TokenBatcher
-from .data.datasets import SYNTHETIC_VALID_SEED_OFFSET, IndexedTokenDataset, SyntheticTokenDataset, training_identity
+from .data.datasets import (SYNTHETIC_VALID_SEED_OFFSET, IndexedTokenDataset, SyntheticTokenDataset,
+                            agreed_training_identity)
 from .data.documents import document_options
 from .data.image_batches import NORMALISATION_KEY, WeatherBatcher, same_normalisation_data
 from .data.prepare import ensure_prepared
@@ -247,8 +248,9 @@ def _train(cfg: Config, ctx: DistContext) -> TrainResult:
 
     t = cfg.train
     accum = cfg.grad_accum_steps
-    # the dataset's identity a checkpoint records: samples per epoch of data read from files (None: generated)
-    train_samples, (train_digest, train_tokenizer) = batcher.samples_per_epoch, training_identity(cfg)
+    # the dataset's identity a checkpoint records: samples per epoch of data read from files (None: generated); every
+    # rank's read agreed (the pre-flight's is not passed on: the files may have been replaced since)
+    train_samples, (train_digest, train_tokenizer) = batcher.samples_per_epoch, agreed_training_identity(cfg)
     ckpt = CheckpointManager(cfg.checkpoint, run_dir=run_dir, config=cfg.to_dict(),
                              layout=layout_dict(cfg, ctx.world_size), rank=ctx.rank, world_size=ctx.world_size,
                              same_layouts=recorded_layouts(cfg, ctx.world_size),

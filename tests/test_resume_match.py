@@ -21,12 +21,13 @@ from dist_train.checkpoint.compat import ResumeMismatchError
 from dist_train.checkpoint.manager import CheckpointDirInUse
 from dist_train.checkpoint.manifest import read_manifest, write_manifest
 from dist_train.config import ConfigError
-from dist_train.data import fingerprint
+from dist_train.data import datasets, fingerprint
 from dist_train.data.fingerprint import BLOCK, SAMPLES, dataset_fingerprint, digest_kind
 from dist_train.data.prepare import prepare_indexed
 from dist_train.optim import lr_lambda
 from dist_train.preflight import preflight
 from dist_train.trainer import train
+from tests.dist_harness import run_ranks
 from tests.test_ckpt_common import CkptCfg
 from tests.trainer_utils import rel_close, tiny_gpt_config, tiny_swin_config
 
@@ -375,6 +376,40 @@ def test_the_pre_flight_fingerprints_each_dataset_built_elsewhere_once(tmp_path,
     monkeypatch.setattr(fingerprint, "_hash_file", counted)
     preflight(tiny_gpt_config(run, steps=3, data=data, model=model, train=validation), on_cuda=False)
     assert sorted(read) == ["ds.bin", "ds.idx", "held.bin", "held.idx"], read
+
+
+def _train_with_rank_1_reading_another_dataset(rank: int, world: int, run_dir: str, prefix: str) -> tuple[str, int]:
+    """Rank 1 reads the dataset as if it had been replaced after rank 0 read it (its fingerprint then differs): the
+    one line each rank's train() raises; then, reading it as it is, the steps a run in another directory trains."""
+    real = datasets.training_identity
+    datasets.training_identity = lambda cfg: (real(cfg)[0] + ("-replaced" if rank == 1 else ""), real(cfg)[1])
+    data = {"source": "indexed", "path": prefix, "seq_len": 32}
+    said = "trained"
+    try:
+        train(tiny_gpt_config(run_dir, steps=1, data=data, model={"vocab_size": 257}, parallel={"dp": 2}))
+    except ValueError as e:
+        said = str(e)
+    datasets.training_identity = real
+    res = train(tiny_gpt_config(f"{run_dir}_ok", steps=1, data=data, model={"vocab_size": 257}, parallel={"dp": 2}))
+    return said, len(res.losses)
+
+
+@pytest.mark.slow  # ~6 s: a 2-rank training start
+def test_ranks_that_read_different_datasets_at_data_path_are_refused_alike(tmp_path):
+    """The pre-flight fingerprints data.path once and passes the ranks nothing; each rank reads the dataset's identity
+    itself. A dataset replaced while the ranks start (between two ranks' reads) left them training on different
+    tokens without a word, the checkpoint recording rank 0's identity; now every rank refuses with the same line
+    (and ranks that agree train)."""
+    docs, prefix = tmp_path / "docs.jsonl", tmp_path / "data" / "ds"
+    _prepare_docs(docs, prefix, ("alpha ", "beta gamma ", "delta\n"))
+    Path(f"{prefix}.meta.json").unlink()  # built elsewhere: its identity is the sampled fingerprint
+    results = run_ranks(_train_with_rank_1_reading_another_dataset, 2, args=(str(tmp_path / "run"), str(prefix)))
+    said = [r[0] for r in results]
+    assert [r[1] for r in results] == [1, 1]  # the same dataset on both ranks trains
+    assert said[0] == said[1] and "\n" not in said[0], said
+    assert said[0].startswith(f"data.path = {prefix} changed while the ranks started: rank 0 read token digest "
+                              "xxh3_64-sampled:") and "-replaced" in said[0], said[0]
+    assert not list((tmp_path / "run").rglob("step_*")), list((tmp_path / "run").rglob("*"))
 
 
 def _bytes_read() -> int:

@@ -13,6 +13,7 @@ from typing import Optional
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 from ..config import Config, parse_split
 from ..megatron_import import import_megatron_core
@@ -118,6 +119,27 @@ def training_identity(cfg: Config) -> tuple[Optional[str], Optional[str]]:
         return None, None
     sidecar = read_sidecar(d.path)
     return dataset_identity(d.path, sidecar), sidecar_tokenizer(sidecar)
+
+
+def agreed_training_identity(cfg: Config) -> tuple[Optional[str], Optional[str]]:
+    """:func:`training_identity`, read by each rank and compared across all of them (one small all-gather): a
+    ValueError (one line, raised on every rank alike) when they read different datasets at data.path. The pre-flight
+    read it once before the ranks and passes them nothing: a dataset replaced between the pre-flight and a rank's
+    start, or between two ranks' reads, would otherwise have tp and pp ranks computing on different tokens, dp ranks
+    training on a mix, and the checkpoint recording rank 0's identity alone."""
+    identity = training_identity(cfg)
+    from_files = cfg.model.kind == "gpt" and cfg.data.source == "indexed" and cfg.data.path  # alike on every rank
+    if not from_files or not dist.is_initialized() or dist.get_world_size() == 1:
+        return identity
+    seen: list = [None] * dist.get_world_size()
+    dist.all_gather_object(seen, identity)
+    other = next((r for r, s in enumerate(seen) if s != seen[0]), None)
+    if other is not None:
+        raise ValueError(f"data.path = {cfg.data.path} changed while the ranks started: rank 0 read token digest "
+                         f"{seen[0][0]}, rank {other} {seen[other][0]} (tokenizer {seen[0][1]} / {seen[other][1]}); "
+                         "ranks on different data would train wrongly without a word: start again once the dataset "
+                         "is written")
+    return identity
 
 
 def dataset_identity(prefix: str, sidecar: Optional[dict]) -> Optional[str]:
