@@ -86,7 +86,7 @@ def eval_main(args: argparse.Namespace) -> int:
             argv += ["--set", item]
         env = {**forwarded_env(), EVAL_RANK_ENV: str(scratch_dir), **({ECHO_ENV: "1"} if backend == "ray" else {})}
         spec = JobSpec(argv=argv, nproc=nproc, run_dir=scratch_dir, max_restarts=0, watchdog_s=0.0,
-                       collective_timeout_s=cfg.launch.collective_timeout_s, env=env)
+                       collective_timeout_s=cfg.launch.collective_timeout_s, env=env, checkpoints_on_stop=False)
         be = build_backend(backend, nproc, scratch_dir, args.address or cfg.launch.address, nodes, gpus,
                            cfg.launch.placement_timeout_s, sink=sink)
         try:

@@ -94,6 +94,9 @@ class JobSpec:
     #: resumes from …/step_40", "no checkpoint in …: a restart starts from scratch"): a run that wrote no checkpoint
     #: (NVMe optimizer offload, a stop before the first save) exits 75 too. None: the launcher cannot tell.
     restart_point: Optional[Callable[[], str]] = None
+    #: Whether a rank asked to stop saves a checkpoint first (training). False: it saves nothing (an evaluation),
+    #: and the launcher's lines must not promise a checkpoint or a resume.
+    checkpoints_on_stop: bool = True
 
 
 @dataclass
@@ -235,7 +238,8 @@ class Supervisor:
             if outcome.kind in ("ok", "preempted", "interrupted"):
                 if outcome.kind == "preempted":
                     where = (self.spec.restart_point() if self.spec.restart_point is not None else
-                             "a restart resumes from the newest committed checkpoint, if the ranks wrote one")
+                             "a restart resumes from the newest committed checkpoint, if the ranks wrote one"
+                             if self.spec.checkpoints_on_stop else "the ranks save nothing: a rerun starts over")
                     self._say(f"preempted: every rank stopped; exiting with {EXIT_PREEMPTED} ({where})")
                 elif outcome.kind == "interrupted":
                     self._say(f"interrupted twice: every rank killed, exit {outcome.code}")
@@ -272,8 +276,8 @@ class Supervisor:
                     return Outcome("interrupted", exit_code_for_signal(sig))
                 stopping = True
                 fwd = signal.SIGTERM if sig == signal.SIGINT else sig
-                self._say(f"got {signal.Signals(sig).name}: asking every rank to checkpoint and stop "
-                          f"(again to kill)")
+                what = "checkpoint and stop" if self.spec.checkpoints_on_stop else "stop"
+                self._say(f"got {signal.Signals(sig).name}: asking every rank to {what} (again to kill)")
                 self._event("signal", signal=signal.Signals(sig).name)
                 handle.send_signal(fwd)
             codes = handle.poll()

@@ -332,3 +332,37 @@ def test_the_preempted_line_says_what_a_restart_starts_from(tmp_path):
         said = out.getvalue()
         assert said == f"[launcher] preempted: every rank stopped; exiting with {EXIT_PREEMPTED} ({clause})\n", said
         assert ("resumes from" in said) == committed, said
+
+
+class _RunningUntilSignalled(_ExitedAttempt):
+    """Ranks that run until signalled, then die of the signal (no handler installed, as an evaluation's ranks)."""
+
+    def __init__(self, nproc):
+        super().__init__([None] * nproc)
+
+    def send_signal(self, sig):
+        self.codes = [-int(sig)] * self.world_size
+
+
+@pytest.mark.parametrize("checkpoints_on_stop", [True, False])
+def test_a_stop_promises_a_checkpoint_only_of_ranks_that_save_one(tmp_path, checkpoints_on_stop):
+    """Ctrl-C of `dist-train eval` (whose ranks save nothing) said 'asking every rank to checkpoint and stop' and 'a
+    restart resumes from the newest committed checkpoint'; a training launcher still says both."""
+
+    class Backend:
+        name = "until-signalled"
+
+        def start(self, argv, env, attempt):
+            return _RunningUntilSignalled(2)
+
+    out = io.StringIO()
+    sup = Supervisor(JobSpec(["rank"], nproc=2, run_dir=tmp_path, checkpoints_on_stop=checkpoints_on_stop), Backend(),
+                     poll_s=0.0, out=out)
+    sup._on_signal(signal.SIGINT, None)  # as the handler records a Ctrl-C
+    assert sup.run() == EXIT_PREEMPTED
+    said = out.getvalue()
+    assert ("checkpoint" in said) == checkpoints_on_stop, said
+    assert said.startswith("[launcher] got SIGINT: asking every rank to " +
+                           ("checkpoint and stop" if checkpoints_on_stop else "stop (again to kill)")), said
+    if not checkpoints_on_stop:
+        assert said.endswith(f"exiting with {EXIT_PREEMPTED} (the ranks save nothing: a rerun starts over)\n"), said
