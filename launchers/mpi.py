@@ -14,6 +14,7 @@ that run ``dist-train run`` directly), so this backend never needs ssh.
 from __future__ import annotations
 
 import filecmp
+import functools
 import os
 import shutil
 import subprocess
@@ -22,6 +23,7 @@ import time
 from pathlib import Path
 from typing import Optional
 
+from dist_train.lifecycle import kill_me_with_parent
 from dist_train.loopback import loopback_environment
 from launchers.env import EXPECT_WORLD_ENV, LAUNCHER_ENV, TORCH_VARS, free_port
 from launchers.procs import kill_tree
@@ -163,5 +165,8 @@ class MpiBackend:
         full.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port("127.0.0.1")),
                      **loopback_environment(full)})
         started = time.time()
-        proc = subprocess.Popen(self.command(argv), env=full, stdin=subprocess.DEVNULL, start_new_session=True)
+        # mpiexec dies with this launcher (SIGKILLed, OOM-killed), and each rank wrapper with mpiexec (launchers.rankio),
+        # each rank with its wrapper: as local ranks, none outlives it (they kept training and held the run lock)
+        proc = subprocess.Popen(self.command(argv), env=full, stdin=subprocess.DEVNULL, start_new_session=True,
+                                preexec_fn=functools.partial(kill_me_with_parent, os.getpid()))
         return MpiAttempt(proc, self.nproc, self.run_dir, attempt, started)

@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 from dist_train.atomic_write import write_text_atomic
-from dist_train.lifecycle import EXIT_PREEMPTED, current_attempt, exit_code_for_signal
+from dist_train.lifecycle import EXIT_PREEMPTED, current_attempt, exit_code_for_signal, kill_me_with_parent
 from launchers.env import detect_rank_env
 from launchers.procs import ConsoleSink, RankProcess
 
@@ -52,6 +52,10 @@ def main(argv: list[str] | None = None) -> int:
     command = args.command[1:] if args.command[:1] == ["--"] else args.command
     if not command:
         parser.error("no command after --")
+    # die with the process manager that started this wrapper (mpiexec, srun's step daemon), and the rank with it
+    # (RankProcess): a SIGKILLed `dist-train launch --backend mpi` took mpiexec along but left every rank training.
+    # A process manager gone before this line (while this interpreter started) is not noticed.
+    kill_me_with_parent()
     rank = detect_rank_env(os.environ).rank
     attempt = current_attempt()
     child = RankProcess(command, rank, dict(os.environ), ConsoleSink(), log_dir=Path(args.log_dir),

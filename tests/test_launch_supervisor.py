@@ -1,14 +1,17 @@
 """The restart supervisor on real rank processes, with a tiny gloo job of our own (no trainer needed):
 restart after a killed rank, failure summary, hang watchdog, SIGTERM preemption, the MPI backend."""
+import contextlib
 import io
 import os
 import signal
+import subprocess
 import sys
 import textwrap
 import threading
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 
 from dist_train.checkpoint.manifest import write_manifest
@@ -231,6 +234,55 @@ def test_mpi_backend_restarts(tmp_path, tiny, capfd):
     assert "[rank 0] start 0 world 2" in out.out and "[rank 1] start 2 world 2" in out.out
     assert "[rank 1] done sum 11" in out.err  # rank+5 summed over 2 ranks at the last step
     assert "[fault injection]" in (run_dir / "logs" / "rank_1.stderr").read_text()
+
+
+_MPI_LAUNCHER = """
+import sys, time
+from pathlib import Path
+from launchers.mpi import MpiBackend
+MpiBackend(2, Path(sys.argv[1])).start([sys.executable, "-c", "import time; time.sleep(120)", sys.argv[1]], {}, 0)
+time.sleep(120)
+"""
+
+
+def _processes_naming(text):
+    """(process, command line) of every live process whose command line contains ``text`` (not a zombie: dead,
+    waiting for whichever process inherited it to reap it)."""
+    found = []
+    for p in psutil.process_iter(["cmdline", "status"]):
+        line = " ".join(p.info["cmdline"] or [])
+        if text in line and p.info["status"] != psutil.STATUS_ZOMBIE:
+            found.append((p, line))
+    return found
+
+
+def test_a_sigkilled_mpi_launcher_leaves_no_rank_running(tmp_path):
+    """SIGKILL of `dist-train launch --backend mpi` (or the OOM killer) left mpiexec, every rank wrapper and every
+    rank running (they kept training and held the run lock): mpiexec dies with the launcher, each wrapper with
+    mpiexec and each rank with its wrapper, as the local backend's ranks do."""
+    from launchers.mpi import find_mpiexec
+
+    if find_mpiexec() is None:
+        pytest.skip("no mpiexec on this machine (pip install mpich)")
+    run_dir = tmp_path / "mpi-orphans"
+    launcher = subprocess.Popen([sys.executable, "-c", _MPI_LAUNCHER, str(run_dir)],
+                                env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+    try:
+        deadline = time.monotonic() + 60
+        # the ranks themselves (a wrapper's command line names theirs): each wrapper has asked to die with mpiexec
+        while len([p for p, line in _processes_naming(str(run_dir)) if line.startswith(f"{sys.executable} -c")]) < 2:
+            assert launcher.poll() is None and time.monotonic() < deadline, "the 2 ranks never started"
+            time.sleep(0.1)
+    finally:
+        launcher.kill()
+        launcher.wait()
+    deadline = time.monotonic() + 20
+    while (left := _processes_naming(str(run_dir))) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    for p, _ in left:
+        with contextlib.suppress(psutil.Error):
+            p.kill()
+    assert not left, [line[:120] for _, line in left]
 
 
 class _ExitedAttempt:
