@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+from types import SimpleNamespace
 
 import pytest
 
@@ -39,6 +40,19 @@ def test_engine_layouts_parsed_and_bad_flags_refused_with_one_line(tmp_path):
         with pytest.raises(ValueError, match=None) as e:
             cli.check(_args(*argv, *d))
         assert words in str(e.value) and "\n" not in str(e.value), (argv, str(e.value))
+
+
+def test_an_engine_run_without_room_for_its_checkpoints_is_refused_before_any_rank(tmp_path, monkeypatch):
+    """Every round's checkpoints stay until the layout ends: d 768 with 5 repeats writes ~8 GiB per layout. A --dir
+    without that room failed in the ranks (no space left) after minutes of measuring; now one line first."""
+    free = {"bytes": 1 << 40}
+    monkeypatch.setattr(cli.shutil, "disk_usage", lambda path: SimpleNamespace(free=free["bytes"]))
+    argv = ("--engine", "fsdp2-dp2,zero2-dp2", "--d-model", "768", "--repeats", "5", "--dir", str(tmp_path))
+    assert cli.check(_args(*argv)).layouts == ["fsdp2-dp2", "zero2-dp2"]
+    free["bytes"] = 7 << 30  # 6 rounds x 28 B x 48.0 M parameters = 7.5 GiB
+    with pytest.raises(ValueError) as e:
+        cli.check(_args(*argv))
+    assert "writes up to 7.5 GiB there at once, 7.0 GiB available" in str(e.value) and "\n" not in str(e.value), e
 
 
 def test_a_refused_layout_exits_2_before_any_rank(tmp_path, capsys):

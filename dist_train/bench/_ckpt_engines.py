@@ -64,26 +64,21 @@ from ..models.gpt import build_gpt
 from ..spawn import run_ranks
 from ._os_meters import drop_cache, peak_resident_growth, storage_write_bytes
 from .attention import check_memory_meter, peak_tensor_bytes
-from .cli.ckpt import LAYOUTS, EngineRun
+from .cli.ckpt import LAYOUTS, EngineRun, engine_config
 
-#: the small GPT of the checkpoint memory tests (tests/test_fsdp_training.py, test_ckpt_engines.py)
-TEST_MODEL = {"d_model": 256, "n_layers": 2, "ffn_hidden": 512, "vocab_size": 95}
 PATHS = ("ours", "baseline")
 METRICS = ("save_s", "load_s", "save_rss_bytes", "load_rss_bytes", "save_written_bytes", "load_written_bytes")
 
 
 def one_step_gpt_engine(parallel: dict, rank: int, world: int, model: Optional[dict] = None):
-    """``(cfg, engine)``: a GPT (``model``'s d_model, n_layers, ffn_hidden, vocab_size; default
-    :data:`TEST_MODEL`, an odd vocabulary that tp pads) built under ``parallel`` on CPU, after one training step on
+    """``(cfg, engine)``: a GPT (:func:`~.cli.ckpt.engine_config`: ``model``'s sizes, default the checkpoint memory
+    tests' model, an odd vocabulary that tp pads) built under ``parallel`` on CPU, after one training step on
     16 tokens, so the optimizer has its state — what the checkpoint memory tests and this bench save and load (one
     process of ``world``, this ``rank``)."""
-    dims = {**TEST_MODEL, **(model or {})}
-    cfg = config_from_dict({"model": {"kind": "gpt", "n_heads": 4, "n_kv_heads": 2, **dims},
-                            "data": {"seq_len": 16}, "parallel": parallel,
-                            "train": {"global_batch": 2, "micro_batch": 1}})
+    cfg = config_from_dict(engine_config(parallel, model))
     mesh = build_mesh(cfg.parallel, world)
     engine = build_engine(cfg, build_gpt(cfg, mesh, torch.device("cpu")).train(), mesh, None)
-    vocab = dims["vocab_size"]
+    vocab = cfg.model.vocab_size
     tokens = torch.randint(0, vocab, (1, 16), generator=torch.Generator().manual_seed(rank))
     engine.train_step([{"tokens": tokens, "labels": tokens, "positions": torch.arange(16)}], 32.0)
     return cfg, engine

@@ -6,6 +6,10 @@ import argparse
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
+
+from ...config import config_from_dict
+from ...cost.flops import model_params
 
 HELP = ("checkpoint save/load throughput vs raw disk bandwidth, async stall vs sync; with --engine: engine "
         "checkpoints (FSDP2 x tp, ZeRO) vs the engine's usual save/load, time and memory per rank")
@@ -33,6 +37,23 @@ LAYOUTS = {
                            "deepspeed": {"zero_optimization": {"offload_optimizer": {"device": "cpu"}},
                                          "zero_force_ds_cpu_optimizer": False}}, 2),
 }
+
+
+#: the small GPT of the checkpoint memory tests (tests/test_fsdp_training.py, test_ckpt_engines.py); --engine's
+#: --d-model, --layers and --vocab replace its sizes
+TEST_MODEL = {"d_model": 256, "n_layers": 2, "ffn_hidden": 512, "vocab_size": 95}
+
+
+def engine_config(parallel: dict, model: Optional[dict] = None) -> dict:
+    """The config (a dict) of the GPT measured under ``parallel``: ``model``'s d_model, n_layers, ffn_hidden,
+    vocab_size over :data:`TEST_MODEL` (an odd vocabulary, which tp pads), 4 heads and 2 KV heads."""
+    return {"model": {"kind": "gpt", "n_heads": 4, "n_kv_heads": 2, **TEST_MODEL, **(model or {})},
+            "data": {"seq_len": 16}, "parallel": parallel, "train": {"global_batch": 2, "micro_batch": 1}}
+
+
+#: bytes per parameter the two paths of one round leave on disk at most: ours 12 (fp32 weights, two AdamW moments),
+#: DeepSpeed's ZeRO-1/2 checkpoint 16 (the same, plus rank 0's module weights)
+ROUND_BYTES_PER_PARAM = 12 + 16
 
 
 #: --fsdp-baseline: what an FSDP2 layout's ours is compared with (ZeRO layouts: DeepSpeed's own checkpoint)
@@ -91,6 +112,16 @@ def _engine_run(args: argparse.Namespace) -> EngineRun:
     if args.fsdp_baseline != "full" and not any(LAYOUTS[n][0].get("fsdp") for n in layouts):
         raise ValueError(f"--fsdp-baseline {args.fsdp_baseline}: no FSDP2 layout in --engine {args.engine!r} (the "
                          "ZeRO layouts' baseline is DeepSpeed's own checkpoint); add one, e.g. fsdp2-dp2-tp2")
+    # every round's checkpoints stay until the layout ends (no pruning inside a timed save), then are removed
+    model = {"d_model": args.d_model, "n_layers": args.layers, "ffn_hidden": 4 * args.d_model,
+             "vocab_size": args.vocab}
+    need = max((args.repeats + 1) * ROUND_BYTES_PER_PARAM * model_params(config_from_dict(
+        engine_config(LAYOUTS[n][0], model))) for n in layouts)
+    free = shutil.disk_usage(args.dir).free
+    if free < need:
+        raise ValueError(f"--dir = {args.dir}: --engine {','.join(layouts)} with --repeats {args.repeats} writes up to "
+                         f"{need / 2**30:.1f} GiB there at once, {free / 2**30:.1f} GiB available; use another --dir, "
+                         "fewer --repeats or a smaller model")
     return EngineRun(layouts, args.fsdp_baseline)
 
 
