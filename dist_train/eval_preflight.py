@@ -69,6 +69,16 @@ def choose_checkpoint(cfg: Config, requested: Optional[str]) -> Path:
     raise ConfigError(f"--checkpoint {wanted}: every checkpoint is damaged ({' | '.join(problems)})")
 
 
+def check_out_path(out: str) -> None:
+    """``--out``: a file the result can be written to once the ranks are done (its directory exists; it is not a
+    directory), checked before they start rather than failing after the evaluation. Raises ConfigError (one line)."""
+    path = Path(out)
+    if path.is_dir():
+        raise ConfigError(f"--out {out}: is a directory; give a file name, e.g. --out {path / 'eval.json'}")
+    if not path.parent.is_dir():
+        raise ConfigError(f"--out {out}: no directory {path.parent} to write it in (create it, or give another path)")
+
+
 def eval_preflight(cfg: Config, requested: Optional[str], on_cuda: bool, ranks_per_host: int) -> Path:
     """The launch pre-flight's checks that apply to an evaluation (no directory is written, so none must be
     writable) and the checkpoint -> the step directory to evaluate. ``on_cuda`` / ``ranks_per_host``: where the

@@ -31,7 +31,7 @@ from dist_train.config import load_config
 from dist_train.distributed import init_distributed, share_cpu_threads
 from dist_train.entry import run_reporting_errors
 from dist_train.eval_arguments import EVAL_RANK_ENV, eval_overrides
-from dist_train.eval_preflight import eval_preflight, load_eval_config
+from dist_train.eval_preflight import check_out_path, eval_preflight, load_eval_config
 from launchers.cli import build_backend, forwarded_env, launch_settings, ranks_on_cuda
 from launchers.env import populate_rank_env
 from launchers.procs import ConsoleSink, Sink, rank_prefix
@@ -74,6 +74,8 @@ def eval_main(args: argparse.Namespace) -> int:
         return eval_rank(args, Path(scratch))
     overrides = eval_overrides(list(args.set or []), args.data, args.batches)
     cfg = load_eval_config(args.config, list(args.set or []), overrides)
+    if args.out:
+        check_out_path(args.out)
     backend, nproc, nodes, gpus, _ = launch_settings(cfg, args)  # launch.max_restarts unread: never restarted
     # here even for Ray ranks on other nodes (launch leaves its pre-flight to them): the checkpoint is chosen here, so
     # this machine must see what the ranks read (a shared file system, as `ray job submit` on the head node has)

@@ -150,6 +150,9 @@ def test_the_result_sink_keeps_rank_0s_result_line_off_the_console():
     (["--set", "data.source=indexed", "--set", "data.path=NOWHERE"], "no held-out data to evaluate on"),
     (["--set", "data.source=indexed", "--set", "data.path=NOWHERE", "--set", "data.split=100,0,0"],
      "no held-out data to evaluate on"),
+    # the result was computed, then its write failed on the temp file's name
+    (["--out", "NOWHERE_DIR/e.json"], "--out NOWHERE_DIR/e.json: no directory NOWHERE_DIR to write it in"),
+    (["--out", "."], "--out .: is a directory; give a file name"),
 ])
 def test_bad_input_is_one_line_and_exit_2_before_any_rank(trained, capsys, extra, says):
     cfg_path, _, _ = trained
