@@ -39,9 +39,14 @@ from dist_train.models.swin import build_swin
 PathLike = Union[str, Path]
 
 
+def _normalisation(ckpt: PathLike) -> Optional[dict]:
+    """The input normalisation ``ckpt`` records (a Swin's), None when it records none (a GPT)."""
+    return checkpoint_extra(Path(ckpt)).get(NORMALISATION_KEY) or None
+
+
 def _write_normalisation(ckpt: PathLike, out: Path) -> None:
     """The sidecar of the export ``out`` when ``ckpt`` records an input normalisation (a Swin's)."""
-    norm = checkpoint_extra(Path(ckpt)).get(NORMALISATION_KEY)
+    norm = _normalisation(ckpt)
     if norm:
         write_sidecar(out, norm)
 
@@ -63,7 +68,8 @@ def to_torch(ckpt: PathLike, out: PathLike) -> Path:
     """Write the model state dict of ``ckpt`` as one ``torch.save`` file ``out`` (and a Swin's input normalisation
     as ``out.input_normalisation.json`` beside it)."""
     out = Path(out)
-    for path in (out, sidecar_path(out)):
+    # the sidecar only when one is written: a GPT's export beside someone's stale file is no conflict
+    for path in (out, *([sidecar_path(out)] if _normalisation(ckpt) else [])):
         if path.exists():
             raise ValueError(f"{path}: already exists; choose a new output file")
     tensors, _ = load_model_tensors(ckpt)
