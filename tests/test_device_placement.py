@@ -14,6 +14,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torch.distributed as dist
+from torch.utils import _pytree as pytree
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import dist_train.distributed as distributed
@@ -40,8 +41,8 @@ META = torch.device("meta")
 
 class BlockingCopies(TorchDispatchMode):
     """Records every copy of a host tensor to another device that is not ``non_blocking`` (``.to(device)``,
-    ``copy_``, ``torch.tensor(host data, device=...)``): on a GPU each one waits for the device
-    (``set_sync_debug_mode("error")`` refuses it)."""
+    ``copy_``, ``torch.tensor(host data, device=...)``, a host index into a device tensor): on a GPU each one waits for
+    the device (``set_sync_debug_mode("error")`` refuses it)."""
 
     def __init__(self):
         super().__init__()
@@ -78,6 +79,13 @@ class BlockingCopies(TorchDispatchMode):
             dst, src = args[0], args[1]
             if src.device.type == "cpu" and dst.device.type != "cpu" and not (args[2:] and args[2]):
                 self.seen.append(f"{func}: {tuple(src.shape)} {src.device} -> {dst.device}")
+        else:
+            # a host index into a device tensor (x[idx], index_put_): meta accepts it, CUDA copies the index over
+            # with a blocking copy inside the op
+            tensors = [t for t in pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
+            host = [t for t in tensors if t.device.type == "cpu" and t.dim() > 0]
+            if host and any(t.device.type != "cpu" for t in tensors):
+                self.seen.append(f"{func}: host operand {tuple(host[0].shape)}")
         return func(*args, **kwargs)
 
 
@@ -123,7 +131,8 @@ def test_the_detector_sees_a_blocking_copy_and_not_an_asynchronous_one():
         to_device(torch.arange(4), META)
         torch.tensor([0, 700, 2048], device=META)
         torch.as_tensor(torch.arange(4, device=META), device=META)
-    assert len(copies.seen) == 3, copies.seen
+        torch.ones(3, device=META)[torch.tensor([0, 2])]
+    assert len(copies.seen) == 4, copies.seen
     assert torch.tensor is copies._factories["tensor"]
     t = torch.arange(3)
     assert to_device(t, "cpu") is t
