@@ -17,13 +17,14 @@ import filecmp
 import functools
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Optional
 
-from dist_train.lifecycle import kill_me_with_parent
+from dist_train.lifecycle import EXIT_OK, EXIT_PREEMPTED, kill_me_with_parent
 from dist_train.loopback import loopback_environment
 from launchers.env import EXPECT_WORLD_ENV, LAUNCHER_ENV, TORCH_VARS, free_port
 from launchers.procs import kill_tree
@@ -33,6 +34,18 @@ from launchers.supervisor import RankProgress, progress_from_heartbeats
 MPIEXEC_ENV = "DIST_TRAIN_MPIEXEC"
 #: MPICH's process manager that forks every rank on this machine and listens on nothing.
 GFORKER = "mpiexec.gforker"
+#: How a rank dies when mpiexec ends the job because another rank exited non-zero without MPI_Finalize (gforker:
+#: SIGINT, which launchers.rankio forwards as SIGTERM, then SIGQUIT).
+CLEANUP_DEATHS = frozenset({-int(signal.SIGTERM), -int(signal.SIGINT), -int(signal.SIGQUIT)})
+
+
+def without_cleanup_deaths(codes: list[Optional[int]]) -> list[Optional[int]]:
+    """Per-rank codes with the deaths mpiexec caused (:data:`CLEANUP_DEATHS`) shown as still running (None) when
+    another rank failed otherwise: the supervisor names a rank killed by a signal as the cause, which named the
+    bystander (`rank 0 killed by SIGTERM`, exit 143) instead of the rank that failed (exit 3). Only for an attempt
+    this launcher has not signalled itself."""
+    cause = any(c not in (None, EXIT_OK, EXIT_PREEMPTED) and c not in CLEANUP_DEATHS for c in codes)
+    return [None if cause and c in CLEANUP_DEATHS else c for c in codes]
 
 
 def find_mpiexec() -> Optional[str]:
@@ -82,6 +95,7 @@ class MpiAttempt:
     def __init__(self, proc: subprocess.Popen, nproc: int, run_dir: Path, attempt: int, started: float):
         self.proc, self.world_size, self.run_dir, self.attempt, self.started = proc, nproc, run_dir, attempt, started
         self.log_dir = run_dir / "logs"
+        self.signalled = False  # by this launcher (send_signal): then a rank's SIGTERM death is ours, not mpiexec's
 
     def poll(self) -> list[Optional[int]]:
         codes = [read_exit_status(self.log_dir, r, self.attempt) for r in range(self.world_size)]
@@ -90,7 +104,7 @@ class MpiAttempt:
             # A rank that left no status died with its wrapper (mpiexec killed it): use mpiexec's code, unless that
             # is 0 (gforker exits 0 after a rank died of a signal, and after a single rank's failure).
             codes = [c if c is not None else (launcher or 1) for c in codes]
-        return codes
+        return codes if self.signalled else without_cleanup_deaths(codes)
 
     def progress(self) -> dict[int, RankProgress]:
         return progress_from_heartbeats(self.run_dir, range(self.world_size), self.attempt, self.started)
@@ -113,6 +127,7 @@ class MpiAttempt:
 
     def send_signal(self, sig: int) -> None:
         # Not to mpiexec: hydra answers SIGTERM by killing the ranks, which would lose the checkpoint.
+        self.signalled = True
         for p in self._wrappers():
             try:
                 p.send_signal(sig)

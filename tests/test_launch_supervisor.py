@@ -2,6 +2,7 @@
 restart after a killed rank, failure summary, hang watchdog, SIGTERM preemption, the MPI backend."""
 import contextlib
 import io
+import json
 import os
 import signal
 import subprocess
@@ -234,6 +235,34 @@ def test_mpi_backend_restarts(tmp_path, tiny, capfd):
     assert "[rank 0] start 0 world 2" in out.out and "[rank 1] start 2 world 2" in out.out
     assert "[rank 1] done sum 11" in out.err  # rank+5 summed over 2 ranks at the last step
     assert "[fault injection]" in (run_dir / "logs" / "rank_1.stderr").read_text()
+
+
+def test_a_rank_mpiexec_stopped_after_another_failed_is_not_named_as_the_cause(tmp_path):
+    """gforker SIGINTs (rankio forwards it as SIGTERM) every other rank once one exits non-zero after MPI_Init: the
+    supervisor, which names a rank killed by a signal as the cause, said `rank 0 killed by SIGTERM` (exit 143) of a job
+    whose rank 1 had exited 3 (measured with DIST_TRAIN_FAULT=rank=1,step=3,action=exit,code=3; hydra said rank 1,
+    exit 3). A SIGTERM this launcher sent is still the rank's own death."""
+    from launchers.mpi import MpiAttempt
+
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    for rank, code in ((0, -int(signal.SIGTERM)), (1, 3)):
+        (logs / f"rank_{rank}.exit").write_text(json.dumps({"rank": rank, "attempt": 0, "code": code}))
+    # mpiexec still running (a process of its own session, which the supervisor kills on the failure)
+    mpiexec = subprocess.Popen(["sleep", "60"], start_new_session=True)
+    attempt = MpiAttempt(mpiexec, 2, tmp_path, attempt=0, started=time.time())
+    assert attempt.poll() == [None, 3]
+    spec = JobSpec(["rank"], nproc=2, run_dir=tmp_path)
+    outcome = Supervisor(spec, _ScriptedBackend(), poll_s=0.0, out=io.StringIO())._watch(attempt, 0)
+    assert (outcome.kind, outcome.rank, outcome.code) == ("failed", 1, 3), outcome
+    assert mpiexec.wait(timeout=10) == -signal.SIGKILL
+    (logs / "rank_1.exit").write_text(json.dumps({"rank": 1, "attempt": 0, "code": -int(signal.SIGKILL)}))
+    assert attempt.poll() == [None, -int(signal.SIGKILL)]  # a rank killed by another signal is the cause
+    (logs / "rank_1.exit").write_text(json.dumps({"rank": 1, "attempt": 0, "code": -int(signal.SIGTERM)}))
+    assert attempt.poll() == [-int(signal.SIGTERM)] * 2  # no other cause: as recorded
+    attempt.send_signal(signal.SIGTERM)  # this launcher's own (no wrapper runs here to receive it)
+    (logs / "rank_1.exit").write_text(json.dumps({"rank": 1, "attempt": 0, "code": 3}))
+    assert attempt.poll() == [-int(signal.SIGTERM), 3]
 
 
 _MPI_LAUNCHER = """
