@@ -4,6 +4,7 @@ and everything else still reaches stderr.
 
     with stderr_held_back() as held: ...; held.drop()   # nothing is replayed
     with stderr_held_back(skip=b"USDT:"): ...           # every line but those is replayed
+    with stderr_held_back(skip_containing=(b"Memory block of unknown size",)): ...   # nor lines with these
 """
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import contextlib
 import os
 import sys
 import tempfile
-from typing import Iterator, Optional
+from typing import Iterator, Optional, Sequence
 
 
 class HeldStderr:
@@ -25,9 +26,11 @@ class HeldStderr:
 
 
 @contextlib.contextmanager
-def stderr_held_back(skip: Optional[bytes] = None) -> Iterator[HeldStderr]:
+def stderr_held_back(skip: Optional[bytes] = None, skip_containing: Sequence[bytes] = ()) -> Iterator[HeldStderr]:
     """Send file descriptor 2 (C++ libraries included) to a temporary file for the body; afterwards replay it,
-    without the lines that start with ``skip``, unless the body called ``.drop()`` on the yielded handle."""
+    without the lines that start with ``skip`` or contain one of ``skip_containing`` (C++ log lines open with a
+    level, a time and, in a distributed rank, ``[rankN]:``), unless the body called ``.drop()`` on the yielded
+    handle. Held lines reach stderr when the body ends, exception or not."""
     held = HeldStderr()
     sys.stderr.flush()
     saved = os.dup(2)
@@ -41,7 +44,11 @@ def stderr_held_back(skip: Optional[bytes] = None) -> Iterator[HeldStderr]:
             os.close(saved)
             if held.keep:
                 caught.seek(0)
-                _replay(b"".join(line for line in caught if skip is None or not line.startswith(skip)))
+                _replay(b"".join(line for line in caught if not _skipped(line, skip, skip_containing)))
+
+
+def _skipped(line: bytes, skip: Optional[bytes], skip_containing: Sequence[bytes]) -> bool:
+    return (skip is not None and line.startswith(skip)) or any(part in line for part in skip_containing)
 
 
 def _replay(data: bytes) -> None:
