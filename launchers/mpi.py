@@ -13,9 +13,11 @@ that run ``dist-train run`` directly), so this backend never needs ssh.
 """
 from __future__ import annotations
 
+import collections
 import filecmp
 import functools
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -27,7 +29,7 @@ from typing import Optional
 from dist_train.lifecycle import EXIT_OK, EXIT_PREEMPTED, kill_me_with_parent
 from dist_train.loopback import loopback_environment
 from launchers.env import EXPECT_WORLD_ENV, LAUNCHER_ENV, TORCH_VARS, free_port
-from launchers.procs import kill_tree
+from launchers.procs import ConsoleSink, Pump, Sink, kill_tree
 from launchers.rankio import exit_status_path, read_exit_status
 from launchers.supervisor import RankProgress, progress_from_heartbeats
 
@@ -37,6 +39,29 @@ GFORKER = "mpiexec.gforker"
 #: How a rank dies when mpiexec ends the job because another rank exited non-zero without MPI_Finalize (gforker:
 #: SIGINT, which launchers.rankio forwards as SIGTERM, then SIGQUIT).
 CLEANUP_DEATHS = frozenset({-int(signal.SIGTERM), -int(signal.SIGINT), -int(signal.SIGQUIT)})
+
+
+#: gforker's line on its stderr, as the job ends, for each rank wrapper that failed or died of a signal:
+#: ``[0]1:Return code = 0, signaled with Killed`` (the signal as strsignal(3) names it)
+GFORKER_REPORT = re.compile(r"\[\d+\](\d+):Return code = (-?\d+)(?:, signaled with (.+?))?\s*$")
+_SIGNAL_NAMED = {signal.strsignal(s): s for s in signal.valid_signals() if signal.strsignal(s)}
+
+
+class MpiexecReports:
+    """The sink of mpiexec's stderr (the ranks' prefixed lines pass through it): every line goes on to ``console``;
+    gforker's :data:`GFORKER_REPORT` of a rank is kept in ``codes`` (rank -> Popen convention: -signal when its
+    wrapper was killed). A SIGKILLed wrapper writes no ``rank_N.exit``, so this is the only word of how it died."""
+
+    def __init__(self, console: Sink):
+        self.console, self.codes = console, {}
+
+    def __call__(self, stream: str, text: str) -> None:
+        found = GFORKER_REPORT.search(text)  # also after a rank's unterminated last line, on the same line
+        if found and found[3] is None and int(found[2]) != 0:
+            self.codes[int(found[1])] = int(found[2])
+        elif found and found[3] in _SIGNAL_NAMED:
+            self.codes[int(found[1])] = -int(_SIGNAL_NAMED[found[3]])
+        self.console(stream, text)
 
 
 def without_cleanup_deaths(codes: list[Optional[int]]) -> list[Optional[int]]:
@@ -90,21 +115,36 @@ def _tail_of_file(path: Path, n: int) -> list[str]:
 
 
 class MpiAttempt:
-    """One ``mpiexec`` run. Per-rank status comes from the wrappers' ``rank_N.exit`` files."""
+    """One ``mpiexec`` run. Per-rank status comes from the wrappers' ``rank_N.exit`` files, for a wrapper that
+    left none (killed) from mpiexec's report on its stderr when ``proc`` was started with ``stderr=PIPE``."""
 
     def __init__(self, proc: subprocess.Popen, nproc: int, run_dir: Path, attempt: int, started: float):
         self.proc, self.world_size, self.run_dir, self.attempt, self.started = proc, nproc, run_dir, attempt, started
         self.log_dir = run_dir / "logs"
         self.signalled = False  # by this launcher (send_signal): then a rank's SIGTERM death is ours, not mpiexec's
+        self.reports = MpiexecReports(ConsoleSink())
+        self._stderr = None
+        if proc.stderr is not None:
+            self._stderr = Pump(proc.stderr, "stderr", "", self.reports, None, collections.deque(maxlen=1))
+            self._stderr.start()
 
     def poll(self) -> list[Optional[int]]:
         codes = [read_exit_status(self.log_dir, r, self.attempt) for r in range(self.world_size)]
         launcher = self.proc.poll()
         if launcher is not None:
-            # A rank that left no status died with its wrapper (mpiexec killed it): use mpiexec's code, unless that
-            # is 0 (gforker exits 0 after a rank died of a signal, and after a single rank's failure).
-            codes = [c if c is not None else (launcher or 1) for c in codes]
-        return codes if self.signalled else without_cleanup_deaths(codes)
+            # A rank that left no status died with its wrapper: as mpiexec reported that wrapper's end (gforker: a
+            # SIGKILLed wrapper, `rank 1 killed by SIGKILL`), else mpiexec's code, unless that is 0 (gforker exits
+            # 0 after a rank died of a signal, and after a single rank's failure).
+            if self._stderr is not None:
+                self._stderr.join(timeout=2.0)  # its report is the last it writes; the pipe closes as it exits
+            codes = [c if c is not None else self.reports.codes.get(r, launcher or 1) for r, c in enumerate(codes)]
+        if self.signalled:
+            return codes
+        if launcher is None:
+            # mpiexec is still ending the job: the rank that made it do so may not have reported yet (a killed
+            # wrapper only in mpiexec's report, as mpiexec exits), so a death mpiexec causes is no cause yet
+            return [None if c in CLEANUP_DEATHS else c for c in codes]
+        return without_cleanup_deaths(codes)
 
     def progress(self) -> dict[int, RankProgress]:
         return progress_from_heartbeats(self.run_dir, range(self.world_size), self.attempt, self.started)
@@ -146,6 +186,8 @@ class MpiAttempt:
         if self.proc.poll() is None:
             self.kill()
         self.proc.wait()
+        if self._stderr is not None:
+            self._stderr.join(timeout=2.0)
 
 
 class MpiBackend:
@@ -182,6 +224,6 @@ class MpiBackend:
         started = time.time()
         # mpiexec dies with this launcher (SIGKILLed, OOM-killed), and each rank wrapper with mpiexec (launchers.rankio),
         # each rank with its wrapper: as local ranks, none outlives it (they kept training and held the run lock)
-        proc = subprocess.Popen(self.command(argv), env=full, stdin=subprocess.DEVNULL, start_new_session=True,
-                                preexec_fn=functools.partial(kill_me_with_parent, os.getpid()))
+        proc = subprocess.Popen(self.command(argv), env=full, stdin=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                start_new_session=True, preexec_fn=functools.partial(kill_me_with_parent, os.getpid()))
         return MpiAttempt(proc, self.nproc, self.run_dir, attempt, started)

@@ -53,7 +53,7 @@ def _split_segments(buf: bytes) -> tuple[list[bytes], bytes]:
     return segments, buf[start:]
 
 
-class _Pump(threading.Thread):
+class Pump(threading.Thread):
     """Copy one pipe: prefixed segments to the sink, raw bytes to an optional log file, a tail in memory."""
 
     def __init__(self, pipe: IO[bytes], stream: str, prefix: str, sink: Sink, log: Optional[IO[bytes]],
@@ -141,8 +141,8 @@ class RankProcess:
                                      cwd=cwd, preexec_fn=functools.partial(kill_me_with_parent, os.getpid())
                                      if die_with_parent else None)
         prefix = rank_prefix(rank)
-        self._pumps = [_Pump(self.proc.stdout, "stdout", prefix, sink, None, self.tail),
-                       _Pump(self.proc.stderr, "stderr", prefix, sink, self._log, self.tail)]
+        self._pumps = [Pump(self.proc.stdout, "stdout", prefix, sink, None, self.tail),
+                       Pump(self.proc.stderr, "stderr", prefix, sink, self._log, self.tail)]
         for p in self._pumps:
             p.start()
 

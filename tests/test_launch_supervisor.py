@@ -265,6 +265,46 @@ def test_a_rank_mpiexec_stopped_after_another_failed_is_not_named_as_the_cause(t
     assert attempt.poll() == [-int(signal.SIGTERM), 3]
 
 
+def test_a_rank_whose_mpi_wrapper_was_sigkilled_is_named_with_its_signal(tmp_path, capfd):
+    """A SIGKILLed rank wrapper (launchers.rankio) writes no rank_N.exit and gforker exits 0: the launcher said
+    `rank 0 exit code 1; also rank 1 exit code 1`, naming neither the killed rank nor the signal. gforker's own
+    report on its stderr (``[0]1:Return code = 0, signaled with Killed``) names both; every line still passes."""
+    from launchers.mpi import MpiBackend, backend_mpiexec
+
+    if backend_mpiexec() is None:
+        pytest.skip("no mpiexec on this machine (pip install mpich)")
+    env = {"PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    attempt = MpiBackend(2, tmp_path).start([sys.executable, "-c", "import time; time.sleep(60)"], env, 0)
+    try:
+        deadline = time.monotonic() + 60
+        while len(wrappers := attempt._wrappers()) < 2 or any(not w.children() for w in wrappers):
+            assert attempt.proc.poll() is None and time.monotonic() < deadline, "the 2 ranks never started"
+            time.sleep(0.1)
+        ranks = {int(w.environ().get("PMI_RANK", "-1")): w for w in wrappers}
+        ranks[1].kill()
+        spec = JobSpec(["rank"], nproc=2, run_dir=tmp_path)
+        outcome = Supervisor(spec, _ScriptedBackend(), poll_s=0.05, out=io.StringIO())._watch(attempt, 0)
+    finally:
+        attempt.close()
+    assert (outcome.kind, outcome.rank, outcome.code) == ("failed", 1, 128 + signal.SIGKILL), outcome
+    assert outcome.detail.startswith("rank 1 killed by SIGKILL"), outcome.detail
+    assert "Return code = 0, signaled with Killed" in capfd.readouterr().err
+
+
+def test_gforkers_report_is_read_even_after_a_ranks_unterminated_line_and_passed_on():
+    """A rank killed mid-line leaves no newline: gforker's report then follows on the same console line (seen:
+    ``…GLHF! \ufffd[0]0:Return code = 0, signaled with Quit``)."""
+    from launchers.mpi import MpiexecReports
+
+    lines = ["[rank 0] RuntimeError: Read error. GLHF! \ufffd[0]0:Return code = 0, signaled with Quit\n",
+             "[0]1:Return code = 0, signaled with Killed\n", "[0]2:Return code = 3\n", "[rank 3] [0]3:Return code\n"]
+    passed = []
+    reports = MpiexecReports(lambda stream, text: passed.append(text))
+    for line in lines:
+        reports("stderr", line)
+    assert reports.codes == {0: -int(signal.SIGQUIT), 1: -int(signal.SIGKILL), 2: 3} and passed == lines
+
+
 _MPI_LAUNCHER = """
 import sys, time
 from pathlib import Path
