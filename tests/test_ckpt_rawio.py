@@ -9,6 +9,7 @@ import ctypes
 import errno
 import os
 import random
+import time
 import zlib
 from pathlib import Path
 
@@ -102,6 +103,27 @@ def test_block_io_round_trip_partial_verified_reads_any_thread_count(tmp_path):
         cover_blocks([Segment(0, 4, None), Segment(2, 4, None)], 10, 4)
     with pytest.raises(EOFError, match="truncated"):
         read_file(path, [Segment(off, 8, memoryview(bytearray(8)))])
+
+
+@pytest.mark.parametrize("failing", [0, 2])
+def test_a_failing_span_fails_the_write_only_after_every_other_span_ended(tmp_path, failing):
+    """The calling thread writes the first span itself and the pool the others: a source failing in either
+    (``failing``: the span) surfaces from write_file, and not before the other spans stopped using their buffers."""
+    ended = []
+
+    def source(i: int):
+        def resolve() -> memoryview:
+            if i == failing:
+                raise RuntimeError(f"span {i}: source gone")
+            time.sleep(0.05)  # still writing when the failing span raises
+            ended.append(i)
+            return memoryview(bytearray(64))
+        return resolve
+
+    segs = [Segment(64 * i, 64, source(i)) for i in range(3)]
+    with pytest.raises(RuntimeError, match=f"span {failing}: source gone"):
+        write_file(tmp_path / "f", segs, 192, threads=3, block=64)
+    assert sorted(ended) == [i for i in range(3) if i != failing]
 
 
 def test_write_back_windows_recycle_page_cache_and_report_errors(tmp_path, monkeypatch):

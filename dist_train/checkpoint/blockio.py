@@ -237,9 +237,14 @@ def _parallel(path: str, flags: int, segments: list[Segment], writing: bool, alg
     if len(runs) == 1:
         return _run(path, flags, runs[0], writing, algorithm, size, block, window)
     digests: dict[int, str] = {}
-    with ThreadPoolExecutor(max_workers=len(runs), thread_name_prefix="ckpt-io") as pool:
-        for part in pool.map(lambda r: _run(path, flags, r, writing, algorithm, size, block, window), runs):
-            digests.update(part)
+    # the calling thread takes the first span itself: one thread fewer to start per file (thread starts were
+    # 12 of 351 ms in a cProfile of one rank's bench save under load; docs/benchmarks/ckpt_engines.md)
+    with ThreadPoolExecutor(max_workers=len(runs) - 1, thread_name_prefix="ckpt-io") as pool:
+        rest = [pool.submit(_run, path, flags, r, writing, algorithm, size, block, window) for r in runs[1:]]
+        # on a failure here, leaving the block waits for the other spans before the error propagates
+        digests.update(_run(path, flags, runs[0], writing, algorithm, size, block, window))
+        for fut in rest:
+            digests.update(fut.result())
     return digests
 
 
