@@ -64,7 +64,7 @@ from ..models.gpt import build_gpt
 from ..spawn import run_ranks
 from ._os_meters import drop_cache, peak_resident_growth, storage_write_bytes
 from .attention import check_memory_meter, peak_tensor_bytes
-from .cli.ckpt import LAYOUTS, EngineRun, engine_config
+from .cli.ckpt import LAYOUTS, EngineRun, engine_config, engine_model
 
 PATHS = ("ours", "baseline")
 METRICS = ("save_s", "load_s", "save_rss_bytes", "load_rss_bytes", "save_written_bytes", "load_written_bytes")
@@ -409,8 +409,7 @@ def plot(record: dict, path: str) -> None:
 
 def run(args: argparse.Namespace, choice: EngineRun) -> int:
     """Every layout of ``choice`` in its own fresh ranks; the table, and ``--json``/``--csv``/``--png``."""
-    model = {"d_model": args.d_model, "n_layers": args.layers, "ffn_hidden": 4 * args.d_model,
-             "vocab_size": args.vocab}
+    model = engine_model(args)
     rows, ratios = [], {}
     load_avg = os.getloadavg()
     for layout in choice.layouts:

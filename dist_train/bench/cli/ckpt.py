@@ -51,6 +51,12 @@ def engine_config(parallel: dict, model: Optional[dict] = None) -> dict:
             "data": {"seq_len": 16}, "parallel": parallel, "train": {"global_batch": 2, "micro_batch": 1}}
 
 
+def engine_model(args: argparse.Namespace) -> dict:
+    """The model sizes ``--d-model``, ``--layers`` and ``--vocab`` give :func:`engine_config` (ffn 4x d_model)."""
+    return {"d_model": args.d_model, "n_layers": args.layers, "ffn_hidden": 4 * args.d_model,
+            "vocab_size": args.vocab}
+
+
 #: bytes per parameter the two paths of one round leave on disk at most: ours 12 (fp32 weights, two AdamW moments),
 #: DeepSpeed's ZeRO-1/2 checkpoint 16 (the same, plus rank 0's module weights)
 ROUND_BYTES_PER_PARAM = 12 + 16
@@ -113,8 +119,7 @@ def _engine_run(args: argparse.Namespace) -> EngineRun:
         raise ValueError(f"--fsdp-baseline {args.fsdp_baseline}: no FSDP2 layout in --engine {args.engine!r} (the "
                          "ZeRO layouts' baseline is DeepSpeed's own checkpoint); add one, e.g. fsdp2-dp2-tp2")
     # every round's checkpoints stay until the layout ends (no pruning inside a timed save), then are removed
-    model = {"d_model": args.d_model, "n_layers": args.layers, "ffn_hidden": 4 * args.d_model,
-             "vocab_size": args.vocab}
+    model = engine_model(args)
     need = max((args.repeats + 1) * ROUND_BYTES_PER_PARAM * model_params(config_from_dict(
         engine_config(LAYOUTS[n][0], model))) for n in layouts)
     free = shutil.disk_usage(args.dir).free
