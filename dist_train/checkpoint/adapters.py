@@ -378,6 +378,13 @@ class DeepSpeedStateAdapter(StateAdapter):
                                "the flat partition the adapter reads (a DeepSpeed version with another layout?)")
         return lp.start, flat.narrow(0, hp.start, hp.numel), None
 
+    def _per_element(self, g: _FlatGroup) -> list[str]:
+        """The inner optimizer's state keys of ``g`` held per element (a tensor of the flat partition's shape: AdamW's
+        moments), which get() saves as each parameter's boxes and set() reads in place; the others (Adam's ``step``)
+        are per partition."""
+        return [k for k, v in self._inner.state[g.flat].items()
+                if isinstance(v, torch.Tensor) and v.shape == g.flat.shape]
+
     def _rectangles(self, g: _FlatGroup, p: nn.Parameter, key: Optional[str]) -> Rectangles:
         """Parameter ``p`` (full shape: ZeRO-3's ``ds_shape``) as the boxes of this rank's part of it."""
         start, real, _ = self._partition(g, p, key)
@@ -406,8 +413,9 @@ class DeepSpeedStateAdapter(StateAdapter):
         for name, p in params.items():
             g = group[name]
             state, hyper = self._inner.state[g.flat], self._inner.param_groups[g.group]
+            per_element = self._per_element(g)
             for k, v in state.items():
-                if isinstance(v, torch.Tensor) and v.shape == g.flat.shape:  # per element: this rank's boxes
+                if k in per_element:  # this rank's boxes
                     optim_sd[f"state.{name}.{k}"] = self._rectangles(g, p, k)
                 else:  # per partition (Adam's step): the same for every parameter of the group
                     optim_sd[f"state.{name}.{k}"] = v.detach().clone() if isinstance(v, torch.Tensor) else v
@@ -424,9 +432,7 @@ class DeepSpeedStateAdapter(StateAdapter):
         params = dict(model.named_parameters())
         group = self._group_of(params)
         with_optim = optimizer is not None and optim_sd is not None
-        per_element = {name: [k for k, v in self._inner.state[group[name].flat].items()
-                              if isinstance(v, torch.Tensor) and v.shape == group[name].flat.shape]
-                       if with_optim else [] for name in params}
+        per_element = {name: self._per_element(group[name]) if with_optim else [] for name in params}
         for name in params:
             for entry in [f"model.{name}"] + [f"optim.state.{name}.{k}" for k in per_element[name]]:
                 section, key = entry.split(".", 1)
