@@ -181,19 +181,19 @@ class TensorParallelAdapter(StateAdapter):
             return None
         out = {}
         for key, v in sd.items():
-            if isinstance(v, Rectangles) and self._fqn(section, key) in self.shards:
+            s = self.shards.get(self._fqn(section, key))
+            if isinstance(v, Rectangles) and s is not None:
                 # ours (the inner adapter's Rectangles of a replicated tensor pass through below): loaded in place
                 # (views of the shard); padding zero, as below
-                _, padding = self._blocks(v.source, self.shards[self._fqn(section, key)])
+                _, padding = self._blocks(v.source, s)
                 with torch.no_grad():
                     for pad in padding:
                         pad.zero_()
                 out[key] = v.source
                 continue
-            if not isinstance(v, DTensor) or self._fqn(section, key) not in self.shards:  # replicated, FSDP2's norms
+            if not isinstance(v, DTensor) or s is None:  # replicated, FSDP2's norms
                 out[key] = v
                 continue
-            s = self.shards[self._fqn(section, key)]
             real = v.to_local()
             shape = list(real.shape)
             shape[s.dim] = s.local
