@@ -145,6 +145,16 @@ def build_backend(backend: str, nproc: int, run_dir: Path, address: Optional[str
                       placement_timeout_s=placement_timeout_s, files=files, sink=sink)
 
 
+def supervise(spec: JobSpec, backend) -> int:
+    """Run the job ``spec`` on ``backend`` under a :class:`Supervisor` (its exit status), then shut the backend down
+    (the embedded Ray cluster), however the run ended: ``launch`` and ``eval`` end the same way."""
+    try:
+        return Supervisor(spec, backend).run()
+    finally:
+        if hasattr(backend, "shutdown"):
+            backend.shutdown()
+
+
 def ranks_on_cuda(backend: str, gpus: int) -> bool:
     """Whether the ranks compute on CUDA: Ray gives each rank one of ``gpus`` per node (none: a CPU rank, Ray hides the
     GPUs); local and mpi ranks start on this machine and take its CUDA devices whenever it has any
@@ -239,11 +249,7 @@ def launch_main(args: argparse.Namespace) -> int:
                            files={str(config): config.read_bytes()})
         print(f"[launcher] {backend}: {nproc} rank(s){f' on {nodes} nodes' if nodes > 1 else ''}, run dir "
               f"{run_dir}, max restarts {max_restarts}", file=sys.stderr, flush=True)
-        try:
-            return Supervisor(spec, be).run()
-        finally:
-            if hasattr(be, "shutdown"):
-                be.shutdown()
+        return supervise(spec, be)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -32,10 +32,10 @@ from dist_train.distributed import init_distributed, share_cpu_threads
 from dist_train.entry import run_reporting_errors
 from dist_train.eval_arguments import EVAL_RANK_ENV, eval_overrides
 from dist_train.eval_preflight import check_out_path, eval_preflight, load_eval_config
-from launchers.cli import build_backend, forwarded_env, launch_settings, ranks_on_cuda
+from launchers.cli import build_backend, forwarded_env, launch_settings, ranks_on_cuda, supervise
 from launchers.env import populate_rank_env
 from launchers.procs import ConsoleSink, Sink, rank_prefix
-from launchers.supervisor import JobSpec, Supervisor
+from launchers.supervisor import JobSpec
 
 RESULT_FILE = "result.json"
 #: set (to 1) in a Ray eval's ranks: rank 0 also prints its result on stdout, after this marker, for the launcher
@@ -91,11 +91,7 @@ def eval_main(args: argparse.Namespace) -> int:
                        collective_timeout_s=cfg.launch.collective_timeout_s, env=env, checkpoints_on_stop=False)
         be = build_backend(backend, nproc, scratch_dir, args.address or cfg.launch.address, nodes, gpus,
                            cfg.launch.placement_timeout_s, sink=sink)
-        try:
-            code = Supervisor(spec, be).run()
-        finally:
-            if hasattr(be, "shutdown"):
-                be.shutdown()
+        code = supervise(spec, be)
         if code != 0:
             return code
         result = sink.result or json.loads((scratch_dir / RESULT_FILE).read_text())
