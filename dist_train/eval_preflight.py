@@ -12,7 +12,7 @@ from typing import Optional
 from .checkpoint import compat
 from .checkpoint import manifest as mf
 from .checkpoint.manager import checkpoint_root, resume_candidates
-from .config import Config, ConfigError, TrainConfig, check_world_size, load_config, parse_split
+from .config import Config, ConfigError, TrainConfig, load_config, parse_split
 from .preflight import check_data, check_engine, check_model_fits, check_model_shapes, verified_manifest
 
 
@@ -83,7 +83,6 @@ def eval_preflight(cfg: Config, requested: Optional[str], on_cuda: bool, ranks_p
     """The launch pre-flight's checks that apply to an evaluation (no directory is written, so none must be
     writable) and the checkpoint -> the step directory to evaluate. ``on_cuda`` / ``ranks_per_host``: where the
     ranks will compute (``launchers.cli.ranks_on_cuda``; a batch job: its nodes). Raises ConfigError (one line)."""
-    check_world_size(cfg, cfg.world_size)
     check_model_fits(cfg, on_cuda, ranks_per_host=ranks_per_host)
     check_engine(cfg, on_cuda)
     check_data(cfg)  # includes the held-out data: there, and enough samples for train.eval_steps batches
