@@ -68,15 +68,17 @@ def to_torch(ckpt: PathLike, out: PathLike) -> Path:
     """Write the model state dict of ``ckpt`` as one ``torch.save`` file ``out`` (and a Swin's input normalisation
     as ``out.input_normalisation.json`` beside it)."""
     out = Path(out)
+    norm = _normalisation(ckpt)
     # the sidecar only when one is written: a GPT's export beside someone's stale file is no conflict
-    for path in (out, *([sidecar_path(out)] if _normalisation(ckpt) else [])):
+    for path in (out, *([sidecar_path(out)] if norm else [])):
         if path.exists():
             raise ValueError(f"{path}: already exists; choose a new output file")
     tensors, _ = load_model_tensors(ckpt)
     out.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(out) as tmp:
         torch.save(tensors, tmp)
-    _write_normalisation(ckpt, out)
+    if norm:
+        write_sidecar(out, norm)
     return out
 
 
