@@ -246,6 +246,19 @@ def test_a_flat_range_of_a_tensor_is_at_most_2n_minus_1_boxes_each_a_view(shape)
             assert torch.equal(covered.reshape(-1), inside), (a, b)
 
 
+def _partition_blocks(fragment: torch.Tensor, local_shape, start: int, spec: TPShard, t: int, tp: int
+                      ) -> tuple[list, list]:
+    """``fragment``: elements ``[start, …)`` of tp rank ``t`` 's flattened shard of shape ``local_shape`` (a ZeRO
+    partition's); its boxes (``flat_range_pieces``) mapped to the tp=1 tensor (``tp_local_blocks``): (blocks, padding
+    views)."""
+    blocks, padding = [], []
+    for offset, box in flat_range_pieces(fragment, local_shape, start):
+        pieces, pad = tp_local_blocks(box, offset, spec, t, tp)
+        blocks += pieces
+        padding += pad
+    return blocks, padding
+
+
 @pytest.mark.parametrize("dim, size, cols, stride, tp, dp, lead", [
     (0, 63, 5, 1, 2, 3, 7),  # the odd vocabulary over tp 2 (a padding row), partitions straddling rows
     (0, 61, 3, 1, 4, 2, 0),  # 16-row tp shards, the last 13 real: a partition of padding rows only on tp rank 3
@@ -272,11 +285,7 @@ def test_a_zero_partition_of_a_tp_shard_is_its_blocks_of_the_tp1_tensor(tmp_path
             if a >= b:
                 continue
             fragment = flat[a:b]
-            blocks, padding = [], []
-            for offset, box in flat_range_pieces(fragment, shard.shape, a - lead):
-                pieces, pad = tp_local_blocks(box, offset, spec, t, tp)
-                blocks += pieces
-                padding += pad
+            blocks, padding = _partition_blocks(fragment, shard.shape, a - lead, spec, t, tp)
             for pad in padding:
                 assert not pad.any()
             _count_blocks(full, blocks, flat, covered, (t, r))
@@ -288,11 +297,7 @@ def test_a_zero_partition_of_a_tp_shard_is_its_blocks_of_the_tp1_tensor(tmp_path
     _blocks_save_the_tensor(tmp_path / "blocks", full, every_block)
     for fragment, local_shape, start, t in parts:
         into = torch.full_like(fragment, -1.0)
-        blocks, padding = [], []
-        for offset, box in flat_range_pieces(into, local_shape, start):
-            pieces, pad = tp_local_blocks(box, offset, spec, t, tp)
-            blocks += pieces
-            padding += pad
+        blocks, padding = _partition_blocks(into, local_shape, start, spec, t, tp)
         dcp.load({"w": Rectangles(full.shape, blocks, full.dtype, torch.device("cpu"))},
                  checkpoint_id=tmp_path / "blocks", no_dist=True)
         for pad in padding:
