@@ -151,11 +151,11 @@ def _pipeline_cases(rank, world, root):
         spiked = train(tiny_gpt_config(f"{root}/spike", steps=5, parallel=layout, train=skip)).losses
     finally:
         pipeline.PipelineEngine._run_schedule = real
-    real = _nan_norm_at(pipeline, 3)
+    real = _nan_norm_at(ddp, 3)  # the engines share ddp.checked_step
     try:
         nan = train(tiny_gpt_config(f"{root}/nan", steps=5, parallel=layout, train=skip)).losses
     finally:
-        pipeline.grad_norm_on_device = real
+        ddp.grad_norm_on_device = real
     return spiked, nan
 
 

@@ -22,7 +22,30 @@ from ..optim import build_optimizer, build_scheduler
 from .batches import batch_to_device
 from .grads import all_ranks_accept, all_reduce_sum, clip_grads_, grad_norm_on_device, read_floats
 
-__all__ = ["DDPEngine", "all_reduce_sum"]
+__all__ = ["DDPEngine", "all_reduce_sum", "checked_step"]
+
+
+def checked_step(engine, params: list[nn.Parameter], loss_sum: torch.Tensor, global_count: float,
+                 device: torch.device, loss_limit: Optional[float]) -> tuple[float, float]:
+    """The end of an engine's step (DDP/FSDP and pipeline alike) -> (global mean loss, pre-clip gradient norm).
+
+    ``engine``: has ``mesh``, ``optimizer``, ``scheduler``, ``grad_clip`` and sets ``last_step_skipped``.
+    ``params``: the parameters whose (already reduced) gradients are measured, clipped and stepped.
+    ``loss_sum``: the global batch's loss sum (float64, shape (1,), on the device), read with the norm in one host
+    copy: the step's one wait for the device (the skip decision and the clipping coefficient need both values on the
+    host). When the loss or the norm is not finite on any rank, or the loss exceeds ``loss_limit``, nothing is applied
+    (``last_step_skipped``): the weights, optimizer state and schedule stay as they were and the gradients are
+    dropped."""
+    norm = grad_norm_on_device(params, engine.mesh.tp_group, engine.mesh.pp_group)
+    total, norm = read_floats(loss_sum, norm)
+    loss = total / global_count
+    engine.last_step_skipped = not all_ranks_accept(loss, norm, device, loss_limit)
+    if not engine.last_step_skipped:
+        clip_grads_(params, norm, engine.grad_clip)
+        engine.optimizer.step()
+        engine.scheduler.step()
+    engine.optimizer.zero_grad(set_to_none=True)
+    return loss, norm
 
 
 class DDPEngine:
@@ -93,25 +116,12 @@ class DDPEngine:
 
     def step(self, loss_sum: torch.Tensor, global_count: float,
              loss_limit: Optional[float] = None) -> tuple[float, float]:
-        """Clip, step, zero grads, advance the LR schedule -> (global mean loss, pre-clip gradient norm).
-
-        ``loss_sum``: the global batch's loss sum (float64, shape (1,), on the device), read with the norm in one
-        host copy: the step's one wait for the device (the skip decision below and the clipping coefficient need
-        both values on the host). When the loss or the norm is not finite on any rank, or the loss exceeds
-        ``loss_limit``, nothing is applied (``last_step_skipped``): the weights, optimizer state and schedule stay
-        as they were and the gradients are dropped."""
+        """Clip, step, zero grads, advance the LR schedule -> (global mean loss, pre-clip gradient norm); a step not
+        accepted applies nothing (:func:`checked_step`). ``loss_sum``: the global batch's loss sum (float64, shape
+        (1,), on the device)."""
         params = [p for p in self.module.parameters() if p.grad is not None]
-        norm = grad_norm_on_device(params, self.mesh.tp_group, self.mesh.pp_group)
-        total, norm = read_floats(loss_sum, norm)
-        loss = total / global_count
         device = params[0].device if params else torch.device("cpu")
-        self.last_step_skipped = not all_ranks_accept(loss, norm, device, loss_limit)
-        if not self.last_step_skipped:
-            clip_grads_(params, norm, self.grad_clip)
-            self.optimizer.step()
-            self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        return loss, norm
+        return checked_step(self, params, loss_sum, global_count, device, loss_limit)
 
     @property
     def lr(self) -> float:

@@ -34,7 +34,8 @@ from ..mesh import Mesh
 from ..optim import build_optimizer, build_scheduler
 from ..models.swin import SwinPipeline
 from .fsdp import FSDPSharder
-from .grads import all_ranks_accept, all_reduce_grads_, all_reduce_sum, clip_grads_, grad_norm_on_device, read_floats
+from .ddp import checked_step
+from .grads import all_reduce_grads_, all_reduce_sum
 
 
 class StageModule(nn.Module):
@@ -205,19 +206,11 @@ class PipelineEngine:
         params = [p for p in self.module.parameters() if p.requires_grad]
         if not self.fsdp:  # FSDP2 reduce-scattered inside backward
             all_reduce_grads_(params, self.mesh.grad_group)
-        norm = grad_norm_on_device(params, self.mesh.tp_group, self.mesh.pp_group)
         all_reduce_sum(loss_sum, self.mesh.pp_group)  # only the last stage contributes
         all_reduce_sum(loss_sum, self.mesh.grad_group)
-        total, norm = read_floats(loss_sum, norm)  # the step's one wait for the device (see DDPEngine.step)
-        loss = total / global_count
-        # a non-finite loss or norm, or a spike, on any rank: apply nothing (see DDPEngine.step)
-        self.last_step_skipped = not all_ranks_accept(loss, norm, self.device, loss_limit)
-        if not self.last_step_skipped:
-            clip_grads_(params, norm, self.grad_clip)
-            self.optimizer.step()
-            self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        return loss, norm
+        # the norm, read with the loss in the step's one wait for the device; a non-finite loss or norm, or a
+        # spike, on any rank: apply nothing
+        return checked_step(self, params, loss_sum, global_count, self.device, loss_limit)
 
     def eval_loss_sum(self, micro: list[dict]) -> float:
         """Forward only through the pipeline (the schedule's eval pass, no gradients) -> the loss sum of the
