@@ -12,10 +12,13 @@ from __future__ import annotations
 
 import torch
 
+from parallelism.host_copy import to_device
+
 #: batch keys that hold layout integers the model reads on the host, never computes with on the device
 HOST_KEYS = frozenset({"image_size", "cu_seqlens", "count"})
 
 
 def batch_to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
-    """``batch`` with every tensor but :data:`HOST_KEYS` copied to ``device`` (asynchronously)."""
-    return {k: v if k in HOST_KEYS else v.to(device, non_blocking=True) for k, v in batch.items()}
+    """``batch`` with every tensor but :data:`HOST_KEYS` copied to ``device`` (asynchronously, through pinned memory:
+    :func:`~parallelism.host_copy.to_device`)."""
+    return {k: v if k in HOST_KEYS else to_device(v, device) for k, v in batch.items()}
