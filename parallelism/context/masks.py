@@ -137,7 +137,10 @@ def mask_tensor(q: Chunk, k: Chunk, causal: bool, window: Optional[int],
             ok &= j <= i + window
     if docs is None:
         return ok
-    same = torch.stack([doc_index(row, i) == doc_index(row, j) for row in docs])   # [rows, Sq, Sk]
+    # each row's document index of the queries and the keys in one lookup: one copy of its boundaries, not two
+    both = torch.cat([i[:, 0], j[0]])
+    index = [doc_index(row, both) for row in docs]
+    same = torch.stack([d[:q.length, None] == d[None, q.length:] for d in index])   # [rows, Sq, Sk]
     return ok & same[0] if len(docs) == 1 else (ok & same)[:, None]
 
 
