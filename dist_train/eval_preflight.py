@@ -13,7 +13,7 @@ from .checkpoint import compat
 from .checkpoint import manifest as mf
 from .checkpoint.manager import checkpoint_root, resume_candidates
 from .config import Config, ConfigError, TrainConfig, load_config, parse_split
-from .preflight import check_data, check_engine, check_model_fits, check_model_shapes, verified_manifest
+from .preflight import check_data, check_engine, check_model_fits, check_model_shapes, newest_verified
 
 
 def load_eval_config(config: str, user_overrides: list[str], overrides: list[str]) -> Config:
@@ -53,20 +53,17 @@ def choose_checkpoint(cfg: Config, requested: Optional[str]) -> Path:
     if not candidates:
         raise ConfigError(f"--checkpoint {wanted}: no step_N checkpoint under {root} (train first, or give --checkpoint "
                           "PATH: a step_N directory, a directory of them, or latest)")
-    problems = []
-    for ckpt in candidates:
-        body, problem = verified_manifest(ckpt)
-        if body is None:
-            problems.append(f"{ckpt.name}: {problem}")
-            continue
-        check_model_shapes(cfg, ckpt, body)
-        try:  # the model keys that change the function without changing a shape (rope_theta, norm_eps, ...)
-            compat.check_config(ckpt, {"model": (body.get("config") or {}).get("model") or {}},
-                                {"model": cfg.to_dict()["model"]}, cfg.checkpoint.allow_config_change)
-        except compat.ResumeMismatchError as e:
-            raise ConfigError(str(e).replace("resume refused", "evaluation refused", 1)) from None
-        return ckpt.resolve()
-    raise ConfigError(f"--checkpoint {wanted}: every checkpoint is damaged ({' | '.join(problems)})")
+    ckpt, body, damaged = newest_verified(candidates, f"--checkpoint {wanted}")
+    if ckpt is None:
+        problems = [f"{c.name}: {problem}" for c, problem in damaged]
+        raise ConfigError(f"--checkpoint {wanted}: every checkpoint is damaged ({' | '.join(problems)})")
+    check_model_shapes(cfg, ckpt, body)
+    try:  # the model keys that change the function without changing a shape (rope_theta, norm_eps, ...)
+        compat.check_config(ckpt, {"model": (body.get("config") or {}).get("model") or {}},
+                            {"model": cfg.to_dict()["model"]}, cfg.checkpoint.allow_config_change)
+    except compat.ResumeMismatchError as e:
+        raise ConfigError(str(e).replace("resume refused", "evaluation refused", 1)) from None
+    return ckpt.resolve()
 
 
 def check_out_path(out: str) -> None:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 from types import MappingProxyType
-from typing import Mapping, Optional
+from typing import Mapping, NamedTuple, Optional
 
 import torch
 
@@ -302,6 +302,32 @@ def verified_manifest(ckpt: Path) -> tuple[Optional[dict], str]:
     return (None, problems[0]) if problems else (body, "")
 
 
+class VerifiedCandidate(NamedTuple):
+    """:func:`newest_verified`'s answer: the first candidate that verifies (None: none does), its manifest body,
+    and the damaged candidates walked past before it, each with its first problem."""
+    checkpoint: Optional[Path]
+    manifest: Optional[dict]
+    damaged: list[tuple[Path, str]]
+
+
+def newest_verified(candidates: list[Path], key: str) -> VerifiedCandidate:
+    """Walk ``candidates`` (newest first, ``resume_candidates``' order) to the first that verifies
+    (:func:`verified_manifest`), past damaged ones, as the ranks' manager does. An I/O error that may pass is no
+    verdict on the bytes: neither a fall-back to an older checkpoint nor damage, but one line (ConfigError) naming
+    ``key`` (the setting that chose the candidates, e.g. ``checkpoint.resume = auto``) and the error."""
+    damaged = []
+    for ckpt in candidates:
+        try:
+            body, problem = verified_manifest(ckpt)
+        except CheckpointIOError as e:  # the ranks would stop on it too (restartable)
+            raise ConfigError(f"{key}: {e}; its bytes may well be good: try again once the file system "
+                              "answers") from None
+        if body is not None:
+            return VerifiedCandidate(ckpt, body, damaged)
+        damaged.append((ckpt, problem))
+    return VerifiedCandidate(None, None, damaged)
+
+
 def _train_samples(cfg: Config, checked: Mapping[str, Checked]) -> Optional[int]:
     """Samples of the GPT's indexed training data as the trainer reads it (None: other data, or not prepared yet).
     ``checked``: :func:`check_data`'s datasets (data.path's index is read here when they lack it)."""
@@ -408,19 +434,12 @@ def check_resume(cfg: Config, checked: Mapping[str, Checked] = MappingProxyType(
     else:
         where = f"checkpoint.resume = {mode}: " + ("damaged" if single else "every checkpoint is damaged")
         hint = ""
-    problems, damaged = [], []
-    for ckpt in candidates:
-        try:
-            body, problem = verified_manifest(ckpt)
-        except CheckpointIOError as e:  # the ranks would stop on it too (restartable): not a fall-back, not damage
-            raise ConfigError(f"checkpoint.resume = {mode}: {e}; its bytes may well be good: try again once the "
-                              "file system answers") from None
-        if body is not None:
-            check_resume_matches(cfg, ckpt, body, checked)
-            newer = None if mode == "auto" else newer_checkpoints_message(root, mode, body["step"], damaged)
-            if newer:
-                raise ConfigError(newer)
-            return
-        damaged.append(ckpt)
-        problems.append(problem if single else f"{ckpt.name}: {problem}")
-    raise ConfigError(f"{where} ({' | '.join(problems)}){hint}")
+    found = newest_verified(candidates, f"checkpoint.resume = {mode}")
+    if found.checkpoint is None:
+        problems = [problem if single else f"{ckpt.name}: {problem}" for ckpt, problem in found.damaged]
+        raise ConfigError(f"{where} ({' | '.join(problems)}){hint}")
+    check_resume_matches(cfg, found.checkpoint, found.manifest, checked)
+    newer = None if mode == "auto" else newer_checkpoints_message(root, mode, found.manifest["step"],
+                                                                  [ckpt for ckpt, _ in found.damaged])
+    if newer:
+        raise ConfigError(newer)

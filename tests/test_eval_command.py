@@ -6,6 +6,7 @@ contract across layouts, tests/test_validation.py). The command only reads the r
 even while a job holds its lock), and bad input is one line and exit 2 before any rank starts."""
 from __future__ import annotations
 
+import errno
 import json
 import os
 import subprocess
@@ -14,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from dist_train.checkpoint import manifest as mf
 from dist_train.cli import main
 from dist_train.checkpoint_eval import evaluate_checkpoint
 from dist_train.config import load_config, save_config
@@ -159,6 +161,25 @@ def test_bad_input_is_one_line_and_exit_2_before_any_rank(trained, capsys, extra
     assert main(["eval", str(cfg_path), *extra]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and says in err[0], err
+
+
+def test_an_io_error_while_verifying_the_checkpoint_is_one_line_not_a_traceback(trained, capsys, monkeypatch):
+    """ESTALE while verifying the newest checkpoint says nothing about its bytes: no fall-back to an older step
+    (that would evaluate another checkpoint than asked), no "damaged", and no traceback: one line, exit 2, as the
+    launch pre-flight's resume check says it (``preflight.newest_verified``, shared)."""
+    cfg_path, _, _ = trained
+    real = mf.file_block_digests
+
+    def flaky(path, *a, **kw):
+        if Path(path).parent.name == "step_2":
+            raise OSError(errno.ESTALE, "Stale file handle", str(path))
+        return real(path, *a, **kw)
+
+    monkeypatch.setattr(mf, "file_block_digests", flaky)
+    assert main(["eval", str(cfg_path), "--backend", "local"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("dist-train: error: --checkpoint latest: ") and "step_2" in err[0], err
+    assert "Stale file handle" in err[0] and "try again" in err[0] and "damaged" not in err[0], err
 
 
 def test_a_run_without_checkpoints_is_refused(tmp_path, capsys):
