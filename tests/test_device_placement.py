@@ -23,6 +23,7 @@ import parallelism.context.simulate as simulate
 import tests.test_gpu_path as gpu_path
 from dist_train.config import ModelConfig
 from dist_train.engines import grads
+from dist_train.engines.deepspeed import DeepSpeedEngine
 from dist_train.engines.grads import global_grad_norm_squared
 from dist_train.lifecycle import Lifecycle
 from dist_train.models.attention import AttentionContext
@@ -235,6 +236,59 @@ def test_a_data_parallel_training_step_reads_the_device_once(monkeypatch, model)
             loss, norm = engine.train_step(micro, 64.0, loss_limit=100.0)
     assert reads.seen == ["to cpu (2,)"] * 2 and copies.seen == []
     assert not engine.last_step_skipped and (loss, norm) == (1.0 / 64.0, 1.0)
+
+
+class _DeepSpeedStandIn:
+    """What our DeepSpeed engine calls of DeepSpeed's (which has no meta device): the forward is a linear layer's loss
+    sum, backward and step do nothing, and the norm it recorded is ``recorded_norm`` (None: not recorded, as at stage 0
+    in fp32, where our engine measures the gradients itself)."""
+
+    device = META
+
+    def __init__(self, module: torch.nn.Module, recorded_norm):
+        self.module, self.recorded_norm = module, recorded_norm
+
+    def __call__(self, batch):
+        return self.module(batch["x"]).sum(), None
+
+    def gradient_accumulation_steps(self) -> int:
+        return 4
+
+    def backward(self, loss, scale_wrt_gas):
+        assert scale_wrt_gas is False
+
+    def step(self):
+        pass
+
+    def get_global_grad_norm(self):
+        return self.recorded_norm
+
+
+def _deepspeed_engine_on_meta(recorded_norm) -> DeepSpeedEngine:
+    """Our DeepSpeed engine (its step as it is) around :class:`_DeepSpeedStandIn`, every gradient on meta."""
+    module = torch.nn.Linear(8, 1).to(META)
+    for p in module.parameters():
+        p.grad = torch.ones_like(p)
+    engine = DeepSpeedEngine.__new__(DeepSpeedEngine)  # (its __init__ starts DeepSpeed)
+    engine.engine, engine.module = _DeepSpeedStandIn(module, recorded_norm), module
+    engine.mesh, engine.grad_size = SimpleNamespace(grad_group=None, tp_group=None), 1
+    engine.zero_stage = 0 if recorded_norm is None else 2
+    return engine
+
+
+@pytest.mark.parametrize("recorded", ["a ZeRO norm on the device", "none (stage 0: our own norm)"])
+def test_a_deepspeed_step_reads_its_loss_and_norm_in_one_copy(recorded):
+    """The DeepSpeed engine's step (4 micro-batches) adds the loss sums on the device, then read the loss and the
+    norm in two copies (``.item()``, then ``float(norm)``; at stage 0 our own norm was read on its own too): two
+    waits for the device per step. Now one copy holds both, as in the data-parallel and pipeline engines."""
+    norm = torch.ones((), dtype=torch.float32, device=META) if recorded.startswith("a ZeRO") else None
+    engine = _deepspeed_engine_on_meta(norm)
+    micro = [{"x": torch.randn(2, 8), "count": torch.tensor(2.0)}] * 4
+    with HostReads() as reads, BlockingCopies() as copies:
+        for _ in range(2):
+            loss, norm = engine.train_step(micro, 8.0)
+    assert reads.seen == ["to cpu (2,)"] * 2 and copies.seen == []
+    assert (loss, norm) == (1.0 / 8.0, 1.0)
 
 
 def _fake_four_rank_group(monkeypatch) -> None:

@@ -31,7 +31,7 @@ from ..config import Config, ConfigError, deep_merge, deepspeed_generated
 from ..mesh import Mesh
 from ..optim import build_optimizer, build_scheduler
 from .batches import batch_to_device
-from .grads import all_reduce_sum, global_grad_norm
+from .grads import all_reduce_sum, grad_norm_on_device, read_floats
 
 
 def deepspeed_config(cfg: Config, bf16: bool) -> dict:
@@ -217,15 +217,28 @@ class DeepSpeedEngine:
             # at the boundary DeepSpeed all-reduces (stage 0) or reduce-scatters (ZeRO) inside backward
             self.engine.backward(loss * scale, scale_wrt_gas=False)
             if m == len(micro) - 1 and self.zero_stage == 0:
-                # stage 0 in fp32 clips without recording the norm: measure the reduced grads ourselves
-                own_norm = global_grad_norm([p for p in self.module.parameters() if p.grad is not None],
-                                            self.mesh.tp_group)
+                # stage 0 in fp32 clips without recording the norm: measure the reduced grads ourselves (left on the
+                # device: it is read with the loss below)
+                own_norm = grad_norm_on_device([p for p in self.module.parameters() if p.grad is not None],
+                                               self.mesh.tp_group)
             self.engine.step()  # DeepSpeed clips and steps at the accumulation boundary only
             loss_sum += loss.detach().double()
         norm = self.engine.get_global_grad_norm()
         norm = own_norm if norm is None else norm
         all_reduce_sum(loss_sum, self.mesh.grad_group)
-        return float(loss_sum.item()) / global_count, float(norm)
+        return self._read_loss_and_norm(loss_sum, norm, global_count)
+
+    @staticmethod
+    def _read_loss_and_norm(loss_sum: torch.Tensor, norm, global_count: float) -> tuple[float, float]:
+        """(global mean loss, grad norm) on the host. ``norm``: what DeepSpeed recorded (a device tensor from its ZeRO
+        and bf16 optimizers, a float when it already read it, such as the ``inf`` of an overflow) or our stage-0 norm
+        (a device tensor). A tensor norm comes to the host with the loss in one copy, one wait for the device instead
+        of two; each value is what ``float(t.item())`` gave."""
+        if torch.is_tensor(norm):
+            total, norm = read_floats(loss_sum, norm)
+        else:
+            total, norm = float(loss_sum.item()), float(norm)
+        return total / global_count, norm
 
     def eval_loss_sum(self, micro: list[dict]) -> float:
         """Forward only through the DeepSpeed engine (ZeRO-3 gathers its partitions as in training) -> the
