@@ -32,8 +32,8 @@ from .cost import memory_model, model_params, rank_inputs
 from .data.datasets import indexed_part, same_data_message, split_part, training_identity
 from .data.documents import resolve_eod_id, unknown_eod_message
 from .data.fingerprint import comparable_digest
-from .data.integrity import check_bin_size, check_indexed_dataset, prefix_hint, read_index
-from .data.overlap import Checked, held_out_overlap_message
+from .data.integrity import check_bin_size, prefix_hint, read_index
+from .data.overlap import Checked, checked_dataset, held_out_overlap_message, overlap_checked
 from .data.sidecar import named_tokenizer_message, other_tokenizer_message, sidecar_tokenizer
 from .data.tokenizer import get_tokenizer
 from .data.weather import other_dataset_message, weather_meta, weather_settings
@@ -231,10 +231,10 @@ def _check_indexed(cfg: Config) -> dict[str, Checked]:
     start-up)."""
     d, m = cfg.data, cfg.model
     checked: dict[str, Checked] = {}  # the index and sidecar each check read, for the later checks
+    hash_documents = overlap_checked(cfg)  # then a .bin scanned for its token ids is hashed in that same read
 
     def check(prefix: str, key: str) -> None:
-        result = check_indexed_dataset(prefix, m.vocab_size, d.seq_len, key)
-        checked[prefix] = Checked(prefix, result["index"], result["sidecar"], key)
+        checked[prefix] = checked_dataset(prefix, m.vocab_size, d.seq_len, key, hash_documents)
 
     if d.valid_path:
         try:  # the held-out dataset must exist (nothing builds it) and pass the same checks

@@ -34,11 +34,13 @@ def _prepare(tmp_path: Path, name: str, texts: list[str]) -> str:
     return prefix
 
 
-def _cfg(tmp_path: Path, train: str, valid: str = None, split: str = None, **data):
+def _cfg(tmp_path: Path, train: str, valid: str = None, split: str = None, eval_every: int = 2,
+         vocab_size: int = 257, **data):
     return config_from_dict({
-        "run": {"dir": str(tmp_path / "run")}, "model": {"vocab_size": 257},
+        "run": {"dir": str(tmp_path / "run")}, "model": {"vocab_size": vocab_size},
         "data": {"source": "indexed", "path": train, "seq_len": 16, "valid_path": valid, "split": split, **data},
-        "train": {"eval_every": 2, "eval_steps": 1, "global_batch": 4, "micro_batch": 4}})
+        "train": {"eval_every": eval_every, "global_batch": 4, "micro_batch": 4,
+                  **({"eval_steps": 1} if eval_every else {})}})
 
 
 def _refusal(cfg) -> str:
@@ -186,6 +188,71 @@ def test_datasets_without_the_hash_file_or_a_sidecar_are_hashed_from_their_bin(t
     for prefix in (train, valid):  # built elsewhere: no sidecar either
         Path(prefix + ".meta.json").unlink()
     assert _refusal(_cfg(tmp_path, train, valid)) == with_files
+
+
+def _bin_reads(monkeypatch) -> list[str]:
+    """The names of the .bin files memory-mapped from now on: each is one read of the whole file (the token-id scan,
+    the document hashing; the sampled fingerprint opens the file, 1 MiB, and is not counted)."""
+    reads, memmap = [], np.memmap
+
+    def counted(path, *a, **kw):
+        if str(path).endswith(".bin"):
+            reads.append(Path(str(path)).name)
+        return memmap(path, *a, **kw)
+    monkeypatch.setattr(np, "memmap", counted)
+    return reads
+
+
+@pytest.mark.parametrize("sidecar,hash_file,reads", [(False, False, 1), (False, True, 1), (True, False, 1),
+                                                      (True, True, 0)])
+def test_one_preflight_reads_each_bin_at_most_once(tmp_path, monkeypatch, sidecar, hash_file, reads):
+    """A dataset without a sidecar has its .bin scanned for the token-id range; without a .doc_hashes file of its
+    build the overlap check hashes its documents from the .bin: one read does both (it was two: for a 100 GB .bin a
+    second long wait before any rank). With a sidecar and the file the .bin is not read at all. The refusal is the
+    same line whatever the pre-flight read."""
+    train = _prepare(tmp_path, "train", DOCS[:10])
+    valid = _prepare(tmp_path, "valid", [DOCS[10], DOCS[3], DOCS[11], DOCS[7]])
+    repeated = _prepare(tmp_path, "repeated", DOCS[:4] * 2)
+    with_files = _refusal(_cfg(tmp_path, train, valid)), _refusal(_cfg(tmp_path, repeated, split="1,1,0"))
+    for prefix in (train, valid, repeated):
+        if not sidecar:  # built elsewhere (Megatron-LM's tools)
+            Path(prefix + ".meta.json").unlink()
+        if hash_file:  # dist-train data hash: the file of this build (its identity without a sidecar: the fingerprint)
+            assert main(["data", "hash", prefix]) == 0
+        else:
+            document_hashes_path(prefix).unlink()
+    read = _bin_reads(monkeypatch)
+    assert _refusal(_cfg(tmp_path, train, valid)) == with_files[0]
+    assert sorted(read) == sorted(["train.bin", "valid.bin"] * reads), read
+    read.clear()  # under data.split, the one dataset too
+    assert _refusal(_cfg(tmp_path, repeated, split="1,1,0")) == with_files[1]
+    assert read == ["repeated.bin"] * reads, read
+
+
+def test_without_the_overlap_check_no_document_is_hashed_and_refusals_stay_the_same(tmp_path, monkeypatch):
+    """The token-id scan hashes documents only for the overlap check; its refusals (here: an id outside the
+    vocabulary) and the overlap check's (a damaged document table, found before the .bin is read for hashing) are the
+    lines they were, each dataset's .bin read once."""
+    train = _prepare(tmp_path, "train", DOCS[:6])
+    valid = _prepare(tmp_path, "valid", DOCS[6:9])
+    for prefix in (train, valid):
+        Path(prefix + ".meta.json").unlink()
+        document_hashes_path(prefix).unlink()
+    hashed = []
+    scan = document_hashes.scan_document_hashes
+    monkeypatch.setattr(document_hashes, "scan_document_hashes", lambda *a: hashed.append(a[0]) or scan(*a))
+    read = _bin_reads(monkeypatch)
+    check_data(_cfg(tmp_path, train, valid, eval_every=0))
+    assert (read, hashed) == (["valid.bin", "train.bin"], []), (read, hashed)
+    # the byte tokenizer's ids reach 255 (its EOD 256 aside): outside a vocabulary of 100
+    off, on = (_refusal(_cfg(tmp_path, train, valid, eval_every=every, vocab_size=100)) for every in (0, 2))
+    assert on == off and off.startswith(f"data.valid_path = {valid}: token id ") and "from a scan of valid.bin" in off
+    idx = Path(valid + ".idx")
+    idx.write_bytes(idx.read_bytes()[:-8] + np.int64(99).tobytes())
+    read.clear()
+    msg = _refusal(_cfg(tmp_path, train, valid, split="2,0,1"))
+    assert msg.startswith(f"data.valid_path = {valid}: {valid}.idx document table does not run"), msg
+    assert sorted(read) == ["train.bin", "valid.bin"], read
 
 
 def test_duplicates_across_the_shares_of_data_split_are_refused(tmp_path):

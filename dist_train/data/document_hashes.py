@@ -28,7 +28,7 @@ import xxhash
 
 from ..atomic_write import atomic_path
 from .datasets import dataset_identity
-from .integrity import IndexInfo, check_bin_size, document_bounds, read_index
+from .integrity import IndexInfo, check_bin_size, document_bounds, read_index, token_id_range, widen_id_range
 from .sidecar import read_sidecar
 
 SUFFIX = ".doc_hashes"
@@ -97,14 +97,21 @@ def read_document_hashes(prefix: Prefix, documents: int, identity: Optional[str]
     return np.memmap(path, dtype="<u8", mode="r", offset=_HEADER.size, shape=(count,))
 
 
-def compute_document_hashes(prefix: Prefix, info: IndexInfo) -> np.ndarray:
-    """uint64 [D]: every document's hash, computed from ``PREFIX.bin`` (memory-mapped, CHUNK_TOKENS at a time)."""
-    bounds = document_bounds(prefix, info)
+def compute_document_hashes(prefix: Prefix, info: IndexInfo, key: str = "data.path") -> np.ndarray:
+    """uint64 [D]: every document's hash, computed from ``PREFIX.bin`` (memory-mapped, CHUNK_TOKENS at a time).
+    ValueError (one line, naming ``key``: :func:`~.integrity.read_index`) when the document table is damaged."""
+    return scan_document_hashes(prefix, info, document_bounds(prefix, info, key))[0]
+
+
+def scan_document_hashes(prefix: Prefix, info: IndexInfo, bounds: np.ndarray) -> tuple[np.ndarray, tuple[int, int]]:
+    """(uint64 [D] every document's hash, the (min, max) token id ((0, -1) when empty)) in one read of ``PREFIX.bin``
+    (``bounds``: its :func:`~.integrity.document_bounds`): the pre-flight needs both of a dataset without a sidecar
+    and a ``.doc_hashes`` file, and a second read of a 100 GB ``.bin`` would double a long wait. The documents
+    cover the whole ``.bin``, so the range is :func:`~.integrity.token_id_range`'s."""
     n_docs = len(bounds) - 1
     out = np.empty(n_docs, dtype=np.uint64)
-    if n_docs == 0:
-        return out
-    tokens = np.memmap(f"{prefix}.bin", dtype=info.dtype, mode="r") if info.tokens else np.empty(0, info.dtype)
+    seen = None
+    tokens = np.memmap(f"{prefix}.bin", dtype=info.dtype, mode="r") if n_docs and info.tokens else np.empty(0, info.dtype)
     digest = xxhash.xxh3_64_intdigest
     lo = 0
     while lo < n_docs:
@@ -112,27 +119,56 @@ def compute_document_hashes(prefix: Prefix, info: IndexInfo) -> np.ndarray:
         hi = int(np.searchsorted(bounds, bounds[lo] + CHUNK_TOKENS, side="right")) - 1
         hi = min(n_docs, max(hi, lo + 1))
         first = int(bounds[lo])
-        ids = memoryview(np.ascontiguousarray(tokens[first:int(bounds[hi])], dtype="<u4")).cast("B")
+        chunk = tokens[first:int(bounds[hi])]
+        seen = widen_id_range(seen, chunk)  # the dtype's own ids: "<u4" would wrap a negative one
+        ids = memoryview(np.ascontiguousarray(chunk, dtype="<u4")).cast("B")
         offsets = ((bounds[lo:hi + 1] - first) * 4).tolist()
         out[lo:hi] = [digest(ids[a:b]) for a, b in zip(offsets, offsets[1:])]
         lo = hi
-    return out
+    return out, seen or (0, -1)
 
 
-def dataset_document_hashes(prefix: Prefix, info: IndexInfo, identity: Optional[str]) -> tuple[np.ndarray, str]:
+def _note_hashing(prefix: Prefix, documents: int, why: str) -> None:
+    """A dataset of NOTE_DOCUMENTS documents or more hashed from its .bin: seconds at every start; say why (``why``:
+    :func:`read_document_hashes`'s phrase), and how to spend them once (one line on stderr)."""
+    if documents >= NOTE_DOCUMENTS:
+        print(f"dist-train: {prefix}: {why}; hashing its {documents:,} documents from {Path(str(prefix)).name}.bin "
+              f"for the held-out overlap check (about {documents * SECONDS_PER_DOCUMENT:.0f} s, at every start); "
+              f"'dist-train data hash {prefix}' writes the file once", file=sys.stderr, flush=True)
+
+
+def dataset_document_hashes(prefix: Prefix, info: IndexInfo, identity: Optional[str],
+                            key: str = "data.path") -> tuple[np.ndarray, str]:
     """``(hashes uint64 [D], source)`` of the dataset at ``prefix`` whose index was read as ``info`` and whose identity
     is ``identity`` (:func:`~.datasets.dataset_identity`, computed by the caller, which needs it elsewhere too):
     PREFIX.doc_hashes's when it belongs to this build (source ``"file"``), else computed from the ``.bin`` (source
-    ``"computed: <why the file was not used>"``)."""
+    ``"computed: <why the file was not used>"``). ``key``: as :func:`compute_document_hashes`'s."""
     documents = max(0, info.documents - 1)
     found = read_document_hashes(prefix, documents, identity)
     if isinstance(found, str):
-        if documents >= NOTE_DOCUMENTS:  # seconds at every start: say why, and how to spend them once
-            print(f"dist-train: {prefix}: {found}; hashing its {documents:,} documents from {Path(str(prefix)).name}.bin "
-                  f"for the held-out overlap check (about {documents * SECONDS_PER_DOCUMENT:.0f} s, at every start); "
-                  f"'dist-train data hash {prefix}' writes the file once", file=sys.stderr, flush=True)
-        return compute_document_hashes(prefix, info), f"computed: {found}"
+        _note_hashing(prefix, documents, found)
+        return compute_document_hashes(prefix, info, key), f"computed: {found}"
     return found, "file"
+
+
+def token_range_and_hashes(prefix: Prefix, info: IndexInfo, identity: Optional[str],
+                           key: str = "data.path") -> tuple[tuple[int, int], Optional[np.ndarray]]:
+    """((min, max) token id of ``PREFIX.bin``, :func:`dataset_document_hashes`'s hashes) with one read of the ``.bin``:
+    the ``.doc_hashes`` file's hashes when it belongs to this build (the read is :func:`~.integrity.token_id_range`'s),
+    else both from :func:`scan_document_hashes`. The hashes are None when the document table is damaged: the range
+    is read alone then, and the overlap check refuses the table in its turn (computing the hashes there raises the
+    same line before it reads the ``.bin``)."""
+    documents = max(0, info.documents - 1)
+    found = read_document_hashes(prefix, documents, identity)
+    if not isinstance(found, str):
+        return token_id_range(prefix, info), found
+    try:
+        bounds = document_bounds(prefix, info, key)
+    except ValueError:
+        return token_id_range(prefix, info), None
+    _note_hashing(prefix, documents, found)
+    hashes, token_range = scan_document_hashes(prefix, info, bounds)
+    return token_range, hashes
 
 
 def hash_dataset(prefix: Prefix) -> dict:

@@ -20,7 +20,7 @@ file, 1.4 s without; ``dist-train bench overlap``, docs/benchmarks/overlap.md).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Optional
 
@@ -28,8 +28,8 @@ import numpy as np
 
 from ..config import Config
 from .datasets import dataset_identity, part_samples
-from .document_hashes import dataset_document_hashes
-from .integrity import IndexInfo, document_bounds
+from .document_hashes import dataset_document_hashes, token_range_and_hashes
+from .integrity import IndexInfo, check_indexed_dataset, document_bounds, token_id_range
 
 #: training hashes compared per step: 8 MiB of them
 CHUNK = 1 << 20
@@ -84,24 +84,47 @@ def shared_documents(train_hashes: np.ndarray, valid_hashes: np.ndarray, valid_l
 class Checked:
     """A dataset as the pre-flight read it (:func:`~.integrity.check_indexed_dataset`'s ``index`` and ``sidecar``):
     the overlap check reads neither file again. ``key``: the config key naming it (data.path or data.valid_path), as
-    its messages do."""
+    its messages do. ``scanned_identity``/``scanned_hashes``: what :func:`checked_dataset`'s scan of the ``.bin``
+    (a dataset without a sidecar) used and found, so neither is read again."""
 
     prefix: str
     index: IndexInfo
     sidecar: Optional[dict]
     key: str = "data.path"
+    scanned_identity: Optional[str] = field(default=None, compare=False)
+    scanned_hashes: Optional[np.ndarray] = field(default=None, compare=False, repr=False)
 
     @cached_property
     def identity(self) -> Optional[str]:
         """:func:`~.datasets.dataset_identity`, computed once: without a sidecar digest it is the sampled fingerprint
         (2 MiB read), which the same-data, overlap and resume checks of one pre-flight all need."""
-        return dataset_identity(self.prefix, self.sidecar)
+        return self.scanned_identity or dataset_identity(self.prefix, self.sidecar)
 
     def hashes(self) -> np.ndarray:
-        return dataset_document_hashes(self.prefix, self.index, self.identity)[0]
+        if self.scanned_hashes is not None:
+            return self.scanned_hashes
+        return dataset_document_hashes(self.prefix, self.index, self.identity, self.key)[0]
 
     def bounds(self) -> np.ndarray:
         return document_bounds(self.prefix, self.index, self.key)
+
+
+def checked_dataset(prefix: str, vocab_size: int, seq_len: int, key: str, hash_documents: bool) -> Checked:
+    """:func:`~.integrity.check_indexed_dataset` of the dataset at ``prefix`` (its ValueError), as a :class:`Checked`.
+    ``hash_documents``: the overlap check will need its document hashes (:func:`overlap_checked`). A dataset without a
+    sidecar has its ``.bin`` scanned for the token-id range: that same read computes the hashes too, unless a
+    ``.doc_hashes`` file of this build holds them (:func:`~.document_hashes.token_range_and_hashes`), so its ``.bin``
+    is read once per pre-flight, not once per check."""
+    scanned: dict = {}
+
+    def scan(prefix: str, info: IndexInfo) -> tuple[int, int]:
+        # only a dataset without a sidecar is scanned: its identity is the sampled fingerprint, used for the file here
+        identity = scanned["scanned_identity"] = dataset_identity(prefix, None)
+        token_range, scanned["scanned_hashes"] = token_range_and_hashes(prefix, info, identity, key)
+        return token_range
+
+    result = check_indexed_dataset(prefix, vocab_size, seq_len, key, scan if hash_documents else token_id_range)
+    return Checked(prefix, result["index"], result["sidecar"], key, **scanned)
 
 
 def share_tokens(data: Checked, seq_len: int, split: str, part: str) -> tuple[int, int]:
@@ -151,13 +174,21 @@ def split_overlap(data: Checked, seq_len: int, split: str, min_tokens: int) -> O
     return shared_documents(hashes[train], hashes[valid], np.diff(bounds[valid.start:valid.stop + 1]), min_tokens)
 
 
+def overlap_checked(cfg: Config) -> bool:
+    """Whether :func:`held_out_overlap_message` compares document hashes: indexed data with validation on, held out
+    by data.valid_path or data.split, and data.valid_overlap_max < 1 (1: not checked)."""
+    d = cfg.data
+    return bool(d.source == "indexed" and cfg.train.eval_every and d.valid_overlap_max < 1 and d.path
+                and (d.valid_path or d.split))
+
+
 def held_out_overlap_message(cfg: Config, checked: dict[str, Checked]) -> Optional[str]:
     """One line when more than ``data.valid_overlap_max`` of the held-out documents (``data.valid_path``'s, else
     ``data.split``'s validation share) are training documents too, naming both, the counts and the way on; None
     otherwise, when validation is off, or when ``data.valid_overlap_max`` is 1 (not checked). ``checked``: data.path
     and data.valid_path as the pre-flight read them, by prefix. ValueError: a damaged document table (one line)."""
     d = cfg.data
-    if d.source != "indexed" or not cfg.train.eval_every or d.valid_overlap_max >= 1 or not d.path:
+    if not overlap_checked(cfg):
         return None
     if d.valid_path:
         overlap = valid_path_overlap(checked[d.path], checked[d.valid_path], d.valid_overlap_min_tokens,
@@ -165,14 +196,12 @@ def held_out_overlap_message(cfg: Config, checked: dict[str, Checked]) -> Option
         where = f"data.valid_path = {d.valid_path}: {overlap.shared:,} of its {overlap.counted:,} documents"
         training = f"the training data data.path = {d.path}"
         fix = "rebuild the held-out set without them (deduplicate, then split)"
-    elif d.split:
+    else:
         overlap = split_overlap(checked[d.path], d.seq_len, d.split, d.valid_overlap_min_tokens)
         where = (f"data.split = {d.split!r}: {overlap.shared:,} of the {overlap.counted:,} documents of the "
                  f"validation share of data.path = {d.path}")
         training = "its training share"
         fix = "deduplicate the corpus and prepare it again"
-    else:
-        return None
     if overlap.shared == 0 or overlap.fraction <= d.valid_overlap_max:
         return None
     accept = math.ceil(overlap.fraction * 1e4) / 1e4  # the smallest 4-decimal setting that passes
