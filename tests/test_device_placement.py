@@ -224,7 +224,7 @@ def test_a_gpt_training_step_stays_on_the_device(monkeypatch, window, checkpoint
 @pytest.mark.parametrize("model", ["gpt", "gpt, packed documents", "swin"])
 def test_a_data_parallel_training_step_reads_the_device_once(monkeypatch, model):
     """Whole steps of the data-parallel engine (the FSDP2 engine's too), 4 micro-batches each, clipping on: the step's
-    loss and gradient norm come to the host together, once per step, for the skip decision and the clipping
+    loss, gradient norm and skip decision come to the host together, once per step, for the skip and the clipping
     coefficient (the trainer then logs them). The engine copied each micro-batch's loss to the host and read the
     norm on its own, and it moved the batch's layout integers to the device where the model read them back: the
     Swin tiling's ``image_size`` (2 reads per micro-batch), the attention plan's ``cu_seqlens`` (1). Each read makes
@@ -234,7 +234,7 @@ def test_a_data_parallel_training_step_reads_the_device_once(monkeypatch, model)
     with HostReads() as reads, BlockingCopies() as copies:
         for _ in range(2):
             loss, norm = engine.train_step(micro, 64.0, loss_limit=100.0)
-    assert reads.seen == ["to cpu (2,)"] * 2 and copies.seen == []
+    assert reads.seen == ["to cpu (3,)"] * 2 and copies.seen == []
     assert not engine.last_step_skipped and (loss, norm) == (1.0 / 64.0, 1.0)
 
 
@@ -342,25 +342,46 @@ def test_the_simulator_moves_its_shard_positions_without_waiting(monkeypatch):
     assert q.grad.device == META and copies.seen == []
 
 
-def test_the_steps_agreements_over_ranks_read_the_device_once_each(monkeypatch, tmp_path):
-    """On more than one rank, a step agrees on its skip decision (a non-finite or spiking loss on any rank) and on a
-    stop (a signal on any rank), and sums its token count over the ranks. Each agreement's read is its decision (kept:
-    one per step each); the flags were made with torch.tensor([flag], device=cuda), a blocking copy before the
-    all-reduce, and the count went to the GPU by a blocking copy. (2 ranks faked: the all-reduce leaves the values.)"""
+def _fake_two_rank_job(monkeypatch) -> None:
+    """This process plays one rank of a 2-rank job whose collectives run on meta: an all-reduce leaves the values."""
     monkeypatch.setattr(dist, "is_initialized", lambda: True)
     monkeypatch.setattr(dist, "get_world_size", lambda group=None: 2)
     monkeypatch.setattr(dist, "all_reduce", lambda t, op=None, group=None: None)
     monkeypatch.setattr(grads, "collective_device", lambda group: META)
     monkeypatch.setattr(distributed, "collective_device", lambda group: META)
+
+
+def test_on_two_ranks_the_skip_decision_is_read_with_the_loss_and_the_norm(monkeypatch):
+    """On more than one rank a step agrees on its skip decision (a non-finite or spiking loss on any rank). The flag was
+    all-reduced after the step's read of loss and norm and read on its own: a second wait for the device per step.
+    It is decided and agreed on the device now and comes to the host with the loss and the norm, in the one copy."""
+    _run_on_meta(monkeypatch)
+    engine, micro = one_rank_engine_and_batches("gpt", META)
+    _fake_two_rank_job(monkeypatch)
+    agreed = []
+    monkeypatch.setattr(dist, "all_reduce", lambda t, op=None, group=None: agreed.append((tuple(t.shape), op)))
+    with HostReads() as reads, BlockingCopies() as copies:
+        for _ in range(2):
+            engine.train_step(micro, 64.0, loss_limit=100.0)
+    assert reads.seen == ["to cpu (3,)"] * 2 and copies.seen == []
+    assert agreed == [((1,), dist.ReduceOp.MIN)] * 2 and not engine.last_step_skipped
+
+
+def test_the_stop_agreement_and_the_token_count_read_the_device_once_each(monkeypatch, tmp_path):
+    """On more than one rank a step also agrees on a stop (a signal on any rank, sampled after the step: it cannot join
+    the skip decision's read) and sums its token count over the ranks (needed on the host before the step). Each read
+    is its decision (kept: one per step each); the stop flag was made with torch.tensor([flag], device=cuda), a
+    blocking copy before the all-reduce, and the count went to the GPU by a blocking copy."""
+    _fake_two_rank_job(monkeypatch)
     lifecycle = Lifecycle(tmp_path, rank=0, install_signals=False)
     with HostReads() as reads, BlockingCopies() as copies:
-        accepted = grads.all_ranks_accept(2.0, 1.0, META, loss_limit=3.0)
         stop = lifecycle.stop_agreed()
         count = grads.all_reduce_sum(torch.tensor([6.0, 2.0], dtype=torch.float64), group=object())
     assert copies.seen == []
-    assert reads.seen == ["item (1,)", "item (1,)", "copy to cpu (2,)"]
-    assert accepted and stop and count.tolist() == [1.0, 1.0]  # (what HostReads answers for the values)
+    assert reads.seen == ["item (1,)", "copy to cpu (2,)"]
+    assert stop and count.tolist() == [1.0, 1.0]  # (what HostReads answers for the values)
     monkeypatch.setattr(dist, "get_world_size", lambda group=None: 1)  # the GPU check's NCCL world of one
+    loss_sum, norm = torch.full((1,), 2.0, dtype=torch.float64, device=META), torch.ones(1, device=META)
     with HostReads() as reads:
-        assert not lifecycle.stop_agreed() and grads.all_ranks_accept(2.0, 1.0, META)
+        assert not lifecycle.stop_agreed() and grads.all_ranks_accept(loss_sum, norm, 1.0).device == META
     assert reads.seen == []

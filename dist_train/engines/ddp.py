@@ -26,20 +26,21 @@ __all__ = ["DDPEngine", "all_reduce_sum", "checked_step"]
 
 
 def checked_step(engine, params: list[nn.Parameter], loss_sum: torch.Tensor, global_count: float,
-                 device: torch.device, loss_limit: Optional[float]) -> tuple[float, float]:
+                 loss_limit: Optional[float]) -> tuple[float, float]:
     """The end of an engine's step (DDP/FSDP and pipeline alike) -> (global mean loss, pre-clip gradient norm).
 
     ``engine``: has ``mesh``, ``optimizer``, ``scheduler``, ``grad_clip`` and sets ``last_step_skipped``.
     ``params``: the parameters whose (already reduced) gradients are measured, clipped and stepped.
-    ``loss_sum``: the global batch's loss sum (float64, shape (1,), on the device), read with the norm in one host
-    copy: the step's one wait for the device (the skip decision and the clipping coefficient need both values on the
-    host). When the loss or the norm is not finite on any rank, or the loss exceeds ``loss_limit``, nothing is applied
+    ``loss_sum``: the global batch's loss sum (float64, shape (1,), on the device), read with the norm and the ranks'
+    agreement on the step (:func:`~.grads.all_ranks_accept`) in one host copy: the step's one wait for the device (the
+    skip decision and the clipping coefficient need these values on the host). When the loss or the norm is not finite on any rank, or the loss exceeds ``loss_limit``, nothing is applied
     (``last_step_skipped``): the weights, optimizer state and schedule stay as they were and the gradients are
     dropped."""
     norm = grad_norm_on_device(params, engine.mesh.tp_group, engine.mesh.pp_group)
-    total, norm = read_floats(loss_sum, norm)
+    accept = all_ranks_accept(loss_sum, norm, global_count, loss_limit)
+    total, norm, accepted = read_floats(loss_sum, norm, accept)
     loss = total / global_count
-    engine.last_step_skipped = not all_ranks_accept(loss, norm, device, loss_limit)
+    engine.last_step_skipped = accepted != 1.0
     if not engine.last_step_skipped:
         clip_grads_(params, norm, engine.grad_clip)
         engine.optimizer.step()
@@ -120,8 +121,7 @@ class DDPEngine:
         accepted applies nothing (:func:`checked_step`). ``loss_sum``: the global batch's loss sum (float64, shape
         (1,), on the device)."""
         params = [p for p in self.module.parameters() if p.grad is not None]
-        device = params[0].device if params else torch.device("cpu")
-        return checked_step(self, params, loss_sum, global_count, device, loss_limit)
+        return checked_step(self, params, loss_sum, global_count, loss_limit)
 
     @property
     def lr(self) -> float:

@@ -8,7 +8,6 @@ gradients and do not add.
 """
 from __future__ import annotations
 
-import math
 from typing import Iterable, Optional
 
 import torch
@@ -85,21 +84,29 @@ def read_floats(*scalars: torch.Tensor) -> list[float]:
     return torch.cat([t.detach().reshape(1).to(device) for t in scalars]).tolist()
 
 
-def all_ranks_accept(loss: float, norm: float, device: torch.device, loss_limit: Optional[float] = None) -> bool:
-    """True on every rank iff, on every rank of the job (MIN over the default group), the loss and the
-    gradient norm are finite and the loss is at most ``loss_limit`` (None: no limit; see dist_train/spikes.py).
+def all_ranks_accept(loss_sum: torch.Tensor, norm: torch.Tensor, global_count: float,
+                     loss_limit: Optional[float] = None) -> torch.Tensor:
+    """1.0 (accept) or 0.0, a float64 tensor of shape (1,) on the device, the same on every rank: 1.0 iff on every rank
+    of the job (MIN over the default group) the loss ``loss_sum / global_count`` and the gradient norm are finite and
+    the loss is at most ``loss_limit`` (None: no limit; see dist_train/spikes.py). ``loss_sum``, ``norm``: float64
+    tensors of shape (1,) on the device.
 
     The loss and the gradient norm are already equal on all ranks when the engines' reductions are
     exact; the agreement makes the skip decision collective even when a reduction was not (a NaN on
-    one dp rank only), so no rank ever applies a step that another skipped."""
-    ok = math.isfinite(loss) and math.isfinite(norm) and (loss_limit is None or loss <= loss_limit)
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return ok
-    # filled on the device (torch.tensor([ok], device=cuda) is a blocking copy from the host); the read is the
-    # decision itself, one wait per step on more than one rank
-    flag = torch.full((1,), 1 if ok else 0, dtype=torch.int32, device=device)
-    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-    return bool(flag.item())
+    one dp rank only), so no rank ever applies a step that another skipped.
+
+    Decided on the device (the same float64 division and comparisons the host would make) and left there: the engines
+    read it with the loss and the norm in one copy (:func:`read_floats`), so the agreement adds no wait for the device
+    of its own."""
+    loss = loss_sum / global_count
+    ok = torch.isfinite(loss) & torch.isfinite(to_device(norm, loss.device))  # (a rank with no gradients: a host norm)
+    if loss_limit is not None:
+        ok &= loss <= loss_limit
+    flag = ok.to(torch.float64)
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        flag = to_device(flag, collective_device(None))
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return flag
 
 
 def clip_grads_(params: Iterable[torch.nn.Parameter], norm: float, max_norm: float) -> None:

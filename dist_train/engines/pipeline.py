@@ -208,9 +208,9 @@ class PipelineEngine:
             all_reduce_grads_(params, self.mesh.grad_group)
         all_reduce_sum(loss_sum, self.mesh.pp_group)  # only the last stage contributes
         all_reduce_sum(loss_sum, self.mesh.grad_group)
-        # the norm, read with the loss in the step's one wait for the device; a non-finite loss or norm, or a
-        # spike, on any rank: apply nothing
-        return checked_step(self, params, loss_sum, global_count, self.device, loss_limit)
+        # the norm and the ranks' agreement, read with the loss in the step's one wait for the device; a non-finite
+        # loss or norm, or a spike, on any rank: apply nothing
+        return checked_step(self, params, loss_sum, global_count, loss_limit)
 
     def eval_loss_sum(self, micro: list[dict]) -> float:
         """Forward only through the pipeline (the schedule's eval pass, no gradients) -> the loss sum of the
