@@ -20,6 +20,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import dist_train.distributed as distributed
 import parallelism.context.attention as cp_attention
 import parallelism.context.simulate as simulate
+import parallelism.context.ulysses as ulysses
 import tests.test_gpu_path as gpu_path
 from dist_train.config import ModelConfig
 from dist_train.engines import grads
@@ -313,10 +314,10 @@ def test_sharding_a_sequence_builds_its_positions_on_the_device(monkeypatch):
     assert copies.seen == []
 
 
-def test_a_hybrid_layer_copies_its_permutation_to_the_device_once(monkeypatch):
-    """Hybrid context parallelism (Ulysses 2 x ring 2, zigzag: the gathered tokens are re-ordered): every layer call
-    copied the permutation to the device with a plain .to(), a wait for the device per layer of every step. It is made
-    once per shape and device now, by an asynchronous copy."""
+def _hybrid_layer_on_meta(monkeypatch):
+    """``layer()``: one hybrid context-parallel attention call (Ulysses 2 x ring 2, zigzag: the gathered tokens are
+    re-ordered) as rank 1 of a faked 4-rank group on meta, the all-to-alls and the ring replaced by shape-keeping
+    stand-ins (the code between them is the real one). The hybrid caches start empty."""
     _fake_four_rank_group(monkeypatch)
     monkeypatch.setattr(cp_attention, "subgroups", lambda group, degree: SubGroups(
         ulysses=None, ulysses_rank=1, ring=None, ring_rank=0, ring_size=2, ulysses_members=(0, 1)))
@@ -324,12 +325,43 @@ def test_a_hybrid_layer_copies_its_permutation_to_the_device_once(monkeypatch):
     monkeypatch.setattr(cp_attention, "heads_to_seq", lambda x, group: torch.cat(x.chunk(2, 1), 2))
     monkeypatch.setattr(cp_attention, "RingAttention", SimpleNamespace(apply=lambda q, k, v, *rest: q * 2))
     q, k, v = (torch.randn(1, 16, 4, 8, device=META) for _ in range(3))
-    cp_attention.gathered_permutation.cache_clear()
+    ulysses.gathered_permutation.cache_clear()
+    ulysses.ring_orders.cache_clear()
+
+    def layer() -> torch.Tensor:
+        out = cp_attention.context_parallel_attention(q, k, v, group=None, method="hybrid", ulysses_degree=2)
+        assert out.shape == q.shape and out.device == META
+        return out
+    return layer
+
+
+def test_a_hybrid_layer_copies_its_permutation_to_the_device_once(monkeypatch):
+    """Hybrid context parallelism: every layer call copied the permutation to the device with a plain .to(), a wait
+    for the device per layer of every step. It is made once per shape and device now, by an asynchronous copy."""
+    layer = _hybrid_layer_on_meta(monkeypatch)
     with BlockingCopies() as copies:
-        outs = [cp_attention.context_parallel_attention(q, k, v, group=None, method="hybrid", ulysses_degree=2)
-                for _layer in range(3)]
-    assert all(o.shape == q.shape and o.device == META for o in outs)
-    assert copies.seen == [] and cp_attention.gathered_permutation.cache_info().misses == 1
+        for _layer in range(3):
+            layer()
+    assert copies.seen == [] and ulysses.gathered_permutation.cache_info().misses == 1
+
+
+def test_a_hybrid_layer_builds_its_ring_orders_once(monkeypatch):
+    """Every hybrid layer call built the ring's orders on the host again: each ring member's gathered positions (one
+    tensor per rank of its Ulysses group), a sort and a walk over every position, per layer of every step. They
+    depend only on the shape (sequence length, Ulysses degree, group size, layout) and are made once per shape now:
+    after the first call nothing is built."""
+    layer = _hybrid_layer_on_meta(monkeypatch)
+    built = []
+    positions = ulysses.sequence_positions
+    monkeypatch.setattr(ulysses, "sequence_positions", lambda *a, **kw: built.append(kw["rank"]) or positions(*a, **kw))
+    layer()
+    assert sorted(built) == [0, 0, 1, 1, 2, 3]  # both ring members' orders; this rank's (ranks 0, 1) for the permutation
+    built.clear()
+    for _layer in range(2):
+        layer()
+    assert built == []
+    assert ulysses.ring_orders(64, 2, 4, "zigzag") == tuple(
+        ulysses.gathered_order(64, members, 4, "zigzag")[0] for members in ([0, 1], [2, 3]))
 
 
 def test_the_simulator_moves_its_shard_positions_without_waiting(monkeypatch):

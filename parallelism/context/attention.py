@@ -20,7 +20,7 @@ from .kernels import default_scale, get_kernel
 from .layouts import Chunk, rank_chunks
 from .plan import build_schedule
 from .ring import CPStats, RingAttention
-from .ulysses import check_heads, gathered_order, gathered_permutation, kv_replication, replicate_kv
+from .ulysses import check_heads, gathered_permutation, kv_replication, replicate_kv, ring_orders
 
 def default_tile(window: Optional[int]) -> Optional[int]:
     """With a window, cut chunks into tiles of ~max(128, w) tokens so work is O(n·w), not O(n²)."""
@@ -126,9 +126,7 @@ def _ulysses_ring(q, k, v, group, degree, layout, causal, window, scale, blk_ker
     qg, kg, vg = (seq_to_heads(x, sub.ulysses) for x in (q, k, v))      # [B, U·n, H/U, D]
     if stats is not None:
         stats.all_to_all_calls += 3
-    orders = [gathered_order(seq_len, list(range(i * degree, (i + 1) * degree)), P, layout)
-              for i in range(sub.ring_size)]
-    chunks = tuple(c for c, _ in orders)
+    chunks = ring_orders(seq_len, degree, P, layout)
     own = tuple(range(sub.ring_rank * degree, (sub.ring_rank + 1) * degree))
     perm = gathered_permutation(seq_len, own, P, layout, q.device)
     if perm is not None:

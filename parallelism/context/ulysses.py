@@ -75,6 +75,16 @@ def gathered_order(seq_len: int, members: list[int], world_size: int,
 
 
 @functools.lru_cache(maxsize=64)
+def ring_orders(seq_len: int, degree: int, world_size: int, layout: str) -> tuple[tuple[Chunk, ...], ...]:
+    """The chunks each member of the hybrid ring holds after its Ulysses all-to-all (:func:`gathered_order` of the
+    ``degree`` consecutive ranks of ring member i, for i < world_size / degree), in ring order. Made once per shape:
+    every layer of every step runs the same ring, and building the positions on the host each call (a tensor per
+    rank, a sort, a walk over every position) would hold the host up in every layer call."""
+    return tuple(gathered_order(seq_len, list(range(i * degree, (i + 1) * degree)), world_size, layout)[0]
+                 for i in range(world_size // degree))
+
+
+@functools.lru_cache(maxsize=64)
 def gathered_permutation(seq_len: int, members: tuple[int, ...], world_size: int, layout: str,
                          device: torch.device) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
     """:func:`gathered_order`'s permutation and its inverse, LongTensors [len(members) * S/P] on ``device`` (None: the
