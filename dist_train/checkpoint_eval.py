@@ -3,7 +3,8 @@
     result = evaluate_checkpoint(cfg, Path("runs/x/checkpoints/step_30"), ctx)   # every rank, collective
     # {"loss": 5.42, "perplexity": 226.1, "count": 8160.0, "step": 30, ...}  (the same on every rank)
 
-The pieces are the trainer's: its model, engine (layout) and validation batcher, the checkpoint manager's ``load``
+The pieces are the trainer's: its model, engine (layout; forward only: ``build_engine``'s ``evaluation_only``, no
+DDP gradient buckets) and validation batcher, the checkpoint manager's ``load``
 (weights only: no optimizer is given, so none is read) and :class:`dist_train.evaluation.Evaluator` over the same
 batches a training evaluation reads. The loss therefore equals the ``valid_loss`` the trainer logged at the
 checkpoint's step under the same config (the weights it evaluated are the ones it saved): bit for bit on the
@@ -33,7 +34,7 @@ def evaluate_checkpoint(cfg: Config, ckpt: Path, ctx: DistContext) -> dict:
     started = time.perf_counter()
     mesh = build_mesh(cfg.parallel, ctx.world_size, ctx.device.type)
     model = build_model(cfg, mesh, ctx.device)
-    engine = build_engine(cfg, model, mesh, autocast_dtype(cfg, ctx.device))
+    engine = build_engine(cfg, model, mesh, autocast_dtype(cfg, ctx.device), evaluation_only=True)
     # only the model section is compared with the checkpoint's: data, training and layout keys may differ (another
     # held-out set, another layout), the model may not
     manager = CheckpointManager(cfg.checkpoint, run_dir=cfg.run.dir, config={"model": cfg.to_dict()["model"]},

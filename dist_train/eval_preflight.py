@@ -13,7 +13,9 @@ from .checkpoint import compat
 from .checkpoint import manifest as mf
 from .checkpoint.manager import checkpoint_root, resume_candidates
 from .config import Config, ConfigError, TrainConfig, load_config, parse_split
-from .preflight import check_data, check_engine, check_model_fits, check_model_shapes, newest_verified
+from .cost import evaluation_state_bytes, rank_inputs
+from .dryrun import device_profile
+from .preflight import check_data, check_engine, check_model_shapes, newest_verified, refuse_beyond_memory
 
 
 def load_eval_config(config: str, user_overrides: list[str], overrides: list[str]) -> Config:
@@ -76,11 +78,28 @@ def check_out_path(out: str) -> None:
         raise ConfigError(f"--out {out}: no directory {path.parent} to write it in (create it, or give another path)")
 
 
+def check_evaluation_fits(cfg: Config, on_cuda: bool, ranks_per_host: int) -> None:
+    """:func:`preflight.check_model_fits` for ``dist-train eval``: what its ranks hold of the parameters' states
+    (``cost.memory.evaluation_state_bytes``: no gradients or optimizer state, except what DeepSpeed's ZeRO
+    optimizer allocates when its engine is built), so a model whose weights fit is not refused for a training
+    step's states it never holds."""
+    prof, label = device_profile(on_cuda)
+    sh, loc = rank_inputs(cfg, prof)
+    held = evaluation_state_bytes(cfg, sh, loc)
+    if cfg.parallel.zero_stage is None:
+        counted, keys = ("an evaluation's fp32 weights alone, no gradients or optimizer state",
+                         "parallel.tp, parallel.pp, parallel.fsdp")
+    else:
+        counted, keys = ("an evaluation's weights, gradients and optimizer state alone (DeepSpeed's ZeRO optimizer "
+                         "allocates them when its engine is built)", "parallel.tp, parallel.zero_stage")
+    refuse_beyond_memory(cfg, (prof, label), on_cuda, ranks_per_host, held, counted, keys)
+
+
 def eval_preflight(cfg: Config, requested: Optional[str], on_cuda: bool, ranks_per_host: int) -> Path:
     """The launch pre-flight's checks that apply to an evaluation (no directory is written, so none must be
     writable) and the checkpoint -> the step directory to evaluate. ``on_cuda`` / ``ranks_per_host``: where the
     ranks will compute (``launchers.cli.ranks_on_cuda``; a batch job: its nodes). Raises ConfigError (one line)."""
-    check_model_fits(cfg, on_cuda, ranks_per_host=ranks_per_host)
+    check_evaluation_fits(cfg, on_cuda, ranks_per_host=ranks_per_host)
     check_engine(cfg, on_cuda)
     check_data(cfg)  # includes the held-out data: there, and enough samples for train.eval_steps batches
     return choose_checkpoint(cfg, requested)

@@ -41,6 +41,7 @@ from .dryrun import device_profile
 from .engines import autocast_dtype, cpu_autocast_refusal
 from .engines.deepspeed import check_deepspeed_keys
 from .evaluation import held_out_overrun
+from .plan.profiles import DeviceProfile
 
 #: set by the launcher in every rank's environment once it has run the preflight for the job
 PREFLIGHT_ENV = "DIST_TRAIN_PREFLIGHT_DONE"
@@ -74,14 +75,24 @@ def check_model_fits(cfg: Config, on_cuda: bool, ranks_per_host: int) -> None:
     sh, loc = rank_inputs(cfg, prof)
     mem = memory_model(cfg, sh, prof, loc)
     states = mem["weights"] + mem["grads"] + mem["optimizer"] + mem["ddp_buckets"]
+    refuse_beyond_memory(cfg, (prof, label), on_cuda, ranks_per_host, states,
+                         "weights, gradients and optimizer state alone", "parallel.tp, parallel.pp, parallel.zero_stage")
+
+
+def refuse_beyond_memory(cfg: Config, device: tuple[DeviceProfile, str], on_cuda: bool, ranks_per_host: int,
+                         need: float, counted: str, shard_keys: str) -> None:
+    """Raise ConfigError (one line) when ``need`` bytes per rank — ``counted`` says of what — exceed the device's
+    memory (``device``: ``device_profile(on_cuda)``; CPU: the host's RAM shared by its ``ranks_per_host`` ranks);
+    ``shard_keys``: the settings that would spread them over more ranks."""
+    prof, label = device
     capacity = prof.memory_bytes / (1 if on_cuda else max(1, ranks_per_host))
-    if states > capacity:
+    if need > capacity:
         p = cfg.parallel
         where = f"a {label} device" if on_cuda else f"this host's {prof.memory_gib:.0f} GiB shared by {ranks_per_host} rank(s)"
-        raise ConfigError(f"model: {model_params(cfg) / 1e9:,.2f}B parameters need {states / 2**30:,.1f} GiB per rank for "
-                          f"weights, gradients and optimizer state alone (tp={p.tp}, pp={p.pp}, zero_stage="
-                          f"{p.zero_stage}), more than the {capacity / 2**30:,.1f} GiB of {where}; shrink model.* "
-                          "or shard it (parallel.tp, parallel.pp, parallel.zero_stage)")
+        raise ConfigError(f"model: {model_params(cfg) / 1e9:,.2f}B parameters need {need / 2**30:,.1f} GiB per rank for "
+                          f"{counted} (tp={p.tp}, pp={p.pp}, zero_stage={p.zero_stage}"
+                          + (", fsdp" if p.fsdp else "") + f"), more than the {capacity / 2**30:,.1f} GiB of {where}; "
+                          f"shrink model.* or shard it ({shard_keys})")
 
 
 # -- directories ----------------------------------------------------------------------------------

@@ -14,15 +14,22 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from dist_train.checkpoint import manifest as mf
+from dist_train import eval_preflight, preflight
 from dist_train.cli import main
+from dist_train.bench.attention import peak_tensor_bytes
 from dist_train.checkpoint_eval import evaluate_checkpoint
-from dist_train.config import load_config, save_config
+from dist_train.config import ConfigError, load_config, save_config
 from dist_train.distributed import current_context
+from dist_train.engines import build_engine
+from dist_train.mesh import build_mesh
 from dist_train.runlock import hold_run_dir
-from dist_train.trainer import train
-from dist_train.eval_preflight import choose_checkpoint
+from dist_train.trainer import build_model, train
+from dist_train.eval_preflight import check_evaluation_fits, choose_checkpoint
+from dist_train.plan.profiles import builtin_profiles
+from dist_train.preflight import check_model_fits
 from launchers.evaluate import RESULT_MARKER, ResultSink, report
 from tests.dist_harness import run_ranks
 from tests.trainer_utils import tiny_gpt_config, tiny_swin_config
@@ -62,12 +69,26 @@ def test_eval_loss_is_the_logged_validation_loss_bit_for_bit(trained):
 
 
 def _layout_losses(rank, world, cfg_path, ckpt):
+    _eval_engine_allocates_no_buckets(load_config(cfg_path, LAYOUTS["dp2"]), world)
     return {name: evaluate_checkpoint(load_config(cfg_path, sets), Path(ckpt), current_context())["loss"]
             for name, sets in LAYOUTS.items()}
 
 
+def _eval_engine_allocates_no_buckets(cfg, world: int) -> None:
+    """Under dp 2 the training engine's DDP wrapper allocates flat gradient buckets (the weights' bytes again);
+    the evaluation's forward-only engine allocates nothing (what eval's pre-flight counts)."""
+    mesh = build_mesh(cfg.parallel, world)
+    weights = sum(p.numel() * p.element_size() for p in build_model(cfg, mesh, torch.device("cpu")).parameters())
+    peaks = {}
+    for evaluation_only in (False, True):
+        model = build_model(cfg, mesh, torch.device("cpu"))
+        peaks[evaluation_only] = peak_tensor_bytes(lambda: build_engine(cfg, model, mesh, None, evaluation_only))[1]
+    assert peaks[False] >= weights and peaks[True] == 0, (peaks, weights)
+
+
 @pytest.mark.slow
 def test_eval_on_two_ranks_matches_the_logged_loss_under_dp_cp_tp_pp(trained):
+    """... and under dp 2 eval's engine holds no DDP buckets (``_eval_engine_allocates_no_buckets``)."""
     cfg_path, run_dir, logged = trained
     results = run_ranks(_layout_losses, 2, args=(str(cfg_path), str(run_dir / "checkpoints" / "step_2")), timeout=600)
     for rank, got in enumerate(results):
@@ -180,6 +201,68 @@ def test_an_io_error_while_verifying_the_checkpoint_is_one_line_not_a_traceback(
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("dist-train: error: --checkpoint latest: ") and "step_2" in err[0], err
     assert "Stale file handle" in err[0] and "try again" in err[0] and "damaged" not in err[0], err
+
+
+#: a 17.6B-parameter GPT trained in bf16: its fp32 weights (65.7 GiB) fit an 80 GiB device, its training states
+#: (16 B a parameter with gradients and AdamW: 263 GiB) do not
+BIG = ["model.d_model=8192", "model.n_layers=20", "model.n_heads=64", "model.n_kv_heads=8", "model.ffn_hidden=28672",
+       "model.vocab_size=32000", "train.precision=bf16"]
+#: 1.1T parameters: not even their weights fit
+HUGE = ["model.d_model=16384", "model.n_layers=400", "model.n_heads=128"]
+
+
+@pytest.fixture
+def eighty_gib(monkeypatch):
+    """Both pre-flights see an 80 GiB device (H100's profile), on CPU ranks too: sizes that do not depend on the host."""
+    device = (builtin_profiles()["h100"], "h100")
+    monkeypatch.setattr(preflight, "device_profile", lambda on_cuda: device)
+    monkeypatch.setattr(eval_preflight, "device_profile", lambda on_cuda: device)
+
+
+@pytest.mark.parametrize("parallel", [[], ["parallel.dp=2"], ["parallel.pp=2"], ["parallel.fsdp=true", "parallel.dp=2"]])
+def test_evals_preflight_counts_the_weights_it_holds_not_a_training_steps_states(trained, eighty_gib, parallel):
+    """An evaluation holds the weights (fp32 under autocast; FSDP2: their shards), no gradients, optimizer state or
+    DDP buckets (engines.ForwardEngine): a model whose weights fit is evaluated, though launch refuses to train it."""
+    cfg_path, _, _ = trained
+    cfg = load_config(str(cfg_path), BIG + parallel)
+    check_evaluation_fits(cfg, on_cuda=True, ranks_per_host=1)
+    with pytest.raises(ConfigError, match="for weights, gradients and optimizer state alone"):
+        check_model_fits(cfg, on_cuda=True, ranks_per_host=1)
+    huge = load_config(str(cfg_path), HUGE + parallel)
+    with pytest.raises(ConfigError, match=r"[\d,.]+B parameters need [\d,.]+ GiB per rank for an evaluation's fp32 "
+                                          r"weights alone, no gradients or optimizer state \(tp=1"):
+        check_evaluation_fits(huge, on_cuda=True, ranks_per_host=1)
+
+
+def test_evals_preflight_counts_what_deepspeed_allocates(trained, eighty_gib):
+    """DeepSpeed's ZeRO optimizer allocates its partitions and AdamW state when its engine is built, an evaluation's
+    too: counted, and said."""
+    cfg = load_config(str(trained[0]), BIG + ["parallel.dp=2", "parallel.zero_stage=2"])
+    with pytest.raises(ConfigError, match="for an evaluation's weights, gradients and optimizer state alone "
+                                          r"\(DeepSpeed's ZeRO optimizer allocates them"):
+        check_evaluation_fits(cfg, on_cuda=True, ranks_per_host=1)
+
+
+def test_a_model_whose_weights_fit_is_evaluated_and_a_huge_one_refused_through_the_cli(trained, eighty_gib, tmp_path,
+                                                                                       capsys):
+    """Through the commands: launch refuses the big model's training states in one line, exit 2; eval's pre-flight
+    lets its weights through to the next check (the checkpoint holds another model: one line, exit 2, no rank
+    started); the huge model is refused by both for its size."""
+    cfg_path, _, _ = trained
+    sets = [a for kv in BIG for a in ("--set", kv)]
+    assert main(["launch", str(cfg_path), *sets, "--set", f"run.dir={tmp_path / 'run'}"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "GiB per rank for weights, gradients and optimizer state alone" in err[0], err
+    assert main(["eval", str(cfg_path), *sets]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "holds a model of another size" in err[0], err
+    huge = [a for kv in HUGE for a in ("--set", kv)]
+    assert main(["eval", str(cfg_path), *huge]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "GiB per rank for an evaluation's fp32 weights alone" in err[0], err
+    assert main(["launch", str(cfg_path), *huge, "--set", f"run.dir={tmp_path / 'run'}"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "GiB per rank for weights, gradients and optimizer state alone" in err[0], err
 
 
 def test_a_run_without_checkpoints_is_refused(tmp_path, capsys):

@@ -512,6 +512,25 @@ def parameter_state_bytes(cfg: Config, sh: Shape, loc: RankShape, load: RankLoad
     return {"weights": weights, "grads": grads, "optimizer": optim, "ddp_buckets": ddp, "fsdp_unsharded": unsharded}
 
 
+def evaluation_state_bytes(cfg: Config, sh: Shape, loc: RankShape) -> float:
+    """Bytes of parameter state a rank of ``dist-train eval`` holds (dist_train/checkpoint_eval.py: the engine
+    built forward-only, the checkpoint's weights loaded, no optimizer state read), on its most loaded pipeline rank:
+
+    * DeepSpeed (``parallel.zero_stage``): what training holds between steps, :func:`parameter_state_bytes`'
+      weights + gradients + optimizer — its ZeRO optimizer allocates its fp32 partitions, gradient partitions and
+      AdamW moments when the engine is built, and a ZeRO checkpoint loads into them;
+    * the torch engines: the fp32 parameters (autocast computes over them), FSDP2's shards of them over
+      ``loc.grad_shards``; torch's AdamW allocates its moments at the first step, which never comes, and the
+      forward-only engine has no DDP buckets (``engines.ForwardEngine``)."""
+    def held(load: RankLoad) -> float:
+        n_local = rank_params(cfg, sh, load)
+        if cfg.parallel.zero_stage is not None:
+            states = parameter_state_bytes(cfg, sh, loc, load, n_local)
+            return states["weights"] + states["grads"] + states["optimizer"]
+        return n_local * 4 / (loc.grad_shards if cfg.parallel.fsdp else 1)
+    return max(held(load) for load in loc.loads)
+
+
 def comm_buffer_bytes(cfg: Config, loc: RankShape) -> float:
     """Bytes of the cp that runs (:func:`~dist_train.cost.shape.cp_execution`): the ring's K/V double buffer and
     dK/dV accumulators (per K/V piece when the ring is pieced; hybrid: of the repeated heads), the all-to-all's

@@ -7,7 +7,8 @@ Every engine offers ``train_step(micro_batches, global_count, loss_limit) -> (gl
                                   its stages sharded by FSDP2 with parallel.fsdp
     parallel.fsdp              -> FSDPEngine       (FSDP2 / ZeRO-3 over the grad group; engines/fsdp.py)
     parallel.zero_stage 0..3   -> DeepSpeedEngine  (ZeRO over the grad group; engines/deepspeed.py)
-    otherwise                  -> DDPEngine        (torch DDP over the grad group; engines/ddp.py)
+    otherwise                  -> DDPEngine        (torch DDP over the grad group; engines/ddp.py),
+                                  ForwardEngine for an evaluation (``build_engine(..., evaluation_only=True)``)
 """
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ import torch
 
 from ..config import Config, ConfigError
 from ..mesh import Mesh
-from .ddp import DDPEngine
+from .ddp import DDPEngine, ForwardEngine
 from .deepspeed import DeepSpeedEngine  # imports deepspeed itself only when one is built
 from .fsdp import FSDPEngine
 from .pipeline import PipelineEngine
@@ -51,8 +52,14 @@ def cpu_autocast_refusal(cfg: Config, autocast_dtype: Optional[torch.dtype], dev
             f"train.precision: fp32 (the CPU default){sp}, parallel.fsdp or parallel.pp > 1")
 
 
-def build_engine(cfg: Config, model: torch.nn.Module, mesh: Mesh, autocast_dtype: Optional[torch.dtype]):
-    """Pick the engine for this config (config validation already rejected zero_stage with pp > 1 or with fsdp)."""
+def build_engine(cfg: Config, model: torch.nn.Module, mesh: Mesh, autocast_dtype: Optional[torch.dtype],
+                 evaluation_only: bool = False):
+    """Pick the engine for this config (config validation already rejected zero_stage with pp > 1 or with fsdp).
+    ``evaluation_only`` (``dist-train eval``: ``eval_loss_sum`` and ``checkpoint_kwargs``, never a training step):
+    the DDP engine's place is taken by :class:`ForwardEngine`, without DDP's gradient buckets. The others are
+    built as for training: FSDP2 shards and the pipeline's schedule are how their forward runs, their torch AdamW
+    allocates no state before a step, and DeepSpeed's engine is its forward (its ZeRO optimizer's partitions,
+    allocated when it is built, are what a ZeRO checkpoint loads into)."""
     refusal = cpu_autocast_refusal(cfg, autocast_dtype, next(model.parameters()).device.type)
     if refusal:
         raise ConfigError(refusal)
@@ -62,4 +69,6 @@ def build_engine(cfg: Config, model: torch.nn.Module, mesh: Mesh, autocast_dtype
         return FSDPEngine(cfg, model, mesh, autocast_dtype)
     if cfg.parallel.zero_stage is not None:
         return DeepSpeedEngine(cfg, model, mesh, autocast_dtype)
+    if evaluation_only:
+        return ForwardEngine(model, mesh, autocast_dtype)
     return DDPEngine(model, mesh, cfg.train, autocast_dtype)

@@ -22,7 +22,7 @@ from ..optim import build_optimizer, build_scheduler
 from .batches import batch_to_device
 from .grads import all_ranks_accept, all_reduce_sum, clip_grads_, grad_norm_on_device, read_floats
 
-__all__ = ["DDPEngine", "all_reduce_sum", "checked_step"]
+__all__ = ["DDPEngine", "ForwardEngine", "all_reduce_sum", "checked_step"]
 
 
 def checked_step(engine, params: list[nn.Parameter], loss_sum: torch.Tensor, global_count: float,
@@ -49,27 +49,54 @@ def checked_step(engine, params: list[nn.Parameter], loss_sum: torch.Tensor, glo
     return loss, norm
 
 
-class DDPEngine:
-    def __init__(self, model: nn.Module, mesh: Mesh, cfg: TrainConfig, autocast_dtype: Optional[torch.dtype]):
+class ForwardEngine:
+    """The DDP engine's forward-only part, for ``dist-train eval`` (``build_engine(..., evaluation_only=True)``):
+    ``module``, ``eval_loss_sum`` and ``checkpoint_kwargs`` over the unwrapped model, and nothing a training step
+    needs. DDP's wrapper allocates flat gradient buckets at construction (a second copy of the weights' bytes) and
+    broadcasts rank 0's weights; the evaluation's forward never runs through it and loads every weight itself."""
+
+    def __init__(self, model: nn.Module, mesh: Mesh, autocast_dtype: Optional[torch.dtype]):
         self.module = model
         self.mesh = mesh
-        self.grad_size = mesh.grad_size
-        self.wrapped: nn.Module = self._wrap(model)
-        self.optimizer = build_optimizer(list(model.named_parameters()), cfg)
-        self.scheduler = build_scheduler(self.optimizer, cfg)
-        self.grad_clip = cfg.grad_clip
         self.autocast_dtype = autocast_dtype
-        self.last_step_skipped = False  # the last train_step was not accepted (non-finite, spike): nothing applied
-
-    def _wrap(self, model: nn.Module) -> nn.Module:
-        """The module the forward runs through (subclasses shard instead); built before the optimizer."""
-        return model if self.mesh.grad_group is None else DDP(model, process_group=self.mesh.grad_group)
 
     def _autocast(self):
         if self.autocast_dtype is None:
             return contextlib.nullcontext()
         device_type = next(self.module.parameters()).device.type
         return torch.autocast(device_type, dtype=self.autocast_dtype)
+
+    def checkpoint_kwargs(self) -> dict:
+        """Extra CheckpointManager arguments: with tp > 1 an adapter that saves Megatron shards as DTensors
+        of the full shape (checkpoint/adapters.py), else none."""
+        return engine_checkpoint_kwargs(self.module, self.mesh)
+
+    def eval_loss_sum(self, micro: list[dict]) -> float:
+        """Forward only (no gradients, weights untouched) over this rank's micro-batches -> the loss sum of
+        the whole global batch (all-reduced over the grad group), for validation."""
+        device = next(self.module.parameters()).device
+        loss_sum = torch.zeros(1, dtype=torch.float64, device=device)  # on the device: see DDPEngine.train_step
+        with torch.no_grad(), self._autocast():
+            for batch in micro:
+                batch = batch_to_device(batch, device)
+                loss_sum += self.module(batch)[0].double()
+        all_reduce_sum(loss_sum, self.mesh.grad_group)
+        return float(loss_sum.item())
+
+
+class DDPEngine(ForwardEngine):
+    def __init__(self, model: nn.Module, mesh: Mesh, cfg: TrainConfig, autocast_dtype: Optional[torch.dtype]):
+        super().__init__(model, mesh, autocast_dtype)
+        self.grad_size = mesh.grad_size
+        self.wrapped: nn.Module = self._wrap(model)
+        self.optimizer = build_optimizer(list(model.named_parameters()), cfg)
+        self.scheduler = build_scheduler(self.optimizer, cfg)
+        self.grad_clip = cfg.grad_clip
+        self.last_step_skipped = False  # the last train_step was not accepted (non-finite, spike): nothing applied
+
+    def _wrap(self, model: nn.Module) -> nn.Module:
+        """The module the forward runs through (subclasses shard instead); built before the optimizer."""
+        return model if self.mesh.grad_group is None else DDP(model, process_group=self.mesh.grad_group)
 
     def forward_backward(self, batch: dict, inv_global_count: float, last_micro: bool) -> torch.Tensor:
         """Forward + backward of one micro-batch; returns its (detached) loss sum."""
@@ -79,11 +106,6 @@ class DDPEngine:
                 loss_sum, _ = self.wrapped(batch)
             (loss_sum * (self.grad_size * inv_global_count)).backward()
         return loss_sum.detach().float()
-
-    def checkpoint_kwargs(self) -> dict:
-        """Extra CheckpointManager arguments: with tp > 1 an adapter that saves Megatron shards as DTensors
-        of the full shape (checkpoint/adapters.py), else none."""
-        return engine_checkpoint_kwargs(self.module, self.mesh)
 
     def train_step(self, micro: list[dict], global_count: float,
                    loss_limit: Optional[float] = None) -> tuple[float, float]:
@@ -102,18 +124,6 @@ class DDPEngine:
             loss_sum += self.forward_backward(batch, 1.0 / global_count, m == len(micro) - 1).double()
         all_reduce_sum(loss_sum, self.mesh.grad_group)
         return self.step(loss_sum, global_count, loss_limit)
-
-    def eval_loss_sum(self, micro: list[dict]) -> float:
-        """Forward only (no gradients, weights untouched) over this rank's micro-batches -> the loss sum of
-        the whole global batch (all-reduced over the grad group), for validation."""
-        device = next(self.module.parameters()).device
-        loss_sum = torch.zeros(1, dtype=torch.float64, device=device)  # on the device: see train_step
-        with torch.no_grad(), self._autocast():
-            for batch in micro:
-                batch = batch_to_device(batch, device)
-                loss_sum += self.module(batch)[0].double()
-        all_reduce_sum(loss_sum, self.mesh.grad_group)
-        return float(loss_sum.item())
 
     def step(self, loss_sum: torch.Tensor, global_count: float,
              loss_limit: Optional[float] = None) -> tuple[float, float]:
