@@ -6,7 +6,6 @@ contract across layouts, tests/test_validation.py). The command only reads the r
 even while a job holds its lock), and bad input is one line and exit 2 before any rank starts."""
 from __future__ import annotations
 
-import errno
 import json
 import os
 import subprocess
@@ -16,7 +15,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from dist_train.checkpoint import manifest as mf
 from dist_train import eval_preflight, preflight
 from dist_train.cli import main
 from dist_train.bench.attention import peak_tensor_bytes
@@ -32,7 +30,7 @@ from dist_train.plan.profiles import builtin_profiles
 from dist_train.preflight import check_model_fits
 from launchers.evaluate import RESULT_MARKER, ResultSink, report
 from tests.dist_harness import run_ranks
-from tests.trainer_utils import tiny_gpt_config, tiny_swin_config
+from tests.trainer_utils import stale_file_handle_in, tiny_gpt_config, tiny_swin_config
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN = {"eval_every": 1, "eval_steps": 2}
@@ -189,14 +187,7 @@ def test_an_io_error_while_verifying_the_checkpoint_is_one_line_not_a_traceback(
     (that would evaluate another checkpoint than asked), no "damaged", and no traceback: one line, exit 2, as the
     launch pre-flight's resume check says it (``preflight.newest_verified``, shared)."""
     cfg_path, _, _ = trained
-    real = mf.file_block_digests
-
-    def flaky(path, *a, **kw):
-        if Path(path).parent.name == "step_2":
-            raise OSError(errno.ESTALE, "Stale file handle", str(path))
-        return real(path, *a, **kw)
-
-    monkeypatch.setattr(mf, "file_block_digests", flaky)
+    stale_file_handle_in(monkeypatch, "step_2")
     assert main(["eval", str(cfg_path), "--backend", "local"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("dist-train: error: --checkpoint latest: ") and "step_2" in err[0], err

@@ -2,7 +2,6 @@
 datasets, token ids beyond the vocabulary, unusable directories, missing or damaged resume checkpoints,
 a kernel the device lacks. In process (fast), plus two real commands for the exit status and the fact
 that no rank started."""
-import errno
 import json
 from pathlib import Path
 
@@ -10,7 +9,6 @@ import pytest
 import torch
 
 from dist_train.checkpoint import CheckpointError, CheckpointManager
-from dist_train.checkpoint import manifest as mf
 from dist_train.cli import main
 from dist_train.config import CheckpointConfig, ConfigError, config_from_dict, load_config, load_yaml_unique
 from dist_train.data.datasets import IndexedTokenDataset
@@ -21,7 +19,7 @@ from dist_train.engines import cpu_autocast_refusal
 from dist_train.models.gpt import GPT
 from dist_train.models.swin import build_swin
 from dist_train.preflight import check_data, check_model_fits, preflight
-from tests.trainer_utils import run_cli, tiny_gpt_config, tiny_swin_config
+from tests.trainer_utils import run_cli, stale_file_handle_in, tiny_gpt_config, tiny_swin_config
 
 
 @pytest.fixture(scope="module")
@@ -438,14 +436,7 @@ def test_an_io_error_on_the_newest_checkpoint_is_no_fall_back_in_the_preflight_e
     I/O error, not 'damaged', and not a pass that would have the ranks resume an older step."""
     root = tmp_path / "ck"
     _save(root, [1, 2])
-    real = mf.file_block_digests
-
-    def flaky(path, *a, **kw):
-        if Path(path).parent.name == "step_2":
-            raise OSError(errno.ESTALE, "Stale file handle", str(path))
-        return real(path, *a, **kw)
-
-    monkeypatch.setattr(mf, "file_block_digests", flaky)
+    stale_file_handle_in(monkeypatch, "step_2")
     msg = _refused(_cfg(tmp_path, dataset, checkpoint={"dir": str(root), "resume": "auto"}), "step_2",
                    "Stale file handle", "try again")
     assert "damaged" not in msg, msg

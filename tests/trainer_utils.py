@@ -1,6 +1,7 @@
 """Shared helpers for training tests: a tiny config that trains in well under a second per step."""
 from __future__ import annotations
 
+import errno
 import os
 import subprocess
 import sys
@@ -8,6 +9,7 @@ from pathlib import Path
 
 import torch
 
+from dist_train.checkpoint import manifest as mf
 from dist_train.config import config_from_dict
 from dist_train.engines import build_engine
 from dist_train.mesh import build_mesh
@@ -93,3 +95,16 @@ def run_cli(*args, env_extra=None, cwd=None, timeout=180) -> subprocess.Complete
     env = dict(os.environ, PYTHONPATH=str(REPO), **(env_extra or {}))
     return subprocess.run([sys.executable, "-m", "dist_train", *args], capture_output=True, text=True, env=env,
                           cwd=cwd, timeout=timeout)
+
+
+def stale_file_handle_in(monkeypatch, step_dir: str) -> None:
+    """Make every checksum read of a file in a directory named ``step_dir`` (e.g. ``step_2``) fail with ESTALE, an
+    I/O error that may pass (an NFS client's), as the checkpoint verification meets it (``manifest.file_block_digests``)."""
+    real = mf.file_block_digests
+
+    def flaky(path, *a, **kw):
+        if Path(path).parent.name == step_dir:
+            raise OSError(errno.ESTALE, "Stale file handle", str(path))
+        return real(path, *a, **kw)
+
+    monkeypatch.setattr(mf, "file_block_digests", flaky)
