@@ -479,6 +479,61 @@ def _offload(stage: int) -> dict:
                           "zero_force_ds_cpu_optimizer": False}}
 
 
+
+def _param_offload(optimizer: bool) -> dict:
+    """ZeRO-3 at dp 2 with the parameters offloaded to the host (``offload_param.device = cpu``: DeepSpeed keeps each
+    rank's partition of the working weights in a flat host buffer and gathers it for every forward and backward);
+    ``optimizer``: the optimizer too (both together: ZeRO-Infinity on the host)."""
+    zero = {"offload_param": {"device": "cpu"}, **({"offload_optimizer": {"device": "cpu"}} if optimizer else {})}
+    return {"dp": 2, "zero_stage": 3,
+            "deepspeed": {"zero_optimization": zero, **({"zero_force_ds_cpu_optimizer": False} if optimizer else {})}}
+
+
+def _param_offload_resume_ranks(rank: int, world: int, root: str, optimizer: bool) -> dict:
+    """6 steps with parameter offload, saving every 2; its step-4 checkpoint resumed with offload; its step-2 one
+    without, stopping at step 4 (saving there); that checkpoint resumed with offload. Records whether DeepSpeed took its
+    parameter-offload path (``offload_param`` of the ZeRO-3 optimizer the checkpoint adapter wraps)."""
+    taken, init = [], DeepSpeedStateAdapter.__init__
+
+    def recording(self, zero_optimizer):
+        taken.append(getattr(zero_optimizer, "offload_param", None))
+        init(self, zero_optimizer)
+    DeepSpeedStateAdapter.__init__ = recording
+    try:
+        offload, plain = _param_offload(optimizer), {"dp": 2, "zero_stage": 3}
+        every = {"every": 2, "keep_last": 3}
+        straight = train(_cfg(root, "offload", offload, checkpoint=every, steps=6)).losses
+        runs = {}
+        # the same train.steps throughout (the learning-rate schedule's length): the run without offload stops at
+        # step 4 by train.exit_interval, saving there
+        for name, parallel, src, step, ck, stop in (
+                ("offload_from_offload", offload, "offload", 4, {}, {}),
+                ("plain_from_offload", plain, "offload", 2, every, {"exit_interval": 2}),
+                ("offload_from_plain", offload, "plain_from_offload", 4, {}, {})):
+            res = train(_cfg(root, name, parallel, steps=6, checkpoint={**ck, **_resume_from(root, src, step)},
+                             train_over=stop))
+            runs[name] = (res.start_step, res.losses)
+    finally:
+        DeepSpeedStateAdapter.__init__ = init
+    return {"straight": straight, "runs": runs, "offload_param": taken}
+
+
+@pytest.mark.slow  # ~6-10 s: four 2-rank DeepSpeed runs of 2-6 steps
+@pytest.mark.parametrize("optimizer", [False, True], ids=["params", "params+optimizer"])
+def test_zero3_with_cpu_parameter_offload_resumes_exactly_and_to_and_from_no_offload(tmp_path, optimizer):
+    """offload_param.device = cpu keeps ZeRO-3's working weights in host buffers between uses; the checkpoint holds
+    the fp32 masters (the common layout), and a load refreshes the offloaded weights from them (the adapter's
+    _refresh_working_copies, DeepSpeed's after-step path: a load that skips it for offloaded weights fails here). A
+    resume with offload repeats the run bit for bit; its checkpoint resumes without offload, and a checkpoint saved
+    without offload resumes with it, within 1e-5."""
+    for r in run_ranks(_param_offload_resume_ranks, 2, args=(str(tmp_path), optimizer), timeout=300):
+        straight, runs = r["straight"], r["runs"]
+        assert r["offload_param"] == [True, True, False, True], r["offload_param"]  # each run's engine, in order
+        assert runs["offload_from_offload"] == (4, straight[4:]), (runs, straight)
+        for name, step, end in (("plain_from_offload", 2, 4), ("offload_from_plain", 4, 6)):
+            start, losses = runs[name]
+            assert start == step and rel_close(losses, straight[step:end], 1e-5), (name, losses, straight)
+
 def _offload_resume_ranks(rank: int, world: int, root: str, stage: int) -> dict:
     """ZeRO ``stage`` with the optimizer offloaded to the host: 8 straight steps; 4 steps, exit, resume to 8; and its
     step-4 checkpoint resumed by the same stage without offload."""

@@ -167,6 +167,34 @@ def test_a_deepspeed_key_deepspeed_never_reads_is_refused_before_the_ranks(extra
     assert str(info.value).startswith(needle) and "\n" not in str(info.value), str(info.value)
 
 
+
+@pytest.mark.parametrize("block", ["offload_param", "offload_optimizer"])
+def test_nvme_offload_without_deepspeeds_async_io_op_is_refused_before_the_ranks(block, tmp_path, monkeypatch):
+    """ZeRO offload to NVMe swaps through DeepSpeed's async_io op (libaio): without it every rank stopped building its
+    engine with "Unable to JIT load the async_io op" (as on this machine, which has no libaio). The pre-flight asks
+    DeepSpeed whether the op is installed or can be built; here both answers are set, whatever the machine has."""
+    from deepspeed.accelerator import get_accelerator
+    from deepspeed.git_version_info import installed_ops
+
+    def offloading(device: str):
+        offload = {block: {"device": device, "nvme_path": str(tmp_path / "nvme")}}
+        return tiny_gpt_config(tmp_path / "run", parallel={"dp": 1, "zero_stage": 3,
+                                                           "deepspeed": {"zero_optimization": offload}},
+                               checkpoint={"resume": "none"})  # NVMe optimizer offload cannot checkpoint (config.py)
+    cfg = offloading("nvme")
+    builder = type(get_accelerator().create_op_builder("AsyncIOBuilder"))
+    monkeypatch.setitem(installed_ops, "async_io", False)
+    monkeypatch.setattr(builder, "is_compatible", lambda self, verbose=False: False)
+    with pytest.raises(ConfigError) as info:
+        preflight(cfg, on_cuda=False)
+    assert str(info.value).startswith(f"parallel.deepspeed.zero_optimization.{block}.device = nvme: DeepSpeed swaps "
+                                      "to NVMe through its async_io op") and "\n" not in str(info.value), info.value
+    monkeypatch.setattr(builder, "is_compatible", lambda self, verbose=False: True)  # libaio there: the ranks' turn
+    preflight(cfg, on_cuda=False)
+    monkeypatch.setattr(builder, "is_compatible", lambda self, verbose=False: False)
+    preflight(offloading("cpu"), on_cuda=False)  # host offload needs no op
+
+
 def test_a_resume_compares_no_key_the_model_never_reads(tmp_path):
     """A checkpoint of an older version may record a key that version accepted unread (a swin's data.seq_len, a
     gpt's model.window): the current config cannot set it (refused), so comparing it would block the resume over a

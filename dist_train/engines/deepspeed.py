@@ -75,11 +75,17 @@ def check_deepspeed_keys(cfg: Config, bf16: bool) -> None:
     rest) — or one its sub-configs reject (``zero_optimization: {overlap_comms: true}``), here before any rank
     starts instead of a traceback from every rank. Runs DeepSpeed's own ``DeepSpeedConfig`` over the generated
     config with no process group (a one-rank view); any other complaint of it is left to the ranks, whose world
-    size it may depend on."""
-    user = dict(cfg.parallel.deepspeed or {})
-    if cfg.parallel.zero_stage is None or not user:
+    size it may depend on. Then :func:`check_nvme_offload`."""
+    if cfg.parallel.zero_stage is None or not cfg.parallel.deepspeed:
         return  # the generated config alone: nothing of the user's to check, and no deepspeed import
     quiet_deepspeed(on_cpu=not torch.cuda.is_available())
+    _check_keys_read(cfg, bf16)
+    check_nvme_offload(cfg)
+
+
+def _check_keys_read(cfg: Config, bf16: bool) -> None:
+    """:func:`check_deepspeed_keys`'s run of DeepSpeed's ``DeepSpeedConfig``."""
+    user = dict(cfg.parallel.deepspeed)
     import deepspeed.runtime.config as ds_config
     import pydantic
 
@@ -102,6 +108,30 @@ def check_deepspeed_keys(cfg: Config, bf16: bool) -> None:
         raise ConfigError(f"parallel.deepspeed.{unread[0]} = {user[unread[0]]!r}: DeepSpeed never reads this key "
                           "and would silently ignore it (a typo?); see DeepSpeed's configuration reference for the "
                           "valid keys, or remove it")
+
+
+#: the ZeRO blocks that can offload to NVMe
+_OFFLOADS = ("offload_param", "offload_optimizer")
+
+
+def check_nvme_offload(cfg: Config) -> None:
+    """Offload to NVMe (``zero_optimization.offload_param`` or ``offload_optimizer`` with ``device: nvme``) swaps
+    through DeepSpeed's async_io op, which needs libaio: where that op is neither installed nor buildable, every rank
+    would stop building its engine with a traceback ("Unable to JIT load the async_io op"); refused here in one line.
+    (Offload to cpu needs no op: our torch AdamW steps the host partitions, ``zero_force_ds_cpu_optimizer: false``.)"""
+    zero = (cfg.parallel.deepspeed or {}).get("zero_optimization")
+    nvme = [k for k in _OFFLOADS if isinstance(zero, dict) and isinstance(zero.get(k), dict)
+            and zero[k].get("device") == "nvme"]
+    if not nvme:
+        return
+    from deepspeed.accelerator import get_accelerator  # deepspeed only where it runs
+    from deepspeed.git_version_info import installed_ops
+
+    if installed_ops.get("async_io") or get_accelerator().create_op_builder("AsyncIOBuilder").is_compatible(False):
+        return
+    raise ConfigError(f"parallel.deepspeed.zero_optimization.{nvme[0]}.device = nvme: DeepSpeed swaps to NVMe through "
+                      "its async_io op, which this DeepSpeed installation neither holds nor can build (it needs libaio: "
+                      "install libaio-dev, then reinstall deepspeed with DS_BUILD_AIO=1); offload to cpu instead")
 
 
 class MeshMPU:
