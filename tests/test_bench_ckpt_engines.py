@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import gc
 import json
 from types import SimpleNamespace
 
@@ -43,16 +44,16 @@ def test_engine_layouts_parsed_and_bad_flags_refused_with_one_line(tmp_path):
 
 
 def test_an_engine_run_without_room_for_its_checkpoints_is_refused_before_any_rank(tmp_path, monkeypatch):
-    """Every round's checkpoints stay until the layout ends: d 768 with 5 repeats writes ~8 GiB per layout. A --dir
+    """Every round's checkpoints stay until the layout ends: d 768 with 5 repeats writes ~9 GiB per layout. A --dir
     without that room failed in the ranks (no space left) after minutes of measuring; now one line first."""
     free = {"bytes": 1 << 40}
     monkeypatch.setattr(cli.shutil, "disk_usage", lambda path: SimpleNamespace(free=free["bytes"]))
     argv = ("--engine", "fsdp2-dp2,zero2-dp2", "--d-model", "768", "--repeats", "5", "--dir", str(tmp_path))
     assert cli.check(_args(*argv)).layouts == ["fsdp2-dp2", "zero2-dp2"]
-    free["bytes"] = 7 << 30  # 6 rounds x 28 B x 48.0 M parameters = 7.5 GiB
+    free["bytes"] = 8 << 30  # 7 rounds (warm-up, 5 repeats, tensor meter) x 28 B x 48.0 M parameters = 8.8 GiB
     with pytest.raises(ValueError) as e:
         cli.check(_args(*argv))
-    assert "writes up to 7.5 GiB there at once, 7.0 GiB available" in str(e.value) and "\n" not in str(e.value), e
+    assert "writes up to 8.8 GiB there at once, 8.0 GiB available" in str(e.value) and "\n" not in str(e.value), e
 
 
 def test_a_refused_layout_exits_2_before_any_rank(tmp_path, capsys):
@@ -66,8 +67,9 @@ def _rank_result(rank: int, scale: float, numel: int) -> dict:
     baseline twice that and allocates 8 × as much."""
     def run(i: int, mult: float) -> dict:
         t = scale * mult * (1 + rank) * (1 + i)
-        return {"save_s": t, "load_s": t / 2, "save_rss_bytes": int(mult * MIB), "load_rss_bytes": int(mult * 2 * MIB),
-                "save_written_bytes": 10 * MIB, "load_written_bytes": 0, "dir_bytes": 20 * MIB}
+        return {"save_s": t, "load_s": t / 2, "save_gc_s": t / 10, "load_gc_s": 0.0, "save_rss_bytes": int(mult * MIB),
+                "load_rss_bytes": int(mult * 2 * MIB), "save_written_bytes": 10 * MIB, "load_written_bytes": 0,
+                "dir_bytes": 20 * MIB, "first": (i % 2 == 0) == (mult == 1)}  # ours first in even rounds
 
     runs = {"ours": [run(0, 1), run(1, 1)], "baseline": [run(0, 2), run(1, 2)]}
     peaks = {name: {"save_tensor_peak_bytes": MIB * m, "load_tensor_peak_bytes": 3 * MIB * m}
@@ -86,6 +88,15 @@ def test_rows_ratios_table_csv_and_png_from_per_rank_results(tmp_path, capsys):
     assert ours["written_bytes"] == 20 * MIB and ours["dir_bytes"] == 20 * MIB
     assert ours["save_tensor_peak_of_full_state"] == pytest.approx(MIB / (12 * numel))
     assert [r["rank"] for r in ours["ranks"]] == [0, 1] and ours["ranks"][0]["save_s_runs"] == pytest.approx([0.1, 0.2])
+    # by place in the round (slowest rank): ours went first in round 0 (0.2 s), second in round 1 (0.4 s)
+    assert (ours["save_s_first"], ours["save_s_second"]) == pytest.approx((0.2, 0.4))
+    assert (base["load_s_first"], base["load_s_second"]) == pytest.approx((0.4, 0.2))
+    assert ours["save_gc_s"] == pytest.approx(0.03)  # rank 1's median
+    assert engines._by_place(ours, base) == ("s when first / second in the round: save ours 0.200 / 0.400, baseline "
+                                             "0.800 / 0.400; load ours 0.100 / 0.200, baseline 0.400 / 0.200; gc ms "
+                                             "in save / load: ours 30 / 0, baseline 60 / 0")
+    once = {**ours, "save_s_first": None}  # one repeat: the path never went second (or first)
+    assert "save ours — / 0.400" in engines._by_place(once, base)
     ratios = engines._ratios(ours, base)
     assert ratios["save_s"] == pytest.approx(2.0) and ratios["save_s_pair_median"] == pytest.approx(2.0)
     assert ratios["load_tensor_peak_bytes"] == pytest.approx(8.0) and ratios["written_bytes"] == pytest.approx(1.0)
@@ -108,6 +119,21 @@ def test_rows_ratios_table_csv_and_png_from_per_rank_results(tmp_path, capsys):
     record = {"model": {"d_model": 64}, "repeats": 2, "load_avg": (1.0, 1.0, 1.0), "rows": rows}
     engines.plot(record, str(tmp_path / "e.png"))
     assert (tmp_path / "e.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_the_gc_clock_counts_the_collector_inside_its_block_only():
+    """What ``_cycle`` records as ``save_gc_s``/``load_gc_s``: the collector's time while the call ran."""
+    gc.collect()
+    with engines.GcClock() as clock:
+        cycles = [[] for _ in range(20000)]
+        for c in cycles:
+            c.append(c)  # reference cycles: only the collector frees them
+        del cycles, c
+        gc.collect()
+    inside = clock.seconds
+    assert inside > 0 and engines.GcClock()._tick not in gc.callbacks
+    gc.collect()  # outside the block: not counted
+    assert clock.seconds == inside
 
 
 @pytest.mark.slow  # ~30 s: two fresh DeepSpeed ranks, then two FSDP2 ranks, one repeat of each path

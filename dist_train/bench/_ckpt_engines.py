@@ -23,6 +23,15 @@ tensor exists. Then ``--repeats`` rounds, each saving and loading with both path
   ``get_state_dict`` (each rank its DTensor shards, no gather; fsynced as ours are), what ours is built on
   without its checksums, tp=1 blocks and manifest check: the cost of those.
 
+Before the timed rounds, one untimed warm-up round of both paths (their first use: process groups' first
+collectives, DCP's first plans), then what the ranks hold is collected and frozen (``gc.freeze``), as a dist-train
+rank's import is (``cli.import_command_module``). Before every timed call each rank runs a cyclic garbage collection,
+untimed: otherwise the cyclic garbage a path leaves (thousands of objects per call: DCP's plans and metadata) is
+freed by a full collection that lands in whichever call comes next, and one rank's collection (0.2-0.4 s of an
+unfrozen heap) stalls every rank at its next collective: at dp2 x tp2 ours loaded in 0.21-0.24 s when it went
+first in its round and in 0.36-0.41 s right after the baseline (docs/benchmarks/ckpt_engines.md). The time the
+collector runs inside each call is recorded (``save_gc_s``, ``load_gc_s``), and the medians are also reported by
+the path's place in its round.
 Before every load each rank's state is zeroed and the page cache of the checkpoint dropped; after it, every
 weight, moment and working copy must equal what was saved (both paths: a load that did nothing fails the run).
 Measured per rank and call: wall time (each rank's own; the row reports the slowest rank: the checkpoint is done
@@ -36,6 +45,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import gc
 import json
 import math
 import os
@@ -67,7 +77,8 @@ from .attention import check_memory_meter, peak_tensor_bytes
 from .cli.ckpt import LAYOUTS, EngineRun, engine_config, engine_model
 
 PATHS = ("ours", "baseline")
-METRICS = ("save_s", "load_s", "save_rss_bytes", "load_rss_bytes", "save_written_bytes", "load_written_bytes")
+METRICS = ("save_s", "load_s", "save_gc_s", "load_gc_s", "save_rss_bytes", "load_rss_bytes", "save_written_bytes",
+           "load_written_bytes")
 
 
 def one_step_gpt_engine(parallel: dict, rank: int, world: int, model: Optional[dict] = None):
@@ -225,9 +236,36 @@ def _dir_bytes(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
+class GcClock:
+    """Seconds the cyclic garbage collector ran in this process while the ``with`` block ran (``gc.callbacks``)::
+
+        with GcClock() as clock:
+            fn()
+        clock.seconds
+    """
+
+    def __init__(self) -> None:
+        self.seconds = 0.0
+        self._start: Optional[float] = None
+
+    def _tick(self, phase: str, info: dict) -> None:
+        if phase == "start":
+            self._start = time.perf_counter()
+        elif self._start is not None:
+            self.seconds += time.perf_counter() - self._start
+            self._start = None
+
+    def __enter__(self) -> "GcClock":
+        gc.callbacks.append(self._tick)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        gc.callbacks.remove(self._tick)
+
+
 def _cycle(path, step: int, rank: int, engine, reference: list[torch.Tensor], meter: Callable, peak: str) -> dict:
     """One save and load of ``path`` at ``step``, each call under ``meter(fn) -> (result, bytes)`` (reported as
-    ``save_<peak>``, ``load_<peak>``); the engine's
+    ``save_<peak>``, ``load_<peak>``) and after an untimed garbage collection (the module doc); the engine's
     state zeroed and the page cache dropped in between; asserts the load restored ``reference`` (listed afresh:
     DeepSpeed's own load replaces the optimizer's state tensors instead of copying into them)."""
     out = {}
@@ -238,11 +276,14 @@ def _cycle(path, step: int, rank: int, engine, reference: list[torch.Tensor], me
             with torch.no_grad():
                 for t in engine_state_tensors(engine):
                     t.zero_()
+        gc.collect()
         dist.barrier()
         written = storage_write_bytes()
-        t0 = time.perf_counter()
-        _, out[f"{phase}_{peak}"] = meter(lambda: getattr(path, phase)(step))
-        out[f"{phase}_s"] = time.perf_counter() - t0
+        with GcClock() as clock:
+            t0 = time.perf_counter()
+            _, out[f"{phase}_{peak}"] = meter(lambda: getattr(path, phase)(step))
+            out[f"{phase}_s"] = time.perf_counter() - t0
+        out[f"{phase}_gc_s"] = clock.seconds
         out[f"{phase}_written_bytes"] = storage_write_bytes() - written
     dist.barrier()
     state = engine_state_tensors(engine)
@@ -258,8 +299,9 @@ def _cycle(path, step: int, rank: int, engine, reference: list[torch.Tensor], me
 
 def _rank(rank: int, world: int, parallel: dict, model: dict, root: str, repeats: int, io_threads: int,
           verify: bool, fsdp_baseline: str = "full") -> dict:
-    """One rank of one layout (run by dist_train.spawn.run_ranks): ``repeats`` timed rounds of both paths (the
-    order alternating), then one round under the tensor meter."""
+    """One rank of one layout (run by dist_train.spawn.run_ranks): one untimed warm-up round, ``repeats`` timed
+    rounds of both paths (the order alternating; each run records whether its path went ``first``), then one round
+    under the tensor meter."""
     check_memory_meter()
     cfg, engine = one_step_gpt_engine(parallel, rank, world, model)
     base = Path(root)
@@ -269,11 +311,16 @@ def _rank(rank: int, world: int, parallel: dict, model: dict, root: str, repeats
     reference = [t.clone() for t in state]
     state_bytes = sum(t.numel() * t.element_size() for t in state)
     del state
+    for name in PATHS:  # warm-up at step 0, untimed
+        _cycle(paths[name], 0, rank, engine, reference, peak_resident_growth, "rss_bytes")
+    gc.collect()
+    gc.freeze()
     runs: dict = {name: [] for name in PATHS}
     for i in range(repeats):
-        for name in PATHS if i % 2 == 0 else PATHS[::-1]:
-            runs[name].append(_cycle(paths[name], i + 1, rank, engine, reference, peak_resident_growth,
-                                      "rss_bytes"))
+        order = PATHS if i % 2 == 0 else PATHS[::-1]
+        for name in order:
+            runs[name].append({**_cycle(paths[name], i + 1, rank, engine, reference, peak_resident_growth,
+                                        "rss_bytes"), "first": name == order[0]})
     tensor_peaks = {name: _cycle(paths[name], repeats + 1, rank, engine, reference, peak_tensor_bytes,
                          "tensor_peak_bytes")
                     for name in PATHS}
@@ -295,16 +342,28 @@ def _row(layout: str, name: str, per_rank: list[dict], full_state: int, describe
         peaks = res["tensor_peaks"][name]
         ranks.append({"rank": r, **med, "save_tensor_peak_bytes": peaks["save_tensor_peak_bytes"],
                       "load_tensor_peak_bytes": peaks["load_tensor_peak_bytes"], "state_bytes": res["state_bytes"],
-                      "save_s_runs": [run["save_s"] for run in runs], "load_s_runs": [run["load_s"] for run in runs]})
-    worst = ("save_s", "load_s", "save_rss_bytes", "load_rss_bytes", "save_tensor_peak_bytes",
-             "load_tensor_peak_bytes")
+                      "save_s_runs": [run["save_s"] for run in runs], "load_s_runs": [run["load_s"] for run in runs],
+                      "first_runs": [run["first"] for run in runs]})
+    worst = ("save_s", "load_s", "save_gc_s", "load_gc_s", "save_rss_bytes", "load_rss_bytes",
+             "save_tensor_peak_bytes", "load_tensor_peak_bytes")
     row = {"layout": layout, "path": name, "describe": describe, "full_state_bytes": full_state,
            **{m: max(r[m] for r in ranks) for m in worst},
            "written_bytes": sum(r["save_written_bytes"] for r in ranks),
            "dir_bytes": per_rank[0]["runs"][name][-1]["dir_bytes"], "ranks": ranks}
     for m in ("save_tensor_peak_bytes", "load_tensor_peak_bytes", "save_rss_bytes", "load_rss_bytes"):
         row[m.replace("_bytes", "_of_full_state")] = row[m] / full_state
+    for phase in ("save_s", "load_s"):  # by the path's place in its round (None: it never had that place)
+        times, first = _slowest(row, phase), ranks[0]["first_runs"]
+        for place, went_first in (("first", True), ("second", False)):
+            mine = [t for t, f in zip(times, first) if f == went_first]
+            row[f"{phase}_{place}"] = statistics.median(mine) if mine else None
     return row
+
+
+def _slowest(row: dict, phase: str) -> list[float]:
+    """Per repeat, the time of ``phase`` (``save_s``/``load_s``) on the row's slowest rank in that repeat."""
+    per_rank = [r[f"{phase}_runs"] for r in row["ranks"]]
+    return [max(times) for times in zip(*per_rank)]
 
 
 RATIOS = ("save_s", "load_s", "save_tensor_peak_bytes", "load_tensor_peak_bytes", "save_rss_bytes",
@@ -324,10 +383,25 @@ def _ratios(ours: dict, base: dict) -> dict:
     out = {m: None if (m.endswith("_rss_bytes") and ours[m] < MEMORY_FLOOR) or not ours[m] else base[m] / ours[m]
            for m in RATIOS}
     for phase in ("save_s", "load_s"):
-        slow_o = [max(r[f"{phase}_runs"][i] for r in ours["ranks"]) for i in range(len(ours["ranks"][0][f"{phase}_runs"]))]
-        slow_b = [max(r[f"{phase}_runs"][i] for r in base["ranks"]) for i in range(len(slow_o))]
-        out[f"{phase}_pair_median"] = statistics.median(b / o for o, b in zip(slow_o, slow_b))
+        out[f"{phase}_pair_median"] = statistics.median(b / o for o, b in zip(_slowest(ours, phase),
+                                                                              _slowest(base, phase)))
     return out
+
+
+def _by_place(ours: dict, base: dict) -> str:
+    """One line: each path's median time (slowest rank) when it went first and when it went second in its round,
+    and the collector's time inside its calls (the median over the repeats, largest rank)."""
+    def seconds(v: Optional[float]) -> str:
+        return "—" if v is None else f"{v:.3f}"
+
+    parts = []
+    for phase in ("save", "load"):
+        each = [f"{row['path']} {seconds(row[f'{phase}_s_first'])} / {seconds(row[f'{phase}_s_second'])}"
+                for row in (ours, base)]
+        parts.append(f"{phase} " + ", ".join(each))
+    gc_ms = ", ".join(f"{row['path']} {1e3 * row['save_gc_s']:.0f} / {1e3 * row['load_gc_s']:.0f}"
+                      for row in (ours, base))
+    return f"s when first / second in the round: {'; '.join(parts)}; gc ms in save / load: {gc_ms}"
 
 
 def _mib(b: float) -> str:
@@ -349,8 +423,9 @@ def _print_table(rows: list[dict], ratios: dict) -> None:
                   f"{r['save_rss_bytes']:>13} {r['load_rss_bytes']:>13} {r['written_bytes']:>11}")
 
 
-CSV_COLUMNS = ("layout", "path", "rank", "save_s", "load_s", "save_tensor_peak_bytes", "load_tensor_peak_bytes",
-               "save_rss_bytes", "load_rss_bytes", "save_written_bytes", "load_written_bytes", "state_bytes")
+CSV_COLUMNS = ("layout", "path", "rank", "save_s", "load_s", "save_gc_s", "load_gc_s", "save_tensor_peak_bytes",
+               "load_tensor_peak_bytes", "save_rss_bytes", "load_rss_bytes", "save_written_bytes", "load_written_bytes",
+               "state_bytes")
 
 
 def _write_csv(rows: list[dict], path: str) -> None:
@@ -440,10 +515,12 @@ def run(args: argparse.Namespace, choice: EngineRun) -> int:
     print(f"  base/ours > 1: ours faster or smaller; —: ours' RSS+ under {MEMORY_FLOOR >> 20} MiB (no denominator). "
           "RSS+: the resident set's peak growth, a lower bound (the allocator reuses freed pages); tens: CPU tensor "
           "bytes allocated during the call at their peak")
+    by = {(row["layout"], row["path"]): row for row in rows}
     for layout in choice.layouts:
         r = ratios[layout]
         print(f"  {layout}: baseline/ours per-repeat median: save {r['save_s_pair_median']:.2f}x, load "
               f"{r['load_s_pair_median']:.2f}x")
+        print(f"  {layout}: {_by_place(by[(layout, 'ours')], by[(layout, 'baseline')])}")
     for layout in choice.layouts:
         print(f"  baseline {layout}: {_baseline_class(LAYOUTS[layout][0], choice.fsdp_baseline).describe}")
     if args.json:

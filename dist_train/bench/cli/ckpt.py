@@ -118,9 +118,10 @@ def _engine_run(args: argparse.Namespace) -> EngineRun:
     if args.fsdp_baseline != "full" and not any(LAYOUTS[n][0].get("fsdp") for n in layouts):
         raise ValueError(f"--fsdp-baseline {args.fsdp_baseline}: no FSDP2 layout in --engine {args.engine!r} (the "
                          "ZeRO layouts' baseline is DeepSpeed's own checkpoint); add one, e.g. fsdp2-dp2-tp2")
-    # every round's checkpoints stay until the layout ends (no pruning inside a timed save), then are removed
+    # every round's checkpoints (warm-up, repeats, tensor meter) stay until the layout ends (no pruning inside a
+    # timed save), then are removed
     model = engine_model(args)
-    need = max((args.repeats + 1) * ROUND_BYTES_PER_PARAM * model_params(config_from_dict(
+    need = max((args.repeats + 2) * ROUND_BYTES_PER_PARAM * model_params(config_from_dict(
         engine_config(LAYOUTS[n][0], model))) for n in layouts)
     free = shutil.disk_usage(args.dir).free
     if free < need:
