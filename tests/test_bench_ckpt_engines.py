@@ -92,6 +92,7 @@ def test_rows_ratios_table_csv_and_png_from_per_rank_results(tmp_path, capsys):
     assert (ours["save_s_first"], ours["save_s_second"]) == pytest.approx((0.2, 0.4))
     assert (base["load_s_first"], base["load_s_second"]) == pytest.approx((0.4, 0.2))
     assert ours["save_gc_s"] == pytest.approx(0.03)  # rank 1's median
+    assert ours["ranks"][1]["save_gc_s_runs"] == pytest.approx([0.02, 0.04])
     assert engines._by_place(ours, base) == ("s when first / second in the round: save ours 0.200 / 0.400, baseline "
                                              "0.800 / 0.400; load ours 0.100 / 0.200, baseline 0.400 / 0.200; gc ms "
                                              "in save / load: ours 30 / 0, baseline 60 / 0")

@@ -342,7 +342,7 @@ def _row(layout: str, name: str, per_rank: list[dict], full_state: int, describe
         peaks = res["tensor_peaks"][name]
         ranks.append({"rank": r, **med, "save_tensor_peak_bytes": peaks["save_tensor_peak_bytes"],
                       "load_tensor_peak_bytes": peaks["load_tensor_peak_bytes"], "state_bytes": res["state_bytes"],
-                      "save_s_runs": [run["save_s"] for run in runs], "load_s_runs": [run["load_s"] for run in runs],
+                      **{f"{m}_runs": [run[m] for run in runs] for m in ("save_s", "load_s", "save_gc_s", "load_gc_s")},
                       "first_runs": [run["first"] for run in runs]})
     worst = ("save_s", "load_s", "save_gc_s", "load_gc_s", "save_rss_bytes", "load_rss_bytes",
              "save_tensor_peak_bytes", "load_tensor_peak_bytes")
