@@ -5,10 +5,13 @@ Writes two indexed datasets the way ``dist-train data prepare`` lays them out (u
 length in [2, 2·mean) ending in an EOD, and ``--valid-docs`` of which ``--overlap`` are copies of random training
 documents. Then, ``--repeats`` times in turn: the dataset checks the pre-flight already runs on both
 (``check_indexed_dataset``: the baseline), the overlap check reading the ``.doc_hashes`` files, and the overlap check
-of the same datasets without them (every document hashed from the ``.bin``). Reports medians, their ratio to the
-baseline, and checks that the count found is the number of copies planted of at least the minimum length. The
-files are read from the page cache (just written): a cold read adds the disk's time for 8 B per document, or for
-the whole ``.bin`` without the files.
+of the same datasets without them (every document hashed from the ``.bin``); then, as for datasets built elsewhere
+(no sidecar, no ``.doc_hashes``: each ``.bin`` scanned for its token ids and hashed), the pre-flight's dataset checks
+and overlap check together as they run now (one read of each ``.bin``: ``overlap.checked_dataset``) and as they ran
+before (the token-id scan, then the hashing: two reads). Reports medians, their ratio to the baseline, and checks
+that the count found is the number of copies planted of at least the minimum length. The files are read from the
+page cache (just written): a cold read adds the disk's time for 8 B per document, or for the whole ``.bin`` without
+the files (for each of the two reads, when the ``.bin`` is larger than the page cache).
 """
 from __future__ import annotations
 
@@ -20,8 +23,9 @@ import struct
 import sys
 import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import numpy as np
 import xxhash
@@ -29,8 +33,8 @@ import xxhash
 from ..config import DataConfig
 from ..data.document_hashes import compute_document_hashes, document_hashes_path, write_document_hashes
 from ..data.integrity import INDEX_MAGIC, check_indexed_dataset
-from ..data.overlap import Checked, valid_path_overlap
-from ..data.sidecar import DIGEST_ALGORITHM, write_sidecar
+from ..data.overlap import Checked, Overlap, checked_dataset, valid_path_overlap
+from ..data.sidecar import DIGEST_ALGORITHM, SUFFIX, write_sidecar
 
 VOCAB, EOD = 50257, 50256
 _UINT16_CODE = 8  # megatron-core's DType code of uint16
@@ -91,6 +95,35 @@ def _build(args: argparse.Namespace, work: Path) -> tuple[Path, Path, int]:
     return train, valid, planted
 
 
+#: the pre-flight's data checks and overlap check of two datasets built elsewhere, as it runs them (one read of each
+#: .bin: overlap.checked_dataset) and as it ran them before (the token-id scan, then the hashing: two reads)
+ELSEWHERE_ONE_READ = "no sidecar/file: checks + overlap, 1 read"
+ELSEWHERE_TWO_READS = "no sidecar/file: checks + overlap, 2 reads (before)"
+
+
+def _elsewhere_one_read(train: Path, valid: Path, min_tokens: int) -> Overlap:
+    sets = [checked_dataset(str(p), VOCAB, 16, key, True) for p, key in ((train, "data.path"), (valid, "data.valid_path"))]
+    return valid_path_overlap(sets[0], sets[1], min_tokens, 16, None)
+
+
+def _elsewhere_two_reads(train: Path, valid: Path, min_tokens: int) -> Overlap:
+    sets = [Checked(str(p), check_indexed_dataset(p, VOCAB, 16, key)["index"], None, key)
+            for p, key in ((train, "data.path"), (valid, "data.valid_path"))]
+    return valid_path_overlap(sets[0], sets[1], min_tokens, 16, None)
+
+
+@contextmanager
+def _moved_aside(paths: list[Path]) -> Iterator[None]:
+    """``paths`` renamed to ``PATH.off`` for the block, and back after it."""
+    for path in paths:
+        path.rename(f"{path}.off")
+    try:
+        yield
+    finally:
+        for path in paths:
+            Path(f"{path}.off").rename(path)
+
+
 def _timed(fn: Callable[[], object]) -> tuple[float, object]:
     t0 = time.perf_counter()
     out = fn()
@@ -105,25 +138,26 @@ def run(args: argparse.Namespace, checked: int) -> int:
         build_s, (train, valid, planted) = _timed(lambda: _build(args, Path(tmp)))
         hash_s, _ = _timed(lambda: compute_document_hashes(train, check_indexed_dataset(train, VOCAB, 16)["index"]))
         times: dict[str, list[float]] = {"dataset checks (baseline)": [], "overlap, .doc_hashes": [],
-                                         "overlap, hashed from .bin": []}
+                                         "overlap, hashed from .bin": [], ELSEWHERE_ONE_READ: [],
+                                         ELSEWHERE_TWO_READS: []}
         found: dict[str, int] = {}
-        for _ in range(args.repeats):
+        for repeat in range(args.repeats):
             base_s, results = _timed(lambda: [check_indexed_dataset(p, VOCAB, 16) for p in (train, valid)])
             times["dataset checks (baseline)"].append(base_s)
             sets = [Checked(str(p), r["index"], r["sidecar"]) for p, r in zip((train, valid), results)]
             for name, hidden in (("overlap, .doc_hashes", False), ("overlap, hashed from .bin", True)):
-                moved = [(document_hashes_path(p), Path(f"{document_hashes_path(p)}.off")) for p in (train, valid)]
-                if hidden:
-                    for a, b in moved:
-                        a.rename(b)
-                try:
+                with _moved_aside([document_hashes_path(p) for p in (train, valid)] if hidden else []):
                     seconds, overlap = _timed(lambda: valid_path_overlap(sets[0], sets[1], min_tokens, 16, None))
-                finally:
-                    if hidden:
-                        for a, b in moved:
-                            b.rename(a)
                 times[name].append(seconds)
                 found[name] = overlap.shared
+            # built elsewhere (no sidecar, no .doc_hashes): the dataset checks scan each .bin for its token ids, and
+            # the overlap check hashes its documents; the two flows alternate which goes first
+            flows = [(ELSEWHERE_ONE_READ, _elsewhere_one_read), (ELSEWHERE_TWO_READS, _elsewhere_two_reads)]
+            with _moved_aside([Path(f"{p}{suffix}") for p in (train, valid) for suffix in (SUFFIX, ".doc_hashes")]):
+                for name, flow in flows[::-1] if repeat % 2 else flows:
+                    seconds, overlap = _timed(lambda: flow(train, valid, min_tokens))
+                    times[name].append(seconds)
+                    found[name] = overlap.shared
     load_after = os.getloadavg()
     medians = {k: statistics.median(v) for k, v in times.items()}
     base = medians["dataset checks (baseline)"]
@@ -133,9 +167,9 @@ def run(args: argparse.Namespace, checked: int) -> int:
     print(f"overlap check, {args.train_docs:,} training and {args.valid_docs:,} held-out documents of mean "
           f"{args.mean_tokens} tokens, {planted:,} copies planted (>= {min_tokens} tokens), median of {args.repeats}; "
           f"load average {load_before[0]:.2f} -> {load_after[0]:.2f}")
-    print(f"{'measurement':28} {'median s':>9} {'vs baseline':>12}")
+    print(f"{'measurement':50} {'median s':>9} {'vs baseline':>12}")
     for r in rows:
-        print(f"{r['measurement']:28} {r['median_s']:9.3f} {r['vs_baseline']:11.2f}x")
+        print(f"{r['measurement']:50} {r['median_s']:9.3f} {r['vs_baseline']:11.2f}x")
     print(f"setup: datasets written in {build_s:.1f} s; hashing the training .bin (what `dist-train data hash` does) {hash_s:.2f} s; "
           f"found {found} of {planted} planted: {'ok' if ok else 'WRONG'}")
     if args.json:

@@ -7,7 +7,8 @@ import shutil
 from pathlib import Path
 
 HELP = ("pre-flight cost of the held-out/training document overlap check on a synthetic corpus (with "
-        "PREFIX.doc_hashes, and hashed from the .bin) against the dataset checks it runs beside")
+        "PREFIX.doc_hashes, and hashed from the .bin) against the dataset checks it runs beside; for datasets built "
+        "elsewhere (no sidecar, no file), the checks and the overlap check in one read of each .bin against two")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
