@@ -479,7 +479,6 @@ def _offload(stage: int) -> dict:
                           "zero_force_ds_cpu_optimizer": False}}
 
 
-
 def _param_offload(optimizer: bool) -> dict:
     """ZeRO-3 at dp 2 with the parameters offloaded to the host (``offload_param.device = cpu``: DeepSpeed keeps each
     rank's partition of the working weights in a flat host buffer and gathers it for every forward and backward);
@@ -518,7 +517,7 @@ def _param_offload_resume_ranks(rank: int, world: int, root: str, optimizer: boo
     return {"straight": straight, "runs": runs, "offload_param": taken}
 
 
-@pytest.mark.slow  # ~6-10 s: four 2-rank DeepSpeed runs of 2-6 steps
+@pytest.mark.slow  # 7-15 s per variant at load 8: four 2-rank DeepSpeed runs of 2-6 steps (engine builds dominate)
 @pytest.mark.parametrize("optimizer", [False, True], ids=["params", "params+optimizer"])
 def test_zero3_with_cpu_parameter_offload_resumes_exactly_and_to_and_from_no_offload(tmp_path, optimizer):
     """offload_param.device = cpu keeps ZeRO-3's working weights in host buffers between uses; the checkpoint holds
@@ -533,6 +532,7 @@ def test_zero3_with_cpu_parameter_offload_resumes_exactly_and_to_and_from_no_off
         for name, step, end in (("plain_from_offload", 2, 4), ("offload_from_plain", 4, 6)):
             start, losses = runs[name]
             assert start == step and rel_close(losses, straight[step:end], 1e-5), (name, losses, straight)
+
 
 def _offload_resume_ranks(rank: int, world: int, root: str, stage: int) -> dict:
     """ZeRO ``stage`` with the optimizer offloaded to the host: 8 straight steps; 4 steps, exit, resume to 8; and its

@@ -167,7 +167,6 @@ def test_a_deepspeed_key_deepspeed_never_reads_is_refused_before_the_ranks(extra
     assert str(info.value).startswith(needle) and "\n" not in str(info.value), str(info.value)
 
 
-
 @pytest.mark.parametrize("block", ["offload_param", "offload_optimizer"])
 def test_nvme_offload_without_deepspeeds_async_io_op_is_refused_before_the_ranks(block, tmp_path, monkeypatch):
     """ZeRO offload to NVMe swaps through DeepSpeed's async_io op (libaio): without it every rank stopped building its

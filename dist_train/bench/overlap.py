@@ -102,7 +102,8 @@ ELSEWHERE_TWO_READS = "no sidecar/file: checks + overlap, 2 reads (before)"
 
 
 def _elsewhere_one_read(train: Path, valid: Path, min_tokens: int) -> Overlap:
-    sets = [checked_dataset(str(p), VOCAB, 16, key, True) for p, key in ((train, "data.path"), (valid, "data.valid_path"))]
+    sets = [checked_dataset(str(p), VOCAB, 16, key, True)
+            for p, key in ((train, "data.path"), (valid, "data.valid_path"))]
     return valid_path_overlap(sets[0], sets[1], min_tokens, 16, None)
 
 

@@ -111,7 +111,8 @@ def scan_document_hashes(prefix: Prefix, info: IndexInfo, bounds: np.ndarray) ->
     n_docs = len(bounds) - 1
     out = np.empty(n_docs, dtype=np.uint64)
     seen = None
-    tokens = np.memmap(f"{prefix}.bin", dtype=info.dtype, mode="r") if n_docs and info.tokens else np.empty(0, info.dtype)
+    empty = not (n_docs and info.tokens)
+    tokens = np.empty(0, info.dtype) if empty else np.memmap(f"{prefix}.bin", dtype=info.dtype, mode="r")
     digest = xxhash.xxh3_64_intdigest
     lo = 0
     while lo < n_docs:

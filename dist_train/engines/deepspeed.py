@@ -129,9 +129,10 @@ def check_nvme_offload(cfg: Config) -> None:
 
     if installed_ops.get("async_io") or get_accelerator().create_op_builder("AsyncIOBuilder").is_compatible(False):
         return
-    raise ConfigError(f"parallel.deepspeed.zero_optimization.{nvme[0]}.device = nvme: DeepSpeed swaps to NVMe through "
-                      "its async_io op, which this DeepSpeed installation neither holds nor can build (it needs libaio: "
-                      "install libaio-dev, then reinstall deepspeed with DS_BUILD_AIO=1); offload to cpu instead")
+    raise ConfigError(f"parallel.deepspeed.zero_optimization.{nvme[0]}.device = nvme: DeepSpeed swaps to NVMe "
+                      "through its async_io op, which this DeepSpeed installation neither holds nor can build (it "
+                      "needs libaio: install libaio-dev, then reinstall deepspeed with DS_BUILD_AIO=1); offload to "
+                      "cpu instead")
 
 
 class MeshMPU:
