@@ -863,6 +863,44 @@ def deepspeed_generated(cfg: Config) -> dict[str, tuple[str, Any]]:
             "gradient_clipping": ("train.grad_clip", float(t.grad_clip or 0.0))}
 
 
+#: DeepSpeed 0.19.8's default ``zero_optimization.reduce_bucket_size``, in elements (deepspeed/runtime/zero/config.py)
+DEEPSPEED_REDUCE_BUCKET_DEFAULT = 500_000_000
+
+
+def _user_zero_optimization(cfg: Config) -> dict:
+    """``parallel.deepspeed.zero_optimization`` as the user wrote it ({} when absent)."""
+    zero = (cfg.parallel.deepspeed or {}).get("zero_optimization")
+    return zero if isinstance(zero, dict) else {}
+
+
+def zero_reduce_bucket_elements(cfg: Config, trainable_params: float) -> int:
+    """Elements of each gradient bucket DeepSpeed's ZeRO optimizer allocates (``zero_optimization.reduce_bucket_size``)
+    on a rank whose module holds ``trainable_params`` parameters (tp-local, each tied one once): the user's value when
+    ``parallel.deepspeed`` sets one, else ``min(DeepSpeed's default, trainable_params)``.
+
+    Why: DeepSpeed allocates the bucket at its full size whatever the model (ZeRO-3 when the engine is built, ZeRO-1/2
+    at each backward), 2.0 GB in fp32 for its default of 5e8 elements. A bucket collects parameters' full gradients
+    before they are reduced (ZeRO-3: reduce-scattered), so ``trainable_params`` elements hold every gradient of a
+    backward: one bucket, as the default gives any model below 5e8 parameters, hence the same reductions in the same
+    order (bit-identical), and above 5e8 parameters the default itself."""
+    user = _user_zero_optimization(cfg).get("reduce_bucket_size")
+    if user is not None:
+        return int(float(user))
+    return int(min(DEEPSPEED_REDUCE_BUCKET_DEFAULT, max(1, trainable_params)))
+
+
+def zero_bucket_buffers(cfg: Config) -> int:
+    """How many gradient buckets of :func:`zero_reduce_bucket_elements` DeepSpeed 0.19.8's ZeRO optimizer allocates
+    (one set per communication dtype; dist-train's engine has one, the model's): none without
+    ``contiguous_gradients`` (on by default); ZeRO-1/2 two with ``overlap_comm`` (a double buffer; off by default
+    below stage 3), else one (stage_1_and_2.py ``setup_buckets``); ZeRO-3 one (stage3.py). None without ZeRO."""
+    stage = cfg.parallel.zero_stage
+    zero = _user_zero_optimization(cfg)
+    if not stage or not zero.get("contiguous_gradients", True):
+        return 0
+    return 2 if stage < 3 and zero.get("overlap_comm", False) else 1
+
+
 def nvme_optimizer_offload(cfg: Config) -> bool:
     """True when DeepSpeed offloads the optimizer state to NVMe (``parallel.deepspeed.zero_optimization.
     offload_optimizer.device = nvme``): it swaps the state out, where the ZeRO checkpoint adapter, which reads and

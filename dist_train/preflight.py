@@ -74,7 +74,7 @@ def check_model_fits(cfg: Config, on_cuda: bool, ranks_per_host: int) -> None:
     prof, label = device_profile(on_cuda)
     sh, loc = rank_inputs(cfg, prof)
     mem = memory_model(cfg, sh, prof, loc)
-    states = mem["weights"] + mem["grads"] + mem["optimizer"] + mem["ddp_buckets"]
+    states = mem["weights"] + mem["grads"] + mem["optimizer"] + mem["ddp_buckets"] + mem["zero_buckets"]
     refuse_beyond_memory(cfg, (prof, label), on_cuda, ranks_per_host, states,
                          "weights, gradients and optimizer state alone", "parallel.tp, parallel.pp, parallel.zero_stage")
 

@@ -16,6 +16,8 @@ Components (bytes):
                         and head; ÷ZeRO-3 shards) × element size (train.precision; auto: the profile's)
     optimizer           AdamW m, v (+ fp32 master copy in 16-bit training), ÷ shards for ZeRO ≥ 1
     ddp_buckets         DDP's flat gradient buckets (a second gradient copy) when gradients are reduced
+    zero_buckets        DeepSpeed ZeRO's gradient bucket(s) (:func:`zero_bucket_bytes`): ZeRO-3's from the engine's
+                        build on, ZeRO-1/2's through each backward only
     fsdp_unsharded      FSDP2 (parallel.fsdp): weights, gradients and AdamW live as fp32 shards (÷ shards,
                         the shards are the master weights), plus the gathered compute-precision copies
                         (:func:`fsdp_unsharded_bytes`)
@@ -62,7 +64,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
-from ..config import Config, micro_batch_samples, resolve_loss_chunk, step_micro_batches
+from ..config import (Config, micro_batch_samples, resolve_loss_chunk, step_micro_batches, zero_bucket_buffers,
+                      zero_reduce_bucket_elements)
 from ..plan.profiles import DeviceProfile
 from .layout import RankLoad, Stage, load_of
 from .shape import (RankShape, Shape, cp_execution, rank_inputs, recompute_scope, ring_piece_tokens,
@@ -491,12 +494,32 @@ def rank_params(cfg: Config, sh: Shape, load: RankLoad) -> float:
     return n_local
 
 
+def zero_bucket_bytes(cfg: Config, loc: RankShape, n_local: float) -> float:
+    """Bytes of the gradient buckets DeepSpeed's ZeRO optimizer allocates on a rank of ``n_local`` parameters:
+    :func:`~dist_train.config.zero_bucket_buffers` buckets of :func:`~dist_train.config.zero_reduce_bucket_elements`
+    elements in the model's dtype (``loc.bpe``: DeepSpeed's bf16 mode casts the parameters, and its buckets hold
+    their gradients) — ``n_local`` elements each as the engine sizes them, the user's ``reduce_bucket_size`` when
+    set (DeepSpeed's own default: 2 GB in fp32, whatever the model). Measured against a real engine's buckets and
+    its allocator meter: tests/test_zero_buckets.py."""
+    if cfg.parallel.zero_stage is None or cfg.parallel.fsdp:
+        return 0.0
+    return float(zero_bucket_buffers(cfg) * zero_reduce_bucket_elements(cfg, n_local) * loc.bpe)
+
+
+def zero_buckets_resident(cfg: Config) -> bool:
+    """Whether ZeRO's gradient buckets live through the whole run (ZeRO-3: allocated when the engine is built,
+    stage3.py) rather than through each backward only (ZeRO-1/2: allocated at its first gradient, released at
+    its end, stage_1_and_2.py ``setup_buckets`` / ``_release_ipg_buffers``)."""
+    return cfg.parallel.zero_stage == 3
+
+
 def parameter_state_bytes(cfg: Config, sh: Shape, loc: RankShape, load: RankLoad, n_local: float) -> dict:
-    """{"weights", "grads", "optimizer", "ddp_buckets", "fsdp_unsharded"}: bytes of the rank's ``n_local``
-    parameters' states. 16-bit weights and gradients with an fp32 master copy and fp32 AdamW moments, sharded over
-    ``loc.grad_shards`` by the ZeRO stage (1: optimizer, 2: + gradients, 3: + weights); DDP's flat buckets, a second
-    copy of the gradients; FSDP2: fp32 shards of everything (mixed precision gathers 16-bit copies) and its
-    gathered weights and unsharded gradients (:func:`fsdp_unsharded_bytes`)."""
+    """{"weights", "grads", "optimizer", "ddp_buckets", "zero_buckets", "fsdp_unsharded"}: bytes of the rank's
+    ``n_local`` parameters' states. 16-bit weights and gradients with an fp32 master copy and fp32 AdamW moments,
+    sharded over ``loc.grad_shards`` by the ZeRO stage (1: optimizer, 2: + gradients, 3: + weights); DDP's flat
+    buckets, a second copy of the gradients; DeepSpeed ZeRO's gradient buckets (:func:`zero_bucket_bytes`);
+    FSDP2: fp32 shards of everything (mixed precision gathers 16-bit copies) and its gathered weights and unsharded
+    gradients (:func:`fsdp_unsharded_bytes`)."""
     p, bpe = cfg.parallel, loc.bpe
     z = p.zero_stage
     shards = loc.grad_shards
@@ -509,7 +532,8 @@ def parameter_state_bytes(cfg: Config, sh: Shape, loc: RankShape, load: RankLoad
     if p.fsdp:
         weights, grads, optim, ddp = n_local * 4 / shards, n_local * 4 / shards, n_local * 8 / shards, 0.0
         unsharded = fsdp_unsharded_bytes(cfg, sh, loc, load, n_local)
-    return {"weights": weights, "grads": grads, "optimizer": optim, "ddp_buckets": ddp, "fsdp_unsharded": unsharded}
+    return {"weights": weights, "grads": grads, "optimizer": optim, "ddp_buckets": ddp,
+            "zero_buckets": zero_bucket_bytes(cfg, loc, n_local), "fsdp_unsharded": unsharded}
 
 
 def evaluation_state_bytes(cfg: Config, sh: Shape, loc: RankShape) -> float:
@@ -518,7 +542,8 @@ def evaluation_state_bytes(cfg: Config, sh: Shape, loc: RankShape) -> float:
 
     * DeepSpeed (``parallel.zero_stage``): what training holds between steps, :func:`parameter_state_bytes`'
       weights + gradients + optimizer — its ZeRO optimizer allocates its fp32 partitions, gradient partitions and
-      AdamW moments when the engine is built, and a ZeRO checkpoint loads into them;
+      AdamW moments when the engine is built, and a ZeRO checkpoint loads into them — and ZeRO-3's gradient bucket,
+      also allocated then (ZeRO-1/2's come with a backward, which an evaluation never runs);
     * the torch engines: the fp32 parameters (autocast computes over them), FSDP2's shards of them over
       ``loc.grad_shards``; torch's AdamW allocates its moments at the first step, which never comes, and the
       forward-only engine has no DDP buckets (``engines.ForwardEngine``)."""
@@ -526,7 +551,8 @@ def evaluation_state_bytes(cfg: Config, sh: Shape, loc: RankShape) -> float:
         n_local = rank_params(cfg, sh, load)
         if cfg.parallel.zero_stage is not None:
             states = parameter_state_bytes(cfg, sh, loc, load, n_local)
-            return states["weights"] + states["grads"] + states["optimizer"]
+            return (states["weights"] + states["grads"] + states["optimizer"]
+                    + (states["zero_buckets"] if zero_buckets_resident(cfg) else 0.0))
         return n_local * 4 / (loc.grad_shards if cfg.parallel.fsdp else 1)
     return max(held(load) for load in loc.loads)
 
@@ -566,14 +592,20 @@ def step_phases(cfg: Config, comp: dict, acts_loss: float, bwd_live: float, opti
     partition, ``DeepSpeedStateAdapter``), nothing is gathered onto the device; an async save's staging copies go to
     host memory.
 
-    Baseline, weights, optimizer state, DDP's buckets and a pipeline stage's receive buffers live through all
-    phases. Measured on one CPU rank (tests/test_gpt_saved_tensors.py, tests/test_swin_saved_tensors.py: the
-    live-tensor peak per phase)."""
+    Baseline, weights, optimizer state, DDP's buckets, ZeRO-3's gradient bucket and a pipeline stage's receive
+    buffers live through all phases; ZeRO-1/2's gradient buckets through the backward only. Measured on one CPU
+    rank (tests/test_gpt_saved_tensors.py, tests/test_swin_saved_tensors.py: the live-tensor peak per phase; the
+    ZeRO buckets on two: tests/test_zero_buckets.py)."""
     p = cfg.parallel
     resident = comp["baseline"] + comp["weights"] + comp["optimizer"] + comp["ddp_buckets"] + comp["pp_buffers"]
+    in_backward = 0.0
+    if zero_buckets_resident(cfg):
+        resident += comp["zero_buckets"]
+    else:
+        in_backward = comp["zero_buckets"]
     grads_early = p.pp > 1 or cfg.grad_accum_steps > 1 or (p.zero_stage is not None and not p.fsdp)
     loss = resident + (comp["grads"] if grads_early else 0.0) + fsdp_forward + acts_loss + comp["logits"]
-    backward = resident + comp["grads"] + comp["fsdp_unsharded"] + bwd_live + comp["comm_buffers"]
+    backward = resident + comp["grads"] + comp["fsdp_unsharded"] + bwd_live + comp["comm_buffers"] + in_backward
     optimizer = resident + comp["grads"] + optimizer_step
     if p.fsdp and p.pp > 1:
         optimizer += comp["fsdp_unsharded"]  # conservative: the stage stays gathered until its reduce-scatter
@@ -656,8 +688,8 @@ class MemoryEstimate:
 
     @property
     def grads(self) -> float:
-        # DDP's flat buckets are a second copy of the gradients
-        return self.components["grads"] + self.components["ddp_buckets"]
+        # DDP's flat buckets are a second copy of the gradients; ZeRO's buckets hold gradients before their reduction
+        return self.components["grads"] + self.components["ddp_buckets"] + self.components["zero_buckets"]
 
     @property
     def optimizer(self) -> float:

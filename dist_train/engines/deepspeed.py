@@ -6,7 +6,9 @@
   parallel group the tp group. Pipeline parallelism never reaches this engine (config validation
   rejects zero_stage with pp > 1).
 * The DeepSpeed config is generated from ours (:func:`deepspeed_config`); ``parallel.deepspeed`` keys
-  are merged last, so users can set anything DeepSpeed knows (offload, bucket sizes, …).
+  are merged last, so users can set anything DeepSpeed knows (offload, bucket sizes, …). Under ZeRO the
+  gradient bucket (``reduce_bucket_size``, allocated at its full size) is sized to the rank's model unless the user
+  sets it: no 2 GB bucket for a small model, the same reductions (``config.zero_reduce_bucket_elements``).
 
 Loss / accumulation contract — identical to the DDP engine: every micro-batch backward uses
 ``loss_sum · grad_size / global_count`` with ``scale_wrt_gas=False`` (no extra 1/GAS: our scaling
@@ -27,19 +29,25 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from ..checkpoint.adapters import DeepSpeedStateAdapter, engine_checkpoint_kwargs
-from ..config import Config, ConfigError, deep_merge, deepspeed_generated
+from ..config import Config, ConfigError, deep_merge, deepspeed_generated, zero_reduce_bucket_elements
 from ..mesh import Mesh
 from ..optim import build_optimizer, build_scheduler
 from .batches import batch_to_device
 from .grads import all_reduce_sum, grad_norm_on_device, read_floats
 
 
-def deepspeed_config(cfg: Config, bf16: bool) -> dict:
+def deepspeed_config(cfg: Config, bf16: bool, trainable_params: Optional[int] = None) -> dict:
     """DeepSpeed's JSON config generated from ours (train_batch_size is left to DeepSpeed: it is
-    micro_batch × accumulation × its data-parallel size, which includes cp and wp)."""
+    micro_batch × accumulation × its data-parallel size, which includes cp and wp). With ZeRO and the rank's
+    ``trainable_params`` (its module's; None: the pre-flight's view, before any model), the gradient bucket is sized
+    to the model (:func:`~dist_train.config.zero_reduce_bucket_elements`) instead of DeepSpeed's 5e8 elements."""
+    stage = int(cfg.parallel.zero_stage)
+    zero = {"stage": stage}
+    if stage >= 1 and trainable_params is not None:
+        zero["reduce_bucket_size"] = zero_reduce_bucket_elements(cfg, trainable_params)
     base = {
         **{key: value for key, (_, value) in deepspeed_generated(cfg).items()},
-        "zero_optimization": {"stage": int(cfg.parallel.zero_stage)},
+        "zero_optimization": zero,
         "bf16": {"enabled": bool(bf16)},
         "zero_allow_untested_optimizer": True,  # our torch AdamW (decoupled decay on matrices only)
         "steps_per_print": 10**9,
@@ -217,7 +225,9 @@ class DeepSpeedEngine:
         self.mesh = mesh
         self.grad_size = mesh.grad_size
         self.zero_stage = int(cfg.parallel.zero_stage)
-        self.ds_config = deepspeed_config(cfg, bf16=autocast_dtype == torch.bfloat16)
+        # before initialize, which partitions them under ZeRO-3; parameters() yields a tied one once
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        self.ds_config = deepspeed_config(cfg, bf16=autocast_dtype == torch.bfloat16, trainable_params=trainable)
         optimizer = build_optimizer(list(model.named_parameters()), cfg.train)
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=model, optimizer=optimizer, lr_scheduler=lambda opt: build_scheduler(opt, cfg.train),
