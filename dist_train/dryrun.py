@@ -98,7 +98,7 @@ def format_layout(cfg: Config, rows: list[RankLayout]) -> str:
              f"x tp{p.tp} (mesh axes outer->inner: {', '.join(AXES)}) | zero_stage {p.zero_stage} | "
              f"fsdp {'on' if p.fsdp else 'off'} | "
              f"pp_schedule {p.pp_schedule if p.pp > 1 else '-'} | checkpointing {cfg.train.activation_checkpointing}",
-             f"memory per rank in GiB ({source}): params, grads (+ DDP buckets), optimizer, activations, "
+             f"memory per rank in GiB ({source}): params, grads (+ DDP or ZeRO buckets), optimizer, activations, "
              "other (baseline, logits, comm buffers, workspace, FSDP2 gathered copies, pp receive buffers); total: the step's peak, at "
              "phase loss (end of forward), bwd or optim; not the columns' sum, which never all coexist"]
     # columns as wide as their largest value: a 16,384-rank layout stays aligned
