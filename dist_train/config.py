@@ -889,6 +889,31 @@ def zero_reduce_bucket_elements(cfg: Config, trainable_params: float) -> int:
     return int(min(DEEPSPEED_REDUCE_BUCKET_DEFAULT, max(1, trainable_params)))
 
 
+#: DeepSpeed 0.19.8's default ``zero_optimization.stage3_param_persistence_threshold``, in elements
+#: (deepspeed/runtime/zero/config.py)
+DEEPSPEED_PERSISTENCE_THRESHOLD_DEFAULT = 100_000
+
+
+def _user_zero_int(cfg: Config, alias: str, name: str) -> Optional[int]:
+    """A ZeRO key of ``parallel.deepspeed.zero_optimization`` as an integer, by its alias (``stage3_…``) or its field
+    name (DeepSpeed's config takes either: ``populate_by_name``); None when the user sets neither."""
+    zero = _user_zero_optimization(cfg)
+    value = zero.get(alias, zero.get(name))
+    return None if value is None else int(float(value))
+
+
+def zero3_persistence(cfg: Config) -> tuple[int, Optional[int]]:
+    """(param threshold, model cap) of DeepSpeed 0.19.8's ZeRO-3 persistent parameters: every parameter of at most
+    ``stage3_param_persistence_threshold`` elements (default :data:`DEEPSPEED_PERSISTENCE_THRESHOLD_DEFAULT`), taken
+    in module order while their running total stays within ``stage3_model_persistence_threshold`` (None: no cap,
+    DeepSpeed's default), stays whole on every rank after its first use (parameter_offload.py
+    ``mark_persistent_parameters``; the coordinator never releases it, stage3.py gathers it again after each step),
+    on top of its partition. The user's values when ``parallel.deepspeed`` sets them."""
+    threshold = _user_zero_int(cfg, "stage3_param_persistence_threshold", "param_persistence_threshold")
+    cap = _user_zero_int(cfg, "stage3_model_persistence_threshold", "model_persistence_threshold")
+    return (DEEPSPEED_PERSISTENCE_THRESHOLD_DEFAULT if threshold is None else threshold), cap
+
+
 def zero_bucket_buffers(cfg: Config) -> int:
     """How many gradient buckets of :func:`zero_reduce_bucket_elements` DeepSpeed 0.19.8's ZeRO optimizer allocates
     (one set per communication dtype; dist-train's engine has one, the model's): none without

@@ -77,8 +77,13 @@ def test_memory_formula_by_zero_stage(cpu):
     # fp32 AdamW: 4 + 4 + 8; DDP (zero_stage null, 4 replicas) adds its flat bucket copy: grads 4 + 4
     assert mem.params == 4 * n and mem.grads == 8 * n and mem.optimizer == 8 * n
     # ZeRO >= 1 adds DeepSpeed's gradient bucket to the gradients column: the model's size in bf16, 2 B/param
-    for z, (w, g, o) in {0: (2, 2, 12), 1: (2, 2 + 2, 3), 2: (2, 0.5 + 2, 3), 3: (0.5, 0.5 + 2, 3)}.items():
-        cfg = _cfg(parallel={"dp": 4, "zero_stage": z}, train={"global_batch": 8, "precision": "bf16"})
+    # ZeRO-3 keeps tensors of at most stage3_param_persistence_threshold elements whole besides their partition:
+    # by default (1e5) every tensor of this small model; with 0 none
+    no_persistence = {"deepspeed": {"zero_optimization": {"stage3_param_persistence_threshold": 0}}}
+    for z, (w, g, o) in {0: (2, 2, 12), 1: (2, 2 + 2, 3), 2: (2, 0.5 + 2, 3), 3: (0.5 + 2, 0.5 + 2, 3),
+                         "3 none whole": (0.5, 0.5 + 2, 3)}.items():
+        parallel = {"dp": 4, "zero_stage": 3, **no_persistence} if z == "3 none whole" else {"dp": 4, "zero_stage": z}
+        cfg = _cfg(parallel=parallel, train={"global_batch": 8, "precision": "bf16"})
         m = estimate_memory(cfg, stage, device_profile(on_cuda=True)[0])
         assert (m.params, m.grads, m.optimizer) == (w * n, g * n, o * n), z  # 16 B/param ÷ sharding
     tp2 = estimate_memory(_cfg(parallel={"tp": 2}), pipeline_stages(base), cpu)

@@ -25,7 +25,7 @@ import torch
 import torch.distributed as dist
 
 from dist_train.cost.layout import pipeline_stages
-from dist_train.cost.memory import estimate_memory
+from dist_train.cost.memory import estimate_memory, rank_param_tensors
 from dist_train.cost.shape import rank_inputs
 from dist_train.cost.step_time import swin_halo_traffic, ulysses_traffic
 from dist_train.models.swin import build_swin
@@ -110,6 +110,10 @@ def _checked_cases(world: int) -> int:
             parallel={"tp": tp, "cp": cp, "wp": list(grid)}, train={"global_batch": B, "micro_batch": B})
         mem = estimate_memory(planned, pipeline_stages(planned), builtin_profiles()["cpu"])
         assert mem.params == 4 * sum(p.numel() for p in par.parameters()), f"{tag}: the cost model's weights"
+        planned_sh, planned_loc = rank_inputs(planned, builtin_profiles()["cpu"])
+        # tensor by tensor, in module order: what ZeRO-3's persistence threshold is applied to (cost.memory)
+        modelled = rank_param_tensors(planned, planned_sh, planned_loc.loads[0])
+        assert [p.numel() for p in par.parameters()] == modelled, tag
         assert par.blocks["0"].qkv.weight.shape == (3 * cfg.d_model // tp, cfg.d_model), tag
         assert par.blocks["0"].bias.shape[0] == heads // tp, tag
         for name, p in par.named_parameters():  # the same weights as one rank, sharded

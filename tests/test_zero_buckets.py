@@ -16,7 +16,7 @@ import torch
 from dist_train.bench.attention import peak_tensor_bytes
 from dist_train.bench.cli.ckpt import engine_config
 from dist_train.config import DEEPSPEED_REDUCE_BUCKET_DEFAULT, config_from_dict, zero_reduce_bucket_elements
-from dist_train.cost.memory import parameter_state_bytes, rank_memory, rank_params
+from dist_train.cost.memory import parameter_state_bytes, rank_memory, rank_param_tensors, rank_params
 from dist_train.cost.shape import rank_inputs
 from dist_train.engines import build_engine
 from dist_train.engines.deepspeed import deepspeed_config
@@ -108,8 +108,21 @@ def _real_buckets(rank: int, world: int, layouts: list) -> list:
         tokens = torch.randint(0, cfg.model.vocab_size, (1, 16), generator=torch.Generator().manual_seed(rank))
         engine.train_step([{"tokens": tokens, "labels": tokens, "positions": torch.arange(16)}], 16.0 * world)
         out.append({"trainable": trainable, "after_build": after_build, "in_backward": max(seen, default=0),
-                    "built": built})
+                    "built": built, "weights": _working_weight_bytes(model),
+                    "tensors": [getattr(p, "ds_numel", p.numel()) for p in model.parameters()]})
     return out
+
+
+def _working_weight_bytes(model) -> int:
+    """Bytes of the module's weights as the engine holds them between steps: every parameter's storage and (ZeRO-3)
+    its partition's, each storage once (ZeRO-3's persistent parameters are whole besides their partition, the rest
+    freed to their partition; at one shard a gathered parameter is a view of its partition)."""
+    storages = {}
+    for p in model.parameters():
+        for t in (p.data, getattr(p, "ds_tensor", None)):
+            if t is not None:
+                storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+    return sum(storages.values())
 
 
 #: ZeRO-1/2/3 at dp2 (fp32; ZeRO-1 and -3 also bf16, ZeRO-3 with DeepSpeed's default bucket set), ZeRO-3 at tp2 (a
@@ -117,15 +130,22 @@ def _real_buckets(rank: int, world: int, layouts: list) -> list:
 LAYOUTS = [({"dp": 2, "zero_stage": 1}, "fp32", None), ({"dp": 2, "zero_stage": 2}, "fp32", None),
            ({"dp": 2, "zero_stage": 3}, "fp32", None), ({"dp": 2, "zero_stage": 3}, "bf16", None),
            ({"dp": 2, "zero_stage": 3}, "fp32", OLD_SIZING), ({"tp": 2, "zero_stage": 3}, "fp32", None),
-           ({"dp": 2, "zero_stage": 1}, "bf16", None)]
+           ({"dp": 2, "zero_stage": 1}, "bf16", None),
+           # the user's persistence keys: tensors of at most 40,000 elements while their total stays within 60,000
+           ({"dp": 2, "zero_stage": 3}, "fp32", {"zero_optimization": {"stage3_param_persistence_threshold": 40_000,
+                                                                        "stage3_model_persistence_threshold": 60_000}})]
 
 
 @pytest.mark.slow
 def test_the_memory_models_buckets_are_what_a_real_deepspeed_engine_allocates():
-    """Two gloo ranks, seven engines (11-25 s here, under load). The model's ``zero_buckets`` equals the bytes of the buckets the
-    engine holds (ZeRO-3 from its build on, ZeRO-1/2 through the backward); the allocator meter of the build drops
-    by the 1.995 GB the model says the old sizing cost at ZeRO-3, give or take the rest of the build's run-to-run
-    variation (measured: 2,008,688,129 -> 13,344,257 B on rank 0 with the 1.2M-parameter model here), and the model's parameter count is the engine's (tp2 pads the vocabulary)."""
+    """Two gloo ranks, eight engines (11-29 s here, under load). The model's ``zero_buckets`` equals the bytes of the
+    buckets the engine holds (ZeRO-3 from its build on, ZeRO-1/2 through the backward); the allocator meter of the
+    build drops by the 1.995 GB the model says the old sizing cost at ZeRO-3, give or take the rest of the build's
+    run-to-run variation (measured: 2,008,688,129 -> 13,344,257 B on rank 0 with the 1.2M-parameter model here), and
+    the model's parameter count is the engine's (tp2 pads the vocabulary).
+    An eighth engine sets the ZeRO-3 persistence keys; at ZeRO-3 the model's weights are, to the byte, what the engine
+    holds after a step (its parameter tensors are the module's, persistent ones whole: 4,231,680 B at dp2 fp32, where
+    1/dp of every weight was counted before, 2,459,136 B)."""
     for got in run_ranks(_real_buckets, 2, args=(LAYOUTS,), timeout=300):
         by_layout = dict(zip(range(len(LAYOUTS)), got))
         for i, (parallel, precision, deepspeed) in enumerate(LAYOUTS):
@@ -136,6 +156,10 @@ def test_the_memory_models_buckets_are_what_a_real_deepspeed_engine_allocates():
             assert held == states["zero_buckets"] > 0, (parallel, precision, deepspeed, real, states)
             if parallel["zero_stage"] < 3:
                 assert real["after_build"] == 0, real  # ZeRO-1/2 hold none outside a backward
+            else:  # ZeRO-3's persistent parameters whole besides their partition (tests/test_zero_persistence.py)
+                sh, loc = rank_inputs(_cfg(parallel, deepspeed, precision), CPU)
+                assert real["tensors"] == rank_param_tensors(_cfg(parallel), sh, loc.loads[0]), (parallel, real)
+                assert real["weights"] == states["weights"], (parallel, precision, deepspeed, real, states)
         old, new = by_layout[4], by_layout[2]
         saved = _modelled(_cfg(*LAYOUTS[4][:1], OLD_SIZING))[0]["zero_buckets"] - _modelled(
             _cfg(LAYOUTS[2][0]))[0]["zero_buckets"]

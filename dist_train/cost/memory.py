@@ -13,7 +13,9 @@ Components (bytes):
     baseline            framework resident set / CUDA context (profile.baseline_gib)
     weights, grads      parameters on this rank (matmul weights and vocabulary rows ÷tp — the vocabulary
                         padded to a multiple of tp; norms replicated; only this rank's layers, embedding
-                        and head; ÷ZeRO-3 shards) × element size (train.precision; auto: the profile's)
+                        and head; ÷ZeRO-3 shards, but ZeRO-3's persistent parameters — tensors of at most
+                        stage3_param_persistence_threshold elements, default 1e5 — whole besides their partition:
+                        :func:`zero3_persistent_params`) × element size (train.precision; auto: the profile's)
     optimizer           AdamW m, v (+ fp32 master copy in 16-bit training), ÷ shards for ZeRO ≥ 1
     ddp_buckets         DDP's flat gradient buckets (a second gradient copy) when gradients are reduced
     zero_buckets        DeepSpeed ZeRO's gradient bucket(s) (:func:`zero_bucket_bytes`): ZeRO-3's from the engine's
@@ -64,8 +66,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
-from ..config import (Config, micro_batch_samples, resolve_loss_chunk, step_micro_batches, zero_bucket_buffers,
-                      zero_reduce_bucket_elements)
+from ..config import (Config, micro_batch_samples, resolve_loss_chunk, step_micro_batches, zero3_persistence,
+                      zero_bucket_buffers, zero_reduce_bucket_elements)
 from ..plan.profiles import DeviceProfile
 from .layout import RankLoad, Stage, load_of
 from .shape import (RankShape, Shape, cp_execution, rank_inputs, recompute_scope, ring_piece_tokens,
@@ -480,18 +482,46 @@ def rank_memory(cfg: Config, sh: Shape, prof: DeviceProfile, loc: RankShape,
     return out, phases
 
 
+def rank_tensor_parts(cfg: Config, sh: Shape, load: RankLoad) -> tuple[list, list, list]:
+    """Elements of each parameter tensor the rank holding ``load`` keeps (÷tp where tensor parallelism splits them),
+    in module order, as (before its layers: the embedding on the first stage; one of its ``load.layers`` layers;
+    after them: the final norm and an untied head on the last)."""
+    tp = cfg.parallel.tp
+    tied = cfg.model.tie_embeddings if sh.kind == "gpt" else False
+    first = sh.embed_tensors(tp) if load.embedding else []
+    last = sh.final_norm_tensors() + ([] if tied else sh.head_tensors(tp)) if load.head else []
+    return first, sh.layer_tensors(tp), last
+
+
+def rank_param_tensors(cfg: Config, sh: Shape, load: RankLoad) -> list:
+    """Elements of each parameter tensor the rank holding ``load`` keeps, in module order (``named_parameters``):
+    :func:`rank_tensor_parts` laid out."""
+    first, layer, last = rank_tensor_parts(cfg, sh, load)
+    return first + layer * load.layers + last
+
+
 def rank_params(cfg: Config, sh: Shape, load: RankLoad) -> float:
     """Parameters the rank holding ``load`` keeps (÷tp where tensor parallelism splits them): its layers, the
-    embedding on the first stage, the final norm and (untied) head on the last."""
-    p = cfg.parallel
-    tied = cfg.model.tie_embeddings if sh.kind == "gpt" else False
-    rep = sh.layer_replicated_params()
-    n_local = load.layers * ((sh.layer_params() - rep) / p.tp + rep)
-    if load.embedding:
-        n_local += sh.embed_params(p.tp)
-    if load.head:
-        n_local += sh.final_norm_params() + (0 if tied else sh.head_params(p.tp))
-    return n_local
+    embedding on the first stage, the final norm and (untied) head on the last (:func:`rank_tensor_parts`)."""
+    first, layer, last = rank_tensor_parts(cfg, sh, load)
+    return float(sum(first) + load.layers * sum(layer) + sum(last))
+
+
+def zero3_persistent_params(cfg: Config, sh: Shape, load: RankLoad, n_local: float) -> float:
+    """Parameters of the rank holding ``load`` (``n_local`` in all) that DeepSpeed's ZeRO-3 keeps whole
+    (:func:`~dist_train.config.zero3_persistence`): its tensors (:func:`rank_param_tensors`, tp-local, module order)
+    of at most the threshold's elements, while their running total stays within the model cap. The default
+    threshold, 1e5 elements, keeps every norm and bias whole, and in a small model most matrices too (the
+    1.2M-parameter test GPT of tests/test_zero_buckets.py: 443,136 of its parameters)."""
+    threshold, cap = zero3_persistence(cfg)
+    if cap is None or cap >= n_local:  # the cap cannot bite: count each part once
+        first, layer, last = (sum(n for n in part if n <= threshold) for part in rank_tensor_parts(cfg, sh, load))
+        return first + load.layers * layer + last
+    kept = 0.0
+    for n in rank_param_tensors(cfg, sh, load):  # DeepSpeed skips a tensor that would pass the cap, and goes on
+        if n <= threshold and kept + n <= cap:
+            kept += n
+    return kept
 
 
 def zero_bucket_bytes(cfg: Config, loc: RankShape, n_local: float) -> float:
@@ -516,7 +546,10 @@ def zero_buckets_resident(cfg: Config) -> bool:
 def parameter_state_bytes(cfg: Config, sh: Shape, loc: RankShape, load: RankLoad, n_local: float) -> dict:
     """{"weights", "grads", "optimizer", "ddp_buckets", "zero_buckets", "fsdp_unsharded"}: bytes of the rank's
     ``n_local`` parameters' states. 16-bit weights and gradients with an fp32 master copy and fp32 AdamW moments,
-    sharded over ``loc.grad_shards`` by the ZeRO stage (1: optimizer, 2: + gradients, 3: + weights); DDP's flat
+    sharded over ``loc.grad_shards`` by the ZeRO stage (1: optimizer, 2: + gradients, 3: + weights — except that
+    ZeRO-3 keeps its persistent parameters (:func:`zero3_persistent_params`) whole on every rank from their first
+    forward on, on top of their partition; their gradients and AdamW state are partitioned like the rest: measured
+    on a real engine, tests/test_zero_buckets.py); DDP's flat
     buckets, a second copy of the gradients; DeepSpeed ZeRO's gradient buckets (:func:`zero_bucket_bytes`);
     FSDP2: fp32 shards of everything (mixed precision gathers 16-bit copies) and its gathered weights and unsharded
     gradients (:func:`fsdp_unsharded_bytes`)."""
@@ -525,6 +558,9 @@ def parameter_state_bytes(cfg: Config, sh: Shape, loc: RankShape, load: RankLoad
     shards = loc.grad_shards
     master = 4 if bpe < 4 else 0
     weights = n_local * bpe / (shards if z == 3 else 1)
+    if z == 3 and shards > 1:
+        # the persistent parameters, whole besides their partition (one shard: the partition is the parameter)
+        weights += zero3_persistent_params(cfg, sh, load, n_local) * bpe
     grads = n_local * bpe / (shards if z is not None and z >= 2 else 1)
     optim = n_local * (8 + master) / (shards if z is not None and z >= 1 else 1)
     ddp = n_local * bpe if (z is None and shards > 1) else 0.0

@@ -76,11 +76,36 @@ class Shape:
         return self.kv_heads * self.head_dim
 
     def layer_params(self) -> int:
+        return int(sum(self.layer_tensors()))
+
+    def layer_tensors(self, tp: int = 1) -> list[float]:
+        """Elements of each parameter tensor of one layer on a tp rank, in module order (``named_parameters``). GPT
+        (``models/gpt.Block``): attention_norm, wq, wk, wv, wo, ffn_norm, w1, w3, w2 — the norms replicated, the
+        matmuls ÷tp. Swin (``models/swin.WindowBlock``): the relative position bias table (÷tp: by head), norm1's
+        weight and bias, qkv's weight and bias (÷tp), proj's weight (÷tp) and bias, norm2's weight and bias, fc1's
+        weight and bias (÷tp), fc2's weight (÷tp) and bias — the row-parallel biases (proj, fc2) replicated."""
         d, f = self.d, self.ffn
         if self.kind == "gpt":
-            return d * (2 * self.q_dim + 2 * self.kv_dim) + 3 * d * f + self.layer_replicated_params()
+            q, kv = self.q_dim * d / tp, self.kv_dim * d / tp
+            return [d, q, kv, kv, q, d, f * d / tp, f * d / tp, f * d / tp]
         wh, ww = self.window
-        return 4 * d * d + 4 * d + 2 * d * f + f + d + self.heads * (2 * wh - 1) * (2 * ww - 1) + 4 * d
+        table = self.heads * (2 * wh - 1) * (2 * ww - 1) / tp
+        return [table, d, d, 3 * d * d / tp, 3 * d / tp, d * d / tp, d, d, d, f * d / tp, f / tp, d * f / tp, d]
+
+    def embed_tensors(self, tp: int = 1) -> list[int]:
+        """Elements of each parameter tensor of the input embedding on a tp rank: gpt the (padded) vocabulary's rows
+        ÷tp; swin the patch embedding's weight and bias (replicated)."""
+        return [self.vocab_rows(tp) * self.d] if self.kind == "gpt" else [self.embed_in * self.d, self.d]
+
+    def final_norm_tensors(self) -> list[int]:
+        """Elements of each parameter tensor of the final norm: gpt an RMSNorm's weight, swin a LayerNorm's weight
+        and bias (replicated)."""
+        return [self.d] if self.kind == "gpt" else [self.d, self.d]
+
+    def head_tensors(self, tp: int = 1) -> list[int]:
+        """Elements of each parameter tensor of the output head on a tp rank (an untied gpt's; a tied one has none of
+        its own): gpt the (padded) vocabulary's rows ÷tp; swin the pixel head's weight and bias (replicated)."""
+        return [self.vocab_rows(tp) * self.d] if self.kind == "gpt" else [self.vocab * self.d, self.vocab]
 
     def layer_replicated_params(self) -> int:
         """Parameters of one layer that tensor parallelism does not split: the norms (gpt: two RMSNorm
@@ -94,13 +119,13 @@ class Shape:
         return -(-self.vocab // tp) if self.kind == "gpt" else self.vocab
 
     def embed_params(self, tp: int = 1) -> int:
-        return self.vocab_rows(tp) * self.d if self.kind == "gpt" else self.embed_in * self.d + self.d
+        return sum(self.embed_tensors(tp))
 
     def head_params(self, tp: int = 1) -> int:
-        return self.vocab_rows(tp) * self.d + (0 if self.kind == "gpt" else self.vocab)
+        return sum(self.head_tensors(tp))
 
     def final_norm_params(self) -> int:
-        return self.d if self.kind == "gpt" else 2 * self.d
+        return sum(self.final_norm_tensors())
 
     def params(self, tied: bool = False) -> int:
         return (self.layers * self.layer_params() + self.embed_params() + (0 if tied else self.head_params())
