@@ -16,10 +16,12 @@ Megatron's optimizers nor those helpers, so the import holds back that one warni
 """
 from __future__ import annotations
 
+import contextlib
 import importlib
 import sys
 import warnings
 from types import ModuleType
+from typing import Iterator
 
 import torch
 
@@ -35,15 +37,23 @@ def _identity_compile(fn=None, *args, **kwargs):
     return fn
 
 
+@contextlib.contextmanager
+def compile_as_identity() -> Iterator[None]:
+    """Within: ``torch.compile`` is :func:`_identity_compile`, so an import that wraps its functions in it at import
+    time leaves them eager and imports no TorchDynamo or Inductor; restored on the way out. (Also DeepSpeed's Muon
+    optimizer, dist_train.engines.deepspeed.)"""
+    real = torch.compile
+    torch.compile = _identity_compile
+    try:
+        yield
+    finally:
+        torch.compile = real
+
+
 def import_megatron_core() -> ModuleType:
     """``megatron.core``, imported once per process with its fused kernels left eager (see module docstring)."""
     if "megatron.core" in sys.modules:
         return sys.modules["megatron.core"]
-    real = torch.compile
-    torch.compile = _identity_compile
-    try:
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=NO_TE_OR_APEX_WARNING, category=UserWarning)
-            return importlib.import_module("megatron.core")
-    finally:
-        torch.compile = real
+    with compile_as_identity(), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=NO_TE_OR_APEX_WARNING, category=UserWarning)
+        return importlib.import_module("megatron.core")

@@ -20,6 +20,17 @@ z = x + b
 tanh_gelu = z * 0.5 * (1.0 + torch.tanh(0.79788456 * z * (1 + 0.044715 * z * z)))
 assert type(bias_gelu).__name__ == "function" and torch.allclose(bias_gelu(b, x), tanh_gelu)  # plain eager
 assert import_megatron_core() is core and megatron_indexed_dataset().IndexedDataset
+# DeepSpeed's optimizer check imports its Muon optimizer in every ZeRO engine's set-up: eager as well
+import os
+os.environ["DS_ACCELERATOR"] = "cpu"
+from dist_train.engines.deepspeed import import_deepspeed_muon_eager
+import_deepspeed_muon_eager()
+from deepspeed.runtime.zero.utils import is_zero_supported_optimizer, ZERO_SUPPORTED_OPTIMIZERS
+from deepspeed.runtime.zero.muon.muon_optimizer import MuonWithAuxAdam
+from deepspeed.runtime.zero.muon.original_muon import zeropower_via_newtonschulz5
+assert type(zeropower_via_newtonschulz5).__name__ == "function", type(zeropower_via_newtonschulz5)  # plain eager
+assert torch.compile is real, "torch.compile was not restored"
+assert "torch._dynamo" not in sys.modules and "torch._inductor" not in sys.modules, "dynamo/inductor imported"
 print("ok")
 """
 
