@@ -15,6 +15,9 @@ torch.set_num_threads(1)
 # test module), the shared helpers, dist_train.plot's matplotlib (two modules) cost 0.1-0.8 s of CPU per rank start,
 # on every run_ranks call; imported once by the server, 44 rank test modules import in 0.9 s of CPU instead of 4.1.
 preload_in_fork_server("pytest", "tests.dist_harness", "tests.trainer_utils", "dist_train.plot")
+# megatron-core and DeepSpeed too (on a CPU build of torch): ~1.3 s of CPU on every rank of every tp, ZeRO or
+# DeepSpeed case's run_ranks call otherwise (see tests/fork_server_engines.py)
+preload_in_fork_server("tests.fork_server_engines")
 
 
 @pytest.fixture
