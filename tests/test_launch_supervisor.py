@@ -305,11 +305,13 @@ def test_gforkers_report_is_read_even_after_a_ranks_unterminated_line_and_passed
     assert reports.codes == {0: -int(signal.SIGQUIT), 1: -int(signal.SIGKILL), 2: 3} and passed == lines
 
 
-_MPI_LAUNCHER = """
+#: each rank of _MPI_LAUNCHER's job: its command line starts with f"{sys.executable} -c {_SLEEPING_RANK}"
+_SLEEPING_RANK = "import time; time.sleep(120)"
+_MPI_LAUNCHER = f"""
 import sys, time
 from pathlib import Path
 from launchers.mpi import MpiBackend
-MpiBackend(2, Path(sys.argv[1])).start([sys.executable, "-c", "import time; time.sleep(120)", sys.argv[1]], {}, 0)
+MpiBackend(2, Path(sys.argv[1])).start([sys.executable, "-c", {_SLEEPING_RANK!r}, sys.argv[1]], {{}}, 0)
 time.sleep(120)
 """
 
@@ -338,8 +340,11 @@ def test_a_sigkilled_mpi_launcher_leaves_no_rank_running(tmp_path):
                                 env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
     try:
         deadline = time.monotonic() + 60
-        # the ranks themselves (a wrapper's command line names theirs): each wrapper has asked to die with mpiexec
-        while len([p for p, line in _processes_naming(str(run_dir)) if line.startswith(f"{sys.executable} -c")]) < 2:
+        # the ranks themselves: a wrapper starts its rank after asking to die with mpiexec (launchers.rankio). Not the
+        # launcher, whose command line also starts "python -c" and names run_dir: counted, it let the launcher be
+        # killed with one rank up and the other's wrapper still starting, before it asked (its flake last stop)
+        rank_line = f"{sys.executable} -c {_SLEEPING_RANK} "
+        while len([p for p, line in _processes_naming(str(run_dir)) if line.startswith(rank_line)]) < 2:
             assert launcher.poll() is None and time.monotonic() < deadline, "the 2 ranks never started"
             time.sleep(0.1)
     finally:
