@@ -25,3 +25,17 @@ def tmp_run_dir(tmp_path):
     d = tmp_path / "run"
     d.mkdir()
     return d
+
+
+@pytest.fixture(autouse=True)
+def _environment_left_as_found():
+    """Each test leaves ``os.environ`` as it found it (what a module-scoped fixture set before it stays). An
+    in-process DeepSpeed engine sets RANK=0, WORLD_SIZE=1 and LOCAL_RANK=0 for good (engines/deepspeed.py
+    ``_ensure_process_group``): every later test that starts a job with the pytest process's environment then
+    ran torchrun's one-rank world. test_submitted_eval_job_writes_the_result failed so after test_spikes.py's
+    DeepSpeed case (2 ranks each alone: world_size 1 in the result)."""
+    before = dict(os.environ)
+    yield
+    if dict(os.environ) != before:
+        os.environ.clear()
+        os.environ.update(before)
