@@ -90,26 +90,32 @@ def _bucket_bytes(optimizer) -> int:
 
 
 def _real_buckets(rank: int, world: int, layouts: list) -> list:
-    """Per (parallel, precision, deepspeed): the engine's trainable parameters, the buckets DeepSpeed held after its
-    build and at the end of a backward (just before it releases ZeRO-1/2's), and the build's allocator peak."""
+    """Per (parallel, precision, deepspeed, metered, stepped): the engine's trainable parameters, the buckets DeepSpeed
+    held after its build, the build's allocator peak (``metered`` only: the profiler meter slows a build) and,
+    ``stepped`` only, after one step: the buckets at the end of its backward (just before ZeRO-1/2 release theirs), the
+    module's weights and its parameters' sizes."""
     out = []
-    for parallel, precision, deepspeed in layouts:
+    for parallel, precision, deepspeed, metered, stepped in layouts:
         cfg = _cfg(parallel, deepspeed, precision)
         mesh = build_mesh(cfg.parallel, world)
         model = build_gpt(cfg, mesh, torch.device("cpu")).train()
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         bf16 = torch.bfloat16 if precision == "bf16" else None
-        engine, built = peak_tensor_bytes(lambda: build_engine(cfg, model, mesh, bf16))
+        if metered:
+            engine, built = peak_tensor_bytes(lambda: build_engine(cfg, model, mesh, bf16))
+        else:
+            engine, built = build_engine(cfg, model, mesh, bf16), None
         optimizer, seen = engine.optimizer, []
         release = getattr(optimizer, "_release_ipg_buffers", None)
         if release is not None:  # ZeRO-1/2 free their buckets at the end of each backward: read them then
             optimizer._release_ipg_buffers = lambda: (seen.append(_bucket_bytes(optimizer)), release())[1]
-        after_build = _bucket_bytes(optimizer)
-        tokens = torch.randint(0, cfg.model.vocab_size, (1, 16), generator=torch.Generator().manual_seed(rank))
-        engine.train_step([{"tokens": tokens, "labels": tokens, "positions": torch.arange(16)}], 16.0 * world)
-        out.append({"trainable": trainable, "after_build": after_build, "in_backward": max(seen, default=0),
-                    "built": built, "weights": _working_weight_bytes(model),
-                    "tensors": [getattr(p, "ds_numel", p.numel()) for p in model.parameters()]})
+        real = {"trainable": trainable, "after_build": _bucket_bytes(optimizer), "built": built}
+        if stepped:
+            tokens = torch.randint(0, cfg.model.vocab_size, (1, 16), generator=torch.Generator().manual_seed(rank))
+            engine.train_step([{"tokens": tokens, "labels": tokens, "positions": torch.arange(16)}], 16.0 * world)
+            real.update(in_backward=max(seen, default=0), weights=_working_weight_bytes(model),
+                        tensors=[getattr(p, "ds_numel", p.numel()) for p in model.parameters()])
+        out.append(real)
     return out
 
 
@@ -125,43 +131,46 @@ def _working_weight_bytes(model) -> int:
     return sum(storages.values())
 
 
-#: ZeRO-1/2/3 at dp2 (fp32; ZeRO-1 and -3 also bf16, ZeRO-3 with DeepSpeed's default bucket set), ZeRO-3 at tp2 (a
-#: padded vocabulary: the model's parameter count must be the engine's)
-LAYOUTS = [({"dp": 2, "zero_stage": 1}, "fp32", None), ({"dp": 2, "zero_stage": 2}, "fp32", None),
-           ({"dp": 2, "zero_stage": 3}, "fp32", None), ({"dp": 2, "zero_stage": 3}, "bf16", None),
-           ({"dp": 2, "zero_stage": 3}, "fp32", OLD_SIZING), ({"tp": 2, "zero_stage": 3}, "fp32", None),
-           ({"dp": 2, "zero_stage": 1}, "bf16", None),
-           # the user's persistence keys: tensors of at most 40,000 elements while their total stays within 60,000
-           ({"dp": 2, "zero_stage": 3}, "fp32", {"zero_optimization": {"stage3_param_persistence_threshold": 40_000,
-                                                                        "stage3_model_persistence_threshold": 60_000}})]
+#: (parallel, precision, deepspeed, metered, stepped): ZeRO-1 fp32 and ZeRO-2 bf16 at dp2 (one code path,
+#: stage_1_and_2.py: each stage and each dtype once); ZeRO-3 at dp2: fp32 with the engine's bucket and with DeepSpeed's
+#: default set (the two metered builds: the second differs from the first only in its bucket, so it is not stepped),
+#: bf16 with the user's persistence keys (tensors of at most 40,000 elements while their total stays within 60,000);
+#: ZeRO-3 at tp2 (a padded vocabulary: the model's parameter count must be the engine's)
+PERSISTENCE = {"zero_optimization": {"stage3_param_persistence_threshold": 40_000,
+                                     "stage3_model_persistence_threshold": 60_000}}
+LAYOUTS = [({"dp": 2, "zero_stage": 1}, "fp32", None, False, True),
+           ({"dp": 2, "zero_stage": 2}, "bf16", None, False, True),
+           ({"dp": 2, "zero_stage": 3}, "fp32", None, True, True),
+           ({"dp": 2, "zero_stage": 3}, "fp32", OLD_SIZING, True, False),
+           ({"dp": 2, "zero_stage": 3}, "bf16", PERSISTENCE, False, True),
+           ({"tp": 2, "zero_stage": 3}, "fp32", None, False, True)]
+NEW, OLD = 2, 3  # the metered ZeRO-3 builds: the engine's bucket, DeepSpeed's default
 
 
 @pytest.mark.slow
 def test_the_memory_models_buckets_are_what_a_real_deepspeed_engine_allocates():
-    """Two gloo ranks, eight engines (11-29 s here, under load). The model's ``zero_buckets`` equals the bytes of the
-    buckets the engine holds (ZeRO-3 from its build on, ZeRO-1/2 through the backward); the allocator meter of the
-    build drops by the 1.995 GB the model says the old sizing cost at ZeRO-3, give or take the rest of the build's
-    run-to-run variation (measured: 2,008,688,129 -> 13,344,257 B on rank 0 with the 1.2M-parameter model here), and
-    the model's parameter count is the engine's (tp2 pads the vocabulary).
-    An eighth engine sets the ZeRO-3 persistence keys; at ZeRO-3 the model's weights are, to the byte, what the engine
+    """Two gloo ranks, six engines. The model's ``zero_buckets`` equals the bytes of the buckets the engine holds
+    (ZeRO-3 from its build on, ZeRO-1/2 through the backward); the allocator meter of the build drops by the 1.995 GB
+    the model says the old sizing cost at ZeRO-3, give or take the rest of the build's run-to-run variation
+    (measured: 2,008,688,129 -> 13,344,257 B on rank 0 with the 1.2M-parameter model here), and the model's parameter
+    count is the engine's (tp2 pads the vocabulary).
+    One engine sets the ZeRO-3 persistence keys; at ZeRO-3 the model's weights are, to the byte, what the engine
     holds after a step (its parameter tensors are the module's, persistent ones whole: 4,231,680 B at dp2 fp32, where
     1/dp of every weight was counted before, 2,459,136 B)."""
     for got in run_ranks(_real_buckets, 2, args=(LAYOUTS,), timeout=300):
-        by_layout = dict(zip(range(len(LAYOUTS)), got))
-        for i, (parallel, precision, deepspeed) in enumerate(LAYOUTS):
-            real = by_layout[i]
+        for real, (parallel, precision, deepspeed, _, stepped) in zip(got, LAYOUTS, strict=True):
             states, _, n_local = _modelled(_cfg(parallel, deepspeed, precision))
             assert real["trainable"] == n_local, (parallel, real, n_local)
             held = real["after_build"] if parallel["zero_stage"] == 3 else real["in_backward"]
             assert held == states["zero_buckets"] > 0, (parallel, precision, deepspeed, real, states)
             if parallel["zero_stage"] < 3:
                 assert real["after_build"] == 0, real  # ZeRO-1/2 hold none outside a backward
-            else:  # ZeRO-3's persistent parameters whole besides their partition (tests/test_zero_persistence.py)
+            elif stepped:  # ZeRO-3's persistent parameters whole besides their partition (test_zero_persistence.py)
                 sh, loc = rank_inputs(_cfg(parallel, deepspeed, precision), CPU)
                 assert real["tensors"] == rank_param_tensors(_cfg(parallel), sh, loc.loads[0]), (parallel, real)
                 assert real["weights"] == states["weights"], (parallel, precision, deepspeed, real, states)
-        old, new = by_layout[4], by_layout[2]
-        saved = _modelled(_cfg(*LAYOUTS[4][:1], OLD_SIZING))[0]["zero_buckets"] - _modelled(
-            _cfg(LAYOUTS[2][0]))[0]["zero_buckets"]
+        old, new = got[OLD], got[NEW]
+        saved = _modelled(_cfg(*LAYOUTS[OLD][:1], OLD_SIZING))[0]["zero_buckets"] - _modelled(
+            _cfg(LAYOUTS[NEW][0]))[0]["zero_buckets"]
         # the rest of a build varies run to run (13.3-15.4 MB measured: gloo's and the gathers' temporaries)
         assert abs(old["built"] - new["built"] - saved) <= 0.2 * new["built"], (old, new, saved)
