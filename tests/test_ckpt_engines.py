@@ -488,10 +488,16 @@ def _param_offload(optimizer: bool) -> dict:
             "deepspeed": {"zero_optimization": zero, **({"zero_force_ds_cpu_optimizer": False} if optimizer else {})}}
 
 
-def _param_offload_resume_ranks(rank: int, world: int, root: str, optimizer: bool) -> dict:
-    """6 steps with parameter offload, saving every 2; its step-4 checkpoint resumed with offload; its step-2 one
-    without, stopping at step 4 (saving there); that checkpoint resumed with offload. Records whether DeepSpeed took its
-    parameter-offload path (``offload_param`` of the ZeRO-3 optimizer the checkpoint adapter wraps)."""
+#: the two parameter-offload variants: the parameters alone, and with them the optimizer
+PARAM_OFFLOADS = {"params": False, "params+optimizer": True}
+
+
+def _param_offload_resume_ranks(rank: int, world: int, root: str) -> dict:
+    """A plain ZeRO-3 run (6 steps' schedule) stopping at step 4, saving at 2 and 4; per :data:`PARAM_OFFLOADS`
+    variant, its step-2 checkpoint resumed with offload to step 6, saving at 4; that run's step-4 checkpoint resumed
+    with offload and without. The same ``train.steps`` throughout (the learning-rate schedule's length). Records
+    whether DeepSpeed took its parameter-offload path (``offload_param`` of the ZeRO-3 optimizer the checkpoint adapter
+    wraps), per engine in order."""
     taken, init = [], DeepSpeedStateAdapter.__init__
 
     def recording(self, zero_optimizer):
@@ -499,39 +505,39 @@ def _param_offload_resume_ranks(rank: int, world: int, root: str, optimizer: boo
         init(self, zero_optimizer)
     DeepSpeedStateAdapter.__init__ = recording
     try:
-        offload, plain = _param_offload(optimizer), {"dp": 2, "zero_stage": 3}
-        every = {"every": 2, "keep_last": 3}
-        straight = train(_cfg(root, "offload", offload, checkpoint=every, steps=6)).losses
-        runs = {}
-        # the same train.steps throughout (the learning-rate schedule's length): the run without offload stops at
-        # step 4 by train.exit_interval, saving there
-        for name, parallel, src, step, ck, stop in (
-                ("offload_from_offload", offload, "offload", 4, {}, {}),
-                ("plain_from_offload", plain, "offload", 2, every, {"exit_interval": 2}),
-                ("offload_from_plain", offload, "plain_from_offload", 4, {}, {})):
-            res = train(_cfg(root, name, parallel, steps=6, checkpoint={**ck, **_resume_from(root, src, step)},
-                             train_over=stop))
-            runs[name] = (res.start_step, res.losses)
+        plain = {"dp": 2, "zero_stage": 3}
+        out = {"plain": train(_cfg(root, "plain", plain, checkpoint={"every": 2, "keep_last": 2}, steps=6,
+                                   train_over={"exit_interval": 4})).losses}
+        for name, optimizer in PARAM_OFFLOADS.items():
+            offload = _param_offload(optimizer)
+            res = train(_cfg(root, name, offload, steps=6, checkpoint={"every": 4, **_resume_from(root, "plain", 2)}))
+            runs = {"offload_from_plain": (res.start_step, res.losses)}
+            for run, parallel in (("offload_from_offload", offload), ("plain_from_offload", plain)):
+                res = train(_cfg(root, f"{name}_{run}", parallel, steps=6, checkpoint=_resume_from(root, name, 4)))
+                runs[run] = (res.start_step, res.losses)
+            out[name] = runs
     finally:
         DeepSpeedStateAdapter.__init__ = init
-    return {"straight": straight, "runs": runs, "offload_param": taken}
+    return {**out, "offload_param": taken}
 
 
-@pytest.mark.slow  # 7-15 s per variant at load 8: four 2-rank DeepSpeed runs of 2-6 steps (engine builds dominate)
-@pytest.mark.parametrize("optimizer", [False, True], ids=["params", "params+optimizer"])
-def test_zero3_with_cpu_parameter_offload_resumes_exactly_and_to_and_from_no_offload(tmp_path, optimizer):
+@pytest.mark.slow  # seven 2-rank DeepSpeed runs of 2-4 steps in one spawn (engine builds dominate)
+def test_zero3_with_cpu_parameter_offload_resumes_exactly_and_to_and_from_no_offload(tmp_path):
     """offload_param.device = cpu keeps ZeRO-3's working weights in host buffers between uses; the checkpoint holds
     the fp32 masters (the common layout), and a load refreshes the offloaded weights from them (the adapter's
-    _refresh_working_copies, DeepSpeed's after-step path: a load that skips it for offloaded weights fails here). A
-    resume with offload repeats the run bit for bit; its checkpoint resumes without offload, and a checkpoint saved
-    without offload resumes with it, within 1e-5."""
-    for r in run_ranks(_param_offload_resume_ranks, 2, args=(str(tmp_path), optimizer), timeout=300):
-        straight, runs = r["straight"], r["runs"]
-        assert r["offload_param"] == [True, True, False, True], r["offload_param"]  # each run's engine, in order
-        assert runs["offload_from_offload"] == (4, straight[4:]), (runs, straight)
-        for name, step, end in (("plain_from_offload", 2, 4), ("offload_from_plain", 4, 6)):
-            start, losses = runs[name]
-            assert start == step and rel_close(losses, straight[step:end], 1e-5), (name, losses, straight)
+    _refresh_working_copies, DeepSpeed's after-step path: a load that skips it for offloaded weights fails here). For
+    the parameters offloaded alone and with the optimizer: a checkpoint saved without offload resumes with it within
+    1e-5, a resume with offload repeats the run bit for bit, and its checkpoint resumes without offload within 1e-5."""
+    for r in run_ranks(_param_offload_resume_ranks, 2, args=(str(tmp_path),), timeout=300):
+        assert r["offload_param"] == [False] + [True, True, False] * len(PARAM_OFFLOADS), r["offload_param"]
+        plain = r["plain"]
+        for name in PARAM_OFFLOADS:
+            runs = r[name]
+            start, offloaded = runs["offload_from_plain"]
+            assert start == 2 and rel_close(offloaded[:2], plain[2:4], 1e-5), (name, offloaded, plain)
+            assert runs["offload_from_offload"] == (4, offloaded[2:]), (name, runs)
+            start, losses = runs["plain_from_offload"]
+            assert start == 4 and rel_close(losses, offloaded[2:], 1e-5), (name, losses, offloaded)
 
 
 def _offload_resume_ranks(rank: int, world: int, root: str, stage: int) -> dict:
