@@ -154,6 +154,7 @@ class TrainConfig:
     trackers: Optional[list] = None  # jsonl | tensorboard | wandb (offline); None: jsonl + tensorboard if installed
     eval_every: int = 0  # validation loss every N steps (and at the last step); 0: off
     eval_steps: int = 4  # validation batches (global_batch samples each) per evaluation
+    gc_interval: int = 0  # 0: Python's automatic garbage collector; N: it is off, a full collection every N steps
 
 
 #: train.loss_chunk = auto: one chunk's fp32 logits [chunk, V_local] stay within this many bytes
@@ -585,6 +586,7 @@ _BOUNDS: dict[str, Bound] = {
     "train.spike_window": _POS,
     "train.eval_every": _NONNEG,  # 0: off
     "train.eval_steps": _POS,
+    "train.gc_interval": _NONNEG,  # 0: the automatic collector (dist_train/gc_schedule.py)
     "checkpoint.every": _NONNEG,  # 0: only at the end
     "checkpoint.keep_last": _POS,
     "launch.nproc": _POS,

@@ -42,6 +42,7 @@ from .distributed import DistContext, current_context
 from .engines import autocast_dtype, build_engine
 from .engines.ddp import all_reduce_sum
 from .evaluation import Evaluator
+from .gc_schedule import GcSchedule
 from .lifecycle import EXIT_PREEMPTED, Lifecycle, TrainingDiverged
 from .logs import get_logger, setup_logging
 from .mesh import Mesh, build_mesh
@@ -344,6 +345,11 @@ def _train(cfg: Config, ctx: DistContext) -> TrainResult:
     diverged: Optional[TrainingDiverged] = None  # the loop's divergence, if any (it decides how the run ends)
     rank_stats = RankStats.start(run_dir, ctx.rank)  # per-rank record for `dist-train scale` (DIST_TRAIN_RANK_STATS=1)
     model.train()
+    # every rank: the build's garbage collected and the survivors frozen; train.gc_interval > 0 takes the automatic
+    # collector's place with a full collection at the same steps on every rank (no rank waits for another's mid-step)
+    gcs = GcSchedule.start(t.gc_interval)
+    if ctx.is_main:
+        log.info(gcs.describe())
     try:
         for step in range(start_step, t.steps):
             t0 = time.perf_counter()
@@ -367,6 +373,7 @@ def _train(cfg: Config, ctx: DistContext) -> TrainResult:
                                         log, ctx.is_main)
             skipped = nonfinite_run > 0  # not applied (train.on_nonfinite = skip): always recorded, marked
             consumed += t.global_batch
+            gcs.collect_if_due(step + 1)  # inside the timed step: its cost shows in the step time
             dt = time.perf_counter() - t0
             step_times.append(dt)
             rank_stats.step(dt, data_s)
@@ -444,6 +451,7 @@ def _train(cfg: Config, ctx: DistContext) -> TrainResult:
             (log.error if ctx.is_main else log.info)(f"{str(e).splitlines()[0]} (the run diverged after that step: "
                                                      "see below)")
         finally:
+            gcs.close()
             lifecycle.close()
         if bar is not None:
             bar.close()
@@ -468,6 +476,7 @@ def _train(cfg: Config, ctx: DistContext) -> TrainResult:
         "device_peak_source": honest.peak.source, "mfu_peak_warning": honest.warning,
         "peak_mem_bytes": peak_memory_bytes(ctx.device),
         "checkpoint_failed_saves": ckpt.failed_saves,
+        "gc_interval": t.gc_interval, "gc_collections": gcs.collections, "gc_collect_s": gcs.collect_s,
     }
     if not ctx.is_main:
         log.info(f"rank {ctx.rank} done: {len(result.losses)} steps from step {start_step}, exit code "

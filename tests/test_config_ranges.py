@@ -90,6 +90,7 @@ BAD: dict[str, list] = {
     "train.trackers": ["tensorboard", ["csv"], ["jsonl", "jsonl"]],
     "train.eval_every": [-1, "often"],
     "train.eval_steps": [0, -2],
+    "train.gc_interval": [-1, 1.5, "often", True],
     "data.split": ["a,b", "-1,2", "0,0,0", "1,2,3,4"],
     "data.valid_path": ["", 3],
     "data.valid_overlap_max": [-0.1, 1.5, float("nan"), "some", None],

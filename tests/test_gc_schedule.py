@@ -1,0 +1,132 @@
+"""train.gc_interval (dist_train/gc_schedule.py): the same losses whatever it is; with N > 0 no automatic collection
+inside a step and a full collection after every N-th step, exactly; cycles a step leaves live at most N steps; the
+collector as it was after train() returns."""
+from __future__ import annotations
+
+import gc
+import sys
+import weakref
+
+import pytest
+
+from dist_train import trainer
+from dist_train.gc_schedule import GcSchedule
+from dist_train.trainer import train
+from tests.trainer_utils import tiny_gpt_config
+
+
+class CollectionRecorder:
+    """Every collection while the ``with`` block runs (``gc.callbacks``): (generation, the training step it ran in or
+    None, whether it ran inside the engine's ``train_step``, whether the schedule started it)."""
+
+    def __init__(self):
+        self.seen: list[tuple[int, object, bool, bool]] = []
+
+    def _tick(self, phase: str, info: dict) -> None:
+        if phase != "start":
+            return
+        step, in_step, scheduled = None, False, False
+        frame = sys._getframe(1)
+        while frame is not None:
+            name = frame.f_code.co_name
+            in_step |= name == "train_step"
+            scheduled |= name == "collect_if_due"
+            if name == "_train" and step is None:
+                step = frame.f_locals.get("step")
+            frame = frame.f_back
+        self.seen.append((info["generation"], step, in_step, scheduled))
+
+    def __enter__(self) -> "CollectionRecorder":
+        gc.callbacks.append(self._tick)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        gc.callbacks.remove(self._tick)
+
+
+@pytest.fixture
+def eager_collector():
+    """The automatic collector firing every few allocations, so that it would certainly fire inside a step."""
+    thresholds = gc.get_threshold()
+    gc.set_threshold(20, 2, 2)
+    yield
+    gc.set_threshold(*thresholds)
+
+
+def _train(tmp_path, name: str, interval: int, steps: int = 4):
+    return train(tiny_gpt_config(tmp_path / name, steps=steps, train={"gc_interval": interval}))
+
+
+def test_scheduled_collections_replace_the_automatic_ones_and_change_no_loss(tmp_path, eager_collector):
+    assert gc.isenabled() and gc.get_freeze_count() == 0
+    with CollectionRecorder() as auto:
+        base = _train(tmp_path, "auto", 0)
+    assert gc.isenabled() and gc.get_freeze_count() == 0  # as before train()
+    # the control: the recorder sees the automatic collector inside steps when it is on
+    assert any(in_step for _, _, in_step, _ in auto.seen)
+    with CollectionRecorder() as manual:
+        sched = _train(tmp_path, "every2", 2)
+    assert gc.isenabled() and gc.get_freeze_count() == 0
+    # none inside a step; full collections after steps 2 and 4 (0-based 1 and 3), one each
+    assert not any(in_step for _, _, in_step, _ in manual.seen)
+    assert [(gen, step) for gen, step, _, scheduled in manual.seen if scheduled] == [(2, 1), (2, 3)]
+    assert sched.summary["gc_collections"] == 2
+    assert sched.losses == base.losses and sched.grad_norms == base.grad_norms  # bit-identical
+
+
+class _Cycle:
+    def __init__(self):
+        self.me = self
+
+
+def test_cycles_a_step_leaves_live_at_most_the_interval(tmp_path, monkeypatch):
+    """Each step leaves one reference cycle (only the collector frees it): with the automatic collector off, the
+    schedule must free them every 3 steps, or they would pile up for the whole run."""
+    alive: weakref.WeakSet = weakref.WeakSet()
+    counts: list[int] = []
+    build = trainer.build_engine
+
+    def leaky_engine(*args, **kwargs):
+        engine = build(*args, **kwargs)
+        step = engine.train_step
+
+        def train_step(*a, **k):
+            counts.append(len(alive))  # cycles still alive when this step starts
+            alive.add(_Cycle())
+            return step(*a, **k)
+        engine.train_step = train_step
+        return engine
+
+    monkeypatch.setattr(trainer, "build_engine", leaky_engine)
+    _train(tmp_path, "leaky", 3, steps=8)
+    assert counts == [0, 1, 2, 0, 1, 2, 0, 1]
+
+
+def test_start_collects_freezes_and_close_restores():
+    gc.disable()
+    try:
+        s = GcSchedule.start(0)
+        assert s.frozen == gc.get_freeze_count() > 0 and not gc.isenabled()  # 0 leaves the caller's choice
+        s.close()
+        assert gc.get_freeze_count() == 0 and not gc.isenabled()
+    finally:
+        gc.enable()
+    s = GcSchedule.start(5)
+    assert not gc.isenabled()
+    assert [s.collect_if_due(n) for n in range(1, 11)] == [n % 5 == 0 for n in range(1, 11)]
+    assert s.collections == 2 and "every 5 steps" in s.describe()
+    s.close()
+    assert gc.isenabled() and gc.get_freeze_count() == 0
+
+
+def test_a_resume_runs_the_configured_interval_at_global_steps_and_says_it_changed(tmp_path):
+    """4 steps at gc_interval 3 (a collection after step 3), then a resume to 6 steps at gc_interval 2: the schedule
+    counts global steps (a collection after step 6, none after 5), as an uninterrupted run at 2 would."""
+    run = tmp_path / "r"
+    first = train(tiny_gpt_config(run, steps=4, train={"gc_interval": 3}, checkpoint={"at_end": True}))
+    assert first.summary["gc_collections"] == 1
+    with CollectionRecorder() as seen:
+        second = train(tiny_gpt_config(run, steps=6, train={"gc_interval": 2}))
+    assert second.start_step == 4
+    assert [step for _, step, _, scheduled in seen.seen if scheduled] == [5]  # 0-based: after global step 6
+    assert "train.gc_interval 3 -> 2" in (run / "logs" / "rank_0.log").read_text()
