@@ -72,6 +72,14 @@ def test_compare_medians_ratio_and_overhead_beyond_the_prediction():
         compare([1.0, 1.0], [1.0], 1.0)
 
 
+def test_step_spread_takes_each_steps_slowest_rank_after_the_first():
+    """A straggler on one rank (rank 1, step 4) is the job's step time there; the warm-up step is left out."""
+    spread = bench_train.step_spread([[9.0, 1.0, 1.1, 1.0, 1.2, 1.0], [9.0, 1.1, 1.0, 3.0, 1.0, 1.0]])
+    assert spread["median"] == 1.1 and spread["max"] == 3.0
+    assert spread["p90"] == pytest.approx(1.2 + 0.6 * (3.0 - 1.2))  # [1, 1.1, 1.1, 1.2, 3.0] at 0.9, linear
+    assert bench_train.step_spread([[2.0]]) == {"median": 2.0, "p90": 2.0, "max": 2.0}
+
+
 def test_threads_per_rank_honours_the_flag_then_omp_num_threads_then_divides_the_cores():
     assert threads_per_rank(3, {"OMP_NUM_THREADS": "1"}, 2, 1) == 3
     assert threads_per_rank(None, {"OMP_NUM_THREADS": "1"}, 2, 1) == 1

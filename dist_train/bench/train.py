@@ -55,6 +55,17 @@ def _median_tail(xs: list[float]) -> float:
     return statistics.median(xs[1:] if len(xs) > 1 else xs)
 
 
+def step_spread(step_s_by_rank: list[list[float]]) -> dict:
+    """Each rank's step times (seconds, one list per rank, same steps) -> the median, 90th percentile and maximum of
+    the job's step time, each step's slowest rank, the first step (warm-up) left out: a rank held up mid-step (its
+    garbage collector, a core taken by another process) holds every rank at the next collective, so stragglers show
+    in the tail (p90, max), not in the median."""
+    steps = [max(times) for times in zip(*step_s_by_rank)]
+    steps = steps[1:] if len(steps) > 1 else steps
+    p90 = statistics.quantiles(steps, n=10, method="inclusive")[8] if len(steps) > 1 else steps[0]
+    return {"median": statistics.median(steps), "p90": p90, "max": max(steps)}
+
+
 def _measure(config: str, variant: Variant, threads: int, timeout: float) -> dict:
     """One measured launch of ``config`` + ``variant.overrides`` (``variant.cfg``: that config, loaded and checked
     once) -> the JSON record (layout, throughput, per-rank split and memory, load average)."""
@@ -86,7 +97,8 @@ def _measure(config: str, variant: Variant, threads: int, timeout: float) -> dic
             "params": s0["params"], "tokens_per_s": s0["tokens_per_s"], "tflops_per_device": s0["tflops_per_device"],
             "mfu": s0["mfu"], "device_peak_tflops": s0["device_peak_tflops"],
             "device_peak_source": s0["device_peak_source"], "flop_convention": s0["flop_convention"],
-            "median_step_s": s0["median_step_time_s"], "losses": results[0]["losses"], "ranks": ranks}
+            "median_step_s": s0["median_step_time_s"], "losses": results[0]["losses"], "ranks": ranks,
+            "step_spread_s": step_spread([results[r]["step_s"] for r in range(nproc)])}
 
 
 def _print_run(out: dict) -> None:
@@ -96,6 +108,9 @@ def _print_run(out: dict) -> None:
           f"FLOPs: {out['flop_convention']} | load avg {out['load_avg_1min'][0]:.2f} -> {out['load_avg_1min'][1]:.2f}")
     print(f"tokens/s {out['tokens_per_s']:,.0f} | TFLOP/s/device {out['tflops_per_device']:.4f} | "
           f"MFU {100 * out['mfu']:.1f}% of {out['device_peak_tflops']:.3f} | median step {out['median_step_s']:.3f} s")
+    spread = out["step_spread_s"]
+    print(f"step s, each step's slowest rank (after the first): median {spread['median']:.3f} | p90 {spread['p90']:.3f} "
+          f"| max {spread['max']:.3f}")
     print(f"{'rank':>4} {'step s':>8} {'compute':>8} {'cpu':>8} {'comm':>8} {'data':>8} {'peak MiB':>9} {'param MiB':>10} "
           f"{'optim MiB':>10} {'formula p+g+o MiB':>18}")
     mib = 2 ** 20
@@ -146,6 +161,10 @@ def run(args: argparse.Namespace, plan: Plan) -> int:
           f"{[round(r['median_step_s'], 3) for r in runs['baseline']]}")
     print(f"  run      {nproc} rank(s): median step {cmp['run_median_s']:.3f} s  "
           f"{[round(r['median_step_s'], 3) for r in runs['run']]}")
+    for name in ORDER:
+        spreads = [r["step_spread_s"] for r in runs[name]]
+        print(f"  {name:8s} tail (each step's slowest rank): p90 {[round(x['p90'], 3) for x in spreads]} s, "
+              f"max {[round(x['max'], 3) for x in spreads]} s")
     print(f"  ratio {cmp['ratio']:.3f} (pairs: median {cmp['pair_ratio_median']:.3f}) | work ÷ tp ÷ (1 − bubble) predicts "
           f"{cmp['predicted_ratio']:.3f} | beyond it: {100 * cmp['overhead_beyond_prediction']:+.1f}% "
           f"(pairs {100 * cmp['pair_overhead_beyond_prediction']:+.1f}%)")
