@@ -114,7 +114,8 @@ def _real_buckets(rank: int, world: int, layouts: list) -> list:
             tokens = torch.randint(0, cfg.model.vocab_size, (1, 16), generator=torch.Generator().manual_seed(rank))
             engine.train_step([{"tokens": tokens, "labels": tokens, "positions": torch.arange(16)}], 16.0 * world)
             real.update(in_backward=max(seen, default=0), weights=_working_weight_bytes(model),
-                        tensors=[getattr(p, "ds_numel", p.numel()) for p in model.parameters()])
+                        tensors=[getattr(p, "ds_numel", p.numel()) for p in model.parameters()],
+                        optimizer=_optimizer_state_bytes(optimizer, model))
         out.append(real)
     return out
 
@@ -129,6 +130,19 @@ def _working_weight_bytes(model) -> int:
             if t is not None:
                 storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
     return sum(storages.values())
+
+
+def _optimizer_state_bytes(optimizer, model) -> int:
+    """Bytes of the fp32 masters the ZeRO optimizer steps (ZeRO-1/2's partition clones, ZeRO-3's flat partitions)
+    and its AdamW moments, each storage once and none that the module's weights or their partitions hold (were one
+    a master itself, it would not be a copy)."""
+    inner = getattr(optimizer, "optimizer", optimizer)
+    masters = getattr(optimizer, "single_partition_of_fp32_groups", None) or optimizer.fp32_partitioned_groups_flat
+    moments = [s[k] for s in inner.state.values() for k in ("exp_avg", "exp_avg_sq")]
+    weights = {t.untyped_storage().data_ptr() for p in model.parameters()
+               for t in (p.data, getattr(p, "ds_tensor", None)) if t is not None}
+    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in [*masters, *moments]}
+    return sum(n for ptr, n in storages.items() if ptr not in weights)
 
 
 #: (parallel, precision, deepspeed, metered, stepped): ZeRO-1 fp32 and ZeRO-2 bf16 at dp2 (one code path,
@@ -163,6 +177,8 @@ def test_the_memory_models_buckets_are_what_a_real_deepspeed_engine_allocates():
             assert real["trainable"] == n_local, (parallel, real, n_local)
             held = real["after_build"] if parallel["zero_stage"] == 3 else real["in_backward"]
             assert held == states["zero_buckets"] > 0, (parallel, precision, deepspeed, real, states)
+            if stepped:  # fp32 masters (DeepSpeed's ZeRO clones them in fp32 too) and AdamW moments, to the byte
+                assert real["optimizer"] == states["optimizer"], (parallel, precision, deepspeed, real, states)
             if parallel["zero_stage"] < 3:
                 assert real["after_build"] == 0, real  # ZeRO-1/2 hold none outside a backward
             elif stepped:  # ZeRO-3's persistent parameters whole besides their partition (test_zero_persistence.py)

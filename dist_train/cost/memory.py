@@ -16,7 +16,8 @@ Components (bytes):
                         and head; ÷ZeRO-3 shards, but ZeRO-3's persistent parameters — tensors of at most
                         stage3_param_persistence_threshold elements, default 1e5 — whole besides their partition:
                         :func:`zero3_persistent_params`) × element size (train.precision; auto: the profile's)
-    optimizer           AdamW m, v (+ fp32 master copy in 16-bit training), ÷ shards for ZeRO ≥ 1
+    optimizer           AdamW m, v (+ fp32 master copy in 16-bit training, and under DeepSpeed ZeRO ≥ 1 in fp32
+                        too: :func:`fp32_master_bytes`), ÷ shards for ZeRO ≥ 1
     ddp_buckets         DDP's flat gradient buckets (a second gradient copy) when gradients are reduced
     zero_buckets        DeepSpeed ZeRO's gradient bucket(s) (:func:`zero_bucket_bytes`): ZeRO-3's from the engine's
                         build on, ZeRO-1/2's through each backward only
@@ -543,20 +544,33 @@ def zero_buckets_resident(cfg: Config) -> bool:
     return cfg.parallel.zero_stage == 3
 
 
+def fp32_master_bytes(cfg: Config, loc: RankShape) -> int:
+    """Bytes per parameter of the fp32 master copy the optimizer steps (before ZeRO's sharding): 4 in 16-bit training;
+    in fp32 4 under DeepSpeed ZeRO-1/2/3 too, else 0 (ZeRO-0, DDP and FSDP2 step the parameters themselves). ZeRO-1/2
+    clone their partition of the weights whatever its dtype (stage_1_and_2.py ``single_partition_of_fp32_groups``:
+    ``.detach().clone()``); ZeRO-3 would step its fp32 weight partition itself, but its test compares the partition's
+    torch.device with the accelerator's device name, a str, which never equal (stage3.py ``_create_fp32_partitions``),
+    so it clones too. Measured on real engines (CPU): tests/test_zero_buckets.py."""
+    p = cfg.parallel
+    if loc.bpe < 4 or (p.zero_stage is not None and p.zero_stage >= 1 and not p.fsdp):
+        return 4
+    return 0
+
+
 def parameter_state_bytes(cfg: Config, sh: Shape, loc: RankShape, load: RankLoad, n_local: float) -> dict:
     """{"weights", "grads", "optimizer", "ddp_buckets", "zero_buckets", "fsdp_unsharded"}: bytes of the rank's
-    ``n_local`` parameters' states. 16-bit weights and gradients with an fp32 master copy and fp32 AdamW moments,
-    sharded over ``loc.grad_shards`` by the ZeRO stage (1: optimizer, 2: + gradients, 3: + weights — except that
-    ZeRO-3 keeps its persistent parameters (:func:`zero3_persistent_params`) whole on every rank from their first
-    forward on, on top of their partition; their gradients and AdamW state are partitioned like the rest: measured
-    on a real engine, tests/test_zero_buckets.py); DDP's flat
-    buckets, a second copy of the gradients; DeepSpeed ZeRO's gradient buckets (:func:`zero_bucket_bytes`);
-    FSDP2: fp32 shards of everything (mixed precision gathers 16-bit copies) and its gathered weights and unsharded
-    gradients (:func:`fsdp_unsharded_bytes`)."""
+    ``n_local`` parameters' states. 16-bit weights and gradients with an fp32 master copy (also in fp32 at ZeRO ≥ 1:
+    :func:`fp32_master_bytes`) and fp32 AdamW moments, sharded over ``loc.grad_shards`` by the ZeRO stage (1:
+    optimizer, 2: + gradients, 3: + weights — except that ZeRO-3 keeps its persistent parameters
+    (:func:`zero3_persistent_params`) whole on every rank from their first forward on, on top of their partition;
+    their gradients and AdamW state are partitioned like the rest: measured on a real engine,
+    tests/test_zero_buckets.py); DDP's flat buckets, a second copy of the gradients; DeepSpeed ZeRO's gradient
+    buckets (:func:`zero_bucket_bytes`); FSDP2: fp32 shards of everything (mixed precision gathers 16-bit copies)
+    and its gathered weights and unsharded gradients (:func:`fsdp_unsharded_bytes`)."""
     p, bpe = cfg.parallel, loc.bpe
     z = p.zero_stage
     shards = loc.grad_shards
-    master = 4 if bpe < 4 else 0
+    master = fp32_master_bytes(cfg, loc)
     weights = n_local * bpe / (shards if z == 3 else 1)
     if z == 3 and shards > 1:
         # the persistent parameters, whole besides their partition (one shard: the partition is the parameter)
