@@ -12,6 +12,7 @@ import torch.distributed as dist
 
 from dist_train.checkpoint.compat import config_differences
 from dist_train.config import ConfigError, config_from_dict, load_config
+import dist_train.engines.deepspeed as deepspeed_engine
 from dist_train.engines.deepspeed import DeepSpeedEngine
 from dist_train.mesh import build_mesh
 from dist_train.models.gpt import build_gpt
@@ -211,13 +212,18 @@ def test_a_resume_compares_no_key_the_model_never_reads(tmp_path):
     assert config_differences(saved, gpt) == [("data.seq_len", 64, 32)]
 
 
-def test_the_deepspeed_engine_itself_refuses_a_key_deepspeed_never_reads(tmp_path):
+def test_the_deepspeed_engine_itself_refuses_a_key_deepspeed_never_reads(tmp_path, monkeypatch):
     """bench and scale ranks build their engine without the pre-flight: the engine runs the same check."""
     cfg = tiny_gpt_config(tmp_path / "run", parallel={"zero_stage": 1, "deepspeed": {"zero_optimisation": {}}})
     mesh = build_mesh(cfg.parallel, 1)
+    # refused before the engine's one-rank group: nothing left for later tests. Asked of the engine, not only of
+    # torch.distributed: an earlier test's in-process DeepSpeed engine leaves its group (test_spikes.py's, run first)
+    grouped_before = dist.is_initialized()
+    made_group = []
+    monkeypatch.setattr(deepspeed_engine, "_ensure_process_group", lambda: made_group.append(True))
     with pytest.raises(ConfigError, match=r"^parallel.deepspeed.zero_optimisation = \{\}: DeepSpeed never reads"):
         DeepSpeedEngine(cfg, build_gpt(cfg, mesh, torch.device("cpu")), mesh, None)
-    assert not dist.is_initialized()  # refused before the engine's one-rank group: nothing left for later tests
+    assert not made_group and dist.is_initialized() == grouped_before
 
 
 @pytest.mark.parametrize("kind, key, ok", [("swin", "model.attention_window", False), ("swin", "data.seq_len", False),
