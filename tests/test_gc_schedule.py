@@ -130,3 +130,19 @@ def test_a_resume_runs_the_configured_interval_at_global_steps_and_says_it_chang
     assert second.start_step == 4
     assert [step for _, step, _, scheduled in seen.seen if scheduled] == [5]  # 0-based: after global step 6
     assert "train.gc_interval 3 -> 2" in (run / "logs" / "rank_0.log").read_text()
+
+
+def test_a_process_frozen_before_keeps_no_earlier_run_alive(tmp_path, capsys):
+    """A dist-train rank's heap is frozen before train() (close leaves the freeze): a model, engine or batcher of an
+    earlier train() in the same process must still be freed (by reference counting) once it returns."""
+    gc.collect()
+    gc.freeze()
+    try:
+        frozen = []
+        for i in range(3):
+            _train(tmp_path, f"run{i}", 2, steps=2)
+            frozen.append(gc.get_freeze_count())
+        assert gc.isenabled()
+        assert abs(frozen[2] - frozen[1]) < 100, frozen  # the first run's first-use caches aside, nothing piles up
+    finally:
+        gc.unfreeze()
