@@ -10,7 +10,8 @@ Why: a full (generation-2) collection walks every object the collector tracks. A
 after building a model (the import heap of torch and friends, the modules, parameters' wrappers, hooks); one full
 collection then took 0.41-1.10 s per rank on the shared CPU machine (docs/benchmarks.md, the checkpoint bench). The
 automatic collector starts one whenever enough objects have survived younger collections, on each rank at its own
-moment, usually inside a step: every other rank then waits for it at the next collective (a straggler).
+moment (measured: 125 ms on one of two ranks, inside a checkpoint save, docs/benchmarks/gc.md): every other rank then
+waits for it at the next collective (a straggler).
 
 What this does, on every rank:
   * at start, one full collection frees the build's garbage and ``gc.freeze()`` moves every survivor (the model, the
@@ -24,9 +25,10 @@ What this does, on every rank:
     ``--manual-gc --manual-gc-interval N`` does the same.
 
 ``close`` restores the collector's on/off state, and unfreezes when nothing was frozen before ``start`` (a test or a
-notebook calling ``train()`` in-process: the frozen model would otherwise never be collected once it is garbage). A
-dist-train rank's import heap is frozen before (``cli.import_command_module``): there the freeze is left in place,
-the process exits after training.
+notebook calling ``train()`` in-process: a frozen object in a reference cycle would otherwise never be freed). A
+dist-train rank's heap is frozen before (``cli.import_command_module``, ``spawn``): there the freeze is left in place
+(the process exits after training; an earlier run's model, engine and data are still freed by reference counting,
+tests/test_gc_schedule.py).
 """
 from __future__ import annotations
 
