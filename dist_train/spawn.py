@@ -94,6 +94,8 @@ def _rank_main(job: bytes, rank: int, world_size: int, init_file: str, out: "mp.
     # ~400k objects) lives as long as the rank: frozen, as a dist-train rank freezes its imports
     # (cli.import_command_module), so that a full collection examines only what the rank made since. DeepSpeed's ZeRO-3
     # set-up runs one (its defragment), the collector its own oldest-generation passes: 0.25-0.4 s each here, ~0 frozen.
+    # A train() in the rank then leaves its own freeze in place, as in a dist-train rank (gc_schedule.close): the
+    # parameter-offload test's 7 runs in one rank grew its RSS by 76-84 MiB with this freeze, 81-89 MiB without.
     gc.freeze()
     try:
         fn, args = pickle.loads(job)
