@@ -5,7 +5,9 @@ starts with them instead of importing them itself.
 
 Every rank of such a case paid for them on every ``run_ranks`` call (dozens in the suite, 2-4 ranks at once on the
 2 cores): about 1.1 s of CPU for megatron-core and 0.2 s for DeepSpeed (2026-11-30). The server pays once per
-pytest process, at its first ``run_ranks``: tests/test_parallel_training.py took 46.7 s of CPU instead of 52.3.
+pytest process, at its first ``run_ranks``. tests/test_swin_tp.py with tests/test_tp_sequence_parallel.py took 49 and
+51 s of CPU instead of 78 and 83 (alternating runs, load 2-6), test_parallel_training.py 46.7 instead of 52.3.
+(Dynamo and Inductor the server has already: dist_train.spawn.PRELOAD's torch.distributed.pipelining imports them.)
 
 Only with a CPU build of torch: on a CUDA build the server must not touch CUDA before it forks (DeepSpeed's
 accelerator probe would), and the ranks import the engines themselves, as before. A library that is not installed
