@@ -14,12 +14,13 @@ from tests.trainer_utils import rel_close, tiny_swin_config
 FOUR_BLOCKS = {"n_layers": 4}  # two block pairs: one per stage at pp = 2
 
 
-def _swin_cases(rank, world, root, data_dir, cases):
-    """cases: config sections per run (model, parallel, train, checkpoint) -> (losses, grad norms) each."""
+def _swin_cases(rank, world, root, data_dir, cases, steps=(5, 10)):
+    """cases: config sections per run (model, parallel, train, checkpoint) -> (losses, grad norms) each; a run trains
+    ``steps[1]`` steps when it saves checkpoints, else ``steps[0]``."""
     out = []
     for i, sections in enumerate(cases):
-        steps = 10 if sections.get("checkpoint") else 5
-        res = train(tiny_swin_config(f"{root}/{i}", data_dir, steps=steps, **sections))
+        steps_here = steps[1] if sections.get("checkpoint") else steps[0]
+        res = train(tiny_swin_config(f"{root}/{i}", data_dir, steps=steps_here, **sections))
         out.append((res.losses, res.grad_norms))
     return out
 
@@ -59,24 +60,27 @@ def test_swin_pp2_x_wp_cp_tp_and_zero3_fsdp_x_tp2_on_four_ranks_match_single_ran
     4-rank spawn; the checkpoints of pp2 × wp[1,2], ZeRO-3 × tp2 and FSDP2 × tp2 (the strided q|k|v written as
     its blocks of the tp=1 tensor through the DeepSpeed and FSDP2 adapters) then resume on a single rank (pp1, wp[1,1], tp1)."""
     data = tmp_path / "weather"
-    ref = train(tiny_swin_config(tmp_path / "ref", data, steps=10, model=FOUR_BLOCKS))
-    ref5 = train(tiny_swin_config(tmp_path / "ref5", data, model=FOUR_BLOCKS))  # 5 steps: its own lr schedule
-    saving = {"every": 5, "keep_last": 3}
+    # 3 steps (6 when saving, a checkpoint at 3 resumed on one rank): every case's updates and the resumed steps are
+    # compared all the same, and 4 ranks on the 2 cores train 16 steps fewer than with 5 and 10 (the single-rank
+    # references and resumes 12 fewer)
+    ref = train(tiny_swin_config(tmp_path / "ref", data, steps=6, model=FOUR_BLOCKS))
+    ref3 = train(tiny_swin_config(tmp_path / "ref3", data, steps=3, model=FOUR_BLOCKS))  # its own lr schedule
+    saving = {"every": 3, "keep_last": 3}
     cases = [{"model": FOUR_BLOCKS, "parallel": {"pp": 2, "wp": [1, 2]}, "checkpoint": saving},
              {"model": FOUR_BLOCKS, "parallel": {"pp": 2, "cp": 2}},
              {"model": FOUR_BLOCKS, "parallel": {"pp": 2, "tp": 2}},
              {"model": FOUR_BLOCKS, "parallel": {"dp": 2, "tp": 2, "zero_stage": 3}, "checkpoint": saving},
              {"model": FOUR_BLOCKS, "parallel": {"dp": 2, "tp": 2, "fsdp": True}, "checkpoint": saving}]
     root = tmp_path / "four"
-    for rank_out in run_ranks(_swin_cases, 4, args=(str(root), str(data), cases), timeout=400):
-        for case, got in zip(cases, rank_out):  # the saving runs train 10 steps, the others 5
-            _assert_matches(got, ref if "checkpoint" in case else ref5, case)
+    for rank_out in run_ranks(_swin_cases, 4, args=(str(root), str(data), cases, (3, 6)), timeout=400):
+        for case, got in zip(cases, rank_out):  # the saving runs train 6 steps, the others 3
+            _assert_matches(got, ref if "checkpoint" in case else ref3, case)
     for i, case in enumerate(cases):
         if "checkpoint" in case:
-            resumed = train(tiny_swin_config(tmp_path / f"one{i}", data, steps=10, model=FOUR_BLOCKS,
-                                             checkpoint={"resume": str(root / str(i) / "checkpoints" / "step_5")}))
-            assert resumed.start_step == 5, case
-            assert rel_close(resumed.losses, ref.losses[5:], 1e-5), (case, resumed.losses, ref.losses[5:])
+            resumed = train(tiny_swin_config(tmp_path / f"one{i}", data, steps=6, model=FOUR_BLOCKS,
+                                             checkpoint={"resume": str(root / str(i) / "checkpoints" / "step_3")}))
+            assert resumed.start_step == 3, case
+            assert rel_close(resumed.losses, ref.losses[3:], 1e-5), (case, resumed.losses, ref.losses[3:])
 
 
 @pytest.mark.slow
