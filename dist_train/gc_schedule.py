@@ -24,11 +24,13 @@ What this does, on every rank:
     leaves live at most N steps: memory stays bounded. Megatron-LM's
     ``--manual-gc --manual-gc-interval N`` does the same.
 
-``close`` restores the collector's on/off state, and unfreezes when nothing was frozen before ``start`` (a test or a
-notebook calling ``train()`` in-process: a frozen object in a reference cycle would otherwise never be freed). A
-dist-train rank's heap is frozen before (``cli.import_command_module``, ``spawn``): there the freeze is left in place
-(the process exits after training; an earlier run's model, engine and data are still freed by reference counting,
-tests/test_gc_schedule.py).
+The start's collection and freeze are for a process that is dist-train's own: a rank's heap is frozen before
+``train()`` (``cli.import_command_module``, ``spawn``; Ray's ranks are ``dist-train run`` subprocesses), and there the
+freeze is left in place (the process exits after training; an earlier run's model, engine and data are still freed by
+reference counting, tests/test_gc_schedule.py). A caller whose heap nothing froze (a test or a notebook calling
+``train()`` in-process) is not dist-train's to collect or freeze, as ``cli.import_command_module`` says too: its heap
+is left as it is (a full collection of it cost ~0.2 s per ``train()`` call in a pytest process), and only the
+interval applies. ``close`` restores the collector's on/off state.
 """
 from __future__ import annotations
 
@@ -53,11 +55,13 @@ class GcSchedule:
 
     @classmethod
     def start(cls, interval: int) -> "GcSchedule":
-        """Collect once, freeze the survivors, and turn the automatic collector off when ``interval`` > 0."""
+        """In a dist-train process (its heap frozen before), collect once and freeze the survivors; anywhere, turn
+        the automatic collector off when ``interval`` > 0."""
         schedule = cls(interval=interval, was_enabled=gc.isenabled(), frozen_before=gc.get_freeze_count())
-        schedule.collected_at_start = gc.collect()
-        gc.freeze()
-        schedule.frozen = gc.get_freeze_count()
+        if schedule.frozen_before:
+            schedule.collected_at_start = gc.collect()
+            gc.freeze()
+            schedule.frozen = gc.get_freeze_count()
         if interval > 0:
             gc.disable()
         return schedule
@@ -76,12 +80,11 @@ class GcSchedule:
         """One line for the run's log."""
         mode = (f"automatic collection off, a full collection on every rank every {self.interval} steps"
                 if self.interval > 0 else "Python's automatic collection on (train.gc_interval = 0)")
-        return (f"gc: {self.collected_at_start} unreachable objects freed and {self.frozen:,} frozen before the first "
-                f"step; {mode}")
+        start = (f"{self.collected_at_start} unreachable objects freed and {self.frozen:,} frozen before the first step"
+                 if self.frozen_before else "the calling process's heap left as it is (nothing frozen before train())")
+        return f"gc: {start}; {mode}"
 
     def close(self) -> None:
         """The collector as it was before :meth:`start` (see the module docstring for the freeze)."""
-        if self.frozen_before == 0:
-            gc.unfreeze()
         if self.was_enabled:
             gc.enable()

@@ -103,13 +103,23 @@ def test_cycles_a_step_leaves_live_at_most_the_interval(tmp_path, monkeypatch):
 
 
 def test_start_collects_freezes_and_close_restores():
+    """In a dist-train process (its heap frozen before): the start collects, freezes and close keeps the freeze; the
+    collector's on/off state restored either way."""
+    gc.collect()
+    gc.freeze()
     gc.disable()
     try:
+        before = gc.get_freeze_count()
+        garbage = _Cycle()
+        probe = weakref.ref(garbage)
+        del garbage
         s = GcSchedule.start(0)
-        assert s.frozen == gc.get_freeze_count() > 0 and not gc.isenabled()  # 0 leaves the caller's choice
+        assert probe() is None and s.collected_at_start > 0  # the build's garbage freed before the freeze
+        assert s.frozen == gc.get_freeze_count() > before and not gc.isenabled()  # 0 leaves the caller's choice
         s.close()
-        assert gc.get_freeze_count() == 0 and not gc.isenabled()
+        assert gc.get_freeze_count() == s.frozen and not gc.isenabled()
     finally:
+        gc.unfreeze()
         gc.enable()
     s = GcSchedule.start(5)
     assert not gc.isenabled()
@@ -117,6 +127,23 @@ def test_start_collects_freezes_and_close_restores():
     assert s.collections == 2 and "every 5 steps" in s.describe()
     s.close()
     assert gc.isenabled() and gc.get_freeze_count() == 0
+
+
+def test_an_in_process_caller_s_heap_is_neither_collected_nor_frozen():
+    """A test or notebook calling train() (nothing frozen): its heap is not dist-train's to walk or freeze."""
+    gc.disable()
+    try:
+        garbage = _Cycle()
+        probe = weakref.ref(garbage)
+        del garbage
+        s = GcSchedule.start(0)
+        assert probe() is not None and s.collected_at_start == 0 and gc.get_freeze_count() == 0
+        assert "left as it is" in s.describe()
+        s.close()
+        assert not gc.isenabled() and probe() is not None
+    finally:
+        gc.enable()
+        gc.collect()
 
 
 def test_a_resume_runs_the_configured_interval_at_global_steps_and_says_it_changed(tmp_path):
