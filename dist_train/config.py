@@ -885,9 +885,9 @@ def zero_reduce_bucket_elements(cfg: Config, trainable_params: float) -> int:
     before they are reduced (ZeRO-3: reduce-scattered), so ``trainable_params`` elements hold every gradient of a
     backward: one bucket, as the default gives any model below 5e8 parameters, hence the same reductions in the same
     order (bit-identical), and above 5e8 parameters the default itself."""
-    user = _user_zero_optimization(cfg).get("reduce_bucket_size")
+    user = _user_zero_int(cfg, "reduce_bucket_size")
     if user is not None:
-        return int(float(user))
+        return user
     return int(min(DEEPSPEED_REDUCE_BUCKET_DEFAULT, max(1, trainable_params)))
 
 
@@ -896,12 +896,24 @@ def zero_reduce_bucket_elements(cfg: Config, trainable_params: float) -> int:
 DEEPSPEED_PERSISTENCE_THRESHOLD_DEFAULT = 100_000
 
 
-def _user_zero_int(cfg: Config, alias: str, name: str) -> Optional[int]:
+def _user_zero_int(cfg: Config, alias: str, name: Optional[str] = None) -> Optional[int]:
     """A ZeRO key of ``parallel.deepspeed.zero_optimization`` as an integer, by its alias (``stage3_…``) or its field
-    name (DeepSpeed's config takes either: ``populate_by_name``); None when the user sets neither."""
+    name (DeepSpeed's config takes either: ``populate_by_name``); None when the user sets neither. A value that is no
+    number of elements is refused in one line here: the memory model (the launch pre-flight's first check) reads it
+    before DeepSpeed's own config check could refuse it."""
     zero = _user_zero_optimization(cfg)
-    value = zero.get(alias, zero.get(name))
-    return None if value is None else int(float(value))
+    key = alias if alias in zero or name is None else name
+    value = zero.get(key)
+    if value is None:
+        return None
+    try:
+        elements = int(float(value))
+    except (TypeError, ValueError, OverflowError):
+        elements = -1
+    if elements < 0:
+        raise ConfigError(f"parallel.deepspeed.zero_optimization.{key} = {value!r}: not a number of elements "
+                          "(a whole number >= 0)")
+    return elements
 
 
 def zero3_persistence(cfg: Config) -> tuple[int, Optional[int]]:

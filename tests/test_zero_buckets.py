@@ -15,7 +15,8 @@ import torch
 
 from dist_train.bench.attention import peak_tensor_bytes
 from dist_train.bench.cli.ckpt import engine_config
-from dist_train.config import DEEPSPEED_REDUCE_BUCKET_DEFAULT, config_from_dict, zero_reduce_bucket_elements
+from dist_train.config import (DEEPSPEED_REDUCE_BUCKET_DEFAULT, ConfigError, config_from_dict, zero3_persistence,
+                               zero_reduce_bucket_elements)
 from dist_train.cost.memory import parameter_state_bytes, rank_memory, rank_param_tensors, rank_params
 from dist_train.cost.shape import rank_inputs
 from dist_train.engines import build_engine
@@ -23,6 +24,7 @@ from dist_train.engines.deepspeed import deepspeed_config
 from dist_train.mesh import build_mesh
 from dist_train.models.gpt import build_gpt
 from dist_train.plan.profiles import builtin_profiles
+from dist_train.preflight import check_model_fits
 from tests.dist_harness import run_ranks
 
 CPU = builtin_profiles()["cpu"]
@@ -54,6 +56,23 @@ def test_the_bucket_is_the_models_size_unless_the_user_sets_it():
     user = _cfg({"zero_stage": 2}, {"zero_optimization": {"reduce_bucket_size": 4096}})
     assert deepspeed_config(user, False, trainable_params=1234)["zero_optimization"]["reduce_bucket_size"] == 4096
     assert zero_reduce_bucket_elements(user, 1234) == 4096
+
+
+@pytest.mark.parametrize("key, value", [("reduce_bucket_size", "abc"), ("reduce_bucket_size", [1]),
+                                        ("stage3_param_persistence_threshold", -3),
+                                        ("model_persistence_threshold", "nan")])
+def test_a_zero_size_that_is_no_number_is_refused_in_one_line_naming_it(key, value):
+    """The launch pre-flight's first check (the memory model) reads these keys before DeepSpeed's own config check:
+    a value that is no number of elements is one line naming the key and the value (was a TypeError's traceback,
+    or a ValueError's line naming neither)."""
+    cfg = _cfg({"dp": 2, "zero_stage": 3}, {"zero_optimization": {key: value}})
+    reader = (lambda: zero_reduce_bucket_elements(cfg, 1234)) if key == "reduce_bucket_size" else (
+        lambda: zero3_persistence(cfg))
+    for read in (lambda: check_model_fits(cfg, on_cuda=False, ranks_per_host=2), reader):
+        with pytest.raises(ConfigError) as refused:
+            read()
+        assert str(refused.value) == (f"parallel.deepspeed.zero_optimization.{key} = {value!r}: not a number of "
+                                      "elements (a whole number >= 0)")
 
 
 @pytest.mark.parametrize("stage", [1, 2, 3])
