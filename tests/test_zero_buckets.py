@@ -17,7 +17,7 @@ from dist_train.bench.attention import peak_tensor_bytes
 from dist_train.bench.cli.ckpt import engine_config
 from dist_train.config import (DEEPSPEED_REDUCE_BUCKET_DEFAULT, ConfigError, config_from_dict, zero3_persistence,
                                zero_reduce_bucket_elements)
-from dist_train.cost.memory import parameter_state_bytes, rank_memory, rank_param_tensors, rank_params
+from dist_train.cost.memory import evaluation_state_bytes, parameter_state_bytes, rank_memory, rank_param_tensors, rank_params
 from dist_train.cost.shape import rank_inputs
 from dist_train.engines import build_engine
 from dist_train.engines.deepspeed import deepspeed_config
@@ -73,6 +73,25 @@ def test_a_zero_size_that_is_no_number_is_refused_in_one_line_naming_it(key, val
             read()
         assert str(refused.value) == (f"parallel.deepspeed.zero_optimization.{key} = {value!r}: not a number of "
                                       "elements (a whole number >= 0)")
+
+
+def test_an_evaluation_under_fp32_zero0_holds_only_the_weights():
+    """DeepSpeed's ZeRO-0 in fp32 has no optimizer wrapper: torch's AdamW allocates its moments at the first step, and
+    an evaluation takes none. Measured (2 gloo ranks, this config, the profiler meter around build_engine(...,
+    evaluation_only=True)): the build allocated 0 B, the rank held its 4,918,272 B of fp32 weights; the model said
+    19,673,088 (weights + gradients + AdamW, as between training steps), so eval's pre-flight refused 4x too early.
+    ZeRO >= 1 (its optimizer allocates partitions and moments when built) and 16-bit ZeRO-0 still count those."""
+    def evaluation(stage: int, precision: str = "fp32") -> float:
+        cfg = _cfg({"dp": 2, "zero_stage": stage}, precision=precision)
+        return evaluation_state_bytes(cfg, *rank_inputs(cfg, CPU))
+
+    states, _, n_local = _modelled(_cfg({"dp": 2, "zero_stage": 0}))
+    assert evaluation(0) == n_local * 4 == states["weights"] == 4_918_272
+    for stage, precision in ((0, "bf16"), (1, "fp32"), (3, "fp32")):
+        states, _, _ = _modelled(_cfg({"dp": 2, "zero_stage": stage}, precision=precision))
+        counted = states["weights"] + states["grads"] + states["optimizer"] + (states["zero_buckets"] if stage == 3
+                                                                              else 0.0)
+        assert evaluation(stage, precision) == counted > n_local * 4, (stage, precision)
 
 
 @pytest.mark.parametrize("stage", [1, 2, 3])

@@ -593,13 +593,16 @@ def evaluation_state_bytes(cfg: Config, sh: Shape, loc: RankShape) -> float:
     * DeepSpeed (``parallel.zero_stage``): what training holds between steps, :func:`parameter_state_bytes`'
       weights + gradients + optimizer — its ZeRO optimizer allocates its fp32 partitions, gradient partitions and
       AdamW moments when the engine is built, and a ZeRO checkpoint loads into them — and ZeRO-3's gradient bucket,
-      also allocated then (ZeRO-1/2's come with a backward, which an evaluation never runs);
+      also allocated then (ZeRO-1/2's come with a backward, which an evaluation never runs); in 16-bit ZeRO-0 too
+      (its 16-bit optimizer wrapper's fp32 copies);
+    * DeepSpeed's ZeRO-0 in fp32 wraps nothing around torch's AdamW: as the torch engines (measured on 2 ranks, a
+      1.2M-parameter GPT: its build allocated 0 B, the rank held its 4,918,272 B of fp32 weights);
     * the torch engines: the fp32 parameters (autocast computes over them), FSDP2's shards of them over
       ``loc.grad_shards``; torch's AdamW allocates its moments at the first step, which never comes, and the
       forward-only engine has no DDP buckets (``engines.ForwardEngine``)."""
     def held(load: RankLoad) -> float:
         n_local = rank_params(cfg, sh, load)
-        if cfg.parallel.zero_stage is not None:
+        if cfg.parallel.zero_stage is not None and (cfg.parallel.zero_stage >= 1 or loc.bpe < 4):
             states = parameter_state_bytes(cfg, sh, loc, load, n_local)
             return (states["weights"] + states["grads"] + states["optimizer"]
                     + (states["zero_buckets"] if zero_buckets_resident(cfg) else 0.0))
