@@ -17,7 +17,8 @@ from dist_train.bench.attention import peak_tensor_bytes
 from dist_train.bench.cli.ckpt import engine_config
 from dist_train.config import (DEEPSPEED_REDUCE_BUCKET_DEFAULT, ConfigError, config_from_dict, zero3_persistence,
                                zero_reduce_bucket_elements)
-from dist_train.cost.memory import evaluation_state_bytes, parameter_state_bytes, rank_memory, rank_param_tensors, rank_params
+from dist_train.cost.memory import (evaluation_state_bytes, parameter_state_bytes, rank_memory, rank_param_tensors,
+                                    rank_params)
 from dist_train.cost.shape import rank_inputs
 from dist_train.engines import build_engine
 from dist_train.engines.deepspeed import deepspeed_config

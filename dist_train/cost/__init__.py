@@ -22,6 +22,6 @@ from .predict import Prediction, predict
 from .shape import RankShape, Shape, rank_inputs, shape_of, token_grid
 
 __all__ = ["FLOP_CONVENTION", "MemoryEstimate", "Prediction", "RankLoad", "RankShape", "Shape", "Stage",
-           "Throughput", "attention_flops_per_key", "document_keys", "estimate_memory", "evaluation_state_bytes", "flops_per_token", "matmul_params", "memory_model", "model_params",
-           "pipeline_stages", "predict", "rank_inputs", "rank_loads", "shape_of", "stages_of_rank", "token_grid",
-           "train_flops_per_token"]
+           "Throughput", "attention_flops_per_key", "document_keys", "estimate_memory", "evaluation_state_bytes",
+           "flops_per_token", "matmul_params", "memory_model", "model_params", "pipeline_stages", "predict",
+           "rank_inputs", "rank_loads", "shape_of", "stages_of_rank", "token_grid", "train_flops_per_token"]

@@ -33,9 +33,9 @@ def checked_step(engine, params: list[nn.Parameter], loss_sum: torch.Tensor, glo
     ``params``: the parameters whose (already reduced) gradients are measured, clipped and stepped.
     ``loss_sum``: the global batch's loss sum (float64, shape (1,), on the device), read with the norm and the ranks'
     agreement on the step (:func:`~.grads.all_ranks_accept`) in one host copy: the step's one wait for the device (the
-    skip decision and the clipping coefficient need these values on the host). When the loss or the norm is not finite on any rank, or the loss exceeds ``loss_limit``, nothing is applied
-    (``last_step_skipped``): the weights, optimizer state and schedule stay as they were and the gradients are
-    dropped."""
+    skip decision and the clipping coefficient need these values on the host). When the loss or the norm is not
+    finite on any rank, or the loss exceeds ``loss_limit``, nothing is applied (``last_step_skipped``): the weights,
+    optimizer state and schedule stay as they were and the gradients are dropped."""
     norm = grad_norm_on_device(params, engine.mesh.tp_group, engine.mesh.pp_group)
     accept = all_ranks_accept(loss_sum, norm, global_count, loss_limit)
     total, norm, accepted = read_floats(loss_sum, norm, accept)
