@@ -590,23 +590,32 @@ def evaluation_state_bytes(cfg: Config, sh: Shape, loc: RankShape) -> float:
     """Bytes of parameter state a rank of ``dist-train eval`` holds (dist_train/checkpoint_eval.py: the engine
     built forward-only, the checkpoint's weights loaded, no optimizer state read), on its most loaded pipeline rank:
 
-    * DeepSpeed (``parallel.zero_stage``): what training holds between steps, :func:`parameter_state_bytes`'
-      weights + gradients + optimizer — its ZeRO optimizer allocates its fp32 partitions, gradient partitions and
-      AdamW moments when the engine is built, and a ZeRO checkpoint loads into them — and ZeRO-3's gradient bucket,
-      also allocated then (ZeRO-1/2's come with a backward, which an evaluation never runs); in 16-bit ZeRO-0 too
-      (its 16-bit optimizer wrapper's fp32 copies);
-    * DeepSpeed's ZeRO-0 in fp32 wraps nothing around torch's AdamW: as the torch engines (measured on 2 ranks, a
-      1.2M-parameter GPT: its build allocated 0 B, the rank held its 4,918,272 B of fp32 weights);
+    * DeepSpeed (``parallel.zero_stage``): what its engine allocates when built, plus what a forward gathers —
+      the weights (:func:`parameter_state_bytes`'; ZeRO-3: its partitions and the persistent parameters whole) and
+      the fp32 master copy the optimizer would step (:func:`fp32_master_bytes`, 1/dp at ZeRO >= 1), which a ZeRO
+      checkpoint loads into. ZeRO-3 also allocates its gradient partitions and its gradient bucket then (stage3.py
+      ``grad_partitions_flat_buffer``, ``ipg_buckets``); ZeRO-1/2 allocate theirs in a backward, which an
+      evaluation never runs. The AdamW moments are lazy (DeepSpeed 0.19.8 creates them at the first step; the
+      checkpoint adapter only when it reads optimizer state, which eval does not), except at ZeRO-0 in 16 bits,
+      whose wrapper (FP16_UnfusedOptimizer) initialises them at its build. Measured (live tensors after the build
+      and one eval forward, 1.2M-parameter GPT, dp2: tests/test_eval_command.py): ZeRO-0/1/2 to the byte; ZeRO-3
+      1.14x above, its persistent parameters, counted whole as training holds them, were not after that forward.
     * the torch engines: the fp32 parameters (autocast computes over them), FSDP2's shards of them over
       ``loc.grad_shards``; torch's AdamW allocates its moments at the first step, which never comes, and the
       forward-only engine has no DDP buckets (``engines.ForwardEngine``)."""
+    z = cfg.parallel.zero_stage
+
     def held(load: RankLoad) -> float:
         n_local = rank_params(cfg, sh, load)
-        if cfg.parallel.zero_stage is not None and (cfg.parallel.zero_stage >= 1 or loc.bpe < 4):
-            states = parameter_state_bytes(cfg, sh, loc, load, n_local)
-            return (states["weights"] + states["grads"] + states["optimizer"]
-                    + (states["zero_buckets"] if zero_buckets_resident(cfg) else 0.0))
-        return n_local * 4 / (loc.grad_shards if cfg.parallel.fsdp else 1)
+        if z is None:
+            return n_local * 4 / (loc.grad_shards if cfg.parallel.fsdp else 1)
+        states = parameter_state_bytes(cfg, sh, loc, load, n_local)
+        master = n_local * fp32_master_bytes(cfg, loc) / (loc.grad_shards if z >= 1 else 1)
+        if z == 0:
+            return states["weights"] + master + (n_local * 8 if loc.bpe < 4 else 0.0)
+        if z == 3:
+            return states["weights"] + master + states["grads"] + states["zero_buckets"]
+        return states["weights"] + master
     return max(held(load) for load in loc.loads)
 
 
