@@ -36,6 +36,9 @@ def _environment_left_as_found():
     DeepSpeed case (2 ranks each alone: world_size 1 in the result)."""
     before = dict(os.environ)
     yield
-    if dict(os.environ) != before:
-        os.environ.clear()
-        os.environ.update(before)
+    after = dict(os.environ)
+    for key in after.keys() - before.keys():  # key by key: a thread still running never sees an empty environment
+        del os.environ[key]
+    for key, value in before.items():
+        if after.get(key) != value:
+            os.environ[key] = value
