@@ -109,13 +109,15 @@ def test_start_collects_freezes_and_close_restores():
     gc.freeze()
     gc.disable()
     try:
-        before = gc.get_freeze_count()
         garbage = _Cycle()
         probe = weakref.ref(garbage)
         del garbage
+        kept = _Cycle()  # what the build made and training holds: frozen (no longer in any generation the collector walks)
+        assert any(o is kept for o in gc.get_objects())
         s = GcSchedule.start(0)
         assert probe() is None and s.collected_at_start > 0  # the build's garbage freed before the freeze
-        assert s.frozen == gc.get_freeze_count() > before and not gc.isenabled()  # 0 leaves the caller's choice
+        assert not any(o is kept for o in gc.get_objects())
+        assert s.frozen == gc.get_freeze_count() > 0 and not gc.isenabled()  # 0 leaves the caller's choice
         s.close()
         assert gc.get_freeze_count() == s.frozen and not gc.isenabled()
     finally:
