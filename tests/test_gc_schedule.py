@@ -117,9 +117,10 @@ def test_start_collects_freezes_and_close_restores():
         s = GcSchedule.start(0)
         assert probe() is None and s.collected_at_start > 0  # the build's garbage freed before the freeze
         assert not any(o is kept for o in gc.get_objects())
-        assert s.frozen == gc.get_freeze_count() > 0 and not gc.isenabled()  # 0 leaves the caller's choice
+        # (no count compared: frozen objects freed by reference counting meanwhile, the start's own temporaries, lower it)
+        assert s.frozen > 0 and not gc.isenabled()  # 0 leaves the caller's choice
         s.close()
-        assert gc.get_freeze_count() == s.frozen and not gc.isenabled()
+        assert not any(o is kept for o in gc.get_objects()) and not gc.isenabled()  # close keeps a rank's freeze
     finally:
         gc.unfreeze()
         gc.enable()
