@@ -1,5 +1,6 @@
 """Per-rank logging: everything to ``run.dir/logs/rank_N.log``; the console gets INFO on rank 0 and
-WARNING and above on other ranks (``DIST_TRAIN_VERBOSE_RANKS=all`` prints INFO everywhere).
+WARNING and above on other ranks (``DIST_TRAIN_VERBOSE_RANKS=all`` prints INFO everywhere). A record logged with
+``extra=LOG_FILE_ONLY`` (detail a person reads when looking into a run, not at every start) goes to the file only.
 Launchers prefix console lines with the rank; they never need to parse levels.
 """
 from __future__ import annotations
@@ -13,6 +14,8 @@ from typing import Optional
 from tqdm import tqdm
 
 LOGGER_NAME = "dist_train"
+#: ``log.info(msg, extra=LOG_FILE_ONLY)``: into rank_N.log, not onto the console
+LOG_FILE_ONLY = {"console": False}
 
 
 class _ConsoleHandler(logging.StreamHandler):
@@ -36,6 +39,7 @@ def setup_logging(rank: int, run_dir: Optional[Path]) -> logging.Logger:
     verbose = os.environ.get("DIST_TRAIN_VERBOSE_RANKS", "") == "all"
     console.setLevel(logging.INFO if rank == 0 or verbose else logging.WARNING)
     console.setFormatter(logging.Formatter("%(message)s" if rank == 0 else "%(levelname)s %(message)s"))
+    console.addFilter(lambda record: getattr(record, "console", True))
     log.addHandler(console)
     if run_dir is not None:
         logs = Path(run_dir) / "logs"

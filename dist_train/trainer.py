@@ -44,7 +44,7 @@ from .engines.ddp import all_reduce_sum
 from .evaluation import Evaluator
 from .gc_schedule import GcSchedule
 from .lifecycle import EXIT_PREEMPTED, Lifecycle, TrainingDiverged
-from .logs import get_logger, setup_logging
+from .logs import LOG_FILE_ONLY, get_logger, setup_logging
 from .mesh import Mesh, build_mesh
 from .metrics import HonestPeak, device_peak, format_metrics, peak_memory_bytes
 from .models.gpt import build_gpt
@@ -348,8 +348,8 @@ def _train(cfg: Config, ctx: DistContext) -> TrainResult:
     # every rank: the build's garbage collected and the survivors frozen; train.gc_interval > 0 takes the automatic
     # collector's place with a full collection at the same steps on every rank (no rank waits for another's mid-step)
     gcs = GcSchedule.start(t.gc_interval)
-    if ctx.is_main:
-        log.info(gcs.describe())
+    if ctx.is_main:  # the log file's: a detail of every start, not a line for the console
+        log.info(gcs.describe(), extra=LOG_FILE_ONLY)
     try:
         for step in range(start_step, t.steps):
             t0 = time.perf_counter()

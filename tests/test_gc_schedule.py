@@ -176,3 +176,10 @@ def test_a_process_frozen_before_keeps_no_earlier_run_alive(tmp_path, capsys):
         assert abs(frozen[2] - frozen[1]) < 100, frozen  # the first run's first-use caches aside, nothing piles up
     finally:
         gc.unfreeze()
+
+
+def test_the_start_s_line_goes_to_the_run_s_log_not_the_console(tmp_path, capsys):
+    _train(tmp_path, "quiet", 0, steps=1)
+    assert "gc: " in (tmp_path / "quiet" / "logs" / "rank_0.log").read_text()
+    out = capsys.readouterr().out
+    assert "done: loss" in out and "gc: " not in out  # the console still has rank 0's lines
