@@ -15,6 +15,7 @@ is left out (the GPU machine has neither).
 """
 from __future__ import annotations
 
+import contextlib
 import warnings
 
 import torch
@@ -29,18 +30,12 @@ def _cpu_build() -> bool:
 
 
 if _cpu_build():
-    try:
+    with contextlib.suppress(ImportError):
         import_megatron_core()
         import megatron.core.parallel_state  # noqa: F401
         import megatron.core.tensor_parallel  # noqa: F401
-    except ImportError:
-        pass
-    # the filters quiet_deepspeed adds are the trainer's to add when a rank runs DeepSpeed: kept out of every rank
+    # the filters quiet_deepspeed adds are the trainer's to add when a rank runs DeepSpeed: kept out of every rank.
+    # Importing the Muon module imports DeepSpeed with it (and nothing, without DeepSpeed).
     with warnings.catch_warnings():
         quiet_deepspeed(on_cpu=True)
-        try:
-            import deepspeed  # noqa: F401
-        except ImportError:
-            pass
-        else:
-            import_deepspeed_muon_eager()
+        import_deepspeed_muon_eager()
