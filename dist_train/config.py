@@ -944,8 +944,7 @@ def nvme_optimizer_offload(cfg: Config) -> bool:
     """True when DeepSpeed offloads the optimizer state to NVMe (``parallel.deepspeed.zero_optimization.
     offload_optimizer.device = nvme``): it swaps the state out, where the ZeRO checkpoint adapter, which reads and
     fills the partitions in place, cannot reach it (checkpoint/adapters.py ``DeepSpeedStateAdapter``)."""
-    zero = (cfg.parallel.deepspeed or {}).get("zero_optimization") if cfg.parallel.zero_stage is not None else None
-    offload = zero.get("offload_optimizer") if isinstance(zero, dict) else None
+    offload = _user_zero_optimization(cfg).get("offload_optimizer") if cfg.parallel.zero_stage is not None else None
     return isinstance(offload, dict) and offload.get("device") == "nvme"
 
 
