@@ -12,6 +12,7 @@ from types import SimpleNamespace
 import pytest
 
 from dist_train.bench import _ckpt_engines as engines
+from dist_train.bench import _os_meters
 from dist_train.bench.cli import ckpt as cli
 from dist_train.cli import main
 
@@ -151,3 +152,20 @@ def test_bench_ckpt_engine_runs_end_to_end_on_zero2_and_fsdp2_against_sharded_dc
         assert row["save_s"] > 0 and row["load_s"] > 0 and row["written_bytes"] > 0 and row["dir_bytes"] > 0, row
         assert len(row["ranks"]) == 2
     assert list(tmp_path.iterdir()) == [out]  # the checkpoints were removed
+
+
+def test_a_baseline_s_saved_file_is_fsynced_like_a_directory_s_files(tmp_path, monkeypatch):
+    """The full-state-dict baseline saves one file: it must reach the disk as ours does (its save was timed without
+    an fsync when the walk took only directories)."""
+    one = tmp_path / "tp0.pt"
+    one.write_bytes(b"x")
+    tree = tmp_path / "step_1"
+    (tree / "sub").mkdir(parents=True)
+    for name in ("a", "sub/b"):
+        (tree / name).write_bytes(b"y")
+    synced: list[int] = []
+    monkeypatch.setattr(_os_meters.os, "fsync", synced.append)
+    _os_meters.fsync_files(one)
+    assert len(synced) == 1
+    _os_meters.fsync_files(tree)
+    assert len(synced) == 3

@@ -72,7 +72,7 @@ from ..engines.deepspeed import DeepSpeedEngine
 from ..mesh import build_mesh
 from ..models.gpt import build_gpt
 from ..spawn import run_ranks
-from ._os_meters import drop_cache, peak_resident_growth, storage_write_bytes
+from ._os_meters import drop_cache, fsync_files, peak_resident_growth, storage_write_bytes
 from .attention import check_memory_meter, peak_tensor_bytes
 from .cli.ckpt import LAYOUTS, EngineRun, engine_config, engine_model
 
@@ -131,15 +131,6 @@ class _Ours:
         self.ckpt.load(self.dir(step), self.engine.module, self.engine.optimizer, verify=self.verify)
 
 
-def _fsync_tree(path: Path) -> None:
-    for f in sorted(p for p in path.rglob("*") if p.is_file()):
-        fd = os.open(f, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
 class _FullStateDict:
     """FSDP2: torch DCP's full state dict, gathered on every rank, saved by dp rank 0 of each tp rank."""
     describe = ("torch DCP get_state_dict/set_state_dict(full_state_dict=True): full tp-local state gathered on "
@@ -161,7 +152,7 @@ class _FullStateDict:
             self.dir(step).mkdir(parents=True, exist_ok=True)
             path = self.dir(step) / self.name
             torch.save({"model": model_sd, "optim": optim_sd}, path)
-            _fsync_tree(path)
+            fsync_files(path)
         del model_sd, optim_sd
         dist.barrier()
 
@@ -190,7 +181,7 @@ class _ShardedDcp:
         dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(self.dir(step) / self.name),
                  process_group=self.group)
         dist.barrier()  # every rank's files are written: each fsyncs them all, as ours are fsynced
-        _fsync_tree(self.dir(step))
+        fsync_files(self.dir(step))
         dist.barrier()
 
     def load(self, step: int) -> None:
@@ -214,7 +205,7 @@ class _DeepSpeedNative:
     def save(self, step: int) -> None:
         self.ds.save_checkpoint(str(self.root), tag=f"step_{step}")
         dist.barrier()  # every rank's files are written: each fsyncs them all (a clean file's fsync is cheap)
-        _fsync_tree(self.dir(step))
+        fsync_files(self.dir(step))
         dist.barrier()
 
     def load(self, step: int) -> None:

@@ -18,10 +18,24 @@ from typing import Any, Callable
 _KIB = 1024
 
 
+def files_at(path: Path) -> list[Path]:
+    """``path`` when it is a file, else every file under it (sorted)."""
+    return [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+
+
+def fsync_files(path: Path) -> None:
+    """fsync ``path`` or every file under it: a saved checkpoint's bytes on the disk, as ours are when timed."""
+    for f in files_at(path):
+        fd = os.open(f, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
 def drop_cache(path: Path) -> None:
     """Ask the kernel to drop the (clean, fsynced) pages of ``path`` or of every file under it."""
-    files = [path] if path.is_file() else [p for p in path.rglob("*") if p.is_file()]
-    for f in files:
+    for f in files_at(path):
         fd = os.open(f, os.O_RDONLY)
         try:
             os.fsync(fd)
