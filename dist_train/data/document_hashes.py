@@ -100,14 +100,16 @@ def read_document_hashes(prefix: Prefix, documents: int, identity: Optional[str]
 def compute_document_hashes(prefix: Prefix, info: IndexInfo, key: str = "data.path") -> np.ndarray:
     """uint64 [D]: every document's hash, computed from ``PREFIX.bin`` (memory-mapped, CHUNK_TOKENS at a time).
     ValueError (one line, naming ``key``: :func:`~.integrity.read_index`) when the document table is damaged."""
-    return scan_document_hashes(prefix, info, document_bounds(prefix, info, key))[0]
+    return scan_document_hashes(prefix, info, document_bounds(prefix, info, key), token_range=False)[0]
 
 
-def scan_document_hashes(prefix: Prefix, info: IndexInfo, bounds: np.ndarray) -> tuple[np.ndarray, tuple[int, int]]:
+def scan_document_hashes(prefix: Prefix, info: IndexInfo, bounds: np.ndarray,
+                         token_range: bool = True) -> tuple[np.ndarray, tuple[int, int]]:
     """(uint64 [D] every document's hash, the (min, max) token id ((0, -1) when empty)) in one read of ``PREFIX.bin``
     (``bounds``: its :func:`~.integrity.document_bounds`): the pre-flight needs both of a dataset without a sidecar
     and a ``.doc_hashes`` file, and a second read of a 100 GB ``.bin`` would double a long wait. The documents
-    cover the whole ``.bin``, so the range is :func:`~.integrity.token_id_range`'s."""
+    cover the whole ``.bin``, so the range is :func:`~.integrity.token_id_range`'s. ``token_range`` False: a caller
+    that has the range already (a sidecar records it) skips the min/max of every chunk, and gets (0, -1)."""
     n_docs = len(bounds) - 1
     out = np.empty(n_docs, dtype=np.uint64)
     seen = None
@@ -121,7 +123,8 @@ def scan_document_hashes(prefix: Prefix, info: IndexInfo, bounds: np.ndarray) ->
         hi = min(n_docs, max(hi, lo + 1))
         first = int(bounds[lo])
         chunk = tokens[first:int(bounds[hi])]
-        seen = widen_id_range(seen, chunk)  # the dtype's own ids: "<u4" would wrap a negative one
+        if token_range:
+            seen = widen_id_range(seen, chunk)  # the dtype's own ids: "<u4" would wrap a negative one
         ids = memoryview(np.ascontiguousarray(chunk, dtype="<u4")).cast("B")
         offsets = ((bounds[lo:hi + 1] - first) * 4).tolist()
         out[lo:hi] = [digest(ids[a:b]) for a, b in zip(offsets, offsets[1:])]
