@@ -30,7 +30,7 @@ def temp_path(path: PathLike) -> Path:
     return path.with_name(f".{path.name}.{os.getpid()}.tmp")
 
 
-def _fsync(path: PathLike) -> None:
+def fsync_path(path: PathLike) -> None:
     """fsync ``path`` through a read-only descriptor: a file's bytes (any descriptor of the inode flushes what every
     writer wrote) or a directory's entries."""
     fd = os.open(path, os.O_RDONLY)
@@ -42,7 +42,7 @@ def _fsync(path: PathLike) -> None:
 
 def fsync_dir(path: PathLike) -> None:
     """Make a rename or creation inside the directory ``path`` durable (POSIX: fsync the directory)."""
-    _fsync(path)
+    fsync_path(path)
 
 
 @contextlib.contextmanager
@@ -55,7 +55,7 @@ def atomic_path(path: PathLike, *, fsync: bool = False) -> Iterator[Path]:
     try:
         yield tmp
         if fsync:
-            _fsync(tmp)
+            fsync_path(tmp)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):

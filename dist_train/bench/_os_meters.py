@@ -15,6 +15,8 @@ import re
 from pathlib import Path
 from typing import Any, Callable
 
+from ..atomic_write import fsync_path
+
 _KIB = 1024
 
 
@@ -26,11 +28,7 @@ def files_at(path: Path) -> list[Path]:
 def fsync_files(path: Path) -> None:
     """fsync ``path`` or every file under it: a saved checkpoint's bytes on the disk, as ours are when timed."""
     for f in files_at(path):
-        fd = os.open(f, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        fsync_path(f)
 
 
 def drop_cache(path: Path) -> None:
