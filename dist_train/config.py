@@ -869,8 +869,10 @@ def deepspeed_generated(cfg: Config) -> dict[str, tuple[str, Any]]:
 DEEPSPEED_REDUCE_BUCKET_DEFAULT = 500_000_000
 
 
-def _user_zero_optimization(cfg: Config) -> dict:
-    """``parallel.deepspeed.zero_optimization`` as the user wrote it ({} when absent)."""
+def user_zero_optimization(cfg: Config) -> dict:
+    """``parallel.deepspeed.zero_optimization`` as the user wrote it ({} when absent or not a mapping: DeepSpeed's own
+    config check refuses a non-mapping block; every reader here then sees no key). The one place that lookup lives:
+    the memory model, validation and the engine's NVMe check read the block through it."""
     zero = (cfg.parallel.deepspeed or {}).get("zero_optimization")
     return zero if isinstance(zero, dict) else {}
 
@@ -901,7 +903,7 @@ def _user_zero_int(cfg: Config, alias: str, name: Optional[str] = None) -> Optio
     name (DeepSpeed's config takes either: ``populate_by_name``); None when the user sets neither. A value that is no
     number of elements is refused in one line here: the memory model (the launch pre-flight's first check) reads it
     before DeepSpeed's own config check could refuse it."""
-    zero = _user_zero_optimization(cfg)
+    zero = user_zero_optimization(cfg)
     key = alias if alias in zero or name is None else name
     value = zero.get(key)
     if value is None:
@@ -934,7 +936,7 @@ def zero_bucket_buffers(cfg: Config) -> int:
     ``contiguous_gradients`` (on by default); ZeRO-1/2 two with ``overlap_comm`` (a double buffer; off by default
     below stage 3), else one (stage_1_and_2.py ``setup_buckets``); ZeRO-3 one (stage3.py). None without ZeRO."""
     stage = cfg.parallel.zero_stage
-    zero = _user_zero_optimization(cfg)
+    zero = user_zero_optimization(cfg)
     if not stage or not zero.get("contiguous_gradients", True):
         return 0
     return 2 if stage < 3 and zero.get("overlap_comm", False) else 1
@@ -944,7 +946,7 @@ def nvme_optimizer_offload(cfg: Config) -> bool:
     """True when DeepSpeed offloads the optimizer state to NVMe (``parallel.deepspeed.zero_optimization.
     offload_optimizer.device = nvme``): it swaps the state out, where the ZeRO checkpoint adapter, which reads and
     fills the partitions in place, cannot reach it (checkpoint/adapters.py ``DeepSpeedStateAdapter``)."""
-    offload = _user_zero_optimization(cfg).get("offload_optimizer") if cfg.parallel.zero_stage is not None else None
+    offload = user_zero_optimization(cfg).get("offload_optimizer") if cfg.parallel.zero_stage is not None else None
     return isinstance(offload, dict) and offload.get("device") == "nvme"
 
 
@@ -970,15 +972,15 @@ def _validate_deepspeed_keys(cfg: Config) -> None:
     if p.zero_stage is None:
         raise ConfigError(f"parallel.deepspeed is set but parallel.zero_stage is null: the DDP engine runs and "
                           f"ignores it ({', '.join(sorted(ds))}); set parallel.zero_stage (0-3) or remove it")
-    zero = ds.get("zero_optimization")
+    zero = user_zero_optimization(cfg)
     for key, (field_name, value) in deepspeed_generated(cfg).items():
         if key in ds and ds[key] != value:
             raise ConfigError(f"parallel.deepspeed.{key} = {ds[key]!r} contradicts {field_name} = {value!r}, which "
                               "dist-train generates it from; set that instead")
-    if isinstance(zero, dict) and "stage" in zero and zero["stage"] != p.zero_stage:
+    if "stage" in zero and zero["stage"] != p.zero_stage:
         raise ConfigError(f"parallel.deepspeed.zero_optimization.stage = {zero['stage']!r} contradicts "
                           f"parallel.zero_stage = {p.zero_stage}; set parallel.zero_stage instead")
-    if isinstance(zero, dict):
+    if zero:
         # DeepSpeed's config accepts these at any stage; only the stage-3 (offload_optimizer: any ZeRO) optimizer reads them
         stage_only = [(k, 3, "3") for k in sorted(zero) if k == "offload_param" or k.startswith("stage3_")]
         stage_only += [("offload_optimizer", 1, "1-3")] if "offload_optimizer" in zero else []

@@ -11,7 +11,7 @@ import torch
 import torch.distributed as dist
 
 from dist_train.checkpoint.compat import config_differences
-from dist_train.config import ConfigError, config_from_dict, load_config
+from dist_train.config import ConfigError, config_from_dict, load_config, user_zero_optimization
 import dist_train.engines.deepspeed as deepspeed_engine
 from dist_train.engines.deepspeed import DeepSpeedEngine
 from dist_train.mesh import build_mesh
@@ -193,6 +193,28 @@ def test_nvme_offload_without_deepspeeds_async_io_op_is_refused_before_the_ranks
     preflight(cfg, on_cuda=False)
     monkeypatch.setattr(builder, "is_compatible", lambda self, verbose=False: False)
     preflight(offloading("cpu"), on_cuda=False)  # host offload needs no op
+
+
+def test_the_engines_nvme_check_reads_zero_optimization_through_the_configs_one_lookup(tmp_path, monkeypatch):
+    """``parallel.deepspeed.zero_optimization`` is looked up in one place (config.user_zero_optimization: the block,
+    or {} when absent or not a mapping); the engine's NVMe check read it with its own copy of that lookup before.
+    Here the check refuses the block the helper returns and nothing else: hiding the block through the helper lets
+    the same config pass."""
+    from deepspeed.accelerator import get_accelerator
+    from deepspeed.git_version_info import installed_ops
+
+    block = {"offload_param": {"device": "nvme", "nvme_path": str(tmp_path / "nvme")}}
+    cfg = tiny_gpt_config(tmp_path / "run", checkpoint={"resume": "none"},
+                          parallel={"dp": 1, "zero_stage": 3, "deepspeed": {"zero_optimization": block}})
+    assert user_zero_optimization(cfg) == block
+    assert user_zero_optimization(tiny_gpt_config(tmp_path / "plain", parallel={"dp": 1, "zero_stage": 3})) == {}
+    monkeypatch.setitem(installed_ops, "async_io", False)  # no libaio, whatever the machine has
+    builder = type(get_accelerator().create_op_builder("AsyncIOBuilder"))
+    monkeypatch.setattr(builder, "is_compatible", lambda self, verbose=False: False)
+    with pytest.raises(ConfigError, match="offload_param.device = nvme"):
+        deepspeed_engine.check_nvme_offload(cfg)
+    monkeypatch.setattr(deepspeed_engine, "user_zero_optimization", lambda cfg: {})
+    deepspeed_engine.check_nvme_offload(cfg)
 
 
 def test_a_resume_compares_no_key_the_model_never_reads(tmp_path):

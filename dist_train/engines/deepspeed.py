@@ -31,7 +31,8 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from ..checkpoint.adapters import DeepSpeedStateAdapter, engine_checkpoint_kwargs
-from ..config import Config, ConfigError, deep_merge, deepspeed_generated, zero_reduce_bucket_elements
+from ..config import (Config, ConfigError, deep_merge, deepspeed_generated, user_zero_optimization,
+                      zero_reduce_bucket_elements)
 from ..megatron_import import compile_as_identity
 from ..mesh import Mesh
 from ..optim import build_optimizer, build_scheduler
@@ -130,9 +131,8 @@ def check_nvme_offload(cfg: Config) -> None:
     through DeepSpeed's async_io op, which needs libaio: where that op is neither installed nor buildable, every rank
     would stop building its engine with a traceback ("Unable to JIT load the async_io op"); refused here in one line.
     (Offload to cpu needs no op: our torch AdamW steps the host partitions, ``zero_force_ds_cpu_optimizer: false``.)"""
-    zero = (cfg.parallel.deepspeed or {}).get("zero_optimization")
-    nvme = [k for k in _OFFLOADS if isinstance(zero, dict) and isinstance(zero.get(k), dict)
-            and zero[k].get("device") == "nvme"]
+    zero = user_zero_optimization(cfg)
+    nvme = [k for k in _OFFLOADS if isinstance(zero.get(k), dict) and zero[k].get("device") == "nvme"]
     if not nvme:
         return
     from deepspeed.accelerator import get_accelerator  # deepspeed only where it runs
