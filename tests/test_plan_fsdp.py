@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from dist_train.config import config_from_dict, load_config
+from dist_train.cost.memory import fsdp_layer_params
 from dist_train.cost.predict import predict
 from dist_train.cost.shape import rank_inputs
 from dist_train.cost.step_time import fsdp_comm
@@ -52,6 +53,27 @@ def test_fsdp_shards_weights_grads_and_adam_and_counts_the_gathered_units(profil
     h = predict(cfg(**{"parallel.dp": 4, "parallel.fsdp": "true", "train.precision": "bf16",
                        "train.global_batch": 8}), profiles["h100"]).memory
     assert h["weights"] + h["grads"] + h["optimizer"] == pytest.approx(16 * n / 4)
+
+
+def test_an_fsdp_unit_under_tp_is_the_sum_of_its_tensors_tp_local_elements(profiles):
+    """One FSDP2 unit (a block) on a tp rank holds each of its tensors' tp-local elements: the matmuls (and the swin's
+    bias table, qkv and fc1 biases, split by head / column) ÷tp, the norms and row-parallel biases whole. Counted
+    by hand here; the gathered root is then exactly the embedding, head (÷tp: vocab-parallel) and final norm."""
+    cpu = profiles["cpu"]
+    c = cfg(**{"parallel.tp": 2, "parallel.dp": 2, "parallel.fsdp": "true"})
+    sh, _ = rank_inputs(c, cpu)
+    d, q, kv, f = 64, 64 // 2, 32 // 2, 128 // 2  # d_model; per-rank q, kv (2 heads of 16) and ffn widths
+    unit = d + q * d + 2 * kv * d + q * d + d + 3 * f * d  # attention_norm, wq, wk, wv, wo, ffn_norm, w1, w3, w2
+    assert fsdp_layer_params(c, sh) == unit == 18560
+    root = EMBED / 2 + HEAD / 2 + NORM
+    assert predict(c, cpu).memory["fsdp_unsharded"] == (root + 2 * unit) * 4 + unit * (4 + 4)
+    sw = load_config(ROOT / "configs" / "swin_weather.yaml",
+                     ["parallel.wp=1", "parallel.tp=2", "parallel.dp=2", "parallel.fsdp=true"])
+    sh, _ = rank_inputs(sw, cpu)
+    d, f, heads, (wh, ww) = sh.d, sh.ffn, sh.heads, sh.window
+    table = heads * (2 * wh - 1) * (2 * ww - 1) // 2
+    split = table + 3 * d * d // 2 + 3 * d // 2 + d * d // 2 + f * d // 2 + f // 2 + d * f // 2
+    assert fsdp_layer_params(sw, sh) == split + 6 * d  # + norm1, norm2 (weight, bias), proj and fc2 biases
 
 
 def test_fsdp_communication_all_gathers_per_pass_and_reduce_scatters(profiles):

@@ -374,9 +374,11 @@ def loss_kept_bytes(cfg: Config, sh: Shape, loc: RankShape, prof: DeviceProfile)
 
 
 def fsdp_layer_params(cfg: Config, sh: Shape) -> float:
-    """Parameters of one FSDP2 unit (a transformer / Swin block) on one tp rank."""
-    rep = sh.layer_replicated_params()
-    return (sh.layer_params() - rep) / cfg.parallel.tp + rep
+    """Parameters of one FSDP2 unit (a transformer / Swin block) on one tp rank: the sum of its tensors' tp-local
+    elements (:meth:`Shape.layer_tensors`), the same sum :func:`rank_params` counts each of the rank's layers with,
+    so that the root :func:`fsdp_unsharded_bytes` keeps (the rank's parameters less its blocks) is exactly the
+    embedding, final norm and head."""
+    return float(sum(sh.layer_tensors(cfg.parallel.tp)))
 
 
 def fsdp_unsharded_bytes(cfg: Config, sh: Shape, loc: RankShape, load: RankLoad, n_local: float) -> float:
