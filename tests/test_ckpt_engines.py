@@ -12,19 +12,25 @@ process (as a new job would).
 """
 from __future__ import annotations
 
+import gc
 import json
+import math
 import os
 import signal
+import weakref
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed.checkpoint as dcp
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor import Replicate, Shard
 
 from dist_train import trainer as trainer_module
 from dist_train.bench._ckpt_engines import engine_state_tensors, one_step_gpt_engine
 from dist_train.bench.attention import peak_tensor_bytes
 from dist_train.checkpoint import manifest as mf
+from dist_train.checkpoint import adapters
 from dist_train.checkpoint.adapters import DeepSpeedStateAdapter, TensorParallelAdapter, TPShard, tp_local_blocks
 from dist_train.checkpoint.hf import load_model_tensors
 from dist_train.checkpoint.manager import CheckpointManager
@@ -225,6 +231,37 @@ def test_an_fsdp_chunk_of_a_tp_shard_is_its_blocks_of_the_tp1_tensor(tmp_path, d
         for pad in padding:
             pad.zero_()  # what the adapter's set does
         assert torch.equal(into, local), (t, offset)
+
+
+def test_the_chunk_placement_cache_gives_torchs_placements_and_keeps_no_mesh_alive(monkeypatch):
+    """FSDP2 checkpoints look up each DTensor chunk's (local shape, offset) through a cache
+    (adapters._chunk_placement); keyed on the DeviceMesh it kept up to 4096 meshes, and their process groups,
+    alive after their job. Keyed on the mesh's shape and this rank's coordinate: every rank of a 5-rank and a 2 x 3
+    mesh (simulated in one process: torch's ``_rank``, no process group) gets torch's own result (uneven chunks,
+    empty ones), a second pass over fresh meshes is all cache hits, and no mesh outlives its last use."""
+    cases = {(5,): [((7, 5), (Shard(0),)), ((3, 5), (Shard(1),)), ((2, 9), (Shard(0),)), ((7,), (Replicate(),))],
+             (2, 3): [((7, 5), (Replicate(), Shard(0))), ((5, 7), (Shard(1), Shard(0))), ((4, 9), (Shard(0), Shard(1))),
+                      ((7, 5), (Shard(0), Shard(0)))]}
+    torchs = adapters.compute_local_shape_and_global_offset
+    calls = []
+    monkeypatch.setattr(adapters, "compute_local_shape_and_global_offset",
+                        lambda *args: calls.append(args[0]) or torchs(*args))
+    monkeypatch.setattr(adapters, "_PLACEMENTS", {})  # whatever tests before this one looked up
+    for repeat in range(2):
+        calls.clear()
+        alive = []
+        for dims, these in cases.items():
+            for rank in range(math.prod(dims)):
+                mesh = DeviceMesh("cpu", torch.arange(math.prod(dims)).reshape(dims), _init_backend=False, _rank=rank)
+                for shape, placements in these:
+                    expected = torchs(torch.Size(shape), mesh, list(placements))
+                    got = adapters._chunk_placement(shape, mesh, placements)
+                    assert got == (tuple(expected[0]), tuple(expected[1])), (dims, rank, shape, placements, got)
+                alive.append(weakref.ref(mesh))
+        del mesh
+        gc.collect()
+        assert [m() for m in alive] == [None] * 11, "a mesh outlived its last use"
+        assert len(calls) == (0 if repeat else 5 * 4 + 6 * 4), len(calls)
 
 
 @pytest.mark.parametrize("shape", [(7,), (3, 5), (2, 3, 4), (2, 1, 3, 2), (4, 0), ()])

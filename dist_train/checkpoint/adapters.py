@@ -31,12 +31,10 @@ union. See docs/checkpointing.md ("Engines: tensor parallel, pipeline, ZeRO").
 """
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 from typing import Any, Optional
 
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 
 from torch.distributed.tensor import DTensor, Shard
@@ -481,24 +479,36 @@ def fsdp_rectangles(v: DTensor, s: TPShard, tp_rank: int, tp: int) -> tuple[list
     are vocabulary padding (:func:`tp_local_blocks`). ``v``: a DTensor over the grad mesh whose global shape is the
     tp-local shape; its placements say where its local tensor lies in the tp-local tensor."""
     local = v.to_local().detach()
-    shape, offset = _chunk_placement(tuple(v.shape), v.device_mesh, tuple(v.placements),
-                                     dist.get_rank() if dist.is_initialized() else 0)
+    shape, offset = _chunk_placement(tuple(v.shape), v.device_mesh, tuple(v.placements))
     if tuple(local.shape) != tuple(shape):
         raise ValueError(f"a DTensor shard of shape {list(local.shape)} where its placements {v.placements} give "
                          f"{list(shape)}")
     return tp_local_blocks(local, tuple(offset), s, tp_rank, tp)
 
 
-@functools.lru_cache(maxsize=4096)
-def _chunk_placement(shape: tuple[int, ...], mesh, placements: tuple, rank: int
-                     ) -> tuple[tuple[int, ...], tuple[int, ...]]:
+#: :func:`_chunk_placement`'s results by (global shape, mesh shape, this rank's mesh coordinate, placements): what
+#: torch's ``compute_local_shape_and_global_offset`` depends on, and no mesh: a cache keyed on the DeviceMesh kept
+#: every mesh of a process (and its process groups) alive after its job ended. Cleared when full (a run's few
+#: placements fit many times over).
+_PLACEMENTS: dict[tuple, tuple[tuple[int, ...], tuple[int, ...]]] = {}
+_PLACEMENTS_MAX = 4096
+
+
+def _chunk_placement(shape: tuple[int, ...], mesh, placements: tuple) -> tuple[tuple[int, ...], tuple[int, ...]]:
     """(local shape, offset) of this process's chunk of a DTensor of global ``shape`` on ``mesh`` under
     ``placements``. Cached: torch's ``compute_local_shape_and_global_offset`` (mesh coordinate lookups, per call)
     was 13-21 ms of a bench save and 18-24 ms of a load (90 / 180 calls on the same few placements; see
-    docs/benchmarks/ckpt_engines.md). A pure function of the key: the mesh (its rank map, layout, dims, thread)
-    and ``rank`` (the process's global rank, whose coordinate in the mesh is the chunk's)."""
-    local_shape, offset = compute_local_shape_and_global_offset(torch.Size(shape), mesh, list(placements))
-    return tuple(local_shape), tuple(offset)
+    docs/benchmarks/ckpt_engines.md). The key is all the result depends on: the mesh's shape and this process's
+    coordinate in it (None: not in the mesh), besides ``shape`` and ``placements`` (:data:`_PLACEMENTS`)."""
+    coordinate = mesh.get_coordinate()
+    key = (shape, tuple(mesh.shape), None if coordinate is None else tuple(coordinate), placements)
+    hit = _PLACEMENTS.get(key)
+    if hit is None:
+        local_shape, offset = compute_local_shape_and_global_offset(torch.Size(shape), mesh, list(placements))
+        if len(_PLACEMENTS) >= _PLACEMENTS_MAX:
+            _PLACEMENTS.clear()
+        hit = _PLACEMENTS[key] = (tuple(local_shape), tuple(offset))
+    return hit
 
 
 def tp_local_blocks(local: torch.Tensor, offset: tuple[int, ...], s: TPShard, tp_rank: int,
