@@ -143,21 +143,24 @@ def check_data(cfg: Config) -> dict[str, Checked]:
         _check_weather(cfg)
     if d.tokenizer != "byte" and not Path(d.tokenizer).is_file():
         raise ConfigError(f"data.tokenizer = {d.tokenizer}: no such file (byte, or the path of a tokenizer.json)")
-    check_named_tokenizer(cfg)
-    check_end_of_document(cfg)
+    # data.path's sidecar as _check_indexed read it (it is there only for a dataset whose .bin and .idx are: one to
+    # be prepared at start-up gets its sidecar then), read once for the checks below
+    sidecar = checked[d.path].sidecar if d.path in checked else None
+    check_named_tokenizer(cfg, sidecar)
+    check_end_of_document(cfg, sidecar)
     return checked
 
 
-def check_named_tokenizer(cfg: Config) -> None:
-    """The tokenizer.json data.tokenizer names is the one the prepared dataset's sidecar records (by fingerprint),
-    unless ``checkpoint.allow_config_change`` holds data.tokenizer (as for a resume onto another tokenizer's data)."""
+def check_named_tokenizer(cfg: Config, sidecar: Optional[dict]) -> None:
+    """The tokenizer.json data.tokenizer names is the one the prepared dataset's ``sidecar`` records (by
+    fingerprint; None: no prepared dataset, or one built elsewhere), unless ``checkpoint.allow_config_change`` holds
+    data.tokenizer (as for a resume onto another tokenizer's data)."""
     d = cfg.data
-    if (d.source != "indexed" or not d.path or not Path(f"{d.path}.bin").is_file()
-            or "data.tokenizer" in cfg.checkpoint.allow_config_change):
+    if sidecar is None or "data.tokenizer" in cfg.checkpoint.allow_config_change:
         return
     try:
-        other = named_tokenizer_message(d.path, d.tokenizer)
-    except ValueError as e:  # an unreadable sidecar is _check_indexed's refusal; an unreadable tokenizer.json ours
+        other = named_tokenizer_message(d.path, d.tokenizer, sidecar)
+    except ValueError as e:  # an unreadable tokenizer.json
         raise ConfigError(f"data.tokenizer = {d.tokenizer}: {str(e).splitlines()[0]}") from None
     if other:
         raise ConfigError(other)
@@ -192,19 +195,19 @@ def _check_weather(cfg: Config) -> None:
             raise ConfigError(other)
 
 
-def check_end_of_document(cfg: Config) -> None:
+def check_end_of_document(cfg: Config, sidecar: Optional[dict]) -> None:
     """A GPT document option (data.document_mask / reset_positions / eod_mask_loss) needs an end-of-document id
     inside the vocabulary: one outside it (the byte tokenizer's 256 under model.vocab_size = 64) never occurs, and
-    the option would silently do nothing."""
+    the option would silently do nothing. ``sidecar``: data.path's, as :func:`check_data` read it."""
     d = cfg.data
     if cfg.model.kind != "gpt" or not d.document_options_on:
         return
-    unknown = unknown_eod_message(d)
+    unknown = unknown_eod_message(d, sidecar)
     if unknown:
         raise ConfigError(unknown)
     try:
-        eod = resolve_eod_id(d)
-    except ValueError:  # an unreadable sidecar or tokenizer: check_data's refusal, or the trainer's
+        eod = resolve_eod_id(d, sidecar)
+    except ValueError:  # an unreadable tokenizer: check_data's refusal, or the trainer's
         return
     if eod >= cfg.model.vocab_size:
         option = d.document_options_on[0]

@@ -280,16 +280,17 @@ def test_resume_path_missing_or_damaged_and_all_damaged(tmp_path, dataset):
     _refused(_cfg(tmp_path, dataset, checkpoint={"resume": str(tmp_path / "empty")}), "no step_N checkpoint")
 
 
-def test_one_preflight_reads_each_index_and_the_held_out_sidecar_once(tmp_path, dataset, monkeypatch):
+def test_one_preflight_reads_each_index_and_each_sidecar_once(tmp_path, dataset, monkeypatch):
     """The dataset checks read each .idx (a pass over its sequence table) once, and the resume check takes the
-    training data's sample count from them instead of opening the dataset again; the same-data, tokenizer and overlap
-    checks of data.valid_path use the sidecars check_indexed_dataset read."""
+    training data's sample count from them instead of opening the dataset again; the same-data, tokenizer, overlap
+    and end-of-document checks use the sidecars check_indexed_dataset read (data.path's was read 3 times: there, by
+    the named-tokenizer check and twice by the end-of-document check)."""
     (tmp_path / "held.jsonl").write_text("\n".join(json.dumps({"text": t * 40}) for t in ("omega ", "psi chi ")))
     held = str(tmp_path / "held")
     prepare_indexed([tmp_path / "held.jsonl"], held)
     root = tmp_path / "ck"
     _save(root, [1])
-    cfg = _cfg(tmp_path, dataset, data={"valid_path": held}, train={"eval_every": 2},
+    cfg = _cfg(tmp_path, dataset, data={"valid_path": held, "document_mask": True}, train={"eval_every": 2},
                checkpoint={"dir": str(root), "resume": "auto"})
     opened, read = [], []
     real_open, real_read_text = Path.open, Path.read_text
@@ -299,6 +300,7 @@ def test_one_preflight_reads_each_index_and_the_held_out_sidecar_once(tmp_path, 
     preflight(cfg, on_cuda=False)
     assert sorted(n for n in opened if n.endswith(".idx")) == ["ds.idx", "held.idx"], opened
     assert read.count("held.meta.json") == 1, read
+    assert [n for n in opened if n.endswith(".meta.json")] == ["held.meta.json", "ds.meta.json"], opened
 
 
 def test_a_key_given_twice_is_refused_and_merges_still_load(tmp_path):

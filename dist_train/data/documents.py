@@ -37,14 +37,20 @@ class DocumentOptions:
         return self.document_mask or self.reset_positions or self.eod_mask_loss
 
 
-def unknown_eod_message(d: DataConfig) -> Optional[str]:
+def dataset_sidecar(d: DataConfig) -> Optional[dict]:
+    """The sidecar of the indexed dataset ``data.path`` names (:func:`~.sidecar.read_sidecar`); None for other data or
+    none there. What :func:`unknown_eod_message` and :func:`resolve_eod_id` take, read once for both."""
+    return read_sidecar(d.path) if d.source == "indexed" and d.path else None
+
+
+def unknown_eod_message(d: DataConfig, sidecar: Optional[dict]) -> Optional[str]:
     """One line when a document option is on and nothing says which id ends a document of the indexed dataset: no
-    ``data.eod_id``, no sidecar (a dataset built elsewhere, e.g. by Megatron-LM's tools) and only the default byte
-    tokenizer to fall back on, whose 256 may be an ordinary token of the dataset's vocabulary (documents would be cut
-    at every occurrence of it, silently); None otherwise."""
+    ``data.eod_id``, no ``sidecar`` (:func:`dataset_sidecar`'s: a dataset built elsewhere, e.g. by Megatron-LM's
+    tools) and only the default byte tokenizer to fall back on, whose 256 may be an ordinary token of the dataset's
+    vocabulary (documents would be cut at every occurrence of it, silently); None otherwise."""
     if d.eod_id is not None or d.source != "indexed" or not d.path or d.tokenizer != "byte":
         return None
-    if not (Path(f"{d.path}.bin").is_file() and Path(f"{d.path}.idx").is_file()) or read_sidecar(d.path) is not None:
+    if not (Path(f"{d.path}.bin").is_file() and Path(f"{d.path}.idx").is_file()) or sidecar is not None:
         return None  # to be prepared (its sidecar will hold the byte tokenizer's id), or the sidecar says it
     option = (d.document_options_on or ["document_mask"])[0]
     return (f"data.{option}: data.path = {d.path} has no sidecar ({sidecar_path(d.path).name}: built elsewhere) to say "
@@ -52,15 +58,15 @@ def unknown_eod_message(d: DataConfig) -> Optional[str]:
             "data.eod_id (e.g. 50256 for GPT-2's <|endoftext|>, 256 for byte-level data)")
 
 
-def resolve_eod_id(d: DataConfig) -> int:
-    """``data.eod_id``, else the indexed dataset's sidecar EOD id, else the tokenizer's (a named tokenizer.json's, or
-    the byte tokenizer's for a dataset still to be prepared with it; ValueError: :func:`unknown_eod_message`)."""
+def resolve_eod_id(d: DataConfig, sidecar: Optional[dict]) -> int:
+    """``data.eod_id``, else the EOD id of the indexed dataset's ``sidecar`` (:func:`dataset_sidecar`'s), else the
+    tokenizer's (a named tokenizer.json's, or the byte tokenizer's for a dataset still to be prepared with it;
+    ValueError: :func:`unknown_eod_message`)."""
     if d.eod_id is not None:
         return d.eod_id
-    meta = read_sidecar(d.path) if d.source == "indexed" and d.path else None
-    if meta is not None:
-        return int(meta["eod_id"])
-    unknown = unknown_eod_message(d)  # only without a sidecar: its own read of it finds none
+    if sidecar is not None:
+        return int(sidecar["eod_id"])
+    unknown = unknown_eod_message(d, sidecar)
     if unknown:
         raise ValueError(unknown)
     return get_tokenizer(d.tokenizer).eod_id
@@ -70,7 +76,8 @@ def document_options(d: DataConfig) -> Optional[DocumentOptions]:
     """The batcher's document options for ``data`` (None when no document option is on)."""
     if not d.document_options_on:
         return None
-    return DocumentOptions(resolve_eod_id(d), d.document_mask, d.reset_positions, d.eod_mask_loss)
+    eod = resolve_eod_id(d, dataset_sidecar(d) if d.eod_id is None else None)
+    return DocumentOptions(eod, d.document_mask, d.reset_positions, d.eod_mask_loss)
 
 
 def document_starts(tokens: torch.Tensor, eod_id: int) -> list[list[int]]:

@@ -104,17 +104,16 @@ def other_tokenizer_message(prefix: Union[str, Path], other: Union[str, Path], w
             f"its token ids would mean other tokens; prepare both with the same --tokenizer")
 
 
-def named_tokenizer_message(prefix: Union[str, Path], tokenizer: str) -> Optional[str]:
+def named_tokenizer_message(prefix: Union[str, Path], tokenizer: str, body: Optional[dict]) -> Optional[str]:
     """One line when ``data.tokenizer`` (a tokenizer.json's path) names another tokenizer than the one the dataset at
-    ``prefix`` was prepared with, by fingerprint (:func:`fingerprints_differ`): the model, sized and configured for
-    one, would be fed the ids of the other. None when they agree or cannot be compared: ``byte``, the default, which
-    only builds missing data (a config that never named the tokenizer of its data.path says ``byte``); a dataset whose
-    sidecar records no tokenizer (built elsewhere, or a tokenizer.json's before fingerprints) — as a checkpoint's
-    tokenizer is, compared only when both sides are known. ValueError when the sidecar or the tokenizer.json cannot
-    be read."""
+    ``prefix`` was prepared with, by fingerprint (:func:`fingerprints_differ`), as its sidecar ``body`` says
+    (:func:`read_sidecar`'s, read once by the caller): the model, sized and configured for one, would be fed the ids of
+    the other. None when they agree or cannot be compared: ``byte``, the default, which only builds missing data (a
+    config that never named the tokenizer of its data.path says ``byte``); a dataset whose sidecar records no
+    tokenizer (none: built elsewhere; a tokenizer.json's before fingerprints) — as a checkpoint's tokenizer is,
+    compared only when both sides are known. ValueError when the tokenizer.json cannot be read."""
     if tokenizer == BYTE_FINGERPRINT:
         return None
-    body = read_sidecar(prefix)
     recorded, named = sidecar_tokenizer(body), tokenizer_fingerprint(tokenizer)
     if not fingerprints_differ(recorded, named):
         return None
