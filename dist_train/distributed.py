@@ -5,10 +5,11 @@ it the job is a single process.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Optional
+from typing import Iterator, Mapping, Optional
 
 import torch
 import torch.distributed as dist
@@ -88,3 +89,33 @@ def current_context() -> DistContext:
         _, _, local_rank = env_rank_info()
         return DistContext(dist.get_rank(), dist.get_world_size(), local_rank, pick_device(local_rank))
     return DistContext(0, 1, 0, pick_device(0))
+
+
+def restore_environ(saved: Mapping[str, str]) -> None:
+    """Make ``os.environ`` ``saved`` again, key by key (a thread still running never sees an empty environment, as
+    ``os.environ.clear()`` would show it): keys added since are removed, changed or removed ones set back."""
+    now = dict(os.environ)
+    for key in now.keys() - saved.keys():
+        del os.environ[key]
+    for key, value in saved.items():
+        if now.get(key) != value:
+            os.environ[key] = value
+
+
+@contextlib.contextmanager
+def caller_process_state() -> Iterator[None]:
+    """Leave the calling process as it was, on return or error: its ``os.environ`` (restore_environ) and its process
+    group state. A job run in-process (a notebook or a test calling ``train()``) otherwise kept what its engine set
+    up for itself: DeepSpeed's one-rank gloo group and the RANK / WORLD_SIZE / LOCAL_RANK it reads
+    (engines/deepspeed.py ``_ensure_process_group``), DS_ACCELERATOR, and what DeepSpeed's import sets; a later
+    job of the caller then ran in that stale one-rank world (a torchrun it started saw RANK=0, WORLD_SIZE=1). A
+    default group that existed before (a launched rank's, a caller's own) is the caller's and is left alone; one
+    created inside is destroyed."""
+    environ = dict(os.environ)
+    had_group = dist.is_initialized()
+    try:
+        yield
+    finally:
+        if not had_group and dist.is_initialized():
+            dist.destroy_process_group()
+        restore_environ(environ)

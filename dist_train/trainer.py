@@ -38,7 +38,7 @@ from .data.datasets import (SYNTHETIC_VALID_SEED_OFFSET, IndexedTokenDataset, Sy
 from .data.documents import document_options
 from .data.image_batches import NORMALISATION_KEY, WeatherBatcher, same_normalisation_data
 from .data.prepare import ensure_prepared
-from .distributed import DistContext, current_context
+from .distributed import DistContext, caller_process_state, current_context
 from .engines import autocast_dtype, build_engine
 from .engines.ddp import all_reduce_sum
 from .evaluation import Evaluator
@@ -223,12 +223,17 @@ def _check_step(cfg: Config, engine, spikes: LossSpikeGuard, limit: Optional[flo
 # The loop
 # ---------------------------------------------------------------------------------------------
 def train(cfg: Config, ctx: Optional[DistContext] = None) -> TrainResult:
-    ctx = ctx or current_context()
-    check_world_size(cfg, ctx.world_size)
-    # one job per run directory, taken before anything touches it (dist_train/runlock.py)
-    run_dir, ckpt_dir = Path(cfg.run.dir), checkpoint_root(cfg.checkpoint, cfg.run.dir)
-    with hold_run_dir(run_dir, ctx.rank, ctx.device), hold_checkpoint_dir(ckpt_dir, run_dir, ctx.rank, ctx.device):
-        return _train(cfg, ctx)
+    """Train this rank of ``cfg``'s job (``ctx``: its process group; None: the default group, or one process).
+    The caller's environment and process group state are as they were on return or error (caller_process_state:
+    an engine's own one-rank group, DeepSpeed's, is destroyed, the caller's kept)."""
+    with caller_process_state():
+        ctx = ctx or current_context()
+        check_world_size(cfg, ctx.world_size)
+        # one job per run directory, taken before anything touches it (dist_train/runlock.py)
+        run_dir, ckpt_dir = Path(cfg.run.dir), checkpoint_root(cfg.checkpoint, cfg.run.dir)
+        with (hold_run_dir(run_dir, ctx.rank, ctx.device),
+              hold_checkpoint_dir(ckpt_dir, run_dir, ctx.rank, ctx.device)):
+            return _train(cfg, ctx)
 
 
 def _train(cfg: Config, ctx: DistContext) -> TrainResult:

@@ -7,6 +7,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 import pytest
 import torch
 
+from dist_train.distributed import restore_environ
 from dist_train.spawn import preload_in_fork_server
 
 torch.set_num_threads(1)
@@ -29,16 +30,12 @@ def tmp_run_dir(tmp_path):
 
 @pytest.fixture(autouse=True)
 def _environment_left_as_found():
-    """Each test leaves ``os.environ`` as it found it (what a module-scoped fixture set before it stays). An
-    in-process DeepSpeed engine sets RANK=0, WORLD_SIZE=1 and LOCAL_RANK=0 for good (engines/deepspeed.py
-    ``_ensure_process_group``): every later test that starts a job with the pytest process's environment then
-    ran torchrun's one-rank world. test_submitted_eval_job_writes_the_result failed so after test_spikes.py's
-    DeepSpeed case (2 ranks each alone: world_size 1 in the result)."""
+    """Each test leaves ``os.environ`` as it found it (what a module-scoped fixture set before it stays). A
+    DeepSpeed engine built in-process outside ``train()`` (which gives them back: distributed.caller_process_state)
+    sets RANK=0, WORLD_SIZE=1 and LOCAL_RANK=0 for good (engines/deepspeed.py ``_ensure_process_group``): every
+    later test that starts a job with the pytest process's environment then ran torchrun's one-rank world.
+    test_submitted_eval_job_writes_the_result failed so after test_spikes.py's DeepSpeed case (2 ranks each alone:
+    world_size 1 in the result)."""
     before = dict(os.environ)
     yield
-    after = dict(os.environ)
-    for key in after.keys() - before.keys():  # key by key: a thread still running never sees an empty environment
-        del os.environ[key]
-    for key, value in before.items():
-        if after.get(key) != value:
-            os.environ[key] = value
+    restore_environ(before)

@@ -1,0 +1,80 @@
+"""``train()`` called in-process (a notebook, a test) leaves its caller as it found it: a DeepSpeed engine set up a
+one-rank gloo group and RANK / WORLD_SIZE / LOCAL_RANK for itself (engines/deepspeed.py ``_ensure_process_group``)
+and both stayed behind, so a job the caller started next ran in that stale one-rank world. Checked here in the test
+body: tests/conftest.py restores ``os.environ`` after every test, which would hide what ``train()`` left."""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch.distributed as dist
+
+from dist_train import trainer as trainer_module
+from dist_train.distributed import caller_process_state
+from dist_train.trainer import train
+from tests.trainer_utils import tiny_gpt_config
+
+ZERO1 = {"dp": 1, "zero_stage": 1}
+
+
+def _rank_environment_unset(monkeypatch) -> None:
+    """The caller's environment as a notebook's is: no rank variables (whatever an earlier test or launcher set)."""
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "DS_ACCELERATOR"):
+        monkeypatch.delenv(key, raising=False)
+
+
+def test_an_in_process_deepspeed_run_leaves_no_environment_and_no_process_group_behind(tmp_path, monkeypatch):
+    """One rank, in-process, DeepSpeed ZeRO-1 on a tiny GPT: on return and on an error after the engine was built,
+    the caller's os.environ is the same mapping and no process group is left (the engine's is destroyed); a
+    second run in the same process trains the same losses on a group of its own."""
+    _rank_environment_unset(monkeypatch)
+    assert not dist.is_initialized()
+    before = dict(os.environ)
+    first = train(tiny_gpt_config(tmp_path / "a", steps=2, parallel=ZERO1, checkpoint={"at_end": False}))
+    assert first.exit_code == 0 and len(first.losses) == 2
+    assert dict(os.environ) == before, {k: os.environ.get(k) for k in set(os.environ) ^ set(before)}
+    assert not dist.is_initialized()
+
+    again = train(tiny_gpt_config(tmp_path / "b", steps=2, parallel=ZERO1, checkpoint={"at_end": False}))
+    assert again.losses == first.losses and not dist.is_initialized() and dict(os.environ) == before
+
+    def refuse(*args, **kwargs):  # after the engine (its group, its environment) is set up
+        assert dist.is_initialized() and os.environ["WORLD_SIZE"] == "1"
+        raise ValueError("no data today")
+
+    monkeypatch.setattr(trainer_module, "build_batcher", refuse)
+    with pytest.raises(ValueError, match="no data today"):
+        train(tiny_gpt_config(tmp_path / "c", steps=2, parallel=ZERO1, checkpoint={"at_end": False}))
+    assert dict(os.environ) == before and not dist.is_initialized()
+
+
+def test_a_process_group_the_caller_created_is_kept_and_its_environment_restored(tmp_path, monkeypatch):
+    """A caller that made its own (one-rank) default group keeps it, the same group, after an in-process DeepSpeed
+    run; the rank variables the engine set beside it are gone again."""
+    _rank_environment_unset(monkeypatch)
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        world = dist.group.WORLD
+        before = dict(os.environ)
+        result = train(tiny_gpt_config(tmp_path / "run", steps=1, parallel=ZERO1, checkpoint={"at_end": False}))
+        assert result.exit_code == 0
+        assert dist.is_initialized() and dist.group.WORLD is world
+        assert dict(os.environ) == before
+    finally:
+        dist.destroy_process_group()
+
+
+def test_the_callers_state_comes_back_whatever_the_block_changed(monkeypatch):
+    """caller_process_state alone: keys added, changed and removed inside come back as they were (key by key), and
+    a group created inside is destroyed, on an exception too."""
+    monkeypatch.setenv("DIST_TRAIN_KEPT", "1")
+    monkeypatch.setenv("DIST_TRAIN_CHANGED", "before")
+    monkeypatch.delenv("DIST_TRAIN_ADDED", raising=False)
+    before = dict(os.environ)
+    with pytest.raises(RuntimeError), caller_process_state():
+        os.environ["DIST_TRAIN_ADDED"] = "x"
+        os.environ["DIST_TRAIN_CHANGED"] = "after"
+        del os.environ["DIST_TRAIN_KEPT"]
+        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+        raise RuntimeError("stop")
+    assert dict(os.environ) == before and not dist.is_initialized()
