@@ -8,8 +8,9 @@ The validation set is fixed: evaluation batch e holds the held-out samples ``e·
 global_batch)``, split over micro-batches and dp ranks exactly like a training step (so it does not
 depend on dp), for e < ``train.eval_steps``. The loss is the sum over every real token (GPT) or value
 (swin: the MSE) of all evaluation batches divided by their real count, the count all-reduced over the
-grad group (dp × wp × cp) and the loss sums by the engine (``eval_loss_sum``: forward only, no gradient,
-pipeline stages through the schedule's eval pass) — the training contract (docs/architecture.md).
+grad group's ranks (dp × wp × cp; a host value, over the mesh's host group) and the loss sums by the engine
+(``eval_loss_sum``: forward only, no gradient, pipeline stages through the schedule's eval pass) — the training
+contract (docs/architecture.md).
 
 Every held-out sample counts at most once: ``eval_steps · global_batch`` beyond the held-out samples would
 wrap into the next epoch's order and count some of them twice (a weighted loss no one asked for), so such a
@@ -63,8 +64,10 @@ class Evaluator:
             micro = [self.batcher.microbatch(e * t.global_batch, m) for m in range(self.cfg.grad_accum_steps)]
             local_count += sum(float(b["count"]) for b in micro)
             total += engine.eval_loss_sum(micro)
-        # one collective for the whole evaluation (whole counts: exact in float64)
-        count = float(all_reduce_sum(torch.tensor([local_count], dtype=torch.float64), self.mesh.grad_group).item())
+        # one collective for the whole evaluation (whole counts: exact in float64), over the host group: a host value,
+        # read without waiting for the device
+        count = float(all_reduce_sum(torch.tensor([local_count], dtype=torch.float64),
+                                     self.mesh.host_grad_group).item())
         if count <= 0:
             raise ValueError("validation: the evaluation batches hold no real tokens")
         return total / count, count

@@ -7,7 +7,7 @@ The trainer uses it like this (one object per rank process)::
     for step in ...:
         ...train one step...
         lc.heartbeat(step)
-        if lc.stop_agreed(group=None):     # True on EVERY rank if ANY rank got SIGTERM/SIGUSR1
+        if lc.stop_agreed(mesh.host_world_group):  # True on EVERY rank if ANY rank got SIGTERM/SIGUSR1
             mgr.save(...); lc.close(); return EXIT_PREEMPTED
     lc.close()
 
@@ -264,9 +264,10 @@ class Lifecycle:
         self._signalled = signum
 
     def stop_agreed(self, group: Any = None) -> bool:
-        """All-reduce MAX of the local 'signal received' flag over ``group``: True on every rank if any
-        rank was signalled. Without an initialised process group it is just the local flag.
-        Collective: every rank of ``group`` must call it at the same step."""
+        """All-reduce MAX of the local 'signal received' flag over ``group`` (every rank: the trainer passes the mesh's
+        ``host_world_group``, a gloo group whose CPU flag is read without waiting for the device; None: the default
+        group): True on every rank if any rank was signalled. Without an initialised process group it is just the
+        local flag. Collective: every rank of ``group`` must call it at the same step."""
         local = 1 if self._signalled is not None else 0
         # Lazy: launchers import this module without torch; and if torch.distributed was never imported,
         # no process group can exist (importing it here would only cost seconds).
@@ -277,8 +278,9 @@ class Lifecycle:
 
         from .distributed import collective_device  # imports torch: lazy for the same reason
 
-        # filled on the device: torch.tensor([local], device=cuda) would be a blocking copy from the host, a wait for
-        # the device on top of the read below (which the agreement needs, once per step)
+        # on the group's device: over gloo (the host group) a CPU tensor, read without waiting for the device; over
+        # NCCL filled on the device (torch.tensor([local], device=cuda) would be a blocking copy from the host, a wait
+        # for the device on top of the read below)
         flag = torch.full((1,), local, dtype=torch.int32, device=collective_device(group))
         dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=group)
         return bool(flag.item())

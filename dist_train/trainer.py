@@ -143,11 +143,12 @@ def recorded_layouts(cfg: Config, world_size: int) -> list[dict]:
     return [{**layout, "cp_method": method} for method in ("ring", "ulysses") if method != layout["cp_method"]]
 
 
-def _stop_reason(t, steps_done: int, start_step: int, lifecycle) -> Optional[str]:
-    """Why this process stops after ``steps_done`` (None: keep going). Collective (stop_agreed)."""
+def _stop_reason(t, steps_done: int, start_step: int, lifecycle, mesh: Mesh) -> Optional[str]:
+    """Why this process stops after ``steps_done`` (None: keep going). Collective (stop_agreed, over every rank's host
+    group: the agreement waits for no device)."""
     if t.exit_interval and (steps_done - start_step) % t.exit_interval == 0 and steps_done < t.steps:
         return "exit_interval"
-    if lifecycle.stop_agreed(group=None):
+    if lifecycle.stop_agreed(mesh.host_world_group):
         return "preempted"
     return None
 
@@ -241,7 +242,9 @@ def _train(cfg: Config, ctx: DistContext) -> TrainResult:
     if ctx.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
     log = setup_logging(ctx.rank, run_dir)
-    mesh = build_mesh(cfg.parallel, ctx.world_size, ctx.device.type)
+    mesh = build_mesh(cfg.parallel, ctx.world_size, ctx.device.type, cfg.launch.collective_timeout_s)
+    if mesh.host_note:
+        log.info(mesh.host_note, extra=LOG_FILE_ONLY)
     if ctx.is_main:
         log.info(f"dist-train | {cfg.run.name} | {ctx.world_size} rank(s) on {ctx.device.type} | mesh {mesh.describe()}")
     else:  # the console shows warnings only on these ranks; rank_N.log still says who this rank is
@@ -365,7 +368,8 @@ def _train(cfg: Config, ctx: DistContext) -> TrainResult:
                 keys = [document_keys(b["cu_seqlens"].tolist(), cfg.data.seq_len, cfg.model.attention_window)
                         for b in micro]
                 count += [sum(k for k, _ in keys), sum(n for _, n in keys)]
-            totals = all_reduce_sum(torch.tensor(count, dtype=torch.float64), mesh.grad_group)
+            # a host value: over the host group (gloo) its read below waits for no device (NCCL would take it there)
+            totals = all_reduce_sum(torch.tensor(count, dtype=torch.float64), mesh.host_grad_group)
             global_count = float(totals[0])
             if packed:
                 step_keys.append(float(totals[1] / totals[2]))
@@ -389,7 +393,7 @@ def _train(cfg: Config, ctx: DistContext) -> TrainResult:
                 bar.set_postfix(loss=f"{loss:.3f}")
             lifecycle.heartbeat(step + 1)
             saved = save_state(step + 1, force=False)
-            stop = _stop_reason(t, step + 1, start_step, lifecycle)
+            stop = _stop_reason(t, step + 1, start_step, lifecycle, mesh)
             if stop == "preempted" and unsavable:  # (validation refuses its other saves); rank 0 says it, once
                 result.exit_code = EXIT_PREEMPTED
                 stop_line = (log.warning if ctx.is_main else log.info,
