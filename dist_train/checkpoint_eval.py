@@ -32,7 +32,7 @@ def evaluate_checkpoint(cfg: Config, ckpt: Path, ctx: DistContext) -> dict:
     """Load ``ckpt``'s weights into ``cfg``'s model under ``cfg.parallel`` and evaluate ``cfg.train.eval_steps``
     held-out batches -> the result dict (the same on every rank). Collective over every rank."""
     started = time.perf_counter()
-    mesh = build_mesh(cfg.parallel, ctx.world_size, ctx.device.type, cfg.launch.collective_timeout_s)
+    mesh = build_mesh(cfg.parallel, ctx.world_size, ctx.device.type, host_timeout_s=cfg.launch.collective_timeout_s)
     model = build_model(cfg, mesh, ctx.device)
     engine = build_engine(cfg, model, mesh, autocast_dtype(cfg, ctx.device), evaluation_only=True)
     # only the model section is compared with the checkpoint's: data, training and layout keys may differ (another

@@ -242,7 +242,7 @@ def _train(cfg: Config, ctx: DistContext) -> TrainResult:
     if ctx.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
     log = setup_logging(ctx.rank, run_dir)
-    mesh = build_mesh(cfg.parallel, ctx.world_size, ctx.device.type, cfg.launch.collective_timeout_s)
+    mesh = build_mesh(cfg.parallel, ctx.world_size, ctx.device.type, host_timeout_s=cfg.launch.collective_timeout_s)
     if mesh.host_note:
         log.info(mesh.host_note, extra=LOG_FILE_ONLY)
     if ctx.is_main:

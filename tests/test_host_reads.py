@@ -140,8 +140,8 @@ FIRST, LAST = 1, 3
 def _loop_reads(rank: int, world: int, root: str) -> dict:
     """Per layout, a 3-step training run (an evaluation after step 2) on a mesh with host groups of their own: in the
     window, the shapes of the reads of values that travelled over a host group, of those that travelled over a device
-    group, the engines' one-copy reads, and the run's losses (checked equal, with its gradient norms and validation loss,
-    to those of the same run on the device groups alone)."""
+    group, the engines' one-copy reads, and the run's losses (checked equal, with its gradient norms and validation
+    loss, to those of the same run on the device groups alone)."""
     out = {}
     for name, parallel in (("dp2", {"dp": 2}), ("pp2", {"pp": 2})):
         meshes, reduced, all_reduce, heartbeat = [], [], dist.all_reduce, Lifecycle.heartbeat
@@ -159,7 +159,8 @@ def _loop_reads(rank: int, world: int, root: str) -> dict:
             heartbeat(lifecycle, step)
             reads.on = FIRST <= step < LAST
 
-        cfg = tiny_gpt_config(f"{root}/{name}", steps=LAST, parallel=parallel, train={"eval_every": 2, "eval_steps": 1})
+        evaluation = {"eval_every": 2, "eval_steps": 1}
+        cfg = tiny_gpt_config(f"{root}/{name}", steps=LAST, parallel=parallel, train=evaluation)
         with recorded_reads(on=False) as reads, mock.patch.object(trainer, "build_mesh", host_groups_of_their_own), \
                 mock.patch.object(dist, "all_reduce", recorded_all_reduce), \
                 mock.patch.object(Lifecycle, "heartbeat", windowed_heartbeat):
@@ -171,8 +172,7 @@ def _loop_reads(rank: int, world: int, root: str) -> dict:
             if host:
                 over[host[-1]].append(tuple(t.shape))
         # the same run on the device groups alone (a gloo job's own mesh): the same numbers, bit for bit
-        same = trainer.train(tiny_gpt_config(f"{root}/{name} again", steps=LAST, parallel=parallel,
-                                             train={"eval_every": 2, "eval_steps": 1}))
+        same = trainer.train(tiny_gpt_config(f"{root}/{name} again", steps=LAST, parallel=parallel, train=evaluation))
         numbers = [(run.losses, run.grad_norms, run.summary["valid_loss"]) for run in (result, same)]
         assert numbers[0] == numbers[1], (name, numbers)
         out[name] = {"host": over[True], "device": over[False], "copies": reads.copies, "losses": result.losses}
@@ -191,8 +191,8 @@ def test_in_the_training_loop_the_token_count_and_the_stop_agreement_wait_for_no
         for name, got in layouts.items():
             what = f"rank {rank} {name}"
             assert got["copies"] == [3, 3] and got["device"] == [(1,)], (what, got)
-            flag, count = (1,), ()
-            host = [flag, count, (1,), flag, count] if name == "dp2" else [flag, flag]  # (1,) third: the eval count
+            flag, count, eval_count = (1,), (), (1,)
+            host = [flag, count, eval_count, flag, count] if name == "dp2" else [flag, flag]
             assert got["host"] == host, (what, got)
             assert len(got["losses"]) == LAST and all(0.0 < loss < 10.0 for loss in got["losses"]), (what, got)
     assert per_rank[0] == per_rank[1]  # the same losses on every rank and stage
