@@ -930,6 +930,40 @@ def zero3_persistence(cfg: Config) -> tuple[int, Optional[int]]:
     return (DEEPSPEED_PERSISTENCE_THRESHOLD_DEFAULT if threshold is None else threshold), cap
 
 
+#: DeepSpeed 0.19.8's defaults of the ZeRO-3 gather knobs, in elements (deepspeed/runtime/zero/config.py):
+#: ``stage3_prefetch_bucket_size``, ``stage3_max_live_parameters``, ``stage3_max_reuse_distance``
+DEEPSPEED_PREFETCH_BUCKET_DEFAULT = 50_000_000
+DEEPSPEED_MAX_LIVE_DEFAULT = 1_000_000_000
+DEEPSPEED_MAX_REUSE_DEFAULT = 1_000_000_000
+
+
+@dataclass(frozen=True)
+class Zero3Gathers:
+    """DeepSpeed 0.19.8's ZeRO-3 gather knobs, in elements (partitioned_param_coordinator.py): ``prefetch_bucket``
+    caps each prefetch's all-gather, ``max_live`` the gathered parameters a prefetch may bring the total to,
+    ``max_reuse`` how far ahead (in parameter elements of the traced modules) a released module's parameters may be
+    used again and so stay gathered."""
+    prefetch_bucket: int
+    max_live: int
+    max_reuse: int
+
+    @property
+    def prefetches(self) -> bool:
+        """Whether the coordinator prefetches at all: a prefetch gathers ``min(max_live - live, prefetch_bucket)``."""
+        return self.prefetch_bucket > 0 and self.max_live > 0
+
+
+def zero3_gathers(cfg: Config) -> Zero3Gathers:
+    """The ZeRO-3 gather knobs a DeepSpeed engine of ``cfg`` runs with: the user's values when
+    ``parallel.deepspeed.zero_optimization`` sets them (by alias or field name), else DeepSpeed's defaults."""
+    def knob(alias: str, default: int) -> int:
+        value = _user_zero_int(cfg, alias, alias.removeprefix("stage3_"))
+        return default if value is None else value
+    return Zero3Gathers(knob("stage3_prefetch_bucket_size", DEEPSPEED_PREFETCH_BUCKET_DEFAULT),
+                        knob("stage3_max_live_parameters", DEEPSPEED_MAX_LIVE_DEFAULT),
+                        knob("stage3_max_reuse_distance", DEEPSPEED_MAX_REUSE_DEFAULT))
+
+
 def zero_bucket_buffers(cfg: Config) -> int:
     """How many gradient buckets of :func:`zero_reduce_bucket_elements` DeepSpeed 0.19.8's ZeRO optimizer allocates
     (one set per communication dtype; dist-train's engine has one, the model's): none without

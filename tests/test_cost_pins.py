@@ -36,6 +36,11 @@ VARIANTS = {
     "hybrid_selective_bf16": ["parallel.cp=4", "parallel.cp_method=hybrid", "parallel.ulysses_degree=2",
                               "train.activation_checkpointing=selective", "train.precision=bf16",
                               "parallel.cp_kv_piece=16"],
+    # ZeRO-3's padded partitions, its temporary gathers under the user's knobs and its all-gathers less the
+    # persistent tensors (the norms: at most 1000 elements)
+    "zero3_dp2_gathers": ["parallel.dp=2", "parallel.zero_stage=3", "train.precision=bf16",
+                          'parallel.deepspeed={"zero_optimization": {"stage3_param_persistence_threshold": 1000, '
+                          '"stage3_max_live_parameters": 20000, "stage3_max_reuse_distance": 0}}'],
 }
 
 

@@ -40,13 +40,24 @@ def _swin(parallel: dict, d_model: int = 32, heads: int = 4, window=8, image=(32
 
 def _deepspeed_rule(tensors: list, threshold: int, cap: int | None) -> int:
     """DeepSpeed 0.19.8's ``mark_persistent_parameters`` over the module's parameter sizes, in order."""
-    kept = 0
+    return sum(_persistent(tensors, threshold, cap))
+
+
+def _persistent(tensors: list, threshold: int, cap: int | None) -> list:
+    """The sizes of the tensors DeepSpeed 0.19.8's ``mark_persistent_parameters`` keeps whole, in order."""
+    kept = []
     for n in tensors:
-        if cap is not None and n + kept > cap:
+        if cap is not None and n + sum(kept) > cap:
             continue
         if n <= threshold:
-            kept += n
+            kept.append(n)
     return kept
+
+
+def _shares(tensors: list, shards: int) -> int:
+    """DeepSpeed's ZeRO-3 share of each tensor on ``shards`` ranks, summed: ceil(n / shards)
+    (partition_parameters.py ``_aligned_size`` // shards)."""
+    return sum(-(-int(n) // shards) for n in tensors)
 
 
 def _state(cfg) -> tuple[dict, float, object]:
@@ -92,9 +103,12 @@ def test_zero3_weights_count_the_persistent_parameters_whole(make):
         kept = _deepspeed_rule(tensors, threshold, cap)
         states, n_local, (sh, load) = _state(cfg)
         assert zero3_persistent_params(cfg, sh, load, n_local) == kept, zero
-        assert states["weights"] == 4 * (n / 2 + kept), zero
+        # each tensor's share padded to ceil(n / 2) (the swin's odd tensors), a persistent one's storage to 2 shares
+        part = _shares(tensors, 2)
+        assert states["weights"] == 4 * (part + 2 * _shares(_persistent(tensors, threshold, cap), 2)), zero
         # AdamW's moments and the fp32 master clone DeepSpeed's ZeRO steps, partitioned
-        assert (states["grads"], states["optimizer"]) == (4 * n / 2, (8 + 4) * n / 2), zero
+        assert (states["grads"], states["optimizer"]) == (4 * part, (8 + 4) * part), zero
+        assert part == n / 2 if make is _gpt else part > n / 2, zero
     assert 0 < _deepspeed_rule(tensors, default, n // 3) < _deepspeed_rule(tensors, default, None)  # the cap bites
     if make is _gpt:
         one_shard, n_tp = _state(make({"tp": 2, "zero_stage": 3}))[:2]

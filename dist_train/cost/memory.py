@@ -13,7 +13,8 @@ Components (bytes):
     baseline            framework resident set / CUDA context (profile.baseline_gib)
     weights, grads      parameters on this rank (matmul weights and vocabulary rows ÷tp — the vocabulary
                         padded to a multiple of tp; norms replicated; only this rank's layers, embedding
-                        and head; ÷ZeRO-3 shards, but ZeRO-3's persistent parameters — tensors of at most
+                        and head; ÷ZeRO-3 shards, each tensor's partition padded to a whole share:
+                        :func:`zero3_partition_elems`, but ZeRO-3's persistent parameters — tensors of at most
                         stage3_param_persistence_threshold elements, default 1e5 — whole besides their partition:
                         :func:`zero3_persistent_params`) × element size (train.precision; auto: the profile's)
     optimizer           AdamW m, v (+ fp32 master copy in 16-bit training, and under DeepSpeed ZeRO ≥ 1 in fp32
@@ -21,6 +22,10 @@ Components (bytes):
     ddp_buckets         DDP's flat gradient buckets (a second gradient copy) when gradients are reduced
     zero_buckets        DeepSpeed ZeRO's gradient bucket(s) (:func:`zero_bucket_bytes`): ZeRO-3's from the engine's
                         build on, ZeRO-1/2's through each backward only
+    zero_gathered       DeepSpeed ZeRO-3's temporary gathers through the forward and backward
+                        (:func:`zero3_gathered_bytes`): the full parameters its coordinator gathers before use, keeps
+                        for reuse and prefetches (bounded by stage3_max_reuse_distance, stage3_max_live_parameters,
+                        stage3_prefetch_bucket_size), and the coalesced all-gather buffers a prefetch holds
     fsdp_unsharded      FSDP2 (parallel.fsdp): weights, gradients and AdamW live as fp32 shards (÷ shards,
                         the shards are the master weights), plus the gathered compute-precision copies
                         (:func:`fsdp_unsharded_bytes`)
@@ -67,8 +72,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
-from ..config import (Config, micro_batch_samples, resolve_loss_chunk, step_micro_batches, zero3_persistence,
-                      zero_bucket_buffers, zero_reduce_bucket_elements)
+from ..config import (Config, micro_batch_samples, resolve_loss_chunk, step_micro_batches, zero3_gathers,
+                      zero3_persistence, zero_bucket_buffers, zero_reduce_bucket_elements)
 from ..plan.profiles import DeviceProfile
 from .layout import RankLoad, Stage, load_of
 from .shape import (RankShape, Shape, cp_execution, rank_inputs, recompute_scope, ring_piece_tokens,
@@ -510,21 +515,116 @@ def rank_params(cfg: Config, sh: Shape, load: RankLoad) -> float:
     return float(sum(first) + load.layers * sum(layer) + sum(last))
 
 
-def zero3_persistent_params(cfg: Config, sh: Shape, load: RankLoad, n_local: float) -> float:
+def zero3_persistent_params(cfg: Config, sh: Shape, load: RankLoad, n_local: float, shards: int = 1) -> float:
     """Parameters of the rank holding ``load`` (``n_local`` in all) that DeepSpeed's ZeRO-3 keeps whole
     (:func:`~dist_train.config.zero3_persistence`): its tensors (:func:`rank_param_tensors`, tp-local, module order)
     of at most the threshold's elements, while their running total stays within the model cap. The default
     threshold, 1e5 elements, keeps every norm and bias whole, and in a small model most matrices too (the
-    1.2M-parameter test GPT of tests/test_zero_buckets.py: 443,136 of its parameters)."""
+    1.2M-parameter test GPT of tests/test_zero_buckets.py: 443,136 of its parameters). Each counted padded up to a
+    multiple of ``shards``: the elements its storage holds on ZeRO-3's ``shards`` ranks, whose all-gather buffer
+    is the padded shares' (partition_parameters.py ``_allgather_params_coalesced``; the parameter is a view of it)."""
     threshold, cap = zero3_persistence(cfg)
     if cap is None or cap >= n_local:  # the cap cannot bite: count each part once
-        first, layer, last = (sum(n for n in part if n <= threshold) for part in rank_tensor_parts(cfg, sh, load))
+        first, layer, last = (_shares([n for n in part if n <= threshold], shards) * shards
+                              for part in rank_tensor_parts(cfg, sh, load))
         return first + load.layers * layer + last
-    kept = 0.0
-    for n in rank_param_tensors(cfg, sh, load):  # DeepSpeed skips a tensor that would pass the cap, and goes on
-        if n <= threshold and kept + n <= cap:
-            kept += n
-    return kept
+    tensors = rank_param_tensors(cfg, sh, load)
+    return _shares([n for n, whole in zip(tensors, zero3_persistent_flags(cfg, tensors)) if whole], shards) * shards
+
+
+def zero3_persistent_flags(cfg: Config, tensors: list) -> list[bool]:
+    """Whether DeepSpeed's ZeRO-3 keeps each of ``tensors`` (elements, module order) whole: at most the threshold's
+    elements, while the running total of those kept stays within the model cap (parameter_offload.py
+    ``mark_persistent_parameters`` skips a tensor that would pass the cap, and goes on)."""
+    threshold, cap = zero3_persistence(cfg)
+    kept, flags = 0.0, []
+    for n in tensors:
+        whole = n <= threshold and (cap is None or kept + n <= cap)
+        kept += n if whole else 0.0
+        flags.append(whole)
+    return flags
+
+
+def zero3_partition_elems(cfg: Config, sh: Shape, load: RankLoad, shards: int) -> float:
+    """Elements of the ZeRO-3 partition of the rank holding ``load`` over ``shards`` ranks: each tensor is partitioned
+    on its own, padded up to a multiple of the shards (partition_parameters.py ``_aligned_size``: every rank's share
+    of a tensor is ceil(n / shards), the last rank's padded), so the partition is the sum of the shares, n_local /
+    shards only when every tensor divides. The weights' partitions, the gradient partition buffer and the fp32 /
+    AdamW flat partitions are all laid out from those shares (stage3.py ``partition_numel``)."""
+    first, layer, last = rank_tensor_parts(cfg, sh, load)
+    return float(_shares(first, shards) + load.layers * _shares(layer, shards) + _shares(last, shards))
+
+
+def _shares(tensors: list, shards: int) -> float:
+    """Elements of ``shards`` ranks' padded shares of each of ``tensors``: ceil(n / shards) each."""
+    return sum(-(-n // shards) for n in tensors)
+
+
+def rank_param_modules(cfg: Config, sh: Shape, load: RankLoad) -> list[list]:
+    """The rank's parameter tensors (:func:`rank_param_tensors`) grouped by the module that owns them, in module order:
+    what ZeRO-3 gathers at once when the module runs. The GPT's modules own one tensor each (norms, linears, the
+    embedding); the swin's own a weight and a bias each (its linears and LayerNorms), but for the relative position
+    bias table, the ``WindowBlock``'s own parameter (:func:`zero3_gathered_bytes` holds it through the block)."""
+    first, layer, last = rank_tensor_parts(cfg, sh, load)
+    if sh.kind == "gpt":
+        return [[n] for n in first + layer * load.layers + last]
+
+    def pairs(tensors: list) -> list[list]:
+        return [tensors[i:i + 2] for i in range(0, len(tensors), 2)]
+    return pairs(first) + ([layer[:1]] + pairs(layer[1:])) * load.layers + pairs(last)
+
+
+def zero3_gathered_bytes(cfg: Config, sh: Shape, loc: RankShape, load: RankLoad) -> float:
+    """Peak bytes of DeepSpeed ZeRO-3's temporary gathers in a training step's forward and backward, on the rank
+    holding ``load`` (0 below ZeRO-3 and at one shard, where a partition is its parameter).
+
+    DeepSpeed 0.19.8 (partitioned_param_coordinator.py) all-gathers a module's partitioned parameters when it runs
+    and, once the step's module trace is recorded (from the second step on), also prefetches the next modules'
+    parameters, ``min(stage3_max_live_parameters − live, stage3_prefetch_bucket_size)`` elements at a time (the last
+    tensor may pass it); after a module runs it releases its parameters unless the trace uses them again within
+    ``stage3_max_reuse_distance`` elements. Persistent parameters (:func:`zero3_persistent_params`) are never
+    gathered. Each gathered tensor holds its padded size (:func:`zero3_partition_elems`: ceil(n / shards) · shards;
+    the coalesced gather's copies hold n, so padding is an upper bound there), in the module's dtype (``loc.bpe``).
+    Counted here, of the rank's G gathered-tensor elements, in elements of ``loc.bpe`` bytes:
+
+    * the parameters: min(G, W + max(max_reuse, max_live when prefetching)) — W the largest module's gather plus what
+      a module holds across others' (the GPT's output matrix, which the loss reads outside its module, so DeepSpeed
+      gathers it as the model's external parameter and keeps it to the end of the backward; a swin block's relative
+      position bias table, its own parameter, through its children);
+    * the coalesced all-gather buffers of a prefetch (several tensors gathered in one flat [Σ shares · shards]
+      buffer, which the handle keeps until the last of them is used): min(G, max_live + the largest module's gather)
+      when prefetching.
+
+    Measured with real engines (2 gloo ranks, the live gathered storages at every fetch and release of the third
+    step: tests/test_zero3_gathers.py): with DeepSpeed's defaults a small model keeps every gathered tensor from its
+    forward to its backward and the first prefetch's buffer holds all of them, 2 G — equal; without reuse or prefetch
+    the largest module and the external head — equal; the knobs in between below this bound. The first step
+    (no trace yet: no prefetch, each module released after it runs) peaks lower."""
+    p, shards = cfg.parallel, loc.grad_shards
+    if p.zero_stage != 3 or p.fsdp or shards <= 1:
+        return 0.0
+    modules = rank_param_modules(cfg, sh, load)
+    tensors = [n for module in modules for n in module]
+    padded = [0.0 if whole else -(-n // shards) * shards
+              for n, whole in zip(tensors, zero3_persistent_flags(cfg, tensors))]
+    fetches, start = [], 0
+    for module in modules:   # each module's gather: its tensors that are not persistent
+        fetches.append(sum(padded[start:start + len(module)]))
+        start += len(module)
+    gathered = sum(fetches)
+    if sh.kind == "gpt":
+        # the output matrix (tied: the embedding's, the first module), read by the loss outside its module
+        head = (0 if load.embedding else None) if cfg.model.tie_embeddings else (-1 if load.head else None)
+        held = fetches.pop(head) if load.head and head is not None else 0.0
+    else:
+        # each block's relative position bias table: the swin's only module of one tensor
+        held = max((f for module, f in zip(modules, fetches) if len(module) == 1), default=0.0)
+        fetches = [f for module, f in zip(modules, fetches) if len(module) != 1]
+    knobs = zero3_gathers(cfg)
+    largest = max(fetches, default=0.0)
+    params = min(gathered, held + largest + max(knobs.max_reuse, knobs.max_live if knobs.prefetches else 0))
+    flat = min(gathered, knobs.max_live + largest) if knobs.prefetches else 0.0
+    return (params + flat) * loc.bpe
 
 
 def zero_bucket_bytes(cfg: Config, loc: RankShape, n_local: float) -> float:
@@ -560,32 +660,37 @@ def fp32_master_bytes(cfg: Config, loc: RankShape) -> int:
 
 
 def parameter_state_bytes(cfg: Config, sh: Shape, loc: RankShape, load: RankLoad, n_local: float) -> dict:
-    """{"weights", "grads", "optimizer", "ddp_buckets", "zero_buckets", "fsdp_unsharded"}: bytes of the rank's
-    ``n_local`` parameters' states. 16-bit weights and gradients with an fp32 master copy (also in fp32 at ZeRO ≥ 1:
-    :func:`fp32_master_bytes`) and fp32 AdamW moments, sharded over ``loc.grad_shards`` by the ZeRO stage (1:
-    optimizer, 2: + gradients, 3: + weights — except that ZeRO-3 keeps its persistent parameters
-    (:func:`zero3_persistent_params`) whole on every rank from their first forward on, on top of their partition;
-    their gradients and AdamW state are partitioned like the rest: measured on a real engine,
-    tests/test_zero_buckets.py); DDP's flat buckets, a second copy of the gradients; DeepSpeed ZeRO's gradient
-    buckets (:func:`zero_bucket_bytes`); FSDP2: fp32 shards of everything (mixed precision gathers 16-bit copies)
+    """{"weights", "grads", "optimizer", "ddp_buckets", "zero_buckets", "zero_gathered", "fsdp_unsharded"}: bytes of
+    the rank's ``n_local`` parameters' states. 16-bit weights and gradients with an fp32 master copy (also in fp32 at
+    ZeRO ≥ 1: :func:`fp32_master_bytes`) and fp32 AdamW moments, sharded over ``loc.grad_shards`` by the ZeRO stage
+    (1: optimizer, 2: + gradients, 3: + weights — ZeRO-3's shares padded per tensor, :func:`zero3_partition_elems`,
+    and its persistent parameters (:func:`zero3_persistent_params`) whole on every rank from their first forward on,
+    on top of their partition; their gradients and AdamW state are partitioned like the rest: measured on a real
+    engine, tests/test_zero_buckets.py); DDP's flat buckets, a second copy of the gradients; DeepSpeed ZeRO's
+    gradient buckets (:func:`zero_bucket_bytes`) and ZeRO-3's temporary gathers (:func:`zero3_gathered_bytes`); FSDP2: fp32 shards of everything (mixed precision gathers 16-bit copies)
     and its gathered weights and unsharded gradients (:func:`fsdp_unsharded_bytes`)."""
     p, bpe = cfg.parallel, loc.bpe
     z = p.zero_stage
     shards = loc.grad_shards
     master = fp32_master_bytes(cfg, loc)
     weights = n_local * bpe / (shards if z == 3 else 1)
-    if z == 3 and shards > 1:
-        # the persistent parameters, whole besides their partition (one shard: the partition is the parameter)
-        weights += zero3_persistent_params(cfg, sh, load, n_local) * bpe
     grads = n_local * bpe / (shards if z is not None and z >= 2 else 1)
     optim = n_local * (8 + master) / (shards if z is not None and z >= 1 else 1)
+    if z == 3 and shards > 1 and not p.fsdp:
+        # ZeRO-3 partitions each tensor on its own, padded to a whole share (the weights', the gradients' and the
+        # optimizer's flat partitions are laid out from those shares); the persistent parameters are whole besides
+        # their partition (one shard: the partition is the parameter)
+        part = zero3_partition_elems(cfg, sh, load, shards)
+        weights = (part + zero3_persistent_params(cfg, sh, load, n_local, shards)) * bpe
+        grads, optim = part * bpe, part * (8 + master)
     ddp = n_local * bpe if (z is None and shards > 1) else 0.0
     unsharded = 0.0
     if p.fsdp:
         weights, grads, optim, ddp = n_local * 4 / shards, n_local * 4 / shards, n_local * 8 / shards, 0.0
         unsharded = fsdp_unsharded_bytes(cfg, sh, loc, load, n_local)
     return {"weights": weights, "grads": grads, "optimizer": optim, "ddp_buckets": ddp,
-            "zero_buckets": zero_bucket_bytes(cfg, loc, n_local), "fsdp_unsharded": unsharded}
+            "zero_buckets": zero_bucket_bytes(cfg, loc, n_local), "zero_gathered": zero3_gathered_bytes(cfg, sh, loc, load),
+            "fsdp_unsharded": unsharded}
 
 
 def evaluation_state_bytes(cfg: Config, sh: Shape, loc: RankShape) -> float:
@@ -594,7 +699,8 @@ def evaluation_state_bytes(cfg: Config, sh: Shape, loc: RankShape) -> float:
 
     * DeepSpeed (``parallel.zero_stage``): what its engine allocates when built, plus what a forward gathers —
       the weights (:func:`parameter_state_bytes`'; ZeRO-3: its partitions and the persistent parameters whole) and
-      the fp32 master copy the optimizer would step (:func:`fp32_master_bytes`, 1/dp at ZeRO >= 1), which a ZeRO
+      the fp32 master copy the optimizer would step (:func:`fp32_master_bytes`, 1/dp at ZeRO >= 1; ZeRO-3's padded
+      shares, :func:`zero3_partition_elems`), which a ZeRO
       checkpoint loads into. ZeRO-3 also allocates its gradient partitions and its gradient bucket then (stage3.py
       ``grad_partitions_flat_buffer``, ``ipg_buckets``); ZeRO-1/2 allocate theirs in a backward, which an
       evaluation never runs. The AdamW moments are lazy (DeepSpeed 0.19.8 creates them at the first step; the
@@ -613,6 +719,8 @@ def evaluation_state_bytes(cfg: Config, sh: Shape, loc: RankShape) -> float:
             return n_local * 4 / (loc.grad_shards if cfg.parallel.fsdp else 1)
         states = parameter_state_bytes(cfg, sh, loc, load, n_local)
         master = n_local * fp32_master_bytes(cfg, loc) / (loc.grad_shards if z >= 1 else 1)
+        if z == 3 and loc.grad_shards > 1:  # ZeRO-3's fp32 partition holds the padded shares
+            master = zero3_partition_elems(cfg, sh, load, loc.grad_shards) * fp32_master_bytes(cfg, loc)
         if z == 0:
             return states["weights"] + master + (n_local * 8 if loc.bpe < 4 else 0.0)
         if z == 3:
@@ -642,7 +750,8 @@ def step_phases(cfg: Config, comp: dict, acts_loss: float, bwd_live: float, opti
       flight (``acts_loss``: under full checkpointing no layer is being recomputed yet), the loss's transient
       chunk and what it keeps (``logits``); the gradients only where an earlier
       micro-batch made them (accumulation, a pipeline, DeepSpeed's persistent gradient buffers: the DDP and
-      FSDP2 engines set them to None after each step); FSDP2's gathered weights, not its gradient buffers;
+      FSDP2 engines set them to None after each step); FSDP2's gathered weights, not its gradient buffers; ZeRO-3's
+      temporary gathers (``zero_gathered``, in the backward too; released by the optimizer step);
     * "backward": its peak (``bwd_live``: activations + workspace at the final norm's backward or at the first
       layer's, where the stage output's gradient takes the place of the stage output), the cp buffers
       (conservative: they live inside the attention's backward, when a layer's MLP activations are already
@@ -668,8 +777,10 @@ def step_phases(cfg: Config, comp: dict, acts_loss: float, bwd_live: float, opti
     else:
         in_backward = comp["zero_buckets"]
     grads_early = p.pp > 1 or cfg.grad_accum_steps > 1 or (p.zero_stage is not None and not p.fsdp)
-    loss = resident + (comp["grads"] if grads_early else 0.0) + fsdp_forward + acts_loss + comp["logits"]
-    backward = resident + comp["grads"] + comp["fsdp_unsharded"] + bwd_live + comp["comm_buffers"] + in_backward
+    gathered = comp["zero_gathered"]  # ZeRO-3 releases every gather by the step's end
+    loss = resident + (comp["grads"] if grads_early else 0.0) + fsdp_forward + acts_loss + comp["logits"] + gathered
+    backward = (resident + comp["grads"] + comp["fsdp_unsharded"] + bwd_live + comp["comm_buffers"] + in_backward
+                + gathered)
     optimizer = resident + comp["grads"] + optimizer_step
     if p.fsdp and p.pp > 1:
         optimizer += comp["fsdp_unsharded"]  # conservative: the stage stays gathered until its reduce-scatter
@@ -775,11 +886,11 @@ class MemoryEstimate:
     @property
     def other(self) -> float:
         """Baseline (CUDA context / framework RSS), logits, communication buffers, workspace, FSDP2's
-        gathered weights and unsharded gradients, a pipeline stage's receive buffers: every component the other
-        columns do not show."""
+        gathered weights and unsharded gradients, ZeRO-3's temporary gathers, a pipeline stage's receive buffers:
+        every component the other columns do not show."""
         c = self.components
         return (c["baseline"] + c["logits"] + c["comm_buffers"] + c["workspace"] + c["fsdp_unsharded"]
-                + c["pp_buffers"])
+                + c["zero_gathered"] + c["pp_buffers"])
 
 
 def estimate_memory(cfg: Config, stages: list[Stage], profile: DeviceProfile,
