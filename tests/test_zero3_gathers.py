@@ -1,4 +1,5 @@
-"""DeepSpeed ZeRO-3's temporary gathers and partition padding, counted by the memory model.
+"""DeepSpeed ZeRO-3's temporary gathers and partition padding, counted by the memory model; its all-gathers in the time
+model leave out the persistent parameters.
 
 DeepSpeed 0.19.8's ZeRO-3 all-gathers a module's partitioned parameters when it runs, prefetches the next modules'
 (``stage3_prefetch_bucket_size``, up to ``stage3_max_live_parameters`` gathered) and keeps a module's parameters
@@ -21,6 +22,7 @@ from dist_train.config import (DEEPSPEED_MAX_LIVE_DEFAULT, DEEPSPEED_MAX_REUSE_D
 from dist_train.cost.memory import (parameter_state_bytes, rank_memory, rank_param_modules, rank_param_tensors,
                                     rank_params, zero3_gathered_bytes, zero3_partition_elems)
 from dist_train.cost.shape import rank_inputs
+from dist_train.cost.step_time import _allgather_s, zero_dp_comm_s
 from dist_train.engines import build_engine
 from dist_train.mesh import build_mesh
 from dist_train.models.gpt import build_gpt
@@ -130,6 +132,22 @@ def test_the_gather_rule_by_knob():
     table = max(_padded(int(m[0]), 2) for m in modules if len(m) == 1)
     largest = max(sum(_padded(int(n), 2) for n in m) for m in modules if len(m) == 2)
     assert zero3_gathered_bytes(sw, sh, loc, loc.loads[0]) == 4 * (table + largest)
+
+
+def test_zero3s_all_gathers_leave_the_persistent_parameters_out():
+    """The time model's ZeRO-3 collectives: the gradients' reduce-scatter and the forward's and backward's all-gathers
+    of the parameters that are not persistent (all of them with the threshold 0: 1.5 all-reduces' worth)."""
+    link = CPU.link(2)
+    cfg = _cfg({"dp": 2, "zero_stage": 3})
+    sh, loc = rank_inputs(cfg, CPU)
+    load = loc.loads[0]
+    n = rank_params(cfg, sh, load)
+    kept = 443_136  # the test GPT's tensors of at most 1e5 elements (tests/test_zero_persistence.py)
+    assert zero_dp_comm_s(cfg, sh, loc, load, n, link) == _allgather_s(4 * n, 2, link) + 2 * _allgather_s(
+        4 * (n - kept), 2, link)
+    none_whole = _cfg({"dp": 2, "zero_stage": 3}, NONE_WHOLE)
+    assert zero_dp_comm_s(none_whole, sh, loc, load, n, link) == pytest.approx(
+        1.5 * zero_dp_comm_s(_cfg({"dp": 2, "zero_stage": 2}), sh, loc, load, n, link), rel=1e-12)
 
 
 def _gathered_storage_bytes(model, registry) -> int:

@@ -490,6 +490,12 @@ def rank_memory(cfg: Config, sh: Shape, prof: DeviceProfile, loc: RankShape,
     return out, phases
 
 
+def peak_load(cfg: Config, sh: Shape, prof: DeviceProfile, loc: RankShape) -> RankLoad:
+    """The pipeline rank's load (of ``loc.loads``) with the largest peak: the one :func:`rank_memory` reports when
+    given none (the first of equal ones), for a caller that needs the load too (the time model's parameters)."""
+    return max(loc.loads, key=lambda ld: rank_memory(cfg, sh, prof, loc, ld)[0]["total"])
+
+
 def rank_tensor_parts(cfg: Config, sh: Shape, load: RankLoad) -> tuple[list, list, list]:
     """Elements of each parameter tensor the rank holding ``load`` keeps (÷tp where tensor parallelism splits them),
     in module order, as (before its layers: the embedding on the first stage; one of its ``load.layers`` layers;

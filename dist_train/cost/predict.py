@@ -11,7 +11,7 @@ from typing import Optional
 from ..config import Config
 from ..plan.profiles import DeviceProfile
 from .flops import flops_per_token
-from .memory import peak_phase, rank_memory
+from .memory import peak_load, peak_phase, rank_memory
 from .shape import cp_execution, rank_inputs
 from .step_time import time_model
 
@@ -76,8 +76,9 @@ def predict(cfg: Config, prof: DeviceProfile, world: Optional[int] = None) -> Pr
     """Memory and speed of ``cfg``'s layout on ``prof`` devices (world = dp·tp·pp·cp·wp by default)."""
     world = world or cfg.world_size
     sh, loc = rank_inputs(cfg, prof)
-    mem, phases = rank_memory(cfg, sh, prof, loc)
-    tm = time_model(cfg, sh, prof, loc, mem, world)
+    load = peak_load(cfg, sh, prof, loc)   # the pipeline rank with the largest peak: its memory and its time
+    mem, phases = rank_memory(cfg, sh, prof, loc, load)
+    tm = time_model(cfg, sh, prof, loc, mem, world, load)
     comm_total = tm.pop("comm_total")
     host = tm.pop("host")
     host = dict(host, host_op_us=prof.host_op_us) if prof.host_op_us > 0 else {}

@@ -19,8 +19,8 @@ import math
 from ..config import Config, micro_batch_samples, resolve_loss_chunk, step_micro_batches
 from ..plan.profiles import DeviceProfile
 from .flops import attention_flops_per_key, recompute_flops_per_token
-from .layout import bubble_fraction
-from .memory import activation_elems_per_token, fsdp_layer_params
+from .layout import RankLoad, bubble_fraction
+from .memory import activation_elems_per_token, fsdp_layer_params, rank_params, zero3_persistent_params
 from .shape import RankShape, Shape, cp_execution, recompute_runs_last_matmul, recompute_scope, ring_piece_tokens
 
 # eager autograd ops per transformer layer (forward ops; their backward is in the calibrated per-op cost),
@@ -194,9 +194,26 @@ def fsdp_comm(cfg: Config, sh: Shape, loc: RankShape, n_local: float, compute_mb
     return {"total": total, "exposed": exposed}
 
 
-def time_model(cfg: Config, sh: Shape, prof: DeviceProfile, loc: RankShape, mem: dict, world: int) -> dict:
+def zero_dp_comm_s(cfg: Config, sh: Shape, loc: RankShape, load: RankLoad, n_local: float, link) -> float:
+    """Seconds of DeepSpeed ZeRO's data-parallel collectives per step on the rank holding ``load`` (``n_local``
+    parameters) over ``loc.grad_shards`` ranks: ZeRO-0/1/2 an all-reduce of the gradients; ZeRO-3 a reduce-scatter
+    of the gradients and an all-gather of the parameters in the forward and again in the backward — but not of its
+    persistent parameters (:func:`~dist_train.cost.memory.zero3_persistent_params`), which it gathers once and keeps
+    whole (partitioned_param_coordinator.py gathers only NOT_AVAILABLE parameters; stage3.py re-gathers the
+    persistent ones after the optimizer step, that all-gather is the step's own: counted once with the rest)."""
+    g, bpe = loc.grad_shards, loc.bpe
+    grad_bytes = n_local * bpe
+    if cfg.parallel.zero_stage != 3 or g <= 1:
+        return _allreduce_s(grad_bytes, g, link)
+    persistent = zero3_persistent_params(cfg, sh, load, n_local)
+    return _allgather_s(grad_bytes, g, link) + 2 * _allgather_s((n_local - persistent) * bpe, g, link)
+
+
+def time_model(cfg: Config, sh: Shape, prof: DeviceProfile, loc: RankShape, mem: dict, world: int,
+               load: RankLoad) -> dict:
     """Seconds per optimizer step by component (+ "step", the total, and "comm_total", all communication)
-    on one rank of ``world`` (``mem``: :func:`~dist_train.cost.memory.memory_model` of the same rank)."""
+    on the rank of ``world`` that holds ``load`` (``mem``: :func:`~dist_train.cost.memory.memory_model` of that
+    rank)."""
     p = cfg.parallel
     bpe = loc.bpe
     accum = step_micro_batches(cfg)
@@ -290,10 +307,7 @@ def time_model(cfg: Config, sh: Shape, prof: DeviceProfile, loc: RankShape, mem:
     body = accum * per_mb / (1 - bubble) if bubble < 1 else float("inf")
 
     # -- once per step ---------------------------------------------------------------------------
-    if p.fsdp:  # fp32 shards
-        n_local = mem["weights"] * loc.grad_shards / 4
-    else:
-        n_local = mem["weights"] * (loc.grad_shards if p.zero_stage == 3 else 1) / bpe
+    n_local = rank_params(cfg, sh, load)
     tensors = (9 if sh.kind == "gpt" else 13) * loc.layers + 3
     shards = loc.grad_shards if (p.zero_stage or 0) >= 1 or p.fsdp else 1
     # the optimizer's own dispatch (no autograd: ~3.5 us per op, not a forward op's host_op_us, gpucheck's dispatch
@@ -303,7 +317,7 @@ def time_model(cfg: Config, sh: Shape, prof: DeviceProfile, loc: RankShape, mem:
     grad_bytes = n_local * bpe
     g = loc.grad_shards
     dp_link = prof.link(world // max(1, p.pp))
-    dp_comm = _allreduce_s(grad_bytes, g, dp_link) * (1.5 if p.zero_stage == 3 else 1.0)
+    dp_comm = zero_dp_comm_s(cfg, sh, loc, load, n_local, dp_link)
     backward = accum * compute_mb * 2 / 3
     bucket = min(grad_bytes, 25 * 2 ** 20)
     last_bucket = _allreduce_s(bucket, g, dp_link)
