@@ -194,7 +194,8 @@ def _real_zero3(rank: int, world: int, layouts: list) -> list:
             engine.train_step([{"tokens": tokens, "labels": tokens, "positions": torch.arange(16)}], 16.0 * world)
         grads = optimizer.grad_partitions_flat_buffer
         out.append({"gathered": peak[0], "weights": _working_weight_bytes(model),
-                    "grads": grads.numel() * grads.element_size(), "optimizer": _optimizer_state_bytes(optimizer, model),
+                    "grads": grads.numel() * grads.element_size(),
+                    "optimizer": _optimizer_state_bytes(optimizer, model),
                     "tensors": [p.ds_numel for p in model.parameters() if not p.ds_persist]})
     return out
 

@@ -588,8 +588,8 @@ def zero3_gathered_bytes(cfg: Config, sh: Shape, loc: RankShape, load: RankLoad)
     and, once the step's module trace is recorded (from the second step on), also prefetches the next modules'
     parameters, ``min(stage3_max_live_parameters − live, stage3_prefetch_bucket_size)`` elements at a time (the last
     tensor may pass it); after a module runs it releases its parameters unless the trace uses them again within
-    ``stage3_max_reuse_distance`` elements. Persistent parameters (:func:`zero3_persistent_params`) are never
-    gathered. Each gathered tensor holds its padded size (:func:`zero3_partition_elems`: ceil(n / shards) · shards;
+    ``stage3_max_reuse_distance`` elements. Persistent parameters (:func:`zero3_persistent_params`) stay whole after
+    their first gather (counted with the weights), never gathered again. Each gathered tensor holds its padded size (:func:`zero3_partition_elems`: ceil(n / shards) · shards;
     the coalesced gather's copies hold n, so padding is an upper bound there), in the module's dtype (``loc.bpe``).
     Counted here, of the rank's G gathered-tensor elements, in elements of ``loc.bpe`` bytes:
 
@@ -601,11 +601,13 @@ def zero3_gathered_bytes(cfg: Config, sh: Shape, loc: RankShape, load: RankLoad)
       buffer, which the handle keeps until the last of them is used): min(G, max_live + the largest module's gather)
       when prefetching.
 
-    Measured with real engines (2 gloo ranks, the live gathered storages at every fetch and release of the third
+    Measured with real engines (3 gloo ranks, the live gathered storages at every fetch and release of the second
     step: tests/test_zero3_gathers.py): with DeepSpeed's defaults a small model keeps every gathered tensor from its
-    forward to its backward and the first prefetch's buffer holds all of them, 2 G — equal; without reuse or prefetch
-    the largest module and the external head — equal; the knobs in between below this bound. The first step
-    (no trace yet: no prefetch, each module released after it runs) peaks lower."""
+    forward to its backward and the first prefetch's buffer holds all of them, 2 G — equal but for the coalesced
+    copies' padding (equal at 2 ranks, where the test GPT's tensors divide); without reuse or prefetch the largest
+    module and the external head — equal; a reuse distance or a live cap in between below this bound (1.1-1.7x the measured).
+    The first step (no trace yet: no prefetch, each module released after it runs) peaks lower. Not modelled: a
+    module's parameters held while its children run beyond the two above (none in this repo's models)."""
     p, shards = cfg.parallel, loc.grad_shards
     if p.zero_stage != 3 or p.fsdp or shards <= 1:
         return 0.0
@@ -673,7 +675,8 @@ def parameter_state_bytes(cfg: Config, sh: Shape, loc: RankShape, load: RankLoad
     and its persistent parameters (:func:`zero3_persistent_params`) whole on every rank from their first forward on,
     on top of their partition; their gradients and AdamW state are partitioned like the rest: measured on a real
     engine, tests/test_zero_buckets.py); DDP's flat buckets, a second copy of the gradients; DeepSpeed ZeRO's
-    gradient buckets (:func:`zero_bucket_bytes`) and ZeRO-3's temporary gathers (:func:`zero3_gathered_bytes`); FSDP2: fp32 shards of everything (mixed precision gathers 16-bit copies)
+    gradient buckets (:func:`zero_bucket_bytes`) and ZeRO-3's temporary gathers (:func:`zero3_gathered_bytes`);
+    FSDP2: fp32 shards of everything (mixed precision gathers 16-bit copies)
     and its gathered weights and unsharded gradients (:func:`fsdp_unsharded_bytes`)."""
     p, bpe = cfg.parallel, loc.bpe
     z = p.zero_stage
@@ -695,8 +698,8 @@ def parameter_state_bytes(cfg: Config, sh: Shape, loc: RankShape, load: RankLoad
         weights, grads, optim, ddp = n_local * 4 / shards, n_local * 4 / shards, n_local * 8 / shards, 0.0
         unsharded = fsdp_unsharded_bytes(cfg, sh, loc, load, n_local)
     return {"weights": weights, "grads": grads, "optimizer": optim, "ddp_buckets": ddp,
-            "zero_buckets": zero_bucket_bytes(cfg, loc, n_local), "zero_gathered": zero3_gathered_bytes(cfg, sh, loc, load),
-            "fsdp_unsharded": unsharded}
+            "zero_buckets": zero_bucket_bytes(cfg, loc, n_local),
+            "zero_gathered": zero3_gathered_bytes(cfg, sh, loc, load), "fsdp_unsharded": unsharded}
 
 
 def evaluation_state_bytes(cfg: Config, sh: Shape, loc: RankShape) -> float:
