@@ -898,6 +898,15 @@ def zero_reduce_bucket_elements(cfg: Config, trainable_params: float) -> int:
 DEEPSPEED_PERSISTENCE_THRESHOLD_DEFAULT = 100_000
 
 
+#: DeepSpeed 0.19.8's ZeRO-3-only keys by their field names, which its config takes as well as their ``stage3_``
+#: aliases (``populate_by_name``; deepspeed/runtime/zero/config.py): ``prefetch_bucket_size`` under ZeRO-2 is as
+#: silently ignored as ``stage3_prefetch_bucket_size`` (tests/test_config_unread.py checks the list against DeepSpeed)
+DEEPSPEED_STAGE3_FIELD_NAMES = frozenset({
+    "prefetch_bucket_size", "param_persistence_threshold", "model_persistence_threshold", "max_live_parameters",
+    "max_reuse_distance", "gather_16bit_weights_on_model_save", "module_granularity_threshold",
+    "use_all_reduce_for_fetch_params", "allgather_sequential"})
+
+
 def _user_zero_int(cfg: Config, alias: str, name: Optional[str] = None) -> Optional[int]:
     """A ZeRO key of ``parallel.deepspeed.zero_optimization`` as an integer, by its alias (``stage3_…``) or its field
     name (DeepSpeed's config takes either: ``populate_by_name``); None when the user sets neither. A value that is no
@@ -1016,7 +1025,8 @@ def _validate_deepspeed_keys(cfg: Config) -> None:
                           f"parallel.zero_stage = {p.zero_stage}; set parallel.zero_stage instead")
     if zero:
         # DeepSpeed's config accepts these at any stage; only the stage-3 (offload_optimizer: any ZeRO) optimizer reads them
-        stage_only = [(k, 3, "3") for k in sorted(zero) if k == "offload_param" or k.startswith("stage3_")]
+        stage_only = [(k, 3, "3") for k in sorted(zero) if k == "offload_param" or k.startswith("stage3_")
+                      or k in DEEPSPEED_STAGE3_FIELD_NAMES]
         stage_only += [("offload_optimizer", 1, "1-3")] if "offload_optimizer" in zero else []
         for key, lowest, stages in stage_only:
             if p.zero_stage < lowest:

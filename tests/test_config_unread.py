@@ -11,7 +11,8 @@ import torch
 import torch.distributed as dist
 
 from dist_train.checkpoint.compat import config_differences
-from dist_train.config import ConfigError, config_from_dict, load_config, user_zero_optimization
+from dist_train.config import (DEEPSPEED_STAGE3_FIELD_NAMES, ConfigError, config_from_dict, load_config,
+                               user_zero_optimization)
 import dist_train.engines.deepspeed as deepspeed_engine
 from dist_train.engines.deepspeed import DeepSpeedEngine
 from dist_train.mesh import build_mesh
@@ -263,6 +264,8 @@ def test_allow_config_change_cannot_name_a_key_a_resume_never_compares(kind, key
 @pytest.mark.parametrize("stage, zero, needle", [
     (2, {"offload_param": {"device": "cpu"}}, "zero_optimization.offload_param with parallel.zero_stage = 2: only ZeRO stage 3"),
     (1, {"stage3_max_live_parameters": 10}, "zero_optimization.stage3_max_live_parameters with parallel.zero_stage = 1"),
+    (2, {"prefetch_bucket_size": 10}, "zero_optimization.prefetch_bucket_size with parallel.zero_stage = 2: only ZeRO stage 3"),
+    (3, {"prefetch_bucket_size": 10, "max_live_parameters": 10}, None),
     (0, {"offload_optimizer": {"device": "cpu"}}, "zero_optimization.offload_optimizer with parallel.zero_stage = 0: only ZeRO stage 1-3"),
     (3, {"offload_param": {"device": "cpu"}, "stage3_max_live_parameters": 10}, None),
     (1, {"offload_optimizer": {"device": "cpu"}}, None),
@@ -290,3 +293,11 @@ def test_a_deepspeed_key_only_an_unused_part_of_deepspeed_applies_is_refused(key
         tiny_gpt_config(tmp_path, parallel={"zero_stage": 1, "deepspeed": {key: {}}})
     msg = str(info.value)
     assert msg.startswith(f"parallel.deepspeed.{key}: DeepSpeed applies it only through ") and instead in msg, msg
+
+
+def test_the_stage3_field_names_are_deepspeeds():
+    """The field names refused below ZeRO-3 are exactly those of DeepSpeed's ``stage3_`` aliases: a DeepSpeed that
+    adds or renames one shows up here, not as a key silently ignored."""
+    zero_config = pytest.importorskip("deepspeed.runtime.zero.config")
+    fields = zero_config.DeepSpeedZeroConfig.model_fields
+    assert DEEPSPEED_STAGE3_FIELD_NAMES == {name for name, f in fields.items() if (f.alias or "").startswith("stage3_")}
