@@ -215,6 +215,16 @@ class LaunchConfig:
 
 
 @dataclass
+class ProfileConfig:
+    """Step profiling (dist_train/profiling.py, docs/metrics.md): torch.profiler traces of chosen global steps."""
+    steps: Optional[list] = None  # [first, last]: global steps traced, 1-based as the metric lines count, both included
+    ranks: Optional[list] = None  # the ranks that trace (null: every rank)
+    memory: bool = False  # CUDA: the allocator's history over those steps, a snapshot per rank (pytorch.org/memory_viz)
+    record_shapes: bool = False  # operators' input shapes in the trace and the log's table
+    with_stack: bool = False  # Python source lines of each operator in the trace
+
+
+@dataclass
 class Config:
     run: RunConfig = field(default_factory=RunConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -223,6 +233,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     launch: LaunchConfig = field(default_factory=LaunchConfig)
+    profile: ProfileConfig = field(default_factory=ProfileConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -653,6 +664,7 @@ def validate(cfg: Config, derives_layouts: bool = False) -> None:
     _validate_deepspeed_keys(cfg)
     _validate_checkpoint(cfg)
     _validate_launch(cfg)
+    _validate_profile(cfg)
     _validate_model(cfg)  # its cross-key rules divide by parallel and train sizes checked above
     # last: the rules above name a wrong combination more precisely
     _refuse_unread_fields(cfg, LAYOUT_ONLY_KEYS if derives_layouts else frozenset())
@@ -709,6 +721,9 @@ def _unread_fields(cfg: Config) -> list[tuple[str, bool, str]]:
          "validation is off (train.eval_every = 0), so nothing reads it; set eval_every or remove it"),
         *((key, d.source != "indexed" or t.eval_every == 0, overlap_unread)
           for key in ("data.valid_overlap_max", "data.valid_overlap_min_tokens")),
+        *((f"profile.{key}", cfg.profile.steps is None,
+           "only a profiled window reads it and profile.steps is null (off); set profile.steps (e.g. [3, 4]) or "
+           "remove it") for key in PROFILE_WINDOW_KEYS),
     ]
 
 
@@ -1163,6 +1178,31 @@ def _validate_launch(cfg: Config) -> None:
                                                   "(MASTER_ADDR's interface)")
 
 
+#: profile keys that act on a profiled window only (refused, as unread, without profile.steps)
+PROFILE_WINDOW_KEYS = ("ranks", "memory", "record_shapes", "with_stack")
+
+
+def _validate_profile(cfg: Config) -> None:
+    """``profile.steps``: [first, last] global steps of this run, both traced; ``profile.ranks``: distinct ranks (each
+    below the world size: :func:`check_world_size`, once that is known)."""
+    pr, n = cfg.profile, cfg.train.steps
+    if pr.steps is not None:
+        _check_int_list("profile.steps", pr.steps, 2, 1, f"[first, last]: global steps 1 <= first <= last <= "
+                        f"train.steps = {n}, both traced (e.g. [3, 4]), or null (off)")
+        first, last = pr.steps
+        if first > last:
+            raise ConfigError(f"profile.steps = {pr.steps!r}: first > last; [first, last] are both traced, e.g. "
+                              f"[{last}, {first}] (one step: [{first}, {first}])")
+        if last > n:
+            raise ConfigError(f"profile.steps = {pr.steps!r}: step {last} is after the run's last step (train.steps = "
+                              f"{n}); trace steps within 1..{n}")
+    if pr.ranks is not None and not (isinstance(pr.ranks, list) and pr.ranks and all(
+            isinstance(r, int) and not isinstance(r, bool) and r >= 0 for r in pr.ranks)
+            and len(set(pr.ranks)) == len(pr.ranks)):
+        raise ConfigError(f"profile.ranks = {pr.ranks!r}: expected a list of distinct ranks >= 0 (e.g. [0]), or null "
+                          "(every rank)")
+
+
 def _validate_fsdp(cfg: Config) -> None:
     """FSDP2 shards over the grad axes (dp × wp × cp) and replaces DDP / DeepSpeed as the data-parallel engine."""
     p = cfg.parallel
@@ -1399,6 +1439,10 @@ def check_world_size(cfg: Config, world_size: int, where: str = "were launched")
     if cfg.world_size != world_size:
         parts = f"dp*tp*pp*cp*wp = {p.dp}*{p.tp}*{p.pp}*{p.cp}*{gh * gw} = {cfg.world_size}"
         raise ConfigError(f"parallel: {parts} but {world_size} ranks {where}")
+    missing = [r for r in cfg.profile.ranks or () if r >= world_size]
+    if missing:
+        raise ConfigError(f"profile.ranks = {cfg.profile.ranks!r}: rank {missing[0]} does not exist, the ranks are "
+                          f"0..{world_size - 1}")
 
 
 def env_world_size() -> int:

@@ -14,6 +14,11 @@ import sys
 import tempfile
 from typing import Iterator, Optional, Sequence
 
+#: libkineto (torch 2.13) writes ``USDT:<time> <pid> SyncActivityProfilerHandler.cpp:52] profiler_start`` (and
+#: ``…_stop``) to stderr from C++ at every profiler start and stop; no log level or environment variable
+#: silences it: ``stderr_held_back(skip=KINETO_NOISE)`` around a profiler's start and stop drops those lines only.
+KINETO_NOISE = b"USDT:"
+
 
 class HeldStderr:
     """The handle :func:`stderr_held_back` yields: ``drop()`` and nothing held is replayed."""

@@ -1,7 +1,7 @@
 """Checks that depend only on the config and the files it names, run once before any rank starts.
 
     cfg = load_config(path, overrides)       # every key's range (dist_train/config.py validate)
-    preflight(cfg, on_cuda=False)             # model size, directories, kernel, dataset, tokenizer, resume
+    preflight(cfg, on_cuda=False)             # model size, directories, kernel, profiling, dataset, tokenizer, resume
 
 ``dist-train launch`` runs it in the launcher (the ranks it starts skip it: ``PREFLIGHT_ENV``); ``dist-train
 run`` under torchrun/mpiexec runs it in every rank before the process group exists. Each problem is a
@@ -42,6 +42,7 @@ from .engines import autocast_dtype, cpu_autocast_refusal
 from .engines.deepspeed import check_deepspeed_keys
 from .evaluation import held_out_overrun
 from .plan.profiles import DeviceProfile
+from .profiling import check_device
 
 #: set by the launcher in every rank's environment once it has run the preflight for the job
 PREFLIGHT_ENV = "DIST_TRAIN_PREFLIGHT_DONE"
@@ -55,6 +56,7 @@ def preflight(cfg: Config, on_cuda: bool, ranks_per_host: int = 1) -> None:
     ckpt_key = "checkpoint.dir" if cfg.checkpoint.dir else "run.dir (its checkpoints/)"
     check_writable_dir(ckpt_key, checkpoint_root(cfg.checkpoint, cfg.run.dir))
     check_engine(cfg, on_cuda)
+    check_device(cfg, on_cuda)  # profile.memory needs CUDA ranks
     checked = check_data(cfg)
     check_resume(cfg, checked)
 

@@ -7,8 +7,9 @@
 A new run in a run directory that already holds a run — one that starts at step 0 (a rerun of a config that saves no
 checkpoints, ``checkpoint.resume: none``, a run dir whose checkpoints were moved away, a restart before the first
 save), or from a checkpoint that is not the run dir's own (a fine-tune from another run's ``step_N``, rerun) — would
-otherwise truncate that run's ``metrics.jsonl``, hide its TensorBoard curves (``purge_step``) and
-replace its ``summary.json``, ``config.yaml`` and ``wandb_run_id``. They are renamed, unchanged, into
+otherwise truncate that run's ``metrics.jsonl``, hide its TensorBoard curves (``purge_step``), mix its step traces
+(``profile/``) with the new run's and replace its ``summary.json``, ``config.yaml`` and ``wandb_run_id``. They are
+renamed, unchanged, into
 ``run_dir/previous/<when that run ended, UTC>/`` (``20261130T121503Z``: when its summary.json was written, else
 its newest record; ``-2``, ``-3``, … when that folder exists: one is never reused).
 ``dist-train plot run_dir/previous/<time>`` plots that run; ``tensorboard --logdir runs/`` shows it beside the
@@ -31,7 +32,7 @@ from pathlib import Path
 from typing import Iterator, Optional
 
 #: what the trainer and its trackers write into run.dir for one run (see docs/metrics.md), plus plots there
-RECORDS = ("metrics.jsonl", "summary.json", "config.yaml", "tensorboard", "wandb_run_id", "rank_stats")
+RECORDS = ("metrics.jsonl", "summary.json", "config.yaml", "tensorboard", "wandb_run_id", "rank_stats", "profile")
 PLOT_SUFFIX = ".png"  # `dist-train plot runs/x --out runs/x/curves.png` (make demo): a picture of that run
 PREVIOUS_DIR = "previous"
 

@@ -51,6 +51,7 @@ from .models.gpt import build_gpt
 from .models.swin import build_swin
 from .models.tensor_parallel import TensorParallel
 from .optim import RESUME_APPLIED, apply_changed_hyperparameters
+from .profiling import StepProfiler, check_device
 from .rankstats import RankStats
 from .run_records import set_aside_earlier_run
 from .runlock import hold_checkpoint_dir, hold_run_dir
@@ -230,6 +231,7 @@ def train(cfg: Config, ctx: Optional[DistContext] = None) -> TrainResult:
     with caller_process_state():
         ctx = ctx or current_context()
         check_world_size(cfg, ctx.world_size)
+        check_device(cfg, ctx.device.type == "cuda")  # profile.memory needs CUDA ranks
         # one job per run directory, taken before anything touches it (dist_train/runlock.py)
         run_dir, ckpt_dir = Path(cfg.run.dir), checkpoint_root(cfg.checkpoint, cfg.run.dir)
         with (hold_run_dir(run_dir, ctx.rank, ctx.device),
@@ -358,8 +360,11 @@ def _train(cfg: Config, ctx: DistContext) -> TrainResult:
     gcs = GcSchedule.start(t.gc_interval)
     if ctx.is_main:  # the log file's: a detail of every start, not a line for the console
         log.info(gcs.describe(), extra=LOG_FILE_ONLY)
+    # profile.steps: a torch.profiler trace of those global steps on each profiled rank (dist_train/profiling.py)
+    profiler = StepProfiler.start(cfg, ctx.rank, run_dir, start_step, ctx.device, log, ctx.is_main, lifecycle.busy)
     try:
         for step in range(start_step, t.steps):
+            profiler.step_begins(step + 1)
             t0 = time.perf_counter()
             micro = [batcher.microbatch(consumed, m) for m in range(accum)]
             data_s = time.perf_counter() - t0
@@ -436,6 +441,7 @@ def _train(cfg: Config, ctx: DistContext) -> TrainResult:
                     log.info(format_metrics(rec, t.steps))
             if saved:
                 trackers.flush()  # what a checkpoint keeps, the curves show
+            profiler.step_ends(step + 1)
             if stop:
                 say, line = stop_line
                 say(line)
@@ -460,8 +466,11 @@ def _train(cfg: Config, ctx: DistContext) -> TrainResult:
             (log.error if ctx.is_main else log.info)(f"{str(e).splitlines()[0]} (the run diverged after that step: "
                                                      "see below)")
         finally:
-            gcs.close()
-            lifecycle.close()
+            try:  # a window the run left early (a stop, a divergence): the steps it took are written
+                profiler.close()
+            finally:
+                gcs.close()
+                lifecycle.close()
         if bar is not None:
             bar.close()
         trackers.close()

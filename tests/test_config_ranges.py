@@ -114,6 +114,11 @@ BAD: dict[str, list] = {
     "launch.watchdog_s": [-1.0, float("nan"), float("inf")],
     "launch.bind": ["", 8],
     "launch.placement_timeout_s": [0, -1.0, float("nan"), float("inf")],
+    "profile.steps": [[0, 2], [-1, 2], [3, 2], [1], [1, 2, 3], "1-2", [1, 31], [True, 2], [1.5, 2]],  # train.steps 30
+    "profile.ranks": [[-1], [0, 0], [], "0", [True]],
+    "profile.memory": ["yes", 1, True],  # True alone: profile.steps is null, nothing is profiled
+    "profile.record_shapes": ["yes", 1, True],
+    "profile.with_stack": ["yes", 0, True],
 }
 
 
@@ -184,6 +189,8 @@ def test_cli_refuses_before_any_rank_starts(tmp_path):
         ["run", "configs/gpt_tiny.yaml", "--set", f"run.dir={run_dir}", "--set", "parallel.dp=1",
          "--set", "model.n_heads=0"],
         ["plan", "configs/gpt_tiny.yaml", "--devices", "0"],
+        ["launch", "configs/gpt_tiny.yaml", "--backend", "local", "--set", f"run.dir={run_dir}",
+         "--set", "profile.steps=[29, 31]"],  # a profiled window past the run's last step
     ]
     with ThreadPoolExecutor(len(cases)) as pool:  # three interpreters start at once: their imports overlap
         results = list(pool.map(lambda args: run_cli(*args), cases))
@@ -192,6 +199,8 @@ def test_cli_refuses_before_any_rank_starts(tmp_path):
         lines = r.stderr.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("dist-train"), (args, r.stderr[-2000:])
         assert not run_dir.exists(), args
+    assert results[-1].stderr.strip().endswith("profile.steps = [29, 31]: step 31 is after the run's last step "
+                                               "(train.steps = 30); trace steps within 1..30"), results[-1].stderr
 
 
 @pytest.mark.parametrize("argv", [[], ["bogus"], ["launch"], ["run"], ["plan", "c.yaml", "--devices", "0"],

@@ -50,6 +50,8 @@ UNREAD = [
      "data.valid_overlap_max", "validation is off (train.eval_every = 0)"),
     ("gpt", {"data": {"valid_overlap_min_tokens": 8}, "train": {"eval_every": 2}}, "data.valid_overlap_min_tokens",
      "data.source = synthetic"),
+    ("gpt", {"profile": {"with_stack": True}}, "profile.with_stack", "profile.steps is null (off)"),
+    ("swin", {"profile": {"ranks": [0]}}, "profile.ranks", "profile.steps is null (off)"),
 ]
 
 # the same keys where they are read (each must still validate)
@@ -72,6 +74,7 @@ READ = [
     ("gpt", {"train": {"on_nonfinite": "skip", "max_nonfinite_steps": 5, "spike_factor": 3.0, "spike_window": 5,
                        "eval_every": 2, "eval_steps": 8}}),
     ("gpt", {"parallel": {"cp_layout": "striped", "sequence_parallel": True}}),  # size-1 axes: nothing to act on
+    ("swin", {"profile": {"steps": [1, 2], "ranks": [0], "memory": True, "record_shapes": True, "with_stack": True}}),
 ]
 
 

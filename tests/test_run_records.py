@@ -76,14 +76,15 @@ def test_only_what_records_a_run_moves(tmp_path):
     run = tmp_path / "run"
     for name, data in {"metrics.jsonl": b"", "logs/rank_0.log": b"earlier attempt\n", "run.lock": b"",
                        "checkpoints/checkpoints.lock": b"", "tensorboard/events.out.tfevents.1": b"\x01",
-                       "curves.png": b"\x89PNG", "rank_stats/rank_0.json": b"{}"}.items():
+                       "curves.png": b"\x89PNG", "rank_stats/rank_0.json": b"{}",
+                       "profile/rank_0_steps_2-3.pt.trace.json.gz": b"\x1f\x8b"}.items():
         (run / name).parent.mkdir(parents=True, exist_ok=True)
         (run / name).write_bytes(data)
     line = set_aside_earlier_run(run, keep=run / "checkpoints")
     [kept] = _previous(run)
-    assert line == (f"fresh start in {run}: the earlier run's records (tensorboard/, rank_stats/, curves.png) "
-                    f"moved to {kept}/")
-    assert sorted(p.name for p in kept.iterdir()) == ["curves.png", "rank_stats", "tensorboard"]
+    assert line == (f"fresh start in {run}: the earlier run's records (tensorboard/, rank_stats/, profile/, "
+                    f"curves.png) moved to {kept}/")
+    assert sorted(p.name for p in kept.iterdir()) == ["curves.png", "profile", "rank_stats", "tensorboard"]
     assert (kept / "tensorboard" / "events.out.tfevents.1").read_bytes() == b"\x01"
     for stays in ("metrics.jsonl", "logs/rank_0.log", "run.lock", "checkpoints/checkpoints.lock"):
         assert (run / stays).is_file(), stays
@@ -96,7 +97,7 @@ def test_only_what_records_a_run_moves(tmp_path):
         os.utime(run / name, (when, when))
     set_aside_earlier_run(run)
     assert [p.name for p in _previous(run)] == [kept.name, f"{kept.name}-2"]
-    assert sorted(p.name for p in kept.iterdir()) == ["curves.png", "rank_stats", "tensorboard"]
+    assert sorted(p.name for p in kept.iterdir()) == ["curves.png", "profile", "rank_stats", "tensorboard"]
     # a checkpoint dir configured inside a record folder keeps that folder where it is
     (run / "tensorboard" / "ckpt").mkdir(parents=True)
     (run / "tensorboard" / "ckpt" / "checkpoints.lock").write_bytes(b"x")

@@ -44,7 +44,7 @@ from parallelism.context import (LAYOUTS, METHODS, Chunk, CPStats, build_schedul
                                  normalize_cu_seqlens, rank_chunks, simulate_ring_attention)
 from parallelism.context.masks import classify
 
-from ..held_stderr import stderr_held_back
+from ..held_stderr import KINETO_NOISE, stderr_held_back
 from ..spawn import run_ranks
 
 
@@ -127,10 +127,6 @@ def peak_tensor_bytes(fn):
     return result, peak
 
 
-#: libkineto (torch 2.13) writes ``USDT:<time> <pid> SyncActivityProfilerHandler.cpp:52] profiler_start`` (and
-#: ``…_stop``) to stderr from C++ at every profiler start and stop; no log level or environment variable
-#: silences it, and a benchmark printing four such lines per point buries its own results.
-_KINETO_NOISE = b"USDT:"
 #: c10's CPU allocator logs (C++, to file descriptor 2, in a rank as ``[rankN]:[W… CPUAllocator.cpp:245] Memory
 #: block of unknown size was allocated before the profiling started, profiler results will not include the
 #: deallocation event``) at the first free under a memory profile of a tensor allocated before it, then at every
@@ -142,10 +138,11 @@ _CYCLE_WARNING = "Warning: Profiler clears events"
 
 @contextlib.contextmanager
 def _quiet_profile(**kwargs) -> Iterator[profile]:
-    """``torch.profiler.profile(**kwargs)`` whose start and stop do not print libkineto's USDT lines; what runs
-    inside the block writes to stderr as usual."""
+    """``torch.profiler.profile(**kwargs)`` whose start and stop do not print libkineto's USDT lines (a benchmark
+    printing four such lines per point buries its own results); what runs inside the block writes to stderr as
+    usual."""
     prof = profile(**kwargs)
-    with stderr_held_back(skip=_KINETO_NOISE), warnings.catch_warnings():
+    with stderr_held_back(skip=KINETO_NOISE), warnings.catch_warnings():
         # torch 2.11 warns at the first start of every profile object (2.13 only at a restart) that events are
         # cleared between cycles; each meter profile runs exactly one cycle, so the warning is only noise
         warnings.filterwarnings("ignore", message=_CYCLE_WARNING, category=UserWarning)
@@ -153,7 +150,7 @@ def _quiet_profile(**kwargs) -> Iterator[profile]:
     try:
         yield prof
     finally:
-        with stderr_held_back(skip=_KINETO_NOISE):
+        with stderr_held_back(skip=KINETO_NOISE):
             prof.stop()
 
 

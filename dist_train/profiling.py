@@ -1,0 +1,216 @@
+"""Step profiling (``profile.*``): torch.profiler traces of chosen global steps, one per rank, in the run directory.
+
+    profiler = StepProfiler.start(cfg, rank, run_dir, start_step, device, log, is_main, busy=lifecycle.busy)
+    for step in range(start_step, cfg.train.steps):
+        profiler.step_begins(step + 1)      # the step's global number, 1-based as the metric lines count
+        ...the step, its checkpoint, evaluation and metric line...
+        profiler.step_ends(step + 1)
+    profiler.close()                        # in a finally: a window the run leaves early is still written
+
+What a traced rank writes (docs/metrics.md, "Profiling training steps"):
+  * ``run.dir/profile/rank_{r}_steps_{a}-{b}.pt.trace.json.gz``: the Chrome trace of global steps a..b (both
+    included), one ``ProfilerStep#N`` span per step N (the whole loop iteration: data, forward, backward, optimizer,
+    and the checkpoint save, evaluation and logging of that step), CPU operators and, on CUDA, kernels; open it in
+    ui.perfetto.dev or chrome://tracing. Gzip keeps it a few times smaller; ``.pt.trace.json`` is the suffix
+    TensorBoard's profiler plugin looks for;
+  * the top :data:`TOP_OPS` operators by self time over those steps, a table in the rank's ``logs/rank_{r}.log``;
+  * with ``profile.memory`` (CUDA only, refused on CPU ranks by the pre-flight): ``rank_{r}_steps_{a}-{b}.memory.pickle``,
+    the caching allocator's alloc/free history over the steps and its segments after them (pytorch.org/memory_viz).
+Rank 0 says once on the console where the traces are.
+
+The profiler exists from one warmup step before the window (when this start has a step there: its own start-up then
+stays out of the first traced step, as torch.profiler's schedule recommends) to the window's last step; no other step
+pays anything for it. A profiled step's ``step_time_s`` includes the profiler's overhead.
+
+Restarts and resumes: a window before this start's first step (resumed past it) is not traced, said once by rank 0; a
+window the start cuts (resumed inside it) traces its remaining steps and is named by them; a run that stops inside the
+window (exit_interval, preemption, divergence) writes the steps it took. A restart that traces the same steps again
+writes ``rank_{r}_steps_{a}-{b}.2.pt.trace.json.gz`` (then ``.3``, ...): an earlier trace is never overwritten. A new
+run in the run directory moves an earlier run's ``profile/`` aside with its other records (``run_records.py``).
+
+Profiling observes the computation and never changes it: the losses are bit-identical with and without it
+(tests/test_profiling.py).
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, ContextManager, Optional
+
+import torch
+from torch.profiler import ProfilerAction, ProfilerActivity, profile
+
+from .config import Config, ConfigError
+from .held_stderr import KINETO_NOISE, stderr_held_back
+from .logs import LOG_FILE_ONLY
+
+#: the folder of run.dir the traces go to
+PROFILE_DIR = "profile"
+TRACE_SUFFIX = ".pt.trace.json.gz"
+MEMORY_SUFFIX = ".memory.pickle"
+#: operators in the rank log's table
+TOP_OPS = 15
+#: allocator events profile.memory keeps (several KB each; beyond it the oldest are dropped): TorchTitan's value
+MEMORY_HISTORY_ENTRIES = 100_000
+
+
+def check_device(cfg: Config, on_cuda: bool) -> None:
+    """Refuse (ConfigError, one line) a profile setting the ranks (``on_cuda``: they compute on CUDA) cannot honour:
+    ``profile.memory`` records the CUDA caching allocator's history, which ranks on CPU do not have. The launch
+    pre-flight asks, and ``train()`` again before it starts anything (an in-process call, a benchmark's ranks)."""
+    if cfg.profile.memory and not on_cuda:
+        raise ConfigError("profile.memory = true: it records the CUDA allocator's history and these ranks run on CPU; "
+                          "remove it (the trace of profile.steps still holds every operator's time)")
+
+
+@dataclass(frozen=True)
+class Window:
+    """The global steps one start traces: ``first``..``last`` (both included), the profiler warmed up from ``warmup``
+    (``first - 1``, or ``first`` when this start has no step before it)."""
+    warmup: int
+    first: int
+    last: int
+
+    @classmethod
+    def of(cls, steps: Optional[list], start_step: int) -> Optional["Window"]:
+        """``profile.steps`` as this start (resumed at ``start_step``; 0: fresh) reaches it; None: nothing to trace."""
+        if steps is None:
+            return None
+        first, last = max(steps[0], start_step + 1), steps[1]
+        if first > last:
+            return None
+        return cls(warmup=first - 1 if first - 1 > start_step else first, first=first, last=last)
+
+    def action(self, step: int) -> ProfilerAction:
+        """torch.profiler's schedule, over global steps (the profiler's ``step_num`` is the global step)."""
+        if step < self.warmup or step > self.last:
+            return ProfilerAction.NONE
+        if step < self.first:
+            return ProfilerAction.WARMUP
+        return ProfilerAction.RECORD if step < self.last else ProfilerAction.RECORD_AND_SAVE
+
+
+class StepProfiler:
+    """One rank's profiling of one training start (see the module docstring). ``traced``: this rank writes a trace
+    (``profile.ranks``); every rank follows the window, so that rank 0 can say where the traces are."""
+
+    def __init__(self, cfg: Config, window: Optional[Window], rank: int, run_dir: Path, device: torch.device,
+                 log: logging.Logger, is_main: bool, busy: Callable[[str], ContextManager]):
+        pr = cfg.profile
+        self.window, self.rank, self.device, self.log, self.is_main, self.busy = window, rank, device, log, is_main, busy
+        self.traced = window is not None and (pr.ranks is None or rank in pr.ranks)
+        self.ranks = "every rank" if pr.ranks is None else "rank(s) " + ", ".join(map(str, sorted(pr.ranks)))
+        self.memory, self.record_shapes, self.with_stack = pr.memory, pr.record_shapes, pr.with_stack
+        self.dir = Path(run_dir) / PROFILE_DIR
+        self.taken: list[int] = []  # window steps begun (every rank): what the trace holds
+        self.written: Optional[Path] = None  # this rank's trace, once written
+        self._prof: Optional[profile] = None
+        self._done = window is None
+
+    @classmethod
+    def start(cls, cfg: Config, rank: int, run_dir: Path, start_step: int, device: torch.device,
+              log: logging.Logger, is_main: bool,
+              busy: Callable[[str], ContextManager] = lambda what: contextlib.nullcontext()) -> "StepProfiler":
+        """Every rank, before the first step of this start (resumed at ``start_step``). ``busy``: marks the writing
+        of the traces (``Lifecycle.busy``: the automatic watchdog gives it its collective-timeout bound)."""
+        window = Window.of(cfg.profile.steps, start_step)
+        if cfg.profile.steps is not None and window is None and is_main:
+            log.info(f"profile.steps = {cfg.profile.steps}: before this start's first step {start_step + 1} "
+                     f"(resumed at step {start_step}), not traced")
+        return cls(cfg, window, rank, run_dir, device, log, is_main, busy)
+
+    def _activities(self) -> list[ProfilerActivity]:
+        return [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if self.device.type == "cuda" else [])
+
+    def step_begins(self, step: int) -> None:
+        """Before global step ``step``'s work: the profiler starts (at the warmup step) or moves on to ``step``."""
+        w = self.window
+        if w is None or self._done or not w.warmup <= step <= w.last:
+            return
+        if step >= w.first:
+            self.taken.append(step)
+        if not self.traced:
+            return
+        if self.memory and step == w.first:
+            torch.cuda.memory._record_memory_history(max_entries=MEMORY_HISTORY_ENTRIES)
+        with stderr_held_back(skip=KINETO_NOISE):
+            if self._prof is None:
+                self._prof = profile(activities=self._activities(), schedule=w.action,
+                                     record_shapes=self.record_shapes, with_stack=self.with_stack)
+                # ProfilerStep#N names global step N: the profiler counts from step - 1 (NONE in the schedule, so
+                # start() does nothing but open that step's span, which step() closes unrecorded)
+                self._prof.step_num = step - 1
+                self._prof.start()
+            self._prof.step()  # ProfilerStep#step opens; the schedule's action for it takes effect
+
+    def step_ends(self, step: int) -> None:
+        """After global step ``step`` (its checkpoint, evaluation and metric line included): the window's last step
+        stops the profiler and writes the trace."""
+        if self.window is not None and not self._done and step == self.window.last:
+            self.close()
+
+    def close(self) -> None:
+        """Stop a profiler still running (the run stopped inside the window) and write what it recorded; say, on
+        rank 0, where the traces are. Idempotent."""
+        if self._done:
+            return
+        self._done = True
+        prof, self._prof = self._prof, None
+        if not self.taken:  # stopped at the warmup step: nothing recorded (nor the allocator's history started)
+            if prof is not None:
+                self._exit(prof)
+            return
+        a, b = self.taken[0], self.taken[-1]
+        if prof is not None:
+            with self.busy("profile"):
+                self._write(prof, a, b)
+        if self.is_main:
+            example = self.written.name if self.written else f"rank_R_steps_{a}-{b}{TRACE_SUFFIX}"
+            self.log.info(f"profile: steps {a}-{b} traced on {self.ranks} into {self.dir}/ (e.g. {example}: "
+                          "ui.perfetto.dev or chrome://tracing); top operators in each traced rank's log")
+
+    @staticmethod
+    def _exit(prof: profile) -> None:
+        """Stop ``prof`` as a ``with`` block's end would: the trace stops and its events are collected."""
+        with stderr_held_back(skip=KINETO_NOISE):
+            prof.__exit__(None, None, None)
+
+    def _free_name(self, a: int, b: int) -> str:
+        """``rank_{r}_steps_{a}-{b}``, or with ``.2``, ``.3``, ... when an earlier start wrote that name."""
+        base = name = f"rank_{self.rank}_steps_{a}-{b}"
+        n = 1
+        while (self.dir / f"{name}{TRACE_SUFFIX}").exists() or (self.dir / f"{name}{MEMORY_SUFFIX}").exists():
+            n += 1
+            name = f"{base}.{n}"
+        return name
+
+    def _write(self, prof: profile, a: int, b: int) -> None:
+        """Stop ``prof`` and write this rank's trace (and memory snapshot) of steps a..b into the run's profile
+        folder, the top operators into its log. A file that cannot be written is said (a warning), not raised: the
+        training it observed stands."""
+        name = None
+        try:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            name = self._free_name(a, b)
+            if self.memory:  # first: the allocator's state right after the window's last step
+                torch.cuda.memory._dump_snapshot(str(self.dir / f"{name}{MEMORY_SUFFIX}"))
+        except OSError as e:
+            self.log.warning(f"profile: steps {a}-{b} could not be written into {self.dir} ({e})")
+        finally:
+            if self.memory:
+                torch.cuda.memory._record_memory_history(enabled=None)
+            self._exit(prof)
+        path = self.dir / f"{name}{TRACE_SUFFIX}" if name is not None else None
+        if path is not None:
+            try:
+                prof.export_chrome_trace(str(path))
+                self.written = path
+            except OSError as e:
+                self.log.warning(f"profile: the trace of steps {a}-{b} could not be written to {path} ({e})")
+        cuda = self.device.type == "cuda"
+        table = prof.key_averages().table(sort_by="self_device_time_total" if cuda else "self_cpu_time_total",
+                                          row_limit=TOP_OPS)
+        self.log.info(f"profile: steps {a}-{b}, the top {TOP_OPS} operators by self {'CUDA' if cuda else 'CPU'} time "
+                      f"(trace {path or 'not written'}):\n{table}", extra=LOG_FILE_ONLY)

@@ -1,0 +1,197 @@
+"""profile.* (dist_train/profiling.py): each traced rank's Chrome trace holds exactly the requested global steps, the
+losses are bit-identical with and without profiling, restarts never overwrite a trace, bad settings are refused in
+one line before any rank starts; the CUDA memory snapshot's calls, in order, with torch's memory API stood in."""
+from __future__ import annotations
+
+import gzip
+import json
+import logging
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from dist_train import profiling
+from dist_train.config import ConfigError, check_world_size
+from dist_train.preflight import preflight
+from dist_train.profiling import MEMORY_SUFFIX, TRACE_SUFFIX, StepProfiler, Window
+from dist_train.trainer import train
+from tests.dist_harness import run_ranks
+from tests.trainer_utils import tiny_gpt_config
+
+
+def _traced_steps(path: Path) -> list[int]:
+    """The N of every ``ProfilerStep#N`` span in a gzipped Chrome trace (parsed as JSON), in order."""
+    events = json.loads(gzip.decompress(path.read_bytes()))["traceEvents"]
+    return sorted(int(e["name"].split("#")[1]) for e in events if e.get("name", "").startswith("ProfilerStep#"))
+
+
+def _traces(run_dir: Path) -> list[str]:
+    return sorted(p.name for p in (run_dir / "profile").iterdir())
+
+
+def test_one_rank_traces_exactly_the_window_and_trains_the_same(tmp_path, capfd):
+    plain = train(tiny_gpt_config(tmp_path / "plain", steps=4)).losses
+    run = tmp_path / "profiled"
+    profiled = train(tiny_gpt_config(run, steps=4, profile={"steps": [2, 3], "record_shapes": True}))
+    assert profiled.losses == plain  # bit-identical: profiling observes, it computes nothing
+    assert _traces(run) == [f"rank_0_steps_2-3{TRACE_SUFFIX}"]
+    assert _traced_steps(run / "profile" / f"rank_0_steps_2-3{TRACE_SUFFIX}") == [2, 3]  # not the warmup step 1
+    out = capfd.readouterr()
+    said = [line for line in out.out.splitlines() if line.startswith("profile:")]
+    assert said == [f"profile: steps 2-3 traced on every rank into {run / 'profile'}/ (e.g. rank_0_steps_2-3"
+                    f"{TRACE_SUFFIX}: ui.perfetto.dev or chrome://tracing); top operators in each traced rank's log"]
+    assert "USDT:" not in out.err  # libkineto's start/stop lines are held back
+    log = (run / "logs" / "rank_0.log").read_text()
+    table = log.split("the top 15 operators by self CPU time", 1)[1]
+    assert "aten::" in table and "Self CPU time total" in table  # the key-averages table, in the log only
+    assert "Self CPU time total" not in out.out
+
+
+def _drive(cfg, run_dir: Path, rank: int = 0, start_step: int = 0, is_main: bool = True,
+           log: logging.Logger = logging.getLogger("test_profiling"), on_step=None) -> StepProfiler:
+    """A StepProfiler through the steps after ``start_step`` of ``cfg``, each a small matmul (no model, no ranks)."""
+    prof = StepProfiler.start(cfg, rank, run_dir, start_step, torch.device("cpu"), log, is_main)
+    x = torch.randn(32, 32)
+    for step in range(start_step + 1, cfg.train.steps + 1):
+        prof.step_begins(step)
+        (x @ x).sum()
+        if on_step:
+            on_step(step)
+        prof.step_ends(step)
+    prof.close()
+    return prof
+
+
+def test_the_first_step_is_traced_without_a_warmup_step(tmp_path):
+    _drive(tiny_gpt_config(tmp_path, steps=2, profile={"steps": [1, 1]}), tmp_path)
+    assert _traced_steps(tmp_path / "profile" / f"rank_0_steps_1-1{TRACE_SUFFIX}") == [1]
+
+
+def test_only_the_named_ranks_trace_and_rank_0_says_where(tmp_path, caplog):
+    cfg = tiny_gpt_config(tmp_path, steps=4, profile={"steps": [3, 4], "ranks": [1]}, parallel={"dp": 2})
+    with caplog.at_level(logging.INFO, logger="test_profiling"):
+        assert _drive(cfg, tmp_path, rank=0).written is None
+        assert not (tmp_path / "profile").exists()
+        assert _drive(cfg, tmp_path, rank=1, is_main=False).written.name == f"rank_1_steps_3-4{TRACE_SUFFIX}"
+    assert _traced_steps(tmp_path / "profile" / f"rank_1_steps_3-4{TRACE_SUFFIX}") == [3, 4]
+    said = [r.getMessage() for r in caplog.records if r.getMessage().startswith("profile: steps 3-4 traced")]
+    assert said == [f"profile: steps 3-4 traced on rank(s) 1 into {tmp_path / 'profile'}/ (e.g. rank_R_steps_3-4"
+                    f"{TRACE_SUFFIX}: ui.perfetto.dev or chrome://tracing); top operators in each traced rank's log"]
+
+
+def test_a_window_behind_the_resume_is_said_once_and_not_traced(tmp_path, caplog):
+    cfg = tiny_gpt_config(tmp_path, steps=6, profile={"steps": [2, 3]})
+    with caplog.at_level(logging.INFO, logger="test_profiling"):
+        assert _drive(cfg, tmp_path, start_step=3).written is None
+    assert [r.getMessage() for r in caplog.records] == [
+        "profile.steps = [2, 3]: before this start's first step 4 (resumed at step 3), not traced"]
+    assert not (tmp_path / "profile").exists()
+
+
+def test_a_run_that_stops_inside_the_window_writes_the_steps_it_took(tmp_path):
+    prof = StepProfiler.start(tiny_gpt_config(tmp_path, steps=6, profile={"steps": [2, 5]}), 0, tmp_path, 0,
+                              torch.device("cpu"), logging.getLogger("test_profiling"), True)
+    for step in (1, 2, 3):  # then an exit_interval stop, a preemption or a divergence: the trainer's finally closes
+        prof.step_begins(step)
+        prof.step_ends(step)
+    prof.close()
+    assert _traced_steps(prof.written) == [2, 3] and prof.written.name == f"rank_0_steps_2-3{TRACE_SUFFIX}"
+
+
+def _two_ranks(rank, world, root):
+    """Every rank: a dp=2 run without profiling, then one tracing steps 2-3 on every rank."""
+    dp2 = {"parallel": {"dp": 2}}
+    plain = train(tiny_gpt_config(f"{root}/plain", steps=3, **dp2)).losses
+    return plain, train(tiny_gpt_config(f"{root}/every", steps=3, profile={"steps": [2, 3]}, **dp2)).losses
+
+
+@pytest.mark.slow  # two 2-rank runs: ~5 s
+def test_two_ranks_each_trace_the_window_and_train_the_same(tmp_path):
+    for plain, profiled in run_ranks(_two_ranks, 2, args=(str(tmp_path),), timeout=180):
+        assert profiled == plain
+    assert _traces(tmp_path / "every") == [f"rank_{r}_steps_2-3{TRACE_SUFFIX}" for r in (0, 1)]
+    for r in (0, 1):
+        assert _traced_steps(tmp_path / "every" / "profile" / f"rank_{r}_steps_2-3{TRACE_SUFFIX}") == [2, 3]
+
+
+@pytest.mark.slow  # two runs saving every step: ~5 s
+def test_a_restart_never_overwrites_a_trace(tmp_path):
+    run = tmp_path / "run"
+    sections = {"profile": {"steps": [2, 3]}, "checkpoint": {"every": 1, "keep_last": 5}}
+    train(tiny_gpt_config(run, steps=3, **sections))
+    first = run / "profile" / f"rank_0_steps_2-3{TRACE_SUFFIX}"
+    written = first.read_bytes()
+    for lost in ("step_2", "step_3"):  # a crash before those saves: the restart resumes at step 1
+        shutil.rmtree(run / "checkpoints" / lost)
+    assert train(tiny_gpt_config(run, steps=3, **sections)).start_step == 1
+    again = run / "profile" / f"rank_0_steps_2-3.2{TRACE_SUFFIX}"
+    assert sorted(_traces(run)) == sorted([first.name, again.name])
+    assert first.read_bytes() == written and _traced_steps(again) == [2, 3]
+
+
+@pytest.mark.parametrize("steps, start, window", [
+    ([3, 5], 0, Window(warmup=2, first=3, last=5)),   # a step before the window warms the profiler up
+    ([1, 2], 0, Window(warmup=1, first=1, last=2)),   # none before the first step
+    ([3, 5], 2, Window(warmup=3, first=3, last=5)),   # resumed right before it: none in this start
+    ([3, 5], 3, Window(warmup=4, first=4, last=5)),   # resumed inside it: the rest, named by its steps
+    ([3, 5], 5, None),                                 # resumed past it
+    (None, 0, None),
+])
+def test_the_window_a_start_traces(steps, start, window):
+    assert Window.of(steps, start) == window
+
+
+@pytest.mark.parametrize("profile, line", [
+    ({"steps": [0, 2]}, "profile.steps = [0, 2]: expected [first, last]: global steps 1 <= first <= last <= "
+                        "train.steps = 4, both traced (e.g. [3, 4]), or null (off)"),
+    ({"steps": [-1, 2]}, "profile.steps = [-1, 2]: expected [first, last]"),
+    ({"steps": [3]}, "profile.steps = [3]: expected [first, last]"),
+    ({"steps": [3, 2]}, "profile.steps = [3, 2]: first > last; [first, last] are both traced, e.g. [2, 3] (one "
+                        "step: [3, 3])"),
+    ({"steps": [3, 5]}, "profile.steps = [3, 5]: step 5 is after the run's last step (train.steps = 4); trace "
+                        "steps within 1..4"),
+    ({"steps": [1, 2], "ranks": [0, 0]}, "profile.ranks = [0, 0]: expected a list of distinct ranks >= 0 (e.g. "
+                                         "[0]), or null (every rank)"),
+    ({"steps": [1, 2], "ranks": []}, "profile.ranks = []: expected a list of distinct ranks"),
+    ({"memory": True}, "profile.memory = True: only a profiled window reads it and profile.steps is null (off); set "
+                       "profile.steps (e.g. [3, 4]) or remove it (on the command line: --set profile.memory=false, "
+                       "its default)"),
+    ({"ranks": [0]}, "profile.ranks = [0]: only a profiled window reads it"),
+])
+def test_bad_profile_settings_are_refused_in_one_line(profile, line, tmp_path):
+    with pytest.raises(ConfigError) as info:
+        tiny_gpt_config(tmp_path, steps=4, profile=profile)
+    assert str(info.value).startswith(line) and "\n" not in str(info.value), str(info.value)
+
+
+def test_ranks_beyond_the_world_and_cpu_memory_history_are_refused_before_the_ranks(tmp_path):
+    cfg = tiny_gpt_config(tmp_path / "run", profile={"steps": [1, 2], "ranks": [0, 2]}, parallel={"dp": 2})
+    with pytest.raises(ConfigError, match=r"^profile.ranks = \[0, 2\]: rank 2 does not exist, the ranks are 0..1$"):
+        check_world_size(cfg, 2)
+    cfg = tiny_gpt_config(tmp_path / "run", profile={"steps": [1, 2], "memory": True})
+    refusal = ("profile.memory = true: it records the CUDA allocator's history and these ranks run on CPU; remove it "
+               "(the trace of profile.steps still holds every operator's time)")
+    with pytest.raises(ConfigError) as info:
+        preflight(cfg, on_cuda=False)
+    assert str(info.value) == refusal
+    preflight(cfg, on_cuda=True)  # CUDA ranks record it
+    with pytest.raises(ConfigError) as info:  # an in-process train() (no pre-flight) on CPU refuses it as well
+        train(cfg)
+    assert str(info.value) == refusal
+
+
+def test_the_memory_snapshot_brackets_the_window(tmp_path, monkeypatch):
+    """CUDA only (no GPU here): torch's memory API stood in, the profiler on CPU activities; the allocator's history
+    starts before the window's first step, and after its last the snapshot is dumped before the history stops."""
+    calls = []
+    monkeypatch.setattr(torch.cuda.memory, "_record_memory_history",
+                        lambda enabled="all", **kw: calls.append(("record", enabled, kw.get("max_entries"))))
+    monkeypatch.setattr(torch.cuda.memory, "_dump_snapshot",
+                        lambda filename: (calls.append(("dump", Path(filename).name)), Path(filename).write_bytes(b"")))
+    cfg = tiny_gpt_config(tmp_path / "run", steps=4, profile={"steps": [2, 3], "memory": True})  # as on CUDA ranks
+    _drive(cfg, tmp_path / "run", is_main=False, on_step=lambda step: calls.append(("step", step)))
+    assert calls == [("step", 1), ("record", "all", profiling.MEMORY_HISTORY_ENTRIES), ("step", 2), ("step", 3),
+                     ("dump", f"rank_0_steps_2-3{MEMORY_SUFFIX}"), ("record", None, None), ("step", 4)]
+    assert _traces(tmp_path / "run") == [f"rank_0_steps_2-3{MEMORY_SUFFIX}", f"rank_0_steps_2-3{TRACE_SUFFIX}"]
