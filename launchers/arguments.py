@@ -49,7 +49,9 @@ def add_launch_arguments(parser: argparse.ArgumentParser) -> None:
         "dist-train launch configs/gpt_tiny.yaml --set train.steps=60 --set parallel.dp=1 --set parallel.cp=2"
         "   # after a Ctrl-C (exit 75): resumes from its checkpoint, resharded to cp2",
         "dist-train launch configs/swin_weather.yaml --nproc 4 --set 'parallel.wp=[1,2]' --set parallel.cp=2"
-        "   # Swin: 1x2 image tiles, each split over 2 ranks (Ulysses inside windows)")
+        "   # Swin: 1x2 image tiles, each split over 2 ranks (Ulysses inside windows)",
+        "dist-train launch configs/gpt_tiny.yaml --set 'profile.steps=[3,4]'   # every rank's trace of steps 3-4 in "
+        "runs/gpt_tiny/profile/")
     parser.add_argument("config", help="YAML config file")
     add_backend_arguments(parser)
     parser.add_argument("--max-restarts", type=int, help="restarts after a failed or hung attempt "
