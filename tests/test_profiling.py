@@ -3,6 +3,7 @@ losses are bit-identical with and without profiling, restarts never overwrite a 
 one line before any rank starts; the CUDA memory snapshot's calls, in order, with torch's memory API stood in."""
 from __future__ import annotations
 
+import argparse
 import gzip
 import json
 import logging
@@ -13,6 +14,7 @@ import pytest
 import torch
 
 from dist_train import profiling
+from dist_train.bench.cli.train import check as bench_train_check
 from dist_train.config import ConfigError, check_world_size
 from dist_train.preflight import preflight
 from dist_train.profiling import MEMORY_SUFFIX, TRACE_SUFFIX, StepProfiler, Window
@@ -180,6 +182,14 @@ def test_ranks_beyond_the_world_and_cpu_memory_history_are_refused_before_the_ra
     with pytest.raises(ConfigError) as info:  # an in-process train() (no pre-flight) on CPU refuses it as well
         train(cfg)
     assert str(info.value) == refusal
+
+
+def test_bench_train_refuses_a_profiled_config():
+    """bench train's run directory is temporary (the traces would vanish) and it times every step."""
+    args = argparse.Namespace(config="configs/gpt_tiny.yaml", overrides=["profile.steps=[2,3]"], steps=None, nproc=None,
+                              baseline_overrides=[], baseline_nproc=None, repeats=1, png=None, threads=None)
+    with pytest.raises(ValueError, match=r"^profile.steps = \[2, 3\]: bench train trains in a temporary run "):
+        bench_train_check(args)
 
 
 def test_the_memory_snapshot_brackets_the_window(tmp_path, monkeypatch):

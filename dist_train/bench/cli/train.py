@@ -79,6 +79,10 @@ def _variant(config: str, overrides: list, nproc: int | None, label: str) -> Var
         raise ValueError(f"{label}--nproc {nproc} but the config's dp*tp*pp*cp*wp = {cfg.world_size}")
     if cfg.train.steps < 2:
         raise ValueError(f"train.steps = {cfg.train.steps}: need >= 2 (the first step is warm-up)")
+    if cfg.profile.steps is not None:  # the traces would be deleted with the run dir, the timed steps slowed
+        raise ValueError(f"{label}profile.steps = {cfg.profile.steps}: bench train trains in a temporary run directory "
+                         "(deleted, traces included) and times every step; trace steps with dist-train launch "
+                         "(run.dir/profile/)")
     return Variant(overrides, cfg, nproc)
 
 
