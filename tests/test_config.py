@@ -26,7 +26,8 @@ def test_overrides_are_yaml_scalars_and_refs_expand(tmp_path):
                               "steps, global_batch"),
     ({"modle": {}}, "unknown config key 'modle' (did you mean model?); valid keys: run, model, data"),
     ({"train": {"seq_len": 64}}, "unknown config key 'train.seq_len' (it is data.seq_len); valid keys in train:"),
-    ({"parallel": {"steps": 3}}, "unknown config key 'parallel.steps' (it is data.steps or train.steps or profile.steps); valid"),
+    ({"parallel": {"steps": 3}},
+     "unknown config key 'parallel.steps' (it is data.steps or train.steps or profile.steps); valid"),
     ({"parallel": {"zero": 1}}, "unknown config key 'parallel.zero'; valid keys in parallel: dp, tp"),  # no guess
     ({"train": {"steps": "many"}}, "train.steps = 'many': expected int"),
     ({"parallel": {"cp_layout": "spiral"}}, "parallel.cp_layout = 'spiral': valid values are contiguous, striped, zigzag"),
