@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from dist_train import profiling
+from dist_train.bench.cli.launch import check as bench_launch_check
 from dist_train.bench.cli.train import check as bench_train_check
 from dist_train.config import ConfigError, check_world_size
 from dist_train.preflight import preflight
@@ -184,12 +185,18 @@ def test_ranks_beyond_the_world_and_cpu_memory_history_are_refused_before_the_ra
     assert str(info.value) == refusal
 
 
-def test_bench_train_refuses_a_profiled_config():
-    """bench train's run directory is temporary (the traces would vanish) and it times every step."""
+def test_the_benchmarks_refuse_a_profiled_config():
+    """bench train's and bench launch's run directories are temporary (the traces would vanish); bench train times
+    every step."""
     args = argparse.Namespace(config="configs/gpt_tiny.yaml", overrides=["profile.steps=[2,3]"], steps=None, nproc=None,
                               baseline_overrides=[], baseline_nproc=None, repeats=1, png=None, threads=None)
     with pytest.raises(ValueError, match=r"^profile.steps = \[2, 3\]: bench train trains in a temporary run "):
         bench_train_check(args)
+    args = argparse.Namespace(config="configs/gpt_tiny.yaml", set=["profile.steps=[2,3]"], backends=["local"], nproc=2,
+                              steps=4, repeats=1)
+    with pytest.raises(ValueError, match=r"^profile.steps = \[2, 3\]: bench launch trains in temporary run "):
+        bench_launch_check(args)
+    bench_launch_check(argparse.Namespace(**{**vars(args), "set": []}))
 
 
 def test_the_memory_snapshot_brackets_the_window(tmp_path, monkeypatch):
