@@ -392,24 +392,27 @@ class SafeReader(FileSystemReader):
             return super().read_data(plan, planner)
         if not all(raw):
             raise CorruptCheckpointError(f"{self.path}: .metadata mixes {RAW_FORMAT} and other shard formats")
-        groups: dict[Any, list[ReadItem]] = {}
+        per_file: dict[str, dict[Any, list[ReadItem]]] = {}
         for r in plan.items:
-            groups.setdefault(r.storage_index, []).append(r)
-        per_file: dict[str, list[Segment]] = {}
-        copies: list[tuple[torch.Tensor, torch.Tensor]] = []  # (target, source) after the reads
-        commits: list[tuple[ReadItem, torch.Tensor]] = []
-        for index, reqs in groups.items():
-            info: _StorageInfo = self.storage_data[index]
-            segs, group_copies, targets = self._plan_chunk(index, info, reqs, planner)
-            per_file.setdefault(info.relative_path, []).extend(segs)
-            copies += group_copies
-            commits += zip(reqs, targets)
-        for name, segs in sorted(per_file.items()):
+            per_file.setdefault(self.storage_data[r.storage_index].relative_path, {}) \
+                .setdefault(r.storage_index, []).append(r)
+        # file by file: the scratch tensors of one file's requests (a target of another dtype than the stored one,
+        # such as an evaluation's bf16 weights read from fp32 masters) live only until that file's copies, not the
+        # whole load's: a rank reading every file of a ZeRO checkpoint holds one saver's part of the model at once
+        for name, chunks in sorted(per_file.items()):
+            segs: list[Segment] = []
+            copies: list[tuple[torch.Tensor, torch.Tensor]] = []  # (target, source) after the file's reads
+            commits: list[tuple[ReadItem, torch.Tensor]] = []
+            for index, reqs in chunks.items():
+                chunk_segs, chunk_copies, targets = self._plan_chunk(index, self.storage_data[index], reqs, planner)
+                segs += chunk_segs
+                copies += chunk_copies
+                commits += zip(reqs, targets)
             self._read_file(name, segs)
-        for target, source in copies:
-            target.copy_(source)
-        for req, target in commits:
-            planner.commit_tensor(req, target)
+            for target, source in copies:
+                target.copy_(source)
+            for req, target in commits:
+                planner.commit_tensor(req, target)
         fut: Future[None] = Future()
         fut.set_result(None)
         return fut
