@@ -4,7 +4,7 @@
     # {"loss": 5.42, "perplexity": 226.1, "count": 8160.0, "step": 30, ...}  (the same on every rank)
 
 The pieces are the trainer's: its model, engine (layout; forward only: ``build_engine``'s ``evaluation_only``, no
-DDP gradient buckets) and validation batcher, the checkpoint manager's ``load``
+DDP gradient buckets, DeepSpeed's engine without an optimizer) and validation batcher, the checkpoint manager's ``load``
 (weights only: no optimizer is given, so none is read) and :class:`dist_train.evaluation.Evaluator` over the same
 batches a training evaluation reads. The loss therefore equals the ``valid_loss`` the trainer logged at the
 checkpoint's step under the same config (the weights it evaluated are the ones it saved): bit for bit on the

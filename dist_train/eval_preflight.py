@@ -80,9 +80,9 @@ def check_out_path(out: str) -> None:
 
 def check_evaluation_fits(cfg: Config, on_cuda: bool, ranks_per_host: int) -> None:
     """:func:`preflight.check_model_fits` for ``dist-train eval``: what its ranks hold of the parameters' states
-    (``cost.memory.evaluation_state_bytes``: no gradients or optimizer state, except what DeepSpeed's engine
-    allocates when built: its fp32 master copy, ZeRO-3's gradient partitions and bucket, and ZeRO-0's AdamW moments in
-    16-bit training), so a model whose weights fit is not refused for a training step's states it never holds."""
+    (``cost.memory.evaluation_state_bytes``: the weights alone, no gradients or optimizer state; under DeepSpeed in its
+    dtype, ZeRO-3's partitions and persistent parameters: its engine is built without an optimizer), so a model whose
+    weights fit is not refused for a training step's states it never holds."""
     prof, label = device_profile(on_cuda)
     sh, loc = rank_inputs(cfg, prof)
     held = evaluation_state_bytes(cfg, sh, loc)
@@ -90,9 +90,8 @@ def check_evaluation_fits(cfg: Config, on_cuda: bool, ranks_per_host: int) -> No
         counted, keys = ("an evaluation's fp32 weights alone, no gradients or optimizer state",
                          "parallel.tp, parallel.pp, parallel.fsdp")
     else:
-        counted, keys = ("an evaluation's weights and what DeepSpeed's engine allocates when built alone (its fp32 "
-                         "master copy; ZeRO-3: + gradient partitions and bucket; ZeRO-0 in 16 bits: + AdamW moments)",
-                         "parallel.tp, parallel.zero_stage")
+        counted, keys = ("an evaluation's weights alone, in DeepSpeed's dtype (ZeRO-3: their partitions and the "
+                         "persistent parameters), no gradients or optimizer state", "parallel.tp, parallel.zero_stage")
     refuse_beyond_memory(cfg, (prof, label), on_cuda, ranks_per_host, held, counted, keys)
 
 

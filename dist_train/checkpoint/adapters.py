@@ -35,6 +35,7 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 
 from torch.distributed.tensor import DTensor, Shard
@@ -247,6 +248,31 @@ class _FlatGroup:
     group: int
 
 
+def zero3_split(part: torch.Tensor, rank: int, numel: int) -> tuple[int, torch.Tensor, torch.Tensor]:
+    """A ZeRO-3 partition of one parameter of ``numel`` elements -> ``(start, real, padding)``. ``part`` [c] is rank
+    ``rank`` 's (its rank in the parameter's partition group): c = ceil(numel / dp) elements, ``[rank·c, (rank+1)·c)``
+    of the flattened parameter, those at or past ``numel`` padding (DeepSpeed's partition_parameters.py, stage3.py);
+    ``real`` [n] and ``padding`` are views of it, ``start`` the flat index of ``real`` 's first element."""
+    start = part.numel() * rank
+    real = max(0, min(part.numel(), numel - start))
+    return start, part.narrow(0, 0, real), part.narrow(0, real, part.numel() - real)
+
+
+def module_buffers(model: nn.Module, params: dict) -> dict:
+    """``model`` 's persistent buffers (views of its own; ``params``: its named parameters, left out). Non-tensor
+    entries (Megatron's empty ``_extra_state``) are not state: the layers ignore them on load."""
+    return {k: v for k, v in model.state_dict().items() if k not in params and isinstance(v, torch.Tensor)}
+
+
+def _check_rectangles(entries: dict[str, Any]) -> None:
+    """A ZeRO adapter's ``set`` reads the Rectangles its ``get`` made in place, and nothing else (``entries``:
+    checkpoint key -> what ``set`` was given for it)."""
+    for entry, value in entries.items():
+        if not isinstance(value, Rectangles):
+            raise TypeError(f"'{entry}': the DeepSpeed adapter loads only the Rectangles its get() made "
+                            "(read in place)")
+
+
 def _flat_groups(opt) -> Optional[list[_FlatGroup]]:
     """The partitions of a DeepSpeed optimizer wrapper (DeepSpeed 0.19 attribute names), or None for a
     plain torch optimizer (ZeRO stage 0 in fp32 hands the client optimizer through unchanged)."""
@@ -338,12 +364,6 @@ class DeepSpeedStateAdapter(StateAdapter):
         else:
             self.opt.update_lp_params()
 
-    @staticmethod
-    def _buffers(model: nn.Module, params: dict) -> dict:
-        """Persistent buffers (views of the module's own). Non-tensor entries (Megatron's empty
-        ``_extra_state``) are not state: the layers ignore them on load."""
-        return {k: v for k, v in model.state_dict().items() if k not in params and isinstance(v, torch.Tensor)}
-
     def _group_of(self, params: dict) -> dict[str, _FlatGroup]:
         """Parameter name -> its flat group; a parameter in none (frozen) has no fp32 master to save."""
         by_id = {id(p): g for g in self.groups for p in g.params}
@@ -361,11 +381,8 @@ class DeepSpeedStateAdapter(StateAdapter):
         ZeRO-3 partition's elements past the parameter's end (None at ZeRO-1/2, where the partition holds only
         fragments of parameters)."""
         if self.zero3:
-            # per parameter: c = ceil(n / dp) elements, rank r's are [r·c, (r+1)·c), past n padding (stage3.py)
             part, _ = self.opt._get_fp32_opt_state_partition(p, release_swap_buffers=False, optim_state_key=key)
-            start = part.numel() * self.opt._get_param_partition_rank(p)
-            real = max(0, min(part.numel(), p.ds_numel - start))
-            return start, part.narrow(0, 0, real), part.narrow(0, real, part.numel() - real)
+            return zero3_split(part, self.opt._get_param_partition_rank(p), p.ds_numel)
         flat = g.flat if key is None else self._inner.state[g.flat][key]
         mapping = p._hp_mapping  # ZeRO-1/2, bf16: the fragment of p this rank's flat partition holds, if any
         if mapping is None:
@@ -403,7 +420,7 @@ class DeepSpeedStateAdapter(StateAdapter):
         params = dict(model.named_parameters())
         group = self._group_of(params)
         model_sd: dict[str, Any] = {name: self._rectangles(group[name], p, None) for name, p in params.items()}
-        model_sd.update(self._buffers(model, params))
+        model_sd.update(module_buffers(model, params))
         if optimizer is None:
             return model_sd, None
         self._ensure_state()
@@ -431,18 +448,15 @@ class DeepSpeedStateAdapter(StateAdapter):
         group = self._group_of(params)
         with_optim = optimizer is not None and optim_sd is not None
         per_element = {name: self._per_element(group[name]) if with_optim else [] for name in params}
-        for name in params:
-            for entry in [f"model.{name}"] + [f"optim.state.{name}.{k}" for k in per_element[name]]:
-                section, key = entry.split(".", 1)
-                if not isinstance((model_sd if section == "model" else optim_sd)[key], Rectangles):
-                    raise TypeError(f"'{entry}': the DeepSpeed adapter loads only the Rectangles its get() made "
-                                    "(read in place)")
+        _check_rectangles({**{f"model.{name}": model_sd[name] for name in params},
+                           **{f"optim.state.{name}.{k}": optim_sd[f"state.{name}.{k}"]
+                              for name in params for k in per_element[name]}})
         with torch.no_grad():
             if self.zero3:  # a fresh partition's padding is zero; the checkpoint has none to give
                 for name, p in params.items():
                     for key in [None] + per_element[name]:
                         self._partition(group[name], p, key)[2].zero_()
-            for name, buf in self._buffers(model, params).items():
+            for name, buf in module_buffers(model, params).items():
                 buf.copy_(model_sd[name])
         if with_optim:
             for g in self.groups:
@@ -458,6 +472,58 @@ class DeepSpeedStateAdapter(StateAdapter):
                     if k != "params":
                         hyper[k] = optim_sd[f"param_groups.{first}.{k}"]
         self._refresh_working_copies()
+
+
+class ZeRO3WeightsAdapter(StateAdapter):
+    """The weights of a forward-only ZeRO-3 engine, for ``dist-train eval``: DeepSpeed's engine built without an
+    optimizer (``engines.deepspeed.DeepSpeedForwardEngine``), whose ``DeepSpeedZeRoOffload`` partitions the parameters
+    over the data-parallel group and gathers them around each module's forward, with no fp32 master copy, gradient
+    partition or bucket. Each parameter ``model.<fqn>`` [*ds_shape] is the :class:`Rectangles` of this rank's
+    partition of its working copy (``p.ds_tensor`` [c], in the engine's dtype: :func:`zero3_split`), under
+    :class:`DeepSpeedStateAdapter` 's keys, so a ZeRO-3 checkpoint (and any other engine's: one layout) loads straight
+    into the partitions at any dp. Its fp32 weights become the working copy as a training engine's step and load
+    make it (``copy_`` from the fp32 master, round to nearest even in bf16): the forward is the trained engine's, bit
+    for bit. Weights only: an optimizer is refused.
+
+    ``zero_offload``: the engine's ``DeepSpeedZeRoOffload`` (``engine.optimizer`` when built without one)."""
+
+    def __init__(self, zero_offload) -> None:
+        self.offload = zero_offload
+
+    @staticmethod
+    def _parts(params: dict[str, nn.Parameter]) -> dict[str, tuple[int, torch.Tensor, torch.Tensor]]:
+        """Parameter name -> :func:`zero3_split` of this rank's partition of it."""
+        out = {}
+        for name, p in params.items():
+            if getattr(p.ds_tensor, "final_location", None) == "nvme":
+                raise ValueError(f"parameter '{name}' is swapped out to NVMe (zero_optimization.offload_param.device "
+                                 "= nvme): a checkpoint cannot be read into it in place; offload to cpu or none")
+            out[name] = zero3_split(p.ds_tensor, dist.get_rank(p.ds_process_group), p.ds_numel)
+        return out
+
+    def get(self, model, optimizer):
+        if optimizer is not None:
+            raise TypeError("ZeRO3WeightsAdapter holds a forward-only engine's weights: it has no optimizer state")
+        params = dict(model.named_parameters())
+        model_sd: dict[str, Any] = {}
+        for name, (start, real, _) in self._parts(params).items():
+            shape = torch.Size(params[name].ds_shape)
+            model_sd[name] = Rectangles(shape, flat_range_pieces(real, shape, start), real.dtype, real.device)
+        model_sd.update(module_buffers(model, params))
+        return model_sd, None
+
+    def set(self, model, optimizer, model_sd, optim_sd):
+        """``model_sd``: what :meth:`get` returned, its Rectangles loaded in place (DCP). Then every gathered copy is
+        released (``partition_all_parameters``: the persistent parameters stay gathered from their first forward on),
+        so the next forward gathers the loaded partitions."""
+        params = dict(model.named_parameters())
+        _check_rectangles({f"model.{name}": model_sd[name] for name in params})
+        with torch.no_grad():
+            for _, _, padding in self._parts(params).values():  # the checkpoint has no padding to give
+                padding.zero_()
+            for name, buf in module_buffers(model, params).items():
+                buf.copy_(model_sd[name])
+        self.offload.partition_all_parameters()
 
 
 def engine_checkpoint_kwargs(module: nn.Module, mesh, inner: Optional[StateAdapter] = None) -> dict:

@@ -706,17 +706,12 @@ def evaluation_state_bytes(cfg: Config, sh: Shape, loc: RankShape) -> float:
     """Bytes of parameter state a rank of ``dist-train eval`` holds (dist_train/checkpoint_eval.py: the engine
     built forward-only, the checkpoint's weights loaded, no optimizer state read), on its most loaded pipeline rank:
 
-    * DeepSpeed (``parallel.zero_stage``): what its engine allocates when built, plus what a forward gathers —
-      the weights (:func:`parameter_state_bytes`'; ZeRO-3: its partitions and the persistent parameters whole) and
-      the fp32 master copy the optimizer would step (:func:`fp32_master_bytes`, 1/dp at ZeRO >= 1; ZeRO-3's padded
-      shares, :func:`zero3_partition_elems`), which a ZeRO
-      checkpoint loads into. ZeRO-3 also allocates its gradient partitions and its gradient bucket then (stage3.py
-      ``grad_partitions_flat_buffer``, ``ipg_buckets``); ZeRO-1/2 allocate theirs in a backward, which an
-      evaluation never runs. The AdamW moments are lazy (DeepSpeed 0.19.8 creates them at the first step; the
-      checkpoint adapter only when it reads optimizer state, which eval does not), except at ZeRO-0 in 16 bits,
-      whose wrapper (FP16_UnfusedOptimizer) initialises them at its build. Measured (live tensors after the build
-      and one eval forward, 1.2M-parameter GPT, dp2: tests/test_eval_command.py): ZeRO-0/1/2 to the byte; ZeRO-3
-      1.14x above, its persistent parameters, counted whole as training holds them, were not after that forward.
+    * DeepSpeed (``parallel.zero_stage``): its engine is built without an optimizer (engines/deepspeed.py
+      ``DeepSpeedForwardEngine``): the weights in DeepSpeed's dtype (``loc.bpe``), whole at ZeRO-0/1/2, ZeRO-3's
+      partition (its padded shares, :func:`zero3_partition_elems`) and its persistent parameters whole
+      (:func:`parameter_state_bytes`' weights; ZeRO-3 gathers those for good from its second forward on, the first
+      records its module trace); no fp32 master copy, AdamW moments, gradient partitions or buckets. Measured (live tensors after the build and two eval forwards, 1.2M-parameter
+      GPT, dp2, ZeRO-0/1/2/3 in fp32 and bf16: tests/test_eval_command.py): within 128 B.
     * the torch engines: the fp32 parameters (autocast computes over them), FSDP2's shards of them over
       ``loc.grad_shards``; torch's AdamW allocates its moments at the first step, which never comes, and the
       forward-only engine has no DDP buckets (``engines.ForwardEngine``)."""
@@ -726,15 +721,7 @@ def evaluation_state_bytes(cfg: Config, sh: Shape, loc: RankShape) -> float:
         n_local = rank_params(cfg, sh, load)
         if z is None:
             return n_local * 4 / (loc.grad_shards if cfg.parallel.fsdp else 1)
-        states = parameter_state_bytes(cfg, sh, loc, load, n_local)
-        master = n_local * fp32_master_bytes(cfg, loc) / (loc.grad_shards if z >= 1 else 1)
-        if z == 3 and loc.grad_shards > 1:  # ZeRO-3's fp32 partition holds the padded shares
-            master = zero3_partition_elems(cfg, sh, load, loc.grad_shards) * fp32_master_bytes(cfg, loc)
-        if z == 0:
-            return states["weights"] + master + (n_local * 8 if loc.bpe < 4 else 0.0)
-        if z == 3:
-            return states["weights"] + master + states["grads"] + states["zero_buckets"]
-        return states["weights"] + master
+        return parameter_state_bytes(cfg, sh, loc, load, n_local)["weights"]
     return max(held(load) for load in loc.loads)
 
 

@@ -6,7 +6,8 @@ Every engine offers ``train_step(micro_batches, global_count, loss_limit) -> (gl
     parallel.pp > 1            -> PipelineEngine   (torch.distributed.pipelining; engines/pipeline.py),
                                   its stages sharded by FSDP2 with parallel.fsdp
     parallel.fsdp              -> FSDPEngine       (FSDP2 / ZeRO-3 over the grad group; engines/fsdp.py)
-    parallel.zero_stage 0..3   -> DeepSpeedEngine  (ZeRO over the grad group; engines/deepspeed.py)
+    parallel.zero_stage 0..3   -> DeepSpeedEngine  (ZeRO over the grad group; engines/deepspeed.py),
+                                  DeepSpeedForwardEngine for an evaluation (no optimizer)
     otherwise                  -> DDPEngine        (torch DDP over the grad group; engines/ddp.py),
                                   ForwardEngine for an evaluation (``build_engine(..., evaluation_only=True)``)
 """
@@ -19,7 +20,7 @@ import torch
 from ..config import Config, ConfigError
 from ..mesh import Mesh
 from .ddp import DDPEngine, ForwardEngine
-from .deepspeed import DeepSpeedEngine  # imports deepspeed itself only when one is built
+from .deepspeed import DeepSpeedEngine, DeepSpeedForwardEngine  # import deepspeed itself only when one is built
 from .fsdp import FSDPEngine
 from .pipeline import PipelineEngine
 
@@ -58,8 +59,8 @@ def build_engine(cfg: Config, model: torch.nn.Module, mesh: Mesh, autocast_dtype
     ``evaluation_only`` (``dist-train eval``: ``eval_loss_sum`` and ``checkpoint_kwargs``, never a training step):
     the DDP engine's place is taken by :class:`ForwardEngine`, without DDP's gradient buckets. The others are
     built as for training: FSDP2 shards and the pipeline's schedule are how their forward runs, their torch AdamW
-    allocates no state before a step, and DeepSpeed's engine is its forward (its ZeRO optimizer's partitions,
-    allocated when it is built, are what a ZeRO checkpoint loads into)."""
+    allocates no state before a step; DeepSpeed's is :class:`DeepSpeedForwardEngine`, built without an optimizer (no
+    fp32 master copy, moments, gradient partitions or buckets)."""
     refusal = cpu_autocast_refusal(cfg, autocast_dtype, next(model.parameters()).device.type)
     if refusal:
         raise ConfigError(refusal)
@@ -68,6 +69,8 @@ def build_engine(cfg: Config, model: torch.nn.Module, mesh: Mesh, autocast_dtype
     if cfg.parallel.fsdp:
         return FSDPEngine(cfg, model, mesh, autocast_dtype)
     if cfg.parallel.zero_stage is not None:
+        if evaluation_only:
+            return DeepSpeedForwardEngine(cfg, model, mesh, autocast_dtype)
         return DeepSpeedEngine(cfg, model, mesh, autocast_dtype)
     if evaluation_only:
         return ForwardEngine(model, mesh, autocast_dtype)

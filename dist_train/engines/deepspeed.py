@@ -9,6 +9,8 @@
   are merged last, so users can set anything DeepSpeed knows (offload, bucket sizes, …). Under ZeRO the
   gradient bucket (``reduce_bucket_size``, allocated at its full size) is sized to the rank's model unless the user
   sets it: no 2 GB bucket for a small model, the same reductions (``config.zero_reduce_bucket_elements``).
+* ``dist-train eval`` builds :class:`DeepSpeedForwardEngine`: the same engine without an optimizer (no fp32 master
+  copy, moments, gradient partitions or buckets), the checkpoint's weights loaded into what its forward uses.
 
 Loss / accumulation contract — identical to the DDP engine: every micro-batch backward uses
 ``loss_sum · grad_size / global_count`` with ``scale_wrt_gas=False`` (no extra 1/GAS: our scaling
@@ -22,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import io
 import os
 import warnings
 from typing import Optional
@@ -30,7 +33,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from ..checkpoint.adapters import DeepSpeedStateAdapter, engine_checkpoint_kwargs
+from ..checkpoint.adapters import DeepSpeedStateAdapter, ZeRO3WeightsAdapter, engine_checkpoint_kwargs
 from ..config import (Config, ConfigError, deep_merge, deepspeed_generated, user_zero_optimization,
                       zero_reduce_bucket_elements)
 from ..megatron_import import compile_as_identity
@@ -223,8 +226,31 @@ def import_deepspeed_muon_eager() -> None:
         importlib.import_module(MUON_MODULE)
 
 
-class DeepSpeedEngine:
-    """``train_step(micro_batches, global_count) -> (global mean loss, grad norm)`` on a DeepSpeed engine."""
+def forward_only_config(ds_config: dict) -> dict:
+    """The DeepSpeed config of a forward-only engine (:class:`DeepSpeedForwardEngine`) from a training one: ZeRO-1/2
+    become stage 0. They partition only the optimizer's state and the gradients, and their forward is stage 0's (the
+    module itself, in DeepSpeed's dtype, under the same ``torch_autocast`` if any); DeepSpeed refuses to build them
+    without an optimizer ("zero stage 1 requires an optimizer", engine.py ``_configure_zero_optimizer``), and their
+    other ``zero_optimization`` keys (buckets, overlap, optimizer offload) are about the gradients and the optimizer.
+    ZeRO-0 and ZeRO-3 are kept as they are: ZeRO-3 without an optimizer is DeepSpeed's ``DeepSpeedZeRoOffload``,
+    the partitioned weights and the gathers of its forward, with the user's keys for them (persistence threshold,
+    parameter offload, prefetch)."""
+    zero = ds_config.get("zero_optimization") or {}
+    if int(zero.get("stage", 0)) in (1, 2):
+        return {**ds_config, "zero_optimization": {"stage": 0}}
+    return ds_config
+
+
+class DeepSpeedForwardEngine:
+    """The DeepSpeed engine's forward-only part, for ``dist-train eval`` (``build_engine(..., evaluation_only=True)``):
+    ``module``, ``eval_loss_sum`` and ``checkpoint_kwargs``, built by ``deepspeed.initialize`` without an optimizer
+    (:func:`forward_only_config`). The training engine's optimizer holds the fp32 master copy (4 B a parameter, 1/dp
+    at ZeRO >= 1; ZeRO-0 in bf16 also AdamW's moments) and ZeRO-3's gradient partitions and bucket, which a ZeRO
+    checkpoint loads into; here the checkpoint's fp32 weights load straight into what the forward uses: the module's
+    parameters in DeepSpeed's dtype at ZeRO-0/1/2, each rank's ZeRO-3 partitions
+    (:class:`~dist_train.checkpoint.adapters.ZeRO3WeightsAdapter`). Cast from fp32 by ``copy_`` as the training engine
+    casts its masters after a step, so the forward and its loss are the trained engine's, bit for bit
+    (tests/test_eval_command.py). Every ZeRO stage loads without its optimizer (DeepSpeed 0.19.8)."""
 
     def __init__(self, cfg: Config, model: nn.Module, mesh: Mesh, autocast_dtype: Optional[torch.dtype]):
         quiet_deepspeed(on_cpu=next(model.parameters()).device.type == "cpu")
@@ -249,14 +275,57 @@ class DeepSpeedEngine:
         # before initialize, which partitions them under ZeRO-3; parameters() yields a tied one once
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         self.ds_config = deepspeed_config(cfg, bf16=autocast_dtype == torch.bfloat16, trainable_params=trainable)
-        optimizer = build_optimizer(list(model.named_parameters()), cfg.train)
-        self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
-            model=model, optimizer=optimizer, lr_scheduler=lambda opt: build_scheduler(opt, cfg.train),
-            mpu=MeshMPU(mesh), config=self.ds_config, dist_init_required=False)
+        self.engine, self.optimizer, self.scheduler = self._initialize(deepspeed, cfg, model)
         self.module = self.engine.module
+
+    def _initialize(self, deepspeed, cfg: Config, model: nn.Module) -> tuple:
+        """``deepspeed.initialize`` -> (engine, optimizer, scheduler): here without an optimizer (None, None).
+
+        Its prints are held back: in bf16 at stage 0 DeepSpeed wraps the missing optimizer in its BF16_Optimizer
+        (over a DummyOptim: it allocates nothing), whose build prints its memory use on rank 0 (``see_memory_usage``
+        with ``force=True``: six lines of stdout, where ``dist-train eval`` prints its one result line). DeepSpeed's
+        logger, which says anything of the user's, writes to the stream it was created with and still shows."""
+        with contextlib.redirect_stdout(io.StringIO()):
+            engine, _, _, _ = deepspeed.initialize(model=model, mpu=MeshMPU(self.mesh),
+                                                   config=forward_only_config(self.ds_config), dist_init_required=False)
+        return engine, None, None
+
+    def checkpoint_kwargs(self) -> dict:
+        """Extra CheckpointManager arguments: ZeRO-3 an adapter that reads each rank's partitions of the weights in
+        place (:class:`~dist_train.checkpoint.adapters.ZeRO3WeightsAdapter`), else none (the module's parameters);
+        wrapped for tp > 1."""
+        inner = ZeRO3WeightsAdapter(self.engine.optimizer) if self.zero_stage == 3 else None
+        return engine_checkpoint_kwargs(self.module, self.mesh, inner)
+
+    def eval_loss_sum(self, micro: list[dict]) -> float:
+        """Forward only through the DeepSpeed engine (ZeRO-3 gathers its partitions as in training) -> the
+        loss sum of the whole global batch, for validation."""
+        device = self.engine.device
+        loss_sum = torch.zeros(1, dtype=torch.float64, device=device)
+        with torch.no_grad():
+            for batch in micro:
+                batch = batch_to_device(batch, device)
+                loss_sum += self.engine(batch)[0].double()
+        all_reduce_sum(loss_sum, self.mesh.grad_group)
+        return float(loss_sum.item())
+
+
+class DeepSpeedEngine(DeepSpeedForwardEngine):
+    """``train_step(micro_batches, global_count) -> (global mean loss, grad norm)`` on a DeepSpeed engine."""
+
+    def __init__(self, cfg: Config, model: nn.Module, mesh: Mesh, autocast_dtype: Optional[torch.dtype]):
+        super().__init__(cfg, model, mesh, autocast_dtype)
         # DeepSpeed applies its step inside engine.step(): a non-finite step or a loss spike cannot be skipped
         # here, so the trainer stops on it (config refuses train.on_nonfinite = skip with ZeRO)
         self.last_step_skipped = False
+
+    def _initialize(self, deepspeed, cfg: Config, model: nn.Module) -> tuple:
+        """``deepspeed.initialize`` with our AdamW and LR schedule -> (engine, its optimizer wrapper, scheduler)."""
+        optimizer = build_optimizer(list(model.named_parameters()), cfg.train)
+        engine, optimizer, _, scheduler = deepspeed.initialize(
+            model=model, optimizer=optimizer, lr_scheduler=lambda opt: build_scheduler(opt, cfg.train),
+            mpu=MeshMPU(self.mesh), config=self.ds_config, dist_init_required=False)
+        return engine, optimizer, scheduler
 
     def checkpoint_kwargs(self) -> dict:
         """Extra CheckpointManager arguments: an adapter that writes and reads each rank's ZeRO partition of the
@@ -301,18 +370,6 @@ class DeepSpeedEngine:
         else:
             total, norm = float(loss_sum.item()), float(norm)
         return total / global_count, norm
-
-    def eval_loss_sum(self, micro: list[dict]) -> float:
-        """Forward only through the DeepSpeed engine (ZeRO-3 gathers its partitions as in training) -> the
-        loss sum of the whole global batch, for validation."""
-        device = self.engine.device
-        loss_sum = torch.zeros(1, dtype=torch.float64, device=device)
-        with torch.no_grad():
-            for batch in micro:
-                batch = batch_to_device(batch, device)
-                loss_sum += self.engine(batch)[0].double()
-        all_reduce_sum(loss_sum, self.mesh.grad_group)
-        return float(loss_sum.item())
 
     @property
     def lr(self) -> float:
