@@ -100,6 +100,6 @@ def eval_preflight(cfg: Config, requested: Optional[str], on_cuda: bool, ranks_p
     writable) and the checkpoint -> the step directory to evaluate. ``on_cuda`` / ``ranks_per_host``: where the
     ranks will compute (``launchers.cli.ranks_on_cuda``; a batch job: its nodes). Raises ConfigError (one line)."""
     check_evaluation_fits(cfg, on_cuda, ranks_per_host=ranks_per_host)
-    check_engine(cfg, on_cuda)
+    check_engine(cfg, on_cuda, forward_only=True)  # no backward: bf16 with tp > 1 on CPU is fine here
     check_data(cfg)  # includes the held-out data: there, and enough samples for train.eval_steps batches
     return choose_checkpoint(cfg, requested)

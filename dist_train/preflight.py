@@ -61,10 +61,11 @@ def preflight(cfg: Config, on_cuda: bool, ranks_per_host: int = 1) -> None:
     check_resume(cfg, checked)
 
 
-def check_engine(cfg: Config, on_cuda: bool) -> None:
+def check_engine(cfg: Config, on_cuda: bool, forward_only: bool = False) -> None:
     """What the ranks' engine is built with: the attention kernel, and the DeepSpeed keys under the ranks' autocast
-    dtype (``on_cuda``: the ranks use CUDA). Shared by the launch pre-flight and ``dist-train eval``'s."""
-    check_attention_kernel(cfg, on_cuda)
+    dtype (``on_cuda``: the ranks use CUDA). Shared by the launch pre-flight and ``dist-train eval``'s
+    (``forward_only``: no backward runs)."""
+    check_attention_kernel(cfg, on_cuda, forward_only)
     check_deepspeed_keys(cfg, autocast_dtype(cfg, torch.device("cuda" if on_cuda else "cpu")) == torch.bfloat16)
 
 
@@ -120,12 +121,13 @@ def check_writable_dir(key: str, path) -> None:
 
 
 # -- attention kernel -------------------------------------------------------------------------------
-def check_attention_kernel(cfg: Config, on_cuda: bool) -> None:
+def check_attention_kernel(cfg: Config, on_cuda: bool, forward_only: bool = False) -> None:
     """The block kernel must exist on the device the ranks use (e.g. flash needs CUDA and flash-attn), and the
-    layers around it must run their backward there under the precision asked for."""
+    layers around it must run their backward there under the precision asked for (unless ``forward_only``: an
+    evaluation)."""
     device = torch.device("cuda" if on_cuda else "cpu")
     dtype = autocast_dtype(cfg, device)  # the ranks' (trainer.py builds the engine with it)
-    refusal = cpu_autocast_refusal(cfg, dtype, device.type)
+    refusal = cpu_autocast_refusal(cfg, dtype, device.type, forward_only)
     if refusal:
         raise ConfigError(refusal)
     try:

@@ -100,6 +100,32 @@ def test_eval_on_two_ranks_matches_the_logged_loss_under_dp_cp_tp_pp(trained):
             assert abs(loss - logged[2]) <= 1e-5, (rank, name, loss, logged[2])
 
 
+#: an evaluation in bf16 autocast with tp 2
+BF16_TP2 = ["train.precision=bf16", "parallel.tp=2"]
+
+
+def _bf16_tp2_loss(rank, world, cfg_path, ckpt):
+    return evaluate_checkpoint(load_config(cfg_path, BF16_TP2), Path(ckpt), current_context())["loss"]
+
+
+def test_a_bf16_evaluation_with_tp_2_on_cpu_matches_one_rank(trained):
+    """Launch refuses bf16 autocast with tp 2 on CPU: Megatron's tensor-parallel linears fail in their backward there
+    (engines.cpu_autocast_refusal). An evaluation runs no backward: its pre-flight and engine take it, and its loss on
+    2 CPU ranks is one rank's bf16 loss and the fp32 loss the trainer logged, each within bf16's unit roundoff (2^-9)
+    relative. Measured: 4.0856268 at tp 2, 4.0855681 on one rank, 4.0855283 in fp32 (1.4e-5 and 2.4e-5 relative)."""
+    cfg_path, run_dir, logged = trained
+    cfg = load_config(str(cfg_path), BF16_TP2)
+    with pytest.raises(ConfigError, match="restore autocast in their backward only on CUDA"):
+        preflight.check_engine(cfg, on_cuda=False)
+    ckpt = eval_preflight.eval_preflight(cfg, None, on_cuda=False, ranks_per_host=2)
+    assert ckpt == (run_dir / "checkpoints" / "step_2").resolve()
+    one_rank = evaluate_checkpoint(load_config(str(cfg_path), ["train.precision=bf16"]), ckpt,
+                                   current_context())["loss"]
+    for loss in run_ranks(_bf16_tp2_loss, 2, args=(str(cfg_path), str(ckpt))):
+        for reference in (one_rank, logged[2]):
+            assert abs(loss - reference) <= 2 ** -9 * reference, (loss, one_rank, logged[2])
+
+
 def _eval_cli(cfg_path, cwd, *flags, timeout=300):
     return subprocess.run([sys.executable, "-m", "dist_train", "eval", str(cfg_path), *flags], capture_output=True,
                           text=True, env={**os.environ, "PYTHONPATH": str(REPO)}, cwd=cwd, timeout=timeout)

@@ -244,6 +244,7 @@ def test_bf16_through_megatrons_tp_linears_on_cpu_is_refused_and_the_layouts_tha
         assert cpu_autocast_refusal(cfg(**layout), torch.bfloat16, "cpu") is None, layout
     assert cpu_autocast_refusal(cfg(), torch.bfloat16, "cuda") is None
     assert cpu_autocast_refusal(cfg(), None, "cpu") is None  # fp32
+    assert cpu_autocast_refusal(cfg(), torch.bfloat16, "cpu", forward_only=True) is None  # an evaluation: no backward
 
 
 def _save(root: Path, steps: list[int]) -> list[Path]:

@@ -34,16 +34,22 @@ def autocast_dtype(cfg: Config, device: torch.device) -> Optional[torch.dtype]:
     return None
 
 
-def cpu_autocast_refusal(cfg: Config, autocast_dtype: Optional[torch.dtype], device_type: str) -> Optional[str]:
-    """One line refusing a layout whose backward would fail on CPU, else None.
+def cpu_autocast_refusal(cfg: Config, autocast_dtype: Optional[torch.dtype], device_type: str,
+                         forward_only: bool = False) -> Optional[str]:
+    """One line refusing a layout whose backward would fail on CPU, else None; ``forward_only`` (``dist-train eval``:
+    no backward ever runs) None.
 
     Megatron-core's tensor-parallel linears restore autocast in their backward only on CUDA (``custom_bwd``
     for "cuda"), so under CPU autocast their backward multiplies a bf16 gradient by the fp32 weight and fails.
     The pipeline engine's autocast region spans its backward, FSDP2 casts the parameters to bf16, DeepSpeed runs
     no autocast, and sequence parallelism's linears are dist-train's own: what is left is the DDP engine with
-    tp > 1 and Megatron's linears (each case run on 2 or 4 CPU ranks)."""
+    tp > 1 and Megatron's linears (each case run on 2 or 4 CPU ranks). Their forward is right under CPU autocast
+    (``custom_fwd`` for "cuda" leaves the CPU's autocast on inside it): an evaluation's bf16 loss at tp 2 matches
+    the single-rank one within bf16 rounding (tests/test_eval_command.py)."""
     p = cfg.parallel
-    if device_type != "cpu" or autocast_dtype is None or p.tp == 1 or p.pp > 1 or p.fsdp or p.zero_stage is not None:
+    if forward_only or device_type != "cpu" or autocast_dtype is None:
+        return None
+    if p.tp == 1 or p.pp > 1 or p.fsdp or p.zero_stage is not None:
         return None
     if cfg.model.kind == "gpt" and p.sequence_parallel:
         return None
@@ -60,8 +66,9 @@ def build_engine(cfg: Config, model: torch.nn.Module, mesh: Mesh, autocast_dtype
     the DDP engine's place is taken by :class:`ForwardEngine`, without DDP's gradient buckets. The others are
     built as for training: FSDP2 shards and the pipeline's schedule are how their forward runs, their torch AdamW
     allocates no state before a step; DeepSpeed's is :class:`DeepSpeedForwardEngine`, built without an optimizer (no
-    fp32 master copy, moments, gradient partitions or buckets)."""
-    refusal = cpu_autocast_refusal(cfg, autocast_dtype, next(model.parameters()).device.type)
+    fp32 master copy, moments, gradient partitions or buckets). An evaluation runs no backward, so
+    :func:`cpu_autocast_refusal` does not apply to it."""
+    refusal = cpu_autocast_refusal(cfg, autocast_dtype, next(model.parameters()).device.type, evaluation_only)
     if refusal:
         raise ConfigError(refusal)
     if mesh.size("pp") > 1:
