@@ -30,7 +30,7 @@ def run_rank(config_path: str, overrides: list[str]) -> int:
     try:
         check_world_size(cfg, world)  # before any process group exists
     except ValueError as e:
-        if world != 1 or cfg.world_size == 1:  # the hint below is for a config of more ranks than this one process
+        if world != 1:
             raise
         p = cfg.parallel
         one = [f"--set parallel.{a}=1" for a in ("dp", "tp", "pp", "cp") if getattr(p, a) > 1]

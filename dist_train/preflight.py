@@ -42,7 +42,7 @@ from .engines import autocast_dtype, cpu_autocast_refusal
 from .engines.deepspeed import check_deepspeed_keys
 from .evaluation import held_out_overrun
 from .plan.profiles import DeviceProfile
-from .profiling import check_device
+from .profiling import check_profile
 
 #: set by the launcher in every rank's environment once it has run the preflight for the job
 PREFLIGHT_ENV = "DIST_TRAIN_PREFLIGHT_DONE"
@@ -56,7 +56,7 @@ def preflight(cfg: Config, on_cuda: bool, ranks_per_host: int = 1) -> None:
     ckpt_key = "checkpoint.dir" if cfg.checkpoint.dir else "run.dir (its checkpoints/)"
     check_writable_dir(ckpt_key, checkpoint_root(cfg.checkpoint, cfg.run.dir))
     check_engine(cfg, on_cuda)
-    check_device(cfg, on_cuda)  # profile.memory needs CUDA ranks
+    check_profile(cfg, on_cuda)  # profile.ranks in the job, profile.memory on CUDA
     checked = check_data(cfg)
     check_resume(cfg, checked)
 

@@ -57,10 +57,17 @@ TOP_OPS = 15
 MEMORY_HISTORY_ENTRIES = 100_000
 
 
-def check_device(cfg: Config, on_cuda: bool) -> None:
-    """Refuse (ConfigError, one line) a profile setting the ranks (``on_cuda``: they compute on CUDA) cannot honour:
-    ``profile.memory`` records the CUDA caching allocator's history, which ranks on CPU do not have. The launch
-    pre-flight asks, and ``train()`` again before it starts anything (an in-process call, a benchmark's ranks)."""
+def check_profile(cfg: Config, on_cuda: bool) -> None:
+    """Refuse (ConfigError, one line) a profile setting this training job's ranks (``on_cuda``: they compute on CUDA)
+    cannot honour: ``profile.ranks`` beyond the job's ``dp × tp × pp × cp × wp`` ranks (none of them would trace);
+    ``profile.memory``, which records the CUDA caching allocator's history, on ranks that run on CPU. The training
+    pre-flight asks (launch, run, submit), and ``train()`` again before it starts anything (an in-process call, a
+    benchmark's ranks). Not ``dist-train eval``, which traces nothing and may run a profiled training config at
+    another world size: the reason this is no part of ``config.check_world_size``, which eval shares."""
+    missing = [r for r in cfg.profile.ranks or () if r >= cfg.world_size]
+    if missing:
+        raise ConfigError(f"profile.ranks = {cfg.profile.ranks!r}: rank {missing[0]} does not exist, the ranks are "
+                          f"0..{cfg.world_size - 1}")
     if cfg.profile.memory and not on_cuda:
         raise ConfigError("profile.memory = true: it records the CUDA allocator's history and these ranks run on CPU; "
                           "remove it (the trace of profile.steps still holds every operator's time)")

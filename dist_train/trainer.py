@@ -51,7 +51,7 @@ from .models.gpt import build_gpt
 from .models.swin import build_swin
 from .models.tensor_parallel import TensorParallel
 from .optim import RESUME_APPLIED, apply_changed_hyperparameters
-from .profiling import StepProfiler, check_device
+from .profiling import StepProfiler, check_profile
 from .rankstats import RankStats
 from .run_records import set_aside_earlier_run
 from .runlock import hold_checkpoint_dir, hold_run_dir
@@ -231,7 +231,7 @@ def train(cfg: Config, ctx: Optional[DistContext] = None) -> TrainResult:
     with caller_process_state():
         ctx = ctx or current_context()
         check_world_size(cfg, ctx.world_size)
-        check_device(cfg, ctx.device.type == "cuda")  # profile.memory needs CUDA ranks
+        check_profile(cfg, ctx.device.type == "cuda")  # profile.ranks in the job, profile.memory on CUDA
         # one job per run directory, taken before anything touches it (dist_train/runlock.py)
         run_dir, ckpt_dir = Path(cfg.run.dir), checkpoint_root(cfg.checkpoint, cfg.run.dir)
         with (hold_run_dir(run_dir, ctx.rank, ctx.device),

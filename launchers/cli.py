@@ -28,6 +28,7 @@ from dist_train.dryrun import show_layout
 from dist_train.eval_arguments import eval_overrides
 from dist_train.eval_preflight import eval_preflight, load_eval_config
 from dist_train.preflight import PREFLIGHT_ENV, check_resume, preflight
+from dist_train.profiling import check_profile
 from dist_train.runlock import LOCK_ENV, acquire_for_launcher
 from launchers.procs import Sink
 from launchers.supervisor import JobSpec, Supervisor
@@ -317,6 +318,7 @@ def submit_main(args: argparse.Namespace) -> int:
         # ranks cannot refuse a first start that would take over an earlier run's checkpoints (resume: none into
         # them, or a PATH older than their newest): checked here, as configured, before anything is written
         check_resume(cfg)
+        check_profile(cfg, on_cuda=spec.gpus_per_node > 0)  # as the ranks' pre-flight will, before the job queues
     if args.dry_run:
         print(render(spec), end="")
         return 0

@@ -16,10 +16,11 @@ import torch
 from dist_train import profiling
 from dist_train.bench.cli.launch import check as bench_launch_check
 from dist_train.bench.cli.train import check as bench_train_check
-from dist_train.config import ConfigError, check_world_size
+from dist_train.config import ConfigError
 from dist_train.preflight import preflight
 from dist_train.profiling import MEMORY_SUFFIX, TRACE_SUFFIX, StepProfiler, Window
 from dist_train.trainer import train
+from launchers.cli import launch_settings
 from tests.dist_harness import run_ranks
 from tests.trainer_utils import tiny_gpt_config
 
@@ -172,7 +173,7 @@ def test_bad_profile_settings_are_refused_in_one_line(profile, line, tmp_path):
 def test_ranks_beyond_the_world_and_cpu_memory_history_are_refused_before_the_ranks(tmp_path):
     cfg = tiny_gpt_config(tmp_path / "run", profile={"steps": [1, 2], "ranks": [0, 2]}, parallel={"dp": 2})
     with pytest.raises(ConfigError, match=r"^profile.ranks = \[0, 2\]: rank 2 does not exist, the ranks are 0..1$"):
-        check_world_size(cfg, 2)
+        preflight(cfg, on_cuda=False)
     cfg = tiny_gpt_config(tmp_path / "run", profile={"steps": [1, 2], "memory": True})
     refusal = ("profile.memory = true: it records the CUDA allocator's history and these ranks run on CPU; remove it "
                "(the trace of profile.steps still holds every operator's time)")
@@ -183,6 +184,19 @@ def test_ranks_beyond_the_world_and_cpu_memory_history_are_refused_before_the_ra
     with pytest.raises(ConfigError) as info:  # an in-process train() (no pre-flight) on CPU refuses it as well
         train(cfg)
     assert str(info.value) == refusal
+
+
+def test_ranks_beyond_the_world_are_a_trainings_refusal_not_an_evaluations(tmp_path):
+    """profile.ranks names ranks of the training job: train() refuses one beyond it in one line (as the pre-flight
+    does, above), with no hint about the rank count, which is right. ``dist-train eval`` traces nothing and may load
+    a profiled training config at another world size (here the 2-rank run's, evaluated on one rank): its world check,
+    launch_settings as a launch's, accepts it (it refused "rank 1 does not exist ... pass --nproc 1")."""
+    cfg = tiny_gpt_config(tmp_path / "run", profile={"steps": [1, 2], "ranks": [1]})
+    with pytest.raises(ConfigError, match=r"^profile.ranks = \[1\]: rank 1 does not exist, the ranks are 0..0$"):
+        train(cfg)
+    flags = argparse.Namespace(backend="local", nodes=None, gpus_per_node=None, nproc=None, max_restarts=None,
+                               address=None)
+    assert launch_settings(cfg, flags)[:2] == ("local", 1)
 
 
 def test_the_benchmarks_refuse_a_profiled_config():
