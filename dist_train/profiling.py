@@ -1,6 +1,7 @@
 """Step profiling (``profile.*``): torch.profiler traces of chosen global steps, one per rank, in the run directory.
 
-    profiler = StepProfiler.start(cfg, rank, run_dir, start_step, device, log, is_main, busy=lifecycle.busy)
+    profiler = StepProfiler.start(cfg, rank, run_dir, start_step, device, log, is_main, busy=lifecycle.busy,
+                                  peers=mesh.host_world_group)
     for step in range(start_step, cfg.train.steps):
         profiler.step_begins(step + 1)      # the step's global number, 1-based as the metric lines count
         ...the step, its checkpoint, evaluation and metric line...
@@ -38,9 +39,10 @@ import contextlib
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, ContextManager, Optional
+from typing import Any, Callable, ContextManager, Optional
 
 import torch
+import torch.distributed as dist
 from torch.profiler import ProfilerAction, ProfilerActivity, profile
 
 from .config import Config, ConfigError
@@ -105,10 +107,10 @@ class StepProfiler:
     (``profile.ranks``); every rank follows the window, so that rank 0 can say where the traces are."""
 
     def __init__(self, cfg: Config, window: Optional[Window], rank: int, run_dir: Path, device: torch.device,
-                 log: logging.Logger, is_main: bool, busy: Callable[[str], ContextManager]):
+                 log: logging.Logger, is_main: bool, busy: Callable[[str], ContextManager], peers: Any = None):
         pr = cfg.profile
         self.window, self.rank, self.device, self.log, self.is_main = window, rank, device, log, is_main
-        self.busy = busy
+        self.busy, self.peers = busy, peers
         self.traced = window is not None and (pr.ranks is None or rank in pr.ranks)
         self.ranks = "every rank" if pr.ranks is None else "rank(s) " + ", ".join(map(str, sorted(pr.ranks)))
         self.memory, self.record_shapes, self.with_stack = pr.memory, pr.record_shapes, pr.with_stack
@@ -121,14 +123,17 @@ class StepProfiler:
     @classmethod
     def start(cls, cfg: Config, rank: int, run_dir: Path, start_step: int, device: torch.device,
               log: logging.Logger, is_main: bool,
-              busy: Callable[[str], ContextManager] = lambda what: contextlib.nullcontext()) -> "StepProfiler":
+              busy: Callable[[str], ContextManager] = lambda what: contextlib.nullcontext(),
+              peers: Any = None) -> "StepProfiler":
         """Every rank, before the first step of this start (resumed at ``start_step``). ``busy``: marks the writing
-        of the traces (``Lifecycle.busy``: the automatic watchdog gives it its collective-timeout bound)."""
+        of the traces (``Lifecycle.busy``: the automatic watchdog gives it its collective-timeout bound); ``peers``:
+        the group of every rank (the mesh's ``host_world_group``; None: one rank), which waits for the traced ranks
+        at the window's end (:meth:`step_ends`)."""
         window = Window.of(cfg.profile.steps, start_step)
         if cfg.profile.steps is not None and window is None and is_main:
             log.info(f"profile.steps = {cfg.profile.steps}: before this start's first step {start_step + 1} "
                      f"(resumed at step {start_step}), not traced")
-        return cls(cfg, window, rank, run_dir, device, log, is_main, busy)
+        return cls(cfg, window, rank, run_dir, device, log, is_main, busy, peers)
 
     def _activities(self) -> list[ProfilerActivity]:
         return [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if self.device.type == "cuda" else [])
@@ -156,15 +161,27 @@ class StepProfiler:
 
     def step_ends(self, step: int) -> None:
         """After global step ``step`` (its checkpoint, evaluation and metric line included): the window's last step
-        stops the profiler and writes the trace."""
+        stops the profiler and writes the trace. Every rank then waits, marked busy, until every traced rank has
+        written (a barrier over ``peers``, the host world group; every rank ends the window at the same step): a rank
+        with nothing to write (``profile.ranks``) would otherwise wait for them in the next step's first collective,
+        its heartbeat unchanged and not busy, and the launcher's automatic watchdog (10x the slowest step, at least
+        30 s) take a long write for a hang and kill the job, whose restart traced the window again."""
         if self.window is not None and not self._done and step == self.window.last:
-            self.close()
+            with self.busy("profile"):
+                self._finish()
+                if self.peers is not None:
+                    dist.barrier(group=self.peers)
 
     def close(self) -> None:
-        """Stop a profiler still running (the run stopped inside the window) and write what it recorded; say, on
-        rank 0, where the traces are. Idempotent."""
-        if self._done:
-            return
+        """Stop a profiler still running (the run stopped inside the window, or failed) and write what it recorded.
+        Idempotent. No barrier: the ranks leave the loop next, and a failed rank must not wait for its peers."""
+        if not self._done:
+            with self.busy("profile"):
+                self._finish()
+
+    def _finish(self) -> None:
+        """Stop the profiler, write this rank's trace of the window's steps taken, and say, on rank 0, where the traces
+        are."""
         self._done = True
         prof, self._prof = self._prof, None
         if not self.taken:  # stopped at the warmup step: nothing recorded (nor the allocator's history started)
@@ -173,8 +190,7 @@ class StepProfiler:
             return
         a, b = self.taken[0], self.taken[-1]
         if prof is not None:
-            with self.busy("profile"):
-                self._write(prof, a, b)
+            self._write(prof, a, b)
         if self.is_main:
             example = self.written.name if self.written else f"rank_R_steps_{a}-{b}{TRACE_SUFFIX}"
             self.log.info(f"profile: steps {a}-{b} traced on {self.ranks} into {self.dir}/ (e.g. {example}: "

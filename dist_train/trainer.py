@@ -361,7 +361,8 @@ def _train(cfg: Config, ctx: DistContext) -> TrainResult:
     if ctx.is_main:  # the log file's: a detail of every start, not a line for the console
         log.info(gcs.describe(), extra=LOG_FILE_ONLY)
     # profile.steps: a torch.profiler trace of those global steps on each profiled rank (dist_train/profiling.py)
-    profiler = StepProfiler.start(cfg, ctx.rank, run_dir, start_step, ctx.device, log, ctx.is_main, lifecycle.busy)
+    profiler = StepProfiler.start(cfg, ctx.rank, run_dir, start_step, ctx.device, log, ctx.is_main, lifecycle.busy,
+                                  mesh.host_world_group)
     try:
         for step in range(start_step, t.steps):
             profiler.step_begins(step + 1)

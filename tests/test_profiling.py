@@ -4,14 +4,17 @@ one line before any rank starts; the CUDA memory snapshot's calls, in order, wit
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gzip
 import json
 import logging
 import shutil
+import time
 from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed as dist
 
 from dist_train import profiling
 from dist_train.bench.cli.launch import check as bench_launch_check
@@ -109,6 +112,53 @@ def _two_ranks(rank, world, root):
     dp2 = {"parallel": {"dp": 2}}
     plain = train(tiny_gpt_config(f"{root}/plain", steps=3, **dp2)).losses
     return plain, train(tiny_gpt_config(f"{root}/every", steps=3, profile={"steps": [2, 3]}, **dp2)).losses
+
+
+#: how long rank 0's trace takes to write in the window-end test (stretched: a large CUDA trace takes many seconds)
+SLOW_WRITE_S = 0.5
+
+
+def _window_end_on_two_ranks(rank: int, world: int, run_dir: str) -> tuple[list, float]:
+    """Rank 0 alone traces (profile.ranks = [0]) and takes SLOW_WRITE_S longer to write; -> this rank's busy marks
+    (what, enter, exit) and how long its step_ends of the window's last step took."""
+    cfg = tiny_gpt_config(run_dir, steps=2, profile={"steps": [1, 2], "ranks": [0]}, parallel={"dp": 2})
+    marks = []
+
+    @contextlib.contextmanager
+    def busy(what: str):
+        entered = time.perf_counter()
+        yield
+        marks.append((what, entered, time.perf_counter()))
+
+    prof = StepProfiler.start(cfg, rank, Path(run_dir), 0, torch.device("cpu"), logging.getLogger("test_profiling"),
+                              rank == 0, busy, peers=dist.group.WORLD)
+    if rank == 0:
+        write = prof._write
+
+        def slow_write(*args):
+            time.sleep(SLOW_WRITE_S)
+            write(*args)
+        prof._write = slow_write
+    prof.step_begins(1)
+    prof.step_ends(1)
+    prof.step_begins(2)
+    t0 = time.perf_counter()
+    prof.step_ends(2)
+    took = time.perf_counter() - t0
+    prof.close()
+    return [(what, entered - t0, left - t0) for what, entered, left in marks], took
+
+
+def test_at_the_windows_end_every_rank_waits_busy_for_the_traced_ones(tmp_path):
+    """A rank that traces nothing waits at the window's end, marked busy, until the traced ranks have written: without
+    it, it waited in the next step's first collective with no heartbeat, and the launcher's automatic watchdog (30 s
+    at least) took a long trace write for a hang, killed the job, and its restart traced the window again."""
+    (marks0, _), (marks1, took1) = run_ranks(_window_end_on_two_ranks, 2, args=(str(tmp_path),), timeout=120)
+    assert took1 >= 0.8 * SLOW_WRITE_S, took1  # it waited for rank 0's write ...
+    assert len(marks1) == 1 and marks1[0][0] == "profile", marks1  # ... marked busy the whole time
+    assert marks1[0][2] - marks1[0][1] >= 0.8 * SLOW_WRITE_S, marks1
+    assert [m[0] for m in marks0] == ["profile"]
+    assert _traces(tmp_path) == [f"rank_0_steps_1-2{TRACE_SUFFIX}"]
 
 
 @pytest.mark.slow  # two 2-rank runs: 9.6 s at load 4.4 on 2 cores
