@@ -199,6 +199,15 @@ def _parallel_copy(pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
             f.result()
 
 
+def host_dtensor(local: torch.Tensor, like: DTensor) -> DTensor:
+    """A DTensor of ``like``'s global layout (mesh, placements, shape, stride) whose local shard is ``local`` itself,
+    a host buffer of ``like``'s local shape and dtype. Not ``DTensor.from_local``: that moves its tensor to the mesh's
+    device type, so on a CUDA mesh (FSDP2 on GPUs) each staged shard went straight back to the GPU — a second copy of
+    the sharded state in device memory for every async save, and the pinned staging undone. DCP reads the shard
+    through ``to_local()`` and the layout from the spec, never from the shard's device."""
+    return DTensor(local, like._spec, requires_grad=False)
+
+
 class HostStager:
     """Copies tensors into host buffers that are reused from one save to the next.
 
@@ -240,8 +249,7 @@ class HostStager:
                     pieces = [(at, staged(f"{key}@{list(at)}", p.detach())) for at, p in t.pieces]
                     out[key] = Rectangles(t.shape, pieces, t.dtype, torch.device("cpu"))
                 elif isinstance(t, DTensor):
-                    out[key] = DTensor.from_local(staged(key, t.to_local()), t.device_mesh, t.placements,
-                                                  run_check=False, shape=t.shape, stride=t.stride())
+                    out[key] = host_dtensor(staged(key, t.to_local()), t)
                 else:
                     out[key] = staged(key, t.detach())
             _parallel_copy(host_copies)
