@@ -89,6 +89,8 @@ def device_times(fn: Callable[[], object], repeats: int, device: torch.device = 
 #: load; the llama benchmark times the peak first, after the GPU idled through the check's start, and ten 1.4 ms
 #: matmuls timed cold would read a low peak and overstate every MFU measured against it
 GPU_WARM_UP_S = 0.5
+#: the matmul size of a warm-up on CPU (:func:`warm_up`)
+CPU_WARM_UP_N = 256
 
 
 def warm_up(device: torch.device, seconds: Optional[float] = None, n: int = 4096) -> None:
@@ -98,6 +100,10 @@ def warm_up(device: torch.device, seconds: Optional[float] = None, n: int = 4096
         seconds = GPU_WARM_UP_S if device.type == "cuda" else 0.0
     if seconds <= 0:
         return
+    if device.type != "cuda":
+        # a CPU has no clocks to ramp (the tests rehearse the code there): small matmuls, so that ``seconds`` bounds
+        # the loop; one bf16 [4096, 4096] matmul takes minutes on a CPU without bf16 units, one thread
+        n = min(n, CPU_WARM_UP_N)
     a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
     end = time.perf_counter() + seconds
     while time.perf_counter() < end:
