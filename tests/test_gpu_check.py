@@ -395,7 +395,8 @@ def _stand_in_sections(calls: list, llama_rc: int):
         if cmd[3] == "kernels":
             out.write_text(json.dumps({"rows": [{"seq_len": 8192, "causal": True, "kernel": "auto", "kernel_name": "cuda",
                                                  "ops": {"flash": 6}, "ms": 4.0, "sdpa_ms": 3.9, "tflops": 480.0,
-                                                 "sdpa_tflops": 493.0, "vs_sdpa": 0.975}]}))
+                                                 "sdpa_backend": "cudnn_attention", "sdpa_tflops": 493.0,
+                                                 "vs_sdpa": 0.975}]}))
             return 0, 20.0
         out.write_text(json.dumps({"matmul_peak_tflops": 780.0, "step": {"tokens_per_s": 25000.0, "mfu_vs_measured_peak": 0.38},
                                    "longest": {"window": 4096, "longest_seq_len": 393216, "stopped_by": "bisection converged",
@@ -437,7 +438,7 @@ def test_a_failed_benchmark_keeps_every_finished_number_in_the_report(tmp_path, 
     assert llama["checkpoint"]["stall_s"] == 4.5 and llama["step"]["mfu_vs_measured_peak"] == 0.38
     md = (tmp_path / "out" / "gpu-report.md").read_text()
     assert "**error**: exit 124" in md and "longest_seq_len=393216" in md and "stall_s=4.5" in md
-    assert "| 8192 | causal | auto=cuda {'flash': 6} | 4 | 480 |" in md and "llama: exit 124" in md
+    assert "| 8192 | causal | auto=cuda {'flash': 6} | 4 | 480 | cudnn_attention | 3.9 |" in md and "llama: exit 124" in md
 
 
 def test_a_second_try_runs_only_the_sections_asked_for(tmp_path, monkeypatch, cuda_runner):
@@ -583,6 +584,8 @@ def test_kernel_benchmark_code_runs_on_cpu():
     assert seen == list(range(1, 9))
     assert all(r["ops"] == {"flash": 3} for r in rows if r["kernel"] == "cuda"), [r["ops"] for r in rows]
     assert all(r["tflops"] > 0 and r["sdpa_tflops"] > 0 and r["vs_sdpa"] > 0 for r in rows)
+    # which kernel SDPA ran, beside its time (on a GPU: cuDNN's, flash's, ...; on CPU torch's CPU flash kernel)
+    assert {r["sdpa_backend"] for r in rows} == {"flash_attention"}, rows
 
 
 def test_document_benchmark_code_runs_on_cpu(tmp_path):

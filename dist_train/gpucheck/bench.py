@@ -41,6 +41,7 @@ from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend
 from parallelism.context import CPStats, local_attention
 from parallelism.context.kernels import CudaSdpaKernel, get_kernel
 from parallelism.context.layouts import Chunk
@@ -125,6 +126,15 @@ def table_peak_tflops(device: torch.device = torch.device("cuda")) -> float | No
     return cuda_peak(device, torch.bfloat16).tflops if device.type == "cuda" else None
 
 
+def sdpa_backend_of(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool) -> str:
+    """The kernel ``F.scaled_dot_product_attention(q, k, v, is_causal=causal)`` dispatches to (q, k, v [B, H, S, D]):
+    ``flash_attention``, ``efficient_attention``, ``cudnn_attention``, ``math``. The kernels' target is a ratio to
+    SDPA, and which kernel SDPA is depends on the GPU, torch and cuDNN: torch 2.11 with cuDNN > 9.15 puts cuDNN first
+    on sm90/sm100 (an H200 among them; ``TORCH_CUDNN_SDPA_DEPRIORITIZED=1`` puts flash back first), while the block
+    kernel runs the flash op."""
+    return SDPBackend(torch._fused_sdp_choice(q, k, v, is_causal=causal)).name.lower()
+
+
 # ---------------------------------------------------------------------------------------------
 def bench_kernels(seq_lens=(8192, 32768), heads: int = 16, head_dim: int = 128, repeats: int = 5,
                   on_row: Optional[Callable[[list[dict]], None]] = None, device: torch.device = torch.device("cuda"),
@@ -157,6 +167,7 @@ def bench_kernels(seq_lens=(8192, 32768), heads: int = 16, head_dim: int = 128, 
                 out.backward(dos)
 
             t_sdpa = statistics.median(device_times(sdpa, repeats, dev))
+            sdpa_backend = sdpa_backend_of(qs, ks, vs, causal)
             for label, kern in kernels.items():
                 def ours(kern=kern):
                     out, lse = kern.forward(q, k, v, mask, scale)
@@ -166,7 +177,7 @@ def bench_kernels(seq_lens=(8192, 32768), heads: int = 16, head_dim: int = 128, 
                 t = statistics.median(device_times(ours, repeats, dev))
                 ops = {op: n - before.get(op, 0) for op, n in getattr(kern, "calls", {}).items() if n > before.get(op, 0)}
                 rows.append({"seq_len": s, "causal": causal, "kernel": label, "kernel_name": kern.name,
-                             "ops": ops, "ms": t * 1e3, "sdpa_ms": t_sdpa * 1e3,
+                             "ops": ops, "ms": t * 1e3, "sdpa_ms": t_sdpa * 1e3, "sdpa_backend": sdpa_backend,
                              "tflops": flops / t / 1e12, "sdpa_tflops": flops / t_sdpa / 1e12,
                              "vs_sdpa": t_sdpa / t})
                 if on_row is not None:

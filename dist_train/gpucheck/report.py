@@ -146,11 +146,12 @@ def _bench_md(name: str, res: dict) -> list[str]:
     if name == "kernels":
         if not res.get("rows"):
             return lines + ["no rows measured", ""]
-        lines += ["| S | mask | kernel (ops) | ms | TFLOP/s | SDPA ms | SDPA TFLOP/s | vs SDPA |", "|---|---|---|---|---|---|---|---|"]
+        lines += ["| S | mask | kernel (ops) | ms | TFLOP/s | SDPA kernel | SDPA ms | SDPA TFLOP/s | vs SDPA |",
+                  "|---|---|---|---|---|---|---|---|---|"]
         for r in res.get("rows", []):
             lines.append(f"| {r['seq_len']} | {'causal' if r['causal'] else 'full'} | {r['kernel']}={r['kernel_name']} "
-                         f"{r['ops']} | {_fmt(r['ms'])} | {_fmt(r['tflops'])} | {_fmt(r['sdpa_ms'])} | "
-                         f"{_fmt(r['sdpa_tflops'])} | {_fmt(r['vs_sdpa'])}× |")
+                         f"{r['ops']} | {_fmt(r['ms'])} | {_fmt(r['tflops'])} | {_fmt(r.get('sdpa_backend'))} | "
+                         f"{_fmt(r['sdpa_ms'])} | {_fmt(r['sdpa_tflops'])} | {_fmt(r['vs_sdpa'])}× |")
         worst = min(res["rows"], key=lambda r: r["vs_sdpa"])
         where = f" (lowest row: {worst['kernel']}, S={worst['seq_len']}, {'causal' if worst['causal'] else 'full'})"
         lines += ["", _target_line("speed vs SDPA", worst["vs_sdpa"], TARGET_VS_SDPA, where), ""]
