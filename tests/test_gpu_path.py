@@ -259,6 +259,38 @@ def test_trainer_on_one_gpu_with_nccl_bf16_vs_fp32(tmp_path, nccl_world_one, rec
     assert s["mfu"] is not None and 0 < s["mfu"] < 1, s
 
 
+def test_profiled_steps_on_cuda_trace_kernels_and_the_allocator(tmp_path, record_property):
+    """``profile.steps`` with ``profile.memory`` on one GPU: the trace holds exactly the window's steps and CUDA
+    kernels, the allocator snapshot loads with its segments and alloc/free history, and the losses are those of the
+    same run unprofiled (profiling observes, never changes)."""
+    import gzip
+    import json
+    import pickle
+
+    from dist_train.profiling import MEMORY_SUFFIX, PROFILE_DIR, TRACE_SUFFIX
+    from dist_train.trainer import train
+    from tests.trainer_utils import tiny_gpt_config
+
+    def run(name: str, **profile):
+        return train(tiny_gpt_config(tmp_path / name, steps=4, train={"precision": "bf16"},
+                                     **({"profile": profile} if profile else {})))
+
+    plain, profiled = run("plain"), run("profiled", steps=[3, 4], memory=True)
+    assert profiled.exit_code == 0 and profiled.losses == plain.losses, (profiled.losses, plain.losses)
+    folder = tmp_path / "profiled" / PROFILE_DIR
+    trace, = folder.glob(f"*{TRACE_SUFFIX}")
+    events = json.loads(gzip.decompress(trace.read_bytes()))["traceEvents"]
+    steps = sorted(int(e["name"].split("#")[1]) for e in events if e.get("name", "").startswith("ProfilerStep#"))
+    kernels = [e for e in events if e.get("cat") == "kernel"]
+    record_property("trace_kernels", len(kernels))
+    assert steps == [3, 4] and kernels, (steps, len(kernels))
+    snapshot, = folder.glob(f"*{MEMORY_SUFFIX}")
+    with snapshot.open("rb") as f:
+        memory = pickle.load(f)
+    record_property("snapshot_segments", len(memory["segments"]))
+    assert memory["segments"] and any(memory["device_traces"]), list(memory)
+
+
 def test_the_steps_cpu_scalars_reduce_over_an_nccl_group(nccl_world_one):
     """The trainer's token count and the engines' loss sums are float64 CPU tensors, reduced over the mesh's groups;
     NCCL refuses CPU tensors ("No backend type associated with device type cpu"), so on more than one GPU every step
