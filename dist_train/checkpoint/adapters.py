@@ -274,16 +274,139 @@ def _check_rectangles(entries: dict[str, Any]) -> None:
 
 
 def _flat_groups(opt) -> Optional[list[_FlatGroup]]:
-    """The partitions of a DeepSpeed optimizer wrapper (DeepSpeed 0.19 attribute names), or None for a
-    plain torch optimizer (ZeRO stage 0 in fp32 hands the client optimizer through unchanged)."""
+    """The partitions of a DeepSpeed optimizer wrapper that keeps its fp32 masters flat (DeepSpeed 0.19 attribute
+    names), or None for one that does not: a plain torch optimizer (ZeRO stage 0 in fp32 hands the client optimizer
+    through unchanged) or the stage-0 master-copy wrapper (:class:`MasterCopyAdapter`)."""
     if hasattr(opt, "fp32_partitioned_groups_flat"):  # ZeRO-3: sub-groups of the param groups
         return [_FlatGroup(list(ps), opt.fp32_partitioned_groups_flat[s], int(opt.sub_group_to_group_id[s]))
                 for s, ps in enumerate(opt.fp16_groups)]
     if hasattr(opt, "single_partition_of_fp32_groups"):  # ZeRO-1/2
         return [_FlatGroup(list(ps), opt.single_partition_of_fp32_groups[i], i) for i, ps in enumerate(opt.bit16_groups)]
-    if hasattr(opt, "fp32_groups_flat_partition"):  # BF16_Optimizer (stage 0 with bf16)
+    if hasattr(opt, "fp32_groups_flat_partition"):
+        # BF16_Optimizer: DeepSpeed 0.19.8 builds it for bf16 at ZeRO-1 with data_types.grad_accum_dtype = fp32 (and
+        # under its own pipeline engine, which dist-train does not use); bf16 at stage 0 is FP16_UnfusedOptimizer
         return [_FlatGroup(list(ps), opt.fp32_groups_flat_partition[i], i) for i, ps in enumerate(opt.bf16_groups)]
     return None
+
+
+def _whole_tensor_adapter(opt) -> StateAdapter:
+    """The adapter of a DeepSpeed optimizer with no flat partitions (:func:`_flat_groups` None): the client torch
+    optimizer itself (stage 0 in fp32) or DeepSpeed's stage-0 master-copy wrapper (bf16). Anything else is refused
+    here, when the engine builds its checkpoint manager — before the first step, not at the first save."""
+    if isinstance(opt, torch.optim.Optimizer):
+        return TorchStateAdapter()
+    if MasterCopyAdapter.wraps(opt):
+        return MasterCopyAdapter(opt)
+    raise TypeError(f"DeepSpeed built a {type(opt).__name__} optimizer, whose state the checkpoint adapter cannot "
+                    "read (it knows ZeRO-1/2/3, BF16_Optimizer, FP16_UnfusedOptimizer and a plain torch optimizer): "
+                    "such a run could not save a checkpoint; use another zero_stage or precision")
+
+
+def _load_into(live: torch.Tensor, given: torch.Tensor) -> None:
+    """``live`` <- ``given`` unless ``given`` already is ``live`` 's memory (what DCP loaded in place: the tensor
+    ``get`` returned or a view of all of it, as the tensor-parallel adapter hands back)."""
+    same = (given.data_ptr() == live.data_ptr() and given.shape == live.shape and given.stride() == live.stride()
+            and given.dtype == live.dtype)
+    if not same:
+        live.copy_(given)
+
+
+class MasterCopyAdapter(StateAdapter):
+    """fp32 weights and optimizer state of DeepSpeed's stage-0 low-precision wrapper, in :class:`TorchStateAdapter` 's
+    per-parameter-name form.
+
+    DeepSpeed 0.19.8 at ZeRO stage 0 in bf16 wraps a torch optimizer (ours: AdamW) in ``FP16_UnfusedOptimizer``
+    (engine.py: model and gradient-accumulation dtype both bf16 -> ``ddp_bf16`` -> ``_configure_fp16_optimizer``; the
+    fused ``FP16_Optimizer`` only for DeepSpeed's FusedAdam). Per param group ``i`` it keeps ``fp16_groups[i]`` (the
+    module's bf16 parameters, trainable ones) and ``fp32_groups[i]`` (an fp32 copy of each, full shape and the same on
+    every dp rank: stage 0 partitions nothing), and the inner optimizer steps the fp32 copies — its state (AdamW's
+    ``exp_avg``, ``exp_avg_sq`` [*shape], ``step``) is keyed by them — after which the wrapper copies each into its
+    bf16 parameter. So the state to save is the fp32 copies, the inner optimizer's state and its hyper-parameters:
+    ``model.<fqn>`` is the fp32 master (as every engine writes it), ``optim.state.<fqn>.<k>`` the inner state of that
+    master, ``optim.param_groups.<fqn>.<k>`` its group's hyper-parameters — the TorchStateAdapter's exact keys, so
+    checkpoints go between this and every other engine and dp (the copies are replicas: DCP writes one, and every
+    rank loads the whole tensor at any dp). The tensors are the live ones: DCP writes from and loads into them, no
+    copy. A load then refreshes the bf16 parameters from the masters, as the wrapper does after each step.
+
+    The loss scaler has no state to keep in bf16: DeepSpeed scales only fp16 (``use_grad_scaling``), so the scale is
+    a constant 1.0 and its iteration count feeds nothing but the dynamic scaler; a wrapper that scales (fp16, which
+    dist-train refuses) is refused here rather than resumed with its scale reset."""
+
+    def __init__(self, wrapper) -> None:
+        if getattr(wrapper.loss_scale_config, "use_grad_scaling", True):
+            raise ValueError(f"DeepSpeed's {type(wrapper).__name__} scales the loss (fp16): its loss-scaler state is "
+                             "not checkpointed; train in bf16 or fp32")
+        for i, (group, masters) in enumerate(zip(wrapper.optimizer.param_groups, wrapper.fp32_groups, strict=True)):
+            if [id(t) for t in group["params"]] != [id(t) for t in masters]:
+                raise RuntimeError(f"DeepSpeed's {type(wrapper).__name__}: param group {i} of its inner optimizer does "
+                                   "not step its fp32 copies (a DeepSpeed version with another layout?)")
+        self.opt = wrapper
+
+    @staticmethod
+    def wraps(opt) -> bool:
+        """Whether ``opt`` is the stage-0 master-copy wrapper (by its attribute names, as :func:`_flat_groups`)."""
+        return all(hasattr(opt, a) for a in ("fp16_groups", "fp32_groups", "loss_scale_config", "optimizer"))
+
+    def _masters(self, model: nn.Module) -> dict[str, tuple[int, nn.Parameter, torch.Tensor]]:
+        """Parameter name -> (its param group, the parameter, its fp32 master); a parameter in none (frozen) has no
+        master to save."""
+        by_id = {id(p): (i, master) for i, (ps, masters) in enumerate(zip(self.opt.fp16_groups, self.opt.fp32_groups))
+                 for p, master in zip(ps, masters, strict=True)}
+        out = {}
+        for name, p in model.named_parameters():
+            if id(p) not in by_id:
+                raise ValueError(f"parameter '{name}' is in no DeepSpeed optimizer group (requires_grad = False?): it "
+                                 "has no fp32 master copy, so it cannot be checkpointed")
+            group, master = by_id[id(p)]
+            out[name] = (group, p, master)
+        return out
+
+    def _state(self, name: str, master: torch.Tensor) -> dict:
+        state = self.opt.optimizer.state.get(master)
+        if not state:  # the wrapper's constructor steps once with zero gradients, creating it
+            raise RuntimeError(f"parameter '{name}': DeepSpeed's {type(self.opt).__name__} holds no optimizer state "
+                               "for its fp32 master (a DeepSpeed version that creates it lazily?)")
+        return state
+
+    def get(self, model, optimizer):
+        masters = self._masters(model)
+        model_sd: dict[str, Any] = {name: master for name, (_, _, master) in masters.items()}
+        model_sd.update(module_buffers(model, dict(model.named_parameters())))
+        if optimizer is None:
+            return model_sd, None
+        optim_sd: dict[str, Any] = {}
+        for name, (group, _, master) in masters.items():
+            for k, v in self._state(name, master).items():
+                optim_sd[f"state.{name}.{k}"] = v
+            for k, v in self.opt.optimizer.param_groups[group].items():
+                if k != "params":
+                    optim_sd[f"param_groups.{name}.{k}"] = v
+        return model_sd, optim_sd
+
+    def set(self, model, optimizer, model_sd, optim_sd):
+        """``model_sd`` / ``optim_sd``: what :meth:`get` returned, loaded (DCP: in place)."""
+        masters = self._masters(model)
+        params = dict(model.named_parameters())
+        with torch.no_grad():
+            for name, (_, _, master) in masters.items():
+                _load_into(master, model_sd[name])
+            for name, buf in module_buffers(model, params).items():
+                _load_into(buf, model_sd[name])
+            if optimizer is not None and optim_sd is not None:
+                for name, (group, _, master) in masters.items():
+                    state = self._state(name, master)
+                    for k, live in list(state.items()):
+                        saved = optim_sd[f"state.{name}.{k}"]
+                        if isinstance(live, torch.Tensor):
+                            _load_into(live, saved)
+                        else:
+                            state[k] = saved
+                    hyper = self.opt.optimizer.param_groups[group]
+                    for k in hyper:
+                        if k != "params":
+                            hyper[k] = optim_sd[f"param_groups.{name}.{k}"]
+            for _, p, master in masters.values():  # the wrapper's after-step copy (round to nearest even in bf16)
+                p.data.copy_(master)
 
 
 class DeepSpeedStateAdapter(StateAdapter):
@@ -291,8 +414,10 @@ class DeepSpeedStateAdapter(StateAdapter):
     per-parameter-name form, so ZeRO 0-3 at any dp and the plain DDP / pipeline / FSDP2 engines read each other's
     checkpoints — written and read by each rank from its own partition, nothing gathered.
 
-    ``zero_optimizer``: the DeepSpeed engine's optimizer (a ZeRO / bf16 wrapper, or the plain torch
-    optimizer for stage 0 in fp32, which is handed to :class:`TorchStateAdapter` unchanged).
+    ``zero_optimizer``: the DeepSpeed engine's optimizer: a ZeRO / BF16_Optimizer wrapper (flat fp32 partitions, read
+    here), the plain torch optimizer of stage 0 in fp32 (handed to :class:`TorchStateAdapter` unchanged) or stage 0's
+    bf16 wrapper (whole fp32 master copies: :class:`MasterCopyAdapter`); any other is refused when the adapter is
+    built, before the run's first step.
 
     Every parameter ``model.<fqn>`` [*shape] (and each per-element optimizer state ``optim.state.<fqn>.exp_avg``,
     …) is a :class:`~dist_train.checkpoint.rectangles.Rectangles` of the full shape whose pieces are views of this
@@ -313,7 +438,8 @@ class DeepSpeedStateAdapter(StateAdapter):
         self.opt = zero_optimizer
         self.groups = _flat_groups(zero_optimizer)
         self.zero3 = hasattr(zero_optimizer, "fp32_partitioned_groups_flat")
-        self._plain = TorchStateAdapter()
+        # no flat partitions: the whole tensors of a plain torch optimizer or of the stage-0 bf16 wrapper
+        self._whole = None if self.groups is not None else _whole_tensor_adapter(zero_optimizer)
 
     # -- helpers ---------------------------------------------------------------------------------
     @property
@@ -415,7 +541,7 @@ class DeepSpeedStateAdapter(StateAdapter):
     # -- StateAdapter ----------------------------------------------------------------------------
     def get(self, model, optimizer):
         if self.groups is None:
-            return self._plain.get(model, optimizer)
+            return self._whole.get(model, optimizer)
         self._refuse_swapping()
         params = dict(model.named_parameters())
         group = self._group_of(params)
@@ -442,7 +568,7 @@ class DeepSpeedStateAdapter(StateAdapter):
     def set(self, model, optimizer, model_sd, optim_sd):
         """``model_sd`` / ``optim_sd``: what :meth:`get` returned, its Rectangles loaded in place (DCP)."""
         if self.groups is None:
-            self._plain.set(model, optimizer, model_sd, optim_sd)
+            self._whole.set(model, optimizer, model_sd, optim_sd)
             return
         params = dict(model.named_parameters())
         group = self._group_of(params)
