@@ -199,6 +199,29 @@ def test_nvme_offload_without_deepspeeds_async_io_op_is_refused_before_the_ranks
     preflight(offloading("cpu"), on_cuda=False)  # host offload needs no op
 
 
+@pytest.mark.parametrize("precision, accumulate", [("bf16", "fp32"), ("fp32", "bfloat16"), ("bf16", "fp16")])
+def test_a_stage0_gradient_accumulation_dtype_deepspeed_builds_no_optimizer_for_is_refused_before_the_ranks(
+        tmp_path, precision, accumulate):
+    """At ZeRO stage 0 DeepSpeed 0.19.8 accumulates gradients only in the weights' dtype: any other
+    ``data_types.grad_accum_dtype`` stopped every rank's engine build with a NotImplementedError ("unsupported mix of
+    model_dtype and grad_accum_dtype"). The pre-flight refuses it in one line, and a dtype name DeepSpeed does not
+    know; the weights' own dtype passes, and so does fp32 accumulation of bf16 weights at ZeRO-1 (DeepSpeed's
+    BF16_Optimizer, which trains and checkpoints: tests/test_ckpt_engines.py)."""
+    def config(stage: int, grad_accum_dtype: str, train_precision: str = precision):
+        return tiny_gpt_config(tmp_path / "run", train={"precision": train_precision},
+                               parallel={"zero_stage": stage,
+                                         "deepspeed": {"data_types": {"grad_accum_dtype": grad_accum_dtype}}})
+    with pytest.raises(ConfigError) as info:
+        preflight(config(0, accumulate), on_cuda=False)
+    message = str(info.value)
+    assert message.startswith(f"parallel.deepspeed.data_types.grad_accum_dtype = '{accumulate}' with "
+                              "parallel.zero_stage = 0") and "\n" not in message, message
+    preflight(config(0, precision), on_cuda=False)
+    preflight(config(1, "fp32", "bf16"), on_cuda=False)
+    with pytest.raises(ConfigError, match="grad_accum_dtype = 'float64': not a dtype DeepSpeed knows"):
+        preflight(config(0, "float64"), on_cuda=False)
+
+
 def test_the_engines_nvme_check_reads_zero_optimization_through_the_configs_one_lookup(tmp_path, monkeypatch):
     """``parallel.deepspeed.zero_optimization`` is looked up in one place (config.user_zero_optimization: the block,
     or {} when absent or not a mapping); the engine's NVMe check read it with its own copy of that lookup before.

@@ -90,12 +90,38 @@ def check_deepspeed_keys(cfg: Config, bf16: bool) -> None:
     rest) — or one its sub-configs reject (``zero_optimization: {overlap_comms: true}``), here before any rank
     starts instead of a traceback from every rank. Runs DeepSpeed's own ``DeepSpeedConfig`` over the generated
     config with no process group (a one-rank view); any other complaint of it is left to the ranks, whose world
-    size it may depend on. Then :func:`check_nvme_offload`."""
+    size it may depend on. Then :func:`check_nvme_offload` and :func:`check_stage0_grad_accum_dtype`."""
     if cfg.parallel.zero_stage is None or not cfg.parallel.deepspeed:
         return  # the generated config alone: nothing of the user's to check, and no deepspeed import
     quiet_deepspeed(on_cpu=not torch.cuda.is_available())
     _check_keys_read(cfg, bf16)
     check_nvme_offload(cfg)
+    check_stage0_grad_accum_dtype(cfg, bf16)
+
+
+def check_stage0_grad_accum_dtype(cfg: Config, bf16: bool) -> None:
+    """At ZeRO stage 0 DeepSpeed 0.19.8 builds an optimizer only when gradients accumulate in the model's dtype
+    (engine.py ``_do_optimizer_sanity_check``: else "unsupported mix of model_dtype and grad_accum_dtype", a
+    NotImplementedError from every rank's engine build); a ``parallel.deepspeed.data_types.grad_accum_dtype`` of
+    another dtype is refused here in one line. (ZeRO-1 in bf16 with fp32 accumulation is DeepSpeed's BF16_Optimizer,
+    which trains and checkpoints.)"""
+    data_types = (cfg.parallel.deepspeed or {}).get("data_types")
+    value = data_types.get("grad_accum_dtype") if isinstance(data_types, dict) else None
+    if cfg.parallel.zero_stage != 0 or value is None:
+        return
+    from deepspeed.runtime.config import DtypeEnum  # deepspeed only where it runs
+
+    try:
+        accumulate = DtypeEnum(value).value
+    except ValueError:
+        raise ConfigError(f"parallel.deepspeed.data_types.grad_accum_dtype = {value!r}: not a dtype DeepSpeed knows "
+                          "(fp32, bf16, fp16)") from None
+    model = torch.bfloat16 if bf16 else torch.float32
+    if accumulate != model:
+        raise ConfigError(f"parallel.deepspeed.data_types.grad_accum_dtype = {value!r} with parallel.zero_stage = 0 "
+                          f"and {str(model).replace('torch.', '')} weights: DeepSpeed accumulates stage-0 gradients "
+                          "only in the weights' dtype and builds no optimizer for this mix; remove it, or use "
+                          "zero_stage 1-3")
 
 
 def _check_keys_read(cfg: Config, bf16: bool) -> None:
