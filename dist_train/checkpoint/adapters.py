@@ -13,7 +13,9 @@ Why these exist — the danger they remove. DCP treats same-named plain tensors 
   DeepSpeed. :class:`DeepSpeedStateAdapter` presents each parameter's part in this rank's partition (a flat
   range of the flattened parameter) as a :class:`~dist_train.checkpoint.rectangles.Rectangles` of boxes of
   the full tensor, views of the partition, under the TorchStateAdapter's keys: each rank writes and reads
-  its own partition, nothing is gathered.
+  its own partition, nothing is gathered. ZeRO-0 in bf16 keeps a whole fp32 master copy of each parameter
+  (DeepSpeed's FP16_UnfusedOptimizer): :class:`MasterCopyAdapter` (through :class:`DeepSpeedStateAdapter`) presents
+  those and their optimizer state as plain tensors under the same keys.
 
     kwargs = engine_checkpoint_kwargs(module, mesh)                               # DDP / pipeline / FSDP2 engines
     kwargs = engine_checkpoint_kwargs(module, mesh, DeepSpeedStateAdapter(ds_opt)) # DeepSpeed engine
