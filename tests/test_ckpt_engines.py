@@ -605,15 +605,19 @@ def test_zero_with_cpu_optimizer_offload_resumes_exactly_and_without_offload(tmp
         assert start == 4 and rel_close(losses, r["straight"][4:], 1e-5), (losses, r["straight"])
 
 
-#: DeepSpeed's optimizer wrappers, one case each: (name, zero stage, precision, parallel.deepspeed, the wrapper
-#: DeepSpeed 0.19.8 builds: engine.py ``_configure_optimizer``), whose state DeepSpeedStateAdapter saves and loads.
-#: ZeRO-2 builds ZeRO-1's wrapper (the adapter reads both alike): its bf16 case would add time, not code covered
+#: DeepSpeed's optimizer wrappers, one case each: (name, parallel, precision, the wrapper DeepSpeed 0.19.8 builds:
+#: engine.py ``_configure_optimizer``), whose state DeepSpeedStateAdapter saves and loads. ZeRO-2 builds ZeRO-1's
+#: wrapper (the adapter reads both alike): its bf16 case would add time, not code covered. tp 2 × ZeRO-0 bf16: the
+#: tensor-parallel adapter over the master copies (the odd vocabulary's padded shard copied in on load), saved
+#: asynchronously (host staging); launch refuses bf16 with tp > 1 on CPU for Megatron's backward, train() runs it
 ZERO_PRECISIONS = [
-    ("zero0_fp32", 0, "fp32", None, "AdamW"),  # ours, handed through: TorchStateAdapter
-    ("zero0_bf16", 0, "bf16", None, "FP16_UnfusedOptimizer"),  # whole fp32 master copies: MasterCopyAdapter
-    ("zero1_bf16", 1, "bf16", None, "DeepSpeedZeroOptimizer"),
-    ("zero3_bf16", 3, "bf16", None, "DeepSpeedZeroOptimizer_Stage3"),
-    ("zero1_bf16_fp32_grads", 1, "bf16", {"data_types": {"grad_accum_dtype": "fp32"}}, "BF16_Optimizer"),
+    ("zero0_fp32", {"dp": 2, "zero_stage": 0}, "fp32", "AdamW"),  # ours, handed through: TorchStateAdapter
+    ("zero0_bf16", {"dp": 2, "zero_stage": 0}, "bf16", "FP16_UnfusedOptimizer"),  # fp32 masters: MasterCopyAdapter
+    ("zero1_bf16", {"dp": 2, "zero_stage": 1}, "bf16", "DeepSpeedZeroOptimizer"),
+    ("zero3_bf16", {"dp": 2, "zero_stage": 3}, "bf16", "DeepSpeedZeroOptimizer_Stage3"),
+    ("zero1_bf16_fp32_grads", {"dp": 2, "zero_stage": 1, "deepspeed": {"data_types": {"grad_accum_dtype": "fp32"}}},
+     "bf16", "BF16_Optimizer"),
+    ("tp2_zero0_bf16", {"tp": 2, "zero_stage": 0}, "bf16", "FP16_UnfusedOptimizer"),
 ]
 
 
@@ -622,7 +626,7 @@ def _saved_value_keys(step: Path) -> set:
 
 
 def _zero_precision_ranks(rank: int, world: int, root: str) -> dict:
-    """Per :data:`ZERO_PRECISIONS` case at dp 2: 4 steps saving at 2, and that step-2 checkpoint resumed to 4 by the
+    """Per :data:`ZERO_PRECISIONS` case: 4 steps saving at 2, and that step-2 checkpoint resumed to 4 by the
     same layout; then the ZeRO-0 bf16 checkpoint resumed at ZeRO-1 and the ZeRO-1 one at ZeRO-0 (the master-copy
     adapter loading another engine's checkpoint). Records the optimizer each engine's adapter wraps, in order."""
     wrappers, init = [], DeepSpeedStateAdapter.__init__
@@ -633,10 +637,10 @@ def _zero_precision_ranks(rank: int, world: int, root: str) -> dict:
     DeepSpeedStateAdapter.__init__ = recording
     out: dict = {}
     try:
-        for name, stage, precision, deepspeed, _ in ZERO_PRECISIONS:
-            par = {"dp": 2, "zero_stage": stage, **({"deepspeed": deepspeed} if deepspeed else {})}
+        for name, par, precision, _ in ZERO_PRECISIONS:
             over = {"precision": precision}
-            straight = train(_cfg(root, name, par, steps=4, checkpoint={"every": 2}, train_over=over)).losses
+            save = {"every": 2, "async_save": "tp" in par}
+            straight = train(_cfg(root, name, par, steps=4, checkpoint=save, train_over=over)).losses
             resumed = train(_cfg(root, f"{name}_resumed", par, steps=4, train_over=over,
                                  checkpoint=_resume_from(root, name, 2)))
             out[name] = (straight, resumed.start_step, resumed.losses)
@@ -649,14 +653,14 @@ def _zero_precision_ranks(rank: int, world: int, root: str) -> dict:
     return {**out, "wrappers": wrappers}
 
 
-@pytest.mark.slow  # ~15 s: 12 two-rank DeepSpeed runs of 2-4 steps in one spawn, one world-1 resume
+@pytest.mark.slow  # ~20 s: 14 two-rank DeepSpeed runs of 2-4 steps in one spawn, one world-1 resume
 def test_every_zero_stage_and_precision_saves_and_resumes_bit_for_bit(tmp_path):
     """Each optimizer wrapper DeepSpeed builds for dist-train's stages and precisions (:data:`ZERO_PRECISIONS`) saves a
-    checkpoint, and a resume from it repeats the run bit for bit. ZeRO-0 in bf16 (FP16_UnfusedOptimizer: an fp32 master
-    copy per parameter) failed at its first save ('FP16_UnfusedOptimizer' object is not iterable): such a run
-    lost all its work. Every case writes the one layout (same tensors, shapes, dtypes and values); the ZeRO-0 bf16
-    checkpoint resumes at ZeRO-1 and at dp 1 (the masters are replicas: any dp loads them whole), and a ZeRO-1 one at
-    ZeRO-0, each with the saving run's losses (1e-5)."""
+    checkpoint, and a resume from it repeats the run bit for bit. ZeRO-0 in bf16 (FP16_UnfusedOptimizer: an fp32
+    master copy per parameter) failed at its first save ('FP16_UnfusedOptimizer' object is not iterable), at any tp:
+    such a run lost all its work. Every case writes the one layout (same tensors, shapes, dtypes and values); the
+    ZeRO-0 bf16 checkpoint resumes at ZeRO-1 and at dp 1 (the masters are replicas: any dp loads them whole), and a
+    ZeRO-1 one at ZeRO-0, each with the saving run's losses (1e-5)."""
     r = run_ranks(_zero_precision_ranks, 2, args=(str(tmp_path),), timeout=300)
     assert r[0] == r[1]
     r = r[0]
