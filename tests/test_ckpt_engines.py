@@ -660,7 +660,9 @@ def test_every_zero_stage_and_precision_saves_and_resumes_bit_for_bit(tmp_path):
     master copy per parameter) failed at its first save ('FP16_UnfusedOptimizer' object is not iterable), at any tp:
     such a run lost all its work. Every case writes the one layout (same tensors, shapes, dtypes and values); the
     ZeRO-0 bf16 checkpoint resumes at ZeRO-1 and at dp 1 (the masters are replicas: any dp loads them whole), and a
-    ZeRO-1 one at ZeRO-0, each with the saving run's losses (1e-5)."""
+    ZeRO-1 one at ZeRO-0, each with the saving run's losses (1e-5). And ZeRO-0 bf16 trains as ZeRO-1 bf16 does, bit
+    for bit: DeepSpeed's wrapper stepped AdamW once when built (one more Adam step and weight decay than the config
+    says), which the engine undoes (engines/deepspeed.undo_build_step)."""
     r = run_ranks(_zero_precision_ranks, 2, args=(str(tmp_path),), timeout=300)
     assert r[0] == r[1]
     r = r[0]
@@ -669,6 +671,8 @@ def test_every_zero_stage_and_precision_saves_and_resumes_bit_for_bit(tmp_path):
     for name, *_ in ZERO_PRECISIONS:
         straight, start, losses = r[name]
         assert start == 2 and losses == straight[2:], (name, straight, start, losses)
+    # ZeRO-0 bf16 trains as ZeRO-1 bf16 does: DeepSpeed's build-time AdamW step is undone (undo_build_step)
+    assert r["zero0_bf16"][0] == r["zero1_bf16"][0], (r["zero0_bf16"][0], r["zero1_bf16"][0])
     ref = tmp_path / "zero0_fp32" / "checkpoints" / "step_2"
     for name, *_ in ZERO_PRECISIONS:  # one layout: tensors (keys, shapes, dtypes) and values
         step = tmp_path / name / "checkpoints" / "step_2"

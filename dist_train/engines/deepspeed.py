@@ -33,7 +33,8 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from ..checkpoint.adapters import DeepSpeedStateAdapter, ZeRO3WeightsAdapter, engine_checkpoint_kwargs
+from ..checkpoint.adapters import (DeepSpeedStateAdapter, MasterCopyAdapter, ZeRO3WeightsAdapter,
+                                   engine_checkpoint_kwargs)
 from ..config import (Config, ConfigError, deep_merge, deepspeed_generated, user_zero_optimization,
                       zero_reduce_bucket_elements)
 from ..megatron_import import compile_as_identity
@@ -173,6 +174,24 @@ def check_nvme_offload(cfg: Config) -> None:
                       "through its async_io op, which this DeepSpeed installation neither holds nor can build (it "
                       "needs libaio: install libaio-dev, then reinstall deepspeed with DS_BUILD_AIO=1); offload to "
                       "cpu instead")
+
+
+def undo_build_step(wrapper) -> None:
+    """Undo the optimizer step DeepSpeed's stage-0 bf16 wrapper (FP16_UnfusedOptimizer) takes when it is built.
+
+    Its ``initialize_optimizer_states`` steps the inner AdamW once with zero gradients at the configured lr, to create
+    the state: AdamW's decoupled weight decay then shrinks every decayed fp32 master by ``1 - lr·wd`` and its ``step``
+    becomes 1, so every real step after it had one more bias-correction step and the masters one more decay than the
+    run's config says (and than ZeRO-1/2/3, which create the state without a step). The masters were exact fp32 copies
+    of the bf16 weights (``p.clone().float()``), so copying the weights back (DeepSpeed's ``refresh_fp32_params``)
+    restores them exactly; the moments of a zero gradient are zero, and ``step`` goes back to 0: the state torch's
+    AdamW creates on its own first step. The state is kept (not dropped) so a resume has it to load into."""
+    wrapper.refresh_fp32_params()
+    with torch.no_grad():
+        for state in wrapper.optimizer.state.values():
+            for value in state.values():
+                if torch.is_tensor(value):
+                    value.zero_()
 
 
 class MeshMPU:
@@ -351,6 +370,8 @@ class DeepSpeedEngine(DeepSpeedForwardEngine):
         engine, optimizer, _, scheduler = deepspeed.initialize(
             model=model, optimizer=optimizer, lr_scheduler=lambda opt: build_scheduler(opt, cfg.train),
             mpu=MeshMPU(self.mesh), config=self.ds_config, dist_init_required=False)
+        if MasterCopyAdapter.wraps(optimizer):
+            undo_build_step(optimizer)
         return engine, optimizer, scheduler
 
     def checkpoint_kwargs(self) -> dict:
