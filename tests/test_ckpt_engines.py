@@ -653,7 +653,7 @@ def _zero_precision_ranks(rank: int, world: int, root: str) -> dict:
     return {**out, "wrappers": wrappers}
 
 
-@pytest.mark.slow  # ~20 s: 14 two-rank DeepSpeed runs of 2-4 steps in one spawn, one world-1 resume
+@pytest.mark.slow  # 10-20 s (load 3-4): 14 two-rank DeepSpeed runs of 2-4 steps in one spawn, a world-1 resume
 def test_every_zero_stage_and_precision_saves_and_resumes_bit_for_bit(tmp_path):
     """Each optimizer wrapper DeepSpeed builds for dist-train's stages and precisions (:data:`ZERO_PRECISIONS`) saves a
     checkpoint, and a resume from it repeats the run bit for bit. ZeRO-0 in bf16 (FP16_UnfusedOptimizer: an fp32
