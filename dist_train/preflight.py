@@ -64,9 +64,10 @@ def preflight(cfg: Config, on_cuda: bool, ranks_per_host: int = 1) -> None:
 def check_engine(cfg: Config, on_cuda: bool, forward_only: bool = False) -> None:
     """What the ranks' engine is built with: the attention kernel, and the DeepSpeed keys under the ranks' autocast
     dtype (``on_cuda``: the ranks use CUDA). Shared by the launch pre-flight and ``dist-train eval``'s
-    (``forward_only``: no backward runs)."""
+    (``forward_only``: no backward runs, no optimizer is built)."""
     check_attention_kernel(cfg, on_cuda, forward_only)
-    check_deepspeed_keys(cfg, autocast_dtype(cfg, torch.device("cuda" if on_cuda else "cpu")) == torch.bfloat16)
+    check_deepspeed_keys(cfg, autocast_dtype(cfg, torch.device("cuda" if on_cuda else "cpu")) == torch.bfloat16,
+                         forward_only)
 
 
 # -- model size -------------------------------------------------------------------------------------

@@ -14,12 +14,12 @@ from dist_train.checkpoint.compat import config_differences
 from dist_train.config import (DEEPSPEED_STAGE3_FIELD_NAMES, ConfigError, config_from_dict, load_config,
                                user_zero_optimization)
 import dist_train.engines.deepspeed as deepspeed_engine
-from dist_train.engines.deepspeed import DeepSpeedEngine
+from dist_train.engines.deepspeed import DeepSpeedEngine, DeepSpeedForwardEngine
 from dist_train.mesh import build_mesh
 from dist_train.models.gpt import build_gpt
 from dist_train.plan.cli import _plan_config
 from dist_train.plan.enumerate import enumerate_layouts
-from dist_train.preflight import preflight
+from dist_train.preflight import check_engine, preflight
 from tests.trainer_utils import tiny_gpt_config, tiny_swin_config
 
 # (model kind, sections that set the unread key, the key, a phrase of the reason)
@@ -242,6 +242,51 @@ def test_the_engines_nvme_check_reads_zero_optimization_through_the_configs_one_
         deepspeed_engine.check_nvme_offload(cfg)
     monkeypatch.setattr(deepspeed_engine, "user_zero_optimization", lambda cfg: {})
     deepspeed_engine.check_nvme_offload(cfg)
+
+
+class _Built(Exception):
+    """Raised in place of the engine's process group: its checks passed."""
+
+
+@pytest.mark.parametrize("stage", [1, 3])
+def test_an_evaluation_refuses_only_the_nvme_offload_its_engine_builds(stage, tmp_path, monkeypatch):
+    """``dist-train eval``'s DeepSpeed engine builds no optimizer (DeepSpeedForwardEngine): a training config that
+    swaps its optimizer to NVMe evaluates where DeepSpeed's async_io op is missing (eval's pre-flight and the engine
+    refused it before), while training still refuses it; ZeRO-3's parameter offload to NVMe, which the evaluation's
+    forward swaps through, is refused for both."""
+    from deepspeed.accelerator import get_accelerator
+    from deepspeed.git_version_info import installed_ops
+
+    monkeypatch.setitem(installed_ops, "async_io", False)  # no libaio, whatever the machine has
+    builder = type(get_accelerator().create_op_builder("AsyncIOBuilder"))
+    monkeypatch.setattr(builder, "is_compatible", lambda self, verbose=False: False)
+
+    def built() -> None:
+        raise _Built
+
+    monkeypatch.setattr(deepspeed_engine, "_ensure_process_group", built)  # what follows the checks: no group made
+
+    def offloading(block: str):
+        return tiny_gpt_config(tmp_path / "run", checkpoint={"resume": "none"}, parallel={
+            "dp": 1, "zero_stage": stage,
+            "deepspeed": {"zero_optimization": {block: {"device": "nvme", "nvme_path": str(tmp_path / "nvme")}}}})
+
+    cfg = offloading("offload_optimizer")
+    mesh = build_mesh(cfg.parallel, 1)
+    nvme_refused = "^parallel.deepspeed.zero_optimization.offload_optimizer.device = nvme: DeepSpeed swaps"
+    check_engine(cfg, on_cuda=False, forward_only=True)
+    with pytest.raises(_Built):
+        DeepSpeedForwardEngine(cfg, build_gpt(cfg, mesh, torch.device("cpu")), mesh, None)
+    with pytest.raises(ConfigError, match=nvme_refused):
+        check_engine(cfg, on_cuda=False)
+    with pytest.raises(ConfigError, match=nvme_refused):
+        DeepSpeedEngine(cfg, build_gpt(cfg, mesh, torch.device("cpu")), mesh, None)
+    if stage == 3:
+        cfg = offloading("offload_param")
+        with pytest.raises(ConfigError, match="^parallel.deepspeed.zero_optimization.offload_param.device = nvme"):
+            check_engine(cfg, on_cuda=False, forward_only=True)
+        with pytest.raises(ConfigError, match="^parallel.deepspeed.zero_optimization.offload_param.device = nvme"):
+            DeepSpeedForwardEngine(cfg, build_gpt(cfg, mesh, torch.device("cpu")), mesh, None)
 
 
 def test_a_resume_compares_no_key_the_model_never_reads(tmp_path):

@@ -85,18 +85,19 @@ class _ReadKeys(dict):
         return super().__contains__(key)
 
 
-def check_deepspeed_keys(cfg: Config, bf16: bool) -> None:
+def check_deepspeed_keys(cfg: Config, bf16: bool, forward_only: bool = False) -> None:
     """Refuse (ConfigError, one line) a ``parallel.deepspeed`` key that DeepSpeed would silently ignore — a top-level
     key its config never looks up (a typo such as ``zero_optimisation``: DeepSpeed reads known keys and drops the
     rest) — or one its sub-configs reject (``zero_optimization: {overlap_comms: true}``), here before any rank
     starts instead of a traceback from every rank. Runs DeepSpeed's own ``DeepSpeedConfig`` over the generated
     config with no process group (a one-rank view); any other complaint of it is left to the ranks, whose world
-    size it may depend on. Then :func:`check_nvme_offload` and :func:`check_stage0_grad_accum_dtype`."""
+    size it may depend on. Then :func:`check_nvme_offload` (``forward_only``: of what an evaluation's engine builds) and
+    :func:`check_stage0_grad_accum_dtype`."""
     if cfg.parallel.zero_stage is None or not cfg.parallel.deepspeed:
         return  # the generated config alone: nothing of the user's to check, and no deepspeed import
     quiet_deepspeed(on_cpu=not torch.cuda.is_available())
     _check_keys_read(cfg, bf16)
-    check_nvme_offload(cfg)
+    check_nvme_offload(cfg, forward_only)
     check_stage0_grad_accum_dtype(cfg, bf16)
 
 
@@ -156,13 +157,23 @@ def _check_keys_read(cfg: Config, bf16: bool) -> None:
 _OFFLOADS = ("offload_param", "offload_optimizer")
 
 
-def check_nvme_offload(cfg: Config) -> None:
+def forward_only_offloads(cfg: Config) -> tuple[str, ...]:
+    """The ZeRO offload blocks a forward-only engine (:class:`DeepSpeedForwardEngine`) builds: ZeRO-3's parameter
+    offload (``DeepSpeedZeRoOffload`` swaps the partitions its forward gathers); never ``offload_optimizer``, there
+    is no optimizer, and ZeRO-1/2 run as stage 0 (:func:`forward_only_config`), which offloads nothing."""
+    return ("offload_param",) if int(cfg.parallel.zero_stage or 0) == 3 else ()
+
+
+def check_nvme_offload(cfg: Config, forward_only: bool = False) -> None:
     """Offload to NVMe (``zero_optimization.offload_param`` or ``offload_optimizer`` with ``device: nvme``) swaps
     through DeepSpeed's async_io op, which needs libaio: where that op is neither installed nor buildable, every rank
     would stop building its engine with a traceback ("Unable to JIT load the async_io op"); refused here in one line.
-    (Offload to cpu needs no op: our torch AdamW steps the host partitions, ``zero_force_ds_cpu_optimizer: false``.)"""
+    (Offload to cpu needs no op: our torch AdamW steps the host partitions, ``zero_force_ds_cpu_optimizer: false``.)
+    ``forward_only`` (``dist-train eval``): only the blocks its engine builds (:func:`forward_only_offloads`), so a
+    training config that swaps its optimizer to NVMe still evaluates where the op is missing."""
     zero = user_zero_optimization(cfg)
-    nvme = [k for k in _OFFLOADS if isinstance(zero.get(k), dict) and zero[k].get("device") == "nvme"]
+    used = forward_only_offloads(cfg) if forward_only else _OFFLOADS
+    nvme = [k for k in used if isinstance(zero.get(k), dict) and zero[k].get("device") == "nvme"]
     if not nvme:
         return
     from deepspeed.accelerator import get_accelerator  # deepspeed only where it runs
@@ -297,6 +308,9 @@ class DeepSpeedForwardEngine:
     casts its masters after a step, so the forward and its loss are the trained engine's, bit for bit
     (tests/test_eval_command.py). Every ZeRO stage loads without its optimizer (DeepSpeed 0.19.8)."""
 
+    #: builds no optimizer: its checks skip what only an optimizer uses (offload_optimizer to NVMe)
+    forward_only = True
+
     def __init__(self, cfg: Config, model: nn.Module, mesh: Mesh, autocast_dtype: Optional[torch.dtype]):
         quiet_deepspeed(on_cpu=next(model.parameters()).device.type == "cpu")
         import deepspeed
@@ -305,7 +319,7 @@ class DeepSpeedForwardEngine:
 
         # the pre-flight ran this before any rank when one ran (launch, run); bench and scale ranks come here directly.
         # First: a refusal leaves no process group or rank environment behind
-        check_deepspeed_keys(cfg, bf16=autocast_dtype == torch.bfloat16)
+        check_deepspeed_keys(cfg, bf16=autocast_dtype == torch.bfloat16, forward_only=self.forward_only)
         _ensure_process_group()
         if next(model.parameters()).device.type == "cpu":
             # DeepSpeed's CPU comm backend JIT-compiles a shared-memory all-reduce (minutes on 2 cores,
@@ -357,6 +371,8 @@ class DeepSpeedForwardEngine:
 
 class DeepSpeedEngine(DeepSpeedForwardEngine):
     """``train_step(micro_batches, global_count) -> (global mean loss, grad norm)`` on a DeepSpeed engine."""
+
+    forward_only = False
 
     def __init__(self, cfg: Config, model: nn.Module, mesh: Mesh, autocast_dtype: Optional[torch.dtype]):
         super().__init__(cfg, model, mesh, autocast_dtype)
