@@ -1,14 +1,17 @@
 """File descriptor 2 held back for a block and replayed after it: what C++ libraries write there directly (Ray's
 client retrying a connection, libkineto's profiler start and stop lines) can be dropped whole or line by line,
-and everything else still reaches stderr.
+and everything else still reaches stderr. Python's stdout held back for a block likewise: dropped, unless the block
+fails (stdout_shown_on_error).
 
     with stderr_held_back() as held: ...; held.drop()   # nothing is replayed
     with stderr_held_back(skip=b"USDT:"): ...           # every line but those is replayed
     with stderr_held_back(skip_containing=(b"Memory block of unknown size",)): ...   # nor lines with these
+    with stdout_shown_on_error(): ...                   # Python's stdout dropped, unless the block raises
 """
 from __future__ import annotations
 
 import contextlib
+import io
 import os
 import sys
 import tempfile
@@ -50,6 +53,20 @@ def stderr_held_back(skip: Optional[bytes] = None, skip_containing: Sequence[byt
             if held.keep:
                 caught.seek(0)
                 _replay(b"".join(line for line in caught if not _skipped(line, skip, skip_containing)))
+
+
+@contextlib.contextmanager
+def stdout_shown_on_error() -> Iterator[None]:
+    """Hold what the body prints to Python's ``sys.stdout`` (a library's chatter on a command whose stdout is its
+    result) and drop it when the body ends normally; when it raises, write what was held to stderr first (the rank's
+    log for a launched rank): what a library printed before it failed is part of the failure's story."""
+    held = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(held):
+            yield
+    except BaseException:
+        _replay(held.getvalue().encode())
+        raise
 
 
 def _skipped(line: bytes, skip: Optional[bytes], skip_containing: Sequence[bytes]) -> bool:

@@ -13,6 +13,7 @@ import json
 import os
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -28,6 +29,7 @@ from dist_train.config import ConfigError, config_from_dict, load_config, save_c
 from dist_train.cost import evaluation_state_bytes, rank_inputs
 from dist_train.distributed import current_context
 from dist_train.engines import autocast_dtype, build_engine
+from dist_train.engines.deepspeed import DeepSpeedForwardEngine
 from dist_train.mesh import build_mesh
 from dist_train.runlock import hold_run_dir
 from dist_train.trainer import build_model, train
@@ -363,6 +365,29 @@ def _zero_eval_losses(rank: int, world: int, root: str) -> dict:
             out[(stage, precision)] = (reference, first, engine.optimizer, engine.eval_loss_sum(_batch(cfg, rank)),
                                        peak / fp32_bytes)
     return out
+
+
+def test_what_deepspeed_printed_before_its_build_failed_reaches_stderr(tmp_path, capsys):
+    """The forward-only engine holds back what ``deepspeed.initialize`` prints (rank 0's stdout is eval's one result
+    line): dropped when the build succeeds, written to stderr (a launched rank's log) when it fails, before the error
+    goes on. Everything was dropped before, failure or not."""
+    cfg = tiny_gpt_config(tmp_path / "run", parallel={"dp": 1, "zero_stage": 1})
+    engine = types.SimpleNamespace(mesh=build_mesh(cfg.parallel, 1), ds_config={})
+
+    def initialize(fails: bool):
+        def build(**kwargs):
+            print("[deepspeed] sizing the buffers")
+            if fails:
+                raise RuntimeError("no room for the buffers")
+            return "engine", None, None, None
+        return types.SimpleNamespace(initialize=build)
+
+    assert DeepSpeedForwardEngine._initialize(engine, initialize(False), cfg, None) == ("engine", None, None)
+    assert capsys.readouterr() == ("", "")
+    with pytest.raises(RuntimeError, match="no room for the buffers"):
+        DeepSpeedForwardEngine._initialize(engine, initialize(True), cfg, None)
+    out, err = capsys.readouterr()
+    assert out == "" and err == "[deepspeed] sizing the buffers\n", (out, err)
 
 
 @pytest.mark.slow  # ~6 s: two ranks build 2 training and 8 forward-only DeepSpeed engines

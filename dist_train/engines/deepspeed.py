@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import contextlib
 import importlib
-import io
 import os
 import warnings
 from typing import Optional
@@ -37,6 +36,7 @@ from ..checkpoint.adapters import (DeepSpeedStateAdapter, MasterCopyAdapter, ZeR
                                    engine_checkpoint_kwargs)
 from ..config import (Config, ConfigError, deep_merge, deepspeed_generated, user_zero_optimization,
                       zero_reduce_bucket_elements)
+from ..held_stderr import stdout_shown_on_error
 from ..megatron_import import compile_as_identity
 from ..mesh import Mesh
 from ..optim import build_optimizer, build_scheduler
@@ -343,8 +343,9 @@ class DeepSpeedForwardEngine:
         Its prints are held back: in bf16 at stage 0 DeepSpeed wraps the missing optimizer in its BF16_Optimizer
         (over a DummyOptim: it allocates nothing), whose build prints its memory use on rank 0 (``see_memory_usage``
         with ``force=True``: six lines of stdout, where ``dist-train eval`` prints its one result line). DeepSpeed's
-        logger, which says anything of the user's, writes to the stream it was created with and still shows."""
-        with contextlib.redirect_stdout(io.StringIO()):
+        logger, which says anything of the user's, writes to the stream it was created with and still shows. When
+        the build fails, what it printed is written to stderr before the error goes on (stdout_shown_on_error)."""
+        with stdout_shown_on_error():
             engine, _, _, _ = deepspeed.initialize(model=model, mpu=MeshMPU(self.mesh),
                                                    config=forward_only_config(self.ds_config), dist_init_required=False)
         return engine, None, None
