@@ -21,7 +21,7 @@ from pathlib import Path
 from .checkpoint import CheckpointManager
 from .config import Config
 from .data.image_batches import NORMALISATION_KEY, WeatherBatcher, same_normalisation_data
-from .distributed import DistContext
+from .distributed import DistContext, caller_process_state
 from .engines import autocast_dtype, build_engine
 from .evaluation import Evaluator
 from .mesh import build_mesh
@@ -30,7 +30,15 @@ from .trainer import build_batcher, build_model, layout_dict
 
 def evaluate_checkpoint(cfg: Config, ckpt: Path, ctx: DistContext) -> dict:
     """Load ``ckpt``'s weights into ``cfg``'s model under ``cfg.parallel`` and evaluate ``cfg.train.eval_steps``
-    held-out batches -> the result dict (the same on every rank). Collective over every rank."""
+    held-out batches -> the result dict (the same on every rank). Collective over every rank. The caller's environment
+    and process group state are as they were on return or error (caller_process_state, as for ``train()``: an
+    in-process DeepSpeed evaluation's own one-rank group is destroyed, the caller's kept)."""
+    with caller_process_state():
+        return _evaluate(cfg, ckpt, ctx)
+
+
+def _evaluate(cfg: Config, ckpt: Path, ctx: DistContext) -> dict:
+    """:func:`evaluate_checkpoint` inside the caller's process state."""
     started = time.perf_counter()
     mesh = build_mesh(cfg.parallel, ctx.world_size, ctx.device.type, host_timeout_s=cfg.launch.collective_timeout_s)
     model = build_model(cfg, mesh, ctx.device)

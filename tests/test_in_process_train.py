@@ -1,16 +1,18 @@
-"""``train()`` called in-process (a notebook, a test) leaves its caller as it found it: a DeepSpeed engine set up a
-one-rank gloo group and RANK / WORLD_SIZE / LOCAL_RANK for itself (engines/deepspeed.py ``_ensure_process_group``)
-and both stayed behind, so a job the caller started next ran in that stale one-rank world. Checked here in the test
-body: tests/conftest.py restores ``os.environ`` after every test, which would hide what ``train()`` left."""
+"""``train()`` and ``evaluate_checkpoint()`` called in-process (a notebook, a test) leave their caller as they found
+it: a DeepSpeed engine set up a one-rank gloo group and RANK / WORLD_SIZE / LOCAL_RANK for itself
+(engines/deepspeed.py ``_ensure_process_group``) and both stayed behind, so a job the caller started next ran in that stale one-rank world. Checked here in the test
+body: tests/conftest.py restores ``os.environ`` after every test, which would hide what they left."""
 from __future__ import annotations
 
+import json
 import os
 
 import pytest
 import torch.distributed as dist
 
-from dist_train import trainer as trainer_module
-from dist_train.distributed import caller_process_state
+from dist_train import checkpoint_eval, trainer as trainer_module
+from dist_train.checkpoint_eval import evaluate_checkpoint
+from dist_train.distributed import caller_process_state, current_context
 from dist_train.trainer import train
 from tests.trainer_utils import tiny_gpt_config
 
@@ -77,4 +79,31 @@ def test_the_callers_state_comes_back_whatever_the_block_changed(monkeypatch):
         del os.environ["DIST_TRAIN_KEPT"]
         dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
         raise RuntimeError("stop")
+    assert dict(os.environ) == before and not dist.is_initialized()
+
+
+def test_an_in_process_deepspeed_evaluation_leaves_no_environment_and_no_process_group_behind(tmp_path, monkeypatch):
+    """``evaluate_checkpoint`` in-process on one rank, DeepSpeed ZeRO-1: its forward-only engine's one-rank group and
+    rank variables are gone on return (the loss is the one the run logged) and on an error after the engine was
+    built; the group stayed behind before."""
+    _rank_environment_unset(monkeypatch)
+    cfg = tiny_gpt_config(tmp_path / "run", steps=1, parallel=ZERO1, train={"eval_every": 1, "eval_steps": 1},
+                          checkpoint={"at_end": True})
+    train(cfg)
+    logged = [r["valid_loss"] for r in map(json.loads, (tmp_path / "run" / "metrics.jsonl").read_text().splitlines())
+              if "valid_loss" in r]
+    before = dict(os.environ)
+    assert not dist.is_initialized()
+    step = tmp_path / "run" / "checkpoints" / "step_1"
+    assert evaluate_checkpoint(cfg, step, current_context())["loss"] == logged[-1]
+    assert dict(os.environ) == before, {k: os.environ.get(k) for k in set(os.environ) ^ set(before)}
+    assert not dist.is_initialized()
+
+    def refuse(*args, **kwargs):  # after the engine (its group, its environment) is set up
+        assert dist.is_initialized() and os.environ["WORLD_SIZE"] == "1"
+        raise ValueError("no held-out data today")
+
+    monkeypatch.setattr(checkpoint_eval, "Evaluator", refuse)
+    with pytest.raises(ValueError, match="no held-out data today"):
+        evaluate_checkpoint(cfg, step, current_context())
     assert dict(os.environ) == before and not dist.is_initialized()

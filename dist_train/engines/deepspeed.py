@@ -243,7 +243,7 @@ class MeshMPU:
 def _ensure_process_group() -> None:
     """DeepSpeed needs torch.distributed even for one rank (an in-process one-rank gloo group then) and
     reads RANK / WORLD_SIZE / LOCAL_RANK from the environment, which spawned test ranks do not set. Both stay until
-    ``train()`` returns, which destroys that group and restores the caller's environment
+    ``train()`` or ``evaluate_checkpoint()`` returns, which destroys that group and restores the caller's environment
     (distributed.caller_process_state)."""
     if not dist.is_initialized():
         dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
