@@ -172,12 +172,18 @@ def ranks_on_this_machine(backend: str, nodes: int, address: Optional[str]) -> b
 def _launch_error(cfg: Config, args: argparse.Namespace) -> Optional[str]:
     """What the launch of ``cfg`` (loaded from ``args``) would refuse (rank count, flags) for ``--dry-run``: an
     explicit ``--nproc``, ``--nodes`` or ``--gpus-per-node`` that does not fit is an error there too (raised); a
-    mismatch with the config's own ``launch.nproc`` only a note, since the dry run previews layouts under ``--set``."""
+    mismatch with the config's own ``launch.nproc`` only a note, since the dry run previews layouts under ``--set``.
+    A profile setting the launch's pre-flight refuses against its ranks (``profiling.check_profile``: profile.ranks
+    beyond them, profile.memory on CPU ranks) is a note too."""
     try:
-        launch_settings(cfg, args)
+        backend, _, _, gpus, _ = launch_settings(cfg, args)
     except ValueError as e:
         if args.nproc is not None or args.nodes is not None or args.gpus_per_node is not None:
             raise
+        return str(e)
+    try:
+        check_profile(cfg, on_cuda=ranks_on_cuda(backend, gpus))
+    except ValueError as e:
         return str(e)
     return None
 

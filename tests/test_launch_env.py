@@ -313,6 +313,22 @@ def test_dry_run_refuses_an_explicit_rank_count_the_launch_would_refuse(capsys):
     assert "note:" not in capsys.readouterr().err
 
 
+def test_dry_run_notes_a_profile_setting_the_launchs_preflight_refuses(capsys):
+    """profile.ranks beyond the layout's ranks (and profile.memory on CPU ranks) is refused by the launch's pre-flight
+    (profiling.check_profile), no longer by the rank-count check the dry run asks: its dry run shows the table and
+    says so in a note, as for a rank count the launch would refuse (it said nothing)."""
+    profiled = ["--set", "profile.steps=[1,2]", "--set", "parallel.dp=2"]
+    assert launch_main(_launch_args("configs/gpt_tiny.yaml", *profiled, "--set", "profile.ranks=[0,2]",
+                                    "--dry-run")) == 0
+    out, err = capsys.readouterr()
+    assert "rank  dp" in out
+    assert err.strip() == ("note: the layout is valid, but launching it as given would fail: profile.ranks = [0, 2]: "
+                           "rank 2 does not exist, the ranks are 0..1"), err
+    assert launch_main(_launch_args("configs/gpt_tiny.yaml", *profiled, "--set", "profile.ranks=[1]", "--nproc", "2",
+                                    "--dry-run")) == 0
+    assert "note:" not in capsys.readouterr().err
+
+
 def test_preflight_runs_in_the_launcher_only_when_the_ranks_run_here(monkeypatch):
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     assert ranks_on_this_machine("local", 1, None) and ranks_on_this_machine("mpi", 1, None)
