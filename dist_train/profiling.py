@@ -31,7 +31,9 @@ writes ``rank_{r}_steps_{a}-{b}.2.pt.trace.json.gz`` (then ``.3``, ...): an earl
 run in the run directory moves an earlier run's ``profile/`` aside with its other records (``run_records.py``).
 
 Profiling observes the computation and never changes it: the losses are bit-identical with and without it
-(tests/test_profiling.py).
+(tests/test_profiling.py). Nor does it end it: a failure of torch.profiler's own code (its start, a step, the trace's
+export, the operator table, the CUDA memory history or snapshot) is one warning line on that rank (rank 0's console
+too), which traces nothing more, and the training goes on; in a failed run's ``close()`` the run's own error stands.
 """
 from __future__ import annotations
 
@@ -39,7 +41,7 @@ import contextlib
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, ContextManager, Optional
+from typing import Any, Callable, ContextManager, Iterator, Optional
 
 import torch
 import torch.distributed as dist
@@ -117,7 +119,8 @@ class StepProfiler:
         self.dir = Path(run_dir) / PROFILE_DIR
         self.taken: list[int] = []  # window steps begun (every rank): what the trace holds
         self.written: Optional[Path] = None  # this rank's trace, once written
-        self._prof: Optional[profile] = None
+        self._prof: Optional[profile] = None  # started and not yet stopped
+        self._history = False  # the CUDA allocator's history recording (profile.memory), not yet stopped
         self._done = window is None
 
     @classmethod
@@ -147,17 +150,20 @@ class StepProfiler:
             self.taken.append(step)
         if not self.traced:
             return
-        if self.memory and step == w.first:
-            torch.cuda.memory._record_memory_history(max_entries=MEMORY_HISTORY_ENTRIES)
-        with stderr_held_back(skip=KINETO_NOISE):
-            if self._prof is None:
-                self._prof = profile(activities=self._activities(), schedule=w.action,
-                                     record_shapes=self.record_shapes, with_stack=self.with_stack)
-                # ProfilerStep#N names global step N: the profiler counts from step - 1 (NONE in the schedule, so
-                # start() does nothing but open that step's span, which step() closes unrecorded)
-                self._prof.step_num = step - 1
-                self._prof.start()
-            self._prof.step()  # ProfilerStep#step opens; the schedule's action for it takes effect
+        with self._observing(f"step {step}'s profiling"):
+            if self.memory and step == w.first:
+                self._history = True  # before the call: one that fails half-way is still stopped
+                torch.cuda.memory._record_memory_history(max_entries=MEMORY_HISTORY_ENTRIES)
+            with stderr_held_back(skip=KINETO_NOISE):
+                if self._prof is None:
+                    prof = profile(activities=self._activities(), schedule=w.action,
+                                   record_shapes=self.record_shapes, with_stack=self.with_stack)
+                    # ProfilerStep#N names global step N: the profiler counts from step - 1 (NONE in the schedule,
+                    # so start() does nothing but open that step's span, which step() closes unrecorded)
+                    prof.step_num = step - 1
+                    self._prof = prof  # before start(): a start that fails half-way is still stopped
+                    prof.start()
+                self._prof.step()  # ProfilerStep#step opens; the schedule's action for it takes effect
 
     def step_ends(self, step: int) -> None:
         """After global step ``step`` (its checkpoint, evaluation and metric line included): the window's last step
@@ -183,14 +189,15 @@ class StepProfiler:
         """Stop the profiler, write this rank's trace of the window's steps taken, and say, on rank 0, where the traces
         are."""
         self._done = True
-        prof, self._prof = self._prof, None
         if not self.taken:  # stopped at the warmup step: nothing recorded (nor the allocator's history started)
-            if prof is not None:
-                self._exit(prof)
+            if self._prof is not None:
+                with self._observing("stopping the profiler"):
+                    self._stop()
             return
         a, b = self.taken[0], self.taken[-1]
-        if prof is not None:
-            self._write(prof, a, b)
+        if self._prof is not None:
+            with self._observing(f"writing steps {a}-{b}'s profile"):
+                self._write(a, b)
         if self.is_main:
             example = self.written.name if self.written else f"rank_R_steps_{a}-{b}{TRACE_SUFFIX}"
             self.log.info(f"profile: steps {a}-{b} traced on {self.ranks} into {self.dir}/ (e.g. {example}: "
@@ -202,6 +209,38 @@ class StepProfiler:
         with stderr_held_back(skip=KINETO_NOISE):
             prof.__exit__(None, None, None)
 
+    def _stop(self) -> None:
+        """Stop the running profiler (:meth:`_exit`); it is no longer this rank's, even when stopping it fails."""
+        prof, self._prof = self._prof, None
+        self._exit(prof)
+
+    def _stop_history(self) -> None:
+        """Stop the CUDA allocator's history recording (profile.memory); no longer on, even when stopping it fails."""
+        self._history = False
+        torch.cuda.memory._record_memory_history(enabled=None)
+
+    @contextlib.contextmanager
+    def _observing(self, what: str) -> Iterator[None]:
+        """Run a piece of torch.profiler's work (``what``, for the warning) that must never end the training it only
+        observes, nor replace a failed run's own error in the trainer's ``finally`` (a ``TrainingDiverged``, exit 3):
+        any Exception it raises is one warning line (the rank's log, rank 0's console), the rank traces nothing more
+        (the profiler and the allocator's history stopped as far as they stop) and the run goes on. It still follows
+        the window, so that its end waits with the other ranks (:meth:`step_ends`)."""
+        try:
+            yield
+        except Exception as e:
+            reason = (str(e).splitlines() or [""])[0]
+            self.log.warning(f"profile: {what} failed on rank {self.rank} ({type(e).__name__}: {reason}); "
+                             "it traces nothing more, the training goes on")
+            self.traced = False
+            # a profiler that failed may fail again as it stops: nothing more is saved from it either way
+            if self._prof is not None:
+                with contextlib.suppress(Exception):
+                    self._stop()
+            if self._history:
+                with contextlib.suppress(Exception):
+                    self._stop_history()
+
     def _free_name(self, a: int, b: int) -> str:
         """``rank_{r}_steps_{a}-{b}``, or with ``.2``, ``.3``, ... when an earlier start wrote that name."""
         base = name = f"rank_{self.rank}_steps_{a}-{b}"
@@ -211,10 +250,11 @@ class StepProfiler:
             name = f"{base}.{n}"
         return name
 
-    def _write(self, prof: profile, a: int, b: int) -> None:
-        """Stop ``prof`` and write this rank's trace (and memory snapshot) of steps a..b into the run's profile
+    def _write(self, a: int, b: int) -> None:
+        """Stop the profiler and write this rank's trace (and memory snapshot) of steps a..b into the run's profile
         folder, the top operators into its log. A file that cannot be written is said (a warning), not raised: the
-        training it observed stands."""
+        training it observed stands (and any other failure here: :meth:`_observing`, around it)."""
+        prof = self._prof
         name = None
         try:
             self.dir.mkdir(parents=True, exist_ok=True)
@@ -224,9 +264,9 @@ class StepProfiler:
         except OSError as e:
             self.log.warning(f"profile: steps {a}-{b} could not be written into {self.dir} ({e})")
         finally:
-            if self.memory:
-                torch.cuda.memory._record_memory_history(enabled=None)
-            self._exit(prof)
+            if self._history:
+                self._stop_history()
+            self._stop()
         path = self.dir / f"{name}{TRACE_SUFFIX}" if name is not None else None
         if path is not None:
             try:

@@ -20,6 +20,7 @@ from dist_train import profiling
 from dist_train.bench.cli.launch import check as bench_launch_check
 from dist_train.bench.cli.train import check as bench_train_check
 from dist_train.config import ConfigError
+from dist_train.lifecycle import TrainingDiverged
 from dist_train.preflight import preflight
 from dist_train.profiling import MEMORY_SUFFIX, TRACE_SUFFIX, StepProfiler, Window
 from dist_train.trainer import train
@@ -54,6 +55,38 @@ def test_one_rank_traces_exactly_the_window_and_trains_the_same(tmp_path, capfd)
     table = log.split("the top 15 operators by self CPU time", 1)[1]
     assert "aten::" in table and "Self CPU time total" in table  # the key-averages table, in the log only
     assert "Self CPU time total" not in out.out
+
+
+def _raises(*args, **kwargs):
+    raise RuntimeError("kineto: trace export failed\nsecond line of the C++ error")
+
+
+@pytest.mark.parametrize("failing", ["start", "export_chrome_trace", "key_averages"])
+def test_a_profiler_failure_is_one_warning_and_the_run_trains_on(failing, tmp_path, monkeypatch):
+    """torch.profiler's own code failing (its start at the warmup step, the trace's export, the operator table) ends
+    the profiling of that rank, never the training it observes: one warning line in the rank's log, the same losses
+    as without profiling, nothing more traced (a trace exported before the table failed stays). Only OSError was caught before: the RuntimeError ended the run."""
+    plain = train(tiny_gpt_config(tmp_path / "plain", steps=4)).losses
+    monkeypatch.setattr(profiling.profile, failing, _raises)
+    run = tmp_path / "profiled"
+    profiled = train(tiny_gpt_config(run, steps=4, profile={"steps": [2, 3]}))
+    assert profiled.exit_code == 0 and profiled.losses == plain
+    warnings = [line for line in (run / "logs" / "rank_0.log").read_text().splitlines()
+                if "profile:" in line and "failed on rank 0" in line]
+    assert len(warnings) == 1 and warnings[0].endswith("(RuntimeError: kineto: trace export failed); it traces "
+                                                       "nothing more, the training goes on"), warnings
+    written = _traces(run) if (run / "profile").exists() else []
+    assert written == ([f"rank_0_steps_2-3{TRACE_SUFFIX}"] if failing == "key_averages" else []), written
+
+
+def test_a_profiler_failing_as_a_diverged_run_closes_leaves_the_divergence_to_end_it(tmp_path, monkeypatch):
+    """The trainer's ``finally`` closes the profiler of a window the run left early; its export failing there replaced
+    the run's TrainingDiverged (exit 3: a restart would replay the same steps into it) by a RuntimeError."""
+    monkeypatch.setattr(profiling.profile, "export_chrome_trace", _raises)
+    cfg = tiny_gpt_config(tmp_path / "run", steps=8, train={"lr": 1e6, "warmup_steps": 0}, profile={"steps": [1, 8]})
+    with pytest.raises(TrainingDiverged, match="train.on_nonfinite = stop"):
+        train(cfg)
+    assert "profile: writing steps 1-" in (tmp_path / "run" / "logs" / "rank_0.log").read_text()
 
 
 def _drive(cfg, run_dir: Path, rank: int = 0, start_step: int = 0, is_main: bool = True,
@@ -276,3 +309,22 @@ def test_the_memory_snapshot_brackets_the_window(tmp_path, monkeypatch):
     assert calls == [("step", 1), ("record", "all", profiling.MEMORY_HISTORY_ENTRIES), ("step", 2), ("step", 3),
                      ("dump", f"rank_0_steps_2-3{MEMORY_SUFFIX}"), ("record", None, None), ("step", 4)]
     assert _traces(tmp_path / "run") == [f"rank_0_steps_2-3{MEMORY_SUFFIX}", f"rank_0_steps_2-3{TRACE_SUFFIX}"]
+
+
+def test_a_failed_memory_snapshot_stops_the_history_and_the_rank_follows_the_window_untraced(tmp_path, monkeypatch,
+                                                                                           caplog):
+    """CUDA only (torch's memory API stood in): ``_dump_snapshot`` raising a RuntimeError (not an OSError) is a
+    warning; the allocator's history and the profiler are still stopped. A rank whose profiler failed to start keeps
+    following the window (the steps it spans), so that its end still waits with the other ranks."""
+    calls = []
+    monkeypatch.setattr(torch.cuda.memory, "_record_memory_history", lambda enabled="all", **kw: calls.append(enabled))
+    monkeypatch.setattr(torch.cuda.memory, "_dump_snapshot", _raises)
+    cfg = tiny_gpt_config(tmp_path / "run", steps=4, profile={"steps": [2, 3], "memory": True})
+    with caplog.at_level(logging.WARNING, logger="test_profiling"):
+        prof = _drive(cfg, tmp_path / "run")
+    assert calls == ["all", None] and prof._prof is None and prof.written is None
+    assert [r.getMessage().split(" (")[0] for r in caplog.records if r.levelno == logging.WARNING] == [
+        "profile: writing steps 2-3's profile failed on rank 0"]
+    monkeypatch.setattr(profiling.profile, "start", _raises)
+    prof = _drive(tiny_gpt_config(tmp_path / "other", steps=4, profile={"steps": [2, 3]}), tmp_path / "other")
+    assert prof.taken == [2, 3] and not prof.traced and prof._prof is None
