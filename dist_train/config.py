@@ -921,6 +921,11 @@ DEEPSPEED_STAGE3_FIELD_NAMES = frozenset({
     "max_reuse_distance", "gather_16bit_weights_on_model_save", "module_granularity_threshold",
     "use_all_reduce_for_fetch_params", "allgather_sequential"})
 
+#: ``zero_optimization`` keys (alias and field name) DeepSpeed 0.19.8 applies only through a part of it dist-train does
+#: not use, at every stage: ``stage3_gather_16bit_weights_on_model_save`` is read by ``engine.save_16bit_model`` alone
+#: (deepspeed/runtime/engine.py), and dist-train writes its own checkpoints (``dist-train ckpt`` converts them)
+_DEEPSPEED_ZERO_INERT = frozenset({"stage3_gather_16bit_weights_on_model_save", "gather_16bit_weights_on_model_save"})
+
 
 def _user_zero_int(cfg: Config, alias: str, name: Optional[str] = None) -> Optional[int]:
     """A ZeRO key of ``parallel.deepspeed.zero_optimization`` as an integer, by its alias (``stage3_…``) or its field
@@ -1038,6 +1043,11 @@ def _validate_deepspeed_keys(cfg: Config) -> None:
     if "stage" in zero and zero["stage"] != p.zero_stage:
         raise ConfigError(f"parallel.deepspeed.zero_optimization.stage = {zero['stage']!r} contradicts "
                           f"parallel.zero_stage = {p.zero_stage}; set parallel.zero_stage instead")
+    for key in sorted(zero):
+        if key in _DEEPSPEED_ZERO_INERT:  # before the stage check below, whose remedy (ZeRO-3) would not apply it either
+            raise ConfigError(f"parallel.deepspeed.zero_optimization.{key}: DeepSpeed applies it only through its "
+                              "save_16bit_model (dist-train writes its own checkpoints; dist-train ckpt converts "
+                              "them), so it would be silently ignored at any stage; remove it")
     if zero:
         # DeepSpeed's config accepts these at any stage; only the stage-3 (offload_optimizer: any ZeRO) optimizer reads them
         stage_only = [(k, 3, "3") for k in sorted(zero) if k == "offload_param" or k.startswith("stage3_")

@@ -366,6 +366,19 @@ def test_a_deepspeed_key_only_an_unused_part_of_deepspeed_applies_is_refused(key
     assert msg.startswith(f"parallel.deepspeed.{key}: DeepSpeed applies it only through ") and instead in msg, msg
 
 
+@pytest.mark.parametrize("stage", [1, 3])
+@pytest.mark.parametrize("key", ["stage3_gather_16bit_weights_on_model_save", "gather_16bit_weights_on_model_save"])
+def test_a_zero_key_only_deepspeeds_16bit_model_save_reads_is_refused_at_every_stage(key, stage, tmp_path):
+    """``stage3_gather_16bit_weights_on_model_save`` (or its field name) is read by DeepSpeed's ``save_16bit_model``
+    alone, which dist-train never calls: it did nothing at ZeRO-3 too, where the stage check's advice (set
+    parallel.zero_stage: 3) sent a ZeRO-1 user."""
+    with pytest.raises(ConfigError) as info:
+        tiny_gpt_config(tmp_path, parallel={"zero_stage": stage, "deepspeed": {"zero_optimization": {key: True}}})
+    msg = str(info.value)
+    assert msg.startswith(f"parallel.deepspeed.zero_optimization.{key}: DeepSpeed applies it only through its "
+                          "save_16bit_model") and "any stage" in msg and "\n" not in msg, msg
+
+
 def test_the_stage3_field_names_are_deepspeeds():
     """The field names refused below ZeRO-3 are exactly those of DeepSpeed's ``stage3_`` aliases: a DeepSpeed that
     adds or renames one shows up here, not as a key silently ignored."""
