@@ -19,7 +19,7 @@ from ..checkpoint.adapters import engine_checkpoint_kwargs
 from ..config import TrainConfig
 from ..mesh import Mesh
 from ..optim import build_optimizer, build_scheduler
-from .batches import batch_to_device
+from .batches import batch_to_device, forward_loss_sum
 from .grads import all_ranks_accept, all_reduce_sum, clip_grads_, grad_norm_on_device, read_floats
 
 __all__ = ["DDPEngine", "ForwardEngine", "all_reduce_sum", "checked_step"]
@@ -74,14 +74,8 @@ class ForwardEngine:
     def eval_loss_sum(self, micro: list[dict]) -> float:
         """Forward only (no gradients, weights untouched) over this rank's micro-batches -> the loss sum of
         the whole global batch (all-reduced over the grad group), for validation."""
-        device = next(self.module.parameters()).device
-        loss_sum = torch.zeros(1, dtype=torch.float64, device=device)  # on the device: see DDPEngine.train_step
-        with torch.no_grad(), self._autocast():
-            for batch in micro:
-                batch = batch_to_device(batch, device)
-                loss_sum += self.module(batch)[0].double()
-        all_reduce_sum(loss_sum, self.mesh.grad_group)
-        return float(loss_sum.item())
+        return forward_loss_sum(self.module, micro, next(self.module.parameters()).device, self.mesh.grad_group,
+                                self._autocast)
 
 
 class DDPEngine(ForwardEngine):

@@ -40,7 +40,7 @@ from ..held_stderr import stdout_shown_on_error
 from ..megatron_import import compile_as_identity
 from ..mesh import Mesh
 from ..optim import build_optimizer, build_scheduler
-from .batches import batch_to_device
+from .batches import batch_to_device, forward_loss_sum
 from .grads import all_reduce_sum, grad_norm_on_device, read_floats
 
 
@@ -360,14 +360,7 @@ class DeepSpeedForwardEngine:
     def eval_loss_sum(self, micro: list[dict]) -> float:
         """Forward only through the DeepSpeed engine (ZeRO-3 gathers its partitions as in training) -> the
         loss sum of the whole global batch, for validation."""
-        device = self.engine.device
-        loss_sum = torch.zeros(1, dtype=torch.float64, device=device)
-        with torch.no_grad():
-            for batch in micro:
-                batch = batch_to_device(batch, device)
-                loss_sum += self.engine(batch)[0].double()
-        all_reduce_sum(loss_sum, self.mesh.grad_group)
-        return float(loss_sum.item())
+        return forward_loss_sum(self.engine, micro, self.engine.device, self.mesh.grad_group)
 
 
 class DeepSpeedEngine(DeepSpeedForwardEngine):
