@@ -262,7 +262,8 @@ def test_trainer_on_one_gpu_with_nccl_bf16_vs_fp32(tmp_path, nccl_world_one, rec
 def test_profiled_steps_on_cuda_trace_kernels_and_the_allocator(tmp_path, record_property):
     """``profile.steps`` with ``profile.memory`` on one GPU: the trace holds exactly the window's steps and CUDA
     kernels, the allocator snapshot loads with its segments and alloc/free history, and the losses are those of the
-    same run unprofiled (profiling observes, never changes)."""
+    same run unprofiled (profiling observes, never changes; equal to GPU run-to-run noise: tests/test_profiling.py
+    checks them bit for bit on CPU)."""
     import gzip
     import json
     import pickle
@@ -276,7 +277,9 @@ def test_profiled_steps_on_cuda_trace_kernels_and_the_allocator(tmp_path, record
                                      **({"profile": profile} if profile else {})))
 
     plain, profiled = run("plain"), run("profiled", steps=[3, 4], memory=True)
-    assert profiled.exit_code == 0 and profiled.losses == plain.losses, (profiled.losses, plain.losses)
+    # not bit for bit: the GPU's attention backward may accumulate in a different order run to run
+    assert profiled.exit_code == 0 and all(math.isclose(a, b, rel_tol=5e-3) for a, b in
+                                           zip(profiled.losses, plain.losses, strict=True)), (profiled.losses, plain.losses)
     folder = tmp_path / "profiled" / PROFILE_DIR
     trace, = folder.glob(f"*{TRACE_SUFFIX}")
     events = json.loads(gzip.decompress(trace.read_bytes()))["traceEvents"]
