@@ -1188,6 +1188,16 @@ def _validate_launch(cfg: Config) -> None:
                                                   "(MASTER_ADDR's interface)")
 
 
+def check_unprofiled(cfg: Config, command: str, why: str, label: str = "") -> None:
+    """Refuse (ConfigError, one line) a profiled config (``profile.steps`` set) in ``command``, which times its steps
+    or trains in run directories it deletes (``why`` says which; ``label`` goes first, e.g. ``baseline: ``): the traces
+    would be lost or the timings carry the profiler's overhead. ``dist-train bench train``, ``bench launch`` and
+    ``scale`` share this one check; torch-free (bench launch checks its arguments before importing torch)."""
+    if cfg.profile.steps is not None:
+        raise ConfigError(f"{label}profile.steps = {cfg.profile.steps}: {command} {why}; trace steps with dist-train "
+                          "launch (run.dir/profile/)")
+
+
 #: profile keys that act on a profiled window only (refused, as unread, without profile.steps)
 PROFILE_WINDOW_KEYS = ("ranks", "memory", "record_shapes", "with_stack")
 

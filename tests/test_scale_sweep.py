@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from dist_train.cli import main
 from dist_train.plan.report import (add_efficiency, efficiency, error_summary, markdown_table, memory_axis,
                                     write_outputs)
 from dist_train.plan.sweep import classify_failure, expand, launch_command, load_sweep, point_config, run_sweep
@@ -46,12 +47,29 @@ def write_sweep(tmp: Path, **sweep) -> Path:
      "point world_size=1 {'parallel.tp': 2}: the layout spans 2 devices"),
     ({"axes": {"parallel.cp_layout": ["diagonal"]}}, "parallel.cp_layout = 'diagonal': valid values are"),
     ({"mode": "grid", "world_sizes": None}, "mode grid needs axes"),
+    ({"set": ["profile.steps=[1,2]"]}, "point {'world_size': 1}: profile.steps = [1, 2]: dist-train scale times every "
+                                       "measured step (a traced step's time includes the profiler's overhead); trace "
+                                       "steps with dist-train launch (run.dir/profile/)"),
+    ({"axes": {"profile.steps": [None, [1, 1]]}}, "point {'profile.steps': [1, 1], 'world_size': 1}: profile.steps"),
 ])
 def test_sweep_validation_errors_are_one_line(tmp_path, sweep, message):
     with pytest.raises(ValueError) as e:
         load_sweep(write_sweep(tmp_path, **sweep))
     text = str(e.value)
     assert message in text and "\n" not in text and str(tmp_path / "sweep.yaml") in text
+
+
+def test_scale_refuses_a_profiled_sweep_in_one_line_before_any_point_runs(tmp_path, capsys):
+    """A traced step's time carries the profiler's overhead into the point's medians: `dist-train scale` (its dry run
+    too) refuses a profiled config as bench train and bench launch do (config.check_unprofiled), exit 2, nothing run;
+    it measured the traced steps as any other before."""
+    sweep = write_sweep(tmp_path)
+    (tmp_path / "base.yaml").write_text(yaml.safe_dump({**BASE, "profile": {"steps": [1, 2]}}))
+    for dry in ([], ["--dry-run"]):
+        assert main(["scale", str(sweep), "--out", str(tmp_path / "out"), "--no-progress", *dry]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "profile.steps = [1, 2]: dist-train scale times every measured step" in err, err
+    assert not (tmp_path / "out").exists()
 
 
 def test_expand_modes(tmp_path):

@@ -45,7 +45,8 @@ import yaml
 from tqdm import tqdm
 
 from ..atomic_write import write_text_atomic
-from ..config import Config, ConfigError, load_config, load_yaml_unique, own_checkpoint_overrides, unread_reset_overrides
+from ..config import (Config, ConfigError, check_unprofiled, load_config, load_yaml_unique, own_checkpoint_overrides,
+                      unread_reset_overrides)
 
 MODES = ("strong", "weak", "sequence-weak", "grid")
 SCALE_AXES = ("dp", "cp", "tp", "pp", "wp")
@@ -240,8 +241,14 @@ def _axis_size(cfg: Config, axis: str) -> int:
 
 
 def _checked(spec: SweepSpec, sets: list[str], where: dict) -> Config:
+    """The point's config (``sets`` over the base); ValueError naming the point on one it cannot measure."""
     try:
-        return load_config(spec.base, sets)
+        cfg = load_config(spec.base, sets)
+        # a traced step's time carries the profiler's overhead into the point's medians (and its efficiency): a
+        # sweep measures, a launch traces
+        check_unprofiled(cfg, "dist-train scale", "times every measured step (a traced step's time includes the "
+                         "profiler's overhead)")
+        return cfg
     except ConfigError as e:
         raise _err(spec.path, f"point {where}: {e}") from None
 

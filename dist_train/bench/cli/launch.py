@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from ...config import load_config
+from ...config import check_unprofiled, load_config
 
 HELP = "seconds from `dist-train launch` to the first training step per backend, and restart cost"
 BACKENDS = ("local", "ray", "mpi")
@@ -31,7 +31,5 @@ def check(args: argparse.Namespace) -> None:
         raise ValueError(f"--backends {' '.join(bad)}: valid backends are {', '.join(BACKENDS)}")
     if args.nproc < 1 or args.steps < 1 or args.repeats < 1:
         raise ValueError(f"--nproc {args.nproc} --steps {args.steps} --repeats {args.repeats}: all must be >= 1")
-    profiled = load_config(args.config, args.set).profile.steps
-    if profiled is not None:  # the traces would be deleted with the temporary run dirs
-        raise ValueError(f"profile.steps = {profiled}: bench launch trains in temporary run directories (deleted, "
-                         "traces included); trace steps with dist-train launch (run.dir/profile/)")
+    check_unprofiled(load_config(args.config, args.set), "bench launch",
+                     "trains in temporary run directories (deleted, traces included)")

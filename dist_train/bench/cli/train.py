@@ -9,7 +9,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Optional
 
-from ...config import Config, load_config, unread_reset_overrides
+from ...config import Config, check_unprofiled, load_config, unread_reset_overrides
 from .._paired import alternation
 
 HELP = "training throughput, MFU, memory and compute/comm/data split of one config on N ranks"
@@ -79,10 +79,8 @@ def _variant(config: str, overrides: list, nproc: int | None, label: str) -> Var
         raise ValueError(f"{label}--nproc {nproc} but the config's dp*tp*pp*cp*wp = {cfg.world_size}")
     if cfg.train.steps < 2:
         raise ValueError(f"train.steps = {cfg.train.steps}: need >= 2 (the first step is warm-up)")
-    if cfg.profile.steps is not None:  # the traces would be deleted with the run dir, the timed steps slowed
-        raise ValueError(f"{label}profile.steps = {cfg.profile.steps}: bench train trains in a temporary run directory "
-                         "(deleted, traces included) and times every step; trace steps with dist-train launch "
-                         "(run.dir/profile/)")
+    check_unprofiled(cfg, "bench train", "trains in a temporary run directory (deleted, traces included) and times "
+                     "every step", label)
     return Variant(overrides, cfg, nproc)
 
 
