@@ -5,8 +5,9 @@
     for step in range(start_step, cfg.train.steps):
         profiler.step_begins(step + 1)      # the step's global number, 1-based as the metric lines count
         ...the step, its checkpoint, evaluation and metric line...
-        profiler.step_ends(step + 1)
+        profiler.step_ends(step + 1, stopping=bool(stop))  # stop: the ranks' agreed stop after this step
     profiler.close()                        # in a finally: a window the run leaves early is still written
+    summary["profile_files"] = profiler.files   # rank 0: every rank's files, relative to run.dir
 
 What a traced rank writes (docs/metrics.md, "Profiling training steps"):
   * ``run.dir/profile/rank_{r}_steps_{a}-{b}.pt.trace.json.gz``: the Chrome trace of global steps a..b (both
@@ -18,7 +19,8 @@ What a traced rank writes (docs/metrics.md, "Profiling training steps"):
   * with ``profile.memory`` (CUDA only, refused on CPU ranks by the pre-flight):
     ``rank_{r}_steps_{a}-{b}.memory.pickle``, the caching allocator's alloc/free history over the steps and its
     segments after them (pytorch.org/memory_viz).
-Rank 0 says once on the console where the traces are.
+At the window's end (its last step, or an agreed stop inside it) the ranks exchange which files they wrote; rank 0
+says once on the console which ranks traced and where, and lists the files in ``summary.json`` (``profile_files``).
 
 The profiler exists from one warmup step before the window (when this start has a step there: its own start-up then
 stays out of the first traced step, as torch.profiler's schedule recommends) to the window's last step; no other step
@@ -105,20 +107,27 @@ class Window:
 
 
 class StepProfiler:
-    """One rank's profiling of one training start (see the module docstring). ``traced``: this rank writes a trace
-    (``profile.ranks``); every rank follows the window, so that rank 0 can say where the traces are."""
+    """One rank's profiling of one training start (see the module docstring). ``meant``: ``profile.ranks`` names this
+    rank; ``traced``: it still traces (False once its profiler failed); every rank follows the window, so that the
+    window's end compares what each wrote and rank 0 can say where the traces are."""
 
     def __init__(self, cfg: Config, window: Optional[Window], rank: int, run_dir: Path, device: torch.device,
                  log: logging.Logger, is_main: bool, busy: Callable[[str], ContextManager], peers: Any = None):
         pr = cfg.profile
         self.window, self.rank, self.device, self.log, self.is_main = window, rank, device, log, is_main
         self.busy, self.peers = busy, peers
-        self.traced = window is not None and (pr.ranks is None or rank in pr.ranks)
+        self.meant = window is not None and (pr.ranks is None or rank in pr.ranks)  # profile.ranks names it
+        self.traced = self.meant  # and it still traces: no failure of the profiler on it so far
         self.ranks = "every rank" if pr.ranks is None else "rank(s) " + ", ".join(map(str, sorted(pr.ranks)))
         self.memory, self.record_shapes, self.with_stack = pr.memory, pr.record_shapes, pr.with_stack
+        self.expected = pr.ranks  # the ranks meant to trace (None: every rank)
         self.dir = Path(run_dir) / PROFILE_DIR
         self.taken: list[int] = []  # window steps begun (every rank): what the trace holds
         self.written: Optional[Path] = None  # this rank's trace, once written
+        self.own: list[str] = []  # the files this rank wrote (trace, memory snapshot), relative to the run dir
+        #: rank -> its files (relative to the run dir): every rank's once the window's end compared them
+        #: (:meth:`_compare`), else this rank's alone
+        self.wrote: dict[int, list[str]] = {}
         self._prof: Optional[profile] = None  # started and not yet stopped
         self._history = False  # the CUDA allocator's history recording (profile.memory), not yet stopped
         self._done = window is None
@@ -130,8 +139,8 @@ class StepProfiler:
               peers: Any = None) -> "StepProfiler":
         """Every rank, before the first step of this start (resumed at ``start_step``). ``busy``: marks the writing
         of the traces (``Lifecycle.busy``: the automatic watchdog gives it its collective-timeout bound); ``peers``:
-        the group of every rank (the mesh's ``host_world_group``; None: one rank), which waits for the traced ranks
-        at the window's end (:meth:`step_ends`)."""
+        the group of every rank (the mesh's ``host_world_group``; None: one rank), over which the ranks wait for each
+        other at the window's end and tell rank 0 what they wrote (:meth:`step_ends`)."""
         window = Window.of(cfg.profile.steps, start_step)
         if cfg.profile.steps is not None and window is None and is_main:
             log.info(f"profile.steps = {cfg.profile.steps}: before this start's first step {start_step + 1} "
@@ -165,29 +174,34 @@ class StepProfiler:
                     prof.start()
                 self._prof.step()  # ProfilerStep#step opens; the schedule's action for it takes effect
 
-    def step_ends(self, step: int) -> None:
-        """After global step ``step`` (its checkpoint, evaluation and metric line included): the window's last step
-        stops the profiler and writes the trace. Every rank then waits, marked busy, until every traced rank has
-        written (a barrier over ``peers``, the host world group; every rank ends the window at the same step): a rank
-        with nothing to write (``profile.ranks``) would otherwise wait for them in the next step's first collective,
-        its heartbeat unchanged and not busy, and the launcher's automatic watchdog (10x the slowest step, at least
-        30 s) take a long write for a hang and kill the job, whose restart traced the window again."""
-        if self.window is not None and not self._done and step == self.window.last:
+    def step_ends(self, step: int, stopping: bool = False) -> None:
+        """After global step ``step`` (its checkpoint, evaluation and metric line included); ``stopping``: the run
+        stops after it, as every rank agreed (exit_interval, a preemption: every rank at the same step). The window's
+        last step, or a stop inside it, stops the profiler and writes the trace. Every rank then waits, marked busy,
+        until every rank has written, and learns which did (:meth:`_compare`, over ``peers``, the host world group):
+        a rank with nothing to write (``profile.ranks``) would otherwise wait for them in the next step's first
+        collective, its heartbeat unchanged and not busy, and the launcher's automatic watchdog (10x the slowest step,
+        at least 30 s) take a long write for a hang and kill the job, whose restart traced the window again."""
+        if self.window is not None and not self._done and (step == self.window.last or stopping):
             with self.busy("profile"):
-                self._finish()
-                if self.peers is not None:
-                    dist.barrier(group=self.peers)
+                self._finish(compare=True)
 
     def close(self) -> None:
-        """Stop a profiler still running (the run stopped inside the window, or failed) and write what it recorded.
-        Idempotent. No barrier: the ranks leave the loop next, and a failed rank must not wait for its peers."""
+        """Stop a profiler still running (the run failed inside the window) and write what it recorded. Idempotent.
+        Nothing compared: a failed rank must not wait for its peers, so rank 0 knows its own files only."""
         if not self._done:
             with self.busy("profile"):
-                self._finish()
+                self._finish(compare=False)
 
-    def _finish(self) -> None:
-        """Stop the profiler, write this rank's trace of the window's steps taken, and say, on rank 0, where the traces
-        are."""
+    @property
+    def files(self) -> list[str]:
+        """The files written into the profile folder, relative to the run dir, by rank: on rank 0 every rank's once
+        the window's end compared them (``summary.json``'s ``profile_files``), else this rank's own."""
+        return [f for rank in sorted(self.wrote) for f in self.wrote[rank]]
+
+    def _finish(self, compare: bool) -> None:
+        """Stop the profiler, write this rank's trace of the window's steps taken, with ``compare`` learn which ranks
+        wrote theirs (collective), and say, on rank 0, where the traces are."""
         self._done = True
         if not self.taken:  # stopped at the warmup step: nothing recorded (nor the allocator's history started)
             if self._prof is not None:
@@ -198,10 +212,50 @@ class StepProfiler:
         if self._prof is not None:
             with self._observing(f"writing steps {a}-{b}'s profile"):
                 self._write(a, b)
+        self.wrote = {self.rank: list(self.own)}
+        if compare and self.peers is not None:
+            self.wrote = self._compare()
+        known = compare or self.peers is None  # what every rank wrote (one rank: its own is all)
         if self.is_main:
-            example = self.written.name if self.written else f"rank_R_steps_{a}-{b}{TRACE_SUFFIX}"
-            self.log.info(f"profile: steps {a}-{b} traced on {self.ranks} into {self.dir}/ (e.g. {example}: "
-                          "ui.perfetto.dev or chrome://tracing); top operators in each traced rank's log")
+            self._say(a, b, known)
+
+    def _compare(self) -> dict[int, list[str]]:
+        """Every rank's files, gathered over ``peers`` (collective, every rank at the window's end): it waits for the
+        slowest writer as a barrier would and tells rank 0 what each wrote. Objects, not a flag tensor: a restart's
+        names carry a ``.2`` only where an earlier start wrote that name, which rank 0 cannot tell from here. A few
+        hundred bytes per rank, once per run."""
+        gathered: list[Any] = [None] * dist.get_world_size(self.peers)
+        dist.all_gather_object(gathered, (self.rank, self.own), group=self.peers)
+        return dict(gathered)
+
+    def _say(self, a: int, b: int, known: bool) -> None:
+        """Rank 0's console line: which ranks traced steps a..b and where. ``known``: :attr:`wrote` holds every rank's
+        files; otherwise (a failed run, nothing compared) its own only, and the line says no more than that."""
+        def has_trace(files: list[str]) -> bool:
+            return any(f.endswith(TRACE_SUFFIX) for f in files)
+
+        where = "ui.perfetto.dev or chrome://tracing"
+        if not known:
+            mine = (f"wrote {Path(self.own[0]).name}" if has_trace(self.own) else "wrote no trace (see above)"
+                    if self.meant else "traces nothing (profile.ranks)")
+            self.log.info(f"profile: steps {a}-{b}: rank 0 {mine}; the traces of {self.ranks} go into {self.dir}/ "
+                          f"({where}), each rank's log says whether its own was written")
+            return
+        wrote = sorted(r for r, files in self.wrote.items() if has_trace(files))
+        meant = sorted(self.wrote) if self.expected is None else sorted(self.expected)
+        missing = [r for r in meant if r not in wrote]
+        if not wrote:
+            self.log.warning(f"profile: steps {a}-{b}: no rank wrote a trace (see the warnings in the ranks' logs)")
+            return
+        example = next(Path(f).name for f in self.wrote[wrote[0]] if f.endswith(TRACE_SUFFIX))
+        who = self.ranks if not missing else "rank(s) " + ", ".join(map(str, wrote))
+        line = (f"profile: steps {a}-{b} traced on {who} into {self.dir}/ (e.g. {example}: {where}); top operators in "
+                "each traced rank's log; the files in summary.json's profile_files")
+        if missing:  # said where it cannot be missed: a rank's trace the user asked for is not there
+            self.log.warning(f"{line}; rank(s) {', '.join(map(str, missing))} wrote none (see "
+                             f"{'its' if len(missing) == 1 else 'their'} log)")
+        else:
+            self.log.info(line)
 
     @staticmethod
     def _exit(prof: profile) -> None:
@@ -261,6 +315,7 @@ class StepProfiler:
             name = self._free_name(a, b)
             if self.memory:  # first: the allocator's state right after the window's last step
                 torch.cuda.memory._dump_snapshot(str(self.dir / f"{name}{MEMORY_SUFFIX}"))
+                self.own.append(f"{PROFILE_DIR}/{name}{MEMORY_SUFFIX}")
         except OSError as e:
             self.log.warning(f"profile: steps {a}-{b} could not be written into {self.dir} ({e})")
         finally:
@@ -272,6 +327,7 @@ class StepProfiler:
             try:
                 prof.export_chrome_trace(str(path))
                 self.written = path
+                self.own.insert(0, f"{PROFILE_DIR}/{path.name}")  # the trace first: what the console line names
             except OSError as e:
                 self.log.warning(f"profile: the trace of steps {a}-{b} could not be written to {path} ({e})")
         cuda = self.device.type == "cuda"

@@ -442,7 +442,7 @@ def _train(cfg: Config, ctx: DistContext) -> TrainResult:
                     log.info(format_metrics(rec, t.steps))
             if saved:
                 trackers.flush()  # what a checkpoint keeps, the curves show
-            profiler.step_ends(step + 1)
+            profiler.step_ends(step + 1, stopping=bool(stop))  # a stop inside the window: the ranks compare there
             if stop:
                 say, line = stop_line
                 say(line)
@@ -496,6 +496,7 @@ def _train(cfg: Config, ctx: DistContext) -> TrainResult:
         "peak_mem_bytes": peak_memory_bytes(ctx.device),
         "checkpoint_failed_saves": ckpt.failed_saves,
         "gc_interval": t.gc_interval, "gc_collections": gcs.collections, "gc_collect_s": gcs.collect_s,
+        "profile_files": profiler.files,  # this start's traces (rank 0: every rank's), relative to run_dir
     }
     if not ctx.is_main:
         log.info(f"rank {ctx.rank} done: {len(result.losses)} steps from step {start_step}, exit code "

@@ -11,6 +11,7 @@ import logging
 import shutil
 import time
 from pathlib import Path
+from unittest import mock
 
 import pytest
 import torch
@@ -49,12 +50,29 @@ def test_one_rank_traces_exactly_the_window_and_trains_the_same(tmp_path, capfd)
     out = capfd.readouterr()
     said = [line for line in out.out.splitlines() if line.startswith("profile:")]
     assert said == [f"profile: steps 2-3 traced on every rank into {run / 'profile'}/ (e.g. rank_0_steps_2-3"
-                    f"{TRACE_SUFFIX}: ui.perfetto.dev or chrome://tracing); top operators in each traced rank's log"]
+                    f"{TRACE_SUFFIX}: ui.perfetto.dev or chrome://tracing); top operators in each traced rank's log; "
+                    "the files in summary.json's profile_files"]
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["profile_files"] == [f"profile/rank_0_steps_2-3{TRACE_SUFFIX}"]  # relative to the run dir
+    assert json.loads((tmp_path / "plain" / "summary.json").read_text())["profile_files"] == []
     assert "USDT:" not in out.err  # libkineto's start/stop lines are held back
     log = (run / "logs" / "rank_0.log").read_text()
     table = log.split("the top 15 operators by self CPU time", 1)[1]
     assert "aten::" in table and "Self CPU time total" in table  # the key-averages table, in the log only
     assert "Self CPU time total" not in out.out
+
+
+def test_a_run_stopped_inside_the_window_lists_the_steps_it_traced(tmp_path):
+    """train.exit_interval stops the run after step 2 of the window [2, 3] (every rank at the same step, the trainer's
+    step_ends(stopping=True)): the trace holds step 2, the console line and summary.json name it."""
+    run = tmp_path / "run"
+    result = train(tiny_gpt_config(run, steps=3, train={"exit_interval": 2}, profile={"steps": [2, 3]}))
+    assert len(result.losses) == 2
+    name = f"rank_0_steps_2-2{TRACE_SUFFIX}"
+    assert _traces(run) == [name] and _traced_steps(run / "profile" / name) == [2]
+    assert json.loads((run / "summary.json").read_text())["profile_files"] == [f"profile/{name}"]
+    assert f"profile: steps 2-2 traced on every rank into {run / 'profile'}/ (e.g. {name}:" in (
+        run / "logs" / "rank_0.log").read_text()
 
 
 def _raises(*args, **kwargs):
@@ -77,6 +95,16 @@ def test_a_profiler_failure_is_one_warning_and_the_run_trains_on(failing, tmp_pa
                                                        "nothing more, the training goes on"), warnings
     written = _traces(run) if (run / "profile").exists() else []
     assert written == ([f"rank_0_steps_2-3{TRACE_SUFFIX}"] if failing == "key_averages" else []), written
+    # its console line says what is there: it said "traced on every rank" after the warning, with no trace written
+    said = [line.split(" ", 3)[-1] for line in (run / "logs" / "rank_0.log").read_text().splitlines()
+            if "profile: steps 2-3" in line and "operators by self" not in line]
+    summary = json.loads((run / "summary.json").read_text())
+    if failing == "key_averages":
+        assert len(said) == 1 and "traced on every rank" in said[0], said
+        assert summary["profile_files"] == [f"profile/rank_0_steps_2-3{TRACE_SUFFIX}"]
+    else:
+        assert said == ["profile: steps 2-3: no rank wrote a trace (see the warnings in the ranks' logs)"], said
+        assert summary["profile_files"] == []
 
 
 def test_a_profiler_failing_as_a_diverged_run_closes_leaves_the_divergence_to_end_it(tmp_path, monkeypatch):
@@ -90,16 +118,23 @@ def test_a_profiler_failing_as_a_diverged_run_closes_leaves_the_divergence_to_en
 
 
 def _drive(cfg, run_dir: Path, rank: int = 0, start_step: int = 0, is_main: bool = True,
-           log: logging.Logger = logging.getLogger("test_profiling"), on_step=None) -> StepProfiler:
-    """A StepProfiler through the steps after ``start_step`` of ``cfg``, each a small matmul (no model, no ranks)."""
-    prof = StepProfiler.start(cfg, rank, run_dir, start_step, torch.device("cpu"), log, is_main)
+           log: logging.Logger = logging.getLogger("test_profiling"), on_step=None, peers=None,
+           stop_after: int | None = None, fail_after: int | None = None) -> StepProfiler:
+    """A StepProfiler through the steps after ``start_step`` of ``cfg``, each a small matmul (no model; ``peers``:
+    the ranks' group, None: one rank). ``stop_after``: the ranks' agreed stop after that step; ``fail_after``: the run
+    fails after that step (the trainer's finally closes the profiler, no step_ends)."""
+    prof = StepProfiler.start(cfg, rank, run_dir, start_step, torch.device("cpu"), log, is_main, peers=peers)
     x = torch.randn(32, 32)
     for step in range(start_step + 1, cfg.train.steps + 1):
         prof.step_begins(step)
         (x @ x).sum()
         if on_step:
             on_step(step)
-        prof.step_ends(step)
+        if step == fail_after:
+            break
+        prof.step_ends(step, stopping=step == stop_after)
+        if step == stop_after:
+            break
     prof.close()
     return prof
 
@@ -109,16 +144,88 @@ def test_the_first_step_is_traced_without_a_warmup_step(tmp_path):
     assert _traced_steps(tmp_path / "profile" / f"rank_0_steps_1-1{TRACE_SUFFIX}") == [1]
 
 
-def test_only_the_named_ranks_trace_and_rank_0_says_where(tmp_path, caplog):
-    cfg = tiny_gpt_config(tmp_path, steps=4, profile={"steps": [3, 4], "ranks": [1]}, parallel={"dp": 2})
-    with caplog.at_level(logging.INFO, logger="test_profiling"):
-        assert _drive(cfg, tmp_path, rank=0).written is None
-        assert not (tmp_path / "profile").exists()
-        assert _drive(cfg, tmp_path, rank=1, is_main=False).written.name == f"rank_1_steps_3-4{TRACE_SUFFIX}"
-    assert _traced_steps(tmp_path / "profile" / f"rank_1_steps_3-4{TRACE_SUFFIX}") == [3, 4]
-    said = [r.getMessage() for r in caplog.records if r.getMessage().startswith("profile: steps 3-4 traced")]
-    assert said == [f"profile: steps 3-4 traced on rank(s) 1 into {tmp_path / 'profile'}/ (e.g. rank_R_steps_3-4"
-                    f"{TRACE_SUFFIX}: ui.perfetto.dev or chrome://tracing); top operators in each traced rank's log"]
+class _Lines(logging.Handler):
+    """The records a logger emits, as (level name, message)."""
+
+    def __init__(self):
+        super().__init__(logging.INFO)
+        self.lines: list[tuple[str, str]] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append((record.levelname, record.getMessage()))
+
+
+#: name -> (profile section, train.steps, the rank(s) whose trace export fails, stop_after, fail_after)
+_WINDOWS = {
+    "rank_1_only": ({"steps": [3, 4], "ranks": [1]}, 4, (), None, None),
+    "rank_0_fails": ({"steps": [1, 2]}, 2, (0,), None, None),
+    "rank_1_fails": ({"steps": [1, 2]}, 2, (1,), None, None),
+    "stopped_inside": ({"steps": [2, 4]}, 4, (), 3, None),
+    "failed_inside": ({"steps": [1, 3]}, 3, (), None, 2),
+}
+
+
+def _windows_on_two_ranks(rank: int, world: int, root: str) -> dict:
+    """Every rank, over the default (gloo) group as the host group: each window of :data:`_WINDOWS` in its own run
+    dir -> {name: (this rank's ``files``, the profile lines it logged)}."""
+    out = {}
+    for name, (section, steps, failing, stop_after, fail_after) in _WINDOWS.items():
+        cfg = tiny_gpt_config(f"{root}/{name}", steps=steps, profile=section, parallel={"dp": 2})
+        log = logging.getLogger(f"test_profiling.{name}.{rank}")
+        lines = _Lines()
+        log.addHandler(lines)
+        log.setLevel(logging.INFO)
+        log.propagate = False
+        export = (mock.patch.object(profiling.profile, "export_chrome_trace", _raises) if rank in failing
+                  else contextlib.nullcontext())
+        with export:
+            prof = _drive(cfg, Path(root) / name, rank=rank, is_main=rank == 0, log=log, peers=dist.group.WORLD,
+                          stop_after=stop_after, fail_after=fail_after)
+        out[name] = (prof.files, [(level, m) for level, m in lines.lines  # not the operator tables
+                                  if m.startswith("profile: steps") and "operators by self" not in m])
+    return out
+
+
+def test_rank_0_says_which_ranks_wrote_their_traces_and_lists_every_ranks_files(tmp_path):
+    """The window's end compares what each rank wrote (an all_gather over the host group, in place of the barrier): rank
+    0's line names the ranks whose trace is there and the ones whose is not (it said "traced on every rank" after its
+    own export had failed), and its ``files`` (summary.json's profile_files) are every rank's. A run that fails inside
+    the window compares nothing (a failed rank must not wait): rank 0 then says only what it knows."""
+    seen = run_ranks(_windows_on_two_ranks, 2, args=(str(tmp_path),), timeout=180)
+    tail = "ui.perfetto.dev or chrome://tracing); top operators in each traced rank's log; the files in summary.json's " \
+           "profile_files"
+
+    def trace(r: int, steps: str) -> str:
+        return f"profile/rank_{r}_steps_{steps}{TRACE_SUFFIX}"
+
+    def folder(name: str) -> Path:
+        return tmp_path / name / "profile"
+
+    expected = {
+        "rank_1_only": ([trace(1, "3-4")], [(
+            "INFO", f"profile: steps 3-4 traced on rank(s) 1 into {folder('rank_1_only')}/ (e.g. rank_1_steps_3-4"
+                    f"{TRACE_SUFFIX}: {tail}")]),
+        "rank_0_fails": ([trace(1, "1-2")], [(
+            "WARNING", f"profile: steps 1-2 traced on rank(s) 1 into {folder('rank_0_fails')}/ (e.g. rank_1_steps_1-2"
+                       f"{TRACE_SUFFIX}: {tail}; rank(s) 0 wrote none (see its log)")]),
+        "rank_1_fails": ([trace(0, "1-2")], [(
+            "WARNING", f"profile: steps 1-2 traced on rank(s) 0 into {folder('rank_1_fails')}/ (e.g. rank_0_steps_1-2"
+                       f"{TRACE_SUFFIX}: {tail}; rank(s) 1 wrote none (see its log)")]),
+        "stopped_inside": ([trace(0, "2-3"), trace(1, "2-3")], [(
+            "INFO", f"profile: steps 2-3 traced on every rank into {folder('stopped_inside')}/ (e.g. rank_0_steps_2-3"
+                    f"{TRACE_SUFFIX}: {tail}")]),
+        "failed_inside": ([trace(0, "1-2")], [(
+            "INFO", f"profile: steps 1-2: rank 0 wrote rank_0_steps_1-2{TRACE_SUFFIX}; the traces of every rank go "
+                    f"into {folder('failed_inside')}/ (ui.perfetto.dev or chrome://tracing), each rank's log says "
+                    "whether its own was written")]),
+    }
+    for name, (files, lines) in expected.items():
+        assert seen[0][name] == (files, lines), (name, seen[0][name])
+        # rank 1 learns the same files (an all_gather) and prints nothing; after a failure, its own only
+        own = [trace(1, "1-2")] if name == "failed_inside" else files
+        assert seen[1][name] == (own, []), (name, seen[1][name])
+        assert sorted(p.name for p in folder(name).glob("*")) == sorted(
+            {Path(f).name for f in files + own}), name
 
 
 def test_a_window_behind_the_resume_is_said_once_and_not_traced(tmp_path, caplog):
@@ -199,6 +306,8 @@ def test_two_ranks_each_trace_the_window_and_train_the_same(tmp_path):
     for plain, profiled in run_ranks(_two_ranks, 2, args=(str(tmp_path),), timeout=180):
         assert profiled == plain
     assert _traces(tmp_path / "every") == [f"rank_{r}_steps_2-3{TRACE_SUFFIX}" for r in (0, 1)]
+    assert json.loads((tmp_path / "every" / "summary.json").read_text())["profile_files"] == [
+        f"profile/rank_{r}_steps_2-3{TRACE_SUFFIX}" for r in (0, 1)]  # rank 0's summary lists every rank's
     for r in (0, 1):
         assert _traced_steps(tmp_path / "every" / "profile" / f"rank_{r}_steps_2-3{TRACE_SUFFIX}") == [2, 3]
 
@@ -216,6 +325,8 @@ def test_a_restart_never_overwrites_a_trace(tmp_path):
     again = run / "profile" / f"rank_0_steps_2-3.2{TRACE_SUFFIX}"
     assert sorted(_traces(run)) == sorted([first.name, again.name])
     assert first.read_bytes() == written and _traced_steps(again) == [2, 3]
+    # the summary lists the files this start wrote
+    assert json.loads((run / "summary.json").read_text())["profile_files"] == [f"profile/{again.name}"]
 
 
 @pytest.mark.parametrize("steps, start, window", [
@@ -324,7 +435,7 @@ def test_a_failed_memory_snapshot_stops_the_history_and_the_rank_follows_the_win
         prof = _drive(cfg, tmp_path / "run")
     assert calls == ["all", None] and prof._prof is None and prof.written is None
     assert [r.getMessage().split(" (")[0] for r in caplog.records if r.levelno == logging.WARNING] == [
-        "profile: writing steps 2-3's profile failed on rank 0"]
+        "profile: writing steps 2-3's profile failed on rank 0", "profile: steps 2-3: no rank wrote a trace"]
     monkeypatch.setattr(profiling.profile, "start", _raises)
     prof = _drive(tiny_gpt_config(tmp_path / "other", steps=4, profile={"steps": [2, 3]}), tmp_path / "other")
     assert prof.taken == [2, 3] and not prof.traced and prof._prof is None
