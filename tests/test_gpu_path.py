@@ -292,6 +292,8 @@ def test_profiled_steps_on_cuda_trace_kernels_and_the_allocator(tmp_path, record
         memory = pickle.load(f)
     record_property("snapshot_segments", len(memory["segments"]))
     assert memory["segments"] and any(memory["device_traces"]), list(memory)
+    summary = json.loads((tmp_path / "profiled" / "summary.json").read_text())
+    assert summary["profile_files"] == [f"{PROFILE_DIR}/{trace.name}", f"{PROFILE_DIR}/{snapshot.name}"], summary
 
 
 def test_the_steps_cpu_scalars_reduce_over_an_nccl_group(nccl_world_one):

@@ -416,7 +416,8 @@ def test_the_memory_snapshot_brackets_the_window(tmp_path, monkeypatch):
     monkeypatch.setattr(torch.cuda.memory, "_dump_snapshot",
                         lambda filename: (calls.append(("dump", Path(filename).name)), Path(filename).write_bytes(b"")))
     cfg = tiny_gpt_config(tmp_path / "run", steps=4, profile={"steps": [2, 3], "memory": True})  # as on CUDA ranks
-    _drive(cfg, tmp_path / "run", is_main=False, on_step=lambda step: calls.append(("step", step)))
+    prof = _drive(cfg, tmp_path / "run", is_main=False, on_step=lambda step: calls.append(("step", step)))
+    assert prof.files == [f"profile/rank_0_steps_2-3{TRACE_SUFFIX}", f"profile/rank_0_steps_2-3{MEMORY_SUFFIX}"]
     assert calls == [("step", 1), ("record", "all", profiling.MEMORY_HISTORY_ENTRIES), ("step", 2), ("step", 3),
                      ("dump", f"rank_0_steps_2-3{MEMORY_SUFFIX}"), ("record", None, None), ("step", 4)]
     assert _traces(tmp_path / "run") == [f"rank_0_steps_2-3{MEMORY_SUFFIX}", f"rank_0_steps_2-3{TRACE_SUFFIX}"]
