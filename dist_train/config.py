@@ -23,6 +23,8 @@ from typing import Any, Optional, Union, get_args, get_origin, get_type_hints
 
 import yaml
 
+from .zero_keys import zero_key_refusal
+
 
 class ConfigError(ValueError):
     """Invalid user configuration; the message is a single line meant for the user."""
@@ -913,20 +915,6 @@ def zero_reduce_bucket_elements(cfg: Config, trainable_params: float) -> int:
 DEEPSPEED_PERSISTENCE_THRESHOLD_DEFAULT = 100_000
 
 
-#: DeepSpeed 0.19.8's ZeRO-3-only keys by their field names, which its config takes as well as their ``stage3_``
-#: aliases (``populate_by_name``; deepspeed/runtime/zero/config.py): ``prefetch_bucket_size`` under ZeRO-2 is as
-#: silently ignored as ``stage3_prefetch_bucket_size`` (tests/test_config_unread.py checks the list against DeepSpeed)
-DEEPSPEED_STAGE3_FIELD_NAMES = frozenset({
-    "prefetch_bucket_size", "param_persistence_threshold", "model_persistence_threshold", "max_live_parameters",
-    "max_reuse_distance", "gather_16bit_weights_on_model_save", "module_granularity_threshold",
-    "use_all_reduce_for_fetch_params", "allgather_sequential"})
-
-#: ``zero_optimization`` keys (alias and field name) DeepSpeed 0.19.8 applies only through a part of it dist-train does
-#: not use, at every stage: ``stage3_gather_16bit_weights_on_model_save`` is read by ``engine.save_16bit_model`` alone
-#: (deepspeed/runtime/engine.py), and dist-train writes its own checkpoints (``dist-train ckpt`` converts them)
-_DEEPSPEED_ZERO_INERT = frozenset({"stage3_gather_16bit_weights_on_model_save", "gather_16bit_weights_on_model_save"})
-
-
 def _user_zero_int(cfg: Config, alias: str, name: Optional[str] = None) -> Optional[int]:
     """A ZeRO key of ``parallel.deepspeed.zero_optimization`` as an integer, by its alias (``stage3_…``) or its field
     name (DeepSpeed's config takes either: ``populate_by_name``); None when the user sets neither. A value that is no
@@ -1043,21 +1031,13 @@ def _validate_deepspeed_keys(cfg: Config) -> None:
     if "stage" in zero and zero["stage"] != p.zero_stage:
         raise ConfigError(f"parallel.deepspeed.zero_optimization.stage = {zero['stage']!r} contradicts "
                           f"parallel.zero_stage = {p.zero_stage}; set parallel.zero_stage instead")
+    # each key the configured stage's optimizer never reads, or dist-train cannot honour (zero_keys.ZERO_KEYS: where
+    # DeepSpeed reads it), before the NVMe check: DeepSpeed's config takes any of them at any stage
     for key in sorted(zero):
-        if key in _DEEPSPEED_ZERO_INERT:  # before the stage check below, whose remedy (ZeRO-3) would not apply it either
-            raise ConfigError(f"parallel.deepspeed.zero_optimization.{key}: DeepSpeed applies it only through its "
-                              "save_16bit_model (dist-train writes its own checkpoints; dist-train ckpt converts "
-                              "them), so it would be silently ignored at any stage; remove it")
+        refusal = zero_key_refusal(key, p.zero_stage)
+        if refusal is not None:
+            raise ConfigError(refusal)
     if zero:
-        # DeepSpeed's config accepts these at any stage; only the stage-3 (offload_optimizer: any ZeRO) optimizer reads them
-        stage_only = [(k, 3, "3") for k in sorted(zero) if k == "offload_param" or k.startswith("stage3_")
-                      or k in DEEPSPEED_STAGE3_FIELD_NAMES]
-        stage_only += [("offload_optimizer", 1, "1-3")] if "offload_optimizer" in zero else []
-        for key, lowest, stages in stage_only:
-            if p.zero_stage < lowest:
-                raise ConfigError(f"parallel.deepspeed.zero_optimization.{key} with parallel.zero_stage = {p.zero_stage}: "
-                                  f"only ZeRO stage {stages} reads it and DeepSpeed would silently ignore it; set "
-                                  f"parallel.zero_stage: {lowest if lowest == 3 else '1, 2 or 3'} or remove it")
         ck = cfg.checkpoint
         if nvme_optimizer_offload(cfg) and (ck.every or ck.at_end or ck.resume != "none" or cfg.train.exit_interval):
             # checkpoint/adapters.py DeepSpeedStateAdapter: saves and loads read and fill the partitions in place

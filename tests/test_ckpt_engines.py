@@ -741,3 +741,44 @@ def test_the_stage0_wrappers_state_round_trips_and_what_it_cannot_save_is_refuse
     with pytest.raises(TypeError, match="such a run could not save a checkpoint") as e:
         DeepSpeedStateAdapter(object())
     assert "\n" not in str(e.value)
+
+
+#: ``zero_optimization.sub_group_size`` small enough that DeepSpeed's ZeRO-3 splits each rank's fp32 partition of
+#: the tiny model (d_model 32, 2 layers) into several sub-groups, each stepped (and swapped) on its own
+SUB_GROUP = {"dp": 2, "zero_stage": 3, "deepspeed": {"zero_optimization": {"sub_group_size": 2048}}}
+
+
+def _sub_group_resume_ranks(rank: int, world: int, root: str) -> dict:
+    """ZeRO-3 with small sub-groups: 4 straight steps; 2 steps, exit, resume to 4; its step-2 checkpoint resumed with
+    DeepSpeed's default sub-groups (one per param group). Records each engine's (sub-groups, param groups)."""
+    shapes, init = [], DeepSpeedStateAdapter.__init__
+
+    def recording(self, zero_optimizer):
+        shapes.append((len(zero_optimizer.fp16_groups), len(zero_optimizer.optimizer.param_groups)))
+        init(self, zero_optimizer)
+    DeepSpeedStateAdapter.__init__ = recording
+    try:
+        straight = train(_cfg(root, "straight", SUB_GROUP, steps=4)).losses
+        ck = {"every": 0, "keep_last": 2}
+        first = train(_cfg(root, "sub", SUB_GROUP, checkpoint=ck, steps=4, train_over={"exit_interval": 2}))
+        second = train(_cfg(root, "sub", SUB_GROUP, checkpoint=ck, steps=4))
+        plain = train(_cfg(root, "plain", {"dp": 2, "zero_stage": 3}, steps=4,
+                           checkpoint={"resume": f"{root}/sub/checkpoints/step_2"}))
+    finally:
+        DeepSpeedStateAdapter.__init__ = init
+    return {"straight": straight, "resumed": (first.losses, second.start_step, second.losses),
+            "plain": (plain.start_step, plain.losses), "groups": shapes}
+
+
+@pytest.mark.slow  # four 2-rank ZeRO-3 runs of 2-4 steps in one spawn (engine builds dominate)
+def test_zero3_sub_groups_resume_bit_for_bit_and_into_default_sub_groups(tmp_path):
+    """zero_optimization.sub_group_size (ZeRO-3 only, zero_keys.ZERO_KEYS) splits each rank's fp32 partition into
+    sub-groups, each a flat tensor of the inner optimizer; the checkpoint adapter reads them in place through
+    DeepSpeed's sub_group_to_group_id: 2 + 2 steps equal 4 straight bit for bit, and the checkpoint (the common
+    layout) resumes under DeepSpeed's default sub-groups with the same losses (1e-5)."""
+    for r in run_ranks(_sub_group_resume_ranks, 2, args=(str(tmp_path),), timeout=300):
+        small, default = r["groups"][0], r["groups"][-1]
+        assert small[0] > small[1] and default[0] == default[1], r["groups"]  # the small size made more sub-groups
+        straight, (first, start, second), (plain_start, plain) = r["straight"], r["resumed"], r["plain"]
+        assert first == straight[:2] and start == 2 and second == straight[2:], r
+        assert plain_start == 2 and rel_close(plain, straight[2:], 1e-5), (plain, straight)

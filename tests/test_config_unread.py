@@ -11,8 +11,7 @@ import torch
 import torch.distributed as dist
 
 from dist_train.checkpoint.compat import config_differences
-from dist_train.config import (DEEPSPEED_STAGE3_FIELD_NAMES, ConfigError, config_from_dict, load_config,
-                               user_zero_optimization)
+from dist_train.config import ConfigError, config_from_dict, load_config, user_zero_optimization
 import dist_train.engines.deepspeed as deepspeed_engine
 from dist_train.engines.deepspeed import DeepSpeedEngine, DeepSpeedForwardEngine
 from dist_train.mesh import build_mesh
@@ -20,6 +19,7 @@ from dist_train.models.gpt import build_gpt
 from dist_train.plan.cli import _plan_config
 from dist_train.plan.enumerate import enumerate_layouts
 from dist_train.preflight import check_engine, preflight
+from dist_train.zero_keys import DEEPSPEED_STAGE3_FIELD_NAMES, REMOVED_ZERO_KEYS, ZERO_KEYS, zero_key
 from tests.trainer_utils import tiny_gpt_config, tiny_swin_config
 
 # (model kind, sections that set the unread key, the key, a phrase of the reason)
@@ -154,7 +154,6 @@ def test_the_planners_config_may_set_keys_only_some_of_its_layouts_read(tmp_path
     ({"zero_optimization": {"overlap_comms": True}}, "parallel.deepspeed: DeepSpeed refuses overlap_comms (Extra"),
     # DeepSpeed's own refusals of its config (a removed feature's block): one line, not a traceback with exit 1
     ({"amp": {"enabled": False}}, "parallel.deepspeed: DeepSpeed refuses it: NVIDIA Apex AMP integration has been removed"),
-    ({"zero_optimization": {"mics_shard_size": 2}}, "parallel.deepspeed: DeepSpeed refuses it: MiCS ZeRO-3 sharding"),
     ({"communication_data_type": "fp8"}, "parallel.deepspeed: DeepSpeed refuses it: Invalid communication_data_type"),
     ({"zero_optimization": {"stage": 1, "overlap_comm": True}, "communication_data_type": "fp32",
       "bf16": {"immediate_grad_update": True}, "gradient_clipping": 1.0, "train_micro_batch_size_per_gpu": 2}, None),
@@ -385,3 +384,59 @@ def test_the_stage3_field_names_are_deepspeeds():
     zero_config = pytest.importorskip("deepspeed.runtime.zero.config")
     fields = zero_config.DeepSpeedZeroConfig.model_fields
     assert DEEPSPEED_STAGE3_FIELD_NAMES == {name for name, f in fields.items() if (f.alias or "").startswith("stage3_")}
+
+
+def test_every_deepspeed_zero_optimization_field_is_classified():
+    """Each field of DeepSpeed's ``DeepSpeedZeroConfig`` has an entry in zero_keys.ZERO_KEYS (the stages whose
+    optimizer reads it, or why it is refused at every stage), and the removed keys there are those DeepSpeed itself
+    refuses: a field a new DeepSpeed adds (or renames) fails here instead of passing unread."""
+    zero_config = pytest.importorskip("deepspeed.runtime.zero.config")
+    ds_config = pytest.importorskip("deepspeed.runtime.config")
+    assert set(ZERO_KEYS) - REMOVED_ZERO_KEYS == set(zero_config.DeepSpeedZeroConfig.model_fields)
+    assert REMOVED_ZERO_KEYS == set(ds_config._REMOVED_ZERO_CONFIG_KEYS)
+    for key, entry in ZERO_KEYS.items():
+        assert bool(entry.stages) != (entry.refused is not None), key
+        assert set(entry.stages) <= {0, 1, 2, 3}, key
+
+
+#: (stage, key): refused at every stage (read by nothing dist-train runs, or changing what its checkpoint adapter and
+#: memory model assume), each at a stage that reads it where any does
+REFUSED_EVERYWHERE = sorted((stage, key) for key, entry in ZERO_KEYS.items() if entry.refused for stage in (1, 3))
+
+#: (stage, key): a key read only by other stages' optimizers
+WRONG_STAGE = [(0, "reduce_bucket_size"), (0, "overlap_comm"), (0, "contiguous_gradients"), (0, "reduce_scatter"),
+               (3, "allgather_bucket_size"), (3, "use_multi_rank_bucket_allreduce"), (3, "compute_grad_norm"),
+               (3, "ignore_unused_parameters"), (2, "sub_group_size"), (1, "memory_efficient_linear"),
+               (2, "leaf_module"), (1, "enable_sanity_checks"), (2, "log_trace_cache_warnings"),
+               (2, "stage3_module_granularity_threshold"), (1, "allgather_sequential"), (0, "use_multi_rank_bucket_allreduce")]
+
+
+def _zero_config(tmp_path, stage: int, zero: dict):
+    return tiny_gpt_config(tmp_path, parallel={"zero_stage": stage, "deepspeed": {"zero_optimization": zero}})
+
+
+@pytest.mark.parametrize("stage, key", REFUSED_EVERYWHERE + WRONG_STAGE)
+def test_a_zero_key_the_stage_never_reads_or_dist_train_cannot_honour_is_refused_in_one_line(stage, key, tmp_path):
+    """Config validation refuses it (exit 2 before any rank) in one line naming the key, and for a key of other
+    stages the configured one and the stages that read it; DeepSpeed's config took each of these and went on."""
+    with pytest.raises(ConfigError) as info:
+        _zero_config(tmp_path, stage, {key: True})
+    msg = str(info.value)
+    assert msg.startswith(f"parallel.deepspeed.zero_optimization.{key}") and "\n" not in msg, msg
+    if zero_key(key).refused is None:
+        assert f"with parallel.zero_stage = {stage}: only ZeRO stage" in msg, msg
+    else:
+        assert "remove it" in msg or "instead" in msg, msg
+
+
+@pytest.mark.parametrize("stage, key", sorted((s, k) for k, e in ZERO_KEYS.items() for s in e.stages if k != "stage"))
+def test_a_zero_key_is_accepted_at_each_stage_that_reads_it_at_deepspeeds_default(stage, key, tmp_path):
+    """Every key a stage's optimizer reads passes validation there, at DeepSpeed's own default (``stage3_`` knobs by
+    their alias too)."""
+    zero_config = pytest.importorskip("deepspeed.runtime.zero.config")
+    field = zero_config.DeepSpeedZeroConfig.model_fields[key]
+    default = field.get_default(call_default_factory=True)
+    value = default.model_dump() if hasattr(default, "model_dump") else default
+    _zero_config(tmp_path, stage, {key: value})
+    if key in DEEPSPEED_STAGE3_FIELD_NAMES:
+        _zero_config(tmp_path, stage, {field.alias: value})
