@@ -170,3 +170,29 @@ def zero_key_refusal(key: str, stage: int) -> Optional[str]:
     remedy = " or ".join([", ".join(map(str, stages[:-1])), str(stages[-1])] if len(stages) > 1 else [named])
     return (f"parallel.deepspeed.zero_optimization.{key} with parallel.zero_stage = {stage}: only ZeRO stage {named} "
             f"reads it and DeepSpeed would silently ignore it; set parallel.zero_stage: {remedy} or remove it")
+
+
+#: DeepSpeed's ``DtypeEnum.fp32`` names (deepspeed/runtime/config.py), as ``data_types.grad_accum_dtype`` may spell it
+FP32_NAMES = frozenset({"fp32", "float32", "float", "torch.float32"})
+
+#: The keys DeepSpeed 0.19.8's BF16_Optimizer reads, which it builds instead of the ZeRO-1 optimizer for bf16 weights
+#: with fp32 gradient accumulation unless the optimizer is offloaded to the host (engine._do_optimizer_sanity_check,
+#: engine._configure_bf16_optimizer: allgather_bucket_size alone)
+BF16_OPTIMIZER_KEYS = frozenset({"stage", "allgather_bucket_size"})
+
+
+def bf16_optimizer_refusal(zero: dict, stage: int, bf16: bool, grad_accum_dtype: object) -> Optional[str]:
+    """The one-line refusal of a ``zero_optimization`` key (of the user's block ``zero``) that DeepSpeed's
+    BF16_Optimizer ignores, when the run builds it: ZeRO stage 1, ``bf16`` weights, ``grad_accum_dtype`` fp32 and no
+    ``offload_optimizer.device: cpu`` (which builds the ZeRO-1 optimizer). None when it does not, or reads them all."""
+    offload = zero.get("offload_optimizer")
+    host_offload = isinstance(offload, dict) and offload.get("device") == "cpu"
+    if stage != 1 or not bf16 or str(grad_accum_dtype) not in FP32_NAMES or host_offload:
+        return None
+    ignored = sorted(k for k in zero if k not in BF16_OPTIMIZER_KEYS)
+    if not ignored:
+        return None
+    return (f"parallel.deepspeed.zero_optimization.{ignored[0]} with parallel.zero_stage = 1, bf16 weights and "
+            "data_types.grad_accum_dtype fp32: DeepSpeed builds its BF16_Optimizer for these, which reads only "
+            "allgather_bucket_size of zero_optimization, and would silently ignore it; remove it, or accumulate in "
+            "bf16, or use zero_stage 2")

@@ -440,3 +440,30 @@ def test_a_zero_key_is_accepted_at_each_stage_that_reads_it_at_deepspeeds_defaul
     _zero_config(tmp_path, stage, {key: value})
     if key in DEEPSPEED_STAGE3_FIELD_NAMES:
         _zero_config(tmp_path, stage, {field.alias: value})
+
+
+@pytest.mark.parametrize("zero, offload, refused", [
+    ({"reduce_bucket_size": 4096}, None, "reduce_bucket_size"), ({"overlap_comm": True}, None, "overlap_comm"),
+    ({"allgather_bucket_size": 4096}, None, None), ({"reduce_bucket_size": 4096}, "cpu", None)])
+def test_a_zero_key_deepspeeds_bf16_optimizer_ignores_is_refused_before_the_ranks(zero, offload, refused, tmp_path):
+    """At ZeRO-1 with bf16 weights and fp32 gradient accumulation DeepSpeed 0.19.8 builds its BF16_Optimizer instead
+    of the ZeRO-1 optimizer (unless the optimizer is offloaded to the host), which reads allgather_bucket_size alone:
+    the pre-flight refuses the other keys in one line (config validation cannot: train.precision auto is decided on
+    the device); an evaluation builds no optimizer and does not refuse them."""
+    block = {**zero, **({"offload_optimizer": {"device": offload}} if offload else {})}
+    ds = {"zero_optimization": block, "data_types": {"grad_accum_dtype": "fp32"},
+          **({"zero_force_ds_cpu_optimizer": False} if offload else {})}
+    cfg = tiny_gpt_config(tmp_path / "run", train={"precision": "bf16"},
+                          parallel={"dp": 1, "zero_stage": 1, "deepspeed": ds})
+    check_engine(cfg, on_cuda=False, forward_only=True)
+    if refused is None:
+        preflight(cfg, on_cuda=False)
+        return
+    with pytest.raises(ConfigError) as info:
+        preflight(cfg, on_cuda=False)
+    msg = str(info.value)
+    assert msg.startswith(f"parallel.deepspeed.zero_optimization.{refused} with parallel.zero_stage = 1, bf16 weights "
+                          "and data_types.grad_accum_dtype fp32: DeepSpeed builds its BF16_Optimizer") and "\n" not in msg
+    fp32 = tiny_gpt_config(tmp_path / "fp32", train={"precision": "fp32"},
+                           parallel={"dp": 1, "zero_stage": 1, "deepspeed": {**ds, "data_types": {}}})
+    preflight(fp32, on_cuda=False)  # the ZeRO-1 optimizer reads it

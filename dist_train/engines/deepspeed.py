@@ -40,6 +40,7 @@ from ..held_stderr import stdout_shown_on_error
 from ..megatron_import import compile_as_identity
 from ..mesh import Mesh
 from ..optim import build_optimizer, build_scheduler
+from ..zero_keys import bf16_optimizer_refusal
 from .batches import batch_to_device, forward_loss_sum
 from .grads import all_reduce_sum, grad_norm_on_device, read_floats
 
@@ -91,14 +92,21 @@ def check_deepspeed_keys(cfg: Config, bf16: bool, forward_only: bool = False) ->
     rest) — or one its sub-configs reject (``zero_optimization: {overlap_comms: true}``), here before any rank
     starts instead of a traceback from every rank. Runs DeepSpeed's own ``DeepSpeedConfig`` over the generated
     config with no process group (a one-rank view); any other complaint of it is left to the ranks, whose world
-    size it may depend on. Then :func:`check_nvme_offload` (``forward_only``: of what an evaluation's engine builds) and
-    :func:`check_stage0_grad_accum_dtype`."""
+    size it may depend on. Then :func:`check_nvme_offload` (``forward_only``: of what an evaluation's engine builds),
+    :func:`check_stage0_grad_accum_dtype` and (training only: an evaluation builds no optimizer) the ZeRO keys a
+    BF16_Optimizer would ignore (``zero_keys.bf16_optimizer_refusal``: whether it is built depends on the precision,
+    which config validation may not know yet: ``train.precision: auto``)."""
     if cfg.parallel.zero_stage is None or not cfg.parallel.deepspeed:
         return  # the generated config alone: nothing of the user's to check, and no deepspeed import
     quiet_deepspeed(on_cpu=not torch.cuda.is_available())
     _check_keys_read(cfg, bf16)
     check_nvme_offload(cfg, forward_only)
     check_stage0_grad_accum_dtype(cfg, bf16)
+    data_types = cfg.parallel.deepspeed.get("data_types")
+    accumulate = data_types.get("grad_accum_dtype") if isinstance(data_types, dict) else None
+    refusal = bf16_optimizer_refusal(user_zero_optimization(cfg), int(cfg.parallel.zero_stage), bf16, accumulate)
+    if refusal is not None and not forward_only:
+        raise ConfigError(refusal)
 
 
 def check_stage0_grad_accum_dtype(cfg: Config, bf16: bool) -> None:
