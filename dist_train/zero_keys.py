@@ -74,8 +74,6 @@ ZERO_KEYS: dict[str, ZeroKey] = {
     # passed to stage_1_and_2.py only (and allgather_bucket_size to the BF16_Optimizer, engine._configure_bf16_optimizer)
     "use_multi_rank_bucket_allreduce": ZeroKey(_STAGES_1_2),
     "allgather_bucket_size": ZeroKey(_STAGES_1_2),
-    "compute_grad_norm": ZeroKey(_STAGES_1_2),
-    "ignore_unused_parameters": ZeroKey(_STAGES_1_2),
     # passed to stage3.py only (module_granularity_threshold, log_trace_cache_warnings and the persistence / gather
     # knobs to its DeepSpeedZeRoOffload too); memory_efficient_linear through parameter_offload.py Init(module=...),
     # which swaps torch.nn.functional.linear (partition_parameters.py _enable_mem_efficient_linear); leaf_module is
@@ -125,6 +123,14 @@ ZERO_KEYS: dict[str, ZeroKey] = {
     # no engine accessor of it has a caller (engine.zero_allgather_partitions): DeepSpeed 0.19.8 never applies it
     "allgather_partitions": ZeroKey((), "nothing in DeepSpeed 0.19.8 reads it (engine.zero_allgather_partitions has "
                                         "no caller), so it would be silently ignored at any stage; remove it"),
+    # stage_1_and_2.py complete_grad_norm_calculation_for_cpu_offload alone (ZeRO-1/2 with offload_optimizer cpu)
+    "ignore_unused_parameters": ZeroKey((), "DeepSpeed reads it only in ZeRO-1/2's gradient norm under offload_optimizer "
+                                            "cpu (stage_1_and_2.py complete_grad_norm_calculation_for_cpu_offload), "
+                                            "and silently ignores it everywhere else; remove it"),
+    # stage_1_and_2.py step: false drops the norm (get_global_grad_norm None; DeepSpeed refuses false at stages 0 and 3)
+    "compute_grad_norm": ZeroKey((), "dist-train reads the gradient norm DeepSpeed computes at every step (it logs it "
+                                     "and stops on a non-finite one: trainer._check_step), which false drops, "
+                                     "and true is DeepSpeed's default; remove it"),
     # read, but they change what dist-train's adapter reads in place or the memory model counts: not verified
     "round_robin_gradients": _untested("it reorders the parameters across the ZeRO-1/2 partitions "
                                        "(stage_1_and_2.py _round_robin_reorder)"),

@@ -405,8 +405,8 @@ REFUSED_EVERYWHERE = sorted((stage, key) for key, entry in ZERO_KEYS.items() if 
 
 #: (stage, key): a key read only by other stages' optimizers
 WRONG_STAGE = [(0, "reduce_bucket_size"), (0, "overlap_comm"), (0, "contiguous_gradients"), (0, "reduce_scatter"),
-               (3, "allgather_bucket_size"), (3, "use_multi_rank_bucket_allreduce"), (3, "compute_grad_norm"),
-               (3, "ignore_unused_parameters"), (2, "sub_group_size"), (1, "memory_efficient_linear"),
+               (3, "allgather_bucket_size"), (3, "use_multi_rank_bucket_allreduce"),
+               (2, "sub_group_size"), (1, "memory_efficient_linear"),
                (2, "leaf_module"), (1, "enable_sanity_checks"), (2, "log_trace_cache_warnings"),
                (2, "stage3_module_granularity_threshold"), (1, "allgather_sequential"), (0, "use_multi_rank_bucket_allreduce")]
 
