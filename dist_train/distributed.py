@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 from dataclasses import dataclass
 from datetime import timedelta
+from types import ModuleType
 from typing import Iterator, Mapping, Optional
 
 import torch
@@ -110,12 +112,32 @@ def caller_process_state() -> Iterator[None]:
     (engines/deepspeed.py ``_ensure_process_group``), DS_ACCELERATOR, and what DeepSpeed's import sets; a later
     job of the caller then ran in that stale one-rank world (a torchrun it started saw RANK=0, WORLD_SIZE=1). A
     default group that existed before (a launched rank's, a caller's own) is the caller's and is left alone; one
-    created inside is destroyed."""
+    created inside is destroyed. DeepSpeed's module-level ``deepspeed.utils.groups.mpu`` (set by every
+    ``deepspeed.initialize``: our engine's MeshMPU, which holds the mesh's groups) is set back too: it kept those
+    groups, and each gloo group's listening socket and threads, alive for the life of the caller's process."""
     environ = dict(os.environ)
     had_group = dist.is_initialized()
+    deepspeed_mpu = _deepspeed_mpu()
     try:
         yield
     finally:
         if not had_group and dist.is_initialized():
             dist.destroy_process_group()
+        _set_deepspeed_mpu(deepspeed_mpu)
         restore_environ(environ)
+
+
+def _deepspeed_groups() -> Optional[ModuleType]:
+    """DeepSpeed's group registry when DeepSpeed is loaded (looked up, never imported: most jobs never load it)."""
+    return sys.modules.get("deepspeed.utils.groups")
+
+
+def _deepspeed_mpu() -> object:
+    groups = _deepspeed_groups()
+    return None if groups is None else groups.mpu
+
+
+def _set_deepspeed_mpu(mpu: object) -> None:
+    groups = _deepspeed_groups()
+    if groups is not None:
+        groups.mpu = mpu

@@ -9,6 +9,7 @@ import os
 
 import pytest
 import torch.distributed as dist
+from deepspeed.utils import groups as deepspeed_groups
 
 from dist_train import checkpoint_eval, trainer as trainer_module
 from dist_train.checkpoint_eval import evaluate_checkpoint
@@ -34,6 +35,9 @@ def test_an_in_process_deepspeed_run_leaves_no_environment_and_no_process_group_
     before = dict(os.environ)
     first = train(tiny_gpt_config(tmp_path / "a", steps=2, parallel=ZERO1, checkpoint={"at_end": False}))
     assert first.exit_code == 0 and len(first.losses) == 2
+    # DeepSpeed's module-level mpu (our engine's, holding its groups) is the caller's again: a later
+    # deepspeed.initialize of the caller's without an mpu would otherwise use our destroyed groups
+    assert deepspeed_groups.mpu is None
     assert dict(os.environ) == before, {k: os.environ.get(k) for k in set(os.environ) ^ set(before)}
     assert not dist.is_initialized()
 
