@@ -18,13 +18,15 @@ import math
 import time
 from pathlib import Path
 
+from torch import nn
+
 from .checkpoint import CheckpointManager
 from .config import Config
 from .data.image_batches import NORMALISATION_KEY, WeatherBatcher, same_normalisation_data
 from .distributed import DistContext, caller_process_state
 from .engines import autocast_dtype, build_engine
 from .evaluation import Evaluator
-from .mesh import build_mesh
+from .mesh import Mesh, build_mesh
 from .trainer import build_batcher, build_model, layout_dict
 
 
@@ -43,6 +45,15 @@ def _evaluate(cfg: Config, ckpt: Path, ctx: DistContext) -> dict:
     mesh = build_mesh(cfg.parallel, ctx.world_size, ctx.device.type, host_timeout_s=cfg.launch.collective_timeout_s)
     model = build_model(cfg, mesh, ctx.device)
     engine = build_engine(cfg, model, mesh, autocast_dtype(cfg, ctx.device), evaluation_only=True)
+    try:
+        return _evaluate_with(cfg, ckpt, ctx, mesh, model, engine, started)
+    finally:  # a DeepSpeed engine outlived the evaluation before (engines/deepspeed.py close)
+        engine.close()
+
+
+def _evaluate_with(cfg: Config, ckpt: Path, ctx: DistContext, mesh: Mesh, model: nn.Module, engine,
+                   started: float) -> dict:
+    """:func:`_evaluate` once its engine is built: the checkpoint's weights loaded and the held-out batches run."""
     # only the model section is compared with the checkpoint's: data, training and layout keys may differ (another
     # held-out set, another layout), the model may not
     manager = CheckpointManager(cfg.checkpoint, run_dir=cfg.run.dir, config={"model": cfg.to_dict()["model"]},

@@ -254,6 +254,15 @@ def _train(cfg: Config, ctx: DistContext) -> TrainResult:
 
     model = build_model(cfg, mesh, ctx.device)
     engine = build_engine(cfg, model, mesh, autocast_dtype(cfg, ctx.device))
+    try:
+        return _train_with(cfg, ctx, log, mesh, model, engine)
+    finally:  # after the engine's last use (the rank record, the summary): a DeepSpeed engine outlived train() before
+        engine.close()
+
+
+def _train_with(cfg: Config, ctx: DistContext, log, mesh: Mesh, model: torch.nn.Module, engine) -> TrainResult:
+    """:func:`_train` once its engine is built: the data, the checkpoint manager, the loop and the summary."""
+    run_dir = Path(cfg.run.dir)
     batcher = build_batcher(cfg, mesh, model)
     n_params = model_params(cfg)  # the full model, not this rank's tp shard / pipeline stage / ZeRO-3 partition
 

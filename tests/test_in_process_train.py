@@ -4,9 +4,12 @@ it: a DeepSpeed engine set up a one-rank gloo group and RANK / WORLD_SIZE / LOCA
 body: tests/conftest.py restores ``os.environ`` after every test, which would hide what they left."""
 from __future__ import annotations
 
+import gc
 import json
 import os
+import weakref
 
+import psutil
 import pytest
 import torch.distributed as dist
 from deepspeed.utils import groups as deepspeed_groups
@@ -14,6 +17,7 @@ from deepspeed.utils import groups as deepspeed_groups
 from dist_train import checkpoint_eval, trainer as trainer_module
 from dist_train.checkpoint_eval import evaluate_checkpoint
 from dist_train.distributed import caller_process_state, current_context
+from dist_train.engines import build_engine
 from dist_train.trainer import train
 from tests.trainer_utils import tiny_gpt_config
 
@@ -111,3 +115,83 @@ def test_an_in_process_deepspeed_evaluation_leaves_no_environment_and_no_process
     with pytest.raises(ValueError, match="no held-out data today"):
         evaluate_checkpoint(cfg, step, current_context())
     assert dict(os.environ) == before and not dist.is_initialized()
+
+
+def _listening() -> set:
+    """(ip, port) of every TCP socket this process listens on (tests/test_launch_listen.py's check)."""
+    return {(c.laddr.ip, c.laddr.port) for c in psutil.net_connections(kind="tcp")
+            if c.status == psutil.CONN_LISTEN and c.pid == os.getpid()}
+
+
+def _record_engines(monkeypatch, module) -> list:
+    """Weak references to what every ``build_engine`` of ``module`` (the trainer, the evaluation) builds: our engine,
+    and DeepSpeed's engine inside it where there is one (``close()`` drops the engine's own reference to it)."""
+    built = []
+
+    def recording(*args, **kwargs):
+        engine = build_engine(*args, **kwargs)
+        built.append(weakref.ref(engine))
+        if hasattr(engine, "engine"):
+            built.append(weakref.ref(engine.engine))
+        return engine
+
+    monkeypatch.setattr(module, "build_engine", recording)
+    return built
+
+
+def _released(built: list, listening_before: set) -> None:
+    """Every recorded engine is collected and this process listens on nothing new (a live one-rank gloo group
+    would: its loopback socket)."""
+    gc.collect()
+    assert built and [ref() for ref in built if ref() is not None] == []
+    assert _listening() - listening_before == set()
+
+
+def test_an_in_process_deepspeed_run_releases_its_engine(tmp_path, monkeypatch):
+    """ZeRO-1 on one rank, in-process: on return and on an error after the engine was built, DeepSpeed's
+    engine (its model, fp32 master copy, optimizer state, groups) is gone after a gc.collect() and its gloo group's
+    listening socket closed. Its ZeRO optimizer's hooks on the parameters (cycles through C++ autograd nodes) kept
+    it alive for the life of the process before (engines/deepspeed.py close)."""
+    _rank_environment_unset(monkeypatch)
+    listening = _listening()
+    built = _record_engines(monkeypatch, trainer_module)
+    parallel = ZERO1
+    result = train(tiny_gpt_config(tmp_path / "a", steps=2, parallel=parallel, checkpoint={"at_end": False}))
+    assert result.exit_code == 0 and len(result.losses) == 2 and len(built) == 2
+    _released(built, listening)
+
+    def refuse(*args, **kwargs):
+        raise ValueError("no data today")
+
+    monkeypatch.setattr(trainer_module, "build_batcher", refuse)
+    with pytest.raises(ValueError, match="no data today"):
+        train(tiny_gpt_config(tmp_path / "b", steps=2, parallel=parallel, checkpoint={"at_end": False}))
+    assert len(built) == 4
+    _released(built, listening)
+
+
+def test_an_in_process_deepspeed_evaluation_releases_its_engine(tmp_path, monkeypatch):
+    """``evaluate_checkpoint`` in-process under ZeRO-1 (a stage-0 forward engine, no ZeRO optimizer: collected before
+    ``close()`` too): its forward-only engine is gone after a gc.collect(), its socket closed."""
+    _rank_environment_unset(monkeypatch)
+    cfg = tiny_gpt_config(tmp_path / "run", steps=1, parallel=ZERO1,
+                          train={"eval_every": 1, "eval_steps": 1}, checkpoint={"at_end": True})
+    train(cfg)
+    gc.collect()
+    listening = _listening()
+    built = _record_engines(monkeypatch, checkpoint_eval)
+    result = evaluate_checkpoint(cfg, tmp_path / "run" / "checkpoints" / "step_1", current_context())
+    assert result["step"] == 1 and len(built) == 2
+    _released(built, listening)
+
+
+def test_an_in_process_ddp_run_is_released_as_before(tmp_path, monkeypatch):
+    """The DDP engine's ``close()`` releases nothing: its engine is collected as it always was, and the run trains
+    the same losses as a second one."""
+    _rank_environment_unset(monkeypatch)
+    listening = _listening()
+    built = _record_engines(monkeypatch, trainer_module)
+    first = train(tiny_gpt_config(tmp_path / "a", steps=2, checkpoint={"at_end": False}))
+    again = train(tiny_gpt_config(tmp_path / "b", steps=2, checkpoint={"at_end": False}))
+    assert first.exit_code == 0 and first.losses == again.losses and len(built) == 2
+    _released(built, listening)

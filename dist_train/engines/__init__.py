@@ -1,7 +1,9 @@
 """Training engines: how gradients are reduced and the optimizer steps.
 
 Every engine offers ``train_step(micro_batches, global_count, loss_limit) -> (global mean loss, grad norm)``,
-``lr`` and ``module`` (the unwrapped model), ``optimizer`` and ``scheduler``.
+``lr`` and ``module`` (the unwrapped model), ``optimizer`` and ``scheduler``, and ``close()``: its owner calls it once,
+after the engine's last use (on return or error), and the engine is unusable after it (DeepSpeed's destroys its
+engine, which no gc collects; the others release nothing).
 
     parallel.pp > 1            -> PipelineEngine   (torch.distributed.pipelining; engines/pipeline.py),
                                   its stages sharded by FSDP2 with parallel.fsdp

@@ -226,6 +226,10 @@ class PipelineEngine:
         their blocks of the tp=1 tensor)."""
         return engine_checkpoint_kwargs(self.module, self.mesh)
 
+    def close(self) -> None:
+        """Nothing to release (see ``ForwardEngine.close``): the schedule, stages, optimizer and groups are plain Python
+        references of this engine, collected with it."""
+
     @property
     def lr(self) -> float:
         return self.optimizer.param_groups[0]["lr"]
