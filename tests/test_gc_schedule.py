@@ -31,7 +31,7 @@ class CollectionRecorder:
             name = frame.f_code.co_name
             in_step |= name == "train_step"
             scheduled |= name == "collect_if_due"
-            if name == "_train" and step is None:
+            if name == "_train_with" and step is None:  # the trainer's loop (trainer._train_with)
                 step = frame.f_locals.get("step")
             frame = frame.f_back
         self.seen.append((info["generation"], step, in_step, scheduled))
