@@ -26,11 +26,17 @@ demo: $(STAMP)
 	$(VENV)/bin/dist-train plot runs/demo --out runs/demo/curves.png --extra tokens_per_s mfu memory
 	@echo "curves: runs/demo/curves.png | TensorBoard: $(VENV)/bin/tensorboard --logdir runs/"
 
+# Two pytest-xdist workers, each taking whole test files (module fixtures are set up once): run one after another
+# the tests leave a core idle about a third of the time (process start-ups, waits on ranks and subprocesses); on
+# the 2-core CI machine the whole suite went from 882 s to 616 s (same commit, same machine).
+TEST_WORKERS ?= 2
+PYTEST := $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile
+
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PYTEST)
 
 test-fast: $(STAMP)
-	$(PY) -m pytest -q -m "not slow"
+	$(PYTEST) -m "not slow"
 
 # The whole GPU path in one command (tests marked gpu + GPU benchmarks; report in $OUT or runs/gpu-check/).
 # Uses the machine's python3 as it is: no venv, no install, the project on PYTHONPATH. On a machine
