@@ -185,6 +185,28 @@ def test_an_in_process_deepspeed_evaluation_releases_its_engine(tmp_path, monkey
     _released(built, listening)
 
 
+def test_in_process_zero3_training_and_evaluation_release_their_engines(tmp_path, monkeypatch):
+    """ZeRO-3 on one rank, in-process: the training engine and then the evaluation's forward-only engine are gone
+    after a gc.collect(), their gloo groups' sockets closed. DeepSpeed's ZeRO-3 keeps the model in module-level
+    state that ``destroy()`` leaves (a forward-module stack, a class-level lru_cache of its coordinator), and the
+    model's hooks hold the engine: both stayed for the life of the process before (engines/deepspeed.py
+    ``release_zero3_globals``)."""
+    _rank_environment_unset(monkeypatch)
+    listening = _listening()
+    trained = _record_engines(monkeypatch, trainer_module)
+    cfg = tiny_gpt_config(tmp_path / "run", steps=1, parallel={"dp": 1, "zero_stage": 3},
+                          train={"eval_every": 1, "eval_steps": 1}, checkpoint={"at_end": True})
+    result = train(cfg)
+    assert result.exit_code == 0 and len(trained) == 2
+    _released(trained, listening)
+    evaluated = _record_engines(monkeypatch, checkpoint_eval)
+    logged = [r["valid_loss"] for r in map(json.loads, (tmp_path / "run" / "metrics.jsonl").read_text().splitlines())
+              if "valid_loss" in r]
+    step = tmp_path / "run" / "checkpoints" / "step_1"
+    assert evaluate_checkpoint(cfg, step, current_context())["loss"] == logged[-1] and len(evaluated) == 2
+    _released(evaluated, listening)
+
+
 def test_an_in_process_ddp_run_is_released_as_before(tmp_path, monkeypatch):
     """The DDP engine's ``close()`` releases nothing: its engine is collected as it always was, and the run trains
     the same losses as a second one."""

@@ -290,6 +290,35 @@ def import_deepspeed_muon_eager() -> None:
         importlib.import_module(MUON_MODULE)
 
 
+#: DeepSpeed 0.19.8's ZeRO-3 coordinator method cached by a class-level ``functools.lru_cache`` (name-mangled)
+ZERO3_RELEASE_CACHED = "_PartitionedParameterCoordinator__params_to_release"
+
+
+def release_zero3_globals(module: nn.Module) -> None:
+    """Drop what DeepSpeed's ZeRO-3 keeps of ``module`` in module-level state that ``engine.destroy()`` leaves:
+
+    * ``parameter_offload.FWD_MODULE_STACK``: the top module is pushed when the ZeRO-3 hooks are set up and never
+      popped (and a forward that raised leaves its submodules there too);
+    * ``PartitionedParameterCoordinator.__params_to_release``: an ``lru_cache(maxsize=None)`` on the class, keyed by
+      (coordinator, submodule, step id).
+
+    Each held the model, whose forward hooks hold the engine: model, partitions, optimizer state and the mesh's
+    groups stayed for the life of an in-process caller (measured on one CPU rank, DeepSpeed 0.19.8: a ZeRO-3
+    training or evaluation engine is collected once both are dropped, not with either alone). The cache is cleared
+    whole, as an lru_cache cannot forget one key: another live ZeRO-3 engine recomputes its entries from its
+    coordinator's trace on their next use, the value it cached."""
+    from deepspeed.runtime.zero import parameter_offload  # deepspeed only where it runs
+    from deepspeed.runtime.zero.partitioned_param_coordinator import PartitionedParameterCoordinator
+
+    ours = {id(m) for m in module.modules()}
+    parameter_offload.FWD_MODULE_STACK[:] = [m for m in parameter_offload.FWD_MODULE_STACK if id(m) not in ours]
+    cached = vars(PartitionedParameterCoordinator).get(ZERO3_RELEASE_CACHED)
+    # under DeepSpeed's instrument_w_nvtx wrapper: the lru_cache is the function it closes over
+    for cell in getattr(cached, "__closure__", None) or ():
+        if hasattr(cell.cell_contents, "cache_clear"):
+            cell.cell_contents.cache_clear()
+
+
 def forward_only_config(ds_config: dict) -> dict:
     """The DeepSpeed config of a forward-only engine (:class:`DeepSpeedForwardEngine`) from a training one: ZeRO-1/2
     become stage 0. They partition only the optimizer's state and the gradients, and their forward is stage 0's (the
@@ -374,12 +403,15 @@ class DeepSpeedForwardEngine:
         autograd nodes that Python's gc cannot collect. Left alone, an in-process caller (a notebook, a test) kept the
         model, the fp32 master copy, the optimizer state and the mesh's process groups (a gloo group's listening
         socket and threads) for the life of its process. ``destroy()`` (DeepSpeed 0.19.8, engine.py) removes those
-        hooks; the references here are dropped so nothing of this object keeps the rest alive. Measured on one CPU rank:
-        ZeRO-1 training is then collected with its group's socket (tests/test_in_process_train.py); a ZeRO-3 engine
-        (training or evaluation) is still kept by another cycle after destroy()."""
+        hooks; ZeRO-3 also leaves the model in two of DeepSpeed's module-level structures, dropped here
+        (:func:`release_zero3_globals`), and so are the references of this object. Measured on one CPU rank: ZeRO-1
+        and ZeRO-3 training and ZeRO-3 evaluation are then collected with their group's socket
+        (tests/test_in_process_train.py)."""
         engine = self.engine
         self.engine = self.optimizer = self.scheduler = self.module = None
+        module = engine.module
         engine.destroy()
+        release_zero3_globals(module)
 
     def eval_loss_sum(self, micro: list[dict]) -> float:
         """Forward only through the DeepSpeed engine (ZeRO-3 gathers its partitions as in training) -> the
