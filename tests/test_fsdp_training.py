@@ -1,7 +1,7 @@
 """FSDP2 (``parallel.fsdp``) on real gloo ranks against the single-rank run, its per-rank memory, its
 checkpoints resharded to and from DDP, and the refused combinations.
 
-* losses: 5 steps of FSDP2 dp2 (with and without reshard-after-forward), Swin wp2, dp3 (uneven shards),
+* losses: 3 steps of FSDP2 dp2 (with and without reshard-after-forward), Swin wp2, dp3 (uneven shards),
   dp2 × pp2 (1F1B, interleaved, GPipe kept gathered), dp2 × tp2 (sequence parallel), dp2 × cp2 equal the
   single-rank losses and step-1 gradient norm (the DTensor shard sums) within 1e-5 relative on every rank
   (dp2 and dp2 × pp2 also the validation loss: forward-only paths); bf16 (FSDP2's MixedPrecisionPolicy,
@@ -13,8 +13,8 @@ checkpoints resharded to and from DDP, and the refused combinations.
   padded-shard formula exactly and the cost model's unsharded bytes / dp (dist_train/cost/memory.py) up to
   the padding of one row per tensor;
 * checkpoints (the dp2 × pp2 one saved asynchronously): FSDP2 dp2 × pp2 → DDP dp1, → DeepSpeed ZeRO-3
-  dp4, → DDP dp2 × tp2; DDP dp1 → FSDP2 dp2 × pp2; FSDP2 dp2 × tp2 → dp1 — each resumes at step 5 with
-  the losses the saving layout went on to produce (1e-5).
+  dp4, → DDP dp2 × tp2; DDP dp1 → FSDP2 dp2 × pp2; FSDP2 dp2 × tp2 → dp1 — each saved at step 2 of 4 and resumed
+  there with the losses the saving layout went on to produce (1e-5).
 """
 from __future__ import annotations
 
@@ -39,8 +39,11 @@ from tests.trainer_utils import losses_and_valid, rel_close, tiny_gpt_config, ti
 
 RTOL = 1e-5
 BF16_RTOL = 2e-3  # bf16 compute on both sides; measured 2e-4 on 5 steps
+#: steps per case: step 1 (its gradient norm: the reduction), steps 2-3 (the updates: the optimizer's shards), step 3
+#: past the 2-step warm-up; 5 steps ran the same code twice more per case, on up to 4 ranks
+STEPS = 3
 MB1 = {"micro_batch": 1}  # pp2 needs >= 2 pipeline micro-batches per dp rank
-EVAL = {"eval_every": 5, "eval_steps": 1}  # + the validation loss after step 5 (forward-only paths)
+EVAL = {"eval_every": STEPS, "eval_steps": 1}  # + the validation loss after the last step (forward-only paths)
 
 # (name, kind, parallel, train overrides) per world size; kind: gpt | gpt4 (4 layers) | swin
 CASES = {
@@ -59,14 +62,14 @@ CASES = {
 }
 
 
-def _config(kind: str, run_dir, data_dir, parallel: dict, train_over: dict, **sections):
+def _config(kind: str, run_dir, data_dir, parallel: dict, train_over: dict, steps: int = STEPS, **sections):
     par = {**parallel, "fsdp": True} if parallel else {}
     train_over = {**train_over, "peak_tflops": 1.0}  # MFU's denominator only: skip the CPU calibration
     if kind == "swin":
-        return tiny_swin_config(run_dir, data_dir, parallel=par, train=train_over, **sections)
+        return tiny_swin_config(run_dir, data_dir, steps=steps, parallel=par, train=train_over, **sections)
     if kind == "gpt4":  # interleaved: 2 virtual stages per pipeline rank, one layer each
         sections["model"] = {"n_layers": 4}
-    return tiny_gpt_config(run_dir, parallel=par, train=train_over, **sections)
+    return tiny_gpt_config(run_dir, steps=steps, parallel=par, train=train_over, **sections)
 
 
 def _losses_and_norm(res) -> tuple[list[float], float]:
@@ -238,23 +241,27 @@ def test_fsdp_four_ranks_composed_with_pp_tp_cp_match_single_rank(tmp_path):
 # ---------------------------------------------------------------------------------------------
 # Checkpoints: FSDP2 <-> DDP
 # ---------------------------------------------------------------------------------------------
-CKPT = {"every": 5, "keep_last": 3}
+#: 4 steps, saved after step 2 (the warm-up's end) and resumed there: 2 steps before and 2 after the save are what
+#: a lost shard, a stale optimizer state or a skipped batch shows in (10 steps saved at 5 checked nothing more)
+CKPT_STEPS, SAVED_AT = 4, 2
+CKPT = {"every": SAVED_AT, "keep_last": 3}
 PP_FSDP = {"dp": 2, "pp": 2}
 
 
 def _ckpt_runs(rank, world, root):
     """On 4 ranks: FSDP2 dp2 × pp2 resumed from the DDP dp1 checkpoint; FSDP2 dp2 × pp2 and dp2 × tp2 runs
     that save at step 5; the dp2 × pp2 checkpoint resumed by DeepSpeed ZeRO-3 at dp4 and by DDP dp2 × tp2."""
-    resumed = train(_config("gpt", f"{root}/fsdp_from_ddp", None, PP_FSDP, MB1, steps=10,
-                            checkpoint={"resume": f"{root}/ddp/checkpoints/step_5"}))
-    saved_pp = train(_config("gpt", f"{root}/fsdp_pp", None, PP_FSDP, MB1, steps=10,
+    resumed = train(_config("gpt", f"{root}/fsdp_from_ddp", None, PP_FSDP, MB1, steps=CKPT_STEPS,
+                            checkpoint={"resume": f"{root}/ddp/checkpoints/step_{SAVED_AT}"}))
+    saved_pp = train(_config("gpt", f"{root}/fsdp_pp", None, PP_FSDP, MB1, steps=CKPT_STEPS,
                              checkpoint={**CKPT, "async_save": True})).losses  # DTensor shards staged async
-    saved_tp = train(_config("gpt", f"{root}/fsdp_tp", None, {"dp": 2, "tp": 2}, MB1, steps=10,
+    saved_tp = train(_config("gpt", f"{root}/fsdp_tp", None, {"dp": 2, "tp": 2}, MB1, steps=CKPT_STEPS,
                              checkpoint=CKPT)).losses
-    from_pp = {"checkpoint": {"resume": f"{root}/fsdp_pp/checkpoints/step_5"}}
-    zero3 = train(tiny_gpt_config(f"{root}/zero3_from_fsdp", steps=10, parallel={"dp": 4, "zero_stage": 3},
+    from_pp = {"checkpoint": {"resume": f"{root}/fsdp_pp/checkpoints/step_{SAVED_AT}"}}
+    zero3 = train(tiny_gpt_config(f"{root}/zero3_from_fsdp", steps=CKPT_STEPS,
+                                  parallel={"dp": 4, "zero_stage": 3},
                                   train={**MB1, "peak_tflops": 1.0}, **from_pp))
-    tp2 = train(tiny_gpt_config(f"{root}/tp2_from_fsdp", steps=10, parallel={"dp": 2, "tp": 2},
+    tp2 = train(tiny_gpt_config(f"{root}/tp2_from_fsdp", steps=CKPT_STEPS, parallel={"dp": 2, "tp": 2},
                                 train={**MB1, "peak_tflops": 1.0}, **from_pp))
     return {"resumed": (resumed.start_step, resumed.losses), "saved_pp": saved_pp, "saved_tp": saved_tp,
             "zero3": (zero3.start_step, zero3.losses), "tp2": (tp2.start_step, tp2.losses)}
@@ -263,21 +270,23 @@ def _ckpt_runs(rank, world, root):
 @pytest.mark.slow
 def test_fsdp_checkpoints_reshard_to_and_from_ddp_zero_tp_pp(tmp_path):
     pytest.importorskip("deepspeed")
-    ddp = train(_config("gpt", tmp_path / "ddp", None, {}, MB1, steps=10, checkpoint=CKPT)).losses
+    ddp = train(_config("gpt", tmp_path / "ddp", None, {}, MB1, steps=CKPT_STEPS, checkpoint=CKPT)).losses
     out = run_ranks(_ckpt_runs, 4, args=(str(tmp_path),), timeout=400)
     for rank, r in enumerate(out):
         start, losses = r["resumed"]
-        assert start == 5 and rel_close(losses, ddp[5:], RTOL), (rank, losses, ddp[5:])
+        assert start == SAVED_AT and rel_close(losses, ddp[SAVED_AT:], RTOL), (rank, losses, ddp[SAVED_AT:])
         for layout in ("zero3", "tp2"):  # FSDP2 dp2 × pp2 -> ZeRO-3 dp4, -> DDP dp2 × tp2
             start, losses = r[layout]
-            assert start == 5 and rel_close(losses, r["saved_pp"][5:], RTOL), (layout, rank, losses, r["saved_pp"])
+            assert start == SAVED_AT and rel_close(losses, r["saved_pp"][SAVED_AT:], RTOL), (layout, rank, losses,
+                                                                                            r["saved_pp"])
     for name in ("pp", "tp"):
         saved = out[0][f"saved_{name}"]
-        resumed = train(_config("gpt", tmp_path / f"ddp_from_{name}", None, {}, MB1, steps=10,
-                                checkpoint={"resume": str(tmp_path / f"fsdp_{name}" / "checkpoints" / "step_5")}))
-        assert resumed.start_step == 5
-        assert rel_close(resumed.losses, saved[5:], RTOL), (name, resumed.losses, saved[5:])
-        assert rel_close(saved[:5], ddp[:5], RTOL), (name, saved[:5], ddp[:5])
+        saved_at = tmp_path / f"fsdp_{name}" / "checkpoints" / f"step_{SAVED_AT}"
+        resumed = train(_config("gpt", tmp_path / f"ddp_from_{name}", None, {}, MB1, steps=CKPT_STEPS,
+                                checkpoint={"resume": str(saved_at)}))
+        assert resumed.start_step == SAVED_AT
+        assert rel_close(resumed.losses, saved[SAVED_AT:], RTOL), (name, resumed.losses, saved[SAVED_AT:])
+        assert rel_close(saved[:SAVED_AT], ddp[:SAVED_AT], RTOL), (name, saved[:SAVED_AT], ddp[:SAVED_AT])
 
 
 # ---------------------------------------------------------------------------------------------
