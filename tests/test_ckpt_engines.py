@@ -1,10 +1,11 @@
 """Checkpoints of the tensor-parallel, pipeline and DeepSpeed (ZeRO) engines, through the trainer.
 
 Every engine writes the one layout of a tp=1/pp=1 plain-optimizer run, so a checkpoint saved under one
-layout resumes under another and training continues with the saving run's losses (1e-5 relative):
+layout resumes under another and training continues with the saving run's losses (1e-5 relative; saved after
+step 2 of 4, the warm-up's end):
   tp2 -> tp2 (same shapes: the silent-corruption case), dp2 -> tp2, tp2 -> tp1 (shards not de-duplicated
   away), zero3 dp2 -> plain dp1, dp2 -> zero3 dp2, tp2 -> tp2 with ZeRO-3 (the tp adapter over the
-  DeepSpeed one), pp2 -> pp1, and exact resume zero1 dp2 -> zero1 dp2 (10 + 10 steps == 20 straight).
+  DeepSpeed one), pp2 -> pp1, and exact resume zero1 dp2 -> zero1 dp2 (2 + 2 steps == 4 straight).
 The vocabulary (63) is odd, so tp2 pads it to 64 and the uneven vocab shards (32 + 31 real rows) are
 exercised in both directions. The tp2 and ZeRO-3 savers save asynchronously (host staging of DTensors
 and of gathered tensors). The 2-rank runs share one spawn; the world-1 resumes run in the test
@@ -42,18 +43,21 @@ from dist_train.trainer import train
 from tests.dist_harness import run_ranks
 from tests.trainer_utils import rel_close, tiny_gpt_config
 
-SAVE = {"every": 5, "keep_last": 3}
+#: the reshard cases train STEPS steps and save after SAVED_AT: two steps before the save and two after it show a lost
+#: shard, a stale optimizer state or a skipped batch (10 steps saved at 5, and 20 for the exact resume, checked no more)
+STEPS, SAVED_AT = 4, 2
+SAVE = {"every": SAVED_AT, "keep_last": 3}
 VOCAB = 63  # odd: Megatron pads it to 64 at tp 2
 
 
-def _cfg(root, name, parallel, checkpoint=SAVE, steps=10, model=None, train_over=None):
+def _cfg(root, name, parallel, checkpoint=SAVE, steps=STEPS, model=None, train_over=None):
     model = {"kind": "gpt", "d_model": 32, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "vocab_size": VOCAB,
              **(model or {})}
     return tiny_gpt_config(f"{root}/{name}", steps=steps, model=model, parallel=parallel, checkpoint=checkpoint,
                            train=train_over or {})
 
 
-def _resume_from(root, name, step=5):
+def _resume_from(root, name, step=SAVED_AT):
     return {"resume": f"{root}/{name}/checkpoints/step_{step}"}
 
 
@@ -70,25 +74,25 @@ def _two_rank_cases(rank, world, root):
         res = train(_cfg(root, name, par, checkpoint=_resume_from(root, src)))
         out[name] = (res.start_step, res.losses)
     zero1 = {"dp": 2, "zero_stage": 1}
-    out["zero1_straight"] = train(_cfg(root, "zero1_straight", zero1, steps=20)).losses
+    out["zero1_straight"] = train(_cfg(root, "zero1_straight", zero1)).losses
     ck = {"every": 0, "keep_last": 2}
-    first = train(_cfg(root, "zero1", zero1, checkpoint=ck, steps=20, train_over={"exit_interval": 10}))
-    second = train(_cfg(root, "zero1", zero1, checkpoint=ck, steps=20))
+    first = train(_cfg(root, "zero1", zero1, checkpoint=ck, train_over={"exit_interval": SAVED_AT}))
+    second = train(_cfg(root, "zero1", zero1, checkpoint=ck))
     out["zero1_resumed"] = (first.losses, second.start_step, second.losses)
     return out
 
 
 def _check(saved, start_step, losses, what):
-    assert start_step == 5, (what, start_step)
-    assert rel_close(losses, saved[5:], 1e-5), (what, losses, saved[5:])
+    assert start_step == SAVED_AT, (what, start_step)
+    assert rel_close(losses, saved[SAVED_AT:], 1e-5), (what, losses, saved[SAVED_AT:])
 
 
 def _tensor_table(root, name):
-    return mf.read_manifest(f"{root}/{name}/checkpoints/step_5")["tensors"]
+    return mf.read_manifest(f"{root}/{name}/checkpoints/step_{SAVED_AT}")["tensors"]
 
 
 def _value_keys(root, name):
-    return set(json.loads((root / name / "checkpoints" / "step_5" / mf.TRAIN_STATE).read_text())["values"])
+    return set(json.loads((root / name / "checkpoints" / f"step_{SAVED_AT}" / mf.TRAIN_STATE).read_text())["values"])
 
 
 def test_engines_reshard_through_the_trainer(tmp_path):
@@ -103,7 +107,7 @@ def test_engines_reshard_through_the_trainer(tmp_path):
     _check(r["dp2"], *r["dp2_to_zero3"], "dp2 -> zero3 dp2")
     _check(r["tp2"], *r["tp2_to_tp2_zero3"], "tp2 -> tp2 x zero3 (both adapters composed)")
     first, start, second = r["zero1_resumed"]
-    assert start == 10 and first + second == r["zero1_straight"], (first + second, r["zero1_straight"])
+    assert start == SAVED_AT and first + second == r["zero1_straight"], (first + second, r["zero1_straight"])
 
     # one checkpoint layout for every engine: same keys, full (tp=1) shapes, dtypes and optimizer values
     ref = _tensor_table(tmp_path, "dp2")
@@ -112,11 +116,11 @@ def test_engines_reshard_through_the_trainer(tmp_path):
         assert _value_keys(tmp_path, name) == _value_keys(tmp_path, "dp2"), name
     # ... and the same numbers: what `ckpt convert` reads (full tensors, one process) equals the dp2 run's
     # weights to fp32 round-off (the layouts reduce in different orders; under tp the chunked loss is the
-    # vocab-parallel one, whose round-off Adam carries to ~2e-6 on near-zero weights in 5 steps) — a
+    # vocab-parallel one, whose round-off Adam carried to ~2e-6 on near-zero weights in 5 steps) — a
     # de-duplicated tp shard would differ by O(1), a lost ZeRO partition would read as zeros
-    ref_weights, _ = load_model_tensors(tmp_path / "dp2" / "checkpoints" / "step_5")
+    ref_weights, _ = load_model_tensors(tmp_path / "dp2" / "checkpoints" / f"step_{SAVED_AT}")
     for name in ("tp2", "zero3", "pp2"):
-        weights, _ = load_model_tensors(tmp_path / name / "checkpoints" / "step_5")  # verifies CRCs first
+        weights, _ = load_model_tensors(tmp_path / name / "checkpoints" / f"step_{SAVED_AT}")  # verifies CRCs first
         assert weights.keys() == ref_weights.keys(), name
         for k, w in weights.items():
             assert torch.allclose(w, ref_weights[k], rtol=1e-4, atol=1e-5), (name, k, (w - ref_weights[k]).abs().max())
@@ -578,14 +582,15 @@ def test_zero3_with_cpu_parameter_offload_resumes_exactly_and_to_and_from_no_off
 
 
 def _offload_resume_ranks(rank: int, world: int, root: str, stage: int) -> dict:
-    """ZeRO ``stage`` with the optimizer offloaded to the host: 8 straight steps; 4 steps, exit, resume to 8; and its
-    step-4 checkpoint resumed by the same stage without offload."""
-    straight = train(_cfg(root, "offload_straight", _offload(stage), steps=8)).losses
+    """ZeRO ``stage`` with the optimizer offloaded to the host: STEPS (4) straight steps; SAVED_AT (2) steps, exit,
+    resume to STEPS; and its step-2 checkpoint resumed by the same stage without offload (8 steps exiting at 4 checked
+    no more)."""
+    straight = train(_cfg(root, "offload_straight", _offload(stage))).losses
     ck = {"every": 0, "keep_last": 2}
-    first = train(_cfg(root, "offload", _offload(stage), checkpoint=ck, steps=8, train_over={"exit_interval": 4}))
-    second = train(_cfg(root, "offload", _offload(stage), checkpoint=ck, steps=8))
-    plain = train(_cfg(root, "plain_from_offload", {"dp": 2, "zero_stage": stage}, steps=8,
-                       checkpoint={"resume": f"{root}/offload/checkpoints/step_4"}))
+    first = train(_cfg(root, "offload", _offload(stage), checkpoint=ck, train_over={"exit_interval": SAVED_AT}))
+    second = train(_cfg(root, "offload", _offload(stage), checkpoint=ck))
+    plain = train(_cfg(root, "plain_from_offload", {"dp": 2, "zero_stage": stage},
+                       checkpoint=_resume_from(root, "offload")))
     return {"straight": straight, "resumed": (first.losses, second.start_step, second.losses),
             "plain": (plain.start_step, plain.losses)}
 
@@ -595,14 +600,14 @@ def _offload_resume_ranks(rank: int, world: int, root: str, stage: int) -> dict:
 def test_zero_with_cpu_optimizer_offload_resumes_exactly_and_without_offload(tmp_path, stage):
     """offload_optimizer.device = cpu moves the fp32 partitions and the AdamW step to the host (here the host is the
     device, but DeepSpeed takes its offload path: separate fp32 gradient partitions, its own host step): the
-    adapter's partition views are those host tensors, so 4 + 4 steps equal 8 straight bit for bit, and the
+    adapter's partition views are those host tensors, so 2 + 2 steps equal 4 straight bit for bit, and the
     checkpoint (the common layout) resumes under the same stage without offload with the same losses (1e-5).
     ZeRO-2 failed here before the adapter kept DeepSpeed's host gradient buffers (``_ensure_state``)."""
     for r in run_ranks(_offload_resume_ranks, 2, args=(str(tmp_path), stage), timeout=300):
         first, start, second = r["resumed"]
-        assert start == 4 and first + second == r["straight"], (first + second, r["straight"])
+        assert start == SAVED_AT and first + second == r["straight"], (first + second, r["straight"])
         start, losses = r["plain"]
-        assert start == 4 and rel_close(losses, r["straight"][4:], 1e-5), (losses, r["straight"])
+        assert start == SAVED_AT and rel_close(losses, r["straight"][SAVED_AT:], 1e-5), (losses, r["straight"])
 
 
 #: DeepSpeed's optimizer wrappers, one case each: (name, parallel, precision, the wrapper DeepSpeed 0.19.8 builds:
