@@ -14,7 +14,14 @@ from tests.trainer_utils import rel_close, tiny_swin_config
 FOUR_BLOCKS = {"n_layers": 4}  # two block pairs: one per stage at pp = 2
 
 
-def _swin_cases(rank, world, root, data_dir, cases, steps=(5, 10)):
+#: (steps of a run, steps of a run that saves a checkpoint after step 3 and of its resumes): every case's updates (after
+#: the 1-step warm-up too) and the resumed steps are compared all the same as with 5 and 10, for 4-7 steps fewer
+#: per case
+STEPS = (3, 6)
+SAVE = {"every": 3, "keep_last": 3}
+
+
+def _swin_cases(rank, world, root, data_dir, cases, steps=STEPS):
     """cases: config sections per run (model, parallel, train, checkpoint) -> (losses, grad norms) each; a run trains
     ``steps[1]`` steps when it saves checkpoints, else ``steps[0]``."""
     out = []
@@ -34,24 +41,24 @@ def _assert_matches(got, ref, what):
 @pytest.mark.slow
 def test_swin_pp2_1f1b_gpipe_interleaved_and_checkpointed_wp_match_single_rank_and_pp2_resumes_on_pp1(tmp_path):
     data = tmp_path / "weather"
-    ref4 = train(tiny_swin_config(tmp_path / "ref4", data, model=FOUR_BLOCKS))
-    ref8 = train(tiny_swin_config(tmp_path / "ref8", data, model={"n_layers": 8}))
+    ref4 = train(tiny_swin_config(tmp_path / "ref4", data, steps=STEPS[0], model=FOUR_BLOCKS))
+    ref8 = train(tiny_swin_config(tmp_path / "ref8", data, steps=STEPS[0], model={"n_layers": 8}))
     cases = [{"model": FOUR_BLOCKS, "parallel": {"pp": 2}},
              {"model": FOUR_BLOCKS, "parallel": {"pp": 2, "pp_schedule": "gpipe"}},
              {"model": {"n_layers": 8}, "parallel": {"pp": 2, "pp_schedule": "interleaved"}},
              # activation checkpointing recomputes blocks whose halo exchanges run again in backward
              {"model": FOUR_BLOCKS, "parallel": {"wp": [1, 2]}, "train": {"activation_checkpointing": "full"}},
              {"model": FOUR_BLOCKS, "parallel": {"pp": 2}, "train": {"activation_checkpointing": "full"}}]
-    saving = {"model": FOUR_BLOCKS, "parallel": {"pp": 2}, "checkpoint": {"every": 5, "keep_last": 3}}  # 10 steps
+    saving = {"model": FOUR_BLOCKS, "parallel": {"pp": 2}, "checkpoint": SAVE}  # STEPS[1] steps
     out = run_ranks(_swin_cases, 2, args=(str(tmp_path), str(data), cases + [saving]), timeout=400)
     for rank_out in out:
         for case, got in zip(cases, rank_out):
             _assert_matches(got, ref8 if case["model"]["n_layers"] == 8 else ref4, case)
-    saved = out[0][-1][0]  # the pp2 run's 10 losses; its step-5 checkpoint resumes on one rank (pp1)
-    resumed = train(tiny_swin_config(tmp_path / "pp1", data, steps=10, model=FOUR_BLOCKS,
-                                     checkpoint={"resume": str(tmp_path / str(len(cases)) / "checkpoints" / "step_5")}))
-    assert resumed.start_step == 5
-    assert rel_close(resumed.losses, saved[5:], 1e-5), (resumed.losses, saved[5:])
+    saved = out[0][-1][0]  # the pp2 run's 6 losses; its step-3 checkpoint resumes on one rank (pp1)
+    resumed = train(tiny_swin_config(tmp_path / "pp1", data, steps=STEPS[1], model=FOUR_BLOCKS,
+                                     checkpoint={"resume": str(tmp_path / str(len(cases)) / "checkpoints" / "step_3")}))
+    assert resumed.start_step == 3
+    assert rel_close(resumed.losses, saved[3:], 1e-5), (resumed.losses, saved[3:])
 
 
 @pytest.mark.slow
@@ -63,16 +70,16 @@ def test_swin_pp2_x_wp_cp_tp_and_zero3_fsdp_x_tp2_on_four_ranks_match_single_ran
     # 3 steps (6 when saving, a checkpoint at 3 resumed on one rank): every case's updates and the resumed steps are
     # compared all the same, and 4 ranks on the 2 cores train 16 steps fewer than with 5 and 10 (the single-rank
     # references and resumes 12 fewer)
-    ref = train(tiny_swin_config(tmp_path / "ref", data, steps=6, model=FOUR_BLOCKS))
-    ref3 = train(tiny_swin_config(tmp_path / "ref3", data, steps=3, model=FOUR_BLOCKS))  # its own lr schedule
-    saving = {"every": 3, "keep_last": 3}
+    ref = train(tiny_swin_config(tmp_path / "ref", data, steps=STEPS[1], model=FOUR_BLOCKS))
+    ref3 = train(tiny_swin_config(tmp_path / "ref3", data, steps=STEPS[0], model=FOUR_BLOCKS))  # its own lr schedule
+    saving = SAVE
     cases = [{"model": FOUR_BLOCKS, "parallel": {"pp": 2, "wp": [1, 2]}, "checkpoint": saving},
              {"model": FOUR_BLOCKS, "parallel": {"pp": 2, "cp": 2}},
              {"model": FOUR_BLOCKS, "parallel": {"pp": 2, "tp": 2}},
              {"model": FOUR_BLOCKS, "parallel": {"dp": 2, "tp": 2, "zero_stage": 3}, "checkpoint": saving},
              {"model": FOUR_BLOCKS, "parallel": {"dp": 2, "tp": 2, "fsdp": True}, "checkpoint": saving}]
     root = tmp_path / "four"
-    for rank_out in run_ranks(_swin_cases, 4, args=(str(root), str(data), cases, (3, 6)), timeout=400):
+    for rank_out in run_ranks(_swin_cases, 4, args=(str(root), str(data), cases), timeout=400):
         for case, got in zip(cases, rank_out):  # the saving runs train 6 steps, the others 3
             _assert_matches(got, ref if "checkpoint" in case else ref3, case)
     for i, case in enumerate(cases):
@@ -89,25 +96,25 @@ def test_swin_zero1_2_3_dp2_and_tp2_match_single_rank_and_tp_checkpoints_reshard
     in one 2-rank spawn, plus a tp 2 run resuming a single-rank checkpoint; the tp 2 checkpoint (strided q|k|v written as its blocks, heads and MLP shards
     resharded) then resumes on a single rank."""
     data = tmp_path / "weather"
-    ref = train(tiny_swin_config(tmp_path / "ref", data))
-    ref10 = train(tiny_swin_config(tmp_path / "ref10", data, steps=10, checkpoint={"every": 5, "keep_last": 3}))
+    ref = train(tiny_swin_config(tmp_path / "ref", data, steps=STEPS[0]))
+    ref6 = train(tiny_swin_config(tmp_path / "ref6", data, steps=STEPS[1], checkpoint=SAVE))
     cases = [{"model": {"n_layers": 2}, "parallel": {"dp": 2, "zero_stage": z}} for z in (1, 2, 3)]
-    cases.append({"model": {"n_layers": 2}, "parallel": {"tp": 2}, "checkpoint": {"every": 5, "keep_last": 3}})
+    cases.append({"model": {"n_layers": 2}, "parallel": {"tp": 2}, "checkpoint": SAVE})
     # recomputed blocks run their tp all-reduces again in backward, in the same order on both ranks
     cases.append({"model": {"n_layers": 2}, "parallel": {"tp": 2}, "train": {"activation_checkpointing": "full"}})
     cases.append({"model": {"n_layers": 2}, "parallel": {"tp": 2},
-                  "checkpoint": {"resume": str(tmp_path / "ref10" / "checkpoints" / "step_5")}})
+                  "checkpoint": {"resume": str(tmp_path / "ref6" / "checkpoints" / "step_3")}})
     root = tmp_path / "two"
     for rank_out in run_ranks(_swin_cases, 2, args=(str(root), str(data), cases), timeout=400):
         for case, got in zip(cases[:-1], rank_out):
-            _assert_matches(got, ref10 if "checkpoint" in case else ref, case)
-        losses, norms = rank_out[-1]  # tp 2 from the single-rank step 5: steps 6..10
-        assert rel_close(losses, ref10.losses[5:], 1e-5), ("tp 1 -> tp 2", losses, ref10.losses[5:])
-        assert rel_close(norms, ref10.grad_norms[5:], 1e-5), ("tp 1 -> tp 2", norms, ref10.grad_norms[5:])
-    resumed = train(tiny_swin_config(tmp_path / "one", data, steps=10,
-                                     checkpoint={"resume": str(root / "3" / "checkpoints" / "step_5")}))
-    assert resumed.start_step == 5
-    assert rel_close(resumed.losses, ref10.losses[5:], 1e-5), (resumed.losses, ref10.losses[5:])
+            _assert_matches(got, ref6 if "checkpoint" in case else ref, case)
+        losses, norms = rank_out[-1]  # tp 2 from the single-rank step 3: steps 4..6
+        assert rel_close(losses, ref6.losses[3:], 1e-5), ("tp 1 -> tp 2", losses, ref6.losses[3:])
+        assert rel_close(norms, ref6.grad_norms[3:], 1e-5), ("tp 1 -> tp 2", norms, ref6.grad_norms[3:])
+    resumed = train(tiny_swin_config(tmp_path / "one", data, steps=STEPS[1],
+                                     checkpoint={"resume": str(root / "3" / "checkpoints" / "step_3")}))
+    assert resumed.start_step == 3
+    assert rel_close(resumed.losses, ref6.losses[3:], 1e-5), (resumed.losses, ref6.losses[3:])
 
 
 def test_swin_pipeline_stages_keep_block_pairs_together(tmp_path):
