@@ -1,8 +1,8 @@
 """Tensor / pipeline / ZeRO data parallelism on real gloo ranks against the single-rank run.
 
-Every case: the first 5 losses and the step-1 gradient norm equal the single-rank run (same seed,
+Every case: the first 3 losses and the step-1 gradient norm equal the single-rank run (same seed,
 same global batch) within 1e-4 relative in fp32, on every rank; the dp3, ZeRO-3 dp3 and cp3 cases also
-the validation loss after step 5 (the evaluation's loss-sum and count all-reduces, uneven per cp rank).
+the validation loss after step 3 (the evaluation's loss-sum and count all-reduces, uneven per cp rank).
 The tp model is also checked in float64 (forward loss + every gathered gradient) against the tp=1 model.
 Cases are grouped per world size (2, 3, 4) so each spawn pays the import cost once.
 """
@@ -17,7 +17,10 @@ from tests.dist_harness import run_ranks
 from tests.trainer_utils import losses_and_valid, rel_close, tiny_gpt_config
 
 RTOL = 1e-4
-EVAL = {"eval_every": 5, "eval_steps": 1}  # + the validation loss after step 5 (the evaluation all-reduce)
+#: steps per case: step 1 (the gradient norm: the reductions), two updates after it (the optimizer's shards, the
+#: weights each layout updated), the last past the 2-step warm-up; 5 steps ran the same code twice more per case
+STEPS = 3
+EVAL = {"eval_every": STEPS, "eval_steps": 1}  # + the validation loss after the last step (the evaluation all-reduce)
 FOUR_LAYERS = {"n_layers": 4}
 # tp = 3 needs 3 | heads and 3 | kv heads; vocab 64 is NOT divisible by 3 (exercises vocab padding)
 TP3_MODEL = {"d_model": 48, "n_heads": 6, "n_kv_heads": 3, "ffn_hidden": 96}
@@ -65,8 +68,8 @@ CASES = {
 
 
 def _config(run_dir, model: dict, parallel: dict, train_over: dict):
-    return tiny_gpt_config(run_dir, model={"kind": "gpt", "d_model": 32, "n_layers": 2, "n_heads": 4,
-                                           "n_kv_heads": 2, "vocab_size": 64, **model},
+    return tiny_gpt_config(run_dir, steps=STEPS, model={"kind": "gpt", "d_model": 32, "n_layers": 2, "n_heads": 4,
+                                                        "n_kv_heads": 2, "vocab_size": 64, **model},
                            parallel=parallel, train=train_over)
 
 
@@ -145,7 +148,7 @@ def _check_world(tmp_path, world: int) -> None:
         ref_losses, ref_norms = refs[key]
         for rank, per_rank in enumerate(out):
             losses, norms = per_rank[name]
-            assert len(losses) == 5 + ("eval_every" in train_over), (name, rank, losses)
+            assert len(losses) == STEPS + ("eval_every" in train_over), (name, rank, losses)
             assert rel_close(losses, ref_losses, RTOL), (name, rank, losses, ref_losses)
             assert rel_close(norms[:1], ref_norms[:1], RTOL), (name, rank, norms[0], ref_norms[0])
     if world == 2:  # ZeRO 1-3 reproduce stage 0 (same DeepSpeed engine, only the sharding differs)
