@@ -1,21 +1,26 @@
-"""Exact resume through the trainer: 20 steps straight == 10 steps + restart + 10 steps (bitwise, fp32 CPU)."""
+"""Exact resume through the trainer: 8 steps straight == 4 steps + restart + 4 steps (bitwise, fp32 CPU)."""
 import json
 
 from dist_train.trainer import train
 from tests.dist_harness import run_ranks
 from tests.trainer_utils import rel_close, tiny_gpt_config
 
+#: 8 steps, saving every 2, the first run exiting after step 4: a save before the exit's, the resumed run's two
+#: saves pruned to keep_last around the checkpoint it loaded, and every step of both runs bit for bit (20 steps
+#: saving every 5 and exiting at 10 checked the same)
+STEPS, EVERY, EXIT = 8, 2, 4
+
 
 def _resume_cases(rank, world, root):
     out = {}
-    straight = train(tiny_gpt_config(f"{root}/straight", steps=20, parallel={"dp": 2}))
+    straight = train(tiny_gpt_config(f"{root}/straight", steps=STEPS, parallel={"dp": 2}))
     out["straight"] = straight.losses
     for mode in ("sync", "async"):
-        ck = {"every": 5, "async_save": mode == "async", "keep_last": 2}
-        first = train(tiny_gpt_config(f"{root}/{mode}", steps=20, parallel={"dp": 2}, checkpoint=ck,
-                                      train={"exit_interval": 10}))
-        # a new process would build everything from scratch: so does train(); resume=auto finds step 10
-        second = train(tiny_gpt_config(f"{root}/{mode}", steps=20, parallel={"dp": 2}, checkpoint=ck))
+        ck = {"every": EVERY, "async_save": mode == "async", "keep_last": 2}
+        first = train(tiny_gpt_config(f"{root}/{mode}", steps=STEPS, parallel={"dp": 2}, checkpoint=ck,
+                                      train={"exit_interval": EXIT}))
+        # a new process would build everything from scratch: so does train(); resume=auto finds step EXIT
+        second = train(tiny_gpt_config(f"{root}/{mode}", steps=STEPS, parallel={"dp": 2}, checkpoint=ck))
         out[mode] = (first.losses, second.start_step, second.losses)
     return out
 
@@ -25,13 +30,13 @@ def test_resume_is_bitwise_exact_sync_and_async(tmp_path):
     for r in res:
         for mode in ("sync", "async"):
             first, start, second = r[mode]
-            assert start == 10
+            assert start == EXIT
             assert first + second == r["straight"], (mode, first + second, r["straight"])
     ckpts = sorted(p.name for p in (tmp_path / "async" / "checkpoints").iterdir() if p.name.startswith("step_"))
-    # keep_last = 2 plus step_10, the checkpoint this run was loaded from (never pruned); no .tmp left
-    assert ckpts == ["step_10", "step_15", "step_20"]
+    # keep_last = 2 plus step_4, the checkpoint this run was loaded from (never pruned); no .tmp left
+    assert ckpts == ["step_4", "step_6", "step_8"]
     summary = json.loads((tmp_path / "sync" / "summary.json").read_text())
-    assert summary["start_step"] == 10 and summary["steps"] == 20
+    assert summary["start_step"] == EXIT and summary["steps"] == STEPS
 
 
 def _three_rank_cases(rank, world, root):
