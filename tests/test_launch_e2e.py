@@ -24,8 +24,12 @@ from pathlib import Path
 import psutil
 import pytest
 
+from dist_train.cli import main
+from dist_train.config import load_config
 from dist_train.lifecycle import EXIT_PREEMPTED, read_heartbeat
+from dist_train.trainer import train
 from launchers.env import free_port
+from tests.dist_harness import run_ranks
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
@@ -45,11 +49,28 @@ def _launch(run_dir, *args, env=None, timeout=240):
     return subprocess.run(cmd, cwd=REPO, env=env or _env(), capture_output=True, text=True, timeout=timeout)
 
 
+def _launch_here(run_dir, *args, capfd, monkeypatch, **env):
+    """``dist-train launch`` with this process as the launcher (its ranks are processes of their own, started as
+    from the command) and the environment ``_env`` gives a launcher process: a launcher process of its own cost
+    ~5 s of CPU importing torch and the launchers, where the test is not about its start. What it and its ranks
+    wrote to stdout and stderr, as a subprocess's result."""
+    for key in [k for k in os.environ if k.startswith(("DIST_TRAIN_", "RANK", "WORLD_SIZE", "MASTER_"))]:
+        monkeypatch.delenv(key)
+    for key, value in {"PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", **env}.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.chdir(REPO)
+    argv = ["launch", CONFIG, *BASE, "--set", f"run.dir={run_dir}", *args]
+    capfd.readouterr()
+    code = main(argv)
+    out, err = capfd.readouterr()
+    return subprocess.CompletedProcess(argv, code, out, err)
+
+
 def _metrics(run_dir):
     return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines() if line.strip()]
 
 
-def test_killed_rank_restarts_and_matches_uninterrupted(tmp_path):
+def test_killed_rank_restarts_and_matches_uninterrupted(tmp_path, capfd, monkeypatch):
     from launchers.mpi import find_mpiexec
 
     steps = ["--set", "train.steps=5", "--set", "checkpoint.every=2"]
@@ -60,8 +81,8 @@ def test_killed_rank_restarts_and_matches_uninterrupted(tmp_path):
             subprocess.run, [mpiexec, "-n", "2", sys.executable, "-m", "dist_train", "run", CONFIG, *BASE, *steps,
                              "--set", f"run.dir={ref_dir}"],
             cwd=REPO, env=_env(), capture_output=True, text=True, timeout=240)
-        p = _launch(run_dir, "--backend", "local", "--nproc", "2", "--max-restarts", "1", *steps,
-                    env=_env(DIST_TRAIN_FAULT="rank=1,step=3,signal=KILL"))
+        p = _launch_here(run_dir, "--backend", "local", "--nproc", "2", "--max-restarts", "1", *steps, capfd=capfd,
+                         monkeypatch=monkeypatch, DIST_TRAIN_FAULT="rank=1,step=3,signal=KILL")
         out = p.stdout + p.stderr
         assert p.returncode == 0, out[-4000:]
         assert "rank 1 killed by SIGKILL" in out and "restart 1 of 1" in out
@@ -76,7 +97,7 @@ def test_killed_rank_restarts_and_matches_uninterrupted(tmp_path):
     assert got["loss"] == pytest.approx(ref["loss"], rel=1e-6, abs=1e-6)
 
 
-def test_mpi_launch_sigterm_checkpoints_and_resumes(tmp_path):
+def test_mpi_launch_sigterm_checkpoints_and_resumes(tmp_path, capfd, monkeypatch):
     from dist_train.checkpoint import complete_checkpoints
     from launchers.mpi import find_mpiexec
 
@@ -108,7 +129,8 @@ def test_mpi_launch_sigterm_checkpoints_and_resumes(tmp_path):
     # the launcher's last line names what the rank wrote, as rank 0's does
     assert (f"[launcher] preempted: every rank stopped; exiting with {EXIT_PREEMPTED} (a restart resumes from "
             f"{done[0][1]})") in out, out[-4000:]
-    p = _launch(run_dir, "--backend", "local", "--nproc", "2", "--set", f"train.steps={saved + 1}")
+    p = _launch_here(run_dir, "--backend", "local", "--nproc", "2", "--set", f"train.steps={saved + 1}", capfd=capfd,
+                     monkeypatch=monkeypatch)
     assert p.returncode == 0, (p.stdout + p.stderr)[-4000:]
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["start_step"] == saved  # resumed at the next step, trained exactly one
@@ -189,17 +211,32 @@ def test_ray_launch_sigterm_checkpoints_and_resume_equals_uninterrupted(tmp_path
     assert done, out[-4000:]
     saved = done[0][0]
     assert 2 <= saved < 500
-    total = [*flat, "--set", f"train.steps={saved + 2}"]
+    # the resume and the uninterrupted reference train on the rank harness's 2 gloo ranks (forked with torch and the
+    # trainer loaded; two `dist-train launch --backend local` cost 2 launchers and 4 ranks importing them): this test
+    # is about the ray launcher's preemption, and test_mpi_launch_sigterm_checkpoints_and_resumes resumes through
+    # `dist-train launch --backend local`
+    total = _sets(*BASE, *flat, "--set", f"train.steps={saved + 2}")
     ref_dir = tmp_path / "ref"
-    with ThreadPoolExecutor(1) as pool:  # the uninterrupted reference trains while the preempted run resumes
-        ref_run = pool.submit(_launch, ref_dir, "--backend", "local", "--nproc", "2", *total)
-        p = _launch(run_dir, "--backend", "local", "--nproc", "2", *total)
-        q = ref_run.result()
-    assert p.returncode == 0, (p.stdout + p.stderr)[-4000:]
-    assert q.returncode == 0, (q.stdout + q.stderr)[-4000:]
+    starts = run_ranks(_resume_then_train_uninterrupted, 2, args=(total, str(run_dir), str(ref_dir)), timeout=300)
+    assert starts == [saved, saved]  # resumed at the next step
     got, ref = _metrics(run_dir)[-1], _metrics(ref_dir)[-1]
     assert got["step"] == ref["step"] == saved + 2
     assert got["loss"] == ref["loss"]
+
+
+def _sets(*args: str) -> list[str]:
+    """``--set K=V`` pairs as load_config's overrides (``K=V``)."""
+    assert args[::2] == ("--set",) * (len(args) // 2), args
+    return list(args[1::2])
+
+
+def _resume_then_train_uninterrupted(rank, world, sets, run_dir, ref_dir):
+    """On each rank: train ``run_dir`` on from its newest checkpoint, then ``ref_dir`` from scratch, as a rank
+    `dist-train run` would (CONFIG's data path is relative to the repository); the resumed run's start step."""
+    os.chdir(REPO)
+    resumed = train(load_config(CONFIG, [*sets, f"run.dir={run_dir}"]))
+    train(load_config(CONFIG, [*sets, f"run.dir={ref_dir}"]))
+    return resumed.start_step
 
 
 @pytest.fixture(scope="module")
