@@ -7,6 +7,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
+from dist_train.cli import main
 from dist_train.config import Config, ConfigError, config_from_dict
 from tests.trainer_utils import run_cli
 
@@ -180,27 +181,37 @@ def test_null_keeps_its_documented_meaning():
 
 
 
-def test_cli_refuses_before_any_rank_starts(tmp_path):
-    """A few real commands: exit 2, exactly one line on stderr, and no run directory (no rank ever ran)."""
+def test_cli_refuses_before_any_rank_starts(tmp_path, capsys):
+    """A few real commands: exit 2, exactly one line on stderr, and no run directory (no rank ever ran). `run` and
+    `plan` as processes of their own (stderr as a user sees it, interpreter start included); the two `launch` cases
+    in this process (a launcher process cost ~5 s of CPU importing torch and the launchers; a `launch` process's
+    refusal is one line in tests/test_launch_e2e.py::test_ray_address_with_token_auth)."""
     run_dir = tmp_path / "run"
-    cases = [
+    in_process = [
         ["launch", "configs/gpt_tiny.yaml", "--backend", "local", "--set", f"run.dir={run_dir}",
          "--set", "train.betas=[0.9, 1.5]"],
-        ["run", "configs/gpt_tiny.yaml", "--set", f"run.dir={run_dir}", "--set", "parallel.dp=1",
-         "--set", "model.n_heads=0"],
-        ["plan", "configs/gpt_tiny.yaml", "--devices", "0"],
         ["launch", "configs/gpt_tiny.yaml", "--backend", "local", "--set", f"run.dir={run_dir}",
          "--set", "profile.steps=[29, 31]"],  # a profiled window past the run's last step
     ]
-    with ThreadPoolExecutor(len(cases)) as pool:  # three interpreters start at once: their imports overlap
-        results = list(pool.map(lambda args: run_cli(*args), cases))
-    for args, r in zip(cases, results):
-        assert r.returncode == 2, (args, r.returncode, r.stderr[-2000:])
-        lines = r.stderr.strip().splitlines()
-        assert len(lines) == 1 and lines[0].startswith("dist-train"), (args, r.stderr[-2000:])
+    processes = [
+        ["run", "configs/gpt_tiny.yaml", "--set", f"run.dir={run_dir}", "--set", "parallel.dp=1",
+         "--set", "model.n_heads=0"],
+        ["plan", "configs/gpt_tiny.yaml", "--devices", "0"],
+    ]
+    with ThreadPoolExecutor(len(processes)) as pool:  # two interpreters start at once: their imports overlap
+        started = pool.map(lambda args: run_cli(*args), processes)
+        said = []
+        for args in in_process:
+            code = main(args)
+            said.append((code, capsys.readouterr().err))
+        results = list(started)
+    for args, (code, err) in zip(in_process + processes, said + [(r.returncode, r.stderr) for r in results]):
+        assert code == 2, (args, code, err[-2000:])
+        lines = err.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("dist-train"), (args, err[-2000:])
         assert not run_dir.exists(), args
-    assert results[-1].stderr.strip().endswith("profile.steps = [29, 31]: step 31 is after the run's last step "
-                                               "(train.steps = 30); trace steps within 1..30"), results[-1].stderr
+    assert said[-1][1].strip().endswith("profile.steps = [29, 31]: step 31 is after the run's last step "
+                                        "(train.steps = 30); trace steps within 1..30"), said[-1][1]
 
 
 @pytest.mark.parametrize("argv", [[], ["bogus"], ["launch"], ["run"], ["plan", "c.yaml", "--devices", "0"],
@@ -209,7 +220,6 @@ def test_cli_refuses_before_any_rank_starts(tmp_path):
                          ids=lambda a: " ".join(a) or "none")
 def test_argument_errors_are_one_line_with_a_help_hint(argv, capsys):
     """In process: argparse errors of every command are one line pointing at --help, not the usage text."""
-    from dist_train.cli import main
 
     with pytest.raises(SystemExit) as e:
         main(argv)
