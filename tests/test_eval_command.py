@@ -141,8 +141,21 @@ def _one_result(proc, out: Path) -> dict:
     return json.loads(out.read_text())
 
 
+def _eval_in_process(cfg_path, cwd, capfd, monkeypatch, *flags):
+    """``dist-train eval`` whose launcher is this process (its ranks are processes of their own, started by the
+    backend as from the command): the launcher's interpreter start (~5 s of CPU importing torch and the launchers)
+    is not what is tested here; test_cli_under_an_embedded_ray_cluster runs the command as a process of its own.
+    What the launcher and its ranks write to stdout and stderr, as a subprocess's result."""
+    monkeypatch.chdir(cwd)
+    monkeypatch.setenv("PYTHONPATH", str(REPO))
+    capfd.readouterr()
+    code = main(["eval", str(cfg_path), *flags])
+    out, err = capfd.readouterr()
+    return subprocess.CompletedProcess(["dist-train", "eval", str(cfg_path), *flags], code, out, err)
+
+
 @pytest.mark.slow
-def test_cli_under_local_and_mpi_reads_only_ignores_the_run_lock_and_agrees(trained, tmp_path):
+def test_cli_under_local_and_mpi_reads_only_ignores_the_run_lock_and_agrees(trained, tmp_path, capfd, monkeypatch):
     """The ranks start as `dist-train launch` starts them: local subprocesses, or mpiexec (2 ranks, dp2) with the
     same loss, bit for bit, as the local ranks, and the trainer's logged valid_loss within 1e-5."""
     from launchers.mpi import find_mpiexec
@@ -155,8 +168,8 @@ def test_cli_under_local_and_mpi_reads_only_ignores_the_run_lock_and_agrees(trai
         before = _snapshot(run_dir)
         for backend in backends:
             out = tmp_path / f"{backend}.json"
-            proc = _eval_cli(cfg_path, tmp_path, "--checkpoint", "latest", "--set", "parallel.dp=2", "--backend",
-                             backend, "--out", str(out))
+            proc = _eval_in_process(cfg_path, tmp_path, capfd, monkeypatch, "--checkpoint", "latest", "--set",
+                                    "parallel.dp=2", "--backend", backend, "--out", str(out))
             results[backend] = _one_result(proc, out)
         after = _snapshot(run_dir)
     assert after == before  # nothing written, moved or removed in the run dir (its lock file included)
