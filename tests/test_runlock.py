@@ -18,7 +18,8 @@ import pytest
 
 from dist_train import runlock
 from dist_train.checkpoint import CheckpointManager, complete_checkpoints, verify_checkpoint
-from dist_train.lifecycle import EXIT_PREEMPTED
+from dist_train.cli import main
+from dist_train.lifecycle import EXIT_PREEMPTED, read_heartbeat
 from dist_train.runlock import (LOCK_ENV, LOCK_NAME, RANKS_LOCK_NAME, RunDirLocked, RunLock, acquire_for_launcher,
                                hold_checkpoint_dir, hold_run_dir, read_owner)
 from dist_train.trainer import train
@@ -94,7 +95,7 @@ def _launch(config: Path, run_dir: Path, *sets: str) -> subprocess.Popen:
 
 
 @pytest.mark.slow
-def test_two_concurrent_launches_one_refused_the_other_intact(tmp_path):
+def test_two_concurrent_launches_one_refused_the_other_intact(tmp_path, capsys):
     cfg = tmp_path / "job.yaml"
     cfg.write_text(json.dumps({
         "model": {"kind": "gpt", "d_model": 32, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "vocab_size": 64},
@@ -110,16 +111,26 @@ def test_two_concurrent_launches_one_refused_the_other_intact(tmp_path):
     assert first.poll() is None, first.communicate()
     holder = read_owner(run)
     assert holder["role"] == "dist-train launch" and holder["pid"] == first.pid
-    second = _launch(cfg, run)
-    # a bare rank (no launcher) is refused the same way (it starts while the second launch does)
+    # the second launch's launcher is this process (its refusal comes before any rank starts; a launcher process of
+    # its own cost ~5 s of CPU importing torch and the launchers), the bare rank a process of its own
+    capsys.readouterr()
+    code = main(["launch", str(cfg), "--backend", "local", "--nproc", "1", "--set", f"run.dir={run}"])
+    err = capsys.readouterr().err
+    # a bare rank (no launcher) is refused the same way
     bare = subprocess.run([sys.executable, "-m", "dist_train.cli", "run", str(cfg), "--set", f"run.dir={run}"],
                           capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=120)
-    out, err = second.communicate(timeout=120)
     lines = [line for line in err.splitlines() if line.strip()]
-    assert second.returncode == 2 and len(lines) == 1, err
+    assert code == 2 and len(lines) == 1, err
     assert lines[0].startswith("dist-train: error: run.dir ") and f"pid {first.pid} " in lines[0], lines
     assert bare.returncode == 2 and f"pid {first.pid} " in bare.stderr and len(bare.stderr.splitlines()) == 1
     assert first.poll() is None  # still training, untouched
+    # preempted past its first checkpoint (every 10 steps), it holds two: that one and the preemption's
+    deadline = time.time() + 120
+    while time.time() < deadline and first.poll() is None:
+        saved = complete_checkpoints(run / "checkpoints")
+        if saved and ((read_heartbeat(run, 0) or {}).get("step") or 0) > saved[0][0]:
+            break
+        time.sleep(0.1)
     first.send_signal(signal.SIGTERM)  # preempt it: it checkpoints and exits 75
     out, err = first.communicate(timeout=300)
     assert first.returncode == EXIT_PREEMPTED, err
