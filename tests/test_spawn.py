@@ -20,11 +20,13 @@ PARENT = """
 import sys, time
 from dist_train.spawn import run_ranks
 from tests.test_spawn import sleep_forever
-run_ranks(sleep_forever, 2, timeout=600, fresh=sys.argv[1] == "fresh")
+run_ranks(sleep_forever, 2, args=(sys.argv[2],), timeout=600, fresh=sys.argv[1] == "fresh")
 """
 
 
-def sleep_forever(rank, world_size):
+def sleep_forever(rank, world_size, started_dir):
+    """Say this rank is in its function (a file ``started_dir/RANK``), then sleep."""
+    Path(started_dir, str(rank)).touch()
     time.sleep(600)
 
 
@@ -84,13 +86,14 @@ def test_a_forked_rank_starts_with_the_fork_servers_heap_frozen():
 
 @pytest.mark.slow
 @pytest.mark.parametrize("start", ["forked", "fresh"])
-def test_killed_parent_takes_its_ranks_with_it(start):
-    parent = subprocess.Popen([sys.executable, "-c", PARENT, start], cwd=REPO,
+def test_killed_parent_takes_its_ranks_with_it(start, tmp_path):
+    parent = subprocess.Popen([sys.executable, "-c", PARENT, start, str(tmp_path)], cwd=REPO,
                               env={**os.environ, "PYTHONPATH": str(REPO)})
     try:
         deadline = time.time() + 120
         ranks, servers = [], []
-        while time.time() < deadline and len(ranks) < 2:
+        # past their start-up, into the rank function: both said so (a fixed 1 s wait did not know, and took 1 s)
+        while time.time() < deadline and (len(ranks) < 2 or len(list(tmp_path.iterdir())) < 2):
             children = psutil.Process(parent.pid).children()
             if start == "fresh":  # spawned: children of the parent
                 ranks = [c for c in children if "spawn" in " ".join(c.cmdline())]
@@ -99,8 +102,8 @@ def test_killed_parent_takes_its_ranks_with_it(start):
                 ranks = [r for s in servers for r in s.children()]
             time.sleep(0.2)
         assert len(ranks) >= 2, "the ranks never started"
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["0", "1"], "the ranks never reached their function"
         ranks += servers
-        time.sleep(1.0)  # past their start-up, into the rank function
         os.kill(parent.pid, signal.SIGKILL)  # no cleanup code of the parent runs
         parent.wait(timeout=30)
         gone, alive = psutil.wait_procs(ranks, timeout=30)
