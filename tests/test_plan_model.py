@@ -19,7 +19,6 @@ from dist_train.cost.predict import predict
 from dist_train.cost.shape import cp_execution, rank_inputs, shape_of
 from dist_train.cost.step_time import EAGER_OPS_PER_LAYER, ULYSSES_OPS, ulysses_traffic
 from dist_train.plan.enumerate import enumerate_layouts, layout_label, rank_layouts, why_slower
-from tests.trainer_utils import run_cli
 from dist_train.dryrun import format_layout, rank_layout
 from dist_train.metrics import CUDA_PEAK_TFLOPS
 from dist_train.plan.profiles import (Link, _lookup, builtin_profiles, fit_link, get_profile, load_profile_file,
@@ -323,17 +322,19 @@ def test_every_planned_layout_passes_the_dry_run(kind, cpu):
 
 
 @pytest.mark.slow
-def test_a_planned_swin_dp_wp_layout_launches_dry(tmp_path):
-    """``dist-train launch --dry-run`` itself (a real process) on a planned dp × wp swin layout written to a file."""
+def test_a_planned_swin_dp_wp_layout_launches_dry(tmp_path, capsys):
+    """``dist-train launch --dry-run`` itself (its CLI entry, ``main``, as ``python -m dist_train`` calls it: a process
+    of its own only imported torch again, ~3 s of CPU) on a planned dp × wp swin layout written to a file."""
     data = {"model": {"kind": "swin", "d_model": 32, "n_layers": 2, "n_heads": 2, "window": 4, "in_channels": 3,
                       "out_channels": 3},
             "data": {"source": "weather", "image": [30, 60]}, "train": {"global_batch": 4, "micro_batch": 1}}
     x = next(x for x in enumerate_layouts(config_from_dict(copy.deepcopy(data)), 8)
              if x.parallel.dp == 2 and x.wp_grid == (2, 2))
     save_config(x, tmp_path / "planned.yaml")
-    done = run_cli("launch", str(tmp_path / "planned.yaml"), "--dry-run", "--nproc", "8")
-    assert done.returncode == 0, done.stderr
-    assert done.stdout.count("\n") > 8
+    rc = main(["launch", str(tmp_path / "planned.yaml"), "--dry-run", "--nproc", "8"])
+    out, err = capsys.readouterr()
+    assert rc == 0, err
+    assert out.count("\n") > 8
 
 
 def test_swin_cp_is_costed_as_the_ulysses_it_runs(cpu):
