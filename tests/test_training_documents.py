@@ -66,11 +66,26 @@ def _cases(rank, world, root, cases, data):
             for i, par in enumerate(cases)]
 
 
+@pytest.fixture(scope="module")
+def one_rank(tmp_path_factory):
+    """``one_rank(model, data, train)``: the result of the one-rank run of that tiny GPT, trained once for the
+    module (the runs without documents, and the pipelines' references, were trained again by every test that
+    compared with them)."""
+    root, runs = tmp_path_factory.mktemp("one_rank"), {}
+
+    def run(model: dict, data: dict, train_over: dict | None = None):
+        key = repr((model, data, train_over))
+        if key not in runs:
+            runs[key] = train(tiny_gpt_config(root / str(len(runs)), model=model, data=data, train=train_over or {}))
+        return runs[key]
+    return run
+
+
 @pytest.mark.parametrize("extra", [{}, {"reset_positions": True}], ids=["mask", "mask+reset_positions"])
-def test_cp2_with_documents_matches_cp1(tmp_path, extra):
+def test_cp2_with_documents_matches_cp1(tmp_path, extra, one_rank):
     data = {**DOCS, **extra}
     ref = train(tiny_gpt_config(tmp_path / "ref", model=MODEL, data=data)).losses
-    unmasked = train(tiny_gpt_config(tmp_path / "plain", model=MODEL, data={"seq_len": 30})).losses
+    unmasked = one_rank(MODEL, {"seq_len": 30}).losses
     assert not rel_close(ref, unmasked, 1e-3), "document_mask changed nothing: the data has no EOD tokens"
     ranks = run_ranks(_cases, 2, args=(str(tmp_path), CASES, data), timeout=240)
     for losses_per_case in ranks:
@@ -110,15 +125,15 @@ def _pp_cases(rank, world, root, cases):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("world", [2, 3, 4])
-def test_pipeline_with_documents_matches_one_rank(tmp_path, world):
+def test_pipeline_with_documents_matches_one_rank(tmp_path, world, one_rank):
     refs = {}
     for name, model, _, _ in PP_CASES[world]:
         key = model.get("n_layers", 2)
         if key not in refs:
-            res = train(tiny_gpt_config(tmp_path / f"ref{key}", model=model, data=PP_DOCS, train=EVAL))
+            res = one_rank(model, PP_DOCS, EVAL)
             refs[key] = (losses_and_valid(res), res.grad_norms)
     model = PP_CASES[world][0][1]
-    plain = train(tiny_gpt_config(tmp_path / "plain", model=model, data={"seq_len": 30})).losses
+    plain = one_rank(model, {"seq_len": 30}).losses
     assert not rel_close(refs[model.get("n_layers", 2)][0][:5], plain, 1e-3), \
         "the documents changed nothing: the data has no EOD tokens"
     for out in run_ranks(_pp_cases, world, args=(str(tmp_path), PP_CASES[world]), timeout=240):
