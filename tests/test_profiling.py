@@ -40,8 +40,16 @@ def _traces(run_dir: Path) -> list[str]:
     return sorted(p.name for p in (run_dir / "profile").iterdir())
 
 
-def test_one_rank_traces_exactly_the_window_and_trains_the_same(tmp_path, capfd):
-    plain = train(tiny_gpt_config(tmp_path / "plain", steps=4)).losses
+@pytest.fixture(scope="module")
+def plain_run(tmp_path_factory) -> tuple[Path, list[float]]:
+    """(run dir, losses) of the 4-step one-rank run without profiling that the profiled runs must equal bit for bit
+    (trained once for the module: each test trained the same run again)."""
+    run = tmp_path_factory.mktemp("profiling") / "plain"
+    return run, train(tiny_gpt_config(run, steps=4)).losses
+
+
+def test_one_rank_traces_exactly_the_window_and_trains_the_same(tmp_path, capfd, plain_run):
+    plain_dir, plain = plain_run
     run = tmp_path / "profiled"
     profiled = train(tiny_gpt_config(run, steps=4, profile={"steps": [2, 3], "record_shapes": True}))
     assert profiled.losses == plain  # bit-identical: profiling observes, it computes nothing
@@ -54,7 +62,7 @@ def test_one_rank_traces_exactly_the_window_and_trains_the_same(tmp_path, capfd)
                     "the files in summary.json's profile_files"]
     summary = json.loads((run / "summary.json").read_text())
     assert summary["profile_files"] == [f"profile/rank_0_steps_2-3{TRACE_SUFFIX}"]  # relative to the run dir
-    assert json.loads((tmp_path / "plain" / "summary.json").read_text())["profile_files"] == []
+    assert json.loads((plain_dir / "summary.json").read_text())["profile_files"] == []
     assert "USDT:" not in out.err  # libkineto's start/stop lines are held back
     log = (run / "logs" / "rank_0.log").read_text()
     table = log.split("the top 15 operators by self CPU time", 1)[1]
@@ -80,11 +88,11 @@ def _raises(*args, **kwargs):
 
 
 @pytest.mark.parametrize("failing", ["start", "export_chrome_trace", "key_averages"])
-def test_a_profiler_failure_is_one_warning_and_the_run_trains_on(failing, tmp_path, monkeypatch):
+def test_a_profiler_failure_is_one_warning_and_the_run_trains_on(failing, tmp_path, monkeypatch, plain_run):
     """torch.profiler's own code failing (its start at the warmup step, the trace's export, the operator table) ends
     the profiling of that rank, never the training it observes: one warning line in the rank's log, the same losses
     as without profiling, nothing more traced (a trace exported before the table failed stays). Only OSError was caught before: the RuntimeError ended the run."""
-    plain = train(tiny_gpt_config(tmp_path / "plain", steps=4)).losses
+    _, plain = plain_run
     monkeypatch.setattr(profiling.profile, failing, _raises)
     run = tmp_path / "profiled"
     profiled = train(tiny_gpt_config(run, steps=4, profile={"steps": [2, 3]}))
