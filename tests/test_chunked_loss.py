@@ -150,8 +150,8 @@ def _vocab_parallel_function(rank, world):
 
 
 @pytest.mark.parametrize("world", [2, 3])
-def test_vocab_parallel_chunked_loss_matches_single_rank(world):
-    assert all(w < TOL for w in run_ranks(_vocab_parallel_function, world, timeout=120))
+def test_vocab_parallel_chunked_loss_matches_single_rank(world, on_ranks):
+    assert all(out["vocab_parallel"] < TOL for out in on_ranks(world))
 
 
 def _sequence_parallel_function(rank, world):
@@ -177,8 +177,8 @@ def _sequence_parallel_function(rank, world):
 
 
 @pytest.mark.parametrize("world", [2, 3])
-def test_sequence_parallel_chunked_loss_keeps_the_local_chunk_of_dh(world):
-    for worst, kept in run_ranks(_sequence_parallel_function, world, timeout=120):
+def test_sequence_parallel_chunked_loss_keeps_the_local_chunk_of_dh(world, on_ranks):
+    for worst, kept in (out["sequence_parallel"] for out in on_ranks(world)):
         assert worst < TOL
         assert kept == (2, 12 // world, 12)
 
@@ -235,18 +235,41 @@ def _tp_gpt(rank, world, cases, model_extra=None, seq=16, vocab=63):
     return out
 
 
-def test_tp2_gpt_chunked_loss_matches_single_rank_full_loss():
-    cases = [(False, False), (True, False), (False, True), (True, True)]
-    assert all(w < 1e-10 for per_rank in run_ranks(_tp_gpt, 2, args=(cases,), timeout=170) for w in per_rank)
+#: _tp_gpt's arguments after (rank, world), per world size: tp 2 (tie × sequence parallelism) and the odd tp 3
+TP_GPT = {2: ([(False, False), (True, False), (False, True), (True, True)],),
+          3: ([(False, True), (True, True), (False, False, "full"), (True, True, "full")],
+              {"d_model": 48, "n_heads": 6, "n_kv_heads": 3, "ffn_hidden": 96}, 18, 62)}
 
 
-def test_tp3_sequence_parallel_gpt_matches_single_rank_full_loss():
+def _every_rank_check(rank, world) -> dict:
+    """This file's checks on real ranks at one world size, in one start of its ranks (each started its own: the
+    ranks' start and gloo's rendezvous cost more than these few-millisecond float64 checks)."""
+    return {"vocab_parallel": _vocab_parallel_function(rank, world),
+            "sequence_parallel": _sequence_parallel_function(rank, world),
+            "tp_gpt": _tp_gpt(rank, world, *TP_GPT[world])}
+
+
+@pytest.fixture(scope="module")
+def on_ranks():
+    """``on_ranks(world)``: every rank's :func:`_every_rank_check` at that world size, run once for the module."""
+    runs: dict = {}
+
+    def get(world: int) -> list:
+        if world not in runs:
+            runs[world] = run_ranks(_every_rank_check, world, timeout=240)
+        return runs[world]
+    return get
+
+
+def test_tp2_gpt_chunked_loss_matches_single_rank_full_loss(on_ranks):
+    assert all(w < 1e-10 for out in on_ranks(2) for w in out["tp_gpt"])
+
+
+def test_tp3_sequence_parallel_gpt_matches_single_rank_full_loss(on_ranks):
     """An odd tp with sequence parallelism: the gloo SP collectives (scatter, all-gather, reduce-scatter as
     all-reduce + own third) cut S = 18 in thirds, the vocabulary 62 pads to 63 (rank 2 holds a padding row),
     3 KV heads split one per rank; float64 loss and every gathered gradient equal tp = 1. The unchunked
     tp loss (Megatron's vocab-parallel cross-entropy over the -inf-masked padded vocabulary, fp32 inside)
     is checked too, at fp32 precision."""
-    model = {"d_model": 48, "n_heads": 6, "n_kv_heads": 3, "ffn_hidden": 96}
-    cases = [(False, True), (True, True), (False, False, "full"), (True, True, "full")]
-    for per_rank in run_ranks(_tp_gpt, 3, args=(cases, model, 18, 62), timeout=170):
+    for per_rank in (out["tp_gpt"] for out in on_ranks(3)):
         assert max(per_rank[:2]) < 1e-10 and max(per_rank[2:]) < 1e-6, per_rank
