@@ -13,7 +13,7 @@ checkpoints resharded to and from DDP, and the refused combinations.
   padded-shard formula exactly and the cost model's unsharded bytes / dp (dist_train/cost/memory.py) up to
   the padding of one row per tensor;
 * checkpoints (the dp2 × pp2 one saved asynchronously): FSDP2 dp2 × pp2 → DDP dp1, → DeepSpeed ZeRO-3
-  dp4, → DDP dp2 × tp2; DDP dp1 → FSDP2 dp2 × pp2; FSDP2 dp2 × tp2 → dp1 — each saved at step 2 of 4 and resumed
+  dp4, → DDP dp2 × tp2; DDP dp1 → FSDP2 dp2 × pp2; FSDP2 dp2 × tp2 → dp1 — each saved at step 2 of 5 and resumed
   there with the losses the saving layout went on to produce (1e-5).
 """
 from __future__ import annotations
@@ -241,9 +241,10 @@ def test_fsdp_four_ranks_composed_with_pp_tp_cp_match_single_rank(tmp_path):
 # ---------------------------------------------------------------------------------------------
 # Checkpoints: FSDP2 <-> DDP
 # ---------------------------------------------------------------------------------------------
-#: 4 steps, saved after step 2 (the warm-up's end) and resumed there: 2 steps before and 2 after the save are what
-#: a lost shard, a stale optimizer state or a skipped batch shows in (10 steps saved at 5 checked nothing more)
-CKPT_STEPS, SAVED_AT = 4, 2
+#: 5 steps, saved after step 2 (the warm-up's end) and resumed there: 2 steps before and 3 after the save are what
+#: a lost shard, a stale optimizer state or a skipped batch shows in (10 steps saved at 5 checked nothing more); the
+#: third after it is the first a lost LR-scheduler position shows in (tests/test_ckpt_engines.py, STEPS)
+CKPT_STEPS, SAVED_AT = 5, 2
 CKPT = {"every": SAVED_AT, "keep_last": 3}
 PP_FSDP = {"dp": 2, "pp": 2}
 
