@@ -9,7 +9,7 @@ import pytest
 
 from dist_train.cli import main
 from dist_train.config import Config, ConfigError, config_from_dict
-from tests.trainer_utils import run_cli
+from tests.trainer_utils import run_cli, run_cli_here
 
 HUGE = 10**12
 
@@ -200,18 +200,15 @@ def test_cli_refuses_before_any_rank_starts(tmp_path, capsys):
     ]
     with ThreadPoolExecutor(len(processes)) as pool:  # two interpreters start at once: their imports overlap
         started = pool.map(lambda args: run_cli(*args), processes)
-        said = []
-        for args in in_process:
-            code = main(args)
-            said.append((code, capsys.readouterr().err))
+        said = [run_cli_here(capsys, *args) for args in in_process]
         results = list(started)
-    for args, (code, err) in zip(in_process + processes, said + [(r.returncode, r.stderr) for r in results]):
-        assert code == 2, (args, code, err[-2000:])
-        lines = err.strip().splitlines()
-        assert len(lines) == 1 and lines[0].startswith("dist-train"), (args, err[-2000:])
+    for args, r in zip(in_process + processes, said + results):
+        assert r.returncode == 2, (args, r.returncode, r.stderr[-2000:])
+        lines = r.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("dist-train"), (args, r.stderr[-2000:])
         assert not run_dir.exists(), args
-    assert said[-1][1].strip().endswith("profile.steps = [29, 31]: step 31 is after the run's last step "
-                                        "(train.steps = 30); trace steps within 1..30"), said[-1][1]
+    assert said[-1].stderr.strip().endswith("profile.steps = [29, 31]: step 31 is after the run's last step "
+                                        "(train.steps = 30); trace steps within 1..30"), said[-1].stderr
 
 
 @pytest.mark.parametrize("argv", [[], ["bogus"], ["launch"], ["run"], ["plan", "c.yaml", "--devices", "0"],

@@ -38,7 +38,7 @@ from dist_train.plan.profiles import builtin_profiles
 from dist_train.preflight import check_model_fits
 from launchers.evaluate import RESULT_MARKER, ResultSink, report
 from tests.dist_harness import run_ranks
-from tests.trainer_utils import stale_file_handle_in, tiny_gpt_config, tiny_swin_config
+from tests.trainer_utils import run_cli_here, stale_file_handle_in, tiny_gpt_config, tiny_swin_config
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN = {"eval_every": 1, "eval_steps": 2}
@@ -148,10 +148,7 @@ def _eval_in_process(cfg_path, cwd, capfd, monkeypatch, *flags):
     What the launcher and its ranks write to stdout and stderr, as a subprocess's result."""
     monkeypatch.chdir(cwd)
     monkeypatch.setenv("PYTHONPATH", str(REPO))
-    capfd.readouterr()
-    code = main(["eval", str(cfg_path), *flags])
-    out, err = capfd.readouterr()
-    return subprocess.CompletedProcess(["dist-train", "eval", str(cfg_path), *flags], code, out, err)
+    return run_cli_here(capfd, "eval", str(cfg_path), *flags)
 
 
 @pytest.mark.slow

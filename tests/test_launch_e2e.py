@@ -24,12 +24,12 @@ from pathlib import Path
 import psutil
 import pytest
 
-from dist_train.cli import main
 from dist_train.config import load_config
 from dist_train.lifecycle import EXIT_PREEMPTED, read_heartbeat
 from dist_train.trainer import train
 from launchers.env import free_port
 from tests.dist_harness import run_ranks
+from tests.trainer_utils import run_cli_here
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
@@ -59,11 +59,7 @@ def _launch_here(run_dir, *args, capfd, monkeypatch, **env):
     for key, value in {"PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", **env}.items():
         monkeypatch.setenv(key, value)
     monkeypatch.chdir(REPO)
-    argv = ["launch", CONFIG, *BASE, "--set", f"run.dir={run_dir}", *args]
-    capfd.readouterr()
-    code = main(argv)
-    out, err = capfd.readouterr()
-    return subprocess.CompletedProcess(argv, code, out, err)
+    return run_cli_here(capfd, "launch", CONFIG, *BASE, "--set", f"run.dir={run_dir}", *args)
 
 
 def _metrics(run_dir):

@@ -4,10 +4,10 @@ from pathlib import Path
 
 import pytest
 
-from dist_train.cli import main
 from dist_train.data.prepare import prepare_indexed
 from dist_train.lifecycle import clear_heartbeats
 from dist_train.rank_errors import clear_user_errors, record_user_error, user_errors
+from tests.trainer_utils import run_cli_here
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -40,12 +40,12 @@ def test_peer_of_a_bad_input_rank_exits_quietly(tmp_path, tiny_dataset, capfd, m
     run_dir = tmp_path / "run"
     monkeypatch.setenv("PYTHONPATH", str(REPO))
     monkeypatch.setenv("DIST_TRAIN_FAULT", "rank=1,step=2,action=error")
-    capfd.readouterr()
-    code = main(["launch", str(REPO / "configs" / "gpt_tiny.yaml"), "--backend", "local", "--max-restarts", "1",
-                 "--set", f"run.dir={run_dir}", "--set", f"data.path={tiny_dataset}", "--set", "data.seq_len=16",
-                 "--set", "train.steps=4", "--set", "train.progress=false", "--set", "train.peak_tflops=1"])
-    err = capfd.readouterr().err
-    assert code == 2, err[-3000:]
+    r = run_cli_here(capfd, "launch", str(REPO / "configs" / "gpt_tiny.yaml"), "--backend", "local", "--max-restarts",
+                     "1", "--set", f"run.dir={run_dir}", "--set", f"data.path={tiny_dataset}", "--set",
+                     "data.seq_len=16", "--set", "train.steps=4", "--set", "train.progress=false", "--set",
+                     "train.peak_tflops=1")
+    err = r.stderr
+    assert r.returncode == 2, err[-3000:]
     assert "Traceback" not in err and "Gloo" not in err, err[-3000:]
     assert "FAILED after 1 attempt: rank 1 stopped on bad input: injected bad-input error on rank 1" in err, err
     assert "not restarting" in err

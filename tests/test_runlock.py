@@ -18,13 +18,12 @@ import pytest
 
 from dist_train import runlock
 from dist_train.checkpoint import CheckpointManager, complete_checkpoints, verify_checkpoint
-from dist_train.cli import main
 from dist_train.lifecycle import EXIT_PREEMPTED, read_heartbeat
 from dist_train.runlock import (LOCK_ENV, LOCK_NAME, RANKS_LOCK_NAME, RunDirLocked, RunLock, acquire_for_launcher,
                                hold_checkpoint_dir, hold_run_dir, read_owner)
 from dist_train.trainer import train
 from tests.dist_harness import run_ranks
-from tests.trainer_utils import tiny_gpt_config
+from tests.trainer_utils import run_cli_here, tiny_gpt_config
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -113,14 +112,12 @@ def test_two_concurrent_launches_one_refused_the_other_intact(tmp_path, capsys):
     assert holder["role"] == "dist-train launch" and holder["pid"] == first.pid
     # the second launch's launcher is this process (its refusal comes before any rank starts; a launcher process of
     # its own cost ~5 s of CPU importing torch and the launchers), the bare rank a process of its own
-    capsys.readouterr()
-    code = main(["launch", str(cfg), "--backend", "local", "--nproc", "1", "--set", f"run.dir={run}"])
-    err = capsys.readouterr().err
+    second = run_cli_here(capsys, "launch", str(cfg), "--backend", "local", "--nproc", "1", "--set", f"run.dir={run}")
     # a bare rank (no launcher) is refused the same way
     bare = subprocess.run([sys.executable, "-m", "dist_train.cli", "run", str(cfg), "--set", f"run.dir={run}"],
                           capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=120)
-    lines = [line for line in err.splitlines() if line.strip()]
-    assert code == 2 and len(lines) == 1, err
+    lines = [line for line in second.stderr.splitlines() if line.strip()]
+    assert second.returncode == 2 and len(lines) == 1, second.stderr
     assert lines[0].startswith("dist-train: error: run.dir ") and f"pid {first.pid} " in lines[0], lines
     assert bare.returncode == 2 and f"pid {first.pid} " in bare.stderr and len(bare.stderr.splitlines()) == 1
     assert first.poll() is None  # still training, untouched

@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 from dist_train.checkpoint import manifest as mf
+from dist_train.cli import main
 from dist_train.config import config_from_dict
 from dist_train.engines import build_engine
 from dist_train.mesh import build_mesh
@@ -95,6 +96,19 @@ def run_cli(*args, env_extra=None, cwd=None, timeout=180) -> subprocess.Complete
     env = dict(os.environ, PYTHONPATH=str(REPO), **(env_extra or {}))
     return subprocess.run([sys.executable, "-m", "dist_train", *args], capture_output=True, text=True, env=env,
                           cwd=cwd, timeout=timeout)
+
+
+def run_cli_here(capture, *args: str) -> subprocess.CompletedProcess:
+    """``dist-train ARGS`` run by this process (``dist_train.cli.main``), as :func:`run_cli`'s result: the exit
+    status, and what was written to stdout and stderr meanwhile, read with ``capture`` (pytest's ``capfd``: the
+    command's and its ranks' output; ``capsys``: this process's only). For a launcher whose own interpreter start is
+    not what a test checks (~5 s of CPU importing torch and the launchers): its ranks are still processes of their
+    own, started with this process's environment and working directory (set PYTHONPATH, cwd and the rest with
+    monkeypatch; the autouse fixture in conftest.py puts os.environ back after the test)."""
+    capture.readouterr()  # what was written before is not the command's
+    code = main(list(args))
+    out, err = capture.readouterr()
+    return subprocess.CompletedProcess(["dist-train", *args], code, out, err)
 
 
 def stale_file_handle_in(monkeypatch, step_dir: str) -> None:
