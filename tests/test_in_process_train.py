@@ -12,6 +12,7 @@ import weakref
 import psutil
 import pytest
 import torch.distributed as dist
+from deepspeed.runtime.zero import parameter_offload
 from deepspeed.utils import groups as deepspeed_groups
 
 from dist_train import checkpoint_eval, trainer as trainer_module
@@ -19,7 +20,7 @@ from dist_train.checkpoint_eval import evaluate_checkpoint
 from dist_train.distributed import caller_process_state, current_context
 from dist_train.engines import build_engine
 from dist_train.trainer import train
-from tests.trainer_utils import tiny_gpt_config
+from tests.trainer_utils import one_rank_engine_and_batches, tiny_gpt_config
 
 ZERO1 = {"dp": 1, "zero_stage": 1}
 
@@ -205,6 +206,29 @@ def test_in_process_zero3_training_and_evaluation_release_their_engines(tmp_path
     step = tmp_path / "run" / "checkpoints" / "step_1"
     assert evaluate_checkpoint(cfg, step, current_context())["loss"] == logged[-1] and len(evaluated) == 2
     _released(evaluated, listening)
+
+
+def test_closing_a_zero3_engine_leaves_another_live_one_training_as_a_lone_one():
+    """Two ZeRO-3 engines in one process (one rank): closing one (``release_zero3_globals`` clears DeepSpeed's
+    class-level lru_cache of release sets, every coordinator's, and takes that engine's modules off the forward-module
+    stack) leaves the other on the stack, and its steps before and after equal a lone engine's bit for bit: the
+    other's release sets are recomputed from its coordinator's trace, as DeepSpeed computed them."""
+    zero3 = {"dp": 1, "zero_stage": 3}
+    with caller_process_state():
+        alone, micro = one_rank_engine_and_batches("gpt", "cpu", accumulation=2, parallel=zero3)
+        want = [alone.train_step(micro, 32.0) for _ in range(4)]
+        alone.close()
+        kept, _ = one_rank_engine_and_batches("gpt", "cpu", accumulation=2, parallel=zero3)
+        got = [kept.train_step(micro, 32.0) for _ in range(2)]  # its trace complete, its release sets cached
+        closed, _ = one_rank_engine_and_batches("gpt", "cpu", accumulation=2, parallel=zero3)
+        closed.train_step(micro, 32.0)
+        closed_module = closed.engine.module
+        closed.close()
+        on_stack = [id(m) for m in parameter_offload.FWD_MODULE_STACK]
+        assert id(kept.engine.module) in on_stack and id(closed_module) not in on_stack
+        got += [kept.train_step(micro, 32.0) for _ in range(2)]
+        kept.close()
+    assert got == want
 
 
 def test_an_in_process_ddp_run_is_released_as_before(tmp_path, monkeypatch):

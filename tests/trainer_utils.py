@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Optional
 
 import torch
 
@@ -30,24 +31,27 @@ def tiny_gpt_config(run_dir, steps: int = 5, **sections) -> "Config":
     return _with_sections(base, sections)
 
 
-def one_rank_engine_and_batches(model: str, device, accumulation: int = 4):
+def one_rank_engine_and_batches(model: str, device, accumulation: int = 4, parallel: Optional[dict] = None):
     """``(engine, micro_batches)``: a one-rank data-parallel engine (clipping on) whose weights are on ``device``, and
     ``accumulation`` micro-batches as the batchers hand them over (every value a host tensor). ``model``: "gpt",
     "gpt, packed documents" (per-sample ``cu_seqlens``) or "swin" (a padded 30x32 image whose non-periodic axis
-    makes the shifted blocks mask their wrapped rows; ``image_size``)."""
+    makes the shifted blocks mask their wrapped rows; ``image_size``). ``parallel``: the config's section (one rank:
+    ``zero_stage`` picks the DeepSpeed engine)."""
     gen = torch.Generator().manual_seed(0)
     train = {"global_batch": accumulation, "micro_batch": 1, "grad_clip": 0.5}
     if model == "swin":
         cfg = config_from_dict({"model": {"kind": "swin", "d_model": 32, "n_layers": 2, "n_heads": 4, "ffn_hidden": 64,
                                           "window": 8, "in_channels": 3, "out_channels": 3, "wrap": [False, True]},
-                                "data": {"source": "weather", "image": [30, 32]}, "train": train})
+                                "data": {"source": "weather", "image": [30, 32]}, "train": train,
+                                "parallel": parallel or {}})
         built = build_swin(cfg.model, wp_group=None, grid=(1, 1), init_seed=3).to(device)
         image = tuple(cfg.data.image)
         batch = {"x": torch.randn(1, *image, 3, generator=gen), "y": torch.randn(1, *image, 3, generator=gen),
                  "image_size": torch.tensor(image), "count": torch.tensor(float(3 * image[0] * image[1]))}
     else:
         cfg = config_from_dict({"model": {"kind": "gpt", "d_model": 64, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2,
-                                          "ffn_hidden": 128, "vocab_size": 95}, "data": {"seq_len": 16}, "train": train})
+                                          "ffn_hidden": 128, "vocab_size": 95}, "data": {"seq_len": 16}, "train": train,
+                                "parallel": parallel or {}})
         built = build_gpt(cfg, build_mesh(cfg.parallel, 1), torch.device(device))
         tokens = torch.randint(0, 95, (1, 17), generator=gen)
         batch = {"tokens": tokens[:, :-1], "labels": tokens[:, 1:], "positions": torch.arange(16),
