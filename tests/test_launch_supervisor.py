@@ -1,4 +1,4 @@
-"""The restart supervisor on real rank processes, with a tiny gloo job of our own (no trainer needed):
+"""The restart supervisor on real rank processes, with a tiny lockstep job of our own (no trainer needed):
 restart after a killed rank, failure summary, hang watchdog, SIGTERM preemption, the MPI backend."""
 import contextlib
 import io
@@ -24,42 +24,72 @@ from launchers.supervisor import NOT_RESTARTABLE, JobSpec, Supervisor
 
 REPO = Path(__file__).resolve().parents[1]
 
-# A job that "checkpoints" its step in ckpt.txt (rank 0, every 2 steps), sums a tensor over all ranks
+# A job that "checkpoints" its step in ckpt.txt (rank 0, every 2 steps), sums a number over all ranks
 # each step, resumes from ckpt.txt when started with the resume arguments, and obeys the Lifecycle.
+# The ranks run in lockstep over plain sockets (rank 0 listens on the launcher's MASTER_ADDR:MASTER_PORT, as gloo's
+# store does): an all-reduce blocks until every rank has sent its number, a peer that died makes the others fail in
+# it (end of stream), and a rank waiting for a stopped one stays in it with its heartbeat thread alive. What the
+# supervisor sees is what a gloo job shows it, without the ~2.5 s of CPU each rank spent importing torch.
 TINY = textwrap.dedent("""
-    import os, sys, time
+    import os, socket, struct, sys, time
     from pathlib import Path
     sys.path.insert(0, {repo!r})
     from launchers.env import populate_rank_env
     populate_rank_env()
     from dist_train.lifecycle import Lifecycle, EXIT_PREEMPTED
     run_dir, steps = Path(sys.argv[1]), int(sys.argv[2])
-    # TINY_TORCH=0: no torch (saves ~2 s of imports per rank on a busy 2-core machine); the ranks then
-    # share nothing, and stop_agreed() is each rank's own flag.
-    use_torch = os.environ.get("TINY_TORCH", "1") == "1"
-    if use_torch:
-        import torch, torch.distributed as dist
-        dist.init_process_group("gloo")
-        rank, world = dist.get_rank(), dist.get_world_size()
-    else:
-        rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    # TINY_LOCKSTEP=0: the ranks share nothing, and stop_agreed() is each rank's own flag.
+    lockstep = os.environ.get("TINY_LOCKSTEP", "1") == "1"
+
+    def recv_sum(sock):
+        data = b""
+        while len(data) < 8:
+            more = sock.recv(8 - len(data))
+            if not more:
+                raise ConnectionError(f"rank {{rank}}: a peer closed its connection in the all-reduce")
+            data += more
+        return struct.unpack("d", data)[0]
+
+    def all_reduce(x):
+        if rank == 0:
+            total = x + sum(recv_sum(p) for p in peers)
+            for p in peers:
+                p.sendall(struct.pack("d", total))
+            return total
+        peers[0].sendall(struct.pack("d", x))
+        return recv_sum(peers[0])
+
+    if lockstep:
+        where = (os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]))
+        if rank == 0:
+            server = socket.create_server(where)
+            peers = [server.accept()[0] for _ in range(world - 1)]
+        else:
+            deadline = time.monotonic() + 60
+            while True:
+                try:
+                    peers = [socket.create_connection(where)]
+                    break
+                except OSError:
+                    if time.monotonic() > deadline:
+                        raise
+                    time.sleep(0.05)
     lc = Lifecycle(run_dir=run_dir, rank=rank, watchdog_s=float(os.environ.get("TINY_WATCHDOG", "0")))
     ck = run_dir / "ckpt.txt"
     start = int(ck.read_text()) + 1 if ("checkpoint.restart=true" in sys.argv and ck.exists()) else 0
     print(f"start {{start}} world {{world}}", flush=True)
     total = 0.0
     for step in range(start, steps):
-        if use_torch:
-            t = torch.tensor([float(rank + step)])
-            dist.all_reduce(t)
-            total = t.item()
+        if lockstep:
+            total = all_reduce(float(rank + step))
         time.sleep(float(os.environ.get("TINY_SLEEP", "0.02")))
         lc.heartbeat(step)
         stop = lc.stop_agreed()
         if rank == 0 and (step % 2 == 1 or stop):
             ck.write_text(str(step))
-        if use_torch:
-            dist.barrier()
+        if lockstep:
+            all_reduce(0.0)  # the barrier: no rank starts the next step before rank 0 has checkpointed this one
         if stop:
             print(f"preempted at {{step}}", flush=True)
             lc.close()
@@ -134,7 +164,7 @@ def test_restart_after_killed_rank_and_failure_summary(tmp_path, tiny):
 
     # the same fault without restarts: non-zero status, summary names the rank, signal and last lines
     sup, code, said, _ = _run(tmp_path, tiny, "norestart", 2, 8, sink=Capture(), max_restarts=0,
-                              env={"DIST_TRAIN_FAULT": "rank=1,step=2,signal=KILL", "TINY_TORCH": "0"})
+                              env={"DIST_TRAIN_FAULT": "rank=1,step=2,signal=KILL", "TINY_LOCKSTEP": "0"})
     assert code == 128 + signal.SIGKILL
     assert "FAILED after 1 attempt: rank 1 killed by SIGKILL" in said
     assert "last lines of rank 1's stderr" in said and "[fault injection] rank 1 step 2" in said
@@ -143,7 +173,7 @@ def test_restart_after_killed_rank_and_failure_summary(tmp_path, tiny):
 def test_divergence_and_usage_errors_are_not_restarted(tmp_path, tiny):
     for code in (3, 2):  # EXIT_DIVERGED, EXIT_USAGE: a restart would fail the same way
         sup, got, said, _ = _run(tmp_path, tiny, f"exit{code}", 2, 8, sink=Capture(), max_restarts=2,
-                                 env={"DIST_TRAIN_FAULT": f"rank=1,step=1,action=exit,code={code}", "TINY_TORCH": "0"})
+                                 env={"DIST_TRAIN_FAULT": f"rank=1,step=1,action=exit,code={code}", "TINY_LOCKSTEP": "0"})
         assert got == code and len(sup.attempts) == 1, said
         assert "not restarting" in said and "FAILED after 1 attempt" in said
 
@@ -151,7 +181,7 @@ def test_divergence_and_usage_errors_are_not_restarted(tmp_path, tiny):
 def test_hang_is_detected_with_steps_and_stacks(tmp_path, tiny):
     sup, code, said, run_dir = _run(
         tmp_path, tiny, "hang", 2, 50, sink=Capture(), watchdog_s=2.5, max_restarts=0,
-        env={"DIST_TRAIN_FAULT": "rank=0,step=3,action=hang", "TINY_WATCHDOG": "2.5", "TINY_TORCH": "0",
+        env={"DIST_TRAIN_FAULT": "rank=0,step=3,action=hang", "TINY_WATCHDOG": "2.5", "TINY_LOCKSTEP": "0",
              "TINY_SLEEP": "0.2"})
     assert code == EXIT_HANG, said
     assert "hang: no step progress for more than 2.5 s (launch.watchdog_s) on rank 0: rank 0 at step 3" in said
@@ -209,14 +239,14 @@ def test_sigterm_preempts_every_rank(tmp_path, tiny):
 
     threading.Thread(target=preempt, daemon=True).start()
     cap = Capture()
-    sup, code, said, _ = _run(tmp_path, tiny, "pre", 2, 100000, sink=cap, max_restarts=3, env={"TINY_TORCH": "0"})
+    sup, code, said, _ = _run(tmp_path, tiny, "pre", 2, 100000, sink=cap, max_restarts=3, env={"TINY_LOCKSTEP": "0"})
     assert code == EXIT_PREEMPTED, said + cap.text()
     assert [o.kind for o in sup.attempts] == ["preempted"]  # never restarted
     saved = int((run_dir / "ckpt.txt").read_text())
     assert f"[rank 0] preempted at {saved}" in cap.text() and "[rank 1] preempted at" in cap.text()
     # relaunching resumes at the next step
     spec = JobSpec([sys.executable, str(tiny), str(run_dir), str(saved + 3), "--set", "checkpoint.restart=true"],
-                   nproc=2, run_dir=run_dir, env={"TINY_TORCH": "0"})
+                   nproc=2, run_dir=run_dir, env={"TINY_LOCKSTEP": "0"})
     cap2 = Capture()
     assert Supervisor(spec, LocalBackend(2, run_dir, sink=cap2), out=io.StringIO()).run() == 0
     assert f"[rank 0] start {saved + 1} world 2" in cap2.text()
