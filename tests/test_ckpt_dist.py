@@ -27,7 +27,8 @@ from tests.dist_harness import run_ranks
 from tests.test_ckpt_common import (CkptCfg, build, eval_outputs, flip_byte, model_config, seed_rank, shard_files,
                                    train_steps)
 
-STEPS, SAVE_EVERY = 12, 3
+#: two saves before the resume point (steps 2 and 4; steps 1 and 3 save nothing), the resume from the newer one
+STEPS, SAVE_EVERY = 8, 2
 
 
 def layout(world: int) -> dict:
@@ -39,12 +40,17 @@ def manager(cfg: CkptCfg, root: str, rank: int, world: int) -> CheckpointManager
                              world_size=world)
 
 
-def _exact_resume(rank: int, world: int, root: str, async_save: bool) -> None:
-    """STEPS straight vs half + saves every SAVE_EVERY + fresh objects/RNG + resume + rest: bitwise equal."""
+def _exact_resume(rank: int, world: int, root: str) -> None:
+    """STEPS straight vs half + saves every SAVE_EVERY + fresh objects/RNG + resume + rest: bitwise equal, with a
+    synchronous and with an asynchronous save (both against the one straight run: same seed, same steps)."""
     seed_rank(rank)
     model, opt, sched = build()
     straight = train_steps(model, opt, sched, 1, STEPS, rank, world)
+    for async_save in (False, True):
+        _resume_matches(rank, world, root, async_save, straight)
 
+
+def _resume_matches(rank: int, world: int, root: str, async_save: bool, straight: list) -> None:
     seed_rank(rank)
     model, opt, sched = build()
     cfg = CkptCfg(every=SAVE_EVERY, async_save=async_save, dir=f"{root}/resume_w{world}_async{int(async_save)}")
@@ -177,8 +183,7 @@ def _io_error_on_one_rank_stops_every_rank(rank: int, root: str) -> None:
 def _multi_rank_cases(rank: int, world: int, root: str, reshard_path: str, expected, kill_root) -> torch.Tensor:
     """Exact resume (sync, async); then either save the dp reference (expected None) or load it resharded;
     with ``kill_root`` finally a save during which rank 1 is SIGKILLed (this spawn then fails by design)."""
-    _exact_resume(rank, world, root, async_save=False)
-    _exact_resume(rank, world, root, async_save=True)
+    _exact_resume(rank, world, root)
     if expected is None:
         _damaged_newest_on_every_rank(rank, world, f"{root}/damaged_w{world}")
         _dtensor_case(rank, world, f"{reshard_path}_dtensor", save=True)
@@ -207,8 +212,7 @@ def _die_mid_save(rank: int, world: int, root: str) -> None:
 def test_exact_resume_resharding_and_killed_rank_on_1_2_3_ranks(tmp_path):
     """One spawn per world size (spawning dominates the cost): world 1 in-process, world 2, world 3."""
     root, src, kill_root = str(tmp_path), str(tmp_path / "dp2_source"), tmp_path / "killed"
-    _exact_resume(0, 1, root, async_save=False)
-    _exact_resume(0, 1, root, async_save=True)
+    _exact_resume(0, 1, root)
     outs = run_ranks(_multi_rank_cases, 2, args=(root, src, None, None), timeout=150)
     assert torch.equal(outs[0], outs[1])
     assert not verify_checkpoint(Path(src) / "step_4")
