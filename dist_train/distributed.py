@@ -114,16 +114,21 @@ def caller_process_state() -> Iterator[None]:
     default group that existed before (a launched rank's, a caller's own) is the caller's and is left alone; one
     created inside is destroyed. DeepSpeed's module-level ``deepspeed.utils.groups.mpu`` (set by every
     ``deepspeed.initialize``: our engine's MeshMPU, which holds the mesh's groups) is set back too: it kept those
-    groups, and each gloo group's listening socket and threads, alive for the life of the caller's process."""
+    groups, and each gloo group's listening socket and threads, alive for the life of the caller's process. So is
+    ``torch.nn.functional.linear``: building a ZeRO-3 engine swaps it for DeepSpeed's ``zero3_linear_wrap`` "for
+    good" (0.19.8 partition_parameters.py ``_enable_mem_efficient_linear``), and every later model of the caller ran
+    DeepSpeed's linear, with its own casts under autocast (a bf16 test in the same pytest worker failed so)."""
     environ = dict(os.environ)
     had_group = dist.is_initialized()
     deepspeed_mpu = _deepspeed_mpu()
+    linear = torch.nn.functional.linear
     try:
         yield
     finally:
         if not had_group and dist.is_initialized():
             dist.destroy_process_group()
         _set_deepspeed_mpu(deepspeed_mpu)
+        torch.nn.functional.linear = linear
         restore_environ(environ)
 
 

@@ -30,12 +30,18 @@ def tmp_run_dir(tmp_path):
 
 @pytest.fixture(autouse=True)
 def _environment_left_as_found():
-    """Each test leaves ``os.environ`` as it found it (what a module-scoped fixture set before it stays). A
-    DeepSpeed engine built in-process outside ``train()`` (which gives them back: distributed.caller_process_state)
-    sets RANK=0, WORLD_SIZE=1 and LOCAL_RANK=0 for good (engines/deepspeed.py ``_ensure_process_group``): every
-    later test that starts a job with the pytest process's environment then ran torchrun's one-rank world.
+    """Each test leaves ``os.environ`` and ``torch.nn.functional.linear`` as it found them (what a module-scoped
+    fixture set before it stays). A DeepSpeed engine built in-process outside ``train()`` (which gives them back:
+    distributed.caller_process_state) sets RANK=0, WORLD_SIZE=1 and LOCAL_RANK=0 for good (engines/deepspeed.py
+    ``_ensure_process_group``): every later test that starts a job with the pytest process's environment then ran
+    torchrun's one-rank world.
     test_submitted_eval_job_writes_the_result failed so after test_spikes.py's DeepSpeed case (2 ranks each alone:
     world_size 1 in the result)."""
     before = dict(os.environ)
+    linear = torch.nn.functional.linear
     yield
     restore_environ(before)
+    # A ZeRO-3 engine built in-process outside train() swaps in DeepSpeed's zero3_linear_wrap for good (train() and
+    # evaluate_checkpoint() set it back: distributed.caller_process_state): test_gpt_autocast_input.py, run after
+    # such a test in the same xdist worker, saw DeepSpeed's casts instead of autocast's.
+    torch.nn.functional.linear = linear

@@ -11,6 +11,7 @@ import weakref
 
 import psutil
 import pytest
+import torch
 import torch.distributed as dist
 from deepspeed.runtime.zero import parameter_offload
 from deepspeed.utils import groups as deepspeed_groups
@@ -194,17 +195,21 @@ def test_in_process_zero3_training_and_evaluation_release_their_engines(tmp_path
     ``release_zero3_globals``)."""
     _rank_environment_unset(monkeypatch)
     listening = _listening()
+    linear = torch.nn.functional.linear
     trained = _record_engines(monkeypatch, trainer_module)
     cfg = tiny_gpt_config(tmp_path / "run", steps=1, parallel={"dp": 1, "zero_stage": 3},
                           train={"eval_every": 1, "eval_steps": 1}, checkpoint={"at_end": True})
     result = train(cfg)
     assert result.exit_code == 0 and len(trained) == 2
+    # the engine build swapped it for DeepSpeed's zero3_linear_wrap for the life of the process: set back
+    assert torch.nn.functional.linear is linear
     _released(trained, listening)
     evaluated = _record_engines(monkeypatch, checkpoint_eval)
     logged = [r["valid_loss"] for r in map(json.loads, (tmp_path / "run" / "metrics.jsonl").read_text().splitlines())
               if "valid_loss" in r]
     step = tmp_path / "run" / "checkpoints" / "step_1"
     assert evaluate_checkpoint(cfg, step, current_context())["loss"] == logged[-1] and len(evaluated) == 2
+    assert torch.nn.functional.linear is linear
     _released(evaluated, listening)
 
 
