@@ -102,11 +102,18 @@ def check_deepspeed_keys(cfg: Config, bf16: bool, forward_only: bool = False) ->
     _check_keys_read(cfg, bf16)
     check_nvme_offload(cfg, forward_only)
     check_stage0_grad_accum_dtype(cfg, bf16)
-    data_types = cfg.parallel.deepspeed.get("data_types")
-    accumulate = data_types.get("grad_accum_dtype") if isinstance(data_types, dict) else None
-    refusal = bf16_optimizer_refusal(user_zero_optimization(cfg), int(cfg.parallel.zero_stage), bf16, accumulate)
-    if refusal is not None and not forward_only:
+    if forward_only:
+        return
+    refusal = bf16_optimizer_refusal(user_zero_optimization(cfg), int(cfg.parallel.zero_stage), bf16,
+                                     _user_grad_accum_dtype(cfg))
+    if refusal is not None:
         raise ConfigError(refusal)
+
+
+def _user_grad_accum_dtype(cfg: Config) -> Optional[str]:
+    """``parallel.deepspeed.data_types.grad_accum_dtype`` as the user wrote it, or None."""
+    data_types = (cfg.parallel.deepspeed or {}).get("data_types")
+    return data_types.get("grad_accum_dtype") if isinstance(data_types, dict) else None
 
 
 def check_stage0_grad_accum_dtype(cfg: Config, bf16: bool) -> None:
@@ -115,8 +122,7 @@ def check_stage0_grad_accum_dtype(cfg: Config, bf16: bool) -> None:
     NotImplementedError from every rank's engine build); a ``parallel.deepspeed.data_types.grad_accum_dtype`` of
     another dtype is refused here in one line. (ZeRO-1 in bf16 with fp32 accumulation is DeepSpeed's BF16_Optimizer,
     which trains and checkpoints.)"""
-    data_types = (cfg.parallel.deepspeed or {}).get("data_types")
-    value = data_types.get("grad_accum_dtype") if isinstance(data_types, dict) else None
+    value = _user_grad_accum_dtype(cfg)
     if cfg.parallel.zero_stage != 0 or value is None:
         return
     from deepspeed.runtime.config import DtypeEnum  # deepspeed only where it runs
