@@ -8,15 +8,22 @@ STAMP  := $(VENV)/.installed-stamp
 # On a machine without an NVIDIA GPU pin torch to the local CPU wheel *first*: any unpinned torch
 # requirement would otherwise pull multi-GB CUDA builds. deepspeed builds against the installed torch
 # (--no-build-isolation), never a second torch in a build sandbox.
+# pip byte-compiles what it installs one file at a time (about 60% of the install's CPU); installing with
+# --no-compile and then compiling site-packages on every core took the venv from 107 s to 82 s on 2 cores. A file
+# that does not compile on this Python (torch ships py312-only test helpers) stays uncompiled, as pip leaves it.
+PIP_INSTALL := $(PY) -m pip install -q --no-compile
 $(STAMP): pyproject.toml Makefile
 	@test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip setuptools wheel
 	@if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then \
-	    echo "NVIDIA GPU found: letting pip resolve torch"; $(PY) -m pip install -q torch; \
+	    echo "NVIDIA GPU found: letting pip resolve torch"; $(PIP_INSTALL) torch; \
 	else \
-	    echo "no GPU: installing the CPU build torch==2.13.0"; $(PY) -m pip install -q torch==2.13.0; \
+	    echo "no GPU: installing the CPU build torch==2.13.0"; $(PIP_INSTALL) torch==2.13.0; \
 	fi
-	$(PY) -m pip install -q --no-build-isolation -e ".[test]"
+	$(PIP_INSTALL) --no-build-isolation -e ".[test]"
+	@echo "byte-compiling site-packages on every core"
+	@$(PY) -m compileall -q -j 0 "$$($(PY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')" \
+	    >/dev/null || true
 	@touch $(STAMP)
 
 venv: $(STAMP)
