@@ -5,11 +5,12 @@ Launchers prefix console lines with the rank; they never need to parse levels.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sys
 from pathlib import Path
-from typing import Optional
+from typing import Iterator, Optional
 
 from tqdm import tqdm
 
@@ -28,11 +29,19 @@ class _ConsoleHandler(logging.StreamHandler):
             self.handleError(record)
 
 
+#: set on the handlers setup_logging makes: it closes only those (a caller's own handlers are put back by
+#: caller_logging)
+_OURS = "_dist_train_job_handler"
+
+
 def setup_logging(rank: int, run_dir: Optional[Path]) -> logging.Logger:
+    """The ``dist_train`` logger for this rank of a job (module docstring); handlers an earlier set-up made are
+    closed."""
     log = logging.getLogger(LOGGER_NAME)
     for h in list(log.handlers):
         log.removeHandler(h)
-        h.close()
+        if getattr(h, _OURS, False):
+            h.close()
     log.setLevel(logging.INFO)
     log.propagate = False
     console = _ConsoleHandler(sys.stdout)
@@ -40,6 +49,7 @@ def setup_logging(rank: int, run_dir: Optional[Path]) -> logging.Logger:
     console.setLevel(logging.INFO if rank == 0 or verbose else logging.WARNING)
     console.setFormatter(logging.Formatter("%(message)s" if rank == 0 else "%(levelname)s %(message)s"))
     console.addFilter(lambda record: getattr(record, "console", True))
+    setattr(console, _OURS, True)
     log.addHandler(console)
     if run_dir is not None:
         logs = Path(run_dir) / "logs"
@@ -47,9 +57,27 @@ def setup_logging(rank: int, run_dir: Optional[Path]) -> logging.Logger:
         fh = logging.FileHandler(logs / f"rank_{rank}.log")
         fh.setLevel(logging.INFO)
         fh.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+        setattr(fh, _OURS, True)
         log.addHandler(fh)
     return log
 
 
-def get_logger() -> logging.Logger:
-    return logging.getLogger(LOGGER_NAME)
+@contextlib.contextmanager
+def caller_logging() -> Iterator[None]:
+    """The ``dist_train`` logger as the caller had it (handlers, level, propagation), on return or error. A job
+    run in-process (a notebook or a test calling ``train()``) sets it up for its rank: its run's ``rank_N.log``
+    otherwise stayed open, and every later ``dist_train`` record of the caller's process (a checkpoint it converts
+    next, say) went into that finished run's log and onto the console in the job's format."""
+    log = logging.getLogger(LOGGER_NAME)
+    handlers, level, propagate = list(log.handlers), log.level, log.propagate
+    try:
+        yield
+    finally:
+        for handler in list(log.handlers):
+            log.removeHandler(handler)
+            if handler not in handlers:
+                handler.close()
+        for handler in handlers:
+            log.addHandler(handler)
+        log.setLevel(level)
+        log.propagate = propagate

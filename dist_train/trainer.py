@@ -44,7 +44,7 @@ from .engines.ddp import all_reduce_sum
 from .evaluation import Evaluator
 from .gc_schedule import GcSchedule
 from .lifecycle import EXIT_PREEMPTED, Lifecycle, TrainingDiverged
-from .logs import LOG_FILE_ONLY, get_logger, setup_logging
+from .logs import LOG_FILE_ONLY, caller_logging, setup_logging
 from .mesh import Mesh, build_mesh
 from .metrics import HonestPeak, device_peak, format_metrics, peak_memory_bytes
 from .models.gpt import build_gpt
@@ -226,9 +226,10 @@ def _check_step(cfg: Config, engine, spikes: LossSpikeGuard, limit: Optional[flo
 # ---------------------------------------------------------------------------------------------
 def train(cfg: Config, ctx: Optional[DistContext] = None) -> TrainResult:
     """Train this rank of ``cfg``'s job (``ctx``: its process group; None: the default group, or one process).
-    The caller's environment and process group state are as they were on return or error (caller_process_state:
-    an engine's own one-rank group, DeepSpeed's, is destroyed, the caller's kept)."""
-    with caller_process_state():
+    The caller's environment, process group state and ``dist_train`` logger are as they were on return or error
+    (caller_process_state: an engine's own one-rank group, DeepSpeed's, is destroyed, the caller's kept;
+    caller_logging: this run's log file is closed)."""
+    with caller_process_state(), caller_logging():
         ctx = ctx or current_context()
         check_world_size(cfg, ctx.world_size)
         check_profile(cfg, ctx.device.type == "cuda")  # profile.ranks in the job, profile.memory on CUDA

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import gc
 import json
+import logging
 import os
 import weakref
 
@@ -17,9 +18,11 @@ from deepspeed.runtime.zero import parameter_offload
 from deepspeed.utils import groups as deepspeed_groups
 
 from dist_train import checkpoint_eval, trainer as trainer_module
+from dist_train.checkpoint import CheckpointError
 from dist_train.checkpoint_eval import evaluate_checkpoint
 from dist_train.distributed import caller_process_state, current_context
 from dist_train.engines import build_engine
+from dist_train.logs import LOGGER_NAME
 from dist_train.trainer import train
 from tests.trainer_utils import one_rank_engine_and_batches, tiny_gpt_config
 
@@ -246,3 +249,44 @@ def test_an_in_process_ddp_run_is_released_as_before(tmp_path, monkeypatch):
     again = train(tiny_gpt_config(tmp_path / "b", steps=2, checkpoint={"at_end": False}))
     assert first.exit_code == 0 and first.losses == again.losses and len(built) == 2
     _released(built, listening)
+
+
+class _Records(logging.Handler):
+    """A caller's own handler on the ``dist_train`` logger: keeps the messages it is given."""
+
+    def __init__(self):
+        super().__init__()
+        self.messages = []
+
+    def emit(self, record):
+        self.messages.append(record.getMessage())
+
+
+def test_the_callers_dist_train_logger_comes_back_and_the_runs_log_is_closed(tmp_path):
+    """On return and on error: the caller's handlers (not closed), level and propagation are the logger's again, the
+    run's rank_0.log is closed (no descriptor of this process on it), and a later record reaches the caller's
+    handler, not the finished run's log."""
+    log = logging.getLogger(LOGGER_NAME)
+    mine = _Records()
+    saved = list(log.handlers), log.level, log.propagate
+    log.handlers, log.level, log.propagate = [mine], logging.WARNING, True
+    try:
+        for name, steps in (("ok", 1), ("bad", 0)):
+            run_dir = tmp_path / name
+            cfg = tiny_gpt_config(run_dir, steps=1, checkpoint={"at_end": False})
+            if steps:
+                train(cfg)
+            else:  # fails after the logger was set up for the run: an unreadable checkpoint to resume from
+                (run_dir / "checkpoints" / "step_1").mkdir(parents=True)
+                (run_dir / "checkpoints" / "step_1" / "manifest.json").write_text("{")
+                with pytest.raises(CheckpointError, match="no valid checkpoint"):
+                    train(cfg)
+            assert (log.handlers, log.level, log.propagate) == ([mine], logging.WARNING, True), name
+            rank_log = run_dir / "logs" / "rank_0.log"
+            assert rank_log.stat().st_size > 0, name
+            assert not [f for f in psutil.Process().open_files() if f.path == str(rank_log)], name
+            size = rank_log.stat().st_size
+            log.warning(f"after the {name} run")
+            assert mine.messages[-1] == f"after the {name} run" and rank_log.stat().st_size == size, name
+    finally:
+        log.handlers, log.level, log.propagate = saved
