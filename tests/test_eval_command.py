@@ -38,30 +38,17 @@ from dist_train.plan.profiles import builtin_profiles
 from dist_train.preflight import check_model_fits
 from launchers.evaluate import RESULT_MARKER, ResultSink, report
 from tests.dist_harness import run_ranks
-from tests.trainer_utils import run_cli_here, stale_file_handle_in, tiny_gpt_config, tiny_swin_config
+from tests.trainer_utils import (EVAL_TRAIN, one_eval_result, run_cli_here, run_dir_files, stale_file_handle_in,
+                                 tiny_gpt_config, tiny_swin_config, validated_checkpoints)
 
 REPO = Path(__file__).resolve().parents[1]
-TRAIN = {"eval_every": 1, "eval_steps": 2}
 LAYOUTS = {"dp2": ["parallel.dp=2"], "cp2": ["parallel.cp=2"], "tp2": ["parallel.tp=2"], "pp2": ["parallel.pp=2"]}
 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """A 2-step run validated and checkpointed after each step -> (config path, run dir, {step: logged valid_loss})."""
-    root = tmp_path_factory.mktemp("eval")
-    cfg = tiny_gpt_config(root / "run", steps=2, train=TRAIN, checkpoint={"every": 1, "at_end": True})
-    train(cfg)
-    save_config(cfg, root / "cfg.yaml")
-    logged = {r["step"]: r["valid_loss"] for r in map(json.loads, (root / "run" / "metrics.jsonl").read_text()
-                                                     .splitlines()) if "valid_loss" in r}
-    assert set(logged) == {1, 2}
-    return root / "cfg.yaml", root / "run", logged
-
-
-def _snapshot(run_dir: Path) -> dict:
-    """Every file's size and mtime, except run.lock: the lock's holder (the test, as a training job would) refreshes it."""
-    return {str(p.relative_to(run_dir)): (p.stat().st_size, p.stat().st_mtime_ns)
-            for p in sorted(run_dir.rglob("*")) if p.name != "run.lock"}
+    return validated_checkpoints(tmp_path_factory.mktemp("eval"))
 
 
 def test_eval_loss_is_the_logged_validation_loss_bit_for_bit(trained):
@@ -128,24 +115,11 @@ def test_a_bf16_evaluation_with_tp_2_on_cpu_matches_one_rank(trained):
             assert abs(loss - reference) <= 2 ** -9 * reference, (loss, one_rank, logged[2])
 
 
-def _eval_cli(cfg_path, cwd, *flags, timeout=300):
-    return subprocess.run([sys.executable, "-m", "dist_train", "eval", str(cfg_path), *flags], capture_output=True,
-                          text=True, env={**os.environ, "PYTHONPATH": str(REPO)}, cwd=cwd, timeout=timeout)
-
-
-def _one_result(proc, out: Path) -> dict:
-    """The one stdout line and the JSON of a successful ``dist-train eval``."""
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    lines = proc.stdout.strip().splitlines()
-    assert len(lines) == 1 and "(step 2): loss" in lines[0] and "perplexity" in lines[0], proc.stdout
-    return json.loads(out.read_text())
-
-
 def _eval_in_process(cfg_path, cwd, capfd, monkeypatch, *flags):
     """``dist-train eval`` whose launcher is this process (its ranks are processes of their own, started by the
     backend as from the command): the launcher's interpreter start (~5 s of CPU importing torch and the launchers)
-    is not what is tested here; test_cli_under_an_embedded_ray_cluster runs the command as a process of its own.
-    What the launcher and its ranks write to stdout and stderr, as a subprocess's result."""
+    is not what is tested here; test_launch_e2e.py::test_eval_on_a_ray_cluster runs the command as a process of its
+    own. What the launcher and its ranks write to stdout and stderr, as a subprocess's result."""
     monkeypatch.chdir(cwd)
     monkeypatch.setenv("PYTHONPATH", str(REPO))
     return run_cli_here(capfd, "eval", str(cfg_path), *flags)
@@ -162,13 +136,13 @@ def test_cli_under_local_and_mpi_reads_only_ignores_the_run_lock_and_agrees(trai
     results = {}
     # a job holds the run dir: the evaluation neither waits for nor takes its lock
     with hold_run_dir(run_dir, 0):
-        before = _snapshot(run_dir)
+        before = run_dir_files(run_dir)
         for backend in backends:
             out = tmp_path / f"{backend}.json"
             proc = _eval_in_process(cfg_path, tmp_path, capfd, monkeypatch, "--checkpoint", "latest", "--set",
                                     "parallel.dp=2", "--backend", backend, "--out", str(out))
-            results[backend] = _one_result(proc, out)
-        after = _snapshot(run_dir)
+            results[backend] = one_eval_result(proc, out)
+        after = run_dir_files(run_dir)
     assert after == before  # nothing written, moved or removed in the run dir (its lock file included)
     for backend, result in results.items():
         assert result["step"] == 2 and result["world_size"] == 2 and result["layout"]["dp"] == 2, backend
@@ -176,20 +150,6 @@ def test_cli_under_local_and_mpi_reads_only_ignores_the_run_lock_and_agrees(trai
     if "mpi" not in results:
         pytest.skip("no mpiexec on this machine (pip install mpich): the local backend alone was checked")
     assert results["mpi"]["loss"] == results["local"]["loss"]
-
-
-@pytest.mark.slow
-def test_cli_under_an_embedded_ray_cluster(trained, tmp_path):
-    """--backend ray (an embedded cluster, ~20 s): rank 0's result comes back as a marked stdout line (its node
-    need not be this one), kept off the console: stdout is the one summary line."""
-    pytest.importorskip("ray")
-    cfg_path, run_dir, logged = trained
-    out = tmp_path / "ray.json"
-    before = _snapshot(run_dir)
-    result = _one_result(_eval_cli(cfg_path, tmp_path, "--set", "parallel.dp=2", "--backend", "ray", "--out",
-                                   str(out)), out)
-    assert result["world_size"] == 2 and abs(result["loss"] - logged[2]) <= 1e-5
-    assert _snapshot(run_dir) == before
 
 
 def test_the_result_sink_keeps_rank_0s_result_line_off_the_console():
@@ -444,7 +404,7 @@ def test_a_model_whose_weights_fit_is_evaluated_and_a_huge_one_refused_through_t
 
 
 def test_a_run_without_checkpoints_is_refused(tmp_path, capsys):
-    cfg = tiny_gpt_config(tmp_path / "fresh", train=TRAIN)
+    cfg = tiny_gpt_config(tmp_path / "fresh", train=EVAL_TRAIN)
     save_config(cfg, tmp_path / "cfg.yaml")
     assert main(["eval", str(tmp_path / "cfg.yaml")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
@@ -520,7 +480,7 @@ def test_submit_eval_script_runs_dist_train_eval_on_the_allocations_ranks(traine
     job's launcher is `dist-train eval --backend ray` on the job's cluster."""
     cfg_path, run_dir, _ = trained
     monkeypatch.chdir(tmp_path)
-    before = _snapshot(run_dir)
+    before = run_dir_files(run_dir)
     step = (run_dir / "checkpoints" / "step_2").resolve()
     job_args = f"{cfg_path} --set parallel.dp=2 --set train.eval_every=1 --checkpoint {step} --out e.json"
     assert _submit(cfg_path, "--eval", "--out", "e.json", "--dry-run") == 0
@@ -550,7 +510,7 @@ def test_submit_eval_script_runs_dist_train_eval_on_the_allocations_ranks(traine
     script = (tmp_path / "e.json.job" / "submit_slurm.sh").read_text()
     copy = next((tmp_path / "e.json.job").glob("submitted_config-*.yaml")).absolute()
     assert f"-m dist_train eval {copy} --set parallel.dp=2" in script
-    assert _snapshot(run_dir) == before
+    assert run_dir_files(run_dir) == before
 
 
 @pytest.mark.parametrize("flags, says", [
@@ -579,7 +539,7 @@ def test_submitted_eval_job_writes_the_result(trained, tmp_path, monkeypatch):
     (bin_dir / "srun").chmod(0o755)
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")  # srun on PATH: sbatch still is not
-    before = _snapshot(run_dir)
+    before = run_dir_files(run_dir)
     assert _submit(cfg_path, "--eval", "--out", "e.json") == 2  # written; no sbatch to submit it
     env = {**os.environ, "SLURM_JOB_ID": "7"}
     job = subprocess.run(["bash", "e.json.job/submit_slurm.sh"], env=env, capture_output=True, text=True, timeout=300)
@@ -588,4 +548,4 @@ def test_submitted_eval_job_writes_the_result(trained, tmp_path, monkeypatch):
     assert result["step"] == 2 and result["world_size"] == 2 and abs(result["loss"] - logged[2]) <= 1e-5
     said = [line for line in job.stdout.splitlines() if "(step 2): loss" in line]
     assert len(said) == 1 and said[0].startswith("[rank 0] eval "), job.stdout
-    assert _snapshot(run_dir) == before
+    assert run_dir_files(run_dir) == before

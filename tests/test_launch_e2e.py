@@ -5,7 +5,9 @@
 * a rank SIGKILLed mid-run (local backend, --max-restarts 1) → restart from the last checkpoint, and the
   final loss equals an uninterrupted run started by a bare ``mpiexec -n 2 … dist_train run``;
 * ``dist-train launch --backend mpi`` + SIGTERM → complete checkpoint, status 75, every socket the job listens
-  on is on loopback; relaunch resumes at the next step.
+  on is on loopback; relaunch resumes at the next step;
+* on one shared ``ray start`` cluster with token authentication (--address): a launch with the token and one with a
+  wrong one, a placement the cluster cannot make, and ``dist-train eval --backend ray``.
 """
 import ipaddress
 import json
@@ -29,7 +31,7 @@ from dist_train.lifecycle import EXIT_PREEMPTED, read_heartbeat
 from dist_train.trainer import train
 from launchers.env import free_port
 from tests.dist_harness import run_ranks
-from tests.trainer_utils import run_cli_here
+from tests.trainer_utils import one_eval_result, run_cli_here, run_dir_files, validated_checkpoints
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
@@ -304,3 +306,22 @@ def test_ray_impossible_placement_says_what_it_waits_for(tmp_path, ray_head):
     events = [json.loads(line) for line in (run_dir / "logs" / "launcher.jsonl").read_text().splitlines()]
     assert [e["event"] for e in events] == ["attempt_start", "attempt_end"]
     assert events[-1]["outcome"] == "start_failed"
+
+
+def test_eval_on_a_ray_cluster(tmp_path, ray_head):
+    """`dist-train eval --backend ray` (a process of its own, on the shared cluster): rank 0's result comes back as a
+    marked stdout line (its node need not be this one), kept off the console: stdout is the one summary line; the
+    loss is the one the trainer logged, and the run dir is only read. (Eval's launcher builds its Ray backend as
+    launch's does, with or without --address, and runs its pre-flight here either way: an embedded cluster's start,
+    loopback and token are test_ray_launch_sigterm_checkpoints_and_resume_equals_uninterrupted's; each cluster start
+    costs 10-20 s of this 2-core machine.)"""
+    address, token = ray_head
+    cfg_path, run_dir, logged = validated_checkpoints(tmp_path)
+    out = tmp_path / "ray.json"
+    before = run_dir_files(run_dir)
+    proc = subprocess.run([sys.executable, "-m", "dist_train", "eval", str(cfg_path), "--set", "parallel.dp=2",
+                           "--backend", "ray", "--address", address, "--out", str(out)], cwd=tmp_path,
+                          env=_env(RAY_AUTH_TOKEN_PATH=str(token)), capture_output=True, text=True, timeout=300)
+    result = one_eval_result(proc, out)
+    assert result["world_size"] == 2 and abs(result["loss"] - logged[2]) <= 1e-5
+    assert run_dir_files(run_dir) == before

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import errno
+import json
 import os
 import subprocess
 import sys
@@ -12,11 +13,12 @@ import torch
 
 from dist_train.checkpoint import manifest as mf
 from dist_train.cli import main
-from dist_train.config import config_from_dict
+from dist_train.config import config_from_dict, save_config
 from dist_train.engines import build_engine
 from dist_train.mesh import build_mesh
 from dist_train.models.gpt import build_gpt
 from dist_train.models.swin import build_swin
+from dist_train.trainer import train
 
 
 def tiny_gpt_config(run_dir, steps: int = 5, **sections) -> "Config":
@@ -126,3 +128,35 @@ def stale_file_handle_in(monkeypatch, step_dir: str) -> None:
         return real(path, *a, **kw)
 
     monkeypatch.setattr(mf, "file_block_digests", flaky)
+
+
+#: what a run validates: after every step, 2 batches
+EVAL_TRAIN = {"eval_every": 1, "eval_steps": 2}
+
+
+def validated_checkpoints(root: Path) -> tuple[Path, Path, dict[int, float]]:
+    """A 2-step tiny GPT run in ``root``, validated and checkpointed after each step -> (its config file, its run dir,
+    {step: the valid_loss it logged}): what ``dist-train eval`` tests evaluate."""
+    cfg = tiny_gpt_config(root / "run", steps=2, train=EVAL_TRAIN, checkpoint={"every": 1, "at_end": True})
+    train(cfg)
+    save_config(cfg, root / "cfg.yaml")
+    logged = {r["step"]: r["valid_loss"] for r in map(json.loads, (root / "run" / "metrics.jsonl").read_text()
+                                                     .splitlines()) if "valid_loss" in r}
+    assert set(logged) == {1, 2}
+    return root / "cfg.yaml", root / "run", logged
+
+
+def run_dir_files(run_dir: Path) -> dict:
+    """Every file's size and mtime, except run.lock: the lock's holder (a test, as a training job would) refreshes
+    it. Equal before and after a command that only reads the run dir."""
+    return {str(p.relative_to(run_dir)): (p.stat().st_size, p.stat().st_mtime_ns)
+            for p in sorted(run_dir.rglob("*")) if p.name != "run.lock"}
+
+
+def one_eval_result(proc: subprocess.CompletedProcess, out: Path) -> dict:
+    """The JSON (``--out``) of a successful ``dist-train eval`` of :func:`validated_checkpoints`' latest step, whose
+    stdout is exactly one summary line."""
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    lines = proc.stdout.strip().splitlines()
+    assert len(lines) == 1 and "(step 2): loss" in lines[0] and "perplexity" in lines[0], proc.stdout
+    return json.loads(out.read_text())
