@@ -323,9 +323,11 @@ def test_fsdp_tp_checkpoint_peak_is_the_local_shards_not_a_gather(tmp_path):
     the rank's sharded state (0.15 ×, on every rank), which is what lets the cost model count no checkpoint
     phase. The gather they replaced held the whole tp-local state: (shards + 1) = 3 × the sharded fp32 weights and
     AdamW moments on a load (this test measured 2.1 × on a save, 3.0–3.1 × on a load with it). Its ranks are
-    spawned fresh (the profiler's meter under several gloo ranks crashed once, in a forked rank, in a full suite
-    run)."""
-    for peaks in run_ranks(_checkpoint_peaks, 4, args=(str(tmp_path),), timeout=300, fresh=True):
+    forked, as the other meters' in forked gloo ranks (test_gpt_saved_tensors' engine step peaks, test_zero_buckets):
+    the meter counts only what is allocated inside its block, so the fork server's heap is not counted either way
+    (they were spawned fresh, ~5 s of CPU per rank for its imports, after the meter crashed once in a forked rank
+    in a full suite run, before those tests ran it in forked ranks on every run)."""
+    for peaks in run_ranks(_checkpoint_peaks, 4, args=(str(tmp_path),), timeout=300):
         # measured 211,630-211,638 B for a save, 14,139-126,728 B for a load (0.057 × and 0.004-0.034 × the 3.7 MB
         # of shards): DCP's and the manager's pickled plans and reports, varying from run to run; nothing per
         # entry. 229,376-286,785 B while the NaN/inf check allocated a bool per element (isfinite, before aminmax).
