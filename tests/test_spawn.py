@@ -19,15 +19,9 @@ REPO = Path(__file__).resolve().parents[1]
 PARENT = """
 import sys, time
 from dist_train.spawn import run_ranks
-from tests.test_spawn import sleep_forever
+from tests.spawn_sleeper import sleep_forever
 run_ranks(sleep_forever, 2, args=(sys.argv[2],), timeout=600, fresh=sys.argv[1] == "fresh")
 """
-
-
-def sleep_forever(rank, world_size, started_dir):
-    """Say this rank is in its function (a file ``started_dir/RANK``), then sleep."""
-    Path(started_dir, str(rank)).touch()
-    time.sleep(600)
 
 
 def rank_1_breaks(rank, world_size):
