@@ -76,7 +76,8 @@ GPU_MACHINE = ("torch", "numpy", "pyyaml", "tqdm", "psutil", "xxhash", "matplotl
 
 #: the GPU path on CPU in one process: the gpu tests' modules and the helpers they import lazily, the trainer
 #: at world size 1 with the gpu tests' precision (bf16) and an async checkpoint, the llama benchmark (tiny
-#: model: step, async checkpoint, longest-S search), the environment probe. Prints {module: [distribution]}
+#: model: step, async checkpoint, longest-S search), the dispatch benchmark (one timed step: what it imports is
+#: the same for any count), the environment probe. Prints {module: [distribution]}
 #: for every imported module that comes from an installed distribution (not the project's own editable-install
 #: finder).
 GPU_PATH_SCRIPT = """
@@ -94,6 +95,7 @@ assert r.exit_code == 0
 tiny = dict(kind="gpt", d_model=32, n_layers=1, n_heads=4, n_kv_heads=2, ffn_hidden=64, vocab_size=64)
 bench.run_llama(out / "llama.json", 60.0, torch.device("cpu"), model=tiny, seq_len=64, window=16, longest_start=64,
                 longest_limit=64, peak_n=64)
+bench.DISPATCH_CPU_SMOKE = dict(iters=1, repeats=1)  # its imports, not its timing (10 x 3 steps: 1.5 s of CPU)
 bench.run_dispatch()
 env.environment()
 owners = importlib.metadata.packages_distributions()
