@@ -9,8 +9,9 @@ STAMP  := $(VENV)/.installed-stamp
 # requirement would otherwise pull multi-GB CUDA builds. deepspeed builds against the installed torch
 # (--no-build-isolation), never a second torch in a build sandbox.
 # pip byte-compiles what it installs one file at a time (about 60% of the install's CPU); installing with
-# --no-compile and then compiling site-packages on every core took the venv from 107 s to 82 s on 2 cores. A file
-# that does not compile on this Python (torch ships py312-only test helpers) stays uncompiled, as pip leaves it.
+# --no-compile and then compiling site-packages on every core: `make venv` from scratch on a 2-core machine, old and
+# new back to back, 118 -> 114 s and 111 -> 90 s (disk-bound and noisy there; it uses more CPU, on both cores). A
+# file that does not compile on this Python (torch ships py312-only test helpers) stays uncompiled, as pip leaves it.
 PIP_INSTALL := $(PY) -m pip install -q --no-compile
 $(STAMP): pyproject.toml Makefile
 	@test -x $(PY) || python3 -m venv $(VENV)
