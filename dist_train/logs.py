@@ -29,19 +29,12 @@ class _ConsoleHandler(logging.StreamHandler):
             self.handleError(record)
 
 
-#: set on the handlers setup_logging makes: it closes only those (a caller's own handlers are put back by
-#: caller_logging)
-_OURS = "_dist_train_job_handler"
-
-
 def setup_logging(rank: int, run_dir: Optional[Path]) -> logging.Logger:
-    """The ``dist_train`` logger for this rank of a job (module docstring); handlers an earlier set-up made are
-    closed."""
+    """The ``dist_train`` logger for this rank of a job (module docstring), inside :func:`caller_logging`: the
+    handlers it had are the caller's, taken off here and put back (and this job's closed) when the job ends."""
     log = logging.getLogger(LOGGER_NAME)
     for h in list(log.handlers):
         log.removeHandler(h)
-        if getattr(h, _OURS, False):
-            h.close()
     log.setLevel(logging.INFO)
     log.propagate = False
     console = _ConsoleHandler(sys.stdout)
@@ -49,7 +42,6 @@ def setup_logging(rank: int, run_dir: Optional[Path]) -> logging.Logger:
     console.setLevel(logging.INFO if rank == 0 or verbose else logging.WARNING)
     console.setFormatter(logging.Formatter("%(message)s" if rank == 0 else "%(levelname)s %(message)s"))
     console.addFilter(lambda record: getattr(record, "console", True))
-    setattr(console, _OURS, True)
     log.addHandler(console)
     if run_dir is not None:
         logs = Path(run_dir) / "logs"
@@ -57,7 +49,6 @@ def setup_logging(rank: int, run_dir: Optional[Path]) -> logging.Logger:
         fh = logging.FileHandler(logs / f"rank_{rank}.log")
         fh.setLevel(logging.INFO)
         fh.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
-        setattr(fh, _OURS, True)
         log.addHandler(fh)
     return log
 
